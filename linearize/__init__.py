@@ -1,3 +1,27 @@
-"""linearize: turn a pretrained Hugging Face transformer into a linear-time model."""
+"""linearize: turn a pretrained Hugging Face transformer into a linear-time model and make it good again.
+
+Example:
+    >>> import linearize
+    >>> teacher, tokenizer = linearize.load_teacher("smollm2-135m")
+    >>> student = linearize.convert(teacher, "hedgehog_swa")
+    >>> student.save_pretrained("out/smollm2-hedgehog-swa")
+"""
+
+from .hf.errors import LinearizeError
+from .hf.mixers import MIXERS, register_mixer, teacher_mode
+from .hf.modeling_linearized import LinearizedConfig, LinearizedForCausalLM, register_auto_classes
+from .surgery import convert
+
+register_auto_classes()
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "MIXERS",
+    "LinearizeError",
+    "LinearizedConfig",
+    "LinearizedForCausalLM",
+    "convert",
+    "register_mixer",
+    "teacher_mode",
+]

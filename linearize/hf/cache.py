@@ -1,0 +1,114 @@
+"""The generation cache of a converted model: per layer, exactly what that layer needs.
+
+Kept softmax layers get the layer cache transformers itself would build for them (full or sliding KV).
+Converted layers get a `MixerState`: named tensors (recurrent state, window keys/values, conv state)
+whose size does not grow with context beyond what the mixer declares, plus the count of tokens seen.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer
+
+from .errors import LinearizeError
+
+
+class MixerState(CacheLayerMixin):
+    """One converted layer's state. Mixers read and replace entries of `tensors`; `seen` counts tokens."""
+
+    is_mixer_state = True
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+    supports_early_init = False
+
+    def __init__(self):
+        super().__init__()
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.seen = 0
+        self.is_initialized = True
+
+    def __repr__(self):
+        shapes = ", ".join(f"{k}={tuple(v.shape)}" for k, v in self.tensors.items())
+        return f"MixerState(seen={self.seen}, {shapes})"
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        raise LinearizeError("a converted layer's state holds no keys/values; it is written by its mixer")
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        raise LinearizeError(
+            "a softmax attention layer tried to write keys/values into a converted layer's state; build the cache "
+            "under the same teacher_mode setting the model runs in"
+        )
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length) -> tuple[int, int]:
+        # Older transformers pass cache_position (a tensor) instead of the query length.
+        if isinstance(query_length, torch.Tensor):
+            query_length = query_length.shape[0]
+        return query_length + self.seen, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.tensors = {}
+        self.seen = 0
+
+    def _apply(self, fn) -> None:
+        self.tensors = {k: fn(v) for k, v in self.tensors.items()}
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._apply(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._apply(lambda t: t[indices])
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise LinearizeError(
+            "a converted layer's recurrent state cannot be rolled back, so assisted/speculative generation and "
+            "cache cropping are not supported; generate without an assistant model"
+        )
+
+    def offload(self) -> None:
+        self._apply(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self) -> None:
+        return None
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+class LinearizedCache(Cache):
+    """A cache whose layers follow a converted model's plan (`kinds[i]` is "kv" for kept softmax layers)."""
+
+    def __init__(self, text_config, kinds: list[str]):
+        kv_layers = DynamicCache(config=text_config).layers
+        if len(kv_layers) != len(kinds):
+            kv_layers = [DynamicLayer() for _ in kinds]
+        layers = [kv_layers[i] if kind == "kv" else MixerState() for i, kind in enumerate(kinds)]
+        super().__init__(layers=layers)
+        self.kinds = list(kinds)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.layers[layer_idx].get_seq_length()
+
+    def get_mask_sizes(self, query_length, layer_idx: int) -> tuple[int, int]:
+        return self.layers[layer_idx].get_mask_sizes(query_length)
+
+    def state_bytes(self) -> list[int]:
+        """Bytes held per layer (keys/values for kept layers, state tensors for converted ones)."""
+        sizes = []
+        for layer in self.layers:
+            if isinstance(layer, MixerState):
+                sizes.append(layer.nbytes())
+            else:
+                tensors = [t for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if t is not None]
+                sizes.append(sum(t.numel() * t.element_size() for t in tensors))
+        return sizes

@@ -1,0 +1,47 @@
+"""Configuration of a converted model: the teacher's own config plus the per-layer plan that rebuilds it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import AutoConfig, PreTrainedConfig
+
+from .errors import LinearizeError
+
+
+class LinearizedConfig(PreTrainedConfig):
+    """`text_config` is the teacher's config; `layers[i]` is `{"mixer": name, "options": {...}}` for layer i.
+
+    The plan alone is enough to rebuild the model on load: the teacher architecture is built from
+    `text_config`, then each layer's attention is replaced as the plan says, then the weights load.
+    `source` names the teacher; `selection` holds per-layer figures when layers were chosen automatically.
+    """
+
+    model_type = "linearized"
+
+    def __init__(
+        self,
+        text_config: PreTrainedConfig | dict | None = None,
+        layers: list[dict[str, Any]] | None = None,
+        source: str | None = None,
+        selection: dict[str, Any] | None = None,
+        use_cache: bool = True,
+        **kwargs,
+    ):
+        if text_config is None:
+            text_config = {"model_type": "llama"}
+        if isinstance(text_config, dict):
+            text_config = dict(text_config)
+            model_type = text_config.pop("model_type", None)
+            if model_type is None:
+                raise LinearizeError("text_config has no model_type; this config.json was not written by linearize")
+            text_config = AutoConfig.for_model(model_type, **text_config)
+        self.text_config = text_config
+        self.layers = [{"mixer": e["mixer"], "options": dict(e.get("options") or {})} for e in (layers or [])]
+        self.source = source
+        self.selection = selection
+        self.use_cache = use_cache
+        super().__init__(**kwargs)
+
+    def mixer_names(self) -> list[str]:
+        return [entry["mixer"] for entry in self.layers]

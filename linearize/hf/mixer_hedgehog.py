@@ -1,0 +1,141 @@
+"""Hedgehog linear attention (LoLCATs), alone or with a sliding softmax window sharing its normaliser.
+
+The feature map is learnable and per head: phi(x) = [softmax(xW + b), softmax(-(xW + b))], applied after RoPE,
+with W initialised to the identity so training starts from a sensible kernel. In `hedgehog_swa` the last
+`window` keys are scored by the teacher's own softmax and a learnable per-head factor sets the balance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .attention import AttentionSpec, apply_rotary, repeat_heads
+from .errors import LinearizeError
+from .mixers import Mixer, MixerCost, register_mixer
+from .ops_window import chunk_window_linear, recurrent_window_linear
+
+
+class HedgehogFeatureMap(nn.Module):
+    """Per-head map R^D -> R^2F: softmax over [xW + b, -(xW + b)]."""
+
+    def __init__(self, heads: int, head_dim: int, feature_dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.eye(head_dim, feature_dim).repeat(heads, 1, 1))
+        self.bias = nn.Parameter(torch.zeros(heads, 1, feature_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.einsum("bhtd,hdf->bhtf", x.float(), self.weight.float()) + self.bias.float()
+        return torch.cat((torch.softmax(y, dim=-1), torch.softmax(-y, dim=-1)), dim=-1)
+
+
+@dataclass
+class HedgehogOptions:
+    """feature_dim: width F of each half of the feature map (default: the head dimension)."""
+
+    feature_dim: int | None = None
+
+
+@dataclass
+class HedgehogSWAOptions:
+    """feature_dim: width F of each half of the feature map (default: head dimension); window: softmax window."""
+
+    feature_dim: int | None = None
+    window: int = 64
+
+
+def check_window(window: int, config, name: str, low: int = 1) -> None:
+    limit = getattr(config, "max_position_embeddings", None)
+    if window < low:
+        raise LinearizeError(f"option 'window' of mixer {name!r} must be at least {low}, got {window}")
+    if limit is not None and window > limit:
+        raise LinearizeError(
+            f"option 'window' of mixer {name!r} is {window}, longer than the model's context of {limit} tokens; use a smaller window"
+        )
+
+
+@register_mixer
+class HedgehogMixer(Mixer):
+    name = "hedgehog"
+    anchor = "LoLCATs (Hedgehog feature map, linear only)"
+    summary = "linear attention with a learnable Hedgehog feature map after RoPE"
+    Options = HedgehogOptions
+    window = 0
+
+    def __init__(self, attn, spec: AttentionSpec, options, layer_idx: int):
+        super().__init__(attn, spec, options, layer_idx)
+        f = options.feature_dim
+        self.feature_q = HedgehogFeatureMap(spec.num_heads, spec.head_dim, f)
+        self.feature_k = HedgehogFeatureMap(spec.num_kv_heads, spec.head_dim, f)
+
+    @classmethod
+    def resolve(cls, options, spec: AttentionSpec, config):
+        if options.feature_dim is None:
+            options.feature_dim = spec.head_dim
+        if options.feature_dim < 1:
+            raise LinearizeError(f"option 'feature_dim' of mixer {cls.name!r} must be at least 1, got {options.feature_dim}")
+        return options
+
+    @classmethod
+    def cost(cls, spec: AttentionSpec, options) -> MixerCost:
+        f, d, h = options.feature_dim, spec.head_dim, spec.num_heads
+        params = (spec.num_heads + spec.num_kv_heads) * (d * f + f)
+        return MixerCost(new_parameters=params, state_fixed=h * 2 * f * (d + 1), state_per_token=0)
+
+    def mix_weights(self):
+        """(softmax weight, linear weight) per head."""
+        return 1.0, 1.0
+
+    def mix(self, hidden_states, q, k, v, position_embeddings, padding_mask, state):
+        q, k = apply_rotary(q, k, position_embeddings)
+        groups = self.spec.groups
+        fq = self.feature_q(q)
+        fk = repeat_heads(self.feature_k(k), groups)
+        k, v = repeat_heads(k, groups), repeat_heads(v, groups)
+        sm_weight, ln_weight = self.mix_weights()
+        kwargs = dict(
+            window=self.window,
+            scaling=self.spec.scaling,
+            sm_weight=sm_weight,
+            ln_weight=ln_weight,
+            key_mask=padding_mask,
+            softcap=self.spec.softcap,
+        )
+        if state is None:
+            return chunk_window_linear(q, k, v, fq, fk, **kwargs)[0]
+        op = recurrent_window_linear if q.shape[2] == 1 else chunk_window_linear
+        out, state.tensors = op(q, k, v, fq, fk, state=state.tensors, output_state=True, **kwargs)
+        return out
+
+
+@register_mixer
+class HedgehogSWAMixer(HedgehogMixer):
+    name = "hedgehog_swa"
+    anchor = "LoLCATs (Hedgehog + sliding window, shared normaliser)"
+    summary = "Hedgehog linear attention plus a sliding softmax window, one normaliser"
+    Options = HedgehogSWAOptions
+
+    def __init__(self, attn, spec: AttentionSpec, options, layer_idx: int):
+        super().__init__(attn, spec, options, layer_idx)
+        self.window = options.window
+        # sigmoid(0) = 0.5: the window and the linear part start evenly weighted; the window's softmax
+        # scores (near 1 at their peak) then dominate the small linear scores, close to the teacher.
+        self.window_logit = nn.Parameter(torch.zeros(spec.num_heads))
+
+    @classmethod
+    def resolve(cls, options, spec: AttentionSpec, config):
+        check_window(options.window, config, cls.name)
+        return super().resolve(options, spec, config)
+
+    @classmethod
+    def cost(cls, spec: AttentionSpec, options) -> MixerCost:
+        base = super().cost(spec, options)
+        w, h, d, f = options.window, spec.num_heads, spec.head_dim, options.feature_dim
+        window_cache = h * (w - 1) * (2 * d + 2 * f)
+        return MixerCost(base.new_parameters + h, base.state_fixed + window_cache, 0)
+
+    def mix_weights(self):
+        share = torch.sigmoid(self.window_logit.float())
+        return share, 1.0 - share

@@ -1,0 +1,218 @@
+"""The mixer registry and the behaviour every mixer shares.
+
+A mixer replaces one teacher attention module. It keeps that module as `self.attn`, so the teacher's
+q/k/v/o weights are reused in place and the exact teacher output is one call away (`teacher_mode`).
+A new mixer is one file: a subclass with `name`, `Options` and `mix()`, decorated with `@register_mixer`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .attention import AttentionSpec
+from .errors import LinearizeError
+
+MIXERS: dict[str, type["Mixer"]] = {}
+
+# The wrapper model passes the 2D padding mask of the current tokens under this keyword; it travels through the
+# teacher's decoder layers (they forward **kwargs to attention) and reaches every mixer.
+PADDING_MASK = "linearize_padding_mask"
+
+
+def register_mixer(cls: type["Mixer"]) -> type["Mixer"]:
+    """Class decorator adding a mixer to `MIXERS` under `cls.name`; a duplicate or malformed name raises."""
+    name = getattr(cls, "name", "")
+    if not name or not name.replace("_", "").isalnum() or not name[0].isalpha() or name != name.lower():
+        raise ValueError(f"mixer name {name!r} of {cls.__qualname__} must be lowercase letters, digits and underscores")
+    if name in MIXERS:
+        raise ValueError(f"mixer {name!r} is already registered by {MIXERS[name].__module__}.{MIXERS[name].__qualname__}")
+    if not dataclasses.is_dataclass(cls.Options):
+        raise ValueError(f"{cls.__qualname__}.Options must be a dataclass")
+    MIXERS[name] = cls
+    return cls
+
+
+def get_mixer(name: str) -> type["Mixer"]:
+    """The registered mixer class for `name`; an unknown name raises with the closest match."""
+    if name in MIXERS:
+        return MIXERS[name]
+    close = difflib.get_close_matches(name, MIXERS, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise LinearizeError(f"unknown mixer {name!r}; {hint}available: {', '.join(sorted(MIXERS))}")
+
+
+@dataclass
+class NoOptions:
+    """This mixer takes no options."""
+
+
+@dataclass(frozen=True)
+class MixerCost:
+    """Per-layer figures for `linearize mixers` / `linearize info` (counts of elements, not bytes)."""
+
+    new_parameters: int
+    state_fixed: int
+    state_per_token: int
+
+
+def _convert(value: Any, hint: Any, where: str) -> Any:
+    """Convert a CLI string (or JSON value) to the option's declared type."""
+    args = typing.get_args(hint)
+    if type(None) in args:
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        hint = next(a for a in args if a is not type(None))
+    if isinstance(value, str) and hint is not str:
+        if hint is bool:
+            if value.lower() in ("true", "1", "yes"):
+                return True
+            if value.lower() in ("false", "0", "no"):
+                return False
+            raise LinearizeError(f"{where} must be true or false, got {value!r}")
+        try:
+            return hint(value)
+        except ValueError:
+            raise LinearizeError(f"{where} must be a {hint.__name__}, got {value!r}") from None
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise LinearizeError(f"{where} must be a {hint.__name__}, got {value!r}")
+    return value
+
+
+class Mixer(nn.Module):
+    """Base class: one converted attention layer.
+
+    Subclasses set `name`, `anchor` (the method it follows), `summary`, `Options` (a dataclass) and implement
+    `mix()` (parallel/chunked form when no cache or a prefill, recurrent form when decoding) and `cost()`.
+    """
+
+    name: ClassVar[str] = ""
+    anchor: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
+    is_linearize_mixer: ClassVar[bool] = True
+
+    def __init__(self, attn: nn.Module, spec: AttentionSpec, options: Any, layer_idx: int):
+        super().__init__()
+        self.attn = attn
+        self.spec = spec
+        self.options = options
+        self.layer_idx = layer_idx
+        self.teacher = False
+
+    @classmethod
+    def parse_options(cls, raw: dict[str, Any], spec: AttentionSpec, config) -> Any:
+        """Validate `raw` option values against `Options` and resolve defaults that depend on the teacher."""
+        fields = {f.name: f for f in dataclasses.fields(cls.Options)}
+        unknown = sorted(set(raw) - set(fields))
+        if unknown:
+            takes = ", ".join(fields) if fields else "no options"
+            raise LinearizeError(f"mixer {cls.name!r} does not take option(s) {', '.join(unknown)}; it takes: {takes}")
+        hints = typing.get_type_hints(cls.Options)
+        values = {k: _convert(v, hints[k], f"option {k!r} of mixer {cls.name!r}") for k, v in raw.items()}
+        return cls.resolve(cls.Options(**values), spec, config)
+
+    @classmethod
+    def resolve(cls, options: Any, spec: AttentionSpec, config) -> Any:
+        """Fill teacher-dependent defaults and check the options fit the teacher (override when needed)."""
+        return options
+
+    @classmethod
+    def from_attention(cls, attn: nn.Module, config, layer_idx: int, **options: Any) -> "Mixer":
+        """Build the mixer around the teacher attention module `attn` of layer `layer_idx`, reusing its weights."""
+        spec = AttentionSpec.read(attn, config, where=f"layer {layer_idx}: ")
+        mixer = cls(attn, spec, cls.parse_options(options, spec, config), layer_idx)
+        mixer._mark_initialized()
+        return mixer
+
+    @classmethod
+    def cost(cls, spec: AttentionSpec, options: Any) -> MixerCost:
+        raise NotImplementedError
+
+    def _mark_initialized(self) -> None:
+        # transformers re-initialises modules it did not load unless flagged; our new parameters carry their
+        # own deliberate initialisation (identity feature maps, identity convolutions), which must survive.
+        for name, module in self.named_modules():
+            if name == "attn" or name.startswith("attn."):
+                continue
+            module._is_hf_initialized = True
+            for param in module.parameters(recurse=False):
+                param._is_hf_initialized = True
+
+    def options_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.options)
+
+    def new_parameters(self) -> list[nn.Parameter]:
+        """Parameters this mixer added to the teacher (what attention transfer trains)."""
+        return [p for n, p in self.named_parameters() if not n.startswith("attn.")]
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        if self.teacher:
+            return self.attn(hidden_states, *args, **kwargs)
+        cache = kwargs.get("past_key_values")
+        if cache is None:
+            cache = kwargs.get("layer_past")
+        state = None
+        if cache is not None:
+            state = cache.layers[self.layer_idx]
+            if not getattr(state, "is_mixer_state", False):
+                raise LinearizeError(
+                    f"layer {self.layer_idx} got a {type(cache).__name__} made for softmax attention; let the model "
+                    "create its own cache (pass no past_key_values), or make one with model.new_cache()"
+                )
+        q, k, v = self.spec.project(self.attn, hidden_states)
+        out = self.mix(
+            hidden_states,
+            q,
+            k,
+            v,
+            position_embeddings=kwargs.get("position_embeddings"),
+            padding_mask=kwargs.get(PADDING_MASK),
+            state=state,
+        )
+        if state is not None:
+            state.seen += hidden_states.shape[1]
+        return self.spec.out(self.attn, out.to(hidden_states.dtype)), None
+
+    def mix(self, hidden_states, q, k, v, position_embeddings, padding_mask, state) -> torch.Tensor:
+        """Return the attention heads (B, H, T, Dv) for q (B, H, T, D) and k, v (B, Hkv, T, D).
+
+        `padding_mask` (B, T) is None or marks real tokens; `state` is None (no cache) or this layer's
+        `MixerState`, whose `tensors` hold what the previous call left and must be updated in place.
+        """
+        raise NotImplementedError
+
+
+def mixers_in(model: nn.Module) -> list[Mixer]:
+    # Duck-typed so models loaded as remote code (their own copy of this module) are found too.
+    return [m for m in model.modules() if getattr(m, "is_linearize_mixer", False)]
+
+
+@contextmanager
+def teacher_mode(model: nn.Module):
+    """Make a converted model compute the teacher's softmax attention with the same weights, inside the block.
+
+    Example:
+        >>> with teacher_mode(student):
+        ...     teacher_logits = student(input_ids).logits
+    """
+    mixers = mixers_in(model)
+    if not mixers:
+        raise LinearizeError("teacher_mode needs a converted model and found no linearize mixers; convert it first with linearize.convert")
+    before = [m.teacher for m in mixers]
+    for m in mixers:
+        m.teacher = True
+    try:
+        yield model
+    finally:
+        for m, was in zip(mixers, before):
+            m.teacher = was

@@ -1,0 +1,200 @@
+"""Linear attention with an optional sliding softmax window sharing one normaliser (pure PyTorch).
+
+For query t, keys in (t - window, t] score exp(q.k * scaling - m_t) * sm_weight (m_t: the largest such score);
+older keys score (fq_t . fk_s) * ln_weight; the output is the score-weighted mean of the values. window = 0 is
+plain (inclusive) linear attention. Layout (B, H, T, D), all heads equal (callers expand grouped heads).
+
+A `state` carries a sequence across calls: S (B,H,F,V) and z (B,H,F) sum the feature-mapped keys that have left
+the window, k/v/fk/mask hold the last window - 1 keys. The naive, chunked and recurrent forms take and return it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _empty_state(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fk: torch.Tensor) -> dict[str, torch.Tensor]:
+    b, h, _, d = k.shape
+    f, e = fk.shape[-1], v.shape[-1]
+    return {
+        "S": q.new_zeros(b, h, f, e, dtype=torch.float32),
+        "z": q.new_zeros(b, h, f, dtype=torch.float32),
+        "k": k.new_zeros(b, h, 0, d),
+        "v": v.new_zeros(b, h, 0, e),
+        "fk": fk.new_zeros(b, h, 0, f),
+        "mask": torch.zeros(b, 0, dtype=torch.bool, device=k.device),
+    }
+
+
+def _with_context(q, k, v, fk, key_mask, state):
+    """Prepend the state's window keys to this call's keys; return them with the valid-key mask."""
+    if key_mask is None:
+        key_mask = torch.ones(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device)
+    state = state if state else _empty_state(q, k, v, fk)
+    k = torch.cat((state["k"].to(k.dtype), k), dim=2)
+    v = torch.cat((state["v"].to(v.dtype), v), dim=2)
+    fk = torch.cat((state["fk"].to(fk.dtype), fk), dim=2)
+    mask = torch.cat((state["mask"], key_mask.bool()), dim=1)
+    return k, v, fk, mask, state["S"], state["z"]
+
+
+def _next_state(k, v, fk, mask, S, z, window: int) -> dict[str, torch.Tensor]:
+    """Fold every key older than the last window - 1 into (S, z); keep the rest as window context."""
+    keep = min(max(window - 1, 0), k.shape[2])
+    cut = k.shape[2] - keep
+    fk_old = fk[:, :, :cut].float() * mask[:, None, :cut, None]
+    return {
+        "S": S + torch.einsum("bhsf,bhse->bhfe", fk_old, v[:, :, :cut].float()),
+        "z": z + fk_old.sum(2),
+        "k": k[:, :, cut:],
+        "v": v[:, :, cut:],
+        "fk": fk[:, :, cut:],
+        "mask": mask[:, cut:],
+    }
+
+
+def _weights(weight, dtype=torch.float32):
+    return weight.to(dtype).reshape(1, -1, 1, 1) if torch.is_tensor(weight) else weight
+
+
+def naive_window_linear(
+    q, k, v, fq, fk, *, window, scaling, sm_weight=1.0, ln_weight=1.0, key_mask=None, softcap=None, state=None, output_state=False
+):
+    """Quadratic reference. Returns (o, new_state or None); o in v's dtype."""
+    length = q.shape[2]
+    k_all, v_all, fk_all, mask, S, z = _with_context(q, k, v, fk, key_mask, state)
+    total = k_all.shape[2]
+    smw, lnw = _weights(sm_weight), _weights(ln_weight)
+    scores = torch.einsum("bhtd,bhsd->bhts", q.float(), k_all.float()) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    t = torch.arange(total - length, total, device=q.device)[:, None]
+    s = torch.arange(total, device=q.device)[None, :]
+    valid = mask[:, None, None, :]
+    in_window = (s <= t) & (s > t - window) & valid
+    in_linear = (s <= t - window) & valid
+    masked = scores.masked_fill(~in_window, float("-inf"))
+    peak = masked.amax(-1, keepdim=True)
+    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+    a_sm = torch.exp(masked - peak) * smw
+    a_ln = torch.einsum("bhtf,bhsf->bhts", fq.float(), fk_all.float()) * in_linear * lnw
+    a = a_sm + a_ln
+    num = a @ v_all.float() + lnw * torch.einsum("bhtf,bhfe->bhte", fq.float(), S)
+    den = a.sum(-1, keepdim=True) + lnw * torch.einsum("bhtf,bhf->bht", fq.float(), z)[..., None]
+    o = (num / den.clamp_min(1e-30)).to(v.dtype)
+    return o, (_next_state(k_all, v_all, fk_all, mask, S, z, window) if output_state else None)
+
+
+def chunk_window_linear(
+    q,
+    k,
+    v,
+    fq,
+    fk,
+    *,
+    window,
+    scaling,
+    sm_weight=1.0,
+    ln_weight=1.0,
+    key_mask=None,
+    softcap=None,
+    state=None,
+    output_state=False,
+    chunk_size=64,
+):
+    """Chunked parallel form: each query chunk sees the previous and current key chunks explicitly, older keys
+    through a prefix sum of per-chunk states. Chunks are at least `window` long so that suffices."""
+    b, h, length, d = q.shape
+    k_all, v_all, fk_all, mask, S, z = _with_context(q, k, v, fk, key_mask, state)
+    total = k_all.shape[2]
+    context = total - length
+    c = max(chunk_size, window)
+    n = math.ceil(total / c)
+    pad = n * c - total
+    smw, lnw = _weights(sm_weight), _weights(ln_weight)
+
+    def chunks(x, front=0):
+        x = torch.nn.functional.pad(x.float(), (0, 0, front, pad))
+        return x.reshape(b, h, n, c, x.shape[-1])
+
+    qc, fqc = chunks(q, context), chunks(fq, context)
+    kc, vc, fkc = chunks(k_all), chunks(v_all), chunks(fk_all)
+    mc = torch.nn.functional.pad(mask, (0, pad)).reshape(b, 1, n, c, 1).float()
+    fkc = fkc * mc
+    vc_masked = vc * mc
+
+    def with_previous(x):
+        return torch.cat((torch.nn.functional.pad(x, (0, 0, 0, 0, 1, 0))[:, :, :-1], x), dim=3)
+
+    kb, vb, fkb, mb = with_previous(kc), with_previous(vc_masked), with_previous(fkc), with_previous(mc)
+    r = torch.arange(c, device=q.device)[:, None]
+    j = torch.arange(2 * c, device=q.device)[None, :]
+    dist = c + r - j
+    in_window = ((dist >= 0) & (dist < window)) & (mb.transpose(-1, -2) > 0)
+    in_linear = (dist >= window).float()
+
+    scores = torch.einsum("bhnrd,bhnjd->bhnrj", qc, kb) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    masked = scores.masked_fill(~in_window, float("-inf"))
+    peak = masked.amax(-1, keepdim=True)
+    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+    a_sm = torch.exp(masked - peak) * smw[..., None] if torch.is_tensor(smw) else torch.exp(masked - peak) * smw
+    lnw5 = lnw[..., None] if torch.is_tensor(lnw) else lnw
+    a_ln = torch.einsum("bhnrf,bhnjf->bhnrj", fqc, fkb) * in_linear * lnw5
+    a = a_sm + a_ln
+
+    per_chunk_S = torch.einsum("bhnsf,bhnse->bhnfe", fkc, vc)
+    per_chunk_z = fkc.sum(3)
+    # Keys two or more chunks back are all outside every query's window: a prefix sum shifted by two chunks.
+    prior_S = S[:, :, None] + torch.nn.functional.pad(per_chunk_S.cumsum(2), (0, 0, 0, 0, 2, 0))[:, :, :n]
+    prior_z = z[:, :, None] + torch.nn.functional.pad(per_chunk_z.cumsum(2), (0, 0, 2, 0))[:, :, :n]
+    num = a @ vb + lnw5 * torch.einsum("bhnrf,bhnfe->bhnre", fqc, prior_S)
+    den = a.sum(-1, keepdim=True) + lnw5 * torch.einsum("bhnrf,bhnf->bhnr", fqc, prior_z)[..., None]
+    o = (num / den.clamp_min(1e-30)).reshape(b, h, n * c, -1)[:, :, context : context + length].to(v.dtype)
+    return o, (_next_state(k_all, v_all, fk_all, mask, S, z, window) if output_state else None)
+
+
+def recurrent_window_linear(
+    q, k, v, fq, fk, *, window, scaling, sm_weight=1.0, ln_weight=1.0, key_mask=None, softcap=None, state=None, output_state=True
+):
+    """Token-by-token decode form: the window keys are scored directly, older keys through (S, z)."""
+    b, h, length, _ = q.shape
+    state = state if state else _empty_state(q, k, v, fk)
+    if key_mask is None:
+        key_mask = torch.ones(b, length, dtype=torch.bool, device=q.device)
+    smw, lnw = _weights(sm_weight), _weights(ln_weight)
+    S, z = state["S"], state["z"]
+    ck, cv, cfk, cmask = state["k"].to(k.dtype), state["v"].to(v.dtype), state["fk"].to(fk.dtype), state["mask"]
+    keep = max(window - 1, 0)
+    outputs = []
+    for t in range(length):
+        kt, vt, fkt, mt = k[:, :, t : t + 1], v[:, :, t : t + 1], fk[:, :, t : t + 1], key_mask[:, t : t + 1].bool()
+        fqt = fq[:, :, t].float()
+        ck, cv, cfk, cmask = torch.cat((ck, kt), 2), torch.cat((cv, vt), 2), torch.cat((cfk, fkt), 2), torch.cat((cmask, mt), 1)
+        if ck.shape[2] > keep:  # the oldest key leaves the window (with window = 0, the current one goes straight in)
+            old = cfk[:, :, 0].float() * cmask[:, None, 0, None]
+            S = S + old[..., None] * cv[:, :, 0, None, :].float()
+            z = z + old
+            ck, cv, cfk, cmask = ck[:, :, 1:], cv[:, :, 1:], cfk[:, :, 1:], cmask[:, 1:]
+        num = lnw[..., 0] * torch.einsum("bhf,bhfe->bhe", fqt, S) if torch.is_tensor(lnw) else lnw * torch.einsum("bhf,bhfe->bhe", fqt, S)
+        den = (lnw[..., 0, 0] if torch.is_tensor(lnw) else lnw) * torch.einsum("bhf,bhf->bh", fqt, z)
+        if window > 0:
+            win_k = torch.cat((ck, kt), 2) if keep == 0 else ck
+            win_v = torch.cat((cv, vt), 2) if keep == 0 else cv
+            win_m = torch.cat((cmask, mt), 1) if keep == 0 else cmask
+            score = torch.einsum("bhd,bhsd->bhs", q[:, :, t].float(), win_k.float()) * scaling
+            if softcap is not None:
+                score = torch.tanh(score / softcap) * softcap
+            score = score.masked_fill(~win_m[:, None, :], float("-inf"))
+            peak = score.amax(-1, keepdim=True)
+            peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+            a = torch.exp(score - peak) * (smw[..., 0] if torch.is_tensor(smw) else smw)
+            num = num + torch.einsum("bhs,bhse->bhe", a, win_v.float())
+            den = den + a.sum(-1)
+        outputs.append((num / den[..., None].clamp_min(1e-30)).to(v.dtype))
+    o = torch.stack(outputs, dim=2)
+    new = {"S": S, "z": z, "k": ck, "v": cv, "fk": cfk, "mask": cmask} if output_state else None
+    return o, new

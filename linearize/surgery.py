@@ -1,0 +1,137 @@
+"""The surgery pass: plan -> validate -> check the teacher reading -> replace -> wrap.
+
+Everything is validated before the model is touched: a bad plan raises LinearizeError and leaves the model
+as it was. The plan is recorded in the config, so a saved model rebuilds itself on load.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from .hf.attention import AttentionSpec, attention_slot, decoder_layers, l2_relative, reference_attention
+from .hf.configuration_linearized import LinearizedConfig
+from .hf.errors import LinearizeError
+from .hf.mixers import get_mixer
+from .hf.modeling_linearized import LinearizedForCausalLM, apply_plan
+from .layouts import resolve_layout
+
+
+def build_plan(
+    num_layers: int,
+    mixer: str,
+    keep_attention: Any = (),
+    layers: Any = None,
+    hybrid: Mapping[str, Any] | None = None,
+    options: Mapping[str, Any] | None = None,
+    mixer_options: Mapping[str, Mapping[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """Per-layer `{"mixer", "options"}` entries (options not yet resolved against the teacher).
+
+    `layers` limits conversion to those layers (the rest keep attention); `keep_attention` keeps some
+    softmax layers; `hybrid` maps other mixers to layer selections. Selections are validated by `layouts`.
+    """
+    get_mixer(mixer)
+    assignment = resolve_layout(num_layers, mixer, keep_attention=keep_attention, layers=layers, hybrid=hybrid)
+    per_mixer = {name: dict(opts) for name, opts in (mixer_options or {}).items()}
+    for name in per_mixer:
+        get_mixer(name)
+    per_mixer.setdefault(mixer, {}).update(options or {})
+    return [{"mixer": name, "options": dict(per_mixer.get(name, {}))} for name in assignment]
+
+
+def _teacher_of(model: nn.Module) -> PreTrainedModel:
+    if isinstance(model, LinearizedForCausalLM) or getattr(model.config, "model_type", None) == "linearized":
+        raise LinearizeError("this model is already converted; convert the teacher (linearize.load_teacher) instead")
+    if not isinstance(model, PreTrainedModel) or not hasattr(model.config, "num_hidden_layers"):
+        raise LinearizeError(f"convert takes a Hugging Face causal LM (a PreTrainedModel), got {type(model).__name__}")
+    return model
+
+
+@torch.no_grad()
+def verify_reading(model: PreTrainedModel, indices: Iterable[int], length: int = 9) -> None:
+    """Run the teacher once on a short input and check that linearize's reading of each attention module
+    (projections, norms, heads, RoPE, scaling) reproduces that module's own output."""
+    config = model.config
+    layers = decoder_layers(model, config.num_hidden_layers)
+    captured: dict[int, tuple] = {}
+    hooks = []
+    for index in indices:
+        attn = getattr(layers[index], attention_slot(layers[index], where=f"layer {index}: "))
+
+        def hook(module, args, kwargs, output, index=index):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            captured[index] = (module, hidden, kwargs.get("position_embeddings"), output[0])
+
+        hooks.append(attn.register_forward_hook(hook, with_kwargs=True))
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, config.vocab_size, (1, length), generator=generator).to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        model(input_ids=ids, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    dtype = next(model.parameters()).dtype
+    tolerance = 1e-3 if dtype == torch.float32 else 5e-2
+    for index, (module, hidden, position_embeddings, output) in sorted(captured.items()):
+        spec = AttentionSpec.read(module, config, where=f"layer {index}: ")
+        error = l2_relative(reference_attention(spec, module, hidden, position_embeddings), output)
+        if not error < tolerance:
+            raise LinearizeError(
+                f"layer {index}: {type(module).__name__} computes attention differently from how linearize reads it "
+                f"(relative difference {error:.1e}); this model family is not supported yet"
+            )
+
+
+def convert(
+    model: PreTrainedModel,
+    mixer: str = "hedgehog_swa",
+    keep_attention: Any = (),
+    layers: Any = None,
+    hybrid: Mapping[str, Any] | None = None,
+    mixer_options: Mapping[str, Mapping[str, Any]] | None = None,
+    source: str | None = None,
+    **options: Any,
+) -> LinearizedForCausalLM:
+    """Replace the teacher's attention layers with `mixer`, reusing their q/k/v/o weights.
+
+    Example:
+        >>> teacher, tokenizer = linearize.load_teacher("smollm2-135m")
+        >>> student = linearize.convert(teacher, "hedgehog_swa", keep_attention=[0], window=64)
+
+    The teacher module is changed in place and wrapped; keep no other reference to it. The returned model
+    saves with `save_pretrained` and reloads with `AutoModelForCausalLM.from_pretrained`.
+    """
+    teacher = _teacher_of(model)
+    config = teacher.config
+    plan = build_plan(config.num_hidden_layers, mixer, keep_attention, layers, hybrid, options, mixer_options)
+    converted = [i for i, entry in enumerate(plan) if entry["mixer"] != "attention"]
+    if any(p.device.type == "meta" for p in teacher.parameters()):
+        raise LinearizeError("the teacher has weights on the meta device; load it fully before converting")
+    verify_reading(teacher, converted)
+    blocks = decoder_layers(teacher, config.num_hidden_layers)
+    originals = [getattr(b, attention_slot(b)) for b in blocks]
+    apply_plan(teacher, config, plan)
+    for index, block in enumerate(blocks):
+        mixer_module = getattr(block, attention_slot(block))
+        if mixer_module is not originals[index]:
+            reference = next(originals[index].parameters())
+            mixer_module.to(device=reference.device)
+    for entry, block in zip(plan, blocks):
+        module = getattr(block, attention_slot(block))
+        entry["options"] = module.options_dict() if hasattr(module, "options_dict") else {}
+    wrapped_config = LinearizedConfig(
+        text_config=config,
+        layers=plan,
+        source=source or getattr(config, "_name_or_path", None) or None,
+        dtype=getattr(config, "dtype", None),
+    )
+    return LinearizedForCausalLM(wrapped_config, model=teacher)
