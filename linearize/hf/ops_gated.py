@@ -1,0 +1,311 @@
+"""Gated linear attention (GLA) ops in pure PyTorch.
+
+This module is copied next to saved models as remote code, so it imports only
+torch and the standard library.
+
+Layout is (B, H, T, D): q, k are (B, H, T, K), v is (B, H, T, V). Gates are
+log-decays (<= 0). Per batch and head the ops compute
+
+    S_t = diag(exp(gk_t)) @ S_{t-1} + k_t^T v_t        (S is K x V)
+    o_t = scale * q_t @ S_t
+
+so a token sees its own key (inclusive causal) and there is no normaliser.
+The "simple" variants take one scalar gate per head and step, g of shape
+(B, H, T) (Mamba-2 SSD form): S_t = exp(g_t) S_{t-1} + k_t^T v_t.
+
+Every op returns (o, final_state): o in the dtype of v, final_state of shape
+(B, H, K, V) in the compute dtype, which is float32 (float64 if any input is
+float64).
+"""
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+__all__ = [
+    "naive_gla",
+    "recurrent_gla",
+    "chunk_gla",
+    "naive_simple_gla",
+    "recurrent_simple_gla",
+    "chunk_simple_gla",
+]
+
+# Sub-chunk length for the secondary chunking inside chunk_gla.
+_SUB_CHUNK = 16
+
+
+def _prepare(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    gate: Tensor,
+    scale: Optional[float],
+    initial_state: Optional[Tensor],
+    scalar_gate: bool,
+):
+    if q.dim() != 4 or k.shape != q.shape:
+        raise ValueError(f"q and k must both be (B, H, T, K); got {tuple(q.shape)} and {tuple(k.shape)}")
+    B, H, T, K = q.shape
+    if v.dim() != 4 or v.shape[:3] != (B, H, T):
+        raise ValueError(f"v must be (B, H, T, V) with B, H, T of q; got {tuple(v.shape)}")
+    V = v.shape[-1]
+    want = (B, H, T) if scalar_gate else (B, H, T, K)
+    if tuple(gate.shape) != want:
+        raise ValueError(f"gate must have shape {want}; got {tuple(gate.shape)}")
+    if initial_state is not None and tuple(initial_state.shape) != (B, H, K, V):
+        raise ValueError(f"initial_state must be {(B, H, K, V)}; got {tuple(initial_state.shape)}")
+
+    tensors = [q, k, v, gate] + ([initial_state] if initial_state is not None else [])
+    acc = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    scale = K ** -0.5 if scale is None else float(scale)
+    s0 = initial_state.to(acc) if initial_state is not None else None
+    return q.to(acc), k.to(acc), v.to(acc), gate.to(acc), scale, s0, v.dtype
+
+
+def _zeros_state(q: Tensor, v: Tensor) -> Tensor:
+    B, H, _, K = q.shape
+    return q.new_zeros(B, H, K, v.shape[-1])
+
+
+def _pad_time(x: Tensor, pad: int, dim: int) -> Tensor:
+    """Zero-pad the time axis at the end. Padded steps have k = 0 and gate = 0
+    (decay 1), so they leave the state untouched."""
+    if pad == 0:
+        return x
+    widths = [0, 0] * (x.dim() - dim - 1) + [0, pad]
+    return F.pad(x, widths)
+
+
+def _chunk_recurrence(kd: Tensor, v: Tensor, decay: Tensor, s0: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """Carry the state across chunks.
+
+    kd: (B, H, N, C, K) keys already decayed to the chunk end; v: (B, H, N, C, V);
+    decay: total per-chunk decay, broadcastable to (B, H, N, K, V).
+    Returns the state entering each chunk, (B, H, N, K, V), and the final state.
+    """
+    B, H, N, _, K = kd.shape
+    U = kd.transpose(-1, -2) @ v
+    S = s0 if s0 is not None else kd.new_zeros(B, H, K, v.shape[-1])
+    entering = []
+    for n in range(N):
+        entering.append(S)
+        S = decay[:, :, n] * S + U[:, :, n]
+    return torch.stack(entering, dim=2), S
+
+
+# ----------------------------------------------------------------------------
+# Vector (per key channel) gates
+# ----------------------------------------------------------------------------
+
+
+def naive_gla(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    gk: Tensor,
+    scale: Optional[float] = None,
+    initial_state: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
+    """Reference GLA in explicit quadratic form (O(T^2 K) memory).
+
+    With b_t = sum_{s<=t} gk_s:
+      o_i = scale * [ (q_i * exp(b_i)) @ S_0 + sum_{j<=i} (sum_k q_ik k_jk exp(b_ik - b_jk)) v_j ]
+      S_T = exp(b_T)[:, None] * S_0 + sum_j (k_j * exp(b_T - b_j))^T v_j
+    which equals the recurrence S_t = diag(exp(gk_t)) S_{t-1} + k_t^T v_t, o_t = scale q_t S_t.
+    """
+    q, k, v, gk, scale, s0, out_dtype = _prepare(q, k, v, gk, scale, initial_state, False)
+    T = q.shape[2]
+    b = gk.cumsum(dim=2)
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    diff = b[:, :, :, None, :] - b[:, :, None, :, :]  # (B, H, T_i, T_j, K)
+    # Mask before exp: the upper triangle holds positive exponents.
+    decay = torch.exp(torch.where(causal[:, :, None], diff, float("-inf")))
+    A = torch.einsum("bhik,bhjk,bhijk->bhij", q, k, decay)
+    o = A @ v
+    b_last = b[:, :, -1:, :]  # (B, H, 1, K)
+    S = (k * torch.exp(b_last - b)).transpose(-1, -2) @ v
+    if s0 is not None:
+        o = o + (q * torch.exp(b)) @ s0
+        S = S + torch.exp(b_last).transpose(-1, -2) * s0
+    return (scale * o).to(out_dtype), S
+
+
+def recurrent_gla(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    gk: Tensor,
+    scale: Optional[float] = None,
+    initial_state: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
+    """Token-by-token GLA (decode path): S_t = diag(exp(gk_t)) S_{t-1} + k_t^T v_t; o_t = scale q_t S_t."""
+    q, k, v, gk, scale, s0, out_dtype = _prepare(q, k, v, gk, scale, initial_state, False)
+    S = s0 if s0 is not None else _zeros_state(q, v)
+    decay = torch.exp(gk).unsqueeze(-1)  # (B, H, T, K, 1)
+    q = q * scale
+    outs = []
+    for t in range(q.shape[2]):
+        S = decay[:, :, t] * S + k[:, :, t, :, None] * v[:, :, t, None, :]
+        outs.append((q[:, :, t, None, :] @ S).squeeze(-2))
+    return torch.stack(outs, dim=2).to(out_dtype), S
+
+
+def _chunk_sizes(T: int, chunk_size: int) -> Tuple[int, int]:
+    """Return (chunk length, sub-chunk length) for chunk_gla."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive; got {chunk_size}")
+    c = max(d for d in range(1, min(_SUB_CHUNK, chunk_size) + 1) if chunk_size % d == 0)
+    if T <= c:
+        return T, T
+    C = min(chunk_size, -(-T // c) * c)  # no point padding a short sequence to a full chunk
+    return C, c
+
+
+def chunk_gla(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    gk: Tensor,
+    scale: Optional[float] = None,
+    initial_state: Optional[Tensor] = None,
+    chunk_size: int = 64,
+) -> Tuple[Tensor, Tensor]:
+    """Chunked parallel GLA (training / prefill); same result as the recurrence
+    S_t = diag(exp(gk_t)) S_{t-1} + k_t^T v_t, o_t = scale q_t S_t.
+
+    Within a chunk, attention scores use exp of differences of cumulative
+    log-gates that are always <= 0, so nothing overflows even for very strong
+    decays. chunk_size should be a multiple of 16 (any positive value works).
+    """
+    q, k, v, gk, scale, s0, out_dtype = _prepare(q, k, v, gk, scale, initial_state, False)
+    B, H, T, K = q.shape
+    V = v.shape[-1]
+    C, c = _chunk_sizes(T, chunk_size)
+    n = C // c
+    N = -(-T // C)
+    pad = N * C - T
+    q, k, v, gk = (_pad_time(x, pad, 2) for x in (q, k, v, gk))
+
+    q = q.reshape(B, H, N, n, c, K)
+    k = k.reshape(B, H, N, n, c, K)
+    gk = gk.reshape(B, H, N, n, c, K)
+    v = v.reshape(B, H, N, C, V)
+
+    # Cumulative log-gates within each sub-chunk, then offset to the chunk start.
+    bl = gk.cumsum(dim=-2)  # (B, H, N, n, c, K)
+    tot = bl[..., -1, :]  # (B, H, N, n, K)
+    offs = F.pad(tot.cumsum(dim=-2)[..., :-1, :], (0, 0, 1, 0))
+    b = bl + offs.unsqueeze(-2)  # cumulative from chunk start, inclusive
+
+    # Diagonal sub-blocks: explicit pairwise decays (c x c x K), masked before exp.
+    tril = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
+    dd = bl[..., :, None, :] - bl[..., None, :, :]  # (B, H, N, n, c_i, c_j, K)
+    dd = torch.exp(torch.where(tril[:, :, None], dd, float("-inf")))
+    A_diag = torch.einsum("...ik,...jk,...ijk->...ij", q, k, dd)  # (B, H, N, n, c, c)
+
+    if n > 1:
+        # Off-diagonal sub-blocks I > J: use the end of sub-chunk J as reference
+        # point, so both factors exp(b_i - ref_J) and exp(ref_J - b_j) are <= 1.
+        ref = b[..., -1, :]  # (B, H, N, n_J, K)
+        kg = k * torch.exp(ref.unsqueeze(-2) - b)  # (B, H, N, n_J, c, K)
+        e = b[..., :, None, :, :] - ref[..., None, :, None, :]  # (B, H, N, n_I, n_J, c, K)
+        strict = torch.ones(n, n, dtype=torch.bool, device=q.device).tril(-1)
+        qg = q.unsqueeze(-3) * torch.exp(torch.where(strict[:, :, None, None], e, float("-inf")))
+        A = torch.einsum("...IJik,...Jjk->...IJij", qg, kg)  # (B, H, N, n_I, n_J, c, c)
+        eye = torch.eye(n, dtype=q.dtype, device=q.device)[:, :, None, None]
+        A = A + eye * A_diag.unsqueeze(-3)
+    else:
+        A = A_diag.unsqueeze(-3)
+    A = A.transpose(-3, -2).reshape(B, H, N, C, C)
+
+    q = q.reshape(B, H, N, C, K)
+    k = k.reshape(B, H, N, C, K)
+    b = b.reshape(B, H, N, C, K)
+    b_last = b[..., -1:, :]  # (B, H, N, 1, K)
+    kd = k * torch.exp(b_last - b)
+    S_in, S = _chunk_recurrence(kd, v, torch.exp(b_last).transpose(-1, -2), s0)
+    o = A @ v + (q * torch.exp(b)) @ S_in
+    o = (scale * o).reshape(B, H, N * C, V)[:, :, :T]
+    return o.to(out_dtype), S
+
+
+# ----------------------------------------------------------------------------
+# Scalar (per head) gates
+# ----------------------------------------------------------------------------
+
+
+def naive_simple_gla(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    scale: Optional[float] = None,
+    initial_state: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
+    """Reference scalar-gate GLA: S_t = exp(g_t) S_{t-1} + k_t^T v_t; o_t = scale q_t S_t. g: (B, H, T)."""
+    _prepare(q, k, v, g, scale, initial_state, True)
+    return naive_gla(q, k, v, g.unsqueeze(-1).expand(q.shape), scale, initial_state)
+
+
+def recurrent_simple_gla(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    scale: Optional[float] = None,
+    initial_state: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
+    """Token-by-token scalar-gate GLA (decode path): S_t = exp(g_t) S_{t-1} + k_t^T v_t; o_t = scale q_t S_t."""
+    q, k, v, g, scale, s0, out_dtype = _prepare(q, k, v, g, scale, initial_state, True)
+    S = s0 if s0 is not None else _zeros_state(q, v)
+    decay = torch.exp(g)[..., None, None]  # (B, H, T, 1, 1)
+    q = q * scale
+    outs = []
+    for t in range(q.shape[2]):
+        S = decay[:, :, t] * S + k[:, :, t, :, None] * v[:, :, t, None, :]
+        outs.append((q[:, :, t, None, :] @ S).squeeze(-2))
+    return torch.stack(outs, dim=2).to(out_dtype), S
+
+
+def chunk_simple_gla(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    scale: Optional[float] = None,
+    initial_state: Optional[Tensor] = None,
+    chunk_size: int = 64,
+) -> Tuple[Tensor, Tensor]:
+    """Chunked scalar-gate GLA (Mamba-2 SSD form); same result as
+    S_t = exp(g_t) S_{t-1} + k_t^T v_t, o_t = scale q_t S_t. g: (B, H, T)."""
+    q, k, v, g, scale, s0, out_dtype = _prepare(q, k, v, g, scale, initial_state, True)
+    B, H, T, K = q.shape
+    V = v.shape[-1]
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive; got {chunk_size}")
+    C = min(chunk_size, T)
+    N = -(-T // C)
+    pad = N * C - T
+    q, k, v = (_pad_time(x, pad, 2) for x in (q, k, v))
+    g = _pad_time(g, pad, 2)
+
+    q = q.reshape(B, H, N, C, K)
+    k = k.reshape(B, H, N, C, K)
+    v = v.reshape(B, H, N, C, V)
+    b = g.reshape(B, H, N, C).cumsum(dim=-1)
+
+    # A scalar gate makes the decay matrix C x C, so no secondary chunking is needed.
+    tril = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    L = torch.exp(torch.where(tril, b[..., :, None] - b[..., None, :], float("-inf")))
+    A = (q @ k.transpose(-1, -2)) * L
+
+    b_last = b[..., -1:]  # (B, H, N, 1)
+    kd = k * torch.exp(b_last - b).unsqueeze(-1)
+    S_in, S = _chunk_recurrence(kd, v, torch.exp(b_last).unsqueeze(-1), s0)
+    o = A @ v + (q * torch.exp(b).unsqueeze(-1)) @ S_in
+    o = (scale * o).reshape(B, H, N * C, V)[:, :, :T]
+    return o.to(out_dtype), S
