@@ -122,6 +122,6 @@ def resolve_layout(
             assignment.append(mixer)
         else:
             assignment.append("attention")
-    if all(name == "attention" for name in assignment):
+    if mixer != "attention" and all(name == "attention" for name in assignment):
         raise LinearizeError("this layout keeps softmax attention in every layer, so nothing would be converted; keep fewer layers")
     return assignment

@@ -56,6 +56,9 @@ def _teacher_of(model: nn.Module) -> PreTrainedModel:
 def verify_reading(model: PreTrainedModel, indices: Iterable[int], length: int = 9) -> None:
     """Run the teacher once on a short input and check that linearize's reading of each attention module
     (projections, norms, heads, RoPE, scaling) reproduces that module's own output."""
+    indices = list(indices)
+    if not indices:
+        return
     config = model.config
     layers = decoder_layers(model, config.num_hidden_layers)
     captured: dict[int, tuple] = {}
@@ -80,9 +83,9 @@ def verify_reading(model: PreTrainedModel, indices: Iterable[int], length: int =
             h.remove()
         model.train(was_training)
     dtype = next(model.parameters()).dtype
-    tolerance = 1e-3 if dtype == torch.float32 else 5e-2
+    tolerance = 1e-3 if dtype in (torch.float32, torch.float64) else 5e-2
     for index, (module, hidden, position_embeddings, output) in sorted(captured.items()):
-        spec = AttentionSpec.read(module, config, where=f"layer {index}: ")
+        spec = AttentionSpec.read(module, config, index)
         error = l2_relative(reference_attention(spec, module, hidden, position_embeddings), output)
         if not error < tolerance:
             raise LinearizeError(
@@ -116,8 +119,10 @@ def convert(
     converted = [i for i, entry in enumerate(plan) if entry["mixer"] != "attention"]
     if any(p.device.type == "meta" for p in teacher.parameters()):
         raise LinearizeError("the teacher has weights on the meta device; load it fully before converting")
-    verify_reading(teacher, converted)
     blocks = decoder_layers(teacher, config.num_hidden_layers)
+    for index in converted:
+        AttentionSpec.read(getattr(blocks[index], attention_slot(blocks[index], where=f"layer {index}: ")), config, index)
+    verify_reading(teacher, converted)
     originals = [getattr(b, attention_slot(b)) for b in blocks]
     apply_plan(teacher, config, plan)
     for index, block in enumerate(blocks):

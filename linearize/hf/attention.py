@@ -44,9 +44,10 @@ class AttentionSpec:
         return self.num_heads // self.num_kv_heads
 
     @classmethod
-    def read(cls, attn: nn.Module, config, where: str = "") -> "AttentionSpec":
-        """Inspect `attn` (a teacher attention module) and its model `config`; raise LinearizeError if unreadable."""
+    def read(cls, attn: nn.Module, config, layer_idx: int) -> "AttentionSpec":
+        """Inspect `attn` (layer `layer_idx`'s teacher attention) and its `config`; raise LinearizeError if unreadable."""
         kind = type(attn).__name__
+        where = f"layer {layer_idx}: "
         if getattr(attn, "sinks", None) is not None or getattr(config, "clip_qkv", None):
             raise LinearizeError(f"{where}{kind} uses attention sinks or clipped qkv, which linearize cannot reuse; supported: {SUPPORTED}")
         num_heads = config.num_attention_heads
@@ -83,7 +84,7 @@ class AttentionSpec:
             k_norm=k_norm,
             norm_per_head=norm_per_head,
             scaling=float(getattr(attn, "scaling", head_dim**-0.5)),
-            sliding_window=getattr(attn, "sliding_window", None),
+            sliding_window=_sliding_window(attn, config, layer_idx),
             softcap=float(softcap) if softcap else None,
         )
 
@@ -115,6 +116,17 @@ class AttentionSpec:
         """Names of the modules holding the reused weights (LoRA targets them)."""
         qkv = {"separate": ("q_proj", "k_proj", "v_proj"), "fused": ("qkv_proj",), "neox": ("query_key_value",)}
         return (*qkv[self.layout], self.output)
+
+
+def _sliding_window(attn: nn.Module, config, layer_idx: int) -> int | None:
+    # Families set it on the module (per layer type), or only in the config (then every layer slides, unless
+    # `layer_types` says which do).
+    if hasattr(attn, "sliding_window"):
+        return attn.sliding_window
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and layer_types[layer_idx] != "sliding_attention":
+        return None
+    return getattr(config, "sliding_window", None)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

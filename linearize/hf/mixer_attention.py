@@ -17,7 +17,7 @@ class KeepAttention(Mixer):
     @classmethod
     def from_attention(cls, attn: nn.Module, config, layer_idx: int, **options) -> nn.Module:
         """Return the teacher module itself: a kept layer is the teacher layer, bit for bit."""
-        cls.parse_options(options, AttentionSpec.read(attn, config, where=f"layer {layer_idx}: "), config)
+        cls.parse_options(options, AttentionSpec.read(attn, config, layer_idx), config)
         return attn
 
     @classmethod

@@ -129,7 +129,7 @@ class Mixer(nn.Module):
     @classmethod
     def from_attention(cls, attn: nn.Module, config, layer_idx: int, **options: Any) -> "Mixer":
         """Build the mixer around the teacher attention module `attn` of layer `layer_idx`, reusing its weights."""
-        spec = AttentionSpec.read(attn, config, where=f"layer {layer_idx}: ")
+        spec = AttentionSpec.read(attn, config, layer_idx)
         mixer = cls(attn, spec, cls.parse_options(options, spec, config), layer_idx)
         mixer._mark_initialized()
         return mixer

@@ -15,12 +15,17 @@ import math
 import torch
 
 
+def _acc(x: torch.Tensor) -> torch.dtype:
+    """Accumulation dtype: float32, or float64 when the inputs are float64 (exactness tests)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def _empty_state(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fk: torch.Tensor) -> dict[str, torch.Tensor]:
     b, h, _, d = k.shape
     f, e = fk.shape[-1], v.shape[-1]
     return {
-        "S": q.new_zeros(b, h, f, e, dtype=torch.float32),
-        "z": q.new_zeros(b, h, f, dtype=torch.float32),
+        "S": q.new_zeros(b, h, f, e, dtype=_acc(q)),
+        "z": q.new_zeros(b, h, f, dtype=_acc(q)),
         "k": k.new_zeros(b, h, 0, d),
         "v": v.new_zeros(b, h, 0, e),
         "fk": fk.new_zeros(b, h, 0, f),
@@ -44,9 +49,9 @@ def _next_state(k, v, fk, mask, S, z, window: int) -> dict[str, torch.Tensor]:
     """Fold every key older than the last window - 1 into (S, z); keep the rest as window context."""
     keep = min(max(window - 1, 0), k.shape[2])
     cut = k.shape[2] - keep
-    fk_old = fk[:, :, :cut].float() * mask[:, None, :cut, None]
+    fk_old = fk[:, :, :cut].to(S.dtype) * mask[:, None, :cut, None]
     return {
-        "S": S + torch.einsum("bhsf,bhse->bhfe", fk_old, v[:, :, :cut].float()),
+        "S": S + torch.einsum("bhsf,bhse->bhfe", fk_old, v[:, :, :cut].to(S.dtype)),
         "z": z + fk_old.sum(2),
         "k": k[:, :, cut:],
         "v": v[:, :, cut:],
@@ -55,7 +60,7 @@ def _next_state(k, v, fk, mask, S, z, window: int) -> dict[str, torch.Tensor]:
     }
 
 
-def _weights(weight, dtype=torch.float32):
+def _weights(weight, dtype):
     return weight.to(dtype).reshape(1, -1, 1, 1) if torch.is_tensor(weight) else weight
 
 
@@ -66,8 +71,9 @@ def naive_window_linear(
     length = q.shape[2]
     k_all, v_all, fk_all, mask, S, z = _with_context(q, k, v, fk, key_mask, state)
     total = k_all.shape[2]
-    smw, lnw = _weights(sm_weight), _weights(ln_weight)
-    scores = torch.einsum("bhtd,bhsd->bhts", q.float(), k_all.float()) * scaling
+    acc = _acc(q)
+    smw, lnw = _weights(sm_weight, acc), _weights(ln_weight, acc)
+    scores = torch.einsum("bhtd,bhsd->bhts", q.to(acc), k_all.to(acc)) * scaling
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     t = torch.arange(total - length, total, device=q.device)[:, None]
@@ -79,10 +85,10 @@ def naive_window_linear(
     peak = masked.amax(-1, keepdim=True)
     peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
     a_sm = torch.exp(masked - peak) * smw
-    a_ln = torch.einsum("bhtf,bhsf->bhts", fq.float(), fk_all.float()) * in_linear * lnw
+    a_ln = torch.einsum("bhtf,bhsf->bhts", fq.to(acc), fk_all.to(acc)) * in_linear * lnw
     a = a_sm + a_ln
-    num = a @ v_all.float() + lnw * torch.einsum("bhtf,bhfe->bhte", fq.float(), S)
-    den = a.sum(-1, keepdim=True) + lnw * torch.einsum("bhtf,bhf->bht", fq.float(), z)[..., None]
+    num = a @ v_all.to(acc) + lnw * torch.einsum("bhtf,bhfe->bhte", fq.to(acc), S)
+    den = a.sum(-1, keepdim=True) + lnw * torch.einsum("bhtf,bhf->bht", fq.to(acc), z)[..., None]
     o = (num / den.clamp_min(1e-30)).to(v.dtype)
     return o, (_next_state(k_all, v_all, fk_all, mask, S, z, window) if output_state else None)
 
@@ -113,15 +119,16 @@ def chunk_window_linear(
     c = max(chunk_size, window)
     n = math.ceil(total / c)
     pad = n * c - total
-    smw, lnw = _weights(sm_weight), _weights(ln_weight)
+    acc = _acc(q)
+    smw, lnw = _weights(sm_weight, acc), _weights(ln_weight, acc)
 
     def chunks(x, front=0):
-        x = torch.nn.functional.pad(x.float(), (0, 0, front, pad))
+        x = torch.nn.functional.pad(x.to(acc), (0, 0, front, pad))
         return x.reshape(b, h, n, c, x.shape[-1])
 
     qc, fqc = chunks(q, context), chunks(fq, context)
     kc, vc, fkc = chunks(k_all), chunks(v_all), chunks(fk_all)
-    mc = torch.nn.functional.pad(mask, (0, pad)).reshape(b, 1, n, c, 1).float()
+    mc = torch.nn.functional.pad(mask, (0, pad)).reshape(b, 1, n, c, 1).to(acc)
     fkc = fkc * mc
     vc_masked = vc * mc
 
@@ -133,7 +140,7 @@ def chunk_window_linear(
     j = torch.arange(2 * c, device=q.device)[None, :]
     dist = c + r - j
     in_window = ((dist >= 0) & (dist < window)) & (mb.transpose(-1, -2) > 0)
-    in_linear = (dist >= window).float()
+    in_linear = (dist >= window).to(acc)
 
     scores = torch.einsum("bhnrd,bhnjd->bhnrj", qc, kb) * scaling
     if softcap is not None:
@@ -165,36 +172,43 @@ def recurrent_window_linear(
     state = state if state else _empty_state(q, k, v, fk)
     if key_mask is None:
         key_mask = torch.ones(b, length, dtype=torch.bool, device=q.device)
-    smw, lnw = _weights(sm_weight), _weights(ln_weight)
+    acc = _acc(q)
+    smw, lnw = _weights(sm_weight, acc), _weights(ln_weight, acc)
     S, z = state["S"], state["z"]
     ck, cv, cfk, cmask = state["k"].to(k.dtype), state["v"].to(v.dtype), state["fk"].to(fk.dtype), state["mask"]
     keep = max(window - 1, 0)
+    sm_head = smw[..., 0] if torch.is_tensor(smw) else smw
+    ln_head = lnw[..., 0] if torch.is_tensor(lnw) else lnw
+
+    def fold(S, z, fk_s, v_s, valid):
+        fk_s = fk_s.to(acc) * valid[:, None, None]
+        return S + fk_s[..., None] * v_s[:, :, None, :].to(acc), z + fk_s
+
     outputs = []
     for t in range(length):
         kt, vt, fkt, mt = k[:, :, t : t + 1], v[:, :, t : t + 1], fk[:, :, t : t + 1], key_mask[:, t : t + 1].bool()
-        fqt = fq[:, :, t].float()
-        ck, cv, cfk, cmask = torch.cat((ck, kt), 2), torch.cat((cv, vt), 2), torch.cat((cfk, fkt), 2), torch.cat((cmask, mt), 1)
-        if ck.shape[2] > keep:  # the oldest key leaves the window (with window = 0, the current one goes straight in)
-            old = cfk[:, :, 0].float() * cmask[:, None, 0, None]
-            S = S + old[..., None] * cv[:, :, 0, None, :].float()
-            z = z + old
-            ck, cv, cfk, cmask = ck[:, :, 1:], cv[:, :, 1:], cfk[:, :, 1:], cmask[:, 1:]
-        num = lnw[..., 0] * torch.einsum("bhf,bhfe->bhe", fqt, S) if torch.is_tensor(lnw) else lnw * torch.einsum("bhf,bhfe->bhe", fqt, S)
-        den = (lnw[..., 0, 0] if torch.is_tensor(lnw) else lnw) * torch.einsum("bhf,bhf->bh", fqt, z)
+        fqt = fq[:, :, t].to(acc)
+        if window == 0:  # plain linear attention: the current key is read through the state
+            S, z = fold(S, z, fkt[:, :, 0], vt[:, :, 0], mt[:, 0])
+        else:
+            ck, cv, cfk = torch.cat((ck, kt), 2), torch.cat((cv, vt), 2), torch.cat((cfk, fkt), 2)
+            cmask = torch.cat((cmask, mt), 1)
+        num = ln_head * torch.einsum("bhf,bhfe->bhe", fqt, S)
+        den = ln_head * torch.einsum("bhf,bhf->bh", fqt, z)[..., None]
         if window > 0:
-            win_k = torch.cat((ck, kt), 2) if keep == 0 else ck
-            win_v = torch.cat((cv, vt), 2) if keep == 0 else cv
-            win_m = torch.cat((cmask, mt), 1) if keep == 0 else cmask
-            score = torch.einsum("bhd,bhsd->bhs", q[:, :, t].float(), win_k.float()) * scaling
+            score = torch.einsum("bhd,bhsd->bhs", q[:, :, t].to(acc), ck.to(acc)) * scaling
             if softcap is not None:
                 score = torch.tanh(score / softcap) * softcap
-            score = score.masked_fill(~win_m[:, None, :], float("-inf"))
+            score = score.masked_fill(~cmask[:, None, :], float("-inf"))
             peak = score.amax(-1, keepdim=True)
             peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
-            a = torch.exp(score - peak) * (smw[..., 0] if torch.is_tensor(smw) else smw)
-            num = num + torch.einsum("bhs,bhse->bhe", a, win_v.float())
-            den = den + a.sum(-1)
-        outputs.append((num / den[..., None].clamp_min(1e-30)).to(v.dtype))
+            a = torch.exp(score - peak) * sm_head
+            num = num + torch.einsum("bhs,bhse->bhe", a, cv.to(acc))
+            den = den + a.sum(-1, keepdim=True)
+            if ck.shape[2] > keep:  # the oldest key leaves the window for the next token
+                S, z = fold(S, z, cfk[:, :, 0], cv[:, :, 0], cmask[:, 0])
+                ck, cv, cfk, cmask = ck[:, :, 1:], cv[:, :, 1:], cfk[:, :, 1:], cmask[:, 1:]
+        outputs.append((num / den.clamp_min(1e-30)).to(v.dtype))
     o = torch.stack(outputs, dim=2)
     new = {"S": S, "z": z, "k": ck, "v": cv, "fk": cfk, "mask": cmask} if output_state else None
     return o, new

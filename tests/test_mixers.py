@@ -1,0 +1,117 @@
+"""Every registered mixer through the whole model: cached generation, chunked prefill, save/reload, state size.
+
+A new mixer joins by adding a line to MIXER_CASES; a test fails if a registered mixer has no line.
+"""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import linearize
+from linearize.hf.cache import MixerState
+from tests.tiny import left_padded, random_ids, run_python, tiny_model
+
+# (mixer, options, keep_attention) on the tiny 3-layer llama; windows are small so they matter at these lengths.
+MIXER_CASES = {
+    "attention": ({}, ()),
+    "hedgehog": ({"feature_dim": 8}, ()),
+    "hedgehog_swa": ({"window": 4}, [1]),
+}
+# Mixers whose state must not grow with context at all (the softmax window of *_swa is bounded, so they count).
+CONSTANT_STATE = {"hedgehog", "hedgehog_swa"}
+
+
+def converted(name, family="llama", **overrides):
+    options, keep = MIXER_CASES[name]
+    return linearize.convert(tiny_model(family, **overrides), name, keep_attention=keep, **options)
+
+
+def test_every_registered_mixer_has_a_case():
+    assert set(linearize.MIXERS) == set(MIXER_CASES)
+
+
+@pytest.mark.parametrize("name", sorted(MIXER_CASES))
+def test_cached_generation_equals_uncached(name):
+    model = converted(name)
+    ids, mask = left_padded(random_ids(2, 12), [3, 0])
+    settings = dict(input_ids=ids, attention_mask=mask, max_new_tokens=32, do_sample=False, min_new_tokens=32)
+    cached = model.generate(**settings, use_cache=True)
+    uncached = model.generate(**settings, use_cache=False)
+    assert cached.shape[1] == 12 + 32
+    assert torch.equal(cached, uncached)
+
+
+@pytest.mark.parametrize("name", sorted(MIXER_CASES))
+def test_chunked_prefill_equals_one_shot(name):
+    model = converted(name)
+    ids, mask = left_padded(random_ids(2, 40), [5, 0])
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    whole = model(ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+    cache, pieces = None, []
+    for start, end in ((0, 7), (7, 8), (8, 29), (29, 40)):
+        out = model(
+            ids[:, start:end],
+            attention_mask=mask[:, :end],
+            position_ids=positions[:, start:end],
+            past_key_values=cache,
+            use_cache=True,
+        )
+        cache = out.past_key_values
+        pieces.append(out.logits)
+    assert torch.allclose(torch.cat(pieces, 1), whole, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", sorted(CONSTANT_STATE))
+def test_state_size_does_not_grow_with_context(name):
+    model = converted(name, max_position_embeddings=1024)
+    sizes = []
+    for length in (64, 512):
+        out = model(random_ids(1, length), use_cache=True)
+        layers = out.past_key_values.layers
+        assert all(isinstance(layer, MixerState) for i, layer in enumerate(layers) if model.config.layers[i]["mixer"] != "attention")
+        sizes.append([layer.nbytes() for layer in layers if isinstance(layer, MixerState)])
+    assert sizes[0] == sizes[1]
+
+
+@pytest.mark.parametrize("name", sorted(MIXER_CASES))
+def test_save_reload_with_and_without_linearize(name, tmp_path):
+    model = converted(name)
+    ids = random_ids(2, 17)
+    expected = model(ids).logits
+    model.save_pretrained(tmp_path)
+    saved = {p.name for p in tmp_path.iterdir()}
+    assert {"config.json", "model.safetensors", "modeling_linearized.py", "configuration_linearized.py"} <= saved
+    assert not any(n.endswith((".bin", ".pt")) for n in saved)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64)
+    assert type(reloaded).__name__ == "LinearizedForCausalLM"
+    assert torch.equal(reloaded(ids).logits, expected)
+    torch.save({"ids": ids, "expected": expected}, tmp_path / "probe.pt")
+    output = run_python(
+        f"""
+        import torch
+        from transformers import AutoModelForCausalLM
+        probe = torch.load({str(tmp_path / 'probe.pt')!r})
+        model = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}, trust_remote_code=True, dtype=torch.float64)
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        logits = model(probe["ids"]).logits
+        print("max difference", (logits - probe["expected"]).abs().max().item())
+        cached = model.generate(probe["ids"], max_new_tokens=8, do_sample=False)
+        uncached = model.generate(probe["ids"], max_new_tokens=8, do_sample=False, use_cache=False)
+        print("generation equal", bool(torch.equal(cached, uncached)))
+        """,
+        cwd=tmp_path,
+    )
+    assert "max difference 0.0" in output
+    assert "generation equal True" in output
+
+
+@pytest.mark.parametrize("name", sorted(n for n in MIXER_CASES if n != "attention"))
+def test_new_parameters_get_gradients(name):
+    model = converted(name)
+    model.train()
+    loss = model(random_ids(2, 30), labels=random_ids(2, 30, seed=3)).loss
+    loss.backward()
+    mixers = linearize.hf.mixers.mixers_in(model)
+    new = [p for m in mixers for p in m.new_parameters()]
+    assert new, "every converted mixer adds parameters"
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0 for p in new)

@@ -1,0 +1,136 @@
+"""Window + linear attention ops: chunked and recurrent forms against the quadratic reference."""
+
+import pytest
+import torch
+
+from linearize.hf.ops_window import chunk_window_linear, naive_window_linear, recurrent_window_linear
+
+B, H, D, V, F = 2, 3, 8, 6, 5
+
+
+def feature(x, w):
+    y = torch.einsum("bhtd,hdf->bhtf", x, w)
+    return torch.cat((torch.softmax(y, -1), torch.softmax(-y, -1)), -1)
+
+
+def make(length, context=0, seed=0, padded=False):
+    g = torch.Generator().manual_seed(seed)
+    total = context + length
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    q, k, v = r(B, H, total, D), r(B, H, total, D), r(B, H, total, V)
+    wq, wk = r(H, D, F), r(H, D, F)
+    mask = torch.ones(B, total, dtype=torch.bool)
+    if padded:
+        mask[0, : min(3, total)] = False
+    sm = torch.sigmoid(r(H))
+    return q, k, v, wq, wk, mask, sm
+
+
+def run(op, q, k, v, wq, wk, mask, sm, window, state=None, output_state=True, **extra):
+    return op(
+        q,
+        k,
+        v,
+        feature(q, wq),
+        feature(k, wk),
+        window=window,
+        scaling=D**-0.5,
+        sm_weight=sm,
+        ln_weight=1 - sm,
+        key_mask=mask,
+        state=state,
+        output_state=output_state,
+        **extra,
+    )
+
+
+def assert_states_equal(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key].double() if a[key].is_floating_point() else a[key], b[key].double() if b[key].is_floating_point() else b[key], atol=1e-10), key
+
+
+FORMS = [
+    ("chunk16", lambda *a, **k: chunk_window_linear(*a, chunk_size=16, **k)),
+    ("chunk64", lambda *a, **k: chunk_window_linear(*a, chunk_size=64, **k)),
+    ("recurrent", recurrent_window_linear),
+]
+
+
+@pytest.mark.parametrize("window", [0, 1, 4, 20])
+@pytest.mark.parametrize("length", [1, 63, 130])
+@pytest.mark.parametrize("with_state", [False, True])
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("form", FORMS, ids=[f[0] for f in FORMS])
+def test_forms_match_reference(form, window, length, with_state, padded):
+    _, op = form
+    context = 37 if with_state else 0
+    q, k, v, wq, wk, mask, sm = make(length, context, seed=length + window, padded=padded)
+    state = None
+    if with_state:
+        _, state = run(naive_window_linear, q[:, :, :context], k[:, :, :context], v[:, :, :context], wq, wk, mask[:, :context], sm, window)
+    part = slice(context, None)
+    ref, ref_state = run(naive_window_linear, q[:, :, part], k[:, :, part], v[:, :, part], wq, wk, mask[:, part], sm, window, state)
+    out, out_state = run(op, q[:, :, part], k[:, :, part], v[:, :, part], wq, wk, mask[:, part], sm, window, state)
+    assert torch.allclose(out, ref, atol=1e-10, rtol=1e-9)
+    assert_states_equal(out_state, ref_state)
+
+
+def test_state_passing_equals_one_call():
+    q, k, v, wq, wk, mask, sm = make(130, seed=3, padded=True)
+    whole, whole_state = run(naive_window_linear, q, k, v, wq, wk, mask, sm, window=8)
+    for split in (1, 50, 129):
+        first, state = run(chunk_window_linear, q[..., :split, :], k[..., :split, :], v[..., :split, :], wq, wk, mask[:, :split], sm, 8)
+        rest, final = run(chunk_window_linear, q[..., split:, :], k[..., split:, :], v[..., split:, :], wq, wk, mask[:, split:], sm, 8, state)
+        assert torch.allclose(torch.cat((first, rest), 2), whole, atol=1e-10)
+        assert_states_equal(final, whole_state)
+
+
+def test_naive_matches_explicit_definition():
+    """The reference itself, against a per-query loop over the definition in the module docstring."""
+    q, k, v, wq, wk, mask, sm = make(17, seed=5, padded=True)
+    window = 5
+    out, _ = run(naive_window_linear, q, k, v, wq, wk, mask, sm, window, output_state=False)
+    fq, fk = feature(q, wq), feature(k, wk)
+    for b in range(B):
+        for h in range(H):
+            for t in range(17):
+                keys = [s for s in range(t + 1) if mask[b, s]]
+                if not keys:
+                    continue
+                win = [s for s in keys if s > t - window]
+                scores = {s: (q[b, h, t] @ k[b, h, s]).item() * D**-0.5 for s in win}
+                peak = max(scores.values()) if scores else 0.0
+                weights = {s: torch.exp(torch.tensor(scores[s] - peak, dtype=torch.float64)) * sm[h] for s in win}
+                weights.update({s: (fq[b, h, t] @ fk[b, h, s]) * (1 - sm[h]) for s in keys if s <= t - window})
+                expected = sum(w * v[b, h, s] for s, w in weights.items()) / sum(weights.values())
+                assert torch.allclose(out[b, h, t], expected, atol=1e-12)
+
+
+@pytest.mark.parametrize("length", [1, 63, 130])
+def test_gradients_match_reference(length):
+    q, k, v, wq, wk, mask, sm = make(length, seed=11, padded=True)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, wq, wk, sm)]
+    grads = []
+    for op in (naive_window_linear, lambda *a, **kw: chunk_window_linear(*a, chunk_size=16, **kw)):
+        for leaf in leaves:
+            leaf.grad = None
+        qq, kk, vv, wwq, wwk, ssm = leaves
+        out, _ = run(op, qq, kk, vv, wwq, wwk, mask, ssm, window=6, output_state=False)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        grads.append([leaf.grad.clone() for leaf in leaves])
+    for ref, got in zip(*grads):
+        assert torch.allclose(got, ref, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype,limit", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_low_precision_close_to_float64(dtype, limit):
+    q, k, v, wq, wk, mask, sm = make(130, seed=2)
+    ref, _ = run(naive_window_linear, q, k, v, wq, wk, mask, sm, window=16, output_state=False)
+    out, _ = run(chunk_window_linear, q.to(dtype), k.to(dtype), v.to(dtype), wq.to(dtype), wk.to(dtype), mask, sm.to(dtype), window=16, output_state=False)
+    assert out.dtype == dtype
+    assert torch.isfinite(out).all()
+    assert ((out.double() - ref).norm() / ref.norm()).item() < limit

@@ -1,0 +1,84 @@
+"""Tiny random models of several families, built locally (no downloads), and the shared checks run on them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+VOCAB = 120
+COMMON = dict(vocab_size=VOCAB, max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+
+# Each family exercises something different in how attention is read: grouped-query heads, bias, q/k norms
+# (per head and full width), fused qkv, GPT-NeoX's interleaved qkv with partial RoPE, softcapping and
+# per-layer sliding windows.
+FAMILIES = {
+    "llama": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2),
+    "mistral": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, sliding_window=6),
+    "qwen2": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2),
+    "qwen3": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+    "gemma2": dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        sliding_window=6, query_pre_attn_scalar=16, attn_logit_softcapping=20.0, final_logit_softcapping=30.0,
+    ),
+    "phi3": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2),
+    "gpt_neox": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4),
+    "olmo2": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2),
+}
+
+
+def tiny_config(family: str = "llama", **overrides):
+    return AutoConfig.for_model(family, **{**COMMON, **FAMILIES[family], **overrides})
+
+
+def tiny_model(family: str = "llama", seed: int = 0, dtype=torch.float64, **overrides):
+    """A randomly initialised causal LM of `family`, in eval mode."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides))
+    if family == "qwen2":  # random biases, so that bias handling is exercised
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                torch.nn.init.normal_(proj.bias, std=0.5)
+    return model.to(dtype).eval()
+
+
+def random_ids(batch: int, length: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def left_padded(batch_ids: torch.Tensor, pads: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad row i by pads[i] tokens: (input_ids, attention_mask)."""
+    ids, mask = batch_ids.clone(), torch.ones_like(batch_ids)
+    for row, pad in enumerate(pads):
+        ids[row, :pad] = 0
+        mask[row, :pad] = 0
+    return ids, mask
+
+
+def run_python(code: str, cwd: Path, hide_linearize: bool = True) -> str:
+    """Run `code` in a fresh Python process; with `hide_linearize`, `import linearize` fails there."""
+    env = dict(os.environ)
+    prelude = ""
+    if hide_linearize:
+        prelude = textwrap.dedent(
+            """
+            import sys
+            class _Hide:
+                def find_spec(self, name, path=None, target=None):
+                    if name == "linearize" or name.startswith("linearize."):
+                        raise ImportError("linearize is hidden in this process")
+            sys.meta_path.insert(0, _Hide())
+            """
+        )
+    env["HF_HUB_OFFLINE"] = "1"
+    result = subprocess.run(
+        [sys.executable, "-c", prelude + textwrap.dedent(code)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+    if result.returncode != 0:
+        raise AssertionError(f"subprocess failed:\n{result.stdout}\n{result.stderr[-4000:]}")
+    return result.stdout
