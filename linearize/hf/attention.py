@@ -28,6 +28,7 @@ class AttentionSpec:
     """How to compute a teacher attention module's q, k, v and output with its own weights."""
 
     layout: str  # "separate" | "fused" | "neox"
+    hidden_size: int
     num_heads: int
     num_kv_heads: int
     head_dim: int
@@ -76,6 +77,7 @@ class AttentionSpec:
         softcap = getattr(attn, "attn_logit_softcapping", None) or getattr(config, "attn_logit_softcapping", None)
         return cls(
             layout=layout,
+            hidden_size=config.hidden_size,
             num_heads=num_heads,
             num_kv_heads=num_kv_heads,
             head_dim=head_dim,

@@ -11,7 +11,7 @@ from .mixers import Mixer, MixerCost, register_mixer
 @register_mixer
 class KeepAttention(Mixer):
     name = "attention"
-    anchor = "the teacher (softmax attention, full KV cache)"
+    anchor = "teacher"
     summary = "keep the teacher's softmax attention layer unchanged"
 
     @classmethod

@@ -59,7 +59,7 @@ def check_window(window: int, config, name: str, low: int = 1) -> None:
 @register_mixer
 class HedgehogMixer(Mixer):
     name = "hedgehog"
-    anchor = "LoLCATs (Hedgehog feature map, linear only)"
+    anchor = "LoLCATs"
     summary = "linear attention with a learnable Hedgehog feature map after RoPE"
     Options = HedgehogOptions
     window = 0
@@ -113,7 +113,7 @@ class HedgehogMixer(Mixer):
 @register_mixer
 class HedgehogSWAMixer(HedgehogMixer):
     name = "hedgehog_swa"
-    anchor = "LoLCATs (Hedgehog + sliding window, shared normaliser)"
+    anchor = "LoLCATs"
     summary = "Hedgehog linear attention plus a sliding softmax window, one normaliser"
     Options = HedgehogSWAOptions
 

@@ -1,0 +1,167 @@
+"""The `linearize` command line: a thin layer over the Python API, one-line errors instead of tracebacks."""
+
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .hf.errors import LinearizeError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Turn a pretrained Hugging Face transformer into a linear-time model, then distill it back to quality.",
+)
+console = Console()
+errors = Console(stderr=True)
+
+
+@contextmanager
+def step(message: str):
+    """A spinner for anything that takes more than a moment."""
+    with console.status(message, spinner="dots"):
+        yield
+
+
+def parse_options(items: list[str] | None) -> dict[str, str]:
+    options = {}
+    for item in items or []:
+        if "=" not in item:
+            raise LinearizeError(f"--option {item!r} must look like key=value, e.g. --option window=64")
+        key, value = item.split("=", 1)
+        options[key.strip()] = value.strip()
+    return options
+
+
+def parse_hybrid(items: list[str] | None) -> dict[str, str]:
+    hybrid = {}
+    for item in items or []:
+        if "=" not in item:
+            raise LinearizeError(f"--hybrid {item!r} must look like mixer=layers, e.g. --hybrid swa=every:4")
+        name, selection = item.split("=", 1)
+        hybrid[name.strip()] = selection.strip()
+    return hybrid
+
+
+@app.command()
+def convert(
+    source: Annotated[str, typer.Argument(help="Hub id, local HF folder, .gguf file, or an alias such as smollm2-135m")],
+    out: Annotated[Path, typer.Option("--out", help="Folder to write the converted model to")],
+    mixer: Annotated[str, typer.Option(help="Mixer for converted layers (see `linearize mixers`)")] = "hedgehog_swa",
+    keep_attention: Annotated[str, typer.Option(help="Layers that keep softmax attention: 0,7 or every:4, first:2, spread:0.25")] = "",
+    layers: Annotated[str | None, typer.Option(help="Convert only these layers (same syntax); the rest keep attention")] = None,
+    hybrid: Annotated[list[str] | None, typer.Option(help="Other mixers on some layers: mixer=layers (repeatable)")] = None,
+    option: Annotated[list[str] | None, typer.Option(help="Mixer option key=value (repeatable)")] = None,
+    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16, float16 or auto")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder")] = False,
+):
+    """Convert a teacher's attention layers and save the result as a Hugging Face model folder."""
+    from . import convert as convert_model
+    from .loaders import load_teacher
+    from .outputs import atomic_folder, check_output
+
+    check_output(out, overwrite)
+    options, hybrid_map = parse_options(option), parse_hybrid(hybrid)
+    with step(f"loading {source}"):
+        teacher, tokenizer = load_teacher(source, dtype=dtype)
+    with step(f"converting to {mixer}"):
+        student = convert_model(teacher, mixer, keep_attention=keep_attention or (), layers=layers, hybrid=hybrid_map, source=source, **options)
+    with step(f"saving to {out}"), atomic_folder(out, overwrite) as staging:
+        student.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+    console.print(f"[green]saved[/green] {out}  ({', '.join(sorted(set(student.config.mixer_names())))})")
+    _print_layers(student)
+
+
+def _human(n: float) -> str:
+    for unit in ("", "K", "M", "G"):
+        if abs(n) < 1000:
+            return f"{n:.0f}{unit}" if unit == "" else f"{n:.1f}{unit}"
+        n /= 1000
+    return f"{n:.1f}T"
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _print_layers(model_or_folder) -> None:
+    from .inspect import describe
+
+    infos = describe(model_or_folder)
+    table = Table(title="layers")
+    for column in ("layer", "mixer", "options", "params added", "state (fixed)", "state per token", "grows with context"):
+        table.add_column(column)
+    for info in infos:
+        options = ", ".join(f"{k}={v}" for k, v in info.options.items())
+        table.add_row(
+            str(info.index),
+            info.mixer,
+            options,
+            _human(info.new_parameters),
+            _bytes(info.state_bytes),
+            _bytes(info.state_bytes_per_token),
+            "yes" if info.grows_with_context else "no",
+        )
+    console.print(table)
+    added = sum(i.new_parameters for i in infos)
+    per_token = sum(i.state_bytes_per_token for i in infos)
+    fixed = sum(i.state_bytes for i in infos)
+    console.print(f"parameters added: {_human(added)}; state per sequence: {_bytes(fixed)} + {_bytes(per_token)} per token of context")
+
+
+@app.command()
+def info(folder: Annotated[Path, typer.Argument(help="A converted model folder")]):
+    """Show a converted model's plan: per layer the mixer, parameters added and state memory."""
+    from .inspect import read_config
+
+    config = read_config(folder)
+    console.print(f"[bold]{folder}[/bold]: {config.text_config.model_type} teacher ({config.source or 'unknown source'}), {len(config.layers)} layers")
+    _print_layers(folder)
+
+
+@app.command()
+def mixers():
+    """List the registered mixers with their cost per layer (on SmolLM2-135M's attention shape)."""
+    from .inspect import REFERENCE_SHAPE, catalogue
+
+    shape = REFERENCE_SHAPE
+    table = Table(title=f"mixers (costs per layer for {shape['num_attention_heads']} query / {shape['num_key_value_heads']} KV heads of {shape['head_dim']}, fp32)")
+    for column in ("mixer", "follows", "new params", "state/token", "fixed state", "what it is"):
+        table.add_column(column)
+    for entry in catalogue():
+        defaults = ", ".join(f"{k}={v}" for k, v in entry.options.items())
+        table.add_row(
+            entry.name,
+            entry.anchor,
+            _human(entry.cost.new_parameters),
+            _bytes(entry.cost.state_per_token * 4),
+            _bytes(entry.cost.state_fixed * 4),
+            entry.summary + (f" [dim]({defaults})[/dim]" if defaults else ""),
+        )
+    console.print(table)
+
+
+def main() -> None:
+    """Entry point of the `linearize` console script."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        app()
+    except LinearizeError as error:
+        errors.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        errors.print("[yellow]interrupted[/yellow]")
+        sys.exit(130)

@@ -1,0 +1,215 @@
+"""Recipes as data: one YAML per run, loaded into dataclasses, validated, with `key=value` overrides.
+
+Unknown keys are errors that name the closest valid key; values are converted to the declared types.
+Distillation stages are tagged by `kind` and registered by the module that runs them (`register_stage`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .hf.errors import LinearizeError
+
+STAGES: dict[str, type] = {}
+
+
+def register_stage(kind: str):
+    """Class decorator: register a stage config dataclass under `kind` (it must have a `kind` field)."""
+
+    def wrap(cls):
+        if kind in STAGES:
+            raise ValueError(f"stage kind {kind!r} is already registered by {STAGES[kind].__qualname__}")
+        STAGES[kind] = cls
+        return cls
+
+    return wrap
+
+
+@dataclass
+class ConvertConfig:
+    """Which mixer replaces attention, where, and with which options (see `linearize mixers`)."""
+
+    mixer: str = "hedgehog_swa"
+    keep_attention: Any = field(default_factory=list)
+    layers: Any = None
+    hybrid: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
+    mixer_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    """Training and held-out text: packaged names (prideprejudice, persuasion), local files/folders, or Hub ids."""
+
+    train: str = "prideprejudice"
+    heldout: str = "persuasion"
+    seq_len: int = 512
+    text_field: str = "text"
+    split: str = "train"
+    name: str | None = None
+    heldout_fraction: float = 0.05
+    chat_template: bool = False
+    streaming: bool = False
+
+    def __post_init__(self):
+        if self.seq_len < 8:
+            raise LinearizeError(f"data.seq_len must be at least 8, got {self.seq_len}")
+        if not 0 <= self.heldout_fraction < 1:
+            raise LinearizeError(f"data.heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
+
+
+@dataclass
+class EvalConfig:
+    """The short evaluation `linearize run` ends with: held-out perplexity and a side-by-side generation."""
+
+    perplexity_tokens: int = 8192
+    seq_len: int = 512
+    prompt: str = "It is a truth universally acknowledged, that"
+    max_new_tokens: int = 40
+    tasks: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Recipe:
+    """One run: the teacher, the conversion, the distillation stages, the evaluation and where outputs go."""
+
+    teacher: str = "smollm2-135m"
+    dtype: str = "float32"
+    output: str = "out/run"
+    seed: int = 0
+    convert: ConvertConfig = field(default_factory=ConvertConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    stages: list[Any] = field(default_factory=list)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _closest(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1)
+    return f"did you mean {close[0]!r}? " if close else ""
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        return _coerce(value, next(a for a in args if a is not type(None)), where)
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise LinearizeError(f"{where} must be a list, got {value!r}")
+        return [_coerce(v, args[0], f"{where}[{i}]") if args else v for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise LinearizeError(f"{where} must be a mapping, got {value!r}")
+        return dict(value)
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if hint in (int, float, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
+        raise LinearizeError(f"{where} must be a {hint.__name__}, got {value!r}")
+    return value
+
+
+def from_dict(cls, data: Any, where: str = ""):
+    """Build dataclass `cls` from a mapping; unknown keys raise with the closest valid one."""
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, dict):
+        raise LinearizeError(f"{where or cls.__name__} must be a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in fields:
+            raise LinearizeError(f"unknown key {path!r}; {_closest(str(key), list(fields))}valid keys here: {', '.join(fields)}")
+        if cls is Recipe and key == "stages":
+            values[key] = [stage_from_dict(s, f"stages[{i}]") for i, s in enumerate(value or [])]
+        else:
+            values[key] = _coerce(value, hints[key], path)
+    return cls(**values)
+
+
+def stage_from_dict(data: Any, where: str):
+    if not isinstance(data, dict) or "kind" not in data:
+        raise LinearizeError(f"{where} needs a 'kind' (one of: {', '.join(sorted(STAGES)) or 'none registered'})")
+    kind = data["kind"]
+    if kind not in STAGES:
+        raise LinearizeError(f"{where}: unknown stage kind {kind!r}; {_closest(str(kind), list(STAGES))}available: {', '.join(sorted(STAGES))}")
+    return from_dict(STAGES[kind], data, where)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides (values parsed as YAML; list items addressed by index) to raw recipe data."""
+    for item in overrides:
+        if "=" not in item:
+            raise LinearizeError(f"override {item!r} must look like key=value, e.g. data.seq_len=256")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise LinearizeError(f"override {key!r}: {part!r} is not an index of a list of {len(node)}")
+                node = node[int(part)]
+            else:
+                node = node.setdefault(part, {})
+        last = parts[-1]
+        if isinstance(node, list):
+            if not last.isdigit() or int(last) >= len(node):
+                raise LinearizeError(f"override {key!r}: {last!r} is not an index of a list of {len(node)}")
+            node[int(last)] = value
+        else:
+            node[last] = value
+    return data
+
+
+RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
+
+
+def recipe_path(name_or_path: str | Path) -> Path:
+    """A recipe file: a path, or the name of a shipped recipe (`linearize recipes` lists them)."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise LinearizeError(f"recipe file {str(path)!r} does not exist")
+        return path
+    shipped = RECIPE_DIR / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return shipped
+    names = shipped_recipes()
+    raise LinearizeError(f"no recipe {str(name_or_path)!r}; {_closest(str(name_or_path), names)}shipped recipes: {', '.join(names)}")
+
+
+def shipped_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+
+
+def load_recipe(name_or_path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Load, override and validate a recipe."""
+    path = recipe_path(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise LinearizeError(f"recipe {str(path)!r} is not valid YAML: {str(error).splitlines()[0]}") from None
+    return from_dict(Recipe, apply_overrides(data, list(overrides)))
