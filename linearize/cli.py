@@ -154,6 +154,42 @@ def mixers():
     console.print(table)
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
+def run(
+    ctx: typer.Context,
+    recipe: Annotated[str, typer.Argument(help="A shipped recipe name (see `linearize recipes`) or a .yaml path")] = "quickstart",
+    out: Annotated[Path | None, typer.Option("--out", help="Output folder (default: the recipe's `output`)")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder")] = False,
+):
+    """Convert, distill, save and score a teacher as one recipe says. Extra key=value arguments override the recipe."""
+    from .config import load_recipe
+    from .pipeline import run as run_recipe
+
+    loaded = load_recipe(recipe, ctx.args)
+    result = run_recipe(loaded, out=out, overwrite=overwrite, log=lambda m: console.print(f"[dim]{m}[/dim]"))
+    table = Table(title=f"{loaded.teacher} -> {loaded.convert.mixer}")
+    table.add_column("model")
+    table.add_column("held-out perplexity", justify="right")
+    table.add_column(f"greedy continuation of {loaded.eval.prompt!r}")
+    rows = [("teacher", result.teacher), ("converted", result.converted)]
+    if result.distilled is not None:
+        rows.append(("distilled", result.distilled))
+    for name, scores in rows:
+        table.add_row(name, f"{scores.perplexity:.2f}", scores.generation.strip().replace("\n", " "))
+    console.print(table)
+    console.print(f"saved {result.output} in {result.seconds:.0f} s")
+
+
+@app.command()
+def recipes():
+    """List the shipped recipes."""
+    from .config import RECIPE_DIR, shipped_recipes
+
+    for name in shipped_recipes():
+        first = (RECIPE_DIR / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ")
+        console.print(f"{name:20s} {first}")
+
+
 def main() -> None:
     """Entry point of the `linearize` console script."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

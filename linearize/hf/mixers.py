@@ -108,6 +108,9 @@ class Mixer(nn.Module):
         self.options = options
         self.layer_idx = layer_idx
         self.teacher = False
+        # Set by attention transfer: called with (mixer, student_output, teacher_output); the layer then
+        # passes the teacher's output on, so every layer learns from the teacher's own inputs.
+        self.transfer_hook = None
 
     @classmethod
     def parse_options(cls, raw: dict[str, Any], spec: AttentionSpec, config) -> Any:
@@ -158,6 +161,16 @@ class Mixer(nn.Module):
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         if self.teacher:
             return self.attn(hidden_states, *args, **kwargs)
+        if self.transfer_hook is not None:
+            with torch.no_grad():
+                teacher_out = self.attn(hidden_states, *args, **kwargs)
+            student_out = self.student_forward(hidden_states, **kwargs)[0]
+            self.transfer_hook(self, student_out, teacher_out[0])
+            return teacher_out
+        return self.student_forward(hidden_states, **kwargs)
+
+    def student_forward(self, hidden_states: torch.Tensor, **kwargs):
+        """The converted layer's own output (what `forward` returns outside teacher_mode and transfer)."""
         cache = kwargs.get("past_key_values")
         if cache is None:
             cache = kwargs.get("layer_past")

@@ -1,0 +1,1 @@
+"""Scoring teacher and student side by side."""

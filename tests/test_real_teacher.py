@@ -1,0 +1,83 @@
+"""On the real SmolLM2-135M-Instruct: exact self-teacher, and every mixer converts, generates, prefills in
+chunks, saves and reloads (in this process and as remote code in a fresh one)."""
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import linearize
+from tests.tiny import run_python
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = ["Elizabeth walked to Netherfield through the mud,", "The best way to learn a language is"]
+
+
+@pytest.fixture
+def teacher(smollm2):
+    model, _ = smollm2
+    return copy.deepcopy(model)
+
+
+@pytest.fixture(scope="module")
+def batch(smollm2):
+    _, tokenizer = smollm2
+    tokenizer.padding_side = "left"
+    return tokenizer(PROMPTS, return_tensors="pt", padding=True)
+
+
+def test_teacher_mode_matches_the_original_model(teacher, batch):
+    expected = teacher(**batch).logits
+    student = linearize.convert(teacher, "hedgehog_swa")
+    with linearize.teacher_mode(student):
+        got = student(**batch).logits
+    assert torch.allclose(got, expected, atol=1e-5, rtol=0)
+
+
+def test_converting_every_layer_to_attention_changes_nothing(teacher, batch):
+    expected = teacher(**batch).logits
+    student = linearize.convert(teacher, "attention")
+    assert torch.equal(student(**batch).logits, expected)
+
+
+@pytest.mark.parametrize("name", sorted(set(linearize.MIXERS) - {"attention"}))
+def test_mixer_on_the_real_teacher(name, teacher, batch, tmp_path):
+    student = linearize.convert(teacher, name)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+
+    settings = dict(input_ids=ids, attention_mask=mask, max_new_tokens=32, min_new_tokens=32, do_sample=False)
+    cached = student.generate(**settings)
+    assert torch.equal(cached, student.generate(**settings, use_cache=False))
+
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    whole = student(ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+    split = ids.shape[1] // 2
+    first = student(ids[:, :split], attention_mask=mask[:, :split], position_ids=positions[:, :split], use_cache=True)
+    rest = student(
+        ids[:, split:], attention_mask=mask, position_ids=positions[:, split:], past_key_values=first.past_key_values, use_cache=True
+    )
+    assert (torch.cat((first.logits, rest.logits), 1) - whole).abs().max() < 1e-3
+
+    student.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert torch.equal(reloaded(**batch).logits, student(**batch).logits)
+    torch.save({"batch": dict(batch), "expected": whole, "generated": cached}, tmp_path / "probe.pt")
+    output = run_python(
+        f"""
+        import torch
+        from transformers import AutoModelForCausalLM
+        probe = torch.load({str(tmp_path / 'probe.pt')!r})
+        model = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}, trust_remote_code=True)
+        ids, mask = probe["batch"]["input_ids"], probe["batch"]["attention_mask"]
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        logits = model(ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+        print("max difference", (logits - probe["expected"]).abs().max().item())
+        generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=32, min_new_tokens=32, do_sample=False)
+        print("same generation", bool(torch.equal(generated, probe["generated"])))
+        """,
+        cwd=tmp_path,
+    )
+    assert "max difference 0.0" in output
+    assert "same generation True" in output
