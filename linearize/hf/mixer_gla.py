@@ -1,0 +1,102 @@
+"""Gated linear attention built from the teacher's own weights, adding no parameters (Liger).
+
+q and k go through a parameter-free feature map, softmax over the head dimension, and the per-channel decay
+gate is derived from the reused key itself: gate = logsigmoid(k) / gate_normalizer, so decays start close to
+1 and the layer trains with the teacher's q/k/v/o alone. With `window` > 0 it is Liger attention, the fixed
+mix 0.5 * (the teacher's softmax over the last `window` keys) + 0.5 * GLA.
+
+Two choices differ from a plain GLA layer, both to start close to the teacher:
+- No RoPE before the feature map: softmax features of rotated vectors score absolute positions rather than
+  distances; the decay gate already supplies recency, so the linear part stays position-free (the softmax
+  window, which scores like the teacher, does use RoPE).
+- A normaliser: the output is divided by the gated sum of feature-mapped keys (a ones column appended to v),
+  so, like the teacher's softmax, it is a weighted mean of values at the teacher's output scale rather than a
+  sum that grows with the decay's memory length; it also keeps the two halves of the window mix comparable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .attention import AttentionSpec, repeat_heads
+from .errors import LinearizeError
+from .mixer_hedgehog import check_window
+from .mixer_swa import effective_window, sliding_window_heads, window_cache_size
+from .mixers import Mixer, MixerCost, register_mixer
+from .ops_gated import chunk_gla, recurrent_gla
+
+
+@dataclass
+class GLAOptions:
+    """gate_normalizer: divides logsigmoid(k), higher = slower decay; window: > 0 adds a softmax window half (Liger attention)."""
+
+    gate_normalizer: float = 16.0
+    window: int = 0
+
+
+@register_mixer
+class GLAMixer(Mixer):
+    name = "gla"
+    anchor = "Liger (GLA with gates from the key projection; with a window, Liger attention)"
+    summary = "gated linear attention reusing the teacher's q/k/v/o, no new parameters; optional softmax window half"
+    Options = GLAOptions
+
+    def __init__(self, attn, spec: AttentionSpec, options, layer_idx: int):
+        super().__init__(attn, spec, options, layer_idx)
+        self.window = effective_window(options.window, spec)
+
+    @classmethod
+    def resolve(cls, options, spec: AttentionSpec, config):
+        if not options.gate_normalizer > 0:
+            raise LinearizeError(
+                f"option 'gate_normalizer' of mixer {cls.name!r} must be positive, got {options.gate_normalizer}; 16 is the usual value"
+            )
+        check_window(options.window, config, cls.name, low=0)
+        return options
+
+    @classmethod
+    def cost(cls, spec: AttentionSpec, options) -> MixerCost:
+        d = spec.head_dim
+        # The gated state is the same for every query head of a kv group, so it is kept once per kv head.
+        state = spec.num_kv_heads * d * (d + 1) + window_cache_size(effective_window(options.window, spec), spec)
+        return MixerCost(new_parameters=0, state_fixed=state, state_per_token=0)
+
+    def linear_heads(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, padding_mask: torch.Tensor | None, state: torch.Tensor | None, decode: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised GLA heads and the final state (B, Hkv, D, D + 1), continuing from `state` when given."""
+        acc = torch.promote_types(q.dtype, torch.float32)
+        q, k, v = q.to(acc), k.to(acc), v.to(acc)
+        fq, fk = torch.softmax(q, dim=-1), torch.softmax(k, dim=-1)
+        gate = F.logsigmoid(k) / self.options.gate_normalizer
+        if padding_mask is not None:
+            # A padded key adds nothing and a zero gate does not decay: padding leaves the state as it was.
+            real = padding_mask[:, None, :, None].to(acc)
+            fk, gate = fk * real, gate * real
+        values = torch.cat((v, torch.ones_like(v[..., :1])), dim=-1)
+        groups = self.spec.groups
+        fk, gate, values = (repeat_heads(x, groups) for x in (fk, gate, values))
+        if state is not None:
+            state = repeat_heads(state, groups)
+        op = recurrent_gla if decode else chunk_gla
+        out, final = op(fq, fk, values, gate, scale=1.0, initial_state=state)
+        num, den = out[..., :-1], out[..., -1:]
+        # den is 0 where no real key has been seen yet (under left padding), and num with it.
+        return num / torch.where(den > 0, den, torch.ones_like(den)), final[:, ::groups].contiguous()
+
+    def mix(self, hidden_states, q, k, v, position_embeddings, padding_mask, state):
+        tensors = {} if state is None else state.tensors
+        decode = state is not None and q.shape[2] == 1
+        heads, final = self.linear_heads(q, k, v, padding_mask, tensors.get("S"), decode)
+        new = {"S": final}
+        if self.window:
+            cache = None if state is None else {n: tensors[n] for n in ("k", "v", "mask") if n in tensors}
+            window_heads, cache = sliding_window_heads(self.spec, self.window, q, k, v, position_embeddings, padding_mask, cache)
+            heads = 0.5 * window_heads.to(heads.dtype) + 0.5 * heads
+            new.update(cache or {})
+        if state is not None:
+            state.tensors = new
+        return heads.to(v.dtype)
