@@ -7,12 +7,26 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 # Pin the cache for the whole session (and any subprocess a test starts) to the user's usual one,
 # so repeated local runs reuse the float cache instead of dequantising the GGUF again.
 os.environ.setdefault("LINEARIZE_HOME", str(Path("~/.cache/linearize").expanduser()))
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def one_thread_for_tiny_models(request):
+    """Tiny-model tests make many tiny ops, for which waking a second thread costs more than the op itself
+    (up to a thousandfold for softmax on this 2-core machine); tests on the real teacher keep every core."""
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -21,16 +21,6 @@ BATCH = 2
 HIDDEN_SCALE = 10.0
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Run on one CPU thread: these tests make many tiny ops, for which waking a second thread (softmax and
-    logsigmoid always parallelise) costs more than the op itself, by a factor of up to a thousand."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def build(mixer_cls, family: str = "llama", **options):
     """`mixer_cls` around layer 0 of a tiny model, and that model's rotary embedding."""
     model = tiny_model(family)

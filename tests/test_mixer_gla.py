@@ -10,7 +10,7 @@ from linearize.hf.attention import apply_rotary, repeat_heads
 from linearize.hf.cache import MixerState
 from linearize.hf.mixer_gla import GLAMixer
 from linearize.hf.mixer_swa import SWAMixer
-from tests.mixer_forms import assert_forms_match, build, call, inputs, one_thread  # noqa: F401  (autouse fixture)
+from tests.mixer_forms import assert_forms_match, build, call, inputs
 from tests.tiny import tiny_model
 
 

@@ -8,7 +8,7 @@ from linearize import LinearizeError
 from linearize.hf.attention import apply_rotary, repeat_heads
 from linearize.hf.cache import MixerState
 from linearize.hf.mixer_swa import SWAMixer, window_attention
-from tests.mixer_forms import assert_forms_match, build, call, inputs, one_thread  # noqa: F401  (autouse fixture)
+from tests.mixer_forms import assert_forms_match, build, call, inputs
 from tests.tiny import left_padded, random_ids, tiny_model
 
 

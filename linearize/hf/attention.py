@@ -169,10 +169,11 @@ def softmax_attention(
     """Naive causal softmax attention, the quadratic reference. q (B, H, T, D); k, v (B, H, S, D) with S >= T.
 
     Queries are the last T positions of the S keys. `window` keeps keys with t - window < s <= t;
-    `key_mask` (B, S) marks valid keys. Computed in float32, returned in v's dtype.
+    `key_mask` (B, S) marks valid keys. Computed in float32 (float64 for float64 inputs), returned in v's dtype.
     """
     length, total = q.shape[-2], k.shape[-2]
-    scores = torch.einsum("bhtd,bhsd->bhts", q.float(), k.float()) * scaling
+    acc = torch.promote_types(q.dtype, torch.float32)
+    scores = torch.einsum("bhtd,bhsd->bhts", q.to(acc), k.to(acc)) * scaling
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     t = torch.arange(total - length, total, device=q.device)[:, None]
@@ -185,7 +186,7 @@ def softmax_attention(
         allowed = allowed & key_mask[:, None, None, :].bool()
     scores = scores.masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
-    return torch.einsum("bhts,bhsd->bhtd", probs, v.float()).to(v.dtype)
+    return torch.einsum("bhts,bhsd->bhtd", probs, v.to(acc)).to(v.dtype)
 
 
 def decoder_layers(model: nn.Module, num_layers: int) -> nn.ModuleList:

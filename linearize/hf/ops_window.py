@@ -53,10 +53,11 @@ def _next_state(k, v, fk, mask, S, z, window: int) -> dict[str, torch.Tensor]:
     return {
         "S": S + torch.einsum("bhsf,bhse->bhfe", fk_old, v[:, :, :cut].to(S.dtype)),
         "z": z + fk_old.sum(2),
-        "k": k[:, :, cut:],
-        "v": v[:, :, cut:],
-        "fk": fk[:, :, cut:],
-        "mask": mask[:, cut:],
+        # Copies, so the cache does not keep a long prefill's whole key tensor alive through a view.
+        "k": k[:, :, cut:].clone(),
+        "v": v[:, :, cut:].clone(),
+        "fk": fk[:, :, cut:].clone(),
+        "mask": mask[:, cut:].clone(),
     }
 
 
