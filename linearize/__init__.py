@@ -10,6 +10,7 @@ Example:
 from .hf.errors import LinearizeError
 from .hf.mixers import MIXERS, register_mixer, teacher_mode
 from .hf.modeling_linearized import LinearizedConfig, LinearizedForCausalLM, register_auto_classes
+from .loaders import load_teacher
 from .surgery import convert
 
 register_auto_classes()
@@ -22,6 +23,7 @@ __all__ = [
     "LinearizedConfig",
     "LinearizedForCausalLM",
     "convert",
+    "load_teacher",
     "register_mixer",
     "teacher_mode",
 ]

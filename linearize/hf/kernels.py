@@ -1,0 +1,137 @@
+"""Which implementation runs a recurrence: flash-linear-attention's Triton kernels on CUDA, PyTorch otherwise.
+
+The PyTorch ops (`ops_gated`, `ops_delta`) are the reference and the CPU path. `LINEARIZE_KERNELS` picks:
+`auto` (default: fla on CUDA when it is installed and supports the shapes), `torch` (always PyTorch) or
+`fla` (always fla; an error where it cannot run). All functions take and return the (B, H, T, D) layout.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from .errors import LinearizeError
+from .ops_delta import chunk_gated_delta_rule, recurrent_gated_delta_rule
+from .ops_gated import chunk_gla, chunk_simple_gla, recurrent_gla, recurrent_simple_gla
+
+try:  # optional: the `gpu` extra. transformers' remote-code import check skips imports inside try blocks.
+    import fla
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_chunk_gated_delta_rule
+    from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule as fla_recurrent_gated_delta_rule
+    from fla.ops.gla import chunk_gla as fla_chunk_gla
+    from fla.ops.gla import fused_recurrent_gla as fla_recurrent_gla
+    from fla.ops.simple_gla import chunk_simple_gla as fla_chunk_simple_gla
+    from fla.ops.simple_gla import fused_recurrent_simple_gla as fla_recurrent_simple_gla
+
+    FLA_VERSION = getattr(fla, "__version__", "0")
+    FLA_PROBLEM = None
+except Exception as error:  # ImportError, or a broken Triton install
+    FLA_VERSION = None
+    FLA_PROBLEM = f"flash-linear-attention is not usable ({type(error).__name__}: {str(error)[:120]})"
+
+MINIMUM_FLA = (0, 6, 0)
+MODES = ("auto", "torch", "fla")
+_warned: set[str] = set()
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(".")[:3] if part.isdigit())
+
+
+def fla_problem() -> str | None:
+    """Why fla cannot be used at all here (None when it can)."""
+    if FLA_PROBLEM is not None:
+        return FLA_PROBLEM
+    if _version_tuple(FLA_VERSION) < MINIMUM_FLA:
+        return f"flash-linear-attention {FLA_VERSION} is older than {'.'.join(map(str, MINIMUM_FLA))}"
+    return None
+
+
+def shape_problem(head_dims: tuple[int, ...], dtype: torch.dtype) -> str | None:
+    """Why fla's kernels cannot take these head dimensions / dtype (None when they can)."""
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"fla kernels take float16/bfloat16/float32, not {dtype}"
+    if any(d > 256 for d in head_dims):
+        return f"fla kernels take head dimensions up to 256, got {max(head_dims)}"
+    return None
+
+
+def mode() -> str:
+    value = os.environ.get("LINEARIZE_KERNELS", "auto").lower()
+    if value not in MODES:
+        raise LinearizeError(f"LINEARIZE_KERNELS={value!r} is not one of {', '.join(MODES)}; unset it or pick one")
+    return value
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message + "; using the PyTorch path (slower)", stacklevel=3)
+
+
+def backend(device: torch.device, head_dims: tuple[int, ...], dtype: torch.dtype) -> tuple[str, str | None]:
+    """("fla" or "torch", reason when fla was wanted but not used) for tensors on `device`."""
+    chosen = mode()
+    if chosen == "torch":
+        return "torch", None
+    if device.type != "cuda":
+        if chosen == "fla":
+            raise LinearizeError("LINEARIZE_KERNELS=fla needs CUDA tensors; move the model to a GPU or set LINEARIZE_KERNELS=auto")
+        return "torch", None
+    problem = fla_problem() or shape_problem(head_dims, dtype)
+    if problem is not None:
+        if chosen == "fla":
+            raise LinearizeError(f"LINEARIZE_KERNELS=fla, but {problem}; `pip install 'linearize[gpu]'` or set LINEARIZE_KERNELS=auto")
+        _warn_once(problem)
+        return "torch", problem
+    return "fla", None
+
+
+def _pick(q: torch.Tensor, v: torch.Tensor) -> bool:
+    return backend(q.device, (q.shape[-1], v.shape[-1]), q.dtype)[0] == "fla"
+
+
+def _bthd(*tensors):
+    return [None if t is None else t.transpose(1, 2).contiguous() for t in tensors]
+
+
+def _state(initial_state):
+    return None if initial_state is None else initial_state.float().contiguous()
+
+
+def gla(q, k, v, gk, scale=None, initial_state=None, decode=False, output_state=False):
+    """Gated linear attention with per-channel log-decays `gk` (see `ops_gated`); returns (o, state or None)."""
+    if not _pick(q, v):
+        op = recurrent_gla if decode else chunk_gla
+        o, state = op(q, k, v, gk, scale=scale, initial_state=initial_state)
+        return o, (state if output_state else None)
+    qt, kt, vt, gt = _bthd(q, k, v, gk.float())
+    op = fla_recurrent_gla if decode else fla_chunk_gla
+    o, state = op(qt, kt, vt, gt, scale=scale, initial_state=_state(initial_state), output_final_state=output_state)
+    return o.transpose(1, 2), state
+
+
+def simple_gla(q, k, v, g, scale=None, initial_state=None, decode=False, output_state=False):
+    """Linear attention with one log-decay per head and step (Mamba-2's SSD; g = 0 is plain linear attention)."""
+    if not _pick(q, v):
+        op = recurrent_simple_gla if decode else chunk_simple_gla
+        o, state = op(q, k, v, g, scale=scale, initial_state=initial_state)
+        return o, (state if output_state else None)
+    qt, kt, vt, gt = _bthd(q, k, v, g.float())
+    op = fla_recurrent_simple_gla if decode else fla_chunk_simple_gla
+    o, state = op(qt, kt, vt, gt, scale=scale, initial_state=_state(initial_state), output_final_state=output_state)
+    return o.transpose(1, 2), state
+
+
+def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, decode=False, output_state=False):
+    """Gated delta rule with L2-normalised q/k (see `ops_delta`); returns (o, state or None)."""
+    if not _pick(q, v):
+        op = recurrent_gated_delta_rule if decode else chunk_gated_delta_rule
+        o, state = op(q, k, v, g, beta, scale=scale, initial_state=initial_state)
+        return o, (state if output_state else None)
+    qt, kt, vt, gt, bt = _bthd(q, k, v, g.float(), beta)
+    op = fla_recurrent_gated_delta_rule if decode else fla_chunk_gated_delta_rule
+    o, state = op(qt, kt, vt, g=gt, beta=bt, scale=scale, initial_state=_state(initial_state), output_final_state=output_state)
+    return o.transpose(1, 2), state

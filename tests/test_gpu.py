@@ -1,0 +1,117 @@
+"""The fla kernel path against the PyTorch reference, on CUDA (skipped elsewhere; run on a GPU machine with
+`LINEARIZE_KERNELS` unset and flash-linear-attention installed: `python -m pytest -q -m gpu tests/test_gpu.py`)."""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import linearize
+from linearize.hf import kernels
+from linearize.hf.ops_delta import naive_gated_delta_rule
+from linearize.hf.ops_gated import naive_gla, naive_simple_gla
+from tests.tiny import left_padded, random_ids, tiny_model
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+    pytest.mark.skipif(kernels.fla_problem() is not None, reason=str(kernels.fla_problem())),
+]
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-12)).item()
+
+
+LIMIT = {torch.float32: 5e-3, torch.bfloat16: 3e-2}  # fla uses tf32 for float32 matmuls
+
+
+def inputs(kind, length, dtype, with_state, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    b, h, d = 2, 4, 64
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g, device="cuda")
+
+    q, k, v = r(b, h, length, d), r(b, h, length, d), r(b, h, length, d)
+    if kind == "delta":
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        gates = (F.logsigmoid(r(b, h, length)) / 4, torch.sigmoid(r(b, h, length)))
+    elif kind == "gla":
+        gates = (F.logsigmoid(r(b, h, length, d)) / 8,)
+    else:
+        gates = (F.logsigmoid(r(b, h, length)) / 4,)
+    state = r(b, h, d, d) * 0.1 if with_state else None
+    return [x.to(dtype) for x in (q, k, v)], gates, state
+
+
+CASES = {
+    "gla": (kernels.gla, naive_gla),
+    "simple_gla": (kernels.simple_gla, naive_simple_gla),
+    "delta": (kernels.gated_delta_rule, naive_gated_delta_rule),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(CASES))
+@pytest.mark.parametrize("length", [1, 63, 500, 1000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("with_state", [False, True], ids=["no-state", "state"])
+def test_fla_matches_reference(kind, length, dtype, with_state):
+    fast, reference = CASES[kind]
+    (q, k, v), gates, state = inputs(kind, length, dtype, with_state)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, *gates)]
+    o, final = fast(*leaves, initial_state=state, decode=length == 1, output_state=True)
+    assert kernels.backend(q.device, (64, 64), dtype)[0] == "fla"
+    weights = torch.randn_like(o)
+    (o * weights).sum().backward()
+    grads = [t.grad for t in leaves]
+    ref_leaves = [t.detach().double().cpu().requires_grad_() for t in leaves]
+    ref_o, ref_final = reference(*ref_leaves, initial_state=None if state is None else state.double().cpu())
+    (ref_o * weights.double().cpu()).sum().backward()
+    assert torch.isfinite(o).all()
+    assert rel(o.cpu(), ref_o) < LIMIT[dtype]
+    assert rel(final.cpu(), ref_final) < LIMIT[dtype]
+    if length > 1:  # fla's fused recurrent kernels are inference-only at T = 1 in some versions
+        for got, ref in zip(grads, (t.grad for t in ref_leaves)):
+            assert rel(got.cpu(), ref) < 4 * LIMIT[dtype]
+
+
+MIXERS = {
+    "hedgehog": {"feature_dim": 16},
+    "hedgehog_swa": {"window": 8},
+    "gla": {"window": 8},
+    "swa": {"window": 8},
+    "gated_deltanet": {},
+    "mamba2": {},
+}
+
+
+@pytest.mark.parametrize("name", sorted(set(MIXERS) & set(linearize.MIXERS)))
+def test_mixer_on_gpu_both_paths_and_cached_generation(name, monkeypatch):
+    model = linearize.convert(tiny_model(dtype=torch.float32, hidden_size=128, num_attention_heads=2, num_key_value_heads=1), name, **MIXERS[name])
+    model = model.cuda()
+    ids, mask = left_padded(random_ids(2, 70), [5, 0])
+    ids, mask = ids.cuda(), mask.cuda()
+    fast = model(ids, attention_mask=mask).logits
+    monkeypatch.setenv("LINEARIZE_KERNELS", "torch")
+    slow = model(ids, attention_mask=mask).logits
+    monkeypatch.delenv("LINEARIZE_KERNELS")
+    assert rel(fast, slow) < 5e-3
+    settings = dict(input_ids=ids, attention_mask=mask, max_new_tokens=24, min_new_tokens=24, do_sample=False)
+    assert torch.equal(model.generate(**settings), model.generate(**settings, use_cache=False))
+
+
+GGUF = os.environ.get("LINEARIZE_SMOLLM2_GGUF")
+
+
+@pytest.mark.skipif(GGUF is None, reason="set LINEARIZE_SMOLLM2_GGUF to the SmolLM2-135M-Instruct .gguf file")
+@pytest.mark.parametrize("name", ["hedgehog", "gla", "gated_deltanet", "mamba2"])
+def test_real_teacher_same_greedy_tokens_on_both_paths(name, monkeypatch):
+    teacher, tokenizer = linearize.load_teacher(GGUF)
+    student = linearize.convert(teacher, name).cuda()
+    inputs = tokenizer("Elizabeth walked to Netherfield through the mud, and", return_tensors="pt").to("cuda")
+    fast = student.generate(**inputs, max_new_tokens=16, do_sample=False)
+    monkeypatch.setenv("LINEARIZE_KERNELS", "torch")
+    slow = student.generate(**inputs, max_new_tokens=16, do_sample=False)
+    assert torch.equal(fast, slow), (tokenizer.decode(fast[0]), tokenizer.decode(slow[0]))
