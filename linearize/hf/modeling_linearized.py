@@ -117,7 +117,9 @@ class LinearizedForCausalLM(PreTrainedModel, GenerationMixin):
 
     def cache_kinds(self) -> list[str]:
         """Per layer: "kv" for softmax attention (kept, or any layer under teacher_mode), "state" otherwise."""
-        teacher = any(m.teacher for m in mixers_in(self))
+        if getattr(self, "_mixer_list", None) is None:  # walked once: every forward asks, decode steps included
+            self._mixer_list = mixers_in(self)
+        teacher = any(m.teacher for m in self._mixer_list)
         return ["kv" if teacher or e["mixer"] == "attention" else "state" for e in self.config.layers]
 
     def new_cache(self) -> LinearizedCache:
