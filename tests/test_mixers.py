@@ -17,9 +17,10 @@ MIXER_CASES = {
     "gated_deltanet": ({"conv_size": 3}, ()),
     "hedgehog": ({"feature_dim": 8}, ()),
     "hedgehog_swa": ({"window": 4}, [1]),
+    "mamba2": ({}, [1]),
 }
 # Mixers whose state must not grow with context at all (the softmax window of *_swa is bounded, so they count).
-CONSTANT_STATE = {"gated_deltanet", "hedgehog", "hedgehog_swa"}
+CONSTANT_STATE = {"gated_deltanet", "hedgehog", "hedgehog_swa", "mamba2"}
 
 
 def converted(name, family="llama", **overrides):
