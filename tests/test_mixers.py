@@ -14,13 +14,15 @@ from tests.tiny import left_padded, random_ids, run_python, tiny_model
 # (mixer, options, keep_attention) on the tiny 3-layer llama; windows are small so they matter at these lengths.
 MIXER_CASES = {
     "attention": ({}, ()),
+    "gated_deltanet": ({"conv_size": 3}, ()),
     "hedgehog": ({"feature_dim": 8}, ()),
     "hedgehog_swa": ({"window": 4}, [1]),
     "gla": ({"window": 4}, ()),
+    "mamba2": ({}, [1]),
     "swa": ({"window": 4}, [1]),
 }
 # Mixers whose state must not grow with context at all (the softmax window of *_swa is bounded, so they count).
-CONSTANT_STATE = {"hedgehog", "hedgehog_swa", "gla", "swa"}
+CONSTANT_STATE = {"gated_deltanet", "gla", "hedgehog", "hedgehog_swa", "mamba2", "swa"}
 
 
 def converted(name, family="llama", **overrides):

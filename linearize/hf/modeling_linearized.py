@@ -19,8 +19,10 @@ from .cache import LinearizedCache
 from .configuration_linearized import LinearizedConfig
 from .errors import LinearizeError
 from .mixer_attention import KeepAttention  # noqa: F401  (importing a mixer file registers it)
+from .mixer_gated_deltanet import GatedDeltaNetMixer  # noqa: F401
 from .mixer_gla import GLAMixer  # noqa: F401
 from .mixer_hedgehog import HedgehogMixer  # noqa: F401
+from .mixer_mamba2 import Mamba2Mixer  # noqa: F401
 from .mixer_swa import SWAMixer  # noqa: F401
 from .mixers import MIXERS, PADDING_MASK, get_mixer, mixers_in
 

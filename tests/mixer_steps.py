@@ -1,0 +1,82 @@
+"""Running one converted layer's mixer in its three forms, for module-level tests against a naive reference.
+
+The forms are: parallel (no cache), recurrent (one token per call with a MixerState) and chunked (a prefill
+part, then the rest, carrying the MixerState). Inputs are float64 so results can be compared tightly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import linearize
+from linearize.hf.cache import MixerState
+from tests.tiny import tiny_model
+
+
+def converted_mixer(name: str, **options):
+    """(model, first layer's mixer) of the tiny float64 llama converted to `name`."""
+    model = linearize.convert(tiny_model(), name, **options)
+    return model, linearize.hf.mixers.mixers_in(model)[0]
+
+
+def layer_inputs(model, batch: int, length: int, pad: int, offset: int, seed: int = 0):
+    """Random hidden states (requiring grad), RoPE (cos, sin) from `offset` on, and a left-padding mask or None.
+
+    Row 0 gets `pad` left pads (positions count real tokens only, as the model computes them).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    hidden_size = model.config.text_config.hidden_size
+    hidden = torch.randn(batch, length, hidden_size, generator=generator, dtype=torch.float64).requires_grad_()
+    mask = None
+    real = torch.ones(batch, length, dtype=torch.bool)
+    if pad:
+        real[0, :pad] = False
+        mask = real
+    positions = offset + (real.long().cumsum(-1) - 1).clamp_min(0)
+    position_embeddings = model.model.model.rotary_emb(hidden, positions)
+    return hidden, position_embeddings, mask
+
+
+def _run(mixer, hidden, position_embeddings, mask, state, start, end):
+    piece = hidden[:, start:end]
+    q, k, v = mixer.spec.project(mixer.attn, piece)
+    cos, sin = position_embeddings
+    sub_mask = mask[:, start:end] if mask is not None else None
+    return mixer.mix(piece, q, k, v, (cos[:, start:end], sin[:, start:end]), sub_mask, state)
+
+
+def parallel(mixer, hidden, position_embeddings, mask):
+    """Heads (B, H, T, Dv) from one call without a cache."""
+    return _run(mixer, hidden, position_embeddings, mask, None, 0, hidden.shape[1])
+
+
+def stateful(mixer, hidden, position_embeddings, mask, initial: dict | None, cuts: list[int]):
+    """Heads from consecutive calls over hidden[:, cuts[i]:cuts[i+1]] sharing one MixerState; and the final state."""
+    state = MixerState()
+    state.tensors = {name: t.clone() for name, t in (initial or {}).items()}
+    outs = [_run(mixer, hidden, position_embeddings, mask, state, a, b) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+    return torch.cat(outs, dim=2), state.tensors
+
+
+def forms(mixer, hidden, position_embeddings, mask, initial: dict | None):
+    """{form: (heads, final state or None)}; the parallel form is left out when there is an initial state."""
+    length = hidden.shape[1]
+    results = {
+        "recurrent": stateful(mixer, hidden, position_embeddings, mask, initial, list(range(length + 1))),
+        "chunked": stateful(mixer, hidden, position_embeddings, mask, initial, [0, (length + 1) // 2, length]),
+    }
+    if initial is None:
+        results["parallel"] = (parallel(mixer, hidden, position_embeddings, mask), None)
+    return results
+
+
+def gradients(out: torch.Tensor, inputs: list[torch.Tensor], seed: int = 7) -> list[torch.Tensor]:
+    """Gradients of a fixed random projection of `out` with respect to `inputs`."""
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    return list(torch.autograd.grad((out * weight).sum(), inputs))
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str, tol: float = 1e-10) -> None:
+    scale = expected.abs().max().clamp_min(1.0)
+    error = (actual - expected).abs().max() / scale
+    assert error < tol, f"{what}: max relative difference {error:.2e}"

@@ -1,0 +1,148 @@
+"""The gated_deltanet mixer on one layer of a converted tiny llama, against a plain token-by-token reference."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import linearize
+from linearize import LinearizeError
+from linearize.hf.cache import MixerState
+from tests.mixer_steps import assert_close, converted_mixer, forms, gradients, layer_inputs, parallel
+from tests.tiny import tiny_model
+
+NEW = {"conv_weight", "beta_proj.weight", "beta_proj.bias", "decay_proj.weight", "A_log", "dt_bias"}
+
+
+def randomised(conv_size: int = 4):
+    """A converted layer whose new parameters are random, so the convolution and both gates matter."""
+    model, mixer = converted_mixer("gated_deltanet", conv_size=conv_size)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in mixer.named_parameters():
+            if not name.startswith("attn."):
+                p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * 0.5)
+    return model, mixer
+
+
+def reference(mixer, hidden, mask, initial):
+    """Gated DeltaNet written as its recurrence, one token at a time (no RoPE); pads leave every state untouched.
+
+    Returns heads (B, H, T, D) and the final {"conv", "recurrent"} state.
+    """
+    spec = mixer.spec
+    batch, length, _ = hidden.shape
+    h, hkv, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
+    weight = mixer.conv_weight  # (channels, K): q heads, then k heads, then v heads, each head's D channels
+    kernel = weight.shape[1]
+    q, k, v = spec.project(mixer.attn, hidden)
+    x = torch.cat((q, k, v), dim=1).permute(0, 2, 1, 3).reshape(batch, length, -1)  # (B, T, channels)
+    if initial is None:
+        buffer = torch.zeros(batch, weight.shape[0], kernel - 1, dtype=x.dtype)
+        memory = torch.zeros(batch, h, d, d, dtype=x.dtype)
+    else:
+        buffer, memory = initial["conv"], initial["recurrent"]
+    real = torch.ones(batch, length, dtype=torch.bool) if mask is None else mask
+    outputs = []
+    for t in range(length):
+        window = torch.cat((buffer, x[:, t, :, None]), dim=-1)
+        mixed = (window * weight).sum(-1).reshape(batch, h + 2 * hkv, d)
+        qt, kt, vt = mixed[:, :h], mixed[:, h : h + hkv], mixed[:, h + hkv :]
+        qt, kt = qt / qt.norm(dim=-1, keepdim=True), kt / kt.norm(dim=-1, keepdim=True)
+        kt, vt = kt.repeat_interleave(h // hkv, dim=1), vt.repeat_interleave(h // hkv, dim=1)
+        beta = torch.sigmoid(hidden[:, t] @ mixer.beta_proj.weight.T + mixer.beta_proj.bias)  # (B, H)
+        g = -mixer.A_log.exp() * F.softplus(hidden[:, t] @ mixer.decay_proj.weight.T + mixer.dt_bias)
+        decayed = g.exp()[..., None, None] * memory
+        error = vt - torch.einsum("bhk,bhkv->bhv", kt, decayed)
+        updated = decayed + beta[..., None, None] * kt[..., :, None] * error[..., None, :]
+        keep = real[:, t, None]
+        buffer = torch.where(keep[..., None], window[..., 1:], buffer)
+        memory = torch.where(keep[..., None, None], updated, memory)
+        outputs.append(torch.einsum("bhk,bhkv->bhv", qt, updated) * keep[..., None])
+    return torch.stack(outputs, dim=2), {"conv": buffer, "recurrent": memory}
+
+
+CASES = [(length, initial, pad) for length in (1, 63, 130) for initial in (False, True) for pad in (False, True)]
+
+
+@pytest.mark.parametrize("length,with_initial,padded", CASES, ids=[f"T{t}-{'init' if i else 'fresh'}-{'pad' if p else 'full'}" for t, i, p in CASES])
+def test_every_form_equals_the_reference(length, with_initial, padded):
+    model, mixer = randomised()
+    pad = min(5, length) if padded else 0
+    hidden, position_embeddings, mask = layer_inputs(model, 2, length, pad, offset=7 if with_initial else 0)
+    initial = None
+    if with_initial:
+        generator = torch.Generator().manual_seed(11)
+        channels, kernel = mixer.conv_weight.shape
+        h, d = mixer.spec.num_heads, mixer.spec.head_dim
+        initial = {
+            "conv": torch.randn(2, channels, kernel - 1, generator=generator, dtype=torch.float64),
+            "recurrent": torch.randn(2, h, d, d, generator=generator, dtype=torch.float64) * 0.3,
+        }
+    names, params = zip(*[(n, p) for n, p in mixer.named_parameters() if n in NEW])
+    expected, expected_state = reference(mixer, hidden, mask, initial)
+    expected_grads = gradients(expected, [hidden, *params])
+    for form, (out, state) in forms(mixer, hidden, position_embeddings, mask, initial).items():
+        assert_close(out, expected, f"{form} output")
+        if state is not None:
+            for name in ("conv", "recurrent"):
+                assert_close(state[name], expected_state[name], f"{form} final {name} state")
+        for name, grad, want in zip(("hidden", *names), gradients(out, [hidden, *params]), expected_grads):
+            assert_close(grad, want, f"{form} gradient of {name}")
+
+
+def test_names_of_new_parameters():
+    _, mixer = converted_mixer("gated_deltanet")
+    assert {n for n, _ in mixer.named_parameters() if not n.startswith("attn.")} == NEW
+
+
+def test_convolution_starts_as_identity():
+    model, mixer = converted_mixer("gated_deltanet")
+    hidden, _, mask = layer_inputs(model, 2, 20, pad=4, offset=0)
+    q, k, v = mixer.spec.project(mixer.attn, hidden)
+    assert all(torch.equal(a, b) for a, b in zip(mixer.convolve(q, k, v, None, None), (q, k, v)))
+    real = mask[:, None, :, None]
+    assert all(torch.equal(a * real, b * real) for a, b in zip(mixer.convolve(q, k, v, mask, None), (q, k, v)))
+
+
+def test_gates_start_input_independent():
+    model, mixer = converted_mixer("gated_deltanet")
+    hidden, _, _ = layer_inputs(model, 2, 9, pad=0, offset=0)
+    beta, g = mixer.gates(hidden, None)
+    assert torch.allclose(beta, torch.full_like(beta, mixer.initial_beta))
+    assert torch.allclose(g.exp(), torch.full_like(g, mixer.initial_decay))
+
+
+@pytest.mark.parametrize("conv_size", [1, 4])
+def test_cost_counts_new_parameters_and_state(conv_size):
+    model, mixer = converted_mixer("gated_deltanet", conv_size=conv_size)
+    cost = type(mixer).cost(mixer.spec, mixer.options)
+    assert cost.new_parameters == sum(p.numel() for p in mixer.new_parameters())
+    assert cost.state_per_token == 0
+    hidden, position_embeddings, _ = layer_inputs(model, 1, 5, pad=0, offset=0)
+    state = MixerState()
+    q, k, v = mixer.spec.project(mixer.attn, hidden)
+    mixer.mix(hidden, q, k, v, position_embeddings, None, state)
+    assert cost.state_fixed == sum(t.numel() for t in state.tensors.values())
+
+
+def test_layer_output_goes_through_the_teachers_o_proj():
+    model, mixer = randomised()
+    hidden, position_embeddings, _ = layer_inputs(model, 2, 11, pad=0, offset=0)
+    heads = parallel(mixer, hidden, position_embeddings, None)
+    out, _ = mixer(hidden, position_embeddings=position_embeddings)
+    assert torch.allclose(out, mixer.attn.o_proj(heads.transpose(1, 2).reshape(2, 11, -1)))
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        (dict(conv_size=0), "option 'conv_size' of mixer 'gated_deltanet' must be at least 1"),
+        (dict(kernel=4), "does not take option(s) kernel; it takes: conv_size"),
+        (dict(conv_size="four"), "option 'conv_size' of mixer 'gated_deltanet' must be a int"),
+    ],
+)
+def test_bad_options_are_one_line_errors(options, message):
+    with pytest.raises(LinearizeError) as info:
+        linearize.convert(tiny_model(), "gated_deltanet", **options)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
