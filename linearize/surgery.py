@@ -123,13 +123,7 @@ def convert(
     for index in converted:
         AttentionSpec.read(getattr(blocks[index], attention_slot(blocks[index], where=f"layer {index}: ")), config, index)
     verify_reading(teacher, converted)
-    originals = [getattr(b, attention_slot(b)) for b in blocks]
     apply_plan(teacher, config, plan)
-    for index, block in enumerate(blocks):
-        mixer_module = getattr(block, attention_slot(block))
-        if mixer_module is not originals[index]:
-            reference = next(originals[index].parameters())
-            mixer_module.to(device=reference.device)
     for entry, block in zip(plan, blocks):
         module = getattr(block, attention_slot(block))
         entry["options"] = module.options_dict() if hasattr(module, "options_dict") else {}

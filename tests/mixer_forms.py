@@ -76,7 +76,7 @@ def assert_forms_match(mixer, reference, rotary, length: int, padded: bool, pref
     probe = torch.randn(BATCH, total, hidden.shape[-1], generator=torch.Generator().manual_seed(5), dtype=torch.float64)
 
     def with_grads(out):
-        return out, torch.autograd.grad((out * probe).sum(), [hidden, *params])
+        return out, torch.autograd.grad((out * probe).sum(), [hidden, *params], materialize_grads=True)
 
     expected, expected_grads = with_grads(reference(mixer, hidden, position_embeddings, mask))
     for form, out in forms(mixer, hidden, position_embeddings, mask, prefix).items():

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import linearize
-from linearize.hf import kernels
+from linearize.hf import kernel_dispatch as kernels
 from linearize.hf.ops_delta import naive_gated_delta_rule
 from linearize.hf.ops_gated import naive_gla, naive_simple_gla
 from tests.tiny import left_padded, random_ids, tiny_model

@@ -6,7 +6,7 @@ import torch
 import linearize
 from linearize import LinearizeError
 from linearize.decode import GraphDecoder
-from linearize.hf import kernels
+from linearize.hf import kernel_dispatch as kernels
 from linearize.hf.ops_gated import chunk_gla
 from tests.tiny import tiny_model
 

@@ -28,7 +28,7 @@ from torch import nn
 from .attention import AttentionSpec, repeat_heads
 from .errors import LinearizeError
 from .mixers import Mixer, MixerCost, register_mixer
-from .ops_delta import chunk_gated_delta_rule, recurrent_gated_delta_rule
+from .kernel_dispatch import gated_delta_rule
 
 
 def short_conv(
@@ -143,8 +143,10 @@ class GatedDeltaNetMixer(Mixer):
         groups = self.spec.groups
         k, v = repeat_heads(k, groups), repeat_heads(v, groups)
         beta, g = self.gates(hidden_states, padding_mask)
-        op = recurrent_gated_delta_rule if state is not None and q.shape[2] == 1 else chunk_gated_delta_rule
-        out, recurrent = op(q, k, v, g, beta, 1.0, tensors.get("recurrent"))
+        decode = state is not None and q.shape[2] == 1
+        out, recurrent = gated_delta_rule(
+            q, k, v, g, beta, 1.0, tensors.get("recurrent"), decode=decode, output_state=state is not None
+        )
         if state is not None:
             state.tensors = {"conv": conv, "recurrent": recurrent}
         if padding_mask is not None:

@@ -26,7 +26,7 @@ from .errors import LinearizeError
 from .mixer_hedgehog import check_window
 from .mixer_swa import effective_window, sliding_window_heads, window_cache_size
 from .mixers import Mixer, MixerCost, register_mixer
-from .ops_gated import chunk_gla, recurrent_gla
+from .kernel_dispatch import gla
 
 
 @dataclass
@@ -40,7 +40,7 @@ class GLAOptions:
 @register_mixer
 class GLAMixer(Mixer):
     name = "gla"
-    anchor = "Liger (GLA with gates from the key projection; with a window, Liger attention)"
+    anchor = "Liger"
     summary = "gated linear attention reusing the teacher's q/k/v/o, no new parameters; optional softmax window half"
     Options = GLAOptions
 
@@ -81,8 +81,7 @@ class GLAMixer(Mixer):
         fk, gate, values = (repeat_heads(x, groups) for x in (fk, gate, values))
         if state is not None:
             state = repeat_heads(state, groups)
-        op = recurrent_gla if decode else chunk_gla
-        out, final = op(fq, fk, values, gate, scale=1.0, initial_state=state)
+        out, final = gla(fq, fk, values, gate, scale=1.0, initial_state=state, decode=decode, output_state=True)
         num, den = out[..., :-1], out[..., -1:]
         # den is 0 where no real key has been seen yet (under left padding), and num with it.
         return num / torch.where(den > 0, den, torch.ones_like(den)), final[:, ::groups].contiguous()

@@ -15,6 +15,7 @@ from torch import nn
 from .attention import AttentionSpec, apply_rotary, repeat_heads
 from .errors import LinearizeError
 from .mixers import Mixer, MixerCost, register_mixer
+from .kernel_dispatch import simple_gla
 from .ops_window import chunk_window_linear, recurrent_window_linear
 
 
@@ -27,7 +28,8 @@ class HedgehogFeatureMap(nn.Module):
         self.bias = nn.Parameter(torch.zeros(heads, 1, feature_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.einsum("bhtd,hdf->bhtf", x.float(), self.weight.float()) + self.bias.float()
+        acc = torch.promote_types(x.dtype, torch.float32)
+        y = torch.einsum("bhtd,hdf->bhtf", x.to(acc), self.weight.to(acc)) + self.bias.to(acc)
         return torch.cat((torch.softmax(y, dim=-1), torch.softmax(-y, dim=-1)), dim=-1)
 
 
@@ -62,7 +64,6 @@ class HedgehogMixer(Mixer):
     anchor = "LoLCATs"
     summary = "linear attention with a learnable Hedgehog feature map after RoPE"
     Options = HedgehogOptions
-    window = 0
 
     def __init__(self, attn, spec: AttentionSpec, options, layer_idx: int):
         super().__init__(attn, spec, options, layer_idx)
@@ -80,34 +81,35 @@ class HedgehogMixer(Mixer):
 
     @classmethod
     def cost(cls, spec: AttentionSpec, options) -> MixerCost:
-        f, d, h = options.feature_dim, spec.head_dim, spec.num_heads
+        f, d = options.feature_dim, spec.head_dim
         params = (spec.num_heads + spec.num_kv_heads) * (d * f + f)
-        return MixerCost(new_parameters=params, state_fixed=h * 2 * f * (d + 1), state_per_token=0)
-
-    def mix_weights(self):
-        """(softmax weight, linear weight) per head."""
-        return 1.0, 1.0
+        return MixerCost(new_parameters=params, state_fixed=spec.num_kv_heads * 2 * f * (d + 1), state_per_token=0)
 
     def mix(self, hidden_states, q, k, v, position_embeddings, padding_mask, state):
         q, k = apply_rotary(q, k, position_embeddings)
+        fq, fk = self.feature_q(q), self.feature_k(k)
+        values = torch.cat((v.to(fk.dtype), torch.ones_like(v[..., :1], dtype=fk.dtype)), dim=-1)
+        if padding_mask is not None:
+            fk = fk * padding_mask[:, None, :, None]
         groups = self.spec.groups
-        fq = self.feature_q(q)
-        fk = repeat_heads(self.feature_k(k), groups)
-        k, v = repeat_heads(k, groups), repeat_heads(v, groups)
-        sm_weight, ln_weight = self.mix_weights()
-        kwargs = dict(
-            window=self.window,
-            scaling=self.spec.scaling,
-            sm_weight=sm_weight,
-            ln_weight=ln_weight,
-            key_mask=padding_mask,
-            softcap=self.spec.softcap,
+        initial = None if state is None else state.tensors.get("S")
+        # Plain linear attention is simple GLA with no decay; the ones column of the values carries the
+        # normaliser. The state is the same for the query heads of one kv head, so one copy is kept per kv head.
+        out, final = simple_gla(
+            fq,
+            repeat_heads(fk, groups),
+            repeat_heads(values, groups),
+            fq.new_zeros(fq.shape[:3]),
+            scale=1.0,
+            initial_state=None if initial is None else repeat_heads(initial, groups),
+            decode=state is not None and q.shape[2] == 1,
+            output_state=state is not None,
         )
-        if state is None:
-            return chunk_window_linear(q, k, v, fq, fk, **kwargs)[0]
-        op = recurrent_window_linear if q.shape[2] == 1 else chunk_window_linear
-        out, state.tensors = op(q, k, v, fq, fk, state=state.tensors, output_state=True, **kwargs)
-        return out
+        if state is not None:
+            state.tensors = {"S": final[:, ::groups].contiguous()}
+        num, den = out[..., :-1], out[..., -1:]
+        # den is 0 only where no real key has been seen yet (left padding), and num with it.
+        return num / torch.where(den > 0, den, torch.ones_like(den))
 
 
 @register_mixer
@@ -131,11 +133,29 @@ class HedgehogSWAMixer(HedgehogMixer):
 
     @classmethod
     def cost(cls, spec: AttentionSpec, options) -> MixerCost:
-        base = super().cost(spec, options)
         w, h, d, f = options.window, spec.num_heads, spec.head_dim, options.feature_dim
-        window_cache = h * (w - 1) * (2 * d + 2 * f)
-        return MixerCost(base.new_parameters + h, base.state_fixed + window_cache, 0)
+        # Per query head: the linear state (2F x D) and normaliser (2F), and the last w - 1 keys, values and
+        # feature-mapped keys; plus the window's padding mask.
+        state = h * 2 * f * (d + 1) + h * (w - 1) * (2 * d + 2 * f) + (w - 1)
+        return MixerCost(super().cost(spec, options).new_parameters + h, state, 0)
 
-    def mix_weights(self):
-        share = torch.sigmoid(self.window_logit.float())
-        return share, 1.0 - share
+    def mix(self, hidden_states, q, k, v, position_embeddings, padding_mask, state):
+        q, k = apply_rotary(q, k, position_embeddings)
+        groups = self.spec.groups
+        fq = self.feature_q(q)
+        fk = repeat_heads(self.feature_k(k), groups)
+        k, v = repeat_heads(k, groups), repeat_heads(v, groups)
+        share = torch.sigmoid(self.window_logit.to(torch.promote_types(q.dtype, torch.float32)))
+        kwargs = dict(
+            window=self.window,
+            scaling=self.spec.scaling,
+            sm_weight=share,
+            ln_weight=1.0 - share,
+            key_mask=padding_mask,
+            softcap=self.spec.softcap,
+        )
+        if state is None:
+            return chunk_window_linear(q, k, v, fq, fk, **kwargs)[0]
+        op = recurrent_window_linear if q.shape[2] == 1 else chunk_window_linear
+        out, state.tensors = op(q, k, v, fq, fk, state=state.tensors, output_state=True, **kwargs)
+        return out

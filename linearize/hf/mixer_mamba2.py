@@ -28,7 +28,7 @@ from torch import nn
 from .attention import AttentionSpec, repeat_heads
 from .mixer_gated_deltanet import inverse_softplus
 from .mixers import Mixer, MixerCost, NoOptions, register_mixer
-from .ops_gated import chunk_simple_gla, recurrent_simple_gla
+from .kernel_dispatch import simple_gla
 
 
 @register_mixer
@@ -74,8 +74,8 @@ class Mamba2Mixer(Mixer):
         dt = self.steps(hidden_states, padding_mask)
         g = -self.A_log.to(dtype).exp()[:, None] * dt
         initial = state.tensors.get("ssm") if state is not None else None
-        op = recurrent_simple_gla if state is not None and q.shape[2] == 1 else chunk_simple_gla
-        y, ssm = op(c, b * dt[..., None], x, g, self.spec.scaling, initial)
+        decode = state is not None and q.shape[2] == 1
+        y, ssm = simple_gla(c, b * dt[..., None], x, g, self.spec.scaling, initial, decode=decode, output_state=state is not None)
         if state is not None:
             state.tensors = {"ssm": ssm}
         y = y + self.D.to(dtype)[:, None, None] * x

@@ -124,7 +124,7 @@ class SWAOptions:
 @register_mixer
 class SWAMixer(Mixer):
     name = "swa"
-    anchor = "sliding-window attention (the teacher's softmax over a fixed window)"
+    anchor = "sliding window"
     summary = "the teacher's softmax attention over the last `window` keys, bounded KV cache, no new parameters"
     Options = SWAOptions
 

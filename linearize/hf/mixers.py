@@ -134,6 +134,9 @@ class Mixer(nn.Module):
         """Build the mixer around the teacher attention module `attn` of layer `layer_idx`, reusing its weights."""
         spec = AttentionSpec.read(attn, config, layer_idx)
         mixer = cls(attn, spec, cls.parse_options(options, spec, config), layer_idx)
+        reference = next(attn.parameters(), None)
+        if reference is not None:  # new parameters live where the teacher's do, in its dtype
+            mixer.to(device=reference.device, dtype=reference.dtype)
         mixer._mark_initialized()
         return mixer
 

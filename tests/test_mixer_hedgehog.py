@@ -1,0 +1,57 @@
+"""`hedgehog` and `hedgehog_swa` layers in every form against a quadratic reference written out here."""
+
+import pytest
+import torch
+
+from linearize.hf.attention import apply_rotary, repeat_heads
+from linearize.hf.mixer_hedgehog import HedgehogMixer, HedgehogSWAMixer
+from tests.mixer_forms import assert_forms_match, build
+
+
+def reference(mixer, hidden, position_embeddings, mask):
+    """For query t: keys t - window < s <= t score exp(q.k * scaling - max) * share; older keys score
+    phi(q_t).phi(k_s) * (1 - share); one normaliser. With window 0 every key is a linear key."""
+    q, k, v = mixer.spec.project(mixer.attn, hidden)
+    q, k = apply_rotary(q, k, position_embeddings)
+    groups = mixer.spec.groups
+    fq, fk = mixer.feature_q(q), repeat_heads(mixer.feature_k(k), groups)
+    k, v = repeat_heads(k, groups), repeat_heads(v, groups)
+    window = getattr(mixer, "window", 0)
+    share = torch.sigmoid(mixer.window_logit)[None, :, None, None] if window else torch.zeros(())
+    length = q.shape[2]
+    t = torch.arange(length)[:, None]
+    s = torch.arange(length)[None, :]
+    valid = torch.ones(q.shape[0], length, dtype=torch.bool) if mask is None else mask
+    valid = valid[:, None, None, :]
+    in_window = (s <= t) & (s > t - window) & valid
+    in_linear = (s <= t - window) & valid
+    scores = (q @ k.transpose(-1, -2) * mixer.spec.scaling).masked_fill(~in_window, float("-inf"))
+    peak = scores.amax(-1, keepdim=True)
+    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+    weights = torch.exp(scores - peak) * share + (fq @ fk.transpose(-1, -2)) * in_linear * (1 - share)
+    total = weights.sum(-1, keepdim=True)
+    heads = (weights @ v) / torch.where(total > 0, total, torch.ones_like(total))
+    return mixer.spec.out(mixer.attn, heads)
+
+
+CASES = [(HedgehogMixer, {"feature_dim": 12}), (HedgehogSWAMixer, {"window": 5}), (HedgehogSWAMixer, {"window": 70})]
+
+
+@pytest.mark.parametrize("prefix", [0, 9], ids=["no-initial-state", "initial-state"])
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
+@pytest.mark.parametrize("length", [1, 63, 130])
+@pytest.mark.parametrize("case", CASES, ids=["hedgehog", "hedgehog_swa-5", "hedgehog_swa-70"])
+def test_every_form_matches_the_reference(case, length, padded, prefix):
+    cls, options = case
+    mixer, rotary = build(cls, **options)
+    with torch.no_grad():  # trained-looking feature maps and window balance, not the identity start
+        for p in mixer.new_parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    assert_forms_match(mixer, reference, rotary, length, padded, prefix)
+
+
+def test_feature_map_starts_as_identity_softmax_pair():
+    mixer, _ = build(HedgehogMixer)
+    x = torch.randn(2, mixer.spec.num_heads, 5, mixer.spec.head_dim, dtype=torch.float64)
+    phi = mixer.feature_q(x)
+    torch.testing.assert_close(phi, torch.cat((torch.softmax(x, -1), torch.softmax(-x, -1)), -1))
