@@ -22,6 +22,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import linearize
+from linearize.decode import GraphDecoder
 
 ARCHS = {
     "smollm2-135m": dict(
@@ -91,6 +92,55 @@ def decode(model, context: int, batch: int, steps: int, device) -> tuple[float, 
     return batch * steps / seconds, peak
 
 
+def copy_bandwidth(device) -> float:
+    """Bytes per second of a large device-to-device copy (bytes read plus bytes written)."""
+    x = torch.randn(256 * 2**20, device=device)  # 1 GiB of float32
+    y = torch.empty_like(x)
+    y.copy_(x)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(10):
+        y.copy_(x)
+    sync(device)
+    return 2 * x.numel() * x.element_size() * 10 / (time.perf_counter() - start)
+
+
+@torch.no_grad()
+def graph_decode(model, context: int, steps: int, device) -> float:
+    """Batch-1 decode tokens/s with each step replayed from a CUDA graph (fully converted models)."""
+    ids = torch.randint(0, model.config.get_text_config().vocab_size, (1, context), device=device)
+    decoder = GraphDecoder(model)
+    decoder.generate(ids, 8)
+    sync(device)
+    start = time.perf_counter()
+    decoder.generate(ids, steps + 8)
+    sync(device)
+    full = time.perf_counter() - start
+    start = time.perf_counter()
+    decoder.generate(ids, 8)
+    sync(device)
+    return steps / (full - (time.perf_counter() - start))
+
+
+@torch.no_grad()
+def static_teacher_decode(model, context: int, steps: int, device) -> float:
+    """Batch-1 decode tokens/s of the teacher through transformers' static cache (compiled, CUDA graphs)."""
+    ids = torch.randint(0, model.config.vocab_size, (1, context), device=device)
+    settings = dict(do_sample=False, cache_implementation="static", min_new_tokens=steps, max_new_tokens=steps)
+    model.generate(ids, **settings)
+    model.generate(ids, **settings)
+    sync(device)
+    start = time.perf_counter()
+    model.generate(ids, **settings)
+    sync(device)
+    full = time.perf_counter() - start
+    settings.update(min_new_tokens=1, max_new_tokens=1)
+    start = time.perf_counter()
+    model.generate(ids, **settings)
+    sync(device)
+    return (steps - 1) / (full - (time.perf_counter() - start))
+
+
 def largest_batch(model, context: int, device, start: int, limit: int) -> int:
     """The largest power-of-two batch (<= limit) whose prefill + a few decode steps fit in memory."""
     best, batch = 0, start
@@ -117,6 +167,8 @@ def main():
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--max-batch-context", type=int, default=32768, help="context for the largest-batch throughput test (0: skip)")
     parser.add_argument("--batch-limit", type=int, default=1024)
+    parser.add_argument("--latency-context", type=int, default=4096, help="context for the batch-1 latency test (0: skip)")
+    parser.add_argument("--static-teacher", action="store_true", help="also time the teacher with a compiled static cache")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -125,6 +177,10 @@ def main():
     if device.type == "cpu":
         args.prefill, args.decode_context, args.max_batch_context, args.steps = "64,128", "64,128", 0, 4
     results = {"arch": args.arch, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "dtype": str(dtype), "rows": []}
+    if device.type == "cuda":
+        results["copy_bandwidth_gbs"] = copy_bandwidth(device) / 1e9
+    else:
+        args.latency_context = 0
     for mixer in args.mixers.split(","):
         model = build(args.arch, mixer, device, dtype)
         row = {"model": mixer, "prefill": {}, "decode": {}, "peak_gib": {}}
@@ -140,6 +196,24 @@ def main():
             except torch.OutOfMemoryError:
                 row["decode"][context] = row["peak_gib"][context] = None
             gc.collect()
+        if args.latency_context:
+            weights = sum(p.numel() * p.element_size() for p in model.parameters())
+            row["latency"] = {"context": args.latency_context, "weight_bytes": weights}
+            try:
+                if mixer == "teacher":
+                    text = model.config
+                    kv = 2 * text.num_hidden_layers * text.num_key_value_heads * text.head_dim * args.latency_context * 2
+                    row["latency"]["state_bytes"] = kv
+                    if args.static_teacher:
+                        row["latency"]["graph_tokens_per_s"] = static_teacher_decode(model, args.latency_context, args.steps, device)
+                else:
+                    cache = model(torch.zeros(1, 64, dtype=torch.long, device=device), use_cache=True).past_key_values
+                    row["latency"]["state_bytes"] = sum(cache.state_bytes())
+                    row["latency"]["graph_tokens_per_s"] = graph_decode(model, args.latency_context, args.steps, device)
+            except Exception as error:  # a capture failure is a finding to report, not a reason to stop the run
+                row["latency"]["error"] = f"{type(error).__name__}: {str(error)[:200]}"
+            floor = (row["latency"]["weight_bytes"] + row["latency"].get("state_bytes", 0)) / (results["copy_bandwidth_gbs"] * 1e9)
+            row["latency"]["floor_ms"] = floor * 1e3
         if args.max_batch_context:
             start = 1 if mixer == "teacher" else 8
             batch = largest_batch(model, args.max_batch_context, device, start, args.batch_limit)
@@ -148,13 +222,13 @@ def main():
                 row["max_batch"] = {"context": args.max_batch_context, "batch": batch, "decode_tokens_per_s": tps, "peak_gib": peak}
         results["rows"].append(row)
         print(json.dumps(row), flush=True)
+        if args.out:  # after every model, so a run stopped at its time limit keeps what it measured
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=1)
         del model
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":

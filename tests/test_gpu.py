@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import linearize
+from linearize.decode import GraphDecoder
 from linearize.hf import kernel_dispatch as kernels
 from linearize.hf.ops_delta import naive_gated_delta_rule
 from linearize.hf.ops_gated import naive_gla, naive_simple_gla
@@ -100,6 +101,18 @@ def test_mixer_on_gpu_both_paths_and_cached_generation(name, monkeypatch):
     assert rel(fast, slow) < 5e-3
     settings = dict(input_ids=ids, attention_mask=mask, max_new_tokens=24, min_new_tokens=24, do_sample=False)
     assert torch.equal(model.generate(**settings), model.generate(**settings, use_cache=False))
+
+
+@pytest.mark.parametrize("name", sorted(set(MIXERS) & set(linearize.MIXERS)))
+def test_graph_decoder_equals_generate(name):
+    options = dict(MIXERS[name])
+    if "window" in options:
+        options["window"] = 4  # the prompt fills the window, so every step has the same shapes
+    model = linearize.convert(tiny_model(dtype=torch.float32, hidden_size=128, num_attention_heads=2, num_key_value_heads=1), name, **options)
+    model = model.cuda()
+    ids = random_ids(2, 40).cuda()
+    expected = model.generate(ids, max_new_tokens=20, min_new_tokens=20, do_sample=False)[:, 40:]
+    assert torch.equal(GraphDecoder(model).generate(ids, 20), expected)
 
 
 GGUF = os.environ.get("LINEARIZE_SMOLLM2_GGUF")
