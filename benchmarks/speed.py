@@ -2,8 +2,11 @@
 
 Random weights at the real architectures (built locally from their configs), bf16 on CUDA. The teacher is
 the unconverted model with SDPA (FlashAttention on Hopper) and the usual dynamic KV cache; students are
-converted copies. Decode is an eager loop, one token per step with the model's cache, greedy; prefill
-keeps only the last position's logits (a 64K x 128K-vocabulary logits tensor would not fit).
+converted copies. Decode is an eager loop, one token per step with the model's cache, greedy, after a
+cache filled to the context length (see `filled_cache`); prefill keeps only the last position's logits
+(a 64K x 128K-vocabulary logits tensor would not fit). Batch-1 latency is also measured with each step
+replayed from a CUDA graph (students: `linearize.decode.GraphDecoder`; teacher: transformers' compiled
+static cache) and compared with the memory-bandwidth floor.
 
     python benchmarks/speed.py --arch smollm2-135m --out results/speed_smollm2.json
     python benchmarks/speed.py --arch llama-3.2-1b --prefill 1024,8192,32768,65536 --decode-context 1024,32768
@@ -19,7 +22,7 @@ import json
 import time
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 
 import linearize
 from linearize.decode import GraphDecoder
@@ -67,16 +70,34 @@ def prefill(model, context: int, batch: int, device) -> float:
     return batch * context / (time.perf_counter() - start)
 
 
+def filled_cache(model, context: int, batch: int, device):
+    """A cache as it stands after `context` tokens, without paying for a prefill of batch x context tokens.
+
+    The teacher's cache gets `context` random keys and values per layer (what a prefill would leave, in
+    size); a student's state is shaped and filled by a real prefill of min(context, 1024) tokens, since its
+    size does not depend on the context. Decode cost per step is what is measured, so this is enough.
+    """
+    config = model.config.get_text_config()
+    if not hasattr(model, "new_cache"):
+        cache = DynamicCache(config=config)
+        shape = (batch, config.num_key_value_heads, context, config.head_dim)
+        for layer in range(config.num_hidden_layers):
+            cache.update(torch.randn(shape, device=device, dtype=model.dtype), torch.randn(shape, device=device, dtype=model.dtype), layer)
+        return cache
+    ids = torch.randint(0, config.vocab_size, (batch, min(context, 1024)), device=device)
+    cache = model.new_cache()
+    model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return cache
+
+
 @torch.no_grad()
 def decode(model, context: int, batch: int, steps: int, device) -> tuple[float, float]:
-    """Decode tokens/s after a `context`-token prefill, and peak memory (GiB) over prefill and decode."""
-    vocab = model.config.get_text_config().vocab_size
-    ids = torch.randint(0, vocab, (batch, context), device=device)
+    """Decode tokens/s at `context` tokens of history, and peak memory (GiB) while decoding."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    out = model(ids, use_cache=True, logits_to_keep=1)
-    cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    cache = filled_cache(model, context, batch, device)
+    token = torch.randint(0, model.config.get_text_config().vocab_size, (batch, 1), device=device)
     position = torch.full((batch, 1), context, device=device)
     for warm in range(3):
         out = model(token, past_key_values=cache, position_ids=position + warm, use_cache=True)

@@ -1,6 +1,7 @@
 """The fla kernel path against the PyTorch reference, on CUDA (skipped elsewhere; run on a GPU machine with
 `LINEARIZE_KERNELS` unset and flash-linear-attention installed: `python -m pytest -q -m gpu tests/test_gpu.py`)."""
 
+import copy
 import os
 
 import pytest
@@ -62,10 +63,12 @@ def test_fla_matches_reference(kind, length, dtype, with_state):
     fast, reference = CASES[kind]
     (q, k, v), gates, state = inputs(kind, length, dtype, with_state)
     leaves = [t.clone().requires_grad_() for t in (q, k, v, *gates)]
-    o, final = fast(*leaves, initial_state=state, decode=length == 1, output_state=True)
+    decode = length == 1  # fla's fused recurrent kernels (the decode path) have no backward
+    o, final = fast(*leaves, initial_state=state, decode=decode, output_state=True)
     assert kernels.backend(q.device, (64, 64), dtype)[0] == "fla"
     weights = torch.randn_like(o)
-    (o * weights).sum().backward()
+    if not decode:
+        (o * weights).sum().backward()
     grads = [t.grad for t in leaves]
     ref_leaves = [t.detach().double().cpu().requires_grad_() for t in leaves]
     ref_o, ref_final = reference(*ref_leaves, initial_state=None if state is None else state.double().cpu())
@@ -73,7 +76,7 @@ def test_fla_matches_reference(kind, length, dtype, with_state):
     assert torch.isfinite(o).all()
     assert rel(o.cpu(), ref_o) < LIMIT[dtype]
     assert rel(final.cpu(), ref_final) < LIMIT[dtype]
-    if length > 1:  # fla's fused recurrent kernels are inference-only at T = 1 in some versions
+    if not decode:
         for got, ref in zip(grads, (t.grad for t in ref_leaves)):
             assert rel(got.cpu(), ref) < 4 * LIMIT[dtype]
 
@@ -118,11 +121,17 @@ def test_graph_decoder_equals_generate(name):
 GGUF = os.environ.get("LINEARIZE_SMOLLM2_GGUF")
 
 
-@pytest.mark.skipif(GGUF is None, reason="set LINEARIZE_SMOLLM2_GGUF to the SmolLM2-135M-Instruct .gguf file")
-@pytest.mark.parametrize("name", ["hedgehog", "gla", "gated_deltanet", "mamba2"])
-def test_real_teacher_same_greedy_tokens_on_both_paths(name, monkeypatch):
-    teacher, tokenizer = linearize.load_teacher(GGUF)
-    student = linearize.convert(teacher, name).cuda()
+@pytest.fixture(scope="module")
+def real_teacher():
+    if GGUF is None:
+        pytest.skip("set LINEARIZE_SMOLLM2_GGUF to the SmolLM2-135M-Instruct .gguf file")
+    return linearize.load_teacher(GGUF)
+
+
+@pytest.mark.parametrize("name", ["hedgehog", "hedgehog_swa", "gla", "gated_deltanet", "mamba2"])
+def test_real_teacher_same_greedy_tokens_on_both_paths(name, real_teacher, monkeypatch):
+    teacher, tokenizer = real_teacher
+    student = linearize.convert(copy.deepcopy(teacher), name).cuda()
     inputs = tokenizer("Elizabeth walked to Netherfield through the mud, and", return_tensors="pt").to("cuda")
     fast = student.generate(**inputs, max_new_tokens=16, do_sample=False)
     monkeypatch.setenv("LINEARIZE_KERNELS", "torch")
