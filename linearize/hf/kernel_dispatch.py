@@ -7,6 +7,7 @@ The PyTorch ops (`ops_gated`, `ops_delta`) are the reference and the CPU path. `
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import warnings
 
@@ -46,6 +47,21 @@ def fla_problem() -> str | None:
         return FLA_PROBLEM
     if _version_tuple(FLA_VERSION) < MINIMUM_FLA:
         return f"flash-linear-attention {FLA_VERSION} is older than {'.'.join(map(str, MINIMUM_FLA))}"
+    return None
+
+
+def gated_backward_problem() -> str | None:
+    """Why fla cannot train through its gated chunk kernels here (None when it can).
+
+    fla 0.6 refuses the backward of gated chunk kernels on Hopper with Triton 3.4 to 3.7.0 (they give wrong
+    gradients there) unless tilelang is installed; training then runs on the PyTorch path, inference on fla.
+    """
+    import triton
+
+    version = _version_tuple(triton.__version__)
+    hopper = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+    if hopper and (3, 4, 0) <= version < (3, 7, 1) and importlib.util.find_spec("tilelang") is None:
+        return f"fla's gated backward is wrong on Hopper with Triton {triton.__version__} (needs Triton >= 3.7.1 or tilelang)"
     return None
 
 
@@ -89,8 +105,19 @@ def backend(device: torch.device, head_dims: tuple[int, ...], dtype: torch.dtype
     return "fla", None
 
 
-def _pick(q: torch.Tensor, v: torch.Tensor) -> bool:
-    return backend(q.device, (q.shape[-1], v.shape[-1]), q.dtype)[0] == "fla"
+def _pick(q: torch.Tensor, v: torch.Tensor, gated_training: bool = False) -> bool:
+    if backend(q.device, (q.shape[-1], v.shape[-1]), q.dtype)[0] != "fla":
+        return False
+    if gated_training and torch.is_grad_enabled():
+        problem = gated_backward_problem()
+        if problem is not None:
+            _warn_once(problem + " for training")
+            return False
+    return True
+
+
+def _needs_grad(*tensors) -> bool:
+    return any(t is not None and t.requires_grad for t in tensors)
 
 
 def _bthd(*tensors):
@@ -114,12 +141,14 @@ def gla(q, k, v, gk, scale=None, initial_state=None, decode=False, output_state=
 
 
 def simple_gla(q, k, v, g, scale=None, initial_state=None, decode=False, output_state=False):
-    """Linear attention with one log-decay per head and step (Mamba-2's SSD; g = 0 is plain linear attention)."""
-    if not _pick(q, v):
+    """Linear attention with one log-decay per head and step (Mamba-2's SSD); g = None is plain linear attention."""
+    gated_training = g is not None and _needs_grad(q, k, v, g, initial_state)
+    if not _pick(q, v, gated_training):
         op = recurrent_simple_gla if decode else chunk_simple_gla
+        g = q.new_zeros(q.shape[:3]) if g is None else g
         o, state = op(q, k, v, g, scale=scale, initial_state=initial_state)
         return o, (state if output_state else None)
-    qt, kt, vt, gt = _bthd(q, k, v, g.float())
+    qt, kt, vt, gt = _bthd(q, k, v, None if g is None else g.float())
     op = fla_recurrent_simple_gla if decode else fla_chunk_simple_gla
     o, state = op(qt, kt, vt, gt, scale=scale, initial_state=_state(initial_state), output_final_state=output_state)
     return o.transpose(1, 2), state
@@ -127,7 +156,7 @@ def simple_gla(q, k, v, g, scale=None, initial_state=None, decode=False, output_
 
 def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, decode=False, output_state=False):
     """Gated delta rule with L2-normalised q/k (see `ops_delta`); returns (o, state or None)."""
-    if not _pick(q, v):
+    if not _pick(q, v, _needs_grad(q, k, v, g, beta, initial_state)):
         op = recurrent_gated_delta_rule if decode else chunk_gated_delta_rule
         o, state = op(q, k, v, g, beta, scale=scale, initial_state=initial_state)
         return o, (state if output_state else None)

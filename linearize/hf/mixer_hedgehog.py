@@ -99,7 +99,7 @@ class HedgehogMixer(Mixer):
             fq,
             repeat_heads(fk, groups),
             repeat_heads(values, groups),
-            fq.new_zeros(fq.shape[:3]),
+            None,
             scale=1.0,
             initial_state=None if initial is None else repeat_heads(initial, groups),
             decode=state is not None and q.shape[2] == 1,
