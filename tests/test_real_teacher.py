@@ -58,7 +58,10 @@ def test_mixer_on_the_real_teacher(name, teacher, batch, tmp_path):
     rest = student(
         ids[:, split:], attention_mask=mask, position_ids=positions[:, split:], past_key_values=first.past_key_values, use_cache=True
     )
-    assert (torch.cat((first.logits, rest.logits), 1) - whole).abs().max() < 1e-3
+    chunked = torch.cat((first.logits, rest.logits), 1)
+    # float32 through 30 layers: equal up to rounding (the chunk boundaries differ), and the same next tokens
+    assert ((chunked - whole).norm() / whole.norm()).item() < 1e-5
+    assert torch.equal(chunked.argmax(-1)[mask.bool()], whole.argmax(-1)[mask.bool()])
 
     student.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
