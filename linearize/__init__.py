@@ -7,9 +7,11 @@ Example:
     >>> student.save_pretrained("out/smollm2-hedgehog-swa")
 """
 
+from .evaluate import evaluate
 from .hf.errors import LinearizeError
 from .hf.mixers import MIXERS, register_mixer, teacher_mode
 from .hf.modeling_linearized import LinearizedConfig, LinearizedForCausalLM, register_auto_classes
+from .publish import push
 from .surgery import convert
 
 register_auto_classes()
@@ -22,6 +24,8 @@ __all__ = [
     "LinearizedConfig",
     "LinearizedForCausalLM",
     "convert",
+    "evaluate",
+    "push",
     "register_mixer",
     "teacher_mode",
 ]
