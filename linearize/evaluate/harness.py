@@ -172,7 +172,7 @@ def run_tasks(
     *,
     limit: int | float | None = None,
     num_fewshot: int | None = None,
-    batch_size: int = 1,
+    batch_size: int = 8,
     log=None,
 ) -> list[tuple[str, dict[str, Any]]]:
     """Run every task on every scored model: [(model name, task record), ...].

@@ -57,9 +57,12 @@ def _display_name(source: Any, model: Any) -> str:
         path = Path(source)
         return path.resolve().name if path.exists() else str(source)
     config = model.config
-    if getattr(config, "source", None):
-        return f"{config.source} (converted)"
-    return getattr(config, "_name_or_path", None) or type(model).__name__
+    # In memory, a model is named after where its teacher came from: the last part of a path or Hub id.
+    origin = getattr(config, "source", None) or getattr(config, "_name_or_path", None)
+    if not origin:
+        return type(model).__name__
+    short = Path(str(origin)).name or str(origin)
+    return f"{short} (converted)" if getattr(config, "source", None) else short
 
 
 def scored_models(

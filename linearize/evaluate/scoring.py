@@ -81,7 +81,7 @@ def evaluate(
     suite: Any = (),
     limit: int | float | None = None,
     num_fewshot: int | None = None,
-    batch_size: int = 1,
+    batch_size: int = 8,
     perplexity: Any = (),
     contexts: Sequence[int] = (512,),
     stride: int | None = None,
