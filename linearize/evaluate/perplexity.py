@@ -64,15 +64,17 @@ def strided_perplexity(model, ids: torch.LongTensor, context: int, stride: int |
         )
     device = next(model.parameters()).device
     windows = ids.unfold(0, context, stride)
-    # The first window scores all of its tokens; later ones only the last `stride` (the rest was scored before).
+    # The first window scores all of its tokens; later ones only the last `stride` (the rest was scored before),
+    # and at most context - 1, since a window's first token has nothing before it in that window.
     total = _nll(model, windows[:1].to(device), context - 1)
     count = context - 1
     if on_window:
         on_window(1)
+    scored = min(stride, context - 1)
     per_batch = max(1, TOKENS_PER_BATCH // context)
     for batch in windows[1:].split(per_batch):
-        total += _nll(model, batch.to(device), stride)
-        count += batch.shape[0] * stride
+        total += _nll(model, batch.to(device), scored)
+        count += batch.shape[0] * scored
         if on_window:
             on_window(batch.shape[0])
     return math.exp(total / count), count
