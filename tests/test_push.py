@@ -128,7 +128,7 @@ def test_push_command_line(hub, folder, monkeypatch, capsys):
 
 def test_transformers_push_to_hub_uploads_the_modeling_files(hub, tmp_path):
     """HF's own model.push_to_hub saves the same folder, so the repo it makes loads with remote code too."""
-    code = f"""
+    code = """
 import torch, linearize
 from tests.tiny import tiny_model
 model = linearize.convert(tiny_model("llama", dtype=torch.float32), "hedgehog")

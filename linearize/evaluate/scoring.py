@@ -27,8 +27,11 @@ DEFAULT_TEXT = "persuasion"
 
 
 def _perplexity(results: Results, scored: list[Scored], sources: Sequence[str], contexts: list[int], stride, max_tokens, data_options, bar):
+    # At least one window of the longest context is measured, whatever max_tokens says.
+    max_tokens = max(max_tokens, *contexts)
     for source in sources:
-        text = load_text(source, **data_options)
+        # No tokenizer packs more than 16 characters into a token on prose: cut a large dataset before tokenising it.
+        text = load_text(source, **data_options)[: 16 * max_tokens]
         # One token stream per tokenizer: both views of a converted model share it.
         streams: dict[int, torch.Tensor] = {}
         for item in scored:
@@ -109,6 +112,14 @@ def evaluate(
 
     `model` is a loaded model (pass its `tokenizer`) or any `load_teacher` source: a converted folder, a model
     folder, a .gguf file, an alias such as smollm2-135m, a Hub id.
+
+    tasks, suite: lm-eval task names (`NAME` or `NAME:METRIC`, a list or comma-separated) and suite names
+        (linearize/suites/suites.yaml); `limit` examples per task, `num_fewshot` for all, lm-eval `batch_size`.
+    perplexity: texts (`load_text` sources) measured in strided windows at each of `contexts`, over the first
+        `max_tokens` tokens (at least one window of the longest context); `stride` defaults to half the context.
+    passkey, needle: retrieval over `lengths` x `depths`, `trials` prompts per cell, built from `seed`.
+    teacher: also score a converted model as its own teacher (teacher_mode). Lengths beyond the model's
+        max_position_embeddings are refused unless `allow_longer`.
 
     Example:
         >>> results = linearize.evaluate("out/smollm2-hedgehog", suite="local", perplexity="persuasion", passkey=True)

@@ -25,7 +25,8 @@ def load_text(source: str | os.PathLike[str], split: str = "test", name: str | N
     path = Path(text).expanduser()
     if path.suffix.lower() in DATA_FILES and path.is_file():
         return _rows_text(DATA_FILES[path.suffix.lower()], {"data_files": str(path)}, "train", text_field, text)
-    if path.exists() or text in PACKAGED_TEXTS or path.suffix:
+    # Anything that exists, is packaged, or is named like a text or data file is local (a missing one says so).
+    if path.exists() or text in PACKAGED_TEXTS or path.suffix.lower() in {".txt", *DATA_FILES}:
         return read_text_source(source)
     return _hub_text(text, name, split, text_field)
 
