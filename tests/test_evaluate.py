@@ -235,7 +235,7 @@ def test_lm_eval_command_line_knows_the_linearize_model(student, tmp_path):
     command = [
         sys.executable, "-m", "linearize.evaluate", "run", "--model", "linearize",
         "--model_args", f"pretrained={folder},teacher=True,dtype=float32", "--device", "cpu",
-        "--include_path", str(ROOT / "eval" / "tasks"), "--tasks", "austen_next_sentence", "--limit", "3",
+        "--tasks", "austen_next_sentence", "--limit", "3",  # a local task: found without --include_path
         "--output_path", str(tmp_path / "lm_eval_out"),
     ]
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))

@@ -2,7 +2,8 @@
 student of a converted model on the same tasks with the same settings.
 
 Importing this module registers the lm-eval model name "linearize". lm-eval 0.4.13 looks models up only in its
-own registry and reads no plugin entry points, so the name exists once this module is imported; the lm-eval
+own registry and reads no plugin entry points (and builds the model before it reads any task file, so
+`--include_path` cannot bring the name in either): the name exists once this module is imported. The lm-eval
 command line with it is `python -m linearize.evaluate run --model linearize --model_args pretrained=DIR ...`
 (see `linearize/evaluate/__main__.py`). Plain `lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True`
 works too, as converted folders carry their modeling code.
