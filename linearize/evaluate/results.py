@@ -29,7 +29,6 @@ from linearize.hf.errors import LinearizeError
 
 FORMAT = "linearize-results"
 VERSION = 1
-KINDS = ("task", "perplexity", "passkey", "needle", "speed")
 
 
 @dataclass

@@ -7,7 +7,6 @@ canvas on machines without a display, and the caller's own pyplot backend and op
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +19,6 @@ def _save(figure, path: Path) -> Path:
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     return path
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_").lower() or "model"
 
 
 def accuracy(rows: list[dict[str, Any]], models: list[str], path: Path) -> Path | None:
