@@ -6,9 +6,11 @@ cache in every layer, as the original model has. The student keeps a fixed-size 
 Both prefill the same random tokens and then decode one token per step from their own cache. The Hedgehog
 feature maps start at identity (undistilled), which changes nothing about speed or memory.
 
-Run (about 10 minutes on 2 cores; writes the results file `linearize report` reads):
+Run on an otherwise idle machine (decode is timed over 64 steps, which other work on the same cores easily
+disturbs; --repeats 3 keeps the least disturbed of three runs). About 4 minutes per repeat on 2 idle cores, and
+it writes the results file `linearize report` reads:
 
-    python benchmarks/cpu_decode.py --out runs/cpu_decode.json
+    python benchmarks/cpu_decode.py --repeats 3 --out runs/cpu_decode.json
     linearize report runs/cpu_decode.json --out runs/cpu_decode_report
 
 "8K" is 8128 prompt tokens, so that the 64 decoded tokens end at the teacher's 8192-token limit. Memory figures on
