@@ -7,10 +7,12 @@ Example:
     >>> student.save_pretrained("out/smollm2-hedgehog-swa")
 """
 
+from .evaluate import evaluate
 from .hf.errors import LinearizeError
 from .hf.mixers import MIXERS, register_mixer, teacher_mode
 from .hf.modeling_linearized import LinearizedConfig, LinearizedForCausalLM, register_auto_classes
 from .loaders import load_teacher
+from .publish import push
 from .surgery import convert
 
 register_auto_classes()
@@ -23,7 +25,9 @@ __all__ = [
     "LinearizedConfig",
     "LinearizedForCausalLM",
     "convert",
+    "evaluate",
     "load_teacher",
+    "push",
     "register_mixer",
     "teacher_mode",
 ]

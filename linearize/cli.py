@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .cli_scoring import add_commands
 from .hf.errors import LinearizeError
 
 app = typer.Typer(
@@ -188,6 +189,9 @@ def recipes():
     for name in shipped_recipes():
         first = (RECIPE_DIR / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ")
         console.print(f"{name:20s} {first}")
+
+
+add_commands(app)
 
 
 def main() -> None:

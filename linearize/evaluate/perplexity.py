@@ -1,4 +1,10 @@
-"""Perplexity of a causal LM on token windows."""
+"""Perplexity of a causal LM: on fixed token windows, or on a whole text in strided windows at a given context.
+
+Strided windows (the usual sliding evaluation): windows of `context` tokens start every `stride` tokens and each
+scores only the tokens the previous window did not, so every scored token after the first window sees at least
+`context - stride` tokens of context. Only the logits that are scored are computed (`logits_to_keep`), so long
+contexts do not materialise a (context x vocabulary) matrix per window.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,11 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from linearize.hf.errors import LinearizeError
+
+# Windows per forward pass are sized so one batch holds about this many tokens.
+TOKENS_PER_BATCH = 4096
 
 
 @torch.no_grad()
@@ -24,3 +35,51 @@ def perplexity(model, windows: torch.LongTensor, batch_size: int = 4) -> float:
         total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum").item()
         count += batch[:, 1:].numel()
     return math.exp(total / count)
+
+
+def _nll(model, batch: torch.Tensor, scored: int) -> float:
+    """Summed NLL of the last `scored` tokens of each row of `batch`."""
+    logits = model(input_ids=batch, use_cache=False, logits_to_keep=scored + 1).logits[:, :-1].float()
+    targets = batch[:, -scored:]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
+
+
+@torch.no_grad()
+def strided_perplexity(model, ids: torch.LongTensor, context: int, stride: int | None = None, on_window=None) -> tuple[float, int]:
+    """(perplexity, tokens scored) of the 1-D token sequence `ids` with windows of `context` every `stride` tokens.
+
+    `stride` defaults to context // 2. Tokens after the last full window are not scored.
+    `on_window(n)` is called after each batch with the number of windows done (for progress bars).
+
+    Example:
+        >>> ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+        >>> strided_perplexity(model, ids, context=1024)
+    """
+    stride = stride or max(1, context // 2)
+    if not 1 <= stride <= context:
+        raise LinearizeError(f"stride must be between 1 and the context ({context}), got {stride}")
+    if ids.numel() < context:
+        raise LinearizeError(
+            f"the text has {ids.numel()} tokens, fewer than one window of context {context}: use a longer text or a shorter context"
+        )
+    device = next(model.parameters()).device
+    windows = ids.unfold(0, context, stride)
+    # The first window scores all of its tokens; later ones only the last `stride` (the rest was scored before),
+    # and at most context - 1, since a window's first token has nothing before it in that window.
+    total = _nll(model, windows[:1].to(device), context - 1)
+    count = context - 1
+    if on_window:
+        on_window(1)
+    scored = min(stride, context - 1)
+    per_batch = max(1, TOKENS_PER_BATCH // context)
+    for batch in windows[1:].split(per_batch):
+        total += _nll(model, batch.to(device), scored)
+        count += batch.shape[0] * scored
+        if on_window:
+            on_window(batch.shape[0])
+    return math.exp(total / count), count
+
+
+def window_count(tokens: int, context: int, stride: int | None = None) -> int:
+    stride = stride or max(1, context // 2)
+    return 0 if tokens < context else (tokens - context) // stride + 1

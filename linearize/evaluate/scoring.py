@@ -1,0 +1,165 @@
+"""`linearize.evaluate`: tasks, perplexity and long-context retrieval, teacher beside student, in one run.
+
+Both views of a converted model see the same data with the same settings: the task list, the token stream, the
+retrieval prompts (built once, before either is scored) and the seeds.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Callable, Sequence
+
+import torch
+
+from linearize.hf.errors import LinearizeError
+
+from .limits import check_lengths
+from .longcontext import ANSWER_TOKENS, DEFAULT_DEPTHS, answer, answer_of, make_probe
+from .perplexity import strided_perplexity, window_count
+from .progress import progress_bar
+from .results import Results, environment
+from .scored import Scored, scored_models
+from .suites import task_specs
+from .textsource import load_text
+
+DEFAULT_SUITE = "local"
+DEFAULT_TEXT = "persuasion"
+
+
+def _perplexity(results: Results, scored: list[Scored], sources: Sequence[str], contexts: list[int], stride, max_tokens, data_options, bar):
+    # At least one window of the longest context is measured, whatever max_tokens says.
+    max_tokens = max(max_tokens, *contexts)
+    for source in sources:
+        # No tokenizer packs more than 16 characters into a token on prose: cut a large dataset before tokenising it.
+        text = load_text(source, **data_options)[: 16 * max_tokens]
+        # One token stream per tokenizer: both views of a converted model share it.
+        streams: dict[int, torch.Tensor] = {}
+        for item in scored:
+            key = id(item.tokenizer)
+            if key not in streams:
+                ids = item.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"][:max_tokens]
+                streams[key] = torch.tensor(ids, dtype=torch.long)
+            ids = streams[key]
+            for context in contexts:
+                task = bar.add_task(f"perplexity {item.name} @ {context}", total=window_count(ids.numel(), context, stride))
+                with item.mode():
+                    value, tokens = strided_perplexity(item.model, ids, context, stride, on_window=lambda n: bar.advance(task, n))
+                bar.remove_task(task)
+                results.add(item.name, "perplexity", data=str(source), context=context, stride=stride or max(1, context // 2), value=value, tokens=tokens)
+
+
+def _retrieval(results: Results, scored: list[Scored], kind: str, lengths: list[int], depths, trials: int, seed: int, bar):
+    probes_by_tokenizer: dict[int, list] = {}
+    for item in scored:
+        key = id(item.tokenizer)
+        if key not in probes_by_tokenizer:
+            rng = random.Random(seed)
+            probes_by_tokenizer[key] = [
+                make_probe(item.tokenizer, kind, length, depth, rng) for length in lengths for depth in depths for _ in range(trials)
+            ]
+        probes = probes_by_tokenizer[key]
+        task = bar.add_task(f"{kind} {item.name}", total=len(probes))
+        hits: dict[tuple[int, float], list[int]] = {}
+        tokens: dict[tuple[int, float], list[int]] = {}
+        with item.mode():
+            for probe in probes:
+                got = answer_of(answer(item.model, item.tokenizer, probe))
+                cell = (probe.requested, probe.depth)
+                hits.setdefault(cell, []).append(int(got == probe.answer))
+                tokens.setdefault(cell, []).append(probe.length)
+                bar.advance(task)
+        bar.remove_task(task)
+        for (length, depth), scores in sorted(hits.items()):
+            results.add(
+                item.name, kind, length=length, depth=depth, value=sum(scores) / len(scores), trials=len(scores),
+                tokens=round(sum(tokens[(length, depth)]) / len(scores)),
+            )
+
+
+def evaluate(
+    model: Any,
+    tokenizer: Any = None,
+    *,
+    tasks: Any = (),
+    suite: Any = (),
+    limit: int | float | None = None,
+    num_fewshot: int | None = None,
+    batch_size: int = 8,
+    perplexity: Any = (),
+    contexts: Sequence[int] = (512,),
+    stride: int | None = None,
+    max_tokens: int = 4096,
+    split: str = "test",
+    dataset_config: str | None = None,
+    text_field: str = "text",
+    passkey: bool = False,
+    needle: bool = False,
+    lengths: Sequence[int] = (256, 512, 1024),
+    depths: Sequence[float] = DEFAULT_DEPTHS,
+    trials: int = 2,
+    seed: int = 0,
+    teacher: bool = True,
+    name: str | None = None,
+    dtype: Any = None,
+    device: str | None = None,
+    allow_longer: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> Results:
+    """Score a model (and, for a converted model, its teacher via teacher_mode) on lm-eval tasks, perplexity and
+    long-context retrieval. With nothing asked for, runs the offline default: suite "local" and perplexity on the
+    packaged Persuasion.
+
+    `model` is a loaded model (pass its `tokenizer`) or any `load_teacher` source: a converted folder, a model
+    folder, a .gguf file, an alias such as smollm2-135m, a Hub id.
+
+    tasks, suite: lm-eval task names (`NAME` or `NAME:METRIC`, a list or comma-separated) and suite names
+        (linearize/suites/suites.yaml); `limit` examples per task, `num_fewshot` for all, lm-eval `batch_size`.
+    perplexity: texts (`load_text` sources) measured in strided windows at each of `contexts`, over the first
+        `max_tokens` tokens (at least one window of the longest context); `stride` defaults to half the context.
+    passkey, needle: retrieval over `lengths` x `depths`, `trials` prompts per cell, built from `seed`.
+    teacher: also score a converted model as its own teacher (teacher_mode). Lengths beyond the model's
+        max_position_embeddings are refused unless `allow_longer`.
+
+    Example:
+        >>> results = linearize.evaluate("out/smollm2-hedgehog", suite="local", perplexity="persuasion", passkey=True)
+        >>> results.save("out/eval.json")      # then: linearize report out/eval.json --out out/report
+    """
+    if trials < 1:
+        raise LinearizeError(f"trials must be at least 1, got {trials}")
+    if not (tasks or suite or perplexity or passkey or needle):
+        suite, perplexity = DEFAULT_SUITE, DEFAULT_TEXT
+    specs = task_specs(tasks, suite)
+    scored = scored_models(model, tokenizer, teacher=teacher, name=name, dtype=dtype, device=device)
+    limit_tokens = scored[0].max_length
+    results = Results(
+        settings=dict(
+            tasks=[vars(s) for s in specs], limit=limit, num_fewshot=num_fewshot, perplexity=list(_as_list(perplexity)),
+            contexts=list(contexts), stride=stride, max_tokens=max_tokens, lengths=list(lengths), depths=list(depths),
+            trials=trials, seed=seed,
+        ),
+        environment=environment(str(next(scored[0].model.parameters()).device)),
+    )
+    for item in scored:
+        results.add_model(item.entry)
+    contexts = check_lengths(contexts, limit_tokens, allow_longer, "perplexity context") if perplexity else []
+    retrieval = [kind for kind, wanted in (("passkey", passkey), ("needle", needle)) if wanted]
+    lengths = check_lengths(lengths, limit_tokens, allow_longer, "retrieval", extra=ANSWER_TOKENS) if retrieval else []
+    if specs:
+        from .harness import run_tasks  # lm-eval is imported only when tasks are asked for
+
+        for model_name, record in run_tasks(scored, specs, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size, log=log):
+            results.add(model_name, "task", **record)
+    data_options = dict(split=split, name=dataset_config, text_field=text_field)
+    with progress_bar(progress) as bar:
+        if perplexity:
+            _perplexity(results, scored, _as_list(perplexity), contexts, stride, max_tokens, data_options, bar)
+        for kind in retrieval:
+            _retrieval(results, scored, kind, lengths, list(depths), trials, seed, bar)
+    return results
+
+
+def _as_list(value: Any) -> list[str]:
+    if not value:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]

@@ -1,0 +1,157 @@
+"""`linearize push`: upload a converted model folder to the Hugging Face Hub in one commit.
+
+What goes up: the safetensors weights, config.json (with `auto_map`), the modeling files that make it load with
+trust_remote_code, the tokenizer, generation config, recipe and run results when present, the report's figures
+and numbers under report/, and a generated model card as README.md (a README.md already in the folder is not
+uploaded). The token comes from where huggingface_hub looks (HF_TOKEN, then the token stored by
+`hf auth login`) and is never printed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from linearize.hf.errors import LinearizeError
+from linearize.inspect import read_config
+
+from .card import model_card
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+REPORT_FILES = ("*.png", "report.json", "report.md")
+
+
+def _modules_of(config_path: Path) -> list[str]:
+    """The .py files `auto_map` points at (their own imports are the folder's other .py files)."""
+    auto_map = json.loads(config_path.read_text()).get("auto_map") or {}
+    return sorted({f"{target.split('.')[0]}.py" for target in auto_map.values() if isinstance(target, str)})
+
+
+def check_folder(folder: Path) -> None:
+    """A folder that will load from the Hub: converted, with weights, modeling code and a tokenizer."""
+    if not folder.is_dir():
+        raise LinearizeError(f"{str(folder)!r} is not a folder; push the folder written by `linearize convert`/`linearize run` or save_pretrained")
+    read_config(folder)
+    if not list(folder.glob("*.safetensors")):
+        raise LinearizeError(f"{str(folder)!r} has no .safetensors weights; re-save the model with model.save_pretrained({str(folder)!r})")
+    modules = _modules_of(folder / "config.json")
+    missing = [name for name in modules if not (folder / name).is_file()] or ([] if modules else ["auto_map in config.json"])
+    if missing:
+        raise LinearizeError(
+            f"{str(folder)!r} lacks {', '.join(missing)}, so it would not load with trust_remote_code; "
+            f"re-save it with model.save_pretrained({str(folder)!r}) after `import linearize`"
+        )
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise LinearizeError(f"{str(folder)!r} has no tokenizer; save it there with tokenizer.save_pretrained({str(folder)!r})")
+
+
+def _read(path: Path, parse) -> Any:
+    try:
+        return parse(path.read_text()) if path.is_file() else None
+    except (ValueError, yaml.YAMLError):
+        return None
+
+
+def operations(folder: Path, repo_id: str, report_dir: Path | None) -> list:
+    """Commit operations: the folder's top-level files, the report under report/, the generated README.md."""
+    from huggingface_hub import CommitOperationAdd
+
+    ops = [
+        CommitOperationAdd(path_in_repo=path.name, path_or_fileobj=str(path))
+        for path in sorted(folder.iterdir())
+        if path.is_file() and not path.name.startswith(".") and path.name != "README.md"
+    ]
+    if report_dir is not None:
+        for pattern in REPORT_FILES:
+            ops += [CommitOperationAdd(path_in_repo=f"report/{p.name}", path_or_fileobj=str(p)) for p in sorted(report_dir.glob(pattern))]
+    card = model_card(
+        read_config(folder),
+        repo_id,
+        recipe=_read(folder / "recipe.yaml", yaml.safe_load),
+        run=_read(folder / "results.json", json.loads),
+        report_dir=report_dir,
+    )
+    ops.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode()))
+    return ops
+
+
+def _transfer_errors() -> tuple[type[BaseException], ...]:
+    """What a failed Hub call raises: HfHubHTTPError for answers, the HTTP library's HTTPError for transport
+    failures (huggingface_hub 1.x is built on httpx, 2.x on httpx2, so take it from HfHubHTTPError's bases)."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    return (HfHubHTTPError, OSError, *(base for base in HfHubHTTPError.__mro__ if base.__name__ == "HTTPError"))
+
+
+def _hub_error(error: Exception, repo_id: str, endpoint: str, token: str) -> LinearizeError:
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    if status == 401:
+        message = "the Hub rejected the token (401 unauthorized): log in again with `hf auth login` or set a valid HF_TOKEN"
+    elif status == 403:
+        message = (
+            f"the token cannot write to {repo_id!r} (403 forbidden): use a token with write access to that namespace "
+            "(`hf auth login`; fine-grained tokens need write permission there), or push to a repo under your own account"
+        )
+    elif status is not None:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        message = f"the Hub refused the push to {repo_id!r} ({first[:200]}); check the repo id and your access"
+    else:
+        message = f"could not reach the Hub at {endpoint} ({type(error).__name__}); check the network, or HF_ENDPOINT"
+    return LinearizeError(message.replace(token, "***"))
+
+
+def push(
+    model_or_dir: Any,
+    repo_id: str,
+    *,
+    tokenizer: Any = None,
+    private: bool = False,
+    revision: str | None = None,
+    token: str | None = None,
+    report: str | os.PathLike[str] | None = None,
+    commit_message: str = "Upload linearized model",
+) -> str:
+    """Create `repo_id` if needed and upload a converted model to it in one commit; return the commit URL.
+
+    `model_or_dir` is a converted model folder or a converted model object (then pass its `tokenizer`).
+    `report` is a folder written by `linearize report` (default: the model folder's `report/` when present):
+    its tables go into the model card and its figures under report/.
+
+    Example:
+        >>> linearize.push("out/smollm2-hedgehog", "my-org/smollm2-135m-hedgehog", private=True)
+    """
+    from huggingface_hub import HfApi, get_token
+
+    if not isinstance(repo_id, str) or repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise LinearizeError(f"repo id {repo_id!r} must look like ORG/NAME (or USER/NAME)")
+    token = token or get_token()
+    if not token:
+        raise LinearizeError("no Hugging Face token: run `hf auth login` (or set HF_TOKEN) with a token that has write access")
+    if not isinstance(model_or_dir, (str, os.PathLike)):
+        if tokenizer is None:
+            raise LinearizeError("pushing a model object needs its tokenizer: pass tokenizer=... (or push the saved folder)")
+        with tempfile.TemporaryDirectory() as staging:
+            model_or_dir.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            return push(staging, repo_id, private=private, revision=revision, token=token, report=report, commit_message=commit_message)
+    folder = Path(model_or_dir)
+    check_folder(folder)
+    report_dir = Path(report) if report is not None else folder / "report"
+    if report is not None and not (report_dir / "report.md").is_file():
+        raise LinearizeError(f"report folder {str(report_dir)!r} has no report.md; write it with `linearize report RESULTS --out {report_dir}`")
+    ops = operations(folder, repo_id, report_dir if (report_dir / "report.md").is_file() else None)
+    endpoint = os.environ.get("HF_ENDPOINT") or None
+    api = HfApi(endpoint=endpoint, token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        if revision and revision != "main":
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        info = api.create_commit(repo_id, ops, commit_message=commit_message, revision=revision)
+    except _transfer_errors() as error:
+        raise _hub_error(error, repo_id, api.endpoint, token) from None
+    return info.commit_url

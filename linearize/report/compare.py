@@ -1,0 +1,124 @@
+"""Teacher-student comparisons derived from results records: the numbers the report's tables and plots show.
+
+Every student is compared with the teacher it names (its teacher_mode view) or, failing that, with a teacher
+scored in the same results whose source is the student's source (the original model scored separately).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from linearize.evaluate.results import Results
+
+
+def pairs(results: Results) -> list[tuple[str, str]]:
+    """(teacher, student) model names for every student that has a teacher in these results."""
+    found = []
+    teachers = [m for m in results.models if m.role == "teacher"]
+    for student in (m for m in results.models if m.role == "student"):
+        teacher = results.model(student.teacher) if student.teacher else None
+        if teacher is None:
+            teacher = next((t for t in teachers if student.source and t.source == student.source), None)
+        if teacher is not None:
+            found.append((teacher.name, student.name))
+    return found
+
+
+def _ratio(a: Any, b: Any) -> float | None:
+    return a / b if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else None
+
+
+def _models_in(records: list[dict[str, Any]], results: Results) -> list[str]:
+    present = {r["model"] for r in records}
+    return [m.name for m in results.models if m.name in present]
+
+
+def accuracy(results: Results) -> list[dict[str, Any]]:
+    """Per task (primary metric): each model's value and each student's % of its teacher's value."""
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for record in results.of("task"):
+        if record.get("primary"):
+            row = rows.setdefault((record["task"], record["metric"]), {"task": record["task"], "metric": record["metric"], "values": {}, "stderr": {}})
+            row["values"][record["model"]] = record["value"]
+            row["stderr"][record["model"]] = record.get("stderr")
+    for row in rows.values():
+        row["recovered"] = {}
+        for teacher, student in pairs(results):
+            ratio = _ratio(row["values"].get(student), row["values"].get(teacher))
+            if ratio is not None:
+                row["recovered"][student] = 100 * ratio
+    return list(rows.values())
+
+
+def perplexity(results: Results) -> list[dict[str, Any]]:
+    """Per (text, context): each model's perplexity and each student's ratio to its teacher (1.0 = equal)."""
+    rows: dict[tuple[str, int], dict[str, Any]] = {}
+    for record in results.of("perplexity"):
+        row = rows.setdefault((record["data"], record["context"]), {"data": record["data"], "context": record["context"], "values": {}})
+        row["values"][record["model"]] = record["value"]
+    for row in rows.values():
+        row["ratio"] = {}
+        for teacher, student in pairs(results):
+            ratio = _ratio(row["values"].get(student), row["values"].get(teacher))
+            if ratio is not None:
+                row["ratio"][student] = ratio
+    return sorted(rows.values(), key=lambda r: (r["data"], r["context"]))
+
+
+def retrieval(results: Results, kind: str) -> dict[str, Any]:
+    """For passkey or needle: per model, the accuracy grid over (length, depth) and the mean per length."""
+    records = results.of(kind)
+    lengths = sorted({r["length"] for r in records})
+    depths = sorted({r["depth"] for r in records})
+    grids = {}
+    for model in _models_in(records, results):
+        cells = {(r["length"], r["depth"]): r["value"] for r in records if r["model"] == model}
+        grid = [[cells.get((length, depth)) for depth in depths] for length in lengths]
+        per_length = {}
+        for length, line in zip(lengths, grid):
+            known = [v for v in line if v is not None]
+            per_length[length] = sum(known) / len(known) if known else None
+        grids[model] = {"grid": grid, "per_length": per_length}
+    return {"lengths": lengths, "depths": depths, "models": grids}
+
+
+SPEED_FIELDS = ("prefill_tokens_per_s", "decode_tokens_per_s", "prefill_peak_bytes", "decode_peak_bytes", "cache_bytes")
+
+
+def speed(results: Results) -> dict[str, Any]:
+    """Per model and batch size, each speed/memory field against context; and per pair, student / teacher ratios."""
+    records = results.of("speed")
+    series: dict[str, dict[int, dict[str, list]]] = defaultdict(dict)
+    for model in _models_in(records, results):
+        for batch in sorted({r["batch"] for r in records if r["model"] == model}):
+            rows = sorted((r for r in records if r["model"] == model and r["batch"] == batch), key=lambda r: r["context"])
+            series[model][batch] = {"context": [r["context"] for r in rows]} | {f: [r.get(f) for r in rows] for f in SPEED_FIELDS}
+    ratios = []
+    by_key = {(r["model"], r["batch"], r["context"]): r for r in records}
+    for teacher, student in pairs(results):
+        for (model, batch, context), row in sorted(by_key.items(), key=lambda kv: (kv[0][1], kv[0][2])):
+            other = by_key.get((teacher, batch, context))
+            if model != student or other is None:
+                continue
+            ratios.append(
+                {"teacher": teacher, "student": student, "batch": batch, "context": context}
+                | {f: _ratio(row.get(f), other.get(f)) for f in SPEED_FIELDS}
+            )
+    return {"series": dict(series), "ratios": ratios}
+
+
+def summary(results: Results) -> dict[str, Any]:
+    """Everything the report shows, as plain data (written beside the report as report.json)."""
+    return {
+        "models": [vars(m) for m in results.models],
+        "pairs": [{"teacher": t, "student": s} for t, s in pairs(results)],
+        "accuracy": accuracy(results),
+        "perplexity": perplexity(results),
+        "passkey": retrieval(results, "passkey"),
+        "needle": retrieval(results, "needle"),
+        "speed": speed(results),
+        "environment": results.environment,
+        "settings": results.settings,
+        "records": results.records,
+    }

@@ -1,0 +1,130 @@
+"""report.md: the comparison tables as GitHub-flavoured Markdown, with the figures linked beside them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _num(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}" if abs(value) < 1000 else f"{value:,.0f}"
+    return str(value)
+
+
+def _bytes(value: Any) -> str:
+    if value is None:
+        return "–"
+    for unit in ("B", "KiB", "MiB"):
+        if abs(value) < 1024:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.2f} GiB"
+
+
+def models_section(summary: dict[str, Any]) -> str:
+    rows = []
+    for m in summary["models"]:
+        mixers = ", ".join(f"{k}×{v}" for k, v in m["mixers"].items()) or "–"
+        role = m["role"] + (f" ({m['via']})" if m.get("via") else "")
+        rows.append([m["name"], role, m.get("teacher") or "–", mixers, m.get("source") or "–"])
+    return "## Models\n\n" + table(["model", "role", "compared to", "layers", "source"], rows)
+
+
+def accuracy_section(summary: dict[str, Any], models: list[str], students: list[str], figure: str | None) -> str:
+    rows = summary["accuracy"]
+    if not rows:
+        return ""
+    header = ["task", "metric"] + models + [f"{s}: % of teacher" for s in students]
+    body = [
+        [r["task"], r["metric"]] + [_num(r["values"].get(m)) for m in models] + [_num(r["recovered"].get(s), 1) for s in students]
+        for r in rows
+    ]
+    text = "## Accuracy (lm-eval)\n\n" + table(header, body)
+    return text + (f"\n\n![accuracy]({figure})" if figure else "")
+
+
+def perplexity_section(summary: dict[str, Any], models: list[str], students: list[str], figure: str | None) -> str:
+    rows = summary["perplexity"]
+    if not rows:
+        return ""
+    header = ["text", "context"] + models + [f"{s} / teacher" for s in students]
+    body = [
+        [r["data"], str(r["context"])] + [_num(r["values"].get(m), 2) for m in models] + [_num(r["ratio"].get(s), 3) for s in students]
+        for r in rows
+    ]
+    text = "## Perplexity\n\nLower is better; a ratio of 1.000 matches the teacher.\n\n" + table(header, body)
+    return text + (f"\n\n![perplexity]({figure})" if figure else "")
+
+
+def retrieval_section(kind: str, data: dict[str, Any], figure: str | None) -> str:
+    if not data["models"]:
+        return ""
+    models = list(data["models"])
+    body = [[str(length)] + [_num(data["models"][m]["per_length"].get(length), 2) for m in models] for length in data["lengths"]]
+    title = {"passkey": "Passkey retrieval", "needle": "Needle in a haystack"}[kind]
+    depths = ", ".join(f"{d:g}" for d in data["depths"])
+    text = f"## {title}\n\nExact-match accuracy per prompt length, averaged over depths {depths}.\n\n" + table(["length"] + models, body)
+    return text + (f"\n\n![{kind}]({figure})" if figure else "")
+
+
+def speed_section(summary: dict[str, Any], figures: list[str]) -> str:
+    data = summary["speed"]
+    if not data["series"]:
+        return ""
+    rows = []
+    for model, batches in data["series"].items():
+        for batch, s in batches.items():
+            for i, context in enumerate(s["context"]):
+                rows.append(
+                    [model, str(batch), str(context), _num(s["prefill_tokens_per_s"][i], 0), _num(s["decode_tokens_per_s"][i], 1),
+                     _bytes(s["prefill_peak_bytes"][i]), _bytes(s["decode_peak_bytes"][i]), _bytes(s["cache_bytes"][i])]
+                )
+    header = ["model", "batch", "context", "prefill tok/s", "decode tok/s", "prefill peak", "decode peak", "cache"]
+    method = {r.get("memory_method") for r in summary["records"] if r["kind"] == "speed"} - {None}
+    text = (
+        "## Speed and memory\n\n"
+        f"Peaks are above the memory held before prefill ({', '.join(sorted(method)) or 'unmeasured'}); "
+        "cache sizes are exact.\n\n" + table(header, rows)
+    )
+    if data["ratios"]:
+        ratio_rows = [
+            [r["student"], str(r["batch"]), str(r["context"]), _num(r["decode_tokens_per_s"], 2), _num(r["prefill_tokens_per_s"], 2),
+             _num(r["decode_peak_bytes"], 2), _num(r["cache_bytes"], 3)]
+            for r in data["ratios"]
+        ]
+        text += "\n\nStudent / teacher (above 1: the student is faster or uses more memory).\n\n" + table(
+            ["student", "batch", "context", "decode speed", "prefill speed", "decode peak memory", "cache"], ratio_rows
+        )
+    return text + "".join(f"\n\n![{f.split('.')[0]}]({f})" for f in figures)
+
+
+def environment_section(summary: dict[str, Any]) -> str:
+    env = summary["environment"]
+    if not env:
+        return ""
+    return "## Environment\n\n" + ", ".join(f"{k}: {v}" for k, v in env.items())
+
+
+def render(summary: dict[str, Any], figures: dict[str, str | None]) -> str:
+    models = [m["name"] for m in summary["models"]]
+    students = [p["student"] for p in summary["pairs"]]
+    speed_figures = [f for f in (figures.get("speed"), figures.get("memory")) if f]
+    sections = [
+        "# linearize report",
+        models_section(summary),
+        accuracy_section(summary, models, students, figures.get("accuracy")),
+        perplexity_section(summary, models, students, figures.get("perplexity")),
+        retrieval_section("passkey", summary["passkey"], figures.get("passkey")),
+        retrieval_section("needle", summary["needle"], figures.get("needle")),
+        speed_section(summary, speed_figures),
+        environment_section(summary),
+    ]
+    return "\n\n".join(s for s in sections if s) + "\n"

@@ -1,0 +1,137 @@
+"""The report's figures as PNG files. Each function takes the plain data from `compare` and returns the file it
+wrote, or None when there is nothing to draw.
+
+Figures are drawn on matplotlib `Figure` objects directly, never through pyplot: they render with the Agg
+canvas on machines without a display, and the caller's own pyplot backend and open figures are left alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+
+MIB = 1024 * 1024
+
+
+def _save(figure, path: Path) -> Path:
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    return path
+
+
+def accuracy(rows: list[dict[str, Any]], models: list[str], path: Path) -> Path | None:
+    """Grouped bars per task, one bar per model; students' bars carry their % of the teacher."""
+    if not rows:
+        return None
+    figure = Figure(figsize=(max(5, 1.6 * len(rows) * max(1, len(models)) / 2 + 2), 4))
+    axis = figure.subplots()
+    width = 0.8 / len(models)
+    for i, model in enumerate(models):
+        xs = [j + (i - (len(models) - 1) / 2) * width for j in range(len(rows))]
+        values = [row["values"].get(model) for row in rows]
+        bars = axis.bar(xs, [v or 0 for v in values], width, label=model)
+        for bar, row in zip(bars, rows):
+            recovered = row["recovered"].get(model)
+            if recovered is not None:
+                axis.annotate(f"{recovered:.0f}%", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
+    axis.set_xticks(range(len(rows)), [f"{r['task']}\n({r['metric']})" for r in rows], fontsize=8)
+    axis.set_ylabel("score")
+    axis.set_title("accuracy per task (% = of the teacher's score)")
+    axis.legend(fontsize=8)
+    return _save(figure, path)
+
+
+def perplexity(rows: list[dict[str, Any]], models: list[str], path: Path) -> Path | None:
+    """Perplexity against context length, one line per model and text."""
+    if not rows:
+        return None
+    figure = Figure(figsize=(6, 4))
+    axis = figure.subplots()
+    for data in sorted({r["data"] for r in rows}):
+        subset = [r for r in rows if r["data"] == data]
+        for model in models:
+            points = [(r["context"], r["values"][model]) for r in subset if model in r["values"]]
+            if points:
+                xs, ys = zip(*points)
+                axis.plot(xs, ys, marker="o", label=f"{model} ({data})")
+    axis.set_xscale("log", base=2)
+    axis.set_yscale("log")
+    axis.set_xlabel("context (tokens)")
+    axis.set_ylabel("perplexity")
+    axis.set_title("perplexity against context length")
+    axis.legend(fontsize=8)
+    return _save(figure, path)
+
+
+def retrieval(data: dict[str, Any], kind: str, path: Path) -> Path | None:
+    """One heatmap per model: exact-match accuracy over prompt length (rows) and depth (columns)."""
+    models = list(data["models"])
+    if not models:
+        return None
+    lengths, depths = data["lengths"], data["depths"]
+    figure = Figure(figsize=(1.5 + 0.9 * len(depths) * len(models) + 1.5, 0.45 * len(lengths) + 2.2), layout="constrained")
+    axes = figure.subplots(1, len(models), squeeze=False)
+    image = None
+    for index, (axis, model) in enumerate(zip(axes[0], models)):
+        grid = [[float("nan") if v is None else v for v in row] for row in data["models"][model]["grid"]]
+        image = axis.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        for i, row in enumerate(grid):
+            for j, value in enumerate(row):
+                if value == value:  # not NaN
+                    axis.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7)
+        axis.set_xticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=8)
+        axis.set_yticks(range(len(lengths)), [str(n) for n in lengths], fontsize=8)
+        axis.set_xlabel("depth")
+        if index == 0:
+            axis.set_ylabel("length (tokens)")
+        axis.set_title(model, fontsize=9)
+    figure.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="exact match")
+    figure.suptitle(f"{kind} retrieval")
+    figure.savefig(path, dpi=110)
+    return path
+
+
+def speed(data: dict[str, Any], path: Path) -> Path | None:
+    """Prefill and decode tokens/s against context, one line per model and batch size."""
+    if not data["series"]:
+        return None
+    figure = Figure(figsize=(10, 4))
+    axes = figure.subplots(1, 2)
+    for model, batches in data["series"].items():
+        for batch, series in batches.items():
+            label = model if len(batches) == 1 else f"{model} (batch {batch})"
+            for axis, field in zip(axes, ("prefill_tokens_per_s", "decode_tokens_per_s")):
+                points = [(c, v) for c, v in zip(series["context"], series[field]) if v is not None]
+                if points:
+                    axis.plot(*zip(*points), marker="o", label=label)
+    for axis, title in zip(axes, ("prefill", "decode")):
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("context (tokens)")
+        axis.set_ylabel("tokens / s")
+        axis.set_title(f"{title} speed")
+        axis.legend(fontsize=8)
+    return _save(figure, path)
+
+
+def memory(data: dict[str, Any], path: Path) -> Path | None:
+    """Peak memory while decoding and the cache's size, against context."""
+    if not data["series"]:
+        return None
+    figure = Figure(figsize=(10, 4))
+    axes = figure.subplots(1, 2)
+    for model, batches in data["series"].items():
+        for batch, series in batches.items():
+            label = model if len(batches) == 1 else f"{model} (batch {batch})"
+            for axis, field in zip(axes, ("decode_peak_bytes", "cache_bytes")):
+                points = [(c, v / MIB) for c, v in zip(series["context"], series[field]) if v is not None]
+                if points:
+                    axis.plot(*zip(*points), marker="o", label=label)
+    for axis, title in zip(axes, ("peak memory while decoding (above the weights)", "generation cache")):
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("context (tokens)")
+        axis.set_ylabel("MiB")
+        axis.set_title(title, fontsize=10)
+        axis.legend(fontsize=8)
+    return _save(figure, path)

@@ -1,0 +1,245 @@
+"""Scoring on tiny random models: lm-eval tasks, perplexity, retrieval, speed, results files and their errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+import linearize
+from linearize.evaluate.limits import check_lengths
+from linearize.evaluate.longcontext import answer_of, make_probe
+from linearize.evaluate.perplexity import perplexity, strided_perplexity
+from linearize.evaluate.results import load_results
+from linearize.evaluate.scoring import evaluate
+from linearize.evaluate.speed import benchmark
+from linearize.evaluate.suites import local_tasks, suites, task_specs
+from linearize.evaluate.textsource import load_text
+from linearize.hf.errors import LinearizeError
+from tests.tiny import tiny_model
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per printable ASCII character (ids 2..96), so a 128-token tiny model can read real text."""
+    vocab = {"<unk>": 0, "<eos>": 1} | {chr(c): c - 30 for c in range(32, 127)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>", pad_token="<eos>")
+
+
+def tiny_student(mixer: str = "hedgehog", **overrides):
+    model = tiny_model("llama", dtype=torch.float32, vocab_size=128, max_position_embeddings=2048, **overrides)
+    return linearize.convert(model, mixer)
+
+
+@pytest.fixture
+def student():
+    return tiny_student()
+
+
+def test_suites_and_local_tasks_are_shipped_and_listed():
+    assert "austen_next_sentence" in local_tasks()
+    assert [s.task for s in suites()["commonsense"]["tasks"]] == ["piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "mmlu"]
+    mmlu = next(s for s in suites()["commonsense"]["tasks"] if s.task == "mmlu")
+    assert mmlu.num_fewshot == 5
+    assert (ROOT / "eval" / "suites.yaml").is_file(), "the top-level eval/ must point at linearize/suites"
+    specs = task_specs("arc_challenge:acc_norm, piqa", "local")
+    assert [(s.task, s.metric) for s in specs] == [("austen_next_sentence", "acc_norm"), ("arc_challenge", "acc_norm"), ("piqa", None)]
+
+
+def test_unknown_suite_lists_the_valid_ones():
+    with pytest.raises(LinearizeError, match="unknown suite 'comonsense'; did you mean 'commonsense'.*local") as error:
+        task_specs((), "comonsense")
+    assert "\n" not in str(error.value)
+
+
+def test_shipped_task_data_is_what_the_generator_builds():
+    sys.path.insert(0, str(ROOT / "linearize" / "suites" / "tasks"))
+    try:
+        import austen
+    finally:
+        sys.path.pop(0)
+    shipped = [json.loads(line) for line in austen.NEXT_SENTENCE.read_text().splitlines()]
+    assert shipped == austen.build_next_sentence()
+    assert all(len(row["choices"]) == 4 and 0 <= row["label"] < 4 for row in shipped)
+
+
+def test_local_task_runs_in_process_for_teacher_and_student(student):
+    results = evaluate(student, char_tokenizer(), suite="local", limit=6, progress=False)
+    names = [m.name for m in results.models]
+    assert len(names) == 2 and results.models[0].role == "teacher" and results.models[1].teacher == names[0]
+    for name in names:
+        rows = {r["metric"]: r for r in results.of("task", name)}
+        assert set(rows) == {"acc", "acc_norm"} and rows["acc_norm"]["primary"]
+        assert all(0.0 <= r["value"] <= 1.0 and r["samples"] == 6 for r in rows.values())
+
+
+def test_unknown_task_is_one_line_naming_the_valid_ones(student):
+    with pytest.raises(LinearizeError) as error:
+        evaluate(student, char_tokenizer(), tasks="austen_next_sentense", progress=False)
+    message = str(error.value)
+    assert "unknown task 'austen_next_sentense'" in message and "austen_next_sentence" in message and "suites: commonsense, local" in message
+    assert "\n" not in message
+
+
+def test_hub_task_offline_says_which_data_and_how_to_get_it(student, monkeypatch, tmp_path):
+    import datasets.config
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(LinearizeError) as error:
+        evaluate(student, char_tokenizer(), tasks="arc_easy", limit=2, progress=False)
+    message = str(error.value)
+    assert "task 'arc_easy' needs the Hugging Face dataset 'allenai/ai2_arc' (config 'ARC-Easy')" in message
+    assert "run once with network" in message and "load_dataset('allenai/ai2_arc', 'ARC-Easy')" in message
+    assert "\n" not in message
+    assert datasets.config.HF_HUB_OFFLINE is False or os.environ.get("HF_HUB_OFFLINE") == "1"  # flags put back
+
+
+def test_strided_perplexity_without_overlap_is_window_perplexity(student):
+    ids = torch.randint(3, 128, (130,), generator=torch.Generator().manual_seed(0))
+    value, tokens = strided_perplexity(student, ids, context=32, stride=32)
+    assert tokens == 4 * 31 and math.isclose(value, perplexity(student, ids[:128].view(4, 32)), rel_tol=1e-5)
+
+
+def test_strided_perplexity_scores_each_token_once_with_the_context_it_has(student):
+    ids = torch.randint(3, 128, (64,), generator=torch.Generator().manual_seed(1))
+    value, tokens = strided_perplexity(student, ids, context=32, stride=8)
+    # Brute force: token t (t >= 32) is scored in the window ending at it, with 31..24 tokens before it.
+    nll, count = 0.0, 0
+    logits = student(ids[None, :32], use_cache=False).logits[0].float()
+    nll += torch.nn.functional.cross_entropy(logits[:-1], ids[1:32], reduction="sum").item()
+    count += 31
+    for start in range(8, 64 - 32 + 1, 8):
+        window = ids[start : start + 32]
+        logits = student(window[None], use_cache=False).logits[0].float()
+        nll += torch.nn.functional.cross_entropy(logits[-9:-1], window[-8:], reduction="sum").item()
+        count += 8
+    assert tokens == count and math.isclose(value, math.exp(nll / count), rel_tol=1e-5)
+    with pytest.raises(LinearizeError, match="fewer than one window of context 128"):
+        strided_perplexity(student, ids, context=128)
+
+
+def test_perplexity_text_sources(tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"body": "First row."}) + "\n" + json.dumps({"body": "Second row."}) + "\n")
+    assert load_text(rows, text_field="body") == "First row.\n\nSecond row."
+    with pytest.raises(LinearizeError, match="has no column 'text'; its columns are body: pass --text-field"):
+        load_text(rows)
+    assert load_text("persuasion").startswith("Persuasion")
+
+
+def test_hub_text_offline_names_the_dataset_and_the_fix(monkeypatch, tmp_path):
+    import datasets.config
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path)
+    with pytest.raises(LinearizeError, match=r"'nobody/no-such-text'.*unreachable: run once with network, or pre-download"):
+        load_text("nobody/no-such-text", name="raw", split="test")
+
+
+def test_retrieval_prompts_hide_the_key_at_the_asked_depth():
+    tokenizer = char_tokenizer()
+    rng = __import__("random").Random(0)
+
+    def position(probe) -> float:
+        """Where the key's tokens first occur in the prompt, as a fraction of its length."""
+        key = tokenizer(probe.answer, add_special_tokens=False)["input_ids"]
+        ids = probe.prompt_ids
+        return next(i for i in range(len(ids)) if ids[i : i + len(key)] == key) / len(ids)
+
+    for kind in ("passkey", "needle"):
+        first = make_probe(tokenizer, kind, 1200, 0.0, rng)
+        last = make_probe(tokenizer, kind, 1200, 1.0, rng)
+        assert 1000 <= first.length <= 1200 and 1000 <= last.length <= 1200
+        assert position(first) < 0.3 < 0.7 < position(last)
+    assert answer_of(" 12345. Remember") == "12345" and answer_of(" none") is None
+
+
+def test_lengths_beyond_the_model_are_one_line_naming_the_fix(student):
+    with pytest.raises(LinearizeError) as error:
+        evaluate(student, char_tokenizer(), passkey=True, lengths=[512, 4096], progress=False)
+    message = str(error.value)
+    assert "4096 plus 8 generated tokens exceed the model's context of 2048" in message and "--allow-longer" in message
+    assert check_lengths([4096], 2048, True, "x") == [4096]
+    with pytest.raises(LinearizeError, match="benchmark length"):
+        benchmark(student, lengths=[2048], decode_tokens=4, progress=False)
+
+
+def test_retrieval_records_every_cell_for_both_views(student):
+    results = evaluate(student, char_tokenizer(), passkey=True, needle=True, lengths=[300], depths=[0, 1], trials=1, progress=False)
+    for kind in ("passkey", "needle"):
+        cells = {(r["model"], r["length"], r["depth"]) for r in results.of(kind)}
+        assert len(cells) == 4 and all(r["value"] in (0.0, 1.0) for r in results.of(kind))
+
+
+def test_benchmark_decodes_one_token_per_step_from_the_cache(student):
+    lengths_seen = []
+    original = student.forward
+
+    def spy(*args, **kwargs):
+        lengths_seen.append(kwargs["input_ids"].shape[1])
+        return original(*args, **kwargs)
+
+    student.forward = spy
+    results = benchmark(student, lengths=[32, 128], decode_tokens=5, progress=False)
+    # Per view and length: warm-up aside, one prefill of the full length, then five single-token steps.
+    assert lengths_seen.count(128) == 2 and lengths_seen.count(1) == 2 * 2 + 4 * 5
+    rows = {(r["model"], r["context"]): r for r in results.of("speed")}
+    teacher, student_name = results.models[0].name, results.models[1].name
+    assert rows[(student_name, 32)]["cache_bytes"] == rows[(student_name, 128)]["cache_bytes"] > 0
+    # The teacher view keeps keys and values: its cache grows with the context (plus 5 decoded tokens).
+    assert rows[(teacher, 128)]["cache_bytes"] / rows[(teacher, 32)]["cache_bytes"] == pytest.approx(133 / 37)
+    assert all(r["prefill_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0 for r in rows.values())
+
+
+def test_scoring_a_model_object_needs_its_tokenizer(student):
+    with pytest.raises(LinearizeError, match="needs its tokenizer: pass tokenizer="):
+        evaluate(student, perplexity="persuasion", progress=False)
+
+
+def test_model_folder_without_tokenizer_is_one_line(student, tmp_path):
+    student.save_pretrained(tmp_path)
+    with pytest.raises(LinearizeError, match="no tokenizer files .* tokenizer.save_pretrained"):
+        evaluate(str(tmp_path), perplexity="persuasion", progress=False)
+
+
+def test_results_round_trip_and_bad_files(student, tmp_path):
+    results = evaluate(student, char_tokenizer(), perplexity="persuasion", contexts=[64], max_tokens=256, progress=False)
+    loaded = load_results(results.save(tmp_path / "eval.json"))
+    assert loaded.records == json.loads(json.dumps(results.records)) and [m.name for m in loaded.models] == [m.name for m in results.models]
+    with pytest.raises(LinearizeError, match="does not exist; write one with `linearize eval"):
+        load_results(tmp_path / "missing.json")
+    (tmp_path / "other.json").write_text('{"a": 1}')
+    with pytest.raises(LinearizeError, match="is not a linearize results file"):
+        load_results(tmp_path / "other.json")
+
+
+def test_lm_eval_command_line_knows_the_linearize_model(student, tmp_path):
+    """`python -m linearize.evaluate` is lm-eval's CLI with the model name "linearize" registered."""
+    folder = tmp_path / "tiny"
+    student.save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
+    command = [
+        sys.executable, "-m", "linearize.evaluate", "run", "--model", "linearize",
+        "--model_args", f"pretrained={folder},teacher=True,dtype=float32", "--device", "cpu",
+        "--tasks", "austen_next_sentence", "--limit", "3",  # a local task: found without --include_path
+        "--output_path", str(tmp_path / "lm_eval_out"),
+    ]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+    run = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    outputs = list((tmp_path / "lm_eval_out").rglob("results_*.json"))
+    assert outputs and "acc_norm,none" in json.loads(outputs[0].read_text())["results"]["austen_next_sentence"]

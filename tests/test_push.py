@@ -1,0 +1,152 @@
+"""`linearize push` and HF's own `push_to_hub` against a loopback Hub stand-in: what is uploaded, that it loads
+in a fresh process without linearize, and the one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import huggingface_hub.constants
+import pytest
+import torch
+import yaml
+
+import linearize
+from linearize.hf.errors import LinearizeError
+from tests.hub_standin import HubStandIn
+from tests.test_evaluate import char_tokenizer, tiny_student
+from tests.test_report import eval_results
+from tests.tiny import run_python
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKEN = "hf_standin_secret_token_0123456789"
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    with HubStandIn(tmp_path / "hub", forbidden=("someone-else/model",)) as standin:
+        monkeypatch.setenv("HF_ENDPOINT", standin.url)
+        yield standin
+
+
+@pytest.fixture
+def folder(tmp_path):
+    path = tmp_path / "tiny-hedgehog"
+    model = tiny_student()
+    model.config.source = "smollm2-135m"  # as `linearize convert smollm2-135m` records it
+    model.save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    (path / "recipe.yaml").write_text(yaml.safe_dump({"teacher": "smollm2-135m", "stages": [{"kind": "transfer", "tokens": 20000}, {"kind": "finetune", "tokens": 40000}]}))
+    from linearize.report import write_report
+
+    write_report([eval_results()], path / "report")
+    return path
+
+
+def test_push_uploads_a_repo_that_loads_with_remote_code(hub, folder, tmp_path, capsys):
+    url = linearize.push(str(folder), "me/tiny-hedgehog", private=True)
+    assert url.startswith(hub.url) and hub.authorizations == {f"Bearer {TOKEN}"}
+    assert hub.created[0]["name"] == "tiny-hedgehog" and (hub.created[0].get("private") or hub.created[0].get("visibility") == "private")
+    files = set(hub.commits[0]["files"])
+    assert {"model.safetensors", "config.json", "modeling_linearized.py", "configuration_linearized.py", "mixers.py"} <= files
+    assert {"tokenizer.json", "tokenizer_config.json", "recipe.yaml", "README.md", "report/report.json", "report/accuracy.png"} <= files
+    repo = hub.folder("me/tiny-hedgehog")
+    assert json.loads((repo / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"] == "modeling_linearized.LinearizedForCausalLM"
+
+    card = (repo / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---")[1])
+    assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and meta["license"] == "apache-2.0"
+    assert meta["library_name"] == "transformers" and "mixer:hedgehog" in meta["tags"]
+    assert "Training tokens: 60,000." in card and "| arc_easy | acc | 0.600 | 0.450 | 75.0 |" in card
+    assert "](report/accuracy.png)" in card and 'from_pretrained("me/tiny-hedgehog", trust_remote_code=True)' in card
+    assert TOKEN not in capsys.readouterr().out
+
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    expected = linearize.LinearizedForCausalLM.from_pretrained(folder)(ids).logits
+    torch.save({"ids": ids, "expected": expected}, tmp_path / "probe.pt")
+    output = run_python(
+        f"""
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        probe = torch.load({str(tmp_path / 'probe.pt')!r})
+        model = AutoModelForCausalLM.from_pretrained({str(repo)!r}, trust_remote_code=True)
+        AutoTokenizer.from_pretrained({str(repo)!r})
+        print("max difference", (model(probe["ids"]).logits - probe["expected"]).abs().max().item())
+        """,
+        cwd=tmp_path,
+    )
+    assert "max difference 0.0" in output
+
+
+def test_push_of_a_model_object_and_to_a_branch(hub, tmp_path):
+    model = tiny_student()
+    linearize.push(model, "me/from-object", tokenizer=char_tokenizer(), revision="v1")
+    assert hub.commits[0]["revision"] == "v1" and "modeling_linearized.py" in hub.commits[0]["files"]
+    with pytest.raises(LinearizeError, match="needs its tokenizer"):
+        linearize.push(model, "me/from-object")
+
+
+def test_push_errors_are_one_line_and_never_show_the_token(hub, folder, tmp_path, monkeypatch):
+    with pytest.raises(LinearizeError) as error:
+        linearize.push(str(folder), "someone-else/model")
+    assert "cannot write to 'someone-else/model' (403 forbidden)" in str(error.value) and TOKEN not in str(error.value)
+
+    with pytest.raises(LinearizeError, match="must look like ORG/NAME"):
+        linearize.push(str(folder), "no-slash")
+
+    teacher = tmp_path / "teacher"
+    tiny_student().model.save_pretrained(teacher)
+    with pytest.raises(LinearizeError, match="not a converted one; convert it first"):
+        linearize.push(str(teacher), "me/teacher")
+
+    no_tokenizer = tmp_path / "no-tokenizer"
+    tiny_student().save_pretrained(no_tokenizer)
+    with pytest.raises(LinearizeError, match=r"has no tokenizer; save it there with tokenizer.save_pretrained"):
+        linearize.push(str(no_tokenizer), "me/x")
+
+    monkeypatch.delenv("HF_TOKEN")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-token-here"))
+    with pytest.raises(LinearizeError, match=r"no Hugging Face token: run `hf auth login` \(or set HF_TOKEN\)"):
+        linearize.push(str(folder), "me/tiny-hedgehog")
+    assert hub.commits == []
+
+
+def test_push_command_line(hub, folder, monkeypatch, capsys):
+    from linearize import cli
+
+    monkeypatch.setattr(sys, "argv", ["linearize", "push", str(folder), "--repo-id", "someone-else/model"])
+    with pytest.raises(SystemExit) as done:
+        cli.main()
+    captured = capsys.readouterr()
+    assert done.value.code == 2 and "403 forbidden" in captured.err and captured.err.count("\n") == 1
+    assert TOKEN not in captured.out + captured.err
+
+
+def test_transformers_push_to_hub_uploads_the_modeling_files(hub, tmp_path):
+    """HF's own model.push_to_hub saves the same folder, so the repo it makes loads with remote code too."""
+    code = """
+import torch, linearize
+from tests.tiny import tiny_model
+model = linearize.convert(tiny_model("llama", dtype=torch.float32), "hedgehog")
+model.push_to_hub("me/via-transformers")
+"""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    files = set(hub.commits[0]["files"])
+    assert {"model.safetensors", "config.json", "modeling_linearized.py", "configuration_linearized.py", "mixers.py"} <= files
+    repo = hub.folder("me/via-transformers")
+    assert "auto_map" in json.loads((repo / "config.json").read_text())
+    output = run_python(
+        f"""
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(repo)!r}, trust_remote_code=True)
+        print(type(model).__name__, len(model.config.layers))
+        """,
+        cwd=tmp_path,
+    )
+    assert "LinearizedForCausalLM 3" in output

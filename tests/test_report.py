@@ -1,0 +1,102 @@
+"""`linearize report`: tables, comparisons and figures from results files."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import matplotlib.image
+import pytest
+
+from linearize.evaluate.results import ModelEntry, Results
+from linearize.hf.errors import LinearizeError
+from linearize.report import write_report
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+TEACHER, STUDENT = "teacher of tiny-hedgehog", "tiny-hedgehog"
+
+
+def eval_results() -> Results:
+    results = Results(environment={"device": "cpu"})
+    results.add_model(ModelEntry(TEACHER, "teacher", source="tiny", via="teacher_mode"))
+    results.add_model(ModelEntry(STUDENT, "student", source="tiny", teacher=TEACHER, mixers={"hedgehog": 3}))
+    for model, acc, ppl in ((TEACHER, 0.60, 10.0), (STUDENT, 0.45, 12.5)):
+        results.add(model, "task", task="arc_easy", metric="acc", value=acc, stderr=0.02, samples=100, primary=True)
+        results.add(model, "task", task="arc_easy", metric="acc_norm", value=acc - 0.1, stderr=0.02, samples=100, primary=False)
+        for context in (512, 2048):
+            results.add(model, "perplexity", data="persuasion", context=context, stride=context // 2, value=ppl * 512 / context, tokens=4000)
+        for length in (256, 1024):
+            for depth in (0.0, 0.5, 1.0):
+                results.add(model, "passkey", length=length, depth=depth, value=1.0 if model == TEACHER else 0.5, trials=2, tokens=length)
+    return results
+
+
+def bench_results() -> Results:
+    results = Results(environment={"device": "cpu"})
+    results.add_model(ModelEntry(TEACHER, "teacher", source="tiny", via="teacher_mode"))
+    results.add_model(ModelEntry(STUDENT, "student", source="tiny", teacher=TEACHER, mixers={"hedgehog": 3}))
+    for context in (512, 2048, 8192):
+        results.add(TEACHER, "speed", context=context, batch=1, decode_tokens=32, prefill_tokens_per_s=1000.0,
+                    decode_tokens_per_s=40.0 * 512 / context, prefill_peak_bytes=context * 2000, decode_peak_bytes=context * 1000,
+                    cache_bytes=context * 1000, memory_method="rss_peak (approximate)")
+        results.add(STUDENT, "speed", context=context, batch=1, decode_tokens=32, prefill_tokens_per_s=900.0,
+                    decode_tokens_per_s=50.0, prefill_peak_bytes=context * 500, decode_peak_bytes=400_000,
+                    cache_bytes=300_000, memory_method="rss_peak (approximate)")
+    return results
+
+
+def test_report_writes_markdown_numbers_and_readable_pngs(tmp_path):
+    files = [eval_results().save(tmp_path / "eval.json"), bench_results().save(tmp_path / "bench.json")]
+    report = write_report(files, tmp_path / "report")
+    text = report.read_text()
+    assert "| arc_easy | acc | 0.600 | 0.450 | 75.0 |" in text
+    assert "| persuasion | 512 | 10.00 | 12.50 | 1.250 |" in text
+    assert "| 256 | 1.00 | 0.50 |" in text
+    assert "| tiny-hedgehog | 1 | 8192 | 20.00 |" in text  # decode 50 tok/s against the teacher's 2.5 at 8K
+    numbers = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert numbers["accuracy"][0]["recovered"][STUDENT] == pytest.approx(75.0)
+    assert numbers["perplexity"][0]["ratio"][STUDENT] == pytest.approx(1.25)
+    assert numbers["pairs"] == [{"teacher": TEACHER, "student": STUDENT}]
+    assert set(numbers["figures"]) == {"accuracy", "perplexity", "passkey", "speed", "memory"}
+    for name in numbers["figures"].values():
+        path = tmp_path / "report" / name
+        assert f"]({name})" in text
+        assert path.read_bytes()[:8] == PNG_SIGNATURE
+        image = matplotlib.image.imread(path)
+        assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+
+
+def test_report_pairs_a_student_with_a_separately_scored_original_teacher(tmp_path):
+    results = Results()
+    results.add_model(ModelEntry("smollm2-135m", "teacher", source="smollm2-135m", via="original"))
+    results.add_model(ModelEntry("student", "student", source="smollm2-135m"))
+    results.add("smollm2-135m", "perplexity", data="persuasion", context=512, stride=256, value=10.0, tokens=100)
+    results.add("student", "perplexity", data="persuasion", context=512, stride=256, value=11.0, tokens=100)
+    write_report([results], tmp_path)
+    assert json.loads((tmp_path / "report.json").read_text())["perplexity"][0]["ratio"]["student"] == pytest.approx(1.1)
+
+
+def test_report_errors_are_one_line(tmp_path):
+    with pytest.raises(LinearizeError, match="no results given"):
+        write_report([], tmp_path / "out")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(LinearizeError, match="is a file; give a folder"):
+        write_report([eval_results()], tmp_path / "file")
+    with pytest.raises(LinearizeError, match="hold no measurements"):
+        write_report([Results()], tmp_path / "out")
+
+
+def test_report_command(tmp_path, monkeypatch, capsys):
+    from linearize import cli
+
+    results = eval_results().save(tmp_path / "eval.json")
+    monkeypatch.setattr(sys, "argv", ["linearize", "report", str(results), "--out", str(tmp_path / "report")])
+    with pytest.raises(SystemExit) as done:
+        cli.main()
+    assert done.value.code in (0, None) and (tmp_path / "report" / "report.md").is_file()
+    monkeypatch.setattr(sys, "argv", ["linearize", "report", str(tmp_path / "nope.json"), "--out", str(tmp_path / "r")])
+    with pytest.raises(SystemExit) as done:
+        cli.main()
+    assert done.value.code == 2
+    error = capsys.readouterr().err
+    assert "does not exist; write one with `linearize eval" in error and error.count("\n") == 1
