@@ -4,6 +4,7 @@ Example:
     >>> import linearize
     >>> teacher, tokenizer = linearize.load_teacher("smollm2-135m")
     >>> student = linearize.convert(teacher, "hedgehog_swa")
+    >>> student = linearize.distill(student, "prideprejudice", "quickstart", tokenizer=tokenizer)
     >>> student.save_pretrained("out/smollm2-hedgehog-swa")
 """
 
@@ -11,6 +12,7 @@ from .hf.errors import LinearizeError
 from .hf.mixers import MIXERS, register_mixer, teacher_mode
 from .hf.modeling_linearized import LinearizedConfig, LinearizedForCausalLM, register_auto_classes
 from .surgery import convert
+from .distillation import distill
 
 register_auto_classes()
 
@@ -22,6 +24,7 @@ __all__ = [
     "LinearizedConfig",
     "LinearizedForCausalLM",
     "convert",
+    "distill",
     "register_mixer",
     "teacher_mode",
 ]
