@@ -22,7 +22,7 @@ from ..hf.mixers import get_mixer, mixers_in
 from ..surgery import convert
 from . import attention_transfer, lora_kd
 from .data import DistillData, check_source, load_data
-from .engine import Session, make_accelerator
+from .engine import Session, count_steps, make_accelerator
 from .selection import apply_selection, auto_amount, auto_count, select_attention
 
 RUNNERS: dict[str, Callable[..., nn.Module]] = {
@@ -33,8 +33,9 @@ RUNNERS: dict[str, Callable[..., nn.Module]] = {
 RESUMABLE_CHANGES = ("output", "eval", "checkpoint_every", "log_every")
 
 
-def validate_recipe(recipe: Recipe) -> None:
-    """Checks that need nothing loaded: mixer and stage names, the auto selection, the data source."""
+def validate_recipe(recipe: Recipe, processes: int = 1) -> None:
+    """Checks that need nothing loaded: mixer, option and stage names, the auto selection, the data source,
+    and that every stage's budget pays for at least one step on `processes` processes."""
     plan = recipe.convert
     for name in [plan.mixer, *plan.hybrid, *plan.mixer_options]:
         get_mixer(name)
@@ -49,6 +50,7 @@ def validate_recipe(recipe: Recipe) -> None:
     for index, stage in enumerate(recipe.stages):
         if stage.kind not in RUNNERS:
             raise LinearizeError(f"stages[{index}]: no runner for stage kind {stage.kind!r}; available: {', '.join(RUNNERS)}")
+        count_steps(stage, recipe.data.seq_len, processes, f"stages[{index}] ({stage.kind})")
     if recipe.stages or not recipe.data.heldout:
         check_source(recipe.data.train)
     if recipe.data.heldout:
@@ -121,8 +123,9 @@ def model_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def open_checkpoints(folder: Path, recipe: Recipe, resume: bool, overwrite: bool) -> None:
-    """A new run needs an empty checkpoint folder (or --overwrite); --resume needs one written by this recipe."""
+def check_checkpoints(folder: Path, recipe: Recipe, resume: bool, overwrite: bool) -> None:
+    """Before anything is loaded: a new run needs no unfinished checkpoints there (or --overwrite); --resume
+    needs checkpoints written by this recipe. Reads only."""
     run_file = folder / "run.json"
     if resume:
         if not run_file.is_file():
@@ -133,27 +136,26 @@ def open_checkpoints(folder: Path, recipe: Recipe, resume: bool, overwrite: bool
                 f"the checkpoints in {folder} were written by a different recipe ({difference}); resume with the same "
                 "recipe and overrides, or start again with --overwrite"
             )
-        return
-    if folder.exists() and any(folder.iterdir()):
-        if not overwrite:
-            raise LinearizeError(f"{folder} holds checkpoints of an unfinished run; continue it with --resume, or start again with --overwrite")
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    run_file.write_text(json.dumps({"recipe": resume_key(recipe)}, indent=2))
+    elif folder.exists() and any(folder.iterdir()) and not overwrite:
+        raise LinearizeError(f"{folder} holds checkpoints of an unfinished run; continue it with --resume, or start again with --overwrite")
 
 
-def check_model(folder: Path, model: nn.Module) -> None:
-    """Record the converted model's fingerprint, or check it against the recorded one when resuming."""
+def start_checkpoints(folder: Path, recipe: Recipe, model: nn.Module, resume: bool) -> None:
+    """Once the model is built, just before training: a new run starts an empty folder recording the recipe and
+    the model's fingerprint; a resumed one checks the fingerprint."""
     run_file = folder / "run.json"
-    run = json.loads(run_file.read_text())
     fingerprint = model_fingerprint(model)
-    if run.get("model") not in (None, fingerprint):
-        raise LinearizeError(
-            f"the checkpoints in {folder} were written for a different model (fingerprint {run['model']}, this one {fingerprint}); "
-            "resume with the same teacher, or start again with --overwrite"
-        )
-    run["model"] = fingerprint
-    run_file.write_text(json.dumps(run, indent=2))
+    if resume:
+        recorded = json.loads(run_file.read_text())["model"]
+        if recorded != fingerprint:
+            raise LinearizeError(
+                f"the checkpoints in {folder} were written for a different model (fingerprint {recorded}, this one {fingerprint}); "
+                "resume with the same teacher, or start again with --overwrite"
+            )
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    run_file.write_text(json.dumps({"recipe": resume_key(recipe), "model": fingerprint}, indent=2))
 
 
 def run_stages(model: nn.Module, data: DistillData, recipe: Recipe, session: Session, keep: int | None = None) -> nn.Module:
@@ -241,17 +243,18 @@ def distill(
         >>> student.save_pretrained("out/smollm2-distilled")
     """
     recipe = as_recipe(recipe, overrides)
-    validate_recipe(recipe)
     accelerator = make_accelerator(recipe.precision)
+    validate_recipe(recipe, accelerator.num_processes)
     folder = Path(checkpoints) if checkpoints is not None else None
-    if folder is not None and accelerator.is_main_process:
-        open_checkpoints(folder, recipe, resume, overwrite=False)
-    accelerator.wait_for_everyone()
+    if folder is not None:
+        check_checkpoints(folder, recipe, resume, overwrite=False)
     student, keep = prepare_student(model, recipe, log)
     student.to(accelerator.device)
-    if folder is not None and accelerator.is_main_process:
-        check_model(folder, student)
     data = as_data(data, recipe, tokenizer)
+    if folder is not None:
+        if accelerator.is_main_process:
+            start_checkpoints(folder, recipe, student, resume)
+        accelerator.wait_for_everyone()
     session = Session(accelerator, folder, log, progress, recipe.seed)
     return run_stages(student, data, recipe, session, keep)
 

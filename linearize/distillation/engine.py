@@ -70,6 +70,17 @@ class TrainConfig:
             raise LinearizeError(f"{kind}: unknown scheduler {self.scheduler!r}; use one of {', '.join(SCHEDULERS)}")
 
 
+def count_steps(config: TrainConfig, seq_len: int, processes: int, where: str) -> int:
+    """Optimizer steps the budget pays for (never more than `tokens`); fewer than one is an error."""
+    tokens_per_step = config.batch_size * config.grad_accum * processes * seq_len
+    if config.tokens < tokens_per_step:
+        raise LinearizeError(
+            f"{where}: tokens={config.tokens:,} is less than one optimizer step of {tokens_per_step:,} tokens "
+            f"(batch_size x grad_accum x processes x seq_len); raise tokens or lower batch_size"
+        )
+    return config.tokens // tokens_per_step
+
+
 def make_accelerator(precision: str = "auto"):
     """One Accelerator per process: `auto` is bf16 autocast on a CUDA GPU that supports it, else full precision.
 
@@ -288,14 +299,8 @@ def train(
     where = f"stages[{session.stage_index}] ({kind})"
     if data.train is None:
         raise LinearizeError(f"{where} needs training data; load it with train=True")
-    windows_per_step = config.batch_size * config.grad_accum * acc.num_processes
-    tokens_per_step = windows_per_step * data.seq_len
-    steps = config.tokens // tokens_per_step
-    if steps < 1:
-        raise LinearizeError(
-            f"{where}: tokens={config.tokens:,} is less than one optimizer step of {tokens_per_step:,} tokens "
-            f"(batch_size x grad_accum x processes x seq_len); raise tokens or lower batch_size"
-        )
+    steps = count_steps(config, data.seq_len, acc.num_processes, where)
+    tokens_per_step = config.batch_size * config.grad_accum * acc.num_processes * data.seq_len
 
     # Each stage starts from its own seed, so a resumed run builds the same stage (e.g. LoRA init) as an unbroken one.
     set_seed(session.seed + session.stage_index)
