@@ -136,13 +136,17 @@ def _start(recipe: Recipe, out: str | Path | None, overwrite: bool, resume: bool
         if accelerator.is_main_process:
             start_checkpoints(checkpoints, recipe, student, resume)
         accelerator.wait_for_everyone()
-    session = Session(accelerator, checkpoints, log, progress=True, seed=recipe.seed)
+    session = Session(accelerator, checkpoints, log, progress=True)
     return _Started(session, student, tokenizer, data, keep, out)
 
 
 def _save(started: _Started, model, recipe: Recipe, overwrite: bool, results: dict[str, Any], log: Callable[[str], None]) -> None:
     """Write the output folder atomically (main process), then drop the checkpoints it supersedes."""
     session = started.session
+    if hasattr(model, "merge_and_unload"):
+        # A lora_kd stage with merge: false hands back the peft model; the saved folder must not need peft.
+        log("merging the LoRA adapters before saving (merge: false applies to the Python API)")
+        model = model.merge_and_unload()
     if session.main:
         log(f"saving to {started.out}")
         with atomic_folder(started.out, overwrite) as staging:

@@ -33,9 +33,9 @@ RUNNERS: dict[str, Callable[..., nn.Module]] = {
 RESUMABLE_CHANGES = ("output", "eval", "checkpoint_every", "log_every")
 
 
-def validate_recipe(recipe: Recipe, processes: int = 1) -> None:
-    """Checks that need nothing loaded: mixer, option and stage names, the auto selection, the data source,
-    and that every stage's budget pays for at least one step on `processes` processes."""
+def validate_recipe(recipe: Recipe, processes: int = 1, check_data: bool = True) -> None:
+    """Checks that need nothing loaded: mixer, option and stage names, the auto selection, the data sources
+    (unless `check_data` is false) and that every stage's budget pays for at least one step on `processes`."""
     plan = recipe.convert
     for name in [plan.mixer, *plan.hybrid, *plan.mixer_options]:
         get_mixer(name)
@@ -51,9 +51,9 @@ def validate_recipe(recipe: Recipe, processes: int = 1) -> None:
         if stage.kind not in RUNNERS:
             raise LinearizeError(f"stages[{index}]: no runner for stage kind {stage.kind!r}; available: {', '.join(RUNNERS)}")
         count_steps(stage, recipe.data.seq_len, processes, f"stages[{index}] ({stage.kind})")
-    if recipe.stages or not recipe.data.heldout:
+    if check_data and (recipe.stages or not recipe.data.heldout):
         check_source(recipe.data.train)
-    if recipe.data.heldout:
+    if check_data and recipe.data.heldout:
         check_source(recipe.data.heldout)
 
 
@@ -213,9 +213,7 @@ def as_data(data: Any, recipe: Recipe, tokenizer) -> DistillData:
     if data is None:
         return load_data(recipe.data, tokenizer, seed=recipe.seed)
     if isinstance(data, (str, Path)):
-        from dataclasses import replace
-
-        return load_data(replace(recipe.data, train=str(data)), tokenizer, seed=recipe.seed)
+        return load_data(dataclasses.replace(recipe.data, train=str(data)), tokenizer, seed=recipe.seed)
     return load_data(recipe.data, tokenizer, seed=recipe.seed, dataset=data)
 
 
@@ -244,7 +242,9 @@ def distill(
     """
     recipe = as_recipe(recipe, overrides)
     accelerator = make_accelerator(recipe.precision)
-    validate_recipe(recipe, accelerator.num_processes)
+    if isinstance(data, DistillData):  # its windows, not the recipe's data section, set the step size
+        recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, seq_len=data.seq_len))
+    validate_recipe(recipe, accelerator.num_processes, check_data=data is None)
     folder = Path(checkpoints) if checkpoints is not None else None
     if folder is not None:
         check_checkpoints(folder, recipe, resume, overwrite=False)
@@ -255,7 +255,7 @@ def distill(
         if accelerator.is_main_process:
             start_checkpoints(folder, recipe, student, resume)
         accelerator.wait_for_everyone()
-    session = Session(accelerator, folder, log, progress, recipe.seed)
+    session = Session(accelerator, folder, log, progress)
     return run_stages(student, data, recipe, session, keep)
 
 

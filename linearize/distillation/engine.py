@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -86,8 +87,6 @@ def make_accelerator(precision: str = "auto"):
 
     Under `accelerate launch --mixed_precision ...` the launcher's choice wins over `auto`.
     """
-    import os
-
     from accelerate import Accelerator
 
     if precision == "auto":
@@ -112,7 +111,6 @@ class Session:
     checkpoints: Path | None = None
     log: Callable[[str], None] = print
     progress: bool = True
-    seed: int = 0
     stage_index: int = 0
     records: list[dict[str, Any]] = field(default_factory=list)
     reports: list[dict[str, Any]] = field(default_factory=list)
@@ -216,7 +214,9 @@ def save_checkpoint(session: Session, stage_dir: Path, state: dict[str, Any], pa
     final = stage_dir / f"{STEP_PREFIX}{state['step']:07d}"
     staging = stage_dir / f".{final.name}.partial"
     if session.main:
-        shutil.rmtree(staging, ignore_errors=True)
+        # Leftovers of a write that was interrupted are never checkpoints; clear them with this one.
+        for stale in stage_dir.glob(f".{STEP_PREFIX}*"):
+            shutil.rmtree(stale, ignore_errors=True)
         staging.mkdir(parents=True)
         save_file({name: p.detach().to("cpu").contiguous() for name, p in params.items()}, str(staging / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), staging / "optimizer.pt")
@@ -291,7 +291,6 @@ def train(
     `step_loss` returns the loss and a dict of detached metric tensors (scalars or per-layer vectors) that are
     averaged over micro-batches and processes and written every `log_every` steps. Returns the stage report.
     """
-    from accelerate.utils import set_seed
     from transformers import get_scheduler
 
     acc = session.accelerator
@@ -302,8 +301,6 @@ def train(
     steps = count_steps(config, data.seq_len, acc.num_processes, where)
     tokens_per_step = config.batch_size * config.grad_accum * acc.num_processes * data.seq_len
 
-    # Each stage starts from its own seed, so a resumed run builds the same stage (e.g. LoRA init) as an unbroken one.
-    set_seed(session.seed + session.stage_index)
     for p in model.parameters():
         p.requires_grad_(False)
     for p in params.values():
@@ -321,7 +318,9 @@ def train(
     if checkpoint is not None:
         state = load_checkpoint(session, checkpoint, params, optimizer, scheduler)
         if state.get("kind") != kind or state.get("total_steps") != steps:
-            raise LinearizeError(f"checkpoint {checkpoint} was written by another stage or budget; start again with --overwrite")
+            raise LinearizeError(
+                f"checkpoint {checkpoint} was written for another stage, budget or number of processes; resume as it was started, or start again with --overwrite"
+            )
         start = state["step"]
         session.say(f"{where}: resuming from {checkpoint} (step {start}/{steps})")
     index = session.stage_index
