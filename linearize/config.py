@@ -108,6 +108,11 @@ class DataConfig:
             raise LinearizeError(f"data.heldout_tokens must be positive, got {self.heldout_tokens}")
         if not self.train:
             raise LinearizeError("data.train is empty; name a packaged text, a file or folder, or a Hub dataset id")
+        if self.heldout == self.train and (self.heldout_split or self.split) == self.split:
+            raise LinearizeError(
+                f"data.heldout is the training data itself ({self.train!r}, split {self.split!r}); set data.heldout_split "
+                "(e.g. validation), or leave data.heldout empty to hold out part of the training data"
+            )
 
 
 @dataclass

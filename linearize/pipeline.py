@@ -116,6 +116,8 @@ def _start(recipe: Recipe, out: str | Path | None, overwrite: bool, resume: bool
     if resume and overwrite:
         raise LinearizeError("--resume continues a run and --overwrite starts it again; pass one of them")
     accelerator = make_accelerator(recipe.precision)
+    session = Session(accelerator, None, log, progress=True)
+    say = session.say  # under `accelerate launch`, only the main process speaks
     validate_recipe(recipe, accelerator.num_processes)
     out = check_output(Path(out or recipe.output), overwrite)
     checkpoints = checkpoint_folder(out) if recipe.stages else None
@@ -124,31 +126,31 @@ def _start(recipe: Recipe, out: str | Path | None, overwrite: bool, resume: bool
     elif resume:
         raise LinearizeError("nothing to resume: this recipe has no distillation stages")
     torch.manual_seed(recipe.seed)
-    log(f"loading teacher {recipe.teacher}")
+    say(f"loading teacher {recipe.teacher}")
     teacher, tokenizer = load_teacher(recipe.teacher, dtype=recipe.dtype)
-    log(f"converting to {recipe.convert.mixer}")
-    student, keep = prepare_student(teacher, recipe, log)
+    say(f"converting to {recipe.convert.mixer}")
+    student, keep = prepare_student(teacher, recipe, say)
     student.to(accelerator.device)
     data = load_data(recipe.data, tokenizer, train=bool(recipe.stages), seed=recipe.seed)
-    log(f"data: {data.description}")
+    say(f"data: {data.description}")
     # Nothing is written before this point, so a mistake found while loading leaves no trace on disk.
     if checkpoints is not None:
         if accelerator.is_main_process:
             start_checkpoints(checkpoints, recipe, student, resume)
         accelerator.wait_for_everyone()
-    session = Session(accelerator, checkpoints, log, progress=True)
+    session.checkpoints = checkpoints
     return _Started(session, student, tokenizer, data, keep, out)
 
 
-def _save(started: _Started, model, recipe: Recipe, overwrite: bool, results: dict[str, Any], log: Callable[[str], None]) -> None:
+def _save(started: _Started, model, recipe: Recipe, overwrite: bool, results: dict[str, Any]) -> None:
     """Write the output folder atomically (main process), then drop the checkpoints it supersedes."""
     session = started.session
     if hasattr(model, "merge_and_unload"):
         # A lora_kd stage with merge: false hands back the peft model; the saved folder must not need peft.
-        log("merging the LoRA adapters before saving (merge: false applies to the Python API)")
+        session.say("merging the LoRA adapters before saving (merge: false applies to the Python API)")
         model = model.merge_and_unload()
     if session.main:
-        log(f"saving to {started.out}")
+        session.say(f"saving to {started.out}")
         with atomic_folder(started.out, overwrite) as staging:
             model.save_pretrained(staging)
             started.tokenizer.save_pretrained(staging)
@@ -174,7 +176,7 @@ def distill(recipe: Recipe, out: str | Path | None = None, overwrite: bool = Fal
         recipe.to_dict(), str(started.out), started.session.reports, selection=getattr(model.config, "selection", None), data=started.data.description
     )
     result.seconds = round(time.time() - started_at, 1)
-    _save(started, model, recipe, overwrite, result.to_dict(), log)
+    _save(started, model, recipe, overwrite, result.to_dict())
     return result
 
 
@@ -189,14 +191,14 @@ def run(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False, 
     started = _start(recipe, out, overwrite, resume, log)
     student, tokenizer = started.student, started.tokenizer
     windows = started.data.heldout_windows(recipe.eval.seq_len, recipe.eval.perplexity_tokens)
-    log(f"scoring teacher and converted model on {windows.numel()} held-out tokens")
+    started.session.say(f"scoring teacher and converted model on {windows.numel()} held-out tokens")
     with teacher_mode(student):
         teacher_scores = score(student, tokenizer, recipe, windows)
     converted_scores = score(student, tokenizer, recipe, windows)
     model = run_stages(student, started.data, recipe, started.session, started.keep)
     distilled = None
     if recipe.stages or started.keep is not None:
-        log("scoring the distilled model")
+        started.session.say("scoring the distilled model")
         distilled = score(model, tokenizer, recipe, windows)
     result = RunResult(
         recipe.to_dict(),
@@ -209,5 +211,5 @@ def run(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False, 
         data=started.data.description,
     )
     result.seconds = round(time.time() - started_at, 1)
-    _save(started, model, recipe, overwrite, result.to_dict(), log)
+    _save(started, model, recipe, overwrite, result.to_dict())
     return result

@@ -153,6 +153,9 @@ def test_data_config_checks():
         DataConfig(seq_len=4)
     with pytest.raises(LinearizeError, match="data.train is empty"):
         DataConfig(train="")
+    with pytest.raises(LinearizeError, match="data.heldout is the training data itself"):
+        DataConfig(train="org/corpus", heldout="org/corpus")
+    assert DataConfig(train="org/corpus", heldout="org/corpus", heldout_split="validation").heldout_split == "validation"
 
 
 def test_real_austen_folder_when_present(austen_dir):

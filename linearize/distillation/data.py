@@ -184,7 +184,8 @@ class PackedWindows:
 
 
 class StreamedWindows:
-    """Windows read lazily from streamed documents; `take` must move forward, and restarts the stream past its end."""
+    """Windows read lazily from streamed documents; reading from an earlier position re-reads the stream, and
+    reading past its end starts another pass. Under several processes each reads the stream and keeps its share."""
 
     streaming = True
 

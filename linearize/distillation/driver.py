@@ -248,14 +248,15 @@ def distill(
     folder = Path(checkpoints) if checkpoints is not None else None
     if folder is not None:
         check_checkpoints(folder, recipe, resume, overwrite=False)
-    student, keep = prepare_student(model, recipe, log)
+    session = Session(accelerator, None, log, progress)
+    student, keep = prepare_student(model, recipe, session.say)
     student.to(accelerator.device)
     data = as_data(data, recipe, tokenizer)
     if folder is not None:
         if accelerator.is_main_process:
             start_checkpoints(folder, recipe, student, resume)
         accelerator.wait_for_everyone()
-    session = Session(accelerator, folder, log, progress)
+        session.checkpoints = folder
     return run_stages(student, data, recipe, session, keep)
 
 
