@@ -267,7 +267,7 @@ def load_data(config: DataConfig, tokenizer, train: bool = True, seed: int = 0, 
         if heldout.numel() == 0:
             raise LinearizeError(f"held-out data {config.heldout!r} holds no text; give a source with some text")
     if not train and heldout is not None:
-        return DistillData(None, heldout, seq_len, f"held-out {config.heldout}: {heldout.numel():,} tokens")
+        return DistillData(None, heldout, seq_len, f"held out: {config.heldout}, {heldout.numel():,} tokens")
 
     name = config.train if dataset is None else f"the given {type(dataset).__name__}"
     if dataset is None:
@@ -312,8 +312,8 @@ def load_data(config: DataConfig, tokenizer, train: bool = True, seed: int = 0, 
             packed = packed[: count - held]
         windows = PackedWindows(packed, seed)
         description = f"{name}: {len(windows):,} windows of {seq_len} tokens"
-    source = config.heldout or "held out from the training data"
-    return DistillData(windows, heldout, seq_len, f"{description}; held-out {source}: {heldout.numel():,} tokens")
+    source = config.heldout or ("the first windows of the stream" if streaming else "the last windows of the training data")
+    return DistillData(windows, heldout, seq_len, f"{description}; held out: {source}, {heldout.numel():,} tokens")
 
 
 def _take(iterator: Iterator, count: int) -> Iterator:

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..config import Recipe, load_recipe
 from ..hf.errors import LinearizeError
-from ..hf.mixers import get_mixer, mixers_in
+from ..hf.mixers import get_mixer
 from ..surgery import convert
 from . import attention_transfer, lora_kd
 from .data import DistillData, check_source, load_data
