@@ -4,10 +4,12 @@ Example:
     >>> import linearize
     >>> teacher, tokenizer = linearize.load_teacher("smollm2-135m")
     >>> student = linearize.convert(teacher, "hedgehog_swa")
+    >>> student = linearize.distill(student, "prideprejudice", "quickstart", tokenizer=tokenizer)
     >>> student.save_pretrained("out/smollm2-hedgehog-swa")
 """
 
 from .evaluate import evaluate
+from .distillation import distill
 from .hf.errors import LinearizeError
 from .hf.mixers import MIXERS, register_mixer, teacher_mode
 from .hf.modeling_linearized import LinearizedConfig, LinearizedForCausalLM, register_auto_classes
@@ -25,6 +27,7 @@ __all__ = [
     "LinearizedConfig",
     "LinearizedForCausalLM",
     "convert",
+    "distill",
     "evaluate",
     "load_teacher",
     "push",

@@ -160,14 +160,16 @@ def run(
     ctx: typer.Context,
     recipe: Annotated[str, typer.Argument(help="A shipped recipe name (see `linearize recipes`) or a .yaml path")] = "quickstart",
     out: Annotated[Path | None, typer.Option("--out", help="Output folder (default: the recipe's `output`)")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder (and the checkpoints of an unfinished run)")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run from its last checkpoint")] = False,
 ):
     """Convert, distill, save and score a teacher as one recipe says. Extra key=value arguments override the recipe."""
     from .config import load_recipe
     from .pipeline import run as run_recipe
 
     loaded = load_recipe(recipe, ctx.args)
-    result = run_recipe(loaded, out=out, overwrite=overwrite, log=lambda m: console.print(f"[dim]{m}[/dim]"))
+    result = run_recipe(loaded, out=out, overwrite=overwrite, resume=resume, log=lambda m: console.print(f"[dim]{m}[/dim]"))
+    _print_stages(result.stages, result.selection)
     table = Table(title=f"{loaded.teacher} -> {loaded.convert.mixer}")
     table.add_column("model")
     table.add_column("held-out perplexity", justify="right")
@@ -179,6 +181,46 @@ def run(
         table.add_row(name, f"{scores.perplexity:.2f}", scores.generation.strip().replace("\n", " "))
     console.print(table)
     console.print(f"saved {result.output} in {result.seconds:.0f} s")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
+def distill(
+    ctx: typer.Context,
+    recipe: Annotated[str, typer.Argument(help="A shipped recipe name (see `linearize recipes`) or a .yaml path")],
+    out: Annotated[Path | None, typer.Option("--out", help="Output folder (default: the recipe's `output`)")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder (and the checkpoints of an unfinished run)")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run from its last checkpoint")] = False,
+):
+    """Convert and distill as a recipe says, then save (no scoring). Extra key=value arguments override the recipe;
+    `teacher=FOLDER` may name an already converted model, which is distilled as it is."""
+    from .config import load_recipe
+    from .pipeline import distill as distill_recipe
+
+    loaded = load_recipe(recipe, ctx.args)
+    result = distill_recipe(loaded, out=out, overwrite=overwrite, resume=resume, log=lambda m: console.print(f"[dim]{m}[/dim]"))
+    _print_stages(result.stages, result.selection)
+    console.print(f"saved {result.output} in {result.seconds:.0f} s")
+
+
+def _print_stages(stages: list[dict], selection: dict | None) -> None:
+    if selection:
+        console.print(f"softmax attention kept in layers {selection['kept_attention']} ({selection['method']})")
+    if not stages:
+        return
+    table = Table(title="distillation")
+    for column in ("stage", "steps", "tokens", "seconds", "first loss", "last loss"):
+        table.add_column(column, justify="right" if column != "stage" else "left")
+    for report in stages:
+        first, last = report.get("first") or {}, report.get("last") or {}
+        table.add_row(
+            f"{report['stage']}: {report['kind']}",
+            str(report.get("steps", 0)),
+            _human(report.get("tokens", 0)),
+            f"{report.get('seconds', 0):.0f}",
+            f"{first['loss']:.4g}" if "loss" in first else report.get("skipped", "-"),
+            f"{last['loss']:.4g}" if "loss" in last else "-",
+        )
+    console.print(table)
 
 
 @app.command()

@@ -18,6 +18,7 @@ import yaml
 from .hf.errors import LinearizeError
 
 STAGES: dict[str, type] = {}
+PRECISIONS = ("auto", "bf16", "fp16", "no")
 
 
 def register_stage(kind: str):
@@ -33,8 +34,33 @@ def register_stage(kind: str):
 
 
 @dataclass
+class SelectionConfig:
+    """How `keep_attention: auto:N` scores layers: by the attention-transfer error of each converted layer,
+    normalised by the mean square of the teacher's output there (raw errors grow with depth), on held-out text.
+
+    kl: also score each layer by the KL(teacher || student) of the logits when only that layer is converted,
+        and rank by it (one extra forward pass per layer); the normalised error is recorded either way.
+    tokens: held-out tokens the scores are measured on.
+    batch_size: windows per forward pass while scoring.
+    """
+
+    kl: bool = False
+    tokens: int = 16384
+    batch_size: int = 4
+
+    def __post_init__(self):
+        if self.tokens < 1 or self.batch_size < 1:
+            raise LinearizeError(f"convert.selection.tokens and batch_size must be positive, got {self.tokens} and {self.batch_size}")
+
+
+@dataclass
 class ConvertConfig:
-    """Which mixer replaces attention, where, and with which options (see `linearize mixers`)."""
+    """Which mixer replaces attention, where, and with which options (see `linearize mixers`).
+
+    keep_attention also takes `auto:N` (N layers) or `auto:F` (a fraction F of the layers): every layer is
+    converted, and after the first attention_transfer stage (or before the first stage when there is none)
+    the N layers whose conversion hurts most go back to softmax attention (see `selection`).
+    """
 
     mixer: str = "hedgehog_swa"
     keep_attention: Any = field(default_factory=list)
@@ -42,27 +68,51 @@ class ConvertConfig:
     hybrid: dict[str, Any] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
     mixer_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
 
 
 @dataclass
 class DataConfig:
-    """Training and held-out text: packaged names (prideprejudice, persuasion), local files/folders, or Hub ids."""
+    """Training and held-out text, tokenised and packed into windows of `seq_len` tokens.
+
+    train / heldout: a packaged text (prideprejudice, persuasion), a .txt/.jsonl/.json/.parquet/.csv file or
+        a folder of them, or a Hub dataset id. An empty `heldout` holds out the tail of the training windows
+        (`heldout_fraction` of them) or, when streaming, the first windows of the stream.
+    split / name: the Hub dataset's split and configuration name; `heldout_split` is the split read when
+        `heldout` is a Hub id (default: `split`).
+    text_field: the column holding plain text; with `chat_template`, `messages_field` holds conversations
+        (lists of {role, content}) rendered with the tokenizer's chat template.
+    streaming: read the training set lazily (big Hub sets); windows come in stream order, no shuffling.
+    heldout_tokens: at most this many held-out tokens are kept.
+    """
 
     train: str = "prideprejudice"
-    heldout: str = "persuasion"
+    heldout: str | None = "persuasion"
     seq_len: int = 512
     text_field: str = "text"
+    messages_field: str = "messages"
     split: str = "train"
+    heldout_split: str | None = None
     name: str | None = None
     heldout_fraction: float = 0.05
+    heldout_tokens: int = 65536
     chat_template: bool = False
     streaming: bool = False
 
     def __post_init__(self):
         if self.seq_len < 8:
             raise LinearizeError(f"data.seq_len must be at least 8, got {self.seq_len}")
-        if not 0 <= self.heldout_fraction < 1:
-            raise LinearizeError(f"data.heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
+        if not 0 < self.heldout_fraction < 1:
+            raise LinearizeError(f"data.heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+        if self.heldout_tokens < 1:
+            raise LinearizeError(f"data.heldout_tokens must be positive, got {self.heldout_tokens}")
+        if not self.train:
+            raise LinearizeError("data.train is empty; name a packaged text, a file or folder, or a Hub dataset id")
+        if self.heldout == self.train and (self.heldout_split or self.split) == self.split:
+            raise LinearizeError(
+                f"data.heldout is the training data itself ({self.train!r}, split {self.split!r}); set data.heldout_split "
+                "(e.g. validation), or leave data.heldout empty to hold out part of the training data"
+            )
 
 
 @dataclass
@@ -78,16 +128,25 @@ class EvalConfig:
 
 @dataclass
 class Recipe:
-    """One run: the teacher, the conversion, the distillation stages, the evaluation and where outputs go."""
+    """One run: the teacher, the conversion, the distillation stages, the evaluation and where outputs go.
+
+    precision: mixed precision of distillation: auto (bf16 autocast on a CUDA GPU that has it, else none),
+    bf16, fp16 or no; trainable parameters stay in float32 under autocast.
+    """
 
     teacher: str = "smollm2-135m"
     dtype: str = "float32"
     output: str = "out/run"
     seed: int = 0
+    precision: str = "auto"
     convert: ConvertConfig = field(default_factory=ConvertConfig)
     data: DataConfig = field(default_factory=DataConfig)
     stages: list[Any] = field(default_factory=list)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise LinearizeError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -134,3 +134,28 @@ def convert(
         dtype=getattr(config, "dtype", None),
     )
     return LinearizedForCausalLM(wrapped_config, model=teacher)
+
+
+def revert_to_attention(model: LinearizedForCausalLM, layers: Iterable[int]) -> list[int]:
+    """Put the teacher's softmax attention back in the converted `layers` (each mixer holds it as `.attn`) and
+    record them as "attention" in `config.layers`, so the saved model rebuilds the same way. Their mixers' own
+    parameters are dropped. Everything is checked before the model changes.
+
+    Example:
+        >>> revert_to_attention(student, [3, 17])
+    """
+    layers = sorted(set(layers))
+    config = model.config
+    blocks = decoder_layers(model, config.text_config.num_hidden_layers)
+    for index in layers:
+        if not 0 <= index < len(blocks):
+            raise LinearizeError(f"layer {index} is out of range; the model has layers 0-{len(blocks) - 1}")
+        if config.layers[index]["mixer"] == "attention":
+            raise LinearizeError(f"layer {index} already has softmax attention; revert only converted layers")
+    if len(layers) == sum(entry["mixer"] != "attention" for entry in config.layers):
+        raise LinearizeError("reverting these layers would leave no converted layer; keep fewer layers as attention")
+    for index in layers:
+        slot = attention_slot(blocks[index])
+        setattr(blocks[index], slot, getattr(blocks[index], slot).attn)
+        config.layers[index] = {"mixer": "attention", "options": {}}
+    return layers

@@ -82,3 +82,40 @@ def run_python(code: str, cwd: Path, hide_linearize: bool = True) -> str:
     if result.returncode != 0:
         raise AssertionError(f"subprocess failed:\n{result.stdout}\n{result.stderr[-4000:]}")
     return result.stdout
+
+
+# A character-level tokenizer whose ids fit the tiny models' vocabulary: specials 0-3, then printable ASCII and
+# newline, one token per character. The chat template renders "role: content" lines.
+TINY_CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    chars = ["\n"] + [chr(c) for c in range(32, 127)]
+    vocab = {token: i for i, token in enumerate(specials + chars)}
+    assert len(vocab) <= VOCAB
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>", chat_template=TINY_CHAT_TEMPLATE
+    )
+
+
+def tiny_data(seq_len: int = 32, train_chars: int = 20_000, heldout_chars: int = 4_000, seed: int = 0):
+    """DistillData from the packaged novels through the tiny tokenizer: a slice of Pride and Prejudice to train
+    on, a slice of Persuasion held out."""
+    from linearize.distillation.data import DistillData, PackedWindows
+    from linearize.textdata import packaged_text
+
+    tokenizer = tiny_tokenizer()
+
+    def ids(name, chars):
+        return torch.tensor(tokenizer(packaged_text(name)[:chars], add_special_tokens=False)["input_ids"])
+
+    train = ids("prideprejudice", train_chars)
+    count = train.numel() // seq_len
+    windows = train[: count * seq_len].view(count, seq_len)
+    return DistillData(PackedWindows(windows, seed), ids("persuasion", heldout_chars), seq_len, "tiny")

@@ -1,0 +1,129 @@
+"""Distillation on CPU with small budgets: held-out perplexity of SmolLM2-135M-Instruct (the teacher), of its
+`lolcats` and `liger` conversions before distillation, and after each of their stages; plus the per-layer
+attention-transfer errors (normalised by the teacher output's mean square) at the first and the last logged step.
+
+The recipes run as shipped except for what a CPU needs: the packaged novels as data (train on Pride and
+Prejudice, score on Persuasion), 512-token windows, budgets of thousands rather than millions of tokens, one
+window per step, and no checkpoints. The teacher is scored once, through teacher_mode on the first conversion.
+
+Run (about 10 minutes on 2 idle cores; writes a JSON and prints a table):
+
+    python benchmarks/cpu_distill.py --out runs/cpu_distill.json
+
+Validate the script quickly with a much smaller budget:
+
+    python benchmarks/cpu_distill.py --transfer-tokens 1024 --lora-tokens 512 --eval-tokens 1024 --seq-len 256 --out /tmp/cpu_distill_small.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+from accelerate.utils import set_seed
+
+from linearize.config import load_recipe
+from linearize.distillation.data import load_data
+from linearize.distillation.driver import RUNNERS, prepare_student
+from linearize.distillation.engine import Session, make_accelerator
+from linearize.evaluate.perplexity import perplexity
+from linearize.hf.mixers import teacher_mode
+from linearize.loaders import load_teacher
+
+RECIPES = ("lolcats", "liger")
+
+
+def cpu_recipe(name: str, args: argparse.Namespace):
+    overrides = [
+        "data.train=prideprejudice",
+        "data.heldout=persuasion",
+        "data.streaming=false",
+        f"data.seq_len={args.seq_len}",
+    ]
+    recipe = load_recipe(name)
+    for index, stage in enumerate(recipe.stages):
+        tokens = args.transfer_tokens if stage.kind == "attention_transfer" else args.lora_tokens
+        overrides += [
+            f"stages.{index}.tokens={tokens}",
+            f"stages.{index}.batch_size=1",
+            f"stages.{index}.warmup_steps=0",
+            f"stages.{index}.log_every=1",
+        ]
+        if stage.kind == "lora_kd":
+            overrides.append(f"stages.{index}.lr={args.lora_lr}")
+    return load_recipe(name, overrides)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--transfer-tokens", type=int, default=8192, help="attention-transfer budget (lolcats)")
+    parser.add_argument("--lora-tokens", type=int, default=4096, help="LoRA KD budget (both recipes)")
+    parser.add_argument("--lora-lr", type=float, default=1e-3, help="LoRA learning rate (short budgets want more than the GPU recipes' 3e-4)")
+    parser.add_argument("--eval-tokens", type=int, default=4096, help="held-out Persuasion tokens scored after each step")
+    parser.add_argument("--seq-len", type=int, default=512, help="training and scoring window")
+    parser.add_argument("--out", type=Path, default=Path("runs/cpu_distill.json"))
+    args = parser.parse_args()
+
+    started = time.time()
+    accelerator = make_accelerator("no")
+    teacher, tokenizer = load_teacher("smollm2-135m")
+    results = {
+        "device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "date": time.strftime("%Y-%m-%d"),
+        "settings": vars(args) | {"out": str(args.out)},
+        "recipes": {},
+    }
+    windows = None
+    for name in RECIPES:
+        recipe = cpu_recipe(name, args)
+        data = load_data(recipe.data, tokenizer, seed=recipe.seed)
+        windows = data.heldout_windows(args.seq_len, args.eval_tokens)
+        model, _ = prepare_student(copy.deepcopy(teacher), recipe, log=lambda m: None)
+        if "teacher" not in results:
+            with teacher_mode(model):
+                results["teacher"] = {"perplexity": perplexity(model, windows)}
+        row = {"mixer": recipe.convert.mixer, "options": recipe.convert.options, "converted": perplexity(model, windows), "stages": []}
+        session = Session(accelerator, log=print, progress=True)
+        for index, stage in enumerate(recipe.stages):
+            session.stage_index = index
+            set_seed(recipe.seed + index)
+            model = RUNNERS[stage.kind](model, data, stage, session)
+            report = session.reports[-1]
+            entry = {"kind": stage.kind, "tokens": report.get("tokens", 0), "seconds": report.get("seconds", 0), "perplexity": perplexity(model, windows)}
+            if stage.kind == "attention_transfer" and report.get("first"):
+                entry["layers"] = report["layers"]
+                entry["layer_normalized_first"] = report["first"]["layer_normalized"]
+                entry["layer_normalized_last"] = report["last"]["layer_normalized"]
+                entry["layer_mse_first"] = report["first"]["layer_mse"]
+                entry["layer_mse_last"] = report["last"]["layer_mse"]
+            if stage.kind == "lora_kd" and report.get("first"):
+                entry["kl_first"], entry["kl_last"] = report["first"]["kl"], report["last"]["kl"]
+            row["stages"].append(entry)
+            print(f"{name} after {stage.kind}: perplexity {entry['perplexity']:.2f}")
+        results["recipes"][name] = row
+    results["heldout_tokens"] = int(windows.numel())
+    results["seconds"] = round(time.time() - started, 1)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+
+    print(f"\nheld-out perplexity on {results['heldout_tokens']} Persuasion tokens (teacher {results['teacher']['perplexity']:.2f})")
+    print(f"{'recipe':<10} {'mixer':<14} {'converted':>10}  after each stage")
+    for name, row in results["recipes"].items():
+        steps = "  ".join(f"{s['kind']} ({s['tokens']} tok, {s['seconds']:.0f} s): {s['perplexity']:.2f}" for s in row["stages"])
+        print(f"{name:<10} {row['mixer']:<14} {row['converted']:>10.2f}  {steps}")
+    for name, row in results["recipes"].items():
+        for stage in row["stages"]:
+            if "layers" in stage:
+                print(f"\n{name} attention transfer, per layer: normalised error first -> last logged step")
+                for layer, first, last in zip(stage["layers"], stage["layer_normalized_first"], stage["layer_normalized_last"]):
+                    print(f"  layer {layer:>2}: {first:8.4f} -> {last:8.4f}")
+    print(f"\nwrote {args.out} ({results['seconds']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""Stage 2, LoRA knowledge distillation: low-rank adapters on the reused projections, trained to match the teacher.
+
+The teacher is the same model: with the adapters disabled (peft's `disable_adapter()`) and `teacher_mode` on,
+it computes exactly the original softmax model, so one copy of the weights serves both. The loss is
+KL(teacher || student) of the next-token distributions at a temperature (times temperature squared, so the
+gradient scale does not depend on it), plus an optional cross-entropy on the text itself. At the end the
+adapters are merged into the projections, and the model saves and reloads without peft.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import register_stage
+from ..hf.attention import AttentionSpec, attention_slot, decoder_layers
+from ..hf.errors import LinearizeError
+from ..hf.mixers import mixers_in, teacher_mode
+from .engine import Session, TrainConfig, train
+
+
+@register_stage("lora_kd")
+@dataclass
+class LoraKDConfig(TrainConfig):
+    """LoRA on the teacher's projections inside converted layers, distilled from the teacher's logits.
+
+    rank, alpha, dropout: the adapters (scale alpha / rank).
+    targets: projection names inside each attention module (e.g. [q_proj, v_proj]); empty: every projection
+        the mixer reuses (q/k/v/o, or the family's fused equivalents).
+    converted_only: adapt only converted layers; false also adapts the layers that kept softmax attention.
+    temperature: of both distributions in the KL; kl_weight, ce_weight: the mix of KL and next-token cross-entropy.
+    train_new_parameters: also train the parameters the mixers added (feature maps, gates) in this stage.
+    merge: merge the adapters at the end (false returns the peft model, e.g. to save the adapters alone).
+    """
+
+    kind: str = "lora_kd"
+    lr: float = 1e-4
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=list)
+    converted_only: bool = True
+    temperature: float = 1.0
+    kl_weight: float = 1.0
+    ce_weight: float = 0.0
+    train_new_parameters: bool = False
+    merge: bool = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.rank < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1 or self.temperature <= 0:
+            raise LinearizeError("lora_kd: rank must be at least 1, alpha and temperature positive, dropout in [0, 1)")
+        if self.kl_weight < 0 or self.ce_weight < 0 or self.kl_weight + self.ce_weight == 0:
+            raise LinearizeError("lora_kd: kl_weight and ce_weight must not be negative, and not both zero")
+
+
+def lora_targets(model: nn.Module, config: LoraKDConfig) -> list[str]:
+    """Full module names LoRA wraps: the chosen projections of each converted (or every) attention module."""
+    names = {id(module): name for name, module in model.named_modules()}
+    attentions = [(m.layer_idx, m.attn, m.spec) for m in mixers_in(model)]
+    if not config.converted_only:
+        text_config = model.config.text_config
+        blocks = decoder_layers(model, text_config.num_hidden_layers)
+        for index, entry in enumerate(model.config.layers):
+            if entry["mixer"] == "attention":
+                attn = getattr(blocks[index], attention_slot(blocks[index]))
+                attentions.append((index, attn, AttentionSpec.read(attn, text_config, index)))
+    targets = []
+    for index, attn, spec in sorted(attentions, key=lambda item: item[0]):
+        for leaf in config.targets or spec.projections():
+            module = dict(attn.named_modules()).get(leaf)
+            if not isinstance(module, nn.Linear):
+                have = ", ".join(n for n, m in attn.named_modules() if isinstance(m, nn.Linear))
+                raise LinearizeError(f"lora_kd.targets: {leaf!r} is not a linear module of layer {index}'s attention (it has: {have})")
+            targets.append(f"{names[id(attn)]}.{leaf}")
+    if not targets:
+        raise LinearizeError("lora_kd found no layer to adapt: the model has no converted layers; set converted_only=false or convert some layers")
+    return targets
+
+
+def kd_losses(student_logits: torch.Tensor, teacher_logits: torch.Tensor, ids: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(KL(teacher || student) per token at `temperature`, times temperature squared; next-token cross-entropy)."""
+    student = student_logits.float()
+    log_student = F.log_softmax(student / temperature, dim=-1)
+    log_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    kl = F.kl_div(log_student, log_teacher, log_target=True, reduction="none").sum(-1).mean() * temperature**2
+    ce = F.cross_entropy(student[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    return kl, ce
+
+
+def run(model: nn.Module, data, config: LoraKDConfig, session: Session | None = None) -> nn.Module:
+    """LoRA knowledge distillation on `data.train`; returns the model with the adapters merged (see `merge`).
+
+    Example:
+        >>> student = lora_kd.run(student, data, LoraKDConfig(tokens=4_000_000, rank=16))
+    """
+    from peft import LoraConfig, get_peft_model
+
+    session = session or Session()
+    if not mixers_in(model):
+        raise LinearizeError("lora_kd needs a converted model and found no mixers; convert it first with linearize.convert")
+    targets = lora_targets(model, config)
+    lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=targets, bias="none")
+    with warnings.catch_warnings():
+        # peft reads transformers' deprecated `is_gradient_checkpointing`; the warning is not the user's to act on.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model = get_peft_model(model, lora)
+    params = {name: p for name, p in peft_model.named_parameters() if p.requires_grad}
+    if config.train_new_parameters:
+        own = {id(p) for m in mixers_in(model) for p in m.new_parameters()}
+        params.update({name: p for name, p in peft_model.named_parameters() if id(p) in own})
+
+    def step_loss(wrapped: nn.Module, batch: torch.Tensor):
+        # The teacher pass: adapters off, softmax attention on, no dropout; the same weights as the student.
+        peft_model.eval()
+        with torch.no_grad(), peft_model.disable_adapter(), teacher_mode(peft_model):
+            teacher_logits = peft_model(input_ids=batch, use_cache=False).logits
+        peft_model.train()
+        student_logits = wrapped(input_ids=batch, use_cache=False).logits
+        kl, ce = kd_losses(student_logits, teacher_logits, batch, config.temperature)
+        loss = config.kl_weight * kl + config.ce_weight * ce
+        return loss, {"kl": kl.detach(), "ce": ce.detach()}
+
+    where = f"stages[{session.stage_index}] (lora_kd)"
+    session.say(f"{where}: rank-{config.rank} LoRA on {len(targets)} projections, {sum(p.numel() for p in params.values()):,} trainable parameters")
+    report = train(peft_model, data, config, session, params, step_loss)
+    report["targets"] = len(targets)
+    session.reports.append(report)
+    if not config.merge:
+        return peft_model
+    return peft_model.merge_and_unload()

@@ -1,0 +1,125 @@
+"""`linearize distill` and `linearize run` on a tiny teacher folder: what they save, and one-line errors that
+leave nothing on disk."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM
+
+from linearize import cli
+from linearize.textdata import packaged_text
+from tests.conftest import REPO_ROOT
+from tests.tiny import tiny_model, tiny_tokenizer
+
+STAGES = [
+    {"kind": "attention_transfer", "tokens": 256, "batch_size": 2, "lr": 0.05, "checkpoint_every": 2},
+    {"kind": "lora_kd", "tokens": 256, "batch_size": 2, "lr": 0.003},
+]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A tiny teacher folder, a training and a held-out text, and a recipe naming them."""
+    root = tmp_path_factory.mktemp("cli")
+    teacher = root / "teacher"
+    tiny_model("llama", dtype=torch.float32).save_pretrained(teacher)
+    tiny_tokenizer().save_pretrained(teacher)
+    (root / "train.txt").write_text(packaged_text("prideprejudice")[:6000])
+    (root / "heldout.txt").write_text(packaged_text("persuasion")[:2000])
+    recipe = {
+        "teacher": str(teacher),
+        "output": str(root / "unused"),
+        "convert": {"mixer": "hedgehog_swa", "options": {"window": 4}},
+        "data": {"train": str(root / "train.txt"), "heldout": str(root / "heldout.txt"), "seq_len": 32},
+        "stages": STAGES,
+        "eval": {"perplexity_tokens": 256, "seq_len": 32, "prompt": "It is", "max_new_tokens": 4},
+    }
+    (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    return root
+
+
+def linearize(monkeypatch, capsys, *args):
+    """Run the console script in this process: (exit code, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["linearize", *map(str, args)])
+    with pytest.raises(SystemExit) as exit:
+        cli.main()
+    captured = capsys.readouterr()
+    return exit.value.code, captured.out, captured.err
+
+
+def test_distill_saves_a_plain_model_with_its_metrics(workspace, monkeypatch, capsys):
+    out = workspace / "distilled"
+    code, stdout, stderr = linearize(monkeypatch, capsys, "distill", workspace / "recipe.yaml", "--out", out)
+    assert code == 0, stderr
+    assert {"config.json", "model.safetensors", "tokenizer.json", "recipe.yaml", "results.json", "metrics.jsonl"} <= {p.name for p in out.iterdir()}
+    assert not (workspace / "distilled.checkpoints").exists()
+    results = json.loads((out / "results.json").read_text())
+    assert [s["kind"] for s in results["stages"]] == ["attention_transfer", "lora_kd"] and all(s["steps"] == 4 for s in results["stages"])
+    assert "0: attention_transfer" in stdout and "saved" in stdout
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {(r["stage"], r["step"]) for r in records} >= {(0, 1), (0, 4), (1, 1), (1, 4)}
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert not any("lora" in name for name, _ in model.named_parameters())
+    assert torch.isfinite(model(input_ids=torch.tensor([[5, 6, 7]])).logits).all()
+
+    # An already converted folder is distilled as it is.
+    again = workspace / "again"
+    code, stdout, stderr = linearize(monkeypatch, capsys, "distill", workspace / "recipe.yaml", "--out", again, f"teacher={out}", "stages.1.tokens=64")
+    assert code == 0, stderr
+    assert "already converted" in stdout
+    assert json.loads((again / "results.json").read_text())["stages"][1]["steps"] == 1
+
+
+def test_run_scores_teacher_converted_and_distilled(workspace, monkeypatch, capsys):
+    out = workspace / "run"
+    code, stdout, stderr = linearize(monkeypatch, capsys, "run", workspace / "recipe.yaml", "--out", out)
+    assert code == 0, stderr
+    results = json.loads((out / "results.json").read_text())
+    for name in ("teacher", "converted", "distilled"):
+        assert results[name]["perplexity"] > 1 and isinstance(results[name]["generation"], str)
+        assert name in stdout
+    assert results["data"].startswith(str(workspace / "train.txt"))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--out", "{ws}/distilled-exists"], "already exists; pass --overwrite"),
+        (["stages=[{kind: lora}]"], "unknown stage kind 'lora'; did you mean 'lora_kd'?"),
+        (["convert.mixer=hedgehogg"], "unknown mixer 'hedgehogg'; did you mean 'hedgehog'?"),
+        (["convert.options.windw=4"], "does not take option(s) windw"),
+        (["stages.0.tokens=0"], "tokens must be a positive budget"),
+        (["data.train={ws}/missing.txt"], "data source '{ws}/missing.txt' does not exist"),
+        (["data.seq_len=8000", "stages.0.tokens=16000", "stages.1.tokens=16000"], "fewer than 1 window(s) of data.seq_len=8000"),
+        (["--resume"], "nothing to resume"),
+        (["--resume", "--overwrite"], "pass one of them"),
+        (["stages.0.tokens=10"], "less than one optimizer step"),
+    ],
+    ids=["output exists", "unknown stage", "unknown mixer", "unknown option", "zero budget", "missing data", "seq_len too long", "nothing to resume", "resume and overwrite", "budget below a step"],
+)
+def test_mistakes_are_one_line_and_write_nothing(args, message, workspace, monkeypatch, capsys):
+    (workspace / "distilled-exists").mkdir(exist_ok=True)
+    (workspace / "distilled-exists" / "config.json").write_text("{}")
+    args = [a.replace("{ws}", str(workspace)) for a in args]
+    if "--out" not in args:
+        args += ["--out", str(workspace / "bad")]
+    before = sorted(p.name for p in workspace.iterdir())
+    code, _, stderr = linearize(monkeypatch, capsys, "distill", workspace / "recipe.yaml", *args)
+    assert code == 2
+    lines = [line for line in stderr.splitlines() if line.strip() and "Loading weights" not in line]  # transformers' progress bar
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    assert message.replace("{ws}", str(workspace)) in lines[0]
+    assert sorted(p.name for p in workspace.iterdir()) == before
+
+
+def test_the_checkout_launcher_prints_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "cli.py"), "distill", "lolcatz"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: no recipe 'lolcatz'; did you mean 'lolcats'? shipped recipes: ")
+    assert result.stderr.strip().count("\n") == 0

@@ -1,0 +1,167 @@
+"""Distillation data: every source kind loads, tokenises and packs the same way; bad sources are one-line errors."""
+
+import json
+
+import pytest
+import torch
+
+from linearize.config import DataConfig
+from linearize.distillation.data import PackedWindows, StreamedWindows, load_data
+from linearize.hf.errors import LinearizeError
+from tests.tiny import tiny_tokenizer
+
+DOCS = ["It is a truth universally acknowledged, " * 3, "that a single man in possession of a good fortune, " * 2, "must be in want of a wife. " * 4]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+def expected_stream(tokenizer, docs):
+    ids = []
+    for doc in docs:
+        ids += tokenizer(doc, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return torch.tensor(ids)
+
+
+def packed(data):
+    return data.train.windows
+
+
+def config(train, **overrides):
+    return DataConfig(train=str(train), heldout="persuasion", seq_len=16, heldout_tokens=256, **overrides)
+
+
+def write_sources(folder):
+    (folder / "txt").mkdir()
+    for i, doc in enumerate(DOCS):
+        (folder / "txt" / f"{i}.txt").write_text(doc)
+    (folder / "docs.jsonl").write_text("".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(DOCS)))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": DOCS}), folder / "docs.parquet")
+
+
+@pytest.mark.parametrize("kind", ["txt folder", "jsonl", "parquet"])
+def test_every_source_kind_packs_the_same_windows(kind, tmp_path, tokenizer):
+    write_sources(tmp_path)
+    source = {"txt folder": tmp_path / "txt", "jsonl": tmp_path / "docs.jsonl", "parquet": tmp_path / "docs.parquet"}[kind]
+    data = load_data(config(source), tokenizer)
+    stream = expected_stream(tokenizer, DOCS)
+    count = stream.numel() // 16
+    assert torch.equal(packed(data), stream[: count * 16].view(count, 16))
+    assert data.heldout.numel() == 256  # capped at heldout_tokens
+    assert torch.equal(data.heldout, expected_stream(tokenizer, [data_text("persuasion")])[:256])
+
+
+def data_text(name):
+    from linearize.textdata import packaged_text
+
+    return packaged_text(name)
+
+
+def test_a_single_text_file_and_a_mixed_folder(tmp_path, tokenizer):
+    write_sources(tmp_path)
+    single = load_data(config(tmp_path / "txt" / "0.txt"), tokenizer)
+    stream = expected_stream(tokenizer, DOCS[:1])
+    assert torch.equal(packed(single).flatten(), stream[: packed(single).numel()])
+    # A folder with .jsonl and .parquet files reads both (grouped by type).
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (tmp_path / "docs.jsonl").rename(mixed / "a.jsonl")
+    (tmp_path / "docs.parquet").rename(mixed / "b.parquet")
+    data = load_data(config(mixed), tokenizer)
+    assert packed(data).shape[0] == expected_stream(tokenizer, DOCS * 2).numel() // 16
+
+
+def test_heldout_split_from_the_tail_when_none_is_given(tmp_path, tokenizer):
+    (tmp_path / "a.txt").write_text("".join(DOCS) * 4)
+    data = load_data(DataConfig(train=str(tmp_path / "a.txt"), heldout=None, seq_len=16, heldout_fraction=0.25), tokenizer)
+    stream = expected_stream(tokenizer, ["".join(DOCS) * 4])
+    count = stream.numel() // 16
+    held = round(count * 0.25)
+    assert packed(data).shape[0] == count - held
+    assert torch.equal(data.heldout, stream[(count - held) * 16 : count * 16])
+    assert data.heldout_windows(8).shape == (held * 2, 8)
+
+
+def test_streaming_matches_the_packed_order_and_holds_out_its_head(tmp_path, tokenizer):
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS * 3))
+    stream = expected_stream(tokenizer, DOCS * 3)
+    data = load_data(DataConfig(train=str(tmp_path / "docs.jsonl"), heldout=None, seq_len=16, heldout_tokens=32, streaming=True), tokenizer)
+    assert isinstance(data.train, StreamedWindows)
+    assert torch.equal(data.heldout, stream[:32])
+    windows = stream[: stream.numel() // 16 * 16].view(-1, 16)
+    assert torch.equal(data.train.take(0, 3), windows[2:5])
+    assert torch.equal(data.train.take(5, 2), windows[7:9])  # skipping forward
+    assert torch.equal(data.train.take(1, 1), windows[3:4])  # going back re-reads the stream
+    n = windows.shape[0] - 2
+    assert torch.equal(data.train.take(n, 1), windows[2:3])  # past the end: the next pass
+
+
+def test_packed_order_is_a_function_of_seed_and_position(tokenizer):
+    windows = torch.arange(40).view(10, 4)
+    a, b = PackedWindows(windows, seed=3), PackedWindows(windows, seed=3)
+    whole = a.take(0, 25)
+    assert torch.equal(torch.cat((b.take(0, 7), b.take(7, 18))), whole)
+    assert sorted(whole[:10, 0].tolist()) == list(range(0, 40, 4))  # one epoch is a permutation
+    assert not torch.equal(whole[:10], whole[10:20])  # the next epoch another one
+    assert not torch.equal(PackedWindows(windows, seed=4).take(0, 10), whole[:10])
+
+
+def test_chat_template_renders_conversations(tmp_path, tokenizer):
+    rows = [{"messages": [{"role": "user", "content": "Who is Mr Darcy?"}, {"role": "assistant", "content": "A proud gentleman."}]}] * 4
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = load_data(config(tmp_path / "chat.jsonl", chat_template=True), tokenizer)
+    rendered = "user: Who is Mr Darcy?\nassistant: A proud gentleman.\n"
+    stream = expected_stream(tokenizer, [rendered] * 4)
+    assert torch.equal(packed(data).flatten(), stream[: packed(data).numel()])
+    with pytest.raises(LinearizeError, match="holds list, not text; for conversations set data.chat_template=true"):
+        load_data(config(tmp_path / "chat.jsonl", text_field="messages"), tokenizer)
+
+
+@pytest.mark.parametrize(
+    "name, content, overrides, message",
+    [
+        ("missing.txt", None, {}, "does not exist"),
+        ("nope/data", None, {}, "does not exist"),
+        ("empty.txt", "", {}, "holds no text"),
+        ("short.txt", "Too short.", {}, "fewer than 1 window(s) of data.seq_len=16"),
+        ("a.jsonl", '{"body": "some text here that is long enough"}\n', {}, "has no 'text' column"),
+        ("a.bin", "x", {}, "unknown type"),
+        ("folder", "", {}, "has no"),
+        ("a.jsonl", '{"body": "some text here that is long enough"}\n', {"chat_template": True}, "has no 'messages' or 'text' column"),
+    ],
+    ids=["missing file", "missing folder", "empty", "seq_len too long", "no text field", "unknown type", "empty folder", "no messages"],
+)
+def test_bad_data_is_a_one_line_error(name, content, overrides, message, tmp_path, tokenizer):
+    source = tmp_path / name
+    if name == "folder":
+        source.mkdir()
+    elif content is not None:
+        source.write_text(content)
+    with pytest.raises(LinearizeError) as error:
+        load_data(config(source, **overrides), tokenizer)
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_data_config_checks():
+    with pytest.raises(LinearizeError, match="seq_len must be at least 8"):
+        DataConfig(seq_len=4)
+    with pytest.raises(LinearizeError, match="data.train is empty"):
+        DataConfig(train="")
+    with pytest.raises(LinearizeError, match="data.heldout is the training data itself"):
+        DataConfig(train="org/corpus", heldout="org/corpus")
+    assert DataConfig(train="org/corpus", heldout="org/corpus", heldout_split="validation").heldout_split == "validation"
+
+
+def test_real_austen_folder_when_present(austen_dir):
+    if austen_dir is None:
+        pytest.skip("no ../shared/data/austen beside this checkout")
+    tokenizer = tiny_tokenizer()
+    data = load_data(DataConfig(train=str(austen_dir), heldout=None, seq_len=512, heldout_tokens=4096), tokenizer, seed=1)
+    assert len(data.train) > 1000
+    assert data.heldout.numel() == 4096

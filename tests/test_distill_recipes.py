@@ -1,0 +1,55 @@
+"""Every shipped recipe loads, names known mixers and stages, and its header holds a working launch command."""
+
+import pytest
+
+from linearize.config import RECIPE_DIR, load_recipe, shipped_recipes
+from linearize.distillation.driver import RUNNERS, validate_recipe
+from linearize.hf.errors import LinearizeError
+from linearize.hf.mixers import MIXERS
+
+# Mixers whose recipes ship here while their code lands from another branch.
+ELSEWHERE = {"mamba2", "gated_deltanet"}
+
+
+def test_the_documented_recipes_ship():
+    assert {"quickstart", "lolcats", "lolcats_linear", "liger", "mamba_in_llama", "hybrid_gdn"} <= set(shipped_recipes())
+    assert (RECIPE_DIR.parent.parent / "recipes").resolve() == RECIPE_DIR
+
+
+@pytest.mark.parametrize("name", shipped_recipes())
+def test_every_shipped_recipe_loads_and_validates(name):
+    lines = (RECIPE_DIR / f"{name}.yaml").read_text().splitlines()
+    assert lines[0] == f"# linearize run {name}"
+    prefix = f"# Override any key: linearize run {name} "
+    assert lines[1].startswith(prefix)
+    for recipe in (load_recipe(name), load_recipe(name, lines[1][len(prefix) :].split())):
+        mixers = {recipe.convert.mixer, *recipe.convert.hybrid, *recipe.convert.mixer_options}
+        assert mixers <= set(MIXERS) | ELSEWHERE
+        assert recipe.stages and all(stage.kind in RUNNERS for stage in recipe.stages)
+        if mixers <= set(MIXERS):
+            validate_recipe(recipe)
+        else:
+            with pytest.raises(LinearizeError, match="unknown mixer"):
+                validate_recipe(recipe)
+    budget = sum(stage.tokens for stage in load_recipe(name).stages)
+    if name == "quickstart":
+        assert budget <= 65536  # minutes on two CPU cores
+    else:
+        assert budget >= 10_000_000  # sized for a GPU
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["stages=[{kind: distil}]"], "unknown stage kind 'distil'"),
+        (["stages=[{tokens: 5}]"], "needs a 'kind'"),
+        (["stages.0.lrr=0.1"], "unknown key 'stages[0].lrr'; did you mean 'lr'?"),
+        (["stages.0.optimizer=adam8bit"], "unknown optimizer 'adam8bit'"),
+        (["stages.0.tokens=-5"], "tokens must be a positive budget"),
+        (["precision=fp8"], "precision must be one of"),
+        (["convert.selection.tokens=0"], "must be positive"),
+    ],
+)
+def test_recipe_mistakes_are_named(overrides, message):
+    with pytest.raises(LinearizeError, match=message.replace("(", r"\(").replace("[", r"\[").replace("?", r"\?")):
+        load_recipe("quickstart", overrides)

@@ -1,0 +1,142 @@
+"""Checkpoints: an interrupted run resumed is bit-identical to an unbroken one; a NaN stops the run and keeps the
+last good checkpoint; resuming refuses a different recipe or model; out-of-memory names the fix."""
+
+import json
+
+import pytest
+import torch
+
+import linearize
+from linearize.config import load_recipe
+from linearize.distillation import lora_kd
+from linearize.distillation.engine import Session, latest_checkpoint
+from linearize.hf.errors import LinearizeError
+from tests.tiny import tiny_data, tiny_model
+
+# Two stages on a 6-layer model with the kept layers chosen automatically between them, so a resumed run
+# must replay the finished stage, the selection and half of the second stage.
+STAGES = (
+    "stages=[{kind: attention_transfer, tokens: 768, batch_size: 2, grad_accum: 2, lr: 0.05, checkpoint_every: 2, log_every: 1},"
+    " {kind: lora_kd, tokens: 768, batch_size: 2, grad_accum: 2, lr: 0.003, checkpoint_every: 2, log_every: 1, train_new_parameters: true}]"
+)
+OVERRIDES = ["convert.mixer=hedgehog_swa", "convert.options.window=4", "convert.keep_attention=auto:2", "convert.selection.tokens=256", "data.seq_len=32", STAGES]
+
+
+@pytest.fixture(scope="module")
+def data():
+    return tiny_data(seq_len=32)
+
+
+def teacher(seed=0):
+    return tiny_model("llama", seed=seed, dtype=torch.float32, num_hidden_layers=6)
+
+
+def distill(data, folder, resume=False, overrides=(), seed=0):
+    recipe = load_recipe("quickstart", OVERRIDES + list(overrides))
+    return linearize.distill(teacher(seed), data, recipe, checkpoints=folder, resume=resume, log=lambda m: None, progress=False)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def interrupt_at(monkeypatch, stage, step):
+    """Make the run stop (like a killed process) right after it logs `step` of `stage`."""
+    original = Session.record
+
+    def record(self, entry):
+        original(self, entry)
+        if entry.get("stage") == stage and entry.get("step") == step:
+            raise Interrupt
+
+    monkeypatch.setattr(Session, "record", record)
+
+
+def records(folder):
+    lines = (folder / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in ("tokens_per_s",)} for line in lines]
+
+
+def test_resume_is_bit_identical_to_an_unbroken_run(data, tmp_path, monkeypatch):
+    unbroken = distill(data, tmp_path / "a")
+    assert unbroken.config.selection["kept_attention"] and len(unbroken.config.selection["kept_attention"]) == 2
+
+    with monkeypatch.context() as patch:
+        interrupt_at(patch, stage=1, step=5)  # checkpoints at 2 and 4: step 5 is lost and must be redone
+        with pytest.raises(Interrupt):
+            distill(data, tmp_path / "b")
+    assert latest_checkpoint(tmp_path / "b" / "stage1-lora_kd").name == "step-0000004"
+    resumed = distill(data, tmp_path / "b", resume=True)
+
+    expected, got = unbroken.state_dict(), resumed.state_dict()
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[k], got[k]) for k in expected), [k for k in expected if not torch.equal(expected[k], got[k])]
+    assert resumed.config.layers == unbroken.config.layers and resumed.config.selection == unbroken.config.selection
+    assert records(tmp_path / "b") == records(tmp_path / "a")
+
+
+def test_resume_refuses_another_recipe_or_model_and_needs_checkpoints(data, tmp_path, monkeypatch):
+    with monkeypatch.context() as patch:
+        interrupt_at(patch, stage=0, step=2)
+        with pytest.raises(Interrupt):
+            distill(data, tmp_path / "run")
+    with pytest.raises(LinearizeError, match=r"different recipe \(stages\.0\.lr: 0\.05 then, 0\.1 now\)"):
+        distill(data, tmp_path / "run", resume=True, overrides=["stages.0.lr=0.1"])
+    with pytest.raises(LinearizeError, match="written for a different model"):
+        distill(data, tmp_path / "run", resume=True, seed=1)
+    with pytest.raises(LinearizeError, match="holds checkpoints of an unfinished run; continue it with --resume"):
+        distill(data, tmp_path / "run")
+    with pytest.raises(LinearizeError, match="nothing to resume"):
+        distill(data, tmp_path / "empty", resume=True)
+    # Changing only how often to log or checkpoint is allowed.
+    distill(data, tmp_path / "run", resume=True, overrides=["stages.1.log_every=3"])
+
+
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(data, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    original = lora_kd.kd_losses
+
+    def poisoned(*args):
+        calls["n"] += 1
+        kl, ce = original(*args)
+        return (kl * float("nan"), ce) if calls["n"] > 2 * 5 else (kl, ce)  # micro-batches of step 6 and on
+
+    monkeypatch.setattr(lora_kd, "kd_losses", poisoned)
+    folder = tmp_path / "run"
+    with pytest.raises(LinearizeError) as error:
+        distill(data, folder)
+    message = str(error.value)
+    assert "stages[1] (lora_kd) step 6: the loss is nan" in message and "\n" not in message
+    assert "last good checkpoint (step 4)" in message and "--resume" in message
+    checkpoint = latest_checkpoint(folder / "stage1-lora_kd")
+    assert checkpoint.name == "step-0000004" and json.loads((checkpoint / "state.json").read_text())["step"] == 4
+    assert not [p for p in (folder / "stage1-lora_kd").iterdir() if p.name.startswith(".")]
+    from safetensors.torch import load_file
+
+    weights = load_file(checkpoint / "trainable.safetensors")
+    assert weights and all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_out_of_memory_names_the_fix(data, monkeypatch):
+    def oom(*args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(lora_kd, "kd_losses", oom)
+    with pytest.raises(LinearizeError) as error:
+        distill(data, None)
+    message = str(error.value)
+    assert "ran out of memory" in message and "batch_size" in message and "seq_len" in message and "gradient_checkpointing=true" in message
+    assert "\n" not in message
+
+
+def test_checkpoint_holds_only_trainable_weights(data, tmp_path, monkeypatch):
+    with monkeypatch.context() as patch:
+        interrupt_at(patch, stage=0, step=3)
+        with pytest.raises(Interrupt):
+            distill(data, tmp_path / "run")
+    checkpoint = latest_checkpoint(tmp_path / "run" / "stage0-attention_transfer")
+    assert sorted(p.name for p in checkpoint.iterdir()) == ["optimizer.pt", "rng-0.pt", "scheduler.pt", "state.json", "trainable.safetensors"]
+    from safetensors.torch import load_file
+
+    names = set(load_file(checkpoint / "trainable.safetensors"))
+    assert names and all(".feature_" in n or "window_logit" in n for n in names)

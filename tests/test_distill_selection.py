@@ -1,0 +1,148 @@
+"""Automatic layer selection: the layers whose conversion hurts most (normalised error) keep softmax attention."""
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+import linearize
+from linearize.config import SelectionConfig, load_recipe
+from linearize.distillation import layer_errors, select_attention
+from linearize.distillation.selection import auto_amount, auto_count, single_layer_kl
+from linearize.hf.errors import LinearizeError
+from linearize.surgery import revert_to_attention
+from tests.tiny import tiny_data, tiny_model
+
+LAYERS = 6
+
+
+@pytest.fixture(scope="module")
+def windows():
+    return tiny_data(seq_len=32).heldout_windows(32, 512)
+
+
+def student():
+    return linearize.convert(tiny_model("llama", dtype=torch.float32, num_hidden_layers=LAYERS), "hedgehog")
+
+
+def top(errors, key, count):
+    return sorted(sorted(errors, key=lambda i: errors[i][key], reverse=True)[:count])
+
+
+def test_selection_follows_the_normalised_error_where_the_raw_error_disagrees(windows, tmp_path):
+    model = student()
+    last = LAYERS - 1
+    base = layer_errors(model, windows)
+    # Scaling the last layer's output projection scales its teacher and student outputs alike: its normalised
+    # error stays, its raw error moves by the square, and no other layer sees the change. Push it to the top of
+    # the raw ranking unless it already leads the normalised one; then push it to the bottom.
+    leads = top(base, "normalized", 1) == [last]
+    with torch.no_grad():
+        model.model.model.layers[last].self_attn.attn.o_proj.weight.mul_(0.01 if leads else 100.0)
+    errors = layer_errors(model, windows)
+    assert all(errors[i]["normalized"] == pytest.approx(base[i]["normalized"], rel=1e-4) for i in errors)
+    assert top(errors, "mse", 1) != top(errors, "normalized", 1)
+
+    plain = model.state_dict()
+    selection = select_attention(model, windows, 2, SelectionConfig())
+    assert selection["kept_attention"] == top(errors, "normalized", 2) != top(errors, "mse", 2)
+    recorded = {f["layer"]: f for f in selection["layers"]}
+    assert set(recorded) == set(range(LAYERS))
+    for i in recorded:
+        assert recorded[i]["normalized"] == pytest.approx(errors[i]["normalized"])
+        assert recorded[i]["mse"] == pytest.approx(errors[i]["mse"])
+    assert sorted(recorded[i]["rank"] for i in recorded) == list(range(1, LAYERS + 1))
+
+    kept = selection["kept_attention"]
+    assert model.config.selection == selection
+    assert [e["mixer"] for e in model.config.layers] == ["attention" if i in kept else "hedgehog" for i in range(LAYERS)]
+    for i, layer in enumerate(model.model.model.layers):
+        assert getattr(layer.self_attn, "is_linearize_mixer", False) == (i not in kept)
+    # The kept layers are the teacher's modules (their weights unchanged); the rest still hold their mixers.
+    def name_before(key):  # model.model.layers.<i>.self_attn.<...>: a kept layer lost the mixer's ".attn"
+        reverted = ".self_attn." in key and int(key.split(".")[3]) in kept
+        return key.replace(".self_attn.", ".self_attn.attn.", 1) if reverted else key
+
+    assert all(torch.equal(v, plain[name_before(k)]) for k, v in model.state_dict().items())
+
+    ids = windows[:2]
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert reloaded.config.selection == selection and reloaded.config.layers == model.config.layers
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_kl_scoring_ranks_by_the_single_layer_kl(windows):
+    model = student()
+    kl = single_layer_kl(model, windows[:4])
+    selection = select_attention(model, windows[:4], 2, SelectionConfig(kl=True))
+    assert selection["kept_attention"] == sorted(sorted(kl, key=kl.get, reverse=True)[:2])
+    assert all(f["kl"] == pytest.approx(kl[f["layer"]]) for f in selection["layers"])
+    assert "KL" in selection["method"]
+
+
+def test_the_kl_of_one_converted_layer_is_that_layers_doing(windows):
+    model = student()
+    with torch.no_grad(), linearize.teacher_mode(model):
+        teacher = model(input_ids=windows[:2]).logits
+        model.model.model.layers[2].self_attn.teacher = False
+        only_two = model(input_ids=windows[:2]).logits
+    kl = single_layer_kl(model, windows[:2])
+    assert all(value > 0 for value in kl.values())
+    from linearize.distillation.lora_kd import kd_losses
+
+    assert kl[2] == pytest.approx(kd_losses(only_two, teacher, windows[:2], 1.0)[0].item(), rel=1e-5)
+
+
+def test_auto_selection_in_a_recipe_runs_after_attention_transfer(tmp_path):
+    data = tiny_data(seq_len=32)
+    recipe = load_recipe(
+        "quickstart",
+        [
+            "convert.mixer=hedgehog",
+            "convert.options={}",
+            "convert.keep_attention=auto:0.34",
+            "data.seq_len=32",
+            "stages=[{kind: attention_transfer, tokens: 256, batch_size: 2, lr: 0.05}]",
+        ],
+    )
+    messages = []
+    model = linearize.distill(tiny_model("llama", dtype=torch.float32, num_hidden_layers=LAYERS), data, recipe, log=messages.append, progress=False)
+    kept = model.config.selection["kept_attention"]
+    assert len(kept) == 2  # round(0.34 * 6)
+    assert sum(e["mixer"] == "attention" for e in model.config.layers) == 2
+    assert any("softmax attention kept in layers" in m and str(kept) in m for m in messages)
+
+
+@pytest.mark.parametrize(
+    "spec, count",
+    [("auto:2", 2), ("auto:0.25", 8), ("auto:0.5", 15), (" auto:1 ", 1)],
+)
+def test_auto_counts(spec, count):
+    assert auto_count(auto_amount(spec), 30) == count
+
+
+@pytest.mark.parametrize("spec, message", [("auto:0", "cannot read"), ("auto:1.5", "cannot read"), ("auto", "cannot read"), ("auto:x", "cannot read")])
+def test_bad_auto_specs(spec, message):
+    with pytest.raises(LinearizeError, match=message):
+        auto_amount(spec)
+
+
+def test_auto_counts_out_of_range():
+    with pytest.raises(LinearizeError, match="keep at least one and convert at least one"):
+        auto_count(30.0, 30)
+    with pytest.raises(LinearizeError, match="keep at least one"):
+        auto_count(0.01, 30)
+    assert auto_amount([0, 1]) is None and auto_amount("every:2") is None
+
+
+def test_revert_checks_before_changing_anything():
+    model = linearize.convert(tiny_model("llama", dtype=torch.float32), "hedgehog", keep_attention=[0])
+    before = [type(layer.self_attn) for layer in model.model.model.layers]
+    for layers, message in (([0], "already has softmax attention"), ([1, 2], "would leave no converted layer"), ([1, 7], "out of range")):
+        with pytest.raises(LinearizeError, match=message):
+            revert_to_attention(model, layers)
+        assert [type(layer.self_attn) for layer in model.model.model.layers] == before
+    assert revert_to_attention(model, [2]) == [2]
+    assert isinstance(model.model.model.layers[2].self_attn, nn.Module) and not getattr(model.model.model.layers[2].self_attn, "is_linearize_mixer", False)

@@ -1,0 +1,143 @@
+"""The distillation stages on tiny models: what trains, what stays bit-identical, and that the losses fall."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import linearize
+from linearize.distillation import AttentionTransferConfig, LoraKDConfig, Session, layer_errors
+from linearize.distillation import attention_transfer, lora_kd
+from linearize.distillation.engine import TrainConfig
+from linearize.hf.errors import LinearizeError
+from tests.tiny import tiny_data, tiny_model
+
+LOG = []
+
+
+@pytest.fixture(scope="module")
+def data():
+    return tiny_data(seq_len=32)
+
+
+def session(**kwargs):
+    return Session(log=LOG.append, progress=False, **kwargs)
+
+
+def student(mixer="hedgehog_swa", **options):
+    options = options or ({"window": 4} if mixer in ("hedgehog_swa", "gla") else {})
+    return linearize.convert(tiny_model("llama", dtype=torch.float32), mixer, **options)
+
+
+def snapshot(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def kl_to(teacher_logits, model, windows):
+    # The teacher's logits come from before distillation: after a merge, teacher_mode would use merged weights.
+    with torch.no_grad():
+        return lora_kd.kd_losses(model(input_ids=windows, use_cache=False).logits, teacher_logits, windows, 1.0)[0].item()
+
+
+def test_attention_transfer_lowers_every_layer_and_trains_only_new_parameters(data):
+    model = student()
+    windows = data.heldout_windows(32, 1024)
+    before, weights = layer_errors(model, windows), snapshot(model)
+    config = AttentionTransferConfig(tokens=32 * 4 * 12, batch_size=4, lr=0.1, log_every=1)
+    run = session()
+    model = attention_transfer.run(model, data, config, run)
+    after = layer_errors(model, windows)
+    assert set(before) == set(after) == {0, 1, 2}
+    for i in before:
+        assert after[i]["normalized"] < 0.6 * before[i]["normalized"], (i, before[i], after[i])
+    new = {name for name, p in model.named_parameters() if any(p is q for m in linearize.hf.mixers.mixers_in(model) for q in m.new_parameters())}
+    assert new and all(".feature_" in n or "window_logit" in n for n in new)
+    for name, p in model.named_parameters():
+        assert torch.equal(p, weights[name]) != (name in new), name
+        assert not p.requires_grad
+    report = run.reports[-1]
+    assert report["steps"] == 12 and report["layers"] == [0, 1, 2]
+    first, last = report["first"], report["last"]
+    assert len(first["layer_mse"]) == len(first["layer_normalized"]) == 3
+    assert all(b < a for a, b in zip(first["layer_normalized"], last["layer_normalized"]))
+
+
+def test_gradient_checkpointing_gives_the_same_training(data):
+    results = []
+    for checkpointing in (False, True):
+        model = student()
+        config = AttentionTransferConfig(tokens=32 * 2 * 3, batch_size=2, gradient_checkpointing=checkpointing)
+        results.append(snapshot(attention_transfer.run(model, data, config, session())))
+        assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
+
+
+def test_mixers_without_parameters_are_skipped_with_a_note(data):
+    model = student("gla")
+    weights = snapshot(model)
+    run = session()
+    LOG.clear()
+    attention_transfer.run(model, data, AttentionTransferConfig(tokens=1000), run)
+    assert any("add no parameters" in m for m in LOG) and any("nothing to train" in m for m in LOG)
+    assert run.reports[-1]["skipped"] == "no new parameters"
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
+
+
+def test_lora_kd_lowers_kl_keeps_the_teacher_and_merges_into_a_plain_model(data, tmp_path):
+    teacher = tiny_model("llama", dtype=torch.float32)
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(10)  # a peaked next-token distribution, as trained models have
+    windows = data.heldout_windows(32, 512)
+    with torch.no_grad():
+        teacher_logits = teacher(input_ids=windows).logits
+    model = linearize.convert(teacher, "hedgehog_swa", window=4)
+    kl_before = kl_to(teacher_logits, model, windows)
+    base = snapshot(model)
+    config = LoraKDConfig(tokens=32 * 4 * 48, batch_size=4, lr=0.003, warmup_steps=4, merge=False, train_new_parameters=True, log_every=4)
+    peft_model = lora_kd.run(model, data, config, session())
+
+    with torch.no_grad(), peft_model.disable_adapter(), linearize.teacher_mode(peft_model):
+        assert torch.allclose(peft_model(input_ids=windows).logits, teacher_logits, atol=1e-5, rtol=0)
+    for name, p in peft_model.get_base_model().named_parameters():
+        if "lora_" in name:
+            continue
+        plain = name.replace(".base_layer", "")
+        assert torch.equal(p, base[plain]) != (".feature_" in name or "window_logit" in name), name
+    with torch.no_grad():
+        adapted = peft_model(input_ids=windows, use_cache=False).logits
+
+    merged = peft_model.merge_and_unload()
+    assert type(merged) is linearize.LinearizedForCausalLM
+    assert not any("peft" in type(m).__module__ for m in merged.modules())
+    assert not any("lora_" in k or "base_layer" in k for k in merged.state_dict())
+    assert not hasattr(merged, "peft_config")
+    with torch.no_grad():
+        merged_logits = merged(input_ids=windows, use_cache=False).logits
+    assert torch.allclose(merged_logits, adapted, atol=1e-4, rtol=0)
+    assert kl_to(teacher_logits, merged, windows) < 0.85 * kl_before
+
+    merged.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=windows, use_cache=False).logits, merged_logits)
+
+
+def test_lora_targets_and_checks():
+    model = student()
+    config = LoraKDConfig(tokens=1000)
+    targets = lora_kd.lora_targets(model, config)
+    assert len(targets) == 12 and all(t.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) and ".attn." in t for t in targets)
+    assert len(lora_kd.lora_targets(model, LoraKDConfig(tokens=1000, targets=["q_proj", "v_proj"]))) == 6
+    hybrid = linearize.convert(tiny_model("llama", dtype=torch.float32), "hedgehog", keep_attention=[1])
+    assert len(lora_kd.lora_targets(hybrid, config)) == 8
+    assert len(lora_kd.lora_targets(hybrid, LoraKDConfig(tokens=1000, converted_only=False))) == 12
+    with pytest.raises(LinearizeError, match="'qkv' is not a linear module of layer 0's attention"):
+        lora_kd.lora_targets(model, LoraKDConfig(tokens=1000, targets=["qkv"]))
+    with pytest.raises(LinearizeError, match="not both zero"):
+        LoraKDConfig(kl_weight=0, ce_weight=0)
+
+
+def test_budgets_must_hold_a_step(data):
+    with pytest.raises(LinearizeError, match="tokens must be a positive budget"):
+        TrainConfig(tokens=0)
+    with pytest.raises(LinearizeError, match="less than one optimizer step of 128 tokens"):
+        attention_transfer.run(student(), data, AttentionTransferConfig(tokens=100, batch_size=4), session())
