@@ -1,0 +1,116 @@
+"""Quality on the real teacher: every recipe distilled on an offline corpus, teacher and students scored alike.
+
+For each recipe: `linearize run` with the corpus from `benchmarks/gather_corpus.py` (train: five Austen novels and
+Debian's Python docs; held out: Persuasion and a slice of the docs), then, on the saved student and on the same
+weights under `teacher_mode` (the teacher): perplexity of the first 60K tokens of Persuasion and of the held-out
+docs in 512-token windows, KL(teacher || student) and top-1 next-token agreement on Persuasion, and passkey
+retrieval at 512, 2K and 8K tokens. Stage times and tokens/s come from the run itself.
+
+    python benchmarks/gather_corpus.py --out corpus
+    python benchmarks/quality.py --teacher smollm2-135m --corpus corpus --tokens 2_000_000 --out results/quality
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+
+import linearize
+from linearize.config import load_recipe
+from linearize.evaluate.longcontext import answer, answer_of, make_probe
+from linearize.evaluate.perplexity import perplexity
+from linearize.pipeline import run
+from linearize.textdata import read_text_source, token_windows
+
+RECIPES = ("lolcats", "lolcats_linear", "liger", "mamba_in_llama", "hybrid_gdn")
+
+
+@torch.no_grad()
+def agreement(model, windows: torch.LongTensor, batch_size: int = 8) -> tuple[float, float]:
+    """Mean KL(teacher || student) per token (nats) and top-1 agreement, teacher = the model under teacher_mode."""
+    kl_total, agree, count = 0.0, 0, 0
+    for batch in windows.split(batch_size):
+        with linearize.teacher_mode(model):
+            teacher = model(batch, use_cache=False).logits.float().log_softmax(-1)
+        student = model(batch, use_cache=False).logits.float().log_softmax(-1)
+        kl_total += F.kl_div(student, teacher, log_target=True, reduction="sum").item()
+        agree += (teacher.argmax(-1) == student.argmax(-1)).sum().item()
+        count += batch.numel()
+    return kl_total / count, agree / count
+
+
+@torch.no_grad()
+def passkey(model, tokenizer, length: int, trials: int) -> float:
+    rng = random.Random(length)
+    probes = [make_probe(tokenizer, "passkey", length, depth, rng) for depth in (0.1, 0.5, 0.9) for _ in range(trials)]
+    return sum(answer_of(answer(model, tokenizer, p)) == p.answer for p in probes) / len(probes)
+
+
+def score(model, tokenizer, heldout: dict[str, torch.LongTensor], lengths: list[int], trials: int) -> dict:
+    model.eval()
+    out = {f"ppl_{name}": perplexity(model, windows.to(model.device), batch_size=8) for name, windows in heldout.items()}
+    out.update({f"passkey_{n}": passkey(model, tokenizer, n, trials) for n in lengths})
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher", default="smollm2-135m")
+    parser.add_argument("--corpus", default="corpus")
+    parser.add_argument("--recipes", default=",".join(RECIPES))
+    parser.add_argument("--tokens", type=int, default=2_000_000, help="token budget of every stage")
+    parser.add_argument("--passkey-lengths", default="512,2048,8000")
+    parser.add_argument("--trials", type=int, default=2)
+    parser.add_argument("--eval-tokens", type=int, default=61440, help="held-out tokens scored (the first 60K of each text)")
+    parser.add_argument("--out", default="results/quality")
+    parser.add_argument("overrides", nargs="*", help="extra key=value recipe overrides for every recipe")
+    args = parser.parse_args()
+    corpus, out = Path(args.corpus), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lengths = [int(n) for n in args.passkey_lengths.split(",")]
+    summary = []
+    teacher_scores = None
+    for name in args.recipes.split(","):
+        started = time.time()
+        overrides = [f"teacher={args.teacher}", f"data.train={corpus / 'train'}", f"data.heldout={corpus / 'heldout' / 'persuasion.txt'}",
+                     "data.streaming=false", "data.seq_len=512", f"eval.perplexity_tokens={args.eval_tokens}", "eval.seq_len=512", *args.overrides]
+        stages = len(load_recipe(name, overrides).stages)
+        recipe = load_recipe(name, overrides + [f"stages.{i}.tokens={args.tokens}" for i in range(stages)])
+        result = run(recipe, out=out / name, overwrite=True, log=lambda m: print(f"[{name}] {m}", flush=True))
+        model = AutoModelForCausalLM.from_pretrained(out / name, dtype=torch.float32).to("cuda" if torch.cuda.is_available() else "cpu")
+        tokenizer = linearize.load_teacher(out / name)[1]
+        heldout = {
+            "persuasion": token_windows(tokenizer, read_text_source(str(corpus / "heldout" / "persuasion.txt")), 512, max_tokens=args.eval_tokens),
+            "docs": token_windows(tokenizer, read_text_source(str(corpus / "heldout" / "python-docs.txt")), 512, max_tokens=args.eval_tokens),
+        }
+        if teacher_scores is None:
+            with linearize.teacher_mode(model):
+                teacher_scores = score(model, tokenizer, heldout, lengths, args.trials)
+        student = score(model, tokenizer, heldout, lengths, args.trials)
+        kl, top1 = agreement(model, heldout["persuasion"][:32].to(model.device))
+        row = {
+            "recipe": name,
+            "mixers": sorted(set(model.config.mixer_names())),
+            "attention_layers": [i for i, m in enumerate(model.config.mixer_names()) if m == "attention"],
+            "teacher": teacher_scores,
+            "student": student,
+            "converted_ppl_persuasion": result.converted.perplexity,
+            "kl_per_token": kl,
+            "top1_agreement": top1,
+            "stages": result.stages,
+            "seconds": time.time() - started,
+        }
+        summary.append(row)
+        (out / "quality.json").write_text(json.dumps(summary, indent=1))
+        print(json.dumps({k: row[k] for k in ("recipe", "student", "kl_per_token", "top1_agreement", "seconds")}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
