@@ -24,4 +24,4 @@ def test_a_short_attention_transfer_improves_heldout_perplexity(smollm2):
     student = linearize.distill(student, data, recipe, log=messages.append, progress=False)
     after = perplexity(student, windows)
     assert any("already converted" in m for m in messages)
-    assert after < 0.85 * before, (before, after)  # 106 -> 81 when written
+    assert after < 0.85 * before, (before, after)  # 106 -> 75 when written
