@@ -4,10 +4,13 @@ For each recipe: `linearize run` with the corpus from `benchmarks/gather_corpus.
 Debian's Python docs; held out: Persuasion and a slice of the docs), then, on the saved student and on the same
 weights under `teacher_mode` (the teacher): perplexity of the first 60K tokens of Persuasion and of the held-out
 docs in 512-token windows, KL(teacher || student) and top-1 next-token agreement on Persuasion, and passkey
-retrieval at 512, 2K and 8K tokens. Stage times and tokens/s come from the run itself.
+retrieval at 512, 2K and 8K tokens. Stage times and tokens/s come from the run itself. After every recipe it
+writes quality.json (every figure), results.json (the `linearize eval` format) and report/ (`linearize report`);
+`--report-only` redraws the last two from an existing quality.json.
 
     python benchmarks/gather_corpus.py --out corpus
     python benchmarks/quality.py --teacher smollm2-135m --corpus corpus --tokens 2_000_000 --out results/quality
+    python benchmarks/quality.py --report-only --out results/quality
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import argparse
 import json
 import random
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -26,7 +30,9 @@ import linearize
 from linearize.config import load_recipe
 from linearize.evaluate.longcontext import answer, answer_of, make_probe
 from linearize.evaluate.perplexity import perplexity
+from linearize.evaluate.results import ModelEntry, Results
 from linearize.pipeline import run
+from linearize.report import write_report
 from linearize.textdata import read_text_source, token_windows
 
 RECIPES = ("lolcats", "lolcats_linear", "liger", "mamba_in_llama", "hybrid_gdn")
@@ -46,18 +52,54 @@ def agreement(model, windows: torch.LongTensor, batch_size: int = 8) -> tuple[fl
     return kl_total / count, agree / count
 
 
+DEPTHS = (0.1, 0.5, 0.9)
+
+
 @torch.no_grad()
-def passkey(model, tokenizer, length: int, trials: int) -> float:
+def passkey(model, tokenizer, length: int, trials: int) -> dict[str, float]:
+    """Exact-match accuracy per depth (keys are the depths as text, for JSON)."""
     rng = random.Random(length)
-    probes = [make_probe(tokenizer, "passkey", length, depth, rng) for depth in (0.1, 0.5, 0.9) for _ in range(trials)]
-    return sum(answer_of(answer(model, tokenizer, p)) == p.answer for p in probes) / len(probes)
+    by_depth = {}
+    for depth in DEPTHS:
+        probes = [make_probe(tokenizer, "passkey", length, depth, rng) for _ in range(trials)]
+        by_depth[f"{depth:g}"] = sum(answer_of(answer(model, tokenizer, p)) == p.answer for p in probes) / len(probes)
+    return by_depth
 
 
 def score(model, tokenizer, heldout: dict[str, torch.LongTensor], lengths: list[int], trials: int) -> dict:
     model.eval()
     out = {f"ppl_{name}": perplexity(model, windows.to(model.device), batch_size=8) for name, windows in heldout.items()}
-    out.update({f"passkey_{n}": passkey(model, tokenizer, n, trials) for n in lengths})
+    for n in lengths:
+        by_depth = passkey(model, tokenizer, n, trials)
+        out[f"passkey_{n}"] = sum(by_depth.values()) / len(by_depth)
+        out[f"passkey_{n}_by_depth"] = by_depth
     return out
+
+
+def as_results(summary: list[dict], eval_tokens: int) -> Results:
+    """The figures of quality.json as a results file for `linearize report` (KL and agreement stay in quality.json).
+
+    Passkey goes in only where the run kept it per depth (runs before that kept only the mean per length).
+    """
+    results = Results(settings={"source": "benchmarks/quality.py", "eval_tokens": eval_tokens, "seq_len": 512})
+    results.add_model(ModelEntry(name="teacher", role="teacher", via="teacher_mode"))
+    for row in summary:
+        results.add_model(ModelEntry(name=row["recipe"], role="student", teacher="teacher", mixers=row.get("mixer_counts", {})))
+    first = summary[0]["teacher"] if summary else {}
+    for model, scores in [("teacher", first)] + [(row["recipe"], row["student"]) for row in summary]:
+        for key, value in scores.items():
+            if key.startswith("ppl_"):
+                results.add(model, "perplexity", data=key[4:], context=512, stride=512, value=value, tokens=eval_tokens)
+            elif key.endswith("_by_depth"):
+                length = int(key.split("_")[1])
+                for depth, accuracy in value.items():
+                    results.add(model, "passkey", length=length, depth=float(depth), value=accuracy)
+    return results
+
+
+def publish(summary: list[dict], out: Path, eval_tokens: int) -> None:
+    as_results(summary, eval_tokens).save(out / "results.json")
+    write_report([out / "results.json"], out / "report")
 
 
 def main():
@@ -70,9 +112,13 @@ def main():
     parser.add_argument("--trials", type=int, default=2)
     parser.add_argument("--eval-tokens", type=int, default=61440, help="held-out tokens scored (the first 60K of each text)")
     parser.add_argument("--out", default="results/quality")
+    parser.add_argument("--report-only", action="store_true", help="redraw results.json and report/ from --out's quality.json")
     parser.add_argument("overrides", nargs="*", help="extra key=value recipe overrides for every recipe")
     args = parser.parse_args()
     corpus, out = Path(args.corpus), Path(args.out)
+    if args.report_only:
+        publish(json.loads((out / "quality.json").read_text()), out, args.eval_tokens)
+        return
     out.mkdir(parents=True, exist_ok=True)
     lengths = [int(n) for n in args.passkey_lengths.split(",")]
     summary = []
@@ -98,6 +144,7 @@ def main():
         row = {
             "recipe": name,
             "mixers": sorted(set(model.config.mixer_names())),
+            "mixer_counts": dict(Counter(model.config.mixer_names())),
             "attention_layers": [i for i, m in enumerate(model.config.mixer_names()) if m == "attention"],
             "teacher": teacher_scores,
             "student": student,
@@ -109,6 +156,7 @@ def main():
         }
         summary.append(row)
         (out / "quality.json").write_text(json.dumps(summary, indent=1))
+        publish(summary, out, args.eval_tokens)
         print(json.dumps({k: row[k] for k in ("recipe", "student", "kl_per_token", "top1_agreement", "seconds")}), flush=True)
 
 

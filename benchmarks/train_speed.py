@@ -8,7 +8,7 @@ need no weight gradients): attention transfer = one forward (teacher attention i
 the converted layers only, taken as 2N + 2N; LoRA KD = teacher forward + student forward + backward = 6N.
 Peak: `--peak-tflops` (default 989, the H100's dense bf16 datasheet figure).
 
-    python benchmarks/train_speed.py --mixer gla --out results/train_speed
+    python benchmarks/train_speed.py --mixer hedgehog --out results/train_speed
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mixer", default="gla")
+    parser.add_argument("--mixer", default="hedgehog", help="a mixer with parameters of its own, or attention transfer has nothing to train")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=1024)

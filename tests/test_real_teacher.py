@@ -53,15 +53,16 @@ def test_mixer_on_the_real_teacher(name, teacher, batch, tmp_path):
 
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
     whole = student(ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+    # chunked prefill against one-shot prefill in float64: the chunk boundaries differ, so float32 rounding
+    # through 30 layers reaches a few 1e-5 of the logits' norm; float64 leaves only real differences
+    wide = copy.deepcopy(student).double()
     split = ids.shape[1] // 2
-    first = student(ids[:, :split], attention_mask=mask[:, :split], position_ids=positions[:, :split], use_cache=True)
-    rest = student(
-        ids[:, split:], attention_mask=mask, position_ids=positions[:, split:], past_key_values=first.past_key_values, use_cache=True
-    )
+    first = wide(ids[:, :split], attention_mask=mask[:, :split], position_ids=positions[:, :split], use_cache=True)
+    rest = wide(ids[:, split:], attention_mask=mask, position_ids=positions[:, split:], past_key_values=first.past_key_values, use_cache=True)
     chunked = torch.cat((first.logits, rest.logits), 1)
-    # float32 through 30 layers: equal up to rounding (the chunk boundaries differ), and the same next tokens
-    assert ((chunked - whole).norm() / whole.norm()).item() < 1e-5
-    assert torch.equal(chunked.argmax(-1)[mask.bool()], whole.argmax(-1)[mask.bool()])
+    oneshot = wide(ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+    assert ((chunked - oneshot).norm() / oneshot.norm()).item() < 1e-10
+    del wide
 
     student.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
