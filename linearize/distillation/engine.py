@@ -95,9 +95,22 @@ def make_accelerator(precision: str = "auto"):
         else:
             precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     try:
-        return Accelerator(mixed_precision=precision)
+        accelerator = Accelerator(mixed_precision=precision)
     except ValueError as error:
         raise LinearizeError(f"cannot set up precision {precision!r}: {str(error).splitlines()[0]}") from None
+    check_launch(accelerator.num_processes)
+    return accelerator
+
+
+def check_launch(processes: int) -> None:
+    """Refuse a multi-process launch that accelerate set up as independent single processes (torchrun on CPU
+    without ACCELERATE_USE_CPU): each would train alone on its own slice and overwrite the others' output."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and processes != launched:
+        raise LinearizeError(
+            f"launched as {launched} processes but accelerate joined {processes}: on CPU set ACCELERATE_USE_CPU=true "
+            "(e.g. `ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 cli.py distill RECIPE`), on GPUs give each process one"
+        )
 
 
 @dataclass
