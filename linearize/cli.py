@@ -226,11 +226,14 @@ def _print_stages(stages: list[dict], selection: dict | None) -> None:
 @app.command()
 def recipes():
     """List the shipped recipes."""
-    from .config import RECIPE_DIR, shipped_recipes
+    from .config import recipe_summary, shipped_recipes
 
+    table = Table(title="shipped recipes")
+    table.add_column("recipe (linearize run NAME)", style="bold", no_wrap=True)
+    table.add_column("what it does")
     for name in shipped_recipes():
-        first = (RECIPE_DIR / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ")
-        console.print(f"{name:20s} {first}")
+        table.add_row(name, recipe_summary(name))
+    console.print(table)
 
 
 add_commands(app)

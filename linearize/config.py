@@ -123,7 +123,6 @@ class EvalConfig:
     seq_len: int = 512
     prompt: str = "It is a truth universally acknowledged, that"
     max_new_tokens: int = 40
-    tasks: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -262,6 +261,13 @@ def recipe_path(name_or_path: str | Path) -> Path:
 
 def shipped_recipes() -> list[str]:
     return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+
+
+def recipe_summary(name: str) -> str:
+    """The first sentence of a shipped recipe's description (the comment lines after its command and overrides)."""
+    comments = [line.lstrip("#").strip() for line in (RECIPE_DIR / f"{name}.yaml").read_text().splitlines() if line.startswith("#")]
+    text = " ".join(line for line in comments[1:] if not line.startswith(("Override any key", "linearize ")))
+    return text.split(". ")[0].rstrip(".")
 
 
 def load_recipe(name_or_path: str | Path, overrides: list[str] = ()) -> Recipe:

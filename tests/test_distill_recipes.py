@@ -1,14 +1,17 @@
-"""Every shipped recipe loads, names known mixers and stages, and its header holds a working launch command."""
+"""Every shipped recipe loads, names known mixers and stages, its header holds a working launch command and a
+description `linearize recipes` shows; every data file of the package ships in the wheel."""
+
+import fnmatch
+import tomllib
 
 import pytest
 
-from linearize.config import RECIPE_DIR, load_recipe, shipped_recipes
+from linearize import cli
+from linearize.config import RECIPE_DIR, load_recipe, recipe_summary, shipped_recipes
 from linearize.distillation.driver import RUNNERS, validate_recipe
 from linearize.hf.errors import LinearizeError
 from linearize.hf.mixers import MIXERS
-
-# Mixers whose recipes ship here while their code lands from another branch.
-ELSEWHERE = {"mamba2", "gated_deltanet"}
+from tests.conftest import REPO_ROOT
 
 
 def test_the_documented_recipes_ship():
@@ -24,13 +27,9 @@ def test_every_shipped_recipe_loads_and_validates(name):
     assert lines[1].startswith(prefix)
     for recipe in (load_recipe(name), load_recipe(name, lines[1][len(prefix) :].split())):
         mixers = {recipe.convert.mixer, *recipe.convert.hybrid, *recipe.convert.mixer_options}
-        assert mixers <= set(MIXERS) | ELSEWHERE
+        assert mixers <= set(MIXERS)
         assert recipe.stages and all(stage.kind in RUNNERS for stage in recipe.stages)
-        if mixers <= set(MIXERS):
-            validate_recipe(recipe)
-        else:
-            with pytest.raises(LinearizeError, match="unknown mixer"):
-                validate_recipe(recipe)
+        validate_recipe(recipe)
     budget = sum(stage.tokens for stage in load_recipe(name).stages)
     if name == "quickstart":
         assert budget <= 65536  # minutes on two CPU cores
@@ -53,3 +52,26 @@ def test_every_shipped_recipe_loads_and_validates(name):
 def test_recipe_mistakes_are_named(overrides, message):
     with pytest.raises(LinearizeError, match=message.replace("(", r"\(").replace("[", r"\[").replace("?", r"\?")):
         load_recipe("quickstart", overrides)
+
+
+def test_the_recipe_listing_describes_each_recipe(monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["linearize", "recipes"])
+    monkeypatch.setenv("COLUMNS", "400")
+    with pytest.raises(SystemExit) as exit:
+        cli.main()
+    assert exit.value.code == 0
+    listing = capsys.readouterr().out
+    for name in shipped_recipes():
+        summary = recipe_summary(name)
+        assert len(summary.split()) >= 8 and not summary.startswith(("linearize", "Override"))
+        assert any(line.split("│")[1:3] and name == line.split("│")[1].strip() and summary.split()[0] in line for line in listing.splitlines())
+
+
+def test_every_data_file_of_the_package_ships():
+    globs = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["linearize"]
+    package = REPO_ROOT / "linearize"
+    for path in package.rglob("*"):
+        if not path.is_file() or "__pycache__" in path.parts or (path.suffix == ".py" and (path.parent / "__init__.py").exists()):
+            continue
+        relative = path.relative_to(package).as_posix()
+        assert any(fnmatch.fnmatch(relative, g) and relative.count("/") == g.count("/") for g in globs), f"{relative} is not in package-data"
