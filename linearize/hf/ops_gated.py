@@ -144,8 +144,12 @@ def recurrent_gla(
 ) -> Tuple[Tensor, Tensor]:
     """Token-by-token GLA (decode path): S_t = diag(exp(gk_t)) S_{t-1} + k_t^T v_t; o_t = scale q_t S_t."""
     q, k, v, gk, scale, s0, out_dtype = _prepare(q, k, v, gk, scale, initial_state, False)
+    return _recurrence(q, k, v, torch.exp(gk).unsqueeze(-1), scale, s0, out_dtype)  # decay (B, H, T, K, 1)
+
+
+def _recurrence(q: Tensor, k: Tensor, v: Tensor, decay: Tensor, scale: float, s0: Optional[Tensor], out_dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """S_t = decay_t * S_{t-1} + k_t^T v_t, o_t = scale q_t S_t one token at a time; decay_t broadcasts to (K, V)."""
     S = s0 if s0 is not None else _zeros_state(q, v)
-    decay = torch.exp(gk).unsqueeze(-1)  # (B, H, T, K, 1)
     q = q * scale
     outs = []
     for t in range(q.shape[2]):
@@ -261,14 +265,7 @@ def recurrent_simple_gla(
 ) -> Tuple[Tensor, Tensor]:
     """Token-by-token scalar-gate GLA (decode path): S_t = exp(g_t) S_{t-1} + k_t^T v_t; o_t = scale q_t S_t."""
     q, k, v, g, scale, s0, out_dtype = _prepare(q, k, v, g, scale, initial_state, True)
-    S = s0 if s0 is not None else _zeros_state(q, v)
-    decay = torch.exp(g)[..., None, None]  # (B, H, T, 1, 1)
-    q = q * scale
-    outs = []
-    for t in range(q.shape[2]):
-        S = decay[:, :, t] * S + k[:, :, t, :, None] * v[:, :, t, None, :]
-        outs.append((q[:, :, t, None, :] @ S).squeeze(-2))
-    return torch.stack(outs, dim=2).to(out_dtype), S
+    return _recurrence(q, k, v, torch.exp(g)[..., None, None], scale, s0, out_dtype)  # decay (B, H, T, 1, 1)
 
 
 def chunk_simple_gla(
