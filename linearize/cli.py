@@ -67,10 +67,13 @@ def convert(
     """Convert a teacher's attention layers and save the result as a Hugging Face model folder."""
     from . import convert as convert_model
     from .loaders import load_teacher
+    from .hf.mixers import get_mixer
     from .outputs import atomic_folder, check_output
 
     check_output(out, overwrite)
     options, hybrid_map = parse_options(option), parse_hybrid(hybrid)
+    for name in (mixer, *hybrid_map):  # names fail before a possibly long load; the rest of the plan after it
+        get_mixer(name)
     with step(f"loading {source}"):
         teacher, tokenizer = load_teacher(source, dtype=dtype)
     with step(f"converting to {mixer}"):
@@ -103,7 +106,7 @@ def _print_layers(model_or_folder) -> None:
 
     infos = describe(model_or_folder)
     table = Table(title="layers")
-    for column in ("layer", "mixer", "options", "params added", "state (fixed)", "state per token", "grows with context"):
+    for column in ("layer", "mixer", "options", "params added", "state (fixed)", "state per token", "grows with context", "on CUDA"):
         table.add_column(column)
     for info in infos:
         options = ", ".join(f"{k}={v}" for k, v in info.options.items())
@@ -115,6 +118,7 @@ def _print_layers(model_or_folder) -> None:
             _bytes(info.state_bytes),
             _bytes(info.state_bytes_per_token),
             "yes" if info.grows_with_context else "no",
+            info.cuda_path,
         )
     console.print(table)
     added = sum(i.new_parameters for i in infos)

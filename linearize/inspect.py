@@ -11,6 +11,7 @@ import torch
 from .hf.attention import AttentionSpec, attention_slot, decoder_layers
 from .hf.configuration_linearized import LinearizedConfig
 from .hf.errors import LinearizeError
+from .hf.kernel_dispatch import path as kernel_path
 from .hf.mixers import MIXERS, MixerCost
 from .hf.modeling_linearized import LinearizedForCausalLM
 
@@ -23,6 +24,7 @@ class LayerInfo:
     new_parameters: int
     state_bytes: int
     state_bytes_per_token: int
+    cuda_path: str = ""
 
     @property
     def grows_with_context(self) -> bool:
@@ -52,8 +54,9 @@ def describe(model_or_folder, dtype_bytes: int | None = None) -> list[LayerInfo]
         with torch.device("meta"):
             model = LinearizedForCausalLM(config)
     text = config.text_config
+    dtype = getattr(torch, str(config.dtype or "float32").replace("torch.", ""))
     if dtype_bytes is None:
-        dtype_bytes = torch.empty((), dtype=getattr(torch, str(config.dtype or "float32").replace("torch.", ""))).element_size()
+        dtype_bytes = torch.empty((), dtype=dtype).element_size()
     infos = []
     for index, layer in enumerate(decoder_layers(model.model, text.num_hidden_layers)):
         module = getattr(layer, attention_slot(layer))
@@ -65,7 +68,11 @@ def describe(model_or_folder, dtype_bytes: int | None = None) -> list[LayerInfo]
         else:
             cost = MIXERS[name].cost(AttentionSpec.read(module, text, index), None)
             added, options = 0, {}
-        infos.append(LayerInfo(index, name, options, added, cost.state_fixed * dtype_bytes, cost.state_per_token * dtype_bytes))
+        if name == "attention":
+            where = f"teacher attention ({text._attn_implementation or 'sdpa'})"
+        else:
+            where = kernel_path(module.kernel(), dtype)
+        infos.append(LayerInfo(index, name, options, added, cost.state_fixed * dtype_bytes, cost.state_per_token * dtype_bytes, where))
     return infos
 
 

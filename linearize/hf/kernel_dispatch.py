@@ -105,6 +105,17 @@ def backend(device: torch.device, head_dims: tuple[int, ...], dtype: torch.dtype
     return "fla", None
 
 
+def path(kernel: tuple[str, tuple[int, int]] | None, dtype: torch.dtype) -> str:
+    """Where a layer whose `Mixer.kernel()` is `kernel` runs on CUDA tensors of `dtype` (for `linearize info`)."""
+    if kernel is None:
+        return "PyTorch (no fla kernel)"
+    name, head_dims = kernel
+    if mode() == "torch":
+        return "PyTorch (LINEARIZE_KERNELS=torch)"
+    problem = fla_problem() or shape_problem(head_dims, dtype)
+    return f"fla {name}" if problem is None else f"PyTorch: {problem}"
+
+
 def _pick(q: torch.Tensor, v: torch.Tensor, gated_training: bool = False) -> bool:
     if backend(q.device, (q.shape[-1], v.shape[-1]), q.dtype)[0] != "fla":
         return False

@@ -136,6 +136,9 @@ class GatedDeltaNetMixer(Mixer):
             beta, g = beta * padding_mask[..., None], g * padding_mask[..., None]
         return beta.transpose(1, 2), g.transpose(1, 2)
 
+    def kernel(self):
+        return "gated_delta_rule", (self.spec.head_dim, self.spec.head_dim)
+
     def mix(self, hidden_states, q, k, v, position_embeddings, padding_mask, state) -> torch.Tensor:
         tensors = state.tensors if state is not None else {}
         q, k, v, conv = self.convolve(q, k, v, padding_mask, tensors.get("conv"))

@@ -86,6 +86,9 @@ class GLAMixer(Mixer):
         # den is 0 where no real key has been seen yet (under left padding), and num with it.
         return num / torch.where(den > 0, den, torch.ones_like(den)), final[:, ::groups].contiguous()
 
+    def kernel(self):
+        return "gla", (self.spec.head_dim, self.spec.head_dim + 1)  # a window, if any, runs beside it in PyTorch
+
     def mix(self, hidden_states, q, k, v, position_embeddings, padding_mask, state):
         tensors = {} if state is None else state.tensors
         decode = state is not None and q.shape[2] == 1

@@ -85,6 +85,9 @@ class HedgehogMixer(Mixer):
         params = (spec.num_heads + spec.num_kv_heads) * (d * f + f)
         return MixerCost(new_parameters=params, state_fixed=spec.num_kv_heads * 2 * f * (d + 1), state_per_token=0)
 
+    def kernel(self):
+        return "simple_gla", (2 * self.options.feature_dim, self.spec.head_dim + 1)
+
     def mix(self, hidden_states, q, k, v, position_embeddings, padding_mask, state):
         q, k = apply_rotary(q, k, position_embeddings)
         fq, fk = self.feature_q(q), self.feature_k(k)
@@ -138,6 +141,9 @@ class HedgehogSWAMixer(HedgehogMixer):
         # feature-mapped keys; plus the window's padding mask.
         state = h * 2 * f * (d + 1) + h * (w - 1) * (2 * d + 2 * f) + (w - 1)
         return MixerCost(super().cost(spec, options).new_parameters + h, state, 0)
+
+    def kernel(self):
+        return None  # the window and the linear part share one normaliser, computed together in PyTorch
 
     def mix(self, hidden_states, q, k, v, position_embeddings, padding_mask, state):
         q, k = apply_rotary(q, k, position_embeddings)

@@ -67,6 +67,9 @@ class Mamba2Mixer(Mixer):
             dt = dt * padding_mask[..., None]
         return dt.transpose(1, 2)
 
+    def kernel(self):
+        return "simple_gla", (self.spec.head_dim, self.spec.head_dim)
+
     def mix(self, hidden_states, q, k, v, position_embeddings, padding_mask, state) -> torch.Tensor:
         dtype = torch.promote_types(q.dtype, torch.float32)
         groups = self.spec.groups

@@ -144,6 +144,11 @@ class Mixer(nn.Module):
     def cost(cls, spec: AttentionSpec, options: Any) -> MixerCost:
         raise NotImplementedError
 
+    def kernel(self) -> tuple[str, tuple[int, int]] | None:
+        """The fla kernel this layer's recurrence runs on CUDA and the (key, value) head sizes it passes it; None
+        where the layer has no fla kernel (softmax attention, sliding windows) and runs in PyTorch."""
+        return None
+
     def _mark_initialized(self) -> None:
         # transformers re-initialises modules it did not load unless flagged; our new parameters carry their
         # own deliberate initialisation (identity feature maps, identity convolutions), which must survive.

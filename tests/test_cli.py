@@ -1,0 +1,130 @@
+"""`linearize convert`, `info` and `mixers` on a tiny teacher folder: what they write and print, and the one-line
+errors (exit code 2, nothing on disk) for every bad input the foundation issue lists."""
+
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import linearize
+from linearize import cli
+from linearize.hf import kernel_dispatch
+from tests.tiny import tiny_model, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def teacher_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli") / "teacher"
+    tiny_model("llama", dtype=torch.float32).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def run(monkeypatch, capsys, *args):
+    """The console script in this process: (exit code, stdout, stderr), on a wide terminal."""
+    monkeypatch.setattr(sys, "argv", ["linearize", *map(str, args)])
+    monkeypatch.setenv("COLUMNS", "250")
+    with pytest.raises(SystemExit) as exit:
+        cli.main()
+    captured = capsys.readouterr()
+    return exit.value.code, captured.out, captured.err
+
+
+def error_line(stderr: str) -> str:
+    """The error itself: the last line (a model's load may print progress bars above it)."""
+    lines = stderr.strip().splitlines()
+    assert lines and lines[-1].startswith("error: "), stderr
+    return lines[-1]
+
+
+def table_rows(text: str) -> list[list[str]]:
+    return [[cell.strip() for cell in line.split("│")[1:-1]] for line in text.splitlines() if line.startswith("│")]
+
+
+def test_convert_writes_a_model_that_reloads_to_the_same_logits(teacher_folder, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "student"
+    code, stdout, stderr = run(monkeypatch, capsys, "convert", teacher_folder, "--out", out, "--mixer", "gla",
+                               "--keep-attention", "0", "--option", "window=4")
+    assert code == 0, stderr
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    rows = table_rows(stdout)
+    assert [r[1] for r in rows] == ["attention", "gla", "gla"]
+    expected = linearize.convert(AutoModelForCausalLM.from_pretrained(teacher_folder), "gla", keep_attention=[0], window=4)
+    ids = torch.randint(0, expected.config.text_config.vocab_size, (2, 9))
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert torch.equal(reloaded(ids).logits, expected(ids).logits)
+
+
+def test_info_shows_the_plan_state_and_kernel_path_per_layer(teacher_folder, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "hybrid"
+    code, _, stderr = run(monkeypatch, capsys, "convert", teacher_folder, "--out", out, "--mixer", "hedgehog",
+                          "--hybrid", "hedgehog_swa=last:1", "--option", "feature_dim=8")
+    assert code == 0, stderr
+    # as on a GPU host with fla installed
+    monkeypatch.setattr(kernel_dispatch, "FLA_PROBLEM", None)
+    monkeypatch.setattr(kernel_dispatch, "FLA_VERSION", "0.6.0")
+    code, stdout, stderr = run(monkeypatch, capsys, "info", out)
+    assert code == 0, stderr
+    rows = table_rows(stdout)
+    assert [(r[1], r[6], r[7]) for r in rows] == [("hedgehog", "no", "fla simple_gla")] * 2 + [("hedgehog_swa", "no", "PyTorch (no fla kernel)")]
+    assert "parameters added" in stdout
+
+    monkeypatch.setenv("LINEARIZE_KERNELS", "torch")
+    rows = table_rows(run(monkeypatch, capsys, "info", out)[1])
+    assert rows[0][7] == "PyTorch (LINEARIZE_KERNELS=torch)"
+    monkeypatch.delenv("LINEARIZE_KERNELS")
+    monkeypatch.setattr(kernel_dispatch, "FLA_PROBLEM", "flash-linear-attention is not usable (ImportError: no module)")
+    rows = table_rows(run(monkeypatch, capsys, "info", out)[1])
+    assert rows[0][7] == "PyTorch: flash-linear-attention is not usable (ImportError: no module)"
+
+
+def test_info_says_which_layers_grow_with_context(teacher_folder, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "kept"
+    assert run(monkeypatch, capsys, "convert", teacher_folder, "--out", out, "--mixer", "swa", "--keep-attention", "1", "--option", "window=4")[0] == 0
+    rows = table_rows(run(monkeypatch, capsys, "info", out)[1])
+    assert [(r[1], r[6]) for r in rows] == [("swa", "no"), ("attention", "yes"), ("swa", "no")]
+    assert rows[1][7].startswith("teacher attention")
+
+
+def test_mixers_lists_every_registered_mixer(monkeypatch, capsys):
+    code, stdout, _ = run(monkeypatch, capsys, "mixers")
+    assert code == 0
+    names = {row[0] for row in table_rows(stdout) if row and row[0]}
+    assert set(linearize.MIXERS) <= names
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--mixer", "hedgehg"], "did you mean 'hedgehog'"),
+        (["--keep-attention", "5"], "out of range"),
+        (["--keep-attention", "0,0"], "layer 0 is listed twice"),
+        (["--mixer", "mamba2", "--option", "d_state=16"], "does not take option(s) d_state"),
+        (["--option", "window"], "must look like key=value"),
+    ],
+)
+def test_bad_conversions_are_one_line_errors_that_write_nothing(teacher_folder, tmp_path, monkeypatch, capsys, args, message):
+    out = tmp_path / "never"
+    code, _, stderr = run(monkeypatch, capsys, "convert", teacher_folder, "--out", out, *args)
+    assert code == 2
+    assert message in error_line(stderr)
+    assert not out.exists()
+
+
+def test_unknown_source_and_existing_output_are_named(teacher_folder, tmp_path, monkeypatch, capsys):
+    code, _, stderr = run(monkeypatch, capsys, "convert", tmp_path / "no-such-folder", "--out", tmp_path / "x")
+    assert code == 2 and "no-such-folder" in error_line(stderr)
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("mine")
+    code, _, stderr = run(monkeypatch, capsys, "convert", teacher_folder, "--out", existing)
+    assert code == 2 and "--overwrite" in error_line(stderr)
+    assert (existing / "keep.txt").read_text() == "mine"
+
+
+def test_info_refuses_a_folder_that_is_not_a_converted_model(teacher_folder, tmp_path, monkeypatch, capsys):
+    code, _, stderr = run(monkeypatch, capsys, "info", teacher_folder)
+    assert code == 2 and "linearize convert" in error_line(stderr)
+    code, _, stderr = run(monkeypatch, capsys, "info", tmp_path / "missing")
+    assert code == 2 and "missing" in error_line(stderr)
