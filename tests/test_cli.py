@@ -1,6 +1,7 @@
 """`linearize convert`, `info` and `mixers` on a tiny teacher folder: what they write and print, and the one-line
 errors (exit code 2, nothing on disk) for every bad input the foundation issue lists."""
 
+import json
 import sys
 
 import pytest
@@ -10,6 +11,7 @@ from transformers import AutoModelForCausalLM
 import linearize
 from linearize import cli
 from linearize.hf import kernel_dispatch
+from linearize.hf.errors import LinearizeError
 from tests.tiny import tiny_model, tiny_tokenizer
 
 
@@ -128,3 +130,18 @@ def test_info_refuses_a_folder_that_is_not_a_converted_model(teacher_folder, tmp
     assert code == 2 and "linearize convert" in error_line(stderr)
     code, _, stderr = run(monkeypatch, capsys, "info", tmp_path / "missing")
     assert code == 2 and "missing" in error_line(stderr)
+
+
+@pytest.mark.parametrize("edit", ["layer kept as attention", "other feature_dim"])
+def test_a_checkpoint_whose_weights_do_not_match_its_plan_is_refused(teacher_folder, tmp_path, monkeypatch, capsys, edit):
+    out = tmp_path / "student"
+    assert run(monkeypatch, capsys, "convert", teacher_folder, "--out", out, "--mixer", "hedgehog", "--option", "feature_dim=8")[0] == 0
+    config = json.loads((out / "config.json").read_text())
+    if edit == "layer kept as attention":
+        config["layers"][1] = {"mixer": "attention", "options": {}}
+    else:
+        config["layers"][1]["options"]["feature_dim"] = 4
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(LinearizeError, match="do not match the plan in its config.json") as error:
+        AutoModelForCausalLM.from_pretrained(out)
+    assert "\n" not in str(error.value) and "re-convert" in str(error.value)
