@@ -28,7 +28,23 @@ PADDING_MASK = "linearize_padding_mask"
 
 
 def register_mixer(cls: type["Mixer"]) -> type["Mixer"]:
-    """Class decorator adding a mixer to `MIXERS` under `cls.name`; a duplicate or malformed name raises."""
+    """Class decorator adding a mixer to `MIXERS` under `cls.name`; a duplicate or malformed name raises.
+
+    A new mixer is one file: subclass `Mixer`, set `name`/`anchor`/`summary` (and `Options`, a dataclass), and
+    implement `mix()` and `cost()`; `linearize.convert(model, "my_mixer")` and saved checkpoints then find it.
+
+    >>> from linearize import register_mixer
+    >>> from linearize.hf.mixers import Mixer
+    >>> @register_mixer
+    ... class Identity(Mixer):
+    ...     name, anchor, summary = "identity_example", "none", "passes the values through"
+    ...     def mix(self, hidden_states, q, k, v, position_embeddings, padding_mask, state):
+    ...         return v
+    >>> register_mixer(Identity)
+    Traceback (most recent call last):
+    ...
+    ValueError: mixer 'identity_example' is already registered by linearize.hf.mixers.Identity
+    """
     name = getattr(cls, "name", "")
     if not name or not name.replace("_", "").isalnum() or not name[0].isalpha() or name != name.lower():
         raise ValueError(f"mixer name {name!r} of {cls.__qualname__} must be lowercase letters, digits and underscores")
