@@ -1,4 +1,7 @@
-"""Kernel selection on a machine without CUDA: the PyTorch path runs, forcing fla is a clear error."""
+"""Kernel selection: the PyTorch path on CPU, fla chosen on CUDA when usable, a one-time warning and the PyTorch
+path when it is missing, too old or the shape rules it out, and clear errors when forcing fla where it cannot run."""
+
+import warnings
 
 import pytest
 import torch
@@ -41,3 +44,39 @@ def test_shapes_fla_cannot_take_are_named():
 def test_graph_decoder_refuses_what_it_cannot_capture():
     with pytest.raises(LinearizeError, match="needs the model on a CUDA device"):
         GraphDecoder(linearize.convert(tiny_model(dtype=torch.float32), "hedgehog"))
+
+
+@pytest.mark.parametrize(
+    "problem, version, reason",
+    [
+        ("flash-linear-attention is not usable (ModuleNotFoundError: No module named 'fla')", None, "not usable"),
+        (None, "0.5.2", "flash-linear-attention 0.5.2 is older than"),
+    ],
+)
+def test_cuda_without_a_usable_fla_warns_once_and_falls_back(monkeypatch, problem, version, reason):
+    """backend() only looks at the device type, so a CUDA device object stands in for a GPU here."""
+    monkeypatch.setattr(kernels, "FLA_PROBLEM", problem)
+    monkeypatch.setattr(kernels, "FLA_VERSION", version)
+    monkeypatch.setattr(kernels, "_warned", set())
+    cuda = torch.device("cuda")
+    with pytest.warns(UserWarning, match=reason):
+        path, why = kernels.backend(cuda, (64, 64), torch.bfloat16)
+    assert path == "torch" and reason in why
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert kernels.backend(cuda, (64, 64), torch.bfloat16)[0] == "torch"  # once only
+    monkeypatch.setenv("LINEARIZE_KERNELS", "fla")
+    with pytest.raises(LinearizeError, match=r"LINEARIZE_KERNELS=fla, but .*pip install 'linearize\[gpu\]'"):
+        kernels.backend(cuda, (64, 64), torch.bfloat16)
+
+
+def test_a_usable_fla_is_chosen_on_cuda_unless_the_shape_rules_it_out(monkeypatch):
+    monkeypatch.setattr(kernels, "FLA_PROBLEM", None)
+    monkeypatch.setattr(kernels, "FLA_VERSION", "0.6.0")
+    monkeypatch.setattr(kernels, "_warned", set())
+    cuda = torch.device("cuda")
+    assert kernels.backend(cuda, (64, 65), torch.bfloat16) == ("fla", None)
+    with pytest.warns(UserWarning, match="up to 256"):
+        assert kernels.backend(cuda, (512, 64), torch.bfloat16)[0] == "torch"
+    monkeypatch.setenv("LINEARIZE_KERNELS", "torch")
+    assert kernels.backend(cuda, (64, 64), torch.bfloat16) == ("torch", None)
