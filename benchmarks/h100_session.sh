@@ -2,6 +2,9 @@
 # warm H100 (one call carries at most 64 MiB, the SmolLM2 GGUF is 98 MB, so it travels in two halves):
 #   bash benchmarks/h100_session.sh first    # carry .whl .gguf1: wheels, first half, GPU tests, distillation MFU
 #   bash benchmarks/h100_session.sh second   # carry .gguf2 corpus: join the GGUF, real-teacher GPU test, quality
+# and, each in one call of its own:
+#   bash benchmarks/h100_session.sh tests      # carry .whl: the whole GPU test file, with a 9-minute budget
+#   bash benchmarks/h100_session.sh multi_gpu  # carry .whl, on nvidia-h200-x2: one process vs DDP vs FSDP
 # Results land in $OUT (default ./gpu_out). Wheels: fla 0.6.0, gguf 0.19.0, datasets 5.2.0 and their pure-Python needs.
 set -u
 OUT=${OUT:-gpu_out}
@@ -35,7 +38,18 @@ second)
     cp "$run"/*.json "$run"/*.jsonl "$run"/*.md "$OUT/quality/$name/" 2>/dev/null
   done
   ;;
+tests)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  timeout 540 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py -k "not real_teacher" -rs > "$OUT/gpu_tests.log" 2>&1
+  echo "exit $?" >> "$OUT/gpu_tests.log"
+  ;;
+multi_gpu)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  timeout 540 python3 benchmarks/multi_gpu.py --out /tmp/multi_gpu > "$OUT/multi_gpu.log" 2>&1
+  echo "exit $?" >> "$OUT/multi_gpu.log"
+  cp /tmp/multi_gpu/multi_gpu.json /tmp/multi_gpu/*.log "$OUT/" 2>/dev/null
+  ;;
 *)
-  echo "usage: bash benchmarks/h100_session.sh first|second" >&2; exit 2
+  echo "usage: bash benchmarks/h100_session.sh first|second|tests|multi_gpu" >&2; exit 2
   ;;
 esac
