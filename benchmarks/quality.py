@@ -2,7 +2,7 @@
 
 For each recipe: `linearize run` with the corpus from `benchmarks/gather_corpus.py` (train: five Austen novels and
 Debian's Python docs; held out: Persuasion and a slice of the docs), then, on the saved student and on the same
-weights under `teacher_mode` (the teacher): perplexity of the first 60K tokens of Persuasion and of the held-out
+original teacher: perplexity of the first 60K tokens of Persuasion and of the held-out
 docs in 512-token windows, KL(teacher || student) and top-1 next-token agreement on Persuasion, and passkey
 retrieval at 512, 2K and 8K tokens. Stage times and tokens/s come from the run itself. After every recipe it
 writes quality.json (every figure), results.json (the `linearize eval` format) and report/ (`linearize report`);
@@ -39,12 +39,12 @@ RECIPES = ("lolcats", "lolcats_linear", "liger", "mamba_in_llama", "hybrid_gdn")
 
 
 @torch.no_grad()
-def agreement(model, windows: torch.LongTensor, batch_size: int = 8) -> tuple[float, float]:
-    """Mean KL(teacher || student) per token (nats) and top-1 agreement, teacher = the model under teacher_mode."""
+def agreement(model, teacher_model, windows: torch.LongTensor, batch_size: int = 8) -> tuple[float, float]:
+    """Mean KL(teacher || student) per token (nats) and top-1 agreement against the original teacher (not the
+    student's teacher_mode: LoRA KD merges into the teacher's own projections)."""
     kl_total, agree, count = 0.0, 0, 0
     for batch in windows.split(batch_size):
-        with linearize.teacher_mode(model):
-            teacher = model(batch, use_cache=False).logits.float().log_softmax(-1)
+        teacher = teacher_model(batch, use_cache=False).logits.float().log_softmax(-1)
         student = model(batch, use_cache=False).logits.float().log_softmax(-1)
         kl_total += F.kl_div(student, teacher, log_target=True, reduction="sum").item()
         agree += (teacher.argmax(-1) == student.argmax(-1)).sum().item()
@@ -82,7 +82,7 @@ def as_results(summary: list[dict], eval_tokens: int) -> Results:
     Passkey goes in only where the run kept it per depth (runs before that kept only the mean per length).
     """
     results = Results(settings={"source": "benchmarks/quality.py", "eval_tokens": eval_tokens, "seq_len": 512})
-    results.add_model(ModelEntry(name="teacher", role="teacher", via="teacher_mode"))
+    results.add_model(ModelEntry(name="teacher", role="teacher", via=summary[0].get("teacher_via", "teacher_mode") if summary else "original"))
     for row in summary:
         results.add_model(ModelEntry(name=row["recipe"], role="student", teacher="teacher", mixers=row.get("mixer_counts", {})))
     first = summary[0]["teacher"] if summary else {}
@@ -122,6 +122,8 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     lengths = [int(n) for n in args.passkey_lengths.split(",")]
     summary = []
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    teacher_model = linearize.load_teacher(args.teacher, dtype=torch.float32)[0].to(device).eval()
     teacher_scores = None
     for name in args.recipes.split(","):
         started = time.time()
@@ -130,23 +132,23 @@ def main():
         stages = len(load_recipe(name, overrides).stages)
         recipe = load_recipe(name, overrides + [f"stages.{i}.tokens={args.tokens}" for i in range(stages)])
         result = run(recipe, out=out / name, overwrite=True, log=lambda m: print(f"[{name}] {m}", flush=True))
-        model = AutoModelForCausalLM.from_pretrained(out / name, dtype=torch.float32).to("cuda" if torch.cuda.is_available() else "cpu")
+        model = AutoModelForCausalLM.from_pretrained(out / name, dtype=torch.float32).to(device)
         tokenizer = linearize.load_teacher(out / name)[1]
         heldout = {
             "persuasion": token_windows(tokenizer, read_text_source(str(corpus / "heldout" / "persuasion.txt")), 512, max_tokens=args.eval_tokens),
             "docs": token_windows(tokenizer, read_text_source(str(corpus / "heldout" / "python-docs.txt")), 512, max_tokens=args.eval_tokens),
         }
         if teacher_scores is None:
-            with linearize.teacher_mode(model):
-                teacher_scores = score(model, tokenizer, heldout, lengths, args.trials)
+            teacher_scores = score(teacher_model, tokenizer, heldout, lengths, args.trials)
         student = score(model, tokenizer, heldout, lengths, args.trials)
-        kl, top1 = agreement(model, heldout["persuasion"][:32].to(model.device))
+        kl, top1 = agreement(model, teacher_model, heldout["persuasion"][:32].to(device))
         row = {
             "recipe": name,
             "mixers": sorted(set(model.config.mixer_names())),
             "mixer_counts": dict(Counter(model.config.mixer_names())),
             "attention_layers": [i for i, m in enumerate(model.config.mixer_names()) if m == "attention"],
             "teacher": teacher_scores,
+            "teacher_via": "original",
             "student": student,
             "converted_ppl_persuasion": result.converted.perplexity,
             "kl_per_token": kl,

@@ -42,13 +42,16 @@ with torch.no_grad(), linearize.teacher_mode(student):
     again = student(**prompt).logits
 print("teacher_mode reproduces the teacher:", torch.allclose(again, teacher_logits, atol=1e-4, rtol=0))
 
-# %% A short attention transfer on the packaged Pride and Prejudice (the quickstart recipe, smaller budget).
+# %% The quickstart recipe's two stages on the packaged Pride and Prejudice, with smaller budgets: attention
+# transfer, then LoRA knowledge distillation from the same weights under teacher_mode (a quarter of the tokens).
+lora_tokens = max(2 * args.seq_len, args.tokens // 4)
 student = linearize.distill(
     student,
     "prideprejudice",
     "quickstart",
     tokenizer=tokenizer,
-    overrides=[f"stages.0.tokens={args.tokens}", f"data.seq_len={args.seq_len}", "stages.0.checkpoint_every=0"],
+    overrides=[f"data.seq_len={args.seq_len}", f"stages.0.tokens={args.tokens}", f"stages.1.tokens={lora_tokens}",
+               "stages.0.checkpoint_every=0", "stages.1.checkpoint_every=0"],
 )
 
 # %% Teacher and student side by side on held-out text (Persuasion, packaged).

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 import linearize
 from linearize.evaluate.limits import check_lengths
@@ -23,8 +23,10 @@ from linearize.evaluate.scoring import evaluate
 from linearize.evaluate.speed import benchmark
 from linearize.evaluate.suites import local_tasks, suites, task_specs
 from linearize.evaluate.textsource import load_text
+from linearize.config import load_recipe
 from linearize.hf.errors import LinearizeError
-from tests.tiny import tiny_model
+from linearize.textdata import packaged_text
+from tests.tiny import tiny_data, tiny_model, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -243,3 +245,36 @@ def test_lm_eval_command_line_knows_the_linearize_model(student, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     outputs = list((tmp_path / "lm_eval_out").rglob("results_*.json"))
     assert outputs and "acc_norm,none" in json.loads(outputs[0].read_text())["results"]["austen_next_sentence"]
+
+
+def test_after_lora_kd_the_teacher_figures_come_from_the_original_teacher(tmp_path):
+    """LoRA KD merges into the teacher's own q/k/v/o, so teacher_mode is no longer the teacher: the saved model
+    records it, and scoring loads the original from the recorded source (teacher_mode only with a warning)."""
+    teacher_dir = tmp_path / "teacher"
+    tiny_model("llama", dtype=torch.float32).save_pretrained(teacher_dir)
+    tiny_tokenizer().save_pretrained(teacher_dir)
+    student = linearize.convert(AutoModelForCausalLM.from_pretrained(teacher_dir), "hedgehog", source=str(teacher_dir))
+    assert not student.config.tuned_projections
+    stage = "stages=[{kind: lora_kd, tokens: 256, batch_size: 2, lr: 0.05, ce_weight: 1.0}]"
+    student = linearize.distill(student, tiny_data(seq_len=32), load_recipe("quickstart", ["data.seq_len=32", stage]), log=lambda m: None, progress=False)
+    assert student.config.tuned_projections
+    folder = tmp_path / "student"
+    student.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    text = tmp_path / "text.txt"
+    text.write_text(packaged_text("persuasion")[:4000])
+    settings = dict(perplexity=str(text), contexts=[32], max_tokens=512, progress=False)
+
+    def teacher_figure(results):
+        (entry,) = [m for m in results.models if m.role == "teacher"]
+        (record,) = results.of("perplexity", entry.name)
+        return entry.via, record["value"]
+
+    original = teacher_figure(evaluate(str(teacher_dir), **settings))
+    assert teacher_figure(evaluate(str(folder), **settings)) == pytest.approx(("original", original[1]))
+
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"source": str(tmp_path / "gone")}))
+    with pytest.warns(UserWarning, match="could not be loaded"):
+        via, tuned = teacher_figure(evaluate(str(folder), **settings))
+    assert via == "teacher_mode" and tuned != pytest.approx(original[1], rel=1e-4)

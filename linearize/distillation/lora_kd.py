@@ -132,4 +132,6 @@ def run(model: nn.Module, data, config: LoraKDConfig, session: Session | None = 
     session.reports.append(report)
     if not config.merge:
         return peft_model
-    return peft_model.merge_and_unload()
+    merged = peft_model.merge_and_unload()
+    merged.config.tuned_projections = True
+    return merged

@@ -1,9 +1,12 @@
 """What gets scored: a converted model is scored twice, as itself and as its own teacher (teacher_mode, same
-weights, one copy in memory); any other model is scored once, as a teacher."""
+weights, one copy in memory); any other model is scored once, as a teacher. Where distillation tuned the
+teacher's own projections (LoRA merged), teacher_mode is no longer the original teacher, so the original is
+loaded from the model's recorded source instead, and only where it cannot be is teacher_mode used, with a warning."""
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -109,6 +112,30 @@ def scored_models(
     scored = [Scored(student, model, tokenizer)]
     if teacher:
         student.teacher = f"teacher of {name}"
-        view = ModelEntry(name=student.teacher, role="teacher", source=student.source, via="teacher_mode")
-        scored.insert(0, Scored(view, model, tokenizer, as_teacher=True))
+        original = _original_teacher(config, model, dtype) if getattr(config, "tuned_projections", False) else None
+        if original is not None:
+            view = ModelEntry(name=student.teacher, role="teacher", source=student.source, via="original")
+            scored.insert(0, Scored(view, original, tokenizer))
+        else:
+            view = ModelEntry(name=student.teacher, role="teacher", source=student.source, via="teacher_mode")
+            scored.insert(0, Scored(view, model, tokenizer, as_teacher=True))
     return scored
+
+
+def _original_teacher(config: Any, model: Any, dtype: Any) -> Any | None:
+    """The unconverted teacher from `config.source`, on the student's device; None (with a warning) when it
+    cannot be loaded, and the teacher is then the student's teacher_mode on its tuned projections."""
+    from linearize.loaders import load_teacher
+
+    try:
+        if not config.source:
+            raise LinearizeError("the model records no teacher source")
+        original, _ = load_teacher(config.source, dtype=dtype or next(model.parameters()).dtype)
+    except (LinearizeError, OSError) as error:
+        warnings.warn(
+            f"distillation tuned this model's q/k/v/o, and its original teacher could not be loaded ({error}); the "
+            "teacher figures use teacher_mode on the tuned projections: score the original teacher as its own MODEL",
+            stacklevel=3,
+        )
+        return None
+    return original.to(next(model.parameters()).device).eval()

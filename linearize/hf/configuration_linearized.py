@@ -25,6 +25,7 @@ class LinearizedConfig(PreTrainedConfig):
         layers: list[dict[str, Any]] | None = None,
         source: str | None = None,
         selection: dict[str, Any] | None = None,
+        tuned_projections: bool = False,
         use_cache: bool = True,
         **kwargs,
     ):
@@ -40,6 +41,9 @@ class LinearizedConfig(PreTrainedConfig):
         self.layers = [{"mixer": e["mixer"], "options": dict(e.get("options") or {})} for e in (layers or [])]
         self.source = source
         self.selection = selection
+        # True once distillation changed the teacher's own q/k/v/o (LoRA merged): teacher_mode then runs softmax
+        # attention on tuned projections, close to but no longer exactly the original teacher.
+        self.tuned_projections = tuned_projections
         self.use_cache = use_cache
         super().__init__(**kwargs)
 
