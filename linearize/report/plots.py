@@ -93,45 +93,35 @@ def retrieval(data: dict[str, Any], kind: str, path: Path) -> Path | None:
     return path
 
 
-def speed(data: dict[str, Any], path: Path) -> Path | None:
-    """Prefill and decode tokens/s against context, one line per model and batch size."""
+def _against_context(data: dict[str, Any], panels: tuple[tuple[str, str], ...], ylabel: str, scale: float, path: Path) -> Path | None:
+    """One panel per (field, title): that field of every model and batch size against context, divided by `scale`."""
     if not data["series"]:
         return None
     figure = Figure(figsize=(10, 4))
-    axes = figure.subplots(1, 2)
+    axes = figure.subplots(1, len(panels))
     for model, batches in data["series"].items():
         for batch, series in batches.items():
             label = model if len(batches) == 1 else f"{model} (batch {batch})"
-            for axis, field in zip(axes, ("prefill_tokens_per_s", "decode_tokens_per_s")):
-                points = [(c, v) for c, v in zip(series["context"], series[field]) if v is not None]
+            for axis, (field, _) in zip(axes, panels):
+                points = [(c, v / scale) for c, v in zip(series["context"], series[field]) if v is not None]
                 if points:
                     axis.plot(*zip(*points), marker="o", label=label)
-    for axis, title in zip(axes, ("prefill", "decode")):
+    for axis, (_, title) in zip(axes, panels):
         axis.set_xscale("log", base=2)
         axis.set_xlabel("context (tokens)")
-        axis.set_ylabel("tokens / s")
-        axis.set_title(f"{title} speed")
+        axis.set_ylabel(ylabel)
+        axis.set_title(title, fontsize=10)
         axis.legend(fontsize=8)
     return _save(figure, path)
+
+
+def speed(data: dict[str, Any], path: Path) -> Path | None:
+    """Prefill and decode tokens/s against context, one line per model and batch size."""
+    panels = (("prefill_tokens_per_s", "prefill speed"), ("decode_tokens_per_s", "decode speed"))
+    return _against_context(data, panels, "tokens / s", 1, path)
 
 
 def memory(data: dict[str, Any], path: Path) -> Path | None:
     """Peak memory while decoding and the cache's size, against context."""
-    if not data["series"]:
-        return None
-    figure = Figure(figsize=(10, 4))
-    axes = figure.subplots(1, 2)
-    for model, batches in data["series"].items():
-        for batch, series in batches.items():
-            label = model if len(batches) == 1 else f"{model} (batch {batch})"
-            for axis, field in zip(axes, ("decode_peak_bytes", "cache_bytes")):
-                points = [(c, v / MIB) for c, v in zip(series["context"], series[field]) if v is not None]
-                if points:
-                    axis.plot(*zip(*points), marker="o", label=label)
-    for axis, title in zip(axes, ("peak memory while decoding (above the weights)", "generation cache")):
-        axis.set_xscale("log", base=2)
-        axis.set_xlabel("context (tokens)")
-        axis.set_ylabel("MiB")
-        axis.set_title(title, fontsize=10)
-        axis.legend(fontsize=8)
-    return _save(figure, path)
+    panels = (("decode_peak_bytes", "peak memory while decoding (above the weights)"), ("cache_bytes", "generation cache"))
+    return _against_context(data, panels, "MiB", MIB, path)
