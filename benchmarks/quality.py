@@ -9,7 +9,8 @@ writes quality.json (every figure), results.json (the `linearize eval` format) a
 `--report-only` redraws the last two from an existing quality.json.
 
     python benchmarks/gather_corpus.py --out corpus
-    python benchmarks/quality.py --teacher smollm2-135m --corpus corpus --tokens 2_000_000 --out results/quality
+    python benchmarks/quality.py --teacher smollm2-135m --corpus corpus --tokens 2000000,8000000 --batch-size 32 --compile \
+        --out results/quality lolcats:convert.options.window=128
     python benchmarks/quality.py --report-only --out results/quality
 """
 
@@ -107,13 +108,15 @@ def main():
     parser.add_argument("--teacher", default="smollm2-135m")
     parser.add_argument("--corpus", default="corpus")
     parser.add_argument("--recipes", default=",".join(RECIPES))
-    parser.add_argument("--tokens", type=int, default=2_000_000, help="token budget of every stage")
+    parser.add_argument("--tokens", default="2000000", help="token budget of every stage, or one per stage (2000000,8000000)")
+    parser.add_argument("--batch-size", type=int, default=0, help="windows per step in every stage (0: the recipe's)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every stage")
     parser.add_argument("--passkey-lengths", default="512,2048,8000")
     parser.add_argument("--trials", type=int, default=2)
     parser.add_argument("--eval-tokens", type=int, default=61440, help="held-out tokens scored (the first 60K of each text)")
     parser.add_argument("--out", default="results/quality")
     parser.add_argument("--report-only", action="store_true", help="redraw results.json and report/ from --out's quality.json")
-    parser.add_argument("overrides", nargs="*", help="extra key=value recipe overrides for every recipe")
+    parser.add_argument("overrides", nargs="*", help="extra key=value recipe overrides for every recipe, or RECIPE:key=value for one")
     args = parser.parse_args()
     corpus, out = Path(args.corpus), Path(args.out)
     if args.report_only:
@@ -127,10 +130,16 @@ def main():
     teacher_scores = None
     for name in args.recipes.split(","):
         started = time.time()
+        mine = [o.split(":", 1)[1] if ":" in o.split("=", 1)[0] else o for o in args.overrides
+                if ":" not in o.split("=", 1)[0] or o.split(":", 1)[0] == name]
         overrides = [f"teacher={args.teacher}", f"data.train={corpus / 'train'}", f"data.heldout={corpus / 'heldout' / 'persuasion.txt'}",
-                     "data.streaming=false", "data.seq_len=512", f"eval.perplexity_tokens={args.eval_tokens}", "eval.seq_len=512", *args.overrides]
+                     "data.streaming=false", "data.seq_len=512", f"eval.perplexity_tokens={args.eval_tokens}", "eval.seq_len=512"]
         stages = len(load_recipe(name, overrides).stages)
-        recipe = load_recipe(name, overrides + [f"stages.{i}.tokens={args.tokens}" for i in range(stages)])
+        budgets = [int(t) for t in args.tokens.split(",")]
+        for i in range(stages):
+            overrides.append(f"stages.{i}.tokens={budgets[min(i, len(budgets) - 1)]}")
+            overrides += [f"stages.{i}.batch_size={args.batch_size}"] * bool(args.batch_size) + [f"stages.{i}.compile=true"] * args.compile
+        recipe = load_recipe(name, overrides + mine)
         result = run(recipe, out=out / name, overwrite=True, log=lambda m: print(f"[{name}] {m}", flush=True))
         model = AutoModelForCausalLM.from_pretrained(out / name, dtype=torch.float32).to(device)
         tokenizer = linearize.load_teacher(out / name)[1]

@@ -1,14 +1,17 @@
 """Distillation throughput and model FLOPs utilisation of both stages, on a random teacher of a real shape.
 
-Builds the Llama-3.2-1B shape with random weights and a tokenizer trained on the packaged text (no downloads;
-the shape, not the vocabulary, sets the cost, so the vocabulary is the Llama one padded from that tokenizer),
-converts it to `--mixer`, and runs `linearize distill` for a fixed number of steps of each stage, bf16 autocast.
+Builds the `--arch` shape (from speed.py's table) with random weights and a tokenizer trained on the packaged
+text (no downloads; the shape, not the vocabulary, sets the cost, so the vocabulary is padded to the real
+one), converts it to `--mixer` (keeping softmax attention where `--keep-attention` says), and runs
+`linearize distill` for a fixed number of steps of each stage, bf16 autocast, once for every batch size and
+compile setting in `--runs` (in that order), all in one run so the rows compare side by side.
 MFU counts 2N FLOPs per token for every forward and 2N for the backward through activations (frozen weights
 need no weight gradients): attention transfer = one forward (teacher attention included) + backward through
 the converted layers only, taken as 2N + 2N; LoRA KD = teacher forward + student forward + backward = 6N.
 Peak: `--peak-tflops` (default 989, the H100's dense bf16 datasheet figure).
 
-    python benchmarks/train_speed.py --mixer hedgehog --out results/train_speed
+    python benchmarks/train_speed.py --arch llama-3.2-1b --mixer hedgehog --out results/train_speed
+    python benchmarks/train_speed.py --arch smollm2-135m --mixer hedgehog_swa --seq-len 512 --runs 8:off,32:off,32:on
 """
 
 from __future__ import annotations
@@ -23,49 +26,67 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from multi_gpu import build_teacher  # noqa: E402
+from speed import ARCHS  # noqa: E402
 
-LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-                head_dim=64, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=True)
+
+def rates(records: list[dict], kind: str) -> float:
+    # The first two records hold step 1 and the window after it, which pay for compilation and warm-up.
+    measured = [r["tokens_per_s"] for r in records if r.get("kind") == kind and "tokens_per_s" in r][2:]
+    return sum(measured) / len(measured) if measured else float("nan")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="llama-3.2-1b", choices=sorted(ARCHS))
     parser.add_argument("--mixer", default="hedgehog", help="a mixer with parameters of its own, or attention transfer has nothing to train")
+    parser.add_argument("--keep-attention", default="", help="layers that keep softmax attention, e.g. every:2")
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--runs", default="8:off", help="BATCH:COMPILE pairs, e.g. 8:off,32:off,32:on (compile: on or off)")
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--peak-tflops", type=float, default=989.0)
     parser.add_argument("--out", default="results/train_speed")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    build_teacher(out / "teacher", LLAMA_1B)
-    tokens = args.steps * args.batch_size * args.seq_len
-    stage = f"tokens: {tokens}\n    batch_size: {args.batch_size}\n    checkpoint_every: 0\n    log_every: 5"
-    (out / "recipe.yaml").write_text(
-        f"teacher: {out / 'teacher'}\noutput: {out / 'student'}\nprecision: auto\nconvert:\n  mixer: {args.mixer}\n"
-        f"data:\n  train: prideprejudice\n  heldout: persuasion\n  seq_len: {args.seq_len}\n"
-        f"stages:\n  - kind: attention_transfer\n    {stage}\n  - kind: lora_kd\n    {stage}\n"
-    )
-    result = subprocess.run([sys.executable, str(ROOT / "cli.py"), "distill", str(out / "recipe.yaml"), "--overwrite"], capture_output=True, text=True)
-    (out / "distill.log").write_text(result.stdout + result.stderr)
-    if result.returncode != 0:
-        raise SystemExit(result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "distill failed")
+    shape = {k: v for k, v in ARCHS[args.arch].items() if k != "max_position_embeddings"}
+    # The packaged tokenizer has 2,048 entries: a smaller vocabulary (the tiny shape's) grows to hold them.
+    shape.update(vocab_size=max(shape["vocab_size"], 2048), max_position_embeddings=max(args.seq_len, 2048))
+    build_teacher(out / "teacher", shape)
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with torch.device("meta"):
         teacher = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(out / "teacher"))
     n = sum(p.numel() for name, p in teacher.named_parameters() if "embed" not in name)
-    records = [json.loads(line) for line in (out / "student" / "metrics.jsonl").read_text().splitlines()]
+    keep = f"\n  keep_attention: {args.keep_attention}" if args.keep_attention else ""
     rows = []
-    for kind, flops_per_token in (("attention_transfer", 4 * n), ("lora_kd", 6 * n)):
-        rates = [r["tokens_per_s"] for r in records if r.get("kind") == kind and "tokens_per_s" in r][1:]  # first window compiles
-        rate = sum(rates) / len(rates) if rates else float("nan")
-        rows.append({"stage": kind, "tokens_per_s": rate, "mfu": rate * flops_per_token / (args.peak_tflops * 1e12), "non_embedding_params": n})
-    (out / "train_speed.json").write_text(json.dumps({"mixer": args.mixer, "rows": rows}, indent=1))
-    for row in rows:
-        print(json.dumps(row))
+    for run in args.runs.split(","):
+        batch, compiled = run.split(":")
+        batch = int(batch)
+        name = f"b{batch}-{compiled}"
+        stage = f"tokens: {args.steps * batch * args.seq_len}\n    batch_size: {batch}\n    checkpoint_every: 0\n    log_every: 5\n    compile: {compiled == 'on'}"
+        (out / f"{name}.yaml").write_text(
+            f"teacher: {out / 'teacher'}\noutput: {out / name}\nprecision: auto\nconvert:\n  mixer: {args.mixer}{keep}\n"
+            f"data:\n  train: prideprejudice\n  heldout: persuasion\n  seq_len: {args.seq_len}\n"
+            f"stages:\n  - kind: attention_transfer\n    {stage}\n  - kind: lora_kd\n    {stage}\n"
+        )
+        result = subprocess.run([sys.executable, str(ROOT / "cli.py"), "distill", str(out / f"{name}.yaml"), "--overwrite"], capture_output=True, text=True)
+        (out / f"{name}.log").write_text(result.stdout + result.stderr)
+        if result.returncode != 0:
+            error = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "distill failed"
+            rows.append({"batch_size": batch, "compile": compiled, "error": error})
+            print(json.dumps(rows[-1]), flush=True)
+            continue
+        records = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
+        for kind, flops_per_token in (("attention_transfer", 4 * n), ("lora_kd", 6 * n)):
+            rate = rates(records, kind)
+            first = next(r for r in records if r.get("kind") == kind and "tokens_per_s" in r)
+            rows.append({"batch_size": batch, "compile": compiled, "stage": kind, "tokens_per_s": rate,
+                         "first_step_s": round(first["tokens"] / first["tokens_per_s"], 1),
+                         "mfu": rate * flops_per_token / (args.peak_tflops * 1e12), "non_embedding_params": n})
+            print(json.dumps(rows[-1]), flush=True)
+        (out / "train_speed.json").write_text(json.dumps({"arch": args.arch, "mixer": args.mixer, "keep_attention": args.keep_attention,
+                                                          "seq_len": args.seq_len, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -71,6 +71,22 @@ def test_gradient_checkpointing_gives_the_same_training(data):
     assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
 
 
+def test_compiled_stages_train_like_eager_ones(data):
+    """torch.compile (inductor) fuses the mixers' operations; both stages must reach the same weights."""
+    results = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        model = student()
+        model = attention_transfer.run(model, data, AttentionTransferConfig(tokens=32 * 2 * 3, batch_size=2, compile=compiled), session())
+        model = lora_kd.run(model, data, LoraKDConfig(tokens=32 * 2 * 2, batch_size=2, lr=1e-2, compile=compiled), session())
+        results.append(snapshot(model))
+    start = snapshot(student())
+    changed = [k for k in start if not torch.equal(results[0][k], start[k])]
+    assert any("feature" in k for k in changed) and any("q_proj" in k for k in changed)
+    for name in results[0]:
+        torch.testing.assert_close(results[1][name], results[0][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_mixers_without_parameters_are_skipped_with_a_note(data):
     model = student("gla")
     weights = snapshot(model)
