@@ -28,10 +28,10 @@ case "$1" in
 first)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   cp .gguf1/part00 /tmp/part00
-  timeout 280 python3 -m pytest -q -p no:cacheprovider -n 14 -m gpu tests/test_gpu.py -k "not real_teacher" -rs > "$OUT/gpu_tests.log" 2>&1
+  timeout 330 python3 -m pytest -v -p no:cacheprovider -n 14 -m gpu tests/test_gpu.py -k "not real_teacher" -rs > "$OUT/gpu_tests.log" 2>&1
   echo "exit $?" >> "$OUT/gpu_tests.log"
-  timeout 250 python3 benchmarks/train_speed.py --arch smollm2-135m --mixer hedgehog_swa --seq-len 512 --steps 20 \
-    --runs 8:off,32:off,32:on,8:on --out /tmp/train_speed > "$OUT/train_speed.log" 2>&1
+  timeout 200 python3 benchmarks/train_speed.py --arch smollm2-135m --mixer hedgehog_swa --seq-len 512 --steps 20 \
+    --runs "${RUNS:-32:off,32:on}" --out /tmp/train_speed > "$OUT/train_speed.log" 2>&1
   echo "exit $?" >> "$OUT/train_speed.log"
   cp /tmp/train_speed/train_speed.json "$OUT/" 2>/dev/null
   ;;
@@ -40,9 +40,9 @@ second)
   echo "$(cat .gguf2/sha256)  /tmp/smollm2.gguf" | sha256sum -c > "$OUT/sha256.txt" 2>&1 || exit 1
   rm -rf /tmp/corpus && cp -r corpus /tmp/corpus
   export LINEARIZE_SMOLLM2_GGUF=/tmp/smollm2.gguf
-  timeout 150 python3 -m pytest -q -p no:cacheprovider -n 5 -m gpu tests/test_gpu.py -k real_teacher > "$OUT/gpu_real_teacher.log" 2>&1
+  timeout "${TEST_S:-150}" python3 -m pytest -q -p no:cacheprovider -n 5 -m gpu tests/test_gpu.py -k "${TESTS:-real_teacher}" > "$OUT/gpu_real_teacher.log" 2>&1
   echo "exit $?" >> "$OUT/gpu_real_teacher.log"
-  quality 420 second
+  quality "${QUALITY_S:-420}" second
   ;;
 quality)
   quality 580 "${RUN:-third}"
