@@ -21,7 +21,7 @@ import yaml
 from .config import Recipe
 from .distillation.data import DistillData, load_data
 from .distillation.driver import check_checkpoints, prepare_student, run_stages, start_checkpoints, validate_recipe
-from .distillation.engine import Session, make_accelerator
+from .distillation.engine import Session, check_resume, make_accelerator
 from .evaluate.perplexity import perplexity
 from .hf.errors import LinearizeError
 from .hf.mixers import teacher_mode
@@ -116,6 +116,7 @@ def _start(recipe: Recipe, out: str | Path | None, overwrite: bool, resume: bool
     if resume and overwrite:
         raise LinearizeError("--resume continues a run and --overwrite starts it again; pass one of them")
     accelerator = make_accelerator(recipe.precision)
+    check_resume(accelerator, resume)
     session = Session(accelerator, None, log, progress=True)
     say = session.say  # under `accelerate launch`, only the main process speaks
     validate_recipe(recipe, accelerator.num_processes)

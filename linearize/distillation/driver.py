@@ -22,7 +22,7 @@ from ..hf.mixers import get_mixer
 from ..surgery import convert
 from . import attention_transfer, lora_kd
 from .data import DistillData, check_source, load_data
-from .engine import Session, count_steps, make_accelerator
+from .engine import Session, check_resume, count_steps, make_accelerator
 from .selection import apply_selection, auto_amount, auto_count, select_attention
 
 RUNNERS: dict[str, Callable[..., nn.Module]] = {
@@ -242,6 +242,7 @@ def distill(
     """
     recipe = as_recipe(recipe, overrides)
     accelerator = make_accelerator(recipe.precision)
+    check_resume(accelerator, resume)
     if isinstance(data, DistillData):  # its windows, not the recipe's data section, set the step size
         recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, seq_len=data.seq_len))
     validate_recipe(recipe, accelerator.num_processes, check_data=data is None)

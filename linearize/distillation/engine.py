@@ -1,10 +1,12 @@
 """The training loop every stage shares, written the accelerate way.
 
-The same code runs on CPU, on one GPU and on several under `accelerate launch` (DDP): the model is prepared by
-the Accelerator, micro-batches accumulate gradients under `no_sync`, and mixed precision is autocast with the
-trainable parameters kept in float32. A checkpoint holds only what training changes (the trainable weights, the
-optimizer and scheduler, the RNG, the step); the data position is a function of the step, so resuming replays
-the run exactly. A non-finite loss or gradient stops the run before the optimizer touches the weights.
+The same code runs on CPU, on one GPU and on several under `accelerate launch` (DDP or FSDP): the model is
+prepared by the Accelerator, micro-batches accumulate gradients under `no_sync`, and mixed precision is autocast
+with the trainable parameters kept in float32. A checkpoint holds only what training changes (the trainable
+weights, the optimizer and scheduler, the RNG, the step); the data position is a function of the step, so
+resuming replays the run exactly. A non-finite loss or gradient stops the run before the optimizer touches the weights. Under FSDP
+each stage ends by gathering the full weights back into the plain model on every process, and no checkpoints
+are written (they would hold one process's shards).
 """
 
 from __future__ import annotations
@@ -180,6 +182,98 @@ def trainable_fp32(params: dict[str, nn.Parameter], accelerator) -> None:
                 p.data = p.data.float()
 
 
+def is_fsdp(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return getattr(accelerator, "distributed_type", None) == DistributedType.FSDP
+
+
+def check_resume(accelerator, resume: bool) -> None:
+    """Under FSDP no checkpoints are written (they would hold one process's shards), so there is none to resume."""
+    if resume and is_fsdp(accelerator):
+        raise LinearizeError("--resume is not supported under FSDP, which writes no checkpoints; resume a DDP run under DDP (recipes/accelerate/ddp.yaml), or start again with --overwrite")
+
+
+def held_dtypes(model: nn.Module, params: dict[str, nn.Parameter], accelerator) -> dict[str, torch.dtype]:
+    """The dtype of every parameter as one process trains it: trainable half-precision weights in float32 under
+    mixed precision (see `trainable_fp32`), the rest as they are."""
+    trainable = {id(p) for p in params.values()}
+    half = (torch.float16, torch.bfloat16)
+    return {
+        name: torch.float32 if id(p) in trainable and accelerator.mixed_precision != "no" and p.dtype in half else p.dtype
+        for name, p in model.named_parameters(remove_duplicate=False)
+    }
+
+
+WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+FSDP_MARKS = ("_is_fsdp_managed_module", "_fsdp_use_orig_params")
+
+
+def _clean(name: str) -> str:
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def _unwrap_tree(module: nn.Module) -> nn.Module:
+    """Replace every FSDP (and activation checkpoint) wrapper in the tree by the module it wraps."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    while isinstance(module, FSDP) or hasattr(module, "_checkpoint_wrapped_module"):
+        module = module.module if isinstance(module, FSDP) else module._checkpoint_wrapped_module
+    for name, child in list(module.named_children()):
+        inner = _unwrap_tree(child)
+        if inner is not child:
+            setattr(module, name, inner)
+    return module
+
+
+def unshard(
+    wrapped: nn.Module, dtypes: dict[str, torch.dtype] | None = None, buffers: dict[str, torch.Tensor] | None = None
+) -> nn.Module:
+    """The plain model one process would hold, from a model FSDP1 wrapped (the root and its auto-wrapped units).
+
+    Auto-wrapping changes the module tree in place and leaves each original parameter a view of this process's
+    shard, marked as already flattened, so unwrapping the root alone leaves a model the next stage cannot wrap
+    again and that peft's merge and saving see in shards. Every process gathers the full parameters (a
+    collective: all must call this), the wrappers are replaced by the modules they wrap, and every parameter
+    becomes a new full `nn.Parameter` (ties kept, requires_grad as it was). `dtypes` (name -> dtype) casts back
+    parameters whose unit FSDP's mixed precision upcast; `buffers` (name -> tensor, from before wrapping) puts
+    back those it cast. Returns the model, the same object that was wrapped.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    full: dict[str, torch.Tensor] = {}
+    with FSDP.summon_full_params(wrapped, writeback=False, rank0_only=False, with_grads=False):
+        clones: dict[int, torch.Tensor] = {}
+        for name, p in wrapped.named_parameters(remove_duplicate=False):
+            if id(p) not in clones:
+                clones[id(p)] = p.detach().clone()
+            full[_clean(name)] = clones[id(p)]
+    model = _unwrap_tree(wrapped)
+    for module in model.modules():  # marks FSDP leaves for torch.compile, which would take the modules as sharded
+        for mark in FSDP_MARKS:
+            module.__dict__.pop(mark, None)
+    made: dict[int, nn.Parameter] = {}
+    for path, module in list(model.named_modules(remove_duplicate=False)):
+        for leaf, old in list(module._parameters.items()):
+            if old is None:
+                continue
+            name = f"{path}.{leaf}" if path else leaf
+            if id(old) not in made:
+                data = full[name]
+                if dtypes is not None and name in dtypes:
+                    data = data.to(dtypes[name])
+                made[id(old)] = nn.Parameter(data, requires_grad=old.requires_grad)
+            module._parameters[leaf] = made[id(old)]
+    for name, tensor in (buffers or {}).items():
+        path, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(path)
+        if owner._buffers[leaf].dtype != tensor.dtype:
+            owner._buffers[leaf] = tensor
+    return model
+
+
 def build_optimizer(config: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
     if config.optimizer == "sgd":
         return torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
@@ -282,12 +376,16 @@ def load_checkpoint(session: Session, path: Path, params: dict[str, nn.Parameter
 StepLoss = Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
-def _release(accelerator, wrapped: nn.Module) -> None:
-    """Undo what `prepare` did to the module itself, so the next stage can prepare it afresh."""
+def _release(accelerator, wrapped: nn.Module, held: tuple[dict, dict] | None = None) -> nn.Module:
+    """Undo what `prepare` did to the module itself, so the next stage can prepare it afresh; under FSDP gather
+    the full weights back first (`held`: the dtypes and buffers to restore, see `unshard`). Returns the module."""
+    if is_fsdp(accelerator):
+        wrapped = unshard(wrapped, *(held or (None, None)))
     module = accelerator.unwrap_model(wrapped, keep_fp32_wrapper=False)
     module.__dict__.pop("_is_accelerate_prepared", None)
     module.__dict__.pop("forward", None)  # the autocast wrapper set on the instance; the class's forward remains
     accelerator.free_memory()
+    return module
 
 
 def _float(value: torch.Tensor) -> float | list[float]:
@@ -322,7 +420,13 @@ def train(
         p.requires_grad_(False)
     for p in params.values():
         p.requires_grad_(True)
-    trainable_fp32(params, acc)
+    fsdp, held = is_fsdp(acc), None
+    if fsdp:
+        # FSDP flattens each unit into one tensor of one dtype and, under mixed precision, upcasts the units that
+        # train itself and casts buffers in place; what one process would hold is put back when the stage ends.
+        held = held_dtypes(model, params, acc), {name: b.detach().clone() for name, b in model.named_buffers()}
+    else:
+        trainable_fp32(params, acc)
     optimizer = build_optimizer(config, list(params.values()))
     scheduler = get_scheduler(config.scheduler, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=steps)
     if config.gradient_checkpointing:
@@ -333,6 +437,11 @@ def train(
     stage_dir = session.stage_dir(kind)
     start = 0
     checkpoint = latest_checkpoint(stage_dir)
+    if fsdp and stage_dir is not None:
+        if checkpoint is not None:
+            raise LinearizeError(f"{where}: {checkpoint} cannot be resumed under FSDP; resume under DDP (recipes/accelerate/ddp.yaml) or start again with --overwrite")
+        session.say(f"{where}: no checkpoints are written under FSDP (they would hold one process's shards)")
+        stage_dir = None
     if checkpoint is not None:
         state = load_checkpoint(session, checkpoint, params, optimizer, scheduler)
         if state.get("kind") != kind or state.get("total_steps") != steps:
@@ -366,7 +475,8 @@ def train(
                         acc.backward(loss / config.grad_accum)
                     for name, value in {"loss": loss.detach(), **metrics}.items():
                         step_sums[name] = step_sums.get(name, 0) + value.detach().float() / config.grad_accum
-                grad_norm = acc.clip_grad_norm_(list(params.values()), clip)
+                # accelerate clips with FSDP's own (global) norm only when handed the wrapped model's parameters.
+                grad_norm = acc.clip_grad_norm_(list(wrapped.parameters()) if fsdp else list(params.values()), clip)
                 loss_ok = bool(torch.isfinite(step_sums["loss"]))
                 # Every process takes the same decision, so none is left waiting in a collective.
                 bad = acc.reduce(torch.tensor([0.0 if loss_ok else 1.0], device=acc.device), "sum").item() > 0
@@ -417,8 +527,8 @@ def train(
         model.eval()
         if config.gradient_checkpointing:
             set_checkpointing(model, False)
-        _release(acc, wrapped)
-        for p in params.values():
+        # Under FSDP the parameters are new objects now, so they are reached through the model.
+        for p in _release(acc, wrapped, held).parameters():
             p.requires_grad_(False)
     logged = [r for r in session.records if r.get("stage") == index]
     report.update(seconds=round(time.time() - started, 1), first=logged[0] if logged else None, last=logged[-1] if logged else None)

@@ -115,10 +115,11 @@ def run(model: nn.Module, data, config: LoraKDConfig, session: Session | None = 
         params.update({name: p for name, p in peft_model.named_parameters() if id(p) in own})
 
     def step_loss(wrapped: nn.Module, batch: torch.Tensor):
-        # The teacher pass: adapters off, softmax attention on, no dropout; the same weights as the student.
+        # The teacher pass: adapters off, softmax attention on, no dropout; the same weights as the student. It runs
+        # through the prepared model: under FSDP only its forward gathers the weights, and it brings the autocast.
         peft_model.eval()
         with torch.no_grad(), peft_model.disable_adapter(), teacher_mode(peft_model):
-            teacher_logits = peft_model(input_ids=batch, use_cache=False).logits
+            teacher_logits = wrapped(input_ids=batch, use_cache=False).logits
         peft_model.train()
         student_logits = wrapped(input_ids=batch, use_cache=False).logits
         kl, ce = kd_losses(student_logits, teacher_logits, batch, config.temperature)

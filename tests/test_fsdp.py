@@ -1,0 +1,121 @@
+"""After a stage under FSDP (FSDP1 as accelerate sets it up: one unit per decoder layer, FULL_SHARD, original
+parameters kept), every process gets back the plain model one process would hold, and it can be wrapped again.
+
+accelerate refuses FSDP without GPUs, so the processes here wrap the model with torch's FSDP themselves, on CPU
+with gloo; `sync_module_states` needs GPUs too, and is not needed here: every process builds the same model.
+"""
+
+import functools
+import os
+import socket
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from accelerate.utils import DistributedType
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+from torch.distributed.fsdp import ShardingStrategy
+from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+import linearize
+from linearize.distillation.engine import _release, check_resume, held_dtypes, unshard
+from linearize.hf.errors import LinearizeError
+from linearize.hf.mixers import mixers_in
+from tests.tiny import random_ids, tiny_model
+
+PROCESSES = 2
+
+
+def wrap(model: torch.nn.Module) -> FSDP:
+    layer = type(model.model.model.layers[0])
+    policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={layer})
+    return FSDP(model, device_id=torch.device("cpu"), auto_wrap_policy=policy, sharding_strategy=ShardingStrategy.FULL_SHARD, use_orig_params=True)
+
+
+def trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The mixers' feature maps (in the decoder-layer units) and the final norm (in the root unit)."""
+    own = {id(p) for m in mixers_in(model) for p in m.new_parameters()} | {id(model.model.model.norm.weight)}
+    return {name: p for name, p in model.named_parameters() if id(p) in own}
+
+
+def step(forward: torch.nn.Module, params: list[torch.nn.Parameter], ids: torch.Tensor) -> None:
+    optimizer = torch.optim.SGD(params, lr=0.5)
+    logits = forward(input_ids=ids, use_cache=False).logits
+    F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def build():
+    model = linearize.convert(tiny_model("llama", dtype=torch.float32), "hedgehog")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in trainable(model).values():
+        p.requires_grad_(True)
+    return model
+
+
+def check(model: torch.nn.Module, reference: torch.nn.Module, ids: torch.Tensor) -> None:
+    assert not any(isinstance(m, FSDP) for m in model.modules())
+    assert not any("_fsdp" in name for name, _ in model.named_modules())
+    assert not any(mark in vars(m) for m in model.modules() for mark in ("_is_fsdp_managed_module", "_fsdp_use_orig_params"))
+    state, expected = model.state_dict(), reference.state_dict()
+    assert list(state) == list(expected)
+    for name, tensor in expected.items():
+        assert state[name].shape == tensor.shape and state[name].dtype == tensor.dtype, name
+        torch.testing.assert_close(state[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    buffers = dict(model.named_buffers())
+    assert list(buffers) == [name for name, _ in reference.named_buffers()]
+    for name, buffer in reference.named_buffers():  # non-persistent ones too (rotary frequencies)
+        assert buffers[name].dtype == buffer.dtype and torch.equal(buffers[name], buffer), name
+    for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
+        assert type(p) is torch.nn.Parameter and p.requires_grad == q.requires_grad, name
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def worker(rank: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=PROCESSES)
+    try:
+        reference, model = build(), build()
+        ids = random_ids(2 * PROCESSES, 16)
+        mine = ids[rank * 2 : rank * 2 + 2]  # each process takes its half of the batch, as the engine does
+        step(reference, list(trainable(reference).values()), ids)
+        held = held_dtypes(model, trainable(model), SimpleNamespace(mixed_precision="no")), {n: b.clone() for n, b in model.named_buffers()}
+
+        wrapped = wrap(model)
+        assert any(p.numel() == 0 for p in model.parameters())  # sharded: some parameters live on the other process
+        step(wrapped, [p for p in wrapped.parameters() if p.requires_grad], mine)
+        for buffer in wrapped.buffers():  # what FSDP's mixed precision does to buffers, in place
+            buffer.data = buffer.data.to(torch.bfloat16)
+        assert unshard(wrapped, *held) is model
+        check(model, reference, ids)
+
+        # A second stage wraps the same model again; the accelerator's release gathers it back.
+        step(reference, list(trainable(reference).values()), ids)
+        wrapped = wrap(model)
+        step(wrapped, [p for p in wrapped.parameters() if p.requires_grad], mine)
+        accelerator = SimpleNamespace(distributed_type=DistributedType.FSDP, unwrap_model=lambda m, keep_fp32_wrapper: m, free_memory=lambda: None)
+        assert _release(accelerator, wrapped, held) is model
+        check(model, reference, ids)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_unshard_gives_the_model_of_one_process():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(worker, args=(port,), nprocs=PROCESSES, join=True)
+
+
+def test_resume_is_refused_under_fsdp_only():
+    with pytest.raises(LinearizeError, match="ddp.yaml"):
+        check_resume(SimpleNamespace(distributed_type=DistributedType.FSDP), resume=True)
+    check_resume(SimpleNamespace(distributed_type=DistributedType.FSDP), resume=False)
+    check_resume(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU), resume=True)
