@@ -44,6 +44,8 @@ def test_shapes_fla_cannot_take_are_named():
 def test_graph_decoder_refuses_what_it_cannot_capture():
     with pytest.raises(LinearizeError, match="needs the model on a CUDA device"):
         GraphDecoder(linearize.convert(tiny_model(dtype=torch.float32), "hedgehog"))
+    with pytest.raises(LinearizeError, match="does not take gated_deltanet layers yet.*use model.generate"):
+        GraphDecoder(linearize.convert(tiny_model(dtype=torch.float32), "gated_deltanet"))
 
 
 @pytest.mark.parametrize(
