@@ -18,9 +18,11 @@ import torch.nn.functional as F
 from accelerate.utils import DistributedType
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.fsdp import ShardingStrategy
+from torch.distributed.fsdp._flat_param import HandleTrainingState
 from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
 import linearize
+from linearize.distillation.attention_transfer import TransferProbe, transfer_loss
 from linearize.distillation.engine import _release, check_resume, held_dtypes, unshard
 from linearize.hf.errors import LinearizeError
 from linearize.hf.mixers import mixers_in
@@ -112,6 +114,76 @@ def test_unshard_gives_the_model_of_one_process():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(worker, args=(port,), nprocs=PROCESSES, join=True)
+
+
+def transfer_steps(forward: torch.nn.Module, probe: TransferProbe, ids: torch.Tensor, fsdp: bool, steps: int) -> list[float]:
+    """`steps` attention-transfer steps through the stage's own step loss; the loss of each, over all processes."""
+    params = [p for p in forward.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=0.5, momentum=0.9)
+    losses = []
+    with probe:
+        for _ in range(steps):
+            loss, _ = transfer_loss(forward, ids, probe, probe.layers, fsdp)
+            loss.backward()
+            if fsdp:  # the root's end-of-backward callback ran: it leaves every unit idle (a unit hook alone leaves it in BACKWARD_POST)
+                assert all(u._handle._training_state == HandleTrainingState.IDLE for u in FSDP.fsdp_modules(forward) if u._handle)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss.detach()
+            if fsdp:  # each process saw half the batch, and every layer's error is a mean over equal halves
+                dist.all_reduce(loss)
+                loss /= PROCESSES
+            losses.append(loss.item())
+    return losses
+
+
+def transfer_worker(rank: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=PROCESSES)
+    try:
+        def build_transfer():
+            # Wider random weights than the default, so the layers' errors (and their gradients) are far from zero.
+            model = linearize.convert(tiny_model("llama", dtype=torch.float32, initializer_range=0.2), "hedgehog")
+            for p in model.parameters():
+                p.requires_grad_(False)
+            for m in mixers_in(model):
+                for p in m.new_parameters():
+                    p.requires_grad_(True)
+            return model
+
+        reference, model = build_transfer(), build_transfer()
+        initial = {name: p.detach().clone() for name, p in reference.named_parameters()}
+        ids = random_ids(2 * PROCESSES, 16)
+        mine = ids[rank * 2 : rank * 2 + 2]
+        steps = 3
+        expected = transfer_steps(reference, TransferProbe(reference), ids, fsdp=False, steps=steps)
+        trained = {name for name, p in reference.named_parameters() if p.requires_grad}
+        assert len(trained) == sum(len(m.new_parameters()) for m in mixers_in(reference)) > 0  # the feature maps only
+        for name in trained:  # every layer moved, so the comparison below means something
+            assert not torch.allclose(initial[name], dict(reference.named_parameters())[name]), name
+
+        held = held_dtypes(model, {}, SimpleNamespace(mixed_precision="no")), {n: b.clone() for n, b in model.named_buffers()}
+        probe = TransferProbe(model)
+        wrapped = wrap(model)
+        assert any(p.numel() == 0 for p in model.parameters())
+        losses = transfer_steps(wrapped, probe, mine, fsdp=True, steps=steps)
+        assert unshard(wrapped, *held) is model
+        torch.testing.assert_close(losses, expected, rtol=1e-5, atol=1e-7)
+        got = dict(model.named_parameters())
+        for name, p in reference.named_parameters():
+            torch.testing.assert_close(got[name], p, rtol=1e-5, atol=1e-6, msg=name)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_attention_transfer_trains_under_fsdp_as_on_one_process():
+    """Attention transfer's loss flows through no FSDP unit's output (each layer passes the teacher output on), so
+    FSDP's own pre-backward hooks never fire; the stage's step loss must bring back the sharded parameters."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(transfer_worker, args=(port,), nprocs=PROCESSES, join=True)
 
 
 def test_resume_is_refused_under_fsdp_only():

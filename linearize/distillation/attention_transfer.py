@@ -20,7 +20,7 @@ from torch import nn
 from ..config import register_stage
 from ..hf.errors import LinearizeError
 from ..hf.mixers import mixers_in
-from .engine import Session, TrainConfig, train
+from .engine import Session, TrainConfig, is_fsdp, train
 
 
 @register_stage("attention_transfer")
@@ -95,6 +95,58 @@ def layer_errors(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -
     }
 
 
+def fsdp_backward_hooks(wrapped: nn.Module, probe: TransferProbe, layers: list[int], loss: torch.Tensor) -> None:
+    """Give FSDP1 the hooks its units' outputs would have carried, on the tensors the loss really flows through.
+
+    FSDP gathers a unit's parameters for the backward pass (and switches its gradients to the unit's flat
+    parameter) in a pre-backward hook that it registers on the unit's forward outputs that require grad, and the
+    root's first such hook queues the callback that ends the backward pass (the catch-all reshard and handing
+    the sharded gradients to the parameters). Here no output requires grad: each layer passes the teacher's
+    output on and the loss is the sum of the layers' own errors. So FSDP's own registration function is run
+    after the forward pass on the loss, for the root, and on each trained layer's error, for the unit holding
+    that layer. A tensor's hook runs before its own backward step, and a layer's student output feeds nothing
+    but its error, so each unit is gathered before its student's backward unpacks the parameter views it saved
+    (freed by the unit's reshard after forward). The graph, the values and the gradients are unchanged.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp._runtime_utils import _register_pre_backward_hooks
+
+    units = FSDP.fsdp_modules(getattr(wrapped, "_orig_mod", wrapped))  # _orig_mod: under torch.compile
+    roots = [unit for unit in units if unit._is_root]
+    if len(roots) != 1:
+        raise LinearizeError(
+            f"attention_transfer under FSDP needs one torch FullyShardedDataParallel (FSDP1) root around the model and found {len(roots)}; "
+            "launch with recipes/accelerate/fsdp.yaml"
+        )
+    owner: dict[int, FSDP] = {}
+    for unit in units:  # in module order, so a nested unit comes after the units around it and wins
+        for module in unit.module.modules():
+            if getattr(module, "is_linearize_mixer", False):
+                owner[module.layer_idx] = unit
+    root = roots[0]
+    _register_pre_backward_hooks(root, root, loss, root._handle)
+    for i in layers:
+        unit = owner[i]
+        _register_pre_backward_hooks(unit, unit, probe.errors[i], unit._handle)
+
+
+def transfer_loss(
+    wrapped: nn.Module, batch: torch.Tensor, probe: TransferProbe, layers: list[int], fsdp: bool = False
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One forward pass of `wrapped` (the model, as prepared for training) on `batch` with `probe` active: the
+    loss (the sum of the errors of `layers`) and the per-layer metrics. `fsdp`: `wrapped` is an FSDP1 root, whose
+    units then need hooks for the backward pass (see `fsdp_backward_hooks`)."""
+    probe.errors.clear()
+    # Only the layers' own outputs matter here; logits for one position keep the head's cost negligible.
+    wrapped(input_ids=batch, use_cache=False, logits_to_keep=1)
+    loss = torch.stack([probe.errors[i] for i in layers]).sum()
+    if fsdp:
+        fsdp_backward_hooks(wrapped, probe, layers, loss)
+    mse = torch.stack([probe.errors[i].detach() for i in probe.layers])
+    scales = torch.stack([probe.scales[i] for i in probe.layers])
+    return loss, {"layer_mse": mse, "layer_normalized": mse / scales.clamp_min(1e-30)}
+
+
 def run(model: nn.Module, data, config: AttentionTransferConfig, session: Session | None = None) -> nn.Module:
     """Attention transfer on `data.train`; returns the same model with its mixers' new parameters trained.
 
@@ -120,14 +172,10 @@ def run(model: nn.Module, data, config: AttentionTransferConfig, session: Sessio
     params = {name: p for name, p in model.named_parameters() if id(p) in own}
     trained_layers = [m.layer_idx for m in trained]
 
+    fsdp = is_fsdp(session.accelerator)
+
     def step_loss(wrapped: nn.Module, batch: torch.Tensor):
-        probe.errors.clear()
-        # Only the layers' own outputs matter here; logits for one position keep the head's cost negligible.
-        wrapped(input_ids=batch, use_cache=False, logits_to_keep=1)
-        loss = torch.stack([probe.errors[i] for i in trained_layers]).sum()
-        mse = torch.stack([probe.errors[i].detach() for i in probe.layers])
-        scales = torch.stack([probe.scales[i] for i in probe.layers])
-        return loss, {"layer_mse": mse, "layer_normalized": mse / scales.clamp_min(1e-30)}
+        return transfer_loss(wrapped, batch, probe, trained_layers, fsdp)
 
     session.say(f"{where}: training {sum(p.numel() for p in params.values()):,} parameters in layers {trained_layers}")
     with probe:
