@@ -49,7 +49,7 @@ quality)
   ;;
 multi_gpu)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  timeout 540 python3 benchmarks/multi_gpu.py --out /tmp/multi_gpu > "$OUT/multi_gpu.log" 2>&1
+  timeout "${MULTI_S:-540}" python3 benchmarks/multi_gpu.py --runs "${MULTI_RUNS:-one_gpu,ddp,fsdp}" --out /tmp/multi_gpu > "$OUT/multi_gpu.log" 2>&1
   echo "exit $?" >> "$OUT/multi_gpu.log"
   cp /tmp/multi_gpu/multi_gpu.json /tmp/multi_gpu/*.log "$OUT/" 2>/dev/null
   ;;
