@@ -10,6 +10,13 @@ Run (about 10 minutes on 2 idle cores; writes a JSON and prints a table):
 
     python benchmarks/cpu_distill.py --out runs/cpu_distill.json
 
+Ablations: `--variants` runs each recipe once per LABEL=OVERRIDE[+OVERRIDE...] (recipe keys, as on the command
+line), and `--transfer-only` stops after the attention-transfer stages, e.g. window and feature-map width:
+
+    python benchmarks/cpu_distill.py --recipes lolcats --transfer-only --transfer-tokens 16384 \
+        --variants "w64=convert.options.window=64,w32=convert.options.window=32,w128=convert.options.window=128" \
+        --out runs/cpu_ablation.json
+
 Validate the script quickly with a much smaller budget:
 
     python benchmarks/cpu_distill.py --transfer-tokens 1024 --lora-tokens 512 --eval-tokens 1024 --seq-len 256 --out /tmp/cpu_distill_small.json
@@ -29,7 +36,7 @@ from accelerate.utils import set_seed
 
 from linearize.config import load_recipe
 from linearize.distillation.data import load_data
-from linearize.distillation.driver import RUNNERS, prepare_student
+from linearize.distillation.driver import RUNNERS, prepare_student, select
 from linearize.distillation.engine import Session, make_accelerator
 from linearize.evaluate.perplexity import perplexity
 from linearize.hf.mixers import teacher_mode
@@ -38,14 +45,14 @@ from linearize.loaders import load_teacher
 RECIPES = ("lolcats", "liger")
 
 
-def cpu_recipe(name: str, args: argparse.Namespace):
-    overrides = [
+def cpu_recipe(name: str, args: argparse.Namespace, extra: list[str] = ()):
+    overrides = [*extra,
         "data.train=prideprejudice",
         "data.heldout=persuasion",
         "data.streaming=false",
         f"data.seq_len={args.seq_len}",
     ]
-    recipe = load_recipe(name)
+    recipe = load_recipe(name, list(extra))
     for index, stage in enumerate(recipe.stages):
         tokens = args.transfer_tokens if stage.kind == "attention_transfer" else args.lora_tokens
         overrides += [
@@ -66,8 +73,14 @@ def main() -> None:
     parser.add_argument("--lora-lr", type=float, default=1e-3, help="LoRA learning rate (short budgets want more than the GPU recipes' 3e-4)")
     parser.add_argument("--eval-tokens", type=int, default=4096, help="held-out Persuasion tokens scored after each step")
     parser.add_argument("--seq-len", type=int, default=512, help="training and scoring window")
+    parser.add_argument("--recipes", default=",".join(RECIPES))
+    parser.add_argument("--variants", default="", help="LABEL=OVERRIDE[+OVERRIDE...], comma-separated; each recipe runs once per variant")
+    parser.add_argument("--transfer-only", action="store_true", help="run only the attention-transfer stages")
     parser.add_argument("--out", type=Path, default=Path("runs/cpu_distill.json"))
     args = parser.parse_args()
+    variants = {"": []}
+    if args.variants:
+        variants = {label: overrides.split("+") for label, overrides in (v.split("=", 1) for v in args.variants.split(","))}
 
     started = time.time()
     accelerator = make_accelerator("no")
@@ -79,20 +92,30 @@ def main() -> None:
         "recipes": {},
     }
     windows = None
-    for name in RECIPES:
-        recipe = cpu_recipe(name, args)
+    for name, label in [(n, v) for n in args.recipes.split(",") for v in variants]:
+        recipe = cpu_recipe(name, args, variants[label])
         data = load_data(recipe.data, tokenizer, seed=recipe.seed)
         windows = data.heldout_windows(args.seq_len, args.eval_tokens)
-        model, _ = prepare_student(copy.deepcopy(teacher), recipe, log=lambda m: None)
+        model, keep = prepare_student(copy.deepcopy(teacher), recipe, log=lambda m: None)
         if "teacher" not in results:
             with teacher_mode(model):
                 results["teacher"] = {"perplexity": perplexity(model, windows)}
         row = {"mixer": recipe.convert.mixer, "options": recipe.convert.options, "converted": perplexity(model, windows), "stages": []}
         session = Session(accelerator, log=print, progress=True)
+        kinds = [stage.kind for stage in recipe.stages]
+        # Automatic layer choice (keep_attention: auto:N) as `linearize distill` makes it: after the first
+        # attention-transfer stage, or before the first stage when there is none.
+        select_after = kinds.index("attention_transfer") if "attention_transfer" in kinds else -1
+        if keep is not None and select_after == -1:
+            row["kept_attention"] = select(model, data, recipe, session, keep)["kept_attention"]
         for index, stage in enumerate(recipe.stages):
+            if args.transfer_only and stage.kind != "attention_transfer":
+                continue
             session.stage_index = index
             set_seed(recipe.seed + index)
             model = RUNNERS[stage.kind](model, data, stage, session)
+            if keep is not None and index == select_after:
+                row["kept_attention"] = select(model, data, recipe, session, keep)["kept_attention"]
             report = session.reports[-1]
             entry = {"kind": stage.kind, "tokens": report.get("tokens", 0), "seconds": report.get("seconds", 0), "perplexity": perplexity(model, windows)}
             if stage.kind == "attention_transfer" and report.get("first"):
@@ -104,18 +127,19 @@ def main() -> None:
             if stage.kind == "lora_kd" and report.get("first"):
                 entry["kl_first"], entry["kl_last"] = report["first"]["kl"], report["last"]["kl"]
             row["stages"].append(entry)
-            print(f"{name} after {stage.kind}: perplexity {entry['perplexity']:.2f}")
-        results["recipes"][name] = row
+            print(f"{name} {label} after {stage.kind}: perplexity {entry['perplexity']:.2f}")
+        row["overrides"] = variants[label]
+        results["recipes"][f"{name}:{label}" if label else name] = row
     results["heldout_tokens"] = int(windows.numel())
     results["seconds"] = round(time.time() - started, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
 
     print(f"\nheld-out perplexity on {results['heldout_tokens']} Persuasion tokens (teacher {results['teacher']['perplexity']:.2f})")
-    print(f"{'recipe':<10} {'mixer':<14} {'converted':>10}  after each stage")
+    print(f"{'recipe':<16} {'mixer':<14} {'converted':>10}  after each stage")
     for name, row in results["recipes"].items():
         steps = "  ".join(f"{s['kind']} ({s['tokens']} tok, {s['seconds']:.0f} s): {s['perplexity']:.2f}" for s in row["stages"])
-        print(f"{name:<10} {row['mixer']:<14} {row['converted']:>10.2f}  {steps}")
+        print(f"{name:<16} {row['mixer']:<14} {row['converted']:>10.2f}  {steps}")
     for name, row in results["recipes"].items():
         for stage in row["stages"]:
             if "layers" in stage:
