@@ -103,6 +103,18 @@ def publish(summary: list[dict], out: Path, eval_tokens: int) -> None:
     write_report([out / "results.json"], out / "report")
 
 
+def overrides_for(recipe: str, overrides: list[str]) -> list[str]:
+    """The command line's overrides that apply to `recipe`: plain key=value ones, and RECIPE:key=value ones for it."""
+    chosen = []
+    for override in overrides:
+        key = override.split("=", 1)[0]
+        if ":" not in key:
+            chosen.append(override)
+        elif key.split(":", 1)[0] == recipe:
+            chosen.append(override.split(":", 1)[1])
+    return chosen
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", default="smollm2-135m")
@@ -126,27 +138,27 @@ def main():
     lengths = [int(n) for n in args.passkey_lengths.split(",")]
     summary = []
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    teacher_model = linearize.load_teacher(args.teacher, dtype=torch.float32)[0].to(device).eval()
+    teacher_model, tokenizer = linearize.load_teacher(args.teacher, dtype=torch.float32)
+    teacher_model = teacher_model.to(device).eval()
+    heldout = {
+        "persuasion": token_windows(tokenizer, read_text_source(str(corpus / "heldout" / "persuasion.txt")), 512, max_tokens=args.eval_tokens),
+        "docs": token_windows(tokenizer, read_text_source(str(corpus / "heldout" / "python-docs.txt")), 512, max_tokens=args.eval_tokens),
+    }
+    budgets = [int(t) for t in args.tokens.split(",")]
     teacher_scores = None
     for name in args.recipes.split(","):
         started = time.time()
-        mine = [o.split(":", 1)[1] if ":" in o.split("=", 1)[0] else o for o in args.overrides
-                if ":" not in o.split("=", 1)[0] or o.split(":", 1)[0] == name]
         overrides = [f"teacher={args.teacher}", f"data.train={corpus / 'train'}", f"data.heldout={corpus / 'heldout' / 'persuasion.txt'}",
                      "data.streaming=false", "data.seq_len=512", f"eval.perplexity_tokens={args.eval_tokens}", "eval.seq_len=512"]
-        stages = len(load_recipe(name, overrides).stages)
-        budgets = [int(t) for t in args.tokens.split(",")]
-        for i in range(stages):
+        for i in range(len(load_recipe(name, overrides).stages)):
             overrides.append(f"stages.{i}.tokens={budgets[min(i, len(budgets) - 1)]}")
-            overrides += [f"stages.{i}.batch_size={args.batch_size}"] * bool(args.batch_size) + [f"stages.{i}.compile=true"] * args.compile
-        recipe = load_recipe(name, overrides + mine)
+            if args.batch_size:
+                overrides.append(f"stages.{i}.batch_size={args.batch_size}")
+            if args.compile:
+                overrides.append(f"stages.{i}.compile=true")
+        recipe = load_recipe(name, overrides + overrides_for(name, args.overrides))
         result = run(recipe, out=out / name, overwrite=True, log=lambda m: print(f"[{name}] {m}", flush=True))
         model = AutoModelForCausalLM.from_pretrained(out / name, dtype=torch.float32).to(device)
-        tokenizer = linearize.load_teacher(out / name)[1]
-        heldout = {
-            "persuasion": token_windows(tokenizer, read_text_source(str(corpus / "heldout" / "persuasion.txt")), 512, max_tokens=args.eval_tokens),
-            "docs": token_windows(tokenizer, read_text_source(str(corpus / "heldout" / "python-docs.txt")), 512, max_tokens=args.eval_tokens),
-        }
         if teacher_scores is None:
             teacher_scores = score(teacher_model, tokenizer, heldout, lengths, args.trials)
         student = score(model, tokenizer, heldout, lengths, args.trials)

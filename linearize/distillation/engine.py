@@ -4,9 +4,9 @@ The same code runs on CPU, on one GPU and on several under `accelerate launch` (
 prepared by the Accelerator, micro-batches accumulate gradients under `no_sync`, and mixed precision is autocast
 with the trainable parameters kept in float32. A checkpoint holds only what training changes (the trainable
 weights, the optimizer and scheduler, the RNG, the step); the data position is a function of the step, so
-resuming replays the run exactly. A non-finite loss or gradient stops the run before the optimizer touches the weights. Under FSDP
-each stage ends by gathering the full weights back into the plain model on every process, and no checkpoints
-are written (they would hold one process's shards).
+resuming replays the run exactly. A non-finite loss or gradient stops the run before the optimizer touches the
+weights. Under FSDP each stage ends by gathering the full weights back into the plain model on every process,
+and no checkpoints are written (they would hold one process's shards).
 """
 
 from __future__ import annotations
