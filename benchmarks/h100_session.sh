@@ -1,9 +1,12 @@
 # The GPU runs behind BENCHMARKS.md's correctness, distillation-throughput and quality figures, as calls on one
 # warm H100 (one call carries at most 64 MiB, the SmolLM2 GGUF is 98 MB, so it travels in two halves, and a
 # machine goes back 30 s after a call, so the calls follow each other at once):
-#   bash benchmarks/h100_session.sh first     # carry .whl .gguf1: wheels, first half, GPU tests, distillation speed
-#   bash benchmarks/h100_session.sh second    # carry .gguf2 corpus: join the GGUF, real-teacher GPU tests, quality
+#   bash benchmarks/h100_session.sh first     # carry .whl .gguf1: wheels, first half, GPU tests (TESTS: a -k
+#                                             # expression, TEST_S), distillation speed (RUNS, or RUNS=none)
+#   bash benchmarks/h100_session.sh second    # carry .gguf2 corpus: join the GGUF, real-teacher GPU tests (TESTS,
+#                                             # or TESTS=none), quality (QUALITY, QUALITY_S)
 #   bash benchmarks/h100_session.sh quality   # (after second, still warm) more quality runs
+#   bash benchmarks/h100_session.sh train_speed  # (after first, still warm) distillation speed alone (RUNS, SPEED_S)
 # and in a call of its own:
 #   bash benchmarks/h100_session.sh multi_gpu  # carry .whl, on nvidia-h200-x2: one process vs DDP vs FSDP
 # Quality runs take QUALITY="--recipes ... --tokens ..." (quality.py's arguments, default below). The GPU tests
@@ -24,24 +27,33 @@ quality() {  # quality TIMEOUT NAME: quality.py on the joined GGUF and the corpu
   (cd "/tmp/quality-$2" && tar czf "$OUT/quality-$2.tgz" --exclude='*.safetensors' --exclude='step-*' . 2>/dev/null)
 }
 
+train_speed() {  # train_speed TIMEOUT: distillation throughput of the 135M shape, RUNS="BATCH:COMPILE,..."
+  timeout "$1" python3 benchmarks/train_speed.py --arch smollm2-135m --mixer hedgehog_swa --seq-len 512 --steps 20 \
+    --runs "${RUNS:-32:off,32:on}" --out /tmp/train_speed > "$OUT/train_speed.log" 2>&1
+  echo "exit $?" >> "$OUT/train_speed.log"
+  cp /tmp/train_speed/train_speed.json "$OUT/" 2>/dev/null
+}
+
 case "$1" in
 first)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   cp .gguf1/part00 /tmp/part00
-  timeout 330 python3 -m pytest -v -p no:cacheprovider -n 14 -m gpu tests/test_gpu.py -k "not real_teacher" -rs > "$OUT/gpu_tests.log" 2>&1
+  timeout "${TEST_S:-330}" python3 -m pytest -v -p no:cacheprovider -n 14 -m gpu tests/test_gpu.py -k "${TESTS:-not real_teacher}" -rs > "$OUT/gpu_tests.log" 2>&1
   echo "exit $?" >> "$OUT/gpu_tests.log"
-  timeout 200 python3 benchmarks/train_speed.py --arch smollm2-135m --mixer hedgehog_swa --seq-len 512 --steps 20 \
-    --runs "${RUNS:-32:off,32:on}" --out /tmp/train_speed > "$OUT/train_speed.log" 2>&1
-  echo "exit $?" >> "$OUT/train_speed.log"
-  cp /tmp/train_speed/train_speed.json "$OUT/" 2>/dev/null
+  [ "${RUNS:-32:off,32:on}" = none ] || train_speed 200
+  ;;
+train_speed)
+  train_speed "${SPEED_S:-560}"
   ;;
 second)
   cat /tmp/part00 .gguf2/part01 > /tmp/smollm2.gguf
   echo "$(cat .gguf2/sha256)  /tmp/smollm2.gguf" | sha256sum -c > "$OUT/sha256.txt" 2>&1 || exit 1
   rm -rf /tmp/corpus && cp -r corpus /tmp/corpus
   export LINEARIZE_SMOLLM2_GGUF=/tmp/smollm2.gguf
-  timeout "${TEST_S:-150}" python3 -m pytest -q -p no:cacheprovider -n 5 -m gpu tests/test_gpu.py -k "${TESTS:-real_teacher}" > "$OUT/gpu_real_teacher.log" 2>&1
-  echo "exit $?" >> "$OUT/gpu_real_teacher.log"
+  if [ "${TESTS:-real_teacher}" != none ]; then
+    timeout "${TEST_S:-150}" python3 -m pytest -q -p no:cacheprovider -n 5 -m gpu tests/test_gpu.py -k "${TESTS:-real_teacher}" > "$OUT/gpu_real_teacher.log" 2>&1
+    echo "exit $?" >> "$OUT/gpu_real_teacher.log"
+  fi
   quality "${QUALITY_S:-420}" second
   ;;
 quality)
@@ -54,6 +66,6 @@ multi_gpu)
   cp /tmp/multi_gpu/multi_gpu.json /tmp/multi_gpu/*.log "$OUT/" 2>/dev/null
   ;;
 *)
-  echo "usage: bash benchmarks/h100_session.sh first|second|quality|multi_gpu" >&2; exit 2
+  echo "usage: bash benchmarks/h100_session.sh first|second|quality|train_speed|multi_gpu" >&2; exit 2
   ;;
 esac

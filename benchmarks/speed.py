@@ -131,14 +131,14 @@ def graph_decode(model, context: int, steps: int, device) -> float:
     """Batch-1 decode tokens/s with each step replayed from a CUDA graph (fully converted models)."""
     ids = torch.randint(0, model.config.get_text_config().vocab_size, (1, context), device=device)
     decoder = GraphDecoder(model)
-    decoder.generate(ids, 8)
+    decoder.generate(ids, 8, ignore_eos=True)
     sync(device)
     start = time.perf_counter()
-    decoder.generate(ids, steps + 8)
+    decoder.generate(ids, steps + 8, ignore_eos=True)
     sync(device)
     full = time.perf_counter() - start
     start = time.perf_counter()
-    decoder.generate(ids, 8)
+    decoder.generate(ids, 8, ignore_eos=True)
     sync(device)
     return steps / (full - (time.perf_counter() - start))
 

@@ -14,9 +14,22 @@ import torch
 from .hf.cache import MixerState
 from .hf.errors import LinearizeError
 
+STOP_CHECK = 16  # steps between checks (each a host sync) whether every row has ended
 
-# Mixers whose captured step did not reproduce generate() on the GPU (BENCHMARKS.md, GPU tests 2026-11-23).
-UNVERIFIED = {"gated_deltanet"}
+
+def end_at_eos(tokens: torch.LongTensor, eos_token_id: torch.LongTensor | None, pad_token_id: int | None) -> torch.LongTensor:
+    """Greedy `tokens` (batch, steps) as `generate()` returns its new tokens: pads after each row's first
+    end-of-sequence token, cut after the step at which the last row ended.
+
+    Rows are independent, so padding afterwards gives what feeding pads back in would.
+    """
+    if eos_token_id is None:
+        return tokens
+    hit = torch.isin(tokens, eos_token_id)
+    ended = hit.cumsum(1) > 0
+    tokens = tokens.masked_fill(ended.cumsum(1) > 1, pad_token_id)
+    all_ended = ended.all(0).nonzero()
+    return tokens if len(all_ended) == 0 else tokens[:, : int(all_ended[0]) + 1]
 
 
 class GraphDecoder:
@@ -24,15 +37,10 @@ class GraphDecoder:
 
     Example:
         >>> decoder = GraphDecoder(student)
-        >>> tokens = decoder.generate(input_ids, max_new_tokens=128)   # (batch, 128)
+        >>> tokens = decoder.generate(input_ids, max_new_tokens=128)   # (batch, <= 128), as generate()'s new tokens
     """
 
     def __init__(self, model, warmup_steps: int = 2):
-        unverified = sorted({entry["mixer"] for entry in model.config.layers} & UNVERIFIED)
-        if unverified:
-            raise LinearizeError(
-                f"GraphDecoder does not take {', '.join(unverified)} layers yet (on an H100 its tokens differed from generate()'s); use model.generate()"
-            )
         if not torch.cuda.is_available() or next(model.parameters()).device.type != "cuda":
             raise LinearizeError("GraphDecoder needs the model on a CUDA device; use model.generate() elsewhere")
         if any(entry["mixer"] == "attention" for entry in model.config.layers):
@@ -40,23 +48,57 @@ class GraphDecoder:
         self.model = model
         self.warmup_steps = warmup_steps
 
+    def _special_tokens(self, eos_token_id, pad_token_id, ignore_eos, device) -> tuple[torch.LongTensor | None, int | None]:
+        """The end-of-sequence ids and the pad id, by default the model's generation config's (as generate())."""
+        config = self.model.generation_config
+        eos = config.eos_token_id if eos_token_id is None else eos_token_id
+        if eos is None or ignore_eos:
+            return None, None
+        eos = torch.tensor([eos] if isinstance(eos, int) else list(eos), device=device)
+        pad = config.pad_token_id if pad_token_id is None else pad_token_id
+        return eos, int(eos[0]) if pad is None else pad
+
     @torch.no_grad()
-    def generate(self, input_ids: torch.LongTensor, max_new_tokens: int) -> torch.LongTensor:
+    def generate(
+        self,
+        input_ids: torch.LongTensor,
+        max_new_tokens: int,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        ignore_eos: bool = False,
+    ) -> torch.LongTensor:
+        """The new tokens of greedy decoding, equal to `model.generate(input_ids, do_sample=False)[:, length:]`.
+
+        A row ends at an end-of-sequence token and is padded after it; decoding stops once every row has ended
+        (checked every `STOP_CHECK` steps) or after `max_new_tokens`. `ignore_eos=True` always decodes
+        `max_new_tokens` (for timing).
+        """
         model = self.model
         batch, length = input_ids.shape
+        eos, pad = self._special_tokens(eos_token_id, pad_token_id, ignore_eos, input_ids.device)
+        ended = torch.zeros(batch, 1, dtype=torch.bool, device=input_ids.device)
+        tokens: list[torch.LongTensor] = []
+
+        def keep(token) -> bool:
+            """Record `token`; True when every row has ended (looked at every STOP_CHECK tokens)."""
+            tokens.append(token)
+            if eos is None:
+                return False
+            ended.logical_or_(torch.isin(token, eos))
+            return len(tokens) % STOP_CHECK == 0 and bool(ended.all())
+
         cache = model.new_cache()
-        out = model(input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        token = out.logits[:, -1:].argmax(-1)
-        tokens = [token]
+        token = model(input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
+        keep(token)
         position = torch.full((batch, 1), length, device=input_ids.device, dtype=torch.long)
         # Eager steps first: Triton autotuning and lazily created state happen outside the capture.
         for _ in range(min(self.warmup_steps, max_new_tokens - 1)):
             token = model(token, past_key_values=cache, position_ids=position, use_cache=True).logits[:, -1:].argmax(-1)
             position += 1
-            tokens.append(token)
+            keep(token)
         remaining = max_new_tokens - len(tokens)
         if remaining <= 0:
-            return torch.cat(tokens, 1)[:, :max_new_tokens]
+            return end_at_eos(torch.cat(tokens, 1)[:, :max_new_tokens], eos, pad)
         states = [layer for layer in cache.layers if isinstance(layer, MixerState)]
         inputs = [dict(layer.tensors) for layer in states]
         static_token, static_position = token.clone(), position.clone()
@@ -78,5 +120,6 @@ class GraphDecoder:
             graph.replay()
             token = static_next.clone()
             position += 1
-            tokens.append(token)
-        return torch.cat(tokens, 1)
+            if keep(token):
+                break
+        return end_at_eos(torch.cat(tokens, 1), eos, pad)

@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 
 import linearize
-from linearize.decode import UNVERIFIED, GraphDecoder
+from linearize.decode import GraphDecoder
 from linearize.hf import kernel_dispatch as kernels
 from linearize.hf.ops_delta import chunk_gated_delta_rule
 from linearize.hf.ops_gated import chunk_gla, chunk_simple_gla
-from tests.tiny import left_padded, random_ids, tiny_model
+from tests.tiny import greedy_steps, left_padded, random_ids, tiny_model
 
 pytestmark = [
     pytest.mark.gpu,
@@ -118,7 +118,7 @@ def test_mixer_on_gpu_both_paths_and_cached_generation(name, monkeypatch):
     assert torch.equal(model.generate(**settings), model.generate(**settings, use_cache=False))
 
 
-@pytest.mark.parametrize("name", sorted((set(MIXERS) & set(linearize.MIXERS)) - UNVERIFIED))
+@pytest.mark.parametrize("name", sorted(set(MIXERS) & set(linearize.MIXERS)))
 def test_graph_decoder_equals_generate(name):
     options = dict(MIXERS[name])
     if "window" in options:
@@ -126,8 +126,9 @@ def test_graph_decoder_equals_generate(name):
     model = linearize.convert(tiny_model(dtype=torch.float32, hidden_size=128, num_attention_heads=2, num_key_value_heads=1), name, **options)
     model = model.cuda()
     ids = random_ids(2, 40).cuda()
-    expected = model.generate(ids, max_new_tokens=20, min_new_tokens=20, do_sample=False)[:, 40:]
-    assert torch.equal(GraphDecoder(model).generate(ids, 20), expected)
+    decoder = GraphDecoder(model)
+    assert torch.equal(decoder.generate(ids, 20, ignore_eos=True), greedy_steps(model, ids, 20))
+    assert torch.equal(decoder.generate(ids, 20), model.generate(ids, max_new_tokens=20, do_sample=False)[:, 40:])
 
 
 GGUF = os.environ.get("LINEARIZE_SMOLLM2_GGUF")

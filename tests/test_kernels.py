@@ -8,10 +8,10 @@ import torch
 
 import linearize
 from linearize import LinearizeError
-from linearize.decode import GraphDecoder
+from linearize.decode import GraphDecoder, end_at_eos
 from linearize.hf import kernel_dispatch as kernels
 from linearize.hf.ops_gated import chunk_gla
-from tests.tiny import tiny_model
+from tests.tiny import greedy_steps, random_ids, tiny_model
 
 
 def test_cpu_uses_the_pytorch_path():
@@ -44,8 +44,27 @@ def test_shapes_fla_cannot_take_are_named():
 def test_graph_decoder_refuses_what_it_cannot_capture():
     with pytest.raises(LinearizeError, match="needs the model on a CUDA device"):
         GraphDecoder(linearize.convert(tiny_model(dtype=torch.float32), "hedgehog"))
-    with pytest.raises(LinearizeError, match="does not take gated_deltanet layers yet.*use model.generate"):
-        GraphDecoder(linearize.convert(tiny_model(dtype=torch.float32), "gated_deltanet"))
+
+
+def test_end_at_eos_pads_after_each_rows_end_and_cuts_after_the_last():
+    tokens = torch.tensor([[5, 2, 7, 2, 8], [5, 6, 9, 7, 8], [3, 4, 6, 1, 2]])
+    eos = torch.tensor([2, 9])
+    assert end_at_eos(tokens, eos, 0).tolist() == [[5, 2, 0, 0, 0], [5, 6, 9, 0, 0], [3, 4, 6, 1, 2]]
+    assert end_at_eos(tokens[:2], eos, 0).tolist() == [[5, 2, 0], [5, 6, 9]]
+    assert end_at_eos(tokens[1:], torch.tensor([2]), 0).tolist() == [[5, 6, 9, 7, 8], [3, 4, 6, 1, 2]]
+    assert torch.equal(end_at_eos(tokens, None, None), tokens)
+
+
+def test_end_at_eos_of_greedy_steps_is_what_generate_returns():
+    """A tiny gated DeltaNet whose first row emits the end-of-sequence token (id 2) at step 11 of 20: the CUDA-graph
+    decoder's raw greedy tokens, ended this way, must equal generate()'s new tokens."""
+    model = linearize.convert(tiny_model(dtype=torch.float32, hidden_size=128, num_attention_heads=2, num_key_value_heads=1), "gated_deltanet")
+    ids = random_ids(2, 40)
+    raw = greedy_steps(model, ids, 20)
+    eos = model.generation_config.eos_token_id
+    assert (raw == eos).any(), "the case must contain an end-of-sequence token"
+    expected = model.generate(ids, max_new_tokens=20, do_sample=False)[:, 40:]
+    assert torch.equal(end_at_eos(raw, torch.tensor([eos]), model.generation_config.pad_token_id), expected)
 
 
 @pytest.mark.parametrize(

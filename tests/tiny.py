@@ -119,3 +119,16 @@ def tiny_data(seq_len: int = 32, train_chars: int = 20_000, heldout_chars: int =
     count = train.numel() // seq_len
     windows = train[: count * seq_len].view(count, seq_len)
     return DistillData(PackedWindows(windows, seed), ids("persuasion", heldout_chars), seq_len, "tiny")
+
+
+@torch.no_grad()
+def greedy_steps(model, ids: torch.Tensor, steps: int) -> torch.Tensor:
+    """`steps` greedy tokens from a plain cached loop that ignores end-of-sequence tokens: (batch, steps)."""
+    cache = model.new_cache()
+    token = model(ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+    tokens, position = [token], torch.full_like(token, ids.shape[1])
+    for _ in range(steps - 1):
+        token = model(token, past_key_values=cache, position_ids=position, use_cache=True).logits[:, -1:].argmax(-1)
+        tokens.append(token)
+        position += 1
+    return torch.cat(tokens, 1)
