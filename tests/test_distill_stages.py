@@ -2,12 +2,13 @@
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 from transformers import AutoModelForCausalLM
 
 import linearize
 from linearize.distillation import AttentionTransferConfig, LoraKDConfig, Session, layer_errors
 from linearize.distillation import attention_transfer, lora_kd
-from linearize.distillation.engine import TrainConfig
+from linearize.distillation.engine import TrainConfig, train
 from linearize.hf.errors import LinearizeError
 from tests.tiny import tiny_data, tiny_model
 
@@ -72,19 +73,40 @@ def test_gradient_checkpointing_gives_the_same_training(data):
 
 
 def test_compiled_stages_train_like_eager_ones(data):
-    """torch.compile (inductor) fuses the mixers' operations; both stages must reach the same weights."""
-    results = []
+    """torch.compile (inductor) on each decoder layer fuses the mixers' operations: both stages must reach the same
+    weights, the identical layers share one compiled graph, and every stage hands back a plain eager model."""
+    results, keys = [], []
     for compiled in (False, True):
         torch._dynamo.reset()
         model = student()
+        graphs = counters["stats"]["unique_graphs"]
         model = attention_transfer.run(model, data, AttentionTransferConfig(tokens=32 * 2 * 3, batch_size=2, compile=compiled), session())
+        assert counters["stats"]["unique_graphs"] - graphs == (1 if compiled else 0)  # one graph for all three layers
+        assert not any(m._compiled_call_impl for m in model.modules())
         model = lora_kd.run(model, data, LoraKDConfig(tokens=32 * 2 * 2, batch_size=2, lr=1e-2, compile=compiled), session())
+        assert not any(m._compiled_call_impl for m in model.modules())
         results.append(snapshot(model))
+        keys.append(list(model.state_dict()))
+    assert keys[1] == keys[0]
     start = snapshot(student())
     changed = [k for k in start if not torch.equal(results[0][k], start[k])]
     assert any("feature" in k for k in changed) and any("q_proj" in k for k in changed)
     for name in results[0]:
         torch.testing.assert_close(results[1][name], results[0][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_a_compiled_stage_that_fails_hands_back_an_eager_model(data):
+    model = student()
+    compiled = []
+
+    def fail(wrapped, batch):
+        compiled.append(sum(bool(m._compiled_call_impl) for m in model.modules()))
+        raise RuntimeError("stopped")
+
+    with pytest.raises(RuntimeError, match="stopped"):
+        train(model, data, TrainConfig(tokens=64, compile=True), session(), dict(model.named_parameters()), fail)
+    assert compiled == [3]  # the three decoder layers, compiled for the stage
+    assert not any(m._compiled_call_impl for m in model.modules())
 
 
 def test_mixers_without_parameters_are_skipped_with_a_note(data):

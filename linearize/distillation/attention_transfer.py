@@ -32,8 +32,27 @@ class AttentionTransferConfig(TrainConfig):
     lr: float = 1e-2
 
 
+class LayerRecord:
+    """One mixer's transfer hook: keeps its layer's error and the teacher output's mean square from the last call.
+
+    Each layer gets its own record, reached through its mixer, instead of one dict keyed by the layer index: under
+    compilation an index read in the forward pass is a constant of the layer's graph, so every layer would be
+    compiled anew, while the mixer and its record are inputs that one graph takes for all identical layers.
+    """
+
+    def __init__(self):
+        self.error: torch.Tensor | None = None
+        self.scale: torch.Tensor | None = None
+
+    def __call__(self, mixer, student: torch.Tensor, teacher: torch.Tensor) -> None:
+        # Gradient checkpointing runs this again in the backward pass; the recomputed values are the same.
+        teacher = teacher.detach().float()
+        self.error = (student.float() - teacher).pow(2).mean()
+        self.scale = teacher.pow(2).mean()
+
+
 class TransferProbe:
-    """Sets the transfer hook on every mixer while active; holds each layer's error on the last forward pass.
+    """Sets a transfer hook on every mixer while active; holds each layer's error on the last forward pass.
 
     `errors[i]` is the mean squared error of layer i (with its graph, for training) and `scales[i]` the mean
     square of the teacher's output there (detached), which normalises errors across depth.
@@ -41,18 +60,23 @@ class TransferProbe:
 
     def __init__(self, model: nn.Module):
         self.mixers = sorted(mixers_in(model), key=lambda m: m.layer_idx)
-        self.errors: dict[int, torch.Tensor] = {}
-        self.scales: dict[int, torch.Tensor] = {}
+        self.records = {m.layer_idx: LayerRecord() for m in self.mixers}
 
-    def hook(self, mixer, student: torch.Tensor, teacher: torch.Tensor) -> None:
-        # Gradient checkpointing runs this again in the backward pass; the recomputed values are the same.
-        teacher = teacher.detach().float()
-        self.errors[mixer.layer_idx] = (student.float() - teacher).pow(2).mean()
-        self.scales[mixer.layer_idx] = teacher.pow(2).mean()
+    @property
+    def errors(self) -> dict[int, torch.Tensor]:
+        return {i: r.error for i, r in self.records.items() if r.error is not None}
+
+    @property
+    def scales(self) -> dict[int, torch.Tensor]:
+        return {i: r.scale for i, r in self.records.items() if r.scale is not None}
+
+    def clear(self) -> None:
+        for record in self.records.values():
+            record.error = record.scale = None
 
     def __enter__(self) -> "TransferProbe":
         for mixer in self.mixers:
-            mixer.transfer_hook = self.hook
+            mixer.transfer_hook = self.records[mixer.layer_idx]
         return self
 
     def __exit__(self, *exc) -> None:
@@ -83,9 +107,10 @@ def layer_errors(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -
             for batch in windows.split(batch_size):
                 model(input_ids=batch.to(device), use_cache=False, logits_to_keep=1)
                 weight = batch.shape[0]
+                errors, scales = probe.errors, probe.scales
                 for i in probe.layers:
-                    squared[i] = squared.get(i, 0.0) + probe.errors[i].item() * weight
-                    scale[i] = scale.get(i, 0.0) + probe.scales[i].item() * weight
+                    squared[i] = squared.get(i, 0.0) + errors[i].item() * weight
+                    scale[i] = scale.get(i, 0.0) + scales[i].item() * weight
     finally:
         model.train(was_training)
     count = windows.shape[0]
@@ -111,7 +136,7 @@ def fsdp_backward_hooks(wrapped: nn.Module, probe: TransferProbe, layers: list[i
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp._runtime_utils import _register_pre_backward_hooks
 
-    units = FSDP.fsdp_modules(getattr(wrapped, "_orig_mod", wrapped))  # _orig_mod: under torch.compile
+    units = FSDP.fsdp_modules(wrapped)
     roots = [unit for unit in units if unit._is_root]
     if len(roots) != 1:
         raise LinearizeError(
@@ -136,15 +161,16 @@ def transfer_loss(
     """One forward pass of `wrapped` (the model, as prepared for training) on `batch` with `probe` active: the
     loss (the sum of the errors of `layers`) and the per-layer metrics. `fsdp`: `wrapped` is an FSDP1 root, whose
     units then need hooks for the backward pass (see `fsdp_backward_hooks`)."""
-    probe.errors.clear()
+    probe.clear()
     # Only the layers' own outputs matter here; logits for one position keep the head's cost negligible.
     wrapped(input_ids=batch, use_cache=False, logits_to_keep=1)
-    loss = torch.stack([probe.errors[i] for i in layers]).sum()
+    errors, scales = probe.errors, probe.scales
+    loss = torch.stack([errors[i] for i in layers]).sum()
     if fsdp:
         fsdp_backward_hooks(wrapped, probe, layers, loss)
-    mse = torch.stack([probe.errors[i].detach() for i in probe.layers])
-    scales = torch.stack([probe.scales[i] for i in probe.layers])
-    return loss, {"layer_mse": mse, "layer_normalized": mse / scales.clamp_min(1e-30)}
+    mse = torch.stack([errors[i].detach() for i in probe.layers])
+    scale = torch.stack([scales[i] for i in probe.layers])
+    return loss, {"layer_mse": mse, "layer_normalized": mse / scale.clamp_min(1e-30)}
 
 
 def run(model: nn.Module, data, config: AttentionTransferConfig, session: Session | None = None) -> nn.Module:

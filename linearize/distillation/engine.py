@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..hf.attention import decoder_layers
 from ..hf.errors import LinearizeError
 
 OPTIMIZERS = ("adamw", "sgd")
@@ -41,9 +42,10 @@ class TrainConfig:
     lr, optimizer (adamw, sgd), weight_decay, scheduler (cosine, linear, constant, constant_with_warmup),
     warmup_steps: the optimisation; max_grad_norm clips the gradient norm (0: no clipping).
     gradient_checkpointing: recompute activations in the backward pass to save memory.
-    compile: run the model through torch.compile for this stage. The mixers' PyTorch forms are chains of small
-        operations; on a GPU at a few thousand tokens per step launching them bounds the speed, and compiling
-        fuses them. The first steps pay the compilation (about a minute).
+    compile: run each decoder layer through torch.compile for this stage. The mixers' PyTorch forms are chains of
+        small operations; on a GPU at a few thousand tokens per step launching them bounds the speed, and
+        compiling fuses them. Identical layers share one compiled graph, so the first step pays for compiling
+        each kind of layer once, not the whole depth.
     checkpoint_every: steps between checkpoints (0: only at the end of the stage, when a checkpoint folder is set).
     log_every: steps between metric records.
     """
@@ -215,12 +217,18 @@ def _clean(name: str) -> str:
     return name
 
 
-def _unwrap_tree(module: nn.Module) -> nn.Module:
-    """Replace every FSDP (and activation checkpoint) wrapper in the tree by the module it wraps."""
+def _inside_wrappers(module: nn.Module) -> nn.Module:
+    """The module inside any FSDP (and activation checkpoint) wrappers around `module`."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     while isinstance(module, FSDP) or hasattr(module, "_checkpoint_wrapped_module"):
         module = module.module if isinstance(module, FSDP) else module._checkpoint_wrapped_module
+    return module
+
+
+def _unwrap_tree(module: nn.Module) -> nn.Module:
+    """Replace every FSDP (and activation checkpoint) wrapper in the tree by the module it wraps."""
+    module = _inside_wrappers(module)
     for name, child in list(module.named_children()):
         inner = _unwrap_tree(child)
         if inner is not child:
@@ -288,6 +296,26 @@ def set_checkpointing(model: nn.Module, enable: bool) -> None:
         getattr(base, f"{prefix}_enable")({"use_reentrant": False})
     else:
         getattr(base, f"{prefix}_disable")()
+
+
+def compile_layers(model: nn.Module) -> list[nn.Module]:
+    """Compile each decoder layer of `model` in place (regional compilation); returns the layers compiled.
+
+    Parameters are graph inputs to dynamo, so identical layers share one compiled graph and compiling costs one
+    layer, not the model's depth. `nn.Module.compile` keeps the compiled call on the module itself, so names and
+    state_dict keys stay as they are. Under FSDP the layer inside each unit's wrappers is compiled, so the units'
+    gathering and resharding run eagerly around it.
+    """
+    layers = [_inside_wrappers(layer) for layer in decoder_layers(model, model.config.get_text_config().num_hidden_layers)]
+    for layer in layers:
+        layer.compile()
+    return layers
+
+
+def uncompile(module: nn.Module) -> None:
+    """Undo `module.compile()`, so the module runs eagerly again."""
+    # torch has no public inverse: compile() sets the compiled call as an instance attribute over the class's None.
+    module.__dict__.pop("_compiled_call_impl", None)
 
 
 # ---- checkpoints -------------------------------------------------------------------------------------------
@@ -432,7 +460,6 @@ def train(
     if config.gradient_checkpointing:
         set_checkpointing(model, True)
     wrapped, optimizer = acc.prepare(model, optimizer)
-    forward = torch.compile(wrapped) if config.compile else wrapped
 
     stage_dir = session.stage_dir(kind)
     start = 0
@@ -461,6 +488,7 @@ def train(
     sums: dict[str, torch.Tensor] = {}
     window_start, window_steps = time.time(), 0
     model.train()
+    compiled = compile_layers(model) if config.compile else []
     try:
         with progress:
             task = progress.add_task(where, total=steps, completed=start, rate="-", loss="-")
@@ -471,7 +499,7 @@ def train(
                     batch = data.train.take(first, config.batch_size).to(acc.device)
                     last_micro = micro == config.grad_accum - 1
                     with nullcontext() if last_micro else acc.no_sync(wrapped):
-                        loss, metrics = step_loss(forward, batch)
+                        loss, metrics = step_loss(wrapped, batch)
                         acc.backward(loss / config.grad_accum)
                     for name, value in {"loss": loss.detach(), **metrics}.items():
                         step_sums[name] = step_sums.get(name, 0) + value.detach().float() / config.grad_accum
@@ -525,6 +553,8 @@ def train(
         ) from None
     finally:
         model.eval()
+        for layer in compiled:
+            uncompile(layer)
         if config.gradient_checkpointing:
             set_checkpointing(model, False)
         # Under FSDP the parameters are new objects now, so they are reached through the model.
