@@ -6,7 +6,8 @@
 #   bash benchmarks/h100_session.sh second    # carry .gguf2 corpus: join the GGUF, real-teacher GPU tests (TESTS,
 #                                             # or TESTS=none), quality (QUALITY, QUALITY_S)
 #   bash benchmarks/h100_session.sh quality   # (after second, still warm) more quality runs
-#   bash benchmarks/h100_session.sh train_speed  # (after first, still warm) distillation speed alone (RUNS, SPEED_S)
+#   bash benchmarks/h100_session.sh train_speed  # (after first, still warm) distillation speed alone (RUNS, SPEED,
+#                                                # SPEED_S)
 # and in a call of its own:
 #   bash benchmarks/h100_session.sh multi_gpu  # carry .whl, on nvidia-h200-x2: one process vs DDP vs FSDP
 # Quality runs take QUALITY="--recipes ... --tokens ..." (quality.py's arguments, default below). The GPU tests
@@ -27,8 +28,8 @@ quality() {  # quality TIMEOUT NAME: quality.py on the joined GGUF and the corpu
   (cd "/tmp/quality-$2" && tar czf "$OUT/quality-$2.tgz" --exclude='*.safetensors' --exclude='step-*' . 2>/dev/null)
 }
 
-train_speed() {  # train_speed TIMEOUT: distillation throughput of the 135M shape, RUNS="BATCH:COMPILE,..."
-  timeout "$1" python3 benchmarks/train_speed.py --arch smollm2-135m --mixer hedgehog_swa --seq-len 512 --steps 20 \
+train_speed() {  # train_speed TIMEOUT: distillation throughput, RUNS="BATCH:COMPILE,...", SPEED="--arch ... --mixer ..."
+  timeout "$1" python3 benchmarks/train_speed.py ${SPEED:---arch smollm2-135m --mixer hedgehog_swa --seq-len 512} --steps 20 \
     --runs "${RUNS:-32:off,32:on}" --out /tmp/train_speed > "$OUT/train_speed.log" 2>&1
   echo "exit $?" >> "$OUT/train_speed.log"
   cp /tmp/train_speed/train_speed.json "$OUT/" 2>/dev/null
