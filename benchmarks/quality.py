@@ -147,6 +147,9 @@ def main():
     budgets = [int(t) for t in args.tokens.split(",")]
     teacher_scores = None
     for name in args.recipes.split(","):
+        # Each recipe's compiled layers would otherwise add to the same code objects' caches, and past torch's
+        # recompile limit the later recipes would silently run eager.
+        torch._dynamo.reset()
         started = time.time()
         overrides = [f"teacher={args.teacher}", f"data.train={corpus / 'train'}", f"data.heldout={corpus / 'heldout' / 'persuasion.txt'}",
                      "data.streaming=false", "data.seq_len=512", f"eval.perplexity_tokens={args.eval_tokens}", "eval.seq_len=512"]
