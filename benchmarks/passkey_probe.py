@@ -4,9 +4,12 @@ Every distilled recipe so far scores 0 on passkey retrieval, even at 512 tokens 
 the softmax window. This converts the real teacher without training and asks each variant the same passkey
 probes (`linearize.evaluate.longcontext`), so the mixer's structure is measured apart from distillation.
 A variant is LABEL=MIXER[:key=value...]; `share=X` sets hedgehog_swa's window share (the sigmoid of its
-per-head `window_logit`, 0.5 at conversion) to X in every layer.
+per-head `window_logit`, 0.5 at conversion) to X in every layer; `sink=N` (for `swa`) also lets every query see
+the first N keys, through a dense reference of the window attention and uncached greedy decoding (an
+experiment: the mixer has no such option; slow, O(T^2) per token).
 
     python benchmarks/passkey_probe.py --lengths 512,2048 --out runs/passkey_probe.json
+    python benchmarks/passkey_probe.py --lengths 2048 --variants "swa256=swa:window=256:sink=0,swa256_sink4=swa:window=256:sink=4"
 """
 
 from __future__ import annotations
@@ -17,11 +20,13 @@ import json
 import math
 import random
 import time
+from contextlib import contextmanager, nullcontext
 
 import torch
 
 import linearize
-from linearize.evaluate.longcontext import answer, answer_of, make_probe
+import linearize.hf.mixer_swa as mixer_swa
+from linearize.evaluate.longcontext import ANSWER_TOKENS, answer, answer_of, make_probe
 
 DEFAULT_VARIANTS = (
     "swa256=swa:window=256,"
@@ -32,18 +37,56 @@ DEFAULT_VARIANTS = (
 )
 
 
-def parse_variant(text: str) -> tuple[str, str, dict, float | None]:
-    """LABEL=MIXER[:key=value...] -> (label, mixer, options, window share or None)."""
+def parse_variant(text: str) -> tuple[str, str, dict, float | None, int | None]:
+    """LABEL=MIXER[:key=value...] -> (label, mixer, options, window share or None, sink tokens or None)."""
     label, _, spec = text.partition("=")
     mixer, *pairs = spec.split(":")
-    options, share = {}, None
+    options, share, sink = {}, None, None
     for pair in pairs:
         key, _, value = pair.partition("=")
         if key == "share":
             share = float(value)
+        elif key == "sink":
+            sink = int(value)
         else:
             options[key] = int(value)
-    return label, mixer, options, share
+    return label, mixer, options, share, sink
+
+
+@contextmanager
+def sink_tokens(count: int):
+    """`swa` layers attend to the first `count` keys as well as their window (dense, uncached forms only)."""
+
+    def dense(q, k, v, *, window, scaling, softcap=None, key_mask=None, band=None):
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, 1).float(), v.repeat_interleave(groups, 1).float()
+        scores = torch.einsum("bhtd,bhsd->bhts", q.float(), k) * scaling
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        total, length = k.shape[2], q.shape[2]
+        query = torch.arange(total - length, total)[:, None]
+        key = torch.arange(total)[None, :]
+        allowed = (query >= key) & ((query - key < window) | (key < count))
+        if key_mask is not None:
+            allowed = allowed & key_mask[:, None, None, :].bool()
+        return (torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1) @ v).to(v.dtype)
+
+    original = mixer_swa.window_attention
+    mixer_swa.window_attention = dense
+    try:
+        yield
+    finally:
+        mixer_swa.window_attention = original
+
+
+@torch.no_grad()
+def answer_uncached(model, tokenizer, probe) -> str:
+    """Greedy continuation with a full forward pass per token (no cache), as `answer` decodes with one."""
+    ids = torch.tensor([probe.prompt_ids])
+    for _ in range(ANSWER_TOKENS):
+        token = model(ids, use_cache=False, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
+        ids = torch.cat((ids, token), dim=1)
+    return tokenizer.decode(ids[0, len(probe.prompt_ids) :], skip_special_tokens=True)
 
 
 def build(teacher, mixer: str, options: dict, share: float | None):
@@ -67,15 +110,17 @@ def main():
     args = parser.parse_args()
 
     teacher, tokenizer = linearize.load_teacher(args.teacher, dtype=torch.float32)
-    variants = [("teacher", None, {}, None)] + [parse_variant(v) for v in args.variants.split(",")]
+    variants = [("teacher", None, {}, None, None)] + [parse_variant(v) for v in args.variants.split(",")]
     rows = []
     for length in [int(n) for n in args.lengths.split(",")]:
         rng = random.Random(0)
         probes = [make_probe(tokenizer, "passkey", length, float(d), rng) for d in args.depths.split(",") for _ in range(args.trials)]
-        for label, mixer, options, share in variants:
+        for label, mixer, options, share, sink in variants:
             model = teacher if mixer is None else build(teacher, mixer, options, share)
             started = time.time()
-            correct = [answer_of(answer(model, tokenizer, p)) == p.answer for p in probes]
+            with nullcontext() if sink is None else sink_tokens(sink):
+                decode = answer if sink is None else answer_uncached
+                correct = [answer_of(decode(model, tokenizer, p)) == p.answer for p in probes]
             rows.append({"variant": label, "length": length, "correct": sum(correct), "probes": len(probes),
                          "by_depth": {d: sum(c for c, p in zip(correct, probes) if f"{p.depth:g}" == d) for d in args.depths.split(",")},
                          "seconds": round(time.time() - started, 1)})
