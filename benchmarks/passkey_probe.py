@@ -10,6 +10,11 @@ experiment: the mixer has no such option; slow, O(T^2) per token).
 
     python benchmarks/passkey_probe.py --lengths 512,2048 --out runs/passkey_probe.json
     python benchmarks/passkey_probe.py --lengths 2048 --variants "swa256=swa:window=256:sink=0,swa256_sink4=swa:window=256:sink=4"
+
+`--students DIR,...` probes saved (distilled) models as well, and reports their learned window shares:
+
+    linearize distill quickstart convert.options.window=256 --out runs/qs256
+    python benchmarks/passkey_probe.py --lengths 512 --variants "" --students runs/qs256
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import time
 from contextlib import contextmanager, nullcontext
 
 import torch
+from transformers import AutoModelForCausalLM
 
 import linearize
 import linearize.hf.mixer_swa as mixer_swa
@@ -89,6 +95,11 @@ def answer_uncached(model, tokenizer, probe) -> str:
     return tokenizer.decode(ids[0, len(probe.prompt_ids) :], skip_special_tokens=True)
 
 
+def window_shares(model) -> list[float]:
+    """Each hedgehog_swa layer's mean window share (the sigmoid of its per-head `window_logit`)."""
+    return [round(torch.sigmoid(m.window_logit.float()).mean().item(), 3) for m in model.modules() if hasattr(m, "window_logit")]
+
+
 def build(teacher, mixer: str, options: dict, share: float | None):
     model = linearize.convert(copy.deepcopy(teacher), mixer, **options)
     if share is not None:
@@ -106,24 +117,30 @@ def main():
     parser.add_argument("--depths", default="0.5,0.9")
     parser.add_argument("--trials", type=int, default=2)
     parser.add_argument("--variants", default=DEFAULT_VARIANTS)
+    parser.add_argument("--students", default="", help="saved models to probe as well, comma-separated folders")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
     teacher, tokenizer = linearize.load_teacher(args.teacher, dtype=torch.float32)
-    variants = [("teacher", None, {}, None, None)] + [parse_variant(v) for v in args.variants.split(",")]
+    variants = [("teacher", None, {}, None, None)] + [parse_variant(v) for v in args.variants.split(",") if v]
+    students = {folder: AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval() for folder in args.students.split(",") if folder}
+    variants += [(folder, folder, {}, None, None) for folder in students]
     rows = []
     for length in [int(n) for n in args.lengths.split(",")]:
         rng = random.Random(0)
         probes = [make_probe(tokenizer, "passkey", length, float(d), rng) for d in args.depths.split(",") for _ in range(args.trials)]
         for label, mixer, options, share, sink in variants:
-            model = teacher if mixer is None else build(teacher, mixer, options, share)
+            if mixer is None:
+                model = teacher
+            else:
+                model = students[mixer] if mixer in students else build(teacher, mixer, options, share)
             started = time.time()
             with nullcontext() if sink is None else sink_tokens(sink):
                 decode = answer if sink is None else answer_uncached
                 correct = [answer_of(decode(model, tokenizer, p)) == p.answer for p in probes]
             rows.append({"variant": label, "length": length, "correct": sum(correct), "probes": len(probes),
                          "by_depth": {d: sum(c for c, p in zip(correct, probes) if f"{p.depth:g}" == d) for d in args.depths.split(",")},
-                         "seconds": round(time.time() - started, 1)})
+                         "window_shares": window_shares(model), "seconds": round(time.time() - started, 1)})
             print(json.dumps(rows[-1]), flush=True)
     if args.out:
         with open(args.out, "w") as f:
