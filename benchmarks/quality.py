@@ -35,6 +35,7 @@ from linearize.evaluate.results import ModelEntry, Results
 from linearize.pipeline import run
 from linearize.report import write_report
 from linearize.textdata import read_text_source, token_windows
+from passkey_probe import window_shares  # benchmarks/, first on the path when run as a script
 
 RECIPES = ("lolcats", "lolcats_linear", "liger", "mamba_in_llama", "hybrid_gdn")
 
@@ -177,6 +178,7 @@ def main():
             "converted_ppl_persuasion": result.converted.perplexity,
             "kl_per_token": kl,
             "top1_agreement": top1,
+            "window_shares": window_shares(model),  # hedgehog_swa's learned balance, per layer (retrieval depends on it)
             "stages": result.stages,
             "seconds": time.time() - started,
         }
