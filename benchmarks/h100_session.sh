@@ -20,6 +20,10 @@ export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$OUT/device.txt"
 python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)" >> "$OUT/device.txt"
 
+wheels() {  # the carried .whl/ into /tmp/site, which PYTHONPATH names
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+}
+
 quality() {  # quality TIMEOUT NAME: quality.py on the joined GGUF and the corpus copied by `second`
   timeout "$1" python3 benchmarks/quality.py --teacher /tmp/smollm2.gguf --corpus /tmp/corpus --out "/tmp/quality-$2" \
     ${QUALITY:---recipes liger,hybrid_gdn,lolcats_linear --tokens 400000} > "$OUT/quality-$2.log" 2>&1
@@ -37,7 +41,7 @@ train_speed() {  # train_speed TIMEOUT: distillation throughput, RUNS="BATCH:COM
 
 case "$1" in
 first)
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  wheels || exit 1
   cp .gguf1/part00 /tmp/part00
   timeout "${TEST_S:-330}" python3 -m pytest -v -p no:cacheprovider -n 14 -m gpu tests/test_gpu.py -k "${TESTS:-not real_teacher}" -rs > "$OUT/gpu_tests.log" 2>&1
   echo "exit $?" >> "$OUT/gpu_tests.log"
@@ -61,7 +65,7 @@ quality)
   quality 580 "${RUN:-third}"
   ;;
 multi_gpu)
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  wheels || exit 1
   timeout "${MULTI_S:-540}" python3 benchmarks/multi_gpu.py --runs "${MULTI_RUNS:-one_gpu,ddp,fsdp}" --out /tmp/multi_gpu > "$OUT/multi_gpu.log" 2>&1
   echo "exit $?" >> "$OUT/multi_gpu.log"
   cp /tmp/multi_gpu/multi_gpu.json /tmp/multi_gpu/*.log "$OUT/" 2>/dev/null

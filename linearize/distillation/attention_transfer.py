@@ -120,7 +120,7 @@ def layer_errors(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -
     }
 
 
-def fsdp_backward_hooks(wrapped: nn.Module, probe: TransferProbe, layers: list[int], loss: torch.Tensor) -> None:
+def fsdp_backward_hooks(wrapped: nn.Module, errors: dict[int, torch.Tensor], layers: list[int], loss: torch.Tensor) -> None:
     """Give FSDP1 the hooks its units' outputs would have carried, on the tensors the loss really flows through.
 
     FSDP gathers a unit's parameters for the backward pass (and switches its gradients to the unit's flat
@@ -152,7 +152,7 @@ def fsdp_backward_hooks(wrapped: nn.Module, probe: TransferProbe, layers: list[i
     _register_pre_backward_hooks(root, root, loss, root._handle)
     for i in layers:
         unit = owner[i]
-        _register_pre_backward_hooks(unit, unit, probe.errors[i], unit._handle)
+        _register_pre_backward_hooks(unit, unit, errors[i], unit._handle)
 
 
 def transfer_loss(
@@ -167,7 +167,7 @@ def transfer_loss(
     errors, scales = probe.errors, probe.scales
     loss = torch.stack([errors[i] for i in layers]).sum()
     if fsdp:
-        fsdp_backward_hooks(wrapped, probe, layers, loss)
+        fsdp_backward_hooks(wrapped, errors, layers, loss)
     mse = torch.stack([errors[i].detach() for i in probe.layers])
     scale = torch.stack([scales[i] for i in probe.layers])
     return loss, {"layer_mse": mse, "layer_normalized": mse / scale.clamp_min(1e-30)}

@@ -176,12 +176,16 @@ class Session:
         return None if self.checkpoints is None else self.checkpoints / f"stage{self.stage_index}-{kind}"
 
 
+def _upcast(p: torch.Tensor, accelerator) -> bool:
+    """Whether trainable `p` is held in float32: under autocast the forward runs in half precision, while the
+    weights and their optimizer state stay in float32."""
+    return accelerator.mixed_precision != "no" and p.dtype in (torch.float16, torch.bfloat16)
+
+
 def trainable_fp32(params: dict[str, nn.Parameter], accelerator) -> None:
-    # Under autocast the forward runs in half precision; the weights and their optimizer state stay in float32.
-    if accelerator.mixed_precision != "no":
-        for p in params.values():
-            if p.dtype in (torch.float16, torch.bfloat16):
-                p.data = p.data.float()
+    for p in params.values():
+        if _upcast(p, accelerator):
+            p.data = p.data.float()
 
 
 def is_fsdp(accelerator) -> bool:
@@ -200,9 +204,8 @@ def held_dtypes(model: nn.Module, params: dict[str, nn.Parameter], accelerator) 
     """The dtype of every parameter as one process trains it: trainable half-precision weights in float32 under
     mixed precision (see `trainable_fp32`), the rest as they are."""
     trainable = {id(p) for p in params.values()}
-    half = (torch.float16, torch.bfloat16)
     return {
-        name: torch.float32 if id(p) in trainable and accelerator.mixed_precision != "no" and p.dtype in half else p.dtype
+        name: torch.float32 if id(p) in trainable and _upcast(p, accelerator) else p.dtype
         for name, p in model.named_parameters(remove_duplicate=False)
     }
 
