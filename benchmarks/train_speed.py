@@ -12,6 +12,7 @@ Peak: `--peak-tflops` (default 989, the H100's dense bf16 datasheet figure).
 
     python benchmarks/train_speed.py --arch llama-3.2-1b --mixer hedgehog --out results/train_speed
     python benchmarks/train_speed.py --arch smollm2-135m --mixer hedgehog_swa --seq-len 512 --runs 8:off,32:off,32:on
+    python benchmarks/train_speed.py --arch smollm2-135m --mixer gated_deltanet --options window=64 --keep-attention every:4 --seq-len 512 --runs 32:off,32:on
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def main():
     parser.add_argument("--arch", default="llama-3.2-1b", choices=sorted(ARCHS))
     parser.add_argument("--mixer", default="hedgehog", help="a mixer with parameters of its own, or attention transfer has nothing to train")
     parser.add_argument("--keep-attention", default="", help="layers that keep softmax attention, e.g. every:2")
+    parser.add_argument("--options", default="", help="the mixer's options, e.g. window=64,conv_size=4")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--runs", default="8:off", help="BATCH:COMPILE pairs, e.g. 8:off,32:off,32:on (compile: on or off)")
     parser.add_argument("--seq-len", type=int, default=1024)
@@ -59,6 +61,8 @@ def main():
         teacher = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(out / "teacher"))
     n = sum(p.numel() for name, p in teacher.named_parameters() if "embed" not in name)
     keep = f"\n  keep_attention: {args.keep_attention}" if args.keep_attention else ""
+    if args.options:
+        keep += "\n  options: {" + ", ".join(pair.replace("=", ": ") for pair in args.options.split(",")) + "}"
     rows = []
     for run in args.runs.split(","):
         batch, compiled = run.split(":")
@@ -85,7 +89,7 @@ def main():
                          "first_step_s": round(first["tokens"] / first["tokens_per_s"], 1),
                          "mfu": rate * flops_per_token / (args.peak_tflops * 1e12), "non_embedding_params": n})
             print(json.dumps(rows[-1]), flush=True)
-        (out / "train_speed.json").write_text(json.dumps({"arch": args.arch, "mixer": args.mixer, "keep_attention": args.keep_attention,
+        (out / "train_speed.json").write_text(json.dumps({"arch": args.arch, "mixer": args.mixer, "options": args.options, "keep_attention": args.keep_attention,
                                                           "seq_len": args.seq_len, "rows": rows}, indent=1))
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 import linearize
+from linearize.hf.attention import apply_rotary, repeat_heads
 from linearize.hf.cache import MixerState
 from tests.tiny import tiny_model
 
@@ -80,3 +81,18 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str, tol: f
     scale = expected.abs().max().clamp_min(1.0)
     error = (actual - expected).abs().max() / scale
     assert error < tol, f"{what}: max relative difference {error:.2e}"
+
+
+def reference_window_heads(mixer, q, k, v, mask, position_embeddings):
+    """Softmax over keys t - window < s <= t that are not padding (float64; attention.softmax_attention is float32)."""
+    spec, groups = mixer.spec, mixer.spec.groups
+    q, k = apply_rotary(q, k, position_embeddings)
+    scores = torch.einsum("bhtd,bhsd->bhts", q, repeat_heads(k, groups)) * spec.scaling
+    if spec.softcap is not None:
+        scores = torch.tanh(scores / spec.softcap) * spec.softcap
+    t = torch.arange(q.shape[2])
+    allowed = (t[None, :] <= t[:, None]) & (t[None, :] > t[:, None] - mixer.window)
+    if mask is not None:
+        allowed = allowed & mask[:, None, None, :]
+    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0)
+    return probs @ repeat_heads(v, groups)

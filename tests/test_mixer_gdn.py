@@ -7,15 +7,15 @@ import torch.nn.functional as F
 import linearize
 from linearize import LinearizeError
 from linearize.hf.cache import MixerState
-from tests.mixer_steps import assert_close, converted_mixer, forms, gradients, layer_inputs, parallel
+from tests.mixer_steps import assert_close, converted_mixer, forms, gradients, layer_inputs, parallel, reference_window_heads
 from tests.tiny import tiny_model
 
 NEW = {"conv_weight", "beta_proj.weight", "beta_proj.bias", "decay_proj.weight", "A_log", "dt_bias"}
 
 
-def randomised(conv_size: int = 4):
-    """A converted layer whose new parameters are random, so the convolution and both gates matter."""
-    model, mixer = converted_mixer("gated_deltanet", conv_size=conv_size)
+def randomised(conv_size: int = 4, window: int = 0):
+    """A converted layer whose new parameters are random, so the convolution, both gates and the window share matter."""
+    model, mixer = converted_mixer("gated_deltanet", conv_size=conv_size, window=window)
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for name, p in mixer.named_parameters():
@@ -90,9 +90,32 @@ def test_every_form_equals_the_reference(length, with_initial, padded):
             assert_close(grad, want, f"{form} gradient of {name}")
 
 
+@pytest.mark.parametrize("length,padded", [(1, False), (63, True), (130, False), (130, True)])
+def test_window_mix_equals_the_reference(length, padded):
+    """share * (softmax over the last 5 keys, with RoPE) + (1 - share) * the gated delta rule, per head; pads give 0."""
+    model, mixer = randomised(window=5)
+    hidden, position_embeddings, mask = layer_inputs(model, 2, length, min(5, length) if padded else 0, offset=0)
+    q, k, v = mixer.spec.project(mixer.attn, hidden)
+    share = torch.sigmoid(mixer.window_logit)[:, None, None]
+    delta, _ = reference(mixer, hidden, mask, None)
+    expected = share * reference_window_heads(mixer, q, k, v, mask, position_embeddings) + (1 - share) * delta
+    if mask is not None:
+        expected = expected * mask[:, None, :, None]
+    params = [p for n, p in mixer.named_parameters() if n in NEW | {"window_logit"}]
+    expected_grads = gradients(expected, [hidden, *params])
+    for form, (out, state) in forms(mixer, hidden, position_embeddings, mask, None).items():
+        assert_close(out, expected, f"{form} output")
+        for grad, want in zip(gradients(out, [hidden, *params]), expected_grads):
+            assert_close(grad, want, f"{form} gradient")
+    assert (share - 0.5).abs().max() > 0.05, "the shares should differ from the start, or the per-head mix proves little"
+
+
 def test_names_of_new_parameters():
     _, mixer = converted_mixer("gated_deltanet")
     assert {n for n, _ in mixer.named_parameters() if not n.startswith("attn.")} == NEW
+    _, windowed = converted_mixer("gated_deltanet", window=8)
+    assert {n for n, _ in windowed.named_parameters() if not n.startswith("attn.")} == NEW | {"window_logit"}
+    assert torch.allclose(torch.sigmoid(windowed.window_logit), torch.full_like(windowed.window_logit, windowed.initial_window_share))
 
 
 def test_convolution_starts_as_identity():
@@ -112,9 +135,9 @@ def test_gates_start_input_independent():
     assert torch.allclose(g.exp(), torch.full_like(g, mixer.initial_decay))
 
 
-@pytest.mark.parametrize("conv_size", [1, 4])
-def test_cost_counts_new_parameters_and_state(conv_size):
-    model, mixer = converted_mixer("gated_deltanet", conv_size=conv_size)
+@pytest.mark.parametrize("conv_size,window", [(1, 0), (4, 0), (4, 6)])
+def test_cost_counts_new_parameters_and_state(conv_size, window):
+    model, mixer = converted_mixer("gated_deltanet", conv_size=conv_size, window=window)
     cost = type(mixer).cost(mixer.spec, mixer.options)
     assert cost.new_parameters == sum(p.numel() for p in mixer.new_parameters())
     assert cost.state_per_token == 0
@@ -137,7 +160,9 @@ def test_layer_output_goes_through_the_teachers_o_proj():
     "options,message",
     [
         (dict(conv_size=0), "option 'conv_size' of mixer 'gated_deltanet' must be at least 1"),
-        (dict(kernel=4), "does not take option(s) kernel; it takes: conv_size"),
+        (dict(kernel=4), "does not take option(s) kernel; it takes: conv_size, window"),
+        (dict(window=-1), "option 'window' of mixer 'gated_deltanet' must be at least 0"),
+        (dict(window=4096), "option 'window' of mixer 'gated_deltanet' is 4096, longer than the model's context of 512 tokens"),
         (dict(conv_size="four"), "option 'conv_size' of mixer 'gated_deltanet' must be a int"),
     ],
 )

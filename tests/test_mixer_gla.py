@@ -6,11 +6,12 @@ import torch.nn.functional as F
 
 import linearize
 from linearize import LinearizeError
-from linearize.hf.attention import apply_rotary, repeat_heads
+from linearize.hf.attention import repeat_heads
 from linearize.hf.cache import MixerState
 from linearize.hf.mixer_gla import GLAMixer
 from linearize.hf.mixer_swa import SWAMixer
 from tests.mixer_forms import assert_forms_match, build, call, inputs
+from tests.mixer_steps import reference_window_heads
 from tests.tiny import tiny_model
 
 
@@ -30,21 +31,6 @@ def reference_gla_heads(mixer, q, k, v, mask):
     weights = torch.einsum("bhtd,bhsd,bhtsd->bhts", fq, fk, decay)
     total = weights.sum(-1, keepdim=True)
     return (weights @ v) / torch.where(total > 0, total, torch.ones_like(total))
-
-
-def reference_window_heads(mixer, q, k, v, mask, position_embeddings):
-    """Softmax over keys t - window < s <= t that are not padding (float64; attention.softmax_attention is float32)."""
-    spec, groups = mixer.spec, mixer.spec.groups
-    q, k = apply_rotary(q, k, position_embeddings)
-    scores = torch.einsum("bhtd,bhsd->bhts", q, repeat_heads(k, groups)) * spec.scaling
-    if spec.softcap is not None:
-        scores = torch.tanh(scores / spec.softcap) * spec.softcap
-    t = torch.arange(q.shape[2])
-    allowed = (t[None, :] <= t[:, None]) & (t[None, :] > t[:, None] - mixer.window)
-    if mask is not None:
-        allowed = allowed & mask[:, None, None, :]
-    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0)
-    return probs @ repeat_heads(v, groups)
 
 
 def reference_heads(mixer, hidden, position_embeddings, mask):

@@ -7,15 +7,15 @@ import torch.nn.functional as F
 import linearize
 from linearize import LinearizeError
 from linearize.hf.cache import MixerState
-from tests.mixer_steps import assert_close, converted_mixer, forms, gradients, layer_inputs, parallel
+from tests.mixer_steps import assert_close, converted_mixer, forms, gradients, layer_inputs, parallel, reference_window_heads
 from tests.tiny import tiny_model
 
 NEW = {"dt_proj.weight", "dt_bias", "A_log", "D"}
 
 
-def randomised():
-    """A converted layer whose new parameters are random, so the step, decay and skip all matter."""
-    model, mixer = converted_mixer("mamba2")
+def randomised(window: int = 0):
+    """A converted layer whose new parameters are random, so the step, decay, skip and window share all matter."""
+    model, mixer = converted_mixer("mamba2", window=window)
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for name, p in mixer.named_parameters():
@@ -72,16 +72,39 @@ def test_every_form_equals_the_reference(length, with_initial, padded):
             assert_close(grad, want, f"{form} gradient of {name}")
 
 
+@pytest.mark.parametrize("length,padded", [(1, False), (63, True), (130, False), (130, True)])
+def test_window_mix_equals_the_reference(length, padded):
+    """share * (softmax over the last 5 keys, with RoPE) + (1 - share) * the SSM's output, per head; pads give 0."""
+    model, mixer = randomised(window=5)
+    hidden, position_embeddings, mask = layer_inputs(model, 2, length, min(5, length) if padded else 0, offset=0)
+    q, k, v = mixer.spec.project(mixer.attn, hidden)
+    share = torch.sigmoid(mixer.window_logit)[:, None, None]
+    ssm, _ = reference(mixer, hidden, position_embeddings, mask, None)
+    expected = share * reference_window_heads(mixer, q, k, v, mask, position_embeddings) + (1 - share) * ssm
+    if mask is not None:
+        expected = expected * mask[:, None, :, None]
+    params = [p for n, p in mixer.named_parameters() if n in NEW | {"window_logit"}]
+    expected_grads = gradients(expected, [hidden, *params])
+    for form, (out, state) in forms(mixer, hidden, position_embeddings, mask, None).items():
+        assert_close(out, expected, f"{form} output")
+        for grad, want in zip(gradients(out, [hidden, *params]), expected_grads):
+            assert_close(grad, want, f"{form} gradient")
+    assert (share - 0.5).abs().max() > 0.05, "the shares should differ from the start, or the per-head mix proves little"
+
+
 def test_only_dt_A_and_D_are_new():
     _, mixer = converted_mixer("mamba2")
     spec = mixer.spec
     new = {n: p.shape for n, p in mixer.named_parameters() if not n.startswith("attn.")}
     h = spec.num_heads
     assert new == {"dt_proj.weight": (h, spec.hidden_size), "dt_bias": (h,), "A_log": (h,), "D": (h,)}
+    _, windowed = converted_mixer("mamba2", window=8)
+    assert {n for n, _ in windowed.named_parameters() if not n.startswith("attn.")} == set(new) | {"window_logit"}
 
 
-def test_cost_counts_new_parameters_and_state():
-    model, mixer = converted_mixer("mamba2")
+@pytest.mark.parametrize("window", [0, 6])
+def test_cost_counts_new_parameters_and_state(window):
+    model, mixer = converted_mixer("mamba2", window=window)
     cost = type(mixer).cost(mixer.spec, mixer.options)
     assert cost.new_parameters == sum(p.numel() for p in mixer.new_parameters())
     assert cost.state_per_token == 0
@@ -109,8 +132,16 @@ def test_layer_output_goes_through_the_teachers_o_proj():
     assert torch.allclose(out, mixer.attn.o_proj(heads.transpose(1, 2).reshape(2, 11, -1)))
 
 
-def test_options_are_refused_by_name():
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        (dict(d_state=16), "mixer 'mamba2' does not take option(s) d_state; it takes: window"),
+        (dict(window=-1), "option 'window' of mixer 'mamba2' must be at least 0"),
+        (dict(window=4096), "option 'window' of mixer 'mamba2' is 4096, longer than the model's context of 512 tokens"),
+    ],
+)
+def test_bad_options_are_one_line_errors(options, message):
     with pytest.raises(LinearizeError) as info:
-        linearize.convert(tiny_model(), "mamba2", keep_attention=[1], d_state=16)
-    assert "mixer 'mamba2' does not take option(s) d_state; it takes: no options" in str(info.value)
+        linearize.convert(tiny_model(), "mamba2", keep_attention=[1], **options)
+    assert message in str(info.value)
     assert "\n" not in str(info.value)

@@ -27,6 +27,8 @@ from torch import nn
 
 from .attention import AttentionSpec, repeat_heads
 from .errors import LinearizeError
+from .mixer_hedgehog import check_window
+from .mixer_swa import add_window, effective_window, window_cache_size
 from .mixers import Mixer, MixerCost, register_mixer
 from .kernel_dispatch import gated_delta_rule
 
@@ -63,11 +65,18 @@ def inverse_softplus(y: float) -> float:
     return y + math.log(-math.expm1(-y))
 
 
+def logit(p: float) -> float:
+    """The x with sigmoid(x) = p (0 < p < 1), to start a sigmoid at a chosen value."""
+    return math.log(p / (1.0 - p))
+
+
 @dataclass
 class GatedDeltaNetOptions:
-    """conv_size: kernel of the short causal convolution on q, k and v (1: a per-channel scale only)."""
+    """conv_size: kernel of the short causal convolution on q, k and v (1: a per-channel scale only);
+    window: > 0 mixes in the teacher's softmax over the last `window` keys, with a learned share per head."""
 
     conv_size: int = 4
+    window: int = 0
 
 
 @register_mixer
@@ -80,6 +89,7 @@ class GatedDeltaNetMixer(Mixer):
     # The start (see the module docstring for why).
     initial_beta = 0.5
     initial_decay = 0.9  # per token
+    initial_window_share = 0.5
 
     def __init__(self, attn, spec: AttentionSpec, options, layer_idx: int):
         super().__init__(attn, spec, options, layer_idx)
@@ -93,10 +103,13 @@ class GatedDeltaNetMixer(Mixer):
         self.beta_proj = nn.Linear(spec.hidden_size, h, **factory)
         self.decay_proj = nn.Linear(spec.hidden_size, h, bias=False, **factory)
         nn.init.zeros_(self.beta_proj.weight)
-        nn.init.constant_(self.beta_proj.bias, math.log(self.initial_beta / (1.0 - self.initial_beta)))
+        nn.init.constant_(self.beta_proj.bias, logit(self.initial_beta))
         nn.init.zeros_(self.decay_proj.weight)
         self.A_log = nn.Parameter(torch.zeros(h, **factory))
         self.dt_bias = nn.Parameter(torch.full((h,), inverse_softplus(-math.log(self.initial_decay)), **factory))
+        self.window = effective_window(options.window, spec)
+        if self.window:
+            self.window_logit = nn.Parameter(torch.full((h,), logit(self.initial_window_share), **factory))
 
     @classmethod
     def resolve(cls, options, spec: AttentionSpec, config):
@@ -104,14 +117,17 @@ class GatedDeltaNetMixer(Mixer):
             raise LinearizeError(
                 f"option 'conv_size' of mixer {cls.name!r} must be at least 1 (1: no mixing across tokens), got {options.conv_size}"
             )
+        check_window(options.window, config, cls.name, low=0)
         return options
 
     @classmethod
     def cost(cls, spec: AttentionSpec, options) -> MixerCost:
         h, d, kernel = spec.num_heads, spec.head_dim, options.conv_size
         channels = (spec.num_heads + 2 * spec.num_kv_heads) * d
-        params = channels * kernel + 2 * spec.hidden_size * h + 3 * h
-        return MixerCost(new_parameters=params, state_fixed=h * d * d + channels * (kernel - 1), state_per_token=0)
+        window = effective_window(options.window, spec)
+        params = channels * kernel + 2 * spec.hidden_size * h + 3 * h + (h if window else 0)
+        state = h * d * d + channels * (kernel - 1) + window_cache_size(window, spec)
+        return MixerCost(new_parameters=params, state_fixed=state, state_per_token=0)
 
     def convolve(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, padding_mask: torch.Tensor | None, cache: torch.Tensor | None
@@ -137,21 +153,26 @@ class GatedDeltaNetMixer(Mixer):
         return beta.transpose(1, 2), g.transpose(1, 2)
 
     def kernel(self):
-        return "gated_delta_rule", (self.spec.head_dim, self.spec.head_dim)
+        return "gated_delta_rule", (self.spec.head_dim, self.spec.head_dim)  # a window, if any, runs beside it in PyTorch
 
     def mix(self, hidden_states, q, k, v, position_embeddings, padding_mask, state) -> torch.Tensor:
         tensors = state.tensors if state is not None else {}
-        q, k, v, conv = self.convolve(q, k, v, padding_mask, tensors.get("conv"))
-        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        cq, ck, cv, conv = self.convolve(q, k, v, padding_mask, tensors.get("conv"))
+        cq, ck = F.normalize(cq, dim=-1), F.normalize(ck, dim=-1)
         groups = self.spec.groups
-        k, v = repeat_heads(k, groups), repeat_heads(v, groups)
+        ck, cv = repeat_heads(ck, groups), repeat_heads(cv, groups)
         beta, g = self.gates(hidden_states, padding_mask)
         decode = state is not None and q.shape[2] == 1
         out, recurrent = gated_delta_rule(
-            q, k, v, g, beta, 1.0, tensors.get("recurrent"), decode=decode, output_state=state is not None
+            cq, ck, cv, g, beta, 1.0, tensors.get("recurrent"), decode=decode, output_state=state is not None
         )
+        new = {"conv": conv, "recurrent": recurrent}
+        if self.window:
+            share = torch.sigmoid(self.window_logit.to(out.dtype))
+            out, cache = add_window(self.spec, self.window, out, share, q, k, v, position_embeddings, padding_mask, None if state is None else tensors)
+            new.update(cache)
         if state is not None:
-            state.tensors = {"conv": conv, "recurrent": recurrent}
+            state.tensors = new
         if padding_mask is not None:
             out = out * padding_mask[:, None, :, None]
         return out

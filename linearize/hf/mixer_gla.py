@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from .attention import AttentionSpec, repeat_heads
 from .errors import LinearizeError
 from .mixer_hedgehog import check_window
-from .mixer_swa import effective_window, sliding_window_heads, window_cache_size
+from .mixer_swa import add_window, effective_window, window_cache_size
 from .mixers import Mixer, MixerCost, register_mixer
 from .kernel_dispatch import gla
 
@@ -95,10 +95,8 @@ class GLAMixer(Mixer):
         heads, final = self.linear_heads(q, k, v, padding_mask, tensors.get("S"), decode)
         new = {"S": final}
         if self.window:
-            cache = None if state is None else {n: tensors[n] for n in ("k", "v", "mask") if n in tensors}
-            window_heads, cache = sliding_window_heads(self.spec, self.window, q, k, v, position_embeddings, padding_mask, cache)
-            heads = 0.5 * window_heads.to(heads.dtype) + 0.5 * heads
-            new.update(cache or {})
+            heads, cache = add_window(self.spec, self.window, heads, 0.5, q, k, v, position_embeddings, padding_mask, None if state is None else tensors)
+            new.update(cache)
         if state is not None:
             state.tensors = new
         return heads.to(v.dtype)

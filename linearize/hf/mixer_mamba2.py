@@ -20,15 +20,25 @@ Distillation does the rest.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .attention import AttentionSpec, repeat_heads
-from .mixer_gated_deltanet import inverse_softplus
-from .mixers import Mixer, MixerCost, NoOptions, register_mixer
+from .mixer_gated_deltanet import inverse_softplus, logit
+from .mixer_hedgehog import check_window
+from .mixer_swa import add_window, effective_window, window_cache_size
+from .mixers import Mixer, MixerCost, register_mixer
 from .kernel_dispatch import simple_gla
+
+
+@dataclass
+class Mamba2Options:
+    """window: > 0 mixes in the teacher's softmax over the last `window` keys, with a learned share per head."""
+
+    window: int = 0
 
 
 @register_mixer
@@ -36,12 +46,13 @@ class Mamba2Mixer(Mixer):
     name = "mamba2"
     anchor = "Mamba in the Llama"
     summary = "Mamba-2 SSD layer with x, B, C taken from the teacher's v, k, q and a learned step dt per head"
-    Options = NoOptions
+    Options = Mamba2Options
 
     # The start (see the module docstring for why).
     initial_dt = 0.001
     initial_A = 30.0
     initial_D = 0.25
+    initial_window_share = 0.5
 
     def __init__(self, attn, spec: AttentionSpec, options, layer_idx: int):
         super().__init__(attn, spec, options, layer_idx)
@@ -53,11 +64,21 @@ class Mamba2Mixer(Mixer):
         self.dt_bias = nn.Parameter(torch.full((h,), inverse_softplus(self.initial_dt), **factory))
         self.A_log = nn.Parameter(torch.full((h,), math.log(self.initial_A), **factory))
         self.D = nn.Parameter(torch.full((h,), self.initial_D, **factory))
+        self.window = effective_window(options.window, spec)
+        if self.window:
+            self.window_logit = nn.Parameter(torch.full((h,), logit(self.initial_window_share), **factory))
+
+    @classmethod
+    def resolve(cls, options, spec: AttentionSpec, config):
+        check_window(options.window, config, cls.name, low=0)
+        return options
 
     @classmethod
     def cost(cls, spec: AttentionSpec, options) -> MixerCost:
         h = spec.num_heads
-        return MixerCost(new_parameters=spec.hidden_size * h + 3 * h, state_fixed=h * spec.head_dim**2, state_per_token=0)
+        window = effective_window(options.window, spec)
+        params = spec.hidden_size * h + 3 * h + (h if window else 0)
+        return MixerCost(new_parameters=params, state_fixed=h * spec.head_dim**2 + window_cache_size(window, spec), state_per_token=0)
 
     def steps(self, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
         """dt (B, H, T), zero at pads so they neither write nor decay."""
@@ -68,7 +89,7 @@ class Mamba2Mixer(Mixer):
         return dt.transpose(1, 2)
 
     def kernel(self):
-        return "simple_gla", (self.spec.head_dim, self.spec.head_dim)
+        return "simple_gla", (self.spec.head_dim, self.spec.head_dim)  # a window, if any, runs beside it in PyTorch
 
     def mix(self, hidden_states, q, k, v, position_embeddings, padding_mask, state) -> torch.Tensor:
         dtype = torch.promote_types(q.dtype, torch.float32)
@@ -76,12 +97,18 @@ class Mamba2Mixer(Mixer):
         c, b, x = q.to(dtype), repeat_heads(k, groups).to(dtype), repeat_heads(v, groups).to(dtype)
         dt = self.steps(hidden_states, padding_mask)
         g = -self.A_log.to(dtype).exp()[:, None] * dt
-        initial = state.tensors.get("ssm") if state is not None else None
+        tensors = state.tensors if state is not None else None
+        initial = tensors.get("ssm") if tensors is not None else None
         decode = state is not None and q.shape[2] == 1
         y, ssm = simple_gla(c, b * dt[..., None], x, g, self.spec.scaling, initial, decode=decode, output_state=state is not None)
-        if state is not None:
-            state.tensors = {"ssm": ssm}
+        new = {"ssm": ssm}
         y = y + self.D.to(dtype)[:, None, None] * x
+        if self.window:
+            share = torch.sigmoid(self.window_logit.to(dtype))
+            y, cache = add_window(self.spec, self.window, y, share, q, k, v, position_embeddings, padding_mask, tensors)
+            new.update(cache)
+        if state is not None:
+            state.tensors = new
         if padding_mask is not None:
             y = y * padding_mask[:, None, :, None]
         return y

@@ -114,6 +114,31 @@ def sliding_window_heads(
     return heads, {"k": k[:, :, cut:].clone(), "v": v[:, :, cut:].clone(), "mask": mask[:, cut:].clone()}
 
 
+def add_window(
+    spec: AttentionSpec,
+    window: int,
+    linear: torch.Tensor,
+    share,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    position_embeddings,
+    padding_mask: torch.Tensor | None,
+    tensors: dict[str, torch.Tensor] | None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """share * (the teacher's softmax over the last `window` keys) + (1 - share) * `linear` heads (B, H, T, D).
+
+    `share` is a number or a per-head tensor (H,). `tensors` is None without a cache, else the layer state's
+    tensors, from which the window's "k", "v" and "mask" are read. Returns the mixed heads in `linear`'s dtype
+    and the window's next cache entries (empty without a cache), for the caller to merge into its state.
+    """
+    cache = None if tensors is None else {n: tensors[n] for n in ("k", "v", "mask") if n in tensors}
+    heads, cache = sliding_window_heads(spec, window, q, k, v, position_embeddings, padding_mask, cache)
+    if torch.is_tensor(share):
+        share = share.to(linear.dtype)[:, None, None]
+    return share * heads.to(linear.dtype) + (1 - share) * linear, cache or {}
+
+
 @dataclass
 class SWAOptions:
     """window: how many of the latest keys (the current one included) each query attends to."""
