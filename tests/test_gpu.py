@@ -99,13 +99,17 @@ MIXERS = {
     "gla": {"window": 8},
     "swa": {"window": 8},
     "gated_deltanet": {},
+    "gated_deltanet+window": {"window": 8},
     "mamba2": {},
+    "mamba2+window": {"window": 8},
 }
+# A case named MIXER+VARIANT runs MIXER with other options.
+NAMES = sorted(n for n in MIXERS if n.split("+")[0] in linearize.MIXERS)
 
 
-@pytest.mark.parametrize("name", sorted(set(MIXERS) & set(linearize.MIXERS)))
+@pytest.mark.parametrize("name", NAMES)
 def test_mixer_on_gpu_both_paths_and_cached_generation(name, monkeypatch):
-    model = linearize.convert(tiny_model(dtype=torch.float32, hidden_size=128, num_attention_heads=2, num_key_value_heads=1), name, **MIXERS[name])
+    model = linearize.convert(tiny_model(dtype=torch.float32, hidden_size=128, num_attention_heads=2, num_key_value_heads=1), name.split("+")[0], **MIXERS[name])
     model = model.cuda()
     ids, mask = left_padded(random_ids(2, 70), [5, 0])
     ids, mask = ids.cuda(), mask.cuda()
@@ -118,12 +122,12 @@ def test_mixer_on_gpu_both_paths_and_cached_generation(name, monkeypatch):
     assert torch.equal(model.generate(**settings), model.generate(**settings, use_cache=False))
 
 
-@pytest.mark.parametrize("name", sorted(set(MIXERS) & set(linearize.MIXERS)))
+@pytest.mark.parametrize("name", NAMES)
 def test_graph_decoder_equals_generate(name):
     options = dict(MIXERS[name])
     if "window" in options:
         options["window"] = 4  # the prompt fills the window, so every step has the same shapes
-    model = linearize.convert(tiny_model(dtype=torch.float32, hidden_size=128, num_attention_heads=2, num_key_value_heads=1), name, **options)
+    model = linearize.convert(tiny_model(dtype=torch.float32, hidden_size=128, num_attention_heads=2, num_key_value_heads=1), name.split("+")[0], **options)
     model = model.cuda()
     ids = random_ids(2, 40).cuda()
     decoder = GraphDecoder(model)
