@@ -3,8 +3,9 @@
 For each recipe: `linearize run` with the corpus from `benchmarks/gather_corpus.py` (train: five Austen novels and
 Debian's Python docs; held out: Persuasion and a slice of the docs), then, on the saved student and on the same
 original teacher: perplexity of the first 60K tokens of Persuasion and of the held-out
-docs in 512-token windows, KL(teacher || student) and top-1 next-token agreement on Persuasion, and passkey
-retrieval at 512, 2K and 8K tokens. Stage times and tokens/s come from the run itself. After every recipe it
+docs in 512-token windows and of Persuasion in 2048-token windows, KL(teacher || student) and top-1 next-token
+agreement on Persuasion, passkey retrieval at 512, 2K and 8K tokens, and the lm-eval suite `local` (the multiple-choice
+task austen_next_sentence, acc_norm). Stage times and tokens/s come from the run itself. After every recipe it
 writes quality.json (every figure), results.json (the `linearize eval` format) and report/ (`linearize report`);
 `--report-only` redraws the last two from an existing quality.json.
 
@@ -12,6 +13,8 @@ writes quality.json (every figure), results.json (the `linearize eval` format) a
     python benchmarks/quality.py --teacher smollm2-135m --corpus corpus --tokens 2000000,8000000 --batch-size 32 --compile \
         --out results/quality lolcats:convert.options.window=128
     python benchmarks/quality.py --report-only --out results/quality
+
+`--suite none` skips lm-eval (which the GPU machine gets as wheels in .whl/, see benchmarks/h100_session.sh).
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ from linearize.config import load_recipe
 from linearize.evaluate.longcontext import answer, answer_of, make_probe
 from linearize.evaluate.perplexity import perplexity
 from linearize.evaluate.results import ModelEntry, Results
+from linearize.evaluate.scoring import evaluate
+from linearize.evaluate.suites import task_specs
 from linearize.pipeline import run
 from linearize.report import write_report
 from linearize.textdata import read_text_source, token_windows
@@ -68,20 +73,49 @@ def passkey(model, tokenizer, length: int, trials: int) -> dict[str, float]:
     return by_depth
 
 
-def score(model, tokenizer, heldout: dict[str, torch.LongTensor], lengths: list[int], trials: int) -> dict:
+def tasks(model, tokenizer, suite: str, limit: int | None = None) -> dict:
+    """The lm-eval suite's figures: "tasks" holds the records as `linearize eval` writes them (for as_results), and
+    TASK_METRIC and TASK_METRIC_stderr repeat each metric flat, for reading quality.json."""
+    records = [
+        {k: v for k, v in r.items() if k not in ("model", "kind")}
+        for r in evaluate(model, tokenizer, suite=suite, limit=limit, teacher=False, progress=False).of("task")
+    ]
+    out = {"tasks": records}
+    for r in records:
+        out[f"{r['task']}_{r['metric']}"] = r["value"]
+        out[f"{r['task']}_{r['metric']}_stderr"] = r["stderr"]
+    return out
+
+
+def score(
+    model, tokenizer, heldout: dict[str, torch.LongTensor], lengths: list[int], trials: int, suite: str | None, task_limit: int | None
+) -> dict:
     model.eval()
-    out = {f"ppl_{name}": perplexity(model, windows.to(model.device), batch_size=8) for name, windows in heldout.items()}
+    # 8 windows of 512 per batch, 4 of 2048: the float32 logits over SmolLM2's 49K vocabulary are the peak.
+    out = {
+        f"ppl_{name}": perplexity(model, windows.to(model.device), batch_size=max(1, min(8, 8192 // windows.shape[1])))
+        for name, windows in heldout.items()
+    }
     for n in lengths:
         by_depth = passkey(model, tokenizer, n, trials)
         out[f"passkey_{n}"] = sum(by_depth.values()) / len(by_depth)
         out[f"passkey_{n}_by_depth"] = by_depth
+    if suite:
+        out |= tasks(model, tokenizer, suite, task_limit)
     return out
+
+
+def text_and_context(key: str) -> tuple[str, int]:
+    """("persuasion", 2048) for ppl_persuasion_2048; a key without a context (ppl_persuasion) is the 512-token figure."""
+    text, _, context = key.removeprefix("ppl_").rpartition("_")
+    return (text, int(context)) if text and context.isdigit() else (key.removeprefix("ppl_"), 512)
 
 
 def as_results(summary: list[dict], eval_tokens: int) -> Results:
     """The figures of quality.json as a results file for `linearize report` (KL and agreement stay in quality.json).
 
-    Passkey goes in only where the run kept it per depth (runs before that kept only the mean per length).
+    Passkey goes in only where the run kept it per depth (runs before that kept only the mean per length); tasks and
+    2048-token perplexity only where the run measured them.
     """
     results = Results(settings={"source": "benchmarks/quality.py", "eval_tokens": eval_tokens, "seq_len": 512})
     results.add_model(ModelEntry(name="teacher", role="teacher", via=summary[0].get("teacher_via", "teacher_mode") if summary else "original"))
@@ -91,11 +125,14 @@ def as_results(summary: list[dict], eval_tokens: int) -> Results:
     for model, scores in [("teacher", first)] + [(row["recipe"], row["student"]) for row in summary]:
         for key, value in scores.items():
             if key.startswith("ppl_"):
-                results.add(model, "perplexity", data=key[4:], context=512, stride=512, value=value, tokens=eval_tokens)
+                text, context = text_and_context(key)
+                results.add(model, "perplexity", data=text, context=context, stride=context, value=value, tokens=eval_tokens)
             elif key.endswith("_by_depth"):
                 length = int(key.split("_")[1])
                 for depth, accuracy in value.items():
                     results.add(model, "passkey", length=length, depth=float(depth), value=accuracy)
+        for record in scores.get("tasks", []):
+            results.add(model, "task", **record)
     return results
 
 
@@ -127,6 +164,8 @@ def main():
     parser.add_argument("--passkey-lengths", default="512,2048,8000")
     parser.add_argument("--trials", type=int, default=2)
     parser.add_argument("--eval-tokens", type=int, default=61440, help="held-out tokens scored (the first 60K of each text)")
+    parser.add_argument("--suite", default="local", help="lm-eval suite scored on teacher and students (eval/suites.yaml), or none")
+    parser.add_argument("--task-limit", type=int, default=0, help="questions per lm-eval task (0: all; a CPU smoke run wants a few)")
     parser.add_argument("--out", default="results/quality")
     parser.add_argument("--report-only", action="store_true", help="redraw results.json and report/ from --out's quality.json")
     parser.add_argument("overrides", nargs="*", help="extra key=value recipe overrides for every recipe, or RECIPE:key=value for one")
@@ -137,13 +176,22 @@ def main():
         return
     out.mkdir(parents=True, exist_ok=True)
     lengths = [int(n) for n in args.passkey_lengths.split(",")]
+    suite = None if args.suite == "none" else args.suite
+    if suite:
+        from linearize.evaluate.harness import run_tasks  # noqa: F401  (a missing lm-eval fails here, before any training)
+
+        task_specs((), suite)  # an unknown suite too
     summary = []
     device = "cuda" if torch.cuda.is_available() else "cpu"
     teacher_model, tokenizer = linearize.load_teacher(args.teacher, dtype=torch.float32)
     teacher_model = teacher_model.to(device).eval()
+    persuasion = read_text_source(str(corpus / "heldout" / "persuasion.txt"))
     heldout = {
-        "persuasion": token_windows(tokenizer, read_text_source(str(corpus / "heldout" / "persuasion.txt")), 512, max_tokens=args.eval_tokens),
+        "persuasion": token_windows(tokenizer, persuasion, 512, max_tokens=args.eval_tokens),
         "docs": token_windows(tokenizer, read_text_source(str(corpus / "heldout" / "python-docs.txt")), 512, max_tokens=args.eval_tokens),
+        # The recipes train and evaluate at 512, where lolcats' 256-token softmax window covers half of every
+        # window; at 2048 the linear part carries most of the context.
+        "persuasion_2048": token_windows(tokenizer, persuasion, 2048, max_tokens=args.eval_tokens),
     }
     budgets = [int(t) for t in args.tokens.split(",")]
     teacher_scores = None
@@ -164,8 +212,8 @@ def main():
         result = run(recipe, out=out / name, overwrite=True, log=lambda m: print(f"[{name}] {m}", flush=True))
         model = AutoModelForCausalLM.from_pretrained(out / name, dtype=torch.float32).to(device)
         if teacher_scores is None:
-            teacher_scores = score(teacher_model, tokenizer, heldout, lengths, args.trials)
-        student = score(model, tokenizer, heldout, lengths, args.trials)
+            teacher_scores = score(teacher_model, tokenizer, heldout, lengths, args.trials, suite, args.task_limit or None)
+        student = score(model, tokenizer, heldout, lengths, args.trials, suite, args.task_limit or None)
         kl, top1 = agreement(model, teacher_model, heldout["persuasion"][:32].to(device))
         row = {
             "recipe": name,
