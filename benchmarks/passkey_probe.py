@@ -4,7 +4,8 @@ Every distilled recipe so far scores 0 on passkey retrieval, even at 512 tokens 
 the softmax window. This converts the real teacher without training and asks each variant the same passkey
 probes (`linearize.evaluate.longcontext`), so the mixer's structure is measured apart from distillation.
 A variant is LABEL=MIXER[:key=value...]; `share=X` sets hedgehog_swa's window share (the sigmoid of its
-per-head `window_logit`, 0.5 at conversion) to X in every layer; `sink=N` (for `swa`) also lets every query see
+per-head `window_logit`, 0.5 at conversion) to X in every layer; `keep=3/4/7` keeps softmax attention in those
+layers (a hybrid's layout, with the converted layers' mixer standing in); `sink=N` (for `swa`) also lets every query see
 the first N keys, through a dense reference of the window attention and uncached greedy decoding (an
 experiment: the mixer has no such option; slow, O(T^2) per token).
 
@@ -44,7 +45,8 @@ DEFAULT_VARIANTS = (
 
 
 def parse_variant(text: str) -> tuple[str, str, dict, float | None, int | None]:
-    """LABEL=MIXER[:key=value...] -> (label, mixer, options, window share or None, sink tokens or None)."""
+    """LABEL=MIXER[:key=value...] -> (label, mixer, options, window share or None, sink tokens or None); a kept-layer
+    list keep=3/4/7 goes into the options as keep_attention."""
     label, _, spec = text.partition("=")
     mixer, *pairs = spec.split(":")
     options, share, sink = {}, None, None
@@ -54,6 +56,8 @@ def parse_variant(text: str) -> tuple[str, str, dict, float | None, int | None]:
             share = float(value)
         elif key == "sink":
             sink = int(value)
+        elif key == "keep":
+            options["keep_attention"] = [int(i) for i in value.split("/")]
         else:
             options[key] = int(value)
     return label, mixer, options, share, sink
