@@ -96,3 +96,22 @@ def reference_window_heads(mixer, q, k, v, mask, position_embeddings):
         allowed = allowed & mask[:, None, None, :]
     probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0)
     return probs @ repeat_heads(v, groups)
+
+
+def assert_window_mix_matches(model, mixer, linear_reference, new: set[str], length: int, padded: bool) -> None:
+    """A mixer with window=N against share * (softmax over the last N keys) + (1 - share) * linear_reference(hidden,
+    position_embeddings, mask), per head, zero at pads: every form, outputs and gradients (`new` and the share)."""
+    hidden, position_embeddings, mask = layer_inputs(model, 2, length, min(5, length) if padded else 0, offset=0)
+    q, k, v = mixer.spec.project(mixer.attn, hidden)
+    share = torch.sigmoid(mixer.window_logit)[:, None, None]
+    linear = linear_reference(hidden, position_embeddings, mask)
+    expected = share * reference_window_heads(mixer, q, k, v, mask, position_embeddings) + (1 - share) * linear
+    if mask is not None:
+        expected = expected * mask[:, None, :, None]
+    params = [p for n, p in mixer.named_parameters() if n in new | {"window_logit"}]
+    expected_grads = gradients(expected, [hidden, *params])
+    for form, (out, _) in forms(mixer, hidden, position_embeddings, mask, None).items():
+        assert_close(out, expected, f"{form} output")
+        for grad, want in zip(gradients(out, [hidden, *params]), expected_grads):
+            assert_close(grad, want, f"{form} gradient")
+    assert (share - 0.5).abs().max() > 0.05, "the shares should differ from the start, or the per-head mix proves little"

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import linearize
 from linearize import LinearizeError
 from linearize.hf.cache import MixerState
-from tests.mixer_steps import assert_close, converted_mixer, forms, gradients, layer_inputs, parallel, reference_window_heads
+from tests.mixer_steps import assert_close, assert_window_mix_matches, converted_mixer, forms, gradients, layer_inputs, parallel
 from tests.tiny import tiny_model
 
 NEW = {"dt_proj.weight", "dt_bias", "A_log", "D"}
@@ -76,20 +76,7 @@ def test_every_form_equals_the_reference(length, with_initial, padded):
 def test_window_mix_equals_the_reference(length, padded):
     """share * (softmax over the last 5 keys, with RoPE) + (1 - share) * the SSM's output, per head; pads give 0."""
     model, mixer = randomised(window=5)
-    hidden, position_embeddings, mask = layer_inputs(model, 2, length, min(5, length) if padded else 0, offset=0)
-    q, k, v = mixer.spec.project(mixer.attn, hidden)
-    share = torch.sigmoid(mixer.window_logit)[:, None, None]
-    ssm, _ = reference(mixer, hidden, position_embeddings, mask, None)
-    expected = share * reference_window_heads(mixer, q, k, v, mask, position_embeddings) + (1 - share) * ssm
-    if mask is not None:
-        expected = expected * mask[:, None, :, None]
-    params = [p for n, p in mixer.named_parameters() if n in NEW | {"window_logit"}]
-    expected_grads = gradients(expected, [hidden, *params])
-    for form, (out, state) in forms(mixer, hidden, position_embeddings, mask, None).items():
-        assert_close(out, expected, f"{form} output")
-        for grad, want in zip(gradients(out, [hidden, *params]), expected_grads):
-            assert_close(grad, want, f"{form} gradient")
-    assert (share - 0.5).abs().max() > 0.05, "the shares should differ from the start, or the per-head mix proves little"
+    assert_window_mix_matches(model, mixer, lambda hidden, position_embeddings, mask: reference(mixer, hidden, position_embeddings, mask, None)[0], NEW, length, padded)
 
 
 def test_only_dt_A_and_D_are_new():
