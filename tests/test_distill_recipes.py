@@ -34,7 +34,7 @@ def test_every_shipped_recipe_loads_and_validates(name):
     if name == "quickstart":
         assert budget <= 65536  # minutes on two CPU cores
     else:
-        assert budget >= 10_000_000  # sized for a GPU
+        assert 1_000_000 <= budget <= 20_000_000  # sized for minutes on one GPU, within the 20M tokens a recipe may spend
 
 
 @pytest.mark.parametrize(
