@@ -95,6 +95,23 @@ def test_compiled_stages_train_like_eager_ones(data):
         torch.testing.assert_close(results[1][name], results[0][name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_compiled_hybrid_stages_train_like_eager_ones(data):
+    """hybrid_gdn's layers (gated delta rule with a softmax window, one layer kept as attention) compile too, and
+    train its mixer parameters and window shares as eager does."""
+    results = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        model = linearize.convert(tiny_model("llama", dtype=torch.float32), "gated_deltanet", keep_attention=[1], window=4)
+        model = attention_transfer.run(model, data, AttentionTransferConfig(tokens=32 * 2 * 3, batch_size=2, compile=compiled), session())
+        kd = LoraKDConfig(tokens=32 * 2 * 2, batch_size=2, lr=1e-2, compile=compiled, train_new_parameters=True)
+        results.append(snapshot(lora_kd.run(model, data, kd, session())))
+    start = snapshot(linearize.convert(tiny_model("llama", dtype=torch.float32), "gated_deltanet", keep_attention=[1], window=4))
+    changed = [k for k in start if not torch.equal(results[0][k], start[k])]
+    assert any("window_logit" in k for k in changed) and any("q_proj" in k for k in changed)
+    for name in results[0]:
+        torch.testing.assert_close(results[1][name], results[0][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_a_compiled_stage_that_fails_hands_back_an_eager_model(data):
     model = student()
     compiled = []
