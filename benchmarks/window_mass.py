@@ -29,19 +29,17 @@ from passkey_probe import build, parse_variant  # benchmarks/, first on the path
 def window_part(model, ids: torch.LongTensor) -> torch.Tensor:
     """(layers, T): the window's part of the normaliser at each position, mean over heads and rows."""
     out = model(ids, output_hidden_states=True, use_cache=False)
-    layers = model.model.model.layers if hasattr(model.model, "model") else model.model.layers
-    positions = torch.arange(ids.shape[1])[None].expand(ids.shape[0], -1)
+    decoder = model.model.model  # the teacher's decoder inside LinearizedForCausalLM
+    t = torch.arange(ids.shape[1])
+    position_embeddings = decoder.rotary_emb(out.hidden_states[0], t[None].expand(ids.shape[0], -1))
     parts = []
     for mixer in sorted(mixers_in(model), key=lambda m: m.layer_idx):
-        layer = layers[mixer.layer_idx]
-        hidden = layer.input_layernorm(out.hidden_states[mixer.layer_idx])
-        rotary = model.model.model.rotary_emb if hasattr(model.model, "model") else model.model.rotary_emb
+        hidden = decoder.layers[mixer.layer_idx].input_layernorm(out.hidden_states[mixer.layer_idx])
         q, k, _ = mixer.spec.project(mixer.attn, hidden)
-        q, k = apply_rotary(q, k, rotary(hidden, positions))
+        q, k = apply_rotary(q, k, position_embeddings)
         fq, fk = mixer.feature_q(q).double(), repeat_heads(mixer.feature_k(k), mixer.spec.groups).double()
         k = repeat_heads(k, mixer.spec.groups)
         share = torch.sigmoid(mixer.window_logit.double())[:, None]
-        t = torch.arange(ids.shape[1])
         inside = (t[None, :] <= t[:, None]) & (t[None, :] > t[:, None] - mixer.window)
         scores = (q.double() @ k.double().transpose(-1, -2) * mixer.spec.scaling).masked_fill(~inside, float("-inf"))
         window = torch.exp(scores - scores.amax(-1, keepdim=True)).sum(-1) * share
