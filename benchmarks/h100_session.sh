@@ -2,11 +2,12 @@
 # warm H100 (one call carries at most 64 MiB, the SmolLM2 GGUF is 98 MB, so it travels in two halves, and a
 # machine goes back 30 s after a call, so the calls follow each other at once):
 #   bash benchmarks/h100_session.sh first     # carry .whl .gguf1: wheels, first half, GPU tests (TESTS: a -k
-#                                             # expression, or none; TEST_S), distillation speed (RUNS, or RUNS=none)
+#                                             # expression, or none; TEST_S), kernel warm-up for the quality calls
+#                                             # (WARM, see warm() below), distillation speed (RUNS, or RUNS=none)
 #   bash benchmarks/h100_session.sh second    # carry .gguf2 corpus: join the GGUF, real-teacher GPU tests (TESTS,
 #                                             # or TESTS=none), quality (QUALITY, QUALITY_S)
 #   bash benchmarks/h100_session.sh quality   # (after second, still warm) more quality runs
-#   bash benchmarks/h100_session.sh train_speed  # (after first, still warm) distillation speed alone (RUNS, SPEED,
+#   bash benchmarks/h100_session.sh train_speed  # (after first, still warm) distillation speed alone (SPEED, RUNS,
 #                                                # SPEED_S)
 # and in a call of its own:
 #   bash benchmarks/h100_session.sh multi_gpu  # carry .whl, on nvidia-h200-x2: one process vs DDP vs FSDP
@@ -36,11 +37,29 @@ quality() {  # quality TIMEOUT NAME: quality.py on the joined GGUF and the corpu
   (cd "/tmp/quality-$2" && tar czf "$OUT/quality-$2.tgz" --exclude='*.safetensors' --exclude='step-*' . 2>/dev/null)
 }
 
-train_speed() {  # train_speed TIMEOUT: distillation throughput, RUNS="BATCH:COMPILE,...", SPEED="--arch ... --mixer ..."
-  timeout "$1" python3 benchmarks/train_speed.py ${SPEED:---arch smollm2-135m --mixer hedgehog_swa --seq-len 512} --steps 20 \
-    --runs "${RUNS:-32:off,32:on}" --out /tmp/train_speed > "$OUT/train_speed.log" 2>&1
-  echo "exit $?" >> "$OUT/train_speed.log"
-  cp /tmp/train_speed/train_speed.json "$OUT/" 2>/dev/null
+train_speed() {  # train_speed TIMEOUT: train_speed.py once per ';'-separated argument list in SPEED (default below),
+  # each under TIMEOUT, 20 steps per stage; RUNS="BATCH:COMPILE,..." where a list names no --runs
+  local i=0 speeds speed
+  IFS=';' read -ra speeds <<< "${SPEED:---arch smollm2-135m --mixer hedgehog_swa --seq-len 512}"
+  for speed in "${speeds[@]}"; do
+    i=$((i + 1))
+    [[ $speed == *--runs* ]] || speed="$speed --runs ${RUNS:-32:off,32:on}"
+    timeout "$1" python3 benchmarks/train_speed.py $speed --steps 20 --out "/tmp/train_speed$i" > "$OUT/train_speed$i.log" 2>&1
+    echo "exit $?" >> "$OUT/train_speed$i.log"
+    cp "/tmp/train_speed$i/train_speed.json" "$OUT/train_speed$i.json" 2>/dev/null
+  done
+}
+
+warm() {  # warm: compile, ahead of the quality calls, the fla kernels and layer graphs they will use (Triton's and
+  # inductor's caches stay on the warm machine): train_speed.py once per ';'-separated argument list in WARM, all at
+  # once (compiling is CPU work), 4 steps per stage, within WARM_S; their rates are not figures
+  local i=0 entries entry
+  IFS=';' read -ra entries <<< "$WARM"
+  for entry in "${entries[@]}"; do
+    i=$((i + 1))
+    timeout "${WARM_S:-300}" python3 benchmarks/train_speed.py $entry --steps 4 --out "/tmp/warm$i" > "$OUT/warm$i.log" 2>&1 &
+  done
+  wait
 }
 
 case "$1" in
@@ -51,6 +70,7 @@ first)
     timeout "${TEST_S:-330}" python3 -m pytest -v -p no:cacheprovider -n 14 -m gpu tests/test_gpu.py -k "${TESTS:-not real_teacher}" -rs > "$OUT/gpu_tests.log" 2>&1
     echo "exit $?" >> "$OUT/gpu_tests.log"
   fi
+  [ -z "${WARM:-}" ] || warm
   [ "${RUNS:-32:off,32:on}" = none ] || train_speed 200
   ;;
 train_speed)

@@ -6,7 +6,7 @@ original teacher: perplexity of the first 60K tokens of Persuasion and of the he
 docs in 512-token windows and of Persuasion in 2048-token windows, KL(teacher || student) and top-1 next-token
 agreement on Persuasion, passkey retrieval at 512, 2K and 8K tokens, and the lm-eval suite `local` (the multiple-choice
 task austen_next_sentence, acc_norm). Stage times and tokens/s come from the run itself. After every recipe it
-writes quality.json (every figure), results.json (the `linearize eval` format) and report/ (`linearize report`);
+writes quality.json (every figure; a recipe's row as soon as it has trained, then after each measure), results.json (the `linearize eval` format) and report/ (`linearize report`);
 `--report-only` redraws the last two from an existing quality.json.
 
     python benchmarks/gather_corpus.py --out corpus
@@ -88,21 +88,24 @@ def tasks(model, tokenizer, suite: str, limit: int | None = None) -> dict:
 
 
 def score(
-    model, tokenizer, heldout: dict[str, torch.LongTensor], lengths: list[int], trials: int, suite: str | None, task_limit: int | None
-) -> dict:
+    model, tokenizer, heldout: dict[str, torch.LongTensor], lengths: list[int], trials: int, suite: str | None, task_limit: int | None,
+    into: dict, save,
+) -> None:
+    """Score `model` into `into`, calling `save` after each measure, so a run stopped by a time limit keeps the
+    figures it got."""
     model.eval()
     # 8 windows of 512 per batch, 4 of 2048: the float32 logits over SmolLM2's 49K vocabulary are the peak.
-    out = {
-        f"ppl_{name}": perplexity(model, windows.to(model.device), batch_size=max(1, min(8, 8192 // windows.shape[1])))
-        for name, windows in heldout.items()
-    }
+    for name, windows in heldout.items():
+        into[f"ppl_{name}"] = perplexity(model, windows.to(model.device), batch_size=max(1, min(8, 8192 // windows.shape[1])))
+    save()
     for n in lengths:
         by_depth = passkey(model, tokenizer, n, trials)
-        out[f"passkey_{n}"] = sum(by_depth.values()) / len(by_depth)
-        out[f"passkey_{n}_by_depth"] = by_depth
+        into[f"passkey_{n}"] = sum(by_depth.values()) / len(by_depth)
+        into[f"passkey_{n}_by_depth"] = by_depth
+        save()
     if suite:
-        out |= tasks(model, tokenizer, suite, task_limit)
-    return out
+        into |= tasks(model, tokenizer, suite, task_limit)
+        save()
 
 
 def text_and_context(key: str) -> tuple[str, int]:
@@ -194,7 +197,11 @@ def main():
         "persuasion_2048": token_windows(tokenizer, persuasion, 2048, max_tokens=args.eval_tokens),
     }
     budgets = [int(t) for t in args.tokens.split(",")]
-    teacher_scores = None
+    teacher_scores: dict = {}  # every row shares it: the original teacher, scored once, in the first recipe's turn
+
+    def save() -> None:
+        (out / "quality.json").write_text(json.dumps(summary, indent=1))
+
     for name in args.recipes.split(","):
         # Each recipe's compiled layers would otherwise add to the same code objects' caches, and past torch's
         # recompile limit the later recipes would silently run eager.
@@ -211,10 +218,7 @@ def main():
         recipe = load_recipe(name, overrides + overrides_for(name, args.overrides))
         result = run(recipe, out=out / name, overwrite=True, log=lambda m: print(f"[{name}] {m}", flush=True))
         model = AutoModelForCausalLM.from_pretrained(out / name, dtype=torch.float32).to(device)
-        if teacher_scores is None:
-            teacher_scores = score(teacher_model, tokenizer, heldout, lengths, args.trials, suite, args.task_limit or None)
-        student = score(model, tokenizer, heldout, lengths, args.trials, suite, args.task_limit or None)
-        kl, top1 = agreement(model, teacher_model, heldout["persuasion"][:32].to(device))
+        # The row goes to quality.json as soon as training ends, and grows measure by measure.
         row = {
             "recipe": name,
             "mixers": sorted(set(model.config.mixer_names())),
@@ -222,19 +226,23 @@ def main():
             "attention_layers": [i for i, m in enumerate(model.config.mixer_names()) if m == "attention"],
             "teacher": teacher_scores,
             "teacher_via": "original",
-            "student": student,
+            "student": {},
             "converted_ppl_persuasion": result.converted.perplexity,
-            "kl_per_token": kl,
-            "top1_agreement": top1,
             "window_shares": window_shares(model),  # hedgehog_swa's learned balance, per layer (retrieval depends on it)
             "stages": result.stages,
-            "seconds": time.time() - started,
+            "pipeline_seconds": time.time() - started,  # `linearize run`: conversion, stages and its own perplexity
         }
         summary.append(row)
-        (out / "quality.json").write_text(json.dumps(summary, indent=1))
+        save()
+        row["kl_per_token"], row["top1_agreement"] = agreement(model, teacher_model, heldout["persuasion"][:32].to(device))
+        save()
+        if not teacher_scores:
+            score(teacher_model, tokenizer, heldout, lengths, args.trials, suite, args.task_limit or None, teacher_scores, save)
+        score(model, tokenizer, heldout, lengths, args.trials, suite, args.task_limit or None, row["student"], save)
+        row["seconds"] = time.time() - started
+        save()
         publish(summary, out, args.eval_tokens)
         print(json.dumps({k: row[k] for k in ("recipe", "student", "kl_per_token", "top1_agreement", "seconds")}), flush=True)
-
 
 if __name__ == "__main__":
     main()

@@ -12,6 +12,7 @@ Peak: `--peak-tflops` (default 989, the H100's dense bf16 datasheet figure).
 
     python benchmarks/train_speed.py --arch llama-3.2-1b --mixer hedgehog --out results/train_speed
     python benchmarks/train_speed.py --arch smollm2-135m --mixer hedgehog_swa --seq-len 512 --runs 8:off,32:off,32:on
+    python benchmarks/train_speed.py --arch smollm2-135m --mixer gla --options window=64 --seq-len 512 --runs 32:off --stages lora_kd
     python benchmarks/train_speed.py --arch smollm2-135m --mixer gated_deltanet --options window=64 --keep-attention every:4 --seq-len 512 --runs 32:off,32:on
 """
 
@@ -30,6 +31,10 @@ from multi_gpu import build_teacher  # noqa: E402
 from speed import ARCHS  # noqa: E402
 
 
+# Per token and non-embedding parameter (see the docstring): attention transfer 2 + 2, LoRA KD 2 + 2 + 2.
+FLOPS_PER_PARAMETER = {"attention_transfer": 4, "lora_kd": 6}
+
+
 def rates(records: list[dict], kind: str) -> float:
     # The first two records hold step 1 and the window after it, which pay for compilation and warm-up.
     measured = [r["tokens_per_s"] for r in records if r.get("kind") == kind and "tokens_per_s" in r][2:]
@@ -39,7 +44,8 @@ def rates(records: list[dict], kind: str) -> float:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="llama-3.2-1b", choices=sorted(ARCHS))
-    parser.add_argument("--mixer", default="hedgehog", help="a mixer with parameters of its own, or attention transfer has nothing to train")
+    parser.add_argument("--mixer", default="hedgehog", help="with attention_transfer in --stages, a mixer with parameters of its own")
+    parser.add_argument("--stages", default="attention_transfer,lora_kd", help="which stages to time (liger's gla has nothing for attention transfer)")
     parser.add_argument("--keep-attention", default="", help="layers that keep softmax attention, e.g. every:2")
     parser.add_argument("--options", default="", help="the mixer's options, e.g. window=64,conv_size=4")
     parser.add_argument("--steps", type=int, default=30)
@@ -48,6 +54,9 @@ def main():
     parser.add_argument("--peak-tflops", type=float, default=989.0)
     parser.add_argument("--out", default="results/train_speed")
     args = parser.parse_args()
+    kinds = args.stages.split(",")
+    if not kinds or any(kind not in FLOPS_PER_PARAMETER for kind in kinds):
+        parser.error(f"--stages takes a comma-separated list of {', '.join(FLOPS_PER_PARAMETER)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     shape = {k: v for k, v in ARCHS[args.arch].items() if k != "max_position_embeddings"}
@@ -72,7 +81,7 @@ def main():
         (out / f"{name}.yaml").write_text(
             f"teacher: {out / 'teacher'}\noutput: {out / name}\nprecision: auto\nconvert:\n  mixer: {args.mixer}{keep}\n"
             f"data:\n  train: prideprejudice\n  heldout: persuasion\n  seq_len: {args.seq_len}\n"
-            f"stages:\n  - kind: attention_transfer\n    {stage}\n  - kind: lora_kd\n    {stage}\n"
+            "stages:\n" + "".join(f"  - kind: {kind}\n    {stage}\n" for kind in kinds)
         )
         result = subprocess.run([sys.executable, str(ROOT / "cli.py"), "distill", str(out / f"{name}.yaml"), "--overwrite"], capture_output=True, text=True)
         (out / f"{name}.log").write_text(result.stdout + result.stderr)
@@ -82,7 +91,8 @@ def main():
             print(json.dumps(rows[-1]), flush=True)
             continue
         records = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
-        for kind, flops_per_token in (("attention_transfer", 4 * n), ("lora_kd", 6 * n)):
+        for kind in kinds:
+            flops_per_token = FLOPS_PER_PARAMETER[kind] * n
             rate = rates(records, kind)
             first = next(r for r in records if r.get("kind") == kind and "tokens_per_s" in r)
             rows.append({"batch_size": batch, "compile": compiled, "stage": kind, "tokens_per_s": rate,
