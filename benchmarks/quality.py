@@ -236,9 +236,10 @@ def main():
         save()
         row["kl_per_token"], row["top1_agreement"] = agreement(model, teacher_model, heldout["persuasion"][:32].to(device))
         save()
+        # The student first: the teacher's figures are the same in every run, so a run cut short loses the least.
+        score(model, tokenizer, heldout, lengths, args.trials, suite, args.task_limit or None, row["student"], save)
         if not teacher_scores:
             score(teacher_model, tokenizer, heldout, lengths, args.trials, suite, args.task_limit or None, teacher_scores, save)
-        score(model, tokenizer, heldout, lengths, args.trials, suite, args.task_limit or None, row["student"], save)
         row["seconds"] = time.time() - started
         save()
         publish(summary, out, args.eval_tokens)
