@@ -53,6 +53,10 @@ def _show(results, title: str) -> None:
             table.add_row(r["model"], f"perplexity {r['data']} @ {r['context']}", f"{r['value']:.3f}")
         elif r["kind"] in ("passkey", "needle"):
             table.add_row(r["model"], f"{r['kind']} {r['length']} tokens, depth {r['depth']:g}", f"{r['value']:.2f}")
+        elif r["kind"] == "agreement":
+            table.add_row(r["model"], f"KL to the teacher / top-1 agreement, {r['data']} @ {r['context']}", f"{r['kl']:.4f} / {r['top1']:.3f}")
+        elif r["kind"] == "training":
+            table.add_row(r["model"], f"stage {r['stage']} ({r['stage_kind']}): tokens, seconds", f"{r['tokens']}, {r['seconds']}")
         elif r["kind"] == "speed" and not r.get("out_of_memory"):
             decode = r["decode_tokens_per_s"]
             table.add_row(

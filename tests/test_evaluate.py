@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 import linearize
 from linearize.evaluate.limits import check_lengths
 from linearize.evaluate.longcontext import answer_of, make_probe
-from linearize.evaluate.perplexity import perplexity, strided_perplexity
+from linearize.evaluate.perplexity import agreement, perplexity, strided_perplexity
 from linearize.evaluate.results import load_results
 from linearize.evaluate.scoring import evaluate
 from linearize.evaluate.speed import benchmark
@@ -25,6 +25,7 @@ from linearize.evaluate.suites import local_tasks, suites, task_specs
 from linearize.evaluate.textsource import load_text
 from linearize.config import load_recipe
 from linearize.hf.errors import LinearizeError
+from linearize.hf.mixers import teacher_mode
 from linearize.textdata import packaged_text
 from tests.tiny import tiny_data, tiny_model, tiny_tokenizer
 
@@ -150,6 +151,60 @@ def test_hub_text_offline_names_the_dataset_and_the_fix(monkeypatch, tmp_path):
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path)
     with pytest.raises(LinearizeError, match=r"'nobody/no-such-text'.*unreachable: run once with network, or pre-download"):
         load_text("nobody/no-such-text", name="raw", split="test")
+
+
+def test_agreement_is_the_mean_kl_and_top1_over_every_position(student):
+    windows = torch.randint(3, 128, (5, 24), generator=torch.Generator().manual_seed(2))
+    other = tiny_student(seed=1)
+
+    # Tiny random models are near uniform: sharpened logits make the two disagree measurably.
+    def student_logits(batch):
+        return 20 * student(batch, use_cache=False).logits
+
+    def teacher_logits(batch):
+        return 20 * other(batch, use_cache=False).logits
+
+    assert agreement(student_logits, student_logits, windows) == (pytest.approx(0.0, abs=1e-5), 1.0, 120)
+    kl, top1, tokens = agreement(teacher_logits, student_logits, windows)
+    teacher, converted = teacher_logits(windows).double().log_softmax(-1), student_logits(windows).double().log_softmax(-1)
+    expected = (teacher.exp() * (teacher - converted)).sum(-1).mean().item()
+    assert tokens == 120 and kl > 0.01 and kl == pytest.approx(expected, rel=1e-4)
+    assert top1 == pytest.approx((teacher.argmax(-1) == converted.argmax(-1)).double().mean().item())
+
+
+def test_evaluate_measures_each_students_agreement_with_its_teacher_on_the_perplexity_text(student):
+    results = evaluate(student, char_tokenizer(), perplexity="persuasion", contexts=[32, 64], max_tokens=200, progress=False)
+    records = results.of("agreement")
+    (entry,) = [m for m in results.models if m.role == "student"]
+    assert [(r["model"], r["teacher"], r["context"], r["tokens"]) for r in records] == [
+        (entry.name, entry.teacher, 32, 192), (entry.name, entry.teacher, 64, 192)
+    ]
+    ids = torch.tensor(char_tokenizer()(load_text("persuasion")[:3200], add_special_tokens=False)["input_ids"][:200])
+
+    def view(teacher: bool):
+        def logits(batch):
+            with teacher_mode(student) if teacher else torch.no_grad():
+                return student(batch, use_cache=False).logits
+
+        return logits
+
+    assert records[0]["kl"] == pytest.approx(agreement(view(True), view(False), ids[:192].view(6, 32))[0], rel=1e-5)
+    assert all(r["kl"] > 0 and 0 <= r["top1"] <= 1 for r in records)
+    assert not evaluate(student, char_tokenizer(), perplexity="persuasion", contexts=[32], max_tokens=64, teacher=False, progress=False).of("agreement")
+
+
+def test_a_saved_run_folder_adds_its_stages_as_training_records(student, tmp_path):
+    student.save_pretrained(tmp_path)
+    char_tokenizer().save_pretrained(tmp_path)
+    stages = [{"stage": 0, "kind": "attention_transfer", "tokens": 4096, "seconds": 2.0}, {"stage": 1, "kind": "lora_kd", "tokens": 8192, "seconds": 8.0}]
+    (tmp_path / "results.json").write_text(json.dumps({"recipe": {}, "stages": stages}))
+    results = evaluate(str(tmp_path), perplexity="persuasion", contexts=[32], max_tokens=64, progress=False)
+    assert [(r["stage"], r["stage_kind"], r["tokens"], r["tokens_per_s"]) for r in results.of("training")] == [
+        (0, "attention_transfer", 4096, 2048.0), (1, "lora_kd", 8192, 1024.0)
+    ]
+    assert {r["model"] for r in results.of("training")} == {m.name for m in results.models if m.role == "student"}
+    (tmp_path / "results.json").write_text("[1, 2]")  # a results.json of some other tool: no training records, no error
+    assert not evaluate(str(tmp_path), perplexity="persuasion", contexts=[32], max_tokens=64, progress=False).of("training")
 
 
 def test_retrieval_prompts_hide_the_key_at_the_asked_depth():

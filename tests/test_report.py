@@ -28,6 +28,9 @@ def eval_results() -> Results:
         for length in (256, 1024):
             for depth in (0.0, 0.5, 1.0):
                 results.add(model, "passkey", length=length, depth=depth, value=1.0 if model == TEACHER else 0.5, trials=2, tokens=length)
+    results.add(STUDENT, "agreement", teacher=TEACHER, data="persuasion", context=512, kl=0.0805, top1=0.83, tokens=16384)
+    results.add(STUDENT, "training", stage=1, stage_kind="lora_kd", tokens=8_000_000, seconds=200.0, tokens_per_s=40_000.0)
+    results.add(STUDENT, "training", stage=0, stage_kind="attention_transfer", tokens=4_000_000, seconds=100.0, tokens_per_s=40_000.0)
     return results
 
 
@@ -52,6 +55,8 @@ def test_report_writes_markdown_numbers_and_readable_pngs(tmp_path):
     assert "| arc_easy | acc | 0.600 | 0.450 | 75.0 |" in text
     assert "| persuasion | 512 | 10.00 | 12.50 | 1.250 |" in text
     assert "| 256 | 1.00 | 0.50 |" in text
+    assert "| tiny-hedgehog | persuasion | 512 | 0.0805 | 83.0% | 16384 |" in text
+    assert text.index("| tiny-hedgehog | 0 | attention_transfer | 4,000,000 | 100.0 | 40,000 |") < text.index("| tiny-hedgehog | 1 | lora_kd | 8,000,000 |")
     assert "| tiny-hedgehog | 1 | 8192 | 20.00 |" in text  # decode 50 tok/s against the teacher's 2.5 at 8K
     numbers = json.loads((tmp_path / "report" / "report.json").read_text())
     assert numbers["accuracy"][0]["recovered"][STUDENT] == pytest.approx(75.0)

@@ -83,3 +83,26 @@ def strided_perplexity(model, ids: torch.LongTensor, context: int, stride: int |
 def window_count(tokens: int, context: int, stride: int | None = None) -> int:
     stride = stride or max(1, context // 2)
     return 0 if tokens < context else (tokens - context) // stride + 1
+
+
+@torch.no_grad()
+def agreement(teacher_logits, student_logits, windows: torch.LongTensor, on_batch=None) -> tuple[float, float, int]:
+    """(KL(teacher || student) in nats per token, top-1 next-token agreement, tokens compared) over `windows`
+    (n, context), every position of every window; `teacher_logits` and `student_logits` map a batch of token ids
+    (on the caller's device) to logits. Windows per batch keep one batch near TOKENS_PER_BATCH tokens.
+    `on_batch(n)` is called after each batch with the number of windows done (for progress bars).
+
+    Example:
+        >>> windows = token_windows(tokenizer, packaged_text("persuasion"), 512, max_tokens=8192)
+        >>> kl, top1, tokens = agreement(lambda b: teacher(b).logits, lambda b: student(b).logits, windows.to(device))
+    """
+    kl, agree, count = 0.0, 0, 0
+    for batch in windows.split(max(1, TOKENS_PER_BATCH // windows.shape[1])):
+        teacher = teacher_logits(batch).float().log_softmax(-1)
+        student = student_logits(batch).float().log_softmax(-1)
+        kl += F.kl_div(student, teacher, log_target=True, reduction="sum").item()
+        agree += (teacher.argmax(-1) == student.argmax(-1)).sum().item()
+        count += batch.numel()
+        if on_batch:
+            on_batch(batch.shape[0])
+    return kl / count, agree / count, count

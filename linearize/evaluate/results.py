@@ -15,6 +15,8 @@ Record kinds and their fields:
     needle      the same fields as passkey
     speed       context, batch, prefill_tokens_per_s, decode_tokens_per_s, decode_tokens, prefill_peak_bytes,
                 decode_peak_bytes, cache_bytes, memory_method
+    agreement   teacher, data, context, kl (KL(teacher || student), nats per token), top1 (next-token agreement), tokens
+    training    stage, stage_kind, tokens, seconds, tokens_per_s (one distillation stage of the model)
 """
 
 from __future__ import annotations

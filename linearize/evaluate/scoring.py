@@ -6,7 +6,10 @@ retrieval prompts (built once, before either is scored) and the seeds.
 
 from __future__ import annotations
 
+import json
+import os
 import random
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -15,7 +18,7 @@ from linearize.hf.errors import LinearizeError
 
 from .limits import check_lengths
 from .longcontext import ANSWER_TOKENS, DEFAULT_DEPTHS, answer, answer_of, make_probe
-from .perplexity import strided_perplexity, window_count
+from .perplexity import agreement, strided_perplexity, window_count
 from .progress import progress_bar
 from .results import Results, environment
 from .scored import Scored, scored_models
@@ -46,6 +49,51 @@ def _perplexity(results: Results, scored: list[Scored], sources: Sequence[str], 
                     value, tokens = strided_perplexity(item.model, ids, context, stride, on_window=lambda n: bar.advance(task, n))
                 bar.remove_task(task)
                 results.add(item.name, "perplexity", data=str(source), context=context, stride=stride or max(1, context // 2), value=value, tokens=tokens)
+        _agreement(results, scored, streams, str(source), contexts, bar)
+
+
+def _logits(item: Scored):
+    def forward(batch: torch.Tensor) -> torch.Tensor:
+        with item.mode():
+            return item.model(input_ids=batch, use_cache=False).logits
+
+    return forward
+
+
+def _agreement(results: Results, scored: list[Scored], streams: dict[int, torch.Tensor], source: str, contexts: list[int], bar):
+    """KL(teacher || student) and top-1 agreement of each student with the teacher scored beside it, on the
+    perplexity text cut into back-to-back windows of each context."""
+    by_name = {item.name: item for item in scored}
+    for student in scored:
+        teacher = by_name.get(student.entry.teacher)
+        if teacher is None or id(teacher.tokenizer) != id(student.tokenizer):
+            continue
+        ids = streams[id(student.tokenizer)]
+        device = next(student.model.parameters()).device
+        for context in contexts:
+            windows = ids[: ids.numel() // context * context].view(-1, context).to(device)
+            task = bar.add_task(f"agreement {student.name} @ {context}", total=windows.shape[0])
+            kl, top1, tokens = agreement(_logits(teacher), _logits(student), windows, on_batch=lambda n: bar.advance(task, n))
+            bar.remove_task(task)
+            results.add(student.name, "agreement", teacher=teacher.name, data=source, context=context, kl=kl, top1=top1, tokens=tokens)
+
+
+def _training(results: Results, scored: list[Scored], folder: Path) -> None:
+    """The distillation stages a saved folder records (its results.json), as `training` records of its student."""
+    record = folder / "results.json"
+    students = [item for item in scored if item.entry.role == "student"]
+    if not students or not record.is_file():
+        return
+    try:
+        stages = json.loads(record.read_text()).get("stages") or []
+    except (json.JSONDecodeError, AttributeError):
+        return  # not a run record: a folder may hold a results.json of its own
+    for stage in stages:
+        seconds = stage.get("seconds")
+        results.add(
+            students[0].name, "training", stage=stage.get("stage"), stage_kind=stage.get("kind"), tokens=stage.get("tokens"),
+            seconds=seconds, tokens_per_s=stage["tokens"] / seconds if seconds and stage.get("tokens") else None,
+        )
 
 
 def _retrieval(results: Results, scored: list[Scored], kind: str, lengths: list[int], depths, trials: int, seed: int, bar):
@@ -108,7 +156,9 @@ def evaluate(
 ) -> Results:
     """Score a model (and, for a converted model, its teacher via teacher_mode) on lm-eval tasks, perplexity and
     long-context retrieval. With nothing asked for, runs the offline default: suite "local" and perplexity on the
-    packaged Persuasion.
+    packaged Persuasion. Beside perplexity, each student's KL to its teacher and top-1 next-token agreement are
+    measured on the same text (`agreement` records); a folder saved by `linearize run` or `distill` adds its
+    stages' tokens, seconds and tokens/s (`training` records).
 
     `model` is a loaded model (pass its `tokenizer`) or any `load_teacher` source: a converted folder, a model
     folder, a .gguf file, an alias such as smollm2-135m, a Hub id.
@@ -142,6 +192,8 @@ def evaluate(
     )
     for item in scored:
         results.add_model(item.entry)
+    if isinstance(model, (str, os.PathLike)) and Path(model).is_dir():
+        _training(results, scored, Path(model))
     contexts = check_lengths(contexts, limit_tokens, allow_longer, "perplexity context") if perplexity else []
     retrieval = [kind for kind, wanted in (("passkey", passkey), ("needle", needle)) if wanted]
     lengths = check_lengths(lengths, limit_tokens, allow_longer, "retrieval", extra=ANSWER_TOKENS) if retrieval else []

@@ -83,6 +83,20 @@ def retrieval(results: Results, kind: str) -> dict[str, Any]:
     return {"lengths": lengths, "depths": depths, "models": grids}
 
 
+def agreement(results: Results) -> list[dict[str, Any]]:
+    """Per student, text and context: KL to its teacher (nats per token) and top-1 next-token agreement."""
+    keys = ("model", "teacher", "data", "context", "kl", "top1", "tokens")
+    return sorted(({k: r.get(k) for k in keys} for r in results.of("agreement")), key=lambda r: (r["data"], r["context"]))
+
+
+def training(results: Results) -> list[dict[str, Any]]:
+    """Per model, its distillation stages in order: tokens, seconds and tokens/s."""
+    keys = ("model", "stage", "stage_kind", "tokens", "seconds", "tokens_per_s")
+    order = {name: i for i, name in enumerate(m.name for m in results.models)}
+    rows = ({k: r.get(k) for k in keys} for r in results.of("training"))
+    return sorted(rows, key=lambda r: (order.get(r["model"], len(order)), r["stage"] if r["stage"] is not None else -1))
+
+
 SPEED_FIELDS = ("prefill_tokens_per_s", "decode_tokens_per_s", "prefill_peak_bytes", "decode_peak_bytes", "cache_bytes")
 
 
@@ -115,6 +129,8 @@ def summary(results: Results) -> dict[str, Any]:
         "pairs": [{"teacher": t, "student": s} for t, s in pairs(results)],
         "accuracy": accuracy(results),
         "perplexity": perplexity(results),
+        "agreement": agreement(results),
+        "training": training(results),
         "passkey": retrieval(results, "passkey"),
         "needle": retrieval(results, "needle"),
         "speed": speed(results),

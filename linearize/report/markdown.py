@@ -64,6 +64,27 @@ def perplexity_section(summary: dict[str, Any], models: list[str], students: lis
     return text + (f"\n\n![perplexity]({figure})" if figure else "")
 
 
+def agreement_section(summary: dict[str, Any]) -> str:
+    rows = summary["agreement"]
+    if not rows:
+        return ""
+    body = [[r["model"], r["data"], str(r["context"]), _num(r["kl"], 4), f"{100 * r['top1']:.1f}%", str(r["tokens"])] for r in rows]
+    text = "## Agreement with the teacher\n\nKL(teacher || student) in nats per token (0 matches the teacher) and how often both pick the same next token.\n\n"
+    return text + table(["student", "text", "context", "KL", "top-1 agreement", "tokens"], body)
+
+
+def training_section(summary: dict[str, Any]) -> str:
+    rows = summary["training"]
+    if not rows:
+        return ""
+    body = [
+        [r["model"], str(r["stage"]), r["stage_kind"] or "–", f"{r['tokens']:,}" if r["tokens"] else "–", _num(r["seconds"], 1), f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "–"]
+        for r in rows
+    ]
+    text = "## Distillation\n\nEach stage's wall-clock time; tokens/s is its tokens over that time, compilation included.\n\n"
+    return text + table(["model", "stage", "kind", "tokens", "seconds", "tokens/s"], body)
+
+
 def retrieval_section(kind: str, data: dict[str, Any], figure: str | None) -> str:
     if not data["models"]:
         return ""
@@ -122,6 +143,8 @@ def render(summary: dict[str, Any], figures: dict[str, str | None]) -> str:
         models_section(summary),
         accuracy_section(summary, models, students, figures.get("accuracy")),
         perplexity_section(summary, models, students, figures.get("perplexity")),
+        agreement_section(summary),
+        training_section(summary),
         retrieval_section("passkey", summary["passkey"], figures.get("passkey")),
         retrieval_section("needle", summary["needle"], figures.get("needle")),
         speed_section(summary, speed_figures),
