@@ -7,7 +7,8 @@ docs in 512-token windows and of Persuasion in 2048-token windows, KL(teacher ||
 agreement on Persuasion, passkey retrieval at 512, 2K and 8K tokens, and the lm-eval suite `local` (the multiple-choice
 task austen_next_sentence, acc_norm). Stage times and tokens/s come from the run itself. After every recipe it
 writes quality.json (every figure; a recipe's row as soon as it has trained, then after each measure), results.json (the `linearize eval` format) and report/ (`linearize report`);
-`--report-only` redraws the last two from an existing quality.json.
+`--report-only` redraws the last two from an existing quality.json, and `--merge` draws them from chosen rows of
+several runs (one row per recipe).
 
     python benchmarks/gather_corpus.py --out corpus
     python benchmarks/quality.py --teacher smollm2-135m --corpus corpus --tokens 2000000,8000000 --batch-size 32 --compile \
@@ -27,13 +28,12 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 import linearize
 from linearize.config import load_recipe
 from linearize.evaluate.longcontext import answer, answer_of, make_probe
-from linearize.evaluate.perplexity import perplexity
+from linearize.evaluate.perplexity import agreement, perplexity
 from linearize.evaluate.results import ModelEntry, Results
 from linearize.evaluate.scoring import evaluate
 from linearize.evaluate.suites import task_specs
@@ -45,21 +45,8 @@ from passkey_probe import window_shares  # benchmarks/, first on the path when r
 RECIPES = ("lolcats", "lolcats_linear", "liger", "mamba_in_llama", "hybrid_gdn")
 
 
-@torch.no_grad()
-def agreement(model, teacher_model, windows: torch.LongTensor, batch_size: int = 8) -> tuple[float, float]:
-    """Mean KL(teacher || student) per token (nats) and top-1 agreement against the original teacher (not the
-    student's teacher_mode: LoRA KD merges into the teacher's own projections)."""
-    kl_total, agree, count = 0.0, 0, 0
-    for batch in windows.split(batch_size):
-        teacher = teacher_model(batch, use_cache=False).logits.float().log_softmax(-1)
-        student = model(batch, use_cache=False).logits.float().log_softmax(-1)
-        kl_total += F.kl_div(student, teacher, log_target=True, reduction="sum").item()
-        agree += (teacher.argmax(-1) == student.argmax(-1)).sum().item()
-        count += batch.numel()
-    return kl_total / count, agree / count
-
-
 DEPTHS = (0.1, 0.5, 0.9)
+AGREEMENT_WINDOWS = 32  # of 512 tokens of Persuasion: 16,384 tokens
 
 
 @torch.no_grad()
@@ -115,7 +102,7 @@ def text_and_context(key: str) -> tuple[str, int]:
 
 
 def as_results(summary: list[dict], eval_tokens: int) -> Results:
-    """The figures of quality.json as a results file for `linearize report` (KL and agreement stay in quality.json).
+    """The figures of quality.json as a results file for `linearize report`, KL, top-1 agreement and stage times included.
 
     Passkey goes in only where the run kept it per depth (runs before that kept only the mean per length); tasks and
     2048-token perplexity only where the run measured them.
@@ -136,12 +123,42 @@ def as_results(summary: list[dict], eval_tokens: int) -> Results:
                     results.add(model, "passkey", length=length, depth=float(depth), value=accuracy)
         for record in scores.get("tasks", []):
             results.add(model, "task", **record)
+    for row in summary:
+        if "kl_per_token" in row:
+            tokens = row.get("agreement_tokens", AGREEMENT_WINDOWS * 512)
+            results.add(row["recipe"], "agreement", teacher="teacher", data="persuasion", context=512, kl=row["kl_per_token"], top1=row["top1_agreement"], tokens=tokens)
+        for stage in row.get("stages", []):
+            results.add(row["recipe"], "training", stage=stage["stage"], stage_kind=stage["kind"], tokens=stage["tokens"], seconds=stage["seconds"],
+                        tokens_per_s=stage["tokens"] / stage["seconds"])
     return results
 
 
 def publish(summary: list[dict], out: Path, eval_tokens: int) -> None:
     as_results(summary, eval_tokens).save(out / "results.json")
     write_report([out / "results.json"], out / "report")
+
+
+def merged_rows(entries: list[str]) -> list[dict]:
+    """The rows named FILE:RECIPE (each the last row of that recipe in FILE), with the first row's teacher figures.
+
+    Runs on the same teacher score it identically (it is scored deterministically in every run), so one teacher
+    column serves rows from several runs; a row whose teacher figures differ from the first's is refused.
+    """
+    rows = []
+    for entry in entries:
+        path, _, recipe = entry.rpartition(":")
+        found = path and Path(path).is_file()
+        matching = [row for row in json.loads(Path(path).read_text()) if row["recipe"] == recipe] if found else []
+        if not matching:
+            raise SystemExit(f"--merge: no row for {recipe!r} in {path!r}; give FILE:RECIPE with a recipe that FILE holds")
+        rows.append(dict(matching[-1]))
+    teacher = rows[0]["teacher"]
+    for row in rows[1:]:
+        shared = set(row["teacher"]) & set(teacher)
+        if any(row["teacher"][key] != teacher[key] for key in shared if key.startswith("ppl_")):
+            raise SystemExit(f"--merge: {row['recipe']}'s teacher perplexities differ from the first row's; merge runs of one teacher")
+        row["teacher"] = teacher
+    return rows
 
 
 def overrides_for(recipe: str, overrides: list[str]) -> list[str]:
@@ -171,10 +188,15 @@ def main():
     parser.add_argument("--task-limit", type=int, default=0, help="questions per lm-eval task (0: all; a CPU smoke run wants a few)")
     parser.add_argument("--out", default="results/quality")
     parser.add_argument("--report-only", action="store_true", help="redraw results.json and report/ from --out's quality.json")
+    parser.add_argument("--merge", default="", help="FILE:RECIPE,...: write --out's quality.json from these rows of other runs' "
+                        "quality.json (the teacher's figures from the first row), then draw the report")
     parser.add_argument("overrides", nargs="*", help="extra key=value recipe overrides for every recipe, or RECIPE:key=value for one")
     args = parser.parse_args()
     corpus, out = Path(args.corpus), Path(args.out)
-    if args.report_only:
+    if args.merge:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "quality.json").write_text(json.dumps(merged_rows(args.merge.split(",")), indent=1))
+    if args.report_only or args.merge:
         publish(json.loads((out / "quality.json").read_text()), out, args.eval_tokens)
         return
     out.mkdir(parents=True, exist_ok=True)
@@ -234,7 +256,11 @@ def main():
         }
         summary.append(row)
         save()
-        row["kl_per_token"], row["top1_agreement"] = agreement(model, teacher_model, heldout["persuasion"][:32].to(device))
+        # Against the original teacher, not the student's teacher_mode: LoRA KD merges into the teacher's projections.
+        row["kl_per_token"], row["top1_agreement"], row["agreement_tokens"] = agreement(
+            lambda batch: teacher_model(batch, use_cache=False).logits, lambda batch: model(batch, use_cache=False).logits,
+            heldout["persuasion"][:AGREEMENT_WINDOWS].to(device),
+        )
         save()
         # The student first: the teacher's figures are the same in every run, so a run cut short loses the least.
         score(model, tokenizer, heldout, lengths, args.trials, suite, args.task_limit or None, row["student"], save)
