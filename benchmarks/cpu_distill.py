@@ -17,6 +17,11 @@ line), and `--transfer-only` stops after the attention-transfer stages, e.g. win
         --variants "w64=convert.options.window=64,w32=convert.options.window=32,w128=convert.options.window=128" \
         --out runs/cpu_ablation.json
 
+Training windows against a longer scoring window (does training at 2,048 tokens carry context there?):
+
+    python benchmarks/cpu_distill.py --recipes lolcats --transfer-only --transfer-tokens 32768 --eval-seq-len 2048 \
+        --eval-tokens 8192 --variants "t512=data.seq_len=512,t2048=data.seq_len=2048" --out runs/cpu_train_length.json
+
 Validate the script quickly with a much smaller budget:
 
     python benchmarks/cpu_distill.py --transfer-tokens 1024 --lora-tokens 512 --eval-tokens 1024 --seq-len 256 --out /tmp/cpu_distill_small.json
@@ -46,7 +51,7 @@ RECIPES = ("lolcats", "liger")
 
 
 def cpu_recipe(name: str, args: argparse.Namespace, extra: list[str] = ()):
-    overrides = [*extra,
+    overrides = [
         "data.train=prideprejudice",
         "data.heldout=persuasion",
         "data.streaming=false",
@@ -63,7 +68,7 @@ def cpu_recipe(name: str, args: argparse.Namespace, extra: list[str] = ()):
         ]
         if stage.kind == "lora_kd":
             overrides.append(f"stages.{index}.lr={args.lora_lr}")
-    return load_recipe(name, overrides)
+    return load_recipe(name, overrides + list(extra))  # a variant's overrides win over the CPU settings
 
 
 def main() -> None:
@@ -72,7 +77,8 @@ def main() -> None:
     parser.add_argument("--lora-tokens", type=int, default=4096, help="LoRA KD budget (both recipes)")
     parser.add_argument("--lora-lr", type=float, default=1e-3, help="LoRA learning rate (short budgets want more than the GPU recipes' 3e-4)")
     parser.add_argument("--eval-tokens", type=int, default=4096, help="held-out Persuasion tokens scored after each step")
-    parser.add_argument("--seq-len", type=int, default=512, help="training and scoring window")
+    parser.add_argument("--seq-len", type=int, default=512, help="training window (a variant's data.seq_len wins)")
+    parser.add_argument("--eval-seq-len", type=int, default=0, help="scoring window (0: --seq-len)")
     parser.add_argument("--recipes", default=",".join(RECIPES))
     parser.add_argument("--variants", default="", help="LABEL=OVERRIDE[+OVERRIDE...], comma-separated; each recipe runs once per variant")
     parser.add_argument("--transfer-only", action="store_true", help="run only the attention-transfer stages")
@@ -95,7 +101,7 @@ def main() -> None:
     for name, label in [(n, v) for n in args.recipes.split(",") for v in variants]:
         recipe = cpu_recipe(name, args, variants[label])
         data = load_data(recipe.data, tokenizer, seed=recipe.seed)
-        windows = data.heldout_windows(args.seq_len, args.eval_tokens)
+        windows = data.heldout_windows(args.eval_seq_len or args.seq_len, args.eval_tokens)
         model, keep = prepare_student(copy.deepcopy(teacher), recipe, log=lambda m: None)
         if "teacher" not in results:
             with teacher_mode(model):

@@ -5,10 +5,10 @@ Debian's Python docs; held out: Persuasion and a slice of the docs), then, on th
 original teacher: perplexity of the first 60K tokens of Persuasion and of the held-out
 docs in 512-token windows and of Persuasion in 2048-token windows, KL(teacher || student) and top-1 next-token
 agreement on Persuasion, passkey retrieval at 512, 2K and 8K tokens, and the lm-eval suite `local` (the multiple-choice
-task austen_next_sentence, acc_norm). Stage times and tokens/s come from the run itself. After every recipe it
-writes quality.json (every figure; a recipe's row as soon as it has trained, then after each measure), results.json (the `linearize eval` format) and report/ (`linearize report`);
-`--report-only` redraws the last two from an existing quality.json, and `--merge` draws them from chosen rows of
-several runs (one row per recipe).
+task austen_next_sentence, acc_norm). Stage times and tokens/s come from the run itself. It writes quality.json
+(every figure: a recipe's row as soon as it has trained, then after each measure) and, after every recipe,
+results.json (the `linearize eval` format) and report/ (`linearize report`). `--report-only` redraws the last
+two from an existing quality.json, and `--merge` draws them from chosen rows of several runs (one per recipe).
 
     python benchmarks/gather_corpus.py --out corpus
     python benchmarks/quality.py --teacher smollm2-135m --corpus corpus --tokens 2000000,8000000 --batch-size 32 --compile \
@@ -270,6 +270,7 @@ def main():
         save()
         publish(summary, out, args.eval_tokens)
         print(json.dumps({k: row[k] for k in ("recipe", "student", "kl_per_token", "top1_agreement", "seconds")}), flush=True)
+
 
 if __name__ == "__main__":
     main()
