@@ -129,7 +129,7 @@ def as_results(summary: list[dict], eval_tokens: int) -> Results:
             results.add(row["recipe"], "agreement", teacher="teacher", data="persuasion", context=512, kl=row["kl_per_token"], top1=row["top1_agreement"], tokens=tokens)
         for stage in row.get("stages", []):
             results.add(row["recipe"], "training", stage=stage["stage"], stage_kind=stage["kind"], tokens=stage["tokens"], seconds=stage["seconds"],
-                        tokens_per_s=stage["tokens"] / stage["seconds"])
+                        tokens_per_s=stage["tokens"] / stage["seconds"] if stage["seconds"] else None)
     return results
 
 

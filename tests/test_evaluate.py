@@ -203,8 +203,9 @@ def test_a_saved_run_folder_adds_its_stages_as_training_records(student, tmp_pat
         (0, "attention_transfer", 4096, 2048.0), (1, "lora_kd", 8192, 1024.0)
     ]
     assert {r["model"] for r in results.of("training")} == {m.name for m in results.models if m.role == "student"}
-    (tmp_path / "results.json").write_text("[1, 2]")  # a results.json of some other tool: no training records, no error
-    assert not evaluate(str(tmp_path), perplexity="persuasion", contexts=[32], max_tokens=64, progress=False).of("training")
+    for foreign in ("[1, 2]", '{"stages": {"a": 1}}', '{"stages": [1, "x"]}', "not json"):  # other tools' results.json
+        (tmp_path / "results.json").write_text(foreign)
+        assert not evaluate(str(tmp_path), perplexity="persuasion", contexts=[32], max_tokens=64, progress=False).of("training")
 
 
 def test_retrieval_prompts_hide_the_key_at_the_asked_depth():

@@ -85,10 +85,12 @@ def _training(results: Results, scored: list[Scored], folder: Path) -> None:
     if not students or not record.is_file():
         return
     try:
-        stages = json.loads(record.read_text()).get("stages") or []
+        stages = json.loads(record.read_text()).get("stages")
     except (json.JSONDecodeError, AttributeError):
         return  # not a run record: a folder may hold a results.json of its own
-    for stage in stages:
+    if not isinstance(stages, list):
+        return
+    for stage in (item for item in stages if isinstance(item, dict)):
         seconds = stage.get("seconds")
         results.add(
             students[0].name, "training", stage=stage.get("stage"), stage_kind=stage.get("kind"), tokens=stage.get("tokens"),
