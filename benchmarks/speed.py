@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 
 import linearize
 from linearize.decode import GraphDecoder
+from linearize.hf.cache import cache_keyword, returned_cache
 
 ARCHS = {
     "smollm2-135m": dict(
@@ -86,7 +87,7 @@ def filled_cache(model, context: int, batch: int, device):
         return cache
     ids = torch.randint(0, config.vocab_size, (batch, min(context, 1024)), device=device)
     cache = model.new_cache()
-    model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    model(ids, cache=cache, use_cache=True, logits_to_keep=1)
     return cache
 
 
@@ -99,13 +100,14 @@ def decode(model, context: int, batch: int, steps: int, device) -> tuple[float, 
     cache = filled_cache(model, context, batch, device)
     token = torch.randint(0, model.config.get_text_config().vocab_size, (batch, 1), device=device)
     position = torch.full((batch, 1), context, device=device)
+    keyword = cache_keyword(model)
     for warm in range(3):
-        out = model(token, past_key_values=cache, position_ids=position + warm, use_cache=True)
+        out = model(token, **{keyword: cache}, position_ids=position + warm, use_cache=True)
         token = out.logits[:, -1:].argmax(-1)
     sync(device)
     start = time.perf_counter()
     for step in range(steps):
-        out = model(token, past_key_values=cache, position_ids=position + 3 + step, use_cache=True)
+        out = model(token, **{keyword: cache}, position_ids=position + 3 + step, use_cache=True)
         token = out.logits[:, -1:].argmax(-1)
     sync(device)
     seconds = time.perf_counter() - start
@@ -228,7 +230,7 @@ def main():
                     if args.static_teacher:
                         row["latency"]["graph_tokens_per_s"] = static_teacher_decode(model, args.latency_context, args.steps, device)
                 else:
-                    cache = model(torch.zeros(1, 64, dtype=torch.long, device=device), use_cache=True).past_key_values
+                    cache = returned_cache(model(torch.zeros(1, 64, dtype=torch.long, device=device), use_cache=True))
                     row["latency"]["state_bytes"] = sum(cache.state_bytes())
                     row["latency"]["graph_tokens_per_s"] = graph_decode(model, args.latency_context, args.steps, device)
             except Exception as error:  # a capture failure is a finding to report, not a reason to stop the run

@@ -88,12 +88,12 @@ class GraphDecoder:
             return len(tokens) % STOP_CHECK == 0 and bool(ended.all())
 
         cache = model.new_cache()
-        token = model(input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
+        token = model(input_ids, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
         keep(token)
         position = torch.full((batch, 1), length, device=input_ids.device, dtype=torch.long)
         # Eager steps first: Triton autotuning and lazily created state happen outside the capture.
         for _ in range(min(self.warmup_steps, max_new_tokens - 1)):
-            token = model(token, past_key_values=cache, position_ids=position, use_cache=True).logits[:, -1:].argmax(-1)
+            token = model(token, cache=cache, position_ids=position, use_cache=True).logits[:, -1:].argmax(-1)
             position += 1
             keep(token)
         remaining = max_new_tokens - len(tokens)
@@ -106,7 +106,7 @@ class GraphDecoder:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
-            logits = model(static_token, past_key_values=cache, position_ids=static_position, use_cache=True).logits
+            logits = model(static_token, cache=cache, position_ids=static_position, use_cache=True).logits
             static_next = logits[:, -1:].argmax(-1)
             for layer, before in zip(states, inputs):
                 for name, tensor in layer.tensors.items():

@@ -68,7 +68,7 @@ def verify_reading(model: PreTrainedModel, indices: Iterable[int], length: int =
 
         def hook(module, args, kwargs, output, index=index):
             hidden = args[0] if args else kwargs["hidden_states"]
-            captured[index] = (module, hidden, kwargs.get("position_embeddings"), output[0])
+            captured[index] = (module, hidden, kwargs.get("position_embeddings"), output)
 
         hooks.append(attn.register_forward_hook(hook, with_kwargs=True))
     device = next(model.parameters()).device
@@ -85,6 +85,14 @@ def verify_reading(model: PreTrainedModel, indices: Iterable[int], length: int =
     dtype = next(model.parameters()).dtype
     tolerance = 1e-3 if dtype in (torch.float32, torch.float64) else 5e-2
     for index, (module, hidden, position_embeddings, output) in sorted(captured.items()):
+        # Mixers return what HF attention modules return: (output, weights).
+        if not (isinstance(output, tuple) and len(output) == 2):
+            returned = f"{len(output)} values" if isinstance(output, tuple) else type(output).__name__
+            raise LinearizeError(
+                f"layer {index}: {type(module).__name__} returns {returned} instead of (output, weights); this model "
+                "family is not supported yet"
+            )
+        output = output[0]
         spec = AttentionSpec.read(module, config, index)
         error = l2_relative(reference_attention(spec, module, hidden, position_embeddings), output)
         if not error < tolerance:
@@ -92,6 +100,30 @@ def verify_reading(model: PreTrainedModel, indices: Iterable[int], length: int =
                 f"layer {index}: {type(module).__name__} computes attention differently from how linearize reads it "
                 f"(relative difference {error:.1e}); this model family is not supported yet"
             )
+
+
+def _check_reading(teacher: PreTrainedModel, converted: list[int]) -> None:
+    """Refuse, in one line, a teacher whose attention linearize cannot read or reproduce."""
+    kind = type(teacher).__name__
+    if getattr(teacher, "_is_stateful", False):
+        raise LinearizeError(
+            f"{kind} already keeps a recurrent state (Mamba or linear-attention layers) beside its attention, which "
+            "linearize does not convert; convert a decoder whose layers are all softmax attention"
+        )
+    config = teacher.config
+    try:
+        blocks = decoder_layers(teacher, config.num_hidden_layers)
+        for index in converted:
+            AttentionSpec.read(getattr(blocks[index], attention_slot(blocks[index], where=f"layer {index}: ")), config, index)
+        verify_reading(teacher, converted)
+    except LinearizeError:
+        raise
+    except Exception as error:  # an unknown family's attention broke the reading: that is a refusal, not a crash
+        first = (str(error).splitlines() or [""])[0][:160]
+        raise LinearizeError(
+            f"{kind} computes attention in a way linearize cannot read ({type(error).__name__}: {first}); this model "
+            "family is not supported yet"
+        ) from error
 
 
 def convert(
@@ -119,12 +151,9 @@ def convert(
     converted = [i for i, entry in enumerate(plan) if entry["mixer"] != "attention"]
     if any(p.device.type == "meta" for p in teacher.parameters()):
         raise LinearizeError("the teacher has weights on the meta device; load it fully before converting")
-    blocks = decoder_layers(teacher, config.num_hidden_layers)
-    for index in converted:
-        AttentionSpec.read(getattr(blocks[index], attention_slot(blocks[index], where=f"layer {index}: ")), config, index)
-    verify_reading(teacher, converted)
+    _check_reading(teacher, converted)
     apply_plan(teacher, config, plan)
-    for entry, block in zip(plan, blocks):
+    for entry, block in zip(plan, decoder_layers(teacher, config.num_hidden_layers)):
         module = getattr(block, attention_slot(block))
         entry["options"] = module.options_dict() if hasattr(module, "options_dict") else {}
     wrapped_config = LinearizedConfig(

@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerBase
 
 from linearize.hf.errors import LinearizeError
 
-__all__ = ["PACKAGED_TEXTS", "packaged_text", "read_text_source", "token_windows"]
+__all__ = ["PACKAGED_TEXTS", "cut_windows", "packaged_text", "read_text_source", "special_prefix", "token_windows"]
 
 PACKAGED_TEXTS = ("prideprejudice", "persuasion")
 
@@ -65,6 +65,50 @@ def read_text_source(path_or_name: str | os.PathLike[str]) -> str:
     return joined
 
 
+def special_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The token ids `tokenizer` puts before every text it encodes with special tokens: `[bos_token_id]` for
+    tokenizers that add a BOS token (Llama, Gemma), `[]` for those that add none (GPT-2, SmolLM2).
+
+    Evaluation windows start with them, as the model's own tokenizer presents text (a Gemma model scored without
+    its BOS token is scored on inputs it never sees: 2.5x its perplexity).
+
+    >>> special_prefix(tokenizer)  # doctest: +SKIP
+    [2]
+    """
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    starts = [i for i in range(len(full) - len(plain) + 1) if full[i : i + len(plain)] == plain]
+    return list(full[: starts[0]]) if starts else []
+
+
+def cut_windows(ids: torch.LongTensor, context: int, stride: int | None = None, prefix: list[int] = ()) -> torch.LongTensor:
+    """(n, context) windows of the 1-D token stream `ids`: each is `prefix` followed by the next
+    `context - len(prefix)` tokens, starting every `stride` tokens (default: back to back). A tail shorter than a
+    window is dropped.
+
+    >>> cut_windows(torch.arange(10), 4, prefix=[99])
+    tensor([[99,  0,  1,  2],
+            [99,  3,  4,  5],
+            [99,  6,  7,  8]])
+    """
+    body = context - len(prefix)
+    stride = body if stride is None else stride
+    if body < 1 or not 1 <= stride <= body:
+        raise LinearizeError(
+            f"a window of {context} tokens holds {body} text tokens after the tokenizer's {len(prefix)} special ones; "
+            f"the stride must be between 1 and that, got {stride}: use a longer window"
+        )
+    if ids.numel() < body:
+        raise LinearizeError(
+            f"the text has {ids.numel()} tokens, fewer than one window of {context}: use a longer text, more tokens, "
+            "or a shorter window"
+        )
+    windows = ids.unfold(0, body, stride)
+    if prefix:
+        windows = torch.cat((torch.tensor(prefix, dtype=ids.dtype).expand(windows.shape[0], -1), windows), dim=1)
+    return windows.contiguous()
+
+
 def token_windows(
     tokenizer: PreTrainedTokenizerBase,
     text: str,
@@ -72,26 +116,19 @@ def token_windows(
     max_tokens: int | None = None,
     stride: int | None = None,
 ) -> torch.LongTensor:
-    """Tokenise `text` once (no special tokens) and cut it into full windows of `seq_len` tokens.
+    """Tokenise `text` once and cut it into full windows of `seq_len` tokens, each opening with the tokenizer's
+    special prefix (its BOS token, where it adds one; see `special_prefix`).
 
-    Windows start every `stride` tokens (default `seq_len`: no overlap); a tail shorter than a window
-    is dropped. `max_tokens` truncates the token stream first.
+    Windows start every `stride` text tokens (default: no overlap); a tail shorter than a window is dropped.
+    `max_tokens` truncates the text's token stream first.
 
     >>> from linearize.loaders import load_teacher
     >>> _, tokenizer = load_teacher("smollm2-135m")  # doctest: +SKIP
     >>> token_windows(tokenizer, packaged_text("persuasion"), 512, max_tokens=4096).shape  # doctest: +SKIP
     torch.Size([8, 512])
     """
-    stride = seq_len if stride is None else stride
-    if seq_len < 1 or stride < 1:
-        raise LinearizeError(f"seq_len and stride must be positive, got seq_len={seq_len}, stride={stride}")
     # verbose=False: a whole book is longer than model_max_length on purpose; no warning needed.
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     if max_tokens is not None:
         ids = ids[:max_tokens]
-    if len(ids) < seq_len:
-        raise LinearizeError(
-            f"the text has {len(ids)} tokens, fewer than one window of seq_len={seq_len}: "
-            "use a longer text, a larger max_tokens, or a shorter seq_len"
-        )
-    return torch.tensor(ids, dtype=torch.long).unfold(0, seq_len, stride).contiguous()
+    return cut_windows(torch.tensor(ids, dtype=torch.long), seq_len, stride, special_prefix(tokenizer))

@@ -47,7 +47,7 @@ def call(mixer, hidden, position_embeddings, mask, state, start: int, end: int) 
     if mask is not None:
         kwargs[PADDING_MASK] = mask[:, start:end]
     if state is not None:
-        kwargs["past_key_values"] = SimpleNamespace(layers=[state])
+        kwargs["cache"] = SimpleNamespace(layers=[state])
     return mixer(hidden[:, start:end], **kwargs)[0]
 
 

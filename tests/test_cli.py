@@ -12,7 +12,7 @@ import linearize
 from linearize import cli
 from linearize.hf import kernel_dispatch
 from linearize.hf.errors import LinearizeError
-from tests.tiny import tiny_model, tiny_tokenizer
+from tests.tiny import assert_reloaded, tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def test_convert_writes_a_model_that_reloads_to_the_same_logits(teacher_folder, 
     expected = linearize.convert(AutoModelForCausalLM.from_pretrained(teacher_folder), "gla", keep_attention=[0], window=4)
     ids = torch.randint(0, expected.config.text_config.vocab_size, (2, 9))
     reloaded = AutoModelForCausalLM.from_pretrained(out)
-    assert torch.equal(reloaded(ids).logits, expected(ids).logits)
+    assert_reloaded(reloaded, expected, input_ids=ids)
 
 
 def test_info_shows_the_plan_state_and_kernel_path_per_layer(teacher_folder, tmp_path, monkeypatch, capsys):

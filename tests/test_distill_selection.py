@@ -11,7 +11,7 @@ from linearize.distillation import layer_errors, select_attention
 from linearize.distillation.selection import auto_amount, auto_count, single_layer_kl
 from linearize.hf.errors import LinearizeError
 from linearize.surgery import revert_to_attention
-from tests.tiny import tiny_data, tiny_model
+from tests.tiny import assert_reloaded, tiny_data, tiny_model
 
 LAYERS = 6
 
@@ -69,8 +69,7 @@ def test_selection_follows_the_normalised_error_where_the_raw_error_disagrees(wi
     model.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert reloaded.config.selection == selection and reloaded.config.layers == model.config.layers
-    with torch.no_grad():
-        assert torch.equal(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    assert_reloaded(reloaded, model, input_ids=ids)
 
 
 def test_kl_scoring_ranks_by_the_single_layer_kl(windows):

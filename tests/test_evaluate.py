@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 import linearize
@@ -23,21 +24,28 @@ from linearize.evaluate.scoring import evaluate
 from linearize.evaluate.speed import benchmark
 from linearize.evaluate.suites import local_tasks, suites, task_specs
 from linearize.evaluate.textsource import load_text
-from linearize.config import load_recipe
+from linearize.config import DataConfig, load_recipe
+from linearize.distillation.data import load_data
 from linearize.hf.errors import LinearizeError
 from linearize.hf.mixers import teacher_mode
-from linearize.textdata import packaged_text
+from linearize.textdata import cut_windows, packaged_text, special_prefix
 from tests.tiny import tiny_data, tiny_model, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def char_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per printable ASCII character (ids 2..96), so a 128-token tiny model can read real text."""
-    vocab = {"<unk>": 0, "<eos>": 1} | {chr(c): c - 30 for c in range(32, 127)}
+BOS = 127
+
+
+def char_tokenizer(bos: bool = False) -> PreTrainedTokenizerFast:
+    """One token per printable ASCII character (ids 2..96), so a 128-token tiny model can read real text; with
+    `bos`, every encoded text opens with a BOS token (id 127), as Llama's and Gemma's tokenizers do."""
+    vocab = {"<unk>": 0, "<eos>": 1} | {chr(c): c - 30 for c in range(32, 127)} | {"<bos>": BOS}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>", pad_token="<eos>")
+    if bos:
+        backend.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", BOS)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>", pad_token="<eos>")
 
 
 def tiny_student(mixer: str = "hedgehog", **overrides):
@@ -131,8 +139,49 @@ def test_strided_perplexity_scores_each_token_once_with_the_context_it_has(stude
         nll += torch.nn.functional.cross_entropy(logits[-9:-1], window[-8:], reduction="sum").item()
         count += 8
     assert tokens == count and math.isclose(value, math.exp(nll / count), rel_tol=1e-5)
-    with pytest.raises(LinearizeError, match="fewer than one window of context 128"):
+    with pytest.raises(LinearizeError, match="fewer than one window of 128"):
         strided_perplexity(student, ids, context=128)
+
+
+def test_the_special_prefix_is_what_the_tokenizer_opens_a_text_with():
+    assert special_prefix(char_tokenizer()) == [] and special_prefix(tiny_tokenizer()) == []
+    assert special_prefix(char_tokenizer(bos=True)) == [BOS]
+    assert cut_windows(torch.arange(10), 4, stride=2, prefix=[BOS]).tolist() == [[BOS, 0, 1, 2], [BOS, 2, 3, 4], [BOS, 4, 5, 6], [BOS, 6, 7, 8]]
+    with pytest.raises(LinearizeError, match="holds 0 text tokens after the tokenizer's 1 special ones"):
+        cut_windows(torch.arange(10), 1, prefix=[BOS])
+
+
+def test_strided_perplexity_after_a_bos_token_scores_every_text_token_once(student):
+    ids = torch.randint(3, 97, (64,), generator=torch.Generator().manual_seed(2))
+    value, tokens = strided_perplexity(student, ids, context=32, stride=8, prefix=[BOS])
+    # Brute force: windows are BOS + 31 text tokens every 8; the first scores all 31 (the first from BOS alone).
+    nll, count, start = 0.0, 0, 0
+    while start + 31 <= 64:
+        window = torch.cat((torch.tensor([BOS]), ids[start : start + 31]))
+        logits = student(window[None], use_cache=False).logits[0].float()
+        scored = 31 if start == 0 else 8
+        nll += torch.nn.functional.cross_entropy(logits[-scored - 1 : -1], window[-scored:], reduction="sum").item()
+        count, start = count + scored, start + 8
+    assert tokens == count == 31 + 4 * 8 and math.isclose(value, math.exp(nll / count), rel_tol=1e-5)
+    assert not math.isclose(value, strided_perplexity(student, ids, context=32, stride=8)[0], rel_tol=1e-3)
+
+
+def test_every_scoring_path_presents_text_as_the_tokenizer_does(student):
+    text = load_text("persuasion")[:3200]
+    for tokenizer, prefix in ((char_tokenizer(), []), (char_tokenizer(bos=True), [BOS])):
+        results = evaluate(student, tokenizer, perplexity="persuasion", contexts=[32], max_tokens=200, progress=False)
+        ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"][:200])
+        for record in results.of("perplexity"):
+            assert record["prefix"] == prefix
+            with teacher_mode(student) if record["model"].startswith("teacher") else torch.no_grad():
+                expected, tokens = strided_perplexity(student, ids, 32, prefix=prefix)
+            assert record["value"] == pytest.approx(expected, rel=1e-6) and record["tokens"] == tokens
+        probe = make_probe(tokenizer, "passkey", 400, 0.5, random.Random(0))
+        assert probe.prompt_ids[: len(prefix)] == prefix and probe.prompt_ids[len(prefix)] != BOS
+        data = load_data(DataConfig(heldout="persuasion", seq_len=32, heldout_tokens=256), tokenizer, train=False)
+        windows = data.heldout_windows(32, 256)
+        assert windows.shape[1] == 32 and (windows[:, : len(prefix)] == torch.tensor(prefix, dtype=torch.long)).all()
+        assert (windows[:, len(prefix)] != BOS).all()
 
 
 def test_perplexity_text_sources(tmp_path):

@@ -17,7 +17,7 @@ from linearize.report import write_report
 from linearize.textdata import packaged_text
 from tests.test_push import TOKEN, hub  # noqa: F401  (the loopback Hub fixture)
 from tests.test_report import PNG_SIGNATURE
-from tests.tiny import run_python
+from tests.tiny import reload_probe, run_python
 
 pytestmark = pytest.mark.slow
 
@@ -79,16 +79,14 @@ def test_pushed_real_model_reloads_in_a_fresh_process(converted, hub, tmp_path):
     linearize.push(str(folder), "me/smollm2-hedgehog")
     repo = hub.folder("me/smollm2-hedgehog")
     ids = tokenizer("It is a truth universally acknowledged, that", return_tensors="pt")["input_ids"]
-    torch.save({"ids": ids, "expected": student(ids).logits}, tmp_path / "probe.pt")
     output = run_python(
         f"""
         import torch
         from transformers import AutoModelForCausalLM
-        probe = torch.load({str(tmp_path / 'probe.pt')!r})
         model = AutoModelForCausalLM.from_pretrained({str(repo)!r}, trust_remote_code=True)
-        print("max difference", (model(probe["ids"]).logits - probe["expected"]).abs().max().item())
-        """,
+        """
+        + reload_probe(student, tmp_path / "probe.pt", input_ids=ids),
         cwd=tmp_path,
     )
-    assert "max difference 0.0" in output
+    assert "reloaded exactly True" in output
     assert "HuggingFaceTB/SmolLM2-135M-Instruct" in (repo / "README.md").read_text() and TOKEN not in output

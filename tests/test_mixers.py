@@ -8,8 +8,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import linearize
-from linearize.hf.cache import MixerState
-from tests.tiny import left_padded, random_ids, run_python, tiny_model
+from linearize.hf.cache import MixerState, returned_cache
+from tests.tiny import assert_reloaded, left_padded, random_ids, reload_probe, run_python, tiny_model
 
 # (mixer, options, keep_attention) on the tiny 3-layer llama; windows are small so they matter at these lengths.
 # A case named MIXER+VARIANT runs MIXER with other options.
@@ -60,10 +60,10 @@ def test_chunked_prefill_equals_one_shot(name):
             ids[:, start:end],
             attention_mask=mask[:, :end],
             position_ids=positions[:, start:end],
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
         )
-        cache = out.past_key_values
+        cache = returned_cache(out)
         pieces.append(out.logits)
     assert torch.allclose(torch.cat(pieces, 1), whole, atol=1e-9)
 
@@ -74,7 +74,7 @@ def test_state_size_does_not_grow_with_context(name):
     sizes = []
     for length in (64, 512):
         out = model(random_ids(1, length), use_cache=True)
-        layers = out.past_key_values.layers
+        layers = returned_cache(out).layers
         assert all(isinstance(layer, MixerState) for i, layer in enumerate(layers) if model.config.layers[i]["mixer"] != "attention")
         sizes.append([layer.nbytes() for layer in layers if isinstance(layer, MixerState)])
     assert sizes[0] == sizes[1]
@@ -84,31 +84,29 @@ def test_state_size_does_not_grow_with_context(name):
 def test_save_reload_with_and_without_linearize(name, tmp_path):
     model = converted(name)
     ids = random_ids(2, 17)
-    expected = model(ids).logits
     model.save_pretrained(tmp_path)
     saved = {p.name for p in tmp_path.iterdir()}
     assert {"config.json", "model.safetensors", "modeling_linearized.py", "configuration_linearized.py"} <= saved
     assert not any(n.endswith((".bin", ".pt")) for n in saved)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64)
     assert type(reloaded).__name__ == "LinearizedForCausalLM"
-    assert torch.equal(reloaded(ids).logits, expected)
-    torch.save({"ids": ids, "expected": expected}, tmp_path / "probe.pt")
+    assert_reloaded(reloaded, model, input_ids=ids)
     output = run_python(
         f"""
         import torch
         from transformers import AutoModelForCausalLM
-        probe = torch.load({str(tmp_path / 'probe.pt')!r})
         model = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}, trust_remote_code=True, dtype=torch.float64)
         assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
-        logits = model(probe["ids"]).logits
-        print("max difference", (logits - probe["expected"]).abs().max().item())
-        cached = model.generate(probe["ids"], max_new_tokens=8, do_sample=False)
-        uncached = model.generate(probe["ids"], max_new_tokens=8, do_sample=False, use_cache=False)
+        """
+        + reload_probe(model, tmp_path / "probe.pt", input_ids=ids)
+        + """
+        cached = model.generate(probe["inputs"]["input_ids"], max_new_tokens=8, do_sample=False)
+        uncached = model.generate(probe["inputs"]["input_ids"], max_new_tokens=8, do_sample=False, use_cache=False)
         print("generation equal", bool(torch.equal(cached, uncached)))
         """,
         cwd=tmp_path,
     )
-    assert "max difference 0.0" in output
+    assert "reloaded exactly True" in output
     assert "generation equal True" in output
 
 

@@ -19,7 +19,7 @@ from linearize.hf.errors import LinearizeError
 from tests.hub_standin import HubStandIn
 from tests.test_evaluate import char_tokenizer, tiny_student
 from tests.test_report import eval_results
-from tests.tiny import run_python
+from tests.tiny import reload_probe, run_python
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "hf_standin_secret_token_0123456789"
@@ -65,21 +65,18 @@ def test_push_uploads_a_repo_that_loads_with_remote_code(hub, folder, tmp_path, 
     assert "](report/accuracy.png)" in card and 'from_pretrained("me/tiny-hedgehog", trust_remote_code=True)' in card
     assert TOKEN not in capsys.readouterr().out
 
-    ids = torch.tensor([[5, 6, 7, 8, 9]])
-    expected = linearize.LinearizedForCausalLM.from_pretrained(folder)(ids).logits
-    torch.save({"ids": ids, "expected": expected}, tmp_path / "probe.pt")
+    original = linearize.LinearizedForCausalLM.from_pretrained(folder)
     output = run_python(
         f"""
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
-        probe = torch.load({str(tmp_path / 'probe.pt')!r})
         model = AutoModelForCausalLM.from_pretrained({str(repo)!r}, trust_remote_code=True)
         AutoTokenizer.from_pretrained({str(repo)!r})
-        print("max difference", (model(probe["ids"]).logits - probe["expected"]).abs().max().item())
-        """,
+        """
+        + reload_probe(original, tmp_path / "probe.pt", input_ids=torch.tensor([[5, 6, 7, 8, 9]])),
         cwd=tmp_path,
     )
-    assert "max difference 0.0" in output
+    assert "reloaded exactly True" in output
 
 
 def test_push_of_a_model_object_and_to_a_branch(hub, tmp_path):

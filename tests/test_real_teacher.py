@@ -8,7 +8,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import linearize
-from tests.tiny import run_python
+from linearize.hf.cache import returned_cache
+from tests.tiny import assert_reloaded, reload_probe, run_python
 
 pytestmark = pytest.mark.slow
 
@@ -52,13 +53,12 @@ def test_mixer_on_the_real_teacher(name, teacher, batch, tmp_path):
     assert torch.equal(cached, student.generate(**settings, use_cache=False))
 
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
-    whole = student(ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
     # chunked prefill against one-shot prefill in float64: the chunk boundaries differ, so float32 rounding
     # through 30 layers reaches a few 1e-5 of the logits' norm; float64 leaves only real differences
     wide = copy.deepcopy(student).double()
     split = ids.shape[1] // 2
     first = wide(ids[:, :split], attention_mask=mask[:, :split], position_ids=positions[:, :split], use_cache=True)
-    rest = wide(ids[:, split:], attention_mask=mask, position_ids=positions[:, split:], past_key_values=first.past_key_values, use_cache=True)
+    rest = wide(ids[:, split:], attention_mask=mask, position_ids=positions[:, split:], cache=returned_cache(first), use_cache=True)
     chunked = torch.cat((first.logits, rest.logits), 1)
     oneshot = wide(ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
     assert ((chunked - oneshot).norm() / oneshot.norm()).item() < 1e-10
@@ -66,22 +66,21 @@ def test_mixer_on_the_real_teacher(name, teacher, batch, tmp_path):
 
     student.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
-    assert torch.equal(reloaded(**batch).logits, student(**batch).logits)
-    torch.save({"batch": dict(batch), "expected": whole, "generated": cached}, tmp_path / "probe.pt")
+    inputs = dict(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+    assert_reloaded(reloaded, student, **inputs)
     output = run_python(
         f"""
         import torch
         from transformers import AutoModelForCausalLM
-        probe = torch.load({str(tmp_path / 'probe.pt')!r})
         model = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}, trust_remote_code=True)
-        ids, mask = probe["batch"]["input_ids"], probe["batch"]["attention_mask"]
-        positions = (mask.cumsum(-1) - 1).clamp_min(0)
-        logits = model(ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
-        print("max difference", (logits - probe["expected"]).abs().max().item())
-        generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=32, min_new_tokens=32, do_sample=False)
-        print("same generation", bool(torch.equal(generated, probe["generated"])))
+        """
+        + reload_probe(student, tmp_path / "probe.pt", **inputs)
+        + f"""
+        generated = model.generate(input_ids=probe["inputs"]["input_ids"], attention_mask=probe["inputs"]["attention_mask"],
+                                   max_new_tokens=32, min_new_tokens=32, do_sample=False)
+        print("same generation", generated.tolist() == {cached.tolist()!r})
         """,
         cwd=tmp_path,
     )
-    assert "max difference 0.0" in output
+    assert "reloaded exactly True" in output
     assert "same generation True" in output

@@ -77,11 +77,54 @@ def run_python(code: str, cwd: Path, hide_linearize: bool = True) -> str:
         )
     env["HF_HUB_OFFLINE"] = "1"
     result = subprocess.run(
-        [sys.executable, "-c", prelude + textwrap.dedent(code)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", prelude + textwrap.dedent(code)],
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     if result.returncode != 0:
         raise AssertionError(f"subprocess failed:\n{result.stdout}\n{result.stderr[-4000:]}")
     return result.stdout
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+# Saved equals reloaded means every weight bit-identical. The logits then agree to rounding, not to the bit: since
+# transformers 5.24 a loaded weight sits in storage aligned differently from a fresh allocation, and BLAS sums in a
+# different order there (a plain reloaded Llama differs by 1e-16 in float64 too).
+RELOAD_TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5}
+
+
+def assert_reloaded(reloaded, original, **inputs) -> None:
+    """`reloaded` holds exactly `original`'s weights under the same names and computes the same logits on `inputs`."""
+    ours, theirs = original.state_dict(), reloaded.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours), [k for k in ours if not torch.equal(ours[k], theirs[k])][:4]
+    with torch.no_grad():
+        error = relative_error(reloaded(**inputs).logits, original(**inputs).logits)
+    assert error < RELOAD_TOLERANCE[original.dtype], error
+
+
+def reload_probe(original, path: Path, **inputs) -> str:
+    """Save what a fresh process needs to check a reload of `original` (its weights and its logits on `inputs`),
+    and return the code that checks `model` there: it prints `reloaded exactly True` when it holds."""
+    with torch.no_grad():
+        expected = original(**inputs).logits
+    torch.save({"inputs": inputs, "expected": expected, "state": original.state_dict()}, path)
+    return f"""
+        probe = torch.load({str(path)!r})
+        state = model.state_dict()
+        same = state.keys() == probe["state"].keys() and all(torch.equal(v, probe["state"][k]) for k, v in state.items())
+        with torch.no_grad():
+            logits = model(**probe["inputs"]).logits
+        error = ((logits.double() - probe["expected"].double()).norm() / probe["expected"].double().norm()).item()
+        print("reloaded exactly", same and error < {RELOAD_TOLERANCE[original.dtype]!r}, error)
+        """
 
 
 # A character-level tokenizer whose ids fit the tiny models' vocabulary: specials 0-3, then printable ASCII and
@@ -125,10 +168,10 @@ def tiny_data(seq_len: int = 32, train_chars: int = 20_000, heldout_chars: int =
 def greedy_steps(model, ids: torch.Tensor, steps: int) -> torch.Tensor:
     """`steps` greedy tokens from a plain cached loop that ignores end-of-sequence tokens: (batch, steps)."""
     cache = model.new_cache()
-    token = model(ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+    token = model(ids, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
     tokens, position = [token], torch.full_like(token, ids.shape[1])
     for _ in range(steps - 1):
-        token = model(token, past_key_values=cache, position_ids=position, use_cache=True).logits[:, -1:].argmax(-1)
+        token = model(token, cache=cache, position_ids=position, use_cache=True).logits[:, -1:].argmax(-1)
         tokens.append(token)
         position += 1
     return torch.cat(tokens, 1)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ import torch
 
 from ..config import DataConfig
 from ..hf.errors import LinearizeError
-from ..textdata import PACKAGED_TEXTS, packaged_text
+from ..textdata import PACKAGED_TEXTS, cut_windows, packaged_text, special_prefix
 
 __all__ = ["DistillData", "PackedWindows", "StreamedWindows", "load_data", "check_source"]
 
@@ -235,18 +235,19 @@ class DistillData:
     heldout: torch.Tensor
     seq_len: int
     description: str = ""
+    prefix: list[int] = field(default_factory=list)  # the tokenizer's special prefix (`textdata.special_prefix`)
 
     def heldout_windows(self, seq_len: int | None = None, max_tokens: int | None = None) -> torch.Tensor:
-        """The held-out tokens cut into (n, seq_len) windows, at most `max_tokens` of them."""
+        """The held-out tokens (at most `max_tokens` of them) cut into (n, seq_len) windows for scoring, each
+        opening with the tokenizer's special prefix as the model's tokenizer presents text."""
         seq_len = seq_len or self.seq_len
         tokens = self.heldout if max_tokens is None else self.heldout[:max_tokens]
-        if tokens.numel() < seq_len:
+        if tokens.numel() < seq_len - len(self.prefix):
             raise LinearizeError(
                 f"the held-out text has {tokens.numel()} tokens, fewer than one window of {seq_len}; "
                 "give more held-out text (data.heldout) or a shorter seq_len"
             )
-        count = tokens.numel() // seq_len
-        return tokens[: count * seq_len].view(count, seq_len)
+        return cut_windows(tokens, seq_len, prefix=self.prefix)
 
 
 def load_data(config: DataConfig, tokenizer, train: bool = True, seed: int = 0, dataset: Any = None) -> DistillData:
@@ -267,7 +268,7 @@ def load_data(config: DataConfig, tokenizer, train: bool = True, seed: int = 0, 
         if heldout.numel() == 0:
             raise LinearizeError(f"held-out data {config.heldout!r} holds no text; give a source with some text")
     if not train and heldout is not None:
-        return DistillData(None, heldout, seq_len, f"held out: {config.heldout}, {heldout.numel():,} tokens")
+        return DistillData(None, heldout, seq_len, f"held out: {config.heldout}, {heldout.numel():,} tokens", special_prefix(tokenizer))
 
     name = config.train if dataset is None else f"the given {type(dataset).__name__}"
     if dataset is None:
@@ -295,8 +296,8 @@ def load_data(config: DataConfig, tokenizer, train: bool = True, seed: int = 0, 
     else:
         flat = _read_tokens(documents())
         if flat.numel() == 0:
-            field = config.messages_field if config.chat_template else config.text_field
-            raise LinearizeError(f"data {name!r} holds no text (column {field!r} is empty); give a source with some text")
+            column = config.messages_field if config.chat_template else config.text_field
+            raise LinearizeError(f"data {name!r} holds no text (column {column!r} is empty); give a source with some text")
         count = flat.numel() // seq_len
         needed = 1 if heldout is not None else 2
         if count < needed:
@@ -313,7 +314,7 @@ def load_data(config: DataConfig, tokenizer, train: bool = True, seed: int = 0, 
         windows = PackedWindows(packed, seed)
         description = f"{name}: {len(windows):,} windows of {seq_len} tokens"
     source = config.heldout or ("the first windows of the stream" if streaming else "the last windows of the training data")
-    return DistillData(windows, heldout, seq_len, f"{description}; held out: {source}, {heldout.numel():,} tokens")
+    return DistillData(windows, heldout, seq_len, f"{description}; held out: {source}, {heldout.numel():,} tokens", special_prefix(tokenizer))
 
 
 def _take(iterator: Iterator, count: int) -> Iterator:

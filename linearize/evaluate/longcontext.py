@@ -18,7 +18,7 @@ from functools import lru_cache
 import torch
 
 from linearize.hf.errors import LinearizeError
-from linearize.textdata import packaged_text
+from linearize.textdata import packaged_text, special_prefix
 
 KINDS = ("passkey", "needle")
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -83,7 +83,8 @@ def make_probe(tokenizer, kind: str, length: int, depth: float, rng: random.Rand
     else:
         place = rng.choice(PLACES)
         intro, line, question = NEEDLE_INTRO, NEEDLE_LINE.format(place=place, key=key), NEEDLE_QUESTION.format(place=place)
-    fixed = _count(tokenizer, intro + line + question)
+    prefix = special_prefix(tokenizer)
+    fixed = len(prefix) + _count(tokenizer, intro + line + question)
     budget = length - fixed
     if budget < 0:
         raise LinearizeError(f"length {length} is too short for a {kind} prompt, which needs at least {fixed} tokens; use longer lengths")
@@ -102,10 +103,7 @@ def make_probe(tokenizer, kind: str, length: int, depth: float, rng: random.Rand
         used += cost
     cut = round(depth * len(sentences))
     body = " ".join(sentences[:cut] + [line] + sentences[cut:])
-    ids = tokenizer(intro + body + question, add_special_tokens=False, verbose=False)["input_ids"]
-    bos = tokenizer.bos_token_id
-    if bos is not None and getattr(tokenizer, "add_bos_token", False):
-        ids = [bos] + ids
+    ids = prefix + tokenizer(intro + body + question, add_special_tokens=False, verbose=False)["input_ids"]
     return Probe(ids, key, length, len(ids), depth)
 
 

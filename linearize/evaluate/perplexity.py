@@ -2,7 +2,8 @@
 
 Strided windows (the usual sliding evaluation): windows of `context` tokens start every `stride` tokens and each
 scores only the tokens the previous window did not, so every scored token after the first window sees at least
-`context - stride` tokens of context. Only the logits that are scored are computed (`logits_to_keep`), so long
+`context - stride` tokens of context. Each window opens with the tokenizer's special prefix (its BOS token, where it
+adds one), as the model's tokenizer presents text. Only the logits that are scored are computed (`logits_to_keep`), so long
 contexts do not materialise a (context x vocabulary) matrix per window.
 """
 
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from linearize.hf.errors import LinearizeError
+from linearize.textdata import cut_windows
 
 # Windows per forward pass are sized so one batch holds about this many tokens.
 TOKENS_PER_BATCH = 4096
@@ -45,32 +47,30 @@ def _nll(model, batch: torch.Tensor, scored: int) -> float:
 
 
 @torch.no_grad()
-def strided_perplexity(model, ids: torch.LongTensor, context: int, stride: int | None = None, on_window=None) -> tuple[float, int]:
-    """(perplexity, tokens scored) of the 1-D token sequence `ids` with windows of `context` every `stride` tokens.
+def strided_perplexity(
+    model, ids: torch.LongTensor, context: int, stride: int | None = None, prefix: list[int] = (), on_window=None
+) -> tuple[float, int]:
+    """(perplexity, text tokens scored) of the 1-D token sequence `ids` (text, no special tokens) in windows of
+    `context` tokens every `stride` text tokens, each opening with `prefix` (`textdata.special_prefix(tokenizer)`).
 
     `stride` defaults to context // 2. Tokens after the last full window are not scored.
     `on_window(n)` is called after each batch with the number of windows done (for progress bars).
 
     Example:
         >>> ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
-        >>> strided_perplexity(model, ids, context=1024)
+        >>> strided_perplexity(model, ids, context=1024, prefix=special_prefix(tokenizer))
     """
     stride = stride or max(1, context // 2)
-    if not 1 <= stride <= context:
-        raise LinearizeError(f"stride must be between 1 and the context ({context}), got {stride}")
-    if ids.numel() < context:
-        raise LinearizeError(
-            f"the text has {ids.numel()} tokens, fewer than one window of context {context}: use a longer text or a shorter context"
-        )
+    windows = cut_windows(ids, context, stride, prefix)
     device = next(model.parameters()).device
-    windows = ids.unfold(0, context, stride)
-    # The first window scores all of its tokens; later ones only the last `stride` (the rest was scored before),
-    # and at most context - 1, since a window's first token has nothing before it in that window.
-    total = _nll(model, windows[:1].to(device), context - 1)
-    count = context - 1
+    # The first window scores every text token that has something before it (all of them after a prefix, all but
+    # the first without one); later windows only their last `stride` tokens, which the previous one did not score.
+    first = context - max(len(prefix), 1)
+    total = _nll(model, windows[:1].to(device), first)
+    count = first
     if on_window:
         on_window(1)
-    scored = min(stride, context - 1)
+    scored = min(stride, first)
     per_batch = max(1, TOKENS_PER_BATCH // context)
     for batch in windows[1:].split(per_batch):
         total += _nll(model, batch.to(device), scored)
@@ -80,9 +80,11 @@ def strided_perplexity(model, ids: torch.LongTensor, context: int, stride: int |
     return math.exp(total / count), count
 
 
-def window_count(tokens: int, context: int, stride: int | None = None) -> int:
+def window_count(tokens: int, context: int, stride: int | None = None, prefix: list[int] = ()) -> int:
+    """How many windows `strided_perplexity` scores on `tokens` text tokens."""
     stride = stride or max(1, context // 2)
-    return 0 if tokens < context else (tokens - context) // stride + 1
+    body = context - len(prefix)
+    return 0 if tokens < body else (tokens - body) // stride + 1
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ records, one number-bearing row per (model, measurement). Flat rows merge across
 
 Record kinds and their fields:
     task        task, metric, value, stderr, samples, primary (the metric the report compares)
-    perplexity  data, context, stride, value, tokens
+    perplexity  data, context, stride, prefix (the special token ids that open every window), value, tokens
     passkey     length, depth, value (fraction of exact matches), trials, tokens (actual prompt length)
     needle      the same fields as passkey
     speed       context, batch, prefill_tokens_per_s, decode_tokens_per_s, decode_tokens, prefill_peak_bytes,

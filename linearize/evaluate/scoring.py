@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from linearize.hf.errors import LinearizeError
+from linearize.textdata import cut_windows, special_prefix
 
 from .limits import check_lengths
 from .longcontext import ANSWER_TOKENS, DEFAULT_DEPTHS, answer, answer_of, make_probe
@@ -35,20 +36,26 @@ def _perplexity(results: Results, scored: list[Scored], sources: Sequence[str], 
     for source in sources:
         # No tokenizer packs more than 16 characters into a token on prose: cut a large dataset before tokenising it.
         text = load_text(source, **data_options)[: 16 * max_tokens]
-        # One token stream per tokenizer: both views of a converted model share it.
-        streams: dict[int, torch.Tensor] = {}
+        # One token stream per tokenizer (both views of a converted model share it), and the special tokens that
+        # tokenizer opens every text with, which open every window.
+        streams: dict[int, tuple[torch.Tensor, list[int]]] = {}
         for item in scored:
             key = id(item.tokenizer)
             if key not in streams:
                 ids = item.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"][:max_tokens]
-                streams[key] = torch.tensor(ids, dtype=torch.long)
-            ids = streams[key]
+                streams[key] = torch.tensor(ids, dtype=torch.long), special_prefix(item.tokenizer)
+            ids, prefix = streams[key]
             for context in contexts:
-                task = bar.add_task(f"perplexity {item.name} @ {context}", total=window_count(ids.numel(), context, stride))
+                task = bar.add_task(f"perplexity {item.name} @ {context}", total=window_count(ids.numel(), context, stride, prefix))
                 with item.mode():
-                    value, tokens = strided_perplexity(item.model, ids, context, stride, on_window=lambda n: bar.advance(task, n))
+                    value, tokens = strided_perplexity(
+                        item.model, ids, context, stride, prefix, on_window=lambda n: bar.advance(task, n)
+                    )
                 bar.remove_task(task)
-                results.add(item.name, "perplexity", data=str(source), context=context, stride=stride or max(1, context // 2), value=value, tokens=tokens)
+                results.add(
+                    item.name, "perplexity", data=str(source), context=context, stride=stride or max(1, context // 2),
+                    prefix=prefix, value=value, tokens=tokens,
+                )
         _agreement(results, scored, streams, str(source), contexts, bar)
 
 
@@ -60,7 +67,7 @@ def _logits(item: Scored):
     return forward
 
 
-def _agreement(results: Results, scored: list[Scored], streams: dict[int, torch.Tensor], source: str, contexts: list[int], bar):
+def _agreement(results: Results, scored: list[Scored], streams: dict[int, tuple[torch.Tensor, list[int]]], source: str, contexts: list[int], bar):
     """KL(teacher || student) and top-1 agreement of each student with the teacher scored beside it, on the
     perplexity text cut into back-to-back windows of each context."""
     by_name = {item.name: item for item in scored}
@@ -68,10 +75,10 @@ def _agreement(results: Results, scored: list[Scored], streams: dict[int, torch.
         teacher = by_name.get(student.entry.teacher)
         if teacher is None or id(teacher.tokenizer) != id(student.tokenizer):
             continue
-        ids = streams[id(student.tokenizer)]
+        ids, prefix = streams[id(student.tokenizer)]
         device = next(student.model.parameters()).device
         for context in contexts:
-            windows = ids[: ids.numel() // context * context].view(-1, context).to(device)
+            windows = cut_windows(ids, context, prefix=prefix).to(device)
             task = bar.add_task(f"agreement {student.name} @ {context}", total=windows.shape[0])
             kl, top1, tokens = agreement(_logits(teacher), _logits(student), windows, on_batch=lambda n: bar.advance(task, n))
             bar.remove_task(task)

@@ -2,7 +2,7 @@
 the exact size of the generation cache, for the teacher and the student in one run.
 
 Prefill is one forward pass over `context` random tokens (only the last position's logits are computed);
-decode then feeds one token per step through the model's own cache (`past_key_values`), as generation does.
+decode then feeds one token per step through the model's own cache, as generation does.
 The teacher is the converted model under teacher_mode (its softmax attention keeps a key/value cache in every
 layer, exactly as the original model does) or an unconverted model passed as its own MODEL.
 CUDA times come from CUDA events after a synchronise; CPU times from perf_counter. See `memory` for how peaks
@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 import torch
 
+from linearize.hf.cache import cache_keyword, returned_cache
 from linearize.hf.errors import LinearizeError
 
 from .limits import check_lengths
@@ -59,19 +60,20 @@ def measure(model, context: int, batch: int, decode_tokens: int, seed: int = 0) 
     vocab = model.get_input_embeddings().num_embeddings
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch, context), generator=generator).to(device)
+    keyword = cache_keyword(model)
     meter = meter_for(device)
     meter.start()
     with Timer(device) as prefill:
         out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
     prefill_peak = meter.peak()
-    cache = out.past_key_values
+    cache = returned_cache(out)
     token = out.logits[:, -1:].argmax(-1)
     del out
     meter.restart_peak()
     with Timer(device) as decode:
         for _ in range(decode_tokens):
-            step = model(input_ids=token, past_key_values=cache, use_cache=True)
-            cache = step.past_key_values
+            step = model(input_ids=token, **{keyword: cache}, use_cache=True)
+            cache = returned_cache(step)
             token = step.logits[:, -1:].argmax(-1)
     return dict(
         context=context,

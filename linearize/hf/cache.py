@@ -7,10 +7,36 @@ whose size does not grow with context beyond what the mixer declares, plus the c
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+from typing import Any
+
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .errors import LinearizeError
+
+# transformers 5.24 renamed the cache argument and output field from `past_key_values` to `cache` (the old name
+# is deprecated until 5.40). linearize speaks whichever name the installed version uses, read off its classes.
+# Decoder layers hand the cache to their attention module under that name; GPT-2-style families say `layer_past`.
+OUTPUT_CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
+LAYER_CACHE_NAMES = ("cache", "past_key_values", "layer_past")
+
+
+def cache_keyword(module: torch.nn.Module) -> str:
+    """The keyword under which `module.forward` takes its cache in the installed transformers."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+def cache_in(kwargs: dict[str, Any]) -> Cache | None:
+    """The cache a decoder layer passed its attention module, under whichever name it used (None without one)."""
+    return next((kwargs[name] for name in LAYER_CACHE_NAMES if kwargs.get(name) is not None), None)
+
+
+def returned_cache(output) -> Cache | None:
+    """The cache a model's forward returned, read under the installed transformers' field name."""
+    return getattr(output, OUTPUT_CACHE_FIELD, None)
 
 
 class MixerState(CacheLayerMixin):

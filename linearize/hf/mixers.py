@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .attention import AttentionSpec
+from .cache import cache_in
 from .errors import LinearizeError
 
 MIXERS: dict[str, type["Mixer"]] = {}
@@ -195,16 +196,14 @@ class Mixer(nn.Module):
 
     def student_forward(self, hidden_states: torch.Tensor, **kwargs):
         """The converted layer's own output (what `forward` returns outside teacher_mode and transfer)."""
-        cache = kwargs.get("past_key_values")
-        if cache is None:
-            cache = kwargs.get("layer_past")
+        cache = cache_in(kwargs)
         state = None
         if cache is not None:
             state = cache.layers[self.layer_idx]
             if not getattr(state, "is_mixer_state", False):
                 raise LinearizeError(
                     f"layer {self.layer_idx} got a {type(cache).__name__} made for softmax attention; let the model "
-                    "create its own cache (pass no past_key_values), or make one with model.new_cache()"
+                    "create its own cache (pass none), or make one with model.new_cache()"
                 )
         q, k, v = self.spec.project(self.attn, hidden_states)
         out = self.mix(

@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreT
 from transformers.cache_utils import Cache
 
 from .attention import attention_slot, decoder_layers
-from .cache import LinearizedCache
+from .cache import LinearizedCache, cache_keyword
 from .configuration_linearized import LinearizedConfig
 from .errors import LinearizeError
 from .mixer_attention import KeepAttention  # noqa: F401  (importing a mixer file registers it)
@@ -45,6 +45,10 @@ def apply_plan(model: nn.Module, text_config, plan: list[dict[str, Any]]) -> lis
     return [slot for _, slot, _ in built]
 
 
+# The kernel choices a caller may request at load time (`experts_implementation` exists from transformers 5.20).
+IMPLEMENTATIONS = ("_attn_implementation", "_experts_implementation")
+
+
 class LinearizedForCausalLM(PreTrainedModel, GenerationMixin):
     """A teacher causal LM (`self.model`) whose attention layers follow `config.layers`.
 
@@ -64,14 +68,22 @@ class LinearizedForCausalLM(PreTrainedModel, GenerationMixin):
     _is_stateful = True
 
     def __init__(self, config: LinearizedConfig, model: PreTrainedModel | None = None):
+        # What the caller asked for (None unless `attn_implementation=` or `experts_implementation=` was given);
+        # read before PreTrainedModel resolves its own defaults, which the teacher's family may not support (Gemma 2
+        # refuses SDPA). The teacher's family then picks its own default for what was not asked for.
+        requested = {name: getattr(config, name, None) for name in IMPLEMENTATIONS}
         super().__init__(config)
         if model is None:
-            impl = getattr(config, "_attn_implementation", None)
-            if impl is not None:
-                config.text_config._attn_implementation = impl
+            for name, value in requested.items():
+                if hasattr(config.text_config, name):
+                    setattr(config.text_config, name, value)
             model = AutoModelForCausalLM.from_config(config.text_config)
             apply_plan(model, config.text_config, config.layers)
+        for name in IMPLEMENTATIONS:
+            if hasattr(model.config, name):
+                setattr(config, name, getattr(model.config, name))
         self.model = model
+        self._cache_keyword = cache_keyword(model)
         if getattr(model, "generation_config", None) is not None:
             self.generation_config = model.generation_config
         self.post_init()
@@ -140,7 +152,7 @@ class LinearizedForCausalLM(PreTrainedModel, GenerationMixin):
         if cache.get_seq_length() == 0:
             return self.new_cache()
         raise LinearizeError(
-            f"a filled {type(cache).__name__} cannot serve a converted model; pass no past_key_values and the model builds its own"
+            f"a filled {type(cache).__name__} cannot serve a converted model; pass no cache and the model builds its own"
         )
 
     def forward(
@@ -148,24 +160,29 @@ class LinearizedForCausalLM(PreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: Cache | None = None,
         **kwargs,
     ):
+        """The teacher's forward with this model's cache. `cache` is `past_key_values` before transformers 5.24;
+        either name is taken, and the inner model gets the one the installed version expects."""
+        if cache is not None and past_key_values is not None and cache is not past_key_values:
+            raise LinearizeError("got both cache and past_key_values; pass the cache once, as cache")
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
-        past_key_values = self._checked_cache(past_key_values, use_cache)
+        cache = self._checked_cache(cache if cache is not None else past_key_values, use_cache)
         length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
         if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask[:, -length:].all()):
             kwargs[PADDING_MASK] = attention_mask[:, -length:].bool()
+        kwargs[self._cache_keyword] = cache
         return self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             labels=labels,
             use_cache=use_cache,
