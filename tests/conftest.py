@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,33 @@ import torch
 os.environ.setdefault("LINEARIZE_HOME", str(Path("~/.cache/linearize").expanduser()))
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class _Deprecations(logging.Handler):
+    """Collects the deprecation notices transformers and huggingface_hub log (they log them, not warn)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if re.search(r"\b(is|are) deprecated\b", message):  # an argument, attribute or function, not a file format
+            self.messages.append(message)
+
+
+_DEPRECATIONS = _Deprecations()
+for _name in ("transformers", "huggingface_hub"):
+    logging.getLogger(_name).addHandler(_DEPRECATIONS)
+
+
+@pytest.fixture(autouse=True)
+def no_deprecated_api():
+    """linearize follows the installed transformers' and huggingface_hub's current API: a test during which either
+    logs a deprecation fails (their deprecation warnings are errors through pyproject's filterwarnings)."""
+    before = len(_DEPRECATIONS.messages)
+    yield
+    assert _DEPRECATIONS.messages[before:] == []
 
 
 @pytest.fixture(autouse=True)

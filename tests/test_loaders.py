@@ -345,4 +345,4 @@ def test_token_windows_shapes():
 
 def test_token_windows_text_too_short():
     message = _one_line_error(lambda: token_windows(_tiny_tokenizer(), "too short", 64))
-    assert "9 tokens" in message and "seq_len=64" in message
+    assert "9 tokens" in message and "window of 64" in message

@@ -11,6 +11,8 @@ import linearize
 from linearize.hf.cache import MixerState, returned_cache
 from tests.tiny import assert_reloaded, left_padded, random_ids, reload_probe, run_python, tiny_model
 
+pytestmark = pytest.mark.core
+
 # (mixer, options, keep_attention) on the tiny 3-layer llama; windows are small so they matter at these lengths.
 # A case named MIXER+VARIANT runs MIXER with other options.
 MIXER_CASES = {

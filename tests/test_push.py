@@ -21,6 +21,8 @@ from tests.test_evaluate import char_tokenizer, tiny_student
 from tests.test_report import eval_results
 from tests.tiny import reload_probe, run_python
 
+pytestmark = pytest.mark.core
+
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "hf_standin_secret_token_0123456789"
 
