@@ -106,20 +106,29 @@ def _print_layers(model_or_folder) -> None:
 
     infos = describe(model_or_folder)
     table = Table(title="layers")
-    for column in ("layer", "mixer", "options", "params added", "state (fixed)", "state per token", "grows with context", "on CUDA"):
-        table.add_column(column)
+    # Layer numbers and mixer names never wrap or shorten; the rest folds to fit the terminal's width.
+    widest = max(len(f"{infos[0].index}-{infos[-1].index}"), len("layers"))
+    table.add_column("layers", no_wrap=True, min_width=widest)
+    table.add_column("mixer", no_wrap=True, min_width=max(len(i.mixer) for i in infos))
+    for column in ("options", "params added", "state (fixed)", "state per token", "grows with context", "on CUDA"):
+        table.add_column(column, overflow="fold")
+    rows: list[tuple[int, int, tuple[str, ...]]] = []  # identical consecutive layers share one row
     for info in infos:
-        options = ", ".join(f"{k}={v}" for k, v in info.options.items())
-        table.add_row(
-            str(info.index),
+        cells = (
             info.mixer,
-            options,
+            ", ".join(f"{k}={v}" for k, v in info.options.items()),
             _human(info.new_parameters),
             _bytes(info.state_bytes),
             _bytes(info.state_bytes_per_token),
             "yes" if info.grows_with_context else "no",
             info.cuda_path,
         )
+        if rows and rows[-1][2] == cells:
+            rows[-1] = (rows[-1][0], info.index, cells)
+        else:
+            rows.append((info.index, info.index, cells))
+    for first, last, cells in rows:
+        table.add_row(str(first) if first == last else f"{first}-{last}", *cells)
     console.print(table)
     added = sum(i.new_parameters for i in infos)
     per_token = sum(i.state_bytes_per_token for i in infos)

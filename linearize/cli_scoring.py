@@ -168,12 +168,19 @@ def push_command(
     revision: Annotated[str | None, typer.Option(help="Branch to push to (created if needed)")] = None,
     report: Annotated[Path | None, typer.Option(help="Report folder to include (default: FOLDER/report when present)")] = None,
     message: Annotated[str, typer.Option(help="Commit message")] = "Upload linearized model",
+    ignore: Annotated[list[str] | None, typer.Option("--ignore", help="A file of the folder that looks like a secret and stays behind (repeatable)")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would be uploaded; touch no network")] = False,
 ):
-    """Upload a converted model with its modeling code, tokenizer, report and a model card to the Hub."""
+    """Upload a converted model with its modeling code, tokenizer, report and a model card to the Hub (only the
+    files a model repo needs; the rest of the folder stays behind and is listed)."""
     from .publish import push
 
+    settings = dict(private=private, revision=revision, report=report, commit_message=message, ignore=ignore or (), dry_run=dry_run)
+    if dry_run:
+        push(folder, repo_id, log=console.print, **settings)
+        return
     with console.status(f"pushing {folder} to {repo_id}"):
-        url = push(folder, repo_id, private=private, revision=revision, report=report, commit_message=message)
+        url = push(folder, repo_id, log=console.print, **settings)
     console.print(f"[green]pushed[/green] {url}")
 
 

@@ -84,6 +84,8 @@ class DataConfig:
         (lists of {role, content}) rendered with the tokenizer's chat template.
     streaming: read the training set lazily (big Hub sets); windows come in stream order, no shuffling.
     heldout_tokens: at most this many held-out tokens are kept.
+    allow_longer: train on windows longer than the model's positions (`max_position_embeddings`); refused
+        otherwise, as `linearize eval` refuses such lengths without --allow-longer.
     """
 
     train: str = "prideprejudice"
@@ -98,6 +100,7 @@ class DataConfig:
     heldout_tokens: int = 65536
     chat_template: bool = False
     streaming: bool = False
+    allow_longer: bool = False
 
     def __post_init__(self):
         if self.seq_len < 8:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from .hf.errors import LinearizeError
 from .hf.kernel_dispatch import path as kernel_path
 from .hf.mixers import MIXERS, MixerCost
 from .hf.modeling_linearized import LinearizedForCausalLM
+from .loaders import check_weights, read_config_file
 
 
 @dataclass(frozen=True)
@@ -36,11 +36,12 @@ def read_config(folder: str | Path) -> LinearizedConfig:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise LinearizeError(f"{str(folder)!r} has no config.json; give the folder written by `linearize convert` or save_pretrained")
-    model_type = json.loads(path.read_text()).get("model_type")
+    model_type = read_config_file(Path(folder)).get("model_type")
     if model_type != LinearizedConfig.model_type:
         raise LinearizeError(
             f"{str(folder)!r} holds a {model_type!r} model, not a converted one; convert it first with `linearize convert {folder} --out DIR`"
         )
+    check_weights(Path(folder))
     return LinearizedConfig.from_pretrained(folder, local_files_only=True)
 
 

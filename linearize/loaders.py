@@ -12,6 +12,7 @@ caches it as a plain Hugging Face folder under `$LINEARIZE_HOME/smollm2-135m-ins
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import re
@@ -22,7 +23,9 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from linearize.hf.errors import LinearizeError
 
@@ -104,6 +107,13 @@ def resolve_source(source: str | os.PathLike[str]) -> ResolvedSource:
                 f"{text!r} is a file but not a .gguf file: pass the folder that holds config.json, or a .gguf file"
             )
         path = path.resolve()
+        with path.open("rb") as handle:
+            magic = handle.read(4)
+        if magic != b"GGUF":
+            raise LinearizeError(
+                f"{text!r} is not a GGUF file (it does not start with the GGUF magic bytes; damaged or renamed): "
+                "download or copy it again, or pass a model folder"
+            )
         return ResolvedSource(kind="gguf", location=str(path.parent), gguf_file=path.name, name=path.name)
     if path.is_dir():
         _check_model_folder(path)
@@ -164,6 +174,35 @@ def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str:
     raise LinearizeError(f"unknown dtype {dtype!r}: use one of {', '.join(_DTYPES)} or a torch.dtype")
 
 
+def read_config_file(folder: Path) -> dict:
+    """A model folder's config.json as a dict; one line naming the file where it is not a JSON object."""
+    path = folder / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise LinearizeError(f"{str(path)!r} is not valid JSON ({str(error)[:80]}): restore it, or save the model again with save_pretrained") from None
+    if not isinstance(config, dict):
+        raise LinearizeError(f"{str(path)!r} is not a JSON object: restore it, or save the model again with save_pretrained")
+    return config
+
+
+def check_weights(folder: Path) -> None:
+    """Open every .safetensors file of `folder` (its header and the extent it promises); one line naming the file
+    where one is truncated or damaged."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), "pt"):
+                pass
+        except (SafetensorError, OSError) as error:
+            reason = str(error).split(": ", 1)[-1][:100]
+            raise LinearizeError(
+                f"{str(path)!r} is truncated or damaged ({reason}): copy it again, or save the model again with "
+                "save_pretrained"
+            ) from None
+
+
 def _check_model_folder(folder: Path) -> None:
     if not (folder / "config.json").is_file():
         ggufs = sorted(folder.glob("*.gguf"))
@@ -181,6 +220,14 @@ def _check_model_folder(folder: Path) -> None:
             f"folder {str(folder)!r} has a model but no tokenizer files (tokenizer.json, tokenizer_config.json): "
             f"save one into it with tokenizer.save_pretrained({str(folder)!r})"
         )
+    config = read_config_file(folder)
+    model_type = config.get("model_type")
+    if model_type not in CONFIG_MAPPING and "auto_map" not in config:
+        raise LinearizeError(
+            f"{str(folder / 'config.json')!r} has model_type {model_type!r}, which transformers {transformers.__version__} "
+            "does not know: upgrade transformers (pip install -U transformers), or check that this is a model folder"
+        )
+    check_weights(folder)
 
 
 def _load_folder(folder: Path, dtype: torch.dtype | str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

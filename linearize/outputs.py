@@ -6,6 +6,7 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
+from glob import escape as glob_escape
 from pathlib import Path
 
 from .hf.errors import LinearizeError
@@ -21,12 +22,25 @@ def check_output(path: str | Path, overwrite: bool) -> Path:
     return path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_folder(path: str | Path, overwrite: bool = False):
-    """Yield a temporary folder next to `path`; on success it replaces `path`, on error it is removed."""
+    """Yield a temporary folder next to `path`; on success it replaces `path`, on error it is removed.
+
+    Staging folders that an earlier, killed run of the same output left behind are removed first, and the folder
+    gets the permissions any folder the user makes gets (mkdtemp's are private).
+    """
     path = check_output(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in path.parent.glob(f".{glob_escape(path.name)}.partial-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    staging.chmod(0o777 & ~_umask())
     try:
         yield staging
     except BaseException:

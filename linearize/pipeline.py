@@ -137,7 +137,7 @@ def _start(recipe: Recipe, out: str | Path | None, overwrite: bool, resume: bool
     # Nothing is written before this point, so a mistake found while loading leaves no trace on disk.
     if checkpoints is not None:
         if accelerator.is_main_process:
-            start_checkpoints(checkpoints, recipe, student, resume)
+            start_checkpoints(checkpoints, recipe, student, resume, say)
         accelerator.wait_for_everyone()
     session.checkpoints = checkpoints
     return _Started(session, student, tokenizer, data, keep, out)

@@ -2,6 +2,8 @@
 errors (exit code 2, nothing on disk) for every bad input the foundation issue lists."""
 
 import json
+import re
+import shutil
 import sys
 
 import pytest
@@ -51,7 +53,7 @@ def test_convert_writes_a_model_that_reloads_to_the_same_logits(teacher_folder, 
     assert code == 0, stderr
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
     rows = table_rows(stdout)
-    assert [r[1] for r in rows] == ["attention", "gla", "gla"]
+    assert [(r[0], r[1]) for r in rows] == [("0", "attention"), ("1-2", "gla")]
     expected = linearize.convert(AutoModelForCausalLM.from_pretrained(teacher_folder), "gla", keep_attention=[0], window=4)
     ids = torch.randint(0, expected.config.text_config.vocab_size, (2, 9))
     reloaded = AutoModelForCausalLM.from_pretrained(out)
@@ -69,7 +71,7 @@ def test_info_shows_the_plan_state_and_kernel_path_per_layer(teacher_folder, tmp
     code, stdout, stderr = run(monkeypatch, capsys, "info", out)
     assert code == 0, stderr
     rows = table_rows(stdout)
-    assert [(r[1], r[6], r[7]) for r in rows] == [("hedgehog", "no", "fla simple_gla")] * 2 + [("hedgehog_swa", "no", "PyTorch (no fla kernel)")]
+    assert [(r[0], r[1], r[6], r[7]) for r in rows] == [("0-1", "hedgehog", "no", "fla simple_gla"), ("2", "hedgehog_swa", "no", "PyTorch (no fla kernel)")]
     assert "parameters added" in stdout
 
     monkeypatch.setenv("LINEARIZE_KERNELS", "torch")
@@ -79,6 +81,21 @@ def test_info_shows_the_plan_state_and_kernel_path_per_layer(teacher_folder, tmp
     monkeypatch.setattr(kernel_dispatch, "FLA_PROBLEM", "flash-linear-attention is not usable (ImportError: no module)")
     rows = table_rows(run(monkeypatch, capsys, "info", out)[1])
     assert rows[0][7] == "PyTorch: flash-linear-attention is not usable (ImportError: no module)"
+
+
+def test_info_fits_a_narrow_terminal_and_groups_identical_layers(teacher_folder, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "all"
+    assert run(monkeypatch, capsys, "convert", teacher_folder, "--out", out, "--mixer", "hedgehog_swa")[0] == 0
+    monkeypatch.setattr(sys, "argv", ["linearize", "info", str(out)])
+    monkeypatch.setenv("COLUMNS", "80")
+    monkeypatch.setattr(cli.console, "_width", 80)
+    with pytest.raises(SystemExit) as done:
+        cli.main()
+    stdout = capsys.readouterr().out
+    assert done.value.code == 0 and max(len(line) for line in stdout.splitlines()) <= 80
+    rows = table_rows(stdout)
+    assert rows[0][:2] == ["0-2", "hedgehog_swa"] and "…" not in stdout
+    assert not any(row[0] and row[0] != "0-2" for row in rows[1:])  # one row (folded lines continue it)
 
 
 def test_info_says_which_layers_grow_with_context(teacher_folder, tmp_path, monkeypatch, capsys):
@@ -145,3 +162,54 @@ def test_a_checkpoint_whose_weights_do_not_match_its_plan_is_refused(teacher_fol
     with pytest.raises(LinearizeError, match="do not match the plan in its config.json") as error:
         AutoModelForCausalLM.from_pretrained(out)
     assert "\n" not in str(error.value) and "re-convert" in str(error.value)
+
+
+@pytest.fixture(scope="module")
+def damaged(teacher_folder, tmp_path_factory):
+    """Folders a user might hand over: a converted model with its weights cut short or overwritten, a model of a
+    type this transformers does not know, a broken config.json, and a .gguf file that is not GGUF."""
+    root = tmp_path_factory.mktemp("damaged")
+    folders = {}
+    for name, cut in (("truncated", lambda data: data[: len(data) // 2]), ("garbage", lambda data: b"not a safetensors file" * 9)):
+        folder = root / name
+        linearize.convert(AutoModelForCausalLM.from_pretrained(teacher_folder), "hedgehog").save_pretrained(folder)
+        tiny_tokenizer().save_pretrained(folder)
+        weights = folder / "model.safetensors"
+        weights.write_bytes(cut(weights.read_bytes()))
+        folders[name] = folder
+    folders["unknown type"] = root / "unknown"
+    shutil.copytree(teacher_folder, folders["unknown type"])
+    config = json.loads((folders["unknown type"] / "config.json").read_text())
+    (folders["unknown type"] / "config.json").write_text(json.dumps({**config, "model_type": "llama9000"}))
+    folders["broken config"] = root / "broken"
+    shutil.copytree(teacher_folder, folders["broken config"])
+    (folders["broken config"] / "config.json").write_text('{"model_type": "llama", ')
+    folders["not gguf"] = root / "model.gguf"
+    folders["not gguf"].write_bytes(b"PK\x03\x04 a zip file renamed")
+    return folders
+
+
+EXPECTED = {
+    "truncated": "model.safetensors' is truncated or damaged",
+    "garbage": "model.safetensors' is truncated or damaged",
+    "unknown type": "has model_type 'llama9000', which transformers",
+    "broken config": "config.json' is not valid JSON",
+    "not gguf": "is not a GGUF file (it does not start with the GGUF magic bytes",
+}
+
+
+@pytest.mark.parametrize("case", sorted(EXPECTED))
+def test_damaged_inputs_are_one_line_errors_in_every_command(damaged, case, tmp_path, monkeypatch, capsys):
+    commands = [
+        ("convert", damaged[case], "--out", tmp_path / "out"),
+        ("eval", damaged[case], "--out", tmp_path / "eval.json"),
+        ("distill", "quickstart", f"teacher={damaged[case]}", "--out", tmp_path / "out"),
+    ]
+    if case in ("truncated", "garbage"):
+        commands.append(("info", damaged[case]))
+    for command in commands:
+        code, _, stderr = run(monkeypatch, capsys, *command)
+        assert code == 2 and EXPECTED[case] in error_line(stderr), (command[0], stderr[-500:])
+        assert not (tmp_path / "out").exists() and not (tmp_path / "eval.json").exists()
+    with pytest.raises(LinearizeError, match=re.escape(EXPECTED[case])):
+        linearize.load_teacher(str(damaged[case]))

@@ -94,12 +94,13 @@ def test_run_scores_teacher_converted_and_distilled(workspace, monkeypatch, caps
         (["convert.options.windw=4"], "does not take option(s) windw"),
         (["stages.0.tokens=0"], "tokens must be a positive budget"),
         (["data.train={ws}/missing.txt"], "data source '{ws}/missing.txt' does not exist"),
-        (["data.seq_len=8000", "stages.0.tokens=16000", "stages.1.tokens=16000"], "fewer than 1 window(s) of data.seq_len=8000"),
+        (["data.seq_len=8000", "stages.0.tokens=16000", "stages.1.tokens=16000", "data.allow_longer=true"], "fewer than 1 window(s) of data.seq_len=8000"),
+        (["data.seq_len=1024", "stages.0.tokens=2048", "stages.1.tokens=2048"], "data.seq_len=1024 is beyond the model's 512 positions (max_position_embeddings)"),
         (["--resume"], "nothing to resume"),
         (["--resume", "--overwrite"], "pass one of them"),
         (["stages.0.tokens=10"], "less than one optimizer step"),
     ],
-    ids=["output exists", "unknown stage", "unknown mixer", "unknown option", "zero budget", "missing data", "seq_len too long", "nothing to resume", "resume and overwrite", "budget below a step"],
+    ids=["output exists", "unknown stage", "unknown mixer", "unknown option", "zero budget", "missing data", "seq_len too long", "seq_len beyond positions", "nothing to resume", "resume and overwrite", "budget below a step"],
 )
 def test_mistakes_are_one_line_and_write_nothing(args, message, workspace, monkeypatch, capsys):
     (workspace / "distilled-exists").mkdir(exist_ok=True)

@@ -8,7 +8,8 @@ import torch
 
 import linearize
 from linearize.config import load_recipe
-from linearize.distillation import lora_kd
+from linearize.distillation import driver, engine, lora_kd
+from linearize.distillation.driver import run_stages
 from linearize.distillation.engine import Session, latest_checkpoint
 from linearize.hf.errors import LinearizeError
 from tests.tiny import tiny_data, tiny_model
@@ -31,9 +32,9 @@ def teacher(seed=0):
     return tiny_model("llama", seed=seed, dtype=torch.float32, num_hidden_layers=6)
 
 
-def distill(data, folder, resume=False, overrides=(), seed=0):
+def distill(data, folder, resume=False, overrides=(), seed=0, log=lambda message: None):
     recipe = load_recipe("quickstart", OVERRIDES + list(overrides))
-    return linearize.distill(teacher(seed), data, recipe, checkpoints=folder, resume=resume, log=lambda m: None, progress=False)
+    return linearize.distill(teacher(seed), data, recipe, checkpoints=folder, resume=resume, log=log, progress=False)
 
 
 class Interrupt(Exception):
@@ -80,8 +81,8 @@ def test_resume_refuses_another_recipe_or_model_and_needs_checkpoints(data, tmp_
         interrupt_at(patch, stage=0, step=2)
         with pytest.raises(Interrupt):
             distill(data, tmp_path / "run")
-    with pytest.raises(LinearizeError, match=r"different recipe \(stages\.0\.lr: 0\.05 then, 0\.1 now\)"):
-        distill(data, tmp_path / "run", resume=True, overrides=["stages.0.lr=0.1"])
+    with pytest.raises(LinearizeError, match=r"different recipe \(convert\.options\.window: 4 then, 8 now\); a resumed run may change only"):
+        distill(data, tmp_path / "run", resume=True, overrides=["convert.options.window=8"])
     with pytest.raises(LinearizeError, match="written for a different model"):
         distill(data, tmp_path / "run", resume=True, seed=1)
     with pytest.raises(LinearizeError, match="holds checkpoints of an unfinished run; continue it with --resume"):
@@ -107,7 +108,8 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(data, tmp_path, mo
         distill(data, folder)
     message = str(error.value)
     assert "stages[1] (lora_kd) step 6: the loss is nan" in message and "\n" not in message
-    assert "last good checkpoint (step 4)" in message and "--resume" in message
+    assert "this stage's last good checkpoint (step 4)" in message and "the 1 finished stage(s) before it are kept" in message
+    assert "continue with --resume stages.1.lr=LOWER: this stage starts again after the finished ones" in message
     checkpoint = latest_checkpoint(folder / "stage1-lora_kd")
     assert checkpoint.name == "step-0000004" and json.loads((checkpoint / "state.json").read_text())["step"] == 4
     assert not [p for p in (folder / "stage1-lora_kd").iterdir() if p.name.startswith(".")]
@@ -115,6 +117,59 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(data, tmp_path, mo
 
     weights = load_file(checkpoint / "trainable.safetensors")
     assert weights and all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_a_lower_rate_resumes_a_failed_stage_after_the_finished_ones(data, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    original = lora_kd.kd_losses
+
+    def poisoned(*args):
+        calls["n"] += 1
+        kl, ce = original(*args)
+        return (kl * float("nan"), ce) if calls["n"] > 2 * 5 else (kl, ce)
+
+    folder = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        patch.setattr(lora_kd, "kd_losses", poisoned)
+        with pytest.raises(LinearizeError, match="step 6: the loss is nan"):
+            distill(data, folder)
+    with pytest.raises(LinearizeError, match=r"stages\.0\.lr: 0\.05 then, 0\.1 now, in stage 0, which has finished"):
+        distill(data, folder, resume=True, overrides=["stages.1.lr=0.001", "stages.0.lr=0.1"])
+    said = []
+    resumed = distill(data, folder, resume=True, overrides=["stages.1.lr=0.001"], log=said.append)
+    assert "stages[1] changed since its checkpoints were written (stages.1.lr: 0.003 then, 0.001 now): it starts again" in said
+    unbroken = distill(data, tmp_path / "unbroken", overrides=["stages.1.lr=0.001"])
+    expected, got = unbroken.state_dict(), resumed.state_dict()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    assert records(folder) == records(tmp_path / "unbroken")
+
+
+def test_a_resumed_stage_records_its_whole_training_time(data, tmp_path, monkeypatch):
+    """On a clock that advances one second per reading, a stage resumed after an interruption reports about the
+    seconds of an unbroken one (both parts), not only the part after the resumption."""
+    clock = {"now": 0.0}
+
+    def tick():
+        clock["now"] += 1.0
+        return clock["now"]
+
+    sessions = []
+
+    def keep_session(model, data, recipe, session, keep=None):
+        sessions.append(session)
+        return run_stages(model, data, recipe, session, keep)
+
+    monkeypatch.setattr(engine.time, "time", tick)
+    monkeypatch.setattr(driver, "run_stages", keep_session)
+    distill(data, tmp_path / "a")
+    with monkeypatch.context() as patch:
+        interrupt_at(patch, stage=1, step=5)
+        with pytest.raises(Interrupt):
+            distill(data, tmp_path / "b")
+    before = json.loads((latest_checkpoint(tmp_path / "b" / "stage1-lora_kd") / "state.json").read_text())["seconds"]
+    distill(data, tmp_path / "b", resume=True)
+    unbroken, resumed = (next(r for r in sessions[i].reports if r["stage"] == 1)["seconds"] for i in (0, 2))
+    assert before > 0.4 * unbroken and abs(resumed - unbroken) < 0.2 * unbroken, (before, resumed, unbroken)
 
 
 def test_out_of_memory_names_the_fix(data, monkeypatch):

@@ -114,6 +114,60 @@ def test_push_errors_are_one_line_and_never_show_the_token(hub, folder, tmp_path
     assert hub.commits == []
 
 
+def test_push_uploads_only_what_a_model_needs_and_refuses_a_folder_with_secrets(hub, folder):
+    beside = {"hf_token.txt": TOKEN, "secrets.env": "KEY=1", "id_rsa": "-----BEGIN", "optimizer.pt": "x", "nohup.out": "log", "eval.json": "{}"}
+    for name, text in beside.items():
+        (folder / name).write_text(text)
+    with pytest.raises(LinearizeError) as error:
+        linearize.push(str(folder), "me/tiny-hedgehog")
+    message = str(error.value)
+    assert "hf_token.txt, id_rsa, secrets.env, which looks like a secret; nothing was uploaded" in message
+    assert "--ignore hf_token.txt --ignore id_rsa --ignore secrets.env" in message and "\n" not in message
+    assert hub.created == [] and hub.commits == []
+
+    said = []
+    linearize.push(str(folder), "me/tiny-hedgehog", ignore=["hf_token.txt", "secrets.env", "id_rsa"], log=said.append)
+    files = set(hub.commits[0]["files"])
+    assert not files & set(beside)
+    assert {"model.safetensors", "config.json", "modeling_linearized.py", "mixers.py", "tokenizer.json", "recipe.yaml", "README.md"} <= files
+    assert said[1] == f"left behind in {folder}: eval.json, hf_token.txt, id_rsa, nohup.out, optimizer.pt, secrets.env"
+    assert said[0].startswith("uploading to me/tiny-hedgehog: attention.py, cache.py, config.json,") and "report/report.md" in said[0]
+
+
+def test_push_dry_run_lists_the_files_and_touches_no_network(hub, folder, monkeypatch, capsys):
+    monkeypatch.delenv("HF_TOKEN")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", "/nonexistent/token")
+    paths = linearize.push(str(folder), "me/tiny-hedgehog", dry_run=True)
+    assert "model.safetensors" in paths and "README.md" in paths and "report/accuracy.png" in paths
+    assert hub.created == [] and hub.commits == [] and hub.authorizations == set()
+
+    from linearize import cli
+
+    monkeypatch.setattr(sys, "argv", ["linearize", "push", str(folder), "--repo-id", "me/tiny-hedgehog", "--dry-run"])
+    with pytest.raises(SystemExit) as done:
+        cli.main()
+    assert done.value.code == 0
+    assert "would upload to me/tiny-hedgehog: attention.py, cache.py, config.json," in " ".join(capsys.readouterr().out.split())
+    assert hub.commits == []
+
+
+def test_the_repo_holds_no_local_absolute_path(hub, folder, tmp_path):
+    home = "/home/someone/private-models"
+    config = json.loads((folder / "config.json").read_text())
+    config["source"] = f"{home}/teacher"
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "recipe.yaml").write_text(yaml.safe_dump({"teacher": f"{home}/teacher", "data": {"train": f"{home}/corpus", "heldout": "persuasion"}}))
+    (folder / "results.json").write_text(json.dumps({"recipe": {"teacher": f"{home}/teacher"}, "stages": [{"stage": 0, "tokens": 10}]}))
+    linearize.push(str(folder), "me/tiny-hedgehog")
+    repo = hub.folder("me/tiny-hedgehog")
+    for path in repo.rglob("*"):
+        if path.is_file() and path.suffix in (".json", ".yaml", ".md", ".jsonl"):
+            assert home not in path.read_text(), path.name
+    assert yaml.safe_load((repo / "recipe.yaml").read_text())["data"] == {"train": "corpus", "heldout": "persuasion"}
+    assert json.loads((repo / "config.json").read_text())["source"] == "teacher" and "`teacher`" in (repo / "README.md").read_text()
+    assert linearize.LinearizedForCausalLM.from_pretrained(repo).config.layers == config["layers"]
+
+
 def test_push_command_line(hub, folder, monkeypatch, capsys):
     from linearize import cli
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import subprocess
 import sys
@@ -110,16 +111,28 @@ def assert_reloaded(reloaded, original, **inputs) -> None:
     assert error < RELOAD_TOLERANCE[original.dtype], error
 
 
+def weights_digest(model) -> str:
+    """sha256 of every weight's name, dtype, shape and bytes: equal digests, bit-identical weights."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def reload_probe(original, path: Path, **inputs) -> str:
-    """Save what a fresh process needs to check a reload of `original` (its weights and its logits on `inputs`),
-    and return the code that checks `model` there: it prints `reloaded exactly True` when it holds."""
+    """Save what a fresh process needs to check a reload of `original` (its weights' digest and its logits on
+    `inputs`), and return the code that checks `model` there: it prints `reloaded exactly True` when it holds."""
     with torch.no_grad():
         expected = original(**inputs).logits
-    torch.save({"inputs": inputs, "expected": expected, "state": original.state_dict()}, path)
+    torch.save({"inputs": inputs, "expected": expected, "digest": weights_digest(original)}, path)
+    body = textwrap.indent(inspect.getsource(weights_digest), " " * 8)
     return f"""
+{body}
         probe = torch.load({str(path)!r})
-        state = model.state_dict()
-        same = state.keys() == probe["state"].keys() and all(torch.equal(v, probe["state"][k]) for k, v in state.items())
+        same = weights_digest(model) == probe["digest"]
         with torch.no_grad():
             logits = model(**probe["inputs"]).logits
         error = ((logits.double() - probe["expected"].double()).norm() / probe["expected"].double().norm()).item()

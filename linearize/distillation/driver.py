@@ -22,7 +22,7 @@ from ..hf.mixers import get_mixer
 from ..surgery import convert
 from . import attention_transfer, lora_kd
 from .data import DistillData, check_source, load_data
-from .engine import Session, check_resume, count_steps, make_accelerator
+from .engine import Session, check_resume, count_steps, latest_checkpoint, make_accelerator
 from .selection import apply_selection, auto_amount, auto_count, select_attention
 
 RUNNERS: dict[str, Callable[..., nn.Module]] = {
@@ -64,6 +64,12 @@ def is_converted(model: nn.Module) -> bool:
 def prepare_student(model: nn.Module, recipe: Recipe, log: Callable[[str], None] = print) -> tuple[nn.Module, int | None]:
     """Convert a teacher as the recipe says (every layer, when the kept layers are chosen automatically);
     a model that is already converted is used as it is. Returns the student and the number of layers to keep."""
+    positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if positions and recipe.data.seq_len > positions and not recipe.data.allow_longer:
+        raise LinearizeError(
+            f"data.seq_len={recipe.data.seq_len} is beyond the model's {positions} positions (max_position_embeddings); "
+            "train on shorter windows, or set data.allow_longer=true to train past them"
+        )
     plan = recipe.convert
     if is_converted(model):
         log("the model is already converted: the recipe's convert section is not used")
@@ -123,26 +129,59 @@ def model_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+def finished_stages(folder: Path) -> set[int]:
+    """Stages whose last step is checkpointed in `folder` (`stage<i>-<kind>/step-*/state.json`)."""
+    done = set()
+    for stage_dir in folder.glob("stage*-*"):
+        checkpoint = latest_checkpoint(stage_dir)
+        if checkpoint is not None:
+            state = json.loads((checkpoint / "state.json").read_text())
+            if state.get("step") == state.get("total_steps"):
+                done.add(state["stage"])
+    return done
+
+
+def changed_stages(folder: Path, recipe: Recipe) -> list[tuple[int, str]]:
+    """(stage, first difference) for each unfinished stage whose settings differ from the run that wrote `folder`;
+    raises LinearizeError for any other difference (teacher, conversion, data, a finished stage), which a resumed run
+    cannot take."""
+    old, new = json.loads((folder / "run.json").read_text())["recipe"], resume_key(recipe)
+    outside = first_difference({k: v for k, v in old.items() if k != "stages"}, {k: v for k, v in new.items() if k != "stages"})
+    old_stages, new_stages = old.get("stages", []), new.get("stages", [])
+    if outside is None and len(old_stages) != len(new_stages):
+        outside = f"stages: {len(old_stages)} then, {len(new_stages)} now"
+    finished, changed = finished_stages(folder), []
+    for index, (before, now) in enumerate(zip(old_stages, new_stages)):
+        difference = first_difference(before, now, f"stages.{index}")
+        if difference and outside is None:
+            if index in finished or before.get("kind") != now.get("kind"):
+                outside = f"{difference}, in stage {index}, which {'has finished' if index in finished else 'changed kind'}"
+            else:
+                changed.append((index, difference))
+    if outside:
+        raise LinearizeError(
+            f"the checkpoints in {folder} were written by a different recipe ({outside}); a resumed run may change only "
+            "the stages that have not finished: resume with the same recipe otherwise, or start again with --overwrite"
+        )
+    return changed
+
+
 def check_checkpoints(folder: Path, recipe: Recipe, resume: bool, overwrite: bool) -> None:
     """Before anything is loaded: a new run needs no unfinished checkpoints there (or --overwrite); --resume
-    needs checkpoints written by this recipe. Reads only."""
+    needs checkpoints written by this recipe, up to the settings of stages that have not finished. Reads only."""
     run_file = folder / "run.json"
     if resume:
         if not run_file.is_file():
             raise LinearizeError(f"nothing to resume: {folder} holds no checkpoints of an unfinished run; start without --resume")
-        difference = first_difference(json.loads(run_file.read_text())["recipe"], resume_key(recipe))
-        if difference:
-            raise LinearizeError(
-                f"the checkpoints in {folder} were written by a different recipe ({difference}); resume with the same "
-                "recipe and overrides, or start again with --overwrite"
-            )
+        changed_stages(folder, recipe)
     elif folder.exists() and any(folder.iterdir()) and not overwrite:
         raise LinearizeError(f"{folder} holds checkpoints of an unfinished run; continue it with --resume, or start again with --overwrite")
 
 
-def start_checkpoints(folder: Path, recipe: Recipe, model: nn.Module, resume: bool) -> None:
+def start_checkpoints(folder: Path, recipe: Recipe, model: nn.Module, resume: bool, log: Callable[[str], None] = print) -> None:
     """Once the model is built, just before training: a new run starts an empty folder recording the recipe and
-    the model's fingerprint; a resumed one checks the fingerprint."""
+    the model's fingerprint; a resumed one checks the fingerprint, and an unfinished stage whose settings changed
+    loses its checkpoints, so that it starts again from the end of the stages before it."""
     run_file = folder / "run.json"
     fingerprint = model_fingerprint(model)
     if resume:
@@ -152,6 +191,11 @@ def start_checkpoints(folder: Path, recipe: Recipe, model: nn.Module, resume: bo
                 f"the checkpoints in {folder} were written for a different model (fingerprint {recorded}, this one {fingerprint}); "
                 "resume with the same teacher, or start again with --overwrite"
             )
+        for index, difference in changed_stages(folder, recipe):
+            for stage_dir in folder.glob(f"stage{index}-*"):
+                shutil.rmtree(stage_dir)
+            log(f"stages[{index}] changed since its checkpoints were written ({difference}): it starts again")
+        run_file.write_text(json.dumps({"recipe": resume_key(recipe), "model": fingerprint}, indent=2))
         return
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
@@ -255,7 +299,7 @@ def distill(
     data = as_data(data, recipe, tokenizer)
     if folder is not None:
         if accelerator.is_main_process:
-            start_checkpoints(folder, recipe, student, resume)
+            start_checkpoints(folder, recipe, student, resume, session.say)
         accelerator.wait_for_everyone()
         session.checkpoints = folder
     return run_stages(student, data, recipe, session, keep)

@@ -465,7 +465,7 @@ def train(
     wrapped, optimizer = acc.prepare(model, optimizer)
 
     stage_dir = session.stage_dir(kind)
-    start = 0
+    start, earlier_seconds = 0, 0.0
     checkpoint = latest_checkpoint(stage_dir)
     if fsdp and stage_dir is not None:
         if checkpoint is not None:
@@ -478,7 +478,7 @@ def train(
             raise LinearizeError(
                 f"checkpoint {checkpoint} was written for another stage, budget or number of processes; resume as it was started, or start again with --overwrite"
             )
-        start = state["step"]
+        start, earlier_seconds = state["step"], state.get("seconds", 0.0)
         session.say(f"{where}: resuming from {checkpoint} (step {start}/{steps})")
     index = session.stage_index
     session.keep_records(lambda r: r.get("stage") != index or r.get("step", 0) <= start)
@@ -486,7 +486,7 @@ def train(
     report = {"stage": index, "kind": kind, "steps": steps, "tokens": steps * tokens_per_step, "trainable_parameters": sum(p.numel() for p in params.values())}
     clip = config.max_grad_norm or math.inf
     last_saved, last_step = checkpoint, start
-    started = time.time()
+    started = time.time() - earlier_seconds  # a resumed stage records its whole training time
     progress = _progress(session)
     sums: dict[str, torch.Tensor] = {}
     window_start, window_steps = time.time(), 0
@@ -516,10 +516,18 @@ def train(
                         problem = f"the gradient norm is {float(grad_norm)}"
                     else:
                         problem = f"the loss is {step_sums['loss'].item()}" if not loss_ok else "the loss is not finite on another process"
-                    kept = f"the last good checkpoint (step {last_step}) is kept in {last_saved}" if last_saved else "no checkpoint was written yet"
+                    if session.checkpoints is None:
+                        kept, then = "no checkpoints are kept (none were asked for)", "run it again"
+                    else:
+                        kept = (
+                            f"this stage's last good checkpoint (step {last_step}) is in {last_saved}" if last_saved else "this stage has no checkpoint yet"
+                        ) + (f", and the {index} finished stage(s) before it are kept in {session.checkpoints}" if index else "")
+                        then = f"continue with --resume stages.{index}.lr=LOWER: this stage starts again" + (
+                            " after the finished ones" if index else ""
+                        )
                     raise LinearizeError(
-                        f"{where} step {step + 1}: {problem}; stopped before updating the weights, and {kept}. "
-                        f"Lower stages[{index}].lr (or raise warmup_steps), or retry from the checkpoint with --resume"
+                        f"{where} step {step + 1}: {problem}; stopped before updating the weights; {kept}. Lower "
+                        f"stages[{index}].lr (or raise warmup_steps) and {then}"
                     )
                 optimizer.step()
                 scheduler.step()
@@ -546,7 +554,10 @@ def train(
                     sums, window_start, window_steps = {}, time.time(), 0
                 progress.update(task, completed=done)
                 if stage_dir is not None and (done == steps or (config.checkpoint_every and done % config.checkpoint_every == 0)):
-                    state = {"stage": index, "kind": kind, "step": done, "total_steps": steps, "tokens": done * tokens_per_step}
+                    state = {
+                        "stage": index, "kind": kind, "step": done, "total_steps": steps, "tokens": done * tokens_per_step,
+                        "seconds": time.time() - started,
+                    }
                     last_saved, last_step = save_checkpoint(session, stage_dir, state, params, optimizer, scheduler), done
     except torch.cuda.OutOfMemoryError:
         raise LinearizeError(

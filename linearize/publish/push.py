@@ -1,17 +1,23 @@
 """`linearize push`: upload a converted model folder to the Hugging Face Hub in one commit.
 
-What goes up: the safetensors weights, config.json (with `auto_map`), the modeling files that make it load with
-trust_remote_code, the tokenizer, generation config, recipe and run results when present, the report's figures
-and numbers under report/, and a generated model card as README.md (a README.md already in the folder is not
-uploaded). The token comes from where huggingface_hub looks (HF_TOKEN, then the token stored by
-`hf auth login`) and is never printed.
+What goes up is a fixed list, never "the folder": the safetensors weights, config.json (with `auto_map`), the
+modeling files linearize writes so it loads with trust_remote_code, the tokenizer, generation config, the run's
+recipe, results and metrics when present, the report's figures and numbers under report/, and a generated model
+card as README.md (a README.md already in the folder is not uploaded). Anything else in the folder stays behind
+and is named; a file that looks like a secret (a token, a key, an .env file) stops the push until the user names
+it as left behind. Local absolute paths (the teacher's, the data's) go up as their last component only. The
+token comes from where huggingface_hub looks (HF_TOKEN, then the token stored by `hf auth login`) and is never
+printed.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
+import re
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +29,21 @@ from linearize.inspect import read_config
 from .card import model_card
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+# Everything a converted model's repo holds, by name (the modeling files are MODELING_FILES).
+UPLOADED = (
+    "*.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
+    *TOKENIZER_FILES, "merges.txt", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
+    "recipe.yaml", "results.json", "metrics.jsonl",
+)
+# The files save_pretrained copies beside a converted model as its remote code: linearize's own hf/ modules.
+MODELING_FILES = frozenset(p.name for p in Path(__file__).resolve().parent.parent.joinpath("hf").glob("*.py")) - {"__init__.py"}
 REPORT_FILES = ("*.png", "report.json", "report.md")
+SECRET = re.compile(
+    r"token|secret|passw|credential|api[_-]?key|(^|\.)env$|^\.env|netrc|id_(rsa|dsa|ecdsa|ed25519)|\.(pem|key|p12|pfx|kdbx)$",
+    re.IGNORECASE,
+)
+# Text files that go up as linearize rewrites them, local absolute paths cut to their last component.
+SCRUBBED = ("config.json", "recipe.yaml", "results.json", "metrics.jsonl")
 
 
 def _modules_of(config_path: Path) -> list[str]:
@@ -57,23 +77,67 @@ def _read(path: Path, parse) -> Any:
         return None
 
 
+def uploaded(name: str) -> bool:
+    """Whether a top-level file of a model folder goes up (see UPLOADED and MODELING_FILES)."""
+    return name in MODELING_FILES or any(fnmatch.fnmatch(name, pattern) for pattern in UPLOADED)
+
+
+def left_behind(folder: Path, ignore: Sequence[str] = ()) -> list[str]:
+    """The folder's files and subfolders that do not go up (report/ goes up through `report`). Refuses, in one line,
+    a folder holding something that looks like a secret, unless `ignore` names it."""
+    rest = sorted(p.name for p in folder.iterdir() if not (p.is_file() and uploaded(p.name)) and p.name not in ("README.md", "report"))
+    secrets = [name for name in rest if SECRET.search(name) and name not in ignore]
+    if secrets:
+        shown = ", ".join(secrets[:3]) + (f" and {len(secrets) - 3} more" if len(secrets) > 3 else "")
+        flags = " ".join(f"--ignore {name}" for name in secrets[:3])
+        raise LinearizeError(
+            f"{str(folder)!r} holds {shown}, which looks like a secret; nothing was uploaded: move it out of the model "
+            f"folder, or confirm it stays behind with {flags} (ignore=[...] in Python)"
+        )
+    return rest
+
+
+def scrub_paths(value: Any) -> Any:
+    """`value` (parsed JSON/YAML) with every local absolute path cut to its last component: a repo shows no one's
+    home folder or cache layout."""
+    if isinstance(value, dict):
+        return {k: scrub_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [scrub_paths(v) for v in value]
+    if isinstance(value, str) and "\n" not in value and (os.path.isabs(value) or value.startswith("~")) and len(value) > 1:
+        return Path(value).name or value
+    return value
+
+
+def _scrubbed(path: Path) -> bytes:
+    text = path.read_text()
+    if path.suffix == ".jsonl":
+        return "".join(json.dumps(scrub_paths(json.loads(line))) + "\n" for line in text.splitlines() if line.strip()).encode()
+    if path.suffix == ".json":
+        return (json.dumps(scrub_paths(json.loads(text)), indent=2, sort_keys=False) + "\n").encode()
+    return yaml.safe_dump(scrub_paths(yaml.safe_load(text)), sort_keys=False).encode()
+
+
 def operations(folder: Path, repo_id: str, report_dir: Path | None) -> list:
-    """Commit operations: the folder's top-level files, the report under report/, the generated README.md."""
+    """Commit operations: the folder's model files (UPLOADED, MODELING_FILES), the report under report/, the
+    generated README.md."""
     from huggingface_hub import CommitOperationAdd
 
-    ops = [
-        CommitOperationAdd(path_in_repo=path.name, path_or_fileobj=str(path))
-        for path in sorted(folder.iterdir())
-        if path.is_file() and not path.name.startswith(".") and path.name != "README.md"
-    ]
+    ops = []
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and uploaded(path.name):
+            content = _scrubbed(path) if path.name in SCRUBBED else str(path)
+            ops.append(CommitOperationAdd(path_in_repo=path.name, path_or_fileobj=content))
     if report_dir is not None:
         for pattern in REPORT_FILES:
             ops += [CommitOperationAdd(path_in_repo=f"report/{p.name}", path_or_fileobj=str(p)) for p in sorted(report_dir.glob(pattern))]
+    config = read_config(folder)
+    config.source = scrub_paths(config.source)
     card = model_card(
-        read_config(folder),
+        config,
         repo_id,
-        recipe=_read(folder / "recipe.yaml", yaml.safe_load),
-        run=_read(folder / "results.json", json.loads),
+        recipe=scrub_paths(_read(folder / "recipe.yaml", yaml.safe_load)),
+        run=scrub_paths(_read(folder / "results.json", json.loads)),
         report_dir=report_dir,
     )
     ops.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode()))
@@ -115,36 +179,51 @@ def push(
     token: str | None = None,
     report: str | os.PathLike[str] | None = None,
     commit_message: str = "Upload linearized model",
-) -> str:
+    ignore: Sequence[str] = (),
+    dry_run: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> str | list[str]:
     """Create `repo_id` if needed and upload a converted model to it in one commit; return the commit URL.
 
     `model_or_dir` is a converted model folder or a converted model object (then pass its `tokenizer`).
     `report` is a folder written by `linearize report` (default: the model folder's `report/` when present):
-    its tables go into the model card and its figures under report/.
+    its tables go into the model card and its figures under report/. Only the files a model repo needs go up
+    (see this module's docstring); `log` (print, say) is told which, and which stay behind. A folder holding a
+    file that looks like a secret is refused unless `ignore` names it (it stays behind either way).
+    `dry_run=True` touches no network and needs no token: it returns the paths that would be uploaded.
 
     Example:
-        >>> linearize.push("out/smollm2-hedgehog", "my-org/smollm2-135m-hedgehog", private=True)
+        >>> linearize.push("out/smollm2-hedgehog", "my-org/smollm2-135m-hedgehog", private=True, log=print)
     """
     from huggingface_hub import HfApi, get_token
 
     if not isinstance(repo_id, str) or repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise LinearizeError(f"repo id {repo_id!r} must look like ORG/NAME (or USER/NAME)")
     token = token or get_token()
-    if not token:
+    if not token and not dry_run:
         raise LinearizeError("no Hugging Face token: run `hf auth login` (or set HF_TOKEN) with a token that has write access")
+    settings = dict(private=private, revision=revision, token=token, report=report, commit_message=commit_message, ignore=ignore, dry_run=dry_run, log=log)
     if not isinstance(model_or_dir, (str, os.PathLike)):
         if tokenizer is None:
             raise LinearizeError("pushing a model object needs its tokenizer: pass tokenizer=... (or push the saved folder)")
         with tempfile.TemporaryDirectory() as staging:
             model_or_dir.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
-            return push(staging, repo_id, private=private, revision=revision, token=token, report=report, commit_message=commit_message)
+            return push(staging, repo_id, **settings)
     folder = Path(model_or_dir)
     check_folder(folder)
+    rest = left_behind(folder, ignore)
     report_dir = Path(report) if report is not None else folder / "report"
     if report is not None and not (report_dir / "report.md").is_file():
         raise LinearizeError(f"report folder {str(report_dir)!r} has no report.md; write it with `linearize report RESULTS --out {report_dir}`")
     ops = operations(folder, repo_id, report_dir if (report_dir / "report.md").is_file() else None)
+    paths = [op.path_in_repo for op in ops]
+    if log:
+        log(f"{'would upload' if dry_run else 'uploading'} to {repo_id}: {', '.join(paths)}")
+        if rest:
+            log(f"left behind in {folder}: {', '.join(rest)}")
+    if dry_run:
+        return paths
     endpoint = os.environ.get("HF_ENDPOINT") or None
     api = HfApi(endpoint=endpoint, token=token)
     try:
