@@ -88,7 +88,7 @@ def test_resolve_source_kinds(tiny_folder, tmp_path):
     assert resolve_source(str(folder)).location == str(folder.resolve())
 
     gguf = tmp_path / "model.Q4_0.gguf"
-    gguf.write_bytes(b"")  # resolving only looks at the path; nothing is read
+    gguf.write_bytes(b"GGUF")  # resolving reads only the magic bytes
     resolved = resolve_source(gguf)
     assert (resolved.kind, resolved.location, resolved.gguf_file) == ("gguf", str(tmp_path.resolve()), gguf.name)
 

@@ -44,13 +44,12 @@ def test_converting_every_layer_to_attention_changes_nothing(teacher, batch):
 
 
 @pytest.mark.parametrize("name", sorted(set(linearize.MIXERS) - {"attention"}))
-def test_mixer_on_the_real_teacher(name, teacher, batch, tmp_path):
+def test_mixer_on_the_real_teacher(name, teacher, batch):
     student = linearize.convert(teacher, name)
     ids, mask = batch["input_ids"], batch["attention_mask"]
 
-    settings = dict(input_ids=ids, attention_mask=mask, max_new_tokens=32, min_new_tokens=32, do_sample=False)
-    cached = student.generate(**settings)
-    assert torch.equal(cached, student.generate(**settings, use_cache=False))
+    settings = dict(input_ids=ids, attention_mask=mask, max_new_tokens=24, min_new_tokens=24, do_sample=False)
+    assert torch.equal(student.generate(**settings), student.generate(**settings, use_cache=False))
 
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
     # chunked prefill against one-shot prefill in float64: the chunk boundaries differ, so float32 rounding
@@ -62,7 +61,17 @@ def test_mixer_on_the_real_teacher(name, teacher, batch, tmp_path):
     chunked = torch.cat((first.logits, rest.logits), 1)
     oneshot = wide(ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
     assert ((chunked - oneshot).norm() / oneshot.norm()).item() < 1e-10
-    del wide
+
+
+def test_a_real_student_of_every_mixer_saves_and_reloads_with_and_without_linearize(teacher, batch, tmp_path):
+    """One conversion holding every mixer (layer i gets mixer i mod 7), so one 0.5 GB save covers them all."""
+    names = sorted(linearize.MIXERS)
+    layers = {name: [i for i in range(teacher.config.num_hidden_layers) if names[i % len(names)] == name] for name in names}
+    student = linearize.convert(teacher, "hedgehog", keep_attention=layers["attention"], hybrid={n: l for n, l in layers.items() if n not in ("attention", "hedgehog")})
+    assert {entry["mixer"] for entry in student.config.layers} == set(names)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    cached = student.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24, min_new_tokens=24, do_sample=False)
 
     student.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
@@ -77,7 +86,7 @@ def test_mixer_on_the_real_teacher(name, teacher, batch, tmp_path):
         + reload_probe(student, tmp_path / "probe.pt", **inputs)
         + f"""
         generated = model.generate(input_ids=probe["inputs"]["input_ids"], attention_mask=probe["inputs"]["attention_mask"],
-                                   max_new_tokens=32, min_new_tokens=32, do_sample=False)
+                                   max_new_tokens=24, min_new_tokens=24, do_sample=False)
         print("same generation", generated.tolist() == {cached.tolist()!r})
         """,
         cwd=tmp_path,
