@@ -23,6 +23,7 @@ from .distillation.data import DistillData, load_data
 from .distillation.driver import check_checkpoints, prepare_student, run_stages, start_checkpoints, validate_recipe
 from .distillation.engine import Session, check_resume, make_accelerator
 from .evaluate.perplexity import perplexity
+from .evaluate.progress import progress_bar
 from .hf.errors import LinearizeError
 from .hf.mixers import teacher_mode
 from .loaders import load_teacher
@@ -92,9 +93,13 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
-def score(model, tokenizer, recipe: Recipe, windows: torch.LongTensor) -> Scores:
+def score(model, tokenizer, recipe: Recipe, windows: torch.LongTensor, label: str = "model", show: bool = False) -> Scores:
+    """Held-out perplexity and the greedy continuation of the recipe's prompt, with a progress bar when `show`."""
     model.eval()
-    return Scores(perplexity(model, windows), generate_text(model, tokenizer, recipe.eval.prompt, recipe.eval.max_new_tokens))
+    with progress_bar(show) as bar:
+        task = bar.add_task(f"perplexity of the {label}", total=windows.shape[0])
+        value = perplexity(model, windows, on_batch=lambda n: bar.advance(task, n))
+    return Scores(value, generate_text(model, tokenizer, recipe.eval.prompt, recipe.eval.max_new_tokens))
 
 
 def checkpoint_folder(out: Path) -> Path:
@@ -193,14 +198,15 @@ def run(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False, 
     student, tokenizer = started.student, started.tokenizer
     windows = started.data.heldout_windows(recipe.eval.seq_len, recipe.eval.perplexity_tokens)
     started.session.say(f"scoring teacher and converted model on {windows.numel()} held-out tokens")
+    show = started.session.progress and started.session.main
     with teacher_mode(student):
-        teacher_scores = score(student, tokenizer, recipe, windows)
-    converted_scores = score(student, tokenizer, recipe, windows)
+        teacher_scores = score(student, tokenizer, recipe, windows, "teacher", show)
+    converted_scores = score(student, tokenizer, recipe, windows, "converted model", show)
     model = run_stages(student, started.data, recipe, started.session, started.keep)
     distilled = None
     if recipe.stages or started.keep is not None:
         started.session.say("scoring the distilled model")
-        distilled = score(model, tokenizer, recipe, windows)
+        distilled = score(model, tokenizer, recipe, windows, "distilled model", show)
     result = RunResult(
         recipe.to_dict(),
         str(started.out),

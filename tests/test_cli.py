@@ -213,3 +213,11 @@ def test_damaged_inputs_are_one_line_errors_in_every_command(damaged, case, tmp_
         assert not (tmp_path / "out").exists() and not (tmp_path / "eval.json").exists()
     with pytest.raises(LinearizeError, match=re.escape(EXPECTED[case])):
         linearize.load_teacher(str(damaged[case]))
+
+
+def test_eval_with_fewer_perplexity_tokens_than_the_context_scores_one_window(teacher_folder, tmp_path, monkeypatch, capsys):
+    code, _, stderr = run(monkeypatch, capsys, "eval", teacher_folder, "--perplexity", "persuasion", "--contexts", "128",
+                          "--ppl-tokens", "16", "--out", tmp_path / "eval.json")
+    assert code == 0, stderr
+    (record,) = [r for r in json.loads((tmp_path / "eval.json").read_text())["records"] if r["kind"] == "perplexity"]
+    assert record["context"] == 128 and record["tokens"] == 127 and record["value"] > 1

@@ -93,16 +93,21 @@ def test_resume_refuses_another_recipe_or_model_and_needs_checkpoints(data, tmp_
     distill(data, tmp_path / "run", resume=True, overrides=["stages.1.log_every=3"])
 
 
-def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(data, tmp_path, monkeypatch):
+def poison_kd_from_step(monkeypatch, step: int) -> None:
+    """Make the KD loss NaN from optimizer step `step` of the lora_kd stage on (two micro-batches a step)."""
     calls = {"n": 0}
     original = lora_kd.kd_losses
 
     def poisoned(*args):
         calls["n"] += 1
         kl, ce = original(*args)
-        return (kl * float("nan"), ce) if calls["n"] > 2 * 5 else (kl, ce)  # micro-batches of step 6 and on
+        return (kl * float("nan"), ce) if calls["n"] > 2 * (step - 1) else (kl, ce)
 
     monkeypatch.setattr(lora_kd, "kd_losses", poisoned)
+
+
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(data, tmp_path, monkeypatch):
+    poison_kd_from_step(monkeypatch, 6)
     folder = tmp_path / "run"
     with pytest.raises(LinearizeError) as error:
         distill(data, folder)
@@ -120,17 +125,9 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(data, tmp_path, mo
 
 
 def test_a_lower_rate_resumes_a_failed_stage_after_the_finished_ones(data, tmp_path, monkeypatch):
-    calls = {"n": 0}
-    original = lora_kd.kd_losses
-
-    def poisoned(*args):
-        calls["n"] += 1
-        kl, ce = original(*args)
-        return (kl * float("nan"), ce) if calls["n"] > 2 * 5 else (kl, ce)
-
     folder = tmp_path / "run"
     with monkeypatch.context() as patch:
-        patch.setattr(lora_kd, "kd_losses", poisoned)
+        poison_kd_from_step(patch, 6)
         with pytest.raises(LinearizeError, match="step 6: the loss is nan"):
             distill(data, folder)
     with pytest.raises(LinearizeError, match=r"stages\.0\.lr: 0\.05 then, 0\.1 now, in stage 0, which has finished"):

@@ -85,8 +85,10 @@ def test_shipped_task_data_is_what_the_generator_builds():
     assert all(len(row["choices"]) == 4 and 0 <= row["label"] < 4 for row in shipped)
 
 
-def test_local_task_runs_in_process_for_teacher_and_student(student):
+def test_local_task_runs_in_process_for_teacher_and_student(student, tmp_path, monkeypatch, capfd):
+    monkeypatch.chdir(tmp_path)  # outside any git repository: lm-eval's commit lookup must stay quiet
     results = evaluate(student, char_tokenizer(), suite="local", limit=6, progress=False)
+    assert "fatal" not in capfd.readouterr().err
     names = [m.name for m in results.models]
     assert len(names) == 2 and results.models[0].role == "teacher" and results.models[1].teacher == names[0]
     for name in names:
@@ -141,6 +143,8 @@ def test_strided_perplexity_scores_each_token_once_with_the_context_it_has(stude
     assert tokens == count and math.isclose(value, math.exp(nll / count), rel_tol=1e-5)
     with pytest.raises(LinearizeError, match="fewer than one window of 128"):
         strided_perplexity(student, ids, context=128)
+    alone, tokens = strided_perplexity(student, ids[:40], context=32)  # one window: the rest of the text is too short
+    assert tokens == 31 and math.isclose(alone, perplexity(student, ids[None, :32]), rel_tol=1e-5)
 
 
 def test_the_special_prefix_is_what_the_tokenizer_opens_a_text_with():

@@ -81,6 +81,33 @@ def test_report_pairs_a_student_with_a_separately_scored_original_teacher(tmp_pa
     assert json.loads((tmp_path / "report.json").read_text())["perplexity"][0]["ratio"]["student"] == pytest.approx(1.1)
 
 
+def test_report_reads_a_run_folder_and_its_results_file(tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "quickstart"
+    folder.mkdir()
+    run = {
+        "recipe": {"teacher": "smollm2-135m", "data": {"heldout": "/home/someone/texts/persuasion"}, "eval": {"seq_len": 512, "perplexity_tokens": 8192}},
+        "teacher": {"perplexity": 36.6, "generation": " it"}, "converted": {"perplexity": 158.9, "generation": " a"},
+        "distilled": {"perplexity": 52.1, "generation": " it"},
+        "stages": [{"stage": 0, "kind": "attention_transfer", "tokens": 32768, "seconds": 16.0}, {"stage": 1, "kind": "lora_kd", "tokens": 8192, "seconds": 8.0}],
+    }
+    (folder / "results.json").write_text(json.dumps(run))
+    for given in (folder, folder / "results.json"):
+        write_report([given], tmp_path / "report")
+        numbers = json.loads((tmp_path / "report" / "report.json").read_text())
+        (row,) = numbers["perplexity"]
+        assert row["context"] == 512 and row["data"] == "persuasion"
+        assert row["ratio"]["quickstart"] == pytest.approx(52.1 / 36.6) and row["ratio"]["quickstart (converted)"] == pytest.approx(158.9 / 36.6)
+        assert [(r["stage"], r["tokens_per_s"]) for r in numbers["training"]] == [(0, 2048.0), (1, 1024.0)]
+        assert "perplexity" in numbers["figures"]
+
+    from linearize import cli
+
+    monkeypatch.setattr(sys, "argv", ["linearize", "report", str(folder / "results.json"), "--out", str(tmp_path / "cli")])
+    with pytest.raises(SystemExit) as done:
+        cli.main()
+    assert done.value.code == 0 and (tmp_path / "cli" / "report.md").is_file(), capsys.readouterr().err
+
+
 def test_report_errors_are_one_line(tmp_path):
     with pytest.raises(LinearizeError, match="no results given"):
         write_report([], tmp_path / "out")

@@ -12,6 +12,7 @@ works too, as converted folders carry their modeling code.
 from __future__ import annotations
 
 import logging
+import subprocess
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
@@ -114,14 +115,30 @@ def _check_data(specs: list[TaskSpec], manager) -> None:
 
 @contextmanager
 def _quiet_lm_eval():
-    # lm-eval warns about things that are deliberate here (a model object instead of a name, task defaults).
+    # lm-eval warns about things that are deliberate here (a model object instead of a name, task defaults), and
+    # records the git commit of the working directory by running `git describe`, which prints "fatal: not a git
+    # repository" to the terminal outside one; it gets the same answer here, asked quietly.
+    import lm_eval.evaluator
+
     logger = logging.getLogger("lm_eval")
     level = logger.level
     logger.setLevel(logging.ERROR)
+    git_hash = lm_eval.evaluator.get_git_commit_hash
+    lm_eval.evaluator.get_git_commit_hash = _git_commit
     try:
         yield
     finally:
         logger.setLevel(level)
+        lm_eval.evaluator.get_git_commit_hash = git_hash
+
+
+def _git_commit() -> str | None:
+    """The current directory's git commit (`git describe --always`), or None outside a repository."""
+    try:
+        found = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return found.stdout.strip() or None if found.returncode == 0 else None
 
 
 def _number(value: Any) -> float | None:

@@ -22,8 +22,9 @@ TOKENS_PER_BATCH = 4096
 
 
 @torch.no_grad()
-def perplexity(model, windows: torch.LongTensor, batch_size: int = 4) -> float:
+def perplexity(model, windows: torch.LongTensor, batch_size: int = 4, on_batch=None) -> float:
     """exp(mean next-token negative log-likelihood) over `windows` (n, seq_len), each scored independently.
+    `on_batch(n)` is called after each batch with the number of windows done (for progress bars).
 
     Example:
         >>> windows = token_windows(tokenizer, packaged_text("persuasion"), 512, max_tokens=8192)
@@ -36,6 +37,8 @@ def perplexity(model, windows: torch.LongTensor, batch_size: int = 4) -> float:
         logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
         total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum").item()
         count += batch[:, 1:].numel()
+        if on_batch:
+            on_batch(batch.shape[0])
     return math.exp(total / count)
 
 
@@ -72,7 +75,8 @@ def strided_perplexity(
         on_window(1)
     scored = min(stride, first)
     per_batch = max(1, TOKENS_PER_BATCH // context)
-    for batch in windows[1:].split(per_batch):
+    # (an empty tensor still splits into one empty piece, so a text of one window stops here)
+    for batch in windows[1:].split(per_batch) if windows.shape[0] > 1 else ():
         total += _nll(model, batch.to(device), scored)
         count += batch.shape[0] * scored
         if on_window:

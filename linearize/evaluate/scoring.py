@@ -6,7 +6,6 @@ retrieval prompts (built once, before either is scored) and the seeds.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from pathlib import Path
@@ -21,7 +20,7 @@ from .limits import check_lengths
 from .longcontext import ANSWER_TOKENS, DEFAULT_DEPTHS, answer, answer_of, make_probe
 from .perplexity import agreement, strided_perplexity, window_count
 from .progress import progress_bar
-from .results import Results, environment
+from .results import Results, add_training, environment, read_run_record
 from .scored import Scored, scored_models
 from .suites import task_specs
 from .textsource import load_text
@@ -87,22 +86,10 @@ def _agreement(results: Results, scored: list[Scored], streams: dict[int, tuple[
 
 def _training(results: Results, scored: list[Scored], folder: Path) -> None:
     """The distillation stages a saved folder records (its results.json), as `training` records of its student."""
-    record = folder / "results.json"
     students = [item for item in scored if item.entry.role == "student"]
-    if not students or not record.is_file():
-        return
-    try:
-        stages = json.loads(record.read_text()).get("stages")
-    except (json.JSONDecodeError, AttributeError):
-        return  # not a run record: a folder may hold a results.json of its own
-    if not isinstance(stages, list):
-        return
-    for stage in (item for item in stages if isinstance(item, dict)):
-        seconds = stage.get("seconds")
-        results.add(
-            students[0].name, "training", stage=stage.get("stage"), stage_kind=stage.get("kind"), tokens=stage.get("tokens"),
-            seconds=seconds, tokens_per_s=stage["tokens"] / seconds if seconds and stage.get("tokens") else None,
-        )
+    run = read_run_record(folder / "results.json")  # None for a results.json of some other kind
+    if students and run is not None:
+        add_training(results, students[0].name, run)
 
 
 def _retrieval(results: Results, scored: list[Scored], kind: str, lengths: list[int], depths, trials: int, seed: int, bar):

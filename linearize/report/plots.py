@@ -44,24 +44,44 @@ def accuracy(rows: list[dict[str, Any]], models: list[str], path: Path) -> Path 
 
 
 def perplexity(rows: list[dict[str, Any]], models: list[str], path: Path) -> Path | None:
-    """Perplexity against context length, one line per model and text."""
+    """Perplexity of every model, each value written on the figure: bars side by side for one context length,
+    one line per model and text against context length for several. The value axis is logarithmic only when the
+    values span more than a factor of ten, so that close values stay visibly apart."""
     if not rows:
         return None
-    figure = Figure(figsize=(6, 4))
+    values = [v for r in rows for v in r["values"].values() if v is not None]
+    contexts = sorted({r["context"] for r in rows})
+    figure = Figure(figsize=(max(6, 1.2 * len(models) + 2), 4))
     axis = figure.subplots()
-    for data in sorted({r["data"] for r in rows}):
-        subset = [r for r in rows if r["data"] == data]
-        for model in models:
-            points = [(r["context"], r["values"][model]) for r in subset if model in r["values"]]
-            if points:
-                xs, ys = zip(*points)
-                axis.plot(xs, ys, marker="o", label=f"{model} ({data})")
-    axis.set_xscale("log", base=2)
-    axis.set_yscale("log")
-    axis.set_xlabel("context (tokens)")
+    if len(contexts) == 1:
+        labels, heights = [], []
+        for row in sorted(rows, key=lambda r: r["data"]):
+            for model in models:
+                if row["values"].get(model) is not None:
+                    labels.append(model if len({r["data"] for r in rows}) == 1 else f"{model}\n({row['data']})")
+                    heights.append(row["values"][model])
+        bars = axis.bar(range(len(heights)), heights, color=[f"C{i % 10}" for i in range(len(heights))])
+        axis.bar_label(bars, [f"{h:.2f}" for h in heights], fontsize=8)
+        axis.set_xticks(range(len(labels)), labels, fontsize=8, rotation=15, ha="right")
+        axis.set_title(f"perplexity at {contexts[0]} tokens of context (lower is better)")
+    else:
+        for data in sorted({r["data"] for r in rows}):
+            subset = sorted((r for r in rows if r["data"] == data), key=lambda r: r["context"])
+            for model in models:
+                points = [(r["context"], r["values"][model]) for r in subset if r["values"].get(model) is not None]
+                if points:
+                    xs, ys = zip(*points)
+                    axis.plot(xs, ys, marker="o", label=f"{model} ({data})")
+                    for x, y in points:
+                        axis.annotate(f"{y:.2f}", (x, y), textcoords="offset points", xytext=(0, 5), ha="center", fontsize=7)
+        axis.set_xscale("log", base=2)
+        axis.set_xticks(contexts, [str(c) for c in contexts])
+        axis.set_xlabel("context (tokens)")
+        axis.set_title("perplexity against context length (lower is better)")
+        axis.legend(fontsize=8)
+    if values and max(values) > 10 * min(values):
+        axis.set_yscale("log")
     axis.set_ylabel("perplexity")
-    axis.set_title("perplexity against context length")
-    axis.legend(fontsize=8)
     return _save(figure, path)
 
 
