@@ -138,7 +138,7 @@ def _git_commit() -> str | None:
         found = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
-    return found.stdout.strip() or None if found.returncode == 0 else None
+    return (found.stdout.strip() or None) if found.returncode == 0 else None
 
 
 def _number(value: Any) -> float | None:

@@ -75,8 +75,8 @@ def strided_perplexity(
         on_window(1)
     scored = min(stride, first)
     per_batch = max(1, TOKENS_PER_BATCH // context)
-    # (an empty tensor still splits into one empty piece, so a text of one window stops here)
-    for batch in windows[1:].split(per_batch) if windows.shape[0] > 1 else ():
+    for start in range(1, windows.shape[0], per_batch):
+        batch = windows[start : start + per_batch]
         total += _nll(model, batch.to(device), scored)
         count += batch.shape[0] * scored
         if on_window:
