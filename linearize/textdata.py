@@ -9,12 +9,12 @@ from __future__ import annotations
 import gzip
 import os
 from importlib import resources
-from pathlib import Path
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from linearize.hf.errors import LinearizeError
+from linearize.sources import classify_source
 
 __all__ = ["PACKAGED_TEXTS", "cut_windows", "packaged_text", "read_text_source", "special_prefix", "token_windows"]
 
@@ -39,14 +39,13 @@ def read_text_source(path_or_name: str | os.PathLike[str]) -> str:
     >>> len(read_text_source("prideprejudice")) > 100_000
     True
     """
-    text = os.fspath(path_or_name)
-    path = Path(text).expanduser()
-    # A packaged name wins unless a file or folder of that name exists where the user is.
-    if isinstance(path_or_name, str) and text in PACKAGED_TEXTS and not path.exists():
+    found = classify_source(path_or_name, names=PACKAGED_TEXTS)
+    text, path = found.text, found.path
+    if found.kind == "name":
         return packaged_text(text)
-    if path.is_file():
+    if found.kind == "file":
         files = [path]
-    elif path.is_dir():
+    elif found.kind == "folder":
         files = sorted(path.glob("*.txt"))
         if not files:
             raise LinearizeError(f"folder {text!r} has no .txt files: put the training text in *.txt files there")

@@ -8,89 +8,82 @@ an uninterrupted one would; a streamed set is read in stream order and a resumed
 
 from __future__ import annotations
 
-import os
-import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..config import DataConfig
 from ..hf.errors import LinearizeError
+from ..sources import DATA_BUILDERS, Source, classify_source
 from ..textdata import PACKAGED_TEXTS, cut_windows, packaged_text, special_prefix
 
-__all__ = ["DistillData", "PackedWindows", "StreamedWindows", "load_data", "check_source"]
+__all__ = ["DataSource", "DistillData", "PackedWindows", "StreamedWindows", "check_source", "load_data"]
 
-# File suffix -> the `datasets` builder that reads it.
-BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 _READ_BATCH = 64  # rows tokenised per tokenizer call
 
 
 @dataclass(frozen=True)
-class Source:
-    """What a data string names: kind is "packaged", "files" or "hub"; `files` maps builder -> sorted paths."""
+class DataSource:
+    """A data string resolved: what it names (`source.kind` is "name", "file", "folder" or "hub") and, for files
+    and folders, `files`: builder -> sorted paths."""
 
-    kind: str
-    spec: str
+    source: Source
     files: dict[str, list[str]] | None = None
 
 
-def check_source(spec: str) -> Source:
+def check_source(spec: str) -> DataSource:
     """Resolve a data string without reading it; a missing file or an unusable folder raises LinearizeError."""
-    text = os.fspath(spec).strip()
-    path = Path(text).expanduser()
-    if text in PACKAGED_TEXTS and not path.exists():
-        return Source("packaged", text)
-    if path.is_file():
-        builder = BUILDERS.get(path.suffix.lower())
+    source = classify_source(spec, names=PACKAGED_TEXTS)
+    text, path = source.text, source.path
+    if source.kind in ("name", "hub"):
+        return DataSource(source)
+    if source.kind in ("file", "gguf"):
+        builder = DATA_BUILDERS.get(path.suffix.lower())
         if builder is None:
-            raise LinearizeError(f"data file {text!r} has an unknown type; use {', '.join(sorted(BUILDERS))} files")
-        return Source("files", text, {builder: [str(path)]})
-    if path.is_dir():
+            raise LinearizeError(f"data file {text!r} has an unknown type; use {', '.join(sorted(DATA_BUILDERS))} files")
+        return DataSource(source, {builder: [str(path)]})
+    if source.kind == "folder":
         files: dict[str, list[str]] = {}
         for child in sorted(path.iterdir()):
-            if child.is_file() and child.suffix.lower() in BUILDERS:
-                files.setdefault(BUILDERS[child.suffix.lower()], []).append(str(child))
+            if child.is_file() and child.suffix.lower() in DATA_BUILDERS:
+                files.setdefault(DATA_BUILDERS[child.suffix.lower()], []).append(str(child))
         if not files:
-            raise LinearizeError(f"data folder {text!r} has no {', '.join(sorted(BUILDERS))} files; put the text there")
-        return Source("files", text, files)
-    looks_like_path = path.suffix.lower() in BUILDERS or text.startswith((".", "/", "~"))
-    if _HUB_ID.match(text) and not looks_like_path:
-        return Source("hub", text)
+            raise LinearizeError(f"data folder {text!r} has no {', '.join(sorted(DATA_BUILDERS))} files; put the text there")
+        return DataSource(source, files)
     raise LinearizeError(
         f"data source {text!r} does not exist: give a packaged text ({', '.join(PACKAGED_TEXTS)}), a "
-        f"{'/'.join(sorted(BUILDERS))} file or a folder of them, or a Hub dataset id"
+        f"{'/'.join(sorted(DATA_BUILDERS))} file or a folder of them, or a Hub dataset id"
     )
 
 
-def _load_datasets(source: Source, config: DataConfig, split: str, streaming: bool) -> list[Any]:
+def _load_datasets(data: DataSource, config: DataConfig, split: str, streaming: bool) -> list[Any]:
     """The `datasets` objects holding the source's rows (one per file type for a mixed folder)."""
     import datasets
     from datasets.exceptions import DatasetsError
 
-    if source.kind == "packaged":
-        dataset = datasets.Dataset.from_dict({config.text_field: [packaged_text(source.spec)]})
+    spec = data.source.text
+    if data.source.kind == "name":
+        dataset = datasets.Dataset.from_dict({config.text_field: [packaged_text(spec)]})
         return [dataset.to_iterable_dataset() if streaming else dataset]
-    if source.kind == "files":
+    if data.files is not None:
         loaded = []
-        for builder, files in source.files.items():
+        for builder, files in data.files.items():
             # One row per .txt file: a file is a document, not a list of unrelated lines.
             extra = {"sample_by": "document"} if builder == "text" else {}
             try:
                 loaded.append(datasets.load_dataset(builder, data_files=files, split="train", streaming=streaming, **extra))
             except (ValueError, OSError, DatasetsError) as error:
                 reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
-                raise LinearizeError(f"could not read {builder} data from {source.spec!r} ({reason}); check the file format") from None
+                raise LinearizeError(f"could not read {builder} data from {spec!r} ({reason}); check the file format") from None
         return loaded
     try:
-        return [datasets.load_dataset(source.spec, config.name, split=split, streaming=streaming)]
+        return [datasets.load_dataset(spec, config.name, split=split, streaming=streaming)]
     except Exception as error:  # network, auth, unknown split/config: all end the run the same way
         reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
         raise LinearizeError(
-            f"could not load dataset {source.spec!r} (split {split!r}, config {config.name!r}) from the Hub, and no local "
+            f"could not load dataset {spec!r} (split {split!r}, config {config.name!r}) from the Hub, and no local "
             f"file or folder has that name: {reason}; check the id, split and data.name, or give a local file"
         ) from None
 
@@ -250,6 +243,16 @@ class DistillData:
         return cut_windows(tokens, seq_len, prefix=self.prefix)
 
 
+def _heldout_tokens(config: DataConfig, tokenizer) -> torch.Tensor:
+    """The first `config.heldout_tokens` tokens of the separate held-out source `config.heldout`, read as a stream."""
+    parts = _load_datasets(check_source(config.heldout), config, config.heldout_split or config.split, streaming=True)
+    documents = _documents(parts, _row_texts(config, tokenizer, f"held-out data {config.heldout!r}"), tokenizer)
+    heldout = _read_tokens(documents, config.heldout_tokens)
+    if heldout.numel() == 0:
+        raise LinearizeError(f"held-out data {config.heldout!r} holds no text; give a source with some text")
+    return heldout
+
+
 def load_data(config: DataConfig, tokenizer, train: bool = True, seed: int = 0, dataset: Any = None) -> DistillData:
     """Load, tokenise and pack the data a recipe names; `train=False` reads only what the held-out set needs.
     `dataset` (a `datasets` Dataset or IterableDataset) replaces `config.train` as the training rows.
@@ -260,13 +263,7 @@ def load_data(config: DataConfig, tokenizer, train: bool = True, seed: int = 0, 
         torch.Size([4, 512])
     """
     seq_len = config.seq_len
-    heldout = None
-    if config.heldout:
-        parts = _load_datasets(check_source(config.heldout), config, config.heldout_split or config.split, streaming=True)
-        documents = _documents(parts, _row_texts(config, tokenizer, f"held-out data {config.heldout!r}"), tokenizer)
-        heldout = _read_tokens(documents, config.heldout_tokens)
-        if heldout.numel() == 0:
-            raise LinearizeError(f"held-out data {config.heldout!r} holds no text; give a source with some text")
+    heldout = _heldout_tokens(config, tokenizer) if config.heldout else None
     if not train and heldout is not None:
         return DistillData(None, heldout, seq_len, f"held out: {config.heldout}, {heldout.numel():,} tokens", special_prefix(tokenizer))
 

@@ -9,12 +9,9 @@ import urllib.request
 from contextlib import contextmanager
 from functools import lru_cache
 
+from linearize.sources import offline_flag
+
 PROBE_TIMEOUT_S = 3.0
-_TRUE = {"1", "ON", "YES", "TRUE"}
-
-
-def _offline_flag() -> bool:
-    return any(os.environ.get(name, "").upper() in _TRUE for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
 @lru_cache(maxsize=1)
@@ -29,8 +26,8 @@ def _probe(endpoint: str) -> bool:
 
 
 def hub_reachable() -> bool:
-    """False when the user said offline (HF_HUB_OFFLINE) or the Hub endpoint does not answer within 3 s."""
-    if _offline_flag():
+    """False when the user said offline (`linearize.sources.offline_flag`) or the Hub endpoint does not answer within 3 s."""
+    if offline_flag():
         return False
     return _probe(os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/"))
 

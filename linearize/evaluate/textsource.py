@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from linearize.hf.errors import LinearizeError
-from linearize.textdata import PACKAGED_TEXTS, read_text_source
+from linearize.sources import DATA_BUILDERS, classify_source
+from linearize.textdata import PACKAGED_TEXTS, packaged_text, read_text_source
 
 from .hubdata import download_hint, hub_reachable, offline_datasets
-
-# Local files the `datasets` library reads by extension, under its builder names.
-DATA_FILES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
 def load_text(source: str | os.PathLike[str], split: str = "test", name: str | None = None, text_field: str = "text") -> str:
@@ -21,14 +18,16 @@ def load_text(source: str | os.PathLike[str], split: str = "test", name: str | N
     .jsonl/.json/.csv/.parquet file (column `text_field`), or a Hub dataset id such as `Salesforce/wikitext`
     (config `name`, split `split`), which needs network or the local datasets cache.
     """
-    text = os.fspath(source)
-    path = Path(text).expanduser()
-    if path.suffix.lower() in DATA_FILES and path.is_file():
-        return _rows_text(DATA_FILES[path.suffix.lower()], {"data_files": str(path)}, "train", text_field, text)
-    # Anything that exists, is packaged, or is named like a text or data file is local (a missing one says so).
-    if path.exists() or text in PACKAGED_TEXTS or path.suffix.lower() in {".txt", *DATA_FILES}:
-        return read_text_source(source)
-    return _hub_text(text, name, split, text_field)
+    found = classify_source(source, names=PACKAGED_TEXTS)
+    if found.kind == "name":
+        return packaged_text(found.text)
+    if found.kind == "hub":
+        return _hub_text(found.text, name, split, text_field)
+    builder = DATA_BUILDERS.get(found.path.suffix.lower(), "text")
+    if found.kind == "file" and builder != "text":
+        return _rows_text(builder, {"data_files": str(found.path)}, "train", text_field, found.text)
+    # Plain text, a folder of .txt files, or a missing path (read_text_source says it does not exist).
+    return read_text_source(found.path)
 
 
 def _hub_text(dataset: str, name: str | None, split: str, text_field: str) -> str:
