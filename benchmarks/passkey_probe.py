@@ -32,7 +32,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import linearize
-import linearize.hf.mixer_swa as mixer_swa
+import linearize.hf.windows as windows
 from linearize.evaluate.longcontext import ANSWER_TOKENS, answer, answer_of, make_probe
 
 DEFAULT_VARIANTS = (
@@ -81,12 +81,12 @@ def sink_tokens(count: int):
             allowed = allowed & key_mask[:, None, None, :].bool()
         return (torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1) @ v).to(v.dtype)
 
-    original = mixer_swa.window_attention
-    mixer_swa.window_attention = dense
+    original = windows.window_attention
+    windows.window_attention = dense
     try:
         yield
     finally:
-        mixer_swa.window_attention = original
+        windows.window_attention = original
 
 
 @torch.no_grad()

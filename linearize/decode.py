@@ -43,7 +43,7 @@ class GraphDecoder:
     def __init__(self, model, warmup_steps: int = 2):
         if not torch.cuda.is_available() or next(model.parameters()).device.type != "cuda":
             raise LinearizeError("GraphDecoder needs the model on a CUDA device; use model.generate() elsewhere")
-        if any(entry["mixer"] == "attention" for entry in model.config.layers):
+        if any(entry.is_attention for entry in model.config.plan):
             raise LinearizeError("GraphDecoder needs every layer converted (kept softmax layers grow their cache); use model.generate()")
         self.model = model
         self.warmup_steps = warmup_steps
@@ -57,6 +57,29 @@ class GraphDecoder:
         eos = torch.tensor([eos] if isinstance(eos, int) else list(eos), device=device)
         pad = config.pad_token_id if pad_token_id is None else pad_token_id
         return eos, int(eos[0]) if pad is None else pad
+
+    def _capture(self, cache, token: torch.LongTensor, position: torch.LongTensor):
+        """Capture one decode step (model, argmax, state copy-back) in a CUDA graph.
+
+        Returns the graph and its static input token, input position and output token. The cache's states keep
+        the tensors the captured step reads, and the step ends by copying its new state into them.
+        """
+        states = [layer for layer in cache.layers if isinstance(layer, MixerState)]
+        inputs = [dict(layer.tensors) for layer in states]
+        static_token, static_position = token.clone(), position.clone()
+        graph = torch.cuda.CUDAGraph()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+            logits = self.model(static_token, cache=cache, position_ids=static_position, use_cache=True).logits
+            static_next = logits[:, -1:].argmax(-1)
+            for layer, before in zip(states, inputs):
+                for name, tensor in layer.tensors.items():
+                    before[name].copy_(tensor)
+        torch.cuda.current_stream().wait_stream(stream)
+        for layer, before in zip(states, inputs):
+            layer.tensors = before
+        return graph, static_token, static_position, static_next
 
     @torch.no_grad()
     def generate(
@@ -99,21 +122,7 @@ class GraphDecoder:
         remaining = max_new_tokens - len(tokens)
         if remaining <= 0:
             return end_at_eos(torch.cat(tokens, 1)[:, :max_new_tokens], eos, pad)
-        states = [layer for layer in cache.layers if isinstance(layer, MixerState)]
-        inputs = [dict(layer.tensors) for layer in states]
-        static_token, static_position = token.clone(), position.clone()
-        graph = torch.cuda.CUDAGraph()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
-            logits = model(static_token, cache=cache, position_ids=static_position, use_cache=True).logits
-            static_next = logits[:, -1:].argmax(-1)
-            for layer, before in zip(states, inputs):
-                for name, tensor in layer.tensors.items():
-                    before[name].copy_(tensor)
-        torch.cuda.current_stream().wait_stream(stream)
-        for layer, before in zip(states, inputs):
-            layer.tensors = before
+        graph, static_token, static_position, static_next = self._capture(cache, token, position)
         for _ in range(remaining):
             static_token.copy_(token)
             static_position.copy_(position)

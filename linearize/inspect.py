@@ -59,21 +59,20 @@ def describe(model_or_folder, dtype_bytes: int | None = None) -> list[LayerInfo]
     if dtype_bytes is None:
         dtype_bytes = torch.empty((), dtype=dtype).element_size()
     infos = []
-    for index, layer in enumerate(decoder_layers(model.model, text.num_hidden_layers)):
+    for index, (layer, entry) in enumerate(zip(decoder_layers(model.model, text.num_hidden_layers), config.plan)):
         module = getattr(layer, attention_slot(layer))
-        name = config.layers[index]["mixer"]
         if getattr(module, "is_linearize_mixer", False):
             cost = type(module).cost(module.spec, module.options)
             added = sum(p.numel() for p in module.new_parameters())
             options = module.options_dict()
         else:
-            cost = MIXERS[name].cost(AttentionSpec.read(module, text, index), None)
+            cost = MIXERS[entry.mixer].cost(AttentionSpec.read(module, text, index), None)
             added, options = 0, {}
-        if name == "attention":
+        if entry.is_attention:
             where = f"teacher attention ({text._attn_implementation or 'sdpa'})"
         else:
             where = kernel_path(module.kernel(), dtype)
-        infos.append(LayerInfo(index, name, options, added, cost.state_fixed * dtype_bytes, cost.state_per_token * dtype_bytes, where))
+        infos.append(LayerInfo(index, entry.mixer, options, added, cost.state_fixed * dtype_bytes, cost.state_per_token * dtype_bytes, where))
     return infos
 
 

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from .hf.errors import LinearizeError
+from .hf.plan import ATTENTION
 
 PATTERN_HELP = "indices like 0,7 or 0-3, or every:K[@R], first:N, last:N, spread:F, none, joined with +"
 
@@ -107,7 +108,7 @@ def resolve_layout(
                 raise LinearizeError(f"layer {index} is claimed twice: by {claims[index][1]} and by {what}; give each layer one mixer")
             claims[index] = (name, what)
 
-    claim(select_layers(num_layers, keep_attention, "keep_attention"), "attention", "keep_attention")
+    claim(select_layers(num_layers, keep_attention, "keep_attention"), ATTENTION, "keep_attention")
     for name, selection in (hybrid or {}).items():
         claim(select_layers(num_layers, selection, f"hybrid[{name}]"), name, f"hybrid[{name}]")
     targets = None if layers is None else set(select_layers(num_layers, layers, "layers"))
@@ -121,7 +122,7 @@ def resolve_layout(
         elif targets is None or index in targets:
             assignment.append(mixer)
         else:
-            assignment.append("attention")
-    if mixer != "attention" and all(name == "attention" for name in assignment):
+            assignment.append(ATTENTION)
+    if mixer != ATTENTION and all(name == ATTENTION for name in assignment):
         raise LinearizeError("this layout keeps softmax attention in every layer, so nothing would be converted; keep fewer layers")
     return assignment

@@ -18,6 +18,7 @@ from .hf.configuration_linearized import LinearizedConfig
 from .hf.errors import LinearizeError
 from .hf.mixers import get_mixer
 from .hf.modeling_linearized import LinearizedForCausalLM, apply_plan
+from .hf.plan import LayerPlan
 from .layouts import resolve_layout
 
 
@@ -29,8 +30,8 @@ def build_plan(
     hybrid: Mapping[str, Any] | None = None,
     options: Mapping[str, Any] | None = None,
     mixer_options: Mapping[str, Mapping[str, Any]] | None = None,
-) -> list[dict[str, Any]]:
-    """Per-layer `{"mixer", "options"}` entries (options not yet resolved against the teacher).
+) -> LayerPlan:
+    """The layer plan: per layer, a mixer and its options (not yet resolved against the teacher).
 
     `layers` limits conversion to those layers (the rest keep attention); `keep_attention` keeps some
     softmax layers; `hybrid` maps other mixers to layer selections. Selections are validated by `layouts`.
@@ -41,7 +42,7 @@ def build_plan(
     for name in per_mixer:
         get_mixer(name)
     per_mixer.setdefault(mixer, {}).update(options or {})
-    return [{"mixer": name, "options": dict(per_mixer.get(name, {}))} for name in assignment]
+    return LayerPlan.of(assignment, per_mixer)
 
 
 def _teacher_of(model: nn.Module) -> PreTrainedModel:
@@ -148,17 +149,14 @@ def convert(
     teacher = _teacher_of(model)
     config = teacher.config
     plan = build_plan(config.num_hidden_layers, mixer, keep_attention, layers, hybrid, options, mixer_options)
-    converted = [i for i, entry in enumerate(plan) if entry["mixer"] != "attention"]
     if any(p.device.type == "meta" for p in teacher.parameters()):
         raise LinearizeError("the teacher has weights on the meta device; load it fully before converting")
-    _check_reading(teacher, converted)
+    _check_reading(teacher, plan.converted())
     apply_plan(teacher, config, plan)
-    for entry, block in zip(plan, decoder_layers(teacher, config.num_hidden_layers)):
-        module = getattr(block, attention_slot(block))
-        entry["options"] = module.options_dict() if hasattr(module, "options_dict") else {}
+    modules = [getattr(block, attention_slot(block)) for block in decoder_layers(teacher, config.num_hidden_layers)]
     wrapped_config = LinearizedConfig(
         text_config=config,
-        layers=plan,
+        layers=plan.with_options(m.options_dict() if hasattr(m, "options_dict") else {} for m in modules),
         source=source or getattr(config, "_name_or_path", None) or None,
         dtype=getattr(config, "dtype", None),
     )
@@ -167,24 +165,24 @@ def convert(
 
 def revert_to_attention(model: LinearizedForCausalLM, layers: Iterable[int]) -> list[int]:
     """Put the teacher's softmax attention back in the converted `layers` (each mixer holds it as `.attn`) and
-    record them as "attention" in `config.layers`, so the saved model rebuilds the same way. Their mixers' own
+    record them as softmax attention in `config.plan`, so the saved model rebuilds the same way. Their mixers' own
     parameters are dropped. Everything is checked before the model changes.
 
     Example:
         >>> revert_to_attention(student, [3, 17])
     """
     layers = sorted(set(layers))
-    config = model.config
-    blocks = decoder_layers(model, config.text_config.num_hidden_layers)
+    plan = model.config.plan
+    blocks = decoder_layers(model, model.config.text_config.num_hidden_layers)
     for index in layers:
         if not 0 <= index < len(blocks):
             raise LinearizeError(f"layer {index} is out of range; the model has layers 0-{len(blocks) - 1}")
-        if config.layers[index]["mixer"] == "attention":
+        if plan[index].is_attention:
             raise LinearizeError(f"layer {index} already has softmax attention; revert only converted layers")
-    if len(layers) == sum(entry["mixer"] != "attention" for entry in config.layers):
+    if len(layers) == len(plan.converted()):
         raise LinearizeError("reverting these layers would leave no converted layer; keep fewer layers as attention")
     for index in layers:
         slot = attention_slot(blocks[index])
         setattr(blocks[index], slot, getattr(blocks[index], slot).attn)
-        config.layers[index] = {"mixer": "attention", "options": {}}
+    model.config.plan = plan.with_attention(layers)
     return layers

@@ -7,7 +7,8 @@ import linearize
 from linearize import LinearizeError
 from linearize.hf.attention import apply_rotary, repeat_heads
 from linearize.hf.cache import MixerState
-from linearize.hf.mixer_swa import SWAMixer, window_attention
+from linearize.hf.mixer_swa import SWAMixer
+from linearize.hf.windows import window_attention
 from tests.mixer_forms import assert_forms_match, build, call, inputs
 from tests.tiny import left_padded, random_ids, tiny_model
 

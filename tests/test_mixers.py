@@ -3,12 +3,17 @@
 A new mixer joins by adding a line to MIXER_CASES; a test fails if a registered mixer has no line.
 """
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 import linearize
+from linearize import LinearizeError
+from linearize.hf import shipped_mixers
 from linearize.hf.cache import MixerState, returned_cache
+from tests.families import MIXER_LAYOUT
 from tests.tiny import assert_reloaded, left_padded, random_ids, reload_probe, run_python, tiny_model
 
 pytestmark = pytest.mark.core
@@ -110,6 +115,48 @@ def test_save_reload_with_and_without_linearize(name, tmp_path):
     )
     assert "reloaded exactly True" in output
     assert "generation equal True" in output
+
+
+def test_every_mixer_file_of_the_package_is_found_and_registers():
+    """A new mixer is one new file: every mixer_*.py beside shipped_mixers is imported, and each registers a mixer."""
+    files = {path.stem for path in Path(shipped_mixers.__file__).parent.glob("mixer_*.py")}
+    assert set(shipped_mixers.MIXER_MODULES) == files
+    assert {cls.__module__.rsplit(".", 1)[1] for cls in linearize.MIXERS.values()} == files
+
+
+def test_a_saved_folder_carries_every_mixer_file_and_loads_them_all_as_remote_code(tmp_path):
+    """Without linearize, the saved code registers every mixer, rebuilds a model holding one layer of each, and
+    saves a copy that carries every mixer file again."""
+    hybrid = {mixer: [index] for index, (mixer, _) in enumerate(MIXER_LAYOUT) if mixer not in ("attention", "hedgehog")}
+    options = {mixer: options for mixer, options in MIXER_LAYOUT if options}
+    teacher = tiny_model(num_hidden_layers=len(MIXER_LAYOUT))
+    model = linearize.convert(teacher, "hedgehog", keep_attention=[0], layers=[1], hybrid=hybrid, mixer_options=options)
+    assert model.config.mixer_names() == [mixer for mixer, _ in MIXER_LAYOUT]
+    saved, again = tmp_path / "saved", tmp_path / "again"
+    model.save_pretrained(saved)
+    mixer_files = sorted(f"{module}.py" for module in shipped_mixers.MIXER_MODULES)
+    assert set(mixer_files) <= {path.name for path in saved.iterdir()}
+    output = run_python(
+        f"""
+        import pathlib, sys
+        import torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(saved)!r}, trust_remote_code=True, dtype=torch.float64)
+        print("mixers", sorted(sys.modules[type(model).__module__].MIXERS))
+        model.save_pretrained({str(again)!r})
+        print("files", sorted(path.name for path in pathlib.Path({str(again)!r}).glob("mixer_*.py")))
+        """
+        + reload_probe(model, tmp_path / "probe.pt", input_ids=random_ids(2, 9)),
+        cwd=tmp_path,
+    )
+    assert f"mixers {sorted(linearize.MIXERS)}" in output
+    assert f"files {mixer_files}" in output
+    assert "reloaded exactly True" in output
+
+
+def test_save_pretrained_refuses_to_push_before_the_mixer_files_are_written(tmp_path):
+    with pytest.raises(LinearizeError, match=r"call model.push_to_hub\(repo_id\)"):
+        converted("hedgehog").save_pretrained(tmp_path, push_to_hub=True)
 
 
 @pytest.mark.parametrize("name", sorted(n for n in MIXER_CASES if n != "attention"))

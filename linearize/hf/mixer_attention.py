@@ -6,11 +6,12 @@ from torch import nn
 
 from .attention import AttentionSpec
 from .mixers import Mixer, MixerCost, register_mixer
+from .plan import ATTENTION
 
 
 @register_mixer
 class KeepAttention(Mixer):
-    name = "attention"
+    name = ATTENTION
     anchor = "teacher"
     summary = "keep the teacher's softmax attention layer unchanged"
 

@@ -32,10 +32,10 @@ from torch import nn
 
 from .attention import AttentionSpec, repeat_heads
 from .errors import LinearizeError
-from .mixer_hedgehog import check_window
-from .mixer_swa import add_window, effective_window, window_cache_size
-from .mixers import Mixer, MixerCost, register_mixer
+from .gates import inverse_softplus, logit
 from .kernel_dispatch import gated_delta_rule
+from .mixers import Mixer, MixerCost, register_mixer
+from .windows import add_window, check_window, effective_window, window_cache_size
 
 
 def short_conv(
@@ -63,16 +63,6 @@ def short_conv(
     # A few shifted multiply-adds: exact (the identity start returns x bit for bit) and faster than conv1d here.
     out = sum(seq[..., j : j + length] * weight[:, j, None] for j in range(kernel))
     return out, seq[..., seq.shape[-1] - (kernel - 1) :]
-
-
-def inverse_softplus(y: float) -> float:
-    """The x with softplus(x) = y (y > 0), to start a softplus at a chosen value."""
-    return y + math.log(-math.expm1(-y))
-
-
-def logit(p: float) -> float:
-    """The x with sigmoid(x) = p (0 < p < 1), to start a sigmoid at a chosen value."""
-    return math.log(p / (1.0 - p))
 
 
 @dataclass

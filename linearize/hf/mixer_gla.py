@@ -23,10 +23,9 @@ import torch.nn.functional as F
 
 from .attention import AttentionSpec, repeat_heads
 from .errors import LinearizeError
-from .mixer_hedgehog import check_window
-from .mixer_swa import add_window, effective_window, window_cache_size
-from .mixers import Mixer, MixerCost, register_mixer
 from .kernel_dispatch import gla
+from .mixers import Mixer, MixerCost, register_mixer
+from .windows import add_window, check_window, effective_window, window_cache_size
 
 
 @dataclass

@@ -14,9 +14,10 @@ from torch import nn
 
 from .attention import AttentionSpec, apply_rotary, repeat_heads
 from .errors import LinearizeError
-from .mixers import Mixer, MixerCost, register_mixer
 from .kernel_dispatch import simple_gla
+from .mixers import Mixer, MixerCost, register_mixer
 from .ops_window import chunk_window_linear, recurrent_window_linear
+from .windows import check_window
 
 
 class HedgehogFeatureMap(nn.Module):
@@ -46,16 +47,6 @@ class HedgehogSWAOptions:
 
     feature_dim: int | None = None
     window: int = 64
-
-
-def check_window(window: int, config, name: str, low: int = 1) -> None:
-    limit = getattr(config, "max_position_embeddings", None)
-    if window < low:
-        raise LinearizeError(f"option 'window' of mixer {name!r} must be at least {low}, got {window}")
-    if limit is not None and window > limit:
-        raise LinearizeError(
-            f"option 'window' of mixer {name!r} is {window}, longer than the model's context of {limit} tokens; use a smaller window"
-        )
 
 
 @register_mixer

@@ -30,11 +30,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import AttentionSpec, repeat_heads
-from .mixer_gated_deltanet import inverse_softplus, logit
-from .mixer_hedgehog import check_window
-from .mixer_swa import add_window, effective_window, window_cache_size
-from .mixers import Mixer, MixerCost, register_mixer
+from .gates import inverse_softplus, logit
 from .kernel_dispatch import simple_gla
+from .mixers import Mixer, MixerCost, register_mixer
+from .windows import add_window, check_window, effective_window, window_cache_size
 
 
 @dataclass

@@ -20,6 +20,7 @@ from torch import nn
 from .attention import AttentionSpec
 from .cache import cache_in
 from .errors import LinearizeError
+from .typed import coerce
 
 MIXERS: dict[str, type["Mixer"]] = {}
 
@@ -31,8 +32,9 @@ PADDING_MASK = "linearize_padding_mask"
 def register_mixer(cls: type["Mixer"]) -> type["Mixer"]:
     """Class decorator adding a mixer to `MIXERS` under `cls.name`; a duplicate or malformed name raises.
 
-    A new mixer is one file: subclass `Mixer`, set `name`/`anchor`/`summary` (and `Options`, a dataclass), and
-    implement `mix()` and `cost()`; `linearize.convert(model, "my_mixer")` and saved checkpoints then find it.
+    A new mixer is one file, `hf/mixer_<name>.py` (found by shipped_mixers, saved beside every converted model):
+    subclass `Mixer`, set `name`/`anchor`/`summary` (and `Options`, a dataclass), and implement `mix()` and
+    `cost()`; `linearize.convert(model, "my_mixer")` and saved checkpoints then find it.
 
     >>> from linearize import register_mixer
     >>> from linearize.hf.mixers import Mixer
@@ -66,6 +68,22 @@ def get_mixer(name: str) -> type["Mixer"]:
     raise LinearizeError(f"unknown mixer {name!r}; {hint}available: {', '.join(sorted(MIXERS))}")
 
 
+def check_option_names(mixer_name: str, options: dict[str, Any]) -> None:
+    """Refuse option names that mixer `mixer_name` does not declare, naming the ones it takes.
+
+    >>> check_option_names("swa", {"windows": 4})
+    Traceback (most recent call last):
+    ...
+    linearize.hf.errors.LinearizeError: mixer 'swa' does not take option(s) windows; it takes: window
+    """
+    takes = [f.name for f in dataclasses.fields(get_mixer(mixer_name).Options)]
+    unknown = sorted(set(options) - set(takes))
+    if unknown:
+        raise LinearizeError(
+            f"mixer {mixer_name!r} does not take option(s) {', '.join(unknown)}; it takes: {', '.join(takes) or 'no options'}"
+        )
+
+
 @dataclass
 class NoOptions:
     """This mixer takes no options."""
@@ -78,31 +96,6 @@ class MixerCost:
     new_parameters: int
     state_fixed: int
     state_per_token: int
-
-
-def _convert(value: Any, hint: Any, where: str) -> Any:
-    """Convert a CLI string (or JSON value) to the option's declared type."""
-    args = typing.get_args(hint)
-    if type(None) in args:
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            return None
-        hint = next(a for a in args if a is not type(None))
-    if isinstance(value, str) and hint is not str:
-        if hint is bool:
-            if value.lower() in ("true", "1", "yes"):
-                return True
-            if value.lower() in ("false", "0", "no"):
-                return False
-            raise LinearizeError(f"{where} must be true or false, got {value!r}")
-        try:
-            return hint(value)
-        except ValueError:
-            raise LinearizeError(f"{where} must be a {hint.__name__}, got {value!r}") from None
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
-        raise LinearizeError(f"{where} must be a {hint.__name__}, got {value!r}")
-    return value
 
 
 class Mixer(nn.Module):
@@ -132,13 +125,9 @@ class Mixer(nn.Module):
     @classmethod
     def parse_options(cls, raw: dict[str, Any], spec: AttentionSpec, config) -> Any:
         """Validate `raw` option values against `Options` and resolve defaults that depend on the teacher."""
-        fields = {f.name: f for f in dataclasses.fields(cls.Options)}
-        unknown = sorted(set(raw) - set(fields))
-        if unknown:
-            takes = ", ".join(fields) if fields else "no options"
-            raise LinearizeError(f"mixer {cls.name!r} does not take option(s) {', '.join(unknown)}; it takes: {takes}")
+        check_option_names(cls.name, raw)
         hints = typing.get_type_hints(cls.Options)
-        values = {k: _convert(v, hints[k], f"option {k!r} of mixer {cls.name!r}") for k, v in raw.items()}
+        values = {k: coerce(v, hints[k], f"option {k!r} of mixer {cls.name!r}") for k, v in raw.items()}
         return cls.resolve(cls.Options(**values), spec, config)
 
     @classmethod

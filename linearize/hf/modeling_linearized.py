@@ -7,27 +7,25 @@ classes so no remote code is needed where it is.
 
 from __future__ import annotations
 
-from typing import Any
+import shutil
+from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
+from transformers.dynamic_module_utils import get_relative_import_files
 
 from .attention import attention_slot, decoder_layers
 from .cache import LinearizedCache, cache_keyword
 from .configuration_linearized import LinearizedConfig
 from .errors import LinearizeError
-from .mixer_attention import KeepAttention  # noqa: F401  (importing a mixer file registers it)
-from .mixer_gated_deltanet import GatedDeltaNetMixer  # noqa: F401
-from .mixer_gla import GLAMixer  # noqa: F401
-from .mixer_hedgehog import HedgehogMixer  # noqa: F401
-from .mixer_mamba2 import Mamba2Mixer  # noqa: F401
-from .mixer_swa import SWAMixer  # noqa: F401
 from .mixers import MIXERS, PADDING_MASK, get_mixer, mixers_in
+from .plan import LayerPlan
+from .shipped_mixers import MIXER_MODULES
 
 
-def apply_plan(model: nn.Module, text_config, plan: list[dict[str, Any]]) -> list[str]:
+def apply_plan(model: nn.Module, text_config, plan: LayerPlan) -> list[str]:
     """Replace each decoder layer's attention as `plan` says; build every replacement before changing anything.
 
     Returns the attention slot names that were replaced. Raises LinearizeError (model untouched) on a bad plan.
@@ -38,11 +36,29 @@ def apply_plan(model: nn.Module, text_config, plan: list[dict[str, Any]]) -> lis
     built = []
     for index, (layer, entry) in enumerate(zip(layers, plan)):
         slot = attention_slot(layer, where=f"layer {index}: ")
-        mixer = get_mixer(entry["mixer"]).from_attention(getattr(layer, slot), text_config, index, **entry.get("options", {}))
+        mixer = get_mixer(entry.mixer).from_attention(getattr(layer, slot), text_config, index, **entry.options)
         built.append((layer, slot, mixer))
     for layer, slot, mixer in built:
         setattr(layer, slot, mixer)
     return [slot for _, slot, _ in built]
+
+
+def write_mixer_files(folder: Path) -> None:
+    """Copy every mixer file, and the files each one imports, beside a saved model, with a shipped_mixers.py that
+    imports them by name: transformers follows those lines, so the folder loads every mixer as remote code."""
+    here = Path(__file__).parent
+    lines = []
+    for module in MIXER_MODULES:
+        source = here / f"{module}.py"
+        for path in (source, *map(Path, get_relative_import_files(source))):
+            shutil.copyfile(path, folder / path.name)
+        classes = sorted(cls.__name__ for cls in MIXERS.values() if cls.__module__ == f"{__package__}.{module}")
+        lines.append(f"from .{module} import {', '.join(classes)}")
+    (folder / "shipped_mixers.py").write_text(
+        '"""Every mixer file saved with this model, imported so that each registers its mixers (written by save_pretrained)."""\n\n'
+        + "\n".join(lines)
+        + f"\n\nMIXER_MODULES = {MIXER_MODULES!r}\n"
+    )
 
 
 # The kernel choices a caller may request at load time (`experts_implementation` exists from transformers 5.20).
@@ -50,7 +66,7 @@ IMPLEMENTATIONS = ("_attn_implementation", "_experts_implementation")
 
 
 class LinearizedForCausalLM(PreTrainedModel, GenerationMixin):
-    """A teacher causal LM (`self.model`) whose attention layers follow `config.layers`.
+    """A teacher causal LM (`self.model`) whose attention layers follow `config.plan`.
 
     Example:
         >>> model = AutoModelForCausalLM.from_pretrained("out/smollm2-hedgehog")   # after `import linearize`
@@ -78,7 +94,7 @@ class LinearizedForCausalLM(PreTrainedModel, GenerationMixin):
                 if hasattr(config.text_config, name):
                     setattr(config.text_config, name, value)
             model = AutoModelForCausalLM.from_config(config.text_config)
-            apply_plan(model, config.text_config, config.layers)
+            apply_plan(model, config.text_config, config.plan)
         for name in IMPLEMENTATIONS:
             if hasattr(model.config, name):
                 setattr(config, name, getattr(model.config, name))
@@ -117,6 +133,17 @@ class LinearizedForCausalLM(PreTrainedModel, GenerationMixin):
             )
         return (model, info) if want_info else model
 
+    def save_pretrained(self, save_directory, is_main_process: bool = True, **kwargs) -> None:
+        """transformers' save_pretrained, plus every mixer file beside the modeling code (`write_mixer_files`)."""
+        if kwargs.get("push_to_hub"):
+            raise LinearizeError(
+                "save_pretrained(push_to_hub=True) would upload before the mixer files are written; call "
+                "model.push_to_hub(repo_id), or save the folder and upload it with `linearize push`"
+            )
+        super().save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
+        if is_main_process:
+            write_mixer_files(Path(save_directory))
+
     def get_input_embeddings(self) -> nn.Module:
         return self.model.get_input_embeddings()
 
@@ -134,7 +161,7 @@ class LinearizedForCausalLM(PreTrainedModel, GenerationMixin):
         if getattr(self, "_mixer_list", None) is None:  # walked once: every forward asks, decode steps included
             self._mixer_list = mixers_in(self)
         teacher = any(m.teacher for m in self._mixer_list)
-        return ["kv" if teacher or e["mixer"] == "attention" else "state" for e in self.config.layers]
+        return ["kv" if teacher or entry.is_attention else "state" for entry in self.config.plan]
 
     def new_cache(self) -> LinearizedCache:
         """An empty cache with the right kind of storage for every layer."""
