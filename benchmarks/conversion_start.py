@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import linearize
-from linearize.distillation.attention_transfer import layer_errors
+from linearize.distillation.stages.attention_transfer import layer_errors
 from linearize.evaluate.perplexity import perplexity
 from linearize.textdata import read_text_source, token_windows
 from passkey_probe import build, parse_variant  # benchmarks/, first on the path when run as a script

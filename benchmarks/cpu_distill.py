@@ -31,21 +31,21 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import platform
 import time
 from pathlib import Path
 
 import torch
-from accelerate.utils import set_seed
 
 from linearize.config import load_recipe
 from linearize.distillation.data import load_data
-from linearize.distillation.driver import RUNNERS, prepare_student, select
-from linearize.distillation.engine import Session, make_accelerator
 from linearize.evaluate.perplexity import perplexity
 from linearize.hf.mixers import teacher_mode
 from linearize.loaders import load_teacher
+from linearize.record import StageReport
+from linearize.run import Run
 
 RECIPES = ("lolcats", "liger")
 
@@ -71,6 +71,20 @@ def cpu_recipe(name: str, args: argparse.Namespace, extra: list[str] = ()):
     return load_recipe(name, overrides + list(extra))  # a variant's overrides win over the CPU settings
 
 
+def stage_entry(report: StageReport, model, windows) -> dict:
+    """One stage's tokens, time and the perplexity after it, with its first and last per-layer errors or KL."""
+    entry = {"kind": report.kind, "tokens": report.tokens, "seconds": report.seconds, "perplexity": perplexity(model, windows)}
+    if report.kind == "attention_transfer" and report.first:
+        entry["layers"] = report.details["layers"]
+        entry["layer_normalized_first"] = report.first["layer_normalized"]
+        entry["layer_normalized_last"] = report.last["layer_normalized"]
+        entry["layer_mse_first"] = report.first["layer_mse"]
+        entry["layer_mse_last"] = report.last["layer_mse"]
+    if report.kind == "lora_kd" and report.first:
+        entry["kl_first"], entry["kl_last"] = report.first["kl"], report.last["kl"]
+    return entry
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--transfer-tokens", type=int, default=8192, help="attention-transfer budget (lolcats)")
@@ -89,7 +103,6 @@ def main() -> None:
         variants = {label: overrides.split("+") for label, overrides in (v.split("=", 1) for v in args.variants.split(","))}
 
     started = time.time()
-    accelerator = make_accelerator("no")
     teacher, tokenizer = load_teacher("smollm2-135m")
     results = {
         "device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
@@ -100,40 +113,20 @@ def main() -> None:
     windows = None
     for name, label in [(n, v) for n in args.recipes.split(",") for v in variants]:
         recipe = cpu_recipe(name, args, variants[label])
+        if args.transfer_only:
+            recipe = dataclasses.replace(recipe, stages=[s for s in recipe.stages if s.kind == "attention_transfer"])
         data = load_data(recipe.data, tokenizer, seed=recipe.seed)
         windows = data.heldout_windows(args.eval_seq_len or args.seq_len, args.eval_tokens)
-        model, keep = prepare_student(copy.deepcopy(teacher), recipe, log=lambda m: None)
+        run = Run(recipe, log=print).setup(copy.deepcopy(teacher), tokenizer, data)
         if "teacher" not in results:
-            with teacher_mode(model):
-                results["teacher"] = {"perplexity": perplexity(model, windows)}
-        row = {"mixer": recipe.convert.mixer, "options": recipe.convert.options, "converted": perplexity(model, windows), "stages": []}
-        session = Session(accelerator, log=print, progress=True)
-        kinds = [stage.kind for stage in recipe.stages]
-        # Automatic layer choice (keep_attention: auto:N) as `linearize distill` makes it: after the first
-        # attention-transfer stage, or before the first stage when there is none.
-        select_after = kinds.index("attention_transfer") if "attention_transfer" in kinds else -1
-        if keep is not None and select_after == -1:
-            row["kept_attention"] = select(model, data, recipe, session, keep)["kept_attention"]
-        for index, stage in enumerate(recipe.stages):
-            if args.transfer_only and stage.kind != "attention_transfer":
-                continue
-            session.stage_index = index
-            set_seed(recipe.seed + index)
-            model = RUNNERS[stage.kind](model, data, stage, session)
-            if keep is not None and index == select_after:
-                row["kept_attention"] = select(model, data, recipe, session, keep)["kept_attention"]
-            report = session.reports[-1]
-            entry = {"kind": stage.kind, "tokens": report.get("tokens", 0), "seconds": report.get("seconds", 0), "perplexity": perplexity(model, windows)}
-            if stage.kind == "attention_transfer" and report.get("first"):
-                entry["layers"] = report["layers"]
-                entry["layer_normalized_first"] = report["first"]["layer_normalized"]
-                entry["layer_normalized_last"] = report["last"]["layer_normalized"]
-                entry["layer_mse_first"] = report["first"]["layer_mse"]
-                entry["layer_mse_last"] = report["last"]["layer_mse"]
-            if stage.kind == "lora_kd" and report.get("first"):
-                entry["kl_first"], entry["kl_last"] = report["first"]["kl"], report["last"]["kl"]
-            row["stages"].append(entry)
-            print(f"{name} {label} after {stage.kind}: perplexity {entry['perplexity']:.2f}")
+            with teacher_mode(run.model):
+                results["teacher"] = {"perplexity": perplexity(run.model, windows)}
+        row = {"mixer": recipe.convert.mixer, "options": recipe.convert.options, "converted": perplexity(run.model, windows), "stages": []}
+        run.train(on_stage=lambda report, model: row["stages"].append(stage_entry(report, model, windows)))
+        for entry in row["stages"]:
+            print(f"{name} {label} after {entry['kind']}: perplexity {entry['perplexity']:.2f}")
+        if getattr(run.model.config, "selection", None):
+            row["kept_attention"] = run.model.config.selection["kept_attention"]
         row["overrides"] = variants[label]
         results["recipes"][f"{name}:{label}" if label else name] = row
     results["heldout_tokens"] = int(windows.numel())

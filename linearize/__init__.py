@@ -9,12 +9,12 @@ Example:
 """
 
 from .evaluate import evaluate
-from .distillation import distill
 from .hf.errors import LinearizeError
 from .hf.mixers import MIXERS, register_mixer, teacher_mode
 from .hf.modeling_linearized import LinearizedConfig, LinearizedForCausalLM, register_auto_classes
 from .loaders import load_teacher
 from .publish import push
+from .run import distill
 from .surgery import convert
 
 register_auto_classes()

@@ -12,8 +12,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .cli_scoring import add_commands
+from . import cli_publish, cli_scoring
 from .hf.errors import LinearizeError
+from .record import StageReport
 
 app = typer.Typer(
     add_completion=False,
@@ -207,15 +208,15 @@ def distill(
     """Convert and distill as a recipe says, then save (no scoring). Extra key=value arguments override the recipe;
     `teacher=FOLDER` may name an already converted model, which is distilled as it is."""
     from .config import load_recipe
-    from .pipeline import distill as distill_recipe
+    from .pipeline import train
 
     loaded = load_recipe(recipe, ctx.args)
-    result = distill_recipe(loaded, out=out, overwrite=overwrite, resume=resume, log=lambda m: console.print(f"[dim]{m}[/dim]"))
+    result = train(loaded, out=out, overwrite=overwrite, resume=resume, log=lambda m: console.print(f"[dim]{m}[/dim]"))
     _print_stages(result.stages, result.selection)
     console.print(f"saved {result.output} in {result.seconds:.0f} s")
 
 
-def _print_stages(stages: list[dict], selection: dict | None) -> None:
+def _print_stages(stages: list[StageReport], selection: dict | None) -> None:
     if selection:
         console.print(f"softmax attention kept in layers {selection['kept_attention']} ({selection['method']})")
     if not stages:
@@ -224,13 +225,13 @@ def _print_stages(stages: list[dict], selection: dict | None) -> None:
     for column in ("stage", "steps", "tokens", "seconds", "first loss", "last loss"):
         table.add_column(column, justify="right" if column != "stage" else "left")
     for report in stages:
-        first, last = report.get("first") or {}, report.get("last") or {}
+        first, last = report.first or {}, report.last or {}
         table.add_row(
-            f"{report['stage']}: {report['kind']}",
-            str(report.get("steps", 0)),
-            _human(report.get("tokens", 0)),
-            f"{report.get('seconds', 0):.0f}",
-            f"{first['loss']:.4g}" if "loss" in first else report.get("skipped", "-"),
+            f"{report.stage}: {report.kind}",
+            str(report.steps),
+            _human(report.tokens),
+            f"{report.seconds:.0f}",
+            f"{first['loss']:.4g}" if "loss" in first else report.skipped or "-",
             f"{last['loss']:.4g}" if "loss" in last else "-",
         )
     console.print(table)
@@ -249,7 +250,8 @@ def recipes():
     console.print(table)
 
 
-add_commands(app)
+cli_scoring.add_commands(app)
+cli_publish.add_commands(app)
 
 
 def main() -> None:

@@ -1,8 +1,7 @@
-"""The scoring and publishing commands of the `linearize` CLI: eval, bench, report, push.
+"""The scoring commands of the `linearize` CLI: eval and bench.
 
 They live apart from cli.py (which adds them with `add_commands(app)`) so each stays a thin layer over its
-Python API: `linearize.evaluate`, `linearize.evaluate.speed.benchmark`, `linearize.report.write_report`,
-`linearize.push`.
+Python API: `linearize.evaluate` (with `EvalSettings`) and `linearize.evaluate.speed.benchmark`.
 """
 
 from __future__ import annotations
@@ -15,9 +14,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .evaluate.settings import EvalSettings
 from .hf.errors import LinearizeError
 
 console = Console()
+
+DEFAULTS = EvalSettings()  # `linearize eval` takes its defaults from the Python API
 
 MODELS_HELP = "Converted model folders, or any teacher source (folder, .gguf, alias such as smollm2-135m, Hub id)"
 
@@ -33,6 +35,10 @@ def parse_ints(text: str, what: str) -> list[int]:
     if not values:
         raise LinearizeError(f"{what} needs at least one value, e.g. 512,2K")
     return values
+
+
+def _joined(values) -> str:
+    return ",".join(f"{v:g}" for v in values)
 
 
 def parse_floats(text: str, what: str) -> list[float]:
@@ -75,20 +81,20 @@ def eval_command(
     suite: Annotated[str | None, typer.Option(help="Named suites, comma-separated (commonsense, local)")] = None,
     limit: Annotated[float | None, typer.Option(help="Examples per task (a count, or a fraction below 1)")] = None,
     num_fewshot: Annotated[int | None, typer.Option(help="Few-shot examples for every task (default: each task's own)")] = None,
-    batch_size: Annotated[int, typer.Option(help="lm-eval batch size")] = 8,
+    batch_size: Annotated[int, typer.Option(help="lm-eval batch size")] = DEFAULTS.batch_size,
     perplexity: Annotated[list[str] | None, typer.Option(help="Text for perplexity: persuasion, a .txt/.jsonl/.csv/.parquet file, a folder, or a Hub dataset id (repeatable)")] = None,
-    contexts: Annotated[str, typer.Option(help="Perplexity context lengths, e.g. 512,2K")] = "512",
+    contexts: Annotated[str, typer.Option(help="Perplexity context lengths, e.g. 512,2K")] = _joined(DEFAULTS.contexts),
     stride: Annotated[int | None, typer.Option(help="Perplexity window stride (default: half the context)")] = None,
-    ppl_tokens: Annotated[int, typer.Option(help="Tokens of the text to measure perplexity on")] = 4096,
-    split: Annotated[str, typer.Option(help="Split of a Hub or local dataset")] = "test",
+    ppl_tokens: Annotated[int, typer.Option(help="Tokens of the text to measure perplexity on")] = DEFAULTS.max_tokens,
+    split: Annotated[str, typer.Option(help="Split of a Hub or local dataset")] = DEFAULTS.split,
     dataset_config: Annotated[str | None, typer.Option(help="Config name of a Hub dataset")] = None,
-    text_field: Annotated[str, typer.Option(help="Text column of a dataset")] = "text",
+    text_field: Annotated[str, typer.Option(help="Text column of a dataset")] = DEFAULTS.text_field,
     passkey: Annotated[bool, typer.Option(help="Passkey retrieval over --lengths and --depths")] = False,
     needle: Annotated[bool, typer.Option(help="Single needle in a haystack over --lengths and --depths")] = False,
-    lengths: Annotated[str, typer.Option(help="Retrieval prompt lengths in tokens, e.g. 256,1K,4K")] = "256,512,1024",
-    depths: Annotated[str, typer.Option(help="Where the hidden line sits, 0 = start, 1 = end")] = "0,0.25,0.5,0.75,1",
-    trials: Annotated[int, typer.Option(help="Retrieval prompts per (length, depth)")] = 2,
-    seed: Annotated[int, typer.Option(help="Seed of the retrieval prompts")] = 0,
+    lengths: Annotated[str, typer.Option(help="Retrieval prompt lengths in tokens, e.g. 256,1K,4K")] = _joined(DEFAULTS.lengths),
+    depths: Annotated[str, typer.Option(help="Where the hidden line sits, 0 = start, 1 = end")] = _joined(DEFAULTS.depths),
+    trials: Annotated[int, typer.Option(help="Retrieval prompts per (length, depth)")] = DEFAULTS.trials,
+    seed: Annotated[int, typer.Option(help="Seed of the retrieval prompts")] = DEFAULTS.seed,
     teacher: Annotated[bool, typer.Option(help="Also score each converted model as its own teacher (teacher_mode)")] = True,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
     dtype: Annotated[str | None, typer.Option(help="float32, bfloat16, float16 or auto")] = None,
@@ -102,19 +108,17 @@ def eval_command(
     from .evaluate.results import Results
     from .evaluate.scoring import evaluate
 
+    settings = EvalSettings(
+        tasks=tasks or (), suite=suite or (), limit=limit if limit is None or limit < 1 else int(limit), num_fewshot=num_fewshot,
+        batch_size=batch_size, perplexity=perplexity or (), contexts=parse_ints(contexts, "--contexts"), stride=stride,
+        max_tokens=ppl_tokens, split=split, dataset_config=dataset_config, text_field=text_field, passkey=passkey, needle=needle,
+        lengths=parse_ints(lengths, "--lengths"), depths=parse_floats(depths, "--depths"), trials=trials, seed=seed,
+        allow_longer=allow_longer,
+    )
     merged = Results()
     for model in models:
         console.print(f"[bold]{model}[/bold]")
-        merged.extend(
-            evaluate(
-                model, tasks=tasks or (), suite=suite or (), limit=limit if limit is None or limit < 1 else int(limit),
-                num_fewshot=num_fewshot, batch_size=batch_size, perplexity=perplexity or (), contexts=parse_ints(contexts, "--contexts"),
-                stride=stride, max_tokens=ppl_tokens, split=split, dataset_config=dataset_config, text_field=text_field,
-                passkey=passkey, needle=needle, lengths=parse_ints(lengths, "--lengths"), depths=parse_floats(depths, "--depths"),
-                trials=trials, seed=seed, teacher=teacher, dtype=dtype, device=device, allow_longer=allow_longer,
-                log=lambda m: console.print(f"[dim]{m}[/dim]"),
-            )
-        )
+        merged.extend(evaluate(model, settings=settings, teacher=teacher, dtype=dtype, device=device, log=lambda m: console.print(f"[dim]{m}[/dim]")))
     merged.save(out)
     _show(merged, "evaluation")
     console.print(f"[green]wrote[/green] {out}  (next: linearize report {out} --out report)")
@@ -150,42 +154,6 @@ def bench_command(
     console.print(f"[green]wrote[/green] {out}  (next: linearize report {out} --out report)")
 
 
-def report_command(
-    results: Annotated[list[Path], typer.Argument(help="Results files (or folders of them) from `linearize eval` / `linearize bench`")],
-    out: Annotated[Path, typer.Option("--out", help="Folder for report.md, report.json and the figures")],
-):
-    """Write report.md with figures (PNG) and report.json from results files."""
-    from .report import write_report
-
-    report = write_report(results, out)
-    console.print(f"[green]wrote[/green] {report} and its figures in {out}")
-
-
-def push_command(
-    folder: Annotated[Path, typer.Argument(help="A converted model folder")],
-    repo_id: Annotated[str, typer.Option("--repo-id", help="ORG/NAME on the Hugging Face Hub")],
-    private: Annotated[bool, typer.Option(help="Create the repo private")] = False,
-    revision: Annotated[str | None, typer.Option(help="Branch to push to (created if needed)")] = None,
-    report: Annotated[Path | None, typer.Option(help="Report folder to include (default: FOLDER/report when present)")] = None,
-    message: Annotated[str, typer.Option(help="Commit message")] = "Upload linearized model",
-    ignore: Annotated[list[str] | None, typer.Option("--ignore", help="A file of the folder that looks like a secret and stays behind (repeatable)")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would be uploaded; touch no network")] = False,
-):
-    """Upload a converted model with its modeling code, tokenizer, report and a model card to the Hub (only the
-    files a model repo needs; the rest of the folder stays behind and is listed)."""
-    from .publish import push
-
-    settings = dict(private=private, revision=revision, report=report, commit_message=message, ignore=ignore or (), dry_run=dry_run)
-    if dry_run:
-        push(folder, repo_id, log=console.print, **settings)
-        return
-    with console.status(f"pushing {folder} to {repo_id}"):
-        url = push(folder, repo_id, log=console.print, **settings)
-    console.print(f"[green]pushed[/green] {url}")
-
-
 def add_commands(app: typer.Typer) -> None:
     app.command("eval")(eval_command)
     app.command("bench")(bench_command)
-    app.command("report")(report_command)
-    app.command("push")(push_command)

@@ -1,14 +1,19 @@
 """Recipes as data: one YAML per run, loaded into dataclasses, validated, with `key=value` overrides.
 
 Unknown keys are errors that name the closest valid key; values are converted to the declared types.
-Distillation stages are tagged by `kind` and registered by the module that runs them (`register_stage`).
+Distillation stages are tagged by `kind`: each module of `linearize.distillation.stages` registers its kind with
+its config dataclass and its runner (`register_stage`), and `stage_kinds()` imports them all on first use.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import importlib
+import pkgutil
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,21 +21,50 @@ from typing import Any
 import yaml
 
 from .hf.errors import LinearizeError
+from .hf.typed import coerce
 
-STAGES: dict[str, type] = {}
 PRECISIONS = ("auto", "bf16", "fp16", "no")
+STAGE_PACKAGE = "linearize.distillation.stages"
 
 
-def register_stage(kind: str):
-    """Class decorator: register a stage config dataclass under `kind` (it must have a `kind` field)."""
+@dataclass(frozen=True)
+class StageKind:
+    """A distillation stage a recipe can name: its `kind`, its config dataclass (a `TrainConfig` with a `kind`
+    field) and its runner, `run(model, data, config, session) -> model`."""
 
-    def wrap(cls):
-        if kind in STAGES:
-            raise ValueError(f"stage kind {kind!r} is already registered by {STAGES[kind].__qualname__}")
-        STAGES[kind] = cls
-        return cls
+    kind: str
+    config: type
+    run: Callable
 
-    return wrap
+
+_STAGE_KINDS: dict[str, StageKind] = {}
+
+
+def register_stage(kind: str, config: type, run: Callable) -> None:
+    """Register a stage kind; a duplicate kind, or a config whose `kind` field does not default to it, raises.
+
+    A new stage is one new module in linearize/distillation/stages/ that ends with its registration:
+        >>> register_stage("my_stage", MyStageConfig, run)
+    """
+    if kind in _STAGE_KINDS:
+        raise ValueError(f"stage kind {kind!r} is already registered by {_STAGE_KINDS[kind].config.__qualname__}")
+    defaults = {f.name: f.default for f in dataclasses.fields(config)} if dataclasses.is_dataclass(config) else {}
+    if defaults.get("kind") != kind or not callable(run):
+        raise ValueError(f"stage kind {kind!r}: register a config dataclass whose `kind` field defaults to {kind!r}, and a callable run")
+    _STAGE_KINDS[kind] = StageKind(kind, config, run)
+
+
+def stage_kinds() -> dict[str, StageKind]:
+    """Every registered stage kind by name; the first call imports each module of `linearize.distillation.stages`."""
+    _import_stage_modules()
+    return dict(_STAGE_KINDS)
+
+
+@functools.cache
+def _import_stage_modules() -> None:
+    package = importlib.import_module(STAGE_PACKAGE)
+    for module in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"{STAGE_PACKAGE}.{module.name}")
 
 
 @dataclass
@@ -159,37 +193,6 @@ def _closest(key: str, valid: list[str]) -> str:
     return f"did you mean {close[0]!r}? " if close else ""
 
 
-def _coerce(value: Any, hint: Any, where: str) -> Any:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if hint is Any:
-        return value
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        if value is None and type(None) in args:
-            return None
-        return _coerce(value, next(a for a in args if a is not type(None)), where)
-    if dataclasses.is_dataclass(hint):
-        return from_dict(hint, value, where)
-    if origin is list:
-        if not isinstance(value, list):
-            raise LinearizeError(f"{where} must be a list, got {value!r}")
-        return [_coerce(v, args[0], f"{where}[{i}]") if args else v for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise LinearizeError(f"{where} must be a mapping, got {value!r}")
-        return dict(value)
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if hint in (int, float, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
-        raise LinearizeError(f"{where} must be a {hint.__name__}, got {value!r}")
-    return value
-
-
 def from_dict(cls, data: Any, where: str = ""):
     """Build dataclass `cls` from a mapping; unknown keys raise with the closest valid one."""
     if isinstance(data, cls):
@@ -206,17 +209,19 @@ def from_dict(cls, data: Any, where: str = ""):
         if cls is Recipe and key == "stages":
             values[key] = [stage_from_dict(s, f"stages[{i}]") for i, s in enumerate(value or [])]
         else:
-            values[key] = _coerce(value, hints[key], path)
+            values[key] = coerce(value, hints[key], path, nested=from_dict)
     return cls(**values)
 
 
 def stage_from_dict(data: Any, where: str):
+    """Build the config of the stage kind `data` names (its `kind` key)."""
+    kinds = stage_kinds()
     if not isinstance(data, dict) or "kind" not in data:
-        raise LinearizeError(f"{where} needs a 'kind' (one of: {', '.join(sorted(STAGES)) or 'none registered'})")
+        raise LinearizeError(f"{where} needs a 'kind' (one of: {', '.join(sorted(kinds))})")
     kind = data["kind"]
-    if kind not in STAGES:
-        raise LinearizeError(f"{where}: unknown stage kind {kind!r}; {_closest(str(kind), list(STAGES))}available: {', '.join(sorted(STAGES))}")
-    return from_dict(STAGES[kind], data, where)
+    if kind not in kinds:
+        raise LinearizeError(f"{where}: unknown stage kind {kind!r}; {_closest(str(kind), list(kinds))}available: {', '.join(sorted(kinds))}")
+    return from_dict(kinds[kind].config, data, where)
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from linearize.distillation.engine import check_launch
+from linearize.distillation.session import check_launch
 from linearize.hf.errors import LinearizeError
 from linearize.textdata import packaged_text
 from tests.conftest import REPO_ROOT

@@ -2,13 +2,15 @@
 description `linearize recipes` shows; every data file of the package ships in the wheel."""
 
 import fnmatch
+import subprocess
+import sys
 import tomllib
 
 import pytest
 
 from linearize import cli
-from linearize.config import RECIPE_DIR, load_recipe, recipe_summary, shipped_recipes
-from linearize.distillation.driver import RUNNERS, validate_recipe
+from linearize.config import RECIPE_DIR, load_recipe, recipe_summary, register_stage, shipped_recipes, stage_kinds
+from linearize.run import validate_recipe
 from linearize.hf.errors import LinearizeError
 from linearize.hf.mixers import MIXERS
 from tests.conftest import REPO_ROOT
@@ -28,13 +30,38 @@ def test_every_shipped_recipe_loads_and_validates(name):
     for recipe in (load_recipe(name), load_recipe(name, lines[1][len(prefix) :].split())):
         mixers = {recipe.convert.mixer, *recipe.convert.hybrid, *recipe.convert.mixer_options}
         assert mixers <= set(MIXERS)
-        assert recipe.stages and all(stage.kind in RUNNERS for stage in recipe.stages)
+        assert recipe.stages and all(stage.kind in stage_kinds() for stage in recipe.stages)
         validate_recipe(recipe)
     budget = sum(stage.tokens for stage in load_recipe(name).stages)
     if name == "quickstart":
         assert budget <= 65536  # minutes on two CPU cores
     else:
         assert 1_000_000 <= budget <= 20_000_000  # sized for minutes on one GPU, within the 20M tokens a recipe may spend
+
+
+def test_importing_the_config_alone_loads_a_recipe_of_both_stage_kinds():
+    """The stage registry fills itself: a fresh process that imports only linearize.config loads and validates a
+    recipe whose stages are of both kinds, each built as its registered config."""
+    code = (
+        "from linearize.config import load_recipe, stage_kinds\n"
+        "kinds = stage_kinds()\n"
+        "stages = load_recipe('lolcats').stages\n"
+        "assert all(type(s) is kinds[s.kind].config and callable(kinds[s.kind].run) for s in stages)\n"
+        "print(' '.join(s.kind for s in stages))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["attention_transfer", "lora_kd"]
+
+
+def test_a_stage_kind_registers_once_with_a_config_of_its_own_kind():
+    kinds = stage_kinds()
+    lora = kinds["lora_kd"]
+    with pytest.raises(ValueError, match="'lora_kd' is already registered by LoraKDConfig"):
+        register_stage("lora_kd", lora.config, lora.run)
+    with pytest.raises(ValueError, match="defaults to 'lora_kd2'"):
+        register_stage("lora_kd2", lora.config, lora.run)
+    assert stage_kinds() == kinds
 
 
 @pytest.mark.parametrize(

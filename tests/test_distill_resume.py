@@ -8,10 +8,12 @@ import torch
 
 import linearize
 from linearize.config import load_recipe
-from linearize.distillation import driver, engine, lora_kd
-from linearize.distillation.driver import run_stages
-from linearize.distillation.engine import Session, latest_checkpoint
+from linearize.distillation import loop
+from linearize.distillation.checkpoints import latest_checkpoint
+from linearize.distillation.session import Session
+from linearize.distillation.stages import lora_kd
 from linearize.hf.errors import LinearizeError
+from linearize.run import Run
 from tests.tiny import tiny_data, tiny_model
 
 # Two stages on a 6-layer model with the kept layers chosen automatically between them, so a resumed run
@@ -150,14 +152,14 @@ def test_a_resumed_stage_records_its_whole_training_time(data, tmp_path, monkeyp
         clock["now"] += 1.0
         return clock["now"]
 
-    sessions = []
+    sessions, train = [], Run.train
 
-    def keep_session(model, data, recipe, session, keep=None):
-        sessions.append(session)
-        return run_stages(model, data, recipe, session, keep)
+    def keep_session(run):
+        sessions.append(run.session)
+        return train(run)
 
-    monkeypatch.setattr(engine.time, "time", tick)
-    monkeypatch.setattr(driver, "run_stages", keep_session)
+    monkeypatch.setattr(loop.time, "time", tick)
+    monkeypatch.setattr(Run, "train", keep_session)
     distill(data, tmp_path / "a")
     with monkeypatch.context() as patch:
         interrupt_at(patch, stage=1, step=5)

@@ -89,7 +89,7 @@ def test_the_kl_of_one_converted_layer_is_that_layers_doing(windows):
         only_two = model(input_ids=windows[:2]).logits
     kl = single_layer_kl(model, windows[:2])
     assert all(value > 0 for value in kl.values())
-    from linearize.distillation.lora_kd import kd_losses
+    from linearize.distillation.stages.lora_kd import kd_losses
 
     assert kl[2] == pytest.approx(kd_losses(only_two, teacher, windows[:2], 1.0)[0].item(), rel=1e-5)
 

@@ -7,8 +7,8 @@ from transformers import AutoModelForCausalLM
 
 import linearize
 from linearize.distillation import AttentionTransferConfig, LoraKDConfig, Session, layer_errors
-from linearize.distillation import attention_transfer, lora_kd
-from linearize.distillation.engine import TrainConfig, train
+from linearize.distillation.loop import TrainConfig, train
+from linearize.distillation.stages import attention_transfer, lora_kd
 from linearize.hf.errors import LinearizeError
 from tests.tiny import assert_reloaded, tiny_data, tiny_model
 

@@ -22,8 +22,9 @@ from torch.distributed.fsdp._flat_param import HandleTrainingState
 from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
 import linearize
-from linearize.distillation.attention_transfer import TransferProbe, transfer_loss
-from linearize.distillation.engine import _release, check_resume, held_dtypes, unshard
+from linearize.distillation.fsdp import held_dtypes, release, unshard
+from linearize.distillation.session import check_resume
+from linearize.distillation.stages.attention_transfer import TransferProbe, transfer_loss
 from linearize.hf.errors import LinearizeError
 from linearize.hf.mixers import mixers_in
 from tests.tiny import random_ids, tiny_model
@@ -86,7 +87,7 @@ def worker(rank: int, port: int) -> None:
     try:
         reference, model = build(), build()
         ids = random_ids(2 * PROCESSES, 16)
-        mine = ids[rank * 2 : rank * 2 + 2]  # each process takes its half of the batch, as the engine does
+        mine = ids[rank * 2 : rank * 2 + 2]  # each process takes its half of the batch, as the training loop does
         step(reference, list(trainable(reference).values()), ids)
         held = held_dtypes(model, trainable(model), SimpleNamespace(mixed_precision="no")), {n: b.clone() for n, b in model.named_buffers()}
 
@@ -103,7 +104,7 @@ def worker(rank: int, port: int) -> None:
         wrapped = wrap(model)
         step(wrapped, [p for p in wrapped.parameters() if p.requires_grad], mine)
         accelerator = SimpleNamespace(distributed_type=DistributedType.FSDP, unwrap_model=lambda m, keep_fp32_wrapper: m, free_memory=lambda: None)
-        assert _release(accelerator, wrapped, held) is model
+        assert release(accelerator, wrapped, held) is model
         check(model, reference, ids)
     finally:
         dist.destroy_process_group()

@@ -19,8 +19,8 @@ from ..config import SelectionConfig
 from ..hf.errors import LinearizeError
 from ..hf.mixers import mixers_in, teacher_mode
 from ..surgery import revert_to_attention
-from .attention_transfer import layer_errors
-from .lora_kd import kd_losses
+from .stages.attention_transfer import layer_errors
+from .stages.lora_kd import kd_losses
 
 AUTO = re.compile(r"auto:([0-9]*\.?[0-9]+)")
 

@@ -14,7 +14,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-from linearize.hf.errors import LinearizeError
 from linearize.textdata import cut_windows
 
 # Windows per forward pass are sized so one batch holds about this many tokens.

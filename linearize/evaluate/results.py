@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from linearize.hf.errors import LinearizeError
+from linearize.record import RunRecord
 
 FORMAT = "linearize-results"
 VERSION = 1
@@ -95,45 +96,32 @@ class Results:
         return path
 
 
-def read_run_record(path: Path) -> dict[str, Any] | None:
-    """The record `linearize run` / `linearize distill` save beside a model as results.json (recipe, stages and,
-    after `run`, the teacher's, converted and distilled model's scores), or None where `path` holds anything else."""
-    try:
-        data = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError, OSError):
-        return None
-    if not isinstance(data, dict) or not isinstance(data.get("recipe"), dict) or not isinstance(data.get("stages"), list):
-        return None
-    return data
-
-
-def add_training(results: Results, model: str, run: dict[str, Any]) -> None:
+def add_training(results: Results, model: str, run: RunRecord) -> None:
     """A run record's distillation stages as `training` records of `model`."""
-    for stage in (item for item in run["stages"] if isinstance(item, dict)):
-        seconds, tokens = stage.get("seconds"), stage.get("tokens")
+    for stage in run.stages:
         results.add(
-            model, "training", stage=stage.get("stage"), stage_kind=stage.get("kind"), tokens=tokens, seconds=seconds,
-            tokens_per_s=tokens / seconds if seconds and tokens else None,
+            model, "training", stage=stage.stage, stage_kind=stage.kind, tokens=stage.tokens, seconds=stage.seconds,
+            tokens_per_s=stage.tokens_per_s,
         )
 
 
-def from_run_record(run: dict[str, Any], name: str) -> Results:
+def from_run_record(run: RunRecord, name: str) -> Results:
     """Results of a saved run: each scored model's perplexity on the run's held-out text at its eval length (the
     teacher, the model straight after conversion, the distilled model `name`), and its stages."""
     results = Results()
-    recipe = run["recipe"]
+    recipe = run.recipe
     evaluation, data = recipe.get("eval") or {}, recipe.get("data") or {}
     teacher = f"teacher of {name}"
     roles = (("teacher", teacher, "teacher"), ("converted", f"{name} (converted)", "student"), ("distilled", name, "student"))
     for key, model, role in roles:
-        scores = run.get(key)
-        if not isinstance(scores, dict) or scores.get("perplexity") is None:
+        scores = getattr(run, key)
+        if scores is None:
             continue
         results.add_model(ModelEntry(model, role, source=recipe.get("teacher"), teacher=None if role == "teacher" else teacher,
                                      via="teacher_mode" if role == "teacher" else None))
         context = evaluation.get("seq_len")
         results.add(model, "perplexity", data=Path(str(data.get("heldout") or "held-out")).name, context=context, stride=context,
-                    value=scores["perplexity"], tokens=evaluation.get("perplexity_tokens"))
+                    value=scores.perplexity, tokens=evaluation.get("perplexity_tokens"))
     if results.model(name) is not None or not results.models:
         results.add_model(ModelEntry(name, "student", source=recipe.get("teacher"), teacher=teacher if results.models else None))
         add_training(results, name, run)
@@ -144,12 +132,12 @@ def load_results(path: str | Path) -> Results:
     """Read one results file, a folder of them, or a model folder saved by `linearize run` / `distill` (its
     results.json); anything else is a one-line error."""
     path = Path(path)
-    if path.is_file() and (run := read_run_record(path)) is not None:
+    if path.is_file() and (run := RunRecord.read(path)) is not None:
         return from_run_record(run, path.resolve().parent.name)
     if path.is_dir():
         files = sorted(path.glob("*.json"))
         candidates = [f for f in files if _is_results(f)]
-        if not candidates and (run := read_run_record(path / "results.json")) is not None:
+        if not candidates and (run := RunRecord.read(path)) is not None:
             return from_run_record(run, path.resolve().name)
         if not candidates:
             raise LinearizeError(

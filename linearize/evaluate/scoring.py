@@ -13,21 +13,18 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from linearize.hf.errors import LinearizeError
+from linearize.record import RunRecord
 from linearize.textdata import cut_windows, special_prefix
 
 from .limits import check_lengths
-from .longcontext import ANSWER_TOKENS, DEFAULT_DEPTHS, answer, answer_of, make_probe
+from .longcontext import ANSWER_TOKENS, answer, answer_of, make_probe
 from .perplexity import agreement, strided_perplexity, window_count
 from .progress import progress_bar
-from .results import Results, add_training, environment, read_run_record
+from .results import Results, add_training, environment
 from .scored import Scored, scored_models
+from .settings import EvalSettings, eval_settings
 from .suites import task_specs
 from .textsource import load_text
-
-DEFAULT_SUITE = "local"
-DEFAULT_TEXT = "persuasion"
-
 
 def _perplexity(results: Results, scored: list[Scored], sources: Sequence[str], contexts: list[int], stride, max_tokens, data_options, bar):
     # At least one window of the longest context is measured, whatever max_tokens says.
@@ -87,7 +84,7 @@ def _agreement(results: Results, scored: list[Scored], streams: dict[int, tuple[
 def _training(results: Results, scored: list[Scored], folder: Path) -> None:
     """The distillation stages a saved folder records (its results.json), as `training` records of its student."""
     students = [item for item in scored if item.entry.role == "student"]
-    run = read_run_record(folder / "results.json")  # None for a results.json of some other kind
+    run = RunRecord.read(folder)  # None for a results.json of some other kind
     if students and run is not None:
         add_training(results, students[0].name, run)
 
@@ -123,91 +120,52 @@ def _retrieval(results: Results, scored: list[Scored], kind: str, lengths: list[
 def evaluate(
     model: Any,
     tokenizer: Any = None,
+    settings: EvalSettings | None = None,
     *,
-    tasks: Any = (),
-    suite: Any = (),
-    limit: int | float | None = None,
-    num_fewshot: int | None = None,
-    batch_size: int = 8,
-    perplexity: Any = (),
-    contexts: Sequence[int] = (512,),
-    stride: int | None = None,
-    max_tokens: int = 4096,
-    split: str = "test",
-    dataset_config: str | None = None,
-    text_field: str = "text",
-    passkey: bool = False,
-    needle: bool = False,
-    lengths: Sequence[int] = (256, 512, 1024),
-    depths: Sequence[float] = DEFAULT_DEPTHS,
-    trials: int = 2,
-    seed: int = 0,
     teacher: bool = True,
     name: str | None = None,
     dtype: Any = None,
     device: str | None = None,
-    allow_longer: bool = False,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    **changes: Any,
 ) -> Results:
     """Score a model (and, for a converted model, its teacher via teacher_mode) on lm-eval tasks, perplexity and
-    long-context retrieval. With nothing asked for, runs the offline default: suite "local" and perplexity on the
-    packaged Persuasion. Beside perplexity, each student's KL to its teacher and top-1 next-token agreement are
-    measured on the same text (`agreement` records); a folder saved by `linearize run` or `distill` adds its
-    stages' tokens, seconds and tokens/s (`training` records).
+    long-context retrieval, as `settings` (an `EvalSettings`) and the keyword `changes` to it say (tasks=, suite=,
+    perplexity=, contexts=, passkey=, lengths=, ...; see `EvalSettings`). With nothing asked for, runs the offline
+    default: suite "local" and perplexity on the packaged Persuasion. Beside perplexity, each student's KL to its
+    teacher and top-1 next-token agreement are measured on the same text (`agreement` records); a folder saved by
+    `linearize run` or `distill` adds its stages' tokens, seconds and tokens/s (`training` records).
 
     `model` is a loaded model (pass its `tokenizer`) or any `load_teacher` source: a converted folder, a model
-    folder, a .gguf file, an alias such as smollm2-135m, a Hub id.
-
-    tasks, suite: lm-eval task names (`NAME` or `NAME:METRIC`, a list or comma-separated) and suite names
-        (linearize/suites/suites.yaml); `limit` examples per task, `num_fewshot` for all, lm-eval `batch_size`.
-    perplexity: texts (`load_text` sources) measured in strided windows at each of `contexts`, over the first
-        `max_tokens` tokens (at least one window of the longest context); `stride` defaults to half the context.
-    passkey, needle: retrieval over `lengths` x `depths`, `trials` prompts per cell, built from `seed`.
-    teacher: also score a converted model as its own teacher (teacher_mode). Lengths beyond the model's
-        max_position_embeddings are refused unless `allow_longer`.
+    folder, a .gguf file, an alias such as smollm2-135m, a Hub id. `teacher`: also score a converted model as its
+    own teacher (teacher_mode); `name`, `dtype`, `device` name and place the loaded model.
 
     Example:
         >>> results = linearize.evaluate("out/smollm2-hedgehog", suite="local", perplexity="persuasion", passkey=True)
         >>> results.save("out/eval.json")      # then: linearize report out/eval.json --out out/report
     """
-    if trials < 1:
-        raise LinearizeError(f"trials must be at least 1, got {trials}")
-    if not (tasks or suite or perplexity or passkey or needle):
-        suite, perplexity = DEFAULT_SUITE, DEFAULT_TEXT
-    specs = task_specs(tasks, suite)
+    settings = eval_settings(settings, **changes)
+    specs = task_specs(settings.tasks, settings.suite)
     scored = scored_models(model, tokenizer, teacher=teacher, name=name, dtype=dtype, device=device)
     limit_tokens = scored[0].max_length
-    results = Results(
-        settings=dict(
-            tasks=[vars(s) for s in specs], limit=limit, num_fewshot=num_fewshot, perplexity=list(_as_list(perplexity)),
-            contexts=list(contexts), stride=stride, max_tokens=max_tokens, lengths=list(lengths), depths=list(depths),
-            trials=trials, seed=seed,
-        ),
-        environment=environment(str(next(scored[0].model.parameters()).device)),
-    )
+    results = Results(settings=settings.recorded(specs), environment=environment(str(next(scored[0].model.parameters()).device)))
     for item in scored:
         results.add_model(item.entry)
     if isinstance(model, (str, os.PathLike)) and Path(model).is_dir():
         _training(results, scored, Path(model))
-    contexts = check_lengths(contexts, limit_tokens, allow_longer, "perplexity context") if perplexity else []
-    retrieval = [kind for kind, wanted in (("passkey", passkey), ("needle", needle)) if wanted]
-    lengths = check_lengths(lengths, limit_tokens, allow_longer, "retrieval", extra=ANSWER_TOKENS) if retrieval else []
+    contexts = check_lengths(settings.contexts, limit_tokens, settings.allow_longer, "perplexity context") if settings.texts else []
+    lengths = check_lengths(settings.lengths, limit_tokens, settings.allow_longer, "retrieval", extra=ANSWER_TOKENS) if settings.retrieval else []
     if specs:
         from .harness import run_tasks  # lm-eval is imported only when tasks are asked for
 
-        for model_name, record in run_tasks(scored, specs, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size, log=log):
+        records = run_tasks(scored, specs, limit=settings.limit, num_fewshot=settings.num_fewshot, batch_size=settings.batch_size, log=log)
+        for model_name, record in records:
             results.add(model_name, "task", **record)
-    data_options = dict(split=split, name=dataset_config, text_field=text_field)
+    data_options = dict(split=settings.split, name=settings.dataset_config, text_field=settings.text_field)
     with progress_bar(progress) as bar:
-        if perplexity:
-            _perplexity(results, scored, _as_list(perplexity), contexts, stride, max_tokens, data_options, bar)
-        for kind in retrieval:
-            _retrieval(results, scored, kind, lengths, list(depths), trials, seed, bar)
+        if settings.texts:
+            _perplexity(results, scored, settings.texts, contexts, settings.stride, settings.max_tokens, data_options, bar)
+        for kind in settings.retrieval:
+            _retrieval(results, scored, kind, lengths, list(settings.depths), settings.trials, settings.seed, bar)
     return results
-
-
-def _as_list(value: Any) -> list[str]:
-    if not value:
-        return []
-    return list(value) if isinstance(value, (list, tuple)) else [value]

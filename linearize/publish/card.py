@@ -1,5 +1,6 @@
 """The model card (README.md) of a pushed converted model: Hub front matter, what was converted and how, the
-token budget, the report's tables and figures when there is a report, and how to load it."""
+token budget (from the run record), the report's tables and figures when there is a report (from its numbers,
+report.json), and how to load it."""
 
 from __future__ import annotations
 
@@ -11,15 +12,15 @@ from typing import Any
 import yaml
 
 from linearize.hf.configuration_linearized import LinearizedConfig
+from linearize.record import RunRecord
+from linearize.report import markdown
+from linearize.sources import classify_source
 
 # The embedded default teacher: what its alias stands for on the Hub, and its license.
 KNOWN_TEACHERS = {
     "smollm2-135m": ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0"),
     "smollm2-135m-instruct": ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0"),
 }
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
-# Stage keys that hold a number of training tokens, in recipes and in the results `linearize run` writes.
-TOKEN_KEYS = ("tokens", "train_tokens", "max_tokens", "token_budget")
 
 
 def front_matter(text: str) -> dict[str, Any]:
@@ -39,52 +40,43 @@ def teacher_identity(source: str | None) -> tuple[str | None, str | None]:
     local folder's README front matter, or a Hub id's README in the local Hugging Face cache."""
     if not source:
         return None, None
-    if source.strip().lower() in KNOWN_TEACHERS:
-        return KNOWN_TEACHERS[source.strip().lower()]
-    path = Path(source).expanduser()
-    if path.is_dir():
-        readme = path / "README.md"
+    found = classify_source(source, names=KNOWN_TEACHERS)
+    if found.kind == "name":
+        return KNOWN_TEACHERS[found.text]
+    if found.kind == "folder":
+        readme = found.path / "README.md"
         meta = front_matter(readme.read_text(errors="replace")) if readme.is_file() else {}
         base = meta.get("base_model")
         return (base if isinstance(base, str) else None), meta.get("license")
-    if _HUB_ID.match(source):
+    # Only `org/name`: push cuts a local path to its last component, so a bare `name` may be a folder elsewhere.
+    if found.kind == "hub" and "/" in found.text:
         from huggingface_hub import try_to_load_from_cache
 
-        cached = try_to_load_from_cache(source, "README.md")
+        cached = try_to_load_from_cache(found.text, "README.md")
         meta = front_matter(Path(cached).read_text(errors="replace")) if isinstance(cached, str) else {}
-        return source, meta.get("license")
+        return found.text, meta.get("license")
     return None, None
 
 
-def token_budget(recipe: dict[str, Any] | None, run: dict[str, Any] | None) -> int | None:
-    """Training tokens: what the run recorded per stage, else what the recipe's stages asked for."""
-    for stages in ((run or {}).get("stages"), (recipe or {}).get("stages")):
-        counts = [stage[key] for stage in stages or [] if isinstance(stage, dict) for key in TOKEN_KEYS if isinstance(stage.get(key), int)]
-        if counts:
-            return sum(counts)
-    return None
+def token_budget(recipe: dict[str, Any] | None, record: RunRecord | None) -> int | None:
+    """Training tokens: what the run recorded over its stages, else what the recipe's stages ask for (`tokens`)."""
+    if record is not None and record.tokens is not None:
+        return record.tokens
+    stages = [stage for stage in (recipe or {}).get("stages") or [] if isinstance(stage, dict)]
+    counts = [stage["tokens"] for stage in stages if isinstance(stage.get("tokens"), int)]
+    return sum(counts) if counts else None
 
 
-def _report_body(report_dir: Path | None) -> str:
-    """The report's sections with figure links pointing into the repo's report/ folder."""
-    if report_dir is None or not (report_dir / "report.md").is_file():
+def evaluation(summary: dict[str, Any] | None) -> str:
+    """The report's tables (from its report.json, the summary `linearize report` writes), with its figures under
+    report/ in the repo, nested under the card's own headings."""
+    if not summary:
         return ""
-    text = (report_dir / "report.md").read_text()
-    text = re.sub(r"^# .*\n+", "", text)  # the card has its own title
-    text = re.sub(r"^## ", "### ", text, flags=re.M)
-    return re.sub(r"\]\((?!https?://)([^)]+\.png)\)", r"](report/\1)", text)
+    figures = {key: f"report/{name}" for key, name in summary.get("figures", {}).items()}
+    return markdown.render(summary, figures, title=None, level=3)
 
 
-def model_card(
-    config: LinearizedConfig,
-    repo_id: str,
-    recipe: dict[str, Any] | None = None,
-    run: dict[str, Any] | None = None,
-    report_dir: Path | None = None,
-) -> str:
-    base, license_ = teacher_identity(config.source)
-    mixers = Counter(config.mixer_names())
-    converted = sum(n for name, n in mixers.items() if name != "attention")
+def _front_matter(config: LinearizedConfig, base: str | None, license_: str | None) -> str:
     meta: dict[str, Any] = {}
     if base:
         meta["base_model"] = base
@@ -92,36 +84,21 @@ def model_card(
     if license_:
         meta["license"] = license_
     meta["pipeline_tag"] = "text-generation"
-    meta["tags"] = ["linearize", "linear-attention", "distillation"] + sorted(f"mixer:{name}" for name in mixers)
-    teacher = f"[{base}](https://huggingface.co/{base})" if base else f"`{config.source or 'an unrecorded teacher'}`"
-    budget = token_budget(recipe, run)
-    lines = [
-        "---",
-        yaml.safe_dump(meta, sort_keys=False).strip(),
-        "---",
-        "",
-        f"# {repo_id.split('/')[-1]}",
-        "",
-        f"{teacher} converted to linear-time attention with [linearize](https://pypi.org/project/linearize/): "
-        f"{converted} of {len(config.layers)} softmax attention layers were replaced by mixers that reuse the teacher's "
-        "query/key/value/output weights, then distilled back towards the teacher.",
-        "",
-        "## Layers",
-        "",
-        "| mixer | layers | options |",
-        "|---|---|---|",
-    ]
+    meta["tags"] = ["linearize", "linear-attention", "distillation"] + sorted(f"mixer:{name}" for name in set(config.mixer_names()))
+    return "\n".join(["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---"])
+
+
+def _layers(config: LinearizedConfig) -> list[str]:
+    mixers = Counter(config.mixer_names())
+    lines = ["## Layers", "", "| mixer | layers | options |", "|---|---|---|"]
     for name, count in sorted(mixers.items()):
-        options = next(e["options"] for e in config.layers if e["mixer"] == name)
+        options = next(entry.options for entry in config.plan if entry.mixer == name)
         lines.append(f"| {name} | {count} | {', '.join(f'{k}={v}' for k, v in options.items()) or '–'} |")
-    lines += ["", "## Recipe", "", f"Training tokens: {f'{budget:,}' if budget is not None else 'not recorded'}."]
-    if recipe:
-        lines += ["", "```yaml", yaml.safe_dump(recipe, sort_keys=False).strip(), "```"]
-    report = _report_body(report_dir)
-    if report:
-        lines += ["", "## Evaluation", "", report.strip()]
-    lines += [
-        "",
+    return lines
+
+
+def _how_to_load(repo_id: str) -> list[str]:
+    return [
         "## How to load",
         "",
         "With linearize installed (`pip install linearize`), no remote code is needed:",
@@ -149,4 +126,39 @@ def model_card(
         "context; assisted (speculative) generation is not supported, as a recurrent state cannot be rolled back.",
         "",
     ]
-    return "\n".join(lines)
+
+
+def model_card(
+    config: LinearizedConfig,
+    repo_id: str,
+    recipe: dict[str, Any] | None = None,
+    record: RunRecord | None = None,
+    summary: dict[str, Any] | None = None,
+) -> str:
+    """The card of `config`'s model pushed as `repo_id`: `recipe` (as saved in recipe.yaml), the run's `record`
+    (its results.json) and a report's `summary` (its report.json) when there are any."""
+    base, license_ = teacher_identity(config.source)
+    converted = len(config.plan.converted())
+    teacher = f"[{base}](https://huggingface.co/{base})" if base else f"`{config.source or 'an unrecorded teacher'}`"
+    budget = token_budget(recipe, record)
+    lines = [
+        _front_matter(config, base, license_),
+        "",
+        f"# {repo_id.split('/')[-1]}",
+        "",
+        f"{teacher} converted to linear-time attention with [linearize](https://pypi.org/project/linearize/): "
+        f"{converted} of {len(config.plan)} softmax attention layers were replaced by mixers that reuse the teacher's "
+        "query/key/value/output weights, then distilled back towards the teacher.",
+        "",
+        *_layers(config),
+        "",
+        "## Recipe",
+        "",
+        f"Training tokens: {f'{budget:,}' if budget is not None else 'not recorded'}.",
+    ]
+    if recipe:
+        lines += ["", "```yaml", yaml.safe_dump(recipe, sort_keys=False).strip(), "```"]
+    report = evaluation(summary)
+    if report:
+        lines += ["", "## Evaluation", "", report.strip()]
+    return "\n".join(lines + ["", *_how_to_load(repo_id)])

@@ -25,6 +25,8 @@ import yaml
 
 from linearize.hf.errors import LinearizeError
 from linearize.inspect import read_config
+from linearize.record import RunRecord
+from linearize.report import NUMBERS
 
 from .card import model_card
 
@@ -137,8 +139,8 @@ def operations(folder: Path, repo_id: str, report_dir: Path | None) -> list:
         config,
         repo_id,
         recipe=scrub_paths(_read(folder / "recipe.yaml", yaml.safe_load)),
-        run=scrub_paths(_read(folder / "results.json", json.loads)),
-        report_dir=report_dir,
+        record=RunRecord.read(folder),
+        summary=scrub_paths(_read(report_dir / NUMBERS, json.loads)) if report_dir is not None else None,
     )
     ops.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode()))
     return ops
@@ -195,7 +197,7 @@ def push(
     Example:
         >>> linearize.push("out/smollm2-hedgehog", "my-org/smollm2-135m-hedgehog", private=True, log=print)
     """
-    from huggingface_hub import HfApi, get_token
+    from huggingface_hub import get_token
 
     if not isinstance(repo_id, str) or repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise LinearizeError(f"repo id {repo_id!r} must look like ORG/NAME (or USER/NAME)")
@@ -214,9 +216,9 @@ def push(
     check_folder(folder)
     rest = left_behind(folder, ignore)
     report_dir = Path(report) if report is not None else folder / "report"
-    if report is not None and not (report_dir / "report.md").is_file():
-        raise LinearizeError(f"report folder {str(report_dir)!r} has no report.md; write it with `linearize report RESULTS --out {report_dir}`")
-    ops = operations(folder, repo_id, report_dir if (report_dir / "report.md").is_file() else None)
+    if report is not None and not (report_dir / NUMBERS).is_file():
+        raise LinearizeError(f"report folder {str(report_dir)!r} has no report.json; write it with `linearize report RESULTS --out {report_dir}`")
+    ops = operations(folder, repo_id, report_dir if (report_dir / NUMBERS).is_file() else None)
     paths = [op.path_in_repo for op in ops]
     if log:
         log(f"{'would upload' if dry_run else 'uploading'} to {repo_id}: {', '.join(paths)}")
@@ -224,8 +226,14 @@ def push(
             log(f"left behind in {folder}: {', '.join(rest)}")
     if dry_run:
         return paths
-    endpoint = os.environ.get("HF_ENDPOINT") or None
-    api = HfApi(endpoint=endpoint, token=token)
+    return _commit(repo_id, ops, token, private=private, revision=revision, commit_message=commit_message)
+
+
+def _commit(repo_id: str, ops: list, token: str, *, private: bool, revision: str | None, commit_message: str) -> str:
+    """Create the repo (and branch) if needed and commit `ops` in one commit; return the commit URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         if revision and revision != "main":

@@ -134,12 +134,13 @@ def environment_section(summary: dict[str, Any]) -> str:
     return "## Environment\n\n" + ", ".join(f"{k}: {v}" for k, v in env.items())
 
 
-def render(summary: dict[str, Any], figures: dict[str, str | None]) -> str:
+def render(summary: dict[str, Any], figures: dict[str, str | None], title: str | None = "linearize report", level: int = 2) -> str:
+    """The report as Markdown: `title` as its heading (None: no heading), sections at heading `level` (the model
+    card nests them under its own), each figure linked by the path `figures` gives for it."""
     models = [m["name"] for m in summary["models"]]
     students = [p["student"] for p in summary["pairs"]]
     speed_figures = [f for f in (figures.get("speed"), figures.get("memory")) if f]
     sections = [
-        "# linearize report",
         models_section(summary),
         accuracy_section(summary, models, students, figures.get("accuracy")),
         perplexity_section(summary, models, students, figures.get("perplexity")),
@@ -150,4 +151,6 @@ def render(summary: dict[str, Any], figures: dict[str, str | None]) -> str:
         speed_section(summary, speed_figures),
         environment_section(summary),
     ]
-    return "\n\n".join(s for s in sections if s) + "\n"
+    # Every section opens with its own level-2 heading.
+    text = ["#" * (level - 2) + s for s in sections if s]
+    return "\n\n".join(([f"# {title}"] if title else []) + text) + "\n"

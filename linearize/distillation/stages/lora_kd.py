@@ -16,14 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import register_stage
-from ..hf.attention import AttentionSpec, attention_slot, decoder_layers
-from ..hf.errors import LinearizeError
-from ..hf.mixers import mixers_in, teacher_mode
-from .engine import Session, TrainConfig, train
+from ...config import register_stage
+from ...hf.attention import AttentionSpec, attention_slot, decoder_layers
+from ...hf.errors import LinearizeError
+from ...hf.mixers import mixers_in, teacher_mode
+from ..loop import TrainConfig, train
+from ..session import Session
 
 
-@register_stage("lora_kd")
 @dataclass
 class LoraKDConfig(TrainConfig):
     """LoRA on the teacher's projections inside converted layers, distilled from the teacher's logits.
@@ -65,8 +65,8 @@ def lora_targets(model: nn.Module, config: LoraKDConfig) -> list[str]:
     if not config.converted_only:
         text_config = model.config.text_config
         blocks = decoder_layers(model, text_config.num_hidden_layers)
-        for index, entry in enumerate(model.config.layers):
-            if entry["mixer"] == "attention":
+        for index, entry in enumerate(model.config.plan):
+            if entry.is_attention:
                 attn = getattr(blocks[index], attention_slot(blocks[index]))
                 attentions.append((index, attn, AttentionSpec.read(attn, text_config, index)))
     targets = []
@@ -136,3 +136,6 @@ def run(model: nn.Module, data, config: LoraKDConfig, session: Session | None = 
     merged = peft_model.merge_and_unload()
     merged.config.tuned_projections = True
     return merged
+
+
+register_stage("lora_kd", LoraKDConfig, run)

@@ -17,13 +17,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import register_stage
-from ..hf.errors import LinearizeError
-from ..hf.mixers import mixers_in
-from .engine import Session, TrainConfig, is_fsdp, train
+from ...config import register_stage
+from ...hf.errors import LinearizeError
+from ...hf.mixers import mixers_in
+from ..fsdp import is_fsdp
+from ..loop import TrainConfig, train
+from ..session import Session
 
 
-@register_stage("attention_transfer")
 @dataclass
 class AttentionTransferConfig(TrainConfig):
     """Train the mixers' new parameters so each converted layer matches its teacher output (MSE, per layer)."""
@@ -133,6 +134,9 @@ def fsdp_backward_hooks(wrapped: nn.Module, errors: dict[int, torch.Tensor], lay
     but its error, so each unit is gathered before its student's backward unpacks the parameter views it saved
     (freed by the unit's reshard after forward). The graph, the values and the gradients are unchanged.
     """
+    # FSDP's registration function (and the units' _is_root, _handle) are private, for want of a public way (torch
+    # 2.11 to 2.13): FSDP1 puts these hooks only on a unit's own outputs, and torch's public module hooks
+    # (register_full_backward_pre_hook, ...) fire only on outputs that carry a gradient, which none here does.
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp._runtime_utils import _register_pre_backward_hooks
 
@@ -209,3 +213,6 @@ def run(model: nn.Module, data, config: AttentionTransferConfig, session: Sessio
     report["layers"] = probe.layers
     session.reports.append(report)
     return model
+
+
+register_stage("attention_transfer", AttentionTransferConfig, run)

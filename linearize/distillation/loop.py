@@ -1,0 +1,345 @@
+"""The training loop every stage shares, written the accelerate way.
+
+The same code runs on CPU, on one GPU and on several under `accelerate launch` (DDP or FSDP): the model is
+prepared by the Accelerator, micro-batches accumulate gradients under `no_sync`, and mixed precision is autocast
+with the trainable parameters kept in float32. A non-finite loss or gradient stops the run before the optimizer
+touches the weights. An interrupted stage resumes from its step checkpoints (see `checkpoints`); under FSDP no
+checkpoints are written (they would hold one process's shards), and each stage ends by gathering the full weights
+back into the plain model on every process (see `fsdp`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..hf.attention import decoder_layers
+from ..hf.errors import LinearizeError
+from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from .fsdp import held_dtypes, inside_wrappers, is_fsdp, release, trainable_fp32
+from .session import Session
+
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
+
+
+@dataclass
+class TrainConfig:
+    """What every stage takes.
+
+    tokens: training budget; the stage runs floor(tokens / tokens per step) optimizer steps and stops there.
+    batch_size: windows per micro-batch on each process; grad_accum: micro-batches per optimizer step.
+    lr, optimizer (adamw, sgd), weight_decay, scheduler (cosine, linear, constant, constant_with_warmup),
+    warmup_steps: the optimisation; max_grad_norm clips the gradient norm (0: no clipping).
+    gradient_checkpointing: recompute activations in the backward pass to save memory.
+    compile: run each decoder layer through torch.compile for this stage. The mixers' PyTorch forms are chains of
+        small operations; on a GPU at a few thousand tokens per step launching them bounds the speed, and
+        compiling fuses them. Identical layers share one compiled graph, so the first step pays for compiling
+        each kind of layer once, not the whole depth.
+    checkpoint_every: steps between checkpoints (0: only at the end of the stage, when a checkpoint folder is set).
+    log_every: steps between metric records.
+    """
+
+    tokens: int = 1_000_000
+    batch_size: int = 1
+    grad_accum: int = 1
+    lr: float = 1e-3
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    scheduler: str = "cosine"
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = False
+    compile: bool = False
+    checkpoint_every: int = 100
+    log_every: int = 10
+
+    def __post_init__(self):
+        kind = getattr(self, "kind", "stage")
+        if self.tokens <= 0:
+            raise LinearizeError(f"{kind}: tokens must be a positive budget, got {self.tokens}; e.g. tokens: 2_000_000")
+        for name in ("batch_size", "grad_accum", "log_every"):
+            if getattr(self, name) < 1:
+                raise LinearizeError(f"{kind}: {name} must be at least 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.weight_decay < 0 or self.max_grad_norm < 0 or self.warmup_steps < 0 or self.checkpoint_every < 0:
+            raise LinearizeError(f"{kind}: lr must be positive and weight_decay, max_grad_norm, warmup_steps, checkpoint_every not negative")
+        if self.optimizer not in OPTIMIZERS:
+            raise LinearizeError(f"{kind}: unknown optimizer {self.optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
+        if self.scheduler not in SCHEDULERS:
+            raise LinearizeError(f"{kind}: unknown scheduler {self.scheduler!r}; use one of {', '.join(SCHEDULERS)}")
+
+
+def count_steps(config: TrainConfig, seq_len: int, processes: int, where: str) -> int:
+    """Optimizer steps the budget pays for (never more than `tokens`); fewer than one is an error."""
+    tokens_per_step = config.batch_size * config.grad_accum * processes * seq_len
+    if config.tokens < tokens_per_step:
+        raise LinearizeError(
+            f"{where}: tokens={config.tokens:,} is less than one optimizer step of {tokens_per_step:,} tokens "
+            f"(batch_size x grad_accum x processes x seq_len); raise tokens or lower batch_size"
+        )
+    return config.tokens // tokens_per_step
+
+
+def build_optimizer(config: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def set_checkpointing(model: nn.Module, enable: bool) -> None:
+    """Gradient checkpointing through transformers (named activation checkpointing from 5.2x on)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    prefix = "activation_checkpointing" if hasattr(base, "activation_checkpointing_enable") else "gradient_checkpointing"
+    if enable:
+        getattr(base, f"{prefix}_enable")({"use_reentrant": False})
+    else:
+        getattr(base, f"{prefix}_disable")()
+
+
+def compile_layers(model: nn.Module) -> list[nn.Module]:
+    """Compile each decoder layer of `model` in place (regional compilation); returns the layers compiled.
+
+    Parameters are graph inputs to dynamo, so identical layers share one compiled graph and compiling costs one
+    layer, not the model's depth. `nn.Module.compile` keeps the compiled call on the module itself, so names and
+    state_dict keys stay as they are. Under FSDP the layer inside each unit's wrappers is compiled, so the units'
+    gathering and resharding run eagerly around it.
+    """
+    layers = [inside_wrappers(layer) for layer in decoder_layers(model, model.config.get_text_config().num_hidden_layers)]
+    for layer in layers:
+        layer.compile()
+    return layers
+
+
+def uncompile(module: nn.Module) -> None:
+    """Undo `module.compile()`, so the module runs eagerly again."""
+    # torch (2.11 to 2.13) has no public inverse: compile() sets the compiled call as an instance attribute over
+    # the class's None, so dropping the instance attribute restores the eager call.
+    module.__dict__.pop("_compiled_call_impl", None)
+
+
+StepLoss = Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def train(
+    model: nn.Module,
+    data,
+    config: TrainConfig,
+    session: Session,
+    params: dict[str, nn.Parameter],
+    step_loss: StepLoss,
+) -> dict[str, Any]:
+    """Train `params` (names -> parameters of `model`) on `data.train` to minimise `step_loss(model, batch)`.
+
+    `step_loss` returns the loss and a dict of detached metric tensors (scalars or per-layer vectors) that are
+    averaged over micro-batches and processes and written every `log_every` steps. Returns the stage report.
+    """
+    stage = _Stage(model, data, config, session, params, step_loss)
+    stage.resume()
+    return stage.run()
+
+
+class _Stage:
+    """One call of `train`, in its parts: the setup (here), the resumption, the optimizer steps (each checked for
+    non-finite values, logged and checkpointed as due) and handing the model back however the stage ends."""
+
+    def __init__(self, model: nn.Module, data, config: TrainConfig, session: Session, params: dict[str, nn.Parameter], step_loss: StepLoss):
+        from transformers import get_scheduler
+
+        self.model, self.data, self.config, self.session, self.params, self.step_loss = model, data, config, session, params, step_loss
+        self.acc = acc = session.accelerator
+        self.kind = getattr(config, "kind", "stage")
+        self.index = session.stage_index
+        self.where = f"stages[{self.index}] ({self.kind})"
+        if data.train is None:
+            raise LinearizeError(f"{self.where} needs training data; load it with train=True")
+        self.steps = count_steps(config, data.seq_len, acc.num_processes, self.where)
+        self.tokens_per_step = config.batch_size * config.grad_accum * acc.num_processes * data.seq_len
+
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in params.values():
+            p.requires_grad_(True)
+        self.fsdp, self.held = is_fsdp(acc), None
+        if self.fsdp:
+            # FSDP flattens each unit into one tensor of one dtype and, under mixed precision, upcasts the units that
+            # train itself and casts buffers in place; what one process would hold is put back when the stage ends.
+            self.held = held_dtypes(model, params, acc), {name: b.detach().clone() for name, b in model.named_buffers()}
+        else:
+            trainable_fp32(params, acc)
+        optimizer = build_optimizer(config, list(params.values()))
+        self.scheduler = get_scheduler(config.scheduler, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=self.steps)
+        if config.gradient_checkpointing:
+            set_checkpointing(model, True)
+        self.wrapped, self.optimizer = acc.prepare(model, optimizer)
+
+    def resume(self) -> None:
+        """Continue from the stage's newest checkpoint, if there is one; under FSDP refuse one and write none."""
+        session, where = self.session, self.where
+        self.stage_dir = session.stage_dir(self.kind)
+        self.start, earlier_seconds = 0, 0.0
+        checkpoint = latest_checkpoint(self.stage_dir)
+        if self.fsdp and self.stage_dir is not None:
+            if checkpoint is not None:
+                raise LinearizeError(f"{where}: {checkpoint} cannot be resumed under FSDP; resume under DDP (recipes/accelerate/ddp.yaml) or start again with --overwrite")
+            session.say(f"{where}: no checkpoints are written under FSDP (they would hold one process's shards)")
+            self.stage_dir = None
+        if checkpoint is not None:
+            state = load_checkpoint(session, checkpoint, self.params, self.optimizer, self.scheduler)
+            if state.get("kind") != self.kind or state.get("total_steps") != self.steps:
+                raise LinearizeError(
+                    f"checkpoint {checkpoint} was written for another stage, budget or number of processes; resume as it was started, or start again with --overwrite"
+                )
+            self.start, earlier_seconds = state["step"], state.get("seconds", 0.0)
+            session.say(f"{where}: resuming from {checkpoint} (step {self.start}/{self.steps})")
+        index, start = self.index, self.start
+        session.keep_records(lambda r: r.get("stage") != index or r.get("step", 0) <= start)
+        self.last_saved, self.last_step = checkpoint, self.start
+        self.started = time.time() - earlier_seconds  # a resumed stage records its whole training time
+
+    def run(self) -> dict[str, Any]:
+        """The steps from where the stage starts to its end; returns the stage report."""
+        config, data, index = self.config, self.data, self.index
+        report = {
+            "stage": index, "kind": self.kind, "steps": self.steps, "tokens": self.steps * self.tokens_per_step,
+            "trainable_parameters": sum(p.numel() for p in self.params.values()),
+        }
+        progress = _progress(self.session)
+        self.sums: dict[str, torch.Tensor] = {}
+        self.window_start, self.window_steps = time.time(), 0
+        self.model.train()
+        compiled = compile_layers(self.model) if config.compile else []
+        try:
+            with progress:
+                task = progress.add_task(self.where, total=self.steps, completed=self.start, rate="-", loss="-")
+                for step in range(self.start, self.steps):
+                    grad_norm = self.optimizer_step(step)
+                    done = step + 1
+                    if done % config.log_every == 0 or done == self.steps or done == 1:
+                        self.log(done, grad_norm, progress, task)
+                    progress.update(task, completed=done)
+                    if self.stage_dir is not None and (done == self.steps or (config.checkpoint_every and done % config.checkpoint_every == 0)):
+                        self.save(done)
+        except torch.cuda.OutOfMemoryError:
+            raise LinearizeError(
+                f"{self.where}: the GPU ran out of memory with batch_size={config.batch_size} and data.seq_len={data.seq_len}; "
+                f"lower stages[{index}].batch_size (raise grad_accum to keep the batch), lower data.seq_len, "
+                f"or set stages[{index}].gradient_checkpointing=true"
+            ) from None
+        finally:
+            self.hand_back(compiled)
+        logged = [r for r in self.session.records if r.get("stage") == index]
+        report.update(seconds=round(time.time() - self.started, 1), first=logged[0] if logged else None, last=logged[-1] if logged else None)
+        return report
+
+    def optimizer_step(self, step: int) -> torch.Tensor:
+        """Optimizer step `step` over `grad_accum` micro-batches, taken only when the loss and the gradient are
+        finite; adds its metrics to those of the steps since the last record. Returns the gradient norm."""
+        acc, config, wrapped = self.acc, self.config, self.wrapped
+        step_sums: dict[str, torch.Tensor] = {}
+        for micro in range(config.grad_accum):
+            first = ((step * config.grad_accum + micro) * acc.num_processes + acc.process_index) * config.batch_size
+            batch = self.data.train.take(first, config.batch_size).to(acc.device)
+            last_micro = micro == config.grad_accum - 1
+            with nullcontext() if last_micro else acc.no_sync(wrapped):
+                loss, metrics = self.step_loss(wrapped, batch)
+                acc.backward(loss / config.grad_accum)
+            for name, value in {"loss": loss.detach(), **metrics}.items():
+                step_sums[name] = step_sums.get(name, 0) + value.detach().float() / config.grad_accum
+        # accelerate clips with FSDP's own (global) norm only when handed the wrapped model's parameters.
+        grad_norm = acc.clip_grad_norm_(list(wrapped.parameters()) if self.fsdp else list(self.params.values()), config.max_grad_norm or math.inf)
+        self.check_finite(step, step_sums["loss"], grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        for name, value in step_sums.items():
+            self.sums[name] = self.sums.get(name, 0) + value
+        self.window_steps += 1
+        return grad_norm
+
+    def check_finite(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        """Stop before the weights change when the loss (on any process) or the gradient norm is not finite; the
+        error says which checkpoints are kept and how to continue."""
+        acc, session, index = self.acc, self.session, self.index
+        loss_ok = bool(torch.isfinite(loss))
+        # Every process takes the same decision, so none is left waiting in a collective.
+        bad = acc.reduce(torch.tensor([0.0 if loss_ok else 1.0], device=acc.device), "sum").item() > 0
+        if not bad and torch.isfinite(grad_norm):
+            return
+        if not bad:
+            problem = f"the gradient norm is {float(grad_norm)}"
+        else:
+            problem = f"the loss is {loss.item()}" if not loss_ok else "the loss is not finite on another process"
+        if session.checkpoints is None:
+            kept, then = "no checkpoints are kept (none were asked for)", "run it again"
+        else:
+            kept = (
+                f"this stage's last good checkpoint (step {self.last_step}) is in {self.last_saved}" if self.last_saved else "this stage has no checkpoint yet"
+            ) + (f", and the {index} finished stage(s) before it are kept in {session.checkpoints}" if index else "")
+            then = f"continue with --resume stages.{index}.lr=LOWER: this stage starts again" + (" after the finished ones" if index else "")
+        raise LinearizeError(
+            f"{self.where} step {step + 1}: {problem}; stopped before updating the weights; {kept}. Lower "
+            f"stages[{index}].lr (or raise warmup_steps) and {then}"
+        )
+
+    def log(self, done: int, grad_norm: torch.Tensor, progress, task) -> None:
+        """Record the metrics of the steps since the last record, averaged over them and over the processes."""
+        elapsed = max(time.time() - self.window_start, 1e-9)
+        means = {name: _float(self.acc.reduce(value / self.window_steps, "mean")) for name, value in self.sums.items()}
+        entry = {
+            "stage": self.index,
+            "kind": self.kind,
+            "step": done,
+            "tokens": done * self.tokens_per_step,
+            "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": float(grad_norm),
+            "tokens_per_s": round(self.window_steps * self.tokens_per_step / elapsed, 1),
+            **means,
+        }
+        self.session.record(entry)
+        progress.update(task, rate=f"{entry['tokens_per_s']:,.0f}", loss=f"{means['loss']:.4g}")
+        self.sums, self.window_start, self.window_steps = {}, time.time(), 0
+
+    def save(self, done: int) -> None:
+        state = {
+            "stage": self.index, "kind": self.kind, "step": done, "total_steps": self.steps, "tokens": done * self.tokens_per_step,
+            "seconds": time.time() - self.started,
+        }
+        self.last_saved = save_checkpoint(self.session, self.stage_dir, state, self.params, self.optimizer, self.scheduler)
+        self.last_step = done
+
+    def hand_back(self, compiled: list[nn.Module]) -> None:
+        """However the stage ended: the model eager again, without gradient checkpointing, unwrapped and frozen."""
+        self.model.eval()
+        for layer in compiled:
+            uncompile(layer)
+        if self.config.gradient_checkpointing:
+            set_checkpointing(self.model, False)
+        # Under FSDP the parameters are new objects now, so they are reached through the model.
+        for p in release(self.acc, self.wrapped, self.held).parameters():
+            p.requires_grad_(False)
+
+
+def _float(value: torch.Tensor) -> float | list[float]:
+    value = value.detach().float().cpu()
+    return value.item() if value.dim() == 0 else [round(v, 6) for v in value.tolist()]
+
+
+def _progress(session: Session):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]} tok/s"),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeRemainingColumn(),
+        disable=not (session.progress and session.main),
+    )
