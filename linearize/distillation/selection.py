@@ -20,7 +20,7 @@ from ..hf.errors import LinearizeError
 from ..hf.mixers import mixers_in, teacher_mode
 from ..surgery import revert_to_attention
 from .stages.attention_transfer import layer_errors
-from .stages.lora_kd import kd_losses
+from .kd import kd_losses
 
 AUTO = re.compile(r"auto:([0-9]*\.?[0-9]+)")
 

@@ -10,16 +10,18 @@ adapters are merged into the projections, and the model saves and reloads withou
 from __future__ import annotations
 
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ...config import register_stage
 from ...hf.attention import AttentionSpec, attention_slot, decoder_layers
 from ...hf.errors import LinearizeError
 from ...hf.mixers import mixers_in, teacher_mode
+from ..fsdp import is_fsdp
+from ..kd import KDHead, chunkable_head, hidden_states_out, kd_losses
 from ..loop import TrainConfig, train
 from ..session import Session
 
@@ -35,6 +37,10 @@ class LoraKDConfig(TrainConfig):
     temperature: of both distributions in the KL; kl_weight, ce_weight: the mix of KL and next-token cross-entropy.
     train_new_parameters: also train the parameters the mixers added (feature maps, gates) in this stage.
     merge: merge the adapters at the end (false returns the peft model, e.g. to save the adapters alone).
+    kl_chunk: tokens per chunk of the losses, computed from the hidden states through the output head so that no
+        batch x sequence x vocabulary logits are ever held (see linearize.distillation.kd); 0 computes them from
+        full logits. Families whose logits are more than `head(hidden states)` (soft-capping, scaling) and FSDP
+        runs always use full logits.
     """
 
     kind: str = "lora_kd"
@@ -49,6 +55,7 @@ class LoraKDConfig(TrainConfig):
     ce_weight: float = 0.0
     train_new_parameters: bool = False
     merge: bool = True
+    kl_chunk: int = 256
 
     def __post_init__(self):
         super().__post_init__()
@@ -56,6 +63,8 @@ class LoraKDConfig(TrainConfig):
             raise LinearizeError("lora_kd: rank must be at least 1, alpha and temperature positive, dropout in [0, 1)")
         if self.kl_weight < 0 or self.ce_weight < 0 or self.kl_weight + self.ce_weight == 0:
             raise LinearizeError("lora_kd: kl_weight and ce_weight must not be negative, and not both zero")
+        if self.kl_chunk < 0:
+            raise LinearizeError(f"lora_kd: kl_chunk must be 0 (full logits) or a number of tokens, got {self.kl_chunk}")
 
 
 def lora_targets(model: nn.Module, config: LoraKDConfig) -> list[str]:
@@ -82,14 +91,18 @@ def lora_targets(model: nn.Module, config: LoraKDConfig) -> list[str]:
     return targets
 
 
-def kd_losses(student_logits: torch.Tensor, teacher_logits: torch.Tensor, ids: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(KL(teacher || student) per token at `temperature`, times temperature squared; next-token cross-entropy)."""
-    student = student_logits.float()
-    log_student = F.log_softmax(student / temperature, dim=-1)
-    log_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    kl = F.kl_div(log_student, log_teacher, log_target=True, reduction="none").sum(-1).mean() * temperature**2
-    ce = F.cross_entropy(student[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
-    return kl, ce
+def _chunked_head(model: nn.Module, data, config: LoraKDConfig, session: Session) -> KDHead | None:
+    """The head the chunked losses go through, or None where they cannot (kl_chunk 0, FSDP, a family whose logits
+    are more than head(hidden states), checked on the first training window)."""
+    if not config.kl_chunk or is_fsdp(session.accelerator):
+        return None
+    model.eval()
+    probe = data.train.take(0, 1)[:, :64].to(next(model.parameters()).device)
+    linear = chunkable_head(model, probe)
+    if linear is None:
+        session.say(f"stages[{session.stage_index}] (lora_kd): this model's logits are more than its head's output; the losses use full logits")
+        return None
+    return KDHead(linear.weight, linear.bias, config.kl_chunk, ce_grad=config.ce_weight > 0)
 
 
 def run(model: nn.Module, data, config: LoraKDConfig, session: Session | None = None) -> nn.Module:
@@ -114,15 +127,20 @@ def run(model: nn.Module, data, config: LoraKDConfig, session: Session | None = 
         own = {id(p) for m in mixers_in(model) for p in m.new_parameters()}
         params.update({name: p for name, p in peft_model.named_parameters() if id(p) in own})
 
+    head = _chunked_head(peft_model, data, config, session)
+
     def step_loss(wrapped: nn.Module, batch: torch.Tensor):
         # The teacher pass: adapters off, softmax attention on, no dropout; the same weights as the student. It runs
         # through the prepared model: under FSDP only its forward gathers the weights, and it brings the autocast.
+        # With a chunked head both passes stop at the hidden states the head reads (see linearize.distillation.kd).
+        outputs = (lambda: hidden_states_out(peft_model)) if head is not None else nullcontext
         peft_model.eval()
-        with torch.no_grad(), peft_model.disable_adapter(), teacher_mode(peft_model):
-            teacher_logits = wrapped(input_ids=batch, use_cache=False).logits
+        with torch.no_grad(), peft_model.disable_adapter(), teacher_mode(peft_model), outputs():
+            teacher_out = wrapped(input_ids=batch, use_cache=False).logits
         peft_model.train()
-        student_logits = wrapped(input_ids=batch, use_cache=False).logits
-        kl, ce = kd_losses(student_logits, teacher_logits, batch, config.temperature)
+        with outputs():
+            student_out = wrapped(input_ids=batch, use_cache=False).logits
+        kl, ce = kd_losses(student_out, teacher_out, batch, config.temperature, head)
         loss = config.kl_weight * kl + config.ce_weight * ce
         return loss, {"kl": kl.detach(), "ce": ce.detach()}
 

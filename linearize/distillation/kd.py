@@ -1,0 +1,152 @@
+"""The knowledge-distillation losses: KL(teacher || student) of the next-token distributions and the next-token
+cross-entropy, from logits or, chunked over the tokens, from the hidden states before the output head.
+
+The chunked form never holds batch x sequence x vocabulary: it computes each chunk's logits of both models, the
+chunk's losses and the chunk's gradient with respect to the student's hidden states (and the head's weights when
+they train) in the forward pass, and keeps only those gradients, of the hidden states' size, for the backward
+pass. It equals the logit form (tests/test_kd.py checks values and gradients).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class KDHead:
+    """The output head the chunked losses apply: `weight` (vocabulary x hidden) and `bias`, `chunk` tokens at a time;
+    `ce_grad` false treats the cross-entropy as a metric only (no gradient, one matrix product less per chunk)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    chunk: int = 1024
+    ce_grad: bool = True
+
+
+def kd_losses(student: torch.Tensor, teacher: torch.Tensor, ids: torch.Tensor, temperature: float, head: KDHead | None = None):
+    """(KL(teacher || student) per token at `temperature`, times temperature squared; next-token cross-entropy).
+
+    `student` and `teacher` are logits (batch, sequence, vocabulary), or, with `head`, the hidden states the head
+    turns into logits (batch, sequence, hidden).
+    """
+    if head is not None:
+        return _ChunkedKD.apply(student, teacher, head.weight, head.bias, ids, temperature, head.chunk, head.ce_grad)
+    logits = student.to(_accumulate(student.dtype))
+    log_student = F.log_softmax(logits / temperature, dim=-1)
+    log_teacher = F.log_softmax(teacher.to(logits.dtype) / temperature, dim=-1)
+    kl = F.kl_div(log_student, log_teacher, log_target=True, reduction="none").sum(-1).mean() * temperature**2
+    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    return kl, ce
+
+
+def _accumulate(dtype: torch.dtype) -> torch.dtype:
+    """Losses are computed in float32 at least (float64 stays float64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _targets(ids: torch.Tensor) -> torch.Tensor:
+    """Each position's next token, -1 at the last position of every row (no target)."""
+    return torch.cat((ids[:, 1:], torch.full_like(ids[:, :1], -1)), dim=1).flatten()
+
+
+class _ChunkedKD(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, teacher_hidden, weight, bias, ids, temperature, chunk, ce_grad):
+        rows, width = hidden.shape[0] * hidden.shape[1], hidden.shape[-1]
+        h, ht, targets = hidden.reshape(rows, width), teacher_hidden.reshape(rows, width), _targets(ids)
+        scored = int((targets >= 0).sum())
+        train_head = weight.requires_grad
+        grads = {"kl": torch.zeros_like(h), "ce": torch.zeros_like(h) if ce_grad else None}
+        head_grads = {name: torch.zeros_like(weight) if train_head and g is not None else None for name, g in grads.items()}
+        bias_grads = {name: torch.zeros_like(bias) if bias is not None and bias.requires_grad and g is not None else None for name, g in grads.items()}
+        acc = _accumulate(h.dtype)
+        kl_sum = torch.zeros((), dtype=acc, device=h.device)
+        ce_sum = torch.zeros((), dtype=acc, device=h.device)
+        for start in range(0, rows, chunk):
+            part = slice(start, start + chunk)
+            logits = F.linear(h[part], weight, bias).to(acc)
+            log_student = F.log_softmax(logits / temperature, dim=-1)
+            log_teacher = F.log_softmax(F.linear(ht[part], weight, bias).to(acc) / temperature, dim=-1)
+            teacher_p = log_teacher.exp()
+            kl_sum += (teacher_p * (log_teacher - log_student)).sum()
+            # d(mean KL x T^2)/d logits = T (softmax(s/T) - softmax(t/T)) / rows
+            d_kl = (log_student.exp() - teacher_p) * (temperature / rows)
+            log_p = log_student if temperature == 1 else F.log_softmax(logits, dim=-1)
+            target = targets[part]
+            valid = target >= 0
+            ce_sum -= log_p[valid].gather(1, target[valid, None]).sum()
+            d_ce = None
+            if ce_grad:
+                d_ce = log_p.exp()
+                d_ce[valid, target[valid]] -= 1
+                d_ce[~valid] = 0
+                d_ce /= max(scored, 1)
+            for name, d in (("kl", d_kl), ("ce", d_ce)):
+                if d is None:
+                    continue
+                d = d.to(weight.dtype)
+                grads[name][part] = d @ weight
+                if head_grads[name] is not None:
+                    head_grads[name] += d.t() @ h[part]
+                if bias_grads[name] is not None:
+                    bias_grads[name] += d.sum(0)
+        ctx.shape = hidden.shape
+        ctx.save_for_backward(*(t for group in (grads, head_grads, bias_grads) for t in group.values() if t is not None))
+        ctx.present = [[t is not None for t in group.values()] for group in (grads, head_grads, bias_grads)]
+        kl, ce = kl_sum / rows * temperature**2, ce_sum / max(scored, 1)
+        if not ce_grad:
+            ctx.mark_non_differentiable(ce)
+        return kl, ce
+
+    @staticmethod
+    def backward(ctx, grad_kl, grad_ce):
+        saved = iter(ctx.saved_tensors)
+        groups = [[next(saved) if present else None for present in group] for group in ctx.present]
+
+        def combine(pair):
+            kl_part, ce_part = pair
+            if kl_part is None:
+                return None
+            total = kl_part * grad_kl
+            return total + ce_part * grad_ce if ce_part is not None and grad_ce is not None else total
+
+        grad_hidden, grad_weight, grad_bias = (combine(group) for group in groups)
+        return grad_hidden.reshape(ctx.shape), None, grad_weight, grad_bias, None, None, None, None
+
+
+def _base(model: nn.Module) -> nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+@contextmanager
+def hidden_states_out(model: nn.Module):
+    """Inside: the model's forward returns, as its `logits`, the hidden states its output head would read (the
+    head is replaced by an identity); the head is put back on leaving, however the block ends."""
+    base = _base(model)
+    head = base.get_output_embeddings()
+    base.set_output_embeddings(nn.Identity())
+    try:
+        yield head
+    finally:
+        base.set_output_embeddings(head)
+
+
+@torch.no_grad()
+def chunkable_head(model: nn.Module, probe: torch.Tensor) -> nn.Linear | None:
+    """The model's output head when its logits are exactly `head(hidden states)` (no soft-capping, scaling or other
+    family-specific step after the head, checked on `probe` tokens), else None: then only the logit form applies."""
+    head = _base(model).get_output_embeddings()
+    if not isinstance(head, nn.Linear):
+        return None
+    logits = model(input_ids=probe, use_cache=False).logits.float()
+    with hidden_states_out(model):
+        hidden = model(input_ids=probe, use_cache=False).logits
+    if hidden.shape[-1] != head.in_features:
+        return None
+    again = F.linear(hidden.float(), head.weight.float(), None if head.bias is None else head.bias.float())
+    return head if torch.allclose(again, logits, rtol=1e-4, atol=1e-4 * float(logits.abs().max())) else None

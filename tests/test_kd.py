@@ -1,0 +1,91 @@
+"""The chunked KD losses equal the logit form, values and gradients, and the lora_kd stage trains the same with either."""
+
+import pytest
+import torch
+from torch import nn
+
+import linearize
+from linearize.distillation import LoraKDConfig
+from linearize.distillation.kd import KDHead, chunkable_head, hidden_states_out, kd_losses
+from linearize.distillation.stages import lora_kd
+from linearize.hf.errors import LinearizeError
+from tests.tiny import tiny_data, tiny_model
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("temperature, chunk, bias", [(1.0, 7, False), (2.0, 64, True), (0.5, 1, True)])
+def test_chunked_losses_equal_the_logit_form_with_gradients(dtype, temperature, chunk, bias):
+    torch.manual_seed(0)
+    batch, length, width, vocab = 3, 11, 16, 37
+    hidden = torch.randn(batch, length, width, dtype=dtype, requires_grad=True)
+    teacher_hidden = torch.randn(batch, length, width, dtype=dtype)
+    head = nn.Linear(width, vocab, bias=bias).to(dtype)
+    ids = torch.randint(vocab, (batch, length))
+    kl, ce = kd_losses(head(hidden), head(teacher_hidden).detach(), ids, temperature)  # the teacher pass has no gradient
+    (0.7 * kl + 0.3 * ce).backward()
+    expected = [hidden.grad.clone(), head.weight.grad.clone()] + ([head.bias.grad.clone()] if bias else [])
+    for p in (hidden, *head.parameters()):
+        p.grad = None
+    got_kl, got_ce = kd_losses(hidden, teacher_hidden, ids, temperature, KDHead(head.weight, head.bias, chunk))
+    (0.7 * got_kl + 0.3 * got_ce).backward()
+    got = [hidden.grad, head.weight.grad] + ([head.bias.grad] if bias else [])
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    assert got_kl.item() == pytest.approx(kl.item(), rel=tolerance) and got_ce.item() == pytest.approx(ce.item(), rel=tolerance)
+    for a, b in zip(got, expected):
+        assert torch.allclose(a, b, rtol=tolerance * 10, atol=tolerance), (a - b).abs().max()
+
+
+def test_without_the_cross_entropy_gradient_only_the_kl_trains():
+    torch.manual_seed(1)
+    hidden = torch.randn(2, 9, 8, dtype=torch.float64, requires_grad=True)
+    teacher_hidden, head, ids = torch.randn(2, 9, 8, dtype=torch.float64), nn.Linear(8, 13).double(), torch.randint(13, (2, 9))
+    kl, ce = kd_losses(head(hidden), head(teacher_hidden), ids, 1.0)
+    kl.backward()
+    expected, hidden.grad = hidden.grad.clone(), None
+    got_kl, got_ce = kd_losses(hidden, teacher_hidden, ids, 1.0, KDHead(head.weight.detach(), head.bias.detach(), 4, ce_grad=False))
+    got_kl.backward()
+    assert torch.allclose(hidden.grad, expected, atol=1e-12) and not got_ce.requires_grad
+    assert got_ce.item() == pytest.approx(ce.item(), rel=1e-12)
+
+
+def test_the_hidden_states_and_the_head_give_the_models_logits():
+    model = tiny_model()
+    ids = torch.randint(model.config.vocab_size, (2, 12))
+    head = chunkable_head(model, ids)
+    assert head is model.get_output_embeddings()
+    with hidden_states_out(model):
+        hidden = model(input_ids=ids, use_cache=False).logits
+    assert torch.allclose(head(hidden), model(input_ids=ids, use_cache=False).logits, atol=1e-5)
+    assert model.get_output_embeddings() is head
+
+
+def test_a_family_with_soft_capped_logits_keeps_the_logit_form():
+    model = tiny_model()
+    forward = model.forward
+
+    def capped(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        out.logits = torch.tanh(out.logits / 3) * 3
+        return out
+
+    model.forward = capped
+    assert chunkable_head(model, torch.randint(model.config.vocab_size, (1, 8))) is None
+
+
+def test_lora_kd_trains_the_same_with_chunked_and_full_logits():
+    data = tiny_data(seq_len=16)
+    trained = []
+    for chunk in (0, 5):
+        torch.manual_seed(0)
+        model = linearize.convert(tiny_model(), "hedgehog")
+        start = {n: p.detach().clone() for n, p in model.named_parameters()}
+        config = LoraKDConfig(tokens=16 * 2 * 3, batch_size=2, lr=1e-2, kl_chunk=chunk, ce_weight=0.5)
+        trained.append({n: p.detach().clone() for n, p in lora_kd.run(model, data, config).named_parameters()})
+    full, chunked = trained
+    assert full.keys() == chunked.keys() and any(not torch.equal(full[n], start[n]) for n in full)
+    assert all(torch.allclose(full[n], chunked[n], atol=1e-9) for n in full)
+
+
+def test_a_negative_chunk_is_refused():
+    with pytest.raises(LinearizeError, match="kl_chunk"):
+        LoraKDConfig(kl_chunk=-1)
