@@ -132,3 +132,15 @@ def test_report_command(tmp_path, monkeypatch, capsys):
     assert done.value.code == 2
     error = capsys.readouterr().err
     assert "does not exist; write one with `linearize eval" in error and error.count("\n") == 1
+
+
+def test_one_text_at_one_context_with_two_strides_is_two_rows(tmp_path):
+    """A run's back-to-back windows and eval's strided ones are different numbers: neither hides the other."""
+    results = Results()
+    results.add_model(ModelEntry("teacher", "teacher"))
+    results.add_model(ModelEntry("student", "student", teacher="teacher"))
+    for stride, teacher, student in ((512, 36.6, 52.1), (256, 34.5, 49.7)):
+        results.add("teacher", "perplexity", data="persuasion", context=512, stride=stride, value=teacher, tokens=4096)
+        results.add("student", "perplexity", data="persuasion", context=512, stride=stride, value=student, tokens=4096)
+    text = write_report([results], tmp_path).read_text()
+    assert "| persuasion | 512 | 256 | 34.50 | 49.70 | 1.441 |" in text and "| persuasion | 512 | 512 | 36.60 | 52.10 | 1.423 |" in text

@@ -52,10 +52,13 @@ def accuracy(results: Results) -> list[dict[str, Any]]:
 
 
 def perplexity(results: Results) -> list[dict[str, Any]]:
-    """Per (text, context): each model's perplexity and each student's ratio to its teacher (1.0 = equal)."""
-    rows: dict[tuple[str, int], dict[str, Any]] = {}
+    """Per (text, context, stride): each model's perplexity and each student's ratio to its teacher (1.0 = equal).
+    Measurements of one text at one context with other strides (a run's back-to-back windows, `eval`'s strided
+    ones) are other rows: they are different numbers."""
+    rows: dict[tuple[str, int, Any], dict[str, Any]] = {}
     for record in results.of("perplexity"):
-        row = rows.setdefault((record["data"], record["context"]), {"data": record["data"], "context": record["context"], "values": {}})
+        key = (record["data"], record["context"], record.get("stride"))
+        row = rows.setdefault(key, {"data": record["data"], "context": record["context"], "stride": record.get("stride"), "values": {}})
         row["values"][record["model"]] = record["value"]
     for row in rows.values():
         row["ratio"] = {}
@@ -63,7 +66,7 @@ def perplexity(results: Results) -> list[dict[str, Any]]:
             ratio = _ratio(row["values"].get(student), row["values"].get(teacher))
             if ratio is not None:
                 row["ratio"][student] = ratio
-    return sorted(rows.values(), key=lambda r: (r["data"], r["context"]))
+    return sorted(rows.values(), key=lambda r: (r["data"], r["context"], r["stride"] or 0))
 
 
 def retrieval(results: Results, kind: str) -> dict[str, Any]:

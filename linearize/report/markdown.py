@@ -55,9 +55,12 @@ def perplexity_section(summary: dict[str, Any], models: list[str], students: lis
     rows = summary["perplexity"]
     if not rows:
         return ""
-    header = ["text", "context"] + models + [f"{s} / teacher" for s in students]
+    # A stride column only where one text is measured at one context with several strides (different numbers).
+    strided = len({(r["data"], r["context"], r.get("stride")) for r in rows}) > len({(r["data"], r["context"]) for r in rows})
+    header = ["text", "context"] + ["stride"] * strided + models + [f"{s} / teacher" for s in students]
     body = [
-        [r["data"], str(r["context"])] + [_num(r["values"].get(m), 2) for m in models] + [_num(r["ratio"].get(s), 3) for s in students]
+        [r["data"], str(r["context"])] + [_num(r.get("stride"))] * strided + [_num(r["values"].get(m), 2) for m in models]
+        + [_num(r["ratio"].get(s), 3) for s in students]
         for r in rows
     ]
     text = "## Perplexity\n\nLower is better; a ratio of 1.000 matches the teacher.\n\n" + table(header, body)

@@ -43,6 +43,12 @@ def accuracy(rows: list[dict[str, Any]], models: list[str], path: Path) -> Path 
     return _save(figure, path)
 
 
+def _row_label(row: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    """The text of a perplexity row, with its stride where the rows measure one text at several strides."""
+    strides = {r.get("stride") for r in rows if r["data"] == row["data"]}
+    return row["data"] if len(strides) == 1 else f"{row['data']}, stride {row.get('stride')}"
+
+
 def perplexity(rows: list[dict[str, Any]], models: list[str], path: Path) -> Path | None:
     """Perplexity of every model, each value written on the figure: bars side by side for one context length,
     one line per model and text against context length for several. The value axis is logarithmic only when the
@@ -55,23 +61,23 @@ def perplexity(rows: list[dict[str, Any]], models: list[str], path: Path) -> Pat
     axis = figure.subplots()
     if len(contexts) == 1:
         labels, heights = [], []
-        for row in sorted(rows, key=lambda r: r["data"]):
+        for row in rows:
             for model in models:
                 if row["values"].get(model) is not None:
-                    labels.append(model if len({r["data"] for r in rows}) == 1 else f"{model}\n({row['data']})")
+                    labels.append(model if len(rows) == 1 else f"{model}\n({_row_label(row, rows)})")
                     heights.append(row["values"][model])
         bars = axis.bar(range(len(heights)), heights, color=[f"C{i % 10}" for i in range(len(heights))])
         axis.bar_label(bars, [f"{h:.2f}" for h in heights], fontsize=8)
         axis.set_xticks(range(len(labels)), labels, fontsize=8, rotation=15, ha="right")
         axis.set_title(f"perplexity at {contexts[0]} tokens of context (lower is better)")
     else:
-        for data in sorted({r["data"] for r in rows}):
-            subset = sorted((r for r in rows if r["data"] == data), key=lambda r: r["context"])
+        for series in sorted({_row_label(r, rows) for r in rows}):
+            subset = sorted((r for r in rows if _row_label(r, rows) == series), key=lambda r: r["context"])
             for model in models:
                 points = [(r["context"], r["values"][model]) for r in subset if r["values"].get(model) is not None]
                 if points:
                     xs, ys = zip(*points)
-                    axis.plot(xs, ys, marker="o", label=f"{model} ({data})")
+                    axis.plot(xs, ys, marker="o", label=f"{model} ({series})")
                     for x, y in points:
                         axis.annotate(f"{y:.2f}", (x, y), textcoords="offset points", xytext=(0, 5), ha="center", fontsize=7)
         axis.set_xscale("log", base=2)
