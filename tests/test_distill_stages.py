@@ -195,3 +195,23 @@ def test_budgets_must_hold_a_step(data):
         TrainConfig(tokens=0)
     with pytest.raises(LinearizeError, match="less than one optimizer step of 128 tokens"):
         attention_transfer.run(student(), data, AttentionTransferConfig(tokens=100, batch_size=4), session())
+
+
+def test_metric_records_carry_mfu_against_the_peak_they_are_measured_against(data, monkeypatch):
+    """MFU = tokens/s x FLOPs per token (4 per non-embedding parameter in attention transfer) / peak; on a CPU without
+    LINEARIZE_PEAK_TFLOPS no MFU is reported."""
+    from linearize.distillation.loop import non_embedding_parameters
+
+    config = AttentionTransferConfig(tokens=32 * 2 * 2, batch_size=2, log_every=1)
+    session = Session(progress=False)
+    attention_transfer.run(student(), data, config, session)
+    assert not any("mfu" in r for r in session.records)
+    monkeypatch.setenv("LINEARIZE_PEAK_TFLOPS", "0.001")
+    model, session = student(), Session(progress=False)
+    per_token = 4 * non_embedding_parameters(model)
+    attention_transfer.run(model, data, config, session)
+    logged = [r for r in session.records if "tokens_per_s" in r]
+    assert logged and all(r["mfu"] == pytest.approx(r["tokens_per_s"] * per_token / 1e9, rel=1e-3) for r in logged)
+    monkeypatch.setenv("LINEARIZE_PEAK_TFLOPS", "fast")
+    with pytest.raises(LinearizeError, match="LINEARIZE_PEAK_TFLOPS"):
+        attention_transfer.run(student(), data, config, Session(progress=False))

@@ -11,11 +11,12 @@ back into the plain model on every process (see `fsdp`).
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -26,6 +27,9 @@ from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from .fsdp import held_dtypes, inside_wrappers, is_fsdp, release, trainable_fp32
 from .session import Session
 
+# Dense bf16/fp16 matrix peaks from the vendors' datasheets, by device name, for MFU under mixed precision;
+# LINEARIZE_PEAK_TFLOPS sets the peak for any device.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 
@@ -45,7 +49,13 @@ class TrainConfig:
         each kind of layer once, not the whole depth.
     checkpoint_every: steps between checkpoints (0: only at the end of the stage, when a checkpoint folder is set).
     log_every: steps between metric records.
+
+    `flops_per_parameter` (a class constant of each stage) counts the FLOPs one token costs per non-embedding
+    parameter, for MFU: 2 per forward pass and 2 per backward pass through activations (frozen weights need no
+    weight gradients).
     """
+
+    flops_per_parameter: ClassVar[int] = 6
 
     tokens: int = 1_000_000
     batch_size: int = 1
@@ -124,6 +134,26 @@ def uncompile(module: nn.Module) -> None:
     module.__dict__.pop("_compiled_call_impl", None)
 
 
+def peak_flops(accelerator) -> float | None:
+    """FLOP/s the MFU figure is measured against: LINEARIZE_PEAK_TFLOPS, else the datasheet peak of a known GPU
+    under bf16/fp16 mixed precision, else None (no MFU is reported)."""
+    override = os.environ.get("LINEARIZE_PEAK_TFLOPS")
+    if override:
+        try:
+            return float(override) * 1e12
+        except ValueError:
+            raise LinearizeError(f"LINEARIZE_PEAK_TFLOPS must be a number of TFLOP/s, e.g. 989; got {override!r}") from None
+    if accelerator.device.type != "cuda" or accelerator.mixed_precision not in ("bf16", "fp16"):
+        return None
+    name = torch.cuda.get_device_name(accelerator.device)
+    return next((tflops * 1e12 for key, tflops in PEAK_TFLOPS.items() if key in name), None)
+
+
+def non_embedding_parameters(model: nn.Module) -> int:
+    embeddings = {id(p) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None for p in m.parameters()}
+    return sum(p.numel() for p in model.parameters() if id(p) not in embeddings)
+
+
 StepLoss = Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
@@ -161,6 +191,8 @@ class _Stage:
             raise LinearizeError(f"{self.where} needs training data; load it with train=True")
         self.steps = count_steps(config, data.seq_len, acc.num_processes, self.where)
         self.tokens_per_step = config.batch_size * config.grad_accum * acc.num_processes * data.seq_len
+        self.peak = peak_flops(acc)
+        self.flops_per_token = config.flops_per_parameter * non_embedding_parameters(model)
 
         for p in model.parameters():
             p.requires_grad_(False)
@@ -217,7 +249,7 @@ class _Stage:
         compiled = compile_layers(self.model) if config.compile else []
         try:
             with progress:
-                task = progress.add_task(self.where, total=self.steps, completed=self.start, rate="-", loss="-")
+                task = progress.add_task(self.where, total=self.steps, completed=self.start, rate="- tok/s", loss="-")
                 for step in range(self.start, self.steps):
                     grad_norm = self.optimizer_step(step)
                     done = step + 1
@@ -302,8 +334,12 @@ class _Stage:
             "tokens_per_s": round(self.window_steps * self.tokens_per_step / elapsed, 1),
             **means,
         }
+        rate = f"{entry['tokens_per_s']:,.0f} tok/s"
+        if self.peak:
+            entry["mfu"] = round(entry["tokens_per_s"] * self.flops_per_token / self.peak, 4)
+            rate += f", MFU {entry['mfu']:.1%}"
         self.session.record(entry)
-        progress.update(task, rate=f"{entry['tokens_per_s']:,.0f}", loss=f"{means['loss']:.4g}")
+        progress.update(task, rate=rate, loss=f"{means['loss']:.4g}")
         self.sums, self.window_start, self.window_steps = {}, time.time(), 0
 
     def save(self, done: int) -> None:
@@ -338,7 +374,7 @@ def _progress(session: Session):
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]} tok/s"),
+        TextColumn("{task.fields[rate]}"),
         TextColumn("loss {task.fields[loss]}"),
         TimeRemainingColumn(),
         disable=not (session.progress and session.main),

@@ -13,6 +13,7 @@ attention weights (T x T per head, with window and feature-map parts combined), 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -28,6 +29,8 @@ from ..session import Session
 @dataclass
 class AttentionTransferConfig(TrainConfig):
     """Train the mixers' new parameters so each converted layer matches its teacher output (MSE, per layer)."""
+
+    flops_per_parameter: ClassVar[int] = 4  # one forward (the teacher's attention inside it) and one backward
 
     kind: str = "attention_transfer"
     lr: float = 1e-2

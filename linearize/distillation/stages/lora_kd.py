@@ -12,6 +12,7 @@ from __future__ import annotations
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -42,6 +43,8 @@ class LoraKDConfig(TrainConfig):
         full logits. Families whose logits are more than `head(hidden states)` (soft-capping, scaling) and FSDP
         runs always use full logits.
     """
+
+    flops_per_parameter: ClassVar[int] = 6  # the teacher's forward, the student's forward and its backward
 
     kind: str = "lora_kd"
     lr: float = 1e-4
