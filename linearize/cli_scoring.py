@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .evaluate.results import RETRIEVAL_KINDS
 from .evaluate.settings import EvalSettings
 from .hf.errors import LinearizeError
 
@@ -57,7 +58,7 @@ def _show(results, title: str) -> None:
             table.add_row(r["model"], f"{r['task']} ({r['metric']})", f"{r['value']:.4f}")
         elif r["kind"] == "perplexity":
             table.add_row(r["model"], f"perplexity {r['data']} @ {r['context']}", f"{r['value']:.3f}")
-        elif r["kind"] in ("passkey", "needle"):
+        elif r["kind"] in RETRIEVAL_KINDS:
             table.add_row(r["model"], f"{r['kind']} {r['length']} tokens, depth {r['depth']:g}", f"{r['value']:.2f}")
         elif r["kind"] == "agreement":
             table.add_row(r["model"], f"KL to the teacher / top-1 agreement, {r['data']} @ {r['context']}", f"{r['kl']:.4f} / {r['top1']:.3f}")
@@ -91,6 +92,7 @@ def eval_command(
     text_field: Annotated[str, typer.Option(help="Text column of a dataset")] = DEFAULTS.text_field,
     passkey: Annotated[bool, typer.Option(help="Passkey retrieval over --lengths and --depths")] = False,
     needle: Annotated[bool, typer.Option(help="Single needle in a haystack over --lengths and --depths")] = False,
+    ruler: Annotated[bool, typer.Option(help="RULER's multi-key needle, key-value retrieval and variable tracking over --lengths and --depths")] = False,
     lengths: Annotated[str, typer.Option(help="Retrieval prompt lengths in tokens, e.g. 256,1K,4K")] = _joined(DEFAULTS.lengths),
     depths: Annotated[str, typer.Option(help="Where the hidden line sits, 0 = start, 1 = end")] = _joined(DEFAULTS.depths),
     trials: Annotated[int, typer.Option(help="Retrieval prompts per (length, depth)")] = DEFAULTS.trials,
@@ -103,7 +105,7 @@ def eval_command(
 ):
     """Score models on lm-eval tasks, perplexity and long-context retrieval, each converted model beside its teacher.
 
-    With no --tasks, --suite, --perplexity, --passkey or --needle: the offline default (suite local, perplexity on persuasion).
+    With no --tasks, --suite, --perplexity, --passkey, --needle or --ruler: the offline default (suite local, perplexity on persuasion).
     """
     from .evaluate.results import Results
     from .evaluate.scoring import evaluate
@@ -111,7 +113,7 @@ def eval_command(
     settings = EvalSettings(
         tasks=tasks or (), suite=suite or (), limit=limit if limit is None or limit < 1 else int(limit), num_fewshot=num_fewshot,
         batch_size=batch_size, perplexity=perplexity or (), contexts=parse_ints(contexts, "--contexts"), stride=stride,
-        max_tokens=ppl_tokens, split=split, dataset_config=dataset_config, text_field=text_field, passkey=passkey, needle=needle,
+        max_tokens=ppl_tokens, split=split, dataset_config=dataset_config, text_field=text_field, passkey=passkey, needle=needle, ruler=ruler,
         lengths=parse_ints(lengths, "--lengths"), depths=parse_floats(depths, "--depths"), trials=trials, seed=seed,
         allow_longer=allow_longer,
     )

@@ -120,6 +120,9 @@ class DataConfig:
     heldout_tokens: at most this many held-out tokens are kept.
     allow_longer: train on windows longer than the model's positions (`max_position_embeddings`); refused
         otherwise, as `linearize eval` refuses such lengths without --allow-longer.
+    retrieval: the share of training windows made retrieval tasks with their answers (0: none), of
+        `retrieval_kinds` (passkey, needle, multikey, kv, vt; see linearize.distillation.retrieval_mix), built
+        from other text and answers than `linearize eval`'s probes.
     """
 
     train: str = "prideprejudice"
@@ -135,12 +138,16 @@ class DataConfig:
     chat_template: bool = False
     streaming: bool = False
     allow_longer: bool = False
+    retrieval: float = 0.0
+    retrieval_kinds: list[str] = field(default_factory=lambda: ["passkey", "needle", "multikey", "kv", "vt"])
 
     def __post_init__(self):
         if self.seq_len < 8:
             raise LinearizeError(f"data.seq_len must be at least 8, got {self.seq_len}")
         if not 0 < self.heldout_fraction < 1:
             raise LinearizeError(f"data.heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+        if not 0 <= self.retrieval < 1:
+            raise LinearizeError(f"data.retrieval is a share of the training windows, in [0, 1); got {self.retrieval}")
         if self.heldout_tokens < 1:
             raise LinearizeError(f"data.heldout_tokens must be positive, got {self.heldout_tokens}")
         if not self.train:

@@ -1,6 +1,7 @@
 """Distillation data: every source kind loads, tokenises and packs the same way; bad sources are one-line errors."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -165,3 +166,30 @@ def test_real_austen_folder_when_present(austen_dir):
     data = load_data(DataConfig(train=str(austen_dir), heldout=None, seq_len=512, heldout_tokens=4096), tokenizer, seed=1)
     assert len(data.train) > 1000
     assert data.heldout.numel() == 4096
+
+
+def test_a_share_of_windows_becomes_retrieval_tasks_ending_in_their_answer(tokenizer):
+    settings = dict(train="prideprejudice", heldout="persuasion", seq_len=1024, heldout_tokens=2048)
+    plain = load_data(DataConfig(**settings), tokenizer, seed=1)
+    mixed = load_data(DataConfig(**settings, retrieval=0.5), tokenizer, seed=1)
+    batch, again, base = mixed.train.take(0, 40), mixed.train.take(0, 40), plain.train.take(0, 40)
+    assert batch.shape == (40, 1024) and torch.equal(batch, again)  # a function of the index and the seed
+    changed = [i for i in range(40) if not torch.equal(batch[i], base[i])]
+    assert 10 <= len(changed) <= 30 and "50% of them retrieval tasks (passkey, needle, multikey, kv, vt)" in mixed.description
+    texts = [tokenizer.decode(batch[i]) for i in changed]
+    for text in texts:
+        question, answer = text.rsplit(" is", 1)
+        assert re.fullmatch(r":? ?\d{6}\.", answer.strip()) and answer.strip(" :.") in question  # the answer was hidden in it
+    assert {"pass key", "special magic number", "value of key", "value of VAR"} <= {
+        marker for text in texts for marker in ("pass key", "special magic number", "value of key", "value of VAR") if marker in text
+    }
+    assert torch.equal(mixed.train.take(17, 5), batch[17:22])
+
+
+def test_retrieval_tasks_need_room_and_known_kinds(tokenizer):
+    with pytest.raises(LinearizeError, match="data.retrieval: .*too short.*raise data.seq_len"):
+        load_data(DataConfig(train="prideprejudice", heldout="persuasion", seq_len=64, retrieval=0.1), tokenizer)
+    with pytest.raises(LinearizeError, match="retrieval_kinds.*'haystack'"):
+        load_data(DataConfig(train="prideprejudice", heldout="persuasion", seq_len=1024, retrieval=0.1, retrieval_kinds=["haystack"]), tokenizer)
+    with pytest.raises(LinearizeError, match=r"data.retrieval is a share"):
+        DataConfig(retrieval=1.5)

@@ -18,6 +18,7 @@ from ..config import DataConfig
 from ..hf.errors import LinearizeError
 from ..sources import DATA_BUILDERS, Source, classify_source
 from ..textdata import PACKAGED_TEXTS, cut_windows, packaged_text, special_prefix
+from .retrieval_mix import RetrievalMix, with_retrieval
 
 __all__ = ["DataSource", "DistillData", "PackedWindows", "StreamedWindows", "check_source", "load_data"]
 
@@ -224,7 +225,7 @@ class DistillData:
         >>> data.heldout_windows(512, max_tokens=8192).shape
     """
 
-    train: PackedWindows | StreamedWindows | None
+    train: PackedWindows | StreamedWindows | RetrievalMix | None
     heldout: torch.Tensor
     seq_len: int
     description: str = ""
@@ -310,8 +311,9 @@ def load_data(config: DataConfig, tokenizer, train: bool = True, seed: int = 0, 
             packed = packed[: count - held]
         windows = PackedWindows(packed, seed)
         description = f"{name}: {len(windows):,} windows of {seq_len} tokens"
+    windows, mixed = with_retrieval(windows, config, tokenizer, seed)
     source = config.heldout or ("the first windows of the stream" if streaming else "the last windows of the training data")
-    return DistillData(windows, heldout, seq_len, f"{description}; held out: {source}, {heldout.numel():,} tokens", special_prefix(tokenizer))
+    return DistillData(windows, heldout, seq_len, f"{description}{mixed}; held out: {source}, {heldout.numel():,} tokens", special_prefix(tokenizer))
 
 
 def _take(iterator: Iterator, count: int) -> Iterator:

@@ -12,7 +12,7 @@ Record kinds and their fields:
     task        task, metric, value, stderr, samples, primary (the metric the report compares)
     perplexity  data, context, stride, prefix (the special token ids that open every window), value, tokens
     passkey     length, depth, value (fraction of exact matches), trials, tokens (actual prompt length)
-    needle      the same fields as passkey
+    needle, multikey, kv, vt   the same fields as passkey (see RETRIEVAL_KINDS)
     speed       context, batch, prefill_tokens_per_s, decode_tokens_per_s, decode_tokens, prefill_peak_bytes,
                 decode_peak_bytes, cache_bytes, memory_method
     agreement   teacher, data, context, kl (KL(teacher || student), nats per token), top1 (next-token agreement), tokens
@@ -31,6 +31,14 @@ from linearize.hf.errors import LinearizeError
 from linearize.record import RunRecord
 
 FORMAT = "linearize-results"
+# The retrieval record kinds (made by `linearize.evaluate.longcontext`) and their report titles.
+RETRIEVAL_KINDS = {
+    "passkey": "Passkey retrieval",
+    "needle": "Needle in a haystack",
+    "multikey": "Multi-key needle (RULER)",
+    "kv": "Key-value retrieval (RULER)",
+    "vt": "Variable tracking (RULER)",
+}
 VERSION = 1
 
 

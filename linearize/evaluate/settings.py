@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 from linearize.hf.errors import LinearizeError
 
-from .longcontext import DEFAULT_DEPTHS
+from .longcontext import DEFAULT_DEPTHS, RULER_KINDS
 
 DEFAULT_SUITE = "local"
 DEFAULT_TEXT = "persuasion"
@@ -17,7 +17,7 @@ DEFAULT_TEXT = "persuasion"
 
 @dataclass
 class EvalSettings:
-    """With nothing asked for (no tasks, suite, perplexity, passkey or needle), the offline default: suite "local"
+    """With nothing asked for (no tasks, suite, perplexity or retrieval), the offline default: suite "local"
     and perplexity on the packaged Persuasion.
 
     tasks, suite: lm-eval task names (`NAME` or `NAME:METRIC`, a list or comma-separated) and suite names
@@ -25,7 +25,8 @@ class EvalSettings:
     perplexity: texts (`load_text` sources: a packaged name, a file, a folder, a Hub dataset id, read from
         `split` / `dataset_config` / `text_field`) measured in strided windows at each of `contexts`, over the
         first `max_tokens` tokens (at least one window of the longest context); `stride` defaults to half the context.
-    passkey, needle: retrieval over `lengths` x `depths`, `trials` prompts per cell, built from `seed`.
+    passkey, needle: retrieval over `lengths` x `depths`, `trials` prompts per cell, built from `seed`; `ruler`
+        adds RULER's multi-key needle, key-value retrieval and variable tracking (see `longcontext`).
     allow_longer: lengths beyond the model's max_position_embeddings are refused unless set.
     """
 
@@ -43,6 +44,7 @@ class EvalSettings:
     text_field: str = "text"
     passkey: bool = False
     needle: bool = False
+    ruler: bool = False
     lengths: Sequence[int] = (256, 512, 1024)
     depths: Sequence[float] = DEFAULT_DEPTHS
     trials: int = 2
@@ -52,7 +54,7 @@ class EvalSettings:
     def __post_init__(self):
         if self.trials < 1:
             raise LinearizeError(f"trials must be at least 1, got {self.trials}")
-        if not (self.tasks or self.suite or self.perplexity or self.passkey or self.needle):
+        if not (self.tasks or self.suite or self.perplexity or self.retrieval):
             self.suite, self.perplexity = DEFAULT_SUITE, DEFAULT_TEXT
 
     @property
@@ -63,7 +65,8 @@ class EvalSettings:
 
     @property
     def retrieval(self) -> list[str]:
-        return [kind for kind, wanted in (("passkey", self.passkey), ("needle", self.needle)) if wanted]
+        wanted = {"passkey": self.passkey, "needle": self.needle, **dict.fromkeys(RULER_KINDS, self.ruler)}
+        return [kind for kind, on in wanted.items() if on]
 
     def recorded(self, tasks: list[Any]) -> dict[str, Any]:
         """The settings a results file records (`tasks`: the resolved task specs)."""

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from linearize.evaluate.results import Results, load_results
+from linearize.evaluate.results import RETRIEVAL_KINDS, Results, load_results
 from linearize.hf.errors import LinearizeError
 
 from . import compare, markdown, plots
@@ -44,8 +44,7 @@ def write_report(inputs: Sequence[str | os.PathLike[str] | Results], out: str | 
     written = {
         "accuracy": plots.accuracy(summary["accuracy"], models, out / "accuracy.png"),
         "perplexity": plots.perplexity(summary["perplexity"], models, out / "perplexity.png"),
-        "passkey": plots.retrieval(summary["passkey"], "passkey", out / "passkey.png"),
-        "needle": plots.retrieval(summary["needle"], "needle", out / "needle.png"),
+        **{kind: plots.retrieval(summary[kind], kind, out / f"{kind}.png") for kind in RETRIEVAL_KINDS},
         "speed": plots.speed(summary["speed"], out / "speed.png"),
         "memory": plots.memory(summary["speed"], out / "memory.png"),
     }

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-from linearize.evaluate.results import Results
+from linearize.evaluate.results import RETRIEVAL_KINDS, Results
 
 
 def pairs(results: Results) -> list[tuple[str, str]]:
@@ -70,7 +70,8 @@ def perplexity(results: Results) -> list[dict[str, Any]]:
 
 
 def retrieval(results: Results, kind: str) -> dict[str, Any]:
-    """For passkey or needle: per model, the accuracy grid over (length, depth) and the mean per length."""
+    """For one retrieval kind (passkey, needle, ...): per model, the accuracy grid over (length, depth) and the mean
+    per length."""
     records = results.of(kind)
     lengths = sorted({r["length"] for r in records})
     depths = sorted({r["depth"] for r in records})
@@ -134,8 +135,7 @@ def summary(results: Results) -> dict[str, Any]:
         "perplexity": perplexity(results),
         "agreement": agreement(results),
         "training": training(results),
-        "passkey": retrieval(results, "passkey"),
-        "needle": retrieval(results, "needle"),
+        **{kind: retrieval(results, kind) for kind in RETRIEVAL_KINDS},
         "speed": speed(results),
         "environment": results.environment,
         "settings": results.settings,

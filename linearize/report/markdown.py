@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from linearize.evaluate.results import RETRIEVAL_KINDS
+
 
 def table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
@@ -93,7 +95,7 @@ def retrieval_section(kind: str, data: dict[str, Any], figure: str | None) -> st
         return ""
     models = list(data["models"])
     body = [[str(length)] + [_num(data["models"][m]["per_length"].get(length), 2) for m in models] for length in data["lengths"]]
-    title = {"passkey": "Passkey retrieval", "needle": "Needle in a haystack"}[kind]
+    title = RETRIEVAL_KINDS[kind]
     depths = ", ".join(f"{d:g}" for d in data["depths"])
     text = f"## {title}\n\nExact-match accuracy per prompt length, averaged over depths {depths}.\n\n" + table(["length"] + models, body)
     return text + (f"\n\n![{kind}]({figure})" if figure else "")
@@ -149,8 +151,7 @@ def render(summary: dict[str, Any], figures: dict[str, str | None], title: str |
         perplexity_section(summary, models, students, figures.get("perplexity")),
         agreement_section(summary),
         training_section(summary),
-        retrieval_section("passkey", summary["passkey"], figures.get("passkey")),
-        retrieval_section("needle", summary["needle"], figures.get("needle")),
+        *(retrieval_section(kind, summary[kind], figures.get(kind)) for kind in RETRIEVAL_KINDS),
         speed_section(summary, speed_figures),
         environment_section(summary),
     ]

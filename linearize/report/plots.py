@@ -12,6 +12,8 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+from linearize.evaluate.results import RETRIEVAL_KINDS
+
 MIB = 1024 * 1024
 
 
@@ -114,7 +116,7 @@ def retrieval(data: dict[str, Any], kind: str, path: Path) -> Path | None:
             axis.set_ylabel("length (tokens)")
         axis.set_title(model, fontsize=9)
     figure.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="exact match")
-    figure.suptitle(f"{kind} retrieval")
+    figure.suptitle(RETRIEVAL_KINDS[kind])
     figure.savefig(path, dpi=110)
     return path
 

@@ -1,0 +1,62 @@
+"""Retrieval tasks mixed into the training windows: a set share of them becomes a passkey, needle, multi-key
+needle, key-value or variable-tracking prompt with its answer, so distillation sees what long context is for.
+
+The tasks come from `linearize.evaluate.longcontext` in its training pool (Pride and Prejudice as filler, other
+place names, 6-digit answers), so no training task repeats an evaluation probe. Which windows become tasks, and
+which tasks, is a function of the window's index and the seed: a resumed run, or another process, builds the
+same ones.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from ..evaluate.longcontext import KINDS, make_probe
+from ..hf.errors import LinearizeError
+
+
+class RetrievalMix:
+    """`windows` (PackedWindows or StreamedWindows) with `share` of them replaced by retrieval tasks of `kinds`,
+    each ending in its answer; the task's prompt is preceded by the window's own first tokens to fill the length."""
+
+    def __init__(self, windows, tokenizer, seq_len: int, share: float, kinds: list[str], seed: int):
+        unknown = sorted(set(kinds) - set(KINDS))
+        if unknown or not kinds:
+            raise LinearizeError(f"data.retrieval_kinds: unknown or no kinds {unknown}; use some of {', '.join(KINDS)}")
+        self.windows, self.tokenizer, self.seq_len, self.share, self.kinds, self.seed = windows, tokenizer, seq_len, share, list(kinds), seed
+        self.streaming = windows.streaming
+        for kind in self.kinds:  # a length too short for a kind is refused now, not at its first window
+            self._task(kind, 0.5, random.Random(seed), torch.zeros(seq_len, dtype=torch.long))
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def take(self, start: int, count: int) -> torch.Tensor:
+        batch = self.windows.take(start, count).clone()
+        for row, index in enumerate(range(start, start + count)):
+            rng = random.Random(f"{self.seed}:{index}")
+            if rng.random() < self.share:
+                batch[row] = self._task(rng.choice(self.kinds), rng.random(), rng, batch[row])
+        return batch
+
+    def _task(self, kind: str, depth: float, rng: random.Random, window: torch.Tensor) -> torch.Tensor:
+        probe = make_probe(self.tokenizer, kind, self.seq_len - 8, depth, rng, pool="train")
+        answer = self.tokenizer(f" {probe.answer}.", add_special_tokens=False, verbose=False)["input_ids"]
+        ids = (probe.prompt_ids + answer)[-self.seq_len :]
+        return torch.cat((window[: self.seq_len - len(ids)], torch.tensor(ids, dtype=window.dtype)))
+
+
+def with_retrieval(windows, config, tokenizer, seed: int) -> tuple[object, str]:
+    """The training windows with `config.retrieval` of them made retrieval tasks (unchanged at 0), and the words
+    the data description gains."""
+    if not config.retrieval:
+        return windows, ""
+    try:
+        mixed = RetrievalMix(windows, tokenizer, config.seq_len, config.retrieval, config.retrieval_kinds, seed)
+    except LinearizeError as error:
+        if "too short" not in str(error):
+            raise
+        raise LinearizeError(f"data.retrieval: {error}; raise data.seq_len or leave out that kind (data.retrieval_kinds)") from None
+    return mixed, f", {config.retrieval:.0%} of them retrieval tasks ({', '.join(mixed.kinds)})"
