@@ -53,7 +53,7 @@ def validate_recipe(recipe: Recipe, processes: int = 1, check_data: bool = True)
     if recipe.data.retrieval and (unknown or not recipe.data.retrieval_kinds):
         raise LinearizeError(f"data.retrieval_kinds: unknown or no kinds {unknown}; use some of {', '.join(RETRIEVAL_KINDS)}")
     for index, stage in enumerate(recipe.stages):
-        count_steps(stage, recipe.data.seq_len, processes, f"stages[{index}] ({stage.kind})")
+        count_steps(stage, stage.seq_len or recipe.data.seq_len, processes, f"stages[{index}] ({stage.kind})")
     if check_data and (recipe.stages or not recipe.data.heldout):
         check_source(recipe.data.train)
     if check_data and recipe.data.heldout:
@@ -68,9 +68,11 @@ def prepare_student(model: nn.Module, recipe: Recipe, log: Callable[[str], None]
     """Convert a teacher as the recipe says (every layer, when the kept layers are chosen automatically);
     a model that is already converted is used as it is. Returns the student and the number of layers to keep."""
     positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-    if positions and recipe.data.seq_len > positions and not recipe.data.allow_longer:
+    lengths = [("data.seq_len", recipe.data.seq_len)] + [(f"stages[{i}].seq_len", s.seq_len) for i, s in enumerate(recipe.stages) if s.seq_len]
+    name, longest = max(lengths, key=lambda item: item[1])
+    if positions and longest > positions and not recipe.data.allow_longer:
         raise LinearizeError(
-            f"data.seq_len={recipe.data.seq_len} is beyond the model's {positions} positions (max_position_embeddings); "
+            f"{name}={longest} is beyond the model's {positions} positions (max_position_embeddings); "
             "train on shorter windows, or set data.allow_longer=true to train past them"
         )
     plan = recipe.convert
@@ -195,7 +197,8 @@ class Run:
         for index, stage in enumerate(recipe.stages):
             self.session.stage_index = index
             set_seed(recipe.seed + index)
-            self.model = kinds[stage.kind].run(self.model, self.data, stage, self.session)
+            data = self.data.with_seq_len(stage.seq_len) if stage.seq_len else self.data
+            self.model = kinds[stage.kind].run(self.model, data, stage, self.session)
             if self.keep is not None and index == select_after:
                 self._select()
             if on_stage is not None:

@@ -193,3 +193,32 @@ def test_retrieval_tasks_need_room_and_known_kinds(tokenizer):
         load_data(DataConfig(train="prideprejudice", heldout="persuasion", seq_len=1024, retrieval=0.1, retrieval_kinds=["haystack"]), tokenizer)
     with pytest.raises(LinearizeError, match=r"data.retrieval is a share"):
         DataConfig(retrieval=1.5)
+
+
+def test_rewindowed_data_holds_the_same_text_in_other_windows(tmp_path, tokenizer):
+    data = load_data(config("prideprejudice"), tokenizer, seed=2)
+    longer = data.with_seq_len(48)
+    assert longer.seq_len == 48 and longer.train.windows.shape[1] == 48 and torch.equal(longer.heldout, data.heldout)
+    flat = packed(data).reshape(-1)
+    assert torch.equal(longer.train.windows.reshape(-1), flat[: longer.train.windows.numel()])
+    assert data.with_seq_len(16) is data
+    streamed = load_data(DataConfig(train="prideprejudice", heldout=None, seq_len=16, heldout_tokens=256, streaming=True), tokenizer)
+    again = streamed.with_seq_len(32)
+    assert again.train.take(0, 2).shape == (2, 32) and again.train.skip * 32 >= streamed.train.skip * 16
+    with pytest.raises(LinearizeError, match="less than one window of"):
+        data.with_seq_len(10**8)
+
+
+def test_a_stage_trains_at_its_own_length(tokenizer):
+    import linearize
+    from linearize.config import load_recipe
+    from tests.tiny import tiny_data, tiny_model
+
+    stages = "stages=[{kind: attention_transfer, tokens: 128, batch_size: 2, log_every: 1}, {kind: lora_kd, tokens: 256, batch_size: 2, seq_len: 64, log_every: 1}]"
+    recipe = load_recipe("quickstart", ["convert.mixer=hedgehog", "convert.options={}", "data.seq_len=32", stages])
+    run = linearize.run.Run(recipe, log=lambda m: None, progress=False)
+    run.setup(tiny_model("llama", dtype=torch.float32), data=tiny_data(seq_len=32)).train()
+    first, second = run.session.reports
+    assert (first["steps"], first["tokens"]) == (2, 128) and (second["steps"], second["tokens"]) == (2, 256)
+    with pytest.raises(LinearizeError, match=r"stages\[1\].seq_len=4096 is beyond the model's"):
+        linearize.run.prepare_student(tiny_model("llama", max_position_embeddings=2048), load_recipe("quickstart", ["data.seq_len=32", stages.replace("64", "4096")]))

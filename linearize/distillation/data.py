@@ -8,6 +8,7 @@ an uninterrupted one would; a streamed set is read in stream order and a resumed
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -170,6 +171,14 @@ class PackedWindows:
             self._order = (epoch, torch.randperm(len(self), generator=generator))
         return self._order[1]
 
+    def rewindowed(self, seq_len: int) -> "PackedWindows":
+        """The same text (the windows hold it in order) packed into windows of `seq_len` tokens."""
+        flat = self.windows.reshape(-1)
+        count = flat.numel() // seq_len
+        if count < 1:
+            raise LinearizeError(f"the training data has {flat.numel():,} tokens, less than one window of {seq_len}; give more text or a shorter seq_len")
+        return PackedWindows(flat[: count * seq_len].view(count, seq_len), self.seed)
+
     def take(self, start: int, count: int) -> torch.Tensor:
         """Windows start .. start + count - 1 of the endless sequence, as a (count, seq_len) tensor."""
         n = len(self)
@@ -189,6 +198,10 @@ class StreamedWindows:
         self.skip = skip  # leading windows that were held out
         self._iterator: Iterator[torch.Tensor] | None = None
         self._position = 0
+
+    def rewindowed(self, seq_len: int) -> "StreamedWindows":
+        """The same stream in windows of `seq_len` tokens, still skipping (at least) the held-out head."""
+        return StreamedWindows(self.documents, seq_len, skip=-(-self.skip * self.seq_len // seq_len))
 
     def _restart(self) -> None:
         self._iterator = _windows(self.documents(), self.seq_len)
@@ -230,6 +243,14 @@ class DistillData:
     seq_len: int
     description: str = ""
     prefix: list[int] = field(default_factory=list)  # the tokenizer's special prefix (`textdata.special_prefix`)
+
+    def with_seq_len(self, seq_len: int) -> "DistillData":
+        """The same data with the training text in windows of `seq_len` tokens (a stage's own length; the held-out
+        tokens are unchanged)."""
+        if seq_len == self.seq_len:
+            return self
+        train = None if self.train is None else self.train.rewindowed(seq_len)
+        return dataclasses.replace(self, train=train, seq_len=seq_len, description=f"{self.description}; in windows of {seq_len} tokens")
 
     def heldout_windows(self, seq_len: int | None = None, max_tokens: int | None = None) -> torch.Tensor:
         """The held-out tokens (at most `max_tokens` of them) cut into (n, seq_len) windows for scoring, each

@@ -47,6 +47,8 @@ class TrainConfig:
         small operations; on a GPU at a few thousand tokens per step launching them bounds the speed, and
         compiling fuses them. Identical layers share one compiled graph, so the first step pays for compiling
         each kind of layer once, not the whole depth.
+    seq_len: this stage's window length (default: data.seq_len); stages at growing lengths make a context
+        curriculum (e.g. lora_kd at 512, then at 2048 with a quarter of the batch_size).
     checkpoint_every: steps between checkpoints (0: only at the end of the stage, when a checkpoint folder is set).
     log_every: steps between metric records.
 
@@ -68,6 +70,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     gradient_checkpointing: bool = False
     compile: bool = False
+    seq_len: int | None = None
     checkpoint_every: int = 100
     log_every: int = 10
 
@@ -75,6 +78,8 @@ class TrainConfig:
         kind = getattr(self, "kind", "stage")
         if self.tokens <= 0:
             raise LinearizeError(f"{kind}: tokens must be a positive budget, got {self.tokens}; e.g. tokens: 2_000_000")
+        if self.seq_len is not None and self.seq_len < 8:
+            raise LinearizeError(f"{kind}: seq_len must be at least 8 (or unset: data.seq_len), got {self.seq_len}")
         for name in ("batch_size", "grad_accum", "log_every"):
             if getattr(self, name) < 1:
                 raise LinearizeError(f"{kind}: {name} must be at least 1, got {getattr(self, name)}")

@@ -33,6 +33,9 @@ class RetrievalMix:
     def __len__(self) -> int:
         return len(self.windows)
 
+    def rewindowed(self, seq_len: int) -> "RetrievalMix":
+        return RetrievalMix(self.windows.rewindowed(seq_len), self.tokenizer, seq_len, self.share, self.kinds, self.seed)
+
     def take(self, start: int, count: int) -> torch.Tensor:
         batch = self.windows.take(start, count).clone()
         for row, index in enumerate(range(start, start + count)):
