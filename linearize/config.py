@@ -74,17 +74,25 @@ class SelectionConfig:
 
     kl: also score each layer by the KL(teacher || student) of the logits when only that layer is converted,
         and rank by it (one extra forward pass per layer); the normalised error is recorded either way.
-    tokens: held-out tokens the scores are measured on.
+    restore: also score each layer by how much the KL of the fully converted model falls when that layer alone
+        goes back to softmax attention (one forward pass per layer). Each scorer then proposes its N layers, the
+        KL of the model with each proposal restored is measured, and the lowest wins; every proposal is recorded.
+    tokens: held-out tokens the scores are measured on, in windows of `seq_len` tokens (default data.seq_len;
+        longer windows choose by what long context needs).
     batch_size: windows per forward pass while scoring.
     """
 
     kl: bool = False
+    restore: bool = False
     tokens: int = 16384
+    seq_len: int | None = None
     batch_size: int = 4
 
     def __post_init__(self):
-        if self.tokens < 1 or self.batch_size < 1:
-            raise LinearizeError(f"convert.selection.tokens and batch_size must be positive, got {self.tokens} and {self.batch_size}")
+        if self.tokens < 1 or self.batch_size < 1 or (self.seq_len is not None and self.seq_len < 8):
+            raise LinearizeError(
+                f"convert.selection.tokens and batch_size must be positive and seq_len at least 8, got {self.tokens}, {self.batch_size} and {self.seq_len}"
+            )
 
 
 @dataclass

@@ -214,15 +214,18 @@ class Run:
             apply_selection(self.model, selection)
             session.say(f"selection (from {saved}): softmax attention kept in layers {selection['kept_attention']}")
             return selection
-        windows = self.data.heldout_windows(max_tokens=settings.tokens)
+        windows = self.data.heldout_windows(settings.seq_len, max_tokens=settings.tokens)
         selection = select_attention(self.model, windows, self.keep, settings)
         session.record({"event": "selection", **selection})
         if saved is not None and session.main:
             saved.write_text(json.dumps(selection, indent=2))
         rows = ", ".join(
-            f"{f['layer']}: {f['normalized']:.3g}" + (f"/kl {f['kl']:.3g}" if "kl" in f else "") for f in selection["layers"]
+            f"{f['layer']}: {f['normalized']:.3g}" + (f"/kl {f['kl']:.3g}" if "kl" in f else "")
+            + (f"/restore {f['restore_gain']:.3g}" if "restore_gain" in f else "") for f in selection["layers"]
         )
         session.say(f"selection by {selection['method']}: softmax attention kept in layers {selection['kept_attention']} (per layer {rows})")
+        for method, candidate in (selection.get("candidates") or {}).items():
+            session.say(f"  proposed by {method}: layers {candidate['kept_attention']}, KL to the teacher {candidate['kl']:.4g}")
         return selection
 
     def record(self, **scores: Any) -> RunRecord:

@@ -8,7 +8,8 @@ from transformers import AutoModelForCausalLM
 import linearize
 from linearize.config import SelectionConfig, load_recipe
 from linearize.distillation import layer_errors, select_attention
-from linearize.distillation.selection import auto_amount, auto_count, single_layer_kl
+from linearize.distillation.selection import auto_amount, auto_count, restore_gains, single_layer_kl
+from linearize.hf.mixers import mixers_in
 from linearize.hf.errors import LinearizeError
 from linearize.surgery import revert_to_attention
 from tests.tiny import assert_reloaded, tiny_data, tiny_model
@@ -145,3 +146,19 @@ def test_revert_checks_before_changing_anything():
         assert [type(layer.self_attn) for layer in model.model.model.layers] == before
     assert revert_to_attention(model, [2]) == [2]
     assert isinstance(model.model.model.layers[2].self_attn, nn.Module) and not getattr(model.model.model.layers[2].self_attn, "is_linearize_mixer", False)
+
+
+def test_restore_scoring_proposes_per_scorer_and_the_closest_model_wins(windows):
+    """restore: each layer's gain is the fall of the fully converted model's KL when it alone is restored; every
+    scorer's proposal is measured with its layers restored, and the lowest KL is kept."""
+    model = student()
+    converted, gains = restore_gains(model, windows[:4])
+    assert converted > 0 and set(gains) == {m.layer_idx for m in mixers_in(model)}
+    selection = select_attention(model, windows[:4], 2, SelectionConfig(kl=True, restore=True))
+    candidates = selection["candidates"]
+    assert set(candidates) == {"attention-transfer MSE / teacher output mean square", "single-layer logit KL", "restore-one-layer KL gain"}
+    best = min(candidates, key=lambda name: candidates[name]["kl"])
+    assert selection["method"] == best and selection["kept_attention"] == candidates[best]["kept_attention"]
+    assert candidates["restore-one-layer KL gain"]["kept_attention"] == sorted(sorted(gains, key=gains.get, reverse=True)[:2])
+    assert all(f["restore_gain"] == pytest.approx(gains[f["layer"]]) for f in selection["layers"])
+    assert selection["converted_kl"] == pytest.approx(converted) and all(c["kl"] < converted for c in candidates.values())

@@ -3,8 +3,11 @@
 Each converted layer is scored by how much converting it hurts: its attention-transfer error on held-out text,
 normalised by the mean square of the teacher's output in that layer. The raw error is a poor guide, because
 the residual stream (and with it every layer's output) grows with depth, so raw errors rank deep layers first
-whatever their quality. Optionally each layer is also scored end to end, by the KL divergence of the logits
-when only that layer is converted. The N worst layers go back to the teacher's attention.
+whatever their quality. Optionally each layer is also scored end to end: by the KL divergence of the logits when
+only that layer is converted (`kl`), or by how much the KL of the fully converted model falls when that layer
+alone goes back to softmax attention (`restore`, as fla-org's hybrid distillation chooses). The N worst layers
+go back to the teacher's attention; with `restore`, each scorer proposes N layers and the proposal whose model
+is measured closest to the teacher wins.
 """
 
 from __future__ import annotations
@@ -48,26 +51,45 @@ def auto_count(amount: float, num_layers: int) -> int:
 
 
 @torch.no_grad()
-def single_layer_kl(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> dict[int, float]:
-    """Per converted layer: KL(teacher || model) of the logits when only that layer is converted, per token."""
+def _kl(model: nn.Module, windows: torch.Tensor, batch_size: int, restored: list[set[int]]) -> list[float]:
+    """KL(teacher || model) per token on `windows` for each set of layers in `restored` put back on softmax
+    attention (the teacher's logits computed once per batch)."""
     device = next(model.parameters()).device
-    mixers = sorted(mixers_in(model), key=lambda m: m.layer_idx)
-    totals = {m.layer_idx: 0.0 for m in mixers}
+    mixers = mixers_in(model)
+    totals = [0.0] * len(restored)
     for batch in windows.split(batch_size):
         batch = batch.to(device)
         with teacher_mode(model):
             teacher = model(input_ids=batch, use_cache=False).logits
-            for mixer in mixers:
-                mixer.teacher = False
+            for n, layers in enumerate(restored):
+                for mixer in mixers:
+                    mixer.teacher = mixer.layer_idx in layers
                 student = model(input_ids=batch, use_cache=False).logits
-                mixer.teacher = True
-                totals[mixer.layer_idx] += kd_losses(student, teacher, batch, 1.0)[0].item() * batch.shape[0]
-    return {index: total / windows.shape[0] for index, total in totals.items()}
+                totals[n] += kd_losses(student, teacher, batch, 1.0)[0].item() * batch.shape[0]
+    return [total / windows.shape[0] for total in totals]
+
+
+def single_layer_kl(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> dict[int, float]:
+    """Per converted layer: KL(teacher || model) of the logits when only that layer is converted, per token."""
+    layers = sorted(m.layer_idx for m in mixers_in(model))
+    return dict(zip(layers, _kl(model, windows, batch_size, [set(layers) - {i} for i in layers])))
+
+
+def restore_gains(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> tuple[float, dict[int, float]]:
+    """The KL of the fully converted model, and per layer how much it falls when that layer alone is restored."""
+    layers = sorted(m.layer_idx for m in mixers_in(model))
+    converted, *each = _kl(model, windows, batch_size, [set()] + [{i} for i in layers])
+    return converted, {i: converted - kl for i, kl in zip(layers, each)}
+
+
+METHODS = {"error": "attention-transfer MSE / teacher output mean square", "kl": "single-layer logit KL", "restore": "restore-one-layer KL gain"}
 
 
 def select_attention(model: nn.Module, windows: torch.Tensor, count: int, config: SelectionConfig) -> dict[str, Any]:
     """Score every converted layer on `windows`, revert the `count` worst to softmax attention, and record the
     choice and the per-layer figures in `model.config.selection` (saved with the model). Returns that record.
+    With `config.restore`, each scorer proposes its layers and the proposal whose restored model has the lowest
+    KL to the teacher wins (`candidates` records each proposal and its KL).
 
     Example:
         >>> select_attention(student, data.heldout_windows(max_tokens=16384), 4, SelectionConfig())["kept_attention"]
@@ -75,21 +97,33 @@ def select_attention(model: nn.Module, windows: torch.Tensor, count: int, config
     was_training = model.training
     model.eval()
     errors = layer_errors(model, windows, config.batch_size)
-    kl = single_layer_kl(model, windows, config.batch_size) if config.kl else None
-    model.train(was_training)
     if count >= len(errors):
+        model.train(was_training)
         raise LinearizeError(f"keep_attention: auto keeps {count} layers but only {len(errors)} are converted; keep fewer")
-    score = kl if kl is not None else {i: e["normalized"] for i, e in errors.items()}
-    ranked = sorted(errors, key=lambda i: score[i], reverse=True)
-    keep = sorted(ranked[:count])
-    figures = [{"layer": i, **errors[i], **({"kl": kl[i]} if kl is not None else {}), "rank": ranked.index(i) + 1} for i in sorted(errors)]
-    selection = {
-        "method": "single-layer logit KL" if kl is not None else "attention-transfer MSE / teacher output mean square",
-        "kept_attention": keep,
-        "tokens": int(windows.numel()),
-        "layers": figures,
-    }
-    revert_to_attention(model, keep)
+    scores = {"error": {i: e["normalized"] for i, e in errors.items()}}
+    if config.kl:
+        scores["kl"] = single_layer_kl(model, windows, config.batch_size)
+    if config.restore:
+        converted, scores["restore"] = restore_gains(model, windows, config.batch_size)
+    proposals = {name: sorted(sorted(errors, key=lambda i: score[i], reverse=True)[:count]) for name, score in scores.items()}
+    candidates = None
+    if config.restore:
+        measured = _kl(model, windows, config.batch_size, [set(keep) for keep in proposals.values()])
+        candidates = {name: {"kept_attention": keep, "kl": kl} for (name, keep), kl in zip(proposals.items(), measured)}
+        method = min(candidates, key=lambda name: candidates[name]["kl"])
+    else:
+        method = "kl" if config.kl else "error"
+    model.train(was_training)
+    ranked = sorted(errors, key=lambda i: scores[method][i], reverse=True)
+    extra = {"kl": "kl", "restore": "restore_gain"}
+    figures = [
+        {"layer": i, **errors[i], **{extra[name]: score[i] for name, score in scores.items() if name in extra}, "rank": ranked.index(i) + 1}
+        for i in sorted(errors)
+    ]
+    selection = {"method": METHODS[method], "kept_attention": proposals[method], "tokens": int(windows.numel()), "layers": figures}
+    if candidates is not None:
+        selection.update(converted_kl=converted, candidates={METHODS[name]: c for name, c in candidates.items()})
+    revert_to_attention(model, proposals[method])
     model.config.selection = selection
     return selection
 
