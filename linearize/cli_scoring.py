@@ -134,7 +134,9 @@ def bench_command(
     repeats: Annotated[int, typer.Option(help="Runs per point; the fastest is kept")] = 1,
     teacher: Annotated[bool, typer.Option(help="Also measure each converted model as its own teacher (teacher_mode)")] = True,
     device: Annotated[str, typer.Option(help="cpu (default), cuda or cuda:N")] = "cpu",
-    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16, float16 or auto")] = None,
+    dtype: Annotated[
+        str | None, typer.Option(help="float32, bfloat16, float16 or auto (default: bfloat16 on CUDA, float32 on a CPU)")
+    ] = None,
     allow_longer: Annotated[bool, typer.Option(help="Allow lengths beyond the model's max_position_embeddings")] = False,
     out: Annotated[Path, typer.Option("--out", help="Results file to write (JSON; `linearize report` reads it)")] = Path("bench.json"),
 ):

@@ -5,6 +5,7 @@ import torch
 
 import linearize
 from linearize import LinearizeError
+from linearize.hf import ops_window
 from linearize.hf.attention import apply_rotary, repeat_heads
 from linearize.hf.cache import MixerState
 from linearize.hf.mixer_swa import SWAMixer
@@ -63,6 +64,35 @@ def test_bands_match_the_full_matrix(band, window):
     mask[0, :9] = False
     got = window_attention(q, k, v, window=window, scaling=0.3, softcap=5.0, key_mask=mask, band=band)
     torch.testing.assert_close(got, naive_window(q, k, v, 0.3, window, 5.0, mask), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("budget", [1, 3000])
+@pytest.mark.parametrize("window", [5, 20])
+def test_blocks_match_the_full_matrix(monkeypatch, budget, window):
+    """A long prefill runs a block of bands at a time (ops_window.BLOCK_ELEMENTS), each block reading the window
+    before its first query: blocks of one band and of a few give the full matrix's answer."""
+    monkeypatch.setattr(ops_window, "BLOCK_ELEMENTS", budget)
+    monkeypatch.setattr(ops_window, "MIN_BLOCK_TOKENS", 1)
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 4, 230, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(2, 2, 241, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    mask = torch.ones(2, 241, dtype=torch.bool)
+    mask[0, :30] = False
+    got = window_attention(q, k, v, window=window, scaling=0.3, key_mask=mask, band=8)
+    torch.testing.assert_close(got, naive_window(q, k, v, 0.3, window, None, mask), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("keys", [1, 4, 6])
+def test_one_query_decode_step_matches_the_full_matrix(keys):
+    """A decode step (one query, at most `window` keys) takes the direct path; every key masked gives 0."""
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 4, 1, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(2, 2, keys, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    mask = torch.ones(2, keys, dtype=torch.bool)
+    mask[0] = False
+    got = window_attention(q, k, v, window=6, scaling=0.3, softcap=5.0, key_mask=mask)
+    torch.testing.assert_close(got, naive_window(q, k, v, 0.3, 6, 5.0, mask), atol=1e-12, rtol=0)
+    assert not got[0].any()
 
 
 # gemma2's own attention takes its softmax in float32 (hence 1e-6), and with left padding its eager attention

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from linearize.hf import ops_window
 from linearize.hf.ops_window import chunk_window_linear, naive_window_linear, recurrent_window_linear
 
 B, H, D, V, F = 2, 3, 8, 6, 5
@@ -134,3 +135,22 @@ def test_low_precision_close_to_float64(dtype, limit):
     assert out.dtype == dtype
     assert torch.isfinite(out).all()
     assert ((out.double() - ref).norm() / ref.norm()).item() < limit
+
+
+@pytest.mark.parametrize("budget", [1, 2000, 20000])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_blocks_match_one_pass(monkeypatch, budget, with_state):
+    """A long prefill runs a block of chunks at a time (ops_window.BLOCK_ELEMENTS); blocks of one chunk, a few
+    chunks and the whole input give the reference's output and state, padding and a carried state included."""
+    monkeypatch.setattr(ops_window, "BLOCK_ELEMENTS", budget)
+    monkeypatch.setattr(ops_window, "MIN_BLOCK_TOKENS", 1)
+    context = 37 if with_state else 0
+    q, k, v, wq, wk, mask, sm = make(300, context, seed=budget, padded=True)
+    state = None
+    if with_state:
+        _, state = run(naive_window_linear, q[:, :, :context], k[:, :, :context], v[:, :, :context], wq, wk, mask[:, :context], sm, 20)
+    part = slice(context, None)
+    ref, ref_state = run(naive_window_linear, q[:, :, part], k[:, :, part], v[:, :, part], wq, wk, mask[:, part], sm, 20, state)
+    out, out_state = run(lambda *a, **kw: chunk_window_linear(*a, chunk_size=16, **kw), q[:, :, part], k[:, :, part], v[:, :, part], wq, wk, mask[:, part], sm, 20, state)
+    assert torch.allclose(out, ref, atol=1e-10, rtol=1e-9)
+    assert_states_equal(out_state, ref_state)

@@ -53,6 +53,14 @@ class Timer:
             self.seconds = time.perf_counter() - self.start
 
 
+def default_dtype(dtype: Any, device: str) -> Any:
+    """The dtype a model named by path is loaded in: `dtype` when given, else bfloat16 on CUDA (how models are run
+    there; in float32, SDPA has no fused kernel for grouped kv heads and scores T x T) and float32 elsewhere."""
+    if dtype is not None:
+        return dtype
+    return "bfloat16" if device.startswith("cuda") else None
+
+
 @torch.no_grad()
 def measure(model, context: int, batch: int, decode_tokens: int, seed: int = 0) -> dict[str, Any]:
     """One prefill of `batch` x `context` random tokens, then `decode_tokens` single-token steps from the cache."""
@@ -121,18 +129,29 @@ def benchmark(
 ) -> Results:
     """Prefill and decode speed and memory of a model (and, for a converted model, its teacher via teacher_mode)
     at each context length and batch size. Defaults are small enough for a CPU; pass device="cuda" on a GPU.
+    A model named by path is loaded in `dtype`, by default bfloat16 on CUDA and float32 on a CPU; a model object
+    is measured in its own dtype. The dtype measured is recorded in the settings.
 
     Example:
         >>> results = benchmark("out/smollm2-hedgehog", lengths=[512, 2048, 8000], decode_tokens=64)
         >>> results.save("out/bench.json")
     """
     device = resolve_device(device)
-    scored = scored_models(model, tokenizer, teacher=teacher, name=name, dtype=dtype, device=device, need_tokenizer=False)
+    scored = scored_models(
+        model, tokenizer, teacher=teacher, name=name, dtype=default_dtype(dtype, device), device=device, need_tokenizer=False
+    )
     lengths = check_lengths(lengths, scored[0].max_length, allow_longer, "benchmark", extra=decode_tokens)
     if min(batch_sizes) < 1 or decode_tokens < 0 or repeats < 1:
         raise LinearizeError("batch sizes and repeats must be at least 1, and decode tokens at least 0")
     results = Results(
-        settings=dict(lengths=lengths, batch_sizes=list(batch_sizes), decode_tokens=decode_tokens, repeats=repeats, seed=seed),
+        settings=dict(
+            lengths=lengths,
+            batch_sizes=list(batch_sizes),
+            decode_tokens=decode_tokens,
+            repeats=repeats,
+            seed=seed,
+            dtype=str(next(scored[0].model.parameters()).dtype).removeprefix("torch."),
+        ),
         environment=environment(device),
     )
     with progress_bar(progress) as bar:

@@ -62,7 +62,8 @@ def short_conv(
     weight = weight.to(x.dtype)
     # A few shifted multiply-adds: exact (the identity start returns x bit for bit) and faster than conv1d here.
     out = sum(seq[..., j : j + length] * weight[:, j, None] for j in range(kernel))
-    return out, seq[..., seq.shape[-1] - (kernel - 1) :]
+    # A copy: a view would keep a long prefill's whole (B, C, T) input alive in the cache.
+    return out, seq[..., seq.shape[-1] - (kernel - 1) :].clone()
 
 
 @dataclass

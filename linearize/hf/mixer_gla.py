@@ -83,7 +83,8 @@ class GLAMixer(Mixer):
         out, final = gla(fq, fk, values, gate, scale=1.0, initial_state=state, decode=decode, output_state=True)
         num, den = out[..., :-1], out[..., -1:]
         # den is 0 where no real key has been seen yet (under left padding), and num with it.
-        return num / torch.where(den > 0, den, torch.ones_like(den)), final[:, ::groups].contiguous()
+        # A copy of one head per group: a view would keep every query head's state.
+        return num / torch.where(den > 0, den, torch.ones_like(den)), final[:, ::groups].clone()
 
     def kernel(self):
         return "gla", (self.spec.head_dim, self.spec.head_dim + 1)  # a window, if any, runs beside it in PyTorch

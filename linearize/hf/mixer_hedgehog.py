@@ -100,7 +100,7 @@ class HedgehogMixer(Mixer):
             output_state=state is not None,
         )
         if state is not None:
-            state.tensors = {"S": final[:, ::groups].contiguous()}
+            state.tensors = {"S": final[:, ::groups].clone()}  # a copy: a view would keep every query head's state
         num, den = out[..., :-1], out[..., -1:]
         # den is 0 only where no real key has been seen yet (left padding), and num with it.
         return num / torch.where(den > 0, den, torch.ones_like(den))

@@ -14,6 +14,13 @@ import math
 
 import torch
 
+# Elements of the largest intermediate one prefill block makes (64 MiB in float32): `chunk_window_linear` runs a
+# long prefill a block at a time, so its working memory does not grow with the length. A block is never shorter
+# than MIN_BLOCK_TOKENS (nor than one chunk): at large batches shorter blocks cost more in kernel launches than
+# they save in memory (BENCHMARKS.md, "Prefill memory and decode time, profiled").
+BLOCK_ELEMENTS = 1 << 24
+MIN_BLOCK_TOKENS = 2048
+
 
 def _acc(x: torch.Tensor) -> torch.dtype:
     """Accumulation dtype: float32, or float64 when the inputs are float64 (exactness tests)."""
@@ -94,8 +101,12 @@ def naive_window_linear(
     return o, (_next_state(k_all, v_all, fk_all, mask, S, z, window) if output_state else None)
 
 
-# Longer than 60 lines with its signature and docstring: the chunked scan reads top to bottom as the docstring's
-# algebra; split, its steps would pass a dozen chunk tensors between them.
+def block_length(per_token: int, chunk: int) -> int:
+    """Tokens per prefill block: a multiple of `chunk` whose intermediates of `per_token` elements a token stay
+    within BLOCK_ELEMENTS, or MIN_BLOCK_TOKENS (rounded down to chunks) where that is more, and at least one chunk."""
+    return chunk * max(1, max(BLOCK_ELEMENTS // per_token, MIN_BLOCK_TOKENS) // chunk)
+
+
 def chunk_window_linear(
     q,
     k,
@@ -113,8 +124,49 @@ def chunk_window_linear(
     output_state=False,
     chunk_size=64,
 ):
-    """Chunked parallel form: each query chunk sees the previous and current key chunks explicitly, older keys
-    through a prefix sum of per-chunk states. Chunks are at least `window` long so that suffices."""
+    """Chunked parallel form, a block of chunks at a time (`block_length`): each block continues from the state the
+    last one left, so a long prefill's working memory does not grow with its length. Returns (o, new_state or None)."""
+    b, h, length, _ = q.shape
+    c = max(chunk_size, window)
+    # Per query token: its scores against two chunks of keys, and its share of its chunk's (F x V) state.
+    step = block_length(b * h * max(2 * c, fk.shape[-1] * v.shape[-1] // c + 1), c)
+    options = dict(
+        window=window, scaling=scaling, sm_weight=sm_weight, ln_weight=ln_weight, softcap=softcap, chunk_size=chunk_size
+    )
+    outputs = []
+    for start in range(0, length, step):
+        part = slice(start, start + step)
+        last = start + step >= length
+        mask = None if key_mask is None else key_mask[:, part]
+        o, state = _chunk_window_block(
+            q[:, :, part], k[:, :, part], v[:, :, part], fq[:, :, part], fk[:, :, part], key_mask=mask, state=state,
+            output_state=output_state or not last, **options,
+        )
+        outputs.append(o)
+    return (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)), state
+
+
+# Longer than 60 lines with its signature and docstring: the chunked scan reads top to bottom as the docstring's
+# algebra; split, its steps would pass a dozen chunk tensors between them.
+def _chunk_window_block(
+    q,
+    k,
+    v,
+    fq,
+    fk,
+    *,
+    window,
+    scaling,
+    sm_weight,
+    ln_weight,
+    key_mask,
+    softcap,
+    state,
+    output_state,
+    chunk_size,
+):
+    """One block of the chunked form: each query chunk sees the previous and current key chunks explicitly, older
+    keys through a prefix sum of per-chunk states. Chunks are at least `window` long so that suffices."""
     b, h, length, d = q.shape
     k_all, v_all, fk_all, mask, S, z = _with_context(q, k, v, fk, key_mask, state)
     total = k_all.shape[2]

@@ -3,7 +3,8 @@
 `swa` is this window alone; `gla`, `gated_deltanet` and `mamba2` mix it into their linear heads (`add_window`);
 `hedgehog_swa` checks its window option here and computes its shared normaliser in `ops_window`.
 Long prefills are computed in bands: each chunk of queries scores only its own and the previous chunk of keys,
-so memory is O(T * window), never O(T^2).
+so memory is O(T * window), never O(T^2); and a block of bands at a time (`ops_window.block_length`), so the
+scores a prefill holds at once do not grow with its length.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 
 from .attention import AttentionSpec, apply_rotary
 from .errors import LinearizeError
+from .ops_window import block_length
 
 # Queries per band: long enough to amortise the band's overhead; a band is never shorter than the window.
 BAND = 64
@@ -29,12 +31,53 @@ def window_attention(
     key_mask: torch.Tensor | None = None,
     band: int = BAND,
 ) -> torch.Tensor:
-    """Causal softmax attention over keys s with t - window < s <= t, computed band by band.
+    """Causal softmax attention over keys s with t - window < s <= t, computed band by band, a block at a time.
 
     q (B, H, T, D) are the last T positions of the S keys k, v (B, Hkv, S, D); H is a multiple of Hkv (query
     head i reads kv head i // (H // Hkv)). `key_mask` (B, S) marks real keys; a query that sees none gets 0.
     Computed in float32 (float64 for float64 inputs), returned in v's dtype.
     """
+    b, h, length, _ = q.shape
+    total = k.shape[2]
+    if length == 1 and total <= window:
+        return _one_query(q, k, v, scaling=scaling, softcap=softcap, key_mask=key_mask)
+    c = min(max(band, window), total)
+    step = block_length(b * h * 2 * c, c)
+    if length <= step:
+        return _bands(q, k, v, window=window, scaling=scaling, softcap=softcap, key_mask=key_mask, band=band)
+    if key_mask is None:
+        key_mask = torch.ones(b, total, dtype=torch.bool, device=k.device)
+    context = total - length
+    outputs = []
+    for start in range(0, length, step):
+        stop = min(start + step, length)
+        # The block's queries see keys back to window - 1 before its first one.
+        keys = slice(max(0, context + start - (window - 1)), context + stop)
+        outputs.append(
+            _bands(
+                q[:, :, start:stop], k[:, :, keys], v[:, :, keys], window=window, scaling=scaling, softcap=softcap,
+                key_mask=key_mask[:, keys], band=band,
+            )
+        )
+    return torch.cat(outputs, dim=2)
+
+
+def _one_query(q, k, v, *, scaling, softcap, key_mask):
+    """A decode step: one query that sees all the keys it is given, in a few kernels (no bands to pad and mask)."""
+    b, h, _, d = q.shape
+    hkv = k.shape[1]
+    acc = torch.promote_types(q.dtype, torch.float32)
+    scores = torch.einsum("bkgd,bksd->bkgs", q.reshape(b, hkv, h // hkv, d).to(acc), k.to(acc)) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask[:, None, None, :].bool(), float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a query that sees no real key gets 0
+    return torch.einsum("bkgs,bkse->bkge", probs, v.to(acc)).reshape(b, h, 1, -1).to(v.dtype)
+
+
+def _bands(q, k, v, *, window, scaling, softcap, key_mask, band):
+    """`window_attention` for one block of queries, all its bands at once."""
     b, h, length, d = q.shape
     hkv, total = k.shape[1], k.shape[2]
     groups = h // hkv
