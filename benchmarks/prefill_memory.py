@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import sys
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -37,16 +38,11 @@ import linearize
 from linearize.evaluate.memory import cache_bytes
 from linearize.hf.cache import cache_keyword, returned_cache
 
-ARCHS = {
-    "smollm2-135m": dict(
-        hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-        head_dim=64, vocab_size=49152, max_position_embeddings=65536, rope_theta=100000.0, tie_word_embeddings=True,
-    ),
-    "tiny": dict(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=16, vocab_size=256, max_position_embeddings=65536, tie_word_embeddings=True,
-    ),
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import speed  # noqa: E402  (the benchmark shapes)
+
+# speed.py's shapes, with room for the longest context measured here.
+ARCHS = {name: {**arch, "max_position_embeddings": 65536} for name, arch in speed.ARCHS.items()}
 
 # name -> (mixer, convert options); None is the unconverted teacher.
 MODELS = {
