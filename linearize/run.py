@@ -29,9 +29,9 @@ from .config import Recipe, load_recipe, stage_kinds
 from .distillation.data import DistillData, check_source, load_data
 from .distillation.loop import count_steps
 from .distillation.resume import check_checkpoints, start_checkpoints
+from .distillation.retrieval_mix import check_kinds
 from .distillation.selection import apply_selection, auto_amount, auto_count, select_attention
 from .distillation.session import Session, check_resume, make_accelerator
-from .evaluate.results import RETRIEVAL_KINDS
 from .hf.errors import LinearizeError
 from .hf.mixers import check_option_names, get_mixer
 from .loaders import load_teacher
@@ -49,9 +49,8 @@ def validate_recipe(recipe: Recipe, processes: int = 1, check_data: bool = True)
     for name, options in [(plan.mixer, plan.options), *plan.mixer_options.items()]:
         check_option_names(name, options)
     auto_amount(plan.keep_attention)
-    unknown = sorted(set(recipe.data.retrieval_kinds) - set(RETRIEVAL_KINDS))
-    if recipe.data.retrieval and (unknown or not recipe.data.retrieval_kinds):
-        raise LinearizeError(f"data.retrieval_kinds: unknown or no kinds {unknown}; use some of {', '.join(RETRIEVAL_KINDS)}")
+    if recipe.data.retrieval:
+        check_kinds(recipe.data.retrieval_kinds)
     for index, stage in enumerate(recipe.stages):
         count_steps(stage, stage.seq_len or recipe.data.seq_len, processes, f"stages[{index}] ({stage.kind})")
     if check_data and (recipe.stages or not recipe.data.heldout):

@@ -17,14 +17,19 @@ from ..evaluate.longcontext import KINDS, make_probe
 from ..hf.errors import LinearizeError
 
 
+def check_kinds(kinds: list[str]) -> None:
+    """`data.retrieval_kinds` names at least one task kind, and only known ones."""
+    unknown = sorted(set(kinds) - set(KINDS))
+    if unknown or not kinds:
+        raise LinearizeError(f"data.retrieval_kinds: unknown or no kinds {unknown}; use some of {', '.join(KINDS)}")
+
+
 class RetrievalMix:
     """`windows` (PackedWindows or StreamedWindows) with `share` of them replaced by retrieval tasks of `kinds`,
     each ending in its answer; the task's prompt is preceded by the window's own first tokens to fill the length."""
 
     def __init__(self, windows, tokenizer, seq_len: int, share: float, kinds: list[str], seed: int):
-        unknown = sorted(set(kinds) - set(KINDS))
-        if unknown or not kinds:
-            raise LinearizeError(f"data.retrieval_kinds: unknown or no kinds {unknown}; use some of {', '.join(KINDS)}")
+        check_kinds(kinds)
         self.windows, self.tokenizer, self.seq_len, self.share, self.kinds, self.seed = windows, tokenizer, seq_len, share, list(kinds), seed
         self.streaming = windows.streaming
         for kind in self.kinds:  # a length too short for a kind is refused now, not at its first window
