@@ -13,6 +13,7 @@ import torch
 
 from .hf.cache import MixerState
 from .hf.errors import LinearizeError
+from .hf.mixers import get_mixer
 
 STOP_CHECK = 16  # steps between checks (each a host sync) whether every row has ended
 
@@ -43,8 +44,8 @@ class GraphDecoder:
     def __init__(self, model, warmup_steps: int = 2):
         if not torch.cuda.is_available() or next(model.parameters()).device.type != "cuda":
             raise LinearizeError("GraphDecoder needs the model on a CUDA device; use model.generate() elsewhere")
-        if any(entry.is_attention for entry in model.config.plan):
-            raise LinearizeError("GraphDecoder needs every layer converted (kept softmax layers grow their cache); use model.generate()")
+        if any(get_mixer(entry.mixer).state_grows for entry in model.config.plan):
+            raise LinearizeError("GraphDecoder needs every layer's state to have a fixed size (softmax layers grow their cache); use model.generate()")
         self.model = model
         self.warmup_steps = warmup_steps
 

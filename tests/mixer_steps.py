@@ -40,7 +40,7 @@ def layer_inputs(model, batch: int, length: int, pad: int, offset: int, seed: in
 
 def _run(mixer, hidden, position_embeddings, mask, state, start, end):
     piece = hidden[:, start:end]
-    q, k, v = mixer.spec.project(mixer.attn, piece)
+    q, k, v = mixer.project(piece)
     cos, sin = position_embeddings
     sub_mask = mask[:, start:end] if mask is not None else None
     return mixer.mix(piece, q, k, v, (cos[:, start:end], sin[:, start:end]), sub_mask, state)

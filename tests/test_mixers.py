@@ -30,9 +30,11 @@ MIXER_CASES = {
     "mamba2": ({}, [1]),
     "mamba2+window": ({"window": 4}, [1]),
     "swa": ({"window": 4}, [1]),
+    "qwen3_5_gdn": ({"conv_size": 3}, [1]),
+    "qwen3_5_attention": ({}, [1]),
 }
 # Mixers whose state must not grow with context at all (the softmax window of *_swa is bounded, so they count).
-CONSTANT_STATE = set(MIXER_CASES) - {"attention"}
+CONSTANT_STATE = set(MIXER_CASES) - {"attention", "qwen3_5_attention"}
 
 
 def converted(name, family="llama", **overrides):

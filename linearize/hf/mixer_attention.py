@@ -14,6 +14,7 @@ class KeepAttention(Mixer):
     name = ATTENTION
     anchor = "teacher"
     summary = "keep the teacher's softmax attention layer unchanged"
+    state_grows = True
 
     @classmethod
     def from_attention(cls, attn: nn.Module, config, layer_idx: int, **options) -> nn.Module:

@@ -66,6 +66,26 @@ def short_conv(
     return out, seq[..., seq.shape[-1] - (kernel - 1) :].clone()
 
 
+def convolve_heads(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    weight: torch.Tensor,
+    padding_mask: torch.Tensor | None,
+    cache: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`short_conv` over the channels of q (B, H, T, D), k and v (B, Hkv, T, D), concatenated in that order
+    (weight: (C, K) with C = (H + 2 Hkv) D), in float32 or wider. Returns q, k, v and the new convolution cache."""
+    batch, h, length, d = q.shape
+    hkv = k.shape[1]
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    x = torch.cat((q, k, v), dim=1).to(dtype).transpose(2, 3).reshape(batch, -1, length)
+    out, cache = short_conv(x, weight, cache, padding_mask)
+    out = out.reshape(batch, -1, d, length).transpose(2, 3)
+    q, k, v = out.split((h, hkv, hkv), dim=1)
+    return q, k, v, cache
+
+
 @dataclass
 class GatedDeltaNetOptions:
     """conv_size: kernel of the short causal convolution on q, k and v (1: a per-channel scale only);
@@ -129,14 +149,7 @@ class GatedDeltaNetMixer(Mixer):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, padding_mask: torch.Tensor | None, cache: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The short convolution on q (B, H, T, D), k and v (B, Hkv, T, D); returns them and the new cache."""
-        batch, _, length, d = q.shape
-        dtype = torch.promote_types(q.dtype, torch.float32)
-        x = torch.cat((q, k, v), dim=1).to(dtype).transpose(2, 3).reshape(batch, self.channels, length)
-        out, cache = short_conv(x, self.conv_weight, cache, padding_mask)
-        out = out.reshape(batch, -1, d, length).transpose(2, 3)
-        h, hkv = self.spec.num_heads, self.spec.num_kv_heads
-        q, k, v = out.split((h, hkv, hkv), dim=1)
-        return q, k, v, cache
+        return convolve_heads(q, k, v, self.conv_weight, padding_mask, cache)
 
     def gates(self, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """beta and the log-decay g, both (B, H, T); zero at pads so they neither write nor decay."""

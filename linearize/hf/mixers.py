@@ -110,6 +110,9 @@ class Mixer(nn.Module):
     summary: ClassVar[str] = ""
     Options: ClassVar[type] = NoOptions
     is_linearize_mixer: ClassVar[bool] = True
+    # Whether the layer's cache grows with the context (softmax attention); fixed-size states can be captured
+    # in a CUDA graph (`linearize.decode.GraphDecoder`).
+    state_grows: ClassVar[bool] = False
 
     def __init__(self, attn: nn.Module, spec: AttentionSpec, options: Any, layer_idx: int):
         super().__init__()
@@ -194,7 +197,7 @@ class Mixer(nn.Module):
                     f"layer {self.layer_idx} got a {type(cache).__name__} made for softmax attention; let the model "
                     "create its own cache (pass none), or make one with model.new_cache()"
                 )
-        q, k, v = self.spec.project(self.attn, hidden_states)
+        q, k, v = self.project(hidden_states)
         out = self.mix(
             hidden_states,
             q,
@@ -207,6 +210,10 @@ class Mixer(nn.Module):
         if state is not None:
             state.seen += hidden_states.shape[1]
         return self.spec.out(self.attn, out.to(hidden_states.dtype)), None
+
+    def project(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q (B, H, T, D), k and v (B, Hkv, T, D) from the teacher's projections (and q/k norms, if it has them)."""
+        return self.spec.project(self.attn, hidden_states)
 
     def mix(self, hidden_states, q, k, v, position_embeddings, padding_mask, state) -> torch.Tensor:
         """Return the attention heads (B, H, T, Dv) for q (B, H, T, D) and k, v (B, Hkv, T, D).

@@ -1,0 +1,142 @@
+"""Gated DeltaNet as transformers' `qwen3_5` runs it, on the teacher's attention weights: a layer that exports.
+
+Every operation is the one `Qwen3_5GatedDeltaNet` performs, so `linearize export --to qwen3_5` writes this
+layer's weights into that architecture and the exported model computes the same function:
+- q, k and v are the teacher's projections (without its q/k norms, if it has them) through a short causal depthwise convolution and SiLU;
+- q and k are L2-normalised per head (x / sqrt(|x|^2 + 1e-6)) and q is scaled by D^-0.5;
+- kv heads are expanded to the query heads (the export repeats the k and v rows of `in_proj_qkv`);
+- the state is written with the gated delta rule: beta = sigmoid(W_b x), g = -exp(A_log) * softplus(W_a x + dt_bias);
+- each head's output goes through an RMSNorm (eps: the teacher's `rms_norm_eps`) gated by SiLU(W_z x), then
+  the teacher's output projection.
+Unlike `gated_deltanet` there is no sliding window and no bias on the write strength: qwen3_5 has neither.
+
+The start keeps what can be kept: identity convolutions (the teacher's q/k/v before the SiLU), beta = 0.5 and a
+per-token decay of 0.9 as in `gated_deltanet`, unit norm weights. The gate has no exact start (SiLU(W_z x)
+cannot be a constant): W_z starts small and random (std 0.02, as transformers initialises linear layers), so
+every parameter has a gradient from the first step. Distillation does the rest.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import AttentionSpec, repeat_heads
+from .errors import LinearizeError
+from .gates import inverse_softplus
+from .kernel_dispatch import gated_delta_rule
+from .mixer_gated_deltanet import convolve_heads
+from .mixers import Mixer, MixerCost, register_mixer
+
+L2_EPS = 1e-6  # qwen3_5's (and fla's) l2norm: x * rsqrt(sum(x^2) + eps)
+
+
+def l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + L2_EPS)
+
+
+def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of x over its last dimension, times `weight`, times SiLU(gate): qwen3_5's `RMSNormGated` (in float32,
+    or float64 for float64 inputs)."""
+    dtype, acc = x.dtype, torch.promote_types(x.dtype, torch.float32)
+    normed = x.to(acc) * torch.rsqrt(x.to(acc).pow(2).mean(-1, keepdim=True) + eps)
+    return ((weight * normed.to(dtype)) * F.silu(gate.to(acc))).to(dtype)
+
+
+@dataclass
+class Qwen35GatedDeltaNetOptions:
+    """conv_size: kernel of the causal convolution on q, k and v (qwen3_5's `linear_conv_kernel_dim`);
+    eps: the output norm's epsilon (default: the teacher's `rms_norm_eps`, which the exported model uses)."""
+
+    conv_size: int = 4
+    eps: float | None = None
+
+
+@register_mixer
+class Qwen35GatedDeltaNet(Mixer):
+    name = "qwen3_5_gdn"
+    anchor = "Gated DeltaNet (Qwen3.5)"
+    summary = "Gated DeltaNet exactly as transformers' qwen3_5 runs it (exports with `linearize export --to qwen3_5`)"
+    Options = Qwen35GatedDeltaNetOptions
+
+    initial_beta = 0.5
+    initial_decay = 0.9  # per token
+    gate_std = 0.02
+
+    def __init__(self, attn, spec: AttentionSpec, options, layer_idx: int):
+        super().__init__(attn, spec, options, layer_idx)
+        reference = next(attn.parameters())
+        factory = dict(dtype=reference.dtype, device=reference.device)
+        h, d = spec.num_heads, spec.head_dim
+        conv = torch.zeros((h + 2 * spec.num_kv_heads) * d, options.conv_size, **factory)
+        conv[:, -1] = 1.0
+        self.conv_weight = nn.Parameter(conv)
+        self.b_proj = nn.Linear(spec.hidden_size, h, bias=False, **factory)
+        self.a_proj = nn.Linear(spec.hidden_size, h, bias=False, **factory)
+        self.z_proj = nn.Linear(spec.hidden_size, h * d, bias=False, **factory)
+        nn.init.zeros_(self.b_proj.weight)
+        nn.init.zeros_(self.a_proj.weight)
+        with torch.no_grad():
+            self.z_proj.weight.normal_(0.0, self.gate_std)
+        self.A_log = nn.Parameter(torch.zeros(h, **factory))
+        self.dt_bias = nn.Parameter(torch.full((h,), inverse_softplus(-math.log(self.initial_decay)), **factory))
+        self.norm_weight = nn.Parameter(torch.ones(d, **factory))
+
+    @classmethod
+    def resolve(cls, options, spec: AttentionSpec, config):
+        if options.conv_size < 1:
+            raise LinearizeError(
+                f"option 'conv_size' of mixer {cls.name!r} must be at least 1 (1: no mixing across tokens), got {options.conv_size}"
+            )
+        if options.eps is None:
+            options.eps = float(getattr(config, "rms_norm_eps", None) or 1e-6)
+        if not options.eps > 0:
+            raise LinearizeError(f"option 'eps' of mixer {cls.name!r} must be positive, got {options.eps}")
+        return options
+
+    @classmethod
+    def cost(cls, spec: AttentionSpec, options) -> MixerCost:
+        h, d, kernel = spec.num_heads, spec.head_dim, options.conv_size
+        channels = (spec.num_heads + 2 * spec.num_kv_heads) * d
+        params = channels * kernel + spec.hidden_size * (2 * h + h * d) + 2 * h + d
+        return MixerCost(new_parameters=params, state_fixed=h * d * d + channels * (kernel - 1), state_per_token=0)
+
+    def project(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The teacher's q/k/v projections without its q/k norms, if it has them: qwen3_5's layer has none."""
+        return replace(self.spec, q_norm=None, k_norm=None).project(self.attn, hidden_states)
+
+    def kernel(self):
+        return "gated_delta_rule", (self.spec.head_dim, self.spec.head_dim)
+
+    def gates(self, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """beta and the log-decay g, both (B, H, T); zero at pads so they neither write nor decay."""
+        x = hidden_states.to(torch.promote_types(hidden_states.dtype, torch.float32))
+        beta = torch.sigmoid(F.linear(x, self.b_proj.weight.to(x.dtype)))
+        g = -self.A_log.to(x.dtype).exp() * F.softplus(F.linear(x, self.a_proj.weight.to(x.dtype)) + self.dt_bias.to(x.dtype))
+        if padding_mask is not None:
+            beta, g = beta * padding_mask[..., None], g * padding_mask[..., None]
+        return beta.transpose(1, 2), g.transpose(1, 2)
+
+    def mix(self, hidden_states, q, k, v, position_embeddings, padding_mask, state) -> torch.Tensor:
+        tensors = state.tensors if state is not None else {}
+        cq, ck, cv, conv = convolve_heads(q, k, v, self.conv_weight, padding_mask, tensors.get("conv"))
+        cq, ck, cv = l2_normalize(F.silu(cq)), l2_normalize(F.silu(ck)), F.silu(cv)
+        groups = self.spec.groups
+        ck, cv = repeat_heads(ck, groups), repeat_heads(cv, groups)
+        beta, g = self.gates(hidden_states, padding_mask)
+        decode = state is not None and q.shape[2] == 1
+        out, recurrent = gated_delta_rule(
+            cq, ck, cv, g, beta, self.spec.head_dim**-0.5, tensors.get("recurrent"), decode=decode, output_state=state is not None
+        )
+        if state is not None:
+            state.tensors = {"conv": conv, "recurrent": recurrent}
+        batch, heads, length, d = out.shape
+        z = self.z_proj(hidden_states).reshape(batch, length, heads, d).transpose(1, 2)
+        out = gated_rms_norm(out.to(hidden_states.dtype), z, self.norm_weight, self.options.eps)
+        if padding_mask is not None:
+            out = out * padding_mask[:, None, :, None]
+        return out
