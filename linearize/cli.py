@@ -59,6 +59,7 @@ def convert(
     out: Annotated[Path, typer.Option("--out", help="Folder to write the converted model to")],
     mixer: Annotated[str, typer.Option(help="Mixer for converted layers (see `linearize mixers`)")] = "hedgehog_swa",
     keep_attention: Annotated[str, typer.Option(help="Layers that keep softmax attention: 0,7 or every:4, first:2, spread:0.25")] = "",
+    keep_as: Annotated[str, typer.Option(help="Mixer of the kept softmax layers: attention (the teacher's) or qwen3_5_attention (exports)")] = "attention",
     layers: Annotated[str | None, typer.Option(help="Convert only these layers (same syntax); the rest keep attention")] = None,
     hybrid: Annotated[list[str] | None, typer.Option(help="Other mixers on some layers: mixer=layers (repeatable)")] = None,
     option: Annotated[list[str] | None, typer.Option(help="Mixer option key=value (repeatable)")] = None,
@@ -73,12 +74,14 @@ def convert(
 
     check_output(out, overwrite)
     options, hybrid_map = parse_options(option), parse_hybrid(hybrid)
-    for name in (mixer, *hybrid_map):  # names fail before a possibly long load; the rest of the plan after it
+    for name in (mixer, keep_as, *hybrid_map):  # names fail before a possibly long load; the rest of the plan after it
         get_mixer(name)
     with step(f"loading {source}"):
         teacher, tokenizer = load_teacher(source, dtype=dtype)
     with step(f"converting to {mixer}"):
-        student = convert_model(teacher, mixer, keep_attention=keep_attention or (), layers=layers, hybrid=hybrid_map, source=source, **options)
+        student = convert_model(
+            teacher, mixer, keep_attention=keep_attention or (), layers=layers, hybrid=hybrid_map, source=source, keep_as=keep_as, **options
+        )
     with step(f"saving to {out}"), atomic_folder(out, overwrite) as staging:
         student.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
@@ -235,6 +238,25 @@ def _print_stages(stages: list[StageReport], selection: dict | None) -> None:
             f"{last['loss']:.4g}" if "loss" in last else "-",
         )
     console.print(table)
+
+
+@app.command()
+def export(
+    folder: Annotated[Path, typer.Argument(help="A converted model folder (from `linearize run`, `distill` or `convert`)")],
+    out: Annotated[Path, typer.Option("--out", help="Folder to write the native model to")],
+    to: Annotated[str, typer.Option("--to", help="Native architecture to export to: qwen3_5")] = "qwen3_5",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder")] = False,
+):
+    """Write a converted model as a native transformers architecture that loads without remote code and that
+    serving engines run; its logits are checked against the converted model's before anything is written."""
+    from .export import export as export_model, get_target
+
+    target = get_target(to)
+    with step(f"exporting {folder} to {target.architecture}"):
+        export_model(folder, out, target.name, overwrite=overwrite, log=lambda m: console.print(f"[dim]{m}[/dim]"))
+    console.print(f"[green]saved[/green] {out} ({target.architecture}, loads with AutoModelForCausalLM.from_pretrained, no remote code)")
+    for engine, versions, command in target.engines:
+        console.print(f"  {engine} {versions}: {command.replace('PATH', str(out))}")
 
 
 @app.command()

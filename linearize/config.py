@@ -102,10 +102,13 @@ class ConvertConfig:
     keep_attention also takes `auto:N` (N layers) or `auto:F` (a fraction F of the layers): every layer is
     converted, and after the first attention_transfer stage (or before the first stage when there is none)
     the N layers whose conversion hurts most go back to softmax attention (see `selection`).
+    keep_as: the mixer of the layers that keep softmax attention: `attention` (the teacher's own layer) or, for a
+    model that exports to a native architecture, that architecture's softmax layer (`qwen3_5_attention`).
     """
 
     mixer: str = "hedgehog_swa"
     keep_attention: Any = field(default_factory=list)
+    keep_as: str = "attention"
     layers: Any = None
     hybrid: dict[str, Any] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)

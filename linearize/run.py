@@ -44,7 +44,7 @@ def validate_recipe(recipe: Recipe, processes: int = 1, check_data: bool = True)
     """Checks that need nothing loaded: mixer, option and stage names, the auto selection, the data sources
     (unless `check_data` is false) and that every stage's budget pays for at least one step on `processes`."""
     plan = recipe.convert
-    for name in [plan.mixer, *plan.hybrid, *plan.mixer_options]:
+    for name in [plan.mixer, plan.keep_as, *plan.hybrid, *plan.mixer_options]:
         get_mixer(name)
     for name, options in [(plan.mixer, plan.options), *plan.mixer_options.items()]:
         check_option_names(name, options)
@@ -89,6 +89,7 @@ def prepare_student(model: nn.Module, recipe: Recipe, log: Callable[[str], None]
         hybrid=plan.hybrid,
         mixer_options=plan.mixer_options,
         source=recipe.teacher,
+        keep_as=plan.keep_as,
         **plan.options,
     )
     return student, count
@@ -206,15 +207,16 @@ class Run:
 
     def _select(self) -> dict[str, Any]:
         """Auto selection, or its replay from the checkpoint folder when resuming; logged and recorded."""
-        session, settings = self.session, self.recipe.convert.selection
+        session, plan = self.session, self.recipe.convert
+        settings, keep_as = plan.selection, (plan.keep_as, plan.mixer_options.get(plan.keep_as))
         saved = None if session.checkpoints is None else session.checkpoints / "selection.json"
         if saved is not None and saved.is_file():
             selection = json.loads(saved.read_text())
-            apply_selection(self.model, selection)
+            apply_selection(self.model, selection, *keep_as)
             session.say(f"selection (from {saved}): softmax attention kept in layers {selection['kept_attention']}")
             return selection
         windows = self.data.heldout_windows(settings.seq_len, max_tokens=settings.tokens)
-        selection = select_attention(self.model, windows, self.keep, settings)
+        selection = select_attention(self.model, windows, self.keep, settings, *keep_as)
         session.record({"event": "selection", **selection})
         if saved is not None and session.main:
             saved.write_text(json.dumps(selection, indent=2))

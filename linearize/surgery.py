@@ -18,7 +18,7 @@ from .hf.configuration_linearized import LinearizedConfig
 from .hf.errors import LinearizeError
 from .hf.mixers import get_mixer
 from .hf.modeling_linearized import LinearizedForCausalLM, apply_plan
-from .hf.plan import LayerPlan
+from .hf.plan import ATTENTION, LayerPlan, LayerSpec
 from .layouts import resolve_layout
 
 
@@ -30,14 +30,18 @@ def build_plan(
     hybrid: Mapping[str, Any] | None = None,
     options: Mapping[str, Any] | None = None,
     mixer_options: Mapping[str, Mapping[str, Any]] | None = None,
+    keep_as: str = ATTENTION,
 ) -> LayerPlan:
     """The layer plan: per layer, a mixer and its options (not yet resolved against the teacher).
 
     `layers` limits conversion to those layers (the rest keep attention); `keep_attention` keeps some
-    softmax layers; `hybrid` maps other mixers to layer selections. Selections are validated by `layouts`.
+    softmax layers, as the teacher's own layer or, with `keep_as`, as that mixer (e.g. `qwen3_5_attention`, a
+    softmax layer that exports); `hybrid` maps other mixers to layer selections. Selections are validated by `layouts`.
     """
     get_mixer(mixer)
+    get_mixer(keep_as)
     assignment = resolve_layout(num_layers, mixer, keep_attention=keep_attention, layers=layers, hybrid=hybrid)
+    assignment = [keep_as if name == ATTENTION else name for name in assignment]
     per_mixer = {name: dict(opts) for name, opts in (mixer_options or {}).items()}
     for name in per_mixer:
         get_mixer(name)
@@ -135,6 +139,7 @@ def convert(
     hybrid: Mapping[str, Any] | None = None,
     mixer_options: Mapping[str, Mapping[str, Any]] | None = None,
     source: str | None = None,
+    keep_as: str = ATTENTION,
     **options: Any,
 ) -> LinearizedForCausalLM:
     """Replace the teacher's attention layers with `mixer`, reusing their q/k/v/o weights.
@@ -142,13 +147,14 @@ def convert(
     Example:
         >>> teacher, tokenizer = linearize.load_teacher("smollm2-135m")
         >>> student = linearize.convert(teacher, "hedgehog_swa", keep_attention=[0], window=64)
+        >>> exportable = linearize.convert(teacher, "qwen3_5_gdn", keep_attention="every:4", keep_as="qwen3_5_attention")
 
     The teacher module is changed in place and wrapped; keep no other reference to it. The returned model
     saves with `save_pretrained` and reloads with `AutoModelForCausalLM.from_pretrained`.
     """
     teacher = _teacher_of(model)
     config = teacher.config
-    plan = build_plan(config.num_hidden_layers, mixer, keep_attention, layers, hybrid, options, mixer_options)
+    plan = build_plan(config.num_hidden_layers, mixer, keep_attention, layers, hybrid, options, mixer_options, keep_as)
     if any(p.device.type == "meta" for p in teacher.parameters()):
         raise LinearizeError("the teacher has weights on the meta device; load it fully before converting")
     _check_reading(teacher, plan.converted())
@@ -163,26 +169,35 @@ def convert(
     return LinearizedForCausalLM(wrapped_config, model=teacher)
 
 
-def revert_to_attention(model: LinearizedForCausalLM, layers: Iterable[int]) -> list[int]:
-    """Put the teacher's softmax attention back in the converted `layers` (each mixer holds it as `.attn`) and
-    record them as softmax attention in `config.plan`, so the saved model rebuilds the same way. Their mixers' own
-    parameters are dropped. Everything is checked before the model changes.
+def revert_to_attention(
+    model: LinearizedForCausalLM, layers: Iterable[int], keep_as: str = ATTENTION, options: Mapping[str, Any] | None = None
+) -> list[int]:
+    """Put softmax attention back in the converted `layers`: the teacher's own layer (each mixer holds it as
+    `.attn`), or, with `keep_as`, that mixer built on it with `options`; record it in `config.plan`, so the saved
+    model rebuilds the same way. The replaced mixers' own parameters are dropped. Everything is checked before the
+    model changes.
 
     Example:
         >>> revert_to_attention(student, [3, 17])
     """
     layers = sorted(set(layers))
     plan = model.config.plan
-    blocks = decoder_layers(model, model.config.text_config.num_hidden_layers)
+    text_config = model.config.text_config
+    blocks = decoder_layers(model, text_config.num_hidden_layers)
     for index in layers:
         if not 0 <= index < len(blocks):
             raise LinearizeError(f"layer {index} is out of range; the model has layers 0-{len(blocks) - 1}")
-        if plan[index].is_attention:
+        if plan[index].is_attention or plan[index].mixer == keep_as:
             raise LinearizeError(f"layer {index} already has softmax attention; revert only converted layers")
     if len(layers) == len(plan.converted()):
         raise LinearizeError("reverting these layers would leave no converted layer; keep fewer layers as attention")
+    built = {}
     for index in layers:
-        slot = attention_slot(blocks[index])
-        setattr(blocks[index], slot, getattr(blocks[index], slot).attn)
-    model.config.plan = plan.with_attention(layers)
+        teacher = getattr(blocks[index], attention_slot(blocks[index])).attn
+        built[index] = teacher if keep_as == ATTENTION else get_mixer(keep_as).from_attention(teacher, text_config, index, **(options or {}))
+    for index, module in built.items():
+        setattr(blocks[index], attention_slot(blocks[index]), module)
+    model.config.plan = plan.with_layers(
+        {i: LayerSpec(keep_as, m.options_dict() if hasattr(m, "options_dict") else {}) for i, m in built.items()}
+    )
     return layers

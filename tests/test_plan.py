@@ -39,7 +39,7 @@ def test_a_saved_config_keeps_the_layers_format_and_reads_back_the_same_plan(tmp
 
 def test_setting_the_plan_rewrites_the_layers():
     config = LinearizedConfig(text_config=tiny_config(), layers=LayerPlan.from_json(SAVED))
-    config.plan = config.plan.with_attention([1])
+    config.plan = config.plan.with_layers({1: LayerSpec(ATTENTION)})
     assert config.layers == [{"mixer": "attention", "options": {}}] * 2
     assert config.plan.with_options([{}, {"window": 3}]).to_json()[1] == {"mixer": "attention", "options": {"window": 3}}
 

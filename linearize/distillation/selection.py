@@ -21,6 +21,7 @@ from torch import nn
 from ..config import SelectionConfig
 from ..hf.errors import LinearizeError
 from ..hf.mixers import mixers_in, teacher_mode
+from ..hf.plan import ATTENTION
 from ..surgery import revert_to_attention
 from .stages.attention_transfer import layer_errors
 from .kd import kd_losses
@@ -85,8 +86,11 @@ def restore_gains(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) 
 METHODS = {"error": "attention-transfer MSE / teacher output mean square", "kl": "single-layer logit KL", "restore": "restore-one-layer KL gain"}
 
 
-def select_attention(model: nn.Module, windows: torch.Tensor, count: int, config: SelectionConfig) -> dict[str, Any]:
-    """Score every converted layer on `windows`, revert the `count` worst to softmax attention, and record the
+def select_attention(
+    model: nn.Module, windows: torch.Tensor, count: int, config: SelectionConfig, keep_as: str = ATTENTION, options: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Score every converted layer on `windows`, revert the `count` worst to softmax attention (the teacher's layer,
+    or the mixer `keep_as` with `options`: see `revert_to_attention`), and record the
     choice and the per-layer figures in `model.config.selection` (saved with the model). Returns that record.
     With `config.restore`, each scorer proposes its layers and the proposal whose restored model has the lowest
     KL to the teacher wins (`candidates` records each proposal and its KL).
@@ -123,12 +127,12 @@ def select_attention(model: nn.Module, windows: torch.Tensor, count: int, config
     selection = {"method": METHODS[method], "kept_attention": proposals[method], "tokens": int(windows.numel()), "layers": figures}
     if candidates is not None:
         selection.update(converted_kl=converted, candidates={METHODS[name]: c for name, c in candidates.items()})
-    revert_to_attention(model, proposals[method])
+    revert_to_attention(model, proposals[method], keep_as, options)
     model.config.selection = selection
     return selection
 
 
-def apply_selection(model: nn.Module, selection: dict[str, Any]) -> None:
+def apply_selection(model: nn.Module, selection: dict[str, Any], keep_as: str = ATTENTION, options: dict[str, Any] | None = None) -> None:
     """Replay a recorded selection (a resumed run reuses the choice instead of measuring again)."""
-    revert_to_attention(model, selection["kept_attention"])
+    revert_to_attention(model, selection["kept_attention"], keep_as, options)
     model.config.selection = selection

@@ -79,10 +79,9 @@ class LayerPlan:
         """Indices of the layers whose attention a mixer replaces."""
         return [index for index, spec in enumerate(self.layers) if not spec.is_attention]
 
-    def with_attention(self, indices: Iterable[int]) -> LayerPlan:
-        """This plan with the layers at `indices` keeping softmax attention."""
-        kept = set(indices)
-        return LayerPlan(tuple(LayerSpec(ATTENTION) if i in kept else spec for i, spec in enumerate(self.layers)))
+    def with_layers(self, specs: dict[int, LayerSpec]) -> LayerPlan:
+        """This plan with the layer at each index of `specs` replaced by its spec."""
+        return LayerPlan(tuple(specs.get(i, spec) for i, spec in enumerate(self.layers)))
 
     def with_options(self, options: Iterable[dict[str, Any]]) -> LayerPlan:
         """This plan with each layer's options replaced, in order (the options the built mixers resolved)."""

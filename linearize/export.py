@@ -1,0 +1,315 @@
+"""Export a converted model to an architecture transformers ships natively, so that serving engines run it and
+no remote code is needed: `linearize export DIR --to qwen3_5 --out OUT`.
+
+A target is a native hybrid architecture and the mixers whose layers are exactly its layers. Export maps the
+student's weights onto the target's, builds the native model, checks on a short random input that its logits are
+the student's, and writes a folder `AutoModelForCausalLM.from_pretrained` loads without linearize (config.json,
+model.safetensors, tokenizer, generation_config.json, export.json with the check's figures).
+
+Targets:
+- `qwen3_5` (`Qwen3_5ForCausalLM`, transformers >= 5.17; served by vLLM and SGLang): layers `qwen3_5_gdn` become
+  its Gated DeltaNet (`linear_attention`) layers, `qwen3_5_attention` its gated softmax (`full_attention`) layers;
+  a kept teacher `attention` layer exports too where the teacher has per-head q/k norms (Qwen3). The teacher must
+  be a Llama-shaped decoder (llama, mistral without sliding windows, qwen3): pre-norm RMSNorm blocks, a SwiGLU MLP,
+  projections without bias.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .hf.attention import attention_slot, decoder_layers
+from .hf.errors import LinearizeError
+from .hf.plan import ATTENTION
+from .outputs import atomic_folder
+
+# Files of a converted folder that describe how it was made and travel with the export.
+CARRIED = ("recipe.yaml", "results.json", "generation_config.json")
+
+
+@dataclass(frozen=True)
+class Target:
+    """A native architecture a student can become: its name, the transformers class, and the mixers it holds."""
+
+    name: str
+    architecture: str
+    mixers: tuple[str, ...]
+    families: tuple[str, ...]
+    engines: tuple[tuple[str, str, str], ...]  # (engine, which versions serve it and how that is known, command line)
+
+
+QWEN3_5 = Target(
+    name="qwen3_5",
+    architecture="Qwen3_5ForCausalLM",
+    mixers=("qwen3_5_gdn", "qwen3_5_attention"),
+    families=("llama", "mistral", "qwen3"),
+    engines=(
+        ("transformers", ">= 5.17 (tested by linearize's suite, oldest and newest)", "AutoModelForCausalLM.from_pretrained(PATH)"),
+        ("vLLM", ">= 0.17.0 (Qwen3.5 support per its release notes; not tested by linearize)", "vllm serve PATH"),
+        ("SGLang", "a release with Qwen3.5 support (not tested by linearize)", "python -m sglang.launch_server --model-path PATH"),
+    ),
+)
+TARGETS = {QWEN3_5.name: QWEN3_5}
+
+
+def get_target(name: str) -> Target:
+    if name not in TARGETS:
+        raise LinearizeError(f"unknown export target {name!r}; available: {', '.join(sorted(TARGETS))}")
+    return TARGETS[name]
+
+
+def check_exportable(model: nn.Module, target: Target) -> None:
+    """Refuse, in one line, a student the target cannot express: the teacher's family and structure, then each layer."""
+    text = model.config.text_config
+    family = text.model_type
+    if family not in target.families:
+        raise LinearizeError(
+            f"{target.name} export needs a teacher of family {', '.join(target.families)}; this student's teacher is "
+            f"{family!r}, whose blocks {target.name} cannot express"
+        )
+    if getattr(text, "attention_bias", False) or getattr(text, "mlp_bias", False) or text.hidden_act != "silu":
+        raise LinearizeError(f"{target.name} export needs projections without bias and a SiLU MLP; this {family} teacher has bias or {text.hidden_act!r}")
+    if getattr(text, "sliding_window", None) and family == "mistral":
+        raise LinearizeError(f"{target.name} has no sliding-window attention; this mistral teacher slides over {text.sliding_window} tokens")
+    if any(name.endswith("lora_A") or "base_layer" in name for name, _ in model.named_modules()):
+        raise LinearizeError("the model still holds LoRA adapters; merge them first (model.merge_and_unload()) or export the saved folder")
+    per_head_norms = family == "qwen3"
+    wrong = {}
+    for index, entry in enumerate(model.config.plan):
+        fits = entry.mixer in target.mixers or (entry.mixer == ATTENTION and per_head_norms)
+        if not fits:
+            wrong.setdefault(entry.mixer, []).append(index)
+    if all(entry.mixer == "qwen3_5_gdn" for entry in model.config.plan):
+        raise LinearizeError(
+            f"{target.name} in transformers cannot generate when every layer is Gated DeltaNet (its cache needs an attention "
+            "layer to count tokens); keep at least one layer as qwen3_5_attention (convert.keep_attention with keep_as)"
+        )
+    if wrong:
+        listed = "; ".join(f"layers {', '.join(map(str, layers))} ({mixer})" for mixer, layers in wrong.items())
+        raise LinearizeError(
+            f"{target.name} cannot express {listed}; convert with mixers {' and '.join(target.mixers)} (the recipe hybrid_qwen3_5)"
+        )
+    for name in ("conv_size", "eps"):
+        values = {entry.options[name] for entry in model.config.plan if name in entry.options}
+        if name == "eps":
+            values.add(float(text.rms_norm_eps))
+        if len(values) > 1:
+            raise LinearizeError(
+                f"{target.name} holds one {name} for every layer (and the model's norms); this student's layers have {sorted(values)}; convert with one value"
+            )
+
+
+def _repeat_heads(weight: torch.Tensor, heads: int, groups: int) -> torch.Tensor:
+    """Rows of `heads` head blocks, each repeated `groups` times in place (kv heads expanded to query heads)."""
+    return weight.reshape(heads, -1, *weight.shape[1:]).repeat_interleave(groups, dim=0).reshape(-1, *weight.shape[1:])
+
+
+def _zero_centred(weight: torch.Tensor) -> torch.Tensor:
+    """A Llama-style RMSNorm weight w as qwen3_5's (1 + w') form: w' = w - 1."""
+    return weight - 1.0
+
+
+def qwen3_5_config(model: nn.Module) -> Any:
+    """The `Qwen3_5TextConfig` of the exported model: the teacher's sizes, one layer type per plan entry."""
+    from transformers import Qwen3_5TextConfig
+
+    text = model.config.text_config
+    heads, kv_heads = text.num_attention_heads, text.num_key_value_heads or text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    rope = dict(getattr(text, "rope_parameters", None) or {"rope_type": "default", "rope_theta": getattr(text, "rope_theta", 10000.0)})
+    rope.setdefault("partial_rotary_factor", 1.0)
+    conv = next((entry.options["conv_size"] for entry in model.config.plan if "conv_size" in entry.options), 4)
+    return Qwen3_5TextConfig(
+        vocab_size=text.vocab_size,
+        hidden_size=text.hidden_size,
+        intermediate_size=text.intermediate_size,
+        num_hidden_layers=text.num_hidden_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        hidden_act=text.hidden_act,
+        max_position_embeddings=text.max_position_embeddings,
+        rms_norm_eps=text.rms_norm_eps,
+        tie_word_embeddings=bool(getattr(text, "tie_word_embeddings", False)),
+        rope_parameters=rope,
+        attention_bias=False,
+        linear_conv_kernel_dim=conv,
+        linear_key_head_dim=head_dim,
+        linear_value_head_dim=head_dim,
+        linear_num_key_heads=heads,
+        linear_num_value_heads=heads,
+        layer_types=["linear_attention" if entry.mixer == "qwen3_5_gdn" else "full_attention" for entry in model.config.plan],
+        pad_token_id=text.pad_token_id,
+        bos_token_id=text.bos_token_id,
+        eos_token_id=text.eos_token_id,
+        dtype=next(model.parameters()).dtype,
+    )
+
+
+def qwen3_5_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The student's weights under the names and layouts of `Qwen3_5ForCausalLM` (see the module docstring)."""
+    text = model.config.text_config
+    inner = model.model  # the teacher's causal LM, its attention replaced
+    out = {
+        "model.embed_tokens.weight": inner.get_input_embeddings().weight,
+        "model.norm.weight": _zero_centred(inner.model.norm.weight),
+    }
+    if not getattr(text, "tie_word_embeddings", False):
+        out["lm_head.weight"] = inner.get_output_embeddings().weight
+    for index, block in enumerate(decoder_layers(inner, text.num_hidden_layers)):
+        prefix = f"model.layers.{index}."
+        out[prefix + "input_layernorm.weight"] = _zero_centred(block.input_layernorm.weight)
+        out[prefix + "post_attention_layernorm.weight"] = _zero_centred(block.post_attention_layernorm.weight)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            out[f"{prefix}mlp.{name}.weight"] = getattr(block.mlp, name).weight
+        module = getattr(block, attention_slot(block))
+        if getattr(module, "name", None) == "qwen3_5_gdn":
+            out.update({prefix + "linear_attn." + k: v for k, v in _gated_deltanet(module).items()})
+        else:
+            out.update({prefix + "self_attn." + k: v for k, v in _gated_attention(module, text).items()})
+    return {name: tensor.detach().contiguous() for name, tensor in out.items()}
+
+
+def _gated_deltanet(mixer: nn.Module) -> dict[str, torch.Tensor]:
+    spec, attn = mixer.spec, mixer.attn
+    h, hkv, d, groups = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.groups
+    conv_q, conv_k, conv_v = mixer.conv_weight.split((h * d, hkv * d, hkv * d))
+    return {
+        "in_proj_qkv.weight": torch.cat(
+            (attn.q_proj.weight, _repeat_heads(attn.k_proj.weight, hkv, groups), _repeat_heads(attn.v_proj.weight, hkv, groups))
+        ),
+        "conv1d.weight": torch.cat((conv_q, _repeat_heads(conv_k, hkv, groups), _repeat_heads(conv_v, hkv, groups)))[:, None, :],
+        "in_proj_z.weight": mixer.z_proj.weight,
+        "in_proj_b.weight": mixer.b_proj.weight,
+        "in_proj_a.weight": mixer.a_proj.weight,
+        "A_log": mixer.A_log,
+        "dt_bias": mixer.dt_bias,
+        "norm.weight": mixer.norm_weight,
+        "out_proj.weight": attn.o_proj.weight,
+    }
+
+
+def _gated_attention(module: nn.Module, text) -> dict[str, torch.Tensor]:
+    """A `qwen3_5_attention` mixer, or a kept Qwen3 attention layer (gate 0, norms its own)."""
+    is_mixer = getattr(module, "name", None) == "qwen3_5_attention"
+    attn = module.attn if is_mixer else module
+    q = attn.q_proj.weight
+    heads = text.num_attention_heads
+    gate = module.gate_proj.weight if is_mixer else torch.zeros_like(q)
+    if is_mixer and module.spec.q_norm is None:
+        q_norm, k_norm = module.q_norm_weight, module.k_norm_weight
+    else:
+        q_norm, k_norm = _zero_centred(attn.q_norm.weight), _zero_centred(attn.k_norm.weight)
+    # qwen3_5 packs each head's query rows and then its gate rows into q_proj; its gate is sigmoid(g), the
+    # mixer's 2 * sigmoid(g) (a kept layer's: 2 * sigmoid(0) = 1), so o_proj takes the 2.
+    packed = torch.stack((q.reshape(heads, -1, q.shape[-1]), gate.reshape(heads, -1, q.shape[-1])), dim=1)
+    return {
+        "q_proj.weight": packed.reshape(-1, q.shape[-1]),
+        "k_proj.weight": attn.k_proj.weight,
+        "v_proj.weight": attn.v_proj.weight,
+        "o_proj.weight": 2.0 * attn.o_proj.weight,
+        "q_norm.weight": q_norm,
+        "k_norm.weight": k_norm,
+    }
+
+
+BUILDERS = {QWEN3_5.name: (qwen3_5_config, qwen3_5_state_dict)}
+
+
+def build_native(model: nn.Module, to: str = "qwen3_5") -> nn.Module:
+    """The native model equal to `model` (a converted student), in its dtype and on its device, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    target = get_target(to)
+    check_exportable(model, target)
+    make_config, make_weights = BUILDERS[target.name]
+    config = make_config(model)
+    parameter = next(model.parameters())
+    native = AutoModelForCausalLM.from_config(config, dtype=parameter.dtype).to(parameter.device)
+    native.load_state_dict(make_weights(model), strict=True)
+    if getattr(model, "generation_config", None) is not None:
+        native.generation_config = model.generation_config
+    return native.eval()
+
+
+@torch.no_grad()
+def compare_logits(student: nn.Module, native: nn.Module, length: int = 24, seed: int = 0) -> float:
+    """Largest absolute difference of the two models' logits on `length` random tokens."""
+    vocab = student.config.text_config.vocab_size
+    device = next(student.parameters()).device
+    ids = torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(seed)).to(device)
+    a = student(input_ids=ids, use_cache=False).logits.float()
+    b = native(input_ids=ids, use_cache=False).logits.float()
+    return (a - b).abs().max().item()
+
+
+def export(
+    source: str | Path | nn.Module,
+    out: str | Path,
+    to: str = "qwen3_5",
+    *,
+    tokenizer: Any = None,
+    overwrite: bool = False,
+    tolerance: float | None = None,
+    log=print,
+) -> Path:
+    """Write the student `source` (a converted folder, or a converted model with its `tokenizer`) as the native
+    architecture `to` into `out`, after checking that the native model's logits equal the student's.
+
+    Example:
+        >>> linearize.export("out/hybrid_qwen3_5", "out/hybrid_qwen3_5-native")   # then: vllm serve out/hybrid_qwen3_5-native
+    """
+    from .loaders import load_teacher
+
+    target = get_target(to)
+    folder = None
+    if isinstance(source, (str, Path)):
+        folder = Path(source)
+        if not (folder / "config.json").is_file():
+            raise LinearizeError(f"{str(folder)!r} is not a saved model folder (no config.json); pass the folder `linearize run` wrote")
+        model, tokenizer = load_teacher(str(folder))
+    else:
+        model = source
+    if getattr(model.config, "model_type", None) != "linearized":
+        raise LinearizeError("export takes a converted model (a linearize folder or LinearizedForCausalLM); convert and distill the teacher first")
+    started = time.time()
+    native = build_native(model, target.name)
+    dtype = next(model.parameters()).dtype
+    limit = tolerance if tolerance is not None else (1e-4 if dtype in (torch.float32, torch.float64) else 0.1)
+    difference = compare_logits(model, native)
+    if not difference <= limit:
+        raise LinearizeError(
+            f"the exported {target.name} model's logits differ from the student's by {difference:.2e} (limit {limit:g}); "
+            "this is a bug in linearize's export: please report it with the folder's config.json"
+        )
+    log(f"{target.architecture}: largest logit difference to the student {difference:.2e} ({dtype})")
+    with atomic_folder(out, overwrite) as staging:
+        native.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        if folder is not None:
+            for name in CARRIED:
+                if (folder / name).is_file() and not (staging / name).exists():
+                    shutil.copyfile(folder / name, staging / name)
+        record = {
+            "format": "linearize-export",
+            "version": 1,
+            "target": target.name,
+            "architecture": target.architecture,
+            "source": str(folder) if folder is not None else getattr(model.config, "source", None),
+            "layer_types": native.config.layer_types,
+            "dtype": str(dtype).removeprefix("torch."),
+            "max_logit_difference": difference,
+            "seconds": round(time.time() - started, 2),
+            "engines": [{"engine": e, "versions": v, "command": c} for e, v, c in target.engines],
+        }
+        (staging / "export.json").write_text(json.dumps(record, indent=2) + "\n")
+    return Path(out)
