@@ -9,6 +9,7 @@ Example:
 """
 
 from .evaluate import evaluate
+from .export import export
 from .hf.errors import LinearizeError
 from .hf.mixers import MIXERS, register_mixer, teacher_mode
 from .hf.modeling_linearized import LinearizedConfig, LinearizedForCausalLM, register_auto_classes
@@ -29,6 +30,7 @@ __all__ = [
     "convert",
     "distill",
     "evaluate",
+    "export",
     "load_teacher",
     "push",
     "register_mixer",

@@ -31,6 +31,12 @@ from .hf.errors import LinearizeError
 from .hf.plan import ATTENTION
 from .outputs import atomic_folder
 
+# The largest relative logit difference export accepts in float32. Both models compute the same function in
+# different orders (and qwen3_5 computes its norms and RoPE in float32 even for float64 weights): on SmolLM2-135M
+# (30 layers) the two differ by 1e-5 to 4e-5, as much as the student differs from itself between a padded and an
+# unpadded batch (3.6e-5); on the tiny test models, by under 1e-6.
+FLOAT32_TOLERANCE = 1e-4
+
 # Files of a converted folder that describe how it was made and travel with the export.
 CARRIED = ("recipe.yaml", "results.json", "generation_config.json")
 
@@ -161,9 +167,8 @@ def qwen3_5_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     out = {
         "model.embed_tokens.weight": inner.get_input_embeddings().weight,
         "model.norm.weight": _zero_centred(inner.model.norm.weight),
+        "lm_head.weight": inner.get_output_embeddings().weight,  # listed when tied too, as the state dict lists it
     }
-    if not getattr(text, "tie_word_embeddings", False):
-        out["lm_head.weight"] = inner.get_output_embeddings().weight
     for index, block in enumerate(decoder_layers(inner, text.num_hidden_layers)):
         prefix = f"model.layers.{index}."
         out[prefix + "input_layernorm.weight"] = _zero_centred(block.input_layernorm.weight)
@@ -242,13 +247,13 @@ def build_native(model: nn.Module, to: str = "qwen3_5") -> nn.Module:
 
 @torch.no_grad()
 def compare_logits(student: nn.Module, native: nn.Module, length: int = 24, seed: int = 0) -> float:
-    """Largest absolute difference of the two models' logits on `length` random tokens."""
+    """Relative difference ||native - student|| / ||student|| of the two models' logits on `length` random tokens."""
     vocab = student.config.text_config.vocab_size
     device = next(student.parameters()).device
     ids = torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(seed)).to(device)
     a = student(input_ids=ids, use_cache=False).logits.float()
     b = native(input_ids=ids, use_cache=False).logits.float()
-    return (a - b).abs().max().item()
+    return ((b - a).norm() / a.norm()).item()
 
 
 def export(
@@ -262,7 +267,8 @@ def export(
     log=print,
 ) -> Path:
     """Write the student `source` (a converted folder, or a converted model with its `tokenizer`) as the native
-    architecture `to` into `out`, after checking that the native model's logits equal the student's.
+    architecture `to` into `out`, after checking that the native model's logits equal the student's (relative
+    difference at most `tolerance`: default FLOAT32_TOLERANCE in float32 and float64, 1e-2 in bfloat16/float16).
 
     Example:
         >>> linearize.export("out/hybrid_qwen3_5", "out/hybrid_qwen3_5-native")   # then: vllm serve out/hybrid_qwen3_5-native
@@ -283,14 +289,14 @@ def export(
     started = time.time()
     native = build_native(model, target.name)
     dtype = next(model.parameters()).dtype
-    limit = tolerance if tolerance is not None else (1e-4 if dtype in (torch.float32, torch.float64) else 0.1)
+    limit = tolerance if tolerance is not None else (FLOAT32_TOLERANCE if dtype in (torch.float32, torch.float64) else 1e-2)
     difference = compare_logits(model, native)
     if not difference <= limit:
         raise LinearizeError(
             f"the exported {target.name} model's logits differ from the student's by {difference:.2e} (limit {limit:g}); "
             "this is a bug in linearize's export: please report it with the folder's config.json"
         )
-    log(f"{target.architecture}: largest logit difference to the student {difference:.2e} ({dtype})")
+    log(f"{target.architecture}: logits differ from the student's by {difference:.2e} (relative, {dtype})")
     with atomic_folder(out, overwrite) as staging:
         native.save_pretrained(staging)
         if tokenizer is not None:
@@ -307,7 +313,7 @@ def export(
             "source": str(folder) if folder is not None else getattr(model.config, "source", None),
             "layer_types": native.config.layer_types,
             "dtype": str(dtype).removeprefix("torch."),
-            "max_logit_difference": difference,
+            "logit_difference": difference,
             "seconds": round(time.time() - started, 2),
             "engines": [{"engine": e, "versions": v, "command": c} for e, v, c in target.engines],
         }

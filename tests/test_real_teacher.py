@@ -93,3 +93,51 @@ def test_a_real_student_of_every_mixer_saves_and_reloads_with_and_without_linear
     )
     assert "reloaded exactly True" in output
     assert "same generation True" in output
+
+
+def test_a_real_student_exports_to_qwen3_5_and_loads_without_linearize(teacher, smollm2, batch, tmp_path):
+    """convert -> distill a few steps -> export -> reload in a fresh process without linearize: equal logits (to
+    float32 rounding over 30 layers, export.FLOAT32_TOLERANCE) and equal cached greedy generation (left-padded batch)."""
+    from linearize.config import load_recipe
+    from linearize.export import FLOAT32_TOLERANCE, export
+
+    _, tokenizer = smollm2
+    recipe = load_recipe(
+        "quickstart",
+        [
+            "convert.mixer=qwen3_5_gdn",
+            "convert.options={}",
+            "convert.keep_attention=every:10",
+            "convert.keep_as=qwen3_5_attention",
+            "data.seq_len=64",
+            "stages=[{kind: attention_transfer, tokens: 256, batch_size: 2, lr: 0.001}, {kind: lora_kd, tokens: 128, batch_size: 2, lr: 0.0001, rank: 4, alpha: 8, train_new_parameters: true}]",
+        ],
+    )
+    student = linearize.distill(linearize.convert(teacher, "qwen3_5_gdn", keep_attention="every:10", keep_as="qwen3_5_attention"),
+                                "prideprejudice", recipe, tokenizer=tokenizer, log=lambda m: None, progress=False)
+    assert [e.mixer for e in student.config.plan].count("qwen3_5_attention") == 3
+    student.save_pretrained(tmp_path / "student")
+    tokenizer.save_pretrained(tmp_path / "student")
+    out = export(tmp_path / "student", tmp_path / "native", log=lambda m: None)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        expected = student(input_ids=ids, attention_mask=mask).logits
+    generated = student.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24, min_new_tokens=24, do_sample=False)
+    torch.save({"ids": ids, "mask": mask, "logits": expected, "tokens": generated}, tmp_path / "probe.pt")
+    output = run_python(
+        f"""
+        import torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(out)!r})
+        probe = torch.load({str(tmp_path / "probe.pt")!r})
+        with torch.no_grad():
+            logits = model(input_ids=probe["ids"], attention_mask=probe["mask"]).logits
+        real = probe["mask"].bool()
+        error = ((logits - probe["logits"])[real].norm() / probe["logits"][real].norm()).item()
+        tokens = model.generate(input_ids=probe["ids"], attention_mask=probe["mask"], max_new_tokens=24, min_new_tokens=24, do_sample=False)
+        print(type(model).__name__, error, torch.equal(tokens, probe["tokens"]))
+        """,
+        cwd=tmp_path,
+    )
+    name, error, same = output.split()
+    assert name == "Qwen3_5ForCausalLM" and float(error) < FLOAT32_TOLERANCE and same == "True"
