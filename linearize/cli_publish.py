@@ -24,7 +24,7 @@ def report_command(
 
 
 def push_command(
-    folder: Annotated[Path, typer.Argument(help="A converted model folder")],
+    folder: Annotated[Path, typer.Argument(help="A converted or exported (`linearize export`) model folder")],
     repo_id: Annotated[str, typer.Option("--repo-id", help="ORG/NAME on the Hugging Face Hub")],
     private: Annotated[bool, typer.Option(help="Create the repo private")] = False,
     revision: Annotated[str | None, typer.Option(help="Branch to push to (created if needed)")] = None,

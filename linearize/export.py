@@ -66,6 +66,47 @@ QWEN3_5 = Target(
 TARGETS = {QWEN3_5.name: QWEN3_5}
 
 
+EXPORT_FILE = "export.json"
+EXPORT_FORMAT = "linearize-export"
+EXPORT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ExportRecord:
+    """What push and the card read of an exported folder's export.json: the target (its architecture and the
+    engines that serve it come from linearize.export.TARGETS), the layer types, and the export's logit check."""
+
+    target: Target
+    layer_types: tuple[str, ...]
+    dtype: str = ""
+    logit_difference: float | None = None
+    teacher: str | None = None  # the student's teacher, where export.json records it
+
+    @classmethod
+    def read(cls, folder: Path) -> ExportRecord | None:
+        """The record of an exported folder; None for any other folder (no export.json, or another tool's)."""
+        path = folder / EXPORT_FILE
+        try:
+            data = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError, OSError):
+            return None
+        if not isinstance(data, dict) or data.get("format") != EXPORT_FORMAT:
+            return None
+        if data.get("version") != EXPORT_VERSION or data.get("target") not in TARGETS:
+            raise LinearizeError(
+                f"{str(path)!r} is an export (version {data.get('version')}, target {data.get('target')!r}) this linearize "
+                f"does not read (version {EXPORT_VERSION}, targets {', '.join(sorted(TARGETS))}): upgrade linearize"
+            )
+        teacher, difference = data.get("teacher"), data.get("logit_difference")
+        return cls(
+            target=TARGETS[data["target"]],
+            layer_types=tuple(data.get("layer_types") or ()),
+            dtype=str(data.get("dtype") or ""),
+            logit_difference=float(difference) if isinstance(difference, (int, float)) else None,
+            teacher=teacher if isinstance(teacher, str) else None,
+        )
+
+
 def get_target(name: str) -> Target:
     if name not in TARGETS:
         raise LinearizeError(f"unknown export target {name!r}; available: {', '.join(sorted(TARGETS))}")
@@ -306,16 +347,17 @@ def export(
                 if (folder / name).is_file() and not (staging / name).exists():
                     shutil.copyfile(folder / name, staging / name)
         record = {
-            "format": "linearize-export",
-            "version": 1,
+            "format": EXPORT_FORMAT,
+            "version": EXPORT_VERSION,
             "target": target.name,
             "architecture": target.architecture,
             "source": str(folder) if folder is not None else getattr(model.config, "source", None),
+            "teacher": getattr(model.config, "source", None),
             "layer_types": native.config.layer_types,
             "dtype": str(dtype).removeprefix("torch."),
             "logit_difference": difference,
             "seconds": round(time.time() - started, 2),
             "engines": [{"engine": e, "versions": v, "command": c} for e, v, c in target.engines],
         }
-        (staging / "export.json").write_text(json.dumps(record, indent=2) + "\n")
+        (staging / EXPORT_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return Path(out)

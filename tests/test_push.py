@@ -1,5 +1,6 @@
 """`linearize push` and HF's own `push_to_hub` against a loopback Hub stand-in: what is uploaded, that it loads
-in a fresh process without linearize, and the one-line errors."""
+in a fresh process without linearize, and the one-line errors; and the push of a folder `linearize export` wrote
+(a native Qwen3_5ForCausalLM: no modeling code goes up, its card names the engines that serve it)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from linearize.hf.errors import LinearizeError
 from tests.hub_standin import HubStandIn
 from tests.test_evaluate import char_tokenizer, tiny_student
 from tests.test_report import eval_results
-from tests.tiny import reload_probe, run_python
+from tests.tiny import reload_probe, run_python, tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.core
 
@@ -203,3 +204,79 @@ model.push_to_hub("me/via-transformers")
         cwd=tmp_path,
     )
     assert "LinearizedForCausalLM 3" in output
+
+
+def hybrid_qwen3_5():
+    """A tiny student whose layers are qwen3_5's: Gated DeltaNet, with layer 1 kept as gated softmax attention."""
+    return linearize.convert(tiny_model("llama", dtype=torch.float32), "qwen3_5_gdn", keep_attention=[1], keep_as="qwen3_5_attention")
+
+
+@pytest.fixture
+def exported(tmp_path):
+    """The exported student, with the source run's recipe and record beside it and a stray .py file."""
+    from linearize.export import export
+    from linearize.record import RunRecord, StageReport
+
+    out = export(hybrid_qwen3_5(), tmp_path / "tiny-native", tokenizer=tiny_tokenizer(), log=lambda m: None)
+    recipe = {"teacher": "smollm2-135m", "convert": {"mixer": "qwen3_5_gdn", "keep_as": "qwen3_5_attention"}}
+    (out / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    RunRecord(recipe=recipe, stages=[StageReport(stage=0, kind="attention_transfer", tokens=12000)]).save(out)
+    (out / "file.py").write_text("print('stray')\n")
+    return out
+
+
+EXPORTED_REPO = {
+    "config.json", "model.safetensors", "generation_config.json", "export.json", "tokenizer.json", "tokenizer_config.json",
+    "chat_template.jinja", "recipe.yaml", "results.json", "README.md",
+}
+
+
+def test_push_of_an_exported_folder_uploads_a_native_repo_and_a_serving_card(hub, exported, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from linearize.export import TARGETS
+
+    said = []
+    assert set(linearize.push(str(exported), "me/tiny-native", dry_run=True, log=said.append)) == EXPORTED_REPO
+    assert said[1] == f"left behind in {exported}: file.py" and hub.commits == []
+
+    linearize.push(str(exported), "me/tiny-native")
+    assert set(hub.commits[0]["files"]) == EXPORTED_REPO
+    repo = hub.folder("me/tiny-native")
+    assert type(AutoModelForCausalLM.from_pretrained(repo)).__name__ == "Qwen3_5ForCausalLM"
+
+    card = (repo / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---")[1])
+    assert meta["library_name"] == "transformers" and meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert {"linearize", "qwen3_5", "hybrid", "linear-attention"} <= set(meta["tags"])
+    assert "native `Qwen3_5ForCausalLM`: it loads without `trust_remote_code`" in card and "trust_remote_code=True" not in card
+    assert "| linear_attention | 2 | 0, 2 |" in card and "| full_attention | 1 | 1 |" in card and "Training tokens: 12,000." in card
+    assert "`vllm serve me/tiny-native`" in card and '`AutoModelForCausalLM.from_pretrained("me/tiny-native")`' in card
+    for engine, versions, _ in TARGETS["qwen3_5"].engines:
+        assert f"| {engine} | {versions} |" in card
+
+    # A stray modeling file stays behind too: an exported folder ships no code.
+    (exported / "modeling_linearized.py").write_text("")
+    assert "modeling_linearized.py" not in linearize.push(str(exported), "me/tiny-native", dry_run=True)
+    (exported / "export.json").write_text(json.dumps({**json.loads((exported / "export.json").read_text()), "version": 2}))
+    with pytest.raises(LinearizeError, match=r"is an export \(version 2, target 'qwen3_5'\) this linearize does not read .*: upgrade linearize"):
+        linearize.push(str(exported), "me/tiny-native", dry_run=True)
+    (exported / "export.json").write_text(json.dumps({**json.loads((exported / "export.json").read_text()), "version": 1}))
+    config = json.loads((exported / "config.json").read_text())
+    (exported / "config.json").write_text(json.dumps({**config, "architectures": ["LlamaForCausalLM"]}))
+    with pytest.raises(LinearizeError, match="config.json is not the Qwen3_5ForCausalLM its export.json describes; export it again"):
+        linearize.push(str(exported), "me/tiny-native", dry_run=True)
+
+
+def test_the_card_of_an_exportable_converted_folder_says_how_to_export(hub, tmp_path):
+    path = tmp_path / "tiny-hybrid"
+    hybrid_qwen3_5().save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    linearize.push(str(path), "me/tiny-hybrid")
+    card = hub.folder("me/tiny-hybrid").joinpath("README.md").read_text()
+    assert "`linearize export FOLDER --to qwen3_5 --out OUT`" in card and "native `Qwen3_5ForCausalLM`" in card
+    assert "modeling_linearized.py" in hub.commits[0]["files"] and "export.json" not in hub.commits[0]["files"]
+
+    from linearize.publish.card import model_card
+
+    assert "linearize export" not in model_card(tiny_student().config, "me/tiny-hedgehog")  # hedgehog layers do not export

@@ -3,7 +3,9 @@
 What goes up is a fixed list, never "the folder": the safetensors weights, config.json (with `auto_map`), the
 modeling files linearize writes so it loads with trust_remote_code, the tokenizer, generation config, the run's
 recipe, results and metrics when present, the report's figures and numbers under report/, and a generated model
-card as README.md (a README.md already in the folder is not uploaded). Anything else in the folder stays behind
+card as README.md (a README.md already in the folder is not uploaded). A folder written by `linearize export`
+(its export.json says so) is a native transformers model: the same files less the modeling code, which it does
+not need, plus export.json; its card says which engines serve it. Anything else in the folder stays behind
 and is named; a file that looks like a secret (a token, a key, an .env file) stops the push until the user names
 it as left behind. Local absolute paths (the teacher's, the data's) go up as their last component only. The
 token comes from where huggingface_hub looks (HF_TOKEN, then the token stored by `hf auth login`) and is never
@@ -23,12 +25,14 @@ from typing import Any
 
 import yaml
 
+from linearize.export import EXPORT_FILE, ExportRecord
 from linearize.hf.errors import LinearizeError
 from linearize.inspect import read_config
+from linearize.loaders import check_weights, read_config_file
 from linearize.record import RunRecord
 from linearize.report import NUMBERS
 
-from .card import model_card
+from .card import exported_model_card, model_card
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 # Everything a converted model's repo holds, by name (the modeling files are MODELING_FILES).
@@ -45,9 +49,8 @@ SECRET = re.compile(
     re.IGNORECASE,
 )
 # Text files that go up as linearize rewrites them, local absolute paths cut to their last component.
-SCRUBBED = ("config.json", "recipe.yaml", "results.json", "metrics.jsonl")
-
-
+SCRUBBED = ("config.json", "recipe.yaml", "results.json", "metrics.jsonl", "export.json")
+# What `linearize export` writes beside a native model (linearize/export.py): format, version, target, layer_types...
 def _modules_of(config_path: Path) -> list[str]:
     """The .py files `auto_map` points at (their own imports are the folder's other .py files)."""
     auto_map = json.loads(config_path.read_text()).get("auto_map") or {}
@@ -55,21 +58,49 @@ def _modules_of(config_path: Path) -> list[str]:
 
 
 def check_folder(folder: Path) -> None:
-    """A folder that will load from the Hub: converted, with weights, modeling code and a tokenizer."""
+    """A folder that will load from the Hub: converted, with weights, modeling code and a tokenizer; or exported
+    (`linearize export`), with the native config its export.json names, weights and a tokenizer."""
     if not folder.is_dir():
         raise LinearizeError(f"{str(folder)!r} is not a folder; push the folder written by `linearize convert`/`linearize run` or save_pretrained")
-    read_config(folder)
+    export = ExportRecord.read(folder)
+    if export is not None:
+        _check_exported(folder, export)
+    else:
+        read_config(folder)
     if not list(folder.glob("*.safetensors")):
         raise LinearizeError(f"{str(folder)!r} has no .safetensors weights; re-save the model with model.save_pretrained({str(folder)!r})")
-    modules = _modules_of(folder / "config.json")
-    missing = [name for name in modules if not (folder / name).is_file()] or ([] if modules else ["auto_map in config.json"])
-    if missing:
-        raise LinearizeError(
-            f"{str(folder)!r} lacks {', '.join(missing)}, so it would not load with trust_remote_code; "
-            f"re-save it with model.save_pretrained({str(folder)!r}) after `import linearize`"
-        )
+    _check_shards(folder)
+    if export is None:
+        modules = _modules_of(folder / "config.json")
+        missing = [name for name in modules if not (folder / name).is_file()] or ([] if modules else ["auto_map in config.json"])
+        if missing:
+            raise LinearizeError(
+                f"{str(folder)!r} lacks {', '.join(missing)}, so it would not load with trust_remote_code; "
+                f"re-save it with model.save_pretrained({str(folder)!r}) after `import linearize`"
+            )
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise LinearizeError(f"{str(folder)!r} has no tokenizer; save it there with tokenizer.save_pretrained({str(folder)!r})")
+
+
+def _check_exported(folder: Path, export: ExportRecord) -> None:
+    """config.json is the native model export.json describes, loading without remote code."""
+    again = f"export it again with `linearize export SOURCE --to {export.target.name} --out {folder}`"
+    if not (folder / "config.json").is_file():
+        raise LinearizeError(f"{str(folder)!r} has export.json but no config.json; {again}")
+    config = read_config_file(folder)
+    if config.get("auto_map") or export.target.architecture not in (config.get("architectures") or []):
+        raise LinearizeError(f"{str(folder)!r}'s config.json is not the {export.target.architecture} its export.json describes; {again}")
+    check_weights(folder)
+
+
+def _check_shards(folder: Path) -> None:
+    """Every shard a sharded checkpoint's index names is in the folder."""
+    index = _read(folder / "model.safetensors.index.json", json.loads)
+    if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
+        return
+    missing = sorted({name for name in index["weight_map"].values() if not (folder / name).is_file()})
+    if missing:
+        raise LinearizeError(f"{str(folder)!r} lacks the weight shards {', '.join(missing[:3])} that model.safetensors.index.json names; copy them there")
 
 
 def _read(path: Path, parse) -> Any:
@@ -79,15 +110,20 @@ def _read(path: Path, parse) -> Any:
         return None
 
 
-def uploaded(name: str) -> bool:
-    """Whether a top-level file of a model folder goes up (see UPLOADED and MODELING_FILES)."""
-    return name in MODELING_FILES or any(fnmatch.fnmatch(name, pattern) for pattern in UPLOADED)
+def uploaded(name: str, exported: bool = False) -> bool:
+    """Whether a top-level file of a model folder goes up (see UPLOADED): a converted folder's MODELING_FILES too,
+    an exported folder's EXPORT_FILE but no code (a native architecture needs none)."""
+    extra = name == EXPORT_FILE if exported else name in MODELING_FILES
+    return extra or any(fnmatch.fnmatch(name, pattern) for pattern in UPLOADED)
 
 
 def left_behind(folder: Path, ignore: Sequence[str] = ()) -> list[str]:
     """The folder's files and subfolders that do not go up (report/ goes up through `report`). Refuses, in one line,
     a folder holding something that looks like a secret, unless `ignore` names it."""
-    rest = sorted(p.name for p in folder.iterdir() if not (p.is_file() and uploaded(p.name)) and p.name not in ("README.md", "report"))
+    exported = ExportRecord.read(folder) is not None
+    rest = sorted(
+        p.name for p in folder.iterdir() if not (p.is_file() and uploaded(p.name, exported)) and p.name not in ("README.md", "report")
+    )
     secrets = [name for name in rest if SECRET.search(name) and name not in ignore]
     if secrets:
         shown = ", ".join(secrets[:3]) + (f" and {len(secrets) - 3} more" if len(secrets) > 3 else "")
@@ -121,27 +157,37 @@ def _scrubbed(path: Path) -> bytes:
 
 
 def operations(folder: Path, repo_id: str, report_dir: Path | None) -> list:
-    """Commit operations: the folder's model files (UPLOADED, MODELING_FILES), the report under report/, the
-    generated README.md."""
+    """Commit operations: the folder's model files (UPLOADED, and MODELING_FILES or EXPORT_FILE), the report under
+    report/, the generated README.md."""
     from huggingface_hub import CommitOperationAdd
 
+    export = ExportRecord.read(folder)
     ops = []
     for path in sorted(folder.iterdir()):
-        if path.is_file() and uploaded(path.name):
+        if path.is_file() and uploaded(path.name, export is not None):
             content = _scrubbed(path) if path.name in SCRUBBED else str(path)
             ops.append(CommitOperationAdd(path_in_repo=path.name, path_or_fileobj=content))
     if report_dir is not None:
         for pattern in REPORT_FILES:
             ops += [CommitOperationAdd(path_in_repo=f"report/{p.name}", path_or_fileobj=str(p)) for p in sorted(report_dir.glob(pattern))]
-    config = read_config(folder)
-    config.source = scrub_paths(config.source)
-    card = model_card(
-        config,
-        repo_id,
+    run = dict(
         recipe=scrub_paths(_read(folder / "recipe.yaml", yaml.safe_load)),
         record=RunRecord.read(folder),
         summary=scrub_paths(_read(report_dir / NUMBERS, json.loads)) if report_dir is not None else None,
     )
+    if export is not None:
+        card = exported_model_card(
+            export.target,
+            export.layer_types,
+            repo_id,
+            teacher=scrub_paths(export.teacher),
+            logit_check=(export.logit_difference, export.dtype) if export.logit_difference is not None else None,
+            **run,
+        )
+    else:
+        config = read_config(folder)
+        config.source = scrub_paths(config.source)
+        card = model_card(config, repo_id, **run)
     ops.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode()))
     return ops
 
@@ -187,7 +233,8 @@ def push(
 ) -> str | list[str]:
     """Create `repo_id` if needed and upload a converted model to it in one commit; return the commit URL.
 
-    `model_or_dir` is a converted model folder or a converted model object (then pass its `tokenizer`).
+    `model_or_dir` is a converted model folder, a converted model object (then pass its `tokenizer`), or a folder
+    written by `linearize export` (a native architecture: no modeling code goes up, the card says what serves it).
     `report` is a folder written by `linearize report` (default: the model folder's `report/` when present):
     its tables go into the model card and its figures under report/. Only the files a model repo needs go up
     (see this module's docstring); `log` (print, say) is told which, and which stay behind. A folder holding a
