@@ -162,7 +162,7 @@ class GatedDeltaNetMixer(Mixer):
         return beta.transpose(1, 2), g.transpose(1, 2)
 
     def kernel(self):
-        return "gated_delta_rule", (self.spec.head_dim, self.spec.head_dim)  # a window, if any, runs beside it in PyTorch
+        return "gated_delta_rule", (self.spec.head_dim, self.spec.head_dim)  # a window, if any, runs beside it (windows.py: flex_attention on CUDA)
 
     def mix(self, hidden_states, q, k, v, position_embeddings, padding_mask, state) -> torch.Tensor:
         tensors = state.tensors if state is not None else {}

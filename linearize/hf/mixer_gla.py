@@ -87,7 +87,7 @@ class GLAMixer(Mixer):
         return num / torch.where(den > 0, den, torch.ones_like(den)), final[:, ::groups].clone()
 
     def kernel(self):
-        return "gla", (self.spec.head_dim, self.spec.head_dim + 1)  # a window, if any, runs beside it in PyTorch
+        return "gla", (self.spec.head_dim, self.spec.head_dim + 1)  # a window, if any, runs beside it (windows.py: flex_attention on CUDA)
 
     def mix(self, hidden_states, q, k, v, position_embeddings, padding_mask, state):
         tensors = {} if state is None else state.tensors

@@ -91,7 +91,7 @@ class Mamba2Mixer(Mixer):
         return dt.transpose(1, 2)
 
     def kernel(self):
-        return "simple_gla", (self.spec.head_dim, self.spec.head_dim)  # a window, if any, runs beside it in PyTorch
+        return "simple_gla", (self.spec.head_dim, self.spec.head_dim)  # a window, if any, runs beside it (windows.py: flex_attention on CUDA)
 
     def mix(self, hidden_states, q, k, v, position_embeddings, padding_mask, state) -> torch.Tensor:
         dtype = torch.promote_types(q.dtype, torch.float32)
