@@ -66,9 +66,10 @@ def _show(results, title: str) -> None:
             table.add_row(r["model"], f"stage {r['stage']} ({r['stage_kind']}): tokens, seconds", f"{r['tokens']}, {r['seconds']}")
         elif r["kind"] == "speed" and not r.get("out_of_memory"):
             decode = r["decode_tokens_per_s"]
+            largest = f" (largest, {r['limited_by']})" if r.get("largest_batch") else ""
             table.add_row(
                 r["model"],
-                f"batch {r['batch']} @ {r['context']}: prefill / decode tok/s, cache",
+                f"batch {r['batch']}{largest} @ {r['context']}: prefill / {r.get('decode_path', 'eager')} decode tok/s, cache",
                 f"{r['prefill_tokens_per_s']:.0f} / {decode:.1f}, {r['cache_bytes'] / 2**20:.1f} MiB" if decode else f"{r['prefill_tokens_per_s']:.0f}",
             )
         elif r["kind"] == "speed":
@@ -138,9 +139,22 @@ def bench_command(
         str | None, typer.Option(help="float32, bfloat16, float16 or auto (default: bfloat16 on CUDA, float32 on a CPU)")
     ] = None,
     allow_longer: Annotated[bool, typer.Option(help="Allow lengths beyond the model's max_position_embeddings")] = False,
+    max_batch: Annotated[
+        int | None,
+        typer.Option(help="Also measure, per model and context, the largest batch up to this cap that fits in memory, e.g. 512"),
+    ] = None,
+    bisect: Annotated[
+        bool, typer.Option(help="Narrow --max-batch's search between the last batch that fitted and the first that did not (else: doublings only)")
+    ] = True,
+    compile: Annotated[
+        bool, typer.Option(help="Decode through the fastest path each model supports: CUDA graphs (GraphDecoder) or torch.compile")
+    ] = False,
     out: Annotated[Path, typer.Option("--out", help="Results file to write (JSON; `linearize report` reads it)")] = Path("bench.json"),
 ):
-    """Prefill and decode speed and memory against context length and batch size, teacher beside student."""
+    """Prefill and decode speed and memory against context length and batch size, teacher beside student.
+
+    --max-batch adds decode throughput at the largest batch that fits; every row records the decode path that ran.
+    """
     from .evaluate.results import Results
     from .evaluate.speed import benchmark
 
@@ -151,6 +165,7 @@ def bench_command(
             benchmark(
                 model, lengths=parse_ints(lengths, "--lengths"), batch_sizes=parse_ints(batch_sizes, "--batch-sizes"),
                 decode_tokens=decode_tokens, repeats=repeats, device=device, dtype=dtype, teacher=teacher, allow_longer=allow_longer,
+                max_batch=max_batch, bisect=bisect, compile=compile,
             )
         )
     merged.save(out)

@@ -59,7 +59,7 @@ class GraphDecoder:
         pad = config.pad_token_id if pad_token_id is None else pad_token_id
         return eos, int(eos[0]) if pad is None else pad
 
-    def _capture(self, cache, token: torch.LongTensor, position: torch.LongTensor):
+    def capture(self, cache, token: torch.LongTensor, position: torch.LongTensor):
         """Capture one decode step (model, argmax, state copy-back) in a CUDA graph.
 
         Returns the graph and its static input token, input position and output token. The cache's states keep
@@ -123,7 +123,7 @@ class GraphDecoder:
         remaining = max_new_tokens - len(tokens)
         if remaining <= 0:
             return end_at_eos(torch.cat(tokens, 1)[:, :max_new_tokens], eos, pad)
-        graph, static_token, static_position, static_next = self._capture(cache, token, position)
+        graph, static_token, static_position, static_next = self.capture(cache, token, position)
         for _ in range(remaining):
             static_token.copy_(token)
             static_position.copy_(position)

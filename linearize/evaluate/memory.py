@@ -12,6 +12,7 @@ Where neither works, peaks are None and only the exact cache sizes remain.
 from __future__ import annotations
 
 import ctypes
+import gc
 import re
 
 import torch
@@ -86,6 +87,15 @@ class RSSMeter:
 
 def meter_for(device: torch.device):
     return CudaMeter(device) if device.type == "cuda" else RSSMeter()
+
+
+def free_memory(device: torch.device) -> None:
+    """Hand back what earlier work left: collect reference cycles (an out-of-memory traceback's frames hold the
+    failed attempt's tensors), then, on CUDA, return the allocator's cached blocks so the next attempt starts from
+    an unfragmented pool."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def cache_bytes(cache) -> int:

@@ -13,8 +13,13 @@ Record kinds and their fields:
     perplexity  data, context, stride, prefix (the special token ids that open every window), value, tokens
     passkey     length, depth, value (fraction of exact matches), trials, tokens (actual prompt length)
     needle, multikey, kv, vt   the same fields as passkey (see RETRIEVAL_KINDS)
-    speed       context, batch, prefill_tokens_per_s, decode_tokens_per_s, decode_tokens, prefill_peak_bytes,
-                decode_peak_bytes, cache_bytes, memory_method
+    speed       context, batch, prefill_tokens_per_s, decode_tokens_per_s, decode_tokens, prefill_peak_bytes (peak
+                during the prefill), decode_peak_bytes (peak while decoding, cache included; both above the memory
+                held before the prefill), cache_bytes, memory_method, decode_path ("eager", "torch.compile" or
+                "cuda_graph"; absent in files written before it: eager); out_of_memory (true, with no figures, where
+                the batch did not fit); largest_batch (true on the row of the largest batch that fits, one per model
+                and context, apart from the rows of the batch sizes asked for) with limited_by ("memory", or "cap"
+                where the largest batch tried fitted)
     agreement   teacher, data, context, kl (KL(teacher || student), nats per token), top1 (next-token agreement), tokens
     training    stage, stage_kind, tokens, seconds, tokens_per_s (one distillation stage of the model)
 """

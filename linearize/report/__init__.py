@@ -47,6 +47,7 @@ def write_report(inputs: Sequence[str | os.PathLike[str] | Results], out: str | 
         **{kind: plots.retrieval(summary[kind], kind, out / f"{kind}.png") for kind in RETRIEVAL_KINDS},
         "speed": plots.speed(summary["speed"], out / "speed.png"),
         "memory": plots.memory(summary["speed"], out / "memory.png"),
+        "largest_batch": plots.largest_batch(summary["speed"], out / "largest_batch.png"),
     }
     figures = {key: path.name if path else None for key, path in written.items()}
     summary["figures"] = {key: name for key, name in figures.items() if name}

@@ -105,13 +105,16 @@ SPEED_FIELDS = ("prefill_tokens_per_s", "decode_tokens_per_s", "prefill_peak_byt
 
 
 def speed(results: Results) -> dict[str, Any]:
-    """Per model and batch size, each speed/memory field against context; and per pair, student / teacher ratios."""
-    records = results.of("speed")
+    """Per model and batch size, each speed/memory field against context; and per pair, student / teacher ratios.
+    The rows of the largest batch that fits are apart, under "largest_batch" (see `largest_batch`)."""
+    records = [r for r in results.of("speed") if not r.get("largest_batch")]
     series: dict[str, dict[int, dict[str, list]]] = defaultdict(dict)
     for model in _models_in(records, results):
         for batch in sorted({r["batch"] for r in records if r["model"] == model}):
             rows = sorted((r for r in records if r["model"] == model and r["batch"] == batch), key=lambda r: r["context"])
-            series[model][batch] = {"context": [r["context"] for r in rows]} | {f: [r.get(f) for r in rows] for f in SPEED_FIELDS}
+            series[model][batch] = {"context": [r["context"] for r in rows], "decode_path": [r.get("decode_path", "eager") for r in rows]} | {
+                f: [r.get(f) for r in rows] for f in SPEED_FIELDS
+            }
     ratios = []
     by_key = {(r["model"], r["batch"], r["context"]): r for r in records}
     for teacher, student in pairs(results):
@@ -123,7 +126,34 @@ def speed(results: Results) -> dict[str, Any]:
                 {"teacher": teacher, "student": student, "batch": batch, "context": context}
                 | {f: _ratio(row.get(f), other.get(f)) for f in SPEED_FIELDS}
             )
-    return {"series": dict(series), "ratios": ratios}
+    return {"series": dict(series), "ratios": ratios, **largest_batch(results)}
+
+
+def largest_batch(results: Results) -> dict[str, Any]:
+    """Per model, against context: the largest batch that fits (None where not even batch 1 did), what limited it
+    ("memory", or "cap" where the cap fitted) and the speed/memory fields there; per pair and context, the student's
+    decode tokens/s over its teacher's, each at its own largest batch."""
+    records = [r for r in results.of("speed") if r.get("largest_batch")]
+    series = {}
+    for model in _models_in(records, results):
+        rows = sorted((r for r in records if r["model"] == model), key=lambda r: r["context"])
+        series[model] = {
+            "context": [r["context"] for r in rows],
+            "batch": [None if r.get("out_of_memory") else r["batch"] for r in rows],
+            "limited_by": [r.get("limited_by") for r in rows],
+            "decode_path": [r.get("decode_path", "eager") for r in rows],
+        } | {f: [r.get(f) for r in rows] for f in SPEED_FIELDS}
+    ratios = []
+    by_key = {(r["model"], r["context"]): r for r in records if not r.get("out_of_memory")}
+    for teacher, student in pairs(results):
+        for context in sorted({c for m, c in by_key if m == student}):
+            ours, theirs = by_key[(student, context)], by_key.get((teacher, context))
+            if theirs is not None:
+                ratios.append(
+                    {"teacher": teacher, "student": student, "context": context, "student_batch": ours["batch"], "teacher_batch": theirs["batch"],
+                     "decode_tokens_per_s": _ratio(ours.get("decode_tokens_per_s"), theirs.get("decode_tokens_per_s"))}
+                )
+    return {"largest_batch": series, "largest_batch_ratios": ratios}
 
 
 def summary(results: Results) -> dict[str, Any]:

@@ -108,12 +108,13 @@ def speed_section(summary: dict[str, Any], figures: list[str]) -> str:
     rows = []
     for model, batches in data["series"].items():
         for batch, s in batches.items():
+            paths = s.get("decode_path") or ["eager"] * len(s["context"])  # a report.json written before decode paths
             for i, context in enumerate(s["context"]):
                 rows.append(
                     [model, str(batch), str(context), _num(s["prefill_tokens_per_s"][i], 0), _num(s["decode_tokens_per_s"][i], 1),
-                     _bytes(s["prefill_peak_bytes"][i]), _bytes(s["decode_peak_bytes"][i]), _bytes(s["cache_bytes"][i])]
+                     _bytes(s["prefill_peak_bytes"][i]), _bytes(s["decode_peak_bytes"][i]), _bytes(s["cache_bytes"][i]), paths[i]]
                 )
-    header = ["model", "batch", "context", "prefill tok/s", "decode tok/s", "prefill peak", "decode peak", "cache"]
+    header = ["model", "batch", "context", "prefill tok/s", "decode tok/s", "prefill peak", "decode peak", "cache", "decode path"]
     method = {r.get("memory_method") for r in summary["records"] if r["kind"] == "speed"} - {None}
     text = (
         "## Speed and memory\n\n"
@@ -123,13 +124,43 @@ def speed_section(summary: dict[str, Any], figures: list[str]) -> str:
     if data["ratios"]:
         ratio_rows = [
             [r["student"], str(r["batch"]), str(r["context"]), _num(r["decode_tokens_per_s"], 2), _num(r["prefill_tokens_per_s"], 2),
-             _num(r["decode_peak_bytes"], 2), _num(r["cache_bytes"], 3)]
+             _num(r["decode_peak_bytes"], 2), _num(r["cache_bytes"], 3), _num(r["prefill_peak_bytes"], 2)]
             for r in data["ratios"]
         ]
         text += "\n\nStudent / teacher (above 1: the student is faster or uses more memory).\n\n" + table(
-            ["student", "batch", "context", "decode speed", "prefill speed", "decode peak memory", "cache"], ratio_rows
+            ["student", "batch", "context", "decode speed", "prefill speed", "decode peak memory", "cache", "prefill peak memory"], ratio_rows
         )
     return text + "".join(f"\n\n![{f.split('.')[0]}]({f})" for f in figures)
+
+
+def largest_batch_section(summary: dict[str, Any], figure: str | None) -> str:
+    data = summary["speed"]
+    if not data.get("largest_batch"):  # also a report.json written before the largest-batch search
+        return ""
+    rows = []
+    for model, s in data["largest_batch"].items():
+        for i, context in enumerate(s["context"]):
+            rows.append(
+                [model, str(context), _num(s["batch"][i]) if s["batch"][i] else "none fits", s["limited_by"][i] or "–", s["decode_path"][i],
+                 _num(s["decode_tokens_per_s"][i], 1), _num(s["prefill_tokens_per_s"][i], 0), _bytes(s["prefill_peak_bytes"][i]),
+                 _bytes(s["decode_peak_bytes"][i])]
+            )
+    cap = summary["settings"].get("max_batch")
+    text = (
+        "## Decode throughput at the largest batch\n\n"
+        f"Per context, the largest batch{f' up to {cap}' if cap else ''} whose prefill and decode fit in memory, and the speeds "
+        "and peaks there. Limited by \"cap\": the cap itself fitted, so a larger batch may too.\n\n"
+        + table(["model", "context", "largest batch", "limited by", "decode path", "decode tok/s", "prefill tok/s", "prefill peak", "decode peak"], rows)
+    )
+    if data["largest_batch_ratios"]:
+        ratio_rows = [
+            [r["student"], str(r["context"]), str(r["student_batch"]), str(r["teacher_batch"]), _num(r["decode_tokens_per_s"], 2)]
+            for r in data["largest_batch_ratios"]
+        ]
+        text += "\n\nStudent / teacher decode tokens/s, each at its own largest batch.\n\n" + table(
+            ["student", "context", "student's batch", "teacher's batch", "decode speed"], ratio_rows
+        )
+    return text + (f"\n\n![largest_batch]({figure})" if figure else "")
 
 
 def environment_section(summary: dict[str, Any]) -> str:
@@ -153,6 +184,7 @@ def render(summary: dict[str, Any], figures: dict[str, str | None], title: str |
         training_section(summary),
         *(retrieval_section(kind, summary[kind], figures.get(kind)) for kind in RETRIEVAL_KINDS),
         speed_section(summary, speed_figures),
+        largest_batch_section(summary, figures.get("largest_batch")),
         environment_section(summary),
     ]
     # Every section opens with its own level-2 heading.

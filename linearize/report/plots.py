@@ -121,21 +121,31 @@ def retrieval(data: dict[str, Any], kind: str, path: Path) -> Path | None:
     return path
 
 
-def _against_context(data: dict[str, Any], panels: tuple[tuple[str, str], ...], ylabel: str, scale: float, path: Path) -> Path | None:
-    """One panel per (field, title): that field of every model and batch size against context, divided by `scale`."""
-    if not data["series"]:
+def _lines(data: dict[str, Any]) -> dict[str, dict[str, list]]:
+    """The speed series as one line per model and batch size (the batch named where a model has several)."""
+    return {
+        model if len(batches) == 1 else f"{model} (batch {batch})": series
+        for model, batches in data["series"].items()
+        for batch, series in batches.items()
+    }
+
+
+def _against_context(lines: dict[str, dict[str, list]], panels: tuple[tuple[str, str, str, float], ...], path: Path) -> Path | None:
+    """One panel per (field, title, axis label, divisor): that field of every line against context, teacher and
+    student on the same axes."""
+    if not lines:
         return None
-    figure = Figure(figsize=(10, 4))
-    axes = figure.subplots(1, len(panels))
-    for model, batches in data["series"].items():
-        for batch, series in batches.items():
-            label = model if len(batches) == 1 else f"{model} (batch {batch})"
-            for axis, (field, _) in zip(axes, panels):
-                points = [(c, v / scale) for c, v in zip(series["context"], series[field]) if v is not None]
-                if points:
-                    axis.plot(*zip(*points), marker="o", label=label)
-    for axis, (_, title) in zip(axes, panels):
+    figure = Figure(figsize=(5 * len(panels), 4))
+    axes = figure.subplots(1, len(panels), squeeze=False)[0]
+    for label, series in lines.items():
+        for axis, (field, _, _, scale) in zip(axes, panels):
+            points = [(c, v / scale) for c, v in zip(series["context"], series[field]) if v is not None]
+            if points:
+                axis.plot(*zip(*points), marker="o", label=label)
+    contexts = sorted({c for series in lines.values() for c in series["context"]})
+    for axis, (_, title, ylabel, _) in zip(axes, panels):
         axis.set_xscale("log", base=2)
+        axis.set_xticks(contexts, [str(c) for c in contexts])
         axis.set_xlabel("context (tokens)")
         axis.set_ylabel(ylabel)
         axis.set_title(title, fontsize=10)
@@ -145,11 +155,24 @@ def _against_context(data: dict[str, Any], panels: tuple[tuple[str, str], ...], 
 
 def speed(data: dict[str, Any], path: Path) -> Path | None:
     """Prefill and decode tokens/s against context, one line per model and batch size."""
-    panels = (("prefill_tokens_per_s", "prefill speed"), ("decode_tokens_per_s", "decode speed"))
-    return _against_context(data, panels, "tokens / s", 1, path)
+    panels = (("prefill_tokens_per_s", "prefill speed", "tokens / s", 1), ("decode_tokens_per_s", "decode speed", "tokens / s", 1))
+    return _against_context(_lines(data), panels, path)
 
 
 def memory(data: dict[str, Any], path: Path) -> Path | None:
-    """Peak memory while decoding and the cache's size, against context."""
-    panels = (("decode_peak_bytes", "peak memory while decoding (above the weights)"), ("cache_bytes", "generation cache"))
-    return _against_context(data, panels, "MiB", MIB, path)
+    """Peak memory during prefill and while decoding, and the cache's size, against context."""
+    panels = (
+        ("prefill_peak_bytes", "peak memory during prefill (above the weights)", "MiB", MIB),
+        ("decode_peak_bytes", "peak memory while decoding (above the weights)", "MiB", MIB),
+        ("cache_bytes", "generation cache", "MiB", MIB),
+    )
+    return _against_context(_lines(data), panels, path)
+
+
+def largest_batch(data: dict[str, Any], path: Path) -> Path | None:
+    """Decode tokens/s at the largest batch that fits, and that batch, against context: one line per model."""
+    panels = (
+        ("decode_tokens_per_s", "decode speed at the largest batch that fits", "tokens / s", 1),
+        ("batch", "largest batch that fits", "batch", 1),
+    )
+    return _against_context(data["largest_batch"], panels, path)
