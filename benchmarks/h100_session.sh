@@ -4,8 +4,11 @@
 #   bash benchmarks/h100_session.sh first     # carry .whl .gguf1: wheels, first half, GPU tests (TESTS: a -k
 #                                             # expression, or none; TEST_S), kernel warm-up for the quality calls
 #                                             # (WARM, see warm() below), distillation speed (RUNS, or RUNS=none)
-#   bash benchmarks/h100_session.sh second    # carry .gguf2 corpus: join the GGUF, real-teacher GPU tests (TESTS,
-#                                             # or TESTS=none), quality (QUALITY, QUALITY_S)
+#   bash benchmarks/h100_session.sh second    # carry .gguf2 corpus (or corpus.tgz, `tar czf corpus.tgz corpus`): join
+#                                             # the GGUF, real-teacher GPU tests (TESTS, or TESTS=none), quality
+#                                             # (QUALITY, QUALITY_S)
+#   bash benchmarks/h100_session.sh serving   # (after a quality call that trained hybrid_qwen3_5, still warm) export it to
+#                                             # qwen3_5 and bench teacher, student and native model (BENCH, BENCH_S)
 #   bash benchmarks/h100_session.sh quality   # (after second, still warm) more quality runs
 #   bash benchmarks/h100_session.sh train_speed  # (after first, still warm) distillation speed alone (SPEED, RUNS,
 #                                                # SPEED_S)
@@ -79,7 +82,7 @@ train_speed)
 second)
   cat /tmp/part00 .gguf2/part01 > /tmp/smollm2.gguf
   echo "$(cat .gguf2/sha256)  /tmp/smollm2.gguf" | sha256sum -c > "$OUT/sha256.txt" 2>&1 || exit 1
-  rm -rf /tmp/corpus && cp -r corpus /tmp/corpus
+  rm -rf /tmp/corpus && if [ -f corpus.tgz ]; then mkdir -p /tmp/corpus && tar xzf corpus.tgz -C /tmp/corpus --strip-components=1; else cp -r corpus /tmp/corpus; fi
   export LINEARIZE_SMOLLM2_GGUF=/tmp/smollm2.gguf
   if [ "${TESTS:-real_teacher}" != none ]; then
     timeout "${TEST_S:-150}" python3 -m pytest -q -p no:cacheprovider -n 5 -m gpu tests/test_gpu.py -k "${TESTS:-real_teacher}" > "$OUT/gpu_real_teacher.log" 2>&1
@@ -90,6 +93,15 @@ second)
 quality)
   quality 580 "${RUN:-third}"
   ;;
+serving)
+  student=$(ls -d /tmp/quality-*/hybrid_qwen3_5 | head -1)
+  python3 cli.py export "$student" --to qwen3_5 --out /tmp/native --overwrite > "$OUT/export.log" 2>&1
+  echo "exit $?" >> "$OUT/export.log"
+  cp /tmp/native/export.json "$OUT/" 2>/dev/null
+  timeout "${BENCH_S:-480}" python3 cli.py bench /tmp/smollm2.gguf "$student" /tmp/native --device cuda \
+    ${BENCH:---lengths 2048,8192,32768 --batch-sizes 1} --out "$OUT/bench_serving.json" > "$OUT/bench_serving.log" 2>&1
+  echo "exit $?" >> "$OUT/bench_serving.log"
+  ;;
 multi_gpu)
   wheels || exit 1
   timeout "${MULTI_S:-540}" python3 benchmarks/multi_gpu.py --runs "${MULTI_RUNS:-one_gpu,ddp,fsdp}" --out /tmp/multi_gpu > "$OUT/multi_gpu.log" 2>&1
@@ -97,6 +109,6 @@ multi_gpu)
   cp /tmp/multi_gpu/multi_gpu.json /tmp/multi_gpu/*.log "$OUT/" 2>/dev/null
   ;;
 *)
-  echo "usage: bash benchmarks/h100_session.sh first|second|quality|train_speed|multi_gpu" >&2; exit 2
+  echo "usage: bash benchmarks/h100_session.sh first|second|quality|serving|train_speed|multi_gpu" >&2; exit 2
   ;;
 esac
