@@ -115,3 +115,30 @@ def assert_window_mix_matches(model, mixer, linear_reference, new: set[str], len
         for grad, want in zip(gradients(out, [hidden, *params]), expected_grads):
             assert_close(grad, want, f"{form} gradient")
     assert (share - 0.5).abs().max() > 0.05, "the shares should differ from the start, or the per-head mix proves little"
+
+
+def assert_delta_forms_match(model, mixer, reference, new: set[str], length: int, with_initial: bool, padded: bool) -> None:
+    """A delta-rule mixer (state: "conv" and "recurrent") against `reference(mixer, hidden, mask, initial)` ->
+    (heads, final state): every form, outputs, final states and gradients (`new` parameters and the input), from a
+    fresh or a random initial state, with or without left pads."""
+    pad = min(5, length) if padded else 0
+    hidden, position_embeddings, mask = layer_inputs(model, 2, length, pad, offset=7 if with_initial else 0)
+    initial = None
+    if with_initial:
+        generator = torch.Generator().manual_seed(11)
+        channels, kernel = mixer.conv_weight.shape
+        h, d = mixer.spec.num_heads, mixer.spec.head_dim
+        initial = {
+            "conv": torch.randn(2, channels, kernel - 1, generator=generator, dtype=torch.float64),
+            "recurrent": torch.randn(2, h, d, d, generator=generator, dtype=torch.float64) * 0.3,
+        }
+    names, params = zip(*[(n, p) for n, p in mixer.named_parameters() if n in new])
+    expected, expected_state = reference(mixer, hidden, mask, initial)
+    expected_grads = gradients(expected, [hidden, *params])
+    for form, (out, state) in forms(mixer, hidden, position_embeddings, mask, initial).items():
+        assert_close(out, expected, f"{form} output")
+        if state is not None:
+            for name in ("conv", "recurrent"):
+                assert_close(state[name], expected_state[name], f"{form} final {name} state")
+        for name, grad, want in zip(("hidden", *names), gradients(out, [hidden, *params]), expected_grads):
+            assert_close(grad, want, f"{form} gradient of {name}")

@@ -4,19 +4,19 @@ The exported folder loads with AutoModelForCausalLM, without remote code and wit
 the student's and its cached greedy generation is the student's, token for token.
 """
 
+import functools
 import json
-import sys
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 import linearize
-from linearize import cli
 from linearize.config import load_recipe
 from linearize.export import build_native, export
 from linearize.hf.errors import LinearizeError
 from linearize.hf.mixers import mixers_in
+from tests.test_cli import run as run_cli
 from tests.tiny import left_padded, random_ids, relative_error, run_python, tiny_data, tiny_model, tiny_tokenizer
 
 
@@ -146,14 +146,7 @@ def test_cli_converts_for_export_and_exports(tmp_path, monkeypatch, capsys):
     teacher = tmp_path / "teacher"
     tiny_model("llama", dtype=torch.float32).save_pretrained(teacher)
     tiny_tokenizer().save_pretrained(teacher)
-
-    def run(*args):
-        monkeypatch.setattr(sys, "argv", ["linearize", *map(str, args)])
-        monkeypatch.setenv("COLUMNS", "250")
-        with pytest.raises(SystemExit) as exit:
-            cli.main()
-        captured = capsys.readouterr()
-        return exit.value.code, captured.out, captured.err
+    run = functools.partial(run_cli, monkeypatch, capsys)
 
     converted, native = tmp_path / "student", tmp_path / "native"
     code, _, stderr = run("convert", teacher, "--out", converted, "--mixer", "qwen3_5_gdn", "--keep-attention", "1", "--keep-as", "qwen3_5_attention")

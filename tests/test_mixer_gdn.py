@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import linearize
 from linearize import LinearizeError
 from linearize.hf.cache import MixerState
-from tests.mixer_steps import assert_close, assert_window_mix_matches, converted_mixer, forms, gradients, layer_inputs, parallel
+from tests.mixer_steps import assert_delta_forms_match, assert_window_mix_matches, converted_mixer, layer_inputs, parallel
 from tests.tiny import tiny_model
 
 NEW = {"conv_weight", "beta_proj.weight", "beta_proj.bias", "decay_proj.weight", "A_log", "dt_bias"}
@@ -67,27 +67,7 @@ CASES = [(length, initial, pad) for length in (1, 63, 130) for initial in (False
 @pytest.mark.parametrize("length,with_initial,padded", CASES, ids=[f"T{t}-{'init' if i else 'fresh'}-{'pad' if p else 'full'}" for t, i, p in CASES])
 def test_every_form_equals_the_reference(length, with_initial, padded):
     model, mixer = randomised()
-    pad = min(5, length) if padded else 0
-    hidden, position_embeddings, mask = layer_inputs(model, 2, length, pad, offset=7 if with_initial else 0)
-    initial = None
-    if with_initial:
-        generator = torch.Generator().manual_seed(11)
-        channels, kernel = mixer.conv_weight.shape
-        h, d = mixer.spec.num_heads, mixer.spec.head_dim
-        initial = {
-            "conv": torch.randn(2, channels, kernel - 1, generator=generator, dtype=torch.float64),
-            "recurrent": torch.randn(2, h, d, d, generator=generator, dtype=torch.float64) * 0.3,
-        }
-    names, params = zip(*[(n, p) for n, p in mixer.named_parameters() if n in NEW])
-    expected, expected_state = reference(mixer, hidden, mask, initial)
-    expected_grads = gradients(expected, [hidden, *params])
-    for form, (out, state) in forms(mixer, hidden, position_embeddings, mask, initial).items():
-        assert_close(out, expected, f"{form} output")
-        if state is not None:
-            for name in ("conv", "recurrent"):
-                assert_close(state[name], expected_state[name], f"{form} final {name} state")
-        for name, grad, want in zip(("hidden", *names), gradients(out, [hidden, *params]), expected_grads):
-            assert_close(grad, want, f"{form} gradient of {name}")
+    assert_delta_forms_match(model, mixer, reference, NEW, length, with_initial, padded)
 
 
 @pytest.mark.parametrize("length,padded", [(1, False), (63, True), (130, False), (130, True)])

@@ -21,6 +21,7 @@ from torch import nn
 
 from .attention import AttentionSpec, apply_rotary
 from .errors import LinearizeError
+from .mixer_qwen3_5_gdn import resolve_eps
 from .mixers import Mixer, MixerCost, register_mixer
 
 
@@ -69,11 +70,7 @@ class Qwen35Attention(Mixer):
                 f"mixer {cls.name!r} is full softmax attention without logit soft-capping; this teacher's layer "
                 "slides or soft-caps its scores, which qwen3_5 cannot express; use keep_attention instead"
             )
-        if options.eps is None:
-            options.eps = float(getattr(config, "rms_norm_eps", None) or 1e-6)
-        if not options.eps > 0:
-            raise LinearizeError(f"option 'eps' of mixer {cls.name!r} must be positive, got {options.eps}")
-        return options
+        return resolve_eps(options, config, cls.name)
 
     @classmethod
     def cost(cls, spec: AttentionSpec, options) -> MixerCost:

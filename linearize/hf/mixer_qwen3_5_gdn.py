@@ -39,6 +39,15 @@ def l2_normalize(x: torch.Tensor) -> torch.Tensor:
     return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + L2_EPS)
 
 
+def resolve_eps(options, config, name: str):
+    """Fill `options.eps` with the teacher's `rms_norm_eps` (what the exported model's norms use) and check it."""
+    if options.eps is None:
+        options.eps = float(getattr(config, "rms_norm_eps", None) or 1e-6)
+    if not options.eps > 0:
+        raise LinearizeError(f"option 'eps' of mixer {name!r} must be positive, got {options.eps}")
+    return options
+
+
 def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm of x over its last dimension, times `weight`, times SiLU(gate): qwen3_5's `RMSNormGated` (in float32,
     or float64 for float64 inputs)."""
@@ -92,11 +101,7 @@ class Qwen35GatedDeltaNet(Mixer):
             raise LinearizeError(
                 f"option 'conv_size' of mixer {cls.name!r} must be at least 1 (1: no mixing across tokens), got {options.conv_size}"
             )
-        if options.eps is None:
-            options.eps = float(getattr(config, "rms_norm_eps", None) or 1e-6)
-        if not options.eps > 0:
-            raise LinearizeError(f"option 'eps' of mixer {cls.name!r} must be positive, got {options.eps}")
-        return options
+        return resolve_eps(options, config, cls.name)
 
     @classmethod
     def cost(cls, spec: AttentionSpec, options) -> MixerCost:
