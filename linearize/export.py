@@ -28,6 +28,7 @@ from torch import nn
 
 from .hf.attention import attention_slot, decoder_layers
 from .hf.errors import LinearizeError
+from .hf.mixers import mixers_in
 from .hf.plan import ATTENTION
 from .outputs import atomic_folder
 
@@ -169,8 +170,8 @@ def qwen3_5_config(model: nn.Module) -> Any:
     from transformers import Qwen3_5TextConfig
 
     text = model.config.text_config
-    heads, kv_heads = text.num_attention_heads, text.num_key_value_heads or text.num_attention_heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    spec = mixers_in(model)[0].spec  # the teacher's attention as linearize read it (a plan converts some layer)
+    heads, kv_heads, head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
     rope = dict(getattr(text, "rope_parameters", None) or {"rope_type": "default", "rope_theta": getattr(text, "rope_theta", 10000.0)})
     rope.setdefault("partial_rotary_factor", 1.0)
     conv = next((entry.options["conv_size"] for entry in model.config.plan if "conv_size" in entry.options), 4)
