@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 # Elements of the largest intermediate one prefill block makes (64 MiB in float32): `chunk_window_linear` runs a
 # long prefill a block at a time, so its working memory does not grow with the length. A block is never shorter
@@ -52,19 +53,31 @@ def _with_context(q, k, v, fk, key_mask, state):
     return k, v, fk, mask, state["S"], state["z"]
 
 
+def window_tail(keep: int, mask: torch.Tensor, **keys: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The last `keep` positions of each (B, H, T, *) tensor in `keys` and of `mask` (B, T), as a window cache.
+
+    Always exactly `keep` long, whatever T: shorter contexts are left-padded with zeros that `mask` marks invalid,
+    which every window score masks out, so the cache has one shape from the first token on (a decode step can be
+    compiled once). Copies, so the cache does not keep a long prefill's key tensor alive through a view.
+    """
+    length = mask.shape[1]
+    if length >= keep:
+        tail = {name: t[:, :, length - keep :].clone() for name, t in keys.items()}
+        return {**tail, "mask": mask[:, length - keep :].clone()}
+    pad = keep - length
+    tail = {name: F.pad(t, (0, 0, pad, 0)) for name, t in keys.items()}
+    return {**tail, "mask": F.pad(mask, (pad, 0), value=False)}
+
+
 def _next_state(k, v, fk, mask, S, z, window: int) -> dict[str, torch.Tensor]:
     """Fold every key older than the last window - 1 into (S, z); keep the rest as window context."""
-    keep = min(max(window - 1, 0), k.shape[2])
-    cut = k.shape[2] - keep
+    keep = max(window - 1, 0)
+    cut = max(k.shape[2] - keep, 0)
     fk_old = fk[:, :, :cut].to(S.dtype) * mask[:, None, :cut, None]
     return {
         "S": S + torch.einsum("bhsf,bhse->bhfe", fk_old, v[:, :, :cut].to(S.dtype)),
         "z": z + fk_old.sum(2),
-        # Copies, so the cache does not keep a long prefill's whole key tensor alive through a view.
-        "k": k[:, :, cut:].clone(),
-        "v": v[:, :, cut:].clone(),
-        "fk": fk[:, :, cut:].clone(),
-        "mask": mask[:, cut:].clone(),
+        **window_tail(keep, mask, k=k, v=v, fk=fk),
     }
 
 
@@ -265,5 +278,5 @@ def recurrent_window_linear(
                 ck, cv, cfk, cmask = ck[:, :, 1:], cv[:, :, 1:], cfk[:, :, 1:], cmask[:, 1:]
         outputs.append((num / den.clamp_min(1e-30)).to(v.dtype))
     o = torch.stack(outputs, dim=2)
-    new = {"S": S, "z": z, "k": ck, "v": cv, "fk": cfk, "mask": cmask} if output_state else None
+    new = {"S": S, "z": z, **window_tail(keep, cmask, k=ck, v=cv, fk=cfk)} if output_state else None
     return o, new

@@ -28,7 +28,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from .attention import AttentionSpec, apply_rotary
 from .errors import LinearizeError
 from .kernel_dispatch import mode as kernel_mode
-from .ops_window import block_length
+from .ops_window import block_length, window_tail
 
 # Queries per band: long enough to amortise the band's overhead; a band is never shorter than the window.
 BAND = 64
@@ -272,8 +272,8 @@ def sliding_window_heads(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
     """The teacher's softmax heads over the last `window` keys, continuing from `cache` when given.
 
-    `cache` is None (no cache) or a dict, possibly empty, holding "k", "v" (B, Hkv, <= window - 1, D; rotated)
-    and "mask" (B, <= window - 1). Returns the heads and, when `cache` was given, the next cache. A decode step
+    `cache` is None (no cache) or a dict, possibly empty, holding "k", "v" (B, Hkv, window - 1, D; rotated, left-padded while fewer were seen)
+    and "mask" (B, window - 1). Returns the heads and, when `cache` was given, the next cache. A decode step
     is the recurrent form: its one query scores the cached window plus its own key, a single band.
     """
     q, k = apply_rotary(q, k, position_embeddings)
@@ -289,9 +289,7 @@ def sliding_window_heads(
         return heads, None
     if mask is None:
         mask = torch.ones(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device)
-    cut = k.shape[2] - min(window - 1, k.shape[2])
-    # Copies, so the cache does not keep a long prefill's keys alive through a view.
-    return heads, {"k": k[:, :, cut:].clone(), "v": v[:, :, cut:].clone(), "mask": mask[:, cut:].clone()}
+    return heads, window_tail(max(window - 1, 0), mask, k=k, v=v)
 
 
 def add_window(
