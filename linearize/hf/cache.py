@@ -3,6 +3,11 @@
 Kept softmax layers get the layer cache transformers itself would build for them (full or sliding KV).
 Converted layers get a `MixerState`: named tensors (recurrent state, window keys/values, conv state)
 whose size does not grow with context beyond what the mixer declares, plus the count of tokens seen.
+
+A static cache (`generate(..., cache_implementation="static")`) is what transformers compiles a decode step
+for: kept layers get static KV layers of the generation's length, and each fixed-size state keeps the
+tensors it first got, updated in place, so every step reads and writes the same addresses. On CUDA,
+`generate()` then runs its decode steps through `torch.compile` (CUDA graphs) on its own.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import inspect
 from typing import Any
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer, StaticCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .errors import LinearizeError
@@ -40,23 +45,64 @@ def returned_cache(output) -> Cache | None:
 
 
 class MixerState(CacheLayerMixin):
-    """One converted layer's state. Mixers read and replace entries of `tensors`; `seen` counts tokens."""
+    """One converted layer's state. Mixers read `tensors` and assign the next ones; `seen` counts tokens.
+
+    A static state (`static=True`) copies each assignment into the tensors of its first one, so their addresses
+    never change, and counts tokens in a tensor: a compiled decode step then neither re-traces nor reads the
+    host. Its mixer's state must keep one shape; a state that grows (kept KV) is built non-static.
+    """
 
     is_mixer_state = True
     is_sliding = False
-    is_compileable = False
     is_croppable = False
     supports_early_init = False
 
-    def __init__(self):
+    def __init__(self, static: bool = False):
         super().__init__()
-        self.tensors: dict[str, torch.Tensor] = {}
-        self.seen = 0
+        self.static = static
+        self._tensors: dict[str, torch.Tensor] = {}
+        self.seen = torch.zeros((), dtype=torch.long) if static else 0
         self.is_initialized = True
+
+    @property
+    def is_compileable(self) -> bool:
+        return self.static
+
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return self._tensors
+
+    @tensors.setter
+    def tensors(self, new: dict[str, torch.Tensor]) -> None:
+        if not self.static:
+            self._tensors = new
+            return
+        old = self._tensors
+        if old.keys() == new.keys() and all(old[n].shape == t.shape and old[n].dtype == t.dtype for n, t in new.items()):
+            for name, tensor in new.items():
+                old[name].copy_(tensor)
+            return
+        if old:
+            raise LinearizeError(
+                "a static cache's layer state changed shape between calls; generate without "
+                "cache_implementation='static', or start from a fresh cache"
+            )
+        self._tensors = {name: tensor.clone() for name, tensor in new.items()}
+        self.seen = self.seen.to(next(iter(new.values())).device) if new else self.seen
+        if not torch.compiler.is_compiling():
+            for tensor in (*self._tensors.values(), self.seen):
+                torch._dynamo.mark_static_address(tensor)
+
+    def advance(self, tokens: int) -> None:
+        """Count `tokens` more seen (in place for a static state, whose count is a tensor)."""
+        if self.static:
+            self.seen.add_(tokens)
+        else:
+            self.seen += tokens
 
     def __repr__(self):
         shapes = ", ".join(f"{k}={tuple(v.shape)}" for k, v in self.tensors.items())
-        return f"MixerState(seen={self.seen}, {shapes})"
+        return f"MixerState(seen={int(self.seen)}, {shapes})"
 
     def lazy_initialization(self, key_states, value_states) -> None:
         raise LinearizeError("a converted layer's state holds no keys/values; it is written by its mixer")
@@ -74,17 +120,24 @@ class MixerState(CacheLayerMixin):
         # Older transformers pass cache_position (a tensor) instead of the query length.
         if isinstance(query_length, torch.Tensor):
             query_length = query_length.shape[0]
-        return query_length + self.seen, 0
+        # No layer reads a mask sized by a static state (the cache sizes masks by its first softmax layer): a
+        # constant keeps a compiled step from reading the count.
+        return (query_length, 0) if self.static else (query_length + self.seen, 0)
 
     def get_max_length(self) -> int:
         return -1
 
     def reset(self) -> None:
-        self.tensors = {}
-        self.seen = 0
+        if self.static:
+            for tensor in self._tensors.values():
+                tensor.zero_()
+            self.seen.zero_()
+        else:
+            self._tensors = {}
+            self.seen = 0
 
     def _apply(self, fn) -> None:
-        self.tensors = {k: fn(v) for k, v in self.tensors.items()}
+        self._tensors = {k: fn(v) for k, v in self._tensors.items()}
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -112,21 +165,34 @@ class MixerState(CacheLayerMixin):
 
 
 class LinearizedCache(Cache):
-    """A cache whose layers follow a converted model's plan (`kinds[i]` is "kv" for kept softmax layers)."""
+    """A cache whose layers follow a converted model's plan.
 
-    def __init__(self, text_config, kinds: list[str]):
-        kv_layers = DynamicCache(config=text_config).layers
+    `kinds[i]` is "kv" for softmax layers (transformers' own layer cache), "grows" for converted layers whose
+    state grows with context, and "state" for fixed-size states. With `max_cache_len` the cache is static:
+    kv layers are transformers' static layers of that length and fixed-size states are updated in place.
+    """
+
+    def __init__(self, text_config, kinds: list[str], max_cache_len: int | None = None):
+        if max_cache_len is None:
+            kv_layers = DynamicCache(config=text_config).layers
+        else:
+            kv_layers = StaticCache(config=text_config, max_cache_len=max_cache_len).layers
         if len(kv_layers) != len(kinds):
             kv_layers = [DynamicLayer() for _ in kinds]
-        layers = [kv_layers[i] if kind == "kv" else MixerState() for i, kind in enumerate(kinds)]
+        static = max_cache_len is not None
+        layers = [
+            kv_layers[i] if kind == "kv" else MixerState(static=static and kind == "state") for i, kind in enumerate(kinds)
+        ]
         super().__init__(layers=layers)
         self.kinds = list(kinds)
+        # Masks are sized by the first softmax layer's cache: converted layers read no attention mask.
+        self._mask_layer = kinds.index("kv") if "kv" in kinds else None
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.layers[layer_idx].get_seq_length()
+        return self.layers[layer_idx if self._mask_layer is None else self._mask_layer].get_seq_length()
 
     def get_mask_sizes(self, query_length, layer_idx: int) -> tuple[int, int]:
-        return self.layers[layer_idx].get_mask_sizes(query_length)
+        return self.layers[layer_idx if self._mask_layer is None else self._mask_layer].get_mask_sizes(query_length)
 
     def state_bytes(self) -> list[int]:
         """Bytes held per layer (keys/values for kept layers, state tensors for converted ones)."""

@@ -208,7 +208,7 @@ class Mixer(nn.Module):
             state=state,
         )
         if state is not None:
-            state.seen += hidden_states.shape[1]
+            state.advance(hidden_states.shape[1])
         return self.spec.out(self.attn, out.to(hidden_states.dtype)), None
 
     def project(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

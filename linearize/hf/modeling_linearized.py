@@ -14,10 +14,11 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
+from transformers.generation.configuration_utils import ALL_STATIC_CACHE_IMPLEMENTATIONS
 from transformers.dynamic_module_utils import get_relative_import_files
 
 from .attention import attention_slot, decoder_layers
-from .cache import LinearizedCache, cache_keyword
+from .cache import OUTPUT_CACHE_FIELD, LinearizedCache, cache_keyword
 from .configuration_linearized import LinearizedConfig
 from .errors import LinearizeError
 from .mixers import MIXERS, PADDING_MASK, get_mixer, mixers_in
@@ -156,16 +157,46 @@ class LinearizedForCausalLM(PreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value: nn.Module) -> None:
         self.model.set_output_embeddings(value)
 
-    def cache_kinds(self) -> list[str]:
-        """Per layer: "kv" for softmax attention (kept, or any layer under teacher_mode), "state" otherwise."""
+    def _mixers(self) -> list:
         if getattr(self, "_mixer_list", None) is None:  # walked once: every forward asks, decode steps included
             self._mixer_list = mixers_in(self)
-        teacher = any(m.teacher for m in self._mixer_list)
-        return ["kv" if teacher or entry.is_attention else "state" for entry in self.config.plan]
+        return self._mixer_list
 
-    def new_cache(self) -> LinearizedCache:
-        """An empty cache with the right kind of storage for every layer."""
-        return LinearizedCache(self.config.text_config, self.cache_kinds())
+    def cache_kinds(self) -> list[str]:
+        """Per layer: "kv" for softmax attention (kept, or any layer under teacher_mode), "grows" for a converted
+        layer whose state grows with context, "state" for a fixed-size state."""
+        if any(m.teacher for m in self._mixers()):
+            return ["kv"] * len(self.config.plan)
+        return ["kv" if e.is_attention else "grows" if get_mixer(e.mixer).state_grows else "state" for e in self.config.plan]
+
+    def new_cache(self, max_cache_len: int | None = None) -> LinearizedCache:
+        """An empty cache with the right kind of storage for every layer; static (for a compiled decode step) when
+        `max_cache_len` is given: kept layers then hold that many tokens at most."""
+        return LinearizedCache(self.config.text_config, self.cache_kinds(), max_cache_len)
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """transformers' hook: `cache_implementation="static"` gets a static LinearizedCache (which generate()
+        compiles its decode step for on CUDA); otherwise forward() builds the dynamic cache on the first call."""
+        name = "cache" if OUTPUT_CACHE_FIELD == "cache" else "past_key_values"
+        static = generation_config.cache_implementation in ALL_STATIC_CACHE_IMPLEMENTATIONS
+        if not static or model_kwargs.get(name) is not None or generation_config.use_cache is False:
+            return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        *_, max_cache_length = args or (kwargs["max_cache_length"],)
+        model_kwargs[name] = self.new_cache(max(max_cache_length, getattr(generation_config, "max_cache_len", None) or 0))
+
+    def prepare_inputs_for_generation(self, input_ids, *args, attention_mask=None, **kwargs):
+        """transformers' inputs, plus the new tokens' padding for converted layers where transformers turned the 2D
+        mask into a 4D one (it does for a static cache). Passed every step, padded or not: looking would sync."""
+        inputs = super().prepare_inputs_for_generation(input_ids, *args, attention_mask=attention_mask, **kwargs)
+        made = inputs.get("attention_mask")
+        if attention_mask is not None and attention_mask.dim() == 2 and made is not None and made.dim() != 2:
+            new = inputs["input_ids"] if inputs.get("input_ids") is not None else inputs["inputs_embeds"]
+            inputs[PADDING_MASK] = attention_mask[:, -new.shape[1] :].bool()
+        return inputs
+
+    def _softmax_reads_mask(self) -> bool:
+        """Whether a softmax layer will read the attention mask (kept layers, teacher_mode, attention transfer)."""
+        return "kv" in self.cache_kinds() or any(m.transfer_hook is not None for m in self._mixers())
 
     def _checked_cache(self, cache: Cache | None, use_cache: bool) -> Cache | None:
         if cache is None:
@@ -203,8 +234,14 @@ class LinearizedForCausalLM(PreTrainedModel, GenerationMixin):
             use_cache = self.config.use_cache and not self.training
         cache = self._checked_cache(cache if cache is not None else past_key_values, use_cache)
         length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
-        if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask[:, -length:].all()):
-            kwargs[PADDING_MASK] = attention_mask[:, -length:].bool()
+        if attention_mask is not None and attention_mask.dim() == 2:
+            # Converted layers read only their own tokens' padding. Eager code passes it only where there is some
+            # (looking costs a host sync); a compiled step passes it always, the same result without the sync.
+            padding = attention_mask[:, -length:].bool()
+            if torch.compiler.is_compiling() or not bool(padding.all()):
+                kwargs[PADDING_MASK] = padding
+        if attention_mask is not None and not self._softmax_reads_mask():  # no 4D mask is built for no reader
+            attention_mask = None
         kwargs[self._cache_keyword] = cache
         return self.model(
             input_ids=input_ids,

@@ -1,0 +1,74 @@
+"""The static cache: `generate(..., cache_implementation="static")` gives the dynamic cache's tokens, its states
+keep one shape and address, and transformers' compiled decode step traces once for all steps."""
+
+import pytest
+import torch
+from transformers import CompileConfig
+
+from linearize import LinearizeError
+from linearize.hf.cache import MixerState
+from tests.test_mixers import CONSTANT_STATE, MIXER_CASES, converted
+from tests.tiny import left_padded, random_ids
+
+pytestmark = pytest.mark.core
+
+
+def padded_settings(new_tokens=16):
+    ids, mask = left_padded(random_ids(2, 12), [3, 0])
+    return dict(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+
+
+@pytest.mark.parametrize("name", sorted(MIXER_CASES))
+def test_static_generation_equals_dynamic(name):
+    model = converted(name)
+    settings = padded_settings()
+    assert torch.equal(model.generate(**settings, cache_implementation="static"), model.generate(**settings))
+
+
+@pytest.mark.parametrize("name", sorted(CONSTANT_STATE))
+def test_a_fixed_size_state_has_one_shape_whatever_the_prompt(name):
+    model = converted(name)
+    shapes = set()
+    for length in (1, 2, 9):
+        cache = model.new_cache(max_cache_len=16)
+        model(random_ids(2, length), cache=cache, use_cache=True)
+        states = [layer for layer in cache.layers if isinstance(layer, MixerState)]
+        before = [{n: t.data_ptr() for n, t in s.tensors.items()} for s in states]
+        model(random_ids(2, 1), cache=cache, use_cache=True, position_ids=torch.full((2, 1), length))
+        assert [{n: t.data_ptr() for n, t in s.tensors.items()} for s in states] == before
+        assert [int(s.get_seq_length()) for s in states] == [length + 1] * len(states)
+        shapes.add(tuple(tuple((n, tuple(t.shape)) for n, t in sorted(s.tensors.items())) for s in states))
+    assert len(shapes) == 1
+
+
+@pytest.mark.parametrize("name", ["gated_deltanet+window", "mamba2+window", "swa"])
+def test_compiled_generate_traces_the_decode_step_once(name):
+    """transformers compiles the decode step for a static cache; fullgraph and one graph for every step."""
+    from torch._dynamo.utils import counters
+
+    model = converted(name)
+    settings = padded_settings()
+    compile_config = CompileConfig(backend="eager", fullgraph=True, mode=None)
+    compile_config._compile_all_devices = True  # transformers compiles on CUDA only, unless told so
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = model.generate(**settings, cache_implementation="static", compile_config=compile_config)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert torch.equal(compiled, model.generate(**settings))
+
+
+def test_only_fixed_size_states_make_a_compileable_cache():
+    assert converted("gated_deltanet").new_cache(max_cache_len=8).is_compileable
+    assert converted("swa").new_cache(max_cache_len=8).is_compileable  # its kept layer gets a static KV layer
+    assert not converted("swa").new_cache().is_compileable
+    assert not converted("qwen3_5_attention").new_cache(max_cache_len=8).is_compileable
+
+
+def test_a_static_state_refuses_a_new_shape():
+    state = MixerState(static=True)
+    state.tensors = {"S": torch.zeros(2, 3)}
+    kept = state.tensors["S"]
+    state.tensors = {"S": torch.ones(2, 3)}
+    assert state.tensors["S"] is kept and bool(kept.eq(1).all())
+    with pytest.raises(LinearizeError, match="changed shape"):
+        state.tensors = {"S": torch.zeros(2, 4)}
