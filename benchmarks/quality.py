@@ -1,9 +1,9 @@
 """Quality on the real teacher: every recipe distilled on an offline corpus, teacher and students scored alike.
 
-For each recipe: `linearize run` with the corpus from `benchmarks/gather_corpus.py` (train: five Austen novels and
-Debian's Python docs; held out: Persuasion and a slice of the docs), then, on the saved student and on the same
-original teacher: perplexity of the first 60K tokens of Persuasion and of the held-out
-docs in 512-token windows and of Persuasion in 2048-token windows, KL(teacher || student) and top-1 next-token
+For each recipe: `linearize run` with the corpus from `benchmarks/gather_corpus.py` (its manifest.json names the
+sources, the held-out documents of each, and the genre held out whole), then, on the saved student and on the same
+original teacher: perplexity of the first 60K tokens of every held-out text in 512-token and in 2048-token windows,
+KL(teacher || student) and top-1 next-token
 agreement on Persuasion, passkey retrieval at 512, 2K and 8K tokens, and the lm-eval suite `local` (the multiple-choice
 task austen_next_sentence, acc_norm). Stage times and tokens/s come from the run itself. It writes quality.json
 (every figure: a recipe's row as soon as it has trained, then after each measure) and, after every recipe,
@@ -45,6 +45,7 @@ from passkey_probe import window_shares  # benchmarks/, first on the path when r
 RECIPES = ("lolcats", "lolcats_linear", "liger", "mamba_in_llama", "hybrid_gdn")
 
 
+HELDOUT_NAMES = {"python-docs": "docs"}  # the names earlier runs' quality.json used
 DEPTHS = (0.1, 0.5, 0.9)
 AGREEMENT_WINDOWS = 32  # of 512 tokens of Persuasion: 16,384 tokens
 
@@ -210,14 +211,15 @@ def main():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     teacher_model, tokenizer = linearize.load_teacher(args.teacher, dtype=torch.float32)
     teacher_model = teacher_model.to(device).eval()
-    persuasion = read_text_source(str(corpus / "heldout" / "persuasion.txt"))
-    heldout = {
-        "persuasion": token_windows(tokenizer, persuasion, 512, max_tokens=args.eval_tokens),
-        "docs": token_windows(tokenizer, read_text_source(str(corpus / "heldout" / "python-docs.txt")), 512, max_tokens=args.eval_tokens),
-        # The recipes train and evaluate at 512, where lolcats' 256-token softmax window covers half of every
-        # window; at 2048 the linear part carries most of the context.
-        "persuasion_2048": token_windows(tokenizer, persuasion, 2048, max_tokens=args.eval_tokens),
-    }
+    heldout = {}
+    # Every held-out text (the corpus's manifest names the one of a genre absent from training) at 512 and 2048: the
+    # recipes train at 512, where lolcats' 256-token softmax window covers half of every window; at 2048 the linear
+    # part carries most of the context.
+    for path in sorted((corpus / "heldout").glob("*.txt")):
+        name = HELDOUT_NAMES.get(path.stem, path.stem)
+        text = read_text_source(str(path))
+        for context in (512, 2048):
+            heldout[name if context == 512 else f"{name}_{context}"] = token_windows(tokenizer, text, context, max_tokens=args.eval_tokens)
     budgets = [int(t) for t in args.tokens.split(",")]
     teacher_scores: dict = {}  # every row shares it: the original teacher, scored once, in the first recipe's turn
 
