@@ -10,6 +10,10 @@
 #   bash benchmarks/h100_session.sh serving   # (after a quality call that trained hybrid_qwen3_5, still warm) export it to
 #                                             # qwen3_5 and bench teacher, student and native model (BENCH, BENCH_S)
 #   bash benchmarks/h100_session.sh quality   # (after second, still warm) more quality runs
+#   bash benchmarks/h100_session.sh pair      # (nvidia-h200-x2; JOIN=1 to join the GGUF and corpus as second does) two
+#                                             # quality runs at once, QUALITY0 on GPU 0 and QUALITY1 on GPU 1
+#   bash benchmarks/h100_session.sh generate  # (after pair trained hybrid_gdn and hybrid_qwen3_5) export, then plain
+#                                             # generate() of students, export and teacher (GENERATE), QUALITY1 beside
 #   bash benchmarks/h100_session.sh train_speed  # (after first, still warm) distillation speed alone (SPEED, RUNS,
 #                                                # SPEED_S)
 # and in a call of its own:
@@ -32,9 +36,11 @@ wheels() {  # the carried .whl/ into /tmp/site, which PYTHONPATH names
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 }
 
-quality() {  # quality TIMEOUT NAME: quality.py on the joined GGUF and the corpus copied by `second`
+quality() {  # quality TIMEOUT NAME [ARGS]: quality.py on the joined GGUF and the corpus copied by `second`, with ARGS
+  # (default $QUALITY)
+  local args=${3:-${QUALITY:---recipes liger,hybrid_gdn,lolcats_linear --tokens 400000}}
   timeout "$1" python3 benchmarks/quality.py --teacher /tmp/smollm2.gguf --corpus /tmp/corpus --out "/tmp/quality-$2" \
-    ${QUALITY:---recipes liger,hybrid_gdn,lolcats_linear --tokens 400000} > "$OUT/quality-$2.log" 2>&1
+    $args > "$OUT/quality-$2.log" 2>&1
   echo "exit $?" >> "$OUT/quality-$2.log"
   cp "/tmp/quality-$2/quality.json" "$OUT/quality-$2.json" 2>/dev/null
   (cd "/tmp/quality-$2" && tar czf "$OUT/quality-$2.tgz" --exclude='*.safetensors' --exclude='step-*' . 2>/dev/null)
@@ -93,6 +99,31 @@ second)
 quality)
   quality 580 "${RUN:-third}"
   ;;
+pair)  # (after second's join, or as second with JOIN=1) two quality runs at once, one per GPU of nvidia-h200-x2:
+  # QUALITY0 and QUALITY1 are their arguments, named gpu0 and gpu1
+  if [ -n "${JOIN:-}" ]; then
+    cat /tmp/part00 .gguf2/part01 > /tmp/smollm2.gguf
+    echo "$(cat .gguf2/sha256)  /tmp/smollm2.gguf" | sha256sum -c > "$OUT/sha256.txt" 2>&1 || exit 1
+    rm -rf /tmp/corpus && mkdir -p /tmp/corpus && tar xzf corpus.tgz -C /tmp/corpus --strip-components=1
+  fi
+  CUDA_VISIBLE_DEVICES=0 quality "${QUALITY_S:-570}" gpu0 "$QUALITY0" &
+  CUDA_VISIBLE_DEVICES=1 quality "${QUALITY_S:-570}" gpu1 "$QUALITY1" &
+  wait
+  ;;
+generate)  # (after a pair call that trained hybrid_qwen3_5 and hybrid_gdn, still warm) plain generate() of the trained
+  # students, hybrid_qwen3_5's export and the GGUF teacher, dynamic and static cache (GENERATE, GENERATE_S), on GPU 0,
+  # while GPU 1 runs QUALITY1 (named gpu1b), if given
+  [ -z "${QUALITY1:-}" ] || CUDA_VISIBLE_DEVICES=1 quality "${QUALITY_S:-570}" gpu1b "$QUALITY1" &
+  student=$(ls -d /tmp/quality-*/hybrid_qwen3_5 | head -1)
+  python3 cli.py export "$student" --to qwen3_5 --out /tmp/native --overwrite > "$OUT/export.log" 2>&1
+  echo "exit $?" >> "$OUT/export.log"
+  cp /tmp/native/export.json "$OUT/" 2>/dev/null
+  students=$(ls -d /tmp/quality-*/hybrid_gdn /tmp/quality-*/hybrid_qwen3_5 | tr '\n' ,)/tmp/native
+  CUDA_VISIBLE_DEVICES=0 timeout "${GENERATE_S:-500}" python3 benchmarks/serving_speed.py --students "$students" \
+    --teacher /tmp/smollm2.gguf ${GENERATE:---lengths 2048,8192,32768} --out "$OUT/generate.jsonl" > "$OUT/generate.log" 2>&1
+  echo "exit $?" >> "$OUT/generate.log"
+  wait
+  ;;
 serving)
   student=$(ls -d /tmp/quality-*/hybrid_qwen3_5 | head -1)
   python3 cli.py export "$student" --to qwen3_5 --out /tmp/native --overwrite > "$OUT/export.log" 2>&1
@@ -109,6 +140,6 @@ multi_gpu)
   cp /tmp/multi_gpu/multi_gpu.json /tmp/multi_gpu/*.log "$OUT/" 2>/dev/null
   ;;
 *)
-  echo "usage: bash benchmarks/h100_session.sh first|second|quality|serving|train_speed|multi_gpu" >&2; exit 2
+  echo "usage: bash benchmarks/h100_session.sh first|second|quality|pair|generate|serving|train_speed|multi_gpu" >&2; exit 2
   ;;
 esac

@@ -1,12 +1,19 @@
-"""Plain `generate()` of a teacher, its linearize student and the student exported to qwen3_5, side by side.
+"""Plain `generate()` of a teacher and its linearize students side by side, with transformers' dynamic cache and with
+`cache_implementation="static"` (on CUDA transformers then compiles the decode step, CUDA graphs included).
 
-Random weights at a given shape (default SmolLM2-135M's: 30 layers, 576 wide, 9 query / 3 KV heads of 64): the
-student is every layer `qwen3_5_gdn` but every fourth `qwen3_5_attention` (hybrid_qwen3_5's layout), the native
-model is `linearize.export.build_native` of it. Per model and context: prefill tokens/s, batch-1 greedy decode
-tokens/s through `model.generate()` and the peak memory, each a JSON line on stdout and in --out as it is measured
-(a run cut short keeps what it measured).
+Random weights at a given shape (default SmolLM2-135M's: 30 layers, 576 wide, 9 query / 3 KV heads of 64), or
+saved students (`--students DIR,...`, with their teacher from `--teacher`). Random students are made per
+`--mixers` entry, MIXER or MIXER:key=value:...; "qwen3_5" is hybrid_qwen3_5's layout (every fourth layer
+`qwen3_5_attention`, the rest `qwen3_5_gdn`), which is also measured exported (`linearize.export.build_native`).
+The teacher is the first student's own weights under `teacher_mode` (softmax everywhere).
 
-    python benchmarks/serving_speed.py --device cuda --dtype bfloat16 --lengths 2048,16384 --out serving.jsonl
+Per model, cache and context, batch 1: prefill tokens/s, greedy decode tokens/s through `model.generate()`, the
+peak memory, and the memory-bandwidth floor (weights plus the state after the prompt, read once per token, at
+`--bandwidth` bytes/s; 4.8e12 is the H200's HBM3e). Each row is a JSON line on stdout and in --out as it is
+measured (a run cut short keeps what it measured).
+
+    python benchmarks/serving_speed.py --device cuda --lengths 2048,8192,32768 --out serving.jsonl \\
+        --mixers gated_deltanet:window=64,hedgehog_swa:window=64,gla,qwen3_5
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import linearize
 from linearize.export import build_native
+from linearize.hf.cache import returned_cache
 
 SHAPES = {
     "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
@@ -27,6 +35,7 @@ SHAPES = {
     "tiny": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                  vocab_size=128, max_position_embeddings=4096),
 }
+CACHES = ("dynamic", "static")
 
 
 def sync(device):
@@ -34,11 +43,51 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def parse_mixer(entry: str) -> tuple[str, dict]:
+    """"gla:window=64" -> ("gla", {"window": 64})."""
+    name, *options = entry.split(":")
+    return name, {k: int(v) if v.isdigit() else v for k, v in (o.split("=", 1) for o in options)}
+
+
+def random_students(shape: str, entries: list[str], dtype) -> dict:
+    config = AutoConfig.for_model("llama", **SHAPES[shape])
+    students = {}
+    for entry in entries:
+        torch.manual_seed(0)  # one teacher's weights under every student
+        teacher = AutoModelForCausalLM.from_config(config).to(dtype).eval()
+        name, options = parse_mixer(entry)
+        if name == "qwen3_5":
+            students[entry] = linearize.convert(teacher, "qwen3_5_gdn", keep_attention="every:4", keep_as="qwen3_5_attention")
+        else:
+            students[entry] = linearize.convert(teacher, name, **options)
+    return students
+
+
+def floor_bytes(model, ids) -> int:
+    """Bytes a batch-1 decode step must read at least: every weight but the input embedding table (one row is read),
+    plus the state left after the prompt (its KV for softmax layers)."""
+    embedding = model.get_input_embeddings().weight
+    tied = embedding is model.get_output_embeddings().weight
+    weights = sum(p.numel() * p.element_size() for p in model.parameters() if tied or p is not embedding)
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    cache = returned_cache(out)
+    if hasattr(cache, "state_bytes"):
+        state = sum(cache.state_bytes())
+    else:
+        state = sum(t.numel() * t.element_size() for layer in cache.layers for t in vars(layer).values() if torch.is_tensor(t))
+    return weights + state
+
+
 @torch.no_grad()
-def measure(model, context: int, new_tokens: int, device) -> dict:
+def measure(model, context: int, new_tokens: int, cache: str, device, bandwidth: float) -> dict:
     ids = torch.randint(0, model.config.get_text_config().vocab_size, (1, context), generator=torch.Generator().manual_seed(0)).to(device)
-    # Warm-up first: kernels compile (Triton, fla) on their first call at each shape, which no timing may include.
-    model.generate(input_ids=ids, max_new_tokens=2, min_new_tokens=2, do_sample=False)
+    settings = dict(input_ids=ids, max_new_tokens=new_tokens + 1, min_new_tokens=new_tokens + 1, do_sample=False)
+    if cache == "static":
+        settings["cache_implementation"] = "static"
+    # Warm-up first, at the timed call's own lengths: kernels compile (Triton, fla) on their first call at each shape,
+    # and a static cache's decode step compiles (and records its CUDA graphs) on its first calls.
+    for _ in range(2 if cache == "static" else 1):
+        model.generate(**settings)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -48,44 +97,61 @@ def measure(model, context: int, new_tokens: int, device) -> dict:
     sync(device)
     prefill = time.perf_counter() - start
     start = time.perf_counter()
-    model.generate(input_ids=ids, max_new_tokens=new_tokens + 1, min_new_tokens=new_tokens + 1, do_sample=False)
+    model.generate(**settings)
     sync(device)
     total = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+    floor = floor_bytes(model, ids)
     # generate() prefills again: the decode rate is what the steps after it took.
-    return {"context": context, "prefill_tokens_per_s": context / prefill, "decode_tokens_per_s": new_tokens / max(total - prefill, 1e-9),
-            "generate_seconds": total, "peak_bytes": peak}
+    return {"context": context, "cache": cache, "prefill_tokens_per_s": context / prefill,
+            "decode_tokens_per_s": new_tokens / max(total - prefill, 1e-9), "generate_seconds": total, "peak_bytes": peak,
+            "floor_bytes_per_token": floor, "floor_tokens_per_s": bandwidth / floor}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="smollm2-135m", choices=sorted(SHAPES))
+    parser.add_argument("--mixers", default="qwen3_5", help="random students, MIXER or MIXER:key=value:..., comma-separated")
+    parser.add_argument("--students", default="", help="saved students (folders), comma-separated, instead of --mixers")
+    parser.add_argument("--teacher", default=None, help="the saved students' teacher (id, folder or .gguf); default: the "
+                        "first student under teacher_mode")
+    parser.add_argument("--caches", default=",".join(CACHES), help="dynamic, static or both")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--lengths", default="2048,16384")
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--bandwidth", type=float, default=4.8e12, help="memory bandwidth in bytes/s for the floor")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    torch.manual_seed(0)
-    teacher = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **SHAPES[args.shape])).to(dtype).eval()
-    student = linearize.convert(teacher, "qwen3_5_gdn", keep_attention="every:4", keep_as="qwen3_5_attention").to(device)
-    native = build_native(student).to(device)
-    models = {"student": student, "native_qwen3_5": native}
+    caches = args.caches.split(",")
+    if not set(caches) <= set(CACHES):
+        raise SystemExit(f"--caches takes {' or '.join(CACHES)}, got {args.caches!r}")
+    if args.students:
+        models = {path: AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval() for path in args.students.split(",")}
+    else:
+        models = random_students(args.shape, args.mixers.split(","), dtype)
+    models = {name: model.to(device) for name, model in models.items()}
+    if "qwen3_5" in models:
+        models["native_qwen3_5"] = build_native(models["qwen3_5"])
+    first = next(iter(models.values()))
+    teacher = linearize.load_teacher(args.teacher, dtype=dtype)[0].to(device).eval() if args.teacher else None
     out = open(args.out, "a") if args.out else None
     for context in (int(n) for n in args.lengths.split(",")):
-        rows = {}
-        for name, model in models.items():
-            rows[name] = measure(model, context, args.new_tokens, device)
-        with linearize.teacher_mode(student):  # the teacher: the student's own weights with softmax everywhere
-            rows["teacher"] = measure(student, context, args.new_tokens, device)
-        for name, row in rows.items():
-            line = json.dumps({"model": name, "shape": args.shape, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                               "dtype": args.dtype, **row})
-            print(line, flush=True)
-            if out:
-                out.write(line + "\n")
-                out.flush()
+        for cache in caches:
+            rows = {name: measure(model, context, args.new_tokens, cache, device, args.bandwidth) for name, model in models.items()}
+            if teacher is not None:
+                rows["teacher"] = measure(teacher, context, args.new_tokens, cache, device, args.bandwidth)
+            else:
+                with linearize.teacher_mode(first):
+                    rows["teacher"] = measure(first, context, args.new_tokens, cache, device, args.bandwidth)
+            for name, row in rows.items():
+                line = json.dumps({"model": name, "shape": None if args.students else args.shape, "dtype": args.dtype,
+                                   "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", **row})
+                print(line, flush=True)
+                if out:
+                    out.write(line + "\n")
+                    out.flush()
 
 
 if __name__ == "__main__":
