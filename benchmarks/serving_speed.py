@@ -4,7 +4,8 @@
 Random weights at a given shape (default SmolLM2-135M's: 30 layers, 576 wide, 9 query / 3 KV heads of 64), or
 saved students (`--students DIR,...`, with their teacher from `--teacher`). Random students are made per
 `--mixers` entry, MIXER or MIXER:key=value:...; "qwen3_5" is hybrid_qwen3_5's layout (every fourth layer
-`qwen3_5_attention`, the rest `qwen3_5_gdn`), which is also measured exported (`linearize.export.build_native`).
+`qwen3_5_attention`, the rest `qwen3_5_gdn`), which is also measured exported (`linearize.export.build_native`),
+and "hybrid_gdn" is hybrid_gdn's (every fourth layer the teacher's softmax, the rest `gated_deltanet`, window 64).
 The teacher is the first student's own weights under `teacher_mode` (softmax everywhere).
 
 Per model, cache and context, batch 1: prefill tokens/s, greedy decode tokens/s through `model.generate()`, the
@@ -58,6 +59,8 @@ def random_students(shape: str, entries: list[str], dtype) -> dict:
         name, options = parse_mixer(entry)
         if name == "qwen3_5":
             students[entry] = linearize.convert(teacher, "qwen3_5_gdn", keep_attention="every:4", keep_as="qwen3_5_attention")
+        elif name == "hybrid_gdn":
+            students[entry] = linearize.convert(teacher, "gated_deltanet", window=64, keep_attention="every:4")
         else:
             students[entry] = linearize.convert(teacher, name, **options)
     return students
@@ -84,8 +87,9 @@ def measure(model, context: int, new_tokens: int, cache: str, device, bandwidth:
     settings = dict(input_ids=ids, max_new_tokens=new_tokens + 1, min_new_tokens=new_tokens + 1, do_sample=False)
     if cache == "static":
         settings["cache_implementation"] = "static"
-    # Warm-up first, at the timed call's own lengths: kernels compile (Triton, fla) on their first call at each shape,
+    # Warm-up first, at the timed calls' own lengths: kernels compile (Triton, fla) on their first call at each shape,
     # and a static cache's decode step compiles (and records its CUDA graphs) on its first calls.
+    model(input_ids=ids, use_cache=False, logits_to_keep=1)
     for _ in range(2 if cache == "static" else 1):
         model.generate(**settings)
     if device.type == "cuda":
