@@ -21,6 +21,7 @@ two from an existing quality.json, and `--merge` draws them from chosen rows of 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import time
@@ -38,6 +39,7 @@ from linearize.evaluate.results import ModelEntry, Results
 from linearize.evaluate.scoring import evaluate
 from linearize.evaluate.suites import task_specs
 from linearize.pipeline import run
+from linearize.record import RunRecord
 from linearize.report import write_report
 from linearize.textdata import read_text_source, token_windows
 from passkey_probe import window_shares  # benchmarks/, first on the path when run as a script
@@ -94,6 +96,26 @@ def score(
     if suite:
         into |= tasks(model, tokenizer, suite, task_limit)
         save()
+
+
+def training_row(name: str, result: RunRecord, model, teacher_scores: dict, seconds: float) -> dict:
+    """A recipe's row of quality.json once it has trained (plain JSON: the run's stage reports as dicts); `seconds`
+    is what `linearize run` took: conversion, stages and its own perplexity."""
+    names = model.config.mixer_names()
+    return {
+        "recipe": name,
+        "mixers": sorted(set(names)),
+        "mixer_counts": dict(Counter(names)),
+        "attention_layers": [i for i, m in enumerate(names) if m == "attention"],
+        "teacher": teacher_scores,
+        "teacher_via": "original",
+        "student": {},
+        "converted_ppl_persuasion": result.converted.perplexity,
+        "window_shares": window_shares(model),  # hedgehog_swa's learned balance, per layer (retrieval depends on it)
+        "selection": result.selection,
+        "stages": [dataclasses.asdict(stage) for stage in result.stages],
+        "pipeline_seconds": seconds,
+    }
 
 
 def text_and_context(key: str) -> tuple[str, int]:
@@ -243,19 +265,7 @@ def main():
         result = run(recipe, out=out / name, overwrite=True, log=lambda m: print(f"[{name}] {m}", flush=True))
         model = AutoModelForCausalLM.from_pretrained(out / name, dtype=torch.float32).to(device)
         # The row goes to quality.json as soon as training ends, and grows measure by measure.
-        row = {
-            "recipe": name,
-            "mixers": sorted(set(model.config.mixer_names())),
-            "mixer_counts": dict(Counter(model.config.mixer_names())),
-            "attention_layers": [i for i, m in enumerate(model.config.mixer_names()) if m == "attention"],
-            "teacher": teacher_scores,
-            "teacher_via": "original",
-            "student": {},
-            "converted_ppl_persuasion": result.converted.perplexity,
-            "window_shares": window_shares(model),  # hedgehog_swa's learned balance, per layer (retrieval depends on it)
-            "stages": result.stages,
-            "pipeline_seconds": time.time() - started,  # `linearize run`: conversion, stages and its own perplexity
-        }
+        row = training_row(name, result, model, teacher_scores, time.time() - started)
         summary.append(row)
         save()
         # Against the original teacher, not the student's teacher_mode: LoRA KD merges into the teacher's projections.
