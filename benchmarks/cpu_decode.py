@@ -1,10 +1,12 @@
 """CPU decode speed and memory at 512, 2K and 8K tokens of context: SmolLM2-135M-Instruct (the teacher) against
-its pure-linear Hedgehog conversion, in one process with one copy of the weights.
+the students of shipped recipes (`--recipes`, default lolcats_linear's pure-linear Hedgehog), each converted as
+its recipe converts (an `auto:N` selection, which needs training, is replaced by keeping every (1/N)-th layer:
+the same number of softmax layers, which is what speed depends on), one student at a time.
 
 The teacher is the converted model under teacher_mode: softmax attention on the same weights, with a key/value
-cache in every layer, as the original model has. The student keeps a fixed-size recurrent state per layer.
-Both prefill the same random tokens and then decode one token per step from their own cache. The Hedgehog
-feature maps start at identity (undistilled), which changes nothing about speed or memory.
+cache in every layer, as the original model has. The students keep fixed-size states (and the kept layers'
+KV). Both prefill the same random tokens and then decode one token per step from their own cache. The new
+parameters start untrained, which changes nothing about speed or memory.
 
 Run on an otherwise idle machine (decode is timed over 64 steps, which other work on the same cores easily
 disturbs; --repeats 3 keeps the least disturbed of three runs). About 4 minutes per repeat on 2 idle cores, and
@@ -18,6 +20,7 @@ CPU are resident-memory peaks above the memory held before the prefill (see line
 they are approximate; the cache sizes are exact. Validate the script quickly with small sizes:
 
     python benchmarks/cpu_decode.py --lengths 128,256 --decode-tokens 8 --out /tmp/cpu_decode_small.json
+    python benchmarks/cpu_decode.py --lengths 2048 --recipes lolcats,lolcats_linear,liger,mamba_in_llama,hybrid_gdn,hybrid_qwen3_5
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from pathlib import Path
 
 import linearize
 from linearize.evaluate.speed import benchmark
+from linearize.config import load_recipe
 from linearize.loaders import load_teacher
 
 MIB = 2**20
@@ -38,41 +42,55 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=64, help="tokens decoded one per step after the prefill")
     parser.add_argument("--repeats", type=int, default=1, help="runs per length; the fastest is kept")
     parser.add_argument("--out", type=Path, default=Path("runs/cpu_decode.json"), help="results file for `linearize report`")
+    parser.add_argument("--recipes", default="lolcats_linear", help="shipped recipes whose students are measured, comma-separated")
     args = parser.parse_args()
 
-    teacher, _ = load_teacher("smollm2-135m")
-    student = linearize.convert(teacher, "hedgehog", source="smollm2-135m")
-    results = benchmark(
-        student,
-        lengths=[int(n) for n in args.lengths.split(",")],
-        decode_tokens=args.decode_tokens,
-        repeats=args.repeats,
-        device="cpu",
-        name="smollm2-135m-hedgehog",
-    )
-    results.save(args.out)
+    results = None
+    for recipe in args.recipes.split(","):
+        teacher, _ = load_teacher("smollm2-135m")
+        name = f"smollm2-135m-{recipe}"
+        measured = benchmark(
+            recipe_student(teacher, recipe),
+            lengths=[int(n) for n in args.lengths.split(",")],
+            decode_tokens=args.decode_tokens,
+            repeats=args.repeats,
+            device="cpu",
+            name=name,
+        )
+        if results is None:
+            results = measured
+        else:
+            results.extend(measured)
+        results.save(args.out)
+        table(measured, name)
+    print(f"wrote {args.out}")
 
+
+def recipe_student(teacher, recipe: str):
+    """`teacher` converted as `recipe` converts it, an `auto:N` selection replaced by every (1/N)-th layer."""
+    convert = load_recipe(recipe).convert
+    keep = convert.keep_attention
+    if isinstance(keep, str) and keep.startswith("auto:"):
+        share = float(keep.removeprefix("auto:"))
+        keep = f"every:{round(1 / share)}" if share < 1 else f"every:{round(teacher.config.num_hidden_layers / share)}"
+    return linearize.convert(teacher, convert.mixer, keep_attention=keep, hybrid=convert.hybrid, mixer_options=convert.mixer_options,
+                             keep_as=convert.keep_as, source="smollm2-135m", **convert.options)
+
+
+def table(results, name: str) -> None:
     rows = {(r["model"], r["context"]): r for r in results.of("speed")}
     lengths = sorted({context for _, context in rows})
-    teacher_name = "teacher of smollm2-135m-hedgehog"
-    print(f"{'context':>8} {'teacher tok/s':>14} {'student tok/s':>14} {'speed s/t':>10} "
+    teacher_name = f"teacher of {name}"
+    print(f"{name}\n{'context':>8} {'teacher tok/s':>14} {'student tok/s':>14} {'speed s/t':>10} "
           f"{'teacher peak':>13} {'student peak':>13} {'teacher cache':>14} {'student cache':>14}")
     for context in lengths:
-        t, s = rows[(teacher_name, context)], rows[("smollm2-135m-hedgehog", context)]
+        t, s = rows[(teacher_name, context)], rows[(name, context)]
         print(
             f"{context:>8} {t['decode_tokens_per_s']:>14.1f} {s['decode_tokens_per_s']:>14.1f} "
             f"{s['decode_tokens_per_s'] / t['decode_tokens_per_s']:>10.2f} "
             f"{t['decode_peak_bytes'] / MIB:>10.1f} MiB {s['decode_peak_bytes'] / MIB:>10.1f} MiB "
             f"{t['cache_bytes'] / MIB:>10.1f} MiB {s['cache_bytes'] / MIB:>10.1f} MiB"
         )
-    first, last = lengths[0], lengths[-1]
-    for name in (teacher_name, "smollm2-135m-hedgehog"):
-        a, b = rows[(name, first)], rows[(name, last)]
-        print(
-            f"{name}: from {first} to {last} tokens, decode speed x{b['decode_tokens_per_s'] / a['decode_tokens_per_s']:.2f}, "
-            f"decode peak memory x{b['decode_peak_bytes'] / max(a['decode_peak_bytes'], 1):.2f}, cache x{b['cache_bytes'] / a['cache_bytes']:.2f}"
-        )
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
