@@ -59,7 +59,7 @@ def convert(
     out: Annotated[Path, typer.Option("--out", help="Folder to write the converted model to")],
     mixer: Annotated[str, typer.Option(help="Mixer for converted layers (see `linearize mixers`)")] = "hedgehog_swa",
     keep_attention: Annotated[str, typer.Option(help="Layers that keep softmax attention: 0,7 or every:4, first:2, spread:0.25")] = "",
-    keep_as: Annotated[str, typer.Option(help="Mixer of the kept softmax layers: attention (the teacher's) or qwen3_5_attention (exports)")] = "attention",
+    keep_as: Annotated[str, typer.Option(help="Mixer of the kept softmax layers: attention (the teacher's; exports to bamba) or qwen3_5_attention (exports to qwen3_5)")] = "attention",
     layers: Annotated[str | None, typer.Option(help="Convert only these layers (same syntax); the rest keep attention")] = None,
     hybrid: Annotated[list[str] | None, typer.Option(help="Other mixers on some layers: mixer=layers (repeatable)")] = None,
     option: Annotated[list[str] | None, typer.Option(help="Mixer option key=value (repeatable)")] = None,
@@ -244,7 +244,7 @@ def _print_stages(stages: list[StageReport], selection: dict | None) -> None:
 def export(
     folder: Annotated[Path, typer.Argument(help="A converted model folder (from `linearize run`, `distill` or `convert`)")],
     out: Annotated[Path, typer.Option("--out", help="Folder to write the native model to")],
-    to: Annotated[str, typer.Option("--to", help="Native architecture to export to: qwen3_5")] = "qwen3_5",
+    to: Annotated[str, typer.Option("--to", help="Native architecture to export to: qwen3_5 or bamba")] = "qwen3_5",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder")] = False,
 ):
     """Write a converted model as a native transformers architecture that loads without remote code and that

@@ -1,5 +1,5 @@
 """Export a converted model to an architecture transformers ships natively, so that serving engines run it and
-no remote code is needed: `linearize export DIR --to qwen3_5 --out OUT`.
+no remote code is needed: `linearize export DIR --to qwen3_5 --out OUT` (or `--to bamba`).
 
 A target is a native hybrid architecture and the mixers whose layers are exactly its layers. Export maps the
 student's weights onto the target's, builds the native model, checks on a short random input that its logits are
@@ -12,6 +12,11 @@ Targets:
   a kept teacher `attention` layer exports too where the teacher has per-head q/k norms (Qwen3). The teacher must
   be a Llama-shaped decoder (llama, mistral without sliding windows, qwen3): pre-norm RMSNorm blocks, a SwiGLU MLP,
   projections without bias.
+- `bamba` (`BambaForCausalLM`, transformers >= 5.23): layers `bamba_mamba2` become its Mamba-2 layers (one group per
+  head, d_state = head_dim), and the teacher's kept `attention` layers its attention layers, which are a Llama
+  layer's (q/k/v/o without norms or gate, RoPE over the whole head). The teacher must be llama or mistral (without
+  sliding windows), with head_dim * heads = hidden_size. Before 5.23, transformers' bamba normalises the Mamba-2
+  output over all heads at once instead of per group, so older versions compute another function.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from torch import nn
 
 from .hf.attention import attention_slot, decoder_layers
@@ -35,7 +41,8 @@ from .outputs import atomic_folder
 # The largest relative logit difference export accepts in float32. Both models compute the same function in
 # different orders (and qwen3_5 computes its norms and RoPE in float32 even for float64 weights): on SmolLM2-135M
 # (30 layers) the two differ by 1e-5 to 4e-5, as much as the student differs from itself between a padded and an
-# unpadded batch (3.6e-5); on the tiny test models, by under 1e-6.
+# unpadded batch (3.6e-5); on the tiny test models, by under 1e-6. For bamba (SmolLM2-135M converted, every fourth
+# layer kept): 4e-6, and 9e-6 on a left-padded batch.
 FLOAT32_TOLERANCE = 1e-4
 
 # Files of a converted folder that describe how it was made and travel with the export.
@@ -44,13 +51,20 @@ CARRIED = ("recipe.yaml", "results.json", "generation_config.json")
 
 @dataclass(frozen=True)
 class Target:
-    """A native architecture a student can become: its name, the transformers class, and the mixers it holds."""
+    """A native architecture a student can become: its name, the transformers class, the mixers it holds, and what a
+    student needs to become it."""
 
     name: str
     architecture: str
-    mixers: tuple[str, ...]
+    mixers: tuple[str, ...]  # the mixers whose layers are its layers, for a teacher of any of `families`
     families: tuple[str, ...]
     engines: tuple[tuple[str, str, str], ...]  # (engine, which versions serve it and how that is known, command line)
+    recurrent: str  # the mixer of its recurrent layers; transformers cannot generate from those alone
+    recurrent_label: str
+    keep: str  # how a student keeps a softmax layer it can hold
+    recipe: str  # the shipped recipe whose students it holds
+    own_attention: tuple[str, ...] = ()  # families whose kept `attention` layers it holds too
+    min_transformers: tuple[int, int] = (5, 17)  # the oldest transformers whose class computes the student's function
 
 
 QWEN3_5 = Target(
@@ -63,8 +77,26 @@ QWEN3_5 = Target(
         ("vLLM", ">= 0.17.0 (Qwen3.5 support per its release notes; not tested by linearize)", "vllm serve PATH"),
         ("SGLang", "a release with Qwen3.5 support (not tested by linearize)", "python -m sglang.launch_server --model-path PATH"),
     ),
+    recurrent="qwen3_5_gdn",
+    recurrent_label="Gated DeltaNet",
+    keep="qwen3_5_attention (convert.keep_attention with keep_as)",
+    recipe="hybrid_qwen3_5",
+    own_attention=("qwen3",),
 )
-TARGETS = {QWEN3_5.name: QWEN3_5}
+BAMBA = Target(
+    name="bamba",
+    architecture="BambaForCausalLM",
+    mixers=("bamba_mamba2", ATTENTION),
+    families=("llama", "mistral"),
+    engines=(("transformers", ">= 5.23 (tested by linearize's suite on 5.24)", "AutoModelForCausalLM.from_pretrained(PATH)"),),
+    recurrent="bamba_mamba2",
+    recurrent_label="Mamba-2",
+    keep="the teacher's attention (convert.keep_attention)",
+    recipe="hybrid_bamba",
+    min_transformers=(5, 23),
+)
+TARGETS = {target.name: target for target in (QWEN3_5, BAMBA)}
+INSTALLED_TRANSFORMERS = tuple(int(part) for part in transformers.__version__.split(".")[:2])
 
 
 EXPORT_FILE = "export.json"
@@ -129,22 +161,19 @@ def check_exportable(model: nn.Module, target: Target) -> None:
         raise LinearizeError(f"{target.name} has no sliding-window attention; this mistral teacher slides over {text.sliding_window} tokens")
     if any(name.endswith("lora_A") or "base_layer" in name for name, _ in model.named_modules()):
         raise LinearizeError("the model still holds LoRA adapters; merge them first (model.merge_and_unload()) or export the saved folder")
-    per_head_norms = family == "qwen3"
     wrong = {}
     for index, entry in enumerate(model.config.plan):
-        fits = entry.mixer in target.mixers or (entry.mixer == ATTENTION and per_head_norms)
+        fits = entry.mixer in target.mixers or (entry.mixer == ATTENTION and family in target.own_attention)
         if not fits:
             wrong.setdefault(entry.mixer, []).append(index)
-    if all(entry.mixer == "qwen3_5_gdn" for entry in model.config.plan):
+    if all(entry.mixer == target.recurrent for entry in model.config.plan):
         raise LinearizeError(
-            f"{target.name} in transformers cannot generate when every layer is Gated DeltaNet (its cache needs an attention "
-            "layer to count tokens); keep at least one layer as qwen3_5_attention (convert.keep_attention with keep_as)"
+            f"{target.name} in transformers cannot generate when every layer is {target.recurrent_label} (its cache needs an "
+            f"attention layer to count tokens); keep at least one layer as {target.keep}"
         )
     if wrong:
         listed = "; ".join(f"layers {', '.join(map(str, layers))} ({mixer})" for mixer, layers in wrong.items())
-        raise LinearizeError(
-            f"{target.name} cannot express {listed}; convert with mixers {' and '.join(target.mixers)} (the recipe hybrid_qwen3_5)"
-        )
+        raise LinearizeError(f"{target.name} cannot express {listed}; convert with mixers {' and '.join(target.mixers)} (the recipe {target.recipe})")
     for name in ("conv_size", "eps"):
         values = {entry.options[name] for entry in model.config.plan if name in entry.options}
         if name == "eps":
@@ -165,6 +194,13 @@ def _zero_centred(weight: torch.Tensor) -> torch.Tensor:
     return weight - 1.0
 
 
+def _rope_parameters(text) -> dict:
+    """The teacher's RoPE as a native config's `rope_parameters`, rotating the whole head as the teacher does."""
+    rope = dict(getattr(text, "rope_parameters", None) or {"rope_type": "default", "rope_theta": getattr(text, "rope_theta", 10000.0)})
+    rope.setdefault("partial_rotary_factor", 1.0)
+    return rope
+
+
 def qwen3_5_config(model: nn.Module) -> Any:
     """The `Qwen3_5TextConfig` of the exported model: the teacher's sizes, one layer type per plan entry."""
     from transformers import Qwen3_5TextConfig
@@ -172,8 +208,6 @@ def qwen3_5_config(model: nn.Module) -> Any:
     text = model.config.text_config
     spec = mixers_in(model)[0].spec  # the teacher's attention as linearize read it (a plan converts some layer)
     heads, kv_heads, head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
-    rope = dict(getattr(text, "rope_parameters", None) or {"rope_type": "default", "rope_theta": getattr(text, "rope_theta", 10000.0)})
-    rope.setdefault("partial_rotary_factor", 1.0)
     conv = next((entry.options["conv_size"] for entry in model.config.plan if "conv_size" in entry.options), 4)
     return Qwen3_5TextConfig(
         vocab_size=text.vocab_size,
@@ -187,7 +221,7 @@ def qwen3_5_config(model: nn.Module) -> Any:
         max_position_embeddings=text.max_position_embeddings,
         rms_norm_eps=text.rms_norm_eps,
         tie_word_embeddings=bool(getattr(text, "tie_word_embeddings", False)),
-        rope_parameters=rope,
+        rope_parameters=_rope_parameters(text),
         attention_bias=False,
         linear_conv_kernel_dim=conv,
         linear_key_head_dim=head_dim,
@@ -268,7 +302,91 @@ def _gated_attention(module: nn.Module, text) -> dict[str, torch.Tensor]:
     }
 
 
-BUILDERS = {QWEN3_5.name: (qwen3_5_config, qwen3_5_state_dict)}
+def bamba_config(model: nn.Module) -> Any:
+    """The `BambaConfig` of the exported model: the teacher's sizes, RoPE over the whole head (bamba's default rotates
+    half), Mamba-2 layers of one group per head with d_state = head_dim, attention at the kept layers. The step limit
+    stays (0, inf): bamba clamps dt to it in a prefill but not when decoding, and only that limit clamps nothing."""
+    from transformers import BambaConfig
+
+    text = model.config.text_config
+    spec = mixers_in(model)[0].spec
+    heads, head_dim = spec.num_heads, spec.head_dim
+    if heads * head_dim != text.hidden_size:
+        raise LinearizeError(
+            f"bamba's attention heads are hidden_size / heads wide; this {text.model_type} teacher has {heads} heads of "
+            f"{head_dim} for a hidden size of {text.hidden_size}, which bamba cannot express"
+        )
+    conv = next((entry.options["conv_size"] for entry in model.config.plan if "conv_size" in entry.options), 4)
+    return BambaConfig(
+        vocab_size=text.vocab_size,
+        hidden_size=text.hidden_size,
+        intermediate_size=text.intermediate_size,
+        num_hidden_layers=text.num_hidden_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=spec.num_kv_heads,
+        hidden_act=text.hidden_act,
+        max_position_embeddings=text.max_position_embeddings,
+        rms_norm_eps=text.rms_norm_eps,
+        tie_word_embeddings=bool(getattr(text, "tie_word_embeddings", False)),
+        rope_parameters=_rope_parameters(text),
+        attn_layer_indices=[index for index, entry in enumerate(model.config.plan) if entry.mixer == ATTENTION],
+        mamba_n_heads=heads,
+        mamba_d_head=head_dim,
+        mamba_n_groups=heads,
+        mamba_d_state=head_dim,
+        mamba_d_conv=conv,
+        mamba_expand=1,
+        mamba_conv_bias=True,
+        mamba_proj_bias=False,
+        time_step_limit=(0.0, float("inf")),
+        pad_token_id=text.pad_token_id,
+        bos_token_id=text.bos_token_id,
+        eos_token_id=text.eos_token_id,
+        dtype=next(model.parameters()).dtype,
+    )
+
+
+def bamba_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The student's weights under the names and layouts of `BambaForCausalLM` (see the module docstring)."""
+    text = model.config.text_config
+    inner = model.model
+    out = {
+        "model.embed_tokens.weight": inner.get_input_embeddings().weight,
+        "model.final_layernorm.weight": inner.model.norm.weight,
+        "lm_head.weight": inner.get_output_embeddings().weight,
+    }
+    for index, block in enumerate(decoder_layers(inner, text.num_hidden_layers)):
+        prefix = f"model.layers.{index}."
+        out[prefix + "input_layernorm.weight"] = block.input_layernorm.weight
+        out[prefix + "pre_ff_layernorm.weight"] = block.post_attention_layernorm.weight
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            out[f"{prefix}feed_forward.{name}.weight"] = getattr(block.mlp, name).weight
+        module = getattr(block, attention_slot(block))
+        if getattr(module, "name", None) == "bamba_mamba2":
+            out.update({prefix + "mamba." + k: v for k, v in _mamba2(module).items()})
+        else:
+            out.update({f"{prefix}self_attn.{name}.weight": getattr(module, name).weight for name in ("q_proj", "k_proj", "v_proj", "o_proj")})
+    return {name: tensor.detach().contiguous() for name, tensor in out.items()}
+
+
+def _mamba2(mixer: nn.Module) -> dict[str, torch.Tensor]:
+    """A `bamba_mamba2` mixer as bamba's Mamba-2 layer: in_proj stacks the gate z, x (v), B (k), C (q) and dt rows."""
+    spec, attn = mixer.spec, mixer.attn
+    hkv, groups = spec.num_kv_heads, spec.groups
+    x, b = _repeat_heads(attn.v_proj.weight, hkv, groups), _repeat_heads(attn.k_proj.weight, hkv, groups)
+    return {
+        "in_proj.weight": torch.cat((mixer.z_proj.weight, x, b, attn.q_proj.weight, mixer.dt_proj.weight)),
+        "conv1d.weight": mixer.conv_weight[:, None, :],
+        "conv1d.bias": mixer.conv_bias,
+        "dt_bias": mixer.dt_bias,
+        "A_log": mixer.A_log,
+        "D": mixer.D,
+        "norm.weight": mixer.norm_weight.reshape(-1),
+        "out_proj.weight": attn.o_proj.weight,
+    }
+
+
+BUILDERS = {QWEN3_5.name: (qwen3_5_config, qwen3_5_state_dict), BAMBA.name: (bamba_config, bamba_state_dict)}
 
 
 def build_native(model: nn.Module, to: str = "qwen3_5") -> nn.Module:
@@ -279,6 +397,12 @@ def build_native(model: nn.Module, to: str = "qwen3_5") -> nn.Module:
     check_exportable(model, target)
     make_config, make_weights = BUILDERS[target.name]
     config = make_config(model)
+    # The student fits the target; older transformers build the target's class but compute another function.
+    if INSTALLED_TRANSFORMERS < target.min_transformers:
+        raise LinearizeError(
+            f"{target.name} export needs transformers >= {'.'.join(map(str, target.min_transformers))}, whose {target.architecture} "
+            f"computes what the student does; this is transformers {transformers.__version__}: pip install -U transformers"
+        )
     parameter = next(model.parameters())
     native = AutoModelForCausalLM.from_config(config, dtype=parameter.dtype).to(parameter.device)
     native.load_state_dict(make_weights(model), strict=True)

@@ -22,6 +22,7 @@ pytestmark = pytest.mark.core
 # A case named MIXER+VARIANT runs MIXER with other options.
 MIXER_CASES = {
     "attention": ({}, ()),
+    "bamba_mamba2": ({"conv_size": 3}, [1]),
     "gated_deltanet": ({"conv_size": 3}, ()),
     "gated_deltanet+window": ({"conv_size": 3, "window": 4}, ()),
     "hedgehog": ({"feature_dim": 8}, ()),
