@@ -5,10 +5,17 @@ The chunked form never holds batch x sequence x vocabulary: it computes each chu
 chunk's losses and the chunk's gradient with respect to the student's hidden states (and the head's weights when
 they train) in the forward pass, and keeps only those gradients, of the hidden states' size, for the backward
 pass. It equals the logit form (tests/test_kd.py checks values and gradients).
+
+The teacher may also come sparse (`TeacherTopK`, what linearize.distillation.teacher_logits caches): its k most
+likely tokens and one bucket for all the others. The KL is then over those k + 1 outcomes, the student's bucket
+being its probability of every token outside the teacher's k, so it is exact for the teacher's distribution as
+kept, and equals the full KL when k is the vocabulary (tests/test_teacher_logits.py). It goes through the same
+chunked pass, from hidden states with a head, else from the student's logits `LOGIT_CHUNK` tokens at a time.
 """
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -28,14 +35,40 @@ class KDHead:
     ce_grad: bool = True
 
 
-def kd_losses(student: torch.Tensor, teacher: torch.Tensor, ids: torch.Tensor, temperature: float, head: KDHead | None = None):
+LOGIT_CHUNK = 1024  # tokens at a time of the sparse KL from logits (without a head)
+
+
+@dataclass
+class TeacherTopK:
+    """The teacher's next-token distributions at the losses' temperature, sparse: the log-probabilities of each
+    position's k most likely tokens (`log_probs`, their ids `indices`: (..., k)) and the log of the probability of
+    all the other tokens together (`log_rest`: (...)). Any floating and integer dtypes; the losses renormalise the
+    k + 1 outcomes, so rounding in storage leaves a distribution."""
+
+    log_probs: torch.Tensor
+    indices: torch.Tensor
+    log_rest: torch.Tensor
+
+    def rows(self) -> TeacherTopK:
+        """The same, one row per position: (positions, k) and (positions,)."""
+        k = self.log_probs.shape[-1]
+        return TeacherTopK(self.log_probs.reshape(-1, k), self.indices.reshape(-1, k), self.log_rest.reshape(-1))
+
+    def __getitem__(self, key) -> TeacherTopK:
+        return TeacherTopK(self.log_probs[key], self.indices[key], self.log_rest[key])
+
+
+def kd_losses(student: torch.Tensor, teacher: torch.Tensor | TeacherTopK, ids: torch.Tensor, temperature: float, head: KDHead | None = None):
     """(KL(teacher || student) per token at `temperature`, times temperature squared; next-token cross-entropy).
 
     `student` and `teacher` are logits (batch, sequence, vocabulary), or, with `head`, the hidden states the head
-    turns into logits (batch, sequence, hidden).
+    turns into logits (batch, sequence, hidden); `teacher` may instead be a `TeacherTopK` of the teacher's
+    distributions, for the sparse KL.
     """
     if head is not None:
         return _ChunkedKD.apply(student, teacher, head.weight, head.bias, ids, temperature, head.chunk, head.ce_grad)
+    if isinstance(teacher, TeacherTopK):
+        return _ChunkedKD.apply(student, teacher, None, None, ids, temperature, LOGIT_CHUNK, True)
     logits = student.to(_accumulate(student.dtype))
     log_student = F.log_softmax(logits / temperature, dim=-1)
     log_teacher = F.log_softmax(teacher.to(logits.dtype) / temperature, dim=-1)
@@ -54,13 +87,42 @@ def _targets(ids: torch.Tensor) -> torch.Tensor:
     return torch.cat((ids[:, 1:], torch.full_like(ids[:, :1], -1)), dim=1).flatten()
 
 
+def _logits(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+    """Hidden states through the head; without a head `x` already holds logits."""
+    return x if weight is None else F.linear(x, weight, bias)
+
+
+def _dense_kl(log_teacher: torch.Tensor, log_student: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(KL(teacher || student) summed over the rows, the teacher's probabilities)."""
+    teacher_p = log_teacher.exp()
+    return (teacher_p * (log_teacher - log_student)).sum(), teacher_p
+
+
+def _sparse_kl(top: TeacherTopK, log_student: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(KL over the teacher's top k and its rest bucket, summed over the rows; the probabilities the gradient pulls
+    the student towards): d KL / d(logits / T) = softmax(student) - target, where target is the teacher's
+    probability at each of its top-k tokens and, at every other token, the rest's probability shared in
+    proportion to the student's own there (the student's rest is one outcome of the KL)."""
+    log_q = F.log_softmax(torch.cat((top.log_probs, top.log_rest[:, None]), dim=-1).to(log_student.dtype), dim=-1)
+    q, indices = log_q.exp(), top.indices.long()
+    log_s_rest = log_student.scatter(1, indices, -math.inf).logsumexp(-1)
+    log_s = torch.cat((log_student.gather(1, indices), log_s_rest[:, None]), dim=-1)
+    kl = torch.where(q > 0, q * (log_q - log_s), 0).sum()
+    # A rest of probability 0 (k the whole vocabulary) shares nothing; its -inf - -inf must not become NaN.
+    share = torch.where(q[:, -1] > 0, log_q[:, -1] - log_s_rest, -math.inf)
+    target = (log_student + share[:, None]).exp().scatter(1, indices, q[:, :-1])
+    return kl, target
+
+
 class _ChunkedKD(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, teacher_hidden, weight, bias, ids, temperature, chunk, ce_grad):
+    def forward(ctx, hidden, teacher, weight, bias, ids, temperature, chunk, ce_grad):
         rows, width = hidden.shape[0] * hidden.shape[1], hidden.shape[-1]
-        h, ht, targets = hidden.reshape(rows, width), teacher_hidden.reshape(rows, width), _targets(ids)
+        h, targets = hidden.reshape(rows, width), _targets(ids)
+        sparse = isinstance(teacher, TeacherTopK)
+        teacher = teacher.rows() if sparse else teacher.reshape(rows, width)
         scored = int((targets >= 0).sum())
-        train_head = weight.requires_grad
+        train_head = weight is not None and weight.requires_grad
         grads = {"kl": torch.zeros_like(h), "ce": torch.zeros_like(h) if ce_grad else None}
         head_grads = {name: torch.zeros_like(weight) if train_head and g is not None else None for name, g in grads.items()}
         bias_grads = {name: torch.zeros_like(bias) if bias is not None and bias.requires_grad and g is not None else None for name, g in grads.items()}
@@ -69,12 +131,14 @@ class _ChunkedKD(torch.autograd.Function):
         ce_sum = torch.zeros((), dtype=acc, device=h.device)
         for start in range(0, rows, chunk):
             part = slice(start, start + chunk)
-            logits = F.linear(h[part], weight, bias).to(acc)
+            logits = _logits(h[part], weight, bias).to(acc)
             log_student = F.log_softmax(logits / temperature, dim=-1)
-            log_teacher = F.log_softmax(F.linear(ht[part], weight, bias).to(acc) / temperature, dim=-1)
-            teacher_p = log_teacher.exp()
-            kl_sum += (teacher_p * (log_teacher - log_student)).sum()
-            # d(mean KL x T^2)/d logits = T (softmax(s/T) - softmax(t/T)) / rows
+            if sparse:
+                kl_part, teacher_p = _sparse_kl(teacher[part], log_student)
+            else:
+                kl_part, teacher_p = _dense_kl(F.log_softmax(_logits(teacher[part], weight, bias).to(acc) / temperature, dim=-1), log_student)
+            kl_sum += kl_part
+            # d(mean KL x T^2)/d logits = T (softmax(s/T) - teacher_p) / rows
             d_kl = (log_student.exp() - teacher_p) * (temperature / rows)
             log_p = log_student if temperature == 1 else F.log_softmax(logits, dim=-1)
             target = targets[part]
@@ -89,8 +153,8 @@ class _ChunkedKD(torch.autograd.Function):
             for name, d in (("kl", d_kl), ("ce", d_ce)):
                 if d is None:
                     continue
-                d = d.to(weight.dtype)
-                grads[name][part] = d @ weight
+                d = d.to(h.dtype if weight is None else weight.dtype)
+                grads[name][part] = d if weight is None else d @ weight
                 if head_grads[name] is not None:
                     head_grads[name] += d.t() @ h[part]
                 if bias_grads[name] is not None:

@@ -5,12 +5,16 @@ it computes exactly the original softmax model, so one copy of the weights serve
 KL(teacher || student) of the next-token distributions at a temperature (times temperature squared, so the
 gradient scale does not depend on it), plus an optional cross-entropy on the text itself. At the end the
 adapters are merged into the projections, and the model saves and reloads without peft.
+
+With `teacher_top_k` the teacher runs once per training window: its top-k distributions are cached on disk and
+read back when the window comes again (see linearize.distillation.teacher_logits), and the KL is the sparse one.
 """
 
 from __future__ import annotations
 
 import warnings
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -25,6 +29,7 @@ from ..fsdp import is_fsdp
 from ..kd import KDHead, chunkable_head, hidden_states_out, kd_losses
 from ..loop import TrainConfig, train
 from ..session import Session
+from ..teacher_logits import TeacherLogitCache, cached_teacher_logits, top_k
 
 
 @dataclass
@@ -42,6 +47,10 @@ class LoraKDConfig(TrainConfig):
         batch x sequence x vocabulary logits are ever held (see linearize.distillation.kd); 0 computes them from
         full logits. Families whose logits are more than `head(hidden states)` (soft-capping, scaling) and FSDP
         runs always use full logits.
+    teacher_top_k: 0 runs the teacher at every step. K > 0 runs it once per training window and caches its K most
+        likely tokens and the mass of the rest (K x 4 + 4 bytes a token, K x 6 + 4 past 65,536 tokens of
+        vocabulary, in the stage's checkpoint folder); later epochs read them back, and the KL is over those K
+        tokens and one bucket for the rest (exact for the teacher's distribution as kept). Not under FSDP.
     """
 
     flops_per_parameter: ClassVar[int] = 6  # the teacher's forward, the student's forward and its backward
@@ -59,6 +68,7 @@ class LoraKDConfig(TrainConfig):
     train_new_parameters: bool = False
     merge: bool = True
     kl_chunk: int = 256
+    teacher_top_k: int = 0
 
     def __post_init__(self):
         super().__post_init__()
@@ -68,6 +78,8 @@ class LoraKDConfig(TrainConfig):
             raise LinearizeError("lora_kd: kl_weight and ce_weight must not be negative, and not both zero")
         if self.kl_chunk < 0:
             raise LinearizeError(f"lora_kd: kl_chunk must be 0 (full logits) or a number of tokens, got {self.kl_chunk}")
+        if self.teacher_top_k < 0:
+            raise LinearizeError(f"lora_kd: teacher_top_k must be 0 (run the teacher every step) or a number of tokens to cache, e.g. 64; got {self.teacher_top_k}")
 
 
 def lora_targets(model: nn.Module, config: LoraKDConfig) -> list[str]:
@@ -108,6 +120,24 @@ def _chunked_head(model: nn.Module, data, config: LoraKDConfig, session: Session
     return KDHead(linear.weight, linear.bias, config.kl_chunk, ce_grad=config.ce_weight > 0)
 
 
+@contextmanager
+def _teacher_cache(model: nn.Module, config: LoraKDConfig, session: Session) -> Iterator[TeacherLogitCache | None]:
+    """The stage's cache of teacher logits (see linearize.distillation.teacher_logits), None without teacher_top_k."""
+    if not config.teacher_top_k:
+        yield None
+        return
+    where = f"stages[{session.stage_index}].teacher_top_k"
+    if is_fsdp(session.accelerator):
+        raise LinearizeError(f"{where} is not supported under FSDP (the teacher's forward is collective there); run under DDP (recipes/accelerate/ddp.yaml) or set it to 0")
+    vocab = model.get_base_model().get_output_embeddings().weight.shape[0]
+    if config.teacher_top_k > vocab:
+        raise LinearizeError(f"{where}={config.teacher_top_k} is more than the model's {vocab} tokens; use at most {vocab}, or 0 for full logits")
+    stage_dir = session.stage_dir(config.kind)
+    with cached_teacher_logits(stage_dir, config.teacher_top_k, config.temperature, vocab, session.accelerator.process_index) as cache:
+        session.say(f"stages[{session.stage_index}] (lora_kd): teacher top-{config.teacher_top_k} logits cached in {cache.folder} ({len(cache)} windows there)")
+        yield cache
+
+
 def run(model: nn.Module, data, config: LoraKDConfig, session: Session | None = None) -> nn.Module:
     """LoRA knowledge distillation on `data.train`; returns the model with the adapters merged (see `merge`).
 
@@ -131,25 +161,39 @@ def run(model: nn.Module, data, config: LoraKDConfig, session: Session | None = 
         params.update({name: p for name, p in peft_model.named_parameters() if id(p) in own})
 
     head = _chunked_head(peft_model, data, config, session)
+    # With a chunked head both passes stop at the hidden states the head reads (see linearize.distillation.kd).
+    outputs = (lambda: hidden_states_out(peft_model)) if head is not None else nullcontext
 
-    def step_loss(wrapped: nn.Module, batch: torch.Tensor):
-        # The teacher pass: adapters off, softmax attention on, no dropout; the same weights as the student. It runs
-        # through the prepared model: under FSDP only its forward gathers the weights, and it brings the autocast.
-        # With a chunked head both passes stop at the hidden states the head reads (see linearize.distillation.kd).
-        outputs = (lambda: hidden_states_out(peft_model)) if head is not None else nullcontext
+    def teacher_pass(model: nn.Module, windows: torch.Tensor) -> torch.Tensor:
+        # Adapters off, softmax attention on, no dropout: the same weights as the student.
         peft_model.eval()
         with torch.no_grad(), peft_model.disable_adapter(), teacher_mode(peft_model), outputs():
-            teacher_out = wrapped(input_ids=batch, use_cache=False).logits
+            return model(input_ids=windows, use_cache=False).logits
+
+    def step_loss(wrapped: nn.Module, batch: torch.Tensor):
+        metrics = {}
+        if cache is None:
+            # Through the prepared model: under FSDP only its forward gathers the weights. It brings the autocast.
+            teacher = teacher_pass(wrapped, batch)
+        else:
+            # The windows not cached yet differ between processes, so their teacher runs on the unwrapped model
+            # (which has the autocast too): a DDP forward broadcasts buffers, a collective every process must join.
+            teacher, cached = cache.get(batch, lambda windows: top_k(teacher_pass(peft_model, windows), config.teacher_top_k, config.temperature, head))
+            metrics["cached"] = torch.tensor(cached / batch.shape[0], device=batch.device)
         peft_model.train()
         with outputs():
             student_out = wrapped(input_ids=batch, use_cache=False).logits
-        kl, ce = kd_losses(student_out, teacher_out, batch, config.temperature, head)
+        kl, ce = kd_losses(student_out, teacher, batch, config.temperature, head)
         loss = config.kl_weight * kl + config.ce_weight * ce
-        return loss, {"kl": kl.detach(), "ce": ce.detach()}
+        return loss, {"kl": kl.detach(), "ce": ce.detach(), **metrics}
 
     where = f"stages[{session.stage_index}] (lora_kd)"
     session.say(f"{where}: rank-{config.rank} LoRA on {len(targets)} projections, {sum(p.numel() for p in params.values()):,} trainable parameters")
-    report = train(peft_model, data, config, session, params, step_loss)
+    with _teacher_cache(peft_model, config, session) as cache:
+        report = train(peft_model, data, config, session, params, step_loss)
+        if cache is not None:
+            cache.flush()
+            report["teacher_logits"] = {"top_k": config.teacher_top_k, "windows": len(cache), "bytes": cache.disk_bytes()}
     report["targets"] = len(targets)
     session.reports.append(report)
     if not config.merge:
