@@ -117,10 +117,13 @@ def assert_window_mix_matches(model, mixer, linear_reference, new: set[str], len
     assert (share - 0.5).abs().max() > 0.05, "the shares should differ from the start, or the per-head mix proves little"
 
 
-def assert_delta_forms_match(model, mixer, reference, new: set[str], length: int, with_initial: bool, padded: bool) -> None:
-    """A delta-rule mixer (state: "conv" and "recurrent") against `reference(mixer, hidden, mask, initial)` ->
-    (heads, final state): every form, outputs, final states and gradients (`new` parameters and the input), from a
-    fresh or a random initial state, with or without left pads."""
+def assert_conv_state_forms_match(
+    model, mixer, reference, new: set[str], length: int, with_initial: bool, padded: bool, recurrent: str = "recurrent"
+) -> None:
+    """A mixer whose state is a "conv" state and a (B, H, D, D) `recurrent` one (the delta rule's "recurrent", Mamba-2's
+    "ssm") against `reference(mixer, hidden, mask, initial)` -> (heads, final state): every form, outputs, final
+    states and gradients (`new` parameters and the input), from a fresh or a random initial state, with or without
+    left pads."""
     pad = min(5, length) if padded else 0
     hidden, position_embeddings, mask = layer_inputs(model, 2, length, pad, offset=7 if with_initial else 0)
     initial = None
@@ -130,7 +133,7 @@ def assert_delta_forms_match(model, mixer, reference, new: set[str], length: int
         h, d = mixer.spec.num_heads, mixer.spec.head_dim
         initial = {
             "conv": torch.randn(2, channels, kernel - 1, generator=generator, dtype=torch.float64),
-            "recurrent": torch.randn(2, h, d, d, generator=generator, dtype=torch.float64) * 0.3,
+            recurrent: torch.randn(2, h, d, d, generator=generator, dtype=torch.float64) * 0.3,
         }
     names, params = zip(*[(n, p) for n, p in mixer.named_parameters() if n in new])
     expected, expected_state = reference(mixer, hidden, mask, initial)
@@ -138,7 +141,7 @@ def assert_delta_forms_match(model, mixer, reference, new: set[str], length: int
     for form, (out, state) in forms(mixer, hidden, position_embeddings, mask, initial).items():
         assert_close(out, expected, f"{form} output")
         if state is not None:
-            for name in ("conv", "recurrent"):
+            for name in ("conv", recurrent):
                 assert_close(state[name], expected_state[name], f"{form} final {name} state")
         for name, grad, want in zip(("hidden", *names), gradients(out, [hidden, *params]), expected_grads):
             assert_close(grad, want, f"{form} gradient of {name}")

@@ -10,7 +10,7 @@ import linearize
 from linearize import LinearizeError
 from linearize.hf.cache import MixerState
 from linearize.hf.mixers import mixers_in
-from tests.mixer_steps import assert_close, converted_mixer, forms, gradients, layer_inputs
+from tests.mixer_steps import assert_conv_state_forms_match, converted_mixer, layer_inputs
 from tests.tiny import tiny_model
 
 NEW = {"conv_weight", "conv_bias", "z_proj.weight", "dt_proj.weight", "dt_bias", "A_log", "D", "norm_weight"}
@@ -73,27 +73,7 @@ def test_every_form_equals_the_reference(length, with_initial, padded):
     """Parallel, recurrent and chunked forms: outputs, final states and gradients (the input and every new
     parameter), from a fresh or a random state, with or without left pads."""
     model, mixer = randomised()
-    pad = min(5, length) if padded else 0
-    hidden, position_embeddings, mask = layer_inputs(model, 2, length, pad, offset=7 if with_initial else 0)
-    initial = None
-    if with_initial:
-        generator = torch.Generator().manual_seed(11)
-        channels, kernel = mixer.conv_weight.shape
-        h, d = mixer.spec.num_heads, mixer.spec.head_dim
-        initial = {
-            "conv": torch.randn(2, channels, kernel - 1, generator=generator, dtype=torch.float64),
-            "ssm": torch.randn(2, h, d, d, generator=generator, dtype=torch.float64) * 0.3,
-        }
-    names, params = zip(*[(n, p) for n, p in mixer.named_parameters() if n in NEW])
-    expected, expected_state = reference(mixer, hidden, mask, initial)
-    expected_grads = gradients(expected, [hidden, *params])
-    for form, (out, state) in forms(mixer, hidden, position_embeddings, mask, initial).items():
-        assert_close(out, expected, f"{form} output")
-        if state is not None:
-            for name in ("conv", "ssm"):
-                assert_close(state[name], expected_state[name], f"{form} final {name} state")
-        for name, grad, want in zip(("hidden", *names), gradients(out, [hidden, *params]), expected_grads):
-            assert_close(grad, want, f"{form} gradient of {name}")
+    assert_conv_state_forms_match(model, mixer, reference, NEW, length, with_initial, padded, recurrent="ssm")
 
 
 def test_names_and_start():

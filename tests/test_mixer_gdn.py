@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import linearize
 from linearize import LinearizeError
 from linearize.hf.cache import MixerState
-from tests.mixer_steps import assert_delta_forms_match, assert_window_mix_matches, converted_mixer, layer_inputs, parallel
+from tests.mixer_steps import assert_conv_state_forms_match, assert_window_mix_matches, converted_mixer, layer_inputs, parallel
 from tests.tiny import tiny_model
 
 NEW = {"conv_weight", "beta_proj.weight", "beta_proj.bias", "decay_proj.weight", "A_log", "dt_bias"}
@@ -67,7 +67,7 @@ CASES = [(length, initial, pad) for length in (1, 63, 130) for initial in (False
 @pytest.mark.parametrize("length,with_initial,padded", CASES, ids=[f"T{t}-{'init' if i else 'fresh'}-{'pad' if p else 'full'}" for t, i, p in CASES])
 def test_every_form_equals_the_reference(length, with_initial, padded):
     model, mixer = randomised()
-    assert_delta_forms_match(model, mixer, reference, NEW, length, with_initial, padded)
+    assert_conv_state_forms_match(model, mixer, reference, NEW, length, with_initial, padded)
 
 
 @pytest.mark.parametrize("length,padded", [(1, False), (63, True), (130, False), (130, True)])

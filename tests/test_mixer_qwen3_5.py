@@ -10,7 +10,7 @@ from linearize import LinearizeError
 from linearize.hf.attention import apply_rotary, repeat_heads
 from linearize.hf.cache import MixerState
 from linearize.hf.mixers import mixers_in
-from tests.mixer_steps import assert_close, assert_delta_forms_match, converted_mixer, forms, gradients, layer_inputs
+from tests.mixer_steps import assert_close, assert_conv_state_forms_match, converted_mixer, forms, gradients, layer_inputs
 from tests.tiny import tiny_model
 
 GDN_NEW = {"conv_weight", "b_proj.weight", "a_proj.weight", "z_proj.weight", "A_log", "dt_bias", "norm_weight"}
@@ -96,7 +96,7 @@ CASES = [(length, initial, pad) for length in (1, 63, 130) for initial in (False
 @pytest.mark.parametrize("length,with_initial,padded", CASES, ids=[f"T{t}-{'init' if i else 'fresh'}-{'pad' if p else 'full'}" for t, i, p in CASES])
 def test_gdn_every_form_equals_the_reference(length, with_initial, padded):
     model, mixer = randomised("qwen3_5_gdn")
-    assert_delta_forms_match(model, mixer, gdn_reference, GDN_NEW, length, with_initial, padded)
+    assert_conv_state_forms_match(model, mixer, gdn_reference, GDN_NEW, length, with_initial, padded)
 
 
 @pytest.mark.parametrize("length,padded", [(1, False), (63, True), (130, False), (130, True)])
