@@ -9,6 +9,10 @@ task austen_next_sentence, acc_norm). Stage times and tokens/s come from the run
 (every figure: a recipe's row as soon as it has trained, then after each measure) and, after every recipe,
 results.json (the `linearize eval` format) and report/ (`linearize report`). `--report-only` redraws the last
 two from an existing quality.json, and `--merge` draws them from chosen rows of several runs (one per recipe).
+`--ruler` adds RULER's multi-key needle, key-value retrieval and variable tracking beside passkey (3 depths x
+`--trials` prompts per length: 9 trials give 27 per length, a standard error under 0.1). `--resume` continues a
+call cut short by a time limit: finished rows stay, an interrupted recipe run continues from its checkpoints, and
+a trained but unscored student is scored.
 
     python benchmarks/gather_corpus.py --out corpus
     python benchmarks/quality.py --teacher smollm2-135m --corpus corpus --tokens 2000000,8000000 --batch-size 32 --compile \
@@ -33,13 +37,15 @@ from transformers import AutoModelForCausalLM
 
 import linearize
 from linearize.config import load_recipe
-from linearize.evaluate.longcontext import answer, answer_of, make_probe
+from linearize.distillation.resume import RUN_FILE
+from linearize.evaluate.longcontext import RULER_KINDS, answer, answer_of, make_probe
 from linearize.evaluate.perplexity import agreement, perplexity
 from linearize.evaluate.results import ModelEntry, Results
 from linearize.evaluate.scoring import evaluate
 from linearize.evaluate.suites import task_specs
 from linearize.pipeline import run
 from linearize.record import RunRecord
+from linearize.run import checkpoint_folder
 from linearize.report import write_report
 from linearize.textdata import read_text_source, token_windows
 from passkey_probe import window_shares  # benchmarks/, first on the path when run as a script
@@ -53,12 +59,13 @@ AGREEMENT_WINDOWS = 32  # of 512 tokens of Persuasion: 16,384 tokens
 
 
 @torch.no_grad()
-def passkey(model, tokenizer, length: int, trials: int) -> dict[str, float]:
-    """Exact-match accuracy per depth (keys are the depths as text, for JSON)."""
-    rng = random.Random(length)
+def retrieval(model, tokenizer, kind: str, length: int, trials: int) -> dict[str, float]:
+    """Exact-match accuracy of `kind` (passkey, or RULER's multikey, kv and vt) per depth (keys are the depths as text,
+    for JSON); the prompts depend only on the kind and length, so teacher and student answer the same ones."""
+    rng = random.Random(f"{kind}-{length}")
     by_depth = {}
     for depth in DEPTHS:
-        probes = [make_probe(tokenizer, "passkey", length, depth, rng) for _ in range(trials)]
+        probes = [make_probe(tokenizer, kind, length, depth, rng) for _ in range(trials)]
         by_depth[f"{depth:g}"] = sum(answer_of(answer(model, tokenizer, p)) == p.answer for p in probes) / len(probes)
     return by_depth
 
@@ -78,8 +85,8 @@ def tasks(model, tokenizer, suite: str, limit: int | None = None) -> dict:
 
 
 def score(
-    model, tokenizer, heldout: dict[str, torch.LongTensor], lengths: list[int], trials: int, suite: str | None, task_limit: int | None,
-    into: dict, save,
+    model, tokenizer, heldout: dict[str, torch.LongTensor], lengths: list[int], kinds: list[str], trials: int, suite: str | None,
+    task_limit: int | None, into: dict, save,
 ) -> None:
     """Score `model` into `into`, calling `save` after each measure, so a run stopped by a time limit keeps the
     figures it got."""
@@ -88,11 +95,12 @@ def score(
     for name, windows in heldout.items():
         into[f"ppl_{name}"] = perplexity(model, windows.to(model.device), batch_size=max(1, min(8, 8192 // windows.shape[1])))
     save()
-    for n in lengths:
-        by_depth = passkey(model, tokenizer, n, trials)
-        into[f"passkey_{n}"] = sum(by_depth.values()) / len(by_depth)
-        into[f"passkey_{n}_by_depth"] = by_depth
-        save()
+    for kind in kinds:
+        for n in lengths:
+            by_depth = retrieval(model, tokenizer, kind, n, trials)
+            into[f"{kind}_{n}"] = sum(by_depth.values()) / len(by_depth)
+            into[f"{kind}_{n}_by_depth"] = by_depth
+            save()
     if suite:
         into |= tasks(model, tokenizer, suite, task_limit)
         save()
@@ -141,9 +149,9 @@ def as_results(summary: list[dict], eval_tokens: int) -> Results:
                 text, context = text_and_context(key)
                 results.add(model, "perplexity", data=text, context=context, stride=context, value=value, tokens=eval_tokens)
             elif key.endswith("_by_depth"):
-                length = int(key.split("_")[1])
+                kind, length = key.split("_")[:2]
                 for depth, accuracy in value.items():
-                    results.add(model, "passkey", length=length, depth=float(depth), value=accuracy)
+                    results.add(model, kind, length=int(length), depth=float(depth), value=accuracy)
         for record in scores.get("tasks", []):
             results.add(model, "task", **record)
     for row in summary:
@@ -196,6 +204,16 @@ def overrides_for(recipe: str, overrides: list[str]) -> list[str]:
     return chosen
 
 
+def train_or_resume(recipe, folder: Path, resume: bool, log) -> RunRecord:
+    """`linearize run` of `recipe` into `folder`, from the start; with `resume`, a folder that holds a trained student
+    is read back instead (its run record), and one whose run was interrupted continues from its checkpoints."""
+    if resume and (folder / "config.json").is_file() and (record := RunRecord.read(folder)) is not None:
+        log(f"trained in an earlier run: {folder}")
+        return record
+    interrupted = resume and (checkpoint_folder(folder) / RUN_FILE).is_file()
+    return run(recipe, out=folder, overwrite=not interrupted, resume=interrupted, log=log)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", default="smollm2-135m")
@@ -205,7 +223,11 @@ def main():
     parser.add_argument("--batch-size", type=int, default=0, help="windows per step in every stage (0: the recipe's)")
     parser.add_argument("--compile", action="store_true", help="torch.compile every stage")
     parser.add_argument("--passkey-lengths", default="512,2048,8000")
-    parser.add_argument("--trials", type=int, default=2)
+    parser.add_argument("--trials", type=int, default=2, help="retrieval prompts per length and depth (3 depths)")
+    parser.add_argument("--ruler", action="store_true", help="RULER's multi-key needle, key-value retrieval and variable tracking "
+                        "beside passkey, at the same lengths")
+    parser.add_argument("--resume", action="store_true", help="keep --out's finished rows, continue an interrupted recipe run "
+                        "from its checkpoints, and score a trained student that was not scored")
     parser.add_argument("--eval-tokens", type=int, default=61440, help="held-out tokens scored (the first 60K of each text)")
     parser.add_argument("--suite", default="local", help="lm-eval suite scored on teacher and students (eval/suites.yaml), or none")
     parser.add_argument("--task-limit", type=int, default=0, help="questions per lm-eval task (0: all; a CPU smoke run wants a few)")
@@ -224,12 +246,14 @@ def main():
         return
     out.mkdir(parents=True, exist_ok=True)
     lengths = [int(n) for n in args.passkey_lengths.split(",")]
+    kinds = ["passkey", *RULER_KINDS] if args.ruler else ["passkey"]
     suite = None if args.suite == "none" else args.suite
     if suite:
         from linearize.evaluate.harness import run_tasks  # noqa: F401  (a missing lm-eval fails here, before any training)
 
         task_specs((), suite)  # an unknown suite too
-    summary = []
+    # --resume keeps the rows that were scored to the end (the teacher's figures with them) and redoes the rest.
+    summary = [row for row in json.loads((out / "quality.json").read_text()) if "seconds" in row] if args.resume and (out / "quality.json").is_file() else []
     device = "cuda" if torch.cuda.is_available() else "cpu"
     teacher_model, tokenizer = linearize.load_teacher(args.teacher, dtype=torch.float32)
     teacher_model = teacher_model.to(device).eval()
@@ -243,12 +267,16 @@ def main():
         for context in (512, 2048):
             heldout[name if context == 512 else f"{name}_{context}"] = token_windows(tokenizer, text, context, max_tokens=args.eval_tokens)
     budgets = [int(t) for t in args.tokens.split(",")]
-    teacher_scores: dict = {}  # every row shares it: the original teacher, scored once, in the first recipe's turn
+    # Every row shares it: the original teacher, scored once, in the first recipe's turn.
+    teacher_scores: dict = summary[0]["teacher"] if summary else {}
 
     def save() -> None:
         (out / "quality.json").write_text(json.dumps(summary, indent=1))
 
     for name in args.recipes.split(","):
+        if any(row["recipe"] == name for row in summary):
+            print(f"[{name}] scored in an earlier run of {out}: kept", flush=True)
+            continue
         # Each recipe's compiled layers would otherwise add to the same code objects' caches, and past torch's
         # recompile limit the later recipes would silently run eager.
         torch._dynamo.reset()
@@ -262,7 +290,7 @@ def main():
             if args.compile:
                 overrides.append(f"stages.{i}.compile=true")
         recipe = load_recipe(name, overrides + overrides_for(name, args.overrides))
-        result = run(recipe, out=out / name, overwrite=True, log=lambda m: print(f"[{name}] {m}", flush=True))
+        result = train_or_resume(recipe, out / name, args.resume, log=lambda m: print(f"[{name}] {m}", flush=True))
         model = AutoModelForCausalLM.from_pretrained(out / name, dtype=torch.float32).to(device)
         # The row goes to quality.json as soon as training ends, and grows measure by measure.
         row = training_row(name, result, model, teacher_scores, time.time() - started)
@@ -275,9 +303,9 @@ def main():
         )
         save()
         # The student first: the teacher's figures are the same in every run, so a run cut short loses the least.
-        score(model, tokenizer, heldout, lengths, args.trials, suite, args.task_limit or None, row["student"], save)
+        score(model, tokenizer, heldout, lengths, kinds, args.trials, suite, args.task_limit or None, row["student"], save)
         if not teacher_scores:
-            score(teacher_model, tokenizer, heldout, lengths, args.trials, suite, args.task_limit or None, teacher_scores, save)
+            score(teacher_model, tokenizer, heldout, lengths, kinds, args.trials, suite, args.task_limit or None, teacher_scores, save)
         row["seconds"] = time.time() - started
         save()
         publish(summary, out, args.eval_tokens)

@@ -30,3 +30,28 @@ def test_a_trained_recipe_row_is_json_and_reaches_the_results():
     assert perplexities == {("teacher", "persuasion", 512): 35.05, ("hybrid_gdn", "persuasion", 512): 35.91,
                             ("hybrid_gdn", "dialogue", 2048): 20.0}
     assert [r["tokens_per_s"] for r in results.of("training")] == [1500.0, 2000.0]
+
+
+def test_every_retrieval_kind_reaches_the_results():
+    row = {"recipe": "hybrid_long", "teacher": {"passkey_2048_by_depth": {"0.1": 1.0}}, "stages": [],
+           "student": {"passkey_2048": 0.5, "passkey_2048_by_depth": {"0.1": 0.5}, "kv_4096_by_depth": {"0.5": 0.25, "0.9": 0.75}}}
+    results = quality.as_results([row], eval_tokens=4096)
+    assert [(r["model"], r["length"], r["depth"], r["value"]) for r in results.of("passkey")] == [("teacher", 2048, 0.1, 1.0), ("hybrid_long", 2048, 0.1, 0.5)]
+    assert [(r["length"], r["depth"], r["value"]) for r in results.of("kv")] == [(4096, 0.5, 0.25), (4096, 0.9, 0.75)]
+
+
+def test_resume_reads_a_trained_student_back_and_continues_an_interrupted_run(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(quality, "run", lambda recipe, **kwargs: calls.append(kwargs) or "trained")
+    trained, interrupted, fresh = tmp_path / "trained", tmp_path / "interrupted", tmp_path / "fresh"
+    trained.mkdir()
+    (trained / "config.json").write_text("{}")
+    RunRecord(recipe={"teacher": "t"}, stages=[StageReport(stage=0, kind="lora_kd", steps=1, tokens=512, seconds=1.0)]).save(trained)
+    (tmp_path / "interrupted.checkpoints").mkdir()
+    (tmp_path / "interrupted.checkpoints" / "run.json").write_text("{}")
+    record = quality.train_or_resume("recipe", trained, True, log=lambda m: None)
+    assert record.stages[0].tokens == 512 and calls == []
+    assert quality.train_or_resume("recipe", interrupted, True, log=print) == "trained"
+    assert quality.train_or_resume("recipe", fresh, True, log=print) == "trained"
+    assert quality.train_or_resume("recipe", trained, False, log=print) == "trained"
+    assert [(c["out"].name, c["resume"], c["overwrite"]) for c in calls] == [("interrupted", True, False), ("fresh", False, True), ("trained", False, True)]
