@@ -5,7 +5,8 @@ import torch
 
 from linearize.hf.attention import apply_rotary, repeat_heads
 from linearize.hf.mixer_hedgehog import HedgehogMixer, HedgehogSWAMixer
-from tests.mixer_forms import assert_forms_match, build
+from linearize.hf.cache import MixerState
+from tests.mixer_forms import BATCH, assert_forms_match, build, call, inputs
 
 
 def reference(mixer, hidden, position_embeddings, mask):
@@ -55,3 +56,17 @@ def test_feature_map_starts_as_identity_softmax_pair():
     x = torch.randn(2, mixer.spec.num_heads, 5, mixer.spec.head_dim, dtype=torch.float64)
     phi = mixer.feature_q(x)
     torch.testing.assert_close(phi, torch.cat((torch.softmax(x, -1), torch.softmax(-x, -1)), -1))
+
+
+@pytest.mark.parametrize("window", [1, 5])
+def test_swa_state_is_per_kv_head_and_its_cost(window):
+    """hedgehog_swa keeps one state per kv head, of cost().state_fixed elements, after a prefill and a decode step."""
+    mixer, rotary = build(HedgehogSWAMixer, window=window)
+    cost = type(mixer).cost(mixer.spec, mixer.options)
+    hidden, _, position_embeddings = inputs(rotary, mixer.attn.config.hidden_size, 7, pad=0)
+    state = MixerState()
+    with torch.no_grad():
+        for start, end in [(0, 6), (6, 7)]:
+            call(mixer, hidden, position_embeddings, None, state, start, end)
+            assert state.tensors["S"].shape[1] == mixer.spec.num_kv_heads < mixer.spec.num_heads
+            assert sum(t.numel() for t in state.tensors.values()) == BATCH * cost.state_fixed

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from linearize.hf import ops_window
-from linearize.hf.ops_window import chunk_window_linear, naive_window_linear, recurrent_window_linear
+from linearize.hf.ops_window import chunk_window_linear, decode_window_linear, naive_window_linear, recurrent_window_linear
 
 B, H, D, V, F = 2, 3, 8, 6, 5
 
@@ -154,3 +154,50 @@ def test_blocks_match_one_pass(monkeypatch, budget, with_state):
     out, out_state = run(lambda *a, **kw: chunk_window_linear(*a, chunk_size=16, **kw), q[:, :, part], k[:, :, part], v[:, :, part], wq, wk, mask[:, part], sm, 20, state)
     assert torch.allclose(out, ref, atol=1e-10, rtol=1e-9)
     assert_states_equal(out_state, ref_state)
+
+
+@pytest.mark.parametrize("window", [1, 4, 20])
+@pytest.mark.parametrize("context", [0, 2, 37])
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_decode_step_with_grouped_heads_is_the_recurrent_form(window, context, padded, softcap):
+    """decode_window_linear's queries of one kv head read one state: it equals recurrent_window_linear on heads
+    repeated per query head, output, next state (per kv head) and gradients, from any context."""
+    groups, heads = 3, 2
+    g = torch.Generator().manual_seed(window + context)
+    q = torch.randn(B, heads * groups, context + 1, D, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(B, heads, context + 1, n, generator=g, dtype=torch.float64, requires_grad=True) for n in (D, V))
+    wq, wk = torch.randn(heads * groups, D, F, generator=g, dtype=torch.float64), torch.randn(heads, D, F, generator=g, dtype=torch.float64)
+    mask = torch.ones(B, context + 1, dtype=torch.bool)
+    if padded:
+        mask[0, : min(3, context + 1)] = False
+    sm = torch.sigmoid(torch.randn(heads * groups, generator=g, dtype=torch.float64))
+    options = dict(window=window, scaling=D**-0.5, sm_weight=sm, ln_weight=1 - sm, softcap=softcap)
+    fq, fk = feature(q, wq), feature(k, wk)
+
+    def repeated(x):
+        return x.repeat_interleave(groups, dim=1)
+
+    state = None
+    if context:
+        _, state = naive_window_linear(q[:, :, :context], repeated(k[:, :, :context]), repeated(v[:, :, :context]), fq[:, :, :context],
+                                       repeated(fk[:, :, :context]), key_mask=mask[:, :context], output_state=True, **options)
+    last = slice(context, None)
+    ref, ref_state = recurrent_window_linear(q[:, :, last], repeated(k[:, :, last]), repeated(v[:, :, last]), fq[:, :, last],
+                                             repeated(fk[:, :, last]), key_mask=mask[:, last], state=state, **options)
+    per_kv_head = None if state is None else {n: t[:, ::groups] if t.dim() > 2 else t for n, t in state.items()}
+    out, out_state = decode_window_linear(q[:, :, last], k[:, :, last], v[:, :, last], fq[:, :, last], fk[:, :, last],
+                                          key_mask=mask[:, last], state=per_kv_head, **options)
+    assert torch.allclose(out, ref, atol=1e-12)
+    assert_states_equal(out_state, {n: t[:, ::groups] if t.dim() > 2 else t for n, t in ref_state.items()})
+    probe = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    grads = torch.autograd.grad((out * probe).sum() + out_state["S"].sum(), [q, k, v], retain_graph=True)
+    expected = torch.autograd.grad((ref * probe).sum() + ref_state["S"][:, ::groups].sum(), [q, k, v])
+    for got, want in zip(grads, expected):
+        assert torch.allclose(got, want, atol=1e-10)
+
+
+def test_decode_step_refuses_a_window_of_zero():
+    q, k, v, wq, wk, mask, sm = make(1)
+    with pytest.raises(ValueError, match="window of at least 1"):
+        decode_window_linear(q, k, v, feature(q, wq), feature(k, wk), window=0, scaling=1.0)

@@ -145,6 +145,8 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, position_embeddings) -> tuple
     rot = cos.shape[-1]
 
     def rotate(x):
+        if rot == x.shape[-1]:
+            return x * cos + rotate_half(x) * sin
         x_rot, x_pass = x[..., :rot], x[..., rot:]
         x_rot = x_rot * cos + rotate_half(x_rot) * sin
         return torch.cat((x_rot, x_pass), dim=-1) if x_pass.shape[-1] else x_rot

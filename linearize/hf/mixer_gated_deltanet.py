@@ -60,8 +60,12 @@ def short_conv(
         keep = (index >= pads)[:, None, :]
         seq = seq.gather(-1, source[:, None, :].expand(batch, channels, -1)) * keep
     weight = weight.to(x.dtype)
-    # A few shifted multiply-adds: exact (the identity start returns x bit for bit) and faster than conv1d here.
-    out = sum(seq[..., j : j + length] * weight[:, j, None] for j in range(kernel))
+    # A few shifted multiply-adds: exact (the identity start returns x bit for bit) and faster than conv1d here;
+    # a decode step's one output is a product and a sum.
+    if length == 1:
+        out = (seq * weight).sum(-1, keepdim=True)
+    else:
+        out = sum(seq[..., j : j + length] * weight[:, j, None] for j in range(kernel))
     # A copy: a view would keep a long prefill's whole (B, C, T) input alive in the cache.
     return out, seq[..., seq.shape[-1] - (kernel - 1) :].clone()
 

@@ -16,7 +16,7 @@ from .attention import AttentionSpec, apply_rotary, repeat_heads
 from .errors import LinearizeError
 from .kernel_dispatch import simple_gla
 from .mixers import Mixer, MixerCost, register_mixer
-from .ops_window import chunk_window_linear, recurrent_window_linear
+from .ops_window import chunk_window_linear, decode_window_linear
 from .windows import check_window
 
 
@@ -30,7 +30,10 @@ class HedgehogFeatureMap(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         acc = torch.promote_types(x.dtype, torch.float32)
-        y = torch.einsum("bhtd,hdf->bhtf", x.to(acc), self.weight.to(acc)) + self.bias.to(acc)
+        b, h, t, d = x.shape
+        # One batched matmul per head over every batch row and position, the bias added in it.
+        rows = x.to(acc).transpose(0, 1).reshape(h, b * t, d)
+        y = torch.baddbmm(self.bias.to(acc), rows, self.weight.to(acc)).view(h, b, t, -1).transpose(0, 1)
         return torch.cat((torch.softmax(y, dim=-1), torch.softmax(-y, dim=-1)), dim=-1)
 
 
@@ -127,11 +130,11 @@ class HedgehogSWAMixer(HedgehogMixer):
 
     @classmethod
     def cost(cls, spec: AttentionSpec, options) -> MixerCost:
-        w, h, d, f = options.window, spec.num_heads, spec.head_dim, options.feature_dim
-        # Per query head: the linear state (2F x D) and normaliser (2F), and the last w - 1 keys, values and
+        w, hkv, d, f = options.window, spec.num_kv_heads, spec.head_dim, options.feature_dim
+        # Per kv head: the linear state (2F x D) and normaliser (2F), and the last w - 1 keys, values and
         # feature-mapped keys; plus the window's padding mask.
-        state = h * 2 * f * (d + 1) + h * (w - 1) * (2 * d + 2 * f) + (w - 1)
-        return MixerCost(super().cost(spec, options).new_parameters + h, state, 0)
+        state = hkv * 2 * f * (d + 1) + hkv * (w - 1) * (2 * d + 2 * f) + (w - 1)
+        return MixerCost(super().cost(spec, options).new_parameters + spec.num_heads, state, 0)
 
     def kernel(self):
         return None  # the window and the linear part share one normaliser, computed together in PyTorch
@@ -139,9 +142,7 @@ class HedgehogSWAMixer(HedgehogMixer):
     def mix(self, hidden_states, q, k, v, position_embeddings, padding_mask, state):
         q, k = apply_rotary(q, k, position_embeddings)
         groups = self.spec.groups
-        fq = self.feature_q(q)
-        fk = repeat_heads(self.feature_k(k), groups)
-        k, v = repeat_heads(k, groups), repeat_heads(v, groups)
+        fq, fk = self.feature_q(q), self.feature_k(k)
         share = torch.sigmoid(self.window_logit.to(torch.promote_types(q.dtype, torch.float32)))
         kwargs = dict(
             window=self.window,
@@ -151,8 +152,15 @@ class HedgehogSWAMixer(HedgehogMixer):
             key_mask=padding_mask,
             softcap=self.spec.softcap,
         )
+        # The state is kept per kv head: its keys, values and feature-mapped keys are the same for every query
+        # head of one kv head, and so are the sums of those that left the window.
+        if state is not None and q.shape[2] == 1:
+            out, state.tensors = decode_window_linear(q, k, v, fq, fk, state=state.tensors, **kwargs)
+            return out
+        k, v, fk = repeat_heads(k, groups), repeat_heads(v, groups), repeat_heads(fk, groups)
         if state is None:
             return chunk_window_linear(q, k, v, fq, fk, **kwargs)[0]
-        op = recurrent_window_linear if q.shape[2] == 1 else chunk_window_linear
-        out, state.tensors = op(q, k, v, fq, fk, state=state.tensors, output_state=True, **kwargs)
+        initial = {name: repeat_heads(t, groups) if t.dim() > 2 else t for name, t in state.tensors.items()}
+        out, final = chunk_window_linear(q, k, v, fq, fk, state=initial, output_state=True, **kwargs)
+        state.tensors = {name: t[:, ::groups].clone() if t.dim() > 2 and groups > 1 else t for name, t in final.items()}
         return out

@@ -89,22 +89,24 @@ def recurrent_gated_delta_rule(
     """Decode path, token loop: S_t = a_t S + b_t k_t^T (v_t - k_t (a_t S)), o_t = scale q_t S_t."""
     out_dtype = v.dtype
     q, k, v, g, beta, scale, S = _prepare(q, k, v, g, beta, scale, initial_state)
-    T = q.shape[2]
-    # Hoist per-token elementwise work out of the loop; the loop body is two
-    # small matmuls and an outer product per token.
-    alpha = g.exp()[..., None, None]  # (B, H, T, 1, 1)
-    k_col = k.unsqueeze(-1)  # (B, H, T, K, 1)
-    k_row = k.unsqueeze(-2)  # (B, H, T, 1, K)
-    q_row = (q * scale).unsqueeze(-2)  # (B, H, T, 1, K)
-    bv = (beta[..., None] * v).unsqueeze(-2)  # (B, H, T, 1, V)
-    b = beta[..., None, None]  # (B, H, T, 1, 1)
+    B, H, T, K = q.shape
+    V = v.shape[-1]
+    # Per-token elementwise work hoisted out of the loop, and (B * H) batches of 3D products: the loop body is
+    # three small bmm (a decode step on CPU is bound by the number of dispatches).
+    alpha = g.exp().reshape(B * H, T, 1, 1)
+    k = k.reshape(B * H, T, 1, K)
+    q_row = (q if scale == 1.0 else q * scale).reshape(B * H, T, 1, K)
+    bv = (beta[..., None] * v).reshape(B * H, T, 1, V)
+    b = beta.reshape(B * H, T, 1, 1)
+    S = S.reshape(B * H, K, V)
     outputs = []
     for t in range(T):
-        S = alpha[:, :, t] * S
-        S = S + k_col[:, :, t] @ (bv[:, :, t] - b[:, :, t] * (k_row[:, :, t] @ S))
-        outputs.append(q_row[:, :, t] @ S)
-    o = torch.cat(outputs, dim=-2) if T != 1 else outputs[0]
-    return o.to(out_dtype), S
+        k_row = k[:, t]
+        S = alpha[:, t] * S
+        S = S + torch.bmm(k_row.transpose(1, 2), bv[:, t] - b[:, t] * torch.bmm(k_row, S))
+        outputs.append(torch.bmm(q_row[:, t], S))
+    o = torch.cat(outputs, dim=1) if T != 1 else outputs[0]
+    return o.view(B, H, T, V).to(out_dtype), S.view(B, H, K, V)
 
 
 # Longer than 60 lines with its signature and docstring: the chunked scan reads top to bottom as the docstring's

@@ -149,13 +149,19 @@ def recurrent_gla(
 
 def _recurrence(q: Tensor, k: Tensor, v: Tensor, decay: Tensor, scale: float, s0: Optional[Tensor], out_dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
     """S_t = decay_t * S_{t-1} + k_t^T v_t, o_t = scale q_t S_t one token at a time; decay_t broadcasts to (K, V)."""
-    S = s0 if s0 is not None else _zeros_state(q, v)
-    q = q * scale
+    B, H, T, K = q.shape
+    V = v.shape[-1]
+    # (B * H) batches of 3D products: a decode step on CPU is bound by the number of dispatches, which 5D
+    # broadcasting matmuls multiply.
+    S = (s0 if s0 is not None else _zeros_state(q, v)).reshape(B * H, K, V)
+    q, k, v = (q * scale).reshape(B * H, T, K), k.reshape(B * H, T, K), v.reshape(B * H, T, V)
+    decay = decay.reshape(B * H, T, *decay.shape[-2:])
     outs = []
-    for t in range(q.shape[2]):
-        S = decay[:, :, t] * S + k[:, :, t, :, None] * v[:, :, t, None, :]
-        outs.append((q[:, :, t, None, :] @ S).squeeze(-2))
-    return torch.stack(outs, dim=2).to(out_dtype), S
+    for t in range(T):
+        S = decay[:, t] * S + k[:, t, :, None] * v[:, t, None, :]
+        outs.append(torch.bmm(q[:, t, None], S))
+    o = outs[0] if T == 1 else torch.cat(outs, dim=1)
+    return o.view(B, H, T, V).to(out_dtype), S.view(B, H, K, V)
 
 
 def _chunk_sizes(T: int, chunk_size: int) -> Tuple[int, int]:

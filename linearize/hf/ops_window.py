@@ -6,6 +6,8 @@ plain (inclusive) linear attention. Layout (B, H, T, D), all heads equal (caller
 
 A `state` carries a sequence across calls: S (B,H,F,V) and z (B,H,F) sum the feature-mapped keys that have left
 the window, k/v/fk/mask hold the last window - 1 keys. The naive, chunked and recurrent forms take and return it.
+`decode_window_linear` is the recurrent form of one token with grouped heads: the queries of a kv head read one
+state, kept per kv head (what hedgehog_swa decodes with).
 """
 
 from __future__ import annotations
@@ -58,12 +60,15 @@ def window_tail(keep: int, mask: torch.Tensor, **keys: torch.Tensor) -> dict[str
 
     Always exactly `keep` long, whatever T: shorter contexts are left-padded with zeros that `mask` marks invalid,
     which every window score masks out, so the cache has one shape from the first token on (a decode step can be
-    compiled once). Copies, so the cache does not keep a long prefill's key tensor alive through a view.
+    compiled once). Copies where T > keep + 1, so the cache does not keep a long prefill's key tensor alive.
     """
     length = mask.shape[1]
     if length >= keep:
-        tail = {name: t[:, :, length - keep :].clone() for name, t in keys.items()}
-        return {**tail, "mask": mask[:, length - keep :].clone()}
+        start = length - keep
+        # A view of a tensor one position longer (a decode step's) keeps one position more alive; of a prefill's,
+        # the whole prefill: copy only then.
+        tail = {name: t[:, :, start:] if start <= 1 else t[:, :, start:].clone() for name, t in keys.items()}
+        return {**tail, "mask": mask[:, start:] if start <= 1 else mask[:, start:].clone()}
     pad = keep - length
     tail = {name: F.pad(t, (0, 0, pad, 0)) for name, t in keys.items()}
     return {**tail, "mask": F.pad(mask, (pad, 0), value=False)}
@@ -280,3 +285,49 @@ def recurrent_window_linear(
     o = torch.stack(outputs, dim=2)
     new = {"S": S, "z": z, **window_tail(keep, cmask, k=ck, v=cv, fk=cfk)} if output_state else None
     return o, new
+
+
+def decode_window_linear(
+    q, k, v, fq, fk, *, window, scaling, sm_weight=1.0, ln_weight=1.0, key_mask=None, softcap=None, state=None
+):
+    """One decode step of the recurrent form with grouped heads: the arithmetic of `recurrent_window_linear` for
+    T = 1 in a few kernels, and a state per kv head instead of per query head.
+
+    q, fq (B, H, 1, *) are the queries; k, v, fk (B, Hkv, 1, *) the new key, H a multiple of Hkv (query head i
+    reads kv head i // (H // Hkv)); `sm_weight`/`ln_weight` are numbers or per-query-head tensors (H,). `state`
+    holds S (B, Hkv, F, V), z (B, Hkv, F) and the last window - 1 keys k, v, fk and their mask, as `window_tail`
+    leaves them (empty: nothing seen). `window` >= 1. Returns (o (B, H, 1, V) in v's dtype, the next state).
+    """
+    if window < 1:
+        raise ValueError(f"decode_window_linear needs a window of at least 1, got {window}")
+    b, h, _, d = q.shape
+    hkv = k.shape[1]
+    acc = _acc(q)
+    if not state:
+        state = _empty_state(q, k, v, fk)
+        state.update(window_tail(window - 1, state.pop("mask"), k=state.pop("k"), v=state.pop("v"), fk=state.pop("fk")))
+    real = torch.ones(b, 1, dtype=torch.bool, device=q.device) if key_mask is None else key_mask.bool()
+    # The window: the window - 1 cached keys and this one.
+    keys, values = torch.cat((state["k"], k), dim=2), torch.cat((state["v"], v), dim=2)
+    features, mask = torch.cat((state["fk"], fk), dim=2), torch.cat((state["mask"], real), dim=1)
+    g = h // hkv
+    # (B * Hkv) batches of bmm: the same products as 4D matmuls in a third of the dispatches (a decode step on CPU
+    # is bound by them).
+    qg, fqg = q.reshape(b * hkv, g, d).to(acc), fq.reshape(b * hkv, g, -1).to(acc)
+    scores = torch.bmm(qg, keys.to(acc).view(b * hkv, -1, d).transpose(1, 2)) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask.repeat_interleave(hkv, dim=0)[:, None, :], float("-inf"))
+    # A query whose window holds no real key has every score at -inf, and weight 0 for all of them.
+    peak = scores.amax(-1, keepdim=True).clamp_min(torch.finfo(acc).min)
+    smw, lnw = (w.to(acc).reshape(1, hkv, g, 1).expand(b, -1, -1, -1).reshape(b * hkv, g, 1) if torch.is_tensor(w) else w
+                for w in (sm_weight, ln_weight))
+    a = torch.exp(scores - peak) * smw
+    S, z = state["S"], state["z"]
+    num = torch.bmm(a, values.to(acc).view(b * hkv, -1, values.shape[-1])) + lnw * torch.bmm(fqg, S.view(b * hkv, *S.shape[2:]))
+    den = a.sum(-1, keepdim=True) + lnw * torch.bmm(fqg, z.view(b * hkv, -1, 1))
+    o = (num / den.clamp_min(1e-30)).view(b, h, 1, -1).to(v.dtype)
+    # The oldest key leaves the window for the next step (a pad adds nothing).
+    old = features[:, :, 0].to(acc) * mask[:, None, :1]
+    S = S + old.unsqueeze(-1) * values[:, :, 0].to(acc).unsqueeze(-2)
+    return o, {"S": S, "z": z + old, **window_tail(window - 1, mask, k=keys, v=values, fk=features)}

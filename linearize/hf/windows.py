@@ -83,15 +83,17 @@ def window_attention(
 def _one_query(q, k, v, *, scaling, softcap, key_mask):
     """A decode step: one query that sees all the keys it is given, in a few kernels (no bands to pad and mask)."""
     b, h, _, d = q.shape
-    hkv = k.shape[1]
+    hkv, total = k.shape[1], k.shape[2]
     acc = torch.promote_types(q.dtype, torch.float32)
-    scores = torch.einsum("bkgd,bksd->bkgs", q.reshape(b, hkv, h // hkv, d).to(acc), k.to(acc)) * scaling
+    # (B * Hkv) batches of bmm, each kv head's queries together: fewer dispatches than 4D products.
+    keys, values = k.to(acc).reshape(b * hkv, total, d), v.to(acc).reshape(b * hkv, total, -1)
+    scores = torch.bmm(q.reshape(b * hkv, h // hkv, d).to(acc), keys.transpose(1, 2)) * scaling
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     if key_mask is not None:
-        scores = scores.masked_fill(~key_mask[:, None, None, :].bool(), float("-inf"))
+        scores = scores.view(b, hkv, -1, total).masked_fill(~key_mask.bool()[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a query that sees no real key gets 0
-    return torch.einsum("bkgs,bkse->bkge", probs, v.to(acc)).reshape(b, h, 1, -1).to(v.dtype)
+    return torch.bmm(probs.view(b * hkv, -1, total), values).view(b, h, 1, -1).to(v.dtype)
 
 
 def _bands(q, k, v, *, window, scaling, softcap, key_mask, band):
@@ -314,7 +316,7 @@ def add_window(
     heads, cache = sliding_window_heads(spec, window, q, k, v, position_embeddings, padding_mask, cache)
     if torch.is_tensor(share):
         share = share.to(linear.dtype)[:, None, None]
-    return share * heads.to(linear.dtype) + (1 - share) * linear, cache or {}
+    return torch.lerp(linear, heads.to(linear.dtype), share), cache or {}
 
 
 def check_window(window: int, config, name: str, low: int = 1) -> None:
