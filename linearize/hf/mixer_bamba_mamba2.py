@@ -35,10 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import AttentionSpec, repeat_heads
-from .errors import LinearizeError
 from .gates import inverse_softplus
 from .kernel_dispatch import simple_gla
-from .mixer_gated_deltanet import short_conv
+from .mixer_gated_deltanet import check_conv_size, short_conv
 from .mixer_qwen3_5_gdn import resolve_eps
 from .mixers import Mixer, MixerCost, register_mixer
 
@@ -100,10 +99,7 @@ class BambaMamba2(Mixer):
 
     @classmethod
     def resolve(cls, options, spec: AttentionSpec, config):
-        if options.conv_size < 1:
-            raise LinearizeError(
-                f"option 'conv_size' of mixer {cls.name!r} must be at least 1 (1: no mixing across tokens), got {options.conv_size}"
-            )
+        check_conv_size(options.conv_size, cls.name)
         return resolve_eps(options, config, cls.name)
 
     @classmethod

@@ -70,6 +70,12 @@ def short_conv(
     return out, seq[..., seq.shape[-1] - (kernel - 1) :].clone()
 
 
+def check_conv_size(conv_size: int, name: str) -> None:
+    """Refuse a short convolution's kernel below 1 (the option every mixer with one takes)."""
+    if conv_size < 1:
+        raise LinearizeError(f"option 'conv_size' of mixer {name!r} must be at least 1 (1: no mixing across tokens), got {conv_size}")
+
+
 def convolve_heads(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -133,10 +139,7 @@ class GatedDeltaNetMixer(Mixer):
 
     @classmethod
     def resolve(cls, options, spec: AttentionSpec, config):
-        if options.conv_size < 1:
-            raise LinearizeError(
-                f"option 'conv_size' of mixer {cls.name!r} must be at least 1 (1: no mixing across tokens), got {options.conv_size}"
-            )
+        check_conv_size(options.conv_size, cls.name)
         check_window(options.window, config, cls.name, low=0)
         return options
 

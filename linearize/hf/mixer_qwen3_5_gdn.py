@@ -29,7 +29,7 @@ from .attention import AttentionSpec, repeat_heads
 from .errors import LinearizeError
 from .gates import inverse_softplus
 from .kernel_dispatch import gated_delta_rule
-from .mixer_gated_deltanet import convolve_heads
+from .mixer_gated_deltanet import check_conv_size, convolve_heads
 from .mixers import Mixer, MixerCost, register_mixer
 
 L2_EPS = 1e-6  # qwen3_5's (and fla's) l2norm: x * rsqrt(sum(x^2) + eps)
@@ -97,10 +97,7 @@ class Qwen35GatedDeltaNet(Mixer):
 
     @classmethod
     def resolve(cls, options, spec: AttentionSpec, config):
-        if options.conv_size < 1:
-            raise LinearizeError(
-                f"option 'conv_size' of mixer {cls.name!r} must be at least 1 (1: no mixing across tokens), got {options.conv_size}"
-            )
+        check_conv_size(options.conv_size, cls.name)
         return resolve_eps(options, config, cls.name)
 
     @classmethod
