@@ -1,0 +1,99 @@
+"""What a batch-1 decode step costs on CPU, per layer kind: ATen dispatches and milliseconds.
+
+A 135M model's decode step on 2 CPU cores is bound by two things: reading the weights (the same for teacher and
+student) and the number of small operations, each of which costs microseconds of dispatch whatever its size.
+This counts, for one decode step after a prompt of `--context` random tokens, the operations that reach ATen's
+dispatcher inside each attention layer (by the layer's class: the teacher's attention, or a converted mixer), and
+times each kind of layer over `--steps` steps, for the teacher and the students of shipped recipes (converted as
+`benchmarks/cpu_decode.py` converts them, untrained: speed does not depend on the weights).
+
+    python benchmarks/decode_dispatches.py --recipes lolcats,hybrid_gdn --context 2048
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import time
+from collections import Counter, defaultdict
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from cpu_decode import recipe_student  # benchmarks/, first on the path when run as a script
+from linearize import load_teacher
+
+
+class Dispatches(TorchDispatchMode):
+    """Counts the operations dispatched while each named layer runs (`where` is a stack of layer kinds)."""
+
+    def __init__(self):
+        super().__init__()
+        self.where = ["other"]
+        self.calls: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls[self.where[-1]] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def measure(model, context: int, steps: int) -> dict:
+    """Dispatches per layer of each kind in one decode step, and ms per decode step, whole and per kind."""
+    counter, spent, started, layers = Dispatches(), defaultdict(float), {}, Counter()
+
+    def enter(kind):
+        def hook(module, args):
+            counter.where.append(kind)
+            started[kind] = time.perf_counter()
+
+        return hook
+
+    def leave(kind):
+        def hook(module, args, output):
+            spent[kind] += time.perf_counter() - started[kind]
+            counter.where.pop()
+
+        return hook
+
+    for name, module in model.named_modules():
+        if re.search(r"layers\.\d+\.(self_attn|mlp)$", name):
+            kind = type(module).__name__
+            layers[kind] += 1
+            module.register_forward_pre_hook(enter(kind))
+            module.register_forward_hook(leave(kind))
+    ids = torch.randint(0, model.get_input_embeddings().num_embeddings, (1, context), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        for _ in range(3):  # warm-up steps
+            cache = model(token, past_key_values=cache, use_cache=True).past_key_values
+        spent.clear()
+        begin = time.perf_counter()
+        for _ in range(steps):
+            cache = model(token, past_key_values=cache, use_cache=True).past_key_values
+        step_ms = (time.perf_counter() - begin) / steps * 1000
+        with counter:
+            model(token, past_key_values=cache, use_cache=True)
+    return {
+        "step_ms": step_ms,
+        "dispatches_outside_layers": counter.calls["other"],
+        "layers": {kind: {"count": n, "dispatches": counter.calls[kind] / n, "ms": spent[kind] / steps * 1000 / n} for kind, n in layers.items()},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipes", default="lolcats,hybrid_gdn", help="shipped recipes whose students are measured, comma-separated")
+    parser.add_argument("--context", type=int, default=2048, help="prompt tokens before the measured decode steps")
+    parser.add_argument("--steps", type=int, default=10, help="decode steps timed")
+    args = parser.parse_args()
+    for name in ["teacher", *args.recipes.split(",")]:
+        teacher, _ = load_teacher("smollm2-135m")
+        model = (teacher if name == "teacher" else recipe_student(teacher, name)).eval()
+        result = measure(model, args.context, args.steps)
+        kinds = ", ".join(f"{kind} x {r['count']}: {r['dispatches']:.0f} dispatches, {r['ms']:.2f} ms" for kind, r in result["layers"].items())
+        print(f"{name}: {result['step_ms']:.1f} ms per step; per layer: {kinds}; outside the layers: {result['dispatches_outside_layers']}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
