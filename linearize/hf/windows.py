@@ -316,7 +316,7 @@ def add_window(
     heads, cache = sliding_window_heads(spec, window, q, k, v, position_embeddings, padding_mask, cache)
     if torch.is_tensor(share):
         share = share.to(linear.dtype)[:, None, None]
-    return torch.lerp(linear, heads.to(linear.dtype), share), cache or {}
+    return share * heads.to(linear.dtype) + (1 - share) * linear, cache or {}
 
 
 def check_window(window: int, config, name: str, low: int = 1) -> None:
