@@ -8,10 +8,14 @@
 #                                             # the GGUF, real-teacher GPU tests (TESTS, or TESTS=none), quality
 #                                             # (QUALITY, QUALITY_S)
 #   bash benchmarks/h100_session.sh serving   # (after a quality call that trained hybrid_qwen3_5, still warm) export it to
-#                                             # qwen3_5 and bench teacher, student and native model (BENCH, BENCH_S)
+#                                             # qwen3_5, check the export without linearize (export_check.py), bench
+#                                             # teacher, student and native model (BENCH, BENCH_S)
 #   bash benchmarks/h100_session.sh quality   # (after second, still warm) more quality runs
 #   bash benchmarks/h100_session.sh pair      # (nvidia-h200-x2; JOIN=1 to join the GGUF and corpus as second does) two
 #                                             # quality runs at once, QUALITY0 on GPU 0 and QUALITY1 on GPU 1
+#   bash benchmarks/h100_session.sh finish    # (after pair, QUALITY0 and QUALITY1 with --resume) finish both quality
+#                                             # runs, then export and bench the hybrid_qwen3_5 on GPU 0 (as serving),
+#                                             # bench GPU 1's student beside the teacher (BENCH1)
 #   bash benchmarks/h100_session.sh generate  # (after pair trained hybrid_gdn and hybrid_qwen3_5) export, then plain
 #                                             # generate() of students, export and teacher (GENERATE), QUALITY1 beside
 #   bash benchmarks/h100_session.sh train_speed  # (after first, still warm) distillation speed alone (SPEED, RUNS,
@@ -71,6 +75,21 @@ warm() {  # warm: compile, ahead of the quality calls, the fla kernels and layer
   wait
 }
 
+serving() {  # export the trained hybrid_qwen3_5 to qwen3_5, check the export where linearize cannot be imported
+  # (export_check.py), and bench teacher, student and export (BENCH, BENCH_S)
+  local student
+  student=$(ls -d /tmp/quality-*/hybrid_qwen3_5 | head -1)
+  timeout 120 python3 cli.py export "$student" --to qwen3_5 --out /tmp/native --overwrite > "$OUT/export.log" 2>&1
+  echo "exit $?" >> "$OUT/export.log"
+  cp /tmp/native/export.json "$OUT/" 2>/dev/null
+  timeout 120 python3 benchmarks/export_check.py "$student" /tmp/native --text /tmp/corpus/heldout/persuasion.txt \
+    --out "$OUT/export_check.json" > "$OUT/export_check.log" 2>&1
+  echo "exit $?" >> "$OUT/export_check.log"
+  timeout "${BENCH_S:-200}" python3 cli.py bench /tmp/smollm2.gguf "$student" /tmp/native --no-teacher --device cuda \
+    ${BENCH:---lengths 2048,32768 --batch-sizes 1} --out "$OUT/bench_serving.json" > "$OUT/bench_serving.log" 2>&1
+  echo "exit $?" >> "$OUT/bench_serving.log"
+}
+
 case "$1" in
 first)
   wheels || exit 1
@@ -125,13 +144,17 @@ generate)  # (after a pair call that trained hybrid_qwen3_5 and hybrid_gdn, stil
   wait
   ;;
 serving)
-  student=$(ls -d /tmp/quality-*/hybrid_qwen3_5 | head -1)
-  python3 cli.py export "$student" --to qwen3_5 --out /tmp/native --overwrite > "$OUT/export.log" 2>&1
-  echo "exit $?" >> "$OUT/export.log"
-  cp /tmp/native/export.json "$OUT/" 2>/dev/null
-  timeout "${BENCH_S:-480}" python3 cli.py bench /tmp/smollm2.gguf "$student" /tmp/native --device cuda \
-    ${BENCH:---lengths 2048,8192,32768 --batch-sizes 1} --out "$OUT/bench_serving.json" > "$OUT/bench_serving.log" 2>&1
-  echo "exit $?" >> "$OUT/bench_serving.log"
+  serving
+  ;;
+finish)  # (after pair, still warm) QUALITY0 and QUALITY1 again, which name --resume, so that both runs finish training
+  # and scoring; then GPU 0 exports its hybrid_qwen3_5 (serving) and GPU 1 benches its student, of the recipe RECIPE1,
+  # beside the teacher (BENCH1)
+  (CUDA_VISIBLE_DEVICES=0 quality "${QUALITY_S:-330}" gpu0 "$QUALITY0"; CUDA_VISIBLE_DEVICES=0 serving) &
+  (CUDA_VISIBLE_DEVICES=1 quality "${QUALITY_S:-330}" gpu1 "$QUALITY1"
+   CUDA_VISIBLE_DEVICES=1 timeout "${BENCH_S:-200}" python3 cli.py bench /tmp/smollm2.gguf "/tmp/quality-gpu1/$RECIPE1" --no-teacher --device cuda \
+     ${BENCH1:---lengths 2048,32768 --batch-sizes 1} --out "$OUT/bench_gpu1.json" > "$OUT/bench_gpu1.log" 2>&1
+   echo "exit $?" >> "$OUT/bench_gpu1.log") &
+  wait
   ;;
 multi_gpu)
   wheels || exit 1
@@ -140,6 +163,6 @@ multi_gpu)
   cp /tmp/multi_gpu/multi_gpu.json /tmp/multi_gpu/*.log "$OUT/" 2>/dev/null
   ;;
 *)
-  echo "usage: bash benchmarks/h100_session.sh first|second|quality|pair|generate|serving|train_speed|multi_gpu" >&2; exit 2
+  echo "usage: bash benchmarks/h100_session.sh first|second|quality|pair|finish|generate|serving|train_speed|multi_gpu" >&2; exit 2
   ;;
 esac

@@ -88,10 +88,14 @@ def measure(model, context: int, new_tokens: int, cache: str, device, bandwidth:
     if cache == "static":
         settings["cache_implementation"] = "static"
     # Warm-up first, at the timed calls' own lengths: kernels compile (Triton, fla) on their first call at each shape,
-    # and a static cache's decode step compiles (and records its CUDA graphs) on its first calls.
+    # and a static cache's decode step compiles (and records its CUDA graphs) on its first calls: their time is
+    # warmup_seconds, compilation included.
+    start = time.perf_counter()
     model(input_ids=ids, use_cache=False, logits_to_keep=1)
     for _ in range(2 if cache == "static" else 1):
         model.generate(**settings)
+    sync(device)
+    warmup = time.perf_counter() - start
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -108,7 +112,8 @@ def measure(model, context: int, new_tokens: int, cache: str, device, bandwidth:
     floor = floor_bytes(model, ids)
     # generate() prefills again: the decode rate is what the steps after it took.
     return {"context": context, "cache": cache, "prefill_tokens_per_s": context / prefill,
-            "decode_tokens_per_s": new_tokens / max(total - prefill, 1e-9), "generate_seconds": total, "peak_bytes": peak,
+            "decode_tokens_per_s": new_tokens / max(total - prefill, 1e-9), "generate_seconds": total, "warmup_seconds": warmup,
+            "peak_bytes": peak,
             "floor_bytes_per_token": floor, "floor_tokens_per_s": bandwidth / floor}
 
 

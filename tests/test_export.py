@@ -217,3 +217,34 @@ def test_cli_converts_for_export_and_exports(tmp_path, monkeypatch, capsys, to, 
     assert code == 2 and "already exists; pass --overwrite" in stderr
     code, _, stderr = run("export", converted, "--out", tmp_path / "z", "--to", "olmo")
     assert code == 2 and "unknown export target 'olmo'" in stderr
+
+
+def test_export_check_script_passes_an_export_and_fails_a_different_model(tmp_path):
+    """benchmarks/export_check.py (run on the GPU machine's trained students): an export passes in an isolated
+    process without linearize; a native model with other weights fails with exit 1."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    model = student()
+    folder = tmp_path / "student"
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    out = export(folder, tmp_path / "native", log=lambda m: None)
+    text = tmp_path / "heldout.txt"
+    text.write_text("It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 20)
+
+    def check(native):
+        command = [sys.executable, str(REPO_ROOT / "benchmarks/export_check.py"), str(folder), str(native), "--text", str(text),
+                   "--steps", "6", "--out", str(tmp_path / "check.json")]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        return done.returncode, json.loads((tmp_path / "check.json").read_text())
+
+    code, result = check(out)
+    assert code == 0 and result["passed"] and result["class"] == "Qwen3_5ForCausalLM"
+    assert result["logits_relative_error"] < 1e-4 and result["same_generation"]
+    other = build_native(student(keep=(0,)), "qwen3_5")
+    other.save_pretrained(tmp_path / "other")
+    code, result = check(tmp_path / "other")
+    assert code == 1 and not result["passed"] and result["logits_relative_error"] > 1e-2

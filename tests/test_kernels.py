@@ -101,3 +101,20 @@ def test_a_usable_fla_is_chosen_on_cuda_unless_the_shape_rules_it_out(monkeypatc
         assert kernels.backend(cuda, (512, 64), torch.bfloat16)[0] == "torch"
     monkeypatch.setenv("LINEARIZE_KERNELS", "torch")
     assert kernels.backend(cuda, (64, 64), torch.bfloat16) == ("torch", None)
+
+
+def test_a_compiled_decode_step_keeps_the_recurrence_in_pytorch(monkeypatch):
+    """Under torch.compile (a static cache's decode step) the one-token recurrence stays in PyTorch ops, which
+    inductor fuses; prefill and an explicit LINEARIZE_KERNELS=fla still take fla."""
+    monkeypatch.setattr(kernels, "backend", lambda device, head_dims, dtype: ("fla", None))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    q = torch.randn(1, 2, 1, 8)
+    assert not kernels._pick(q, q, decode=True)
+    assert kernels._pick(q, q, decode=False)
+    g, beta = -torch.rand(1, 2, 1), torch.rand(1, 2, 1)
+    o, state = kernels.gated_delta_rule(q, q, q, g, beta, decode=True, output_state=True)
+    expected, expected_state = kernels.recurrent_gated_delta_rule(q, q, q, g, beta)
+    torch.testing.assert_close(o, expected)
+    torch.testing.assert_close(state, expected_state)
+    monkeypatch.setenv("LINEARIZE_KERNELS", "fla")
+    assert kernels._pick(q, q, decode=True)

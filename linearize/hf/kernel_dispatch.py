@@ -116,8 +116,12 @@ def path(kernel: tuple[str, tuple[int, int]] | None, dtype: torch.dtype) -> str:
     return f"fla {name}" if problem is None else f"PyTorch: {problem}"
 
 
-def _pick(q: torch.Tensor, v: torch.Tensor, gated_training: bool = False) -> bool:
+def _pick(q: torch.Tensor, v: torch.Tensor, gated_training: bool = False, decode: bool = False) -> bool:
     if backend(q.device, (q.shape[-1], v.shape[-1]), q.dtype)[0] != "fla":
+        return False
+    if decode and torch.compiler.is_compiling() and mode() == "auto":
+        # A compiled decode step (static cache) keeps the one-token recurrence in PyTorch ops, which inductor fuses
+        # into the step's own kernels; fla's autotuned Triton kernels would be user kernels compiled on their own.
         return False
     if gated_training and torch.is_grad_enabled():
         problem = gated_backward_problem()
@@ -141,7 +145,7 @@ def _state(initial_state):
 
 def gla(q, k, v, gk, scale=None, initial_state=None, decode=False, output_state=False):
     """Gated linear attention with per-channel log-decays `gk` (see `ops_gated`); returns (o, state or None)."""
-    if not _pick(q, v):
+    if not _pick(q, v, decode=decode):
         op = recurrent_gla if decode else chunk_gla
         o, state = op(q, k, v, gk, scale=scale, initial_state=initial_state)
         return o, (state if output_state else None)
@@ -154,7 +158,7 @@ def gla(q, k, v, gk, scale=None, initial_state=None, decode=False, output_state=
 def simple_gla(q, k, v, g, scale=None, initial_state=None, decode=False, output_state=False):
     """Linear attention with one log-decay per head and step (Mamba-2's SSD); g = None is plain linear attention."""
     gated_training = g is not None and _needs_grad(q, k, v, g, initial_state)
-    if not _pick(q, v, gated_training):
+    if not _pick(q, v, gated_training, decode):
         op = recurrent_simple_gla if decode else chunk_simple_gla
         g = q.new_zeros(q.shape[:3]) if g is None else g
         o, state = op(q, k, v, g, scale=scale, initial_state=initial_state)
@@ -167,7 +171,7 @@ def simple_gla(q, k, v, g, scale=None, initial_state=None, decode=False, output_
 
 def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, decode=False, output_state=False):
     """Gated delta rule with L2-normalised q/k (see `ops_delta`); returns (o, state or None)."""
-    if not _pick(q, v, _needs_grad(q, k, v, g, beta, initial_state)):
+    if not _pick(q, v, _needs_grad(q, k, v, g, beta, initial_state), decode):
         op = recurrent_gated_delta_rule if decode else chunk_gated_delta_rule
         o, state = op(q, k, v, g, beta, scale=scale, initial_state=initial_state)
         return o, (state if output_state else None)
