@@ -20,7 +20,11 @@ measured (a run cut short keeps what it measured).
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import pstats
+import signal
+import sys
 import time
 
 import torch
@@ -131,7 +135,23 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--bandwidth", type=float, default=4.8e12, help="memory bandwidth in bytes/s for the floor")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--profile", default=None, help="cProfile the whole run into this file (pstats) and print its 40 "
+                        "costliest calls, also when `timeout` stops the run (SIGTERM): where a slow compile spends its time")
     args = parser.parse_args()
+    if not args.profile:
+        return run(args)
+    profiler = cProfile.Profile()
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(124))
+    profiler.enable()
+    try:
+        run(args)
+    finally:
+        profiler.disable()
+        profiler.dump_stats(args.profile)
+        pstats.Stats(args.profile).sort_stats("cumulative").print_stats(40)
+
+
+def run(args):
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     caches = args.caches.split(",")
     if not set(caches) <= set(CACHES):

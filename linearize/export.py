@@ -21,6 +21,7 @@ Targets:
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import time
@@ -65,6 +66,9 @@ class Target:
     recipe: str  # the shipped recipe whose students it holds
     own_attention: tuple[str, ...] = ()  # families whose kept `attention` layers it holds too
     min_transformers: tuple[int, int] = (5, 17)  # the oldest transformers whose class computes the student's function
+    # A package whose Triton kernels transformers' class calls whenever it is installed, whatever the tensors' device
+    # (qwen3_5 with flash-linear-attention): with it installed, a CPU student is checked on CUDA.
+    device_blind_kernels: str | None = None
 
 
 QWEN3_5 = Target(
@@ -82,6 +86,7 @@ QWEN3_5 = Target(
     keep="qwen3_5_attention (convert.keep_attention with keep_as)",
     recipe="hybrid_qwen3_5",
     own_attention=("qwen3",),
+    device_blind_kernels="fla",
 )
 BAMBA = Target(
     name="bamba",
@@ -411,6 +416,21 @@ def build_native(model: nn.Module, to: str = "qwen3_5") -> nn.Module:
     return native.eval()
 
 
+def check_device(model: nn.Module, target: Target) -> torch.device:
+    """Where the exported model's logits are checked: the student's device, but CUDA for a CPU student where the
+    target's class would call installed Triton kernels on CPU tensors (which fails)."""
+    device = next(model.parameters()).device
+    package = target.device_blind_kernels
+    if device.type != "cpu" or package is None or importlib.util.find_spec(package) is None:
+        return device
+    if not torch.cuda.is_available():
+        raise LinearizeError(
+            f"transformers' {target.architecture} calls {package}'s GPU kernels whenever {package} is installed, and this "
+            f"machine has no GPU: export where {package} is not installed (pip uninstall flash-linear-attention fla-core)"
+        )
+    return torch.device("cuda")
+
+
 @torch.no_grad()
 def compare_logits(student: nn.Module, native: nn.Module, length: int = 24, seed: int = 0) -> float:
     """Relative difference ||native - student|| / ||student|| of the two models' logits on `length` random tokens."""
@@ -456,13 +476,15 @@ def export(
     native = build_native(model, target.name)
     dtype = next(model.parameters()).dtype
     limit = tolerance if tolerance is not None else (FLOAT32_TOLERANCE if dtype in (torch.float32, torch.float64) else 1e-2)
-    difference = compare_logits(model, native)
+    home, device = next(model.parameters()).device, check_device(model, target)
+    difference = compare_logits(model.to(device), native.to(device))
+    model.to(home), native.to(home)
     if not difference <= limit:
         raise LinearizeError(
             f"the exported {target.name} model's logits differ from the student's by {difference:.2e} (limit {limit:g}); "
             "this is a bug in linearize's export: please report it with the folder's config.json"
         )
-    log(f"{target.architecture}: logits differ from the student's by {difference:.2e} (relative, {dtype})")
+    log(f"{target.architecture}: logits differ from the student's by {difference:.2e} (relative, {dtype}, on {device.type})")
     with atomic_folder(out, overwrite) as staging:
         native.save_pretrained(staging)
         if tokenizer is not None:
@@ -481,6 +503,7 @@ def export(
             "layer_types": native.config.layer_types,
             "dtype": str(dtype).removeprefix("torch."),
             "logit_difference": difference,
+            "checked_on": device.type,
             "seconds": round(time.time() - started, 2),
             "engines": [{"engine": e, "versions": v, "command": c} for e, v, c in target.engines],
         }

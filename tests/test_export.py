@@ -248,3 +248,21 @@ def test_export_check_script_passes_an_export_and_fails_a_different_model(tmp_pa
     other.save_pretrained(tmp_path / "other")
     code, result = check(tmp_path / "other")
     assert code == 1 and not result["passed"] and result["logits_relative_error"] > 1e-2
+
+
+def test_the_check_runs_where_the_targets_kernels_can(monkeypatch):
+    """transformers' qwen3_5 calls fla's Triton kernels whenever fla is installed, CPU tensors too: with fla there,
+    a CPU student is checked on CUDA, and without a GPU export says what to do; bamba checks its device itself."""
+    from linearize.export import QWEN3_5, check_device
+
+    model = student()
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "fla" else real_find_spec(name, *a))
+    assert check_device(model, QWEN3_5) == torch.device("cpu")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "fla" else real_find_spec(name, *a))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert check_device(model, QWEN3_5) == torch.device("cuda")
+    assert check_device(model, BAMBA) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(LinearizeError, match=r"^transformers' Qwen3_5ForCausalLM calls fla's GPU kernels .*\(pip uninstall flash-linear-attention fla-core\)$"):
+        check_device(model, QWEN3_5)

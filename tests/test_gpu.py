@@ -148,6 +148,23 @@ def test_static_cache_generate_compiles_and_equals_dynamic(name):
     assert hasattr(model, "_compiled_call")
 
 
+def test_export_of_a_cpu_student_where_fla_is_installed(tmp_path):
+    """transformers' qwen3_5 calls fla's kernels on any tensors once fla is installed: export checks a CPU student on
+    CUDA there, and the export, reloaded on CUDA, computes the student's logits (fla on both sides)."""
+    from transformers import AutoModelForCausalLM
+
+    from linearize.export import export
+
+    teacher = tiny_model(dtype=torch.float32, hidden_size=128, num_attention_heads=2, num_key_value_heads=1)
+    model = linearize.convert(teacher, "qwen3_5_gdn", keep_attention=[1], keep_as="qwen3_5_attention")
+    out = export(model, tmp_path / "native", log=lambda m: None)
+    assert next(model.parameters()).device.type == "cpu"
+    native = AutoModelForCausalLM.from_pretrained(out).cuda()
+    ids = random_ids(2, 40).cuda()
+    with torch.no_grad():
+        assert rel(native(input_ids=ids).logits, model.cuda()(input_ids=ids).logits) < LIMIT[torch.float32]
+
+
 GGUF = os.environ.get("LINEARIZE_SMOLLM2_GGUF")
 
 

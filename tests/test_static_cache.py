@@ -41,13 +41,16 @@ def test_a_fixed_size_state_has_one_shape_whatever_the_prompt(name):
     assert len(shapes) == 1
 
 
+@pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("name", ["gated_deltanet+window", "mamba2+window", "swa"])
-def test_compiled_generate_traces_the_decode_step_once(name):
-    """transformers compiles the decode step for a static cache; fullgraph and one graph for every step."""
+def test_compiled_generate_traces_the_decode_step_once(name, batch):
+    """transformers compiles the decode step for a static cache; fullgraph and one graph for every step (at batch 1
+    too, where a slice of the growing mask would keep a stride that grows)."""
     from torch._dynamo.utils import counters
 
     model = converted(name)
     settings = padded_settings()
+    settings.update(input_ids=settings["input_ids"][:batch], attention_mask=settings["attention_mask"][:batch])
     compile_config = CompileConfig(backend="eager", fullgraph=True, mode=None)
     compile_config._compile_all_devices = True  # transformers compiles on CUDA only, unless told so
     torch._dynamo.reset()

@@ -191,7 +191,9 @@ class LinearizedForCausalLM(PreTrainedModel, GenerationMixin):
         made = inputs.get("attention_mask")
         if attention_mask is not None and attention_mask.dim() == 2 and made is not None and made.dim() != 2:
             new = inputs["input_ids"] if inputs.get("input_ids") is not None else inputs["inputs_embeds"]
-            inputs[PADDING_MASK] = attention_mask[:, -new.shape[1] :].bool()
+            # Contiguous strides: a batch-1 slice of the growing mask would keep its row stride, which grows every
+            # step, and a compiled step would be traced again for it.
+            inputs[PADDING_MASK] = attention_mask[:, -new.shape[1] :].to(torch.bool, memory_format=torch.contiguous_format)
         return inputs
 
     def _softmax_reads_mask(self) -> bool:
