@@ -86,7 +86,7 @@ serving() {  # export the trained hybrid_qwen3_5 to qwen3_5, check the export wh
     --out "$OUT/export_check.json" > "$OUT/export_check.log" 2>&1
   echo "exit $?" >> "$OUT/export_check.log"
   timeout "${BENCH_S:-200}" python3 cli.py bench /tmp/smollm2.gguf "$student" /tmp/native --no-teacher --device cuda \
-    ${BENCH:---lengths 2048,32768 --batch-sizes 1} --out "$OUT/bench_serving.json" > "$OUT/bench_serving.log" 2>&1
+    ${BENCH:---lengths 2048,8192 --batch-sizes 1} --out "$OUT/bench_serving.json" > "$OUT/bench_serving.log" 2>&1
   echo "exit $?" >> "$OUT/bench_serving.log"
 }
 
@@ -152,7 +152,7 @@ finish)  # (after pair, still warm) QUALITY0 and QUALITY1 again, which name --re
   (CUDA_VISIBLE_DEVICES=0 quality "${QUALITY_S:-330}" gpu0 "$QUALITY0"; CUDA_VISIBLE_DEVICES=0 serving) &
   (CUDA_VISIBLE_DEVICES=1 quality "${QUALITY_S:-330}" gpu1 "$QUALITY1"
    CUDA_VISIBLE_DEVICES=1 timeout "${BENCH_S:-200}" python3 cli.py bench /tmp/smollm2.gguf "/tmp/quality-gpu1/$RECIPE1" --no-teacher --device cuda \
-     ${BENCH1:---lengths 2048,32768 --batch-sizes 1} --out "$OUT/bench_gpu1.json" > "$OUT/bench_gpu1.log" 2>&1
+     ${BENCH1:---lengths 2048,8192 --batch-sizes 1} --out "$OUT/bench_gpu1.json" > "$OUT/bench_gpu1.log" 2>&1
    echo "exit $?" >> "$OUT/bench_gpu1.log") &
   wait
   ;;
