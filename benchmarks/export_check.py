@@ -4,8 +4,10 @@ The student (with linearize) scores a left-padded batch of two held-out passages
 generates greedily from it with its cache. Then a fresh `python -I` process (isolated: no PYTHONPATH, no user site,
 so neither linearize nor anything carried beside it; where linearize is pip-installed, that process hides it from
 imports too) loads the export with `AutoModelForCausalLM.from_pretrained`, without remote code, and does the same.
-It prints and writes (--out) the class loaded, the relative error of the logits at real positions, whether the
-generated tokens are equal, and that process's torch and transformers versions; it exits 1 when they differ.
+`--python` runs that process in another environment, such as a clean virtual environment that has only torch and
+transformers. It prints and writes (--out) the class loaded, the relative error of the logits at real positions,
+whether the generated tokens are equal, and that process's torch and transformers versions; it exits 1 when they
+differ.
 
     python benchmarks/export_check.py out/hybrid_qwen3_5 out/hybrid_qwen3_5-native --text corpus/heldout/persuasion.txt
 """
@@ -68,6 +70,8 @@ def main():
     parser.add_argument("native", type=Path)
     parser.add_argument("--text", type=Path, required=True, help="held-out text the probe passages come from")
     parser.add_argument("--steps", type=int, default=24, help="greedy tokens generated")
+    parser.add_argument("--python", default=sys.executable, help="the interpreter of the isolated process, e.g. a clean "
+                        "virtual environment's bin/python holding only torch and transformers (default: this one)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     student = AutoModelForCausalLM.from_pretrained(args.student, dtype=torch.float32).eval()
@@ -78,11 +82,11 @@ def main():
     with tempfile.TemporaryDirectory() as folder:
         probe = Path(folder) / "probe.pt"
         torch.save({"ids": ids, "mask": mask, "logits": logits, "tokens": tokens, "steps": args.steps}, probe)
-        done = subprocess.run([sys.executable, "-I", "-c", CHECK, str(args.native.resolve()), str(probe)], cwd=folder,
+        done = subprocess.run([args.python, "-I", "-c", CHECK, str(args.native.resolve()), str(probe)], cwd=folder,
                               capture_output=True, text=True, stdin=subprocess.DEVNULL)
     if done.returncode != 0:
         raise SystemExit(f"the isolated process failed:\n{done.stderr[-2000:]}")
-    result = {"student": str(args.student), "native": str(args.native), "tolerance": FLOAT32_TOLERANCE,
+    result = {"student": str(args.student), "native": str(args.native), "python": args.python, "tolerance": FLOAT32_TOLERANCE,
               **json.loads(done.stdout.strip().splitlines()[-1])}
     result["passed"] = result["logits_relative_error"] < FLOAT32_TOLERANCE and result["same_generation"]
     print(json.dumps(result))

@@ -237,7 +237,7 @@ def test_export_check_script_passes_an_export_and_fails_a_different_model(tmp_pa
 
     def check(native):
         command = [sys.executable, str(REPO_ROOT / "benchmarks/export_check.py"), str(folder), str(native), "--text", str(text),
-                   "--steps", "6", "--out", str(tmp_path / "check.json")]
+                   "--steps", "6", "--python", sys.executable, "--out", str(tmp_path / "check.json")]
         done = subprocess.run(command, capture_output=True, text=True, timeout=300)
         return done.returncode, json.loads((tmp_path / "check.json").read_text())
 
