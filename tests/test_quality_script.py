@@ -55,3 +55,24 @@ def test_resume_reads_a_trained_student_back_and_continues_an_interrupted_run(tm
     assert quality.train_or_resume("recipe", fresh, True, log=print) == "trained"
     assert quality.train_or_resume("recipe", trained, False, log=print) == "trained"
     assert [(c["out"].name, c["resume"], c["overwrite"]) for c in calls] == [("interrupted", True, False), ("fresh", False, True), ("trained", False, True)]
+
+
+def test_retrieval_prompts_are_seeded_per_kind_and_passkey_as_before(monkeypatch):
+    """Teacher and student answer the same prompts; passkey's are those of the runs before --ruler (seeded by length),
+    so its figures compare with BENCHMARKS.md's earlier ones."""
+    import random
+
+    from tests.tiny import tiny_tokenizer
+
+    asked = []
+    monkeypatch.setattr(quality, "answer", lambda model, tokenizer, probe: asked.append(probe.prompt_ids) or "")
+    tokenizer = tiny_tokenizer()
+    quality.retrieval(None, tokenizer, "passkey", 300, trials=2)
+    rng = random.Random(300)
+    assert asked == [quality.make_probe(tokenizer, "passkey", 300, d, rng).prompt_ids for d in quality.DEPTHS for _ in range(2)]
+    asked.clear()
+    quality.retrieval(None, tokenizer, "kv", 300, trials=2)
+    first = list(asked)
+    asked.clear()
+    quality.retrieval(None, tokenizer, "kv", 300, trials=2)
+    assert asked == first and len({tuple(p) for p in first}) == 6
