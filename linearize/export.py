@@ -478,12 +478,13 @@ def export(
         raise LinearizeError("export takes a converted model (a linearize folder or LinearizedForCausalLM); convert and distill the teacher first")
     started = time.time()
     native = build_native(model, target.name)
-    dtype = next(model.parameters()).dtype
-    home, device = next(model.parameters()).device, check_device(model, target)
+    parameter = next(model.parameters())
+    dtype, home, device = parameter.dtype, parameter.device, check_device(model, target)
     exact = CUDA_FLOAT32_TOLERANCE if device.type == "cuda" else FLOAT32_TOLERANCE
     limit = tolerance if tolerance is not None else (exact if dtype in (torch.float32, torch.float64) else 1e-2)
     difference = compare_logits(model.to(device), native.to(device))
-    model.to(home), native.to(home)
+    model.to(home)
+    native.to(home)
     if not difference <= limit:
         raise LinearizeError(
             f"the exported {target.name} model's logits differ from the student's by {difference:.2e} (limit {limit:g}); "
