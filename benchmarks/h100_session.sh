@@ -3,7 +3,9 @@
 # machine goes back 30 s after a call, so the calls follow each other at once):
 #   bash benchmarks/h100_session.sh first     # carry .whl .gguf1: wheels, first half, GPU tests (TESTS: a -k
 #                                             # expression, or none; TEST_S), kernel warm-up for the quality calls
-#                                             # (WARM, see warm() below), distillation speed (RUNS, or RUNS=none)
+#                                             # (WARM, see warm() below), distillation speed (RUNS, or RUNS=none); with
+#                                             # SERVE, serving_speed.py's arguments, that runs alone on GPU 0 with
+#                                             # compile and CUDA-graph logs, and the rest on GPU 1 (of nvidia-h200-x2)
 #   bash benchmarks/h100_session.sh second    # carry .gguf2 corpus (or corpus.tgz, `tar czf corpus.tgz corpus`): join
 #                                             # the GGUF, real-teacher GPU tests (TESTS, or TESTS=none), quality
 #                                             # (QUALITY, QUALITY_S)
@@ -14,8 +16,8 @@
 #   bash benchmarks/h100_session.sh pair      # (nvidia-h200-x2; JOIN=1 to join the GGUF and corpus as second does) two
 #                                             # quality runs at once, QUALITY0 on GPU 0 and QUALITY1 on GPU 1
 #   bash benchmarks/h100_session.sh finish    # (after pair, QUALITY0 and QUALITY1 with --resume) finish both quality
-#                                             # runs, then export and bench the hybrid_qwen3_5 on GPU 0 (as serving),
-#                                             # bench GPU 1's student beside the teacher (BENCH1)
+#                                             # runs, then on each GPU export and check a hybrid_qwen3_5 (as serving)
+#                                             # or bench any other student beside the teacher (STUDENT_BENCH, BENCH_S)
 #   bash benchmarks/h100_session.sh generate  # (after pair trained hybrid_gdn and hybrid_qwen3_5) export, then plain
 #                                             # generate() of students, export and teacher (GENERATE), QUALITY1 beside
 #   bash benchmarks/h100_session.sh train_speed  # (after first, still warm) distillation speed alone (SPEED, RUNS,
@@ -75,6 +77,21 @@ warm() {  # warm: compile, ahead of the quality calls, the fla kernels and layer
   wait
 }
 
+serve_logged() {  # serving_speed.py with SERVE's arguments on GPU 0, with dynamo's and CUDA-graph trees' logs (SERVE_LOGS)
+  CUDA_VISIBLE_DEVICES=0 TORCH_LOGS="${SERVE_LOGS:-cudagraphs,recompiles,graph_breaks,perf_hints}" timeout "${SERVE_S:-300}" \
+    python3 benchmarks/serving_speed.py $SERVE --out "$OUT/serving.jsonl" > "$OUT/serving.log" 2>&1
+  echo "exit $?" >> "$OUT/serving.log"
+}
+
+student_bench() {  # student_bench NAME: serving_speed.py of the student that quality NAME trained, beside the GGUF teacher
+  # (STUDENT_BENCH, BENCH_S)
+  local student
+  student=$(dirname "$(ls /tmp/quality-"$1"/*/config.json | head -1)")
+  timeout "${BENCH_S:-100}" python3 benchmarks/serving_speed.py --students "$student" --teacher /tmp/smollm2.gguf \
+    ${STUDENT_BENCH:---caches dynamic --lengths 2048,8192} --out "$OUT/student_bench-$1.jsonl" > "$OUT/student_bench-$1.log" 2>&1
+  echo "exit $?" >> "$OUT/student_bench-$1.log"
+}
+
 serving() {  # export the trained hybrid_qwen3_5 to qwen3_5, check the export where linearize cannot be imported
   # (export_check.py), and bench teacher, student and export (BENCH, BENCH_S)
   local student
@@ -94,12 +111,17 @@ case "$1" in
 first)
   wheels || exit 1
   cp .gguf1/part00 /tmp/part00
+  if [ -n "${SERVE:-}" ]; then
+    serve_logged &
+    export CUDA_VISIBLE_DEVICES=1
+  fi
   if [ "${TESTS:-not real_teacher}" != none ]; then
     timeout "${TEST_S:-330}" python3 -m pytest -v -p no:cacheprovider -n 14 -m gpu tests/test_gpu.py -k "${TESTS:-not real_teacher}" -rs > "$OUT/gpu_tests.log" 2>&1
     echo "exit $?" >> "$OUT/gpu_tests.log"
   fi
   [ -z "${WARM:-}" ] || warm
   [ "${RUNS:-32:off,32:on}" = none ] || train_speed 200
+  wait
   ;;
 train_speed)
   train_speed "${SPEED_S:-560}"
@@ -147,13 +169,13 @@ serving)
   serving
   ;;
 finish)  # (after pair, still warm) QUALITY0 and QUALITY1 again, which name --resume, so that both runs finish training
-  # and scoring; then GPU 0 exports its hybrid_qwen3_5 (serving) and GPU 1 benches its student, of the recipe RECIPE1,
-  # beside the teacher (BENCH1)
-  (CUDA_VISIBLE_DEVICES=0 quality "${QUALITY_S:-330}" gpu0 "$QUALITY0"; CUDA_VISIBLE_DEVICES=0 serving) &
-  (CUDA_VISIBLE_DEVICES=1 quality "${QUALITY_S:-330}" gpu1 "$QUALITY1"
-   CUDA_VISIBLE_DEVICES=1 timeout "${BENCH_S:-200}" python3 cli.py bench /tmp/smollm2.gguf "/tmp/quality-gpu1/$RECIPE1" --no-teacher --device cuda \
-     ${BENCH1:---lengths 2048,8192 --batch-sizes 1} --out "$OUT/bench_gpu1.json" > "$OUT/bench_gpu1.log" 2>&1
-   echo "exit $?" >> "$OUT/bench_gpu1.log") &
+  # and scoring; then each GPU exports and checks its hybrid_qwen3_5 (serving) or benches its other student
+  for gpu in 0 1; do
+    (export CUDA_VISIBLE_DEVICES=$gpu
+     args=QUALITY$gpu
+     quality "${QUALITY_S:-330}" "gpu$gpu" "${!args}"
+     if [ -d "/tmp/quality-gpu$gpu/hybrid_qwen3_5" ]; then serving; else student_bench "gpu$gpu"; fi) &
+  done
   wait
   ;;
 multi_gpu)

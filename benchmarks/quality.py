@@ -2,10 +2,10 @@
 
 For each recipe: `linearize run` with the corpus from `benchmarks/gather_corpus.py` (its manifest.json names the
 sources, the held-out documents of each, and the genre held out whole), then, on the saved student and on the same
-original teacher: perplexity of the first 60K tokens of every held-out text in 512-token and in 2048-token windows,
-KL(teacher || student) and top-1 next-token
-agreement on Persuasion, passkey retrieval at 512, 2K and 8K tokens, and the lm-eval suite `local` (the multiple-choice
-task austen_next_sentence, acc_norm). Stage times and tokens/s come from the run itself. It writes quality.json
+original teacher: perplexity of the first 60K tokens of every held-out text in 512-token and in 2048-token windows
+(`--ppl-contexts`: 8192 too where asked), KL(teacher || student) and top-1 next-token agreement on Persuasion,
+passkey retrieval at 512, 2K and 8K tokens, and the lm-eval suite `local` (the multiple-choice task
+austen_next_sentence, acc_norm). Stage times and tokens/s come from the run itself. It writes quality.json
 (every figure: a recipe's row as soon as it has trained, then after each measure) and, after every recipe,
 results.json (the `linearize eval` format) and report/ (`linearize report`). `--report-only` redraws the last
 two from an existing quality.json, and `--merge` draws them from chosen rows of several runs (one per recipe).
@@ -69,6 +69,20 @@ def retrieval(model, tokenizer, kind: str, length: int, trials: int) -> dict[str
         probes = [make_probe(tokenizer, kind, length, depth, rng) for _ in range(trials)]
         by_depth[f"{depth:g}"] = sum(answer_of(answer(model, tokenizer, p)) == p.answer for p in probes) / len(probes)
     return by_depth
+
+
+def heldout_windows(tokenizer, folder: Path, contexts: list[int], max_tokens: int) -> dict[str, torch.LongTensor]:
+    """Every held-out text in `folder` (the corpus's manifest names the one of a genre absent from training) cut into
+    windows of each context, keyed "persuasion" at 512 and "persuasion_2048" elsewhere: the recipes train at 512, where
+    lolcats' 256-token softmax window covers half of every window; at 2048 and beyond the linear part carries most of
+    the context."""
+    heldout = {}
+    for path in sorted(folder.glob("*.txt")):
+        name = HELDOUT_NAMES.get(path.stem, path.stem)
+        text = read_text_source(str(path))
+        for context in contexts:
+            heldout[name if context == 512 else f"{name}_{context}"] = token_windows(tokenizer, text, context, max_tokens=max_tokens)
+    return heldout
 
 
 def tasks(model, tokenizer, suite: str, limit: int | None = None) -> dict:
@@ -229,6 +243,8 @@ def main():
                         "beside passkey, at the same lengths")
     parser.add_argument("--resume", action="store_true", help="keep --out's finished rows, continue an interrupted recipe run "
                         "from its checkpoints, and score a trained student that was not scored")
+    parser.add_argument("--ppl-contexts", default="512,2048", help="perplexity of every held-out text in windows of each "
+                        "length (8192 is SmolLM2's context)")
     parser.add_argument("--eval-tokens", type=int, default=61440, help="held-out tokens scored (the first 60K of each text)")
     parser.add_argument("--suite", default="local", help="lm-eval suite scored on teacher and students (eval/suites.yaml), or none")
     parser.add_argument("--task-limit", type=int, default=0, help="questions per lm-eval task (0: all; a CPU smoke run wants a few)")
@@ -258,15 +274,7 @@ def main():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     teacher_model, tokenizer = linearize.load_teacher(args.teacher, dtype=torch.float32)
     teacher_model = teacher_model.to(device).eval()
-    heldout = {}
-    # Every held-out text (the corpus's manifest names the one of a genre absent from training) at 512 and 2048: the
-    # recipes train at 512, where lolcats' 256-token softmax window covers half of every window; at 2048 the linear
-    # part carries most of the context.
-    for path in sorted((corpus / "heldout").glob("*.txt")):
-        name = HELDOUT_NAMES.get(path.stem, path.stem)
-        text = read_text_source(str(path))
-        for context in (512, 2048):
-            heldout[name if context == 512 else f"{name}_{context}"] = token_windows(tokenizer, text, context, max_tokens=args.eval_tokens)
+    heldout = heldout_windows(tokenizer, corpus / "heldout", [int(n) for n in args.ppl_contexts.split(",")], args.eval_tokens)
     budgets = [int(t) for t in args.tokens.split(",")]
     # Every row shares it: the original teacher, scored once, in the first recipe's turn.
     teacher_scores: dict = summary[0]["teacher"] if summary else {}

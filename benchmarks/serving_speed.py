@@ -26,8 +26,10 @@ import pstats
 import signal
 import sys
 import time
+from collections import Counter
 
 import torch
+from torch._dynamo.utils import counters
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import linearize
@@ -108,17 +110,42 @@ def measure(model, context: int, new_tokens: int, cache: str, device, bandwidth:
     model(input_ids=ids, use_cache=False, logits_to_keep=1)
     sync(device)
     prefill = time.perf_counter() - start
+    before = compile_counts()
     start = time.perf_counter()
     model.generate(**settings)
     sync(device)
     total = time.perf_counter() - start
+    during = {name: count - before[name] for name, count in compile_counts().items()}
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
     floor = floor_bytes(model, ids)
     # generate() prefills again: the decode rate is what the steps after it took.
     return {"context": context, "cache": cache, "prefill_tokens_per_s": context / prefill,
             "decode_tokens_per_s": new_tokens / max(total - prefill, 1e-9), "generate_seconds": total, "warmup_seconds": warmup,
-            "peak_bytes": peak,
+            "peak_bytes": peak, "timed_call": during,
             "floor_bytes_per_token": floor, "floor_tokens_per_s": bandwidth / floor}
+
+
+RECORDINGS = Counter(cudagraph_recordings=0)
+
+
+def count_recordings() -> None:
+    """Count the CUDA graphs that torch.compile's CUDA-graph trees record (each recording runs the step under capture)."""
+    from torch._inductor import cudagraph_trees
+
+    record = cudagraph_trees.CUDAGraphTreeManager.record_function
+
+    def counted(self, *args, **kwargs):
+        RECORDINGS["cudagraph_recordings"] += 1
+        return record(self, *args, **kwargs)
+
+    cudagraph_trees.CUDAGraphTreeManager.record_function = counted
+
+
+def compile_counts() -> dict[str, int]:
+    """What compiling did so far: graphs traced, graph breaks, CUDA graphs recorded and skipped (the timed call should
+    add none of these)."""
+    return {"graphs_traced": counters["stats"]["unique_graphs"], "graph_breaks": counters["graph_break"].total(),
+            "cudagraph_skips": counters["inductor"]["cudagraph_skips"], **RECORDINGS}
 
 
 def main():
@@ -153,6 +180,8 @@ def main():
 
 def run(args):
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if device.type == "cuda":
+        count_recordings()
     caches = args.caches.split(",")
     if not set(caches) <= set(CACHES):
         raise SystemExit(f"--caches takes {' or '.join(CACHES)}, got {args.caches!r}")

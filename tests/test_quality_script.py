@@ -76,3 +76,14 @@ def test_retrieval_prompts_are_seeded_per_kind_and_passkey_as_before(monkeypatch
     asked.clear()
     quality.retrieval(None, tokenizer, "kv", 300, trials=2)
     assert asked == first and len({tuple(p) for p in first}) == 6
+
+
+def test_heldout_windows_are_cut_at_every_context_asked(tmp_path):
+    from tests.tiny import tiny_tokenizer
+
+    (tmp_path / "persuasion.txt").write_text("It is a truth universally acknowledged. " * 400)
+    (tmp_path / "python-docs.txt").write_text("def f(x):\n    return x + 1\n" * 400)
+    heldout = quality.heldout_windows(tiny_tokenizer(), tmp_path, [512, 2048], max_tokens=4096)
+    assert sorted(heldout) == ["docs", "docs_2048", "persuasion", "persuasion_2048"]
+    assert heldout["persuasion"].shape[1] == 512 and heldout["persuasion_2048"].shape == (2, 2048)
+    assert [quality.text_and_context(f"ppl_{key}") for key in ("docs", "docs_2048")] == [("docs", 512), ("docs", 2048)]

@@ -6,7 +6,7 @@ import torch
 from transformers import CompileConfig
 
 from linearize import LinearizeError
-from linearize.hf.cache import MixerState
+from linearize.hf.cache import MixerState, returned_cache
 from tests.test_mixers import CONSTANT_STATE, MIXER_CASES, converted
 from tests.tiny import left_padded, random_ids
 
@@ -75,3 +75,35 @@ def test_a_static_state_refuses_a_new_shape():
     assert state.tensors["S"] is kept and bool(kept.eq(1).all())
     with pytest.raises(LinearizeError, match="changed shape"):
         state.tensors = {"S": torch.zeros(2, 4)}
+
+
+def state_addresses(cache) -> list[int]:
+    return [t.data_ptr() for layer in cache.layers for t in (getattr(layer, "tensors", None) or {}).values()] + [
+        t.data_ptr() for layer in cache.layers for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if t is not None
+    ]
+
+
+@pytest.mark.parametrize("name", sorted(CONSTANT_STATE))
+def test_the_next_static_generation_reuses_the_reset_cache(name):
+    """A second generate() of the same batch size gets the first one's cache, reset: the same addresses (so CUDA
+    graphs replay instead of being recorded again) and the same tokens as a dynamic cache, with another prompt."""
+    model = converted(name)
+    first = padded_settings()
+    model.generate(**first, cache_implementation="static")
+    kept = model._static_cache[2]
+    addresses = state_addresses(kept)
+    second = dict(first, input_ids=random_ids(2, 12, seed=7))
+    assert torch.equal(model.generate(**second, cache_implementation="static"), model.generate(**second))
+    assert model._static_cache[2] is kept and state_addresses(kept) == addresses
+
+
+def test_a_static_cache_is_not_reused_across_batch_sizes_nor_when_returned():
+    model = converted("gated_deltanet+window")
+    settings = padded_settings()
+    model.generate(**settings, cache_implementation="static")
+    kept = model._static_cache[2]
+    one = dict(settings, input_ids=settings["input_ids"][:1], attention_mask=settings["attention_mask"][:1])
+    assert torch.equal(model.generate(**one, cache_implementation="static"), model.generate(**one))
+    assert model._static_cache[2] is not kept
+    returned = model.generate(**one, cache_implementation="static", return_dict_in_generate=True)
+    assert returned_cache(returned) is not model._static_cache[2]

@@ -7,6 +7,7 @@ classes so no remote code is needed where it is.
 
 from __future__ import annotations
 
+import inspect
 import shutil
 from pathlib import Path
 
@@ -176,13 +177,30 @@ class LinearizedForCausalLM(PreTrainedModel, GenerationMixin):
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         """transformers' hook: `cache_implementation="static"` gets a static LinearizedCache (which generate()
-        compiles its decode step for on CUDA); otherwise forward() builds the dynamic cache on the first call."""
+        compiles its decode step for on CUDA); otherwise forward() builds the dynamic cache on the first call.
+
+        The static cache is kept and reset for the next call of the same batch size, mode, device and dtype that
+        fits in it (as transformers 4.x kept its own): its tensors keep their addresses, so the compiled step's CUDA
+        graphs replay instead of being recorded again each call. A cache that generate() returns
+        (`return_dict_in_generate`) belongs to the caller and is never reused.
+        """
         name = "cache" if OUTPUT_CACHE_FIELD == "cache" else "past_key_values"
         static = generation_config.cache_implementation in ALL_STATIC_CACHE_IMPLEMENTATIONS
         if not static or model_kwargs.get(name) is not None or generation_config.use_cache is False:
             return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        *_, max_cache_length = args or (kwargs["max_cache_length"],)
-        model_kwargs[name] = self.new_cache(max(max_cache_length, getattr(generation_config, "max_cache_len", None) or 0))
+        bound = inspect.signature(GenerationMixin._prepare_cache_for_generation).bind(self, generation_config, model_kwargs, *args, **kwargs)
+        length = max(bound.arguments["max_cache_length"], getattr(generation_config, "max_cache_len", None) or 0)
+        batch = max(generation_config.num_beams, generation_config.num_return_sequences or 1) * bound.arguments["batch_size"]
+        if generation_config.return_dict_in_generate:
+            model_kwargs[name] = self.new_cache(length)
+            return
+        key = (tuple(self.cache_kinds()), batch, self.device, self.dtype)
+        kept = getattr(self, "_static_cache", None)
+        if kept is None or kept[0] != key or kept[1] < length:
+            self._static_cache = kept = (key, length, self.new_cache(length))
+        else:
+            kept[2].reset()
+        model_kwargs[name] = kept[2]
 
     def prepare_inputs_for_generation(self, input_ids, *args, attention_mask=None, **kwargs):
         """transformers' inputs, plus the new tokens' padding for converted layers where transformers turned the 2D
