@@ -2,10 +2,10 @@
 # warm H100 (one call carries at most 64 MiB, the SmolLM2 GGUF is 98 MB, so it travels in two halves, and a
 # machine goes back 30 s after a call, so the calls follow each other at once):
 #   bash benchmarks/h100_session.sh first     # carry .whl .gguf1: wheels, first half, GPU tests (TESTS: a -k
-#                                             # expression, or none; TEST_S), kernel warm-up for the quality calls
-#                                             # (WARM, see warm() below), distillation speed (RUNS, or RUNS=none); with
-#                                             # SERVE, serving_speed.py's arguments, that runs alone on GPU 0 with
-#                                             # compile and CUDA-graph logs, and the rest on GPU 1 (of nvidia-h200-x2)
+#                                             # expression, or none; TEST_S) and beside them a kernel warm-up for the
+#                                             # quality calls (WARM, see warm() below), then distillation speed (RUNS,
+#                                             # or RUNS=none); with SERVE (serving_speed.py's arguments) that runs alone
+#                                             # on GPU 0 with compile and CUDA-graph logs, the rest on GPU 1
 #   bash benchmarks/h100_session.sh second    # carry .gguf2 corpus (or corpus.tgz, `tar czf corpus.tgz corpus`): join
 #                                             # the GGUF, real-teacher GPU tests (TESTS, or TESTS=none), quality
 #                                             # (QUALITY, QUALITY_S)
@@ -115,13 +115,13 @@ first)
     serve_logged &
     export CUDA_VISIBLE_DEVICES=1
   fi
+  [ -z "${WARM:-}" ] || warm &  # compiling is CPU work: beside the tests
   if [ "${TESTS:-not real_teacher}" != none ]; then
     timeout "${TEST_S:-330}" python3 -m pytest -v -p no:cacheprovider -n 14 -m gpu tests/test_gpu.py -k "${TESTS:-not real_teacher}" -rs > "$OUT/gpu_tests.log" 2>&1
     echo "exit $?" >> "$OUT/gpu_tests.log"
   fi
-  [ -z "${WARM:-}" ] || warm
-  [ "${RUNS:-32:off,32:on}" = none ] || train_speed 200
   wait
+  [ "${RUNS:-32:off,32:on}" = none ] || train_speed 200
   ;;
 train_speed)
   train_speed "${SPEED_S:-560}"
