@@ -14,7 +14,8 @@
 #                                             # teacher, student and native model (BENCH, BENCH_S)
 #   bash benchmarks/h100_session.sh quality   # (after second, still warm) more quality runs
 #   bash benchmarks/h100_session.sh pair      # (nvidia-h200-x2; JOIN=1 to join the GGUF and corpus as second does) two
-#                                             # quality runs at once, QUALITY0 on GPU 0 and QUALITY1 on GPU 1
+#                                             # quality runs at once, QUALITY0 on GPU 0 and QUALITY1 on GPU 1; with
+#                                             # SERVE, GPU 0 runs serving_speed.py (as first) and the GPU tests TESTS
 #   bash benchmarks/h100_session.sh finish    # (after pair, QUALITY0 and QUALITY1 with --resume) finish both quality
 #                                             # runs, then on each GPU export and check a hybrid_qwen3_5 (as serving)
 #                                             # or bench any other student beside the teacher (STUDENT_BENCH, BENCH_S)
@@ -77,6 +78,11 @@ warm() {  # warm: compile, ahead of the quality calls, the fla kernels and layer
   wait
 }
 
+gpu_tests() {  # gpu_tests EXPRESSION: tests/test_gpu.py -k EXPRESSION in 14 processes, within TEST_S
+  timeout "${TEST_S:-330}" python3 -m pytest -v -p no:cacheprovider -n 14 -m gpu tests/test_gpu.py -k "$1" -rs > "$OUT/gpu_tests.log" 2>&1
+  echo "exit $?" >> "$OUT/gpu_tests.log"
+}
+
 serve_logged() {  # serving_speed.py with SERVE's arguments on GPU 0, with dynamo's and CUDA-graph trees' logs (SERVE_LOGS)
   CUDA_VISIBLE_DEVICES=0 TORCH_LOGS="${SERVE_LOGS:-cudagraphs,recompiles,graph_breaks,perf_hints}" timeout "${SERVE_S:-300}" \
     python3 benchmarks/serving_speed.py $SERVE --out "$OUT/serving.jsonl" > "$OUT/serving.log" 2>&1
@@ -116,10 +122,7 @@ first)
     export CUDA_VISIBLE_DEVICES=1
   fi
   [ -z "${WARM:-}" ] || warm &  # compiling is CPU work: beside the tests
-  if [ "${TESTS:-not real_teacher}" != none ]; then
-    timeout "${TEST_S:-330}" python3 -m pytest -v -p no:cacheprovider -n 14 -m gpu tests/test_gpu.py -k "${TESTS:-not real_teacher}" -rs > "$OUT/gpu_tests.log" 2>&1
-    echo "exit $?" >> "$OUT/gpu_tests.log"
-  fi
+  [ "${TESTS:-not real_teacher}" = none ] || gpu_tests "${TESTS:-not real_teacher}"
   wait
   [ "${RUNS:-32:off,32:on}" = none ] || train_speed 200
   ;;
@@ -147,7 +150,11 @@ pair)  # (after second's join, or as second with JOIN=1) two quality runs at onc
     echo "$(cat .gguf2/sha256)  /tmp/smollm2.gguf" | sha256sum -c > "$OUT/sha256.txt" 2>&1 || exit 1
     rm -rf /tmp/corpus && mkdir -p /tmp/corpus && tar xzf corpus.tgz -C /tmp/corpus --strip-components=1
   fi
-  CUDA_VISIBLE_DEVICES=0 quality "${QUALITY_S:-570}" gpu0 "$QUALITY0" &
+  if [ -n "${SERVE:-}" ]; then  # GPU 0 measures serving instead, then runs the GPU tests TESTS, if given
+    (serve_logged; [ -z "${TESTS:-}" ] || CUDA_VISIBLE_DEVICES=0 gpu_tests "$TESTS") &
+  else
+    CUDA_VISIBLE_DEVICES=0 quality "${QUALITY_S:-570}" gpu0 "$QUALITY0" &
+  fi
   CUDA_VISIBLE_DEVICES=1 quality "${QUALITY_S:-570}" gpu1 "$QUALITY1" &
   wait
   ;;

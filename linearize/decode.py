@@ -79,7 +79,7 @@ class GraphDecoder:
                     before[name].copy_(tensor)
         torch.cuda.current_stream().wait_stream(stream)
         for layer, before in zip(states, inputs):
-            layer.tensors = before
+            layer.write(before)
         return graph, static_token, static_position, static_next
 
     @torch.no_grad()

@@ -54,7 +54,7 @@ def parallel(mixer, hidden, position_embeddings, mask):
 def stateful(mixer, hidden, position_embeddings, mask, initial: dict | None, cuts: list[int]):
     """Heads from consecutive calls over hidden[:, cuts[i]:cuts[i+1]] sharing one MixerState; and the final state."""
     state = MixerState()
-    state.tensors = {name: t.clone() for name, t in (initial or {}).items()}
+    state.write({name: t.clone() for name, t in (initial or {}).items()})
     outs = [_run(mixer, hidden, position_embeddings, mask, state, a, b) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
     return torch.cat(outs, dim=2), state.tensors
 

@@ -112,6 +112,19 @@ def test_compiled_hybrid_stages_train_like_eager_ones(data):
         torch.testing.assert_close(results[1][name], results[0][name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_compiled_stages_are_not_cut_short_by_dynamos_recompile_limit(data, monkeypatch):
+    """A hybrid's layers compile to several variants per stage (softmax and converted layers, with and without
+    gradients in, the teacher's pass), and earlier stages' variants stay: past dynamo's limit the rest would run
+    eagerly. Here a limit of 2 fails loudly if a stage's raised limit is missing."""
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+    torch._dynamo.reset()
+    model = linearize.convert(tiny_model("llama", dtype=torch.float32), "gated_deltanet", keep_attention=[1], window=4)
+    model = attention_transfer.run(model, data, AttentionTransferConfig(tokens=32 * 2 * 2, batch_size=2, compile=True), session())
+    lora_kd.run(model, data, LoraKDConfig(tokens=32 * 2 * 2, batch_size=2, compile=True, train_new_parameters=True), session())
+    assert torch._dynamo.config.recompile_limit == 2
+
+
 def test_a_compiled_stage_that_fails_hands_back_an_eager_model(data):
     model = student()
     compiled = []

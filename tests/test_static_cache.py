@@ -45,18 +45,25 @@ def test_a_fixed_size_state_has_one_shape_whatever_the_prompt(name):
 @pytest.mark.parametrize("name", ["gated_deltanet+window", "mamba2+window", "swa"])
 def test_compiled_generate_traces_the_decode_step_once(name, batch):
     """transformers compiles the decode step for a static cache; fullgraph and one graph for every step (at batch 1
-    too, where a slice of the growing mask would keep a stride that grows)."""
+    too, where a slice of the growing mask would keep a stride that grows), which writes the states in place and
+    returns only the logits: new states returned from the graph would be written after it, outside the graph."""
     from torch._dynamo.utils import counters
+
+    outputs = []
+
+    def backend(graph, example_inputs):
+        outputs.append(len(next(n for n in graph.graph.nodes if n.op == "output").args[0]))
+        return graph.forward
 
     model = converted(name)
     settings = padded_settings()
     settings.update(input_ids=settings["input_ids"][:batch], attention_mask=settings["attention_mask"][:batch])
-    compile_config = CompileConfig(backend="eager", fullgraph=True, mode=None)
+    compile_config = CompileConfig(backend=backend, fullgraph=True, mode=None)
     compile_config._compile_all_devices = True  # transformers compiles on CUDA only, unless told so
     torch._dynamo.reset()
     counters.clear()
     compiled = model.generate(**settings, cache_implementation="static", compile_config=compile_config)
-    assert counters["stats"]["unique_graphs"] == 1
+    assert counters["stats"]["unique_graphs"] == 1 and outputs == [1]
     assert torch.equal(compiled, model.generate(**settings))
 
 
@@ -69,12 +76,12 @@ def test_only_fixed_size_states_make_a_compileable_cache():
 
 def test_a_static_state_refuses_a_new_shape():
     state = MixerState(static=True)
-    state.tensors = {"S": torch.zeros(2, 3)}
+    state.write({"S": torch.zeros(2, 3)})
     kept = state.tensors["S"]
-    state.tensors = {"S": torch.ones(2, 3)}
+    state.write({"S": torch.ones(2, 3)})
     assert state.tensors["S"] is kept and bool(kept.eq(1).all())
     with pytest.raises(LinearizeError, match="changed shape"):
-        state.tensors = {"S": torch.zeros(2, 4)}
+        state.write({"S": torch.zeros(2, 4)})
 
 
 def state_addresses(cache) -> list[int]:

@@ -132,6 +132,18 @@ def compile_layers(model: nn.Module) -> list[nn.Module]:
     return layers
 
 
+# Compiled variants of the decoder layer's forward (one code object for every layer): each kind of layer (kept softmax,
+# each mixer), with and without gradients flowing in (the first layer, the teacher's pass), per stage (LoRA wraps
+# projections; a new sequence length), and those of earlier stages stay. torch's default limit of 8 was hit at a
+# recipe's third stage, which then ran eagerly and silently (BENCHMARKS.md, seventh session).
+LAYER_VARIANTS = 64
+
+
+def compile_limits():
+    """dynamo's recompile limit raised (never lowered) to LAYER_VARIANTS for a compiled stage."""
+    return torch._dynamo.config.patch(recompile_limit=max(torch._dynamo.config.recompile_limit, LAYER_VARIANTS))
+
+
 def uncompile(module: nn.Module) -> None:
     """Undo `module.compile()`, so the module runs eagerly again."""
     # torch (2.11 to 2.13) has no public inverse: compile() sets the compiled call as an instance attribute over
@@ -253,7 +265,7 @@ class _Stage:
         self.model.train()
         compiled = compile_layers(self.model) if config.compile else []
         try:
-            with progress:
+            with progress, compile_limits() if compiled else nullcontext():
                 task = progress.add_task(self.where, total=self.steps, completed=self.start, rate="- tok/s", loss="-")
                 for step in range(self.start, self.steps):
                     grad_norm = self.optimizer_step(step)

@@ -45,9 +45,9 @@ def returned_cache(output) -> Cache | None:
 
 
 class MixerState(CacheLayerMixin):
-    """One converted layer's state. Mixers read `tensors` and assign the next ones; `seen` counts tokens.
+    """One converted layer's state. Mixers read `tensors` and `write` the next ones; `seen` counts tokens.
 
-    A static state (`static=True`) copies each assignment into the tensors of its first one, so their addresses
+    A static state (`static=True`) copies each write into the tensors of its first one, so their addresses
     never change, and counts tokens in a tensor: a compiled decode step then neither re-traces nor reads the
     host. Its mixer's state must keep one shape; a state that grows (kept KV) is built non-static.
     """
@@ -72,8 +72,13 @@ class MixerState(CacheLayerMixin):
     def tensors(self) -> dict[str, torch.Tensor]:
         return self._tensors
 
-    @tensors.setter
-    def tensors(self, new: dict[str, torch.Tensor]) -> None:
+    def write(self, new: dict[str, torch.Tensor]) -> None:
+        """Take `new` as the state. A static state copies it into the tensors of its first write.
+
+        A method, not a property setter: torch.compile inlines it into the decode step's graph on every supported
+        torch, where torch 2.11 replayed a setter after the graph, as a frame of its own per layer (recorded as a
+        CUDA graph of its own per layer, and run once per layer at every step).
+        """
         if not self.static:
             self._tensors = new
             return

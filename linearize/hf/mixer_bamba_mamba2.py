@@ -145,7 +145,7 @@ class BambaMamba2(Mixer):
         decode = state is not None and q.shape[2] == 1
         y, ssm = simple_gla(c, b * dt[..., None], x, g, 1.0, tensors.get("ssm"), decode=decode, output_state=state is not None)
         if state is not None:
-            state.tensors = {"conv": conv, "ssm": ssm}
+            state.write({"conv": conv, "ssm": ssm})
         y = y + self.D.to(x.dtype)[:, None, None] * x
         batch, heads, length, d = y.shape
         z = self.z_proj(hidden_states).reshape(batch, length, heads, d).transpose(1, 2)

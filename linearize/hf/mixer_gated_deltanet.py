@@ -188,7 +188,7 @@ class GatedDeltaNetMixer(Mixer):
             out, cache = add_window(self.spec, self.window, out, share, q, k, v, position_embeddings, padding_mask, None if state is None else tensors)
             new.update(cache)
         if state is not None:
-            state.tensors = new
+            state.write(new)
         if padding_mask is not None:
             out = out * padding_mask[:, None, :, None]
         return out

@@ -98,5 +98,5 @@ class GLAMixer(Mixer):
             heads, cache = add_window(self.spec, self.window, heads, 0.5, q, k, v, position_embeddings, padding_mask, None if state is None else tensors)
             new.update(cache)
         if state is not None:
-            state.tensors = new
+            state.write(new)
         return heads.to(v.dtype)

@@ -103,7 +103,7 @@ class HedgehogMixer(Mixer):
             output_state=state is not None,
         )
         if state is not None:
-            state.tensors = {"S": final[:, ::groups].clone()}  # a copy: a view would keep every query head's state
+            state.write({"S": final[:, ::groups].clone()})  # a copy: a view would keep every query head's state
         num, den = out[..., :-1], out[..., -1:]
         # den is 0 only where no real key has been seen yet (left padding), and num with it.
         return num / torch.where(den > 0, den, torch.ones_like(den))
@@ -155,12 +155,13 @@ class HedgehogSWAMixer(HedgehogMixer):
         # The state is kept per kv head: its keys, values and feature-mapped keys are the same for every query
         # head of one kv head, and so are the sums of those that left the window.
         if state is not None and q.shape[2] == 1:
-            out, state.tensors = decode_window_linear(q, k, v, fq, fk, state=state.tensors, **kwargs)
+            out, new = decode_window_linear(q, k, v, fq, fk, state=state.tensors, **kwargs)
+            state.write(new)
             return out
         k, v, fk = repeat_heads(k, groups), repeat_heads(v, groups), repeat_heads(fk, groups)
         if state is None:
             return chunk_window_linear(q, k, v, fq, fk, **kwargs)[0]
         initial = {name: repeat_heads(t, groups) if t.dim() > 2 else t for name, t in state.tensors.items()}
         out, final = chunk_window_linear(q, k, v, fq, fk, state=initial, output_state=True, **kwargs)
-        state.tensors = {name: t[:, ::groups].clone() if t.dim() > 2 and groups > 1 else t for name, t in final.items()}
+        state.write({name: t[:, ::groups].clone() if t.dim() > 2 and groups > 1 else t for name, t in final.items()})
         return out

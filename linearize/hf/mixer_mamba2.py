@@ -110,7 +110,7 @@ class Mamba2Mixer(Mixer):
             y, cache = add_window(self.spec, self.window, y, share, q, k, v, position_embeddings, padding_mask, tensors)
             new.update(cache)
         if state is not None:
-            state.tensors = new
+            state.write(new)
         if padding_mask is not None:
             y = y * padding_mask[:, None, :, None]
         return y

@@ -90,7 +90,7 @@ class Qwen35Attention(Mixer):
             v = torch.cat((state.tensors["v"], v), dim=2)
             mask = torch.cat((state.tensors["mask"], mask), dim=1)
         if state is not None:
-            state.tensors = {"k": k, "v": v, "mask": mask}
+            state.write({"k": k, "v": v, "mask": mask})
         out = causal_attention(q, k, v, mask, self.spec.scaling)
         gate = self.gate_proj(hidden_states).reshape(batch, length, -1, q.shape[-1]).transpose(1, 2)
         out = out * (2 * torch.sigmoid(gate.to(out.dtype)))

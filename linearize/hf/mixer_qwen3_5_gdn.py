@@ -135,7 +135,7 @@ class Qwen35GatedDeltaNet(Mixer):
             cq, ck, cv, g, beta, self.spec.head_dim**-0.5, tensors.get("recurrent"), decode=decode, output_state=state is not None
         )
         if state is not None:
-            state.tensors = {"conv": conv, "recurrent": recurrent}
+            state.write({"conv": conv, "recurrent": recurrent})
         batch, heads, length, d = out.shape
         z = self.z_proj(hidden_states).reshape(batch, length, heads, d).transpose(1, 2)
         out = gated_rms_norm(out.to(hidden_states.dtype), z, self.norm_weight, self.options.eps)

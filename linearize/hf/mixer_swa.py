@@ -46,5 +46,5 @@ class SWAMixer(Mixer):
         cache = None if state is None else state.tensors
         heads, cache = sliding_window_heads(self.spec, self.window, q, k, v, position_embeddings, padding_mask, cache)
         if state is not None:
-            state.tensors = cache
+            state.write(cache)
         return heads
