@@ -26,7 +26,6 @@ import pstats
 import signal
 import sys
 import time
-from collections import Counter
 
 import torch
 from torch._dynamo.utils import counters
@@ -125,17 +124,15 @@ def measure(model, context: int, new_tokens: int, cache: str, device, bandwidth:
             "floor_bytes_per_token": floor, "floor_tokens_per_s": bandwidth / floor}
 
 
-RECORDINGS = Counter(cudagraph_recordings=0)
-
-
 def count_recordings() -> None:
-    """Count the CUDA graphs that torch.compile's CUDA-graph trees record (each recording runs the step under capture)."""
+    """Count, beside torch's own inductor counters, the CUDA graphs that torch.compile's CUDA-graph trees record (each
+    recording runs the step under capture)."""
     from torch._inductor import cudagraph_trees
 
     record = cudagraph_trees.CUDAGraphTreeManager.record_function
 
     def counted(self, *args, **kwargs):
-        RECORDINGS["cudagraph_recordings"] += 1
+        counters["inductor"]["cudagraph_recordings"] += 1
         return record(self, *args, **kwargs)
 
     cudagraph_trees.CUDAGraphTreeManager.record_function = counted
@@ -145,7 +142,7 @@ def compile_counts() -> dict[str, int]:
     """What compiling did so far: graphs traced, graph breaks, CUDA graphs recorded and skipped (the timed call should
     add none of these)."""
     return {"graphs_traced": counters["stats"]["unique_graphs"], "graph_breaks": counters["graph_break"].total(),
-            "cudagraph_skips": counters["inductor"]["cudagraph_skips"], **RECORDINGS}
+            "cudagraph_skips": counters["inductor"]["cudagraph_skips"], "cudagraph_recordings": counters["inductor"]["cudagraph_recordings"]}
 
 
 def main():

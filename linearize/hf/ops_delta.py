@@ -27,8 +27,9 @@ __all__ = [
 
 
 # torch.compile unrolls the chunk loop of chunk_gated_delta_rule, so under it chunks grow (by whole multiples) until at
-# most this many are traced: compiling forward and backward at 2,048 tokens took 76.9 s with 32 chunks of 64 and
-# 27.1 s with 8 of 256 (CPU inductor, BENCHMARKS.md), and the longer chunks cost only intra-chunk matmuls.
+# most this many are traced: a cold compile of forward and backward at 2,048 tokens took 75.2 s with 32 chunks of 64
+# and 28.2 s with 8 of 256, while the compiled step itself went from 29.5 to 47.8 ms, the longer chunks' intra-chunk
+# work (CPU inductor, benchmarks/compile_cost.py, BENCHMARKS.md; unmeasured on a GPU).
 TRACED_CHUNKS = 8
 
 
