@@ -104,19 +104,21 @@ def score(
     task_limit: int | None, into: dict, save,
 ) -> None:
     """Score `model` into `into`, calling `save` after each measure, so a run stopped by a time limit keeps the
-    figures it got."""
+    figures it got; a measure already in `into` (from such a run, under --resume) is not taken again."""
     model.eval()
     # 8 windows of 512 per batch, 4 of 2048: the float32 logits over SmolLM2's 49K vocabulary are the peak.
     for name, windows in heldout.items():
-        into[f"ppl_{name}"] = perplexity(model, windows.to(model.device), batch_size=max(1, min(8, 8192 // windows.shape[1])))
-    save()
+        if f"ppl_{name}" not in into:
+            into[f"ppl_{name}"] = perplexity(model, windows.to(model.device), batch_size=max(1, min(8, 8192 // windows.shape[1])))
+            save()
     for kind in kinds:
         for n in lengths:
-            by_depth = retrieval(model, tokenizer, kind, n, trials)
-            into[f"{kind}_{n}"] = sum(by_depth.values()) / len(by_depth)
-            into[f"{kind}_{n}_by_depth"] = by_depth
-            save()
-    if suite:
+            if f"{kind}_{n}_by_depth" not in into:
+                by_depth = retrieval(model, tokenizer, kind, n, trials)
+                into[f"{kind}_{n}"] = sum(by_depth.values()) / len(by_depth)
+                into[f"{kind}_{n}_by_depth"] = by_depth
+                save()
+    if suite and "tasks" not in into:
         into |= tasks(model, tokenizer, suite, task_limit)
         save()
 
@@ -269,18 +271,22 @@ def main():
         from linearize.evaluate.harness import run_tasks  # noqa: F401  (a missing lm-eval fails here, before any training)
 
         task_specs((), suite)  # an unknown suite too
-    # --resume keeps the rows that were scored to the end (the teacher's figures with them) and redoes the rest.
-    summary = [row for row in json.loads((out / "quality.json").read_text()) if "seconds" in row] if args.resume and (out / "quality.json").is_file() else []
+    # --resume keeps the rows that were scored to the end, and the figures of a row cut short while scoring (its
+    # student's and the teacher's): scoring goes on from the first measure that it lacks.
+    rows = json.loads((out / "quality.json").read_text()) if args.resume and (out / "quality.json").is_file() else []
+    summary = [row for row in rows if "seconds" in row]
+    unfinished = {row["recipe"]: row for row in rows if "seconds" not in row}
     device = "cuda" if torch.cuda.is_available() else "cpu"
     teacher_model, tokenizer = linearize.load_teacher(args.teacher, dtype=torch.float32)
     teacher_model = teacher_model.to(device).eval()
     heldout = heldout_windows(tokenizer, corpus / "heldout", [int(n) for n in args.ppl_contexts.split(",")], args.eval_tokens)
     budgets = [int(t) for t in args.tokens.split(",")]
-    # Every row shares it: the original teacher, scored once, in the first recipe's turn.
-    teacher_scores: dict = summary[0]["teacher"] if summary else {}
+    # Every row shares it: the original teacher, scored once, in the first recipe's turn (or in the turns it took).
+    teacher_scores: dict = summary[0]["teacher"] if summary else next(iter(unfinished.values()), {}).get("teacher", {})
 
-    def save() -> None:
-        (out / "quality.json").write_text(json.dumps(summary, indent=1))
+    def save() -> None:  # unfinished rows stay on record until their recipe's turn
+        waiting = [row for name, row in unfinished.items() if all(r["recipe"] != name for r in summary)]
+        (out / "quality.json").write_text(json.dumps(summary + waiting, indent=1))
 
     for name in args.recipes.split(","):
         if any(row["recipe"] == name for row in summary):
@@ -303,18 +309,22 @@ def main():
         model = AutoModelForCausalLM.from_pretrained(out / name, dtype=torch.float32).to(device)
         # The row goes to quality.json as soon as training ends, and grows measure by measure.
         row = training_row(name, result, model, teacher_scores, time.time() - started)
+        previous = unfinished.get(name, {})
+        row |= {key: previous[key] for key in ("student", "pipeline_seconds") if key in previous}
         summary.append(row)
         save()
-        # Against the original teacher, not the student's teacher_mode: LoRA KD merges into the teacher's projections.
-        row["kl_per_token"], row["top1_agreement"], row["agreement_tokens"] = agreement(
-            lambda batch: teacher_model(batch, use_cache=False).logits, lambda batch: model(batch, use_cache=False).logits,
-            heldout["persuasion"][:AGREEMENT_WINDOWS].to(device),
-        )
+        if "kl_per_token" not in previous:
+            # Against the original teacher, not the student's teacher_mode: LoRA KD merges into the teacher's projections.
+            row["kl_per_token"], row["top1_agreement"], row["agreement_tokens"] = agreement(
+                lambda batch: teacher_model(batch, use_cache=False).logits, lambda batch: model(batch, use_cache=False).logits,
+                heldout["persuasion"][:AGREEMENT_WINDOWS].to(device),
+            )
+        else:
+            row |= {key: previous[key] for key in ("kl_per_token", "top1_agreement", "agreement_tokens")}
         save()
         # The student first: the teacher's figures are the same in every run, so a run cut short loses the least.
         score(model, tokenizer, heldout, lengths, kinds, args.trials, suite, args.task_limit or None, row["student"], save)
-        if not teacher_scores:
-            score(teacher_model, tokenizer, heldout, lengths, kinds, args.trials, suite, args.task_limit or None, teacher_scores, save)
+        score(teacher_model, tokenizer, heldout, lengths, kinds, args.trials, suite, args.task_limit or None, teacher_scores, save)
         row["seconds"] = time.time() - started
         save()
         publish(summary, out, args.eval_tokens)

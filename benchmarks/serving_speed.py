@@ -26,9 +26,12 @@ import pstats
 import signal
 import sys
 import time
+from pathlib import Path
 
 import torch
 from torch._dynamo.utils import counters
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import linearize
@@ -87,7 +90,31 @@ def floor_bytes(model, ids) -> int:
 
 
 @torch.no_grad()
-def measure(model, context: int, new_tokens: int, cache: str, device, bandwidth: float) -> dict:
+def traced(model, settings: dict, new_tokens: int, device, path: Path) -> dict:
+    """Where a decode step's time goes: generate() under torch.profiler, with the timed call's tokens and with one, the
+    difference per token: wall milliseconds (the profiler's overhead included), GPU kernels run and their milliseconds,
+    CUDA-graph launches. `path` gets the longer call's costliest ops by self CPU time and by GPU time."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    calls = {}
+    for tokens in (1, new_tokens + 1):
+        with profile(activities=activities) as prof:
+            start = time.perf_counter()
+            model.generate(**{**settings, "max_new_tokens": tokens, "min_new_tokens": tokens})
+            sync(device)
+            wall = time.perf_counter() - start
+        events = prof.events()
+        kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+        calls[tokens] = {"wall_ms": wall * 1e3, "kernels": len(kernels), "kernel_ms": sum(e.time_range.elapsed_us() for e in kernels) / 1e3,
+                         "graph_launches": sum(e.name == "cudaGraphLaunch" for e in events)}
+    tables = [prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)]
+    if device.type == "cuda":
+        tables.append(prof.key_averages().table(sort_by="self_device_time_total", row_limit=30))
+    path.write_text("\n\n".join(tables))
+    return {f"{key}_per_token": (calls[new_tokens + 1][key] - calls[1][key]) / new_tokens for key in calls[1]}
+
+
+@torch.no_grad()
+def measure(model, context: int, new_tokens: int, cache: str, device, bandwidth: float, trace: Path | None = None) -> dict:
     ids = torch.randint(0, model.config.get_text_config().vocab_size, (1, context), generator=torch.Generator().manual_seed(0)).to(device)
     settings = dict(input_ids=ids, max_new_tokens=new_tokens + 1, min_new_tokens=new_tokens + 1, do_sample=False)
     if cache == "static":
@@ -118,10 +145,13 @@ def measure(model, context: int, new_tokens: int, cache: str, device, bandwidth:
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
     floor = floor_bytes(model, ids)
     # generate() prefills again: the decode rate is what the steps after it took.
-    return {"context": context, "cache": cache, "prefill_tokens_per_s": context / prefill,
-            "decode_tokens_per_s": new_tokens / max(total - prefill, 1e-9), "generate_seconds": total, "warmup_seconds": warmup,
-            "peak_bytes": peak, "timed_call": during,
-            "floor_bytes_per_token": floor, "floor_tokens_per_s": bandwidth / floor}
+    row = {"context": context, "cache": cache, "prefill_tokens_per_s": context / prefill,
+           "decode_tokens_per_s": new_tokens / max(total - prefill, 1e-9), "generate_seconds": total, "warmup_seconds": warmup,
+           "peak_bytes": peak, "timed_call": during,
+           "floor_bytes_per_token": floor, "floor_tokens_per_s": bandwidth / floor}
+    if trace is not None:
+        row["trace"] = traced(model, settings, new_tokens, device, trace)
+    return row
 
 
 def count_recordings() -> None:
@@ -159,6 +189,9 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--bandwidth", type=float, default=4.8e12, help="memory bandwidth in bytes/s for the floor")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--trace", default=None, help="folder: after each timed generate(), profile it (torch.profiler) and "
+                        "add per token the wall and GPU kernel milliseconds and the kernels run to the row (\"trace\"), "
+                        "the costliest ops into FOLDER/MODEL-CONTEXT-CACHE.txt")
     parser.add_argument("--profile", default=None, help="cProfile the whole run into this file (pstats) and print its 40 "
                         "costliest calls, also when `timeout` stops the run (SIGTERM): where a slow compile spends its time")
     args = parser.parse_args()
@@ -192,14 +225,21 @@ def run(args):
     first = next(iter(models.values()))
     teacher = linearize.load_teacher(args.teacher, dtype=dtype)[0].to(device).eval() if args.teacher else None
     out = open(args.out, "a") if args.out else None
+    if args.trace:
+        Path(args.trace).mkdir(parents=True, exist_ok=True)
+
+    def trace(name: str, context: int, cache: str) -> Path | None:
+        return Path(args.trace) / f"{Path(name).name.replace(':', '_').replace('=', '')}-{context}-{cache}.txt" if args.trace else None
+
     for context in (int(n) for n in args.lengths.split(",")):
         for cache in caches:
-            rows = {name: measure(model, context, args.new_tokens, cache, device, args.bandwidth) for name, model in models.items()}
+            rows = {name: measure(model, context, args.new_tokens, cache, device, args.bandwidth, trace(name, context, cache))
+                    for name, model in models.items()}
             if teacher is not None:
-                rows["teacher"] = measure(teacher, context, args.new_tokens, cache, device, args.bandwidth)
+                rows["teacher"] = measure(teacher, context, args.new_tokens, cache, device, args.bandwidth, trace("teacher", context, cache))
             else:
                 with linearize.teacher_mode(first):
-                    rows["teacher"] = measure(first, context, args.new_tokens, cache, device, args.bandwidth)
+                    rows["teacher"] = measure(first, context, args.new_tokens, cache, device, args.bandwidth, trace("teacher", context, cache))
             for name, row in rows.items():
                 line = json.dumps({"model": name, "shape": None if args.students else args.shape, "dtype": args.dtype,
                                    "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", **row})

@@ -87,3 +87,23 @@ def test_heldout_windows_are_cut_at_every_context_asked(tmp_path):
     assert sorted(heldout) == ["docs", "docs_2048", "persuasion", "persuasion_2048"]
     assert heldout["persuasion"].shape[1] == 512 and heldout["persuasion_2048"].shape == (2, 2048)
     assert [quality.text_and_context(f"ppl_{key}") for key in ("docs", "docs_2048")] == [("docs", 512), ("docs", 2048)]
+
+
+def test_scoring_goes_on_from_the_first_measure_it_lacks(monkeypatch):
+    """Under --resume a row cut short while scoring keeps its figures: only the missing measures are taken, each saved
+    as it lands."""
+    taken = []
+    monkeypatch.setattr(quality, "perplexity", lambda model, windows, batch_size: taken.append(windows.shape[1]) or 9.0)
+    monkeypatch.setattr(quality, "retrieval", lambda model, tokenizer, kind, n, trials: taken.append((kind, n)) or {"0.1": 1.0, "0.9": 0.0})
+    monkeypatch.setattr(quality, "tasks", lambda model, tokenizer, suite, limit: taken.append(suite) or {"tasks": []})
+    model = tiny_model()
+    heldout = {"persuasion": quality.torch.zeros(2, 512, dtype=quality.torch.long), "persuasion_2048": quality.torch.zeros(1, 2048, dtype=quality.torch.long)}
+    into = {"ppl_persuasion": 30.0, "passkey_2048": 1.0, "passkey_2048_by_depth": {"0.1": 1.0}}
+    saves = []
+    quality.score(model, None, heldout, [2048, 4096], ["passkey", "kv"], 3, "local", None, into, lambda: saves.append(dict(into)))
+    assert taken == [2048, ("passkey", 4096), ("kv", 2048), ("kv", 4096), "local"]
+    assert into["ppl_persuasion"] == 30.0 and into["ppl_persuasion_2048"] == 9.0 and into["kv_4096"] == 0.5
+    assert len(saves) == 5
+    taken.clear()
+    quality.score(model, None, heldout, [2048, 4096], ["passkey", "kv"], 3, "local", None, into, lambda: saves.append(dict(into)))
+    assert taken == [] and len(saves) == 5
