@@ -6,6 +6,8 @@
 #                                             # quality calls (WARM, see warm() below), then distillation speed (RUNS,
 #                                             # or RUNS=none); with SERVE (serving_speed.py's arguments) that runs alone
 #                                             # on GPU 0 with compile and CUDA-graph logs, the rest on GPU 1
+#   bash benchmarks/h100_session.sh solo      # (nvidia-h200, one GPU) carry .whl .gguf1, as first: SERVE, then WARM, then
+#                                             # TESTS, each if given, one after another on the one GPU
 #   bash benchmarks/h100_session.sh second    # carry .gguf2 corpus (or corpus.tgz, `tar czf corpus.tgz corpus`): join
 #                                             # the GGUF, real-teacher GPU tests (TESTS, or TESTS=none), quality
 #                                             # (QUALITY, QUALITY_S)
@@ -114,6 +116,14 @@ serving() {  # export the trained hybrid_qwen3_5 to qwen3_5, check the export wh
 }
 
 case "$1" in
+solo)  # (nvidia-h200, one GPU) first's carry and set-up, then SERVE (as first), WARM and the GPU tests TESTS, if given,
+  # one after another
+  wheels || exit 1
+  cp .gguf1/part00 /tmp/part00
+  [ -z "${SERVE:-}" ] || serve_logged
+  [ -z "${WARM:-}" ] || warm
+  [ -z "${TESTS:-}" ] || gpu_tests "$TESTS"
+  ;;
 first)
   wheels || exit 1
   cp .gguf1/part00 /tmp/part00
@@ -141,7 +151,7 @@ second)
   quality "${QUALITY_S:-420}" second
   ;;
 quality)
-  quality 580 "${RUN:-third}"
+  quality "${QUALITY_S:-580}" "${RUN:-third}"
   ;;
 pair)  # (after second's join, or as second with JOIN=1) two quality runs at once, one per GPU of nvidia-h200-x2:
   # QUALITY0 and QUALITY1 are their arguments, named gpu0 and gpu1
@@ -192,6 +202,6 @@ multi_gpu)
   cp /tmp/multi_gpu/multi_gpu.json /tmp/multi_gpu/*.log "$OUT/" 2>/dev/null
   ;;
 *)
-  echo "usage: bash benchmarks/h100_session.sh first|second|quality|pair|finish|generate|serving|train_speed|multi_gpu" >&2; exit 2
+  echo "usage: bash benchmarks/h100_session.sh solo|first|second|quality|pair|finish|generate|serving|train_speed|multi_gpu" >&2; exit 2
   ;;
 esac
