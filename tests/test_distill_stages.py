@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 
 import linearize
 from linearize.distillation import AttentionTransferConfig, LoraKDConfig, Session, layer_errors
-from linearize.distillation.loop import TrainConfig, train
+from linearize.distillation.loop import TrainConfig, compile_layers, train
 from linearize.distillation.stages import attention_transfer, lora_kd
 from linearize.hf.errors import LinearizeError
 from tests.tiny import assert_reloaded, tiny_data, tiny_model
@@ -123,6 +123,25 @@ def test_compiled_stages_are_not_cut_short_by_dynamos_recompile_limit(data, monk
     model = attention_transfer.run(model, data, AttentionTransferConfig(tokens=32 * 2 * 2, batch_size=2, compile=True), session())
     lora_kd.run(model, data, LoraKDConfig(tokens=32 * 2 * 2, batch_size=2, compile=True, train_new_parameters=True), session())
     assert torch._dynamo.config.recompile_limit == 2
+
+
+def test_a_new_stage_length_compiles_static_graphs_of_its_own(monkeypatch):
+    """Compiled layers keep static shapes when the next stage changes the length: with dynamo's automatic dynamic
+    shapes the second length would trace with a symbolic size (which inductor failed to generate on CUDA)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("eager")
+    compile = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda module, **kwargs: compile(module, backend=counter, **kwargs))
+    torch._dynamo.reset()
+    model = linearize.convert(tiny_model("llama", dtype=torch.float32), "gated_deltanet", window=4)
+    compile_layers(model)
+    with torch.no_grad():
+        for length in (16, 40):
+            model(torch.randint(0, 100, (2, length)), use_cache=False)
+    symbolic = [n.name for g in counter.graphs for n in g.graph.nodes if isinstance(n.meta.get("example_value"), torch.SymInt)]
+    assert counter.frame_count == 2 and symbolic == []
+    torch._dynamo.reset()
 
 
 def test_a_compiled_stage_that_fails_hands_back_an_eager_model(data):

@@ -125,10 +125,15 @@ def compile_layers(model: nn.Module) -> list[nn.Module]:
     layer, not the model's depth. `nn.Module.compile` keeps the compiled call on the module itself, so names and
     state_dict keys stay as they are. Under FSDP the layer inside each unit's wrappers is compiled, so the units'
     gathering and resharding run eagerly around it.
+
+    Shapes are static: a stage's windows all have one length, and the next stage's length compiles graphs of its own.
+    With dynamo's automatic dynamic shapes, the 2,048-token stage after a 512-token one recompiled the gated delta
+    rule with a symbolic length, which inductor could not generate code for on CUDA (torch 2.11: "Unexpected tiling"
+    in the chunk cumsum; BENCHMARKS.md, eighth session).
     """
     layers = [inside_wrappers(layer) for layer in decoder_layers(model, model.config.get_text_config().num_hidden_layers)]
     for layer in layers:
-        layer.compile()
+        layer.compile(dynamic=False)
     return layers
 
 
