@@ -80,6 +80,10 @@ class SelectionConfig:
     tokens: held-out tokens the scores are measured on, in windows of `seq_len` tokens (default data.seq_len;
         longer windows choose by what long context needs).
     batch_size: windows per forward pass while scoring.
+    retrieval: also score each layer by how much restoring it lowers the KL at the answers of this many retrieval
+        tasks (passkey, needle and multi-key needle of the training pool, `seq_len` tokens each, filled with held-out
+        text; one forward pass per layer). It proposes its layers, and so do it and the text's best ranking in
+        turn; the proposal with the lowest sum of the KL on text and at the answers wins. 0: text only.
     """
 
     kl: bool = False
@@ -87,12 +91,15 @@ class SelectionConfig:
     tokens: int = 16384
     seq_len: int | None = None
     batch_size: int = 4
+    retrieval: int = 0
 
     def __post_init__(self):
         if self.tokens < 1 or self.batch_size < 1 or (self.seq_len is not None and self.seq_len < 8):
             raise LinearizeError(
                 f"convert.selection.tokens and batch_size must be positive and seq_len at least 8, got {self.tokens}, {self.batch_size} and {self.seq_len}"
             )
+        if self.retrieval < 0:
+            raise LinearizeError(f"convert.selection.retrieval is a number of retrieval tasks, 0 or more; got {self.retrieval}")
 
 
 @dataclass

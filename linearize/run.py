@@ -30,7 +30,7 @@ from .distillation.data import DistillData, check_source, load_data
 from .distillation.loop import count_steps
 from .distillation.resume import check_checkpoints, start_checkpoints
 from .distillation.retrieval_mix import check_kinds
-from .distillation.selection import apply_selection, auto_amount, auto_count, select_attention
+from .distillation.selection import SELECTION_KINDS, apply_selection, auto_amount, auto_count, retrieval_windows, select_attention
 from .distillation.session import Session, check_resume, make_accelerator
 from .hf.errors import LinearizeError
 from .hf.mixers import check_option_names, get_mixer
@@ -160,6 +160,10 @@ class Run:
         self.model.to(self.accelerator.device)
         self.tokenizer, self.data = tokenizer, self._data(data, tokenizer)
         say(f"data: {self.data.description}")
+        if self.keep is not None and recipe.convert.selection.retrieval:  # its tasks fit the length, found before training
+            if tokenizer is None:
+                raise LinearizeError("convert.selection.retrieval needs the tokenizer: pass tokenizer=... to distill(), or set convert.selection.retrieval=0")
+            retrieval_windows(tokenizer, self.data.heldout_windows(recipe.convert.selection.seq_len, recipe.convert.selection.tokens)[:1], len(SELECTION_KINDS))
         if self.checkpoints is not None:
             if self.accelerator.is_main_process:
                 start_checkpoints(self.checkpoints, recipe, self.model, self.resume, say)
@@ -216,17 +220,19 @@ class Run:
             session.say(f"selection (from {saved}): softmax attention kept in layers {selection['kept_attention']}")
             return selection
         windows = self.data.heldout_windows(settings.seq_len, max_tokens=settings.tokens)
-        selection = select_attention(self.model, windows, self.keep, settings, *keep_as)
+        selection = select_attention(self.model, windows, self.keep, settings, *keep_as, tokenizer=self.tokenizer)
         session.record({"event": "selection", **selection})
         if saved is not None and session.main:
             saved.write_text(json.dumps(selection, indent=2))
         rows = ", ".join(
             f"{f['layer']}: {f['normalized']:.3g}" + (f"/kl {f['kl']:.3g}" if "kl" in f else "")
-            + (f"/restore {f['restore_gain']:.3g}" if "restore_gain" in f else "") for f in selection["layers"]
+            + (f"/restore {f['restore_gain']:.3g}" if "restore_gain" in f else "")
+            + (f"/retrieval {f['retrieval_gain']:.3g}" if "retrieval_gain" in f else "") for f in selection["layers"]
         )
         session.say(f"selection by {selection['method']}: softmax attention kept in layers {selection['kept_attention']} (per layer {rows})")
         for method, candidate in (selection.get("candidates") or {}).items():
-            session.say(f"  proposed by {method}: layers {candidate['kept_attention']}, KL to the teacher {candidate['kl']:.4g}")
+            answers = f", at retrieval answers {candidate['answer_kl']:.4g}" if "answer_kl" in candidate else ""
+            session.say(f"  proposed by {method}: layers {candidate['kept_attention']}, KL to the teacher {candidate['kl']:.4g}{answers}")
         return selection
 
     def record(self, **scores: Any) -> RunRecord:

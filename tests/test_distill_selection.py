@@ -8,11 +8,11 @@ from transformers import AutoModelForCausalLM
 import linearize
 from linearize.config import SelectionConfig, load_recipe
 from linearize.distillation import layer_errors, select_attention
-from linearize.distillation.selection import auto_amount, auto_count, restore_gains, single_layer_kl
+from linearize.distillation.selection import auto_amount, auto_count, interleaved, restore_gains, retrieval_windows, single_layer_kl, token_kl
 from linearize.hf.mixers import mixers_in
 from linearize.hf.errors import LinearizeError
 from linearize.surgery import revert_to_attention
-from tests.tiny import assert_reloaded, tiny_data, tiny_model
+from tests.tiny import assert_reloaded, tiny_data, tiny_model, tiny_tokenizer
 
 LAYERS = 6
 
@@ -162,3 +162,79 @@ def test_restore_scoring_proposes_per_scorer_and_the_closest_model_wins(windows)
     assert candidates["restore-one-layer KL gain"]["kept_attention"] == sorted(sorted(gains, key=gains.get, reverse=True)[:2])
     assert all(f["restore_gain"] == pytest.approx(gains[f["layer"]]) for f in selection["layers"])
     assert selection["converted_kl"] == pytest.approx(converted) and all(c["kl"] < converted for c in candidates.values())
+
+
+@pytest.fixture(scope="module")
+def long_windows():
+    return tiny_data(seq_len=32).heldout_windows(512, 4096)[:2]
+
+
+def test_retrieval_tasks_mark_the_positions_that_predict_their_answers(long_windows):
+    """Selection's retrieval tasks: passkey, needle and multi-key needle of the training pool in turn, as long as
+    the filler windows, seeded; the mask marks the positions that predict the answer."""
+    tokenizer = tiny_tokenizer()
+    tasks, answers = retrieval_windows(tokenizer, long_windows, 3)
+    assert tasks.shape == (3, 512) and answers.shape == (3, 512)
+    for row, words in zip(range(3), ("pass key", "special magic number", "special magic number")):
+        text = tokenizer.decode(tasks[row])
+        assert words in text
+        predicted = tokenizer.decode(tasks[row, answers[row].nonzero().flatten() + 1])
+        assert predicted.startswith(" ") and predicted.endswith(".") and predicted.strip(" .").isdigit()
+        assert len(predicted.strip(" .")) == 6 and text.endswith(predicted.strip())  # training answers have 6 digits
+        assert answers[row, -1].item() is False
+    again, _ = retrieval_windows(tokenizer, long_windows, 3)
+    assert torch.equal(tasks, again)
+    with pytest.raises(LinearizeError, match="raise convert.selection.seq_len"):
+        retrieval_windows(tokenizer, long_windows[:, :128], 1)
+
+
+def test_retrieval_scoring_proposes_the_layers_answers_need_and_the_lowest_sum_wins(long_windows):
+    """retrieval: each layer's gain is the fall of the KL at the answers when it alone is restored; that ranking
+    proposes its layers, and so does it in turn with the text's; every proposal is measured on text and at the
+    answers, and the lowest sum wins."""
+    tokenizer = tiny_tokenizer()
+    model = student()
+    tasks, answers = retrieval_windows(tokenizer, long_windows, 3)
+    converted, gains = restore_gains(model, tasks, 4, answers)
+    with torch.no_grad(), linearize.teacher_mode(model):
+        teacher = model(input_ids=tasks).logits
+    with torch.no_grad():
+        assert converted == pytest.approx(token_kl(model(input_ids=tasks).logits, teacher)[answers].mean().item(), rel=1e-5)
+    selection = select_attention(model, long_windows, 2, SelectionConfig(kl=True, retrieval=3), tokenizer=tokenizer)
+    candidates = selection["candidates"]
+    assert set(candidates) == {"attention-transfer MSE / teacher output mean square", "single-layer logit KL",
+                               "restore-one-layer KL gain at retrieval answers", "retrieval and text rankings in turn"}
+    by_gain = sorted(gains, key=gains.get, reverse=True)
+    assert candidates["restore-one-layer KL gain at retrieval answers"]["kept_attention"] == sorted(by_gain[:2])
+    by_kl = sorted((f["layer"] for f in selection["layers"]), key=lambda i: next(f["kl"] for f in selection["layers"] if f["layer"] == i), reverse=True)
+    assert candidates["retrieval and text rankings in turn"]["kept_attention"] == sorted(interleaved(by_gain, by_kl)[:2])
+    best = min(candidates, key=lambda name: candidates[name]["kl"] + candidates[name]["answer_kl"])
+    assert selection["method"] == best and selection["kept_attention"] == candidates[best]["kept_attention"]
+    assert all(f["retrieval_gain"] == pytest.approx(gains[f["layer"]]) for f in selection["layers"])
+    assert selection["converted_answer_kl"] == pytest.approx(converted) and selection["retrieval_tasks"] == 3
+    assert sum(e["mixer"] == "attention" for e in model.config.layers) == 2
+
+
+def test_retrieval_scoring_needs_the_tokenizer_and_a_count(long_windows):
+    with pytest.raises(LinearizeError, match="needs the tokenizer"):
+        select_attention(student(), long_windows, 2, SelectionConfig(retrieval=3))
+    with pytest.raises(LinearizeError, match="convert.selection.retrieval"):
+        SelectionConfig(retrieval=-1)
+    assert interleaved([3, 1, 2], [1, 4, 3]) == [3, 1, 4, 2]
+
+
+def test_a_recipe_chooses_by_retrieval_answers_and_a_short_length_is_refused_before_training():
+    data, tokenizer = tiny_data(seq_len=32), tiny_tokenizer()
+    overrides = ["convert.mixer=hedgehog", "convert.options={}", "convert.keep_attention=auto:2", "data.seq_len=32",
+                 "stages=[{kind: attention_transfer, tokens: 256, batch_size: 2, lr: 0.05}]", "convert.selection.retrieval=3"]
+    messages = []
+    with pytest.raises(LinearizeError, match="raise convert.selection.seq_len"):
+        linearize.distill(tiny_model("llama", dtype=torch.float32, num_hidden_layers=LAYERS), data, "quickstart", tokenizer=tokenizer,
+                          overrides=overrides, log=messages.append, progress=False)
+    assert not any("attention_transfer" in m for m in messages)
+    with pytest.raises(LinearizeError, match="needs the tokenizer"):
+        linearize.distill(tiny_model("llama", dtype=torch.float32, num_hidden_layers=LAYERS), data, "quickstart", overrides=overrides, progress=False)
+    model = linearize.distill(tiny_model("llama", dtype=torch.float32, num_hidden_layers=LAYERS), data, "quickstart", tokenizer=tokenizer,
+                              overrides=overrides + ["convert.selection.seq_len=512", "convert.selection.tokens=1024"], log=messages.append, progress=False)
+    assert model.config.selection["retrieval_tasks"] == 3 and len(model.config.selection["kept_attention"]) == 2
+    assert any("at retrieval answers" in m for m in messages) and any("/retrieval " in m for m in messages)

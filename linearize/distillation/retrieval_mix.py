@@ -50,10 +50,16 @@ class RetrievalMix:
         return batch
 
     def _task(self, kind: str, depth: float, rng: random.Random, window: torch.Tensor) -> torch.Tensor:
-        probe = make_probe(self.tokenizer, kind, self.seq_len - 8, depth, rng, pool="train")
-        answer = self.tokenizer(f" {probe.answer}.", add_special_tokens=False, verbose=False)["input_ids"]
-        ids = (probe.prompt_ids + answer)[-self.seq_len :]
-        return torch.cat((window[: self.seq_len - len(ids)], torch.tensor(ids, dtype=window.dtype)))
+        return task_window(self.tokenizer, kind, self.seq_len, depth, rng, window)[0]
+
+
+def task_window(tokenizer, kind: str, seq_len: int, depth: float, rng: random.Random, window: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """A retrieval task of the training pool ending in its answer, filled up to `seq_len` tokens with the first tokens
+    of `window`; and how many tokens the answer (with its full stop) takes at the end."""
+    probe = make_probe(tokenizer, kind, seq_len - 8, depth, rng, pool="train")
+    answer = tokenizer(f" {probe.answer}.", add_special_tokens=False, verbose=False)["input_ids"]
+    ids = (probe.prompt_ids + answer)[-seq_len:]
+    return torch.cat((window[: seq_len - len(ids)], torch.tensor(ids, dtype=window.dtype))), len(answer)
 
 
 def with_retrieval(windows, config, tokenizer, seed: int) -> tuple[object, str]:

@@ -7,15 +7,19 @@ whatever their quality. Optionally each layer is also scored end to end: by the 
 only that layer is converted (`kl`), or by how much the KL of the fully converted model falls when that layer
 alone goes back to softmax attention (`restore`, as fla-org's hybrid distillation chooses). The N worst layers
 go back to the teacher's attention; with `restore`, each scorer proposes N layers and the proposal whose model
-is measured closest to the teacher wins.
+is measured closest to the teacher wins. Text alone does not show which layers retrieve from far back: with
+`retrieval`, each layer is also scored at the answers of retrieval tasks (how much restoring it lowers the KL
+there), and the proposals are measured on text and at the answers together.
 """
 
 from __future__ import annotations
 
+import random
 import re
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import SelectionConfig
@@ -24,7 +28,7 @@ from ..hf.mixers import mixers_in, teacher_mode
 from ..hf.plan import ATTENTION
 from ..surgery import revert_to_attention
 from .stages.attention_transfer import layer_errors
-from .kd import kd_losses
+from .retrieval_mix import task_window
 
 AUTO = re.compile(r"auto:([0-9]*\.?[0-9]+)")
 
@@ -52,22 +56,32 @@ def auto_count(amount: float, num_layers: int) -> int:
 
 
 @torch.no_grad()
-def _kl(model: nn.Module, windows: torch.Tensor, batch_size: int, restored: list[set[int]]) -> list[float]:
-    """KL(teacher || model) per token on `windows` for each set of layers in `restored` put back on softmax
-    attention (the teacher's logits computed once per batch)."""
+def _kl(model: nn.Module, windows: torch.Tensor, batch_size: int, restored: list[set[int]], mask: torch.Tensor | None = None) -> list[float]:
+    """KL(teacher || model) per token on `windows` (at the positions `mask` marks, or all) for each set of layers in
+    `restored` put back on softmax attention (the teacher's logits computed once per batch)."""
     device = next(model.parameters()).device
     mixers = mixers_in(model)
     totals = [0.0] * len(restored)
-    for batch in windows.split(batch_size):
+    positions = 0
+    masks = mask.split(batch_size) if mask is not None else [None] * len(windows.split(batch_size))
+    for batch, chosen in zip(windows.split(batch_size), masks):
         batch = batch.to(device)
+        positions += batch.numel() if chosen is None else int(chosen.sum())
         with teacher_mode(model):
             teacher = model(input_ids=batch, use_cache=False).logits
             for n, layers in enumerate(restored):
                 for mixer in mixers:
                     mixer.teacher = mixer.layer_idx in layers
-                student = model(input_ids=batch, use_cache=False).logits
-                totals[n] += kd_losses(student, teacher, batch, 1.0)[0].item() * batch.shape[0]
-    return [total / windows.shape[0] for total in totals]
+                kl = token_kl(model(input_ids=batch, use_cache=False).logits, teacher)
+                totals[n] += (kl if chosen is None else kl[chosen.to(device)]).sum().item()
+    return [total / positions for total in totals]
+
+
+def token_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) at every position of (batch, sequence, vocabulary) logits, in float32 at least."""
+    dtype = torch.promote_types(student.dtype, torch.float32)
+    log_student, log_teacher = F.log_softmax(student.to(dtype), dim=-1), F.log_softmax(teacher.to(dtype), dim=-1)
+    return F.kl_div(log_student, log_teacher, log_target=True, reduction="none").sum(-1)
 
 
 def single_layer_kl(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> dict[int, float]:
@@ -76,28 +90,73 @@ def single_layer_kl(model: nn.Module, windows: torch.Tensor, batch_size: int = 4
     return dict(zip(layers, _kl(model, windows, batch_size, [set(layers) - {i} for i in layers])))
 
 
-def restore_gains(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> tuple[float, dict[int, float]]:
-    """The KL of the fully converted model, and per layer how much it falls when that layer alone is restored."""
+def restore_gains(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, mask: torch.Tensor | None = None) -> tuple[float, dict[int, float]]:
+    """The KL of the fully converted model (at the positions `mask` marks, or all), and per layer how much it falls
+    when that layer alone is restored."""
     layers = sorted(m.layer_idx for m in mixers_in(model))
-    converted, *each = _kl(model, windows, batch_size, [set()] + [{i} for i in layers])
+    converted, *each = _kl(model, windows, batch_size, [set()] + [{i} for i in layers], mask)
     return converted, {i: converted - kl for i, kl in zip(layers, each)}
 
 
-METHODS = {"error": "attention-transfer MSE / teacher output mean square", "kl": "single-layer logit KL", "restore": "restore-one-layer KL gain"}
+# The tasks a small teacher answers: SmolLM2-135M scores near 0 on key-value retrieval and variable tracking
+# (BENCHMARKS.md), where the KL at the answer would measure noise.
+SELECTION_KINDS = ("passkey", "needle", "multikey")
+
+
+def retrieval_windows(tokenizer, filler: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`count` retrieval tasks of the training pool (passkey, needle and multi-key needle in turn, at seeded
+    depths), each as long as a row of `filler` and filled from its first tokens, the answer at the end; and the
+    mask of the positions that predict an answer token."""
+    seq_len = filler.shape[1]
+    windows, mask = [], torch.zeros(count, seq_len, dtype=torch.bool)
+    for i in range(count):
+        rng = random.Random(f"selection:{i}")
+        try:
+            window, answer = task_window(tokenizer, SELECTION_KINDS[i % len(SELECTION_KINDS)], seq_len, rng.random(), rng, filler[i % len(filler)])
+        except LinearizeError as error:
+            raise LinearizeError(f"convert.selection.retrieval: {error}; raise convert.selection.seq_len") from None
+        windows.append(window)
+        mask[i, seq_len - answer - 1 : seq_len - 1] = True
+    return torch.stack(windows), mask
+
+
+def interleaved(*rankings: list[int]) -> list[int]:
+    """One ranking from several: their layers taken in turn, best first, each once."""
+    order: list[int] = []
+    for layer in (layer for ranks in zip(*rankings) for layer in ranks):
+        if layer not in order:
+            order.append(layer)
+    return order
+
+
+METHODS = {
+    "error": "attention-transfer MSE / teacher output mean square",
+    "kl": "single-layer logit KL",
+    "restore": "restore-one-layer KL gain",
+    "retrieval": "restore-one-layer KL gain at retrieval answers",
+    "both": "retrieval and text rankings in turn",
+}
 
 
 def select_attention(
-    model: nn.Module, windows: torch.Tensor, count: int, config: SelectionConfig, keep_as: str = ATTENTION, options: dict[str, Any] | None = None
+    model: nn.Module, windows: torch.Tensor, count: int, config: SelectionConfig, keep_as: str = ATTENTION, options: dict[str, Any] | None = None,
+    tokenizer: Any = None,
 ) -> dict[str, Any]:
     """Score every converted layer on `windows`, revert the `count` worst to softmax attention (the teacher's layer,
     or the mixer `keep_as` with `options`: see `revert_to_attention`), and record the
     choice and the per-layer figures in `model.config.selection` (saved with the model). Returns that record.
     With `config.restore`, each scorer proposes its layers and the proposal whose restored model has the lowest
     KL to the teacher wins (`candidates` records each proposal and its KL).
+    With `config.retrieval` (N tasks, made with `tokenizer` from the rows of `windows`), layers are also scored by how
+    much restoring each lowers the KL at the tasks' answers; that ranking proposes its layers, and so do it and the
+    text's best ranking in turn; every proposal is measured on both, and the lowest sum of the two KLs wins.
 
     Example:
         >>> select_attention(student, data.heldout_windows(max_tokens=16384), 4, SelectionConfig())["kept_attention"]
     """
+    if config.retrieval and tokenizer is None:
+        raise LinearizeError("convert.selection.retrieval needs the tokenizer: pass tokenizer=... to distill(), or set convert.selection.retrieval=0")
+    tasks, answers = retrieval_windows(tokenizer, windows, config.retrieval) if config.retrieval else (None, None)
     was_training = model.training
     model.eval()
     errors = layer_errors(model, windows, config.batch_size)
@@ -109,24 +168,37 @@ def select_attention(
         scores["kl"] = single_layer_kl(model, windows, config.batch_size)
     if config.restore:
         converted, scores["restore"] = restore_gains(model, windows, config.batch_size)
-    proposals = {name: sorted(sorted(errors, key=lambda i: score[i], reverse=True)[:count]) for name, score in scores.items()}
+    if tasks is not None:
+        converted_answers, scores["retrieval"] = restore_gains(model, tasks, config.batch_size, answers)
+    rankings = {name: sorted(errors, key=lambda i: score[i], reverse=True) for name, score in scores.items()}
+    if tasks is not None:
+        rankings["both"] = interleaved(rankings["retrieval"], rankings["kl" if config.kl else "error"])
+    proposals = {name: sorted(ranking[:count]) for name, ranking in rankings.items()}
     candidates = None
-    if config.restore:
-        measured = _kl(model, windows, config.batch_size, [set(keep) for keep in proposals.values()])
+    if config.restore or tasks is not None:
+        kept = [set(keep) for keep in proposals.values()]
+        measured = _kl(model, windows, config.batch_size, kept)
         candidates = {name: {"kept_attention": keep, "kl": kl} for (name, keep), kl in zip(proposals.items(), measured)}
-        method = min(candidates, key=lambda name: candidates[name]["kl"])
+        if tasks is not None:
+            for candidate, kl in zip(candidates.values(), _kl(model, tasks, config.batch_size, kept, answers)):
+                candidate["answer_kl"] = kl
+        method = min(candidates, key=lambda name: candidates[name]["kl"] + candidates[name].get("answer_kl", 0.0))
     else:
         method = "kl" if config.kl else "error"
     model.train(was_training)
-    ranked = sorted(errors, key=lambda i: scores[method][i], reverse=True)
-    extra = {"kl": "kl", "restore": "restore_gain"}
+    ranked = rankings[method]
+    extra = {"kl": "kl", "restore": "restore_gain", "retrieval": "retrieval_gain"}
     figures = [
         {"layer": i, **errors[i], **{extra[name]: score[i] for name, score in scores.items() if name in extra}, "rank": ranked.index(i) + 1}
         for i in sorted(errors)
     ]
     selection = {"method": METHODS[method], "kept_attention": proposals[method], "tokens": int(windows.numel()), "layers": figures}
+    if config.restore:
+        selection["converted_kl"] = converted
+    if tasks is not None:
+        selection.update(converted_answer_kl=converted_answers, retrieval_tasks=config.retrieval)
     if candidates is not None:
-        selection.update(converted_kl=converted, candidates={METHODS[name]: c for name, c in candidates.items()})
+        selection["candidates"] = {METHODS[name]: c for name, c in candidates.items()}
     revert_to_attention(model, proposals[method], keep_as, options)
     model.config.selection = selection
     return selection
