@@ -82,8 +82,9 @@ class SelectionConfig:
     batch_size: windows per forward pass while scoring.
     retrieval: also score each layer by how much restoring it lowers the KL at the answers of this many retrieval
         tasks (passkey, needle and multi-key needle of the training pool, `seq_len` tokens each, filled with held-out
-        text; one forward pass per layer). It proposes its layers, and so do it and the text's best ranking in
-        turn; the proposal with the lowest sum of the KL on text and at the answers wins. 0: text only.
+        text; one forward pass per layer). It proposes its layers, and so do it and the single-layer KL ranking
+        (the error ranking without `kl`) in turn; the proposal with the lowest sum of the KL on text and at the
+        answers wins. 0: text only.
     """
 
     kl: bool = False

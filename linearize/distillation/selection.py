@@ -149,7 +149,8 @@ def select_attention(
     KL to the teacher wins (`candidates` records each proposal and its KL).
     With `config.retrieval` (N tasks, made with `tokenizer` from the rows of `windows`), layers are also scored by how
     much restoring each lowers the KL at the tasks' answers; that ranking proposes its layers, and so do it and the
-    text's best ranking in turn; every proposal is measured on both, and the lowest sum of the two KLs wins.
+    single-layer KL ranking (the error ranking without `config.kl`) in turn; every proposal is measured on both,
+    and the lowest sum of the two KLs wins.
 
     Example:
         >>> select_attention(student, data.heldout_windows(max_tokens=16384), 4, SelectionConfig())["kept_attention"]
