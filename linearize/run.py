@@ -160,9 +160,7 @@ class Run:
         self.model.to(self.accelerator.device)
         self.tokenizer, self.data = tokenizer, self._data(data, tokenizer)
         say(f"data: {self.data.description}")
-        if self.keep is not None and recipe.convert.selection.retrieval:  # its tasks fit the length, found before training
-            if tokenizer is None:
-                raise LinearizeError("convert.selection.retrieval needs the tokenizer: pass tokenizer=... to distill(), or set convert.selection.retrieval=0")
+        if self.keep is not None and recipe.convert.selection.retrieval:  # the tokenizer and a length the tasks fit, before training
             retrieval_windows(tokenizer, self.data.heldout_windows(recipe.convert.selection.seq_len, recipe.convert.selection.tokens)[:1], len(SELECTION_KINDS))
         if self.checkpoints is not None:
             if self.accelerator.is_main_process:

@@ -107,6 +107,8 @@ def retrieval_windows(tokenizer, filler: torch.Tensor, count: int) -> tuple[torc
     """`count` retrieval tasks of the training pool (passkey, needle and multi-key needle in turn, at seeded
     depths), each as long as a row of `filler` and filled from its first tokens, the answer at the end; and the
     mask of the positions that predict an answer token."""
+    if tokenizer is None:
+        raise LinearizeError("convert.selection.retrieval needs the tokenizer: pass tokenizer=... to distill(), or set convert.selection.retrieval=0")
     seq_len = filler.shape[1]
     windows, mask = [], torch.zeros(count, seq_len, dtype=torch.bool)
     for i in range(count):
@@ -155,8 +157,6 @@ def select_attention(
     Example:
         >>> select_attention(student, data.heldout_windows(max_tokens=16384), 4, SelectionConfig())["kept_attention"]
     """
-    if config.retrieval and tokenizer is None:
-        raise LinearizeError("convert.selection.retrieval needs the tokenizer: pass tokenizer=... to distill(), or set convert.selection.retrieval=0")
     tasks, answers = retrieval_windows(tokenizer, windows, config.retrieval) if config.retrieval else (None, None)
     was_training = model.training
     model.eval()
