@@ -7,6 +7,7 @@ and writes every scorer's proposal and its measured KL on text and at the answer
 proposals then go to `passkey_probe.py` as `keep=` variants, to see which keeps retrieval:
 
     python benchmarks/selection_probe.py --seq-len 1024 --tokens 4096 --retrieval 6 --keep 8 --out selection.json
+    python benchmarks/selection_probe.py --seq-len 512 --tokens 1024 --retrieval 3 --no-restore   # CPU, minutes
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ def main():
     parser.add_argument("--retrieval", type=int, default=6, help="retrieval tasks the answer scores use (0: none)")
     parser.add_argument("--keep", type=int, default=8, help="layers kept as softmax attention")
     parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--restore", action=argparse.BooleanOptionalAction, default=True, help="the restore-one-layer KL "
+                        "scorer on text too (one forward pass per layer)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     options = {k: int(v) if v.isdigit() else v for k, v in (o.split("=", 1) for o in args.options.split(",") if o)}
@@ -43,7 +46,7 @@ def main():
     body = args.seq_len - len(prefix)
     count = max(1, args.tokens // args.seq_len)
     windows = torch.tensor([prefix + text[i * body : (i + 1) * body] for i in range(count)])
-    config = SelectionConfig(kl=True, restore=True, seq_len=args.seq_len, batch_size=args.batch_size, retrieval=args.retrieval)
+    config = SelectionConfig(kl=True, restore=args.restore, seq_len=args.seq_len, batch_size=args.batch_size, retrieval=args.retrieval)
     started = time.time()
     selection = select_attention(model, windows, args.keep, config, tokenizer=tokenizer)
     selection["seconds"] = time.time() - started
