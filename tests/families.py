@@ -8,6 +8,9 @@ small this way is reported with the reason, not converted.
 
 from __future__ import annotations
 
+import copy
+import functools
+
 import torch
 from transformers import AutoModelForCausalLM
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
@@ -71,7 +74,14 @@ def causal_lm_families() -> list[str]:
 
 
 def tiny_family_config(model_type: str):
-    """(config, None) for a tiny random model of `model_type`, or (None, why it cannot be made tiny)."""
+    """(config, None) for a tiny random model of `model_type`, or (None, why it cannot be made tiny); a copy of the
+    one built the first time (the table test builds every family's, each family's own test reads it again)."""
+    config, why = _tiny_family_config(model_type)
+    return copy.deepcopy(config), why
+
+
+@functools.cache
+def _tiny_family_config(model_type: str):
     config_class = CONFIG_MAPPING[model_type]
     try:
         defaults = config_class()

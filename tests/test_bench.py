@@ -19,6 +19,7 @@ from linearize.evaluate.speed import benchmark, fastest_path, largest_batch
 from linearize.hf.errors import LinearizeError
 from linearize.hf.mixers import mixers_in
 from linearize.report import write_report
+from tests.conftest import wide_console
 from tests.tiny import tiny_model, tiny_tokenizer
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -257,7 +258,7 @@ def test_bench_command_with_max_batch_and_compile(student, tmp_path, monkeypatch
 
     def run(*args):
         monkeypatch.setattr(sys, "argv", ["linearize", "bench", str(folder), *map(str, args)])
-        monkeypatch.setenv("COLUMNS", "250")
+        wide_console(monkeypatch)
         with pytest.raises(SystemExit) as done:
             cli.main()
         return done.value.code, capsys.readouterr()

@@ -14,6 +14,7 @@ import linearize
 from linearize import cli
 from linearize.hf import kernel_dispatch
 from linearize.hf.errors import LinearizeError
+from tests.conftest import wide_console
 from tests.tiny import assert_reloaded, tiny_model, tiny_tokenizer
 
 
@@ -28,7 +29,7 @@ def teacher_folder(tmp_path_factory):
 def run(monkeypatch, capsys, *args):
     """The console script in this process: (exit code, stdout, stderr), on a wide terminal."""
     monkeypatch.setattr(sys, "argv", ["linearize", *map(str, args)])
-    monkeypatch.setenv("COLUMNS", "250")
+    wide_console(monkeypatch)
     with pytest.raises(SystemExit) as exit:
         cli.main()
     captured = capsys.readouterr()

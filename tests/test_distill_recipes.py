@@ -13,7 +13,7 @@ from linearize.config import RECIPE_DIR, load_recipe, recipe_summary, register_s
 from linearize.run import validate_recipe
 from linearize.hf.errors import LinearizeError
 from linearize.hf.mixers import MIXERS
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, wide_console
 
 
 def test_the_documented_recipes_ship():
@@ -83,7 +83,7 @@ def test_recipe_mistakes_are_named(overrides, message):
 
 def test_the_recipe_listing_describes_each_recipe(monkeypatch, capsys):
     monkeypatch.setattr("sys.argv", ["linearize", "recipes"])
-    monkeypatch.setenv("COLUMNS", "400")
+    wide_console(monkeypatch, 400)
     with pytest.raises(SystemExit) as exit:
         cli.main()
     assert exit.value.code == 0
