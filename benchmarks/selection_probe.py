@@ -21,7 +21,7 @@ import torch
 import linearize
 from linearize.config import SelectionConfig
 from linearize.distillation import select_attention
-from linearize.textdata import packaged_text, special_prefix
+from linearize.textdata import packaged_text, token_windows
 
 
 def main():
@@ -41,11 +41,7 @@ def main():
     options = {k: int(v) if v.isdigit() else v for k, v in (o.split("=", 1) for o in args.options.split(",") if o)}
     teacher, tokenizer = linearize.load_teacher(args.teacher, dtype=torch.float32)
     model = linearize.convert(teacher, args.mixer, **options).eval()
-    text = tokenizer(packaged_text("persuasion"), add_special_tokens=False, verbose=False)["input_ids"]
-    prefix = special_prefix(tokenizer)
-    body = args.seq_len - len(prefix)
-    count = max(1, args.tokens // args.seq_len)
-    windows = torch.tensor([prefix + text[i * body : (i + 1) * body] for i in range(count)])
+    windows = token_windows(tokenizer, packaged_text("persuasion"), args.seq_len, max_tokens=args.tokens)
     config = SelectionConfig(kl=True, restore=args.restore, seq_len=args.seq_len, batch_size=args.batch_size, retrieval=args.retrieval)
     started = time.time()
     selection = select_attention(model, windows, args.keep, config, tokenizer=tokenizer)

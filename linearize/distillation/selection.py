@@ -14,6 +14,7 @@ there), and the proposals are measured on text and at the answers together.
 
 from __future__ import annotations
 
+import itertools
 import random
 import re
 from typing import Any
@@ -63,7 +64,7 @@ def _kl(model: nn.Module, windows: torch.Tensor, batch_size: int, restored: list
     mixers = mixers_in(model)
     totals = [0.0] * len(restored)
     positions = 0
-    masks = mask.split(batch_size) if mask is not None else [None] * len(windows.split(batch_size))
+    masks = mask.split(batch_size) if mask is not None else itertools.repeat(None)
     for batch, chosen in zip(windows.split(batch_size), masks):
         batch = batch.to(device)
         positions += batch.numel() if chosen is None else int(chosen.sum())
