@@ -154,7 +154,9 @@ quality)
   quality "${QUALITY_S:-580}" "${RUN:-third}"
   ;;
 pair)  # (after second's join, or as second with JOIN=1) two quality runs at once, one per GPU of nvidia-h200-x2:
-  # QUALITY0 and QUALITY1 are their arguments, named gpu0 and gpu1
+  # QUALITY0 and QUALITY1 are their arguments, named gpu0 and gpu1; PAIR_GPUS="0 0" runs both on one GPU (nvidia-h200:
+  # a 135M student leaves most of an H200 idle)
+  read -r gpu0 gpu1 <<< "${PAIR_GPUS:-0 1}"
   if [ -n "${JOIN:-}" ]; then
     cat /tmp/part00 .gguf2/part01 > /tmp/smollm2.gguf
     echo "$(cat .gguf2/sha256)  /tmp/smollm2.gguf" | sha256sum -c > "$OUT/sha256.txt" 2>&1 || exit 1
@@ -163,9 +165,9 @@ pair)  # (after second's join, or as second with JOIN=1) two quality runs at onc
   if [ -n "${SERVE:-}" ]; then  # GPU 0 measures serving instead, then runs the GPU tests TESTS, if given
     (serve_logged; [ -z "${TESTS:-}" ] || CUDA_VISIBLE_DEVICES=0 gpu_tests "$TESTS") &
   else
-    CUDA_VISIBLE_DEVICES=0 quality "${QUALITY_S:-570}" gpu0 "$QUALITY0" &
+    CUDA_VISIBLE_DEVICES=$gpu0 quality "${QUALITY_S:-570}" gpu0 "$QUALITY0" &
   fi
-  CUDA_VISIBLE_DEVICES=1 quality "${QUALITY_S:-570}" gpu1 "$QUALITY1" &
+  CUDA_VISIBLE_DEVICES=$gpu1 quality "${QUALITY_S:-570}" gpu1 "$QUALITY1" &
   wait
   ;;
 generate)  # (after a pair call that trained hybrid_qwen3_5 and hybrid_gdn, still warm) plain generate() of the trained

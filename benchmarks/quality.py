@@ -10,7 +10,8 @@ austen_next_sentence, acc_norm). Stage times and tokens/s come from the run itse
 results.json (the `linearize eval` format) and report/ (`linearize report`). `--report-only` redraws the last
 two from an existing quality.json, and `--merge` draws them from chosen rows of several runs (one per recipe).
 `--ruler` adds RULER's multi-key needle, key-value retrieval and variable tracking beside passkey (3 depths x
-`--trials` prompts per length: 9 trials give 27 per length, a standard error under 0.1). `--resume` continues a
+`--trials` prompts per length: 9 trials give 27 per length, a standard error under 0.1); `--kinds passkey,multikey`
+asks some of them. A miss is kept with what the model said (`passkey_2048_misses`, the first three per depth). `--resume` continues a
 call cut short by a time limit: finished rows stay, an interrupted recipe run continues from its checkpoints, and
 a trained but unscored student is scored.
 
@@ -38,7 +39,7 @@ from transformers import AutoModelForCausalLM
 import linearize
 from linearize.config import load_recipe
 from linearize.distillation.resume import RUN_FILE
-from linearize.evaluate.longcontext import RULER_KINDS, answer, answer_of, make_probe
+from linearize.evaluate.longcontext import RULER_KINDS, ask, make_probe
 from linearize.evaluate.perplexity import agreement, perplexity
 from linearize.evaluate.results import ModelEntry, Results
 from linearize.evaluate.scoring import evaluate
@@ -59,16 +60,15 @@ AGREEMENT_WINDOWS = 32  # of 512 tokens of Persuasion: 16,384 tokens
 
 
 @torch.no_grad()
-def retrieval(model, tokenizer, kind: str, length: int, trials: int) -> dict[str, float]:
-    """Exact-match accuracy of `kind` (passkey, or RULER's multikey, kv and vt) per depth (keys are the depths as text,
-    for JSON); the prompts depend only on the kind and length, so teacher and student answer the same ones."""
+def retrieval(model, tokenizer, kind: str, length: int, trials: int) -> tuple[dict[str, float], dict[str, list]]:
+    """Exact-match accuracy of `kind` (passkey, or RULER's multikey, kv and vt) per depth, and per depth the first
+    misses with what the model said (keys are the depths as text, for JSON); the prompts depend only on the kind and
+    length, so teacher and student answer the same ones."""
     # Passkey keeps the seed of the runs before RULER was added, so its figures compare across BENCHMARKS.md.
     rng = random.Random(length if kind == "passkey" else f"{kind}-{length}")
-    by_depth = {}
-    for depth in DEPTHS:
-        probes = [make_probe(tokenizer, kind, length, depth, rng) for _ in range(trials)]
-        by_depth[f"{depth:g}"] = sum(answer_of(answer(model, tokenizer, p)) == p.answer for p in probes) / len(probes)
-    return by_depth
+    probes = [make_probe(tokenizer, kind, length, depth, rng) for depth in DEPTHS for _ in range(trials)]
+    cells = ask(model, tokenizer, probes)
+    return {f"{depth:g}": cells[(length, depth)].value for depth in DEPTHS}, {f"{depth:g}": cells[(length, depth)].misses for depth in DEPTHS}
 
 
 def heldout_windows(tokenizer, folder: Path, contexts: list[int], max_tokens: int) -> dict[str, torch.LongTensor]:
@@ -114,9 +114,10 @@ def score(
     for kind in kinds:
         for n in lengths:
             if f"{kind}_{n}_by_depth" not in into:
-                by_depth = retrieval(model, tokenizer, kind, n, trials)
+                by_depth, misses = retrieval(model, tokenizer, kind, n, trials)
                 into[f"{kind}_{n}"] = sum(by_depth.values()) / len(by_depth)
                 into[f"{kind}_{n}_by_depth"] = by_depth
+                into[f"{kind}_{n}_misses"] = misses
                 save()
     if suite and "tasks" not in into:
         into |= tasks(model, tokenizer, suite, task_limit)
@@ -241,8 +242,9 @@ def main():
     parser.add_argument("--compile", action="store_true", help="torch.compile every stage")
     parser.add_argument("--passkey-lengths", default="512,2048,8000")
     parser.add_argument("--trials", type=int, default=2, help="retrieval prompts per length and depth (3 depths)")
-    parser.add_argument("--ruler", action="store_true", help="RULER's multi-key needle, key-value retrieval and variable tracking "
-                        "beside passkey, at the same lengths")
+    parser.add_argument("--kinds", default="passkey", help="retrieval tasks asked at --passkey-lengths: passkey and RULER's "
+                        "multikey, kv, vt")
+    parser.add_argument("--ruler", action="store_true", help="all four: --kinds passkey,multikey,kv,vt")
     parser.add_argument("--resume", action="store_true", help="keep --out's finished rows, continue an interrupted recipe run "
                         "from its checkpoints, and score a trained student that was not scored")
     parser.add_argument("--ppl-contexts", default="512,2048", help="perplexity of every held-out text in windows of each "
@@ -265,7 +267,9 @@ def main():
         return
     out.mkdir(parents=True, exist_ok=True)
     lengths = [int(n) for n in args.passkey_lengths.split(",")]
-    kinds = ["passkey", *RULER_KINDS] if args.ruler else ["passkey"]
+    kinds = ["passkey", *RULER_KINDS] if args.ruler else args.kinds.split(",")
+    if unknown := sorted(set(kinds) - {"passkey", *RULER_KINDS}):
+        parser.error(f"--kinds: unknown {', '.join(unknown)}; use some of passkey, {', '.join(RULER_KINDS)}")
     suite = None if args.suite == "none" else args.suite
     if suite:
         from linearize.evaluate.harness import run_tasks  # noqa: F401  (a missing lm-eval fails here, before any training)

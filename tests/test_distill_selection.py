@@ -180,7 +180,7 @@ def test_retrieval_tasks_mark_the_positions_that_predict_their_answers(long_wind
         assert words in text
         predicted = tokenizer.decode(tasks[row, answers[row].nonzero().flatten() + 1])
         assert predicted.startswith(" ") and predicted.endswith(".") and predicted.strip(" .").isdigit()
-        assert len(predicted.strip(" .")) == 6 and text.endswith(predicted.strip())  # training answers have 6 digits
+        assert len(predicted.strip(" .")) in (4, 6, 7) and text.endswith(predicted.strip())  # evaluation's have 5
         assert answers[row, -1].item() is False
     again, _ = retrieval_windows(tokenizer, long_windows, 3)
     assert torch.equal(tasks, again)

@@ -294,6 +294,10 @@ def test_retrieval_records_every_cell_for_both_views(student):
     for kind in ("passkey", "needle"):
         cells = {(r["model"], r["length"], r["depth"]) for r in results.of(kind)}
         assert len(cells) == 4 and all(r["value"] in (0.0, 1.0) for r in results.of(kind))
+        # A miss keeps the hidden number and what the model said in its place.
+        for r in results.of(kind):
+            assert len(r["misses"]) == 1 - r["value"]
+            assert all(m["answer"].isdigit() and len(m["answer"]) == 5 and isinstance(m["said"], str) for m in r["misses"])
 
 
 def test_benchmark_decodes_one_token_per_step_from_the_cache(student):

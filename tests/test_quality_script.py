@@ -64,12 +64,17 @@ def test_retrieval_prompts_are_seeded_per_kind_and_passkey_as_before(monkeypatch
 
     from tests.tiny import tiny_tokenizer
 
+    from linearize.evaluate import longcontext
+
     asked = []
-    monkeypatch.setattr(quality, "answer", lambda model, tokenizer, probe: asked.append(probe.prompt_ids) or "")
+    monkeypatch.setattr(longcontext, "answer", lambda model, tokenizer, probe: asked.append(probe.prompt_ids) or "")
     tokenizer = tiny_tokenizer()
-    quality.retrieval(None, tokenizer, "passkey", 300, trials=2)
+    by_depth, misses = quality.retrieval(None, tokenizer, "passkey", 300, trials=2)
     rng = random.Random(300)
-    assert asked == [quality.make_probe(tokenizer, "passkey", 300, d, rng).prompt_ids for d in quality.DEPTHS for _ in range(2)]
+    probes = [quality.make_probe(tokenizer, "passkey", 300, d, rng) for d in quality.DEPTHS for _ in range(2)]
+    assert asked == [p.prompt_ids for p in probes]
+    assert by_depth == {"0.1": 0.0, "0.5": 0.0, "0.9": 0.0}
+    assert misses["0.5"] == [{"answer": p.answer, "said": ""} for p in probes[2:4]]
     asked.clear()
     quality.retrieval(None, tokenizer, "kv", 300, trials=2)
     first = list(asked)
@@ -94,7 +99,7 @@ def test_scoring_goes_on_from_the_first_measure_it_lacks(monkeypatch):
     as it lands."""
     taken = []
     monkeypatch.setattr(quality, "perplexity", lambda model, windows, batch_size: taken.append(windows.shape[1]) or 9.0)
-    monkeypatch.setattr(quality, "retrieval", lambda model, tokenizer, kind, n, trials: taken.append((kind, n)) or {"0.1": 1.0, "0.9": 0.0})
+    monkeypatch.setattr(quality, "retrieval", lambda model, tokenizer, kind, n, trials: taken.append((kind, n)) or ({"0.1": 1.0, "0.9": 0.0}, {"0.1": [], "0.9": [{"answer": "12345", "said": " 123456."}]}))
     monkeypatch.setattr(quality, "tasks", lambda model, tokenizer, suite, limit: taken.append(suite) or {"tasks": []})
     model = tiny_model()
     heldout = {"persuasion": quality.torch.zeros(2, 512, dtype=quality.torch.long), "persuasion_2048": quality.torch.zeros(1, 2048, dtype=quality.torch.long)}
@@ -103,6 +108,7 @@ def test_scoring_goes_on_from_the_first_measure_it_lacks(monkeypatch):
     quality.score(model, None, heldout, [2048, 4096], ["passkey", "kv"], 3, "local", None, into, lambda: saves.append(dict(into)))
     assert taken == [2048, ("passkey", 4096), ("kv", 2048), ("kv", 4096), "local"]
     assert into["ppl_persuasion"] == 30.0 and into["ppl_persuasion_2048"] == 9.0 and into["kv_4096"] == 0.5
+    assert into["kv_4096_misses"]["0.9"] == [{"answer": "12345", "said": " 123456."}]
     assert len(saves) == 5
     taken.clear()
     quality.score(model, None, heldout, [2048, 4096], ["passkey", "kv"], 3, "local", None, into, lambda: saves.append(dict(into)))

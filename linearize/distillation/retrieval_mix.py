@@ -2,7 +2,7 @@
 needle, key-value or variable-tracking prompt with its answer, so distillation sees what long context is for.
 
 The tasks come from `linearize.evaluate.longcontext` in its training pool (Pride and Prejudice as filler, other
-place names, 6-digit answers), so no training task repeats an evaluation probe. Which windows become tasks, and
+place names, answers of 4, 6 or 7 digits), so no training task repeats an evaluation probe. Which windows become tasks, and
 which tasks, is a function of the window's index and the seed: a resumed run, or another process, builds the
 same ones.
 """

@@ -15,8 +15,8 @@ ends in a sentence the answer completes, so base and instruct models alike answe
 when the first number the model generates greedily is exactly the hidden one.
 
 `pool="train"` makes the same tasks for distillation data from other material: filler from the packaged Pride
-and Prejudice, other place names and 6-digit answers, so a training probe never repeats an evaluation probe
-(whose answers have 5 digits).
+and Prejudice, other place names, and answers of 4, 6 or 7 digits, so a training probe never repeats an evaluation
+probe (whose answers have 5 digits), and a student learns to copy a number of any length, not a length.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from __future__ import annotations
 import random
 import re
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Iterator
 
@@ -40,6 +40,7 @@ RULER_KINDS = ("multikey", "kv", "vt")
 POOLS = ("eval", "train")
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 ANSWER_TOKENS = 8
+MISSES_KEPT = 3  # wrong answers kept per (length, depth), with what the model said
 
 PASSKEY_INTRO = (
     "There is an important piece of information hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -64,6 +65,7 @@ PLACES = {
 }
 FILLER_TEXT = {"eval": "persuasion", "train": "prideprejudice"}
 DISTRACTORS, HOPS = 3, 3
+DIGITS = {"eval": (5,), "train": (4, 6, 7)}  # an answer's digit count, drawn per answer
 
 
 @dataclass(frozen=True)
@@ -143,10 +145,10 @@ def make_probe(tokenizer, kind: str, length: int, depth: float, rng: random.Rand
         raise LinearizeError(f"unknown retrieval kind {kind!r}; use one of {', '.join(KINDS)}")
     if not 0.0 <= depth <= 1.0:
         raise LinearizeError(f"depth must be between 0 and 1, got {depth}")
-    low = 10000 if pool == "eval" else 100000
 
     def key() -> str:
-        return str(rng.randint(low, 10 * low - 1))
+        digits = rng.choice(DIGITS[pool])
+        return str(rng.randint(10 ** (digits - 1), 10**digits - 1))
 
     task = _task(kind, depth, rng, pool, key)
     prefix = special_prefix(tokenizer)
@@ -200,3 +202,31 @@ def answer(model, tokenizer, probe: Probe) -> str:
     )
     return tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True)
 
+
+@dataclass
+class Cell:
+    """The trials of one (length asked, depth): exact matches, the prompts' actual lengths, and the first
+    MISSES_KEPT misses as {"answer": the hidden number, "said": the model's continuation}."""
+
+    hits: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    misses: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def value(self) -> float:
+        return sum(self.hits) / len(self.hits)
+
+
+def ask(model, tokenizer, probes: list[Probe], advance=lambda: None) -> dict[tuple[int, float], Cell]:
+    """Each probe answered greedily (`answer`), scored by exact match, grouped by (length asked, depth)."""
+    cells: dict[tuple[int, float], Cell] = {}
+    for probe in probes:
+        said = answer(model, tokenizer, probe)
+        cell = cells.setdefault((probe.requested, probe.depth), Cell())
+        hit = answer_of(said) == probe.answer
+        cell.hits.append(int(hit))
+        cell.tokens.append(probe.length)
+        if not hit and len(cell.misses) < MISSES_KEPT:
+            cell.misses.append({"answer": probe.answer, "said": said})
+        advance()
+    return cells

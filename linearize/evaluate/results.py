@@ -11,7 +11,8 @@ records, one number-bearing row per (model, measurement). Flat rows merge across
 Record kinds and their fields:
     task        task, metric, value, stderr, samples, primary (the metric the report compares)
     perplexity  data, context, stride, prefix (the special token ids that open every window), value, tokens
-    passkey     length, depth, value (fraction of exact matches), trials, tokens (actual prompt length)
+    passkey     length, depth, value (fraction of exact matches), trials, tokens (actual prompt length), misses (the
+                first three wrong answers: {"answer": the hidden number, "said": the model's continuation})
     needle, multikey, kv, vt   the same fields as passkey (see RETRIEVAL_KINDS)
     speed       context, batch, prefill_tokens_per_s, decode_tokens_per_s, decode_tokens, prefill_peak_bytes (peak
                 during the prefill), decode_peak_bytes (peak while decoding, cache included; both above the memory

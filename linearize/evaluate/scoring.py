@@ -17,7 +17,7 @@ from linearize.record import RunRecord
 from linearize.textdata import cut_windows, special_prefix
 
 from .limits import check_lengths
-from .longcontext import ANSWER_TOKENS, answer, answer_of, make_probe
+from .longcontext import ANSWER_TOKENS, ask, make_probe
 from .perplexity import agreement, strided_perplexity, window_count
 from .progress import progress_bar
 from .results import Results, add_training, environment
@@ -100,20 +100,13 @@ def _retrieval(results: Results, scored: list[Scored], kind: str, lengths: list[
             ]
         probes = probes_by_tokenizer[key]
         task = bar.add_task(f"{kind} {item.name}", total=len(probes))
-        hits: dict[tuple[int, float], list[int]] = {}
-        tokens: dict[tuple[int, float], list[int]] = {}
         with item.mode():
-            for probe in probes:
-                got = answer_of(answer(item.model, item.tokenizer, probe))
-                cell = (probe.requested, probe.depth)
-                hits.setdefault(cell, []).append(int(got == probe.answer))
-                tokens.setdefault(cell, []).append(probe.length)
-                bar.advance(task)
+            cells = ask(item.model, item.tokenizer, probes, advance=lambda: bar.advance(task))
         bar.remove_task(task)
-        for (length, depth), scores in sorted(hits.items()):
+        for (length, depth), cell in sorted(cells.items()):
             results.add(
-                item.name, kind, length=length, depth=depth, value=sum(scores) / len(scores), trials=len(scores),
-                tokens=round(sum(tokens[(length, depth)]) / len(scores)),
+                item.name, kind, length=length, depth=depth, value=cell.value, trials=len(cell.hits),
+                tokens=round(sum(cell.tokens) / len(cell.tokens)), misses=cell.misses,
             )
 
 
