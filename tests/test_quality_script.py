@@ -73,6 +73,7 @@ def test_retrieval_prompts_are_seeded_per_kind_and_passkey_as_before(monkeypatch
     rng = random.Random(300)
     probes = [quality.make_probe(tokenizer, "passkey", 300, d, rng) for d in quality.DEPTHS for _ in range(2)]
     assert asked == [p.prompt_ids for p in probes]
+    assert probes[0].answer == str(random.Random(300).randint(10000, 99999))  # the draws of every earlier run
     assert by_depth == {"0.1": 0.0, "0.5": 0.0, "0.9": 0.0}
     assert misses["0.5"] == [{"answer": p.answer, "said": ""} for p in probes[2:4]]
     asked.clear()

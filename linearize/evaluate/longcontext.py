@@ -65,7 +65,7 @@ PLACES = {
 }
 FILLER_TEXT = {"eval": "persuasion", "train": "prideprejudice"}
 DISTRACTORS, HOPS = 3, 3
-DIGITS = {"eval": (5,), "train": (4, 6, 7)}  # an answer's digit count, drawn per answer
+TRAIN_DIGITS = (4, 6, 7)  # a training answer's digit count, drawn per answer; evaluation's answers have 5
 
 
 @dataclass(frozen=True)
@@ -147,7 +147,9 @@ def make_probe(tokenizer, kind: str, length: int, depth: float, rng: random.Rand
         raise LinearizeError(f"depth must be between 0 and 1, got {depth}")
 
     def key() -> str:
-        digits = rng.choice(DIGITS[pool])
+        if pool == "eval":  # one draw per answer, as before training answers varied: earlier figures' prompts stay
+            return str(rng.randint(10000, 99999))
+        digits = rng.choice(TRAIN_DIGITS)
         return str(rng.randint(10 ** (digits - 1), 10**digits - 1))
 
     task = _task(kind, depth, rng, pool, key)
