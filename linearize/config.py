@@ -142,6 +142,9 @@ class DataConfig:
     retrieval: the share of training windows made retrieval tasks with their answers (0: none), of
         `retrieval_kinds` (passkey, needle, multikey, kv, vt; see linearize.distillation.retrieval_mix), built
         from other text and answers than `linearize eval`'s probes.
+    retrieval_weight: how many times a prose position's weight the positions that predict a task's answer get in
+        LoRA KD's losses (1: the same). A tenth of 512-token windows as tasks puts about 0.14% of the positions
+        at answers; a weight of 100 gives them about an eighth of the loss.
     """
 
     train: str = "prideprejudice"
@@ -159,6 +162,7 @@ class DataConfig:
     allow_longer: bool = False
     retrieval: float = 0.0
     retrieval_kinds: list[str] = field(default_factory=lambda: ["passkey", "needle", "multikey", "kv", "vt"])
+    retrieval_weight: float = 1.0
 
     def __post_init__(self):
         if self.seq_len < 8:
@@ -167,6 +171,10 @@ class DataConfig:
             raise LinearizeError(f"data.heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
         if not 0 <= self.retrieval < 1:
             raise LinearizeError(f"data.retrieval is a share of the training windows, in [0, 1); got {self.retrieval}")
+        if not self.retrieval_weight > 0:
+            raise LinearizeError(f"data.retrieval_weight must be positive (1 weighs answers as prose); got {self.retrieval_weight}")
+        if self.retrieval_weight != 1 and not self.retrieval:
+            raise LinearizeError("data.retrieval_weight weighs retrieval answers, but data.retrieval is 0; set data.retrieval too, or leave the weight at 1")
         if self.heldout_tokens < 1:
             raise LinearizeError(f"data.heldout_tokens must be positive, got {self.heldout_tokens}")
         if not self.train:

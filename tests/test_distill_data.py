@@ -189,6 +189,36 @@ def test_a_share_of_windows_becomes_retrieval_tasks_ending_in_their_answer(token
     assert torch.equal(mixed.train.take(17, 5), batch[17:22])
 
 
+def test_retrieval_answers_weigh_more_in_the_losses_where_asked(tokenizer):
+    """With data.retrieval_weight, each task window's positions that predict its answer carry that weight and every
+    other position 1; the windows are those of the unweighted mix, and a new length keeps the weight."""
+    from linearize.distillation.retrieval_mix import take_weighted
+
+    settings = dict(train="prideprejudice", heldout="persuasion", seq_len=1024, heldout_tokens=2048, retrieval=0.5)
+    plain = load_data(DataConfig(**settings), tokenizer, seed=1)
+    weighted = load_data(DataConfig(**settings, retrieval_weight=50), tokenizer, seed=1)
+    batch, weights = take_weighted(weighted.train, 0, 12)
+    assert torch.equal(batch, plain.train.take(0, 12)) and take_weighted(plain.train, 0, 12)[1] is None
+    assert "answers weighing 50x" in weighted.description
+    tasks = 0
+    for row in range(12):
+        heavy = (weights[row] == 50).nonzero().flatten()
+        assert set(weights[row].unique().tolist()) <= {1.0, 50.0}
+        if heavy.numel() == 0:
+            continue
+        tasks += 1
+        assert heavy.tolist() == list(range(1024 - 1 - heavy.numel(), 1023))  # contiguous, ending before the last
+        answer = tokenizer.decode(batch[row, heavy + 1])
+        assert re.fullmatch(r":? ?\d{4,7}\.", answer.strip()) and tokenizer.decode(batch[row]).endswith(answer)
+    assert tasks >= 3
+    longer = weighted.with_seq_len(2048)
+    assert set(take_weighted(longer.train, 0, 12)[1].unique().tolist()) == {1.0, 50.0}
+    with pytest.raises(LinearizeError, match="retrieval_weight must be positive"):
+        DataConfig(retrieval=0.1, retrieval_weight=0)
+    with pytest.raises(LinearizeError, match="data.retrieval is 0; set data.retrieval too"):
+        DataConfig(retrieval_weight=10)
+
+
 def test_retrieval_tasks_need_room_and_known_kinds(tokenizer):
     with pytest.raises(LinearizeError, match="data.retrieval: .*too short.*raise data.seq_len"):
         load_data(DataConfig(train="prideprejudice", heldout="persuasion", seq_len=64, retrieval=0.1), tokenizer)

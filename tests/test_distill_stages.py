@@ -140,7 +140,7 @@ def test_a_compiled_stage_that_fails_hands_back_an_eager_model(data):
     model = student()
     compiled = []
 
-    def fail(wrapped, batch):
+    def fail(wrapped, batch, weights):
         compiled.append(sum(bool(m._compiled_call_impl) for m in model.modules()))
         raise RuntimeError("stopped")
 

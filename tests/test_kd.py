@@ -35,6 +35,44 @@ def test_chunked_losses_equal_the_logit_form_with_gradients(dtype, temperature, 
         assert torch.allclose(a, b, rtol=tolerance * 10, atol=tolerance), (a - b).abs().max()
 
 
+@pytest.mark.parametrize("sparse", [False, True])
+def test_weighted_losses_are_weighted_means_in_every_form(sparse):
+    """Per-position weights (retrieval answers counting more): the logit form is the weighted mean of the per-token
+    losses, and the chunked form (dense teacher, or sparse with k the whole vocabulary) equals it, gradients too;
+    weights of one are the unweighted losses."""
+    from linearize.distillation.kd import TeacherTopK
+
+    torch.manual_seed(2)
+    batch, length, width, vocab = 2, 13, 8, 23
+    hidden = torch.randn(batch, length, width, dtype=torch.float64, requires_grad=True)
+    teacher_hidden, head = torch.randn(batch, length, width, dtype=torch.float64), nn.Linear(width, vocab).double()
+    ids = torch.randint(vocab, (batch, length))
+    weights = torch.ones(batch, length, dtype=torch.float64)
+    weights[0, 8:12] = 40.0
+    student, teacher = head(hidden), head(teacher_hidden).detach()
+    kl, ce = kd_losses(student, teacher, ids, 2.0, weights=weights)
+    log_s, log_t = torch.log_softmax(student / 2, -1), torch.log_softmax(teacher / 2, -1)
+    per_kl = (log_t.exp() * (log_t - log_s)).sum(-1)
+    per_ce = torch.nn.functional.cross_entropy(student[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
+    assert kl.item() == pytest.approx(((per_kl * weights).sum() / weights.sum() * 4).item(), rel=1e-12)
+    assert ce.item() == pytest.approx(((per_ce * weights[:, :-1].flatten()).sum() / weights[:, :-1].sum()).item(), rel=1e-12)
+    assert kl.item() != pytest.approx(kd_losses(student, teacher, ids, 2.0)[0].item(), rel=1e-3)
+    plain = kd_losses(student, teacher, ids, 2.0)
+    ones = kd_losses(student, teacher, ids, 2.0, weights=torch.ones_like(weights))
+    assert [a.item() for a in ones] == pytest.approx([a.item() for a in plain], rel=1e-12)
+    (kl + ce).backward()
+    expected, hidden.grad = hidden.grad.clone(), None
+    if sparse:  # the teacher as a TeacherTopK of every token: the same distribution, through the sparse KL
+        log_t = torch.log_softmax(head(teacher_hidden).detach() / 2, -1)
+        teacher_in = TeacherTopK(log_t, torch.arange(vocab).expand(batch, length, vocab), torch.full((batch, length), -torch.inf, dtype=torch.float64))
+        got = kd_losses(hidden, teacher_in, ids, 2.0, KDHead(head.weight.detach(), head.bias.detach(), 5), weights=weights)
+    else:
+        got = kd_losses(hidden, teacher_hidden, ids, 2.0, KDHead(head.weight.detach(), head.bias.detach(), 5), weights=weights)
+    assert [g.item() for g in got] == pytest.approx([kl.item(), ce.item()], rel=1e-10)
+    sum(got).backward()
+    assert torch.allclose(hidden.grad, expected, atol=1e-12)
+
+
 def test_without_the_cross_entropy_gradient_only_the_kl_trains():
     torch.manual_seed(1)
     hidden = torch.randn(2, 9, 8, dtype=torch.float64, requires_grad=True)
@@ -84,6 +122,34 @@ def test_lora_kd_trains_the_same_with_chunked_and_full_logits():
     full, chunked = trained
     assert full.keys() == chunked.keys() and any(not torch.equal(full[n], start[n]) for n in full)
     assert all(torch.allclose(full[n], chunked[n], atol=1e-9) for n in full)
+
+
+def test_lora_kd_weighs_retrieval_answers_as_the_data_asks(monkeypatch):
+    """A stage on data whose retrieval answers weigh 20x hands each batch's weights to the KD losses, and they
+    change what is learnt against the same data unweighted."""
+    from linearize.config import DataConfig
+    from linearize.distillation.data import load_data
+    from tests.tiny import tiny_tokenizer
+
+    seen = []
+    original = lora_kd.kd_losses
+
+    def spy(*args):
+        seen.append(args[-1])
+        return original(*args)
+
+    monkeypatch.setattr(lora_kd, "kd_losses", spy)
+    trained = []
+    for weight in (1, 20):
+        data = load_data(DataConfig(seq_len=256, heldout_tokens=512, retrieval=0.9, retrieval_kinds=["passkey"], retrieval_weight=weight),
+                         tiny_tokenizer(), seed=0)
+        torch.manual_seed(0)
+        model = linearize.convert(tiny_model(), "hedgehog")
+        config = LoraKDConfig(tokens=256 * 2 * 2, batch_size=2, lr=1e-2, kl_chunk=64)
+        trained.append({n: p.detach().clone() for n, p in lora_kd.run(model, data, config).named_parameters()})
+    assert seen[:2] == [None, None]
+    assert [tuple(w.shape) for w in seen[2:]] == [(2, 256), (2, 256)] and all(w.max() == 20 and (w == 20).sum() >= 4 for w in seen[2:])
+    assert any(not torch.allclose(trained[0][n], trained[1][n]) for n in trained[0])
 
 
 def test_a_negative_chunk_is_refused():

@@ -58,23 +58,30 @@ class TeacherTopK:
         return TeacherTopK(self.log_probs[key], self.indices[key], self.log_rest[key])
 
 
-def kd_losses(student: torch.Tensor, teacher: torch.Tensor | TeacherTopK, ids: torch.Tensor, temperature: float, head: KDHead | None = None):
+def kd_losses(
+    student: torch.Tensor, teacher: torch.Tensor | TeacherTopK, ids: torch.Tensor, temperature: float, head: KDHead | None = None,
+    weights: torch.Tensor | None = None,
+):
     """(KL(teacher || student) per token at `temperature`, times temperature squared; next-token cross-entropy).
 
     `student` and `teacher` are logits (batch, sequence, vocabulary), or, with `head`, the hidden states the head
     turns into logits (batch, sequence, hidden); `teacher` may instead be a `TeacherTopK` of the teacher's
-    distributions, for the sparse KL.
+    distributions, for the sparse KL. `weights` (batch, sequence), if given, weighs each position's losses: both
+    are then weighted means (the cross-entropy's over the positions that have a next token).
     """
     if head is not None:
-        return _ChunkedKD.apply(student, teacher, head.weight, head.bias, ids, temperature, head.chunk, head.ce_grad)
+        return _ChunkedKD.apply(student, teacher, head.weight, head.bias, ids, temperature, head.chunk, head.ce_grad, weights)
     if isinstance(teacher, TeacherTopK):
-        return _ChunkedKD.apply(student, teacher, None, None, ids, temperature, LOGIT_CHUNK, True)
+        return _ChunkedKD.apply(student, teacher, None, None, ids, temperature, LOGIT_CHUNK, True, weights)
     logits = student.to(_accumulate(student.dtype))
     log_student = F.log_softmax(logits / temperature, dim=-1)
     log_teacher = F.log_softmax(teacher.to(logits.dtype) / temperature, dim=-1)
-    kl = F.kl_div(log_student, log_teacher, log_target=True, reduction="none").sum(-1).mean() * temperature**2
-    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
-    return kl, ce
+    kl = F.kl_div(log_student, log_teacher, log_target=True, reduction="none").sum(-1)
+    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
+    if weights is None:
+        return kl.mean() * temperature**2, ce.mean()
+    w = weights.to(kl.dtype)
+    return (kl * w).sum() / w.sum() * temperature**2, (ce * w[:, :-1].flatten()).sum() / w[:, :-1].sum()
 
 
 def _accumulate(dtype: torch.dtype) -> torch.dtype:
@@ -93,13 +100,13 @@ def _logits(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | N
 
 
 def _dense_kl(log_teacher: torch.Tensor, log_student: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(KL(teacher || student) summed over the rows, the teacher's probabilities)."""
+    """(KL(teacher || student) of each row, the teacher's probabilities)."""
     teacher_p = log_teacher.exp()
-    return (teacher_p * (log_teacher - log_student)).sum(), teacher_p
+    return (teacher_p * (log_teacher - log_student)).sum(-1), teacher_p
 
 
 def _sparse_kl(top: TeacherTopK, log_student: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(KL over the teacher's top k and its rest bucket, summed over the rows; the probabilities the gradient pulls
+    """(KL over the teacher's top k and its rest bucket, of each row; the probabilities the gradient pulls
     the student towards): d KL / d(logits / T) = softmax(student) - target, where target is the teacher's
     probability at each of its top-k tokens and, at every other token, the rest's probability shared in
     proportion to the student's own there (the student's rest is one outcome of the KL)."""
@@ -107,7 +114,7 @@ def _sparse_kl(top: TeacherTopK, log_student: torch.Tensor) -> tuple[torch.Tenso
     q, indices = log_q.exp(), top.indices.long()
     log_s_rest = log_student.scatter(1, indices, -math.inf).logsumexp(-1)
     log_s = torch.cat((log_student.gather(1, indices), log_s_rest[:, None]), dim=-1)
-    kl = torch.where(q > 0, q * (log_q - log_s), 0).sum()
+    kl = torch.where(q > 0, q * (log_q - log_s), 0).sum(-1)
     # A rest of probability 0 (k the whole vocabulary) shares nothing; its -inf - -inf must not become NaN.
     share = torch.where(q[:, -1] > 0, log_q[:, -1] - log_s_rest, -math.inf)
     target = (log_student + share[:, None]).exp().scatter(1, indices, q[:, :-1])
@@ -116,17 +123,19 @@ def _sparse_kl(top: TeacherTopK, log_student: torch.Tensor) -> tuple[torch.Tenso
 
 class _ChunkedKD(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, teacher, weight, bias, ids, temperature, chunk, ce_grad):
+    def forward(ctx, hidden, teacher, weight, bias, ids, temperature, chunk, ce_grad, weights):
         rows, width = hidden.shape[0] * hidden.shape[1], hidden.shape[-1]
         h, targets = hidden.reshape(rows, width), _targets(ids)
         sparse = isinstance(teacher, TeacherTopK)
         teacher = teacher.rows() if sparse else teacher.reshape(rows, width)
-        scored = int((targets >= 0).sum())
+        acc = _accumulate(h.dtype)
+        # Each position's weight, and the two losses' normalisers: the weights' sums (the row counts without weights).
+        w = torch.ones(rows, dtype=acc, device=h.device) if weights is None else weights.reshape(rows).to(acc)
+        kl_norm, ce_norm = w.sum(), w[targets >= 0].sum().clamp_min(torch.finfo(acc).tiny)
         train_head = weight is not None and weight.requires_grad
         grads = {"kl": torch.zeros_like(h), "ce": torch.zeros_like(h) if ce_grad else None}
         head_grads = {name: torch.zeros_like(weight) if train_head and g is not None else None for name, g in grads.items()}
         bias_grads = {name: torch.zeros_like(bias) if bias is not None and bias.requires_grad and g is not None else None for name, g in grads.items()}
-        acc = _accumulate(h.dtype)
         kl_sum = torch.zeros((), dtype=acc, device=h.device)
         ce_sum = torch.zeros((), dtype=acc, device=h.device)
         for start in range(0, rows, chunk):
@@ -134,22 +143,23 @@ class _ChunkedKD(torch.autograd.Function):
             logits = _logits(h[part], weight, bias).to(acc)
             log_student = F.log_softmax(logits / temperature, dim=-1)
             if sparse:
-                kl_part, teacher_p = _sparse_kl(teacher[part], log_student)
+                kl_rows, teacher_p = _sparse_kl(teacher[part], log_student)
             else:
-                kl_part, teacher_p = _dense_kl(F.log_softmax(_logits(teacher[part], weight, bias).to(acc) / temperature, dim=-1), log_student)
-            kl_sum += kl_part
-            # d(mean KL x T^2)/d logits = T (softmax(s/T) - teacher_p) / rows
-            d_kl = (log_student.exp() - teacher_p) * (temperature / rows)
+                kl_rows, teacher_p = _dense_kl(F.log_softmax(_logits(teacher[part], weight, bias).to(acc) / temperature, dim=-1), log_student)
+            w_part = w[part, None]
+            kl_sum += (kl_rows * w_part[:, 0]).sum()
+            # d(weighted mean KL x T^2)/d logits = T w (softmax(s/T) - teacher_p) / sum(w)
+            d_kl = (log_student.exp() - teacher_p) * (w_part * (temperature / kl_norm))
             log_p = log_student if temperature == 1 else F.log_softmax(logits, dim=-1)
             target = targets[part]
             valid = target >= 0
-            ce_sum -= log_p[valid].gather(1, target[valid, None]).sum()
+            ce_sum -= (log_p[valid].gather(1, target[valid, None]) * w_part[valid]).sum()
             d_ce = None
             if ce_grad:
                 d_ce = log_p.exp()
                 d_ce[valid, target[valid]] -= 1
                 d_ce[~valid] = 0
-                d_ce /= max(scored, 1)
+                d_ce *= w_part / ce_norm
             for name, d in (("kl", d_kl), ("ce", d_ce)):
                 if d is None:
                     continue
@@ -162,7 +172,7 @@ class _ChunkedKD(torch.autograd.Function):
         ctx.shape = hidden.shape
         ctx.save_for_backward(*(t for group in (grads, head_grads, bias_grads) for t in group.values() if t is not None))
         ctx.present = [[t is not None for t in group.values()] for group in (grads, head_grads, bias_grads)]
-        kl, ce = kl_sum / rows * temperature**2, ce_sum / max(scored, 1)
+        kl, ce = kl_sum / kl_norm * temperature**2, ce_sum / ce_norm
         if not ce_grad:
             ctx.mark_non_differentiable(ce)
         return kl, ce
@@ -180,7 +190,7 @@ class _ChunkedKD(torch.autograd.Function):
             return total + ce_part * grad_ce if ce_part is not None and grad_ce is not None else total
 
         grad_hidden, grad_weight, grad_bias = (combine(group) for group in groups)
-        return grad_hidden.reshape(ctx.shape), None, grad_weight, grad_bias, None, None, None, None
+        return grad_hidden.reshape(ctx.shape), None, grad_weight, grad_bias, None, None, None, None, None
 
 
 def _base(model: nn.Module) -> nn.Module:

@@ -25,6 +25,7 @@ from ..hf.attention import decoder_layers
 from ..hf.errors import LinearizeError
 from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from .fsdp import held_dtypes, inside_wrappers, is_fsdp, release, trainable_fp32
+from .retrieval_mix import take_weighted
 from .session import Session
 
 # Dense bf16/fp16 matrix peaks from the vendors' datasheets, by device name, for MFU under mixed precision;
@@ -176,7 +177,7 @@ def non_embedding_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if id(p) not in embeddings)
 
 
-StepLoss = Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+StepLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
 def train(
@@ -187,7 +188,8 @@ def train(
     params: dict[str, nn.Parameter],
     step_loss: StepLoss,
 ) -> dict[str, Any]:
-    """Train `params` (names -> parameters of `model`) on `data.train` to minimise `step_loss(model, batch)`.
+    """Train `params` (names -> parameters of `model`) on `data.train` to minimise `step_loss(model, batch, weights)`,
+    `weights` being the batch's per-position loss weights where retrieval answers weigh more, else None.
 
     `step_loss` returns the loss and a dict of detached metric tensors (scalars or per-layer vectors) that are
     averaged over micro-batches and processes and written every `log_every` steps. Returns the stage report.
@@ -299,10 +301,11 @@ class _Stage:
         step_sums: dict[str, torch.Tensor] = {}
         for micro in range(config.grad_accum):
             first = ((step * config.grad_accum + micro) * acc.num_processes + acc.process_index) * config.batch_size
-            batch = self.data.train.take(first, config.batch_size).to(acc.device)
+            batch, weights = take_weighted(self.data.train, first, config.batch_size)
+            batch, weights = batch.to(acc.device), None if weights is None else weights.to(acc.device)
             last_micro = micro == config.grad_accum - 1
             with nullcontext() if last_micro else acc.no_sync(wrapped):
-                loss, metrics = self.step_loss(wrapped, batch)
+                loss, metrics = self.step_loss(wrapped, batch, weights)
                 acc.backward(loss / config.grad_accum)
             for name, value in {"loss": loss.detach(), **metrics}.items():
                 step_sums[name] = step_sums.get(name, 0) + value.detach().float() / config.grad_accum

@@ -26,31 +26,36 @@ def check_kinds(kinds: list[str]) -> None:
 
 class RetrievalMix:
     """`windows` (PackedWindows or StreamedWindows) with `share` of them replaced by retrieval tasks of `kinds`,
-    each ending in its answer; the task's prompt is preceded by the window's own first tokens to fill the length."""
+    each ending in its answer; the task's prompt is preceded by the window's own first tokens to fill the length.
+    The positions that predict an answer weigh `weight` times a prose position in the KD losses."""
 
-    def __init__(self, windows, tokenizer, seq_len: int, share: float, kinds: list[str], seed: int):
+    def __init__(self, windows, tokenizer, seq_len: int, share: float, kinds: list[str], seed: int, weight: float = 1.0):
         check_kinds(kinds)
         self.windows, self.tokenizer, self.seq_len, self.share, self.kinds, self.seed = windows, tokenizer, seq_len, share, list(kinds), seed
-        self.streaming = windows.streaming
+        self.weight, self.streaming = weight, windows.streaming
         for kind in self.kinds:  # a length too short for a kind is refused now, not at its first window
-            self._task(kind, 0.5, random.Random(seed), torch.zeros(seq_len, dtype=torch.long))
+            task_window(tokenizer, kind, seq_len, 0.5, random.Random(seed), torch.zeros(seq_len, dtype=torch.long))
 
     def __len__(self) -> int:
         return len(self.windows)
 
     def rewindowed(self, seq_len: int) -> "RetrievalMix":
-        return RetrievalMix(self.windows.rewindowed(seq_len), self.tokenizer, seq_len, self.share, self.kinds, self.seed)
+        return RetrievalMix(self.windows.rewindowed(seq_len), self.tokenizer, seq_len, self.share, self.kinds, self.seed, self.weight)
 
     def take(self, start: int, count: int) -> torch.Tensor:
+        return self.take_weighted(start, count)[0]
+
+    def take_weighted(self, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The windows `start` to `start + count`, and their positions' loss weights (None when `weight` is 1)."""
         batch = self.windows.take(start, count).clone()
+        weights = None if self.weight == 1 else torch.ones(batch.shape, dtype=torch.float32)
         for row, index in enumerate(range(start, start + count)):
             rng = random.Random(f"{self.seed}:{index}")
             if rng.random() < self.share:
-                batch[row] = self._task(rng.choice(self.kinds), rng.random(), rng, batch[row])
-        return batch
-
-    def _task(self, kind: str, depth: float, rng: random.Random, window: torch.Tensor) -> torch.Tensor:
-        return task_window(self.tokenizer, kind, self.seq_len, depth, rng, window)[0]
+                batch[row], answer = task_window(self.tokenizer, rng.choice(self.kinds), self.seq_len, rng.random(), rng, batch[row])
+                if weights is not None:  # position i predicts token i + 1: the answer's tokens are the last ones
+                    weights[row, self.seq_len - answer - 1 : self.seq_len - 1] = self.weight
+        return batch, weights
 
 
 def task_window(tokenizer, kind: str, seq_len: int, depth: float, rng: random.Random, window: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -68,9 +73,17 @@ def with_retrieval(windows, config, tokenizer, seed: int) -> tuple[object, str]:
     if not config.retrieval:
         return windows, ""
     try:
-        mixed = RetrievalMix(windows, tokenizer, config.seq_len, config.retrieval, config.retrieval_kinds, seed)
+        mixed = RetrievalMix(windows, tokenizer, config.seq_len, config.retrieval, config.retrieval_kinds, seed, config.retrieval_weight)
     except LinearizeError as error:
         if "too short" not in str(error):
             raise
         raise LinearizeError(f"data.retrieval: {error}; raise data.seq_len or leave out that kind (data.retrieval_kinds)") from None
-    return mixed, f", {config.retrieval:.0%} of them retrieval tasks ({', '.join(mixed.kinds)})"
+    weighed = f", answers weighing {config.retrieval_weight:g}x" if config.retrieval_weight != 1 else ""
+    return mixed, f", {config.retrieval:.0%} of them retrieval tasks ({', '.join(mixed.kinds)}{weighed})"
+
+
+def take_weighted(windows, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Training windows and their positions' loss weights: None unless retrieval answers weigh more."""
+    if isinstance(windows, RetrievalMix):
+        return windows.take_weighted(start, count)
+    return windows.take(start, count), None

@@ -207,7 +207,8 @@ def run(model: nn.Module, data, config: AttentionTransferConfig, session: Sessio
 
     fsdp = is_fsdp(session.accelerator)
 
-    def step_loss(wrapped: nn.Module, batch: torch.Tensor):
+    def step_loss(wrapped: nn.Module, batch: torch.Tensor, weights: torch.Tensor | None):
+        # Loss weights are for the next-token losses of KD: every layer output is matched alike.
         return transfer_loss(wrapped, batch, probe, trained_layers, fsdp)
 
     session.say(f"{where}: training {sum(p.numel() for p in params.values()):,} parameters in layers {trained_layers}")

@@ -170,7 +170,7 @@ def run(model: nn.Module, data, config: LoraKDConfig, session: Session | None = 
         with torch.no_grad(), peft_model.disable_adapter(), teacher_mode(peft_model), outputs():
             return model(input_ids=windows, use_cache=False).logits
 
-    def step_loss(wrapped: nn.Module, batch: torch.Tensor):
+    def step_loss(wrapped: nn.Module, batch: torch.Tensor, weights: torch.Tensor | None):
         metrics = {}
         if cache is None:
             # Through the prepared model: under FSDP only its forward gathers the weights. It brings the autocast.
@@ -183,7 +183,7 @@ def run(model: nn.Module, data, config: LoraKDConfig, session: Session | None = 
         peft_model.train()
         with outputs():
             student_out = wrapped(input_ids=batch, use_cache=False).logits
-        kl, ce = kd_losses(student_out, teacher, batch, config.temperature, head)
+        kl, ce = kd_losses(student_out, teacher, batch, config.temperature, head, weights)
         loss = config.kl_weight * kl + config.ce_weight * ce
         return loss, {"kl": kl.detach(), "ce": ce.detach(), **metrics}
 
