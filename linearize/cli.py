@@ -238,6 +238,9 @@ def _print_stages(stages: list[StageReport], selection: dict | None) -> None:
             f"{last['loss']:.4g}" if "loss" in last else "-",
         )
     console.print(table)
+    firsts = [f"stage {r.stage} {r.first_step_seconds:.1f} s" for r in stages if r.first_step_seconds is not None]
+    if firsts:
+        console.print(f"of which the first step (compilation and set-up): {', '.join(firsts)}")
 
 
 @app.command()

@@ -63,7 +63,8 @@ def _show(results, title: str) -> None:
         elif r["kind"] == "agreement":
             table.add_row(r["model"], f"KL to the teacher / top-1 agreement, {r['data']} @ {r['context']}", f"{r['kl']:.4f} / {r['top1']:.3f}")
         elif r["kind"] == "training":
-            table.add_row(r["model"], f"stage {r['stage']} ({r['stage_kind']}): tokens, seconds", f"{r['tokens']}, {r['seconds']}")
+            first = f" ({r['first_step_seconds']} in the first step)" if r.get("first_step_seconds") is not None else ""
+            table.add_row(r["model"], f"stage {r['stage']} ({r['stage_kind']}): tokens, seconds", f"{r['tokens']}, {r['seconds']}{first}")
         elif r["kind"] == "speed" and not r.get("out_of_memory"):
             decode = r["decode_tokens_per_s"]
             largest = f" (largest, {r['limited_by']})" if r.get("largest_batch") else ""

@@ -36,7 +36,8 @@ class Scores:
 @dataclass
 class StageReport:
     """One distillation stage: its optimizer steps and tokens, its whole training time (a resumed stage counts
-    the time before the interruption too), its first and last metric records, and why it trained nothing when
+    the time before the interruption too), the time of the first step its process took (`first_step_seconds`:
+    compilation, on a compiled stage, and first-use set-up), its first and last metric records, and why it trained nothing when
     it did not (`skipped`); `details` holds what only its kind reports (the layers attention transfer trained,
     the number of LoRA targets)."""
 
@@ -46,6 +47,7 @@ class StageReport:
     tokens: int = 0
     trainable_parameters: int = 0
     seconds: float = 0.0
+    first_step_seconds: float | None = None
     first: dict[str, Any] | None = None
     last: dict[str, Any] | None = None
     skipped: str | None = None

@@ -60,6 +60,7 @@ def test_distill_saves_a_plain_model_with_its_metrics(workspace, monkeypatch, ca
     results = json.loads((out / "results.json").read_text())
     assert [s["kind"] for s in results["stages"]] == ["attention_transfer", "lora_kd"] and all(s["steps"] == 4 for s in results["stages"])
     assert "0: attention_transfer" in stdout and "saved" in stdout
+    assert "of which the first step (compilation and set-up): stage 0 " in stdout
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert {(r["stage"], r["step"]) for r in records} >= {(0, 1), (0, 4), (1, 1), (1, 4)}
     model = AutoModelForCausalLM.from_pretrained(out)

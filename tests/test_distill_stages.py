@@ -57,6 +57,7 @@ def test_attention_transfer_lowers_every_layer_and_trains_only_new_parameters(da
         assert not p.requires_grad
     report = run.reports[-1]
     assert report["steps"] == 12 and report["layers"] == [0, 1, 2]
+    assert 0 < report["first_step_seconds"] <= report["seconds"]
     first, last = report["first"], report["last"]
     assert len(first["layer_mse"]) == len(first["layer_normalized"]) == 3
     assert all(b < a for a, b in zip(first["layer_normalized"], last["layer_normalized"]))

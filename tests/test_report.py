@@ -56,7 +56,7 @@ def test_report_writes_markdown_numbers_and_readable_pngs(tmp_path):
     assert "| persuasion | 512 | 10.00 | 12.50 | 1.250 |" in text
     assert "| 256 | 1.00 | 0.50 |" in text
     assert "| tiny-hedgehog | persuasion | 512 | 0.0805 | 83.0% | 16384 |" in text
-    assert text.index("| tiny-hedgehog | 0 | attention_transfer | 4,000,000 | 100.0 | 40,000 |") < text.index("| tiny-hedgehog | 1 | lora_kd | 8,000,000 |")
+    assert text.index("| tiny-hedgehog | 0 | attention_transfer | 4,000,000 | 100.0 | – | 40,000 |") < text.index("| tiny-hedgehog | 1 | lora_kd | 8,000,000 |")
     assert "| tiny-hedgehog | 1 | 8192 | 20.00 |" in text  # decode 50 tok/s against the teacher's 2.5 at 8K
     numbers = json.loads((tmp_path / "report" / "report.json").read_text())
     assert numbers["accuracy"][0]["recovered"][STUDENT] == pytest.approx(75.0)
@@ -88,7 +88,8 @@ def test_report_reads_a_run_folder_and_its_results_file(tmp_path, monkeypatch, c
         "recipe": {"teacher": "smollm2-135m", "data": {"heldout": "/home/someone/texts/persuasion"}, "eval": {"seq_len": 512, "perplexity_tokens": 8192}},
         "teacher": {"perplexity": 36.6, "generation": " it"}, "converted": {"perplexity": 158.9, "generation": " a"},
         "distilled": {"perplexity": 52.1, "generation": " it"},
-        "stages": [{"stage": 0, "kind": "attention_transfer", "tokens": 32768, "seconds": 16.0}, {"stage": 1, "kind": "lora_kd", "tokens": 8192, "seconds": 8.0}],
+        "stages": [{"stage": 0, "kind": "attention_transfer", "tokens": 32768, "seconds": 16.0, "first_step_seconds": 9.5},
+                   {"stage": 1, "kind": "lora_kd", "tokens": 8192, "seconds": 8.0}],
     }
     (folder / "results.json").write_text(json.dumps(run))
     for given in (folder, folder / "results.json"):
@@ -97,7 +98,8 @@ def test_report_reads_a_run_folder_and_its_results_file(tmp_path, monkeypatch, c
         (row,) = numbers["perplexity"]
         assert row["context"] == 512 and row["data"] == "persuasion"
         assert row["ratio"]["quickstart"] == pytest.approx(52.1 / 36.6) and row["ratio"]["quickstart (converted)"] == pytest.approx(158.9 / 36.6)
-        assert [(r["stage"], r["tokens_per_s"]) for r in numbers["training"]] == [(0, 2048.0), (1, 1024.0)]
+        assert [(r["stage"], r["tokens_per_s"], r["first_step_seconds"]) for r in numbers["training"]] == [(0, 2048.0, 9.5), (1, 1024.0, None)]
+        assert "| quickstart | 0 | attention_transfer | 32,768 | 16.0 | 9.5 | 2,048 |" in (tmp_path / "report" / "report.md").read_text()
         assert "perplexity" in numbers["figures"]
 
     from linearize import cli

@@ -275,7 +275,10 @@ class _Stage:
             with progress, compile_limits() if compiled else nullcontext():
                 task = progress.add_task(self.where, total=self.steps, completed=self.start, rate="- tok/s", loss="-")
                 for step in range(self.start, self.steps):
+                    began = time.time()
                     grad_norm = self.optimizer_step(step)
+                    if step == self.start:  # compiling (graphs, Triton kernels) and first-use set-up
+                        report["first_step_seconds"] = round(time.time() - began, 3)
                     done = step + 1
                     if done % config.log_every == 0 or done == self.steps or done == 1:
                         self.log(done, grad_norm, progress, task)

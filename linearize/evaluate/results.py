@@ -22,7 +22,8 @@ Record kinds and their fields:
                 and context, apart from the rows of the batch sizes asked for) with limited_by ("memory", or "cap"
                 where the largest batch tried fitted)
     agreement   teacher, data, context, kl (KL(teacher || student), nats per token), top1 (next-token agreement), tokens
-    training    stage, stage_kind, tokens, seconds, tokens_per_s (one distillation stage of the model)
+    training    stage, stage_kind, tokens, seconds, first_step_seconds (its first step: compilation and set-up), tokens_per_s
+                (one distillation stage of the model)
 """
 
 from __future__ import annotations
@@ -115,6 +116,7 @@ def add_training(results: Results, model: str, run: RunRecord) -> None:
     for stage in run.stages:
         results.add(
             model, "training", stage=stage.stage, stage_kind=stage.kind, tokens=stage.tokens, seconds=stage.seconds,
+            first_step_seconds=stage.first_step_seconds,
             tokens_per_s=stage.tokens_per_s,
         )
 

@@ -94,8 +94,8 @@ def agreement(results: Results) -> list[dict[str, Any]]:
 
 
 def training(results: Results) -> list[dict[str, Any]]:
-    """Per model, its distillation stages in order: tokens, seconds and tokens/s."""
-    keys = ("model", "stage", "stage_kind", "tokens", "seconds", "tokens_per_s")
+    """Per model, its distillation stages in order: tokens, seconds, the first step's seconds and tokens/s."""
+    keys = ("model", "stage", "stage_kind", "tokens", "seconds", "first_step_seconds", "tokens_per_s")
     order = {name: i for i, name in enumerate(m.name for m in results.models)}
     rows = ({k: r.get(k) for k in keys} for r in results.of("training"))
     return sorted(rows, key=lambda r: (order.get(r["model"], len(order)), r["stage"] if r["stage"] is not None else -1))
