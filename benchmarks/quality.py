@@ -13,7 +13,8 @@ two from an existing quality.json, and `--merge` draws them from chosen rows of 
 `--trials` prompts per length: 9 trials give 27 per length, a standard error under 0.1); `--kinds passkey,multikey`
 asks some of them. A miss is kept with what the model said (`passkey_2048_misses`, the first three per depth). `--resume` continues a
 call cut short by a time limit: finished rows stay, an interrupted recipe run continues from its checkpoints, and
-a trained but unscored student is scored.
+a trained but unscored student is scored. `--teacher-scores OTHER/quality.json` takes the teacher's figures from an
+earlier run with the same settings instead of measuring them again.
 
     python benchmarks/gather_corpus.py --out corpus
     python benchmarks/quality.py --teacher smollm2-135m --corpus corpus --tokens 2000000,8000000 --batch-size 32 --compile \
@@ -69,6 +70,17 @@ def retrieval(model, tokenizer, kind: str, length: int, trials: int) -> tuple[di
     probes = [make_probe(tokenizer, kind, length, depth, rng) for depth in DEPTHS for _ in range(trials)]
     cells = ask(model, tokenizer, probes)
     return {f"{depth:g}": cells[(length, depth)].value for depth in DEPTHS}, {f"{depth:g}": cells[(length, depth)].misses for depth in DEPTHS}
+
+
+def earlier_teacher(path: Path) -> dict:
+    """The teacher's figures in another run's quality.json (the first row's, which every row shares)."""
+    try:
+        rows = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"--teacher-scores {path}: {error}; give the quality.json of an earlier run") from None
+    if not rows or not rows[0].get("teacher"):
+        raise SystemExit(f"--teacher-scores {path}: no teacher figures in it; give the quality.json of a run that scored its teacher")
+    return rows[0]["teacher"]
 
 
 def heldout_windows(tokenizer, folder: Path, contexts: list[int], max_tokens: int) -> dict[str, torch.LongTensor]:
@@ -245,6 +257,8 @@ def main():
     parser.add_argument("--kinds", default="passkey", help="retrieval tasks asked at --passkey-lengths: passkey and RULER's "
                         "multikey, kv, vt")
     parser.add_argument("--ruler", action="store_true", help="all four: --kinds passkey,multikey,kv,vt")
+    parser.add_argument("--teacher-scores", default="", help="another run's quality.json: the teacher's figures it holds are "
+                        "not measured again (same teacher, corpus, code and settings: the prompts are seeded)")
     parser.add_argument("--resume", action="store_true", help="keep --out's finished rows, continue an interrupted recipe run "
                         "from its checkpoints, and score a trained student that was not scored")
     parser.add_argument("--ppl-contexts", default="512,2048", help="perplexity of every held-out text in windows of each "
@@ -287,6 +301,8 @@ def main():
     budgets = [int(t) for t in args.tokens.split(",")]
     # Every row shares it: the original teacher, scored once, in the first recipe's turn (or in the turns it took).
     teacher_scores: dict = summary[0]["teacher"] if summary else next(iter(unfinished.values()), {}).get("teacher", {})
+    if args.teacher_scores:
+        teacher_scores |= {k: v for k, v in earlier_teacher(Path(args.teacher_scores)).items() if k not in teacher_scores}
 
     def save() -> None:  # unfinished rows stay on record until their recipe's turn
         waiting = [row for name, row in unfinished.items() if all(r["recipe"] != name for r in summary)]

@@ -4,6 +4,8 @@ import importlib.util
 import json
 import sys
 
+import pytest
+
 import linearize
 from linearize.record import RunRecord, Scores, StageReport
 from tests.conftest import REPO_ROOT
@@ -114,3 +116,15 @@ def test_scoring_goes_on_from_the_first_measure_it_lacks(monkeypatch):
     taken.clear()
     quality.score(model, None, heldout, [2048, 4096], ["passkey", "kv"], 3, "local", None, into, lambda: saves.append(dict(into)))
     assert taken == [] and len(saves) == 5
+
+
+def test_teacher_scores_come_from_an_earlier_run_and_a_bad_file_is_one_line(tmp_path):
+    earlier = tmp_path / "quality.json"
+    earlier.write_text(json.dumps([{"recipe": "hybrid_long", "teacher": {"ppl_persuasion": 35.05, "passkey_2048": 0.67}, "student": {}}]))
+    assert quality.earlier_teacher(earlier) == {"ppl_persuasion": 35.05, "passkey_2048": 0.67}
+    (tmp_path / "empty.json").write_text("[]")
+    for bad, message in ((tmp_path / "missing.json", "give the quality.json of an earlier run"),
+                         (tmp_path / "empty.json", "no teacher figures in it")):
+        with pytest.raises(SystemExit, match=message):
+            quality.earlier_teacher(bad)
+
