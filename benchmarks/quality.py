@@ -180,8 +180,9 @@ def as_results(summary: list[dict], eval_tokens: int) -> Results:
                 results.add(model, "perplexity", data=text, context=context, stride=context, value=value, tokens=eval_tokens)
             elif key.endswith("_by_depth"):
                 kind, length = key.split("_")[:2]
+                misses = scores.get(f"{kind}_{length}_misses", {})
                 for depth, accuracy in value.items():
-                    results.add(model, kind, length=int(length), depth=float(depth), value=accuracy)
+                    results.add(model, kind, length=int(length), depth=float(depth), value=accuracy, misses=misses.get(depth, []))
         for record in scores.get("tasks", []):
             results.add(model, "task", **record)
     for row in summary:

@@ -36,10 +36,12 @@ def test_a_trained_recipe_row_is_json_and_reaches_the_results():
 
 def test_every_retrieval_kind_reaches_the_results():
     row = {"recipe": "hybrid_long", "teacher": {"passkey_2048_by_depth": {"0.1": 1.0}}, "stages": [],
-           "student": {"passkey_2048": 0.5, "passkey_2048_by_depth": {"0.1": 0.5}, "kv_4096_by_depth": {"0.5": 0.25, "0.9": 0.75}}}
+           "student": {"passkey_2048": 0.5, "passkey_2048_by_depth": {"0.1": 0.5}, "kv_4096_by_depth": {"0.5": 0.25, "0.9": 0.75},
+                       "passkey_2048_misses": {"0.1": [{"answer": "12345", "said": " the pass key."}]}}}
     results = quality.as_results([row], eval_tokens=4096)
     assert [(r["model"], r["length"], r["depth"], r["value"]) for r in results.of("passkey")] == [("teacher", 2048, 0.1, 1.0), ("hybrid_long", 2048, 0.1, 0.5)]
     assert [(r["length"], r["depth"], r["value"]) for r in results.of("kv")] == [(4096, 0.5, 0.25), (4096, 0.9, 0.75)]
+    assert [r["misses"] for r in results.of("passkey")] == [[], [{"answer": "12345", "said": " the pass key."}]]
 
 
 def test_resume_reads_a_trained_student_back_and_continues_an_interrupted_run(tmp_path, monkeypatch):

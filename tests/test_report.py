@@ -27,7 +27,8 @@ def eval_results() -> Results:
             results.add(model, "perplexity", data="persuasion", context=context, stride=context // 2, value=ppl * 512 / context, tokens=4000)
         for length in (256, 1024):
             for depth in (0.0, 0.5, 1.0):
-                results.add(model, "passkey", length=length, depth=depth, value=1.0 if model == TEACHER else 0.5, trials=2, tokens=length)
+                misses = [] if model == TEACHER else [{"answer": f"1234{length % 10}", "said": " the pass key.\nIt is"}]
+                results.add(model, "passkey", length=length, depth=depth, value=1.0 if model == TEACHER else 0.5, trials=2, tokens=length, misses=misses)
     results.add(STUDENT, "agreement", teacher=TEACHER, data="persuasion", context=512, kl=0.0805, top1=0.83, tokens=16384)
     results.add(STUDENT, "training", stage=1, stage_kind="lora_kd", tokens=8_000_000, seconds=200.0, tokens_per_s=40_000.0)
     results.add(STUDENT, "training", stage=0, stage_kind="attention_transfer", tokens=4_000_000, seconds=100.0, tokens_per_s=40_000.0)
@@ -56,6 +57,9 @@ def test_report_writes_markdown_numbers_and_readable_pngs(tmp_path):
     assert "| persuasion | 512 | 10.00 | 12.50 | 1.250 |" in text
     assert "| 256 | 1.00 | 0.50 |" in text
     assert "| tiny-hedgehog | persuasion | 512 | 0.0805 | 83.0% | 16384 |" in text
+    # The student's first two passkey misses (shortest length, lowest depth first), its words quoted on one line.
+    said = text[text.index("What each model said in place of the answer"):].split("\n\n")[1].splitlines()
+    assert said[2:] == ['| tiny-hedgehog | 256 | 0 | 12346 | " the pass key.\\nIt is" |', '| tiny-hedgehog | 256 | 0.5 | 12346 | " the pass key.\\nIt is" |']
     assert text.index("| tiny-hedgehog | 0 | attention_transfer | 4,000,000 | 100.0 | – | 40,000 |") < text.index("| tiny-hedgehog | 1 | lora_kd | 8,000,000 |")
     assert "| tiny-hedgehog | 1 | 8192 | 20.00 |" in text  # decode 50 tok/s against the teacher's 2.5 at 8K
     numbers = json.loads((tmp_path / "report" / "report.json").read_text())

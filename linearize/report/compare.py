@@ -69,21 +69,26 @@ def perplexity(results: Results) -> list[dict[str, Any]]:
     return sorted(rows.values(), key=lambda r: (r["data"], r["context"], r["stride"] or 0))
 
 
+MISSES_SHOWN = 2  # per model and retrieval kind, in the report
+
+
 def retrieval(results: Results, kind: str) -> dict[str, Any]:
-    """For one retrieval kind (passkey, needle, ...): per model, the accuracy grid over (length, depth) and the mean
-    per length."""
+    """For one retrieval kind (passkey, needle, ...): per model, the accuracy grid over (length, depth), the mean
+    per length, and its first misses (shortest length and depth first) with what it said."""
     records = results.of(kind)
     lengths = sorted({r["length"] for r in records})
     depths = sorted({r["depth"] for r in records})
     grids = {}
     for model in _models_in(records, results):
-        cells = {(r["length"], r["depth"]): r["value"] for r in records if r["model"] == model}
+        mine = sorted((r for r in records if r["model"] == model), key=lambda r: (r["length"], r["depth"]))
+        cells = {(r["length"], r["depth"]): r["value"] for r in mine}
         grid = [[cells.get((length, depth)) for depth in depths] for length in lengths]
         per_length = {}
         for length, line in zip(lengths, grid):
             known = [v for v in line if v is not None]
             per_length[length] = sum(known) / len(known) if known else None
-        grids[model] = {"grid": grid, "per_length": per_length}
+        misses = [{"length": r["length"], "depth": r["depth"], **miss} for r in mine for miss in r.get("misses", [])]
+        grids[model] = {"grid": grid, "per_length": per_length, "misses": misses[:MISSES_SHOWN]}
     return {"lengths": lengths, "depths": depths, "models": grids}
 
 

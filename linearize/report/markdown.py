@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from linearize.evaluate.results import RETRIEVAL_KINDS
@@ -100,7 +101,15 @@ def retrieval_section(kind: str, data: dict[str, Any], figure: str | None) -> st
     title = RETRIEVAL_KINDS[kind]
     depths = ", ".join(f"{d:g}" for d in data["depths"])
     text = f"## {title}\n\nExact-match accuracy per prompt length, averaged over depths {depths}.\n\n" + table(["length"] + models, body)
+    misses = [[m, str(x["length"]), f"{x['depth']:g}", x["answer"], _quoted(x["said"])] for m in models for x in data["models"][m]["misses"]]
+    if misses:
+        text += "\n\nWhat each model said in place of the answer, in its first misses:\n\n" + table(["model", "length", "depth", "answer", "said"], misses)
     return text + (f"\n\n![{kind}]({figure})" if figure else "")
+
+
+def _quoted(text: str) -> str:
+    """Generated text in a table cell: quoted, with its newlines and pipes escaped."""
+    return json.dumps(text).replace("|", "\\|")
 
 
 def speed_section(summary: dict[str, Any], figures: list[str]) -> str:
