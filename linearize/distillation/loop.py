@@ -23,6 +23,7 @@ from torch import nn
 
 from ..hf.attention import decoder_layers
 from ..hf.errors import LinearizeError
+from ..hf.mixers import mixers_in
 from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from .fsdp import held_dtypes, inside_wrappers, is_fsdp, release, trainable_fp32
 from .retrieval_mix import take_weighted
@@ -52,6 +53,10 @@ class TrainConfig:
         curriculum (e.g. lora_kd at 512, then at 2048 with a quarter of the batch_size).
     checkpoint_every: steps between checkpoints (0: only at the end of the stage, when a checkpoint folder is set).
     log_every: steps between metric records.
+    window_dropout: in each converted layer that mixes a softmax window into its output by a learned share
+        (gated_deltanet, gla, mamba2 with `window`), each head of each training window loses its window with this
+        probability, so its linear part learns to carry the context alone (the remedy for hybrids that lean on
+        their window, "component imbalance"). For this stage only; 0: none.
 
     `flops_per_parameter` (a class constant of each stage) counts the FLOPs one token costs per non-embedding
     parameter, for MFU: 2 per forward pass and 2 per backward pass through activations (frozen weights need no
@@ -74,6 +79,7 @@ class TrainConfig:
     seq_len: int | None = None
     checkpoint_every: int = 100
     log_every: int = 10
+    window_dropout: float = 0.0
 
     def __post_init__(self):
         kind = getattr(self, "kind", "stage")
@@ -86,6 +92,8 @@ class TrainConfig:
                 raise LinearizeError(f"{kind}: {name} must be at least 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.weight_decay < 0 or self.max_grad_norm < 0 or self.warmup_steps < 0 or self.checkpoint_every < 0:
             raise LinearizeError(f"{kind}: lr must be positive and weight_decay, max_grad_norm, warmup_steps, checkpoint_every not negative")
+        if not 0 <= self.window_dropout < 1:
+            raise LinearizeError(f"{kind}: window_dropout is a probability in [0, 1), got {self.window_dropout}")
         if self.optimizer not in OPTIMIZERS:
             raise LinearizeError(f"{kind}: unknown optimizer {self.optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
         if self.scheduler not in SCHEDULERS:
@@ -270,6 +278,7 @@ class _Stage:
         self.sums: dict[str, torch.Tensor] = {}
         self.window_start, self.window_steps = time.time(), 0
         self.model.train()
+        self.drop_windows(config.window_dropout)
         compiled = compile_layers(self.model) if config.compile else []
         try:
             with progress, compile_limits() if compiled else nullcontext():
@@ -378,9 +387,22 @@ class _Stage:
         self.last_saved = save_checkpoint(self.session, self.stage_dir, state, self.params, self.optimizer, self.scheduler)
         self.last_step = done
 
+    def drop_windows(self, probability: float) -> None:
+        """Set the window dropout of every converted layer that has a window to drop; a dropout asked of a model
+        with none is refused."""
+        layers = [m for m in mixers_in(self.model) if getattr(m, "drops_window", False) and getattr(m, "window", 0)]
+        if probability and not layers:
+            raise LinearizeError(
+                f"{self.where}: window_dropout needs converted layers that mix a softmax window by share (gated_deltanet, gla or "
+                f"mamba2 with window > 0), and this model has none; set stages.{self.index}.window_dropout=0"
+            )
+        for mixer in layers:
+            mixer.window_dropout = probability
+
     def hand_back(self, compiled: list[nn.Module]) -> None:
         """However the stage ended: the model eager again, without gradient checkpointing, unwrapped and frozen."""
         self.model.eval()
+        self.drop_windows(0.0)
         for layer in compiled:
             uncompile(layer)
         if self.config.gradient_checkpointing:

@@ -108,6 +108,7 @@ class GatedDeltaNetOptions:
 @register_mixer
 class GatedDeltaNetMixer(Mixer):
     name = "gated_deltanet"
+    drops_window = True
     anchor = "Gated DeltaNet"
     summary = "gated delta rule on the teacher's q/k/v with short convolutions and learned write strength and decay"
     Options = GatedDeltaNetOptions
@@ -185,7 +186,9 @@ class GatedDeltaNetMixer(Mixer):
         new = {"conv": conv, "recurrent": recurrent}
         if self.window:
             share = torch.sigmoid(self.window_logit.to(out.dtype))
-            out, cache = add_window(self.spec, self.window, out, share, q, k, v, position_embeddings, padding_mask, None if state is None else tensors)
+            out, cache = add_window(
+                self.spec, self.window, out, share, q, k, v, position_embeddings, padding_mask, None if state is None else tensors, self.dropped_window()
+            )
             new.update(cache)
         if state is not None:
             state.write(new)

@@ -39,6 +39,7 @@ class GLAOptions:
 @register_mixer
 class GLAMixer(Mixer):
     name = "gla"
+    drops_window = True
     anchor = "Liger"
     summary = "gated linear attention reusing the teacher's q/k/v/o, no new parameters; optional softmax window half"
     Options = GLAOptions
@@ -95,7 +96,9 @@ class GLAMixer(Mixer):
         heads, final = self.linear_heads(q, k, v, padding_mask, tensors.get("S"), decode)
         new = {"S": final}
         if self.window:
-            heads, cache = add_window(self.spec, self.window, heads, 0.5, q, k, v, position_embeddings, padding_mask, None if state is None else tensors)
+            heads, cache = add_window(
+                self.spec, self.window, heads, 0.5, q, k, v, position_embeddings, padding_mask, None if state is None else tensors, self.dropped_window()
+            )
             new.update(cache)
         if state is not None:
             state.write(new)

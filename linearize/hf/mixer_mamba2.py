@@ -46,6 +46,7 @@ class Mamba2Options:
 @register_mixer
 class Mamba2Mixer(Mixer):
     name = "mamba2"
+    drops_window = True
     anchor = "Mamba in the Llama"
     summary = "Mamba-2 SSD layer with x, B, C taken from the teacher's v, k, q and a learned step dt per head"
     Options = Mamba2Options
@@ -107,7 +108,7 @@ class Mamba2Mixer(Mixer):
         y = y + self.D.to(dtype)[:, None, None] * x
         if self.window:
             share = torch.sigmoid(self.window_logit.to(dtype))
-            y, cache = add_window(self.spec, self.window, y, share, q, k, v, position_embeddings, padding_mask, tensors)
+            y, cache = add_window(self.spec, self.window, y, share, q, k, v, position_embeddings, padding_mask, tensors, self.dropped_window())
             new.update(cache)
         if state is not None:
             state.write(new)

@@ -113,6 +113,9 @@ class Mixer(nn.Module):
     # Whether the layer's cache grows with the context (softmax attention); fixed-size states can be captured
     # in a CUDA graph (`linearize.decode.GraphDecoder`).
     state_grows: ClassVar[bool] = False
+    # Whether the layer mixes a softmax window into its output by a share (`windows.add_window`), which a
+    # distillation stage's `window_dropout` can drop.
+    drops_window: ClassVar[bool] = False
 
     def __init__(self, attn: nn.Module, spec: AttentionSpec, options: Any, layer_idx: int):
         super().__init__()
@@ -124,6 +127,13 @@ class Mixer(nn.Module):
         # Set by attention transfer: called with (mixer, student_output, teacher_output); the layer then
         # passes the teacher's output on, so every layer learns from the teacher's own inputs.
         self.transfer_hook = None
+        # Set by a distillation stage with `window_dropout` (see `drops_window`); applies in training mode only.
+        self.window_dropout = 0.0
+
+    def dropped_window(self) -> float:
+        """The probability with which `add_window` drops a head's window now: the stage's `window_dropout` while
+        training, else 0."""
+        return self.window_dropout if self.training else 0.0
 
     @classmethod
     def parse_options(cls, raw: dict[str, Any], spec: AttentionSpec, config) -> Any:

@@ -305,17 +305,22 @@ def add_window(
     position_embeddings,
     padding_mask: torch.Tensor | None,
     tensors: dict[str, torch.Tensor] | None,
+    dropout: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """share * (the teacher's softmax over the last `window` keys) + (1 - share) * `linear` heads (B, H, T, D).
 
     `share` is a number or a per-head tensor (H,). `tensors` is None without a cache, else the layer state's
-    tensors, from which the window's "k", "v" and "mask" are read. Returns the mixed heads in `linear`'s dtype
-    and the window's next cache entries (empty without a cache), for the caller to merge into its state.
+    tensors, from which the window's "k", "v" and "mask" are read. `dropout` (training only): each head of each
+    sequence loses its window with this probability, its share set to 0, so the linear part carries it alone.
+    Returns the mixed heads in `linear`'s dtype and the window's next cache entries (empty without a cache), for
+    the caller to merge into its state.
     """
     cache = None if tensors is None else {n: tensors[n] for n in ("k", "v", "mask") if n in tensors}
     heads, cache = sliding_window_heads(spec, window, q, k, v, position_embeddings, padding_mask, cache)
     if torch.is_tensor(share):
         share = share.to(linear.dtype)[:, None, None]
+    if dropout:
+        share = share * (torch.rand(linear.shape[0], linear.shape[1], 1, 1, device=linear.device) >= dropout).to(linear.dtype)
     return share * heads.to(linear.dtype) + (1 - share) * linear, cache or {}
 
 
