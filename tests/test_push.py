@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -36,9 +37,9 @@ def hub(tmp_path, monkeypatch):
         yield standin
 
 
-@pytest.fixture
-def folder(tmp_path):
-    path = tmp_path / "tiny-hedgehog"
+@pytest.fixture(scope="module")
+def saved_folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("saved") / "tiny-hedgehog"
     model = tiny_student()
     model.config.source = "smollm2-135m"  # as `linearize convert smollm2-135m` records it
     model.save_pretrained(path)
@@ -48,6 +49,12 @@ def folder(tmp_path):
 
     write_report([eval_results()], path / "report")
     return path
+
+
+@pytest.fixture
+def folder(saved_folder, tmp_path):
+    """A converted model folder of this test's own (tests add files to it), copied from the one saved per module."""
+    return Path(shutil.copytree(saved_folder, tmp_path / saved_folder.name))
 
 
 def test_push_uploads_a_repo_that_loads_with_remote_code(hub, folder, tmp_path, capsys):
