@@ -1,4 +1,5 @@
-"""Scoring, reporting and pushing on the real SmolLM2-135M-Instruct teacher and its Hedgehog conversion."""
+"""Scoring and reporting on the real SmolLM2-135M-Instruct teacher and its Hedgehog conversion (a real student's push is
+checked with its save and reload in test_real_teacher.py)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,7 @@ from linearize.evaluate.scoring import evaluate
 from linearize.evaluate.speed import benchmark
 from linearize.report import write_report
 from linearize.textdata import packaged_text
-from tests.test_push import TOKEN, hub  # noqa: F401  (the loopback Hub fixture)
 from tests.test_report import PNG_SIGNATURE
-from tests.tiny import reload_probe, run_python
 
 pytestmark = pytest.mark.slow
 
@@ -69,24 +68,3 @@ def test_local_task_perplexity_speed_and_report_end_to_end(converted, tmp_path):
     for name in numbers["figures"].values():
         path = tmp_path / "report" / name
         assert path.read_bytes()[:8] == PNG_SIGNATURE and matplotlib.image.imread(path).ndim == 3
-
-
-def test_pushed_real_model_reloads_in_a_fresh_process(converted, hub, tmp_path):  # noqa: F811
-    student, tokenizer = converted
-    folder = tmp_path / "smollm2-hedgehog"
-    student.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    linearize.push(str(folder), "me/smollm2-hedgehog")
-    repo = hub.folder("me/smollm2-hedgehog")
-    ids = tokenizer("It is a truth universally acknowledged, that", return_tensors="pt")["input_ids"]
-    output = run_python(
-        f"""
-        import torch
-        from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained({str(repo)!r}, trust_remote_code=True)
-        """
-        + reload_probe(student, tmp_path / "probe.pt", input_ids=ids),
-        cwd=tmp_path,
-    )
-    assert "reloaded exactly True" in output
-    assert "HuggingFaceTB/SmolLM2-135M-Instruct" in (repo / "README.md").read_text() and TOKEN not in output

@@ -1,5 +1,5 @@
 """On the real SmolLM2-135M-Instruct: exact self-teacher, and every mixer converts, generates, prefills in
-chunks, saves and reloads (in this process and as remote code in a fresh one)."""
+chunks, saves and reloads (in this process, and pushed to the loopback Hub, as remote code in a fresh one)."""
 
 import copy
 
@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 
 import linearize
 from linearize.hf.cache import returned_cache
+from tests.test_push import TOKEN, hub  # noqa: F401  (the loopback Hub fixture)
 from tests.tiny import assert_reloaded, reload_probe, run_python
 
 pytestmark = pytest.mark.slow
@@ -55,35 +56,47 @@ def test_mixer_on_the_real_teacher(name, teacher, batch):
 
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
     # chunked prefill against one-shot prefill in float64: the chunk boundaries differ, so float32 rounding
-    # through 30 layers reaches a few 1e-5 of the logits' norm; float64 leaves only real differences
+    # through 30 layers reaches a few 1e-5 of the logits' norm; float64 leaves only real differences. Without
+    # gradients, as a prefill runs: autograd would keep every float64 activation of three passes (several times
+    # slower here; on the CPU the mixers take the same path either way)
     wide = copy.deepcopy(student).double()
     split = ids.shape[1] // 2
-    first = wide(ids[:, :split], attention_mask=mask[:, :split], position_ids=positions[:, :split], use_cache=True)
-    rest = wide(ids[:, split:], attention_mask=mask, position_ids=positions[:, split:], cache=returned_cache(first), use_cache=True)
+    with torch.no_grad():
+        first = wide(ids[:, :split], attention_mask=mask[:, :split], position_ids=positions[:, :split], use_cache=True)
+        rest = wide(ids[:, split:], attention_mask=mask, position_ids=positions[:, split:], cache=returned_cache(first), use_cache=True)
+        oneshot = wide(ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
     chunked = torch.cat((first.logits, rest.logits), 1)
-    oneshot = wide(ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
     assert ((chunked - oneshot).norm() / oneshot.norm()).item() < 1e-10
 
 
-def test_a_real_student_of_every_mixer_saves_and_reloads_with_and_without_linearize(teacher, batch, tmp_path):
-    """One conversion holding every mixer (layer i gets mixer i mod 7), so one 0.5 GB save covers them all."""
+def test_a_real_student_of_every_mixer_saves_pushes_and_reloads_with_and_without_linearize(teacher, smollm2, batch, hub, tmp_path):  # noqa: F811
+    """One conversion holding every mixer (layer i gets the i-th mixer, counting round), so one 0.5 GB save covers them all: it reloads
+    here, and pushed to the loopback Hub, the repo loads as remote code in a fresh process (the push carries every
+    file a load needs, and the token never shows)."""
+    _, tokenizer = smollm2
     names = sorted(linearize.MIXERS)
     layers = {name: [i for i in range(teacher.config.num_hidden_layers) if names[i % len(names)] == name] for name in names}
-    student = linearize.convert(teacher, "hedgehog", keep_attention=layers["attention"], hybrid={n: l for n, l in layers.items() if n not in ("attention", "hedgehog")})
+    student = linearize.convert(teacher, "hedgehog", keep_attention=layers["attention"], hybrid={n: l for n, l in layers.items() if n not in ("attention", "hedgehog")},
+                                source="smollm2-135m")
     assert {entry["mixer"] for entry in student.config.layers} == set(names)
     ids, mask = batch["input_ids"], batch["attention_mask"]
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
     cached = student.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24, min_new_tokens=24, do_sample=False)
 
-    student.save_pretrained(tmp_path)
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    folder = tmp_path / "smollm2-every-mixer"
+    student.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    reloaded = AutoModelForCausalLM.from_pretrained(folder)
     inputs = dict(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
     assert_reloaded(reloaded, student, **inputs)
+
+    linearize.push(str(folder), "me/smollm2-every-mixer")
+    repo = hub.folder("me/smollm2-every-mixer")
     output = run_python(
         f"""
         import torch
         from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}, trust_remote_code=True)
+        model = AutoModelForCausalLM.from_pretrained({str(repo)!r}, trust_remote_code=True)
         """
         + reload_probe(student, tmp_path / "probe.pt", **inputs)
         + f"""
@@ -95,6 +108,7 @@ def test_a_real_student_of_every_mixer_saves_and_reloads_with_and_without_linear
     )
     assert "reloaded exactly True" in output
     assert "same generation True" in output
+    assert "HuggingFaceTB/SmolLM2-135M-Instruct" in (repo / "README.md").read_text() and TOKEN not in output
 
 
 def test_a_real_student_exports_to_qwen3_5_and_loads_without_linearize(teacher, smollm2, batch, tmp_path):
