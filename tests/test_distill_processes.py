@@ -15,6 +15,7 @@ from linearize.distillation.session import check_launch
 from linearize.hf.errors import LinearizeError
 from linearize.textdata import packaged_text
 from tests.conftest import REPO_ROOT
+from tests.test_cli import run as run_cli
 from tests.tiny import tiny_model, tiny_tokenizer
 
 
@@ -27,6 +28,10 @@ def test_an_unjoined_multi_process_launch_is_refused(monkeypatch):
     check_launch(1)
 
 
+def metrics(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
 def distill(recipe, out, processes: int, batch_size: int) -> list[dict]:
     overrides = [f"stages.{i}.batch_size={batch_size}" for i in range(2)]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
@@ -34,10 +39,19 @@ def distill(recipe, out, processes: int, batch_size: int) -> list[dict]:
     done = subprocess.run([*launcher, str(REPO_ROOT / "cli.py"), "distill", str(recipe), "--out", str(out), *overrides],
                           capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return metrics(out)
 
 
-def test_two_processes_match_one(tmp_path):
+def distill_here(recipe, out, batch_size: int, monkeypatch, capsys) -> list[dict]:
+    """The same command in this process, on one thread as each launched process runs: the one-process reference
+    (a launch of its own would import torch, transformers and linearize twice more)."""
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    code, _, stderr = run_cli(monkeypatch, capsys, "distill", recipe, "--out", out, *[f"stages.{i}.batch_size={batch_size}" for i in range(2)])
+    assert code == 0, stderr[-2000:]
+    return metrics(out)
+
+
+def test_two_processes_match_one(tmp_path, monkeypatch, capsys):
     teacher = tmp_path / "teacher"
     tiny_model("llama", dtype=torch.float32).save_pretrained(teacher)
     tiny_tokenizer().save_pretrained(teacher)
@@ -55,7 +69,7 @@ def test_two_processes_match_one(tmp_path):
     }
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
 
-    one = distill(tmp_path / "recipe.yaml", tmp_path / "one", processes=1, batch_size=4)
+    one = distill_here(tmp_path / "recipe.yaml", tmp_path / "one", batch_size=4, monkeypatch=monkeypatch, capsys=capsys)
     two = distill(tmp_path / "recipe.yaml", tmp_path / "two", processes=2, batch_size=2)
 
     # one line per step from the main process only, the same tokens per step, the same losses up to reduction order
