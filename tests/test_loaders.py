@@ -270,8 +270,9 @@ def test_alias_second_load_reads_cache(smollm2):
 @pytest.mark.slow
 def test_perplexity_on_held_out_text(smollm2):
     model, tokenizer = smollm2
-    windows = token_windows(tokenizer, packaged_text("persuasion"), 512, max_tokens=4096)
-    assert windows.shape == (8, 512)
+    # 2,048 tokens (four windows) hold the perplexity inside its range as 4,096 did (39.3 against 38.7 when written)
+    windows = token_windows(tokenizer, packaged_text("persuasion"), 512, max_tokens=2048)
+    assert windows.shape == (4, 512)
     perplexity = _perplexity(model, windows)
     assert 10 < perplexity < 60, perplexity
 
