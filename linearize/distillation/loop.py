@@ -53,7 +53,7 @@ class TrainConfig:
         curriculum (e.g. lora_kd at 512, then at 2048 with a quarter of the batch_size).
     checkpoint_every: steps between checkpoints (0: only at the end of the stage, when a checkpoint folder is set).
     log_every: steps between metric records.
-    window_dropout: in each converted layer that mixes a softmax window into its output by a learned share
+    window_dropout: in each converted layer that mixes a softmax window into its output by a share
         (gated_deltanet, gla, mamba2 with `window`), each head of each training window loses its window with this
         probability, so its linear part learns to carry the context alone (the remedy for hybrids that lean on
         their window, "component imbalance"). For this stage only; 0: none.
