@@ -17,7 +17,8 @@
 #   bash benchmarks/h100_session.sh quality   # (after second, still warm) more quality runs
 #   bash benchmarks/h100_session.sh pair      # (nvidia-h200-x2; JOIN=1 to join the GGUF and corpus as second does) two
 #                                             # quality runs at once, QUALITY0 on GPU 0 and QUALITY1 on GPU 1; with
-#                                             # SERVE, GPU 0 runs serving_speed.py (as first) and the GPU tests TESTS
+#                                             # SERVE, GPU 0 runs serving_speed.py (as first) and the GPU tests TESTS; BESIDE
+#                                             # (a command line, BESIDE_S) runs beside them on GPU 0
 #   bash benchmarks/h100_session.sh finish    # (after pair, QUALITY0 and QUALITY1 with --resume) finish both quality
 #                                             # runs, then on each GPU export and check a hybrid_qwen3_5 (as serving)
 #                                             # or bench any other student beside the teacher (STUDENT_BENCH, BENCH_S)
@@ -168,6 +169,10 @@ pair)  # (after second's join, or as second with JOIN=1) two quality runs at onc
     CUDA_VISIBLE_DEVICES=$gpu0 quality "${QUALITY_S:-570}" gpu0 "$QUALITY0" &
   fi
   CUDA_VISIBLE_DEVICES=$gpu1 quality "${QUALITY_S:-570}" gpu1 "$QUALITY1" &
+  if [ -n "${BESIDE:-}" ]; then  # a command of its own beside both runs, on GPU 0, within BESIDE_S
+    (CUDA_VISIBLE_DEVICES=0 timeout "${BESIDE_S:-500}" bash -c "$BESIDE" > "$OUT/beside.log" 2>&1
+     echo "exit $?" >> "$OUT/beside.log") &
+  fi
   wait
   ;;
 generate)  # (after a pair call that trained hybrid_qwen3_5 and hybrid_gdn, still warm) plain generate() of the trained
