@@ -17,6 +17,12 @@ os.environ.setdefault("LINEARIZE_HOME", str(Path("~/.cache/linearize").expanduse
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
+# Triton (in the `dev` extra) runs kernels on CPU tensors only in its interpreter, which it reads when it is imported:
+# without CUDA, the fused decode step's tests (test_triton_step.py, which force it with LINEARIZE_FUSED_STEP=on) need
+# it. Nothing else runs a Triton kernel on the CPU.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 class _Deprecations(logging.Handler):
     """Collects the deprecation notices transformers and huggingface_hub log (they log them, not warn)."""

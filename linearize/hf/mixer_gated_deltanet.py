@@ -35,6 +35,7 @@ from .errors import LinearizeError
 from .gates import inverse_softplus, logit
 from .kernel_dispatch import gated_delta_rule
 from .mixers import Mixer, MixerCost, register_mixer
+from .triton_step import fused_step_problem, gated_deltanet_step
 from .windows import add_window, check_window, effective_window, window_cache_size
 
 
@@ -174,12 +175,14 @@ class GatedDeltaNetMixer(Mixer):
 
     def mix(self, hidden_states, q, k, v, position_embeddings, padding_mask, state) -> torch.Tensor:
         tensors = state.tensors if state is not None else {}
+        decode = state is not None and q.shape[2] == 1
+        if decode and self.fuses_step(hidden_states, q, position_embeddings, tensors):
+            return self.fused_step(hidden_states, q, k, v, position_embeddings, padding_mask, state)
         cq, ck, cv, conv = self.convolve(q, k, v, padding_mask, tensors.get("conv"))
         cq, ck = F.normalize(cq, dim=-1), F.normalize(ck, dim=-1)
         groups = self.spec.groups
         ck, cv = repeat_heads(ck, groups), repeat_heads(cv, groups)
         beta, g = self.gates(hidden_states, padding_mask)
-        decode = state is not None and q.shape[2] == 1
         out, recurrent = gated_delta_rule(
             cq, ck, cv, g, beta, 1.0, tensors.get("recurrent"), decode=decode, output_state=state is not None
         )
@@ -195,3 +198,43 @@ class GatedDeltaNetMixer(Mixer):
         if padding_mask is not None:
             out = out * padding_mask[:, None, :, None]
         return out
+
+    def fuses_step(self, hidden_states, q, position_embeddings, tensors) -> bool:
+        """Whether a decode step runs through the fused Triton step (`triton_step`): on CUDA with Triton, without
+        gradients or window dropout, unless LINEARIZE_FUSED_STEP=off or LINEARIZE_KERNELS=torch."""
+        return self.dropped_window() == 0 and fused_step_problem(hidden_states, q, position_embeddings, self.window, tensors) is None
+
+    def fused_step(self, hidden_states, q, k, v, position_embeddings, padding_mask, state) -> torch.Tensor:
+        """One decode step through `triton_step.gated_deltanet_step`, which updates the state's tensors in place
+        (a fresh state starts from zeros, as the PyTorch path's, and is written once)."""
+        tensors = self.step_state(q, state.tensors)
+        cos, sin = (None, None) if position_embeddings is None else position_embeddings
+        out = gated_deltanet_step(
+            hidden_states, q, k, v, cos, sin, padding_mask, self.conv_weight, self.beta_proj.weight, self.beta_proj.bias,
+            self.decay_proj.weight, self.A_log, self.dt_bias, self.window_logit if self.window else None,
+            tensors["conv"], tensors["recurrent"], tensors.get("k"), tensors.get("v"), tensors.get("mask"),
+            self.spec.scaling, self.spec.softcap,
+        )
+        if tensors is not state.tensors:
+            state.write(tensors)
+        return out
+
+    def step_state(self, q: torch.Tensor, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`tensors` where every one is contiguous, else contiguous copies; zeros (nothing seen) where it is empty."""
+        if tensors:
+            if all(t.is_contiguous() for t in tensors.values()):
+                return tensors
+            return {name: t.contiguous() for name, t in tensors.items()}
+        batch, h, _, d = q.shape
+        zeros = dict(device=q.device, dtype=torch.float32)
+        fresh = {
+            "conv": torch.zeros(batch, self.channels, self.conv_weight.shape[1] - 1, **zeros),
+            "recurrent": torch.zeros(batch, h, d, d, **zeros),
+        }
+        if self.window:
+            keep, hkv = self.window - 1, self.spec.num_kv_heads
+            fresh.update(
+                k=q.new_zeros(batch, hkv, keep, d), v=q.new_zeros(batch, hkv, keep, d),
+                mask=torch.zeros(batch, keep, dtype=torch.bool, device=q.device),
+            )
+        return fresh

@@ -1,0 +1,335 @@
+"""One decode step of a `gated_deltanet` layer, window included, in two Triton kernel launches.
+
+On a GPU a batch-1 decode step is bound by kernel launches and host work, not by arithmetic: the PyTorch path of
+`GatedDeltaNetMixer.mix` launches about 46 kernels per layer (H200, window 64) and fla's fused recurrent kernel
+alone costs about 260 us of CPU per call for 2 us on the GPU (BENCHMARKS.md, issue 15). `gated_deltanet_step`
+does all of the step that follows the teacher's q/k/v projections in one kernel:
+- the short convolution's one-token step on q, k and v, shifting its cache (B, C, K - 1) in place;
+- the gates from the hidden states: beta = sigmoid(W_beta x + b) and g = -exp(A_log) softplus(W_a x + dt_bias);
+- L2-normalisation of the convolved q and k;
+- the gated delta rule's update of the float32 state S (B, H, D, D), in place, and its read-out q S;
+- RoPE on the unconvolved q and k, the window's one-query softmax over its cached keys and the current one (the
+  mask, the teacher's scaling, its softcap where it has one), the window cache (B, Hkv, window - 1, D) shifted in
+  place, and the share mix s * window + (1 - s) * delta rule, s = sigmoid(window_logit);
+- zero output at a padding token, which neither writes, decays nor enters the convolution (as the PyTorch path).
+A second, tiny launch shifts the window's mask (B, window - 1), which every kv head's program reads: shifted by one
+of them, it could change under another.
+
+One program per (sequence, kv head): it owns every byte it writes (its query heads' and kv head's convolution
+channels, its query heads' states, its kv head's window rows), so the in-place updates need no cross-program
+synchronisation, and the window's keys are read once for the group's query heads. At batch 1 that is 3 programs for
+SmolLM2-135M (9 query, 3 kv heads), which is enough: each reads and writes about 120 KB, a few microseconds at
+most, against the launches it replaces. Within a program a barrier separates the reads of a shifted cache from its
+writes.
+
+Arithmetic is float32; the rotated q and k and the window's heads are rounded to the input dtype where the PyTorch
+path rounds them (so the cached keys are bit-identical to its own), and the output is in the input dtype. The
+layouts of the states are the PyTorch path's, so prefill, static caches and saved models do not change. The step
+is registered as a custom op (`torch.library.triton_op`), so a compiled decode step (static cache) calls it too.
+
+This module is shipped as remote code next to saved models: Triton is imported inside a try block, and where it is
+missing (or the step does not fit, `fused_step_problem`) the PyTorch path runs. `LINEARIZE_FUSED_STEP=off` turns
+the step off (fla's and flex_attention's kernels still run); `LINEARIZE_KERNELS=torch` turns every kernel off.
+"""
+
+import os
+import re
+from typing import Optional
+
+import torch
+
+from .errors import LinearizeError
+from .kernel_dispatch import mode as kernel_mode
+
+try:  # optional: Triton comes with CUDA builds of torch. transformers' remote-code import check skips try blocks.
+    import triton
+    import triton.language as tl
+    from torch.library import triton_op, wrap_triton
+
+    TRITON_PROBLEM = None
+except Exception as error:  # ImportError, or a broken Triton install
+    TRITON_PROBLEM = f"triton is not usable ({type(error).__name__}: {str(error)[:120]})"
+
+# Triton reads TRITON_INTERPRET when it is imported and when a kernel is defined: with it, kernels run on CPU tensors.
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+SWITCH = "LINEARIZE_FUSED_STEP"
+SWITCHES = ("auto", "on", "off")
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# A program holds its window's keys and values (window x head_dim, float32) and one state (head_dim x head_dim):
+# past these sizes they spill out of registers, and the PyTorch path runs instead.
+MAX_HEAD_DIM = 128
+MAX_WINDOW_TILE = 16384
+
+
+def switch() -> str:
+    """LINEARIZE_FUSED_STEP: `auto` (default: the fused step on CUDA tensors), `off` (the PyTorch path, with fla's
+    and flex_attention's kernels where LINEARIZE_KERNELS lets them run) or `on` (CPU tensors too, which Triton runs
+    only in its interpreter, TRITON_INTERPRET=1: the tests)."""
+    value = os.environ.get(SWITCH, "auto").lower()
+    if value not in SWITCHES:
+        raise LinearizeError(f"{SWITCH}={value!r} is not one of {', '.join(SWITCHES)}; unset it or pick one")
+    return value
+
+
+def fused_step_problem(
+    hidden: torch.Tensor, q: torch.Tensor, position_embeddings, window: int, tensors: dict[str, torch.Tensor]
+) -> Optional[str]:
+    """Why `gated_deltanet_step` does not take this decode step (None when it does): the switches, Triton, the
+    device, gradients, dtypes, sizes, and the layer state `tensors` (empty before the first step, else as the PyTorch
+    path leaves it)."""
+    chosen = switch()
+    if chosen == "off" or kernel_mode() == "torch":
+        return f"turned off ({SWITCH}={chosen}, LINEARIZE_KERNELS={kernel_mode()})"
+    if TRITON_PROBLEM is not None:
+        return TRITON_PROBLEM
+    if not (q.is_cuda or (chosen == "on" and INTERPRETED)):
+        return f"the fused step runs on CUDA tensors (on CPU tensors with {SWITCH}=on under TRITON_INTERPRET=1)"
+    if torch.is_grad_enabled():
+        return "the fused step has no backward; it runs under torch.no_grad() or torch.inference_mode()"
+    if q.dtype not in DTYPES or hidden.dtype != q.dtype:
+        return f"the fused step takes hidden states and q of one dtype among float16/bfloat16/float32, got {hidden.dtype}, {q.dtype}"
+    if q.shape[-1] > MAX_HEAD_DIM or window * triton.next_power_of_2(q.shape[-1]) > MAX_WINDOW_TILE:
+        return f"the fused step takes head dimensions up to {MAX_HEAD_DIM} and windows of up to {MAX_WINDOW_TILE} keys x head dim"
+    if position_embeddings is not None:
+        cos = position_embeddings[0]
+        if cos.dim() != 3 or cos.shape[1] != 1 or cos.dtype != q.dtype or cos.shape[-1] % 2:
+            return "the fused step takes RoPE as (batch, 1, even rotary dim) cos/sin in the dtype of q"
+    expected = {"conv": torch.float32, "recurrent": torch.float32}
+    if window:
+        expected.update(k=q.dtype, v=q.dtype, mask=torch.bool)
+    if tensors and {n: t.dtype for n, t in tensors.items()} != expected:
+        return f"the fused step takes a state of {expected}"
+    return None
+
+
+def _decode_step(
+    hidden: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: Optional[torch.Tensor],
+    sin: Optional[torch.Tensor],
+    real: Optional[torch.Tensor],
+    conv_weight: torch.Tensor,
+    beta_weight: torch.Tensor,
+    beta_bias: torch.Tensor,
+    decay_weight: torch.Tensor,
+    a_log: torch.Tensor,
+    dt_bias: torch.Tensor,
+    window_logit: Optional[torch.Tensor],
+    conv: torch.Tensor,
+    recurrent: torch.Tensor,
+    window_k: Optional[torch.Tensor],
+    window_v: Optional[torch.Tensor],
+    window_mask: Optional[torch.Tensor],
+    scaling: float,
+    softcap: Optional[float],
+) -> torch.Tensor:
+    """The heads (B, H, 1, D) in q's dtype of one decode step (module docstring); updates conv (B, C, K - 1),
+    recurrent (B, H, D, D) and, with a window, window_k, window_v (B, Hkv, window - 1, D) and window_mask in place.
+
+    hidden (B, 1, hidden size); q (B, H, 1, D), k, v (B, Hkv, 1, D): the teacher's projections, unconvolved and
+    unrotated; cos, sin (B or 1, 1, rotary dim) or None (no RoPE); real (B, 1) marks real tokens (None: all are).
+    Every state tensor is contiguous; conv and recurrent are float32.
+    """
+    batch, heads, _, dim = q.shape
+    kv_heads = k.shape[1]
+    taps = conv_weight.shape[1]
+    keep = 0 if window_k is None else window_k.shape[2]
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dummy = q  # stands for an absent optional tensor; the kernel never reads it
+    rot = 0 if cos is None else cos.shape[-1]
+    wrap_triton(_step_kernel)[(batch, kv_heads)](
+        hidden, q, k, v, dummy if cos is None else cos, dummy if sin is None else sin, dummy if real is None else real,
+        conv_weight, beta_weight, beta_bias, decay_weight, a_log, dt_bias, dummy if window_logit is None else window_logit,
+        conv, recurrent, dummy if window_k is None else window_k, dummy if window_v is None else window_v,
+        dummy if window_mask is None else window_mask, out,
+        hidden.stride(0), q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        0 if cos is None or cos.shape[0] == 1 else cos.stride(0), 0 if real is None else real.stride(0),
+        scaling, 1.0 if softcap is None else softcap,
+        HIDDEN=hidden.shape[-1], HEADS=heads, KV_HEADS=kv_heads, DIM=dim, TAPS=taps, KEEP=keep, ROT=rot,
+        BLOCK_DIM=triton.next_power_of_2(dim), BLOCK_TAPS=triton.next_power_of_2(max(taps - 1, 1)),
+        BLOCK_WINDOW=triton.next_power_of_2(keep + 1), BLOCK_HIDDEN=min(triton.next_power_of_2(hidden.shape[-1]), 256),
+        HAS_REAL=real is not None, WINDOW=window_k is not None, SOFTCAP=softcap is not None,
+        num_warps=4 if dim <= 64 else 8,
+    )
+    if window_mask is not None and keep > 0:
+        wrap_triton(_shift_mask_kernel)[(batch,)](
+            window_mask, dummy if real is None else real, 0 if real is None else real.stride(0),
+            KEEP=keep, BLOCK_KEEP=triton.next_power_of_2(keep), HAS_REAL=real is not None,
+        )
+    return out
+
+
+if TRITON_PROBLEM is None:
+
+    @triton.jit
+    def _conv_step(x, cache, weight, d, in_d, keep, TAPS: tl.constexpr, BLOCK_TAPS: tl.constexpr):
+        """One token through the causal depthwise convolution of D channels: `cache` points at their K - 1 past
+        inputs (float32), `weight` at their K taps. Returns the output; shifts x into the cache where `keep`."""
+        taps = tl.arange(0, BLOCK_TAPS)
+        past = in_d[:, None] & (taps[None, :] < TAPS - 1)
+        rows = d[:, None] * (TAPS - 1) + taps[None, :]
+        before = tl.load(cache + rows, mask=past, other=0.0)
+        w_past = tl.load(weight + d[:, None] * TAPS + taps[None, :], mask=past, other=0.0).to(tl.float32)
+        w_now = tl.load(weight + d * TAPS + TAPS - 1, mask=in_d, other=0.0).to(tl.float32)
+        y = tl.sum(before * w_past, 1) + x * w_now
+        later = tl.load(cache + rows + 1, mask=in_d[:, None] & (taps[None, :] + 1 < TAPS - 1), other=0.0)
+        shifted = tl.where(taps[None, :] == TAPS - 2, x[:, None], later)
+        tl.debug_barrier()  # every past input is read before any is overwritten
+        tl.store(cache + rows, shifted, mask=past & keep)
+        return y
+
+    @triton.jit
+    def _rounded(x, dtype: tl.constexpr):
+        """float32 x rounded to the nearest `dtype` value, ties to even (as PyTorch rounds), still in float32.
+        bfloat16 is rounded on the bits, which Triton's interpreter (tests) converts by truncating."""
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            return bits.to(tl.float32, bitcast=True)
+        if dtype == tl.float16:
+            return x.to(dtype, fp_downcast_rounding="rtne").to(tl.float32)
+        return x
+
+    @triton.jit
+    def _rotated(x_ptr, cos, sin, d, in_d, ROT: tl.constexpr):
+        """Rotate-half RoPE on the first ROT dims of one head (float32 out), rounded as the PyTorch path rounds:
+        x * cos, rotate_half(x) * sin and their sum each in the input dtype."""
+        dtype = x_ptr.dtype.element_ty
+        x = tl.load(x_ptr + d, mask=in_d, other=0.0).to(tl.float32)
+        if ROT > 0:
+            in_rot = d < ROT
+            first = d < ROT // 2
+            partner = tl.load(x_ptr + tl.where(first, d + ROT // 2, d - ROT // 2), mask=in_rot, other=0.0).to(tl.float32)
+            c = tl.load(cos + d, mask=in_rot, other=0.0).to(tl.float32)
+            s = tl.load(sin + d, mask=in_rot, other=0.0).to(tl.float32)
+            straight = _rounded(x * c, dtype)
+            turned = _rounded(tl.where(first, -partner, partner) * s, dtype)
+            x = tl.where(in_rot, _rounded(straight + turned, dtype), x)
+        return x
+
+    @triton.jit
+    def _normalised(x):
+        return x / tl.maximum(tl.sqrt(tl.sum(x * x, 0)), 1e-12)
+
+    @triton.jit
+    def _step_kernel(
+        hidden, q, k, v, cos, sin, real,
+        conv_weight, beta_weight, beta_bias, decay_weight, a_log, dt_bias, window_logit,
+        conv, recurrent, window_k, window_v, window_mask, out,
+        stride_hidden, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_cos, stride_real,
+        scaling, softcap,
+        HIDDEN: tl.constexpr, HEADS: tl.constexpr, KV_HEADS: tl.constexpr, DIM: tl.constexpr, TAPS: tl.constexpr, KEEP: tl.constexpr,
+        ROT: tl.constexpr, BLOCK_DIM: tl.constexpr, BLOCK_TAPS: tl.constexpr, BLOCK_WINDOW: tl.constexpr,
+        BLOCK_HIDDEN: tl.constexpr, HAS_REAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    ):
+        """Program (b, j): sequence b, kv head j and its query heads (module docstring)."""
+        b = tl.program_id(0)
+        j = tl.program_id(1)
+        GROUPS: tl.constexpr = HEADS // KV_HEADS
+        CHANNELS: tl.constexpr = (HEADS + 2 * KV_HEADS) * DIM
+        dtype = out.dtype.element_ty
+        d = tl.arange(0, BLOCK_DIM)
+        in_d = d < DIM
+        if HAS_REAL:
+            keep = tl.load(real + b * stride_real) != 0
+        else:
+            keep = b >= 0
+        conv_row = conv + b * CHANNELS * (TAPS - 1)
+        k_ptr = k + b * stride_kb + j * stride_kh
+        v_ptr = v + b * stride_vb + j * stride_vh
+        k_raw = tl.load(k_ptr + d, mask=in_d, other=0.0).to(tl.float32)
+        v_raw = tl.load(v_ptr + d, mask=in_d, other=0.0).to(tl.float32)
+        k_channel = (HEADS + j) * DIM
+        v_channel = (HEADS + KV_HEADS + j) * DIM
+        ck = _conv_step(k_raw, conv_row + k_channel * (TAPS - 1), conv_weight + k_channel * TAPS, d, in_d, keep, TAPS, BLOCK_TAPS)
+        cv = _conv_step(v_raw, conv_row + v_channel * (TAPS - 1), conv_weight + v_channel * TAPS, d, in_d, keep, TAPS, BLOCK_TAPS)
+        ck = _normalised(ck)
+        cos_row = cos + b * stride_cos
+        sin_row = sin + b * stride_cos
+        if WINDOW:
+            # The window: its KEEP cached keys (rotated, input dtype) and the current one in the last row.
+            rows = tl.arange(0, BLOCK_WINDOW)
+            cached = rows < KEEP
+            tile = (b * KV_HEADS + j) * KEEP * DIM + rows[:, None] * DIM + d[None, :]
+            tile_mask = cached[:, None] & in_d[None, :]
+            current = rows[:, None] == KEEP
+            k_now = _rotated(k_ptr, cos_row, sin_row, d, in_d, ROT)
+            keys = tl.where(current, k_now[None, :], tl.load(window_k + tile, mask=tile_mask, other=0.0).to(tl.float32))
+            values = tl.where(current, v_raw[None, :], tl.load(window_v + tile, mask=tile_mask, other=0.0).to(tl.float32))
+            seen = tl.load(window_mask + b * KEEP + rows, mask=cached, other=0) != 0
+            seen = tl.where(rows == KEEP, keep, seen)
+            # The next cache is the window's last KEEP rows: row r moves to r - 1.
+            moved = (rows[:, None] >= 1) & (rows[:, None] <= KEEP) & in_d[None, :]
+            tl.debug_barrier()
+            tl.store(window_k + tile - DIM, keys.to(dtype), mask=moved)
+            tl.store(window_v + tile - DIM, values.to(dtype), mask=moved)
+        for g in tl.static_range(GROUPS):
+            h = j * GROUPS + g
+            q_ptr = q + b * stride_qb + h * stride_qh
+            q_raw = tl.load(q_ptr + d, mask=in_d, other=0.0).to(tl.float32)
+            cq = _conv_step(q_raw, conv_row + h * DIM * (TAPS - 1), conv_weight + h * DIM * TAPS, d, in_d, keep, TAPS, BLOCK_TAPS)
+            cq = _normalised(cq)
+            # The gates from the hidden states.
+            columns = tl.arange(0, BLOCK_HIDDEN)
+            z_beta = tl.zeros([BLOCK_HIDDEN], dtype=tl.float32)
+            z_decay = tl.zeros([BLOCK_HIDDEN], dtype=tl.float32)
+            for start in range(0, HIDDEN, BLOCK_HIDDEN):
+                cols = start + columns
+                inside = cols < HIDDEN
+                x = tl.load(hidden + b * stride_hidden + cols, mask=inside, other=0.0).to(tl.float32)
+                z_beta += x * tl.load(beta_weight + h * HIDDEN + cols, mask=inside, other=0.0).to(tl.float32)
+                z_decay += x * tl.load(decay_weight + h * HIDDEN + cols, mask=inside, other=0.0).to(tl.float32)
+            beta = tl.sigmoid(tl.sum(z_beta, 0) + tl.load(beta_bias + h).to(tl.float32))
+            z = tl.sum(z_decay, 0) + tl.load(dt_bias + h).to(tl.float32)
+            softplus = tl.where(z > 20.0, z, tl.log(1.0 + tl.exp(tl.minimum(z, 20.0))))  # F.softplus's threshold
+            log_decay = -tl.exp(tl.load(a_log + h).to(tl.float32)) * softplus
+            beta = tl.where(keep, beta, 0.0)
+            log_decay = tl.where(keep, log_decay, 0.0)
+            # The gated delta rule: S = a S + k^T (beta v - beta k (a S)), read out as q S.
+            state = recurrent + (b * HEADS + h) * DIM * DIM + d[:, None] * DIM + d[None, :]
+            square = in_d[:, None] & in_d[None, :]
+            S = tl.load(state, mask=square, other=0.0) * tl.exp(log_decay)
+            S = S + ck[:, None] * (beta * cv - beta * tl.sum(ck[:, None] * S, 0))[None, :]
+            tl.store(state, S, mask=square)
+            heads = tl.sum(cq[:, None] * S, 0)
+            if WINDOW:
+                q_now = _rotated(q_ptr, cos_row, sin_row, d, in_d, ROT)
+                scores = tl.sum(keys * q_now[None, :], 1) * scaling
+                if SOFTCAP:
+                    e = tl.exp(-2.0 * tl.abs(scores / softcap))
+                    scores = tl.where(scores < 0, -1.0, 1.0) * (1.0 - e) / (1.0 + e) * softcap
+                scores = tl.where(seen, scores, float("-inf"))
+                peak = tl.max(scores, 0)
+                weights = tl.where(seen, tl.exp(scores - tl.where(peak == float("-inf"), 0.0, peak)), 0.0)
+                total = tl.sum(weights, 0)
+                window_heads = tl.sum(weights[:, None] * values, 0) / tl.where(total > 0, total, 1.0)
+                share = tl.sigmoid(tl.load(window_logit + h).to(tl.float32))
+                heads = share * _rounded(window_heads, dtype) + (1 - share) * heads
+            heads = tl.where(keep, heads, 0.0)
+            tl.store(out + (b * HEADS + h) * DIM + d, _rounded(heads, dtype).to(dtype), mask=in_d)
+
+    @triton.jit
+    def _shift_mask_kernel(window_mask, real, stride_real, KEEP: tl.constexpr, BLOCK_KEEP: tl.constexpr, HAS_REAL: tl.constexpr):
+        """The window's mask (B, KEEP) one place on, with the current token's last (a pad enters as False)."""
+        b = tl.program_id(0)
+        rows = tl.arange(0, BLOCK_KEEP)
+        later = tl.load(window_mask + b * KEEP + rows + 1, mask=rows + 1 < KEEP, other=0)
+        if HAS_REAL:
+            now = tl.load(real + b * stride_real)
+        else:
+            now = tl.full([], 1, window_mask.dtype.element_ty)
+        shifted = tl.where(rows == KEEP - 1, now, later)
+        tl.debug_barrier()  # every entry is read before any is overwritten
+        tl.store(window_mask + b * KEEP + rows, shifted, mask=rows < KEEP)
+
+    # Named after this module: a saved model's copy of it (remote code, imported under another name) registers an op
+    # of its own beside the installed package's.
+    gated_deltanet_step = triton_op(
+        f"linearize::{re.sub(r'[^0-9A-Za-z_]', '_', __name__)}",
+        _decode_step,
+        mutates_args={"conv", "recurrent", "window_k", "window_v", "window_mask"},
+    )
+else:
+    gated_deltanet_step = None

@@ -1,0 +1,192 @@
+"""The fused decode step of `gated_deltanet` (triton_step.py) against the PyTorch decode path, on the CPU through
+Triton's interpreter: outputs and next states step by step, a whole model's cached greedy generation, and a compiled
+static-cache step. Skipped where Triton is not installed (it is in the `dev` extra)."""
+
+import copy
+import pytest
+import torch
+
+import linearize
+from linearize import LinearizeError
+from linearize.hf import mixer_gated_deltanet, triton_step
+from linearize.hf.cache import MixerState
+from linearize.hf.mixers import mixers_in
+from tests.tiny import left_padded, random_ids, tiny_model
+
+needs_triton = pytest.mark.skipif(
+    triton_step.TRITON_PROBLEM is not None or not (torch.cuda.is_available() or triton_step.INTERPRETED),
+    reason=f"needs Triton and CUDA, or Triton's interpreter (TRITON_INTERPRET=1, set by conftest): {triton_step.TRITON_PROBLEM}",
+)
+
+
+@pytest.fixture
+def fused(monkeypatch):
+    """The gated_deltanet mixer takes its decode steps through the fused step (on CPU tensors too, interpreted);
+    returns the list of the fused calls' q shapes."""
+    calls = []
+
+    def counted(*args):
+        calls.append(args[1].shape)
+        return triton_step.gated_deltanet_step(*args)
+
+    monkeypatch.setattr(mixer_gated_deltanet, "gated_deltanet_step", counted)
+    monkeypatch.setenv("LINEARIZE_FUSED_STEP", "on")
+    monkeypatch.delenv("LINEARIZE_KERNELS", raising=False)
+    return calls
+
+
+# name: (family, config overrides, mixer options). SmolLM2's heads (9 query, 3 kv, head_dim 64); an awkward shape
+# (head_dim 20, window 5, 3 taps: nothing a power of two); gemma2 for the softcap (its sliding window, 6, narrows the
+# window); GPT-NeoX for partial RoPE (4 of 16 dims) and one query head per kv head; no window at all.
+SHAPES = {
+    "smollm2": ("llama", dict(hidden_size=576, num_attention_heads=9, num_key_value_heads=3), dict(window=8)),
+    "awkward": ("llama", dict(hidden_size=60, num_attention_heads=6, num_key_value_heads=2, head_dim=20), dict(conv_size=3, window=5)),
+    "softcap": ("gemma2", {}, dict(window=8)),
+    "partial_rope": ("gpt_neox", {}, dict(conv_size=2, window=4)),
+    "no_window": ("llama", {}, dict(window=0)),
+}
+# Past `window` steps, so the window fills and turns over.
+STEPS = 11
+
+
+def randomised_mixer(shape: str, dtype: torch.dtype):
+    """(model, first layer's mixer) with random new parameters, so the convolution, gates and share all matter."""
+    family, overrides, options = SHAPES[shape]
+    model = linearize.convert(tiny_model(family, dtype=dtype, **overrides), "gated_deltanet", **options)
+    mixer = mixers_in(model)[0]
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in mixer.named_parameters():
+            if not name.startswith("attn."):
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
+    return model, mixer
+
+
+def rotary(model):
+    """The teacher's rotary embedding module."""
+    return model.model.get_decoder().rotary_emb
+
+
+def step(mixer, hidden, position_embeddings, mask, state, start: int, end: int):
+    """The mixer's heads for tokens start..end, continuing `state`."""
+    cos, sin = position_embeddings
+    piece = hidden[:, start:end]
+    q, k, v = mixer.project(piece)
+    with torch.no_grad():
+        return mixer.mix(piece, q, k, v, (cos[:, start:end], sin[:, start:end]), None if mask is None else mask[:, start:end], state)
+
+
+def assert_close(actual, expected, what, tol):
+    scale = expected.float().abs().max().clamp_min(1e-6) if expected.numel() else 1.0
+    error = ((actual.float() - expected.float()).abs().max() / scale).item()
+    assert error <= tol, f"{what}: max difference {error:.2e} of the largest value"
+
+
+# Differences relative to the largest value, per state tensor and for the heads. The caches (inputs and rotated keys,
+# rounded where the PyTorch path rounds) are equal. Both paths round the window's heads to the dtype before the mix
+# and the output after it: in bfloat16 a float32 difference that flips a rounding is an ulp of the window (up to twice
+# the output's largest value) and one of the output.
+TOLERANCE = {
+    torch.float32: dict(heads=2e-5, recurrent=2e-5, conv=0, k=0, v=0, mask=0),
+    torch.bfloat16: dict(heads=3e-2, recurrent=1e-4, conv=0, k=0, v=0, mask=0),
+}
+CASES = [(s, d, b, p) for s in SHAPES for d in (torch.float32, torch.bfloat16) for b in (1, 3) for p in (0, 3)]
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    "shape,dtype,batch,prefill", CASES, ids=[f"{s}-{str(d)[6:]}-B{b}-prefill{p}" for s, d, b, p in CASES]
+)
+def test_each_fused_step_equals_the_pytorch_step(fused, monkeypatch, shape, dtype, batch, prefill):
+    """From the same state, one fused decode step and one PyTorch decode step give the same heads and next state, at
+    every step from the first (a fresh state, or one left by a prefill of `prefill` tokens) until the window has
+    turned over. With batch 3, row 0 is left-padded by 2 tokens, which the prefill takes or the first steps decode."""
+    model, mixer = randomised_mixer(shape, dtype)
+    generator = torch.Generator().manual_seed(0)
+    total = prefill + STEPS
+    hidden = (torch.randn(batch, total, model.config.text_config.hidden_size, generator=generator) * 10).to(dtype)
+    mask = None
+    real = torch.ones(batch, total, dtype=torch.bool)
+    if batch > 1:
+        real[0, :2] = False
+        mask = real
+    positions = (real.long().cumsum(-1) - 1).clamp_min(0)
+    position_embeddings = rotary(model)(hidden, positions)
+    state = MixerState()
+    monkeypatch.setenv("LINEARIZE_FUSED_STEP", "off")
+    if prefill:
+        step(mixer, hidden, position_embeddings, mask, state, 0, prefill)
+    for t in range(prefill, total):
+        before = {name: tensor.clone() for name, tensor in state.tensors.items()}
+        monkeypatch.setenv("LINEARIZE_FUSED_STEP", "off")
+        expected = step(mixer, hidden, position_embeddings, mask, state, t, t + 1)
+        monkeypatch.setenv("LINEARIZE_FUSED_STEP", "on")
+        mine = MixerState()
+        mine.write(before)
+        out = step(mixer, hidden, position_embeddings, mask, mine, t, t + 1)
+        assert out.dtype == dtype
+        assert_close(out, expected.to(dtype), f"heads at step {t}", TOLERANCE[dtype]["heads"])
+        assert mine.tensors.keys() == state.tensors.keys()
+        for name, tensor in state.tensors.items():
+            assert mine.tensors[name].shape == tensor.shape and mine.tensors[name].dtype == tensor.dtype, name
+            assert_close(mine.tensors[name], tensor, f"{name} at step {t}", TOLERANCE[dtype][name])
+    assert len(fused) == STEPS
+
+
+@needs_triton
+def test_the_fused_step_updates_the_state_in_place(fused):
+    """After the first step, the state keeps its tensors (a static cache's addresses are the compiled step's)."""
+    model, mixer = randomised_mixer("awkward", torch.float32)
+    hidden = torch.randn(2, 6, model.config.text_config.hidden_size)
+    position_embeddings = rotary(model)(hidden, torch.arange(6)[None].expand(2, -1))
+    state = MixerState()
+    step(mixer, hidden, position_embeddings, None, state, 0, 1)
+    kept = dict(state.tensors)
+    step(mixer, hidden, position_embeddings, None, state, 1, 2)
+    assert all(state.tensors[name] is tensor for name, tensor in kept.items())
+
+
+@needs_triton
+@pytest.mark.parametrize("window", [0, 4])
+def test_cached_generation_through_the_fused_step_equals_uncached(fused, monkeypatch, window):
+    """A tiny model's greedy tokens, left-padded batch: cached through the fused step equal uncached (no decode step)
+    and cached on the PyTorch path."""
+    model = linearize.convert(tiny_model(dtype=torch.float32), "gated_deltanet", conv_size=3, window=window)
+    ids, mask = left_padded(random_ids(2, 9), [3, 0])
+    settings = dict(input_ids=ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    cached = model.generate(**settings)
+    assert len(fused) == 3 * 7  # every layer's every decode step
+    assert torch.equal(cached, model.generate(**settings, use_cache=False))
+    monkeypatch.setenv("LINEARIZE_FUSED_STEP", "off")
+    assert torch.equal(cached, model.generate(**settings))
+    assert len(fused) == 3 * 7
+
+
+@needs_triton
+def test_the_step_is_left_to_pytorch_where_it_cannot_run(fused, monkeypatch):
+    """With gradients, under LINEARIZE_KERNELS=torch or LINEARIZE_FUSED_STEP=off, or in float64, decode steps take
+    the PyTorch path; else the fused step."""
+    model = linearize.convert(tiny_model(dtype=torch.float32), "gated_deltanet", window=4)
+    double = copy.deepcopy(model).double()
+    ids = random_ids(1, 5)
+    cache, double_cache = model.new_cache(), double.new_cache()
+    model(ids, cache=cache, use_cache=True)
+    model(ids[:, :1], cache=cache, use_cache=True)  # gradients on
+    with torch.no_grad():
+        for name, value in (("LINEARIZE_KERNELS", "torch"), ("LINEARIZE_FUSED_STEP", "off")):
+            monkeypatch.setenv(name, value)
+            model(ids[:, :1], cache=cache, use_cache=True)
+            monkeypatch.delenv(name)
+            monkeypatch.setenv("LINEARIZE_FUSED_STEP", "on")
+        double(ids, cache=double_cache, use_cache=True)
+        double(ids[:, :1], cache=double_cache, use_cache=True)
+        assert fused == []
+        model(ids[:, :1], cache=cache, use_cache=True)
+    assert len(fused) == 3
+
+
+def test_a_bad_switch_is_a_one_line_error(monkeypatch):
+    monkeypatch.setenv("LINEARIZE_FUSED_STEP", "yes")
+    with pytest.raises(LinearizeError, match="LINEARIZE_FUSED_STEP='yes' is not one of auto, on, off; unset it") as info:
+        triton_step.switch()
+    assert "\n" not in str(info.value)
