@@ -85,6 +85,11 @@ class SelectionConfig:
         text; one forward pass per layer). It proposes its layers, and so do it and the single-layer KL ranking
         (the error ranking without `kl`) in turn; the proposal with the lowest sum of the KL on text and at the
         answers wins. 0: text only.
+    heads: keep the layers of the teacher's retrieval heads, found on this many retrieval tasks of the training pool
+        (as `retrieval` makes them; one forward pass of the teacher each): a layer scores the largest share of
+        attention that one of its heads gives, where an answer is due, to the answer's digits where the context
+        states them. This proposal is kept whatever the others measure; they are still measured and recorded.
+        0: off.
     """
 
     kl: bool = False
@@ -93,14 +98,16 @@ class SelectionConfig:
     seq_len: int | None = None
     batch_size: int = 4
     retrieval: int = 0
+    heads: int = 0
 
     def __post_init__(self):
         if self.tokens < 1 or self.batch_size < 1 or (self.seq_len is not None and self.seq_len < 8):
             raise LinearizeError(
                 f"convert.selection.tokens and batch_size must be positive and seq_len at least 8, got {self.tokens}, {self.batch_size} and {self.seq_len}"
             )
-        if self.retrieval < 0:
-            raise LinearizeError(f"convert.selection.retrieval is a number of retrieval tasks, 0 or more; got {self.retrieval}")
+        for name in ("retrieval", "heads"):
+            if getattr(self, name) < 0:
+                raise LinearizeError(f"convert.selection.{name} is a number of retrieval tasks, 0 or more; got {getattr(self, name)}")
 
 
 @dataclass

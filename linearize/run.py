@@ -160,8 +160,10 @@ class Run:
         self.model.to(self.accelerator.device)
         self.tokenizer, self.data = tokenizer, self._data(data, tokenizer)
         say(f"data: {self.data.description}")
-        if self.keep is not None and recipe.convert.selection.retrieval:  # the tokenizer and a length the tasks fit, before training
-            retrieval_windows(tokenizer, self.data.heldout_windows(recipe.convert.selection.seq_len, recipe.convert.selection.tokens)[:1], len(SELECTION_KINDS))
+        selecting = recipe.convert.selection
+        for setting in ("retrieval", "heads"):  # the tokenizer and a length the tasks fit, before training
+            if self.keep is not None and getattr(selecting, setting):
+                retrieval_windows(tokenizer, self.data.heldout_windows(selecting.seq_len, selecting.tokens)[:1], len(SELECTION_KINDS), setting)
         if self.checkpoints is not None:
             if self.accelerator.is_main_process:
                 start_checkpoints(self.checkpoints, recipe, self.model, self.resume, say)
@@ -225,7 +227,8 @@ class Run:
         rows = ", ".join(
             f"{f['layer']}: {f['normalized']:.3g}" + (f"/kl {f['kl']:.3g}" if "kl" in f else "")
             + (f"/restore {f['restore_gain']:.3g}" if "restore_gain" in f else "")
-            + (f"/retrieval {f['retrieval_gain']:.3g}" if "retrieval_gain" in f else "") for f in selection["layers"]
+            + (f"/retrieval {f['retrieval_gain']:.3g}" if "retrieval_gain" in f else "")
+            + (f"/head {f['retrieval_head']:.3g}" if "retrieval_head" in f else "") for f in selection["layers"]
         )
         session.say(f"selection by {selection['method']}: softmax attention kept in layers {selection['kept_attention']} (per layer {rows})")
         for method, candidate in (selection.get("candidates") or {}).items():

@@ -8,7 +8,9 @@ from transformers import AutoModelForCausalLM
 import linearize
 from linearize.config import SelectionConfig, load_recipe
 from linearize.distillation import layer_errors, select_attention
-from linearize.distillation.selection import auto_amount, auto_count, interleaved, restore_gains, retrieval_windows, single_layer_kl, token_kl
+from linearize.distillation.selection import (
+    METHODS, auto_amount, auto_count, interleaved, needles, restore_gains, retrieval_heads, retrieval_windows, single_layer_kl, token_kl,
+)
 from linearize.hf.mixers import mixers_in
 from linearize.hf.errors import LinearizeError
 from linearize.surgery import revert_to_attention
@@ -238,3 +240,73 @@ def test_a_recipe_chooses_by_retrieval_answers_and_a_short_length_is_refused_bef
                               overrides=overrides + ["convert.selection.seq_len=512", "convert.selection.tokens=1024"], log=messages.append, progress=False)
     assert model.config.selection["retrieval_tasks"] == 3 and len(model.config.selection["kept_attention"]) == 2
     assert any("at retrieval answers" in m for m in messages) and any("/retrieval " in m for m in messages)
+
+
+def test_needles_mark_every_place_the_context_states_the_answer(long_windows):
+    """A passkey is stated twice, a needle once; a task whose context lost its answer has no needle."""
+    tasks, answers = retrieval_windows(tiny_tokenizer(), long_windows, 3)
+    found = needles(tasks, answers)
+    for row, times in zip(range(3), (2, 1, 1)):
+        digits = tasks[row, answers[row].nonzero().flatten()[1:]]  # the answer's tokens before its full stop
+        assert int(found[row].sum()) == times * len(digits)
+        assert torch.equal(tasks[row, found[row]], digits.repeat(times))
+        assert not found[row, answers[row].nonzero().flatten()[0] + 1 :].any()  # never the answer itself
+    lost = tasks.clone()
+    lost[0, found[0]] = 3
+    assert not needles(lost, answers)[0].any() and torch.equal(needles(lost, answers)[1:], found[1:])
+
+
+def test_retrieval_heads_are_the_teachers_attention_on_the_needles(long_windows):
+    """Each head's score is the teacher's own attention probability (transformers' eager attention) on the needle's
+    tokens, from the positions that predict the answer, averaged over those positions and the tasks."""
+    tasks, answers = retrieval_windows(tiny_tokenizer(), long_windows, 3)
+    teacher = tiny_model("llama", dtype=torch.float32, num_hidden_layers=3, attn_implementation="eager")
+    with torch.no_grad():
+        for layer in teacher.model.layers:  # sharper attention, so that heads differ and their order is checked
+            layer.self_attn.q_proj.weight.mul_(30.0)
+            layer.self_attn.k_proj.weight.mul_(30.0)
+        probs = teacher(input_ids=tasks, output_attentions=True).attentions  # per layer (B, H, T, T)
+    found = needles(tasks, answers)
+    expected = {
+        layer: torch.stack([p[b][:, answers[b]][..., found[b]].sum(-1).mean(-1) for b in range(len(tasks))]).mean(0)
+        for layer, p in enumerate(probs)
+    }
+    heads = retrieval_heads(linearize.convert(teacher, "hedgehog"), tasks, answers, batch_size=2)
+    assert set(heads) == {0, 1, 2}
+    for layer, per_head in heads.items():
+        assert torch.allclose(torch.tensor(per_head, dtype=torch.float32), expected[layer], atol=1e-5)
+    assert all(max(h) > 2 * min(h) for h in heads.values())
+    lost = tasks.clone()
+    lost[:, found.any(0)] = 3
+    with pytest.raises(LinearizeError, match="no task states its answer"):
+        retrieval_heads(linearize.convert(tiny_model("llama", dtype=torch.float32, num_hidden_layers=2), "hedgehog"), lost, answers)
+
+
+def test_heads_selection_keeps_the_strongest_heads_layers_whatever_the_others_measure(long_windows):
+    tokenizer = tiny_tokenizer()
+    model = student()
+    heads = retrieval_heads(model, *retrieval_windows(tokenizer, long_windows, 3))
+    strongest = sorted(sorted(heads, key=lambda layer: max(heads[layer]), reverse=True)[:2])
+    selection = select_attention(model, long_windows, 2, SelectionConfig(restore=True, heads=3), tokenizer=tokenizer)
+    assert selection["method"] == METHODS["heads"] and selection["kept_attention"] == strongest
+    assert selection["candidates"][METHODS["heads"]]["kept_attention"] == strongest  # measured beside the others
+    assert METHODS["restore"] in selection["candidates"] and selection["head_tasks"] == 3
+    assert all(f["retrieval_head"] == pytest.approx(max(heads[f["layer"]])) for f in selection["layers"])
+    assert selection["heads"] == {str(layer): pytest.approx(per_head) for layer, per_head in heads.items()}
+    assert [e["mixer"] == "attention" for e in model.config.layers] == [i in strongest for i in range(LAYERS)]
+    with pytest.raises(LinearizeError, match="convert.selection.heads needs the tokenizer"):
+        select_attention(student(), long_windows, 2, SelectionConfig(heads=3))
+    with pytest.raises(LinearizeError, match="convert.selection.heads"):
+        SelectionConfig(heads=-1)
+
+
+def test_a_recipe_keeps_the_teachers_retrieval_heads_and_says_so():
+    overrides = ["convert.mixer=hedgehog", "convert.options={}", "convert.keep_attention=auto:2", "data.seq_len=32",
+                 "stages=[{kind: attention_transfer, tokens: 256, batch_size: 2, lr: 0.05}]", "convert.selection.heads=3",
+                 "convert.selection.seq_len=512", "convert.selection.tokens=1024"]
+    messages = []
+    model = linearize.distill(tiny_model("llama", dtype=torch.float32, num_hidden_layers=LAYERS), tiny_data(seq_len=32), "quickstart",
+                              tokenizer=tiny_tokenizer(), overrides=overrides, log=messages.append, progress=False)
+    selection = model.config.selection
+    assert selection["method"] == METHODS["heads"] and selection["head_tasks"] == 3 and len(selection["kept_attention"]) == 2
+    assert any(f"selection by {METHODS['heads']}" in m and "/head " in m for m in messages)

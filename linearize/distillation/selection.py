@@ -9,7 +9,9 @@ alone goes back to softmax attention (`restore`, as fla-org's hybrid distillatio
 go back to the teacher's attention; with `restore`, each scorer proposes N layers and the proposal whose model
 is measured closest to the teacher wins. Text alone does not show which layers retrieve from far back: with
 `retrieval`, each layer is also scored at the answers of retrieval tasks (how much restoring it lowers the KL
-there), and the proposals are measured on text and at the answers together.
+there), and the proposals are measured on text and at the answers together. With `heads`, the layers kept are those of
+the teacher's own retrieval heads: the heads that, where an answer is due, attend to the place in the context that
+states it (its needle). That is read from the teacher alone, so it needs no converted layer to be any good yet.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import SelectionConfig
+from ..hf.attention import apply_rotary, repeat_heads
 from ..hf.errors import LinearizeError
 from ..hf.mixers import mixers_in, teacher_mode
 from ..hf.plan import ATTENTION
@@ -104,12 +107,12 @@ def restore_gains(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, 
 SELECTION_KINDS = ("passkey", "needle", "multikey")
 
 
-def retrieval_windows(tokenizer, filler: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+def retrieval_windows(tokenizer, filler: torch.Tensor, count: int, setting: str = "retrieval") -> tuple[torch.Tensor, torch.Tensor]:
     """`count` retrieval tasks of the training pool (passkey, needle and multi-key needle in turn, at seeded
     depths), each as long as a row of `filler` and filled from its first tokens, the answer at the end; and the
-    mask of the positions that predict an answer token."""
+    mask of the positions that predict an answer token. `setting` names the option that asked for them, in errors."""
     if tokenizer is None:
-        raise LinearizeError("convert.selection.retrieval needs the tokenizer: pass tokenizer=... to distill(), or set convert.selection.retrieval=0")
+        raise LinearizeError(f"convert.selection.{setting} needs the tokenizer: pass tokenizer=... to distill(), or set convert.selection.{setting}=0")
     seq_len = filler.shape[1]
     windows, mask = [], torch.zeros(count, seq_len, dtype=torch.bool)
     for i in range(count):
@@ -117,10 +120,70 @@ def retrieval_windows(tokenizer, filler: torch.Tensor, count: int) -> tuple[torc
         try:
             window, answer = task_window(tokenizer, SELECTION_KINDS[i % len(SELECTION_KINDS)], seq_len, rng.random(), rng, filler[i % len(filler)])
         except LinearizeError as error:
-            raise LinearizeError(f"convert.selection.retrieval: {error}; raise convert.selection.seq_len") from None
+            raise LinearizeError(f"convert.selection.{setting}: {error}; raise convert.selection.seq_len") from None
         windows.append(window)
         mask[i, seq_len - answer - 1 : seq_len - 1] = True
     return torch.stack(windows), mask
+
+
+def needles(tasks: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
+    """Per task (a row of `tasks`, its answer-predicting positions marked in `answers`), the positions before its
+    answer where the context states the answer's digits (the answer without its full stop), every place they occur
+    (a passkey is stated twice). A row whose context does not hold them has none marked."""
+    found = torch.zeros_like(answers)
+    for row, (task, mask) in enumerate(zip(tasks.tolist(), answers)):
+        first = int(mask.nonzero()[0]) + 1  # the answer's first token
+        digits = task[first:-1]
+        for start in range(first - len(digits) + 1):
+            if task[start : start + len(digits)] == digits:
+                found[row, start : start + len(digits)] = True
+    return found
+
+
+@torch.no_grad()
+def retrieval_heads(model: nn.Module, tasks: torch.Tensor, answers: torch.Tensor, batch_size: int = 4) -> dict[int, list[float]]:
+    """Per converted layer, per head: the teacher's attention (its own softmax, from the converted model under
+    `teacher_mode`), from the positions that predict an answer token, on the tokens of the task's context that state
+    the answer (`needles`), averaged over those positions and the tasks. A head near 1 reads the answer off its
+    needle; near 0, it looks elsewhere. Tasks whose context does not hold the answer are left out."""
+    device = next(model.parameters()).device
+    needle = needles(tasks, answers)
+    rows = needle.any(-1)
+    if not bool(rows.any()):
+        raise LinearizeError("convert.selection.heads: no task states its answer in its context; raise convert.selection.seq_len")
+    tasks, answers, needle = tasks[rows], answers[rows], needle[rows]
+    mixers = mixers_in(model)
+    totals = {m.layer_idx: torch.zeros(m.spec.num_heads, dtype=torch.float64) for m in mixers}
+    batch_answers, batch_needles = [None], [None]
+
+    def attention_on_needles(mixer, args, kwargs):
+        spec = mixer.spec
+        hidden = args[0] if args else kwargs["hidden_states"]
+        q, k, _ = mixer.project(hidden)
+        q, k = apply_rotary(q, k, kwargs.get("position_embeddings"))
+        k = repeat_heads(k, spec.groups).float()
+        keys = torch.arange(k.shape[2], device=k.device)
+        for b, (asks, needle_row) in enumerate(zip(batch_answers[0], batch_needles[0])):
+            at = asks.nonzero()[:, 0]
+            scores = torch.einsum("hpd,htd->hpt", q[b][:, at].float(), k[b]) * spec.scaling
+            if spec.softcap:
+                scores = torch.tanh(scores / spec.softcap) * spec.softcap
+            unseen = keys[None, :] > at[:, None]
+            if spec.sliding_window:
+                unseen |= keys[None, :] <= at[:, None] - spec.sliding_window
+            probs = scores.masked_fill(unseen, float("-inf")).softmax(-1)
+            totals[mixer.layer_idx] += probs[..., needle_row].sum(-1).mean(-1).double().cpu()
+
+    hooks = [m.register_forward_pre_hook(attention_on_needles, with_kwargs=True) for m in mixers]
+    try:
+        with teacher_mode(model):
+            for batch, asks, needle_rows in zip(tasks.split(batch_size), answers.split(batch_size), needle.split(batch_size)):
+                batch_answers[0], batch_needles[0] = asks.to(device), needle_rows.to(device)
+                model(input_ids=batch.to(device), use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {layer: (total / len(tasks)).tolist() for layer, total in totals.items()}
 
 
 def interleaved(*rankings: list[int]) -> list[int]:
@@ -138,6 +201,7 @@ METHODS = {
     "restore": "restore-one-layer KL gain",
     "retrieval": "restore-one-layer KL gain at retrieval answers",
     "both": "retrieval and text rankings in turn",
+    "heads": "the teacher's retrieval heads (attention on the answer's needle)",
 }
 
 
@@ -153,7 +217,9 @@ def select_attention(
     With `config.retrieval` (N tasks, made with `tokenizer` from the rows of `windows`), layers are also scored by how
     much restoring each lowers the KL at the tasks' answers; that ranking proposes its layers, and so do it and the
     single-layer KL ranking (the error ranking without `config.kl`) in turn; every proposal is measured on both,
-    and the lowest sum of the two KLs wins.
+    and the lowest sum of the two KLs wins. With `config.heads` (N tasks), each layer is scored by its strongest
+    retrieval head in the teacher (`retrieval_heads`), and that ranking's layers are kept whatever the other
+    proposals measure (they are measured and recorded as without it).
 
     Example:
         >>> select_attention(student, data.heldout_windows(max_tokens=16384), 4, SelectionConfig())["kept_attention"]
@@ -172,6 +238,9 @@ def select_attention(
         converted, scores["restore"] = restore_gains(model, windows, config.batch_size)
     if tasks is not None:
         converted_answers, scores["retrieval"] = restore_gains(model, tasks, config.batch_size, answers)
+    if config.heads:
+        heads = retrieval_heads(model, *retrieval_windows(tokenizer, windows, config.heads, "heads"), config.batch_size)
+        scores["heads"] = {layer: max(per_head) for layer, per_head in heads.items()}
     rankings = {name: sorted(errors, key=lambda i: score[i], reverse=True) for name, score in scores.items()}
     if tasks is not None:
         rankings["both"] = interleaved(rankings["retrieval"], rankings["kl" if config.kl else "error"])
@@ -187,9 +256,11 @@ def select_attention(
         method = min(candidates, key=lambda name: candidates[name]["kl"] + candidates[name].get("answer_kl", 0.0))
     else:
         method = "kl" if config.kl else "error"
+    if config.heads:
+        method = "heads"
     model.train(was_training)
     ranked = rankings[method]
-    extra = {"kl": "kl", "restore": "restore_gain", "retrieval": "retrieval_gain"}
+    extra = {"kl": "kl", "restore": "restore_gain", "retrieval": "retrieval_gain", "heads": "retrieval_head"}
     figures = [
         {"layer": i, **errors[i], **{extra[name]: score[i] for name, score in scores.items() if name in extra}, "rank": ranked.index(i) + 1}
         for i in sorted(errors)
@@ -199,6 +270,8 @@ def select_attention(
         selection["converted_kl"] = converted
     if tasks is not None:
         selection.update(converted_answer_kl=converted_answers, retrieval_tasks=config.retrieval)
+    if config.heads:
+        selection.update(head_tasks=config.heads, heads={str(layer): per_head for layer, per_head in heads.items()})
     if candidates is not None:
         selection["candidates"] = {METHODS[name]: c for name, c in candidates.items()}
     revert_to_attention(model, proposals[method], keep_as, options)
