@@ -19,8 +19,7 @@ needs_triton = pytest.mark.skipif(
 )
 
 
-@pytest.fixture
-def fused(monkeypatch):
+def force_fused_step(monkeypatch) -> list:
     """The gated_deltanet mixer takes its decode steps through the fused step (on CPU tensors too, interpreted);
     returns the list of the fused calls' q shapes."""
     calls = []
@@ -33,6 +32,11 @@ def fused(monkeypatch):
     monkeypatch.setenv("LINEARIZE_FUSED_STEP", "on")
     monkeypatch.delenv("LINEARIZE_KERNELS", raising=False)
     return calls
+
+
+@pytest.fixture
+def fused(monkeypatch):
+    return force_fused_step(monkeypatch)
 
 
 # name: (family, config overrides, mixer options). SmolLM2's heads (9 query, 3 kv, head_dim 64); an awkward shape
@@ -93,44 +97,50 @@ TOLERANCE = {
 CASES = [(s, d, b, p) for s in SHAPES for d in (torch.float32, torch.bfloat16) for b in (1, 3) for p in (0, 3)]
 
 
-@needs_triton
-@pytest.mark.parametrize(
-    "shape,dtype,batch,prefill", CASES, ids=[f"{s}-{str(d)[6:]}-B{b}-prefill{p}" for s, d, b, p in CASES]
-)
-def test_each_fused_step_equals_the_pytorch_step(fused, monkeypatch, shape, dtype, batch, prefill):
+def assert_steps_match(monkeypatch, shape, dtype, batch, prefill, tolerance, device="cpu"):
     """From the same state, one fused decode step and one PyTorch decode step give the same heads and next state, at
     every step from the first (a fresh state, or one left by a prefill of `prefill` tokens) until the window has
     turned over. With batch 3, row 0 is left-padded by 2 tokens, which the prefill takes or the first steps decode."""
+    fused = force_fused_step(monkeypatch)
     model, mixer = randomised_mixer(shape, dtype)
+    model.to(device)
     generator = torch.Generator().manual_seed(0)
     total = prefill + STEPS
-    hidden = (torch.randn(batch, total, model.config.text_config.hidden_size, generator=generator) * 10).to(dtype)
+    hidden = (torch.randn(batch, total, model.config.text_config.hidden_size, generator=generator) * 10).to(device, dtype)
     mask = None
-    real = torch.ones(batch, total, dtype=torch.bool)
+    real = torch.ones(batch, total, dtype=torch.bool, device=device)
     if batch > 1:
         real[0, :2] = False
         mask = real
     positions = (real.long().cumsum(-1) - 1).clamp_min(0)
     position_embeddings = rotary(model)(hidden, positions)
     state = MixerState()
-    monkeypatch.setenv("LINEARIZE_FUSED_STEP", "off")
+    monkeypatch.setenv("LINEARIZE_KERNELS", "torch")
     if prefill:
         step(mixer, hidden, position_embeddings, mask, state, 0, prefill)
     for t in range(prefill, total):
         before = {name: tensor.clone() for name, tensor in state.tensors.items()}
-        monkeypatch.setenv("LINEARIZE_FUSED_STEP", "off")
+        monkeypatch.setenv("LINEARIZE_KERNELS", "torch")
         expected = step(mixer, hidden, position_embeddings, mask, state, t, t + 1)
-        monkeypatch.setenv("LINEARIZE_FUSED_STEP", "on")
+        monkeypatch.setenv("LINEARIZE_KERNELS", "auto")
         mine = MixerState()
         mine.write(before)
         out = step(mixer, hidden, position_embeddings, mask, mine, t, t + 1)
         assert out.dtype == dtype
-        assert_close(out, expected.to(dtype), f"heads at step {t}", TOLERANCE[dtype]["heads"])
+        assert_close(out, expected.to(dtype), f"heads at step {t}", tolerance["heads"])
         assert mine.tensors.keys() == state.tensors.keys()
         for name, tensor in state.tensors.items():
             assert mine.tensors[name].shape == tensor.shape and mine.tensors[name].dtype == tensor.dtype, name
-            assert_close(mine.tensors[name], tensor, f"{name} at step {t}", TOLERANCE[dtype][name])
+            assert_close(mine.tensors[name], tensor, f"{name} at step {t}", tolerance[name])
     assert len(fused) == STEPS
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    "shape,dtype,batch,prefill", CASES, ids=[f"{s}-{str(d)[6:]}-B{b}-prefill{p}" for s, d, b, p in CASES]
+)
+def test_each_fused_step_equals_the_pytorch_step(monkeypatch, shape, dtype, batch, prefill):
+    assert_steps_match(monkeypatch, shape, dtype, batch, prefill, TOLERANCE[dtype])
 
 
 @needs_triton
