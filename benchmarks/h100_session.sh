@@ -16,7 +16,7 @@
 #                                             # teacher, student and native model (BENCH, BENCH_S)
 #   bash benchmarks/h100_session.sh quality   # (after second, still warm) more quality runs
 #   bash benchmarks/h100_session.sh pair      # (nvidia-h200-x2; JOIN=1 to join the GGUF and corpus as second does) two
-#                                             # quality runs at once, QUALITY0 on GPU 0 and QUALITY1 on GPU 1; with
+#                                             # quality runs at once, QUALITY0 (or none) on GPU 0 and QUALITY1 on GPU 1; with
 #                                             # SERVE, GPU 0 runs serving_speed.py (as first) and the GPU tests TESTS; BESIDE
 #                                             # (a command line, BESIDE_S) runs beside them on GPU 0
 #   bash benchmarks/h100_session.sh finish    # (after pair, QUALITY0 and QUALITY1 with --resume) finish both quality
@@ -165,7 +165,7 @@ pair)  # (after second's join, or as second with JOIN=1) two quality runs at onc
   fi
   if [ -n "${SERVE:-}" ]; then  # GPU 0 measures serving instead, then runs the GPU tests TESTS, if given
     (serve_logged; [ -z "${TESTS:-}" ] || CUDA_VISIBLE_DEVICES=0 gpu_tests "$TESTS") &
-  else
+  elif [ -n "${QUALITY0:-}" ]; then  # QUALITY0="" runs QUALITY1 alone
     CUDA_VISIBLE_DEVICES=$gpu0 quality "${QUALITY_S:-570}" gpu0 "$QUALITY0" &
   fi
   CUDA_VISIBLE_DEVICES=$gpu1 quality "${QUALITY_S:-570}" gpu1 "$QUALITY1" &
