@@ -166,7 +166,8 @@ if TRITON_PROBLEM is None:
     @triton.jit
     def _conv_step(x, cache, weight, d, in_d, keep, TAPS: tl.constexpr, BLOCK_TAPS: tl.constexpr):
         """One token through the causal depthwise convolution of D channels: `cache` points at their K - 1 past
-        inputs (float32), `weight` at their K taps. Returns the output; shifts x into the cache where `keep`."""
+        inputs (float32), `weight` at their K taps. Returns the output; shifts x into the cache where `keep` (else
+        writes the cache back as it was)."""
         taps = tl.arange(0, BLOCK_TAPS)
         past = in_d[:, None] & (taps[None, :] < TAPS - 1)
         rows = d[:, None] * (TAPS - 1) + taps[None, :]
@@ -177,7 +178,7 @@ if TRITON_PROBLEM is None:
         later = tl.load(cache + rows + 1, mask=in_d[:, None] & (taps[None, :] + 1 < TAPS - 1), other=0.0)
         shifted = tl.where(taps[None, :] == TAPS - 2, x[:, None], later)
         tl.debug_barrier()  # every past input is read before any is overwritten
-        tl.store(cache + rows, shifted, mask=past & keep)
+        tl.store(cache + rows, tl.where(keep, shifted, before), mask=past)
         return y
 
     @triton.jit
