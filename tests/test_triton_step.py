@@ -165,20 +165,37 @@ def test_the_fused_step_updates_the_state_in_place(fused):
     assert all(state.tensors[name] is tensor for name, tensor in kept.items())
 
 
+@torch.no_grad()
+def decode_logits(model, ids, mask, steps: int) -> torch.Tensor:
+    """The last logits of a cached prefill of `ids` and of `steps` greedy decode steps after it: (batch, steps + 1, vocab)."""
+    cache = model.new_cache()
+    logits = [model(ids, attention_mask=mask, cache=cache, use_cache=True).logits[:, -1:]]
+    for _ in range(steps):
+        mask = torch.cat((mask, mask.new_ones(mask.shape[0], 1)), dim=1)
+        logits.append(model(logits[-1].argmax(-1), attention_mask=mask, cache=cache, use_cache=True).logits)
+    return torch.cat(logits, dim=1)
+
+
+# (window, prompt length): a prompt of window - 1 or window tokens leaves each layer's window mask a view of the
+# model's padding mask, one tensor for every layer, which the fused step must not shift in place.
+GENERATIONS = [(0, 9), (4, 9), (4, 3), (4, 4)]
+
+
 @needs_triton
-@pytest.mark.parametrize("window", [0, 4])
-def test_cached_generation_through_the_fused_step_equals_uncached(fused, monkeypatch, window):
-    """A tiny model's greedy tokens, left-padded batch: cached through the fused step equal uncached (no decode step)
-    and cached on the PyTorch path."""
+@pytest.mark.parametrize("window,prompt", GENERATIONS, ids=[f"window{w}-prompt{p}" for w, p in GENERATIONS])
+def test_cached_generation_through_the_fused_step_equals_uncached(fused, monkeypatch, window, prompt):
+    """A tiny model, left-padded batch: the logits of each decode step through the fused step equal the PyTorch
+    path's, and the greedy tokens equal uncached generation's (no decode step)."""
     model = linearize.convert(tiny_model(dtype=torch.float32), "gated_deltanet", conv_size=3, window=window)
-    ids, mask = left_padded(random_ids(2, 9), [3, 0])
-    settings = dict(input_ids=ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False)
-    cached = model.generate(**settings)
-    assert len(fused) == 3 * 7  # every layer's every decode step
-    assert torch.equal(cached, model.generate(**settings, use_cache=False))
+    ids, mask = left_padded(random_ids(2, prompt), [2, 0])
+    logits = decode_logits(model, ids, mask, 6)
+    assert len(fused) == 3 * 6  # every layer's every decode step
     monkeypatch.setenv("LINEARIZE_FUSED_STEP", "off")
-    assert torch.equal(cached, model.generate(**settings))
-    assert len(fused) == 3 * 7
+    assert_close(logits, decode_logits(model, ids, mask, 6), "logits", 1e-5)
+    monkeypatch.setenv("LINEARIZE_FUSED_STEP", "on")
+    settings = dict(input_ids=ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    assert torch.equal(model.generate(**settings), model.generate(**settings, use_cache=False))
+    assert len(fused) == 3 * (6 + 7)
 
 
 @needs_triton

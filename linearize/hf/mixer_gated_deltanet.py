@@ -19,6 +19,8 @@ SmolLM2-135M converted, window 64 takes the start's mean error to 0.40 and Persu
 to 188 (`benchmarks/conversion_start.py`); starting s at 0.75 lowers the perplexity (97) but raises the error
 (0.62) that attention transfer minimises.
 Left padding is skipped exactly: pads write nothing, decay nothing and never enter the convolution state.
+A decode step on CUDA (inference) runs as one fused Triton step, `triton_step.gated_deltanet_step`, where it can;
+the PyTorch path below is the reference.
 """
 
 from __future__ import annotations
@@ -176,7 +178,7 @@ class GatedDeltaNetMixer(Mixer):
     def mix(self, hidden_states, q, k, v, position_embeddings, padding_mask, state) -> torch.Tensor:
         tensors = state.tensors if state is not None else {}
         decode = state is not None and q.shape[2] == 1
-        if decode and self.fuses_step(hidden_states, q, position_embeddings, tensors):
+        if decode and self.fuses_step(hidden_states, q, k, v, position_embeddings, tensors):
             return self.fused_step(hidden_states, q, k, v, position_embeddings, padding_mask, state)
         cq, ck, cv, conv = self.convolve(q, k, v, padding_mask, tensors.get("conv"))
         cq, ck = F.normalize(cq, dim=-1), F.normalize(ck, dim=-1)
@@ -199,15 +201,15 @@ class GatedDeltaNetMixer(Mixer):
             out = out * padding_mask[:, None, :, None]
         return out
 
-    def fuses_step(self, hidden_states, q, position_embeddings, tensors) -> bool:
+    def fuses_step(self, hidden_states, q, k, v, position_embeddings, tensors) -> bool:
         """Whether a decode step runs through the fused Triton step (`triton_step`): on CUDA with Triton, without
         gradients or window dropout, unless LINEARIZE_FUSED_STEP=off or LINEARIZE_KERNELS=torch."""
-        return self.dropped_window() == 0 and fused_step_problem(hidden_states, q, position_embeddings, self.window, tensors) is None
+        return self.dropped_window() == 0 and fused_step_problem(hidden_states, q, k, v, position_embeddings, self.window, tensors) is None
 
     def fused_step(self, hidden_states, q, k, v, position_embeddings, padding_mask, state) -> torch.Tensor:
         """One decode step through `triton_step.gated_deltanet_step`, which updates the state's tensors in place
-        (a fresh state starts from zeros, as the PyTorch path's, and is written once)."""
-        tensors = self.step_state(q, state.tensors)
+        (after `step_state` has made them the state's own)."""
+        tensors = self.step_state(q, state)
         cos, sin = (None, None) if position_embeddings is None else position_embeddings
         out = gated_deltanet_step(
             hidden_states, q, k, v, cos, sin, padding_mask, self.conv_weight, self.beta_proj.weight, self.beta_proj.bias,
@@ -219,12 +221,19 @@ class GatedDeltaNetMixer(Mixer):
             state.write(tensors)
         return out
 
-    def step_state(self, q: torch.Tensor, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """`tensors` where every one is contiguous, else contiguous copies; zeros (nothing seen) where it is empty."""
+    def step_state(self, q: torch.Tensor, state) -> dict[str, torch.Tensor]:
+        """The state's tensors where the fused step may update them in place, else contiguous copies, which the
+        step's caller writes; zeros (nothing seen, as on the PyTorch path) for a fresh state.
+
+        A static state owns its tensors. A dynamic one may hold views the PyTorch path left: the window's mask after a
+        prefill of window - 1 or window tokens is a view of the model's padding mask, one tensor for every layer.
+        """
+        tensors = state.tensors
         if tensors:
-            if all(t.is_contiguous() for t in tensors.values()):
+            own = [t.is_contiguous() and (state.static or t._base is None) for t in tensors.values()]
+            if all(own):
                 return tensors
-            return {name: t.contiguous() for name, t in tensors.items()}
+            return {name: t if mine else t.clone(memory_format=torch.contiguous_format) for (name, t), mine in zip(tensors.items(), own)}
         batch, h, _, d = q.shape
         zeros = dict(device=q.device, dtype=torch.float32)
         fresh = {

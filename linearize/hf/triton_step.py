@@ -72,7 +72,13 @@ def switch() -> str:
 
 
 def fused_step_problem(
-    hidden: torch.Tensor, q: torch.Tensor, position_embeddings, window: int, tensors: dict[str, torch.Tensor]
+    hidden: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    position_embeddings,
+    window: int,
+    tensors: dict[str, torch.Tensor],
 ) -> Optional[str]:
     """Why `gated_deltanet_step` does not take this decode step (None when it does): the switches, Triton, the
     device, gradients, dtypes, sizes, and the layer state `tensors` (empty before the first step, else as the PyTorch
@@ -86,6 +92,8 @@ def fused_step_problem(
         return f"the fused step runs on CUDA tensors (on CPU tensors with {SWITCH}=on under TRITON_INTERPRET=1)"
     if torch.is_grad_enabled():
         return "the fused step has no backward; it runs under torch.no_grad() or torch.inference_mode()"
+    if any(t.stride(-1) != 1 for t in (hidden, q, k, v)):
+        return "the fused step takes hidden states, q, k and v whose last dimension is contiguous"
     if q.dtype not in DTYPES or hidden.dtype != q.dtype:
         return f"the fused step takes hidden states and q of one dtype among float16/bfloat16/float32, got {hidden.dtype}, {q.dtype}"
     if q.shape[-1] > MAX_HEAD_DIM or window * triton.next_power_of_2(q.shape[-1]) > MAX_WINDOW_TILE:
