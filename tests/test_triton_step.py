@@ -165,6 +165,24 @@ def test_the_fused_step_updates_the_state_in_place(fused):
     assert all(state.tensors[name] is tensor for name, tensor in kept.items())
 
 
+@needs_triton
+def test_the_custom_op_computes_what_the_eager_launch_does(fused, monkeypatch):
+    """A compiled step calls the registered op (`STEP_OP`), eager code launches the kernels itself: the same heads
+    and states, bit for bit."""
+    model, mixer = randomised_mixer("awkward", torch.float32)
+    hidden = torch.randn(2, 5, model.config.text_config.hidden_size)
+    position_embeddings = rotary(model)(hidden, torch.arange(5)[None].expand(2, -1))
+    results = []
+    for step_function in (triton_step.gated_deltanet_step, triton_step.STEP_OP):
+        monkeypatch.setattr(mixer_gated_deltanet, "gated_deltanet_step", step_function)
+        state = MixerState()
+        outs = [step(mixer, hidden, position_embeddings, None, state, t, t + 1) for t in range(5)]
+        results.append((torch.cat(outs, dim=2), state.tensors))
+    (out, tensors), (op_out, op_tensors) = results
+    assert torch.equal(out, op_out)
+    assert all(torch.equal(tensors[name], op_tensors[name]) for name in tensors)
+
+
 @torch.no_grad()
 def decode_logits(model, ids, mask, steps: int) -> torch.Tensor:
     """The last logits of a cached prefill of `ids` and of `steps` greedy decode steps after it: (batch, steps + 1, vocab)."""
