@@ -30,6 +30,19 @@ def ranked(heads: dict[int, list[float]], keep: int) -> dict:
     return {"kept": sorted(order[:keep]), "layers": rows}
 
 
+def rankings(model, tasks: torch.Tensor, answers: torch.Tensor, keep: int) -> dict:
+    """`ranked` over every answer position of all `tasks` ("all"), and over each answer's first position only, per
+    kind of task ("first_passkey", ...; the tasks are the kinds in turn, as `retrieval_windows` makes them)."""
+    first = torch.zeros_like(answers)
+    first[torch.arange(len(answers)), answers.int().argmax(-1)] = True
+    results = {"all": ranked(retrieval_heads(model, tasks, answers), keep)}
+    for kind in SELECTION_KINDS:
+        rows = [i for i in range(len(tasks)) if SELECTION_KINDS[i % len(SELECTION_KINDS)] == kind]
+        if rows:
+            results[f"first_{kind}"] = ranked(retrieval_heads(model, tasks[rows], first[rows]), keep)
+    return results
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", default="smollm2-135m")
@@ -46,15 +59,11 @@ def main():
     filler = torch.tensor(ids[: args.tasks * args.seq_len]).view(args.tasks, args.seq_len)
     model = linearize.convert(teacher, "gated_deltanet")  # only its teacher_mode runs: the mixer does not matter
     tasks, answers = retrieval_windows(tokenizer, filler, args.tasks, "heads")
-    first = torch.zeros_like(answers)
-    first[torch.arange(len(answers)), answers.int().argmax(-1)] = True
     results = {"teacher": args.teacher, "text": args.text, "tasks": args.tasks, "seq_len": args.seq_len}
-    results["all"] = ranked(retrieval_heads(model, tasks, answers), args.keep)
-    print("all answer positions:", results["all"]["kept"], flush=True)
-    for kind in SELECTION_KINDS:
-        rows = [i for i in range(args.tasks) if SELECTION_KINDS[i % len(SELECTION_KINDS)] == kind]
-        results[f"first_{kind}"] = ranked(retrieval_heads(model, tasks[rows], first[rows]), args.keep)
-        print(f"first answer position, {kind}:", results[f"first_{kind}"]["kept"], flush=True)
+    results |= rankings(model, tasks, answers, args.keep)
+    for name, ranking in results.items():
+        if isinstance(ranking, dict):
+            print(f"{name}: layers {ranking['kept']}", flush=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
 
 
