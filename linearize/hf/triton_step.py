@@ -26,7 +26,8 @@ writes. 8 warps: compiled for sm_90, SmolLM2's shape with window 64 takes 240 re
 Arithmetic is float32; the rotated q and k and the window's heads are rounded to the input dtype where the PyTorch
 path rounds them (so the cached keys are bit-identical to its own), and the output is in the input dtype. The
 layouts of the states are the PyTorch path's, so prefill, static caches and saved models do not change. The step
-is registered as a custom op (`torch.library.triton_op`), so a compiled decode step (static cache) calls it too.
+is registered as a custom op (`torch.library.triton_op`), which a compiled decode step (static cache) calls; eager
+decoding launches the kernels without the op's dispatch.
 
 This module is shipped as remote code next to saved models: Triton is imported inside a try block, and where it is
 missing (or the step does not fit, `fused_step_problem`) the PyTorch path runs. `LINEARIZE_FUSED_STEP=off` turns
