@@ -1,6 +1,9 @@
 # The GPU runs behind BENCHMARKS.md's correctness, distillation-throughput and quality figures, as calls on one
 # warm H100 (one call carries at most 64 MiB, the SmolLM2 GGUF is 98 MB, so it travels in two halves, and a
-# machine goes back 30 s after a call, so the calls follow each other at once):
+# machine goes back 30 s after a call, so the calls follow each other at once). The working tree travels with every
+# call: beside .whl and .gguf1 it has about 5 MB, so results stay out of it until they are trimmed to logs and JSON.
+# While the tree changes, `git archive --format=tar.gz HEAD -o .snapshot.tgz` carries the committed tree instead
+# (extracted to /tmp/code and run from there; BENCHMARKS.md's tenth session shows the commands):
 #   bash benchmarks/h100_session.sh first     # carry .whl .gguf1: wheels, first half, GPU tests (TESTS: a -k
 #                                             # expression, or none; TEST_S) and beside them a kernel warm-up for the
 #                                             # quality calls (WARM, see warm() below), then distillation speed (RUNS,
