@@ -52,19 +52,21 @@ class RetrievalMix:
         for row, index in enumerate(range(start, start + count)):
             rng = random.Random(f"{self.seed}:{index}")
             if rng.random() < self.share:
-                batch[row], answer = task_window(self.tokenizer, rng.choice(self.kinds), self.seq_len, rng.random(), rng, batch[row])
-                if weights is not None:  # position i predicts token i + 1: the answer's tokens are the last ones
-                    weights[row, self.seq_len - answer - 1 : self.seq_len - 1] = self.weight
+                batch[row], asks = task_window(self.tokenizer, rng.choice(self.kinds), self.seq_len, rng.random(), rng, batch[row])
+                if weights is not None:
+                    weights[row, asks] = self.weight
         return batch, weights
 
 
-def task_window(tokenizer, kind: str, seq_len: int, depth: float, rng: random.Random, window: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """A retrieval task of the training pool ending in its answer, filled up to `seq_len` tokens with the first tokens
-    of `window`; and how many tokens the answer (with its full stop) takes at the end."""
+def task_window(tokenizer, kind: str, seq_len: int, depth: float, rng: random.Random, window: torch.Tensor) -> tuple[torch.Tensor, slice]:
+    """A retrieval task of the training pool ending in its answer (with its full stop), filled up to `seq_len` tokens
+    with the first tokens of `window`; and the positions that predict the answer's tokens (position i predicts token
+    i + 1, so the answer's last tokens are predicted by the positions just before them)."""
     probe = make_probe(tokenizer, kind, seq_len - 8, depth, rng, pool="train")
     answer = tokenizer(f" {probe.answer}.", add_special_tokens=False, verbose=False)["input_ids"]
     ids = (probe.prompt_ids + answer)[-seq_len:]
-    return torch.cat((window[: seq_len - len(ids)], torch.tensor(ids, dtype=window.dtype))), len(answer)
+    task = torch.cat((window[: seq_len - len(ids)], torch.tensor(ids, dtype=window.dtype)))
+    return task, slice(seq_len - len(answer) - 1, seq_len - 1)
 
 
 def with_retrieval(windows, config, tokenizer, seed: int) -> tuple[object, str]:

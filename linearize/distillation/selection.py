@@ -118,11 +118,11 @@ def retrieval_windows(tokenizer, filler: torch.Tensor, count: int, setting: str 
     for i in range(count):
         rng = random.Random(f"selection:{i}")
         try:
-            window, answer = task_window(tokenizer, SELECTION_KINDS[i % len(SELECTION_KINDS)], seq_len, rng.random(), rng, filler[i % len(filler)])
+            window, asks = task_window(tokenizer, SELECTION_KINDS[i % len(SELECTION_KINDS)], seq_len, rng.random(), rng, filler[i % len(filler)])
         except LinearizeError as error:
             raise LinearizeError(f"convert.selection.{setting}: {error}; raise convert.selection.seq_len") from None
         windows.append(window)
-        mask[i, seq_len - answer - 1 : seq_len - 1] = True
+        mask[i, asks] = True
     return torch.stack(windows), mask
 
 
@@ -253,11 +253,12 @@ def select_attention(
         if tasks is not None:
             for candidate, kl in zip(candidates.values(), _kl(model, tasks, config.batch_size, kept, answers)):
                 candidate["answer_kl"] = kl
+    if config.heads:
+        method = "heads"
+    elif candidates is not None:
         method = min(candidates, key=lambda name: candidates[name]["kl"] + candidates[name].get("answer_kl", 0.0))
     else:
         method = "kl" if config.kl else "error"
-    if config.heads:
-        method = "heads"
     model.train(was_training)
     ranked = rankings[method]
     extra = {"kl": "kl", "restore": "restore_gain", "retrieval": "retrieval_gain", "heads": "retrieval_head"}
