@@ -30,6 +30,8 @@
 #   bash benchmarks/h100_session.sh train_speed  # (after first, still warm) distillation speed alone (SPEED, RUNS,
 #                                                # SPEED_S)
 # and in a call of its own:
+#   bash benchmarks/h100_session.sh tilelang   # carry .tilelang (tilelang's wheels, 53 MB) and fla's two wheels from .whl:
+#                                              # fla's gated backward with tilelang (gradient tests, distillation speed)
 #   bash benchmarks/h100_session.sh multi_gpu  # carry .whl, on nvidia-h200-x2: one process vs DDP vs FSDP
 # Quality runs take QUALITY="--recipes ... --tokens ..." (quality.py's arguments, default below). The GPU tests
 # run in 14 pytest-xdist processes: Triton compiles fla's kernels for each shape and dtype on first use, on the CPU.
@@ -205,6 +207,28 @@ finish)  # (after pair, still warm) QUALITY0 and QUALITY1 again, which name --re
   done
   wait
   ;;
+tilelang)  # (nvidia-h200, fresh; carry .tilelang and .whl's fla_core and flash_linear_attention wheels) whether fla's gated
+  # backward runs on Hopper with the carried tilelang 0.1.15 (.tilelang/: its wheel, apache-tvm-ffi, torch-c-dlpack-ext):
+  # a hybrid_gdn-shaped student's distillation speed on the PyTorch path, then fla's gradient tests and the same speed
+  # with tilelang importable (SPEED_S each)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/fla_core-*.whl \
+    .whl/flash_linear_attention-*.whl || exit 1
+  speed="--arch smollm2-135m --mixer gated_deltanet --options window=64 --keep-attention every:4 --seq-len 512 --runs 32:on --steps 20"
+  timeout "${SPEED_S:-200}" python3 benchmarks/train_speed.py $speed --out /tmp/speed-torch > "$OUT/train_speed-torch.log" 2>&1
+  echo "exit $?" >> "$OUT/train_speed-torch.log"
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/tilelang .tilelang/*.whl || exit 1
+  export PYTHONPATH=/tmp/tilelang:$PYTHONPATH
+  python3 -c "import tilelang; from linearize.hf import kernel_dispatch as k; print(tilelang.__version__, k.gated_backward_problem())" \
+    > "$OUT/tilelang.log" 2>&1
+  timeout "${TEST_S:-200}" python3 -m pytest -q -p no:cacheprovider -n 8 -m gpu tests/test_gpu.py -k gradients -rs > "$OUT/gpu_tests.log" 2>&1
+  echo "exit $?" >> "$OUT/gpu_tests.log"
+  timeout "${SPEED_S:-200}" python3 benchmarks/train_speed.py $speed --out /tmp/speed-tilelang > "$OUT/train_speed-tilelang.log" 2>&1
+  echo "exit $?" >> "$OUT/train_speed-tilelang.log"
+  for path in torch tilelang; do
+    cp "/tmp/speed-$path/train_speed.json" "$OUT/train_speed-$path.json" 2>/dev/null
+    cp "/tmp/speed-$path/b32-on.log" "$OUT/distill-$path.log" 2>/dev/null
+  done
+  ;;
 multi_gpu)
   wheels || exit 1
   timeout "${MULTI_S:-540}" python3 benchmarks/multi_gpu.py --runs "${MULTI_RUNS:-one_gpu,ddp,fsdp}" --out /tmp/multi_gpu > "$OUT/multi_gpu.log" 2>&1
@@ -212,6 +236,6 @@ multi_gpu)
   cp /tmp/multi_gpu/multi_gpu.json /tmp/multi_gpu/*.log "$OUT/" 2>/dev/null
   ;;
 *)
-  echo "usage: bash benchmarks/h100_session.sh solo|first|second|quality|pair|finish|generate|serving|train_speed|multi_gpu" >&2; exit 2
+  echo "usage: bash benchmarks/h100_session.sh solo|first|second|quality|pair|finish|generate|serving|train_speed|tilelang|multi_gpu" >&2; exit 2
   ;;
 esac
