@@ -13,6 +13,7 @@ from linearize.decode import GraphDecoder
 from linearize.hf import kernel_dispatch as kernels
 from linearize.hf.ops_delta import chunk_gated_delta_rule
 from linearize.hf.ops_gated import chunk_gla, chunk_simple_gla
+from tests.test_triton_step import MIXERS as FUSED_MIXERS
 from tests.test_triton_step import assert_steps_match, force_fused_step
 from tests.tiny import greedy_steps, left_padded, random_ids, tiny_model
 
@@ -187,26 +188,28 @@ def test_real_teacher_same_greedy_tokens_on_both_paths(name, real_teacher, monke
     assert torch.equal(fast, slow), (tokenizer.decode(fast[0]), tokenizer.decode(slow[0]))
 
 
-# The fused decode step of gated_deltanet (triton_step.py) on CUDA, against the PyTorch path: in float32 the GPU may
-# contract products and sums (FMA) and sum in another order, so the caches differ by float32 rounding; bfloat16
-# rounds on the bits, as on the CPU.
+# The fused decode steps (triton_step.py) on CUDA, against the PyTorch path: in float32 the GPU may contract products
+# and sums (FMA) and sum in another order, so the caches differ by float32 rounding; bfloat16 rounds on the bits, as
+# on the CPU.
 FUSED_TOLERANCE = {
-    torch.float32: dict(heads=1e-4, recurrent=1e-4, conv=0, k=1e-6, v=0, mask=0),
-    torch.bfloat16: dict(heads=3e-2, recurrent=1e-3, conv=0, k=0, v=0, mask=0),
+    torch.float32: dict(heads=1e-4, recurrent=1e-4, S=1e-4, ssm=1e-4, conv=0, k=1e-6, v=0, mask=0),
+    torch.bfloat16: dict(heads=3e-2, recurrent=1e-3, S=1e-3, ssm=1e-3, conv=0, k=0, v=0, mask=0),
 }
 
 
 @pytest.mark.parametrize("shape", ["smollm2", "awkward", "softcap", "partial_rope", "no_window"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_fused_step_matches_the_pytorch_path(monkeypatch, shape, dtype):
+@pytest.mark.parametrize("mixer", FUSED_MIXERS)
+def test_fused_step_matches_the_pytorch_path(monkeypatch, mixer, shape, dtype):
     """Every decode step from a left-padded prefill until the window has turned over: heads and next state."""
-    assert_steps_match(monkeypatch, shape, dtype, 3, 3, FUSED_TOLERANCE[dtype], device="cuda")
+    assert_steps_match(monkeypatch, mixer, shape, dtype, 3, 3, FUSED_TOLERANCE[dtype], device="cuda")
 
 
-def test_fused_step_generates_as_uncached_eager_and_compiled(monkeypatch):
-    """A tiny gated_deltanet (window 4) on CUDA: greedy tokens through the fused step, with a dynamic cache and with a
-    compiled static one (CUDA graphs), equal uncached generation."""
-    model = linearize.convert(tiny_model(dtype=torch.float32, hidden_size=128, num_attention_heads=4, num_key_value_heads=2), "gated_deltanet", window=4)
+@pytest.mark.parametrize("mixer", FUSED_MIXERS)
+def test_fused_step_generates_as_uncached_eager_and_compiled(monkeypatch, mixer):
+    """A tiny model (window 4) on CUDA: greedy tokens through the fused step, with a dynamic cache and with a compiled
+    static one (CUDA graphs), equal uncached generation."""
+    model = linearize.convert(tiny_model(dtype=torch.float32, hidden_size=128, num_attention_heads=4, num_key_value_heads=2), mixer, window=4)
     model = model.cuda()
     ids, mask = left_padded(random_ids(2, 40), [5, 0])
     settings = dict(input_ids=ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=24, min_new_tokens=24, do_sample=False)

@@ -1,16 +1,19 @@
-"""The fused decode step of `gated_deltanet` (triton_step.py) against the PyTorch decode path, on the CPU through
-Triton's interpreter: outputs and next states step by step, the custom op against the eager launch, and a whole
-model's cached decoding. Skipped where Triton is not installed (it is in the `dev` extra). A compiled step cannot be
-traced through interpreted kernels (fake tensors have no data); test_gpu.py compiles one on CUDA."""
+"""The fused decode steps of `gated_deltanet`, `gla` and `mamba2` (triton_step.py) against the PyTorch decode path,
+on the CPU through Triton's interpreter: outputs and next states step by step, the custom ops against the eager
+launches, and a whole model's cached generation. Skipped where Triton is not installed (it is in the `dev` extra). A
+compiled step cannot be traced through interpreted kernels (fake tensors have no data); test_gpu.py compiles one on
+CUDA. The interpreter is slow (about 0.1 s a program of a step), so the cases are few and small."""
 
 import copy
+import dataclasses
+import importlib
 
 import pytest
 import torch
 
 import linearize
 from linearize import LinearizeError
-from linearize.hf import mixer_gated_deltanet, triton_step
+from linearize.hf import triton_step
 from linearize.hf.cache import MixerState
 from linearize.hf.mixers import mixers_in
 from tests.tiny import left_padded, random_ids, tiny_model
@@ -24,17 +27,23 @@ needs_triton = pytest.mark.skipif(
     f"GPU, test_gpu.py checks the kernels): {triton_step.TRITON_PROBLEM or 'not interpreted'}",
 )
 
+# The mixers with a fused step; each calls `triton_step.<name>_step`, imported into its module `mixer_<name>`.
+MIXERS = sorted(triton_step.OPS)
+
 
 def force_fused_step(monkeypatch) -> list:
-    """The gated_deltanet mixer takes its decode steps through the fused step (on CPU tensors too, interpreted);
-    returns the list of the fused calls' q shapes."""
+    """The mixers take their decode steps through the fused step (on CPU tensors too, interpreted); returns the list
+    of the fused calls' output shapes."""
     calls = []
+    for name in MIXERS:
+        module = importlib.import_module(f"linearize.hf.mixer_{name}")
 
-    def counted(*args):
-        calls.append(args[1].shape)
-        return triton_step.gated_deltanet_step(*args)
+        def counted(*args, function=getattr(triton_step, f"{name}_step")):
+            out = function(*args)
+            calls.append(out.shape)
+            return out
 
-    monkeypatch.setattr(mixer_gated_deltanet, "gated_deltanet_step", counted)
+        monkeypatch.setattr(module, f"{name}_step", counted)
     monkeypatch.setenv("LINEARIZE_FUSED_STEP", "on")
     monkeypatch.delenv("LINEARIZE_KERNELS", raising=False)
     return calls
@@ -45,31 +54,34 @@ def fused(monkeypatch):
     return force_fused_step(monkeypatch)
 
 
-# name: (family, config overrides, mixer options). SmolLM2's heads (9 query, 3 kv, head_dim 64); an awkward shape
-# (head_dim 20, window 5, 3 taps: nothing a power of two); gemma2 for the softcap (its sliding window, 6, narrows the
-# window); GPT-NeoX for partial RoPE (4 of 16 dims) and one query head per kv head; no window at all.
+# name: (family, config overrides, mixer options; a mixer takes those it has). SmolLM2's heads (9 query, 3 kv,
+# head_dim 64); an awkward shape (head_dim 20, 3 query heads per kv head, window 5, 3 taps: nothing a power of two);
+# gemma2 for the softcap (its sliding window, 6, narrows the window); GPT-NeoX for partial RoPE (4 of 16 dims) and one
+# query head per kv head; no window at all. gla's gates decay faster than its default's (gate_normalizer 16).
 SHAPES = {
-    "smollm2": ("llama", dict(hidden_size=576, num_attention_heads=9, num_key_value_heads=3), dict(window=8)),
-    "awkward": ("llama", dict(hidden_size=60, num_attention_heads=6, num_key_value_heads=2, head_dim=20), dict(conv_size=3, window=5)),
+    "smollm2": ("llama", dict(hidden_size=576, num_attention_heads=9, num_key_value_heads=3), dict(window=8, gate_normalizer=4.0)),
+    "awkward": (
+        "llama", dict(hidden_size=60, num_attention_heads=6, num_key_value_heads=2, head_dim=20),
+        dict(conv_size=3, window=5, gate_normalizer=2.0),
+    ),
     "softcap": ("gemma2", {}, dict(window=8)),
-    "partial_rope": ("gpt_neox", {}, dict(conv_size=2, window=4)),
-    "no_window": ("llama", {}, dict(window=0)),
+    "partial_rope": ("gpt_neox", {}, dict(conv_size=2, window=4, gate_normalizer=4.0)),
+    "no_window": ("llama", {}, dict(window=0, gate_normalizer=4.0)),
 }
-# Past `window` steps, so the window fills and turns over.
-STEPS = 11
 
 
-def randomised_mixer(shape: str, dtype: torch.dtype):
-    """(model, first layer's mixer) with random new parameters, so the convolution, gates and share all matter."""
+def randomised_mixer(mixer: str, shape: str, dtype: torch.dtype):
+    """(model, first layer's mixer) with random new parameters, so the convolution, gates, skip and share all matter."""
     family, overrides, options = SHAPES[shape]
-    model = linearize.convert(tiny_model(family, dtype=dtype, **overrides), "gated_deltanet", **options)
-    mixer = mixers_in(model)[0]
+    takes = {field.name for field in dataclasses.fields(linearize.MIXERS[mixer].Options)}
+    model = linearize.convert(tiny_model(family, dtype=dtype, **overrides), mixer, **{k: v for k, v in options.items() if k in takes})
+    layer = mixers_in(model)[0]
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        for name, p in mixer.named_parameters():
+        for name, p in layer.named_parameters():
             if not name.startswith("attn."):
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
-    return model, mixer
+    return model, layer
 
 
 def rotary(model):
@@ -97,27 +109,32 @@ def assert_close(actual, expected, what, tol):
 # and the output after it: in bfloat16 a float32 difference that flips a rounding is an ulp of the window (up to twice
 # the output's largest value) and one of the output.
 TOLERANCE = {
-    torch.float32: dict(heads=2e-5, recurrent=2e-5, conv=0, k=0, v=0, mask=0),
-    torch.bfloat16: dict(heads=3e-2, recurrent=1e-4, conv=0, k=0, v=0, mask=0),
+    torch.float32: dict(heads=2e-5, recurrent=2e-5, S=2e-5, ssm=2e-5, conv=0, k=0, v=0, mask=0),
+    torch.bfloat16: dict(heads=3e-2, recurrent=1e-4, S=1e-4, ssm=1e-4, conv=0, k=0, v=0, mask=0),
 }
-# Each shape in both dtypes, each batch size with and without a prefill (the interpreter is slow: not every product).
+# Each mixer on each shape, in one dtype, batch size and prefill each, so that every mixer meets both dtypes, both batch
+# sizes and both starts (the interpreter is slow: not every product). Batch 3 pads one row.
 FP32, BF16 = torch.float32, torch.bfloat16
-CASES = [
-    ("smollm2", FP32, 1, 0), ("smollm2", BF16, 3, 3), ("awkward", FP32, 3, 0), ("awkward", BF16, 1, 3),
-    ("softcap", BF16, 3, 0), ("softcap", FP32, 1, 3), ("partial_rope", FP32, 3, 3), ("partial_rope", BF16, 1, 0),
-    ("no_window", FP32, 3, 0), ("no_window", BF16, 1, 3),
-]
+SETTINGS = {
+    "smollm2": (BF16, 1, 3),
+    "awkward": (FP32, 3, 0),
+    "softcap": (BF16, 3, 3),
+    "partial_rope": (FP32, 1, 3),
+    "no_window": (BF16, 3, 0),
+}
+CASES = [(mixer, shape, *setting) for mixer in MIXERS for shape, setting in SETTINGS.items()]
 
 
-def assert_steps_match(monkeypatch, shape, dtype, batch, prefill, tolerance, device="cpu"):
+def assert_steps_match(monkeypatch, mixer, shape, dtype, batch, prefill, tolerance, device="cpu"):
     """From the same state, one fused decode step and one PyTorch decode step give the same heads and next state, at
     every step from the first (a fresh state, or one left by a prefill of `prefill` tokens) until the window has
     turned over. With batch 3, row 0 is left-padded by 2 tokens, which the prefill takes or the first steps decode."""
     fused = force_fused_step(monkeypatch)
-    model, mixer = randomised_mixer(shape, dtype)
+    model, layer = randomised_mixer(mixer, shape, dtype)
     model.to(device)
     generator = torch.Generator().manual_seed(0)
-    total = prefill + STEPS
+    window = getattr(layer, "window", 0)
+    total = max(window + 2, prefill + 3)
     hidden = (torch.randn(batch, total, model.config.text_config.hidden_size, generator=generator) * 10).to(device, dtype)
     mask = None
     real = torch.ones(batch, total, dtype=torch.bool, device=device)
@@ -129,101 +146,96 @@ def assert_steps_match(monkeypatch, shape, dtype, batch, prefill, tolerance, dev
     state = MixerState()
     monkeypatch.setenv("LINEARIZE_KERNELS", "torch")
     if prefill:
-        step(mixer, hidden, position_embeddings, mask, state, 0, prefill)
+        step(layer, hidden, position_embeddings, mask, state, 0, prefill)
     for t in range(prefill, total):
         before = {name: tensor.clone() for name, tensor in state.tensors.items()}
         monkeypatch.setenv("LINEARIZE_KERNELS", "torch")
-        expected = step(mixer, hidden, position_embeddings, mask, state, t, t + 1)
+        expected = step(layer, hidden, position_embeddings, mask, state, t, t + 1)
         monkeypatch.setenv("LINEARIZE_KERNELS", "auto")
         mine = MixerState()
         mine.write(before)
-        out = step(mixer, hidden, position_embeddings, mask, mine, t, t + 1)
+        out = step(layer, hidden, position_embeddings, mask, mine, t, t + 1)
         assert out.dtype == dtype
         assert_close(out, expected.to(dtype), f"heads at step {t}", tolerance["heads"])
         assert mine.tensors.keys() == state.tensors.keys()
         for name, tensor in state.tensors.items():
             assert mine.tensors[name].shape == tensor.shape and mine.tensors[name].dtype == tensor.dtype, name
             assert_close(mine.tensors[name], tensor, f"{name} at step {t}", tolerance[name])
-    assert len(fused) == STEPS
+    assert len(fused) == total - prefill
 
 
 @needs_triton
 @pytest.mark.parametrize(
-    "shape,dtype,batch,prefill", CASES, ids=[f"{s}-{str(d)[6:]}-B{b}-prefill{p}" for s, d, b, p in CASES]
+    "mixer,shape,dtype,batch,prefill", CASES, ids=[f"{m}-{s}-{str(d)[6:]}-B{b}-prefill{p}" for m, s, d, b, p in CASES]
 )
-def test_each_fused_step_equals_the_pytorch_step(monkeypatch, shape, dtype, batch, prefill):
-    assert_steps_match(monkeypatch, shape, dtype, batch, prefill, TOLERANCE[dtype])
+def test_each_fused_step_equals_the_pytorch_step(monkeypatch, mixer, shape, dtype, batch, prefill):
+    assert_steps_match(monkeypatch, mixer, shape, dtype, batch, prefill, TOLERANCE[dtype])
 
 
 @needs_triton
-def test_the_fused_step_updates_the_state_in_place(fused):
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_the_fused_step_updates_the_state_in_place(fused, mixer):
     """After the first step, the state keeps its tensors (a static cache's addresses are the compiled step's)."""
-    model, mixer = randomised_mixer("awkward", torch.float32)
-    hidden = torch.randn(2, 6, model.config.text_config.hidden_size)
-    position_embeddings = rotary(model)(hidden, torch.arange(6)[None].expand(2, -1))
+    model, layer = randomised_mixer(mixer, "partial_rope", torch.float32)
+    hidden = torch.randn(2, 2, model.config.text_config.hidden_size)
+    position_embeddings = rotary(model)(hidden, torch.arange(2)[None].expand(2, -1))
     state = MixerState()
-    step(mixer, hidden, position_embeddings, None, state, 0, 1)
+    step(layer, hidden, position_embeddings, None, state, 0, 1)
     kept = dict(state.tensors)
-    step(mixer, hidden, position_embeddings, None, state, 1, 2)
+    step(layer, hidden, position_embeddings, None, state, 1, 2)
     assert all(state.tensors[name] is tensor for name, tensor in kept.items())
+    assert len(fused) == 2
 
 
 @needs_triton
-def test_the_custom_op_computes_what_the_eager_launch_does(fused, monkeypatch):
-    """A compiled step calls the registered op (`STEP_OP`), eager code launches the kernels itself: the same heads
-    and states, bit for bit."""
-    model, mixer = randomised_mixer("awkward", torch.float32)
-    hidden = torch.randn(2, 5, model.config.text_config.hidden_size)
-    position_embeddings = rotary(model)(hidden, torch.arange(5)[None].expand(2, -1))
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_the_custom_op_computes_what_the_eager_launch_does(fused, monkeypatch, mixer):
+    """A compiled step calls the registered op (`OPS`), eager code launches the kernels itself: the same heads and
+    states, bit for bit."""
+    model, layer = randomised_mixer(mixer, "partial_rope", torch.float32)
+    hidden = torch.randn(2, 4, model.config.text_config.hidden_size)
+    position_embeddings = rotary(model)(hidden, torch.arange(4)[None].expand(2, -1))
+    module = importlib.import_module(f"linearize.hf.mixer_{mixer}")
     results = []
-    for step_function in (triton_step.gated_deltanet_step, triton_step.STEP_OP):
-        monkeypatch.setattr(mixer_gated_deltanet, "gated_deltanet_step", step_function)
+    for step_function in (getattr(triton_step, f"{mixer}_step"), triton_step.OPS[mixer]):
+        monkeypatch.setattr(module, f"{mixer}_step", step_function)
         state = MixerState()
-        outs = [step(mixer, hidden, position_embeddings, None, state, t, t + 1) for t in range(5)]
+        outs = [step(layer, hidden, position_embeddings, None, state, t, t + 1) for t in range(4)]
         results.append((torch.cat(outs, dim=2), state.tensors))
     (out, tensors), (op_out, op_tensors) = results
     assert torch.equal(out, op_out)
     assert all(torch.equal(tensors[name], op_tensors[name]) for name in tensors)
 
 
-@torch.no_grad()
-def decode_logits(model, ids, mask, steps: int) -> torch.Tensor:
-    """The last logits of a cached prefill of `ids` and of `steps` greedy decode steps after it: (batch, steps + 1, vocab)."""
-    cache = model.new_cache()
-    logits = [model(ids, attention_mask=mask, cache=cache, use_cache=True).logits[:, -1:]]
-    for _ in range(steps):
-        mask = torch.cat((mask, mask.new_ones(mask.shape[0], 1)), dim=1)
-        logits.append(model(logits[-1].argmax(-1), attention_mask=mask, cache=cache, use_cache=True).logits)
-    return torch.cat(logits, dim=1)
-
-
-# (window, prompt length): a prompt of window - 1 or window tokens leaves each layer's window mask a view of the
-# model's padding mask, one tensor for every layer, which the fused step must not shift in place.
-GENERATIONS = [(0, 9), (4, 9), (4, 3), (4, 4)]
+# (mixer, window, prompt length): a prompt of window - 1 or window tokens leaves each layer's window mask a view of
+# the model's padding mask, one tensor for every layer, which the fused step must not shift in place.
+GENERATIONS = [(m, 4, 3) for m in MIXERS] + [("gated_deltanet", 4, 4), ("mamba2", 0, 5)]
 
 
 @needs_triton
-@pytest.mark.parametrize("window,prompt", GENERATIONS, ids=[f"window{w}-prompt{p}" for w, p in GENERATIONS])
-def test_cached_generation_through_the_fused_step_equals_uncached(fused, monkeypatch, window, prompt):
-    """A tiny model, left-padded batch: the logits of each decode step through the fused step equal the PyTorch
-    path's, and the greedy tokens equal uncached generation's (no decode step)."""
-    model = linearize.convert(tiny_model(dtype=torch.float32), "gated_deltanet", conv_size=3, window=window)
+@pytest.mark.parametrize("mixer,window,prompt", GENERATIONS, ids=[f"{m}-window{w}-prompt{p}" for m, w, p in GENERATIONS])
+def test_cached_generation_through_the_fused_step_equals_uncached(fused, monkeypatch, mixer, window, prompt):
+    """A tiny two-layer model, left-padded batch: greedy generation through the fused step gives the PyTorch path's
+    logits at each step and the tokens of uncached generation (no decode step)."""
+    model = linearize.convert(tiny_model(dtype=torch.float32, num_hidden_layers=2), mixer, window=window)
     ids, mask = left_padded(random_ids(2, prompt), [2, 0])
-    logits = decode_logits(model, ids, mask, 6)
-    assert len(fused) == 3 * 6  # every layer's every decode step
+    settings = dict(
+        input_ids=ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False, output_logits=True,
+        return_dict_in_generate=True,
+    )
+    generated = model.generate(**settings)
+    assert len(fused) == 2 * 5  # every layer's every decode step
     monkeypatch.setenv("LINEARIZE_FUSED_STEP", "off")
-    assert_close(logits, decode_logits(model, ids, mask, 6), "logits", 1e-5)
-    monkeypatch.setenv("LINEARIZE_FUSED_STEP", "on")
-    settings = dict(input_ids=ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False)
-    assert torch.equal(model.generate(**settings), model.generate(**settings, use_cache=False))
-    assert len(fused) == 3 * (6 + 7)
+    assert_close(torch.stack(generated.logits), torch.stack(model.generate(**settings).logits), "logits", 1e-5)
+    assert torch.equal(generated.sequences, model.generate(**settings, use_cache=False).sequences)
 
 
 @needs_triton
-def test_the_step_is_left_to_pytorch_where_it_cannot_run(fused, monkeypatch):
-    """With gradients, under LINEARIZE_KERNELS=torch or LINEARIZE_FUSED_STEP=off, or in float64, decode steps take
-    the PyTorch path; else the fused step."""
-    model = linearize.convert(tiny_model(dtype=torch.float32), "gated_deltanet", window=4)
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_the_step_is_left_to_pytorch_where_it_cannot_run(fused, monkeypatch, mixer):
+    """With gradients, with window dropout (training), under LINEARIZE_KERNELS=torch or LINEARIZE_FUSED_STEP=off, or
+    in float64, decode steps take the PyTorch path; else the fused step."""
+    model = linearize.convert(tiny_model(dtype=torch.float32), mixer, window=4)
     double = copy.deepcopy(model).double()
     ids = random_ids(1, 5)
     cache, double_cache = model.new_cache(), double.new_cache()
@@ -235,6 +247,11 @@ def test_the_step_is_left_to_pytorch_where_it_cannot_run(fused, monkeypatch):
             model(ids[:, :1], cache=cache, use_cache=True)
             monkeypatch.delenv(name)
             monkeypatch.setenv("LINEARIZE_FUSED_STEP", "on")
+        for layer in mixers_in(model):
+            layer.window_dropout = 0.5
+        model.train()
+        model(ids[:, :1], cache=cache, use_cache=True)
+        model.eval()
         double(ids, cache=double_cache, use_cache=True)
         double(ids[:, :1], cache=double_cache, use_cache=True)
         assert fused == []

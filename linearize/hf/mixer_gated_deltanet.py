@@ -36,8 +36,8 @@ from .attention import AttentionSpec, repeat_heads
 from .errors import LinearizeError
 from .gates import inverse_softplus, logit
 from .kernel_dispatch import gated_delta_rule
-from .mixers import Mixer, MixerCost, register_mixer
-from .triton_step import fused_step_problem, gated_deltanet_step
+from .mixers import FusedStepMixer, MixerCost, register_mixer
+from .triton_step import gated_deltanet_step
 from .windows import add_window, check_window, effective_window, window_cache_size
 
 
@@ -109,12 +109,13 @@ class GatedDeltaNetOptions:
 
 
 @register_mixer
-class GatedDeltaNetMixer(Mixer):
+class GatedDeltaNetMixer(FusedStepMixer):
     name = "gated_deltanet"
     drops_window = True
     anchor = "Gated DeltaNet"
     summary = "gated delta rule on the teacher's q/k/v with short convolutions and learned write strength and decay"
     Options = GatedDeltaNetOptions
+    step_tensors = ("conv", "recurrent")
 
     # The start (see the module docstring for why).
     initial_beta = 0.5
@@ -176,10 +177,10 @@ class GatedDeltaNetMixer(Mixer):
         return "gated_delta_rule", (self.spec.head_dim, self.spec.head_dim)  # a window, if any, runs beside it (windows.py: flex_attention on CUDA)
 
     def mix(self, hidden_states, q, k, v, position_embeddings, padding_mask, state) -> torch.Tensor:
+        if self.fuses_step(hidden_states, q, k, v, position_embeddings, state):
+            return self.fused_step(hidden_states, q, k, v, position_embeddings, padding_mask, state)
         tensors = state.tensors if state is not None else {}
         decode = state is not None and q.shape[2] == 1
-        if decode and self.fuses_step(hidden_states, q, k, v, position_embeddings, tensors):
-            return self.fused_step(hidden_states, q, k, v, position_embeddings, padding_mask, state)
         cq, ck, cv, conv = self.convolve(q, k, v, padding_mask, tensors.get("conv"))
         cq, ck = F.normalize(cq, dim=-1), F.normalize(ck, dim=-1)
         groups = self.spec.groups
@@ -201,49 +202,18 @@ class GatedDeltaNetMixer(Mixer):
             out = out * padding_mask[:, None, :, None]
         return out
 
-    def fuses_step(self, hidden_states, q, k, v, position_embeddings, tensors) -> bool:
-        """Whether a decode step runs through the fused Triton step (`triton_step`): on CUDA with Triton, without
-        gradients or window dropout, unless LINEARIZE_FUSED_STEP=off or LINEARIZE_KERNELS=torch."""
-        return self.dropped_window() == 0 and fused_step_problem(hidden_states, q, k, v, position_embeddings, self.window, tensors) is None
+    def fresh_step_state(self, q: torch.Tensor) -> dict[str, torch.Tensor]:
+        batch, h, _, d = q.shape
+        zeros = dict(device=q.device, dtype=torch.float32)
+        return {
+            "conv": torch.zeros(batch, self.channels, self.conv_weight.shape[1] - 1, **zeros),
+            "recurrent": torch.zeros(batch, h, d, d, **zeros),
+        }
 
-    def fused_step(self, hidden_states, q, k, v, position_embeddings, padding_mask, state) -> torch.Tensor:
-        """One decode step through `triton_step.gated_deltanet_step`, which updates the state's tensors in place
-        (after `step_state` has made them the state's own)."""
-        tensors = self.step_state(q, state)
-        cos, sin = (None, None) if position_embeddings is None else position_embeddings
-        out = gated_deltanet_step(
-            hidden_states, q, k, v, cos, sin, padding_mask, self.conv_weight, self.beta_proj.weight, self.beta_proj.bias,
+    def launch_step(self, hidden_states, q, k, v, cos, sin, real, tensors) -> torch.Tensor:
+        return gated_deltanet_step(
+            hidden_states, q, k, v, cos, sin, real, self.conv_weight, self.beta_proj.weight, self.beta_proj.bias,
             self.decay_proj.weight, self.A_log, self.dt_bias, self.window_logit if self.window else None,
             tensors["conv"], tensors["recurrent"], tensors.get("k"), tensors.get("v"), tensors.get("mask"),
             self.spec.scaling, self.spec.softcap,
         )
-        if tensors is not state.tensors:
-            state.write(tensors)
-        return out
-
-    def step_state(self, q: torch.Tensor, state) -> dict[str, torch.Tensor]:
-        """The state's tensors where the fused step may update them in place, else contiguous copies, which the
-        step's caller writes; zeros (nothing seen, as on the PyTorch path) for a fresh state.
-
-        A static state owns its tensors. A dynamic one may hold views the PyTorch path left: the window's mask after a
-        prefill of window - 1 or window tokens is a view of the model's padding mask, one tensor for every layer.
-        """
-        tensors = state.tensors
-        if tensors:
-            own = [t.is_contiguous() and (state.static or t._base is None) for t in tensors.values()]
-            if all(own):
-                return tensors
-            return {name: t if mine else t.clone(memory_format=torch.contiguous_format) for (name, t), mine in zip(tensors.items(), own)}
-        batch, h, _, d = q.shape
-        zeros = dict(device=q.device, dtype=torch.float32)
-        fresh = {
-            "conv": torch.zeros(batch, self.channels, self.conv_weight.shape[1] - 1, **zeros),
-            "recurrent": torch.zeros(batch, h, d, d, **zeros),
-        }
-        if self.window:
-            keep, hkv = self.window - 1, self.spec.num_kv_heads
-            fresh.update(
-                k=q.new_zeros(batch, hkv, keep, d), v=q.new_zeros(batch, hkv, keep, d),
-                mask=torch.zeros(batch, keep, dtype=torch.bool, device=q.device),
-            )
-        return fresh

@@ -12,6 +12,8 @@ Two choices differ from a plain GLA layer, both to start close to the teacher:
 - A normaliser: the output is divided by the gated sum of feature-mapped keys (a ones column appended to v),
   so, like the teacher's softmax, it is a weighted mean of values at the teacher's output scale rather than a
   sum that grows with the decay's memory length; it also keeps the two halves of the window mix comparable.
+A decode step on CUDA (inference) runs as one fused Triton step, `triton_step.gla_step`, where it can; the PyTorch
+path below is the reference.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import torch.nn.functional as F
 from .attention import AttentionSpec, repeat_heads
 from .errors import LinearizeError
 from .kernel_dispatch import gla
-from .mixers import Mixer, MixerCost, register_mixer
+from .mixers import FusedStepMixer, MixerCost, register_mixer
+from .triton_step import gla_step
 from .windows import add_window, check_window, effective_window, window_cache_size
 
 
@@ -37,12 +40,13 @@ class GLAOptions:
 
 
 @register_mixer
-class GLAMixer(Mixer):
+class GLAMixer(FusedStepMixer):
     name = "gla"
     drops_window = True
     anchor = "Liger"
     summary = "gated linear attention reusing the teacher's q/k/v/o, no new parameters; optional softmax window half"
     Options = GLAOptions
+    step_tensors = ("S",)
 
     def __init__(self, attn, spec: AttentionSpec, options, layer_idx: int):
         super().__init__(attn, spec, options, layer_idx)
@@ -91,6 +95,8 @@ class GLAMixer(Mixer):
         return "gla", (self.spec.head_dim, self.spec.head_dim + 1)  # a window, if any, runs beside it (windows.py: flex_attention on CUDA)
 
     def mix(self, hidden_states, q, k, v, position_embeddings, padding_mask, state):
+        if self.fuses_step(hidden_states, q, k, v, position_embeddings, state):
+            return self.fused_step(hidden_states, q, k, v, position_embeddings, padding_mask, state)
         tensors = {} if state is None else state.tensors
         decode = state is not None and q.shape[2] == 1
         heads, final = self.linear_heads(q, k, v, padding_mask, tensors.get("S"), decode)
@@ -103,3 +109,13 @@ class GLAMixer(Mixer):
         if state is not None:
             state.write(new)
         return heads.to(v.dtype)
+
+    def fresh_step_state(self, q: torch.Tensor) -> dict[str, torch.Tensor]:
+        d = self.spec.head_dim
+        return {"S": torch.zeros(q.shape[0], self.spec.num_kv_heads, d, d + 1, device=q.device, dtype=torch.float32)}
+
+    def launch_step(self, hidden_states, q, k, v, cos, sin, real, tensors) -> torch.Tensor:
+        return gla_step(
+            q, k, v, cos, sin, real, tensors["S"], tensors.get("k"), tensors.get("v"), tensors.get("mask"),
+            self.options.gate_normalizer, self.spec.scaling, self.spec.softcap,
+        )

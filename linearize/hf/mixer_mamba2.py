@@ -18,6 +18,8 @@ Distillation does the rest.
 With `window` > 0, each head returns s * (the teacher's softmax over the last `window` keys, with RoPE) +
 (1 - s) * y, s = sigmoid(window_logit) learned per head from 0.5: with every layer converted, window 64 takes
 the start's mean error to 0.52 and Persuasion's perplexity from 25,568 to 232 (`benchmarks/conversion_start.py`).
+A decode step on CUDA (inference) runs as one fused Triton step, `triton_step.mamba2_step`, where it can; the PyTorch
+path below is the reference.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from torch import nn
 from .attention import AttentionSpec, repeat_heads
 from .gates import inverse_softplus, logit
 from .kernel_dispatch import simple_gla
-from .mixers import Mixer, MixerCost, register_mixer
+from .mixers import FusedStepMixer, MixerCost, register_mixer
+from .triton_step import mamba2_step
 from .windows import add_window, check_window, effective_window, window_cache_size
 
 
@@ -44,12 +47,13 @@ class Mamba2Options:
 
 
 @register_mixer
-class Mamba2Mixer(Mixer):
+class Mamba2Mixer(FusedStepMixer):
     name = "mamba2"
     drops_window = True
     anchor = "Mamba in the Llama"
     summary = "Mamba-2 SSD layer with x, B, C taken from the teacher's v, k, q and a learned step dt per head"
     Options = Mamba2Options
+    step_tensors = ("ssm",)
 
     # The start (see the module docstring for why).
     initial_dt = 0.001
@@ -95,6 +99,8 @@ class Mamba2Mixer(Mixer):
         return "simple_gla", (self.spec.head_dim, self.spec.head_dim)  # a window, if any, runs beside it (windows.py: flex_attention on CUDA)
 
     def mix(self, hidden_states, q, k, v, position_embeddings, padding_mask, state) -> torch.Tensor:
+        if self.fuses_step(hidden_states, q, k, v, position_embeddings, state):
+            return self.fused_step(hidden_states, q, k, v, position_embeddings, padding_mask, state)
         dtype = torch.promote_types(q.dtype, torch.float32)
         groups = self.spec.groups
         c, b, x = q.to(dtype), repeat_heads(k, groups).to(dtype), repeat_heads(v, groups).to(dtype)
@@ -115,3 +121,14 @@ class Mamba2Mixer(Mixer):
         if padding_mask is not None:
             y = y * padding_mask[:, None, :, None]
         return y
+
+    def fresh_step_state(self, q: torch.Tensor) -> dict[str, torch.Tensor]:
+        batch, h, _, d = q.shape
+        return {"ssm": torch.zeros(batch, h, d, d, device=q.device, dtype=torch.float32)}
+
+    def launch_step(self, hidden_states, q, k, v, cos, sin, real, tensors) -> torch.Tensor:
+        return mamba2_step(
+            hidden_states, q, k, v, cos, sin, real, self.dt_proj.weight, self.dt_bias, self.A_log, self.D,
+            self.window_logit if self.window else None, tensors["ssm"], tensors.get("k"), tensors.get("v"),
+            tensors.get("mask"), self.spec.scaling, self.spec.softcap,
+        )

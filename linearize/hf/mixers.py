@@ -20,6 +20,7 @@ from torch import nn
 from .attention import AttentionSpec
 from .cache import cache_in
 from .errors import LinearizeError
+from .triton_step import fused_step_problem
 from .typed import coerce
 
 MIXERS: dict[str, type["Mixer"]] = {}
@@ -231,6 +232,67 @@ class Mixer(nn.Module):
         `padding_mask` (B, T) is None or marks real tokens; `state` is None (no cache) or this layer's
         `MixerState`, whose `tensors` hold what the previous call left and must be updated in place.
         """
+        raise NotImplementedError
+
+
+class FusedStepMixer(Mixer):
+    """A mixer whose inference decode step can run as one fused Triton step (`triton_step`); its PyTorch path stays
+    the reference, and takes every other call.
+
+    A subclass has a `window` (0: none), names the float32 tensors of its state that its step updates besides the
+    window's (`step_tensors`), gives their zeros (`fresh_step_state`) and launches its step (`launch_step`). Its
+    `mix` begins `if self.fuses_step(...): return self.fused_step(...)`.
+    """
+
+    step_tensors: ClassVar[tuple[str, ...]] = ()
+
+    def fuses_step(self, hidden_states, q, k, v, position_embeddings, state) -> bool:
+        """Whether this call is a decode step that runs through the fused step: on CUDA with Triton, without gradients
+        or window dropout, unless LINEARIZE_FUSED_STEP=off or LINEARIZE_KERNELS=torch (`fused_step_problem`)."""
+        if state is None or q.shape[2] != 1 or self.dropped_window():
+            return False
+        return fused_step_problem(hidden_states, q, k, v, position_embeddings, self.window, state.tensors, self.step_tensors) is None
+
+    def fused_step(self, hidden_states, q, k, v, position_embeddings, padding_mask, state) -> torch.Tensor:
+        """One decode step through `launch_step`, which updates the state's tensors in place (after `step_state` has
+        made them the state's own); returns the heads in q's dtype."""
+        tensors = self.step_state(q, state)
+        cos, sin = (None, None) if position_embeddings is None else position_embeddings
+        out = self.launch_step(hidden_states, q, k, v, cos, sin, padding_mask, tensors)
+        if tensors is not state.tensors:
+            state.write(tensors)
+        return out
+
+    def step_state(self, q: torch.Tensor, state) -> dict[str, torch.Tensor]:
+        """The state's tensors where the fused step may update them in place, else contiguous copies, which the
+        step's caller writes; zeros (nothing seen, as on the PyTorch path) for a fresh state.
+
+        A static state owns its tensors. A dynamic one may hold views the PyTorch path left: the window's mask after a
+        prefill of window - 1 or window tokens is a view of the model's padding mask, one tensor for every layer.
+        """
+        tensors = state.tensors
+        if tensors:
+            own = [t.is_contiguous() and (state.static or t._base is None) for t in tensors.values()]
+            if all(own):
+                return tensors
+            return {name: t if mine else t.clone(memory_format=torch.contiguous_format) for (name, t), mine in zip(tensors.items(), own)}
+        fresh = self.fresh_step_state(q)
+        if self.window:
+            batch, _, _, d = q.shape
+            keep, hkv = self.window - 1, self.spec.num_kv_heads
+            fresh.update(
+                k=q.new_zeros(batch, hkv, keep, d), v=q.new_zeros(batch, hkv, keep, d),
+                mask=torch.zeros(batch, keep, dtype=torch.bool, device=q.device),
+            )
+        return fresh
+
+    def fresh_step_state(self, q: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Zeros for the tensors named in `step_tensors`, for q's batch (B, H, 1, D)."""
+        raise NotImplementedError
+
+    def launch_step(self, hidden_states, q, k, v, cos, sin, real, tensors) -> torch.Tensor:
+        """The heads of one decode step from this mixer's step function in `triton_step`, which updates `tensors` in
+        place; cos, sin: RoPE or None; real: the padding mask or None."""
         raise NotImplementedError
 
 

@@ -1,44 +1,56 @@
-"""One decode step of a `gated_deltanet` layer, window included, in two Triton kernel launches.
+"""One decode step of a `gated_deltanet`, `gla` or `mamba2` layer, window included, in two Triton kernel launches.
 
 On a GPU a batch-1 decode step is bound by kernel launches and host work, not by arithmetic: the PyTorch path of
 `GatedDeltaNetMixer.mix` launches about 46 kernels per layer (H200, window 64) and fla's fused recurrent kernel
-alone costs about 260 us of CPU per call for 2 us on the GPU (BENCHMARKS.md, issue 15). `gated_deltanet_step`
-does all of the step that follows the teacher's q/k/v projections in one kernel:
-- the short convolution's one-token step on q, k and v, shifting its cache (B, C, K - 1) in place;
-- the gates from the hidden states: beta = sigmoid(W_beta x + b) and g = -exp(A_log) softplus(W_a x + dt_bias);
-- L2-normalisation of the convolved q and k;
-- the gated delta rule's update of the float32 state S (B, H, D, D), in place, and its read-out q S;
-- RoPE on the unconvolved q and k, the window's one-query softmax over its cached keys and the current one (the
-  mask, the teacher's scaling, its softcap where it has one), the window cache (B, Hkv, window - 1, D) shifted in
-  place, and the share mix s * window + (1 - s) * delta rule, s = sigmoid(window_logit);
-- zero output at a padding token, which neither writes, decays nor enters the convolution (as the PyTorch path).
+alone costs about 260 us of CPU per call for 2 us on the GPU (BENCHMARKS.md, issue 15). Each step function here does
+all of a layer's step that follows the teacher's q/k/v projections in one kernel, one kernel per rule:
+- `gated_deltanet_step`: the short convolution's one-token step on q, k and v, shifting its cache (B, C, K - 1) in
+  place; the gates from the hidden states, beta = sigmoid(W_beta x + b) and g = -exp(A_log) softplus(W_a x + dt_bias);
+  L2-normalisation of the convolved q and k; the gated delta rule's update of the float32 state S (B, H, D, D), in
+  place, and its read-out q S;
+- `gla_step`: softmax feature maps of q and k, the gate logsigmoid(k) / gate_normalizer, the update of the float32
+  state (B, Hkv, D, D + 1) of each kv head (values and a ones column, the normaliser) in place, and each query head's
+  read-out normalised by its last column;
+- `mamba2_step`: dt = softplus(W_dt x + dt_bias), the decay exp(-exp(A_log) dt) per query head, the update of the
+  float32 state (B, H, D, D) with (dt k)^T v in place, and the read-out scaling * q S + D * v.
+And for each, with a window: RoPE on the unconvolved q and k, the window's one-query softmax over its cached keys and
+the current one (the mask, the teacher's scaling, its softcap where it has one), the window cache
+(B, Hkv, window - 1, D) shifted in place, and the share mix s * window + (1 - s) * linear heads, with
+s = sigmoid(window_logit) (gla: 0.5). A padding token neither writes, decays nor enters the convolution, as on the
+PyTorch path, whose output at it `gated_deltanet` and `mamba2` zero and `gla` does not.
 A second, tiny launch shifts the window's mask (B, window - 1), which every kv head's program reads: shifted by one
 of them, it could change under another.
 
 One program per (sequence, kv head): it owns every byte it writes (its query heads' and kv head's convolution
-channels, its query heads' states, its kv head's window rows), so the in-place updates need no cross-program
-synchronisation, and the window's keys are read once for the group's query heads. At batch 1 that is 3 programs for
-SmolLM2-135M (9 query, 3 kv heads), which is enough: each reads and writes about 140 KB, a few microseconds at
-most, against the launches it replaces. Within a program a barrier separates the reads of a shifted cache from its
-writes. 8 warps: compiled for sm_90, SmolLM2's shape with window 64 takes 240 registers a thread and spills none
-(4 warps spill).
+channels, its query heads' or kv head's state, its kv head's window rows), so the in-place updates need no
+cross-program synchronisation, and the window's keys are read once for the group's query heads. At batch 1 that is 3
+programs for SmolLM2-135M (9 query, 3 kv heads), which is enough: each reads and writes about 140 KB, a few
+microseconds at most, against the launches it replaces. Within a program a barrier separates the reads of a shifted
+cache from its writes. 8 warps: compiled for sm_90, the gated_deltanet kernel at SmolLM2's shape with window 64 takes
+240 registers a thread and spills none (4 warps spill). The gla kernel keeps its state's last column as a vector
+beside the D x D values, so it holds no tile D + 1 columns wide (a power of two: twice the registers).
+
+The kernels share their window, RoPE and rounding (`_window`, `_windowed`, `_rotated`, `_rounded`) and their
+launch (`_launch`); each rule is its own kernel, its own function and its own custom op.
 
 Arithmetic is float32; the rotated q and k and the window's heads are rounded to the input dtype where the PyTorch
 path rounds them (so the cached keys are bit-identical to its own), and the output is in the input dtype. The
-layouts of the states are the PyTorch path's, so prefill, static caches and saved models do not change. The step
-is registered as a custom op (`torch.library.triton_op`), which a compiled decode step (static cache) calls; eager
-decoding launches the kernels without the op's dispatch.
+layouts of the states are the PyTorch path's, so prefill, static caches and saved models do not change. Each step is
+registered as a custom op (`torch.library.triton_op`, `OPS`), which a compiled decode step (static cache) calls;
+eager decoding launches the kernels without the op's dispatch.
 
 This module is shipped as remote code next to saved models: Triton is imported inside a try block, and where it is
 missing (or the step does not fit, `fused_step_problem`) the PyTorch path runs. `LINEARIZE_FUSED_STEP=off` turns
 the step off (fla's and flex_attention's kernels still run); `LINEARIZE_KERNELS=torch` turns every kernel off.
 """
 
+import functools
 import os
 import re
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
+from torch import Tensor
 
 from .errors import LinearizeError
 from .kernel_dispatch import mode as kernel_mode
@@ -75,17 +87,18 @@ def switch() -> str:
 
 
 def fused_step_problem(
-    hidden: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
+    hidden: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
     position_embeddings,
     window: int,
-    tensors: dict[str, torch.Tensor],
+    tensors: dict[str, Tensor],
+    recurrent: tuple[str, ...],
 ) -> Optional[str]:
-    """Why `gated_deltanet_step` does not take this decode step (None when it does): the switches, Triton, the
-    device, gradients, dtypes, sizes, and the layer state `tensors` (empty before the first step, else as the PyTorch
-    path leaves it)."""
+    """Why a step function here does not take this decode step (None when it does): the switches, Triton, the device,
+    gradients, dtypes, sizes, and the layer state `tensors` (empty before the first step, else as the PyTorch path
+    leaves it: the float32 tensors named in `recurrent`, and the window's)."""
     chosen = switch()
     if chosen == "off" or kernel_mode() == "torch":
         return f"turned off ({SWITCH}={chosen}, LINEARIZE_KERNELS={kernel_mode()})"
@@ -105,7 +118,7 @@ def fused_step_problem(
         cos = position_embeddings[0]
         if cos.dim() != 3 or cos.shape[1] != 1 or cos.dtype != q.dtype or cos.shape[-1] % 2:
             return "the fused step takes RoPE as (batch, 1, even rotary dim) cos/sin in the dtype of q"
-    expected = {"conv": torch.float32, "recurrent": torch.float32}
+    expected = dict.fromkeys(recurrent, torch.float32)
     if window:
         expected.update(k=q.dtype, v=q.dtype, mask=torch.bool)
     if tensors and {n: t.dtype for n, t in tensors.items()} != expected:
@@ -113,63 +126,87 @@ def fused_step_problem(
     return None
 
 
-def _decode_step(
-    hidden: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cos: Optional[torch.Tensor],
-    sin: Optional[torch.Tensor],
-    real: Optional[torch.Tensor],
-    conv_weight: torch.Tensor,
-    beta_weight: torch.Tensor,
-    beta_bias: torch.Tensor,
-    decay_weight: torch.Tensor,
-    a_log: torch.Tensor,
-    dt_bias: torch.Tensor,
-    window_logit: Optional[torch.Tensor],
-    conv: torch.Tensor,
-    recurrent: torch.Tensor,
-    window_k: Optional[torch.Tensor],
-    window_v: Optional[torch.Tensor],
-    window_mask: Optional[torch.Tensor],
-    scaling: float,
-    softcap: Optional[float],
-) -> torch.Tensor:
-    """The heads (B, H, 1, D) in q's dtype of one decode step (module docstring); updates conv (B, C, K - 1),
-    recurrent (B, H, D, D) and, with a window, window_k, window_v (B, Hkv, window - 1, D) and window_mask in place.
+def _launch(kernel, q, k, v, cos, sin, real, window_k, window_v, window_mask, scaling, softcap, *rule, **constants) -> Tensor:
+    """Launch a rule's `kernel`, one program per (sequence, kv head), then shift the window's mask; returns the heads
+    (B, H, 1, D) in q's dtype. The kernel takes the arguments shared by every rule, then the rule's own, `rule` (None
+    for an absent optional tensor), and the rule's `constants`.
 
-    hidden (B, 1, hidden size); q (B, H, 1, D), k, v (B, Hkv, 1, D): the teacher's projections, unconvolved and
-    unrotated; cos, sin (B or 1, 1, rotary dim) or None (no RoPE); real (B, 1) marks real tokens (None: all are).
-    Every state tensor is contiguous; conv and recurrent are float32.
+    q (B, H, 1, D), k, v (B, Hkv, 1, D): the teacher's projections, unconvolved and unrotated; cos, sin (B or 1, 1,
+    rotary dim) or None (no RoPE); real (B, 1) marks real tokens (None: all are); window_k, window_v
+    (B, Hkv, window - 1, D) and window_mask (B, window - 1): the window's contiguous cache, updated in place, or None
+    (no window).
     """
     batch, heads, _, dim = q.shape
     kv_heads = k.shape[1]
-    taps = conv_weight.shape[1]
     keep = 0 if window_k is None else window_k.shape[2]
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    dummy = q  # stands for an absent optional tensor; the kernel never reads it
-    rot = 0 if cos is None else cos.shape[-1]
-    wrap_triton(_step_kernel)[(batch, kv_heads)](
-        hidden, q, k, v, dummy if cos is None else cos, dummy if sin is None else sin, dummy if real is None else real,
-        conv_weight, beta_weight, beta_bias, decay_weight, a_log, dt_bias, dummy if window_logit is None else window_logit,
-        conv, recurrent, dummy if window_k is None else window_k, dummy if window_v is None else window_v,
-        dummy if window_mask is None else window_mask, out,
-        hidden.stride(0), q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+
+    def given(t):  # q stands for an absent optional tensor; the kernel never reads it
+        return q if t is None else t
+
+    wrap_triton(kernel)[(batch, kv_heads)](
+        q, k, v, given(cos), given(sin), given(real), given(window_k), given(window_v), given(window_mask), out,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         0 if cos is None or cos.shape[0] == 1 else cos.stride(0), 0 if real is None else real.stride(0),
-        scaling, 1.0 if softcap is None else softcap,
-        HIDDEN=hidden.shape[-1], HEADS=heads, KV_HEADS=kv_heads, DIM=dim, TAPS=taps, KEEP=keep, ROT=rot,
-        BLOCK_DIM=triton.next_power_of_2(dim), BLOCK_TAPS=triton.next_power_of_2(max(taps - 1, 1)),
-        BLOCK_WINDOW=triton.next_power_of_2(keep + 1), BLOCK_HIDDEN=min(triton.next_power_of_2(hidden.shape[-1]), 256),
+        scaling, 1.0 if softcap is None else softcap, *map(given, rule),
+        HEADS=heads, KV_HEADS=kv_heads, DIM=dim, KEEP=keep, ROT=0 if cos is None else cos.shape[-1],
+        BLOCK_DIM=triton.next_power_of_2(dim), BLOCK_WINDOW=triton.next_power_of_2(keep + 1),
         HAS_REAL=real is not None, WINDOW=window_k is not None, SOFTCAP=softcap is not None,
-        num_warps=8,
+        num_warps=8, **constants,
     )
     if window_mask is not None and keep > 0:
         wrap_triton(_shift_mask_kernel)[(batch,)](
-            window_mask, dummy if real is None else real, 0 if real is None else real.stride(0),
+            window_mask, given(real), 0 if real is None else real.stride(0),
             KEEP=keep, BLOCK_KEEP=triton.next_power_of_2(keep), HAS_REAL=real is not None,
         )
     return out
+
+
+def _hidden(hidden: Tensor) -> dict:
+    """The constants of a kernel that reads the hidden states (B, 1, hidden size): their size and its block."""
+    return dict(HIDDEN=hidden.shape[-1], BLOCK_HIDDEN=min(triton.next_power_of_2(hidden.shape[-1]), 256))
+
+
+def _gated_deltanet(
+    hidden: Tensor, q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor], sin: Optional[Tensor], real: Optional[Tensor],
+    conv_weight: Tensor, beta_weight: Tensor, beta_bias: Tensor, decay_weight: Tensor, a_log: Tensor, dt_bias: Tensor,
+    window_logit: Optional[Tensor], conv: Tensor, recurrent: Tensor,
+    window_k: Optional[Tensor], window_v: Optional[Tensor], window_mask: Optional[Tensor], scaling: float, softcap: Optional[float],
+) -> Tensor:
+    """The heads (B, H, 1, D) in q's dtype of one `gated_deltanet` decode step (module docstring); updates conv
+    (B, C, K - 1), recurrent (B, H, D, D), both contiguous float32, and the window (`_launch`) in place. hidden
+    (B, 1, hidden size): the layer's input."""
+    taps = conv_weight.shape[1]
+    return _launch(
+        _gated_deltanet_kernel, q, k, v, cos, sin, real, window_k, window_v, window_mask, scaling, softcap,
+        hidden, hidden.stride(0), conv_weight, beta_weight, beta_bias, decay_weight, a_log, dt_bias, window_logit,
+        conv, recurrent, TAPS=taps, BLOCK_TAPS=triton.next_power_of_2(max(taps - 1, 1)), **_hidden(hidden),
+    )
+
+
+def _gla(
+    q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor], sin: Optional[Tensor], real: Optional[Tensor], state: Tensor,
+    window_k: Optional[Tensor], window_v: Optional[Tensor], window_mask: Optional[Tensor], gate_normalizer: float, scaling: float, softcap: Optional[float],
+) -> Tensor:
+    """The heads (B, H, 1, D) in q's dtype of one `gla` decode step (module docstring); updates state
+    (B, Hkv, D, D + 1), contiguous float32, and the window (`_launch`) in place."""
+    return _launch(
+        _gla_kernel, q, k, v, cos, sin, real, window_k, window_v, window_mask, scaling, softcap, state, gate_normalizer
+    )
+
+
+def _mamba2(
+    hidden: Tensor, q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor], sin: Optional[Tensor], real: Optional[Tensor],
+    dt_weight: Tensor, dt_bias: Tensor, a_log: Tensor, skip: Tensor, window_logit: Optional[Tensor], ssm: Tensor,
+    window_k: Optional[Tensor], window_v: Optional[Tensor], window_mask: Optional[Tensor], scaling: float, softcap: Optional[float],
+) -> Tensor:
+    """The heads (B, H, 1, D) in q's dtype of one `mamba2` decode step (module docstring); updates ssm (B, H, D, D),
+    contiguous float32, and the window (`_launch`) in place. hidden (B, 1, hidden size): the layer's input; skip: D,
+    the current value's weight per head; scaling: the teacher's, for the state's read-out and the window's scores."""
+    return _launch(
+        _mamba2_kernel, q, k, v, cos, sin, real, window_k, window_v, window_mask, scaling, softcap,
+        hidden, hidden.stride(0), dt_weight, dt_bias, a_log, skip, window_logit, ssm, **_hidden(hidden),
+    )
 
 
 if TRITON_PROBLEM is None:
@@ -226,79 +263,144 @@ if TRITON_PROBLEM is None:
         return x / tl.maximum(tl.sqrt(tl.sum(x * x, 0)), 1e-12)
 
     @triton.jit
-    def _step_kernel(
-        hidden, q, k, v, cos, sin, real,
-        conv_weight, beta_weight, beta_bias, decay_weight, a_log, dt_bias, window_logit,
-        conv, recurrent, window_k, window_v, window_mask, out,
-        stride_hidden, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_cos, stride_real,
-        scaling, softcap,
-        HIDDEN: tl.constexpr, HEADS: tl.constexpr, KV_HEADS: tl.constexpr, DIM: tl.constexpr, TAPS: tl.constexpr, KEEP: tl.constexpr,
-        ROT: tl.constexpr, BLOCK_DIM: tl.constexpr, BLOCK_TAPS: tl.constexpr, BLOCK_WINDOW: tl.constexpr,
-        BLOCK_HIDDEN: tl.constexpr, HAS_REAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    def _softmax(x, in_d):
+        """Softmax over one head's D elements (gla's feature map), 0 past them."""
+        x = tl.where(in_d, x, float("-inf"))
+        e = tl.exp(x - tl.max(x, 0))
+        return e / tl.sum(e, 0)
+
+    @triton.jit
+    def _log1p(x):
+        """log(1 + x) for x >= 0, accurate where x is small, as PyTorch's softplus and logsigmoid take it (Triton has
+        no log1p): log(u) x / (u - 1) with u = 1 + x rounded, whose error cancels (Goldberg)."""
+        u = 1.0 + x
+        small = u == 1.0
+        return tl.where(small, x, tl.log(u) * (x / tl.where(small, 1.0, u - 1.0)))
+
+    @triton.jit
+    def _softplus(z):
+        """F.softplus: z itself past its threshold of 20."""
+        return tl.where(z > 20.0, z, _log1p(tl.exp(tl.minimum(z, 20.0))))
+
+    @triton.jit
+    def _projected(x, weight, HIDDEN: tl.constexpr, BLOCK_HIDDEN: tl.constexpr):
+        """The float32 dot product of a hidden state and one row of a gate's projection, both HIDDEN long."""
+        columns = tl.arange(0, BLOCK_HIDDEN)
+        total = tl.zeros([BLOCK_HIDDEN], dtype=tl.float32)
+        for start in range(0, HIDDEN, BLOCK_HIDDEN):
+            cols = start + columns
+            inside = cols < HIDDEN
+            total += tl.load(x + cols, mask=inside, other=0.0).to(tl.float32) * tl.load(weight + cols, mask=inside, other=0.0).to(tl.float32)
+        return tl.sum(total, 0)
+
+    @triton.jit
+    def _program(
+        k, v, real, stride_kb, stride_kh, stride_vb, stride_vh, stride_real,
+        DIM: tl.constexpr, BLOCK_DIM: tl.constexpr, HAS_REAL: tl.constexpr,
     ):
-        """Program (b, j): sequence b, kv head j and its query heads (module docstring)."""
+        """Program (b, j)'s sequence b and kv head j, the lanes d of a head (in_d: the first DIM), whether b's token is
+        real (not a pad), and kv head j's k (its pointer and its float32 values) and v (float32)."""
         b = tl.program_id(0)
         j = tl.program_id(1)
-        GROUPS: tl.constexpr = HEADS // KV_HEADS
-        CHANNELS: tl.constexpr = (HEADS + 2 * KV_HEADS) * DIM
-        dtype = out.dtype.element_ty
         d = tl.arange(0, BLOCK_DIM)
         in_d = d < DIM
         if HAS_REAL:
             keep = tl.load(real + b * stride_real) != 0
         else:
             keep = b >= 0
-        conv_row = conv + b * CHANNELS * (TAPS - 1)
         k_ptr = k + b * stride_kb + j * stride_kh
-        v_ptr = v + b * stride_vb + j * stride_vh
-        k_raw = tl.load(k_ptr + d, mask=in_d, other=0.0).to(tl.float32)
-        v_raw = tl.load(v_ptr + d, mask=in_d, other=0.0).to(tl.float32)
+        k_now = tl.load(k_ptr + d, mask=in_d, other=0.0).to(tl.float32)
+        v_now = tl.load(v + b * stride_vb + j * stride_vh + d, mask=in_d, other=0.0).to(tl.float32)
+        return b, j, d, in_d, keep, k_ptr, k_now, v_now
+
+    @triton.jit
+    def _window(
+        window_k, window_v, window_mask, k_ptr, v_now, cos, sin, keep, b, j, d, in_d,
+        KV_HEADS: tl.constexpr, DIM: tl.constexpr, KEEP: tl.constexpr, ROT: tl.constexpr, BLOCK_WINDOW: tl.constexpr,
+    ):
+        """Kv head j's window in sequence b: its keys and values (BLOCK_WINDOW, BLOCK_DIM) in float32, the KEEP cached
+        ones (rotated, input dtype) and the current one (k_ptr's, rotated here) in row KEEP, and which of them are
+        real tokens. Shifts the cached keys and values in place: the next cache is the window's last KEEP rows."""
+        rows = tl.arange(0, BLOCK_WINDOW)
+        cached = rows < KEEP
+        tile = (b * KV_HEADS + j) * KEEP * DIM + rows[:, None] * DIM + d[None, :]
+        tile_mask = cached[:, None] & in_d[None, :]
+        current = rows[:, None] == KEEP
+        k_now = _rotated(k_ptr, cos, sin, d, in_d, ROT)
+        keys = tl.where(current, k_now[None, :], tl.load(window_k + tile, mask=tile_mask, other=0.0).to(tl.float32))
+        values = tl.where(current, v_now[None, :], tl.load(window_v + tile, mask=tile_mask, other=0.0).to(tl.float32))
+        seen = tl.load(window_mask + b * KEEP + rows, mask=cached, other=0) != 0
+        seen = tl.where(rows == KEEP, keep, seen)
+        moved = (rows[:, None] >= 1) & (rows[:, None] <= KEEP) & in_d[None, :]  # row r moves to r - 1
+        tl.debug_barrier()  # every cached row is read before any is overwritten
+        tl.store(window_k + tile - DIM, keys.to(window_k.dtype.element_ty), mask=moved)
+        tl.store(window_v + tile - DIM, values.to(window_v.dtype.element_ty), mask=moved)
+        return keys, values, seen
+
+    @triton.jit
+    def _windowed(
+        linear, share, keys, values, seen, q_ptr, cos, sin, d, in_d, scaling, softcap, ROT: tl.constexpr, SOFTCAP: tl.constexpr
+    ):
+        """share * (q_ptr's query head's softmax over its window, `_window`) + (1 - share) * its `linear` heads. The
+        window's scores take the teacher's scaling and softcap; its heads are 0 where no key is real, and rounded to
+        the input dtype before the mix, as the PyTorch path rounds them."""
+        q_now = _rotated(q_ptr, cos, sin, d, in_d, ROT)
+        scores = tl.sum(keys * q_now[None, :], 1) * scaling
+        if SOFTCAP:
+            e = tl.exp(-2.0 * tl.abs(scores / softcap))
+            scores = tl.where(scores < 0, -1.0, 1.0) * (1.0 - e) / (1.0 + e) * softcap
+        scores = tl.where(seen, scores, float("-inf"))
+        peak = tl.max(scores, 0)
+        weights = tl.where(seen, tl.exp(scores - tl.where(peak == float("-inf"), 0.0, peak)), 0.0)
+        total = tl.sum(weights, 0)
+        window = _rounded(tl.sum(weights[:, None] * values, 0) / tl.where(total > 0, total, 1.0), q_ptr.dtype.element_ty)
+        return share * window + (1 - share) * linear
+
+    @triton.jit
+    def _store(out, heads, b, h, d, in_d, HEADS: tl.constexpr, DIM: tl.constexpr):
+        """Query head h's float32 heads in sequence b into out (B, H, 1, D), rounded to its dtype."""
+        dtype = out.dtype.element_ty
+        tl.store(out + (b * HEADS + h) * DIM + d, _rounded(heads, dtype).to(dtype), mask=in_d)
+
+    @triton.jit
+    def _gated_deltanet_kernel(
+        q, k, v, cos, sin, real, window_k, window_v, window_mask, out,
+        stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_cos, stride_real, scaling, softcap,
+        hidden, stride_hidden, conv_weight, beta_weight, beta_bias, decay_weight, a_log, dt_bias, window_logit,
+        conv, recurrent,
+        HEADS: tl.constexpr, KV_HEADS: tl.constexpr, DIM: tl.constexpr, KEEP: tl.constexpr, ROT: tl.constexpr,
+        BLOCK_DIM: tl.constexpr, BLOCK_WINDOW: tl.constexpr, HAS_REAL: tl.constexpr, WINDOW: tl.constexpr,
+        SOFTCAP: tl.constexpr, HIDDEN: tl.constexpr, BLOCK_HIDDEN: tl.constexpr, TAPS: tl.constexpr, BLOCK_TAPS: tl.constexpr,
+    ):
+        """Program (b, j): sequence b, kv head j and its query heads (module docstring)."""
+        b, j, d, in_d, keep, k_ptr, k_raw, v_raw = _program(
+            k, v, real, stride_kb, stride_kh, stride_vb, stride_vh, stride_real, DIM, BLOCK_DIM, HAS_REAL
+        )
+        GROUPS: tl.constexpr = HEADS // KV_HEADS
+        CHANNELS: tl.constexpr = (HEADS + 2 * KV_HEADS) * DIM
+        cos_row, sin_row = cos + b * stride_cos, sin + b * stride_cos
+        x = hidden + b * stride_hidden
+        conv_row = conv + b * CHANNELS * (TAPS - 1)
         k_channel = (HEADS + j) * DIM
         v_channel = (HEADS + KV_HEADS + j) * DIM
         ck = _conv_step(k_raw, conv_row + k_channel * (TAPS - 1), conv_weight + k_channel * TAPS, d, in_d, keep, TAPS, BLOCK_TAPS)
         cv = _conv_step(v_raw, conv_row + v_channel * (TAPS - 1), conv_weight + v_channel * TAPS, d, in_d, keep, TAPS, BLOCK_TAPS)
         ck = _normalised(ck)
-        cos_row = cos + b * stride_cos
-        sin_row = sin + b * stride_cos
         if WINDOW:
-            # The window: its KEEP cached keys (rotated, input dtype) and the current one in the last row.
-            rows = tl.arange(0, BLOCK_WINDOW)
-            cached = rows < KEEP
-            tile = (b * KV_HEADS + j) * KEEP * DIM + rows[:, None] * DIM + d[None, :]
-            tile_mask = cached[:, None] & in_d[None, :]
-            current = rows[:, None] == KEEP
-            k_now = _rotated(k_ptr, cos_row, sin_row, d, in_d, ROT)
-            keys = tl.where(current, k_now[None, :], tl.load(window_k + tile, mask=tile_mask, other=0.0).to(tl.float32))
-            values = tl.where(current, v_raw[None, :], tl.load(window_v + tile, mask=tile_mask, other=0.0).to(tl.float32))
-            seen = tl.load(window_mask + b * KEEP + rows, mask=cached, other=0) != 0
-            seen = tl.where(rows == KEEP, keep, seen)
-            # The next cache is the window's last KEEP rows: row r moves to r - 1.
-            moved = (rows[:, None] >= 1) & (rows[:, None] <= KEEP) & in_d[None, :]
-            tl.debug_barrier()
-            tl.store(window_k + tile - DIM, keys.to(dtype), mask=moved)
-            tl.store(window_v + tile - DIM, values.to(dtype), mask=moved)
+            keys, values, seen = _window(
+                window_k, window_v, window_mask, k_ptr, v_raw, cos_row, sin_row, keep, b, j, d, in_d, KV_HEADS, DIM, KEEP, ROT, BLOCK_WINDOW
+            )
         for g in range(GROUPS):
             h = j * GROUPS + g
             q_ptr = q + b * stride_qb + h * stride_qh
             q_raw = tl.load(q_ptr + d, mask=in_d, other=0.0).to(tl.float32)
             cq = _conv_step(q_raw, conv_row + h * DIM * (TAPS - 1), conv_weight + h * DIM * TAPS, d, in_d, keep, TAPS, BLOCK_TAPS)
             cq = _normalised(cq)
-            # The gates from the hidden states.
-            columns = tl.arange(0, BLOCK_HIDDEN)
-            z_beta = tl.zeros([BLOCK_HIDDEN], dtype=tl.float32)
-            z_decay = tl.zeros([BLOCK_HIDDEN], dtype=tl.float32)
-            for start in range(0, HIDDEN, BLOCK_HIDDEN):
-                cols = start + columns
-                inside = cols < HIDDEN
-                x = tl.load(hidden + b * stride_hidden + cols, mask=inside, other=0.0).to(tl.float32)
-                z_beta += x * tl.load(beta_weight + h * HIDDEN + cols, mask=inside, other=0.0).to(tl.float32)
-                z_decay += x * tl.load(decay_weight + h * HIDDEN + cols, mask=inside, other=0.0).to(tl.float32)
-            beta = tl.sigmoid(tl.sum(z_beta, 0) + tl.load(beta_bias + h).to(tl.float32))
-            z = tl.sum(z_decay, 0) + tl.load(dt_bias + h).to(tl.float32)
-            softplus = tl.where(z > 20.0, z, tl.log(1.0 + tl.exp(tl.minimum(z, 20.0))))  # F.softplus's threshold
-            log_decay = -tl.exp(tl.load(a_log + h).to(tl.float32)) * softplus
+            # The gates from the hidden states; a pad neither writes nor decays.
+            beta = tl.sigmoid(_projected(x, beta_weight + h * HIDDEN, HIDDEN, BLOCK_HIDDEN) + tl.load(beta_bias + h).to(tl.float32))
+            dt = _softplus(_projected(x, decay_weight + h * HIDDEN, HIDDEN, BLOCK_HIDDEN) + tl.load(dt_bias + h).to(tl.float32))
             beta = tl.where(keep, beta, 0.0)
-            log_decay = tl.where(keep, log_decay, 0.0)
+            log_decay = tl.where(keep, -tl.exp(tl.load(a_log + h).to(tl.float32)) * dt, 0.0)
             # The gated delta rule: S = a S + k^T (beta v - beta k (a S)), read out as q S.
             state = recurrent + (b * HEADS + h) * DIM * DIM + d[:, None] * DIM + d[None, :]
             square = in_d[:, None] & in_d[None, :]
@@ -307,20 +409,91 @@ if TRITON_PROBLEM is None:
             tl.store(state, S, mask=square)
             heads = tl.sum(cq[:, None] * S, 0)
             if WINDOW:
-                q_now = _rotated(q_ptr, cos_row, sin_row, d, in_d, ROT)
-                scores = tl.sum(keys * q_now[None, :], 1) * scaling
-                if SOFTCAP:
-                    e = tl.exp(-2.0 * tl.abs(scores / softcap))
-                    scores = tl.where(scores < 0, -1.0, 1.0) * (1.0 - e) / (1.0 + e) * softcap
-                scores = tl.where(seen, scores, float("-inf"))
-                peak = tl.max(scores, 0)
-                weights = tl.where(seen, tl.exp(scores - tl.where(peak == float("-inf"), 0.0, peak)), 0.0)
-                total = tl.sum(weights, 0)
-                window_heads = tl.sum(weights[:, None] * values, 0) / tl.where(total > 0, total, 1.0)
                 share = tl.sigmoid(tl.load(window_logit + h).to(tl.float32))
-                heads = share * _rounded(window_heads, dtype) + (1 - share) * heads
-            heads = tl.where(keep, heads, 0.0)
-            tl.store(out + (b * HEADS + h) * DIM + d, _rounded(heads, dtype).to(dtype), mask=in_d)
+                heads = _windowed(heads, share, keys, values, seen, q_ptr, cos_row, sin_row, d, in_d, scaling, softcap, ROT, SOFTCAP)
+            _store(out, tl.where(keep, heads, 0.0), b, h, d, in_d, HEADS, DIM)
+
+    @triton.jit
+    def _gla_kernel(
+        q, k, v, cos, sin, real, window_k, window_v, window_mask, out,
+        stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_cos, stride_real, scaling, softcap,
+        state, gate_normalizer,
+        HEADS: tl.constexpr, KV_HEADS: tl.constexpr, DIM: tl.constexpr, KEEP: tl.constexpr, ROT: tl.constexpr,
+        BLOCK_DIM: tl.constexpr, BLOCK_WINDOW: tl.constexpr, HAS_REAL: tl.constexpr, WINDOW: tl.constexpr,
+        SOFTCAP: tl.constexpr,
+    ):
+        """Program (b, j): sequence b, kv head j, whose state its query heads read, and its query heads (module
+        docstring)."""
+        b, j, d, in_d, keep, k_ptr, k_raw, v_raw = _program(
+            k, v, real, stride_kb, stride_kh, stride_vb, stride_vh, stride_real, DIM, BLOCK_DIM, HAS_REAL
+        )
+        GROUPS: tl.constexpr = HEADS // KV_HEADS
+        cos_row, sin_row = cos + b * stride_cos, sin + b * stride_cos
+        # The key's feature map and per-channel decay exp(logsigmoid(k) / gate_normalizer); a pad neither writes nor
+        # decays.
+        fk = tl.where(keep, _softmax(k_raw, in_d), 0.0)
+        gate = (tl.minimum(k_raw, 0.0) - _log1p(tl.exp(-tl.abs(k_raw)))) / gate_normalizer
+        decay = tl.exp(tl.where(keep, gate, 0.0))
+        # S = diag(decay) S + fk^T [v, 1]: the values' D columns as a tile, the last (the normaliser) as a vector.
+        rows = state + ((b * KV_HEADS + j) * DIM + d) * (DIM + 1)
+        square = in_d[:, None] & in_d[None, :]
+        S = tl.load(rows[:, None] + d[None, :], mask=square, other=0.0) * decay[:, None] + fk[:, None] * v_raw[None, :]
+        z = tl.load(rows + DIM, mask=in_d, other=0.0) * decay + fk
+        tl.store(rows[:, None] + d[None, :], S, mask=square)
+        tl.store(rows + DIM, z, mask=in_d)
+        if WINDOW:
+            keys, values, seen = _window(
+                window_k, window_v, window_mask, k_ptr, v_raw, cos_row, sin_row, keep, b, j, d, in_d, KV_HEADS, DIM, KEEP, ROT, BLOCK_WINDOW
+            )
+        for g in range(GROUPS):
+            h = j * GROUPS + g
+            q_ptr = q + b * stride_qb + h * stride_qh
+            fq = _softmax(tl.load(q_ptr + d, mask=in_d, other=0.0).to(tl.float32), in_d)
+            # Normalised: 0 (not 0 / 0) while no real key has been seen. A pad's heads are not zeroed (nor on the
+            # PyTorch path).
+            total = tl.sum(fq * z, 0)
+            heads = tl.sum(fq[:, None] * S, 0) / tl.where(total > 0, total, 1.0)
+            if WINDOW:
+                heads = _windowed(heads, 0.5, keys, values, seen, q_ptr, cos_row, sin_row, d, in_d, scaling, softcap, ROT, SOFTCAP)
+            _store(out, heads, b, h, d, in_d, HEADS, DIM)
+
+    @triton.jit
+    def _mamba2_kernel(
+        q, k, v, cos, sin, real, window_k, window_v, window_mask, out,
+        stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_cos, stride_real, scaling, softcap,
+        hidden, stride_hidden, dt_weight, dt_bias, a_log, skip, window_logit, ssm,
+        HEADS: tl.constexpr, KV_HEADS: tl.constexpr, DIM: tl.constexpr, KEEP: tl.constexpr, ROT: tl.constexpr,
+        BLOCK_DIM: tl.constexpr, BLOCK_WINDOW: tl.constexpr, HAS_REAL: tl.constexpr, WINDOW: tl.constexpr,
+        SOFTCAP: tl.constexpr, HIDDEN: tl.constexpr, BLOCK_HIDDEN: tl.constexpr,
+    ):
+        """Program (b, j): sequence b, kv head j (B and x of its query heads) and its query heads (module docstring)."""
+        b, j, d, in_d, keep, k_ptr, k_raw, v_raw = _program(
+            k, v, real, stride_kb, stride_kh, stride_vb, stride_vh, stride_real, DIM, BLOCK_DIM, HAS_REAL
+        )
+        GROUPS: tl.constexpr = HEADS // KV_HEADS
+        cos_row, sin_row = cos + b * stride_cos, sin + b * stride_cos
+        x = hidden + b * stride_hidden
+        if WINDOW:
+            keys, values, seen = _window(
+                window_k, window_v, window_mask, k_ptr, v_raw, cos_row, sin_row, keep, b, j, d, in_d, KV_HEADS, DIM, KEEP, ROT, BLOCK_WINDOW
+            )
+        for g in range(GROUPS):
+            h = j * GROUPS + g
+            q_ptr = q + b * stride_qb + h * stride_qh
+            q_raw = tl.load(q_ptr + d, mask=in_d, other=0.0).to(tl.float32)
+            # The step dt from the hidden states, 0 at a pad (no write, no decay); S = exp(-exp(A_log) dt) S + (dt k)^T v.
+            dt = _softplus(_projected(x, dt_weight + h * HIDDEN, HIDDEN, BLOCK_HIDDEN) + tl.load(dt_bias + h).to(tl.float32))
+            dt = tl.where(keep, dt, 0.0)
+            state = ssm + (b * HEADS + h) * DIM * DIM + d[:, None] * DIM + d[None, :]
+            square = in_d[:, None] & in_d[None, :]
+            S = tl.load(state, mask=square, other=0.0) * tl.exp(-tl.exp(tl.load(a_log + h).to(tl.float32)) * dt)
+            S = S + (k_raw * dt)[:, None] * v_raw[None, :]
+            tl.store(state, S, mask=square)
+            heads = tl.sum((q_raw * scaling)[:, None] * S, 0) + tl.load(skip + h).to(tl.float32) * v_raw
+            if WINDOW:
+                share = tl.sigmoid(tl.load(window_logit + h).to(tl.float32))
+                heads = _windowed(heads, share, keys, values, seen, q_ptr, cos_row, sin_row, d, in_d, scaling, softcap, ROT, SOFTCAP)
+            _store(out, tl.where(keep, heads, 0.0), b, h, d, in_d, HEADS, DIM)
 
     @triton.jit
     def _shift_mask_kernel(window_mask, real, stride_real, KEEP: tl.constexpr, BLOCK_KEEP: tl.constexpr, HAS_REAL: tl.constexpr):
@@ -336,21 +509,29 @@ if TRITON_PROBLEM is None:
         tl.debug_barrier()  # every entry is read before any is overwritten
         tl.store(window_mask + b * KEEP + rows, shifted, mask=rows < KEEP)
 
-    # Named after this module: a saved model's copy of it (remote code, imported under another name) registers an op
-    # of its own beside the installed package's.
-    STEP_OP = triton_op(
-        f"linearize::{re.sub(r'[^0-9A-Za-z_]', '_', __name__)}",
-        _decode_step,
-        mutates_args={"conv", "recurrent", "window_k", "window_v", "window_mask"},
-    )
+    def _registered(launch: Callable[..., Tensor], mutates: set[str]):
+        """`launch` as a custom op, and the step function that calls it: inside torch.compile the op, which the compiler
+        sees through; in eager the kernels launched directly, since the op's dispatch costs about 20 us of CPU a call
+        (2 cores). Named after this module and the rule: a saved model's copy of this module (remote code, imported
+        under another name) registers ops of its own beside the installed package's."""
+        op = triton_op(f"linearize::{re.sub(r'[^0-9A-Za-z_]', '_', __name__)}{launch.__name__}", launch, mutates_args=mutates)
 
-    def gated_deltanet_step(*args) -> torch.Tensor:
-        """`_decode_step(*args)`: inside torch.compile the custom op `STEP_OP`, which the compiler sees through; in
-        eager its kernels launched directly, since the op's dispatch costs about 20 us of CPU a call (2 cores)."""
-        if torch.compiler.is_compiling():
-            return STEP_OP(*args)
-        with set_wrap_triton_enabled(False):
-            return _decode_step(*args)
+        @functools.wraps(launch)
+        def step(*args) -> Tensor:
+            if torch.compiler.is_compiling():
+                return op(*args)
+            with set_wrap_triton_enabled(False):
+                return launch(*args)
+
+        return op, step
+
+    WINDOW_CACHE = {"window_k", "window_v", "window_mask"}
+    # The custom ops by mixer name, and the step functions that the mixers call.
+    OPS = {}
+    OPS["gated_deltanet"], gated_deltanet_step = _registered(_gated_deltanet, {"conv", "recurrent", *WINDOW_CACHE})
+    OPS["gla"], gla_step = _registered(_gla, {"state", *WINDOW_CACHE})
+    OPS["mamba2"], mamba2_step = _registered(_mamba2, {"ssm", *WINDOW_CACHE})
 
 else:
-    STEP_OP = gated_deltanet_step = None
+    OPS = {}
+    gated_deltanet_step = gla_step = mamba2_step = None
