@@ -71,7 +71,9 @@ SHAPES = {
 
 
 def randomised_mixer(mixer: str, shape: str, dtype: torch.dtype):
-    """(model, first layer's mixer) with random new parameters, so the convolution, gates, skip and share all matter."""
+    """(model, first layer's mixer) whose new parameters are their start plus noise, so the convolution, gates, skip and
+    share all matter and differ by head. A gate's projection of the hidden states (about 10 in size here) adds about 1
+    to its input, so the gates stay near their start's range (mamba2's dt near 0.001, where softplus needs log1p)."""
     family, overrides, options = SHAPES[shape]
     takes = {field.name for field in dataclasses.fields(linearize.MIXERS[mixer].Options)}
     model = linearize.convert(tiny_model(family, dtype=dtype, **overrides), mixer, **{k: v for k, v in options.items() if k in takes})
@@ -80,7 +82,8 @@ def randomised_mixer(mixer: str, shape: str, dtype: torch.dtype):
     with torch.no_grad():
         for name, p in layer.named_parameters():
             if not name.startswith("attn."):
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
+                scale = 0.1 / p.shape[1] ** 0.5 if name.endswith("_proj.weight") else 0.5
+                p.add_(torch.randn(p.shape, generator=generator) * scale)
     return model, layer
 
 
@@ -107,19 +110,20 @@ def assert_close(actual, expected, what, tol):
 # Differences relative to the largest value, per state tensor and for the heads. The caches (inputs and rotated keys,
 # rounded where the PyTorch path rounds) are equal. Both paths round the window's heads to the dtype before the mix
 # and the output after it: in bfloat16 a float32 difference that flips a rounding is an ulp of the window (up to twice
-# the output's largest value) and one of the output.
+# the output's largest value) and one of the output. Such flips are rare: `unequal` is the share of the heads' elements
+# that may differ at all (a rounding left out shows in far more).
 TOLERANCE = {
-    torch.float32: dict(heads=2e-5, recurrent=2e-5, S=2e-5, ssm=2e-5, conv=0, k=0, v=0, mask=0),
-    torch.bfloat16: dict(heads=3e-2, recurrent=1e-4, S=1e-4, ssm=1e-4, conv=0, k=0, v=0, mask=0),
+    torch.float32: dict(heads=2e-5, unequal=1.0, recurrent=2e-5, S=2e-5, ssm=2e-5, conv=0, k=0, v=0, mask=0),
+    torch.bfloat16: dict(heads=3e-2, unequal=0.01, recurrent=1e-4, S=1e-4, ssm=1e-4, conv=0, k=0, v=0, mask=0),
 }
 # Each mixer on each shape, in one dtype, batch size and prefill each, so that every mixer meets both dtypes, both batch
-# sizes and both starts (the interpreter is slow: not every product). Batch 3 pads one row.
+# sizes and both starts (the interpreter is slow: not every product). Batch 3 pads two rows (`assert_steps_match`).
 FP32, BF16 = torch.float32, torch.bfloat16
 SETTINGS = {
     "smollm2": (BF16, 1, 3),
     "awkward": (FP32, 3, 0),
-    "softcap": (BF16, 3, 3),
-    "partial_rope": (FP32, 1, 3),
+    "softcap": (FP32, 3, 3),
+    "partial_rope": (BF16, 1, 3),
     "no_window": (BF16, 3, 0),
 }
 CASES = [(mixer, shape, *setting) for mixer in MIXERS for shape, setting in SETTINGS.items()]
@@ -128,7 +132,8 @@ CASES = [(mixer, shape, *setting) for mixer in MIXERS for shape, setting in SETT
 def assert_steps_match(monkeypatch, mixer, shape, dtype, batch, prefill, tolerance, device="cpu"):
     """From the same state, one fused decode step and one PyTorch decode step give the same heads and next state, at
     every step from the first (a fresh state, or one left by a prefill of `prefill` tokens) until the window has
-    turned over. With batch 3, row 0 is left-padded by 2 tokens, which the prefill takes or the first steps decode."""
+    turned over. With batch 3, row 0 is left-padded by 2 tokens, which the prefill takes or the first steps decode, and
+    row 2 has a pad at the second decode step, after real tokens, which must leave its state as it was."""
     fused = force_fused_step(monkeypatch)
     model, layer = randomised_mixer(mixer, shape, dtype)
     model.to(device)
@@ -140,6 +145,7 @@ def assert_steps_match(monkeypatch, mixer, shape, dtype, batch, prefill, toleran
     real = torch.ones(batch, total, dtype=torch.bool, device=device)
     if batch > 1:
         real[0, :2] = False
+        real[2, prefill + 1] = False
         mask = real
     positions = (real.long().cumsum(-1) - 1).clamp_min(0)
     position_embeddings = rotary(model)(hidden, positions)
@@ -157,6 +163,8 @@ def assert_steps_match(monkeypatch, mixer, shape, dtype, batch, prefill, toleran
         out = step(layer, hidden, position_embeddings, mask, mine, t, t + 1)
         assert out.dtype == dtype
         assert_close(out, expected.to(dtype), f"heads at step {t}", tolerance["heads"])
+        unequal = (out != expected.to(dtype)).float().mean().item()
+        assert unequal <= tolerance["unequal"], f"heads at step {t}: {unequal:.1%} of them differ"
         assert mine.tensors.keys() == state.tensors.keys()
         for name, tensor in state.tensors.items():
             assert mine.tensors[name].shape == tensor.shape and mine.tensors[name].dtype == tensor.dtype, name
