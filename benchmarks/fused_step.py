@@ -1,7 +1,8 @@
-"""What one `gated_deltanet` layer's batch-1 decode step costs on a GPU, with the fused Triton step and without it.
+"""What one converted layer's batch-1 decode step costs on a GPU, with the fused Triton step and without it.
 
-A random model of a given shape (default SmolLM2-135M's, `serving_speed.SHAPES`) is converted to `gated_deltanet`
-(window 64 by default) and prefilled with `--context` random tokens; then layer 0's attention module is called again
+A random model of a given shape (default SmolLM2-135M's, `serving_speed.SHAPES`) is converted to `--mixer`, one of the
+mixers with a fused step (`gated_deltanet` by default, `gla`, `mamba2`; window 64 by default, as the shipped recipes
+use them) and prefilled with `--context` random tokens; then layer 0's attention module is called again
 and again with the inputs of one decode step (the state moves on at each call, its shapes do not), and the whole
 model's decode step is timed too. Per path, one JSON line: microseconds per layer call (wall, `--calls` calls between
 two synchronisations: host and GPU together, as eager decoding pays them), GPU kernels per layer call
@@ -12,6 +13,7 @@ two synchronisations: host and GPU together, as eager decoding pays them), GPU k
 - `teacher`: the teacher's softmax attention with the same weights (`teacher_mode`), for comparison.
 
     python benchmarks/fused_step.py --context 2048 --out fused_step.jsonl
+    python benchmarks/fused_step.py --mixer gla --context 2048 --out fused_step.jsonl
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import linearize
+from linearize.hf import triton_step
 from linearize.hf.mixers import mixers_in
 from serving_speed import SHAPES  # benchmarks/, first on the path when run as a script
 
@@ -98,7 +101,8 @@ def measure(model, path: str, context: int, calls: int, device) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="smollm2-135m", choices=sorted(SHAPES), help="the random model's shape")
-    parser.add_argument("--window", type=int, default=64, help="the gated_deltanet layers' window (0: none)")
+    parser.add_argument("--mixer", default="gated_deltanet", choices=sorted(triton_step.OPS), help="the mixer every layer is converted to")
+    parser.add_argument("--window", type=int, default=64, help="the converted layers' window (0: none)")
     parser.add_argument("--context", type=int, default=2048, help="prompt tokens before the measured decode steps")
     parser.add_argument("--calls", type=int, default=200, help="layer calls timed per path")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
@@ -109,9 +113,9 @@ def main() -> None:
     device = torch.device(args.device)
     torch.manual_seed(0)
     teacher = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **SHAPES[args.shape]))
-    model = linearize.convert(teacher.to(device, getattr(torch, args.dtype)).eval(), "gated_deltanet", window=args.window)
+    model = linearize.convert(teacher.to(device, getattr(torch, args.dtype)).eval(), args.mixer, window=args.window)
     for path in args.paths.split(","):
-        row = {"shape": args.shape, "window": args.window, "context": args.context, "dtype": args.dtype, **measure(model, path, args.context, args.calls, device)}
+        row = {"mixer": args.mixer, "shape": args.shape, "window": args.window, "context": args.context, "dtype": args.dtype, **measure(model, path, args.context, args.calls, device)}
         print(json.dumps(row), flush=True)
         if args.out:
             with open(args.out, "a") as f:
