@@ -244,3 +244,28 @@ def test_gpu_kernels_torch_keeps_the_bands(monkeypatch):
     monkeypatch.setenv("LINEARIZE_KERNELS", "torch")
     assert not use_flex(q.float(), k.float(), v.float(), None)
 
+
+
+def test_a_flex_compile_failure_falls_back_to_the_bands_with_one_warning(monkeypatch):
+    """Where compiling flex_attention fails (seen on an H200 for a left-padded float32 window), the default rule
+    computes the window on the bands, warns once and does not try flex_attention again; fused=True still raises."""
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        raise torch._dynamo.exc.BackendCompilerFailed(failing, RuntimeError("NoValidChoicesError: No choices to select"), None)
+
+    monkeypatch.setattr(windows, "FLEX_DEVICES", ("cpu",))
+    monkeypatch.setattr(windows, "flex_failure", None)
+    monkeypatch.setattr(windows, "_compiled_flex", lambda: failing)
+    q, k, v, mask = window_inputs(70, 0, True, heads=(2, 1), dim=16)
+    q, k, v = q.float(), k.float(), v.float()
+    with pytest.warns(UserWarning, match="compiling flex_attention for a window failed .*NoValidChoicesError"):
+        out = window_attention(q, k, v, window=8, scaling=SCALING, key_mask=mask)
+    assert calls == [1] and "NoValidChoicesError" in windows.flex_failure
+    torch.testing.assert_close(out, window_attention(q, k, v, window=8, scaling=SCALING, key_mask=mask, fused=False))
+    assert not use_flex(q, k, v, None)
+    window_attention(q, k, v, window=8, scaling=SCALING, key_mask=mask)
+    assert calls == [1]
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed):
+        window_attention(q, k, v, window=8, scaling=SCALING, key_mask=mask, fused=True)

@@ -11,7 +11,8 @@ than one query) on CUDA takes one fused flex_attention kernel (`flex_window`) wh
 tensors (float16/bfloat16/float32, head dimensions 16 to 256) unless LINEARIZE_KERNELS=torch; everything else
 takes the bands, which are the reference. The `fused` argument overrides the rule (`use_flex`): True forces
 flex_attention (the CPU too, forward only there), False the bands. flex_attention is compiled once per process;
-the block mask of a window is made once per shape, and per call only where some key is masked.
+the block mask of a window is made once per shape, and per call only where some key is masked. Where compiling
+flex_attention fails (outside a caller's own compile), a warning says so and the bands take over for the process.
 `hedgehog_swa`'s shared normaliser stays in PyTorch: it subtracts each query's largest window score, which
 flex_attention returns without a gradient, and, tried for inference, its window part through flex_attention made
 the whole op 1.4x slower at batch 1 and 1.07x faster at batch 8 (H200, 8K tokens): the linear part dominates.
@@ -20,6 +21,7 @@ the whole op 1.4x slower at batch 1 and 1.07x faster at batch 8 (H200, 8K tokens
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +60,12 @@ def window_attention(
     if length == 1 and total <= window:
         return _one_query(q, k, v, scaling=scaling, softcap=softcap, key_mask=key_mask)
     if length > 1 and use_flex(q, k, v, fused):
-        return flex_window(q, k, v, window=window, scaling=scaling, softcap=softcap, key_mask=key_mask)
+        try:
+            return flex_window(q, k, v, window=window, scaling=scaling, softcap=softcap, key_mask=key_mask)
+        except torch._dynamo.exc.BackendCompilerFailed as error:
+            if fused or torch.compiler.is_compiling():
+                raise
+            _flex_failed(error)
     c = min(max(band, window), total)
     step = block_length(b * h * 2 * c, c)
     if length <= step:
@@ -144,11 +151,19 @@ def flex_problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | Non
     return None
 
 
+# Where the default rule (fused=None) sends a window prefill to flex_attention.
+FLEX_DEVICES = ("cuda",)
+# Why compiling flex_attention failed in this process, once it has: the bands then take every window prefill that the
+# default rule would have sent to it.
+flex_failure: str | None = None
+
+
 def use_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fused: bool | None) -> bool:
     """Whether a window prefill over q, k, v runs through `flex_window`: as `fused` says when it is True or False;
-    for None, on CUDA where flex_attention takes the tensors, unless LINEARIZE_KERNELS=torch."""
+    for None, on CUDA where flex_attention takes the tensors, unless LINEARIZE_KERNELS=torch or compiling it has
+    failed in this process."""
     if fused is None:
-        return q.is_cuda and kernel_mode() != "torch" and flex_problem(q, k, v) is None
+        return q.device.type in FLEX_DEVICES and kernel_mode() != "torch" and flex_failure is None and flex_problem(q, k, v) is None
     problem = flex_problem(q, k, v) if fused else None
     if problem is not None:
         raise LinearizeError(f"{problem}; pass fused=None to use the PyTorch path")
@@ -178,6 +193,19 @@ def flex_window(q, k, v, *, window, scaling, softcap=None, key_mask=None):
         q, k, v, score_mod=_softcap_mod(softcap) if softcap else None, block_mask=blocks, scale=scaling,
         enable_gqa=q.shape[1] != k.shape[1],
     )
+
+
+def _flex_failed(error: Exception) -> None:
+    """Record that compiling flex_attention failed, and warn once: the bands, the reference, run instead.
+
+    Seen on an H200 (torch 2.11): a float32 window over 2 query heads and 1 kv head, left-padded, 70 tokens, failed
+    to lower ("NoValidChoicesError") in a test; windows of SmolLM2's shape compiled. A user's prefill must not fail
+    where the bands can compute it."""
+    global flex_failure
+    cause = getattr(error, "inner_exception", None) or error
+    flex_failure = f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0][:200]}"
+    warnings.warn(f"compiling flex_attention for a window failed ({flex_failure}); windows run on the PyTorch path (slower) "
+                  "from now on in this process", stacklevel=4)
 
 
 @functools.cache
