@@ -256,16 +256,18 @@ class FusedStepMixer(Mixer):
     def fused_step(self, hidden_states, q, k, v, position_embeddings, padding_mask, state) -> torch.Tensor:
         """One decode step through `launch_step`, which updates the state's tensors in place (after `step_state` has
         made them the state's own); returns the heads in q's dtype."""
-        tensors = self.step_state(q, state)
+        tensors, owned = self.step_state(q, state)
         cos, sin = (None, None) if position_embeddings is None else position_embeddings
         out = self.launch_step(hidden_states, q, k, v, cos, sin, padding_mask, tensors)
-        if tensors is not state.tensors:
+        if not owned:
             state.write(tensors)
         return out
 
-    def step_state(self, q: torch.Tensor, state) -> dict[str, torch.Tensor]:
+    def step_state(self, q: torch.Tensor, state) -> tuple[dict[str, torch.Tensor], bool]:
         """The state's tensors where the fused step may update them in place, else contiguous copies, which the
-        step's caller writes; zeros (nothing seen, as on the PyTorch path) for a fresh state.
+        step's caller writes; zeros (nothing seen, as on the PyTorch path) for a fresh state. And whether they are the
+        state's own: a flag, not `is` on the dicts, which a compiled decode step cannot trace (dynamo breaks the graph
+        there, and then recompiles every layer until it gives up, H200, eleventh session).
 
         A static state owns its tensors. A dynamic one may hold views the PyTorch path left: the window's mask after a
         prefill of window - 1 or window tokens is a view of the model's padding mask, one tensor for every layer.
@@ -274,8 +276,8 @@ class FusedStepMixer(Mixer):
         if tensors:
             own = [t.is_contiguous() and (state.static or t._base is None) for t in tensors.values()]
             if all(own):
-                return tensors
-            return {name: t if mine else t.clone(memory_format=torch.contiguous_format) for (name, t), mine in zip(tensors.items(), own)}
+                return tensors, True
+            return {name: t if mine else t.clone(memory_format=torch.contiguous_format) for (name, t), mine in zip(tensors.items(), own)}, False
         fresh = self.fresh_step_state(q)
         if self.window:
             batch, _, _, d = q.shape
@@ -284,7 +286,7 @@ class FusedStepMixer(Mixer):
                 k=q.new_zeros(batch, hkv, keep, d), v=q.new_zeros(batch, hkv, keep, d),
                 mask=torch.zeros(batch, keep, dtype=torch.bool, device=q.device),
             )
-        return fresh
+        return fresh, False
 
     def fresh_step_state(self, q: torch.Tensor) -> dict[str, torch.Tensor]:
         """Zeros for the tensors named in `step_tensors`, for q's batch (B, H, 1, D)."""
