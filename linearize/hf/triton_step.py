@@ -26,9 +26,11 @@ channels, its query heads' or kv head's state, its kv head's window rows), so th
 cross-program synchronisation, and the window's keys are read once for the group's query heads. At batch 1 that is 3
 programs for SmolLM2-135M (9 query, 3 kv heads), which is enough: each reads and writes about 140 KB, a few
 microseconds at most, against the launches it replaces. Within a program a barrier separates the reads of a shifted
-cache from its writes. 8 warps: compiled for sm_90, the gated_deltanet kernel at SmolLM2's shape with window 64 takes
-240 registers a thread and spills none (4 warps spill). The gla kernel keeps its state's last column as a vector
-beside the D x D values, so it holds no tile D + 1 columns wide (a power of two: twice the registers).
+cache from its writes. 8 warps: compiled for sm_90 (bf16), at SmolLM2's shape with window 64 the gated_deltanet,
+gla and mamba2 kernels take 240, 186 and 246 registers a thread and spill none (gated_deltanet with 4 warps spills);
+at head dim 128 and window 64 each spills 0.5 to 0.7 KB, at window x head dim 16,384 (`MAX_WINDOW_TILE`) 0.9 to
+2.2 KB. The gla kernel keeps its state's last column as a vector beside the D x D values, so it holds no tile D + 1
+columns wide (a power of two: twice the registers).
 
 The kernels share their window, RoPE and rounding (`_window`, `_windowed`, `_rotated`, `_rounded`) and their
 launch (`_launch`); each rule is its own kernel, its own function and its own custom op.
@@ -71,7 +73,7 @@ SWITCH = "LINEARIZE_FUSED_STEP"
 SWITCHES = ("auto", "on", "off")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # A program holds its window's keys and values (window x head_dim, float32) and one state (head_dim x head_dim). At
-# window x head dim 16,384 (8 warps, sm_90) a thread spills about 1.5 KB; past these sizes the PyTorch path runs.
+# window x head dim 16,384 (8 warps, sm_90) a thread spills 0.9 to 2.2 KB; past these sizes the PyTorch path runs.
 MAX_HEAD_DIM = 128
 MAX_WINDOW_TILE = 16384
 
