@@ -114,6 +114,26 @@ def traced(model, settings: dict, new_tokens: int, device, path: Path) -> dict:
 
 
 @torch.no_grad()
+def traced_prefill(model, ids: torch.Tensor, device, path: Path) -> dict:
+    """Where a prefill's time goes: one uncached forward over `ids` (one position's logits, as timed) under
+    torch.profiler: wall and GPU kernel milliseconds, kernels run, and `path` gets its costliest ops by self CPU time and
+    by GPU time, each grouped by the last 5 Python frames that called it (which mixer, which line)."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities, with_stack=True) as prof:
+        start = time.perf_counter()
+        model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        sync(device)
+        wall = time.perf_counter() - start
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    averages = prof.key_averages(group_by_stack_n=5)
+    tables = [averages.table(sort_by="self_cpu_time_total", row_limit=30)]
+    if device.type == "cuda":
+        tables.append(averages.table(sort_by="self_device_time_total", row_limit=30))
+    path.write_text("\n\n".join(tables))
+    return {"wall_ms": wall * 1e3, "kernels": len(kernels), "kernel_ms": sum(e.time_range.elapsed_us() for e in kernels) / 1e3}
+
+
+@torch.no_grad()
 def measure(model, context: int, new_tokens: int, cache: str, device, bandwidth: float, trace: Path | None = None) -> dict:
     ids = torch.randint(0, model.config.get_text_config().vocab_size, (1, context), generator=torch.Generator().manual_seed(0)).to(device)
     settings = dict(input_ids=ids, max_new_tokens=new_tokens + 1, min_new_tokens=new_tokens + 1, do_sample=False)
@@ -151,6 +171,7 @@ def measure(model, context: int, new_tokens: int, cache: str, device, bandwidth:
            "floor_bytes_per_token": floor, "floor_tokens_per_s": bandwidth / floor}
     if trace is not None:
         row["trace"] = traced(model, settings, new_tokens, device, trace)
+        row["prefill_trace"] = traced_prefill(model, ids, device, trace.with_name(f"{trace.stem}-prefill.txt"))
     return row
 
 
@@ -191,7 +212,8 @@ def main():
     parser.add_argument("--out", default=None)
     parser.add_argument("--trace", default=None, help="folder: after each timed generate(), profile it (torch.profiler) and "
                         "add per token the wall and GPU kernel milliseconds and the kernels run to the row (\"trace\"), "
-                        "the costliest ops into FOLDER/MODEL-CONTEXT-CACHE.txt")
+                        "the costliest ops into FOLDER/MODEL-CONTEXT-CACHE.txt; and one prefill (\"prefill_trace\", "
+                        "its costliest ops with their modules into FOLDER/MODEL-CONTEXT-CACHE-prefill.txt)")
     parser.add_argument("--profile", default=None, help="cProfile the whole run into this file (pstats) and print its 40 "
                         "costliest calls, also when `timeout` stops the run (SIGTERM): where a slow compile spends its time")
     args = parser.parse_args()
