@@ -1,7 +1,7 @@
-"""The fused decode steps of `gated_deltanet`, `gla` and `mamba2` (triton_step.py) against the PyTorch decode path,
-on the CPU through Triton's interpreter: outputs and next states step by step, the custom ops against the eager
-launches, and a whole model's cached generation. Skipped where Triton is not installed (it is in the `dev` extra). A
-compiled step cannot be traced through interpreted kernels (fake tensors have no data); test_gpu.py compiles one on
+"""The fused decode steps of `gated_deltanet`, `gla`, `mamba2` and `hedgehog_swa` (triton_step.py) against the PyTorch
+decode path, on the CPU through Triton's interpreter: outputs and next states step by step, the custom ops against the
+eager launches, and a whole model's cached generation. Skipped where Triton is not installed (it is in the `dev` extra).
+A compiled step cannot be traced through interpreted kernels (fake tensors have no data); test_gpu.py compiles one on
 CUDA. The interpreter is slow (about 0.1 s a program of a step), so the cases are few and small."""
 
 import copy
@@ -27,8 +27,13 @@ needs_triton = pytest.mark.skipif(
     f"GPU, test_gpu.py checks the kernels): {triton_step.TRITON_PROBLEM or 'not interpreted'}",
 )
 
-# The mixers with a fused step; each calls `triton_step.<name>_step`, imported into its module `mixer_<name>`.
+# The mixers with a fused step; each calls `triton_step.<name>_step`, imported into its mixer's module.
 MIXERS = sorted(triton_step.OPS)
+
+
+def mixer_module(name: str):
+    """The module of mixer `name`, which imports its step function."""
+    return importlib.import_module(linearize.MIXERS[name].__module__)
 
 
 def force_fused_step(monkeypatch) -> list:
@@ -36,7 +41,7 @@ def force_fused_step(monkeypatch) -> list:
     of the fused calls' output shapes."""
     calls = []
     for name in MIXERS:
-        module = importlib.import_module(f"linearize.hf.mixer_{name}")
+        module = mixer_module(name)
 
         def counted(*args, function=getattr(triton_step, f"{name}_step")):
             out = function(*args)
@@ -108,13 +113,14 @@ def assert_close(actual, expected, what, tol):
 
 
 # Differences relative to the largest value, per state tensor and for the heads. The caches (inputs and rotated keys,
-# rounded where the PyTorch path rounds) are equal. Both paths round the window's heads to the dtype before the mix
+# rounded where the PyTorch path rounds) are equal; hedgehog_swa's feature-mapped keys (fk, float32 from the same rotated
+# keys) differ by float32 rounding. Both paths round the window's heads to the dtype before the mix
 # and the output after it: in bfloat16 a float32 difference that flips a rounding is an ulp of the window (up to twice
 # the output's largest value) and one of the output. Such flips are rare: `unequal` is the share of the heads' elements
 # that may differ at all (a rounding left out shows in far more).
 TOLERANCE = {
-    torch.float32: dict(heads=2e-5, unequal=1.0, recurrent=2e-5, S=2e-5, ssm=2e-5, conv=0, k=0, v=0, mask=0),
-    torch.bfloat16: dict(heads=3e-2, unequal=0.01, recurrent=1e-4, S=1e-4, ssm=1e-4, conv=0, k=0, v=0, mask=0),
+    torch.float32: dict(heads=2e-5, unequal=1.0, recurrent=2e-5, S=2e-5, ssm=2e-5, conv=0, k=0, v=0, mask=0, z=2e-5, fk=2e-5),
+    torch.bfloat16: dict(heads=3e-2, unequal=0.01, recurrent=1e-4, S=1e-4, ssm=1e-4, conv=0, k=0, v=0, mask=0, z=2e-5, fk=2e-5),
 }
 # Each mixer on each shape, in one dtype, batch size and prefill each, so that every mixer meets both dtypes, both batch
 # sizes and both starts (the interpreter is slow: not every product). Batch 3 pads two rows (`assert_steps_match`).
@@ -126,7 +132,9 @@ SETTINGS = {
     "partial_rope": (BF16, 1, 3),
     "no_window": (BF16, 3, 0),
 }
-CASES = [(mixer, shape, *setting) for mixer in MIXERS for shape, setting in SETTINGS.items()]
+# Every mixer on every shape but hedgehog_swa's with no window (it always has one).
+PAIRS = [(mixer, shape) for mixer in MIXERS for shape in SETTINGS if (mixer, shape) != ("hedgehog_swa", "no_window")]
+CASES = [(mixer, shape, *SETTINGS[shape]) for mixer, shape in PAIRS]
 
 
 def assert_steps_match(monkeypatch, mixer, shape, dtype, batch, prefill, tolerance, device="cpu"):
@@ -135,6 +143,7 @@ def assert_steps_match(monkeypatch, mixer, shape, dtype, batch, prefill, toleran
     turned over. With batch 3, row 0 is left-padded by 2 tokens, which the prefill takes or the first steps decode, and
     row 2 has a pad at the second decode step, after real tokens, which must leave its state as it was."""
     fused = force_fused_step(monkeypatch)
+    monkeypatch.setattr(triton_step, "WINDOW_CHUNK", 4)  # hedgehog_swa's windows here in two or more chunks
     model, layer = randomised_mixer(mixer, shape, dtype)
     model.to(device)
     generator = torch.Generator().manual_seed(0)
@@ -203,7 +212,7 @@ def test_the_custom_op_computes_what_the_eager_launch_does(fused, monkeypatch, m
     model, layer = randomised_mixer(mixer, "partial_rope", torch.float32)
     hidden = torch.randn(2, 4, model.config.text_config.hidden_size)
     position_embeddings = rotary(model)(hidden, torch.arange(4)[None].expand(2, -1))
-    module = importlib.import_module(f"linearize.hf.mixer_{mixer}")
+    module = mixer_module(mixer)
     results = []
     for step_function in (getattr(triton_step, f"{mixer}_step"), triton_step.OPS[mixer]):
         monkeypatch.setattr(module, f"{mixer}_step", step_function)
@@ -216,8 +225,9 @@ def test_the_custom_op_computes_what_the_eager_launch_does(fused, monkeypatch, m
 
 
 # (mixer, window, prompt length): a prompt of window - 1 or window tokens leaves each layer's window mask a view of
-# the model's padding mask, one tensor for every layer, which the fused step must not shift in place.
-GENERATIONS = [(m, 4, 3) for m in MIXERS] + [("gated_deltanet", 4, 4), ("mamba2", 0, 5)]
+# the model's padding mask, one tensor for every layer, which the fused step must not shift in place. hedgehog_swa's
+# window 1 caches no key: the current one leaves the window into the state at once.
+GENERATIONS = [(m, 4, 3) for m in MIXERS] + [("gated_deltanet", 4, 4), ("mamba2", 0, 5), ("hedgehog_swa", 1, 3)]
 
 
 @needs_triton

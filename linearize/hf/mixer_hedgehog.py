@@ -2,7 +2,9 @@
 
 The feature map is learnable and per head: phi(x) = [softmax(xW + b), softmax(-(xW + b))], applied after RoPE,
 with W initialised to the identity so training starts from a sensible kernel. In `hedgehog_swa` the last
-`window` keys are scored by the teacher's own softmax and a learnable per-head factor sets the balance.
+`window` keys are scored by the teacher's own softmax and a learnable per-head factor sets the balance. Its decode step
+on CUDA (inference) runs as one fused Triton step, `triton_step.hedgehog_swa_step`, where it can; the PyTorch path is
+the reference.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from torch import nn
 from .attention import AttentionSpec, apply_rotary, repeat_heads
 from .errors import LinearizeError
 from .kernel_dispatch import simple_gla
-from .mixers import Mixer, MixerCost, register_mixer
+from .mixers import FusedStepMixer, Mixer, MixerCost, register_mixer
 from .ops_window import chunk_window_linear, decode_window_linear
+from .triton_step import hedgehog_swa_step
 from .windows import check_window
 
 
@@ -110,11 +113,15 @@ class HedgehogMixer(Mixer):
 
 
 @register_mixer
-class HedgehogSWAMixer(HedgehogMixer):
+class HedgehogSWAMixer(HedgehogMixer, FusedStepMixer):
     name = "hedgehog_swa"
     anchor = "LoLCATs"
     summary = "Hedgehog linear attention plus a sliding softmax window, one normaliser"
     Options = HedgehogSWAOptions
+    # The state per kv head: S (B, Hkv, 2F, D) and z (B, Hkv, 2F) sum the feature-mapped keys that have left the
+    # window, fk (B, Hkv, window - 1, 2F) holds those still in it (`ops_window`).
+    step_tensors = ("S", "z", "fk")
+    chunks_window = True
 
     def __init__(self, attn, spec: AttentionSpec, options, layer_idx: int):
         super().__init__(attn, spec, options, layer_idx)
@@ -140,6 +147,8 @@ class HedgehogSWAMixer(HedgehogMixer):
         return None  # the window and the linear part share one normaliser, computed together in PyTorch
 
     def mix(self, hidden_states, q, k, v, position_embeddings, padding_mask, state):
+        if self.fuses_step(hidden_states, q, k, v, position_embeddings, state):
+            return self.fused_step(hidden_states, q, k, v, position_embeddings, padding_mask, state)
         q, k = apply_rotary(q, k, position_embeddings)
         groups = self.spec.groups
         fq, fk = self.feature_q(q), self.feature_k(k)
@@ -165,3 +174,18 @@ class HedgehogSWAMixer(HedgehogMixer):
         out, final = chunk_window_linear(q, k, v, fq, fk, state=initial, output_state=True, **kwargs)
         state.write({name: t[:, ::groups].clone() if t.dim() > 2 and groups > 1 else t for name, t in final.items()})
         return out
+
+    def fresh_step_state(self, q: torch.Tensor) -> dict[str, torch.Tensor]:
+        batch, hkv, width = q.shape[0], self.spec.num_kv_heads, 2 * self.options.feature_dim
+        return {
+            "S": q.new_zeros(batch, hkv, width, self.spec.head_dim, dtype=torch.float32),
+            "z": q.new_zeros(batch, hkv, width, dtype=torch.float32),
+            "fk": q.new_zeros(batch, hkv, self.window - 1, width, dtype=torch.float32),
+        }
+
+    def launch_step(self, hidden_states, q, k, v, cos, sin, real, tensors) -> torch.Tensor:
+        return hedgehog_swa_step(
+            q, k, v, cos, sin, real, self.feature_q.weight, self.feature_q.bias, self.feature_k.weight, self.feature_k.bias,
+            self.window_logit, tensors["S"], tensors["z"], tensors["k"], tensors["v"], tensors["fk"], tensors["mask"],
+            self.spec.scaling, self.spec.softcap,
+        )

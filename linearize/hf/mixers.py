@@ -245,13 +245,18 @@ class FusedStepMixer(Mixer):
     """
 
     step_tensors: ClassVar[tuple[str, ...]] = ()
+    # Whether its step reads the window a chunk at a time (`fused_step_problem`).
+    chunks_window: ClassVar[bool] = False
 
     def fuses_step(self, hidden_states, q, k, v, position_embeddings, state) -> bool:
         """Whether this call is a decode step that runs through the fused step: on CUDA with Triton, without gradients
         or window dropout, unless LINEARIZE_FUSED_STEP=off or LINEARIZE_KERNELS=torch (`fused_step_problem`)."""
         if state is None or q.shape[2] != 1 or self.dropped_window():
             return False
-        return fused_step_problem(hidden_states, q, k, v, position_embeddings, self.window, state.tensors, self.step_tensors) is None
+        problem = fused_step_problem(
+            hidden_states, q, k, v, position_embeddings, self.window, state.tensors, self.step_tensors, self.chunks_window
+        )
+        return problem is None
 
     def fused_step(self, hidden_states, q, k, v, position_embeddings, padding_mask, state) -> torch.Tensor:
         """One decode step through `launch_step`, which updates the state's tensors in place (after `step_state` has

@@ -1,4 +1,5 @@
-"""One decode step of a `gated_deltanet`, `gla` or `mamba2` layer, window included, in two Triton kernel launches.
+"""One decode step of a `gated_deltanet`, `gla`, `mamba2` or `hedgehog_swa` layer, window included, in two Triton
+kernel launches.
 
 On a GPU a batch-1 decode step is bound by kernel launches and host work, not by arithmetic: the PyTorch path of
 `GatedDeltaNetMixer.mix` launches about 46 kernels per layer (H200, window 64) and fla's fused recurrent kernel
@@ -12,8 +13,15 @@ all of a layer's step that follows the teacher's q/k/v projections in one kernel
   state (B, Hkv, D, D + 1) of each kv head (values and a ones column, the normaliser) in place, and each query head's
   read-out normalised by its last column;
 - `mamba2_step`: dt = softplus(W_dt x + dt_bias), the decay exp(-exp(A_log) dt) per query head, the update of the
-  float32 state (B, H, D, D) with (dt k)^T v in place, and the read-out scaling * q S + D * v.
-And for each, with a window: RoPE on the unconvolved q and k, the window's one-query softmax over its cached keys and
+  float32 state (B, H, D, D) with (dt k)^T v in place, and the read-out scaling * q S + D * v;
+- `hedgehog_swa_step`: RoPE on q and k, the Hedgehog feature maps [softmax(xW + b), softmax(-(xW + b))] of the
+  rotated q (per query head) and k (per kv head), and the window's softmax and the linear part under one normaliser,
+  (sum_w a_w v_w + (1 - s) fq S) / (sum_w a_w + (1 - s) fq z) with a = s exp(score - peak); then the oldest cached key
+  leaves the window into the float32 S (B, Hkv, 2F, D) and z (B, Hkv, 2F) (a pad's adds nothing), and the caches of
+  keys, values and feature-mapped keys (B, Hkv, window - 1, 2F, float32) move on, in place. Its window is read
+  `WINDOW_CHUNK` rows at a time and its softmax taken online, so a window of any length fits (LoLCATs': 256). Its
+  output at a pad is not zeroed (nor on the PyTorch path).
+And for the first three, with a window: RoPE on the unconvolved q and k, the window's one-query softmax over its cached keys and
 the current one (the mask, the teacher's scaling, its softcap where it has one), the window cache
 (B, Hkv, window - 1, D) shifted in place, and the share mix s * window + (1 - s) * linear heads, with
 s = sigmoid(window_logit) (gla: 0.5). A padding token neither writes, decays nor enters the convolution, as on the
@@ -32,8 +40,9 @@ at head dim 128 and window 64 each spills 0.5 to 0.7 KB, at window x head dim 16
 2.2 KB. The gla kernel keeps its state's last column as a vector beside the D x D values, so it holds no tile D + 1
 columns wide (a power of two: twice the registers).
 
-The kernels share their window, RoPE and rounding (`_window`, `_windowed`, `_rotated`, `_rounded`) and their
-launch (`_launch`); each rule is its own kernel, its own function and its own custom op.
+The kernels share their window, RoPE and rounding (`_window_rows`, `_shifted`, `_scores`, `_rotated`, `_rounded`)
+and their launch (`_launch`); each rule is its own kernel, its own function and its own custom op. The hedgehog_swa
+kernel's registers have not yet been counted on a GPU.
 
 Arithmetic is float32; the rotated q and k and the window's heads are rounded to the input dtype where the PyTorch
 path rounds them (so the cached keys are bit-identical to its own), and the output is in the input dtype. The
@@ -76,6 +85,8 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # window x head dim 16,384 (8 warps, sm_90) a thread spills 0.9 to 2.2 KB; past these sizes the PyTorch path runs.
 MAX_HEAD_DIM = 128
 MAX_WINDOW_TILE = 16384
+# Rows of the window a `hedgehog_swa` program holds at once: it reads its window a chunk at a time, whatever its length.
+WINDOW_CHUNK = 64
 
 
 def switch() -> str:
@@ -97,10 +108,12 @@ def fused_step_problem(
     window: int,
     tensors: dict[str, Tensor],
     recurrent: tuple[str, ...],
+    chunks_window: bool = False,
 ) -> Optional[str]:
     """Why a step function here does not take this decode step (None when it does): the switches, Triton, the device,
     gradients, dtypes, sizes, and the layer state `tensors` (empty before the first step, else as the PyTorch path
-    leaves it: the float32 tensors named in `recurrent`, and the window's)."""
+    leaves it: the float32 tensors named in `recurrent`, and the window's). A step that `chunks_window` reads its
+    window a chunk at a time (`WINDOW_CHUNK`), so takes windows of any length."""
     chosen = switch()
     if chosen == "off" or kernel_mode() == "torch":
         return f"turned off ({SWITCH}={chosen}, LINEARIZE_KERNELS={kernel_mode()})"
@@ -114,7 +127,7 @@ def fused_step_problem(
         return "the fused step takes hidden states, q, k and v whose last dimension is contiguous"
     if q.dtype not in DTYPES or hidden.dtype != q.dtype:
         return f"the fused step takes hidden states and q of one dtype among float16/bfloat16/float32, got {hidden.dtype}, {q.dtype}"
-    if q.shape[-1] > MAX_HEAD_DIM or window * (1 << (q.shape[-1] - 1).bit_length()) > MAX_WINDOW_TILE:
+    if q.shape[-1] > MAX_HEAD_DIM or (not chunks_window and window * (1 << (q.shape[-1] - 1).bit_length()) > MAX_WINDOW_TILE):
         return f"the fused step takes head dimensions up to {MAX_HEAD_DIM} and windows of up to {MAX_WINDOW_TILE} keys x head dim"
     if position_embeddings is not None:
         cos = position_embeddings[0]
@@ -208,6 +221,24 @@ def _mamba2(
     return _launch(
         _mamba2_kernel, q, k, v, cos, sin, real, window_k, window_v, window_mask, scaling, softcap,
         hidden, hidden.stride(0), dt_weight, dt_bias, a_log, skip, window_logit, ssm, **_hidden(hidden),
+    )
+
+
+def _hedgehog_swa(
+    q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor], sin: Optional[Tensor], real: Optional[Tensor],
+    q_weight: Tensor, q_bias: Tensor, k_weight: Tensor, k_bias: Tensor, window_logit: Tensor, S: Tensor, z: Tensor,
+    window_k: Tensor, window_v: Tensor, window_fk: Tensor, window_mask: Tensor, scaling: float, softcap: Optional[float],
+) -> Tensor:
+    """The heads (B, H, 1, D) in q's dtype of one `hedgehog_swa` decode step (module docstring); updates S
+    (B, Hkv, 2F, D) and z (B, Hkv, 2F), contiguous float32, the feature-mapped keys window_fk (B, Hkv, window - 1, 2F),
+    float32, and the window (`_launch`) in place. q_weight (H, D, F), q_bias (H, 1, F): the query heads' feature maps;
+    k_weight, k_bias: the kv heads'."""
+    features = q_weight.shape[-1]
+    return _launch(
+        _hedgehog_swa_kernel, q, k, v, cos, sin, real, window_k, window_v, window_mask, scaling, softcap,
+        window_fk, q_weight, q_bias, k_weight, k_bias, window_logit, S, z,
+        FEATURES=features, BLOCK_FEATURES=triton.next_power_of_2(features),
+        CHUNK=min(triton.next_power_of_2(window_k.shape[2] + 1), WINDOW_CHUNK),
     )
 
 
@@ -316,28 +347,56 @@ if TRITON_PROBLEM is None:
         return b, j, d, in_d, keep, k_ptr, k_now, v_now
 
     @triton.jit
-    def _window(
-        window_k, window_v, window_mask, k_ptr, v_now, cos, sin, keep, b, j, d, in_d,
-        KV_HEADS: tl.constexpr, DIM: tl.constexpr, KEEP: tl.constexpr, ROT: tl.constexpr, BLOCK_WINDOW: tl.constexpr,
+    def _window_rows(
+        window_k, window_v, window_mask, k_now, v_now, keep, b, j, d, in_d, start,
+        KV_HEADS: tl.constexpr, DIM: tl.constexpr, KEEP: tl.constexpr, ROWS: tl.constexpr,
     ):
-        """Kv head j's window in sequence b: its keys and values (BLOCK_WINDOW, BLOCK_DIM) in float32, the KEEP cached
-        ones (rotated, input dtype) and the current one (k_ptr's, rotated here) in row KEEP, and which of them are
-        real tokens. Shifts the cached keys and values in place: the next cache is the window's last KEEP rows."""
-        rows = tl.arange(0, BLOCK_WINDOW)
+        """Rows start .. start + ROWS of kv head j's window in sequence b: the KEEP cached keys and values (rotated,
+        input dtype) and the current ones (k_now, v_now) in row KEEP, as float32 tiles (ROWS, BLOCK_DIM), and which of
+        them are real tokens. Returns the rows, their offsets in the cache (`_shifted`), the keys, values and mask."""
+        rows = start + tl.arange(0, ROWS)
         cached = rows < KEEP
         tile = (b * KV_HEADS + j) * KEEP * DIM + rows[:, None] * DIM + d[None, :]
         tile_mask = cached[:, None] & in_d[None, :]
         current = rows[:, None] == KEEP
-        k_now = _rotated(k_ptr, cos, sin, d, in_d, ROT)
         keys = tl.where(current, k_now[None, :], tl.load(window_k + tile, mask=tile_mask, other=0.0).to(tl.float32))
         values = tl.where(current, v_now[None, :], tl.load(window_v + tile, mask=tile_mask, other=0.0).to(tl.float32))
         seen = tl.load(window_mask + b * KEEP + rows, mask=cached, other=0) != 0
         seen = tl.where(rows == KEEP, keep, seen)
-        moved = (rows[:, None] >= 1) & (rows[:, None] <= KEEP) & in_d[None, :]  # row r moves to r - 1
+        return rows, tile, keys, values, seen
+
+    @triton.jit
+    def _shifted(cache, tile, x, rows, lanes, KEEP: tl.constexpr, WIDTH: tl.constexpr):
+        """Rows 1 .. KEEP of a window's tile x (at offsets `tile` of a cache WIDTH wide) stored one row earlier, in the
+        cache's dtype: the next cache is the window's last KEEP rows. The caller has read every row this overwrites."""
+        moved = (rows[:, None] >= 1) & (rows[:, None] <= KEEP) & lanes[None, :]
+        tl.store(cache + tile - WIDTH, x.to(cache.dtype.element_ty), mask=moved)
+
+    @triton.jit
+    def _window(
+        window_k, window_v, window_mask, k_ptr, v_now, cos, sin, keep, b, j, d, in_d,
+        KV_HEADS: tl.constexpr, DIM: tl.constexpr, KEEP: tl.constexpr, ROT: tl.constexpr, BLOCK_WINDOW: tl.constexpr,
+    ):
+        """Kv head j's whole window in sequence b (`_window_rows`), the current key k_ptr's rotated here. Shifts the
+        cached keys and values in place."""
+        k_now = _rotated(k_ptr, cos, sin, d, in_d, ROT)
+        rows, tile, keys, values, seen = _window_rows(
+            window_k, window_v, window_mask, k_now, v_now, keep, b, j, d, in_d, 0, KV_HEADS, DIM, KEEP, BLOCK_WINDOW
+        )
         tl.debug_barrier()  # every cached row is read before any is overwritten
-        tl.store(window_k + tile - DIM, keys.to(window_k.dtype.element_ty), mask=moved)
-        tl.store(window_v + tile - DIM, values.to(window_v.dtype.element_ty), mask=moved)
+        _shifted(window_k, tile, keys, rows, in_d, KEEP, DIM)
+        _shifted(window_v, tile, values, rows, in_d, KEEP, DIM)
         return keys, values, seen
+
+    @triton.jit
+    def _scores(keys, q_now, seen, scaling, softcap, SOFTCAP: tl.constexpr):
+        """A rotated query's scores against a window's keys: the teacher's scaling and softcap, -inf where a key is not
+        a real token."""
+        scores = tl.sum(keys * q_now[None, :], 1) * scaling
+        if SOFTCAP:
+            e = tl.exp(-2.0 * tl.abs(scores / softcap))
+            scores = tl.where(scores < 0, -1.0, 1.0) * (1.0 - e) / (1.0 + e) * softcap
+        return tl.where(seen, scores, float("-inf"))
 
     @triton.jit
     def _windowed(
@@ -346,12 +405,7 @@ if TRITON_PROBLEM is None:
         """share * (q_ptr's query head's softmax over its window, `_window`) + (1 - share) * its `linear` heads. The
         window's scores take the teacher's scaling and softcap; its heads are 0 where no key is real, and rounded to
         the input dtype before the mix, as the PyTorch path rounds them."""
-        q_now = _rotated(q_ptr, cos, sin, d, in_d, ROT)
-        scores = tl.sum(keys * q_now[None, :], 1) * scaling
-        if SOFTCAP:
-            e = tl.exp(-2.0 * tl.abs(scores / softcap))
-            scores = tl.where(scores < 0, -1.0, 1.0) * (1.0 - e) / (1.0 + e) * softcap
-        scores = tl.where(seen, scores, float("-inf"))
+        scores = _scores(keys, _rotated(q_ptr, cos, sin, d, in_d, ROT), seen, scaling, softcap, SOFTCAP)
         peak = tl.max(scores, 0)
         weights = tl.where(seen, tl.exp(scores - tl.where(peak == float("-inf"), 0.0, peak)), 0.0)
         total = tl.sum(weights, 0)
@@ -498,6 +552,101 @@ if TRITON_PROBLEM is None:
             _store(out, tl.where(keep, heads, 0.0), b, h, d, in_d, HEADS, DIM)
 
     @triton.jit
+    def _features(x, weight, bias, d, in_d, f, in_f, FEATURES: tl.constexpr):
+        """Hedgehog's feature map of one head's float32 x: the halves softmax(xW + b) and softmax(-(xW + b)), each F
+        wide (0 past F); weight points at the head's W (D, F), bias at its b (F)."""
+        w = tl.load(weight + d[:, None] * FEATURES + f[None, :], mask=in_d[:, None] & in_f[None, :], other=0.0).to(tl.float32)
+        y = tl.sum(x[:, None] * w, 0) + tl.load(bias + f, mask=in_f, other=0.0).to(tl.float32)
+        return _softmax(y, in_f), _softmax(-y, in_f)
+
+    @triton.jit
+    def _hedgehog_swa_kernel(
+        q, k, v, cos, sin, real, window_k, window_v, window_mask, out,
+        stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_cos, stride_real, scaling, softcap,
+        window_fk, q_weight, q_bias, k_weight, k_bias, window_logit, S, z,
+        HEADS: tl.constexpr, KV_HEADS: tl.constexpr, DIM: tl.constexpr, KEEP: tl.constexpr, ROT: tl.constexpr,
+        BLOCK_DIM: tl.constexpr, BLOCK_WINDOW: tl.constexpr, HAS_REAL: tl.constexpr, WINDOW: tl.constexpr,
+        SOFTCAP: tl.constexpr, FEATURES: tl.constexpr, BLOCK_FEATURES: tl.constexpr, CHUNK: tl.constexpr,
+    ):
+        """Program (b, j): sequence b, kv head j, whose state and window its query heads read, and its query heads
+        (module docstring). The window is read CHUNK rows at a time, its softmax taken online."""
+        b, j, d, in_d, keep, k_ptr, _, v_now = _program(
+            k, v, real, stride_kb, stride_kh, stride_vb, stride_vh, stride_real, DIM, BLOCK_DIM, HAS_REAL
+        )
+        GROUPS: tl.constexpr = HEADS // KV_HEADS
+        WIDTH: tl.constexpr = 2 * FEATURES
+        cos_row, sin_row = cos + b * stride_cos, sin + b * stride_cos
+        f = tl.arange(0, BLOCK_FEATURES)
+        in_f = f < FEATURES
+        k_now = _rotated(k_ptr, cos_row, sin_row, d, in_d, ROT)
+        fk_pos, fk_neg = _features(k_now, k_weight + j * DIM * FEATURES, k_bias + j * FEATURES, d, in_d, f, in_f, FEATURES)
+        # The state's halves (F, D) each, as the feature map's: S and z sum the keys that have left the window.
+        head = b * KV_HEADS + j
+        state = S + (head * WIDTH + f[:, None]) * DIM + d[None, :]
+        square = in_f[:, None] & in_d[None, :]
+        sums = z + head * WIDTH + f
+        for g in range(GROUPS):
+            h = j * GROUPS + g
+            q_ptr = q + b * stride_qb + h * stride_qh
+            q_now = _rotated(q_ptr, cos_row, sin_row, d, in_d, ROT)
+            fq_pos, fq_neg = _features(q_now, q_weight + h * DIM * FEATURES, q_bias + h * FEATURES, d, in_d, f, in_f, FEATURES)
+            share = tl.sigmoid(tl.load(window_logit + h).to(tl.float32))
+            # One normaliser: (share * sum_w a_w v_w + (1 - share) fq S) / (share * sum_w a_w + (1 - share) fq z).
+            num = tl.sum(fq_pos[:, None] * tl.load(state, mask=square, other=0.0), 0)
+            num += tl.sum(fq_neg[:, None] * tl.load(state + FEATURES * DIM, mask=square, other=0.0), 0)
+            den = tl.sum(fq_pos * tl.load(sums, mask=in_f, other=0.0), 0) + tl.sum(fq_neg * tl.load(sums + FEATURES, mask=in_f, other=0.0), 0)
+            peak = tl.full([], float("-inf"), tl.float32)
+            total = tl.full([], 0.0, tl.float32)
+            mean = tl.zeros([BLOCK_DIM], dtype=tl.float32)
+            for start in range(0, KEEP + 1, CHUNK):
+                rows, tile, keys, values, seen = _window_rows(
+                    window_k, window_v, window_mask, k_now, v_now, keep, b, j, d, in_d, start, KV_HEADS, DIM, KEEP, CHUNK
+                )
+                scores = _scores(keys, q_now, seen, scaling, softcap, SOFTCAP)
+                new_peak = tl.maximum(peak, tl.max(scores, 0))
+                base = tl.where(new_peak == float("-inf"), 0.0, new_peak)
+                rescale = tl.exp(peak - base)
+                weights = tl.where(seen, tl.exp(scores - base), 0.0)
+                total = total * rescale + tl.sum(weights, 0)
+                mean = mean * rescale + tl.sum(weights[:, None] * values, 0)
+                peak = new_peak
+            num = share * mean + (1 - share) * num
+            den = share * total + (1 - share) * den
+            _store(out, num / tl.maximum(den, 1e-30), b, h, d, in_d, HEADS, DIM)
+        # The oldest key leaves the window into S and z (a pad adds nothing): the cache's first row, or with no cache
+        # (window 1) the current key.
+        if KEEP > 0:
+            old = tl.load(window_mask + b * KEEP) != 0
+            old_pos = tl.load(window_fk + head * KEEP * WIDTH + f, mask=in_f, other=0.0)
+            old_neg = tl.load(window_fk + head * KEEP * WIDTH + FEATURES + f, mask=in_f, other=0.0)
+            v_old = tl.load(window_v + head * KEEP * DIM + d, mask=in_d, other=0.0).to(tl.float32)
+        else:
+            old = keep
+            old_pos, old_neg, v_old = fk_pos, fk_neg, v_now
+        old_pos, old_neg = tl.where(old, old_pos, 0.0), tl.where(old, old_neg, 0.0)
+        tl.debug_barrier()  # every query head has read the state
+        tl.store(state, tl.load(state, mask=square, other=0.0) + old_pos[:, None] * v_old[None, :], mask=square)
+        tl.store(state + FEATURES * DIM, tl.load(state + FEATURES * DIM, mask=square, other=0.0) + old_neg[:, None] * v_old[None, :], mask=square)
+        tl.store(sums, tl.load(sums, mask=in_f, other=0.0) + old_pos, mask=in_f)
+        tl.store(sums + FEATURES, tl.load(sums + FEATURES, mask=in_f, other=0.0) + old_neg, mask=in_f)
+        # The caches one row on, a chunk at a time from the first: a chunk's stores reach one row into the chunk before,
+        # which is read already.
+        for start in range(0, KEEP + 1, CHUNK):
+            rows, tile, keys, values, _ = _window_rows(
+                window_k, window_v, window_mask, k_now, v_now, keep, b, j, d, in_d, start, KV_HEADS, DIM, KEEP, CHUNK
+            )
+            features = head * KEEP * WIDTH + rows[:, None] * WIDTH + f[None, :]
+            cached = (rows < KEEP)[:, None] & in_f[None, :]
+            current = rows[:, None] == KEEP
+            pos = tl.where(current, fk_pos[None, :], tl.load(window_fk + features, mask=cached, other=0.0))
+            neg = tl.where(current, fk_neg[None, :], tl.load(window_fk + features + FEATURES, mask=cached, other=0.0))
+            tl.debug_barrier()  # every row this chunk moves, and the state's read above, is read before any is overwritten
+            _shifted(window_k, tile, keys, rows, in_d, KEEP, DIM)
+            _shifted(window_v, tile, values, rows, in_d, KEEP, DIM)
+            _shifted(window_fk, features, pos, rows, in_f, KEEP, WIDTH)
+            _shifted(window_fk, features + FEATURES, neg, rows, in_f, KEEP, WIDTH)
+
+    @triton.jit
     def _shift_mask_kernel(window_mask, real, stride_real, KEEP: tl.constexpr, BLOCK_KEEP: tl.constexpr, HAS_REAL: tl.constexpr):
         """The window's mask (B, KEEP) one place on, with the current token's last (a pad enters as False)."""
         b = tl.program_id(0)
@@ -533,7 +682,8 @@ if TRITON_PROBLEM is None:
     OPS["gated_deltanet"], gated_deltanet_step = _registered(_gated_deltanet, {"conv", "recurrent", *WINDOW_CACHE})
     OPS["gla"], gla_step = _registered(_gla, {"state", *WINDOW_CACHE})
     OPS["mamba2"], mamba2_step = _registered(_mamba2, {"ssm", *WINDOW_CACHE})
+    OPS["hedgehog_swa"], hedgehog_swa_step = _registered(_hedgehog_swa, {"S", "z", "window_fk", *WINDOW_CACHE})
 
 else:
     OPS = {}
-    gated_deltanet_step = gla_step = mamba2_step = None
+    gated_deltanet_step = gla_step = mamba2_step = hedgehog_swa_step = None
