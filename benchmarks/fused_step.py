@@ -1,12 +1,12 @@
 """What one converted layer's batch-1 decode step costs on a GPU, with the fused Triton step and without it.
 
 A random model of a given shape (default SmolLM2-135M's, `serving_speed.SHAPES`) is converted to `--mixer`, one of the
-mixers with a fused step (`gated_deltanet` by default, `gla`, `mamba2`; window 64 by default, as the shipped recipes
-use them) and prefilled with `--context` random tokens; then layer 0's attention module is called again
-and again with the inputs of one decode step (the state moves on at each call, its shapes do not), and the whole
-model's decode step is timed too. Per path, one JSON line: microseconds per layer call (wall, `--calls` calls between
-two synchronisations: host and GPU together, as eager decoding pays them), GPU kernels per layer call
-(torch.profiler), and the same two for a whole decode step. The paths:
+mixers with a fused step (`gated_deltanet` by default, `gla`, `mamba2`, `hedgehog_swa`; window 64 by default, as the
+shipped recipes use them, but `lolcats`'s `hedgehog_swa` has 256: `--window 256`) and prefilled with `--context`
+random tokens; then layer 0's attention module is called again and again with the inputs of one decode step (the state
+moves on at each call, its shapes do not), and the whole model's decode step is timed too. Per path, one JSON line:
+microseconds per layer call (wall, `--calls` calls between two synchronisations: host and GPU together, as eager
+decoding pays them), GPU kernels per layer call (torch.profiler), and the same two for a whole decode step. The paths:
 - `fused`: the fused step (`linearize/hf/triton_step.py`; LINEARIZE_FUSED_STEP=auto);
 - `unfused`: today's PyTorch path with fla's recurrent kernel (LINEARIZE_FUSED_STEP=off);
 - `torch`: the PyTorch path alone (LINEARIZE_KERNELS=torch);
@@ -14,6 +14,7 @@ two synchronisations: host and GPU together, as eager decoding pays them), GPU k
 
     python benchmarks/fused_step.py --context 2048 --out fused_step.jsonl
     python benchmarks/fused_step.py --mixer gla --context 2048 --out fused_step.jsonl
+    python benchmarks/fused_step.py --mixer hedgehog_swa --window 256 --context 2048 --out fused_step.jsonl
 """
 
 from __future__ import annotations
