@@ -277,6 +277,17 @@ def test_the_step_is_left_to_pytorch_where_it_cannot_run(fused, monkeypatch, mix
     assert len(fused) == 3
 
 
+@needs_triton
+def test_hedgehog_swa_with_more_features_than_a_head_has_dimensions_stays_on_pytorch(fused):
+    model = linearize.convert(tiny_model(dtype=torch.float32), "hedgehog_swa", window=4, feature_dim=triton_step.MAX_HEAD_DIM + 1)
+    ids = random_ids(1, 5)
+    cache = model.new_cache()
+    with torch.no_grad():
+        model(ids, cache=cache, use_cache=True)
+        model(ids[:, :1], cache=cache, use_cache=True)
+    assert fused == []
+
+
 def test_a_bad_switch_is_a_one_line_error(monkeypatch):
     monkeypatch.setenv("LINEARIZE_FUSED_STEP", "yes")
     with pytest.raises(LinearizeError, match="LINEARIZE_FUSED_STEP='yes' is not one of auto, on, off; unset it") as info:

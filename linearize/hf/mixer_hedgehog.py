@@ -19,7 +19,7 @@ from .errors import LinearizeError
 from .kernel_dispatch import simple_gla
 from .mixers import FusedStepMixer, Mixer, MixerCost, register_mixer
 from .ops_window import chunk_window_linear, decode_window_linear
-from .triton_step import hedgehog_swa_step
+from .triton_step import MAX_HEAD_DIM, hedgehog_swa_step
 from .windows import check_window
 
 
@@ -174,6 +174,11 @@ class HedgehogSWAMixer(HedgehogMixer, FusedStepMixer):
         out, final = chunk_window_linear(q, k, v, fq, fk, state=initial, output_state=True, **kwargs)
         state.write({name: t[:, ::groups].clone() if t.dim() > 2 and groups > 1 else t for name, t in final.items()})
         return out
+
+    def fuses_step(self, hidden_states, q, k, v, position_embeddings, state) -> bool:
+        # The kernel holds the state's halves (F x D) and a feature map's weight (D x F) as the others hold a head's
+        # D x D state: up to MAX_HEAD_DIM features.
+        return self.options.feature_dim <= MAX_HEAD_DIM and super().fuses_step(hidden_states, q, k, v, position_embeddings, state)
 
     def fresh_step_state(self, q: torch.Tensor) -> dict[str, torch.Tensor]:
         batch, hkv, width = q.shape[0], self.spec.num_kv_heads, 2 * self.options.feature_dim
