@@ -632,7 +632,7 @@ if TRITON_PROBLEM is None:
         # The caches one row on, a chunk at a time from the first: a chunk's stores reach one row into the chunk before,
         # which is read already.
         for start in range(0, KEEP + 1, CHUNK):
-            rows, tile, keys, values, _ = _window_rows(
+            rows, tile, keys, values, _seen = _window_rows(
                 window_k, window_v, window_mask, k_now, v_now, keep, b, j, d, in_d, start, KV_HEADS, DIM, KEEP, CHUNK
             )
             features = head * KEEP * WIDTH + rows[:, None] * WIDTH + f[None, :]
