@@ -14,15 +14,15 @@ all of a layer's step that follows the teacher's q/k/v projections in one kernel
   read-out normalised by its last column;
 - `mamba2_step`: dt = softplus(W_dt x + dt_bias), the decay exp(-exp(A_log) dt) per query head, the update of the
   float32 state (B, H, D, D) with (dt k)^T v in place, and the read-out scaling * q S + D * v;
-- `hedgehog_swa_step`: RoPE on q and k, the Hedgehog feature maps [softmax(xW + b), softmax(-(xW + b))] of the
-  rotated q (per query head) and k (per kv head), and the window's softmax and the linear part under one normaliser,
+- `hedgehog_swa_step`: RoPE on q and k, the Hedgehog feature maps [softmax(xW + b), softmax(-(xW + b))] of the rotated
+  q (per query head) and k (per kv head), and the window's softmax and the linear part under one normaliser,
   (sum_w a_w v_w + (1 - s) fq S) / (sum_w a_w + (1 - s) fq z) with a = s exp(score - peak); then the oldest cached key
   leaves the window into the float32 S (B, Hkv, 2F, D) and z (B, Hkv, 2F) (a pad's adds nothing), and the caches of
-  keys, values and feature-mapped keys (B, Hkv, window - 1, 2F, float32) move on, in place. Its window is read
-  `WINDOW_CHUNK` rows at a time and its softmax taken online, so a window of any length fits (LoLCATs': 256). Its
+  keys, values and feature-mapped keys (B, Hkv, window - 1, 2F, float32) move on, in place. Its window is read a chunk
+  of rows at a time (`WINDOW_CHUNK`) and its softmax taken online, so a window of any length fits (LoLCATs': 256). Its
   output at a pad is not zeroed (nor on the PyTorch path).
-And for the first three, with a window: RoPE on the unconvolved q and k, the window's one-query softmax over its cached keys and
-the current one (the mask, the teacher's scaling, its softcap where it has one), the window cache
+And for the first three, with a window: RoPE on the unconvolved q and k, the window's one-query softmax over its cached
+keys and the current one (the mask, the teacher's scaling, its softcap where it has one), the window cache
 (B, Hkv, window - 1, D) shifted in place, and the share mix s * window + (1 - s) * linear heads, with
 s = sigmoid(window_logit) (gla: 0.5). A padding token neither writes, decays nor enters the convolution, as on the
 PyTorch path, whose output at it `gated_deltanet` and `mamba2` zero and `gla` does not.
@@ -42,7 +42,7 @@ columns wide (a power of two: twice the registers).
 
 The kernels share their window, RoPE and rounding (`_window_rows`, `_shifted`, `_scores`, `_rotated`, `_rounded`)
 and their launch (`_launch`); each rule is its own kernel, its own function and its own custom op. The hedgehog_swa
-kernel's registers have not yet been counted on a GPU.
+kernel's registers: `WINDOW_CHUNK`.
 
 Arithmetic is float32; the rotated q and k and the window's heads are rounded to the input dtype where the PyTorch
 path rounds them (so the cached keys are bit-identical to its own), and the output is in the input dtype. The
@@ -85,8 +85,11 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # window x head dim 16,384 (8 warps, sm_90) a thread spills 0.9 to 2.2 KB; past these sizes the PyTorch path runs.
 MAX_HEAD_DIM = 128
 MAX_WINDOW_TILE = 16384
-# Rows of the window a `hedgehog_swa` program holds at once: it reads its window a chunk at a time, whatever its length.
-WINDOW_CHUNK = 64
+# Elements of the window's keys (rows x head dim) that a `hedgehog_swa` program holds at once: it reads its window a
+# chunk of rows at a time, whatever its length. Compiled for sm_90 (bf16, 8 warps, ptxas), at SmolLM2's shape (head dim
+# 64: 64 rows) it takes 237 to 245 registers and spills none, at window 64 and 256; at head dim 128 (32 rows) it spills
+# 0.2 KB, the least of chunks of 8 to 64 rows (64: 0.6 to 1.3 KB).
+WINDOW_CHUNK = 4096
 
 
 def switch() -> str:
@@ -238,7 +241,7 @@ def _hedgehog_swa(
         _hedgehog_swa_kernel, q, k, v, cos, sin, real, window_k, window_v, window_mask, scaling, softcap,
         window_fk, q_weight, q_bias, k_weight, k_bias, window_logit, S, z,
         FEATURES=features, BLOCK_FEATURES=triton.next_power_of_2(features),
-        CHUNK=min(triton.next_power_of_2(window_k.shape[2] + 1), WINDOW_CHUNK),
+        CHUNK=min(triton.next_power_of_2(window_k.shape[2] + 1), max(WINDOW_CHUNK // triton.next_power_of_2(q.shape[-1]), 1)),
     )
 
 
