@@ -1,12 +1,16 @@
 """The fused decode steps of `gated_deltanet`, `gla`, `mamba2` and `hedgehog_swa` (triton_step.py) against the PyTorch
 decode path, on the CPU through Triton's interpreter: outputs and next states step by step, the custom ops against the
-eager launches, and a whole model's cached generation. Skipped where Triton is not installed (it is in the `dev` extra).
-A compiled step cannot be traced through interpreted kernels (fake tensors have no data); test_gpu.py compiles one on
-CUDA. The interpreter is slow (about 0.1 s a program of a step), so the cases are few and small."""
+eager launches, and a whole model's cached generation; and every kernel compiled for a GPU (sm_90) on the CPU. Skipped
+where Triton is not installed (it is in the `dev` extra). A compiled step cannot be traced through interpreted kernels
+(fake tensors have no data); test_gpu.py compiles one on CUDA. The interpreter is slow (about 0.1 s a program of a
+step), so the cases are few and small."""
 
 import copy
 import dataclasses
 import importlib
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -286,6 +290,45 @@ def test_hedgehog_swa_with_more_features_than_a_head_has_dimensions_stays_on_pyt
         model(ids, cache=cache, use_cache=True)
         model(ids[:, :1], cache=cache, use_cache=True)
     assert fused == []
+
+
+def compile_kernels() -> None:
+    """Compile every step's kernel for sm_90 (bf16, 8 warps) at SmolLM2's shape, window 64 (hedgehog_swa: 256 too), on
+    the CPU: Triton's compiler and its bundled ptxas need no GPU. Run where TRITON_INTERPRET is unset."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    states = {"conv", "recurrent", "state", "ssm", "S", "z", "window_fk"}
+    for name, window in [(name, 64) for name in MIXERS] + [("hedgehog_swa", 256)]:
+        kernel = getattr(triton_step, f"_{name}_kernel")
+        constants = dict(
+            HEADS=9, KV_HEADS=3, DIM=64, KEEP=window - 1, ROT=64, BLOCK_DIM=64, BLOCK_WINDOW=window, HAS_REAL=True,
+            WINDOW=True, SOFTCAP=True, HIDDEN=576, BLOCK_HIDDEN=256, TAPS=4, BLOCK_TAPS=4, FEATURES=64, BLOCK_FEATURES=64,
+            CHUNK=min(window, triton_step.WINDOW_CHUNK // 64),
+        )
+        signature = {}
+        for param in kernel.params:
+            if param.is_constexpr:
+                signature[param.name] = "constexpr"
+            elif param.name.startswith("stride"):
+                signature[param.name] = "i32"
+            elif param.name in ("scaling", "softcap", "gate_normalizer"):
+                signature[param.name] = "fp32"
+            else:
+                signature[param.name] = "*i1" if param.name in ("real", "window_mask") else "*fp32" if param.name in states else "*bf16"
+        given = {param.name: constants[param.name] for param in kernel.params if param.is_constexpr}
+        triton.compile(ASTSource(kernel, signature, constexprs=given), target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+
+
+@needs_triton
+def test_every_kernel_compiles_for_a_gpu():
+    """The interpreter runs code that Triton's compiler refuses (a loop-carried variable whose type changes, as one
+    did in hedgehog_swa's kernel): compiled in a subprocess, since the kernels here are interpreted."""
+    environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    code = "from tests.test_triton_step import compile_kernels; compile_kernels()"
+    done = subprocess.run([sys.executable, "-c", code], env=environment, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def test_a_bad_switch_is_a_one_line_error(monkeypatch):
