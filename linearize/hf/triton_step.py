@@ -69,7 +69,7 @@ from .kernel_dispatch import mode as kernel_mode
 try:  # optional: Triton comes with CUDA builds of torch. transformers' remote-code import check skips try blocks.
     import triton
     import triton.language as tl
-    from torch._library.triton import set_wrap_triton_enabled
+    from torch._library.triton import is_wrap_triton_enabled, set_wrap_triton_enabled
     from torch.library import triton_op, wrap_triton
 
     TRITON_PROBLEM = None
@@ -144,6 +144,12 @@ def fused_step_problem(
     return None
 
 
+def _wrapped(kernel):
+    """The kernel as the custom op traces it (`wrap_triton`), or itself where that is off (eager launches): torch 2.11's
+    `wrap_triton` refuses the interpreter's kernels before it looks whether it is on."""
+    return wrap_triton(kernel) if is_wrap_triton_enabled() else kernel
+
+
 def _launch(kernel, q, k, v, cos, sin, real, window_k, window_v, window_mask, scaling, softcap, *rule, **constants) -> Tensor:
     """Launch a rule's `kernel`, one program per (sequence, kv head), then shift the window's mask; returns the heads
     (B, H, 1, D) in q's dtype. The kernel takes the arguments shared by every rule, then the rule's own, `rule` (None
@@ -162,7 +168,7 @@ def _launch(kernel, q, k, v, cos, sin, real, window_k, window_v, window_mask, sc
     def given(t):  # q stands for an absent optional tensor; the kernel never reads it
         return q if t is None else t
 
-    wrap_triton(kernel)[(batch, kv_heads)](
+    _wrapped(kernel)[(batch, kv_heads)](
         q, k, v, given(cos), given(sin), given(real), given(window_k), given(window_v), given(window_mask), out,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         0 if cos is None or cos.shape[0] == 1 else cos.stride(0), 0 if real is None else real.stride(0),
@@ -173,7 +179,7 @@ def _launch(kernel, q, k, v, cos, sin, real, window_k, window_v, window_mask, sc
         num_warps=8, **constants,
     )
     if window_mask is not None and keep > 0:
-        wrap_triton(_shift_mask_kernel)[(batch,)](
+        _wrapped(_shift_mask_kernel)[(batch,)](
             window_mask, given(real), 0 if real is None else real.stride(0),
             KEEP=keep, BLOCK_KEEP=triton.next_power_of_2(keep), HAS_REAL=real is not None,
         )
