@@ -2,9 +2,10 @@
 
 The feature map is learnable and per head: phi(x) = [softmax(xW + b), softmax(-(xW + b))], applied after RoPE,
 with W initialised to the identity so training starts from a sensible kernel. In `hedgehog_swa` the last
-`window` keys are scored by the teacher's own softmax and a learnable per-head factor sets the balance. Its decode step
-on CUDA (inference) runs as one fused Triton step, `triton_step.hedgehog_swa_step`, where it can; the PyTorch path is
-the reference.
+`window` keys are scored by the teacher's own softmax and a learnable per-head factor sets the balance. On CUDA
+(inference) its decode step runs as one fused Triton step, `triton_step.hedgehog_swa_step`, and its prefill as one
+chunked Triton kernel, `triton_window.window_linear_prefill`, where they can; the PyTorch path is the reference, and
+takes training (neither kernel has a backward).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from .kernel_dispatch import simple_gla
 from .mixers import FusedStepMixer, Mixer, MixerCost, register_mixer
 from .ops_window import chunk_window_linear, decode_window_linear
 from .triton_step import MAX_HEAD_DIM, hedgehog_swa_step
+from .triton_window import window_linear_prefill, window_prefill_problem
 from .windows import check_window
 
 
@@ -144,7 +146,7 @@ class HedgehogSWAMixer(HedgehogMixer, FusedStepMixer):
         return MixerCost(super().cost(spec, options).new_parameters + spec.num_heads, state, 0)
 
     def kernel(self):
-        return None  # the window and the linear part share one normaliser, computed together in PyTorch
+        return None  # no fla kernel: the window and the linear part share one normaliser (triton_window's kernel, or PyTorch)
 
     def mix(self, hidden_states, q, k, v, position_embeddings, padding_mask, state):
         if self.fuses_step(hidden_states, q, k, v, position_embeddings, state):
@@ -166,6 +168,12 @@ class HedgehogSWAMixer(HedgehogMixer, FusedStepMixer):
         if state is not None and q.shape[2] == 1:
             out, new = decode_window_linear(q, k, v, fq, fk, state=state.tensors, **kwargs)
             state.write(new)
+            return out
+        if window_prefill_problem(q, k, v, fq, fk, self.window) is None:
+            tensors = None if state is None else state.tensors
+            out, new = window_linear_prefill(q, k, v, fq, fk, state=tensors, output_state=state is not None, **kwargs)
+            if state is not None:
+                state.write(new)
             return out
         k, v, fk = repeat_heads(k, groups), repeat_heads(v, groups), repeat_heads(fk, groups)
         if state is None:

@@ -1,0 +1,209 @@
+"""The fused `hedgehog_swa` prefill (triton_window.py) against `naive_window_linear`, on the CPU through Triton's
+interpreter: outputs and next states at awkward lengths and windows, with grouped heads, a carried state, left padding,
+a softcap and per-head weights, in float32 and bfloat16; a tiny model's generation through it; and where it is left to
+PyTorch. test_triton_step.py compiles the kernel for sm_90; test_gpu.py checks it on CUDA. Skipped where Triton is not
+installed. The interpreter is slow, so the shapes are small (head dim 16, feature maps 32 wide)."""
+
+import pytest
+import torch
+
+import linearize
+from linearize import LinearizeError
+from linearize.hf import mixer_hedgehog, triton_step, triton_window
+from linearize.hf.ops_window import naive_window_linear
+from tests.test_triton_step import assert_close
+from tests.tiny import left_padded, random_ids, tiny_model
+
+pytestmark = [pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning"), pytest.mark.core]
+
+needs_triton = pytest.mark.skipif(
+    triton_step.TRITON_PROBLEM is not None or not triton_step.INTERPRETED,
+    reason=f"runs Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, which conftest sets where there is no CUDA; on a "
+    f"GPU, test_gpu.py checks the kernel): {triton_step.TRITON_PROBLEM or 'not interpreted'}",
+)
+
+HEADS, KV_HEADS, DIM, WIDTH = 4, 2, 16, 32
+
+
+def window_inputs(length, window, dtype, with_state, device="cpu", shape=(2, HEADS, KV_HEADS, DIM, WIDTH), seed=0):
+    """q, k, v (dtype), fq, fk (float32 softmax feature maps, as Hedgehog's), a key mask with row 0 left-padded by 3
+    (where `length` allows), and a state per kv head as the PyTorch path leaves it (or None): its window - 1 keys with
+    some pads among them, and S, z that carry some weight."""
+    batch, heads, kv_heads, dim, width = shape
+    g = torch.Generator(device).manual_seed(seed)
+
+    def r(*size):
+        return torch.randn(*size, generator=g, device=device)
+
+    q, k, v = r(batch, heads, length, dim).to(dtype), r(batch, kv_heads, length, dim).to(dtype), r(batch, kv_heads, length, dim).to(dtype)
+    fq, fk = torch.softmax(r(batch, heads, length, width), -1), torch.softmax(r(batch, kv_heads, length, width), -1)
+    mask = torch.ones(batch, length, dtype=torch.bool, device=device)
+    mask[0, : min(3, length - 1)] = False
+    state = None
+    if with_state:
+        keep = window - 1
+        state = {
+            "S": r(batch, kv_heads, width, dim).abs() * 4, "z": r(batch, kv_heads, width).abs() * 4,
+            "k": r(batch, kv_heads, keep, dim).to(dtype), "v": r(batch, kv_heads, keep, dim).to(dtype),
+            "fk": torch.softmax(r(batch, kv_heads, keep, width), -1), "mask": r(batch, keep) > -1.0,
+        }
+    return q, k, v, fq, fk, mask, state
+
+
+def per_query_head(x, groups):
+    return x.repeat_interleave(groups, dim=1)
+
+
+def reference(q, k, v, fq, fk, state, **options):
+    """`naive_window_linear` on every query head's own copy of its kv head's keys and state, and its next state per kv
+    head."""
+    groups = q.shape[1] // k.shape[1]
+    repeated = None if state is None else {n: per_query_head(t, groups) if t.dim() > 2 else t for n, t in state.items()}
+    o, new = naive_window_linear(
+        q, per_query_head(k, groups), per_query_head(v, groups), fq, per_query_head(fk, groups), state=repeated, output_state=True, **options
+    )
+    return o, {n: t[:, ::groups] if t.dim() > 2 else t for n, t in new.items()}
+
+
+# (length, window, dtype, carried state, softcap, per-head weights). Windows 1, 3, 64, and 100 (more than a tile and a
+# prefix chunk together, 96); lengths around the tiles (32) and the prefix chunks (64).
+FP32, BF16 = torch.float32, torch.bfloat16
+CASES = [
+    (1, 1, FP32, False, None, True),
+    (2, 3, FP32, True, 2.0, True),
+    (63, 64, FP32, True, None, False),
+    (65, 3, FP32, False, None, True),
+    (130, 64, FP32, True, 3.0, True),
+    (130, 100, FP32, False, None, True),
+    (1, 64, FP32, True, None, True),
+    (65, 64, BF16, True, None, True),
+    (130, 3, BF16, False, 3.0, True),
+]
+# Relative to the largest output: float32 to rounding; bfloat16 inputs round the window's weights and the linear ones to
+# bfloat16 before they meet the values (as on the GPU), about an ulp of the output.
+TOLERANCE = {FP32: 2e-5, BF16: 1e-2}
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    "length,window,dtype,with_state,softcap,per_head", CASES,
+    ids=[f"T{t}-w{w}-{str(d)[6:]}{'-state' if s else ''}{'-softcap' if c else ''}{'-per_head' if p else ''}" for t, w, d, s, c, p in CASES],
+)
+def test_the_kernel_equals_the_reference(length, window, dtype, with_state, softcap, per_head):
+    q, k, v, fq, fk, mask, state = window_inputs(length, window, dtype, with_state)
+    share = torch.rand(HEADS, generator=torch.Generator().manual_seed(1)) if per_head else torch.tensor(0.3)
+    options = dict(window=window, scaling=DIM**-0.5, sm_weight=share, ln_weight=1 - share, key_mask=mask, softcap=softcap)
+    with torch.no_grad():
+        o, new = triton_window.window_linear_prefill(q, k, v, fq, fk, state=state, output_state=True, **options)
+        expected, expected_state = reference(q, k, v, fq, fk, state, **options)
+    assert o.dtype == v.dtype and o.shape == expected.shape
+    assert_close(o, expected, "heads", TOLERANCE[dtype])
+    assert new.keys() == expected_state.keys()
+    for name, tensor in expected_state.items():  # the window's tail copied, S and z summed in another order
+        assert new[name].dtype == tensor.dtype and new[name].shape == tensor.shape, name
+        if name in ("S", "z"):
+            assert_close(new[name], tensor, name, 1e-6)
+        else:
+            assert torch.equal(new[name], tensor), name
+
+
+@needs_triton
+def test_the_custom_op_computes_what_the_eager_launch_does():
+    q, k, v, fq, fk, mask, _ = window_inputs(40, 5, FP32, False)
+    weights = torch.full((HEADS,), 0.5)
+    args = (q, k, v, fq, fk, mask, torch.zeros(2, KV_HEADS, WIDTH, DIM), torch.zeros(2, KV_HEADS, WIDTH), weights, weights, 5, 0.25, None)
+    with torch.no_grad():
+        assert torch.equal(triton_window.window_prefill(*args), triton_window.OP(*args))
+
+
+@pytest.fixture
+def fused(monkeypatch):
+    """hedgehog_swa's prefills take the kernel (CPU tensors through the interpreter); returns the list of their output
+    shapes."""
+    calls = []
+
+    def counted(*args, **kwargs):
+        out = triton_window.window_linear_prefill(*args, **kwargs)
+        calls.append(out[0].shape)
+        return out
+
+    monkeypatch.setattr(mixer_hedgehog, "window_linear_prefill", counted)
+    monkeypatch.setenv("LINEARIZE_FUSED_STEP", "on")
+    monkeypatch.delenv("LINEARIZE_KERNELS", raising=False)
+    return calls
+
+
+@needs_triton
+@pytest.mark.parametrize("window", [1, 4])
+def test_generation_through_the_kernel_equals_uncached_and_the_pytorch_path(fused, monkeypatch, window):
+    """A tiny two-layer model (4 query heads on 2 kv heads), left-padded batch: greedy generation with a cache (the
+    prompt through the kernel, then the fused decode step) gives the PyTorch path's logits and the tokens of uncached
+    generation (every step a prefill through the kernel); and a prompt taken in two prefills, the second from the
+    first's state, gives the logits of one."""
+    model = linearize.convert(tiny_model(dtype=torch.float32, num_hidden_layers=2), "hedgehog_swa", window=window)
+    ids, mask = left_padded(random_ids(2, 7), [2, 0])
+    settings = dict(
+        input_ids=ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False, output_logits=True,
+        return_dict_in_generate=True,
+    )
+    generated = model.generate(**settings)
+    assert fused == [(2, 4, 7, 16)] * 2  # each layer's prompt
+    assert torch.equal(generated.sequences, model.generate(**settings, use_cache=False).sequences)
+    assert len(fused) == 2 + 2 * 4
+    with torch.no_grad():
+        cache = model.new_cache()
+        model(ids[:, :3], attention_mask=mask[:, :3], cache=cache, use_cache=True)
+        second = model(ids[:, 3:], attention_mask=mask, cache=cache, use_cache=True).logits
+        whole = model(ids, attention_mask=mask).logits
+    assert_close(second, whole[:, 3:], "logits of a prompt in two prefills", 1e-5)
+    monkeypatch.setenv("LINEARIZE_FUSED_STEP", "off")
+    calls = len(fused)
+    assert_close(torch.stack(generated.logits), torch.stack(model.generate(**settings).logits), "logits", 1e-5)
+    assert len(fused) == calls
+
+
+@needs_triton
+def test_the_prefill_is_left_to_pytorch_where_it_cannot_run(fused, monkeypatch):
+    """With gradients, under LINEARIZE_KERNELS=torch or LINEARIZE_FUSED_STEP=off, or in float64, a prefill takes the
+    PyTorch path; else the kernel."""
+    model = linearize.convert(tiny_model(dtype=torch.float32), "hedgehog_swa", window=4)
+    ids = random_ids(1, 5)
+    model(ids)  # gradients on
+    with torch.no_grad():
+        for name, value in (("LINEARIZE_KERNELS", "torch"), ("LINEARIZE_FUSED_STEP", "off")):
+            monkeypatch.setenv(name, value)
+            model(ids)
+            monkeypatch.delenv(name)
+            monkeypatch.setenv("LINEARIZE_FUSED_STEP", "on")
+        model.double()(ids)
+        assert fused == []
+        model.float()(ids)
+    assert len(fused) == model.config.text_config.num_hidden_layers
+
+
+@needs_triton
+def test_the_problems_name_what_to_do(monkeypatch):
+    q, k, v, fq, fk, _, _ = window_inputs(4, 3, FP32, False)
+    monkeypatch.setenv("LINEARIZE_FUSED_STEP", "auto")
+    if not q.is_cuda:
+        assert "CUDA tensors" in triton_window.window_prefill_problem(q, k, v, fq, fk, 3)
+    monkeypatch.setenv("LINEARIZE_FUSED_STEP", "on")
+    assert "no backward" in triton_window.kernel_problem(q.requires_grad_(), k, v, fq, fk, 3)
+    with torch.no_grad():
+        assert "head dimensions up to" in triton_window.kernel_problem(q, k, v, fq.repeat(1, 1, 1, 9), fk.repeat(1, 1, 1, 9), 3)
+        assert "float16/bfloat16/float32" in triton_window.kernel_problem(q.double(), k, v, fq, fk, 3)
+
+
+@needs_triton
+def test_impossible_inputs_and_a_bad_switch_are_one_line_errors(monkeypatch):
+    q, k, v, fq, fk, _, _ = window_inputs(4, 3, FP32, False)
+    with torch.no_grad(), pytest.raises(LinearizeError, match="got 0, 4 on 2; for anything else call ops_window.chunk_window_linear") as info:
+        triton_window.window_linear_prefill(q, k, v, fq, fk, window=0, scaling=0.25)
+    assert "\n" not in str(info.value)
+    with pytest.raises(LinearizeError, match="got 3, 3 on 2;"):
+        with torch.no_grad():
+            triton_window.window_linear_prefill(q[:, :3], k, v, fq[:, :3], fk, window=3, scaling=0.25)
+    monkeypatch.setenv("LINEARIZE_FUSED_STEP", "yes")
+    with pytest.raises(LinearizeError, match="LINEARIZE_FUSED_STEP='yes' is not one of auto, on, off; unset it") as info:
+        triton_window.window_prefill_problem(q, k, v, fq, fk, 3)
+    assert "\n" not in str(info.value)
