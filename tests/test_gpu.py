@@ -13,9 +13,12 @@ from linearize.decode import GraphDecoder
 from linearize.hf import kernel_dispatch as kernels
 from linearize.hf.ops_delta import chunk_gated_delta_rule
 from linearize.hf.ops_gated import chunk_gla, chunk_simple_gla
+from linearize.hf.ops_window import chunk_window_linear
+from linearize.hf.triton_window import window_linear_prefill
 from tests.test_triton_step import MIXERS as FUSED_MIXERS
 from tests.test_triton_step import PAIRS as FUSED_PAIRS
-from tests.test_triton_step import assert_steps_match, force_fused_step
+from tests.test_triton_step import assert_close, assert_steps_match, force_fused_step
+from tests.test_triton_window import per_query_head, window_inputs
 from tests.tiny import greedy_steps, left_padded, random_ids, tiny_model
 
 pytestmark = [
@@ -220,3 +223,33 @@ def test_fused_step_generates_as_uncached_eager_and_compiled(monkeypatch, mixer)
     monkeypatch.undo()  # the compiled step calls the fused step as it is, not through the counting wrapper
     for _ in range(2):  # the second call replays what the first compiled and recorded
         assert torch.equal(model.generate(**settings, cache_implementation="static"), uncached)
+
+
+# The fused prefill against the PyTorch path: float32 products in both (input_precision "ieee"), so float32 rounding;
+# in bfloat16 the kernel multiplies the feature maps in tf32 and rounds its weights to bfloat16 before the values.
+PREFILL_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+
+
+@pytest.mark.parametrize("with_state", [False, True], ids=["no-state", "state"])
+@pytest.mark.parametrize("window", [64, 256])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fused_prefill_matches_the_pytorch_path(dtype, window, with_state):
+    """hedgehog_swa's prefill kernel at SmolLM2's shape (9 query heads on 3 kv heads, head dim 64, feature dim 64), 2K
+    tokens, row 0 left-padded, per-head weights and a softcap: heads and next state against `chunk_window_linear`."""
+    q, k, v, fq, fk, mask, state = window_inputs(2048, window, dtype, with_state, device="cuda", shape=(2, 9, 3, 64, 128))
+    share = torch.rand(9, generator=torch.Generator("cuda").manual_seed(1), device="cuda")
+    options = dict(window=window, scaling=64**-0.5, sm_weight=share, ln_weight=1 - share, key_mask=mask, softcap=30.0)
+    repeated = None if state is None else {n: per_query_head(t, 3) if t.dim() > 2 else t for n, t in state.items()}
+    with torch.no_grad():
+        o, new = window_linear_prefill(q, k, v, fq, fk, state=state, output_state=True, **options)
+        expected, expected_state = chunk_window_linear(
+            q, per_query_head(k, 3), per_query_head(v, 3), fq, per_query_head(fk, 3), state=repeated, output_state=True, **options
+        )
+    assert o.dtype == dtype
+    assert_close(o, expected, "heads", PREFILL_TOLERANCE[dtype])
+    for name, tensor in expected_state.items():
+        mine = per_query_head(new[name], 3) if tensor.dim() > 2 else new[name]
+        if name in ("S", "z"):
+            assert_close(mine, tensor, name, 1e-5)
+        else:
+            assert torch.equal(mine, tensor), name
