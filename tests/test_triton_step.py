@@ -296,7 +296,9 @@ def test_hedgehog_swa_with_more_features_than_a_head_has_dimensions_stays_on_pyt
 def compile_kernels() -> None:
     """Compile every step's kernel for sm_90 (bf16, 8 warps) at SmolLM2's shape, window 64 (hedgehog_swa: 256 too), and
     hedgehog_swa's prefill kernel (triton_window.py, its blocks and warps) likewise, on the CPU: Triton's compiler and its
-    bundled ptxas need no GPU. Run where TRITON_INTERPRET is unset."""
+    bundled ptxas need no GPU. Their float arguments are typed float32, as an eager launch passes them, and float64, as
+    torch.compile's inductor does (on an H200 a compiled decode step failed to compile there). Run where TRITON_INTERPRET
+    is unset."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -304,7 +306,8 @@ def compile_kernels() -> None:
     from linearize.hf import triton_window
 
     states = {"conv", "recurrent", "state", "ssm", "S", "z", "window_fk"}
-    for name, window in [(name, 64) for name in MIXERS] + [("hedgehog_swa", 256)]:
+    cases = [(name, 64, "fp32") for name in MIXERS] + [("hedgehog_swa", 256, "fp32")] + [(name, 64, "fp64") for name in MIXERS]
+    for name, window, scalar in cases:
         kernel = getattr(triton_step, f"_{name}_kernel")
         constants = dict(
             HEADS=9, KV_HEADS=3, DIM=64, KEEP=window - 1, ROT=64, BLOCK_DIM=64, BLOCK_WINDOW=window, HAS_REAL=True,
@@ -318,19 +321,19 @@ def compile_kernels() -> None:
             elif param.name.startswith("stride"):
                 signature[param.name] = "i32"
             elif param.name in ("scaling", "softcap", "gate_normalizer"):
-                signature[param.name] = "fp32"
+                signature[param.name] = scalar
             else:
                 signature[param.name] = "*i1" if param.name in ("real", "window_mask") else "*fp32" if param.name in states else "*bf16"
         given = {param.name: constants[param.name] for param in kernel.params if param.is_constexpr}
         triton.compile(ASTSource(kernel, signature, constexprs=given), target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
     kernel = triton_window._window_linear_kernel
     floats = {"fq", "fk", "prefix_S", "prefix_z", "sm_weight", "ln_weight"}
-    signature = {
-        param.name: "constexpr" if param.is_constexpr else "*i1" if param.name == "mask" else "*fp32" if param.name in floats
-        else "fp32" if param.name in ("scaling", "softcap") else "*bf16" if param.name in ("q", "k", "v", "out") else "i32"
-        for param in kernel.params
-    }
-    for window in (64, 256):
+    for window, scalar in ((64, "fp32"), (256, "fp32"), (64, "fp64")):
+        signature = {
+            param.name: "constexpr" if param.is_constexpr else "*i1" if param.name == "mask" else "*fp32" if param.name in floats
+            else scalar if param.name in ("scaling", "softcap") else "*bf16" if param.name in ("q", "k", "v", "out") else "i32"
+            for param in kernel.params
+        }
         constants = dict(
             HEADS=9, KV_HEADS=3, DIM=64, VALUE_DIM=64, WIDTH=128, BLOCK_DIM=64, BLOCK_VALUE=64, BLOCK_WIDTH=128,
             BLOCK=triton_window.BLOCK, CHUNK=triton_window.CHUNK, WINDOW=window, SOFTCAP=True, PRECISION="tf32", INTERPRETED=False,

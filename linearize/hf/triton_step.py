@@ -337,6 +337,12 @@ if TRITON_PROBLEM is None:
         return tl.sum(total, 0)
 
     @triton.jit
+    def _float32(x):
+        """A float argument in float32: torch.compile's inductor passes Python floats to Triton kernels as float64 (eager
+        launches pass float32), and float64 would spread through the arithmetic and break the bit-level rounding."""
+        return tl.cast(x, tl.float32)
+
+    @triton.jit
     def _program(
         k, v, real, stride_kb, stride_kh, stride_vb, stride_vh, stride_real,
         DIM: tl.constexpr, BLOCK_DIM: tl.constexpr, HAS_REAL: tl.constexpr,
@@ -442,6 +448,7 @@ if TRITON_PROBLEM is None:
         b, j, d, in_d, keep, k_ptr, k_raw, v_raw = _program(
             k, v, real, stride_kb, stride_kh, stride_vb, stride_vh, stride_real, DIM, BLOCK_DIM, HAS_REAL
         )
+        scaling, softcap = _float32(scaling), _float32(softcap)
         GROUPS: tl.constexpr = HEADS // KV_HEADS
         CHANNELS: tl.constexpr = (HEADS + 2 * KV_HEADS) * DIM
         cos_row, sin_row = cos + b * stride_cos, sin + b * stride_cos
@@ -493,12 +500,13 @@ if TRITON_PROBLEM is None:
         b, j, d, in_d, keep, k_ptr, k_raw, v_raw = _program(
             k, v, real, stride_kb, stride_kh, stride_vb, stride_vh, stride_real, DIM, BLOCK_DIM, HAS_REAL
         )
+        scaling, softcap = _float32(scaling), _float32(softcap)
         GROUPS: tl.constexpr = HEADS // KV_HEADS
         cos_row, sin_row = cos + b * stride_cos, sin + b * stride_cos
         # The key's feature map and per-channel decay exp(logsigmoid(k) / gate_normalizer); a pad neither writes nor
         # decays.
         fk = tl.where(keep, _softmax(k_raw, in_d), 0.0)
-        gate = (tl.minimum(k_raw, 0.0) - _log1p(tl.exp(-tl.abs(k_raw)))) / gate_normalizer
+        gate = (tl.minimum(k_raw, 0.0) - _log1p(tl.exp(-tl.abs(k_raw)))) / _float32(gate_normalizer)
         decay = tl.exp(tl.where(keep, gate, 0.0))
         # S = diag(decay) S + fk^T [v, 1]: the values' D columns as a tile, the last (the normaliser) as a vector.
         rows = state + ((b * KV_HEADS + j) * DIM + d) * (DIM + 1)
@@ -536,6 +544,7 @@ if TRITON_PROBLEM is None:
         b, j, d, in_d, keep, k_ptr, k_raw, v_raw = _program(
             k, v, real, stride_kb, stride_kh, stride_vb, stride_vh, stride_real, DIM, BLOCK_DIM, HAS_REAL
         )
+        scaling, softcap = _float32(scaling), _float32(softcap)
         GROUPS: tl.constexpr = HEADS // KV_HEADS
         cos_row, sin_row = cos + b * stride_cos, sin + b * stride_cos
         x = hidden + b * stride_hidden
@@ -583,6 +592,7 @@ if TRITON_PROBLEM is None:
         b, j, d, in_d, keep, k_ptr, _, v_now = _program(
             k, v, real, stride_kb, stride_kh, stride_vb, stride_vh, stride_real, DIM, BLOCK_DIM, HAS_REAL
         )
+        scaling, softcap = _float32(scaling), _float32(softcap)
         GROUPS: tl.constexpr = HEADS // KV_HEADS
         WIDTH: tl.constexpr = 2 * FEATURES
         cos_row, sin_row = cos + b * stride_cos, sin + b * stride_cos

@@ -43,7 +43,7 @@ from .ops_window import _next_state, _with_context
 from .triton_step import DTYPES, INTERPRETED, MAX_HEAD_DIM, SWITCH, TRITON_PROBLEM, switch
 
 if TRITON_PROBLEM is None:  # Triton as triton_step imported it: transformers' remote-code check skips relative imports
-    from .triton_step import _registered, _rounded, _wrapped, tl, triton
+    from .triton_step import _float32, _registered, _rounded, _wrapped, tl, triton
 
 # Queries a program takes and keys a tile holds, and the warps that take them: compiled for sm_90 at SmolLM2's shape,
 # blocks of 64 spill with 4 or 8 warps, of 32 with 8 warps not (module docstring).
@@ -178,6 +178,7 @@ if TRITON_PROBLEM is None:
     ):
         """Program (b * HEADS + h, n): query head h of sequence b, its queries n * BLOCK .. (n + 1) * BLOCK - 1 (module
         docstring). The queries are the last `length` of the `total` keys."""
+        scaling, softcap = _float32(scaling), _float32(softcap)
         b = tl.program_id(0) // HEADS
         h = tl.program_id(0) % HEADS
         j = h // (HEADS // KV_HEADS)
