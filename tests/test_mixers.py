@@ -14,7 +14,7 @@ from linearize import LinearizeError
 from linearize.hf import shipped_mixers
 from linearize.hf.cache import MixerState, returned_cache
 from tests.families import MIXER_LAYOUT
-from tests.tiny import assert_reloaded, left_padded, random_ids, reload_probe, run_python, tiny_model
+from tests.tiny import assert_reloaded, left_padded, random_ids, relative_error, reload_probe, run_python, tiny_model
 
 pytestmark = pytest.mark.core
 
@@ -102,6 +102,24 @@ def test_save_reload_with_linearize(name, tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64)
     assert type(reloaded).__name__ == "LinearizedForCausalLM"
     assert_reloaded(reloaded, model, input_ids=random_ids(2, 17))
+
+
+def test_a_saved_student_loads_in_the_dtype_asked_for(tmp_path):
+    """A student of a teacher loaded from a folder (whose config records its dtype, float32) reloads in the dtype that
+    from_pretrained is given, and in its own saved dtype without one: its teacher's recorded dtype once won, so a float32
+    student asked for in bfloat16 came back in float32."""
+    tiny_model(dtype=torch.float32).save_pretrained(tmp_path / "teacher")
+    teacher = AutoModelForCausalLM.from_pretrained(tmp_path / "teacher")
+    assert teacher.config.dtype == torch.float32
+    linearize.convert(teacher, "gated_deltanet", window=4, keep_attention=[0]).save_pretrained(tmp_path / "student")
+    ids = random_ids(1, 12)
+    full = AutoModelForCausalLM.from_pretrained(tmp_path / "student")
+    half = AutoModelForCausalLM.from_pretrained(tmp_path / "student", dtype=torch.bfloat16)
+    assert {p.dtype for p in full.parameters()} == {torch.float32}
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    assert relative_error(half(ids).logits.float(), full(ids).logits) < 0.05
+    half.save_pretrained(tmp_path / "half")
+    assert {p.dtype for p in AutoModelForCausalLM.from_pretrained(tmp_path / "half").parameters()} == {torch.bfloat16}
 
 
 def test_every_mixer_file_of_the_package_is_found_and_registers():

@@ -95,7 +95,10 @@ class LinearizedForCausalLM(PreTrainedModel, GenerationMixin):
             for name, value in requested.items():
                 if hasattr(config.text_config, name):
                     setattr(config.text_config, name, value)
-            model = AutoModelForCausalLM.from_config(config.text_config)
+            # The dtype from_pretrained builds in (its `dtype=`, or the checkpoint's), not the teacher's saved in
+            # text_config, which from_config would otherwise take: a float32 student asked for in bfloat16 stayed float32.
+            config.text_config.dtype = torch.get_default_dtype()
+            model = AutoModelForCausalLM.from_config(config.text_config, dtype=config.text_config.dtype)
             apply_plan(model, config.text_config, config.plan)
         for name in IMPLEMENTATIONS:
             if hasattr(model.config, name):
