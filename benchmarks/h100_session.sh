@@ -29,7 +29,8 @@
 #                                             # generate() of students, export and teacher (GENERATE), QUALITY1 beside
 #   bash benchmarks/h100_session.sh train_speed  # (after first, still warm) distillation speed alone (SPEED, RUNS,
 #                                                # SPEED_S)
-# and in a call of its own:
+# and in two calls of their own, one right after the other on one machine (tilelang and z3 come to 82 MB):
+#   bash benchmarks/h100_session.sh z3         # carry .z3 (z3-solver 4.15's wheel, 29 MB, whose libz3.so.4.15 tilelang loads)
 #   bash benchmarks/h100_session.sh tilelang   # carry .tilelang (tilelang's wheels, 53 MB) and fla's two wheels from .whl:
 #                                              # fla's gated backward with tilelang (gradient tests, distillation speed)
 #   bash benchmarks/h100_session.sh multi_gpu  # carry .whl, on nvidia-h200-x2: one process vs DDP vs FSDP
@@ -207,10 +208,14 @@ finish)  # (after pair, still warm) QUALITY0 and QUALITY1 again, which name --re
   done
   wait
   ;;
-tilelang)  # (nvidia-h200, fresh; carry .tilelang and .whl's fla_core and flash_linear_attention wheels) whether fla's gated
-  # backward runs on Hopper with the carried tilelang 0.1.15 (.tilelang/: its wheel, apache-tvm-ffi, torch-c-dlpack-ext):
-  # a hybrid_gdn-shaped student's distillation speed on the PyTorch path, then fla's gradient tests and the same speed
-  # with tilelang importable (SPEED_S each)
+z3)  # (nvidia-h200, fresh; carry .z3) z3-solver into /tmp/tilelang, for the tilelang call that follows at once: without it
+  # tilelang 0.1.15 fails to import (libz3.so.4.15 missing, twelfth session)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/tilelang .z3/*.whl
+  ;;
+tilelang)  # (after z3, still warm; carry .tilelang and .whl's fla_core and flash_linear_attention wheels) whether fla's
+  # gated backward runs on Hopper with the carried tilelang 0.1.15 (.tilelang/: its wheel, apache-tvm-ffi,
+  # torch-c-dlpack-ext): a hybrid_gdn-shaped student's distillation speed on the PyTorch path, then fla's gradient tests
+  # and the same speed with tilelang importable (SPEED_S each)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/fla_core-*.whl \
     .whl/flash_linear_attention-*.whl || exit 1
   speed="--arch smollm2-135m --mixer gated_deltanet --options window=64 --keep-attention every:4 --seq-len 512 --runs 32:on --steps 20"
@@ -236,6 +241,6 @@ multi_gpu)
   cp /tmp/multi_gpu/multi_gpu.json /tmp/multi_gpu/*.log "$OUT/" 2>/dev/null
   ;;
 *)
-  echo "usage: bash benchmarks/h100_session.sh solo|first|second|quality|pair|finish|generate|serving|train_speed|tilelang|multi_gpu" >&2; exit 2
+  echo "usage: bash benchmarks/h100_session.sh solo|first|second|quality|pair|finish|generate|serving|train_speed|z3|tilelang|multi_gpu" >&2; exit 2
   ;;
 esac
