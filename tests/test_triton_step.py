@@ -295,10 +295,12 @@ def test_hedgehog_swa_with_more_features_than_a_head_has_dimensions_stays_on_pyt
 
 def compile_kernels() -> None:
     """Compile every step's kernel for sm_90 (bf16, 8 warps) at SmolLM2's shape, window 64 (hedgehog_swa: 256 too), and
-    hedgehog_swa's prefill kernel (triton_window.py, its blocks and warps) likewise, on the CPU: Triton's compiler and its
-    bundled ptxas need no GPU. Their float arguments are typed float32, as an eager launch passes them, and float64, as
-    torch.compile's inductor does (on an H200 a compiled decode step failed to compile there). Run where TRITON_INTERPRET
-    is unset."""
+    hedgehog_swa's prefill kernels (triton_window.py, forward and backward, its blocks and warps) likewise, on the CPU:
+    Triton's compiler and its bundled ptxas need no GPU. Their float arguments are typed float32, as an eager launch passes
+    them, and float64, as torch.compile's inductor does (on an H200 a compiled decode step failed to compile there). Run
+    where TRITON_INTERPRET is unset."""
+    import itertools
+
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -326,20 +328,28 @@ def compile_kernels() -> None:
                 signature[param.name] = "*i1" if param.name in ("real", "window_mask") else "*fp32" if param.name in states else "*bf16"
         given = {param.name: constants[param.name] for param in kernel.params if param.is_constexpr}
         triton.compile(ASTSource(kernel, signature, constexprs=given), target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
-    kernel = triton_window._window_linear_kernel
-    floats = {"fq", "fk", "prefix_S", "prefix_z", "sm_weight", "ln_weight"}
-    for window, scalar in ((64, "fp32"), (256, "fp32"), (64, "fp64")):
+    # The prefill's forward (bf16, with and without the statistics its backward reads) and its two backward kernels
+    # (bf16 and fp32, each with its blocks and warps).
+    halves = {"q", "k", "v", "out", "grad"}
+    prefill = [(triton_window._window_linear_kernel, "bf16", triton_window.BLOCK, triton_window.WARPS, {"STATS": stats}) for stats in (False, True)]
+    prefill += [
+        (kernel, name, *triton_window.BACKWARD[dtype], {})
+        for kernel in (triton_window._window_linear_dq_kernel, triton_window._window_linear_dk_kernel)
+        for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32))
+    ]
+    for (kernel, dtype, block, warps, own), (window, scalar) in itertools.product(prefill, ((64, "fp32"), (256, "fp32"), (64, "fp64"))):
         signature = {
-            param.name: "constexpr" if param.is_constexpr else "*i1" if param.name == "mask" else "*fp32" if param.name in floats
-            else scalar if param.name in ("scaling", "softcap") else "*bf16" if param.name in ("q", "k", "v", "out") else "i32"
+            param.name: "constexpr" if param.is_constexpr else "*i1" if param.name == "mask" else "*i32" if param.name == "top"
+            else scalar if param.name in ("scaling", "softcap") else f"*{dtype}" if param.name in halves
+            else "i32" if param.name.startswith("stride") or param.name in ("length", "total", "chunks") else "*fp32"
             for param in kernel.params
         }
         constants = dict(
-            HEADS=9, KV_HEADS=3, DIM=64, VALUE_DIM=64, WIDTH=128, BLOCK_DIM=64, BLOCK_VALUE=64, BLOCK_WIDTH=128,
-            BLOCK=triton_window.BLOCK, CHUNK=triton_window.CHUNK, WINDOW=window, SOFTCAP=True, PRECISION="tf32", INTERPRETED=False,
+            HEADS=9, KV_HEADS=3, DIM=64, VALUE_DIM=64, WIDTH=128, BLOCK_DIM=64, BLOCK_VALUE=64, BLOCK_WIDTH=128, BLOCK=block,
+            CHUNK=triton_window.CHUNK, WINDOW=window, SOFTCAP=True, PRECISION="ieee" if dtype == "fp32" else "tf32", INTERPRETED=False,
+            **own,
         )
-        options = {"num_warps": triton_window.WARPS}
-        triton.compile(ASTSource(kernel, signature, constexprs=constants), target=GPUTarget("cuda", 90, 32), options=options)
+        triton.compile(ASTSource(kernel, signature, constexprs=constants), target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
 
 
 @needs_triton

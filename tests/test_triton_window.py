@@ -107,6 +107,83 @@ def test_the_kernel_equals_the_reference(length, window, dtype, with_state, soft
             assert torch.equal(new[name], tensor), name
 
 
+def gradients(q, k, v, fq, fk, share, state, grad, through, **options):
+    """The gradients of (o * grad).sum() for q, k, v, fq, fk, the weights and the state's S and z (where there is a
+    state), o from `through` (the kernel, or `reference` in float64)."""
+    double = through is reference
+    cast = (lambda t: t.detach().double()) if double else (lambda t: t.detach().clone())
+    leaves = [cast(t).requires_grad_() for t in (q, k, v, fq, fk, share, 1 - share)]
+    inputs = leaves[:5]
+    carried = None
+    if state is not None:
+        carried = {n: cast(t).requires_grad_() if n in ("S", "z") else cast(t) if t.is_floating_point() and double else t for n, t in state.items()}
+        leaves += [carried["S"], carried["z"]]
+    if double:
+        o = reference(*inputs, carried, sm_weight=leaves[5], ln_weight=leaves[6], **options)[0]
+    else:
+        o = triton_window.window_linear_prefill(*inputs, state=carried, sm_weight=leaves[5], ln_weight=leaves[6], **options)[0]
+    return torch.autograd.grad((o * grad.to(o.dtype)).sum(), leaves)
+
+
+GRADIENT_NAMES = ("q", "k", "v", "fq", "fk", "sm_weight", "ln_weight", "S", "z")
+# (length, window, dtype, carried state, softcap, per-head weights): the forward's windows and lengths, fewer of them;
+# in each dtype (its own blocks, BACKWARD) a case whose later query blocks read a prefix state past the first.
+# Where no query has a linear key nor a state, the output does not depend on the weights: their gradients are 0 and
+# float32's rounding, so the cases with windows longer than the prompt carry a state.
+GRADIENT_CASES = [
+    (1, 1, FP32, True, None, True),
+    (2, 3, FP32, True, 2.0, True),
+    (63, 64, FP32, True, 3.0, False),
+    (130, 3, FP32, False, 3.0, True),
+    (110, 100, FP32, False, None, True),
+    (65, 64, BF16, True, None, True),
+    (65, 3, BF16, False, 3.0, True),
+]
+# Relative to the largest gradient entry, against float64: float32 to rounding (2e-6 seen); bfloat16 (4e-3 seen) rounds
+# do, the weights and the score gradients to bfloat16 before their products, as flash attention's backward does.
+GRADIENT_TOLERANCE = {FP32: 2e-5, BF16: 2e-2}
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    "length,window,dtype,with_state,softcap,per_head", GRADIENT_CASES,
+    ids=[f"T{t}-w{w}-{str(d)[6:]}{'-state' if s else ''}{'-softcap' if c else ''}{'-per_head' if p else ''}" for t, w, d, s, c, p in GRADIENT_CASES],
+)
+def test_the_kernels_gradients_equal_the_references(length, window, dtype, with_state, softcap, per_head):
+    """Every input's gradient through the kernel's backward against torch.autograd through `naive_window_linear` in
+    float64, with grouped heads, row 0 left-padded and a carried state whose S and z take gradients."""
+    q, k, v, fq, fk, mask, state = window_inputs(length, window, dtype, with_state)
+    share = torch.rand(HEADS, generator=torch.Generator().manual_seed(1)) if per_head else torch.full((HEADS,), 0.3)
+    grad = torch.randn(2, HEADS, length, DIM, generator=torch.Generator().manual_seed(2))
+    options = dict(window=window, scaling=DIM**-0.5, key_mask=mask, softcap=softcap)
+    got = gradients(q, k, v, fq, fk, share, state, grad, triton_window.window_linear_prefill, **options)
+    expected = gradients(q, k, v, fq, fk, share, state, grad, reference, **options)
+    assert len(got) == len(expected) == (9 if with_state else 7)
+    for name, mine, theirs, given in zip(GRADIENT_NAMES, got, expected, (q, k, v, fq, fk, share, share, None, None)):
+        assert given is None or (mine.dtype == given.dtype and mine.shape == given.shape), name
+        assert_close(mine, theirs, name, GRADIENT_TOLERANCE[dtype])
+
+
+@needs_triton
+def test_the_window_max_gradient_goes_to_the_first_of_equal_keys():
+    """m_t's gradient goes to its top key's score; where two keys tie (here every key is repeated), the kernel gives it
+    to the earlier one and torch's amax splits it between them: every gradient but k's is the reference's, and k's
+    summed over each pair of equal keys."""
+    q, k, v, fq, fk, mask, _ = window_inputs(40, 3, FP32, False)
+    k = k[:, :, ::2].repeat_interleave(2, dim=2)
+    share = torch.rand(HEADS, generator=torch.Generator().manual_seed(1))
+    grad = torch.randn(2, HEADS, 40, DIM, generator=torch.Generator().manual_seed(2))
+    options = dict(window=3, scaling=DIM**-0.5, key_mask=mask, softcap=None)
+    got = gradients(q, k, v, fq, fk, share, None, grad, triton_window.window_linear_prefill, **options)
+    expected = gradients(q, k, v, fq, fk, share, None, grad, reference, **options)
+    for name, mine, theirs in zip(GRADIENT_NAMES, got, expected):
+        if name == "k":
+            assert_close(mine.unflatten(2, (20, 2)).sum(3), theirs.unflatten(2, (20, 2)).sum(3), "k, pairs summed", 2e-5)
+            assert not torch.allclose(mine.double(), theirs, atol=1e-3), "no pair tied at a window's top"
+        else:
+            assert_close(mine, theirs, name, 2e-5)
+
+
 @needs_triton
 def test_the_custom_op_computes_what_the_eager_launch_does():
     q, k, v, fq, fk, mask, _ = window_inputs(40, 5, FP32, False)
@@ -163,12 +240,41 @@ def test_generation_through_the_kernel_equals_uncached_and_the_pytorch_path(fuse
 
 
 @needs_triton
+@pytest.mark.parametrize("window", [1, 3])
+def test_a_training_step_through_the_kernel_equals_the_pytorch_paths(fused, monkeypatch, window):
+    """A tiny two-layer model (4 query heads on 2 kv heads), left-padded batch, every parameter trained: the loss and
+    every parameter's gradient through the kernel's backward equal the PyTorch path's."""
+    model = linearize.convert(tiny_model(dtype=torch.float32, num_hidden_layers=2), "hedgehog_swa", window=window)
+    model.requires_grad_(True)
+    ids, mask = left_padded(random_ids(2, 9), [3, 0])
+    with torch.no_grad():  # the window's share away from one half, so that its gradient is not near 0
+        for name, parameter in model.named_parameters():
+            if name.endswith("window_logit"):
+                parameter.normal_(generator=torch.Generator().manual_seed(3))
+
+    def step():
+        model.zero_grad()
+        loss = model(ids, attention_mask=mask, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    loss, grads = step()
+    assert fused == [(2, 4, 9, 16)] * 2
+    monkeypatch.setenv("LINEARIZE_FUSED_STEP", "off")
+    expected_loss, expected = step()
+    assert len(fused) == 2
+    assert_close(loss, expected_loss, "loss", 1e-6)
+    assert grads.keys() == expected.keys() and any("window_logit" in name for name in grads)
+    for name, tensor in expected.items():
+        assert_close(grads[name], tensor, name, 1e-4)
+
+
+@needs_triton
 def test_the_prefill_is_left_to_pytorch_where_it_cannot_run(fused, monkeypatch):
-    """With gradients, under LINEARIZE_KERNELS=torch or LINEARIZE_FUSED_STEP=off, or in float64, a prefill takes the
-    PyTorch path; else the kernel."""
+    """Under LINEARIZE_KERNELS=torch or LINEARIZE_FUSED_STEP=off, or in float64, a prefill takes the PyTorch path; else
+    the kernel, with gradients or without."""
     model = linearize.convert(tiny_model(dtype=torch.float32), "hedgehog_swa", window=4)
     ids = random_ids(1, 5)
-    model(ids)  # gradients on
     with torch.no_grad():
         for name, value in (("LINEARIZE_KERNELS", "torch"), ("LINEARIZE_FUSED_STEP", "off")):
             monkeypatch.setenv(name, value)
@@ -178,7 +284,8 @@ def test_the_prefill_is_left_to_pytorch_where_it_cannot_run(fused, monkeypatch):
         model.double()(ids)
         assert fused == []
         model.float()(ids)
-    assert len(fused) == model.config.text_config.num_hidden_layers
+    model(ids)  # gradients on
+    assert len(fused) == 2 * model.config.text_config.num_hidden_layers
 
 
 @needs_triton
@@ -188,7 +295,6 @@ def test_the_problems_name_what_to_do(monkeypatch):
     if not q.is_cuda:
         assert "CUDA tensors" in triton_window.window_prefill_problem(q, k, v, fq, fk, 3)
     monkeypatch.setenv("LINEARIZE_FUSED_STEP", "on")
-    assert "no backward" in triton_window.kernel_problem(q.requires_grad_(), k, v, fq, fk, 3)
     with torch.no_grad():
         assert "head dimensions up to" in triton_window.kernel_problem(q, k, v, fq.repeat(1, 1, 1, 9), fk.repeat(1, 1, 1, 9), 3)
         assert "float16/bfloat16/float32" in triton_window.kernel_problem(q.double(), k, v, fq, fk, 3)

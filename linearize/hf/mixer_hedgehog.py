@@ -3,9 +3,9 @@
 The feature map is learnable and per head: phi(x) = [softmax(xW + b), softmax(-(xW + b))], applied after RoPE,
 with W initialised to the identity so training starts from a sensible kernel. In `hedgehog_swa` the last
 `window` keys are scored by the teacher's own softmax and a learnable per-head factor sets the balance. On CUDA
-(inference) its decode step runs as one fused Triton step, `triton_step.hedgehog_swa_step`, and its prefill as one
-chunked Triton kernel, `triton_window.window_linear_prefill`, where they can; the PyTorch path is the reference, and
-takes training (neither kernel has a backward).
+its decode step (inference) runs as one fused Triton step, `triton_step.hedgehog_swa_step`, and its prefill (inference
+and training: the kernel has a backward) as one chunked Triton kernel, `triton_window.window_linear_prefill`, where
+they can; the PyTorch path is the reference.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """A `hedgehog_swa` prefill in one chunked Triton kernel: Hedgehog linear attention plus a sliding softmax window under
-one shared normaliser (LoLCATs), the forward pass only.
+one shared normaliser (LoLCATs), and its backward in two more.
 
 The arithmetic is `ops_window.chunk_window_linear`'s (its docstring, and `naive_window_linear`, the reference): for
 query t, keys in (t - window, t] weigh exp(q.k * scaling - m_t) * sm_weight (m_t: the largest of their scores, after
@@ -20,7 +20,23 @@ ptxas (bf16, BLOCK 32, 8 warps), at SmolLM2's shape (head dim 64, feature dim 64
 registers a thread and spills none, at window 64 and 256 (fp16 alike; float32 spills 32 bytes); blocks of 64 spill 52
 bytes with 8 warps and 88 with 4. At head dim 128 (2F = 256) it spills 1.8 KB.
 
-Only the forward pass: with gradients (training) `hedgehog_swa` keeps the PyTorch path; a backward kernel is for later.
+The backward runs where an input requires grad (`_WindowPrefill`, an autograd Function around the kernel, which then
+also writes each query's m_t and normaliser den_t). With do_t the output's gradient and D_t = do_t . o_t, every key weight
+a_s of query t (window: sm_weight exp(sigma_s - m_t), linear: ln_weight fq_t . fk_s) has da_s = (do_t . v_s - D_t) /
+den_t, and dv_s gains a_s do_t / den_t. A window weight's score gains da_s a_s, and the query's top key's score (the
+argmax behind m_t, which is not detached, as in the reference) loses their sum; through the softcap's slope and scaling
+they reach dq and dk. One kernel per (sequence, query head, block of queries) walks the forward's tiles again for dq,
+dfq, the prefix state's share of dfq, the per-query sums behind the weights' gradients, and each query's top key; one
+per (sequence, kv head, block of keys) walks the query blocks of each query head of its group whose tiles hold those
+keys, for dk, dv and dfk (no atomics: the group's heads are summed in the program). The keys a query block reads
+through its prefix state get their gradients in PyTorch: the state's gradient, fq^T (ln_weight do / den) summed over
+the blocks that read it (a matmul a block), flows back through `prefix_states` (a cumsum and a matmul) by autograd, to
+fk, v and the carried (S, z). Its blocks are BACKWARD's (32 queries and 8 warps in bfloat16/float16, 16 and 4 in
+float32); compiled for sm_90 at SmolLM2's shape, windows 64 and 256, the two kernels take 255 registers a thread in
+bfloat16 (and float16) and 245 and 161 in float32, and spill none; blocks of 32 spill 0.3 and 0.8 KB in float32. Where
+two window keys tie for a query's top score, m_t's gradient goes to the earlier one; torch's amax (the reference)
+splits it between them: the same gradients but for dk, whose sum over the tied keys is the same.
+
 A prefill that continues a state (a cache's second call of several tokens) has the state's window keys prepended in
 PyTorch, and the next state (S, z per kv head and the window's tail, `ops_window.window_tail`) is taken in PyTorch too,
 one matmul.
@@ -43,12 +59,16 @@ from .ops_window import _next_state, _with_context
 from .triton_step import DTYPES, INTERPRETED, MAX_HEAD_DIM, SWITCH, TRITON_PROBLEM, switch
 
 if TRITON_PROBLEM is None:  # Triton as triton_step imported it: transformers' remote-code check skips relative imports
-    from .triton_step import _float32, _registered, _rounded, _wrapped, tl, triton
+    from .triton_step import _float32, _registered, _rounded, _wrapped, set_wrap_triton_enabled, tl, triton
 
 # Queries a program takes and keys a tile holds, and the warps that take them: compiled for sm_90 at SmolLM2's shape,
 # blocks of 64 spill with 4 or 8 warps, of 32 with 8 warps not (module docstring).
 BLOCK = 32
 WARPS = 8
+# The backward's blocks of queries and tiles of keys, and its warps, by q's dtype: compiled for sm_90 at SmolLM2's shape,
+# blocks of 32 with 8 warps spill in float32 (0.3 and 0.8 KB), not in bfloat16 or float16; blocks of 16 with 4 warps
+# spill in neither (module docstring).
+BACKWARD = {torch.float16: (32, 8), torch.bfloat16: (32, 8), torch.float32: (16, 4)}
 # Keys per prefix state: the float32 states (2F x V per kv head) take CHUNK times less memory than a state per key
 # (SmolLM2: 512 bytes a key and kv head, about what its k, v and fk take), for half a tile more work a program.
 CHUNK = 64
@@ -68,14 +88,11 @@ def window_prefill_problem(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tens
 
 
 def kernel_problem(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, window: int) -> Optional[str]:
-    """Why `window_linear_prefill` cannot take these tensors (None when it can): Triton, the device, gradients, dtypes
-    and sizes. q, fq (B, H, T, *); k, v, fk (B, Hkv, T, *), H a multiple of Hkv."""
+    """Why `window_linear_prefill` cannot take these tensors (None when it can): Triton, the device, dtypes and sizes. q, fq (B, H, T, *); k, v, fk (B, Hkv, T, *), H a multiple of Hkv."""
     if TRITON_PROBLEM is not None:
         return TRITON_PROBLEM
     if not (q.is_cuda or INTERPRETED):
         return "the fused prefill runs on CUDA tensors (on CPU tensors under TRITON_INTERPRET=1)"
-    if torch.is_grad_enabled():
-        return "the fused prefill has no backward; it runs under torch.no_grad() or torch.inference_mode()"
     if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype or fq.dtype not in DTYPES or fk.dtype != fq.dtype:
         return (f"the fused prefill takes q, k, v of one dtype and fq, fk of one, each float16/bfloat16/float32, got {q.dtype}, "
                 f"{k.dtype}, {v.dtype}, {fq.dtype}, {fk.dtype}")
@@ -97,7 +114,8 @@ def window_linear_prefill(
     """`chunk_window_linear`'s output through the kernel (module docstring), with grouped heads: q, fq (B, H, T, *) the
     queries; k, v, fk (B, Hkv, T, *) the keys, query head i reading kv head i // (H // Hkv); `state` (or the new state
     returned with `output_state`) per kv head, as `decode_window_linear` keeps it. `sm_weight`/`ln_weight` are numbers
-    or per-query-head tensors (H,). Returns (o (B, H, T, V) in v's dtype, the next state or None).
+    or per-query-head tensors (H,). Returns (o (B, H, T, V) in v's dtype, the next state or None). Where gradients are
+    on and an input (the state's too) requires grad, o has the kernels' backward (module docstring).
 
         with torch.no_grad():
             o, state = window_linear_prefill(q, k, v, fq, fk, window=64, scaling=0.125, state=state, output_state=True)
@@ -106,7 +124,13 @@ def window_linear_prefill(
     if problem is not None:
         raise LinearizeError(f"{problem}; for anything else call ops_window.chunk_window_linear (the PyTorch path)")
     k_all, v_all, fk_all, mask, S, z = _with_context(q, k, v, fk, key_mask, state)
-    o = window_prefill(q, k_all, v_all, fq, fk_all, mask, S, z, _weights(sm_weight, q.shape[1], q), _weights(ln_weight, q.shape[1], q), window, scaling, softcap)
+    sm, ln = _weights(sm_weight, q.shape[1], q), _weights(ln_weight, q.shape[1], q)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_all, v_all, fq, fk_all, S, z, sm, ln)):
+        mask = mask.contiguous()
+        prefix_S, prefix_z = prefix_states(fk_all, v_all, mask, S.to(torch.float32), z.to(torch.float32), CHUNK)
+        o = _WindowPrefill.apply(q, k_all, v_all, fq, fk_all, mask, prefix_S, prefix_z, sm, ln, window, scaling, softcap)
+    else:
+        o = window_prefill(q, k_all, v_all, fq, fk_all, mask, S, z, sm, ln, window, scaling, softcap)
     return o, (_next_state(k_all, v_all, fk_all, mask, S, z, window) if output_state else None)
 
 
@@ -131,23 +155,118 @@ def _prefill(
 ) -> Tensor:
     """The heads (B, H, T, V) in v's dtype of a prefill of T queries against the `total` keys k, v, fk (B, Hkv, total, *)
     of which mask (B, total) marks the real ones, the last T the queries' own; S, z: the state before the first key."""
-    batch, heads, length, dim = q.shape
-    kv_heads, total, width, value_dim = k.shape[1], k.shape[2], fk.shape[-1], v.shape[-1]
-    q, k, v, fq, fk = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, fq, fk))
     mask = mask.contiguous()
     prefix_S, prefix_z = prefix_states(fk, v, mask, S.to(torch.float32), z.to(torch.float32), CHUNK)
-    out = torch.empty(batch, heads, length, value_dim, dtype=v.dtype, device=v.device)
-    _wrapped(_window_linear_kernel)[(batch * heads, triton.cdiv(length, BLOCK))](
-        q, k, v, fq, fk, mask, prefix_S, prefix_z, sm_weight, ln_weight, out,
+    return _forward(q, k, v, fq, fk, mask, prefix_S, prefix_z, sm_weight, ln_weight, window, scaling, softcap, None)
+
+
+def _contiguous_rows(*tensors: Tensor) -> tuple[Tensor, ...]:
+    return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in tensors)
+
+
+def _shared(q, k, v, fq, fk, mask, window, scaling, softcap, block=BLOCK, warps=WARPS) -> tuple[tuple, dict]:
+    """The strides and sizes every kernel here takes after its tensors, and their shapes and blocks as constants."""
+    dim, value_dim, width = q.shape[-1], v.shape[-1], fk.shape[-1]
+    strides = (
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         fq.stride(0), fq.stride(1), fq.stride(2), fk.stride(0), fk.stride(1), fk.stride(2), mask.stride(0),
-        length, total, prefix_S.shape[2], scaling, 1.0 if softcap is None else softcap,
-        HEADS=heads, KV_HEADS=kv_heads, DIM=dim, VALUE_DIM=value_dim, WIDTH=width,
-        BLOCK_DIM=max(triton.next_power_of_2(dim), 16), BLOCK_VALUE=max(triton.next_power_of_2(value_dim), 16),
-        BLOCK_WIDTH=max(triton.next_power_of_2(width), 16), BLOCK=BLOCK, CHUNK=CHUNK, WINDOW=window, SOFTCAP=softcap is not None,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", INTERPRETED=INTERPRETED, num_warps=WARPS,
+        q.shape[2], k.shape[2], math.ceil(k.shape[2] / CHUNK), scaling, 1.0 if softcap is None else softcap,
     )
+    constants = dict(
+        HEADS=q.shape[1], KV_HEADS=k.shape[1], DIM=dim, VALUE_DIM=value_dim, WIDTH=width,
+        BLOCK_DIM=max(triton.next_power_of_2(dim), 16), BLOCK_VALUE=max(triton.next_power_of_2(value_dim), 16),
+        BLOCK_WIDTH=max(triton.next_power_of_2(width), 16), BLOCK=block, CHUNK=CHUNK, WINDOW=window, SOFTCAP=softcap is not None,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", INTERPRETED=INTERPRETED, num_warps=warps,
+    )
+    return strides, constants
+
+
+def _forward(q, k, v, fq, fk, mask, prefix_S, prefix_z, sm_weight, ln_weight, window, scaling, softcap, stats):
+    """The kernel's heads (B, H, T, V) in v's dtype from the prefix states; with `stats`, a list, each query's m_t and
+    normaliser (float32 (B, H, T)) appended to it."""
+    q, k, v, fq, fk = _contiguous_rows(q, k, v, fq, fk)
+    batch, heads, length, _ = q.shape
+    out = torch.empty(batch, heads, length, v.shape[-1], dtype=v.dtype, device=v.device)
+    peak, den = (torch.empty(batch, heads, length, dtype=torch.float32, device=q.device) for _ in range(2)) if stats is not None else (out, out)
+    strides, constants = _shared(q, k, v, fq, fk, mask, window, scaling, softcap)
+    _wrapped(_window_linear_kernel)[(batch * heads, triton.cdiv(length, BLOCK))](
+        q, k, v, fq, fk, mask, prefix_S, prefix_z, sm_weight, ln_weight, out, peak, den, *strides, STATS=stats is not None, **constants,
+    )
+    if stats is not None:
+        stats += [peak, den]
     return out
+
+
+def _backward(grad, out, q, k, v, fq, fk, mask, prefix_S, prefix_z, sm_weight, ln_weight, peak, den, window, scaling, softcap):
+    """The gradients (float32) of q, k, v, fq, fk, prefix_S, prefix_z, sm_weight and ln_weight given the output's, `grad`
+    (module docstring)."""
+    q, k, v, fq, fk = _contiguous_rows(q, k, v, fq, fk)
+    batch, heads, length, _ = q.shape
+    kv_heads, total = k.shape[1], k.shape[2]
+    grad = grad.to(v.dtype).contiguous()
+    rden = 1.0 / den
+    delta = (grad.to(torch.float32) * out.to(torch.float32)).sum(-1)
+    dq, dfq = (torch.empty(x.shape, dtype=torch.float32, device=x.device) for x in (q, fq))  # contiguous, as the kernel writes them
+    window_grad, linear_grad = torch.empty_like(peak), torch.empty_like(peak)
+    top = torch.empty(peak.shape, dtype=torch.int32, device=q.device)
+    block, warps = BACKWARD[q.dtype]
+    strides, constants = _shared(q, k, v, fq, fk, mask, window, scaling, softcap, block, warps)
+    _wrapped(_window_linear_dq_kernel)[(batch * heads, triton.cdiv(length, block))](
+        q, k, v, fq, fk, mask, prefix_S, prefix_z, sm_weight, ln_weight, grad, peak, rden, delta,
+        dq, dfq, window_grad, linear_grad, top, *strides, **constants,
+    )
+    dk, dv, dfk = (torch.empty(x.shape, dtype=torch.float32, device=x.device) for x in (k, v, fk))
+    _wrapped(_window_linear_dk_kernel)[(batch * kv_heads, triton.cdiv(total, block))](
+        q, k, v, fq, fk, mask, sm_weight, ln_weight, grad, peak, rden, delta, window_grad, top,
+        dk, dv, dfk, *strides, **constants,
+    )
+    # The keys before a block's prefix state reach its queries through that state: d(prefix state) sums, over the
+    # blocks that read it, fq^T (ln_weight * grad / den) and -fq^T (ln_weight * delta / den), a matmul a block.
+    blocks = triton.cdiv(length, block)
+    pad = blocks * block - length
+    scale = (ln_weight[:, None] * rden).unsqueeze(-1)
+
+    def by_block(x: Tensor) -> Tensor:  # (B, H, T, *) -> (B, Hkv, blocks, group * block, *)
+        x = torch.nn.functional.pad(x, (0, 0, 0, pad)).view(batch, kv_heads, heads // kv_heads, blocks, block, -1)
+        return x.transpose(2, 3).flatten(3, 4)
+
+    fq_blocks = by_block(fq.to(torch.float32)).transpose(-1, -2)
+    d_S = fq_blocks @ by_block(grad.to(torch.float32) * scale)
+    d_z = (fq_blocks @ by_block(-delta.unsqueeze(-1) * scale)).squeeze(-1)
+    first = total - length + torch.arange(blocks, device=q.device) * block
+    chunk = (first - window + 1).clamp_min(0) // CHUNK
+    d_prefix_S = torch.zeros_like(prefix_S).index_add_(2, chunk, d_S)
+    d_prefix_z = torch.zeros_like(prefix_z).index_add_(2, chunk, d_z)
+    return dq, dk, dv, dfq, dfk, d_prefix_S, d_prefix_z, window_grad.sum((0, 2)), linear_grad.sum((0, 2))
+
+
+def _eager(launch, *args):
+    """`launch(*args)` with its kernels launched directly outside torch.compile (as `triton_step._registered` does: a
+    `wrap_triton` launch costs CPU time in eager code), through `wrap_triton` inside it."""
+    if torch.compiler.is_compiling():
+        return launch(*args)
+    with set_wrap_triton_enabled(False):
+        return launch(*args)
+
+
+class _WindowPrefill(torch.autograd.Function):
+    """The kernel's heads with a backward: the forward keeps each query's m_t and normaliser, the backward recomputes
+    the weights tile by tile (module docstring). Gradients come back in the inputs' dtypes."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, fq, fk, mask, prefix_S, prefix_z, sm_weight, ln_weight, window, scaling, softcap):
+        stats = []
+        out = _eager(_forward, q, k, v, fq, fk, mask, prefix_S, prefix_z, sm_weight, ln_weight, window, scaling, softcap, stats)
+        ctx.save_for_backward(out, q, k, v, fq, fk, mask, prefix_S, prefix_z, sm_weight, ln_weight, *stats)
+        ctx.options = (window, scaling, softcap)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        out, q, k, v, fq, fk, mask, prefix_S, prefix_z, sm_weight, ln_weight, peak, den = ctx.saved_tensors
+        grads = _eager(_backward, grad, out, q, k, v, fq, fk, mask, prefix_S, prefix_z, sm_weight, ln_weight, peak, den, *ctx.options)
+        inputs = (q, k, v, fq, fk, None, prefix_S, prefix_z, sm_weight, ln_weight)
+        return (*(None if x is None else g.to(x.dtype) for g, x in zip(grads[:5] + (None,) + grads[5:], inputs)), None, None, None)
 
 
 if TRITON_PROBLEM is None:
@@ -168,16 +287,17 @@ if TRITON_PROBLEM is None:
 
     @triton.jit
     def _window_linear_kernel(
-        q, k, v, fq, fk, mask, prefix_S, prefix_z, sm_weight, ln_weight, out,
+        q, k, v, fq, fk, mask, prefix_S, prefix_z, sm_weight, ln_weight, out, peak_out, den_out,
         stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
         stride_fqb, stride_fqh, stride_fqt, stride_fkb, stride_fkh, stride_fkt, stride_mask,
         length, total, chunks, scaling, softcap,
         HEADS: tl.constexpr, KV_HEADS: tl.constexpr, DIM: tl.constexpr, VALUE_DIM: tl.constexpr, WIDTH: tl.constexpr,
         BLOCK_DIM: tl.constexpr, BLOCK_VALUE: tl.constexpr, BLOCK_WIDTH: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
-        WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
+        WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr, STATS: tl.constexpr,
     ):
         """Program (b * HEADS + h, n): query head h of sequence b, its queries n * BLOCK .. (n + 1) * BLOCK - 1 (module
-        docstring). The queries are the last `length` of the `total` keys."""
+        docstring). The queries are the last `length` of the `total` keys. With STATS it also writes each query's m_t
+        and normaliser (float32, (B, H, T)) to peak_out and den_out."""
         scaling, softcap = _float32(scaling), _float32(softcap)
         b = tl.program_id(0) // HEADS
         h = tl.program_id(0) % HEADS
@@ -233,10 +353,194 @@ if TRITON_PROBLEM is None:
                 peak = new_peak
         sm = tl.load(sm_weight + h)
         ln = tl.load(ln_weight + h)
-        heads = (sm * windowed + ln * linear) / tl.maximum(sm * window_total + ln * linear_total, 1e-30)[:, None]
+        den = tl.maximum(sm * window_total + ln * linear_total, 1e-30)
+        heads = (sm * windowed + ln * linear) / den[:, None]
         dtype = out.dtype.element_ty
         offsets = ((b * HEADS + h) * length + rows[:, None]) * VALUE_DIM + e[None, :]
         tl.store(out + offsets, _rounded(heads, dtype).to(dtype), mask=in_rows[:, None] & (e < VALUE_DIM)[None, :])
+        if STATS:  # what the backward reads: each query's m_t and normaliser
+            stat = (b * HEADS + h) * length + rows
+            tl.store(peak_out + stat, tl.where(peak == float("-inf"), 0.0, peak), mask=in_rows)
+            tl.store(den_out + stat, den, mask=in_rows)
+
+    @triton.jit
+    def _scores(q_tile, k_tile, scaling, softcap, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
+        """A tile's scores sigma (after the softcap) and their derivative in q.k * scaling, as the forward computes them."""
+        scores = tl.dot(q_tile, tl.trans(k_tile), input_precision=PRECISION) * scaling
+        if SOFTCAP:
+            fall = tl.exp(-2.0 * tl.abs(scores / softcap))
+            scores = tl.where(scores < 0, -1.0, 1.0) * (1.0 - fall) / (1.0 + fall) * softcap
+            return scores, 1.0 - (scores / softcap) * (scores / softcap)
+        return scores, tl.full(scores.shape, 1.0, tl.float32)
+
+    @triton.jit
+    def _window_linear_dq_kernel(
+        q, k, v, fq, fk, mask, prefix_S, prefix_z, sm_weight, ln_weight, grad, peak, rden, delta,
+        dq, dfq, window_grad, linear_grad, top,
+        stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+        stride_fqb, stride_fqh, stride_fqt, stride_fkb, stride_fkh, stride_fkt, stride_mask,
+        length, total, chunks, scaling, softcap,
+        HEADS: tl.constexpr, KV_HEADS: tl.constexpr, DIM: tl.constexpr, VALUE_DIM: tl.constexpr, WIDTH: tl.constexpr,
+        BLOCK_DIM: tl.constexpr, BLOCK_VALUE: tl.constexpr, BLOCK_WIDTH: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+        WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
+    ):
+        """The forward's program (b * HEADS + h, n) backwards: its queries' dq and dfq, over the same prefix state and key
+        tiles; per query, the sums over its window keys of da_s exp(sigma_s - m_t) (window_grad: sm_weight's gradient)
+        and over its linear keys of da_s fq_t . fk_s (linear_grad), and its window's top key (-1: none), which takes
+        m_t's gradient, -sm_weight * window_grad (the first of equal tops: torch's amax splits it among them)."""
+        scaling, softcap = _float32(scaling), _float32(softcap)
+        b = tl.program_id(0) // HEADS
+        h = tl.program_id(0) % HEADS
+        j = h // (HEADS // KV_HEADS)
+        head = b * KV_HEADS + j
+        d, e, f = tl.arange(0, BLOCK_DIM), tl.arange(0, BLOCK_VALUE), tl.arange(0, BLOCK_WIDTH)
+        rows = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        in_rows = rows < length
+        first = total - length + tl.program_id(1) * BLOCK
+        t = first + tl.arange(0, BLOCK)
+        sm = tl.load(sm_weight + h)
+        ln = tl.load(ln_weight + h)
+        q_tile = _operand(_tile(q, b, h, rows, stride_qb, stride_qh, stride_qt, d, in_rows, DIM), q.dtype.element_ty, INTERPRETED)
+        fq_tile = _tile(fq, b, h, rows, stride_fqb, stride_fqh, stride_fqt, f, in_rows, WIDTH).to(tl.float32)
+        query = (b * HEADS + h) * length + rows
+        do_tile = _operand(tl.load(grad + query[:, None] * VALUE_DIM + e[None, :], mask=in_rows[:, None] & (e < VALUE_DIM)[None, :], other=0.0), grad.dtype.element_ty, INTERPRETED)
+        m = tl.load(peak + query, mask=in_rows, other=0.0)
+        r = tl.load(rden + query, mask=in_rows, other=0.0)
+        D = tl.load(delta + query, mask=in_rows, other=0.0)
+        lowest = first - WINDOW + 1
+        start = tl.where(lowest > 0, lowest, 0) // CHUNK * CHUNK
+        state = (head * chunks + start // CHUNK) * WIDTH + f
+        S = tl.load(prefix_S + state[:, None] * VALUE_DIM + e[None, :], mask=(f < WIDTH)[:, None] & (e < VALUE_DIM)[None, :], other=0.0)
+        # The keys before `start`, through the prefix state: d(fq_t) = ln (S do_t - z D_t) / den_t.
+        through_state = (tl.dot(do_tile.to(tl.float32) * r[:, None], tl.trans(S), input_precision=PRECISION)
+                         - (D * r)[:, None] * tl.load(prefix_z + state, mask=f < WIDTH, other=0.0)[None, :])
+        linear_sum = tl.sum(fq_tile * through_state, 1)
+        d_fq = ln * through_state
+        d_q = tl.zeros([BLOCK, BLOCK_DIM], dtype=tl.float32)
+        window_sum = tl.zeros([BLOCK], dtype=tl.float32)
+        best = tl.full([BLOCK], float("-inf"), tl.float32)
+        best_key = tl.full([BLOCK], -1, tl.int32)
+        TILES: tl.constexpr = (WINDOW + CHUNK + 2 * BLOCK - 3) // BLOCK
+        for tile in range(TILES):
+            s = start + tile * BLOCK
+            if s < first + BLOCK:
+                cols = s + tl.arange(0, BLOCK)
+                in_cols = cols < total
+                real = tl.load(mask + b * stride_mask + cols, mask=in_cols, other=0) != 0
+                k_tile = _operand(_tile(k, b, j, cols, stride_kb, stride_kh, stride_kt, d, in_cols, DIM), k.dtype.element_ty, INTERPRETED)
+                v_tile = _operand(_tile(v, b, j, cols, stride_vb, stride_vh, stride_vt, e, in_cols, VALUE_DIM), v.dtype.element_ty, INTERPRETED)
+                fk_tile = _tile(fk, b, j, cols, stride_fkb, stride_fkh, stride_fkt, f, in_cols, WIDTH).to(tl.float32)
+                distance = t[:, None] - cols[None, :]
+                in_window = (distance >= 0) & (distance < WINDOW) & real[None, :]
+                in_linear = (distance >= WINDOW) & real[None, :]
+                scores, slope = _scores(q_tile, k_tile, scaling, softcap, SOFTCAP, PRECISION)
+                scores = tl.where(in_window, scores, float("-inf"))
+                tile_best = tl.max(scores, 1)
+                tile_key = (s + tl.argmax(scores, 1)).to(tl.int32)
+                better = tile_best > best
+                best = tl.where(better, tile_best, best)
+                best_key = tl.where(better, tile_key, best_key)
+                # da_s = (do_t . v_s - D_t) / den_t for every key weight a_s.
+                da = (tl.dot(do_tile, tl.trans(v_tile), input_precision=PRECISION) - D[:, None]) * r[:, None]
+                unit = tl.where(in_window, tl.exp(scores - m[:, None]), 0.0)
+                window_sum += tl.sum(da * unit, 1)
+                d_scores = da * unit * slope * (sm * scaling)
+                d_q += tl.dot(_operand(d_scores, k.dtype.element_ty, INTERPRETED), k_tile, input_precision=PRECISION)
+                d_linear = tl.where(in_linear, da, 0.0)
+                linear_sum += tl.sum(d_linear * tl.dot(fq_tile, tl.trans(fk_tile), input_precision=PRECISION), 1)
+                d_fq += ln * tl.dot(d_linear, fk_tile, input_precision=PRECISION)
+        # m_t's gradient, -sm * window_sum, goes to its top key's score.
+        found = best_key >= 0
+        top_k = _tile(k, b, j, tl.where(found, best_key, 0), stride_kb, stride_kh, stride_kt, d, in_rows & found, DIM).to(tl.float32)
+        if SOFTCAP:
+            capped = tl.where(found, best, 0.0) / softcap
+            top_slope = 1.0 - capped * capped
+        else:
+            top_slope = 1.0
+        d_q -= (sm * window_sum * top_slope * scaling)[:, None] * top_k
+        in_d = in_rows[:, None] & (d < DIM)[None, :]
+        tl.store(dq + query[:, None] * DIM + d[None, :], d_q, mask=in_d)
+        tl.store(dfq + query[:, None] * WIDTH + f[None, :], d_fq, mask=in_rows[:, None] & (f < WIDTH)[None, :])
+        tl.store(window_grad + query, window_sum, mask=in_rows)
+        tl.store(linear_grad + query, linear_sum, mask=in_rows)
+        tl.store(top + query, best_key, mask=in_rows)
+
+    @triton.jit
+    def _window_linear_dk_kernel(
+        q, k, v, fq, fk, mask, sm_weight, ln_weight, grad, peak, rden, delta, window_grad, top,
+        dk, dv, dfk,
+        stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+        stride_fqb, stride_fqh, stride_fqt, stride_fkb, stride_fkh, stride_fkt, stride_mask,
+        length, total, chunks, scaling, softcap,
+        HEADS: tl.constexpr, KV_HEADS: tl.constexpr, DIM: tl.constexpr, VALUE_DIM: tl.constexpr, WIDTH: tl.constexpr,
+        BLOCK_DIM: tl.constexpr, BLOCK_VALUE: tl.constexpr, BLOCK_WIDTH: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+        WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
+    ):
+        """Program (b * KV_HEADS + j, n): the keys n * BLOCK .. (n + 1) * BLOCK - 1 of kv head j of sequence b, their dk,
+        dv and dfk from every query block of every query head of the group whose tiles hold them (the forward's loop:
+        tiles from the block's prefix state to its last query); the keys before a block's prefix state reach it through
+        that state, whose gradient the caller takes."""
+        scaling, softcap = _float32(scaling), _float32(softcap)
+        b = tl.program_id(0) // KV_HEADS
+        j = tl.program_id(0) % KV_HEADS
+        GROUPS: tl.constexpr = HEADS // KV_HEADS
+        d, e, f = tl.arange(0, BLOCK_DIM), tl.arange(0, BLOCK_VALUE), tl.arange(0, BLOCK_WIDTH)
+        s = tl.program_id(1) * BLOCK
+        cols = s + tl.arange(0, BLOCK)
+        in_cols = cols < total
+        real = tl.load(mask + b * stride_mask + cols, mask=in_cols, other=0) != 0
+        k_tile = _operand(_tile(k, b, j, cols, stride_kb, stride_kh, stride_kt, d, in_cols, DIM), k.dtype.element_ty, INTERPRETED)
+        v_tile = _operand(_tile(v, b, j, cols, stride_vb, stride_vh, stride_vt, e, in_cols, VALUE_DIM), v.dtype.element_ty, INTERPRETED)
+        fk_tile = _tile(fk, b, j, cols, stride_fkb, stride_fkh, stride_fkt, f, in_cols, WIDTH).to(tl.float32)
+        d_k = tl.zeros([BLOCK, BLOCK_DIM], dtype=tl.float32)
+        d_v = tl.zeros([BLOCK, BLOCK_VALUE], dtype=tl.float32)
+        d_fk = tl.zeros([BLOCK, BLOCK_WIDTH], dtype=tl.float32)
+        # The query blocks whose tiles hold these keys start after s - BLOCK and before s + CHUNK + WINDOW - 1: at most
+        # BLOCKS of them from the first, `lowest`.
+        context = total - length
+        after = s - BLOCK + 1 - context
+        lowest = tl.where(after > 0, after + BLOCK - 1, 0) // BLOCK
+        BLOCKS: tl.constexpr = (WINDOW + CHUNK + 2 * BLOCK - 2) // BLOCK
+        for g in range(GROUPS):
+            h = j * GROUPS + g
+            sm = tl.load(sm_weight + h)
+            ln = tl.load(ln_weight + h)
+            for i in range(BLOCKS):
+                n = lowest + i
+                first = context + n * BLOCK
+                earliest = first - WINDOW + 1
+                start = tl.where(earliest > 0, earliest, 0) // CHUNK * CHUNK
+                if (n * BLOCK < length) & (start <= s) & (s < first + BLOCK):
+                    rows = n * BLOCK + tl.arange(0, BLOCK)
+                    in_rows = rows < length
+                    t = first + tl.arange(0, BLOCK)
+                    q_raw = _tile(q, b, h, rows, stride_qb, stride_qh, stride_qt, d, in_rows, DIM)
+                    q_tile = _operand(q_raw, q.dtype.element_ty, INTERPRETED)
+                    fq_tile = _tile(fq, b, h, rows, stride_fqb, stride_fqh, stride_fqt, f, in_rows, WIDTH).to(tl.float32)
+                    query = (b * HEADS + h) * length + rows
+                    do_tile = _operand(tl.load(grad + query[:, None] * VALUE_DIM + e[None, :], mask=in_rows[:, None] & (e < VALUE_DIM)[None, :], other=0.0), grad.dtype.element_ty, INTERPRETED)
+                    m = tl.load(peak + query, mask=in_rows, other=0.0)
+                    r = tl.load(rden + query, mask=in_rows, other=0.0)
+                    D = tl.load(delta + query, mask=in_rows, other=0.0)
+                    top_gain = sm * tl.load(window_grad + query, mask=in_rows, other=0.0)
+                    top_key = tl.load(top + query, mask=in_rows, other=-1)
+                    distance = t[:, None] - cols[None, :]
+                    in_window = (distance >= 0) & (distance < WINDOW) & real[None, :]
+                    in_linear = (distance >= WINDOW) & real[None, :]
+                    scores, slope = _scores(q_tile, k_tile, scaling, softcap, SOFTCAP, PRECISION)
+                    unit = tl.where(in_window, tl.exp(tl.where(in_window, scores, float("-inf")) - m[:, None]), 0.0)
+                    linear = tl.where(in_linear, tl.dot(fq_tile, tl.trans(fk_tile), input_precision=PRECISION), 0.0)
+                    da = (tl.dot(do_tile, tl.trans(v_tile), input_precision=PRECISION) - D[:, None]) * r[:, None]
+                    d_sigma = sm * da * unit - tl.where(cols[None, :] == top_key[:, None], top_gain[:, None], 0.0)
+                    d_scores = d_sigma * slope * scaling
+                    d_k += tl.dot(tl.trans(_operand(d_scores, q.dtype.element_ty, INTERPRETED)), q_tile, input_precision=PRECISION)
+                    weights = (sm * unit + ln * linear) * r[:, None]
+                    d_v += tl.dot(tl.trans(_operand(weights, grad.dtype.element_ty, INTERPRETED)), do_tile, input_precision=PRECISION)
+                    d_fk += ln * tl.dot(tl.trans(tl.where(in_linear, da, 0.0)), fq_tile, input_precision=PRECISION)
+        key = (b * KV_HEADS + j) * total + cols
+        tl.store(dk + key[:, None] * DIM + d[None, :], d_k, mask=in_cols[:, None] & (d < DIM)[None, :])
+        tl.store(dv + key[:, None] * VALUE_DIM + e[None, :], d_v, mask=in_cols[:, None] & (e < VALUE_DIM)[None, :])
+        tl.store(dfk + key[:, None] * WIDTH + f[None, :], d_fk, mask=in_cols[:, None] & (f < WIDTH)[None, :])
 
     # The custom op (which a compiled model calls) and the function that launches the kernel in eager code.
     OP, window_prefill = _registered(_prefill, set())
