@@ -134,14 +134,15 @@ GRADIENT_CASES = [
     (1, 1, FP32, True, None, True),
     (2, 3, FP32, True, 2.0, True),
     (63, 64, FP32, True, 3.0, False),
-    (130, 3, FP32, False, 3.0, True),
+    (97, 3, FP32, False, 3.0, True),
     (110, 100, FP32, False, None, True),
     (65, 64, BF16, True, None, True),
     (65, 3, BF16, False, 3.0, True),
 ]
-# Relative to the largest gradient entry, against float64: float32 to rounding (2e-6 seen); bfloat16 (4e-3 seen) rounds
-# do, the weights and the score gradients to bfloat16 before their products, as flash attention's backward does.
-GRADIENT_TOLERANCE = {FP32: 2e-5, BF16: 2e-2}
+# Relative to the largest gradient entry, against float64: float32 to rounding (8e-6 seen, sm_weight's, a sum that
+# cancels); bfloat16 (5e-3 seen) rounds do, the weights and the score gradients to bfloat16 before their products, as
+# flash attention's backward does.
+GRADIENT_TOLERANCE = {FP32: 2e-5, BF16: 1e-2}
 
 
 @needs_triton

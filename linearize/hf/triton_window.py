@@ -182,19 +182,23 @@ def _shared(q, k, v, fq, fk, mask, window, scaling, softcap, block=BLOCK, warps=
 
 
 def _forward(q, k, v, fq, fk, mask, prefix_S, prefix_z, sm_weight, ln_weight, window, scaling, softcap, stats):
-    """The kernel's heads (B, H, T, V) in v's dtype from the prefix states; with `stats`, a list, each query's m_t and
-    normaliser (float32 (B, H, T)) appended to it."""
+    """The kernel's heads (B, H, T, V) in v's dtype from the prefix states; with `stats`, a list, the heads in float32
+    and each query's m_t and normaliser (float32 (B, H, T)) appended to it. The backward's D_t = do_t . o_t takes the
+    float32 heads: in bfloat16 (B 1, T 100, SmolLM2's heads, interpreted), with heads rounded to bfloat16 the gradients
+    of fq, fk and the weights' share were 2e-3, 7e-4 and 2e-2 of their largest entry off float32 PyTorch's (the rounding
+    of o against sums that cancel); with the float32 heads 7e-4, 2e-4 and 4e-3, as q's, k's and v's (3e-3 to 5e-3)."""
     q, k, v, fq, fk = _contiguous_rows(q, k, v, fq, fk)
     batch, heads, length, _ = q.shape
-    out = torch.empty(batch, heads, length, v.shape[-1], dtype=v.dtype, device=v.device)
+    out = torch.empty(batch, heads, length, v.shape[-1], dtype=v.dtype if stats is None else torch.float32, device=v.device)
     peak, den = (torch.empty(batch, heads, length, dtype=torch.float32, device=q.device) for _ in range(2)) if stats is not None else (out, out)
     strides, constants = _shared(q, k, v, fq, fk, mask, window, scaling, softcap)
     _wrapped(_window_linear_kernel)[(batch * heads, triton.cdiv(length, BLOCK))](
         q, k, v, fq, fk, mask, prefix_S, prefix_z, sm_weight, ln_weight, out, peak, den, *strides, STATS=stats is not None, **constants,
     )
-    if stats is not None:
-        stats += [peak, den]
-    return out
+    if stats is None:
+        return out
+    stats += [out, peak, den]
+    return out.to(v.dtype)
 
 
 def _backward(grad, out, q, k, v, fq, fk, mask, prefix_S, prefix_z, sm_weight, ln_weight, peak, den, window, scaling, softcap):
@@ -257,13 +261,13 @@ class _WindowPrefill(torch.autograd.Function):
     def forward(ctx, q, k, v, fq, fk, mask, prefix_S, prefix_z, sm_weight, ln_weight, window, scaling, softcap):
         stats = []
         out = _eager(_forward, q, k, v, fq, fk, mask, prefix_S, prefix_z, sm_weight, ln_weight, window, scaling, softcap, stats)
-        ctx.save_for_backward(out, q, k, v, fq, fk, mask, prefix_S, prefix_z, sm_weight, ln_weight, *stats)
+        ctx.save_for_backward(q, k, v, fq, fk, mask, prefix_S, prefix_z, sm_weight, ln_weight, *stats)
         ctx.options = (window, scaling, softcap)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        out, q, k, v, fq, fk, mask, prefix_S, prefix_z, sm_weight, ln_weight, peak, den = ctx.saved_tensors
+        q, k, v, fq, fk, mask, prefix_S, prefix_z, sm_weight, ln_weight, out, peak, den = ctx.saved_tensors
         grads = _eager(_backward, grad, out, q, k, v, fq, fk, mask, prefix_S, prefix_z, sm_weight, ln_weight, peak, den, *ctx.options)
         inputs = (q, k, v, fq, fk, None, prefix_S, prefix_z, sm_weight, ln_weight)
         return (*(None if x is None else g.to(x.dtype) for g, x in zip(grads[:5] + (None,) + grads[5:], inputs)), None, None, None)
