@@ -5,8 +5,9 @@ length:
 - `window`: `window_attention` (the window of `swa`, and of `gla`, `gated_deltanet`, `mamba2` with a window), window
   64 (--window), forward and forward + backward, on the bands (fused=False) and through flex_attention (fused=True);
 - `hedgehog_swa`: the prefill of `hedgehog_swa` (feature dim 64), windows 64 and 256 (--hedgehog-windows), forward
-  under no_grad with the next state (as generate() prefills), the PyTorch path of the mixer (grouped heads repeated,
-  `chunk_window_linear`) against the fused Triton kernel (`triton_window.window_linear_prefill`).
+  under no_grad with the next state (as generate() prefills), and forward + backward without a state (as training
+  runs it: gradients of q, k, v, fq, fk and the weights' share), the PyTorch path of the mixer (grouped heads repeated,
+  `chunk_window_linear`) against the fused Triton kernels (`triton_window.window_linear_prefill`).
 Each row gives the median milliseconds of both paths, the speed-up, their peak memory above the inputs, and the
 largest difference between their outputs (and gradients) relative to the largest output (gradient) entry. The
 first calls, which compile flex_attention or the Triton kernel, are warm-ups and are not timed.
@@ -99,7 +100,8 @@ def window_rows(batch, length, window, dtype, repeats, warmup):
 
 
 def hedgehog_rows(batch, length, window, dtype, repeats, warmup, device):
-    """One row: hedgehog_swa's prefill with its next state, the mixer's PyTorch path against the fused kernel."""
+    """Two rows: hedgehog_swa's prefill with its next state, and its forward + backward, the mixer's PyTorch path against
+    the fused kernels."""
     g = torch.Generator(device).manual_seed(0)
 
     def r(*shape):
@@ -122,7 +124,28 @@ def hedgehog_rows(batch, length, window, dtype, repeats, warmup, device):
             raise SystemExit(f"the fused prefill cannot run here: {problem}")
         outputs = {name: fn() for name, fn in paths.items()}
         timings = {name: timed(fn, repeats, warmup, device) for name, fn in paths.items()}
-    return [{"window": window, **row("hedgehog_swa prefill", batch, length, timings, difference(outputs["fused"], outputs["torch"]), "fused")}]
+    grad = torch.randn(q.shape, generator=g, device=device).to(dtype)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v, fq, fk, share)]
+    training = dict(window=window, scaling=HEAD_DIM**-0.5)
+
+    def repeated(x):
+        return repeat_heads(x, groups)
+
+    def train_step(path, repeat):
+        for leaf in leaves:
+            leaf.grad = None
+        q_, k_, v_, fq_, fk_, sm = leaves
+        path(q_, repeat(k_), repeat(v_), fq_, repeat(fk_), sm_weight=sm, ln_weight=1 - sm, **training)[0].backward(grad)
+        return [leaf.grad for leaf in leaves]
+
+    steps = {"torch": lambda: train_step(chunk_window_linear, repeated), "fused": lambda: train_step(window_linear_prefill, lambda x: x)}
+    grads = {name: fn() for name, fn in steps.items()}
+    backward = {name: timed(fn, repeats, warmup, device) for name, fn in steps.items()}
+    agreement = max(difference(a, b) for a, b in zip(grads["fused"], grads["torch"]))
+    return [
+        {"window": window, **row("hedgehog_swa prefill", batch, length, timings, difference(outputs["fused"], outputs["torch"]), "fused")},
+        {"window": window, **row("hedgehog_swa fwd+bwd", batch, length, backward, agreement, "fused")},
+    ]
 
 
 def row(kind, batch, length, timings, agreement, fused="flex"):

@@ -253,3 +253,34 @@ def test_fused_prefill_matches_the_pytorch_path(dtype, window, with_state):
             assert_close(mine, tensor, name, 1e-5)
         else:
             assert torch.equal(mine, tensor), name
+
+
+# The backward's gradients against autograd through the PyTorch path, relative to each one's largest entry: float32
+# products in both (the interpreter's tests see 8e-6 against float64 at 110 tokens, in a weight's gradient, a sum that
+# cancels); in bfloat16 the kernel also rounds do, its weights and the score gradients to bfloat16 before their products
+# (5e-3 at 65 tokens). Not yet run on a GPU.
+PREFILL_GRADIENT_TOLERANCE = {torch.float32: 5e-4, torch.bfloat16: 3e-2}
+
+
+@pytest.mark.parametrize("window", [64, 256])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fused_prefill_gradients_match_the_pytorch_path(dtype, window):
+    """hedgehog_swa's prefill kernel with its backward at SmolLM2's shape (9 query heads on 3 kv heads, head dim 64,
+    feature dim 64), 2K tokens, row 0 left-padded, per-head weights and a softcap: the gradients of q, k, v, fq, fk and
+    the weights' share against autograd through `chunk_window_linear` (grouped heads repeated: theirs sum the group)."""
+    q, k, v, fq, fk, mask, _ = window_inputs(2048, window, dtype, False, device="cuda", shape=(2, 9, 3, 64, 128))
+    share = torch.rand(9, generator=torch.Generator("cuda").manual_seed(1), device="cuda")
+    grad = torch.randn(q.shape, generator=torch.Generator("cuda").manual_seed(2), device="cuda").to(dtype)
+    options = dict(window=window, scaling=64**-0.5, key_mask=mask, softcap=30.0)
+
+    def gradients(path, repeat):
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, fq, fk, share)]
+        q_, k_, v_, fq_, fk_, sm = leaves
+        o = path(q_, repeat(k_), repeat(v_), fq_, repeat(fk_), sm_weight=sm, ln_weight=1 - sm, **options)[0]
+        return torch.autograd.grad((o * grad).sum(), leaves)
+
+    mine = gradients(window_linear_prefill, lambda x: x)
+    theirs = gradients(chunk_window_linear, lambda x: per_query_head(x, 3))
+    for name, got, expected in zip(("q", "k", "v", "fq", "fk", "share"), mine, theirs):
+        assert got.dtype == expected.dtype and got.shape == expected.shape, name
+        assert_close(got, expected, name, PREFILL_GRADIENT_TOLERANCE[dtype])
