@@ -10,7 +10,6 @@ import torch
 from .hf.attention import AttentionSpec, attention_slot, decoder_layers
 from .hf.configuration_linearized import LinearizedConfig
 from .hf.errors import LinearizeError
-from .hf.kernel_dispatch import path as kernel_path
 from .hf.mixers import MIXERS, MixerCost
 from .hf.modeling_linearized import LinearizedForCausalLM
 from .loaders import check_weights, read_config_file
@@ -71,7 +70,7 @@ def describe(model_or_folder, dtype_bytes: int | None = None) -> list[LayerInfo]
         if entry.is_attention:
             where = f"teacher attention ({text._attn_implementation or 'sdpa'})"
         else:
-            where = kernel_path(module.kernel(), dtype)
+            where = module.cuda_path(dtype)
         infos.append(LayerInfo(index, entry.mixer, options, added, cost.state_fixed * dtype_bytes, cost.state_per_token * dtype_bytes, where))
     return infos
 

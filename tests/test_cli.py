@@ -72,12 +72,14 @@ def test_info_shows_the_plan_state_and_kernel_path_per_layer(teacher_folder, tmp
     code, stdout, stderr = run(monkeypatch, capsys, "info", out)
     assert code == 0, stderr
     rows = table_rows(stdout)
-    assert [(r[0], r[1], r[6], r[7]) for r in rows] == [("0-1", "hedgehog", "no", "fla simple_gla"), ("2", "hedgehog_swa", "no", "PyTorch (no fla kernel)")]
+    assert [(r[0], r[1], r[6], r[7]) for r in rows] == [
+        ("0-1", "hedgehog", "no", "fla simple_gla"), ("2", "hedgehog_swa", "no", "Triton (linearize); decode: fused Triton step")
+    ]
     assert "parameters added" in stdout
 
     monkeypatch.setenv("LINEARIZE_KERNELS", "torch")
     rows = table_rows(run(monkeypatch, capsys, "info", out)[1])
-    assert rows[0][7] == "PyTorch (LINEARIZE_KERNELS=torch)"
+    assert (rows[0][7], rows[1][7]) == ("PyTorch (LINEARIZE_KERNELS=torch)", "PyTorch (no fla kernel)")
     monkeypatch.delenv("LINEARIZE_KERNELS")
     monkeypatch.setattr(kernel_dispatch, "FLA_PROBLEM", "flash-linear-attention is not usable (ImportError: no module)")
     rows = table_rows(run(monkeypatch, capsys, "info", out)[1])

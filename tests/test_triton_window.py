@@ -299,6 +299,11 @@ def test_the_problems_name_what_to_do(monkeypatch):
     with torch.no_grad():
         assert "head dimensions up to" in triton_window.kernel_problem(q, k, v, fq.repeat(1, 1, 1, 9), fk.repeat(1, 1, 1, 9), 3)
         assert "float16/bfloat16/float32" in triton_window.kernel_problem(q.double(), k, v, fq, fk, 3)
+    # A compiled training step (a recipe's `compile: true`) keeps the PyTorch path until the backward is checked there.
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert "inside torch.compile" in triton_window.kernel_problem(q, k, v, fq, fk, 3)
+    with torch.no_grad():
+        assert triton_window.kernel_problem(q, k, v, fq, fk, 3) is None
 
 
 @needs_triton

@@ -124,6 +124,7 @@ class HedgehogSWAMixer(HedgehogMixer, FusedStepMixer):
     # window, fk (B, Hkv, window - 1, 2F) holds those still in it (`ops_window`).
     step_tensors = ("S", "z", "fk")
     chunks_window = True
+    fused_prefill = True
 
     def __init__(self, attn, spec: AttentionSpec, options, layer_idx: int):
         super().__init__(attn, spec, options, layer_idx)

@@ -20,7 +20,9 @@ from torch import nn
 from .attention import AttentionSpec
 from .cache import cache_in
 from .errors import LinearizeError
-from .triton_step import fused_step_problem
+from .kernel_dispatch import mode as kernel_mode
+from .kernel_dispatch import path as kernel_path
+from .triton_step import TRITON_PROBLEM, fused_step_problem, switch
 from .typed import coerce
 
 MIXERS: dict[str, type["Mixer"]] = {}
@@ -169,6 +171,10 @@ class Mixer(nn.Module):
         where the layer has no fla kernel (softmax attention, sliding windows) and runs in PyTorch."""
         return None
 
+    def cuda_path(self, dtype: torch.dtype) -> str:
+        """Where this layer runs on CUDA tensors of `dtype`, in words (`linearize info`)."""
+        return kernel_path(self.kernel(), dtype)
+
     def _mark_initialized(self) -> None:
         # transformers re-initialises modules it did not load unless flagged; our new parameters carry their
         # own deliberate initialisation (identity feature maps, identity convolutions), which must survive.
@@ -247,6 +253,14 @@ class FusedStepMixer(Mixer):
     step_tensors: ClassVar[tuple[str, ...]] = ()
     # Whether its step reads the window a chunk at a time (`fused_step_problem`).
     chunks_window: ClassVar[bool] = False
+    # Whether its inference prefill runs a Triton kernel of linearize's own (`triton_window`) rather than `kernel()`.
+    fused_prefill: ClassVar[bool] = False
+
+    def cuda_path(self, dtype: torch.dtype) -> str:
+        prefill = "Triton (linearize)" if self.fused_prefill else super().cuda_path(dtype)
+        if TRITON_PROBLEM is not None or switch() == "off" or kernel_mode() == "torch":
+            return super().cuda_path(dtype)
+        return f"{prefill}; decode: fused Triton step"
 
     def fuses_step(self, hidden_states, q, k, v, position_embeddings, state) -> bool:
         """Whether this call is a decode step that runs through the fused step: on CUDA with Triton, without gradients

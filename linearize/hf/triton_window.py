@@ -100,6 +100,10 @@ def kernel_problem(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, wind
         return f"the fused prefill takes head dimensions up to {MAX_HEAD_DIM} and feature maps up to {MAX_FEATURES} wide"
     if window < 1 or q.shape[1] % k.shape[1]:
         return f"the fused prefill takes a window of at least 1 and whole groups of query heads per kv head, got {window}, {q.shape[1]} on {k.shape[1]}"
+    if torch.is_grad_enabled() and torch.compiler.is_compiling():
+        # Not yet run on a GPU inside a compiled training step (a recipe's `compile: true`): dynamo would have to trace
+        # the autograd Function's kernel launches. Eager training and every inference call take the kernels.
+        return "the fused prefill's backward is not yet checked inside torch.compile; a compiled training step takes the PyTorch path"
     return None
 
 
