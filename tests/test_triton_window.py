@@ -79,6 +79,12 @@ CASES = [
     (65, 64, BF16, True, None, True),
     (130, 3, BF16, False, 3.0, True),
 ]
+
+def case_ids(cases) -> list[str]:
+    """Test ids of (length, window, dtype, with_state, softcap, per_head) cases."""
+    return [f"T{t}-w{w}-{str(d)[6:]}{'-state' if s else ''}{'-softcap' if c else ''}{'-per_head' if p else ''}" for t, w, d, s, c, p in cases]
+
+
 # Relative to the largest output: float32 to rounding; bfloat16 inputs round the window's weights and the linear ones to
 # bfloat16 before they meet the values (as on the GPU), about an ulp of the output.
 TOLERANCE = {FP32: 2e-5, BF16: 1e-2}
@@ -87,7 +93,7 @@ TOLERANCE = {FP32: 2e-5, BF16: 1e-2}
 @needs_triton
 @pytest.mark.parametrize(
     "length,window,dtype,with_state,softcap,per_head", CASES,
-    ids=[f"T{t}-w{w}-{str(d)[6:]}{'-state' if s else ''}{'-softcap' if c else ''}{'-per_head' if p else ''}" for t, w, d, s, c, p in CASES],
+    ids=case_ids(CASES),
 )
 def test_the_kernel_equals_the_reference(length, window, dtype, with_state, softcap, per_head):
     q, k, v, fq, fk, mask, state = window_inputs(length, window, dtype, with_state)
@@ -148,7 +154,7 @@ GRADIENT_TOLERANCE = {FP32: 2e-5, BF16: 1e-2}
 @needs_triton
 @pytest.mark.parametrize(
     "length,window,dtype,with_state,softcap,per_head", GRADIENT_CASES,
-    ids=[f"T{t}-w{w}-{str(d)[6:]}{'-state' if s else ''}{'-softcap' if c else ''}{'-per_head' if p else ''}" for t, w, d, s, c, p in GRADIENT_CASES],
+    ids=case_ids(GRADIENT_CASES),
 )
 def test_the_kernels_gradients_equal_the_references(length, window, dtype, with_state, softcap, per_head):
     """Every input's gradient through the kernel's backward against torch.autograd through `naive_window_linear` in

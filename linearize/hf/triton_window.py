@@ -294,6 +294,59 @@ if TRITON_PROBLEM is None:
         return x.to(dtype)
 
     @triton.jit
+    def _query_block(
+        q, fq, stride_qb, stride_qh, stride_qt, stride_fqb, stride_fqh, stride_fqt, length, total,
+        HEADS: tl.constexpr, KV_HEADS: tl.constexpr, DIM: tl.constexpr, WIDTH: tl.constexpr, BLOCK_DIM: tl.constexpr,
+        BLOCK_VALUE: tl.constexpr, BLOCK_WIDTH: tl.constexpr, BLOCK: tl.constexpr, INTERPRETED: tl.constexpr,
+    ):
+        """Program (b * HEADS + h, n)'s sequence b, query head h, its kv head j (and b's row of kv heads, head), the
+        lanes of a head (d), a value (e) and a feature map (f), its queries n * BLOCK .. (n + 1) * BLOCK - 1 (rows, in_rows:
+        before `length`) at key positions t from `first` (the queries are the last `length` of the `total` keys), and
+        their q (a tensor-core operand) and fq (float32)."""
+        b = tl.program_id(0) // HEADS
+        h = tl.program_id(0) % HEADS
+        j = h // (HEADS // KV_HEADS)
+        head = b * KV_HEADS + j
+        d, e, f = tl.arange(0, BLOCK_DIM), tl.arange(0, BLOCK_VALUE), tl.arange(0, BLOCK_WIDTH)
+        rows = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        in_rows = rows < length
+        first = total - length + tl.program_id(1) * BLOCK
+        t = first + tl.arange(0, BLOCK)
+        q_tile = _operand(_tile(q, b, h, rows, stride_qb, stride_qh, stride_qt, d, in_rows, DIM), q.dtype.element_ty, INTERPRETED)
+        fq_tile = _tile(fq, b, h, rows, stride_fqb, stride_fqh, stride_fqt, f, in_rows, WIDTH).to(tl.float32)
+        return b, h, j, head, d, e, f, rows, in_rows, first, t, q_tile, fq_tile
+
+    @triton.jit
+    def _key_tile(
+        k, v, fk, mask, b, j, t, s, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+        stride_fkb, stride_fkh, stride_fkt, stride_mask, total, d, e, f,
+        DIM: tl.constexpr, VALUE_DIM: tl.constexpr, WIDTH: tl.constexpr, BLOCK: tl.constexpr, WINDOW: tl.constexpr,
+        INTERPRETED: tl.constexpr,
+    ):
+        """Keys s .. s + BLOCK - 1 of kv head j of sequence b: k and v as tensor-core operands, fk in float32, and which
+        of them each query t (its key position) reads in its window and which linearly (real keys only)."""
+        cols = s + tl.arange(0, BLOCK)
+        in_cols = cols < total
+        real = tl.load(mask + b * stride_mask + cols, mask=in_cols, other=0) != 0
+        k_tile = _operand(_tile(k, b, j, cols, stride_kb, stride_kh, stride_kt, d, in_cols, DIM), k.dtype.element_ty, INTERPRETED)
+        v_tile = _operand(_tile(v, b, j, cols, stride_vb, stride_vh, stride_vt, e, in_cols, VALUE_DIM), v.dtype.element_ty, INTERPRETED)
+        fk_tile = _tile(fk, b, j, cols, stride_fkb, stride_fkh, stride_fkt, f, in_cols, WIDTH).to(tl.float32)
+        distance = t[:, None] - cols[None, :]
+        in_window = (distance >= 0) & (distance < WINDOW) & real[None, :]
+        in_linear = (distance >= WINDOW) & real[None, :]
+        return k_tile, v_tile, fk_tile, in_window, in_linear
+
+    @triton.jit
+    def _scores(q_tile, k_tile, scaling, softcap, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
+        """A tile's scores sigma (after the softcap) and their derivative in q.k * scaling, as the forward computes them."""
+        scores = tl.dot(q_tile, tl.trans(k_tile), input_precision=PRECISION) * scaling
+        if SOFTCAP:
+            fall = tl.exp(-2.0 * tl.abs(scores / softcap))
+            scores = tl.where(scores < 0, -1.0, 1.0) * (1.0 - fall) / (1.0 + fall) * softcap
+            return scores, 1.0 - (scores / softcap) * (scores / softcap)
+        return scores, tl.full(scores.shape, 1.0, tl.float32)
+
+    @triton.jit
     def _window_linear_kernel(
         q, k, v, fq, fk, mask, prefix_S, prefix_z, sm_weight, ln_weight, out, peak_out, den_out,
         stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
@@ -307,17 +360,10 @@ if TRITON_PROBLEM is None:
         docstring). The queries are the last `length` of the `total` keys. With STATS it also writes each query's m_t
         and normaliser (float32, (B, H, T)) to peak_out and den_out."""
         scaling, softcap = _float32(scaling), _float32(softcap)
-        b = tl.program_id(0) // HEADS
-        h = tl.program_id(0) % HEADS
-        j = h // (HEADS // KV_HEADS)
-        head = b * KV_HEADS + j
-        d, e, f = tl.arange(0, BLOCK_DIM), tl.arange(0, BLOCK_VALUE), tl.arange(0, BLOCK_WIDTH)
-        rows = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        in_rows = rows < length
-        first = total - length + tl.program_id(1) * BLOCK  # the block's first query, as a key position
-        t = first + tl.arange(0, BLOCK)
-        q_tile = _operand(_tile(q, b, h, rows, stride_qb, stride_qh, stride_qt, d, in_rows, DIM), q.dtype.element_ty, INTERPRETED)
-        fq_tile = _tile(fq, b, h, rows, stride_fqb, stride_fqh, stride_fqt, f, in_rows, WIDTH).to(tl.float32)
+        b, h, j, head, d, e, f, rows, in_rows, first, t, q_tile, fq_tile = _query_block(
+            q, fq, stride_qb, stride_qh, stride_qt, stride_fqb, stride_fqh, stride_fqt, length, total, HEADS, KV_HEADS, DIM,
+            WIDTH, BLOCK_DIM, BLOCK_VALUE, BLOCK_WIDTH, BLOCK, INTERPRETED,
+        )
         # Every key before the last chunk boundary at or before first - WINDOW + 1 is linear for each query here: the
         # prefix state there reads them all.
         lowest = first - WINDOW + 1
@@ -335,19 +381,12 @@ if TRITON_PROBLEM is None:
         for tile in range(TILES):
             s = start + tile * BLOCK
             if s < first + BLOCK:  # else the tile is past the block's last query
-                cols = s + tl.arange(0, BLOCK)
-                in_cols = cols < total
-                real = tl.load(mask + b * stride_mask + cols, mask=in_cols, other=0) != 0
-                k_tile = _operand(_tile(k, b, j, cols, stride_kb, stride_kh, stride_kt, d, in_cols, DIM), k.dtype.element_ty, INTERPRETED)
-                v_tile = _operand(_tile(v, b, j, cols, stride_vb, stride_vh, stride_vt, e, in_cols, VALUE_DIM), v.dtype.element_ty, INTERPRETED)
-                fk_tile = _tile(fk, b, j, cols, stride_fkb, stride_fkh, stride_fkt, f, in_cols, WIDTH).to(tl.float32)
-                distance = t[:, None] - cols[None, :]
-                in_window = (distance >= 0) & (distance < WINDOW) & real[None, :]
-                in_linear = (distance >= WINDOW) & real[None, :]
-                scores = tl.dot(q_tile, tl.trans(k_tile), input_precision=PRECISION) * scaling
-                if SOFTCAP:
-                    fall = tl.exp(-2.0 * tl.abs(scores / softcap))
-                    scores = tl.where(scores < 0, -1.0, 1.0) * (1.0 - fall) / (1.0 + fall) * softcap
+                k_tile, v_tile, fk_tile, in_window, in_linear = _key_tile(
+                    k, v, fk, mask, b, j, t, s, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+                    stride_fkb, stride_fkh, stride_fkt, stride_mask, total, d, e, f, DIM, VALUE_DIM, WIDTH, BLOCK, WINDOW,
+                    INTERPRETED,
+                )
+                scores, _ = _scores(q_tile, k_tile, scaling, softcap, SOFTCAP, PRECISION)
                 scores = tl.where(in_window, scores, float("-inf"))
                 new_peak = tl.maximum(peak, tl.max(scores, 1))
                 base = tl.where(new_peak == float("-inf"), 0.0, new_peak)
@@ -372,16 +411,6 @@ if TRITON_PROBLEM is None:
             tl.store(den_out + stat, den, mask=in_rows)
 
     @triton.jit
-    def _scores(q_tile, k_tile, scaling, softcap, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
-        """A tile's scores sigma (after the softcap) and their derivative in q.k * scaling, as the forward computes them."""
-        scores = tl.dot(q_tile, tl.trans(k_tile), input_precision=PRECISION) * scaling
-        if SOFTCAP:
-            fall = tl.exp(-2.0 * tl.abs(scores / softcap))
-            scores = tl.where(scores < 0, -1.0, 1.0) * (1.0 - fall) / (1.0 + fall) * softcap
-            return scores, 1.0 - (scores / softcap) * (scores / softcap)
-        return scores, tl.full(scores.shape, 1.0, tl.float32)
-
-    @triton.jit
     def _window_linear_dq_kernel(
         q, k, v, fq, fk, mask, prefix_S, prefix_z, sm_weight, ln_weight, grad, peak, rden, delta,
         dq, dfq, window_grad, linear_grad, top,
@@ -397,19 +426,12 @@ if TRITON_PROBLEM is None:
         and over its linear keys of da_s fq_t . fk_s (linear_grad), and its window's top key (-1: none), which takes
         m_t's gradient, -sm_weight * window_grad (the first of equal tops: torch's amax splits it among them)."""
         scaling, softcap = _float32(scaling), _float32(softcap)
-        b = tl.program_id(0) // HEADS
-        h = tl.program_id(0) % HEADS
-        j = h // (HEADS // KV_HEADS)
-        head = b * KV_HEADS + j
-        d, e, f = tl.arange(0, BLOCK_DIM), tl.arange(0, BLOCK_VALUE), tl.arange(0, BLOCK_WIDTH)
-        rows = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        in_rows = rows < length
-        first = total - length + tl.program_id(1) * BLOCK
-        t = first + tl.arange(0, BLOCK)
+        b, h, j, head, d, e, f, rows, in_rows, first, t, q_tile, fq_tile = _query_block(
+            q, fq, stride_qb, stride_qh, stride_qt, stride_fqb, stride_fqh, stride_fqt, length, total, HEADS, KV_HEADS, DIM,
+            WIDTH, BLOCK_DIM, BLOCK_VALUE, BLOCK_WIDTH, BLOCK, INTERPRETED,
+        )
         sm = tl.load(sm_weight + h)
         ln = tl.load(ln_weight + h)
-        q_tile = _operand(_tile(q, b, h, rows, stride_qb, stride_qh, stride_qt, d, in_rows, DIM), q.dtype.element_ty, INTERPRETED)
-        fq_tile = _tile(fq, b, h, rows, stride_fqb, stride_fqh, stride_fqt, f, in_rows, WIDTH).to(tl.float32)
         query = (b * HEADS + h) * length + rows
         do_tile = _operand(tl.load(grad + query[:, None] * VALUE_DIM + e[None, :], mask=in_rows[:, None] & (e < VALUE_DIM)[None, :], other=0.0), grad.dtype.element_ty, INTERPRETED)
         m = tl.load(peak + query, mask=in_rows, other=0.0)
@@ -432,15 +454,11 @@ if TRITON_PROBLEM is None:
         for tile in range(TILES):
             s = start + tile * BLOCK
             if s < first + BLOCK:
-                cols = s + tl.arange(0, BLOCK)
-                in_cols = cols < total
-                real = tl.load(mask + b * stride_mask + cols, mask=in_cols, other=0) != 0
-                k_tile = _operand(_tile(k, b, j, cols, stride_kb, stride_kh, stride_kt, d, in_cols, DIM), k.dtype.element_ty, INTERPRETED)
-                v_tile = _operand(_tile(v, b, j, cols, stride_vb, stride_vh, stride_vt, e, in_cols, VALUE_DIM), v.dtype.element_ty, INTERPRETED)
-                fk_tile = _tile(fk, b, j, cols, stride_fkb, stride_fkh, stride_fkt, f, in_cols, WIDTH).to(tl.float32)
-                distance = t[:, None] - cols[None, :]
-                in_window = (distance >= 0) & (distance < WINDOW) & real[None, :]
-                in_linear = (distance >= WINDOW) & real[None, :]
+                k_tile, v_tile, fk_tile, in_window, in_linear = _key_tile(
+                    k, v, fk, mask, b, j, t, s, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+                    stride_fkb, stride_fkh, stride_fkt, stride_mask, total, d, e, f, DIM, VALUE_DIM, WIDTH, BLOCK, WINDOW,
+                    INTERPRETED,
+                )
                 scores, slope = _scores(q_tile, k_tile, scaling, softcap, SOFTCAP, PRECISION)
                 scores = tl.where(in_window, scores, float("-inf"))
                 tile_best = tl.max(scores, 1)
