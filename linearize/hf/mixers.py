@@ -20,9 +20,8 @@ from torch import nn
 from .attention import AttentionSpec
 from .cache import cache_in
 from .errors import LinearizeError
-from .kernel_dispatch import mode as kernel_mode
 from .kernel_dispatch import path as kernel_path
-from .triton_step import TRITON_PROBLEM, fused_step_problem, switch
+from .triton_step import fused_step_problem, turned_off
 from .typed import coerce
 
 MIXERS: dict[str, type["Mixer"]] = {}
@@ -257,9 +256,9 @@ class FusedStepMixer(Mixer):
     fused_prefill: ClassVar[bool] = False
 
     def cuda_path(self, dtype: torch.dtype) -> str:
-        prefill = "Triton (linearize)" if self.fused_prefill else super().cuda_path(dtype)
-        if TRITON_PROBLEM is not None or switch() == "off" or kernel_mode() == "torch":
+        if turned_off() is not None:
             return super().cuda_path(dtype)
+        prefill = "Triton (linearize)" if self.fused_prefill else super().cuda_path(dtype)
         return f"{prefill}; decode: fused Triton step"
 
     def fuses_step(self, hidden_states, q, k, v, position_embeddings, state) -> bool:

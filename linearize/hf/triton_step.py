@@ -103,6 +103,14 @@ def switch() -> str:
     return value
 
 
+def turned_off() -> Optional[str]:
+    """Why linearize's fused kernels do not run here at all (None when they may): the switches, then Triton."""
+    chosen = switch()
+    if chosen == "off" or kernel_mode() == "torch":
+        return f"turned off ({SWITCH}={chosen}, LINEARIZE_KERNELS={kernel_mode()})"
+    return TRITON_PROBLEM
+
+
 def fused_step_problem(
     hidden: Tensor,
     q: Tensor,
@@ -118,12 +126,10 @@ def fused_step_problem(
     gradients, dtypes, sizes, and the layer state `tensors` (empty before the first step, else as the PyTorch path
     leaves it: the float32 tensors named in `recurrent`, and the window's). A step that `chunks_window` reads its
     window a chunk at a time (`WINDOW_CHUNK`), so takes windows of any length."""
-    chosen = switch()
-    if chosen == "off" or kernel_mode() == "torch":
-        return f"turned off ({SWITCH}={chosen}, LINEARIZE_KERNELS={kernel_mode()})"
-    if TRITON_PROBLEM is not None:
-        return TRITON_PROBLEM
-    if not (q.is_cuda or (chosen == "on" and INTERPRETED)):
+    problem = turned_off()
+    if problem is not None:
+        return problem
+    if not (q.is_cuda or (switch() == "on" and INTERPRETED)):
         return f"the fused step runs on CUDA tensors (on CPU tensors with {SWITCH}=on under TRITON_INTERPRET=1)"
     if torch.is_grad_enabled():
         return "the fused step has no backward; it runs under torch.no_grad() or torch.inference_mode()"
@@ -680,6 +686,11 @@ if TRITON_PROBLEM is None:
         tl.debug_barrier()  # every entry is read before any is overwritten
         tl.store(window_mask + b * KEEP + rows, shifted, mask=rows < KEEP)
 
+    def _direct(launch: Callable[..., Tensor], *args) -> Tensor:
+        """`launch(*args)` with its kernels launched directly, not through `wrap_triton`, as eager code launches them."""
+        with set_wrap_triton_enabled(False):
+            return launch(*args)
+
     def _registered(launch: Callable[..., Tensor], mutates: set[str]):
         """`launch` as a custom op, and the step function that calls it: inside torch.compile the op, which the compiler
         sees through; in eager the kernels launched directly, since the op's dispatch costs about 20 us of CPU a call
@@ -689,10 +700,7 @@ if TRITON_PROBLEM is None:
 
         @functools.wraps(launch)
         def step(*args) -> Tensor:
-            if torch.compiler.is_compiling():
-                return op(*args)
-            with set_wrap_triton_enabled(False):
-                return launch(*args)
+            return op(*args) if torch.compiler.is_compiling() else _direct(launch, *args)
 
         return op, step
 

@@ -54,12 +54,11 @@ import torch
 from torch import Tensor
 
 from .errors import LinearizeError
-from .kernel_dispatch import mode as kernel_mode
 from .ops_window import _next_state, _with_context
-from .triton_step import DTYPES, INTERPRETED, MAX_HEAD_DIM, SWITCH, TRITON_PROBLEM, switch
+from .triton_step import DTYPES, INTERPRETED, MAX_HEAD_DIM, SWITCH, TRITON_PROBLEM, switch, turned_off
 
 if TRITON_PROBLEM is None:  # Triton as triton_step imported it: transformers' remote-code check skips relative imports
-    from .triton_step import _float32, _registered, _rounded, _wrapped, set_wrap_triton_enabled, tl, triton
+    from .triton_step import _direct, _float32, _registered, _rounded, _wrapped, tl, triton
 
 # Queries a program takes and keys a tile holds, and the warps that take them: compiled for sm_90 at SmolLM2's shape,
 # blocks of 64 spill with 4 or 8 warps, of 32 with 8 warps not (module docstring).
@@ -79,10 +78,10 @@ MAX_FEATURES = 2 * MAX_HEAD_DIM
 def window_prefill_problem(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, window: int) -> Optional[str]:
     """Why a `hedgehog_swa` prefill does not take the kernel (None when it does): the switches, then `kernel_problem`.
     On CPU tensors it runs only with LINEARIZE_FUSED_STEP=on under Triton's interpreter (the tests)."""
-    chosen = switch()
-    if chosen == "off" or kernel_mode() == "torch":
-        return f"turned off ({SWITCH}={chosen}, LINEARIZE_KERNELS={kernel_mode()})"
-    if not (q.is_cuda or chosen == "on"):
+    problem = turned_off()
+    if problem is not None:
+        return problem
+    if not (q.is_cuda or switch() == "on"):
         return f"the fused prefill runs on CUDA tensors (on CPU tensors with {SWITCH}=on under TRITON_INTERPRET=1)"
     return kernel_problem(q, k, v, fq, fk, window)
 
@@ -248,15 +247,6 @@ def _backward(grad, out, q, k, v, fq, fk, mask, prefix_S, prefix_z, sm_weight, l
     return dq, dk, dv, dfq, dfk, d_prefix_S, d_prefix_z, window_grad.sum((0, 2)), linear_grad.sum((0, 2))
 
 
-def _eager(launch, *args):
-    """`launch(*args)` with its kernels launched directly outside torch.compile (as `triton_step._registered` does: a
-    `wrap_triton` launch costs CPU time in eager code), through `wrap_triton` inside it."""
-    if torch.compiler.is_compiling():
-        return launch(*args)
-    with set_wrap_triton_enabled(False):
-        return launch(*args)
-
-
 class _WindowPrefill(torch.autograd.Function):
     """The kernel's heads with a backward: the forward keeps each query's m_t and normaliser, the backward recomputes
     the weights tile by tile (module docstring). Gradients come back in the inputs' dtypes."""
@@ -264,7 +254,7 @@ class _WindowPrefill(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, fq, fk, mask, prefix_S, prefix_z, sm_weight, ln_weight, window, scaling, softcap):
         stats = []
-        out = _eager(_forward, q, k, v, fq, fk, mask, prefix_S, prefix_z, sm_weight, ln_weight, window, scaling, softcap, stats)
+        out = _direct(_forward, q, k, v, fq, fk, mask, prefix_S, prefix_z, sm_weight, ln_weight, window, scaling, softcap, stats)
         ctx.save_for_backward(q, k, v, fq, fk, mask, prefix_S, prefix_z, sm_weight, ln_weight, *stats)
         ctx.options = (window, scaling, softcap)
         return out
@@ -272,7 +262,7 @@ class _WindowPrefill(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         q, k, v, fq, fk, mask, prefix_S, prefix_z, sm_weight, ln_weight, out, peak, den = ctx.saved_tensors
-        grads = _eager(_backward, grad, out, q, k, v, fq, fk, mask, prefix_S, prefix_z, sm_weight, ln_weight, peak, den, *ctx.options)
+        grads = _direct(_backward, grad, out, q, k, v, fq, fk, mask, prefix_S, prefix_z, sm_weight, ln_weight, peak, den, *ctx.options)
         inputs = (q, k, v, fq, fk, None, prefix_S, prefix_z, sm_weight, ln_weight)
         return (*(None if x is None else g.to(x.dtype) for g, x in zip(grads[:5] + (None,) + grads[5:], inputs)), None, None, None)
 
