@@ -284,3 +284,43 @@ def test_fused_prefill_gradients_match_the_pytorch_path(dtype, window):
     for name, got, expected in zip(("q", "k", "v", "fq", "fk", "share"), mine, theirs):
         assert got.dtype == expected.dtype and got.shape == expected.shape, name
         assert_close(got, expected, name, PREFILL_GRADIENT_TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fused_prefill_in_a_compiled_training_step(monkeypatch, dtype):
+    """hedgehog_swa's prefill kernel and its backward inside a recipe's compiled training step (`compile_layers`, one
+    graph per decoder layer): a two-layer model at SmolLM2's heads (9 on 3, head dim 64), left-padded, 300 tokens, window
+    64, every parameter trained; loss and gradients equal the eager step's, which takes the kernels too."""
+    from linearize.distillation.loop import compile_layers, compile_limits, uncompile
+    from linearize.hf import mixer_hedgehog, triton_window
+
+    monkeypatch.setattr(triton_window, "COMPILED_TRAINING", True)
+    teacher = tiny_model(dtype=dtype, num_hidden_layers=2, hidden_size=576, num_attention_heads=9, num_key_value_heads=3)
+    model = linearize.convert(teacher, "hedgehog_swa", window=64).cuda()
+    model.requires_grad_(True)
+    ids, mask = left_padded(random_ids(2, 300), [37, 0])
+    ids, mask = ids.cuda(), mask.cuda()
+    calls = []
+    launch = mixer_hedgehog.window_linear_prefill
+    monkeypatch.setattr(mixer_hedgehog, "window_linear_prefill", lambda *a, **k: calls.append(1) or launch(*a, **k))
+
+    def step():
+        model.zero_grad()
+        loss = model(ids, attention_mask=mask, labels=ids).loss
+        loss.backward()
+        return loss.detach().float(), {name: p.grad.float() for name, p in model.named_parameters()}
+
+    loss, grads = step()
+    assert len(calls) == 2
+    monkeypatch.setattr(mixer_hedgehog, "window_linear_prefill", launch)
+    layers = compile_layers(model)
+    with compile_limits():
+        for _ in range(2):  # the second step runs what the first compiled
+            compiled_loss, compiled = step()
+    for layer in layers:
+        uncompile(layer)
+    tolerance = {torch.float32: 1e-4, torch.bfloat16: 3e-2}[dtype]
+    assert_close(compiled_loss, loss, "loss", tolerance)
+    assert compiled.keys() == grads.keys()
+    for name, tensor in grads.items():
+        assert_close(compiled[name], tensor, name, tolerance)
