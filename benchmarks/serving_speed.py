@@ -189,6 +189,28 @@ def count_recordings() -> None:
     cudagraph_trees.CUDAGraphTreeManager.record_function = counted
 
 
+def name_skipped_mutations() -> None:
+    """Where torch.compile's CUDA-graph trees skip a graph for mutating an input that has no static address, print each
+    such input's shape and dtype and the op that mutates it (TORCH_LOGS=cudagraphs prints one stack trace only)."""
+    from torch._inductor import cudagraph_utils
+
+    check = cudagraph_utils.check_for_mutation_ignore_cuda_graph_managed_tensor
+
+    def named(gm, mutated_inputs, mutated_input_idxs, static_input_idxs):
+        reason = check(gm, mutated_inputs, mutated_input_idxs, static_input_idxs)
+        if reason is not None:
+            placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
+            for index in sorted(set(mutated_input_idxs) - set(static_input_idxs)):
+                node = placeholders[index]
+                value = node.meta.get("val")
+                users = sorted({str(user.target) for user in node.users})
+                print(f"cudagraphs skipped: input {index} ({node.name}, {tuple(getattr(value, 'shape', ()))}, "
+                      f"{getattr(value, 'dtype', None)}) is mutated without a static address; used by {users}", file=sys.stderr, flush=True)
+        return reason
+
+    cudagraph_utils.check_for_mutation_ignore_cuda_graph_managed_tensor = named
+
+
 def compile_counts() -> dict[str, int]:
     """What compiling did so far: graphs traced, graph breaks, CUDA graphs recorded and skipped (the timed call should
     add none of these)."""
@@ -234,6 +256,7 @@ def run(args):
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if device.type == "cuda":
         count_recordings()
+        name_skipped_mutations()
     caches = args.caches.split(",")
     if not set(caches) <= set(CACHES):
         raise SystemExit(f"--caches takes {' or '.join(CACHES)}, got {args.caches!r}")
