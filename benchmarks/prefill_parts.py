@@ -14,6 +14,7 @@ Each figure is the median of --repeats calls after a warm-up call (kernels compi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -107,12 +108,11 @@ def main():
     for length in (int(n) for n in args.lengths.split(",")):
         hidden = torch.randn(1, length, SMOLLM2["hidden_size"], device=device, dtype=dtype)
         position_embeddings = rotary(hidden, torch.arange(length, device=device)[None])
-        rows = {name: timed(call, device, args.repeats) for name, call in parts(mixer, hidden, position_embeddings, args.variants).items()}
-        with linearize.teacher_mode(model):
-            rows["attention module, teacher"] = timed(
-                lambda: mixer(hidden, position_embeddings=position_embeddings, attention_mask=None), device, args.repeats
-            )
-        for name, (host, busy) in rows.items():
+        calls = parts(mixer, hidden, position_embeddings, args.variants)
+        calls["attention module, teacher"] = lambda: mixer(hidden, position_embeddings=position_embeddings, attention_mask=None)
+        for name, call in calls.items():  # each row as it is measured: a run cut short keeps them
+            with linearize.teacher_mode(model) if name.endswith("teacher") else contextlib.nullcontext():
+                host, busy = timed(call, device, args.repeats)
             line = json.dumps({"length": length, "part": name, "host_ms": round(host, 3), "device_ms": round(busy, 3),
                                "dtype": args.dtype, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"})
             print(line, flush=True)
