@@ -6,6 +6,8 @@ interpreter needs real data), so a PyTorch stand-in that updates the state in pl
 test_gpu.py compiles the real step on CUDA. In the `core` subset: torch 2.11's dynamo broke the graph where 2.13's does
 not."""
 
+import copy
+
 import pytest
 import torch
 
@@ -48,3 +50,49 @@ def test_a_compiled_static_cache_step_through_the_fused_step_is_one_graph(monkey
     assert taken, "the decode step did not take the fused step"
     assert explained.graph_break_count == 0, [b.reason.splitlines()[0] for b in explained.break_reasons]
     assert explained.graph_count == 1
+
+
+@pytest.mark.core
+@needs_triton
+@pytest.mark.parametrize("mixer", sorted(triton_step.OPS))
+def test_a_compiled_static_cache_step_writes_only_static_inputs(monkeypatch, mixer):
+    """CUDA-graph trees record a compiled step only where every graph input it writes has a static address: the
+    state's tensors (the static cache marks them) and parameters. Through the real fused op, with the padding mask
+    generate() passes: what the step writes is the op's declared state, and the mask, a graph input, is only read. (On
+    an H200, with the op seen through by inductor, its kernels were taken to write the mask too, and CUDA graphs were
+    skipped: thirteenth session.) The compiled step's logits and state equal the eager fused step's (to float32
+    rounding: the traced graph decomposes some ops)."""
+    from torch._functorch.aot_autograd import aot_module_simplified
+
+    monkeypatch.setenv("LINEARIZE_FUSED_STEP", "on")
+    monkeypatch.delenv("LINEARIZE_KERNELS", raising=False)
+    model = linearize.convert(
+        tiny_model(dtype=torch.float32, hidden_size=128, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3),
+        mixer, window=4, keep_attention=[0],
+    ).eval()
+    graphs = []
+
+    def inspected(graph, inputs):
+        meta = torch._guards.TracingContext.try_get().fw_metadata
+        graphs.append(([i for i, info in enumerate(meta.input_info) if info.mutates_data], set(meta.static_input_indices), inputs))
+        return graph.forward
+
+    ids = random_ids(1, 12)
+    cache = model.new_cache(32)
+    keyword = linearize.hf.cache.cache_keyword(model)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=torch.ones(1, 12, dtype=torch.long), **{keyword: cache}, cache_position=torch.arange(12)).logits
+        step = dict(input_ids=logits[:, -1:].argmax(-1), attention_mask=torch.ones(1, 13, dtype=torch.long), cache_position=torch.tensor([12]))
+        eager_cache = copy.deepcopy(cache)
+        expected = model(**step, **{keyword: eager_cache}).logits
+        compiled = torch.compile(model, backend=lambda gm, inputs: aot_module_simplified(gm, inputs, fw_compiler=inspected))
+        got = compiled(**step, **{keyword: cache}).logits
+    assert len(graphs) == 1
+    written, static, inputs = graphs[0]
+    assert len(written) >= 2 * len(triton_step.WINDOW_CACHE)  # two converted layers' windows at least
+    assert set(written) <= static, [tuple(inputs[i].shape) for i in written if i not in static]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    for mine, theirs in zip(cache.layers[1:], eager_cache.layers[1:]):
+        assert mine.tensors.keys() == theirs.tensors.keys()
+        for name in mine.tensors:
+            torch.testing.assert_close(mine.tensors[name], theirs.tensors[name], rtol=1e-5, atol=1e-6)

@@ -47,7 +47,7 @@ kernel's registers: `WINDOW_CHUNK`.
 Arithmetic is float32; the rotated q and k and the window's heads are rounded to the input dtype where the PyTorch
 path rounds them (so the cached keys are bit-identical to its own), and the output is in the input dtype. The
 layouts of the states are the PyTorch path's, so prefill, static caches and saved models do not change. Each step is
-registered as a custom op (`torch.library.triton_op`, `OPS`), which a compiled decode step (static cache) calls;
+registered as a custom op (`torch.library.custom_op`, `OPS`), which a compiled decode step (static cache) calls;
 eager decoding launches the kernels without the op's dispatch.
 
 This module is shipped as remote code next to saved models: Triton is imported inside a try block, and where it is
@@ -56,6 +56,7 @@ the step off (fla's and flex_attention's kernels still run); `LINEARIZE_KERNELS=
 """
 
 import functools
+import inspect
 import os
 import re
 from typing import Callable, Optional
@@ -69,8 +70,6 @@ from .kernel_dispatch import mode as kernel_mode
 try:  # optional: Triton comes with CUDA builds of torch. transformers' remote-code import check skips try blocks.
     import triton
     import triton.language as tl
-    from torch._library.triton import is_wrap_triton_enabled, set_wrap_triton_enabled
-    from torch.library import triton_op, wrap_triton
 
     TRITON_PROBLEM = None
 except Exception as error:  # ImportError, or a broken Triton install
@@ -151,12 +150,6 @@ def fused_step_problem(
     return None
 
 
-def _wrapped(kernel):
-    """The kernel as the custom op traces it (`wrap_triton`), or itself where that is off (eager launches): torch 2.11's
-    `wrap_triton` refuses the interpreter's kernels before it looks whether it is on."""
-    return wrap_triton(kernel) if is_wrap_triton_enabled() else kernel
-
-
 def _launch(kernel, q, k, v, cos, sin, real, window_k, window_v, window_mask, scaling, softcap, *rule, **constants) -> Tensor:
     """Launch a rule's `kernel`, one program per (sequence, kv head), then shift the window's mask; returns the heads
     (B, H, 1, D) in q's dtype. The kernel takes the arguments shared by every rule, then the rule's own, `rule` (None
@@ -175,7 +168,7 @@ def _launch(kernel, q, k, v, cos, sin, real, window_k, window_v, window_mask, sc
     def given(t):  # q stands for an absent optional tensor; the kernel never reads it
         return q if t is None else t
 
-    _wrapped(kernel)[(batch, kv_heads)](
+    kernel[(batch, kv_heads)](
         q, k, v, given(cos), given(sin), given(real), given(window_k), given(window_v), given(window_mask), out,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         0 if cos is None or cos.shape[0] == 1 else cos.stride(0), 0 if real is None else real.stride(0),
@@ -186,7 +179,7 @@ def _launch(kernel, q, k, v, cos, sin, real, window_k, window_v, window_mask, sc
         num_warps=8, **constants,
     )
     if window_mask is not None and keep > 0:
-        _wrapped(_shift_mask_kernel)[(batch,)](
+        _shift_mask_kernel[(batch,)](
             window_mask, given(real), 0 if real is None else real.stride(0),
             KEEP=keep, BLOCK_KEEP=triton.next_power_of_2(keep), HAS_REAL=real is not None,
         )
@@ -686,31 +679,36 @@ if TRITON_PROBLEM is None:
         tl.debug_barrier()  # every entry is read before any is overwritten
         tl.store(window_mask + b * KEEP + rows, shifted, mask=rows < KEEP)
 
-    def _direct(launch: Callable[..., Tensor], *args) -> Tensor:
-        """`launch(*args)` with its kernels launched directly, not through `wrap_triton`, as eager code launches them."""
-        with set_wrap_triton_enabled(False):
-            return launch(*args)
-
-    def _registered(launch: Callable[..., Tensor], mutates: set[str]):
-        """`launch` as a custom op, and the step function that calls it: inside torch.compile the op, which the compiler
-        sees through; in eager the kernels launched directly, since the op's dispatch costs about 20 us of CPU a call
-        (2 cores). Named after this module and the rule: a saved model's copy of this module (remote code, imported
-        under another name) registers ops of its own beside the installed package's."""
-        op = triton_op(f"linearize::{re.sub(r'[^0-9A-Za-z_]', '_', __name__)}{launch.__name__}", launch, mutates_args=mutates)
+    def _registered(launch: Callable[..., Tensor], mutates: set[str], fake: Callable[..., Tensor]):
+        """`launch` as a custom op (`fake`: its output's shape and dtype from its arguments), and the function that calls
+        it: inside torch.compile the op, in eager the kernels launched directly, since the op's dispatch costs about 20 us
+        of CPU a call (2 cores). The op is opaque to the compiler, which takes what it writes from `mutates` alone. Seen
+        through (`triton_op`), inductor's own reading of the step kernels counted q, k, v, RoPE and the padding mask as
+        written too: a compiled static-cache step then mutated a graph input without a static address (the padding
+        mask), and CUDA graphs were skipped (H200, thirteenth session). Named after this module and the rule: a saved
+        model's copy of this module (remote code, imported under another name) registers ops of its own beside the
+        installed package's."""
+        op = torch.library.custom_op(f"linearize::{re.sub(r'[^0-9A-Za-z_]', '_', __name__)}{launch.__name__}", launch, mutates_args=mutates)
+        op.register_fake(fake)
 
         @functools.wraps(launch)
         def step(*args) -> Tensor:
-            return op(*args) if torch.compiler.is_compiling() else _direct(launch, *args)
+            return op(*args) if torch.compiler.is_compiling() else launch(*args)
 
         return op, step
+
+    def _heads(launch: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        """A step's output as the compiler sees it: q's shape and dtype, contiguous (`_launch`)."""
+        where = list(inspect.signature(launch).parameters).index("q")
+        return lambda *args: torch.empty_like(args[where], memory_format=torch.contiguous_format)
 
     WINDOW_CACHE = {"window_k", "window_v", "window_mask"}
     # The custom ops by mixer name, and the step functions that the mixers call.
     OPS = {}
-    OPS["gated_deltanet"], gated_deltanet_step = _registered(_gated_deltanet, {"conv", "recurrent", *WINDOW_CACHE})
-    OPS["gla"], gla_step = _registered(_gla, {"state", *WINDOW_CACHE})
-    OPS["mamba2"], mamba2_step = _registered(_mamba2, {"ssm", *WINDOW_CACHE})
-    OPS["hedgehog_swa"], hedgehog_swa_step = _registered(_hedgehog_swa, {"S", "z", "window_fk", *WINDOW_CACHE})
+    OPS["gated_deltanet"], gated_deltanet_step = _registered(_gated_deltanet, {"conv", "recurrent", *WINDOW_CACHE}, _heads(_gated_deltanet))
+    OPS["gla"], gla_step = _registered(_gla, {"state", *WINDOW_CACHE}, _heads(_gla))
+    OPS["mamba2"], mamba2_step = _registered(_mamba2, {"ssm", *WINDOW_CACHE}, _heads(_mamba2))
+    OPS["hedgehog_swa"], hedgehog_swa_step = _registered(_hedgehog_swa, {"S", "z", "window_fk", *WINDOW_CACHE}, _heads(_hedgehog_swa))
 
 else:
     OPS = {}

@@ -58,7 +58,7 @@ from .ops_window import _next_state, _with_context
 from .triton_step import DTYPES, INTERPRETED, MAX_HEAD_DIM, SWITCH, TRITON_PROBLEM, switch, turned_off
 
 if TRITON_PROBLEM is None:  # Triton as triton_step imported it: transformers' remote-code check skips relative imports
-    from .triton_step import _direct, _float32, _registered, _rounded, _wrapped, tl, triton
+    from .triton_step import _float32, _registered, _rounded, tl, triton
 
 # Queries a program takes and keys a tile holds, and the warps that take them: compiled for sm_90 at SmolLM2's shape,
 # blocks of 64 spill with 4 or 8 warps, of 32 with 8 warps not (module docstring).
@@ -198,7 +198,7 @@ def _forward(q, k, v, fq, fk, mask, prefix_S, prefix_z, sm_weight, ln_weight, wi
     out = torch.empty(batch, heads, length, v.shape[-1], dtype=v.dtype if stats is None else torch.float32, device=v.device)
     peak, den = (torch.empty(batch, heads, length, dtype=torch.float32, device=q.device) for _ in range(2)) if stats is not None else (out, out)
     strides, constants = _shared(q, k, v, fq, fk, mask, window, scaling, softcap)
-    _wrapped(_window_linear_kernel)[(batch * heads, triton.cdiv(length, BLOCK))](
+    _window_linear_kernel[(batch * heads, triton.cdiv(length, BLOCK))](
         q, k, v, fq, fk, mask, prefix_S, prefix_z, sm_weight, ln_weight, out, peak, den, *strides, STATS=stats is not None, **constants,
     )
     if stats is None:
@@ -221,12 +221,12 @@ def _backward(grad, out, q, k, v, fq, fk, mask, prefix_S, prefix_z, sm_weight, l
     top = torch.empty(peak.shape, dtype=torch.int32, device=q.device)
     block, warps = BACKWARD[q.dtype]
     strides, constants = _shared(q, k, v, fq, fk, mask, window, scaling, softcap, block, warps)
-    _wrapped(_window_linear_dq_kernel)[(batch * heads, triton.cdiv(length, block))](
+    _window_linear_dq_kernel[(batch * heads, triton.cdiv(length, block))](
         q, k, v, fq, fk, mask, prefix_S, prefix_z, sm_weight, ln_weight, grad, peak, rden, delta,
         dq, dfq, window_grad, linear_grad, top, *strides, **constants,
     )
     dk, dv, dfk = (torch.empty(x.shape, dtype=torch.float32, device=x.device) for x in (k, v, fk))
-    _wrapped(_window_linear_dk_kernel)[(batch * kv_heads, triton.cdiv(total, block))](
+    _window_linear_dk_kernel[(batch * kv_heads, triton.cdiv(total, block))](
         q, k, v, fq, fk, mask, sm_weight, ln_weight, grad, peak, rden, delta, window_grad, top,
         dk, dv, dfk, *strides, **constants,
     )
@@ -257,7 +257,7 @@ class _WindowPrefill(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, fq, fk, mask, prefix_S, prefix_z, sm_weight, ln_weight, window, scaling, softcap):
         stats = []
-        out = _direct(_forward, q, k, v, fq, fk, mask, prefix_S, prefix_z, sm_weight, ln_weight, window, scaling, softcap, stats)
+        out = _forward(q, k, v, fq, fk, mask, prefix_S, prefix_z, sm_weight, ln_weight, window, scaling, softcap, stats)
         ctx.save_for_backward(q, k, v, fq, fk, mask, prefix_S, prefix_z, sm_weight, ln_weight, *stats)
         ctx.options = (window, scaling, softcap)
         return out
@@ -265,7 +265,7 @@ class _WindowPrefill(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         q, k, v, fq, fk, mask, prefix_S, prefix_z, sm_weight, ln_weight, out, peak, den = ctx.saved_tensors
-        grads = _direct(_backward, grad, out, q, k, v, fq, fk, mask, prefix_S, prefix_z, sm_weight, ln_weight, peak, den, *ctx.options)
+        grads = _backward(grad, out, q, k, v, fq, fk, mask, prefix_S, prefix_z, sm_weight, ln_weight, peak, den, *ctx.options)
         inputs = (q, k, v, fq, fk, None, prefix_S, prefix_z, sm_weight, ln_weight)
         return (*(None if x is None else g.to(x.dtype) for g, x in zip(grads[:5] + (None,) + grads[5:], inputs)), None, None, None)
 
@@ -562,6 +562,8 @@ if TRITON_PROBLEM is None:
         tl.store(dfk + key[:, None] * WIDTH + f[None, :], d_fk, mask=in_cols[:, None] & (f < WIDTH)[None, :])
 
     # The custom op (which a compiled model calls) and the function that launches the kernel in eager code.
-    OP, window_prefill = _registered(_prefill, set())
+    OP, window_prefill = _registered(
+        _prefill, set(), lambda q, k, v, *rest: q.new_empty(*q.shape[:3], v.shape[-1], dtype=v.dtype, memory_format=torch.contiguous_format)
+    )
 else:
     OP = window_prefill = None
