@@ -190,25 +190,37 @@ def count_recordings() -> None:
 
 
 def name_skipped_mutations() -> None:
-    """Where torch.compile's CUDA-graph trees skip a graph for mutating an input that has no static address, print each
-    such input's shape and dtype and the op that mutates it (TORCH_LOGS=cudagraphs prints one stack trace only)."""
-    from torch._inductor import cudagraph_utils
+    """Where torch.compile skips CUDA graphs for a graph that mutates an input without a static address, print each
+    such input's shape and dtype (TORCH_LOGS=cudagraphs prints one stack trace only). Both of inductor's checks are
+    wrapped: at compile time (`check_for_mutation_ignore_cuda_graph_managed_tensor`, the graph's placeholders) and at
+    a CUDA-graph tree's recording (`cudagraph_trees.check_for_mutation`, the real inputs)."""
+    from torch._inductor import cudagraph_trees, cudagraph_utils
 
-    check = cudagraph_utils.check_for_mutation_ignore_cuda_graph_managed_tensor
+    def report(described: list[str]) -> None:
+        for line in described:
+            print(f"cudagraphs skipped: input {line} is mutated without a static address", file=sys.stderr, flush=True)
 
-    def named(gm, mutated_inputs, mutated_input_idxs, static_input_idxs):
-        reason = check(gm, mutated_inputs, mutated_input_idxs, static_input_idxs)
+    at_compile = cudagraph_utils.check_for_mutation_ignore_cuda_graph_managed_tensor
+
+    def compiled(gm, mutated_inputs, mutated_input_idxs, static_input_idxs):
+        reason = at_compile(gm, mutated_inputs, mutated_input_idxs, static_input_idxs)
         if reason is not None:
-            placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
-            for index in sorted(set(mutated_input_idxs) - set(static_input_idxs)):
-                node = placeholders[index]
-                value = node.meta.get("val")
-                users = sorted({str(user.target) for user in node.users})
-                print(f"cudagraphs skipped: input {index} ({node.name}, {tuple(getattr(value, 'shape', ()))}, "
-                      f"{getattr(value, 'dtype', None)}) is mutated without a static address; used by {users}", file=sys.stderr, flush=True)
+            nodes = [node for node in gm.graph.nodes if node.op == "placeholder"]
+            values = {index: nodes[index].meta.get("val") for index in set(mutated_input_idxs) - set(static_input_idxs)}
+            report([f"{index} ({nodes[index].name}, {tuple(getattr(v, 'shape', ()))}, {getattr(v, 'dtype', None)})" for index, v in sorted(values.items())])
         return reason
 
-    cudagraph_utils.check_for_mutation_ignore_cuda_graph_managed_tensor = named
+    at_recording = cudagraph_trees.check_for_mutation
+
+    def recorded(func, inputs, is_cuda_graph_recorded_tensor):
+        reason = at_recording(func, inputs, is_cuda_graph_recorded_tensor)
+        if reason is not None:
+            indices = [i for i in func.mutated_input_idxs if i not in func.static_input_idxs and not is_cuda_graph_recorded_tensor(inputs[i])]
+            report([f"{i} ({tuple(inputs[i].shape)}, {inputs[i].dtype})" for i in indices])
+        return reason
+
+    cudagraph_utils.check_for_mutation_ignore_cuda_graph_managed_tensor = compiled
+    cudagraph_trees.check_for_mutation = recorded
 
 
 def compile_counts() -> dict[str, int]:
