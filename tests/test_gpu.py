@@ -290,37 +290,51 @@ def test_fused_prefill_gradients_match_the_pytorch_path(dtype, window):
 def test_fused_prefill_in_a_compiled_training_step(monkeypatch, dtype):
     """hedgehog_swa's prefill kernel and its backward inside a recipe's compiled training step (`compile_layers`, one
     graph per decoder layer): a two-layer model at SmolLM2's heads (9 on 3, head dim 64), left-padded, 300 tokens, window
-    64, every parameter trained; loss and gradients equal the eager step's, which takes the kernels too."""
+    64, every parameter trained. In float32 the loss and gradients equal the eager step's (which takes the kernels too).
+    In bf16 compiled and eager steps round differently (inductor keeps the ops around the kernel in float32; on the
+    H200 one gradient of the two differed by 6.9e-2 of its largest entry): each is measured against the float32 step of
+    the same weights, and the compiled one may be off it by at most twice the eager one's error, plus 1e-2."""
     from linearize.distillation.loop import compile_layers, compile_limits, uncompile
     from linearize.hf import mixer_hedgehog, triton_window
 
     monkeypatch.setattr(triton_window, "COMPILED_TRAINING", True)
-    teacher = tiny_model(dtype=dtype, num_hidden_layers=2, hidden_size=576, num_attention_heads=9, num_key_value_heads=3)
-    model = linearize.convert(teacher, "hedgehog_swa", window=64).cuda()
-    model.requires_grad_(True)
+    teacher = tiny_model(dtype=torch.float32, num_hidden_layers=2, hidden_size=576, num_attention_heads=9, num_key_value_heads=3)
+    reference = linearize.convert(teacher, "hedgehog_swa", window=64).cuda()
+    model = copy.deepcopy(reference).to(dtype)
+    for m in (reference, model):
+        m.requires_grad_(True)
     ids, mask = left_padded(random_ids(2, 300), [37, 0])
     ids, mask = ids.cuda(), mask.cuda()
     calls = []
     launch = mixer_hedgehog.window_linear_prefill
     monkeypatch.setattr(mixer_hedgehog, "window_linear_prefill", lambda *a, **k: calls.append(1) or launch(*a, **k))
 
-    def step():
-        model.zero_grad()
-        loss = model(ids, attention_mask=mask, labels=ids).loss
+    def step(m):
+        m.zero_grad()
+        loss = m(ids, attention_mask=mask, labels=ids).loss
         loss.backward()
-        return loss.detach().float(), {name: p.grad.float() for name, p in model.named_parameters()}
+        return loss.detach().float(), {name: p.grad.float() for name, p in m.named_parameters()}
 
-    loss, grads = step()
+    loss, grads = step(model)
     assert len(calls) == 2
+    exact_loss, exact = step(reference) if dtype != torch.float32 else (loss, grads)
     monkeypatch.setattr(mixer_hedgehog, "window_linear_prefill", launch)
     layers = compile_layers(model)
     with compile_limits():
         for _ in range(2):  # the second step runs what the first compiled
-            compiled_loss, compiled = step()
+            compiled_loss, compiled = step(model)
     for layer in layers:
         uncompile(layer)
-    tolerance = {torch.float32: 1e-4, torch.bfloat16: 3e-2}[dtype]
-    assert_close(compiled_loss, loss, "loss", tolerance)
-    assert compiled.keys() == grads.keys()
-    for name, tensor in grads.items():
-        assert_close(compiled[name], tensor, name, tolerance)
+    assert compiled.keys() == grads.keys() == exact.keys()
+    if dtype == torch.float32:
+        assert_close(compiled_loss, loss, "loss", 1e-4)
+        for name, tensor in grads.items():
+            assert_close(compiled[name], tensor, name, 1e-4)
+        return
+
+    def gap(actual, expected):  # as assert_close measures it: the largest difference over the largest value
+        return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-6)).item()
+
+    assert_close(compiled_loss, exact_loss, "loss", 2 * gap(loss, exact_loss) + 1e-2)
+    for name, tensor in exact.items():
+        assert_close(compiled[name], tensor, name, 2 * gap(grads[name], tensor) + 1e-2)
