@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import statistics
 import time
 
@@ -28,6 +27,7 @@ from linearize.hf import kernel_dispatch
 from linearize.hf.attention import repeat_heads
 from linearize.hf.mixers import mixers_in
 from linearize.hf.windows import add_window
+from serving_speed import emit  # benchmarks/, the script's own folder, is on sys.path
 
 SMOLLM2 = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=1, num_attention_heads=9, num_key_value_heads=3,
                vocab_size=49152, max_position_embeddings=32768, rope_theta=100000.0)
@@ -113,12 +113,7 @@ def main():
         for name, call in calls.items():  # each row as it is measured: a run cut short keeps them
             with linearize.teacher_mode(model) if name.endswith("teacher") else contextlib.nullcontext():
                 host, busy = timed(call, device, args.repeats)
-            line = json.dumps({"length": length, "part": name, "host_ms": round(host, 3), "device_ms": round(busy, 3),
-                               "dtype": args.dtype, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"})
-            print(line, flush=True)
-            if out:
-                out.write(line + "\n")
-                out.flush()
+            emit({"length": length, "part": name, "host_ms": round(host, 3), "device_ms": round(busy, 3), "dtype": args.dtype}, device, out)
 
 
 if __name__ == "__main__":

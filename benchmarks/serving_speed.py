@@ -264,6 +264,15 @@ def main():
         pstats.Stats(args.profile).sort_stats("cumulative").print_stats(40)
 
 
+def emit(row: dict, device: torch.device, out) -> None:
+    """One JSON line, with the device's name, on stdout and in `out` (an open file, or None), flushed as it is measured."""
+    line = json.dumps({**row, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"})
+    print(line, flush=True)
+    if out:
+        out.write(line + "\n")
+        out.flush()
+
+
 def run(args):
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if device.type == "cuda":
@@ -298,12 +307,7 @@ def run(args):
                 with linearize.teacher_mode(first):
                     rows["teacher"] = measure(first, context, args.new_tokens, cache, device, args.bandwidth, trace("teacher", context, cache))
             for name, row in rows.items():
-                line = json.dumps({"model": name, "shape": None if args.students else args.shape, "dtype": args.dtype,
-                                   "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", **row})
-                print(line, flush=True)
-                if out:
-                    out.write(line + "\n")
-                    out.flush()
+                emit({"model": name, "shape": None if args.students else args.shape, "dtype": args.dtype, **row}, device, out)
 
 
 if __name__ == "__main__":

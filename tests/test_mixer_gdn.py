@@ -7,6 +7,7 @@ import torch.nn.functional as F
 import linearize
 from linearize import LinearizeError
 from linearize.hf.cache import MixerState
+from linearize.hf.mixer_gated_deltanet import convolve_heads, short_conv
 from tests.mixer_steps import assert_conv_state_forms_match, assert_window_mix_matches, converted_mixer, layer_inputs, parallel
 from tests.tiny import tiny_model
 
@@ -138,3 +139,40 @@ def test_bad_options_are_one_line_errors(options, message):
         linearize.convert(tiny_model(), "gated_deltanet", **options)
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+CONV_CASES = [
+    (1, True, False, torch.float32), (1, False, True, torch.bfloat16), (5, False, False, torch.float32),
+    (37, True, True, torch.bfloat16), (130, True, True, torch.float32), (3, True, True, torch.float64),
+]
+
+
+@pytest.mark.parametrize("length,with_cache,padded,dtype", CONV_CASES, ids=[f"T{t}-{'cache' if c else 'fresh'}-{'pad' if p else 'full'}-{str(d)[6:]}" for t, c, p, d in CONV_CASES])
+def test_convolve_heads_is_short_conv_over_the_concatenated_heads(length, with_cache, padded, dtype):
+    """The time-major convolution of q, k and v equals `short_conv` over their channel-major concatenation: outputs and
+    cache bit for bit in a prefill (the same products summed in the same order), to rounding in a decode step (a sum
+    over the taps, reduced along another dimension)."""
+    generator = torch.Generator().manual_seed(5)
+    batch, heads, kv_heads, d, taps = 2, 4, 2, 8, 4
+    q = torch.randn(batch, length, heads, d, generator=generator).to(dtype).transpose(1, 2)  # as the projections give them
+    k, v = (torch.randn(batch, length, kv_heads, d, generator=generator).to(dtype).transpose(1, 2) for _ in range(2))
+    channels = (heads + 2 * kv_heads) * d
+    weight = torch.randn(channels, taps, generator=generator)
+    wide = torch.promote_types(dtype, torch.float32)
+    # The cache holds earlier inputs: values of the inputs' dtype, kept in float32 (or wider).
+    cache = torch.randn(batch, channels, taps - 1, generator=generator).to(dtype).to(wide) if with_cache else None
+    mask = None
+    if padded:
+        mask = torch.ones(batch, length, dtype=torch.bool)
+        mask[0, : max(length - 2, 0)] = False
+    got = convolve_heads(q, k, v, weight, mask, cache)
+    x = torch.cat((q, k, v), dim=1).to(wide).transpose(2, 3).reshape(batch, channels, length)
+    out, expected_cache = short_conv(x, weight, cache, mask)
+    expected = out.reshape(batch, -1, d, length).transpose(2, 3).split((heads, kv_heads, kv_heads), dim=1)
+    for name, mine, theirs in zip(("q", "k", "v", "cache"), got, (*expected, expected_cache)):
+        assert mine.dtype == theirs.dtype == wide and mine.shape == theirs.shape, name
+        if length == 1:
+            torch.testing.assert_close(mine, theirs, rtol=1e-6, atol=1e-6, msg=name)
+        else:
+            assert torch.equal(mine, theirs), name
+    assert got[3].is_contiguous() and all(t.stride(-1) == 1 for t in got[:3])

@@ -32,3 +32,33 @@ def test_a_traced_prefill_reports_its_time_and_its_costliest_ops_by_caller(tmp_p
     assert cost["wall_ms"] > 0 and cost["kernels"] == 0  # no GPU here: no kernels
     table = (tmp_path / "prefill.txt").read_text()
     assert "Self CPU" in table and "aten::" in table and "mixer_gated_deltanet.py" in table
+
+
+def test_a_cuda_graph_skip_names_the_inputs_behind_it(monkeypatch, capsys):
+    """Both of inductor's checks print each input a graph writes without a static address, with its shape and dtype."""
+    from torch._inductor import cudagraph_trees, cudagraph_utils
+
+    monkeypatch.setattr(cudagraph_utils, "check_for_mutation_ignore_cuda_graph_managed_tensor", cudagraph_utils.check_for_mutation_ignore_cuda_graph_managed_tensor)
+    monkeypatch.setattr(cudagraph_trees, "check_for_mutation", cudagraph_trees.check_for_mutation)
+    serving_speed.name_skipped_mutations()
+
+    def step(state, mask):
+        state.add_(1)
+        return mask * 2
+
+    graph = torch.fx.symbolic_trace(step)
+    for node, value in zip(graph.graph.find_nodes(op="placeholder"), (torch.zeros(2, 3), torch.zeros(4, dtype=torch.bool))):
+        node.meta["val"] = value
+    assert cudagraph_utils.check_for_mutation_ignore_cuda_graph_managed_tensor(graph, {"state"}, [0], [1]) is not None
+    assert cudagraph_utils.check_for_mutation_ignore_cuda_graph_managed_tensor(graph, {"state"}, [0], [0, 1]) is None
+
+    class Recorded:  # what a CUDA-graph tree checks: the inputs it writes, those that are static, their placeholders
+        mutated_input_idxs, static_input_idxs = [0, 1], [0]
+        placeholders = cudagraph_utils.get_placeholder_info(graph.graph)
+
+    assert cudagraph_trees.check_for_mutation(Recorded, [torch.zeros(2, 3), torch.zeros(5, dtype=torch.bool)], lambda t: False) is not None
+    printed = capsys.readouterr().err.splitlines()
+    assert printed == [
+        "cudagraphs skipped: input 0 (state, (2, 3), torch.float32) is mutated without a static address",
+        "cudagraphs skipped: input 1 ((5,), torch.bool) is mutated without a static address",
+    ]

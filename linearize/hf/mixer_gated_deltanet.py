@@ -56,12 +56,7 @@ def short_conv(
         cache = x.new_zeros(batch, channels, kernel - 1)
     seq = torch.cat((cache.to(x.dtype), x), dim=-1)
     if padding_mask is not None:
-        pads = (~padding_mask).sum(-1, keepdim=True)  # (B, 1); pads are on the left
-        index = torch.arange(seq.shape[-1], device=x.device)
-        # Rotate each row's pads to the front as zeros: [cache, pads, real] -> [pads, cache, real].
-        source = torch.where(index >= pads + kernel - 1, index, index - pads).clamp_min(0)
-        keep = (index >= pads)[:, None, :]
-        seq = seq.gather(-1, source[:, None, :].expand(batch, channels, -1)) * keep
+        seq = _pads_first(seq, padding_mask, kernel, dim=2)
     weight = weight.to(x.dtype)
     # A few shifted multiply-adds: exact (the identity start returns x bit for bit) and faster than conv1d here;
     # a decode step's one output is a product and a sum.
@@ -71,6 +66,18 @@ def short_conv(
         out = sum(seq[..., j : j + length] * weight[:, j, None] for j in range(kernel))
     # A copy: a view would keep a long prefill's whole (B, C, T) input alive in the cache.
     return out, seq[..., seq.shape[-1] - (kernel - 1) :].clone()
+
+
+def _pads_first(seq: torch.Tensor, padding_mask: torch.Tensor, kernel: int, dim: int) -> torch.Tensor:
+    """seq, the K - 1 cached inputs then T new ones along `dim` (batch first), with each row's left pads (False in
+    `padding_mask` (B, T)) moved to the front as zeros: [cache, pads, real] -> [pads, cache, real]."""
+    pads = (~padding_mask).sum(-1, keepdim=True)  # (B, 1); pads are on the left
+    index = torch.arange(seq.shape[dim], device=seq.device)
+    source = torch.where(index >= pads + kernel - 1, index, index - pads).clamp_min(0)
+    keep = index >= pads
+    shape = [1] * seq.dim()
+    shape[0], shape[dim] = seq.shape[0], seq.shape[dim]
+    return seq.gather(dim, source.view(shape).expand(seq.shape)) * keep.view(shape)
 
 
 def check_conv_size(conv_size: int, name: str) -> None:
@@ -88,15 +95,35 @@ def convolve_heads(
     cache: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`short_conv` over the channels of q (B, H, T, D), k and v (B, Hkv, T, D), concatenated in that order
-    (weight: (C, K) with C = (H + 2 Hkv) D), in float32 or wider. Returns q, k, v and the new convolution cache."""
+    (weight: (C, K) with C = (H + 2 Hkv) D), in float32 or wider. Returns q, k, v and the new convolution cache
+    (B, C, K - 1), as `short_conv` leaves it.
+
+    Computed time-major, (B, T, C), the projections' own layout: the concatenation is the one copy before the K
+    shifted products, which read the inputs in their own dtype (the cache holds earlier inputs, exact in it), and the
+    heads come back as views with a contiguous last dimension. The products and their sum are `short_conv`'s, in the
+    same order, so the outputs are the same to the bit.
+    """
     batch, h, length, d = q.shape
     hkv = k.shape[1]
     dtype = torch.promote_types(q.dtype, torch.float32)
-    x = torch.cat((q, k, v), dim=1).to(dtype).transpose(2, 3).reshape(batch, -1, length)
-    out, cache = short_conv(x, weight, cache, padding_mask)
-    out = out.reshape(batch, -1, d, length).transpose(2, 3)
-    q, k, v = out.split((h, hkv, hkv), dim=1)
-    return q, k, v, cache
+    kernel = weight.shape[-1]
+    x = torch.cat([t.transpose(1, 2).reshape(batch, length, -1) for t in (q, k, v)], dim=-1)
+    channels = x.shape[-1]
+    head = x.new_zeros(batch, kernel - 1, channels) if cache is None else cache.transpose(1, 2).to(x.dtype)
+    seq = torch.cat((head, x), dim=1)
+    if padding_mask is not None:
+        seq = _pads_first(seq, padding_mask, kernel, dim=1)
+    taps = weight.to(dtype).t()  # (K, C)
+    if length == 1:
+        out = (seq * taps).sum(1, keepdim=True)
+    else:
+        out = seq[:, :length] * taps[0]
+        for j in range(1, kernel):
+            out = out + seq[:, j : j + length] * taps[j]
+    # A copy: a view would keep a long prefill's whole input alive in the cache.
+    cache = seq[:, seq.shape[1] - (kernel - 1) :].transpose(1, 2).to(dtype, copy=True, memory_format=torch.contiguous_format)
+    q, k, v = out.split((h * d, hkv * d, hkv * d), dim=-1)
+    return (*(t.reshape(batch, length, -1, d).transpose(1, 2) for t in (q, k, v)), cache)
 
 
 @dataclass
