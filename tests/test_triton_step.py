@@ -1,16 +1,13 @@
 """The fused decode steps of `gated_deltanet`, `gla`, `mamba2` and `hedgehog_swa` (triton_step.py) against the PyTorch
 decode path, on the CPU through Triton's interpreter: outputs and next states step by step, the custom ops against the
-eager launches, and a whole model's cached generation; and every kernel compiled for a GPU (sm_90) on the CPU. Skipped
-where Triton is not installed (it is in the `dev` extra). A compiled step cannot be traced through interpreted kernels
-(fake tensors have no data); test_gpu.py compiles one on CUDA. The interpreter is slow (about 0.1 s a program of a
+eager launches, and a whole model's cached generation (test_kernels_compile.py compiles every kernel for a GPU). Skipped
+where Triton is not installed (it is in the `dev` extra). A compiled step is traced through the ops' fake
+implementations (test_fused_step_traces.py); test_gpu.py compiles one on CUDA. The interpreter is slow (about 0.1 s a program of a
 step), so the cases are few and small."""
 
 import copy
 import dataclasses
 import importlib
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -291,75 +288,6 @@ def test_hedgehog_swa_with_more_features_than_a_head_has_dimensions_stays_on_pyt
         model(ids, cache=cache, use_cache=True)
         model(ids[:, :1], cache=cache, use_cache=True)
     assert fused == []
-
-
-def compile_kernels() -> None:
-    """Compile every step's kernel for sm_90 (bf16, 8 warps) at SmolLM2's shape, window 64 (hedgehog_swa: 256 too), and
-    hedgehog_swa's prefill kernels (triton_window.py, forward and backward, its blocks and warps) likewise, on the CPU:
-    Triton's compiler and its bundled ptxas need no GPU. Their float arguments are typed float32, as an eager launch passes
-    them, and float64, as torch.compile's inductor does (on an H200 a compiled decode step failed to compile there). Run
-    where TRITON_INTERPRET is unset."""
-    import itertools
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from linearize.hf import triton_window
-
-    states = {"conv", "recurrent", "state", "ssm", "S", "z", "window_fk"}
-    cases = [(name, 64, "fp32") for name in MIXERS] + [("hedgehog_swa", 256, "fp32")] + [(name, 64, "fp64") for name in MIXERS]
-    for name, window, scalar in cases:
-        kernel = getattr(triton_step, f"_{name}_kernel")
-        constants = dict(
-            HEADS=9, KV_HEADS=3, DIM=64, KEEP=window - 1, ROT=64, BLOCK_DIM=64, BLOCK_WINDOW=window, HAS_REAL=True,
-            WINDOW=True, SOFTCAP=True, HIDDEN=576, BLOCK_HIDDEN=256, TAPS=4, BLOCK_TAPS=4, FEATURES=64, BLOCK_FEATURES=64,
-            CHUNK=min(window, triton_step.WINDOW_CHUNK // 64),
-        )
-        signature = {}
-        for param in kernel.params:
-            if param.is_constexpr:
-                signature[param.name] = "constexpr"
-            elif param.name.startswith("stride"):
-                signature[param.name] = "i32"
-            elif param.name in ("scaling", "softcap", "gate_normalizer"):
-                signature[param.name] = scalar
-            else:
-                signature[param.name] = "*i1" if param.name in ("real", "window_mask") else "*fp32" if param.name in states else "*bf16"
-        given = {param.name: constants[param.name] for param in kernel.params if param.is_constexpr}
-        triton.compile(ASTSource(kernel, signature, constexprs=given), target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
-    # The prefill's forward (bf16, with and without the statistics its backward reads) and its two backward kernels
-    # (bf16 and fp32, each with its blocks and warps).
-    halves = {"q", "k", "v", "out", "grad"}
-    prefill = [(triton_window._window_linear_kernel, "bf16", triton_window.BLOCK, triton_window.WARPS, {"STATS": stats}) for stats in (False, True)]
-    prefill += [
-        (kernel, name, *triton_window.BACKWARD[dtype], {})
-        for kernel in (triton_window._window_linear_dq_kernel, triton_window._window_linear_dk_kernel)
-        for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32))
-    ]
-    for (kernel, dtype, block, warps, own), (window, scalar) in itertools.product(prefill, ((64, "fp32"), (256, "fp32"), (64, "fp64"))):
-        signature = {
-            param.name: "constexpr" if param.is_constexpr else "*i1" if param.name == "mask" else "*i32" if param.name == "top"
-            else scalar if param.name in ("scaling", "softcap") else f"*{dtype}" if param.name in halves
-            else "i32" if param.name.startswith("stride") or param.name in ("length", "total", "chunks") else "*fp32"
-            for param in kernel.params
-        }
-        constants = dict(
-            HEADS=9, KV_HEADS=3, DIM=64, VALUE_DIM=64, WIDTH=128, BLOCK_DIM=64, BLOCK_VALUE=64, BLOCK_WIDTH=128, BLOCK=block,
-            CHUNK=triton_window.CHUNK, WINDOW=window, SOFTCAP=True, PRECISION="ieee" if dtype == "fp32" else "tf32", INTERPRETED=False,
-            **own,
-        )
-        triton.compile(ASTSource(kernel, signature, constexprs=constants), target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-
-
-@needs_triton
-def test_every_kernel_compiles_for_a_gpu():
-    """The interpreter runs code that Triton's compiler refuses (a loop-carried variable whose type changes, as one
-    did in hedgehog_swa's kernel): compiled in a subprocess, since the kernels here are interpreted."""
-    environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    code = "from tests.test_triton_step import compile_kernels; compile_kernels()"
-    done = subprocess.run([sys.executable, "-c", code], env=environment, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def test_a_bad_switch_is_a_one_line_error(monkeypatch):
