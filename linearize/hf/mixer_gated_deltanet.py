@@ -98,28 +98,32 @@ def convolve_heads(
     (weight: (C, K) with C = (H + 2 Hkv) D), in float32 or wider. Returns q, k, v and the new convolution cache
     (B, C, K - 1), as `short_conv` leaves it.
 
-    Computed time-major, (B, T, C), the projections' own layout: the concatenation is the one copy before the K
-    shifted products, which read the inputs in their own dtype (the cache holds earlier inputs, exact in it), and the
-    heads come back as views with a contiguous last dimension. The products and their sum are `short_conv`'s, in the
-    same order, so the outputs are the same to the bit.
+    A prefill is computed time-major, (B, T, C), the projections' own layout: the concatenation is the one copy before
+    the K shifted products, which read the inputs in their own dtype (the cache holds earlier inputs, exact in it), and
+    the heads come back as views with a contiguous last dimension. A decode step stays channel-major, in a dozen
+    operations (a decode step on the CPU is bound by their count). Either way the products and their sums are
+    `short_conv`'s, in the same order, so the outputs are the same to the bit.
     """
     batch, h, length, d = q.shape
     hkv = k.shape[1]
     dtype = torch.promote_types(q.dtype, torch.float32)
     kernel = weight.shape[-1]
+    if length == 1:  # a decode step: channel-major, as `short_conv` computes it, in the fewest operations
+        x = torch.cat((q, k, v), dim=1).reshape(batch, -1, 1)
+        seq = torch.cat((x.new_zeros(batch, x.shape[1], kernel - 1) if cache is None else cache.to(x.dtype), x), dim=-1)
+        if padding_mask is not None:
+            seq = _pads_first(seq, padding_mask, kernel, dim=2)
+        out = (seq * weight.to(dtype)).sum(-1).view(batch, -1, 1, d)
+        return (*out.split((h, hkv, hkv), dim=1), seq[..., 1:].to(dtype, copy=True))
     x = torch.cat([t.transpose(1, 2).reshape(batch, length, -1) for t in (q, k, v)], dim=-1)
-    channels = x.shape[-1]
-    head = x.new_zeros(batch, kernel - 1, channels) if cache is None else cache.transpose(1, 2).to(x.dtype)
+    head = x.new_zeros(batch, kernel - 1, x.shape[-1]) if cache is None else cache.transpose(1, 2).to(x.dtype)
     seq = torch.cat((head, x), dim=1)
     if padding_mask is not None:
         seq = _pads_first(seq, padding_mask, kernel, dim=1)
     taps = weight.to(dtype).t()  # (K, C)
-    if length == 1:
-        out = (seq * taps).sum(1, keepdim=True)
-    else:
-        out = seq[:, :length] * taps[0]
-        for j in range(1, kernel):
-            out = out + seq[:, j : j + length] * taps[j]
+    out = seq[:, :length] * taps[0]
+    for j in range(1, kernel):
+        out = out + seq[:, j : j + length] * taps[j]
     # A copy: a view would keep a long prefill's whole input alive in the cache.
     cache = seq[:, seq.shape[1] - (kernel - 1) :].transpose(1, 2).to(dtype, copy=True, memory_format=torch.contiguous_format)
     q, k, v = out.split((h * d, hkv * d, hkv * d), dim=-1)
