@@ -100,21 +100,17 @@ def convolve_heads(
 
     A prefill is computed time-major, (B, T, C), the projections' own layout: the concatenation is the one copy before
     the K shifted products, which read the inputs in their own dtype (the cache holds earlier inputs, exact in it), and
-    the heads come back as views with a contiguous last dimension. A decode step stays channel-major, in a dozen
-    operations (a decode step on the CPU is bound by their count). Either way the products and their sums are
-    `short_conv`'s, in the same order, so the outputs are the same to the bit.
+    the heads come back as views with a contiguous last dimension. A decode step is `short_conv` itself, on the
+    heads' channel-major view. Either way the products and their sums are `short_conv`'s, in the same order, so the
+    outputs are the same to the bit.
     """
     batch, h, length, d = q.shape
     hkv = k.shape[1]
     dtype = torch.promote_types(q.dtype, torch.float32)
     kernel = weight.shape[-1]
-    if length == 1:  # a decode step: channel-major, as `short_conv` computes it, in the fewest operations
-        x = torch.cat((q, k, v), dim=1).reshape(batch, -1, 1)
-        seq = torch.cat((x.new_zeros(batch, x.shape[1], kernel - 1) if cache is None else cache.to(x.dtype), x), dim=-1)
-        if padding_mask is not None:
-            seq = _pads_first(seq, padding_mask, kernel, dim=2)
-        out = (seq * weight.to(dtype)).sum(-1).view(batch, -1, 1, d)
-        return (*out.split((h, hkv, hkv), dim=1), seq[..., 1:].to(dtype, copy=True))
+    if length == 1:  # a decode step: `short_conv` itself, channel-major (a (B, C, 1) view of the heads)
+        out, cache = short_conv(torch.cat((q, k, v), dim=1).to(dtype).reshape(batch, -1, 1), weight, cache, padding_mask)
+        return (*out.view(batch, -1, 1, d).split((h, hkv, hkv), dim=1), cache)
     x = torch.cat([t.transpose(1, 2).reshape(batch, length, -1) for t in (q, k, v)], dim=-1)
     head = x.new_zeros(batch, kernel - 1, x.shape[-1]) if cache is None else cache.transpose(1, 2).to(x.dtype)
     seq = torch.cat((head, x), dim=1)
