@@ -1,7 +1,8 @@
 """Where one converted layer's prefill spends its time, part by part, beside the teacher's attention layer: the host's
 milliseconds to launch each part (what a batch-1 prefill at 2K-8K waits on) and the device's milliseconds to run it
-(what a 32K prefill waits on). With --variants, the gated delta rule is also timed as fla could take it: q, k and v in
-the model's dtype instead of float32, and with fla's own q/k L2 norm (`use_qk_l2norm_in_kernel`).
+(what a 32K prefill waits on). With --variants, the gated delta rule is also timed as fla could take it otherwise: q, k
+and v in float32 (as the mixers passed them before fla read the model's dtype), and with fla's own q/k L2 norm
+(`use_qk_l2norm_in_kernel`).
 
 Random weights at SmolLM2-135M's shape (one decoder layer), batch 1, no padding, no cache: the parts of
 `GatedDeltaNetMixer.mix` called one by one (projections, short convolution, L2 norm, kv-head repeat, gates, the gated
@@ -63,7 +64,8 @@ def parts(mixer, hidden, position_embeddings, variants: bool) -> dict:
     groups = mixer.spec.groups
     rk, rv = repeat_heads(nk, groups), repeat_heads(cv, groups)
     beta, g = mixer.gates(hidden, None)
-    out, _ = kernel_dispatch.gated_delta_rule(nq, rk, rv, g, beta, 1.0)
+    dtype = hidden.dtype
+    out, _ = kernel_dispatch.gated_delta_rule(nq, rk, rv, g, beta, 1.0, dtype=dtype)
     share = torch.sigmoid(mixer.window_logit.to(out.dtype))
     calls = {
         "projections": lambda: mixer.project(hidden),
@@ -71,18 +73,16 @@ def parts(mixer, hidden, position_embeddings, variants: bool) -> dict:
         "L2 norm of q and k": lambda: (F.normalize(cq, dim=-1), F.normalize(ck, dim=-1)),
         "kv-head repeat": lambda: (repeat_heads(nk, groups), repeat_heads(cv, groups)),
         "gates": lambda: mixer.gates(hidden, None),
-        f"gated delta rule ({nq.dtype} inputs, as called)": lambda: kernel_dispatch.gated_delta_rule(nq, rk, rv, g, beta, 1.0),
+        f"gated delta rule ({dtype} inputs to fla, as called)": lambda: kernel_dispatch.gated_delta_rule(nq, rk, rv, g, beta, 1.0, dtype=dtype),
         "window and mix": lambda: add_window(mixer.spec, mixer.window, out, share, q, k, v, position_embeddings, None, None),
         "mixer, whole": lambda: mixer.mix(hidden, q, k, v, position_embeddings, None, None),
         "attention module, converted": lambda: mixer(hidden, position_embeddings=position_embeddings, attention_mask=None),
     }
     if variants and kernel_dispatch.fla_problem() is None and hidden.is_cuda:
-        dtype = hidden.dtype
-        lq, lk, lv, lb = (x.to(dtype) for x in (nq, rk, rv, beta))
-        calls[f"gated delta rule ({dtype} inputs)"] = lambda: kernel_dispatch.gated_delta_rule(lq, lk, lv, g, lb, 1.0)
-        raw = kernel_dispatch._bthd(cq.to(dtype), repeat_heads(ck, groups).to(dtype), lv, g.float(), lb)
+        calls[f"gated delta rule ({nq.dtype} inputs to fla)"] = lambda: kernel_dispatch.gated_delta_rule(nq, rk, rv, g, beta, 1.0)
+        raw = kernel_dispatch._bthd(dtype, cq, repeat_heads(ck, groups), rv, beta) + kernel_dispatch._bthd(None, g.float())
         calls[f"fla, {dtype} inputs, L2 norm in the kernel"] = lambda: kernel_dispatch.fla_chunk_gated_delta_rule(
-            raw[0], raw[1], raw[2], g=raw[3], beta=raw[4], scale=1.0, use_qk_l2norm_in_kernel=True
+            raw[0], raw[1], raw[2], g=raw[4], beta=raw[3], scale=1.0, use_qk_l2norm_in_kernel=True
         )
     return calls
 

@@ -128,6 +128,22 @@ def test_mixer_on_gpu_both_paths_and_cached_generation(name, monkeypatch):
     assert torch.equal(model.generate(**settings), model.generate(**settings, use_cache=False))
 
 
+@pytest.mark.parametrize("name", ["gated_deltanet", "qwen3_5_gdn", "gla", "hedgehog", "mamba2"])
+def test_a_bfloat16_model_on_fla_matches_its_pytorch_path(name, monkeypatch):
+    """A bf16 model at SmolLM2's heads (9 on 3, head dim 64), left-padded, 300 tokens: fla reads q, k and v in bf16
+    (`kernel_dispatch`), the PyTorch path computes in float32; the logits agree to bf16 rounding."""
+    teacher = tiny_model(dtype=torch.bfloat16, num_hidden_layers=2, hidden_size=576, num_attention_heads=9, num_key_value_heads=3)
+    model = linearize.convert(teacher, name).cuda()
+    ids, mask = left_padded(random_ids(2, 300), [37, 0])
+    ids, mask = ids.cuda(), mask.cuda()
+    with torch.no_grad():
+        fast = model(ids, attention_mask=mask).logits
+        monkeypatch.setenv("LINEARIZE_KERNELS", "torch")
+        slow = model(ids, attention_mask=mask).logits
+    assert fast.dtype == torch.bfloat16
+    assert rel(fast[1], slow[1]) < 3e-2 and rel(fast[0, 37:], slow[0, 37:]) < 3e-2
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_graph_decoder_equals_generate(name):
     options = dict(MIXERS[name])

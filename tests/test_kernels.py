@@ -118,3 +118,44 @@ def test_a_compiled_decode_step_keeps_the_recurrence_in_pytorch(monkeypatch):
     torch.testing.assert_close(state, expected_state)
     monkeypatch.setenv("LINEARIZE_KERNELS", "fla")
     assert kernels._pick(q, q, decode=True)
+
+
+def _fla_stand_in(reference, seen, name):
+    """An fla op's stand-in on the CPU: fla's (B, T, H, D) layout in and out, records the dtypes it was given, computes
+    with the PyTorch reference in float32 and returns the output in q's dtype, as fla does."""
+
+    def op(q, k, v, *gates, g=None, beta=None, scale=None, initial_state=None, output_final_state=False):
+        gates = gates or (g, beta)
+        seen[name] = [None if t is None else t.dtype for t in (q, k, v, *gates)]
+        heads = [None if t is None else t.transpose(1, 2).float() for t in (q, k, v, *gates)]
+        if name == "simple_gla" and heads[3] is None:
+            heads[3] = heads[0].new_zeros(heads[0].shape[:3])
+        o, state = reference(*heads, scale=scale, initial_state=initial_state)
+        return o.to(q.dtype).transpose(1, 2), state if output_final_state else None
+
+    return op
+
+
+@pytest.mark.parametrize("mixer", ["gated_deltanet", "qwen3_5_gdn", "gla", "hedgehog", "mamba2", "bamba_mamba2"])
+def test_fla_reads_a_bfloat16_models_inputs_in_bfloat16(monkeypatch, mixer):
+    """A bf16 model's mixers compute q, k, v and gates in float32, and fla reads them in bf16 (half the bytes, its
+    accumulation float32 either way); log-decays stay float32. The stand-ins put fla's layout around the PyTorch
+    reference, so the logits match the PyTorch path's to bf16 rounding."""
+    from linearize.hf.ops_delta import chunk_gated_delta_rule
+    from linearize.hf.ops_gated import chunk_simple_gla
+
+    seen = {}
+    for name, reference in (("gla", chunk_gla), ("simple_gla", chunk_simple_gla), ("gated_delta_rule", chunk_gated_delta_rule)):
+        monkeypatch.setattr(kernels, f"fla_chunk_{name}", _fla_stand_in(reference, seen, name), raising=False)
+    model = linearize.convert(tiny_model(dtype=torch.bfloat16, hidden_size=128, num_attention_heads=4, num_key_value_heads=2), mixer)
+    ids = random_ids(2, 37)
+    with torch.no_grad():
+        expected = model(ids).logits.float()
+        monkeypatch.setattr(kernels, "backend", lambda device, head_dims, dtype: ("fla", None))
+        got = model(ids).logits.float()
+    ((name, dtypes),) = seen.items()
+    assert dtypes[:3] == [torch.bfloat16] * 3, dtypes  # q, k, v
+    assert dtypes[3] in (torch.float32, None), dtypes  # g: log-decays (None: plain linear attention)
+    if name == "gated_delta_rule":
+        assert dtypes[4] == torch.bfloat16  # beta
+    assert ((got - expected).norm() / expected.norm()).item() < 2e-2

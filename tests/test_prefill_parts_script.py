@@ -8,7 +8,7 @@ from tests.conftest import REPO_ROOT
 
 PARTS = {
     "projections", "short convolution", "L2 norm of q and k", "kv-head repeat", "gates",
-    "gated delta rule (torch.float32 inputs, as called)", "window and mix", "mixer, whole", "attention module, converted",
+    "gated delta rule (torch.float32 inputs to fla, as called)", "window and mix", "mixer, whole", "attention module, converted",
     "attention module, teacher",
 }
 

@@ -143,7 +143,9 @@ class BambaMamba2(Mixer):
         dt = self.steps(hidden_states, padding_mask)
         g = -self.A_log.to(dt.dtype).exp()[:, None] * dt
         decode = state is not None and q.shape[2] == 1
-        y, ssm = simple_gla(c, b * dt[..., None], x, g, 1.0, tensors.get("ssm"), decode=decode, output_state=state is not None)
+        y, ssm = simple_gla(
+            c, b * dt[..., None], x, g, 1.0, tensors.get("ssm"), decode=decode, output_state=state is not None, dtype=hidden_states.dtype
+        )
         if state is not None:
             state.write({"conv": conv, "ssm": ssm})
         y = y + self.D.to(x.dtype)[:, None, None] * x

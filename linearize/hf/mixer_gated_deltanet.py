@@ -214,7 +214,7 @@ class GatedDeltaNetMixer(FusedStepMixer):
         ck, cv = repeat_heads(ck, groups), repeat_heads(cv, groups)
         beta, g = self.gates(hidden_states, padding_mask)
         out, recurrent = gated_delta_rule(
-            cq, ck, cv, g, beta, 1.0, tensors.get("recurrent"), decode=decode, output_state=state is not None
+            cq, ck, cv, g, beta, 1.0, tensors.get("recurrent"), decode=decode, output_state=state is not None, dtype=hidden_states.dtype
         )
         new = {"conv": conv, "recurrent": recurrent}
         if self.window:

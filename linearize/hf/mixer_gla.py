@@ -72,7 +72,7 @@ class GLAMixer(FusedStepMixer):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, padding_mask: torch.Tensor | None, state: torch.Tensor | None, decode: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised GLA heads and the final state (B, Hkv, D, D + 1), continuing from `state` when given."""
-        acc = torch.promote_types(q.dtype, torch.float32)
+        dtype, acc = q.dtype, torch.promote_types(q.dtype, torch.float32)
         q, k, v = q.to(acc), k.to(acc), v.to(acc)
         fq, fk = torch.softmax(q, dim=-1), torch.softmax(k, dim=-1)
         gate = F.logsigmoid(k) / self.options.gate_normalizer
@@ -85,7 +85,7 @@ class GLAMixer(FusedStepMixer):
         fk, gate, values = (repeat_heads(x, groups) for x in (fk, gate, values))
         if state is not None:
             state = repeat_heads(state, groups)
-        out, final = gla(fq, fk, values, gate, scale=1.0, initial_state=state, decode=decode, output_state=True)
+        out, final = gla(fq, fk, values, gate, scale=1.0, initial_state=state, decode=decode, output_state=True, dtype=dtype)
         num, den = out[..., :-1], out[..., -1:]
         # den is 0 where no real key has been seen yet (under left padding), and num with it.
         # A copy of one head per group: a view would keep every query head's state.

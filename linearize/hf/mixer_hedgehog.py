@@ -106,6 +106,7 @@ class HedgehogMixer(Mixer):
             initial_state=None if initial is None else repeat_heads(initial, groups),
             decode=state is not None and q.shape[2] == 1,
             output_state=state is not None,
+            dtype=v.dtype,
         )
         if state is not None:
             state.write({"S": final[:, ::groups].clone()})  # a copy: a view would keep every query head's state

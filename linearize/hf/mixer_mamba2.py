@@ -109,7 +109,9 @@ class Mamba2Mixer(FusedStepMixer):
         tensors = state.tensors if state is not None else None
         initial = tensors.get("ssm") if tensors is not None else None
         decode = state is not None and q.shape[2] == 1
-        y, ssm = simple_gla(c, b * dt[..., None], x, g, self.spec.scaling, initial, decode=decode, output_state=state is not None)
+        y, ssm = simple_gla(
+            c, b * dt[..., None], x, g, self.spec.scaling, initial, decode=decode, output_state=state is not None, dtype=q.dtype
+        )
         new = {"ssm": ssm}
         y = y + self.D.to(dtype)[:, None, None] * x
         if self.window:

@@ -132,7 +132,8 @@ class Qwen35GatedDeltaNet(Mixer):
         beta, g = self.gates(hidden_states, padding_mask)
         decode = state is not None and q.shape[2] == 1
         out, recurrent = gated_delta_rule(
-            cq, ck, cv, g, beta, self.spec.head_dim**-0.5, tensors.get("recurrent"), decode=decode, output_state=state is not None
+            cq, ck, cv, g, beta, self.spec.head_dim**-0.5, tensors.get("recurrent"), decode=decode, output_state=state is not None,
+            dtype=hidden_states.dtype,
         )
         if state is not None:
             state.write({"conv": conv, "recurrent": recurrent})
