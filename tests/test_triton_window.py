@@ -286,6 +286,37 @@ def test_a_training_step_through_the_kernel_equals_the_pytorch_paths(fused, monk
         assert_close(grads[name], tensor, name, 1e-4)
 
 
+@needs_triton
+def test_a_compiled_training_step_through_the_kernel_equals_the_eager_one(fused, monkeypatch):
+    """A recipe's compiled training step (`compile_layers`: one graph per decoder layer) calls the kernel's forward and
+    backward as custom ops: a tiny two-layer model, left-padded, every parameter trained, gives the eager step's loss and
+    gradients."""
+    from linearize.distillation.loop import compile_layers, compile_limits, uncompile
+
+    monkeypatch.setattr(triton_window, "COMPILED_TRAINING", True)
+    model = linearize.convert(tiny_model(dtype=torch.float32, num_hidden_layers=2), "hedgehog_swa", window=3)
+    model.requires_grad_(True)
+    ids, mask = left_padded(random_ids(2, 9), [3, 0])
+
+    def step():
+        model.zero_grad()
+        loss = model(ids, attention_mask=mask, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    loss, grads = step()
+    layers = compile_layers(model)
+    with compile_limits():
+        for _ in range(2):  # the second step runs what the first compiled
+            compiled_loss, compiled = step()
+    for layer in layers:
+        uncompile(layer)
+    assert fused == [(2, 4, 9, 16)] * 6
+    assert_close(compiled_loss, loss, "loss", 1e-6)
+    for name, tensor in grads.items():
+        assert_close(compiled[name], tensor, name, 1e-5)
+
+
 @pytest.mark.core
 @needs_triton
 def test_the_prefill_is_left_to_pytorch_where_it_cannot_run(fused, monkeypatch):

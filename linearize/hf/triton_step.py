@@ -679,17 +679,22 @@ if TRITON_PROBLEM is None:
         tl.debug_barrier()  # every entry is read before any is overwritten
         tl.store(window_mask + b * KEEP + rows, shifted, mask=rows < KEEP)
 
+    def _operator(launch: Callable, mutates: set[str], fake: Callable):
+        """`launch` as a custom op that writes the arguments named in `mutates`, with `fake` for the compiler. Named after
+        this module and the function: a saved model's copy of this module (remote code, imported under another name)
+        registers ops of its own beside the installed package's."""
+        op = torch.library.custom_op(f"linearize::{re.sub(r'[^0-9A-Za-z_]', '_', __name__)}{launch.__name__}", launch, mutates_args=mutates)
+        op.register_fake(fake)
+        return op
+
     def _registered(launch: Callable[..., Tensor], mutates: set[str], fake: Callable[..., Tensor]):
         """`launch` as a custom op (`fake`: its output's shape and dtype from its arguments), and the function that calls
         it: inside torch.compile the op, in eager the kernels launched directly, since the op's dispatch costs about 20 us
         of CPU a call (2 cores). The op is opaque to the compiler, which takes what it writes from `mutates` alone. Seen
         through (`triton_op`), inductor's own reading of the step kernels counted q, k, v, RoPE and the padding mask as
         written too: a compiled static-cache step then mutated a graph input without a static address (the padding
-        mask), and CUDA graphs were skipped (H200, thirteenth session). Named after this module and the rule: a saved
-        model's copy of this module (remote code, imported under another name) registers ops of its own beside the
-        installed package's."""
-        op = torch.library.custom_op(f"linearize::{re.sub(r'[^0-9A-Za-z_]', '_', __name__)}{launch.__name__}", launch, mutates_args=mutates)
-        op.register_fake(fake)
+        mask), and CUDA graphs were skipped (H200, thirteenth session)."""
+        op = _operator(launch, mutates, fake)
 
         @functools.wraps(launch)
         def step(*args) -> Tensor:

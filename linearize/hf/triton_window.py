@@ -20,8 +20,8 @@ ptxas (bf16, BLOCK 32, 8 warps), at SmolLM2's shape (head dim 64, feature dim 64
 registers a thread and spills none, at window 64 and 256 (fp16 alike; float32 spills 32 bytes); blocks of 64 spill 52
 bytes with 8 warps and 88 with 4. At head dim 128 (2F = 256) it spills 1.8 KB.
 
-The backward runs where an input requires grad (`_WindowPrefill`, an autograd Function around the kernel, which then
-also writes each query's m_t and normaliser den_t). With do_t the output's gradient and D_t = do_t . o_t, every key weight
+The backward runs where an input requires grad (`TRAIN_OP`, a custom op around the kernel, which then also writes each
+query's m_t and normaliser den_t, with `BACKWARD_OP` registered as its gradient). With do_t the output's gradient and D_t = do_t . o_t, every key weight
 a_s of query t (window: sm_weight exp(sigma_s - m_t), linear: ln_weight fq_t . fk_s) has da_s = (do_t . v_s - D_t) /
 den_t, and dv_s gains a_s do_t / den_t. A window weight's score gains da_s a_s, and the query's top key's score (the
 argmax behind m_t, which is not detached, as in the reference) loses their sum; through the softcap's slope and scaling
@@ -58,7 +58,7 @@ from .ops_window import _next_state, _with_context
 from .triton_step import DTYPES, INTERPRETED, MAX_HEAD_DIM, SWITCH, TRITON_PROBLEM, switch, turned_off
 
 if TRITON_PROBLEM is None:  # Triton as triton_step imported it: transformers' remote-code check skips relative imports
-    from .triton_step import _float32, _registered, _rounded, tl, triton
+    from .triton_step import _float32, _operator, _registered, _rounded, tl, triton
 
 # Queries a program takes and keys a tile holds, and the warps that take them: compiled for sm_90 at SmolLM2's shape,
 # blocks of 64 spill with 4 or 8 warps, of 32 with 8 warps not (module docstring).
@@ -134,7 +134,7 @@ def window_linear_prefill(
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_all, v_all, fq, fk_all, S, z, sm, ln)):
         mask = mask.contiguous()
         prefix_S, prefix_z = prefix_states(fk_all, v_all, mask, S.to(torch.float32), z.to(torch.float32), CHUNK)
-        o = _WindowPrefill.apply(q, k_all, v_all, fq, fk_all, mask, prefix_S, prefix_z, sm, ln, window, scaling, softcap)
+        o = TRAIN_OP(q, k_all, v_all, fq, fk_all, mask, prefix_S, prefix_z, sm, ln, window, scaling, softcap)[0].to(v.dtype)
     else:
         o = window_prefill(q, k_all, v_all, fq, fk_all, mask, S, z, sm, ln, window, scaling, softcap)
     return o, (_next_state(k_all, v_all, fk_all, mask, S, z, window) if output_state else None)
@@ -163,7 +163,7 @@ def _prefill(
     of which mask (B, total) marks the real ones, the last T the queries' own; S, z: the state before the first key."""
     mask = mask.contiguous()
     prefix_S, prefix_z = prefix_states(fk, v, mask, S.to(torch.float32), z.to(torch.float32), CHUNK)
-    return _forward(q, k, v, fq, fk, mask, prefix_S, prefix_z, sm_weight, ln_weight, window, scaling, softcap, None)
+    return _forward(q, k, v, fq, fk, mask, prefix_S, prefix_z, sm_weight, ln_weight, window, scaling, softcap)
 
 
 def _contiguous_rows(*tensors: Tensor) -> tuple[Tensor, ...]:
@@ -187,29 +187,38 @@ def _shared(q, k, v, fq, fk, mask, window, scaling, softcap, block=BLOCK, warps=
     return strides, constants
 
 
-def _forward(q, k, v, fq, fk, mask, prefix_S, prefix_z, sm_weight, ln_weight, window, scaling, softcap, stats):
-    """The kernel's heads (B, H, T, V) in v's dtype from the prefix states; with `stats`, a list, the heads in float32
-    and each query's m_t and normaliser (float32 (B, H, T)) appended to it. The backward's D_t = do_t . o_t takes the
-    float32 heads: in bfloat16 (B 1, T 100, SmolLM2's heads, interpreted), with heads rounded to bfloat16 the gradients
-    of fq, fk and the weights' share were 2e-3, 7e-4 and 2e-2 of their largest entry off float32 PyTorch's (the rounding
-    of o against sums that cancel); with the float32 heads 7e-4, 2e-4 and 4e-3, as q's, k's and v's (3e-3 to 5e-3)."""
+def _forward(q, k, v, fq, fk, mask, prefix_S, prefix_z, sm_weight, ln_weight, window, scaling, softcap, stats=False):
+    """The kernel's heads (B, H, T, V) in v's dtype from the prefix states; with `stats`, the heads in float32 and each
+    query's m_t and normaliser (float32 (B, H, T)), which the backward takes. Its D_t = do_t . o_t takes the float32
+    heads: in bfloat16 (B 1, T 100, SmolLM2's heads, interpreted), with heads rounded to bfloat16 the gradients of fq, fk
+    and the weights' share were 2e-3, 7e-4 and 2e-2 of their largest entry off float32 PyTorch's (the rounding of o
+    against sums that cancel); with the float32 heads 7e-4, 2e-4 and 4e-3, as q's, k's and v's (3e-3 to 5e-3)."""
     q, k, v, fq, fk = _contiguous_rows(q, k, v, fq, fk)
     batch, heads, length, _ = q.shape
-    out = torch.empty(batch, heads, length, v.shape[-1], dtype=v.dtype if stats is None else torch.float32, device=v.device)
-    peak, den = (torch.empty(batch, heads, length, dtype=torch.float32, device=q.device) for _ in range(2)) if stats is not None else (out, out)
+    out = torch.empty(batch, heads, length, v.shape[-1], dtype=torch.float32 if stats else v.dtype, device=v.device)
+    peak, den = (torch.empty(batch, heads, length, dtype=torch.float32, device=q.device) for _ in range(2)) if stats else (out, out)
     strides, constants = _shared(q, k, v, fq, fk, mask, window, scaling, softcap)
     _window_linear_kernel[(batch * heads, triton.cdiv(length, BLOCK))](
-        q, k, v, fq, fk, mask, prefix_S, prefix_z, sm_weight, ln_weight, out, peak, den, *strides, STATS=stats is not None, **constants,
+        q, k, v, fq, fk, mask, prefix_S, prefix_z, sm_weight, ln_weight, out, peak, den, *strides, STATS=stats, **constants,
     )
-    if stats is None:
-        return out
-    stats += [out, peak, den]
-    return out.to(v.dtype)
+    return (out, peak, den) if stats else out
 
 
-def _backward(grad, out, q, k, v, fq, fk, mask, prefix_S, prefix_z, sm_weight, ln_weight, peak, den, window, scaling, softcap):
-    """The gradients (float32) of q, k, v, fq, fk, prefix_S, prefix_z, sm_weight and ln_weight given the output's, `grad`
-    (module docstring)."""
+def _train(
+    q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, mask: Tensor, prefix_S: Tensor, prefix_z: Tensor, sm_weight: Tensor,
+    ln_weight: Tensor, window: int, scaling: float, softcap: Optional[float],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """A training prefill's forward: the heads in float32, each query's m_t and its normaliser (`_forward` with stats)."""
+    return _forward(q, k, v, fq, fk, mask, prefix_S, prefix_z, sm_weight, ln_weight, window, scaling, softcap, stats=True)
+
+
+def _backward(
+    grad: Tensor, out: Tensor, q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, mask: Tensor, prefix_S: Tensor,
+    prefix_z: Tensor, sm_weight: Tensor, ln_weight: Tensor, peak: Tensor, den: Tensor, window: int, scaling: float,
+    softcap: Optional[float],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The gradients (float32) of q, k, v, fq, fk, prefix_S, prefix_z, sm_weight and ln_weight given the float32 heads'
+    (`grad`), from `_train`'s outputs (module docstring)."""
     q, k, v, fq, fk = _contiguous_rows(q, k, v, fq, fk)
     batch, heads, length, _ = q.shape
     kv_heads, total = k.shape[1], k.shape[2]
@@ -248,26 +257,6 @@ def _backward(grad, out, q, k, v, fq, fk, mask, prefix_S, prefix_z, sm_weight, l
     d_prefix_S = torch.zeros_like(prefix_S).index_add_(2, chunk, d_S)
     d_prefix_z = torch.zeros_like(prefix_z).index_add_(2, chunk, d_z)
     return dq, dk, dv, dfq, dfk, d_prefix_S, d_prefix_z, window_grad.sum((0, 2)), linear_grad.sum((0, 2))
-
-
-class _WindowPrefill(torch.autograd.Function):
-    """The kernel's heads with a backward: the forward keeps each query's m_t and normaliser, the backward recomputes
-    the weights tile by tile (module docstring). Gradients come back in the inputs' dtypes."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, fq, fk, mask, prefix_S, prefix_z, sm_weight, ln_weight, window, scaling, softcap):
-        stats = []
-        out = _forward(q, k, v, fq, fk, mask, prefix_S, prefix_z, sm_weight, ln_weight, window, scaling, softcap, stats)
-        ctx.save_for_backward(q, k, v, fq, fk, mask, prefix_S, prefix_z, sm_weight, ln_weight, *stats)
-        ctx.options = (window, scaling, softcap)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        q, k, v, fq, fk, mask, prefix_S, prefix_z, sm_weight, ln_weight, out, peak, den = ctx.saved_tensors
-        grads = _backward(grad, out, q, k, v, fq, fk, mask, prefix_S, prefix_z, sm_weight, ln_weight, peak, den, *ctx.options)
-        inputs = (q, k, v, fq, fk, None, prefix_S, prefix_z, sm_weight, ln_weight)
-        return (*(None if x is None else g.to(x.dtype) for g, x in zip(grads[:5] + (None,) + grads[5:], inputs)), None, None, None)
 
 
 if TRITON_PROBLEM is None:
@@ -565,5 +554,31 @@ if TRITON_PROBLEM is None:
     OP, window_prefill = _registered(
         _prefill, set(), lambda q, k, v, *rest: q.new_empty(*q.shape[:3], v.shape[-1], dtype=v.dtype, memory_format=torch.contiguous_format)
     )
+
+    def _train_fake(q, k, v, fq, fk, *rest):
+        stat = q.new_empty(q.shape[:3], dtype=torch.float32)
+        return q.new_empty(*q.shape[:3], v.shape[-1], dtype=torch.float32), stat, torch.empty_like(stat)
+
+    def _backward_fake(grad, out, q, k, v, fq, fk, mask, prefix_S, prefix_z, sm_weight, *rest):
+        return (*(torch.empty(x.shape, dtype=torch.float32, device=x.device) for x in (q, k, v, fq, fk, prefix_S, prefix_z)),
+                sm_weight.new_empty(sm_weight.shape, dtype=torch.float32), sm_weight.new_empty(sm_weight.shape, dtype=torch.float32))
+
+    # Training: the forward and the backward as custom ops, eager and compiled alike, the backward registered as the
+    # forward's gradient. Opaque to the compiler, which takes their outputs' shapes from the fakes.
+    TRAIN_OP = _operator(_train, set(), _train_fake)
+    BACKWARD_OP = _operator(_backward, set(), _backward_fake)
+
+    def _keep(ctx, inputs, output):
+        q, k, v, fq, fk, mask, prefix_S, prefix_z, sm_weight, ln_weight, *options = inputs
+        ctx.save_for_backward(q, k, v, fq, fk, mask, prefix_S, prefix_z, sm_weight, ln_weight, *output)
+        ctx.options = options
+
+    def _gradients(ctx, grad, _peak, _den):
+        q, k, v, fq, fk, mask, prefix_S, prefix_z, sm_weight, ln_weight, out, peak, den = ctx.saved_tensors
+        grads = BACKWARD_OP(grad, out, q, k, v, fq, fk, mask, prefix_S, prefix_z, sm_weight, ln_weight, peak, den, *ctx.options)
+        inputs = (q, k, v, fq, fk, None, prefix_S, prefix_z, sm_weight, ln_weight)
+        return (*(None if x is None else g.to(x.dtype) for g, x in zip(grads[:5] + (None,) + grads[5:], inputs)), None, None, None)
+
+    TRAIN_OP.register_autograd(_gradients, setup_context=_keep)
 else:
-    OP = window_prefill = None
+    OP = window_prefill = TRAIN_OP = None
