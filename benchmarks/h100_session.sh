@@ -27,6 +27,11 @@
 #                                             # or bench any other student beside the teacher (STUDENT_BENCH, BENCH_S)
 #   bash benchmarks/h100_session.sh generate  # (after pair trained hybrid_gdn and hybrid_qwen3_5) export, then plain
 #                                             # generate() of students, export and teacher (GENERATE), QUALITY1 beside
+#   bash benchmarks/h100_session.sh students  # (after solo or first, still warm) carry .gguf2 corpus.tgz: join, then each
+#                                             # recipe in STUDENTS distilled as shipped but for STUDENT_TOKENS tokens a
+#                                             # stage, uncompiled (speed does not depend on how long it trained), saved
+#                                             # in float32 as the recipe saves it, and serving_speed.py of every one
+#                                             # beside the GGUF teacher (STUDENT_BENCH, BENCH_S)
 #   bash benchmarks/h100_session.sh train_speed  # (after first, still warm) distillation speed alone (SPEED, RUNS,
 #                                                # SPEED_S)
 # and in two calls of their own, one right after the other on one machine (tilelang and z3 come to 82 MB):
@@ -122,6 +127,13 @@ serving() {  # export the trained hybrid_qwen3_5 to qwen3_5, check the export wh
   echo "exit $?" >> "$OUT/bench_serving.log"
 }
 
+join() {  # the GGUF from the first half (in /tmp since an earlier call) and the carried second, checked; the corpus to
+  # /tmp/corpus from corpus.tgz (or a carried corpus/)
+  cat /tmp/part00 .gguf2/part01 > /tmp/smollm2.gguf
+  echo "$(cat .gguf2/sha256)  /tmp/smollm2.gguf" | sha256sum -c > "$OUT/sha256.txt" 2>&1 || return 1
+  rm -rf /tmp/corpus && if [ -f corpus.tgz ]; then mkdir -p /tmp/corpus && tar xzf corpus.tgz -C /tmp/corpus --strip-components=1; else cp -r corpus /tmp/corpus; fi
+}
+
 case "$1" in
 solo)  # (nvidia-h200, one GPU) first's carry and set-up, then SERVE (as first), WARM and the GPU tests TESTS, if given,
   # one after another
@@ -146,10 +158,22 @@ first)
 train_speed)
   train_speed "${SPEED_S:-560}"
   ;;
+students)
+  join || exit 1
+  for recipe in ${STUDENTS:-lolcats lolcats_linear liger mamba_in_llama hybrid_gdn hybrid_qwen3_5}; do
+    stages=$(python3 -c "from linearize.config import load_recipe; print(len(load_recipe('$recipe').stages))")
+    overrides=""
+    for ((i = 0; i < stages; i++)); do overrides="$overrides stages.$i.tokens=${STUDENT_TOKENS:-16384} stages.$i.compile=false"; done
+    timeout "${DISTILL_S:-150}" python3 cli.py distill "$recipe" teacher=/tmp/smollm2.gguf data.train=/tmp/corpus/train data.heldout=/tmp/corpus/heldout/persuasion.txt \
+      data.streaming=false data.seq_len=512 --out /tmp/students/"$recipe" $overrides > "$OUT/distill-$recipe.log" 2>&1
+    echo "exit $?" >> "$OUT/distill-$recipe.log"
+  done
+  timeout "${BENCH_S:-300}" python3 benchmarks/serving_speed.py --students "$(ls -d /tmp/students/*/ | tr '\n' , | sed 's/,$//')" \
+    --teacher /tmp/smollm2.gguf ${STUDENT_BENCH:---caches dynamic --lengths 2048,32768} --out "$OUT/students.jsonl" > "$OUT/students.log" 2>&1
+  echo "exit $?" >> "$OUT/students.log"
+  ;;
 second)
-  cat /tmp/part00 .gguf2/part01 > /tmp/smollm2.gguf
-  echo "$(cat .gguf2/sha256)  /tmp/smollm2.gguf" | sha256sum -c > "$OUT/sha256.txt" 2>&1 || exit 1
-  rm -rf /tmp/corpus && if [ -f corpus.tgz ]; then mkdir -p /tmp/corpus && tar xzf corpus.tgz -C /tmp/corpus --strip-components=1; else cp -r corpus /tmp/corpus; fi
+  join || exit 1
   export LINEARIZE_SMOLLM2_GGUF=/tmp/smollm2.gguf
   if [ "${TESTS:-real_teacher}" != none ]; then
     timeout "${TEST_S:-150}" python3 -m pytest -q -p no:cacheprovider -n 5 -m gpu tests/test_gpu.py -k "${TESTS:-real_teacher}" > "$OUT/gpu_real_teacher.log" 2>&1
@@ -165,9 +189,7 @@ pair)  # (after second's join, or as second with JOIN=1) two quality runs at onc
   # a 135M student leaves most of an H200 idle)
   read -r gpu0 gpu1 <<< "${PAIR_GPUS:-0 1}"
   if [ -n "${JOIN:-}" ]; then
-    cat /tmp/part00 .gguf2/part01 > /tmp/smollm2.gguf
-    echo "$(cat .gguf2/sha256)  /tmp/smollm2.gguf" | sha256sum -c > "$OUT/sha256.txt" 2>&1 || exit 1
-    rm -rf /tmp/corpus && mkdir -p /tmp/corpus && tar xzf corpus.tgz -C /tmp/corpus --strip-components=1
+    join || exit 1
   fi
   if [ -n "${SERVE:-}" ]; then  # GPU 0 measures serving instead, then runs the GPU tests TESTS, if given
     (serve_logged; [ -z "${TESTS:-}" ] || CUDA_VISIBLE_DEVICES=0 gpu_tests "$TESTS") &
