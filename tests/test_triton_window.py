@@ -293,7 +293,6 @@ def test_a_compiled_training_step_through_the_kernel_equals_the_eager_one(fused,
     gradients."""
     from linearize.distillation.loop import compile_layers, compile_limits, uncompile
 
-    monkeypatch.setattr(triton_window, "COMPILED_TRAINING", True)
     model = linearize.convert(tiny_model(dtype=torch.float32, num_hidden_layers=2), "hedgehog_swa", window=3)
     model.requires_grad_(True)
     ids, mask = left_padded(random_ids(2, 9), [3, 0])
@@ -348,11 +347,7 @@ def test_the_problems_name_what_to_do(monkeypatch):
     with torch.no_grad():
         assert "head dimensions up to" in triton_window.kernel_problem(q, k, v, fq.repeat(1, 1, 1, 9), fk.repeat(1, 1, 1, 9), 3)
         assert "float16/bfloat16/float32" in triton_window.kernel_problem(q.double(), k, v, fq, fk, 3)
-    # A compiled training step (a recipe's `compile: true`) keeps the PyTorch path until the backward is checked there.
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert "inside torch.compile" in triton_window.kernel_problem(q, k, v, fq, fk, 3)
-    with torch.no_grad():
-        assert triton_window.kernel_problem(q, k, v, fq, fk, 3) is None
+    assert triton_window.kernel_problem(q, k, v, fq, fk, 3) is None  # gradients on: training takes the kernel too
 
 
 @pytest.mark.core

@@ -71,9 +71,6 @@ BACKWARD = {torch.float16: (32, 8), torch.bfloat16: (32, 8), torch.float32: (16,
 # Keys per prefix state: the float32 states (2F x V per kv head) take CHUNK times less memory than a state per key
 # (SmolLM2: 512 bytes a key and kv head, about what its k, v and fk take), for half a tile more work a program.
 CHUNK = 64
-# Whether a compiled training step takes the kernels: not until the GPU test of it
-# (tests/test_gpu.py::test_fused_prefill_in_a_compiled_training_step) has passed, which sets it for its own run.
-COMPILED_TRAINING = False
 # A program holds its queries' feature maps and a key tile's (BLOCK x 2F, float32): up to 2 * MAX_HEAD_DIM features.
 MAX_FEATURES = 2 * MAX_HEAD_DIM
 
@@ -102,10 +99,6 @@ def kernel_problem(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, wind
         return f"the fused prefill takes head dimensions up to {MAX_HEAD_DIM} and feature maps up to {MAX_FEATURES} wide"
     if window < 1 or q.shape[1] % k.shape[1]:
         return f"the fused prefill takes a window of at least 1 and whole groups of query heads per kv head, got {window}, {q.shape[1]} on {k.shape[1]}"
-    if torch.is_grad_enabled() and torch.compiler.is_compiling() and not COMPILED_TRAINING:
-        # Not yet run on a GPU inside a compiled training step (a recipe's `compile: true`): dynamo would have to trace
-        # the autograd Function's kernel launches. Eager training and every inference call take the kernels.
-        return "the fused prefill's backward is not yet checked inside torch.compile; a compiled training step takes the PyTorch path"
     return None
 
 
