@@ -11,6 +11,8 @@ works too, as converted folders carry their modeling code.
 
 from __future__ import annotations
 
+import functools
+
 import logging
 import subprocess
 from contextlib import contextmanager, nullcontext
@@ -60,11 +62,16 @@ class LinearizeLM(HFLM):
 
 def task_manager(specs: list[TaskSpec]):
     """lm-eval's task index: only the local tasks when that is all that is asked (indexing lm-eval's own
-    thousands of task files takes seconds)."""
+    thousands of task files takes about 10 s on 2 cores, so each index is built once a process: a teacher and its
+    students are scored against the same one)."""
+    return _task_index(not all(spec.task in local_tasks() for spec in specs))
+
+
+@functools.cache
+def _task_index(include_defaults: bool):
     from lm_eval.tasks import TaskManager
 
-    only_local = all(spec.task in local_tasks() for spec in specs)
-    return TaskManager(include_path=str(LOCAL_TASKS_DIR), include_defaults=not only_local)
+    return TaskManager(include_path=str(LOCAL_TASKS_DIR), include_defaults=include_defaults)
 
 
 def _datasets_of(manager, name: str, seen: set[str] | None = None) -> list[tuple[str, str | None]]:
