@@ -44,9 +44,21 @@ def test_converting_every_layer_to_attention_changes_nothing(teacher, batch):
     assert torch.equal(student(**batch).logits, expected)
 
 
-@pytest.mark.parametrize("name", sorted(set(linearize.MIXERS) - {"attention"}))
-def test_mixer_on_the_real_teacher(name, teacher, batch):
-    student = linearize.convert(teacher, name)
+@pytest.fixture
+def every_mixer(teacher):
+    """One conversion of the real teacher holding every mixer: layer i gets the i-th mixer, counting round."""
+    names = sorted(linearize.MIXERS)
+    layers = {name: [i for i in range(teacher.config.num_hidden_layers) if names[i % len(names)] == name] for name in names}
+    student = linearize.convert(teacher, "hedgehog", keep_attention=layers["attention"], hybrid={n: l for n, l in layers.items() if n not in ("attention", "hedgehog")},
+                                source="smollm2-135m")
+    assert {entry["mixer"] for entry in student.config.layers} == set(names)
+    return student
+
+
+def test_every_mixer_on_the_real_teacher_generates_as_uncached_and_prefills_in_chunks(every_mixer, batch):
+    """Every mixer on real weights at once (the tiny-model tests take them one by one): cached greedy generation equals
+    uncached, and a prefill in two chunks equals one."""
+    student = every_mixer
     ids, mask = batch["input_ids"], batch["attention_mask"]
 
     # 16 greedy tokens after the 9-token prompts: past a 16-token sub-chunk of the chunked forms and short of every
@@ -69,16 +81,12 @@ def test_mixer_on_the_real_teacher(name, teacher, batch):
     assert ((chunked - oneshot).norm() / oneshot.norm()).item() < 1e-10
 
 
-def test_a_real_student_of_every_mixer_saves_pushes_and_reloads_with_and_without_linearize(teacher, smollm2, batch, hub, tmp_path):  # noqa: F811
-    """One conversion holding every mixer (layer i gets the i-th mixer, counting round), so one 0.5 GB save covers them all: it reloads
-    here, and pushed to the loopback Hub, the repo loads as remote code in a fresh process (the push carries every
-    file a load needs, and the token never shows)."""
+def test_a_real_student_of_every_mixer_saves_pushes_and_reloads_with_and_without_linearize(every_mixer, smollm2, batch, hub, tmp_path):  # noqa: F811
+    """One conversion holding every mixer, so one 0.5 GB save covers them all: it reloads here, and pushed to the
+    loopback Hub, the repo loads as remote code in a fresh process (the push carries every file a load needs, and the
+    token never shows)."""
     _, tokenizer = smollm2
-    names = sorted(linearize.MIXERS)
-    layers = {name: [i for i in range(teacher.config.num_hidden_layers) if names[i % len(names)] == name] for name in names}
-    student = linearize.convert(teacher, "hedgehog", keep_attention=layers["attention"], hybrid={n: l for n, l in layers.items() if n not in ("attention", "hedgehog")},
-                                source="smollm2-135m")
-    assert {entry["mixer"] for entry in student.config.layers} == set(names)
+    student = every_mixer
     ids, mask = batch["input_ids"], batch["attention_mask"]
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
     cached = student.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24, min_new_tokens=24, do_sample=False)
