@@ -133,7 +133,6 @@ def traced_prefill(model, ids: torch.Tensor, device, path: Path) -> dict:
     return {"wall_ms": wall * 1e3, "kernels": len(kernels), "kernel_ms": sum(e.time_range.elapsed_us() for e in kernels) / 1e3}
 
 
-@torch.no_grad()
 class FirstToken(StoppingCriteria):
     """Stops generate() once it has the first token after a prompt of `context` tokens."""
 
@@ -144,6 +143,7 @@ class FirstToken(StoppingCriteria):
         return torch.full((input_ids.shape[0],), input_ids.shape[1] > self.context, dtype=torch.bool, device=input_ids.device)
 
 
+@torch.no_grad()
 def measure(model, context: int, new_tokens: int, cache: str, device, bandwidth: float, trace: Path | None = None) -> dict:
     ids = torch.randint(0, model.config.get_text_config().vocab_size, (1, context), generator=torch.Generator().manual_seed(0)).to(device)
     settings = dict(input_ids=ids, max_new_tokens=new_tokens + 1, min_new_tokens=new_tokens + 1, do_sample=False)

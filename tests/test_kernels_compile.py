@@ -16,9 +16,10 @@ from tests.test_triton_step import MIXERS, needs_triton
 def compile_kernels() -> None:
     """Compile every step's kernel for sm_90 (bf16, 8 warps) at SmolLM2's shape, window 64 (hedgehog_swa: 256 too), and
     hedgehog_swa's prefill kernels (triton_window.py, forward and backward, its blocks and warps) likewise, on the CPU:
-    Triton's compiler and its bundled ptxas need no GPU. Their float arguments are typed float32, as an eager launch passes
-    them, and float64, as torch.compile's inductor does (on an H200 a compiled decode step failed to compile there). Run
-    where TRITON_INTERPRET is unset."""
+    Triton's compiler and its bundled ptxas need no GPU. Their float arguments are typed float32, as a launch from Python
+    passes them: the kernels launch inside custom ops, eager and compiled alike (inductor, which launched them itself when
+    they were `triton_op`s, passed float64, and the kernels cast their float arguments since). Run where TRITON_INTERPRET
+    is unset."""
     import itertools
 
     import triton
@@ -28,8 +29,7 @@ def compile_kernels() -> None:
     from linearize.hf import triton_window
 
     states = {"conv", "recurrent", "state", "ssm", "S", "z", "window_fk"}
-    cases = [(name, 64, "fp32") for name in MIXERS] + [("hedgehog_swa", 256, "fp32")] + [(name, 64, "fp64") for name in MIXERS]
-    for name, window, scalar in cases:
+    for name, window in [(name, 64) for name in MIXERS] + [("hedgehog_swa", 256)]:
         kernel = getattr(triton_step, f"_{name}_kernel")
         constants = dict(
             HEADS=9, KV_HEADS=3, DIM=64, KEEP=window - 1, ROT=64, BLOCK_DIM=64, BLOCK_WINDOW=window, HAS_REAL=True,
@@ -43,7 +43,7 @@ def compile_kernels() -> None:
             elif param.name.startswith("stride"):
                 signature[param.name] = "i32"
             elif param.name in ("scaling", "softcap", "gate_normalizer"):
-                signature[param.name] = scalar
+                signature[param.name] = "fp32"
             else:
                 signature[param.name] = "*i1" if param.name in ("real", "window_mask") else "*fp32" if param.name in states else "*bf16"
         given = {param.name: constants[param.name] for param in kernel.params if param.is_constexpr}
@@ -57,10 +57,10 @@ def compile_kernels() -> None:
         for kernel in (triton_window._window_linear_dq_kernel, triton_window._window_linear_dk_kernel)
         for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32))
     ]
-    for (kernel, dtype, block, warps, own), (window, scalar) in itertools.product(prefill, ((64, "fp32"), (256, "fp32"), (64, "fp64"))):
+    for (kernel, dtype, block, warps, own), window in itertools.product(prefill, (64, 256)):
         signature = {
             param.name: "constexpr" if param.is_constexpr else "*i1" if param.name == "mask" else "*i32" if param.name == "top"
-            else scalar if param.name in ("scaling", "softcap") else f"*{dtype}" if param.name in halves
+            else "fp32" if param.name in ("scaling", "softcap") else f"*{dtype}" if param.name in halves
             else "i32" if param.name.startswith("stride") or param.name in ("length", "total", "chunks") else "*fp32"
             for param in kernel.params
         }

@@ -66,13 +66,15 @@ def test_a_cuda_graph_skip_names_the_inputs_behind_it(monkeypatch, capsys):
 
 def test_the_decode_rate_leaves_out_generates_prefill_and_first_token(monkeypatch):
     """measure() times generate() with new_tokens + 1 tokens and stopped after its first: every decode step is in the
-    first and none in the second, and the static cache keeps its size (no new compile)."""
+    first and none in the second, and the static cache keeps its size (no new compile). Nothing runs with autograd on."""
     model = linearize.convert(tiny_model(dtype=torch.float32), "gated_deltanet", window=4).eval()
     steps = []
     forward = model.forward
-    monkeypatch.setattr(model, "forward", lambda *a, **k: steps.append(k["input_ids"].shape[1]) or forward(*a, **k))
+    grad = []
+    monkeypatch.setattr(model, "forward", lambda *a, **k: steps.append(k["input_ids"].shape[1]) or grad.append(torch.is_grad_enabled()) or forward(*a, **k))
     row = serving_speed.measure(model, 24, 3, "static", torch.device("cpu"), 1e9)
     # warm-up: one uncached prefill and two generate() calls; then the timed prefill, generate() and its stopped twin,
     # and the prefill whose state the floor counts
     assert steps == [24] + [24, 1, 1, 1] * 2 + [24] + [24, 1, 1, 1] + [24] + [24]
     assert row["decode_tokens_per_s"] > 0 and 0 < row["first_token_seconds"] < row["generate_seconds"]
+    assert not any(grad)  # an uncached prefill with autograd on would keep every activation (its peak memory, its time)

@@ -254,16 +254,14 @@ def test_generation_through_the_kernel_equals_uncached_and_the_pytorch_path(fuse
     assert len(fused) == calls
 
 
-@pytest.mark.core
-@needs_triton
-@pytest.mark.parametrize("window", [1, 3])
-def test_a_training_step_through_the_kernel_equals_the_pytorch_paths(fused, monkeypatch, window):
-    """A tiny two-layer model (4 query heads on 2 kv heads), left-padded batch, every parameter trained: the loss and
-    every parameter's gradient through the kernel's backward equal the PyTorch path's."""
+def training_step(window: int):
+    """A tiny two-layer hedgehog_swa model (4 query heads on 2 kv heads), every parameter trained, its window's share away
+    from one half (so that its gradient is not near 0), and a step on a left-padded batch that returns the loss and
+    every parameter's gradient."""
     model = linearize.convert(tiny_model(dtype=torch.float32, num_hidden_layers=2), "hedgehog_swa", window=window)
     model.requires_grad_(True)
     ids, mask = left_padded(random_ids(2, 9), [3, 0])
-    with torch.no_grad():  # the window's share away from one half, so that its gradient is not near 0
+    with torch.no_grad():
         for name, parameter in model.named_parameters():
             if name.endswith("window_logit"):
                 parameter.normal_(generator=torch.Generator().manual_seed(3))
@@ -274,6 +272,15 @@ def test_a_training_step_through_the_kernel_equals_the_pytorch_paths(fused, monk
         loss.backward()
         return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
 
+    return model, step
+
+
+@pytest.mark.core
+@needs_triton
+@pytest.mark.parametrize("window", [1, 3])
+def test_a_training_step_through_the_kernel_equals_the_pytorch_paths(fused, monkeypatch, window):
+    """The loss and every parameter's gradient through the kernel's backward equal the PyTorch path's."""
+    _, step = training_step(window)
     loss, grads = step()
     assert fused == [(2, 4, 9, 16)] * 2
     monkeypatch.setenv("LINEARIZE_FUSED_STEP", "off")
@@ -288,20 +295,10 @@ def test_a_training_step_through_the_kernel_equals_the_pytorch_paths(fused, monk
 @needs_triton
 def test_a_compiled_training_step_through_the_kernel_equals_the_eager_one(fused, monkeypatch):
     """A recipe's compiled training step (`compile_layers`: one graph per decoder layer) calls the kernel's forward and
-    backward as custom ops: a tiny two-layer model, left-padded, every parameter trained, gives the eager step's loss and
-    gradients."""
+    backward as custom ops, and gives the eager step's loss and gradients."""
     from linearize.distillation.loop import compile_layers, compile_limits, uncompile
 
-    model = linearize.convert(tiny_model(dtype=torch.float32, num_hidden_layers=2), "hedgehog_swa", window=3)
-    model.requires_grad_(True)
-    ids, mask = left_padded(random_ids(2, 9), [3, 0])
-
-    def step():
-        model.zero_grad()
-        loss = model(ids, attention_mask=mask, labels=ids).loss
-        loss.backward()
-        return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
-
+    model, step = training_step(3)
     loss, grads = step()
     layers = compile_layers(model)
     with compile_limits():
