@@ -31,7 +31,8 @@
 #                                             # recipe in STUDENTS distilled as shipped but for STUDENT_TOKENS tokens a
 #                                             # stage, uncompiled (speed does not depend on how long it trained), saved
 #                                             # in float32 as the recipe saves it, and serving_speed.py of every one
-#                                             # beside the GGUF teacher (STUDENT_BENCH, BENCH_S)
+#                                             # beside the GGUF teacher (STUDENT_BENCH, BENCH_S); DISTILL_S a recipe
+#                                             # (240: on a cold machine fla's kernels compile in the first step)
 #   bash benchmarks/h100_session.sh train_speed  # (after first, still warm) distillation speed alone (SPEED, RUNS,
 #                                                # SPEED_S)
 # and in two calls of their own, one right after the other on one machine (tilelang and z3 come to 82 MB):
@@ -164,7 +165,7 @@ students)
     stages=$(python3 -c "from linearize.config import load_recipe; print(len(load_recipe('$recipe').stages))")
     overrides=""
     for ((i = 0; i < stages; i++)); do overrides="$overrides stages.$i.tokens=${STUDENT_TOKENS:-16384} stages.$i.compile=false"; done
-    timeout "${DISTILL_S:-150}" python3 cli.py distill "$recipe" teacher=/tmp/smollm2.gguf data.train=/tmp/corpus/train data.heldout=/tmp/corpus/heldout/persuasion.txt \
+    timeout "${DISTILL_S:-240}" python3 cli.py distill "$recipe" teacher=/tmp/smollm2.gguf data.train=/tmp/corpus/train data.heldout=/tmp/corpus/heldout/persuasion.txt \
       data.streaming=false data.seq_len=512 --out /tmp/students/"$recipe" $overrides > "$OUT/distill-$recipe.log" 2>&1
     echo "exit $?" >> "$OUT/distill-$recipe.log"
   done

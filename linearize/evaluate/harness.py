@@ -12,7 +12,6 @@ works too, as converted folders carry their modeling code.
 from __future__ import annotations
 
 import functools
-
 import logging
 import subprocess
 from contextlib import contextmanager, nullcontext
