@@ -80,7 +80,7 @@ def parts(mixer, hidden, position_embeddings, variants: bool) -> dict:
     }
     if variants and kernel_dispatch.fla_problem() is None and hidden.is_cuda:
         calls[f"gated delta rule ({nq.dtype} inputs to fla)"] = lambda: kernel_dispatch.gated_delta_rule(nq, rk, rv, g, beta, 1.0)
-        raw = kernel_dispatch._bthd(dtype, cq, repeat_heads(ck, groups), rv, beta) + kernel_dispatch._bthd(None, g.float())
+        raw = kernel_dispatch._bthd(dtype, cq, repeat_heads(ck, groups), rv, beta) + kernel_dispatch._bthd(torch.float32, g)
         calls[f"fla, {dtype} inputs, L2 norm in the kernel"] = lambda: kernel_dispatch.fla_chunk_gated_delta_rule(
             raw[0], raw[1], raw[2], g=raw[4], beta=raw[3], scale=1.0, use_qk_l2norm_in_kernel=True
         )

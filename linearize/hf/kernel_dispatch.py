@@ -162,7 +162,7 @@ def gla(q, k, v, gk, scale=None, initial_state=None, decode=False, output_state=
         o, state = op(q, k, v, gk, scale=scale, initial_state=initial_state)
         return o, (state if output_state else None)
     qt, kt, vt = _bthd(dtype, q, k, v)
-    (gt,) = _bthd(None, gk.float())
+    (gt,) = _bthd(torch.float32, gk)
     op = fla_recurrent_gla if decode else fla_chunk_gla
     o, state = op(qt, kt, vt, gt, scale=scale, initial_state=_state(initial_state), output_final_state=output_state)
     return o.transpose(1, 2), state
@@ -178,7 +178,7 @@ def simple_gla(q, k, v, g, scale=None, initial_state=None, decode=False, output_
         o, state = op(q, k, v, g, scale=scale, initial_state=initial_state)
         return o, (state if output_state else None)
     qt, kt, vt = _bthd(dtype, q, k, v)
-    (gt,) = _bthd(None, None if g is None else g.float())
+    (gt,) = _bthd(torch.float32, g)
     op = fla_recurrent_simple_gla if decode else fla_chunk_simple_gla
     o, state = op(qt, kt, vt, gt, scale=scale, initial_state=_state(initial_state), output_final_state=output_state)
     return o.transpose(1, 2), state
@@ -192,7 +192,7 @@ def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, decode=Fa
         o, state = op(q, k, v, g, beta, scale=scale, initial_state=initial_state)
         return o, (state if output_state else None)
     qt, kt, vt, bt = _bthd(dtype, q, k, v, beta)
-    (gt,) = _bthd(None, g.float())
+    (gt,) = _bthd(torch.float32, g)
     op = fla_recurrent_gated_delta_rule if decode else fla_chunk_gated_delta_rule
     o, state = op(qt, kt, vt, g=gt, beta=bt, scale=scale, initial_state=_state(initial_state), output_final_state=output_state)
     return o.transpose(1, 2), state

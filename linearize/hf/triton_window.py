@@ -552,9 +552,8 @@ if TRITON_PROBLEM is None:
         stat = q.new_empty(q.shape[:3], dtype=torch.float32)
         return q.new_empty(*q.shape[:3], v.shape[-1], dtype=torch.float32), stat, torch.empty_like(stat)
 
-    def _backward_fake(grad, out, q, k, v, fq, fk, mask, prefix_S, prefix_z, sm_weight, *rest):
-        return (*(torch.empty(x.shape, dtype=torch.float32, device=x.device) for x in (q, k, v, fq, fk, prefix_S, prefix_z)),
-                sm_weight.new_empty(sm_weight.shape, dtype=torch.float32), sm_weight.new_empty(sm_weight.shape, dtype=torch.float32))
+    def _backward_fake(grad, out, q, k, v, fq, fk, mask, prefix_S, prefix_z, sm_weight, ln_weight, *rest):
+        return tuple(torch.empty(x.shape, dtype=torch.float32, device=x.device) for x in (q, k, v, fq, fk, prefix_S, prefix_z, sm_weight, ln_weight))
 
     # Training: the forward and the backward as custom ops, eager and compiled alike, the backward registered as the
     # forward's gradient. Opaque to the compiler, which takes their outputs' shapes from the fakes.
