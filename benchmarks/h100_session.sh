@@ -31,8 +31,12 @@
 #                                             # recipe in STUDENTS distilled as shipped but for STUDENT_TOKENS tokens a
 #                                             # stage, uncompiled (speed does not depend on how long it trained), saved
 #                                             # in float32 as the recipe saves it, and serving_speed.py of every one
-#                                             # beside the GGUF teacher (STUDENT_BENCH, BENCH_S); DISTILL_S a recipe
-#                                             # (240: on a cold machine fla's kernels compile in the first step)
+#                                             # beside the GGUF teacher (STUDENT_BENCH, BENCH_S); the recipes distil at
+#                                             # once, within DISTILL_S (240: on a cold machine fla's kernels compile
+#                                             # in the first step)
+#   bash benchmarks/h100_session.sh batch     # (after students, still warm) `linearize bench` of the teacher and the
+#                                             # students BATCH_STUDENTS (BATCH: its arguments, default decode throughput
+#                                             # at 32K at the largest batch that fits; BATCH_S)
 #   bash benchmarks/h100_session.sh train_speed  # (after first, still warm) distillation speed alone (SPEED, RUNS,
 #                                                # SPEED_S)
 # and in two calls of their own, one right after the other on one machine (tilelang and z3 come to 82 MB):
@@ -165,13 +169,21 @@ students)
     stages=$(python3 -c "from linearize.config import load_recipe; print(len(load_recipe('$recipe').stages))")
     overrides=""
     for ((i = 0; i < stages; i++)); do overrides="$overrides stages.$i.tokens=${STUDENT_TOKENS:-16384} stages.$i.compile=false"; done
-    timeout "${DISTILL_S:-240}" python3 cli.py distill "$recipe" teacher=/tmp/smollm2.gguf data.train=/tmp/corpus/train data.heldout=/tmp/corpus/heldout/persuasion.txt \
-      data.streaming=false data.seq_len=512 --out /tmp/students/"$recipe" $overrides > "$OUT/distill-$recipe.log" 2>&1
-    echo "exit $?" >> "$OUT/distill-$recipe.log"
+    (timeout "${DISTILL_S:-240}" python3 cli.py distill "$recipe" teacher=/tmp/smollm2.gguf data.train=/tmp/corpus/train data.heldout=/tmp/corpus/heldout/persuasion.txt \
+       data.streaming=false data.seq_len=512 --out /tmp/students/"$recipe" $overrides > "$OUT/distill-$recipe.log" 2>&1
+     echo "exit $?" >> "$OUT/distill-$recipe.log") &
   done
+  wait  # all at once: a cold machine's kernel compiles are CPU work, and a 135M student leaves most of the GPU idle
   timeout "${BENCH_S:-300}" python3 benchmarks/serving_speed.py --students "$(ls -d /tmp/students/*/ | tr '\n' , | sed 's/,$//')" \
     --teacher /tmp/smollm2.gguf ${STUDENT_BENCH:---caches dynamic --lengths 2048,32768} --out "$OUT/students.jsonl" > "$OUT/students.log" 2>&1
   echo "exit $?" >> "$OUT/students.log"
+  ;;
+batch)  # (after students, still warm) `linearize bench` of the GGUF teacher and the students BATCH_STUDENTS, with BATCH's
+  # arguments (default: decode throughput at 32K at the largest batch that fits, up to 256), within BATCH_S
+  timeout "${BATCH_S:-540}" python3 cli.py bench /tmp/smollm2.gguf $(printf '/tmp/students/%s ' ${BATCH_STUDENTS:-lolcats hybrid_gdn}) \
+    --no-teacher --device cuda ${BATCH:---lengths 32768 --batch-sizes 16 --max-batch 256 --no-bisect --decode-tokens 16} \
+    --out "$OUT/batch.json" > "$OUT/batch.log" 2>&1
+  echo "exit $?" >> "$OUT/batch.log"
   ;;
 second)
   join || exit 1
@@ -264,6 +276,6 @@ multi_gpu)
   cp /tmp/multi_gpu/multi_gpu.json /tmp/multi_gpu/*.log "$OUT/" 2>/dev/null
   ;;
 *)
-  echo "usage: bash benchmarks/h100_session.sh solo|first|second|quality|pair|finish|generate|serving|train_speed|z3|tilelang|multi_gpu" >&2; exit 2
+  echo "usage: bash benchmarks/h100_session.sh solo|first|students|batch|second|quality|pair|finish|generate|serving|train_speed|z3|tilelang|multi_gpu" >&2; exit 2
   ;;
 esac

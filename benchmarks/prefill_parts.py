@@ -2,7 +2,8 @@
 milliseconds to launch each part (what a batch-1 prefill at 2K-8K waits on) and the device's milliseconds to run it
 (what a 32K prefill waits on). With --variants, the gated delta rule is also timed as fla could take it otherwise: q, k
 and v in float32 (as the mixers passed them before fla read the model's dtype), and with fla's own q/k L2 norm
-(`use_qk_l2norm_in_kernel`).
+(`use_qk_l2norm_in_kernel`), and the short convolution as K shifted products in PyTorch (LINEARIZE_FUSED_STEP=off: its
+path before triton_conv.py).
 
 Random weights at SmolLM2-135M's shape (one decoder layer), batch 1, no padding, no cache: the parts of
 `GatedDeltaNetMixer.mix` called one by one (projections, short convolution, L2 norm, kv-head repeat, gates, the gated
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import statistics
 import time
 
@@ -84,7 +86,21 @@ def parts(mixer, hidden, position_embeddings, variants: bool) -> dict:
         calls[f"fla, {dtype} inputs, L2 norm in the kernel"] = lambda: kernel_dispatch.fla_chunk_gated_delta_rule(
             raw[0], raw[1], raw[2], g=raw[4], beta=raw[3], scale=1.0, use_qk_l2norm_in_kernel=True
         )
+        calls["short convolution, PyTorch products"] = lambda: fused_off(mixer.convolve, q, k, v, None, None)
     return calls
+
+
+def fused_off(function, *args):
+    """`function(*args)` with linearize's fused kernels off (LINEARIZE_FUSED_STEP=off), the switch restored after."""
+    before = os.environ.get("LINEARIZE_FUSED_STEP")
+    os.environ["LINEARIZE_FUSED_STEP"] = "off"
+    try:
+        return function(*args)
+    finally:
+        if before is None:
+            del os.environ["LINEARIZE_FUSED_STEP"]
+        else:
+            os.environ["LINEARIZE_FUSED_STEP"] = before
 
 
 @torch.no_grad()

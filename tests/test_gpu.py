@@ -353,3 +353,28 @@ def test_fused_prefill_in_a_compiled_training_step(monkeypatch, dtype):
     assert_close(compiled_loss, exact_loss, "loss", 2 * gap(loss, exact_loss) + 1e-2)
     for name, tensor in exact.items():
         assert_close(compiled[name], tensor, name, 2 * gap(grads[name], tensor) + 1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("length", [2, 4099])
+def test_fused_convolution_matches_the_pytorch_path(monkeypatch, dtype, length):
+    """A prefill's short convolution through triton_conv.py at SmolLM2's heads (960 channels), left-padded, with a
+    cache: q, k, v within 1e-6 of the PyTorch path's (the same float32 sums), the cache equal."""
+    from linearize.hf.mixer_gated_deltanet import convolve_heads
+    from linearize.hf.triton_conv import conv_prefill_problem
+
+    g = torch.Generator(device="cuda").manual_seed(length)
+    q = torch.randn(2, length, 9, 64, generator=g, device="cuda").to(dtype).transpose(1, 2)
+    k, v = (torch.randn(2, length, 3, 64, generator=g, device="cuda").to(dtype).transpose(1, 2) for _ in range(2))
+    weight = torch.randn(960, 4, generator=g, device="cuda")
+    cache = torch.randn(2, 960, 3, generator=g, device="cuda").to(dtype).float()
+    mask = torch.ones(2, length, dtype=torch.bool, device="cuda")
+    mask[0, : length // 2] = False
+    with torch.no_grad():
+        assert conv_prefill_problem(torch.zeros(1, 1, 1, device="cuda", dtype=dtype), weight.t()) is None
+        got = convolve_heads(q, k, v, weight, mask, cache)
+        monkeypatch.setenv("LINEARIZE_FUSED_STEP", "off")
+        expected = convolve_heads(q, k, v, weight, mask, cache)
+    for name, mine, theirs in zip(("q", "k", "v"), got, expected):
+        assert_close(mine, theirs, name, 1e-6)
+    assert torch.equal(got[3], expected[3])

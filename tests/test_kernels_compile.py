@@ -1,7 +1,7 @@
 """Every Triton kernel of linearize's own (the fused decode steps, triton_step.py; hedgehog_swa's prefill and its
-backward, triton_window.py) compiled for a GPU (sm_90) on the CPU: Triton's compiler and its bundled ptxas need no
-GPU. Not in the `core` subset: the oldest and newest environments install the same Triton (3.6), so the newest
-run's compile is the only one that can differ."""
+backward, triton_window.py; a prefill's short convolution, triton_conv.py) compiled for a GPU (sm_90) on the CPU:
+Triton's compiler and its bundled ptxas need no GPU. Not in the `core` subset: the oldest and newest environments
+install the same Triton (3.6), so the newest run's compile is the only one that can differ."""
 
 import os
 import subprocess
@@ -26,7 +26,7 @@ def compile_kernels() -> None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from linearize.hf import triton_window
+    from linearize.hf import triton_conv, triton_window
 
     states = {"conv", "recurrent", "state", "ssm", "S", "z", "window_fk"}
     for name, window in [(name, 64) for name in MIXERS] + [("hedgehog_swa", 256)]:
@@ -70,6 +70,11 @@ def compile_kernels() -> None:
             **own,
         )
         triton.compile(ASTSource(kernel, signature, constexprs=constants), target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    # The prefill's short convolution (triton_conv.py): bf16 inputs, float32 taps and output, SmolLM2's kernel of 4.
+    kernel = triton_conv._conv_kernel
+    signature = {"seq": "*bf16", "taps": "*fp32", "out": "*fp32", "length": "i32", "channels": "i32", "K": "constexpr", "BLOCK_T": "constexpr", "BLOCK_C": "constexpr"}
+    constants = dict(K=4, BLOCK_T=triton_conv.BLOCK_T, BLOCK_C=triton_conv.BLOCK_C)
+    triton.compile(ASTSource(kernel, signature, constexprs=constants), target=GPUTarget("cuda", 90, 32), options={"num_warps": triton_conv.WARPS})
 
 
 @needs_triton
