@@ -1,5 +1,6 @@
 """The static cache: `generate(..., cache_implementation="static")` gives the dynamic cache's tokens, its states
-keep one shape and address, and transformers' compiled decode step traces once for all steps."""
+keep one shape and address, and transformers' compiled decode step traces once for all steps. And a chunked prefill
+(`generate(..., prefill_chunk_size=N)`) gives one prefill's tokens."""
 
 import pytest
 import torch
@@ -23,6 +24,22 @@ def test_static_generation_equals_dynamic(name):
     model = converted(name)
     settings = padded_settings()
     assert torch.equal(model.generate(**settings, cache_implementation="static"), model.generate(**settings))
+
+
+@pytest.mark.parametrize("name", sorted(MIXER_CASES))
+def test_a_prefill_in_chunks_generates_as_one_prefill(name):
+    """transformers' chunked prefill (`prefill_chunk_size`, which needs the cache before the first chunk) takes the
+    12-token prompts in chunks of 5, 5 and 2 through the cache: the tokens and logits of one prefill (float64)."""
+    model = converted(name)
+    lengths = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    settings = dict(padded_settings(new_tokens=4), output_logits=True, return_dict_in_generate=True)
+    whole = model.generate(**settings)
+    assert lengths == [12, 1, 1, 1]
+    chunked = model.generate(**settings, prefill_chunk_size=5)
+    assert lengths[4:] == [5, 5, 2, 1, 1, 1]
+    assert torch.equal(chunked.sequences, whole.sequences)
+    assert (torch.stack(chunked.logits) - torch.stack(whole.logits)).abs().max() < 1e-10
 
 
 @pytest.mark.parametrize("name", sorted(CONSTANT_STATE))

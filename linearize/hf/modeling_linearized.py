@@ -180,7 +180,8 @@ class LinearizedForCausalLM(PreTrainedModel, GenerationMixin):
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         """transformers' hook: `cache_implementation="static"` gets a static LinearizedCache (which generate()
-        compiles its decode step for on CUDA); otherwise forward() builds the dynamic cache on the first call.
+        compiles its decode step for on CUDA); a chunked prefill (`prefill_chunk_size`) a dynamic one up front, which
+        transformers needs before the first chunk; otherwise forward() builds the dynamic cache on the first call.
 
         The static cache is kept and reset for the next call of the same batch size, mode, device and dtype that
         fits in it (as transformers 4.x kept its own): its tensors keep their addresses, so the compiled step's CUDA
@@ -189,7 +190,12 @@ class LinearizedForCausalLM(PreTrainedModel, GenerationMixin):
         """
         name = "cache" if OUTPUT_CACHE_FIELD == "cache" else "past_key_values"
         static = generation_config.cache_implementation in ALL_STATIC_CACHE_IMPLEMENTATIONS
-        if not static or model_kwargs.get(name) is not None or generation_config.use_cache is False:
+        if model_kwargs.get(name) is not None or generation_config.use_cache is False:
+            return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        if not static:
+            if getattr(generation_config, "prefill_chunk_size", None) is not None:  # chunks need the cache up front
+                model_kwargs[name] = self.new_cache()
+                return
             return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
         bound = inspect.signature(GenerationMixin._prepare_cache_for_generation).bind(self, generation_config, model_kwargs, *args, **kwargs)
         length = max(bound.arguments["max_cache_length"], getattr(generation_config, "max_cache_len", None) or 0)
