@@ -179,9 +179,10 @@ students)
   echo "exit $?" >> "$OUT/students.log"
   ;;
 batch)  # (after students, still warm) `linearize bench` of the GGUF teacher and the students BATCH_STUDENTS, with BATCH's
-  # arguments (default: decode throughput at 32K at the largest batch that fits, up to 256), within BATCH_S
+  # arguments (default: decode throughput at 32K at the largest batch that fits, up to 1024, prefilled 4K tokens at a
+  # time), within BATCH_S
   timeout "${BATCH_S:-540}" python3 cli.py bench /tmp/smollm2.gguf $(printf '/tmp/students/%s ' ${BATCH_STUDENTS:-lolcats hybrid_gdn}) \
-    --no-teacher --device cuda ${BATCH:---lengths 32768 --batch-sizes 16 --max-batch 256 --no-bisect --decode-tokens 16} \
+    --no-teacher --device cuda ${BATCH:---lengths 32768 --batch-sizes 16 --max-batch 1024 --no-bisect --decode-tokens 16 --allow-longer --prefill-chunk 4096} \
     --out "$OUT/batch.json" > "$OUT/batch.log" 2>&1
   echo "exit $?" >> "$OUT/batch.log"
   ;;

@@ -150,11 +150,17 @@ def bench_command(
     compile: Annotated[
         bool, typer.Option(help="Decode through the fastest path each model supports: CUDA graphs (GraphDecoder) or torch.compile")
     ] = False,
+    prefill_chunk: Annotated[
+        int | None,
+        typer.Option(help="Prefill through the cache this many tokens at a time (as generate's prefill_chunk_size), e.g. 4096: "
+                     "the largest batch is then bounded by the cache, not by a whole prompt's activations"),
+    ] = None,
     out: Annotated[Path, typer.Option("--out", help="Results file to write (JSON; `linearize report` reads it)")] = Path("bench.json"),
 ):
     """Prefill and decode speed and memory against context length and batch size, teacher beside student.
 
-    --max-batch adds decode throughput at the largest batch that fits; every row records the decode path that ran.
+    --max-batch adds decode throughput at the largest batch that fits; every row records the decode path that ran
+    and the prefill chunk (--prefill-chunk) it prefilled in.
     """
     from .evaluate.results import Results
     from .evaluate.speed import benchmark
@@ -166,7 +172,7 @@ def bench_command(
             benchmark(
                 model, lengths=parse_ints(lengths, "--lengths"), batch_sizes=parse_ints(batch_sizes, "--batch-sizes"),
                 decode_tokens=decode_tokens, repeats=repeats, device=device, dtype=dtype, teacher=teacher, allow_longer=allow_longer,
-                max_batch=max_batch, bisect=bisect, compile=compile,
+                max_batch=max_batch, bisect=bisect, compile=compile, prefill_chunk=prefill_chunk,
             )
         )
     merged.save(out)

@@ -121,7 +121,7 @@ def test_an_out_of_memory_row_at_a_batch_asked_for(student, monkeypatch):
     results = benchmark(student, name=STUDENT, lengths=[16], batch_sizes=[1, 2], decode_tokens=1, teacher=False, progress=False)
     by_batch = {r["batch"]: r for r in results.of("speed")}
     assert by_batch[2] == {"model": STUDENT, "kind": "speed", "context": 16, "batch": 2, "decode_tokens": 1, "decode_path": "eager",
-                           "out_of_memory": True}
+                           "prefill_chunk": None, "out_of_memory": True}
     assert by_batch[1]["decode_tokens_per_s"] > 0
 
 
@@ -198,6 +198,24 @@ def test_fastest_path_is_the_cuda_graph_only_for_a_converted_models_own_view(stu
 def test_bad_max_batch_is_one_line_before_loading(tmp_path):
     with pytest.raises(LinearizeError, match="largest batch to try must be at least 1, got 0; pass e.g. --max-batch 512"):
         benchmark(str(tmp_path / "not-loaded"), max_batch=0, progress=False)
+    with pytest.raises(LinearizeError, match="prefill chunk must be at least 1 token, got 0; pass e.g. --prefill-chunk 4096"):
+        benchmark(str(tmp_path / "not-loaded"), prefill_chunk=0, progress=False)
+
+
+def test_a_chunked_prefill_goes_through_the_cache_chunk_by_chunk(student):
+    """With prefill_chunk, each view's 20-token prompts go in as 8 + 8 + 4 tokens through one cache, which then holds
+    what a one-shot prefill leaves (the same bytes); every row and the settings record the chunk."""
+    calls = []
+    student.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    chunked = benchmark(student, lengths=[20], batch_sizes=[2], decode_tokens=2, prefill_chunk=8, name=STUDENT, progress=False)
+    # per view: the warm-up (a 16-token prefill, 2 steps), then the measured prefill in chunks and 2 steps
+    assert calls == [16, 1, 1, 8, 8, 4, 1, 1] * 2
+    whole = benchmark(student, lengths=[20], batch_sizes=[2], decode_tokens=2, name=STUDENT, progress=False)
+    assert chunked.settings["prefill_chunk"] == 8 and whole.settings["prefill_chunk"] is None
+    rows = {(r["model"], r["prefill_chunk"]): r for r in chunked.of("speed") + whole.of("speed")}
+    assert len(rows) == 4
+    for model in (TEACHER, STUDENT):
+        assert rows[(model, 8)]["cache_bytes"] == rows[(model, None)]["cache_bytes"] > 0
 
 
 def bench_results() -> Results:
@@ -264,10 +282,11 @@ def test_bench_command_with_max_batch_and_compile(student, tmp_path, monkeypatch
         return done.value.code, capsys.readouterr()
 
     out = tmp_path / "bench.json"
-    code, printed = run("--lengths", "16", "--decode-tokens", "2", "--max-batch", "2", "--no-bisect", "--compile", "--out", out)
+    code, printed = run("--lengths", "16", "--decode-tokens", "2", "--max-batch", "2", "--no-bisect", "--compile", "--prefill-chunk", "6", "--out", out)
     assert code in (0, None), printed.err
     results = load_results(out)
-    assert results.settings["max_batch"] == 2 and results.settings["bisect"] is False
+    assert results.settings["max_batch"] == 2 and results.settings["bisect"] is False and results.settings["prefill_chunk"] == 6
+    assert {r["prefill_chunk"] for r in results.of("speed")} == {6}
     assert sorted((r["model"], r["batch"], bool(r.get("largest_batch")), r["decode_path"]) for r in results.of("speed")) == [
         ("teacher of tiny", 1, False, "torch.compile"), ("teacher of tiny", 2, True, "torch.compile"),
         ("tiny", 1, False, "torch.compile"), ("tiny", 2, True, "torch.compile"),
@@ -276,6 +295,10 @@ def test_bench_command_with_max_batch_and_compile(student, tmp_path, monkeypatch
     code, printed = run("--max-batch", "0")
     assert code == 2 and printed.err.strip().splitlines()[-1] == (
         "error: the largest batch to try must be at least 1, got 0; pass e.g. --max-batch 512"
+    )
+    code, printed = run("--prefill-chunk", "0")
+    assert code == 2 and printed.err.strip().splitlines()[-1] == (
+        "error: a prefill chunk must be at least 1 token, got 0; pass e.g. --prefill-chunk 4096"
     )
 
 

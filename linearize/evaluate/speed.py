@@ -155,10 +155,13 @@ def fastest_path(item: Scored) -> DecodePath:
 
 @torch.no_grad()
 def measure(
-    model, context: int, batch: int, decode_tokens: int, seed: int = 0, path: DecodePath | None = None
+    model, context: int, batch: int, decode_tokens: int, seed: int = 0, path: DecodePath | None = None, prefill_chunk: int | None = None
 ) -> dict[str, Any]:
     """One prefill of `batch` x `context` random tokens, then `decode_tokens` single-token steps from the cache
-    through `path` (default: eager). The decode peak covers the path's untimed warm-up steps and capture too."""
+    through `path` (default: eager). The decode peak covers the path's untimed warm-up steps and capture too.
+    With `prefill_chunk`, the prompt goes through the cache `prefill_chunk` tokens at a time, as
+    `generate(prefill_chunk_size=...)` and chunked-prefill servers take it: the prefill's working set is then one
+    chunk's, and the cache what grows."""
     path = path or DecodePath(model)
     device = next(model.parameters()).device
     vocab = model.get_input_embeddings().num_embeddings
@@ -167,9 +170,11 @@ def measure(
     meter = meter_for(device)
     meter.start()
     with Timer(device) as prefill:
-        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        cache = None
+        for chunk in ids.split(prefill_chunk or context, dim=1):
+            out = model(input_ids=chunk, **{path.keyword: cache}, use_cache=True, logits_to_keep=1)
+            cache = returned_cache(out)
     prefill_peak = meter.peak()
-    cache = returned_cache(out)
     token = out.logits[:, -1:].argmax(-1)
     del out
     meter.restart_peak()
@@ -186,6 +191,7 @@ def measure(
         decode_seconds=decode.seconds,
         prefill_tokens_per_s=batch * context / prefill.seconds,
         decode_tokens_per_s=batch * decode_tokens / decode.seconds if decode_tokens else None,
+        prefill_chunk=prefill_chunk,
         prefill_peak_bytes=prefill_peak,
         decode_peak_bytes=meter.peak(),
         cache_bytes=cache_bytes(loop.cache),
@@ -194,18 +200,18 @@ def measure(
 
 
 def _measure_or_oom(
-    item: Scored, path: DecodePath, context: int, batch: int, decode_tokens: int, repeats: int, seed: int
+    item: Scored, path: DecodePath, context: int, batch: int, decode_tokens: int, repeats: int, seed: int, prefill_chunk: int | None
 ) -> dict[str, Any]:
     """The fastest of `repeats` runs (the least disturbed by other work); an out-of-memory GPU is a result too."""
     try:
         with item.mode():
-            runs = [measure(item.model, context, batch, decode_tokens, seed, path) for _ in range(repeats)]
+            runs = [measure(item.model, context, batch, decode_tokens, seed, path, prefill_chunk) for _ in range(repeats)]
     except torch.OutOfMemoryError:
         runs = None
     if runs is None:
         # Outside the except block: until it ends, the traceback's frames keep the failed attempt's tensors alive.
         free_memory(next(item.model.parameters()).device)
-        return dict(context=context, batch=batch, decode_tokens=decode_tokens, decode_path=path.name, out_of_memory=True)
+        return dict(context=context, batch=batch, decode_tokens=decode_tokens, decode_path=path.name, prefill_chunk=prefill_chunk, out_of_memory=True)
     return min(runs, key=lambda r: r["prefill_seconds"] + r["decode_seconds"])
 
 
@@ -271,6 +277,7 @@ def benchmark(
     max_batch: int | None = None,
     bisect: bool = True,
     compile: bool = False,
+    prefill_chunk: int | None = None,
     progress: bool = True,
 ) -> Results:
     """Prefill and decode speed and memory of a model (and, for a converted model, its teacher via teacher_mode)
@@ -284,16 +291,22 @@ def benchmark(
     kernel ends the process rather than failing an allocation, only the cap bounds it.
     `compile`: decode through the fastest path each view supports (GraphDecoder or torch.compile; the module
     docstring says which, and every row records it as `decode_path`).
+    `prefill_chunk`: prefill through the cache this many tokens at a time (see `measure`), so that the largest batch
+    is bounded by what decoding holds (the cache and one chunk's working set) rather than by a whole prompt's
+    activations; every row records it.
 
     Example:
         >>> results = benchmark("out/smollm2-hedgehog", lengths=[512, 2048, 8000], decode_tokens=64)
         >>> results = benchmark("out/smollm2-hedgehog", device="cuda", lengths=[1024, 8192], max_batch=512, compile=True)
+        >>> results = benchmark("out/smollm2-hedgehog", device="cuda", lengths=[32768], max_batch=1024, prefill_chunk=4096)
         >>> results.save("out/bench.json")
     """
     if min(batch_sizes) < 1 or decode_tokens < 0 or repeats < 1:
         raise LinearizeError("batch sizes and repeats must be at least 1, and decode tokens at least 0")
     if max_batch is not None and max_batch < 1:
         raise LinearizeError(f"the largest batch to try must be at least 1, got {max_batch}; pass e.g. --max-batch 512")
+    if prefill_chunk is not None and prefill_chunk < 1:
+        raise LinearizeError(f"a prefill chunk must be at least 1 token, got {prefill_chunk}; pass e.g. --prefill-chunk 4096")
     device = resolve_device(device)
     scored = scored_models(
         model, tokenizer, teacher=teacher, name=name, dtype=default_dtype(dtype, device), device=device, need_tokenizer=False
@@ -311,6 +324,7 @@ def benchmark(
             max_batch=max_batch,
             bisect=bisect,
             compile=compile,
+            prefill_chunk=prefill_chunk,
         ),
         environment=environment(device),
     )
@@ -324,12 +338,14 @@ def benchmark(
             task = bar.add_task(f"speed {item.name} ({path.name})", total=len(lengths) * len(batch_sizes) + searches)
             for batch in batch_sizes:
                 for context in lengths:
-                    row = _measure_or_oom(item, path, context, batch, decode_tokens, repeats, seed)
+                    row = _measure_or_oom(item, path, context, batch, decode_tokens, repeats, seed, prefill_chunk)
                     results.add(item.name, "speed", **row)
                     bar.advance(task)
             if max_batch:
                 for context in lengths:
-                    attempt = partial(_attempt, item, path, context, decode_tokens=decode_tokens, repeats=repeats, seed=seed)
+                    attempt = partial(
+                        _attempt, item, path, context, decode_tokens=decode_tokens, repeats=repeats, seed=seed, prefill_chunk=prefill_chunk
+                    )
                     results.add(item.name, "speed", **largest_batch(attempt, max(batch_sizes), max_batch, bisect))
                     bar.advance(task)
             bar.remove_task(task)
