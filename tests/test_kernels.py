@@ -126,7 +126,7 @@ def _fla_stand_in(reference, seen, name):
 
     def op(q, k, v, *gates, g=None, beta=None, scale=None, initial_state=None, output_final_state=False):
         gates = gates or (g, beta)
-        seen[name] = [None if t is None else t.dtype for t in (q, k, v, *gates)]
+        seen[name] = [None if t is None else t.dtype for t in (q, k, v, *gates)] + [(q.shape[-1], v.shape[-1])]
         heads = [None if t is None else t.transpose(1, 2).float() for t in (q, k, v, *gates)]
         if name == "simple_gla" and heads[3] is None:
             heads[3] = heads[0].new_zeros(heads[0].shape[:3])
@@ -139,8 +139,9 @@ def _fla_stand_in(reference, seen, name):
 @pytest.mark.parametrize("mixer", ["gated_deltanet", "qwen3_5_gdn", "gla", "hedgehog", "mamba2", "bamba_mamba2"])
 def test_fla_reads_a_bfloat16_models_inputs_in_bfloat16(monkeypatch, mixer):
     """A bf16 model's mixers compute q, k, v and gates in float32, and fla reads them in bf16 (half the bytes, its
-    accumulation float32 either way); log-decays stay float32. The stand-ins put fla's layout around the PyTorch
-    reference, so the logits match the PyTorch path's to bf16 rounding."""
+    accumulation float32 either way), but in float32 where a head dimension is odd (gla's and hedgehog's values carry
+    a normaliser column: fla refuses a 16-bit backward there); log-decays stay float32. The stand-ins put fla's layout
+    around the PyTorch reference, so the logits match the PyTorch path's to bf16 rounding."""
     from linearize.hf.ops_delta import chunk_gated_delta_rule
     from linearize.hf.ops_gated import chunk_simple_gla
 
@@ -154,7 +155,10 @@ def test_fla_reads_a_bfloat16_models_inputs_in_bfloat16(monkeypatch, mixer):
         monkeypatch.setattr(kernels, "backend", lambda device, head_dims, dtype: ("fla", None))
         got = model(ids).logits.float()
     ((name, dtypes),) = seen.items()
-    assert dtypes[:3] == [torch.bfloat16] * 3, dtypes  # q, k, v
+    *dtypes, (key_dim, value_dim) = dtypes
+    odd = mixer in ("gla", "hedgehog")  # values with their normaliser column
+    assert (value_dim % 2 == 1) == odd and key_dim % 2 == 0
+    assert dtypes[:3] == [torch.float32 if odd else torch.bfloat16] * 3, dtypes  # q, k, v
     assert dtypes[3] in (torch.float32, None), dtypes  # g: log-decays (None: plain linear attention)
     if name == "gated_delta_rule":
         assert dtypes[4] == torch.bfloat16  # beta

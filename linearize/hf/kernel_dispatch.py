@@ -7,7 +7,10 @@ The PyTorch ops (`ops_gated`, `ops_delta`) are the reference and the CPU path. `
 The mixers compute q, k, v and the gates in float32 or wider (the PyTorch path's accuracy). `dtype` is the model's:
 fla reads q, k, v and beta in it, in the copy to its (B, T, H, D) layout, where a bfloat16 model's would otherwise read
 float32 (its chunked delta rule at 32K tokens: 1.89 ms of an H200 with float32 inputs, 1.00 ms with bfloat16; it
-accumulates in float32 either way). Log-decays and the state stay float32.
+accumulates in float32 either way). Log-decays and the state stay float32. Where a head dimension is odd (gla's and
+hedgehog's values carry their normaliser as one extra column: 65), fla reads float32: fla 0.6 refuses a 16-bit chunked
+backward with an odd K or V (Triton miscompiles its masked tail into out-of-bounds shared-memory reads), which stopped
+`lolcats_linear` training in bf16 on an H200 (fifteenth session).
 """
 
 from __future__ import annotations
@@ -145,6 +148,14 @@ def _bthd(dtype, *tensors):
     return [None if t is None else _relaid(t.transpose(1, 2), dtype or t.dtype) for t in tensors]
 
 
+def fla_dtype(dtype: torch.dtype | None, q: torch.Tensor, v: torch.Tensor) -> torch.dtype | None:
+    """The dtype fla reads q, k and v in: the model's `dtype`, but their own (float32) where a 16-bit dtype meets an
+    odd head dimension of q or v (the module docstring)."""
+    if dtype in (torch.float16, torch.bfloat16) and (q.shape[-1] % 2 or v.shape[-1] % 2):
+        return None
+    return dtype
+
+
 def _relaid(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     # `to` with a memory format copies only where the dtype changes; `contiguous` copies only where the layout does.
     return t.contiguous() if t.dtype == dtype else t.to(dtype, memory_format=torch.contiguous_format)
@@ -161,7 +172,7 @@ def gla(q, k, v, gk, scale=None, initial_state=None, decode=False, output_state=
         op = recurrent_gla if decode else chunk_gla
         o, state = op(q, k, v, gk, scale=scale, initial_state=initial_state)
         return o, (state if output_state else None)
-    qt, kt, vt = _bthd(dtype, q, k, v)
+    qt, kt, vt = _bthd(fla_dtype(dtype, q, v), q, k, v)
     (gt,) = _bthd(torch.float32, gk)
     op = fla_recurrent_gla if decode else fla_chunk_gla
     o, state = op(qt, kt, vt, gt, scale=scale, initial_state=_state(initial_state), output_final_state=output_state)
@@ -177,7 +188,7 @@ def simple_gla(q, k, v, g, scale=None, initial_state=None, decode=False, output_
         g = q.new_zeros(q.shape[:3]) if g is None else g
         o, state = op(q, k, v, g, scale=scale, initial_state=initial_state)
         return o, (state if output_state else None)
-    qt, kt, vt = _bthd(dtype, q, k, v)
+    qt, kt, vt = _bthd(fla_dtype(dtype, q, v), q, k, v)
     (gt,) = _bthd(torch.float32, g)
     op = fla_recurrent_simple_gla if decode else fla_chunk_simple_gla
     o, state = op(qt, kt, vt, gt, scale=scale, initial_state=_state(initial_state), output_final_state=output_state)
@@ -191,7 +202,7 @@ def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, decode=Fa
         op = recurrent_gated_delta_rule if decode else chunk_gated_delta_rule
         o, state = op(q, k, v, g, beta, scale=scale, initial_state=initial_state)
         return o, (state if output_state else None)
-    qt, kt, vt, bt = _bthd(dtype, q, k, v, beta)
+    qt, kt, vt, bt = _bthd(fla_dtype(dtype, q, v), q, k, v, beta)
     (gt,) = _bthd(torch.float32, g)
     op = fla_recurrent_gated_delta_rule if decode else fla_chunk_gated_delta_rule
     o, state = op(qt, kt, vt, g=gt, beta=bt, scale=scale, initial_state=_state(initial_state), output_final_state=output_state)
