@@ -10,7 +10,9 @@
 #                                             # or RUNS=none); with SERVE (serving_speed.py's arguments) that runs alone
 #                                             # on GPU 0 with compile and CUDA-graph logs, the rest on GPU 1
 #   bash benchmarks/h100_session.sh solo      # (nvidia-h200, one GPU) carry .whl .gguf1, as first: SERVE, then WARM, then
-#                                             # TESTS, each if given, one after another on the one GPU
+#                                             # TESTS, then PARTS (prefill_parts.py's arguments), each if given, one
+#                                             # after another on the one GPU. A script run by hand needs the
+#                                             # PYTHONPATH set below (/tmp/site:$PWD), or linearize is not found
 #   bash benchmarks/h100_session.sh second    # carry .gguf2 corpus (or corpus.tgz, `tar czf corpus.tgz corpus`): join
 #                                             # the GGUF, real-teacher GPU tests (TESTS, or TESTS=none), quality
 #                                             # (QUALITY, QUALITY_S)
@@ -140,13 +142,17 @@ join() {  # the GGUF from the first half (in /tmp since an earlier call) and the
 }
 
 case "$1" in
-solo)  # (nvidia-h200, one GPU) first's carry and set-up, then SERVE (as first), WARM and the GPU tests TESTS, if given,
-  # one after another
+solo)  # (nvidia-h200, one GPU) first's carry and set-up, then SERVE (as first), WARM, the GPU tests TESTS and
+  # prefill_parts.py (PARTS: its arguments), each if given, one after another
   wheels || exit 1
   cp .gguf1/part00 /tmp/part00
   [ -z "${SERVE:-}" ] || serve_logged
   [ -z "${WARM:-}" ] || warm
   [ -z "${TESTS:-}" ] || gpu_tests "$TESTS"
+  if [ -n "${PARTS:-}" ]; then  # prefill_parts.py with PARTS's arguments, within PARTS_S
+    timeout "${PARTS_S:-150}" python3 benchmarks/prefill_parts.py $PARTS --out "$OUT/prefill_parts.jsonl" > "$OUT/prefill_parts.log" 2>&1
+    echo "exit $?" >> "$OUT/prefill_parts.log"
+  fi
   ;;
 first)
   wheels || exit 1
@@ -174,7 +180,8 @@ students)
      echo "exit $?" >> "$OUT/distill-$recipe.log") &
   done
   wait  # all at once: a cold machine's kernel compiles are CPU work, and a 135M student leaves most of the GPU idle
-  timeout "${BENCH_S:-300}" python3 benchmarks/serving_speed.py --students "$(ls -d /tmp/students/*/ | tr '\n' , | sed 's/,$//')" \
+  # the students saved (a distillation cut short leaves only its NAME.checkpoints folder)
+  timeout "${BENCH_S:-300}" python3 benchmarks/serving_speed.py --students "$(dirname /tmp/students/*/config.json | tr '\n' , | sed 's/,$//')" \
     --teacher /tmp/smollm2.gguf ${STUDENT_BENCH:---caches dynamic --lengths 2048,32768} --out "$OUT/students.jsonl" > "$OUT/students.log" 2>&1
   echo "exit $?" >> "$OUT/students.log"
   ;;
