@@ -14,6 +14,7 @@ import torch
 import linearize
 from linearize.hf import triton_step
 from linearize.hf.mixers import FusedStepMixer, mixers_in
+from tests.test_triton_step import window_option
 from tests.tiny import random_ids, tiny_model
 
 needs_triton = pytest.mark.skipif(
@@ -35,7 +36,8 @@ def stand_in(self, hidden_states, q, k, v, cos, sin, real, tensors):
 def test_a_compiled_static_cache_step_through_the_fused_step_is_one_graph(monkeypatch, mixer):
     monkeypatch.setenv("LINEARIZE_FUSED_STEP", "on")
     monkeypatch.delenv("LINEARIZE_KERNELS", raising=False)
-    model = linearize.convert(tiny_model(dtype=torch.float32, hidden_size=128, num_attention_heads=4, num_key_value_heads=2), mixer, window=4).eval()
+    teacher = tiny_model(dtype=torch.float32, hidden_size=128, num_attention_heads=4, num_key_value_heads=2)
+    model = linearize.convert(teacher, mixer, **window_option(mixer, 4)).eval()
     kind = type(mixers_in(model)[0])
     assert issubclass(kind, FusedStepMixer)
     taken = []
@@ -68,7 +70,7 @@ def test_a_compiled_static_cache_step_writes_only_static_inputs(monkeypatch, mix
     monkeypatch.delenv("LINEARIZE_KERNELS", raising=False)
     model = linearize.convert(
         tiny_model(dtype=torch.float32, hidden_size=128, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3),
-        mixer, window=4, keep_attention=[0],
+        mixer, keep_attention=[0], **window_option(mixer, 4),
     ).eval()
     graphs = []
 

@@ -17,7 +17,7 @@ from linearize.hf.ops_window import chunk_window_linear
 from linearize.hf.triton_window import window_linear_prefill
 from tests.test_triton_step import MIXERS as FUSED_MIXERS
 from tests.test_triton_step import PAIRS as FUSED_PAIRS
-from tests.test_triton_step import assert_close, assert_steps_match, force_fused_step
+from tests.test_triton_step import assert_close, assert_steps_match, force_fused_step, window_option
 from tests.test_triton_window import per_query_head, window_inputs
 from tests.tiny import greedy_steps, left_padded, random_ids, tiny_model
 
@@ -250,10 +250,10 @@ def test_fused_step_matches_the_pytorch_path(monkeypatch, mixer, shape, dtype):
 
 @pytest.mark.parametrize("mixer", FUSED_MIXERS)
 def test_fused_step_generates_as_uncached_eager_and_compiled(monkeypatch, mixer):
-    """A tiny model (window 4) on CUDA: greedy tokens through the fused step, with a dynamic cache and with a compiled
+    """A tiny model (window 4 where the mixer has one) on CUDA: greedy tokens through the fused step, with a dynamic cache and with a compiled
     static one (CUDA graphs), equal uncached generation."""
-    model = linearize.convert(tiny_model(dtype=torch.float32, hidden_size=128, num_attention_heads=4, num_key_value_heads=2), mixer, window=4)
-    model = model.cuda()
+    teacher = tiny_model(dtype=torch.float32, hidden_size=128, num_attention_heads=4, num_key_value_heads=2)
+    model = linearize.convert(teacher, mixer, **window_option(mixer, 4)).cuda()
     ids, mask = left_padded(random_ids(2, 40), [5, 0])
     settings = dict(input_ids=ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=24, min_new_tokens=24, do_sample=False)
     uncached = model.generate(**settings, use_cache=False)

@@ -30,11 +30,12 @@ def compile_kernels() -> None:
 
     states = {"conv", "recurrent", "state", "ssm", "S", "z", "window_fk"}
     for name, window in [(name, 64) for name in MIXERS] + [("hedgehog_swa", 256)]:
-        kernel = getattr(triton_step, f"_{name}_kernel")
+        qwen = name == "qwen3_5_gdn"  # gated_deltanet's kernel in qwen3_5's variant, without a window
+        kernel = getattr(triton_step, "_gated_deltanet_kernel" if qwen else f"_{name}_kernel")
         constants = dict(
             HEADS=9, KV_HEADS=3, DIM=64, KEEP=window - 1, ROT=64, BLOCK_DIM=64, BLOCK_WINDOW=window, HAS_REAL=True,
-            WINDOW=True, SOFTCAP=True, HIDDEN=576, BLOCK_HIDDEN=256, TAPS=4, BLOCK_TAPS=4, FEATURES=64, BLOCK_FEATURES=64,
-            CHUNK=min(window, triton_step.WINDOW_CHUNK // 64),
+            WINDOW=not qwen, SOFTCAP=True, HIDDEN=576, BLOCK_HIDDEN=256, TAPS=4, BLOCK_TAPS=4, FEATURES=64, BLOCK_FEATURES=64,
+            CHUNK=min(window, triton_step.WINDOW_CHUNK // 64), QWEN=qwen,
         )
         signature = {}
         for param in kernel.params:

@@ -1,4 +1,4 @@
-"""The fused decode steps of `gated_deltanet`, `gla`, `mamba2` and `hedgehog_swa` (triton_step.py) against the PyTorch
+"""The fused decode steps of `gated_deltanet`, `qwen3_5_gdn`, `gla`, `mamba2` and `hedgehog_swa` (triton_step.py) against the PyTorch
 decode path, on the CPU through Triton's interpreter: outputs and next states step by step, the custom ops against the
 eager launches, and a whole model's cached generation (test_kernels_compile.py compiles every kernel for a GPU). Skipped
 where Triton is not installed (it is in the `dev` extra). A compiled step is traced through the ops' fake
@@ -92,6 +92,12 @@ def randomised_mixer(mixer: str, shape: str, dtype: torch.dtype):
                 scale = 0.1 / p.shape[1] ** 0.5 if name.endswith("_proj.weight") else 0.5
                 p.add_(torch.randn(p.shape, generator=generator) * scale)
     return model, layer
+
+
+def window_option(mixer: str, window: int) -> dict:
+    """{"window": window} for a mixer that takes one; {} for one without (qwen3_5_gdn)."""
+    takes = {field.name for field in dataclasses.fields(linearize.MIXERS[mixer].Options)}
+    return {"window": window} if "window" in takes else {}
 
 
 def rotary(model):
@@ -248,7 +254,7 @@ GENERATIONS = [(m, 4, 3) for m in MIXERS] + [("gated_deltanet", 4, 4), ("mamba2"
 def test_cached_generation_through_the_fused_step_equals_uncached(fused, monkeypatch, mixer, window, prompt):
     """A tiny two-layer model, left-padded batch: greedy generation through the fused step gives the PyTorch path's
     logits at each step and the tokens of uncached generation (no decode step)."""
-    model = linearize.convert(tiny_model(dtype=torch.float32, num_hidden_layers=2), mixer, window=window)
+    model = linearize.convert(tiny_model(dtype=torch.float32, num_hidden_layers=2), mixer, **window_option(mixer, window))
     ids, mask = left_padded(random_ids(2, prompt), [2, 0])
     settings = dict(
         input_ids=ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False, output_logits=True,
@@ -267,7 +273,7 @@ def test_cached_generation_through_the_fused_step_equals_uncached(fused, monkeyp
 def test_the_step_is_left_to_pytorch_where_it_cannot_run(fused, monkeypatch, mixer):
     """With gradients, with window dropout (training), under LINEARIZE_KERNELS=torch or LINEARIZE_FUSED_STEP=off, or
     in float64, decode steps take the PyTorch path; else the fused step."""
-    model = linearize.convert(tiny_model(dtype=torch.float32), mixer, window=4)
+    model = linearize.convert(tiny_model(dtype=torch.float32), mixer, **window_option(mixer, 4))
     double = copy.deepcopy(model).double()
     ids = random_ids(1, 5)
     cache, double_cache = model.new_cache(), double.new_cache()

@@ -9,6 +9,8 @@ layer's weights into that architecture and the exported model computes the same 
 - each head's output goes through an RMSNorm (eps: the teacher's `rms_norm_eps`) gated by SiLU(W_z x), then
   the teacher's output projection.
 Unlike `gated_deltanet` there is no sliding window and no bias on the write strength: qwen3_5 has neither.
+On CUDA an inference decode step runs up to the gated norm in one Triton kernel (`triton_step.qwen3_5_gdn_step`, the
+gated_deltanet step's kernel in qwen3_5's variant); the PyTorch path (`delta_rule`) takes every other call.
 
 The start keeps what can be kept: identity convolutions (the teacher's q/k/v before the SiLU), beta = 0.5 and a
 per-token decay of 0.9 as in `gated_deltanet`, unit norm weights. The gate has no exact start (SiLU(W_z x)
@@ -30,7 +32,8 @@ from .errors import LinearizeError
 from .gates import inverse_softplus
 from .kernel_dispatch import gated_delta_rule
 from .mixer_gated_deltanet import check_conv_size, convolve_heads
-from .mixers import Mixer, MixerCost, register_mixer
+from .mixers import FusedStepMixer, MixerCost, register_mixer
+from .triton_step import qwen3_5_gdn_step
 
 L2_EPS = 1e-6  # qwen3_5's (and fla's) l2norm: x * rsqrt(sum(x^2) + eps)
 
@@ -66,11 +69,13 @@ class Qwen35GatedDeltaNetOptions:
 
 
 @register_mixer
-class Qwen35GatedDeltaNet(Mixer):
+class Qwen35GatedDeltaNet(FusedStepMixer):
     name = "qwen3_5_gdn"
     anchor = "Gated DeltaNet (Qwen3.5)"
     summary = "Gated DeltaNet exactly as transformers' qwen3_5 runs it (exports with `linearize export --to qwen3_5`)"
     Options = Qwen35GatedDeltaNetOptions
+    step_tensors = ("conv", "recurrent")
+    window = 0
 
     initial_beta = 0.5
     initial_decay = 0.9  # per token
@@ -124,6 +129,19 @@ class Qwen35GatedDeltaNet(Mixer):
         return beta.transpose(1, 2), g.transpose(1, 2)
 
     def mix(self, hidden_states, q, k, v, position_embeddings, padding_mask, state) -> torch.Tensor:
+        if self.fuses_step(hidden_states, q, k, v, position_embeddings, state):
+            out = self.fused_step(hidden_states, q, k, v, position_embeddings, padding_mask, state)
+        else:
+            out = self.delta_rule(hidden_states, q, k, v, padding_mask, state)
+        batch, heads, length, d = out.shape
+        z = self.z_proj(hidden_states).reshape(batch, length, heads, d).transpose(1, 2)
+        out = gated_rms_norm(out.to(hidden_states.dtype), z, self.norm_weight, self.options.eps)
+        if padding_mask is not None:
+            out = out * padding_mask[:, None, :, None]
+        return out
+
+    def delta_rule(self, hidden_states, q, k, v, padding_mask, state) -> torch.Tensor:
+        """The PyTorch path's heads (B, H, T, D) before the gated norm: convolution, SiLU, L2 norms, the rule."""
         tensors = state.tensors if state is not None else {}
         cq, ck, cv, conv = convolve_heads(q, k, v, self.conv_weight, padding_mask, tensors.get("conv"))
         cq, ck, cv = l2_normalize(F.silu(cq)), l2_normalize(F.silu(ck)), F.silu(cv)
@@ -137,9 +155,19 @@ class Qwen35GatedDeltaNet(Mixer):
         )
         if state is not None:
             state.write({"conv": conv, "recurrent": recurrent})
-        batch, heads, length, d = out.shape
-        z = self.z_proj(hidden_states).reshape(batch, length, heads, d).transpose(1, 2)
-        out = gated_rms_norm(out.to(hidden_states.dtype), z, self.norm_weight, self.options.eps)
-        if padding_mask is not None:
-            out = out * padding_mask[:, None, :, None]
         return out
+
+    def fresh_step_state(self, q: torch.Tensor) -> dict[str, torch.Tensor]:
+        batch, h, _, d = q.shape
+        zeros = dict(device=q.device, dtype=torch.float32)
+        channels = (h + 2 * self.spec.num_kv_heads) * d
+        return {
+            "conv": torch.zeros(batch, channels, self.conv_weight.shape[1] - 1, **zeros),
+            "recurrent": torch.zeros(batch, h, d, d, **zeros),
+        }
+
+    def launch_step(self, hidden_states, q, k, v, cos, sin, real, tensors) -> torch.Tensor:
+        return qwen3_5_gdn_step(
+            hidden_states, q, k, v, real, self.conv_weight, self.b_proj.weight, self.a_proj.weight, self.A_log, self.dt_bias,
+            tensors["conv"], tensors["recurrent"], self.spec.head_dim**-0.5,
+        )

@@ -1,5 +1,5 @@
-"""One decode step of a `gated_deltanet`, `gla`, `mamba2` or `hedgehog_swa` layer, window included, in two Triton
-kernel launches.
+"""One decode step of a `gated_deltanet`, `qwen3_5_gdn`, `gla`, `mamba2` or `hedgehog_swa` layer, window included, in
+two Triton kernel launches.
 
 On a GPU a batch-1 decode step is bound by kernel launches and host work, not by arithmetic: the PyTorch path of
 `GatedDeltaNetMixer.mix` launches about 46 kernels per layer (H200, window 64) and fla's fused recurrent kernel
@@ -9,6 +9,9 @@ all of a layer's step that follows the teacher's q/k/v projections in one kernel
   place; the gates from the hidden states, beta = sigmoid(W_beta x + b) and g = -exp(A_log) softplus(W_a x + dt_bias);
   L2-normalisation of the convolved q and k; the gated delta rule's update of the float32 state S (B, H, D, D), in
   place, and its read-out q S;
+- `qwen3_5_gdn_step`: the same kernel as qwen3_5 computes the step (`QWEN`): SiLU after the convolution, the L2 norm
+  x / sqrt(|x|^2 + 1e-6), q scaled by D^-0.5, beta = sigmoid(W_b x) without a bias, no window; its output's gated
+  RMSNorm stays in PyTorch, after the kernel;
 - `gla_step`: softmax feature maps of q and k, the gate logsigmoid(k) / gate_normalizer, the update of the float32
   state (B, Hkv, D, D + 1) of each kv head (values and a ones column, the normaliser) in place, and each query head's
   read-out normalised by its last column;
@@ -204,7 +207,22 @@ def _gated_deltanet(
     return _launch(
         _gated_deltanet_kernel, q, k, v, cos, sin, real, window_k, window_v, window_mask, scaling, softcap,
         hidden, hidden.stride(0), conv_weight, beta_weight, beta_bias, decay_weight, a_log, dt_bias, window_logit,
-        conv, recurrent, TAPS=taps, BLOCK_TAPS=triton.next_power_of_2(max(taps - 1, 1)), **_hidden(hidden),
+        conv, recurrent, TAPS=taps, BLOCK_TAPS=triton.next_power_of_2(max(taps - 1, 1)), QWEN=False, **_hidden(hidden),
+    )
+
+
+def _qwen3_5_gdn(
+    hidden: Tensor, q: Tensor, k: Tensor, v: Tensor, real: Optional[Tensor], conv_weight: Tensor, b_weight: Tensor,
+    a_weight: Tensor, a_log: Tensor, dt_bias: Tensor, conv: Tensor, recurrent: Tensor, scale: float,
+) -> Tensor:
+    """The gated delta rule's heads (B, H, 1, D) in q's dtype of one `qwen3_5_gdn` decode step, before its gated norm
+    (module docstring); updates conv (B, C, K - 1) and recurrent (B, H, D, D), both contiguous float32, in place.
+    hidden (B, 1, hidden size): the layer's input; scale: q's, D^-0.5."""
+    taps = conv_weight.shape[1]
+    return _launch(
+        _gated_deltanet_kernel, q, k, v, None, None, real, None, None, None, scale, None,
+        hidden, hidden.stride(0), conv_weight, b_weight, None, a_weight, a_log, dt_bias, None,
+        conv, recurrent, TAPS=taps, BLOCK_TAPS=triton.next_power_of_2(max(taps - 1, 1)), QWEN=True, **_hidden(hidden),
     )
 
 
@@ -303,6 +321,20 @@ if TRITON_PROBLEM is None:
     @triton.jit
     def _normalised(x):
         return x / tl.maximum(tl.sqrt(tl.sum(x * x, 0)), 1e-12)
+
+    @triton.jit
+    def _convolved(x, QWEN: tl.constexpr):
+        """A convolved q, k or v as the rule reads it: itself, or qwen3_5's SiLU of it."""
+        if QWEN:
+            return x * tl.sigmoid(x)
+        return x
+
+    @triton.jit
+    def _unit(x, QWEN: tl.constexpr):
+        """A convolved q or k L2-normalised: F.normalize's x / max(|x|, 1e-12), or qwen3_5's x / sqrt(|x|^2 + 1e-6)."""
+        if QWEN:
+            return x * tl.rsqrt(tl.sum(x * x, 0) + 1e-6)
+        return _normalised(x)
 
     @triton.jit
     def _softmax(x, in_d):
@@ -442,8 +474,10 @@ if TRITON_PROBLEM is None:
         HEADS: tl.constexpr, KV_HEADS: tl.constexpr, DIM: tl.constexpr, KEEP: tl.constexpr, ROT: tl.constexpr,
         BLOCK_DIM: tl.constexpr, BLOCK_WINDOW: tl.constexpr, HAS_REAL: tl.constexpr, WINDOW: tl.constexpr,
         SOFTCAP: tl.constexpr, HIDDEN: tl.constexpr, BLOCK_HIDDEN: tl.constexpr, TAPS: tl.constexpr, BLOCK_TAPS: tl.constexpr,
+        QWEN: tl.constexpr,
     ):
-        """Program (b, j): sequence b, kv head j and its query heads (module docstring)."""
+        """Program (b, j): sequence b, kv head j and its query heads (module docstring). QWEN: `qwen3_5_gdn`'s step,
+        SiLU after the convolution, its L2 norm, q scaled by `scaling`, no bias on beta (and no window)."""
         b, j, d, in_d, keep, k_ptr, k_raw, v_raw = _program(
             k, v, real, stride_kb, stride_kh, stride_vb, stride_vh, stride_real, DIM, BLOCK_DIM, HAS_REAL
         )
@@ -457,7 +491,8 @@ if TRITON_PROBLEM is None:
         v_channel = (HEADS + KV_HEADS + j) * DIM
         ck = _conv_step(k_raw, conv_row + k_channel * (TAPS - 1), conv_weight + k_channel * TAPS, d, in_d, keep, TAPS, BLOCK_TAPS)
         cv = _conv_step(v_raw, conv_row + v_channel * (TAPS - 1), conv_weight + v_channel * TAPS, d, in_d, keep, TAPS, BLOCK_TAPS)
-        ck = _normalised(ck)
+        ck = _unit(_convolved(ck, QWEN), QWEN)
+        cv = _convolved(cv, QWEN)
         if WINDOW:
             keys, values, seen = _window(
                 window_k, window_v, window_mask, k_ptr, v_raw, cos_row, sin_row, keep, b, j, d, in_d, KV_HEADS, DIM, KEEP, ROT, BLOCK_WINDOW
@@ -467,9 +502,13 @@ if TRITON_PROBLEM is None:
             q_ptr = q + b * stride_qb + h * stride_qh
             q_raw = tl.load(q_ptr + d, mask=in_d, other=0.0).to(tl.float32)
             cq = _conv_step(q_raw, conv_row + h * DIM * (TAPS - 1), conv_weight + h * DIM * TAPS, d, in_d, keep, TAPS, BLOCK_TAPS)
-            cq = _normalised(cq)
-            # The gates from the hidden states; a pad neither writes nor decays.
-            beta = tl.sigmoid(_projected(x, beta_weight + h * HIDDEN, HIDDEN, BLOCK_HIDDEN) + tl.load(beta_bias + h).to(tl.float32))
+            cq = _unit(_convolved(cq, QWEN), QWEN)
+            # The gates from the hidden states; a pad neither writes nor decays. qwen3_5 scales q by D^-0.5 (`scaling`).
+            if QWEN:
+                cq = cq * scaling
+                beta = tl.sigmoid(_projected(x, beta_weight + h * HIDDEN, HIDDEN, BLOCK_HIDDEN))
+            else:
+                beta = tl.sigmoid(_projected(x, beta_weight + h * HIDDEN, HIDDEN, BLOCK_HIDDEN) + tl.load(beta_bias + h).to(tl.float32))
             dt = _softplus(_projected(x, decay_weight + h * HIDDEN, HIDDEN, BLOCK_HIDDEN) + tl.load(dt_bias + h).to(tl.float32))
             beta = tl.where(keep, beta, 0.0)
             log_decay = tl.where(keep, -tl.exp(tl.load(a_log + h).to(tl.float32)) * dt, 0.0)
@@ -711,10 +750,11 @@ if TRITON_PROBLEM is None:
     # The custom ops by mixer name, and the step functions that the mixers call.
     OPS = {}
     OPS["gated_deltanet"], gated_deltanet_step = _registered(_gated_deltanet, {"conv", "recurrent", *WINDOW_CACHE}, _heads(_gated_deltanet))
+    OPS["qwen3_5_gdn"], qwen3_5_gdn_step = _registered(_qwen3_5_gdn, {"conv", "recurrent"}, _heads(_qwen3_5_gdn))
     OPS["gla"], gla_step = _registered(_gla, {"state", *WINDOW_CACHE}, _heads(_gla))
     OPS["mamba2"], mamba2_step = _registered(_mamba2, {"ssm", *WINDOW_CACHE}, _heads(_mamba2))
     OPS["hedgehog_swa"], hedgehog_swa_step = _registered(_hedgehog_swa, {"S", "z", "window_fk", *WINDOW_CACHE}, _heads(_hedgehog_swa))
 
 else:
     OPS = {}
-    gated_deltanet_step = gla_step = mamba2_step = hedgehog_swa_step = None
+    gated_deltanet_step = qwen3_5_gdn_step = gla_step = mamba2_step = hedgehog_swa_step = None
