@@ -73,7 +73,8 @@ def test_info_shows_the_plan_state_and_kernel_path_per_layer(teacher_folder, tmp
     assert code == 0, stderr
     rows = table_rows(stdout)
     assert [(r[0], r[1], r[6], r[7]) for r in rows] == [
-        ("0-1", "hedgehog", "no", "fla simple_gla"), ("2", "hedgehog_swa", "no", "Triton (linearize); decode: fused Triton step")
+        ("0-1", "hedgehog", "no", "fla simple_gla; decode: fused Triton step"),
+        ("2", "hedgehog_swa", "no", "Triton (linearize); decode: fused Triton step"),
     ]
     assert "parameters added" in stdout
 
@@ -83,7 +84,7 @@ def test_info_shows_the_plan_state_and_kernel_path_per_layer(teacher_folder, tmp
     monkeypatch.delenv("LINEARIZE_KERNELS")
     monkeypatch.setattr(kernel_dispatch, "FLA_PROBLEM", "flash-linear-attention is not usable (ImportError: no module)")
     rows = table_rows(run(monkeypatch, capsys, "info", out)[1])
-    assert rows[0][7] == "PyTorch: flash-linear-attention is not usable (ImportError: no module)"
+    assert rows[0][7] == "PyTorch: flash-linear-attention is not usable (ImportError: no module); decode: fused Triton step"
 
 
 def test_info_fits_a_narrow_terminal_and_groups_identical_layers(teacher_folder, tmp_path, monkeypatch, capsys):

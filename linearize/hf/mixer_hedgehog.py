@@ -3,9 +3,9 @@
 The feature map is learnable and per head: phi(x) = [softmax(xW + b), softmax(-(xW + b))], applied after RoPE,
 with W initialised to the identity so training starts from a sensible kernel. In `hedgehog_swa` the last
 `window` keys are scored by the teacher's own softmax and a learnable per-head factor sets the balance. On CUDA
-its decode step (inference) runs as one fused Triton step, `triton_step.hedgehog_swa_step`, and its prefill (inference
-and training: the kernel has a backward) as one chunked Triton kernel, `triton_window.window_linear_prefill`, where
-they can; the PyTorch path is the reference.
+a decode step (inference) runs as one fused Triton step, `triton_step.hedgehog_step` or `hedgehog_swa_step`, and
+`hedgehog_swa`'s prefill (inference and training: the kernel has a backward) as one chunked Triton kernel,
+`triton_window.window_linear_prefill`, where they can; the PyTorch path is the reference.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from torch import nn
 from .attention import AttentionSpec, apply_rotary, repeat_heads
 from .errors import LinearizeError
 from .kernel_dispatch import simple_gla
-from .mixers import FusedStepMixer, Mixer, MixerCost, register_mixer
+from .mixers import FusedStepMixer, MixerCost, register_mixer
 from .ops_window import chunk_window_linear, decode_window_linear
-from .triton_step import MAX_HEAD_DIM, hedgehog_swa_step
+from .triton_step import MAX_HEAD_DIM, hedgehog_step, hedgehog_swa_step
 from .triton_window import window_linear_prefill, window_prefill_problem
 from .windows import check_window
 
@@ -58,11 +58,14 @@ class HedgehogSWAOptions:
 
 
 @register_mixer
-class HedgehogMixer(Mixer):
+class HedgehogMixer(FusedStepMixer):
     name = "hedgehog"
     anchor = "LoLCATs"
     summary = "linear attention with a learnable Hedgehog feature map after RoPE"
     Options = HedgehogOptions
+    # The state per kv head: S (B, Hkv, 2F, D + 1), the feature-mapped keys times [v, 1] (its last column the normaliser).
+    step_tensors = ("S",)
+    window = 0
 
     def __init__(self, attn, spec: AttentionSpec, options, layer_idx: int):
         super().__init__(attn, spec, options, layer_idx)
@@ -88,6 +91,8 @@ class HedgehogMixer(Mixer):
         return "simple_gla", (2 * self.options.feature_dim, self.spec.head_dim + 1)
 
     def mix(self, hidden_states, q, k, v, position_embeddings, padding_mask, state):
+        if self.fuses_step(hidden_states, q, k, v, position_embeddings, state):
+            return self.fused_step(hidden_states, q, k, v, position_embeddings, padding_mask, state)
         q, k = apply_rotary(q, k, position_embeddings)
         fq, fk = self.feature_q(q), self.feature_k(k)
         values = torch.cat((v.to(fk.dtype), torch.ones_like(v[..., :1], dtype=fk.dtype)), dim=-1)
@@ -114,9 +119,23 @@ class HedgehogMixer(Mixer):
         # den is 0 only where no real key has been seen yet (left padding), and num with it.
         return num / torch.where(den > 0, den, torch.ones_like(den))
 
+    def fuses_step(self, hidden_states, q, k, v, position_embeddings, state) -> bool:
+        # The kernels hold the state's halves (F x D) and a feature map's weight (D x F) as the others hold a head's
+        # D x D state: up to MAX_HEAD_DIM features.
+        return self.options.feature_dim <= MAX_HEAD_DIM and super().fuses_step(hidden_states, q, k, v, position_embeddings, state)
+
+    def fresh_step_state(self, q: torch.Tensor) -> dict[str, torch.Tensor]:
+        batch, hkv, width = q.shape[0], self.spec.num_kv_heads, 2 * self.options.feature_dim
+        return {"S": q.new_zeros(batch, hkv, width, self.spec.head_dim + 1, dtype=torch.float32)}
+
+    def launch_step(self, hidden_states, q, k, v, cos, sin, real, tensors) -> torch.Tensor:
+        return hedgehog_step(
+            q, k, v, cos, sin, real, self.feature_q.weight, self.feature_q.bias, self.feature_k.weight, self.feature_k.bias, tensors["S"]
+        )
+
 
 @register_mixer
-class HedgehogSWAMixer(HedgehogMixer, FusedStepMixer):
+class HedgehogSWAMixer(HedgehogMixer):
     name = "hedgehog_swa"
     anchor = "LoLCATs"
     summary = "Hedgehog linear attention plus a sliding softmax window, one normaliser"
@@ -184,11 +203,6 @@ class HedgehogSWAMixer(HedgehogMixer, FusedStepMixer):
         out, final = chunk_window_linear(q, k, v, fq, fk, state=initial, output_state=True, **kwargs)
         state.write({name: t[:, ::groups].clone() if t.dim() > 2 and groups > 1 else t for name, t in final.items()})
         return out
-
-    def fuses_step(self, hidden_states, q, k, v, position_embeddings, state) -> bool:
-        # The kernel holds the state's halves (F x D) and a feature map's weight (D x F) as the others hold a head's
-        # D x D state: up to MAX_HEAD_DIM features.
-        return self.options.feature_dim <= MAX_HEAD_DIM and super().fuses_step(hidden_states, q, k, v, position_embeddings, state)
 
     def fresh_step_state(self, q: torch.Tensor) -> dict[str, torch.Tensor]:
         batch, hkv, width = q.shape[0], self.spec.num_kv_heads, 2 * self.options.feature_dim

@@ -1,5 +1,5 @@
-"""One decode step of a `gated_deltanet`, `qwen3_5_gdn`, `gla`, `mamba2` or `hedgehog_swa` layer, window included, in
-two Triton kernel launches.
+"""One decode step of a `gated_deltanet`, `qwen3_5_gdn`, `gla`, `mamba2`, `hedgehog` or `hedgehog_swa` layer, window
+included, in two Triton kernel launches.
 
 On a GPU a batch-1 decode step is bound by kernel launches and host work, not by arithmetic: the PyTorch path of
 `GatedDeltaNetMixer.mix` launches about 46 kernels per layer (H200, window 64) and fla's fused recurrent kernel
@@ -17,6 +17,9 @@ all of a layer's step that follows the teacher's q/k/v projections in one kernel
   read-out normalised by its last column;
 - `mamba2_step`: dt = softplus(W_dt x + dt_bias), the decay exp(-exp(A_log) dt) per query head, the update of the
   float32 state (B, H, D, D) with (dt k)^T v in place, and the read-out scaling * q S + D * v;
+- `hedgehog_step`: RoPE on q and k, the Hedgehog feature maps (as below) of the rotated q and k, the update of the float32
+  state (B, Hkv, 2F, D + 1) with fk^T [v, 1] in place (a pad's fk is 0), and each query head's read-out fq S normalised
+  by its last column (0 where no real key was seen);
 - `hedgehog_swa_step`: RoPE on q and k, the Hedgehog feature maps [softmax(xW + b), softmax(-(xW + b))] of the rotated
   q (per query head) and k (per kv head), and the window's softmax and the linear part under one normaliser,
   (sum_w a_w v_w + (1 - s) fq S) / (sum_w a_w + (1 - s) fq z) with a = s exp(score - peak); then the oldest cached key
@@ -248,6 +251,20 @@ def _mamba2(
     return _launch(
         _mamba2_kernel, q, k, v, cos, sin, real, window_k, window_v, window_mask, scaling, softcap,
         hidden, hidden.stride(0), dt_weight, dt_bias, a_log, skip, window_logit, ssm, **_hidden(hidden),
+    )
+
+
+def _hedgehog(
+    q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor], sin: Optional[Tensor], real: Optional[Tensor],
+    q_weight: Tensor, q_bias: Tensor, k_weight: Tensor, k_bias: Tensor, S: Tensor,
+) -> Tensor:
+    """The heads (B, H, 1, D) in q's dtype of one `hedgehog` decode step (module docstring); updates S
+    (B, Hkv, 2F, D + 1), contiguous float32, in place. q_weight (H, D, F), q_bias (H, 1, F): the query heads' feature
+    maps; k_weight, k_bias: the kv heads'."""
+    features = q_weight.shape[-1]
+    return _launch(
+        _hedgehog_kernel, q, k, v, cos, sin, real, None, None, None, 1.0, None, q_weight, q_bias, k_weight, k_bias, S,
+        FEATURES=features, BLOCK_FEATURES=triton.next_power_of_2(features),
     )
 
 
@@ -705,6 +722,51 @@ if TRITON_PROBLEM is None:
             _shifted(window_fk, features + FEATURES, neg, rows, in_f, KEEP, WIDTH)
 
     @triton.jit
+    def _hedgehog_kernel(
+        q, k, v, cos, sin, real, window_k, window_v, window_mask, out,
+        stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_cos, stride_real, scaling, softcap,
+        q_weight, q_bias, k_weight, k_bias, S,
+        HEADS: tl.constexpr, KV_HEADS: tl.constexpr, DIM: tl.constexpr, KEEP: tl.constexpr, ROT: tl.constexpr,
+        BLOCK_DIM: tl.constexpr, BLOCK_WINDOW: tl.constexpr, HAS_REAL: tl.constexpr, WINDOW: tl.constexpr,
+        SOFTCAP: tl.constexpr, FEATURES: tl.constexpr, BLOCK_FEATURES: tl.constexpr,
+    ):
+        """Program (b, j): sequence b, kv head j, whose state its query heads read, and its query heads (module
+        docstring). The state's rows are the feature map's halves, its columns the values' then the normaliser's."""
+        b, j, d, in_d, keep, k_ptr, _, v_now = _program(
+            k, v, real, stride_kb, stride_kh, stride_vb, stride_vh, stride_real, DIM, BLOCK_DIM, HAS_REAL
+        )
+        GROUPS: tl.constexpr = HEADS // KV_HEADS
+        WIDTH: tl.constexpr = 2 * FEATURES
+        cos_row, sin_row = cos + b * stride_cos, sin + b * stride_cos
+        f = tl.arange(0, BLOCK_FEATURES)
+        in_f = f < FEATURES
+        k_now = _rotated(k_ptr, cos_row, sin_row, d, in_d, ROT)
+        fk_pos, fk_neg = _features(k_now, k_weight + j * DIM * FEATURES, k_bias + j * FEATURES, d, in_d, f, in_f, FEATURES)
+        fk_pos, fk_neg = tl.where(keep, fk_pos, 0.0), tl.where(keep, fk_neg, 0.0)  # a pad adds nothing
+        # S (2F, D + 1) per kv head: the feature-mapped keys times [v, 1], so its last column is the normaliser.
+        square = in_f[:, None] & in_d[None, :]
+        pos = S + ((b * KV_HEADS + j) * WIDTH + f[:, None]) * (DIM + 1) + d[None, :]
+        neg = pos + FEATURES * (DIM + 1)
+        pos_sum = S + ((b * KV_HEADS + j) * WIDTH + f) * (DIM + 1) + DIM
+        neg_sum = pos_sum + FEATURES * (DIM + 1)
+        S_pos = tl.load(pos, mask=square, other=0.0) + fk_pos[:, None] * v_now[None, :]
+        S_neg = tl.load(neg, mask=square, other=0.0) + fk_neg[:, None] * v_now[None, :]
+        z_pos = tl.load(pos_sum, mask=in_f, other=0.0) + fk_pos
+        z_neg = tl.load(neg_sum, mask=in_f, other=0.0) + fk_neg
+        tl.store(pos, S_pos, mask=square)
+        tl.store(neg, S_neg, mask=square)
+        tl.store(pos_sum, z_pos, mask=in_f)
+        tl.store(neg_sum, z_neg, mask=in_f)
+        for g in range(GROUPS):
+            h = j * GROUPS + g
+            q_now = _rotated(q + b * stride_qb + h * stride_qh, cos_row, sin_row, d, in_d, ROT)
+            fq_pos, fq_neg = _features(q_now, q_weight + h * DIM * FEATURES, q_bias + h * FEATURES, d, in_d, f, in_f, FEATURES)
+            num = tl.sum(fq_pos[:, None] * S_pos, 0) + tl.sum(fq_neg[:, None] * S_neg, 0)
+            den = tl.sum(fq_pos * z_pos, 0) + tl.sum(fq_neg * z_neg, 0)
+            # den is 0 only where no real key has been seen yet (left padding), and num with it.
+            _store(out, num / tl.where(den > 0, den, 1.0), b, h, d, in_d, HEADS, DIM)
+
+    @triton.jit
     def _shift_mask_kernel(window_mask, real, stride_real, KEEP: tl.constexpr, BLOCK_KEEP: tl.constexpr, HAS_REAL: tl.constexpr):
         """The window's mask (B, KEEP) one place on, with the current token's last (a pad enters as False)."""
         b = tl.program_id(0)
@@ -753,8 +815,9 @@ if TRITON_PROBLEM is None:
     OPS["qwen3_5_gdn"], qwen3_5_gdn_step = _registered(_qwen3_5_gdn, {"conv", "recurrent"}, _heads(_qwen3_5_gdn))
     OPS["gla"], gla_step = _registered(_gla, {"state", *WINDOW_CACHE}, _heads(_gla))
     OPS["mamba2"], mamba2_step = _registered(_mamba2, {"ssm", *WINDOW_CACHE}, _heads(_mamba2))
+    OPS["hedgehog"], hedgehog_step = _registered(_hedgehog, {"S"}, _heads(_hedgehog))
     OPS["hedgehog_swa"], hedgehog_swa_step = _registered(_hedgehog_swa, {"S", "z", "window_fk", *WINDOW_CACHE}, _heads(_hedgehog_swa))
 
 else:
     OPS = {}
-    gated_deltanet_step = qwen3_5_gdn_step = gla_step = mamba2_step = hedgehog_swa_step = None
+    gated_deltanet_step = qwen3_5_gdn_step = gla_step = mamba2_step = hedgehog_step = hedgehog_swa_step = None
