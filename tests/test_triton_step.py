@@ -1,9 +1,9 @@
 """The fused decode steps of `gated_deltanet`, `qwen3_5_gdn`, `gla`, `mamba2`, `hedgehog` and `hedgehog_swa`
-(triton_step.py) against the PyTorch decode path, on the CPU through Triton's interpreter: outputs and next states step by step, the custom ops against the
-eager launches, and a whole model's cached generation (test_kernels_compile.py compiles every kernel for a GPU). Skipped
-where Triton is not installed (it is in the `dev` extra). A compiled step is traced through the ops' fake
-implementations (test_fused_step_traces.py); test_gpu.py compiles one on CUDA. The interpreter is slow (about 0.1 s a program of a
-step), so the cases are few and small."""
+(triton_step.py) against the PyTorch decode path, on the CPU through Triton's interpreter: outputs and next states step
+by step, the custom ops against the eager launches, and a whole model's cached generation (test_kernels_compile.py
+compiles every kernel for a GPU). Skipped where Triton is not installed (it is in the `dev` extra). A compiled step is
+traced through the ops' fake implementations (test_fused_step_traces.py); test_gpu.py compiles one on CUDA. The
+interpreter is slow (about 0.1 s a program of a step), so the cases are few and small."""
 
 import copy
 import dataclasses
