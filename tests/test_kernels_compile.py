@@ -43,7 +43,7 @@ def compile_kernels() -> None:
                 signature[param.name] = "constexpr"
             elif param.name.startswith("stride"):
                 signature[param.name] = "i32"
-            elif param.name in ("scaling", "softcap", "gate_normalizer"):
+            elif param.name in ("scaling", "softcap", "gate_normalizer", "eps"):
                 signature[param.name] = "fp32"
             else:
                 signature[param.name] = "*i1" if param.name in ("real", "window_mask") else "*fp32" if param.name in states else "*bf16"

@@ -183,7 +183,10 @@ def assert_steps_match(monkeypatch, mixer, shape, dtype, batch, prefill, toleran
         out = step(layer, hidden, position_embeddings, mask, mine, t, t + 1)
         assert out.dtype == dtype
         assert_close(out, expected.to(dtype), f"heads at step {t}", tolerance["heads"])
-        unequal = (out != expected.to(dtype)).float().mean().item()
+        # Below float32's normal range (bamba's gate makes such values: SiLU of a very negative z) backends round
+        # differently (numpy's interpreter keeps subnormals, a GPU may flush them): not rounding flips.
+        normal = expected.abs() >= torch.finfo(torch.float32).tiny
+        unequal = ((out != expected.to(dtype)) & normal).float().mean().item()
         assert unequal <= tolerance["unequal"], f"heads at step {t}: {unequal:.1%} of them differ"
         assert mine.tensors.keys() == state.tensors.keys()
         for name, tensor in state.tensors.items():

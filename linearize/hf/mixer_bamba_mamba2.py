@@ -11,6 +11,8 @@ the same function. Per head h of the teacher's H query heads (head size D):
 - the output RMSNorm of each head's y * SiLU(z), z = W_z u (normalised after the gate, per head because the groups
   are the heads; eps: the teacher's `rms_norm_eps`), times a weight per channel, then the teacher's o_proj.
 Pads have dt = 0 (no write, no decay) and never enter the convolution state, as a fresh state sees them in bamba.
+On CUDA an inference decode step runs, gated norm included, in one Triton kernel (`triton_step.bamba_mamba2_step`; z's
+projection before it); the PyTorch path takes every other call.
 
 The start, chosen on SmolLM2-135M (2 x 256 tokens of Persuasion, every layer's attention-transfer error normalised
 by the teacher's output; 1.0 is a zero output's):
@@ -39,7 +41,8 @@ from .gates import inverse_softplus
 from .kernel_dispatch import simple_gla
 from .mixer_gated_deltanet import check_conv_size, short_conv
 from .mixer_qwen3_5_gdn import resolve_eps
-from .mixers import Mixer, MixerCost, register_mixer
+from .mixers import FusedStepMixer, MixerCost, register_mixer
+from .triton_step import bamba_mamba2_step
 
 
 def gated_group_rms_norm(y: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -61,11 +64,13 @@ class BambaMamba2Options:
 
 
 @register_mixer
-class BambaMamba2(Mixer):
+class BambaMamba2(FusedStepMixer):
     name = "bamba_mamba2"
     anchor = "Mamba-2 (Bamba)"
     summary = "Mamba-2 exactly as transformers' bamba runs it, x, B, C from the teacher's v, k, q (exports with `linearize export --to bamba`)"
     Options = BambaMamba2Options
+    step_tensors = ("conv", "ssm")
+    window = 0
 
     # The start (see the module docstring for why).
     initial_tap = 0.25
@@ -138,6 +143,8 @@ class BambaMamba2(Mixer):
         return x, b, c, cache
 
     def mix(self, hidden_states, q, k, v, position_embeddings, padding_mask, state) -> torch.Tensor:
+        if self.fuses_step(hidden_states, q, k, v, position_embeddings, state):
+            return self.fused_step(hidden_states, q, k, v, position_embeddings, padding_mask, state)
         tensors = state.tensors if state is not None else {}
         x, b, c, conv = self.convolve(q, k, v, padding_mask, tensors.get("conv"))
         dt = self.steps(hidden_states, padding_mask)
@@ -155,3 +162,14 @@ class BambaMamba2(Mixer):
         if padding_mask is not None:
             out = out * padding_mask[:, None, :, None]
         return out
+
+    def fresh_step_state(self, q: torch.Tensor) -> dict[str, torch.Tensor]:
+        batch, h, _, d = q.shape
+        zeros = dict(device=q.device, dtype=torch.float32)
+        return {"conv": torch.zeros(batch, 3 * h * d, self.conv_weight.shape[1] - 1, **zeros), "ssm": torch.zeros(batch, h, d, d, **zeros)}
+
+    def launch_step(self, hidden_states, q, k, v, cos, sin, real, tensors) -> torch.Tensor:
+        return bamba_mamba2_step(
+            hidden_states, q, k, v, real, self.z_proj(hidden_states), self.conv_weight, self.conv_bias, self.dt_proj.weight,
+            self.dt_bias, self.A_log, self.D, self.norm_weight, tensors["conv"], tensors["ssm"], self.options.eps,
+        )

@@ -1,5 +1,5 @@
-"""One decode step of a `gated_deltanet`, `qwen3_5_gdn`, `gla`, `mamba2`, `hedgehog` or `hedgehog_swa` layer, window
-included, in two Triton kernel launches.
+"""One decode step of a `gated_deltanet`, `qwen3_5_gdn`, `gla`, `mamba2`, `bamba_mamba2`, `hedgehog` or `hedgehog_swa`
+layer, window included, in two Triton kernel launches.
 
 On a GPU a batch-1 decode step is bound by kernel launches and host work, not by arithmetic: the PyTorch path of
 `GatedDeltaNetMixer.mix` launches about 46 kernels per layer (H200, window 64) and fla's fused recurrent kernel
@@ -17,6 +17,10 @@ all of a layer's step that follows the teacher's q/k/v projections in one kernel
   read-out normalised by its last column;
 - `mamba2_step`: dt = softplus(W_dt x + dt_bias), the decay exp(-exp(A_log) dt) per query head, the update of the
   float32 state (B, H, D, D) with (dt k)^T v in place, and the read-out scaling * q S + D * v;
+- `bamba_mamba2_step`: the causal convolution's one-token step (with its bias, then SiLU) on x, B and C, query head h's
+  channels of v, k (kv heads repeated) and q, its cache (B, 3 H D, K - 1) shifted in place; dt = softplus(W_dt u +
+  dt_bias); the update of the float32 state (B, H, D, D) with (dt B)^T x in place and the read-out C S + D x; and
+  bamba's gated norm per head, RMSNorm(y SiLU(z)) times its weight, with z = W_z u projected before the kernel;
 - `hedgehog_step`: RoPE on q and k, the Hedgehog feature maps (as below) of the rotated q and k, the update of the float32
   state (B, Hkv, 2F, D + 1) with fk^T [v, 1] in place (a pad's fk is 0), and each query head's read-out fq S normalised
   by its last column (0 where no real key was seen);
@@ -251,6 +255,22 @@ def _mamba2(
     return _launch(
         _mamba2_kernel, q, k, v, cos, sin, real, window_k, window_v, window_mask, scaling, softcap,
         hidden, hidden.stride(0), dt_weight, dt_bias, a_log, skip, window_logit, ssm, **_hidden(hidden),
+    )
+
+
+def _bamba_mamba2(
+    hidden: Tensor, q: Tensor, k: Tensor, v: Tensor, real: Optional[Tensor], z: Tensor, conv_weight: Tensor, conv_bias: Tensor,
+    dt_weight: Tensor, dt_bias: Tensor, a_log: Tensor, skip: Tensor, norm_weight: Tensor, conv: Tensor, ssm: Tensor, eps: float,
+) -> Tensor:
+    """The heads (B, H, 1, D) in q's dtype of one `bamba_mamba2` decode step, its gated norm included (module
+    docstring); updates conv (B, 3 H D, K - 1) and ssm (B, H, D, D), both contiguous float32, in place. hidden
+    (B, 1, hidden size): the layer's input; z (B, 1, H D): the gate's projection of it; skip: D per head; norm_weight
+    (H, D); eps: the norm's."""
+    taps = conv_weight.shape[1]
+    return _launch(
+        _bamba_mamba2_kernel, q, k, v, None, None, real, None, None, None, 1.0, None,
+        hidden, hidden.stride(0), z, z.stride(0), conv_weight, conv_bias, dt_weight, dt_bias, a_log, skip, norm_weight, conv, ssm, eps,
+        TAPS=taps, BLOCK_TAPS=triton.next_power_of_2(max(taps - 1, 1)), **_hidden(hidden),
     )
 
 
@@ -626,6 +646,55 @@ if TRITON_PROBLEM is None:
             _store(out, tl.where(keep, heads, 0.0), b, h, d, in_d, HEADS, DIM)
 
     @triton.jit
+    def _silu_conv(raw, conv_row, conv_weight, conv_bias, channel, d, in_d, keep, TAPS: tl.constexpr, BLOCK_TAPS: tl.constexpr):
+        """SiLU of the convolution's step (`_conv_step`) on the D channels from `channel` on, plus their bias."""
+        y = _conv_step(raw, conv_row + channel * (TAPS - 1), conv_weight + channel * TAPS, d, in_d, keep, TAPS, BLOCK_TAPS)
+        y = y + tl.load(conv_bias + channel + d, mask=in_d, other=0.0).to(tl.float32)
+        return y * tl.sigmoid(y)
+
+    @triton.jit
+    def _bamba_mamba2_kernel(
+        q, k, v, cos, sin, real, window_k, window_v, window_mask, out,
+        stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_cos, stride_real, scaling, softcap,
+        hidden, stride_hidden, z, stride_z, conv_weight, conv_bias, dt_weight, dt_bias, a_log, skip, norm_weight, conv, ssm, eps,
+        HEADS: tl.constexpr, KV_HEADS: tl.constexpr, DIM: tl.constexpr, KEEP: tl.constexpr, ROT: tl.constexpr,
+        BLOCK_DIM: tl.constexpr, BLOCK_WINDOW: tl.constexpr, HAS_REAL: tl.constexpr, WINDOW: tl.constexpr,
+        SOFTCAP: tl.constexpr, HIDDEN: tl.constexpr, BLOCK_HIDDEN: tl.constexpr, TAPS: tl.constexpr, BLOCK_TAPS: tl.constexpr,
+    ):
+        """Program (b, j): sequence b, kv head j (the source of x and B for its query heads) and its query heads
+        (module docstring)."""
+        b, j, d, in_d, keep, k_ptr, k_raw, v_raw = _program(
+            k, v, real, stride_kb, stride_kh, stride_vb, stride_vh, stride_real, DIM, BLOCK_DIM, HAS_REAL
+        )
+        eps = _float32(eps)
+        GROUPS: tl.constexpr = HEADS // KV_HEADS
+        CHANNELS: tl.constexpr = 3 * HEADS * DIM
+        x_in = hidden + b * stride_hidden
+        conv_row = conv + b * CHANNELS * (TAPS - 1)
+        for g in range(GROUPS):
+            h = j * GROUPS + g
+            q_raw = tl.load(q + b * stride_qb + h * stride_qh + d, mask=in_d, other=0.0).to(tl.float32)
+            # x, B and C: query head h's channels of v, k and q (kv heads repeated), convolved, biased, through SiLU.
+            x = _silu_conv(v_raw, conv_row, conv_weight, conv_bias, h * DIM, d, in_d, keep, TAPS, BLOCK_TAPS)
+            B = _silu_conv(k_raw, conv_row, conv_weight, conv_bias, (HEADS + h) * DIM, d, in_d, keep, TAPS, BLOCK_TAPS)
+            C = _silu_conv(q_raw, conv_row, conv_weight, conv_bias, (2 * HEADS + h) * DIM, d, in_d, keep, TAPS, BLOCK_TAPS)
+            # dt from the layer input, 0 at a pad (no write, no decay); S = exp(-exp(A_log) dt) S + (dt B)^T x.
+            dt = _softplus(_projected(x_in, dt_weight + h * HIDDEN, HIDDEN, BLOCK_HIDDEN) + tl.load(dt_bias + h).to(tl.float32))
+            dt = tl.where(keep, dt, 0.0)
+            state = ssm + (b * HEADS + h) * DIM * DIM + d[:, None] * DIM + d[None, :]
+            square = in_d[:, None] & in_d[None, :]
+            S = tl.load(state, mask=square, other=0.0) * tl.exp(-tl.exp(tl.load(a_log + h).to(tl.float32)) * dt)
+            S = S + (B * dt)[:, None] * x[None, :]
+            tl.store(state, S, mask=square)
+            y = tl.sum(C[:, None] * S, 0) + tl.load(skip + h).to(tl.float32) * x
+            # bamba's gated norm per head: RMSNorm of y * SiLU(z) over the head, times its weight.
+            gate = tl.load(z + b * stride_z + h * DIM + d, mask=in_d, other=0.0).to(tl.float32)
+            gated = y * (gate * tl.sigmoid(gate))
+            normed = gated * tl.rsqrt(tl.sum(gated * gated, 0) / DIM + eps)
+            heads = tl.load(norm_weight + h * DIM + d, mask=in_d, other=0.0).to(tl.float32) * normed
+            _store(out, tl.where(keep, heads, 0.0), b, h, d, in_d, HEADS, DIM)
+
+    @triton.jit
     def _features(x, weight, bias, d, in_d, f, in_f, FEATURES: tl.constexpr):
         """Hedgehog's feature map of one head's float32 x: the halves softmax(xW + b) and softmax(-(xW + b)), each F
         wide (0 past F); weight points at the head's W (D, F), bias at its b (F)."""
@@ -816,8 +885,9 @@ if TRITON_PROBLEM is None:
     OPS["gla"], gla_step = _registered(_gla, {"state", *WINDOW_CACHE}, _heads(_gla))
     OPS["mamba2"], mamba2_step = _registered(_mamba2, {"ssm", *WINDOW_CACHE}, _heads(_mamba2))
     OPS["hedgehog"], hedgehog_step = _registered(_hedgehog, {"S"}, _heads(_hedgehog))
+    OPS["bamba_mamba2"], bamba_mamba2_step = _registered(_bamba_mamba2, {"conv", "ssm"}, _heads(_bamba_mamba2))
     OPS["hedgehog_swa"], hedgehog_swa_step = _registered(_hedgehog_swa, {"S", "z", "window_fk", *WINDOW_CACHE}, _heads(_hedgehog_swa))
 
 else:
     OPS = {}
-    gated_deltanet_step = qwen3_5_gdn_step = gla_step = mamba2_step = hedgehog_step = hedgehog_swa_step = None
+    gated_deltanet_step = qwen3_5_gdn_step = gla_step = mamba2_step = bamba_mamba2_step = hedgehog_step = hedgehog_swa_step = None

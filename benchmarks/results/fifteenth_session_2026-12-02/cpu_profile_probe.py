@@ -1,4 +1,4 @@
-import sys, torch, re, time
+import sys, torch
 sys.path.insert(0, "/work/main/benchmarks")
 from cpu_decode import recipe_student
 from linearize import load_teacher
