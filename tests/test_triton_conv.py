@@ -10,7 +10,7 @@ import linearize
 from linearize import LinearizeError
 from linearize.hf import mixer_gated_deltanet, triton_conv
 from linearize.hf.mixer_gated_deltanet import convolve_heads
-from tests.test_triton_step import assert_close
+from tests.test_triton_step import assert_close, kernel_calls, left_to_pytorch_when_off_or_float64
 from tests.test_triton_window import needs_triton
 from tests.tiny import left_padded, random_ids, tiny_model
 
@@ -23,16 +23,7 @@ CASES = [  # length, heads, kv heads, head dim, with a cache, padded, dtype
 @pytest.fixture
 def fused(monkeypatch):
     """Prefills take the kernel (CPU tensors through the interpreter); returns the list of the shapes it convolved."""
-    calls = []
-
-    def counted(seq, taps, length):
-        calls.append(tuple(seq.shape))
-        return triton_conv.causal_conv(seq, taps, length)
-
-    monkeypatch.setattr(mixer_gated_deltanet, "causal_conv", counted)
-    monkeypatch.setenv("LINEARIZE_FUSED_STEP", "on")
-    monkeypatch.delenv("LINEARIZE_KERNELS", raising=False)
-    return calls
+    return kernel_calls(monkeypatch, mixer_gated_deltanet, "causal_conv", lambda args, out: tuple(args[0].shape))
 
 
 @pytest.mark.core
@@ -99,15 +90,7 @@ def test_the_convolution_is_left_to_pytorch_where_it_cannot_run(fused, monkeypat
     through the PyTorch products), a prefill convolves in PyTorch; the problems say so in one line."""
     model = linearize.convert(tiny_model(dtype=torch.float32), "gated_deltanet")
     ids = random_ids(1, 5)
-    with torch.no_grad():
-        for name, value in (("LINEARIZE_KERNELS", "torch"), ("LINEARIZE_FUSED_STEP", "off")):
-            monkeypatch.setenv(name, value)
-            model(ids)
-            monkeypatch.delenv(name)
-            monkeypatch.setenv("LINEARIZE_FUSED_STEP", "on")
-        model.double()(ids)
-        assert fused == []
-        model.float()(ids)
+    left_to_pytorch_when_off_or_float64(monkeypatch, model, ids, fused)
     assert len(fused) == model.config.text_config.num_hidden_layers
     model(ids)  # gradients on
     assert len(fused) == model.config.text_config.num_hidden_layers

@@ -94,6 +94,41 @@ def randomised_mixer(mixer: str, shape: str, dtype: torch.dtype):
     return model, layer
 
 
+def kernel_calls(monkeypatch, module, name: str, record) -> list:
+    """linearize's kernels switched on (CPU tensors through the interpreter) and `module.name` counted: returns the list
+    of `record(args, output)` of its calls."""
+    calls, function = [], getattr(module, name)
+
+    def counted(*args, **kwargs):
+        out = function(*args, **kwargs)
+        calls.append(record(args, out))
+        return out
+
+    monkeypatch.setattr(module, name, counted)
+    monkeypatch.setenv("LINEARIZE_FUSED_STEP", "on")
+    monkeypatch.delenv("LINEARIZE_KERNELS", raising=False)
+    return calls
+
+
+def with_each_switch_off(monkeypatch, call) -> None:
+    """`call()` under LINEARIZE_KERNELS=torch, then under LINEARIZE_FUSED_STEP=off; LINEARIZE_FUSED_STEP=on after."""
+    for name, value in (("LINEARIZE_KERNELS", "torch"), ("LINEARIZE_FUSED_STEP", "off")):
+        monkeypatch.setenv(name, value)
+        call()
+        monkeypatch.delenv(name)
+        monkeypatch.setenv("LINEARIZE_FUSED_STEP", "on")
+
+
+def left_to_pytorch_when_off_or_float64(monkeypatch, model, ids, calls: list) -> None:
+    """Without gradients, `model(ids)` under each switch off and in float64 makes no kernel call (`calls` stays empty);
+    then one call in float32, with the kernels on."""
+    with torch.no_grad():
+        with_each_switch_off(monkeypatch, lambda: model(ids))
+        model.double()(ids)
+        assert calls == []
+        model.float()(ids)
+
+
 def window_option(mixer: str, window: int) -> dict:
     """{"window": window} for a mixer that takes one; {} for one without (qwen3_5_gdn)."""
     takes = {field.name for field in dataclasses.fields(linearize.MIXERS[mixer].Options)}
@@ -283,11 +318,7 @@ def test_the_step_is_left_to_pytorch_where_it_cannot_run(fused, monkeypatch, mix
     model(ids, cache=cache, use_cache=True)
     model(ids[:, :1], cache=cache, use_cache=True)  # gradients on
     with torch.no_grad():
-        for name, value in (("LINEARIZE_KERNELS", "torch"), ("LINEARIZE_FUSED_STEP", "off")):
-            monkeypatch.setenv(name, value)
-            model(ids[:, :1], cache=cache, use_cache=True)
-            monkeypatch.delenv(name)
-            monkeypatch.setenv("LINEARIZE_FUSED_STEP", "on")
+        with_each_switch_off(monkeypatch, lambda: model(ids[:, :1], cache=cache, use_cache=True))
         for layer in mixers_in(model):
             layer.window_dropout = 0.5
         model.train()

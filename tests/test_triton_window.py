@@ -11,7 +11,7 @@ import linearize
 from linearize import LinearizeError
 from linearize.hf import mixer_hedgehog, triton_step, triton_window
 from linearize.hf.ops_window import naive_window_linear
-from tests.test_triton_step import assert_close
+from tests.test_triton_step import assert_close, kernel_calls, left_to_pytorch_when_off_or_float64
 from tests.tiny import left_padded, random_ids, tiny_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
@@ -211,17 +211,7 @@ def test_the_custom_op_computes_what_the_eager_launch_does():
 def fused(monkeypatch):
     """hedgehog_swa's prefills take the kernel (CPU tensors through the interpreter); returns the list of their output
     shapes."""
-    calls = []
-
-    def counted(*args, **kwargs):
-        out = triton_window.window_linear_prefill(*args, **kwargs)
-        calls.append(out[0].shape)
-        return out
-
-    monkeypatch.setattr(mixer_hedgehog, "window_linear_prefill", counted)
-    monkeypatch.setenv("LINEARIZE_FUSED_STEP", "on")
-    monkeypatch.delenv("LINEARIZE_KERNELS", raising=False)
-    return calls
+    return kernel_calls(monkeypatch, mixer_hedgehog, "window_linear_prefill", lambda args, out: out[0].shape)
 
 
 @pytest.mark.core
@@ -319,15 +309,7 @@ def test_the_prefill_is_left_to_pytorch_where_it_cannot_run(fused, monkeypatch):
     the kernel, with gradients or without."""
     model = linearize.convert(tiny_model(dtype=torch.float32), "hedgehog_swa", window=4)
     ids = random_ids(1, 5)
-    with torch.no_grad():
-        for name, value in (("LINEARIZE_KERNELS", "torch"), ("LINEARIZE_FUSED_STEP", "off")):
-            monkeypatch.setenv(name, value)
-            model(ids)
-            monkeypatch.delenv(name)
-            monkeypatch.setenv("LINEARIZE_FUSED_STEP", "on")
-        model.double()(ids)
-        assert fused == []
-        model.float()(ids)
+    left_to_pytorch_when_off_or_float64(monkeypatch, model, ids, fused)
     model(ids)  # gradients on
     assert len(fused) == 2 * model.config.text_config.num_hidden_layers
 

@@ -607,6 +607,23 @@ if TRITON_PROBLEM is None:
             _store(out, heads, b, h, d, in_d, HEADS, DIM)
 
     @triton.jit
+    def _ssd_step(
+        ssm, u, dt_weight, dt_bias, a_log, skip, key, value, query, b, h, d, in_d, keep,
+        HEADS: tl.constexpr, DIM: tl.constexpr, HIDDEN: tl.constexpr, BLOCK_HIDDEN: tl.constexpr,
+    ):
+        """Query head h's Mamba-2 step in sequence b: dt = softplus(W_dt u + dt_bias) from the layer input u (0 at a pad:
+        no write, no decay), its float32 state S (D, D) = exp(-exp(A_log) dt) S + (dt key)^T value in place, and the
+        read-out query S + skip value."""
+        dt = _softplus(_projected(u, dt_weight + h * HIDDEN, HIDDEN, BLOCK_HIDDEN) + tl.load(dt_bias + h).to(tl.float32))
+        dt = tl.where(keep, dt, 0.0)
+        state = ssm + (b * HEADS + h) * DIM * DIM + d[:, None] * DIM + d[None, :]
+        square = in_d[:, None] & in_d[None, :]
+        S = tl.load(state, mask=square, other=0.0) * tl.exp(-tl.exp(tl.load(a_log + h).to(tl.float32)) * dt)
+        S = S + (key * dt)[:, None] * value[None, :]
+        tl.store(state, S, mask=square)
+        return tl.sum(query[:, None] * S, 0) + tl.load(skip + h).to(tl.float32) * value
+
+    @triton.jit
     def _mamba2_kernel(
         q, k, v, cos, sin, real, window_k, window_v, window_mask, out,
         stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_cos, stride_real, scaling, softcap,
@@ -631,15 +648,9 @@ if TRITON_PROBLEM is None:
             h = j * GROUPS + g
             q_ptr = q + b * stride_qb + h * stride_qh
             q_raw = tl.load(q_ptr + d, mask=in_d, other=0.0).to(tl.float32)
-            # The step dt from the hidden states, 0 at a pad (no write, no decay); S = exp(-exp(A_log) dt) S + (dt k)^T v.
-            dt = _softplus(_projected(x, dt_weight + h * HIDDEN, HIDDEN, BLOCK_HIDDEN) + tl.load(dt_bias + h).to(tl.float32))
-            dt = tl.where(keep, dt, 0.0)
-            state = ssm + (b * HEADS + h) * DIM * DIM + d[:, None] * DIM + d[None, :]
-            square = in_d[:, None] & in_d[None, :]
-            S = tl.load(state, mask=square, other=0.0) * tl.exp(-tl.exp(tl.load(a_log + h).to(tl.float32)) * dt)
-            S = S + (k_raw * dt)[:, None] * v_raw[None, :]
-            tl.store(state, S, mask=square)
-            heads = tl.sum((q_raw * scaling)[:, None] * S, 0) + tl.load(skip + h).to(tl.float32) * v_raw
+            heads = _ssd_step(
+                ssm, x, dt_weight, dt_bias, a_log, skip, k_raw, v_raw, q_raw * scaling, b, h, d, in_d, keep, HEADS, DIM, HIDDEN, BLOCK_HIDDEN
+            )
             if WINDOW:
                 share = tl.sigmoid(tl.load(window_logit + h).to(tl.float32))
                 heads = _windowed(heads, share, keys, values, seen, q_ptr, cos_row, sin_row, d, in_d, scaling, softcap, ROT, SOFTCAP)
@@ -678,15 +689,7 @@ if TRITON_PROBLEM is None:
             x = _silu_conv(v_raw, conv_row, conv_weight, conv_bias, h * DIM, d, in_d, keep, TAPS, BLOCK_TAPS)
             B = _silu_conv(k_raw, conv_row, conv_weight, conv_bias, (HEADS + h) * DIM, d, in_d, keep, TAPS, BLOCK_TAPS)
             C = _silu_conv(q_raw, conv_row, conv_weight, conv_bias, (2 * HEADS + h) * DIM, d, in_d, keep, TAPS, BLOCK_TAPS)
-            # dt from the layer input, 0 at a pad (no write, no decay); S = exp(-exp(A_log) dt) S + (dt B)^T x.
-            dt = _softplus(_projected(x_in, dt_weight + h * HIDDEN, HIDDEN, BLOCK_HIDDEN) + tl.load(dt_bias + h).to(tl.float32))
-            dt = tl.where(keep, dt, 0.0)
-            state = ssm + (b * HEADS + h) * DIM * DIM + d[:, None] * DIM + d[None, :]
-            square = in_d[:, None] & in_d[None, :]
-            S = tl.load(state, mask=square, other=0.0) * tl.exp(-tl.exp(tl.load(a_log + h).to(tl.float32)) * dt)
-            S = S + (B * dt)[:, None] * x[None, :]
-            tl.store(state, S, mask=square)
-            y = tl.sum(C[:, None] * S, 0) + tl.load(skip + h).to(tl.float32) * x
+            y = _ssd_step(ssm, x_in, dt_weight, dt_bias, a_log, skip, B, x, C, b, h, d, in_d, keep, HEADS, DIM, HIDDEN, BLOCK_HIDDEN)
             # bamba's gated norm per head: RMSNorm of y * SiLU(z) over the head, times its weight.
             gate = tl.load(z + b * stride_z + h * DIM + d, mask=in_d, other=0.0).to(tl.float32)
             gated = y * (gate * tl.sigmoid(gate))
@@ -701,6 +704,20 @@ if TRITON_PROBLEM is None:
         w = tl.load(weight + d[:, None] * FEATURES + f[None, :], mask=in_d[:, None] & in_f[None, :], other=0.0).to(tl.float32)
         y = tl.sum(x[:, None] * w, 0) + tl.load(bias + f, mask=in_f, other=0.0).to(tl.float32)
         return _softmax(y, in_f), _softmax(-y, in_f)
+
+    @triton.jit
+    def _hedgehog_key(
+        k_ptr, cos, sin, stride_cos, k_weight, k_bias, b, j, d, in_d,
+        DIM: tl.constexpr, ROT: tl.constexpr, FEATURES: tl.constexpr, BLOCK_FEATURES: tl.constexpr,
+    ):
+        """Sequence b's RoPE rows, the feature lanes f (in_f: the first F), and kv head j's rotated key and its feature
+        map's halves."""
+        cos_row, sin_row = cos + b * stride_cos, sin + b * stride_cos
+        f = tl.arange(0, BLOCK_FEATURES)
+        in_f = f < FEATURES
+        k_now = _rotated(k_ptr, cos_row, sin_row, d, in_d, ROT)
+        fk_pos, fk_neg = _features(k_now, k_weight + j * DIM * FEATURES, k_bias + j * FEATURES, d, in_d, f, in_f, FEATURES)
+        return cos_row, sin_row, f, in_f, k_now, fk_pos, fk_neg
 
     @triton.jit
     def _hedgehog_swa_kernel(
@@ -719,11 +736,9 @@ if TRITON_PROBLEM is None:
         scaling, softcap = _float32(scaling), _float32(softcap)
         GROUPS: tl.constexpr = HEADS // KV_HEADS
         WIDTH: tl.constexpr = 2 * FEATURES
-        cos_row, sin_row = cos + b * stride_cos, sin + b * stride_cos
-        f = tl.arange(0, BLOCK_FEATURES)
-        in_f = f < FEATURES
-        k_now = _rotated(k_ptr, cos_row, sin_row, d, in_d, ROT)
-        fk_pos, fk_neg = _features(k_now, k_weight + j * DIM * FEATURES, k_bias + j * FEATURES, d, in_d, f, in_f, FEATURES)
+        cos_row, sin_row, f, in_f, k_now, fk_pos, fk_neg = _hedgehog_key(
+            k_ptr, cos, sin, stride_cos, k_weight, k_bias, b, j, d, in_d, DIM, ROT, FEATURES, BLOCK_FEATURES
+        )
         # The state's halves (F, D) each, as the feature map's: S and z sum the keys that have left the window.
         head = b * KV_HEADS + j
         state = S + (head * WIDTH + f[:, None]) * DIM + d[None, :]
@@ -806,11 +821,9 @@ if TRITON_PROBLEM is None:
         )
         GROUPS: tl.constexpr = HEADS // KV_HEADS
         WIDTH: tl.constexpr = 2 * FEATURES
-        cos_row, sin_row = cos + b * stride_cos, sin + b * stride_cos
-        f = tl.arange(0, BLOCK_FEATURES)
-        in_f = f < FEATURES
-        k_now = _rotated(k_ptr, cos_row, sin_row, d, in_d, ROT)
-        fk_pos, fk_neg = _features(k_now, k_weight + j * DIM * FEATURES, k_bias + j * FEATURES, d, in_d, f, in_f, FEATURES)
+        cos_row, sin_row, f, in_f, k_now, fk_pos, fk_neg = _hedgehog_key(
+            k_ptr, cos, sin, stride_cos, k_weight, k_bias, b, j, d, in_d, DIM, ROT, FEATURES, BLOCK_FEATURES
+        )
         fk_pos, fk_neg = tl.where(keep, fk_pos, 0.0), tl.where(keep, fk_neg, 0.0)  # a pad adds nothing
         # S (2F, D + 1) per kv head: the feature-mapped keys times [v, 1], so its last column is the normaliser.
         square = in_f[:, None] & in_d[None, :]
