@@ -1,8 +1,15 @@
-import sys, json
-sys.path.insert(0, "/work/main/benchmarks")
-from cpu_decode import recipe_student
-from linearize import load_teacher
-from linearize.evaluate.speed import benchmark
+"""`benchmark()` of the real teacher converted as RECIPE (untrained), 4,096 tokens, batch 2, on the CPU, prefilled in
+one call (CHUNK 0) or CHUNK tokens at a time: `python cpu_chunked_prefill_probe.py lolcats 512`."""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # benchmarks/, for cpu_decode
+from cpu_decode import recipe_student  # noqa: E402
+from linearize import load_teacher  # noqa: E402
+from linearize.evaluate.speed import benchmark  # noqa: E402
+
 recipe, chunk = sys.argv[1], (int(sys.argv[2]) or None)
 teacher, _ = load_teacher("smollm2-135m")
 model = recipe_student(teacher, recipe).eval()
