@@ -171,7 +171,7 @@ train_speed)
   ;;
 students)
   join || exit 1
-  for recipe in ${STUDENTS:-lolcats lolcats_linear liger mamba_in_llama hybrid_gdn hybrid_qwen3_5}; do
+  for recipe in ${STUDENTS:-lolcats lolcats_linear liger mamba_in_llama hybrid_gdn hybrid_qwen3_5 hybrid_bamba}; do
     stages=$(python3 -c "from linearize.config import load_recipe; print(len(load_recipe('$recipe').stages))")
     overrides=""
     for ((i = 0; i < stages; i++)); do overrides="$overrides stages.$i.tokens=${STUDENT_TOKENS:-16384} stages.$i.compile=false"; done
