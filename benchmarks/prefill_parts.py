@@ -20,6 +20,7 @@ import contextlib
 import os
 import statistics
 import time
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -92,15 +93,8 @@ def parts(mixer, hidden, position_embeddings, variants: bool) -> dict:
 
 def fused_off(function, *args):
     """`function(*args)` with linearize's fused kernels off (LINEARIZE_FUSED_STEP=off), the switch restored after."""
-    before = os.environ.get("LINEARIZE_FUSED_STEP")
-    os.environ["LINEARIZE_FUSED_STEP"] = "off"
-    try:
+    with mock.patch.dict(os.environ, {"LINEARIZE_FUSED_STEP": "off"}):
         return function(*args)
-    finally:
-        if before is None:
-            del os.environ["LINEARIZE_FUSED_STEP"]
-        else:
-            os.environ["LINEARIZE_FUSED_STEP"] = before
 
 
 @torch.no_grad()

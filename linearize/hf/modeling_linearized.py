@@ -190,13 +190,12 @@ class LinearizedForCausalLM(PreTrainedModel, GenerationMixin):
         """
         name = "cache" if OUTPUT_CACHE_FIELD == "cache" else "past_key_values"
         static = generation_config.cache_implementation in ALL_STATIC_CACHE_IMPLEMENTATIONS
-        if model_kwargs.get(name) is not None or generation_config.use_cache is False:
+        chunked = getattr(generation_config, "prefill_chunk_size", None) is not None
+        if model_kwargs.get(name) is not None or generation_config.use_cache is False or not (static or chunked):
             return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        if not static:
-            if getattr(generation_config, "prefill_chunk_size", None) is not None:  # chunks need the cache up front
-                model_kwargs[name] = self.new_cache()
-                return
-            return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        if not static:  # a chunked prefill: transformers needs the cache before the first chunk
+            model_kwargs[name] = self.new_cache()
+            return
         bound = inspect.signature(GenerationMixin._prepare_cache_for_generation).bind(self, generation_config, model_kwargs, *args, **kwargs)
         length = max(bound.arguments["max_cache_length"], getattr(generation_config, "max_cache_len", None) or 0)
         batch = max(generation_config.num_beams, generation_config.num_return_sequences or 1) * bound.arguments["batch_size"]
