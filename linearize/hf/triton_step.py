@@ -1,5 +1,5 @@
 """One decode step of a `gated_deltanet`, `qwen3_5_gdn`, `gla`, `mamba2`, `bamba_mamba2`, `hedgehog` or `hedgehog_swa`
-layer, window included, in two Triton kernel launches.
+layer, window included, in one or two Triton kernel launches.
 
 On a GPU a batch-1 decode step is bound by kernel launches and host work, not by arithmetic: the PyTorch path of
 `GatedDeltaNetMixer.mix` launches about 46 kernels per layer (H200, window 64) and fla's fused recurrent kernel
@@ -39,15 +39,20 @@ PyTorch path, whose output at it `gated_deltanet` and `mamba2` zero and `gla` do
 A second, tiny launch shifts the window's mask (B, window - 1), which every kv head's program reads: shifted by one
 of them, it could change under another.
 
-One program per (sequence, kv head): it owns every byte it writes (its query heads' and kv head's convolution
-channels, its query heads' or kv head's state, its kv head's window rows), so the in-place updates need no
-cross-program synchronisation, and the window's keys are read once for the group's query heads. At batch 1 that is 3
-programs for SmolLM2-135M (9 query, 3 kv heads), which is enough: each reads and writes about 140 KB, a few
-microseconds at most, against the launches it replaces. Within a program a barrier separates the reads of a shifted
-cache from its writes. 8 warps: compiled for sm_90 (bf16), at SmolLM2's shape with window 64 the gated_deltanet,
-gla and mamba2 kernels take 240, 186 and 246 registers a thread and spill none (gated_deltanet with 4 warps spills);
-at head dim 128 and window 64 each spills 0.5 to 0.7 KB, at window x head dim 16,384 (`MAX_WINDOW_TILE`) 0.9 to
-2.2 KB. The gla kernel keeps its state's last column as a vector beside the D x D values, so it holds no tile D + 1
+One program per (sequence, kv head) for every rule but the gated delta rule's two: it owns every byte it writes (its
+query heads' and kv head's convolution channels, its query heads' or kv head's state, its kv head's window rows), so
+the in-place updates need no cross-program synchronisation, and the window's keys are read once for the group's query
+heads. The `gated_deltanet` and `qwen3_5_gdn` kernels run one program per (sequence, query head) instead: at batch 1
+SmolLM2-135M (9 query, 3 kv heads) gave the kv-head layout 3 programs on the H200's 132 SMs, each stepping three
+64 x 64 states one after another, 21 us a step, the largest kernel of a compiled decode step (BENCHMARKS.md, fifteenth
+session). A query head's program owns its q channels of the convolution and its state; its kv head's k and v channels
+and window rows it only reads, and the second launch (`_kv_shift_kernel`, one program per kv head, in place of the
+mask's) moves them and the mask on. Within a program a barrier separates the reads of a shifted cache from its
+writes. 8 warps: compiled for sm_90 (bf16, ptxas), at SmolLM2's shape with window 64 the gated_deltanet (one query
+head a program), its kv shift, gla and mamba2 kernels take 114, 128, 186 and 246 registers a thread and spill none;
+at head dim 128 and window 64 the gla and mamba2 kernels spill 0.5 to 0.7 KB, gated_deltanet's none; at window x head
+dim 16,384 (`MAX_WINDOW_TILE`) 0.4 KB (gated_deltanet), 0.9 to 2.2 KB (gla, mamba2) and 3.2 KB (the kv shift, which
+holds the window's keys and values whole). The gla kernel keeps its state's last column as a vector beside the D x D values, so it holds no tile D + 1
 columns wide (a power of two: twice the registers).
 
 The kernels share their window, RoPE and rounding (`_window_rows`, `_shifted`, `_scores`, `_rotated`, `_rounded`)
@@ -160,10 +165,15 @@ def fused_step_problem(
     return None
 
 
-def _launch(kernel, q, k, v, cos, sin, real, window_k, window_v, window_mask, scaling, softcap, *rule, **constants) -> Tensor:
+def _launch(
+    kernel, q, k, v, cos, sin, real, window_k, window_v, window_mask, scaling, softcap, *rule, conv: Optional[Tensor] = None, **constants
+) -> Tensor:
     """Launch a rule's `kernel`, one program per (sequence, kv head), then shift the window's mask; returns the heads
     (B, H, 1, D) in q's dtype. The kernel takes the arguments shared by every rule, then the rule's own, `rule` (None
-    for an absent optional tensor), and the rule's `constants`.
+    for an absent optional tensor), and the rule's `constants`. With `conv`, the convolution's cache
+    (B, (H + 2 Hkv) D, K - 1) of a gated delta rule, the kernel runs one program per (sequence, query head) instead,
+    and `_kv_shift_kernel` then moves on what they share: each kv head's k and v channels of `conv`, its window rows,
+    and the window's mask.
 
     q (B, H, 1, D), k, v (B, Hkv, 1, D): the teacher's projections, unconvolved and unrotated; cos, sin (B or 1, 1,
     rotary dim) or None (no RoPE); real (B, 1) marks real tokens (None: all are); window_k, window_v
@@ -178,7 +188,7 @@ def _launch(kernel, q, k, v, cos, sin, real, window_k, window_v, window_mask, sc
     def given(t):  # q stands for an absent optional tensor; the kernel never reads it
         return q if t is None else t
 
-    kernel[(batch, kv_heads)](
+    kernel[(batch, kv_heads if conv is None else heads)](
         q, k, v, given(cos), given(sin), given(real), given(window_k), given(window_v), given(window_mask), out,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         0 if cos is None or cos.shape[0] == 1 else cos.stride(0), 0 if real is None else real.stride(0),
@@ -188,7 +198,18 @@ def _launch(kernel, q, k, v, cos, sin, real, window_k, window_v, window_mask, sc
         HAS_REAL=real is not None, WINDOW=window_k is not None, SOFTCAP=softcap is not None,
         num_warps=8, **constants,
     )
-    if window_mask is not None and keep > 0:
+    if conv is not None:
+        taps = conv.shape[-1] + 1
+        _kv_shift_kernel[(batch, kv_heads)](
+            k, v, given(cos), given(sin), given(real), given(window_k), given(window_v), given(window_mask), conv,
+            k.stride(0), k.stride(1), v.stride(0), v.stride(1), 0 if cos is None or cos.shape[0] == 1 else cos.stride(0),
+            0 if real is None else real.stride(0),
+            HEADS=heads, KV_HEADS=kv_heads, DIM=dim, KEEP=keep, ROT=0 if cos is None else cos.shape[-1],
+            BLOCK_DIM=triton.next_power_of_2(dim), BLOCK_WINDOW=triton.next_power_of_2(keep + 1),
+            BLOCK_KEEP=triton.next_power_of_2(max(keep, 1)), HAS_REAL=real is not None, WINDOW=window_k is not None and keep > 0,
+            TAPS=taps, BLOCK_TAPS=triton.next_power_of_2(max(taps - 1, 1)), num_warps=8,
+        )
+    elif window_mask is not None and keep > 0:
         _shift_mask_kernel[(batch,)](
             window_mask, given(real), 0 if real is None else real.stride(0),
             KEEP=keep, BLOCK_KEEP=triton.next_power_of_2(keep), HAS_REAL=real is not None,
@@ -214,7 +235,7 @@ def _gated_deltanet(
     return _launch(
         _gated_deltanet_kernel, q, k, v, cos, sin, real, window_k, window_v, window_mask, scaling, softcap,
         hidden, hidden.stride(0), conv_weight, beta_weight, beta_bias, decay_weight, a_log, dt_bias, window_logit,
-        conv, recurrent, TAPS=taps, BLOCK_TAPS=triton.next_power_of_2(max(taps - 1, 1)), QWEN=False, **_hidden(hidden),
+        conv, recurrent, conv=conv, TAPS=taps, BLOCK_TAPS=triton.next_power_of_2(max(taps - 1, 1)), QWEN=False, **_hidden(hidden),
     )
 
 
@@ -229,7 +250,7 @@ def _qwen3_5_gdn(
     return _launch(
         _gated_deltanet_kernel, q, k, v, None, None, real, None, None, None, scale, None,
         hidden, hidden.stride(0), conv_weight, b_weight, None, a_weight, a_log, dt_bias, None,
-        conv, recurrent, TAPS=taps, BLOCK_TAPS=triton.next_power_of_2(max(taps - 1, 1)), QWEN=True, **_hidden(hidden),
+        conv, recurrent, conv=conv, TAPS=taps, BLOCK_TAPS=triton.next_power_of_2(max(taps - 1, 1)), QWEN=True, **_hidden(hidden),
     )
 
 
@@ -309,21 +330,31 @@ def _hedgehog_swa(
 if TRITON_PROBLEM is None:
 
     @triton.jit
-    def _conv_step(x, cache, weight, d, in_d, keep, TAPS: tl.constexpr, BLOCK_TAPS: tl.constexpr):
-        """One token through the causal depthwise convolution of D channels: `cache` points at their K - 1 past
-        inputs (float32), `weight` at their K taps. Returns the output; shifts x into the cache where `keep` (else
-        writes the cache back as it was)."""
+    def _conv_out(x, cache, weight, d, in_d, TAPS: tl.constexpr, BLOCK_TAPS: tl.constexpr):
+        """One token x through the causal depthwise convolution of D channels: `cache` points at their K - 1 past
+        inputs (float32), `weight` at their K taps. Reads the cache only."""
         taps = tl.arange(0, BLOCK_TAPS)
         past = in_d[:, None] & (taps[None, :] < TAPS - 1)
-        rows = d[:, None] * (TAPS - 1) + taps[None, :]
-        before = tl.load(cache + rows, mask=past, other=0.0)
+        before = tl.load(cache + d[:, None] * (TAPS - 1) + taps[None, :], mask=past, other=0.0)
         w_past = tl.load(weight + d[:, None] * TAPS + taps[None, :], mask=past, other=0.0).to(tl.float32)
         w_now = tl.load(weight + d * TAPS + TAPS - 1, mask=in_d, other=0.0).to(tl.float32)
-        y = tl.sum(before * w_past, 1) + x * w_now
+        return tl.sum(before * w_past, 1) + x * w_now
+
+    @triton.jit
+    def _conv_shift(x, cache, d, in_d, keep, TAPS: tl.constexpr, BLOCK_TAPS: tl.constexpr):
+        """x shifted into the convolution's cache of D channels where `keep` (a pad leaves it as it was)."""
+        taps = tl.arange(0, BLOCK_TAPS)
+        rows = d[:, None] * (TAPS - 1) + taps[None, :]
         later = tl.load(cache + rows + 1, mask=in_d[:, None] & (taps[None, :] + 1 < TAPS - 1), other=0.0)
         shifted = tl.where(taps[None, :] == TAPS - 2, x[:, None], later)
-        tl.debug_barrier()  # every past input is read before any is overwritten
-        tl.store(cache + rows, tl.where(keep, shifted, before), mask=past)
+        tl.debug_barrier()  # every past input is read (here and by the caller) before any is overwritten
+        tl.store(cache + rows, shifted, mask=in_d[:, None] & (taps[None, :] < TAPS - 1) & keep)
+
+    @triton.jit
+    def _conv_step(x, cache, weight, d, in_d, keep, TAPS: tl.constexpr, BLOCK_TAPS: tl.constexpr):
+        """The convolution's output for x (`_conv_out`), x then shifted into its cache (`_conv_shift`)."""
+        y = _conv_out(x, cache, weight, d, in_d, TAPS, BLOCK_TAPS)
+        _conv_shift(x, cache, d, in_d, keep, TAPS, BLOCK_TAPS)
         return y
 
     @triton.jit
@@ -413,12 +444,13 @@ if TRITON_PROBLEM is None:
     @triton.jit
     def _program(
         k, v, real, stride_kb, stride_kh, stride_vb, stride_vh, stride_real,
-        DIM: tl.constexpr, BLOCK_DIM: tl.constexpr, HAS_REAL: tl.constexpr,
+        DIM: tl.constexpr, BLOCK_DIM: tl.constexpr, HAS_REAL: tl.constexpr, GROUPS: tl.constexpr,
     ):
-        """Program (b, j)'s sequence b and kv head j, the lanes d of a head (in_d: the first DIM), whether b's token is
-        real (not a pad), and kv head j's k (its pointer and its float32 values) and v (float32)."""
+        """Program (b, i)'s sequence b and kv head j (i, or with one program per query head, i's kv head: GROUPS query
+        heads a kv head), the lanes d of a head (in_d: the first DIM), whether b's token is real (not a pad), and kv
+        head j's k (its pointer and its float32 values) and v (float32)."""
         b = tl.program_id(0)
-        j = tl.program_id(1)
+        j = tl.program_id(1) // GROUPS
         d = tl.arange(0, BLOCK_DIM)
         in_d = d < DIM
         if HAS_REAL:
@@ -431,23 +463,36 @@ if TRITON_PROBLEM is None:
         return b, j, d, in_d, keep, k_ptr, k_now, v_now
 
     @triton.jit
+    def _window_tile(
+        window_k, window_v, k_now, v_now, b, j, d, in_d, start,
+        KV_HEADS: tl.constexpr, DIM: tl.constexpr, KEEP: tl.constexpr, ROWS: tl.constexpr,
+    ):
+        """Rows start .. start + ROWS of kv head j's window in sequence b: the KEEP cached keys and values (rotated,
+        input dtype) and the current ones (k_now, v_now) in row KEEP, as float32 tiles (ROWS, BLOCK_DIM). Returns the
+        rows, their offsets in the cache (`_shifted`), the keys and the values."""
+        rows = start + tl.arange(0, ROWS)
+        tile = (b * KV_HEADS + j) * KEEP * DIM + rows[:, None] * DIM + d[None, :]
+        tile_mask = (rows < KEEP)[:, None] & in_d[None, :]
+        current = rows[:, None] == KEEP
+        keys = tl.where(current, k_now[None, :], tl.load(window_k + tile, mask=tile_mask, other=0.0).to(tl.float32))
+        values = tl.where(current, v_now[None, :], tl.load(window_v + tile, mask=tile_mask, other=0.0).to(tl.float32))
+        return rows, tile, keys, values
+
+    @triton.jit
+    def _seen(window_mask, keep, b, rows, KEEP: tl.constexpr):
+        """Which of a window's rows (`_window_tile`) in sequence b are real tokens: the mask's, and the current one's
+        `keep` in row KEEP."""
+        seen = tl.load(window_mask + b * KEEP + rows, mask=rows < KEEP, other=0) != 0
+        return tl.where(rows == KEEP, keep, seen)
+
+    @triton.jit
     def _window_rows(
         window_k, window_v, window_mask, k_now, v_now, keep, b, j, d, in_d, start,
         KV_HEADS: tl.constexpr, DIM: tl.constexpr, KEEP: tl.constexpr, ROWS: tl.constexpr,
     ):
-        """Rows start .. start + ROWS of kv head j's window in sequence b: the KEEP cached keys and values (rotated,
-        input dtype) and the current ones (k_now, v_now) in row KEEP, as float32 tiles (ROWS, BLOCK_DIM), and which of
-        them are real tokens. Returns the rows, their offsets in the cache (`_shifted`), the keys, values and mask."""
-        rows = start + tl.arange(0, ROWS)
-        cached = rows < KEEP
-        tile = (b * KV_HEADS + j) * KEEP * DIM + rows[:, None] * DIM + d[None, :]
-        tile_mask = cached[:, None] & in_d[None, :]
-        current = rows[:, None] == KEEP
-        keys = tl.where(current, k_now[None, :], tl.load(window_k + tile, mask=tile_mask, other=0.0).to(tl.float32))
-        values = tl.where(current, v_now[None, :], tl.load(window_v + tile, mask=tile_mask, other=0.0).to(tl.float32))
-        seen = tl.load(window_mask + b * KEEP + rows, mask=cached, other=0) != 0
-        seen = tl.where(rows == KEEP, keep, seen)
-        return rows, tile, keys, values, seen
+        """A window's rows (`_window_tile`) and which of them are real tokens (`_seen`)."""
+        rows, tile, keys, values = _window_tile(window_k, window_v, k_now, v_now, b, j, d, in_d, start, KV_HEADS, DIM, KEEP, ROWS)
+        return rows, tile, keys, values, _seen(window_mask, keep, b, rows, KEEP)
 
     @triton.jit
     def _shifted(cache, tile, x, rows, lanes, KEEP: tl.constexpr, WIDTH: tl.constexpr):
@@ -457,20 +502,29 @@ if TRITON_PROBLEM is None:
         tl.store(cache + tile - WIDTH, x.to(cache.dtype.element_ty), mask=moved)
 
     @triton.jit
-    def _window(
-        window_k, window_v, window_mask, k_ptr, v_now, cos, sin, keep, b, j, d, in_d,
+    def _window_moved(
+        window_k, window_v, k_ptr, v_now, cos, sin, b, j, d, in_d,
         KV_HEADS: tl.constexpr, DIM: tl.constexpr, KEEP: tl.constexpr, ROT: tl.constexpr, BLOCK_WINDOW: tl.constexpr,
     ):
-        """Kv head j's whole window in sequence b (`_window_rows`), the current key k_ptr's rotated here. Shifts the
-        cached keys and values in place."""
-        k_now = _rotated(k_ptr, cos, sin, d, in_d, ROT)
-        rows, tile, keys, values, seen = _window_rows(
-            window_k, window_v, window_mask, k_now, v_now, keep, b, j, d, in_d, 0, KV_HEADS, DIM, KEEP, BLOCK_WINDOW
+        """Kv head j's whole window in sequence b (`_window_tile`), the current key k_ptr's rotated here; shifts the
+        cached keys and values in place. Returns the rows, keys and values."""
+        rows, tile, keys, values = _window_tile(
+            window_k, window_v, _rotated(k_ptr, cos, sin, d, in_d, ROT), v_now, b, j, d, in_d, 0, KV_HEADS, DIM, KEEP, BLOCK_WINDOW
         )
         tl.debug_barrier()  # every cached row is read before any is overwritten
         _shifted(window_k, tile, keys, rows, in_d, KEEP, DIM)
         _shifted(window_v, tile, values, rows, in_d, KEEP, DIM)
-        return keys, values, seen
+        return rows, keys, values
+
+    @triton.jit
+    def _window(
+        window_k, window_v, window_mask, k_ptr, v_now, cos, sin, keep, b, j, d, in_d,
+        KV_HEADS: tl.constexpr, DIM: tl.constexpr, KEEP: tl.constexpr, ROT: tl.constexpr, BLOCK_WINDOW: tl.constexpr,
+    ):
+        """Kv head j's whole window in sequence b and which rows are real (`_window_moved`, `_seen`); shifts the cached
+        keys and values in place."""
+        rows, keys, values = _window_moved(window_k, window_v, k_ptr, v_now, cos, sin, b, j, d, in_d, KV_HEADS, DIM, KEEP, ROT, BLOCK_WINDOW)
+        return keys, values, _seen(window_mask, keep, b, rows, KEEP)
 
     @triton.jit
     def _scores(keys, q_now, seen, scaling, softcap, SOFTCAP: tl.constexpr):
@@ -513,53 +567,76 @@ if TRITON_PROBLEM is None:
         SOFTCAP: tl.constexpr, HIDDEN: tl.constexpr, BLOCK_HIDDEN: tl.constexpr, TAPS: tl.constexpr, BLOCK_TAPS: tl.constexpr,
         QWEN: tl.constexpr,
     ):
-        """Program (b, j): sequence b, kv head j and its query heads (module docstring). QWEN: `qwen3_5_gdn`'s step,
-        SiLU after the convolution, its L2 norm, q scaled by `scaling`, no bias on beta (and no window)."""
-        b, j, d, in_d, keep, k_ptr, k_raw, v_raw = _program(
-            k, v, real, stride_kb, stride_kh, stride_vb, stride_vh, stride_real, DIM, BLOCK_DIM, HAS_REAL
-        )
-        scaling, softcap = _float32(scaling), _float32(softcap)
+        """Program (b, h): sequence b and query head h (module docstring). It shifts its own q channels of the
+        convolution; its kv head's k and v channels and window it only reads, and `_kv_shift_kernel` moves them on.
+        QWEN: `qwen3_5_gdn`'s step, SiLU after the convolution, its L2 norm, q scaled by `scaling`, no bias on beta (and
+        no window)."""
         GROUPS: tl.constexpr = HEADS // KV_HEADS
+        b, j, d, in_d, keep, k_ptr, k_raw, v_raw = _program(
+            k, v, real, stride_kb, stride_kh, stride_vb, stride_vh, stride_real, DIM, BLOCK_DIM, HAS_REAL, GROUPS
+        )
+        h = tl.program_id(1)
+        scaling, softcap = _float32(scaling), _float32(softcap)
         CHANNELS: tl.constexpr = (HEADS + 2 * KV_HEADS) * DIM
         cos_row, sin_row = cos + b * stride_cos, sin + b * stride_cos
         x = hidden + b * stride_hidden
         conv_row = conv + b * CHANNELS * (TAPS - 1)
         k_channel = (HEADS + j) * DIM
         v_channel = (HEADS + KV_HEADS + j) * DIM
-        ck = _conv_step(k_raw, conv_row + k_channel * (TAPS - 1), conv_weight + k_channel * TAPS, d, in_d, keep, TAPS, BLOCK_TAPS)
-        cv = _conv_step(v_raw, conv_row + v_channel * (TAPS - 1), conv_weight + v_channel * TAPS, d, in_d, keep, TAPS, BLOCK_TAPS)
-        ck = _unit(_convolved(ck, QWEN), QWEN)
-        cv = _convolved(cv, QWEN)
+        ck = _unit(_convolved(_conv_out(k_raw, conv_row + k_channel * (TAPS - 1), conv_weight + k_channel * TAPS, d, in_d, TAPS, BLOCK_TAPS), QWEN), QWEN)
+        cv = _convolved(_conv_out(v_raw, conv_row + v_channel * (TAPS - 1), conv_weight + v_channel * TAPS, d, in_d, TAPS, BLOCK_TAPS), QWEN)
+        q_ptr = q + b * stride_qb + h * stride_qh
+        q_raw = tl.load(q_ptr + d, mask=in_d, other=0.0).to(tl.float32)
+        cq = _conv_step(q_raw, conv_row + h * DIM * (TAPS - 1), conv_weight + h * DIM * TAPS, d, in_d, keep, TAPS, BLOCK_TAPS)
+        cq = _unit(_convolved(cq, QWEN), QWEN)
+        # The gates from the hidden states; a pad neither writes nor decays. qwen3_5 scales q by D^-0.5 (`scaling`).
+        if QWEN:
+            cq = cq * scaling
+            beta = tl.sigmoid(_projected(x, beta_weight + h * HIDDEN, HIDDEN, BLOCK_HIDDEN))
+        else:
+            beta = tl.sigmoid(_projected(x, beta_weight + h * HIDDEN, HIDDEN, BLOCK_HIDDEN) + tl.load(beta_bias + h).to(tl.float32))
+        dt = _softplus(_projected(x, decay_weight + h * HIDDEN, HIDDEN, BLOCK_HIDDEN) + tl.load(dt_bias + h).to(tl.float32))
+        beta = tl.where(keep, beta, 0.0)
+        log_decay = tl.where(keep, -tl.exp(tl.load(a_log + h).to(tl.float32)) * dt, 0.0)
+        # The gated delta rule: S = a S + k^T (beta v - beta k (a S)), read out as q S.
+        state = recurrent + (b * HEADS + h) * DIM * DIM + d[:, None] * DIM + d[None, :]
+        square = in_d[:, None] & in_d[None, :]
+        S = tl.load(state, mask=square, other=0.0) * tl.exp(log_decay)
+        S = S + ck[:, None] * (beta * cv - beta * tl.sum(ck[:, None] * S, 0))[None, :]
+        tl.store(state, S, mask=square)
+        heads = tl.sum(cq[:, None] * S, 0)
         if WINDOW:
-            keys, values, seen = _window(
-                window_k, window_v, window_mask, k_ptr, v_raw, cos_row, sin_row, keep, b, j, d, in_d, KV_HEADS, DIM, KEEP, ROT, BLOCK_WINDOW
+            rows, _, keys, values = _window_tile(
+                window_k, window_v, _rotated(k_ptr, cos_row, sin_row, d, in_d, ROT), v_raw, b, j, d, in_d, 0, KV_HEADS, DIM, KEEP, BLOCK_WINDOW
             )
-        for g in range(GROUPS):
-            h = j * GROUPS + g
-            q_ptr = q + b * stride_qb + h * stride_qh
-            q_raw = tl.load(q_ptr + d, mask=in_d, other=0.0).to(tl.float32)
-            cq = _conv_step(q_raw, conv_row + h * DIM * (TAPS - 1), conv_weight + h * DIM * TAPS, d, in_d, keep, TAPS, BLOCK_TAPS)
-            cq = _unit(_convolved(cq, QWEN), QWEN)
-            # The gates from the hidden states; a pad neither writes nor decays. qwen3_5 scales q by D^-0.5 (`scaling`).
-            if QWEN:
-                cq = cq * scaling
-                beta = tl.sigmoid(_projected(x, beta_weight + h * HIDDEN, HIDDEN, BLOCK_HIDDEN))
-            else:
-                beta = tl.sigmoid(_projected(x, beta_weight + h * HIDDEN, HIDDEN, BLOCK_HIDDEN) + tl.load(beta_bias + h).to(tl.float32))
-            dt = _softplus(_projected(x, decay_weight + h * HIDDEN, HIDDEN, BLOCK_HIDDEN) + tl.load(dt_bias + h).to(tl.float32))
-            beta = tl.where(keep, beta, 0.0)
-            log_decay = tl.where(keep, -tl.exp(tl.load(a_log + h).to(tl.float32)) * dt, 0.0)
-            # The gated delta rule: S = a S + k^T (beta v - beta k (a S)), read out as q S.
-            state = recurrent + (b * HEADS + h) * DIM * DIM + d[:, None] * DIM + d[None, :]
-            square = in_d[:, None] & in_d[None, :]
-            S = tl.load(state, mask=square, other=0.0) * tl.exp(log_decay)
-            S = S + ck[:, None] * (beta * cv - beta * tl.sum(ck[:, None] * S, 0))[None, :]
-            tl.store(state, S, mask=square)
-            heads = tl.sum(cq[:, None] * S, 0)
-            if WINDOW:
-                share = tl.sigmoid(tl.load(window_logit + h).to(tl.float32))
-                heads = _windowed(heads, share, keys, values, seen, q_ptr, cos_row, sin_row, d, in_d, scaling, softcap, ROT, SOFTCAP)
-            _store(out, tl.where(keep, heads, 0.0), b, h, d, in_d, HEADS, DIM)
+            share = tl.sigmoid(tl.load(window_logit + h).to(tl.float32))
+            seen = _seen(window_mask, keep, b, rows, KEEP)
+            heads = _windowed(heads, share, keys, values, seen, q_ptr, cos_row, sin_row, d, in_d, scaling, softcap, ROT, SOFTCAP)
+        _store(out, tl.where(keep, heads, 0.0), b, h, d, in_d, HEADS, DIM)
+
+    @triton.jit
+    def _kv_shift_kernel(
+        k, v, cos, sin, real, window_k, window_v, window_mask, conv,
+        stride_kb, stride_kh, stride_vb, stride_vh, stride_cos, stride_real,
+        HEADS: tl.constexpr, KV_HEADS: tl.constexpr, DIM: tl.constexpr, KEEP: tl.constexpr, ROT: tl.constexpr,
+        BLOCK_DIM: tl.constexpr, BLOCK_WINDOW: tl.constexpr, BLOCK_KEEP: tl.constexpr, HAS_REAL: tl.constexpr,
+        WINDOW: tl.constexpr, TAPS: tl.constexpr, BLOCK_TAPS: tl.constexpr,
+    ):
+        """Program (b, j), after a step kernel whose programs per query head read them: kv head j's k and v channels of
+        the convolution's cache (B, (H + 2 Hkv) D, K - 1) and its window rows in sequence b move on one token, and
+        program (b, 0) moves the window's mask."""
+        b, j, d, in_d, keep, k_ptr, k_raw, v_raw = _program(
+            k, v, real, stride_kb, stride_kh, stride_vb, stride_vh, stride_real, DIM, BLOCK_DIM, HAS_REAL, 1
+        )
+        conv_row = conv + b * (HEADS + 2 * KV_HEADS) * DIM * (TAPS - 1)
+        _conv_shift(k_raw, conv_row + (HEADS + j) * DIM * (TAPS - 1), d, in_d, keep, TAPS, BLOCK_TAPS)
+        _conv_shift(v_raw, conv_row + (HEADS + KV_HEADS + j) * DIM * (TAPS - 1), d, in_d, keep, TAPS, BLOCK_TAPS)
+        if WINDOW:
+            _window_moved(
+                window_k, window_v, k_ptr, v_raw, cos + b * stride_cos, sin + b * stride_cos, b, j, d, in_d, KV_HEADS, DIM, KEEP, ROT, BLOCK_WINDOW
+            )
+            if j == 0:
+                _shift_mask(window_mask, real, b, stride_real, KEEP, BLOCK_KEEP, HAS_REAL)
 
     @triton.jit
     def _gla_kernel(
@@ -573,7 +650,7 @@ if TRITON_PROBLEM is None:
         """Program (b, j): sequence b, kv head j, whose state its query heads read, and its query heads (module
         docstring)."""
         b, j, d, in_d, keep, k_ptr, k_raw, v_raw = _program(
-            k, v, real, stride_kb, stride_kh, stride_vb, stride_vh, stride_real, DIM, BLOCK_DIM, HAS_REAL
+            k, v, real, stride_kb, stride_kh, stride_vb, stride_vh, stride_real, DIM, BLOCK_DIM, HAS_REAL, 1
         )
         scaling, softcap = _float32(scaling), _float32(softcap)
         GROUPS: tl.constexpr = HEADS // KV_HEADS
@@ -634,7 +711,7 @@ if TRITON_PROBLEM is None:
     ):
         """Program (b, j): sequence b, kv head j (B and x of its query heads) and its query heads (module docstring)."""
         b, j, d, in_d, keep, k_ptr, k_raw, v_raw = _program(
-            k, v, real, stride_kb, stride_kh, stride_vb, stride_vh, stride_real, DIM, BLOCK_DIM, HAS_REAL
+            k, v, real, stride_kb, stride_kh, stride_vb, stride_vh, stride_real, DIM, BLOCK_DIM, HAS_REAL, 1
         )
         scaling, softcap = _float32(scaling), _float32(softcap)
         GROUPS: tl.constexpr = HEADS // KV_HEADS
@@ -675,7 +752,7 @@ if TRITON_PROBLEM is None:
         """Program (b, j): sequence b, kv head j (the source of x and B for its query heads) and its query heads
         (module docstring)."""
         b, j, d, in_d, keep, k_ptr, k_raw, v_raw = _program(
-            k, v, real, stride_kb, stride_kh, stride_vb, stride_vh, stride_real, DIM, BLOCK_DIM, HAS_REAL
+            k, v, real, stride_kb, stride_kh, stride_vb, stride_vh, stride_real, DIM, BLOCK_DIM, HAS_REAL, 1
         )
         eps = _float32(eps)
         GROUPS: tl.constexpr = HEADS // KV_HEADS
@@ -731,7 +808,7 @@ if TRITON_PROBLEM is None:
         """Program (b, j): sequence b, kv head j, whose state and window its query heads read, and its query heads
         (module docstring). The window is read CHUNK rows at a time, its softmax taken online."""
         b, j, d, in_d, keep, k_ptr, _, v_now = _program(
-            k, v, real, stride_kb, stride_kh, stride_vb, stride_vh, stride_real, DIM, BLOCK_DIM, HAS_REAL
+            k, v, real, stride_kb, stride_kh, stride_vb, stride_vh, stride_real, DIM, BLOCK_DIM, HAS_REAL, 1
         )
         scaling, softcap = _float32(scaling), _float32(softcap)
         GROUPS: tl.constexpr = HEADS // KV_HEADS
@@ -817,7 +894,7 @@ if TRITON_PROBLEM is None:
         """Program (b, j): sequence b, kv head j, whose state its query heads read, and its query heads (module
         docstring). The state's rows are the feature map's halves, its columns the values' then the normaliser's."""
         b, j, d, in_d, keep, k_ptr, _, v_now = _program(
-            k, v, real, stride_kb, stride_kh, stride_vb, stride_vh, stride_real, DIM, BLOCK_DIM, HAS_REAL
+            k, v, real, stride_kb, stride_kh, stride_vb, stride_vh, stride_real, DIM, BLOCK_DIM, HAS_REAL, 1
         )
         GROUPS: tl.constexpr = HEADS // KV_HEADS
         WIDTH: tl.constexpr = 2 * FEATURES
@@ -850,8 +927,13 @@ if TRITON_PROBLEM is None:
 
     @triton.jit
     def _shift_mask_kernel(window_mask, real, stride_real, KEEP: tl.constexpr, BLOCK_KEEP: tl.constexpr, HAS_REAL: tl.constexpr):
-        """The window's mask (B, KEEP) one place on, with the current token's last (a pad enters as False)."""
-        b = tl.program_id(0)
+        """Program b: `_shift_mask`."""
+        _shift_mask(window_mask, real, tl.program_id(0), stride_real, KEEP, BLOCK_KEEP, HAS_REAL)
+
+    @triton.jit
+    def _shift_mask(window_mask, real, b, stride_real, KEEP: tl.constexpr, BLOCK_KEEP: tl.constexpr, HAS_REAL: tl.constexpr):
+        """Sequence b's row of the window's mask (B, KEEP) one place on, with the current token's last (a pad enters as
+        False)."""
         rows = tl.arange(0, BLOCK_KEEP)
         later = tl.load(window_mask + b * KEEP + rows + 1, mask=rows + 1 < KEEP, other=0)
         if HAS_REAL:
