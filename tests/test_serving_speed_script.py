@@ -2,6 +2,7 @@
 
 import importlib.util
 
+import pytest
 import torch
 
 import linearize
@@ -64,17 +65,29 @@ def test_a_cuda_graph_skip_names_the_inputs_behind_it(monkeypatch, capsys):
     ]
 
 
-def test_the_decode_rate_leaves_out_generates_prefill_and_first_token(monkeypatch):
-    """measure() times generate() with new_tokens + 1 tokens and stopped after its first: every decode step is in the
-    first and none in the second, and the static cache keeps its size (no new compile). Nothing runs with autograd on."""
+def test_the_decode_rate_is_read_inside_generate_from_each_tokens_time(monkeypatch):
+    """measure() reads the decode rate from the times of the new tokens inside each timed generate(), so the prefill
+    and the first token are not in it, and keeps the fastest of `repeats` calls; the static cache keeps its size (no
+    new compile). Nothing runs with autograd on. On a clock that each prefill moves 1 s and each decode step 10 ms
+    (20 ms in the second timed call), 3 new tokens decode at exactly 100 tokens/s."""
     model = linearize.convert(tiny_model(dtype=torch.float32), "gated_deltanet", window=4).eval()
-    steps = []
+    steps, grad, clock = [], [], [0.0]
     forward = model.forward
-    grad = []
-    monkeypatch.setattr(model, "forward", lambda *a, **k: steps.append(k["input_ids"].shape[1]) or grad.append(torch.is_grad_enabled()) or forward(*a, **k))
-    row = serving_speed.measure(model, 24, 3, "static", torch.device("cpu"), 1e9)
-    # warm-up: one uncached prefill and two generate() calls; then the timed prefill, generate() and its stopped twin,
-    # and the prefill whose state the floor counts
-    assert steps == [24] + [24, 1, 1, 1] * 2 + [24] + [24, 1, 1, 1] + [24] + [24]
-    assert row["decode_tokens_per_s"] > 0 and 0 < row["first_token_seconds"] < row["generate_seconds"]
+
+    def timed(*args, **kwargs):
+        steps.append(kwargs["input_ids"].shape[1])
+        grad.append(torch.is_grad_enabled())
+        slow = steps.count(24) == 5  # the second timed generate()
+        clock[0] += 1.0 if steps[-1] > 1 else (0.02 if slow else 0.01)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", timed)
+    monkeypatch.setattr(serving_speed.time, "perf_counter", lambda: clock[0])
+    row = serving_speed.measure(model, 24, 3, "static", torch.device("cpu"), 1e9, repeats=3)
+    # warm-up: one uncached prefill and two generate() calls; then the timed prefill, three timed generate() calls, and
+    # the prefill whose state the floor counts
+    assert steps == [24] + [24, 1, 1, 1] * 2 + [24] + [24, 1, 1, 1] * 3 + [24]
+    assert row["decode_tokens_per_s"] == pytest.approx(100.0)
+    assert row["decode_step_ms_median"] == pytest.approx(10.0)
+    assert row["first_token_seconds"] == pytest.approx(1.0) and row["generate_seconds"] == pytest.approx(1.03)
     assert not any(grad)  # an uncached prefill with autograd on would keep every activation (its peak memory, its time)
