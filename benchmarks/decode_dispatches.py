@@ -1,4 +1,4 @@
-"""What a batch-1 decode step costs on CPU, per layer kind: ATen dispatches and milliseconds.
+"""What a batch-1 decode step costs on the host, per layer kind: ATen dispatches and milliseconds.
 
 A 135M model's decode step on 2 CPU cores is bound by two things: reading the weights (the same for teacher and
 student) and the number of small operations, each of which costs microseconds of dispatch whatever its size.
@@ -7,12 +7,20 @@ dispatcher inside each attention layer (by the layer's class: the teacher's atte
 times each kind of layer over `--steps` steps, for the teacher and the students of shipped recipes (converted as
 `benchmarks/cpu_decode.py` converts them, untrained: speed does not depend on the weights).
 
+On CUDA (`--device cuda`) a layer's milliseconds are the host's alone: its kernels are queued, not waited for, so
+they measure what an eager decode step costs in Python, dispatch and kernel launches (the fused steps' Triton
+launches included), the part of a batch-1 step that the GPU cannot shorten; the step's own milliseconds wait for the
+GPU. `--jsonl` appends one JSON line per model.
+
     python benchmarks/decode_dispatches.py --recipes lolcats,hybrid_gdn --context 2048
+    python benchmarks/decode_dispatches.py --device cuda --dtype bfloat16 --teacher /tmp/smollm2.gguf \
+        --recipes lolcats,hybrid_gdn,hybrid_qwen3_5 --steps 50
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import time
 from collections import Counter, defaultdict
@@ -37,8 +45,15 @@ class Dispatches(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def measure(model, context: int, steps: int) -> dict:
-    """Dispatches per layer of each kind in one decode step, and ms per decode step, whole and per kind."""
+    """Dispatches per layer of each kind in one decode step, and ms per decode step, whole and per kind (on CUDA the
+    host's ms per kind, the whole step's waiting for the GPU)."""
+    device = next(model.parameters()).device
     counter, spent, started, layers = Dispatches(), defaultdict(float), {}, Counter()
 
     def enter(kind):
@@ -61,16 +76,18 @@ def measure(model, context: int, steps: int) -> dict:
             layers[kind] += 1
             module.register_forward_pre_hook(enter(kind))
             module.register_forward_hook(leave(kind))
-    ids = torch.randint(0, model.get_input_embeddings().num_embeddings, (1, context), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, model.get_input_embeddings().num_embeddings, (1, context), generator=torch.Generator().manual_seed(0)).to(device)
     with torch.no_grad():
         out = model(ids, use_cache=True)
         cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
         for _ in range(3):  # warm-up steps
             cache = model(token, past_key_values=cache, use_cache=True).past_key_values
+        sync(device)
         spent.clear()
         begin = time.perf_counter()
         for _ in range(steps):
             cache = model(token, past_key_values=cache, use_cache=True).past_key_values
+        sync(device)
         step_ms = (time.perf_counter() - begin) / steps * 1000
         with counter:
             model(token, past_key_values=cache, use_cache=True)
@@ -86,13 +103,21 @@ def main() -> None:
     parser.add_argument("--recipes", default="lolcats,hybrid_gdn", help="shipped recipes whose students are measured, comma-separated")
     parser.add_argument("--context", type=int, default=2048, help="prompt tokens before the measured decode steps")
     parser.add_argument("--steps", type=int, default=10, help="decode steps timed")
+    parser.add_argument("--teacher", default="smollm2-135m", help="the teacher: id, folder or .gguf")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--jsonl", default=None, help="append each model's result to this file as a JSON line")
     args = parser.parse_args()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     for name in ["teacher", *args.recipes.split(",")]:
-        teacher, _ = load_teacher("smollm2-135m")
-        model = (teacher if name == "teacher" else recipe_student(teacher, name)).eval()
+        teacher, _ = load_teacher(args.teacher)
+        model = (teacher if name == "teacher" else recipe_student(teacher, name)).to(device, dtype).eval()
         result = measure(model, args.context, args.steps)
         kinds = ", ".join(f"{kind} x {r['count']}: {r['dispatches']:.0f} dispatches, {r['ms']:.2f} ms" for kind, r in result["layers"].items())
         print(f"{name}: {result['step_ms']:.1f} ms per step; per layer: {kinds}; outside the layers: {result['dispatches_outside_layers']}", flush=True)
+        if args.jsonl:
+            with open(args.jsonl, "a") as out:
+                out.write(json.dumps({"model": name, "device": args.device, "dtype": args.dtype, "context": args.context, **result}) + "\n")
 
 
 if __name__ == "__main__":
