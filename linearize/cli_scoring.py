@@ -160,7 +160,8 @@ def bench_command(
     """Prefill and decode speed and memory against context length and batch size, teacher beside student.
 
     --max-batch adds decode throughput at the largest batch that fits; every row records the decode path that ran
-    and the prefill chunk (--prefill-chunk) it prefilled in.
+    and the prefill chunk (--prefill-chunk) it prefilled in. The results file is written after each model, so a
+    model that fails (or a run cut short) leaves the models before it measured.
     """
     from .evaluate.results import Results
     from .evaluate.speed import benchmark
@@ -175,7 +176,7 @@ def bench_command(
                 max_batch=max_batch, bisect=bisect, compile=compile, prefill_chunk=prefill_chunk,
             )
         )
-    merged.save(out)
+        merged.save(out)
     _show(merged, "speed and memory")
     console.print(f"[green]wrote[/green] {out}  (next: linearize report {out} --out report)")
 

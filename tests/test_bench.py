@@ -302,6 +302,22 @@ def test_bench_command_with_max_batch_and_compile(student, tmp_path, monkeypatch
     )
 
 
+def test_bench_keeps_the_models_measured_before_one_that_fails(student, tmp_path, monkeypatch, capsys):
+    """The results file is written after each model: a later model that fails (here a folder that does not exist; on
+    a GPU, a crashed kernel) leaves the earlier ones' rows in it."""
+    folder = tmp_path / "tiny"
+    student.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    out = tmp_path / "bench.json"
+    args = [str(folder), str(tmp_path / "missing"), "--lengths", "16", "--decode-tokens", "2", "--no-teacher", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", ["linearize", "bench", *args])
+    wide_console(monkeypatch)
+    with pytest.raises(SystemExit) as done:
+        cli.main()
+    printed = capsys.readouterr()
+    assert done.value.code == 2 and "missing" in printed.err.strip().splitlines()[-1], printed.err
+    assert [(r["model"], r["context"]) for r in load_results(out).of("speed")] == [("tiny", 16)]
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_compiled_paths_on_cuda():
