@@ -278,7 +278,7 @@ if TRITON_PROBLEM is None:
         lanes of a head (d), a value (e) and a feature map (f), its queries n * BLOCK .. (n + 1) * BLOCK - 1 (rows, in_rows:
         before `length`) at key positions t from `first` (the queries are the last `length` of the `total` keys), and
         their q (a tensor-core operand) and fq (float32)."""
-        b = tl.program_id(0) // HEADS
+        b = (tl.program_id(0) // HEADS).to(tl.int64)  # offsets past 2^31 elements (B 128, 32K: q's; B 512, 4K: fq's)
         h = tl.program_id(0) % HEADS
         j = h // (HEADS // KV_HEADS)
         head = b * KV_HEADS + j
@@ -482,7 +482,7 @@ if TRITON_PROBLEM is None:
         tiles from the block's prefix state to its last query); the keys before a block's prefix state reach it through
         that state, whose gradient the caller takes."""
         scaling, softcap = _float32(scaling), _float32(softcap)
-        b = tl.program_id(0) // KV_HEADS
+        b = (tl.program_id(0) // KV_HEADS).to(tl.int64)  # offsets past 2^31 elements (`_query_block`)
         j = tl.program_id(0) % KV_HEADS
         GROUPS: tl.constexpr = HEADS // KV_HEADS
         d, e, f = tl.arange(0, BLOCK_DIM), tl.arange(0, BLOCK_VALUE), tl.arange(0, BLOCK_WIDTH)
