@@ -9,8 +9,9 @@ layer's weights into that architecture and the exported model computes the same 
 - each head's output goes through an RMSNorm (eps: the teacher's `rms_norm_eps`) gated by SiLU(W_z x), then
   the teacher's output projection.
 Unlike `gated_deltanet` there is no sliding window and no bias on the write strength: qwen3_5 has neither.
-On CUDA an inference decode step runs up to the gated norm in one Triton kernel (`triton_step.qwen3_5_gdn_step`, the
-gated_deltanet step's kernel in qwen3_5's variant); the PyTorch path (`delta_rule`) takes every other call.
+On CUDA an inference decode step runs in one Triton kernel after the projections, gated norm included
+(`triton_step.qwen3_5_gdn_step`, the gated_deltanet step's kernel in qwen3_5's variant); the PyTorch path
+(`delta_rule`, then `gated_rms_norm`) takes every other call.
 
 The start keeps what can be kept: identity convolutions (the teacher's q/k/v before the SiLU), beta = 0.5 and a
 per-token decay of 0.9 as in `gated_deltanet`, unit norm weights. The gate has no exact start (SiLU(W_z x)
@@ -130,12 +131,12 @@ class Qwen35GatedDeltaNet(FusedStepMixer):
 
     def mix(self, hidden_states, q, k, v, position_embeddings, padding_mask, state) -> torch.Tensor:
         if self.fuses_step(hidden_states, q, k, v, position_embeddings, state):
-            out = self.fused_step(hidden_states, q, k, v, position_embeddings, padding_mask, state)
+            out = self.fused_step(hidden_states, q, k, v, position_embeddings, padding_mask, state)  # gated norm included
         else:
             out = self.delta_rule(hidden_states, q, k, v, padding_mask, state)
-        batch, heads, length, d = out.shape
-        z = self.z_proj(hidden_states).reshape(batch, length, heads, d).transpose(1, 2)
-        out = gated_rms_norm(out.to(hidden_states.dtype), z, self.norm_weight, self.options.eps)
+            batch, heads, length, d = out.shape
+            z = self.z_proj(hidden_states).reshape(batch, length, heads, d).transpose(1, 2)
+            out = gated_rms_norm(out.to(hidden_states.dtype), z, self.norm_weight, self.options.eps)
         if padding_mask is not None:
             out = out * padding_mask[:, None, :, None]
         return out
@@ -168,6 +169,6 @@ class Qwen35GatedDeltaNet(FusedStepMixer):
 
     def launch_step(self, hidden_states, q, k, v, cos, sin, real, tensors) -> torch.Tensor:
         return qwen3_5_gdn_step(
-            hidden_states, q, k, v, real, self.conv_weight, self.b_proj.weight, self.a_proj.weight, self.A_log, self.dt_bias,
-            tensors["conv"], tensors["recurrent"], self.spec.head_dim**-0.5,
+            hidden_states, q, k, v, real, self.z_proj(hidden_states), self.conv_weight, self.b_proj.weight, self.a_proj.weight,
+            self.A_log, self.dt_bias, self.norm_weight, tensors["conv"], tensors["recurrent"], self.spec.head_dim**-0.5, self.options.eps,
         )

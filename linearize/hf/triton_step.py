@@ -10,8 +10,8 @@ all of a layer's step that follows the teacher's q/k/v projections in one kernel
   L2-normalisation of the convolved q and k; the gated delta rule's update of the float32 state S (B, H, D, D), in
   place, and its read-out q S;
 - `qwen3_5_gdn_step`: the same kernel as qwen3_5 computes the step (`QWEN`): SiLU after the convolution, the L2 norm
-  x / sqrt(|x|^2 + 1e-6), q scaled by D^-0.5, beta = sigmoid(W_b x) without a bias, no window; its output's gated
-  RMSNorm stays in PyTorch, after the kernel;
+  x / sqrt(|x|^2 + 1e-6), q scaled by D^-0.5, beta = sigmoid(W_b x) without a bias, no window; then each head's gated
+  RMSNorm, weight * RMSNorm(y) * SiLU(z), with z = W_z x projected before the kernel;
 - `gla_step`: softmax feature maps of q and k, the gate logsigmoid(k) / gate_normalizer, the update of the float32
   state (B, Hkv, D, D + 1) of each kv head (values and a ones column, the normaliser) in place, and each query head's
   read-out normalised by its last column;
@@ -235,22 +235,23 @@ def _gated_deltanet(
     return _launch(
         _gated_deltanet_kernel, q, k, v, cos, sin, real, window_k, window_v, window_mask, scaling, softcap,
         hidden, hidden.stride(0), conv_weight, beta_weight, beta_bias, decay_weight, a_log, dt_bias, window_logit,
-        conv, recurrent, conv=conv, TAPS=taps, BLOCK_TAPS=triton.next_power_of_2(max(taps - 1, 1)), QWEN=False, **_hidden(hidden),
+        conv, recurrent, None, 0, None, 0.0, conv=conv, TAPS=taps, BLOCK_TAPS=triton.next_power_of_2(max(taps - 1, 1)), QWEN=False, **_hidden(hidden),
     )
 
 
 def _qwen3_5_gdn(
-    hidden: Tensor, q: Tensor, k: Tensor, v: Tensor, real: Optional[Tensor], conv_weight: Tensor, b_weight: Tensor,
-    a_weight: Tensor, a_log: Tensor, dt_bias: Tensor, conv: Tensor, recurrent: Tensor, scale: float,
+    hidden: Tensor, q: Tensor, k: Tensor, v: Tensor, real: Optional[Tensor], z: Tensor, conv_weight: Tensor, b_weight: Tensor,
+    a_weight: Tensor, a_log: Tensor, dt_bias: Tensor, norm_weight: Tensor, conv: Tensor, recurrent: Tensor, scale: float, eps: float,
 ) -> Tensor:
-    """The gated delta rule's heads (B, H, 1, D) in q's dtype of one `qwen3_5_gdn` decode step, before its gated norm
-    (module docstring); updates conv (B, C, K - 1) and recurrent (B, H, D, D), both contiguous float32, in place.
-    hidden (B, 1, hidden size): the layer's input; scale: q's, D^-0.5."""
+    """The heads (B, H, 1, D) in q's dtype of one `qwen3_5_gdn` decode step, its gated norm included (module docstring);
+    updates conv (B, C, K - 1) and recurrent (B, H, D, D), both contiguous float32, in place. hidden (B, 1, hidden
+    size): the layer's input; z (B, 1, H D): the gate's projection of it; norm_weight (D,); scale: q's, D^-0.5; eps:
+    the norm's."""
     taps = conv_weight.shape[1]
     return _launch(
         _gated_deltanet_kernel, q, k, v, None, None, real, None, None, None, scale, None,
         hidden, hidden.stride(0), conv_weight, b_weight, None, a_weight, a_log, dt_bias, None,
-        conv, recurrent, conv=conv, TAPS=taps, BLOCK_TAPS=triton.next_power_of_2(max(taps - 1, 1)), QWEN=True, **_hidden(hidden),
+        conv, recurrent, z, z.stride(0), norm_weight, eps, conv=conv, TAPS=taps, BLOCK_TAPS=triton.next_power_of_2(max(taps - 1, 1)), QWEN=True, **_hidden(hidden),
     )
 
 
@@ -561,7 +562,7 @@ if TRITON_PROBLEM is None:
         q, k, v, cos, sin, real, window_k, window_v, window_mask, out,
         stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_cos, stride_real, scaling, softcap,
         hidden, stride_hidden, conv_weight, beta_weight, beta_bias, decay_weight, a_log, dt_bias, window_logit,
-        conv, recurrent,
+        conv, recurrent, z, stride_z, norm_weight, eps,
         HEADS: tl.constexpr, KV_HEADS: tl.constexpr, DIM: tl.constexpr, KEEP: tl.constexpr, ROT: tl.constexpr,
         BLOCK_DIM: tl.constexpr, BLOCK_WINDOW: tl.constexpr, HAS_REAL: tl.constexpr, WINDOW: tl.constexpr,
         SOFTCAP: tl.constexpr, HIDDEN: tl.constexpr, BLOCK_HIDDEN: tl.constexpr, TAPS: tl.constexpr, BLOCK_TAPS: tl.constexpr,
@@ -570,7 +571,7 @@ if TRITON_PROBLEM is None:
         """Program (b, h): sequence b and query head h (module docstring). It shifts its own q channels of the
         convolution; its kv head's k and v channels and window it only reads, and `_kv_shift_kernel` moves them on.
         QWEN: `qwen3_5_gdn`'s step, SiLU after the convolution, its L2 norm, q scaled by `scaling`, no bias on beta (and
-        no window)."""
+        no window), and its gated norm of the heads with the gate z (B, 1, H D), norm_weight (D,) and eps."""
         GROUPS: tl.constexpr = HEADS // KV_HEADS
         b, j, d, in_d, keep, k_ptr, k_raw, v_raw = _program(
             k, v, real, stride_kb, stride_kh, stride_vb, stride_vh, stride_real, DIM, BLOCK_DIM, HAS_REAL, GROUPS
@@ -612,7 +613,20 @@ if TRITON_PROBLEM is None:
             share = tl.sigmoid(tl.load(window_logit + h).to(tl.float32))
             seen = _seen(window_mask, keep, b, rows, KEEP)
             heads = _windowed(heads, share, keys, values, seen, q_ptr, cos_row, sin_row, d, in_d, scaling, softcap, ROT, SOFTCAP)
+        if QWEN:
+            heads = _qwen_gated_norm(heads, z + b * stride_z + h * DIM, norm_weight, d, in_d, _float32(eps), out.dtype.element_ty, DIM)
         _store(out, tl.where(keep, heads, 0.0), b, h, d, in_d, HEADS, DIM)
+
+    @triton.jit
+    def _qwen_gated_norm(heads, gate_ptr, weight, d, in_d, eps, dtype: tl.constexpr, DIM: tl.constexpr):
+        """qwen3_5's RMSNormGated of one head's float32 heads, rounded where the PyTorch path (`gated_rms_norm`) rounds to
+        the model's `dtype`: the heads themselves, their RMSNorm, and its product with the weight; then times SiLU of
+        the gate (float32)."""
+        x = _rounded(heads, dtype)
+        normed = _rounded(x * tl.rsqrt(tl.sum(x * x, 0) / DIM + eps), dtype)
+        weighted = _rounded(tl.load(weight + d, mask=in_d, other=0.0).to(tl.float32) * normed, dtype)
+        gate = tl.load(gate_ptr + d, mask=in_d, other=0.0).to(tl.float32)
+        return weighted * (gate * tl.sigmoid(gate))
 
     @triton.jit
     def _kv_shift_kernel(
