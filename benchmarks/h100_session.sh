@@ -36,6 +36,11 @@
 #                                             # beside the GGUF teacher (STUDENT_BENCH, BENCH_S); the recipes distil at
 #                                             # once, within DISTILL_S (240: on a cold machine fla's kernels compile
 #                                             # in the first step)
+#                                             # (STUDENT_BENCH=none: no serving run, for students_serve in a call of its
+#                                             # own: seven recipes' distillation and their serving do not fit one call)
+#   bash benchmarks/h100_session.sh students_serve  # (after students, still warm) serving_speed.py of every saved
+#                                             # student beside the GGUF teacher (STUDENT_BENCH, BENCH_S), then
+#                                             # decode_dispatches.py on CUDA (HOST: its --recipes, or none; HOST_S)
 #   bash benchmarks/h100_session.sh batch     # (after students, still warm) `linearize bench` of the teacher and the
 #                                             # students BATCH_STUDENTS (BATCH: its arguments, default decode throughput
 #                                             # at 32K at the largest batch that fits; BATCH_S)
@@ -134,6 +139,13 @@ serving() {  # export the trained hybrid_qwen3_5 to qwen3_5, check the export wh
   echo "exit $?" >> "$OUT/bench_serving.log"
 }
 
+serve_students() {  # serving_speed.py of the students saved under /tmp/students (a distillation cut short leaves only its
+  # NAME.checkpoints folder) beside the GGUF teacher, with STUDENT_BENCH's arguments, within BENCH_S
+  timeout "${BENCH_S:-300}" python3 benchmarks/serving_speed.py --students "$(dirname /tmp/students/*/config.json | tr '\n' , | sed 's/,$//')" \
+    --teacher /tmp/smollm2.gguf ${STUDENT_BENCH:---caches dynamic --lengths 2048,32768 --repeats 2} --out "$OUT/students.jsonl" > "$OUT/students.log" 2>&1
+  echo "exit $?" >> "$OUT/students.log"
+}
+
 join() {  # the GGUF from the first half (in /tmp since an earlier call) and the carried second, checked; the corpus to
   # /tmp/corpus from corpus.tgz (or a carried corpus/)
   cat /tmp/part00 .gguf2/part01 > /tmp/smollm2.gguf
@@ -180,10 +192,15 @@ students)
      echo "exit $?" >> "$OUT/distill-$recipe.log") &
   done
   wait  # all at once: a cold machine's kernel compiles are CPU work, and a 135M student leaves most of the GPU idle
-  # the students saved (a distillation cut short leaves only its NAME.checkpoints folder)
-  timeout "${BENCH_S:-300}" python3 benchmarks/serving_speed.py --students "$(dirname /tmp/students/*/config.json | tr '\n' , | sed 's/,$//')" \
-    --teacher /tmp/smollm2.gguf ${STUDENT_BENCH:---caches dynamic --lengths 2048,32768} --out "$OUT/students.jsonl" > "$OUT/students.log" 2>&1
-  echo "exit $?" >> "$OUT/students.log"
+  [ "${STUDENT_BENCH:-}" = none ] || serve_students
+  ;;
+students_serve)
+  serve_students
+  if [ "${HOST:-lolcats,hybrid_gdn,hybrid_qwen3_5}" != none ]; then  # an eager decode step's host time per layer kind
+    timeout "${HOST_S:-150}" python3 benchmarks/decode_dispatches.py --device cuda --dtype bfloat16 --teacher /tmp/smollm2.gguf \
+      --recipes "${HOST:-lolcats,hybrid_gdn,hybrid_qwen3_5}" --context 2048 --steps 30 --jsonl "$OUT/host.jsonl" > "$OUT/host.log" 2>&1
+    echo "exit $?" >> "$OUT/host.log"
+  fi
   ;;
 batch)  # (after students, still warm) `linearize bench` of the GGUF teacher and the students BATCH_STUDENTS, with BATCH's
   # arguments (default: decode throughput at 32K at the largest batch that fits, up to 1024, prefilled 4K tokens at a
