@@ -94,25 +94,25 @@ def floor_bytes(model, ids) -> int:
 @torch.no_grad()
 def traced(model, settings: dict, new_tokens: int, device, path: Path) -> dict:
     """Where a decode step's time goes: generate() under torch.profiler, with the timed call's tokens and with one, the
-    difference per token: wall milliseconds (the profiler's overhead included), GPU kernels run and their milliseconds,
-    CUDA-graph launches. `path` gets the longer call's costliest ops by self CPU time and by GPU time."""
+    difference per token of the GPU kernels run, their milliseconds and the CUDA-graph launches, and the longer call's
+    wall milliseconds per decode step (the profiler's overhead included; read between its tokens, `StepClock`, so the
+    two calls' prefills do not enter it). `path` gets the longer call's costliest ops by self CPU time and by GPU time."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     calls = {}
     for tokens in (1, new_tokens + 1):
+        clock = StepClock(device)
         with profile(activities=activities) as prof:
-            start = time.perf_counter()
-            model.generate(**{**settings, "max_new_tokens": tokens, "min_new_tokens": tokens})
-            sync(device)
-            wall = time.perf_counter() - start
+            model.generate(**{**settings, "max_new_tokens": tokens, "min_new_tokens": tokens}, stopping_criteria=StoppingCriteriaList([clock]))
         events = prof.events()
         kernels = [e for e in events if e.device_type == DeviceType.CUDA]
-        calls[tokens] = {"wall_ms": wall * 1e3, "kernels": len(kernels), "kernel_ms": sum(e.time_range.elapsed_us() for e in kernels) / 1e3,
+        calls[tokens] = {"kernels": len(kernels), "kernel_ms": sum(e.time_range.elapsed_us() for e in kernels) / 1e3,
                          "graph_launches": sum(e.name == "cudaGraphLaunch" for e in events)}
     tables = [prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)]
     if device.type == "cuda":
         tables.append(prof.key_averages().table(sort_by="self_device_time_total", row_limit=30))
     path.write_text("\n\n".join(tables))
-    return {f"{key}_per_token": (calls[new_tokens + 1][key] - calls[1][key]) / new_tokens for key in calls[1]}
+    cost = {f"{key}_per_token": (calls[new_tokens + 1][key] - calls[1][key]) / new_tokens for key in calls[1]}
+    return {"wall_ms_per_token": 1e3 * (clock.times[-1] - clock.times[0]) / new_tokens, **cost}
 
 
 @torch.no_grad()
@@ -188,7 +188,8 @@ def measure(
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
     floor = floor_bytes(model, ids)
     row = {"context": context, "cache": cache, "prefill_tokens_per_s": context / prefill,
-           "decode_tokens_per_s": new_tokens / max(total - first, 1e-9), "decode_step_ms_median": 1e3 * statistics.median(later - before for before, later in zip(times, times[1:])),
+           "decode_tokens_per_s": new_tokens / max(total - first, 1e-9),
+           "decode_step_ms_median": 1e3 * statistics.median(later - before for before, later in zip(times, times[1:])),
            "generate_seconds": total, "first_token_seconds": first, "warmup_seconds": warmup, "repeats": repeats,
            "peak_bytes": peak, "timed_call": during,
            "floor_bytes_per_token": floor, "floor_tokens_per_s": bandwidth / floor}
@@ -323,13 +324,16 @@ def run(args):
 
     for context in (int(n) for n in args.lengths.split(",")):
         for cache in caches:
-            rows = {name: measure(model, context, args.new_tokens, cache, device, args.bandwidth, repeats=args.repeats, trace=trace(name, context, cache))
-                    for name, model in models.items()}
+
+            def timed(model, name: str) -> dict:
+                return measure(model, context, args.new_tokens, cache, device, args.bandwidth, trace(name, context, cache), args.repeats)
+
+            rows = {name: timed(model, name) for name, model in models.items()}
             if teacher is not None:
-                rows["teacher"] = measure(teacher, context, args.new_tokens, cache, device, args.bandwidth, repeats=args.repeats, trace=trace("teacher", context, cache))
+                rows["teacher"] = timed(teacher, "teacher")
             else:
                 with linearize.teacher_mode(first):
-                    rows["teacher"] = measure(first, context, args.new_tokens, cache, device, args.bandwidth, repeats=args.repeats, trace=trace("teacher", context, cache))
+                    rows["teacher"] = timed(first, "teacher")
             for name, row in rows.items():
                 emit({"model": name, "shape": None if args.students else args.shape, "dtype": args.dtype, **row}, device, out)
 

@@ -235,7 +235,8 @@ def _gated_deltanet(
     return _launch(
         _gated_deltanet_kernel, q, k, v, cos, sin, real, window_k, window_v, window_mask, scaling, softcap,
         hidden, hidden.stride(0), conv_weight, beta_weight, beta_bias, decay_weight, a_log, dt_bias, window_logit,
-        conv, recurrent, None, 0, None, 0.0, conv=conv, TAPS=taps, BLOCK_TAPS=triton.next_power_of_2(max(taps - 1, 1)), QWEN=False, **_hidden(hidden),
+        conv, recurrent, None, 0, None, 0.0,
+        conv=conv, TAPS=taps, BLOCK_TAPS=triton.next_power_of_2(max(taps - 1, 1)), QWEN=False, **_hidden(hidden),
     )
 
 
@@ -251,7 +252,8 @@ def _qwen3_5_gdn(
     return _launch(
         _gated_deltanet_kernel, q, k, v, None, None, real, None, None, None, scale, None,
         hidden, hidden.stride(0), conv_weight, b_weight, None, a_weight, a_log, dt_bias, None,
-        conv, recurrent, z, z.stride(0), norm_weight, eps, conv=conv, TAPS=taps, BLOCK_TAPS=triton.next_power_of_2(max(taps - 1, 1)), QWEN=True, **_hidden(hidden),
+        conv, recurrent, z, z.stride(0), norm_weight, eps,
+        conv=conv, TAPS=taps, BLOCK_TAPS=triton.next_power_of_2(max(taps - 1, 1)), QWEN=True, **_hidden(hidden),
     )
 
 
@@ -584,8 +586,9 @@ if TRITON_PROBLEM is None:
         conv_row = conv + b * CHANNELS * (TAPS - 1)
         k_channel = (HEADS + j) * DIM
         v_channel = (HEADS + KV_HEADS + j) * DIM
-        ck = _unit(_convolved(_conv_out(k_raw, conv_row + k_channel * (TAPS - 1), conv_weight + k_channel * TAPS, d, in_d, TAPS, BLOCK_TAPS), QWEN), QWEN)
-        cv = _convolved(_conv_out(v_raw, conv_row + v_channel * (TAPS - 1), conv_weight + v_channel * TAPS, d, in_d, TAPS, BLOCK_TAPS), QWEN)
+        ck = _conv_out(k_raw, conv_row + k_channel * (TAPS - 1), conv_weight + k_channel * TAPS, d, in_d, TAPS, BLOCK_TAPS)
+        cv = _conv_out(v_raw, conv_row + v_channel * (TAPS - 1), conv_weight + v_channel * TAPS, d, in_d, TAPS, BLOCK_TAPS)
+        ck, cv = _unit(_convolved(ck, QWEN), QWEN), _convolved(cv, QWEN)
         q_ptr = q + b * stride_qb + h * stride_qh
         q_raw = tl.load(q_ptr + d, mask=in_d, other=0.0).to(tl.float32)
         cq = _conv_step(q_raw, conv_row + h * DIM * (TAPS - 1), conv_weight + h * DIM * TAPS, d, in_d, keep, TAPS, BLOCK_TAPS)
