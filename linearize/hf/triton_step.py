@@ -452,7 +452,7 @@ if TRITON_PROBLEM is None:
         """Program (b, i)'s sequence b and kv head j (i, or with one program per query head, i's kv head: GROUPS query
         heads a kv head), the lanes d of a head (in_d: the first DIM), whether b's token is real (not a pad), and kv
         head j's k (its pointer and its float32 values) and v (float32)."""
-        b = tl.program_id(0)
+        b = tl.program_id(0).to(tl.int64)  # int64 offsets: (B, H, D, D) states pass 2^31 elements past B 4,096 at H 32, D 128
         j = tl.program_id(1) // GROUPS
         d = tl.arange(0, BLOCK_DIM)
         in_d = d < DIM
@@ -945,7 +945,7 @@ if TRITON_PROBLEM is None:
     @triton.jit
     def _shift_mask_kernel(window_mask, real, stride_real, KEEP: tl.constexpr, BLOCK_KEEP: tl.constexpr, HAS_REAL: tl.constexpr):
         """Program b: `_shift_mask`."""
-        _shift_mask(window_mask, real, tl.program_id(0), stride_real, KEEP, BLOCK_KEEP, HAS_REAL)
+        _shift_mask(window_mask, real, tl.program_id(0).to(tl.int64), stride_real, KEEP, BLOCK_KEEP, HAS_REAL)
 
     @triton.jit
     def _shift_mask(window_mask, real, b, stride_real, KEEP: tl.constexpr, BLOCK_KEEP: tl.constexpr, HAS_REAL: tl.constexpr):
