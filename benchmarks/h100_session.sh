@@ -42,8 +42,10 @@
 #                                             # student beside the GGUF teacher (STUDENT_BENCH, BENCH_S), then
 #                                             # decode_dispatches.py on CUDA (HOST: its --recipes, or none; HOST_S)
 #   bash benchmarks/h100_session.sh batch     # (after students, still warm) `linearize bench` of the teacher and the
-#                                             # students BATCH_STUDENTS (BATCH: its arguments, default decode throughput
-#                                             # at 32K at the largest batch that fits; BATCH_S)
+#                                             # students BATCH_STUDENTS (default lolcats; BATCH: its arguments, default
+#                                             # decode throughput at 32K at the largest batch up to 1,024 that fits,
+#                                             # from 128; BATCH_S): a student's doublings prefill about 63M tokens,
+#                                             # some 250 s on an H200, so one or two students a call
 #   bash benchmarks/h100_session.sh train_speed  # (after first, still warm) distillation speed alone (SPEED, RUNS,
 #                                                # SPEED_S)
 # and in two calls of their own, one right after the other on one machine (tilelang and z3 come to 82 MB):
@@ -204,9 +206,11 @@ students_serve)
   ;;
 batch)  # (after students, still warm) `linearize bench` of the GGUF teacher and the students BATCH_STUDENTS, with BATCH's
   # arguments (default: decode throughput at 32K at the largest batch that fits, up to 1024, prefilled 4K tokens at a
-  # time), within BATCH_S
-  timeout "${BATCH_S:-540}" python3 cli.py bench /tmp/smollm2.gguf $(printf '/tmp/students/%s ' ${BATCH_STUDENTS:-lolcats hybrid_gdn}) \
-    --no-teacher --device cuda ${BATCH:---lengths 32768 --batch-sizes 16 --max-batch 1024 --no-bisect --decode-tokens 16 --allow-longer --prefill-chunk 4096} \
+  # time), within BATCH_S; a student whose distillation did not finish (no config.json) is left out
+  saved=""
+  for student in ${BATCH_STUDENTS:-lolcats}; do [ -f "/tmp/students/$student/config.json" ] && saved="$saved /tmp/students/$student"; done
+  timeout "${BATCH_S:-540}" python3 cli.py bench /tmp/smollm2.gguf $saved \
+    --no-teacher --device cuda ${BATCH:---lengths 32768 --batch-sizes 128 --max-batch 1024 --no-bisect --decode-tokens 16 --allow-longer --prefill-chunk 4096} \
     --out "$OUT/batch.json" > "$OUT/batch.log" 2>&1
   echo "exit $?" >> "$OUT/batch.log"
   ;;
