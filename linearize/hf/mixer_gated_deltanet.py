@@ -87,6 +87,15 @@ def check_conv_size(conv_size: int, name: str) -> None:
         raise LinearizeError(f"option 'conv_size' of mixer {name!r} must be at least 1 (1: no mixing across tokens), got {conv_size}")
 
 
+def fresh_delta_rule_state(q: torch.Tensor, conv_weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A gated delta rule's decode state before any token, for q's batch (B, H, 1, D): the short convolution's cache
+    (B, C, K - 1) for conv_weight (C, K) and the state (B, H, D, D), float32 zeros."""
+    batch, h, _, d = q.shape
+    channels, taps = conv_weight.shape
+    zeros = dict(device=q.device, dtype=torch.float32)
+    return {"conv": torch.zeros(batch, channels, taps - 1, **zeros), "recurrent": torch.zeros(batch, h, d, d, **zeros)}
+
+
 def convolve_heads(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -235,12 +244,7 @@ class GatedDeltaNetMixer(FusedStepMixer):
         return out
 
     def fresh_step_state(self, q: torch.Tensor) -> dict[str, torch.Tensor]:
-        batch, h, _, d = q.shape
-        zeros = dict(device=q.device, dtype=torch.float32)
-        return {
-            "conv": torch.zeros(batch, self.channels, self.conv_weight.shape[1] - 1, **zeros),
-            "recurrent": torch.zeros(batch, h, d, d, **zeros),
-        }
+        return fresh_delta_rule_state(q, self.conv_weight)
 
     def launch_step(self, hidden_states, q, k, v, cos, sin, real, tensors) -> torch.Tensor:
         return gated_deltanet_step(

@@ -32,7 +32,7 @@ from .attention import AttentionSpec, repeat_heads
 from .errors import LinearizeError
 from .gates import inverse_softplus
 from .kernel_dispatch import gated_delta_rule
-from .mixer_gated_deltanet import check_conv_size, convolve_heads
+from .mixer_gated_deltanet import check_conv_size, convolve_heads, fresh_delta_rule_state
 from .mixers import FusedStepMixer, MixerCost, register_mixer
 from .triton_step import qwen3_5_gdn_step
 
@@ -159,13 +159,7 @@ class Qwen35GatedDeltaNet(FusedStepMixer):
         return out
 
     def fresh_step_state(self, q: torch.Tensor) -> dict[str, torch.Tensor]:
-        batch, h, _, d = q.shape
-        zeros = dict(device=q.device, dtype=torch.float32)
-        channels = (h + 2 * self.spec.num_kv_heads) * d
-        return {
-            "conv": torch.zeros(batch, channels, self.conv_weight.shape[1] - 1, **zeros),
-            "recurrent": torch.zeros(batch, h, d, d, **zeros),
-        }
+        return fresh_delta_rule_state(q, self.conv_weight)
 
     def launch_step(self, hidden_states, q, k, v, cos, sin, real, tensors) -> torch.Tensor:
         return qwen3_5_gdn_step(

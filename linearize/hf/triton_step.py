@@ -188,31 +188,29 @@ def _launch(
     def given(t):  # q stands for an absent optional tensor; the kernel never reads it
         return q if t is None else t
 
+    # Shared by the step kernel and `_kv_shift_kernel`: the tensors they both read, their strides, and their shapes.
+    window = (given(window_k), given(window_v), given(window_mask))
+    strides = (k.stride(0), k.stride(1), v.stride(0), v.stride(1), 0 if cos is None or cos.shape[0] == 1 else cos.stride(0),
+               0 if real is None else real.stride(0))
+    shapes = dict(
+        HEADS=heads, KV_HEADS=kv_heads, DIM=dim, KEEP=keep, ROT=0 if cos is None else cos.shape[-1], BLOCK_DIM=triton.next_power_of_2(dim),
+        BLOCK_WINDOW=triton.next_power_of_2(keep + 1), HAS_REAL=real is not None, num_warps=8,
+    )
     kernel[(batch, kv_heads if conv is None else heads)](
-        q, k, v, given(cos), given(sin), given(real), given(window_k), given(window_v), given(window_mask), out,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        0 if cos is None or cos.shape[0] == 1 else cos.stride(0), 0 if real is None else real.stride(0),
+        q, k, v, given(cos), given(sin), given(real), *window, out, q.stride(0), q.stride(1), *strides,
         scaling, 1.0 if softcap is None else softcap, *map(given, rule),
-        HEADS=heads, KV_HEADS=kv_heads, DIM=dim, KEEP=keep, ROT=0 if cos is None else cos.shape[-1],
-        BLOCK_DIM=triton.next_power_of_2(dim), BLOCK_WINDOW=triton.next_power_of_2(keep + 1),
-        HAS_REAL=real is not None, WINDOW=window_k is not None, SOFTCAP=softcap is not None,
-        num_warps=8, **constants,
+        WINDOW=window_k is not None, SOFTCAP=softcap is not None, **shapes, **constants,
     )
     if conv is not None:
         taps = conv.shape[-1] + 1
         _kv_shift_kernel[(batch, kv_heads)](
-            k, v, given(cos), given(sin), given(real), given(window_k), given(window_v), given(window_mask), conv,
-            k.stride(0), k.stride(1), v.stride(0), v.stride(1), 0 if cos is None or cos.shape[0] == 1 else cos.stride(0),
-            0 if real is None else real.stride(0),
-            HEADS=heads, KV_HEADS=kv_heads, DIM=dim, KEEP=keep, ROT=0 if cos is None else cos.shape[-1],
-            BLOCK_DIM=triton.next_power_of_2(dim), BLOCK_WINDOW=triton.next_power_of_2(keep + 1),
-            BLOCK_KEEP=triton.next_power_of_2(max(keep, 1)), HAS_REAL=real is not None, WINDOW=window_k is not None and keep > 0,
-            TAPS=taps, BLOCK_TAPS=triton.next_power_of_2(max(taps - 1, 1)), num_warps=8,
+            k, v, given(cos), given(sin), given(real), *window, conv, *strides,
+            BLOCK_KEEP=triton.next_power_of_2(max(keep, 1)), WINDOW=window_k is not None and keep > 0,
+            TAPS=taps, BLOCK_TAPS=triton.next_power_of_2(max(taps - 1, 1)), **shapes,
         )
     elif window_mask is not None and keep > 0:
         _shift_mask_kernel[(batch,)](
-            window_mask, given(real), 0 if real is None else real.stride(0),
-            KEEP=keep, BLOCK_KEEP=triton.next_power_of_2(keep), HAS_REAL=real is not None,
+            window_mask, given(real), strides[-1], KEEP=keep, BLOCK_KEEP=triton.next_power_of_2(keep), HAS_REAL=real is not None,
         )
     return out
 
