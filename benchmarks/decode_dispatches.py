@@ -30,6 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from cpu_decode import recipe_student  # benchmarks/, first on the path when run as a script
 from linearize import load_teacher
+from serving_speed import sync
 
 
 class Dispatches(TorchDispatchMode):
@@ -43,11 +44,6 @@ class Dispatches(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.calls[self.where[-1]] += 1
         return func(*args, **(kwargs or {}))
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def measure(model, context: int, steps: int) -> dict:
