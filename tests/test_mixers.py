@@ -78,6 +78,36 @@ def test_chunked_prefill_equals_one_shot(name):
     assert torch.allclose(torch.cat(pieces, 1), whole, atol=1e-9)
 
 
+@pytest.mark.parametrize("name", ["attention", "hedgehog_swa", "qwen3_5_attention"])
+@pytest.mark.parametrize("pads", [[0, 0, 0], [5, 0, 2]], ids=["unpadded", "padded"])
+def test_a_later_chunk_masks_its_softmax_layers_once_for_the_batch(name, pads, monkeypatch):
+    """A chunk after cached tokens, in a batch without padding: the softmax layers (kept, or qwen3_5's) get one
+    (1, 1, chunk, keys) mask for all sequences, not one per sequence (which SDPA's memory-efficient kernel turns into
+    a float copy per sequence, the prefill's working set at large batch); padded, each sequence its own. The logits
+    are those of one prefill either way."""
+    model = converted(name).double()
+    ids, mask = left_padded(random_ids(3, 40), pads)
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    whole = model(ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+    masks, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kwargs):
+        if attn_mask is not None:
+            masks.append(tuple(attn_mask.shape))
+        return sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    cache, pieces = None, []
+    for start, end in ((0, 7), (7, 29), (29, 40)):
+        out = model(ids[:, start:end], attention_mask=mask[:, :end], position_ids=positions[:, start:end], cache=cache, use_cache=True)
+        cache = returned_cache(out)
+        pieces.append(out.logits)
+    assert torch.allclose(torch.cat(pieces, 1), whole, atol=1e-10)
+    later = [shape for shape in masks if shape[-1] > 7]
+    assert later and {shape[0] for shape in later} == ({1} if pads == [0, 0, 0] else {3})
+    assert {shape[-2:] for shape in later} == {(22, 29), (11, 40)}
+
+
 @pytest.mark.parametrize("name", sorted(CONSTANT_STATE))
 def test_state_size_does_not_grow_with_context(name):
     model = converted(name, max_position_embeddings=1024)

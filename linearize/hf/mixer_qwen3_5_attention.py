@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import AttentionSpec, apply_rotary
+from .attention import AttentionSpec, apply_rotary, chunk_causal_mask
 from .errors import LinearizeError
 from .mixer_qwen3_5_gdn import resolve_eps
 from .mixers import Mixer, MixerCost, register_mixer
@@ -100,14 +100,16 @@ class Qwen35Attention(Mixer):
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor, scaling: float) -> torch.Tensor:
     """SDPA for q (B, H, T, D), the last T positions of keys k, v (B, Hkv, S, D); `key_mask` (B, S) marks real keys.
 
-    No mask is built when every key is real (the kernel's own causal path, or none for one query); a query that
-    sees no real key returns 0."""
+    No mask is built when every key is real (the kernel's own causal path, or none for one query), and one mask for
+    the whole batch for a chunk after cached keys (`chunk_causal_mask`); a query that sees no real key returns 0."""
     length, total = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
-    if bool(key_mask.all()):
-        if length == 1 or length == total:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=length > 1, scale=scaling, enable_gqa=gqa)
-    allowed = torch.ones(length, total, dtype=torch.bool, device=q.device).tril(total - length)
-    allowed = allowed[None, None] & key_mask[:, None, None, :]
+    every_key_real = bool(key_mask.all())
+    if every_key_real and (length == 1 or length == total):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=length > 1, scale=scaling, enable_gqa=gqa)
+    allowed = chunk_causal_mask(length, total - length, total, q.device)
+    if every_key_real:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scaling, enable_gqa=gqa)
+    allowed = allowed & key_mask[:, None, None, :]
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scaling, enable_gqa=gqa)
     return out.nan_to_num(0.0) * allowed.any(-1, keepdim=True)

@@ -18,7 +18,7 @@ from transformers.cache_utils import Cache
 from transformers.generation.configuration_utils import ALL_STATIC_CACHE_IMPLEMENTATIONS
 from transformers.dynamic_module_utils import get_relative_import_files
 
-from .attention import attention_slot, decoder_layers
+from .attention import attention_slot, chunk_causal_mask, decoder_layers
 from .cache import OUTPUT_CACHE_FIELD, LinearizedCache, cache_keyword
 from .configuration_linearized import LinearizedConfig
 from .errors import LinearizeError
@@ -226,6 +226,26 @@ class LinearizedForCausalLM(PreTrainedModel, GenerationMixin):
         """Whether a softmax layer will read the attention mask (kept layers, teacher_mode, attention transfer)."""
         return "kv" in self.cache_kinds() or any(m.transfer_hook is not None for m in self._mixers())
 
+    def _one_mask_for_the_batch(self, cache: Cache | None, length: int, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """For a chunk after cached tokens, in a batch without padding, through kept SDPA layers: one causal mask
+        for every sequence (`chunk_causal_mask`), where transformers' would cost SDPA a float copy per sequence (it
+        capped a hybrid's batch at 32K with 4K chunks). None where transformers' own mask is needed: padding, a
+        first chunk or a decode step (no mask at all), sliding-window layers, another attention implementation."""
+        if cache is None or length == 1 or "kv" not in self.cache_kinds() or torch.compiler.is_compiling():
+            return None
+        text = self.model.config
+        if text._attn_implementation != "sdpa" or getattr(text, "sliding_window", None) or any(
+            kind != "full_attention" for kind in getattr(text, "layer_types", None) or ()
+        ):
+            return None
+        past = cache.get_seq_length()
+        if past == 0 or (attention_mask is not None and not bool(attention_mask.all())):
+            return None
+        kv_length, kv_offset = cache.get_mask_sizes(length, 0)
+        if kv_offset:
+            return None
+        return chunk_causal_mask(length, past, kv_length, self.device)
+
     def _checked_cache(self, cache: Cache | None, use_cache: bool) -> Cache | None:
         if cache is None:
             return self.new_cache() if use_cache else None
@@ -270,6 +290,8 @@ class LinearizedForCausalLM(PreTrainedModel, GenerationMixin):
                 kwargs[PADDING_MASK] = padding
         if attention_mask is not None and not self._softmax_reads_mask():  # no 4D mask is built for no reader
             attention_mask = None
+        elif (shared := self._one_mask_for_the_batch(cache, length, attention_mask)) is not None:
+            attention_mask = shared
         kwargs[self._cache_keyword] = cache
         return self.model(
             input_ids=input_ids,
