@@ -208,8 +208,9 @@ def test_a_chunked_prefill_goes_through_the_cache_chunk_by_chunk(student):
     calls = []
     student.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
     chunked = benchmark(student, lengths=[20], batch_sizes=[2], decode_tokens=2, prefill_chunk=8, name=STUDENT, progress=False)
-    # per view: the warm-up (a 16-token prefill, 2 steps), then the measured prefill in chunks and 2 steps
-    assert calls == [16, 1, 1, 8, 8, 4, 1, 1] * 2
+    # per view: the warm-up (a 16-token prefill, an untimed step, 2 steps), then the measured prefill in chunks, an
+    # untimed step and 2 timed ones
+    assert calls == [16, 1, 1, 1, 8, 8, 4, 1, 1, 1] * 2
     whole = benchmark(student, lengths=[20], batch_sizes=[2], decode_tokens=2, name=STUDENT, progress=False)
     assert chunked.settings["prefill_chunk"] == 8 and whole.settings["prefill_chunk"] is None
     rows = {(r["model"], r["prefill_chunk"]): r for r in chunked.of("speed") + whole.of("speed")}

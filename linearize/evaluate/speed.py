@@ -10,7 +10,7 @@ are measured on each device: the prefill's and the decode's peaks are taken sepa
 before the prefill (the weights), so the decode's includes the cache.
 
 Decode runs through one of three paths, recorded in every row as `decode_path`:
-    eager          the model's forward, one step at a time (the default)
+    eager          the model's forward, one step at a time, after one untimed step (the default)
     torch.compile  the same loop through `torch.compile(model)` (with `compile=True`, where GraphDecoder cannot run)
     cuda_graph     `linearize.decode.GraphDecoder`'s captured step, replayed (with `compile=True`, for a converted
                    model's own view on CUDA when every layer keeps a fixed-size state)
@@ -139,7 +139,9 @@ class DecodePath:
     def loop(self, cache, token: torch.LongTensor, context: int) -> StepLoop | GraphLoop:
         if self.decoder is not None:
             return GraphLoop(self.decoder, cache, token, context)
-        return StepLoop(self.forward, self.keyword, cache, token, 0 if self.name == "eager" else WARM_STEPS)
+        # Eager too takes one untimed step: Triton compiles its kernels for a new batch size on the first (a trained
+        # hybrid_qwen3_5's first 16 tokens at batch 128 took 2.1 s, the same batch measured again 1.0 s).
+        return StepLoop(self.forward, self.keyword, cache, token, 1 if self.name == "eager" else WARM_STEPS)
 
 
 def fastest_path(item: Scored) -> DecodePath:
