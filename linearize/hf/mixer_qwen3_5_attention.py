@@ -84,27 +84,37 @@ class Qwen35Attention(Mixer):
             k = zero_centred_rms_norm(k, self.k_norm_weight, self.options.eps)
         q, k = apply_rotary(q, k, position_embeddings)
         batch, _, length, _ = q.shape
-        mask = padding_mask if padding_mask is not None else torch.ones(batch, length, dtype=torch.bool, device=q.device)
+        # Which keys are real, kept only once a padded token has been seen: eager code passes `padding_mask` only
+        # where there is padding, and reading a mask costs SDPA's caller a host sync at every decode step.
+        mask = padding_mask
         if state is not None and state.tensors:
+            past = state.tensors["k"].shape[2]
             k = torch.cat((state.tensors["k"], k), dim=2)
             v = torch.cat((state.tensors["v"], v), dim=2)
-            mask = torch.cat((state.tensors["mask"], mask), dim=1)
+            if mask is not None or "mask" in state.tensors:
+                mask = torch.cat((_real_keys(state.tensors.get("mask"), batch, past, q.device), _real_keys(mask, batch, length, q.device)), dim=1)
         if state is not None:
-            state.write({"k": k, "v": v, "mask": mask})
+            state.write({"k": k, "v": v} if mask is None else {"k": k, "v": v, "mask": mask})
         out = causal_attention(q, k, v, mask, self.spec.scaling)
         gate = self.gate_proj(hidden_states).reshape(batch, length, -1, q.shape[-1]).transpose(1, 2)
         out = out * (2 * torch.sigmoid(gate.to(out.dtype)))
         return out if padding_mask is None else out * padding_mask[:, None, :, None]
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor, scaling: float) -> torch.Tensor:
-    """SDPA for q (B, H, T, D), the last T positions of keys k, v (B, Hkv, S, D); `key_mask` (B, S) marks real keys.
+def _real_keys(mask: torch.Tensor | None, batch: int, length: int, device: torch.device) -> torch.Tensor:
+    """`mask`, or one that marks all `length` keys of every sequence real where there is none."""
+    return mask if mask is not None else torch.ones(batch, length, dtype=torch.bool, device=device)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+    """SDPA for q (B, H, T, D), the last T positions of keys k, v (B, Hkv, S, D); `key_mask` (B, S) marks real keys
+    (None: all are).
 
     No mask is built when every key is real (the kernel's own causal path, or none for one query), and one mask for
     the whole batch for a chunk after cached keys (`chunk_causal_mask`); a query that sees no real key returns 0."""
     length, total = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
-    every_key_real = bool(key_mask.all())
+    every_key_real = key_mask is None or bool(key_mask.all())
     if every_key_real and (length == 1 or length == total):
         return F.scaled_dot_product_attention(q, k, v, is_causal=length > 1, scale=scaling, enable_gqa=gqa)
     allowed = chunk_causal_mask(length, total - length, total, q.device)
