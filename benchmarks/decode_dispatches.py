@@ -30,6 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from cpu_decode import recipe_student  # benchmarks/, first on the path when run as a script
 from linearize import load_teacher
+from linearize.hf.cache import cache_keyword, returned_cache
 from serving_speed import sync
 
 
@@ -73,20 +74,21 @@ def measure(model, context: int, steps: int) -> dict:
             module.register_forward_pre_hook(enter(kind))
             module.register_forward_hook(leave(kind))
     ids = torch.randint(0, model.get_input_embeddings().num_embeddings, (1, context), generator=torch.Generator().manual_seed(0)).to(device)
+    keyword = cache_keyword(model)  # `cache` from transformers 5.24, where `past_key_values` warns
     with torch.no_grad():
         out = model(ids, use_cache=True)
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        cache, token = returned_cache(out), out.logits[:, -1:].argmax(-1)
         for _ in range(3):  # warm-up steps
-            cache = model(token, past_key_values=cache, use_cache=True).past_key_values
+            cache = returned_cache(model(token, **{keyword: cache}, use_cache=True))
         sync(device)
         spent.clear()
         begin = time.perf_counter()
         for _ in range(steps):
-            cache = model(token, past_key_values=cache, use_cache=True).past_key_values
+            cache = returned_cache(model(token, **{keyword: cache}, use_cache=True))
         sync(device)
         step_ms = (time.perf_counter() - begin) / steps * 1000
         with counter:
-            model(token, past_key_values=cache, use_cache=True)
+            model(token, **{keyword: cache}, use_cache=True)
     return {
         "step_ms": step_ms,
         "dispatches_outside_layers": counter.calls["other"],
