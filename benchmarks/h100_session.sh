@@ -45,7 +45,9 @@
 #                                             # students BATCH_STUDENTS (default lolcats; BATCH: its arguments, default
 #                                             # decode throughput at 32K at the largest batch up to 1,024 that fits,
 #                                             # from 128; BATCH_S): a student's doublings prefill about 63M tokens,
-#                                             # some 250 s on an H200, so one or two students a call
+#                                             # some 250 s on an H200, so one or two students a call; KEPT_TEACHER=1
+#                                             # also benches the teacher converted with every layer kept (its own
+#                                             # logits, through the students' batch-wide prefill mask)
 #   bash benchmarks/h100_session.sh train_speed  # (after first, still warm) distillation speed alone (SPEED, RUNS,
 #                                                # SPEED_S)
 # and in two calls of their own, one right after the other on one machine (tilelang and z3 come to 82 MB):
@@ -208,6 +210,11 @@ batch)  # (after students, still warm) `linearize bench` of the GGUF teacher and
   # arguments (default: decode throughput at 32K at the largest batch that fits, up to 1024, prefilled 4K tokens at a
   # time), within BATCH_S; a student whose distillation did not finish (no config.json) is left out
   saved=""
+  if [ -n "${KEPT_TEACHER:-}" ]; then  # the teacher with every layer kept as a student: the teacher's logits (tested), and
+    # the student's one mask for a batch without padding in a chunked prefill (transformers' costs SDPA a copy per sequence)
+    timeout 120 python3 cli.py convert /tmp/smollm2.gguf --mixer attention --out /tmp/students/teacher_kept > "$OUT/kept.log" 2>&1
+    saved=" /tmp/students/teacher_kept"
+  fi
   for student in ${BATCH_STUDENTS:-lolcats}; do [ -f "/tmp/students/$student/config.json" ] && saved="$saved /tmp/students/$student"; done
   timeout "${BATCH_S:-540}" python3 cli.py bench /tmp/smollm2.gguf $saved \
     --no-teacher --device cuda ${BATCH:---lengths 32768 --batch-sizes 128 --max-batch 1024 --no-bisect --decode-tokens 16 --allow-longer --prefill-chunk 4096} \
