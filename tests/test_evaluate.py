@@ -310,13 +310,14 @@ def test_benchmark_decodes_one_token_per_step_from_the_cache(student):
 
     student.forward = spy
     results = benchmark(student, lengths=[32, 128], decode_tokens=5, progress=False)
-    # Per view and length: warm-up aside, one prefill of the full length, then five single-token steps.
-    assert lengths_seen.count(128) == 2 and lengths_seen.count(1) == 2 * 2 + 4 * 5
+    # Per view and length: warm-up aside (an untimed step and two), one prefill of the full length, then an untimed
+    # single-token step and five timed ones.
+    assert lengths_seen.count(128) == 2 and lengths_seen.count(1) == 2 * 3 + 4 * 6
     rows = {(r["model"], r["context"]): r for r in results.of("speed")}
     teacher, student_name = results.models[0].name, results.models[1].name
     assert rows[(student_name, 32)]["cache_bytes"] == rows[(student_name, 128)]["cache_bytes"] > 0
-    # The teacher view keeps keys and values: its cache grows with the context (plus 5 decoded tokens).
-    assert rows[(teacher, 128)]["cache_bytes"] / rows[(teacher, 32)]["cache_bytes"] == pytest.approx(133 / 37)
+    # The teacher view keeps keys and values: its cache grows with the context (plus 6 decoded tokens).
+    assert rows[(teacher, 128)]["cache_bytes"] / rows[(teacher, 32)]["cache_bytes"] == pytest.approx(134 / 38)
     assert all(r["prefill_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0 for r in rows.values())
 
 
