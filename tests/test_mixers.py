@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM
 import linearize
 from linearize import LinearizeError
 from linearize.hf import shipped_mixers
-from linearize.hf.cache import MixerState, returned_cache
+from linearize.hf import cache as cache_module
+from linearize.hf.cache import MixerState, RoomyLayer, returned_cache
 from tests.families import MIXER_LAYOUT
 from tests.tiny import assert_reloaded, left_padded, random_ids, relative_error, reload_probe, run_python, tiny_model
 
@@ -106,6 +107,27 @@ def test_a_later_chunk_masks_its_softmax_layers_once_for_the_batch(name, pads, m
     later = [shape for shape in masks if shape[-1] > 7]
     assert later and {shape[0] for shape in later} == ({1} if pads == [0, 0, 0] else {3})
     assert {shape[-2:] for shape in later} == {(22, 29), (11, 40)}
+
+
+def test_kept_layers_append_into_room_and_beam_search_reorders_them(monkeypatch):
+    """A kept layer's decode step writes its position into the room after its keys and values: the buffer stays (no
+    copy of the cache) until the room is used up. With 4 positions of room, so that buffers are replaced often, greedy
+    and beam-search generation (which reorders and repeats the cache) equal uncached generation."""
+    monkeypatch.setattr(cache_module, "ROOM", 4)
+    model = converted("hedgehog_swa")
+    ids, mask = left_padded(random_ids(2, 12), [3, 0])
+    cache = returned_cache(model(ids, attention_mask=mask, use_cache=True))
+    layer = cache.layers[1]
+    assert isinstance(layer, RoomyLayer) and layer.keys.shape[2] == 12
+    buffers = []
+    for step in range(6):
+        model(random_ids(2, 1, seed=step), attention_mask=torch.ones(2, 13 + step, dtype=torch.long), cache=cache, use_cache=True)
+        buffers.append(layer._rooms[0].data_ptr())
+        assert layer.keys.data_ptr() == buffers[-1] and layer.keys.shape[2] == 13 + step
+    assert buffers[:4] == [buffers[0]] * 4 and buffers[4] != buffers[0] and buffers[5] == buffers[4]
+    for beams in (1, 3):
+        settings = dict(input_ids=ids, attention_mask=mask, max_new_tokens=20, min_new_tokens=20, do_sample=False, num_beams=beams)
+        assert torch.equal(model.generate(**settings), model.generate(**settings, use_cache=False))
 
 
 @pytest.mark.parametrize("name", sorted(CONSTANT_STATE))
