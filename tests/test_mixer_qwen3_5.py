@@ -116,18 +116,22 @@ def test_attention_every_form_equals_the_reference(length, padded):
 def test_attention_keeps_a_key_mask_only_once_it_has_seen_padding(pad):
     """The state holds keys and values alone until a padded token comes (nothing to read, so no host sync at each
     decode step); after a padded prompt, its mask, extended for the steps that follow without a padding mask (as eager
-    code calls them). Each step's output is the reference's, as if the whole sequence were one call."""
+    code calls them). Keys after the first step go into room kept beside the state (`MixerState.append`). Each step's
+    output is the reference's, as if the whole sequence were one call."""
     model, mixer = randomised("qwen3_5_attention")
     hidden, position_embeddings, mask = layer_inputs(model, 2, 8, pad, offset=0)
     expected = attention_reference(mixer, hidden, position_embeddings, mask)
-    state, outs = MixerState(), []
-    for start, end, step_mask in ((0, 5, mask), (5, 6, None), (6, 8, None)):
-        piece = hidden[:, start:end]
-        cos, sin = position_embeddings
-        outs.append(mixer.mix(piece, *mixer.project(piece), (cos[:, start:end], sin[:, start:end]),
-                              None if step_mask is None else step_mask[:, start:end], state))
-        assert ("mask" in state.tensors) == bool(pad)
-    assert_close(torch.cat(outs, dim=2), expected, "steps after the prompt")
+    state, outs, keys = MixerState(), [], []
+    with torch.no_grad():
+        for start, end, step_mask in ((0, 5, mask), (5, 6, None), (6, 8, None)):
+            piece = hidden[:, start:end]
+            cos, sin = position_embeddings
+            outs.append(mixer.mix(piece, *mixer.project(piece), (cos[:, start:end], sin[:, start:end]),
+                                  None if step_mask is None else step_mask[:, start:end], state))
+            assert ("mask" in state.tensors) == bool(pad)
+            keys.append(state.tensors["k"].data_ptr())
+    assert_close(torch.cat(outs, dim=2), expected.detach(), "steps after the prompt")
+    assert keys[2] == keys[1] != keys[0]  # the keys of later steps are written into the room the second one made
     if pad:
         assert torch.equal(state.tensors["mask"], mask)
 

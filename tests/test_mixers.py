@@ -111,20 +111,23 @@ def test_a_later_chunk_masks_its_softmax_layers_once_for_the_batch(name, pads, m
 
 def test_kept_layers_append_into_room_and_beam_search_reorders_them(monkeypatch):
     """A kept layer's decode step writes its position into the room after its keys and values: the buffer stays (no
-    copy of the cache) until the room is used up. With 4 positions of room, so that buffers are replaced often, greedy
-    and beam-search generation (which reorders and repeats the cache) equal uncached generation."""
+    copy of the cache) until the room is used up. Where autograd records, it concatenates (a write into the room
+    would change what the backward saved). With 4 positions of room, so that buffers are replaced often, greedy and
+    beam-search generation (which reorders and repeats the cache) equal uncached generation."""
     monkeypatch.setattr(cache_module, "ROOM", 4)
     model = converted("hedgehog_swa")
     ids, mask = left_padded(random_ids(2, 12), [3, 0])
     cache = returned_cache(model(ids, attention_mask=mask, use_cache=True))
     layer = cache.layers[1]
-    assert isinstance(layer, RoomyLayer) and layer.keys.shape[2] == 12
+    assert isinstance(layer, RoomyLayer) and layer.keys.shape[2] == 12 and layer._rooms == (None, None)
     buffers = []
-    for step in range(6):
-        model(random_ids(2, 1, seed=step), attention_mask=torch.ones(2, 13 + step, dtype=torch.long), cache=cache, use_cache=True)
-        buffers.append(layer._rooms[0].data_ptr())
-        assert layer.keys.data_ptr() == buffers[-1] and layer.keys.shape[2] == 13 + step
-    assert buffers[:4] == [buffers[0]] * 4 and buffers[4] != buffers[0] and buffers[5] == buffers[4]
+    with torch.no_grad():
+        for step in range(6):
+            model(random_ids(2, 1, seed=step), attention_mask=torch.ones(2, 13 + step, dtype=torch.long), cache=cache, use_cache=True)
+            buffers.append(layer._rooms[0].data_ptr())
+            assert layer.keys.data_ptr() == buffers[-1] and layer.keys.shape[2] == 13 + step
+    # the first step's buffer holds 12 + 1 positions and 4 of room: four more steps fit, the sixth needs a new one
+    assert buffers[:5] == [buffers[0]] * 5 and buffers[5] != buffers[0]
     for beams in (1, 3):
         settings = dict(input_ids=ids, attention_mask=mask, max_new_tokens=20, min_new_tokens=20, do_sample=False, num_beams=beams)
         assert torch.equal(model.generate(**settings), model.generate(**settings, use_cache=False))

@@ -53,8 +53,11 @@ def append_into_room(room: torch.Tensor | None, held: torch.Tensor, new: torch.T
     """`held` (..., S, D) with `new` (..., T, D) appended along the sequence, as a view of `room`; returns (room, the
     view). `room` is a buffer whose start `held` is, with space after it: the append copies T positions. Where `held`
     is not (no room yet, or a reorder or batch selection replaced it) or the space is used up, a new buffer with
-    `ROOM` spare positions takes a copy of `held` first."""
+    `ROOM` spare positions takes a copy of `held` first. Under `torch.compile`, or where autograd records (a write into
+    the room would change tensors saved for the backward), it concatenates and keeps no room."""
     length, extra = (held.shape[-2] if held.dim() == new.dim() else 0), new.shape[-2]
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (held.requires_grad or new.requires_grad)):
+        return None, torch.cat((held, new), dim=-2)
     fits = (
         room is not None
         and length > 0
@@ -76,11 +79,9 @@ class RoomyLayer(DynamicLayer):
     decode step writes its one position instead of concatenating, which copies every cached key and value of the layer
     at every step (the teacher's decode on 2 CPU cores spent a quarter of its time there). Crop, reorder, batch
     selection and reset keep working on the views: a layer whose views were replaced starts a new buffer. Under
-    `torch.compile` it concatenates, as transformers does."""
+    `torch.compile` or autograd it concatenates, as transformers does."""
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-        if torch.compiler.is_compiling():
-            return super().update(key_states, value_states, *args, **kwargs)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         rooms = getattr(self, "_rooms", (None, None))
@@ -107,6 +108,7 @@ class MixerState(CacheLayerMixin):
         super().__init__()
         self.static = static
         self._tensors: dict[str, torch.Tensor] = {}
+        self._rooms: dict[str, torch.Tensor] = {}  # buffers some tensors are views of (`append`)
         self.seen = torch.zeros((), dtype=torch.long) if static else 0
         self.is_initialized = True
 
@@ -143,6 +145,13 @@ class MixerState(CacheLayerMixin):
         if not torch.compiler.is_compiling():
             for tensor in (*self._tensors.values(), self.seen):
                 torch._dynamo.mark_static_address(tensor)
+
+    def append(self, name: str, new: torch.Tensor) -> torch.Tensor:
+        """Tensor `name` (..., S, D) with `new` (..., T, D) appended along the sequence, written into room kept beside
+        it (`append_into_room`), as `RoomyLayer` does for kept layers. The caller writes the result back as the
+        state's `name`."""
+        self._rooms[name], appended = append_into_room(self._rooms.get(name), self._tensors[name], new)
+        return appended
 
     def advance(self, tokens: int) -> None:
         """Count `tokens` more seen (in place for a static state, whose count is a tensor)."""
@@ -184,11 +193,11 @@ class MixerState(CacheLayerMixin):
                 tensor.zero_()
             self.seen.zero_()
         else:
-            self._tensors = {}
+            self._tensors, self._rooms = {}, {}
             self.seen = 0
 
     def _apply(self, fn) -> None:
-        self._tensors = {k: fn(v) for k, v in self._tensors.items()}
+        self._tensors, self._rooms = {k: fn(v) for k, v in self._tensors.items()}, {}
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._apply(lambda t: t.index_select(0, beam_idx.to(t.device)))

@@ -89,8 +89,7 @@ class Qwen35Attention(Mixer):
         mask = padding_mask
         if state is not None and state.tensors:
             past = state.tensors["k"].shape[2]
-            k = torch.cat((state.tensors["k"], k), dim=2)
-            v = torch.cat((state.tensors["v"], v), dim=2)
+            k, v = state.append("k", k), state.append("v", v)
             if mask is not None or "mask" in state.tensors:
                 mask = torch.cat((_real_keys(state.tensors.get("mask"), batch, past, q.device), _real_keys(mask, batch, length, q.device)), dim=1)
         if state is not None:
