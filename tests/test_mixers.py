@@ -128,6 +128,8 @@ def test_kept_layers_append_into_room_and_beam_search_reorders_them(monkeypatch)
             assert layer.keys.data_ptr() == buffers[-1] and layer.keys.shape[2] == 13 + step
     # the first step's buffer holds 12 + 1 positions and 4 of room: four more steps fit, the sixth needs a new one
     assert buffers[:5] == [buffers[0]] * 5 and buffers[5] != buffers[0]
+    layer.offload()
+    assert layer._rooms == (None, None) and layer.keys.shape[2] == 18
     for beams in (1, 3):
         settings = dict(input_ids=ids, attention_mask=mask, max_new_tokens=20, min_new_tokens=20, do_sample=False, num_beams=beams)
         assert torch.equal(model.generate(**settings), model.generate(**settings, use_cache=False))

@@ -90,6 +90,14 @@ class RoomyLayer(DynamicLayer):
         self._rooms = (key_room, value_room)
         return self.keys, self.values
 
+    def reset(self) -> None:
+        self._rooms = (None, None)
+        super().reset()
+
+    def offload(self) -> None:
+        self._rooms = (None, None)  # the views move to the CPU; the buffers they came from are let go
+        super().offload()
+
 
 class MixerState(CacheLayerMixin):
     """One converted layer's state. Mixers read `tensors` and `write` the next ones; `seen` counts tokens.
