@@ -81,12 +81,13 @@ class RoomyLayer(DynamicLayer):
     selection and reset keep working on the views: a layer whose views were replaced starts a new buffer. Under
     `torch.compile` or autograd it concatenates, as transformers does."""
 
+    _rooms: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)  # the buffers keys and values are views of
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        rooms = getattr(self, "_rooms", (None, None))
-        key_room, self.keys = append_into_room(rooms[0], self.keys, key_states)
-        value_room, self.values = append_into_room(rooms[1], self.values, value_states)
+        key_room, self.keys = append_into_room(self._rooms[0], self.keys, key_states)
+        value_room, self.values = append_into_room(self._rooms[1], self.values, value_states)
         self._rooms = (key_room, value_room)
         return self.keys, self.values
 
