@@ -231,6 +231,9 @@ class Run:
             + (f"/head {f['retrieval_head']:.3g}" if "retrieval_head" in f else "") for f in selection["layers"]
         )
         session.say(f"selection by {selection['method']}: softmax attention kept in layers {selection['kept_attention']} (per layer {rows})")
+        spent = selection["seconds"]
+        parts = ", ".join(f"{name} {value:.1f} s" for name, value in spent.items() if name != "total")
+        session.say(f"  selection took {spent['total']:.1f} s ({parts})")
         for method, candidate in (selection.get("candidates") or {}).items():
             answers = f", at retrieval answers {candidate['answer_kl']:.4g}" if "answer_kl" in candidate else ""
             session.say(f"  proposed by {method}: layers {candidate['kept_attention']}, KL to the teacher {candidate['kl']:.4g}{answers}")

@@ -1,5 +1,7 @@
 """Automatic layer selection: the layers whose conversion hurts most (normalised error) keep softmax attention."""
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -49,6 +51,7 @@ def test_selection_follows_the_normalised_error_where_the_raw_error_disagrees(wi
     plain = model.state_dict()
     selection = select_attention(model, windows, 2, SelectionConfig())
     assert selection["kept_attention"] == top(errors, "normalized", 2) != top(errors, "mse", 2)
+    assert set(selection["seconds"]) == {"error", "total"} and 0 <= selection["seconds"]["error"] <= selection["seconds"]["total"]
     recorded = {f["layer"]: f for f in selection["layers"]}
     assert set(recorded) == set(range(LAYERS))
     for i in recorded:
@@ -57,7 +60,7 @@ def test_selection_follows_the_normalised_error_where_the_raw_error_disagrees(wi
     assert sorted(recorded[i]["rank"] for i in recorded) == list(range(1, LAYERS + 1))
 
     kept = selection["kept_attention"]
-    assert model.config.selection == selection
+    assert model.config.selection == {key: value for key, value in selection.items() if key != "seconds"}
     assert [e["mixer"] for e in model.config.layers] == ["attention" if i in kept else "hedgehog" for i in range(LAYERS)]
     for i, layer in enumerate(model.model.model.layers):
         assert getattr(layer.self_attn, "is_linearize_mixer", False) == (i not in kept)
@@ -71,7 +74,7 @@ def test_selection_follows_the_normalised_error_where_the_raw_error_disagrees(wi
     ids = windows[:2]
     model.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
-    assert reloaded.config.selection == selection and reloaded.config.layers == model.config.layers
+    assert reloaded.config.selection == model.config.selection and reloaded.config.layers == model.config.layers
     assert_reloaded(reloaded, model, input_ids=ids)
 
 
@@ -164,6 +167,9 @@ def test_restore_scoring_proposes_per_scorer_and_the_closest_model_wins(windows)
     assert candidates["restore-one-layer KL gain"]["kept_attention"] == sorted(sorted(gains, key=gains.get, reverse=True)[:2])
     assert all(f["restore_gain"] == pytest.approx(gains[f["layer"]]) for f in selection["layers"])
     assert selection["converted_kl"] == pytest.approx(converted) and all(c["kl"] < converted for c in candidates.values())
+    spent = selection["seconds"]
+    assert set(spent) == {"error", "kl", "restore", "candidates", "total"}
+    assert sum(value for name, value in spent.items() if name != "total") <= spent["total"] + 0.05
 
 
 @pytest.fixture(scope="module")
@@ -214,6 +220,7 @@ def test_retrieval_scoring_proposes_the_layers_answers_need_and_the_lowest_sum_w
     assert selection["method"] == best and selection["kept_attention"] == candidates[best]["kept_attention"]
     assert all(f["retrieval_gain"] == pytest.approx(gains[f["layer"]]) for f in selection["layers"])
     assert selection["converted_answer_kl"] == pytest.approx(converted) and selection["retrieval_tasks"] == 3
+    assert set(selection["seconds"]) == {"error", "kl", "retrieval", "candidates", "candidates_at_answers", "total"}
     assert sum(e["mixer"] == "attention" for e in model.config.layers) == 2
 
 
@@ -291,6 +298,7 @@ def test_heads_selection_keeps_the_strongest_heads_layers_whatever_the_others_me
     assert selection["method"] == METHODS["heads"] and selection["kept_attention"] == strongest
     assert selection["candidates"][METHODS["heads"]]["kept_attention"] == strongest  # measured beside the others
     assert METHODS["restore"] in selection["candidates"] and selection["head_tasks"] == 3
+    assert set(selection["seconds"]) == {"error", "restore", "heads", "candidates", "total"}
     assert all(f["retrieval_head"] == pytest.approx(max(heads[f["layer"]])) for f in selection["layers"])
     assert selection["heads"] == {str(layer): pytest.approx(per_head) for layer, per_head in heads.items()}
     assert [e["mixer"] == "attention" for e in model.config.layers] == [i in strongest for i in range(LAYERS)]
@@ -310,3 +318,6 @@ def test_a_recipe_keeps_the_teachers_retrieval_heads_and_says_so():
     selection = model.config.selection
     assert selection["method"] == METHODS["heads"] and selection["head_tasks"] == 3 and len(selection["kept_attention"]) == 2
     assert any(f"selection by {METHODS['heads']}" in m and "/head " in m for m in messages)
+    took = [m for m in messages if m.strip().startswith("selection took")]
+    assert len(took) == 1 and re.fullmatch(r"selection took [0-9.]+ s \(error [0-9.]+ s, heads [0-9.]+ s\)", took[0].strip()), took
+    assert "seconds" not in selection  # timings stay out of the saved config

@@ -19,7 +19,8 @@ from __future__ import annotations
 import itertools
 import random
 import re
-from typing import Any
+import time
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -211,7 +212,8 @@ def select_attention(
 ) -> dict[str, Any]:
     """Score every converted layer on `windows`, revert the `count` worst to softmax attention (the teacher's layer,
     or the mixer `keep_as` with `options`: see `revert_to_attention`), and record the
-    choice and the per-layer figures in `model.config.selection` (saved with the model). Returns that record.
+    choice and the per-layer figures in `model.config.selection` (saved with the model). Returns that record, with
+    the seconds it took, which the config leaves out (`saved_record`).
     With `config.restore`, each scorer proposes its layers and the proposal whose restored model has the lowest
     KL to the teacher wins (`candidates` records each proposal and its KL).
     With `config.retrieval` (N tasks, made with `tokenizer` from the rows of `windows`), layers are also scored by how
@@ -219,27 +221,37 @@ def select_attention(
     single-layer KL ranking (the error ranking without `config.kl`) in turn; every proposal is measured on both,
     and the lowest sum of the two KLs wins. With `config.heads` (N tasks), each layer is scored by its strongest
     retrieval head in the teacher (`retrieval_heads`), and that ranking's layers are kept whatever the other
-    proposals measure (they are measured and recorded as without it).
+    proposals measure (they are measured and recorded as without it). `seconds` gives what each scorer took, the
+    measurement of the proposals (`candidates`, `candidates_at_answers`) and the whole selection (`total`).
 
     Example:
         >>> select_attention(student, data.heldout_windows(max_tokens=16384), 4, SelectionConfig())["kept_attention"]
     """
+    began, seconds = time.perf_counter(), {}
+
+    def timed(name: str, measure: Callable[..., Any], *args: Any) -> Any:
+        """`measure(*args)`, its seconds recorded under `name` (each scorer ends by reading its figures to the host)."""
+        start = time.perf_counter()
+        result = measure(*args)
+        seconds[name] = round(time.perf_counter() - start, 2)
+        return result
+
     tasks, answers = retrieval_windows(tokenizer, windows, config.retrieval) if config.retrieval else (None, None)
     was_training = model.training
     model.eval()
-    errors = layer_errors(model, windows, config.batch_size)
+    errors = timed("error", layer_errors, model, windows, config.batch_size)
     if count >= len(errors):
         model.train(was_training)
         raise LinearizeError(f"keep_attention: auto keeps {count} layers but only {len(errors)} are converted; keep fewer")
     scores = {"error": {i: e["normalized"] for i, e in errors.items()}}
     if config.kl:
-        scores["kl"] = single_layer_kl(model, windows, config.batch_size)
+        scores["kl"] = timed("kl", single_layer_kl, model, windows, config.batch_size)
     if config.restore:
-        converted, scores["restore"] = restore_gains(model, windows, config.batch_size)
+        converted, scores["restore"] = timed("restore", restore_gains, model, windows, config.batch_size)
     if tasks is not None:
-        converted_answers, scores["retrieval"] = restore_gains(model, tasks, config.batch_size, answers)
+        converted_answers, scores["retrieval"] = timed("retrieval", restore_gains, model, tasks, config.batch_size, answers)
     if config.heads:
-        heads = retrieval_heads(model, *retrieval_windows(tokenizer, windows, config.heads, "heads"), config.batch_size)
+        heads = timed("heads", retrieval_heads, model, *retrieval_windows(tokenizer, windows, config.heads, "heads"), config.batch_size)
         scores["heads"] = {layer: max(per_head) for layer, per_head in heads.items()}
     rankings = {name: sorted(errors, key=lambda i: score[i], reverse=True) for name, score in scores.items()}
     if tasks is not None:
@@ -248,10 +260,11 @@ def select_attention(
     candidates = None
     if config.restore or tasks is not None:
         kept = [set(keep) for keep in proposals.values()]
-        measured = _kl(model, windows, config.batch_size, kept)
+        measured = timed("candidates", _kl, model, windows, config.batch_size, kept)
         candidates = {name: {"kept_attention": keep, "kl": kl} for (name, keep), kl in zip(proposals.items(), measured)}
         if tasks is not None:
-            for candidate, kl in zip(candidates.values(), _kl(model, tasks, config.batch_size, kept, answers)):
+            at_answers = timed("candidates_at_answers", _kl, model, tasks, config.batch_size, kept, answers)
+            for candidate, kl in zip(candidates.values(), at_answers):
                 candidate["answer_kl"] = kl
     if config.heads:
         method = "heads"
@@ -275,12 +288,19 @@ def select_attention(
         selection.update(head_tasks=config.heads, heads={str(layer): per_head for layer, per_head in heads.items()})
     if candidates is not None:
         selection["candidates"] = {METHODS[name]: c for name, c in candidates.items()}
+    selection["seconds"] = {**seconds, "total": round(time.perf_counter() - began, 2)}
     revert_to_attention(model, proposals[method], keep_as, options)
-    model.config.selection = selection
+    model.config.selection = saved_record(selection)
     return selection
+
+
+def saved_record(selection: dict[str, Any]) -> dict[str, Any]:
+    """What the model's config keeps of a selection: all but its `seconds`, so that a run, resumed or repeated,
+    saves the same config."""
+    return {key: value for key, value in selection.items() if key != "seconds"}
 
 
 def apply_selection(model: nn.Module, selection: dict[str, Any], keep_as: str = ATTENTION, options: dict[str, Any] | None = None) -> None:
     """Replay a recorded selection (a resumed run reuses the choice instead of measuring again)."""
     revert_to_attention(model, selection["kept_attention"], keep_as, options)
-    model.config.selection = selection
+    model.config.selection = saved_record(selection)
