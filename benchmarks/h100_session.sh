@@ -50,6 +50,15 @@
 #                                             # logits, through the students' batch-wide prefill mask)
 #   bash benchmarks/h100_session.sh train_speed  # (after first, still warm) distillation speed alone (SPEED, RUNS,
 #                                                # SPEED_S)
+#   bash benchmarks/h100_session.sh detach    # (still warm) another mode, DETACH (e.g. pair, with its variables), in a
+#                                             # process session of its own (setsid), which outlives the call, run from a
+#                                             # copy of the tree in /tmp/code with its OUT in /tmp/detached; returns after
+#                                             # WAIT_S seconds (default 0) with what the run has written so far. A
+#                                             # quality pair then runs across calls without --resume's reloads and
+#                                             # recompiles (eighteenth session), as long as the calls chain
+#   bash benchmarks/h100_session.sh collect   # (after detach, still warm) wait up to COLLECT_S seconds (default 560) for
+#                                             # the detached run to end, then return what it wrote; STOP (a pkill -f
+#                                             # pattern, e.g. "quality-gp[u]1") ends part of it first
 # and in two calls of their own, one right after the other on one machine (tilelang and z3 come to 82 MB):
 #   bash benchmarks/h100_session.sh z3         # carry .z3 (z3-solver 4.15's wheel, 29 MB, whose libz3.so.4.15 tilelang loads)
 #   bash benchmarks/h100_session.sh tilelang   # carry .tilelang (tilelang's wheels, 53 MB) and fla's two wheels from .whl:
@@ -270,6 +279,24 @@ generate)  # (after a pair call that trained hybrid_qwen3_5 and hybrid_gdn, stil
 serving)
   serving
   ;;
+detach)
+  rm -rf /tmp/code /tmp/detached && mkdir -p /tmp/code /tmp/detached
+  tar --exclude=./.whl --exclude=./.gguf1 --exclude=./.gguf2 --exclude=./corpus.tgz --exclude=./.tilelang --exclude=./.z3 \
+    -cf - . | tar -xf - -C /tmp/code
+  (cd /tmp/code && OUT=/tmp/detached setsid nohup bash benchmarks/h100_session.sh "$DETACH" > /tmp/detached/detached.log 2>&1 < /dev/null &
+   echo $! > /tmp/detached.pid)
+  sleep "${WAIT_S:-0}"
+  cp /tmp/detached/* "$OUT/" 2>/dev/null
+  ;;
+collect)
+  [ -z "${STOP:-}" ] || pkill -f "$STOP"
+  for ((waited = 0; waited < ${COLLECT_S:-560}; waited += 10)); do
+    kill -0 "$(cat /tmp/detached.pid)" 2>/dev/null || break
+    sleep 10
+  done
+  cp /tmp/detached/* "$OUT/" 2>/dev/null
+  kill -0 "$(cat /tmp/detached.pid)" 2>/dev/null && echo "the detached run is still going" >> "$OUT/detached.log"
+  ;;
 finish)  # (after pair, still warm) QUALITY0 and QUALITY1 again, which name --resume, so that both runs finish training
   # and scoring; then each GPU exports and checks its hybrid_qwen3_5 (serving) or benches its other student
   for gpu in 0 1; do
@@ -313,6 +340,6 @@ multi_gpu)
   cp /tmp/multi_gpu/multi_gpu.json /tmp/multi_gpu/*.log "$OUT/" 2>/dev/null
   ;;
 *)
-  echo "usage: bash benchmarks/h100_session.sh solo|first|students|batch|second|quality|pair|finish|generate|serving|train_speed|z3|tilelang|multi_gpu" >&2; exit 2
+  echo "usage: bash benchmarks/h100_session.sh solo|first|students|batch|second|quality|pair|finish|generate|serving|detach|collect|train_speed|z3|tilelang|multi_gpu" >&2; exit 2
   ;;
 esac
