@@ -136,6 +136,34 @@ def test_attention_keeps_a_key_mask_only_once_it_has_seen_padding(pad):
         assert torch.equal(state.tensors["mask"], mask)
 
 
+@pytest.mark.parametrize("pad", [0, 3])
+def test_a_decode_step_attends_over_the_kv_heads_with_its_query_heads_packed(pad, monkeypatch):
+    """A decode step gives SDPA its query heads packed by kv head, (B, Hkv, groups, D), and the keys and values as
+    cached: no `enable_gqa`, no repeated heads; after a padded prompt, the key mask broadcast over heads. Its output
+    is the reference's."""
+    from linearize.hf import mixer_qwen3_5_attention
+
+    model, mixer = randomised("qwen3_5_attention")
+    hidden, position_embeddings, mask = layer_inputs(model, 2, 6, pad, offset=0)
+    expected = attention_reference(mixer, hidden, position_embeddings, mask)
+    calls, sdpa = [], F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        calls.append((q.shape, k.shape, kwargs))
+        return sdpa(q, k, v, **kwargs)
+
+    state, cos, sin = MixerState(), *position_embeddings
+    with torch.no_grad():
+        prompt = mixer.mix(hidden[:, :5], *mixer.project(hidden[:, :5]), (cos[:, :5], sin[:, :5]), mask[:, :5] if pad else None, state)
+        monkeypatch.setattr(mixer_qwen3_5_attention.F, "scaled_dot_product_attention", spy)
+        step = mixer.mix(hidden[:, 5:], *mixer.project(hidden[:, 5:]), (cos[:, 5:], sin[:, 5:]), None, state)
+    (query, keys, kwargs), = calls
+    heads, kv_heads = mixer.spec.num_heads, mixer.spec.num_kv_heads
+    assert kv_heads < heads and query == (2, kv_heads, heads // kv_heads, mixer.spec.head_dim) and keys[1] == kv_heads
+    assert not kwargs.get("enable_gqa") and (kwargs["attn_mask"] is None) == (pad == 0)
+    assert_close(torch.cat((prompt, step), dim=2), expected.detach(), "the prompt, then a decode step")
+
+
 def test_attention_starts_as_a_gate_of_one_and_keeps_a_qwen3_teachers_own_norms():
     _, mixer = converted_mixer("qwen3_5_attention")
     assert {n for n, _ in mixer.named_parameters() if not n.startswith("attn.")} == ATTENTION_NEW

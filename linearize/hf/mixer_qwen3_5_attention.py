@@ -110,10 +110,19 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask
     (None: all are).
 
     No mask is built when every key is real (the kernel's own causal path, or none for one query), and one mask for
-    the whole batch for a chunk after cached keys (`chunk_causal_mask`); a query that sees no real key returns 0."""
+    the whole batch for a chunk after cached keys (`chunk_causal_mask`); a query that sees no real key returns 0.
+    A decode step's query heads are packed by kv head, (B, Hkv, groups, D), so that SDPA attends over the kv heads as
+    they are, without `enable_gqa` and without repeating keys and values, as transformers' SDPA integration packs one
+    query (by its own account, CUDA's fused kernels do not take `enable_gqa` with a mask)."""
     length, total = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
     every_key_real = key_mask is None or bool(key_mask.all())
+    if length == 1 and gqa:
+        batch, heads, _, dim = q.shape
+        packed = q.reshape(batch, k.shape[1], heads // k.shape[1], dim)
+        seen = None if every_key_real else key_mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(packed, k, v, attn_mask=seen, scale=scaling).reshape(batch, heads, 1, v.shape[-1])
+        return out if seen is None else out.nan_to_num(0.0) * seen.any(-1, keepdim=True)
     if every_key_real and (length == 1 or length == total):
         return F.scaled_dot_product_attention(q, k, v, is_causal=length > 1, scale=scaling, enable_gqa=gqa)
     allowed = chunk_causal_mask(length, total - length, total, q.device)
