@@ -14,7 +14,7 @@ GPU. `--jsonl` appends one JSON line per model.
 
     python benchmarks/decode_dispatches.py --recipes lolcats,hybrid_gdn --context 2048
     python benchmarks/decode_dispatches.py --device cuda --dtype bfloat16 --teacher /tmp/smollm2.gguf \
-        --recipes lolcats,hybrid_gdn,hybrid_qwen3_5 --steps 50
+        --recipes lolcats,hybrid_gdn,hybrid_qwen3_5 --steps 50 --trace /tmp/host
 """
 
 from __future__ import annotations
@@ -24,8 +24,10 @@ import json
 import re
 import time
 from collections import Counter, defaultdict
+from pathlib import Path
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from cpu_decode import recipe_student  # benchmarks/, first on the path when run as a script
@@ -47,9 +49,11 @@ class Dispatches(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def measure(model, context: int, steps: int) -> dict:
+def measure(model, context: int, steps: int, trace: Path | None = None) -> dict:
     """Dispatches per layer of each kind in one decode step, and ms per decode step, whole and per kind (on CUDA the
-    host's ms per kind, the whole step's waiting for the GPU)."""
+    host's ms per kind, the whole step's waiting for the GPU). With `trace`, one more step runs under torch.profiler
+    and `trace` gets its costliest ops by self CPU time (and GPU time), each grouped by the 5 Python frames that called
+    it: an op that waits for the GPU shows as self CPU time, and the frames name the line that calls it."""
     device = next(model.parameters()).device
     counter, spent, started, layers = Dispatches(), defaultdict(float), {}, Counter()
 
@@ -88,7 +92,15 @@ def measure(model, context: int, steps: int) -> dict:
         sync(device)
         step_ms = (time.perf_counter() - begin) / steps * 1000
         with counter:
-            model(token, **{keyword: cache}, use_cache=True)
+            cache = returned_cache(model(token, **{keyword: cache}, use_cache=True))
+        if trace is not None:
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+            with profile(activities=activities, with_stack=True) as prof:
+                model(token, **{keyword: cache}, use_cache=True)
+                sync(device)
+            averages = prof.key_averages(group_by_stack_n=5)
+            tables = [averages.table(sort_by=key, row_limit=40) for key in ("self_cpu_time_total", "self_device_time_total")[: 1 + (device.type == "cuda")]]
+            trace.write_text("\n\n".join(tables))
     return {
         "step_ms": step_ms,
         "dispatches_outside_layers": counter.calls["other"],
@@ -105,12 +117,18 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--jsonl", default=None, help="append each model's result to this file as a JSON line")
+    parser.add_argument("--trace", default=None, help="folder: one more decode step per model under torch.profiler, its "
+                        "costliest ops (by self CPU and GPU time, grouped by calling line) into FOLDER/MODEL.txt")
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     for name in ["teacher", *args.recipes.split(",")]:
         teacher, _ = load_teacher(args.teacher)
         model = (teacher if name == "teacher" else recipe_student(teacher, name)).to(device, dtype).eval()
-        result = measure(model, args.context, args.steps)
+        trace = None
+        if args.trace:
+            Path(args.trace).mkdir(parents=True, exist_ok=True)
+            trace = Path(args.trace) / f"{name}.txt"
+        result = measure(model, args.context, args.steps, trace)
         kinds = ", ".join(f"{kind} x {r['count']}: {r['dispatches']:.0f} dispatches, {r['ms']:.2f} ms" for kind, r in result["layers"].items())
         print(f"{name}: {result['step_ms']:.1f} ms per step; per layer: {kinds}; outside the layers: {result['dispatches_outside_layers']}", flush=True)
         if args.jsonl:

@@ -212,7 +212,7 @@ students_serve)
   host=${HOST:-lolcats,hybrid_gdn,hybrid_qwen3_5}
   if [ "$host" != none ]; then  # an eager decode step's host time per layer kind
     timeout "${HOST_S:-150}" python3 benchmarks/decode_dispatches.py --device cuda --dtype bfloat16 --teacher /tmp/smollm2.gguf \
-      --recipes "$host" --context 2048 --steps 30 --jsonl "$OUT/host.jsonl" > "$OUT/host.log" 2>&1
+      --recipes "$host" --context 2048 --steps 30 --jsonl "$OUT/host.jsonl" --trace "$OUT/host" > "$OUT/host.log" 2>&1
     echo "exit $?" >> "$OUT/host.log"
   fi
   ;;
