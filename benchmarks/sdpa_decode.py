@@ -1,0 +1,106 @@
+"""What one decode step's SDPA call costs the host on CUDA, by how its keys grow and which backend runs it.
+
+`decode_dispatches.py --trace` on an H200 (nineteenth session) found `aten::_cudnn_attention_forward` taking 2 to 5 ms
+of host time per call in eager decode steps, most of a step, while a kept layer's GPU time was some 28 us. cuDNN builds
+an execution graph per problem shape; a decode step's key length is new at every step. This times SDPA alone, on a
+SmolLM2-135M layer's shapes (9 query heads, 3 kv heads, head size 64, bf16, batch 1), over `--steps` calls whose key
+length grows by one per call (as decoding does) or stays at the context (a repeated shape), for the layouts the
+project's layers call it with:
+
+    gqa      q (1, 9, 1, 64), keys (1, 3, S, 64), enable_gqa=True, no mask (transformers' SDPA without a mask)
+    packed   q (1, 3, 3, 64), keys as they are, no mask (`qwen3_5_attention`'s decode step)
+    masked   q (1, 9, 1, 64), keys repeated to 9 heads, a boolean key mask (transformers' SDPA with a mask)
+
+each under torch's own choice of backend and with cuDNN left out (`sdpa_kernel` with flash, efficient and math in
+that priority). Keys are views of a buffer with room, as `RoomyLayer` keeps them, or contiguous copies. Per row: host
+microseconds per call (the calls queued, not waited for), microseconds per call with the GPU waited for at the end,
+and the backend torch ran (from the profiler's op names).
+
+    python benchmarks/sdpa_decode.py --context 2048 --steps 50 --out sdpa_decode.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.profiler import ProfilerActivity, profile
+
+NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def call(layout: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """One SDPA call of `layout` on q (1, 9, 1, D) and keys/values (1, 3, S, D)."""
+    if layout == "gqa":
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    if layout == "packed":
+        return F.scaled_dot_product_attention(q.reshape(1, 3, 3, q.shape[-1]), k, v)
+    mask = torch.ones(1, 1, 1, k.shape[2], dtype=torch.bool, device=q.device)
+    return F.scaled_dot_product_attention(q, k.repeat_interleave(3, dim=1), v.repeat_interleave(3, dim=1), attn_mask=mask)
+
+
+def keys(context: int, steps: int, grow: bool, roomy: bool, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Keys and values for each call: growing by one position per call or fixed at `context`; views of one buffer
+    with room for every step, or contiguous."""
+    full = torch.randn(2, 1, 3, context + steps, 64, device=device, dtype=torch.bfloat16)
+    lengths = [context + i if grow else context for i in range(steps)]
+    if roomy:
+        return [(full[0, :, :, :n], full[1, :, :, :n]) for n in lengths]
+    return [(full[0, :, :, :n].contiguous(), full[1, :, :, :n].contiguous()) for n in lengths]
+
+
+def backend_ran(layout: str, q, k, v) -> str:
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        call(layout, q, k, v)
+    names = [e.name for e in prof.events() if e.name.startswith("aten::_scaled_dot_product_") or e.name.startswith("aten::_efficient")]
+    return ",".join(sorted(set(names))) or "math"
+
+
+def measure(layout: str, no_cudnn: bool, grow: bool, roomy: bool, context: int, steps: int, device) -> dict:
+    q = torch.randn(1, 9, 1, 64, device=device, dtype=torch.bfloat16)
+    warm = keys(context - 8, 4, grow, roomy, device)
+    timed = keys(context, steps, grow, roomy, device)
+    with sdpa_kernel(NO_CUDNN, set_priority=True) if no_cudnn else nullcontext():
+        for k, v in warm:
+            call(layout, q, k, v)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for k, v in timed:
+            call(layout, q, k, v)
+        host = time.perf_counter() - start
+        torch.cuda.synchronize()
+        total = time.perf_counter() - start
+        ran = backend_ran(layout, q, *timed[-1])
+    return {"layout": layout, "backends": "no cudnn" if no_cudnn else "torch's choice", "keys": "growing" if grow else "fixed",
+            "storage": "room view" if roomy else "contiguous", "context": context, "host_us_per_call": 1e6 * host / steps,
+            "us_per_call": 1e6 * total / steps, "ran": ran}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--context", type=int, default=2048, help="key length of the first timed call")
+    parser.add_argument("--steps", type=int, default=50, help="calls timed per row")
+    parser.add_argument("--out", default=None, help="append each row to this file as a JSON line")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("sdpa_decode.py measures CUDA's SDPA backends; run it on a machine with a GPU")
+    device = torch.device("cuda")
+    for layout in ("gqa", "packed", "masked"):
+        for no_cudnn in (False, True):
+            for grow in (True, False):
+                for roomy in (True, False):
+                    row = measure(layout, no_cudnn, grow, roomy, args.context, args.steps, device)
+                    print(f"{layout:6s} {row['backends']:14s} {row['keys']:7s} {row['storage']:10s}: "
+                          f"host {row['host_us_per_call']:8.1f} us, total {row['us_per_call']:8.1f} us per call; {row['ran']}", flush=True)
+                    if args.out:
+                        with open(args.out, "a") as out:
+                            out.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
