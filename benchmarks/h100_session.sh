@@ -35,7 +35,7 @@
 #                                             # in float32 as the recipe saves it, and serving_speed.py of every one
 #                                             # beside the GGUF teacher (STUDENT_BENCH, BENCH_S); the recipes distil at
 #                                             # once, within DISTILL_S (240: on a cold machine fla's kernels compile
-#                                             # in the first step)
+#                                             # in the first step), each over what an earlier call left (--overwrite)
 #                                             # (STUDENT_BENCH=none: no serving run, for students_serve in a call of its
 #                                             # own: seven recipes' distillation and their serving do not fit one call)
 #   bash benchmarks/h100_session.sh students_serve  # (after students, still warm) serving_speed.py of every saved
@@ -201,7 +201,7 @@ students)
     overrides=""
     for ((i = 0; i < stages; i++)); do overrides="$overrides stages.$i.tokens=${STUDENT_TOKENS:-16384} stages.$i.compile=false"; done
     (timeout "${DISTILL_S:-240}" python3 cli.py distill "$recipe" teacher=/tmp/smollm2.gguf data.train=/tmp/corpus/train data.heldout=/tmp/corpus/heldout/persuasion.txt \
-       data.streaming=false data.seq_len=512 --out /tmp/students/"$recipe" $overrides > "$OUT/distill-$recipe.log" 2>&1
+       data.streaming=false data.seq_len=512 --out /tmp/students/"$recipe" --overwrite $overrides > "$OUT/distill-$recipe.log" 2>&1
      echo "exit $?" >> "$OUT/distill-$recipe.log") &
   done
   wait  # all at once: a cold machine's kernel compiles are CPU work, and a 135M student leaves most of the GPU idle
