@@ -1,0 +1,46 @@
+"""benchmarks/decode_dispatches.py: a decode step's dispatches and host time per layer kind, and its profile by caller;
+benchmarks/sdpa_decode.py's three SDPA layouts compute the same attention."""
+
+import importlib.util
+import sys
+
+import pytest
+import torch
+
+import linearize
+from tests.conftest import REPO_ROOT
+from tests.tiny import tiny_model
+
+
+def load(name: str):
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))  # the scripts import each other, as when run from benchmarks/
+    try:
+        spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "benchmarks" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(REPO_ROOT / "benchmarks"))
+    return module
+
+
+def test_a_measured_step_counts_each_layer_kind_and_its_trace_names_the_mixer(tmp_path):
+    decode_dispatches = load("decode_dispatches")
+    model = linearize.convert(tiny_model(num_hidden_layers=2), "gated_deltanet", keep_attention=[1]).eval()
+    result = decode_dispatches.measure(model, context=16, steps=2, trace=tmp_path / "step.txt")
+    kinds = result["layers"]
+    assert {kind: row["count"] for kind, row in kinds.items()} == {"GatedDeltaNetMixer": 1, "LlamaAttention": 1, "LlamaMLP": 2}
+    assert all(row["dispatches"] > 0 and row["ms"] > 0 for row in kinds.values())
+    assert result["step_ms"] > 0
+    table = (tmp_path / "step.txt").read_text()
+    assert "Self CPU" in table and "mixer_gated_deltanet.py" in table
+
+
+@pytest.mark.parametrize("length", [1, 7, 300])
+def test_the_sdpa_layouts_timed_compute_the_same_attention(length):
+    sdpa_decode = load("sdpa_decode")
+    generator = torch.Generator().manual_seed(length)
+    q = torch.randn(1, 9, 1, 64, generator=generator)
+    k, v = torch.randn(2, 1, 3, length, 64, generator=generator)
+    expected = sdpa_decode.call("gqa", q, k, v)
+    torch.testing.assert_close(sdpa_decode.call("packed", q, k, v).reshape(expected.shape), expected)
+    torch.testing.assert_close(sdpa_decode.call("masked", q, k, v), expected)
