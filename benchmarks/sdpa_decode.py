@@ -12,17 +12,24 @@ project's layers call it with:
     masked   q (1, 9, 1, 64), keys repeated to 9 heads, a boolean key mask (transformers' SDPA with a mask)
 
 each under torch's own choice of backend and with cuDNN left out (`sdpa_kernel` with flash, efficient and math in
-that priority). Keys are views of a buffer with room, as `RoomyLayer` keeps them, or contiguous copies. Per row: host
-microseconds per call (the calls queued, not waited for), microseconds per call with the GPU waited for at the end,
-and the backend torch ran (from the profiler's op names).
+that priority). Keys are views of a buffer with room, as `RoomyLayer` keeps them, contiguous copies, or views of a
+(B, S, H, D) buffer ("bshd"). Per row: host microseconds per call (the calls queued, not waited for), microseconds per
+call with the GPU waited for at the end, and the backend torch ran (from the profiler's op names).
+
+torch's cuDNN attention (aten/src/ATen/native/cudnn/MHA.cpp) caches one execution graph per key of q, k and v's sizes
+and strides, so every new key length builds a graph; with TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1 (experimental, read once
+per process) and q, k, v in (B, S, H, D) memory it rounds the lengths up to a power of two instead. A second run with
+that variable set measures it on the "bshd" rows:
 
     python benchmarks/sdpa_decode.py --context 2048 --steps 50 --out sdpa_decode.jsonl
+    TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1 python benchmarks/sdpa_decode.py --context 2048 --steps 50 --out sdpa_decode.jsonl
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from contextlib import nullcontext
 
@@ -44,14 +51,19 @@ def call(layout: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
     return F.scaled_dot_product_attention(q, k.repeat_interleave(3, dim=1), v.repeat_interleave(3, dim=1), attn_mask=mask)
 
 
-def keys(context: int, steps: int, grow: bool, roomy: bool, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Keys and values for each call: growing by one position per call or fixed at `context`; views of one buffer
-    with room for every step, or contiguous."""
-    full = torch.randn(2, 1, 3, context + steps, 64, device=device, dtype=torch.bfloat16)
+STORAGES = ("room view", "contiguous", "bshd")
+
+
+def keys(context: int, steps: int, grow: bool, storage: str, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Keys and values (1, 3, S, 64) for each call: S growing by one position per call or fixed at `context`; views of
+    one (B, H, S, D) buffer with room for every step, contiguous copies, or views of one (B, S, H, D) buffer."""
     lengths = [context + i if grow else context for i in range(steps)]
-    if roomy:
-        return [(full[0, :, :, :n], full[1, :, :, :n]) for n in lengths]
-    return [(full[0, :, :, :n].contiguous(), full[1, :, :, :n].contiguous()) for n in lengths]
+    if storage == "bshd":
+        full = torch.randn(2, 1, context + steps, 3, 64, device=device, dtype=torch.bfloat16).transpose(2, 3)
+    else:
+        full = torch.randn(2, 1, 3, context + steps, 64, device=device, dtype=torch.bfloat16)
+    views = [(full[0, :, :, :n], full[1, :, :, :n]) for n in lengths]
+    return [(k.contiguous(), v.contiguous()) for k, v in views] if storage == "contiguous" else views
 
 
 def backend_ran(layout: str, q, k, v) -> str:
@@ -61,10 +73,10 @@ def backend_ran(layout: str, q, k, v) -> str:
     return ",".join(sorted(set(names))) or "math"
 
 
-def measure(layout: str, no_cudnn: bool, grow: bool, roomy: bool, context: int, steps: int, device) -> dict:
+def measure(layout: str, no_cudnn: bool, grow: bool, storage: str, context: int, steps: int, device) -> dict:
     q = torch.randn(1, 9, 1, 64, device=device, dtype=torch.bfloat16)
-    warm = keys(context - 8, 4, grow, roomy, device)
-    timed = keys(context, steps, grow, roomy, device)
+    warm = keys(context - 8, 4, grow, storage, device)
+    timed = keys(context, steps, grow, storage, device)
     with sdpa_kernel(NO_CUDNN, set_priority=True) if no_cudnn else nullcontext():
         for k, v in warm:
             call(layout, q, k, v)
@@ -77,7 +89,7 @@ def measure(layout: str, no_cudnn: bool, grow: bool, roomy: bool, context: int, 
         total = time.perf_counter() - start
         ran = backend_ran(layout, q, *timed[-1])
     return {"layout": layout, "backends": "no cudnn" if no_cudnn else "torch's choice", "keys": "growing" if grow else "fixed",
-            "storage": "room view" if roomy else "contiguous", "context": context, "host_us_per_call": 1e6 * host / steps,
+            "storage": storage, "avoid_recompile": os.environ.get("TORCH_CUDNN_SDPA_AVOID_RECOMPILE", ""), "context": context, "host_us_per_call": 1e6 * host / steps,
             "us_per_call": 1e6 * total / steps, "ran": ran}
 
 
@@ -93,8 +105,8 @@ def main() -> None:
     for layout in ("gqa", "packed", "masked"):
         for no_cudnn in (False, True):
             for grow in (True, False):
-                for roomy in (True, False):
-                    row = measure(layout, no_cudnn, grow, roomy, args.context, args.steps, device)
+                for storage in STORAGES:
+                    row = measure(layout, no_cudnn, grow, storage, args.context, args.steps, device)
                     print(f"{layout:6s} {row['backends']:14s} {row['keys']:7s} {row['storage']:10s}: "
                           f"host {row['host_us_per_call']:8.1f} us, total {row['us_per_call']:8.1f} us per call; {row['ran']}", flush=True)
                     if args.out:
