@@ -64,6 +64,7 @@
 #   bash benchmarks/h100_session.sh tilelang   # carry .tilelang (tilelang's wheels, 53 MB) and fla's two wheels from .whl:
 #                                              # fla's gated backward with tilelang (gradient tests, distillation speed)
 #   bash benchmarks/h100_session.sh multi_gpu  # carry .whl, on nvidia-h200-x2: one process vs DDP vs FSDP
+#   bash benchmarks/h100_session.sh sdpa       # nothing carried: a decode step's SDPA per backend and key layout
 # Quality runs take QUALITY="--recipes ... --tokens ..." (quality.py's arguments, default below). The GPU tests
 # run in 14 pytest-xdist processes: Triton compiles fla's kernels for each shape and dtype on first use, on the CPU.
 # Results land in $OUT (default ./gpu_out). Wheels (.whl/, git-ignored, 11.6 MB): flash-linear-attention and fla-core
@@ -307,6 +308,16 @@ finish)  # (after pair, still warm) QUALITY0 and QUALITY1 again, which name --re
   done
   wait
   ;;
+sdpa)  # (any machine; nothing carried) SDPA alone in decode steps per backend and key layout (sdpa_decode.py), at 2K
+  # and 32K, without and with cuDNN's TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1, within SDPA_S each
+  for context in 2048 32768; do
+    for avoid in "" 1; do
+      env ${avoid:+TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1} timeout "${SDPA_S:-60}" python3 benchmarks/sdpa_decode.py --context "$context" \
+        --steps 50 --out "$OUT/sdpa_decode.jsonl" >> "$OUT/sdpa_decode.log" 2>&1
+      echo "exit $? (context $context, avoid-recompile '${avoid}')" >> "$OUT/sdpa_decode.log"
+    done
+  done
+  ;;
 z3)  # (nvidia-h200, fresh; carry .z3) z3-solver into /tmp/tilelang, for the tilelang call that follows at once: without it
   # tilelang 0.1.15 fails to import (libz3.so.4.15 missing, twelfth session)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/tilelang .z3/*.whl
@@ -340,6 +351,6 @@ multi_gpu)
   cp /tmp/multi_gpu/multi_gpu.json /tmp/multi_gpu/*.log "$OUT/" 2>/dev/null
   ;;
 *)
-  echo "usage: bash benchmarks/h100_session.sh solo|first|students|batch|second|quality|pair|finish|generate|serving|detach|collect|train_speed|z3|tilelang|multi_gpu" >&2; exit 2
+  echo "usage: bash benchmarks/h100_session.sh solo|first|students|batch|second|quality|pair|finish|generate|serving|detach|collect|train_speed|sdpa|z3|tilelang|multi_gpu" >&2; exit 2
   ;;
 esac
