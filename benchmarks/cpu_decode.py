@@ -46,6 +46,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/cpu_decode.json"), help="results file for `linearize report`")
     parser.add_argument("--recipes", default="lolcats_linear", help="shipped recipes whose students are measured, comma-separated")
     parser.add_argument("--rounds", type=int, default=1, help="student-then-teacher rounds per recipe; each model keeps its fastest")
+    parser.add_argument("--original-teacher", action="store_true", help="also time, in every round, the teacher as "
+                        "transformers runs it (the unconverted model with its own cache), and print the student's ratio to it")
     args = parser.parse_args()
 
     results = None
@@ -54,16 +56,13 @@ def main() -> None:
         name = f"smollm2-135m-{recipe}"
         student = recipe_student(teacher, recipe)
         rounds = []
+        original = load_teacher("smollm2-135m")[0] if args.original_teacher else None
+        settings = dict(lengths=[int(n) for n in args.lengths.split(",")], decode_tokens=args.decode_tokens, repeats=args.repeats, device="cpu")
         for _ in range(args.rounds):
-            rounds.append(benchmark(
-                student,
-                lengths=[int(n) for n in args.lengths.split(",")],
-                decode_tokens=args.decode_tokens,
-                repeats=args.repeats,
-                device="cpu",
-                name=name,
-            ))
-            print(f"{name} round {len(rounds)}: student / teacher " + ratios(rounds[-1], name), flush=True)
+            rounds.append(benchmark(student, name=name, **settings))
+            if original is not None:
+                rounds[-1].extend(benchmark(original, teacher=False, name=f"{ORIGINAL} of {name}", **settings))
+            print(f"{name} round {len(rounds)}: " + ratios(rounds[-1], name), flush=True)
         measured = fastest(rounds)
         if results is None:
             results = measured
@@ -85,10 +84,18 @@ def recipe_student(teacher, recipe: str):
                              keep_as=convert.keep_as, source="smollm2-135m", **convert.options)
 
 
+ORIGINAL = "transformers teacher"  # the unconverted teacher, with transformers' own cache (--original-teacher)
+
+
 def ratios(results: Results, name: str) -> str:
+    """The student's decode rate over each teacher's measured beside it, per context."""
     rows = {(r["model"], r["context"]): r["decode_tokens_per_s"] for r in results.of("speed")}
-    return ", ".join(f"{context}: {rows[(name, context)] / rows[(f'teacher of {name}', context)]:.2f}"
-                     for model, context in rows if model == name)
+    parts = []
+    for label, teacher in (("student / teacher", f"teacher of {name}"), (f"student / {ORIGINAL}", f"{ORIGINAL} of {name}")):
+        if any(model == teacher for model, _ in rows):
+            parts.append(label + " " + ", ".join(f"{context}: {rows[(name, context)] / rows[(teacher, context)]:.2f}"
+                                                 for model, context in rows if model == name))
+    return "; ".join(parts)
 
 
 def fastest(rounds: list[Results]) -> Results:
@@ -118,6 +125,9 @@ def table(results, name: str) -> None:
             f"{t['decode_peak_bytes'] / MIB:>10.1f} MiB {s['decode_peak_bytes'] / MIB:>10.1f} MiB "
             f"{t['cache_bytes'] / MIB:>10.1f} MiB {s['cache_bytes'] / MIB:>10.1f} MiB"
         )
+        if (original := rows.get((f"{ORIGINAL} of {name}", context))) is not None:
+            print(f"{'':>8} {ORIGINAL}: {original['decode_tokens_per_s']:.1f} tok/s, student / it "
+                  f"{s['decode_tokens_per_s'] / original['decode_tokens_per_s']:.2f}")
 
 
 if __name__ == "__main__":

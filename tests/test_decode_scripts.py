@@ -1,5 +1,6 @@
-"""benchmarks/decode_dispatches.py: a decode step's dispatches and host time per layer kind, and its profile by caller;
-benchmarks/sdpa_decode.py's three SDPA layouts compute the same attention."""
+"""The decode benchmarks' own logic: decode_dispatches.py's dispatches and host time per layer kind and its profile by
+caller; sdpa_decode.py's three SDPA layouts compute the same attention; cpu_decode.py's ratios to each teacher and its
+fastest round per model."""
 
 import importlib.util
 import sys
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 import linearize
+from linearize.evaluate.results import Results
 from tests.conftest import REPO_ROOT
 from tests.tiny import tiny_model
 
@@ -44,3 +46,22 @@ def test_the_sdpa_layouts_timed_compute_the_same_attention(length):
     expected = sdpa_decode.call("gqa", q, k, v)
     torch.testing.assert_close(sdpa_decode.call("packed", q, k, v).reshape(expected.shape), expected)
     torch.testing.assert_close(sdpa_decode.call("masked", q, k, v), expected)
+
+
+def speed(model: str, rate: float) -> dict:
+    return {"model": model, "kind": "speed", "context": 2048, "batch": 1, "decode_tokens_per_s": rate}
+
+
+def test_cpu_decode_gives_the_students_ratio_to_each_teacher_measured_beside_it():
+    cpu_decode = load("cpu_decode")
+    both = Results(records=[speed("teacher of s", 10.0), speed("s", 12.0), speed("transformers teacher of s", 8.0)])
+    assert cpu_decode.ratios(both, "s") == "student / teacher 2048: 1.20; student / transformers teacher 2048: 1.50"
+    assert cpu_decode.ratios(Results(records=both.records[:2]), "s") == "student / teacher 2048: 1.20"
+
+
+def test_cpu_decode_keeps_each_models_fastest_round():
+    cpu_decode = load("cpu_decode")
+    first = Results(records=[speed("s", 12.0), speed("transformers teacher of s", 8.0)])
+    second = Results(records=[speed("s", 11.0), speed("transformers teacher of s", 9.0)])
+    best = {r["model"]: r["decode_tokens_per_s"] for r in cpu_decode.fastest([first, second]).of("speed")}
+    assert best == {"s": 12.0, "transformers teacher of s": 9.0}
