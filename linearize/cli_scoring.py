@@ -155,6 +155,11 @@ def bench_command(
         typer.Option(help="Prefill through the cache this many tokens at a time (as generate's prefill_chunk_size), e.g. 4096: "
                      "the largest batch is then bounded by the cache, not by a whole prompt's activations"),
     ] = None,
+    sdpa: Annotated[
+        str | None,
+        typer.Option(help="SDPA backends by priority for every model, e.g. flash,efficient,math (of flash, efficient, cudnn, "
+                     "math; default: torch's own choice)"),
+    ] = None,
     out: Annotated[Path, typer.Option("--out", help="Results file to write (JSON; `linearize report` reads it)")] = Path("bench.json"),
 ):
     """Prefill and decode speed and memory against context length and batch size, teacher beside student.
@@ -174,6 +179,7 @@ def bench_command(
                 model, lengths=parse_ints(lengths, "--lengths"), batch_sizes=parse_ints(batch_sizes, "--batch-sizes"),
                 decode_tokens=decode_tokens, repeats=repeats, device=device, dtype=dtype, teacher=teacher, allow_longer=allow_longer,
                 max_batch=max_batch, bisect=bisect, compile=compile, prefill_chunk=prefill_chunk,
+                sdpa_backends=None if sdpa is None else sdpa.split(","),
             )
         )
         merged.save(out)

@@ -9,6 +9,7 @@ import sys
 import matplotlib.image
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import linearize
 from linearize import cli
@@ -200,6 +201,32 @@ def test_bad_max_batch_is_one_line_before_loading(tmp_path):
         benchmark(str(tmp_path / "not-loaded"), max_batch=0, progress=False)
     with pytest.raises(LinearizeError, match="prefill chunk must be at least 1 token, got 0; pass e.g. --prefill-chunk 4096"):
         benchmark(str(tmp_path / "not-loaded"), prefill_chunk=0, progress=False)
+    with pytest.raises(LinearizeError, match=r"unknown SDPA backend\(s\) \['fast'\]: name some of flash, efficient, cudnn, math"):
+        benchmark(str(tmp_path / "not-loaded"), sdpa_backends=["flash", "fast"], progress=False)
+
+
+class SdpaOps(TorchDispatchMode):
+    """The SDPA kernels that ran: the CPU's fused one, or the math path's softmax."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.split(".")[0] in ("_scaled_dot_product_flash_attention_for_cpu", "_safe_softmax"):
+            self.seen.add(func.__name__.split(".")[0])
+        return func(*args, **(kwargs or {}))
+
+
+def test_sdpa_backends_order_every_models_attention_and_are_recorded(student):
+    """The teacher view's softmax layers take the CPU's fused SDPA by torch's own choice, and the math path when
+    sdpa_backends names it alone, in prefill and decode; the settings say which was asked."""
+    runs = {}
+    for backends in (None, ["math"]):
+        with SdpaOps() as ops:
+            results = benchmark(student, lengths=[20], decode_tokens=2, sdpa_backends=backends, name=STUDENT, progress=False)
+        runs[None if backends is None else tuple(backends)] = ops.seen, results.settings["sdpa_backends"]
+    assert runs == {None: ({"_scaled_dot_product_flash_attention_for_cpu"}, None), ("math",): ({"_safe_softmax"}, ["math"])}
 
 
 def test_a_chunked_prefill_goes_through_the_cache_chunk_by_chunk(student):
@@ -300,6 +327,10 @@ def test_bench_command_with_max_batch_and_compile(student, tmp_path, monkeypatch
     code, printed = run("--prefill-chunk", "0")
     assert code == 2 and printed.err.strip().splitlines()[-1] == (
         "error: a prefill chunk must be at least 1 token, got 0; pass e.g. --prefill-chunk 4096"
+    )
+    code, printed = run("--sdpa", "flash,fused")
+    assert code == 2 and printed.err.strip().splitlines()[-1] == (
+        "error: unknown SDPA backend(s) ['fused']: name some of flash, efficient, cudnn, math by priority, e.g. --sdpa flash,efficient,math"
     )
 
 

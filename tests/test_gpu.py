@@ -418,11 +418,11 @@ def later_chunk_memory(model, ids: torch.Tensor, prefix: int) -> tuple[int, torc
 
 
 def test_a_later_chunk_of_an_unpadded_batch_holds_one_mask_not_one_per_sequence(monkeypatch):
-    """bf16 on CUDA, batch 32: a 1,024-token chunk after 7,168 cached tokens. transformers' mask holds a boolean row
-    per sequence (32 x 1,024 x 8,192 bytes = 256 MiB), the batch's one mask 8 MiB; kept layers of both kinds raise the
-    peak by at least three quarters of the difference less (measured on an H200: 256 and 260 MiB less, beside some
-    320 MiB of the chunk's own cache growth and activations in both). Every chunked prefill's last logits are the
-    one-shot prefill's."""
+    """bf16 on CUDA, batch 32: a 1,024-token chunk after 7,168 cached tokens. transformers' mask, one per sequence,
+    raised the peak by a byte an element (32 x 1,024 x 8,192 bytes = 256 MiB) more than the batch's one mask on an
+    H200 (256 and 260 MiB, beside some 320 MiB of the chunk's own cache growth and activations in both); kept layers of
+    both kinds must save at least three quarters of that. Every chunked prefill's last logits are the one-shot
+    prefill's."""
     from linearize.hf.modeling_linearized import LinearizedForCausalLM
 
     tiny = tiny_model(dtype=torch.bfloat16, hidden_size=128, num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=8192)

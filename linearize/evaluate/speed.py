@@ -28,15 +28,21 @@ fixed memory limit: 131 against 203 sequences of 1024 tokens). Compare `decode_p
 
 With `max_batch`, each model and context also gets the largest batch that fits (see `largest_batch`): the row of
 decode throughput at that batch, marked `largest_batch`.
+
+`sdpa_backends` runs every model's prefill and decode under one order of SDPA backends (`torch.nn.attention.sdpa_kernel`
+with priority), teacher and student alike; the settings record it. On an H200 torch's own choice sent a decode step's
+SDPA calls to cuDNN, which builds an execution graph for every new key length (BENCHMARKS.md, nineteenth session).
 """
 
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from functools import partial
 from typing import Any, Callable, Sequence
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from linearize.decode import GraphDecoder
 from linearize.hf.cache import cache_keyword, returned_cache
@@ -53,6 +59,8 @@ WARMUP_CONTEXT = 16
 # Untimed decode steps before the timed ones on the fast paths: a compiled step recompiles at a new batch or length
 # (then as a dynamic size); GraphDecoder runs its warm-up steps eagerly so lazily made state exists before capture.
 WARM_STEPS = 2
+SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                 "math": SDPBackend.MATH}
 
 
 class Timer:
@@ -262,6 +270,18 @@ def largest_batch(attempt: Callable[[int], dict[str, Any]], start: int, cap: int
     return fits[max(fits)] | {"largest_batch": True, "limited_by": "memory" if fails else "cap"}
 
 
+def sdpa_order(names: Sequence[str] | None) -> list[SDPBackend] | None:
+    """SDPA backends named in priority order ("flash", "efficient", "cudnn", "math"), checked."""
+    if names is None:
+        return None
+    unknown = [name for name in names if name not in SDPA_BACKENDS]
+    if unknown or not names:
+        raise LinearizeError(
+            f"unknown SDPA backend(s) {unknown or names}: name some of {', '.join(SDPA_BACKENDS)} by priority, e.g. --sdpa flash,efficient,math"
+        )
+    return [SDPA_BACKENDS[name] for name in names]
+
+
 def benchmark(
     model: Any,
     tokenizer: Any = None,
@@ -280,6 +300,7 @@ def benchmark(
     bisect: bool = True,
     compile: bool = False,
     prefill_chunk: int | None = None,
+    sdpa_backends: Sequence[str] | None = None,
     progress: bool = True,
 ) -> Results:
     """Prefill and decode speed and memory of a model (and, for a converted model, its teacher via teacher_mode)
@@ -296,6 +317,8 @@ def benchmark(
     `prefill_chunk`: prefill through the cache this many tokens at a time (see `measure`), so that the largest batch
     is bounded by what decoding holds (the cache and one chunk's working set) rather than by a whole prompt's
     activations; every row records it.
+    `sdpa_backends`: SDPA backends by priority for every model ("flash", "efficient", "cudnn", "math"); None leaves
+    torch's own choice.
 
     Example:
         >>> results = benchmark("out/smollm2-hedgehog", lengths=[512, 2048, 8000], decode_tokens=64)
@@ -309,6 +332,7 @@ def benchmark(
         raise LinearizeError(f"the largest batch to try must be at least 1, got {max_batch}; pass e.g. --max-batch 512")
     if prefill_chunk is not None and prefill_chunk < 1:
         raise LinearizeError(f"a prefill chunk must be at least 1 token, got {prefill_chunk}; pass e.g. --prefill-chunk 4096")
+    backends = sdpa_order(sdpa_backends)
     device = resolve_device(device)
     scored = scored_models(
         model, tokenizer, teacher=teacher, name=name, dtype=default_dtype(dtype, device), device=device, need_tokenizer=False
@@ -327,11 +351,12 @@ def benchmark(
             bisect=bisect,
             compile=compile,
             prefill_chunk=prefill_chunk,
+            sdpa_backends=None if sdpa_backends is None else list(sdpa_backends),
         ),
         environment=environment(device),
     )
     searches = len(lengths) if max_batch else 0
-    with progress_bar(progress) as bar:
+    with progress_bar(progress) as bar, sdpa_kernel(backends, set_priority=True) if backends else nullcontext():
         for item in scored:
             results.add_model(item.entry)
             path = fastest_path(item) if compile else DecodePath(item.model)

@@ -228,7 +228,7 @@ class LinearizedForCausalLM(PreTrainedModel, GenerationMixin):
 
     def _one_mask_for_the_batch(self, cache: Cache | None, length: int, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
         """For a chunk after cached tokens, in a batch without padding, through kept SDPA layers: one causal mask
-        for every sequence (`chunk_causal_mask`), where transformers' holds a boolean mask per sequence (it capped
+        for every sequence (`chunk_causal_mask`), where transformers' builds one per sequence (it capped
         a hybrid's batch at 32K with 4K chunks; `tests/test_gpu.py` measures the difference). None where transformers'
         own mask is needed: padding, a first chunk or a decode step (no mask at all), sliding-window layers, another
         attention implementation."""
