@@ -349,7 +349,9 @@ if TRITON_PROBLEM is None:
         later = tl.load(cache + rows + 1, mask=in_d[:, None] & (taps[None, :] + 1 < TAPS - 1), other=0.0)
         shifted = tl.where(taps[None, :] == TAPS - 2, x[:, None], later)
         tl.debug_barrier()  # every past input is read (here and by the caller) before any is overwritten
-        tl.store(cache + rows, shifted, mask=in_d[:, None] & (taps[None, :] < TAPS - 1) & keep)
+        # `where`, not `& keep`: Triton 3.9's interpreter turns a scalar mask and'ed with a tensor one into int32,
+        # which its stores refuse.
+        tl.store(cache + rows, shifted, mask=tl.where(keep, in_d[:, None] & (taps[None, :] < TAPS - 1), False))
 
     @triton.jit
     def _conv_step(x, cache, weight, d, in_d, keep, TAPS: tl.constexpr, BLOCK_TAPS: tl.constexpr):
