@@ -28,8 +28,7 @@ from .mixers import Mixer, MixerCost, register_mixer
 def zero_centred_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """qwen3_5's RMSNorm: x / rms(x) * (1 + weight), computed in float32 (float64 for float64 inputs)."""
     acc = torch.promote_types(x.dtype, torch.float32)
-    normed = x.to(acc) * torch.rsqrt(x.to(acc).pow(2).mean(-1, keepdim=True) + eps)
-    return (normed * (1.0 + weight.to(acc))).type_as(x)
+    return F.rms_norm(x.to(acc), x.shape[-1:], 1.0 + weight.to(acc), eps).type_as(x)
 
 
 @dataclass

@@ -56,7 +56,7 @@ def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, ep
     """RMSNorm of x over its last dimension, times `weight`, times SiLU(gate): qwen3_5's `RMSNormGated` (in float32,
     or float64 for float64 inputs)."""
     dtype, acc = x.dtype, torch.promote_types(x.dtype, torch.float32)
-    normed = x.to(acc) * torch.rsqrt(x.to(acc).pow(2).mean(-1, keepdim=True) + eps)
+    normed = F.rms_norm(x.to(acc), x.shape[-1:], None, eps)
     return ((weight * normed.to(dtype)) * F.silu(gate.to(acc))).to(dtype)
 
 
