@@ -49,11 +49,14 @@ class Dispatches(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def measure(model, context: int, steps: int, trace: Path | None = None) -> dict:
+def measure(model, context: int, steps: int, trace: Path | None = None, as_generate: bool = False) -> dict:
     """Dispatches per layer of each kind in one decode step, and ms per decode step, whole and per kind (on CUDA the
     host's ms per kind, the whole step's waiting for the GPU). With `trace`, one more step runs under torch.profiler
     and `trace` gets its costliest ops by self CPU time (and GPU time), each grouped by the 5 Python frames that called
-    it: an op that waits for the GPU shows as self CPU time, and the frames name the line that calls it."""
+    it: an op that waits for the GPU shows as self CPU time, and the frames name the line that calls it.
+
+    A step passes the new token and the cache, as `linearize bench`'s loop does; `as_generate` also passes what
+    `generate()` passes: the attention mask of every token so far (all real) and the new token's position."""
     device = next(model.parameters()).device
     counter, spent, started, layers = Dispatches(), defaultdict(float), {}, Counter()
 
@@ -79,24 +82,35 @@ def measure(model, context: int, steps: int, trace: Path | None = None) -> dict:
             module.register_forward_hook(leave(kind))
     ids = torch.randint(0, model.get_input_embeddings().num_embeddings, (1, context), generator=torch.Generator().manual_seed(0)).to(device)
     keyword = cache_keyword(model)  # `cache` from transformers 5.24, where `past_key_values` warns
+    seen = context
+
+    def step(cache):
+        nonlocal seen
+        inputs = {}
+        if as_generate:
+            position = torch.tensor([seen], device=device)
+            inputs = dict(attention_mask=torch.ones(1, seen + 1, dtype=torch.long, device=device), position_ids=position[None], cache_position=position)
+        seen += 1
+        return returned_cache(model(token, **{keyword: cache}, use_cache=True, **inputs))
+
     with torch.no_grad():
         out = model(ids, use_cache=True)
         cache, token = returned_cache(out), out.logits[:, -1:].argmax(-1)
         for _ in range(3):  # warm-up steps
-            cache = returned_cache(model(token, **{keyword: cache}, use_cache=True))
+            cache = step(cache)
         sync(device)
         spent.clear()
         begin = time.perf_counter()
         for _ in range(steps):
-            cache = returned_cache(model(token, **{keyword: cache}, use_cache=True))
+            cache = step(cache)
         sync(device)
         step_ms = (time.perf_counter() - begin) / steps * 1000
         with counter:
-            cache = returned_cache(model(token, **{keyword: cache}, use_cache=True))
+            cache = step(cache)
         if trace is not None:
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
             with profile(activities=activities, with_stack=True) as prof:
-                model(token, **{keyword: cache}, use_cache=True)
+                step(cache)
                 sync(device)
             averages = prof.key_averages(group_by_stack_n=5)
             tables = [averages.table(sort_by=key, row_limit=40) for key in ("self_cpu_time_total", "self_device_time_total")[: 1 + (device.type == "cuda")]]
@@ -119,6 +133,8 @@ def main() -> None:
     parser.add_argument("--jsonl", default=None, help="append each model's result to this file as a JSON line")
     parser.add_argument("--trace", default=None, help="folder: one more decode step per model under torch.profiler, its "
                         "costliest ops (by self CPU and GPU time, grouped by calling line) into FOLDER/MODEL.txt")
+    parser.add_argument("--as-generate", action="store_true", help="pass each step the attention mask and position "
+                        "generate() passes (default: the token and the cache alone, as `linearize bench` decodes)")
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     for name in ["teacher", *args.recipes.split(",")]:
@@ -128,12 +144,13 @@ def main() -> None:
         if args.trace:
             Path(args.trace).mkdir(parents=True, exist_ok=True)
             trace = Path(args.trace) / f"{name}.txt"
-        result = measure(model, args.context, args.steps, trace)
+        result = measure(model, args.context, args.steps, trace, args.as_generate)
         kinds = ", ".join(f"{kind} x {r['count']}: {r['dispatches']:.0f} dispatches, {r['ms']:.2f} ms" for kind, r in result["layers"].items())
         print(f"{name}: {result['step_ms']:.1f} ms per step; per layer: {kinds}; outside the layers: {result['dispatches_outside_layers']}", flush=True)
         if args.jsonl:
             with open(args.jsonl, "a") as out:
-                out.write(json.dumps({"model": name, "device": args.device, "dtype": args.dtype, "context": args.context, **result}) + "\n")
+                out.write(json.dumps({"model": name, "device": args.device, "dtype": args.dtype, "context": args.context,
+                                      "as_generate": args.as_generate, **result}) + "\n")
 
 
 if __name__ == "__main__":

@@ -65,3 +65,17 @@ def test_cpu_decode_keeps_each_models_fastest_round():
     second = Results(records=[speed("s", 11.0), speed("transformers teacher of s", 9.0)])
     best = {r["model"]: r["decode_tokens_per_s"] for r in cpu_decode.fastest([first, second]).of("speed")}
     assert best == {"s": 12.0, "transformers teacher of s": 9.0}
+
+
+@pytest.mark.parametrize("as_generate", [False, True])
+def test_a_measured_step_passes_what_generate_passes_only_when_asked(as_generate):
+    decode_dispatches = load("decode_dispatches")
+    model = linearize.convert(tiny_model(num_hidden_layers=2), "gated_deltanet", keep_attention=[1]).eval()
+    steps = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: steps.append(kwargs), with_kwargs=True)
+    decode_dispatches.measure(model, context=16, steps=2, as_generate=as_generate)
+    decode = steps[1:]  # after the prefill: 3 warm-up steps, 2 timed, 1 counted
+    assert len(decode) == 6
+    seen = [(k["attention_mask"].shape[1], k["position_ids"].item(), k["cache_position"].item()) for k in decode] if as_generate else []
+    assert seen == ([(17 + i, 16 + i, 16 + i) for i in range(6)] if as_generate else [])
+    assert all(("attention_mask" in k) == as_generate for k in decode)
