@@ -40,7 +40,9 @@
 #                                             # own: seven recipes' distillation and their serving do not fit one call)
 #   bash benchmarks/h100_session.sh students_serve  # (after students, still warm) serving_speed.py of every saved
 #                                             # student beside the GGUF teacher (STUDENT_BENCH, BENCH_S), then
-#                                             # decode_dispatches.py on CUDA (HOST: its --recipes, or none; HOST_S)
+#                                             # decode_dispatches.py on CUDA (HOST: its --recipes, or none; HOST_S),
+#                                             # a step as bench's loop and as generate() call it, each step profiled
+#                                             # once per model into $OUT/host and $OUT/host_generate
 #   bash benchmarks/h100_session.sh batch     # (after students, still warm) `linearize bench` of the teacher and the
 #                                             # students BATCH_STUDENTS (default lolcats; BATCH: its arguments, default
 #                                             # decode throughput at 32K at the largest batch up to 1,024 that fits,
@@ -212,9 +214,11 @@ students_serve)
   serve_students
   host=${HOST:-lolcats,hybrid_gdn,hybrid_qwen3_5}
   if [ "$host" != none ]; then  # an eager decode step's host time per layer kind
-    timeout "${HOST_S:-150}" python3 benchmarks/decode_dispatches.py --device cuda --dtype bfloat16 --teacher /tmp/smollm2.gguf \
-      --recipes "$host" --context 2048 --steps 30 --jsonl "$OUT/host.jsonl" --trace "$OUT/host" > "$OUT/host.log" 2>&1
-    echo "exit $?" >> "$OUT/host.log"
+    for inputs in "" --as-generate; do  # the step as bench's loop calls it, then as generate() does
+      timeout "${HOST_S:-150}" python3 benchmarks/decode_dispatches.py --device cuda --dtype bfloat16 --teacher /tmp/smollm2.gguf \
+        --recipes "$host" --context 2048 --steps 30 --jsonl "$OUT/host.jsonl" --trace "$OUT/host${inputs:+_generate}" $inputs >> "$OUT/host.log" 2>&1
+      echo "exit $? ${inputs}" >> "$OUT/host.log"
+    done
   fi
   ;;
 batch)  # (after students, still warm) `linearize bench` of the GGUF teacher and the students BATCH_STUDENTS, with BATCH's
