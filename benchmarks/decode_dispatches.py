@@ -27,13 +27,13 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from cpu_decode import recipe_student  # benchmarks/, first on the path when run as a script
 from linearize import load_teacher
 from linearize.hf.cache import cache_keyword, returned_cache
-from serving_speed import sync
+from serving_speed import profiled_activities, sync, write_costliest
 
 
 class Dispatches(TorchDispatchMode):
@@ -108,13 +108,10 @@ def measure(model, context: int, steps: int, trace: Path | None = None, as_gener
         with counter:
             cache = step(cache)
         if trace is not None:
-            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-            with profile(activities=activities, with_stack=True) as prof:
+            with profile(activities=profiled_activities(device), with_stack=True) as prof:
                 step(cache)
                 sync(device)
-            averages = prof.key_averages(group_by_stack_n=5)
-            tables = [averages.table(sort_by=key, row_limit=40) for key in ("self_cpu_time_total", "self_device_time_total")[: 1 + (device.type == "cuda")]]
-            trace.write_text("\n\n".join(tables))
+            write_costliest(prof.key_averages(group_by_stack_n=5), device, trace, rows=40)
     return {
         "step_ms": step_ms,
         "dispatches_outside_layers": counter.calls["other"],

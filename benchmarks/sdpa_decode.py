@@ -35,10 +35,12 @@ from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
-NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+from linearize.evaluate.speed import sdpa_order
+
+NO_CUDNN = sdpa_order(["flash", "efficient", "math"])  # as `linearize bench --sdpa flash,efficient,math` orders them
 
 
 def call(layout: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -91,13 +91,24 @@ def floor_bytes(model, ids) -> int:
     return weights + state
 
 
+def profiled_activities(device) -> list[ProfilerActivity]:
+    """What torch.profiler records on `device`: the host's ops, and on CUDA the kernels."""
+    return [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+
+
+def write_costliest(averages, device, path: Path, rows: int = 30) -> None:
+    """`path` gets the `rows` costliest of a profile's `averages` by self CPU time, and on CUDA by GPU time too."""
+    keys = ("self_cpu_time_total", "self_device_time_total")[: 1 + (device.type == "cuda")]
+    path.write_text("\n\n".join(averages.table(sort_by=key, row_limit=rows) for key in keys))
+
+
 @torch.no_grad()
 def traced(model, settings: dict, new_tokens: int, device, path: Path) -> dict:
     """Where a decode step's time goes: generate() under torch.profiler, with the timed call's tokens and with one, the
     difference per token of the GPU kernels run, their milliseconds and the CUDA-graph launches, and the longer call's
     wall milliseconds per decode step (the profiler's overhead included; read between its tokens, `StepClock`, so the
     two calls' prefills do not enter it). `path` gets the longer call's costliest ops by self CPU time and by GPU time."""
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    activities = profiled_activities(device)
     calls = {}
     for tokens in (1, new_tokens + 1):
         clock = StepClock(device)
@@ -107,10 +118,7 @@ def traced(model, settings: dict, new_tokens: int, device, path: Path) -> dict:
         kernels = [e for e in events if e.device_type == DeviceType.CUDA]
         calls[tokens] = {"kernels": len(kernels), "kernel_ms": sum(e.time_range.elapsed_us() for e in kernels) / 1e3,
                          "graph_launches": sum(e.name == "cudaGraphLaunch" for e in events)}
-    tables = [prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)]
-    if device.type == "cuda":
-        tables.append(prof.key_averages().table(sort_by="self_device_time_total", row_limit=30))
-    path.write_text("\n\n".join(tables))
+    write_costliest(prof.key_averages(), device, path)
     cost = {f"{key}_per_token": (calls[new_tokens + 1][key] - calls[1][key]) / new_tokens for key in calls[1]}
     return {"wall_ms_per_token": 1e3 * (clock.times[-1] - clock.times[0]) / new_tokens, **cost}
 
@@ -120,18 +128,13 @@ def traced_prefill(model, ids: torch.Tensor, device, path: Path) -> dict:
     """Where a prefill's time goes: one uncached forward over `ids` (one position's logits, as timed) under
     torch.profiler: wall and GPU kernel milliseconds, kernels run, and `path` gets its costliest ops by self CPU time and
     by GPU time, each grouped by the last 5 Python frames that called it (which mixer, which line)."""
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities, with_stack=True) as prof:
+    with profile(activities=profiled_activities(device), with_stack=True) as prof:
         start = time.perf_counter()
         model(input_ids=ids, use_cache=False, logits_to_keep=1)
         sync(device)
         wall = time.perf_counter() - start
     kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
-    averages = prof.key_averages(group_by_stack_n=5)
-    tables = [averages.table(sort_by="self_cpu_time_total", row_limit=30)]
-    if device.type == "cuda":
-        tables.append(averages.table(sort_by="self_device_time_total", row_limit=30))
-    path.write_text("\n\n".join(tables))
+    write_costliest(prof.key_averages(group_by_stack_n=5), device, path)
     return {"wall_ms": wall * 1e3, "kernels": len(kernels), "kernel_ms": sum(e.time_range.elapsed_us() for e in kernels) / 1e3}
 
 
