@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import nullcontext
 
 import matplotlib.image
 import pytest
@@ -227,6 +228,19 @@ def test_sdpa_backends_order_every_models_attention_and_are_recorded(student):
             results = benchmark(student, lengths=[20], decode_tokens=2, sdpa_backends=backends, name=STUDENT, progress=False)
         runs[None if backends is None else tuple(backends)] = ops.seen, results.settings["sdpa_backends"]
     assert runs == {None: ({"_scaled_dot_product_flash_attention_for_cpu"}, None), ("math",): ({"_safe_softmax"}, ["math"])}
+
+
+def test_every_views_eager_decode_runs_under_decode_attention(student, monkeypatch):
+    """The teacher view and the student decode their steps under the SDPA order converted models use in generate()
+    (on CUDA: flash and efficient before cuDNN); the settings record that order on CUDA only."""
+    steps = []
+    monkeypatch.setattr(speed, "decode_attention", lambda device, length: steps.append((str(device), length)) or nullcontext())
+    results = benchmark(student, lengths=[20], decode_tokens=2, name=STUDENT, progress=False)
+    # per view: the warm-up's untimed step and its 2 steps, then the measured untimed step and 2 steps, one loop each
+    assert steps == [("cpu", 1)] * 8
+    assert results.settings["decode_sdpa"] is None
+    assert speed.decode_sdpa_names(None) == ["flash", "efficient", "cudnn", "math"]
+    assert speed.decode_sdpa_names(speed.sdpa_order(["math", "cudnn"])) == ["cudnn", "math"]
 
 
 def test_a_chunked_prefill_goes_through_the_cache_chunk_by_chunk(student):

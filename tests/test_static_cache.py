@@ -2,11 +2,16 @@
 keep one shape and address, and transformers' compiled decode step traces once for all steps. And a chunked prefill
 (`generate(..., prefill_chunk_size=N)`) gives one prefill's tokens."""
 
+from contextlib import nullcontext
+
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import CompileConfig
 
 from linearize import LinearizeError
+from linearize.hf import modeling_linearized
+from linearize.hf.attention import decode_attention
 from linearize.hf.cache import MixerState, returned_cache
 from tests.test_mixers import CONSTANT_STATE, MIXER_CASES, converted
 from tests.tiny import left_padded, random_ids
@@ -131,3 +136,35 @@ def test_a_static_cache_is_not_reused_across_batch_sizes_nor_when_returned():
     assert model._static_cache[2] is not kept
     returned = model.generate(**one, cache_implementation="static", return_dict_in_generate=True)
     assert returned_cache(returned) is not model._static_cache[2]
+
+
+def sdpa_priority() -> list[SDPBackend]:
+    return [SDPBackend(value) for value in torch._C._get_sdp_priority_order()]
+
+
+def test_an_eager_decode_step_on_cuda_prefers_flash_and_efficient_to_cudnn():
+    """cuDNN builds an execution graph for every new key length (BENCHMARKS.md, twentieth session): a single-token
+    step on CUDA orders flash, efficient, cuDNN, math; a prefill, a CPU step and the backends a caller enabled are
+    left as they are."""
+    default = sdpa_priority()
+    for device, length in (("cpu", 1), ("cuda", 7)):
+        with decode_attention(device, length):
+            assert sdpa_priority() == default
+    flash, efficient, cudnn, math = SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH
+    with decode_attention(torch.device("cuda"), 1):
+        assert sdpa_priority()[:4] == [flash, efficient, cudnn, math]
+    assert sdpa_priority() == default
+    with sdpa_kernel([math, cudnn], set_priority=True), decode_attention("cuda", 1):
+        assert sdpa_priority()[:2] == [cudnn, math]
+        assert torch.backends.cuda.cudnn_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
+        assert not torch.backends.cuda.flash_sdp_enabled() and not torch.backends.cuda.mem_efficient_sdp_enabled()
+
+
+@pytest.mark.parametrize("name", ["attention", "qwen3_5_attention"])
+def test_a_converted_model_runs_each_forward_under_decode_attention(name, monkeypatch):
+    """generate() of a model with softmax layers: the prefill and every single-token step go through
+    `decode_attention` with the model's device and the step's length."""
+    seen = []
+    monkeypatch.setattr(modeling_linearized, "decode_attention", lambda device, length: seen.append((str(device), length)) or nullcontext())
+    converted(name).generate(**padded_settings(new_tokens=3))
+    assert seen == [("cpu", 12), ("cpu", 1), ("cpu", 1)]

@@ -31,7 +31,9 @@ decode throughput at that batch, marked `largest_batch`.
 
 `sdpa_backends` runs every model's prefill and decode under one order of SDPA backends (`torch.nn.attention.sdpa_kernel`
 with priority), teacher and student alike; the settings record it. On an H200 torch's own choice sent a decode step's
-SDPA calls to cuDNN, which builds an execution graph for every new key length (BENCHMARKS.md, nineteenth session).
+SDPA calls to cuDNN, which builds an execution graph for every new key length (BENCHMARKS.md, nineteenth and twentieth
+sessions): eager decode steps, a teacher's as transformers runs it included, prefer flash and efficient attention to
+cuDNN among the enabled backends (`linearize.hf.attention.decode_attention`, what converted models do in `generate()`).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from linearize.decode import GraphDecoder
+from linearize.hf.attention import DECODE_SDPA_ORDER, decode_attention
 from linearize.hf.cache import cache_keyword, returned_cache
 from linearize.hf.errors import LinearizeError
 from linearize.hf.mixers import mixers_in
@@ -105,10 +108,13 @@ class StepLoop:
         self.run(warm_steps)
 
     def run(self, steps: int) -> None:
-        for _ in range(steps):
-            out = self.forward(input_ids=self.token, **{self.keyword: self.cache}, use_cache=True)
-            self.cache = returned_cache(out)
-            self.token = out.logits[:, -1:].argmax(-1)
+        # A teacher as transformers runs it decodes under the converted models' SDPA order too: the rows then compare
+        # models, not cuDNN's graph builds (one per new key length).
+        with decode_attention(self.token.device, 1):
+            for _ in range(steps):
+                out = self.forward(input_ids=self.token, **{self.keyword: self.cache}, use_cache=True)
+                self.cache = returned_cache(out)
+                self.token = out.logits[:, -1:].argmax(-1)
 
 
 class GraphLoop:
@@ -282,6 +288,12 @@ def sdpa_order(names: Sequence[str] | None) -> list[SDPBackend] | None:
     return [SDPA_BACKENDS[name] for name in names]
 
 
+def decode_sdpa_names(backends: Sequence[SDPBackend] | None) -> list[str]:
+    """The SDPA backends an eager decode step orders (`decode_attention`), by name, of `backends` (None: all)."""
+    names = {backend: name for name, backend in SDPA_BACKENDS.items()}
+    return [names[backend] for backend in DECODE_SDPA_ORDER if backends is None or backend in backends]
+
+
 def benchmark(
     model: Any,
     tokenizer: Any = None,
@@ -352,6 +364,7 @@ def benchmark(
             compile=compile,
             prefill_chunk=prefill_chunk,
             sdpa_backends=None if sdpa_backends is None else list(sdpa_backends),
+            decode_sdpa=decode_sdpa_names(backends) if device.startswith("cuda") else None,
         ),
         environment=environment(device),
     )

@@ -7,16 +7,29 @@ how a family that computes attention some other way is refused instead of silent
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .errors import LinearizeError
 
 ATTENTION_NAMES = ("self_attn", "attention", "attn", "self_attention")
 OUTPUT_NAMES = ("o_proj", "dense", "out_proj")
 NORM_NAMES = (("q_norm", "k_norm"), ("q_layernorm", "k_layernorm"))
+# A decode step's SDPA backends by priority. On an H200 (torch 2.11) torch's own choice for one query is cuDNN, which
+# builds an execution graph for every new key length: 37-66 ms of host time a call, against 37-70 us for flash
+# (`benchmarks/sdpa_decode.py`, BENCHMARKS.md, twentieth session). A single query has no causal structure for cuDNN to
+# win on; with a mask (padding), flash declines and memory-efficient attention runs.
+DECODE_SDPA_ORDER = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH)
+_SDPA_ENABLED = {
+    SDPBackend.FLASH_ATTENTION: torch.backends.cuda.flash_sdp_enabled,
+    SDPBackend.EFFICIENT_ATTENTION: torch.backends.cuda.mem_efficient_sdp_enabled,
+    SDPBackend.CUDNN_ATTENTION: torch.backends.cuda.cudnn_sdp_enabled,
+    SDPBackend.MATH: torch.backends.cuda.math_sdp_enabled,
+}
 SUPPORTED = (
     "separate q_proj/k_proj/v_proj or fused qkv_proj / GPT-NeoX query_key_value projections, an o_proj/dense "
     "output, optional per-head or full-width q/k norms, rotate-half RoPE (full or partial)"
@@ -144,6 +157,16 @@ def chunk_causal_mask(length: int, past: int, kv_length: int, device: torch.devi
     4K chunk at 32K in bf16, and this one that once.
     """
     return (torch.arange(kv_length, device=device) <= torch.arange(past, past + length, device=device)[:, None])[None, None]
+
+
+def decode_attention(device: torch.device | str, length: int) -> AbstractContextManager:
+    """The SDPA backends for a forward of `length` new tokens on `device`: for an eager single-token step on CUDA,
+    the backends enabled now (a caller's `sdpa_kernel` stays in force) in `DECODE_SDPA_ORDER`; otherwise torch's own
+    choice. A compiled step keeps torch's: its key length is fixed, so cuDNN builds its graph once."""
+    if torch.device(device).type != "cuda" or length != 1 or torch.compiler.is_compiling():
+        return nullcontext()
+    enabled = [backend for backend in DECODE_SDPA_ORDER if _SDPA_ENABLED[backend]()]
+    return sdpa_kernel(enabled, set_priority=True) if enabled else nullcontext()
 
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, position_embeddings) -> tuple[torch.Tensor, torch.Tensor]:

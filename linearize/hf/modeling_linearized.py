@@ -18,7 +18,7 @@ from transformers.cache_utils import Cache
 from transformers.generation.configuration_utils import ALL_STATIC_CACHE_IMPLEMENTATIONS
 from transformers.dynamic_module_utils import get_relative_import_files
 
-from .attention import attention_slot, chunk_causal_mask, decoder_layers
+from .attention import attention_slot, chunk_causal_mask, decode_attention, decoder_layers
 from .cache import OUTPUT_CACHE_FIELD, LinearizedCache, cache_keyword
 from .configuration_linearized import LinearizedConfig
 from .errors import LinearizeError
@@ -276,7 +276,8 @@ class LinearizedForCausalLM(PreTrainedModel, GenerationMixin):
         **kwargs,
     ):
         """The teacher's forward with this model's cache. `cache` is `past_key_values` before transformers 5.24;
-        either name is taken, and the inner model gets the one the installed version expects."""
+        either name is taken, and the inner model gets the one the installed version expects. A single-token step on
+        CUDA runs its softmax layers' SDPA under `decode_attention`'s order (flash before cuDNN)."""
         if cache is not None and past_key_values is not None and cache is not past_key_values:
             raise LinearizeError("got both cache and past_key_values; pass the cache once, as cache")
         if use_cache is None:
@@ -294,16 +295,17 @@ class LinearizedForCausalLM(PreTrainedModel, GenerationMixin):
         elif (shared := self._one_mask_for_the_batch(cache, length, attention_mask)) is not None:
             attention_mask = shared
         kwargs[self._cache_keyword] = cache
-        return self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            labels=labels,
-            use_cache=use_cache,
-            logits_to_keep=logits_to_keep,
-            **kwargs,
-        )
+        with decode_attention(self.device, length):
+            return self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                inputs_embeds=inputs_embeds,
+                labels=labels,
+                use_cache=use_cache,
+                logits_to_keep=logits_to_keep,
+                **kwargs,
+            )
 
 
 def register_auto_classes() -> None:
