@@ -13,8 +13,11 @@ project's layers call it with:
 
 each under torch's own choice of backend and with cuDNN left out (`sdpa_kernel` with flash, efficient and math in
 that priority). Keys are views of a buffer with room, as `RoomyLayer` keeps them, contiguous copies, or views of a
-(B, S, H, D) buffer ("bshd"). Per row: host microseconds per call (the calls queued, not waited for), microseconds per
-call with the GPU waited for at the end, and the backend torch ran (from the profiler's op names).
+(B, S, H, D) buffer ("bshd"). cuDNN keeps the graphs it builds for the process: every growing row meets key lengths
+no row before it used, and a fixed row's warm-up builds its one shape first (`row_lengths`; in the twentieth session's
+run, before this, rows of one layout shared lengths). Per row: host microseconds per call (the calls queued, not
+waited for), microseconds per call with the GPU waited for at the end, and the backend torch ran (from the
+profiler's op names).
 
 torch's cuDNN attention (aten/src/ATen/native/cudnn/MHA.cpp) caches one execution graph per key of q, k and v's sizes
 and strides, so every new key length builds a graph; with TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1 (experimental, read once
@@ -56,14 +59,27 @@ def call(layout: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
 STORAGES = ("room view", "contiguous", "bshd")
 
 
-def keys(context: int, steps: int, grow: bool, storage: str, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Keys and values (1, 3, S, 64) for each call: S growing by one position per call or fixed at `context`; views of
-    one (B, H, S, D) buffer with room for every step, contiguous copies, or views of one (B, S, H, D) buffer."""
-    lengths = [context + i if grow else context for i in range(steps)]
+WARM_CALLS = 4
+
+
+def row_lengths(context: int, steps: int, row: int, grow: bool) -> tuple[list[int], list[int]]:
+    """Key lengths of row `row`'s untimed warm-up calls and timed calls. cuDNN keeps its graphs for the whole process,
+    so each row starts `steps + 2 * WARM_CALLS` positions after the one before: a growing row meets only lengths no
+    row has used (the cost a decode step pays), its warm-up others again; a fixed row's warm-up is its timed shape,
+    so its calls find a graph built (a repeated shape)."""
+    first = context + row * (steps + 2 * WARM_CALLS)
+    if not grow:
+        return [first] * WARM_CALLS, [first] * steps
+    return [first - WARM_CALLS - i for i in range(WARM_CALLS)], [first + i for i in range(steps)]
+
+
+def keys(lengths: list[int], storage: str, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Keys and values (1, 3, S, 64) for each length S: views of one (B, H, S, D) buffer with room for the longest,
+    contiguous copies, or views of one (B, S, H, D) buffer."""
     if storage == "bshd":
-        full = torch.randn(2, 1, context + steps, 3, 64, device=device, dtype=torch.bfloat16).transpose(2, 3)
+        full = torch.randn(2, 1, max(lengths), 3, 64, device=device, dtype=torch.bfloat16).transpose(2, 3)
     else:
-        full = torch.randn(2, 1, 3, context + steps, 64, device=device, dtype=torch.bfloat16)
+        full = torch.randn(2, 1, 3, max(lengths), 64, device=device, dtype=torch.bfloat16)
     views = [(full[0, :, :, :n], full[1, :, :, :n]) for n in lengths]
     return [(k.contiguous(), v.contiguous()) for k, v in views] if storage == "contiguous" else views
 
@@ -75,10 +91,10 @@ def backend_ran(layout: str, q, k, v) -> str:
     return ",".join(sorted(set(names))) or "math"
 
 
-def measure(layout: str, no_cudnn: bool, grow: bool, storage: str, context: int, steps: int, device) -> dict:
+def measure(layout: str, no_cudnn: bool, grow: bool, storage: str, context: int, steps: int, row: int, device) -> dict:
     q = torch.randn(1, 9, 1, 64, device=device, dtype=torch.bfloat16)
-    warm = keys(context - 8, 4, grow, storage, device)
-    timed = keys(context, steps, grow, storage, device)
+    warm_lengths, timed_lengths = row_lengths(context, steps, row, grow)
+    warm, timed = keys(warm_lengths, storage, device), keys(timed_lengths, storage, device)
     with sdpa_kernel(NO_CUDNN, set_priority=True) if no_cudnn else nullcontext():
         for k, v in warm:
             call(layout, q, k, v)
@@ -104,16 +120,15 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("sdpa_decode.py measures CUDA's SDPA backends; run it on a machine with a GPU")
     device = torch.device("cuda")
-    for layout in ("gqa", "packed", "masked"):
-        for no_cudnn in (False, True):
-            for grow in (True, False):
-                for storage in STORAGES:
-                    row = measure(layout, no_cudnn, grow, storage, args.context, args.steps, device)
-                    print(f"{layout:6s} {row['backends']:14s} {row['keys']:7s} {row['storage']:10s}: "
-                          f"host {row['host_us_per_call']:8.1f} us, total {row['us_per_call']:8.1f} us per call; {row['ran']}", flush=True)
-                    if args.out:
-                        with open(args.out, "a") as out:
-                            out.write(json.dumps(row) + "\n")
+    cases = [(layout, no_cudnn, grow, storage) for layout in ("gqa", "packed", "masked") for no_cudnn in (False, True)
+             for grow in (True, False) for storage in STORAGES]
+    for index, (layout, no_cudnn, grow, storage) in enumerate(cases):
+        row = measure(layout, no_cudnn, grow, storage, args.context, args.steps, index, device)
+        print(f"{layout:6s} {row['backends']:14s} {row['keys']:7s} {row['storage']:10s}: "
+              f"host {row['host_us_per_call']:8.1f} us, total {row['us_per_call']:8.1f} us per call; {row['ran']}", flush=True)
+        if args.out:
+            with open(args.out, "a") as out:
+                out.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":

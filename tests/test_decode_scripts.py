@@ -48,6 +48,25 @@ def test_the_sdpa_layouts_timed_compute_the_same_attention(length):
     torch.testing.assert_close(sdpa_decode.call("masked", q, k, v), expected)
 
 
+def test_each_growing_sdpa_row_meets_key_lengths_no_row_before_it_used():
+    """cuDNN keeps its graphs for the process: a growing row timed on lengths an earlier row built would time cache
+    hits, not a decode step's build; a fixed row's warm-up is its own shape, so it times hits only."""
+    sdpa_decode = load("sdpa_decode")
+    used = set()
+    for row in range(12):
+        grow = row % 2 == 0
+        warm, timed = sdpa_decode.row_lengths(2048, 50, row, grow)
+        assert len(timed) == 50 and len(warm) == sdpa_decode.WARM_CALLS
+        if grow:
+            assert timed == list(range(timed[0], timed[0] + 50)) and not used & set(timed) and not set(warm) & set(timed)
+        else:
+            assert set(warm) == set(timed) == {timed[0]}
+        used |= set(warm) | set(timed)
+    assert min(used) > 0
+    k, v = sdpa_decode.keys([5, 9], "bshd", "cpu")[1]
+    assert k.shape == v.shape == (1, 3, 9, 64) and k.stride(1) == 64
+
+
 def speed(model: str, rate: float) -> dict:
     return {"model": model, "kind": "speed", "context": 2048, "batch": 1, "decode_tokens_per_s": rate}
 
