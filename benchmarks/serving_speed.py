@@ -11,8 +11,9 @@ The teacher is the first student's own weights under `teacher_mode` (softmax eve
 Per model, cache and context, batch 1: prefill tokens/s, greedy decode tokens/s through `model.generate()` (read
 inside the call from each new token's time, the fastest of `--repeats` calls, and the median step), the peak memory,
 and the memory-bandwidth floor (weights plus the state after the prompt, read once per token, at `--bandwidth`
-bytes/s; 4.8e12 is the H200's HBM3e). Each row is a JSON line on stdout and in --out as it is
-measured (a run cut short keeps what it measured).
+bytes/s; 4.8e12 is the H200's HBM3e). The warm-up runs at the timed calls' prompt, so kernels compile outside the
+timing; `--fresh-lengths` times each call (and the trace) at a prompt length not used before (`fresh_prompt_lengths`).
+Each row is a JSON line on stdout and in --out as it is measured (a run cut short keeps what it measured).
 
     python benchmarks/serving_speed.py --device cuda --lengths 2048,8192,32768 --out serving.jsonl \\
         --mixers gated_deltanet:window=64,hedgehog_swa:window=64,gla,qwen3_5
@@ -153,15 +154,29 @@ class StepClock(StoppingCriteria):
         return torch.zeros((input_ids.shape[0],), dtype=torch.bool, device=input_ids.device)
 
 
+def fresh_prompt_lengths(context: int, new_tokens: int, repeats: int) -> list[int]:
+    """Prompt lengths for `repeats` timed calls whose key lengths neither the warm-up (a `context`-token prompt) nor
+    another timed call reached: SDPA's cuDNN backend builds a graph for every new key length and keeps it, so calls at
+    the warm-up's own lengths time cached graphs, which a user's new prompt length does not find. Steps of 16
+    positions keep Triton's specialisation of a length that 16 divides."""
+    stride = 16 * -(-(new_tokens + 2) // 16)
+    return [context + stride * (i + 1) for i in range(repeats)]
+
+
 @torch.no_grad()
 def measure(
-    model, context: int, new_tokens: int, cache: str, device, bandwidth: float, trace: Path | None = None, repeats: int = 3
+    model, context: int, new_tokens: int, cache: str, device, bandwidth: float, trace: Path | None = None, repeats: int = 3,
+    fresh: bool = False,
 ) -> dict:
-    ids = torch.randint(0, model.config.get_text_config().vocab_size, (1, context), generator=torch.Generator().manual_seed(0)).to(device)
+    # the timed calls' prompt lengths, then the trace's
+    *prompts, traced_prompt = fresh_prompt_lengths(context, new_tokens, repeats + 1) if fresh else [context] * (repeats + 1)
+    vocab = model.config.get_text_config().vocab_size
+    longest = torch.randint(0, vocab, (1, traced_prompt), generator=torch.Generator().manual_seed(0)).to(device)
+    ids = longest[:, :context]
     settings = dict(input_ids=ids, max_new_tokens=new_tokens + 1, min_new_tokens=new_tokens + 1, do_sample=False)
     if cache == "static":
         settings["cache_implementation"] = "static"
-    # Warm-up first, at the timed calls' own lengths: kernels compile (Triton, fla) on their first call at each shape,
+    # Warm-up first, at the context's prompt (the timed calls' own unless fresh): kernels compile (Triton, fla) on their first call at each shape,
     # and a static cache's decode step compiles (and records its CUDA graphs) on its first calls: their time is
     # warmup_seconds, compilation included.
     start = time.perf_counter()
@@ -180,10 +195,10 @@ def measure(
     prefill = time.perf_counter() - start
     before = compile_counts()
     calls = []
-    for _ in range(repeats):
+    for prompt in prompts:
         clock = StepClock(device)
         start = time.perf_counter()
-        model.generate(**settings, stopping_criteria=StoppingCriteriaList([clock]))
+        model.generate(**settings | {"input_ids": longest[:, :prompt]}, stopping_criteria=StoppingCriteriaList([clock]))
         calls.append((clock.times[-1] - start, clock.times[0] - start, clock.times))
     # the call whose decode was fastest (the least disturbed by other work)
     total, first, times = min(calls, key=lambda call: call[0] - call[1])
@@ -194,10 +209,10 @@ def measure(
            "decode_tokens_per_s": new_tokens / max(total - first, 1e-9),
            "decode_step_ms_median": 1e3 * statistics.median(later - before for before, later in zip(times, times[1:])),
            "generate_seconds": total, "first_token_seconds": first, "warmup_seconds": warmup, "repeats": repeats,
-           "peak_bytes": peak, "timed_call": during,
+           "peak_bytes": peak, "timed_call": during, "timed_prompt_lengths": prompts,
            "floor_bytes_per_token": floor, "floor_tokens_per_s": bandwidth / floor}
     if trace is not None:
-        row["trace"] = traced(model, settings, new_tokens, device, trace)
+        row["trace"] = traced(model, settings | {"input_ids": longest[:, :traced_prompt]}, new_tokens, device, trace)
         row["prefill_trace"] = traced_prefill(model, ids, device, trace.with_name(f"{trace.stem}-prefill.txt"))
     return row
 
@@ -270,6 +285,9 @@ def main():
     parser.add_argument("--lengths", default="2048,16384")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3, help="timed generate() calls per row; the fastest decode is kept")
+    parser.add_argument("--fresh-lengths", action="store_true", help="time each generate() at a prompt length that "
+                        "neither the warm-up nor another timed call used (dynamic cache only), as a user's new prompt "
+                        "meets SDPA's cuDNN graphs unbuilt; the prefill is still timed at the context")
     parser.add_argument("--bandwidth", type=float, default=4.8e12, help="memory bandwidth in bytes/s for the floor")
     parser.add_argument("--out", default=None)
     parser.add_argument("--trace", default=None, help="folder: after each timed generate(), profile it (torch.profiler) and "
@@ -309,6 +327,8 @@ def run(args):
     caches = args.caches.split(",")
     if not set(caches) <= set(CACHES):
         raise SystemExit(f"--caches takes {' or '.join(CACHES)}, got {args.caches!r}")
+    if args.fresh_lengths and caches != ["dynamic"]:
+        raise SystemExit("--fresh-lengths needs --caches dynamic: a static cache sized to each new length compiles again")
     if args.students:
         models = {path: AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval() for path in args.students.split(",")}
     else:
@@ -329,7 +349,8 @@ def run(args):
         for cache in caches:
 
             def timed(model, name: str) -> dict:
-                return measure(model, context, args.new_tokens, cache, device, args.bandwidth, trace(name, context, cache), args.repeats)
+                return measure(model, context, args.new_tokens, cache, device, args.bandwidth, trace(name, context, cache), args.repeats,
+                               args.fresh_lengths)
 
             rows = {name: timed(model, name) for name, model in models.items()}
             if teacher is not None:

@@ -1,4 +1,5 @@
-"""benchmarks/serving_speed.py's trace: a decode step's cost per token from two profiled generate() calls."""
+"""benchmarks/serving_speed.py's trace: a decode step's cost per token from two profiled generate() calls; its timed calls
+at prompt lengths the warm-up did not reach (`--fresh-lengths`)."""
 
 import importlib.util
 
@@ -91,3 +92,29 @@ def test_the_decode_rate_is_read_inside_generate_from_each_tokens_time(monkeypat
     assert row["decode_step_ms_median"] == pytest.approx(10.0)
     assert row["first_token_seconds"] == pytest.approx(1.0) and row["generate_seconds"] == pytest.approx(1.03)
     assert not any(grad)  # an uncached prefill with autograd on would keep every activation (its peak memory, its time)
+
+
+def test_fresh_lengths_time_every_call_at_key_lengths_not_reached_before(tmp_path):
+    """cuDNN keeps a graph per key length: with fresh lengths no timed generate() (nor the trace) decodes at a key
+    length that the warm-up or an earlier call reached; without, every call repeats the warm-up's prompt."""
+    model = linearize.convert(tiny_model(), "gated_deltanet", window=4).eval()
+    prompts = []
+    generate = model.generate
+    model.generate = lambda **settings: prompts.append(settings["input_ids"].shape[1]) or generate(**settings)
+    new_tokens = 3
+    row = serving_speed.measure(model, 24, new_tokens, "dynamic", torch.device("cpu"), 4.8e12, tmp_path / "t.txt", repeats=2, fresh=True)
+    assert prompts[0] == 24 and row["timed_prompt_lengths"] == prompts[1:3] == [40, 56] and prompts[3:] == [72, 72]
+    reached = set()
+    for prompt in prompts[:3] + prompts[4:]:  # the warm-up, the timed calls, the trace's longer call
+        keys = set(range(prompt, prompt + new_tokens + 2))
+        assert not keys & reached and prompt % 16 == 24 % 16
+        reached |= keys
+    prompts.clear()
+    row = serving_speed.measure(model, 24, new_tokens, "dynamic", torch.device("cpu"), 4.8e12, repeats=2)
+    assert prompts == [24, 24, 24] and row["timed_prompt_lengths"] == [24, 24]
+
+
+def test_fresh_lengths_refuse_a_static_cache(capsys, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["serving_speed.py", "--device", "cpu", "--shape", "tiny", "--mixers", "gla", "--fresh-lengths"])
+    with pytest.raises(SystemExit, match="--fresh-lengths needs --caches dynamic"):
+        serving_speed.main()
