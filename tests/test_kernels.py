@@ -139,9 +139,10 @@ def _fla_stand_in(reference, seen, name):
 @pytest.mark.parametrize("mixer", ["gated_deltanet", "qwen3_5_gdn", "gla", "hedgehog", "mamba2", "bamba_mamba2"])
 def test_fla_reads_a_bfloat16_models_inputs_in_bfloat16(monkeypatch, mixer):
     """A bf16 model's mixers compute q, k, v and gates in float32, and fla reads them in bf16 (half the bytes, its
-    accumulation float32 either way), but in float32 where a head dimension is odd (gla's and hedgehog's values carry
-    a normaliser column: fla refuses a 16-bit backward there); log-decays stay float32. The stand-ins put fla's layout
-    around the PyTorch reference, so the logits match the PyTorch path's to bf16 rounding."""
+    accumulation float32 either way), with even head dimensions only: gla's and hedgehog's values carry a normaliser
+    column (65 wide in SmolLM2), which goes to fla one zero column wider (fla refuses an odd 16-bit backward);
+    log-decays stay float32. The stand-ins put fla's layout around the PyTorch reference, so the logits match the
+    PyTorch path's to bf16 rounding."""
     from linearize.hf.ops_delta import chunk_gated_delta_rule
     from linearize.hf.ops_gated import chunk_simple_gla
 
@@ -156,10 +157,76 @@ def test_fla_reads_a_bfloat16_models_inputs_in_bfloat16(monkeypatch, mixer):
         got = model(ids).logits.float()
     ((name, dtypes),) = seen.items()
     *dtypes, (key_dim, value_dim) = dtypes
-    odd = mixer in ("gla", "hedgehog")  # values with their normaliser column
-    assert (value_dim % 2 == 1) == odd and key_dim % 2 == 0
-    assert dtypes[:3] == [torch.float32 if odd else torch.bfloat16] * 3, dtypes  # q, k, v
+    padded = mixer in ("gla", "hedgehog")  # values with their normaliser column: 32 + 1, one zero column more
+    assert value_dim == (34 if padded else 32) and key_dim % 2 == 0
+    assert dtypes[:3] == [torch.bfloat16] * 3, dtypes  # q, k, v
     assert dtypes[3] in (torch.float32, None), dtypes  # g: log-decays (None: plain linear attention)
     if name == "gated_delta_rule":
         assert dtypes[4] == torch.bfloat16  # beta
     assert ((got - expected).norm() / expected.norm()).item() < 2e-2
+
+
+def _recurrent_stand_in(reference, seen, name):
+    """fla's fused recurrent op's stand-in: its keyword `gk` / `g` as the chunked one's positional gate."""
+    chunked = _fla_stand_in(reference, seen, name)
+
+    def op(q, k, v, gk=None, g=None, beta=None, **kwargs):
+        if beta is not None:
+            return chunked(q, k, v, g=g, beta=beta, **kwargs)
+        return chunked(q, k, v, gk if gk is not None else g, **kwargs)
+
+    return op
+
+
+@pytest.mark.parametrize("decode", [False, True])
+@pytest.mark.parametrize("name", ["gla", "simple_gla", "gated_delta_rule"])
+def test_odd_head_dimensions_reach_fla_even_in_16_bits_and_come_back_exact(monkeypatch, name, decode):
+    """K = 5 and V = 7 in bf16: fla gets one zero column on q, k (and gla's log-decays) and v, and on the initial
+    state, and the output, the final state and every gradient equal the unpadded computation on the same bf16 inputs
+    (the stand-ins compute with the PyTorch reference in float32, as fla accumulates); in float32 nothing is padded."""
+    from linearize.hf import ops_delta, ops_gated
+
+    chunked = {"gla": ops_gated.chunk_gla, "simple_gla": ops_gated.chunk_simple_gla, "gated_delta_rule": ops_delta.chunk_gated_delta_rule}
+    recurrent = {"gla": ops_gated.recurrent_gla, "simple_gla": ops_gated.recurrent_simple_gla,
+                 "gated_delta_rule": ops_delta.recurrent_gated_delta_rule}
+    reference = (recurrent if decode else chunked)[name]
+    seen = {}
+    monkeypatch.setattr(kernels, f"fla_chunk_{name}", _fla_stand_in(chunked[name], seen, name), raising=False)
+    monkeypatch.setattr(kernels, f"fla_recurrent_{name}", _recurrent_stand_in(recurrent[name], seen, name), raising=False)
+    monkeypatch.setattr(kernels, "backend", lambda device, head_dims, dtype: ("fla", None))
+    generator = torch.Generator().manual_seed(0)
+    length = 1 if decode else 19
+    q, k = torch.randn(2, 2, 2, length, 5, generator=generator)
+    v = torch.randn(2, 2, length, 7, generator=generator)
+    state = torch.randn(2, 2, 5, 7, generator=generator)
+    gate = {"gla": torch.nn.functional.logsigmoid(torch.randn(2, 2, length, 5, generator=generator)),
+            "simple_gla": torch.nn.functional.logsigmoid(torch.randn(2, 2, length, generator=generator)),
+            "gated_delta_rule": torch.nn.functional.logsigmoid(torch.randn(2, 2, length, generator=generator))}[name]
+    extra = [torch.rand(2, 2, length, generator=generator)] if name == "gated_delta_rule" else []
+    leaves = [t.requires_grad_() for t in (q, k, v, gate, state, *extra)]
+    weights = torch.randn(2, 2, length, 7, generator=generator), torch.randn(2, 2, 5, 7, generator=generator)
+
+    def run(via_fla: bool):
+        for t in leaves:
+            t.grad = None
+        q, k, v, gate, state, *extra = leaves
+        if via_fla:
+            o, final = getattr(kernels, name)(q, k, v, gate, *extra, initial_state=state, decode=decode, output_state=True,
+                                              dtype=torch.bfloat16)
+        else:  # the unpadded computation on the inputs fla reads: bf16 q, k, v (and beta), float32 gates and state
+            rounded = [t.bfloat16().float() for t in (q, k, v)] + [gate] + [t.bfloat16().float() for t in extra]
+            o, final = reference(*rounded, initial_state=state)
+            o = o.bfloat16()
+        ((o.float() * weights[0]).sum() + (final * weights[1]).sum()).backward()
+        return [o.float().detach(), final.detach()] + [t.grad.clone() for t in leaves]
+
+    got, expected = run(True), run(False)
+    *_, (key_dim, value_dim) = seen[name]
+    assert (key_dim, value_dim) == (6, 8)
+    assert got[0].shape == expected[0].shape == (2, 2, length, 7) and got[1].shape == (2, 2, 5, 7) and got[1].is_contiguous()
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+    seen.clear()
+    with torch.no_grad():
+        getattr(kernels, name)(q, k, v, gate, *extra, initial_state=state, decode=decode, output_state=True)
+    assert seen[name][-1] == (5, 7)  # float32: as they are

@@ -7,10 +7,14 @@ The PyTorch ops (`ops_gated`, `ops_delta`) are the reference and the CPU path. `
 The mixers compute q, k, v and the gates in float32 or wider (the PyTorch path's accuracy). `dtype` is the model's:
 fla reads q, k, v and beta in it, in the copy to its (B, T, H, D) layout, where a bfloat16 model's would otherwise read
 float32 (its chunked delta rule at 32K tokens: 1.89 ms of an H200 with float32 inputs, 1.00 ms with bfloat16; it
-accumulates in float32 either way). Log-decays and the state stay float32. Where a head dimension is odd (gla's and
-hedgehog's values carry their normaliser as one extra column: 65), fla reads float32: fla 0.6 refuses a 16-bit chunked
-backward with an odd K or V (Triton miscompiles its masked tail into out-of-bounds shared-memory reads), which stopped
-`lolcats_linear` training in bf16 on an H200 (fifteenth session).
+accumulates in float32 either way). Log-decays and the state stay float32. fla 0.6 refuses a 16-bit chunked backward
+with an odd K or V (its `chunk_o.py`: Triton miscompiles the masked tail into out-of-bounds shared-memory reads; it
+stopped `lolcats_linear` training in bf16 on an H200, fifteenth session), and gla's and hedgehog's values carry their
+normaliser as one extra column (65). In 16 bits an odd head dimension gets one zero column on the way in (q and k, with
+gla's per-key log-decays, or v), sliced off the output and the state on the way out: a zero key column adds nothing to
+any score and a zero value column reads nothing, so outputs, states and gradients are the unpadded ones. Until the
+twentieth session fla read float32 there instead, whose autotuned kernels took Triton minutes to compile on an H200
+(`liger`'s first training step never finished; `lolcats_linear`'s took 58.5 s).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import os
 import warnings
 
 import torch
+import torch.nn.functional as F
 
 from .errors import LinearizeError
 from .ops_delta import chunk_gated_delta_rule, recurrent_gated_delta_rule
@@ -148,12 +153,32 @@ def _bthd(dtype, *tensors):
     return [None if t is None else _relaid(t.transpose(1, 2), dtype or t.dtype) for t in tensors]
 
 
-def fla_dtype(dtype: torch.dtype | None, q: torch.Tensor, v: torch.Tensor) -> torch.dtype | None:
-    """The dtype fla reads q, k and v in: the model's `dtype`, but their own (float32) where a 16-bit dtype meets an
-    odd head dimension of q or v (the module docstring)."""
-    if dtype in (torch.float16, torch.bfloat16) and (q.shape[-1] % 2 or v.shape[-1] % 2):
-        return None
-    return dtype
+def _scale(scale: float | None, q: torch.Tensor) -> float:
+    """The query scale, 1/sqrt(K) of the unpadded K by default: fla would take it from the padded q."""
+    return q.shape[-1] ** -0.5 if scale is None else scale
+
+
+def _evened(dtype: torch.dtype, *tensors):
+    """fla-layout tensors with one zero column appended where their last dimension is odd and fla computes in 16 bits
+    (`dtype`; the module docstring says why); as they are otherwise."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return list(tensors)
+    return [t if t is None or t.shape[-1] % 2 == 0 else F.pad(t, (0, 1)) for t in tensors]
+
+
+def _evened_state(state: torch.Tensor | None, key_dim: int, value_dim: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """A (B, H, K, V) initial state padded as `_evened` pads keys and values."""
+    if state is None or dtype not in (torch.float16, torch.bfloat16):
+        return state
+    return F.pad(state, (0, value_dim % 2, 0, key_dim % 2))
+
+
+def _unevened(o: torch.Tensor, state: torch.Tensor | None, key_dim: int, value_dim: int):
+    """fla's (B, T, H, V) output in the (B, H, T, V) layout and its state, cut back to the unpadded sizes (a cut state
+    is copied: a cache keeps it, and the fused decode steps update contiguous states in place)."""
+    if state is not None and state.shape[-2:] != (key_dim, value_dim):
+        state = state[..., :key_dim, :value_dim].contiguous()
+    return o[..., :value_dim].transpose(1, 2), state
 
 
 def _relaid(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -172,11 +197,13 @@ def gla(q, k, v, gk, scale=None, initial_state=None, decode=False, output_state=
         op = recurrent_gla if decode else chunk_gla
         o, state = op(q, k, v, gk, scale=scale, initial_state=initial_state)
         return o, (state if output_state else None)
-    qt, kt, vt = _bthd(fla_dtype(dtype, q, v), q, k, v)
+    qt, kt, vt = _bthd(dtype, q, k, v)
     (gt,) = _bthd(torch.float32, gk)
+    qt, kt, gt, vt = _evened(qt.dtype, qt, kt, gt, vt)
+    initial = _evened_state(_state(initial_state), q.shape[-1], v.shape[-1], qt.dtype)
     op = fla_recurrent_gla if decode else fla_chunk_gla
-    o, state = op(qt, kt, vt, gt, scale=scale, initial_state=_state(initial_state), output_final_state=output_state)
-    return o.transpose(1, 2), state
+    o, state = op(qt, kt, vt, gt, scale=_scale(scale, q), initial_state=initial, output_final_state=output_state)
+    return _unevened(o, state, q.shape[-1], v.shape[-1])
 
 
 def simple_gla(q, k, v, g, scale=None, initial_state=None, decode=False, output_state=False, dtype=None):
@@ -188,11 +215,13 @@ def simple_gla(q, k, v, g, scale=None, initial_state=None, decode=False, output_
         g = q.new_zeros(q.shape[:3]) if g is None else g
         o, state = op(q, k, v, g, scale=scale, initial_state=initial_state)
         return o, (state if output_state else None)
-    qt, kt, vt = _bthd(fla_dtype(dtype, q, v), q, k, v)
+    qt, kt, vt = _bthd(dtype, q, k, v)
     (gt,) = _bthd(torch.float32, g)
+    qt, kt, vt = _evened(qt.dtype, qt, kt, vt)
+    initial = _evened_state(_state(initial_state), q.shape[-1], v.shape[-1], qt.dtype)
     op = fla_recurrent_simple_gla if decode else fla_chunk_simple_gla
-    o, state = op(qt, kt, vt, gt, scale=scale, initial_state=_state(initial_state), output_final_state=output_state)
-    return o.transpose(1, 2), state
+    o, state = op(qt, kt, vt, gt, scale=_scale(scale, q), initial_state=initial, output_final_state=output_state)
+    return _unevened(o, state, q.shape[-1], v.shape[-1])
 
 
 def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, decode=False, output_state=False, dtype=None):
@@ -202,8 +231,10 @@ def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, decode=Fa
         op = recurrent_gated_delta_rule if decode else chunk_gated_delta_rule
         o, state = op(q, k, v, g, beta, scale=scale, initial_state=initial_state)
         return o, (state if output_state else None)
-    qt, kt, vt, bt = _bthd(fla_dtype(dtype, q, v), q, k, v, beta)
+    qt, kt, vt, bt = _bthd(dtype, q, k, v, beta)
     (gt,) = _bthd(torch.float32, g)
+    qt, kt, vt = _evened(qt.dtype, qt, kt, vt)
+    initial = _evened_state(_state(initial_state), q.shape[-1], v.shape[-1], qt.dtype)
     op = fla_recurrent_gated_delta_rule if decode else fla_chunk_gated_delta_rule
-    o, state = op(qt, kt, vt, g=gt, beta=bt, scale=scale, initial_state=_state(initial_state), output_final_state=output_state)
-    return o.transpose(1, 2), state
+    o, state = op(qt, kt, vt, g=gt, beta=bt, scale=_scale(scale, q), initial_state=initial, output_final_state=output_state)
+    return _unevened(o, state, q.shape[-1], v.shape[-1])
