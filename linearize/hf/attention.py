@@ -21,8 +21,8 @@ OUTPUT_NAMES = ("o_proj", "dense", "out_proj")
 NORM_NAMES = (("q_norm", "k_norm"), ("q_layernorm", "k_layernorm"))
 # A decode step's SDPA backends by priority. On an H200 (torch 2.11) torch's own choice for one query is cuDNN, which
 # builds an execution graph for every new key length: 37-66 ms of host time a call, against 37-70 us for flash
-# (`benchmarks/sdpa_decode.py`, BENCHMARKS.md, twentieth session). A single query has no causal structure for cuDNN to
-# win on; with a mask (padding), flash declines and memory-efficient attention runs.
+# (`benchmarks/sdpa_decode.py`, BENCHMARKS.md, twentieth session). With a mask (padding) flash declines and
+# memory-efficient attention runs.
 DECODE_SDPA_ORDER = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH)
 _SDPA_ENABLED = {
     SDPBackend.FLASH_ATTENTION: torch.backends.cuda.flash_sdp_enabled,
