@@ -443,3 +443,25 @@ def test_a_later_chunk_of_an_unpadded_batch_holds_one_mask_not_one_per_sequence(
     saved = 3 * (ids.shape[0] - 1) * 1024 * 8192 // 4
     assert added["attention"] < added["transformers"] - saved, mib
     assert added["qwen3_5_attention"] < added["transformers"] - saved, mib
+
+
+@pytest.mark.parametrize("keep_as", ["attention", "qwen3_5_attention"])
+def test_a_decode_step_runs_its_softmax_layers_on_flash_not_cudnn(keep_as):
+    """An eager bf16 decode step of a converted model's kept softmax layers, unpadded: SDPA runs flash attention, not
+    cuDNN, whose graph builds cost 37-66 ms at each new key length on an H200 (twentieth session). Its logits are the
+    uncached forward's."""
+    from torch.profiler import ProfilerActivity, profile
+
+    tiny = tiny_model(dtype=torch.bfloat16, num_hidden_layers=2, hidden_size=576, num_attention_heads=9, num_key_value_heads=3)
+    model = linearize.convert(tiny, "hedgehog_swa", keep_attention=[1], keep_as=keep_as, window=4).cuda().eval()
+    ids = random_ids(1, 38).cuda()
+    with torch.no_grad():
+        cache = model.new_cache()
+        model(ids[:, :37], cache=cache, use_cache=True)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step = model(ids[:, 37:], cache=cache, use_cache=True, position_ids=torch.tensor([[37]], device="cuda")).logits
+        whole = model(ids, use_cache=False).logits[:, -1:]
+    attention = sorted({event.name for event in prof.events() if "attention" in event.name})
+    assert any("flash_attention" in name for name in attention), attention
+    assert not any("cudnn_attention" in name for name in attention), attention
+    assert rel(step, whole) < LIMIT[torch.bfloat16]
