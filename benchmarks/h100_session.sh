@@ -35,7 +35,8 @@
 #                                             # in float32 as the recipe saves it, and serving_speed.py of every one
 #                                             # beside the GGUF teacher (STUDENT_BENCH, BENCH_S); the recipes distil at
 #                                             # once, within DISTILL_S (240: on a cold machine fla's kernels compile
-#                                             # in the first step), each over what an earlier call left (--overwrite)
+#                                             # in the first step), each over what an earlier call left (--overwrite);
+#                                             # AT_ONCE=0 distils them one after another, each within DISTILL_S
 #                                             # (STUDENT_BENCH=none: no serving run, for students_serve in a call of its
 #                                             # own: seven recipes' distillation and their serving do not fit one call)
 #   bash benchmarks/h100_session.sh students_serve  # (after students, still warm) serving_speed.py of every saved
@@ -206,6 +207,8 @@ students)
     (timeout "${DISTILL_S:-240}" python3 cli.py distill "$recipe" teacher=/tmp/smollm2.gguf data.train=/tmp/corpus/train data.heldout=/tmp/corpus/heldout/persuasion.txt \
        data.streaming=false data.seq_len=512 --out /tmp/students/"$recipe" --overwrite $overrides > "$OUT/distill-$recipe.log" 2>&1
      echo "exit $?" >> "$OUT/distill-$recipe.log") &
+    [ "${AT_ONCE:-1}" = 1 ] || wait  # AT_ONCE=0: one after another (beside two others, lolcats_linear's first step
+    # printed nothing in 200 s twice; alone it took 58.5 s, twentieth session)
   done
   wait  # all at once: a cold machine's kernel compiles are CPU work, and a 135M student leaves most of the GPU idle
   [ "${STUDENT_BENCH:-}" = none ] || serve_students
