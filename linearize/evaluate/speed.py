@@ -289,7 +289,12 @@ def sdpa_order(names: Sequence[str] | None) -> list[SDPBackend] | None:
 
 
 def decode_sdpa_names(backends: Sequence[SDPBackend] | None) -> list[str]:
-    """The SDPA backends an eager decode step orders (`decode_attention`), by name, of `backends` (None: all)."""
+    """The SDPA backends an eager decode step orders (`decode_attention`), by name, of `backends` (None: all).
+
+    Example:
+        >>> decode_sdpa_names(sdpa_order(["math", "cudnn"]))
+        ['cudnn', 'math']
+    """
     names = {backend: name for name, backend in SDPA_BACKENDS.items()}
     return [names[backend] for backend in DECODE_SDPA_ORDER if backends is None or backend in backends]
 

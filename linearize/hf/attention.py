@@ -162,7 +162,12 @@ def chunk_causal_mask(length: int, past: int, kv_length: int, device: torch.devi
 def decode_attention(device: torch.device | str, length: int) -> AbstractContextManager:
     """The SDPA backends for a forward of `length` new tokens on `device`: for an eager single-token step on CUDA,
     the backends enabled now (a caller's `sdpa_kernel` stays in force) in `DECODE_SDPA_ORDER`; otherwise torch's own
-    choice. A compiled step keeps torch's: its key length is fixed, so cuDNN builds its graph once."""
+    choice. A compiled step keeps torch's: its key length is fixed, so cuDNN builds its graph once.
+
+    Example (what a converted model's forward does; any eager decode loop can do the same):
+        >>> with decode_attention(model.device, next_token.shape[1]):
+        ...     out = model(next_token, past_key_values=cache, use_cache=True)
+    """
     if torch.device(device).type != "cuda" or length != 1 or torch.compiler.is_compiling():
         return nullcontext()
     enabled = [backend for backend in DECODE_SDPA_ORDER if _SDPA_ENABLED[backend]()]
