@@ -147,9 +147,9 @@ def test_a_bfloat16_model_on_fla_matches_its_pytorch_path(name, monkeypatch):
 @pytest.mark.parametrize("name", ["hedgehog", "gla"])
 def test_a_bfloat16_training_step_on_fla_matches_its_pytorch_path(name, monkeypatch):
     """hedgehog's and gla's values carry their normaliser as one more column (V = 65), which fla 0.6 will not
-    backpropagate in 16 bits (it stopped lolcats_linear's bf16 training on an H200): fla gets them one zero column
-    wider (`kernel_dispatch._evened`), and a bf16 model's training step runs, its gradients within bf16 rounding of the
-    PyTorch path's."""
+    backpropagate in 16 bits (it stopped lolcats_linear's bf16 training on an H200): gla's go to fla one zero column
+    wider (`kernel_dispatch._evened`), hedgehog's feature maps in float32 (in bf16 their bias's gradient came back 15%
+    off), and a bf16 model's training step runs, its gradients within bf16 rounding of the PyTorch path's."""
     teacher = tiny_model(dtype=torch.bfloat16, num_hidden_layers=2, hidden_size=576, num_attention_heads=9, num_key_value_heads=3)
     model = linearize.convert(teacher, name).cuda().requires_grad_(True)
     ids, mask = left_padded(random_ids(2, 300), [37, 0])

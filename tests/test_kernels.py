@@ -139,9 +139,9 @@ def _fla_stand_in(reference, seen, name):
 @pytest.mark.parametrize("mixer", ["gated_deltanet", "qwen3_5_gdn", "gla", "hedgehog", "mamba2", "bamba_mamba2"])
 def test_fla_reads_a_bfloat16_models_inputs_in_bfloat16(monkeypatch, mixer):
     """A bf16 model's mixers compute q, k, v and gates in float32, and fla reads them in bf16 (half the bytes, its
-    accumulation float32 either way), with even head dimensions only: gla's and hedgehog's values carry a normaliser
-    column (65 wide in SmolLM2), which goes to fla one zero column wider (fla refuses an odd 16-bit backward);
-    log-decays stay float32. The stand-ins put fla's layout around the PyTorch reference, so the logits match the
+    accumulation float32 either way), with even head dimensions only: gla's values carry a normaliser column (65 wide
+    in SmolLM2), which goes to fla one zero column wider (fla refuses an odd 16-bit backward); hedgehog's feature maps
+    go in float32 (their gradients lose too much in bf16); log-decays stay float32. The stand-ins put fla's layout around the PyTorch reference, so the logits match the
     PyTorch path's to bf16 rounding."""
     from linearize.hf.ops_delta import chunk_gated_delta_rule
     from linearize.hf.ops_gated import chunk_simple_gla
@@ -157,9 +157,11 @@ def test_fla_reads_a_bfloat16_models_inputs_in_bfloat16(monkeypatch, mixer):
         got = model(ids).logits.float()
     ((name, dtypes),) = seen.items()
     *dtypes, (key_dim, value_dim) = dtypes
-    padded = mixer in ("gla", "hedgehog")  # values with their normaliser column: 32 + 1, one zero column more
-    assert value_dim == (34 if padded else 32) and key_dim % 2 == 0
-    assert dtypes[:3] == [torch.bfloat16] * 3, dtypes  # q, k, v
+    if mixer == "hedgehog":  # its feature maps' float32 output, as it is: the normaliser column makes 33, unpadded
+        assert value_dim == 33 and dtypes[:3] == [torch.float32] * 3, dtypes
+    else:  # gla's values with their normaliser column: 32 + 1, one zero column more
+        assert value_dim == (34 if mixer == "gla" else 32) and key_dim % 2 == 0
+        assert dtypes[:3] == [torch.bfloat16] * 3, dtypes  # q, k, v
     assert dtypes[3] in (torch.float32, None), dtypes  # g: log-decays (None: plain linear attention)
     if name == "gated_delta_rule":
         assert dtypes[4] == torch.bfloat16  # beta

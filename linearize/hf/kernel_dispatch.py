@@ -14,7 +14,8 @@ normaliser as one extra column (65). In 16 bits an odd head dimension gets one z
 gla's per-key log-decays, or v), sliced off the output and the state on the way out: a zero key column adds nothing to
 any score and a zero value column reads nothing, so outputs, states and gradients are the unpadded ones. Until the
 twentieth session fla read float32 there instead, whose autotuned kernels took Triton minutes to compile on an H200
-(`liger`'s first training step never finished; `lolcats_linear`'s took 58.5 s).
+(`liger`'s first training step never finished; `lolcats_linear`'s took 58.5 s). A mixer whose q, k are precise
+float32 values the model's dtype would cut (hedgehog's feature maps) passes `dtype=None`.
 """
 
 from __future__ import annotations

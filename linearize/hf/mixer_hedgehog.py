@@ -102,6 +102,9 @@ class HedgehogMixer(FusedStepMixer):
         initial = None if state is None else state.tensors.get("S")
         # Plain linear attention is simple GLA with no decay; the ones column of the values carries the
         # normaliser. The state is the same for the query heads of one kv head, so one copy is kept per kv head.
+        # fla reads the feature maps' float32 output as it is, whatever the model's dtype: their bias's gradient is
+        # a small difference of large terms (a softmax's), and in bf16 it came back 15% off the PyTorch path's on an
+        # H200 (twenty-first session), where gla's raw projections in bf16 stayed within rounding.
         out, final = simple_gla(
             fq,
             repeat_heads(fk, groups),
@@ -111,7 +114,6 @@ class HedgehogMixer(FusedStepMixer):
             initial_state=None if initial is None else repeat_heads(initial, groups),
             decode=state is not None and q.shape[2] == 1,
             output_state=state is not None,
-            dtype=v.dtype,
         )
         if state is not None:
             state.write({"S": final[:, ::groups].clone()})  # a copy: a view would keep every query head's state
