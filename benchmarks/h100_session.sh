@@ -38,7 +38,8 @@
 #                                             # in the first step), each over what an earlier call left (--overwrite);
 #                                             # AT_ONCE=0 distils them one after another, each within DISTILL_S
 #                                             # (STUDENT_BENCH=none: no serving run, for students_serve in a call of its
-#                                             # own: seven recipes' distillation and their serving do not fit one call)
+#                                             # own: seven recipes' distillation and their serving do not fit one call; the
+#                                             # last 20 lines of each distillation's log go to $OUT/distill.log)
 #   bash benchmarks/h100_session.sh students_serve  # (after students, still warm) serving_speed.py of every saved
 #                                             # student beside the GGUF teacher (STUDENT_BENCH, BENCH_S), then
 #                                             # decode_dispatches.py on CUDA (HOST: its --recipes, or none; HOST_S),
@@ -200,17 +201,22 @@ train_speed)
   ;;
 students)
   join || exit 1
-  for recipe in ${STUDENTS:-lolcats lolcats_linear liger mamba_in_llama hybrid_gdn hybrid_qwen3_5 hybrid_bamba}; do
+  recipes=${STUDENTS:-lolcats lolcats_linear liger mamba_in_llama hybrid_gdn hybrid_qwen3_5 hybrid_bamba}
+  for recipe in $recipes; do
     stages=$(python3 -c "from linearize.config import load_recipe; print(len(load_recipe('$recipe').stages))")
     overrides=""
     for ((i = 0; i < stages; i++)); do overrides="$overrides stages.$i.tokens=${STUDENT_TOKENS:-16384} stages.$i.compile=false"; done
     (timeout "${DISTILL_S:-240}" python3 cli.py distill "$recipe" teacher=/tmp/smollm2.gguf data.train=/tmp/corpus/train data.heldout=/tmp/corpus/heldout/persuasion.txt \
-       data.streaming=false data.seq_len=512 --out /tmp/students/"$recipe" --overwrite $overrides > "$OUT/distill-$recipe.log" 2>&1
-     echo "exit $?" >> "$OUT/distill-$recipe.log") &
+       data.streaming=false data.seq_len=512 --out /tmp/students/"$recipe" --overwrite $overrides > "/tmp/distill-$recipe.log" 2>&1
+     echo "exit $?" >> "/tmp/distill-$recipe.log") &
     [ "${AT_ONCE:-1}" = 1 ] || wait  # AT_ONCE=0: one after another (beside two others, lolcats_linear's first step
     # printed nothing in 200 s twice; alone it took 58.5 s, twentieth session)
   done
   wait  # all at once: a cold machine's kernel compiles are CPU work, and a 135M student leaves most of the GPU idle
+  for recipe in $recipes; do
+    # the end of each log (the stages' table, the time, the exit) in one file: a call returns at most 8 files
+    echo "== $recipe" && tail -n 20 "/tmp/distill-$recipe.log"
+  done > "$OUT/distill.log"
   [ "${STUDENT_BENCH:-}" = none ] || serve_students
   ;;
 students_serve)
