@@ -158,9 +158,10 @@ serving() {  # export the trained hybrid_qwen3_5 to qwen3_5, check the export wh
 }
 
 serve_students() {  # serving_speed.py of the students saved under /tmp/students (a distillation cut short leaves only its
-  # NAME.checkpoints folder) beside the GGUF teacher, with STUDENT_BENCH's arguments, within BENCH_S
+  # NAME.checkpoints folder) beside the GGUF teacher, with STUDENT_BENCH's arguments, within BENCH_S; by default each call at a
+  # new prompt length, and the teacher also converted with every layer kept (serving_speed.py's docstring)
   timeout "${BENCH_S:-300}" python3 benchmarks/serving_speed.py --students "$(dirname /tmp/students/*/config.json | tr '\n' , | sed 's/,$//')" \
-    --teacher /tmp/smollm2.gguf ${STUDENT_BENCH:---caches dynamic --lengths 2048,32768 --repeats 2} --out "$OUT/students.jsonl" > "$OUT/students.log" 2>&1
+    --teacher /tmp/smollm2.gguf ${STUDENT_BENCH:---caches dynamic --lengths 2048,32768 --repeats 2 --fresh-lengths --kept-teacher} --out "$OUT/students.jsonl" > "$OUT/students.log" 2>&1
   echo "exit $?" >> "$OUT/students.log"
 }
 

@@ -13,6 +13,9 @@ inside the call from each new token's time, the fastest of `--repeats` calls, an
 and the memory-bandwidth floor (weights plus the state after the prompt, read once per token, at `--bandwidth`
 bytes/s; 4.8e12 is the H200's HBM3e). The warm-up runs at the timed calls' prompt, so kernels compile outside the
 timing; `--fresh-lengths` times each call (and the trace) at a prompt length not used before (`fresh_prompt_lengths`).
+`--kept-teacher` adds the teacher converted with every layer kept ("teacher_kept": its own logits through a converted
+model's forward, whose eager decode step takes SDPA's flash before cuDNN, `linearize.hf.attention.decode_attention`),
+so that one run tells what that backend order buys apart from what the students' linear layers buy.
 Each row is a JSON line on stdout and in --out as it is measured (a run cut short keeps what it measured).
 
     python benchmarks/serving_speed.py --device cuda --lengths 2048,8192,32768 --out serving.jsonl \\
@@ -288,6 +291,8 @@ def main():
     parser.add_argument("--fresh-lengths", action="store_true", help="time each generate() at a prompt length that "
                         "neither the warm-up nor another timed call used (dynamic cache only), as a user's new prompt "
                         "meets SDPA's cuDNN graphs unbuilt; the prefill is still timed at the context")
+    parser.add_argument("--kept-teacher", action="store_true", help="also time --teacher converted with every layer kept "
+                        "(\"teacher_kept\"): the teacher's logits under a converted model's decode backends")
     parser.add_argument("--bandwidth", type=float, default=4.8e12, help="memory bandwidth in bytes/s for the floor")
     parser.add_argument("--out", default=None)
     parser.add_argument("--trace", default=None, help="folder: after each timed generate(), profile it (torch.profiler) and "
@@ -329,6 +334,8 @@ def run(args):
         raise SystemExit(f"--caches takes {' or '.join(CACHES)}, got {args.caches!r}")
     if args.fresh_lengths and caches != ["dynamic"]:
         raise SystemExit("--fresh-lengths needs --caches dynamic: a static cache sized to each new length compiles again")
+    if args.kept_teacher and not args.teacher:
+        raise SystemExit("--kept-teacher needs --teacher: the teacher to convert with every layer kept")
     if args.students:
         models = {path: AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval() for path in args.students.split(",")}
     else:
@@ -338,6 +345,8 @@ def run(args):
         models["native_qwen3_5"] = build_native(models["qwen3_5"])
     first = next(iter(models.values()))
     teacher = linearize.load_teacher(args.teacher, dtype=dtype)[0].to(device).eval() if args.teacher else None
+    # A second copy: convert changes the model it is given.
+    kept = linearize.convert(linearize.load_teacher(args.teacher, dtype=dtype)[0], "attention").to(device).eval() if args.kept_teacher else None
     out = open(args.out, "a") if args.out else None
     if args.trace:
         Path(args.trace).mkdir(parents=True, exist_ok=True)
@@ -358,6 +367,8 @@ def run(args):
             else:
                 with linearize.teacher_mode(first):
                     rows["teacher"] = timed(first, "teacher")
+            if kept is not None:
+                rows["teacher_kept"] = timed(kept, "teacher_kept")
             for name, row in rows.items():
                 emit({"model": name, "shape": None if args.students else args.shape, "dtype": args.dtype, **row}, device, out)
 

@@ -2,13 +2,14 @@
 at prompt lengths the warm-up did not reach (`--fresh-lengths`)."""
 
 import importlib.util
+import json
 
 import pytest
 import torch
 
 import linearize
 from tests.conftest import REPO_ROOT
-from tests.tiny import tiny_model
+from tests.tiny import tiny_model, tiny_tokenizer
 
 _SPEC = importlib.util.spec_from_file_location("serving_speed", REPO_ROOT / "benchmarks" / "serving_speed.py")
 serving_speed = importlib.util.module_from_spec(_SPEC)
@@ -117,4 +118,39 @@ def test_fresh_lengths_time_every_call_at_key_lengths_not_reached_before(tmp_pat
 def test_fresh_lengths_refuse_a_static_cache(capsys, monkeypatch):
     monkeypatch.setattr("sys.argv", ["serving_speed.py", "--device", "cpu", "--shape", "tiny", "--mixers", "gla", "--fresh-lengths"])
     with pytest.raises(SystemExit, match="--fresh-lengths needs --caches dynamic"):
+        serving_speed.main()
+
+
+def test_the_kept_teacher_is_timed_beside_the_teacher_with_the_teachers_logits(tmp_path, monkeypatch):
+    """--kept-teacher adds the teacher converted with every layer kept: a linearize model whose logits are the
+    teacher's, timed after it, so one run separates the decode backends' share of a speed-up from the mixers'."""
+    teacher = tiny_model(dtype=torch.float32)
+    teacher.save_pretrained(tmp_path / "teacher")
+    tiny_tokenizer().save_pretrained(tmp_path / "teacher")
+    linearize.convert(tiny_model(dtype=torch.float32), "gated_deltanet", window=4).save_pretrained(tmp_path / "student")
+    timed = {}
+
+    def measure(model, context, *args):
+        timed[model] = context
+        return {"decode_tokens_per_s": 1.0}
+
+    monkeypatch.setattr(serving_speed, "measure", measure)
+    monkeypatch.setattr("sys.argv", [
+        "serving_speed.py", "--device", "cpu", "--dtype", "float32", "--students", str(tmp_path / "student"), "--teacher",
+        str(tmp_path / "teacher"), "--kept-teacher", "--caches", "dynamic", "--lengths", "24", "--out", str(tmp_path / "rows.jsonl"),
+    ])
+    serving_speed.main()
+    rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    assert [row["model"] for row in rows] == [str(tmp_path / "student"), "teacher", "teacher_kept"]
+    student, plain, kept = timed
+    assert type(plain).__name__ == "LlamaForCausalLM" and type(kept).__name__ == "LinearizedForCausalLM"
+    assert set(kept.config.plan.mixer_names()) == {"attention"}
+    ids = torch.randint(3, 100, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(kept(ids).logits, teacher(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_the_kept_teacher_needs_a_teacher(monkeypatch):
+    monkeypatch.setattr("sys.argv", ["serving_speed.py", "--device", "cpu", "--shape", "tiny", "--mixers", "gla", "--kept-teacher"])
+    with pytest.raises(SystemExit, match="--kept-teacher needs --teacher"):
         serving_speed.main()
