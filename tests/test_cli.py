@@ -125,6 +125,7 @@ def test_mixers_lists_every_registered_mixer(monkeypatch, capsys):
         (["--keep-attention", "0,0"], "layer 0 is listed twice"),
         (["--mixer", "mamba2", "--option", "d_state=16"], "does not take option(s) d_state"),
         (["--option", "window"], "must look like key=value"),
+        (["--mixer", "hedgehog_swa", "--option", "decay=1"], "option 'decay' of mixer 'hedgehog_swa' must be 0 (off) or between 0 and 1"),
     ],
 )
 def test_bad_conversions_are_one_line_errors_that_write_nothing(teacher_folder, tmp_path, monkeypatch, capsys, args, message):
@@ -225,3 +226,16 @@ def test_eval_with_fewer_perplexity_tokens_than_the_context_scores_one_window(te
     assert code == 0, stderr
     (record,) = [r for r in json.loads((tmp_path / "eval.json").read_text())["records"] if r["kind"] == "perplexity"]
     assert record["context"] == 128 and record["tokens"] == 127 and record["value"] > 1
+
+
+def test_convert_with_a_decay_saves_it_and_reloads_to_the_same_logits(teacher_folder, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "student"
+    code, _, stderr = run(monkeypatch, capsys, "convert", teacher_folder, "--out", out, "--mixer", "hedgehog_swa",
+                          "--option", "window=4", "--option", "decay=0.95")
+    assert code == 0, stderr
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert {spec.options["decay"] for spec in reloaded.config.plan} == {0.95}
+    expected = linearize.convert(AutoModelForCausalLM.from_pretrained(teacher_folder), "hedgehog_swa", window=4, decay=0.95)
+    ids = torch.randint(0, expected.config.text_config.vocab_size, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, expected(ids).logits)

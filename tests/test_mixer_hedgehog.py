@@ -11,7 +11,8 @@ from tests.mixer_forms import BATCH, assert_forms_match, build, call, inputs
 
 def reference(mixer, hidden, position_embeddings, mask):
     """For query t: keys t - window < s <= t score exp(q.k * scaling - max) * share; older keys score
-    phi(q_t).phi(k_s) * (1 - share); one normaliser. With window 0 every key is a linear key."""
+    phi(q_t).phi(k_s) * (1 - share), times decay ** (t - window - s) with a decay; one normaliser. With window 0 every
+    key is a linear key."""
     q, k, v = mixer.spec.project(mixer.attn, hidden)
     q, k = apply_rotary(q, k, position_embeddings)
     groups = mixer.spec.groups
@@ -29,19 +30,28 @@ def reference(mixer, hidden, position_embeddings, mask):
     scores = (q @ k.transpose(-1, -2) * mixer.spec.scaling).masked_fill(~in_window, float("-inf"))
     peak = scores.amax(-1, keepdim=True)
     peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
-    weights = torch.exp(scores - peak) * share + (fq @ fk.transpose(-1, -2)) * in_linear * (1 - share)
+    linear = (fq @ fk.transpose(-1, -2)) * in_linear
+    if getattr(mixer, "decay_logit", None) is not None:
+        decay = repeat_heads(torch.sigmoid(mixer.decay_logit)[None, :, None, None], groups)
+        linear = linear * decay ** (t - window - s).clamp_min(0)
+    weights = torch.exp(scores - peak) * share + linear * (1 - share)
     total = weights.sum(-1, keepdim=True)
     heads = (weights @ v) / torch.where(total > 0, total, torch.ones_like(total))
     return mixer.spec.out(mixer.attn, heads)
 
 
-CASES = [(HedgehogMixer, {"feature_dim": 12}), (HedgehogSWAMixer, {"window": 5}), (HedgehogSWAMixer, {"window": 70})]
+CASES = [
+    (HedgehogMixer, {"feature_dim": 12}),
+    (HedgehogSWAMixer, {"window": 5}),
+    (HedgehogSWAMixer, {"window": 70}),
+    (HedgehogSWAMixer, {"window": 5, "decay": 0.9}),
+]
 
 
 @pytest.mark.parametrize("prefix", [0, 9], ids=["no-initial-state", "initial-state"])
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
 @pytest.mark.parametrize("length", [1, 63, 130])
-@pytest.mark.parametrize("case", CASES, ids=["hedgehog", "hedgehog_swa-5", "hedgehog_swa-70"])
+@pytest.mark.parametrize("case", CASES, ids=["hedgehog", "hedgehog_swa-5", "hedgehog_swa-70", "hedgehog_swa-5-decay"])
 def test_every_form_matches_the_reference(case, length, padded, prefix):
     cls, options = case
     mixer, rotary = build(cls, **options)
@@ -70,3 +80,21 @@ def test_swa_state_is_per_kv_head_and_its_cost(window):
             call(mixer, hidden, position_embeddings, None, state, start, end)
             assert state.tensors["S"].shape[1] == mixer.spec.num_kv_heads < mixer.spec.num_heads
             assert sum(t.numel() for t in state.tensors.values()) == BATCH * cost.state_fixed
+
+
+def test_a_decay_is_a_learnable_retention_per_kv_head_on_the_pytorch_path():
+    mixer, _ = build(HedgehogSWAMixer, window=5, decay=0.99)
+    assert mixer.decay_logit.shape == (mixer.spec.num_kv_heads,) and mixer.decay_logit in set(mixer.new_parameters())
+    torch.testing.assert_close(torch.sigmoid(mixer.decay_logit), torch.full_like(mixer.decay_logit, 0.99))
+    plain, _ = build(HedgehogSWAMixer, window=5)
+    extra = type(mixer).cost(mixer.spec, mixer.options).new_parameters - type(plain).cost(plain.spec, plain.options).new_parameters
+    assert extra == mixer.spec.num_kv_heads and not hasattr(plain, "decay_logit")
+    assert mixer.cuda_path(torch.bfloat16) == "PyTorch (no fused kernel for option 'decay' yet)"
+
+
+@pytest.mark.parametrize("decay", [1.0, -0.5, 2])
+def test_a_decay_outside_0_1_is_one_line_naming_the_fix(decay):
+    from linearize import LinearizeError
+
+    with pytest.raises(LinearizeError, match=r"option 'decay' of mixer 'hedgehog_swa' must be 0 \(off\) or between 0 and 1, got .*0.99 is a start"):
+        build(HedgehogSWAMixer, window=5, decay=decay)

@@ -28,6 +28,7 @@ MIXER_CASES = {
     "gated_deltanet+window": ({"conv_size": 3, "window": 4}, ()),
     "hedgehog": ({"feature_dim": 8}, ()),
     "hedgehog_swa": ({"window": 4}, [1]),
+    "hedgehog_swa+decay": ({"window": 4, "decay": 0.9}, [1]),
     "gla": ({"window": 4}, ()),
     "mamba2": ({}, [1]),
     "mamba2+window": ({"window": 4}, [1]),

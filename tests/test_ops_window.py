@@ -201,3 +201,117 @@ def test_decode_step_refuses_a_window_of_zero():
     q, k, v, wq, wk, mask, sm = make(1)
     with pytest.raises(ValueError, match="window of at least 1"):
         decode_window_linear(q, k, v, feature(q, wq), feature(k, wk), window=0, scaling=1.0)
+
+
+def decays(heads=H, seed=0):
+    """Per-head decays from 0.8 to 0.99: strong enough that keys 100 tokens back weigh little, weak enough not to vanish."""
+    return 0.8 + 0.19 * torch.rand(heads, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def test_decay_matches_explicit_definition():
+    """With a decay, a key that has left the window weighs decay ** (t - window - s): 1 as it leaves."""
+    q, k, v, wq, wk, mask, sm = make(23, seed=6, padded=True)
+    window, decay = 5, decays()
+    out, _ = run(naive_window_linear, q, k, v, wq, wk, mask, sm, window, output_state=False, decay=decay)
+    fq, fk = feature(q, wq), feature(k, wk)
+    for b in range(B):
+        for h in range(H):
+            for t in range(23):
+                keys = [s for s in range(t + 1) if mask[b, s]]
+                if not keys:
+                    continue
+                win = [s for s in keys if s > t - window]
+                scores = {s: (q[b, h, t] @ k[b, h, s]).item() * D**-0.5 for s in win}
+                peak = max(scores.values()) if scores else 0.0
+                weights = {s: torch.exp(torch.tensor(scores[s] - peak, dtype=torch.float64)) * sm[h] for s in win}
+                weights.update({s: (fq[b, h, t] @ fk[b, h, s]) * (1 - sm[h]) * decay[h] ** (t - window - s) for s in keys if s <= t - window})
+                expected = sum(w * v[b, h, s] for s, w in weights.items()) / sum(weights.values())
+                assert torch.allclose(out[b, h, t], expected, atol=1e-12)
+    undecayed, _ = run(naive_window_linear, q, k, v, wq, wk, mask, sm, window, output_state=False)
+    assert not torch.allclose(out, undecayed, atol=1e-3)
+
+
+@pytest.mark.parametrize("window", [1, 4, 20])
+@pytest.mark.parametrize("length", [1, 63, 130])
+@pytest.mark.parametrize("with_state", [False, True])
+@pytest.mark.parametrize("form", FORMS, ids=[f[0] for f in FORMS])
+def test_decayed_forms_match_reference(form, window, length, with_state):
+    """The chunked and recurrent forms with a decay, from a carried state or none, padding included: outputs and
+    next states; the state of a first call, carried, gives what one call over both parts gives."""
+    _, op = form
+    context = 37 if with_state else 0
+    q, k, v, wq, wk, mask, sm = make(length, context, seed=length + window, padded=True)
+    decay = decays(seed=window)
+    whole, whole_state = run(naive_window_linear, q, k, v, wq, wk, mask, sm, window, decay=decay)
+    state = None
+    if with_state:
+        _, state = run(naive_window_linear, q[:, :, :context], k[:, :, :context], v[:, :, :context], wq, wk, mask[:, :context], sm, window, decay=decay)
+    part = slice(context, None)
+    ref, ref_state = run(naive_window_linear, q[:, :, part], k[:, :, part], v[:, :, part], wq, wk, mask[:, part], sm, window, state, decay=decay)
+    out, out_state = run(op, q[:, :, part], k[:, :, part], v[:, :, part], wq, wk, mask[:, part], sm, window, state, decay=decay)
+    assert torch.allclose(ref, whole[:, :, part], atol=1e-10, rtol=1e-9)
+    assert_states_equal(ref_state, whole_state)
+    assert torch.allclose(out, ref, atol=1e-10, rtol=1e-9)
+    assert_states_equal(out_state, ref_state)
+
+
+@pytest.mark.parametrize("budget", [1, 2000])
+def test_decayed_blocks_match_one_pass(monkeypatch, budget):
+    monkeypatch.setattr(ops_window, "BLOCK_ELEMENTS", budget)
+    monkeypatch.setattr(ops_window, "MIN_BLOCK_TOKENS", 1)
+    q, k, v, wq, wk, mask, sm = make(300, seed=budget, padded=True)
+    ref, ref_state = run(naive_window_linear, q, k, v, wq, wk, mask, sm, 20, decay=decays())
+    out, out_state = run(lambda *a, **kw: chunk_window_linear(*a, chunk_size=16, **kw), q, k, v, wq, wk, mask, sm, 20, decay=decays())
+    assert torch.allclose(out, ref, atol=1e-10, rtol=1e-9)
+    assert_states_equal(out_state, ref_state)
+
+
+@pytest.mark.parametrize("length", [1, 63, 130])
+def test_decayed_gradients_match_reference(length):
+    """Gradients of the chunked form with a decay, the decay's own included, against the reference's."""
+    q, k, v, wq, wk, mask, sm = make(length, seed=13, padded=True)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, wq, wk, sm, decays())]
+    grads = []
+    for op in (naive_window_linear, lambda *a, **kw: chunk_window_linear(*a, chunk_size=16, **kw)):
+        qq, kk, vv, wwq, wwk, ssm, decay = leaves
+        out, state = run(op, qq, kk, vv, wwq, wwk, mask, ssm, window=6, decay=decay)
+        loss = (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum() + state["S"].sum() + state["z"].sum()
+        grads.append(torch.autograd.grad(loss, leaves))
+    for ref, got in zip(*grads):
+        assert torch.allclose(got, ref, atol=1e-9)
+    assert length <= 6 or grads[0][-1].abs().min() > 0  # once keys have left the window, the decay matters
+
+
+@pytest.mark.parametrize("context", [0, 2, 37])
+def test_decayed_decode_step_with_grouped_heads_is_the_recurrent_form(context):
+    """A decode step with a decay per kv head equals the recurrent form with it repeated per query head."""
+    groups, heads, window = 3, 2, 4
+    g = torch.Generator().manual_seed(context)
+    q = torch.randn(B, heads * groups, context + 1, D, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(B, heads, context + 1, n, generator=g, dtype=torch.float64) for n in (D, V))
+    wq, wk = torch.randn(heads * groups, D, F, generator=g, dtype=torch.float64), torch.randn(heads, D, F, generator=g, dtype=torch.float64)
+    sm, decay = torch.sigmoid(torch.randn(heads * groups, generator=g, dtype=torch.float64)), decays(heads)
+    options = dict(window=window, scaling=D**-0.5, sm_weight=sm, ln_weight=1 - sm)
+    fq, fk = feature(q, wq), feature(k, wk)
+
+    def repeated(x):
+        return x.repeat_interleave(groups, dim=1)
+
+    state = None
+    if context:
+        _, state = naive_window_linear(q[:, :, :context], repeated(k[:, :, :context]), repeated(v[:, :, :context]), fq[:, :, :context],
+                                       repeated(fk[:, :, :context]), output_state=True, decay=repeated(decay[None])[0], **options)
+    last = slice(context, None)
+    ref, ref_state = recurrent_window_linear(q[:, :, last], repeated(k[:, :, last]), repeated(v[:, :, last]), fq[:, :, last],
+                                             repeated(fk[:, :, last]), state=state, decay=repeated(decay[None])[0], **options)
+    per_kv_head = None if state is None else {n: t[:, ::groups] if t.dim() > 2 else t for n, t in state.items()}
+    out, out_state = decode_window_linear(q[:, :, last], k[:, :, last], v[:, :, last], fq[:, :, last], fk[:, :, last],
+                                          state=per_kv_head, decay=decay, **options)
+    assert torch.allclose(out, ref, atol=1e-12)
+    assert_states_equal(out_state, {n: t[:, ::groups] if t.dim() > 2 else t for n, t in ref_state.items()})
+
+
+def test_a_decay_needs_a_window():
+    q, k, v, wq, wk, mask, sm = make(5)
+    with pytest.raises(ValueError, match="a decay needs a window of at least 1"):
+        run(chunk_window_linear, q, k, v, wq, wk, mask, sm, 0, decay=decays())

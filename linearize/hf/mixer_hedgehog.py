@@ -5,11 +5,14 @@ with W initialised to the identity so training starts from a sensible kernel. In
 `window` keys are scored by the teacher's own softmax and a learnable per-head factor sets the balance. On CUDA
 a decode step (inference) runs as one fused Triton step, `triton_step.hedgehog_step` or `hedgehog_swa_step`, and
 `hedgehog_swa`'s prefill (inference and training: the kernel has a backward) as one chunked Triton kernel,
-`triton_window.window_linear_prefill`, where they can; the PyTorch path is the reference.
+`triton_window.window_linear_prefill`, where they can; the PyTorch path is the reference. With `decay`, the keys
+that have left `hedgehog_swa`'s window fade by a learnable factor per kv head and token (undecayed, their mass in the
+shared normaliser grows with the context); that option has no fused kernel yet and runs the PyTorch path everywhere.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -51,10 +54,13 @@ class HedgehogOptions:
 
 @dataclass
 class HedgehogSWAOptions:
-    """feature_dim: width F of each half of the feature map (default: head dimension); window: softmax window."""
+    """feature_dim: width F of each half of the feature map (default: head dimension); window: softmax window;
+    decay: 0 (off), or the starting per-token retention in (0, 1) of a learnable per-kv-head decay of the keys that
+    have left the window (e.g. 0.99)."""
 
     feature_dim: int | None = None
     window: int = 64
+    decay: float = 0.0
 
 
 @register_mixer
@@ -154,10 +160,17 @@ class HedgehogSWAMixer(HedgehogMixer):
         # sigmoid(0) = 0.5: the window and the linear part start evenly weighted; the window's softmax
         # scores (near 1 at their peak) then dominate the small linear scores, close to the teacher.
         self.window_logit = nn.Parameter(torch.zeros(spec.num_heads))
+        if options.decay:
+            # Per kv head, as the state it fades is kept per kv head.
+            self.decay_logit = nn.Parameter(torch.full((spec.num_kv_heads,), math.log(options.decay / (1 - options.decay))))
 
     @classmethod
     def resolve(cls, options, spec: AttentionSpec, config):
         check_window(options.window, config, cls.name)
+        if not 0 <= options.decay < 1:
+            raise LinearizeError(
+                f"option 'decay' of mixer {cls.name!r} must be 0 (off) or between 0 and 1, got {options.decay}; 0.99 is a start"
+            )
         return super().resolve(options, spec, config)
 
     @classmethod
@@ -166,7 +179,8 @@ class HedgehogSWAMixer(HedgehogMixer):
         # Per kv head: the linear state (2F x D) and normaliser (2F), and the last w - 1 keys, values and
         # feature-mapped keys; plus the window's padding mask.
         state = hkv * 2 * f * (d + 1) + hkv * (w - 1) * (2 * d + 2 * f) + (w - 1)
-        return MixerCost(super().cost(spec, options).new_parameters + spec.num_heads, state, 0)
+        decay = hkv if options.decay else 0
+        return MixerCost(super().cost(spec, options).new_parameters + spec.num_heads + decay, state, 0)
 
     def kernel(self):
         return None  # no fla kernel: the window and the linear part share one normaliser (triton_window's kernel, or PyTorch)
@@ -177,7 +191,9 @@ class HedgehogSWAMixer(HedgehogMixer):
         q, k = apply_rotary(q, k, position_embeddings)
         groups = self.spec.groups
         fq, fk = self.feature_q(q), self.feature_k(k)
-        share = torch.sigmoid(self.window_logit.to(torch.promote_types(q.dtype, torch.float32)))
+        acc = torch.promote_types(q.dtype, torch.float32)
+        share = torch.sigmoid(self.window_logit.to(acc))
+        decay = torch.sigmoid(self.decay_logit.to(acc)) if self.options.decay else None
         kwargs = dict(
             window=self.window,
             scaling=self.spec.scaling,
@@ -189,22 +205,30 @@ class HedgehogSWAMixer(HedgehogMixer):
         # The state is kept per kv head: its keys, values and feature-mapped keys are the same for every query
         # head of one kv head, and so are the sums of those that left the window.
         if state is not None and q.shape[2] == 1:
-            out, new = decode_window_linear(q, k, v, fq, fk, state=state.tensors, **kwargs)
+            out, new = decode_window_linear(q, k, v, fq, fk, state=state.tensors, decay=decay, **kwargs)
             state.write(new)
             return out
-        if window_prefill_problem(q, k, v, fq, fk, self.window) is None:
+        if decay is None and window_prefill_problem(q, k, v, fq, fk, self.window) is None:
             tensors = None if state is None else state.tensors
             out, new = window_linear_prefill(q, k, v, fq, fk, state=tensors, output_state=state is not None, **kwargs)
             if state is not None:
                 state.write(new)
             return out
         k, v, fk = repeat_heads(k, groups), repeat_heads(v, groups), repeat_heads(fk, groups)
+        if decay is not None:
+            kwargs["decay"] = decay.repeat_interleave(groups)
         if state is None:
             return chunk_window_linear(q, k, v, fq, fk, **kwargs)[0]
         initial = {name: repeat_heads(t, groups) if t.dim() > 2 else t for name, t in state.tensors.items()}
         out, final = chunk_window_linear(q, k, v, fq, fk, state=initial, output_state=True, **kwargs)
         state.write({name: t[:, ::groups].clone() if t.dim() > 2 and groups > 1 else t for name, t in final.items()})
         return out
+
+    def cuda_path(self, dtype: torch.dtype) -> str:
+        return "PyTorch (no fused kernel for option 'decay' yet)" if self.options.decay else super().cuda_path(dtype)
+
+    def fuses_step(self, hidden_states, q, k, v, position_embeddings, state) -> bool:
+        return not self.options.decay and super().fuses_step(hidden_states, q, k, v, position_embeddings, state)
 
     def fresh_step_state(self, q: torch.Tensor) -> dict[str, torch.Tensor]:
         batch, hkv, width = q.shape[0], self.spec.num_kv_heads, 2 * self.options.feature_dim

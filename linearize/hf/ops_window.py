@@ -1,11 +1,14 @@
 """Linear attention with an optional sliding softmax window sharing one normaliser (pure PyTorch).
 
 For query t, keys in (t - window, t] score exp(q.k * scaling - m_t) * sm_weight (m_t: the largest such score);
-older keys score (fq_t . fk_s) * ln_weight; the output is the score-weighted mean of the values. window = 0 is
-plain (inclusive) linear attention. Layout (B, H, T, D), all heads equal (callers expand grouped heads).
+older keys score (fq_t . fk_s) * ln_weight, times decay ** (t - window - s) where a per-head `decay` in (0, 1) is
+given (a key has weight 1 as it leaves the window and fades after; window >= 1); the output is the score-weighted mean
+of the values. window = 0 is plain (inclusive) linear attention. Layout (B, H, T, D), all heads equal (callers expand
+grouped heads).
 
 A `state` carries a sequence across calls: S (B,H,F,V) and z (B,H,F) sum the feature-mapped keys that have left
-the window, k/v/fk/mask hold the last window - 1 keys. The naive, chunked and recurrent forms take and return it.
+the window (with a decay, as the next query reads them), k/v/fk/mask hold the last window - 1 keys. The naive,
+chunked and recurrent forms take and return it.
 `decode_window_linear` is the recurrent form of one token with grouped heads: the queries of a kv head read one
 state, kept per kv head (what hedgehog_swa decodes with).
 """
@@ -74,11 +77,17 @@ def window_tail(keep: int, mask: torch.Tensor, **keys: torch.Tensor) -> dict[str
     return {**tail, "mask": F.pad(mask, (pad, 0), value=False)}
 
 
-def _next_state(k, v, fk, mask, S, z, window: int) -> dict[str, torch.Tensor]:
-    """Fold every key older than the last window - 1 into (S, z); keep the rest as window context."""
+def _next_state(k, v, fk, mask, S, z, window: int, decay: torch.Tensor | None = None, length: int = 0) -> dict[str, torch.Tensor]:
+    """Fold every key older than the last window - 1 into (S, z); keep the rest as window context. With a `decay`
+    (H,), (S, z) are as the query after the `length` queries of this call reads them: the carried sums faded by
+    decay ** length, a folded key by decay ** (how many keys were folded after it)."""
     keep = max(window - 1, 0)
     cut = max(k.shape[2] - keep, 0)
     fk_old = fk[:, :, :cut].to(S.dtype) * mask[:, None, :cut, None]
+    if decay is not None:
+        log_decay = decay.to(S.dtype).log()[None, :, None]
+        fk_old = fk_old * torch.exp(log_decay * torch.arange(cut - 1, -1, -1, device=k.device, dtype=S.dtype))[..., None]
+        S, z = S * torch.exp(log_decay[..., None] * length), z * torch.exp(log_decay * length)
     return {
         "S": S + torch.einsum("bhsf,bhse->bhfe", fk_old, v[:, :, :cut].to(S.dtype)),
         "z": z + fk_old.sum(2),
@@ -90,10 +99,17 @@ def _weights(weight, dtype):
     return weight.to(dtype).reshape(1, -1, 1, 1) if torch.is_tensor(weight) else weight
 
 
+def _check_decay(decay, window: int) -> None:
+    if decay is not None and window < 1:
+        raise ValueError(f"a decay needs a window of at least 1, got {window}")
+
+
 def naive_window_linear(
-    q, k, v, fq, fk, *, window, scaling, sm_weight=1.0, ln_weight=1.0, key_mask=None, softcap=None, state=None, output_state=False
+    q, k, v, fq, fk, *, window, scaling, sm_weight=1.0, ln_weight=1.0, key_mask=None, softcap=None, state=None, output_state=False,
+    decay=None,
 ):
     """Quadratic reference. Returns (o, new_state or None); o in v's dtype."""
+    _check_decay(decay, window)
     length = q.shape[2]
     k_all, v_all, fk_all, mask, S, z = _with_context(q, k, v, fk, key_mask, state)
     total = k_all.shape[2]
@@ -112,11 +128,17 @@ def naive_window_linear(
     peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
     a_sm = torch.exp(masked - peak) * smw
     a_ln = torch.einsum("bhtf,bhsf->bhts", fq.to(acc), fk_all.to(acc)) * in_linear * lnw
+    carried = lnw
+    if decay is not None:
+        log_decay = decay.to(acc).log().reshape(1, -1, 1, 1)
+        a_ln = a_ln * torch.exp(log_decay * (t - window - s).clamp_min(0))
+        # The carried sums are as this call's first query reads them.
+        carried = lnw * torch.exp(log_decay * torch.arange(length, device=q.device, dtype=acc)[:, None])
     a = a_sm + a_ln
-    num = a @ v_all.to(acc) + lnw * torch.einsum("bhtf,bhfe->bhte", fq.to(acc), S)
-    den = a.sum(-1, keepdim=True) + lnw * torch.einsum("bhtf,bhf->bht", fq.to(acc), z)[..., None]
+    num = a @ v_all.to(acc) + carried * torch.einsum("bhtf,bhfe->bhte", fq.to(acc), S)
+    den = a.sum(-1, keepdim=True) + carried * torch.einsum("bhtf,bhf->bht", fq.to(acc), z)[..., None]
     o = (num / den.clamp_min(1e-30)).to(v.dtype)
-    return o, (_next_state(k_all, v_all, fk_all, mask, S, z, window) if output_state else None)
+    return o, (_next_state(k_all, v_all, fk_all, mask, S, z, window, decay, length) if output_state else None)
 
 
 def block_length(per_token: int, chunk: int) -> int:
@@ -141,6 +163,7 @@ def chunk_window_linear(
     state=None,
     output_state=False,
     chunk_size=64,
+    decay=None,
 ):
     """Chunked parallel form, a block of chunks at a time (`block_length`): each block continues from the state the
     last one left, so a long prefill's working memory does not grow with its length. Returns (o, new_state or None)."""
@@ -148,8 +171,9 @@ def chunk_window_linear(
     c = max(chunk_size, window)
     # Per query token: its scores against two chunks of keys, and its share of its chunk's (F x V) state.
     step = block_length(b * h * max(2 * c, fk.shape[-1] * v.shape[-1] // c + 1), c)
+    _check_decay(decay, window)
     options = dict(
-        window=window, scaling=scaling, sm_weight=sm_weight, ln_weight=ln_weight, softcap=softcap, chunk_size=chunk_size
+        window=window, scaling=scaling, sm_weight=sm_weight, ln_weight=ln_weight, softcap=softcap, chunk_size=chunk_size, decay=decay
     )
     outputs = []
     for start in range(0, length, step):
@@ -182,9 +206,11 @@ def _chunk_window_block(
     state,
     output_state,
     chunk_size,
+    decay,
 ):
     """One block of the chunked form: each query chunk sees the previous and current key chunks explicitly, older
-    keys through a prefix sum of per-chunk states. Chunks are at least `window` long so that suffices."""
+    keys through a prefix sum of per-chunk states (with a decay, a scan of them, each faded to its chunk's end).
+    Chunks are at least `window` long so that suffices."""
     b, h, length, d = q.shape
     k_all, v_all, fk_all, mask, S, z = _with_context(q, k, v, fk, key_mask, state)
     total = k_all.shape[2]
@@ -224,23 +250,61 @@ def _chunk_window_block(
     a_sm = torch.exp(masked - peak) * smw[..., None] if torch.is_tensor(smw) else torch.exp(masked - peak) * smw
     lnw5 = lnw[..., None] if torch.is_tensor(lnw) else lnw
     a_ln = torch.einsum("bhnrf,bhnjf->bhnrj", fqc, fkb) * in_linear * lnw5
-    a = a_sm + a_ln
-
-    per_chunk_S = torch.einsum("bhnsf,bhnse->bhnfe", fkc, vc)
-    per_chunk_z = fkc.sum(3)
-    # Keys two or more chunks back are all outside every query's window: a prefix sum shifted by two chunks.
-    prior_S = S[:, :, None] + torch.nn.functional.pad(per_chunk_S.cumsum(2), (0, 0, 0, 0, 2, 0))[:, :, :n]
-    prior_z = z[:, :, None] + torch.nn.functional.pad(per_chunk_z.cumsum(2), (0, 0, 2, 0))[:, :, :n]
-    num = a @ vb + lnw5 * torch.einsum("bhnrf,bhnfe->bhnre", fqc, prior_S)
-    den = a.sum(-1, keepdim=True) + lnw5 * torch.einsum("bhnrf,bhnf->bhnr", fqc, prior_z)[..., None]
+    if decay is None:
+        a = a_sm + a_ln
+        prior_num, prior_den = _prior_reads(fqc, fkc, vc, S, z)
+    else:
+        log_decay = decay.to(acc).log().reshape(1, h, 1, 1, 1)
+        a = a_sm + a_ln * torch.exp(log_decay * (dist - window).clamp_min(0))
+        prior_num, prior_den = _decayed_prior_reads(fqc, fkc, vc, S, z, log_decay[..., 0], window, context)
+    num = a @ vb + lnw5 * prior_num
+    den = a.sum(-1, keepdim=True) + lnw5 * prior_den[..., None]
     o = (num / den.clamp_min(1e-30)).reshape(b, h, n * c, -1)[:, :, context : context + length].to(v.dtype)
-    return o, (_next_state(k_all, v_all, fk_all, mask, S, z, window) if output_state else None)
+    return o, (_next_state(k_all, v_all, fk_all, mask, S, z, window, decay, length) if output_state else None)
+
+
+def _prior_reads(fqc, fkc, vc, S, z):
+    """What each query (chunks (B, H, N, C, *)) reads of the keys two or more chunks back, all outside its window,
+    and of the carried sums: a prefix sum of per-chunk states shifted by two chunks. Returns (num, den)."""
+    n = fkc.shape[2]
+    prior_S = S[:, :, None] + F.pad(torch.einsum("bhnsf,bhnse->bhnfe", fkc, vc).cumsum(2), (0, 0, 0, 0, 2, 0))[:, :, :n]
+    prior_z = z[:, :, None] + F.pad(fkc.sum(3).cumsum(2), (0, 0, 2, 0))[:, :, :n]
+    return torch.einsum("bhnrf,bhnfe->bhnre", fqc, prior_S), torch.einsum("bhnrf,bhnf->bhnr", fqc, prior_z)
+
+
+def _decayed_prior_reads(fqc, fkc, vc, S, z, log_decay, window: int, context: int):
+    """`_prior_reads` with a per-head decay (log_decay (1, H, 1, 1)): each chunk's state faded to its last key, a
+    scan carrying it across chunks (fading by decay ** C a chunk), read two chunks later faded by
+    decay ** (C + r - window + 1) for the query r of its chunk; the carried sums, as the call's first query (chunk
+    position `context`) reads them, faded by decay ** (position - context)."""
+    _, _, n, c, _ = fkc.shape
+    position = torch.arange(c, device=fkc.device, dtype=fkc.dtype)
+    faded = fkc * torch.exp(log_decay * (c - 1 - position)[:, None])[:, :, None]
+    per_chunk_S, per_chunk_z = torch.einsum("bhnsf,bhnse->bhnfe", faded, vc), faded.sum(3)
+    across = torch.exp(log_decay[..., 0] * c)
+    run_S, run_z = torch.zeros_like(per_chunk_S[:, :, 0]), torch.zeros_like(per_chunk_z[:, :, 0])
+    older_S, older_z = [run_S, run_S], [run_z, run_z]  # chunks 0 and 1 read nothing two chunks back
+    for m in range(n - 2):
+        run_S = run_S * across[..., None] + per_chunk_S[:, :, m]
+        run_z = run_z * across + per_chunk_z[:, :, m]
+        older_S.append(run_S)
+        older_z.append(run_z)
+    older_fade = torch.exp(log_decay * (c + position - window + 1))
+    query = torch.arange(n, device=fkc.device, dtype=fkc.dtype)[:, None] * c + position
+    carried_fade = torch.exp(log_decay * (query - context).clamp_min(0))
+    num = torch.einsum("bhnrf,bhnfe->bhnre", fqc, torch.stack(older_S[:n], 2)) * older_fade[..., None]
+    num = num + torch.einsum("bhnrf,bhfe->bhnre", fqc, S) * carried_fade[..., None]
+    den = torch.einsum("bhnrf,bhnf->bhnr", fqc, torch.stack(older_z[:n], 2)) * older_fade
+    den = den + torch.einsum("bhnrf,bhf->bhnr", fqc, z) * carried_fade
+    return num, den
 
 
 def recurrent_window_linear(
-    q, k, v, fq, fk, *, window, scaling, sm_weight=1.0, ln_weight=1.0, key_mask=None, softcap=None, state=None, output_state=True
+    q, k, v, fq, fk, *, window, scaling, sm_weight=1.0, ln_weight=1.0, key_mask=None, softcap=None, state=None, output_state=True,
+    decay=None,
 ):
     """Token-by-token decode form: the window keys are scored directly, older keys through (S, z)."""
+    _check_decay(decay, window)
     b, h, length, _ = q.shape
     state = state if state else _empty_state(q, k, v, fk)
     if key_mask is None:
@@ -278,6 +342,8 @@ def recurrent_window_linear(
             a = torch.exp(score - peak) * sm_head
             num = num + torch.einsum("bhs,bhse->bhe", a, cv.to(acc))
             den = den + a.sum(-1, keepdim=True)
+            if decay is not None:  # the sums fade by one token for the next query
+                S, z = S * decay.to(acc)[None, :, None, None], z * decay.to(acc)[None, :, None]
             if ck.shape[2] > keep:  # the oldest key leaves the window for the next token
                 S, z = fold(S, z, cfk[:, :, 0], cv[:, :, 0], cmask[:, 0])
                 ck, cv, cfk, cmask = ck[:, :, 1:], cv[:, :, 1:], cfk[:, :, 1:], cmask[:, 1:]
@@ -288,7 +354,7 @@ def recurrent_window_linear(
 
 
 def decode_window_linear(
-    q, k, v, fq, fk, *, window, scaling, sm_weight=1.0, ln_weight=1.0, key_mask=None, softcap=None, state=None
+    q, k, v, fq, fk, *, window, scaling, sm_weight=1.0, ln_weight=1.0, key_mask=None, softcap=None, state=None, decay=None
 ):
     """One decode step of the recurrent form with grouped heads: the arithmetic of `recurrent_window_linear` for
     T = 1 in a few kernels, and a state per kv head instead of per query head.
@@ -296,7 +362,8 @@ def decode_window_linear(
     q, fq (B, H, 1, *) are the queries; k, v, fk (B, Hkv, 1, *) the new key, H a multiple of Hkv (query head i
     reads kv head i // (H // Hkv)); `sm_weight`/`ln_weight` are numbers or per-query-head tensors (H,). `state`
     holds S (B, Hkv, F, V), z (B, Hkv, F) and the last window - 1 keys k, v, fk and their mask, as `window_tail`
-    leaves them (empty: nothing seen). `window` >= 1. Returns (o (B, H, 1, V) in v's dtype, the next state).
+    leaves them (empty: nothing seen); `decay`, if given, is per kv head (Hkv,). `window` >= 1. Returns
+    (o (B, H, 1, V) in v's dtype, the next state).
     """
     if window < 1:
         raise ValueError(f"decode_window_linear needs a window of at least 1, got {window}")
@@ -329,5 +396,7 @@ def decode_window_linear(
     o = (num / den.clamp_min(1e-30)).view(b, h, 1, -1).to(v.dtype)
     # The oldest key leaves the window for the next step (a pad adds nothing).
     old = features[:, :, 0].to(acc) * mask[:, None, :1]
+    if decay is not None:  # the sums fade by one token for the next query
+        S, z = S * decay.to(acc)[None, :, None, None], z * decay.to(acc)[None, :, None]
     S = S + old.unsqueeze(-1) * values[:, :, 0].to(acc).unsqueeze(-2)
     return o, {"S": S, "z": z + old, **window_tail(window - 1, mask, k=keys, v=values, fk=features)}
