@@ -93,12 +93,16 @@ def test_state_passing_equals_one_call():
 def test_naive_matches_explicit_definition():
     """The reference itself, against a per-query loop over the definition in the module docstring."""
     q, k, v, wq, wk, mask, sm = make(17, seed=5, padded=True)
-    window = 5
-    out, _ = run(naive_window_linear, q, k, v, wq, wk, mask, sm, window, output_state=False)
+    out, _ = run(naive_window_linear, q, k, v, wq, wk, mask, sm, 5, output_state=False)
+    assert_explicit_definition(out, q, k, v, wq, wk, mask, sm, 5)
+
+
+def assert_explicit_definition(out, q, k, v, wq, wk, mask, sm, window, decay=None):
+    """Each query's output against the module docstring's definition, written as a loop over its keys."""
     fq, fk = feature(q, wq), feature(k, wk)
     for b in range(B):
         for h in range(H):
-            for t in range(17):
+            for t in range(q.shape[2]):
                 keys = [s for s in range(t + 1) if mask[b, s]]
                 if not keys:
                     continue
@@ -106,7 +110,8 @@ def test_naive_matches_explicit_definition():
                 scores = {s: (q[b, h, t] @ k[b, h, s]).item() * D**-0.5 for s in win}
                 peak = max(scores.values()) if scores else 0.0
                 weights = {s: torch.exp(torch.tensor(scores[s] - peak, dtype=torch.float64)) * sm[h] for s in win}
-                weights.update({s: (fq[b, h, t] @ fk[b, h, s]) * (1 - sm[h]) for s in keys if s <= t - window})
+                fade = 1.0 if decay is None else decay[h]
+                weights.update({s: (fq[b, h, t] @ fk[b, h, s]) * (1 - sm[h]) * fade ** (t - window - s) for s in keys if s <= t - window})
                 expected = sum(w * v[b, h, s] for s, w in weights.items()) / sum(weights.values())
                 assert torch.allclose(out[b, h, t], expected, atol=1e-12)
 
@@ -160,9 +165,11 @@ def test_blocks_match_one_pass(monkeypatch, budget, with_state):
 @pytest.mark.parametrize("context", [0, 2, 37])
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("softcap", [None, 3.0])
-def test_decode_step_with_grouped_heads_is_the_recurrent_form(window, context, padded, softcap):
+@pytest.mark.parametrize("decayed", [False, True])
+def test_decode_step_with_grouped_heads_is_the_recurrent_form(window, context, padded, softcap, decayed):
     """decode_window_linear's queries of one kv head read one state: it equals recurrent_window_linear on heads
-    repeated per query head, output, next state (per kv head) and gradients, from any context."""
+    repeated per query head, output, next state (per kv head) and gradients, from any context; with a decay per kv
+    head, the recurrent form's repeated per query head."""
     groups, heads = 3, 2
     g = torch.Generator().manual_seed(window + context)
     q = torch.randn(B, heads * groups, context + 1, D, generator=g, dtype=torch.float64, requires_grad=True)
@@ -178,16 +185,18 @@ def test_decode_step_with_grouped_heads_is_the_recurrent_form(window, context, p
     def repeated(x):
         return x.repeat_interleave(groups, dim=1)
 
+    decay = decays(heads) if decayed else None
+    per_query_head = dict(options, decay=None if decay is None else decay.repeat_interleave(groups))
     state = None
     if context:
         _, state = naive_window_linear(q[:, :, :context], repeated(k[:, :, :context]), repeated(v[:, :, :context]), fq[:, :, :context],
-                                       repeated(fk[:, :, :context]), key_mask=mask[:, :context], output_state=True, **options)
+                                       repeated(fk[:, :, :context]), key_mask=mask[:, :context], output_state=True, **per_query_head)
     last = slice(context, None)
     ref, ref_state = recurrent_window_linear(q[:, :, last], repeated(k[:, :, last]), repeated(v[:, :, last]), fq[:, :, last],
-                                             repeated(fk[:, :, last]), key_mask=mask[:, last], state=state, **options)
+                                             repeated(fk[:, :, last]), key_mask=mask[:, last], state=state, **per_query_head)
     per_kv_head = None if state is None else {n: t[:, ::groups] if t.dim() > 2 else t for n, t in state.items()}
     out, out_state = decode_window_linear(q[:, :, last], k[:, :, last], v[:, :, last], fq[:, :, last], fk[:, :, last],
-                                          key_mask=mask[:, last], state=per_kv_head, **options)
+                                          key_mask=mask[:, last], state=per_kv_head, decay=decay, **options)
     assert torch.allclose(out, ref, atol=1e-12)
     assert_states_equal(out_state, {n: t[:, ::groups] if t.dim() > 2 else t for n, t in ref_state.items()})
     probe = torch.randn(out.shape, generator=g, dtype=torch.float64)
@@ -213,20 +222,7 @@ def test_decay_matches_explicit_definition():
     q, k, v, wq, wk, mask, sm = make(23, seed=6, padded=True)
     window, decay = 5, decays()
     out, _ = run(naive_window_linear, q, k, v, wq, wk, mask, sm, window, output_state=False, decay=decay)
-    fq, fk = feature(q, wq), feature(k, wk)
-    for b in range(B):
-        for h in range(H):
-            for t in range(23):
-                keys = [s for s in range(t + 1) if mask[b, s]]
-                if not keys:
-                    continue
-                win = [s for s in keys if s > t - window]
-                scores = {s: (q[b, h, t] @ k[b, h, s]).item() * D**-0.5 for s in win}
-                peak = max(scores.values()) if scores else 0.0
-                weights = {s: torch.exp(torch.tensor(scores[s] - peak, dtype=torch.float64)) * sm[h] for s in win}
-                weights.update({s: (fq[b, h, t] @ fk[b, h, s]) * (1 - sm[h]) * decay[h] ** (t - window - s) for s in keys if s <= t - window})
-                expected = sum(w * v[b, h, s] for s, w in weights.items()) / sum(weights.values())
-                assert torch.allclose(out[b, h, t], expected, atol=1e-12)
+    assert_explicit_definition(out, q, k, v, wq, wk, mask, sm, window, decay)
     undecayed, _ = run(naive_window_linear, q, k, v, wq, wk, mask, sm, window, output_state=False)
     assert not torch.allclose(out, undecayed, atol=1e-3)
 
@@ -280,35 +276,6 @@ def test_decayed_gradients_match_reference(length):
     for ref, got in zip(*grads):
         assert torch.allclose(got, ref, atol=1e-9)
     assert length <= 6 or grads[0][-1].abs().min() > 0  # once keys have left the window, the decay matters
-
-
-@pytest.mark.parametrize("context", [0, 2, 37])
-def test_decayed_decode_step_with_grouped_heads_is_the_recurrent_form(context):
-    """A decode step with a decay per kv head equals the recurrent form with it repeated per query head."""
-    groups, heads, window = 3, 2, 4
-    g = torch.Generator().manual_seed(context)
-    q = torch.randn(B, heads * groups, context + 1, D, generator=g, dtype=torch.float64)
-    k, v = (torch.randn(B, heads, context + 1, n, generator=g, dtype=torch.float64) for n in (D, V))
-    wq, wk = torch.randn(heads * groups, D, F, generator=g, dtype=torch.float64), torch.randn(heads, D, F, generator=g, dtype=torch.float64)
-    sm, decay = torch.sigmoid(torch.randn(heads * groups, generator=g, dtype=torch.float64)), decays(heads)
-    options = dict(window=window, scaling=D**-0.5, sm_weight=sm, ln_weight=1 - sm)
-    fq, fk = feature(q, wq), feature(k, wk)
-
-    def repeated(x):
-        return x.repeat_interleave(groups, dim=1)
-
-    state = None
-    if context:
-        _, state = naive_window_linear(q[:, :, :context], repeated(k[:, :, :context]), repeated(v[:, :, :context]), fq[:, :, :context],
-                                       repeated(fk[:, :, :context]), output_state=True, decay=repeated(decay[None])[0], **options)
-    last = slice(context, None)
-    ref, ref_state = recurrent_window_linear(q[:, :, last], repeated(k[:, :, last]), repeated(v[:, :, last]), fq[:, :, last],
-                                             repeated(fk[:, :, last]), state=state, decay=repeated(decay[None])[0], **options)
-    per_kv_head = None if state is None else {n: t[:, ::groups] if t.dim() > 2 else t for n, t in state.items()}
-    out, out_state = decode_window_linear(q[:, :, last], k[:, :, last], v[:, :, last], fq[:, :, last], fk[:, :, last],
-                                          state=per_kv_head, decay=decay, **options)
-    assert torch.allclose(out, ref, atol=1e-12)
-    assert_states_equal(out_state, {n: t[:, ::groups] if t.dim() > 2 else t for n, t in ref_state.items()})
 
 
 def test_a_decay_needs_a_window():
