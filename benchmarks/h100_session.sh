@@ -54,10 +54,14 @@
 #                                             # logits, through the students' batch-wide prefill mask)
 #   bash benchmarks/h100_session.sh train_speed  # (after first, still warm) distillation speed alone (SPEED, RUNS,
 #                                                # SPEED_S)
+#   bash benchmarks/h100_session.sh join      # (after solo or first, still warm) carry .gguf2 corpus.tgz: the join alone
+#   bash benchmarks/h100_session.sh variants  # (after join, as DETACH=variants) quality runs at once on one GPU, one per
+#                                             # ';'-separated argument list in VARIANTS (quality.py's), named v1, v2, ...
 #   bash benchmarks/h100_session.sh detach    # (still warm) another mode, DETACH (e.g. pair, with its variables), in a
 #                                             # process session of its own (setsid), which outlives the call, run from a
 #                                             # copy of the tree in /tmp/code with its OUT in /tmp/detached; returns after
-#                                             # WAIT_S seconds (default 0) with what the run has written so far. A
+#                                             # WAIT_S seconds (default 0) with what the run has written so far, as
+#                                             # detached.tgz (collect too). A
 #                                             # quality pair then runs across calls without --resume's reloads and
 #                                             # recompiles (eighteenth session), as long as the calls chain
 #   bash benchmarks/h100_session.sh collect   # (after detach, still warm) wait up to COLLECT_S seconds (default 560) for
@@ -246,6 +250,18 @@ batch)  # (after students, still warm) `linearize bench` of the GGUF teacher and
     --out "$OUT/batch.json" > "$OUT/batch.log" 2>&1
   echo "exit $?" >> "$OUT/batch.log"
   ;;
+join)  # (after solo or first, still warm; carry .gguf2 corpus.tgz) the GGUF and the corpus into /tmp, nothing else: a
+  # detached run (detach) leaves the carried halves behind
+  join
+  ;;
+variants)  # (after join, still warm, as DETACH=variants) one quality run per ';'-separated argument list in VARIANTS, all
+  # at once on the one GPU (a 135M student leaves most of an H200 idle), named v1, v2, ... within QUALITY_S each
+  IFS=';' read -ra lists <<< "$VARIANTS"
+  for ((i = 0; i < ${#lists[@]}; i++)); do
+    quality "${QUALITY_S:-1100}" "v$((i + 1))" "${lists[$i]}" &
+  done
+  wait
+  ;;
 second)
   join || exit 1
   export LINEARIZE_SMOLLM2_GGUF=/tmp/smollm2.gguf
@@ -301,7 +317,7 @@ detach)
   (cd /tmp/code && OUT=/tmp/detached setsid nohup bash benchmarks/h100_session.sh "$DETACH" > /tmp/detached/detached.log 2>&1 < /dev/null &
    echo $! > /tmp/detached.pid)
   sleep "${WAIT_S:-0}"
-  cp /tmp/detached/* "$OUT/" 2>/dev/null
+  tar czf "$OUT/detached.tgz" -C /tmp/detached .  # one file: a call returns at most 8
   ;;
 collect)
   [ -z "${STOP:-}" ] || pkill -f "$STOP"
@@ -309,8 +325,8 @@ collect)
     kill -0 "$(cat /tmp/detached.pid)" 2>/dev/null || break
     sleep 10
   done
-  cp /tmp/detached/* "$OUT/" 2>/dev/null
-  kill -0 "$(cat /tmp/detached.pid)" 2>/dev/null && echo "the detached run is still going" >> "$OUT/detached.log"
+  kill -0 "$(cat /tmp/detached.pid)" 2>/dev/null && echo "the detached run is still going" >> /tmp/detached/detached.log
+  tar czf "$OUT/detached.tgz" -C /tmp/detached .
   ;;
 finish)  # (after pair, still warm) QUALITY0 and QUALITY1 again, which name --resume, so that both runs finish training
   # and scoring; then each GPU exports and checks its hybrid_qwen3_5 (serving) or benches its other student
@@ -365,6 +381,6 @@ multi_gpu)
   cp /tmp/multi_gpu/multi_gpu.json /tmp/multi_gpu/*.log "$OUT/" 2>/dev/null
   ;;
 *)
-  echo "usage: bash benchmarks/h100_session.sh solo|first|students|batch|second|quality|pair|finish|generate|serving|detach|collect|train_speed|sdpa|z3|tilelang|multi_gpu" >&2; exit 2
+  echo "usage: bash benchmarks/h100_session.sh solo|first|students|batch|join|variants|second|quality|pair|finish|generate|serving|detach|collect|train_speed|sdpa|z3|tilelang|multi_gpu" >&2; exit 2
   ;;
 esac

@@ -126,6 +126,7 @@ def test_mixers_lists_every_registered_mixer(monkeypatch, capsys):
         (["--mixer", "mamba2", "--option", "d_state=16"], "does not take option(s) d_state"),
         (["--option", "window"], "must look like key=value"),
         (["--mixer", "hedgehog_swa", "--option", "decay=1"], "option 'decay' of mixer 'hedgehog_swa' must be 0 (off) or between 0 and 1"),
+        (["--mixer", "hedgehog_swa", "--option", "linear_rope=before"], "option 'linear_rope' of mixer 'hedgehog_swa'"),
     ],
 )
 def test_bad_conversions_are_one_line_errors_that_write_nothing(teacher_folder, tmp_path, monkeypatch, capsys, args, message):
@@ -228,14 +229,15 @@ def test_eval_with_fewer_perplexity_tokens_than_the_context_scores_one_window(te
     assert record["context"] == 128 and record["tokens"] == 127 and record["value"] > 1
 
 
-def test_convert_with_a_decay_saves_it_and_reloads_to_the_same_logits(teacher_folder, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("option, value", [("decay", 0.95), ("linear_rope", False)])
+def test_convert_with_a_hedgehog_swa_option_saves_it_and_reloads_to_the_same_logits(teacher_folder, tmp_path, monkeypatch, capsys, option, value):
     out = tmp_path / "student"
     code, _, stderr = run(monkeypatch, capsys, "convert", teacher_folder, "--out", out, "--mixer", "hedgehog_swa",
-                          "--option", "window=4", "--option", "decay=0.95")
+                          "--option", "window=4", "--option", f"{option}={str(value).lower()}")
     assert code == 0, stderr
     reloaded = AutoModelForCausalLM.from_pretrained(out)
-    assert {spec.options["decay"] for spec in reloaded.config.plan} == {0.95}
-    expected = linearize.convert(AutoModelForCausalLM.from_pretrained(teacher_folder), "hedgehog_swa", window=4, decay=0.95)
+    assert {spec.options[option] for spec in reloaded.config.plan} == {value}
+    expected = linearize.convert(AutoModelForCausalLM.from_pretrained(teacher_folder), "hedgehog_swa", window=4, **{option: value})
     ids = torch.randint(0, expected.config.text_config.vocab_size, (2, 9))
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, expected(ids).logits)

@@ -102,6 +102,7 @@ def test_fla_gradients_match_reference(kind, length, dtype, with_state):
 MIXERS = {
     "hedgehog": {"feature_dim": 16},
     "hedgehog_swa": {"window": 8},
+    "hedgehog_swa+decay+linear_rope": {"window": 8, "decay": 0.9, "linear_rope": False},
     "gla": {"window": 8},
     "swa": {"window": 8},
     "gated_deltanet": {},

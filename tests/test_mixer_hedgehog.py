@@ -12,11 +12,14 @@ from tests.mixer_forms import BATCH, assert_forms_match, build, call, inputs
 def reference(mixer, hidden, position_embeddings, mask):
     """For query t: keys t - window < s <= t score exp(q.k * scaling - max) * share; older keys score
     phi(q_t).phi(k_s) * (1 - share), times decay ** (t - window - s) with a decay; one normaliser. With window 0 every
-    key is a linear key."""
+    key is a linear key. phi reads q and k after RoPE, or with linear_rope off before it."""
     q, k, v = mixer.spec.project(mixer.attn, hidden)
+    raw_q, raw_k = q, k
     q, k = apply_rotary(q, k, position_embeddings)
     groups = mixer.spec.groups
-    fq, fk = mixer.feature_q(q), repeat_heads(mixer.feature_k(k), groups)
+    linear_rope = getattr(mixer.options, "linear_rope", True)
+    fq, fk = (mixer.feature_q(q), mixer.feature_k(k)) if linear_rope else (mixer.feature_q(raw_q), mixer.feature_k(raw_k))
+    fk = repeat_heads(fk, groups)
     k, v = repeat_heads(k, groups), repeat_heads(v, groups)
     window = getattr(mixer, "window", 0)
     share = torch.sigmoid(mixer.window_logit)[None, :, None, None] if window else torch.zeros(())
@@ -45,13 +48,14 @@ CASES = [
     (HedgehogSWAMixer, {"window": 5}),
     (HedgehogSWAMixer, {"window": 70}),
     (HedgehogSWAMixer, {"window": 5, "decay": 0.9}),
+    (HedgehogSWAMixer, {"window": 5, "linear_rope": False}),
 ]
 
 
 @pytest.mark.parametrize("prefix", [0, 9], ids=["no-initial-state", "initial-state"])
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
 @pytest.mark.parametrize("length", [1, 63, 130])
-@pytest.mark.parametrize("case", CASES, ids=["hedgehog", "hedgehog_swa-5", "hedgehog_swa-70", "hedgehog_swa-5-decay"])
+@pytest.mark.parametrize("case", CASES, ids=["hedgehog", "hedgehog_swa-5", "hedgehog_swa-70", "hedgehog_swa-5-decay", "hedgehog_swa-5-no-linear-rope"])
 def test_every_form_matches_the_reference(case, length, padded, prefix):
     cls, options = case
     mixer, rotary = build(cls, **options)
@@ -82,14 +86,14 @@ def test_swa_state_is_per_kv_head_and_its_cost(window):
             assert sum(t.numel() for t in state.tensors.values()) == BATCH * cost.state_fixed
 
 
-def test_a_decay_is_a_learnable_retention_per_kv_head_on_the_pytorch_path():
+def test_a_decay_is_a_learnable_retention_per_kv_head_and_its_prefill_on_the_pytorch_path():
     mixer, _ = build(HedgehogSWAMixer, window=5, decay=0.99)
     assert mixer.decay_logit.shape == (mixer.spec.num_kv_heads,) and mixer.decay_logit in set(mixer.new_parameters())
     torch.testing.assert_close(torch.sigmoid(mixer.decay_logit), torch.full_like(mixer.decay_logit, 0.99))
     plain, _ = build(HedgehogSWAMixer, window=5)
     extra = type(mixer).cost(mixer.spec, mixer.options).new_parameters - type(plain).cost(plain.spec, plain.options).new_parameters
     assert extra == mixer.spec.num_kv_heads and not hasattr(plain, "decay_logit")
-    assert mixer.cuda_path(torch.bfloat16) == "PyTorch (no fused kernel for option 'decay' yet)"
+    assert mixer.cuda_path(torch.bfloat16) == "PyTorch (no prefill kernel for option 'decay' yet); decode: fused Triton step"
 
 
 @pytest.mark.parametrize("decay", [1.0, -0.5, 2])
@@ -98,3 +102,18 @@ def test_a_decay_outside_0_1_is_one_line_naming_the_fix(decay):
 
     with pytest.raises(LinearizeError, match=r"option 'decay' of mixer 'hedgehog_swa' must be 0 \(off\) or between 0 and 1, got .*0.99 is a start"):
         build(HedgehogSWAMixer, window=5, decay=decay)
+
+
+@pytest.mark.parametrize("linear_rope", [True, False])
+def test_without_linear_rope_a_shifted_sequence_gives_the_same_output(linear_rope):
+    """RoPE makes the window's scores depend on relative positions alone; the linear part's feature maps of rotated q
+    and k see absolute rotations (those past the training length never seen), and without linear_rope none: the same
+    tokens placed 1,000 positions on give the same output only then."""
+    mixer, rotary = build(HedgehogSWAMixer, window=3, linear_rope=linear_rope)
+    with torch.no_grad():
+        for p in mixer.new_parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+        hidden, _, _ = inputs(rotary, mixer.attn.config.hidden_size, 12, pad=0)
+        outs = [call(mixer, hidden, rotary(hidden, torch.arange(12)[None] + shift), None, None, 0, 12) for shift in (0, 1000)]
+    # RoPE's angles are float32 (transformers'): at position 1,000 the window's scores move by about 1e-6 of the output.
+    assert ((outs[0] - outs[1]).abs().max() < 1e-4 * outs[0].abs().max()) != linear_rope

@@ -29,6 +29,7 @@ MIXER_CASES = {
     "hedgehog": ({"feature_dim": 8}, ()),
     "hedgehog_swa": ({"window": 4}, [1]),
     "hedgehog_swa+decay": ({"window": 4, "decay": 0.9}, [1]),
+    "hedgehog_swa+linear_rope": ({"window": 4, "linear_rope": False}, [1]),
     "gla": ({"window": 4}, ()),
     "mamba2": ({}, [1]),
     "mamba2+window": ({"window": 4}, [1]),

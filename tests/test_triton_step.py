@@ -77,13 +77,21 @@ SHAPES = {
 }
 
 
+# A case named MIXER+VARIANT runs MIXER with these options besides the shape's: hedgehog_swa's decay, and its feature
+# maps reading q and k before RoPE.
+VARIANTS = {"hedgehog_swa+decay": {"decay": 0.9}, "hedgehog_swa+linear_rope": {"linear_rope": False}}
+
+
 def randomised_mixer(mixer: str, shape: str, dtype: torch.dtype):
     """(model, first layer's mixer) whose new parameters are their start plus noise, so the convolution, gates, skip and
     share all matter and differ by head. A gate's projection of the hidden states (about 10 in size here) adds about 1
-    to its input, so the gates stay near their start's range (mamba2's dt near 0.001, where softplus needs log1p)."""
+    to its input, so the gates stay near their start's range (mamba2's dt near 0.001, where softplus needs log1p).
+    `mixer` may name a variant (`VARIANTS`)."""
     family, overrides, options = SHAPES[shape]
-    takes = {field.name for field in dataclasses.fields(linearize.MIXERS[mixer].Options)}
-    model = linearize.convert(tiny_model(family, dtype=dtype, **overrides), mixer, **{k: v for k, v in options.items() if k in takes})
+    name = mixer.split("+")[0]
+    takes = {field.name for field in dataclasses.fields(linearize.MIXERS[name].Options)}
+    options = {k: v for k, v in options.items() if k in takes} | VARIANTS.get(mixer, {})
+    model = linearize.convert(tiny_model(family, dtype=dtype, **overrides), name, **options)
     layer = mixers_in(model)[0]
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
@@ -175,8 +183,10 @@ SETTINGS = {
     "partial_rope": (BF16, 1, 3),
     "no_window": (BF16, 3, 0),
 }
-# Every mixer on every shape but hedgehog_swa's with no window (it always has one).
+# Every mixer on every shape but hedgehog_swa's with no window (it always has one); each variant on the two shapes that
+# meet both dtypes, both batch sizes and both starts between them.
 PAIRS = [(mixer, shape) for mixer in MIXERS for shape in SETTINGS if (mixer, shape) != ("hedgehog_swa", "no_window")]
+PAIRS += [(variant, shape) for variant in VARIANTS for shape in ("softcap", "partial_rope")]
 CASES = [(mixer, shape, *SETTINGS[shape]) for mixer, shape in PAIRS]
 # The oldest versions' run (-m core) takes the three shapes that meet both dtypes, both batch sizes and both starts;
 # "smollm2" and "awkward" (40 s of interpreted steps on 2 cores) run on the newest versions only.

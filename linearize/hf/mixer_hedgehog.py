@@ -1,13 +1,14 @@
 """Hedgehog linear attention (LoLCATs), alone or with a sliding softmax window sharing its normaliser.
 
-The feature map is learnable and per head: phi(x) = [softmax(xW + b), softmax(-(xW + b))], applied after RoPE,
-with W initialised to the identity so training starts from a sensible kernel. In `hedgehog_swa` the last
-`window` keys are scored by the teacher's own softmax and a learnable per-head factor sets the balance. On CUDA
-a decode step (inference) runs as one fused Triton step, `triton_step.hedgehog_step` or `hedgehog_swa_step`, and
+The feature map is learnable and per head: phi(x) = [softmax(xW + b), softmax(-(xW + b))], applied after RoPE
+(in `hedgehog_swa` with `linear_rope=false`, before it), with W initialised to the identity so training starts from a
+sensible kernel. In `hedgehog_swa` the last `window` keys are scored by the teacher's own softmax and a learnable
+per-head factor sets the balance. On CUDA a decode step (inference) runs as one fused Triton step, `triton_step.hedgehog_step` or `hedgehog_swa_step`, and
 `hedgehog_swa`'s prefill (inference and training: the kernel has a backward) as one chunked Triton kernel,
 `triton_window.window_linear_prefill`, where they can; the PyTorch path is the reference. With `decay`, the keys
 that have left `hedgehog_swa`'s window fade by a learnable factor per kv head and token (undecayed, their mass in the
-shared normaliser grows with the context); that option has no fused kernel yet and runs the PyTorch path everywhere.
+shared normaliser grows with the context); the fused step takes it, the prefill kernel not yet (its prefill runs the
+PyTorch path).
 """
 
 from __future__ import annotations
@@ -56,11 +57,14 @@ class HedgehogOptions:
 class HedgehogSWAOptions:
     """feature_dim: width F of each half of the feature map (default: head dimension); window: softmax window;
     decay: 0 (off), or the starting per-token retention in (0, 1) of a learnable per-kv-head decay of the keys that
-    have left the window (e.g. 0.99)."""
+    have left the window (e.g. 0.99); linear_rope: the feature maps read q and k after RoPE (true, as LoLCATs), or
+    before it (false: the keys beyond the window are matched by content at any distance, and the window alone sees
+    positions)."""
 
     feature_dim: int | None = None
     window: int = 64
     decay: float = 0.0
+    linear_rope: bool = True
 
 
 @register_mixer
@@ -188,9 +192,10 @@ class HedgehogSWAMixer(HedgehogMixer):
     def mix(self, hidden_states, q, k, v, position_embeddings, padding_mask, state):
         if self.fuses_step(hidden_states, q, k, v, position_embeddings, state):
             return self.fused_step(hidden_states, q, k, v, position_embeddings, padding_mask, state)
+        raw_q, raw_k = q, k
         q, k = apply_rotary(q, k, position_embeddings)
         groups = self.spec.groups
-        fq, fk = self.feature_q(q), self.feature_k(k)
+        fq, fk = (self.feature_q(q), self.feature_k(k)) if self.options.linear_rope else (self.feature_q(raw_q), self.feature_k(raw_k))
         acc = torch.promote_types(q.dtype, torch.float32)
         share = torch.sigmoid(self.window_logit.to(acc))
         decay = torch.sigmoid(self.decay_logit.to(acc)) if self.options.decay else None
@@ -225,10 +230,8 @@ class HedgehogSWAMixer(HedgehogMixer):
         return out
 
     def cuda_path(self, dtype: torch.dtype) -> str:
-        return "PyTorch (no fused kernel for option 'decay' yet)" if self.options.decay else super().cuda_path(dtype)
-
-    def fuses_step(self, hidden_states, q, k, v, position_embeddings, state) -> bool:
-        return not self.options.decay and super().fuses_step(hidden_states, q, k, v, position_embeddings, state)
+        path = super().cuda_path(dtype)
+        return path.replace("Triton (linearize)", "PyTorch (no prefill kernel for option 'decay' yet)") if self.options.decay else path
 
     def fresh_step_state(self, q: torch.Tensor) -> dict[str, torch.Tensor]:
         batch, hkv, width = q.shape[0], self.spec.num_kv_heads, 2 * self.options.feature_dim
@@ -242,5 +245,5 @@ class HedgehogSWAMixer(HedgehogMixer):
         return hedgehog_swa_step(
             q, k, v, cos, sin, real, self.feature_q.weight, self.feature_q.bias, self.feature_k.weight, self.feature_k.bias,
             self.window_logit, tensors["S"], tensors["z"], tensors["k"], tensors["v"], tensors["fk"], tensors["mask"],
-            self.spec.scaling, self.spec.softcap,
+            self.spec.scaling, self.spec.softcap, self.decay_logit if self.options.decay else None, self.options.linear_rope,
         )

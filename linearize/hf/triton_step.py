@@ -25,8 +25,9 @@ all of a layer's step that follows the teacher's q/k/v projections in one kernel
   state (B, Hkv, 2F, D + 1) with fk^T [v, 1] in place (a pad's fk is 0), and each query head's read-out fq S normalised
   by its last column (0 where no real key was seen);
 - `hedgehog_swa_step`: RoPE on q and k, the Hedgehog feature maps [softmax(xW + b), softmax(-(xW + b))] of the rotated
-  q (per query head) and k (per kv head), and the window's softmax and the linear part under one normaliser,
-  (sum_w a_w v_w + (1 - s) fq S) / (sum_w a_w + (1 - s) fq z) with a = s exp(score - peak); then the oldest cached key
+  q (per query head) and k (per kv head) (with `linear_rope` off, of the unrotated ones), and the window's softmax and
+  the linear part under one normaliser, (sum_w a_w v_w + (1 - s) fq S) / (sum_w a_w + (1 - s) fq z) with
+  a = s exp(score - peak); then, with a decay, S and z fade by it, the oldest cached key
   leaves the window into the float32 S (B, Hkv, 2F, D) and z (B, Hkv, 2F) (a pad's adds nothing), and the caches of
   keys, values and feature-mapped keys (B, Hkv, window - 1, 2F, float32) move on, in place. Its window is read a chunk
   of rows at a time (`WINDOW_CHUNK`) and its softmax taken online, so a window of any length fits (LoLCATs': 256). Its
@@ -314,16 +315,19 @@ def _hedgehog_swa(
     q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor], sin: Optional[Tensor], real: Optional[Tensor],
     q_weight: Tensor, q_bias: Tensor, k_weight: Tensor, k_bias: Tensor, window_logit: Tensor, S: Tensor, z: Tensor,
     window_k: Tensor, window_v: Tensor, window_fk: Tensor, window_mask: Tensor, scaling: float, softcap: Optional[float],
+    decay_logit: Optional[Tensor], linear_rope: bool,
 ) -> Tensor:
     """The heads (B, H, 1, D) in q's dtype of one `hedgehog_swa` decode step (module docstring); updates S
     (B, Hkv, 2F, D) and z (B, Hkv, 2F), contiguous float32, the feature-mapped keys window_fk (B, Hkv, window - 1, 2F),
     float32, and the window (`_launch`) in place. q_weight (H, D, F), q_bias (H, 1, F): the query heads' feature maps;
-    k_weight, k_bias: the kv heads'."""
+    k_weight, k_bias: the kv heads'; decay_logit (Hkv,) or None: S and z fade by its sigmoid before the oldest key
+    joins them; linear_rope: the feature maps read the rotated q and k (else the unrotated)."""
     features = q_weight.shape[-1]
     return _launch(
         _hedgehog_swa_kernel, q, k, v, cos, sin, real, window_k, window_v, window_mask, scaling, softcap,
-        window_fk, q_weight, q_bias, k_weight, k_bias, window_logit, S, z,
-        FEATURES=features, BLOCK_FEATURES=triton.next_power_of_2(features),
+        window_fk, q_weight, q_bias, k_weight, k_bias, window_logit, S, z, decay_logit,
+        FEATURES=features, BLOCK_FEATURES=triton.next_power_of_2(features), HAS_DECAY=decay_logit is not None,
+        LINEAR_ROPE=linear_rope,
         CHUNK=min(triton.next_power_of_2(window_k.shape[2] + 1), max(WINDOW_CHUNK // triton.next_power_of_2(q.shape[-1]), 1)),
     )
 
@@ -802,25 +806,27 @@ if TRITON_PROBLEM is None:
     @triton.jit
     def _hedgehog_key(
         k_ptr, cos, sin, stride_cos, k_weight, k_bias, b, j, d, in_d,
-        DIM: tl.constexpr, ROT: tl.constexpr, FEATURES: tl.constexpr, BLOCK_FEATURES: tl.constexpr,
+        DIM: tl.constexpr, ROT: tl.constexpr, FEATURES: tl.constexpr, BLOCK_FEATURES: tl.constexpr, LINEAR_ROPE: tl.constexpr,
     ):
         """Sequence b's RoPE rows, the feature lanes f (in_f: the first F), and kv head j's rotated key and its feature
-        map's halves."""
+        map's halves (of the rotated key, or with LINEAR_ROPE off of the unrotated one)."""
         cos_row, sin_row = cos + b * stride_cos, sin + b * stride_cos
         f = tl.arange(0, BLOCK_FEATURES)
         in_f = f < FEATURES
         k_now = _rotated(k_ptr, cos_row, sin_row, d, in_d, ROT)
-        fk_pos, fk_neg = _features(k_now, k_weight + j * DIM * FEATURES, k_bias + j * FEATURES, d, in_d, f, in_f, FEATURES)
+        k_read = _rotated(k_ptr, cos_row, sin_row, d, in_d, ROT if LINEAR_ROPE else 0)
+        fk_pos, fk_neg = _features(k_read, k_weight + j * DIM * FEATURES, k_bias + j * FEATURES, d, in_d, f, in_f, FEATURES)
         return cos_row, sin_row, f, in_f, k_now, fk_pos, fk_neg
 
     @triton.jit
     def _hedgehog_swa_kernel(
         q, k, v, cos, sin, real, window_k, window_v, window_mask, out,
         stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_cos, stride_real, scaling, softcap,
-        window_fk, q_weight, q_bias, k_weight, k_bias, window_logit, S, z,
+        window_fk, q_weight, q_bias, k_weight, k_bias, window_logit, S, z, decay_logit,
         HEADS: tl.constexpr, KV_HEADS: tl.constexpr, DIM: tl.constexpr, KEEP: tl.constexpr, ROT: tl.constexpr,
         BLOCK_DIM: tl.constexpr, BLOCK_WINDOW: tl.constexpr, HAS_REAL: tl.constexpr, WINDOW: tl.constexpr,
         SOFTCAP: tl.constexpr, FEATURES: tl.constexpr, BLOCK_FEATURES: tl.constexpr, CHUNK: tl.constexpr,
+        HAS_DECAY: tl.constexpr, LINEAR_ROPE: tl.constexpr,
     ):
         """Program (b, j): sequence b, kv head j, whose state and window its query heads read, and its query heads
         (module docstring). The window is read CHUNK rows at a time, its softmax taken online."""
@@ -831,7 +837,7 @@ if TRITON_PROBLEM is None:
         GROUPS: tl.constexpr = HEADS // KV_HEADS
         WIDTH: tl.constexpr = 2 * FEATURES
         cos_row, sin_row, f, in_f, k_now, fk_pos, fk_neg = _hedgehog_key(
-            k_ptr, cos, sin, stride_cos, k_weight, k_bias, b, j, d, in_d, DIM, ROT, FEATURES, BLOCK_FEATURES
+            k_ptr, cos, sin, stride_cos, k_weight, k_bias, b, j, d, in_d, DIM, ROT, FEATURES, BLOCK_FEATURES, LINEAR_ROPE
         )
         # The state's halves (F, D) each, as the feature map's: S and z sum the keys that have left the window.
         head = b * KV_HEADS + j
@@ -842,7 +848,8 @@ if TRITON_PROBLEM is None:
             h = j * GROUPS + g
             q_ptr = q + b * stride_qb + h * stride_qh
             q_now = _rotated(q_ptr, cos_row, sin_row, d, in_d, ROT)
-            fq_pos, fq_neg = _features(q_now, q_weight + h * DIM * FEATURES, q_bias + h * FEATURES, d, in_d, f, in_f, FEATURES)
+            q_read = _rotated(q_ptr, cos_row, sin_row, d, in_d, ROT if LINEAR_ROPE else 0)
+            fq_pos, fq_neg = _features(q_read, q_weight + h * DIM * FEATURES, q_bias + h * FEATURES, d, in_d, f, in_f, FEATURES)
             share = tl.sigmoid(tl.load(window_logit + h).to(tl.float32))
             # One normaliser: (share * sum_w a_w v_w + (1 - share) fq S) / (share * sum_w a_w + (1 - share) fq z).
             num = tl.sum(fq_pos[:, None] * tl.load(state, mask=square, other=0.0), 0)
@@ -877,11 +884,13 @@ if TRITON_PROBLEM is None:
             old = keep
             old_pos, old_neg, v_old = fk_pos, fk_neg, v_now
         old_pos, old_neg = tl.where(old, old_pos, 0.0), tl.where(old, old_neg, 0.0)
+        # With a decay, the sums fade by one token for the next query (at a pad too, as on the PyTorch path).
+        fade = tl.sigmoid(tl.load(decay_logit + j).to(tl.float32)) if HAS_DECAY else 1.0
         tl.debug_barrier()  # every query head has read the state
-        tl.store(state, tl.load(state, mask=square, other=0.0) + old_pos[:, None] * v_old[None, :], mask=square)
-        tl.store(state + FEATURES * DIM, tl.load(state + FEATURES * DIM, mask=square, other=0.0) + old_neg[:, None] * v_old[None, :], mask=square)
-        tl.store(sums, tl.load(sums, mask=in_f, other=0.0) + old_pos, mask=in_f)
-        tl.store(sums + FEATURES, tl.load(sums + FEATURES, mask=in_f, other=0.0) + old_neg, mask=in_f)
+        tl.store(state, fade * tl.load(state, mask=square, other=0.0) + old_pos[:, None] * v_old[None, :], mask=square)
+        tl.store(state + FEATURES * DIM, fade * tl.load(state + FEATURES * DIM, mask=square, other=0.0) + old_neg[:, None] * v_old[None, :], mask=square)
+        tl.store(sums, fade * tl.load(sums, mask=in_f, other=0.0) + old_pos, mask=in_f)
+        tl.store(sums + FEATURES, fade * tl.load(sums + FEATURES, mask=in_f, other=0.0) + old_neg, mask=in_f)
         # The caches one row on, a chunk at a time from the first: a chunk's stores reach one row into the chunk before,
         # which is read already.
         for start in range(0, KEEP + 1, CHUNK):
@@ -916,7 +925,7 @@ if TRITON_PROBLEM is None:
         GROUPS: tl.constexpr = HEADS // KV_HEADS
         WIDTH: tl.constexpr = 2 * FEATURES
         cos_row, sin_row, f, in_f, k_now, fk_pos, fk_neg = _hedgehog_key(
-            k_ptr, cos, sin, stride_cos, k_weight, k_bias, b, j, d, in_d, DIM, ROT, FEATURES, BLOCK_FEATURES
+            k_ptr, cos, sin, stride_cos, k_weight, k_bias, b, j, d, in_d, DIM, ROT, FEATURES, BLOCK_FEATURES, True
         )
         fk_pos, fk_neg = tl.where(keep, fk_pos, 0.0), tl.where(keep, fk_neg, 0.0)  # a pad adds nothing
         # S (2F, D + 1) per kv head: the feature-mapped keys times [v, 1], so its last column is the normaliser.
