@@ -26,10 +26,10 @@ def teacher_folder(tmp_path_factory):
     return folder
 
 
-def run(monkeypatch, capsys, *args):
-    """The console script in this process: (exit code, stdout, stderr), on a wide terminal."""
+def run(monkeypatch, capsys, *args, columns: int = 250):
+    """The console script in this process: (exit code, stdout, stderr), on a terminal `columns` wide."""
     monkeypatch.setattr(sys, "argv", ["linearize", *map(str, args)])
-    wide_console(monkeypatch)
+    wide_console(monkeypatch, columns)
     with pytest.raises(SystemExit) as exit:
         cli.main()
     captured = capsys.readouterr()
@@ -83,7 +83,7 @@ def test_info_shows_the_plan_state_and_kernel_path_per_layer(teacher_folder, tmp
     assert (rows[0][7], rows[1][7]) == ("PyTorch (LINEARIZE_KERNELS=torch)", "PyTorch (no fla kernel)")
     monkeypatch.delenv("LINEARIZE_KERNELS")
     monkeypatch.setattr(kernel_dispatch, "FLA_PROBLEM", "flash-linear-attention is not usable (ImportError: no module)")
-    rows = table_rows(run(monkeypatch, capsys, "info", out)[1])
+    rows = table_rows(run(monkeypatch, capsys, "info", out, columns=320)[1])  # its long cell on one line
     assert rows[0][7] == "PyTorch: flash-linear-attention is not usable (ImportError: no module); decode: fused Triton step"
 
 
