@@ -3,8 +3,8 @@
 The feature map is learnable and per head: phi(x) = [softmax(xW + b), softmax(-(xW + b))], applied after RoPE
 (in `hedgehog_swa` with `linear_rope=false`, before it), with W initialised to the identity so training starts from a
 sensible kernel. In `hedgehog_swa` the last `window` keys are scored by the teacher's own softmax and a learnable
-per-head factor sets the balance. On CUDA a decode step (inference) runs as one fused Triton step, `triton_step.hedgehog_step` or `hedgehog_swa_step`, and
-`hedgehog_swa`'s prefill (inference and training: the kernel has a backward) as one chunked Triton kernel,
+per-head factor sets the balance. On CUDA a decode step (inference) runs as one fused Triton step,
+`triton_step.hedgehog_step` or `hedgehog_swa_step`, and `hedgehog_swa`'s prefill (inference and training: the kernel has a backward) as one chunked Triton kernel,
 `triton_window.window_linear_prefill`, where they can; the PyTorch path is the reference. With `decay`, the keys
 that have left `hedgehog_swa`'s window fade by a learnable factor per kv head and token (undecayed, their mass in the
 shared normaliser grows with the context); the fused step takes it, the prefill kernel not yet (its prefill runs the

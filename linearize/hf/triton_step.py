@@ -814,7 +814,7 @@ if TRITON_PROBLEM is None:
         f = tl.arange(0, BLOCK_FEATURES)
         in_f = f < FEATURES
         k_now = _rotated(k_ptr, cos_row, sin_row, d, in_d, ROT)
-        k_read = _rotated(k_ptr, cos_row, sin_row, d, in_d, ROT if LINEAR_ROPE else 0)
+        k_read = k_now if LINEAR_ROPE else _rotated(k_ptr, cos_row, sin_row, d, in_d, 0)
         fk_pos, fk_neg = _features(k_read, k_weight + j * DIM * FEATURES, k_bias + j * FEATURES, d, in_d, f, in_f, FEATURES)
         return cos_row, sin_row, f, in_f, k_now, fk_pos, fk_neg
 
@@ -848,7 +848,7 @@ if TRITON_PROBLEM is None:
             h = j * GROUPS + g
             q_ptr = q + b * stride_qb + h * stride_qh
             q_now = _rotated(q_ptr, cos_row, sin_row, d, in_d, ROT)
-            q_read = _rotated(q_ptr, cos_row, sin_row, d, in_d, ROT if LINEAR_ROPE else 0)
+            q_read = q_now if LINEAR_ROPE else _rotated(q_ptr, cos_row, sin_row, d, in_d, 0)
             fq_pos, fq_neg = _features(q_read, q_weight + h * DIM * FEATURES, q_bias + h * FEATURES, d, in_d, f, in_f, FEATURES)
             share = tl.sigmoid(tl.load(window_logit + h).to(tl.float32))
             # One normaliser: (share * sum_w a_w v_w + (1 - share) fq S) / (share * sum_w a_w + (1 - share) fq z).
