@@ -5,12 +5,18 @@ and v in float32 (as the mixers passed them before fla read the model's dtype), 
 (`use_qk_l2norm_in_kernel`), and the short convolution as K shifted products in PyTorch (LINEARIZE_FUSED_STEP=off: its
 path before triton_conv.py).
 
-Random weights at SmolLM2-135M's shape (one decoder layer), batch 1, no padding, no cache: the parts of
-`GatedDeltaNetMixer.mix` called one by one (projections, short convolution, L2 norm, kv-head repeat, gates, the gated
-delta rule, the sliding window and its mix), then the whole attention module converted and under teacher_mode.
+Random weights at SmolLM2-135M's shape (one decoder layer), batch 1, no padding: the parts of the mixer's `mix`
+called one by one, then the whole attention module converted and under teacher_mode. `--mixer gated_deltanet`
+(projections, short convolution, L2 norm, kv-head repeat, gates, the gated delta rule, the sliding window and its mix;
+no cache) or `--mixer hedgehog_swa` (`lolcats`' mixer: projections, RoPE, feature maps, the prefix states, the prefill
+kernel, the next state a cache keeps; with a cache, as `generate()`'s prefill runs it). `--model` adds the whole
+30-layer model's prefill (last position's logits only, a cache as `generate()` makes), student and teacher, and the
+student's costliest GPU kernels under torch.profiler at the longest length.
 Each figure is the median of --repeats calls after a warm-up call (kernels compile on their first call at a shape).
 
     python benchmarks/prefill_parts.py --device cuda --lengths 2048,8192,32768 --variants --out prefill_parts.jsonl
+    python benchmarks/prefill_parts.py --device cuda --mixer hedgehog_swa --options linear_rope=false \\
+        --lengths 4096,32768 --model --out prefill_parts.jsonl
 """
 
 from __future__ import annotations
@@ -20,20 +26,25 @@ import contextlib
 import os
 import statistics
 import time
+from functools import partial
 from unittest import mock
 
 import torch
 import torch.nn.functional as F
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import linearize
-from linearize.hf import kernel_dispatch
-from linearize.hf.attention import repeat_heads
+from linearize.hf import kernel_dispatch, triton_window
+from linearize.hf.attention import apply_rotary, repeat_heads
+from linearize.hf.cache import cache_keyword
 from linearize.hf.mixers import mixers_in
+from linearize.hf.ops_window import _next_state, _with_context
 from linearize.hf.windows import add_window
 from serving_speed import emit  # benchmarks/, the script's own folder, is on sys.path
 
-SMOLLM2 = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=1, num_attention_heads=9, num_key_value_heads=3,
+SMOLLM2 = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
                vocab_size=49152, max_position_embeddings=32768, rope_theta=100000.0)
 
 
@@ -59,8 +70,8 @@ def timed(function, device: torch.device, repeats: int) -> tuple[float, float]:
     return statistics.median(hosts), statistics.median(devices)
 
 
-def parts(mixer, hidden, position_embeddings, variants: bool) -> dict:
-    """Name -> a call of one part of `mixer`'s prefill on `hidden` (each fed the previous parts' outputs)."""
+def parts(mixer, hidden, position_embeddings, variants: bool, new_cache) -> dict:
+    """Name -> a call of one part of a `gated_deltanet` mixer's prefill on `hidden` (each fed the previous parts' outputs)."""
     q, k, v = mixer.project(hidden)
     cq, ck, cv, _ = mixer.convolve(q, k, v, None, None)
     nq, nk = F.normalize(cq, dim=-1), F.normalize(ck, dim=-1)
@@ -91,10 +102,84 @@ def parts(mixer, hidden, position_embeddings, variants: bool) -> dict:
     return calls
 
 
+def hedgehog_swa_parts(mixer, hidden, position_embeddings, variants: bool, new_cache) -> dict:
+    """Name -> a call of one part of a `hedgehog_swa` mixer's prefill with a cache on `hidden`, as `mix` makes it."""
+    q, k, v = mixer.project(hidden)
+    rq, rk = apply_rotary(q, k, position_embeddings)
+    features = (lambda: (mixer.feature_q(rq), mixer.feature_k(rk))) if mixer.options.linear_rope else (lambda: (mixer.feature_q(q), mixer.feature_k(k)))
+    fq, fk = features()
+    share = torch.sigmoid(mixer.window_logit.float())
+    heads = q.shape[1]
+    k_all, v_all, fk_all, mask, S, z = _with_context(rq, rk, v, fk, None, None)
+    sm, ln = triton_window._weights(share, heads, q), triton_window._weights(1.0 - share, heads, q)
+    prefix = triton_window.prefix_states(fk_all, v_all, mask, S, z, triton_window.CHUNK)
+    scaling, softcap, window = mixer.spec.scaling, mixer.spec.softcap, mixer.window
+    calls = {
+        "projections": lambda: mixer.project(hidden),
+        "RoPE": lambda: apply_rotary(q, k, position_embeddings),
+        "feature maps": features,
+        "the window's context (concatenated)": lambda: _with_context(rq, rk, v, fk, None, None),
+        "prefix states": lambda: triton_window.prefix_states(fk_all, v_all, mask, S, z, triton_window.CHUNK),
+        "prefill kernel": lambda: triton_window._forward(rq, k_all, v_all, fq, fk_all, mask, *prefix, sm, ln, window, scaling, softcap),
+        "next state": lambda: _next_state(k_all, v_all, fk_all, mask, S, z, window),
+        "mixer, whole, no cache": lambda: mixer.mix(hidden, q, k, v, position_embeddings, None, None),
+        "attention module, converted, with a cache": lambda: mixer(
+            hidden, position_embeddings=position_embeddings, attention_mask=None, cache=new_cache()
+        ),
+    }
+    if variants and hidden.is_cuda:
+        for block, warps in ((16, 4), (32, 4), (64, 4), (64, 8)):
+            calls[f"prefill kernel, blocks of {block}, {warps} warps"] = partial(
+                kernel_at, block, warps, rq, k_all, v_all, fq, fk_all, mask, *prefix, sm, ln, window, scaling, softcap
+            )
+    return calls
+
+
+def kernel_at(block, warps, q, k, v, fq, fk, mask, prefix_S, prefix_z, sm, ln, window, scaling, softcap):
+    """`triton_window`'s forward kernel with `block` queries a program and keys a tile, on `warps` warps."""
+    out = torch.empty(*q.shape[:3], v.shape[-1], dtype=v.dtype, device=v.device)
+    strides, constants = triton_window._shared(q, k, v, fq, fk, mask, window, scaling, softcap, block, warps)
+    grid = (q.shape[0] * q.shape[1], -(-q.shape[2] // block))
+    triton_window._window_linear_kernel[grid](q, k, v, fq, fk, mask, prefix_S, prefix_z, sm, ln, out, out, out, *strides, STATS=False, **constants)
+    return out
+
+
+PARTS = {"gated_deltanet": parts, "hedgehog_swa": hedgehog_swa_parts}
+
+
 def fused_off(function, *args):
     """`function(*args)` with linearize's fused kernels off (LINEARIZE_FUSED_STEP=off), the switch restored after."""
     with mock.patch.dict(os.environ, {"LINEARIZE_FUSED_STEP": "off"}):
         return function(*args)
+
+
+def prefill(model, ids, keyword: str):
+    """`generate()`'s prefill: a fresh cache, the last position's logits."""
+    return model(input_ids=ids, use_cache=True, logits_to_keep=1, **{keyword: model.new_cache()})
+
+
+def whole_model(model, lengths: list[int], device, repeats: int, dtype: str, out, trace_rows: int) -> None:
+    """The whole model's prefill as `generate()` runs it (a fresh cache, the last position's logits), student and
+    teacher, and the student's costliest kernels under torch.profiler at the longest length."""
+    vocab, keyword = model.get_input_embeddings().num_embeddings, cache_keyword(model)
+    for length in lengths:
+        ids = torch.randint(0, vocab, (1, length), device=device)
+        call = partial(prefill, model, ids, keyword)
+        for name in ("student", "teacher"):
+            with linearize.teacher_mode(model) if name == "teacher" else contextlib.nullcontext():
+                host, busy = timed(call, device, repeats)
+            emit({"length": length, "part": f"whole model, {name}", "host_ms": round(host, 3), "device_ms": round(busy, 3),
+                  "tokens_per_s": round(length / busy * 1e3), "dtype": dtype}, device, out)
+    if device.type == "cuda" and trace_rows:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            prefill(model, ids, keyword)
+            torch.cuda.synchronize()
+        kernels = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0]
+        kernels.sort(key=lambda e: -e.self_device_time_total)
+        total = sum(e.self_device_time_total for e in kernels)
+        emit({"length": lengths[-1], "part": "whole model, student, kernels", "device_ms": round(total / 1e3, 3),
+              "kernels": [{"name": e.key[:120], "calls": e.count, "ms": round(e.self_device_time_total / 1e3, 3)} for e in kernels[:trace_rows]]},
+             device, out)
 
 
 @torch.no_grad()
@@ -102,28 +187,41 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--mixer", default="gated_deltanet", choices=sorted(PARTS))
+    parser.add_argument("--options", default="", help="the mixer's options besides the window, key=value,...")
     parser.add_argument("--lengths", default="2048,8192")
     parser.add_argument("--window", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--variants", action="store_true", help="also the gated delta rule as fla could take it")
+    parser.add_argument("--variants", action="store_true", help="also the gated delta rule as fla could take it, or "
+                        "hedgehog_swa's prefill kernel at other blocks and warps")
+    parser.add_argument("--model", action="store_true", help="also the whole 30-layer model's prefill, student and teacher")
+    parser.add_argument("--trace-rows", type=int, default=25, help="with --model: the student's costliest kernels kept")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    torch.manual_seed(0)
-    teacher = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **SMOLLM2)).to(dtype).eval()
-    model = linearize.convert(teacher, "gated_deltanet", window=args.window).to(device)
-    (mixer,) = mixers_in(model)
-    rotary = next(module for name, module in model.named_modules() if name.endswith("rotary_emb"))
+    options = dict(pair.split("=", 1) for pair in args.options.split(",") if pair)
+    lengths = [int(n) for n in args.lengths.split(",")]
     out = open(args.out, "a") if args.out else None
-    for length in (int(n) for n in args.lengths.split(",")):
+    torch.manual_seed(0)
+    teacher = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **(SMOLLM2 | {"num_hidden_layers": 1}))).to(dtype).eval()
+    model = linearize.convert(teacher, args.mixer, window=args.window, **options).to(device)
+    mixer = mixers_in(model)[0]
+    rotary = next(module for name, module in model.named_modules() if name.endswith("rotary_emb"))
+    for length in lengths:
         hidden = torch.randn(1, length, SMOLLM2["hidden_size"], device=device, dtype=dtype)
         position_embeddings = rotary(hidden, torch.arange(length, device=device)[None])
-        calls = parts(mixer, hidden, position_embeddings, args.variants)
+        calls = PARTS[args.mixer](mixer, hidden, position_embeddings, args.variants, model.new_cache)
         calls["attention module, teacher"] = lambda: mixer(hidden, position_embeddings=position_embeddings, attention_mask=None)
         for name, call in calls.items():  # each row as it is measured: a run cut short keeps them
             with linearize.teacher_mode(model) if name.endswith("teacher") else contextlib.nullcontext():
                 host, busy = timed(call, device, args.repeats)
             emit({"length": length, "part": name, "host_ms": round(host, 3), "device_ms": round(busy, 3), "dtype": args.dtype}, device, out)
+    if args.model:
+        del model, teacher
+        torch.manual_seed(0)
+        teacher = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **SMOLLM2)).to(dtype).eval()
+        model = linearize.convert(teacher, args.mixer, window=args.window, **options).to(device)
+        whole_model(model, lengths, device, args.repeats, args.dtype, out, args.trace_rows)
 
 
 if __name__ == "__main__":
