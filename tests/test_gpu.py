@@ -405,6 +405,30 @@ def test_fused_convolution_matches_the_pytorch_path(monkeypatch, dtype, length):
     assert torch.equal(got[3], expected[3])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("length", [3, 4099])
+def test_fused_feature_maps_match_the_pytorch_path(monkeypatch, dtype, length):
+    """Hedgehog's feature maps of a prefill through triton_features.py at SmolLM2's query heads (9 of 64), a trained-like
+    map, x strided as a projection leaves it: within 1e-5 of the PyTorch path's float32 maps."""
+    from linearize.hf.mixer_hedgehog import HedgehogFeatureMap
+    from linearize.hf.triton_features import feature_map_problem
+
+    g = torch.Generator(device="cuda").manual_seed(length)
+    feature_map = HedgehogFeatureMap(9, 64, 64).cuda()
+    with torch.no_grad():
+        feature_map.weight.add_(torch.randn(feature_map.weight.shape, generator=g, device="cuda") * 0.3)
+        feature_map.bias.add_(torch.randn(feature_map.bias.shape, generator=g, device="cuda"))
+    feature_map = feature_map.to(dtype)
+    x = (torch.randn(2, length, 9, 64, generator=g, device="cuda") * 3).to(dtype).transpose(1, 2)
+    with torch.no_grad():
+        assert feature_map_problem(x, feature_map.weight, feature_map.bias) is None
+        got = feature_map(x)
+        monkeypatch.setenv("LINEARIZE_FUSED_STEP", "off")
+        expected = feature_map(x)
+    assert got.dtype == expected.dtype == torch.float32
+    assert_close(got, expected, "feature maps", 1e-5)
+
+
 def later_chunk_memory(model, ids: torch.Tensor, prefix: int) -> tuple[int, torch.Tensor]:
     """Bytes a chunk after `prefix` cached tokens raises the CUDA peak by, and its last logits."""
     from linearize.hf.cache import returned_cache

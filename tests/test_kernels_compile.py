@@ -1,5 +1,5 @@
 """Every Triton kernel of linearize's own (the fused decode steps, triton_step.py; hedgehog_swa's prefill and its
-backward, triton_window.py; a prefill's short convolution, triton_conv.py) compiled for a GPU (sm_90) on the CPU:
+backward, triton_window.py; a prefill's short convolution, triton_conv.py; Hedgehog's feature maps, triton_features.py) compiled for a GPU (sm_90) on the CPU:
 Triton's compiler and its bundled ptxas need no GPU. Not in the `core` subset: the oldest and newest environments
 install the same Triton (3.6), so the newest run's compile is the only one that can differ."""
 
@@ -26,7 +26,7 @@ def compile_kernels() -> None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from linearize.hf import triton_conv, triton_window
+    from linearize.hf import triton_conv, triton_features, triton_window
 
     states = {"conv", "recurrent", "state", "ssm", "S", "z", "window_fk"}
     # The gated delta rule's caches shared by a kv head's query heads move on in a launch of their own (with the window,
@@ -55,10 +55,11 @@ def compile_kernels() -> None:
                 signature[param.name] = "*i1" if param.name in ("real", "window_mask") else "*fp32" if param.name in states else "*bf16"
         given = {param.name: constants[param.name] for param in kernel.params if param.is_constexpr}
         triton.compile(ASTSource(kernel, signature, constexprs=given), target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
-    # The prefill's forward (bf16, with and without the statistics its backward reads) and its two backward kernels
-    # (bf16 and fp32, each with its blocks and warps).
+    # The prefill's forward (bf16, with and without the statistics its backward reads, and fp32) and its two backward
+    # kernels (bf16 and fp32), each with its blocks and warps.
     halves = {"q", "k", "v", "out", "grad"}
-    prefill = [(triton_window._window_linear_kernel, "bf16", triton_window.BLOCK, triton_window.WARPS, {"STATS": stats}) for stats in (False, True)]
+    prefill = [(triton_window._window_linear_kernel, "bf16", *triton_window.FORWARD[torch.bfloat16], {"STATS": stats}) for stats in (False, True)]
+    prefill += [(triton_window._window_linear_kernel, "fp32", *triton_window.FORWARD[torch.float32], {"STATS": True})]
     prefill += [
         (kernel, name, *triton_window.BACKWARD[dtype], {})
         for kernel in (triton_window._window_linear_dq_kernel, triton_window._window_linear_dk_kernel)
@@ -77,6 +78,12 @@ def compile_kernels() -> None:
             **own,
         )
         triton.compile(ASTSource(kernel, signature, constexprs=constants), target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    # Hedgehog's feature maps of a prefill (triton_features.py): bf16 x and weights, float32 output, SmolLM2's heads.
+    kernel = triton_features._feature_kernel
+    signature = {param.name: "constexpr" if param.is_constexpr else "*fp32" if param.name == "out" else "i32" if param.name.startswith("stride")
+                 or param.name == "length" else "*bf16" for param in kernel.params}
+    constants = dict(HEADS=9, DIM=64, FEATURES=64, BLOCK_DIM=64, BLOCK_FEATURES=64, BLOCK=triton_features.BLOCK)
+    triton.compile(ASTSource(kernel, signature, constexprs=constants), target=GPUTarget("cuda", 90, 32), options={"num_warps": triton_features.WARPS})
     # The prefill's short convolution (triton_conv.py): bf16 inputs, float32 taps and output, SmolLM2's kernel of 4.
     kernel = triton_conv._conv_kernel
     signature = {"seq": "*bf16", "taps": "*fp32", "out": "*fp32", "length": "i32", "channels": "i32", "K": "constexpr", "BLOCK_T": "constexpr", "BLOCK_C": "constexpr"}

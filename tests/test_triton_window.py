@@ -103,15 +103,49 @@ def test_the_kernel_equals_the_reference(length, window, dtype, with_state, soft
     with torch.no_grad():
         o, new = triton_window.window_linear_prefill(q, k, v, fq, fk, state=state, output_state=True, **options)
         expected, expected_state = reference(q, k, v, fq, fk, state, **options)
-    assert o.dtype == v.dtype and o.shape == expected.shape
+    assert_same_prefill(o, new, expected, expected_state, dtype)
+
+
+def assert_same_prefill(o, new, expected, expected_state, dtype):
+    """The kernel's heads and next state are the reference's: the heads to `dtype`'s tolerance, the window's tail copied,
+    S and z summed in another order."""
+    assert o.dtype == expected.dtype and o.shape == expected.shape
     assert_close(o, expected, "heads", TOLERANCE[dtype])
     assert new.keys() == expected_state.keys()
-    for name, tensor in expected_state.items():  # the window's tail copied, S and z summed in another order
+    for name, tensor in expected_state.items():
         assert new[name].dtype == tensor.dtype and new[name].shape == tensor.shape, name
         if name in ("S", "z"):
             assert_close(new[name], tensor, name, 1e-6)
         else:
             assert torch.equal(new[name], tensor), name
+
+
+# No key mask and no carried state (a fresh cache's prefill, unpadded): the prefix sums skip the mask, and the next
+# state is read off the prefix states at a chunk's edge (128 keys, window 1: every key folded, the last chunk whole), a
+# chunk past it (200 keys, window 3) and before the first edge (150 keys, window 100: 99 kept, 51 folded).
+@needs_triton
+@pytest.mark.parametrize("length,window,dtype", [pytest.param(128, 1, FP32, marks=pytest.mark.core), (200, 3, BF16), (150, 100, FP32)])
+def test_an_unmasked_prefill_of_a_fresh_state_equals_the_reference(length, window, dtype):
+    q, k, v, fq, fk, _, _ = window_inputs(length, window, dtype, False)
+    options = dict(window=window, scaling=DIM**-0.5, sm_weight=0.4, ln_weight=0.6)
+    with torch.no_grad():
+        o, new = triton_window.window_linear_prefill(q, k, v, fq, fk, output_state=True, **options)
+        expected, expected_state = reference(q, k, v, fq, fk, None, **options)
+    assert_same_prefill(o, new, expected, expected_state, dtype)
+
+
+@needs_triton
+def test_an_unmasked_prefills_gradients_equal_the_references():
+    """The gradients through the prefix sums that skip the mask, 70 keys (a second chunk, read by the second query
+    block), against float64 autograd through the reference."""
+    q, k, v, fq, fk, _, _ = window_inputs(70, 3, FP32, False)
+    share = torch.rand(HEADS, generator=torch.Generator().manual_seed(1))
+    grad = torch.randn(2, HEADS, 70, DIM, generator=torch.Generator().manual_seed(2))
+    options = dict(window=3, scaling=DIM**-0.5)
+    got = gradients(q, k, v, fq, fk, share, None, grad, triton_window.window_linear_prefill, **options)
+    expected = gradients(q, k, v, fq, fk, share, None, grad, reference, **options)
+    for name, mine, theirs in zip(GRADIENT_NAMES, got, expected):
+        assert_close(mine, theirs, name, GRADIENT_TOLERANCE[FP32])
 
 
 def gradients(q, k, v, fq, fk, share, state, grad, through, **options):
@@ -202,7 +236,8 @@ def test_the_window_max_gradient_goes_to_the_first_of_equal_keys():
 def test_the_custom_op_computes_what_the_eager_launch_does():
     q, k, v, fq, fk, mask, _ = window_inputs(40, 5, FP32, False)
     weights = torch.full((HEADS,), 0.5)
-    args = (q, k, v, fq, fk, mask, torch.zeros(2, KV_HEADS, WIDTH, DIM), torch.zeros(2, KV_HEADS, WIDTH), weights, weights, 5, 0.25, None)
+    prefix = triton_window.prefix_states(fk, v, mask, torch.zeros(2, KV_HEADS, WIDTH, DIM), torch.zeros(2, KV_HEADS, WIDTH), triton_window.CHUNK)
+    args = (q, k, v, fq, fk, mask, *prefix, weights, weights, 5, 0.25, None)
     with torch.no_grad():
         assert torch.equal(triton_window.window_prefill(*args), triton_window.OP(*args))
 

@@ -5,7 +5,8 @@ The feature map is learnable and per head: phi(x) = [softmax(xW + b), softmax(-(
 sensible kernel. In `hedgehog_swa` the last `window` keys are scored by the teacher's own softmax and a learnable
 per-head factor sets the balance. On CUDA a decode step (inference) runs as one fused Triton step,
 `triton_step.hedgehog_step` or `hedgehog_swa_step`, and `hedgehog_swa`'s prefill (inference and training: the kernel has a backward) as one chunked Triton kernel,
-`triton_window.window_linear_prefill`, where they can; the PyTorch path is the reference. With `decay`, the keys
+`triton_window.window_linear_prefill`, where they can, and an inference prefill's feature maps as one more
+(`triton_features.feature_maps`); the PyTorch path is the reference. With `decay`, the keys
 that have left `hedgehog_swa`'s window fade by a learnable factor per kv head and token (undecayed, their mass in the
 shared normaliser grows with the context); the fused step takes it, the prefill kernel not yet (its prefill runs the
 PyTorch path).
@@ -24,6 +25,7 @@ from .errors import LinearizeError
 from .kernel_dispatch import simple_gla
 from .mixers import FusedStepMixer, MixerCost, register_mixer
 from .ops_window import chunk_window_linear, decode_window_linear
+from .triton_features import feature_map_problem, feature_maps
 from .triton_step import MAX_HEAD_DIM, hedgehog_step, hedgehog_swa_step
 from .triton_window import window_linear_prefill, window_prefill_problem
 from .windows import check_window
@@ -38,6 +40,8 @@ class HedgehogFeatureMap(nn.Module):
         self.bias = nn.Parameter(torch.zeros(heads, 1, feature_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if feature_map_problem(x, self.weight, self.bias) is None:  # inference on CUDA: one Triton kernel (triton_features.py)
+            return feature_maps(x, self.weight, self.bias)
         acc = torch.promote_types(x.dtype, torch.float32)
         b, h, t, d = x.shape
         # One batched matmul per head over every batch row and position, the bias added in it.

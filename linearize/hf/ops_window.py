@@ -50,7 +50,11 @@ def _with_context(q, k, v, fk, key_mask, state):
     """Prepend the state's window keys to this call's keys; return them with the valid-key mask."""
     if key_mask is None:
         key_mask = torch.ones(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device)
-    state = state if state else _empty_state(q, k, v, fk)
+    if not state:  # nothing carried (a fresh cache's first call): this call's keys as they are, not copied; the mask
+        # copied, as a state may keep a view of it (`window_tail`) and a static cache writes into what it keeps
+        b, h, _, _ = k.shape
+        S, z = q.new_zeros(b, h, fk.shape[-1], v.shape[-1], dtype=_acc(q)), q.new_zeros(b, h, fk.shape[-1], dtype=_acc(q))
+        return k, v, fk, key_mask.to(torch.bool, copy=True), S, z
     k = torch.cat((state["k"].to(k.dtype), k), dim=2)
     v = torch.cat((state["v"].to(v.dtype), v), dim=2)
     fk = torch.cat((state["fk"].to(fk.dtype), fk), dim=2)

@@ -16,9 +16,10 @@ Query head i reads kv head i // (H // Hkv) directly: the caller does not repeat 
 Arithmetic is float32 and the output in v's dtype. The products q.k, fq.fk and fq S run on tensor cores: bf16/fp16
 q and k as they are, the float32 feature maps in tf32, the weights cast to v's dtype before they meet the values (as
 flash attention casts them); in float32 every product is float32 (input_precision "ieee"). Compiled for sm_90 with
-ptxas (bf16, BLOCK 32, 8 warps), at SmolLM2's shape (head dim 64, feature dim 64: 2F = 128) the kernel takes 191
-registers a thread and spills none, at window 64 and 256 (fp16 alike; float32 spills 32 bytes); blocks of 64 spill 52
-bytes with 8 warps and 88 with 4. At head dim 128 (2F = 256) it spills 1.8 KB.
+ptxas at SmolLM2's shape (head dim 64, feature dim 64: 2F = 128), windows 64 and 256: blocks of 32 on 8 warps take 191
+registers a thread and spill none in bf16 (fp16 alike; float32 spills 32 bytes), blocks of 64 spill 52 bytes on 8 warps
+and 88 on 4, and run fastest on 4 all the same (`FORWARD`, which picks them for 16-bit inputs). At head dim 128
+(2F = 256) blocks of 32 spill 1.8 KB.
 
 The backward runs where an input requires grad (`TRAIN_OP`, a custom op around the kernel, which then also writes each
 query's m_t and normaliser den_t, with `BACKWARD_OP` registered as its gradient). With do_t the output's gradient and D_t = do_t . o_t, every key weight
@@ -38,8 +39,8 @@ two window keys tie for a query's top score, m_t's gradient goes to the earlier 
 splits it between them: the same gradients but for dk, whose sum over the tied keys is the same.
 
 A prefill that continues a state (a cache's second call of several tokens) has the state's window keys prepended in
-PyTorch, and the next state (S, z per kv head and the window's tail, `ops_window.window_tail`) is taken in PyTorch too,
-one matmul.
+PyTorch. The next state (S, z per kv head and the window's tail, `ops_window.window_tail`) is taken in PyTorch too,
+from the prefix states (`state_after`).
 
 Shipped as remote code next to saved models, as triton_step.py: Triton is imported inside a try block (there), and where
 it is missing or the prefill does not fit (`window_prefill_problem`) the PyTorch path runs. It shares the fused decode
@@ -54,16 +55,18 @@ import torch
 from torch import Tensor
 
 from .errors import LinearizeError
-from .ops_window import _next_state, _with_context
+from .ops_window import _with_context, window_tail
 from .triton_step import DTYPES, INTERPRETED, MAX_HEAD_DIM, SWITCH, TRITON_PROBLEM, switch, turned_off
 
 if TRITON_PROBLEM is None:  # Triton as triton_step imported it: transformers' remote-code check skips relative imports
     from .triton_step import _float32, _operator, _registered, _rounded, tl, triton
 
-# Queries a program takes and keys a tile holds, and the warps that take them: compiled for sm_90 at SmolLM2's shape,
-# blocks of 64 spill with 4 or 8 warps, of 32 with 8 warps not (module docstring).
-BLOCK = 32
-WARPS = 8
+# Queries a program of the forward takes and keys a tile holds, and the warps that take them, by q's dtype. On an H200
+# (bf16, SmolLM2's shape, window 256, batch 1; BENCHMARKS.md, twenty-fourth session) blocks of 64 on 4 warps ran in
+# 0.63 ms at 32K against 2.14 ms for blocks of 32 on 8 warps (1.25 ms on 4; blocks of 64 on 8: 1.10 ms), and in 0.23
+# against 0.41 ms at 4K, though compiled for sm_90 they spill 88 bytes a thread. float32, unmeasured, keeps the blocks
+# that spill least (32 on 8 warps: 32 bytes).
+FORWARD = {torch.float16: (64, 4), torch.bfloat16: (64, 4), torch.float32: (32, 8)}
 # The backward's blocks of queries and tiles of keys, and its warps, by q's dtype: compiled for sm_90 at SmolLM2's shape,
 # blocks of 32 with 8 warps spill in float32 (0.3 and 0.8 KB), not in bfloat16 or float16; blocks of 16 with 4 warps
 # spill in neither (module docstring).
@@ -124,38 +127,58 @@ def window_linear_prefill(
         raise LinearizeError(f"{problem}; for anything else call ops_window.chunk_window_linear (the PyTorch path)")
     k_all, v_all, fk_all, mask, S, z = _with_context(q, k, v, fk, key_mask, state)
     sm, ln = _weights(sm_weight, q.shape[1], q), _weights(ln_weight, q.shape[1], q)
+    mask = mask.contiguous()
+    # Without a key mask or a carried state every key is real: the prefix sums skip the mask.
+    prefix_S, prefix_z = prefix_states(fk_all, v_all, mask, S.to(torch.float32), z.to(torch.float32), CHUNK, masked=key_mask is not None or bool(state))
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_all, v_all, fq, fk_all, S, z, sm, ln)):
-        mask = mask.contiguous()
-        prefix_S, prefix_z = prefix_states(fk_all, v_all, mask, S.to(torch.float32), z.to(torch.float32), CHUNK)
         o = TRAIN_OP(q, k_all, v_all, fq, fk_all, mask, prefix_S, prefix_z, sm, ln, window, scaling, softcap)[0].to(v.dtype)
     else:
-        o = window_prefill(q, k_all, v_all, fq, fk_all, mask, S, z, sm, ln, window, scaling, softcap)
-    return o, (_next_state(k_all, v_all, fk_all, mask, S, z, window) if output_state else None)
+        o = window_prefill(q, k_all, v_all, fq, fk_all, mask, prefix_S, prefix_z, sm, ln, window, scaling, softcap)
+    return o, (state_after(k_all, v_all, fk_all, mask, prefix_S, prefix_z, window) if output_state else None)
 
 
-def prefix_states(fk: Tensor, v: Tensor, mask: Tensor, S: Tensor, z: Tensor, block: int) -> tuple[Tensor, Tensor]:
+def prefix_states(fk: Tensor, v: Tensor, mask: Tensor, S: Tensor, z: Tensor, block: int, masked: bool = True) -> tuple[Tensor, Tensor]:
     """(S, z) before each chunk of `block` keys: the carried S (B, Hkv, 2F, V) and z (B, Hkv, 2F) plus the sums of
-    fk^T v and fk over the real keys of the chunks before it; float32, (B, Hkv, chunks, 2F, V) and (B, Hkv, chunks, 2F)."""
+    fk^T v and fk over the real keys (`mask`, unread where not `masked`) of the chunks before it; float32,
+    (B, Hkv, chunks, 2F, V) and (B, Hkv, chunks, 2F)."""
     b, hkv, total, width = fk.shape
     chunks = math.ceil(total / block)
-    pad = chunks * block - total
-    real = torch.nn.functional.pad(mask, (0, pad)).view(b, 1, chunks, block, 1)
-    # The last chunk's sum reaches no boundary: only the first chunks - 1 are summed.
-    fkc = (torch.nn.functional.pad(fk, (0, 0, 0, pad)).view(b, hkv, chunks, block, width) * real)[:, :, :-1].to(torch.float32)
-    vc = torch.nn.functional.pad(v, (0, 0, 0, pad)).view(b, hkv, chunks, block, -1)[:, :, :-1].to(torch.float32)
+    # The last chunk's sum reaches no boundary: only the keys of the first chunks - 1 are summed.
+    whole = (chunks - 1) * block
+    fkc = fk[:, :, :whole].to(torch.float32)
+    if masked:
+        fkc = fkc * mask[:, None, :whole, None]
+    fkc = fkc.reshape(b, hkv, chunks - 1, block, width)
+    vc = v[:, :, :whole].to(torch.float32).reshape(b, hkv, chunks - 1, block, v.shape[-1])
     prefix_S = torch.cat((S[:, :, None], fkc.transpose(-1, -2) @ vc), dim=2).cumsum_(2)
     prefix_z = torch.cat((z[:, :, None], fkc.sum(3)), dim=2).cumsum_(2)
     return prefix_S, prefix_z
 
 
+def state_after(k: Tensor, v: Tensor, fk: Tensor, mask: Tensor, prefix_S: Tensor, prefix_z: Tensor, window: int) -> dict[str, Tensor]:
+    """The state after the keys k, v, fk (B, Hkv, total, *), as `ops_window._next_state` makes it (every key but the last
+    window - 1 folded into S, z; those kept as the window's context), from their prefix states: the last one at or
+    before the first kept key, plus the few keys (under a chunk) between them. Not a sum over every key again: at 32K
+    that float32 matmul, of a 32K-long inner dimension, took 1.5 ms a layer on an H200 (twenty-fourth session)."""
+    keep = max(window - 1, 0)
+    total = k.shape[2]
+    cut = max(total - keep, 0)
+    chunk = min(cut // CHUNK, prefix_S.shape[2] - 1)
+    start = chunk * CHUNK
+    fk_rest = fk[:, :, start:cut].to(torch.float32) * mask[:, None, start:cut, None]
+    return {
+        "S": prefix_S[:, :, chunk] + fk_rest.transpose(-1, -2) @ v[:, :, start:cut].to(torch.float32),
+        "z": prefix_z[:, :, chunk] + fk_rest.sum(2),
+        **window_tail(keep, mask, k=k, v=v, fk=fk),
+    }
+
+
 def _prefill(
-    q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, mask: Tensor, S: Tensor, z: Tensor, sm_weight: Tensor,
+    q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, mask: Tensor, prefix_S: Tensor, prefix_z: Tensor, sm_weight: Tensor,
     ln_weight: Tensor, window: int, scaling: float, softcap: Optional[float],
 ) -> Tensor:
     """The heads (B, H, T, V) in v's dtype of a prefill of T queries against the `total` keys k, v, fk (B, Hkv, total, *)
-    of which mask (B, total) marks the real ones, the last T the queries' own; S, z: the state before the first key."""
-    mask = mask.contiguous()
-    prefix_S, prefix_z = prefix_states(fk, v, mask, S.to(torch.float32), z.to(torch.float32), CHUNK)
+    of which mask (B, total) marks the real ones, the last T the queries' own, from the prefix states before each chunk."""
     return _forward(q, k, v, fq, fk, mask, prefix_S, prefix_z, sm_weight, ln_weight, window, scaling, softcap)
 
 
@@ -163,7 +186,7 @@ def _contiguous_rows(*tensors: Tensor) -> tuple[Tensor, ...]:
     return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in tensors)
 
 
-def _shared(q, k, v, fq, fk, mask, window, scaling, softcap, block=BLOCK, warps=WARPS) -> tuple[tuple, dict]:
+def _shared(q, k, v, fq, fk, mask, window, scaling, softcap, block, warps) -> tuple[tuple, dict]:
     """The strides and sizes every kernel here takes after its tensors, and their shapes and blocks as constants."""
     dim, value_dim, width = q.shape[-1], v.shape[-1], fk.shape[-1]
     strides = (
@@ -190,8 +213,9 @@ def _forward(q, k, v, fq, fk, mask, prefix_S, prefix_z, sm_weight, ln_weight, wi
     batch, heads, length, _ = q.shape
     out = torch.empty(batch, heads, length, v.shape[-1], dtype=torch.float32 if stats else v.dtype, device=v.device)
     peak, den = (torch.empty(batch, heads, length, dtype=torch.float32, device=q.device) for _ in range(2)) if stats else (out, out)
-    strides, constants = _shared(q, k, v, fq, fk, mask, window, scaling, softcap)
-    _window_linear_kernel[(batch * heads, triton.cdiv(length, BLOCK))](
+    block, warps = FORWARD[q.dtype]
+    strides, constants = _shared(q, k, v, fq, fk, mask, window, scaling, softcap, block, warps)
+    _window_linear_kernel[(batch * heads, triton.cdiv(length, block))](
         q, k, v, fq, fk, mask, prefix_S, prefix_z, sm_weight, ln_weight, out, peak, den, *strides, STATS=stats, **constants,
     )
     return (out, peak, den) if stats else out
