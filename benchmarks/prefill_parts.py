@@ -40,7 +40,7 @@ from linearize.hf import kernel_dispatch, triton_window
 from linearize.hf.attention import apply_rotary, repeat_heads
 from linearize.hf.cache import cache_keyword
 from linearize.hf.mixers import mixers_in
-from linearize.hf.ops_window import _next_state, _with_context
+from linearize.hf.ops_window import _with_context
 from linearize.hf.windows import add_window
 from serving_speed import emit  # benchmarks/, the script's own folder, is on sys.path
 
@@ -121,7 +121,7 @@ def hedgehog_swa_parts(mixer, hidden, position_embeddings, variants: bool, new_c
         "the window's context (concatenated)": lambda: _with_context(rq, rk, v, fk, None, None),
         "prefix states": lambda: triton_window.prefix_states(fk_all, v_all, mask, S, z, triton_window.CHUNK),
         "prefill kernel": lambda: triton_window._forward(rq, k_all, v_all, fq, fk_all, mask, *prefix, sm, ln, window, scaling, softcap),
-        "next state": lambda: _next_state(k_all, v_all, fk_all, mask, S, z, window),
+        "next state": lambda: triton_window.state_after(k_all, v_all, fk_all, mask, *prefix, window),
         "mixer, whole, no cache": lambda: mixer.mix(hidden, q, k, v, position_embeddings, None, None),
         "attention module, converted, with a cache": lambda: mixer(
             hidden, position_embeddings=position_embeddings, attention_mask=None, cache=new_cache()
