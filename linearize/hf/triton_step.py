@@ -111,7 +111,8 @@ def switch() -> str:
     """LINEARIZE_FUSED_STEP: `auto` (default: the fused step on CUDA tensors), `off` (the PyTorch path, with fla's
     and flex_attention's kernels where LINEARIZE_KERNELS lets them run) or `on` (CPU tensors too, which Triton runs
     only in its interpreter, TRITON_INTERPRET=1: the tests). It switches `hedgehog_swa`'s fused prefill
-    (triton_window.py) alike."""
+    (triton_window.py), a prefill's short convolution (triton_conv.py) and Hedgehog's feature maps (triton_features.py)
+    alike."""
     value = os.environ.get(SWITCH, "auto").lower()
     if value not in SWITCHES:
         raise LinearizeError(f"{SWITCH}={value!r} is not one of {', '.join(SWITCHES)}; unset it or pick one")
