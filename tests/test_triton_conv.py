@@ -10,9 +10,9 @@ import linearize
 from linearize import LinearizeError
 from linearize.hf import mixer_gated_deltanet, triton_conv
 from linearize.hf.mixer_gated_deltanet import convolve_heads
-from tests.test_triton_step import assert_close, kernel_calls, left_to_pytorch_when_off_or_float64
+from tests.test_triton_step import assert_close, generation_through_a_prefill_kernel, kernel_calls, left_to_pytorch_when_off_or_float64
 from tests.test_triton_window import needs_triton
-from tests.tiny import left_padded, random_ids, tiny_model
+from tests.tiny import random_ids, tiny_model
 
 CASES = [  # length, heads, kv heads, head dim, with a cache, padded, dtype
     (2, 4, 2, 8, False, False, torch.float32), (37, 4, 2, 8, True, True, torch.bfloat16),
@@ -69,18 +69,8 @@ def test_generation_through_the_kernel_equals_uncached_and_the_pytorch_path(fuse
     """A tiny two-layer gated_deltanet model, left-padded batch: the prompt's convolution through the kernel, then
     cached greedy generation, gives the PyTorch path's logits and uncached generation's tokens."""
     model = linearize.convert(tiny_model(dtype=torch.float32, num_hidden_layers=2), "gated_deltanet")
-    ids, mask = left_padded(random_ids(2, 7), [2, 0])
-    settings = dict(
-        input_ids=ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False, output_logits=True,
-        return_dict_in_generate=True,
-    )
-    generated = model.generate(**settings)
-    assert [shape[:2] for shape in fused[:2]] == [(2, 7 + 3)] * 2  # each layer's prompt, after the kernel's 3 cached inputs
-    assert torch.equal(generated.sequences, model.generate(**settings, use_cache=False).sequences)
-    monkeypatch.setenv("LINEARIZE_FUSED_STEP", "off")
-    calls = len(fused)
-    assert_close(torch.stack(generated.logits), torch.stack(model.generate(**settings).logits), "logits", 1e-5)
-    assert len(fused) == calls
+    first = generation_through_a_prefill_kernel(model, fused, monkeypatch)
+    assert [shape[:2] for shape in first[:2]] == [(2, 7 + 3)] * 2  # each layer's prompt, after the kernel's 3 cached inputs
 
 
 @pytest.mark.core

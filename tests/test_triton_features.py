@@ -11,9 +11,9 @@ import linearize
 from linearize import LinearizeError
 from linearize.hf import mixer_hedgehog, triton_features
 from linearize.hf.mixer_hedgehog import HedgehogFeatureMap
-from tests.test_triton_step import assert_close, kernel_calls, left_to_pytorch_when_off_or_float64
+from tests.test_triton_step import assert_close, generation_through_a_prefill_kernel, kernel_calls, left_to_pytorch_when_off_or_float64
 from tests.test_triton_window import needs_triton
-from tests.tiny import left_padded, random_ids, tiny_model
+from tests.tiny import random_ids, tiny_model
 
 CASES = [  # length, heads, head dim, feature width, dtype
     (1, 2, 16, 16, torch.float32), (37, 3, 16, 12, torch.bfloat16), (70, 9, 24, 24, torch.float16), (130, 3, 8, 20, torch.float32),
@@ -70,18 +70,8 @@ def test_generation_through_the_kernel_equals_uncached_and_the_pytorch_path(fuse
     """A tiny two-layer model, left-padded batch: the prompt's feature maps through the kernel (q's and k's in each
     layer), then cached greedy generation, give the PyTorch path's logits and uncached generation's tokens."""
     model = linearize.convert(tiny_model(dtype=torch.float32, num_hidden_layers=2), mixer, **options).requires_grad_(False)
-    ids, mask = left_padded(random_ids(2, 7), [2, 0])
-    settings = dict(
-        input_ids=ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False, output_logits=True,
-        return_dict_in_generate=True,
-    )
-    generated = model.generate(**settings)
-    assert fused[:4] == [(2, 4, 7, 16), (2, 2, 7, 16)] * 2  # each layer's prompt: q's heads, then k's
-    assert torch.equal(generated.sequences, model.generate(**settings, use_cache=False).sequences)
-    monkeypatch.setenv("LINEARIZE_FUSED_STEP", "off")
-    calls = len(fused)
-    assert_close(torch.stack(generated.logits), torch.stack(model.generate(**settings).logits), "logits", 1e-5)
-    assert len(fused) == calls
+    first = generation_through_a_prefill_kernel(model, fused, monkeypatch)
+    assert first[:4] == [(2, 4, 7, 16), (2, 2, 7, 16)] * 2  # each layer's prompt: q's heads, then k's
 
 
 @pytest.mark.core

@@ -118,6 +118,25 @@ def kernel_calls(monkeypatch, module, name: str, record) -> list:
     return calls
 
 
+def generation_through_a_prefill_kernel(model, fused: list, monkeypatch) -> list:
+    """A left-padded batch's cached greedy generation with a prefill kernel on (its calls counted in `fused`, as
+    `kernel_calls` gives them) equals uncached generation's tokens and, the kernel off, the PyTorch path's logits, which
+    call the kernel no more; returns the calls of the first generation."""
+    ids, mask = left_padded(random_ids(2, 7), [2, 0])
+    settings = dict(
+        input_ids=ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False, output_logits=True,
+        return_dict_in_generate=True,
+    )
+    generated = model.generate(**settings)
+    first = list(fused)
+    assert torch.equal(generated.sequences, model.generate(**settings, use_cache=False).sequences)
+    monkeypatch.setenv("LINEARIZE_FUSED_STEP", "off")
+    calls = len(fused)
+    assert_close(torch.stack(generated.logits), torch.stack(model.generate(**settings).logits), "logits", 1e-5)
+    assert len(fused) == calls
+    return first
+
+
 def with_each_switch_off(monkeypatch, call) -> None:
     """`call()` under LINEARIZE_KERNELS=torch, then under LINEARIZE_FUSED_STEP=off; LINEARIZE_FUSED_STEP=on after."""
     for name, value in (("LINEARIZE_KERNELS", "torch"), ("LINEARIZE_FUSED_STEP", "off")):
