@@ -97,3 +97,16 @@ def test_the_feature_map_is_left_to_pytorch_where_it_cannot_run(fused, monkeypat
         with pytest.raises(LinearizeError, match="LINEARIZE_FUSED_STEP='yes' is not one of auto, on, off; unset it") as info:
             triton_features.feature_map_problem(x, weight, bias)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.core
+@needs_triton
+def test_every_kernel_module_registers_ops_of_its_own_names():
+    """Each custom op of linearize's kernels has a name of its own: two modules' launch functions of one name
+    (triton_conv's and triton_features' `_launch`) once registered one op, and the later module's launch took the
+    other's calls."""
+    from linearize.hf import triton_conv, triton_step, triton_window
+
+    ops = [*triton_step.OPS.values(), triton_window.OP, triton_window.TRAIN_OP, triton_window.BACKWARD_OP, triton_conv.OP, triton_features.OP]
+    names = [op._name for op in ops]
+    assert len(set(names)) == len(names), names

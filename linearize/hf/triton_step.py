@@ -973,9 +973,9 @@ if TRITON_PROBLEM is None:
 
     def _operator(launch: Callable, mutates: set[str], fake: Callable):
         """`launch` as a custom op that writes the arguments named in `mutates`, with `fake` for the compiler. Named after
-        this module and the function: a saved model's copy of this module (remote code, imported under another name)
-        registers ops of its own beside the installed package's."""
-        op = torch.library.custom_op(f"linearize::{re.sub(r'[^0-9A-Za-z_]', '_', __name__)}{launch.__name__}", launch, mutates_args=mutates)
+        the function and the module that defines it (two modules' `_launch` are two ops): a saved model's copy of that
+        module (remote code, imported under another name) registers ops of its own beside the installed package's."""
+        op = torch.library.custom_op(f"linearize::{re.sub(r'[^0-9A-Za-z_]', '_', launch.__module__)}{launch.__name__}", launch, mutates_args=mutates)
         op.register_fake(fake)
         return op
 
