@@ -135,13 +135,10 @@ def hedgehog_swa_parts(mixer, hidden, position_embeddings, variants: bool, new_c
     return calls
 
 
-def kernel_at(block, warps, q, k, v, fq, fk, mask, prefix_S, prefix_z, sm, ln, window, scaling, softcap):
-    """`triton_window`'s forward kernel with `block` queries a program and keys a tile, on `warps` warps."""
-    out = torch.empty(*q.shape[:3], v.shape[-1], dtype=v.dtype, device=v.device)
-    strides, constants = triton_window._shared(q, k, v, fq, fk, mask, window, scaling, softcap, block, warps)
-    grid = (q.shape[0] * q.shape[1], -(-q.shape[2] // block))
-    triton_window._window_linear_kernel[grid](q, k, v, fq, fk, mask, prefix_S, prefix_z, sm, ln, out, out, out, *strides, STATS=False, **constants)
-    return out
+def kernel_at(block, warps, *args):
+    """`triton_window`'s forward (`_forward`'s arguments) with `block` queries a program and keys a tile, on `warps` warps."""
+    with mock.patch.dict(triton_window.FORWARD, {args[0].dtype: (block, warps)}):
+        return triton_window._forward(*args)
 
 
 PARTS = {"gated_deltanet": parts, "hedgehog_swa": hedgehog_swa_parts}
