@@ -3,7 +3,9 @@ milliseconds to launch each part (what a batch-1 prefill at 2K-8K waits on) and 
 (what a 32K prefill waits on). With --variants, the gated delta rule is also timed as fla could take it otherwise: q, k
 and v in float32 (as the mixers passed them before fla read the model's dtype), and with fla's own q/k L2 norm
 (`use_qk_l2norm_in_kernel`), and the short convolution as K shifted products in PyTorch (LINEARIZE_FUSED_STEP=off: its
-path before triton_conv.py).
+path before triton_conv.py); `hedgehog_swa`'s RoPE and prefix states in PyTorch (their paths before triton_rope.py and
+the prefix kernels; with --model, the whole student too), its prefix sums in tf32x3, its feature maps at other blocks,
+warps and precisions, and its prefill kernel at other blocks and warps.
 
 Random weights at SmolLM2-135M's shape (one decoder layer), batch 1, no padding: the parts of the mixer's `mix`
 called one by one, then the whole attention module converted and under teacher_mode. `--mixer gated_deltanet`
@@ -36,7 +38,7 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import linearize
-from linearize.hf import kernel_dispatch, triton_window
+from linearize.hf import attention, kernel_dispatch, triton_features, triton_window
 from linearize.hf.attention import apply_rotary, repeat_heads
 from linearize.hf.cache import cache_keyword
 from linearize.hf.mixers import mixers_in
@@ -128,11 +130,25 @@ def hedgehog_swa_parts(mixer, hidden, position_embeddings, variants: bool, new_c
         ),
     }
     if variants and hidden.is_cuda:
-        for block, warps in ((16, 4), (32, 4), (64, 4), (64, 8)):
+        calls["RoPE, PyTorch (before triton_rope.py)"] = lambda: fused_off(apply_rotary, q, k, position_embeddings)
+        calls["prefix states, PyTorch (before the prefix kernels)"] = lambda: triton_window._prefix_sums(fk_all, v_all, mask, S, z, triton_window.CHUNK, False)
+        with_sums = partial(triton_window.prefix_states, fk_all, v_all, mask, S, z, triton_window.CHUNK)
+        calls["prefix states, sums in tf32x3"] = partial(patched, triton_window, {"SUM_PRECISION": "tf32x3"}, with_sums)
+        for block, warps, precision in ((64, 4, "tf32x3"), (128, 8, "ieee"), (128, 8, "tf32x3"), (32, 4, "ieee")):
+            calls[f"feature maps, blocks of {block}, {warps} warps, {precision}"] = partial(
+                patched, triton_features, {"BLOCK": block, "WARPS": warps, "PRECISION": precision}, features
+            )
+        for block, warps in ((32, 4), (64, 8)):
             calls[f"prefill kernel, blocks of {block}, {warps} warps"] = partial(
                 kernel_at, block, warps, rq, k_all, v_all, fq, fk_all, mask, *prefix, sm, ln, window, scaling, softcap
             )
     return calls
+
+
+def patched(module, values: dict, function, *args):
+    """`function(*args)` with `module`'s globals set to `values`, restored after."""
+    with mock.patch.multiple(module, **values):
+        return function(*args)
 
 
 def kernel_at(block, warps, *args):
@@ -155,15 +171,27 @@ def prefill(model, ids, keyword: str):
     return model(input_ids=ids, use_cache=True, logits_to_keep=1, **{keyword: model.new_cache()})
 
 
-def whole_model(model, lengths: list[int], device, repeats: int, dtype: str, out, trace_rows: int) -> None:
+def before_fused_rope_and_prefix_states() -> contextlib.ExitStack:
+    """RoPE and `hedgehog_swa`'s prefix states in PyTorch, as before triton_rope.py and the prefix kernels."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(mock.patch.object(attention, "rotary_problem", lambda *args: "off"))
+    stack.enter_context(mock.patch.object(triton_window, "_prefix_kernels", triton_window._prefix_sums))
+    return stack
+
+
+def whole_model(model, lengths: list[int], device, repeats: int, dtype: str, out, trace_rows: int, variants: bool) -> None:
     """The whole model's prefill as `generate()` runs it (a fresh cache, the last position's logits), student and
-    teacher, and the student's costliest kernels under torch.profiler at the longest length."""
+    teacher (with `variants`, the student also with RoPE and the prefix states in PyTorch), and the student's costliest
+    kernels under torch.profiler at the longest length."""
     vocab, keyword = model.get_input_embeddings().num_embeddings, cache_keyword(model)
+    contexts = {"student": contextlib.nullcontext, "teacher": partial(linearize.teacher_mode, model)}
+    if variants:
+        contexts["student, RoPE and prefix states in PyTorch"] = before_fused_rope_and_prefix_states
     for length in lengths:
         ids = torch.randint(0, vocab, (1, length), device=device)
         call = partial(prefill, model, ids, keyword)
-        for name in ("student", "teacher"):
-            with linearize.teacher_mode(model) if name == "teacher" else contextlib.nullcontext():
+        for name, context in contexts.items():
+            with context():
                 host, busy = timed(call, device, repeats)
             emit({"length": length, "part": f"whole model, {name}", "host_ms": round(host, 3), "device_ms": round(busy, 3),
                   "tokens_per_s": round(length / busy * 1e3), "dtype": dtype}, device, out)
@@ -190,7 +218,7 @@ def main():
     parser.add_argument("--window", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--variants", action="store_true", help="also the gated delta rule as fla could take it, or "
-                        "hedgehog_swa's prefill kernel at other blocks and warps")
+                        "hedgehog_swa's parts in PyTorch and its kernels at other blocks, warps and precisions")
     parser.add_argument("--model", action="store_true", help="also the whole 30-layer model's prefill, student and teacher")
     parser.add_argument("--trace-rows", type=int, default=25, help="with --model: the student's costliest kernels kept")
     parser.add_argument("--out", default=None)
@@ -218,7 +246,7 @@ def main():
         torch.manual_seed(0)
         teacher = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **SMOLLM2)).to(dtype).eval()
         model = linearize.convert(teacher, args.mixer, window=args.window, **options).to(device)
-        whole_model(model, lengths, device, args.repeats, args.dtype, out, args.trace_rows)
+        whole_model(model, lengths, device, args.repeats, args.dtype, out, args.trace_rows, args.variants)
 
 
 if __name__ == "__main__":

@@ -429,6 +429,55 @@ def test_fused_feature_maps_match_the_pytorch_path(monkeypatch, dtype, length):
     assert_close(got, expected, "feature maps", 1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("length", [3, 4099])
+def test_fused_rope_matches_the_pytorch_path(monkeypatch, dtype, length):
+    """RoPE on a prefill's q and k through triton_rope.py at SmolLM2's heads (9 and 3 of 64), strided as a projection
+    leaves them, cos and sin from transformers' rotary embedding: q, k and their gradients equal the PyTorch path's in
+    bfloat16 (each product and sum rounded as PyTorch rounds) and within 1e-6 in float32 (where the compiler may fuse a
+    product into a sum)."""
+    from transformers.models.llama.modeling_llama import LlamaConfig, LlamaRotaryEmbedding
+
+    from linearize.hf.attention import apply_rotary
+    from linearize.hf.triton_rope import rotary_problem
+
+    g = torch.Generator(device="cuda").manual_seed(length)
+    q = (torch.randn(2, length, 9, 64, generator=g, device="cuda") * 3).to(dtype).transpose(1, 2).requires_grad_(True)
+    k = (torch.randn(2, length, 3, 64, generator=g, device="cuda") * 3).to(dtype).transpose(1, 2).requires_grad_(True)
+    rotary = LlamaRotaryEmbedding(LlamaConfig(head_dim=64, hidden_size=576, num_attention_heads=9, rope_theta=100000.0)).cuda()
+    cos, sin = rotary(q, torch.arange(length, device="cuda")[None] + 5)
+    grads = tuple(torch.randn(x.shape, generator=g, device="cuda").to(dtype) for x in (q, k))
+    assert rotary_problem(q, k, cos, sin) is None
+    got = apply_rotary(q, k, (cos, sin))
+    got += torch.autograd.grad(got, (q, k), grads)
+    monkeypatch.setenv("LINEARIZE_FUSED_STEP", "off")
+    expected = apply_rotary(q, k, (cos, sin))
+    expected += torch.autograd.grad(expected, (q, k), grads)
+    for name, mine, theirs in zip(("q", "k", "dq", "dk"), got, expected):
+        assert_close(mine, theirs, name, 0.0 if dtype == torch.bfloat16 else 1e-6)
+
+
+@pytest.mark.parametrize("length", [1, 4099])
+def test_prefix_state_kernels_match_the_pytorch_sums(length):
+    """The prefix states of an inference prefill (triton_window.py's two kernels) at SmolLM2's kv heads (3, feature maps
+    128 wide, values 64), bf16 v strided as a projection leaves it, pads masked, from a carried state: within 1e-5 of the
+    PyTorch path's (float32 products, a different order of sums)."""
+    from linearize.hf import triton_window
+
+    g = torch.Generator(device="cuda").manual_seed(length)
+    fk = torch.softmax(torch.randn(2, 3, length, 128, generator=g, device="cuda"), -1)
+    v = torch.randn(2, length, 3, 64, generator=g, device="cuda").bfloat16().transpose(1, 2)
+    mask = torch.rand(2, length, generator=g, device="cuda") > 0.2
+    S = torch.rand(2, 3, 128, 64, generator=g, device="cuda").requires_grad_(True)
+    z = torch.rand(2, 3, 128, generator=g, device="cuda")
+    with torch.no_grad():
+        got = triton_window.prefix_states(fk, v, mask, S, z, triton_window.CHUNK)
+    expected = triton_window.prefix_states(fk, v, mask, S, z, triton_window.CHUNK)
+    assert expected[0].requires_grad and not got[0].requires_grad
+    for name, mine, theirs in zip(("S", "z"), got, expected):
+        assert_close(mine, theirs.detach(), name, 1e-5)
+
+
 def later_chunk_memory(model, ids: torch.Tensor, prefix: int) -> tuple[int, torch.Tensor]:
     """Bytes a chunk after `prefix` cached tokens raises the CUDA peak by, and its last logits."""
     from linearize.hf.cache import returned_cache

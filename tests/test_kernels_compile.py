@@ -1,5 +1,6 @@
 """Every Triton kernel of linearize's own (the fused decode steps, triton_step.py; hedgehog_swa's prefill and its
-backward, triton_window.py; a prefill's short convolution, triton_conv.py; Hedgehog's feature maps, triton_features.py) compiled for a GPU (sm_90) on the CPU:
+backward and prefix states, triton_window.py; a prefill's short convolution, triton_conv.py; Hedgehog's feature maps,
+triton_features.py; RoPE, triton_rope.py) compiled for a GPU (sm_90) on the CPU:
 Triton's compiler and its bundled ptxas need no GPU. Not in the `core` subset: the oldest and newest environments
 install the same Triton (3.6), so the newest run's compile is the only one that can differ."""
 
@@ -26,7 +27,7 @@ def compile_kernels() -> None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from linearize.hf import triton_conv, triton_features, triton_window
+    from linearize.hf import triton_conv, triton_features, triton_rope, triton_window
 
     states = {"conv", "recurrent", "state", "ssm", "S", "z", "window_fk"}
     # The gated delta rule's caches shared by a kv head's query heads move on in a launch of their own (with the window,
@@ -78,11 +79,30 @@ def compile_kernels() -> None:
             **own,
         )
         triton.compile(ASTSource(kernel, signature, constexprs=constants), target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    # The prefix states of an inference prefill (triton_window.py): bf16 v, float32 feature maps, state and sums.
+    kernel = triton_window._chunk_sums_kernel
+    signature = {param.name: "constexpr" if param.is_constexpr else "*bf16" if param.name == "v" else "*i1" if param.name == "mask"
+                 else "i32" if param.name.startswith("stride") or param.name == "chunks" else "*fp32" for param in kernel.params}
+    for masked in (False, True):
+        constants = dict(KV_HEADS=3, WIDTH=128, VALUE_DIM=64, BLOCK_FEATURES=triton_window.SUM_FEATURES, BLOCK_VALUE=64, CHUNK=triton_window.CHUNK, MASKED=masked,
+                         PRECISION=triton_window.SUM_PRECISION)
+        triton.compile(ASTSource(kernel, signature, constexprs=constants), target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    kernel = triton_window._running_sums_kernel
+    signature = {param.name: "constexpr" if param.is_constexpr else "i32" if param.name in ("chunks", "lanes_S") else "*fp32" for param in kernel.params}
+    constants = dict(WIDTH=128, VALUE_DIM=64, TILE=triton_window.SCAN_TILE, LANES=triton_window.SCAN_LANES)
+    triton.compile(ASTSource(kernel, signature, constexprs=constants), target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    # RoPE on a prefill's q and k (triton_rope.py), forward and backward: bf16, SmolLM2's heads, full and partial width.
+    kernel = triton_rope._rope_kernel
+    signature = {param.name: "constexpr" if param.is_constexpr else "i32" if param.name.startswith("stride") or param.name == "length"
+                 else "*bf16" for param in kernel.params}
+    for rot, backward in itertools.product((64, 32), (False, True)):
+        constants = dict(HEADS=9, KV_HEADS=3, DIM=64, ROT=rot, BLOCK_DIM=64, BLOCK=triton_rope.BLOCK, BACKWARD=backward)
+        triton.compile(ASTSource(kernel, signature, constexprs=constants), target=GPUTarget("cuda", 90, 32), options={"num_warps": triton_rope.WARPS})
     # Hedgehog's feature maps of a prefill (triton_features.py): bf16 x and weights, float32 output, SmolLM2's heads.
     kernel = triton_features._feature_kernel
     signature = {param.name: "constexpr" if param.is_constexpr else "*fp32" if param.name == "out" else "i32" if param.name.startswith("stride")
                  or param.name == "length" else "*bf16" for param in kernel.params}
-    constants = dict(HEADS=9, DIM=64, FEATURES=64, BLOCK_DIM=64, BLOCK_FEATURES=64, BLOCK=triton_features.BLOCK)
+    constants = dict(HEADS=9, DIM=64, FEATURES=64, BLOCK_DIM=64, BLOCK_FEATURES=64, BLOCK=triton_features.BLOCK, PRECISION=triton_features.PRECISION)
     triton.compile(ASTSource(kernel, signature, constexprs=constants), target=GPUTarget("cuda", 90, 32), options={"num_warps": triton_features.WARPS})
     # The prefill's short convolution (triton_conv.py): bf16 inputs, float32 taps and output, SmolLM2's kernel of 4.
     kernel = triton_conv._conv_kernel

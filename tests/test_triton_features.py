@@ -105,8 +105,11 @@ def test_every_kernel_module_registers_ops_of_its_own_names():
     """Each custom op of linearize's kernels has a name of its own: two modules' launch functions of one name
     (triton_conv's and triton_features' `_launch`) once registered one op, and the later module's launch took the
     other's calls."""
-    from linearize.hf import triton_conv, triton_step, triton_window
+    from linearize.hf import triton_conv, triton_rope, triton_step, triton_window
 
-    ops = [*triton_step.OPS.values(), triton_window.OP, triton_window.TRAIN_OP, triton_window.BACKWARD_OP, triton_conv.OP, triton_features.OP]
+    ops = [
+        *triton_step.OPS.values(), triton_window.OP, triton_window.TRAIN_OP, triton_window.BACKWARD_OP, triton_window.PREFIX_OP,
+        triton_conv.OP, triton_features.OP, triton_rope.OP,
+    ]
     names = [op._name for op in ops]
     assert len(set(names)) == len(names), names

@@ -242,6 +242,33 @@ def test_the_custom_op_computes_what_the_eager_launch_does():
         assert torch.equal(triton_window.window_prefill(*args), triton_window.OP(*args))
 
 
+@pytest.mark.core
+@needs_triton
+@pytest.mark.parametrize("length,masked,dtype", [(1, True, FP32), (64, False, BF16), (65, True, FP32), (200, True, BF16), (130, False, FP32)])
+def test_the_prefix_state_kernels_equal_the_pytorch_sums(monkeypatch, length, masked, dtype):
+    """The prefix states of an inference prefill (two kernels: each chunk's sums, then their running sums) equal the
+    PyTorch path's (which autograd takes in training), from a carried state, with pads masked or not read, v strided as
+    a projection leaves it, at lengths on, past and before a chunk's edge (64), the running sums taken in tiles of 2
+    chunks (the last one part empty)."""
+    monkeypatch.setattr(triton_window, "SCAN_TILE", 2)
+    _, _, _, _, fk, mask, state = window_inputs(length, 4, dtype, True)
+    v = torch.randn(2, length, KV_HEADS, DIM, generator=torch.Generator().manual_seed(5)).to(dtype).transpose(1, 2)
+    mask[1, length // 2] = False
+    S = state["S"].requires_grad_(True)
+    with torch.no_grad():
+        got = triton_window.prefix_states(fk, v, mask, S, state["z"], triton_window.CHUNK, masked=masked)
+    expected = triton_window.prefix_states(fk, v, mask, S, state["z"], triton_window.CHUNK, masked=masked)
+    assert expected[0].requires_grad and not got[0].requires_grad  # the PyTorch path, and the kernels
+    chunks = -(-length // triton_window.CHUNK)
+    for name, mine, theirs in zip(("S", "z"), got, expected):
+        assert mine.shape == theirs.shape and mine.shape[2] == chunks and mine.dtype == torch.float32
+        assert_close(mine, theirs.detach(), f"prefix {name}", 1e-6)
+    assert torch.equal(got[0][:, :, 0], state["S"]) and torch.equal(got[1][:, :, 0], state["z"])
+    with torch.no_grad():  # the custom op, as a compiled model calls it
+        op = triton_window.PREFIX_OP(fk, v, mask, state["S"], state["z"], triton_window.CHUNK, masked)
+    assert all(torch.equal(a, b) for a, b in zip(op, got))
+
+
 @pytest.fixture
 def fused(monkeypatch):
     """hedgehog_swa's prefills take the kernel (CPU tensors through the interpreter); returns the list of their output

@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .errors import LinearizeError
+from .triton_rope import rotary, rotary_problem
 
 ATTENTION_NAMES = ("self_attn", "attention", "attn", "self_attention")
 OUTPUT_NAMES = ("o_proj", "dense", "out_proj")
@@ -175,10 +176,13 @@ def decode_attention(device: torch.device | str, length: int) -> AbstractContext
 
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, position_embeddings) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate-half RoPE on the first `cos.shape[-1]` dimensions of q and k (B, H, T, D); None means no RoPE."""
+    """Rotate-half RoPE on the first `cos.shape[-1]` dimensions of q and k (B, H, T, D); None means no RoPE. On CUDA
+    one Triton kernel (`triton_rope.rotary`) where it takes them; this is its reference."""
     if position_embeddings is None:
         return q, k
     cos, sin = position_embeddings
+    if rotary_problem(q, k, cos, sin) is None:
+        return rotary(q, k, cos, sin)
     cos, sin = cos.unsqueeze(-3), sin.unsqueeze(-3)
     rot = cos.shape[-1]
 

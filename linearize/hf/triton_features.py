@@ -29,6 +29,8 @@ if TRITON_PROBLEM is None:  # Triton as triton_step imported it: transformers' r
 # Rows a program takes, and its warps: 64 x 64 float32 products and two softmaxes of 64 x F.
 BLOCK = 64
 WARPS = 4
+# xW's products: "ieee" float32, as PyTorch's float32 matmul.
+PRECISION = "ieee"
 
 
 def feature_map_problem(x: Tensor, weight: Tensor, bias: Tensor) -> Optional[str]:
@@ -70,7 +72,7 @@ if TRITON_PROBLEM is None:
     def _feature_kernel(
         x, weight, bias, out, stride_xb, stride_xh, stride_xt, length,
         HEADS: tl.constexpr, DIM: tl.constexpr, FEATURES: tl.constexpr, BLOCK_DIM: tl.constexpr, BLOCK_FEATURES: tl.constexpr,
-        BLOCK: tl.constexpr,
+        BLOCK: tl.constexpr, PRECISION: tl.constexpr,
     ):
         b = (tl.program_id(0) // HEADS).to(tl.int64)
         h = tl.program_id(0) % HEADS
@@ -82,7 +84,7 @@ if TRITON_PROBLEM is None:
             mask=in_rows[:, None] & in_d[None, :], other=0.0,
         ).to(tl.float32)
         w = tl.load(weight + h * DIM * FEATURES + d[:, None] * FEATURES + f[None, :], mask=in_d[:, None] & in_f[None, :], other=0.0)
-        y = tl.dot(x_tile, w.to(tl.float32), input_precision="ieee")
+        y = tl.dot(x_tile, w.to(tl.float32), input_precision=PRECISION)
         y += tl.load(bias + h * FEATURES + f, mask=in_f, other=0.0).to(tl.float32)[None, :]
         row_start = ((b * HEADS + h) * length + rows[:, None].to(tl.int64)) * (2 * FEATURES)
         inside = in_rows[:, None] & in_f[None, :]
@@ -96,7 +98,7 @@ if TRITON_PROBLEM is None:
         _feature_kernel[(batch * heads, triton.cdiv(length, BLOCK))](
             x, weight, bias, out, x.stride(0), x.stride(1), x.stride(2), length,
             HEADS=heads, DIM=dim, FEATURES=features, BLOCK_DIM=max(triton.next_power_of_2(dim), 16),
-            BLOCK_FEATURES=max(triton.next_power_of_2(features), 16), BLOCK=BLOCK, num_warps=WARPS,
+            BLOCK_FEATURES=max(triton.next_power_of_2(features), 16), BLOCK=BLOCK, PRECISION=PRECISION, num_warps=WARPS,
         )
         return out
 

@@ -74,6 +74,12 @@ BACKWARD = {torch.float16: (32, 8), torch.bfloat16: (32, 8), torch.float32: (16,
 # Keys per prefix state: the float32 states (2F x V per kv head) take CHUNK times less memory than a state per key
 # (SmolLM2: 512 bytes a key and kv head, about what its k, v and fk take), for half a tile more work a program.
 CHUNK = 64
+# `prefix_states`' kernels: the features of a chunk's sums a program takes (its float32 product, up to 64 x 128, in
+# registers), and the chunks and state entries of each tile of the running sums.
+SUM_FEATURES = 64
+SUM_PRECISION = "ieee"
+SCAN_TILE = 32
+SCAN_LANES = 256
 # A program holds its queries' feature maps and a key tile's (BLOCK x 2F, float32): up to 2 * MAX_HEAD_DIM features.
 MAX_FEATURES = 2 * MAX_HEAD_DIM
 
@@ -140,7 +146,18 @@ def window_linear_prefill(
 def prefix_states(fk: Tensor, v: Tensor, mask: Tensor, S: Tensor, z: Tensor, block: int, masked: bool = True) -> tuple[Tensor, Tensor]:
     """(S, z) before each chunk of `block` keys: the carried S (B, Hkv, 2F, V) and z (B, Hkv, 2F) plus the sums of
     fk^T v and fk over the real keys (`mask`, unread where not `masked`) of the chunks before it; float32,
-    (B, Hkv, chunks, 2F, V) and (B, Hkv, chunks, 2F)."""
+    (B, Hkv, chunks, 2F, V) and (B, Hkv, chunks, 2F). Where nothing needs a gradient (inference) and Triton runs here,
+    two kernels (`_chunk_sums_kernel`, then `_running_sums_kernel`); otherwise PyTorch, through which autograd takes the
+    backward. On an H200 at 32K (SmolLM2's kv heads, bf16 v) PyTorch's matmul and its cumsum over the chunks' dimension
+    took 0.55 ms a layer (BENCHMARKS.md, twenty-fourth session)."""
+    grads = torch.is_grad_enabled() and any(t.requires_grad for t in (fk, v, S, z))
+    if TRITON_PROBLEM is None and (fk.is_cuda or INTERPRETED) and not grads:
+        return _prefix_kernels(fk, v, mask, S.to(torch.float32), z.to(torch.float32), block, masked)
+    return _prefix_sums(fk, v, mask, S, z, block, masked)
+
+
+def _prefix_sums(fk: Tensor, v: Tensor, mask: Tensor, S: Tensor, z: Tensor, block: int, masked: bool) -> tuple[Tensor, Tensor]:
+    """`prefix_states` in PyTorch: a batched matmul of the chunks and a cumsum along them."""
     b, hkv, total, width = fk.shape
     chunks = math.ceil(total / block)
     # The last chunk's sum reaches no boundary: only the keys of the first chunks - 1 are summed.
@@ -152,6 +169,29 @@ def prefix_states(fk: Tensor, v: Tensor, mask: Tensor, S: Tensor, z: Tensor, blo
     vc = v[:, :, :whole].to(torch.float32).reshape(b, hkv, chunks - 1, block, v.shape[-1])
     prefix_S = torch.cat((S[:, :, None], fkc.transpose(-1, -2) @ vc), dim=2).cumsum_(2)
     prefix_z = torch.cat((z[:, :, None], fkc.sum(3)), dim=2).cumsum_(2)
+    return prefix_S, prefix_z
+
+
+def _prefix_launch(fk: Tensor, v: Tensor, mask: Tensor, S: Tensor, z: Tensor, block: int, masked: bool) -> tuple[Tensor, Tensor]:
+    """`prefix_states` in two launches (the custom op `PREFIX_OP`, which a compiled model calls; eager code launches
+    them directly, `_prefix_kernels`): each chunk's sums (and the carried float32 state, as chunk 0's), then their
+    running sums in place along the chunks."""
+    batch, kv_heads, total, width = fk.shape
+    value_dim = v.shape[-1]
+    chunks = math.ceil(total / block)
+    fk, v, S, z = _contiguous_rows(fk, v) + (S.contiguous(), z.contiguous())
+    prefix_S = torch.empty(batch, kv_heads, chunks, width, value_dim, dtype=torch.float32, device=fk.device)
+    prefix_z = torch.empty(batch, kv_heads, chunks, width, dtype=torch.float32, device=fk.device)
+    features = min(SUM_FEATURES, max(triton.next_power_of_2(width), 16))
+    _chunk_sums_kernel[(batch * kv_heads, chunks, triton.cdiv(width, features))](
+        fk, v, mask, S, z, prefix_S, prefix_z, fk.stride(0), fk.stride(1), fk.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        mask.stride(0), chunks, KV_HEADS=kv_heads, WIDTH=width, VALUE_DIM=value_dim, BLOCK_FEATURES=features,
+        BLOCK_VALUE=max(triton.next_power_of_2(value_dim), 16), CHUNK=block, MASKED=masked, PRECISION=SUM_PRECISION, num_warps=4,
+    )
+    lanes_S, lanes_z = triton.cdiv(width * value_dim, SCAN_LANES), triton.cdiv(width, SCAN_LANES)
+    _running_sums_kernel[(batch * kv_heads, lanes_S + lanes_z)](
+        prefix_S, prefix_z, chunks, lanes_S, WIDTH=width, VALUE_DIM=value_dim, TILE=SCAN_TILE, LANES=SCAN_LANES, num_warps=4,
+    )
     return prefix_S, prefix_z
 
 
@@ -567,6 +607,70 @@ if TRITON_PROBLEM is None:
         tl.store(dv + key[:, None] * VALUE_DIM + e[None, :], d_v, mask=in_cols[:, None] & (e < VALUE_DIM)[None, :])
         tl.store(dfk + key[:, None] * WIDTH + f[None, :], d_fk, mask=in_cols[:, None] & (f < WIDTH)[None, :])
 
+    @triton.jit
+    def _chunk_sums_kernel(
+        fk, v, mask, S, z, prefix_S, prefix_z, stride_fkb, stride_fkh, stride_fkt, stride_vb, stride_vh, stride_vt, stride_mask,
+        chunks, KV_HEADS: tl.constexpr, WIDTH: tl.constexpr, VALUE_DIM: tl.constexpr, BLOCK_FEATURES: tl.constexpr,
+        BLOCK_VALUE: tl.constexpr, CHUNK: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        """Program (b * KV_HEADS + j, c, n): features n * BLOCK_FEATURES onwards of entry c of kv head j's prefix states,
+        before the running sums: the carried (S, z) for c = 0, else the sums of fk^T v and fk over chunk c - 1's keys (its
+        real ones where MASKED), float32 products (PRECISION "ieee", as PyTorch's float32 matmul)."""
+        head = tl.program_id(0).to(tl.int64)
+        c = tl.program_id(1)
+        f = tl.program_id(2) * BLOCK_FEATURES + tl.arange(0, BLOCK_FEATURES)
+        e = tl.arange(0, BLOCK_VALUE)
+        in_f, in_e = f < WIDTH, e < VALUE_DIM
+        entry = head * chunks + c
+        into_S = prefix_S + (entry * WIDTH + f[:, None]) * VALUE_DIM + e[None, :]
+        in_S = in_f[:, None] & in_e[None, :]
+        if c == 0:
+            tl.store(into_S, tl.load(S + (head * WIDTH + f[:, None]) * VALUE_DIM + e[None, :], mask=in_S, other=0.0), mask=in_S)
+            tl.store(prefix_z + entry * WIDTH + f, tl.load(z + head * WIDTH + f, mask=in_f, other=0.0), mask=in_f)
+        else:
+            b, j = head // KV_HEADS, head % KV_HEADS
+            keys = (c - 1) * CHUNK + tl.arange(0, CHUNK)
+            fk_tile = tl.load(
+                fk + b * stride_fkb + j * stride_fkh + keys[:, None] * stride_fkt + f[None, :], mask=in_f[None, :], other=0.0
+            ).to(tl.float32)
+            if MASKED:
+                fk_tile = tl.where((tl.load(mask + b * stride_mask + keys) != 0)[:, None], fk_tile, 0.0)
+            v_tile = tl.load(v + b * stride_vb + j * stride_vh + keys[:, None] * stride_vt + e[None, :], mask=in_e[None, :], other=0.0)
+            sums = tl.dot(tl.trans(fk_tile), v_tile.to(tl.float32), input_precision=PRECISION)
+            tl.store(into_S, sums, mask=in_S)
+            tl.store(prefix_z + entry * WIDTH + f, tl.sum(fk_tile, 0), mask=in_f)
+
+    @triton.jit
+    def _running(x, head, start, width, chunks, TILE: tl.constexpr, LANES: tl.constexpr):
+        """x's entries start .. start + LANES - 1 (of `width` a chunk) of row `head`, summed along the chunks in place,
+        TILE chunks at a time."""
+        lanes = start + tl.arange(0, LANES)
+        in_lanes = lanes < width
+        carry = tl.zeros([LANES], dtype=tl.float32)
+        for first in range(0, chunks, TILE):
+            rows = first + tl.arange(0, TILE)
+            where = x + (head * chunks + rows[:, None]) * width + lanes[None, :]
+            inside = (rows < chunks)[:, None] & in_lanes[None, :]
+            sums = tl.cumsum(tl.load(where, mask=inside, other=0.0), 0) + carry[None, :]
+            tl.store(where, sums, mask=inside)
+            carry = tl.sum(tl.where((rows == TILE - 1 + first)[:, None], sums, 0.0), 0)
+
+    @triton.jit
+    def _running_sums_kernel(prefix_S, prefix_z, chunks, lanes_S, WIDTH: tl.constexpr, VALUE_DIM: tl.constexpr, TILE: tl.constexpr, LANES: tl.constexpr):
+        """Program (b * KV_HEADS + j, n): the running sums along the chunks of entries n * LANES onwards of kv head j's
+        prefix S (its first `lanes_S` programs) or of its z (the rest), in place."""
+        head = tl.program_id(0).to(tl.int64)
+        n = tl.program_id(1)
+        if n < lanes_S:
+            _running(prefix_S, head, n * LANES, WIDTH * VALUE_DIM, chunks, TILE, LANES)
+        else:
+            _running(prefix_z, head, (n - lanes_S) * LANES, WIDTH, chunks, TILE, LANES)
+
+    def _prefix_fake(fk, v, mask, S, z, block, masked):
+        chunks = math.ceil(fk.shape[2] / block)
+        return S.new_empty(*S.shape[:2], chunks, *S.shape[2:]), z.new_empty(*z.shape[:2], chunks, z.shape[-1])
+
+    PREFIX_OP, _prefix_kernels = _registered(_prefix_launch, set(), _prefix_fake)
     # The custom op (which a compiled model calls) and the function that launches the kernel in eager code.
     OP, window_prefill = _registered(
         _prefill, set(), lambda q, k, v, *rest: q.new_empty(*q.shape[:3], v.shape[-1], dtype=v.dtype, memory_format=torch.contiguous_format)
@@ -597,4 +701,4 @@ if TRITON_PROBLEM is None:
 
     TRAIN_OP.register_autograd(_gradients, setup_context=_keep)
 else:
-    OP = window_prefill = TRAIN_OP = None
+    OP = window_prefill = TRAIN_OP = PREFIX_OP = _prefix_kernels = None
