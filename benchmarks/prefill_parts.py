@@ -4,7 +4,7 @@ milliseconds to launch each part (what a batch-1 prefill at 2K-8K waits on) and 
 and v in float32 (as the mixers passed them before fla read the model's dtype), and with fla's own q/k L2 norm
 (`use_qk_l2norm_in_kernel`), and the short convolution as K shifted products in PyTorch (LINEARIZE_FUSED_STEP=off: its
 path before triton_conv.py); `hedgehog_swa`'s RoPE and prefix states in PyTorch (their paths before triton_rope.py and
-the prefix kernels; with --model, the whole student too), its prefix sums in tf32x3, its feature maps at other blocks,
+the prefix kernels; with --model, the whole student too), its prefix sums in ieee float32, its feature maps at other blocks,
 warps and precisions, and its prefill kernel at other blocks and warps.
 
 Random weights at SmolLM2-135M's shape (one decoder layer), batch 1, no padding: the parts of the mixer's `mix`
@@ -133,8 +133,8 @@ def hedgehog_swa_parts(mixer, hidden, position_embeddings, variants: bool, new_c
         calls["RoPE, PyTorch (before triton_rope.py)"] = lambda: fused_off(apply_rotary, q, k, position_embeddings)
         calls["prefix states, PyTorch (before the prefix kernels)"] = lambda: triton_window._prefix_sums(fk_all, v_all, mask, S, z, triton_window.CHUNK, False)
         with_sums = partial(triton_window.prefix_states, fk_all, v_all, mask, S, z, triton_window.CHUNK)
-        calls["prefix states, sums in tf32x3"] = partial(patched, triton_window, {"SUM_PRECISION": "tf32x3"}, with_sums)
-        for block, warps, precision in ((64, 4, "tf32x3"), (128, 8, "ieee"), (128, 8, "tf32x3"), (32, 4, "ieee")):
+        calls["prefix states, sums in ieee float32"] = partial(patched, triton_window, {"SUM_PRECISION": "ieee"}, with_sums)
+        for block, warps, precision in ((64, 4, "ieee"), (64, 4, "tf32x3"), (128, 8, "ieee"), (32, 4, "ieee")):
             calls[f"feature maps, blocks of {block}, {warps} warps, {precision}"] = partial(
                 patched, triton_features, {"BLOCK": block, "WARPS": warps, "PRECISION": precision}, features
             )

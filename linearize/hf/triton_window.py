@@ -75,9 +75,13 @@ BACKWARD = {torch.float16: (32, 8), torch.bfloat16: (32, 8), torch.float32: (16,
 # (SmolLM2: 512 bytes a key and kv head, about what its k, v and fk take), for half a tile more work a program.
 CHUNK = 64
 # `prefix_states`' kernels: the features of a chunk's sums a program takes (its float32 product, up to 64 x 128, in
-# registers), and the chunks and state entries of each tile of the running sums.
+# registers), its products' precision, and the chunks and state entries of each tile of the running sums. "tf32x3"
+# (three tf32 products on tensor cores, each operand split in two) keeps float32's accuracy: the sums' error against
+# float64 was float32 matmul's on the CPU (emulated). On an H200 at 32K (SmolLM2's kv heads, bf16 v) both kernels took
+# 0.19 ms a layer with it, 1.68 ms with "ieee" (float32 products on CUDA cores), against PyTorch's 0.56 ms
+# (BENCHMARKS.md, twenty-fifth session).
 SUM_FEATURES = 64
-SUM_PRECISION = "ieee"
+SUM_PRECISION = "tf32x3"
 SCAN_TILE = 32
 SCAN_LANES = 256
 # A program holds its queries' feature maps and a key tile's (BLOCK x 2F, float32): up to 2 * MAX_HEAD_DIM features.
@@ -149,7 +153,7 @@ def prefix_states(fk: Tensor, v: Tensor, mask: Tensor, S: Tensor, z: Tensor, blo
     (B, Hkv, chunks, 2F, V) and (B, Hkv, chunks, 2F). Where nothing needs a gradient (inference) and Triton runs here,
     two kernels (`_chunk_sums_kernel`, then `_running_sums_kernel`); otherwise PyTorch, through which autograd takes the
     backward. On an H200 at 32K (SmolLM2's kv heads, bf16 v) PyTorch's matmul and its cumsum over the chunks' dimension
-    took 0.55 ms a layer (BENCHMARKS.md, twenty-fourth session)."""
+    took 0.56 ms a layer, the two kernels 0.19 ms (BENCHMARKS.md, twenty-fifth session)."""
     grads = torch.is_grad_enabled() and any(t.requires_grad for t in (fk, v, S, z))
     if TRITON_PROBLEM is None and (fk.is_cuda or INTERPRETED) and not grads:
         return _prefix_kernels(fk, v, mask, S.to(torch.float32), z.to(torch.float32), block, masked)
@@ -615,7 +619,7 @@ if TRITON_PROBLEM is None:
     ):
         """Program (b * KV_HEADS + j, c, n): features n * BLOCK_FEATURES onwards of entry c of kv head j's prefix states,
         before the running sums: the carried (S, z) for c = 0, else the sums of fk^T v and fk over chunk c - 1's keys (its
-        real ones where MASKED), float32 products (PRECISION "ieee", as PyTorch's float32 matmul)."""
+        real ones where MASKED), in float32 (PRECISION "tf32x3" or "ieee")."""
         head = tl.program_id(0).to(tl.int64)
         c = tl.program_id(1)
         f = tl.program_id(2) * BLOCK_FEATURES + tl.arange(0, BLOCK_FEATURES)
