@@ -2,16 +2,17 @@
 one shared normaliser (LoLCATs), and its backward in two more.
 
 The arithmetic is `ops_window.chunk_window_linear`'s (its docstring, and `naive_window_linear`, the reference): for
-query t, keys in (t - window, t] weigh exp(q.k * scaling - m_t) * sm_weight (m_t: the largest of their scores, after
-the softcap where there is one; 0 where none of them is real), older keys (fq_t . fk_s) * ln_weight, the carried state
-(S, z) is read by fq with ln_weight, and the output is the weighted values over the weights; pad keys (key_mask False)
-weigh nothing. In PyTorch, at every CHUNK keys, the prefix sums of fk^T v and fk (pads masked) from the carried state
-on (a batched matmul and a cumsum). Then one program per (sequence, query head, block of BLOCK queries): it reads the
-prefix state at the last chunk boundary c <= t0 - window + 1 (t0: its first query), before which every key is linear
-for each of its queries, then walks the key tiles (BLOCK keys) from c to its last query, giving each (query, key) its
-linear weight or its window's softmax weight. The window's part is kept with an online max (its accumulators
-rescaled as the max grows), the linear part never rescaled, and the two are added under one normaliser at the end.
-Query head i reads kv head i // (H // Hkv) directly: the caller does not repeat k, v and fk.
+query t, keys in (t - window, t] weigh exp(q.k * scaling - m_t) * sm_weight (m_t: the largest of their scores, after the
+softcap where there is one; 0 where none of them is real), older keys (fq_t . fk_s) * ln_weight, the carried state (S,
+z) is read by fq with ln_weight, and the output is the weighted values over the weights; pad keys (key_mask False) weigh
+nothing. First, at every CHUNK keys, the prefix sums of fk^T v and fk (pads masked) from the carried state on
+(`prefix_states`: two more Triton kernels in inference, a batched matmul and a cumsum in training). Then one program per
+(sequence, query head, block of BLOCK queries): it reads the prefix state at the last chunk boundary c <= t0 - window +
+1 (t0: its first query), before which every key is linear for each of its queries, then walks the key tiles (BLOCK keys)
+from c to its last query, giving each (query, key) its linear weight or its window's softmax weight. The window's part
+is kept with an online max (its accumulators rescaled as the max grows), the linear part never rescaled, and the two are
+added under one normaliser at the end. Query head i reads kv head i // (H // Hkv) directly: the caller does not repeat
+k, v and fk.
 
 Arithmetic is float32 and the output in v's dtype. The products q.k, fq.fk and fq S run on tensor cores: bf16/fp16
 q and k as they are, the float32 feature maps in tf32, the weights cast to v's dtype before they meet the values (as
