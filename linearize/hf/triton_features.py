@@ -28,9 +28,9 @@ if TRITON_PROBLEM is None:  # Triton as triton_step imported it: transformers' r
 
 # Rows a program takes, its warps, and xW's products: "tf32x3" (three tf32 products on tensor cores, each operand split
 # in two) keeps float32's accuracy (its error against float64 was float32 matmul's, emulated on the CPU). On an H200
-# (SmolLM2's 9 query and 3 kv heads, bf16, BENCHMARKS.md, twenty-fifth session) q's and k's maps took 0.19 ms at 32K in
-# blocks of 128 rows on 8 warps, against 0.31 ms for blocks of 64 on 4 warps with "ieee" products (float32 on CUDA
-# cores), and 0.14 against 0.19 ms at 4K.
+# (SmolLM2's 9 query and 3 kv heads, bf16, BENCHMARKS.md, twenty-fifth session) q's and k's maps took 0.17-0.19 ms at
+# 32K in blocks of 128 rows on 8 warps, against 0.31-0.33 ms for blocks of 64 on 4 warps with "ieee" products (float32
+# on CUDA cores), and 0.10-0.14 against 0.16-0.19 ms at 4K.
 BLOCK = 128
 WARPS = 8
 PRECISION = "tf32x3"

@@ -79,7 +79,7 @@ CHUNK = 64
 # registers), its products' precision, and the chunks and state entries of each tile of the running sums. "tf32x3"
 # (three tf32 products on tensor cores, each operand split in two) keeps float32's accuracy: the sums' error against
 # float64 was float32 matmul's on the CPU (emulated). On an H200 at 32K (SmolLM2's kv heads, bf16 v) both kernels took
-# 0.19 ms a layer with it, 1.68 ms with "ieee" (float32 products on CUDA cores), against PyTorch's 0.56 ms
+# 0.17-0.19 ms a layer with it, 1.68 ms with "ieee" (float32 products on CUDA cores), against PyTorch's 0.56 ms
 # (BENCHMARKS.md, twenty-fifth session).
 SUM_FEATURES = 64
 SUM_PRECISION = "tf32x3"
@@ -154,7 +154,7 @@ def prefix_states(fk: Tensor, v: Tensor, mask: Tensor, S: Tensor, z: Tensor, blo
     (B, Hkv, chunks, 2F, V) and (B, Hkv, chunks, 2F). Where nothing needs a gradient (inference) and Triton runs here,
     two kernels (`_chunk_sums_kernel`, then `_running_sums_kernel`); otherwise PyTorch, through which autograd takes the
     backward. On an H200 at 32K (SmolLM2's kv heads, bf16 v) PyTorch's matmul and its cumsum over the chunks' dimension
-    took 0.56 ms a layer, the two kernels 0.19 ms (BENCHMARKS.md, twenty-fifth session)."""
+    took 0.56 ms a layer, the two kernels 0.17-0.19 ms (BENCHMARKS.md, twenty-fifth session)."""
     grads = torch.is_grad_enabled() and any(t.requires_grad for t in (fk, v, S, z))
     if TRITON_PROBLEM is None and (fk.is_cuda or INTERPRETED) and not grads:
         return _prefix_kernels(fk, v, mask, S.to(torch.float32), z.to(torch.float32), block, masked)
