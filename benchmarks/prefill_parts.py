@@ -11,7 +11,8 @@ Random weights at SmolLM2-135M's shape (one decoder layer), batch 1, no padding:
 called one by one, then the whole attention module converted and under teacher_mode. `--mixer gated_deltanet`
 (projections, short convolution, L2 norm, kv-head repeat, gates, the gated delta rule, the sliding window and its mix;
 no cache) or `--mixer hedgehog_swa` (`lolcats`' mixer: projections, RoPE, feature maps, the prefix states, the prefill
-kernel, the next state a cache keeps; with a cache, as `generate()`'s prefill runs it). `--model` adds the whole
+kernel, the next state a cache keeps; with a cache, as `generate()`'s prefill runs it); any other mixer (e.g.
+`bamba_mamba2`, whose student prefilled at 0.83x its teacher at 32K) is timed whole. `--model` adds the whole
 30-layer model's prefill (last position's logits only, a cache as `generate()` makes), student and teacher, and the
 student's costliest GPU kernels under torch.profiler at the longest length.
 Each figure is the median of --repeats calls after a warm-up call (kernels compile on their first call at a shape).
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import statistics
 import time
@@ -157,7 +159,25 @@ def kernel_at(block, warps, *args):
         return triton_window._forward(*args)
 
 
+def module_parts(mixer, hidden, position_embeddings, variants: bool, new_cache) -> dict:
+    """Name -> the whole of any other mixer's prefill: its `mix` without a cache, and its attention module with one."""
+    q, k, v = mixer.project(hidden)
+    return {
+        "mixer, whole, no cache": lambda: mixer.mix(hidden, q, k, v, position_embeddings, None, None),
+        "attention module, converted, with a cache": lambda: mixer(
+            hidden, position_embeddings=position_embeddings, attention_mask=None, cache=new_cache()
+        ),
+    }
+
+
+# Mixers timed part by part; any other is timed whole (`module_parts`).
 PARTS = {"gated_deltanet": parts, "hedgehog_swa": hedgehog_swa_parts}
+
+
+def mixer_options(name: str, window: int, options: dict) -> dict:
+    """`options` with the window, for a mixer that takes one."""
+    takes = {field.name for field in dataclasses.fields(linearize.MIXERS[name].Options)}
+    return {"window": window, **options} if "window" in takes else options
 
 
 def fused_off(function, *args):
@@ -212,7 +232,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--mixer", default="gated_deltanet", choices=sorted(PARTS))
+    parser.add_argument("--mixer", default="gated_deltanet", choices=sorted(linearize.MIXERS),
+                        help="gated_deltanet and hedgehog_swa are timed part by part, any other mixer whole")
     parser.add_argument("--options", default="", help="the mixer's options besides the window, key=value,...")
     parser.add_argument("--lengths", default="2048,8192")
     parser.add_argument("--window", type=int, default=64)
@@ -229,13 +250,13 @@ def main():
     out = open(args.out, "a") if args.out else None
     torch.manual_seed(0)
     teacher = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **(SMOLLM2 | {"num_hidden_layers": 1}))).to(dtype).eval()
-    model = linearize.convert(teacher, args.mixer, window=args.window, **options).to(device)
+    model = linearize.convert(teacher, args.mixer, **mixer_options(args.mixer, args.window, options)).to(device)
     mixer = mixers_in(model)[0]
     rotary = next(module for name, module in model.named_modules() if name.endswith("rotary_emb"))
     for length in lengths:
         hidden = torch.randn(1, length, SMOLLM2["hidden_size"], device=device, dtype=dtype)
         position_embeddings = rotary(hidden, torch.arange(length, device=device)[None])
-        calls = PARTS[args.mixer](mixer, hidden, position_embeddings, args.variants, model.new_cache)
+        calls = PARTS.get(args.mixer, module_parts)(mixer, hidden, position_embeddings, args.variants, model.new_cache)
         calls["attention module, teacher"] = lambda: mixer(hidden, position_embeddings=position_embeddings, attention_mask=None)
         for name, call in calls.items():  # each row as it is measured: a run cut short keeps them
             with linearize.teacher_mode(model) if name.endswith("teacher") else contextlib.nullcontext():
@@ -245,7 +266,7 @@ def main():
         del model, teacher
         torch.manual_seed(0)
         teacher = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **SMOLLM2)).to(dtype).eval()
-        model = linearize.convert(teacher, args.mixer, window=args.window, **options).to(device)
+        model = linearize.convert(teacher, args.mixer, **mixer_options(args.mixer, args.window, options)).to(device)
         whole_model(model, lengths, device, args.repeats, args.dtype, out, args.trace_rows, args.variants)
 
 
