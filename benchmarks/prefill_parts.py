@@ -116,16 +116,16 @@ def hedgehog_swa_parts(mixer, hidden, position_embeddings, variants: bool, new_c
     heads = q.shape[1]
     k_all, v_all, fk_all, mask, S, z = _with_context(rq, rk, v, fk, None, None)
     sm, ln = triton_window._weights(share, heads, q), triton_window._weights(1.0 - share, heads, q)
-    prefix = triton_window.prefix_states(fk_all, v_all, mask, S, z, triton_window.CHUNK)
+    prefix = triton_window.prefix_states(fk_all, v_all, mask, S, z, triton_window.CHUNK, False)
     scaling, softcap, window = mixer.spec.scaling, mixer.spec.softcap, mixer.window
     calls = {
         "projections": lambda: mixer.project(hidden),
         "RoPE": lambda: apply_rotary(q, k, position_embeddings),
         "feature maps": features,
         "the window's context (concatenated)": lambda: _with_context(rq, rk, v, fk, None, None),
-        "prefix states": lambda: triton_window.prefix_states(fk_all, v_all, mask, S, z, triton_window.CHUNK),
+        "prefix states": lambda: triton_window.prefix_states(fk_all, v_all, mask, S, z, triton_window.CHUNK, False),
         "prefill kernel": lambda: triton_window._forward(rq, k_all, v_all, fq, fk_all, mask, *prefix, sm, ln, window, scaling, softcap),
-        "next state": lambda: triton_window.state_after(k_all, v_all, fk_all, mask, *prefix, window),
+        "next state": lambda: triton_window.state_after(k_all, v_all, fk_all, mask, *prefix, window, False),
         "mixer, whole, no cache": lambda: mixer.mix(hidden, q, k, v, position_embeddings, None, None),
         "attention module, converted, with a cache": lambda: mixer(
             hidden, position_embeddings=position_embeddings, attention_mask=None, cache=new_cache()
@@ -134,7 +134,7 @@ def hedgehog_swa_parts(mixer, hidden, position_embeddings, variants: bool, new_c
     if variants and hidden.is_cuda:
         calls["RoPE, PyTorch (before triton_rope.py)"] = lambda: fused_off(apply_rotary, q, k, position_embeddings)
         calls["prefix states, PyTorch (before the prefix kernels)"] = lambda: triton_window._prefix_sums(fk_all, v_all, mask, S, z, triton_window.CHUNK, False)
-        with_sums = partial(triton_window.prefix_states, fk_all, v_all, mask, S, z, triton_window.CHUNK)
+        with_sums = partial(triton_window.prefix_states, fk_all, v_all, mask, S, z, triton_window.CHUNK, False)
         calls["prefix states, sums in ieee float32"] = partial(patched, triton_window, {"SUM_PRECISION": "ieee"}, with_sums)
         for block, warps, precision in ((64, 4, "ieee"), (64, 4, "tf32x3"), (128, 8, "ieee"), (32, 4, "ieee")):
             calls[f"feature maps, blocks of {block}, {warps} warps, {precision}"] = partial(

@@ -139,13 +139,14 @@ def window_linear_prefill(
     k_all, v_all, fk_all, mask, S, z = _with_context(q, k, v, fk, key_mask, state)
     sm, ln = _weights(sm_weight, q.shape[1], q), _weights(ln_weight, q.shape[1], q)
     mask = mask.contiguous()
-    # Without a key mask or a carried state every key is real: the prefix sums skip the mask.
-    prefix_S, prefix_z = prefix_states(fk_all, v_all, mask, S.to(torch.float32), z.to(torch.float32), CHUNK, masked=key_mask is not None or bool(state))
+    # Without a key mask or a carried state every key is real: the prefix sums and the next state skip the mask.
+    masked = key_mask is not None or bool(state)
+    prefix_S, prefix_z = prefix_states(fk_all, v_all, mask, S.to(torch.float32), z.to(torch.float32), CHUNK, masked=masked)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_all, v_all, fq, fk_all, S, z, sm, ln)):
         o = TRAIN_OP(q, k_all, v_all, fq, fk_all, mask, prefix_S, prefix_z, sm, ln, window, scaling, softcap)[0].to(v.dtype)
     else:
         o = window_prefill(q, k_all, v_all, fq, fk_all, mask, prefix_S, prefix_z, sm, ln, window, scaling, softcap)
-    return o, (state_after(k_all, v_all, fk_all, mask, prefix_S, prefix_z, window) if output_state else None)
+    return o, (state_after(k_all, v_all, fk_all, mask, prefix_S, prefix_z, window, masked) if output_state else None)
 
 
 def prefix_states(fk: Tensor, v: Tensor, mask: Tensor, S: Tensor, z: Tensor, block: int, masked: bool = True) -> tuple[Tensor, Tensor]:
@@ -200,17 +201,22 @@ def _prefix_launch(fk: Tensor, v: Tensor, mask: Tensor, S: Tensor, z: Tensor, bl
     return prefix_S, prefix_z
 
 
-def state_after(k: Tensor, v: Tensor, fk: Tensor, mask: Tensor, prefix_S: Tensor, prefix_z: Tensor, window: int) -> dict[str, Tensor]:
+def state_after(
+    k: Tensor, v: Tensor, fk: Tensor, mask: Tensor, prefix_S: Tensor, prefix_z: Tensor, window: int, masked: bool = True
+) -> dict[str, Tensor]:
     """The state after the keys k, v, fk (B, Hkv, total, *), as `ops_window._next_state` makes it (every key but the last
     window - 1 folded into S, z; those kept as the window's context), from their prefix states: the last one at or
-    before the first kept key, plus the few keys (under a chunk) between them. Not a sum over every key again: at 32K
-    that float32 matmul, of a 32K-long inner dimension, took 1.5 ms a layer on an H200 (twenty-fourth session)."""
+    before the first kept key, plus the few keys (under a chunk) between them, their pads (`mask`) left out unless not
+    `masked` (no key can be a pad). Not a sum over every key again: at 32K that float32 matmul, of a 32K-long inner
+    dimension, took 1.5 ms a layer on an H200 (twenty-fourth session)."""
     keep = max(window - 1, 0)
     total = k.shape[2]
     cut = max(total - keep, 0)
     chunk = min(cut // CHUNK, prefix_S.shape[2] - 1)
     start = chunk * CHUNK
-    fk_rest = fk[:, :, start:cut].to(torch.float32) * mask[:, None, start:cut, None]
+    fk_rest = fk[:, :, start:cut].to(torch.float32)
+    if masked:
+        fk_rest = fk_rest * mask[:, None, start:cut, None]
     return {
         "S": prefix_S[:, :, chunk] + fk_rest.transpose(-1, -2) @ v[:, :, start:cut].to(torch.float32),
         "z": prefix_z[:, :, chunk] + fk_rest.sum(2),
