@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .triton_step import INTERPRETED, SWITCH, TRITON_PROBLEM, switch, turned_off
+from .triton_step import TRITON_PROBLEM, fused_kernel_problem
 
 if TRITON_PROBLEM is None:  # Triton as triton_step imported it: transformers' remote-code check skips relative imports
     from .triton_step import _registered, tl, triton
@@ -38,11 +38,9 @@ INPUTS = (torch.float16, torch.bfloat16, torch.float32)
 def conv_prefill_problem(seq: Tensor, taps: Tensor) -> Optional[str]:
     """Why `causal_conv` does not take this prefill (None when it does): the switches, Triton, the device, gradients,
     dtypes. On CPU tensors it runs only with LINEARIZE_FUSED_STEP=on under Triton's interpreter (the tests)."""
-    problem = turned_off()
+    problem = fused_kernel_problem(seq, "the fused convolution")
     if problem is not None:
         return problem
-    if not (seq.is_cuda or (switch() == "on" and INTERPRETED)):
-        return f"the fused convolution runs on CUDA tensors (on CPU tensors with {SWITCH}=on under TRITON_INTERPRET=1)"
     if torch.is_grad_enabled() and (seq.requires_grad or taps.requires_grad):
         return "gradients are on: the PyTorch path runs, for autograd"
     if seq.dtype not in INPUTS or taps.dtype != torch.float32:

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .triton_step import DTYPES, INTERPRETED, MAX_HEAD_DIM, SWITCH, TRITON_PROBLEM, switch, turned_off
+from .triton_step import DTYPES, MAX_HEAD_DIM, TRITON_PROBLEM, fused_kernel_problem
 
 if TRITON_PROBLEM is None:  # Triton as triton_step imported it: transformers' remote-code check skips relative imports
     from .triton_step import _registered, tl, triton
@@ -39,11 +39,9 @@ PRECISION = "tf32x3"
 def feature_map_problem(x: Tensor, weight: Tensor, bias: Tensor) -> Optional[str]:
     """Why `feature_maps` does not take these tensors (None when it does): the switches, Triton, the device, gradients,
     dtypes and sizes. On CPU tensors it runs only with LINEARIZE_FUSED_STEP=on under Triton's interpreter (the tests)."""
-    problem = turned_off()
+    problem = fused_kernel_problem(x, "the fused feature map")
     if problem is not None:
         return problem
-    if not (x.is_cuda or (switch() == "on" and INTERPRETED)):
-        return f"the fused feature map runs on CUDA tensors (on CPU tensors with {SWITCH}=on under TRITON_INTERPRET=1)"
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad):
         return "gradients are on: the PyTorch path runs, for autograd"
     if x.dtype not in DTYPES or weight.dtype not in DTYPES or bias.dtype not in DTYPES:

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .triton_step import DTYPES, INTERPRETED, MAX_HEAD_DIM, SWITCH, TRITON_PROBLEM, switch, turned_off
+from .triton_step import DTYPES, MAX_HEAD_DIM, TRITON_PROBLEM, fused_kernel_problem
 
 if TRITON_PROBLEM is None:  # Triton as triton_step imported it: transformers' remote-code check skips relative imports
     from .triton_step import _registered, _rounded, tl, triton
@@ -38,11 +38,9 @@ WARPS = 4
 def rotary_problem(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> Optional[str]:
     """Why `rotary` does not take these tensors (None when it does): the switches, Triton, the device, gradients, dtypes
     and shapes. On CPU tensors it runs only with LINEARIZE_FUSED_STEP=on under Triton's interpreter (the tests)."""
-    problem = turned_off()
+    problem = fused_kernel_problem(q, "the fused RoPE")
     if problem is not None:
         return problem
-    if not (q.is_cuda or (switch() == "on" and INTERPRETED)):
-        return f"the fused RoPE runs on CUDA tensors (on CPU tensors with {SWITCH}=on under TRITON_INTERPRET=1)"
     if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
         return "cos and sin require gradients: the PyTorch path runs, for autograd"
     if q.dtype not in DTYPES or any(t.dtype != q.dtype for t in (k, cos, sin)):

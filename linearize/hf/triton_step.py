@@ -111,8 +111,8 @@ def switch() -> str:
     """LINEARIZE_FUSED_STEP: `auto` (default: the fused step on CUDA tensors), `off` (the PyTorch path, with fla's
     and flex_attention's kernels where LINEARIZE_KERNELS lets them run) or `on` (CPU tensors too, which Triton runs
     only in its interpreter, TRITON_INTERPRET=1: the tests). It switches `hedgehog_swa`'s fused prefill
-    (triton_window.py), a prefill's short convolution (triton_conv.py) and Hedgehog's feature maps (triton_features.py)
-    alike."""
+    (triton_window.py), a prefill's short convolution (triton_conv.py), Hedgehog's feature maps (triton_features.py)
+    and RoPE (triton_rope.py) alike."""
     value = os.environ.get(SWITCH, "auto").lower()
     if value not in SWITCHES:
         raise LinearizeError(f"{SWITCH}={value!r} is not one of {', '.join(SWITCHES)}; unset it or pick one")
@@ -125,6 +125,18 @@ def turned_off() -> Optional[str]:
     if chosen == "off" or kernel_mode() == "torch":
         return f"turned off ({SWITCH}={chosen}, LINEARIZE_KERNELS={kernel_mode()})"
     return TRITON_PROBLEM
+
+
+def fused_kernel_problem(x: Tensor, what: str) -> Optional[str]:
+    """Why a fused inference kernel (`what`, e.g. "the fused RoPE") does not run on x here (None when it may, as far as
+    the switches, Triton and the device go): CUDA tensors, or CPU tensors with LINEARIZE_FUSED_STEP=on under Triton's
+    interpreter (the tests)."""
+    problem = turned_off()
+    if problem is not None:
+        return problem
+    if not (x.is_cuda or (switch() == "on" and INTERPRETED)):
+        return f"{what} runs on CUDA tensors (on CPU tensors with {SWITCH}=on under TRITON_INTERPRET=1)"
+    return None
 
 
 def fused_step_problem(
