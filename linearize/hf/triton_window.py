@@ -141,7 +141,7 @@ def window_linear_prefill(
     mask = mask.contiguous()
     # Without a key mask or a carried state every key is real: the prefix sums and the next state skip the mask.
     masked = key_mask is not None or bool(state)
-    prefix_S, prefix_z = prefix_states(fk_all, v_all, mask, S.to(torch.float32), z.to(torch.float32), CHUNK, masked=masked)
+    prefix_S, prefix_z = prefix_states(fk_all, v_all, mask, S, z, CHUNK, masked=masked)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_all, v_all, fq, fk_all, S, z, sm, ln)):
         o = TRAIN_OP(q, k_all, v_all, fq, fk_all, mask, prefix_S, prefix_z, sm, ln, window, scaling, softcap)[0].to(v.dtype)
     else:
@@ -157,8 +157,9 @@ def prefix_states(fk: Tensor, v: Tensor, mask: Tensor, S: Tensor, z: Tensor, blo
     backward. On an H200 at 32K (SmolLM2's kv heads, bf16 v) PyTorch's matmul and its cumsum over the chunks' dimension
     took 0.56 ms a layer, the two kernels 0.17-0.19 ms (BENCHMARKS.md, twenty-fifth session)."""
     grads = torch.is_grad_enabled() and any(t.requires_grad for t in (fk, v, S, z))
+    S, z = S.to(torch.float32), z.to(torch.float32)
     if TRITON_PROBLEM is None and (fk.is_cuda or INTERPRETED) and not grads:
-        return _prefix_kernels(fk, v, mask, S.to(torch.float32), z.to(torch.float32), block, masked)
+        return _prefix_kernels(fk, v, mask, S, z, block, masked)
     return _prefix_sums(fk, v, mask, S, z, block, masked)
 
 
