@@ -10,7 +10,7 @@
 #                                             # or RUNS=none); with SERVE (serving_speed.py's arguments) that runs alone
 #                                             # on GPU 0 with compile and CUDA-graph logs, the rest on GPU 1
 #   bash benchmarks/h100_session.sh solo      # (nvidia-h200, one GPU) carry .whl .gguf1, as first: SERVE, then WARM, then
-#                                             # TESTS, then PARTS (prefill_parts.py's arguments), each if given, one
+#                                             # TESTS, then SPEED (as train_speed), then PARTS (prefill_parts.py's arguments), each if given, one
 #                                             # after another on the one GPU. A script run by hand needs the
 #                                             # PYTHONPATH set below (/tmp/site:$PWD), or linearize is not found
 #   bash benchmarks/h100_session.sh second    # carry .gguf2 corpus (or corpus.tgz, `tar czf corpus.tgz corpus`): join
@@ -111,6 +111,7 @@ train_speed() {  # train_speed TIMEOUT: train_speed.py once per ';'-separated ar
     timeout "$1" python3 benchmarks/train_speed.py $speed --steps 20 --out "/tmp/train_speed$i" > "$OUT/train_speed$i.log" 2>&1
     echo "exit $?" >> "$OUT/train_speed$i.log"
     cp "/tmp/train_speed$i/train_speed.json" "$OUT/train_speed$i.json" 2>/dev/null
+    (cd "/tmp/train_speed$i" && ls ./*-profile-*.txt > /dev/null 2>&1 && tar czf "$OUT/train_speed$i-profiles.tgz" ./*-profile-*.txt)
   done
 }
 
@@ -177,13 +178,14 @@ join() {  # the GGUF from the first half (in /tmp since an earlier call) and the
 }
 
 case "$1" in
-solo)  # (nvidia-h200, one GPU) first's carry and set-up, then SERVE (as first), WARM, the GPU tests TESTS and
-  # prefill_parts.py (PARTS: its arguments), each if given, one after another
+solo)  # (nvidia-h200, one GPU) first's carry and set-up, then SERVE (as first), WARM, the GPU tests TESTS,
+  # prefill_parts.py (PARTS: its arguments) and train_speed.py (SPEED, each within SPEED_S), each if given, one after another
   wheels || exit 1
   cp .gguf1/part00 /tmp/part00
   [ -z "${SERVE:-}" ] || serve_logged
   [ -z "${WARM:-}" ] || warm
   [ -z "${TESTS:-}" ] || gpu_tests "$TESTS"
+  [ -z "${SPEED:-}" ] || train_speed "${SPEED_S:-300}"
   if [ -n "${PARTS:-}" ]; then  # prefill_parts.py with PARTS's arguments, within PARTS_S
     timeout "${PARTS_S:-150}" python3 benchmarks/prefill_parts.py $PARTS --out "$OUT/prefill_parts.jsonl" > "$OUT/prefill_parts.log" 2>&1
     echo "exit $?" >> "$OUT/prefill_parts.log"

@@ -8,9 +8,11 @@ compile setting in `--runs` (in that order), all in one run so the rows compare 
 MFU counts 2N FLOPs per token for every forward and 2N for the backward through activations (frozen weights
 need no weight gradients): attention transfer = one forward (teacher attention included) + backward through
 the converted layers only, taken as 2N + 2N; LoRA KD = teacher forward + student forward + backward = 6N.
-Peak: `--peak-tflops` (default 989, the H100's dense bf16 datasheet figure).
+Peak: `--peak-tflops` (default 989, the H100's dense bf16 datasheet figure). `--profile N` records N steps of each
+stage under torch.profiler (the stages' `profile_steps`): where a step's time goes, by phase and by kind of kernel.
 
     python benchmarks/train_speed.py --arch llama-3.2-1b --mixer hedgehog --out results/train_speed
+    python benchmarks/train_speed.py --arch llama-3.2-1b --mixer hedgehog_swa --options window=256,linear_rope=false --seq-len 2048 --runs 8:on --profile 3
     python benchmarks/train_speed.py --arch smollm2-135m --mixer hedgehog_swa --seq-len 512 --runs 8:off,32:off,32:on
     python benchmarks/train_speed.py --arch smollm2-135m --mixer gla --options window=64 --seq-len 512 --runs 32:off --stages lora_kd
     python benchmarks/train_speed.py --arch smollm2-135m --mixer gated_deltanet --options window=64 --keep-attention every:4 --seq-len 512 --runs 32:off,32:on
@@ -53,6 +55,8 @@ def main():
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--peak-tflops", type=float, default=989.0)
     parser.add_argument("--out", default="results/train_speed")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="profile N steps of each stage after its first (profile_steps) and keep each stage's profile-*.txt beside the logs")
     args = parser.parse_args()
     kinds = args.stages.split(",")
     if not kinds or any(kind not in FLOPS_PER_PARAMETER for kind in kinds):
@@ -77,7 +81,8 @@ def main():
         batch, compiled = run.split(":")
         batch = int(batch)
         name = f"b{batch}-{compiled}"
-        stage = f"tokens: {args.steps * batch * args.seq_len}\n    batch_size: {batch}\n    checkpoint_every: 0\n    log_every: 5\n    compile: {compiled == 'on'}"
+        stage = (f"tokens: {args.steps * batch * args.seq_len}\n    batch_size: {batch}\n    checkpoint_every: 0\n    log_every: 5\n    compile: {compiled == 'on'}"
+                 f"\n    profile_steps: {args.profile}")
         (out / f"{name}.yaml").write_text(
             f"teacher: {out / 'teacher'}\noutput: {out / name}\nprecision: auto\nconvert:\n  mixer: {args.mixer}{keep}\n"
             f"data:\n  train: prideprejudice\n  heldout: persuasion\n  seq_len: {args.seq_len}\n"
@@ -91,13 +96,17 @@ def main():
             print(json.dumps(rows[-1]), flush=True)
             continue
         records = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
+        stages = {stage["kind"]: stage for stage in json.loads((out / name / "results.json").read_text())["stages"]}
+        for profile in (out / name).glob("profile-*.txt"):
+            (out / f"{name}-{profile.name}").write_text(profile.read_text())
         for kind in kinds:
             flops_per_token = FLOPS_PER_PARAMETER[kind] * n
             rate = rates(records, kind)
             first = next(r for r in records if r.get("kind") == kind and "tokens_per_s" in r)
             rows.append({"batch_size": batch, "compile": compiled, "stage": kind, "tokens_per_s": rate,
                          "first_step_s": round(first["tokens"] / first["tokens_per_s"], 1),
-                         "mfu": rate * flops_per_token / (args.peak_tflops * 1e12), "non_embedding_params": n})
+                         "mfu": rate * flops_per_token / (args.peak_tflops * 1e12), "non_embedding_params": n,
+                         **({"profile": stages[kind]["details"]["profile"]} if args.profile else {})})
             print(json.dumps(rows[-1]), flush=True)
         (out / "train_speed.json").write_text(json.dumps({"arch": args.arch, "mixer": args.mixer, "options": args.options, "keep_attention": args.keep_attention,
                                                           "seq_len": args.seq_len, "rows": rows}, indent=1))

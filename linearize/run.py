@@ -270,6 +270,8 @@ class Run:
                 record.save(staging)
                 if session.records:
                     (staging / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in session.records))
+                for name, text in session.profiles.items():
+                    (staging / name).write_text(text)
             if self.checkpoints is not None:
                 shutil.rmtree(self.checkpoints, ignore_errors=True)
         self.accelerator.wait_for_everyone()

@@ -53,12 +53,16 @@ def linearize(monkeypatch, capsys, *args):
 
 def test_distill_saves_a_plain_model_with_its_metrics(workspace, monkeypatch, capsys):
     out = workspace / "distilled"
-    code, stdout, stderr = linearize(monkeypatch, capsys, "distill", workspace / "recipe.yaml", "--out", out)
+    code, stdout, stderr = linearize(monkeypatch, capsys, "distill", workspace / "recipe.yaml", "--out", out, "stages.1.profile_steps=2")
     assert code == 0, stderr
-    assert {"config.json", "model.safetensors", "tokenizer.json", "recipe.yaml", "results.json", "metrics.jsonl"} <= {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "recipe.yaml", "results.json", "metrics.jsonl",
+            "profile-stage1-lora_kd.txt"} <= {p.name for p in out.iterdir()}
+    assert (out / "profile-stage1-lora_kd.txt").read_text().startswith("profiled steps 2-3: ")
+    assert "stages[1] (lora_kd): profiled steps 2-3: " in stdout
     assert not (workspace / "distilled.checkpoints").exists()
     results = json.loads((out / "results.json").read_text())
     assert [s["kind"] for s in results["stages"]] == ["attention_transfer", "lora_kd"] and all(s["steps"] == 4 for s in results["stages"])
+    assert "profile" not in results["stages"][0]["details"] and results["stages"][1]["details"]["profile"]["steps"] == 2
     assert "0: attention_transfer" in stdout and "saved" in stdout
     assert "of which the first step (compilation and set-up): stage 0 " in stdout
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

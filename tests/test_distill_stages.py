@@ -240,3 +240,46 @@ def test_metric_records_carry_mfu_against_the_peak_they_are_measured_against(dat
     monkeypatch.setenv("LINEARIZE_PEAK_TFLOPS", "fast")
     with pytest.raises(LinearizeError, match="LINEARIZE_PEAK_TFLOPS"):
         attention_transfer.run(student(), data, config, Session(progress=False))
+
+
+def test_a_profiled_stage_trains_as_an_unprofiled_one_and_says_where_its_time_goes(data):
+    from linearize.distillation.profiling import PHASES
+
+    results = []
+    for steps in (0, 2):
+        config = AttentionTransferConfig(tokens=32 * 2 * 4, batch_size=2, profile_steps=steps)
+        run = session()
+        results.append(snapshot(attention_transfer.run(student(), data, config, run)))
+    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
+    profile = run.reports[-1]["profile"]
+    assert profile["steps"] == 2 and profile["first_step"] == 2
+    assert list(profile["phases"]) == list(PHASES) and all(p["host_ms"] > 0 for p in profile["phases"].values())
+    assert sum(p["host_ms"] for p in profile["phases"].values()) <= profile["wall_ms_per_step"]
+    text = run.profiles["profile-stage0-attention_transfer.txt"]
+    assert text.startswith("profiled steps 2-3: ") and "Self CPU" in text and "linearize.forward" in text
+    assert any("profiled steps 2-3" in line for line in LOG)
+    with pytest.raises(LinearizeError, match=r"profile_steps=4 needs at least 5 optimizer steps .* lower stages\[0\].profile_steps"):
+        attention_transfer.run(student(), data, AttentionTransferConfig(tokens=32 * 2 * 4, batch_size=2, profile_steps=4), session())
+    with pytest.raises(LinearizeError, match="profile_steps not negative"):
+        AttentionTransferConfig(profile_steps=-1)
+
+
+@pytest.mark.parametrize(
+    "name, group",
+    [
+        ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "matrix products"),
+        ("nvjet_hsh_128x256_64x4_1x2_h_bz_coopA_NTN", "matrix products"),
+        ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3", "attention"),
+        ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>", "attention"),
+        ("triton_poi_fused__to_copy_add_mul_0", "compiled (inductor)"),
+        ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>", "ATen elementwise and reductions"),
+        ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>", "optimizer"),
+        ("Memcpy HtoD (Pageable -> Device)", "copies"),
+        ("_window_linear_prefill_kernel", "Triton (linearize, fla)"),
+        ("chunk_gated_delta_rule_fwd_kernel_h_blockdim64", "Triton (linearize, fla)"),
+    ],
+)
+def test_kernels_are_grouped_by_kind(name, group):
+    from linearize.distillation.profiling import kernel_group
+
+    assert kernel_group(name) == group

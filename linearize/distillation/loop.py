@@ -26,6 +26,7 @@ from ..hf.errors import LinearizeError
 from ..hf.mixers import mixers_in
 from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from .fsdp import held_dtypes, inside_wrappers, is_fsdp, release, trainable_fp32
+from .profiling import StepProfiler
 from .retrieval_mix import take_weighted
 from .session import Session
 
@@ -57,6 +58,9 @@ class TrainConfig:
         (gated_deltanet, gla, mamba2 with `window`), each head of each training window loses its window with this
         probability, so its linear part learns to carry the context alone (the remedy for hybrids that lean on
         their window, "component imbalance"). For this stage only; 0: none.
+    profile_steps: record this many optimizer steps after the first (which compiles) under torch.profiler and
+        report where their time goes (see `profiling`): in the stage report, printed, and as
+        profile-stage<N>-<kind>.txt in the output folder. 0: none.
 
     `flops_per_parameter` (a class constant of each stage) counts the FLOPs one token costs per non-embedding
     parameter, for MFU: 2 per forward pass and 2 per backward pass through activations (frozen weights need no
@@ -80,6 +84,7 @@ class TrainConfig:
     checkpoint_every: int = 100
     log_every: int = 10
     window_dropout: float = 0.0
+    profile_steps: int = 0
 
     def __post_init__(self):
         kind = getattr(self, "kind", "stage")
@@ -90,8 +95,10 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "log_every"):
             if getattr(self, name) < 1:
                 raise LinearizeError(f"{kind}: {name} must be at least 1, got {getattr(self, name)}")
-        if self.lr <= 0 or self.weight_decay < 0 or self.max_grad_norm < 0 or self.warmup_steps < 0 or self.checkpoint_every < 0:
-            raise LinearizeError(f"{kind}: lr must be positive and weight_decay, max_grad_norm, warmup_steps, checkpoint_every not negative")
+        if self.lr <= 0 or self.weight_decay < 0 or self.max_grad_norm < 0 or self.warmup_steps < 0 or self.checkpoint_every < 0 or self.profile_steps < 0:
+            raise LinearizeError(
+                f"{kind}: lr must be positive and weight_decay, max_grad_norm, warmup_steps, checkpoint_every, profile_steps not negative"
+            )
         if not 0 <= self.window_dropout < 1:
             raise LinearizeError(f"{kind}: window_dropout is a probability in [0, 1), got {self.window_dropout}")
         if self.optimizer not in OPTIMIZERS:
@@ -222,6 +229,11 @@ class _Stage:
         if data.train is None:
             raise LinearizeError(f"{self.where} needs training data; load it with train=True")
         self.steps = count_steps(config, data.seq_len, acc.num_processes, self.where)
+        if config.profile_steps and config.profile_steps >= self.steps:
+            raise LinearizeError(
+                f"{self.where}: profile_steps={config.profile_steps} needs at least {config.profile_steps + 1} optimizer steps (the first compiles) "
+                f"and the budget pays for {self.steps}; lower stages[{self.index}].profile_steps or raise stages[{self.index}].tokens"
+            )
         self.tokens_per_step = config.batch_size * config.grad_accum * acc.num_processes * data.seq_len
         self.peak = peak_flops(acc)
         self.flops_per_token = config.flops_per_parameter * non_embedding_parameters(model)
@@ -280,12 +292,16 @@ class _Stage:
         self.model.train()
         self.drop_windows(config.window_dropout)
         compiled = compile_layers(self.model) if config.compile else []
+        first_profiled = min(self.start + 1, self.steps - config.profile_steps)
+        self.profiler = StepProfiler(first_profiled, config.profile_steps if first_profiled > self.start else 0, self.acc.device)
         try:
             with progress, compile_limits() if compiled else nullcontext():
                 task = progress.add_task(self.where, total=self.steps, completed=self.start, rate="- tok/s", loss="-")
                 for step in range(self.start, self.steps):
                     began = time.time()
+                    self.profiler.begin(step)
                     grad_norm = self.optimizer_step(step)
+                    self.profiler.end(step)
                     if step == self.start:  # compiling (graphs, Triton kernels) and first-use set-up
                         report["first_step_seconds"] = round(time.time() - began, 3)
                     done = step + 1
@@ -302,6 +318,10 @@ class _Stage:
             ) from None
         finally:
             self.hand_back(compiled)
+        if self.profiler.summary is not None:
+            report["profile"] = self.profiler.summary
+            self.session.profiles[f"profile-stage{index}-{self.kind}.txt"] = self.profiler.text
+            self.session.say(f"{self.where}: {self.profiler.headline}")
         logged = [r for r in self.session.records if r.get("stage") == index]
         report.update(seconds=round(time.time() - self.started, 1), first=logged[0] if logged else None, last=logged[-1] if logged else None)
         return report
@@ -311,22 +331,28 @@ class _Stage:
         finite; adds its metrics to those of the steps since the last record. Returns the gradient norm."""
         acc, config, wrapped = self.acc, self.config, self.wrapped
         step_sums: dict[str, torch.Tensor] = {}
+        phase = self.profiler.phase
         for micro in range(config.grad_accum):
             first = ((step * config.grad_accum + micro) * acc.num_processes + acc.process_index) * config.batch_size
-            batch, weights = take_weighted(self.data.train, first, config.batch_size)
-            batch, weights = batch.to(acc.device), None if weights is None else weights.to(acc.device)
+            with phase("data"):
+                batch, weights = take_weighted(self.data.train, first, config.batch_size)
+                batch, weights = batch.to(acc.device), None if weights is None else weights.to(acc.device)
             last_micro = micro == config.grad_accum - 1
             with nullcontext() if last_micro else acc.no_sync(wrapped):
-                loss, metrics = self.step_loss(wrapped, batch, weights)
-                acc.backward(loss / config.grad_accum)
+                with phase("forward"):
+                    loss, metrics = self.step_loss(wrapped, batch, weights)
+                with phase("backward"):
+                    acc.backward(loss / config.grad_accum)
             for name, value in {"loss": loss.detach(), **metrics}.items():
                 step_sums[name] = step_sums.get(name, 0) + value.detach().float() / config.grad_accum
-        # accelerate clips with FSDP's own (global) norm only when handed the wrapped model's parameters.
-        grad_norm = acc.clip_grad_norm_(list(wrapped.parameters()) if self.fsdp else list(self.params.values()), config.max_grad_norm or math.inf)
-        self.check_finite(step, step_sums["loss"], grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        with phase("checks"):
+            # accelerate clips with FSDP's own (global) norm only when handed the wrapped model's parameters.
+            grad_norm = acc.clip_grad_norm_(list(wrapped.parameters()) if self.fsdp else list(self.params.values()), config.max_grad_norm or math.inf)
+            self.check_finite(step, step_sums["loss"], grad_norm)
+        with phase("optimizer"):
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
         for name, value in step_sums.items():
             self.sums[name] = self.sums.get(name, 0) + value
         self.window_steps += 1

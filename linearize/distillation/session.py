@@ -57,7 +57,8 @@ def check_resume(accelerator, resume: bool) -> None:
 class Session:
     """What the stages of one distillation share: the accelerator, the checkpoint folder, metrics and the log.
 
-    `checkpoints` None keeps nothing on disk (notebook use); metric records are always kept in `records`.
+    `checkpoints` None keeps nothing on disk (notebook use); metric records are always kept in `records`, and the
+    text of each profiled stage (`profile_steps`) in `profiles`, by the file name a saved run gives it.
     """
 
     accelerator: Any = None
@@ -67,6 +68,7 @@ class Session:
     stage_index: int = 0
     records: list[dict[str, Any]] = field(default_factory=list)
     reports: list[dict[str, Any]] = field(default_factory=list)
+    profiles: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.accelerator is None:
