@@ -283,3 +283,22 @@ def test_kernels_are_grouped_by_kind(name, group):
     from linearize.distillation.profiling import kernel_group
 
     assert kernel_group(name) == group
+
+
+def test_lora_kd_losses_multiply_at_the_training_precision(data, monkeypatch):
+    """Under bf16 mixed precision the chunked losses' head runs in bf16, as the model's own head does: the losses are
+    computed outside the prepared model's forward, which alone brought the autocast (float32 products before)."""
+    from linearize.distillation import kd
+
+    seen = []
+    logits = kd._logits
+    monkeypatch.setattr(kd, "_logits", lambda x, weight, bias: seen.append(logits(x, weight, bias).dtype) or logits(x, weight, bias))
+    config = LoraKDConfig(tokens=32 * 2 * 2, batch_size=2, kl_chunk=16)
+    mixed = session()
+    # accelerate's state is one per process, so this process's accelerator is given bf16 autocast as its own.
+    monkeypatch.setattr(mixed.accelerator, "autocast", lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    lora_kd.run(student(), data, config, mixed)
+    assert seen and set(seen) == {torch.bfloat16}
+    seen.clear()
+    lora_kd.run(student(), data, config, session())
+    assert seen and set(seen) == {torch.float32}

@@ -539,3 +539,19 @@ def test_a_decode_step_runs_its_softmax_layers_on_flash_not_cudnn(keep_as):
     assert any("flash_attention" in name for name in attention), attention
     assert not any("cudnn_attention" in name for name in attention), attention
     assert rel(step, whole) < LIMIT[torch.bfloat16]
+
+
+def test_a_profiled_stage_on_the_gpu_counts_kernels_not_annotations():
+    """On CUDA the profile's kernel time is the kernels' own (the phases' ranges, which CUDA also shows, left out), so it
+    fits in the wall time, and the matrix products of the layers are found as such."""
+    from linearize.distillation import AttentionTransferConfig, Session
+    from linearize.distillation.stages import attention_transfer
+    from tests.tiny import tiny_data
+
+    model = linearize.convert(tiny_model("llama", dtype=torch.float32), "hedgehog_swa", window=4).cuda()
+    run = Session(progress=False, log=lambda message: None)
+    attention_transfer.run(model, tiny_data(seq_len=32), AttentionTransferConfig(tokens=32 * 2 * 4, batch_size=2, profile_steps=2), run)
+    profile = run.reports[-1]["profile"]
+    assert 0 < profile["kernel_ms_per_step"] <= 1.05 * profile["wall_ms_per_step"]
+    assert profile["kernel_groups_ms_per_step"]["matrix products"] > 0
+    assert all("device_ms" in phase for phase in profile["phases"].values())

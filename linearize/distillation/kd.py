@@ -131,7 +131,10 @@ class _ChunkedKD(torch.autograd.Function):
         acc = _accumulate(h.dtype)
         # Each position's weight, and the two losses' normalisers: the weights' sums (the row counts without weights).
         w = torch.ones(rows, dtype=acc, device=h.device) if weights is None else weights.reshape(rows).to(acc)
-        kl_norm, ce_norm = w.sum(), w[targets >= 0].sum().clamp_min(torch.finfo(acc).tiny)
+        # Masks multiply instead of selecting rows: a boolean index waits for the GPU (nonzero), once per chunk.
+        has_target = (targets >= 0).to(acc)
+        kl_norm, ce_norm = w.sum(), (w * has_target).sum().clamp_min(torch.finfo(acc).tiny)
+        next_token = targets.clamp_min(0)[:, None]
         train_head = weight is not None and weight.requires_grad
         grads = {"kl": torch.zeros_like(h), "ce": torch.zeros_like(h) if ce_grad else None}
         head_grads = {name: torch.zeros_like(weight) if train_head and g is not None else None for name, g in grads.items()}
@@ -151,15 +154,12 @@ class _ChunkedKD(torch.autograd.Function):
             # d(weighted mean KL x T^2)/d logits = T w (softmax(s/T) - teacher_p) / sum(w)
             d_kl = (log_student.exp() - teacher_p) * (w_part * (temperature / kl_norm))
             log_p = log_student if temperature == 1 else F.log_softmax(logits, dim=-1)
-            target = targets[part]
-            valid = target >= 0
-            ce_sum -= (log_p[valid].gather(1, target[valid, None]) * w_part[valid]).sum()
+            w_ce = w_part * has_target[part, None]
+            ce_sum -= (log_p.gather(1, next_token[part]) * w_ce).sum()
             d_ce = None
             if ce_grad:
-                d_ce = log_p.exp()
-                d_ce[valid, target[valid]] -= 1
-                d_ce[~valid] = 0
-                d_ce *= w_part / ce_norm
+                d_ce = log_p.exp().scatter_add_(1, next_token[part], -torch.ones_like(w_ce))
+                d_ce *= w_ce / ce_norm
             for name, d in (("kl", d_kl), ("ce", d_ce)):
                 if d is None:
                     continue

@@ -106,7 +106,11 @@ class StepProfiler:
         device: dict[str, float] = {}
         for name, start, end in self.marks:
             device[name] = device.get(name, 0.0) + start.elapsed_time(end) / 1e3
-        kernels = [e for e in self.profiler.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        # A record_function range (the phases, the optimizer's step) also shows on the device as a span over its kernels.
+        kernels = [
+            e for e in self.profiler.events()
+            if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False) and not e.name.startswith("linearize.")
+        ]
         groups: dict[str, float] = {}
         for event in kernels:
             group = kernel_group(event.name)
@@ -152,5 +156,5 @@ class StepProfiler:
             lines += [f"  {group}: {ms:.2f}" for group, ms in s["kernel_groups_ms_per_step"].items()]
         averages = self.profiler.key_averages()
         keys = ("self_device_time_total", "self_cpu_time_total") if self.cuda else ("self_cpu_time_total",)
-        tables = [averages.table(sort_by=key, row_limit=25) for key in keys]
+        tables = [averages.table(sort_by=key, row_limit=30, max_name_column_width=110) for key in keys]
         return "\n".join(lines) + "\n\n" + "\n\n".join(tables) + "\n"

@@ -171,6 +171,12 @@ def run(model: nn.Module, data, config: LoraKDConfig, session: Session | None = 
             return model(input_ids=windows, use_cache=False).logits
 
     def step_loss(wrapped: nn.Module, batch: torch.Tensor, weights: torch.Tensor | None):
+        # The prepared model brings the mixed precision into its own forward only: the losses' chunked head and the
+        # teacher's top-k run outside it, and would multiply in float32 (on the Llama-3.2-1B shape, 55% of a step).
+        with session.accelerator.autocast():
+            return losses(wrapped, batch, weights)
+
+    def losses(wrapped: nn.Module, batch: torch.Tensor, weights: torch.Tensor | None):
         metrics = {}
         if cache is None:
             # Through the prepared model: under FSDP only its forward gathers the weights. It brings the autocast.
