@@ -55,6 +55,7 @@ def main():
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--peak-tflops", type=float, default=989.0)
     parser.add_argument("--out", default="results/train_speed")
+    parser.add_argument("--kd-options", default="", help="lora_kd's own options, e.g. kl_chunk=1024")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="profile N steps of each stage after its first (profile_steps) and keep each stage's profile-*.txt beside the logs")
     args = parser.parse_args()
@@ -76,6 +77,7 @@ def main():
     keep = f"\n  keep_attention: {args.keep_attention}" if args.keep_attention else ""
     if args.options:
         keep += "\n  options: {" + ", ".join(pair.replace("=", ": ") for pair in args.options.split(",")) + "}"
+    own = "".join(f"    {pair.replace('=', ': ')}\n" for pair in args.kd_options.split(",") if pair)
     rows = []
     for run in args.runs.split(","):
         batch, compiled = run.split(":")
@@ -86,7 +88,7 @@ def main():
         (out / f"{name}.yaml").write_text(
             f"teacher: {out / 'teacher'}\noutput: {out / name}\nprecision: auto\nconvert:\n  mixer: {args.mixer}{keep}\n"
             f"data:\n  train: prideprejudice\n  heldout: persuasion\n  seq_len: {args.seq_len}\n"
-            "stages:\n" + "".join(f"  - kind: {kind}\n    {stage}\n" for kind in kinds)
+            "stages:\n" + "".join(f"  - kind: {kind}\n    {stage}\n" + (own if kind == "lora_kd" else "") for kind in kinds)
         )
         result = subprocess.run([sys.executable, str(ROOT / "cli.py"), "distill", str(out / f"{name}.yaml"), "--overwrite"], capture_output=True, text=True)
         (out / f"{name}.log").write_text(result.stdout + result.stderr)
@@ -108,7 +110,7 @@ def main():
                          "mfu": rate * flops_per_token / (args.peak_tflops * 1e12), "non_embedding_params": n,
                          **({"profile": stages[kind]["details"]["profile"]} if args.profile else {})})
             print(json.dumps(rows[-1]), flush=True)
-        (out / "train_speed.json").write_text(json.dumps({"arch": args.arch, "mixer": args.mixer, "options": args.options, "keep_attention": args.keep_attention,
+        (out / "train_speed.json").write_text(json.dumps({"arch": args.arch, "mixer": args.mixer, "options": args.options, "kd_options": args.kd_options, "keep_attention": args.keep_attention,
                                                           "seq_len": args.seq_len, "rows": rows}, indent=1))
 
 
