@@ -104,8 +104,10 @@ def test_run_scores_teacher_converted_and_distilled(workspace, monkeypatch, caps
         (["--resume"], "nothing to resume"),
         (["--resume", "--overwrite"], "pass one of them"),
         (["stages.0.tokens=10"], "less than one optimizer step"),
+        (["stages.1.profile_steps=4"], "stages[1] (lora_kd): profile_steps=4 needs at least 5 optimizer steps (the first compiles) and tokens=256 pay for 4"),
     ],
-    ids=["output exists", "unknown stage", "unknown mixer", "unknown option", "zero budget", "missing data", "seq_len too long", "seq_len beyond positions", "nothing to resume", "resume and overwrite", "budget below a step"],
+    ids=["output exists", "unknown stage", "unknown mixer", "unknown option", "zero budget", "missing data", "seq_len too long", "seq_len beyond positions", "nothing to resume", "resume and overwrite", "budget below a step",
+         "too few steps to profile"],
 )
 def test_mistakes_are_one_line_and_write_nothing(args, message, workspace, monkeypatch, capsys):
     (workspace / "distilled-exists").mkdir(exist_ok=True)

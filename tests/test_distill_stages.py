@@ -258,7 +258,7 @@ def test_a_profiled_stage_trains_as_an_unprofiled_one_and_says_where_its_time_go
     text = run.profiles["profile-stage0-attention_transfer.txt"]
     assert text.startswith("profiled steps 2-3: ") and "Self CPU" in text and "linearize.forward" in text
     assert any("profiled steps 2-3" in line for line in LOG)
-    with pytest.raises(LinearizeError, match=r"profile_steps=4 needs at least 5 optimizer steps .* lower stages\[0\].profile_steps"):
+    with pytest.raises(LinearizeError, match=r"stages\[0\] \(attention_transfer\): profile_steps=4 needs at least 5 optimizer steps .* pay for 4; lower profile_steps or raise tokens"):
         attention_transfer.run(student(), data, AttentionTransferConfig(tokens=32 * 2 * 4, batch_size=2, profile_steps=4), session())
     with pytest.raises(LinearizeError, match="profile_steps not negative"):
         AttentionTransferConfig(profile_steps=-1)

@@ -108,14 +108,21 @@ class TrainConfig:
 
 
 def count_steps(config: TrainConfig, seq_len: int, processes: int, where: str) -> int:
-    """Optimizer steps the budget pays for (never more than `tokens`); fewer than one is an error."""
+    """Optimizer steps the budget pays for (never more than `tokens`); fewer than one, or too few for the steps to
+    profile after the first, is an error."""
     tokens_per_step = config.batch_size * config.grad_accum * processes * seq_len
     if config.tokens < tokens_per_step:
         raise LinearizeError(
             f"{where}: tokens={config.tokens:,} is less than one optimizer step of {tokens_per_step:,} tokens "
             f"(batch_size x grad_accum x processes x seq_len); raise tokens or lower batch_size"
         )
-    return config.tokens // tokens_per_step
+    steps = config.tokens // tokens_per_step
+    if config.profile_steps >= steps:
+        raise LinearizeError(
+            f"{where}: profile_steps={config.profile_steps} needs at least {config.profile_steps + 1} optimizer steps (the first compiles) "
+            f"and tokens={config.tokens:,} pay for {steps}; lower profile_steps or raise tokens"
+        )
+    return steps
 
 
 def build_optimizer(config: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
@@ -229,11 +236,6 @@ class _Stage:
         if data.train is None:
             raise LinearizeError(f"{self.where} needs training data; load it with train=True")
         self.steps = count_steps(config, data.seq_len, acc.num_processes, self.where)
-        if config.profile_steps and config.profile_steps >= self.steps:
-            raise LinearizeError(
-                f"{self.where}: profile_steps={config.profile_steps} needs at least {config.profile_steps + 1} optimizer steps (the first compiles) "
-                f"and the budget pays for {self.steps}; lower stages[{self.index}].profile_steps or raise stages[{self.index}].tokens"
-            )
         self.tokens_per_step = config.batch_size * config.grad_accum * acc.num_processes * data.seq_len
         self.peak = peak_flops(acc)
         self.flops_per_token = config.flops_per_parameter * non_embedding_parameters(model)
