@@ -35,6 +35,32 @@ def test_chunked_losses_equal_the_logit_form_with_gradients(dtype, temperature, 
         assert torch.allclose(a, b, rtol=tolerance * 10, atol=tolerance), (a - b).abs().max()
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_chunked_losses_under_bf16_autocast_equal_the_logit_form(temperature):
+    """Under mixed precision (as lora_kd runs them) the chunked head gives bf16 logits, as the model's own head does,
+    and both forms widen them to float32 for the losses."""
+    torch.manual_seed(0)
+    batch, length, width, vocab = 2, 9, 16, 41
+    hidden = torch.randn(batch, length, width, requires_grad=True)
+    teacher_hidden = torch.randn(batch, length, width)
+    head = nn.Linear(width, vocab, bias=False)
+    ids = torch.randint(vocab, (batch, length))
+    results = []
+    for chunked in (False, True):
+        hidden.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if chunked:
+                kl, ce = kd_losses(hidden, teacher_hidden, ids, temperature, KDHead(head.weight, None, 5, ce_grad=False))
+            else:
+                kl, ce = kd_losses(head(hidden), head(teacher_hidden).detach(), ids, temperature)
+        assert kl.dtype == ce.dtype == torch.float32
+        kl.backward()
+        results.append((kl.item(), ce.item(), hidden.grad.clone()))
+    (kl_a, ce_a, grad_a), (kl_b, ce_b, grad_b) = results
+    assert kl_b == pytest.approx(kl_a, rel=1e-4) and ce_b == pytest.approx(ce_a, rel=1e-4)
+    assert torch.allclose(grad_b, grad_a, rtol=2e-2, atol=2e-2 * grad_a.abs().max().item())
+
+
 @pytest.mark.parametrize("sparse", [False, True])
 def test_weighted_losses_are_weighted_means_in_every_form(sparse):
     """Per-position weights (retrieval answers counting more): the logit form is the weighted mean of the per-token

@@ -99,6 +99,12 @@ def _logits(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | N
     return x if weight is None else F.linear(x, weight, bias)
 
 
+def _log_softmax(logits: torch.Tensor, temperature: float, dtype: torch.dtype) -> torch.Tensor:
+    """log_softmax(logits / temperature) in `dtype`: bf16/fp16 logits are read as they are (the kernel widens them), and
+    a temperature of 1 divides nothing, each a pass over a chunk of vocabulary-wide rows saved."""
+    return F.log_softmax(logits if temperature == 1 else logits.to(dtype) / temperature, dim=-1, dtype=dtype)
+
+
 def _dense_kl(log_teacher: torch.Tensor, log_student: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(KL(teacher || student) of each row, the teacher's probabilities)."""
     teacher_p = log_teacher.exp()
@@ -143,17 +149,17 @@ class _ChunkedKD(torch.autograd.Function):
         ce_sum = torch.zeros((), dtype=acc, device=h.device)
         for start in range(0, rows, chunk):
             part = slice(start, start + chunk)
-            logits = _logits(h[part], weight, bias).to(acc)
-            log_student = F.log_softmax(logits / temperature, dim=-1)
+            logits = _logits(h[part], weight, bias)
+            log_student = _log_softmax(logits, temperature, acc)
             if sparse:
                 kl_rows, teacher_p = _sparse_kl(teacher[part], log_student)
             else:
-                kl_rows, teacher_p = _dense_kl(F.log_softmax(_logits(teacher[part], weight, bias).to(acc) / temperature, dim=-1), log_student)
+                kl_rows, teacher_p = _dense_kl(_log_softmax(_logits(teacher[part], weight, bias), temperature, acc), log_student)
             w_part = w[part, None]
             kl_sum += (kl_rows * w_part[:, 0]).sum()
             # d(weighted mean KL x T^2)/d logits = T w (softmax(s/T) - teacher_p) / sum(w)
             d_kl = (log_student.exp() - teacher_p) * (w_part * (temperature / kl_norm))
-            log_p = log_student if temperature == 1 else F.log_softmax(logits, dim=-1)
+            log_p = log_student if temperature == 1 else _log_softmax(logits, 1, acc)
             w_ce = w_part * has_target[part, None]
             ce_sum -= (log_p.gather(1, next_token[part]) * w_ce).sum()
             d_ce = None
