@@ -240,3 +240,24 @@ def test_new_parameters_get_gradients(name):
     # A mixer that adds no parameters (gla, swa) trains the teacher's own projections: those need gradients.
     trained = [p for m in mixers for p in (m.new_parameters() or list(m.attn.parameters()))]
     assert all(p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0 for p in trained)
+
+
+@pytest.mark.parametrize(
+    "name, module, function",
+    [("gated_deltanet", "mixer_gated_deltanet", "gated_delta_rule"), ("bamba_mamba2", "mixer_bamba_mamba2", "simple_gla"), ("qwen3_5_gdn", "mixer_qwen3_5_gdn", "gated_delta_rule")],
+)
+def test_under_autocast_fla_reads_the_autocast_dtype(name, module, function, monkeypatch):
+    """A float32 model trained under bf16 autocast (its hidden states stay float32) hands fla its q, k, v in bf16, as a
+    bf16 model does: fla's float32 kernels are about twice as slow and take Triton minutes to compile."""
+    import importlib
+
+    mixer_module = importlib.import_module(f"linearize.hf.{module}")
+    seen, original = [], getattr(mixer_module, function)
+    monkeypatch.setattr(mixer_module, function, lambda *args, **kwargs: seen.append(kwargs["dtype"]) or original(*args, **kwargs))
+    model = converted(name, dtype=torch.float32)
+    ids = random_ids(1, 6)
+    model(ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(ids)
+    layers = len(seen) // 2
+    assert layers and seen == [torch.float32] * layers + [torch.bfloat16] * layers

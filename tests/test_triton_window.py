@@ -345,6 +345,28 @@ def test_a_training_step_through_the_kernel_equals_the_pytorch_paths(fused, monk
 
 
 @needs_triton
+def test_a_mixed_precision_training_step_takes_the_kernels(fused, monkeypatch):
+    """Under bf16 autocast (every GPU recipe's training) q and k leave the projections in bf16 and cos and sin come in
+    float32: RoPE rotates in bf16, so the RoPE and window kernels both run (before, the rotation left q and k in float32
+    beside a bf16 v, and both kernels fell back to PyTorch). The step equals the PyTorch path's under autocast to bf16's
+    rounding, and a backward inside autocast keeps the kernel's float32 sums."""
+    from linearize.hf import attention
+
+    _, step = training_step(3)
+    rotations = kernel_calls(monkeypatch, attention, "rotary", lambda args, out: out[0].dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, grads = step()
+    assert fused == [(2, 4, 9, 16)] * 2 and rotations == [torch.bfloat16] * 2
+    monkeypatch.setenv("LINEARIZE_FUSED_STEP", "off")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected_loss, expected = step()
+    assert len(fused) == 2 and len(rotations) == 2
+    assert_close(loss, expected_loss, "loss", 2e-2)
+    for name, tensor in expected.items():
+        assert_close(grads[name], tensor, name, 5e-2)
+
+
+@needs_triton
 def test_a_compiled_training_step_through_the_kernel_equals_the_eager_one(fused, monkeypatch):
     """A recipe's compiled training step (`compile_layers`: one graph per decoder layer) calls the kernel's forward and
     backward as custom ops, and gives the eager step's loss and gradients."""

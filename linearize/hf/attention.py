@@ -175,12 +175,25 @@ def decode_attention(device: torch.device | str, length: int) -> AbstractContext
     return sdpa_kernel(enabled, set_priority=True) if enabled else nullcontext()
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a model's matrix products run in for `x`: autocast's on x's device where it is on (mixed-precision
+    training, whose hidden states stay in the weights' float32), else x's own."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+
+
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, position_embeddings) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate-half RoPE on the first `cos.shape[-1]` dimensions of q and k (B, H, T, D); None means no RoPE. On CUDA
-    one Triton kernel (`triton_rope.rotary`) where it takes them; this is its reference."""
+    one Triton kernel (`triton_rope.rotary`) where it takes them; this is its reference.
+
+    Under autocast q and k come from the projections in autocast's dtype and cos and sin in the model's (float32):
+    they rotate in q's dtype, as in a model of that dtype. Rotated in float32 they would leave float32, and the fused
+    RoPE and window kernels, which take one dtype, would fall back to PyTorch in every mixed-precision training step."""
     if position_embeddings is None:
         return q, k
     cos, sin = position_embeddings
+    if q.dtype == k.dtype == compute_dtype(q) != cos.dtype:
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
     if rotary_problem(q, k, cos, sin) is None:
         return rotary(q, k, cos, sin)
     cos, sin = cos.unsqueeze(-3), sin.unsqueeze(-3)

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import AttentionSpec, repeat_heads
+from .attention import AttentionSpec, compute_dtype, repeat_heads
 from .gates import inverse_softplus
 from .kernel_dispatch import simple_gla
 from .mixer_gated_deltanet import check_conv_size, short_conv
@@ -151,7 +151,7 @@ class BambaMamba2(FusedStepMixer):
         g = -self.A_log.to(dt.dtype).exp()[:, None] * dt
         decode = state is not None and q.shape[2] == 1
         y, ssm = simple_gla(
-            c, b * dt[..., None], x, g, 1.0, tensors.get("ssm"), decode=decode, output_state=state is not None, dtype=hidden_states.dtype
+            c, b * dt[..., None], x, g, 1.0, tensors.get("ssm"), decode=decode, output_state=state is not None, dtype=compute_dtype(hidden_states)
         )
         if state is not None:
             state.write({"conv": conv, "ssm": ssm})

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import AttentionSpec, repeat_heads
+from .attention import AttentionSpec, compute_dtype, repeat_heads
 from .errors import LinearizeError
 from .gates import inverse_softplus, logit
 from .kernel_dispatch import gated_delta_rule
@@ -228,7 +228,7 @@ class GatedDeltaNetMixer(FusedStepMixer):
         ck, cv = repeat_heads(ck, groups), repeat_heads(cv, groups)
         beta, g = self.gates(hidden_states, padding_mask)
         out, recurrent = gated_delta_rule(
-            cq, ck, cv, g, beta, 1.0, tensors.get("recurrent"), decode=decode, output_state=state is not None, dtype=hidden_states.dtype
+            cq, ck, cv, g, beta, 1.0, tensors.get("recurrent"), decode=decode, output_state=state is not None, dtype=compute_dtype(hidden_states)
         )
         new = {"conv": conv, "recurrent": recurrent}
         if self.window:

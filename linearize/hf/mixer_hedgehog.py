@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .attention import AttentionSpec, apply_rotary, repeat_heads
+from .attention import AttentionSpec, apply_rotary, compute_dtype, repeat_heads
 from .errors import LinearizeError
 from .kernel_dispatch import simple_gla
 from .mixers import FusedStepMixer, MixerCost, register_mixer
@@ -217,9 +217,12 @@ class HedgehogSWAMixer(HedgehogMixer):
             out, new = decode_window_linear(q, k, v, fq, fk, state=state.tensors, decay=decay, **kwargs)
             state.write(new)
             return out
-        if decay is None and window_prefill_problem(q, k, v, fq, fk, self.window) is None:
+        # The kernel takes q, k, v of one dtype: under autocast, autocast's (q and k may have left a norm in float32).
+        low = compute_dtype(v)
+        kq, kk, kv = q.to(low), k.to(low), v.to(low)
+        if decay is None and window_prefill_problem(kq, kk, kv, fq, fk, self.window) is None:
             tensors = None if state is None else state.tensors
-            out, new = window_linear_prefill(q, k, v, fq, fk, state=tensors, output_state=state is not None, **kwargs)
+            out, new = window_linear_prefill(kq, kk, kv, fq, fk, state=tensors, output_state=state is not None, **kwargs)
             if state is not None:
                 state.write(new)
             return out

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import AttentionSpec, repeat_heads
+from .attention import AttentionSpec, compute_dtype, repeat_heads
 from .errors import LinearizeError
 from .gates import inverse_softplus
 from .kernel_dispatch import gated_delta_rule
@@ -152,7 +152,7 @@ class Qwen35GatedDeltaNet(FusedStepMixer):
         decode = state is not None and q.shape[2] == 1
         out, recurrent = gated_delta_rule(
             cq, ck, cv, g, beta, self.spec.head_dim**-0.5, tensors.get("recurrent"), decode=decode, output_state=state is not None,
-            dtype=hidden_states.dtype,
+            dtype=compute_dtype(hidden_states),
         )
         if state is not None:
             state.write({"conv": conv, "recurrent": recurrent})

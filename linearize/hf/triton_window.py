@@ -136,17 +136,20 @@ def window_linear_prefill(
     problem = kernel_problem(q, k, v, fq, fk, window)
     if problem is not None:
         raise LinearizeError(f"{problem}; for anything else call ops_window.chunk_window_linear (the PyTorch path)")
-    k_all, v_all, fk_all, mask, S, z = _with_context(q, k, v, fk, key_mask, state)
-    sm, ln = _weights(sm_weight, q.shape[1], q), _weights(ln_weight, q.shape[1], q)
-    mask = mask.contiguous()
-    # Without a key mask or a carried state every key is real: the prefix sums and the next state skip the mask.
-    masked = key_mask is not None or bool(state)
-    prefix_S, prefix_z = prefix_states(fk_all, v_all, mask, S, z, CHUNK, masked=masked)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_all, v_all, fq, fk_all, S, z, sm, ln)):
-        o = TRAIN_OP(q, k_all, v_all, fq, fk_all, mask, prefix_S, prefix_z, sm, ln, window, scaling, softcap)[0].to(v.dtype)
-    else:
-        o = window_prefill(q, k_all, v_all, fq, fk_all, mask, prefix_S, prefix_z, sm, ln, window, scaling, softcap)
-    return o, (state_after(k_all, v_all, fk_all, mask, prefix_S, prefix_z, window, masked) if output_state else None)
+    # Under autocast (mixed-precision training) the PyTorch parts here would multiply in its dtype: they keep the
+    # dtypes they ask for, float32 sums included.
+    with torch.autocast(q.device.type, enabled=False):
+        k_all, v_all, fk_all, mask, S, z = _with_context(q, k, v, fk, key_mask, state)
+        sm, ln = _weights(sm_weight, q.shape[1], q), _weights(ln_weight, q.shape[1], q)
+        mask = mask.contiguous()
+        # Without a key mask or a carried state every key is real: the prefix sums and the next state skip the mask.
+        masked = key_mask is not None or bool(state)
+        prefix_S, prefix_z = prefix_states(fk_all, v_all, mask, S, z, CHUNK, masked=masked)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_all, v_all, fq, fk_all, S, z, sm, ln)):
+            o = TRAIN_OP(q, k_all, v_all, fq, fk_all, mask, prefix_S, prefix_z, sm, ln, window, scaling, softcap)[0].to(v.dtype)
+        else:
+            o = window_prefill(q, k_all, v_all, fq, fk_all, mask, prefix_S, prefix_z, sm, ln, window, scaling, softcap)
+        return o, (state_after(k_all, v_all, fk_all, mask, prefix_S, prefix_z, window, masked) if output_state else None)
 
 
 def prefix_states(fk: Tensor, v: Tensor, mask: Tensor, S: Tensor, z: Tensor, block: int, masked: bool = True) -> tuple[Tensor, Tensor]:
@@ -707,7 +710,8 @@ if TRITON_PROBLEM is None:
 
     def _gradients(ctx, grad, _peak, _den):
         q, k, v, fq, fk, mask, prefix_S, prefix_z, sm_weight, ln_weight, out, peak, den = ctx.saved_tensors
-        grads = BACKWARD_OP(grad, out, q, k, v, fq, fk, mask, prefix_S, prefix_z, sm_weight, ln_weight, peak, den, *ctx.options)
+        with torch.autocast(q.device.type, enabled=False):  # a backward called inside autocast (on CPU, in its thread)
+            grads = BACKWARD_OP(grad, out, q, k, v, fq, fk, mask, prefix_S, prefix_z, sm_weight, ln_weight, peak, den, *ctx.options)
         inputs = (q, k, v, fq, fk, None, prefix_S, prefix_z, sm_weight, ln_weight)
         return (*(None if x is None else g.to(x.dtype) for g, x in zip(grads[:5] + (None,) + grads[5:], inputs)), None, None, None)
 
