@@ -329,8 +329,8 @@ def test_fused_prefill_gradients_match_the_pytorch_path(dtype, window):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_fused_prefill_in_a_compiled_training_step(monkeypatch, dtype):
-    """hedgehog_swa's prefill kernel and its backward inside a recipe's compiled training step (`compile_layers`, one
-    graph per decoder layer): a two-layer model at SmolLM2's heads (9 on 3, head dim 64), left-padded, 300 tokens, window
+    """hedgehog_swa's eager training step through its prefill kernel and backward against a recipe's compiled training
+    step (`compile_layers`, one graph per decoder layer; it runs the PyTorch form, `compiled_training`): a two-layer model at SmolLM2's heads (9 on 3, head dim 64), left-padded, 300 tokens, window
     64, every parameter trained. In float32 the loss and gradients equal the eager step's (which takes the kernels too).
     In bf16 compiled and eager steps round differently (inductor keeps the ops around the kernel in float32; on the
     H200 one gradient of the two differed by 6.9e-2 of its largest entry): each is measured against the float32 step of

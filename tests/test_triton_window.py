@@ -367,9 +367,10 @@ def test_a_mixed_precision_training_step_takes_the_kernels(fused, monkeypatch):
 
 
 @needs_triton
-def test_a_compiled_training_step_through_the_kernel_equals_the_eager_one(fused, monkeypatch):
-    """A recipe's compiled training step (`compile_layers`: one graph per decoder layer) calls the kernel's forward and
-    backward as custom ops, and gives the eager step's loss and gradients."""
+def test_a_compiled_training_step_equals_the_eager_one_through_the_kernel(fused, monkeypatch):
+    """A recipe's compiled training step (`compile_layers`: one graph per decoder layer) runs the PyTorch form, which
+    inductor fuses faster than the kernel's backward (`mixer_hedgehog.compiled_training`), and gives the loss and
+    gradients of the eager step, which takes the kernel."""
     from linearize.distillation.loop import compile_layers, compile_limits, uncompile
 
     model, step = training_step(3)
@@ -380,10 +381,10 @@ def test_a_compiled_training_step_through_the_kernel_equals_the_eager_one(fused,
             compiled_loss, compiled = step()
     for layer in layers:
         uncompile(layer)
-    assert fused == [(2, 4, 9, 16)] * 6
+    assert fused == [(2, 4, 9, 16)] * 2
     assert_close(compiled_loss, loss, "loss", 1e-6)
     for name, tensor in grads.items():
-        assert_close(compiled[name], tensor, name, 1e-5)
+        assert_close(compiled[name], tensor, name, 1e-4)
 
 
 @pytest.mark.core

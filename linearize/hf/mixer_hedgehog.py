@@ -4,8 +4,9 @@ The feature map is learnable and per head: phi(x) = [softmax(xW + b), softmax(-(
 (in `hedgehog_swa` with `linear_rope=false`, before it), with W initialised to the identity so training starts from a
 sensible kernel. In `hedgehog_swa` the last `window` keys are scored by the teacher's own softmax and a learnable
 per-head factor sets the balance. On CUDA a decode step (inference) runs as one fused Triton step,
-`triton_step.hedgehog_step` or `hedgehog_swa_step`, and `hedgehog_swa`'s prefill (inference and training: the kernel has a backward) as one chunked Triton kernel,
-`triton_window.window_linear_prefill`, where they can, and an inference prefill's feature maps as one more
+`triton_step.hedgehog_step` or `hedgehog_swa_step`, and `hedgehog_swa`'s prefill (inference and eager training: the
+kernel has a backward; a compiled training step runs the PyTorch form, which inductor fuses faster, `compiled_training`)
+as one chunked Triton kernel, `triton_window.window_linear_prefill`, where they can, and an inference prefill's feature maps as one more
 (`triton_features.feature_maps`); the PyTorch path is the reference. With `decay`, the keys
 that have left `hedgehog_swa`'s window fade by a learnable factor per kv head and token (undecayed, their mass in the
 shared normaliser grows with the context); the fused step takes it, the prefill kernel not yet (its prefill runs the
@@ -55,6 +56,13 @@ class HedgehogOptions:
     """feature_dim: width F of each half of the feature map (default: the head dimension)."""
 
     feature_dim: int | None = None
+
+
+def compiled_training(*tensors: torch.Tensor) -> bool:
+    """Whether this prefill is traced by torch.compile and needs gradients: there the PyTorch form runs, which inductor
+    fuses, forward and backward, faster than the kernel's backward (Llama-3.2-1B shape, window 256, 2,048-token windows,
+    bf16 autocast, H200: attention transfer 101K against 58K tokens/s; BENCHMARKS.md, twenty-sixth session)."""
+    return torch.compiler.is_compiling() and torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 @dataclass
@@ -220,7 +228,7 @@ class HedgehogSWAMixer(HedgehogMixer):
         # The kernel takes q, k, v of one dtype: under autocast, autocast's (q and k may have left a norm in float32).
         low = compute_dtype(v)
         kq, kk, kv = q.to(low), k.to(low), v.to(low)
-        if decay is None and window_prefill_problem(kq, kk, kv, fq, fk, self.window) is None:
+        if decay is None and not compiled_training(q, fq, fk) and window_prefill_problem(kq, kk, kv, fq, fk, self.window) is None:
             tensors = None if state is None else state.tensors
             out, new = window_linear_prefill(kq, kk, kv, fq, fk, state=tensors, output_state=state is not None, **kwargs)
             if state is not None:
