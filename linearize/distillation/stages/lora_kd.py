@@ -45,7 +45,8 @@ class LoraKDConfig(TrainConfig):
     merge: merge the adapters at the end (false returns the peft model, e.g. to save the adapters alone).
     kl_chunk: tokens per chunk of the losses, computed from the hidden states through the output head so that no
         batch x sequence x vocabulary logits are ever held (see linearize.distillation.kd); 0 computes them from
-        full logits. Families whose logits are more than `head(hidden states)` (soft-capping, scaling) and FSDP
+        full logits. Each float32 row of a chunk takes kl_chunk x vocabulary x 4 bytes (SmolLM2 at 1,024: 200 MB);
+        larger chunks launch fewer kernels (on an H200, SmolLM2's KD ran 1.23x faster at 2,048 than at 256). Families whose logits are more than `head(hidden states)` (soft-capping, scaling) and FSDP
         runs always use full logits.
     teacher_top_k: 0 runs the teacher at every step. K > 0 runs it once per training window and caches its K most
         likely tokens and the mass of the rest (K x 4 + 4 bytes a token, K x 6 + 4 past 65,536 tokens of
@@ -67,7 +68,7 @@ class LoraKDConfig(TrainConfig):
     ce_weight: float = 0.0
     train_new_parameters: bool = False
     merge: bool = True
-    kl_chunk: int = 256
+    kl_chunk: int = 1024
     teacher_top_k: int = 0
 
     def __post_init__(self):
