@@ -145,6 +145,11 @@ class _ChunkedKD(torch.autograd.Function):
         grads = {"kl": torch.zeros_like(h), "ce": torch.zeros_like(h) if ce_grad else None}
         head_grads = {name: torch.zeros_like(weight) if train_head and g is not None else None for name, g in grads.items()}
         bias_grads = {name: torch.zeros_like(bias) if bias is not None and bias.requires_grad and g is not None else None for name, g in grads.items()}
+        if weight is not None and torch.is_autocast_enabled(h.device.type):
+            # Autocast casts a frozen weight anew at every product (its cache keeps only leaves that train): the head,
+            # vocabulary-wide, goes to autocast's dtype once here, not three times a chunk.
+            low = torch.get_autocast_dtype(h.device.type)
+            weight, bias = weight.to(low), None if bias is None else bias.to(low)
         kl_sum = torch.zeros((), dtype=acc, device=h.device)
         ce_sum = torch.zeros((), dtype=acc, device=h.device)
         for start in range(0, rows, chunk):
