@@ -302,3 +302,25 @@ def test_lora_kd_losses_multiply_at_the_training_precision(data, monkeypatch):
     seen.clear()
     lora_kd.run(student(), data, config, session())
     assert seen and set(seen) == {torch.float32}
+
+
+def test_a_stage_that_fails_while_profiled_ends_the_recording(data, monkeypatch):
+    """A stage stopped in its profiled steps ends torch.profiler's recording, which would otherwise go on recording
+    whatever the process does next; the next profiled stage records its own steps."""
+    calls, loss = [], attention_transfer.transfer_loss
+
+    def failing(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("stopped in step 3")
+        return loss(*args)
+
+    config = AttentionTransferConfig(tokens=32 * 2 * 4, batch_size=2, profile_steps=2)
+    monkeypatch.setattr(attention_transfer, "transfer_loss", failing)
+    with pytest.raises(RuntimeError, match="stopped in step 3"):
+        attention_transfer.run(student(), data, config, session())
+    assert not torch.autograd._profiler_enabled()
+    monkeypatch.setattr(attention_transfer, "transfer_loss", loss)
+    run = session()
+    attention_transfer.run(student(), data, config, run)
+    assert run.reports[-1]["profile"]["steps"] == 2

@@ -319,6 +319,7 @@ class _Stage:
                 f"or set stages[{index}].gradient_checkpointing=true"
             ) from None
         finally:
+            self.profiler.stop()
             self.hand_back(compiled)
         if self.profiler.summary is not None:
             report["profile"] = self.profiler.summary

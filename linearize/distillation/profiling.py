@@ -101,6 +101,12 @@ class StepProfiler:
         self.text = self._report()
         self.profiler = None
 
+    def stop(self) -> None:
+        """End the recording without a summary (a stage that ended before its last profiled step)."""
+        if self.profiler is not None:
+            self.profiler.__exit__(None, None, None)
+            self.profiler = None
+
     def _summarise(self, wall: float) -> dict[str, Any]:
         steps = self.last - self.first
         device: dict[str, float] = {}
