@@ -108,10 +108,12 @@ train_speed() {  # train_speed TIMEOUT: train_speed.py once per ';'-separated ar
   for speed in "${speeds[@]}"; do
     i=$((i + 1))
     [[ $speed == *--runs* ]] || speed="$speed --runs ${RUNS:-32:off,32:on}"
-    timeout "$1" python3 benchmarks/train_speed.py $speed --steps 20 --out "/tmp/train_speed$i" > "$OUT/train_speed$i.log" 2>&1
-    echo "exit $?" >> "$OUT/train_speed$i.log"
+    mkdir -p "/tmp/train_speed$i"
+    timeout "$1" python3 benchmarks/train_speed.py $speed --steps 20 --out "/tmp/train_speed$i" > "/tmp/train_speed$i/run.log" 2>&1
+    echo "exit $?" >> "/tmp/train_speed$i/run.log"
     cp "/tmp/train_speed$i/train_speed.json" "$OUT/train_speed$i.json" 2>/dev/null
-    (cd "/tmp/train_speed$i" && ls ./*-profile-*.txt > /dev/null 2>&1 && tar czf "$OUT/train_speed$i-profiles.tgz" ./*-profile-*.txt)
+    # Two files an entry (a call returns eight): the JSON, and the logs and profiles together.
+    (cd "/tmp/train_speed$i" && tar czf "$OUT/train_speed$i.tgz" ./*.log $(ls ./*-profile-*.txt 2>/dev/null))
   done
 }
 
