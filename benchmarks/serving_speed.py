@@ -37,10 +37,11 @@ from pathlib import Path
 import torch
 from torch._dynamo.utils import counters
 from torch.autograd import DeviceType
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import profile
 from transformers import AutoConfig, AutoModelForCausalLM, StoppingCriteria, StoppingCriteriaList
 
 import linearize
+from linearize.distillation.profiling import activities as profiled_activities, costliest
 from linearize.export import build_native
 from linearize.hf.cache import returned_cache
 
@@ -95,15 +96,9 @@ def floor_bytes(model, ids) -> int:
     return weights + state
 
 
-def profiled_activities(device) -> list[ProfilerActivity]:
-    """What torch.profiler records on `device`: the host's ops, and on CUDA the kernels."""
-    return [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-
-
 def write_costliest(averages, device, path: Path, rows: int = 30) -> None:
     """`path` gets the `rows` costliest of a profile's `averages` by self CPU time, and on CUDA by GPU time too."""
-    keys = ("self_cpu_time_total", "self_device_time_total")[: 1 + (device.type == "cuda")]
-    path.write_text("\n\n".join(averages.table(sort_by=key, row_limit=rows) for key in keys))
+    path.write_text(costliest(averages, device, rows))
 
 
 @torch.no_grad()

@@ -38,6 +38,18 @@ KERNEL_GROUPS = (
 OTHER_KERNELS = "Triton (linearize, fla)"
 
 
+def activities(device: torch.device) -> list[torch.profiler.ProfilerActivity]:
+    """What torch.profiler records on `device`: the host's ops, and on CUDA the kernels."""
+    kinds = torch.profiler.ProfilerActivity
+    return [kinds.CPU] + ([kinds.CUDA] if device.type == "cuda" else [])
+
+
+def costliest(averages, device: torch.device, rows: int = 30, name_width: int = 55) -> str:
+    """The `rows` costliest of a profile's `averages` by self CPU time, and on CUDA by GPU time too, as tables."""
+    keys = ("self_cpu_time_total", "self_device_time_total")[: 1 + (device.type == "cuda")]
+    return "\n\n".join(averages.table(sort_by=key, row_limit=rows, max_name_column_width=name_width) for key in keys)
+
+
 def kernel_group(name: str) -> str:
     return next((group for group, pattern in KERNEL_GROUPS if pattern.search(name)), OTHER_KERNELS)
 
@@ -52,6 +64,7 @@ class StepProfiler:
 
     def __init__(self, first: int, steps: int, device: torch.device):
         self.first, self.last = first, first + steps
+        self.device = device
         self.cuda = device.type == "cuda"
         self.profiler: torch.profiler.profile | None = None
         self.host: dict[str, float] = {}
@@ -68,9 +81,8 @@ class StepProfiler:
         self.current = step
         if step != self.first or self.first >= self.last:
             return
-        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if self.cuda else [])
         self._sync()
-        self.profiler = torch.profiler.profile(activities=activities)
+        self.profiler = torch.profiler.profile(activities=activities(self.device))
         self.profiler.__enter__()
         self.started = time.perf_counter()
 
@@ -160,7 +172,4 @@ class StepProfiler:
         if self.cuda:
             lines.append("kernel time by kind, ms a step")
             lines += [f"  {group}: {ms:.2f}" for group, ms in s["kernel_groups_ms_per_step"].items()]
-        averages = self.profiler.key_averages()
-        keys = ("self_device_time_total", "self_cpu_time_total") if self.cuda else ("self_cpu_time_total",)
-        tables = [averages.table(sort_by=key, row_limit=30, max_name_column_width=110) for key in keys]
-        return "\n".join(lines) + "\n\n" + "\n\n".join(tables) + "\n"
+        return "\n".join(lines) + "\n\n" + costliest(self.profiler.key_averages(), self.device, name_width=110) + "\n"
