@@ -555,3 +555,26 @@ def test_a_profiled_stage_on_the_gpu_counts_kernels_not_annotations():
     assert 0 < profile["kernel_ms_per_step"] <= 1.05 * profile["wall_ms_per_step"]
     assert profile["kernel_groups_ms_per_step"]["matrix products"] > 0
     assert all("device_ms" in phase for phase in profile["phases"].values())
+
+
+@pytest.mark.parametrize("temperature, ce_grad", [(1.0, True), (2.0, False)])
+def test_the_fused_kl_matches_the_pytorch_rows_at_a_real_vocabulary(temperature, ce_grad):
+    """Llama-3's vocabulary (128,256: 31 blocks and a short one) in bf16, as lora_kd hands it the logits under
+    autocast: the kernel's losses and gradients against the PyTorch form's."""
+    from linearize.distillation import kd, triton_kl
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    rows, vocab = 48, 128256
+    student, teacher = ((torch.randn(rows, vocab, generator=g, device="cuda") * 4).bfloat16() for _ in range(2))
+    targets = torch.randint(vocab, (rows,), generator=g, device="cuda")
+    targets[::7] = -1
+    kl_scale = torch.rand(rows, generator=g, device="cuda")
+    ce_scale = torch.rand(rows, generator=g, device="cuda") if ce_grad else None
+    assert triton_kl.fused_kl_problem(student, teacher) is None
+    got = triton_kl.kl_rows(student, teacher, targets, temperature, kl_scale, ce_scale, torch.bfloat16)
+    expected = kd._chunk_losses(student, teacher, targets, temperature, kl_scale, ce_scale, torch.float32)
+    assert torch.allclose(got[0], expected[0], rtol=1e-4, atol=1e-4) and torch.allclose(got[1], expected[1], rtol=1e-5, atol=1e-4)
+    for a, b in zip(got[2:], expected[2:]):
+        assert (a is None) == (b is None)
+        if b is not None:
+            assert a.dtype == torch.bfloat16 and rel(a, b) < 1e-2

@@ -6,9 +6,12 @@ from torch import nn
 
 import linearize
 from linearize.distillation import LoraKDConfig
-from linearize.distillation.kd import KDHead, chunkable_head, hidden_states_out, kd_losses
+from linearize.distillation import kd, triton_kl
+from linearize.distillation.kd import KDHead, TeacherTopK, chunkable_head, hidden_states_out, kd_losses
 from linearize.distillation.stages import lora_kd
 from linearize.hf.errors import LinearizeError
+from tests.test_triton_step import kernel_calls
+from tests.test_triton_window import needs_triton
 from tests.tiny import tiny_data, tiny_model
 
 
@@ -181,3 +184,77 @@ def test_lora_kd_weighs_retrieval_answers_as_the_data_asks(monkeypatch):
 def test_a_negative_chunk_is_refused():
     with pytest.raises(LinearizeError, match="kl_chunk"):
         LoraKDConfig(kl_chunk=-1)
+
+
+@pytest.fixture
+def fused_kl(monkeypatch):
+    """The fused KL switched on (CPU tensors through Triton's interpreter); returns the list of the logits' shapes it took."""
+    return kernel_calls(monkeypatch, kd, "fused_kl", lambda args, out: tuple(args[0].shape))
+
+
+@pytest.mark.core
+@needs_triton
+@pytest.mark.parametrize("vocab", [37, 4097, 9000])
+@pytest.mark.parametrize("dtype, temperature", [(torch.float32, 1.0), (torch.bfloat16, 2.0), (torch.float16, 0.5)])
+@pytest.mark.parametrize("ce_grad", [True, False])
+def test_the_fused_kl_equals_the_pytorch_rows(fused_kl, vocab, dtype, temperature, ce_grad):
+    """Each row's losses and scaled gradients, against the PyTorch form, across block edges and with rows that have
+    no target (-1)."""
+    generator = torch.Generator().manual_seed(vocab)
+    rows = 6
+    student, teacher = ((torch.randn(rows, vocab, generator=generator) * 4).to(dtype) for _ in range(2))
+    targets = torch.tensor([0, vocab - 1, -1, 5 % vocab, 4096 % vocab, -1])
+    kl_scale = torch.rand(rows, generator=generator)
+    ce_scale = torch.rand(rows, generator=generator) if ce_grad else None
+    assert triton_kl.fused_kl_problem(student, teacher) is None
+    got = triton_kl.kl_rows(student, teacher, targets, temperature, kl_scale, ce_scale, torch.float32)
+    expected = kd._chunk_losses(student, teacher, targets, temperature, kl_scale, ce_scale, torch.float32)
+    assert (got[3] is None) == (expected[3] is None) == (not ce_grad)
+    for a, b in zip(got, expected):
+        if b is not None:
+            assert a.dtype == b.dtype == torch.float32 and a.shape == b.shape
+            assert torch.allclose(a, b, rtol=1e-5, atol=3e-5 if b.dim() == 1 else 1e-7), (a - b).abs().max()
+
+
+@pytest.mark.core
+@needs_triton
+@pytest.mark.parametrize("temperature, bias, weighted", [(1.0, False, False), (2.0, True, True)])
+def test_chunked_losses_through_the_fused_kl_equal_the_logit_form(fused_kl, temperature, bias, weighted):
+    """The chunked losses take the kernel for dense teachers (every chunk, the last one short) and give the logit
+    form's values and gradients: the student's hidden states, the head's weight and bias."""
+    torch.manual_seed(0)
+    batch, length, width, vocab = 3, 11, 16, 4100
+    hidden = torch.randn(batch, length, width, requires_grad=True)
+    teacher_hidden = torch.randn(batch, length, width)
+    head = nn.Linear(width, vocab, bias=bias)
+    ids = torch.randint(vocab, (batch, length))
+    weights = torch.rand(batch, length) if weighted else None
+    kl, ce = kd_losses(head(hidden), head(teacher_hidden).detach(), ids, temperature, weights=weights)
+    (0.7 * kl + 0.3 * ce).backward()
+    expected = [hidden.grad.clone(), head.weight.grad.clone()] + ([head.bias.grad.clone()] if bias else [])
+    for p in (hidden, *head.parameters()):
+        p.grad = None
+    got_kl, got_ce = kd_losses(hidden, teacher_hidden, ids, temperature, KDHead(head.weight, head.bias, 8), weights=weights)
+    (0.7 * got_kl + 0.3 * got_ce).backward()
+    assert fused_kl == [(8, vocab)] * 4 + [(1, vocab)]
+    assert got_kl.item() == pytest.approx(kl.item(), rel=1e-5) and got_ce.item() == pytest.approx(ce.item(), rel=1e-5)
+    got = [hidden.grad, head.weight.grad] + ([head.bias.grad] if bias else [])
+    for a, b in zip(got, expected):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), (a - b).abs().max()
+
+
+@needs_triton
+def test_the_fused_kl_is_left_to_pytorch_where_it_cannot_run(fused_kl, monkeypatch):
+    """float64 logits and a sparse teacher take the PyTorch form; the switches turn the kernel off, with a reason."""
+    logits = torch.randn(4, 9, dtype=torch.float64)
+    assert "float64" in triton_kl.fused_kl_problem(logits, logits)
+    assert "shape" in triton_kl.fused_kl_problem(logits[:, :8].float(), logits.float())
+    hidden = torch.randn(1, 5, 4, dtype=torch.float64, requires_grad=True)
+    head = nn.Linear(4, 9).double()
+    kd_losses(hidden, torch.randn(1, 5, 4, dtype=torch.float64), torch.randint(9, (1, 5)), 1.0, KDHead(head.weight, head.bias))
+    top = TeacherTopK(torch.randn(1, 5, 3).log_softmax(-1), torch.randint(9, (1, 5, 3)), torch.full((1, 5), -3.0))
+    kd_losses(hidden.float(), top, torch.randint(9, (1, 5)), 1.0, KDHead(head.weight.float(), head.bias.float()))
+    assert fused_kl == []
+    for value, reason in (("off", "turned off"), ("auto", "CUDA")):
+        monkeypatch.setenv("LINEARIZE_FUSED_STEP", value)
+        assert reason in triton_kl.fused_kl_problem(logits.float(), logits.float())

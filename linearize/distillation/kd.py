@@ -23,6 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .triton_kl import fused_kl_problem
+from .triton_kl import kl_rows as fused_kl
+
 
 @dataclass
 class KDHead:
@@ -127,6 +130,29 @@ def _sparse_kl(top: TeacherTopK, log_student: torch.Tensor) -> tuple[torch.Tenso
     return kl, target
 
 
+def _chunk_losses(
+    logits: torch.Tensor, teacher: torch.Tensor | TeacherTopK, targets: torch.Tensor, temperature: float, kl_scale: torch.Tensor,
+    ce_scale: torch.Tensor | None, grad_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A chunk's losses in PyTorch, as `triton_kl.kl_rows` computes them for dense teacher logits: (the KL of each row,
+    the cross-entropy of each row at target 0 where there is none, kl_scale_row times d KL / d(logits / T), and with
+    `ce_scale` ce_scale_row times d CE / d logits, both in `grad_dtype`). `teacher` is logits or a `TeacherTopK`."""
+    acc = _accumulate(logits.dtype)
+    log_student = _log_softmax(logits, temperature, acc)
+    if isinstance(teacher, TeacherTopK):
+        kl_rows, teacher_p = _sparse_kl(teacher, log_student)
+    else:
+        kl_rows, teacher_p = _dense_kl(_log_softmax(teacher, temperature, acc), log_student)
+    d_kl = ((log_student.exp() - teacher_p) * kl_scale[:, None]).to(grad_dtype)
+    log_p = log_student if temperature == 1 else _log_softmax(logits, 1, acc)
+    next_token = targets.clamp_min(0)[:, None]
+    ce_rows = -log_p.gather(1, next_token)[:, 0]
+    if ce_scale is None:
+        return kl_rows, ce_rows, d_kl, None
+    d_ce = log_p.exp().scatter_add_(1, next_token, torch.full_like(ce_scale[:, None], -1.0))
+    return kl_rows, ce_rows, d_kl, (d_ce * ce_scale[:, None]).to(grad_dtype)
+
+
 class _ChunkedKD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, teacher, weight, bias, ids, temperature, chunk, ce_grad, weights):
@@ -140,7 +166,6 @@ class _ChunkedKD(torch.autograd.Function):
         # Masks multiply instead of selecting rows: a boolean index waits for the GPU (nonzero), once per chunk.
         has_target = (targets >= 0).to(acc)
         kl_norm, ce_norm = w.sum(), (w * has_target).sum().clamp_min(torch.finfo(acc).tiny)
-        next_token = targets.clamp_min(0)[:, None]
         train_head = weight is not None and weight.requires_grad
         grads = {"kl": torch.zeros_like(h), "ce": torch.zeros_like(h) if ce_grad else None}
         head_grads = {name: torch.zeros_like(weight) if train_head and g is not None else None for name, g in grads.items()}
@@ -150,31 +175,24 @@ class _ChunkedKD(torch.autograd.Function):
             # vocabulary-wide, goes to autocast's dtype once here, not three times a chunk.
             low = torch.get_autocast_dtype(h.device.type)
             weight, bias = weight.to(low), None if bias is None else bias.to(low)
+        grad_dtype = h.dtype if weight is None else weight.dtype
         kl_sum = torch.zeros((), dtype=acc, device=h.device)
         ce_sum = torch.zeros((), dtype=acc, device=h.device)
         for start in range(0, rows, chunk):
             part = slice(start, start + chunk)
             logits = _logits(h[part], weight, bias)
-            log_student = _log_softmax(logits, temperature, acc)
-            if sparse:
-                kl_rows, teacher_p = _sparse_kl(teacher[part], log_student)
-            else:
-                kl_rows, teacher_p = _dense_kl(_log_softmax(_logits(teacher[part], weight, bias), temperature, acc), log_student)
-            w_part = w[part, None]
-            kl_sum += (kl_rows * w_part[:, 0]).sum()
+            teacher_part = teacher[part] if sparse else _logits(teacher[part], weight, bias)
+            w_part = w[part]
+            w_ce = w_part * has_target[part]
             # d(weighted mean KL x T^2)/d logits = T w (softmax(s/T) - teacher_p) / sum(w)
-            d_kl = (log_student.exp() - teacher_p) * (w_part * (temperature / kl_norm))
-            log_p = log_student if temperature == 1 else _log_softmax(logits, 1, acc)
-            w_ce = w_part * has_target[part, None]
-            ce_sum -= (log_p.gather(1, next_token[part]) * w_ce).sum()
-            d_ce = None
-            if ce_grad:
-                d_ce = log_p.exp().scatter_add_(1, next_token[part], -torch.ones_like(w_ce))
-                d_ce *= w_ce / ce_norm
+            scales = (w_part * (temperature / kl_norm), w_ce / ce_norm if ce_grad else None)
+            losses = fused_kl if not sparse and fused_kl_problem(logits, teacher_part) is None else _chunk_losses
+            kl_rows, ce_rows, d_kl, d_ce = losses(logits, teacher_part, targets[part], temperature, *scales, grad_dtype)
+            kl_sum += (kl_rows * w_part).sum()
+            ce_sum += (ce_rows * w_ce).sum()
             for name, d in (("kl", d_kl), ("ce", d_ce)):
                 if d is None:
                     continue
-                d = d.to(h.dtype if weight is None else weight.dtype)
                 grads[name][part] = d if weight is None else d @ weight
                 if head_grads[name] is not None:
                     head_grads[name] += d.t() @ h[part]

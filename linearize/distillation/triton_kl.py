@@ -1,0 +1,125 @@
+"""The dense KD losses of a chunk of rows, and their gradients with respect to the student's logits, in one Triton
+kernel over the vocabulary.
+
+`kd._ChunkedKD`'s PyTorch path takes about a dozen ATen passes over each chunk's vocabulary-wide rows in float32 (two
+log-softmaxes, an exp of each, differences, products, a gather, a cast of the gradient), each reading or writing
+chunk x vocabulary x 4 bytes: on an H200 at the Llama-3.2-1B shape (128K vocabulary, 16K tokens a step) they took
+about 160 ms of a 608 ms LoRA KD step (BENCHMARKS.md, twenty-sixth session). The kernel reads the two models' logits
+(bf16 under autocast) twice and writes the gradient once, in its dtype.
+
+One program per row, `BLOCK` columns at a time. The first pass keeps, online, each model's running maximum and sum of
+exponentials at the temperature (the log-sum-exps), the student's at temperature 1 too where the cross-entropy needs it
+and the temperature is not 1, and A = sum_v exp(t_v / T - m_t) (t_v - s_v) / T, from which
+KL(teacher || student) = A / Z_t - lse_t + lse_s. The cross-entropy is lse_1 - s_target. The second pass writes
+kl_scale_row (softmax(s / T) - softmax(t / T)) and, when asked, ce_scale_row (softmax(s) - onehot(target)): the
+gradients of the weighted mean losses when the caller's scales hold each row's weight over the weights' sum (times T
+for the KL). Arithmetic is float32 whatever the logits' dtype.
+
+On CUDA tensors where Triton imports (the switches as triton_step.py's: `LINEARIZE_FUSED_STEP=off` or
+`LINEARIZE_KERNELS=torch` turn it off); on CPU tensors only under Triton's interpreter with `LINEARIZE_FUSED_STEP=on`
+(the tests, which check it against the PyTorch path). Elsewhere `kd.py` computes the same in PyTorch.
+"""
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..hf.triton_step import TRITON_PROBLEM, fused_kernel_problem
+
+if TRITON_PROBLEM is None:
+    from ..hf.triton_step import tl, triton
+
+# Columns a program reads at once and its warps.
+BLOCK = 4096
+WARPS = 8
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def fused_kl_problem(student: Tensor, teacher: Tensor) -> Optional[str]:
+    """Why `kl_rows` does not take these logits (None when it does): the switches, Triton, the device, dtypes and shapes."""
+    problem = fused_kernel_problem(student, "the fused KL")
+    if problem is not None:
+        return problem
+    if student.dtype not in DTYPES or teacher.dtype not in DTYPES:
+        return f"the fused KL takes float16/bfloat16/float32 logits, got {student.dtype} and {teacher.dtype}"
+    if student.dim() != 2 or student.shape != teacher.shape:
+        return f"the fused KL takes two (rows, vocabulary) logits of one shape, got {tuple(student.shape)} and {tuple(teacher.shape)}"
+    return None
+
+
+def kl_rows(
+    student: Tensor, teacher: Tensor, targets: Tensor, temperature: float, kl_scale: Tensor, ce_scale: Optional[Tensor],
+    grad_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """(KL(teacher || student) at `temperature` of each row, float32; the cross-entropy -log softmax(student)[target] of
+    each row, float32, at target 0 where a row's target is negative; kl_scale_row (softmax(s / T) - softmax(t / T)) in
+    `grad_dtype`; ce_scale_row (softmax(s) - onehot(target)) in `grad_dtype`, or None without `ce_scale`) for logits
+    (rows, vocabulary), targets (rows,) and float32 scales (rows,). `fused_kl_problem` says whether it runs.
+
+        kl, ce, d_kl, d_ce = kl_rows(student_logits, teacher_logits, targets, 2.0, weights * 2.0 / weights.sum(), None, torch.bfloat16)
+    """
+    student, teacher = (x if x.stride(-1) == 1 else x.contiguous() for x in (student, teacher))
+    rows, vocab = student.shape
+    kl = torch.empty(rows, dtype=torch.float32, device=student.device)
+    ce = torch.empty_like(kl)
+    d_kl = torch.empty(rows, vocab, dtype=grad_dtype, device=student.device)
+    d_ce = None if ce_scale is None else torch.empty_like(d_kl)
+    _kl_kernel[(rows,)](
+        student, teacher, targets.contiguous(), kl_scale.float().contiguous(), kl if ce_scale is None else ce_scale.float().contiguous(),
+        kl, ce, d_kl, d_kl if d_ce is None else d_ce, vocab, student.stride(0), teacher.stride(0), 1.0 / temperature,
+        SEPARATE_CE=temperature != 1, CE_GRAD=ce_scale is not None, BLOCK=BLOCK, num_warps=WARPS,
+    )
+    return kl, ce, d_kl, d_ce
+
+
+if TRITON_PROBLEM is None:
+
+    @triton.jit
+    def _online(m, z, x, inside):
+        """The running maximum and sum of exp(x - maximum) of a row, updated with a block x (`inside`: its lanes in the row)."""
+        new = tl.maximum(m, tl.max(tl.where(inside, x, float("-inf")), 0))
+        return new, z * tl.exp(m - new) + tl.sum(tl.where(inside, tl.exp(x - new), 0.0), 0)
+
+    @triton.jit
+    def _kl_kernel(
+        student, teacher, targets, kl_scale, ce_scale, kl_out, ce_out, d_kl, d_ce, vocab, stride_s, stride_t, inv_t,
+        SEPARATE_CE: tl.constexpr, CE_GRAD: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        s_row, t_row, d_row = student + row * stride_s, teacher + row * stride_t, row * vocab
+        m_s = tl.full((), float("-inf"), tl.float32)
+        m_t, m_1 = m_s, m_s
+        z_s = tl.zeros((), tl.float32)
+        z_t, z_1, a = z_s, z_s, z_s
+        for start in range(0, vocab, BLOCK):
+            inside = start + cols < vocab
+            s = tl.load(s_row + start + cols, mask=inside, other=0.0).to(tl.float32)
+            t = tl.load(t_row + start + cols, mask=inside, other=0.0).to(tl.float32)
+            m_s, z_s = _online(m_s, z_s, s * inv_t, inside)
+            new_t = tl.maximum(m_t, tl.max(tl.where(inside, t * inv_t, float("-inf")), 0))
+            e_t = tl.where(inside, tl.exp(t * inv_t - new_t), 0.0)
+            fade = tl.exp(m_t - new_t)
+            z_t = z_t * fade + tl.sum(e_t, 0)
+            a = a * fade + tl.sum(e_t * (t - s) * inv_t, 0)
+            m_t = new_t
+            if SEPARATE_CE:
+                m_1, z_1 = _online(m_1, z_1, s, inside)
+        lse_s, lse_t = m_s + tl.log(z_s), m_t + tl.log(z_t)
+        lse_1 = m_1 + tl.log(z_1) if SEPARATE_CE else lse_s
+        target = tl.maximum(tl.load(targets + row), 0)
+        tl.store(kl_out + row, a / z_t - lse_t + lse_s)
+        tl.store(ce_out + row, lse_1 - tl.load(s_row + target).to(tl.float32))
+        scale_kl = tl.load(kl_scale + row)
+        scale_ce = tl.load(ce_scale + row) if CE_GRAD else 0.0
+        for start in range(0, vocab, BLOCK):
+            inside = start + cols < vocab
+            s = tl.load(s_row + start + cols, mask=inside, other=0.0).to(tl.float32)
+            t = tl.load(t_row + start + cols, mask=inside, other=0.0).to(tl.float32)
+            p_s = tl.exp(s * inv_t - lse_s)
+            tl.store(d_kl + d_row + start + cols, (scale_kl * (p_s - tl.exp(t * inv_t - lse_t))).to(d_kl.dtype.element_ty), mask=inside)
+            if CE_GRAD:
+                p_1 = tl.exp(s - lse_1) if SEPARATE_CE else p_s
+                hit = tl.where(start + cols == target, 1.0, 0.0)
+                tl.store(d_ce + d_row + start + cols, (scale_ce * (p_1 - hit)).to(d_ce.dtype.element_ty), mask=inside)
