@@ -324,3 +324,40 @@ def test_a_stage_that_fails_while_profiled_ends_the_recording(data, monkeypatch)
     run = session()
     attention_transfer.run(student(), data, config, run)
     assert run.reports[-1]["profile"]["steps"] == 2
+
+
+def test_a_deferred_check_stops_at_the_next_step_with_the_last_good_weights(data, monkeypatch):
+    """Where the check is deferred (CUDA; here the CPU, as if it were), the fused optimizer skips a NaN step on the
+    device and the host stops the stage one step later, naming the bad step: the weights are those of the last good
+    one. Unpoisoned, it trains as the checked-at-once loop does."""
+    from linearize.distillation import loop
+
+    snapshots, original = [], loop._Stage.optimizer_step
+
+    def recorded(self, step):
+        out = original(self, step)
+        snapshots.append({n: p.detach().clone() for n, p in self.params.items()})
+        return out
+
+    monkeypatch.setattr(loop._Stage, "optimizer_step", recorded)
+    config = LoraKDConfig(tokens=32 * 2 * 8, batch_size=2, lr=1e-2, log_every=100)
+    trained = []
+    for devices in ((), ("cpu",)):
+        monkeypatch.setattr(loop, "DEFERRED_CHECK_DEVICES", devices)
+        snapshots.clear()
+        trained.append(snapshot(lora_kd.run(student(), data, config, session())))
+        assert len(snapshots) == 8
+    assert all(torch.allclose(trained[0][n], trained[1][n], rtol=1e-5, atol=1e-7) for n in trained[0])
+    calls, kd_losses = {"n": 0}, lora_kd.kd_losses
+
+    def poisoned(*args):
+        calls["n"] += 1
+        kl, ce = kd_losses(*args)
+        return (kl * float("nan"), ce) if calls["n"] == 4 else (kl, ce)
+
+    monkeypatch.setattr(lora_kd, "kd_losses", poisoned)
+    snapshots.clear()
+    with pytest.raises(LinearizeError, match=r"stages\[0\] \(lora_kd\) step 4: the loss is nan; stopped before updating the weights"):
+        lora_kd.run(student(), data, config, session())
+    assert len(snapshots) == 4  # the fifth step stopped in its checks, before its optimizer step
+    assert all(torch.equal(snapshots[3][n], snapshots[2][n]) and not torch.equal(snapshots[2][n], snapshots[1][n]) for n in snapshots[2])

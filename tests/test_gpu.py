@@ -578,3 +578,36 @@ def test_the_fused_kl_matches_the_pytorch_rows_at_a_real_vocabulary(temperature,
         assert (a is None) == (b is None)
         if b is not None:
             assert a.dtype == torch.bfloat16 and rel(a, b) < 1e-2
+
+
+def test_a_training_step_on_cuda_never_waits_for_the_gpu(monkeypatch):
+    """Between logged steps, an optimizer step of lora_kd (the KD losses through the fused KL, the deferred finite
+    check, the fused optimizer) makes no call that synchronises the host with the GPU (torch's sync debug mode, as
+    warnings, each naming where it was made)."""
+    import warnings
+
+    from linearize.distillation import LoraKDConfig, Session, loop
+    from linearize.distillation.stages import lora_kd
+    from tests.tiny import tiny_data
+
+    seen, original = [], loop._Stage.optimizer_step
+
+    def watched(self, step):
+        if not 2 <= step < self.steps - 1:
+            return original(self, step)
+        assert self.defer
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                return original(self, step)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+                seen.extend(f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
+
+    monkeypatch.setattr(loop._Stage, "optimizer_step", watched)
+    model = linearize.convert(tiny_model("llama", dtype=torch.float32), "hedgehog_swa", window=4).cuda()
+    config = LoraKDConfig(tokens=32 * 2 * 6, batch_size=2, log_every=100)
+    lora_kd.run(model, tiny_data(seq_len=32), config, Session(progress=False, log=lambda message: None))
+    assert not seen, seen

@@ -34,6 +34,7 @@ from .session import Session
 # LINEARIZE_PEAK_TFLOPS sets the peak for any device.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
 OPTIMIZERS = ("adamw", "sgd")
+DEFERRED_CHECK_DEVICES = ("cuda",)  # where a step's finite check is read a step later (`_Stage.defer`)
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 
 
@@ -125,10 +126,12 @@ def count_steps(config: TrainConfig, seq_len: int, processes: int, where: str) -
     return steps
 
 
-def build_optimizer(config: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+def build_optimizer(config: TrainConfig, params: list[nn.Parameter], fused: bool = False) -> torch.optim.Optimizer:
+    """`fused`: torch's fused implementation, one kernel for all parameters, which also skips a step on the device when
+    handed a `found_inf` flag (as torch's GradScaler hands it)."""
     if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
-    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        return torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay, fused=fused or None)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=fused or None)
 
 
 def set_checkpointing(model: nn.Module, enable: bool) -> None:
@@ -199,6 +202,42 @@ def non_embedding_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if id(p) not in embeddings)
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor onto `device`; onto CUDA from pinned memory, without waiting: a plain copy to CUDA synchronises the
+    host with the GPU, which would drain the queue of launched kernels at every step."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+class Verdict:
+    """Whether an optimizer step's loss (on any process) or gradient norm is not finite. `bad` is a float flag on the
+    device, what a fused optimizer's `found_inf` takes; it and the loss's own flag are copied to the host behind the
+    step's kernels, so making a verdict never waits for the GPU, and `problem` waits only for this step's kernels."""
+
+    def __init__(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, accelerator):
+        self.step, self.loss, self.grad_norm = step, loss, grad_norm
+        # Every process takes the same decision, so none is left waiting in a collective.
+        loss_bad = accelerator.reduce((~torch.isfinite(loss)).float().reshape(1), "sum").sum()
+        self.bad = ((loss_bad + (~torch.isfinite(grad_norm)).float()) > 0).float()
+        self.flags = torch.stack((loss_bad, self.bad)).to("cpu", non_blocking=True)
+        self.copied = None
+        if self.bad.is_cuda:
+            self.copied = torch.cuda.Event()
+            self.copied.record()
+
+    def problem(self) -> str | None:
+        """What was not finite, or None."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        loss_bad, bad = self.flags.tolist()
+        if not bad:
+            return None
+        if not loss_bad:
+            return f"the gradient norm is {float(self.grad_norm)}"
+        return "the loss is not finite on another process" if bool(torch.isfinite(self.loss)) else f"the loss is {self.loss.item()}"
+
+
 StepLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
@@ -251,7 +290,14 @@ class _Stage:
             self.held = held_dtypes(model, params, acc), {name: b.detach().clone() for name, b in model.named_buffers()}
         else:
             trainable_fp32(params, acc)
-        optimizer = build_optimizer(config, list(params.values()))
+        # Checking a step for non-finite values on the host waits for the GPU, which then idles while the host launches
+        # the next step: 34 of 344 ms a LoRA KD step at the Llama-3.2-1B shape (H200, BENCHMARKS.md, twenty-seventh
+        # session). Where the parameters train on CUDA, without FSDP or a loss scaler (fp16's), the check is deferred:
+        # the fused optimizer skips a non-finite step on the GPU and the host reads the verdict a step later (`Verdict`).
+        devices = {p.device.type for p in params.values()}
+        self.defer = not self.fsdp and acc.scaler is None and devices <= set(DEFERRED_CHECK_DEVICES)
+        self.pending: Verdict | None = None
+        optimizer = build_optimizer(config, list(params.values()), fused=self.defer)
         self.scheduler = get_scheduler(config.scheduler, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=self.steps)
         if config.gradient_checkpointing:
             set_checkpointing(model, True)
@@ -307,10 +353,14 @@ class _Stage:
                     if step == self.start:  # compiling (graphs, Triton kernels) and first-use set-up
                         report["first_step_seconds"] = round(time.time() - began, 3)
                     done = step + 1
-                    if done % config.log_every == 0 or done == self.steps or done == 1:
+                    logs = done % config.log_every == 0 or done == self.steps or done == 1
+                    saves = self.stage_dir is not None and (done == self.steps or (config.checkpoint_every and done % config.checkpoint_every == 0))
+                    if logs or saves:
+                        self.settle()
+                    if logs:
                         self.log(done, grad_norm, progress, task)
                     progress.update(task, completed=done)
-                    if self.stage_dir is not None and (done == self.steps or (config.checkpoint_every and done % config.checkpoint_every == 0)):
+                    if saves:
                         self.save(done)
         except torch.cuda.OutOfMemoryError:
             raise LinearizeError(
@@ -338,8 +388,7 @@ class _Stage:
         for micro in range(config.grad_accum):
             first = ((step * config.grad_accum + micro) * acc.num_processes + acc.process_index) * config.batch_size
             with phase("data"):
-                batch, weights = take_weighted(self.data.train, first, config.batch_size)
-                batch, weights = batch.to(acc.device), None if weights is None else weights.to(acc.device)
+                batch, weights = (None if t is None else to_device(t, acc.device) for t in take_weighted(self.data.train, first, config.batch_size))
             last_micro = micro == config.grad_accum - 1
             with nullcontext() if last_micro else acc.no_sync(wrapped):
                 with phase("forward"):
@@ -351,7 +400,15 @@ class _Stage:
         with phase("checks"):
             # accelerate clips with FSDP's own (global) norm only when handed the wrapped model's parameters.
             grad_norm = acc.clip_grad_norm_(list(wrapped.parameters()) if self.fsdp else list(self.params.values()), config.max_grad_norm or math.inf)
-            self.check_finite(step, step_sums["loss"], grad_norm)
+            verdict = Verdict(step, step_sums["loss"], grad_norm, acc)
+            if self.defer:
+                # The optimizer skips this step on the device if it is not finite; the previous step's verdict, long
+                # computed, is read now.
+                getattr(self.optimizer, "optimizer", self.optimizer).found_inf = verdict.bad
+                self.settle()
+                self.pending = verdict
+            else:
+                self.check(verdict)
         with phase("optimizer"):
             self.optimizer.step()
             self.scheduler.step()
@@ -361,19 +418,19 @@ class _Stage:
         self.window_steps += 1
         return grad_norm
 
-    def check_finite(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
-        """Stop before the weights change when the loss (on any process) or the gradient norm is not finite; the
-        error says which checkpoints are kept and how to continue."""
-        acc, session, index = self.acc, self.session, self.index
-        loss_ok = bool(torch.isfinite(loss))
-        # Every process takes the same decision, so none is left waiting in a collective.
-        bad = acc.reduce(torch.tensor([0.0 if loss_ok else 1.0], device=acc.device), "sum").item() > 0
-        if not bad and torch.isfinite(grad_norm):
+    def settle(self) -> None:
+        """Check the deferred verdict of the last step, if one is pending (before its step is logged or saved)."""
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            self.check(pending)
+
+    def check(self, verdict: Verdict) -> None:
+        """Stop when a step's loss (on any process) or gradient norm was not finite: the optimizer skipped it (or has
+        not taken it yet), so no weight has changed; the error says which checkpoints are kept and how to continue."""
+        problem = verdict.problem()
+        if problem is None:
             return
-        if not bad:
-            problem = f"the gradient norm is {float(grad_norm)}"
-        else:
-            problem = f"the loss is {loss.item()}" if not loss_ok else "the loss is not finite on another process"
+        session, index, step = self.session, self.index, verdict.step
         if session.checkpoints is None:
             kept, then = "no checkpoints are kept (none were asked for)", "run it again"
         else:
