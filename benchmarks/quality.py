@@ -245,6 +245,20 @@ def train_or_resume(recipe, folder: Path, resume: bool, log) -> RunRecord:
     return run(recipe, out=folder, overwrite=not interrupted, resume=interrupted, log=log)
 
 
+def quality_recipe(name: str, args, corpus: Path, budgets: list[int]):
+    """The recipe as shipped, on the corpus (Persuasion held out) and its own training windows, with `budgets`' tokens
+    a stage and `args`' batch size, compile switch and overrides; scored in 512-token windows."""
+    overrides = [f"teacher={args.teacher}", f"data.train={corpus / 'train'}", f"data.heldout={corpus / 'heldout' / 'persuasion.txt'}",
+                 "data.streaming=false", f"eval.perplexity_tokens={args.eval_tokens}", "eval.seq_len=512"]
+    for i in range(len(load_recipe(name, overrides).stages)):
+        overrides.append(f"stages.{i}.tokens={budgets[min(i, len(budgets) - 1)]}")
+        if args.batch_size:
+            overrides.append(f"stages.{i}.batch_size={args.batch_size}")
+        if args.compile:
+            overrides.append(f"stages.{i}.compile=true")
+    return load_recipe(name, overrides + overrides_for(name, args.overrides))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", default="smollm2-135m")
@@ -317,15 +331,7 @@ def main():
         # recompile limit the later recipes would silently run eager.
         torch._dynamo.reset()
         started = time.time()
-        overrides = [f"teacher={args.teacher}", f"data.train={corpus / 'train'}", f"data.heldout={corpus / 'heldout' / 'persuasion.txt'}",
-                     "data.streaming=false", "data.seq_len=512", f"eval.perplexity_tokens={args.eval_tokens}", "eval.seq_len=512"]
-        for i in range(len(load_recipe(name, overrides).stages)):
-            overrides.append(f"stages.{i}.tokens={budgets[min(i, len(budgets) - 1)]}")
-            if args.batch_size:
-                overrides.append(f"stages.{i}.batch_size={args.batch_size}")
-            if args.compile:
-                overrides.append(f"stages.{i}.compile=true")
-        recipe = load_recipe(name, overrides + overrides_for(name, args.overrides))
+        recipe = quality_recipe(name, args, corpus, budgets)
         result = train_or_resume(recipe, out / name, args.resume, log=lambda m: print(f"[{name}] {m}", flush=True))
         model = AutoModelForCausalLM.from_pretrained(out / name, dtype=torch.float32).to(device)
         # The row goes to quality.json as soon as training ends, and grows measure by measure.

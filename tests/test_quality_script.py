@@ -130,3 +130,15 @@ def test_teacher_scores_come_from_an_earlier_run_and_a_bad_file_is_one_line(tmp_
         with pytest.raises(SystemExit, match=message):
             quality.earlier_teacher(bad)
 
+
+
+def test_each_recipe_trains_on_its_own_windows_with_the_budgets_asked(tmp_path):
+    """lolcats keeps its 2,048-token windows and the others their 512 (a forced 512 once made lolcats a different
+    recipe); the token budgets, batch size and compile switch reach every stage, the scoring stays at 512."""
+    args = quality.argparse.Namespace(teacher="t", eval_tokens=4096, batch_size=16, compile=True, overrides=["lolcats:stages.1.lr=0.001"])
+    lolcats = quality.quality_recipe("lolcats", args, tmp_path, [100, 200])
+    assert lolcats.data.seq_len == 2048 and lolcats.eval.seq_len == 512 and lolcats.data.train == str(tmp_path / "train")
+    assert [(s.tokens, s.batch_size, s.compile) for s in lolcats.stages] == [(100, 16, True), (200, 16, True)] and lolcats.stages[1].lr == 0.001
+    liger = quality.quality_recipe("liger", quality.argparse.Namespace(**{**vars(args), "batch_size": 0, "compile": False}), tmp_path, [300])
+    assert liger.data.seq_len == 512 and all(s.tokens == 300 and not s.compile for s in liger.stages)
+    assert [s.batch_size for s in liger.stages] == [s.batch_size for s in quality.load_recipe("liger").stages]
