@@ -607,14 +607,14 @@ def test_a_training_step_on_cuda_never_waits_for_the_gpu(monkeypatch):
             return original(self, step)
         assert self.defer
         torch.cuda.synchronize()
-        with warnings.catch_warnings():
-            warnings.simplefilter("always")
-            warnings.showwarning = record
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
+        torch.cuda.set_sync_debug_mode("warn")  # outside the recording: switching it on warns that it is experimental
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("always")
+                warnings.showwarning = record
                 return original(self, step)
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
 
     monkeypatch.setattr(loop._Stage, "optimizer_step", watched)
     model = linearize.convert(tiny_model("llama", dtype=torch.float32), "hedgehog_swa", window=4).cuda()
