@@ -15,27 +15,41 @@ from tests.test_triton_window import needs_triton
 from tests.tiny import tiny_data, tiny_model
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("temperature, chunk, bias", [(1.0, 7, False), (2.0, 64, True), (0.5, 1, True)])
-def test_chunked_losses_equal_the_logit_form_with_gradients(dtype, temperature, chunk, bias):
+def both_forms(dtype, temperature, chunk, bias, vocab=37, weighted=False, shape=(3, 11, 16)):
+    """The logit form's and the chunked form's (KL, CE, gradients of the hidden states, the head's weight and bias) of
+    0.7 KL + 0.3 CE, on random hidden states through one head."""
     torch.manual_seed(0)
-    batch, length, width, vocab = 3, 11, 16, 37
+    batch, length, width = shape
     hidden = torch.randn(batch, length, width, dtype=dtype, requires_grad=True)
     teacher_hidden = torch.randn(batch, length, width, dtype=dtype)
     head = nn.Linear(width, vocab, bias=bias).to(dtype)
     ids = torch.randint(vocab, (batch, length))
-    kl, ce = kd_losses(head(hidden), head(teacher_hidden).detach(), ids, temperature)  # the teacher pass has no gradient
-    (0.7 * kl + 0.3 * ce).backward()
-    expected = [hidden.grad.clone(), head.weight.grad.clone()] + ([head.bias.grad.clone()] if bias else [])
-    for p in (hidden, *head.parameters()):
-        p.grad = None
-    got_kl, got_ce = kd_losses(hidden, teacher_hidden, ids, temperature, KDHead(head.weight, head.bias, chunk))
-    (0.7 * got_kl + 0.3 * got_ce).backward()
-    got = [hidden.grad, head.weight.grad] + ([head.bias.grad] if bias else [])
-    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
-    assert got_kl.item() == pytest.approx(kl.item(), rel=tolerance) and got_ce.item() == pytest.approx(ce.item(), rel=tolerance)
+    weights = torch.rand(batch, length, dtype=dtype) if weighted else None
+    forms = []
+    for chunked in (False, True):
+        for p in (hidden, *head.parameters()):
+            p.grad = None
+        if chunked:
+            kl, ce = kd_losses(hidden, teacher_hidden, ids, temperature, KDHead(head.weight, head.bias, chunk), weights=weights)
+        else:  # the teacher pass has no gradient
+            kl, ce = kd_losses(head(hidden), head(teacher_hidden).detach(), ids, temperature, weights=weights)
+        (0.7 * kl + 0.3 * ce).backward()
+        forms.append([kl.item(), ce.item(), hidden.grad.clone(), head.weight.grad.clone()] + ([head.bias.grad.clone()] if bias else []))
+    return forms
+
+
+def assert_same_forms(forms, rel: float, rtol: float, atol: float) -> None:
+    (kl, ce, *expected), (got_kl, got_ce, *got) = forms
+    assert got_kl == pytest.approx(kl, rel=rel) and got_ce == pytest.approx(ce, rel=rel)
     for a, b in zip(got, expected):
-        assert torch.allclose(a, b, rtol=tolerance * 10, atol=tolerance), (a - b).abs().max()
+        assert torch.allclose(a, b, rtol=rtol, atol=atol), (a - b).abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("temperature, chunk, bias", [(1.0, 7, False), (2.0, 64, True), (0.5, 1, True)])
+def test_chunked_losses_equal_the_logit_form_with_gradients(dtype, temperature, chunk, bias):
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    assert_same_forms(both_forms(dtype, temperature, chunk, bias), tolerance, tolerance * 10, tolerance)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
@@ -222,25 +236,9 @@ def test_the_fused_kl_equals_the_pytorch_rows(fused_kl, vocab, dtype, temperatur
 def test_chunked_losses_through_the_fused_kl_equal_the_logit_form(fused_kl, temperature, bias, weighted):
     """The chunked losses take the kernel for dense teachers (every chunk, the last one short) and give the logit
     form's values and gradients: the student's hidden states, the head's weight and bias."""
-    torch.manual_seed(0)
-    batch, length, width, vocab = 3, 11, 16, 4100
-    hidden = torch.randn(batch, length, width, requires_grad=True)
-    teacher_hidden = torch.randn(batch, length, width)
-    head = nn.Linear(width, vocab, bias=bias)
-    ids = torch.randint(vocab, (batch, length))
-    weights = torch.rand(batch, length) if weighted else None
-    kl, ce = kd_losses(head(hidden), head(teacher_hidden).detach(), ids, temperature, weights=weights)
-    (0.7 * kl + 0.3 * ce).backward()
-    expected = [hidden.grad.clone(), head.weight.grad.clone()] + ([head.bias.grad.clone()] if bias else [])
-    for p in (hidden, *head.parameters()):
-        p.grad = None
-    got_kl, got_ce = kd_losses(hidden, teacher_hidden, ids, temperature, KDHead(head.weight, head.bias, 8), weights=weights)
-    (0.7 * got_kl + 0.3 * got_ce).backward()
-    assert fused_kl == [(8, vocab)] * 4 + [(1, vocab)]
-    assert got_kl.item() == pytest.approx(kl.item(), rel=1e-5) and got_ce.item() == pytest.approx(ce.item(), rel=1e-5)
-    got = [hidden.grad, head.weight.grad] + ([head.bias.grad] if bias else [])
-    for a, b in zip(got, expected):
-        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), (a - b).abs().max()
+    forms = both_forms(torch.float32, temperature, 8, bias, vocab=4100, weighted=weighted)
+    assert fused_kl == [(8, 4100)] * 4 + [(1, 4100)]
+    assert_same_forms(forms, 1e-5, 1e-4, 1e-6)
 
 
 @needs_triton
