@@ -4,9 +4,9 @@ The same code runs on CPU, on one GPU and on several under `accelerate launch` (
 prepared by the Accelerator, micro-batches accumulate gradients under `no_sync`, and mixed precision is autocast
 with the trainable parameters kept in float32. A non-finite loss or gradient stops the run before the optimizer
 touches the weights; on CUDA the fused optimizer skips such a step on the device and the host reads the verdict a
-step later, so it never waits for the GPU between logged steps. An interrupted stage resumes from its step checkpoints (see `checkpoints`); under FSDP no
-checkpoints are written (they would hold one process's shards), and each stage ends by gathering the full weights
-back into the plain model on every process (see `fsdp`).
+step later, so it never waits for the GPU between logged steps. An interrupted stage resumes from its step
+checkpoints (see `checkpoints`); under FSDP no checkpoints are written (they would hold one process's shards), and
+each stage ends by gathering the full weights back into the plain model on every process (see `fsdp`).
 """
 
 from __future__ import annotations
