@@ -5,8 +5,7 @@ import torch
 from torch import nn
 
 import linearize
-from linearize.distillation import LoraKDConfig
-from linearize.distillation import kd, triton_kl
+from linearize.distillation import LoraKDConfig, kd, triton_kl
 from linearize.distillation.kd import KDHead, TeacherTopK, chunkable_head, hidden_states_out, kd_losses
 from linearize.distillation.stages import lora_kd
 from linearize.hf.errors import LinearizeError

@@ -20,8 +20,6 @@ On CUDA tensors where Triton imports (the switches as triton_step.py's: `LINEARI
 (the tests, which check it against the PyTorch path). Elsewhere `kd.py` computes the same in PyTorch.
 """
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -36,7 +34,7 @@ WARPS = 8
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def fused_kl_problem(student: Tensor, teacher: Tensor) -> Optional[str]:
+def fused_kl_problem(student: Tensor, teacher: Tensor) -> str | None:
     """Why `kl_rows` does not take these logits (None when it does): the switches, Triton, the device, dtypes and shapes."""
     problem = fused_kernel_problem(student, "the fused KL")
     if problem is not None:
@@ -49,9 +47,9 @@ def fused_kl_problem(student: Tensor, teacher: Tensor) -> Optional[str]:
 
 
 def kl_rows(
-    student: Tensor, teacher: Tensor, targets: Tensor, temperature: float, kl_scale: Tensor, ce_scale: Optional[Tensor],
+    student: Tensor, teacher: Tensor, targets: Tensor, temperature: float, kl_scale: Tensor, ce_scale: Tensor | None,
     grad_dtype: torch.dtype,
-) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """(KL(teacher || student) at `temperature` of each row, float32; the cross-entropy -log softmax(student)[target] of
     each row, float32, at target 0 where a row's target is negative; kl_scale_row (softmax(s / T) - softmax(t / T)) in
     `grad_dtype`; ce_scale_row (softmax(s) - onehot(target)) in `grad_dtype`, or None without `ce_scale`) for logits
