@@ -23,7 +23,7 @@ On CUDA tensors where Triton imports (the switches as triton_step.py's: `LINEARI
 import torch
 from torch import Tensor
 
-from ..hf.triton_step import TRITON_PROBLEM, fused_kernel_problem
+from ..hf.triton_step import DTYPES, TRITON_PROBLEM, fused_kernel_problem
 
 if TRITON_PROBLEM is None:
     from ..hf.triton_step import tl, triton
@@ -31,7 +31,6 @@ if TRITON_PROBLEM is None:
 # Columns a program reads at once and its warps.
 BLOCK = 4096
 WARPS = 8
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def fused_kl_problem(student: Tensor, teacher: Tensor) -> str | None:

@@ -6,8 +6,8 @@ sensible kernel. In `hedgehog_swa` the last `window` keys are scored by the teac
 per-head factor sets the balance. On CUDA a decode step (inference) runs as one fused Triton step,
 `triton_step.hedgehog_step` or `hedgehog_swa_step`, and `hedgehog_swa`'s prefill (inference and eager training: the
 kernel has a backward; a compiled training step runs the PyTorch form, which inductor fuses faster, `compiled_training`)
-as one chunked Triton kernel, `triton_window.window_linear_prefill`, where they can, and an inference prefill's feature maps as one more
-(`triton_features.feature_maps`); the PyTorch path is the reference. With `decay`, the keys
+as one chunked Triton kernel, `triton_window.window_linear_prefill`, where they can, and an inference prefill's
+feature maps as one more (`triton_features.feature_maps`); the PyTorch path is the reference. With `decay`, the keys
 that have left `hedgehog_swa`'s window fade by a learnable factor per kv head and token (undecayed, their mass in the
 shared normaliser grows with the context); the fused step takes it, the prefill kernel not yet (its prefill runs the
 PyTorch path).

@@ -46,8 +46,9 @@ class LoraKDConfig(TrainConfig):
     kl_chunk: tokens per chunk of the losses, computed from the hidden states through the output head so that no
         batch x sequence x vocabulary logits are ever held (see linearize.distillation.kd); 0 computes them from
         full logits. Each float32 row of a chunk takes kl_chunk x vocabulary x 4 bytes (SmolLM2 at 1,024: 200 MB);
-        larger chunks launch fewer kernels (on an H200, SmolLM2's KD ran 1.23x faster at 2,048 than at 256). Families whose logits are more than `head(hidden states)` (soft-capping, scaling) and FSDP
-        runs always use full logits.
+        larger chunks launch fewer kernels (on an H200, SmolLM2's KD ran 1.23x faster at 2,048 than at 256).
+        Families whose logits are more than `head(hidden states)` (soft-capping, scaling) and FSDP runs always use
+        full logits.
     teacher_top_k: 0 runs the teacher at every step. K > 0 runs it once per training window and caches its K most
         likely tokens and the mass of the rest (K x 4 + 4 bytes a token, K x 6 + 4 past 65,536 tokens of
         vocabulary, in the stage's checkpoint folder); later epochs read them back, and the KL is over those K
