@@ -107,10 +107,23 @@ def verify_reading(model: PreTrainedModel, indices: Iterable[int], length: int =
             )
 
 
+# transformers' cache layer types (`config.layer_types`) that keep a recurrent or convolution state. transformers up to
+# 5.24 also marked the models that have them with `_is_stateful`; 5.25 dropped the mark.
+STATEFUL_LAYER_TYPES = frozenset({"conv", "linear_attention", "hybrid", "hybrid_sliding", "mamba", "mamba2", "recurrent", "rwkv"})
+
+
+def keeps_state(model: PreTrainedModel) -> bool:
+    """Whether `model` already has layers that keep a recurrent state (Mamba, linear attention, convolutions)."""
+    if getattr(model, "_is_stateful", False):
+        return True
+    layer_types = getattr(model.config.get_text_config(decoder=True), "layer_types", None) or ()
+    return any(isinstance(kind, str) and kind in STATEFUL_LAYER_TYPES for kind in layer_types)
+
+
 def _check_reading(teacher: PreTrainedModel, converted: list[int]) -> None:
     """Refuse, in one line, a teacher whose attention linearize cannot read or reproduce."""
     kind = type(teacher).__name__
-    if getattr(teacher, "_is_stateful", False):
+    if keeps_state(teacher):
         raise LinearizeError(
             f"{kind} already keeps a recurrent state (Mamba or linear-attention layers) beside its attention, which "
             "linearize does not convert; convert a decoder whose layers are all softmax attention"

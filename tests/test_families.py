@@ -72,3 +72,14 @@ def test_family_converts_through_every_mixer_or_is_refused_in_one_line(family, t
     assert type(reloaded).__name__ == "LinearizedForCausalLM"
     assert_reloaded(reloaded, student, input_ids=ids[1:])
 
+
+
+@pytest.mark.parametrize("family", ["bamba", "falcon_h1", "qwen3_next"])
+def test_a_teacher_that_already_keeps_a_recurrent_state_is_refused_in_one_line(family):
+    """Mamba or linear-attention layers beside its attention: marked `_is_stateful` up to transformers 5.24, known by
+    `config.layer_types` from 5.25 (where falcon_h1 converted and then broke in its cache)."""
+    config, why = tiny_family_config(family)
+    assert config is not None, why
+    with pytest.raises(LinearizeError, match="already keeps a recurrent state") as error:
+        linearize.convert(tiny_family_model(config), "hedgehog")
+    assert "\n" not in str(error.value)

@@ -265,7 +265,7 @@ def attention_slot(layer: nn.Module, where: str = "") -> str:
     children = ", ".join(n for n, _ in layer.named_children()) or "none"
     raise LinearizeError(
         f"{where}{type(layer).__name__} has no attention module named {'/'.join(ATTENTION_NAMES)} (children: {children}); "
-        f"supported: {SUPPORTED}"
+        "linearize converts decoders whose layers all hold softmax attention"
     )
 
 
