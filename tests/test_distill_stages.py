@@ -347,7 +347,9 @@ def test_a_deferred_check_stops_at_the_next_step_with_the_last_good_weights(data
         snapshots.clear()
         trained.append(snapshot(lora_kd.run(student(), data, config, session())))
         assert len(snapshots) == 8
-    assert all(torch.allclose(trained[0][n], trained[1][n], rtol=1e-5, atol=1e-7) for n in trained[0])
+    # torch's fused AdamW rounds differently from its foreach one (up to 3e-7 apart here); a skipped or
+    # repeated step would move the weights by about lr = 1e-2
+    assert all(torch.allclose(trained[0][n], trained[1][n], rtol=1e-4, atol=1e-6) for n in trained[0])
     calls, kd_losses = {"n": 0}, lora_kd.kd_losses
 
     def poisoned(*args):
