@@ -9,6 +9,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import CompileConfig
 
+import linearize
 from linearize import LinearizeError
 from linearize.hf import modeling_linearized
 from linearize.hf.attention import decode_attention
@@ -168,3 +169,16 @@ def test_a_converted_model_runs_each_forward_under_decode_attention(name, monkey
     monkeypatch.setattr(modeling_linearized, "decode_attention", lambda device, length: seen.append((str(device), length)) or nullcontext())
     converted(name).generate(**padded_settings(new_tokens=3))
     assert seen == [("cpu", 12), ("cpu", 1), ("cpu", 1)]
+
+
+def test_assisted_generation_is_refused_in_one_line_where_a_state_cannot_roll_back():
+    """Prompt lookup and an assistant model need the cache cropped back to the accepted draft, which a converted
+    layer's state cannot be; under teacher_mode every layer keeps KV, and prompt lookup gives greedy's tokens."""
+    model = converted("hedgehog_swa")
+    settings = dict(input_ids=random_ids(1, 12), max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    for assisted in (dict(prompt_lookup_num_tokens=3), dict(assistant_model=converted("hedgehog_swa"))):
+        with pytest.raises(ValueError, match="assisted") as error:
+            model.generate(**settings, **assisted)
+        assert "\n" not in str(error.value)
+    with linearize.teacher_mode(model):
+        assert torch.equal(model.generate(**settings, prompt_lookup_num_tokens=3), model.generate(**settings))

@@ -100,6 +100,12 @@ class RoomyLayer(DynamicLayer):
         super().offload()
 
 
+NO_ROLLBACK = (
+    "a converted layer's recurrent state cannot be rolled back, so assisted/speculative generation and cache cropping "
+    "are not supported; generate without an assistant model or prompt_lookup_num_tokens"
+)
+
+
 class MixerState(CacheLayerMixin):
     """One converted layer's state. Mixers read `tensors` and `write` the next ones; `seen` counts tokens.
 
@@ -218,10 +224,7 @@ class MixerState(CacheLayerMixin):
         self._apply(lambda t: t[indices])
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise LinearizeError(
-            "a converted layer's recurrent state cannot be rolled back, so assisted/speculative generation and "
-            "cache cropping are not supported; generate without an assistant model"
-        )
+        raise LinearizeError(NO_ROLLBACK)
 
     def offload(self) -> None:
         self._apply(lambda t: t.to("cpu", non_blocking=True))

@@ -15,11 +15,11 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
-from transformers.generation.configuration_utils import ALL_STATIC_CACHE_IMPLEMENTATIONS
+from transformers.generation.configuration_utils import ALL_STATIC_CACHE_IMPLEMENTATIONS, GenerationMode
 from transformers.dynamic_module_utils import get_relative_import_files
 
 from .attention import attention_slot, chunk_causal_mask, decode_attention, decoder_layers
-from .cache import OUTPUT_CACHE_FIELD, LinearizedCache, cache_keyword
+from .cache import NO_ROLLBACK, OUTPUT_CACHE_FIELD, LinearizedCache, cache_keyword
 from .configuration_linearized import LinearizedConfig
 from .errors import LinearizeError
 from .mixers import MIXERS, PADDING_MASK, get_mixer, mixers_in
@@ -82,9 +82,6 @@ class LinearizedForCausalLM(PreTrainedModel, GenerationMixin):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    # A recurrent state cannot be rolled back, so generate() refuses assisted decoding up front.
-    _is_stateful = True
-
     def __init__(self, config: LinearizedConfig, model: PreTrainedModel | None = None):
         # What the caller asked for (None unless `attn_implementation=` or `experts_implementation=` was given);
         # read before PreTrainedModel resolves its own defaults, which the teacher's family may not support (Gemma 2
@@ -166,6 +163,12 @@ class LinearizedForCausalLM(PreTrainedModel, GenerationMixin):
             self._mixer_list = mixers_in(self)
         return self._mixer_list
 
+    @property
+    def _is_stateful(self) -> bool:
+        """transformers (up to 5.24) refuses assisted decoding for a stateful model: one whose converted layers keep a
+        state, which cannot be rolled back (not under teacher_mode, or with every layer kept)."""
+        return set(self.cache_kinds()) != {"kv"}
+
     def cache_kinds(self) -> list[str]:
         """Per layer: "kv" for softmax attention (kept, or any layer under teacher_mode), "grows" for a converted
         layer whose state grows with context, "state" for a fixed-size state."""
@@ -186,9 +189,18 @@ class LinearizedForCausalLM(PreTrainedModel, GenerationMixin):
         The static cache is kept and reset for the next call of the same batch size, mode, device and dtype that
         fits in it (as transformers 4.x kept its own): its tensors keep their addresses, so the compiled step's CUDA
         graphs replay instead of being recorded again each call. A cache that generate() returns
-        (`return_dict_in_generate`) belongs to the caller and is never reused.
+        (`return_dict_in_generate`) belongs to the caller and is never reused. Assisted generation (an assistant
+        model, prompt lookup) is refused where a converted layer keeps a state: it cannot roll back to the accepted
+        draft.
         """
+        bound = inspect.signature(GenerationMixin._prepare_cache_for_generation).bind(self, generation_config, model_kwargs, *args, **kwargs)
+        assisted = bound.arguments["generation_mode"] == GenerationMode.ASSISTED_GENERATION
+        if assisted and set(self.cache_kinds()) != {"kv"}:
+            raise LinearizeError(NO_ROLLBACK)
         name = "cache" if OUTPUT_CACHE_FIELD == "cache" else "past_key_values"
+        if assisted and model_kwargs.get(name) is None and generation_config.use_cache is not False:
+            model_kwargs[name] = self.new_cache()  # transformers' assisted decoding needs it before the first forward
+            return
         static = generation_config.cache_implementation in ALL_STATIC_CACHE_IMPLEMENTATIONS
         chunked = getattr(generation_config, "prefill_chunk_size", None) is not None
         if model_kwargs.get(name) is not None or generation_config.use_cache is False or not (static or chunked):
@@ -196,7 +208,6 @@ class LinearizedForCausalLM(PreTrainedModel, GenerationMixin):
         if not static:  # a chunked prefill: transformers needs the cache before the first chunk
             model_kwargs[name] = self.new_cache()
             return
-        bound = inspect.signature(GenerationMixin._prepare_cache_for_generation).bind(self, generation_config, model_kwargs, *args, **kwargs)
         length = max(bound.arguments["max_cache_length"], getattr(generation_config, "max_cache_len", None) or 0)
         batch = max(generation_config.num_beams, generation_config.num_return_sequences or 1) * bound.arguments["batch_size"]
         if generation_config.return_dict_in_generate:
