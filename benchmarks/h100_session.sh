@@ -362,7 +362,7 @@ tilelang)  # (after z3, still warm; carry .tilelang and .whl's fla_core and flas
   # and the same speed with tilelang importable (SPEED_S each)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/fla_core-*.whl \
     .whl/flash_linear_attention-*.whl || exit 1
-  speed="--arch smollm2-135m --mixer gated_deltanet --options window=64 --keep-attention every:4 --seq-len 512 --runs 32:on --steps 20"
+  speed="--arch smollm2-135m --mixer gated_deltanet --options window=64 --keep-attention every:4 --seq-len 512 --runs 32:on --steps 20 --profile 3"
   timeout "${SPEED_S:-200}" python3 benchmarks/train_speed.py $speed --out /tmp/speed-torch > "$OUT/train_speed-torch.log" 2>&1
   echo "exit $?" >> "$OUT/train_speed-torch.log"
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/tilelang .tilelang/*.whl || exit 1
@@ -375,7 +375,8 @@ tilelang)  # (after z3, still warm; carry .tilelang and .whl's fla_core and flas
   echo "exit $?" >> "$OUT/train_speed-tilelang.log"
   for path in torch tilelang; do
     cp "/tmp/speed-$path/train_speed.json" "$OUT/train_speed-$path.json" 2>/dev/null
-    cp "/tmp/speed-$path/b32-on.log" "$OUT/distill-$path.log" 2>/dev/null
+    # the log and the stages' profiles in one file: a call returns at most 8
+    (cd "/tmp/speed-$path" && tar czf "$OUT/distill-$path.tgz" ./*.log $(ls ./*-profile-*.txt 2>/dev/null))
   done
   ;;
 multi_gpu)
