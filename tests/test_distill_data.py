@@ -45,6 +45,7 @@ def write_sources(folder):
     pq.write_table(pa.table({"text": DOCS}), folder / "docs.parquet")
 
 
+@pytest.mark.core
 @pytest.mark.parametrize("kind", ["txt folder", "jsonl", "parquet"])
 def test_every_source_kind_packs_the_same_windows(kind, tmp_path, tokenizer):
     write_sources(tmp_path)

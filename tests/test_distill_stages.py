@@ -162,6 +162,7 @@ def test_mixers_without_parameters_are_skipped_with_a_note(data):
     assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
 
 
+@pytest.mark.core
 def test_lora_kd_lowers_kl_keeps_the_teacher_and_merges_into_a_plain_model(data, tmp_path):
     teacher = tiny_model("llama", dtype=torch.float32)
     with torch.no_grad():

@@ -85,6 +85,7 @@ def test_shipped_task_data_is_what_the_generator_builds():
     assert all(len(row["choices"]) == 4 and 0 <= row["label"] < 4 for row in shipped)
 
 
+@pytest.mark.core
 def test_local_task_runs_in_process_for_teacher_and_student(student, tmp_path, monkeypatch, capfd):
     monkeypatch.chdir(tmp_path)  # outside any git repository: lm-eval's commit lookup must stay quiet
     results = evaluate(student, char_tokenizer(), suite="local", limit=6, progress=False)
@@ -105,6 +106,7 @@ def test_unknown_task_is_one_line_naming_the_valid_ones(student):
     assert "\n" not in message
 
 
+@pytest.mark.core
 def test_hub_task_offline_says_which_data_and_how_to_get_it(student, monkeypatch, tmp_path):
     import datasets.config
     import huggingface_hub.constants
