@@ -3,6 +3,7 @@ at prompt lengths the warm-up did not reach (`--fresh-lengths`)."""
 
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,7 +28,16 @@ def test_a_traced_decode_reports_its_cost_per_token_and_its_costliest_ops(tmp_pa
     assert "Self CPU" in table and "aten::" in table
 
 
+def profiler_records_stacks() -> bool:
+    """Whether torch.profiler groups ops by their Python callers here, as the traced prefill's table does."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], with_stack=True) as prof:
+        torch.ones(64, 64).add(1)
+    return any(Path(__file__).name in event.name for event in prof.events())
+
+
 def test_a_traced_prefill_reports_its_time_and_its_costliest_ops_by_caller(tmp_path):
+    if not profiler_records_stacks():  # seen with torch 2.11's CUDA build on a machine without a GPU
+        pytest.skip("this torch build's profiler records no Python stacks on this machine")
     model = linearize.convert(tiny_model(), "gated_deltanet", window=4).eval()
     ids = torch.randint(0, model.config.get_text_config().vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
     cost = serving_speed.traced_prefill(model, ids, torch.device("cpu"), tmp_path / "prefill.txt")
