@@ -117,15 +117,18 @@ def assert_explicit_definition(out, q, k, v, wq, wk, mask, sm, window, decay=Non
 
 
 @pytest.mark.parametrize("length", [1, 63, 130])
-def test_gradients_match_reference(length):
+@pytest.mark.parametrize("window", [6, 16])  # chunks of 16 longer than the window, and as long (the linear part's half)
+@pytest.mark.parametrize("decayed", [False, True])
+def test_gradients_match_reference(length, window, decayed):
     q, k, v, wq, wk, mask, sm = make(length, seed=11, padded=True)
     leaves = [t.clone().requires_grad_() for t in (q, k, v, wq, wk, sm)]
+    extra = {"decay": decays(seed=window)} if decayed else {}
     grads = []
     for op in (naive_window_linear, lambda *a, **kw: chunk_window_linear(*a, chunk_size=16, **kw)):
         for leaf in leaves:
             leaf.grad = None
         qq, kk, vv, wwq, wwk, ssm = leaves
-        out, _ = run(op, qq, kk, vv, wwq, wwk, mask, ssm, window=6, output_state=False)
+        out, _ = run(op, qq, kk, vv, wwq, wwk, mask, ssm, window=window, output_state=False, **extra)
         (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
         grads.append([leaf.grad.clone() for leaf in leaves])
     for ref, got in zip(*grads):

@@ -245,7 +245,7 @@ def _chunk_window_block(
     in_window = ((dist >= 0) & (dist < window)) & (mb.transpose(-1, -2) > 0)
     in_linear = (dist >= window).to(acc)
 
-    scores = torch.einsum("bhnrd,bhnjd->bhnrj", qc, kb) * scaling
+    scores = torch.einsum("bhnrd,bhnjd->bhnrj", qc * scaling, kb)  # scaled on q: half the elements of the scores
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     masked = scores.masked_fill(~in_window, float("-inf"))
@@ -253,16 +253,22 @@ def _chunk_window_block(
     peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
     a_sm = torch.exp(masked - peak) * smw[..., None] if torch.is_tensor(smw) else torch.exp(masked - peak) * smw
     lnw5 = lnw[..., None] if torch.is_tensor(lnw) else lnw
-    a_ln = torch.einsum("bhnrf,bhnjf->bhnrj", fqc, fkb) * in_linear * lnw5
+    # The linear part's products: where a chunk is as long as the window, only the previous chunk's keys (s <= r) are
+    # outside it, so half the keys. Its mask, weight and decay make one small factor, applied in one pass.
+    linear_keys = c if c == window else 2 * c
+    factor = in_linear[:, :linear_keys] * lnw5
+    log_decay = None if decay is None else decay.to(acc).log().reshape(1, h, 1, 1, 1)
+    if decay is not None:
+        factor = factor * torch.exp(log_decay * (dist[:, :linear_keys] - window).clamp_min(0))
+    a_ln = torch.einsum("bhnrf,bhnjf->bhnrj", fqc, fkb[..., :linear_keys, :]) * factor
+    # (weights, the values they read): one pair where both parts read both chunks
+    parts = [(a_sm + a_ln, vb)] if linear_keys == 2 * c else [(a_sm, vb), (a_ln, vb[..., :c, :])]
     if decay is None:
-        a = a_sm + a_ln
         prior_num, prior_den = _prior_reads(fqc, fkc, vc, S, z)
     else:
-        log_decay = decay.to(acc).log().reshape(1, h, 1, 1, 1)
-        a = a_sm + a_ln * torch.exp(log_decay * (dist - window).clamp_min(0))
         prior_num, prior_den = _decayed_prior_reads(fqc, fkc, vc, S, z, log_decay[..., 0], window, context)
-    num = a @ vb + lnw5 * prior_num
-    den = a.sum(-1, keepdim=True) + lnw5 * prior_den[..., None]
+    num = sum(a @ values for a, values in parts) + lnw5 * prior_num
+    den = sum(a.sum(-1, keepdim=True) for a, _ in parts) + lnw5 * prior_den[..., None]
     o = (num / den.clamp_min(1e-30)).reshape(b, h, n * c, -1)[:, :, context : context + length].to(v.dtype)
     return o, (_next_state(k_all, v_all, fk_all, mask, S, z, window, decay, length) if output_state else None)
 
