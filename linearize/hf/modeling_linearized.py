@@ -195,7 +195,7 @@ class LinearizedForCausalLM(PreTrainedModel, GenerationMixin):
         """
         bound = inspect.signature(GenerationMixin._prepare_cache_for_generation).bind(self, generation_config, model_kwargs, *args, **kwargs)
         assisted = bound.arguments["generation_mode"] == GenerationMode.ASSISTED_GENERATION
-        if assisted and set(self.cache_kinds()) != {"kv"}:
+        if assisted and self._is_stateful:
             raise LinearizeError(NO_ROLLBACK)
         name = "cache" if OUTPUT_CACHE_FIELD == "cache" else "past_key_values"
         if assisted and model_kwargs.get(name) is None and generation_config.use_cache is not False:
