@@ -70,7 +70,8 @@
 # and in two calls of their own, one right after the other on one machine (tilelang and z3 come to 82 MB):
 #   bash benchmarks/h100_session.sh z3         # carry .z3 (z3-solver 4.15's wheel, 29 MB, whose libz3.so.4.15 tilelang loads)
 #   bash benchmarks/h100_session.sh tilelang   # carry .tilelang (tilelang's wheels, 53 MB) and fla's two wheels from .whl:
-#                                              # fla's gated backward with tilelang (gradient tests, distillation speed)
+#                                              # fla's gated backward with tilelang (gradient tests, distillation speed);
+#                                              # TILELANG=torch, =tests, =fast: one part a call (600 s each)
 #   bash benchmarks/h100_session.sh multi_gpu  # carry .whl, on nvidia-h200-x2: one process vs DDP vs FSDP
 #   bash benchmarks/h100_session.sh sdpa       # nothing carried: a decode step's SDPA per backend and key layout
 # Quality runs take QUALITY="--recipes ... --tokens ..." (quality.py's arguments, default below). The GPU tests
@@ -315,11 +316,14 @@ serving)
   serving
   ;;
 detach)
-  rm -rf /tmp/code /tmp/detached && mkdir -p /tmp/code /tmp/detached
+  rm -rf /tmp/code /tmp/detached /tmp/detached.pid && mkdir -p /tmp/code /tmp/detached
   tar --exclude=./.whl --exclude=./.gguf1 --exclude=./.gguf2 --exclude=./corpus.tgz --exclude=./.tilelang --exclude=./.z3 \
-    -cf - . | tar -xf - -C /tmp/code
-  (cd /tmp/code && OUT=/tmp/detached setsid nohup bash benchmarks/h100_session.sh "$DETACH" > /tmp/detached/detached.log 2>&1 < /dev/null &
-   echo $! > /tmp/detached.pid)
+    --exclude=./.lmeval -cf - . | tar -xf - -C /tmp/code
+  # The run writes its own pid: the device runs a call under job control, so a background job leads its process group
+  # and setsid forks it off, and $! named the exited parent (collect then returned at once; twenty-ninth session).
+  (cd /tmp/code && OUT=/tmp/detached setsid nohup bash -c 'echo $$ > /tmp/detached.pid; exec bash benchmarks/h100_session.sh "$0"' \
+     "$DETACH" > /tmp/detached/detached.log 2>&1 < /dev/null &)
+  for ((tries = 0; tries < 50; tries++)); do [ -s /tmp/detached.pid ] && break; sleep 0.1; done
   sleep "${WAIT_S:-0}"
   tar czf "$OUT/detached.tgz" -C /tmp/detached .  # one file: a call returns at most 8
   ;;
@@ -358,25 +362,38 @@ z3)  # (nvidia-h200, fresh; carry .z3) z3-solver into /tmp/tilelang, for the til
   ;;
 tilelang)  # (after z3, still warm; carry .tilelang and .whl's fla_core and flash_linear_attention wheels) whether fla's
   # gated backward runs on Hopper with the carried tilelang 0.1.15 (.tilelang/: its wheel, apache-tvm-ffi,
-  # torch-c-dlpack-ext): a hybrid_gdn-shaped student's distillation speed on the PyTorch path, then fla's gradient tests
-  # and the same speed with tilelang importable (SPEED_S each)
+  # torch-c-dlpack-ext): a hybrid_gdn-shaped student's distillation speed on the PyTorch path (part torch), fla's
+  # gradient tests (tests) and the same speed with tilelang importable (fast), the parts in TILELANG (default all three),
+  # SPEED_S and TEST_S each. On a fresh machine 130 s was too little for every part (twenty-ninth session: the compiled
+  # first step alone outlasts it), so the parts go into calls of their own, chained, each within a call's 600 s
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/fla_core-*.whl \
-    .whl/flash_linear_attention-*.whl || exit 1
+    .whl/flash_linear_attention-*.whl 2>/dev/null || [ -d /tmp/site/fla ] || exit 1
   speed="--arch smollm2-135m --mixer gated_deltanet --options window=64 --keep-attention every:4 --seq-len 512 --runs 32:on --steps 20 --profile 3"
-  timeout "${SPEED_S:-200}" python3 benchmarks/train_speed.py $speed --out /tmp/speed-torch > "$OUT/train_speed-torch.log" 2>&1
-  echo "exit $?" >> "$OUT/train_speed-torch.log"
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/tilelang .tilelang/*.whl || exit 1
-  export PYTHONPATH=/tmp/tilelang:$PYTHONPATH
-  python3 -c "import tilelang; from linearize.hf import kernel_dispatch as k; print(tilelang.__version__, k.gated_backward_problem())" \
-    > "$OUT/tilelang.log" 2>&1
-  timeout "${TEST_S:-200}" python3 -m pytest -q -p no:cacheprovider -n 8 -m gpu tests/test_gpu.py -k gradients -rs > "$OUT/gpu_tests.log" 2>&1
-  echo "exit $?" >> "$OUT/gpu_tests.log"
-  timeout "${SPEED_S:-200}" python3 benchmarks/train_speed.py $speed --out /tmp/speed-tilelang > "$OUT/train_speed-tilelang.log" 2>&1
-  echo "exit $?" >> "$OUT/train_speed-tilelang.log"
-  for path in torch tilelang; do
-    cp "/tmp/speed-$path/train_speed.json" "$OUT/train_speed-$path.json" 2>/dev/null
-    # the log and the stages' profiles in one file: a call returns at most 8
-    (cd "/tmp/speed-$path" && tar czf "$OUT/distill-$path.tgz" ./*.log $(ls ./*-profile-*.txt 2>/dev/null))
+  for part in ${TILELANG:-torch tests fast}; do
+    if [ "$part" != torch ]; then
+      [ -d /tmp/tilelang/tilelang ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/tilelang \
+        .tilelang/*.whl || exit 1
+      export PYTHONPATH=/tmp/tilelang:$PYTHONPATH
+      python3 -c "import tilelang; from linearize.hf import kernel_dispatch as k; print(tilelang.__version__, k.gated_backward_problem())" \
+        > "$OUT/tilelang.log" 2>&1
+    fi
+    case $part in
+    tests)
+      timeout "${TEST_S:-300}" python3 -m pytest -q -p no:cacheprovider -n 8 -m gpu tests/test_gpu.py -k gradients -rs > "$OUT/gpu_tests.log" 2>&1
+      echo "exit $?" >> "$OUT/gpu_tests.log"
+      ;;
+    torch|fast)
+      path=$([ "$part" = torch ] && echo torch || echo tilelang)
+      timeout "${SPEED_S:-300}" python3 benchmarks/train_speed.py $speed --out "/tmp/speed-$path" > "$OUT/train_speed-$path.log" 2>&1
+      echo "exit $?" >> "$OUT/train_speed-$path.log"
+      cp "/tmp/speed-$path/train_speed.json" "$OUT/train_speed-$path.json" 2>/dev/null
+      # the log and the stages' profiles in one file: a call returns at most 8
+      (cd "/tmp/speed-$path" && tar czf "$OUT/distill-$path.tgz" ./*.log $(ls ./*-profile-*.txt 2>/dev/null))
+      ;;
+    *)
+      echo "TILELANG names torch, tests and fast, not $part" >&2; exit 2
+      ;;
+    esac
   done
   ;;
 multi_gpu)
