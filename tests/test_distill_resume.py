@@ -184,6 +184,31 @@ def test_out_of_memory_names_the_fix(data, monkeypatch):
     assert "\n" not in message
 
 
+def test_out_of_memory_splits_the_micro_batch_and_takes_the_same_steps(data, tmp_path, monkeypatch):
+    """A KD micro-batch of two windows does not fit: the stage goes on at one window a micro-batch and twice the
+    accumulation, and trains exactly as a run configured that way."""
+    said = []
+    kd_losses = lora_kd.kd_losses
+
+    def fits_one_window(student, teacher, ids, *args):
+        if ids.shape[0] > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return kd_losses(student, teacher, ids, *args)
+
+    planned = distill(data, tmp_path / "planned", overrides=["stages.1.batch_size=1", "stages.1.grad_accum=4"])
+    with monkeypatch.context() as patch:
+        patch.setattr(lora_kd, "kd_losses", fits_one_window)
+        split = distill(data, tmp_path / "split", log=said.append)
+    assert records(tmp_path / "split") == records(tmp_path / "planned")
+    for (name, weight), other in zip(split.state_dict().items(), planned.state_dict().values(), strict=True):
+        assert torch.equal(weight, other), name
+    notes = [m for m in said if "out of GPU memory" in m]
+    assert len(notes) == 1 and "batch_size=2" in notes[0] and "grad_accum=4" in notes[0] and "\n" not in notes[0]
+    with monkeypatch.context() as patch, pytest.raises(LinearizeError, match="ran out of memory with batch_size=2"):
+        patch.setattr(lora_kd, "kd_losses", fits_one_window)
+        distill(data, None, overrides=["stages.1.split_on_oom=false"])
+
+
 def test_checkpoint_holds_only_trainable_weights(data, tmp_path, monkeypatch):
     with monkeypatch.context() as patch:
         interrupt_at(patch, stage=0, step=3)

@@ -63,6 +63,11 @@ class TrainConfig:
     profile_steps: record this many optimizer steps after the first (which compiles) under torch.profiler and
         report where their time goes (see `profiling`): in the stage report, printed, and as
         profile-stage<N>-<kind>.txt in the output folder. 0: none.
+    split_on_oom: when the GPU runs out of memory in a micro-batch (one process), split the micro-batches by their
+        smallest factor and multiply grad_accum by it: the same windows make the same step, which is taken again,
+        and the stage goes on at the smaller micro-batch (said once, and recorded in the stage report as
+        `micro_batch`). Stops with the error where a micro-batch is one window, under several processes (the others
+        would wait for the one that failed) or with false.
 
     `flops_per_parameter` (a class constant of each stage) counts the FLOPs one token costs per non-embedding
     parameter, for MFU: 2 per forward pass and 2 per backward pass through activations (frozen weights need no
@@ -87,6 +92,7 @@ class TrainConfig:
     log_every: int = 10
     window_dropout: float = 0.0
     profile_steps: int = 0
+    split_on_oom: bool = True
 
     def __post_init__(self):
         kind = getattr(self, "kind", "stage")
@@ -277,6 +283,7 @@ class _Stage:
             raise LinearizeError(f"{self.where} needs training data; load it with train=True")
         self.steps = count_steps(config, data.seq_len, acc.num_processes, self.where)
         self.tokens_per_step = config.batch_size * config.grad_accum * acc.num_processes * data.seq_len
+        self.micro, self.accum = config.batch_size, config.grad_accum  # split_on_oom changes them, never their product
         self.peak = peak_flops(acc)
         self.flops_per_token = config.flops_per_parameter * non_embedding_parameters(model)
 
@@ -365,7 +372,7 @@ class _Stage:
                         self.save(done)
         except torch.cuda.OutOfMemoryError:
             raise LinearizeError(
-                f"{self.where}: the GPU ran out of memory with batch_size={config.batch_size} and data.seq_len={data.seq_len}; "
+                f"{self.where}: the GPU ran out of memory with batch_size={self.micro} and data.seq_len={data.seq_len}; "
                 f"lower stages[{index}].batch_size (raise grad_accum to keep the batch), lower data.seq_len, "
                 f"or set stages[{index}].gradient_checkpointing=true"
             ) from None
@@ -376,28 +383,24 @@ class _Stage:
             report["profile"] = self.profiler.summary
             self.session.profiles[f"profile-stage{index}-{self.kind}.txt"] = self.profiler.text
             self.session.say(f"{self.where}: {self.profiler.headline}")
+        if (self.micro, self.accum) != (config.batch_size, config.grad_accum):
+            report["micro_batch"] = {"batch_size": self.micro, "grad_accum": self.accum}
         logged = [r for r in self.session.records if r.get("stage") == index]
         report.update(seconds=round(time.time() - self.started, 1), first=logged[0] if logged else None, last=logged[-1] if logged else None)
         return report
 
     def optimizer_step(self, step: int) -> torch.Tensor:
-        """Optimizer step `step` over `grad_accum` micro-batches, taken only when the loss and the gradient are
-        finite; adds its metrics to those of the steps since the last record. Returns the gradient norm."""
+        """Optimizer step `step` over its micro-batches, taken only when the loss and the gradient are finite; adds
+        its metrics to those of the steps since the last record. Returns the gradient norm."""
         acc, config, wrapped = self.acc, self.config, self.wrapped
-        step_sums: dict[str, torch.Tensor] = {}
         phase = self.profiler.phase
-        for micro in range(config.grad_accum):
-            first = ((step * config.grad_accum + micro) * acc.num_processes + acc.process_index) * config.batch_size
-            with phase("data"):
-                batch, weights = (None if t is None else to_device(t, acc.device) for t in take_weighted(self.data.train, first, config.batch_size))
-            last_micro = micro == config.grad_accum - 1
-            with nullcontext() if last_micro else acc.no_sync(wrapped):
-                with phase("forward"):
-                    loss, metrics = self.step_loss(wrapped, batch, weights)
-                with phase("backward"):
-                    acc.backward(loss / config.grad_accum)
-            for name, value in {"loss": loss.detach(), **metrics}.items():
-                step_sums[name] = step_sums.get(name, 0) + value.detach().float() / config.grad_accum
+        while True:
+            try:
+                step_sums = self.accumulate(step)
+                break
+            except torch.cuda.OutOfMemoryError:
+                if not self.split():
+                    raise
         with phase("checks"):
             # accelerate clips with FSDP's own (global) norm only when handed the wrapped model's parameters.
             grad_norm = acc.clip_grad_norm_(list(wrapped.parameters()) if self.fsdp else list(self.params.values()), config.max_grad_norm or math.inf)
@@ -418,6 +421,40 @@ class _Stage:
             self.sums[name] = self.sums.get(name, 0) + value
         self.window_steps += 1
         return grad_norm
+
+    def accumulate(self, step: int) -> dict[str, torch.Tensor]:
+        """Forward and backward of step `step`'s micro-batches, the gradients summed; returns the step's metrics."""
+        acc, wrapped, micro_batch, accum = self.acc, self.wrapped, self.micro, self.accum
+        step_sums: dict[str, torch.Tensor] = {}
+        phase = self.profiler.phase
+        for micro in range(accum):
+            first = ((step * accum + micro) * acc.num_processes + acc.process_index) * micro_batch
+            with phase("data"):
+                batch, weights = (None if t is None else to_device(t, acc.device) for t in take_weighted(self.data.train, first, micro_batch))
+            with nullcontext() if micro == accum - 1 else acc.no_sync(wrapped):
+                with phase("forward"):
+                    loss, metrics = self.step_loss(wrapped, batch, weights)
+                with phase("backward"):
+                    acc.backward(loss / accum)
+            for name, value in {"loss": loss.detach(), **metrics}.items():
+                step_sums[name] = step_sums.get(name, 0) + value.detach().float() / accum
+        return step_sums
+
+    def split(self) -> bool:
+        """After running out of GPU memory in a micro-batch: split the micro-batches (`split_on_oom`) and drop the
+        step's partial gradients, so that it is taken again; False where that cannot be done."""
+        if not self.config.split_on_oom or self.acc.num_processes > 1 or self.micro == 1:
+            return False
+        factor = next(f for f in range(2, self.micro + 1) if self.micro % f == 0)
+        was = self.micro
+        self.micro, self.accum = self.micro // factor, self.accum * factor
+        self.optimizer.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+        self.session.say(
+            f"{self.where}: out of GPU memory at batch_size={was}; now {self.micro} windows a micro-batch and grad_accum={self.accum}, "
+            f"the same {self.tokens_per_step:,} tokens a step (stages[{self.index}].split_on_oom=false stops instead)"
+        )
+        return True
 
     def settle(self) -> None:
         """Check the deferred verdict of the last step, if one is pending (before its step is logged or saved)."""
