@@ -65,7 +65,7 @@ class TrainConfig:
         profile-stage<N>-<kind>.txt in the output folder. 0: none.
     split_on_oom: when the GPU runs out of memory in a micro-batch (one process), split the micro-batches by their
         smallest factor and multiply grad_accum by it: the same windows make the same step, which is taken again,
-        and the stage goes on at the smaller micro-batch (said once, and recorded in the stage report as
+        and the stage goes on at the smaller micro-batch (said in one line, and recorded in the stage report as
         `micro_batch`). Stops with the error where a micro-batch is one window, under several processes (the others
         would wait for the one that failed) or with false.
 
@@ -399,8 +399,9 @@ class _Stage:
                 step_sums = self.accumulate(step)
                 break
             except torch.cuda.OutOfMemoryError:
-                if not self.split():
+                if not self.splits():
                     raise
+            self.split()  # out of the handler: the failed attempt's tensors, held by its traceback, are freed by now
         with phase("checks"):
             # accelerate clips with FSDP's own (global) norm only when handed the wrapped model's parameters.
             grad_norm = acc.clip_grad_norm_(list(wrapped.parameters()) if self.fsdp else list(self.params.values()), config.max_grad_norm or math.inf)
@@ -440,11 +441,13 @@ class _Stage:
                 step_sums[name] = step_sums.get(name, 0) + value.detach().float() / accum
         return step_sums
 
-    def split(self) -> bool:
-        """After running out of GPU memory in a micro-batch: split the micro-batches (`split_on_oom`) and drop the
-        step's partial gradients, so that it is taken again; False where that cannot be done."""
-        if not self.config.split_on_oom or self.acc.num_processes > 1 or self.micro == 1:
-            return False
+    def splits(self) -> bool:
+        """Whether a micro-batch that ran out of GPU memory is split (`split_on_oom`)."""
+        return self.config.split_on_oom and self.acc.num_processes == 1 and self.micro > 1
+
+    def split(self) -> None:
+        """Split the micro-batches by their smallest factor and drop the step's partial gradients, so that it is
+        taken again."""
         factor = next(f for f in range(2, self.micro + 1) if self.micro % f == 0)
         was = self.micro
         self.micro, self.accum = self.micro // factor, self.accum * factor
@@ -454,7 +457,6 @@ class _Stage:
             f"{self.where}: out of GPU memory at batch_size={was}; now {self.micro} windows a micro-batch and grad_accum={self.accum}, "
             f"the same {self.tokens_per_step:,} tokens a step (stages[{self.index}].split_on_oom=false stops instead)"
         )
-        return True
 
     def settle(self) -> None:
         """Check the deferred verdict of the last step, if one is pending (before its step is logged or saved)."""
