@@ -76,9 +76,11 @@
 #   bash benchmarks/h100_session.sh sdpa       # nothing carried: a decode step's SDPA per backend and key layout
 # Quality runs take QUALITY="--recipes ... --tokens ..." (quality.py's arguments, default below). The GPU tests
 # run in 14 pytest-xdist processes: Triton compiles fla's kernels for each shape and dtype on first use, on the CPU.
-# Results land in $OUT (default ./gpu_out). Wheels (.whl/, git-ignored, 11.6 MB): flash-linear-attention and fla-core
-# 0.6.0, gguf 0.19.0, datasets 5.2.0, dill 0.4.1, multiprocess 0.70.19 and lm_eval 0.4.13 (quality.py's --suite; the
-# local suite imports nothing else the image lacks: no sklearn, evaluate, rouge_score, pytablewriter, sqlitedict), each
+# Results land in $OUT (default ./gpu_out). Wheels (.whl/, git-ignored, 2.5 MB): flash-linear-attention and fla-core
+# 0.6.0, gguf 0.19.0, datasets 5.2.0, dill 0.4.1 and multiprocess 0.70.19; lm_eval 0.4.13 (9.1 MB, quality.py's --suite;
+# the local suite imports nothing else the image lacks: no sklearn, evaluate, rouge_score, pytablewriter, sqlitedict)
+# waits in .lmeval/ (in .git/info/exclude), since .whl, .gguf1 and the tree with it came to more than 64 MiB a call
+# (twenty-ninth session): carry it in a call of its own, e.g. beside .z3, and install it into /tmp/site. Each
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl NAME==VERSION
 set -u
