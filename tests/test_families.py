@@ -73,7 +73,6 @@ def test_family_converts_through_every_mixer_or_is_refused_in_one_line(family, t
     assert_reloaded(reloaded, student, input_ids=ids[1:])
 
 
-
 @pytest.mark.parametrize("family", ["bamba", "falcon_h1", "qwen3_next"])
 def test_a_teacher_that_already_keeps_a_recurrent_state_is_refused_in_one_line(family):
     """Mamba or linear-attention layers beside its attention: marked `_is_stateful` up to transformers 5.24, known by
