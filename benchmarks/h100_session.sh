@@ -86,7 +86,9 @@
 set -u
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
-export PYTHONPATH=/tmp/site:$PWD
+# WITH_TILELANG=1 (after z3 and a tilelang call, still warm) puts the carried tilelang on the path of any mode, e.g. a
+# detached quality run, so that fla's gated backward takes it
+export PYTHONPATH=/tmp/site:$PWD${WITH_TILELANG:+:/tmp/tilelang}
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$OUT/device.txt"
 python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)" >> "$OUT/device.txt"
 
