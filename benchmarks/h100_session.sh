@@ -383,7 +383,7 @@ tilelang)  # (after z3, still warm; carry .tilelang and .whl's fla_core and flas
     fi
     case $part in
     tests)
-      timeout "${TEST_S:-300}" python3 -m pytest -q -p no:cacheprovider -n 8 -m gpu tests/test_gpu.py -k gradients -rs > "$OUT/gpu_tests.log" 2>&1
+      timeout "${TEST_S:-300}" python3 -m pytest -v -p no:cacheprovider -n 8 -m gpu tests/test_gpu.py -k gradients -rs > "$OUT/gpu_tests.log" 2>&1
       echo "exit $?" >> "$OUT/gpu_tests.log"
       ;;
     torch|fast)
