@@ -166,9 +166,11 @@ def test_lora_kd_trains_the_same_with_chunked_and_full_logits():
     assert all(torch.allclose(full[n], chunked[n], atol=1e-9) for n in full)
 
 
-def test_lora_kd_weighs_retrieval_answers_as_the_data_asks(monkeypatch):
+@pytest.mark.parametrize("teacher_top_k", [0, 8], ids=["full", "cached"])
+def test_lora_kd_weighs_retrieval_answers_as_the_data_asks(monkeypatch, teacher_top_k):
     """A stage on data whose retrieval answers weigh 20x hands each batch's weights to the KD losses, and they
-    change what is learnt against the same data unweighted."""
+    change what is learnt against the same data unweighted; with cached teacher logits too, whose windows are keyed
+    as the loop takes them."""
     from linearize.config import DataConfig
     from linearize.distillation.data import load_data
     from tests.tiny import tiny_tokenizer
@@ -187,7 +189,7 @@ def test_lora_kd_weighs_retrieval_answers_as_the_data_asks(monkeypatch):
                          tiny_tokenizer(), seed=0)
         torch.manual_seed(0)
         model = linearize.convert(tiny_model(), "hedgehog")
-        config = LoraKDConfig(tokens=256 * 2 * 2, batch_size=2, lr=1e-2, kl_chunk=64)
+        config = LoraKDConfig(tokens=256 * 2 * 2, batch_size=2, lr=1e-2, kl_chunk=64, teacher_top_k=teacher_top_k)
         trained.append({n: p.detach().clone() for n, p in lora_kd.run(model, data, config).named_parameters()})
     assert seen[:2] == [None, None]
     assert [tuple(w.shape) for w in seen[2:]] == [(2, 256), (2, 256)] and all(w.max() == 20 and (w == 20).sum() >= 4 for w in seen[2:])

@@ -18,7 +18,8 @@ from linearize.distillation import LoraKDConfig
 from linearize.distillation.kd import KDHead, kd_losses
 from linearize.distillation.session import Session
 from linearize.distillation.stages import lora_kd
-from linearize.distillation.teacher_logits import TeacherLogitCache, top_k
+from linearize.distillation import teacher_logits
+from linearize.distillation.teacher_logits import KeyedWindows, TeacherLogitCache, top_k
 from linearize.hf.errors import LinearizeError
 from tests.tiny import VOCAB, tiny_data, tiny_model
 
@@ -151,6 +152,59 @@ def test_the_stage_runs_the_teacher_once_per_window_and_a_resumed_stage_reads_th
     assert passes == [] and [r["cached"] for r in session.records if r["step"] > 4] == [1.0] * 4  # all from the cache
     expected = dict(unbroken.named_parameters())
     assert all(torch.equal(p, expected[name]) for name, p in resumed.named_parameters())
+
+
+def test_a_batch_of_cached_and_new_windows_comes_back_in_its_order_in_the_kept_form(tmp_path, monkeypatch):
+    """Windows read back and windows computed in one batch give each row what a batch of only computed windows gives
+    (float16 log-probabilities, exact ids), in the batch's order; only the new windows are computed; keys handed in
+    are used as given (the windows are not keyed again); and with shards of a few windows, each shard is written at
+    the call after it fills, and every window is read back from it as it was computed."""
+    monkeypatch.setattr(teacher_logits, "SHARD_BYTES", 3 * 8 * (4 * 2 + 4 * 2 + 4))  # three windows of 8 positions, K = 4
+    torch.manual_seed(0)
+    windows = torch.randint(VOCAB, (7, 8))
+    logits = {tuple(w.tolist()): torch.randn(8, VOCAB) for w in windows}
+    computed = []
+
+    def compute(batch):
+        computed.append([tuple(w.tolist()) for w in batch])
+        return top_k(torch.stack([logits[tuple(w.tolist())] for w in batch]), 4, 1.0)
+
+    cache = TeacherLogitCache(tmp_path, top_k=4, temperature=1.0, vocab=VOCAB)
+    alone = compute(windows)
+    computed.clear()
+    first_keys = [teacher_logits.window_key(w) for w in windows]
+    first, cached = cache.get(windows[[0, 1, 2, 3]], compute)
+    assert cached == 0 and not list(tmp_path.glob("*.safetensors"))  # four windows held, none written
+    order = [4, 1, 5, 3, 0]  # new, held, new, held, held
+    keys = [teacher_logits.window_key(w) for w in windows[order]]
+    monkeypatch.setattr(teacher_logits, "window_key", lambda window: pytest.fail("keyed again"))
+    mixed, cached = cache.get(windows[order], compute, keys)
+    assert cached == 3 and computed[-1] == [tuple(windows[i].tolist()) for i in (4, 5)]
+    assert [p.name for p in tmp_path.glob("*.safetensors")] == ["000-00000.safetensors"]  # the first call's
+    third = [5, 6, 2]  # held from the last call, new, written
+    last, cached = cache.get(windows[third], compute, [first_keys[i] for i in third])
+    assert cached == 2 and computed[-1] == [tuple(windows[6].tolist())]
+    for got, rows in ((first, [0, 1, 2, 3]), (mixed, order), (last, third)):
+        assert got.log_probs.dtype == torch.float16
+        assert torch.equal(got.log_probs, alone.log_probs[rows].half())
+        assert torch.equal(got.indices.long(), alone.indices[rows]) and torch.equal(got.log_rest, alone.log_rest[rows])
+    cache.flush()
+    again = TeacherLogitCache(tmp_path, top_k=4, temperature=1.0, vocab=VOCAB)
+    read, cached = again.get(windows, lambda batch: pytest.fail("computed again"), first_keys)
+    assert cached == 7 and len(again) == 7
+    assert torch.equal(read.log_probs, alone.log_probs.half()) and torch.equal(read.indices.long(), alone.indices)
+    with pytest.raises(ValueError, match="2 keys for 7 windows"):
+        again.get(windows, compute, keys[:2])
+
+
+def test_keyed_windows_key_each_batch_as_it_is_taken():
+    data = tiny_data(seq_len=16, train_chars=400)
+    keyed = KeyedWindows(data.train)
+    assert len(keyed) == len(data.train) and keyed.streaming == data.train.streaming and keyed.keys is None
+    batch, weights = keyed.take_weighted(2, 3)
+    assert torch.equal(batch, data.train.take(2, 3)) and weights is None
+    assert keyed.keys == [teacher_logits.window_key(w) for w in batch]
+    assert torch.equal(keyed.take(0, 2), data.train.take(0, 2)) and len(keyed.keys) == 2
 
 
 def test_bad_settings_are_refused_in_one_line(tmp_path, monkeypatch):

@@ -86,6 +86,6 @@ def with_retrieval(windows, config, tokenizer, seed: int) -> tuple[object, str]:
 
 def take_weighted(windows, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Training windows and their positions' loss weights: None unless retrieval answers weigh more."""
-    if isinstance(windows, RetrievalMix):
+    if hasattr(windows, "take_weighted"):  # RetrievalMix, or a wrapper of windows (teacher_logits.KeyedWindows)
         return windows.take_weighted(start, count)
     return windows.take(start, count), None

@@ -74,6 +74,34 @@ def window_key(window: torch.Tensor) -> int:
     return int.from_bytes(digest.digest(), "little", signed=True)
 
 
+class KeyedWindows:
+    """Training windows (PackedWindows, StreamedWindows or RetrievalMix) that key each batch they give on the host as
+    they give it (`keys`), so that the cache can look up the batch the training loop then moves to the GPU without
+    copying it back, which would wait for every kernel queued before it. The loop takes a micro-batch and computes its
+    loss before it takes the next, so `keys` are those of the batch being trained on."""
+
+    def __init__(self, windows):
+        self.windows, self.keys = windows, None
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getattr__(self, name: str):
+        if name == "windows":  # not set yet (a copy being built)
+            raise AttributeError(name)
+        return getattr(self.windows, name)
+
+    def take(self, start: int, count: int) -> torch.Tensor:
+        return self.take_weighted(start, count)[0]
+
+    def take_weighted(self, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        from .retrieval_mix import take_weighted
+
+        batch, weights = take_weighted(self.windows, start, count)
+        self.keys = [window_key(window) for window in batch]
+        return batch, weights
+
+
 class TeacherLogitCache:
     """The top-k teacher distributions of training windows in `folder`, by window (see the module docstring).
 
@@ -90,8 +118,10 @@ class TeacherLogitCache:
         self.dtypes = (torch.float16, torch.uint16 if vocab <= 2**16 else torch.int32, torch.float32)
         self.located: dict[int, tuple[str, int]] = {}  # key -> (shard, row)
         self.shards: dict[str, object] = {}
-        self.held: dict[int, tuple[torch.Tensor, ...]] = {}  # computed, not yet written
+        # computed, not yet written: each window's fields on the host and where they were computed (the same on a CPU)
+        self.held: dict[int, tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]] = {}
         self.held_bytes = 0
+        self.copied: torch.cuda.Event | None = None  # recorded after the last copy of computed windows to the host
         self.refresh()
         own = [int(name.split("-")[1].split(".")[0]) for name in self.shards if name.startswith(f"{process:03d}-")]
         self.serial = max(own, default=-1) + 1
@@ -118,29 +148,64 @@ class TeacherLogitCache:
             for row, key in enumerate(shard.get_tensor("keys").tolist()):
                 self.located.setdefault(key, (path.name, row))
 
-    def get(self, windows: torch.Tensor, compute: Callable[[torch.Tensor], TeacherTopK]) -> tuple[TeacherTopK, int]:
+    def get(self, windows: torch.Tensor, compute: Callable[[torch.Tensor], TeacherTopK], keys: list[int] | None = None) -> tuple[TeacherTopK, int]:
         """The teacher's distributions of `windows` (batch, sequence) on their device, and how many of the windows
-        were read from the cache; the others are `compute(those windows)`, which the cache keeps."""
-        keys = [window_key(window) for window in windows.cpu()]
+        were read from the cache; the others are `compute(those windows)`, which the cache keeps. `keys` are the
+        windows' `window_key`s where the caller has them on the host (`KeyedWindows`): on a GPU, keying `windows`
+        here would copy them back and wait for the kernels queued before.
+
+        On CUDA the host waits for no kernel of this call: computed windows go to pinned host memory behind an event
+        and stay on the GPU too until they are written, so a window asked for again before then is read there; the
+        host awaits the event before it writes a shard, at the call after the shard fills. Cached windows go up from
+        pinned memory."""
+        keys = [window_key(window) for window in windows.cpu()] if keys is None else keys
+        if len(keys) != windows.shape[0]:
+            raise ValueError(f"{len(keys)} keys for {windows.shape[0]} windows")
+        if self.held_bytes >= SHARD_BYTES:  # the last call's windows: their copy has had a step to finish
+            self.flush()
         if any(key not in self for key in keys):
             self.refresh()
+        count, device = len(keys), windows.device
         missing = [i for i, key in enumerate(keys) if key not in self]
+        resident = [i for i, key in enumerate(keys) if key in self.held]
+        from_host = [i for i, key in enumerate(keys) if key in self.located and key not in self.held]
+        rows: dict[int, tuple[torch.Tensor, ...]] = {i: self.held[keys[i]][1] for i in resident}  # batch row -> its fields on `device`
+        if from_host:
+            stacked = [self._on(device, torch.stack(column)) for column in zip(*(self._row(keys[i]) for i in from_host))]
+            if len(from_host) == count:
+                return TeacherTopK(*stacked), count
+            rows.update({i: tuple(field[j] for field in stacked) for j, i in enumerate(from_host)})
         if missing:
-            fresh = compute(windows[missing])
-            stored = [field.to("cpu", dtype) for field, dtype in zip((fresh.log_probs, fresh.indices, fresh.log_rest), self.dtypes)]
-            for i, row in zip(missing, zip(*stored)):
+            fresh = compute(windows if len(missing) == count else windows[self._on(device, missing)])
+            # The kept form, so that a window gives the same loss whether its teacher ran at this step or was read
+            # back: log-probabilities in float16; int64 ids here, which their storage type holds exactly.
+            kept = (fresh.log_probs.to(self.dtypes[0]), fresh.indices, fresh.log_rest.to(self.dtypes[2]))
+            stored = [field.to(dtype) for field, dtype in zip(kept, self.dtypes)]
+            on_host = [field.to("cpu", non_blocking=True) for field in stored]
+            if windows.is_cuda:
+                self.copied = torch.cuda.Event()
+                self.copied.record()
+            for j, i in enumerate(missing):
                 if keys[i] not in self.held:
-                    self.held[keys[i]] = row
+                    row = tuple(field[j] for field in on_host)
+                    self.held[keys[i]] = (row, tuple(field[j] for field in stored))
                     self.held_bytes += sum(t.numel() * t.element_size() for t in row)
-        rows = [self._row(key) for key in keys]
-        if self.held_bytes >= SHARD_BYTES:
-            self.flush()
-        log_probs, indices, log_rest = (torch.stack(column).to(windows.device) for column in zip(*rows))
-        return TeacherTopK(log_probs, indices, log_rest), len(keys) - len(missing)
+            if len(missing) == count:
+                return TeacherTopK(*kept), 0
+            rows.update({i: tuple(field[j] for field in kept) for j, i in enumerate(missing)})
+        # Windows from more than one place: one tensor a field in the batch's order, the ids in one type.
+        fields = zip(*(rows[i] for i in range(count)))
+        joined = (torch.stack(column if column[0].is_floating_point() else [ids.long() for ids in column]) for column in fields)
+        return TeacherTopK(*joined), count - len(missing)
+
+    @staticmethod
+    def _on(device: torch.device, values: list[int] | torch.Tensor) -> torch.Tensor:
+        """Host values (a list of ints: an index) on `device`, from pinned memory on CUDA, without waiting."""
+        tensor = torch.tensor(values) if isinstance(values, list) else values
+        return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor.to(device)
 
     def _row(self, key: int) -> tuple[torch.Tensor, ...]:
-        if key in self.held:
-            return self.held[key]
+        """A written window's fields, read from its shard."""
         name, row = self.located[key]
         return tuple(self.shards[name].get_slice(field)[row] for field in _FIELDS)
 
@@ -150,7 +215,10 @@ class TeacherLogitCache:
 
         if not self.held:
             return
-        columns = [torch.stack(column) for column in zip(*self.held.values())]
+        if self.copied is not None:  # the computed windows' copy to the host
+            self.copied.synchronize()
+            self.copied = None
+        columns = [torch.stack(column) for column in zip(*(host for host, _ in self.held.values()))]
         tensors = {"keys": torch.tensor(list(self.held), dtype=torch.int64), **dict(zip(_FIELDS, columns))}
         name = f"{self.process:03d}-{self.serial:05d}.safetensors"
         partial = self.folder / f".{name}.partial"

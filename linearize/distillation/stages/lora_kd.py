@@ -15,7 +15,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 import torch
@@ -29,7 +29,7 @@ from ..fsdp import is_fsdp
 from ..kd import KDHead, chunkable_head, hidden_states_out, kd_losses
 from ..loop import TrainConfig, train
 from ..session import Session
-from ..teacher_logits import TeacherLogitCache, cached_teacher_logits, top_k
+from ..teacher_logits import KeyedWindows, TeacherLogitCache, cached_teacher_logits, top_k
 
 
 @dataclass
@@ -172,6 +172,9 @@ def run(model: nn.Module, data, config: LoraKDConfig, session: Session | None = 
         with torch.no_grad(), peft_model.disable_adapter(), teacher_mode(peft_model), outputs():
             return model(input_ids=windows, use_cache=False).logits
 
+    # With cached teacher logits, the training windows key each batch on the host as the loop takes it.
+    keyed = KeyedWindows(data.train) if config.teacher_top_k and data.train is not None else None
+
     def step_loss(wrapped: nn.Module, batch: torch.Tensor, weights: torch.Tensor | None):
         # The prepared model brings the mixed precision into its own forward only: the losses' chunked head and the
         # teacher's top-k run outside it, and would multiply in float32 (on the Llama-3.2-1B shape, 55% of a step).
@@ -186,8 +189,8 @@ def run(model: nn.Module, data, config: LoraKDConfig, session: Session | None = 
         else:
             # The windows not cached yet differ between processes, so their teacher runs on the unwrapped model
             # (which has the autocast too): a DDP forward broadcasts buffers, a collective every process must join.
-            teacher, cached = cache.get(batch, lambda windows: top_k(teacher_pass(peft_model, windows), config.teacher_top_k, config.temperature, head))
-            metrics["cached"] = torch.tensor(cached / batch.shape[0], device=batch.device)
+            teacher, cached = cache.get(batch, lambda windows: top_k(teacher_pass(peft_model, windows), config.teacher_top_k, config.temperature, head), keyed.keys)
+            metrics["cached"] = torch.full((), cached / batch.shape[0], device=batch.device)  # a fill: no copy to wait for
         peft_model.train()
         with outputs():
             student_out = wrapped(input_ids=batch, use_cache=False).logits
@@ -198,7 +201,7 @@ def run(model: nn.Module, data, config: LoraKDConfig, session: Session | None = 
     where = f"stages[{session.stage_index}] (lora_kd)"
     session.say(f"{where}: rank-{config.rank} LoRA on {len(targets)} projections, {sum(p.numel() for p in params.values()):,} trainable parameters")
     with _teacher_cache(peft_model, config, session) as cache:
-        report = train(peft_model, data, config, session, params, step_loss)
+        report = train(peft_model, data if keyed is None else replace(data, train=keyed), config, session, params, step_loss)
         if cache is not None:
             cache.flush()
             report["teacher_logits"] = {"top_k": config.teacher_top_k, "windows": len(cache), "bytes": cache.disk_bytes()}
