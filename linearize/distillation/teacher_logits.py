@@ -15,9 +15,10 @@ share the windows out by position, so the same text turns up at other positions;
 
 On disk (the stage's checkpoint folder, `stage<i>-lora_kd/teacher_logits/`): shards
 `<process>-<serial>.safetensors` holding `keys` (n,) int64, `log_probs` and `indices` (n, sequence, K) and `log_rest`
-(n, sequence), with the settings in the header. A process writes a shard when the windows it holds in memory reach
-`SHARD_BYTES` and when the stage ends or stops on an error, under a temporary name renamed into place, so a shard
-is whole or absent (a killed process loses only what it held). A window missing from the cache is first looked for
+(n, sequence), with the settings in the header. A process writes a shard at the first call after the windows it
+holds in memory reach `SHARD_BYTES` (on a GPU they are held there too until then) and when the stage ends or stops on
+an error, under a temporary name renamed into place, so a shard is whole or absent (a killed process loses only what
+it held). A window missing from the cache is first looked for
 in the shards other processes wrote since; one they still hold is computed again. A resumed stage reads every
 shard there; the folder goes with the checkpoints once the run is saved.
 """
