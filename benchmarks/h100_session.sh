@@ -10,7 +10,8 @@
 #                                             # or RUNS=none); with SERVE (serving_speed.py's arguments) that runs alone
 #                                             # on GPU 0 with compile and CUDA-graph logs, the rest on GPU 1
 #   bash benchmarks/h100_session.sh solo      # (nvidia-h200, one GPU) carry .whl .gguf1, as first: SERVE, then WARM, then
-#                                             # TESTS, then SPEED (as train_speed), then PARTS (prefill_parts.py's arguments), each if given, one
+#                                             # TESTS, then SPEED (as train_speed), then PARTS (prefill_parts.py's arguments), then KDLOSS
+#                                             # (kd_loss_speed.py's), each if given, one
 #                                             # after another on the one GPU. A script run by hand needs the
 #                                             # PYTHONPATH set below (/tmp/site:$PWD), or linearize is not found
 #   bash benchmarks/h100_session.sh second    # carry .gguf2 corpus (or corpus.tgz, `tar czf corpus.tgz corpus`): join
@@ -76,13 +77,12 @@
 #   bash benchmarks/h100_session.sh sdpa       # nothing carried: a decode step's SDPA per backend and key layout
 # Quality runs take QUALITY="--recipes ... --tokens ..." (quality.py's arguments, default below). The GPU tests
 # run in 14 pytest-xdist processes: Triton compiles fla's kernels for each shape and dtype on first use, on the CPU.
-# Results land in $OUT (default ./gpu_out). Wheels (.whl/, git-ignored, 2.5 MB): flash-linear-attention and fla-core
-# 0.6.0, gguf 0.19.0, datasets 5.2.0, dill 0.4.1 and multiprocess 0.70.19; lm_eval 0.4.13 (9.1 MB, quality.py's --suite;
+# Results land in $OUT (default ./gpu_out). Every carried file comes from `bash benchmarks/gpu_assets.sh`. Wheels (.whl/,
+# git-ignored, 3.3 MB): flash-linear-attention and fla-core 0.6.0, gguf 0.19.0, datasets 5.2.0, dill 0.4.1, multiprocess
+# 0.70.19 and liger-kernel 0.8.5; lm_eval 0.4.13 (9.1 MB, quality.py's --suite;
 # the local suite imports nothing else the image lacks: no sklearn, evaluate, rouge_score, pytablewriter, sqlitedict)
-# waits in .lmeval/ (in .git/info/exclude), since .whl, .gguf1 and the tree with it came to more than 64 MiB a call
-# (twenty-ninth session): carry it in a call of its own, e.g. beside .z3, and install it into /tmp/site. Each
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl NAME==VERSION
+# waits in .lmeval/, since .whl, .gguf1 and the tree with it came to more than 64 MiB a call (twenty-ninth session):
+# carry it in a call of its own, e.g. beside .z3, and install it into /tmp/site.
 set -u
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
@@ -196,6 +196,10 @@ solo)  # (nvidia-h200, one GPU) first's carry and set-up, then SERVE (as first),
   if [ -n "${PARTS:-}" ]; then  # prefill_parts.py with PARTS's arguments, within PARTS_S
     timeout "${PARTS_S:-150}" python3 benchmarks/prefill_parts.py $PARTS --out "$OUT/prefill_parts.jsonl" > "$OUT/prefill_parts.log" 2>&1
     echo "exit $?" >> "$OUT/prefill_parts.log"
+  fi
+  if [ -n "${KDLOSS:-}" ]; then  # kd_loss_speed.py with KDLOSS's arguments (Liger-Kernel from .whl), within KDLOSS_S
+    timeout "${KDLOSS_S:-150}" python3 benchmarks/kd_loss_speed.py $KDLOSS --out "$OUT/kd_loss.json" > "$OUT/kd_loss.log" 2>&1
+    echo "exit $?" >> "$OUT/kd_loss.log"
   fi
   ;;
 first)

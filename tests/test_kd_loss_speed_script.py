@@ -1,0 +1,50 @@
+"""benchmarks/kd_loss_speed.py: linearize's chunked KD loss (kernel and PyTorch path) timed beside the full-logit form
+and, where it is installed, Liger-Kernel's fused linear JSD; checked on a CPU (the kernel under Triton's interpreter)."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import REPO_ROOT
+
+
+def run_script(*args):
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    script = REPO_ROOT / "benchmarks" / "kd_loss_speed.py"
+    return subprocess.run([sys.executable, str(script), *args], cwd=REPO_ROOT, capture_output=True, text=True, env=env)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="the fused KL needs Triton (the dev extra)")
+def test_every_variant_gives_the_reference_loss_and_gradient(tmp_path):
+    out = tmp_path / "kd_loss.json"
+    done = run_script("--device", "cpu", "--arch", "tiny", "--tokens", "96", "--chunks", "32,1024", "--temperature", "2",
+                      "--precision", "float32", "--repeats", "1", "--warmup", "0", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    rows = {(row["variant"], row["chunk"]) for row in result["rows"]}
+    expected = {("linearize_torch", 32), ("linearize_torch", 1024), ("linearize", 32), ("linearize", 1024), ("full", None)}
+    if importlib.util.find_spec("liger_kernel") is None:
+        assert "pip install liger-kernel" in result["absent"]["liger"]
+    else:
+        expected.add(("liger", None))
+    assert rows == expected and result["tokens"] == 96 and result["vocab"] == 256
+    # The same loss in every form, at the temperature's scale (T^2 KL), and a real one: the two models differ.
+    losses = [row["loss"] for row in result["rows"]]
+    assert min(losses) > 0.1 and max(losses) - min(losses) < 1e-5 * max(losses)
+    assert all(row["grad_difference"] < 1e-5 and row["ms"] > 0 for row in result["rows"])
+
+
+def test_a_run_without_the_reference_is_one_line_naming_the_fix(tmp_path):
+    done = run_script("--device", "cpu", "--variants", "linearize,full", "--out", str(tmp_path / "x.json"))
+    assert done.returncode != 0 and "needs linearize_torch" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a machine without CUDA gives")
+def test_cuda_on_a_machine_without_it_is_one_line_naming_the_fix(tmp_path):
+    done = run_script("--out", str(tmp_path / "x.json"))
+    assert done.returncode != 0 and "--device cpu" in done.stderr and len(done.stderr.strip().splitlines()) == 1
