@@ -27,6 +27,7 @@ gradient's largest difference from `linearize_torch`'s, relative to its largest 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import platform
@@ -152,8 +153,8 @@ def main() -> None:
     for name, why in missing.items():
         print(f"{name:<16} absent: {why}")
     try:
-        from liger_kernel import __version__ as liger_version
-    except Exception:
+        liger_version = importlib.metadata.version("liger-kernel")
+    except importlib.metadata.PackageNotFoundError:
         liger_version = None
     result = {
         "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
