@@ -114,8 +114,11 @@ def test_compiled_hybrid_stages_train_like_eager_ones_within_dynamos_recompile_l
     start = snapshot(linearize.convert(tiny_model("llama", dtype=torch.float32), "gated_deltanet", keep_attention=[1], window=4))
     changed = [k for k in start if not torch.equal(results[0][k], start[k])]
     assert any("window_logit" in k for k in changed) and any("q_proj" in k for k in changed)
+    # Inductor's code sums in other orders than eager's, by CPU (AVX2 or AVX-512), and Adam's first steps (about lr times
+    # the gradient's sign) carry a gradient's last bits into the weights: 1.8e-5 apart at most on a 2-core AMD EPYC
+    # (AVX2), against steps of lr = 1e-2 that a wrong gradient would change.
     for name in results[0]:
-        torch.testing.assert_close(results[1][name], results[0][name], rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(results[1][name], results[0][name], rtol=1e-4, atol=5e-5, msg=name)
 
 
 def test_a_new_stage_length_compiles_static_graphs_of_its_own(monkeypatch):
