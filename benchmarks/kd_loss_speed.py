@@ -32,12 +32,14 @@ import json
 import os
 import platform
 import sys
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
+from unittest import mock
 
 import torch
 
 from linearize.distillation.kd import KDHead, kd_losses
+from linearize.hf.triton_step import SWITCH
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed import ARCHS  # noqa: E402
@@ -57,21 +59,6 @@ def liger_problem() -> str | None:
     return None
 
 
-@contextmanager
-def fused_switch(value: str | None):
-    """LINEARIZE_FUSED_STEP set to `value` (None: left as it is) inside the block."""
-    before = os.environ.get("LINEARIZE_FUSED_STEP")
-    if value is not None:
-        os.environ["LINEARIZE_FUSED_STEP"] = value
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("LINEARIZE_FUSED_STEP", None)
-        else:
-            os.environ["LINEARIZE_FUSED_STEP"] = before
-
-
 def loss_of(variant: str, student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, chunk: int, temperature: float) -> torch.Tensor:
     """The variant's mean KL (times the temperature squared) of student hidden states (rows, length, hidden)."""
     if variant in ("linearize", "linearize_torch"):
@@ -87,7 +74,7 @@ def loss_of(variant: str, student: torch.Tensor, teacher: torch.Tensor, weight: 
 def measure(variant, student, teacher, weight, ids, chunk, temperature, precision, device, repeats, warmup) -> dict:
     """One row: the variant's loss and gradient, then its time and peak memory."""
     # On a CPU the kernel runs only when asked for (under Triton's interpreter); on CUDA by default.
-    switch = {"linearize_torch": "off", "linearize": "on" if device == "cpu" else None}.get(variant)
+    switch = {"linearize_torch": {SWITCH: "off"}, "linearize": {SWITCH: "on"} if device == "cpu" else {}}.get(variant, {})
     autocast = torch.autocast(device, dtype=torch.bfloat16) if precision == "autocast" else nullcontext()
     leaf = student.detach().requires_grad_()
 
@@ -98,7 +85,7 @@ def measure(variant, student, teacher, weight, ids, chunk, temperature, precisio
         loss.backward()
         return loss
 
-    with fused_switch(switch):
+    with mock.patch.dict(os.environ, switch):
         loss = step().detach().float()
         grad = leaf.grad.float()
         ms, peak = timed(step, repeats, warmup, device)
