@@ -263,9 +263,11 @@ def test_needles_mark_every_place_the_context_states_the_answer(long_windows):
     assert not needles(lost, answers)[0].any() and torch.equal(needles(lost, answers)[1:], found[1:])
 
 
-def test_retrieval_heads_are_the_teachers_attention_on_the_needles(long_windows):
+@pytest.mark.parametrize("mixer, options", [("hedgehog", {}), ("hedgehog_swa", {"window": 4, "linear_rope": False})], ids=["hedgehog", "hybrid_long"])
+def test_retrieval_heads_are_the_teachers_attention_on_the_needles(long_windows, mixer, options):
     """Each head's score is the teacher's own attention probability (transformers' eager attention) on the needle's
-    tokens, from the positions that predict the answer, averaged over those positions and the tasks."""
+    tokens, from the positions that predict the answer, averaged over those positions and the tasks; whatever the
+    mixer around them (`hybrid_long`'s reads q and k before RoPE)."""
     tasks, answers = retrieval_windows(tiny_tokenizer(), long_windows, 3)
     teacher = tiny_model("llama", dtype=torch.float32, num_hidden_layers=3, attn_implementation="eager")
     with torch.no_grad():
@@ -278,7 +280,7 @@ def test_retrieval_heads_are_the_teachers_attention_on_the_needles(long_windows)
         layer: torch.stack([p[b][:, answers[b]][..., found[b]].sum(-1).mean(-1) for b in range(len(tasks))]).mean(0)
         for layer, p in enumerate(probs)
     }
-    heads = retrieval_heads(linearize.convert(teacher, "hedgehog"), tasks, answers, batch_size=2)
+    heads = retrieval_heads(linearize.convert(teacher, mixer, **options), tasks, answers, batch_size=2)
     assert set(heads) == {0, 1, 2}
     for layer, per_head in heads.items():
         assert torch.allclose(torch.tensor(per_head, dtype=torch.float32), expected[layer], atol=1e-5)
