@@ -72,23 +72,51 @@ def test_which_gated_backward_fla_may_train_through_on_hopper(monkeypatch, tilel
 def test_training_through_a_held_gated_kernel_takes_the_pytorch_path(monkeypatch):
     """Where `gated_backward_problem` names a problem for the kernel and the dtype fla would read, a call that needs
     gradients warns once and runs the PyTorch path; without gradients (inference) it stays on fla."""
+    from linearize.hf.ops_gated import chunk_simple_gla
+
     monkeypatch.setattr(kernels, "backend", lambda device, head_dims, dtype: ("fla", None))
     held = []
-    monkeypatch.setattr(kernels, "gated_backward_problem", lambda kernel, dtype: held.append((kernel, dtype)) or f"{kernel} held")
+    monkeypatch.setattr(kernels, "gated_backward_problem", lambda kernel, dtype=torch.float32: held.append((kernel, dtype)) or f"{kernel} held")
     monkeypatch.setattr(kernels, "_warned", set())
     q = torch.randn(1, 2, 5, 8, requires_grad=True)
-    with pytest.warns(UserWarning, match="simple_gla held for training; using the PyTorch path"):
-        assert not kernels._pick(q, q, ("simple_gla", torch.bfloat16))
-    assert held == [("simple_gla", torch.bfloat16)]
-    with torch.no_grad():
-        assert kernels._pick(q, q, ("simple_gla", torch.bfloat16))
     g = -torch.rand(1, 2, 5)
-    o, _ = kernels.simple_gla(q, q, q, g, dtype=torch.bfloat16)
-    assert held[-1] == ("simple_gla", torch.bfloat16) and o.dtype == torch.float32
+    with pytest.warns(UserWarning, match="simple_gla held for training; using the PyTorch path"):
+        o, _ = kernels.simple_gla(q, q, q, g, dtype=torch.bfloat16)
+    assert held == [("simple_gla", torch.bfloat16), ("simple_gla", torch.float32), ("simple_gla", torch.bfloat16)]
+    assert o.dtype == torch.float32  # the PyTorch path's
     o.sum().backward()
+    seen = {}
+    monkeypatch.setattr(kernels, "fla_chunk_simple_gla", _fla_stand_in(chunk_simple_gla, seen, "simple_gla"), raising=False)
+    with torch.no_grad():
+        kernels.simple_gla(q, q, q, g, dtype=torch.bfloat16)
+    assert seen["simple_gla"][:3] == [torch.bfloat16] * 3 and len(held) == 3  # inference: fla, nothing asked
     with pytest.warns(UserWarning, match="gated_delta_rule held"):
         kernels.gated_delta_rule(q, q, q, g, torch.rand(1, 2, 5))
     assert held[-1] == ("gated_delta_rule", torch.float32)
+
+
+def test_a_16_bit_simple_gla_trains_through_fla_in_float32_where_only_that_trains(monkeypatch):
+    """With tilelang on Hopper and Triton 3.4-3.7.0, fla trains simple_gla in float32 only: a bf16 model's `mamba2`
+    then hands fla q, k and v in float32 while gradients flow (and bf16 otherwise), and gets the PyTorch path's
+    output and gradients."""
+    from linearize.hf.ops_gated import chunk_simple_gla
+
+    seen = {}
+    monkeypatch.setattr(kernels, "fla_chunk_simple_gla", _fla_stand_in(chunk_simple_gla, seen, "simple_gla"), raising=False)
+    monkeypatch.setattr(kernels, "backend", lambda device, head_dims, dtype: ("fla", None))
+    monkeypatch.setattr(kernels, "gated_backward_problem", lambda kernel, dtype=torch.float32: None if dtype == torch.float32 else "16 bits held")
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 9, 8, generator=generator, requires_grad=True) for _ in range(3))
+    g = -torch.rand(1, 2, 9, generator=generator)
+    o, _ = kernels.simple_gla(q, k, v, g, dtype=torch.bfloat16)
+    assert seen["simple_gla"][:4] == [torch.float32] * 4
+    expected, _ = chunk_simple_gla(q, k, v, g)
+    torch.testing.assert_close(o, expected)
+    grads = torch.autograd.grad(o.sum(), (q, k, v))
+    torch.testing.assert_close(grads, torch.autograd.grad(expected.sum(), (q, k, v)))
+    with torch.no_grad():
+        kernels.simple_gla(q, k, v, g, dtype=torch.bfloat16)
+    assert seen["simple_gla"][:3] == [torch.bfloat16] * 3
 
 
 def test_graph_decoder_refuses_what_it_cannot_capture():

@@ -72,7 +72,8 @@ def gated_backward_problem(kernel: str = "gated_delta_rule", dtype: torch.dtype 
     gradients there) unless tilelang takes it; training then runs on the PyTorch path, inference on fla. tilelang
     0.1.15 takes the gated delta rule in every dtype, but `simple_gla` only in float32: in 16 bits fla keeps
     simple_gla's backward states in float32, its tilelang kernel refuses states of another dtype than q's, and fla
-    raises (H200, thirty-second session: the bf16 gradient tests failed so, the other twelve passed).
+    raises (H200, thirty-second session: the bf16 gradient tests failed so, the other twelve passed); `simple_gla`
+    then reads q, k, v in float32 while it trains.
     """
     import triton
 
@@ -148,7 +149,7 @@ def _pick(q: torch.Tensor, v: torch.Tensor, trains: tuple[str, torch.dtype] | No
         # A compiled decode step (static cache) keeps the one-token recurrence in PyTorch ops, which inductor fuses
         # into the step's own kernels; fla's autotuned Triton kernels would be user kernels compiled on their own.
         return False
-    if trains is not None and torch.is_grad_enabled():
+    if trains is not None:
         problem = gated_backward_problem(*trains)
         if problem is not None:
             _warn_once(problem + " for training")
@@ -157,7 +158,8 @@ def _pick(q: torch.Tensor, v: torch.Tensor, trains: tuple[str, torch.dtype] | No
 
 
 def _needs_grad(*tensors) -> bool:
-    return any(t is not None and t.requires_grad for t in tensors)
+    """Whether gradients will flow back through a call on these tensors."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _bthd(dtype, *tensors):
@@ -222,6 +224,9 @@ def simple_gla(q, k, v, g, scale=None, initial_state=None, decode=False, output_
     """Linear attention with one log-decay per head and step (Mamba-2's SSD); g = None is plain linear attention.
     fla reads q, k and v in `dtype` (None: theirs); the PyTorch path ignores it."""
     trains = ("simple_gla", dtype or q.dtype) if g is not None and _needs_grad(q, k, v, g, initial_state) else None
+    if trains is not None and gated_backward_problem(*trains) is not None and gated_backward_problem("simple_gla") is None:
+        # fla trains simple_gla in float32 where it cannot in 16 bits (tilelang on Hopper): q, k, v go in so
+        trains, dtype = ("simple_gla", torch.float32), torch.float32
     if not _pick(q, v, trains, decode):
         op = recurrent_simple_gla if decode else chunk_simple_gla
         g = q.new_zeros(q.shape[:3]) if g is None else g
