@@ -242,9 +242,99 @@ def test_chunked_losses_through_the_fused_kl_equal_the_logit_form(fused_kl, temp
     assert_same_forms(forms, 1e-5, 1e-4, 1e-6)
 
 
+@pytest.fixture
+def fused_sparse_kl(monkeypatch):
+    """The fused top-k KL switched on (CPU tensors through Triton's interpreter); returns the (rows, vocabulary, k) of
+    each call."""
+    return kernel_calls(monkeypatch, kd, "fused_sparse_kl", lambda args, out: (*args[0].shape, args[1].log_probs.shape[1]))
+
+
+def sparse_teacher(rows: int, vocab: int, k: int, generator, stored: torch.dtype) -> TeacherTopK:
+    """A teacher's top-k rows as `teacher_logits.top_k` makes them from random logits, log-probabilities kept in
+    `stored`; with k = vocabulary the rest is empty (-inf)."""
+    log_p = (torch.randn(rows, vocab, generator=generator) * 3).log_softmax(-1)
+    values, indices = log_p.topk(k, dim=-1)
+    rest = log_p.scatter(1, indices, -torch.inf).logsumexp(-1)
+    return TeacherTopK(values.to(stored), indices.to(torch.int32 if k % 2 else torch.int64), rest)
+
+
+@pytest.mark.core
+@needs_triton
+@pytest.mark.parametrize("vocab, k", [(37, 1), (37, 37), (4097, 5), (9000, 300)])
+@pytest.mark.parametrize("dtype, temperature, stored", [(torch.float32, 1.0, torch.float32), (torch.bfloat16, 2.0, torch.float16), (torch.float16, 0.5, torch.float16)])
+@pytest.mark.parametrize("ce_grad", [True, False])
+def test_the_fused_top_k_kl_equals_the_pytorch_rows(fused_sparse_kl, vocab, k, dtype, temperature, stored, ce_grad):
+    """Each row's losses and scaled gradients against the PyTorch form (`kd._sparse_kl`), for a sparse teacher of one
+    entry, of every token (no rest), of a few and of more than a block's worth, across block edges, with rows that
+    have no target."""
+    generator = torch.Generator().manual_seed(vocab + k)
+    rows = 6
+    student = (torch.randn(rows, vocab, generator=generator) * 4).to(dtype)
+    top = sparse_teacher(rows, vocab, k, generator, stored)
+    targets = torch.tensor([0, vocab - 1, -1, 5 % vocab, 4096 % vocab, -1])
+    kl_scale = torch.rand(rows, generator=generator)
+    ce_scale = torch.rand(rows, generator=generator) if ce_grad else None
+    assert triton_kl.sparse_kl_problem(student, top) is None
+    got = triton_kl.sparse_kl_rows(student, top, targets, temperature, kl_scale, ce_scale, torch.float32)
+    expected = kd._chunk_losses(student, top, targets, temperature, kl_scale, ce_scale, torch.float32)
+    assert (got[3] is None) == (expected[3] is None) == (not ce_grad)
+    for a, b in zip(got, expected):
+        if b is not None:
+            assert a.dtype == b.dtype == torch.float32 and a.shape == b.shape
+            assert torch.allclose(a, b, rtol=1e-4, atol=3e-5 if b.dim() == 1 else 1e-7), (a - b).abs().max()
+
+
+@needs_triton
+def test_the_fused_top_k_kl_keeps_a_small_student_rest_exact(fused_sparse_kl):
+    """A student whose mass lies almost all on the teacher's k (its rest e^-20 of it, with the vocabulary's largest
+    logit in a later block than the teacher's ids): the whole less the top in float32 would lose the rest entirely; the
+    kernel's rest, and so the KL and the gradient that pulls the student towards the teacher's 1% rest, equal the
+    PyTorch form's, which sums the rest itself; every gradient row sums to 0."""
+    vocab, k = 9000, 4
+    student = torch.zeros(2, vocab)
+    student[:, : k - 1] = 20.0 + torch.log(torch.tensor(float(vocab)))
+    student[:, 8000] = 21.0 + torch.log(torch.tensor(float(vocab)))
+    ids = torch.tensor([[0, 1, 2, 8000], [8000, 2, 1, 0]])
+    top = TeacherTopK(torch.log(torch.tensor([[0.4, 0.3, 0.2, 0.09]] * 2)), ids, torch.log(torch.tensor([0.01, 0.01])))
+    scale, targets = torch.ones(2), torch.zeros(2, dtype=torch.long)
+    got = triton_kl.sparse_kl_rows(student, top, targets, 1.0, scale, None, torch.float32)
+    expected = kd._chunk_losses(student, top, targets, 1.0, scale, None, torch.float32)
+    assert torch.allclose(got[0], expected[0], rtol=1e-5) and expected[0].min() > 0.15  # the rest's share: 0.01 x ~20 nats
+    assert torch.allclose(got[2], expected[2], rtol=1e-4, atol=1e-9)
+    assert got[2].sum(-1).abs().max() < 1e-6
+    rest = got[2].sum(-1) - got[2].gather(1, ids).sum(-1)
+    assert torch.allclose(rest, torch.full((2,), -0.01), rtol=1e-4)  # the rest pulled up towards the teacher's 1%
+
+
+@pytest.mark.core
+@needs_triton
+@pytest.mark.parametrize("temperature, bias, weighted", [(1.0, False, False), (2.0, True, True)])
+def test_chunked_losses_through_the_fused_top_k_kl_equal_the_pytorch_form(fused_sparse_kl, monkeypatch, temperature, bias, weighted):
+    """The chunked losses from hidden states take the top-k kernel for a sparse teacher (every chunk, the last one
+    short) and give the PyTorch path's values and gradients: the student's hidden states, the head's weight and bias."""
+    torch.manual_seed(0)
+    vocab, width = 4100, 16
+    hidden = torch.randn(3, 11, width, requires_grad=True)
+    head = nn.Linear(width, vocab, bias=bias)
+    ids = torch.randint(vocab, (3, 11))
+    weights = torch.rand(3, 11) if weighted else None
+    top = TeacherTopK(*(t.view(3, 11, *t.shape[1:]) for t in vars(sparse_teacher(33, vocab, 64, torch.Generator().manual_seed(1), torch.float16)).values()))
+    forms = []
+    for switch in ("on", "off"):
+        monkeypatch.setenv("LINEARIZE_FUSED_STEP", switch)
+        for p in (hidden, *head.parameters()):
+            p.grad = None
+        kl, ce = kd_losses(hidden, top, ids, temperature, KDHead(head.weight, head.bias, 8), weights=weights)
+        (0.7 * kl + 0.3 * ce).backward()
+        forms.append([kl.item(), ce.item(), hidden.grad.clone(), head.weight.grad.clone()] + ([head.bias.grad.clone()] if bias else []))
+    assert fused_sparse_kl == [(8, vocab, 64)] * 4 + [(1, vocab, 64)]
+    assert_same_forms(forms[::-1], 1e-5, 1e-4, 1e-6)
+
+
 @needs_triton
 def test_the_fused_kl_is_left_to_pytorch_where_it_cannot_run(fused_kl, monkeypatch):
-    """float64 logits and a sparse teacher take the PyTorch form; the switches turn the kernel off, with a reason."""
+    """float64 logits take the PyTorch form and a sparse teacher never the dense kernel; the switches turn both
+    kernels off, with a reason, and the top-k kernel names the shapes and sizes it does not take."""
     logits = torch.randn(4, 9, dtype=torch.float64)
     assert "float64" in triton_kl.fused_kl_problem(logits, logits)
     assert "shape" in triton_kl.fused_kl_problem(logits[:, :8].float(), logits.float())
@@ -254,6 +344,11 @@ def test_the_fused_kl_is_left_to_pytorch_where_it_cannot_run(fused_kl, monkeypat
     top = TeacherTopK(torch.randn(1, 5, 3).log_softmax(-1), torch.randint(9, (1, 5, 3)), torch.full((1, 5), -3.0))
     kd_losses(hidden.float(), top, torch.randint(9, (1, 5)), 1.0, KDHead(head.weight.float(), head.bias.float()))
     assert fused_kl == []
+    assert "float64" in triton_kl.sparse_kl_problem(logits, top.rows())
+    assert "(rows, k) teacher rows" in triton_kl.sparse_kl_problem(logits.float(), top.rows())
+    wide = TeacherTopK(torch.zeros(2, 4097), torch.zeros(2, 4097, dtype=torch.long), torch.zeros(2))
+    assert "up to 4096" in triton_kl.sparse_kl_problem(torch.zeros(2, 5000), wide)
     for value, reason in (("off", "turned off"), ("auto", "CUDA")):
         monkeypatch.setenv("LINEARIZE_FUSED_STEP", value)
         assert reason in triton_kl.fused_kl_problem(logits.float(), logits.float())
+        assert reason in triton_kl.sparse_kl_problem(logits.float()[:5], top.rows())

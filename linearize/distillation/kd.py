@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .triton_kl import fused_kl_problem
+from .triton_kl import fused_kl_problem, sparse_kl_problem
 from .triton_kl import kl_rows as fused_kl
+from .triton_kl import sparse_kl_rows as fused_sparse_kl
 
 
 @dataclass
@@ -186,7 +187,8 @@ class _ChunkedKD(torch.autograd.Function):
             w_ce = w_part * has_target[part]
             # d(weighted mean KL x T^2)/d logits = T w (softmax(s/T) - teacher_p) / sum(w)
             scales = (w_part * (temperature / kl_norm), w_ce / ce_norm if ce_grad else None)
-            losses = fused_kl if not sparse and fused_kl_problem(logits, teacher_part) is None else _chunk_losses
+            fused, problem = (fused_sparse_kl, sparse_kl_problem) if sparse else (fused_kl, fused_kl_problem)
+            losses = fused if problem(logits, teacher_part) is None else _chunk_losses
             kl_rows, ce_rows, d_kl, d_ce = losses(logits, teacher_part, targets[part], temperature, *scales, grad_dtype)
             kl_sum += (kl_rows * w_part).sum()
             ce_sum += (ce_rows * w_ce).sum()

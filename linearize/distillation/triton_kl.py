@@ -15,6 +15,16 @@ kl_scale_row (softmax(s / T) - softmax(t / T)) and, when asked, ce_scale_row (so
 gradients of the weighted mean losses when the caller's scales hold each row's weight over the weights' sum (times T
 for the KL). Arithmetic is float32 whatever the logits' dtype.
 
+A sparse teacher (its top k log-probabilities, their ids and the rest's log-probability, as `teacher_logits` caches
+them) has a kernel of its own (`sparse_kl_rows`), computing what `kd._sparse_kl` and `kd._chunk_losses` define: the KL
+over the teacher's k + 1 outcomes (renormalised), the student's rest being its probability off the teacher's k. Its
+first pass takes the student's log-sum-exp and, apart, its sum of exponentials off the teacher's k: in each block the
+terms at the teacher's ids (a gather of the same float32 values) are taken from the block's, both summed in float64, so
+the rest keeps its precision where it is a small share (float32 would lose it in the difference of the wholes). The
+second pass writes the gradient off the top k (the student's probability less its share of the teacher's rest) and the
+CE's; the top k's gradient entries are written last, over it. On an H200, cached top-256 logits in LoRA KD spent 224 ms
+a step in the PyTorch passes this replaces, with the teacher's top-k (BENCHMARKS.md, thirty-second session).
+
 On CUDA tensors where Triton imports (the switches as triton_step.py's: `LINEARIZE_FUSED_STEP=off` or
 `LINEARIZE_KERNELS=torch` turn it off); on CPU tensors only under Triton's interpreter with `LINEARIZE_FUSED_STEP=on`
 (the tests, which check it against the PyTorch path). Elsewhere `kd.py` computes the same in PyTorch.
@@ -31,6 +41,7 @@ if TRITON_PROBLEM is None:
 # Columns a program reads at once and its warps.
 BLOCK = 4096
 WARPS = 8
+TOP_K_LIMIT = 4096  # the most teacher entries a row of the sparse kernel holds at once
 
 
 def fused_kl_problem(student: Tensor, teacher: Tensor) -> str | None:
@@ -66,6 +77,45 @@ def kl_rows(
         student, teacher, targets.contiguous(), kl_scale.float().contiguous(), kl if ce_scale is None else ce_scale.float().contiguous(),
         kl, ce, d_kl, d_kl if d_ce is None else d_ce, vocab, student.stride(0), teacher.stride(0), 1.0 / temperature,
         SEPARATE_CE=temperature != 1, CE_GRAD=ce_scale is not None, BLOCK=BLOCK, num_warps=WARPS,
+    )
+    return kl, ce, d_kl, d_ce
+
+
+def sparse_kl_problem(student: Tensor, top) -> str | None:
+    """Why `sparse_kl_rows` does not take these student logits and sparse teacher rows (None when it does)."""
+    problem = fused_kernel_problem(student, "the fused top-k KL")
+    if problem is not None:
+        return problem
+    if student.dtype not in DTYPES or top.log_probs.dtype not in DTYPES:
+        return f"the fused top-k KL takes float16/bfloat16/float32, got {student.dtype} and {top.log_probs.dtype}"
+    rows = student.shape[0]
+    if student.dim() != 2 or top.log_probs.shape != top.indices.shape or top.log_probs.shape[0] != rows or tuple(top.log_rest.shape) != (rows,):
+        return f"the fused top-k KL takes (rows, vocabulary) logits and (rows, k) teacher rows, got {tuple(student.shape)} and {tuple(top.log_probs.shape)}"
+    if top.log_probs.shape[1] > TOP_K_LIMIT:
+        return f"the fused top-k KL holds up to {TOP_K_LIMIT} teacher entries a row, got {top.log_probs.shape[1]}"
+    return None
+
+
+def sparse_kl_rows(
+    student: Tensor, top, targets: Tensor, temperature: float, kl_scale: Tensor, ce_scale: Tensor | None, grad_dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """`kl_rows` for a sparse teacher `top` (a `kd.TeacherTopK` of rows: log_probs and indices (rows, k), log_rest
+    (rows,)), as `kd._chunk_losses` computes it; `sparse_kl_problem` says whether it runs.
+
+        kl, ce, d_kl, d_ce = sparse_kl_rows(student_logits, cached.rows(), targets, 1.0, weights / weights.sum(), None, torch.bfloat16)
+    """
+    student = student if student.stride(-1) == 1 else student.contiguous()
+    rows, vocab = student.shape
+    k = top.log_probs.shape[1]
+    kl = torch.empty(rows, dtype=torch.float32, device=student.device)
+    ce = torch.empty_like(kl)
+    d_kl = torch.empty(rows, vocab, dtype=grad_dtype, device=student.device)
+    d_ce = None if ce_scale is None else torch.empty_like(d_kl)
+    _sparse_kl_kernel[(rows,)](
+        student, top.log_probs.contiguous(), top.indices.to(torch.int32).contiguous(), top.log_rest.float().contiguous(),
+        targets.contiguous(), kl_scale.float().contiguous(), kl if ce_scale is None else ce_scale.float().contiguous(),
+        kl, ce, d_kl, d_kl if d_ce is None else d_ce, vocab, k, student.stride(0), 1.0 / temperature,
+        SEPARATE_CE=temperature != 1, CE_GRAD=ce_scale is not None, BLOCK=BLOCK, TOP=triton.next_power_of_2(k), num_warps=WARPS,
     )
     return kl, ce, d_kl, d_ce
 
@@ -120,3 +170,67 @@ if TRITON_PROBLEM is None:
                 p_1 = tl.exp(s - lse_1) if SEPARATE_CE else p_s
                 hit = tl.where(start + cols == target, 1.0, 0.0)
                 tl.store(d_ce + d_row + start + cols, (scale_ce * (p_1 - hit)).to(d_ce.dtype.element_ty), mask=inside)
+
+    @triton.jit
+    def _sparse_kl_kernel(
+        student, log_probs, indices, log_rest, targets, kl_scale, ce_scale, kl_out, ce_out, d_kl, d_ce, vocab, k, stride_s,
+        inv_t, SEPARATE_CE: tl.constexpr, CE_GRAD: tl.constexpr, BLOCK: tl.constexpr, TOP: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        s_row, d_row = student + row * stride_s, row * vocab
+        top = tl.arange(0, TOP)
+        held = top < k
+        ids = tl.load(indices + row * k + top, mask=held, other=0)
+        m_s = tl.full((), float("-inf"), tl.float32)
+        m_1 = m_s
+        z_s = tl.zeros((), tl.float32)
+        z_1 = z_s
+        z_rest = tl.zeros((), tl.float64)
+        for start in range(0, vocab, BLOCK):
+            inside = start + cols < vocab
+            s = tl.load(s_row + start + cols, mask=inside, other=0.0).to(tl.float32)
+            x = s * inv_t
+            new = tl.maximum(m_s, tl.max(tl.where(inside, x, float("-inf")), 0))
+            e = tl.where(inside, tl.exp(x - new), 0.0)
+            # The block's terms at the teacher's ids, the same float32 values again: the float64 sums of the two differ
+            # by the rest's, which a float32 difference would lose where the rest is a small share.
+            here = held & (ids >= start) & (ids < start + BLOCK)
+            x_top = tl.load(s_row + ids, mask=here, other=0.0).to(tl.float32) * inv_t
+            e_top = tl.where(here, tl.exp(x_top - new), 0.0)
+            fade = tl.exp(m_s - new)
+            z_s = z_s * fade + tl.sum(e, 0)
+            z_rest = z_rest * fade.to(tl.float64) + (tl.sum(e.to(tl.float64), 0) - tl.sum(e_top.to(tl.float64), 0))
+            m_s = new
+            if SEPARATE_CE:
+                m_1, z_1 = _online(m_1, z_1, s, inside)
+        lse_s = m_s + tl.log(z_s)
+        lse_1 = m_1 + tl.log(z_1) if SEPARATE_CE else lse_s
+        log_s_rest = tl.log((tl.maximum(z_rest, 0.0) / z_s.to(tl.float64)).to(tl.float32))
+        # The teacher's k + 1 outcomes, renormalised, and the student's log-probabilities of the same.
+        log_p = tl.load(log_probs + row * k + top, mask=held, other=float("-inf")).to(tl.float32)
+        rest = tl.load(log_rest + row)
+        m_q = tl.maximum(tl.max(log_p, 0), rest)
+        lse_q = m_q + tl.log(tl.sum(tl.exp(log_p - m_q), 0) + tl.exp(rest - m_q))
+        log_q, log_q_rest = log_p - lse_q, rest - lse_q
+        q, q_rest = tl.exp(log_q), tl.exp(log_q_rest)
+        log_s = tl.load(s_row + ids, mask=held, other=0.0).to(tl.float32) * inv_t - lse_s
+        kl = tl.sum(tl.where(q > 0, q * (log_q - log_s), 0.0), 0) + tl.where(q_rest > 0, q_rest * (log_q_rest - log_s_rest), 0.0)
+        target = tl.maximum(tl.load(targets + row), 0)
+        tl.store(kl_out + row, kl)
+        tl.store(ce_out + row, lse_1 - tl.load(s_row + target).to(tl.float32))
+        scale_kl = tl.load(kl_scale + row)
+        scale_ce = tl.load(ce_scale + row) if CE_GRAD else 0.0
+        # Off the teacher's k the target is the student's probability times q_rest / s_rest (its share of the rest).
+        keep = 1.0 - tl.where(q_rest > 0, tl.exp(log_q_rest - log_s_rest), 0.0)
+        for start in range(0, vocab, BLOCK):
+            inside = start + cols < vocab
+            s = tl.load(s_row + start + cols, mask=inside, other=0.0).to(tl.float32)
+            p_s = tl.exp(s * inv_t - lse_s)
+            tl.store(d_kl + d_row + start + cols, (scale_kl * p_s * keep).to(d_kl.dtype.element_ty), mask=inside)
+            if CE_GRAD:
+                p_1 = tl.exp(s - lse_1) if SEPARATE_CE else p_s
+                hit = tl.where(start + cols == target, 1.0, 0.0)
+                tl.store(d_ce + d_row + start + cols, (scale_ce * (p_1 - hit)).to(d_ce.dtype.element_ty), mask=inside)
+        tl.debug_barrier()  # the top k's entries go over what the pass above wrote there
+        tl.store(d_kl + d_row + ids, (scale_kl * (tl.exp(log_s) - q)).to(d_kl.dtype.element_ty), mask=held)
