@@ -558,48 +558,28 @@ def test_a_profiled_stage_on_the_gpu_counts_kernels_not_annotations():
     assert all("device_ms" in phase for phase in profile["phases"].values())
 
 
-@pytest.mark.parametrize("temperature, ce_grad", [(1.0, True), (2.0, False)])
-def test_the_fused_kl_matches_the_pytorch_rows_at_a_real_vocabulary(temperature, ce_grad):
+@pytest.mark.parametrize("k, temperature, ce_grad", [(0, 1.0, True), (0, 2.0, False), (256, 1.0, True), (1000, 2.0, False)])
+def test_the_fused_kl_matches_the_pytorch_rows_at_a_real_vocabulary(k, temperature, ce_grad):
     """Llama-3's vocabulary (128,256: 31 blocks and a short one) in bf16, as lora_kd hands it the logits under
-    autocast: the kernel's losses and gradients against the PyTorch form's."""
-    from linearize.distillation import kd, triton_kl
-
-    g = torch.Generator(device="cuda").manual_seed(0)
-    rows, vocab = 48, 128256
-    student, teacher = ((torch.randn(rows, vocab, generator=g, device="cuda") * 4).bfloat16() for _ in range(2))
-    targets = torch.randint(vocab, (rows,), generator=g, device="cuda")
-    targets[::7] = -1
-    kl_scale = torch.rand(rows, generator=g, device="cuda")
-    ce_scale = torch.rand(rows, generator=g, device="cuda") if ce_grad else None
-    assert triton_kl.fused_kl_problem(student, teacher) is None
-    got = triton_kl.kl_rows(student, teacher, targets, temperature, kl_scale, ce_scale, torch.bfloat16)
-    expected = kd._chunk_losses(student, teacher, targets, temperature, kl_scale, ce_scale, torch.float32)
-    assert torch.allclose(got[0], expected[0], rtol=1e-4, atol=1e-4) and torch.allclose(got[1], expected[1], rtol=1e-5, atol=1e-4)
-    for a, b in zip(got[2:], expected[2:]):
-        assert (a is None) == (b is None)
-        if b is not None:
-            assert a.dtype == torch.bfloat16 and rel(a, b) < 1e-2
-
-
-@pytest.mark.parametrize("k, temperature, ce_grad", [(256, 1.0, True), (1000, 2.0, False)])
-def test_the_fused_top_k_kl_matches_the_pytorch_rows_at_a_real_vocabulary(k, temperature, ce_grad):
-    """The top-k kernel at Llama-3's vocabulary in bf16 (the student's logits under autocast), the teacher's top k kept
-    as the cache keeps them (float16 log-probabilities, int32 ids): losses and gradients against the PyTorch form's."""
+    autocast: the kernel's losses and gradients against the PyTorch form's, for the teacher's logits (k = 0: the dense
+    kernel) and for its top k kept as the cache keeps them (float16 log-probabilities, int32 ids: the top-k kernel)."""
     from linearize.distillation import kd, triton_kl
     from linearize.distillation.teacher_logits import top_k
 
     g = torch.Generator(device="cuda").manual_seed(0)
     rows, vocab = 48, 128256
     student, teacher = ((torch.randn(rows, vocab, generator=g, device="cuda") * 4).bfloat16() for _ in range(2))
-    kept = top_k(teacher[None], k, temperature)
-    top = kd.TeacherTopK(kept.log_probs.half(), kept.indices.int(), kept.log_rest).rows()
+    if k:
+        kept = top_k(teacher[None], k, temperature)
+        teacher = kd.TeacherTopK(kept.log_probs.half(), kept.indices.int(), kept.log_rest).rows()
+    kernel, problem = (triton_kl.sparse_kl_rows, triton_kl.sparse_kl_problem) if k else (triton_kl.kl_rows, triton_kl.fused_kl_problem)
     targets = torch.randint(vocab, (rows,), generator=g, device="cuda")
     targets[::7] = -1
     kl_scale = torch.rand(rows, generator=g, device="cuda")
     ce_scale = torch.rand(rows, generator=g, device="cuda") if ce_grad else None
-    assert triton_kl.sparse_kl_problem(student, top) is None
-    got = triton_kl.sparse_kl_rows(student, top, targets, temperature, kl_scale, ce_scale, torch.bfloat16)
-    expected = kd._chunk_losses(student, top, targets, temperature, kl_scale, ce_scale, torch.float32)
+    assert problem(student, teacher) is None
+    got = kernel(student, teacher, targets, temperature, kl_scale, ce_scale, torch.bfloat16)
+    expected = kd._chunk_losses(student, teacher, targets, temperature, kl_scale, ce_scale, torch.float32)
     assert torch.allclose(got[0], expected[0], rtol=1e-4, atol=1e-4) and torch.allclose(got[1], expected[1], rtol=1e-5, atol=1e-4)
     for a, b in zip(got[2:], expected[2:]):
         assert (a is None) == (b is None)
