@@ -21,6 +21,8 @@ from linearize.distillation.stages import lora_kd
 from linearize.distillation import teacher_logits
 from linearize.distillation.teacher_logits import KeyedWindows, TeacherLogitCache, top_k
 from linearize.hf.errors import LinearizeError
+from tests.test_triton_step import kernel_calls
+from tests.test_triton_window import needs_triton
 from tests.tiny import VOCAB, tiny_data, tiny_model
 
 
@@ -109,6 +111,46 @@ def count_teacher_windows(monkeypatch) -> list[int]:
 
 class Interrupt(Exception):
     pass
+
+
+@needs_triton
+@pytest.mark.parametrize("vocab, k", [(37, 1), (37, 37), (4097, 5), (9000, 300)])
+@pytest.mark.parametrize("dtype, temperature", [(torch.float32, 1.0), (torch.bfloat16, 2.0)])
+def test_the_fused_teacher_top_k_equals_the_pytorch_form(monkeypatch, vocab, k, dtype, temperature):
+    """On the kernel path (CPU tensors through Triton's interpreter) `top_k` picks the same ids with the same
+    log-probabilities and rest as the PyTorch form, through a head and from logits, k of one token to the whole
+    vocabulary (no rest: -inf), across block edges."""
+    torch.manual_seed(vocab + k)
+    hidden = torch.randn(2, 7, 16)
+    head = KDHead(torch.randn(vocab, 16).to(dtype) * 0.7, None, 5)
+    for teacher, through in ((hidden.to(dtype), head), ((hidden @ head.weight.float().t() * 2).to(dtype), None)):
+        monkeypatch.setenv("LINEARIZE_FUSED_STEP", "off")
+        expected = top_k(teacher, k, temperature, through)
+        calls = kernel_calls(monkeypatch, teacher_logits, "top_k_rows", lambda args, out: tuple(args[0].shape))
+        got = top_k(teacher, k, temperature, through)
+        assert calls == ([(5, vocab)] * 2 + [(4, vocab)] if through else [(14, vocab)])
+        assert torch.equal(got.indices, expected.indices)
+        assert torch.allclose(got.log_probs, expected.log_probs, rtol=1e-5, atol=1e-5)
+        if k == vocab:
+            assert torch.isneginf(got.log_rest).all() and torch.isneginf(expected.log_rest).all()
+        else:
+            assert torch.allclose(got.log_rest, expected.log_rest, rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+def test_the_fused_teacher_top_k_keeps_a_small_rest_exact(monkeypatch):
+    """A teacher with almost all its mass on its top 3 (the rest 4e-10 of it, the row's largest logit past the first
+    block): the kernel's rest equals the PyTorch form's, where float32 sums less the top's would lose it."""
+    vocab = 9000
+    logits = torch.zeros(2, vocab)
+    logits[:, :2] = 20.0 + math.log(vocab)
+    logits[:, 8000] = 21.0 + math.log(vocab)
+    monkeypatch.setenv("LINEARIZE_FUSED_STEP", "off")
+    expected = top_k(logits[None], 3, 1.0)
+    kernel_calls(monkeypatch, teacher_logits, "top_k_rows", lambda args, out: None)
+    got = top_k(logits[None], 3, 1.0)
+    assert -23 < expected.log_rest.max() < -20
+    assert torch.allclose(got.log_rest, expected.log_rest, rtol=1e-5) and torch.allclose(got.log_probs, expected.log_probs, atol=1e-6)
 
 
 def test_the_stage_runs_the_teacher_once_per_window_and_a_resumed_stage_reads_the_cache(tmp_path, monkeypatch):

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from ..hf.errors import LinearizeError
 from .kd import LOGIT_CHUNK, KDHead, TeacherTopK
+from .triton_kl import top_k_problem, top_k_rows
 
 FORMAT = "linearize-teacher-logits"
 VERSION = "1"
@@ -49,7 +50,8 @@ _FIELDS = ("log_probs", "indices", "log_rest")
 def top_k(teacher: torch.Tensor, k: int, temperature: float, head: KDHead | None = None) -> TeacherTopK:
     """The teacher's distributions at `temperature` as their `k` most likely tokens and the rest's mass, from its
     logits (batch, sequence, vocabulary) or, with `head`, the hidden states the head reads; computed `head.chunk`
-    (else `LOGIT_CHUNK`) positions at a time, in float32 at least, so no float32 batch x sequence x vocabulary is held.
+    (else `LOGIT_CHUNK`) positions at a time, in float32 at least, so no float32 batch x sequence x vocabulary is held;
+    on CUDA through `triton_kl.top_k_rows` (one pass over the logits after torch's top-k).
 
     Example:
         >>> top = top_k(model(ids).logits, 64, temperature=1.0)
@@ -62,6 +64,9 @@ def top_k(teacher: torch.Tensor, k: int, temperature: float, head: KDHead | None
     parts = []
     for start in range(0, flat.shape[0], chunk):
         logits = flat[start : start + chunk] if head is None else F.linear(flat[start : start + chunk], head.weight, head.bias)
+        if top_k_problem(logits, k) is None:
+            parts.append(top_k_rows(logits, k, temperature))
+            continue
         log_p = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature, dim=-1)
         values, indices = log_p.topk(k, dim=-1)
         parts.append((values, indices, log_p.scatter(1, indices, -torch.inf).logsumexp(-1)))

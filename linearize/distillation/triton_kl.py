@@ -120,6 +120,36 @@ def sparse_kl_rows(
     return kl, ce, d_kl, d_ce
 
 
+def top_k_problem(logits: Tensor, k: int) -> str | None:
+    """Why `top_k_rows` does not take these (rows, vocabulary) logits at this k (None when it does)."""
+    problem = fused_kernel_problem(logits, "the fused teacher top-k")
+    if problem is not None:
+        return problem
+    if logits.dtype not in DTYPES or logits.dim() != 2:
+        return f"the fused teacher top-k takes (rows, vocabulary) float16/bfloat16/float32 logits, got {tuple(logits.shape)} {logits.dtype}"
+    if k > TOP_K_LIMIT:
+        return f"the fused teacher top-k holds up to {TOP_K_LIMIT} entries a row, got {k}"
+    return None
+
+
+def top_k_rows(logits: Tensor, k: int, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The `k` most likely tokens of each row of `logits` at `temperature`: (their log-probabilities, float32; their
+    ids; the log of every other token's probability together, float32), as `teacher_logits.top_k` defines them. torch's
+    top-k picks the ids in the logits' own dtype (the order is softmax's); one kernel pass then takes each row's
+    log-sum-exp and its rest, exactly (`_sums_off_top`), where the PyTorch form makes float32 log-probabilities of
+    the whole row, scatters and sums them again. `top_k_problem` says whether it runs."""
+    logits = logits if logits.stride(-1) == 1 else logits.contiguous()
+    rows, vocab = logits.shape
+    values, indices = logits.topk(k, dim=-1)
+    lse = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    log_rest = torch.empty_like(lse)
+    _top_k_sums_kernel[(rows,)](
+        logits, indices.to(torch.int32), lse, log_rest, vocab, k, logits.stride(0), 1.0 / temperature,
+        BLOCK=BLOCK, TOP=triton.next_power_of_2(k), num_warps=WARPS,
+    )
+    return values.float() * (1.0 / temperature) - lse[:, None], indices, log_rest
+
+
 if TRITON_PROBLEM is None:
 
     @triton.jit
@@ -172,16 +202,12 @@ if TRITON_PROBLEM is None:
                 tl.store(d_ce + d_row + start + cols, (scale_ce * (p_1 - hit)).to(d_ce.dtype.element_ty), mask=inside)
 
     @triton.jit
-    def _sparse_kl_kernel(
-        student, log_probs, indices, log_rest, targets, kl_scale, ce_scale, kl_out, ce_out, d_kl, d_ce, vocab, k, stride_s,
-        inv_t, SEPARATE_CE: tl.constexpr, CE_GRAD: tl.constexpr, BLOCK: tl.constexpr, TOP: tl.constexpr,
-    ):
-        row = tl.program_id(0).to(tl.int64)
+    def _sums_off_top(s_row, ids, held, vocab, inv_t, SEPARATE_CE: tl.constexpr, BLOCK: tl.constexpr):
+        """A row's (m, z) of x / T (its maximum and sum of exp(x / T - m)), the same sum off the columns `ids` (`held`
+        lanes) in float64, and (m, z) of x itself where SEPARATE_CE asks. In each block the terms at `ids` (a gather of
+        the same float32 values) are taken from the block's, both summed in float64: the difference of the wholes in
+        float32 would lose the rest where it is a small share."""
         cols = tl.arange(0, BLOCK)
-        s_row, d_row = student + row * stride_s, row * vocab
-        top = tl.arange(0, TOP)
-        held = top < k
-        ids = tl.load(indices + row * k + top, mask=held, other=0)
         m_s = tl.full((), float("-inf"), tl.float32)
         m_1 = m_s
         z_s = tl.zeros((), tl.float32)
@@ -193,8 +219,6 @@ if TRITON_PROBLEM is None:
             x = s * inv_t
             new = tl.maximum(m_s, tl.max(tl.where(inside, x, float("-inf")), 0))
             e = tl.where(inside, tl.exp(x - new), 0.0)
-            # The block's terms at the teacher's ids, the same float32 values again: the float64 sums of the two differ
-            # by the rest's, which a float32 difference would lose where the rest is a small share.
             here = held & (ids >= start) & (ids < start + BLOCK)
             x_top = tl.load(s_row + ids, mask=here, other=0.0).to(tl.float32) * inv_t
             e_top = tl.where(here, tl.exp(x_top - new), 0.0)
@@ -204,6 +228,30 @@ if TRITON_PROBLEM is None:
             m_s = new
             if SEPARATE_CE:
                 m_1, z_1 = _online(m_1, z_1, s, inside)
+        return m_s, z_s, z_rest, m_1, z_1
+
+    @triton.jit
+    def _top_k_sums_kernel(logits, indices, lse_out, rest_out, vocab, k, stride, inv_t, BLOCK: tl.constexpr, TOP: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        top = tl.arange(0, TOP)
+        held = top < k
+        ids = tl.load(indices + row * k + top, mask=held, other=0)
+        m, z, z_rest, _, _ = _sums_off_top(logits + row * stride, ids, held, vocab, inv_t, False, BLOCK)
+        tl.store(lse_out + row, m + tl.log(z))
+        tl.store(rest_out + row, tl.log((tl.maximum(z_rest, 0.0) / z.to(tl.float64)).to(tl.float32)))
+
+    @triton.jit
+    def _sparse_kl_kernel(
+        student, log_probs, indices, log_rest, targets, kl_scale, ce_scale, kl_out, ce_out, d_kl, d_ce, vocab, k, stride_s,
+        inv_t, SEPARATE_CE: tl.constexpr, CE_GRAD: tl.constexpr, BLOCK: tl.constexpr, TOP: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        s_row, d_row = student + row * stride_s, row * vocab
+        top = tl.arange(0, TOP)
+        held = top < k
+        ids = tl.load(indices + row * k + top, mask=held, other=0)
+        m_s, z_s, z_rest, m_1, z_1 = _sums_off_top(s_row, ids, held, vocab, inv_t, SEPARATE_CE, BLOCK)
         lse_s = m_s + tl.log(z_s)
         lse_1 = m_1 + tl.log(z_1) if SEPARATE_CE else lse_s
         log_s_rest = tl.log((tl.maximum(z_rest, 0.0) / z_s.to(tl.float64)).to(tl.float32))
