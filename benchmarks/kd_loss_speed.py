@@ -9,7 +9,12 @@ backward to the student's hidden states:
 - `linearize_torch`: the same with that kernel switched off (`LINEARIZE_FUSED_STEP=off`): the PyTorch path;
 - `liger`: Liger-Kernel's `LigerFusedLinearJSDFunction` at beta 0, which is that KL (its own chunking); times the
   temperature squared, as `lora_kd` scales it;
-- `full`: the head applied to every token at once and `kd_losses` on the logits (what the chunked forms avoid).
+- `full`: the head applied to every token at once and `kd_losses` on the logits (what the chunked forms avoid);
+- `top_k` and `top_k_torch`: a step on cached teacher logits (`teacher_top_k: --top-k`), the KL over the teacher's
+  top k and its rest read back, with the top-k kernel (`triton_kl.sparse_kl_rows`) and on the PyTorch path;
+- `caching` and `caching_torch`: a step that caches, the teacher's top k taken from its hidden states through the head
+  (`teacher_logits.top_k`, with its kernel or in PyTorch) and then that KL.
+The sparse variants are checked against `top_k_torch` (their KL is over k + 1 outcomes, not the vocabulary's).
 Liger-Kernel's fused linear KL takes the teacher as a (tokens, vocabulary) probability tensor, which `lora_kd` never
 holds, so it is not a variant. Liger-Kernel is not a dependency: without it the `liger` row says why it is absent.
 
@@ -39,14 +44,16 @@ from unittest import mock
 import torch
 
 from linearize.distillation.kd import KDHead, kd_losses
+from linearize.distillation.teacher_logits import top_k
 from linearize.hf.triton_step import SWITCH
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed import ARCHS  # noqa: E402
 from window_kernels import difference, timed  # noqa: E402
 
-VARIANTS = ("linearize", "linearize_torch", "liger", "full")
+VARIANTS = ("linearize", "linearize_torch", "liger", "full", "top_k", "top_k_torch", "caching", "caching_torch")
 REFERENCE = "linearize_torch"
+SPARSE_REFERENCE = "top_k_torch"  # the reference of the sparse variants (those named top_k* and caching*)
 SEQ_LEN = 2048  # tokens per window: the rows are (tokens / SEQ_LEN) windows
 
 
@@ -59,10 +66,22 @@ def liger_problem() -> str | None:
     return None
 
 
-def loss_of(variant: str, student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, chunk: int, temperature: float) -> torch.Tensor:
-    """The variant's mean KL (times the temperature squared) of student hidden states (rows, length, hidden)."""
-    if variant in ("linearize", "linearize_torch"):
-        return kd_losses(student, teacher, ids, temperature, head=KDHead(weight, None, chunk, ce_grad=False))[0]
+def sparse(variant: str) -> bool:
+    return variant.startswith(("top_k", "caching"))
+
+
+def chunked(variant: str) -> bool:
+    return variant.startswith("linearize") or sparse(variant)
+
+
+def loss_of(variant: str, student: torch.Tensor, teacher, weight: torch.Tensor, ids: torch.Tensor, chunk: int, temperature: float, k: int) -> torch.Tensor:
+    """The variant's mean KL (times the temperature squared) of student hidden states (rows, length, hidden); `teacher`
+    is the teacher's hidden states, or for `top_k*` its cached top k."""
+    head = KDHead(weight, None, chunk, ce_grad=False)
+    if variant.startswith("caching"):
+        teacher = top_k(teacher, k, temperature, head)
+    if chunked(variant):
+        return kd_losses(student, teacher, ids, temperature, head=head)[0]
     if variant == "full":
         return kd_losses(student @ weight.t(), teacher @ weight.t(), ids, temperature)[0]
     from liger_kernel.ops.fused_linear_jsd import LigerFusedLinearJSDFunction
@@ -71,17 +90,20 @@ def loss_of(variant: str, student: torch.Tensor, teacher: torch.Tensor, weight: 
     return LigerFusedLinearJSDFunction.apply(flat, weight, teacher.reshape(flat.shape), weight, None, 0.0, -100, temperature) * temperature**2
 
 
-def measure(variant, student, teacher, weight, ids, chunk, temperature, precision, device, repeats, warmup) -> dict:
+def measure(variant, student, teacher, weight, ids, chunk, temperature, k, precision, device, repeats, warmup) -> dict:
     """One row: the variant's loss and gradient, then its time and peak memory."""
-    # On a CPU the kernel runs only when asked for (under Triton's interpreter); on CUDA by default.
-    switch = {"linearize_torch": {SWITCH: "off"}, "linearize": {SWITCH: "on"} if device == "cpu" else {}}.get(variant, {})
+    # On a CPU the kernels run only when asked for (under Triton's interpreter); on CUDA by default.
+    switch = {SWITCH: "off"} if variant.endswith("_torch") else {SWITCH: "on"} if device == "cpu" and chunked(variant) else {}
     autocast = torch.autocast(device, dtype=torch.bfloat16) if precision == "autocast" else nullcontext()
     leaf = student.detach().requires_grad_()
+    if variant.startswith("top_k"):  # the cache's content, read back: made once, outside the timing, on the PyTorch path
+        with autocast, mock.patch.dict(os.environ, {SWITCH: "off"}):
+            teacher = top_k(teacher, k, temperature, KDHead(weight, None, chunk))
 
     def step():
         leaf.grad = None
         with autocast:
-            loss = loss_of(variant, leaf, teacher, weight, ids, chunk, temperature)
+            loss = loss_of(variant, leaf, teacher, weight, ids, chunk, temperature, k)
         loss.backward()
         return loss
 
@@ -89,8 +111,8 @@ def measure(variant, student, teacher, weight, ids, chunk, temperature, precisio
         loss = step().detach().float()
         grad = leaf.grad.float()
         ms, peak = timed(step, repeats, warmup, device)
-    return {"variant": variant, "chunk": chunk if variant.startswith("linearize") else None, "ms": round(ms, 3),
-            "peak_mib": round(peak, 1), "loss": loss.item(), "grad": grad}
+    return {"variant": variant, "chunk": chunk if chunked(variant) else None, "top_k": k if sparse(variant) else None,
+            "ms": round(ms, 3), "peak_mib": round(peak, 1), "loss": loss.item(), "grad": grad}
 
 
 def main() -> None:
@@ -102,14 +124,17 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, among {', '.join(VARIANTS)}")
     parser.add_argument("--precision", default="autocast", choices=["autocast", "bfloat16", "float32"])
     parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=256, help="the teacher's entries a token of the sparse variants")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: check the script (kernels under TRITON_INTERPRET=1)")
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per row")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls before them (the first compiles)")
     parser.add_argument("--tolerance", type=float, default=2e-2, help="largest relative difference allowed from linearize_torch")
     args = parser.parse_args()
     variants = args.variants.split(",")
-    if set(variants) - set(VARIANTS) or REFERENCE not in variants:
-        raise SystemExit(f"--variants takes {', '.join(VARIANTS)} and needs {REFERENCE} (the reference), got {args.variants}")
+    if set(variants) - set(VARIANTS) or REFERENCE not in variants or (any(map(sparse, variants)) and SPARSE_REFERENCE not in variants):
+        raise SystemExit(
+            f"--variants takes {', '.join(VARIANTS)} and needs {REFERENCE} (the reference), and {SPARSE_REFERENCE} with any sparse one; got {args.variants}"
+        )
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("kd_loss_speed.py times CUDA kernels; run it on a machine with a CUDA GPU (or check it with --device cpu)")
     if args.device == "cpu" and args.precision == "bfloat16":
@@ -127,16 +152,21 @@ def main() -> None:
         missing["liger"] = problem
         variants.remove("liger")
     results = []
-    for variant in [REFERENCE] + [v for v in variants if v != REFERENCE]:
-        for chunk in map(int, args.chunks.split(",")) if variant.startswith("linearize") else [None]:
-            results.append(measure(variant, student, teacher, weight, ids, chunk, args.temperature, args.precision, args.device, args.repeats, args.warmup))
-    reference = results[0]
+    references = [name for name in (REFERENCE, SPARSE_REFERENCE) if name in variants]
+    for variant in references + [v for v in variants if v not in references]:
+        for chunk in map(int, args.chunks.split(",")) if chunked(variant) else [None]:
+            results.append(
+                measure(variant, student, teacher, weight, ids, chunk, args.temperature, args.top_k, args.precision, args.device, args.repeats, args.warmup)
+            )
+    reference = {name: next(row for row in results if row["variant"] == name) for name in references}
     for row in results:
-        row["loss_difference"] = abs(row["loss"] - reference["loss"]) / abs(reference["loss"])
-        row["grad_difference"] = difference(row.pop("grad"), reference["grad"]) if row is not reference else 0.0
+        against = reference[SPARSE_REFERENCE if sparse(row["variant"]) else REFERENCE]
+        row["loss_difference"] = abs(row["loss"] - against["loss"]) / abs(against["loss"])
+        row["grad_difference"] = difference(row["grad"], against["grad"]) if row is not against else 0.0
         print(f"{row['variant']:<16} chunk {row['chunk'] or '-':>5}  {row['ms']:9.2f} ms  {row['peak_mib']:9.1f} MiB  "
               f"loss {row['loss']:.5f} (diff {row['loss_difference']:.1e}), grad diff {row['grad_difference']:.1e}", flush=True)
-    reference.pop("grad")
+    for row in results:
+        row.pop("grad")
     for name, why in missing.items():
         print(f"{name:<16} absent: {why}")
     try:
