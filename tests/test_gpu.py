@@ -587,6 +587,30 @@ def test_the_fused_kl_matches_the_pytorch_rows_at_a_real_vocabulary(k, temperatu
             assert a.dtype == torch.bfloat16 and rel(a, b) < 1e-2
 
 
+def test_the_top_k_kernels_keep_a_small_rest_exact_on_the_gpu(monkeypatch):
+    """The float64 difference that keeps a rest of 4e-10 of a row's mass (tests/test_kd.py and test_teacher_logits.py
+    check it under Triton's interpreter) holds as compiled for the GPU, where the two sums' terms must come out of the
+    same float32 arithmetic: the teacher's top-k rest and the top-k KL's, against the PyTorch forms."""
+    import math
+
+    from linearize.distillation import kd, teacher_logits, triton_kl
+
+    vocab = 9000
+    logits = torch.zeros(2, vocab, device="cuda")
+    logits[:, :3] = 20.0 + math.log(vocab)
+    logits[:, 8000] = 21.0 + math.log(vocab)
+    log_probs, ids, rest = triton_kl.top_k_rows(logits, 4, 1.0)
+    monkeypatch.setenv("LINEARIZE_FUSED_STEP", "off")
+    expected = teacher_logits.top_k(logits[None], 4, 1.0)
+    assert torch.equal(ids.sort(-1).values, expected.indices[0].sort(-1).values) and -23 < rest.max() < -20
+    assert torch.allclose(rest, expected.log_rest[0], rtol=1e-5)
+    top = kd.TeacherTopK(torch.log(torch.tensor([[0.4, 0.3, 0.2, 0.09]] * 2, device="cuda")), ids, torch.log(torch.full((2,), 0.01, device="cuda")))
+    scale, targets = torch.ones(2, device="cuda"), torch.zeros(2, dtype=torch.long, device="cuda")
+    got = triton_kl.sparse_kl_rows(logits, top, targets, 1.0, scale, None, torch.float32)
+    reference = kd._chunk_losses(logits, top, targets, 1.0, scale, None, torch.float32)
+    assert torch.allclose(got[0], reference[0], rtol=1e-5) and torch.allclose(got[2], reference[2], rtol=1e-4, atol=1e-9)
+
+
 @pytest.mark.parametrize("teacher_top_k", [0, 8], ids=["full", "cached"])
 def test_a_training_step_on_cuda_never_waits_for_the_gpu(monkeypatch, teacher_top_k):
     """Between logged steps, an optimizer step of lora_kd (the KD losses through the fused KL, the deferred finite
