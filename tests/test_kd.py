@@ -202,6 +202,19 @@ def test_a_negative_chunk_is_refused():
 
 
 @pytest.fixture
+def nan_empty(monkeypatch):
+    """`torch.empty` and `torch.empty_like` give floating tensors filled with NaN, so that an output entry a kernel
+    leaves unwritten shows (uninitialised memory could hold an earlier call's right answer)."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def filled(make):
+        return lambda *args, **kwargs: (lambda t: t.fill_(float("nan")) if t.is_floating_point() else t)(make(*args, **kwargs))
+
+    monkeypatch.setattr(torch, "empty", filled(empty))
+    monkeypatch.setattr(torch, "empty_like", filled(empty_like))
+
+
+@pytest.fixture
 def fused_kl(monkeypatch):
     """The fused KL switched on (CPU tensors through Triton's interpreter); returns the list of the logits' shapes it took."""
     return kernel_calls(monkeypatch, kd, "fused_kl", lambda args, out: tuple(args[0].shape))
@@ -212,7 +225,7 @@ def fused_kl(monkeypatch):
 @pytest.mark.parametrize("vocab", [37, 4097, 9000])
 @pytest.mark.parametrize("dtype, temperature", [(torch.float32, 1.0), (torch.bfloat16, 2.0), (torch.float16, 0.5)])
 @pytest.mark.parametrize("ce_grad", [True, False])
-def test_the_fused_kl_equals_the_pytorch_rows(fused_kl, vocab, dtype, temperature, ce_grad):
+def test_the_fused_kl_equals_the_pytorch_rows(fused_kl, nan_empty, vocab, dtype, temperature, ce_grad):
     """Each row's losses and scaled gradients, against the PyTorch form, across block edges and with rows that have
     no target (-1)."""
     generator = torch.Generator().manual_seed(vocab)
@@ -268,7 +281,7 @@ def sparse_teacher(rows: int, vocab: int, k: int, generator, stored: torch.dtype
 @pytest.mark.parametrize("vocab, k", [(37, 1), (37, 37), (4097, 5), (9000, 300)])
 @pytest.mark.parametrize("dtype, temperature, stored", [(torch.float32, 1.0, torch.float32), (torch.bfloat16, 2.0, torch.float16), (torch.float16, 0.5, torch.float16)])
 @pytest.mark.parametrize("ce_grad", [True, False])
-def test_the_fused_top_k_kl_equals_the_pytorch_rows(fused_sparse_kl, vocab, k, dtype, temperature, stored, ce_grad):
+def test_the_fused_top_k_kl_equals_the_pytorch_rows(fused_sparse_kl, nan_empty, vocab, k, dtype, temperature, stored, ce_grad):
     """Each row's losses and scaled gradients against the PyTorch form (`kd._sparse_kl`), for a sparse teacher of one
     entry, of every token (no rest), of a few and of more than a block's worth, across block edges, with rows that
     have no target."""
