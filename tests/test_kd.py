@@ -269,11 +269,12 @@ def fused_sparse_kl(monkeypatch):
 
 def sparse_teacher(rows: int, vocab: int, k: int, generator, stored: torch.dtype) -> TeacherTopK:
     """A teacher's top-k rows as `teacher_logits.top_k` makes them from random logits, log-probabilities kept in
-    `stored`; with k = vocabulary the rest is empty (-inf)."""
+    `stored` and ids in each type they come in (int64 computed, int32 or uint16 read back from the cache); with k =
+    vocabulary the rest is empty (-inf)."""
     log_p = (torch.randn(rows, vocab, generator=generator) * 3).log_softmax(-1)
     values, indices = log_p.topk(k, dim=-1)
     rest = log_p.scatter(1, indices, -torch.inf).logsumexp(-1)
-    return TeacherTopK(values.to(stored), indices.to(torch.int32 if k % 2 else torch.int64), rest)
+    return TeacherTopK(values.to(stored), indices.to({1: torch.int64, vocab: torch.int32}.get(k, torch.uint16)), rest)
 
 
 @pytest.mark.core
