@@ -42,7 +42,7 @@ def test_shapes_fla_cannot_take_are_named():
 
 
 @pytest.mark.parametrize("tilelang", [False, True], ids=["no-tilelang", "tilelang"])
-def test_which_gated_backward_fla_may_train_through_on_hopper(monkeypatch, tilelang):
+def test_which_gated_backward_fla_may_train_through_on_hopper(monkeypatch, request, tilelang):
     """fla 0.6 on Hopper with Triton 3.4 to 3.7.0: the gated backward trains through fla only with tilelang, and then
     not simple_gla in 16 bits (fla raises there: H200, thirty-second session); other GPUs and Tritons are not held."""
     import importlib.util
@@ -50,10 +50,16 @@ def test_which_gated_backward_fla_may_train_through_on_hopper(monkeypatch, tilel
     import triton
 
     find_spec = importlib.util.find_spec
+
+    def machine(capability, version):  # the facts gated_backward_problem reads, asked anew
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+        monkeypatch.setattr(triton, "__version__", version)
+        kernels._held_backward.cache_clear()
+
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "tilelang" and tilelang else find_spec(name, *a))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
-    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    request.addfinalizer(kernels._held_backward.cache_clear)  # the real machine's facts, asked anew after the test
+    machine((9, 0), "3.6.0")
     for kernel in ("gated_delta_rule", "simple_gla"):
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             problem = kernels.gated_backward_problem(kernel, dtype)
@@ -62,10 +68,9 @@ def test_which_gated_backward_fla_may_train_through_on_hopper(monkeypatch, tilel
             else:
                 assert "wrong on Hopper with Triton 3.6.0" in problem
                 assert ("float32 only, not " + str(dtype)) in problem if tilelang else "or tilelang" in problem
-    monkeypatch.setattr(triton, "__version__", "3.7.1")
+    machine((9, 0), "3.7.1")
     assert kernels.gated_backward_problem("simple_gla", torch.bfloat16) is None
-    monkeypatch.setattr(triton, "__version__", "3.6.0")
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+    machine((8, 0), "3.6.0")
     assert kernels.gated_backward_problem("simple_gla", torch.bfloat16) is None
 
 

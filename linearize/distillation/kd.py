@@ -177,6 +177,7 @@ class _ChunkedKD(torch.autograd.Function):
             low = torch.get_autocast_dtype(h.device.type)
             weight, bias = weight.to(low), None if bias is None else bias.to(low)
         grad_dtype = h.dtype if weight is None else weight.dtype
+        fused, problem = (fused_sparse_kl, sparse_kl_problem) if sparse else (fused_kl, fused_kl_problem)
         kl_sum = torch.zeros((), dtype=acc, device=h.device)
         ce_sum = torch.zeros((), dtype=acc, device=h.device)
         for start in range(0, rows, chunk):
@@ -187,7 +188,6 @@ class _ChunkedKD(torch.autograd.Function):
             w_ce = w_part * has_target[part]
             # d(weighted mean KL x T^2)/d logits = T w (softmax(s/T) - teacher_p) / sum(w)
             scales = (w_part * (temperature / kl_norm), w_ce / ce_norm if ce_grad else None)
-            fused, problem = (fused_sparse_kl, sparse_kl_problem) if sparse else (fused_kl, fused_kl_problem)
             losses = fused if problem(logits, teacher_part) is None else _chunk_losses
             kl_rows, ce_rows, d_kl, d_ce = losses(logits, teacher_part, targets[part], temperature, *scales, grad_dtype)
             kl_sum += (kl_rows * w_part).sum()

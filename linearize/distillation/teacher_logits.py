@@ -66,10 +66,10 @@ def top_k(teacher: torch.Tensor, k: int, temperature: float, head: KDHead | None
         logits = flat[start : start + chunk] if head is None else F.linear(flat[start : start + chunk], head.weight, head.bias)
         if top_k_problem(logits, k) is None:
             parts.append(top_k_rows(logits, k, temperature))
-            continue
-        log_p = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature, dim=-1)
-        values, indices = log_p.topk(k, dim=-1)
-        parts.append((values, indices, log_p.scatter(1, indices, -torch.inf).logsumexp(-1)))
+        else:
+            log_p = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature, dim=-1)
+            values, indices = log_p.topk(k, dim=-1)
+            parts.append((values, indices, log_p.scatter(1, indices, -torch.inf).logsumexp(-1)))
     values, indices, log_rest = (torch.cat(column) for column in zip(*parts))
     return TeacherTopK(values.view(batch, length, k), indices.view(batch, length, k), log_rest.view(batch, length))
 

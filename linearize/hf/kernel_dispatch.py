@@ -20,6 +20,7 @@ float32 values the model's dtype would cut (hedgehog's feature maps) passes `dty
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import warnings
@@ -75,18 +76,29 @@ def gated_backward_problem(kernel: str = "gated_delta_rule", dtype: torch.dtype 
     raises (H200, thirty-second session: the bf16 gradient tests failed so, the other twelve passed); `simple_gla`
     then reads q, k, v in float32 while it trains.
     """
+    held = _held_backward()
+    if held is None:
+        return None
+    triton_version, tilelang = held
+    needs = "Triton >= 3.7.1 or tilelang"
+    if tilelang:
+        if kernel != "simple_gla" or dtype == torch.float32:
+            return None
+        needs = f"Triton >= 3.7.1: tilelang takes simple_gla in float32 only, not {dtype}"
+    return f"fla's gated backward is wrong on Hopper with Triton {triton_version} (needs {needs})"
+
+
+@functools.cache
+def _held_backward() -> tuple[str, bool] | None:
+    """(Triton's version, whether tilelang is installed) where fla 0.6 holds its gated backward (a Hopper GPU, Triton
+    3.4 to 3.7.0), else None: facts of the process, asked once, since training asks at every gated call."""
     import triton
 
     version = _version_tuple(triton.__version__)
     hopper = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
     if not (hopper and (3, 4, 0) <= version < (3, 7, 1)):
         return None
-    needs = "Triton >= 3.7.1 or tilelang"
-    if importlib.util.find_spec("tilelang") is not None:
-        if kernel != "simple_gla" or dtype == torch.float32:
-            return None
-        needs = f"Triton >= 3.7.1: tilelang takes simple_gla in float32 only, not {dtype}"
-    return f"fla's gated backward is wrong on Hopper with Triton {triton.__version__} (needs {needs})"
+    return triton.__version__, importlib.util.find_spec("tilelang") is not None
 
 
 def shape_problem(head_dims: tuple[int, ...], dtype: torch.dtype) -> str | None:
