@@ -371,7 +371,7 @@ z3)  # (nvidia-h200, fresh; carry .z3) z3-solver into /tmp/tilelang, for the til
 tilelang)  # (after z3, still warm; carry .tilelang and .whl's fla_core and flash_linear_attention wheels) whether fla's
   # gated backward runs on Hopper with the carried tilelang 0.1.15 (.tilelang/: its wheel, apache-tvm-ffi,
   # torch-c-dlpack-ext): a hybrid_gdn-shaped student's distillation speed on the PyTorch path (part torch), fla's
-  # gradient tests (tests) and the same speed with tilelang importable (fast), the parts in TILELANG (default all three),
+  # gradient tests and bf16 training steps (tests; TILELANG_TESTS, a -k expression) and the same speed with tilelang importable (fast), the parts in TILELANG (default all three),
   # SPEED_S and TEST_S each. On a fresh machine 130 s was too little for every part (twenty-ninth session: the compiled
   # first step alone outlasts it), so the parts go into calls of their own, chained, each within a call's 600 s
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/fla_core-*.whl \
@@ -387,7 +387,7 @@ tilelang)  # (after z3, still warm; carry .tilelang and .whl's fla_core and flas
     fi
     case $part in
     tests)
-      timeout "${TEST_S:-300}" python3 -m pytest -v -p no:cacheprovider -n 8 -m gpu tests/test_gpu.py -k gradients -rs > "$OUT/gpu_tests.log" 2>&1
+      timeout "${TEST_S:-300}" python3 -m pytest -v -p no:cacheprovider -n 8 -m gpu tests/test_gpu.py -k "${TILELANG_TESTS:-gradients or bfloat16_training_step}" -rs > "$OUT/gpu_tests.log" 2>&1
       echo "exit $?" >> "$OUT/gpu_tests.log"
       ;;
     torch|fast)

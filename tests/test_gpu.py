@@ -146,12 +146,18 @@ def test_a_bfloat16_model_on_fla_matches_its_pytorch_path(name, monkeypatch):
     assert rel(fast[1], slow[1]) < 3e-2 and rel(fast[0, 37:], slow[0, 37:]) < 3e-2
 
 
-@pytest.mark.parametrize("name", ["hedgehog", "gla"])
+@pytest.mark.parametrize("name", ["hedgehog", "gla", "gated_deltanet", "mamba2"])
 def test_a_bfloat16_training_step_on_fla_matches_its_pytorch_path(name, monkeypatch):
     """hedgehog's and gla's values carry their normaliser as one more column (V = 65), which fla 0.6 will not
     backpropagate in 16 bits (it stopped lolcats_linear's bf16 training on an H200): gla's go to fla one zero column
     wider (`kernel_dispatch._evened`), hedgehog's feature maps in float32 (in bf16 their bias's gradient came back 15%
-    off), and a bf16 model's training step runs, its gradients within bf16 rounding of the PyTorch path's."""
+    off), and a bf16 model's training step runs, its gradients within bf16 rounding of the PyTorch path's. The gated
+    mixers run where fla trains its gated kernels at all (Triton >= 3.7.1, or tilelang on Hopper); mamba2's
+    `simple_gla` then reads q, k, v in float32 where tilelang takes only those."""
+    gated = {"gated_deltanet": "gated_delta_rule", "mamba2": "simple_gla"}
+    problem = kernels.gated_backward_problem(gated[name]) if name in gated else None
+    if problem is not None:
+        pytest.skip(f"{problem}: {name} trains on the PyTorch path only here")
     teacher = tiny_model(dtype=torch.bfloat16, num_hidden_layers=2, hidden_size=576, num_attention_heads=9, num_key_value_heads=3)
     model = linearize.convert(teacher, name).cuda().requires_grad_(True)
     ids, mask = left_padded(random_ids(2, 300), [37, 0])
