@@ -22,12 +22,15 @@ they are approximate; the cache sizes are exact. Validate the script quickly wit
 
     python benchmarks/cpu_decode.py --lengths 128,256 --decode-tokens 8 --out /tmp/cpu_decode_small.json
     python benchmarks/cpu_decode.py --lengths 2048 --recipes lolcats,lolcats_linear,liger,mamba_in_llama,hybrid_gdn,hybrid_qwen3_5
+    python benchmarks/cpu_decode.py --lengths 2048 --recipes lolcats --rounds 3 --threads 1   # one core's figures
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+
+import torch
 
 import linearize
 from linearize.evaluate.results import Results
@@ -48,7 +51,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="student-then-teacher rounds per recipe; each model keeps its fastest")
     parser.add_argument("--original-teacher", action="store_true", help="also time, in every round, the teacher as "
                         "transformers runs it (the unconverted model with its own cache), and print the student's ratio to it")
+    parser.add_argument("--threads", type=int, default=0, help="torch's intra-op threads (0: torch's default, the cores)")
     args = parser.parse_args()
+    if args.threads < 0:
+        parser.error(f"--threads must be 0 (torch's default) or more, got {args.threads}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     results = None
     for recipe in args.recipes.split(","):

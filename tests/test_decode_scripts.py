@@ -98,3 +98,12 @@ def test_a_measured_step_passes_what_generate_passes_only_when_asked(as_generate
     seen = [(k["attention_mask"].shape[1], k["position_ids"].item(), k["cache_position"].item()) for k in decode] if as_generate else []
     assert seen == ([(17 + i, 16 + i, 16 + i) for i in range(6)] if as_generate else [])
     assert all(("attention_mask" in k) == as_generate for k in decode)
+
+
+def test_cpu_decode_refuses_a_negative_thread_count_before_loading_anything(monkeypatch, capsys):
+    cpu_decode = load("cpu_decode")
+    monkeypatch.setattr(sys, "argv", ["cpu_decode.py", "--threads", "-1"])
+    monkeypatch.setattr(cpu_decode, "load_teacher", lambda *a, **k: pytest.fail("loaded a teacher"))
+    with pytest.raises(SystemExit):
+        cpu_decode.main()
+    assert "--threads must be 0 (torch's default) or more, got -1" in capsys.readouterr().err
