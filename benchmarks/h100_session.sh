@@ -371,8 +371,8 @@ z3)  # (nvidia-h200, fresh; carry .z3) z3-solver into /tmp/tilelang, for the til
 tilelang)  # (after z3, still warm; carry .tilelang and .whl's fla_core and flash_linear_attention wheels) whether fla's
   # gated backward runs on Hopper with the carried tilelang 0.1.15 (.tilelang/: its wheel, apache-tvm-ffi,
   # torch-c-dlpack-ext): a hybrid_gdn-shaped student's distillation speed on the PyTorch path (part torch), fla's
-  # gradient tests and bf16 training steps (tests; TILELANG_TESTS, a -k expression) and the same speed with tilelang importable (fast), the parts in TILELANG (default all three),
-  # SPEED_S and TEST_S each. On a fresh machine 130 s was too little for every part (twenty-ninth session: the compiled
+  # gradient tests and bf16 training steps (tests; TILELANG_TESTS, a -k expression) and the same speed with tilelang
+  # importable (fast), the parts in TILELANG (default all three), SPEED_S and TEST_S each. On a fresh machine 130 s was too little for every part (twenty-ninth session: the compiled
   # first step alone outlasts it), so the parts go into calls of their own, chained, each within a call's 600 s
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/fla_core-*.whl \
     .whl/flash_linear_attention-*.whl 2>/dev/null || [ -d /tmp/site/fla ] || exit 1
