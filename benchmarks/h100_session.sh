@@ -67,7 +67,10 @@
 #                                             # recompiles (eighteenth session), as long as the calls chain
 #   bash benchmarks/h100_session.sh collect   # (after detach, still warm) wait up to COLLECT_S seconds (default 560) for
 #                                             # the detached run to end, then return what it wrote; STOP (a pkill -f
-#                                             # pattern, e.g. "quality-gp[u]1") ends part of it first
+#                                             # pattern, e.g. "quality-gp[u]1") ends part of it first; DELTA (quality
+#                                             # run names, e.g. "v1 v2") then returns each one's student as its
+#                                             # difference from the teacher, delta-NAME.tgz (student_delta.py: a few MB,
+#                                             # rebuilt here with its `load`)
 # and in two calls of their own, one right after the other on one machine (tilelang and z3 come to 82 MB):
 #   bash benchmarks/h100_session.sh z3         # carry .z3 (z3-solver 4.15's wheel, 29 MB, whose libz3.so.4.15 tilelang loads)
 #   bash benchmarks/h100_session.sh tilelang   # carry .tilelang (tilelang's wheels, 53 MB) and fla's two wheels from .whl:
@@ -343,6 +346,13 @@ collect)
   done
   kill -0 "$(cat /tmp/detached.pid)" 2>/dev/null && echo "the detached run is still going" >> /tmp/detached/detached.log
   tar czf "$OUT/detached.tgz" -C /tmp/detached .
+  for name in ${DELTA:-}; do  # each quality run's one student folder (the one holding config.json)
+    student=$(dirname "$(ls /tmp/quality-"$name"/*/config.json | head -1)")
+    python3 benchmarks/student_delta.py save --teacher /tmp/smollm2.gguf --student "$student" --out "/tmp/delta-$name" \
+      > "/tmp/delta-$name.log" 2>&1
+    cp "/tmp/delta-$name.log" "/tmp/delta-$name/"
+    tar czf "$OUT/delta-$name.tgz" -C "/tmp/delta-$name" .
+  done
   ;;
 finish)  # (after pair, still warm) QUALITY0 and QUALITY1 again, which name --resume, so that both runs finish training
   # and scoring; then each GPU exports and checks its hybrid_qwen3_5 (serving) or benches its other student

@@ -59,7 +59,7 @@ def parse_variant(text: str) -> tuple[str, str, dict, float | None, int | None]:
         elif key == "keep":
             options["keep_attention"] = [int(i) for i in value.split("/")]
         else:
-            options[key] = int(value)
+            options[key] = value  # the mixer reads it as its option's type (true/false, numbers)
     return label, mixer, options, share, sink
 
 

@@ -1,0 +1,63 @@
+"""benchmarks/student_delta.py: a student saved as its difference from its teacher, rebuilt to the same logits."""
+
+import json
+import subprocess
+import sys
+
+import torch
+from transformers import AutoModelForCausalLM
+
+import linearize
+from tests.conftest import REPO_ROOT
+from tests.tiny import random_ids, tiny_model, tiny_tokenizer
+
+
+def run_script(*args):
+    return subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "student_delta.py"), *args], cwd=REPO_ROOT, capture_output=True, text=True)
+
+
+def trained_like(teacher):
+    """A converted student changed as distillation changes one: new mixer parameters, a rank-2 update merged into one
+    projection, a full-rank change to a norm."""
+    student = linearize.convert(teacher, "hedgehog_swa", window=4, keep_attention=[1])
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, parameter in student.named_parameters():
+            if "feature_q" in name or "window_logit" in name:
+                parameter.add_(0.1 * torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype))
+        projection = student.model.model.layers[0].self_attn.attn.q_proj.weight
+        projection.add_(torch.randn(projection.shape[0], 2, generator=generator) @ torch.randn(2, projection.shape[1], generator=generator))
+        student.model.model.layers[2].input_layernorm.weight.mul_(1.5)
+    return student
+
+
+def test_a_student_saved_as_a_delta_rebuilds_to_its_logits(tmp_path):
+    teacher = tiny_model("llama", dtype=torch.float32)
+    teacher.save_pretrained(tmp_path / "teacher")
+    tiny_tokenizer().save_pretrained(tmp_path / "teacher")
+    student = trained_like(AutoModelForCausalLM.from_pretrained(tmp_path / "teacher", dtype=torch.float32)).eval()
+    student.save_pretrained(tmp_path / "student")
+
+    done = run_script("save", "--teacher", str(tmp_path / "teacher"), "--student", str(tmp_path / "student"), "--out", str(tmp_path / "delta"))
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((tmp_path / "delta" / "delta.json").read_text())
+    assert summary["ranks"] == {"2": 1} and summary["low_rank"] == 1  # the merged update, as two thin factors
+    assert summary["max_logit_error"] < 1e-4 and summary["shards"] == 1
+
+    done = run_script("load", "--teacher", str(tmp_path / "teacher"), "--delta", str(tmp_path / "delta"), "--out", str(tmp_path / "rebuilt"))
+    assert done.returncode == 0, done.stderr
+    rebuilt = AutoModelForCausalLM.from_pretrained(tmp_path / "rebuilt", dtype=torch.float32).eval()
+    ids = random_ids(2, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(ids).logits, student(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_a_delta_refuses_another_teacher(tmp_path):
+    for seed, name in ((0, "teacher"), (1, "other")):
+        tiny_model("llama", seed=seed, dtype=torch.float32).save_pretrained(tmp_path / name)
+        tiny_tokenizer().save_pretrained(tmp_path / name)
+    trained_like(AutoModelForCausalLM.from_pretrained(tmp_path / "teacher", dtype=torch.float32)).save_pretrained(tmp_path / "student")
+    assert run_script("save", "--teacher", str(tmp_path / "teacher"), "--student", str(tmp_path / "student"), "--out", str(tmp_path / "delta")).returncode == 0
+    done = run_script("load", "--teacher", str(tmp_path / "other"), "--delta", str(tmp_path / "delta"), "--out", str(tmp_path / "rebuilt"))
+    assert done.returncode != 0 and "load the teacher it was saved against" in done.stderr
+    assert not (tmp_path / "rebuilt").exists()
