@@ -101,7 +101,7 @@ def rebuild(teacher, folder: Path):
     config = AutoConfig.from_pretrained(folder)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     state = {}
-    for name, tensor in model.state_dict().items():
+    for name in model.state_dict():
         if f"whole::{name}" in parts:
             state[name] = parts[f"whole::{name}"]
         elif f"a::{name}" in parts:
