@@ -60,15 +60,19 @@ DEPTHS = (0.1, 0.5, 0.9)
 AGREEMENT_WINDOWS = 32  # of 512 tokens of Persuasion: 16,384 tokens
 
 
+def retrieval_probes(tokenizer, kind: str, length: int, trials: int) -> list:
+    """`trials` prompts of `kind` at each of DEPTHS, `length` tokens long: the same for every model and run."""
+    # Passkey keeps the seed of the runs before RULER was added, so its figures compare across BENCHMARKS.md.
+    rng = random.Random(length if kind == "passkey" else f"{kind}-{length}")
+    return [make_probe(tokenizer, kind, length, depth, rng) for depth in DEPTHS for _ in range(trials)]
+
+
 @torch.no_grad()
 def retrieval(model, tokenizer, kind: str, length: int, trials: int) -> tuple[dict[str, float], dict[str, list]]:
     """Exact-match accuracy of `kind` (passkey, or RULER's multikey, kv and vt) per depth, and per depth the first
     misses with what the model said (keys are the depths as text, for JSON); the prompts depend only on the kind and
     length, so teacher and student answer the same ones."""
-    # Passkey keeps the seed of the runs before RULER was added, so its figures compare across BENCHMARKS.md.
-    rng = random.Random(length if kind == "passkey" else f"{kind}-{length}")
-    probes = [make_probe(tokenizer, kind, length, depth, rng) for depth in DEPTHS for _ in range(trials)]
-    cells = ask(model, tokenizer, probes)
+    cells = ask(model, tokenizer, retrieval_probes(tokenizer, kind, length, trials))
     return {f"{depth:g}": cells[(length, depth)].value for depth in DEPTHS}, {f"{depth:g}": cells[(length, depth)].misses for depth in DEPTHS}
 
 

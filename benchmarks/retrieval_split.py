@@ -1,0 +1,92 @@
+"""Where a retrieval miss happens: in choosing to answer, or in remembering the answer.
+
+A retrieval probe (`linearize.evaluate.longcontext`) scores 1 when the first number a model generates greedily is
+the hidden one. A miss can mean two things: the model never starts a number ("The pass key is" -> " the pass key.")
+or it starts one and copies it wrong. This scores each probe of `--kind` three ways for the teacher and each
+student, on the same prompts:
+
+- greedy: the probe's own score (the model's own cache, as `linearize eval` asks);
+- opening: the log-probability of the answer's first token after the prompt (for SmolLM2's tokenizer, the space
+  before the digits: the choice to answer with a number);
+- copied: with the answer's tokens fed in (teacher forcing), whether every token after the first is the model's most
+  likely next token, and the log-probability of those tokens: the memory of the number itself.
+
+    python benchmarks/retrieval_split.py --students runs/hybrid_long --lengths 2048,4096 --trials 3 --out split.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from statistics import mean
+
+import torch
+from transformers import AutoModelForCausalLM
+
+import linearize
+from linearize.evaluate.longcontext import KINDS, answer, answer_of
+from quality import DEPTHS, retrieval_probes  # benchmarks/, first on the path when run as a script
+
+
+@torch.no_grad()
+def split(model, tokenizer, probe) -> dict:
+    """The probe scored greedily, and its answer's opening and remainder under teacher forcing."""
+    tokens = tokenizer(" " + probe.answer, add_special_tokens=False)["input_ids"]
+    device = next(model.parameters()).device
+    ids = torch.tensor([probe.prompt_ids + tokens], device=device)
+    logits = model(ids, use_cache=False, logits_to_keep=len(tokens) + 1).logits[0, :-1].float().log_softmax(-1)
+    target = torch.tensor(tokens, device=device)
+    logprobs = logits[torch.arange(len(tokens), device=device), target]
+    return {
+        "greedy": answer_of(answer(model, tokenizer, probe)) == probe.answer,
+        "opening": logprobs[0].item(),
+        "copied": bool((logits[1:].argmax(-1) == target[1:]).all()),
+        "rest": logprobs[1:].sum().item(),
+    }
+
+
+def summary(rows: list[dict]) -> dict:
+    return {
+        "greedy": sum(r["greedy"] for r in rows),
+        "copied": sum(r["copied"] for r in rows),
+        "probes": len(rows),
+        "opening_logprob": round(mean(r["opening"] for r in rows), 3),
+        "rest_logprob": round(mean(r["rest"] for r in rows), 3),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher", default="smollm2-135m")
+    parser.add_argument("--students", default="", help="saved students, comma-separated folders")
+    parser.add_argument("--kind", default="passkey", choices=KINDS)
+    parser.add_argument("--lengths", default="2048,4096")
+    parser.add_argument("--trials", type=int, default=3, help="prompts per length and depth (depths 0.1, 0.5, 0.9; 9: quality.py's 27)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    folders = [f for f in args.students.split(",") if f]
+    if missing := [f for f in folders if not (Path(f) / "config.json").is_file()]:
+        parser.error(f"--students: no saved model in {', '.join(missing)}; pass folders that `linearize run` or `save_pretrained` wrote")
+
+    teacher, tokenizer = linearize.load_teacher(args.teacher, dtype=torch.float32)
+    models = {"teacher": teacher} | {f: AutoModelForCausalLM.from_pretrained(f, dtype=torch.float32) for f in folders}
+    rows = []
+    for length in [int(n) for n in args.lengths.split(",")]:
+        probes = retrieval_probes(tokenizer, args.kind, length, args.trials)  # quality.py's, with as many trials
+        for name, model in models.items():
+            model.to(args.device).eval()
+            started = time.time()
+            scored = [split(model, tokenizer, p) | {"depth": p.depth} for p in probes]
+            row = {"model": name, "kind": args.kind, "length": length, **summary(scored), "seconds": round(time.time() - started, 1)}
+            row["by_depth"] = {f"{d:g}": summary([s for s in scored if s["depth"] == d]) for d in DEPTHS}
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "by_depth"}), flush=True)
+            model.cpu()
+            Path(args.out).write_text(json.dumps({"teacher": args.teacher, "trials": args.trials, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

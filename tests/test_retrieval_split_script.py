@@ -1,0 +1,39 @@
+"""benchmarks/retrieval_split.py: a retrieval probe scored greedily and split into its answer's opening and the rest."""
+
+import importlib.util
+import random
+import sys
+
+import pytest
+import torch
+
+from linearize.evaluate.longcontext import answer, answer_of, make_probe
+from tests.conftest import REPO_ROOT
+from tests.tiny import tiny_model, tiny_tokenizer
+
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))  # retrieval_split.py imports its sibling quality, as when run as a script
+_SPEC = importlib.util.spec_from_file_location("retrieval_split", REPO_ROOT / "benchmarks" / "retrieval_split.py")
+retrieval_split = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(retrieval_split)
+
+
+def test_the_split_reads_each_answer_token_where_the_model_predicts_it():
+    model, tokenizer = tiny_model(dtype=torch.float32).eval(), tiny_tokenizer()
+    probe = make_probe(tokenizer, "passkey", 320, 0.5, random.Random(0))
+    scored = retrieval_split.split(model, tokenizer, probe)
+    tokens = tokenizer(" " + probe.answer, add_special_tokens=False)["input_ids"]
+    logprobs, argmaxes = [], []
+    with torch.no_grad():
+        for i, token in enumerate(tokens):  # one prefix at a time: the next token's distribution after prompt + answer[:i]
+            last = model(torch.tensor([probe.prompt_ids + tokens[:i]])).logits[0, -1].log_softmax(-1)
+            logprobs.append(last[token].item())
+            argmaxes.append(last.argmax().item())
+    assert scored["opening"] == pytest.approx(logprobs[0], abs=1e-4)
+    assert scored["rest"] == pytest.approx(sum(logprobs[1:]), abs=1e-4)
+    assert scored["copied"] == (argmaxes[1:] == tokens[1:])
+    assert scored["greedy"] == (answer_of(answer(model, tokenizer, probe)) == probe.answer)
+
+
+def test_a_summary_counts_and_averages_the_probes():
+    rows = [{"greedy": True, "copied": True, "opening": -0.5, "rest": -0.1}, {"greedy": False, "copied": True, "opening": -2.5, "rest": -0.3}]
+    assert retrieval_split.summary(rows) == {"greedy": 1, "copied": 2, "probes": 2, "opening_logprob": -1.5, "rest_logprob": -0.2}
