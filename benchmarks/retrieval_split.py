@@ -11,6 +11,10 @@ student, on the same prompts:
 - copied: with the answer's tokens fed in (teacher forcing), whether every token after the first is the model's most
   likely next token, and the log-probability of those tokens: the memory of the number itself.
 
+`--restore-each` then scores the first student again with each converted layer alone computing softmax attention
+from its own weights (`teacher_mode` for one mixer, as `keep_attention: auto`'s `restore` scorer does), teacher-forced
+only: which converted layers the opening and the copy depend on.
+
     python benchmarks/retrieval_split.py --students runs/hybrid_long --lengths 2048,4096 --trials 3 --out split.json
 """
 
@@ -27,12 +31,13 @@ from transformers import AutoModelForCausalLM
 
 import linearize
 from linearize.evaluate.longcontext import KINDS, answer, answer_of
+from linearize.hf.mixers import mixers_in
 from quality import DEPTHS, retrieval_probes  # benchmarks/, first on the path when run as a script
 
 
 @torch.no_grad()
-def split(model, tokenizer, probe) -> dict:
-    """The probe scored greedily, and its answer's opening and remainder under teacher forcing."""
+def split(model, tokenizer, probe, greedy: bool = True) -> dict:
+    """The probe scored greedily (unless `greedy` is off), and its answer's opening and remainder under teacher forcing."""
     tokens = tokenizer(" " + probe.answer, add_special_tokens=False)["input_ids"]
     device = next(model.parameters()).device
     ids = torch.tensor([probe.prompt_ids + tokens], device=device)
@@ -40,7 +45,7 @@ def split(model, tokenizer, probe) -> dict:
     target = torch.tensor(tokens, device=device)
     logprobs = logits[torch.arange(len(tokens), device=device), target]
     return {
-        "greedy": answer_of(answer(model, tokenizer, probe)) == probe.answer,
+        "greedy": greedy and answer_of(answer(model, tokenizer, probe)) == probe.answer,
         "opening": logprobs[0].item(),
         "copied": bool((logits[1:].argmax(-1) == target[1:]).all()),
         "rest": logprobs[1:].sum().item(),
@@ -64,10 +69,13 @@ def main():
     parser.add_argument("--kind", default="passkey", choices=KINDS)
     parser.add_argument("--lengths", default="2048,4096")
     parser.add_argument("--trials", type=int, default=3, help="prompts per length and depth (depths 0.1, 0.5, 0.9; 9: quality.py's 27)")
+    parser.add_argument("--restore-each", action="store_true", help="the first student again with each converted layer restored in turn")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     folders = [f for f in args.students.split(",") if f]
+    if args.restore_each and not folders:
+        parser.error("--restore-each restores the layers of a student: pass one with --students")
     if missing := [f for f in folders if not (Path(f) / "config.json").is_file()]:
         parser.error(f"--students: no saved model in {', '.join(missing)}; pass folders that `linearize run` or `save_pretrained` wrote")
 
@@ -85,6 +93,16 @@ def main():
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "by_depth"}), flush=True)
             model.cpu()
+            Path(args.out).write_text(json.dumps({"teacher": args.teacher, "trials": args.trials, "rows": rows}, indent=1))
+        if args.restore_each:
+            student = models[folders[0]].to(args.device)
+            for mixer in mixers_in(student):
+                mixer.teacher = True
+                scored = [split(student, tokenizer, p, greedy=False) for p in probes]
+                mixer.teacher = False
+                rows.append({"model": folders[0], "restored": mixer.layer_idx, "kind": args.kind, "length": length, **summary(scored)})
+                print(json.dumps(rows[-1]), flush=True)
+            student.cpu()
             Path(args.out).write_text(json.dumps({"teacher": args.teacher, "trials": args.trials, "rows": rows}, indent=1))
 
 

@@ -1,12 +1,15 @@
 """benchmarks/retrieval_split.py: a retrieval probe scored greedily and split into its answer's opening and the rest."""
 
 import importlib.util
+import json
 import random
+import subprocess
 import sys
 
 import pytest
 import torch
 
+import linearize
 from linearize.evaluate.longcontext import answer, answer_of, make_probe
 from tests.conftest import REPO_ROOT
 from tests.tiny import tiny_model, tiny_tokenizer
@@ -37,3 +40,26 @@ def test_the_split_reads_each_answer_token_where_the_model_predicts_it():
 def test_a_summary_counts_and_averages_the_probes():
     rows = [{"greedy": True, "copied": True, "opening": -0.5, "rest": -0.1}, {"greedy": False, "copied": True, "opening": -2.5, "rest": -0.3}]
     assert retrieval_split.summary(rows) == {"greedy": 1, "copied": 2, "probes": 2, "opening_logprob": -1.5, "rest_logprob": -0.2}
+
+
+def run_script(*args):
+    return subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "retrieval_split.py"), *args], cwd=REPO_ROOT, capture_output=True, text=True)
+
+
+def test_each_converted_layer_restored_in_turn_is_a_row(tmp_path):
+    teacher = tiny_model(dtype=torch.float32)
+    teacher.save_pretrained(tmp_path / "teacher")
+    tiny_tokenizer().save_pretrained(tmp_path / "teacher")
+    linearize.convert(teacher, "hedgehog_swa", window=8, keep_attention=[1]).save_pretrained(tmp_path / "student")
+    out = tmp_path / "split.json"
+    done = run_script("--teacher", str(tmp_path / "teacher"), "--students", str(tmp_path / "student"), "--lengths", "300",
+                      "--trials", "1", "--restore-each", "--device", "cpu", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["model"][-7:], r.get("restored"), r["probes"]) for r in rows] == [("teacher", None, 3), ("student", None, 3), ("student", 0, 3), ("student", 2, 3)]
+    assert all(r["greedy"] == 0 for r in rows[2:])  # restored rows are teacher-forced only
+
+
+def test_restoring_without_a_student_is_one_line_naming_the_fix(tmp_path):
+    done = run_script("--restore-each", "--out", str(tmp_path / "x.json"))
+    assert done.returncode != 0 and "pass one with --students" in done.stderr.strip().splitlines()[-1]
