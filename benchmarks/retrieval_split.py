@@ -15,6 +15,9 @@ student, on the same prompts:
 from its own weights (`teacher_mode` for one mixer, as `keep_attention: auto`'s `restore` scorer does), teacher-forced
 only: which converted layers the opening and the copy depend on.
 
+`--restore 6,8` scores every student with those converted layers computing softmax attention throughout (a hybrid
+that keeps them too, before any training for it).
+
     python benchmarks/retrieval_split.py --students runs/hybrid_long --lengths 2048,4096 --trials 3 --out split.json
 """
 
@@ -69,6 +72,7 @@ def main():
     parser.add_argument("--kind", default="passkey", choices=KINDS)
     parser.add_argument("--lengths", default="2048,4096")
     parser.add_argument("--trials", type=int, default=3, help="prompts per length and depth (depths 0.1, 0.5, 0.9; 9: quality.py's 27)")
+    parser.add_argument("--restore", default="", help="converted layers every student computes as softmax attention, e.g. 6,8")
     parser.add_argument("--restore-each", action="store_true", help="the first student again with each converted layer restored in turn")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", required=True)
@@ -81,6 +85,15 @@ def main():
 
     teacher, tokenizer = linearize.load_teacher(args.teacher, dtype=torch.float32)
     models = {"teacher": teacher} | {f: AutoModelForCausalLM.from_pretrained(f, dtype=torch.float32) for f in folders}
+    if not all(i.strip().isdigit() for i in args.restore.split(",") if i.strip()):
+        parser.error(f"--restore takes layer indices separated by commas, e.g. 6,8; got {args.restore!r}")
+    restore = {int(i) for i in args.restore.split(",") if i.strip()}
+    for folder in folders:
+        mixers = {m.layer_idx: m for m in mixers_in(models[folder])}
+        if unknown := sorted(restore - set(mixers)):
+            parser.error(f"--restore: {folder} converts no layer {unknown}; its converted layers are {sorted(mixers)}")
+        for i in restore:
+            mixers[i].teacher = True
     rows = []
     for length in [int(n) for n in args.lengths.split(",")]:
         probes = retrieval_probes(tokenizer, args.kind, length, args.trials)  # quality.py's, with as many trials
@@ -89,6 +102,8 @@ def main():
             started = time.time()
             scored = [split(model, tokenizer, p) | {"depth": p.depth} for p in probes]
             row = {"model": name, "kind": args.kind, "length": length, **summary(scored), "seconds": round(time.time() - started, 1)}
+            if name != "teacher" and restore:
+                row["restored"] = sorted(restore)
             row["by_depth"] = {f"{d:g}": summary([s for s in scored if s["depth"] == d]) for d in DEPTHS}
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "by_depth"}), flush=True)
@@ -97,10 +112,12 @@ def main():
         if args.restore_each:
             student = models[folders[0]].to(args.device)
             for mixer in mixers_in(student):
+                if mixer.layer_idx in restore:
+                    continue
                 mixer.teacher = True
                 scored = [split(student, tokenizer, p, greedy=False) for p in probes]
                 mixer.teacher = False
-                rows.append({"model": folders[0], "restored": mixer.layer_idx, "kind": args.kind, "length": length, **summary(scored)})
+                rows.append({"model": folders[0], "restored": sorted(restore | {mixer.layer_idx}), "kind": args.kind, "length": length, **summary(scored)})
                 print(json.dumps(rows[-1]), flush=True)
             student.cpu()
             Path(args.out).write_text(json.dumps({"teacher": args.teacher, "trials": args.trials, "rows": rows}, indent=1))

@@ -56,10 +56,26 @@ def test_each_converted_layer_restored_in_turn_is_a_row(tmp_path):
                       "--trials", "1", "--restore-each", "--device", "cpu", "--out", str(out))
     assert done.returncode == 0, done.stderr
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["model"][-7:], r.get("restored"), r["probes"]) for r in rows] == [("teacher", None, 3), ("student", None, 3), ("student", 0, 3), ("student", 2, 3)]
+    assert [(r["model"][-7:], r.get("restored"), r["probes"]) for r in rows] == [("teacher", None, 3), ("student", None, 3), ("student", [0], 3), ("student", [2], 3)]
     assert all(r["greedy"] == 0 for r in rows[2:])  # restored rows are teacher-forced only
 
 
 def test_restoring_without_a_student_is_one_line_naming_the_fix(tmp_path):
     done = run_script("--restore-each", "--out", str(tmp_path / "x.json"))
     assert done.returncode != 0 and "pass one with --students" in done.stderr.strip().splitlines()[-1]
+
+
+def test_a_restored_layer_makes_the_student_compute_it_as_its_teacher(tmp_path):
+    teacher = tiny_model(dtype=torch.float32)
+    teacher.save_pretrained(tmp_path / "teacher")
+    tiny_tokenizer().save_pretrained(tmp_path / "teacher")
+    linearize.convert(teacher, "hedgehog_swa", window=8, keep_attention=[1]).save_pretrained(tmp_path / "student")
+    common = ["--teacher", str(tmp_path / "teacher"), "--students", str(tmp_path / "student"), "--lengths", "300", "--trials", "1", "--device", "cpu"]
+    done = run_script(*common, "--restore", "0,2", "--out", str(tmp_path / "split.json"))
+    assert done.returncode == 0, done.stderr
+    teacher_row, student_row = json.loads((tmp_path / "split.json").read_text())["rows"]
+    assert student_row["restored"] == [0, 2]  # every layer softmax again: the teacher's own scores
+    assert student_row["opening_logprob"] == pytest.approx(teacher_row["opening_logprob"], abs=1e-3)
+    assert student_row["rest_logprob"] == pytest.approx(teacher_row["rest_logprob"], abs=1e-3)
+    done = run_script(*common, "--restore", "1", "--out", str(tmp_path / "x.json"))  # layer 1 was kept, not converted
+    assert done.returncode != 0 and "its converted layers are [0, 2]" in done.stderr.strip().splitlines()[-1]
