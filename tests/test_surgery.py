@@ -6,6 +6,7 @@ import torch
 import linearize
 from linearize import LinearizeError
 from linearize.hf.attention import decoder_layers
+from linearize.hf.mixers import mixers_in
 from tests.tiny import FAMILIES, random_ids, tiny_model
 
 
@@ -117,3 +118,21 @@ def test_plan_is_recorded_with_resolved_options():
         {"mixer": "hedgehog_swa", "options": {"feature_dim": 16, "window": 5, "decay": 0.0, "linear_rope": True}},
         {"mixer": "attention", "options": {}},
     ]
+
+
+def test_a_restored_layer_generates_from_its_own_cache():
+    """One converted layer back on softmax attention (its mixer's `teacher` set, as a layer selection restores it) keeps
+    keys and values in the cache while the others keep their states: cached greedy decoding equals uncached."""
+    student = linearize.convert(tiny_model(dtype=torch.float32), "hedgehog_swa", window=4, keep_attention=[1])
+    mixers = {m.layer_idx: m for m in mixers_in(student)}
+    mixers[0].teacher = True
+    assert student.cache_kinds() == ["kv", "kv", "state"]
+    ids = random_ids(2, 9)
+    cached = student.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False, min_new_tokens=6)
+    uncached = ids
+    with torch.no_grad():
+        for _ in range(6):
+            uncached = torch.cat((uncached, student(uncached, use_cache=False).logits[:, -1:].argmax(-1)), dim=1)
+    assert torch.equal(cached, uncached)
+    mixers[0].teacher = False
+    assert student.cache_kinds() == ["state", "kv", "state"]

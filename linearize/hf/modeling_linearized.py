@@ -170,11 +170,14 @@ class LinearizedForCausalLM(PreTrainedModel, GenerationMixin):
         return set(self.cache_kinds()) != {"kv"}
 
     def cache_kinds(self) -> list[str]:
-        """Per layer: "kv" for softmax attention (kept, or any layer under teacher_mode), "grows" for a converted
-        layer whose state grows with context, "state" for a fixed-size state."""
-        if any(m.teacher for m in self._mixers()):
-            return ["kv"] * len(self.config.plan)
-        return ["kv" if e.is_attention else "grows" if get_mixer(e.mixer).state_grows else "state" for e in self.config.plan]
+        """Per layer: "kv" for softmax attention (kept, or a converted layer computing its teacher's: teacher_mode, or
+        one mixer's `teacher` set, as a layer selection restores it), "grows" for a converted layer whose state grows
+        with context, "state" for a fixed-size state."""
+        restored = {m.layer_idx for m in self._mixers() if m.teacher}
+        return [
+            "kv" if e.is_attention or i in restored else "grows" if get_mixer(e.mixer).state_grows else "state"
+            for i, e in enumerate(self.config.plan)
+        ]
 
     def new_cache(self, max_cache_len: int | None = None) -> LinearizedCache:
         """An empty cache with the right kind of storage for every layer; static (for a compiled decode step) when
