@@ -82,12 +82,12 @@ def main():
         parser.error("--restore-each restores the layers of a student: pass one with --students")
     if missing := [f for f in folders if not (Path(f) / "config.json").is_file()]:
         parser.error(f"--students: no saved model in {', '.join(missing)}; pass folders that `linearize run` or `save_pretrained` wrote")
-
-    teacher, tokenizer = linearize.load_teacher(args.teacher, dtype=torch.float32)
-    models = {"teacher": teacher} | {f: AutoModelForCausalLM.from_pretrained(f, dtype=torch.float32) for f in folders}
     if not all(i.strip().isdigit() for i in args.restore.split(",") if i.strip()):
         parser.error(f"--restore takes layer indices separated by commas, e.g. 6,8; got {args.restore!r}")
     restore = {int(i) for i in args.restore.split(",") if i.strip()}
+
+    teacher, tokenizer = linearize.load_teacher(args.teacher, dtype=torch.float32)
+    models = {"teacher": teacher} | {f: AutoModelForCausalLM.from_pretrained(f, dtype=torch.float32) for f in folders}
     for folder in folders:
         mixers = {m.layer_idx: m for m in mixers_in(models[folder])}
         if unknown := sorted(restore - set(mixers)):
@@ -95,6 +95,10 @@ def main():
         for i in restore:
             mixers[i].teacher = True
     rows = []
+
+    def save() -> None:  # after every model, so that a run cut short keeps what it scored
+        Path(args.out).write_text(json.dumps({"teacher": args.teacher, "trials": args.trials, "rows": rows}, indent=1))
+
     for length in [int(n) for n in args.lengths.split(",")]:
         probes = retrieval_probes(tokenizer, args.kind, length, args.trials)  # quality.py's, with as many trials
         for name, model in models.items():
@@ -108,7 +112,7 @@ def main():
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "by_depth"}), flush=True)
             model.cpu()
-            Path(args.out).write_text(json.dumps({"teacher": args.teacher, "trials": args.trials, "rows": rows}, indent=1))
+            save()
         if args.restore_each:
             student = models[folders[0]].to(args.device)
             for mixer in mixers_in(student):
@@ -120,7 +124,7 @@ def main():
                 rows.append({"model": folders[0], "restored": sorted(restore | {mixer.layer_idx}), "kind": args.kind, "length": length, **summary(scored)})
                 print(json.dumps(rows[-1]), flush=True)
             student.cpu()
-            Path(args.out).write_text(json.dumps({"teacher": args.teacher, "trials": args.trials, "rows": rows}, indent=1))
+            save()
 
 
 if __name__ == "__main__":
