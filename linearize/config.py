@@ -90,6 +90,10 @@ class SelectionConfig:
         attention that one of its heads gives, where an answer is due, to the answer's digits where the context
         states them. This proposal is kept whatever the others measure; they are still measured and recorded.
         0: off.
+    opening: with `heads`, choose this many of the N kept layers another way: the heads' strongest N - opening
+        layers on softmax, add, one at a time, the converted layer whose restoring most raises the log-probability
+        of the first token of the answers of the `heads` tasks (where the model decides to answer at all; a student
+        that keeps its teacher's heads can still copy a passkey it no longer starts). 0: the heads alone.
     """
 
     kl: bool = False
@@ -99,6 +103,7 @@ class SelectionConfig:
     batch_size: int = 4
     retrieval: int = 0
     heads: int = 0
+    opening: int = 0
 
     def __post_init__(self):
         if self.tokens < 1 or self.batch_size < 1 or (self.seq_len is not None and self.seq_len < 8):
@@ -108,6 +113,10 @@ class SelectionConfig:
         for name in ("retrieval", "heads"):
             if getattr(self, name) < 0:
                 raise LinearizeError(f"convert.selection.{name} is a number of retrieval tasks, 0 or more; got {getattr(self, name)}")
+        if self.opening < 0 or (self.opening and not self.heads):
+            raise LinearizeError(
+                f"convert.selection.opening={self.opening}: it is a number of layers (0 or more) chosen beside the retrieval heads'; set convert.selection.heads too"
+            )
 
 
 @dataclass

@@ -228,9 +228,15 @@ class Run:
             f"{f['layer']}: {f['normalized']:.3g}" + (f"/kl {f['kl']:.3g}" if "kl" in f else "")
             + (f"/restore {f['restore_gain']:.3g}" if "restore_gain" in f else "")
             + (f"/retrieval {f['retrieval_gain']:.3g}" if "retrieval_gain" in f else "")
-            + (f"/head {f['retrieval_head']:.3g}" if "retrieval_head" in f else "") for f in selection["layers"]
+            + (f"/head {f['retrieval_head']:.3g}" if "retrieval_head" in f else "")
+            + (f"/opening {f['opening_gain']:.3g}" if "opening_gain" in f else "") for f in selection["layers"]
         )
         session.say(f"selection by {selection['method']}: softmax attention kept in layers {selection['kept_attention']} (per layer {rows})")
+        for step in selection.get("opening", []):
+            session.say(
+                f"  with layers {step['from']} on softmax the answers open at log-probability {step['opening_logprob']:.3f};"
+                f" layer {step['added']} added ({step['gains'][str(step['added'])]:+.3f})"
+            )
         spent = selection["seconds"]
         parts = ", ".join(f"{name} {value:.1f} s" for name, value in spent.items() if name != "total")
         session.say(f"  selection took {spent['total']:.1f} s ({parts})")

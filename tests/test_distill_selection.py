@@ -1,5 +1,6 @@
 """Automatic layer selection: the layers whose conversion hurts most (normalised error) keep softmax attention."""
 
+import json
 import re
 
 import pytest
@@ -11,7 +12,8 @@ import linearize
 from linearize.config import SelectionConfig, load_recipe
 from linearize.distillation import layer_errors, select_attention
 from linearize.distillation.selection import (
-    METHODS, auto_amount, auto_count, interleaved, needles, restore_gains, retrieval_heads, retrieval_windows, single_layer_kl, token_kl,
+    METHODS, auto_amount, auto_count, interleaved, needles, next_token_logprobs, opening_gains, openings, restore_gains, retrieval_heads,
+    retrieval_windows, single_layer_kl, token_kl,
 )
 from linearize.hf.mixers import mixers_in
 from linearize.hf.errors import LinearizeError
@@ -323,3 +325,93 @@ def test_a_recipe_keeps_the_teachers_retrieval_heads_and_says_so():
     took = [m for m in messages if m.strip().startswith("selection took")]
     assert len(took) == 1 and re.fullmatch(r"selection took [0-9.]+ s \(error [0-9.]+ s, heads [0-9.]+ s\)", took[0].strip()), took
     assert "seconds" not in selection  # timings stay out of the saved config
+
+
+def test_openings_are_where_each_answers_first_token_is_predicted(long_windows):
+    tokenizer = tiny_tokenizer()
+    tasks, answers = retrieval_windows(tokenizer, long_windows, 3)
+    first = openings(answers)
+    assert first.sum(-1).tolist() == [1, 1, 1] and not (first & ~answers).any()
+    for row in range(3):
+        at = int(first[row].nonzero()[0])
+        assert not answers[row, :at].any()
+        assert tokenizer.decode(tasks[row, at + 1 : at + 2]).startswith(" ")  # the number's opening
+    assert not openings(torch.zeros(2, 5, dtype=torch.bool)).any()
+    logits = torch.randn(2, 6, 11, dtype=torch.bfloat16)
+    batch = torch.randint(0, 11, (2, 6))
+    taken = next_token_logprobs(logits, batch)
+    assert taken.dtype == torch.float32 and taken[:, -1].eq(0).all()
+    expected = torch.log_softmax(logits.float(), -1)[torch.arange(2)[:, None], torch.arange(5)[None], batch[:, 1:]]
+    assert torch.allclose(taken[:, :-1], expected)
+
+
+def opening_logprob(model, tasks, answers, restored):
+    """The mean log-probability of the answers' first tokens with `restored` on softmax, computed directly."""
+    first = openings(answers)
+    with torch.no_grad():
+        for mixer in mixers_in(model):
+            mixer.teacher = mixer.layer_idx in restored
+        try:
+            logprobs = torch.log_softmax(model(input_ids=tasks).logits.float(), -1)
+        finally:
+            for mixer in mixers_in(model):
+                mixer.teacher = False
+    rows, at = first.nonzero(as_tuple=True)
+    return logprobs[rows, at, tasks[rows, at + 1]].mean().item()
+
+
+def test_opening_gains_add_the_layers_that_most_raise_the_answers_first_token(long_windows):
+    """Each step restores every layer not yet chosen beside the chosen ones and adds the one whose restoring most
+    raises the log-probability of the answers' first tokens."""
+    model = student()
+    tasks, answers = retrieval_windows(tiny_tokenizer(), long_windows, 3)
+    added, steps = opening_gains(model, tasks, answers, [2], 2, batch_size=2)
+    assert len(added) == 2 and len(steps) == 2 and 2 not in added and added[0] != added[1]
+    chosen = [2]
+    for step, layer in zip(steps, added):
+        assert step["from"] == sorted(chosen) and step["added"] == layer
+        before = opening_logprob(model, tasks, answers, set(chosen))
+        assert step["opening_logprob"] == pytest.approx(before, abs=1e-4)
+        gains = {i: opening_logprob(model, tasks, answers, set(chosen) | {i}) - before for i in range(LAYERS) if i not in chosen}
+        assert step["gains"] == {str(i): pytest.approx(gain, abs=1e-4) for i, gain in gains.items()}
+        assert layer == max(gains, key=gains.get)
+        chosen.append(layer)
+    assert not any(m.teacher for m in mixers_in(model))
+
+
+def test_heads_with_opening_keep_the_strongest_heads_then_the_opening_layers(long_windows):
+    tokenizer = tiny_tokenizer()
+    model = student()
+    head_tasks = retrieval_windows(tokenizer, long_windows, 3)
+    heads = retrieval_heads(model, *head_tasks)
+    strongest = sorted(heads, key=lambda layer: max(heads[layer]), reverse=True)[:2]
+    added, steps = opening_gains(model, *head_tasks, strongest, 1)
+    selection = select_attention(model, long_windows, 3, SelectionConfig(restore=True, heads=3, opening=1), tokenizer=tokenizer)
+    assert selection["method"] == METHODS["heads_opening"] and selection["kept_attention"] == sorted(strongest + added)
+    assert selection["candidates"][METHODS["heads"]]["kept_attention"] == sorted(sorted(heads, key=lambda layer: max(heads[layer]), reverse=True)[:3])
+    assert selection["opening"] == json.loads(json.dumps(steps)) and set(selection["seconds"]) == {"error", "restore", "heads", "opening", "candidates", "total"}
+    assert {f["layer"] for f in selection["layers"] if "opening_gain" in f} == set(range(LAYERS)) - set(strongest)
+    assert json.loads(json.dumps(model.config.selection)) == model.config.selection  # saved as it reloads
+    assert [e["mixer"] == "attention" for e in model.config.layers] == [i in strongest + added for i in range(LAYERS)]
+    with pytest.raises(LinearizeError, match="leaves none of the 2 kept layers"):
+        select_attention(student(), long_windows, 2, SelectionConfig(heads=3, opening=2), tokenizer=tokenizer)
+    with pytest.raises(LinearizeError, match="set convert.selection.heads too"):
+        SelectionConfig(opening=1)
+    with pytest.raises(LinearizeError, match="convert.selection.opening=-1"):
+        SelectionConfig(heads=3, opening=-1)
+
+
+def test_a_recipe_adds_the_opening_layers_and_says_which():
+    overrides = ["convert.mixer=hedgehog", "convert.options={}", "convert.keep_attention=auto:2", "data.seq_len=32",
+                 "stages=[{kind: attention_transfer, tokens: 256, batch_size: 2, lr: 0.05}]", "convert.selection.heads=3",
+                 "convert.selection.opening=1", "convert.selection.seq_len=512", "convert.selection.tokens=1024"]
+    messages = []
+    model = linearize.distill(tiny_model("llama", dtype=torch.float32, num_hidden_layers=LAYERS), tiny_data(seq_len=32), "quickstart",
+                              tokenizer=tiny_tokenizer(), overrides=overrides, log=messages.append, progress=False)
+    selection = model.config.selection
+    (step,) = selection["opening"]
+    assert selection["method"] == METHODS["heads_opening"] and step["added"] in selection["kept_attention"] and len(selection["kept_attention"]) == 2
+    said = [m.strip() for m in messages if "added (" in m]
+    assert said == [f"with layers {step['from']} on softmax the answers open at log-probability {step['opening_logprob']:.3f};"
+                    f" layer {step['added']} added ({step['gains'][str(step['added'])]:+.3f})"]
+    assert any("/opening " in m for m in messages)

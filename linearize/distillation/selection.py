@@ -61,9 +61,13 @@ def auto_count(amount: float, num_layers: int) -> int:
 
 
 @torch.no_grad()
-def _kl(model: nn.Module, windows: torch.Tensor, batch_size: int, restored: list[set[int]], mask: torch.Tensor | None = None) -> list[float]:
-    """KL(teacher || model) per token on `windows` (at the positions `mask` marks, or all) for each set of layers in
-    `restored` put back on softmax attention (the teacher's logits computed once per batch)."""
+def _restored_means(
+    model: nn.Module, windows: torch.Tensor, batch_size: int, restored: list[set[int]], mask: torch.Tensor | None,
+    score: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+) -> list[float]:
+    """For each set of layers in `restored` put back on softmax attention, the mean over `windows` (at the positions
+    `mask` marks, or all) of `score(logits, teacher_logits, batch)`, a value per position (the teacher's logits are
+    computed once per batch)."""
     device = next(model.parameters()).device
     mixers = mixers_in(model)
     totals = [0.0] * len(restored)
@@ -77,9 +81,53 @@ def _kl(model: nn.Module, windows: torch.Tensor, batch_size: int, restored: list
             for n, layers in enumerate(restored):
                 for mixer in mixers:
                     mixer.teacher = mixer.layer_idx in layers
-                kl = token_kl(model(input_ids=batch, use_cache=False).logits, teacher)
-                totals[n] += (kl if chosen is None else kl[chosen.to(device)]).sum().item()
+                value = score(model(input_ids=batch, use_cache=False).logits, teacher, batch)
+                totals[n] += (value if chosen is None else value[chosen.to(device)]).sum().item()
     return [total / positions for total in totals]
+
+
+def _kl(model: nn.Module, windows: torch.Tensor, batch_size: int, restored: list[set[int]], mask: torch.Tensor | None = None) -> list[float]:
+    """KL(teacher || model) per token on `windows` (at the positions `mask` marks, or all) for each set of layers in
+    `restored` put back on softmax attention."""
+    return _restored_means(model, windows, batch_size, restored, mask, lambda logits, teacher, batch: token_kl(logits, teacher))
+
+
+def next_token_logprobs(logits: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+    """The log-probability each position gives the token that follows it in `batch` (0 at the last position), in
+    float32 at least."""
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    taken = F.log_softmax(logits[:, :-1].to(dtype), dim=-1).gather(-1, batch[:, 1:, None])[..., 0]
+    return F.pad(taken, (0, 1))
+
+
+def openings(answers: torch.Tensor) -> torch.Tensor:
+    """Of the positions that predict an answer (`answers`), each row's first: where the answer's first token is
+    chosen, i.e. where the model decides to answer at all."""
+    first = torch.zeros_like(answers)
+    rows = answers.any(-1).nonzero()[:, 0]
+    first[rows, answers[rows].float().argmax(-1)] = True
+    return first
+
+
+def opening_gains(
+    model: nn.Module, tasks: torch.Tensor, answers: torch.Tensor, base: list[int], count: int, batch_size: int = 4,
+) -> tuple[list[int], list[dict[str, Any]]]:
+    """`count` more layers to restore beside `base`, chosen one at a time: each step restores, in turn, every converted
+    layer not yet chosen beside those chosen, and adds the one that most raises the mean log-probability of the
+    tasks' answer openings (`openings`). Returns the layers added and, per step, the layers it started from, their
+    opening log-probability and each candidate's gain."""
+    layers = sorted(m.layer_idx for m in mixers_in(model))
+    first = openings(answers)
+    chosen, steps = list(base), []
+    for _ in range(count):
+        candidates = [i for i in layers if i not in chosen]
+        restored = [set(chosen)] + [set(chosen) | {i} for i in candidates]
+        before, *each = _restored_means(model, tasks, batch_size, restored, first, lambda logits, teacher, batch: next_token_logprobs(logits, batch))
+        gains = {i: value - before for i, value in zip(candidates, each)}
+        added = max(gains, key=gains.get)
+        steps.append({"from": sorted(chosen), "opening_logprob": before, "gains": {str(i): gain for i, gain in gains.items()}, "added": added})
+        chosen.append(added)
+    return chosen[len(base):], steps
 
 
 def token_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -203,6 +251,7 @@ METHODS = {
     "retrieval": "restore-one-layer KL gain at retrieval answers",
     "both": "retrieval and text rankings in turn",
     "heads": "the teacher's retrieval heads (attention on the answer's needle)",
+    "heads_opening": "the teacher's retrieval heads, then the layers that most raise the answer's opening",
 }
 
 
@@ -221,7 +270,8 @@ def select_attention(
     single-layer KL ranking (the error ranking without `config.kl`) in turn; every proposal is measured on both,
     and the lowest sum of the two KLs wins. With `config.heads` (N tasks), each layer is scored by its strongest
     retrieval head in the teacher (`retrieval_heads`), and that ranking's layers are kept whatever the other
-    proposals measure (they are measured and recorded as without it). `seconds` gives what each scorer took, the
+    proposals measure (they are measured and recorded as without it); with `config.opening` too, the last of those
+    layers are chosen by `opening_gains` on the same tasks instead (its steps recorded under `opening`). `seconds` gives what each scorer took, the
     measurement of the proposals (`candidates`, `candidates_at_answers`) and the whole selection (`total`).
 
     Example:
@@ -251,9 +301,20 @@ def select_attention(
     if tasks is not None:
         converted_answers, scores["retrieval"] = timed("retrieval", restore_gains, model, tasks, config.batch_size, answers)
     if config.heads:
-        heads = timed("heads", retrieval_heads, model, *retrieval_windows(tokenizer, windows, config.heads, "heads"), config.batch_size)
+        head_tasks = retrieval_windows(tokenizer, windows, config.heads, "heads")
+        heads = timed("heads", retrieval_heads, model, *head_tasks, config.batch_size)
         scores["heads"] = {layer: max(per_head) for layer, per_head in heads.items()}
     rankings = {name: sorted(errors, key=lambda i: score[i], reverse=True) for name, score in scores.items()}
+    if config.opening:
+        if config.opening >= count:
+            model.train(was_training)
+            raise LinearizeError(
+                f"convert.selection.opening={config.opening} leaves none of the {count} kept layers to the retrieval heads; set it below {count}"
+            )
+        base = rankings["heads"][: count - config.opening]
+        added, opening_steps = timed("opening", opening_gains, model, *head_tasks, base, config.opening, config.batch_size)
+        rankings["heads_opening"] = base + added + [i for i in rankings["heads"] if i not in base + added]
+        scores["opening"] = {int(i): gain for i, gain in opening_steps[0]["gains"].items()}
     if tasks is not None:
         rankings["both"] = interleaved(rankings["retrieval"], rankings["kl" if config.kl else "error"])
     proposals = {name: sorted(ranking[:count]) for name, ranking in rankings.items()}
@@ -267,16 +328,16 @@ def select_attention(
             for candidate, kl in zip(candidates.values(), at_answers):
                 candidate["answer_kl"] = kl
     if config.heads:
-        method = "heads"
+        method = "heads_opening" if config.opening else "heads"
     elif candidates is not None:
         method = min(candidates, key=lambda name: candidates[name]["kl"] + candidates[name].get("answer_kl", 0.0))
     else:
         method = "kl" if config.kl else "error"
     model.train(was_training)
     ranked = rankings[method]
-    extra = {"kl": "kl", "restore": "restore_gain", "retrieval": "retrieval_gain", "heads": "retrieval_head"}
+    extra = {"kl": "kl", "restore": "restore_gain", "retrieval": "retrieval_gain", "heads": "retrieval_head", "opening": "opening_gain"}
     figures = [
-        {"layer": i, **errors[i], **{extra[name]: score[i] for name, score in scores.items() if name in extra}, "rank": ranked.index(i) + 1}
+        {"layer": i, **errors[i], **{extra[name]: score[i] for name, score in scores.items() if name in extra and i in score}, "rank": ranked.index(i) + 1}
         for i in sorted(errors)
     ]
     selection = {"method": METHODS[method], "kept_attention": proposals[method], "tokens": int(windows.numel()), "layers": figures}
@@ -286,6 +347,8 @@ def select_attention(
         selection.update(converted_answer_kl=converted_answers, retrieval_tasks=config.retrieval)
     if config.heads:
         selection.update(head_tasks=config.heads, heads={str(layer): per_head for layer, per_head in heads.items()})
+    if config.opening:
+        selection["opening"] = opening_steps
     if candidates is not None:
         selection["candidates"] = {METHODS[name]: c for name, c in candidates.items()}
     selection["seconds"] = {**seconds, "total": round(time.perf_counter() - began, 2)}
