@@ -90,8 +90,8 @@ class SelectionConfig:
         attention that one of its heads gives, where an answer is due, to the answer's digits where the context
         states them. This proposal is kept whatever the others measure; they are still measured and recorded.
         0: off.
-    opening: with `heads`, choose this many of the N kept layers another way: the heads' strongest N - opening
-        layers on softmax, add, one at a time, the converted layer whose restoring most raises the log-probability
+    opening: with `heads`, choose this many of the N kept layers another way: with the heads' strongest N - opening
+        layers on softmax, add one at a time the converted layer whose restoring most raises the log-probability
         of the first token of the answers of the `heads` tasks (where the model decides to answer at all; a student
         that keeps its teacher's heads can still copy a passkey it no longer starts). 0: the heads alone.
     """
