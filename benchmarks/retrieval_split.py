@@ -18,6 +18,10 @@ only: which converted layers the opening and the copy depend on.
 `--restore 6,8` scores every student with those converted layers computing softmax attention throughout (a hybrid
 that keeps them too, before any training for it).
 
+`--window-only 6` scores every student with those converted layers' linear branch switched off (a window mixer's
+share of the window set to 1, so the layer is its sliding-window softmax alone): whether what a layer gets wrong
+beyond the training length comes from the keys that have left its window.
+
     python benchmarks/retrieval_split.py --students runs/hybrid_long --lengths 2048,4096 --trials 3 --out split.json
 """
 
@@ -36,6 +40,16 @@ import linearize
 from linearize.evaluate.longcontext import KINDS, answer, answer_of
 from linearize.hf.mixers import mixers_in
 from quality import DEPTHS, retrieval_probes  # benchmarks/, first on the path when run as a script
+
+
+WINDOW_ONLY = 30.0  # a window mixer's share logit: sigmoid(30) leaves its linear branch a weight of 1e-13
+
+
+def layer_set(parser: argparse.ArgumentParser, option: str, value: str) -> set[int]:
+    """The layer indices of a comma-separated option, or a one-line error naming the form it takes."""
+    if not all(i.strip().isdigit() for i in value.split(",") if i.strip()):
+        parser.error(f"{option} takes layer indices separated by commas, e.g. 6,8; got {value!r}")
+    return {int(i) for i in value.split(",") if i.strip()}
 
 
 @torch.no_grad()
@@ -73,6 +87,7 @@ def main():
     parser.add_argument("--lengths", default="2048,4096")
     parser.add_argument("--trials", type=int, default=3, help="prompts per length and depth (depths 0.1, 0.5, 0.9; 9: quality.py's 27)")
     parser.add_argument("--restore", default="", help="converted layers every student computes as softmax attention, e.g. 6,8")
+    parser.add_argument("--window-only", default="", help="converted window layers whose linear branch every student switches off, e.g. 6")
     parser.add_argument("--restore-each", action="store_true", help="the first student again with each converted layer restored in turn")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", required=True)
@@ -82,9 +97,7 @@ def main():
         parser.error("--restore-each restores the layers of a student: pass one with --students")
     if missing := [f for f in folders if not (Path(f) / "config.json").is_file()]:
         parser.error(f"--students: no saved model in {', '.join(missing)}; pass folders that `linearize run` or `save_pretrained` wrote")
-    if not all(i.strip().isdigit() for i in args.restore.split(",") if i.strip()):
-        parser.error(f"--restore takes layer indices separated by commas, e.g. 6,8; got {args.restore!r}")
-    restore = {int(i) for i in args.restore.split(",") if i.strip()}
+    restore, window_only = (layer_set(parser, name, value) for name, value in (("--restore", args.restore), ("--window-only", args.window_only)))
 
     teacher, tokenizer = linearize.load_teacher(args.teacher, dtype=torch.float32)
     models = {"teacher": teacher} | {f: AutoModelForCausalLM.from_pretrained(f, dtype=torch.float32) for f in folders}
@@ -94,6 +107,12 @@ def main():
             parser.error(f"--restore: {folder} converts no layer {unknown}; its converted layers are {sorted(mixers)}")
         for i in restore:
             mixers[i].teacher = True
+        if unknown := sorted(window_only - set(mixers)):
+            parser.error(f"--window-only: {folder} converts no layer {unknown}; its converted layers are {sorted(mixers)}")
+        if lacking := sorted(i for i in window_only if not hasattr(mixers[i], "window_logit")):
+            parser.error(f"--window-only: layers {lacking} of {folder} have no window and linear branch to split; pass layers of a window mixer such as hedgehog_swa")
+        for i in window_only:
+            mixers[i].window_logit.data.fill_(WINDOW_ONLY)
     rows = []
 
     def save() -> None:  # after every model, so that a run cut short keeps what it scored
@@ -108,6 +127,8 @@ def main():
             row = {"model": name, "kind": args.kind, "length": length, **summary(scored), "seconds": round(time.time() - started, 1)}
             if name != "teacher" and restore:
                 row["restored"] = sorted(restore)
+            if name != "teacher" and window_only:
+                row["window_only"] = sorted(window_only)
             row["by_depth"] = {f"{d:g}": summary([s for s in scored if s["depth"] == d]) for d in DEPTHS}
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "by_depth"}), flush=True)

@@ -79,3 +79,26 @@ def test_a_restored_layer_makes_the_student_compute_it_as_its_teacher(tmp_path):
     assert student_row["rest_logprob"] == pytest.approx(teacher_row["rest_logprob"], abs=1e-3)
     done = run_script(*common, "--restore", "1", "--out", str(tmp_path / "x.json"))  # layer 1 was kept, not converted
     assert done.returncode != 0 and "its converted layers are [0, 2]" in done.stderr.strip().splitlines()[-1]
+
+
+def test_window_only_layers_score_as_the_sliding_window_alone(tmp_path):
+    """With its linear branch switched off, a hedgehog_swa layer is the plain sliding-window softmax of `swa`."""
+    teacher = tiny_model(dtype=torch.float32)
+    teacher.save_pretrained(tmp_path / "teacher")
+    tiny_tokenizer().save_pretrained(tmp_path / "teacher")
+    linearize.convert(tiny_model(dtype=torch.float32), "hedgehog_swa", window=8, keep_attention=[1]).save_pretrained(tmp_path / "student")
+    linearize.convert(tiny_model(dtype=torch.float32), "swa", window=8, keep_attention=[1]).save_pretrained(tmp_path / "window")
+    linearize.convert(tiny_model(dtype=torch.float32), "hedgehog", keep_attention=[1]).save_pretrained(tmp_path / "linear")
+    common = ["--teacher", str(tmp_path / "teacher"), "--lengths", "300", "--trials", "1", "--device", "cpu"]
+    done = run_script(*common, "--students", str(tmp_path / "student"), "--window-only", "0,2", "--out", str(tmp_path / "off.json"))
+    assert done.returncode == 0, done.stderr
+    done = run_script(*common, "--students", str(tmp_path / "window"), "--out", str(tmp_path / "window.json"))
+    assert done.returncode == 0, done.stderr
+    (_, off), (_, window) = (json.loads((tmp_path / f"{name}.json").read_text())["rows"] for name in ("off", "window"))
+    assert off["window_only"] == [0, 2] and "window_only" not in window
+    assert off["opening_logprob"] == pytest.approx(window["opening_logprob"], abs=1e-3)
+    assert off["rest_logprob"] == pytest.approx(window["rest_logprob"], abs=1e-3)
+    for student, layers, message in (("student", "1", "its converted layers are [0, 2]"), ("linear", "0", "have no window and linear branch"),
+                                     ("student", "six", "--window-only takes layer indices")):
+        done = run_script(*common, "--students", str(tmp_path / student), "--window-only", layers, "--out", str(tmp_path / "x.json"))
+        assert done.returncode != 0 and message in done.stderr.strip().splitlines()[-1]
