@@ -105,9 +105,10 @@ def test_run_scores_teacher_converted_and_distilled(workspace, monkeypatch, caps
         (["--resume", "--overwrite"], "pass one of them"),
         (["stages.0.tokens=10"], "less than one optimizer step"),
         (["stages.1.profile_steps=4"], "stages[1] (lora_kd): profile_steps=4 needs at least 5 optimizer steps (the first compiles) and tokens=256 pay for 4"),
+        (["convert.selection.opening=2"], "convert.selection.opening=2: it is a number of layers (0 or more) chosen beside the retrieval heads'; set convert.selection.heads too"),
     ],
     ids=["output exists", "unknown stage", "unknown mixer", "unknown option", "zero budget", "missing data", "seq_len too long", "seq_len beyond positions", "nothing to resume", "resume and overwrite", "budget below a step",
-         "too few steps to profile"],
+         "too few steps to profile", "opening without heads"],
 )
 def test_mistakes_are_one_line_and_write_nothing(args, message, workspace, monkeypatch, capsys):
     (workspace / "distilled-exists").mkdir(exist_ok=True)
@@ -118,7 +119,8 @@ def test_mistakes_are_one_line_and_write_nothing(args, message, workspace, monke
     before = sorted(p.name for p in workspace.iterdir())
     code, _, stderr = linearize(monkeypatch, capsys, "distill", workspace / "recipe.yaml", *args)
     assert code == 2
-    lines = [line for line in stderr.splitlines() if line.strip() and "Loading weights" not in line]  # transformers' progress bar
+    progress = ("Loading weights", "Generating train split")  # transformers' and (on a cold cache) datasets' progress bars
+    lines = [line for line in stderr.splitlines() if line.strip() and not any(bar in line for bar in progress)]
     assert len(lines) == 1 and lines[0].startswith("error: "), stderr
     assert message.replace("{ws}", str(workspace)) in lines[0]
     assert sorted(p.name for p in workspace.iterdir()) == before
