@@ -103,12 +103,11 @@ def main():
     models = {"teacher": teacher} | {f: AutoModelForCausalLM.from_pretrained(f, dtype=torch.float32) for f in folders}
     for folder in folders:
         mixers = {m.layer_idx: m for m in mixers_in(models[folder])}
-        if unknown := sorted(restore - set(mixers)):
-            parser.error(f"--restore: {folder} converts no layer {unknown}; its converted layers are {sorted(mixers)}")
+        for option, layers in (("--restore", restore), ("--window-only", window_only)):
+            if unknown := sorted(layers - set(mixers)):
+                parser.error(f"{option}: {folder} converts no layer {unknown}; its converted layers are {sorted(mixers)}")
         for i in restore:
             mixers[i].teacher = True
-        if unknown := sorted(window_only - set(mixers)):
-            parser.error(f"--window-only: {folder} converts no layer {unknown}; its converted layers are {sorted(mixers)}")
         if lacking := sorted(i for i in window_only if not hasattr(mixers[i], "window_logit")):
             parser.error(f"--window-only: layers {lacking} of {folder} have no window and linear branch to split; pass layers of a window mixer such as hedgehog_swa")
         for i in window_only:

@@ -286,6 +286,10 @@ def select_attention(
         seconds[name] = round(time.perf_counter() - start, 2)
         return result
 
+    if config.opening >= count:  # before any scoring: refused at once
+        raise LinearizeError(
+            f"convert.selection.opening={config.opening} leaves none of the {count} kept layers to the retrieval heads; set it below {count}"
+        )
     tasks, answers = retrieval_windows(tokenizer, windows, config.retrieval) if config.retrieval else (None, None)
     was_training = model.training
     model.eval()
@@ -306,11 +310,6 @@ def select_attention(
         scores["heads"] = {layer: max(per_head) for layer, per_head in heads.items()}
     rankings = {name: sorted(errors, key=lambda i: score[i], reverse=True) for name, score in scores.items()}
     if config.opening:
-        if config.opening >= count:
-            model.train(was_training)
-            raise LinearizeError(
-                f"convert.selection.opening={config.opening} leaves none of the {count} kept layers to the retrieval heads; set it below {count}"
-            )
         base = rankings["heads"][: count - config.opening]
         added, opening_steps = timed("opening", opening_gains, model, *head_tasks, base, config.opening, config.batch_size)
         rankings["heads_opening"] = base + added + [i for i in rankings["heads"] if i not in base + added]
