@@ -94,6 +94,9 @@ class SelectionConfig:
         layers on softmax, add one at a time the converted layer whose restoring most raises the log-probability
         of the first token of the answers of the `heads` tasks (where the model decides to answer at all; a student
         that keeps its teacher's heads can still copy a passkey it no longer starts). 0: the heads alone.
+    lead: with `heads`, make this many of the N kept layers the converted layers just before the earliest of the
+        heads' strongest N - lead layers (nearest first; after it where too few precede it): the layers that build
+        what the first retrieval heads read. 0: the heads alone. Set one of `opening` and `lead`.
     """
 
     kl: bool = False
@@ -104,6 +107,7 @@ class SelectionConfig:
     retrieval: int = 0
     heads: int = 0
     opening: int = 0
+    lead: int = 0
 
     def __post_init__(self):
         if self.tokens < 1 or self.batch_size < 1 or (self.seq_len is not None and self.seq_len < 8):
@@ -113,9 +117,14 @@ class SelectionConfig:
         for name in ("retrieval", "heads"):
             if getattr(self, name) < 0:
                 raise LinearizeError(f"convert.selection.{name} is a number of retrieval tasks, 0 or more; got {getattr(self, name)}")
-        if self.opening < 0 or (self.opening and not self.heads):
+        for name in ("opening", "lead"):
+            if getattr(self, name) < 0 or (getattr(self, name) and not self.heads):
+                raise LinearizeError(
+                    f"convert.selection.{name}={getattr(self, name)}: it is a number of layers (0 or more) chosen beside the retrieval heads'; set convert.selection.heads too"
+                )
+        if self.opening and self.lead:
             raise LinearizeError(
-                f"convert.selection.opening={self.opening}: it is a number of layers (0 or more) chosen beside the retrieval heads'; set convert.selection.heads too"
+                f"convert.selection.opening={self.opening} and lead={self.lead} both choose layers beside the retrieval heads'; set one of them to 0"
             )
 
 
@@ -274,6 +283,19 @@ def stage_from_dict(data: Any, where: str):
     return from_dict(kinds[kind].config, data, where)
 
 
+def _glued_key(value: Any, path: str) -> tuple[str, str] | None:
+    """A mapping key anywhere in `value` (at `path`) that YAML read from `name:value` written without a space
+    (`{window:256}` is the one key 'window:256', with no value), and the dotted path of its parent."""
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        if item is None and isinstance(key, str) and ":" in key and "://" not in key:
+            return path, key
+        glued = _glued_key(item, f"{path}.{key}")
+        if glued:
+            return glued
+    return None
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `a.b.c=value` overrides (values parsed as YAML; list items addressed by index) to raw recipe data."""
     for item in overrides:
@@ -281,6 +303,13 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             raise LinearizeError(f"override {item!r} must look like key=value, e.g. data.seq_len=256")
         key, raw = item.split("=", 1)
         value = yaml.safe_load(raw) if raw != "" else ""
+        glued = _glued_key(value, key.strip())
+        if glued:
+            path, name = glued
+            name, after = name.split(":", 1)
+            raise LinearizeError(
+                f"override {item!r}: YAML reads '{name}:{after}' as one key with no value; write '{name}: {after}' with a space, or {path}.{name}={after}"
+            )
         node = data
         parts = key.strip().split(".")
         for part in parts[:-1]:

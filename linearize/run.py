@@ -237,6 +237,9 @@ class Run:
                 f"  with layers {step['from']} on softmax the answers open at log-probability {step['opening_logprob']:.3f};"
                 f" layer {step['added']} added ({step['gains'][str(step['added'])]:+.3f})"
             )
+        if "lead" in selection:
+            lead = selection["lead"]
+            session.say(f"  layers {lead['layers']} kept before the first retrieval-head layer {lead['first_head_layer']}, in place of {lead['in_place_of']}")
         spent = selection["seconds"]
         parts = ", ".join(f"{name} {value:.1f} s" for name, value in spent.items() if name != "total")
         session.say(f"  selection took {spent['total']:.1f} s ({parts})")

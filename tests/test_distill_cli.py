@@ -106,9 +106,11 @@ def test_run_scores_teacher_converted_and_distilled(workspace, monkeypatch, caps
         (["stages.0.tokens=10"], "less than one optimizer step"),
         (["stages.1.profile_steps=4"], "stages[1] (lora_kd): profile_steps=4 needs at least 5 optimizer steps (the first compiles) and tokens=256 pay for 4"),
         (["convert.selection.opening=2"], "convert.selection.opening=2: it is a number of layers (0 or more) chosen beside the retrieval heads'; set convert.selection.heads too"),
+        (["convert.selection.heads=4", "convert.selection.opening=1", "convert.selection.lead=1"],
+         "convert.selection.opening=1 and lead=1 both choose layers beside the retrieval heads'; set one of them to 0"),
     ],
     ids=["output exists", "unknown stage", "unknown mixer", "unknown option", "zero budget", "missing data", "seq_len too long", "seq_len beyond positions", "nothing to resume", "resume and overwrite", "budget below a step",
-         "too few steps to profile", "opening without heads"],
+         "too few steps to profile", "opening without heads", "opening and lead"],
 )
 def test_mistakes_are_one_line_and_write_nothing(args, message, workspace, monkeypatch, capsys):
     (workspace / "distilled-exists").mkdir(exist_ok=True)

@@ -74,6 +74,8 @@ def test_a_stage_kind_registers_once_with_a_config_of_its_own_kind():
         (["stages.0.tokens=-5"], "tokens must be a positive budget"),
         (["precision=fp8"], "precision must be one of"),
         (["convert.selection.tokens=0"], "must be positive"),
+        (["convert.mixer_options={swa:{window:256}}"],
+         "override 'convert.mixer_options={swa:{window:256}}': YAML reads 'window:256' as one key with no value; write 'window: 256' with a space, or convert.mixer_options.swa.window=256"),
     ],
 )
 def test_recipe_mistakes_are_named(overrides, message):

@@ -12,7 +12,7 @@ import linearize
 from linearize.config import SelectionConfig, load_recipe
 from linearize.distillation import layer_errors, select_attention
 from linearize.distillation.selection import (
-    METHODS, auto_amount, auto_count, interleaved, needles, next_token_logprobs, opening_gains, openings, restore_gains, retrieval_heads,
+    METHODS, auto_amount, auto_count, interleaved, leading_layers, needles, next_token_logprobs, opening_gains, openings, restore_gains, retrieval_heads,
     retrieval_windows, single_layer_kl, token_kl,
 )
 from linearize.hf.mixers import mixers_in
@@ -399,6 +399,49 @@ def test_heads_with_opening_keep_the_strongest_heads_then_the_opening_layers(lon
         SelectionConfig(opening=1)
     with pytest.raises(LinearizeError, match="convert.selection.opening=-1"):
         SelectionConfig(heads=3, opening=-1)
+
+
+def test_leading_layers_are_the_converted_ones_nearest_before_the_first_chosen():
+    assert leading_layers([7, 14, 15, 18], list(range(30)), 1) == [6]
+    assert leading_layers([7, 14, 15, 18], [i for i in range(30) if i != 6], 2) == [5, 4]  # 6 is not converted
+    assert leading_layers([1, 2, 5], list(range(8)), 3) == [0, 3, 4]  # too few before: the nearest after, not chosen
+
+
+def test_heads_with_lead_keep_the_strongest_heads_and_the_layers_before_the_first(long_windows):
+    tokenizer = tiny_tokenizer()
+    model = student()
+    heads = retrieval_heads(model, *retrieval_windows(tokenizer, long_windows, 3))
+    ranked = sorted(heads, key=lambda layer: max(heads[layer]), reverse=True)
+    strongest = ranked[:2]
+    lead = leading_layers(strongest, list(range(LAYERS)), 1)
+    assert lead[0] not in strongest and (lead[0] < min(strongest) or min(strongest) == 0)
+    selection = select_attention(model, long_windows, 3, SelectionConfig(heads=3, lead=1), tokenizer=tokenizer)
+    assert selection["method"] == METHODS["heads_lead"] and selection["kept_attention"] == sorted(strongest + lead)
+    assert selection["lead"] == {"layers": lead, "first_head_layer": min(strongest), "in_place_of": [ranked[2]]}
+    assert [f["rank"] for f in sorted(selection["layers"], key=lambda f: f["rank"])][:3] == [1, 2, 3]
+    assert {f["layer"] for f in selection["layers"] if f["rank"] <= 3} == set(strongest + lead)
+    assert [e["mixer"] == "attention" for e in model.config.layers] == [i in strongest + lead for i in range(LAYERS)]
+    assert json.loads(json.dumps(model.config.selection)) == model.config.selection
+    with pytest.raises(LinearizeError, match="convert.selection.lead=2 leaves none of the 2 kept layers"):
+        select_attention(student(), long_windows, 2, SelectionConfig(heads=3, lead=2), tokenizer=tokenizer)
+    with pytest.raises(LinearizeError, match="convert.selection.lead=1: .* set convert.selection.heads too"):
+        SelectionConfig(lead=1)
+    with pytest.raises(LinearizeError, match="opening=1 and lead=1 both choose .* set one of them to 0"):
+        SelectionConfig(heads=3, opening=1, lead=1)
+
+
+def test_a_recipe_keeps_the_lead_layers_and_says_which():
+    overrides = ["convert.mixer=hedgehog", "convert.options={}", "convert.keep_attention=auto:2", "data.seq_len=32",
+                 "stages=[{kind: attention_transfer, tokens: 256, batch_size: 2, lr: 0.05}]", "convert.selection.heads=3",
+                 "convert.selection.lead=1", "convert.selection.seq_len=512", "convert.selection.tokens=1024"]
+    messages = []
+    model = linearize.distill(tiny_model("llama", dtype=torch.float32, num_hidden_layers=LAYERS), tiny_data(seq_len=32), "quickstart",
+                              tokenizer=tiny_tokenizer(), overrides=overrides, log=messages.append, progress=False)
+    selection = model.config.selection
+    lead = selection["lead"]
+    assert selection["method"] == METHODS["heads_lead"] and sorted(lead["layers"] + [lead["first_head_layer"]]) == selection["kept_attention"]
+    said = [m.strip() for m in messages if "kept before the first retrieval-head layer" in m]
+    assert said == [f"layers {lead['layers']} kept before the first retrieval-head layer {lead['first_head_layer']}, in place of {lead['in_place_of']}"]
 
 
 def test_a_recipe_adds_the_opening_layers_and_says_which():

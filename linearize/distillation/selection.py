@@ -235,6 +235,21 @@ def retrieval_heads(model: nn.Module, tasks: torch.Tensor, answers: torch.Tensor
     return {layer: (total / len(tasks)).tolist() for layer, total in totals.items()}
 
 
+def leading_layers(chosen: list[int], converted: list[int], count: int) -> list[int]:
+    """The `count` layers of `converted` nearest before the earliest of `chosen`, nearest first; where too few
+    precede it, then the nearest after it that are not chosen.
+
+    >>> leading_layers([7, 14, 18], list(range(30)), 2)
+    [6, 5]
+    >>> leading_layers([1, 14], list(range(30)), 2)
+    [0, 2]
+    """
+    first = min(chosen)
+    before = sorted((i for i in converted if i < first), reverse=True)
+    after = [i for i in sorted(converted) if i > first and i not in chosen]
+    return (before + after)[:count]
+
+
 def interleaved(*rankings: list[int]) -> list[int]:
     """One ranking from several: their layers taken in turn, best first, each once."""
     order: list[int] = []
@@ -252,6 +267,7 @@ METHODS = {
     "both": "retrieval and text rankings in turn",
     "heads": "the teacher's retrieval heads (attention on the answer's needle)",
     "heads_opening": "the teacher's retrieval heads, then the layers that most raise the answer's opening",
+    "heads_lead": "the teacher's retrieval heads, and the layers just before the first of them",
 }
 
 
@@ -271,8 +287,10 @@ def select_attention(
     and the lowest sum of the two KLs wins. With `config.heads` (N tasks), each layer is scored by its strongest
     retrieval head in the teacher (`retrieval_heads`), and that ranking's layers are kept whatever the other
     proposals measure (they are measured and recorded as without it); with `config.opening` too, the last of those
-    layers are chosen by `opening_gains` on the same tasks instead (its steps recorded under `opening`). `seconds` gives what each scorer took, the
-    measurement of the proposals (`candidates`, `candidates_at_answers`) and the whole selection (`total`).
+    layers are chosen by `opening_gains` on the same tasks instead (its steps recorded under `opening`); with
+    `config.lead`, they are the converted layers just before the first of the others (`leading_layers`; recorded
+    under `lead`). `seconds` gives what each scorer took, the measurement of the proposals (`candidates`,
+    `candidates_at_answers`) and the whole selection (`total`).
 
     Example:
         >>> select_attention(student, data.heldout_windows(max_tokens=16384), 4, SelectionConfig())["kept_attention"]
@@ -286,10 +304,11 @@ def select_attention(
         seconds[name] = round(time.perf_counter() - start, 2)
         return result
 
-    if config.opening >= count:  # before any scoring: refused at once
-        raise LinearizeError(
-            f"convert.selection.opening={config.opening} leaves none of the {count} kept layers to the retrieval heads; set it below {count}"
-        )
+    for name in ("opening", "lead"):
+        if getattr(config, name) >= count:  # before any scoring: refused at once
+            raise LinearizeError(
+                f"convert.selection.{name}={getattr(config, name)} leaves none of the {count} kept layers to the retrieval heads; set it below {count}"
+            )
     tasks, answers = retrieval_windows(tokenizer, windows, config.retrieval) if config.retrieval else (None, None)
     was_training = model.training
     model.eval()
@@ -314,6 +333,10 @@ def select_attention(
         added, opening_steps = timed("opening", opening_gains, model, *head_tasks, base, config.opening, config.batch_size)
         rankings["heads_opening"] = base + added + [i for i in rankings["heads"] if i not in base + added]
         scores["opening"] = {int(i): gain for i, gain in opening_steps[0]["gains"].items()}
+    if config.lead:
+        base = rankings["heads"][: count - config.lead]
+        lead = leading_layers(base, sorted(errors), config.lead)
+        rankings["heads_lead"] = base + lead + [i for i in rankings["heads"] if i not in base + lead]
     if tasks is not None:
         rankings["both"] = interleaved(rankings["retrieval"], rankings["kl" if config.kl else "error"])
     proposals = {name: sorted(ranking[:count]) for name, ranking in rankings.items()}
@@ -327,7 +350,7 @@ def select_attention(
             for candidate, kl in zip(candidates.values(), at_answers):
                 candidate["answer_kl"] = kl
     if config.heads:
-        method = "heads_opening" if config.opening else "heads"
+        method = "heads_opening" if config.opening else "heads_lead" if config.lead else "heads"
     elif candidates is not None:
         method = min(candidates, key=lambda name: candidates[name]["kl"] + candidates[name].get("answer_kl", 0.0))
     else:
@@ -348,6 +371,8 @@ def select_attention(
         selection.update(head_tasks=config.heads, heads={str(layer): per_head for layer, per_head in heads.items()})
     if config.opening:
         selection["opening"] = opening_steps
+    if config.lead:
+        selection["lead"] = {"layers": lead, "first_head_layer": min(base), "in_place_of": rankings["heads"][count - config.lead : count]}
     if candidates is not None:
         selection["candidates"] = {METHODS[name]: c for name, c in candidates.items()}
     selection["seconds"] = {**seconds, "total": round(time.perf_counter() - began, 2)}
