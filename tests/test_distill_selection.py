@@ -312,14 +312,20 @@ def test_heads_selection_keeps_the_strongest_heads_layers_whatever_the_others_me
         SelectionConfig(heads=-1)
 
 
-def test_a_recipe_keeps_the_teachers_retrieval_heads_and_says_so():
+def distilled_with_heads(*overrides: str) -> tuple[dict, list[str]]:
+    """A tiny attention transfer that keeps 2 of LAYERS layers by the teacher's retrieval heads (3 tasks of 512
+    tokens), with `overrides`: the saved selection and what the run said."""
     overrides = ["convert.mixer=hedgehog", "convert.options={}", "convert.keep_attention=auto:2", "data.seq_len=32",
                  "stages=[{kind: attention_transfer, tokens: 256, batch_size: 2, lr: 0.05}]", "convert.selection.heads=3",
-                 "convert.selection.seq_len=512", "convert.selection.tokens=1024"]
+                 "convert.selection.seq_len=512", "convert.selection.tokens=1024", *overrides]
     messages = []
     model = linearize.distill(tiny_model("llama", dtype=torch.float32, num_hidden_layers=LAYERS), tiny_data(seq_len=32), "quickstart",
                               tokenizer=tiny_tokenizer(), overrides=overrides, log=messages.append, progress=False)
-    selection = model.config.selection
+    return model.config.selection, messages
+
+
+def test_a_recipe_keeps_the_teachers_retrieval_heads_and_says_so():
+    selection, messages = distilled_with_heads()
     assert selection["method"] == METHODS["heads"] and selection["head_tasks"] == 3 and len(selection["kept_attention"]) == 2
     assert any(f"selection by {METHODS['heads']}" in m and "/head " in m for m in messages)
     took = [m for m in messages if m.strip().startswith("selection took")]
@@ -431,13 +437,7 @@ def test_heads_with_lead_keep_the_strongest_heads_and_the_layers_before_the_firs
 
 
 def test_a_recipe_keeps_the_lead_layers_and_says_which():
-    overrides = ["convert.mixer=hedgehog", "convert.options={}", "convert.keep_attention=auto:2", "data.seq_len=32",
-                 "stages=[{kind: attention_transfer, tokens: 256, batch_size: 2, lr: 0.05}]", "convert.selection.heads=3",
-                 "convert.selection.lead=1", "convert.selection.seq_len=512", "convert.selection.tokens=1024"]
-    messages = []
-    model = linearize.distill(tiny_model("llama", dtype=torch.float32, num_hidden_layers=LAYERS), tiny_data(seq_len=32), "quickstart",
-                              tokenizer=tiny_tokenizer(), overrides=overrides, log=messages.append, progress=False)
-    selection = model.config.selection
+    selection, messages = distilled_with_heads("convert.selection.lead=1")
     lead = selection["lead"]
     assert selection["method"] == METHODS["heads_lead"] and sorted(lead["layers"] + [lead["first_head_layer"]]) == selection["kept_attention"]
     said = [m.strip() for m in messages if "kept before the first retrieval-head layer" in m]
@@ -445,13 +445,7 @@ def test_a_recipe_keeps_the_lead_layers_and_says_which():
 
 
 def test_a_recipe_adds_the_opening_layers_and_says_which():
-    overrides = ["convert.mixer=hedgehog", "convert.options={}", "convert.keep_attention=auto:2", "data.seq_len=32",
-                 "stages=[{kind: attention_transfer, tokens: 256, batch_size: 2, lr: 0.05}]", "convert.selection.heads=3",
-                 "convert.selection.opening=1", "convert.selection.seq_len=512", "convert.selection.tokens=1024"]
-    messages = []
-    model = linearize.distill(tiny_model("llama", dtype=torch.float32, num_hidden_layers=LAYERS), tiny_data(seq_len=32), "quickstart",
-                              tokenizer=tiny_tokenizer(), overrides=overrides, log=messages.append, progress=False)
-    selection = model.config.selection
+    selection, messages = distilled_with_heads("convert.selection.opening=1")
     (step,) = selection["opening"]
     assert selection["method"] == METHODS["heads_opening"] and step["added"] in selection["kept_attention"] and len(selection["kept_attention"]) == 2
     said = [m.strip() for m in messages if "added (" in m]
