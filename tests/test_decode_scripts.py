@@ -11,7 +11,7 @@ import torch
 import linearize
 from linearize.evaluate.results import Results
 from tests.conftest import REPO_ROOT
-from tests.tiny import tiny_model
+from tests.tiny import random_ids, tiny_model
 
 
 def load(name: str):
@@ -107,3 +107,27 @@ def test_cpu_decode_refuses_a_negative_thread_count_before_loading_anything(monk
     with pytest.raises(SystemExit):
         cpu_decode.main()
     assert "--threads must be 0 (torch's default) or more, got -1" in capsys.readouterr().err
+
+
+def test_paired_decode_keeps_a_softmax_layers_context_and_rates_each_block_against_the_teachers():
+    """A block of steps starts from the prompt's context in a softmax layer (its cache cut back), while a converted
+    layer's state moves on; each block's ratio is the teacher's ms over the model's, averaged with its error."""
+    decode_paired = load("decode_paired")
+    ids = random_ids(1, 12)
+    for model in (tiny_model(num_hidden_layers=2).eval(), linearize.convert(tiny_model(num_hidden_layers=2), "gated_deltanet", keep_attention=[1]).eval()):
+        with torch.no_grad():
+            run = decode_paired.Decoding(model, ids)
+            assert run.cache.get_seq_length() == 13
+            assert run.block(3) > 0 and run.cache.get_seq_length() == 15
+    rows = decode_paired.paired({"teacher": [10.0, 12.0], "s": [5.0, 12.0]})
+    assert rows["teacher"] == {"median_ms": 11.0, "ratio_mean": 1.0, "ratio_error": 0.0}
+    assert rows["s"]["ratio_mean"] == 1.5 and rows["s"]["ratio_error"] == pytest.approx(0.5) and rows["s"]["median_ms"] == 8.5
+
+
+def test_paired_decode_refuses_a_single_block_before_loading_anything(monkeypatch, capsys):
+    decode_paired = load("decode_paired")
+    monkeypatch.setattr(sys, "argv", ["decode_paired.py", "--blocks", "1"])
+    monkeypatch.setattr(decode_paired, "load_teacher", lambda *a, **k: pytest.fail("loaded a teacher"))
+    with pytest.raises(SystemExit):
+        decode_paired.main()
+    assert "--blocks must be at least 2" in capsys.readouterr().err

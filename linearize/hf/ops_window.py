@@ -383,30 +383,32 @@ def decode_window_linear(
     if not state:
         state = _empty_state(q, k, v, fk)
         state.update(window_tail(window - 1, state.pop("mask"), k=state.pop("k"), v=state.pop("v"), fk=state.pop("fk")))
-    real = torch.ones(b, 1, dtype=torch.bool, device=q.device) if key_mask is None else key_mask.bool()
-    # The window: the window - 1 cached keys and this one.
+    # The window: the window - 1 cached keys and this one. A decode step on the CPU is bound by its number of
+    # operations, not their size: every product below is one bmm over the (B * Hkv) kv heads, every per-head weight
+    # a broadcast view, and each sum of two products one addcmul.
     keys, values = torch.cat((state["k"], k), dim=2), torch.cat((state["v"], v), dim=2)
-    features, mask = torch.cat((state["fk"], fk), dim=2), torch.cat((state["mask"], real), dim=1)
-    g = h // hkv
-    # (B * Hkv) batches of bmm: the same products as 4D matmuls in a third of the dispatches (a decode step on CPU
-    # is bound by them).
-    qg, fqg = q.reshape(b * hkv, g, d).to(acc), fq.reshape(b * hkv, g, -1).to(acc)
-    scores = torch.bmm(qg, keys.to(acc).view(b * hkv, -1, d).transpose(1, 2)) * scaling
+    features = torch.cat((state["fk"], fk), dim=2)
+    mask = F.pad(state["mask"], (0, 1), value=True) if key_mask is None else torch.cat((state["mask"], key_mask.bool()), dim=1)
+    g, rows, width = h // hkv, b * hkv, keys.shape[2]
+    scores = torch.bmm(q.reshape(rows, g, d).to(acc), keys.to(acc).view(rows, width, d).mT) * scaling
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    scores = scores.masked_fill(~mask.repeat_interleave(hkv, dim=0)[:, None, :], float("-inf"))
+    scores = scores.view(b, hkv, g, width).masked_fill(~mask.view(b, 1, 1, width), float("-inf"))
     # A query whose window holds no real key has every score at -inf, and weight 0 for all of them.
     peak = scores.amax(-1, keepdim=True).clamp_min(torch.finfo(acc).min)
-    smw, lnw = (w.to(acc).reshape(1, hkv, g, 1).expand(b, -1, -1, -1).reshape(b * hkv, g, 1) if torch.is_tensor(w) else w
-                for w in (sm_weight, ln_weight))
+    smw, lnw = (w.to(acc).view(hkv, g, 1) if torch.is_tensor(w) else w for w in (sm_weight, ln_weight))
     a = torch.exp(scores - peak) * smw
     S, z = state["S"], state["z"]
-    num = torch.bmm(a, values.to(acc).view(b * hkv, -1, values.shape[-1])) + lnw * torch.bmm(fqg, S.view(b * hkv, *S.shape[2:]))
-    den = a.sum(-1, keepdim=True) + lnw * torch.bmm(fqg, z.view(b * hkv, -1, 1))
+    fqg = fq.reshape(rows, g, -1).to(acc)
+    linear = torch.bmm(fqg, S.view(rows, *S.shape[2:])).view(b, hkv, g, -1)
+    linear_mass = torch.bmm(fqg, z.view(rows, -1, 1)).view(b, hkv, g, 1)
+    num = torch.bmm(a.view(rows, g, width), values.to(acc).view(rows, width, -1)).view(b, hkv, g, -1)
+    num, den = (torch.addcmul(x, lnw, y) if torch.is_tensor(lnw) else x + lnw * y
+                for x, y in ((num, linear), (a.sum(-1, keepdim=True), linear_mass)))
     o = (num / den.clamp_min(1e-30)).view(b, h, 1, -1).to(v.dtype)
     # The oldest key leaves the window for the next step (a pad adds nothing).
-    old = features[:, :, 0].to(acc) * mask[:, None, :1]
+    old = features[:, :, 0].to(acc) * mask[:, :1].view(b, 1, 1)
     if decay is not None:  # the sums fade by one token for the next query
         S, z = S * decay.to(acc)[None, :, None, None], z * decay.to(acc)[None, :, None]
-    S = S + old.unsqueeze(-1) * values[:, :, 0].to(acc).unsqueeze(-2)
+    S = torch.baddbmm(S.reshape(rows, *S.shape[2:]), old.view(rows, -1, 1), values[:, :, 0].to(acc).view(rows, 1, -1)).view(S.shape)
     return o, {"S": S, "z": z + old, **window_tail(window - 1, mask, k=keys, v=values, fk=features)}

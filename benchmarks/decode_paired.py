@@ -1,0 +1,95 @@
+"""Batch-1 decode of the teacher and the students of shipped recipes, timed in turns, block by block: their ratio
+with its spread.
+
+`cpu_decode.py` decodes one model for 64 steps after its prefill, then the next: on a shared 2-core machine whose
+speed drifts by 10-20% over a minute, a round's ratio moved from 0.83 to 0.98 between rounds. Here every model
+prefills `--context` random tokens once, then decodes `--steps` tokens in turn with the others, block after block,
+the order rotated each block, so each block's ratio (the teacher's ms a step over the student's) compares models
+under the same machine speed. Reported: the mean of those ratios and its standard error, and each model's median ms
+a step. The teacher is the original model as transformers runs it (its own cache, which concatenates every key at
+every step); its cache is cut back to the context after each block, so every block decodes at that context.
+Students are converted as `cpu_decode.py` converts them (untrained: speed does not depend on the weights).
+
+    python benchmarks/decode_paired.py --recipes lolcats,hybrid_long --blocks 30
+    python benchmarks/decode_paired.py --recipes lolcats --blocks 20 --threads 1 --out /tmp/paired.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from cpu_decode import recipe_student  # benchmarks/, first on the path when run as a script
+from linearize import load_teacher
+from linearize.hf.cache import cache_keyword, returned_cache
+
+
+class Decoding:
+    """One model's decode from its own prefilled cache; `block` times `steps` steps, returning ms a step."""
+
+    def __init__(self, model, ids: torch.Tensor):
+        self.model, self.keyword, self.context = model, cache_keyword(model), ids.shape[1]
+        out = model(ids, use_cache=True, logits_to_keep=1)
+        self.cache, self.token = returned_cache(out), out.logits[:, -1:].argmax(-1)
+        self.block(1)  # a first step allocates what later steps reuse
+
+    def block(self, steps: int) -> float:
+        for layer in self.cache.layers:  # a softmax layer's keys back to the context (a view: no copy)
+            if getattr(layer, "keys", None) is not None and layer.keys.shape[-2] > self.context:
+                layer.keys, layer.values = layer.keys[..., : self.context, :], layer.values[..., : self.context, :]
+        begin = time.perf_counter()
+        for _ in range(steps):
+            out = self.model(self.token, **{self.keyword: self.cache}, use_cache=True)
+            self.cache, self.token = returned_cache(out), out.logits[:, -1:].argmax(-1)
+        return (time.perf_counter() - begin) / steps * 1000
+
+
+def paired(times: dict[str, list[float]], teacher: str = "teacher") -> dict[str, dict[str, float]]:
+    """Per model: the median ms a step, and the mean and standard error of its blocks' teacher-over-model ratios."""
+    rows = {}
+    for name, ms in times.items():
+        ratios = [t / m for t, m in zip(times[teacher], ms)]
+        error = statistics.stdev(ratios) / len(ratios) ** 0.5 if len(ratios) > 1 else float("nan")
+        rows[name] = {"median_ms": statistics.median(ms), "ratio_mean": statistics.mean(ratios), "ratio_error": error}
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipes", default="lolcats", help="shipped recipes whose students are measured, comma-separated")
+    parser.add_argument("--context", type=int, default=2048, help="prompt tokens before the decode")
+    parser.add_argument("--blocks", type=int, default=30, help="blocks of steps each model decodes, in turns")
+    parser.add_argument("--steps", type=int, default=8, help="decode steps a block")
+    parser.add_argument("--threads", type=int, default=0, help="torch's intra-op threads (0: torch's default, the cores)")
+    parser.add_argument("--out", type=Path, default=None, help="write the results here as JSON")
+    args = parser.parse_args()
+    if args.blocks < 2 or args.steps < 1 or args.context < 1 or args.threads < 0:
+        parser.error("--blocks must be at least 2 (a spread needs two), --steps and --context at least 1, --threads 0 or more")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ids = torch.randint(0, 1000, (1, args.context), generator=torch.Generator().manual_seed(0))
+    models = {"teacher": load_teacher("smollm2-135m")[0]}
+    for recipe in args.recipes.split(","):
+        models[recipe] = recipe_student(load_teacher("smollm2-135m")[0], recipe)
+    with torch.no_grad():
+        runs = {name: Decoding(model.eval(), ids) for name, model in models.items()}
+        names, times = list(runs), {name: [] for name in runs}
+        for block in range(args.blocks):
+            for name in names[block % len(names):] + names[: block % len(names)]:
+                times[name].append(runs[name].block(args.steps))
+    rows = paired(times)
+    for name, row in rows.items():
+        print(f"{name}: {row['median_ms']:.2f} ms a step (median); teacher / it {row['ratio_mean']:.3f} +- {row['ratio_error']:.3f}")
+    if args.out:
+        settings = {k: v for k, v in vars(args).items() if k != "out"}
+        args.out.write_text(json.dumps({"settings": settings, "threads": torch.get_num_threads(), "models": rows, "block_ms": times}, indent=1))
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
