@@ -100,15 +100,6 @@ def test_a_measured_step_passes_what_generate_passes_only_when_asked(as_generate
     assert all(("attention_mask" in k) == as_generate for k in decode)
 
 
-def test_cpu_decode_refuses_a_negative_thread_count_before_loading_anything(monkeypatch, capsys):
-    cpu_decode = load("cpu_decode")
-    monkeypatch.setattr(sys, "argv", ["cpu_decode.py", "--threads", "-1"])
-    monkeypatch.setattr(cpu_decode, "load_teacher", lambda *a, **k: pytest.fail("loaded a teacher"))
-    with pytest.raises(SystemExit):
-        cpu_decode.main()
-    assert "--threads must be 0 (torch's default) or more, got -1" in capsys.readouterr().err
-
-
 def test_paired_decode_keeps_a_softmax_layers_context_and_rates_each_block_against_the_teachers():
     """A block of steps starts from the prompt's context in a softmax layer (its cache cut back), while a converted
     layer's state moves on; each block's ratio is the teacher's ms over the model's, averaged with its error."""
@@ -124,10 +115,14 @@ def test_paired_decode_keeps_a_softmax_layers_context_and_rates_each_block_again
     assert rows["s"]["ratio_mean"] == 1.5 and rows["s"]["ratio_error"] == pytest.approx(0.5) and rows["s"]["median_ms"] == 8.5
 
 
-def test_paired_decode_refuses_a_single_block_before_loading_anything(monkeypatch, capsys):
-    decode_paired = load("decode_paired")
-    monkeypatch.setattr(sys, "argv", ["decode_paired.py", "--blocks", "1"])
-    monkeypatch.setattr(decode_paired, "load_teacher", lambda *a, **k: pytest.fail("loaded a teacher"))
+@pytest.mark.parametrize("script, argv, message", [
+    ("cpu_decode", ["--threads", "-1"], "--threads must be 0 (torch's default) or more, got -1"),
+    ("decode_paired", ["--blocks", "1"], "--blocks must be at least 2"),
+])
+def test_a_decode_script_refuses_bad_arguments_before_loading_anything(monkeypatch, capsys, script, argv, message):
+    module = load(script)
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", *argv])
+    monkeypatch.setattr(module, "load_teacher", lambda *a, **k: pytest.fail("loaded a teacher"))
     with pytest.raises(SystemExit):
-        decode_paired.main()
-    assert "--blocks must be at least 2" in capsys.readouterr().err
+        module.main()
+    assert message in capsys.readouterr().err
