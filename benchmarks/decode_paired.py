@@ -49,6 +49,23 @@ class Decoding:
         return (time.perf_counter() - begin) / steps * 1000
 
 
+def in_turns(models: dict, ids: torch.Tensor, blocks: int, steps: int, before=lambda name: None) -> dict[str, list[float]]:
+    """Each model's ms a step in every block: each prefills `ids`, then decodes `steps` steps a block in turn with the
+    others, the order rotated each block. `before(name)` runs before each prefill and block of that model (a probe
+    swaps an implementation there)."""
+    with torch.no_grad():
+        runs = {}
+        for name, model in models.items():
+            before(name)
+            runs[name] = Decoding(model.eval(), ids)
+        names, times = list(runs), {name: [] for name in runs}
+        for block in range(blocks):
+            for name in names[block % len(names):] + names[: block % len(names)]:
+                before(name)
+                times[name].append(runs[name].block(steps))
+    return times
+
+
 def paired(times: dict[str, list[float]], teacher: str = "teacher") -> dict[str, dict[str, float]]:
     """Per model: the median ms a step, and the mean and standard error of its blocks' teacher-over-model ratios."""
     rows = {}
@@ -57,6 +74,11 @@ def paired(times: dict[str, list[float]], teacher: str = "teacher") -> dict[str,
         error = statistics.stdev(ratios) / len(ratios) ** 0.5 if len(ratios) > 1 else float("nan")
         rows[name] = {"median_ms": statistics.median(ms), "ratio_mean": statistics.mean(ratios), "ratio_error": error}
     return rows
+
+
+def report(rows: dict[str, dict[str, float]]) -> None:
+    for name, row in rows.items():
+        print(f"{name}: {row['median_ms']:.2f} ms a step (median); teacher / it {row['ratio_mean']:.3f} +- {row['ratio_error']:.3f}")
 
 
 def main() -> None:
@@ -76,15 +98,9 @@ def main() -> None:
     models = {"teacher": load_teacher("smollm2-135m")[0]}
     for recipe in args.recipes.split(","):
         models[recipe] = recipe_student(load_teacher("smollm2-135m")[0], recipe)
-    with torch.no_grad():
-        runs = {name: Decoding(model.eval(), ids) for name, model in models.items()}
-        names, times = list(runs), {name: [] for name in runs}
-        for block in range(args.blocks):
-            for name in names[block % len(names):] + names[: block % len(names)]:
-                times[name].append(runs[name].block(args.steps))
+    times = in_turns(models, ids, args.blocks, args.steps)
     rows = paired(times)
-    for name, row in rows.items():
-        print(f"{name}: {row['median_ms']:.2f} ms a step (median); teacher / it {row['ratio_mean']:.3f} +- {row['ratio_error']:.3f}")
+    report(rows)
     if args.out:
         settings = {k: v for k, v in vars(args).items() if k != "out"}
         args.out.write_text(json.dumps({"settings": settings, "threads": torch.get_num_threads(), "models": rows, "block_ms": times}, indent=1))

@@ -12,7 +12,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # benchmarks/
 from cpu_decode import recipe_student  # noqa: E402
-from decode_paired import Decoding, paired  # noqa: E402
+from decode_paired import in_turns, paired, report  # noqa: E402
 
 import linearize.hf.cache as cache_module  # noqa: E402
 from linearize import load_teacher  # noqa: E402
@@ -30,15 +30,10 @@ ids = torch.randint(0, 1000, (1, context), generator=torch.Generator().manual_se
 models = {"teacher": load_teacher("smollm2-135m")[0]}
 for r in recipes:
     models[r] = models[r + "@cat"] = recipe_student(load_teacher("smollm2-135m")[0], r)
-with torch.no_grad():
-    runs = {}
-    for n, m in models.items():
-        cache_module.append_into_room = cat if n.endswith("@cat") else room
-        runs[n] = Decoding(m.eval(), ids)
-    names, times = list(runs), {n: [] for n in runs}
-    for b in range(blocks):
-        for n in names[b % len(names):] + names[:b % len(names)]:
-            cache_module.append_into_room = cat if n.endswith("@cat") else room
-            times[n].append(runs[n].block(8))
-for n, r in paired(times).items():
-    print(f"{n}: {r['median_ms']:.2f} ms a step (median); teacher / it {r['ratio_mean']:.3f} +- {r['ratio_error']:.3f}")
+
+
+def use(name: str) -> None:
+    cache_module.append_into_room = cat if name.endswith("@cat") else room
+
+
+report(paired(in_turns(models, ids, blocks, 8, before=use)))

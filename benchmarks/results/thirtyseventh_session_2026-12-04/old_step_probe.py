@@ -13,7 +13,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # benchmarks/
 from cpu_decode import recipe_student  # noqa: E402
-from decode_paired import Decoding, paired  # noqa: E402
+from decode_paired import in_turns, paired, report  # noqa: E402
 
 import linearize.hf.mixer_hedgehog as hedgehog  # noqa: E402
 from linearize import load_teacher  # noqa: E402
@@ -26,15 +26,10 @@ ids = torch.randint(0, 1000, (1, 2048), generator=torch.Generator().manual_seed(
 models = {"teacher": load_teacher("smollm2-135m")[0]}
 for recipe in sys.argv[2].split(","):
     models[recipe] = models[recipe + " before"] = recipe_student(load_teacher("smollm2-135m")[0], recipe)
-with torch.no_grad():
-    runs = {}
-    for name, model in models.items():
-        hedgehog.decode_window_linear = steps[name.endswith(" before")]
-        runs[name] = Decoding(model.eval(), ids)
-    names, times = list(runs), {name: [] for name in runs}
-    for block in range(int(sys.argv[3])):
-        for name in names[block % len(names):] + names[: block % len(names)]:
-            hedgehog.decode_window_linear = steps[name.endswith(" before")]
-            times[name].append(runs[name].block(8))
-for name, row in paired(times).items():
-    print(f"{name}: {row['median_ms']:.2f} ms a step (median); teacher / it {row['ratio_mean']:.3f} +- {row['ratio_error']:.3f}")
+
+
+def use(name: str) -> None:
+    hedgehog.decode_window_linear = steps[name.endswith(" before")]
+
+
+report(paired(in_turns(models, ids, int(sys.argv[3]), 8, before=use)))
