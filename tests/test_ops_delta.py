@@ -8,6 +8,7 @@ from linearize.hf.ops_delta import (
     chunk_gated_delta_rule,
     naive_gated_delta_rule,
     recurrent_gated_delta_rule,
+    step_gated_delta_rule,
 )
 
 B, H, K, V = 2, 3, 16, 24
@@ -132,6 +133,19 @@ def test_recurrent_decode_steps_match_chunk_prefill():
         outs.append(o_t)
     torch.testing.assert_close(torch.cat(outs, dim=2), o_full, atol=1e-9, rtol=0)
     torch.testing.assert_close(S, S_full, atol=1e-9, rtol=0)
+
+
+def test_one_token_step_is_the_matrix_form_on_rows():
+    """The step on (B * H) rows, q pre-scaled, alpha = exp(g): the matrix form's output and state for one token."""
+    q, k, v, g, beta, h0 = make_inputs(1, seed=11)
+    scale = 0.37
+    expected, expected_state = matrix_form_reference(q, k, v, g, beta, scale, h0)
+    rows = lambda x, last: x.reshape(B * H, 1, last)
+    o, S = step_gated_delta_rule(
+        rows(q * scale, K), rows(k, K), rows(v, V), rows(g.exp(), 1), rows(beta, 1), h0.reshape(B * H, K, V)
+    )
+    torch.testing.assert_close(o.view(B, H, 1, V), expected, atol=1e-12, rtol=0)
+    torch.testing.assert_close(S.view(B, H, K, V), expected_state, atol=1e-12, rtol=0)
 
 
 ALL_FORMS = {"naive": naive_gated_delta_rule, **FORMS}

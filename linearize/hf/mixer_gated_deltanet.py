@@ -26,6 +26,7 @@ the PyTorch path below is the reference.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +38,7 @@ from .errors import LinearizeError
 from .gates import inverse_softplus, logit
 from .kernel_dispatch import gated_delta_rule
 from .mixers import FusedStepMixer, MixerCost, register_mixer
+from .ops_delta import step_gated_delta_rule
 from .triton_conv import causal_conv, conv_prefill_problem
 from .triton_step import gated_deltanet_step
 from .windows import add_window, check_window, effective_window, window_cache_size
@@ -140,6 +142,71 @@ def convolve_heads(
     return (*(t.reshape(batch, length, -1, d).transpose(1, 2) for t in (q, k, v)), cache)
 
 
+def unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """x divided by its L2 norm over the last dimension (at least 1e-12), as `F.normalize` does."""
+    return F.normalize(x, dim=-1)
+
+
+def delta_rule_gates(
+    hidden_states: torch.Tensor,
+    beta_weight: torch.Tensor,
+    beta_bias: torch.Tensor | None,
+    decay_weight: torch.Tensor,
+    A_log: torch.Tensor,
+    dt_bias: torch.Tensor,
+    padding_mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A gated delta rule's write strength beta = sigmoid(W_beta x + b) and log-decay g = -exp(A_log) softplus(W_a x +
+    dt_bias) for hidden states (B, T, C), both (B, H, T), in float32 or wider; zero at pads (False in `padding_mask`),
+    so they neither write nor decay."""
+    batch, length, width = hidden_states.shape
+    # (B * T, C) rows: each projection is one matrix product with its bias, where a (B, T, C) input takes four.
+    x = hidden_states.reshape(-1, width).to(torch.promote_types(hidden_states.dtype, torch.float32))
+    beta = torch.sigmoid(F.linear(x, beta_weight.to(x.dtype), None if beta_bias is None else beta_bias.to(x.dtype)))
+    g = F.softplus(F.linear(x, decay_weight.to(x.dtype), dt_bias.to(x.dtype))) * -A_log.to(x.dtype).exp()
+    beta, g = beta.view(batch, length, -1), g.view(batch, length, -1)
+    if padding_mask is not None:
+        beta, g = beta * padding_mask[..., None], g * padding_mask[..., None]
+    return beta.transpose(1, 2), g.transpose(1, 2)
+
+
+def delta_rule_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    conv_weight: torch.Tensor,
+    beta: torch.Tensor,
+    g: torch.Tensor,
+    scale: float,
+    tensors: dict[str, torch.Tensor],
+    padding_mask: torch.Tensor | None,
+    normalize: Callable[[torch.Tensor], torch.Tensor],
+    silu: bool = False,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One decode step of a gated delta rule layer off the fused path, after the teacher's projections q (B, H, 1, D),
+    k and v (B, Hkv, 1, D): the short convolution (continuing from `tensors`' "conv"), SiLU where `silu`, q and k
+    normalised together by `normalize`, q scaled by `scale`, and the one-token update `step_gated_delta_rule` of
+    "recurrent" with beta and g (B, H, 1) on (batch x head) rows. Returns the heads (B, H, 1, D) in float32 (or
+    wider) and the new "conv" and "recurrent". The general path's arithmetic in about half its operations: such a
+    step on the CPU is bound by their number (BENCHMARKS.md)."""
+    b, h, _, d = q.shape
+    hkv = k.shape[1]
+    acc = torch.promote_types(q.dtype, torch.float32)
+    rows, conv = short_conv(torch.cat((q, k, v), dim=1).to(acc).view(b, -1, 1), conv_weight, tensors.get("conv"), padding_mask)
+    rows = rows.view(b, -1, d)
+    if silu:
+        rows = F.silu(rows)
+    qk = normalize(rows[:, : h + hkv])
+    cq = qk[:, :h].reshape(b * h, 1, d)
+    ck, cv = (x.repeat_interleave(h // hkv, dim=1).view(b * h, 1, d) for x in (qk[:, h:], rows[:, h + hkv :]))
+    recurrent = tensors.get("recurrent")
+    recurrent = rows.new_zeros(b * h, d, d) if recurrent is None else recurrent.to(acc).view(b * h, d, d)
+    out, recurrent = step_gated_delta_rule(
+        cq if scale == 1.0 else cq * scale, ck, cv, g.exp().view(b * h, 1, 1), beta.reshape(b * h, 1, 1), recurrent
+    )
+    return out.view(b, h, 1, d), {"conv": conv, "recurrent": recurrent.view(b, h, d, d)}
+
+
 @dataclass
 class GatedDeltaNetOptions:
     """conv_size: kernel of the short causal convolution on q, k and v (1: a per-channel scale only);
@@ -206,13 +273,7 @@ class GatedDeltaNetMixer(FusedStepMixer):
 
     def gates(self, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """beta and the log-decay g, both (B, H, T); zero at pads so they neither write nor decay."""
-        x = hidden_states.to(torch.promote_types(hidden_states.dtype, torch.float32))
-        beta = torch.sigmoid(F.linear(x, self.beta_proj.weight.to(x.dtype), self.beta_proj.bias.to(x.dtype)))
-        dt = F.softplus(F.linear(x, self.decay_proj.weight.to(x.dtype)) + self.dt_bias.to(x.dtype))
-        g = -self.A_log.to(x.dtype).exp() * dt
-        if padding_mask is not None:
-            beta, g = beta * padding_mask[..., None], g * padding_mask[..., None]
-        return beta.transpose(1, 2), g.transpose(1, 2)
+        return delta_rule_gates(hidden_states, self.beta_proj.weight, self.beta_proj.bias, self.decay_proj.weight, self.A_log, self.dt_bias, padding_mask)
 
     def kernel(self):
         return "gated_delta_rule", (self.spec.head_dim, self.spec.head_dim)  # a window, if any, runs beside it (windows.py: flex_attention on CUDA)
@@ -221,16 +282,18 @@ class GatedDeltaNetMixer(FusedStepMixer):
         if self.fuses_step(hidden_states, q, k, v, position_embeddings, state):
             return self.fused_step(hidden_states, q, k, v, position_embeddings, padding_mask, state)
         tensors = state.tensors if state is not None else {}
-        decode = state is not None and q.shape[2] == 1
-        cq, ck, cv, conv = self.convolve(q, k, v, padding_mask, tensors.get("conv"))
-        cq, ck = F.normalize(cq, dim=-1), F.normalize(ck, dim=-1)
-        groups = self.spec.groups
-        ck, cv = repeat_heads(ck, groups), repeat_heads(cv, groups)
         beta, g = self.gates(hidden_states, padding_mask)
-        out, recurrent = gated_delta_rule(
-            cq, ck, cv, g, beta, 1.0, tensors.get("recurrent"), decode=decode, output_state=state is not None, dtype=compute_dtype(hidden_states)
-        )
-        new = {"conv": conv, "recurrent": recurrent}
+        if state is not None and q.shape[2] == 1:
+            out, new = delta_rule_decode(q, k, v, self.conv_weight, beta, g, 1.0, tensors, padding_mask, unit_rows)
+        else:
+            cq, ck, cv, conv = self.convolve(q, k, v, padding_mask, tensors.get("conv"))
+            cq, ck = unit_rows(cq), unit_rows(ck)
+            groups = self.spec.groups
+            ck, cv = repeat_heads(ck, groups), repeat_heads(cv, groups)
+            out, recurrent = gated_delta_rule(
+                cq, ck, cv, g, beta, 1.0, tensors.get("recurrent"), output_state=state is not None, dtype=compute_dtype(hidden_states)
+            )
+            new = {"conv": conv, "recurrent": recurrent}
         if self.window:
             share = torch.sigmoid(self.window_logit.to(out.dtype))
             out, cache = add_window(

@@ -32,7 +32,7 @@ from .attention import AttentionSpec, compute_dtype, repeat_heads
 from .errors import LinearizeError
 from .gates import inverse_softplus
 from .kernel_dispatch import gated_delta_rule
-from .mixer_gated_deltanet import check_conv_size, convolve_heads, fresh_delta_rule_state
+from .mixer_gated_deltanet import check_conv_size, convolve_heads, delta_rule_decode, delta_rule_gates, fresh_delta_rule_state
 from .mixers import FusedStepMixer, MixerCost, register_mixer
 from .triton_step import qwen3_5_gdn_step
 
@@ -122,12 +122,7 @@ class Qwen35GatedDeltaNet(FusedStepMixer):
 
     def gates(self, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """beta and the log-decay g, both (B, H, T); zero at pads so they neither write nor decay."""
-        x = hidden_states.to(torch.promote_types(hidden_states.dtype, torch.float32))
-        beta = torch.sigmoid(F.linear(x, self.b_proj.weight.to(x.dtype)))
-        g = -self.A_log.to(x.dtype).exp() * F.softplus(F.linear(x, self.a_proj.weight.to(x.dtype)) + self.dt_bias.to(x.dtype))
-        if padding_mask is not None:
-            beta, g = beta * padding_mask[..., None], g * padding_mask[..., None]
-        return beta.transpose(1, 2), g.transpose(1, 2)
+        return delta_rule_gates(hidden_states, self.b_proj.weight, None, self.a_proj.weight, self.A_log, self.dt_bias, padding_mask)
 
     def mix(self, hidden_states, q, k, v, position_embeddings, padding_mask, state) -> torch.Tensor:
         if self.fuses_step(hidden_states, q, k, v, position_embeddings, state):
@@ -144,15 +139,17 @@ class Qwen35GatedDeltaNet(FusedStepMixer):
     def delta_rule(self, hidden_states, q, k, v, padding_mask, state) -> torch.Tensor:
         """The PyTorch path's heads (B, H, T, D) before the gated norm: convolution, SiLU, L2 norms, the rule."""
         tensors = state.tensors if state is not None else {}
+        beta, g = self.gates(hidden_states, padding_mask)
+        if state is not None and q.shape[2] == 1:
+            out, new = delta_rule_decode(q, k, v, self.conv_weight, beta, g, self.spec.head_dim**-0.5, tensors, padding_mask, l2_normalize, silu=True)
+            state.write(new)
+            return out
         cq, ck, cv, conv = convolve_heads(q, k, v, self.conv_weight, padding_mask, tensors.get("conv"))
         cq, ck, cv = l2_normalize(F.silu(cq)), l2_normalize(F.silu(ck)), F.silu(cv)
         groups = self.spec.groups
         ck, cv = repeat_heads(ck, groups), repeat_heads(cv, groups)
-        beta, g = self.gates(hidden_states, padding_mask)
-        decode = state is not None and q.shape[2] == 1
         out, recurrent = gated_delta_rule(
-            cq, ck, cv, g, beta, self.spec.head_dim**-0.5, tensors.get("recurrent"), decode=decode, output_state=state is not None,
-            dtype=compute_dtype(hidden_states),
+            cq, ck, cv, g, beta, self.spec.head_dim**-0.5, tensors.get("recurrent"), output_state=state is not None, dtype=compute_dtype(hidden_states)
         )
         if state is not None:
             state.write({"conv": conv, "recurrent": recurrent})

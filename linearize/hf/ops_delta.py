@@ -23,6 +23,7 @@ __all__ = [
     "naive_gated_delta_rule",
     "recurrent_gated_delta_rule",
     "chunk_gated_delta_rule",
+    "step_gated_delta_rule",
 ]
 
 
@@ -99,21 +100,30 @@ def recurrent_gated_delta_rule(
     B, H, T, K = q.shape
     V = v.shape[-1]
     # Per-token elementwise work hoisted out of the loop, and (B * H) batches of 3D products: the loop body is
-    # three small bmm (a decode step on CPU is bound by the number of dispatches).
+    # `step_gated_delta_rule` (a decode step on CPU is bound by the number of dispatches).
     alpha = g.exp().reshape(B * H, T, 1, 1)
     k = k.reshape(B * H, T, 1, K)
     q_row = (q if scale == 1.0 else q * scale).reshape(B * H, T, 1, K)
-    bv = (beta[..., None] * v).reshape(B * H, T, 1, V)
+    v = v.reshape(B * H, T, 1, V)
     b = beta.reshape(B * H, T, 1, 1)
     S = S.reshape(B * H, K, V)
     outputs = []
     for t in range(T):
-        k_row = k[:, t]
-        S = alpha[:, t] * S
-        S = S + torch.bmm(k_row.transpose(1, 2), bv[:, t] - b[:, t] * torch.bmm(k_row, S))
-        outputs.append(torch.bmm(q_row[:, t], S))
+        o_t, S = step_gated_delta_rule(q_row[:, t], k[:, t], v[:, t], alpha[:, t], b[:, t], S)
+        outputs.append(o_t)
     o = torch.cat(outputs, dim=1) if T != 1 else outputs[0]
     return o.view(B, H, T, V).to(out_dtype), S.view(B, H, K, V)
+
+
+def step_gated_delta_rule(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, state: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One token of the rule for N independent rows (batch x head), all of one float dtype: q, k (N, 1, K) with q
+    already scaled, v (N, 1, V), alpha = exp(g) and beta (N, 1, 1), state (N, K, V). Returns o (N, 1, V) and the
+    new state: S = alpha S, S += k^T beta (v - k S), o = q S, in six kernels."""
+    decayed = state * alpha
+    state = torch.baddbmm(decayed, k.transpose(1, 2), (v - torch.bmm(k, decayed)) * beta)
+    return torch.bmm(q, state), state
 
 
 # Longer than 60 lines with its signature and docstring: the chunked scan reads top to bottom as the docstring's
