@@ -106,14 +106,16 @@ class AttentionSpec:
 
     def project(self, attn: nn.Module, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q (B, H, T, D), k and v (B, Hkv, T, D) after q/k norms and before RoPE, from the teacher's own modules."""
-        batch, length, _ = hidden_states.shape
+        batch, length, width = hidden_states.shape
         h, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        # (B * T, C) rows: a projection of them is one matrix product, of (B, T, C) four operations (the same product).
+        x = hidden_states.reshape(-1, width)
         if self.layout == "separate":
-            q, k, v = attn.q_proj(hidden_states), attn.k_proj(hidden_states), attn.v_proj(hidden_states)
+            q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
         elif self.layout == "fused":
-            q, k, v = attn.qkv_proj(hidden_states).split((h * d, hkv * d, hkv * d), dim=-1)
+            q, k, v = attn.qkv_proj(x).split((h * d, hkv * d, hkv * d), dim=-1)
         else:  # GPT-NeoX interleaves q, k, v per head
-            q, k, v = attn.query_key_value(hidden_states).view(batch, length, h, 3 * d).chunk(3, dim=-1)
+            q, k, v = attn.query_key_value(x).view(batch, length, h, 3 * d).chunk(3, dim=-1)
         if self.q_norm is not None and not self.norm_per_head:
             q, k = getattr(attn, self.q_norm)(q), getattr(attn, self.k_norm)(k)
         q = q.reshape(batch, length, h, d)
@@ -126,7 +128,7 @@ class AttentionSpec:
     def out(self, attn: nn.Module, heads: torch.Tensor) -> torch.Tensor:
         """Merge heads (B, H, T, D) and apply the teacher's output projection."""
         batch, _, length, _ = heads.shape
-        return getattr(attn, self.output)(heads.transpose(1, 2).reshape(batch, length, -1))
+        return getattr(attn, self.output)(heads.transpose(1, 2).reshape(batch * length, -1)).view(batch, length, -1)
 
     def projections(self) -> tuple[str, ...]:
         """Names of the modules holding the reused weights (LoRA targets them)."""
@@ -198,6 +200,11 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, position_embeddings) -> tuple
         return rotary(q, k, cos, sin)
     cos, sin = cos.unsqueeze(-3), sin.unsqueeze(-3)
     rot = cos.shape[-1]
+    if q.shape[2] == 1 and q.dtype == k.dtype and q.shape[0] == k.shape[0] and rot == q.shape[-1]:
+        # One token: q's and k's heads rotated together, the same arithmetic in half the operations (a decode step off
+        # the fused path is bound by their number).
+        both = torch.cat((q, k), dim=1)
+        return (both * cos + rotate_half(both) * sin).split((q.shape[1], k.shape[1]), dim=1)
 
     def rotate(x):
         if rot == x.shape[-1]:
