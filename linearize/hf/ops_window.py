@@ -393,7 +393,7 @@ def decode_window_linear(
     scores = torch.bmm(q.reshape(rows, g, d).to(acc), keys.to(acc).view(rows, width, d).mT) * scaling
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    scores = scores.view(b, hkv, g, width).masked_fill(~mask.view(b, 1, 1, width), float("-inf"))
+    scores = torch.where(mask.view(b, 1, 1, width), scores.view(b, hkv, g, width), float("-inf"))
     # A query whose window holds no real key has every score at -inf, and weight 0 for all of them.
     peak = scores.amax(-1, keepdim=True).clamp_min(torch.finfo(acc).min)
     smw, lnw = (w.to(acc).view(hkv, g, 1) if torch.is_tensor(w) else w for w in (sm_weight, ln_weight))

@@ -98,7 +98,7 @@ def _one_query(q, k, v, *, scaling, softcap, key_mask):
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     if key_mask is not None:
-        scores = scores.view(b, hkv, -1, total).masked_fill(~key_mask.bool()[:, None, None, :], float("-inf"))
+        scores = torch.where(key_mask.bool()[:, None, None, :], scores.view(b, hkv, -1, total), float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a query that sees no real key gets 0
     return torch.bmm(probs.view(b * hkv, -1, total), values).view(b, h, 1, -1).to(v.dtype)
 
@@ -310,10 +310,9 @@ def sliding_window_heads(
     # No mask where nothing is masked: the fused path then needs no look at the mask (a device sync) to know it.
     mask = padding_mask
     if cache:
-        real = torch.ones(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device) if mask is None else mask.bool()
         k = torch.cat((cache["k"].to(k.dtype), k), dim=2)
         v = torch.cat((cache["v"].to(v.dtype), v), dim=2)
-        mask = torch.cat((cache["mask"], real), dim=1)
+        mask = F.pad(cache["mask"], (0, q.shape[2]), value=True) if mask is None else torch.cat((cache["mask"], mask.bool()), dim=1)
     heads = window_attention(q, k, v, window=window, scaling=spec.scaling, softcap=spec.softcap, key_mask=mask)
     if cache is None:
         return heads, None
@@ -346,10 +345,11 @@ def add_window(
     cache = None if tensors is None else {n: tensors[n] for n in ("k", "v", "mask") if n in tensors}
     heads, cache = sliding_window_heads(spec, window, q, k, v, position_embeddings, padding_mask, cache)
     if torch.is_tensor(share):
-        share = share.to(linear.dtype)[:, None, None]
+        share = share.to(linear.dtype).view(-1, 1, 1)
     if dropout:
         share = share * (torch.rand(linear.shape[0], linear.shape[1], 1, 1, device=linear.device) >= dropout).to(linear.dtype)
-    return share * heads.to(linear.dtype) + (1 - share) * linear, cache or {}
+    # linear + share * (heads - linear): the share's mix in one operation.
+    return torch.lerp(linear, heads.to(linear.dtype), share), cache or {}
 
 
 def check_window(window: int, config, name: str, low: int = 1) -> None:
