@@ -410,5 +410,5 @@ def decode_window_linear(
     old = features[:, :, 0].to(acc) * mask[:, :1].view(b, 1, 1)
     if decay is not None:  # the sums fade by one token for the next query
         S, z = S * decay.to(acc)[None, :, None, None], z * decay.to(acc)[None, :, None]
-    S = torch.baddbmm(S.reshape(rows, *S.shape[2:]), old.view(rows, -1, 1), values[:, :, 0].to(acc).view(rows, 1, -1)).view(S.shape)
+    S = torch.addcmul(S, old[..., None], values[:, :, :1].to(acc))  # a rank-one write: a broadcast multiply-add
     return o, {"S": S, "z": z + old, **window_tail(window - 1, mask, k=keys, v=values, fk=features)}
