@@ -158,7 +158,7 @@ def _recurrence(q: Tensor, k: Tensor, v: Tensor, decay: Tensor, scale: float, s0
     decay = decay.reshape(B * H, T, *decay.shape[-2:])
     outs = []
     for t in range(T):
-        S = decay[:, t] * S + k[:, t, :, None] * v[:, t, None, :]
+        S = torch.addcmul(decay[:, t] * S, k[:, t, :, None], v[:, t, None, :])  # the write: one broadcast multiply-add
         outs.append(torch.bmm(q[:, t, None], S))
     o = outs[0] if T == 1 else torch.cat(outs, dim=1)
     return o.view(B, H, T, V).to(out_dtype), S.view(B, H, K, V)
