@@ -261,3 +261,27 @@ def test_under_autocast_fla_reads_the_autocast_dtype(name, module, function, mon
         model(ids)
     layers = len(seen) // 2
     assert layers and seen == [torch.float32] * layers + [torch.bfloat16] * layers
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_rope_of_one_token_is_transformers_own_to_the_bit(dtype):
+    """`apply_rotary` rotates one token's q and k together (fewer operations for a decode step), and a prefill's
+    apart: both give transformers' Llama RoPE bit for bit; a partial rotary (cos narrower than the heads) still
+    rotates only its lanes."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from linearize.hf.attention import apply_rotary
+
+    generator = torch.Generator().manual_seed(5)
+    for length in (1, 3):
+        q = torch.randn(2, 6, length, 8, generator=generator).to(dtype)
+        k = torch.randn(2, 2, length, 8, generator=generator).to(dtype)
+        angles = torch.rand(2, length, 4, generator=generator, dtype=torch.float64) * 7
+        cos, sin = (torch.cat((f(angles), f(angles)), dim=-1).to(dtype) for f in (torch.cos, torch.sin))
+        expected = apply_rotary_pos_emb(q, k, cos, sin)
+        got = apply_rotary(q, k, (cos, sin))
+        assert all(torch.equal(a, b) for a, b in zip(got, expected))
+        narrow_q, narrow_k = apply_rotary(q, k, (cos[..., :4], sin[..., :4]))
+        assert torch.equal(narrow_q[..., 4:], q[..., 4:]) and torch.equal(narrow_k[..., 4:], k[..., 4:])
+        half = apply_rotary_pos_emb(q[..., :4], k[..., :4], cos[..., :4], sin[..., :4])
+        assert torch.equal(narrow_q[..., :4], half[0]) and torch.equal(narrow_k[..., :4], half[1])
