@@ -1,8 +1,10 @@
 """Timing probe only (python window_copy_probe.py hybrid_long,lolcats 20): hedgehog_swa's decode step with the window's copies removed (the window read in place, the
 new key not written: wrong numbers, the lower bound of a copy-free window), in turns with the real step."""
-import sys, torch
-import torch.nn.functional as F
+import sys
 from pathlib import Path
+
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # benchmarks/
 from cpu_decode import recipe_student
 from decode_paired import in_turns, paired, report
