@@ -10,8 +10,11 @@ state S is K x V and
     S_t = alpha_t * S_{t-1} + beta_t * k_t^T (v_t - k_t @ (alpha_t * S_{t-1})),  alpha_t = exp(g_t)
     o_t = scale * q_t @ S_t
 
-All three functions compute in float32 (float64 if any input is float64), return
-o in v's dtype and the final state (B, H, K, V) in that compute dtype.
+The naive, recurrent and chunked forms compute in float32 (float64 if any input is
+float64), return o in v's dtype and the final state (B, H, K, V) in that compute
+dtype. `step_gated_delta_rule`, the recurrent form's one-token step, takes rows
+(batch x head) already in one float dtype and keeps it (a decode step calls it
+directly).
 """
 
 from typing import Optional, Tuple
