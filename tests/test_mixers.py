@@ -8,11 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import linearize
 from linearize import LinearizeError
 from linearize.hf import shipped_mixers
 from linearize.hf import cache as cache_module
+from linearize.hf.attention import apply_rotary
 from linearize.hf.cache import MixerState, RoomyLayer, returned_cache
 from tests.families import MIXER_LAYOUT
 from tests.tiny import assert_reloaded, left_padded, random_ids, relative_error, reload_probe, run_python, tiny_model
@@ -268,10 +270,6 @@ def test_rope_of_one_token_is_transformers_own_to_the_bit(dtype):
     """`apply_rotary` rotates one token's q and k together (fewer operations for a decode step), and a prefill's
     apart: both give transformers' Llama RoPE bit for bit; a partial rotary (cos narrower than the heads) still
     rotates only its lanes."""
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-    from linearize.hf.attention import apply_rotary
-
     generator = torch.Generator().manual_seed(5)
     for length in (1, 3):
         q = torch.randn(2, 6, length, 8, generator=generator).to(dtype)

@@ -198,7 +198,7 @@ def delta_rule_decode(
         rows = F.silu(rows)
     qk = normalize(rows[:, : h + hkv])
     cq = qk[:, :h].reshape(b * h, 1, d)
-    ck, cv = (x.repeat_interleave(h // hkv, dim=1).view(b * h, 1, d) for x in (qk[:, h:], rows[:, h + hkv :]))
+    ck, cv = (repeat_heads(x, h // hkv).reshape(b * h, 1, d) for x in (qk[:, h:], rows[:, h + hkv :]))
     recurrent = tensors.get("recurrent")
     recurrent = rows.new_zeros(b * h, d, d) if recurrent is None else recurrent.to(acc).view(b * h, d, d)
     out, recurrent = step_gated_delta_rule(
