@@ -378,3 +378,17 @@ def test_a_bad_switch_is_a_one_line_error(monkeypatch):
     with pytest.raises(LinearizeError, match="LINEARIZE_FUSED_STEP='yes' is not one of auto, on, off; unset it") as info:
         triton_step.switch()
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.core
+def test_off_cuda_and_the_interpreter_the_device_is_read_before_the_switches(monkeypatch):
+    # A decode step on the CPU asks a dozen times a layer whether a kernel runs: the answer costs no environment read.
+    monkeypatch.setattr(triton_step, "INTERPRETED", False)
+    monkeypatch.setenv("LINEARIZE_FUSED_STEP", "yes")
+    x = torch.zeros(1, 2, 1, 8)
+    assert triton_step.fused_kernel_problem(x, "the fused RoPE").startswith("the fused RoPE runs on CUDA tensors")
+    hidden = torch.zeros(1, 1, 16)
+    assert "the fused step runs on CUDA tensors" in triton_step.fused_step_problem(hidden, x, x, x, None, 0, {}, ("S",))
+    monkeypatch.setattr(triton_step, "INTERPRETED", True)
+    with pytest.raises(LinearizeError, match="LINEARIZE_FUSED_STEP='yes' is not one of"):
+        triton_step.fused_kernel_problem(x, "the fused RoPE")

@@ -130,12 +130,16 @@ def turned_off() -> Optional[str]:
 def fused_kernel_problem(x: Tensor, what: str) -> Optional[str]:
     """Why a fused inference kernel (`what`, e.g. "the fused RoPE") does not run on x here (None when it may, as far as
     the switches, Triton and the device go): CUDA tensors, or CPU tensors with LINEARIZE_FUSED_STEP=on under Triton's
-    interpreter (the tests)."""
+    interpreter (the tests). The device is read first: off CUDA and the interpreter, a call reads no environment
+    variable (a decode step on the CPU makes a dozen of these checks a layer)."""
+    where = f"{what} runs on CUDA tensors (on CPU tensors with {SWITCH}=on under TRITON_INTERPRET=1)"
+    if not (x.is_cuda or INTERPRETED):
+        return where
     problem = turned_off()
     if problem is not None:
         return problem
-    if not (x.is_cuda or (switch() == "on" and INTERPRETED)):
-        return f"{what} runs on CUDA tensors (on CPU tensors with {SWITCH}=on under TRITON_INTERPRET=1)"
+    if not (x.is_cuda or switch() == "on"):
+        return where
     return None
 
 
@@ -154,11 +158,9 @@ def fused_step_problem(
     gradients, dtypes, sizes, and the layer state `tensors` (empty before the first step, else as the PyTorch path
     leaves it: the float32 tensors named in `recurrent`, and the window's). A step that `chunks_window` reads its
     window a chunk at a time (`WINDOW_CHUNK`), so takes windows of any length."""
-    problem = turned_off()
+    problem = fused_kernel_problem(q, "the fused step")
     if problem is not None:
         return problem
-    if not (q.is_cuda or (switch() == "on" and INTERPRETED)):
-        return f"the fused step runs on CUDA tensors (on CPU tensors with {SWITCH}=on under TRITON_INTERPRET=1)"
     if torch.is_grad_enabled():
         return "the fused step has no backward; it runs under torch.no_grad() or torch.inference_mode()"
     if any(t.stride(-1) != 1 for t in (hidden, q, k, v)):

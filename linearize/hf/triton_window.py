@@ -57,7 +57,7 @@ from torch import Tensor
 
 from .errors import LinearizeError
 from .ops_window import _with_context, window_tail
-from .triton_step import DTYPES, INTERPRETED, MAX_HEAD_DIM, SWITCH, TRITON_PROBLEM, switch, turned_off
+from .triton_step import DTYPES, INTERPRETED, MAX_HEAD_DIM, TRITON_PROBLEM, fused_kernel_problem
 
 if TRITON_PROBLEM is None:  # Triton as triton_step imported it: transformers' remote-code check skips relative imports
     from .triton_step import _float32, _operator, _registered, _rounded, tl, triton
@@ -90,14 +90,10 @@ MAX_FEATURES = 2 * MAX_HEAD_DIM
 
 
 def window_prefill_problem(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, window: int) -> Optional[str]:
-    """Why a `hedgehog_swa` prefill does not take the kernel (None when it does): the switches, then `kernel_problem`.
+    """Why a `hedgehog_swa` prefill does not take the kernel (None when it does): the device and the switches
+    (`fused_kernel_problem`), then `kernel_problem`.
     On CPU tensors it runs only with LINEARIZE_FUSED_STEP=on under Triton's interpreter (the tests)."""
-    problem = turned_off()
-    if problem is not None:
-        return problem
-    if not (q.is_cuda or switch() == "on"):
-        return f"the fused prefill runs on CUDA tensors (on CPU tensors with {SWITCH}=on under TRITON_INTERPRET=1)"
-    return kernel_problem(q, k, v, fq, fk, window)
+    return fused_kernel_problem(q, "the fused prefill") or kernel_problem(q, k, v, fq, fk, window)
 
 
 def kernel_problem(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, window: int) -> Optional[str]:
