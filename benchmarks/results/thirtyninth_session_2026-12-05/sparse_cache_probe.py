@@ -1,0 +1,146 @@
+"""Probe (issue 16): would a small exact cache of the keys the linear state recalls worst give an all-converted
+`hedgehog_swa` student retrieval beyond its window? Inference only, no training: a key leaving the window is kept
+(scored by the window's softmax, sharing its normaliser) instead of folded into the linear state when its value is
+among the N worst recalled so far; the one it evicts is folded then.
+
+The recall error of key s, per kv head: || v_s - sum_{j<s} (fk_s . fk_j) v_j / sum_{j<s} (fk_s . fk_j) ||^2, against
+every key that left before it (cached or folded: the decode step would read it as S + the cache's share). Computed
+here in the quadratic form, every (query, key) weight at once, for one forward over prompt + answer; a trial hits when
+every answer token is the model's argmax at its place (teacher forcing: the same as greedy decoding's first tokens).
+With N = 0 the form is `hedgehog_swa` itself: the probe checks it against the model's own forward first.
+
+    python sparse_cache_probe.py STUDENT_DIR --sizes 0,32,128 --lengths 2048 --trials 2
+    python sparse_cache_probe.py STUDENT_DIR --sizes 128 --lengths 2048 --trials 1 --criterion random
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+import random
+import time
+
+import torch
+
+from linearize import LinearizedForCausalLM, load_teacher
+from linearize.evaluate.longcontext import make_probe
+from linearize.hf.attention import apply_rotary, repeat_heads
+from linearize.hf.mixer_hedgehog import HedgehogSWAMixer
+
+SIZE = {"n": 0, "criterion": "error"}
+ORIGINAL_MIX = HedgehogSWAMixer.mix
+
+
+def memberships(err: torch.Tensor, window: int, size: int) -> torch.Tensor:
+    """(Hkv, T, T) bool: key s is in the cache of kv head h at query t, the greedy keep-the-N-worst policy."""
+    hkv, length = err.shape
+    held = torch.zeros(hkv, length, length, dtype=torch.bool)
+    if size == 0:
+        return held
+    for h in range(hkv):
+        heap, enter = [], {}
+        errors = err[h].tolist()
+        for s in range(0, length - window):
+            t = s + window  # the query at which key s leaves the window
+            if len(heap) < size:
+                heapq.heappush(heap, (errors[s], s))
+                enter[s] = t
+            elif errors[s] > heap[0][0]:
+                _, out = heapq.heapreplace(heap, (errors[s], s))
+                held[h, enter.pop(out) : t, out] = True
+                enter[s] = t
+        for s, t in enter.items():
+            held[h, t:, s] = True
+    return held
+
+
+def reference_mix(self, hidden_states, q, k, v, position_embeddings, padding_mask, state):
+    if state is not None or q.shape[2] == 1 or padding_mask is not None:
+        return ORIGINAL_MIX(self, hidden_states, q, k, v, position_embeddings, padding_mask, state)
+    raw_q, raw_k = q, k
+    q, k = apply_rotary(q, k, position_embeddings)
+    fq, fk = (self.feature_q(q), self.feature_k(k)) if self.options.linear_rope else (self.feature_q(raw_q), self.feature_k(raw_k))
+    groups, window, length = self.spec.groups, self.window, q.shape[2]
+    q, k, v, fq, fk = (x[0].float() for x in (q, k, v, fq, fk))  # batch 1
+    share = torch.sigmoid(self.window_logit.float())[:, None, None]
+    t = torch.arange(length)
+    in_window = (t[None, :] <= t[:, None]) & (t[None, :] > t[:, None] - window)
+    left = t[None, :] <= t[:, None] - window
+    # Recall errors against every earlier key (per kv head).
+    gram = (fk @ fk.mT) * (t[None, :] < t[:, None])
+    pred = (gram @ v) / gram.sum(-1, keepdim=True).clamp_min(1e-30)
+    err = ((v - pred) ** 2).sum(-1)
+    err[:, 0] = float("inf")
+    if SIZE["criterion"] == "random":  # the control: N keys kept at random, by the same greedy policy
+        err = torch.rand(err.shape, generator=torch.Generator().manual_seed(length))
+    held = repeat_heads(memberships(err, window, SIZE["n"])[None], groups)[0]
+    soft = in_window[None] | held
+    folded = left[None] & ~held
+    scores = (q @ repeat_heads(k[None], groups)[0].mT) * self.spec.scaling
+    scores = scores.masked_fill(~soft, float("-inf"))
+    a = torch.exp(scores - scores.amax(-1, keepdim=True)) * share
+    lin = (fq @ repeat_heads(fk[None], groups)[0].mT) * folded * (1 - share)
+    w = a + lin
+    out = (w @ repeat_heads(v[None], groups)[0]) / w.sum(-1, keepdim=True)
+    return out[None].to(hidden_states.dtype)
+
+
+@torch.no_grad()
+def score(model, ids: list[int], answer_ids: list[int]) -> tuple[int, float, list[int]]:
+    x = torch.tensor([ids + answer_ids])
+    logits = model(x, use_cache=False).logits[0, len(ids) - 1 : -1]
+    right = logits.argmax(-1) == torch.tensor(answer_ids)
+    return int(bool(right.all())), float(right.float().mean()), right.int().tolist()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("student")
+    parser.add_argument("--sizes", default="0,32,128")
+    parser.add_argument("--lengths", default="2048")
+    parser.add_argument("--depths", default="0,0.25,0.5,0.75,1")
+    parser.add_argument("--trials", type=int, default=2)
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--criterion", default="error", choices=("error", "random"), help="which keys the cache keeps")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    SIZE["criterion"] = args.criterion
+    teacher, tokenizer = load_teacher("smollm2-135m")
+    teacher.eval()
+    student = LinearizedForCausalLM.from_pretrained(args.student).eval()
+    HedgehogSWAMixer.mix = reference_mix
+    # The reference form at N = 0 against the model's own forward.
+    check = torch.randint(0, 49152, (1, 700), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        mine = student(check, use_cache=False).logits
+        HedgehogSWAMixer.mix = ORIGINAL_MIX
+        theirs = student(check, use_cache=False).logits
+        HedgehogSWAMixer.mix = reference_mix
+    print(f"reference at N = 0 against the model's forward: max |logit difference| {float((mine - theirs).abs().max()):.2e}", flush=True)
+    rows = []
+    rng = random.Random(0)
+    probes = [make_probe(tokenizer, "passkey", n, float(d), rng) for n in map(int, args.lengths.split(","))
+              for d in args.depths.split(",") for _ in range(args.trials)]
+    for probe in probes:
+        answer_ids = tokenizer(" " + probe.answer, add_special_tokens=False)["input_ids"]
+        row = {"length": probe.requested, "depth": probe.depth, "answer": probe.answer}
+        row["teacher"] = score(teacher, probe.prompt_ids, answer_ids)
+        for size in map(int, args.sizes.split(",")):
+            SIZE["n"] = size
+            begin = time.time()
+            row[f"cache_{size}"] = score(student, probe.prompt_ids, answer_ids)
+        print(json.dumps(row), f"({time.time() - begin:.0f} s a forward)", flush=True)
+        rows.append(row)
+    for key in [k for k in rows[0] if k == "teacher" or k.startswith("cache_")]:
+        for n in sorted({r["length"] for r in rows}):
+            hits = [r[key][0] for r in rows if r["length"] == n]
+            digits = [r[key][1] for r in rows if r["length"] == n]
+            print(f"{key} at {n}: {sum(hits)}/{len(hits)} passkeys, {sum(digits) / len(digits):.2f} of answer tokens")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
