@@ -11,6 +11,7 @@ With N = 0 the form is `hedgehog_swa` itself: the probe checks it against the mo
 
     python sparse_cache_probe.py STUDENT_DIR --sizes 0,32,128 --lengths 2048 --trials 2
     python sparse_cache_probe.py STUDENT_DIR --sizes 128 --lengths 2048 --trials 1 --criterion random
+    python sparse_cache_probe.py STUDENT_DIR --device cuda --teacher /tmp/smollm2.gguf --sizes 0,128,512 --lengths 2048,4096,8192 --trials 3
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def memberships(err: torch.Tensor, window: int, size: int) -> torch.Tensor:
     hkv, length = err.shape
     held = torch.zeros(hkv, length, length, dtype=torch.bool)
     if size == 0:
-        return held
+        return held.to(err.device)
     for h in range(hkv):
         heap, enter = [], {}
         errors = err[h].tolist()
@@ -52,7 +53,7 @@ def memberships(err: torch.Tensor, window: int, size: int) -> torch.Tensor:
                 enter[s] = t
         for s, t in enter.items():
             held[h, t:, s] = True
-    return held
+    return held.to(err.device)
 
 
 def reference_mix(self, hidden_states, q, k, v, position_embeddings, padding_mask, state):
@@ -64,7 +65,7 @@ def reference_mix(self, hidden_states, q, k, v, position_embeddings, padding_mas
     groups, window, length = self.spec.groups, self.window, q.shape[2]
     q, k, v, fq, fk = (x[0].float() for x in (q, k, v, fq, fk))  # batch 1
     share = torch.sigmoid(self.window_logit.float())[:, None, None]
-    t = torch.arange(length)
+    t = torch.arange(length, device=q.device)
     in_window = (t[None, :] <= t[:, None]) & (t[None, :] > t[:, None] - window)
     left = t[None, :] <= t[:, None] - window
     # Recall errors against every earlier key (per kv head).
@@ -73,7 +74,7 @@ def reference_mix(self, hidden_states, q, k, v, position_embeddings, padding_mas
     err = ((v - pred) ** 2).sum(-1)
     err[:, 0] = float("inf")
     if SIZE["criterion"] == "random":  # the control: N keys kept at random, by the same greedy policy
-        err = torch.rand(err.shape, generator=torch.Generator().manual_seed(length))
+        err = torch.rand(err.shape, generator=torch.Generator().manual_seed(length)).to(err.device)
     held = repeat_heads(memberships(err, window, SIZE["n"])[None], groups)[0]
     soft = in_window[None] | held
     folded = left[None] & ~held
@@ -88,9 +89,9 @@ def reference_mix(self, hidden_states, q, k, v, position_embeddings, padding_mas
 
 @torch.no_grad()
 def score(model, ids: list[int], answer_ids: list[int]) -> tuple[int, float, list[int]]:
-    x = torch.tensor([ids + answer_ids])
+    x = torch.tensor([ids + answer_ids], device=model.device)
     logits = model(x, use_cache=False).logits[0, len(ids) - 1 : -1]
-    right = logits.argmax(-1) == torch.tensor(answer_ids)
+    right = logits.argmax(-1).cpu() == torch.tensor(answer_ids)
     return int(bool(right.all())), float(right.float().mean()), right.int().tolist()
 
 
@@ -102,16 +103,18 @@ def main() -> None:
     parser.add_argument("--depths", default="0,0.25,0.5,0.75,1")
     parser.add_argument("--trials", type=int, default=2)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--device", default="cpu", help="e.g. cuda: the quadratic form at 8K holds a few 2.4 GB tensors")
+    parser.add_argument("--teacher", default="smollm2-135m", help="the teacher: id, folder or .gguf")
     parser.add_argument("--criterion", default="error", choices=("error", "random"), help="which keys the cache keeps")
     args = parser.parse_args()
     torch.manual_seed(0)
     SIZE["criterion"] = args.criterion
-    teacher, tokenizer = load_teacher("smollm2-135m")
-    teacher.eval()
-    student = LinearizedForCausalLM.from_pretrained(args.student).eval()
+    teacher, tokenizer = load_teacher(args.teacher)
+    teacher.to(args.device).eval()
+    student = LinearizedForCausalLM.from_pretrained(args.student).to(args.device).eval()
     HedgehogSWAMixer.mix = reference_mix
     # The reference form at N = 0 against the model's own forward.
-    check = torch.randint(0, 49152, (1, 700), generator=torch.Generator().manual_seed(1))
+    check = torch.randint(0, 49152, (1, 700), generator=torch.Generator().manual_seed(1)).to(args.device)
     with torch.no_grad():
         mine = student(check, use_cache=False).logits
         HedgehogSWAMixer.mix = ORIGINAL_MIX
