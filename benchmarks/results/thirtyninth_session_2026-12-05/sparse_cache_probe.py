@@ -11,6 +11,7 @@ With N = 0 the form is `hedgehog_swa` itself: the probe checks it against the mo
 
     python sparse_cache_probe.py STUDENT_DIR --sizes 0,32,128 --lengths 2048 --trials 2
     python sparse_cache_probe.py STUDENT_DIR --sizes 128 --lengths 2048 --trials 1 --criterion random
+    python sparse_cache_probe.py STUDENT_DIR --sizes 0,128 --lengths 2048 --ppl-text persuasion --ppl-windows 3
     python sparse_cache_probe.py STUDENT_DIR --device cuda --teacher /tmp/smollm2.gguf --sizes 0,128,512 --lengths 2048,4096,8192 --trials 3
 """
 
@@ -28,6 +29,7 @@ from linearize import LinearizedForCausalLM, load_teacher
 from linearize.evaluate.longcontext import make_probe
 from linearize.hf.attention import apply_rotary, repeat_heads
 from linearize.hf.mixer_hedgehog import HedgehogSWAMixer
+from linearize.textdata import read_text_source
 
 SIZE = {"n": 0, "criterion": "error"}
 ORIGINAL_MIX = HedgehogSWAMixer.mix
@@ -73,6 +75,8 @@ def reference_mix(self, hidden_states, q, k, v, position_embeddings, padding_mas
     pred = (gram @ v) / gram.sum(-1, keepdim=True).clamp_min(1e-30)
     err = ((v - pred) ** 2).sum(-1)
     err[:, 0] = float("inf")
+    if SIZE["criterion"] == "relative":  # the error as a share of the value's own size
+        err = err / (v**2).sum(-1).clamp_min(1e-30)
     if SIZE["criterion"] == "random":  # the control: N keys kept at random, by the same greedy policy
         err = torch.rand(err.shape, generator=torch.Generator().manual_seed(length)).to(err.device)
     held = repeat_heads(memberships(err, window, SIZE["n"])[None], groups)[0]
@@ -95,6 +99,29 @@ def score(model, ids: list[int], answer_ids: list[int]) -> tuple[int, float, lis
     return int(bool(right.all())), float(right.float().mean()), right.int().tolist()
 
 
+@torch.no_grad()
+def late_nll(model, ids: list[int]) -> float:
+    """Mean negative log-likelihood of the second half of a window's tokens (where context beyond the window counts)."""
+    x = torch.tensor([ids], device=model.device)
+    logits = model(x, use_cache=False).logits[0, :-1].float()
+    nll = torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="none")
+    return float(nll[len(ids) // 2 - 1 :].mean())
+
+
+def perplexities(teacher, student, tokenizer, args) -> None:
+    """Perplexity of the second half of --ppl-windows windows of --lengths[0] tokens of --ppl-text, each size beside the
+    teacher."""
+    length = int(args.lengths.split(",")[0])
+    ids = tokenizer(read_text_source(args.ppl_text)[20000:], add_special_tokens=False)["input_ids"]
+    windows = [ids[i * length : (i + 1) * length] for i in range(args.ppl_windows)]
+    teacher_nll = sum(late_nll(teacher, w) for w in windows) / len(windows)
+    print(f"teacher: perplexity {torch.tensor(teacher_nll).exp():.3f} over the second halves of {len(windows)} windows of {length}", flush=True)
+    for size in map(int, args.sizes.split(",")):
+        SIZE["n"] = size
+        nll = sum(late_nll(student, w) for w in windows) / len(windows)
+        print(f"cache_{size}: perplexity {torch.tensor(nll).exp():.3f}, {torch.tensor(nll - teacher_nll).exp():.4f}x the teacher's", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("student")
@@ -103,9 +130,11 @@ def main() -> None:
     parser.add_argument("--depths", default="0,0.25,0.5,0.75,1")
     parser.add_argument("--trials", type=int, default=2)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--ppl-text", default=None, help="a packaged text or a file: perplexity instead of passkeys")
+    parser.add_argument("--ppl-windows", type=int, default=3)
     parser.add_argument("--device", default="cpu", help="e.g. cuda: the quadratic form at 8K holds a few 2.4 GB tensors")
     parser.add_argument("--teacher", default="smollm2-135m", help="the teacher: id, folder or .gguf")
-    parser.add_argument("--criterion", default="error", choices=("error", "random"), help="which keys the cache keeps")
+    parser.add_argument("--criterion", default="error", choices=("error", "relative", "random"), help="which keys the cache keeps")
     args = parser.parse_args()
     torch.manual_seed(0)
     SIZE["criterion"] = args.criterion
@@ -121,6 +150,9 @@ def main() -> None:
         theirs = student(check, use_cache=False).logits
         HedgehogSWAMixer.mix = reference_mix
     print(f"reference at N = 0 against the model's forward: max |logit difference| {float((mine - theirs).abs().max()):.2e}", flush=True)
+    if args.ppl_text:
+        perplexities(teacher, student, tokenizer, args)
+        return
     rows = []
     rng = random.Random(0)
     probes = [make_probe(tokenizer, "passkey", n, float(d), rng) for n in map(int, args.lengths.split(","))
