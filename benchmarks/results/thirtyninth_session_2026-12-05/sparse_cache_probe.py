@@ -31,7 +31,7 @@ from linearize.hf.attention import apply_rotary, repeat_heads
 from linearize.hf.mixer_hedgehog import HedgehogSWAMixer
 from linearize.textdata import read_text_source
 
-SIZE = {"n": 0, "criterion": "error"}
+SIZE = {"n": 0, "criterion": "error", "layers": None}
 ORIGINAL_MIX = HedgehogSWAMixer.mix
 
 
@@ -79,7 +79,8 @@ def reference_mix(self, hidden_states, q, k, v, position_embeddings, padding_mas
         err = err / (v**2).sum(-1).clamp_min(1e-30)
     if SIZE["criterion"] == "random":  # the control: N keys kept at random, by the same greedy policy
         err = torch.rand(err.shape, generator=torch.Generator().manual_seed(length)).to(err.device)
-    held = repeat_heads(memberships(err, window, SIZE["n"])[None], groups)[0]
+    size = SIZE["n"] if SIZE["layers"] is None or self.layer_idx in SIZE["layers"] else 0
+    held = repeat_heads(memberships(err, window, size)[None], groups)[0]
     soft = in_window[None] | held
     folded = left[None] & ~held
     scores = (q @ repeat_heads(k[None], groups)[0].mT) * self.spec.scaling
@@ -132,12 +133,14 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--ppl-text", default=None, help="a packaged text or a file: perplexity instead of passkeys")
     parser.add_argument("--ppl-windows", type=int, default=3)
+    parser.add_argument("--layers", default=None, help="comma-separated layers that keep keys (default: all)")
     parser.add_argument("--device", default="cpu", help="e.g. cuda: the quadratic form at 8K holds a few 2.4 GB tensors")
     parser.add_argument("--teacher", default="smollm2-135m", help="the teacher: id, folder or .gguf")
     parser.add_argument("--criterion", default="error", choices=("error", "relative", "random"), help="which keys the cache keeps")
     args = parser.parse_args()
     torch.manual_seed(0)
     SIZE["criterion"] = args.criterion
+    SIZE["layers"] = None if args.layers is None else {int(i) for i in args.layers.split(",")}
     teacher, tokenizer = load_teacher(args.teacher)
     teacher.to(args.device).eval()
     student = LinearizedForCausalLM.from_pretrained(args.student).to(args.device).eval()
