@@ -31,7 +31,7 @@ from linearize.hf.attention import apply_rotary, repeat_heads
 from linearize.hf.mixer_hedgehog import HedgehogSWAMixer
 from linearize.textdata import read_text_source
 
-SIZE = {"n": 0, "criterion": "error", "layers": None}
+SIZE = {"n": 0, "criterion": "error", "layers": None, "block": 0}
 ORIGINAL_MIX = HedgehogSWAMixer.mix
 
 
@@ -58,6 +58,35 @@ def memberships(err: torch.Tensor, window: int, size: int) -> torch.Tensor:
     return held.to(err.device)
 
 
+def decided_at(length: int, window: int, block: int) -> torch.Tensor:
+    """(T,) the query at which each key leaves the softmax: one token policy, key s at s + window; with `block`, a
+    block's keys together, when its last one leaves the window (until then the block stays in the softmax)."""
+    s = torch.arange(length)
+    return s + window if block == 0 else (s // block + 1) * block - 1 + window
+
+
+def block_memberships(err: torch.Tensor, decided: torch.Tensor, size: int) -> torch.Tensor:
+    """(Hkv, T, T) bool as `memberships`, with keys decided a block at a time: at each decision the cache becomes the
+    N largest errors among itself and the block."""
+    hkv, length = err.shape
+    held = torch.zeros(hkv, length, length, dtype=torch.bool)
+    times = sorted({int(t) for t in decided if t < length})
+    blocks = {t: [int(s) for s in torch.nonzero(decided == t).flatten()] for t in times}
+    for h in range(hkv):
+        errors = err[h].tolist()
+        cache: dict[int, int] = {}  # key -> the query from which it is held
+        for t in times:
+            pool = sorted(list(cache) + blocks[t], key=lambda s: -errors[s])[:size]
+            for s in list(cache):
+                if s not in pool:
+                    held[h, cache.pop(s) : t, s] = True
+            for s in pool:
+                cache.setdefault(s, t)
+        for s, t in cache.items():
+            held[h, t:, s] = True
+    return held.to(err.device)
+
+
 def reference_mix(self, hidden_states, q, k, v, position_embeddings, padding_mask, state):
     if state is not None or q.shape[2] == 1 or padding_mask is not None:
         return ORIGINAL_MIX(self, hidden_states, q, k, v, position_embeddings, padding_mask, state)
@@ -80,7 +109,14 @@ def reference_mix(self, hidden_states, q, k, v, position_embeddings, padding_mas
     if SIZE["criterion"] == "random":  # the control: N keys kept at random, by the same greedy policy
         err = torch.rand(err.shape, generator=torch.Generator().manual_seed(length)).to(err.device)
     size = SIZE["n"] if SIZE["layers"] is None or self.layer_idx in SIZE["layers"] else 0
-    held = repeat_heads(memberships(err, window, size)[None], groups)[0]
+    if SIZE["block"]:
+        decided = decided_at(length, window, SIZE["block"]).to(q.device)
+        in_window = (t[None, :] <= t[:, None]) & (t[:, None] < decided[None, :])
+        left = t[:, None] >= decided[None, :]
+        held = block_memberships(err.cpu(), decided.cpu(), size).to(q.device)
+    else:
+        held = memberships(err, window, size)
+    held = repeat_heads(held[None], groups)[0]
     soft = in_window[None] | held
     folded = left[None] & ~held
     scores = (q @ repeat_heads(k[None], groups)[0].mT) * self.spec.scaling
@@ -134,12 +170,15 @@ def main() -> None:
     parser.add_argument("--ppl-text", default=None, help="a packaged text or a file: perplexity instead of passkeys")
     parser.add_argument("--ppl-windows", type=int, default=3)
     parser.add_argument("--layers", default=None, help="comma-separated layers that keep keys (default: all)")
+    parser.add_argument("--block", type=int, default=0, help="decide which keys to keep a block of this many at a time "
+                        "(0: each key as it leaves the window); a block stays in the softmax until its last key leaves")
     parser.add_argument("--device", default="cpu", help="e.g. cuda: the quadratic form at 8K holds a few 2.4 GB tensors")
     parser.add_argument("--teacher", default="smollm2-135m", help="the teacher: id, folder or .gguf")
     parser.add_argument("--criterion", default="error", choices=("error", "relative", "random"), help="which keys the cache keeps")
     args = parser.parse_args()
     torch.manual_seed(0)
     SIZE["criterion"] = args.criterion
+    SIZE["block"] = args.block
     SIZE["layers"] = None if args.layers is None else {int(i) for i in args.layers.split(",")}
     teacher, tokenizer = load_teacher(args.teacher)
     teacher.to(args.device).eval()
