@@ -44,8 +44,11 @@ class GraphDecoder:
     def __init__(self, model, warmup_steps: int = 2):
         if not torch.cuda.is_available() or next(model.parameters()).device.type != "cuda":
             raise LinearizeError("GraphDecoder needs the model on a CUDA device; use model.generate() elsewhere")
-        if any(get_mixer(entry.mixer).state_grows for entry in model.config.plan):
-            raise LinearizeError("GraphDecoder needs every layer's state to have a fixed size (softmax layers grow their cache); use model.generate()")
+        if not all(get_mixer(entry.mixer).static_state(entry.options) for entry in model.config.plan):
+            raise LinearizeError(
+                "GraphDecoder needs every layer's state to have a fixed size, updated on the GPU (softmax layers grow their "
+                "cache; hedgehog_swa's kept keys are decided on the host); use model.generate()"
+            )
         self.model = model
         self.warmup_steps = warmup_steps
 

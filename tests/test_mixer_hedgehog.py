@@ -6,6 +6,7 @@ import torch
 from linearize.hf.attention import apply_rotary, repeat_heads
 from linearize.hf.mixer_hedgehog import HedgehogMixer, HedgehogSWAMixer
 from linearize.hf.cache import MixerState
+from linearize.hf.ops_kept import naive_kept_window_linear
 from tests.mixer_forms import BATCH, assert_forms_match, build, call, inputs
 
 
@@ -117,3 +118,62 @@ def test_without_linear_rope_a_shifted_sequence_gives_the_same_output(linear_rop
         outs = [call(mixer, hidden, rotary(hidden, torch.arange(12)[None] + shift), None, None, 0, 12) for shift in (0, 1000)]
     # RoPE's angles are float32 (transformers'): at position 1,000 the window's scores move by about 1e-6 of the output.
     assert ((outs[0] - outs[1]).abs().max() < 1e-4 * outs[0].abs().max()) != linear_rope
+
+
+def kept_reference(mixer, hidden, position_embeddings, mask):
+    """hedgehog_swa with kept keys: `ops_kept`'s quadratic reference on the layer's own q, k, v and features."""
+    q, k, v = mixer.spec.project(mixer.attn, hidden)
+    raw_q, raw_k = q, k
+    q, k = apply_rotary(q, k, position_embeddings)
+    fq, fk = (mixer.feature_q(q), mixer.feature_k(k)) if mixer.options.linear_rope else (mixer.feature_q(raw_q), mixer.feature_k(raw_k))
+    share = torch.sigmoid(mixer.window_logit)
+    heads = naive_kept_window_linear(
+        q, k, v, fq, fk, window=mixer.window, keep=mixer.options.keep, block=mixer.options.keep_block, scaling=mixer.spec.scaling,
+        sm_weight=share, ln_weight=1 - share, key_mask=mask,
+    )
+    return mixer.spec.out(mixer.attn, heads)
+
+
+@pytest.mark.parametrize("prefix", [0, 9], ids=["no-initial-state", "initial-state"])
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
+@pytest.mark.parametrize("length", [1, 63, 130])
+@pytest.mark.parametrize("options", [{"keep": 4, "keep_block": 8}, {"keep": 3, "keep_block": 5, "linear_rope": False}], ids=["keep-4", "keep-3-no-linear-rope"])
+def test_kept_keys_in_every_form_match_the_reference(options, length, padded, prefix):
+    mixer, rotary = build(HedgehogSWAMixer, window=5, **options)
+    with torch.no_grad():
+        for p in mixer.new_parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    assert_forms_match(mixer, kept_reference, rotary, length, padded, prefix)
+
+
+def test_kept_keys_add_no_parameters_and_their_state_is_its_cost():
+    """keep adds no parameter (a trained student takes it as it is); its state is cost().state_fixed elements after a
+    prefill and after a step that decides a block; its cache is dynamic (a step reads the count of tokens) and its CUDA
+    path is PyTorch's."""
+    mixer, rotary = build(HedgehogSWAMixer, window=5, keep=3, keep_block=4)
+    plain, _ = build(HedgehogSWAMixer, window=5)
+    assert [n for n, _ in mixer.named_parameters()] == [n for n, _ in plain.named_parameters()]
+    assert not HedgehogSWAMixer.static_state(mixer.options_dict()) and HedgehogSWAMixer.static_state(plain.options_dict())
+    assert mixer.cuda_path(torch.bfloat16) == "PyTorch (no kernel for option 'keep' yet)"
+    cost = type(mixer).cost(mixer.spec, mixer.options)
+    hidden, _, position_embeddings = inputs(rotary, mixer.attn.config.hidden_size, 8, pad=0)
+    state = MixerState()
+    with torch.no_grad():
+        for start, end in [(0, 7), (7, 8)]:  # the step at position 7 decides the block that starts at 8
+            call(mixer, hidden, position_embeddings, None, state, start, end)
+            assert sum(t.numel() for t in state.tensors.values()) == BATCH * cost.state_fixed
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"keep": -1}, r"options 'keep' and 'keep_block' of mixer 'hedgehog_swa' must be at least 0 and 1, got -1 and 64; keep=128 is a start"),
+        ({"keep": 8, "keep_block": 0}, r"must be at least 0 and 1, got 8 and 0"),
+        ({"keep": 8, "decay": 0.99}, r"option 'keep' of mixer 'hedgehog_swa' does not take 'decay' yet; set decay=0 or keep=0"),
+    ],
+)
+def test_bad_kept_key_options_are_one_line_naming_the_fix(options, message):
+    from linearize import LinearizeError
+
+    with pytest.raises(LinearizeError, match=message):
+        build(HedgehogSWAMixer, window=5, **options)

@@ -32,6 +32,7 @@ MIXER_CASES = {
     "hedgehog_swa": ({"window": 4}, [1]),
     "hedgehog_swa+decay": ({"window": 4, "decay": 0.9}, [1]),
     "hedgehog_swa+linear_rope": ({"window": 4, "linear_rope": False}, [1]),
+    "hedgehog_swa+keep": ({"window": 4, "keep": 3, "keep_block": 4}, [1]),
     "gla": ({"window": 4}, ()),
     "mamba2": ({}, [1]),
     "mamba2+window": ({"window": 4}, [1]),
@@ -41,6 +42,8 @@ MIXER_CASES = {
 }
 # Mixers whose state must not grow with context at all (the softmax window of *_swa is bounded, so they count).
 CONSTANT_STATE = set(MIXER_CASES) - {"attention", "qwen3_5_attention"}
+# Of those, the mixers whose state a static cache keeps in place (hedgehog_swa's kept keys are decided on the host).
+STATIC_STATE = {name for name in CONSTANT_STATE if linearize.MIXERS[name.split("+")[0]].static_state(MIXER_CASES[name][0])}
 
 
 def converted(name, family="llama", **overrides):

@@ -14,7 +14,7 @@ from linearize import LinearizeError
 from linearize.hf import modeling_linearized
 from linearize.hf.attention import decode_attention
 from linearize.hf.cache import MixerState, returned_cache
-from tests.test_mixers import CONSTANT_STATE, MIXER_CASES, converted
+from tests.test_mixers import MIXER_CASES, STATIC_STATE, converted
 from tests.tiny import left_padded, random_ids
 
 pytestmark = pytest.mark.core
@@ -48,7 +48,7 @@ def test_a_prefill_in_chunks_generates_as_one_prefill(name):
     assert (torch.stack(chunked.logits) - torch.stack(whole.logits)).abs().max() < 1e-10
 
 
-@pytest.mark.parametrize("name", sorted(CONSTANT_STATE))
+@pytest.mark.parametrize("name", sorted(STATIC_STATE))
 def test_a_fixed_size_state_has_one_shape_whatever_the_prompt(name):
     model = converted(name)
     shapes = set()
@@ -95,6 +95,7 @@ def test_only_fixed_size_states_make_a_compileable_cache():
     assert converted("swa").new_cache(max_cache_len=8).is_compileable  # its kept layer gets a static KV layer
     assert not converted("swa").new_cache().is_compileable
     assert not converted("qwen3_5_attention").new_cache(max_cache_len=8).is_compileable
+    assert not converted("hedgehog_swa+keep").new_cache(max_cache_len=8).is_compileable  # a step reads the count on the host
 
 
 def test_a_static_state_refuses_a_new_shape():
@@ -113,7 +114,7 @@ def state_addresses(cache) -> list[int]:
     ]
 
 
-@pytest.mark.parametrize("name", sorted(CONSTANT_STATE))
+@pytest.mark.parametrize("name", sorted(STATIC_STATE))
 def test_the_next_static_generation_reuses_the_reset_cache(name):
     """A second generate() of the same batch size gets the first one's cache, reset: the same addresses (so CUDA
     graphs replay instead of being recorded again) and the same tokens as a dynamic cache, with another prompt."""

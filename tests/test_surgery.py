@@ -114,8 +114,8 @@ def test_converting_a_converted_model_is_refused():
 def test_plan_is_recorded_with_resolved_options():
     student = linearize.convert(tiny_model(), "hedgehog_swa", keep_attention=[2], window=5)
     assert student.config.layers == [
-        {"mixer": "hedgehog_swa", "options": {"feature_dim": 16, "window": 5, "decay": 0.0, "linear_rope": True}},
-        {"mixer": "hedgehog_swa", "options": {"feature_dim": 16, "window": 5, "decay": 0.0, "linear_rope": True}},
+        {"mixer": "hedgehog_swa", "options": {"feature_dim": 16, "window": 5, "decay": 0.0, "linear_rope": True, "keep": 0, "keep_block": 64}},
+        {"mixer": "hedgehog_swa", "options": {"feature_dim": 16, "window": 5, "decay": 0.0, "linear_rope": True, "keep": 0, "keep_block": 64}},
         {"mixer": "attention", "options": {}},
     ]
 

@@ -239,8 +239,9 @@ class MixerState(CacheLayerMixin):
 class LinearizedCache(Cache):
     """A cache whose layers follow a converted model's plan.
 
-    `kinds[i]` is "kv" for softmax layers (transformers' own layer cache), "grows" for converted layers whose
-    state grows with context, and "state" for fixed-size states. With `max_cache_len` the cache is static:
+    `kinds[i]` is "kv" for softmax layers (transformers' own layer cache), "state" for converted layers with one
+    fixed-size state updated on the device, and "dynamic" for other converted layers (their state grows, or a step
+    reads the count of tokens seen). With `max_cache_len` the cache is static:
     kv layers are transformers' static layers of that length and fixed-size states are updated in place.
     """
 

@@ -10,7 +10,8 @@ as one chunked Triton kernel, `triton_window.window_linear_prefill`, where they 
 feature maps as one more (`triton_features.feature_maps`); the PyTorch path is the reference. With `decay`, the keys
 that have left `hedgehog_swa`'s window fade by a learnable factor per kv head and token (undecayed, their mass in the
 shared normaliser grows with the context); the fused step takes it, the prefill kernel not yet (its prefill runs the
-PyTorch path).
+PyTorch path). With `keep`, the keys the linear state recalls worst stay exact beside the window (`ops_kept`; PyTorch
+only, every path).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .attention import AttentionSpec, apply_rotary, compute_dtype, repeat_heads
 from .errors import LinearizeError
 from .kernel_dispatch import simple_gla
 from .mixers import FusedStepMixer, MixerCost, register_mixer
+from .ops_kept import decode_kept_window_linear, kept_window_linear
 from .ops_window import chunk_window_linear, decode_window_linear
 from .triton_features import feature_map_problem, feature_maps
 from .triton_step import MAX_HEAD_DIM, hedgehog_step, hedgehog_swa_step
@@ -72,12 +74,17 @@ class HedgehogSWAOptions:
     decay: 0 (off), or the starting per-token retention in (0, 1) of a learnable per-kv-head decay of the keys that
     have left the window (e.g. 0.99); linear_rope: the feature maps read q and k after RoPE (true, as LoLCATs), or
     before it (false: the keys beyond the window are matched by content at any distance, and the window alone sees
-    positions)."""
+    positions); keep: 0 (off), or how many of the keys that have left the window each kv head keeps exact, scored by
+    the window's softmax: those its linear state recalls worst (LoLA's sparse cache; `ops_kept`), decided keep_block
+    at a time (the window then holds window to window + keep_block - 1 keys). keep adds no parameters: a trained
+    student takes it as it is."""
 
     feature_dim: int | None = None
     window: int = 64
     decay: float = 0.0
     linear_rope: bool = True
+    keep: int = 0
+    keep_block: int = 64
 
 
 @register_mixer
@@ -170,6 +177,7 @@ class HedgehogSWAMixer(HedgehogMixer):
     step_tensors = ("S", "z", "fk")
     chunks_window = True
     fused_prefill = True
+    runtime_options = ("keep", "keep_block")
 
     def __init__(self, attn, spec: AttentionSpec, options, layer_idx: int):
         super().__init__(attn, spec, options, layer_idx)
@@ -188,14 +196,28 @@ class HedgehogSWAMixer(HedgehogMixer):
             raise LinearizeError(
                 f"option 'decay' of mixer {cls.name!r} must be 0 (off) or between 0 and 1, got {options.decay}; 0.99 is a start"
             )
+        if options.keep < 0 or options.keep_block < 1:
+            raise LinearizeError(
+                f"options 'keep' and 'keep_block' of mixer {cls.name!r} must be at least 0 and 1, got {options.keep} and "
+                f"{options.keep_block}; keep=128 is a start"
+            )
+        if options.keep and options.decay:
+            raise LinearizeError(f"option 'keep' of mixer {cls.name!r} does not take 'decay' yet; set decay=0 or keep=0")
         return super().resolve(options, spec, config)
+
+    @classmethod
+    def static_state(cls, options: dict) -> bool:
+        return not options.get("keep") and super().static_state(options)
 
     @classmethod
     def cost(cls, spec: AttentionSpec, options) -> MixerCost:
         w, hkv, d, f = options.window, spec.num_kv_heads, spec.head_dim, options.feature_dim
         # Per kv head: the linear state (2F x D) and normaliser (2F), and the last w - 1 keys, values and
         # feature-mapped keys; plus the window's padding mask.
-        state = hkv * 2 * f * (d + 1) + hkv * (w - 1) * (2 * d + 2 * f) + (w - 1)
+        # With kept keys, the last w + keep_block - 2 positions wait for their block's decision, and each kept key
+        # holds its key, value, features and error.
+        tail = w + options.keep_block - 2 if options.keep else w - 1
+        state = hkv * 2 * f * (d + 1) + hkv * tail * (2 * d + 2 * f) + tail + hkv * options.keep * (2 * d + 2 * f + 1)
         decay = hkv if options.decay else 0
         return MixerCost(super().cost(spec, options).new_parameters + spec.num_heads + decay, state, 0)
 
@@ -203,6 +225,8 @@ class HedgehogSWAMixer(HedgehogMixer):
         return None  # no fla kernel: the window and the linear part share one normaliser (triton_window's kernel, or PyTorch)
 
     def mix(self, hidden_states, q, k, v, position_embeddings, padding_mask, state):
+        if self.options.keep:
+            return self.mix_kept(q, k, v, position_embeddings, padding_mask, state)
         if self.fuses_step(hidden_states, q, k, v, position_embeddings, state):
             return self.fused_step(hidden_states, q, k, v, position_embeddings, padding_mask, state)
         raw_q, raw_k = q, k
@@ -245,7 +269,36 @@ class HedgehogSWAMixer(HedgehogMixer):
         state.write({name: t[:, ::groups].clone() if t.dim() > 2 and groups > 1 else t for name, t in final.items()})
         return out
 
+    def mix_kept(self, q, k, v, position_embeddings, padding_mask, state):
+        """`mix` with kept keys (`ops_kept`), grouped heads as they are: the parallel form, or the decode step. Blocks
+        are counted from the sequence's start, so the state's count of tokens seen is the call's position."""
+        raw_q, raw_k = q, k
+        q, k = apply_rotary(q, k, position_embeddings)
+        fq, fk = (self.feature_q(q), self.feature_k(k)) if self.options.linear_rope else (self.feature_q(raw_q), self.feature_k(raw_k))
+        share = torch.sigmoid(self.window_logit.to(torch.promote_types(q.dtype, torch.float32)))
+        kwargs = dict(
+            window=self.window,
+            keep=self.options.keep,
+            block=self.options.keep_block,
+            scaling=self.spec.scaling,
+            sm_weight=share,
+            ln_weight=1.0 - share,
+            key_mask=padding_mask,
+            softcap=self.spec.softcap,
+        )
+        if state is None:
+            return kept_window_linear(q, k, v, fq, fk, **kwargs)[0]
+        position = int(state.seen)
+        if q.shape[2] == 1:
+            out, new = decode_kept_window_linear(q, k, v, fq, fk, state=state.tensors, position=position, **kwargs)
+        else:
+            out, new = kept_window_linear(q, k, v, fq, fk, state=state.tensors, position=position, output_state=True, **kwargs)
+        state.write(new)
+        return out
+
     def cuda_path(self, dtype: torch.dtype) -> str:
+        if self.options.keep:
+            return "PyTorch (no kernel for option 'keep' yet)"
         path = super().cuda_path(dtype)
         return path.replace("Triton (linearize)", "PyTorch (no prefill kernel for option 'decay' yet)") if self.options.decay else path
 

@@ -118,6 +118,9 @@ class Mixer(nn.Module):
     # Whether the layer mixes a softmax window into its output by a share (`windows.add_window`), which a
     # distillation stage's `window_dropout` can drop.
     drops_window: ClassVar[bool] = False
+    # Options that add and change no parameter, so a converted or trained layer takes new values as it is
+    # (`linearize.set_options`).
+    runtime_options: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, attn: nn.Module, spec: AttentionSpec, options: Any, layer_idx: int):
         super().__init__()
@@ -164,6 +167,12 @@ class Mixer(nn.Module):
     @classmethod
     def cost(cls, spec: AttentionSpec, options: Any) -> MixerCost:
         raise NotImplementedError
+
+    @classmethod
+    def static_state(cls, options: dict[str, Any]) -> bool:
+        """Whether a layer with these (saved) options keeps one fixed-size state that its steps update on the device
+        alone: what a static cache and a captured CUDA graph need (a softmax layer's cache grows)."""
+        return not cls.state_grows
 
     def kernel(self) -> tuple[str, tuple[int, int]] | None:
         """The fla kernel this layer's recurrence runs on CUDA and the (key, value) head sizes it passes it; None

@@ -171,11 +171,11 @@ class LinearizedForCausalLM(PreTrainedModel, GenerationMixin):
 
     def cache_kinds(self) -> list[str]:
         """Per layer: "kv" for softmax attention (kept, or a converted layer computing its teacher's: teacher_mode, or
-        one mixer's `teacher` set, as a layer selection restores it), "grows" for a converted layer whose state grows
-        with context, "state" for a fixed-size state."""
+        one mixer's `teacher` set, as a layer selection restores it), "state" for a fixed-size state updated on the
+        device alone (`Mixer.static_state`), "dynamic" for any other converted layer (one whose state grows)."""
         restored = {m.layer_idx for m in self._mixers() if m.teacher}
         return [
-            "kv" if e.is_attention or i in restored else "grows" if get_mixer(e.mixer).state_grows else "state"
+            "kv" if e.is_attention or i in restored else "state" if get_mixer(e.mixer).static_state(e.options) else "dynamic"
             for i, e in enumerate(self.config.plan)
         ]
 
