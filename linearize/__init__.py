@@ -16,7 +16,7 @@ from .hf.modeling_linearized import LinearizedConfig, LinearizedForCausalLM, reg
 from .loaders import load_teacher
 from .publish import push
 from .run import distill
-from .surgery import convert
+from .surgery import convert, set_options
 
 register_auto_classes()
 
@@ -34,5 +34,6 @@ __all__ = [
     "load_teacher",
     "push",
     "register_mixer",
+    "set_options",
     "teacher_mode",
 ]

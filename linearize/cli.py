@@ -89,6 +89,34 @@ def convert(
     _print_layers(student)
 
 
+@app.command("set-options")
+def set_options_command(
+    model: Annotated[str, typer.Argument(help="A converted (or distilled) model folder")],
+    out: Annotated[Path, typer.Option("--out", help="Folder to write the model with the new options to")],
+    option: Annotated[list[str] | None, typer.Option(help="Option key=value that adds no parameter, e.g. keep=128 (repeatable)")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder")] = False,
+):
+    """Change options that add no parameter (hedgehog_swa's keep and keep_block) on a converted or distilled model, and
+    save it, with its tokenizer, as a new folder."""
+    from .hf.modeling_linearized import LinearizedForCausalLM
+    from .loaders import load_teacher
+    from .outputs import atomic_folder, check_output
+    from .surgery import set_options
+
+    check_output(out, overwrite)
+    options = parse_options(option)
+    with step(f"loading {model}"):
+        student, tokenizer = load_teacher(model, dtype="auto")
+    if not isinstance(student, LinearizedForCausalLM):
+        raise LinearizeError(f"{model!r} is not a converted model; convert it first with `linearize convert {model} --out DIR`")
+    layers = set_options(student, **options)
+    with step(f"saving to {out}"), atomic_folder(out, overwrite) as staging:
+        student.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+    console.print(f"[green]saved[/green] {out}  ({', '.join(f'{k}={v}' for k, v in options.items())} on {len(layers)} layers)")
+    _print_layers(student)
+
+
 def _human(n: float) -> str:
     for unit in ("", "K", "M", "G"):
         if abs(n) < 1000:

@@ -16,7 +16,7 @@ from transformers import PreTrainedModel
 from .hf.attention import AttentionSpec, attention_slot, decoder_layers, l2_relative, reference_attention
 from .hf.configuration_linearized import LinearizedConfig
 from .hf.errors import LinearizeError
-from .hf.mixers import get_mixer
+from .hf.mixers import get_mixer, mixers_in
 from .hf.modeling_linearized import LinearizedForCausalLM, apply_plan
 from .hf.plan import ATTENTION, LayerPlan, LayerSpec
 from .layouts import resolve_layout
@@ -214,3 +214,30 @@ def revert_to_attention(
         {i: LayerSpec(keep_as, m.options_dict() if hasattr(m, "options_dict") else {}) for i, m in built.items()}
     )
     return layers
+
+
+def set_options(model: LinearizedForCausalLM, **options: Any) -> list[int]:
+    """Change, in place, options that add and change no parameter (a mixer's `runtime_options`, such as
+    `hedgehog_swa`'s `keep`) on every converted layer whose mixer takes them, checked as `convert` checks options;
+    `config.plan` follows, so the saved model keeps them. Returns the layers changed.
+
+    Example:
+        >>> student = LinearizedForCausalLM.from_pretrained("out/lolcats")
+        >>> set_options(student, keep=128)   # every hedgehog_swa layer keeps the 128 keys it recalls worst
+    """
+    if not options:
+        raise LinearizeError("set_options needs at least one option, e.g. keep=128")
+    mixers = mixers_in(model)
+    takers = [m for m in mixers if set(options) <= set(type(m).runtime_options)]
+    if not takers:
+        offered = sorted({f"{type(m).name} takes {', '.join(type(m).runtime_options)}" for m in mixers if type(m).runtime_options})
+        raise LinearizeError(
+            f"no converted layer takes {', '.join(map(repr, options))} after conversion ({'; '.join(offered) or 'none takes any'}); "
+            "convert the teacher again with the option instead"
+        )
+    text_config = model.config.text_config
+    resolved = {m.layer_idx: type(m).parse_options({**m.options_dict(), **options}, m.spec, text_config) for m in takers}
+    for mixer in takers:
+        mixer.options = resolved[mixer.layer_idx]
+    model.config.plan = model.config.plan.with_layers({m.layer_idx: LayerSpec(type(m).name, m.options_dict()) for m in takers})
+    return sorted(resolved)

@@ -241,3 +241,43 @@ def test_convert_with_a_hedgehog_swa_option_saves_it_and_reloads_to_the_same_log
     ids = torch.randint(0, expected.config.text_config.vocab_size, (2, 9))
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, expected(ids).logits)
+
+
+def test_set_options_keeps_keys_on_a_saved_student_and_the_copy_reloads_to_the_same_logits(teacher_folder, tmp_path, monkeypatch, capsys):
+    """`set-options` gives a saved (or distilled) student kept keys: the weights as they were, the plan with keep, the
+    logits of the same student with keep set in Python; the layers keep their softmax-kept neighbours as they were."""
+    student, kept = tmp_path / "student", tmp_path / "kept"
+    code, _, stderr = run(monkeypatch, capsys, "convert", teacher_folder, "--out", student, "--mixer", "hedgehog_swa",
+                          "--keep-attention", "0", "--option", "window=4")
+    assert code == 0, stderr
+    code, stdout, stderr = run(monkeypatch, capsys, "set-options", student, "--out", kept, "--option", "keep=3", "--option", "keep_block=4")
+    assert code == 0, stderr
+    assert "keep=3, keep_block=4 on 2 layers" in stdout
+    reloaded = AutoModelForCausalLM.from_pretrained(kept)
+    assert [(spec.mixer, spec.options.get("keep")) for spec in reloaded.config.plan] == [("attention", None), ("hedgehog_swa", 3), ("hedgehog_swa", 3)]
+    expected = AutoModelForCausalLM.from_pretrained(student)
+    assert linearize.set_options(expected, keep=3, keep_block=4) == [1, 2]
+    ids = torch.randint(0, expected.config.text_config.vocab_size, (2, 30), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, expected(ids).logits)
+        assert not torch.allclose(reloaded(ids).logits, AutoModelForCausalLM.from_pretrained(student)(ids).logits)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--option", "window=8"], r"no converted layer takes 'window' after conversion \(hedgehog_swa takes keep, keep_block\); convert the teacher again"),
+        (["--option", "keep=-2"], r"must be at least 0 and 1, got -2 and 64; keep=128 is a start"),
+        ([], r"set_options needs at least one option, e.g. keep=128"),
+    ],
+)
+def test_set_options_refuses_bad_options_in_one_line_and_writes_nothing(teacher_folder, tmp_path, monkeypatch, capsys, args, message):
+    student = tmp_path / "student"
+    assert run(monkeypatch, capsys, "convert", teacher_folder, "--out", student, "--option", "window=4")[0] == 0
+    code, _, stderr = run(monkeypatch, capsys, "set-options", student, "--out", tmp_path / "kept", *args)
+    assert code == 2 and re.search(message, error_line(stderr)) and not (tmp_path / "kept").exists()
+
+
+def test_set_options_refuses_a_teacher_folder(teacher_folder, tmp_path, monkeypatch, capsys):
+    code, _, stderr = run(monkeypatch, capsys, "set-options", teacher_folder, "--out", tmp_path / "kept", "--option", "keep=3")
+    assert code == 2 and "is not a converted model; convert it first with `linearize convert" in error_line(stderr)
