@@ -224,18 +224,13 @@ class HedgehogSWAMixer(HedgehogMixer):
     def kernel(self):
         return None  # no fla kernel: the window and the linear part share one normaliser (triton_window's kernel, or PyTorch)
 
-    def mix(self, hidden_states, q, k, v, position_embeddings, padding_mask, state):
-        if self.options.keep:
-            return self.mix_kept(q, k, v, position_embeddings, padding_mask, state)
-        if self.fuses_step(hidden_states, q, k, v, position_embeddings, state):
-            return self.fused_step(hidden_states, q, k, v, position_embeddings, padding_mask, state)
+    def window_inputs(self, q, k, position_embeddings, padding_mask):
+        """q and k after RoPE, their feature maps (of q and k before RoPE without linear_rope), and the arguments every
+        window form takes: its length, scaling, the heads' shares, the key mask and the softcap."""
         raw_q, raw_k = q, k
         q, k = apply_rotary(q, k, position_embeddings)
-        groups = self.spec.groups
         fq, fk = (self.feature_q(q), self.feature_k(k)) if self.options.linear_rope else (self.feature_q(raw_q), self.feature_k(raw_k))
-        acc = torch.promote_types(q.dtype, torch.float32)
-        share = torch.sigmoid(self.window_logit.to(acc))
-        decay = torch.sigmoid(self.decay_logit.to(acc)) if self.options.decay else None
+        share = torch.sigmoid(self.window_logit.to(torch.promote_types(q.dtype, torch.float32)))
         kwargs = dict(
             window=self.window,
             scaling=self.spec.scaling,
@@ -244,6 +239,16 @@ class HedgehogSWAMixer(HedgehogMixer):
             key_mask=padding_mask,
             softcap=self.spec.softcap,
         )
+        return q, k, fq, fk, kwargs
+
+    def mix(self, hidden_states, q, k, v, position_embeddings, padding_mask, state):
+        if self.options.keep:
+            return self.mix_kept(q, k, v, position_embeddings, padding_mask, state)
+        if self.fuses_step(hidden_states, q, k, v, position_embeddings, state):
+            return self.fused_step(hidden_states, q, k, v, position_embeddings, padding_mask, state)
+        q, k, fq, fk, kwargs = self.window_inputs(q, k, position_embeddings, padding_mask)
+        groups = self.spec.groups
+        decay = torch.sigmoid(self.decay_logit.to(torch.promote_types(q.dtype, torch.float32))) if self.options.decay else None
         # The state is kept per kv head: its keys, values and feature-mapped keys are the same for every query
         # head of one kv head, and so are the sums of those that left the window.
         if state is not None and q.shape[2] == 1:
@@ -272,20 +277,8 @@ class HedgehogSWAMixer(HedgehogMixer):
     def mix_kept(self, q, k, v, position_embeddings, padding_mask, state):
         """`mix` with kept keys (`ops_kept`), grouped heads as they are: the parallel form, or the decode step. Blocks
         are counted from the sequence's start, so the state's count of tokens seen is the call's position."""
-        raw_q, raw_k = q, k
-        q, k = apply_rotary(q, k, position_embeddings)
-        fq, fk = (self.feature_q(q), self.feature_k(k)) if self.options.linear_rope else (self.feature_q(raw_q), self.feature_k(raw_k))
-        share = torch.sigmoid(self.window_logit.to(torch.promote_types(q.dtype, torch.float32)))
-        kwargs = dict(
-            window=self.window,
-            keep=self.options.keep,
-            block=self.options.keep_block,
-            scaling=self.spec.scaling,
-            sm_weight=share,
-            ln_weight=1.0 - share,
-            key_mask=padding_mask,
-            softcap=self.spec.softcap,
-        )
+        q, k, fq, fk, kwargs = self.window_inputs(q, k, position_embeddings, padding_mask)
+        kwargs.update(keep=self.options.keep, block=self.options.keep_block)
         if state is None:
             return kept_window_linear(q, k, v, fq, fk, **kwargs)[0]
         position = int(state.seen)
