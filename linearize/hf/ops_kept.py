@@ -245,23 +245,26 @@ def decode_kept_window_linear(
     b, h, _, d = q.shape
     hkv, acc = k.shape[1], _acc(q)
     g, rows = h // hkv, b * hkv
-    keys, values = torch.cat((state["k"], k.to(state["k"].dtype)), dim=2), torch.cat((state["v"], v.to(state["v"].dtype)), dim=2)
+    # The kept keys and the window's, with this one, in one tensor: one product, mask and exponential score them all
+    # (a CPU step is bound by its number of operations); the window's part is a view of it.
+    kept_k, kept_v, kept_err = state["kept_k"], state["kept_v"], state["kept_err"]
+    all_k = torch.cat((kept_k, state["k"], k.to(state["k"].dtype)), dim=2)
+    all_v = torch.cat((kept_v, state["v"], v.to(state["v"].dtype)), dim=2)
+    keys, values = all_k[:, :, keep:], all_v[:, :, keep:]
     features = torch.cat((state["fk"], fk.to(state["fk"].dtype)), dim=2)
     mask = F.pad(state["mask"], (0, 1), value=True) if key_mask is None else torch.cat((state["mask"], key_mask.bool()), dim=1)
-    kept_k, kept_v, kept_err = state["kept_k"], state["kept_v"], state["kept_err"]
+    real = torch.cat((kept_err > float("-inf"), mask[:, None, :].expand(-1, hkv, -1)), dim=2)
     qg = q.reshape(rows, g, d).to(acc) * scaling
-    scores = torch.bmm(qg, keys.to(acc).view(rows, -1, d).mT).view(b, hkv, g, -1)
-    kept_scores = torch.bmm(qg, kept_k.to(acc).view(rows, keep, d).mT).view(b, hkv, g, keep)
+    scores = torch.bmm(qg, all_k.to(acc).view(rows, -1, d).mT).view(b, hkv, g, -1)
     if softcap is not None:
-        scores, kept_scores = (torch.tanh(x / softcap) * softcap for x in (scores, kept_scores))
-    scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
-    kept_scores = kept_scores.masked_fill(~(kept_err > float("-inf"))[:, :, None, :], float("-inf"))
-    peak = torch.maximum(scores.amax(-1, keepdim=True), kept_scores.amax(-1, keepdim=True)).clamp_min(torch.finfo(acc).min)
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~real[:, :, None, :], float("-inf"))
+    peak = scores.amax(-1, keepdim=True).clamp_min(torch.finfo(acc).min)
     smw, lnw = _weights(sm_weight, hkv, acc, 1), _weights(ln_weight, hkv, acc, 1)
-    a, a_kept = torch.exp(scores - peak) * smw, torch.exp(kept_scores - peak) * smw
+    a = torch.exp(scores - peak) * smw
     fqg = fq.reshape(b, hkv, g, -1).to(acc)
-    num = a @ values.to(acc) + a_kept @ kept_v.to(acc) + lnw * (fqg @ state["S"])
-    den = a.sum(-1, keepdim=True) + a_kept.sum(-1, keepdim=True) + lnw * (fqg @ state["z"][..., None])
+    num = a @ all_v.to(acc) + lnw * (fqg @ state["S"])
+    den = a.sum(-1, keepdim=True) + lnw * (fqg @ state["z"][..., None])
     o = (num / den.clamp_min(1e-30)).view(b, h, 1, -1).to(v.dtype)
     if (position + 1) % block:  # the oldest position is one decided at the last boundary, or padding
         return o, {**state, "k": keys[:, :, 1:], "v": values[:, :, 1:], "fk": features[:, :, 1:], "mask": mask[:, 1:]}
@@ -275,8 +278,7 @@ def decode_kept_window_linear(
     }
     pool_err = torch.cat((kept_err, err), dim=2)
     kept, folded = _decide(pool_err, keep)
-    real = torch.cat((kept_err > float("-inf"), mask[:, None, :block].expand(-1, hkv, -1)), dim=2)
-    folded_fk = _gather(pool["fk"].to(acc), folded) * torch.gather(real, 2, folded)[..., None]
+    folded_fk = _gather(pool["fk"].to(acc), folded) * torch.gather(real[:, :, : keep + block], 2, folded)[..., None]
     return o, {
         "S": state["S"] + folded_fk.mT @ _gather(pool["v"].to(acc), folded),
         "z": state["z"] + folded_fk.sum(2),
