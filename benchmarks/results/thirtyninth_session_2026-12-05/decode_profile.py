@@ -4,6 +4,7 @@ function (internal time, then cumulative), and who reads the environment.
 
     python decode_profile.py lolcats
     python decode_profile.py teacher
+    python decode_profile.py lolcats_keep 64     # 64 steps (the fortieth session): one block of kept-key decisions
 """
 
 import cProfile
@@ -19,6 +20,7 @@ from linearize import load_teacher  # noqa: E402
 from linearize.hf.cache import cache_keyword, returned_cache  # noqa: E402
 
 name = sys.argv[1]
+steps = int(sys.argv[2]) if len(sys.argv) > 2 else 30
 teacher, _ = load_teacher("smollm2-135m")
 model = (teacher if name == "teacher" else recipe_student(teacher, name)).eval()
 ids = torch.randint(0, 49152, (1, 2048), generator=torch.Generator().manual_seed(0))
@@ -30,7 +32,7 @@ with torch.no_grad():
         cache = returned_cache(model(token, **{keyword: cache}, use_cache=True))
     profiler = cProfile.Profile()
     profiler.enable()
-    for _ in range(30):
+    for _ in range(steps):
         cache = returned_cache(model(token, **{keyword: cache}, use_cache=True))
     profiler.disable()
 stats = pstats.Stats(profiler)
