@@ -111,7 +111,7 @@ def kept_window_linear(
     _check(window, keep, block)
     b, h, length, _ = q.shape
     step = block_length(b * h * (window + 2 * block + keep), block)
-    if state is None or not state:
+    if not state:
         state = empty_kept_state(q, k, v, fk, window, keep, block)
     outputs = []
     for start in range(0, length, step):
@@ -168,21 +168,23 @@ def _kept_segment(q, k, v, fq, fk, *, window, keep, block, scaling, sm_weight, l
     # The sums each query block reads: the state's plus every key folded at a boundary before the block.
     if folded_refs:
         folded = torch.stack(folded_refs, dim=2)
-        added_S = torch.einsum("bhmsf,bhmse->bhmfe", _gather(all_fk, folded), _gather(all_v, folded).to(acc))
-        added_z = _gather(all_fk, folded).sum(3)
+        folded_fk = _gather(all_fk, folded)
+        added_S = torch.einsum("bhmsf,bhmse->bhmfe", folded_fk, _gather(all_v, folded).to(acc))
+        added_z = folded_fk.sum(3)
         sums_S = torch.cat((S[:, :, None], S[:, :, None] + added_S.cumsum(2)), dim=2)
         sums_z = torch.cat((z[:, :, None], z[:, :, None] + added_z.cumsum(2)), dim=2)
     else:
         sums_S, sums_z = S[:, :, None], z[:, :, None]
-    # Query blocks: those of U holding this call's queries; each reads the decisions at boundaries up to its start.
-    first_block = (front + tail) // block
+    # Query blocks: those of U holding this call's queries (the first `offset` into its block); each reads the
+    # decisions at boundaries up to its start.
+    first_block, offset = divmod(front + tail, block)
     starts = base + block * torch.arange(first_block, n, device=q.device)
     seen = torch.searchsorted(torch.tensor(boundaries, device=q.device, dtype=starts.dtype), starts, right=True)
     kept_refs = torch.stack(kept_refs, dim=2)[:, :, seen]  # (B, Hkv, Q, N)
     block_S, block_z = sums_S[:, :, seen], sums_z[:, :, seen]
 
     def query_blocks(x):  # (B, H, T, *) -> (B, Hkv, G, Q, B, *), padded as U
-        x = F.pad(x, (0, 0, (front + tail) % block, back))
+        x = F.pad(x, (0, 0, offset, back))
         return x.reshape(b, hkv, g, -1, block, x.shape[-1])
 
     qb = query_blocks(q.to(acc) * scaling)
@@ -212,7 +214,7 @@ def _kept_segment(q, k, v, fq, fk, *, window, keep, block, scaling, sm_weight, l
     den = a.sum(-1, keepdim=True) + a_kept.sum(-1, keepdim=True)
     den = den + lnw * torch.einsum("bhgqrf,bhqf->bhgqr", fqb, block_z)[..., None]
     o = (num / den.clamp_min(1e-30)).reshape(b, h, -1, num.shape[-1])
-    o = o[:, :, (front + tail) % block : (front + tail) % block + length].to(v.dtype)
+    o = o[:, :, offset : offset + length].to(v.dtype)
     # The next state: the sums after the last boundary, its kept keys, and the last L positions with those decided at
     # it (at or before its position - w) zeroed and masked, as the decode step leaves them.
     end = position + length
