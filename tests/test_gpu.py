@@ -104,6 +104,7 @@ MIXERS = {
     "hedgehog": {"feature_dim": 16},
     "hedgehog_swa": {"window": 8},
     "hedgehog_swa+decay+linear_rope": {"window": 8, "decay": 0.9, "linear_rope": False},
+    "hedgehog_swa+keep": {"window": 8, "keep": 4, "keep_block": 8},
     "gla": {"window": 8},
     "swa": {"window": 8},
     "gated_deltanet": {},

@@ -34,8 +34,8 @@ MIXERS = sorted(triton_step.OPS)
 
 
 def mixer_module(name: str):
-    """The module of mixer `name`, which imports its step function."""
-    return importlib.import_module(linearize.MIXERS[name].__module__)
+    """The module of mixer `name` (or of a variant's mixer, `VARIANTS`), which imports its step function."""
+    return importlib.import_module(linearize.MIXERS[name.split("+")[0]].__module__)
 
 
 def force_fused_step(monkeypatch) -> list:
@@ -77,9 +77,13 @@ SHAPES = {
 }
 
 
-# A case named MIXER+VARIANT runs MIXER with these options besides the shape's: hedgehog_swa's decay, and its feature
-# maps reading q and k before RoPE.
-VARIANTS = {"hedgehog_swa+decay": {"decay": 0.9}, "hedgehog_swa+linear_rope": {"linear_rope": False}}
+# A case named MIXER+VARIANT runs MIXER with these options besides the shape's: hedgehog_swa's decay, its feature
+# maps reading q and k before RoPE, and its kept keys.
+VARIANTS = {
+    "hedgehog_swa+decay": {"decay": 0.9},
+    "hedgehog_swa+linear_rope": {"linear_rope": False},
+    "hedgehog_swa+keep": {"keep": 3, "keep_block": 4},
+}
 
 
 def randomised_mixer(mixer: str, shape: str, dtype: torch.dtype):
@@ -168,15 +172,20 @@ def rotary(model):
 
 
 def step(mixer, hidden, position_embeddings, mask, state, start: int, end: int):
-    """The mixer's heads for tokens start..end, continuing `state`."""
+    """The mixer's heads for tokens start..end, continuing `state` (which then counts them, as a model's forward does)."""
     cos, sin = position_embeddings
     piece = hidden[:, start:end]
     q, k, v = mixer.project(piece)
     with torch.no_grad():
-        return mixer.mix(piece, q, k, v, (cos[:, start:end], sin[:, start:end]), None if mask is None else mask[:, start:end], state)
+        out = mixer.mix(piece, q, k, v, (cos[:, start:end], sin[:, start:end]), None if mask is None else mask[:, start:end], state)
+    state.advance(end - start)
+    return out
 
 
 def assert_close(actual, expected, what, tol):
+    if tol == 0:  # bit for bit (and infinities, as kept keys' errors hold, where they are)
+        assert torch.equal(actual, expected), f"{what}: not equal"
+        return
     scale = expected.float().abs().max().clamp_min(1e-6) if expected.numel() else 1.0
     error = ((actual.float() - expected.float()).abs().max() / scale).item()
     assert error <= tol, f"{what}: max difference {error:.2e} of the largest value"
@@ -189,8 +198,8 @@ def assert_close(actual, expected, what, tol):
 # the output's largest value) and one of the output. Such flips are rare: `unequal` is the share of the heads' elements
 # that may differ at all (a rounding left out shows in far more).
 TOLERANCE = {
-    torch.float32: dict(heads=2e-5, unequal=1.0, recurrent=2e-5, S=2e-5, ssm=2e-5, conv=0, k=0, v=0, mask=0, z=2e-5, fk=2e-5),
-    torch.bfloat16: dict(heads=3e-2, unequal=0.01, recurrent=1e-4, S=1e-4, ssm=1e-4, conv=0, k=0, v=0, mask=0, z=2e-5, fk=2e-5),
+    torch.float32: dict(heads=2e-5, unequal=1.0, recurrent=2e-5, S=2e-5, ssm=2e-5, conv=0, k=0, v=0, mask=0, z=2e-5, fk=2e-5, err=0),
+    torch.bfloat16: dict(heads=3e-2, unequal=0.01, recurrent=1e-4, S=1e-4, ssm=1e-4, conv=0, k=0, v=0, mask=0, z=2e-5, fk=2e-5, err=0),
 }
 # Each mixer on each shape, in one dtype, batch size and prefill each, so that every mixer meets both dtypes, both batch
 # sizes and both starts (the interpreter is slow: not every product). Batch 3 pads two rows (`assert_steps_match`).
@@ -203,9 +212,9 @@ SETTINGS = {
     "no_window": (BF16, 3, 0),
 }
 # Every mixer on every shape but hedgehog_swa's with no window (it always has one); each variant on the two shapes that
-# meet both dtypes, both batch sizes and both starts between them.
+# meet both dtypes, both batch sizes and both starts between them; kept keys from a fresh state too.
 PAIRS = [(mixer, shape) for mixer in MIXERS for shape in SETTINGS if (mixer, shape) != ("hedgehog_swa", "no_window")]
-PAIRS += [(variant, shape) for variant in VARIANTS for shape in ("softcap", "partial_rope")]
+PAIRS += [(variant, shape) for variant in VARIANTS for shape in ("softcap", "partial_rope")] + [("hedgehog_swa+keep", "awkward")]
 CASES = [(mixer, shape, *SETTINGS[shape]) for mixer, shape in PAIRS]
 # The oldest versions' run (-m core) takes the three shapes that meet both dtypes, both batch sizes and both starts;
 # "smollm2" and "awkward" (40 s of interpreted steps on 2 cores) run on the newest versions only.
@@ -223,7 +232,9 @@ def assert_steps_match(monkeypatch, mixer, shape, dtype, batch, prefill, toleran
     model.to(device)
     generator = torch.Generator().manual_seed(0)
     window = getattr(layer, "window", 0)
-    total = max(window + 2, prefill + 3)
+    block = getattr(layer.options, "keep_block", 0) if getattr(layer.options, "keep", 0) else 0
+    # With kept keys, until the tail of window + block - 2 positions has turned over and two blocks are decided.
+    total = max(window + 2, prefill + 3) + 2 * block
     hidden = (torch.randn(batch, total, model.config.text_config.hidden_size, generator=generator) * 10).to(device, dtype)
     mask = None
     real = torch.ones(batch, total, dtype=torch.bool, device=device)
@@ -244,6 +255,7 @@ def assert_steps_match(monkeypatch, mixer, shape, dtype, batch, prefill, toleran
         monkeypatch.setenv("LINEARIZE_KERNELS", "auto")
         mine = MixerState()
         mine.write(before)
+        mine.advance(t)
         out = step(layer, hidden, position_embeddings, mask, mine, t, t + 1)
         assert out.dtype == dtype
         assert_close(out, expected.to(dtype), f"heads at step {t}", tolerance["heads"])
@@ -255,8 +267,10 @@ def assert_steps_match(monkeypatch, mixer, shape, dtype, batch, prefill, toleran
         assert mine.tensors.keys() == state.tensors.keys()
         for name, tensor in state.tensors.items():
             assert mine.tensors[name].shape == tensor.shape and mine.tensors[name].dtype == tensor.dtype, name
-            assert_close(mine.tensors[name], tensor, f"{name} at step {t}", tolerance[name])
-    assert len(fused) == total - prefill
+            assert_close(mine.tensors[name], tensor, f"{name} at step {t}", tolerance[name.removeprefix("kept_")])
+    # With kept keys, the first step (a fresh state) and each that decides a block take the PyTorch path.
+    taken = [t for t in range(prefill, total) if not block or (t and (t + 1) % block)]
+    assert len(fused) == len(taken)
 
 
 @needs_triton
@@ -271,33 +285,36 @@ def test_each_fused_step_equals_the_pytorch_step(monkeypatch, mixer, shape, dtyp
 
 @pytest.mark.core
 @needs_triton
-@pytest.mark.parametrize("mixer", MIXERS)
+@pytest.mark.parametrize("mixer", [*MIXERS, "hedgehog_swa+keep"])
 def test_the_fused_step_updates_the_state_in_place(fused, mixer):
-    """After the first step, the state keeps its tensors (a static cache's addresses are the compiled step's)."""
+    """After the first fused step, the state keeps its tensors (a static cache's addresses are the compiled step's).
+    With kept keys the first step, from a fresh state, takes the PyTorch path."""
     model, layer = randomised_mixer(mixer, "partial_rope", torch.float32)
-    hidden = torch.randn(2, 2, model.config.text_config.hidden_size)
-    position_embeddings = rotary(model)(hidden, torch.arange(2)[None].expand(2, -1))
+    first = 1 if "+keep" in mixer else 0
+    hidden = torch.randn(2, first + 2, model.config.text_config.hidden_size)
+    position_embeddings = rotary(model)(hidden, torch.arange(first + 2)[None].expand(2, -1))
     state = MixerState()
-    step(layer, hidden, position_embeddings, None, state, 0, 1)
+    for t in range(first + 1):
+        step(layer, hidden, position_embeddings, None, state, t, t + 1)
     kept = dict(state.tensors)
-    step(layer, hidden, position_embeddings, None, state, 1, 2)
+    step(layer, hidden, position_embeddings, None, state, first + 1, first + 2)
     assert all(state.tensors[name] is tensor for name, tensor in kept.items())
     assert len(fused) == 2
 
 
 @pytest.mark.core
 @needs_triton
-@pytest.mark.parametrize("mixer", MIXERS)
+@pytest.mark.parametrize("mixer", [*MIXERS, "hedgehog_swa+keep"])
 def test_the_custom_op_computes_what_the_eager_launch_does(fused, monkeypatch, mixer):
     """A compiled step calls the registered op (`OPS`), eager code launches the kernels itself: the same heads and
     states, bit for bit."""
     model, layer = randomised_mixer(mixer, "partial_rope", torch.float32)
     hidden = torch.randn(2, 4, model.config.text_config.hidden_size)
     position_embeddings = rotary(model)(hidden, torch.arange(4)[None].expand(2, -1))
-    module = mixer_module(mixer)
+    module, name = mixer_module(mixer), mixer.split("+")[0]
     results = []
-    for step_function in (getattr(triton_step, f"{mixer}_step"), triton_step.OPS[mixer]):
-        monkeypatch.setattr(module, f"{mixer}_step", step_function)
+    for step_function in (getattr(triton_step, f"{name}_step"), triton_step.OPS[name]):
+        monkeypatch.setattr(module, f"{name}_step", step_function)
         state = MixerState()
         outs = [step(layer, hidden, position_embeddings, None, state, t, t + 1) for t in range(4)]
         results.append((torch.cat(outs, dim=2), state.tensors))
@@ -329,6 +346,24 @@ def test_cached_generation_through_the_fused_step_equals_uncached(fused, monkeyp
     )
     generated = model.generate(**settings)
     assert len(fused) == 2 * 5  # every layer's every decode step
+    monkeypatch.setenv("LINEARIZE_FUSED_STEP", "off")
+    assert_close(torch.stack(generated.logits), torch.stack(model.generate(**settings).logits), "logits", 1e-5)
+    assert torch.equal(generated.sequences, model.generate(**settings, use_cache=False).sequences)
+
+
+@pytest.mark.core
+@needs_triton
+def test_cached_generation_with_kept_keys_through_the_fused_step_equals_uncached(fused, monkeypatch):
+    """As above with kept keys (window 4, 3 kept, blocks of 4): 9 decode steps from position 5, of which those at 7 and
+    11 decide a block on the PyTorch path and the other 7 take the fused step, in each of the two layers."""
+    model = linearize.convert(tiny_model(dtype=torch.float32, num_hidden_layers=2), "hedgehog_swa", window=4, keep=3, keep_block=4)
+    ids, mask = left_padded(random_ids(2, 5), [2, 0])
+    settings = dict(
+        input_ids=ids, attention_mask=mask, max_new_tokens=10, min_new_tokens=10, do_sample=False, output_logits=True,
+        return_dict_in_generate=True,
+    )
+    generated = model.generate(**settings)
+    assert len(fused) == 2 * 7
     monkeypatch.setenv("LINEARIZE_FUSED_STEP", "off")
     assert_close(torch.stack(generated.logits), torch.stack(model.generate(**settings).logits), "logits", 1e-5)
     assert torch.equal(generated.sequences, model.generate(**settings, use_cache=False).sequences)

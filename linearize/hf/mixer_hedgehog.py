@@ -172,9 +172,6 @@ class HedgehogSWAMixer(HedgehogMixer):
     anchor = "LoLCATs"
     summary = "Hedgehog linear attention plus a sliding softmax window, one normaliser"
     Options = HedgehogSWAOptions
-    # The state per kv head: S (B, Hkv, 2F, D) and z (B, Hkv, 2F) sum the feature-mapped keys that have left the
-    # window, fk (B, Hkv, window - 1, 2F) holds those still in it (`ops_window`).
-    step_tensors = ("S", "z", "fk")
     chunks_window = True
     fused_prefill = True
     runtime_options = ("keep", "keep_block")
@@ -209,6 +206,18 @@ class HedgehogSWAMixer(HedgehogMixer):
     def static_state(cls, options: dict) -> bool:
         return not options.get("keep") and super().static_state(options)
 
+    # Properties, as `set_options` may give a converted layer kept keys.
+    @property
+    def step_tensors(self) -> tuple[str, ...]:
+        """The state per kv head: S (B, Hkv, 2F, D) and z (B, Hkv, 2F) sum the feature-mapped keys that have left the
+        window, fk (B, Hkv, window - 1, 2F) holds those still in it (`ops_window`); with kept keys, the window's tail is
+        w + keep_block - 2 long and the kept keys' features and errors follow (`ops_kept`)."""
+        return ("S", "z", "fk", "kept_fk", "kept_err") if self.options.keep else ("S", "z", "fk")
+
+    @property
+    def step_keys(self) -> tuple[str, ...]:
+        return ("kept_k", "kept_v") if self.options.keep else ()
+
     @classmethod
     def cost(cls, spec: AttentionSpec, options) -> MixerCost:
         w, hkv, d, f = options.window, spec.num_kv_heads, spec.head_dim, options.feature_dim
@@ -242,10 +251,10 @@ class HedgehogSWAMixer(HedgehogMixer):
         return q, k, fq, fk, kwargs
 
     def mix(self, hidden_states, q, k, v, position_embeddings, padding_mask, state):
-        if self.options.keep:
-            return self.mix_kept(q, k, v, position_embeddings, padding_mask, state)
         if self.fuses_step(hidden_states, q, k, v, position_embeddings, state):
             return self.fused_step(hidden_states, q, k, v, position_embeddings, padding_mask, state)
+        if self.options.keep:
+            return self.mix_kept(q, k, v, position_embeddings, padding_mask, state)
         q, k, fq, fk, kwargs = self.window_inputs(q, k, position_embeddings, padding_mask)
         groups = self.spec.groups
         decay = torch.sigmoid(self.decay_logit.to(torch.promote_types(q.dtype, torch.float32))) if self.options.decay else None
@@ -289,11 +298,17 @@ class HedgehogSWAMixer(HedgehogMixer):
         state.write(new)
         return out
 
+    def fuses_step(self, hidden_states, q, k, v, position_embeddings, state) -> bool:
+        # With kept keys, a step that continues a state and decides no block (the next position starts none: 63 steps
+        # of 64) is fused; the first step and the decisions take the PyTorch path.
+        if self.options.keep and not (state is not None and state.tensors and (int(state.seen) + 1) % self.options.keep_block):
+            return False
+        return super().fuses_step(hidden_states, q, k, v, position_embeddings, state)
+
     def cuda_path(self, dtype: torch.dtype) -> str:
-        if self.options.keep:
-            return "PyTorch (no kernel for option 'keep' yet)"
         path = super().cuda_path(dtype)
-        return path.replace("Triton (linearize)", "PyTorch (no prefill kernel for option 'decay' yet)") if self.options.decay else path
+        missing = "keep" if self.options.keep else "decay" if self.options.decay else None
+        return path.replace("Triton (linearize)", f"PyTorch (no prefill kernel for option {missing!r} yet)") if missing else path
 
     def fresh_step_state(self, q: torch.Tensor) -> dict[str, torch.Tensor]:
         batch, hkv, width = q.shape[0], self.spec.num_kv_heads, 2 * self.options.feature_dim
@@ -308,4 +323,5 @@ class HedgehogSWAMixer(HedgehogMixer):
             q, k, v, cos, sin, real, self.feature_q.weight, self.feature_q.bias, self.feature_k.weight, self.feature_k.bias,
             self.window_logit, tensors["S"], tensors["z"], tensors["k"], tensors["v"], tensors["fk"], tensors["mask"],
             self.spec.scaling, self.spec.softcap, self.decay_logit if self.options.decay else None, self.options.linear_rope,
+            *((tensors["kept_k"], tensors["kept_v"], tensors["kept_err"]) if self.options.keep else (None, None, None)),
         )

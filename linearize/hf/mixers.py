@@ -254,11 +254,13 @@ class FusedStepMixer(Mixer):
     the reference, and takes every other call.
 
     A subclass has a `window` (0: none), names the float32 tensors of its state that its step updates besides the
-    window's (`step_tensors`), gives their zeros (`fresh_step_state`) and launches its step (`launch_step`). Its
-    `mix` begins `if self.fuses_step(...): return self.fused_step(...)`.
+    window's (`step_tensors`) and those it holds in the input's dtype (`step_keys`), gives their zeros
+    (`fresh_step_state`) and launches its step (`launch_step`). Its `mix` begins `if self.fuses_step(...): return
+    self.fused_step(...)`.
     """
 
     step_tensors: ClassVar[tuple[str, ...]] = ()
+    step_keys: ClassVar[tuple[str, ...]] = ()
     # Whether its step reads the window a chunk at a time (`fused_step_problem`).
     chunks_window: ClassVar[bool] = False
     # Whether its inference prefill runs a Triton kernel of linearize's own (`triton_window`) rather than `kernel()`.
@@ -276,7 +278,8 @@ class FusedStepMixer(Mixer):
         if state is None or q.shape[2] != 1 or self.dropped_window():
             return False
         problem = fused_step_problem(
-            hidden_states, q, k, v, position_embeddings, self.window, state.tensors, self.step_tensors, self.chunks_window
+            hidden_states, q, k, v, position_embeddings, self.window, state.tensors, self.step_tensors, self.chunks_window,
+            self.step_keys,
         )
         return problem is None
 

@@ -31,7 +31,8 @@ all of a layer's step that follows the teacher's q/k/v projections in one kernel
   leaves the window into the float32 S (B, Hkv, 2F, D) and z (B, Hkv, 2F) (a pad's adds nothing), and the caches of
   keys, values and feature-mapped keys (B, Hkv, window - 1, 2F, float32) move on, in place. Its window is read a chunk
   of rows at a time (`WINDOW_CHUNK`) and its softmax taken online, so a window of any length fits (LoLCATs': 256). Its
-  output at a pad is not zeroed (nor on the PyTorch path).
+  output at a pad is not zeroed (nor on the PyTorch path). With kept keys (option `keep`, `ops_kept`) the N kept keys
+  join the softmax, read only, and the steps that decide a block (one in keep_block) run on the PyTorch path.
 And for the first three, with a window: RoPE on the unconvolved q and k, the window's one-query softmax over its cached
 keys and the current one (the mask, the teacher's scaling, its softcap where it has one), the window cache
 (B, Hkv, window - 1, D) shifted in place, and the share mix s * window + (1 - s) * linear heads, with
@@ -153,11 +154,12 @@ def fused_step_problem(
     tensors: dict[str, Tensor],
     recurrent: tuple[str, ...],
     chunks_window: bool = False,
+    keys: tuple[str, ...] = (),
 ) -> Optional[str]:
     """Why a step function here does not take this decode step (None when it does): the switches, Triton, the device,
     gradients, dtypes, sizes, and the layer state `tensors` (empty before the first step, else as the PyTorch path
-    leaves it: the float32 tensors named in `recurrent`, and the window's). A step that `chunks_window` reads its
-    window a chunk at a time (`WINDOW_CHUNK`), so takes windows of any length."""
+    leaves it: the float32 tensors named in `recurrent`, the window's, and those named in `keys` in q's dtype). A step
+    that `chunks_window` reads its window a chunk at a time (`WINDOW_CHUNK`), so takes windows of any length."""
     problem = fused_kernel_problem(q, "the fused step")
     if problem is not None:
         return problem
@@ -176,6 +178,7 @@ def fused_step_problem(
     expected = dict.fromkeys(recurrent, torch.float32)
     if window:
         expected.update(k=q.dtype, v=q.dtype, mask=torch.bool)
+    expected.update(dict.fromkeys(keys, q.dtype))
     if tensors and {n: t.dtype for n, t in tensors.items()} != expected:
         return f"the fused step takes a state of {expected}"
     return None
@@ -331,19 +334,27 @@ def _hedgehog_swa(
     q_weight: Tensor, q_bias: Tensor, k_weight: Tensor, k_bias: Tensor, window_logit: Tensor, S: Tensor, z: Tensor,
     window_k: Tensor, window_v: Tensor, window_fk: Tensor, window_mask: Tensor, scaling: float, softcap: Optional[float],
     decay_logit: Optional[Tensor], linear_rope: bool,
+    kept_k: Optional[Tensor], kept_v: Optional[Tensor], kept_err: Optional[Tensor],
 ) -> Tensor:
     """The heads (B, H, 1, D) in q's dtype of one `hedgehog_swa` decode step (module docstring); updates S
     (B, Hkv, 2F, D) and z (B, Hkv, 2F), contiguous float32, the feature-mapped keys window_fk (B, Hkv, window - 1, 2F),
     float32, and the window (`_launch`) in place. q_weight (H, D, F), q_bias (H, 1, F): the query heads' feature maps;
     k_weight, k_bias: the kv heads'; decay_logit (Hkv,) or None: S and z fade by its sigmoid before the oldest key
-    joins them; linear_rope: the feature maps read the rotated q and k (else the unrotated)."""
+    joins them; linear_rope: the feature maps read the rotated q and k (else the unrotated).
+
+    With kept keys (`ops_kept`; None: none), kept_k, kept_v (B, Hkv, N, D) in q's dtype and kept_err (B, Hkv, N),
+    float32 (-inf: an empty slot), read only, join the window's softmax, and the cache holds the w + B - 2 positions
+    `ops_kept` leaves: a step that decides no block, whose oldest cached position was decided at the last boundary
+    (masked, its features folded already), so nothing joins S and z."""
     features = q_weight.shape[-1]
+    kept = 0 if kept_k is None else kept_k.shape[2]
+    rows = max(WINDOW_CHUNK // triton.next_power_of_2(q.shape[-1]), 1)
     return _launch(
         _hedgehog_swa_kernel, q, k, v, cos, sin, real, window_k, window_v, window_mask, scaling, softcap,
-        window_fk, q_weight, q_bias, k_weight, k_bias, window_logit, S, z, decay_logit,
+        window_fk, q_weight, q_bias, k_weight, k_bias, window_logit, S, z, decay_logit, kept_k, kept_v, kept_err,
         FEATURES=features, BLOCK_FEATURES=triton.next_power_of_2(features), HAS_DECAY=decay_logit is not None,
-        LINEAR_ROPE=linear_rope,
-        CHUNK=min(triton.next_power_of_2(window_k.shape[2] + 1), max(WINDOW_CHUNK // triton.next_power_of_2(q.shape[-1]), 1)),
+        LINEAR_ROPE=linear_rope, CHUNK=min(triton.next_power_of_2(window_k.shape[2] + 1), rows),
+        KEPT=kept, KEPT_CHUNK=min(triton.next_power_of_2(max(kept, 1)), rows),
     )
 
 
@@ -557,6 +568,16 @@ if TRITON_PROBLEM is None:
             e = tl.exp(-2.0 * tl.abs(scores / softcap))
             scores = tl.where(scores < 0, -1.0, 1.0) * (1.0 - e) / (1.0 + e) * softcap
         return tl.where(seen, scores, float("-inf"))
+
+    @triton.jit
+    def _online(peak, total, mean, scores, seen, values):
+        """An online softmax's running peak, normaliser and weighted values (`mean`, not yet divided) after one more
+        tile of keys' `scores` (-inf where not `seen`) and values: the earlier sums rescaled as the peak grows."""
+        new_peak = tl.maximum(peak, tl.max(scores, 0))
+        base = tl.where(new_peak == float("-inf"), 0.0, new_peak)
+        rescale = tl.exp(peak - base)
+        weights = tl.where(seen, tl.exp(scores - base), 0.0)
+        return new_peak, total * rescale + tl.sum(weights, 0), mean * rescale + tl.sum(weights[:, None] * values, 0)
 
     @triton.jit
     def _windowed(
@@ -837,14 +858,15 @@ if TRITON_PROBLEM is None:
     def _hedgehog_swa_kernel(
         q, k, v, cos, sin, real, window_k, window_v, window_mask, out,
         stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_cos, stride_real, scaling, softcap,
-        window_fk, q_weight, q_bias, k_weight, k_bias, window_logit, S, z, decay_logit,
+        window_fk, q_weight, q_bias, k_weight, k_bias, window_logit, S, z, decay_logit, kept_k, kept_v, kept_err,
         HEADS: tl.constexpr, KV_HEADS: tl.constexpr, DIM: tl.constexpr, KEEP: tl.constexpr, ROT: tl.constexpr,
         BLOCK_DIM: tl.constexpr, BLOCK_WINDOW: tl.constexpr, HAS_REAL: tl.constexpr, WINDOW: tl.constexpr,
         SOFTCAP: tl.constexpr, FEATURES: tl.constexpr, BLOCK_FEATURES: tl.constexpr, CHUNK: tl.constexpr,
-        HAS_DECAY: tl.constexpr, LINEAR_ROPE: tl.constexpr,
+        HAS_DECAY: tl.constexpr, LINEAR_ROPE: tl.constexpr, KEPT: tl.constexpr, KEPT_CHUNK: tl.constexpr,
     ):
         """Program (b, j): sequence b, kv head j, whose state and window its query heads read, and its query heads
-        (module docstring). The window is read CHUNK rows at a time, its softmax taken online."""
+        (module docstring). The window is read CHUNK rows at a time, the KEPT kept keys KEPT_CHUNK, their softmax
+        taken online."""
         b, j, d, in_d, keep, k_ptr, _, v_now = _program(
             k, v, real, stride_kb, stride_kh, stride_vb, stride_vh, stride_real, DIM, BLOCK_DIM, HAS_REAL, 1
         )
@@ -877,35 +899,37 @@ if TRITON_PROBLEM is None:
                 rows, tile, keys, values, seen = _window_rows(
                     window_k, window_v, window_mask, k_now, v_now, keep, b, j, d, in_d, start, KV_HEADS, DIM, KEEP, CHUNK
                 )
-                scores = _scores(keys, q_now, seen, scaling, softcap, SOFTCAP)
-                new_peak = tl.maximum(peak, tl.max(scores, 0))
-                base = tl.where(new_peak == float("-inf"), 0.0, new_peak)
-                rescale = tl.exp(peak - base)
-                weights = tl.where(seen, tl.exp(scores - base), 0.0)
-                total = total * rescale + tl.sum(weights, 0)
-                mean = mean * rescale + tl.sum(weights[:, None] * values, 0)
-                peak = new_peak
+                peak, total, mean = _online(peak, total, mean, _scores(keys, q_now, seen, scaling, softcap, SOFTCAP), seen, values)
+            for start in range(0, KEPT, KEPT_CHUNK):
+                rows = start + tl.arange(0, KEPT_CHUNK)
+                tile = (head * KEPT + rows)[:, None] * DIM + d[None, :]
+                tile_mask = (rows < KEPT)[:, None] & in_d[None, :]
+                keys = tl.load(kept_k + tile, mask=tile_mask, other=0.0).to(tl.float32)
+                values = tl.load(kept_v + tile, mask=tile_mask, other=0.0).to(tl.float32)
+                seen = tl.load(kept_err + head * KEPT + rows, mask=rows < KEPT, other=float("-inf")) > float("-inf")
+                peak, total, mean = _online(peak, total, mean, _scores(keys, q_now, seen, scaling, softcap, SOFTCAP), seen, values)
             num = share * mean + (1 - share) * num
             den = share * total + (1 - share) * den
             _store(out, num / tl.maximum(den, 1e-30), b, h, d, in_d, HEADS, DIM)
         # The oldest key leaves the window into S and z (a pad adds nothing): the cache's first row, or with no cache
-        # (window 1) the current key.
-        if KEEP > 0:
-            old = tl.load(window_mask + b * KEEP) != 0
-            old_pos = tl.load(window_fk + head * KEEP * WIDTH + f, mask=in_f, other=0.0)
-            old_neg = tl.load(window_fk + head * KEEP * WIDTH + FEATURES + f, mask=in_f, other=0.0)
-            v_old = tl.load(window_v + head * KEEP * DIM + d, mask=in_d, other=0.0).to(tl.float32)
-        else:
-            old = keep
-            old_pos, old_neg, v_old = fk_pos, fk_neg, v_now
-        old_pos, old_neg = tl.where(old, old_pos, 0.0), tl.where(old, old_neg, 0.0)
-        # With a decay, the sums fade by one token for the next query (at a pad too, as on the PyTorch path).
-        fade = tl.sigmoid(tl.load(decay_logit + j).to(tl.float32)) if HAS_DECAY else 1.0
-        tl.debug_barrier()  # every query head has read the state
-        tl.store(state, fade * tl.load(state, mask=square, other=0.0) + old_pos[:, None] * v_old[None, :], mask=square)
-        tl.store(state + FEATURES * DIM, fade * tl.load(state + FEATURES * DIM, mask=square, other=0.0) + old_neg[:, None] * v_old[None, :], mask=square)
-        tl.store(sums, fade * tl.load(sums, mask=in_f, other=0.0) + old_pos, mask=in_f)
-        tl.store(sums + FEATURES, fade * tl.load(sums + FEATURES, mask=in_f, other=0.0) + old_neg, mask=in_f)
+        # (window 1) the current key. With kept keys the oldest row was decided at the last boundary (`_hedgehog_swa`).
+        if KEPT == 0:
+            if KEEP > 0:
+                old = tl.load(window_mask + b * KEEP) != 0
+                old_pos = tl.load(window_fk + head * KEEP * WIDTH + f, mask=in_f, other=0.0)
+                old_neg = tl.load(window_fk + head * KEEP * WIDTH + FEATURES + f, mask=in_f, other=0.0)
+                v_old = tl.load(window_v + head * KEEP * DIM + d, mask=in_d, other=0.0).to(tl.float32)
+            else:
+                old = keep
+                old_pos, old_neg, v_old = fk_pos, fk_neg, v_now
+            old_pos, old_neg = tl.where(old, old_pos, 0.0), tl.where(old, old_neg, 0.0)
+            # With a decay, the sums fade by one token for the next query (at a pad too, as on the PyTorch path).
+            fade = tl.sigmoid(tl.load(decay_logit + j).to(tl.float32)) if HAS_DECAY else 1.0
+            tl.debug_barrier()  # every query head has read the state
+            tl.store(state, fade * tl.load(state, mask=square, other=0.0) + old_pos[:, None] * v_old[None, :], mask=square)
+            tl.store(state + FEATURES * DIM, fade * tl.load(state + FEATURES * DIM, mask=square, other=0.0) + old_neg[:, None] * v_old[None, :], mask=square)
+            tl.store(sums, fade * tl.load(sums, mask=in_f, other=0.0) + old_pos, mask=in_f)
+            tl.store(sums + FEATURES, fade * tl.load(sums + FEATURES, mask=in_f, other=0.0) + old_neg, mask=in_f)
         # The caches one row on, a chunk at a time from the first: a chunk's stores reach one row into the chunk before,
         # which is read already.
         for start in range(0, KEEP + 1, CHUNK):
