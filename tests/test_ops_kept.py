@@ -101,9 +101,30 @@ def test_it_keeps_the_keys_the_state_recalls_worst():
     v[:, :, outliers] = 5.0
     options.update(window=4, keep=3, block=4)
     _, state = kept_window_linear(q, k, v, fq, fk, output_state=True, **options)
-    kept = (state["kept_v"] == 5.0).all(-1).sum(-1)
+    kept = (state["v"][:, :, :3] == 5.0).all(-1).sum(-1)  # the kept keys are the state's first rows
     assert (kept == 2).all()
-    assert torch.isinf(state["kept_err"][..., 0]).all() and (state["kept_err"][..., 1:] > 1.0).all()
+    assert torch.isinf(state["err"][..., 0]).all() and (state["err"][..., 1:] > 1.0).all()
+
+
+def test_a_step_writes_its_key_into_its_row_of_the_ring():
+    """Position p sits in row N + p mod R (R = w + B - 1) of the state: a step writes its key, value, features and mask
+    there, in place when autograd records nothing (the rest of the state untouched), into copies when it does."""
+    tensors, options = make(14)
+    options.update(window=5, keep=3, block=4)  # R = 8: position 12 in row 3 + 4
+    _, state = kept_window_linear(*part(tensors, options, 0, 12)[0], output_state=True, **part(tensors, options, 0, 12)[1])
+    before = {name: t.clone() for name, t in state.items()}
+    step = part(tensors, options, 12, 13)
+    _, recorded = decode_kept_window_linear(*step[0], state=state, position=12, **step[1])  # grad mode: copies
+    assert all(torch.equal(state[name], before[name]) for name in state)
+    with torch.no_grad():
+        _, new = decode_kept_window_linear(*step[0], state=state, position=12, **step[1])
+    assert all(new[name] is state[name] for name in state)
+    _, k, v, _, fk = tensors
+    for name, x in (("k", k), ("v", v), ("fk", fk)):
+        assert torch.equal(new[name][:, :, 7], x[:, :, 12]) and torch.equal(recorded[name], new[name])
+        changed = (new[name] != before[name]).any(-1).any(0).any(0)
+        assert changed.nonzero().flatten().tolist() == [7]
+    assert new["mask"][:, :, 7].all() and not before["mask"][:, :, 7].any()
 
 
 def test_sizes_below_one_are_refused():

@@ -29,8 +29,10 @@ needs_triton = pytest.mark.skipif(
     f"GPU, test_gpu.py checks the kernels): {triton_step.TRITON_PROBLEM or 'not interpreted'}",
 )
 
-# The mixers with a fused step; each calls `triton_step.<name>_step`, imported into its mixer's module.
+# The mixers with a fused step; each calls `triton_step.<name>_step`, imported into its mixer's module, and
+# hedgehog_swa with kept keys (a variant, `VARIANTS`) `hedgehog_swa_kept_step`, whose op is `KEPT_OP`.
 MIXERS = sorted(triton_step.OPS)
+STEPS = {**{name: f"{name}_step" for name in MIXERS}, "hedgehog_swa+keep": "hedgehog_swa_kept_step"}
 
 
 def mixer_module(name: str):
@@ -42,15 +44,14 @@ def force_fused_step(monkeypatch) -> list:
     """The mixers take their decode steps through the fused step (on CPU tensors too, interpreted); returns the list
     of the fused calls' output shapes."""
     calls = []
-    for name in MIXERS:
-        module = mixer_module(name)
+    for name, step_name in STEPS.items():
 
-        def counted(*args, function=getattr(triton_step, f"{name}_step")):
+        def counted(*args, function=getattr(triton_step, step_name)):
             out = function(*args)
             calls.append(out.shape)
             return out
 
-        monkeypatch.setattr(module, f"{name}_step", counted)
+        monkeypatch.setattr(mixer_module(name), step_name, counted)
     monkeypatch.setenv("LINEARIZE_FUSED_STEP", "on")
     monkeypatch.delenv("LINEARIZE_KERNELS", raising=False)
     return calls
@@ -233,7 +234,7 @@ def assert_steps_match(monkeypatch, mixer, shape, dtype, batch, prefill, toleran
     generator = torch.Generator().manual_seed(0)
     window = getattr(layer, "window", 0)
     block = getattr(layer.options, "keep_block", 0) if getattr(layer.options, "keep", 0) else 0
-    # With kept keys, until the tail of window + block - 2 positions has turned over and two blocks are decided.
+    # With kept keys, until the ring of window + block - 1 positions has turned over and two blocks are decided.
     total = max(window + 2, prefill + 3) + 2 * block
     hidden = (torch.randn(batch, total, model.config.text_config.hidden_size, generator=generator) * 10).to(device, dtype)
     mask = None
@@ -267,10 +268,8 @@ def assert_steps_match(monkeypatch, mixer, shape, dtype, batch, prefill, toleran
         assert mine.tensors.keys() == state.tensors.keys()
         for name, tensor in state.tensors.items():
             assert mine.tensors[name].shape == tensor.shape and mine.tensors[name].dtype == tensor.dtype, name
-            assert_close(mine.tensors[name], tensor, f"{name} at step {t}", tolerance[name.removeprefix("kept_")])
-    # With kept keys, the first step (a fresh state) and each that decides a block take the PyTorch path.
-    taken = [t for t in range(prefill, total) if not block or (t and (t + 1) % block)]
-    assert len(fused) == len(taken)
+            assert_close(mine.tensors[name], tensor, f"{name} at step {t}", tolerance[name])
+    assert len(fused) == total - prefill
 
 
 @needs_triton
@@ -285,36 +284,33 @@ def test_each_fused_step_equals_the_pytorch_step(monkeypatch, mixer, shape, dtyp
 
 @pytest.mark.core
 @needs_triton
-@pytest.mark.parametrize("mixer", [*MIXERS, "hedgehog_swa+keep"])
+@pytest.mark.parametrize("mixer", STEPS)
 def test_the_fused_step_updates_the_state_in_place(fused, mixer):
-    """After the first fused step, the state keeps its tensors (a static cache's addresses are the compiled step's).
-    With kept keys the first step, from a fresh state, takes the PyTorch path."""
+    """After the first step, the state keeps its tensors (a static cache's addresses are the compiled step's)."""
     model, layer = randomised_mixer(mixer, "partial_rope", torch.float32)
-    first = 1 if "+keep" in mixer else 0
-    hidden = torch.randn(2, first + 2, model.config.text_config.hidden_size)
-    position_embeddings = rotary(model)(hidden, torch.arange(first + 2)[None].expand(2, -1))
+    hidden = torch.randn(2, 2, model.config.text_config.hidden_size)
+    position_embeddings = rotary(model)(hidden, torch.arange(2)[None].expand(2, -1))
     state = MixerState()
-    for t in range(first + 1):
-        step(layer, hidden, position_embeddings, None, state, t, t + 1)
+    step(layer, hidden, position_embeddings, None, state, 0, 1)
     kept = dict(state.tensors)
-    step(layer, hidden, position_embeddings, None, state, first + 1, first + 2)
+    step(layer, hidden, position_embeddings, None, state, 1, 2)
     assert all(state.tensors[name] is tensor for name, tensor in kept.items())
     assert len(fused) == 2
 
 
 @pytest.mark.core
 @needs_triton
-@pytest.mark.parametrize("mixer", [*MIXERS, "hedgehog_swa+keep"])
+@pytest.mark.parametrize("mixer", STEPS)
 def test_the_custom_op_computes_what_the_eager_launch_does(fused, monkeypatch, mixer):
-    """A compiled step calls the registered op (`OPS`), eager code launches the kernels itself: the same heads and
-    states, bit for bit."""
+    """A compiled step calls the registered op (`OPS`, `KEPT_OP`), eager code launches the kernels itself: the same
+    heads and states, bit for bit."""
     model, layer = randomised_mixer(mixer, "partial_rope", torch.float32)
     hidden = torch.randn(2, 4, model.config.text_config.hidden_size)
     position_embeddings = rotary(model)(hidden, torch.arange(4)[None].expand(2, -1))
-    module, name = mixer_module(mixer), mixer.split("+")[0]
+    module, name = mixer_module(mixer), STEPS[mixer]
     results = []
-    for step_function in (getattr(triton_step, f"{name}_step"), triton_step.OPS[name]):
-        monkeypatch.setattr(module, f"{name}_step", step_function)
+    for step_function in (getattr(triton_step, name), triton_step.OPS.get(mixer, triton_step.KEPT_OP)):
+        monkeypatch.setattr(module, name, step_function)
         state = MixerState()
         outs = [step(layer, hidden, position_embeddings, None, state, t, t + 1) for t in range(4)]
         results.append((torch.cat(outs, dim=2), state.tensors))
@@ -354,8 +350,8 @@ def test_cached_generation_through_the_fused_step_equals_uncached(fused, monkeyp
 @pytest.mark.core
 @needs_triton
 def test_cached_generation_with_kept_keys_through_the_fused_step_equals_uncached(fused, monkeypatch):
-    """As above with kept keys (window 4, 3 kept, blocks of 4): 9 decode steps from position 5, of which those at 7 and
-    11 decide a block on the PyTorch path and the other 7 take the fused step, in each of the two layers."""
+    """As above with kept keys (window 4, 3 kept, blocks of 4): 9 decode steps from position 5 through the fused step in
+    each of the two layers, those at 7 and 11 followed by a block's decision."""
     model = linearize.convert(tiny_model(dtype=torch.float32, num_hidden_layers=2), "hedgehog_swa", window=4, keep=3, keep_block=4)
     ids, mask = left_padded(random_ids(2, 5), [2, 0])
     settings = dict(
@@ -363,7 +359,7 @@ def test_cached_generation_with_kept_keys_through_the_fused_step_equals_uncached
         return_dict_in_generate=True,
     )
     generated = model.generate(**settings)
-    assert len(fused) == 2 * 7
+    assert len(fused) == 2 * 9
     monkeypatch.setenv("LINEARIZE_FUSED_STEP", "off")
     assert_close(torch.stack(generated.logits), torch.stack(model.generate(**settings).logits), "logits", 1e-5)
     assert torch.equal(generated.sequences, model.generate(**settings, use_cache=False).sequences)

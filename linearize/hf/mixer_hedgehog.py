@@ -26,10 +26,10 @@ from .attention import AttentionSpec, apply_rotary, compute_dtype, repeat_heads
 from .errors import LinearizeError
 from .kernel_dispatch import simple_gla
 from .mixers import FusedStepMixer, MixerCost, register_mixer
-from .ops_kept import decode_kept_window_linear, kept_window_linear
+from .ops_kept import decide_block, decode_kept_window_linear, empty_kept_state, kept_window_linear
 from .ops_window import chunk_window_linear, decode_window_linear
 from .triton_features import feature_map_problem, feature_maps
-from .triton_step import MAX_HEAD_DIM, hedgehog_step, hedgehog_swa_step
+from .triton_step import MAX_HEAD_DIM, hedgehog_step, hedgehog_swa_kept_step, hedgehog_swa_step
 from .triton_window import window_linear_prefill, window_prefill_problem
 from .windows import check_window
 
@@ -206,27 +206,25 @@ class HedgehogSWAMixer(HedgehogMixer):
     def static_state(cls, options: dict) -> bool:
         return not options.get("keep") and super().static_state(options)
 
-    # Properties, as `set_options` may give a converted layer kept keys.
-    @property
+    @property  # a property, as `set_options` may give a converted layer kept keys
     def step_tensors(self) -> tuple[str, ...]:
         """The state per kv head: S (B, Hkv, 2F, D) and z (B, Hkv, 2F) sum the feature-mapped keys that have left the
-        window, fk (B, Hkv, window - 1, 2F) holds those still in it (`ops_window`); with kept keys, the window's tail is
-        w + keep_block - 2 long and the kept keys' features and errors follow (`ops_kept`)."""
-        return ("S", "z", "fk", "kept_fk", "kept_err") if self.options.keep else ("S", "z", "fk")
-
-    @property
-    def step_keys(self) -> tuple[str, ...]:
-        return ("kept_k", "kept_v") if self.options.keep else ()
+        window, fk (B, Hkv, window - 1, 2F) holds those still in it (`ops_window`); with kept keys, fk holds the kept
+        keys' and the ring's and err the kept keys' errors (`ops_kept`)."""
+        return ("S", "z", "fk", "err") if self.options.keep else ("S", "z", "fk")
 
     @classmethod
     def cost(cls, spec: AttentionSpec, options) -> MixerCost:
         w, hkv, d, f = options.window, spec.num_kv_heads, spec.head_dim, options.feature_dim
         # Per kv head: the linear state (2F x D) and normaliser (2F), and the last w - 1 keys, values and
         # feature-mapped keys; plus the window's padding mask.
-        # With kept keys, the last w + keep_block - 2 positions wait for their block's decision, and each kept key
-        # holds its key, value, features and error.
-        tail = w + options.keep_block - 2 if options.keep else w - 1
-        state = hkv * 2 * f * (d + 1) + hkv * tail * (2 * d + 2 * f) + tail + hkv * options.keep * (2 * d + 2 * f + 1)
+        # With kept keys (`ops_kept`), per kv head: the kept keys and a ring of the last w + keep_block - 1 positions,
+        # each row a key, value, features and mask entry, and each kept key its error.
+        if options.keep:
+            rows = options.keep + w + options.keep_block - 1
+            state = hkv * 2 * f * (d + 1) + hkv * rows * (2 * d + 2 * f + 1) + hkv * options.keep
+        else:
+            state = hkv * 2 * f * (d + 1) + hkv * (w - 1) * (2 * d + 2 * f) + w - 1
         decay = hkv if options.decay else 0
         return MixerCost(super().cost(spec, options).new_parameters + spec.num_heads + decay, state, 0)
 
@@ -298,12 +296,22 @@ class HedgehogSWAMixer(HedgehogMixer):
         state.write(new)
         return out
 
-    def fuses_step(self, hidden_states, q, k, v, position_embeddings, state) -> bool:
-        # With kept keys, a step that continues a state and decides no block (the next position starts none: 63 steps
-        # of 64) is fused; the first step and the decisions take the PyTorch path.
-        if self.options.keep and not (state is not None and state.tensors and (int(state.seen) + 1) % self.options.keep_block):
-            return False
-        return super().fuses_step(hidden_states, q, k, v, position_embeddings, state)
+    def fused_step(self, hidden_states, q, k, v, position_embeddings, padding_mask, state) -> torch.Tensor:
+        if not self.options.keep:
+            return super().fused_step(hidden_states, q, k, v, position_embeddings, padding_mask, state)
+        # With kept keys: the step's kernel, then at a block's end its decision (`ops_kept`), which makes new tensors.
+        tensors, _ = self.step_state(q, state)
+        position, window, keep, block = int(state.seen), self.window, self.options.keep, self.options.keep_block
+        cos, sin = (None, None) if position_embeddings is None else position_embeddings
+        out = hedgehog_swa_kept_step(
+            q, k, v, cos, sin, padding_mask, self.feature_q.weight, self.feature_q.bias, self.feature_k.weight, self.feature_k.bias,
+            self.window_logit, tensors["S"], tensors["z"], tensors["k"], tensors["v"], tensors["fk"], tensors["mask"],
+            keep + position % (window + block - 1), self.spec.scaling, self.spec.softcap, self.options.linear_rope,
+        )
+        if (position + 1) % block == 0:
+            tensors = decide_block(tensors, position, window=window, keep=keep, block=block)
+        state.write(tensors)
+        return out
 
     def cuda_path(self, dtype: torch.dtype) -> str:
         path = super().cuda_path(dtype)
@@ -312,6 +320,10 @@ class HedgehogSWAMixer(HedgehogMixer):
 
     def fresh_step_state(self, q: torch.Tensor) -> dict[str, torch.Tensor]:
         batch, hkv, width = q.shape[0], self.spec.num_kv_heads, 2 * self.options.feature_dim
+        if self.options.keep:
+            keys = q.new_empty(batch, hkv, 0, self.spec.head_dim)
+            features = keys.new_empty(batch, hkv, 0, width, dtype=torch.float32)
+            return empty_kept_state(q, keys, keys, features, self.window, self.options.keep, self.options.keep_block)
         return {
             "S": q.new_zeros(batch, hkv, width, self.spec.head_dim, dtype=torch.float32),
             "z": q.new_zeros(batch, hkv, width, dtype=torch.float32),
@@ -323,5 +335,4 @@ class HedgehogSWAMixer(HedgehogMixer):
             q, k, v, cos, sin, real, self.feature_q.weight, self.feature_q.bias, self.feature_k.weight, self.feature_k.bias,
             self.window_logit, tensors["S"], tensors["z"], tensors["k"], tensors["v"], tensors["fk"], tensors["mask"],
             self.spec.scaling, self.spec.softcap, self.decay_logit if self.options.decay else None, self.options.linear_rope,
-            *((tensors["kept_k"], tensors["kept_v"], tensors["kept_err"]) if self.options.keep else (None, None, None)),
         )

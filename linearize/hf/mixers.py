@@ -254,13 +254,11 @@ class FusedStepMixer(Mixer):
     the reference, and takes every other call.
 
     A subclass has a `window` (0: none), names the float32 tensors of its state that its step updates besides the
-    window's (`step_tensors`) and those it holds in the input's dtype (`step_keys`), gives their zeros
-    (`fresh_step_state`) and launches its step (`launch_step`). Its `mix` begins `if self.fuses_step(...): return
-    self.fused_step(...)`.
+    window's (`step_tensors`), gives their zeros (`fresh_step_state`) and launches its step (`launch_step`). Its
+    `mix` begins `if self.fuses_step(...): return self.fused_step(...)`.
     """
 
     step_tensors: ClassVar[tuple[str, ...]] = ()
-    step_keys: ClassVar[tuple[str, ...]] = ()
     # Whether its step reads the window a chunk at a time (`fused_step_problem`).
     chunks_window: ClassVar[bool] = False
     # Whether its inference prefill runs a Triton kernel of linearize's own (`triton_window`) rather than `kernel()`.
@@ -278,8 +276,7 @@ class FusedStepMixer(Mixer):
         if state is None or q.shape[2] != 1 or self.dropped_window():
             return False
         problem = fused_step_problem(
-            hidden_states, q, k, v, position_embeddings, self.window, state.tensors, self.step_tensors, self.chunks_window,
-            self.step_keys,
+            hidden_states, q, k, v, position_embeddings, self.window, state.tensors, self.step_tensors, self.chunks_window
         )
         return problem is None
 
@@ -309,7 +306,7 @@ class FusedStepMixer(Mixer):
                 return tensors, True
             return {name: t if mine else t.clone(memory_format=torch.contiguous_format) for (name, t), mine in zip(tensors.items(), own)}, False
         fresh = self.fresh_step_state(q)
-        if self.window:
+        if self.window and "k" not in fresh:  # (a mixer whose own layout holds its window gives it in its fresh state)
             batch, _, _, d = q.shape
             keep, hkv = self.window - 1, self.spec.num_kv_heads
             fresh.update(

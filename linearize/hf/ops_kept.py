@@ -15,9 +15,12 @@ was kept, so a prefill computes every error at once; it is computed without grad
 
 Layout: q, fq (B, H, T, *), k, v, fk (B, Hkv, T, *), H a multiple of Hkv (query head i reads kv head i // (H // Hkv));
 `sm_weight`/`ln_weight` numbers or per-query-head tensors (H,). The state, per kv head: S (F, V) and z (F) sum the
-folded keys; k, v, fk and mask (B, L) hold the last L = w + B - 2 positions not yet decided (left-padded with masked
-zeros, as `ops_window.window_tail`); kept_k, kept_v, kept_fk and kept_err the N kept keys (an empty slot's error
--inf). `position` is the absolute position of the call's first token (the count of tokens the state has seen).
+folded keys; k, v, fk (B, Hkv, N + R, *) and mask (B, Hkv, N + R) hold the N kept keys in rows 0 .. N - 1, then a ring
+of R = w + B - 1 rows in which position p sits in row N + p mod R: the last R positions, those not yet decided real and
+the others zero and masked; err (B, Hkv, N) the kept keys' recall errors (an empty slot's -inf, and masked). A decode
+step writes its key into its row of the ring and scores every row at once: one product, no copy of the window (a step
+on the CPU is bound by its number of operations and copies). `position` is the absolute position of the call's first
+token (the count of tokens the state has seen).
 """
 
 from __future__ import annotations
@@ -29,21 +32,45 @@ from .ops_window import _acc, block_length
 
 
 def empty_kept_state(q, k, v, fk, window: int, keep: int, block: int) -> dict[str, torch.Tensor]:
-    """The state before any token: empty sums, L masked tail slots, N empty kept slots."""
+    """The state before any token: empty sums, every row masked zeros, N empty kept slots."""
     b, hkv, _, d = k.shape
-    f, e, tail = fk.shape[-1], v.shape[-1], window + block - 2
-    acc = _acc(q)
+    rows, acc = keep + window + block - 1, _acc(q)
     return {
-        "S": q.new_zeros(b, hkv, f, e, dtype=acc),
-        "z": q.new_zeros(b, hkv, f, dtype=acc),
-        "k": k.new_zeros(b, hkv, tail, d),
-        "v": v.new_zeros(b, hkv, tail, e),
-        "fk": fk.new_zeros(b, hkv, tail, f),
-        "mask": torch.zeros(b, tail, dtype=torch.bool, device=k.device),
-        "kept_k": k.new_zeros(b, hkv, keep, d),
-        "kept_v": v.new_zeros(b, hkv, keep, e),
-        "kept_fk": fk.new_zeros(b, hkv, keep, f),
-        "kept_err": torch.full((b, hkv, keep), float("-inf"), dtype=acc, device=k.device),
+        "S": q.new_zeros(b, hkv, fk.shape[-1], v.shape[-1], dtype=acc),
+        "z": q.new_zeros(b, hkv, fk.shape[-1], dtype=acc),
+        "k": k.new_zeros(b, hkv, rows, d),
+        "v": v.new_zeros(b, hkv, rows, v.shape[-1]),
+        "fk": fk.new_zeros(b, hkv, rows, fk.shape[-1]),
+        "mask": torch.zeros(b, hkv, rows, dtype=torch.bool, device=k.device),
+        "err": torch.full((b, hkv, keep), float("-inf"), dtype=acc, device=k.device),
+    }
+
+
+def _unpacked(state: dict, keep: int, ring: int, position: int) -> dict[str, torch.Tensor]:
+    """The state's parts in the order the parallel form reads them: the kept keys (kept_k, kept_v, kept_fk, kept_err)
+    and the last L = R - 1 positions (k, v, fk, mask (B, L)), oldest first."""
+    tail = keep + torch.arange(position - ring + 1, position, device=state["k"].device) % ring
+    parts = {f"kept_{name}": state[name][:, :, :keep] for name in ("k", "v", "fk")}
+    parts.update({name: state[name].index_select(2, tail) for name in ("k", "v", "fk")})
+    return {**parts, "mask": state["mask"][:, 0].index_select(1, tail), "kept_err": state["err"], "S": state["S"], "z": state["z"]}
+
+
+def _packed(parts: dict, ring: int, end: int) -> dict[str, torch.Tensor]:
+    """`_unpacked`'s inverse for a state that has seen `end` tokens: the tail's L positions, after one decided (zero
+    and masked) before them, rolled into their rows of the ring."""
+    shift = end % ring
+
+    def rows(kept, tail):
+        return torch.cat((kept, torch.roll(F.pad(tail, (0, 0, 1, 0)), shift, dims=2)), dim=2)
+
+    hkv = parts["kept_k"].shape[1]
+    mask = torch.roll(F.pad(parts["mask"], (1, 0), value=False), shift, dims=1)
+    return {
+        "S": parts["S"],
+        "z": parts["z"],
+        **{name: rows(parts[f"kept_{name}"], parts[name]) for name in ("k", "v", "fk")},
+        "mask": torch.cat((parts["kept_err"] > float("-inf"), mask[:, None].expand(-1, hkv, -1)), dim=2),
+        "err": parts["kept_err"],
     }
 
 
@@ -132,6 +159,7 @@ def _kept_segment(q, k, v, fq, fk, *, window, keep, block, scaling, sm_weight, l
     b, h, length, d = q.shape
     hkv, g, acc = k.shape[1], h // k.shape[1], _acc(q)
     tail = window + block - 2
+    state = _unpacked(state, keep, tail + 1, position)
     if key_mask is None:
         key_mask = torch.ones(b, length, dtype=torch.bool, device=q.device)
     # U: the undecided keys, the state's tail then this call's, front-padded so that blocks start at multiples of B.
@@ -232,66 +260,82 @@ def _kept_segment(q, k, v, fq, fk, *, window, keep, block, scaling, sm_weight, l
         "kept_fk": _gather(all_fk, refs).to(fk.dtype),
         "kept_err": torch.gather(all_err, 2, refs),
     }
-    return o, new
+    return o, _packed(new, tail + 1, end)
 
 
 def decode_kept_window_linear(
     q, k, v, fq, fk, *, window, keep, block, scaling, sm_weight=1.0, ln_weight=1.0, key_mask=None, softcap=None, state=None, position=0
 ):
-    """One decode step of the token at `position`: its window (the state's L positions and this one) and the kept keys
-    by softmax, the sums through the features; where the next position starts a block, the oldest B positions are
-    decided. Returns (o (B, H, 1, V) in v's dtype, the next state)."""
+    """One decode step of the token at `position`: its key written into its row of the ring (in place where autograd
+    records nothing, else into a copy), then every real row scored by softmax in one product and the sums read through
+    the features; where the next position starts a block, the block is decided (`decide_block`). Returns (o (B, H, 1, V)
+    in v's dtype, the next state)."""
     _check(window, keep, block)
     if not state:
         state = empty_kept_state(q, k, v, fk, window, keep, block)
     b, h, _, d = q.shape
     hkv, acc = k.shape[1], _acc(q)
     g, rows = h // hkv, b * hkv
-    # The kept keys and the window's, with this one, in one tensor: one product, mask and exponential score them all
-    # (a CPU step is bound by its number of operations); the window's part is a view of it.
-    kept_k, kept_v, kept_err = state["kept_k"], state["kept_v"], state["kept_err"]
-    all_k = torch.cat((kept_k, state["k"], k.to(state["k"].dtype)), dim=2)
-    all_v = torch.cat((kept_v, state["v"], v.to(state["v"].dtype)), dim=2)
-    keys, values = all_k[:, :, keep:], all_v[:, :, keep:]
-    features = torch.cat((state["fk"], fk.to(state["fk"].dtype)), dim=2)
-    mask = F.pad(state["mask"], (0, 1), value=True) if key_mask is None else torch.cat((state["mask"], key_mask.bool()), dim=1)
-    real = torch.cat((kept_err > float("-inf"), mask[:, None, :].expand(-1, hkv, -1)), dim=2)
-    qg = q.reshape(rows, g, d).to(acc) * scaling
-    scores = torch.bmm(qg, all_k.to(acc).view(rows, -1, d).mT).view(b, hkv, g, -1)
+    row = keep + position % (window + block - 1)
+    real = torch.ones(b, 1, 1, dtype=torch.bool, device=q.device) if key_mask is None else key_mask.bool()[:, None]
+    state = {**state, **{name: _written(state[name], row, new) for name, new in (("k", k), ("v", v), ("fk", fk), ("mask", real))}}
+    keys, values, mask = state["k"], state["v"], state["mask"]
+    width = keys.shape[2]
+    scores = torch.bmm(q.reshape(rows, g, d).to(acc) * scaling, keys.to(acc).view(rows, width, d).mT)
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    scores = scores.masked_fill(~real[:, :, None, :], float("-inf"))
+    scores = torch.where(mask.view(b, hkv, 1, width), scores.view(b, hkv, g, width), float("-inf"))
     peak = scores.amax(-1, keepdim=True).clamp_min(torch.finfo(acc).min)
     smw, lnw = _weights(sm_weight, hkv, acc, 1), _weights(ln_weight, hkv, acc, 1)
     a = torch.exp(scores - peak) * smw
-    fqg = fq.reshape(b, hkv, g, -1).to(acc)
-    num = a @ all_v.to(acc) + lnw * (fqg @ state["S"])
-    den = a.sum(-1, keepdim=True) + lnw * (fqg @ state["z"][..., None])
+    S, z = state["S"], state["z"]
+    fqg = fq.reshape(rows, g, -1).to(acc)
+    num = torch.bmm(a.view(rows, g, width), values.to(acc).view(rows, width, -1)).view(b, hkv, g, -1)
+    linear = torch.bmm(fqg, S.view(rows, *S.shape[2:])).view(b, hkv, g, -1)
+    linear_mass = torch.bmm(fqg, z.view(rows, -1, 1)).view(b, hkv, g, 1)
+    num, den = (x + lnw * y for x, y in ((num, linear), (a.sum(-1, keepdim=True), linear_mass)))
     o = (num / den.clamp_min(1e-30)).view(b, h, 1, -1).to(v.dtype)
-    if (position + 1) % block:  # the oldest position is one decided at the last boundary, or padding
-        return o, {**state, "k": keys[:, :, 1:], "v": values[:, :, 1:], "fk": features[:, :, 1:], "mask": mask[:, 1:]}
-    # The next position starts a block: the oldest B positions join the kept keys, the N worst recalled stay.
+    if (position + 1) % block:
+        return o, state
+    return o, decide_block(state, position, window=window, keep=keep, block=block)
+
+
+def _written(x: torch.Tensor, row: int, new: torch.Tensor) -> torch.Tensor:
+    """x (B, Hkv, P, *) with `new` (B, Hkv or 1, 1, *) in row `row`: in place, or in a copy where autograd records."""
+    if torch.is_grad_enabled():
+        x = x.clone()
+    x[:, :, row : row + 1] = new
+    return x
+
+
+def decide_block(state: dict, position: int, *, window: int, keep: int, block: int) -> dict[str, torch.Tensor]:
+    """The state after the step at `position`, whose next position starts a block: the B positions of the ring's that
+    are decided there join the kept keys, the N recalled worst stay, and the others are folded into the sums; their rows
+    of the ring are zeroed and masked. A new state (its tensors fresh)."""
+    ring = window + block - 1
+    acc = state["S"].dtype
+    decided = keep + torch.arange(position - ring + 1, position - ring + 1 + block, device=state["k"].device) % ring
+    pool = {name: torch.cat((state[name][:, :, :keep], state[name].index_select(2, decided)), dim=2) for name in ("k", "v", "fk", "mask")}
     err = recall_errors(
-        features[:, :, :block], values[:, :, :block], mask[:, :block], state["S"], state["z"], state["kept_fk"], kept_v, kept_err, block
+        pool["fk"][:, :, keep:], pool["v"][:, :, keep:], pool["mask"][:, 0, keep:], state["S"], state["z"],
+        pool["fk"][:, :, :keep], pool["v"][:, :, :keep], state["err"], block,
     )
-    pool = {
-        name: torch.cat((state[f"kept_{name}"], tensor[:, :, :block]), dim=2)
-        for name, tensor in (("k", keys), ("v", values), ("fk", features))
-    }
-    pool_err = torch.cat((kept_err, err), dim=2)
+    pool_err = torch.cat((state["err"], err), dim=2)
     kept, folded = _decide(pool_err, keep)
-    folded_fk = _gather(pool["fk"].to(acc), folded) * torch.gather(real[:, :, : keep + block], 2, folded)[..., None]
-    return o, {
+    folded_fk = _gather(pool["fk"].to(acc), folded) * torch.gather(pool["mask"], 2, folded)[..., None]
+    cleared = decided - keep
+
+    def rows(name, fill):
+        return torch.cat((_gather(pool[name], kept), state[name][:, :, keep:].index_fill(2, cleared, fill)), dim=2)
+
+    return {
         "S": state["S"] + folded_fk.mT @ _gather(pool["v"].to(acc), folded),
         "z": state["z"] + folded_fk.sum(2),
-        "k": F.pad(keys[:, :, block:], (0, 0, block - 1, 0)),
-        "v": F.pad(values[:, :, block:], (0, 0, block - 1, 0)),
-        "fk": F.pad(features[:, :, block:], (0, 0, block - 1, 0)),
-        "mask": F.pad(mask[:, block:], (block - 1, 0), value=False),
-        "kept_k": _gather(pool["k"], kept),
-        "kept_v": _gather(pool["v"], kept),
-        "kept_fk": _gather(pool["fk"], kept),
-        "kept_err": torch.gather(pool_err, 2, kept),
+        "k": rows("k", 0),
+        "v": rows("v", 0),
+        "fk": rows("fk", 0),
+        "mask": torch.cat((torch.gather(pool["mask"], 2, kept), state["mask"][:, :, keep:].index_fill(2, cleared, False)), dim=2),
+        "err": torch.gather(pool_err, 2, kept),
     }
 
 

@@ -31,8 +31,11 @@ all of a layer's step that follows the teacher's q/k/v projections in one kernel
   leaves the window into the float32 S (B, Hkv, 2F, D) and z (B, Hkv, 2F) (a pad's adds nothing), and the caches of
   keys, values and feature-mapped keys (B, Hkv, window - 1, 2F, float32) move on, in place. Its window is read a chunk
   of rows at a time (`WINDOW_CHUNK`) and its softmax taken online, so a window of any length fits (LoLCATs': 256). Its
-  output at a pad is not zeroed (nor on the PyTorch path). With kept keys (option `keep`, `ops_kept`) the N kept keys
-  join the softmax, read only, and the steps that decide a block (one in keep_block) run on the PyTorch path.
+  output at a pad is not zeroed (nor on the PyTorch path);
+- `hedgehog_swa_kept_step`: the same with kept keys (option `keep`) in `ops_kept`'s layout: the current key, value,
+  feature-mapped key and mask written into their row of the ring, and every row (the kept keys and the ring) scored
+  under the one normaliser with the sums, which a step leaves as they are; the decision every keep_block steps is
+  `ops_kept.decide_block`'s, in PyTorch.
 And for the first three, with a window: RoPE on the unconvolved q and k, the window's one-query softmax over its cached
 keys and the current one (the mask, the teacher's scaling, its softcap where it has one), the window cache
 (B, Hkv, window - 1, D) shifted in place, and the share mix s * window + (1 - s) * linear heads, with
@@ -154,12 +157,11 @@ def fused_step_problem(
     tensors: dict[str, Tensor],
     recurrent: tuple[str, ...],
     chunks_window: bool = False,
-    keys: tuple[str, ...] = (),
 ) -> Optional[str]:
     """Why a step function here does not take this decode step (None when it does): the switches, Triton, the device,
     gradients, dtypes, sizes, and the layer state `tensors` (empty before the first step, else as the PyTorch path
-    leaves it: the float32 tensors named in `recurrent`, the window's, and those named in `keys` in q's dtype). A step
-    that `chunks_window` reads its window a chunk at a time (`WINDOW_CHUNK`), so takes windows of any length."""
+    leaves it: the float32 tensors named in `recurrent`, and the window's). A step that `chunks_window` reads its
+    window a chunk at a time (`WINDOW_CHUNK`), so takes windows of any length."""
     problem = fused_kernel_problem(q, "the fused step")
     if problem is not None:
         return problem
@@ -178,7 +180,6 @@ def fused_step_problem(
     expected = dict.fromkeys(recurrent, torch.float32)
     if window:
         expected.update(k=q.dtype, v=q.dtype, mask=torch.bool)
-    expected.update(dict.fromkeys(keys, q.dtype))
     if tensors and {n: t.dtype for n, t in tensors.items()} != expected:
         return f"the fused step takes a state of {expected}"
     return None
@@ -334,28 +335,49 @@ def _hedgehog_swa(
     q_weight: Tensor, q_bias: Tensor, k_weight: Tensor, k_bias: Tensor, window_logit: Tensor, S: Tensor, z: Tensor,
     window_k: Tensor, window_v: Tensor, window_fk: Tensor, window_mask: Tensor, scaling: float, softcap: Optional[float],
     decay_logit: Optional[Tensor], linear_rope: bool,
-    kept_k: Optional[Tensor], kept_v: Optional[Tensor], kept_err: Optional[Tensor],
 ) -> Tensor:
     """The heads (B, H, 1, D) in q's dtype of one `hedgehog_swa` decode step (module docstring); updates S
     (B, Hkv, 2F, D) and z (B, Hkv, 2F), contiguous float32, the feature-mapped keys window_fk (B, Hkv, window - 1, 2F),
     float32, and the window (`_launch`) in place. q_weight (H, D, F), q_bias (H, 1, F): the query heads' feature maps;
     k_weight, k_bias: the kv heads'; decay_logit (Hkv,) or None: S and z fade by its sigmoid before the oldest key
-    joins them; linear_rope: the feature maps read the rotated q and k (else the unrotated).
-
-    With kept keys (`ops_kept`; None: none), kept_k, kept_v (B, Hkv, N, D) in q's dtype and kept_err (B, Hkv, N),
-    float32 (-inf: an empty slot), read only, join the window's softmax, and the cache holds the w + B - 2 positions
-    `ops_kept` leaves: a step that decides no block, whose oldest cached position was decided at the last boundary
-    (masked, its features folded already), so nothing joins S and z."""
+    joins them; linear_rope: the feature maps read the rotated q and k (else the unrotated)."""
     features = q_weight.shape[-1]
-    kept = 0 if kept_k is None else kept_k.shape[2]
-    rows = max(WINDOW_CHUNK // triton.next_power_of_2(q.shape[-1]), 1)
     return _launch(
         _hedgehog_swa_kernel, q, k, v, cos, sin, real, window_k, window_v, window_mask, scaling, softcap,
-        window_fk, q_weight, q_bias, k_weight, k_bias, window_logit, S, z, decay_logit, kept_k, kept_v, kept_err,
+        window_fk, q_weight, q_bias, k_weight, k_bias, window_logit, S, z, decay_logit,
         FEATURES=features, BLOCK_FEATURES=triton.next_power_of_2(features), HAS_DECAY=decay_logit is not None,
-        LINEAR_ROPE=linear_rope, CHUNK=min(triton.next_power_of_2(window_k.shape[2] + 1), rows),
-        KEPT=kept, KEPT_CHUNK=min(triton.next_power_of_2(max(kept, 1)), rows),
+        LINEAR_ROPE=linear_rope,
+        CHUNK=min(triton.next_power_of_2(window_k.shape[2] + 1), max(WINDOW_CHUNK // triton.next_power_of_2(q.shape[-1]), 1)),
     )
+
+
+def _hedgehog_swa_kept(
+    q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor], sin: Optional[Tensor], real: Optional[Tensor],
+    q_weight: Tensor, q_bias: Tensor, k_weight: Tensor, k_bias: Tensor, window_logit: Tensor, S: Tensor, z: Tensor,
+    keys: Tensor, values: Tensor, features: Tensor, mask: Tensor, row: int, scaling: float, softcap: Optional[float],
+    linear_rope: bool,
+) -> Tensor:
+    """The heads (B, H, 1, D) in q's dtype of one decode step of `hedgehog_swa` with kept keys (module docstring), in
+    `ops_kept`'s layout: writes the current key, value, feature-mapped key and mask into row `row` of keys, values
+    (B, Hkv, P, D) in q's dtype, features (B, Hkv, P, 2F), float32, and mask (B, Hkv, P), in place, and reads S
+    (B, Hkv, 2F, D) and z (B, Hkv, 2F), float32. The block's decision, every keep_block steps, is `ops_kept`'s."""
+    batch, heads, _, dim = q.shape
+    features_n, rows = q_weight.shape[-1], keys.shape[2]
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+
+    def given(t):  # q stands for an absent optional tensor; the kernel never reads it
+        return q if t is None else t
+
+    _hedgehog_swa_kept_kernel[(batch, k.shape[1])](
+        q, k, v, given(cos), given(sin), given(real), out, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
+        v.stride(1), 0 if cos is None or cos.shape[0] == 1 else cos.stride(0), 0 if real is None else real.stride(0), scaling,
+        1.0 if softcap is None else softcap, keys, values, features, mask, row, q_weight, q_bias, k_weight, k_bias, window_logit, S, z,
+        HEADS=heads, KV_HEADS=k.shape[1], DIM=dim, ROT=0 if cos is None else cos.shape[-1], BLOCK_DIM=triton.next_power_of_2(dim),
+        HAS_REAL=real is not None, SOFTCAP=softcap is not None, FEATURES=features_n, BLOCK_FEATURES=triton.next_power_of_2(features_n),
+        ROWS=rows, CHUNK=min(triton.next_power_of_2(rows), max(WINDOW_CHUNK // triton.next_power_of_2(dim), 1)), LINEAR_ROPE=linear_rope,
+        num_warps=8,
+    )
+    return out
 
 
 if TRITON_PROBLEM is None:
@@ -858,15 +880,14 @@ if TRITON_PROBLEM is None:
     def _hedgehog_swa_kernel(
         q, k, v, cos, sin, real, window_k, window_v, window_mask, out,
         stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_cos, stride_real, scaling, softcap,
-        window_fk, q_weight, q_bias, k_weight, k_bias, window_logit, S, z, decay_logit, kept_k, kept_v, kept_err,
+        window_fk, q_weight, q_bias, k_weight, k_bias, window_logit, S, z, decay_logit,
         HEADS: tl.constexpr, KV_HEADS: tl.constexpr, DIM: tl.constexpr, KEEP: tl.constexpr, ROT: tl.constexpr,
         BLOCK_DIM: tl.constexpr, BLOCK_WINDOW: tl.constexpr, HAS_REAL: tl.constexpr, WINDOW: tl.constexpr,
         SOFTCAP: tl.constexpr, FEATURES: tl.constexpr, BLOCK_FEATURES: tl.constexpr, CHUNK: tl.constexpr,
-        HAS_DECAY: tl.constexpr, LINEAR_ROPE: tl.constexpr, KEPT: tl.constexpr, KEPT_CHUNK: tl.constexpr,
+        HAS_DECAY: tl.constexpr, LINEAR_ROPE: tl.constexpr,
     ):
         """Program (b, j): sequence b, kv head j, whose state and window its query heads read, and its query heads
-        (module docstring). The window is read CHUNK rows at a time, the KEPT kept keys KEPT_CHUNK, their softmax
-        taken online."""
+        (module docstring). The window is read CHUNK rows at a time, its softmax taken online."""
         b, j, d, in_d, keep, k_ptr, _, v_now = _program(
             k, v, real, stride_kb, stride_kh, stride_vb, stride_vh, stride_real, DIM, BLOCK_DIM, HAS_REAL, 1
         )
@@ -900,36 +921,27 @@ if TRITON_PROBLEM is None:
                     window_k, window_v, window_mask, k_now, v_now, keep, b, j, d, in_d, start, KV_HEADS, DIM, KEEP, CHUNK
                 )
                 peak, total, mean = _online(peak, total, mean, _scores(keys, q_now, seen, scaling, softcap, SOFTCAP), seen, values)
-            for start in range(0, KEPT, KEPT_CHUNK):
-                rows = start + tl.arange(0, KEPT_CHUNK)
-                tile = (head * KEPT + rows)[:, None] * DIM + d[None, :]
-                tile_mask = (rows < KEPT)[:, None] & in_d[None, :]
-                keys = tl.load(kept_k + tile, mask=tile_mask, other=0.0).to(tl.float32)
-                values = tl.load(kept_v + tile, mask=tile_mask, other=0.0).to(tl.float32)
-                seen = tl.load(kept_err + head * KEPT + rows, mask=rows < KEPT, other=float("-inf")) > float("-inf")
-                peak, total, mean = _online(peak, total, mean, _scores(keys, q_now, seen, scaling, softcap, SOFTCAP), seen, values)
             num = share * mean + (1 - share) * num
             den = share * total + (1 - share) * den
             _store(out, num / tl.maximum(den, 1e-30), b, h, d, in_d, HEADS, DIM)
         # The oldest key leaves the window into S and z (a pad adds nothing): the cache's first row, or with no cache
-        # (window 1) the current key. With kept keys the oldest row was decided at the last boundary (`_hedgehog_swa`).
-        if KEPT == 0:
-            if KEEP > 0:
-                old = tl.load(window_mask + b * KEEP) != 0
-                old_pos = tl.load(window_fk + head * KEEP * WIDTH + f, mask=in_f, other=0.0)
-                old_neg = tl.load(window_fk + head * KEEP * WIDTH + FEATURES + f, mask=in_f, other=0.0)
-                v_old = tl.load(window_v + head * KEEP * DIM + d, mask=in_d, other=0.0).to(tl.float32)
-            else:
-                old = keep
-                old_pos, old_neg, v_old = fk_pos, fk_neg, v_now
-            old_pos, old_neg = tl.where(old, old_pos, 0.0), tl.where(old, old_neg, 0.0)
-            # With a decay, the sums fade by one token for the next query (at a pad too, as on the PyTorch path).
-            fade = tl.sigmoid(tl.load(decay_logit + j).to(tl.float32)) if HAS_DECAY else 1.0
-            tl.debug_barrier()  # every query head has read the state
-            tl.store(state, fade * tl.load(state, mask=square, other=0.0) + old_pos[:, None] * v_old[None, :], mask=square)
-            tl.store(state + FEATURES * DIM, fade * tl.load(state + FEATURES * DIM, mask=square, other=0.0) + old_neg[:, None] * v_old[None, :], mask=square)
-            tl.store(sums, fade * tl.load(sums, mask=in_f, other=0.0) + old_pos, mask=in_f)
-            tl.store(sums + FEATURES, fade * tl.load(sums + FEATURES, mask=in_f, other=0.0) + old_neg, mask=in_f)
+        # (window 1) the current key.
+        if KEEP > 0:
+            old = tl.load(window_mask + b * KEEP) != 0
+            old_pos = tl.load(window_fk + head * KEEP * WIDTH + f, mask=in_f, other=0.0)
+            old_neg = tl.load(window_fk + head * KEEP * WIDTH + FEATURES + f, mask=in_f, other=0.0)
+            v_old = tl.load(window_v + head * KEEP * DIM + d, mask=in_d, other=0.0).to(tl.float32)
+        else:
+            old = keep
+            old_pos, old_neg, v_old = fk_pos, fk_neg, v_now
+        old_pos, old_neg = tl.where(old, old_pos, 0.0), tl.where(old, old_neg, 0.0)
+        # With a decay, the sums fade by one token for the next query (at a pad too, as on the PyTorch path).
+        fade = tl.sigmoid(tl.load(decay_logit + j).to(tl.float32)) if HAS_DECAY else 1.0
+        tl.debug_barrier()  # every query head has read the state
+        tl.store(state, fade * tl.load(state, mask=square, other=0.0) + old_pos[:, None] * v_old[None, :], mask=square)
+        tl.store(state + FEATURES * DIM, fade * tl.load(state + FEATURES * DIM, mask=square, other=0.0) + old_neg[:, None] * v_old[None, :], mask=square)
+        tl.store(sums, fade * tl.load(sums, mask=in_f, other=0.0) + old_pos, mask=in_f)
+        tl.store(sums + FEATURES, fade * tl.load(sums + FEATURES, mask=in_f, other=0.0) + old_neg, mask=in_f)
         # The caches one row on, a chunk at a time from the first: a chunk's stores reach one row into the chunk before,
         # which is read already.
         for start in range(0, KEEP + 1, CHUNK):
@@ -946,6 +958,64 @@ if TRITON_PROBLEM is None:
             _shifted(window_v, tile, values, rows, in_d, KEEP, DIM)
             _shifted(window_fk, features, pos, rows, in_f, KEEP, WIDTH)
             _shifted(window_fk, features + FEATURES, neg, rows, in_f, KEEP, WIDTH)
+
+    @triton.jit(do_not_specialize=["row"])
+    def _hedgehog_swa_kept_kernel(
+        q, k, v, cos, sin, real, out,
+        stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_cos, stride_real, scaling, softcap,
+        keys, values, features, mask, row, q_weight, q_bias, k_weight, k_bias, window_logit, S, z,
+        HEADS: tl.constexpr, KV_HEADS: tl.constexpr, DIM: tl.constexpr, ROT: tl.constexpr, BLOCK_DIM: tl.constexpr,
+        HAS_REAL: tl.constexpr, SOFTCAP: tl.constexpr, FEATURES: tl.constexpr, BLOCK_FEATURES: tl.constexpr, ROWS: tl.constexpr,
+        CHUNK: tl.constexpr, LINEAR_ROPE: tl.constexpr,
+    ):
+        """Program (b, j): sequence b, kv head j, its ROWS rows (kept keys and ring, `ops_kept`) and its query heads. The
+        current key is scored from registers in its row, which is stored after: no program reads another's rows."""
+        b, j, d, in_d, keep, k_ptr, _, v_now = _program(
+            k, v, real, stride_kb, stride_kh, stride_vb, stride_vh, stride_real, DIM, BLOCK_DIM, HAS_REAL, 1
+        )
+        scaling, softcap = _float32(scaling), _float32(softcap)
+        GROUPS: tl.constexpr = HEADS // KV_HEADS
+        WIDTH: tl.constexpr = 2 * FEATURES
+        cos_row, sin_row, f, in_f, k_now, fk_pos, fk_neg = _hedgehog_key(
+            k_ptr, cos, sin, stride_cos, k_weight, k_bias, b, j, d, in_d, DIM, ROT, FEATURES, BLOCK_FEATURES, LINEAR_ROPE
+        )
+        head = b * KV_HEADS + j
+        state = S + (head * WIDTH + f[:, None]) * DIM + d[None, :]
+        square = in_f[:, None] & in_d[None, :]
+        sums = z + head * WIDTH + f
+        for g in range(GROUPS):
+            h = j * GROUPS + g
+            q_ptr = q + b * stride_qb + h * stride_qh
+            q_now = _rotated(q_ptr, cos_row, sin_row, d, in_d, ROT)
+            q_read = q_now if LINEAR_ROPE else _rotated(q_ptr, cos_row, sin_row, d, in_d, 0)
+            fq_pos, fq_neg = _features(q_read, q_weight + h * DIM * FEATURES, q_bias + h * FEATURES, d, in_d, f, in_f, FEATURES)
+            share = tl.sigmoid(tl.load(window_logit + h).to(tl.float32))
+            num = tl.sum(fq_pos[:, None] * tl.load(state, mask=square, other=0.0), 0)
+            num += tl.sum(fq_neg[:, None] * tl.load(state + FEATURES * DIM, mask=square, other=0.0), 0)
+            den = tl.sum(fq_pos * tl.load(sums, mask=in_f, other=0.0), 0) + tl.sum(fq_neg * tl.load(sums + FEATURES, mask=in_f, other=0.0), 0)
+            peak = tl.full([], float("-inf"), tl.float32)
+            total = tl.full([], 0.0, tl.float32)
+            mean = tl.zeros([BLOCK_DIM], dtype=tl.float32)
+            for start in range(0, ROWS, CHUNK):
+                rows = start + tl.arange(0, CHUNK)
+                tile = (head * ROWS + rows)[:, None] * DIM + d[None, :]
+                in_tile = (rows < ROWS)[:, None] & in_d[None, :]
+                current = rows == row
+                cached = tl.load(keys + tile, mask=in_tile, other=0.0).to(tl.float32)
+                tile_keys = tl.where(current[:, None], k_now[None, :], cached)
+                tile_values = tl.where(current[:, None], v_now[None, :], tl.load(values + tile, mask=in_tile, other=0.0).to(tl.float32))
+                seen = tl.where(current, keep, tl.load(mask + head * ROWS + rows, mask=rows < ROWS, other=0) != 0)
+                scores = _scores(tile_keys, q_now, seen, scaling, softcap, SOFTCAP)
+                peak, total, mean = _online(peak, total, mean, scores, seen, tile_values)
+            num = share * mean + (1 - share) * num
+            den = share * total + (1 - share) * den
+            _store(out, num / tl.maximum(den, 1e-30), b, h, d, in_d, HEADS, DIM)
+        at = head * ROWS + row
+        tl.store(keys + at * DIM + d, k_now.to(keys.dtype.element_ty), mask=in_d)
+        tl.store(values + at * DIM + d, v_now.to(values.dtype.element_ty), mask=in_d)
+        tl.store(features + at * WIDTH + f, fk_pos, mask=in_f)
+        tl.store(features + at * WIDTH + FEATURES + f, fk_neg, mask=in_f)
+        tl.store(mask + at, keep)
 
     @triton.jit
     def _hedgehog_kernel(
@@ -1047,7 +1117,10 @@ if TRITON_PROBLEM is None:
     OPS["hedgehog"], hedgehog_step = _registered(_hedgehog, {"S"}, _heads(_hedgehog))
     OPS["bamba_mamba2"], bamba_mamba2_step = _registered(_bamba_mamba2, {"conv", "ssm"}, _heads(_bamba_mamba2))
     OPS["hedgehog_swa"], hedgehog_swa_step = _registered(_hedgehog_swa, {"S", "z", "window_fk", *WINDOW_CACHE}, _heads(_hedgehog_swa))
+    # With kept keys (a dynamic cache: no static-cache step compiles it), beside the mixers' ops.
+    KEPT_OP, hedgehog_swa_kept_step = _registered(_hedgehog_swa_kept, {"keys", "values", "features", "mask"}, _heads(_hedgehog_swa_kept))
 
 else:
-    OPS = {}
+    OPS, KEPT_OP = {}, None
     gated_deltanet_step = qwen3_5_gdn_step = gla_step = mamba2_step = bamba_mamba2_step = hedgehog_step = hedgehog_swa_step = None
+    hedgehog_swa_kept_step = None
