@@ -176,39 +176,45 @@ def _kept_segment(q, k, v, fq, fk, *, window, keep, block, scaling, sm_weight, l
     umask = F.pad(torch.cat((state["mask"], key_mask.bool()), dim=1), (front, back), value=False)
     S, z = state["S"], state["z"]
     err = recall_errors(ufk, uv, umask, S, z, state["kept_fk"], state["kept_v"], state["kept_err"], block)
-    # The decisions: one at each block boundary this call passes. A pool reference r < N is the state's kept slot r,
-    # N + i the undecided key i of U.
-    boundaries = list(range((position // block + 1) * block, position + length + 1, block))
-    refs = torch.arange(keep, device=q.device).expand(b, hkv, keep)
+    # The decisions at the M boundaries this call passes, all at once. Errors depend on the keys alone, so the kept
+    # set after a boundary is the first N of every key decided by then in one order, error descending, then oldest
+    # first (the state's kept slots, in their order, before the keys decided here), which is the order the decode
+    # step's sort leaves; a key left out once never returns. Pool index p < N is the state's kept slot p, N + i the
+    # i-th key decided here: U's key first + i, at boundary i // B + 1.
+    first_boundary = (position // block + 1) * block
+    m = max(0, (position + length - first_boundary) // block + 1)
+    first = first_boundary - block - window + 1 - base
+    pool_err = torch.cat((state["kept_err"], err[:, :, first : first + m * block]), dim=2)
+    order = pool_err.argsort(dim=-1, descending=True, stable=True)
+    decided_at = ((torch.arange(keep + m * block, device=q.device) - keep).div(block, rounding_mode="floor") + 1).clamp_min(0)
+    member = decided_at[order][:, :, None, :] <= torch.arange(m + 1, device=q.device)[:, None]  # (B, Hkv, M + 1, pool)
+    rank = member.cumsum(-1) - 1
+    slots = torch.where(member & (rank < keep), rank, keep)
+    refs = order.new_zeros(b, hkv, m + 1, keep + 1).scatter_(-1, slots, order[:, :, None].expand(-1, -1, m + 1, -1))[..., :keep]
+    kept_refs = torch.where(refs < keep, refs, refs + first)  # as indices into the kept slots then U
     all_err = torch.cat((state["kept_err"], err), dim=2)
-    kept_refs, folded_refs = [refs], []
-    for boundary in boundaries:
-        first = boundary - block - window + 1 - base
-        candidates = torch.arange(keep + first, keep + first + block, device=q.device).expand(b, hkv, block)
-        pool = torch.cat((refs, candidates), dim=2)
-        kept, folded = _decide(torch.gather(all_err, 2, pool), keep)
-        refs = torch.gather(pool, 2, kept)
-        kept_refs.append(refs)
-        folded_refs.append(torch.gather(pool, 2, folded))
     all_k = torch.cat((state["kept_k"].to(k.dtype), uk), dim=2)
     all_v = torch.cat((state["kept_v"].to(v.dtype), uv), dim=2)
-    all_fk = torch.cat((state["kept_fk"].to(acc), ufk.to(acc) * umask[:, None, :, None]), dim=2)
-    # The sums each query block reads: the state's plus every key folded at a boundary before the block.
-    if folded_refs:
-        folded = torch.stack(folded_refs, dim=2)
-        folded_fk = _gather(all_fk, folded)
-        added_S = torch.einsum("bhmsf,bhmse->bhmfe", folded_fk, _gather(all_v, folded).to(acc))
-        added_z = folded_fk.sum(3)
-        sums_S = torch.cat((S[:, :, None], S[:, :, None] + added_S.cumsum(2)), dim=2)
-        sums_z = torch.cat((z[:, :, None], z[:, :, None] + added_z.cumsum(2)), dim=2)
-    else:
-        sums_S, sums_z = S[:, :, None], z[:, :, None]
+    kept_real = (state["kept_err"] > float("-inf"))[..., None]
+    all_fk = torch.cat((state["kept_fk"].to(acc) * kept_real, ufk.to(acc) * umask[:, None, :, None]), dim=2)
+    # The sums after each boundary: the state's, plus every key decided by then, less the kept ones (the state's kept
+    # slots are decided before the call and kept at its start, so its sums are the state's exactly).
+    kept_fk = _gather(all_fk, kept_refs)
+    kept_S = torch.einsum("bhmnf,bhmne->bhmfe", kept_fk, _gather(all_v.to(acc), kept_refs))
+    kept_z = kept_fk.sum(3)
+    decided = slice(keep + first, keep + first + m * block)
+    new_fk = all_fk[:, :, decided].reshape(b, hkv, m, block, all_fk.shape[-1])
+    new_v = all_v[:, :, decided].to(acc).reshape(b, hkv, m, block, all_v.shape[-1])
+    new_S = torch.einsum("bhmsf,bhmse->bhmfe", new_fk, new_v).cumsum(2)
+    sums_S = S[:, :, None] + (kept_S[:, :, :1] + F.pad(new_S, (0, 0, 0, 0, 1, 0)) - kept_S)
+    sums_z = z[:, :, None] + (kept_z[:, :, :1] + F.pad(new_fk.sum(3).cumsum(2), (0, 0, 1, 0)) - kept_z)
+    refs = kept_refs[:, :, -1]
     # Query blocks: those of U holding this call's queries (the first `offset` into its block); each reads the
     # decisions at boundaries up to its start.
     first_block, offset = divmod(front + tail, block)
     starts = base + block * torch.arange(first_block, n, device=q.device)
-    seen = torch.searchsorted(torch.tensor(boundaries, device=q.device, dtype=starts.dtype), starts, right=True)
-    kept_refs = torch.stack(kept_refs, dim=2)[:, :, seen]  # (B, Hkv, Q, N)
+    seen = ((starts - first_boundary).div(block, rounding_mode="floor") + 1).clamp_min(0)
+    kept_refs = kept_refs[:, :, seen]  # (B, Hkv, Q, N)
     block_S, block_z = sums_S[:, :, seen], sums_z[:, :, seen]
 
     def query_blocks(x):  # (B, H, T, *) -> (B, Hkv, G, Q, B, *), padded as U
