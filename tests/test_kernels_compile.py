@@ -27,7 +27,7 @@ def compile_kernels() -> None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from linearize.hf import triton_conv, triton_features, triton_rope, triton_window
+    from linearize.hf import triton_conv, triton_features, triton_kept, triton_rope, triton_window
 
     states = {"conv", "recurrent", "state", "ssm", "S", "z", "window_fk"}
     # The gated delta rule's caches shared by a kv head's query heads move on in a launch of their own (with the window,
@@ -90,6 +90,22 @@ def compile_kernels() -> None:
             HEADS=9, KV_HEADS=3, DIM=64, VALUE_DIM=64, WIDTH=128, BLOCK_DIM=64, BLOCK_VALUE=64, BLOCK_WIDTH=128, BLOCK=block,
             CHUNK=triton_window.CHUNK, WINDOW=window, SOFTCAP=True, PRECISION="ieee" if dtype == "fp32" else "tf32", INTERPRETED=False,
             **own,
+        )
+        triton.compile(ASTSource(kernel, signature, constexprs=constants), target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    # The kept keys' prefill (triton_kept.py): bf16 q, k, v, float32 feature maps and sums, SmolLM2's heads, window 256,
+    # 128 kept keys, blocks of 64, and fp32, each with its tiles and warps.
+    kernel = triton_kept._kept_window_kernel
+    for dtype, (key_tile, warps) in (("bf16", triton_kept.TILES[torch.bfloat16]), ("fp32", triton_kept.TILES[torch.float32])):
+        signature = {
+            param.name: "constexpr" if param.is_constexpr else "*i1" if param.name in ("key_mask", "kept_real") else "*i64" if param.name == "refs"
+            else "fp32" if param.name in ("scaling", "softcap") else f"*{dtype}" if param.name in ("q", "keys", "values", "out")
+            else "i32" if param.name.startswith("stride") or param.name in ("length", "first_block", "offset") else "*fp32"
+            for param in kernel.params
+        }
+        constants = dict(
+            HEADS=9, KV_HEADS=3, DIM=64, VALUE_DIM=64, WIDTH=128, KEEP=128, ROWS=128 + 4096, QUERIES=60, BLOCK=64, BLOCK_Q=64,
+            KEY_TILE=key_tile, WINDOW=256, BLOCK_DIM=64, BLOCK_VALUE=64, BLOCK_WIDTH=128, SOFTCAP=True,
+            PRECISION="ieee" if dtype == "fp32" else "tf32", INTERPRETED=False,
         )
         triton.compile(ASTSource(kernel, signature, constexprs=constants), target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
     # The prefix states of an inference prefill (triton_window.py): bf16 v, float32 feature maps, state and sums.

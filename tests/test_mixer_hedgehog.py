@@ -149,12 +149,12 @@ def test_kept_keys_in_every_form_match_the_reference(options, length, padded, pr
 def test_kept_keys_add_no_parameters_and_their_state_is_its_cost():
     """keep adds no parameter (a trained student takes it as it is); its state is cost().state_fixed elements after a
     prefill and after a step that decides a block; its cache is dynamic (a step reads the count of tokens) and its CUDA
-    path PyTorch's prefill and the fused step (63 steps of 64 on CUDA, `test_triton_step.py`)."""
+    path the kept keys' prefill kernel (inference) and the fused step (`test_triton_kept.py`, `test_triton_step.py`)."""
     mixer, rotary = build(HedgehogSWAMixer, window=5, keep=3, keep_block=4)
     plain, _ = build(HedgehogSWAMixer, window=5)
     assert [n for n, _ in mixer.named_parameters()] == [n for n, _ in plain.named_parameters()]
     assert not HedgehogSWAMixer.static_state(mixer.options_dict()) and HedgehogSWAMixer.static_state(plain.options_dict())
-    assert mixer.cuda_path(torch.bfloat16) == "PyTorch (no prefill kernel for option 'keep' yet); decode: fused Triton step"
+    assert mixer.cuda_path(torch.bfloat16) == "Triton (linearize; training on the PyTorch path); decode: fused Triton step"
     cost = type(mixer).cost(mixer.spec, mixer.options)
     hidden, _, position_embeddings = inputs(rotary, mixer.attn.config.hidden_size, 8, pad=0)
     state = MixerState()

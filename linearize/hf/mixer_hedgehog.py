@@ -10,8 +10,10 @@ as one chunked Triton kernel, `triton_window.window_linear_prefill`, where they 
 feature maps as one more (`triton_features.feature_maps`); the PyTorch path is the reference. With `decay`, the keys
 that have left `hedgehog_swa`'s window fade by a learnable factor per kv head and token (undecayed, their mass in the
 shared normaliser grows with the context); the fused step takes it, the prefill kernel not yet (its prefill runs the
-PyTorch path). With `keep`, the keys the linear state recalls worst stay exact beside the window (`ops_kept`; PyTorch
-only, every path).
+PyTorch path). With `keep`, the keys the linear state recalls worst stay exact beside the window (`ops_kept`): on
+CUDA a decode step runs as one fused Triton step (`triton_step.hedgehog_swa_kept_step`, the decision every keep_block
+steps in PyTorch), and an inference prefill scores its queries in one Triton kernel (`triton_kept`), the rest of it in
+PyTorch; training runs the PyTorch path.
 """
 
 from __future__ import annotations
@@ -315,8 +317,9 @@ class HedgehogSWAMixer(HedgehogMixer):
 
     def cuda_path(self, dtype: torch.dtype) -> str:
         path = super().cuda_path(dtype)
-        missing = "keep" if self.options.keep else "decay" if self.options.decay else None
-        return path.replace("Triton (linearize)", f"PyTorch (no prefill kernel for option {missing!r} yet)") if missing else path
+        if self.options.keep:  # `triton_kept`: inference only
+            return path.replace("Triton (linearize)", "Triton (linearize; training on the PyTorch path)")
+        return path.replace("Triton (linearize)", "PyTorch (no prefill kernel for option 'decay' yet)") if self.options.decay else path
 
     def fresh_step_state(self, q: torch.Tensor) -> dict[str, torch.Tensor]:
         batch, hkv, width = q.shape[0], self.spec.num_kv_heads, 2 * self.options.feature_dim

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .ops_window import _acc, block_length
+from .triton_kept import kept_prefill_problem, kept_window_prefill
 
 
 def empty_kept_state(q, k, v, fk, window: int, keep: int, block: int) -> dict[str, torch.Tensor]:
@@ -153,11 +154,11 @@ def kept_window_linear(
     return (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)), (state if output_state else None)
 
 
-# Longer than 60 lines: the segment reads top to bottom as the module docstring's steps (errors, decisions, sums,
-# window, kept keys); split, each step would pass a dozen tensors to the next.
+# Longer than 60 lines: the segment reads top to bottom as the module docstring's steps (errors, decisions, sums, then
+# the heads, `_heads` or its kernel, and the next state); split further, each step would pass a dozen tensors on.
 def _kept_segment(q, k, v, fq, fk, *, window, keep, block, scaling, sm_weight, ln_weight, key_mask, softcap, state, position):
-    b, h, length, d = q.shape
-    hkv, g, acc = k.shape[1], h // k.shape[1], _acc(q)
+    b, length = q.shape[0], q.shape[2]
+    hkv, acc = k.shape[1], _acc(q)
     tail = window + block - 2
     state = _unpacked(state, keep, tail + 1, position)
     if key_mask is None:
@@ -217,6 +218,46 @@ def _kept_segment(q, k, v, fq, fk, *, window, keep, block, scaling, sm_weight, l
     kept_refs = kept_refs[:, :, seen]  # (B, Hkv, Q, N)
     block_S, block_z = sums_S[:, :, seen], sums_z[:, :, seen]
 
+    kept_real = torch.gather(all_err, 2, kept_refs.flatten(2)).view_as(kept_refs) > float("-inf")
+    scored = (q, fq, all_k, all_v, umask, kept_refs, kept_real, block_S, block_z, sm_weight, ln_weight)
+    layout = dict(keep=keep, first_block=first_block, offset=offset, window=window, block=block, scaling=scaling, softcap=softcap)
+    if kept_prefill_problem(q, all_k, all_v, fq) is None:
+        o = kept_window_prefill(*scored, **layout)
+    else:
+        o = _heads(*scored, **layout)
+    # The next state: the sums after the last boundary, its kept keys, and the last L positions with those decided at
+    # it (at or before its position - w) zeroed and masked, as the decode step leaves them.
+    end = position + length
+    undecided = torch.arange(end - tail, end, device=q.device) > end // block * block - window
+    last = slice(front + length, front + tail + length)
+    new = {
+        "S": sums_S[:, :, -1],
+        "z": sums_z[:, :, -1],
+        "k": uk[:, :, last] * undecided[:, None],
+        "v": uv[:, :, last] * undecided[:, None],
+        "fk": ufk[:, :, last] * undecided[:, None],
+        "mask": umask[:, last] & undecided,
+        "kept_k": _gather(all_k, refs),
+        "kept_v": _gather(all_v, refs),
+        "kept_fk": _gather(all_fk, refs).to(fk.dtype),
+        "kept_err": torch.gather(all_err, 2, refs),
+    }
+    return o, _packed(new, tail + 1, end)
+
+
+def _heads(
+    q, fq, all_k, all_v, umask, kept_refs, kept_real, block_S, block_z, sm_weight, ln_weight, *, keep, first_block, offset, window,
+    block, scaling, softcap,
+):
+    """The heads (B, H, T, V) in v's dtype of a segment's queries from what `_kept_segment` decided (the PyTorch path of
+    `triton_kept.kept_window_prefill`, which documents the arguments): each query block's window of U's keys and its
+    kept keys by softmax, its sums through the feature maps, under one normaliser."""
+    b, h, length, _ = q.shape
+    hkv, acc = all_k.shape[1], _acc(q)
+    g = h // hkv
+    uk, uv = all_k[:, :, keep:], all_v[:, :, keep:]
+    back = block_S.shape[2] * block - offset - length
+
     def query_blocks(x):  # (B, H, T, *) -> (B, Hkv, G, Q, B, *), padded as U
         x = F.pad(x, (0, 0, offset, back))
         return x.reshape(b, hkv, g, -1, block, x.shape[-1])
@@ -238,7 +279,6 @@ def _kept_segment(q, k, v, fq, fk, *, window, keep, block, scaling, sm_weight, l
     if softcap is not None:
         scores, kept_scores = (torch.tanh(x / softcap) * softcap for x in (scores, kept_scores))
     scores = scores.masked_fill(~(causal & wmask[:, None, None, :, None, :]), float("-inf"))
-    kept_real = torch.gather(all_err, 2, kept_refs.flatten(2)).view_as(kept_refs) > float("-inf")
     kept_scores = kept_scores.masked_fill(~kept_real[:, :, None, :, None, :], float("-inf"))
     peak = torch.maximum(scores.amax(-1, keepdim=True), kept_scores.amax(-1, keepdim=True)).clamp_min(torch.finfo(acc).min)
     smw, lnw = _weights(sm_weight, hkv, acc, 3), _weights(ln_weight, hkv, acc, 3)
@@ -248,25 +288,7 @@ def _kept_segment(q, k, v, fq, fk, *, window, keep, block, scaling, sm_weight, l
     den = a.sum(-1, keepdim=True) + a_kept.sum(-1, keepdim=True)
     den = den + lnw * torch.einsum("bhgqrf,bhqf->bhgqr", fqb, block_z)[..., None]
     o = (num / den.clamp_min(1e-30)).reshape(b, h, -1, num.shape[-1])
-    o = o[:, :, offset : offset + length].to(v.dtype)
-    # The next state: the sums after the last boundary, its kept keys, and the last L positions with those decided at
-    # it (at or before its position - w) zeroed and masked, as the decode step leaves them.
-    end = position + length
-    undecided = torch.arange(end - tail, end, device=q.device) > end // block * block - window
-    last = slice(front + length, front + tail + length)
-    new = {
-        "S": sums_S[:, :, -1],
-        "z": sums_z[:, :, -1],
-        "k": uk[:, :, last] * undecided[:, None],
-        "v": uv[:, :, last] * undecided[:, None],
-        "fk": ufk[:, :, last] * undecided[:, None],
-        "mask": umask[:, last] & undecided,
-        "kept_k": _gather(all_k, refs),
-        "kept_v": _gather(all_v, refs),
-        "kept_fk": _gather(all_fk, refs).to(fk.dtype),
-        "kept_err": torch.gather(all_err, 2, refs),
-    }
-    return o, _packed(new, tail + 1, end)
+    return o[:, :, offset : offset + length].to(all_v.dtype)
 
 
 def decode_kept_window_linear(
