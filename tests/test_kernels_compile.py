@@ -32,15 +32,16 @@ def compile_kernels() -> None:
     states = {"conv", "recurrent", "state", "ssm", "S", "z", "window_fk"}
     # The gated delta rule's caches shared by a kv head's query heads move on in a launch of their own (with the window,
     # and without it, as qwen3_5_gdn).
-    # hedgehog_swa+options: its decay and feature maps before RoPE (by default, neither).
-    kernels = [(name, 64) for name in MIXERS] + [("hedgehog_swa", 256), ("hedgehog_swa+options", 64), ("kv_shift", 64), ("kv_shift", 1)]
-    for name, window in kernels:
+    # hedgehog_swa+options: its decay and feature maps before RoPE (by default, neither); +keep: `ops_kept`'s layout, 128
+    # kept keys and a ring of window + 63 positions.
+    kernels = [(name, 64) for name in MIXERS] + [("hedgehog_swa", 256), ("hedgehog_swa+options", 64), ("hedgehog_swa+keep", 256)]
+    for name, window in kernels + [("kv_shift", 64), ("kv_shift", 1)]:
         qwen = name == "qwen3_5_gdn"  # gated_deltanet's kernel in qwen3_5's variant, without a window
-        options = name.endswith("+options")
+        options, ring = name.endswith("+options"), name.endswith("+keep")
         kernel = getattr(triton_step, "_gated_deltanet_kernel" if qwen else f"_{name.split('+')[0]}_kernel")
         constants = dict(
-            HAS_DECAY=options, LINEAR_ROPE=not options,
-            HEADS=9, KV_HEADS=3, DIM=64, KEEP=window - 1, ROT=64, BLOCK_DIM=64, BLOCK_WINDOW=window, HAS_REAL=True,
+            HAS_DECAY=options, LINEAR_ROPE=not options, RING=ring,
+            HEADS=9, KV_HEADS=3, DIM=64, KEEP=128 + window + 63 if ring else window - 1, ROT=64, BLOCK_DIM=64, BLOCK_WINDOW=window, HAS_REAL=True,
             WINDOW=not qwen and window > 1, SOFTCAP=True, HIDDEN=576, BLOCK_HIDDEN=256, TAPS=4, BLOCK_TAPS=4, FEATURES=64,
             BLOCK_FEATURES=64, CHUNK=min(window, triton_step.WINDOW_CHUNK // 64), QWEN=qwen, BLOCK_KEEP=triton.next_power_of_2(max(window - 1, 1)),
         )
@@ -48,7 +49,7 @@ def compile_kernels() -> None:
         for param in kernel.params:
             if param.is_constexpr:
                 signature[param.name] = "constexpr"
-            elif param.name.startswith("stride"):
+            elif param.name.startswith("stride") or param.name == "row":
                 signature[param.name] = "i32"
             elif param.name in ("scaling", "softcap", "gate_normalizer", "eps"):
                 signature[param.name] = "fp32"
@@ -56,19 +57,6 @@ def compile_kernels() -> None:
                 signature[param.name] = "*i1" if param.name in ("real", "window_mask") else "*fp32" if param.name in states else "*bf16"
         given = {param.name: constants[param.name] for param in kernel.params if param.is_constexpr}
         triton.compile(ASTSource(kernel, signature, constexprs=given), target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
-    # hedgehog_swa with 128 kept keys beside a ring of 256 + 63 positions (`ops_kept`, blocks of 64).
-    kernel = triton_step._hedgehog_swa_kept_kernel
-    signature = {
-        param.name: "constexpr" if param.is_constexpr else "i32" if param.name.startswith("stride") or param.name == "row"
-        else "fp32" if param.name in ("scaling", "softcap") else "*i1" if param.name in ("real", "mask")
-        else "*fp32" if param.name in ("S", "z", "features") else "*bf16"
-        for param in kernel.params
-    }
-    constants = dict(
-        HEADS=9, KV_HEADS=3, DIM=64, ROT=64, BLOCK_DIM=64, HAS_REAL=True, SOFTCAP=True, FEATURES=64, BLOCK_FEATURES=64, ROWS=128 + 256 + 63,
-        CHUNK=triton_step.WINDOW_CHUNK // 64, LINEAR_ROPE=True,
-    )
-    triton.compile(ASTSource(kernel, signature, constexprs=constants), target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
     # The prefill's forward (bf16, with and without the statistics its backward reads, and fp32) and its two backward
     # kernels (bf16 and fp32), each with its blocks and warps.
     halves = {"q", "k", "v", "out", "grad"}

@@ -23,7 +23,7 @@ from .triton_step import DTYPES, MAX_HEAD_DIM, TRITON_PROBLEM, fused_kernel_prob
 
 if TRITON_PROBLEM is None:  # Triton as triton_step imported it: transformers' remote-code check skips relative imports
     from .triton_step import INTERPRETED, _float32, _rounded, tl, triton
-    from .triton_window import _operand
+    from .triton_window import _operand, _scores
 
 # Keys a tile holds (window and kept keys alike) and the warps of a program, by q's dtype; a program's queries are a
 # block of keep_block (64 in the recipes), padded to a power of two of at least 16 for the tensor cores. Compiled for
@@ -97,15 +97,6 @@ if TRITON_PROBLEM is None:
         return new_peak, total * rescale + tl.sum(a, 1), weighted
 
     @triton.jit
-    def _scored(q_tile, k_tile, scaling, softcap, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
-        """The queries' scores against a tile of keys: q.k times the teacher's scaling, then its softcap where it has one."""
-        scores = tl.dot(q_tile, tl.trans(k_tile), input_precision=PRECISION) * scaling
-        if SOFTCAP:
-            fall = tl.exp(-2.0 * tl.abs(scores / softcap))
-            scores = tl.where(scores < 0, -1.0, 1.0) * (1.0 - fall) / (1.0 + fall) * softcap
-        return scores
-
-    @triton.jit
     def _kept_window_kernel(
         q, fq, keys, values, key_mask, refs, kept_real, block_S, block_z, sm_weight, ln_weight, out,
         stride_qb, stride_qh, stride_qt, stride_fqb, stride_fqh, stride_fqt, length, first_block, offset, scaling, softcap,
@@ -142,7 +133,7 @@ if TRITON_PROBLEM is None:
             k_tile = _operand(tl.load(keys + at * DIM + d[None, :], mask=in_u[:, None] & (d < DIM)[None, :], other=0.0), dtype, INTERPRETED)
             v_tile = _operand(tl.load(values + at * VALUE_DIM + e[None, :], mask=in_u[:, None] & (e < VALUE_DIM)[None, :], other=0.0), dtype, INTERPRETED)
             valid = (u[None, :] <= query[:, None]) & (real & in_u)[None, :]
-            scores = _scored(q_tile, k_tile, scaling, softcap, SOFTCAP, PRECISION)
+            scores, _ = _scores(q_tile, k_tile, scaling, softcap, SOFTCAP, PRECISION)
             peak, total, weighted = _online(peak, total, weighted, scores, valid, v_tile, dtype, PRECISION, INTERPRETED)
         # The block's kept keys, through their indices.
         for tile in range((KEEP + KEY_TILE - 1) // KEY_TILE):
@@ -153,7 +144,7 @@ if TRITON_PROBLEM is None:
             at = (head * ROWS + tl.load(refs + slot, mask=in_n, other=0))[:, None]
             k_tile = _operand(tl.load(keys + at * DIM + d[None, :], mask=in_n[:, None] & (d < DIM)[None, :], other=0.0), dtype, INTERPRETED)
             v_tile = _operand(tl.load(values + at * VALUE_DIM + e[None, :], mask=in_n[:, None] & (e < VALUE_DIM)[None, :], other=0.0), dtype, INTERPRETED)
-            scores = _scored(q_tile, k_tile, scaling, softcap, SOFTCAP, PRECISION)
+            scores, _ = _scores(q_tile, k_tile, scaling, softcap, SOFTCAP, PRECISION)
             peak, total, weighted = _online(peak, total, weighted, scores, real[None, :] & in_rows[:, None], v_tile, dtype, PRECISION, INTERPRETED)
         # The sums of every key the block reads through the feature maps, after the softmax (fewer tiles held at once).
         fq_rows = b * stride_fqb + h * stride_fqh + t[:, None] * stride_fqt

@@ -35,7 +35,8 @@ all of a layer's step that follows the teacher's q/k/v projections in one kernel
 - `hedgehog_swa_kept_step`: the same with kept keys (option `keep`) in `ops_kept`'s layout: the current key, value,
   feature-mapped key and mask written into their row of the ring, and every row (the kept keys and the ring) scored
   under the one normaliser with the sums, which a step leaves as they are; the decision every keep_block steps is
-  `ops_kept.decide_block`'s, in PyTorch.
+  `ops_kept.decide_block`'s, in PyTorch. It is `hedgehog_swa`'s kernel with RING on; compiled for sm_90 (bf16, 8 warps,
+  Triton 3.9's ptxas) at 128 kept keys and window 256 it takes 239 registers a thread and spills none.
 And for the first three, with a window: RoPE on the unconvolved q and k, the window's one-query softmax over its cached
 keys and the current one (the mask, the teacher's scaling, its softcap where it has one), the window cache
 (B, Hkv, window - 1, D) shifted in place, and the share mix s * window + (1 - s) * linear heads, with
@@ -228,7 +229,7 @@ def _launch(
             BLOCK_KEEP=triton.next_power_of_2(max(keep, 1)), WINDOW=window_k is not None and keep > 0,
             TAPS=taps, BLOCK_TAPS=triton.next_power_of_2(max(taps - 1, 1)), **shapes,
         )
-    elif window_mask is not None and keep > 0:
+    elif window_mask is not None and keep > 0 and not constants.get("RING"):  # a ring's mask is written in its row
         _shift_mask_kernel[(batch,)](
             window_mask, given(real), strides[-1], KEEP=keep, BLOCK_KEEP=triton.next_power_of_2(keep), HAS_REAL=real is not None,
         )
@@ -341,13 +342,10 @@ def _hedgehog_swa(
     float32, and the window (`_launch`) in place. q_weight (H, D, F), q_bias (H, 1, F): the query heads' feature maps;
     k_weight, k_bias: the kv heads'; decay_logit (Hkv,) or None: S and z fade by its sigmoid before the oldest key
     joins them; linear_rope: the feature maps read the rotated q and k (else the unrotated)."""
-    features = q_weight.shape[-1]
     return _launch(
         _hedgehog_swa_kernel, q, k, v, cos, sin, real, window_k, window_v, window_mask, scaling, softcap,
-        window_fk, q_weight, q_bias, k_weight, k_bias, window_logit, S, z, decay_logit,
-        FEATURES=features, BLOCK_FEATURES=triton.next_power_of_2(features), HAS_DECAY=decay_logit is not None,
-        LINEAR_ROPE=linear_rope,
-        CHUNK=min(triton.next_power_of_2(window_k.shape[2] + 1), max(WINDOW_CHUNK // triton.next_power_of_2(q.shape[-1]), 1)),
+        window_fk, q_weight, q_bias, k_weight, k_bias, window_logit, S, z, decay_logit, 0, HAS_DECAY=decay_logit is not None,
+        LINEAR_ROPE=linear_rope, **_hedgehog_swa_constants(q, q_weight, window_k, ring=False),
     )
 
 
@@ -361,23 +359,19 @@ def _hedgehog_swa_kept(
     `ops_kept`'s layout: writes the current key, value, feature-mapped key and mask into row `row` of keys, values
     (B, Hkv, P, D) in q's dtype, features (B, Hkv, P, 2F), float32, and mask (B, Hkv, P), in place, and reads S
     (B, Hkv, 2F, D) and z (B, Hkv, 2F), float32. The block's decision, every keep_block steps, is `ops_kept`'s."""
-    batch, heads, _, dim = q.shape
-    features_n, rows = q_weight.shape[-1], keys.shape[2]
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
-
-    def given(t):  # q stands for an absent optional tensor; the kernel never reads it
-        return q if t is None else t
-
-    _hedgehog_swa_kept_kernel[(batch, k.shape[1])](
-        q, k, v, given(cos), given(sin), given(real), out, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
-        v.stride(1), 0 if cos is None or cos.shape[0] == 1 else cos.stride(0), 0 if real is None else real.stride(0), scaling,
-        1.0 if softcap is None else softcap, keys, values, features, mask, row, q_weight, q_bias, k_weight, k_bias, window_logit, S, z,
-        HEADS=heads, KV_HEADS=k.shape[1], DIM=dim, ROT=0 if cos is None else cos.shape[-1], BLOCK_DIM=triton.next_power_of_2(dim),
-        HAS_REAL=real is not None, SOFTCAP=softcap is not None, FEATURES=features_n, BLOCK_FEATURES=triton.next_power_of_2(features_n),
-        ROWS=rows, CHUNK=min(triton.next_power_of_2(rows), max(WINDOW_CHUNK // triton.next_power_of_2(dim), 1)), LINEAR_ROPE=linear_rope,
-        num_warps=8,
+    return _launch(
+        _hedgehog_swa_kernel, q, k, v, cos, sin, real, keys, values, mask, scaling, softcap,
+        features, q_weight, q_bias, k_weight, k_bias, window_logit, S, z, None, row, HAS_DECAY=False, LINEAR_ROPE=linear_rope,
+        **_hedgehog_swa_constants(q, q_weight, keys, ring=True),
     )
-    return out
+
+
+def _hedgehog_swa_constants(q: Tensor, q_weight: Tensor, window_k: Tensor, ring: bool) -> dict:
+    """The `hedgehog_swa` kernel's own constants: its feature maps' width, its window's chunks, and the layout."""
+    features = q_weight.shape[-1]
+    rows = window_k.shape[2] + (0 if ring else 1)
+    chunk = min(triton.next_power_of_2(rows), max(WINDOW_CHUNK // triton.next_power_of_2(q.shape[-1]), 1))
+    return dict(FEATURES=features, BLOCK_FEATURES=triton.next_power_of_2(features), CHUNK=chunk, RING=ring)
 
 
 if TRITON_PROBLEM is None:
@@ -548,6 +542,20 @@ if TRITON_PROBLEM is None:
         """A window's rows (`_window_tile`) and which of them are real tokens (`_seen`)."""
         rows, tile, keys, values = _window_tile(window_k, window_v, k_now, v_now, b, j, d, in_d, start, KV_HEADS, DIM, KEEP, ROWS)
         return rows, tile, keys, values, _seen(window_mask, keep, b, rows, KEEP)
+
+    @triton.jit
+    def _ring_rows(keys, values, mask, k_now, v_now, keep, head, row, d, in_d, start, DIM: tl.constexpr, ROWS: tl.constexpr, CHUNK: tl.constexpr):
+        """Rows start .. start + CHUNK of kv head `head`'s ROWS rows in `ops_kept`'s layout (kept keys, then the ring),
+        as `_window_rows` gives a window's, with the current key and value (k_now, v_now, real where `keep`) in row `row`
+        in place of what the cache holds there."""
+        rows = start + tl.arange(0, CHUNK)
+        tile = (head * ROWS + rows)[:, None] * DIM + d[None, :]
+        in_tile = (rows < ROWS)[:, None] & in_d[None, :]
+        current = rows == row
+        tile_keys = tl.where(current[:, None], k_now[None, :], tl.load(keys + tile, mask=in_tile, other=0.0).to(tl.float32))
+        tile_values = tl.where(current[:, None], v_now[None, :], tl.load(values + tile, mask=in_tile, other=0.0).to(tl.float32))
+        seen = tl.where(current, keep, tl.load(mask + head * ROWS + rows, mask=rows < ROWS, other=0) != 0)
+        return rows, tile, tile_keys, tile_values, seen
 
     @triton.jit
     def _shifted(cache, tile, x, rows, lanes, KEEP: tl.constexpr, WIDTH: tl.constexpr):
@@ -876,18 +884,20 @@ if TRITON_PROBLEM is None:
         fk_pos, fk_neg = _features(k_read, k_weight + j * DIM * FEATURES, k_bias + j * FEATURES, d, in_d, f, in_f, FEATURES)
         return cos_row, sin_row, f, in_f, k_now, fk_pos, fk_neg
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["row"])
     def _hedgehog_swa_kernel(
         q, k, v, cos, sin, real, window_k, window_v, window_mask, out,
         stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_cos, stride_real, scaling, softcap,
-        window_fk, q_weight, q_bias, k_weight, k_bias, window_logit, S, z, decay_logit,
+        window_fk, q_weight, q_bias, k_weight, k_bias, window_logit, S, z, decay_logit, row,
         HEADS: tl.constexpr, KV_HEADS: tl.constexpr, DIM: tl.constexpr, KEEP: tl.constexpr, ROT: tl.constexpr,
         BLOCK_DIM: tl.constexpr, BLOCK_WINDOW: tl.constexpr, HAS_REAL: tl.constexpr, WINDOW: tl.constexpr,
         SOFTCAP: tl.constexpr, FEATURES: tl.constexpr, BLOCK_FEATURES: tl.constexpr, CHUNK: tl.constexpr,
-        HAS_DECAY: tl.constexpr, LINEAR_ROPE: tl.constexpr,
+        HAS_DECAY: tl.constexpr, LINEAR_ROPE: tl.constexpr, RING: tl.constexpr,
     ):
         """Program (b, j): sequence b, kv head j, whose state and window its query heads read, and its query heads
-        (module docstring). The window is read CHUNK rows at a time, its softmax taken online."""
+        (module docstring). The window is read CHUNK rows at a time, its softmax taken online. With RING, the window is
+        `ops_kept`'s KEEP rows (kept keys and ring, mask per kv head) and the current key goes into row `row`: scored
+        from registers there and stored after, so no program reads another's rows."""
         b, j, d, in_d, keep, k_ptr, _, v_now = _program(
             k, v, real, stride_kb, stride_kh, stride_vb, stride_vh, stride_real, DIM, BLOCK_DIM, HAS_REAL, 1
         )
@@ -916,14 +926,41 @@ if TRITON_PROBLEM is None:
             peak = tl.full([], float("-inf"), tl.float32)
             total = tl.full([], 0.0, tl.float32)
             mean = tl.zeros([BLOCK_DIM], dtype=tl.float32)
-            for start in range(0, KEEP + 1, CHUNK):
-                rows, tile, keys, values, seen = _window_rows(
-                    window_k, window_v, window_mask, k_now, v_now, keep, b, j, d, in_d, start, KV_HEADS, DIM, KEEP, CHUNK
-                )
+            for start in range(0, KEEP + (0 if RING else 1), CHUNK):
+                if RING:
+                    rows, tile, keys, values, seen = _ring_rows(
+                        window_k, window_v, window_mask, k_now, v_now, keep, head, row, d, in_d, start, DIM, KEEP, CHUNK
+                    )
+                else:
+                    rows, tile, keys, values, seen = _window_rows(
+                        window_k, window_v, window_mask, k_now, v_now, keep, b, j, d, in_d, start, KV_HEADS, DIM, KEEP, CHUNK
+                    )
                 peak, total, mean = _online(peak, total, mean, _scores(keys, q_now, seen, scaling, softcap, SOFTCAP), seen, values)
             num = share * mean + (1 - share) * num
             den = share * total + (1 - share) * den
             _store(out, num / tl.maximum(den, 1e-30), b, h, d, in_d, HEADS, DIM)
+        if RING:  # the current key into its row; the sums stay as they are
+            at = head * KEEP + row
+            tl.store(window_k + at * DIM + d, k_now.to(window_k.dtype.element_ty), mask=in_d)
+            tl.store(window_v + at * DIM + d, v_now.to(window_v.dtype.element_ty), mask=in_d)
+            tl.store(window_fk + at * WIDTH + f, fk_pos, mask=in_f)
+            tl.store(window_fk + at * WIDTH + FEATURES + f, fk_neg, mask=in_f)
+            tl.store(window_mask + at, keep)
+        else:
+            _folded_and_shifted(
+                window_k, window_v, window_mask, window_fk, decay_logit, k_now, v_now, fk_pos, fk_neg, keep, b, j, head, state,
+                square, sums, d, in_d, f, in_f, KV_HEADS, DIM, KEEP, FEATURES, CHUNK, HAS_DECAY,
+            )
+
+    @triton.jit
+    def _folded_and_shifted(
+        window_k, window_v, window_mask, window_fk, decay_logit, k_now, v_now, fk_pos, fk_neg, keep, b, j, head, state, square,
+        sums, d, in_d, f, in_f, KV_HEADS: tl.constexpr, DIM: tl.constexpr, KEEP: tl.constexpr, FEATURES: tl.constexpr,
+        CHUNK: tl.constexpr, HAS_DECAY: tl.constexpr,
+    ):
+        """After every query head of a `hedgehog_swa` step has read them: the sums fade (with a decay) and take the
+        window's oldest key, and the window's caches move one row on, the current key last."""
+        WIDTH: tl.constexpr = 2 * FEATURES
         # The oldest key leaves the window into S and z (a pad adds nothing): the cache's first row, or with no cache
         # (window 1) the current key.
         if KEEP > 0:
@@ -958,64 +995,6 @@ if TRITON_PROBLEM is None:
             _shifted(window_v, tile, values, rows, in_d, KEEP, DIM)
             _shifted(window_fk, features, pos, rows, in_f, KEEP, WIDTH)
             _shifted(window_fk, features + FEATURES, neg, rows, in_f, KEEP, WIDTH)
-
-    @triton.jit(do_not_specialize=["row"])
-    def _hedgehog_swa_kept_kernel(
-        q, k, v, cos, sin, real, out,
-        stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_cos, stride_real, scaling, softcap,
-        keys, values, features, mask, row, q_weight, q_bias, k_weight, k_bias, window_logit, S, z,
-        HEADS: tl.constexpr, KV_HEADS: tl.constexpr, DIM: tl.constexpr, ROT: tl.constexpr, BLOCK_DIM: tl.constexpr,
-        HAS_REAL: tl.constexpr, SOFTCAP: tl.constexpr, FEATURES: tl.constexpr, BLOCK_FEATURES: tl.constexpr, ROWS: tl.constexpr,
-        CHUNK: tl.constexpr, LINEAR_ROPE: tl.constexpr,
-    ):
-        """Program (b, j): sequence b, kv head j, its ROWS rows (kept keys and ring, `ops_kept`) and its query heads. The
-        current key is scored from registers in its row, which is stored after: no program reads another's rows."""
-        b, j, d, in_d, keep, k_ptr, _, v_now = _program(
-            k, v, real, stride_kb, stride_kh, stride_vb, stride_vh, stride_real, DIM, BLOCK_DIM, HAS_REAL, 1
-        )
-        scaling, softcap = _float32(scaling), _float32(softcap)
-        GROUPS: tl.constexpr = HEADS // KV_HEADS
-        WIDTH: tl.constexpr = 2 * FEATURES
-        cos_row, sin_row, f, in_f, k_now, fk_pos, fk_neg = _hedgehog_key(
-            k_ptr, cos, sin, stride_cos, k_weight, k_bias, b, j, d, in_d, DIM, ROT, FEATURES, BLOCK_FEATURES, LINEAR_ROPE
-        )
-        head = b * KV_HEADS + j
-        state = S + (head * WIDTH + f[:, None]) * DIM + d[None, :]
-        square = in_f[:, None] & in_d[None, :]
-        sums = z + head * WIDTH + f
-        for g in range(GROUPS):
-            h = j * GROUPS + g
-            q_ptr = q + b * stride_qb + h * stride_qh
-            q_now = _rotated(q_ptr, cos_row, sin_row, d, in_d, ROT)
-            q_read = q_now if LINEAR_ROPE else _rotated(q_ptr, cos_row, sin_row, d, in_d, 0)
-            fq_pos, fq_neg = _features(q_read, q_weight + h * DIM * FEATURES, q_bias + h * FEATURES, d, in_d, f, in_f, FEATURES)
-            share = tl.sigmoid(tl.load(window_logit + h).to(tl.float32))
-            num = tl.sum(fq_pos[:, None] * tl.load(state, mask=square, other=0.0), 0)
-            num += tl.sum(fq_neg[:, None] * tl.load(state + FEATURES * DIM, mask=square, other=0.0), 0)
-            den = tl.sum(fq_pos * tl.load(sums, mask=in_f, other=0.0), 0) + tl.sum(fq_neg * tl.load(sums + FEATURES, mask=in_f, other=0.0), 0)
-            peak = tl.full([], float("-inf"), tl.float32)
-            total = tl.full([], 0.0, tl.float32)
-            mean = tl.zeros([BLOCK_DIM], dtype=tl.float32)
-            for start in range(0, ROWS, CHUNK):
-                rows = start + tl.arange(0, CHUNK)
-                tile = (head * ROWS + rows)[:, None] * DIM + d[None, :]
-                in_tile = (rows < ROWS)[:, None] & in_d[None, :]
-                current = rows == row
-                cached = tl.load(keys + tile, mask=in_tile, other=0.0).to(tl.float32)
-                tile_keys = tl.where(current[:, None], k_now[None, :], cached)
-                tile_values = tl.where(current[:, None], v_now[None, :], tl.load(values + tile, mask=in_tile, other=0.0).to(tl.float32))
-                seen = tl.where(current, keep, tl.load(mask + head * ROWS + rows, mask=rows < ROWS, other=0) != 0)
-                scores = _scores(tile_keys, q_now, seen, scaling, softcap, SOFTCAP)
-                peak, total, mean = _online(peak, total, mean, scores, seen, tile_values)
-            num = share * mean + (1 - share) * num
-            den = share * total + (1 - share) * den
-            _store(out, num / tl.maximum(den, 1e-30), b, h, d, in_d, HEADS, DIM)
-        at = head * ROWS + row
-        tl.store(keys + at * DIM + d, k_now.to(keys.dtype.element_ty), mask=in_d)
-        tl.store(values + at * DIM + d, v_now.to(values.dtype.element_ty), mask=in_d)
-        tl.store(features + at * WIDTH + f, fk_pos, mask=in_f)
-        tl.store(features + at * WIDTH + FEATURES + f, fk_neg, mask=in_f)
-        tl.store(mask + at, keep)
 
     @triton.jit
     def _hedgehog_kernel(
