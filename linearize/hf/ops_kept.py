@@ -192,23 +192,20 @@ def _kept_segment(q, k, v, fq, fk, *, window, keep, block, scaling, sm_weight, l
     rank = member.cumsum(-1) - 1
     slots = torch.where(member & (rank < keep), rank, keep)
     refs = order.new_zeros(b, hkv, m + 1, keep + 1).scatter_(-1, slots, order[:, :, None].expand(-1, -1, m + 1, -1))[..., :keep]
-    kept_refs = torch.where(refs < keep, refs, refs + first)  # as indices into the kept slots then U
+    # Each boundary folds B keys: those left out there first (left out once, out for good), in the sort's order.
+    folded_at = (m + 1) - (member & (rank >= keep)).sum(2)
+    folded = order.gather(-1, folded_at.argsort(dim=-1, stable=True)[..., : m * block]).view(b, hkv, m, block)
+    kept_refs, folded = (torch.where(x < keep, x, x + first) for x in (refs, folded))  # as indices into the kept slots then U
     all_err = torch.cat((state["kept_err"], err), dim=2)
     all_k = torch.cat((state["kept_k"].to(k.dtype), uk), dim=2)
     all_v = torch.cat((state["kept_v"].to(v.dtype), uv), dim=2)
     kept_real = (state["kept_err"] > float("-inf"))[..., None]
     all_fk = torch.cat((state["kept_fk"].to(acc) * kept_real, ufk.to(acc) * umask[:, None, :, None]), dim=2)
-    # The sums after each boundary: the state's, plus every key decided by then, less the kept ones (the state's kept
-    # slots are decided before the call and kept at its start, so its sums are the state's exactly).
-    kept_fk = _gather(all_fk, kept_refs)
-    kept_S = torch.einsum("bhmnf,bhmne->bhmfe", kept_fk, _gather(all_v.to(acc), kept_refs))
-    kept_z = kept_fk.sum(3)
-    decided = slice(keep + first, keep + first + m * block)
-    new_fk = all_fk[:, :, decided].reshape(b, hkv, m, block, all_fk.shape[-1])
-    new_v = all_v[:, :, decided].to(acc).reshape(b, hkv, m, block, all_v.shape[-1])
-    new_S = torch.einsum("bhmsf,bhmse->bhmfe", new_fk, new_v).cumsum(2)
-    sums_S = S[:, :, None] + (kept_S[:, :, :1] + F.pad(new_S, (0, 0, 0, 0, 1, 0)) - kept_S)
-    sums_z = z[:, :, None] + (kept_z[:, :, :1] + F.pad(new_fk.sum(3).cumsum(2), (0, 0, 1, 0)) - kept_z)
+    # The sums each query block reads: the state's plus every key folded at a boundary before the block.
+    folded_fk = _gather(all_fk, folded)
+    added_S = torch.einsum("bhmsf,bhmse->bhmfe", folded_fk, _gather(all_v, folded).to(acc))
+    sums_S = torch.cat((S[:, :, None], S[:, :, None] + added_S.cumsum(2)), dim=2)
+    sums_z = torch.cat((z[:, :, None], z[:, :, None] + folded_fk.sum(3).cumsum(2)), dim=2)
     refs = kept_refs[:, :, -1]
     # Query blocks: those of U holding this call's queries (the first `offset` into its block); each reads the
     # decisions at boundaries up to its start.
