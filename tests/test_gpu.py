@@ -13,6 +13,7 @@ from linearize.decode import GraphDecoder
 from linearize.hf import kernel_dispatch as kernels
 from linearize.hf.ops_delta import chunk_gated_delta_rule
 from linearize.hf.ops_gated import chunk_gla, chunk_simple_gla
+from linearize.hf.ops_kept import kept_window_linear
 from linearize.hf.ops_window import chunk_window_linear
 from linearize.hf.triton_window import window_linear_prefill
 from tests.test_triton_step import MIXERS as FUSED_MIXERS
@@ -302,6 +303,32 @@ def test_fused_prefill_matches_the_pytorch_path(dtype, window, with_state):
             assert_close(mine, tensor, name, 1e-5)
         else:
             assert torch.equal(mine, tensor), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_kept_keys_prefill_kernel_matches_the_pytorch_path(monkeypatch, dtype):
+    """hedgehog_swa's kept keys' prefill kernel (triton_kept) at SmolLM2's shape, window 256, 128 kept keys, blocks of
+    64: 2K tokens in two calls carried by the state (the second starting inside a block), row 0 left-padded, per-head
+    weights and a softcap: heads against the PyTorch path, and the same next state."""
+    q, k, v, fq, fk, mask, _ = window_inputs(2048, 256, dtype, False, device="cuda", shape=(2, 9, 3, 64, 128))
+    share = torch.rand(9, generator=torch.Generator("cuda").manual_seed(1), device="cuda")
+    options = dict(window=256, keep=128, block=64, scaling=64**-0.5, sm_weight=share, ln_weight=1 - share, softcap=30.0)
+
+    def in_two_calls():
+        state, outs = None, []
+        for start, end in ((0, 700), (700, 2048)):
+            piece = [t[:, :, start:end] for t in (q, k, v, fq, fk)]
+            out, state = kept_window_linear(*piece, key_mask=mask[:, start:end], state=state, position=start, output_state=True, **options)
+            outs.append(out)
+        return torch.cat(outs, dim=2), state
+
+    with torch.no_grad():
+        o, new = in_two_calls()
+        monkeypatch.setenv("LINEARIZE_FUSED_STEP", "off")
+        expected, expected_state = in_two_calls()
+    assert o.dtype == dtype
+    assert_close(o, expected, "heads", PREFILL_TOLERANCE[dtype])
+    assert all(torch.equal(new[name], tensor) for name, tensor in expected_state.items())
 
 
 # The backward's gradients against autograd through the PyTorch path, relative to each one's largest entry: float32
