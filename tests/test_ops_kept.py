@@ -127,6 +127,20 @@ def test_a_step_writes_its_key_into_its_row_of_the_ring():
     assert new["mask"][:, :, 7].all() and not before["mask"][:, :, 7].any()
 
 
+def test_a_state_made_under_inference_mode_decodes_outside_it():
+    """torch refuses to write in place, outside inference mode, a tensor made inside it: such a state is copied."""
+    tensors, options = make(10)
+    options.update(window=5, keep=3, block=4)
+    with torch.inference_mode():
+        _, state = kept_window_linear(*part(tensors, options, 0, 9)[0], output_state=True, **part(tensors, options, 0, 9)[1])
+    step = part(tensors, options, 9, 10)
+    with torch.no_grad():
+        out, new = decode_kept_window_linear(*step[0], state=state, position=9, **step[1])
+    expected = naive_kept_window_linear(*tensors, **options)[:, :, 9:]
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-10)
+    assert not new["k"].is_inference() and state["k"].is_inference()
+
+
 def test_sizes_below_one_are_refused():
     tensors, options = make(4)
     with pytest.raises(ValueError, match="kept keys need window, keep and block of at least 1, got 4, 0, 8"):

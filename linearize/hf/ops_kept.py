@@ -326,8 +326,9 @@ def decode_kept_window_linear(
 
 
 def _written(x: torch.Tensor, row: int, new: torch.Tensor) -> torch.Tensor:
-    """x (B, Hkv, P, *) with `new` (B, Hkv or 1, 1, *) in row `row`: in place, or in a copy where autograd records."""
-    if torch.is_grad_enabled():
+    """x (B, Hkv, P, *) with `new` (B, Hkv or 1, 1, *) in row `row`: in place, or in a copy where autograd records or
+    where x was made under torch.inference_mode() and is written outside it (which torch refuses in place)."""
+    if torch.is_grad_enabled() or (x.is_inference() and not torch.is_inference_mode_enabled()):
         x = x.clone()
     x[:, :, row : row + 1] = new
     return x
