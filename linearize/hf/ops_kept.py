@@ -1,5 +1,6 @@
 """`hedgehog_swa` with kept keys: beside its softmax window, the N keys a kv head that its linear state recalls worst
-stay exact (pure PyTorch). Learned from LoLA's sparse cache (its paper; none of its code).
+stay exact. Learned from LoLA's sparse cache (its paper; none of its code). PyTorch, the reference of its kernels: on
+CUDA an inference prefill's scoring runs in `triton_kept`, a decode step in `triton_step` (the ring below).
 
 Keys are decided `block` (B) at a time, at block boundaries of the absolute position: query t of block c = t // B
 scores by softmax the keys s with cB - w < s <= t (its window, w to w + B - 1 keys) and the kept keys of its block;
@@ -11,7 +12,8 @@ first), the first N are kept and the other B are folded.
 The recall error of key s is how badly linear attention over every earlier key would give back its value:
 || v_s - sum_{j<s} (fk_s . fk_j) v_j / sum_{j<s} (fk_s . fk_j) ||^2 over real keys (+inf for the first real key,
 which nothing before it predicts, -inf for padding, which is never kept). It depends on the keys alone, not on what
-was kept, so a prefill computes every error at once; it is computed without gradients (the choice is not trained).
+was kept, so a prefill computes every error at once, and every boundary's decision too (`_kept_segment`); it is
+computed without gradients (the choice is not trained).
 
 Layout: q, fq (B, H, T, *), k, v, fk (B, Hkv, T, *), H a multiple of Hkv (query head i reads kv head i // (H // Hkv));
 `sm_weight`/`ln_weight` numbers or per-query-head tensors (H,). The state, per kv head: S (F, V) and z (F) sum the
