@@ -1,6 +1,7 @@
 """Which needles of RULER's multi-key prompts a kept-key student holds exact when it answers: after the prompt's
 prefill, each layer's kept keys and window matched to their positions, counted per needle (the asked one and the
-three distractors), per kv head. CPU."""
+three distractors), per kv head: its five digit tokens, and after the slash the six tokens before them (the place's name
+and " is:"), which the question's name must find. CPU."""
 import random, re, sys
 import torch
 import linearize
@@ -51,6 +52,8 @@ for depth in (0.1, 0.5, 0.9):
         cells = []
         for r, number in text_at:
             mark = "A" if number == probe.answer else "d"
-            cells.append(mark + "".join(str(sum(p in h for p in r)) for h in held))
+            # the needle's five digits, then the six tokens before them (its place's name and " is:")
+            named = range(r[0] - 6, r[0])
+            cells.append(mark + "".join(str(sum(p in h for p in r)) for h in held) + "/" + "".join(str(sum(p in h for p in named)) for h in held))
         if layer % 3 == 0:
             print(f"  layer {layer:2d}: " + "  ".join(cells))
