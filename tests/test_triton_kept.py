@@ -84,6 +84,21 @@ def test_the_kernel_matches_the_reference_and_leaves_the_pytorch_paths_state(mon
 
 
 @needs_triton
+def test_the_custom_op_computes_what_the_eager_launch_does(monkeypatch):
+    """A compiled model calls the registered op (`OP`), eager code launches the kernel itself: the same heads, bit for
+    bit."""
+    tensors, options = inputs(23, torch.float32)
+    options.update(window=5, keep=3, block=4)
+    monkeypatch.setenv("LINEARIZE_FUSED_STEP", "on")
+    outs = []
+    for launch in (triton_kept.kept_prefill, triton_kept.OP):
+        monkeypatch.setattr(triton_kept, "kept_prefill", launch)
+        with torch.no_grad():
+            outs.append(kept_window_linear(*tensors, **options)[0])
+    assert torch.equal(outs[0], outs[1])
+
+
+@needs_triton
 def test_generation_through_the_kernel_equals_uncached_and_the_pytorch_path(monkeypatch):
     model = linearize.convert(tiny_model(dtype=torch.float32, num_hidden_layers=2), "hedgehog_swa", window=4, keep=3, keep_block=4)
     calls = kernel_calls(monkeypatch, ops_kept, "kept_window_prefill", lambda args, out: out.shape)

@@ -22,7 +22,7 @@ from torch import Tensor
 from .triton_step import DTYPES, MAX_HEAD_DIM, TRITON_PROBLEM, fused_kernel_problem
 
 if TRITON_PROBLEM is None:  # Triton as triton_step imported it: transformers' remote-code check skips relative imports
-    from .triton_step import INTERPRETED, _float32, _rounded, tl, triton
+    from .triton_step import INTERPRETED, _float32, _registered, _rounded, tl, triton
     from .triton_window import _operand, _scores
 
 # Keys a tile holds (window and kept keys alike) and the warps of a program, by q's dtype; a program's queries are a
@@ -57,16 +57,30 @@ def kept_window_prefill(
     values (B, Hkv, N + M, *) the kept slots then U's M rows, key_mask (B, M) U's real keys, refs (B, Hkv, Q, N) each
     query block's kept keys (indices into keys) and kept_real which of them are real, block_S (B, Hkv, Q, 2F, V) and
     block_z (B, Hkv, Q, 2F) its sums (float32); query block c holds U's rows (first_block + c) B .. + B - 1, query t at
-    row offset + t of them. sm_weight, ln_weight: numbers or per-query-head tensors (H,)."""
+    row offset + t of them. sm_weight, ln_weight: numbers or per-query-head tensors (H,). Through the custom op `OP`
+    inside torch.compile, the kernel launched directly in eager code (`triton_step._registered`)."""
+    heads = q.shape[1]
+    sm, ln = (torch.as_tensor(w, dtype=torch.float32, device=q.device).expand(heads).contiguous() for w in (sm_weight, ln_weight))
+    return kept_prefill(
+        q, fq, keys, values, key_mask, refs, kept_real, block_S.float(), block_z.float(), sm, ln, keep, first_block, offset, window,
+        block, scaling, softcap,
+    )
+
+
+def _launch(
+    q: Tensor, fq: Tensor, keys: Tensor, values: Tensor, key_mask: Tensor, refs: Tensor, kept_real: Tensor, block_S: Tensor,
+    block_z: Tensor, sm: Tensor, ln: Tensor, keep: int, first_block: int, offset: int, window: int, block: int, scaling: float,
+    softcap: Optional[float],
+) -> Tensor:
+    """`kept_window_prefill`'s launch, its weights as float32 tensors (H,)."""
     batch, heads, length, dim = q.shape
     kv_heads, rows = keys.shape[1], keys.shape[2]
     value_dim, width = values.shape[-1], fq.shape[-1]
     queries = refs.shape[2]
     q, fq = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, fq))
     keys, values, key_mask, refs, kept_real, block_S, block_z = (
-        x.contiguous() for x in (keys, values, key_mask, refs, kept_real, block_S.float(), block_z.float())
+        x.contiguous() for x in (keys, values, key_mask, refs, kept_real, block_S, block_z)
     )
-    sm, ln = (torch.as_tensor(w, dtype=torch.float32, device=q.device).expand(heads).contiguous() for w in (sm_weight, ln_weight))
     out = torch.empty(batch, heads, length, value_dim, dtype=values.dtype, device=q.device)
     key_tile, warps = TILES[q.dtype]
     _kept_window_kernel[(batch * heads, queries)](
@@ -158,3 +172,11 @@ if TRITON_PROBLEM is None:
         heads = (sm * weighted + ln * linear) / tl.maximum(sm * total + ln * linear_total, 1e-30)[:, None]
         offsets = ((b * HEADS + h) * length + t[:, None]) * VALUE_DIM + e[None, :]
         tl.store(out + offsets, _rounded(heads, dtype).to(dtype), mask=in_rows[:, None] & (e < VALUE_DIM)[None, :])
+
+    # The custom op (which a compiled model calls; opaque to the compiler, its output's shape from the fake) and the
+    # function that launches the kernel in eager code.
+    OP, kept_prefill = _registered(
+        _launch, set(), lambda q, fq, keys, values, *rest: q.new_empty(*q.shape[:3], values.shape[-1], dtype=values.dtype)
+    )
+else:
+    OP = kept_prefill = None
