@@ -28,7 +28,7 @@ from .attention import AttentionSpec, apply_rotary, compute_dtype, repeat_heads
 from .errors import LinearizeError
 from .kernel_dispatch import simple_gla
 from .mixers import FusedStepMixer, MixerCost, register_mixer
-from .ops_kept import decide_block, decode_kept_window_linear, empty_kept_state, kept_window_linear
+from .ops_kept import decide_block, decode_kept_window_linear, empty_kept_state, kept_window_linear, ring_rows
 from .ops_window import chunk_window_linear, decode_window_linear
 from .triton_features import feature_map_problem, feature_maps
 from .triton_step import MAX_HEAD_DIM, hedgehog_step, hedgehog_swa_kept_step, hedgehog_swa_step
@@ -301,14 +301,15 @@ class HedgehogSWAMixer(HedgehogMixer):
     def fused_step(self, hidden_states, q, k, v, position_embeddings, padding_mask, state) -> torch.Tensor:
         if not self.options.keep:
             return super().fused_step(hidden_states, q, k, v, position_embeddings, padding_mask, state)
-        # With kept keys: the step's kernel, then at a block's end its decision (`ops_kept`), which makes new tensors.
-        tensors, _ = self.step_state(q, state)
+        # With kept keys: the step's kernel, then at a block's end its decision (`ops_kept`), which makes new tensors. A
+        # fresh state is `ops_kept`'s layout whole, its window's rows included.
+        tensors = self.step_state(q, state)[0] if state.tensors else self.fresh_step_state(q)
         position, window, keep, block = int(state.seen), self.window, self.options.keep, self.options.keep_block
         cos, sin = (None, None) if position_embeddings is None else position_embeddings
         out = hedgehog_swa_kept_step(
             q, k, v, cos, sin, padding_mask, self.feature_q.weight, self.feature_q.bias, self.feature_k.weight, self.feature_k.bias,
             self.window_logit, tensors["S"], tensors["z"], tensors["k"], tensors["v"], tensors["fk"], tensors["mask"],
-            keep + position % (window + block - 1), self.spec.scaling, self.spec.softcap, self.options.linear_rope,
+            ring_rows(position, keep, window + block - 1), self.spec.scaling, self.spec.softcap, self.options.linear_rope,
         )
         if (position + 1) % block == 0:
             tensors = decide_block(tensors, position, window=window, keep=keep, block=block)

@@ -306,7 +306,7 @@ class FusedStepMixer(Mixer):
                 return tensors, True
             return {name: t if mine else t.clone(memory_format=torch.contiguous_format) for (name, t), mine in zip(tensors.items(), own)}, False
         fresh = self.fresh_step_state(q)
-        if self.window and "k" not in fresh:  # (a mixer whose own layout holds its window gives it in its fresh state)
+        if self.window:
             batch, _, _, d = q.shape
             keep, hkv = self.window - 1, self.spec.num_kv_heads
             fresh.update(

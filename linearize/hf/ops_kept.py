@@ -49,10 +49,15 @@ def empty_kept_state(q, k, v, fk, window: int, keep: int, block: int) -> dict[st
     }
 
 
+def ring_rows(positions, keep: int, ring: int):
+    """The state's rows of `positions` (a number or a tensor of them): N + p mod R, R = w + B - 1 the ring's length."""
+    return keep + positions % ring
+
+
 def _unpacked(state: dict, keep: int, ring: int, position: int) -> dict[str, torch.Tensor]:
     """The state's parts in the order the parallel form reads them: the kept keys (kept_k, kept_v, kept_fk, kept_err)
     and the last L = R - 1 positions (k, v, fk, mask (B, L)), oldest first."""
-    tail = keep + torch.arange(position - ring + 1, position, device=state["k"].device) % ring
+    tail = ring_rows(torch.arange(position - ring + 1, position, device=state["k"].device), keep, ring)
     parts = {f"kept_{name}": state[name][:, :, :keep] for name in ("k", "v", "fk")}
     parts.update({name: state[name].index_select(2, tail) for name in ("k", "v", "fk")})
     return {**parts, "mask": state["mask"][:, 0].index_select(1, tail), "kept_err": state["err"], "S": state["S"], "z": state["z"]}
@@ -303,8 +308,8 @@ def decode_kept_window_linear(
     b, h, _, d = q.shape
     hkv, acc = k.shape[1], _acc(q)
     g, rows = h // hkv, b * hkv
-    row = keep + position % (window + block - 1)
-    real = torch.ones(b, 1, 1, dtype=torch.bool, device=q.device) if key_mask is None else key_mask.bool()[:, None]
+    row = ring_rows(position, keep, window + block - 1)
+    real = True if key_mask is None else key_mask.bool()[:, None]
     state = {**state, **{name: _written(state[name], row, new) for name, new in (("k", k), ("v", v), ("fk", fk), ("mask", real))}}
     keys, values, mask = state["k"], state["v"], state["mask"]
     width = keys.shape[2]
@@ -328,7 +333,7 @@ def decode_kept_window_linear(
 
 
 def _written(x: torch.Tensor, row: int, new: torch.Tensor) -> torch.Tensor:
-    """x (B, Hkv, P, *) with `new` (B, Hkv or 1, 1, *) in row `row`: in place, or in a copy where autograd records or
+    """x (B, Hkv, P, *) with `new` (B, Hkv or 1, 1, *, or a number) in row `row`: in place, or in a copy where autograd records or
     where x was made under torch.inference_mode() and is written outside it (which torch refuses in place)."""
     if torch.is_grad_enabled() or (x.is_inference() and not torch.is_inference_mode_enabled()):
         x = x.clone()
@@ -342,7 +347,7 @@ def decide_block(state: dict, position: int, *, window: int, keep: int, block: i
     of the ring are zeroed and masked. A new state (its tensors fresh)."""
     ring = window + block - 1
     acc = state["S"].dtype
-    decided = keep + torch.arange(position - ring + 1, position - ring + 1 + block, device=state["k"].device) % ring
+    decided = ring_rows(torch.arange(position - ring + 1, position - ring + 1 + block, device=state["k"].device), keep, ring)
     pool = {name: torch.cat((state[name][:, :, :keep], state[name].index_select(2, decided)), dim=2) for name in ("k", "v", "fk", "mask")}
     err = recall_errors(
         pool["fk"][:, :, keep:], pool["v"][:, :, keep:], pool["mask"][:, 0, keep:], state["S"], state["z"],
