@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import linearize
 from linearize.decode import GraphDecoder
+from linearize.hf.errors import LinearizeError
 from linearize.hf import kernel_dispatch as kernels
 from linearize.hf.ops_delta import chunk_gated_delta_rule
 from linearize.hf.ops_gated import chunk_gla, chunk_simple_gla
@@ -178,7 +179,17 @@ def test_a_bfloat16_training_step_on_fla_matches_its_pytorch_path(name, monkeypa
         assert rel(fast[n], slow[n]) < 5e-2, n
 
 
-@pytest.mark.parametrize("name", NAMES)
+# hedgehog_swa's kept keys are decided on the host every keep_block steps: no static state, no captured step (yet).
+STATIC_NAMES = [n for n in NAMES if linearize.MIXERS[n.split("+")[0]].static_state(MIXERS[n])]
+
+
+def test_graph_decoder_refuses_kept_keys_decided_on_the_host():
+    model = linearize.convert(tiny_model(dtype=torch.float32, hidden_size=128, num_attention_heads=2, num_key_value_heads=1), "hedgehog_swa", **MIXERS["hedgehog_swa+keep"])
+    with pytest.raises(LinearizeError, match="use model.generate"):
+        GraphDecoder(model.cuda())
+
+
+@pytest.mark.parametrize("name", STATIC_NAMES)
 def test_graph_decoder_equals_generate(name):
     options = dict(MIXERS[name])
     if "window" in options:
@@ -193,7 +204,8 @@ def test_graph_decoder_equals_generate(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_static_cache_generate_compiles_and_equals_dynamic(name):
-    """On CUDA, generate() with a static cache compiles its decode step (CUDA graphs) and gives the same tokens."""
+    """On CUDA, generate() with a static cache compiles its decode step (CUDA graphs) and gives the same tokens; a
+    state decided on the host (kept keys) stays dynamic, uncompiled, with the same tokens."""
     model = linearize.convert(tiny_model(dtype=torch.float32, hidden_size=128, num_attention_heads=2, num_key_value_heads=1), name.split("+")[0], **MIXERS[name])
     model = model.cuda()
     ids, mask = left_padded(random_ids(2, 40), [5, 0])
@@ -201,7 +213,7 @@ def test_static_cache_generate_compiles_and_equals_dynamic(name):
     dynamic = model.generate(**settings)
     for _ in range(2):  # the second call replays what the first compiled and recorded
         assert torch.equal(model.generate(**settings, cache_implementation="static"), dynamic)
-    assert hasattr(model, "_compiled_call")
+    assert hasattr(model, "_compiled_call") == (name in STATIC_NAMES)
 
 
 def test_export_of_a_cpu_student_where_fla_is_installed(tmp_path):
@@ -413,6 +425,36 @@ def test_fused_prefill_in_a_compiled_training_step(monkeypatch, dtype):
     assert_close(compiled_loss, exact_loss, "loss", 2 * gap(loss, exact_loss) + 1e-2)
     for name, tensor in exact.items():
         assert_close(compiled[name], tensor, name, 2 * gap(grads[name], tensor) + 1e-2)
+
+
+def test_kept_keys_in_a_compiled_training_step():
+    """hedgehog_swa with kept keys trains on its PyTorch form (the prefill kernel is inference only), as `lolcats_keep`
+    compiles it (`compile_layers`): a two-layer model at SmolLM2's heads, left-padded, 300 tokens, window 64, 16 keys kept
+    a kv head decided 32 at a time; the compiled step's loss and gradients equal the eager step's in float32."""
+    from linearize.distillation.loop import compile_layers, compile_limits, uncompile
+
+    teacher = tiny_model(dtype=torch.float32, num_hidden_layers=2, hidden_size=576, num_attention_heads=9, num_key_value_heads=3)
+    model = linearize.convert(teacher, "hedgehog_swa", window=64, keep=16, keep_block=32).cuda().requires_grad_(True)
+    ids, mask = left_padded(random_ids(2, 300), [37, 0])
+    ids, mask = ids.cuda(), mask.cuda()
+
+    def step():
+        model.zero_grad()
+        loss = model(ids, attention_mask=mask, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    loss, grads = step()
+    layers = compile_layers(model)
+    with compile_limits():
+        for _ in range(2):  # the second step runs what the first compiled
+            compiled_loss, compiled = step()
+    for layer in layers:
+        uncompile(layer)
+    assert_close(compiled_loss, loss, "loss", 1e-4)
+    assert compiled.keys() == grads.keys()
+    for name, tensor in grads.items():
+        assert_close(compiled[name], tensor, name, 1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
