@@ -10,7 +10,6 @@ import torch.nn.functional as F
 
 import linearize
 from linearize.decode import GraphDecoder
-from linearize.hf.errors import LinearizeError
 from linearize.hf import kernel_dispatch as kernels
 from linearize.hf.ops_delta import chunk_gated_delta_rule
 from linearize.hf.ops_gated import chunk_gla, chunk_simple_gla
@@ -179,17 +178,12 @@ def test_a_bfloat16_training_step_on_fla_matches_its_pytorch_path(name, monkeypa
         assert rel(fast[n], slow[n]) < 5e-2, n
 
 
-# hedgehog_swa's kept keys are decided on the host every keep_block steps: no static state, no captured step (yet).
+# hedgehog_swa's kept keys are decided on the host every keep_block steps: no static state (GraphDecoder captures a
+# step of each kind; here window 4, blocks of 8, so 20 new tokens take both kinds, twice).
 STATIC_NAMES = [n for n in NAMES if linearize.MIXERS[n.split("+")[0]].static_state(MIXERS[n])]
 
 
-def test_graph_decoder_refuses_kept_keys_decided_on_the_host():
-    model = linearize.convert(tiny_model(dtype=torch.float32, hidden_size=128, num_attention_heads=2, num_key_value_heads=1), "hedgehog_swa", **MIXERS["hedgehog_swa+keep"])
-    with pytest.raises(LinearizeError, match="use model.generate"):
-        GraphDecoder(model.cuda())
-
-
-@pytest.mark.parametrize("name", STATIC_NAMES)
+@pytest.mark.parametrize("name", NAMES)
 def test_graph_decoder_equals_generate(name):
     options = dict(MIXERS[name])
     if "window" in options:
@@ -258,8 +252,8 @@ def test_real_teacher_same_greedy_tokens_on_both_paths(name, real_teacher, monke
 # and sums (FMA) and sum in another order, so the caches differ by float32 rounding; bfloat16 rounds on the bits, as
 # on the CPU.
 FUSED_TOLERANCE = {
-    torch.float32: dict(heads=1e-4, unequal=1.0, recurrent=1e-4, S=1e-4, ssm=1e-4, conv=0, k=1e-6, v=0, mask=0, z=1e-4, fk=1e-4),
-    torch.bfloat16: dict(heads=3e-2, unequal=0.05, recurrent=1e-3, S=1e-3, ssm=1e-3, conv=0, k=0, v=0, mask=0, z=1e-3, fk=1e-4),
+    torch.float32: dict(heads=1e-4, unequal=1.0, recurrent=1e-4, S=1e-4, ssm=1e-4, conv=0, k=1e-6, v=0, mask=0, z=1e-4, fk=1e-4, err=1e-4, at=0),
+    torch.bfloat16: dict(heads=3e-2, unequal=0.05, recurrent=1e-3, S=1e-3, ssm=1e-3, conv=0, k=0, v=0, mask=0, z=1e-3, fk=1e-4, err=1e-3, at=0),
 }
 
 

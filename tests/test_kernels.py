@@ -127,6 +127,14 @@ def test_a_16_bit_simple_gla_trains_through_fla_in_float32_where_only_that_train
 def test_graph_decoder_refuses_what_it_cannot_capture():
     with pytest.raises(LinearizeError, match="needs the model on a CUDA device"):
         GraphDecoder(linearize.convert(tiny_model(dtype=torch.float32), "hedgehog"))
+    with pytest.raises(LinearizeError, match=r"softmax layers grow their cache\); use model.generate\(\)"):
+        GraphDecoder(linearize.convert(tiny_model(dtype=torch.float32), "hedgehog", keep_attention=[0]))
+    kept = linearize.convert(tiny_model(dtype=torch.float32), "hedgehog_swa", window=4, keep=2, keep_block=8)
+    with pytest.raises(LinearizeError, match="needs the model on a CUDA device"):  # kept keys: two kinds of step, captured
+        GraphDecoder(kept)
+    kept.config.layers[1]["options"]["keep_block"] = 4
+    with pytest.raises(LinearizeError, match=r"decide their kept keys every \[4, 8\] steps; give them one keep_block"):
+        GraphDecoder(kept)
 
 
 def test_end_at_eos_pads_after_each_rows_end_and_cuts_after_the_last():

@@ -49,8 +49,10 @@ def compile_kernels() -> None:
         for param in kernel.params:
             if param.is_constexpr:
                 signature[param.name] = "constexpr"
-            elif param.name.startswith("stride") or param.name == "row":
+            elif param.name.startswith("stride") or param.name == "kept":
                 signature[param.name] = "i32"
+            elif param.name == "at":
+                signature[param.name] = "*i64"
             elif param.name in ("scaling", "softcap", "gate_normalizer", "eps"):
                 signature[param.name] = "fp32"
             else:

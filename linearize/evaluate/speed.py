@@ -118,8 +118,8 @@ class StepLoop:
 
 
 class GraphLoop:
-    """Decode as `GraphDecoder.generate` does after its prefill: its eager warm-up steps and the capture of one step
-    at construction (untimed), then one replay per token."""
+    """Decode as `GraphDecoder.generate` does after its prefill: its eager warm-up steps and the capture of each kind
+    of step at construction (untimed), then one replay per token."""
 
     def __init__(self, decoder: GraphDecoder, cache, token: torch.LongTensor, context: int):
         position = torch.full_like(token, context)
@@ -127,15 +127,12 @@ class GraphLoop:
             token = decoder.model(token, cache=cache, position_ids=position, use_cache=True).logits[:, -1:].argmax(-1)
             position += 1
         # generate() would prefill again inside the timed call; capturing here times and meters the decode alone.
-        self.graph, self.static_token, self.static_position, self.static_next = decoder.capture(cache, token, position)
+        self.steps = decoder.steps(cache, token, position, context + decoder.warmup_steps)
         self.cache, self.token, self.position = cache, token, position
 
     def run(self, steps: int) -> None:
         for _ in range(steps):
-            self.static_token.copy_(self.token)
-            self.static_position.copy_(self.position)
-            self.graph.replay()
-            self.token = self.static_next.clone()
+            self.token = self.steps.replay(self.token, self.position)
             self.position += 1
 
 

@@ -28,7 +28,7 @@ from .attention import AttentionSpec, apply_rotary, compute_dtype, repeat_heads
 from .errors import LinearizeError
 from .kernel_dispatch import simple_gla
 from .mixers import FusedStepMixer, MixerCost, register_mixer
-from .ops_kept import decide_block, decode_kept_window_linear, empty_kept_state, kept_window_linear, ring_rows
+from .ops_kept import decide_block, decode_kept_window_linear, empty_kept_state, ends_block, kept_window_linear
 from .ops_window import chunk_window_linear, decode_window_linear
 from .triton_features import feature_map_problem, feature_maps
 from .triton_step import MAX_HEAD_DIM, hedgehog_step, hedgehog_swa_kept_step, hedgehog_swa_step
@@ -208,11 +208,15 @@ class HedgehogSWAMixer(HedgehogMixer):
     def static_state(cls, options: dict) -> bool:
         return not options.get("keep") and super().static_state(options)
 
+    @classmethod
+    def decision_period(cls, options: dict) -> int:
+        return options.get("keep_block", HedgehogSWAOptions.keep_block) if options.get("keep") else 0
+
     @property  # a property, as `set_options` may give a converted layer kept keys
     def step_tensors(self) -> tuple[str, ...]:
         """The state per kv head: S (B, Hkv, 2F, D) and z (B, Hkv, 2F) sum the feature-mapped keys that have left the
         window, fk (B, Hkv, window - 1, 2F) holds those still in it (`ops_window`); with kept keys, fk holds the kept
-        keys' and the ring's and err the kept keys' errors (`ops_kept`)."""
+        keys' and the ring's and err the kept keys' errors (`ops_kept`), and at (B,), int64, the position (`fused_step`)."""
         return ("S", "z", "fk", "err") if self.options.keep else ("S", "z", "fk")
 
     @classmethod
@@ -221,10 +225,10 @@ class HedgehogSWAMixer(HedgehogMixer):
         # Per kv head: the linear state (2F x D) and normaliser (2F), and the last w - 1 keys, values and
         # feature-mapped keys; plus the window's padding mask.
         # With kept keys (`ops_kept`), per kv head: the kept keys and a ring of the last w + keep_block - 1 positions,
-        # each row a key, value, features and mask entry, and each kept key its error.
+        # each row a key, value, features and mask entry, each kept key its error, and the position.
         if options.keep:
             rows = options.keep + w + options.keep_block - 1
-            state = hkv * 2 * f * (d + 1) + hkv * rows * (2 * d + 2 * f + 1) + hkv * options.keep
+            state = hkv * 2 * f * (d + 1) + hkv * rows * (2 * d + 2 * f + 1) + hkv * options.keep + 1
         else:
             state = hkv * 2 * f * (d + 1) + hkv * (w - 1) * (2 * d + 2 * f) + w - 1
         decay = hkv if options.decay else 0
@@ -285,35 +289,43 @@ class HedgehogSWAMixer(HedgehogMixer):
 
     def mix_kept(self, q, k, v, position_embeddings, padding_mask, state):
         """`mix` with kept keys (`ops_kept`), grouped heads as they are: the parallel form, or the decode step. Blocks
-        are counted from the sequence's start, so the state's count of tokens seen is the call's position."""
+        are counted from the sequence's start, so the state's count of tokens seen is the call's position; the state
+        holds it on the device too ("at", `fused_step`)."""
         q, k, fq, fk, kwargs = self.window_inputs(q, k, position_embeddings, padding_mask)
         kwargs.update(keep=self.options.keep, block=self.options.keep_block)
         if state is None:
             return kept_window_linear(q, k, v, fq, fk, **kwargs)[0]
-        position = int(state.seen)
+        position, tensors = int(state.seen), {name: t for name, t in state.tensors.items() if name != "at"}
         if q.shape[2] == 1:
-            out, new = decode_kept_window_linear(q, k, v, fq, fk, state=state.tensors, position=position, **kwargs)
+            out, new = decode_kept_window_linear(q, k, v, fq, fk, state=tensors, position=position, **kwargs)
         else:
-            out, new = kept_window_linear(q, k, v, fq, fk, state=state.tensors, position=position, output_state=True, **kwargs)
-        state.write(new)
+            out, new = kept_window_linear(q, k, v, fq, fk, state=tensors, position=position, output_state=True, **kwargs)
+        state.write({**new, "at": torch.full((q.shape[0],), position + q.shape[2], dtype=torch.int64, device=q.device)})
         return out
 
     def fused_step(self, hidden_states, q, k, v, position_embeddings, padding_mask, state) -> torch.Tensor:
         if not self.options.keep:
             return super().fused_step(hidden_states, q, k, v, position_embeddings, padding_mask, state)
         # With kept keys: the step's kernel, then at a block's end its decision (`ops_kept`), which makes new tensors. A
-        # fresh state is `ops_kept`'s layout whole, its window's rows included.
+        # fresh state is `ops_kept`'s layout whole, its window's rows included. The kernel and the decision read the
+        # position from the state's "at" (B,), on the device, so that a captured step serves every position of its kind
+        # (`linearize.decode.GraphDecoder`); whether the step decides is the host's count's.
         tensors = self.step_state(q, state)[0] if state.tensors else self.fresh_step_state(q)
         position, window, keep, block = int(state.seen), self.window, self.options.keep, self.options.keep_block
+        at = tensors.get("at")
+        if at is None:
+            at = torch.full((q.shape[0],), position, dtype=torch.int64, device=q.device)
         cos, sin = (None, None) if position_embeddings is None else position_embeddings
         out = hedgehog_swa_kept_step(
             q, k, v, cos, sin, padding_mask, self.feature_q.weight, self.feature_q.bias, self.feature_k.weight, self.feature_k.bias,
             self.window_logit, tensors["S"], tensors["z"], tensors["k"], tensors["v"], tensors["fk"], tensors["mask"],
-            ring_rows(position, keep, window + block - 1), self.spec.scaling, self.spec.softcap, self.options.linear_rope,
+            at, keep, self.spec.scaling, self.spec.softcap, self.options.linear_rope,
         )
-        if (position + 1) % block == 0:
-            tensors = decide_block(tensors, position, window=window, keep=keep, block=block)
-        state.write(tensors)
+        if ends_block(position, block):
+            tensors = decide_block(tensors, at[0], window=window, keep=keep, block=block)
+        # In place, as the rows (torch refuses it for a tensor made under inference mode, written outside it).
+        at = at + 1 if at.is_inference() and not torch.is_inference_mode_enabled() else at.add_(1)
+        state.write({**tensors, "at": at})
         return out
 
     def cuda_path(self, dtype: torch.dtype) -> str:

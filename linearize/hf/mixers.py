@@ -174,6 +174,13 @@ class Mixer(nn.Module):
         alone: what a static cache and a captured CUDA graph need (a softmax layer's cache grows)."""
         return not cls.state_grows
 
+    @classmethod
+    def decision_period(cls, options: dict[str, Any]) -> int:
+        """0 where every decode step of a layer with these (saved) options is alike; else the period of the steps after
+        which the layer decides something on the host's count of tokens (`hedgehog_swa`'s kept keys), a step of
+        another kind, which `linearize.decode.GraphDecoder` captures apart."""
+        return 0
+
     def kernel(self) -> tuple[str, tuple[int, int]] | None:
         """The fla kernel this layer's recurrence runs on CUDA and the (key, value) head sizes it passes it; None
         where the layer has no fla kernel (softmax attention, sliding windows) and runs in PyTorch."""

@@ -49,6 +49,11 @@ def empty_kept_state(q, k, v, fk, window: int, keep: int, block: int) -> dict[st
     }
 
 
+def ends_block(position: int, block: int) -> bool:
+    """Whether the step at `position` ends a block: its decision follows it (`decide_block`)."""
+    return (position + 1) % block == 0
+
+
 def ring_rows(positions, keep: int, ring: int):
     """The state's rows of `positions` (a number or a tensor of them): N + p mod R, R = w + B - 1 the ring's length."""
     return keep + positions % ring
@@ -327,7 +332,7 @@ def decode_kept_window_linear(
     linear_mass = torch.bmm(fqg, z.view(rows, -1, 1)).view(b, hkv, g, 1)
     num, den = (x + lnw * y for x, y in ((num, linear), (a.sum(-1, keepdim=True), linear_mass)))
     o = (num / den.clamp_min(1e-30)).view(b, h, 1, -1).to(v.dtype)
-    if (position + 1) % block:
+    if not ends_block(position, block):
         return o, state
     return o, decide_block(state, position, window=window, keep=keep, block=block)
 
@@ -341,13 +346,14 @@ def _written(x: torch.Tensor, row: int, new: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def decide_block(state: dict, position: int, *, window: int, keep: int, block: int) -> dict[str, torch.Tensor]:
-    """The state after the step at `position`, whose next position starts a block: the B positions of the ring's that
+def decide_block(state: dict, position, *, window: int, keep: int, block: int) -> dict[str, torch.Tensor]:
+    """The state after the step at `position` (a number, or a 0-d tensor on the state's device, which a captured step
+    reads there), whose next position starts a block: the B positions of the ring's that
     are decided there join the kept keys, the N recalled worst stay, and the others are folded into the sums; their rows
     of the ring are zeroed and masked. A new state (its tensors fresh)."""
     ring = window + block - 1
     acc = state["S"].dtype
-    decided = ring_rows(torch.arange(position - ring + 1, position - ring + 1 + block, device=state["k"].device), keep, ring)
+    decided = ring_rows(torch.arange(block, device=state["k"].device) + (position - ring + 1), keep, ring)
     pool = {name: torch.cat((state[name][:, :, :keep], state[name].index_select(2, decided)), dim=2) for name in ("k", "v", "fk", "mask")}
     err = recall_errors(
         pool["fk"][:, :, keep:], pool["v"][:, :, keep:], pool["mask"][:, 0, keep:], state["S"], state["z"],

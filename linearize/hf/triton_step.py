@@ -181,6 +181,8 @@ def fused_step_problem(
     expected = dict.fromkeys(recurrent, torch.float32)
     if window:
         expected.update(k=q.dtype, v=q.dtype, mask=torch.bool)
+    if "at" in tensors:  # kept keys' position on the device (`mixer_hedgehog`)
+        expected["at"] = torch.int64
     if tensors and {n: t.dtype for n, t in tensors.items()} != expected:
         return f"the fused step takes a state of {expected}"
     return None
@@ -344,7 +346,7 @@ def _hedgehog_swa(
     joins them; linear_rope: the feature maps read the rotated q and k (else the unrotated)."""
     return _launch(
         _hedgehog_swa_kernel, q, k, v, cos, sin, real, window_k, window_v, window_mask, scaling, softcap,
-        window_fk, q_weight, q_bias, k_weight, k_bias, window_logit, S, z, decay_logit, 0, HAS_DECAY=decay_logit is not None,
+        window_fk, q_weight, q_bias, k_weight, k_bias, window_logit, S, z, decay_logit, None, 0, HAS_DECAY=decay_logit is not None,
         LINEAR_ROPE=linear_rope, **_hedgehog_swa_constants(q, q_weight, window_k, ring=False),
     )
 
@@ -352,16 +354,18 @@ def _hedgehog_swa(
 def _hedgehog_swa_kept(
     q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor], sin: Optional[Tensor], real: Optional[Tensor],
     q_weight: Tensor, q_bias: Tensor, k_weight: Tensor, k_bias: Tensor, window_logit: Tensor, S: Tensor, z: Tensor,
-    keys: Tensor, values: Tensor, features: Tensor, mask: Tensor, row: int, scaling: float, softcap: Optional[float],
+    keys: Tensor, values: Tensor, features: Tensor, mask: Tensor, at: Tensor, kept: int, scaling: float, softcap: Optional[float],
     linear_rope: bool,
 ) -> Tensor:
     """The heads (B, H, 1, D) in q's dtype of one decode step of `hedgehog_swa` with kept keys (module docstring), in
-    `ops_kept`'s layout: writes the current key, value, feature-mapped key and mask into row `row` of keys, values
-    (B, Hkv, P, D) in q's dtype, features (B, Hkv, P, 2F), float32, and mask (B, Hkv, P), in place, and reads S
-    (B, Hkv, 2F, D) and z (B, Hkv, 2F), float32. The block's decision, every keep_block steps, is `ops_kept`'s."""
+    `ops_kept`'s layout with `kept` kept keys: writes the current key, value, feature-mapped key and mask into the
+    ring's row of position `at` (B,), int64, on the device (row kept + at mod the ring's length, read there, so a
+    captured step serves every position), of keys, values (B, Hkv, P, D) in q's dtype, features (B, Hkv, P, 2F),
+    float32, and mask (B, Hkv, P), in place, and reads S (B, Hkv, 2F, D) and z (B, Hkv, 2F), float32. The block's
+    decision, every keep_block steps, is `ops_kept`'s."""
     return _launch(
         _hedgehog_swa_kernel, q, k, v, cos, sin, real, keys, values, mask, scaling, softcap,
-        features, q_weight, q_bias, k_weight, k_bias, window_logit, S, z, None, row, HAS_DECAY=False, LINEAR_ROPE=linear_rope,
+        features, q_weight, q_bias, k_weight, k_bias, window_logit, S, z, None, at, kept, HAS_DECAY=False, LINEAR_ROPE=linear_rope,
         **_hedgehog_swa_constants(q, q_weight, keys, ring=True),
     )
 
@@ -884,11 +888,11 @@ if TRITON_PROBLEM is None:
         fk_pos, fk_neg = _features(k_read, k_weight + j * DIM * FEATURES, k_bias + j * FEATURES, d, in_d, f, in_f, FEATURES)
         return cos_row, sin_row, f, in_f, k_now, fk_pos, fk_neg
 
-    @triton.jit(do_not_specialize=["row"])
+    @triton.jit
     def _hedgehog_swa_kernel(
         q, k, v, cos, sin, real, window_k, window_v, window_mask, out,
         stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_cos, stride_real, scaling, softcap,
-        window_fk, q_weight, q_bias, k_weight, k_bias, window_logit, S, z, decay_logit, row,
+        window_fk, q_weight, q_bias, k_weight, k_bias, window_logit, S, z, decay_logit, at, kept,
         HEADS: tl.constexpr, KV_HEADS: tl.constexpr, DIM: tl.constexpr, KEEP: tl.constexpr, ROT: tl.constexpr,
         BLOCK_DIM: tl.constexpr, BLOCK_WINDOW: tl.constexpr, HAS_REAL: tl.constexpr, WINDOW: tl.constexpr,
         SOFTCAP: tl.constexpr, FEATURES: tl.constexpr, BLOCK_FEATURES: tl.constexpr, CHUNK: tl.constexpr,
@@ -896,8 +900,8 @@ if TRITON_PROBLEM is None:
     ):
         """Program (b, j): sequence b, kv head j, whose state and window its query heads read, and its query heads
         (module docstring). The window is read CHUNK rows at a time, its softmax taken online. With RING, the window is
-        `ops_kept`'s KEEP rows (kept keys and ring, mask per kv head) and the current key goes into row `row`: scored
-        from registers there and stored after, so no program reads another's rows."""
+        `ops_kept`'s KEEP rows (`kept` kept keys, then the ring; mask per kv head) and the current key goes into the
+        ring's row of position at[b]: scored from registers there and stored after, so no program reads another's rows."""
         b, j, d, in_d, keep, k_ptr, _, v_now = _program(
             k, v, real, stride_kb, stride_kh, stride_vb, stride_vh, stride_real, DIM, BLOCK_DIM, HAS_REAL, 1
         )
@@ -909,6 +913,9 @@ if TRITON_PROBLEM is None:
         )
         # The state's halves (F, D) each, as the feature map's: S and z sum the keys that have left the window.
         head = b * KV_HEADS + j
+        row = 0
+        if RING:  # the ring's row of this position
+            row = kept + tl.load(at + b) % (KEEP - kept)
         state = S + (head * WIDTH + f[:, None]) * DIM + d[None, :]
         square = in_f[:, None] & in_d[None, :]
         sums = z + head * WIDTH + f
@@ -940,12 +947,12 @@ if TRITON_PROBLEM is None:
             den = share * total + (1 - share) * den
             _store(out, num / tl.maximum(den, 1e-30), b, h, d, in_d, HEADS, DIM)
         if RING:  # the current key into its row; the sums stay as they are
-            at = head * KEEP + row
-            tl.store(window_k + at * DIM + d, k_now.to(window_k.dtype.element_ty), mask=in_d)
-            tl.store(window_v + at * DIM + d, v_now.to(window_v.dtype.element_ty), mask=in_d)
-            tl.store(window_fk + at * WIDTH + f, fk_pos, mask=in_f)
-            tl.store(window_fk + at * WIDTH + FEATURES + f, fk_neg, mask=in_f)
-            tl.store(window_mask + at, keep)
+            written = head * KEEP + row
+            tl.store(window_k + written * DIM + d, k_now.to(window_k.dtype.element_ty), mask=in_d)
+            tl.store(window_v + written * DIM + d, v_now.to(window_v.dtype.element_ty), mask=in_d)
+            tl.store(window_fk + written * WIDTH + f, fk_pos, mask=in_f)
+            tl.store(window_fk + written * WIDTH + FEATURES + f, fk_neg, mask=in_f)
+            tl.store(window_mask + written, keep)
         else:
             _folded_and_shifted(
                 window_k, window_v, window_mask, window_fk, decay_logit, k_now, v_now, fk_pos, fk_neg, keep, b, j, head, state,
