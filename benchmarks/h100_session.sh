@@ -56,6 +56,9 @@
 #   bash benchmarks/h100_session.sh train_speed  # (after first, still warm) distillation speed alone (SPEED, RUNS,
 #                                                # SPEED_S)
 #   bash benchmarks/h100_session.sh join      # (after solo or first, still warm) carry .gguf2 corpus.tgz: the join alone
+#   bash benchmarks/h100_session.sh delta_bench  # (after solo, still warm) carry .gguf2 and a folder of collect's
+#                                             # delta-NAME.tgz (DELTAS): `linearize bench` of those students beside the
+#                                             # GGUF teacher, eager and with --compile (BENCH, COMPILED, BENCH_S, PLAIN)
 #   bash benchmarks/h100_session.sh variants  # (after join, as DETACH=variants) quality runs at once on one GPU, one per
 #                                             # ';'-separated argument list in VARIANTS (quality.py's), named v1, v2, ...
 #   bash benchmarks/h100_session.sh detach    # (still warm) another mode, DETACH (e.g. pair, with its variables), in a
@@ -184,7 +187,8 @@ join() {  # the GGUF from the first half (in /tmp since an earlier call) and the
   # /tmp/corpus from corpus.tgz (or a carried corpus/)
   cat /tmp/part00 .gguf2/part01 > /tmp/smollm2.gguf
   echo "$(cat .gguf2/sha256)  /tmp/smollm2.gguf" | sha256sum -c > "$OUT/sha256.txt" 2>&1 || return 1
-  rm -rf /tmp/corpus && if [ -f corpus.tgz ]; then mkdir -p /tmp/corpus && tar xzf corpus.tgz -C /tmp/corpus --strip-components=1; else cp -r corpus /tmp/corpus; fi
+  rm -rf /tmp/corpus
+  if [ -f corpus.tgz ]; then mkdir -p /tmp/corpus && tar xzf corpus.tgz -C /tmp/corpus --strip-components=1; elif [ -d corpus ]; then cp -r corpus /tmp/corpus; fi
 }
 
 case "$1" in
@@ -265,6 +269,31 @@ batch)  # (after students, still warm) `linearize bench` of the GGUF teacher and
     --no-teacher --device cuda ${BATCH:---lengths 32768 --batch-sizes 128 --max-batch 1024 --no-bisect --decode-tokens 16 --allow-longer --prefill-chunk 4096} \
     --out "$OUT/batch.json" > "$OUT/batch.log" 2>&1
   echo "exit $?" >> "$OUT/batch.log"
+  ;;
+delta_bench)  # (after solo, still warm; carry .gguf2 and the folder of DELTAS, e.g. runs/keepbench) each student in
+  # DELTAS (collect's delta-NAME.tgz files) rebuilt beside the joined GGUF (student_delta.py load), with PLAIN=1 each also
+  # without kept keys (set-options keep=0), then `linearize bench` of the GGUF teacher and the students, eager with
+  # BENCH's arguments and with --compile (COMPILED: its arguments, or none), within BENCH_S each
+  join || exit 1
+  students=""
+  for delta in $DELTAS; do
+    name=$(basename "$delta" .tgz)
+    mkdir -p "/tmp/$name" && tar xzf "$delta" -C "/tmp/$name"
+    python3 benchmarks/student_delta.py load --teacher /tmp/smollm2.gguf --delta "/tmp/$name" --out "/tmp/students/$name" >> "$OUT/delta_load.log" 2>&1
+    students="$students /tmp/students/$name"
+    if [ -n "${PLAIN:-}" ]; then
+      python3 cli.py set-options "/tmp/students/$name" --out "/tmp/students/$name-keep0" --option keep=0 --overwrite >> "$OUT/delta_load.log" 2>&1
+      students="$students /tmp/students/$name-keep0"
+    fi
+  done
+  bench="${BENCH:---lengths 2048,8128,32768 --decode-tokens 64 --repeats 2 --allow-longer}"
+  timeout "${BENCH_S:-270}" python3 cli.py bench /tmp/smollm2.gguf $students --no-teacher --device cuda $bench --out "$OUT/bench.json" > "$OUT/bench.log" 2>&1
+  echo "exit $?" >> "$OUT/bench.log"
+  if [ "${COMPILED:-}" != none ]; then
+    timeout "${BENCH_S:-270}" python3 cli.py bench /tmp/smollm2.gguf $students --no-teacher --device cuda --compile ${COMPILED:-$bench} \
+      --out "$OUT/bench_compiled.json" > "$OUT/bench_compiled.log" 2>&1
+    echo "exit $?" >> "$OUT/bench_compiled.log"
+  fi
   ;;
 join)  # (after solo or first, still warm; carry .gguf2 corpus.tgz) the GGUF and the corpus into /tmp, nothing else: a
   # detached run (detach) leaves the carried halves behind
@@ -421,6 +450,6 @@ multi_gpu)
   cp /tmp/multi_gpu/multi_gpu.json /tmp/multi_gpu/*.log "$OUT/" 2>/dev/null
   ;;
 *)
-  echo "usage: bash benchmarks/h100_session.sh solo|first|students|batch|join|variants|second|quality|pair|finish|generate|serving|detach|collect|train_speed|sdpa|z3|tilelang|multi_gpu" >&2; exit 2
+  echo "usage: bash benchmarks/h100_session.sh solo|first|students|batch|join|delta_bench|variants|second|quality|pair|finish|generate|serving|detach|collect|train_speed|sdpa|z3|tilelang|multi_gpu" >&2; exit 2
   ;;
 esac

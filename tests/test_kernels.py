@@ -137,6 +137,35 @@ def test_graph_decoder_refuses_what_it_cannot_capture():
         GraphDecoder(kept)
 
 
+def test_captured_steps_replay_each_kind_at_its_positions(monkeypatch):
+    """Kept keys decided every 4 steps (keep_block 4): after 5 tokens, the steps at counts 5 and 7 are captured, one of
+    each kind, and each later step replays the graph of its kind (a deciding step after counts 7, 11, ...)."""
+    decoder = object.__new__(GraphDecoder)
+    decoder.period, replayed = 4, []
+
+    class Graph:
+        def __init__(self, kind):
+            self.kind = kind
+
+        def replay(self):
+            replayed.append(self.kind)
+
+    captured = []
+
+    def capture(cache, token, position, seen):
+        captured.append(seen)
+        return Graph(decoder.decides(seen)), token.clone(), position.clone(), token.clone()
+
+    monkeypatch.setattr(decoder, "capture", capture)
+    steps = decoder.steps(None, torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long), 5)
+    assert captured == [5, 7] and set(steps.graphs) == {False, True}
+    for _ in range(8):
+        steps.replay(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long))
+    assert replayed == [False, False, True, False, False, False, True, False] and steps.seen == 13
+    decoder.period = 0  # no kept keys: one kind, one graph
+    assert set(decoder.steps(None, torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long), 5).graphs) == {False}
+
+
 def test_end_at_eos_pads_after_each_rows_end_and_cuts_after_the_last():
     tokens = torch.tensor([[5, 2, 7, 2, 8], [5, 6, 9, 7, 8], [3, 4, 6, 1, 2]])
     eos = torch.tensor([2, 9])
