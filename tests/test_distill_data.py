@@ -190,6 +190,17 @@ def test_a_share_of_windows_becomes_retrieval_tasks_ending_in_their_answer(token
     assert torch.equal(mixed.train.take(17, 5), batch[17:22])
 
 
+def test_a_kind_named_twice_is_drawn_twice_as_often(tokenizer):
+    """data.retrieval_kinds is the list a task's kind is drawn from, evenly: multikey named twice beside passkey makes
+    about two thirds of the tasks multi-key needles."""
+    settings = dict(train="prideprejudice", heldout="persuasion", seq_len=1024, heldout_tokens=2048, retrieval=0.99)
+    mixed = load_data(DataConfig(**settings, retrieval_kinds=["passkey", "multikey", "multikey"]), tokenizer, seed=1)
+    texts = [tokenizer.decode(window) for window in mixed.train.take(0, 60)]
+    multikey = sum("special magic number" in text for text in texts)
+    assert sum("pass key" in text for text in texts) + multikey >= 58 and 30 <= multikey <= 50
+    assert "99% of them retrieval tasks (passkey, multikey, multikey)" in mixed.description
+
+
 def test_retrieval_answers_weigh_more_in_the_losses_where_asked(tokenizer):
     """With data.retrieval_weight, each task window's positions that predict its answer carry that weight and every
     other position 1; the windows are those of the unweighted mix, and a new length keeps the weight."""
