@@ -20,7 +20,7 @@ from tests.test_triton_step import MIXERS as FUSED_MIXERS
 from tests.test_triton_step import PAIRS as FUSED_PAIRS
 from tests.test_triton_step import assert_close, assert_steps_match, force_fused_step, window_option
 from tests.test_triton_window import per_query_head, window_inputs
-from tests.tiny import greedy_steps, left_padded, random_ids, tiny_model
+from tests.tiny import compiled_twice, greedy_steps, left_padded, random_ids, tiny_model
 
 pytestmark = [
     pytest.mark.gpu,
@@ -376,7 +376,6 @@ def test_fused_prefill_in_a_compiled_training_step(monkeypatch, dtype):
     In bf16 compiled and eager steps round differently (inductor keeps the ops around the kernel in float32; on the
     H200 one gradient of the two differed by 6.9e-2 of its largest entry): each is measured against the float32 step of
     the same weights, and the compiled one may be off it by at most twice the eager one's error, plus 1e-2."""
-    from linearize.distillation.loop import compile_layers, compile_limits, uncompile
     from linearize.hf import mixer_hedgehog
 
     teacher = tiny_model(dtype=torch.float32, num_hidden_layers=2, hidden_size=576, num_attention_heads=9, num_key_value_heads=3)
@@ -400,12 +399,7 @@ def test_fused_prefill_in_a_compiled_training_step(monkeypatch, dtype):
     assert len(calls) == 2
     exact_loss, exact = step(reference) if dtype != torch.float32 else (loss, grads)
     monkeypatch.setattr(mixer_hedgehog, "window_linear_prefill", launch)
-    layers = compile_layers(model)
-    with compile_limits():
-        for _ in range(2):  # the second step runs what the first compiled
-            compiled_loss, compiled = step(model)
-    for layer in layers:
-        uncompile(layer)
+    compiled_loss, compiled = compiled_twice(model, lambda: step(model))
     assert compiled.keys() == grads.keys() == exact.keys()
     if dtype == torch.float32:
         assert_close(compiled_loss, loss, "loss", 1e-4)
@@ -425,8 +419,6 @@ def test_kept_keys_in_a_compiled_training_step():
     """hedgehog_swa with kept keys trains on its PyTorch form (the prefill kernel is inference only), as `lolcats_keep`
     compiles it (`compile_layers`): a two-layer model at SmolLM2's heads, left-padded, 300 tokens, window 64, 16 keys kept
     a kv head decided 32 at a time; the compiled step's loss and gradients equal the eager step's in float32."""
-    from linearize.distillation.loop import compile_layers, compile_limits, uncompile
-
     teacher = tiny_model(dtype=torch.float32, num_hidden_layers=2, hidden_size=576, num_attention_heads=9, num_key_value_heads=3)
     model = linearize.convert(teacher, "hedgehog_swa", window=64, keep=16, keep_block=32).cuda().requires_grad_(True)
     ids, mask = left_padded(random_ids(2, 300), [37, 0])
@@ -439,12 +431,7 @@ def test_kept_keys_in_a_compiled_training_step():
         return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
 
     loss, grads = step()
-    layers = compile_layers(model)
-    with compile_limits():
-        for _ in range(2):  # the second step runs what the first compiled
-            compiled_loss, compiled = step()
-    for layer in layers:
-        uncompile(layer)
+    compiled_loss, compiled = compiled_twice(model, step)
     assert_close(compiled_loss, loss, "loss", 1e-4)
     assert compiled.keys() == grads.keys()
     for name, tensor in grads.items():

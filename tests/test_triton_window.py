@@ -12,7 +12,7 @@ from linearize import LinearizeError
 from linearize.hf import mixer_hedgehog, triton_step, triton_window
 from linearize.hf.ops_window import naive_window_linear
 from tests.test_triton_step import assert_close, kernel_calls, left_to_pytorch_when_off_or_float64
-from tests.tiny import left_padded, random_ids, tiny_model
+from tests.tiny import compiled_twice, left_padded, random_ids, tiny_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
 
@@ -371,16 +371,9 @@ def test_a_compiled_training_step_equals_the_eager_one_through_the_kernel(fused,
     """A recipe's compiled training step (`compile_layers`: one graph per decoder layer) runs the PyTorch form, which
     inductor fuses faster than the kernel's backward (`mixer_hedgehog.compiled_training`), and gives the loss and
     gradients of the eager step, which takes the kernel."""
-    from linearize.distillation.loop import compile_layers, compile_limits, uncompile
-
     model, step = training_step(3)
     loss, grads = step()
-    layers = compile_layers(model)
-    with compile_limits():
-        for _ in range(2):  # the second step runs what the first compiled
-            compiled_loss, compiled = step()
-    for layer in layers:
-        uncompile(layer)
+    compiled_loss, compiled = compiled_twice(model, step)
     assert fused == [(2, 4, 9, 16)] * 2
     assert_close(compiled_loss, loss, "loss", 1e-6)
     for name, tensor in grads.items():

@@ -91,6 +91,20 @@ def run_python(code: str, cwd: Path, hide_linearize: bool = True) -> str:
     return result.stdout
 
 
+def compiled_twice(model, step):
+    """`step()` run twice through a recipe's compiled decoder layers (`compile_layers`, one graph a layer; the second run
+    executes what the first compiled), the layers uncompiled after; returns the second run's result."""
+    from linearize.distillation.loop import compile_layers, compile_limits, uncompile
+
+    layers = compile_layers(model)
+    with compile_limits():
+        for _ in range(2):
+            result = step()
+    for layer in layers:
+        uncompile(layer)
+    return result
+
+
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
