@@ -46,12 +46,13 @@ class GraphDecoder:
 
     def __init__(self, model, warmup_steps: int = 2):
         mixers = [(get_mixer(entry.mixer), entry.options) for entry in model.config.plan]
-        if not all(mixer.static_state(options) or mixer.decision_period(options) for mixer, options in mixers):
+        layer_periods = [mixer.decision_period(options) for mixer, options in mixers]
+        if not all(mixer.static_state(options) or period for (mixer, options), period in zip(mixers, layer_periods)):
             raise LinearizeError(
                 "GraphDecoder needs every layer's state to have a fixed size, updated on the GPU (softmax layers grow their "
                 "cache); use model.generate()"
             )
-        periods = {mixer.decision_period(options) for mixer, options in mixers} - {0}
+        periods = set(layer_periods) - {0}
         if len(periods) > 1:
             raise LinearizeError(
                 f"GraphDecoder captures one step per kind, and these layers decide their kept keys every {sorted(periods)} steps; "
@@ -88,8 +89,9 @@ class GraphDecoder:
         states = [layer for layer in cache.layers if isinstance(layer, MixerState)]
         inputs = [dict(layer.tensors) for layer in states]
         counts = [layer.seen for layer in states]
-        for layer in states:  # the host's count picks the step's kind; the position is read on the device
-            layer.seen = layer.seen if seen is None else seen
+        if seen is not None:  # the host's count picks the step's kind; the position is read on the device
+            for layer in states:
+                layer.seen = seen
         static_token, static_position = token.clone(), position.clone()
         graph = torch.cuda.CUDAGraph()
         stream = torch.cuda.Stream()
