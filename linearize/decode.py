@@ -46,13 +46,12 @@ class GraphDecoder:
 
     def __init__(self, model, warmup_steps: int = 2):
         mixers = [(get_mixer(entry.mixer), entry.options) for entry in model.config.plan]
-        layer_periods = [mixer.decision_period(options) for mixer, options in mixers]
-        if not all(mixer.static_state(options) or period for (mixer, options), period in zip(mixers, layer_periods)):
+        if not all(mixer.static_state(options) for mixer, options in mixers):
             raise LinearizeError(
                 "GraphDecoder needs every layer's state to have a fixed size, updated on the GPU (softmax layers grow their "
                 "cache); use model.generate()"
             )
-        periods = set(layer_periods) - {0}
+        periods = {mixer.decision_period(options) for mixer, options in mixers} - {0}
         if len(periods) > 1:
             raise LinearizeError(
                 f"GraphDecoder captures one step per kind, and these layers decide their kept keys every {sorted(periods)} steps; "

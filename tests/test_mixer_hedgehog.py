@@ -148,12 +148,14 @@ def test_kept_keys_in_every_form_match_the_reference(options, length, padded, pr
 
 def test_kept_keys_add_no_parameters_and_their_state_is_its_cost():
     """keep adds no parameter (a trained student takes it as it is); its state is cost().state_fixed elements after a
-    prefill and after a step that decides a block; its cache is dynamic (a step reads the count of tokens) and its CUDA
-    path the kept keys' prefill kernel (inference) and the fused step (`test_triton_kept.py`, `test_triton_step.py`)."""
+    prefill and after a step that decides a block; its state is static (fixed-size: the decisions every keep_block
+    steps follow a compiled step, `test_static_cache.py`) and its CUDA path the kept keys' prefill kernel (inference)
+    and the fused step (`test_triton_kept.py`, `test_triton_step.py`)."""
     mixer, rotary = build(HedgehogSWAMixer, window=5, keep=3, keep_block=4)
     plain, _ = build(HedgehogSWAMixer, window=5)
     assert [n for n, _ in mixer.named_parameters()] == [n for n, _ in plain.named_parameters()]
-    assert not HedgehogSWAMixer.static_state(mixer.options_dict()) and HedgehogSWAMixer.static_state(plain.options_dict())
+    assert HedgehogSWAMixer.static_state(mixer.options_dict()) and HedgehogSWAMixer.static_state(plain.options_dict())
+    assert HedgehogSWAMixer.decision_period(mixer.options_dict()) == 4 and not HedgehogSWAMixer.decision_period(plain.options_dict())
     assert mixer.cuda_path(torch.bfloat16) == "Triton (linearize; training on the PyTorch path); decode: fused Triton step"
     cost = type(mixer).cost(mixer.spec, mixer.options)
     hidden, _, position_embeddings = inputs(rotary, mixer.attn.config.hidden_size, 8, pad=0)

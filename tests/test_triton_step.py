@@ -371,6 +371,38 @@ def test_cached_generation_with_kept_keys_through_the_fused_step_equals_uncached
 
 @pytest.mark.core
 @needs_triton
+def test_a_compiled_static_cache_generation_with_kept_keys_through_the_fused_step(monkeypatch):
+    """As above, with a static cache, compiled as generate() compiles it on CUDA (`fullgraph`, the graph run as traced):
+    one graph for every step, each layer's step the custom op, the decisions after the steps at 7 and 11 outside the
+    graph (`get_compiled_call`), and the logits of eager fused steps with a dynamic cache."""
+    from transformers import CompileConfig
+
+    monkeypatch.setenv("LINEARIZE_FUSED_STEP", "on")
+    monkeypatch.delenv("LINEARIZE_KERNELS", raising=False)
+    model = linearize.convert(tiny_model(dtype=torch.float32, num_hidden_layers=2), "hedgehog_swa", window=4, keep=3, keep_block=4)
+    ids, mask = left_padded(random_ids(2, 5), [2, 0])
+    settings = dict(
+        input_ids=ids, attention_mask=mask, max_new_tokens=10, min_new_tokens=10, do_sample=False, output_logits=True,
+        return_dict_in_generate=True,
+    )
+    eager = model.generate(**settings)
+    graphs = []
+
+    def backend(graph, example_inputs):
+        graphs.append([str(node.target) for node in graph.graph.nodes if node.op == "call_function"])
+        return graph.forward
+
+    config = CompileConfig(backend=backend, fullgraph=True, mode=None)
+    config._compile_all_devices = True  # transformers compiles on CUDA only, unless told so
+    torch._dynamo.reset()
+    compiled = model.generate(**settings, cache_implementation="static", compile_config=config)
+    assert len(graphs) == 1 and sum("hedgehog_swa_kept" in target for target in graphs[0]) == 2
+    assert_close(torch.stack(compiled.logits), torch.stack(eager.logits), "logits", 1e-5)
+    assert torch.equal(compiled.sequences, eager.sequences)
+
+
+@pytest.mark.core
+@needs_triton
 @pytest.mark.parametrize("mixer", MIXERS)
 def test_the_step_is_left_to_pytorch_where_it_cannot_run(fused, monkeypatch, mixer):
     """With gradients, with window dropout (training), under LINEARIZE_KERNELS=torch or LINEARIZE_FUSED_STEP=off, or

@@ -111,7 +111,9 @@ class MixerState(CacheLayerMixin):
 
     A static state (`static=True`) copies each write into the tensors of its first one, so their addresses
     never change, and counts tokens in a tensor: a compiled decode step then neither re-traces nor reads the
-    host. Its mixer's state must keep one shape; a state that grows (kept KV) is built non-static.
+    host. Its mixer's state must keep one shape; a state that grows (kept KV) is built non-static. While `deferred`
+    (a compiled decode step, `LinearizedForCausalLM.get_compiled_call`), a mixer that decides on the host's count
+    (`Mixer.decision_period`) steps without deciding, and decides after the step.
     """
 
     is_mixer_state = True
@@ -125,6 +127,7 @@ class MixerState(CacheLayerMixin):
         self._tensors: dict[str, torch.Tensor] = {}
         self._rooms: dict[str, torch.Tensor] = {}  # buffers some tensors are views of (`append`)
         self.seen = torch.zeros((), dtype=torch.long) if static else 0
+        self.deferred = False
         self.is_initialized = True
 
     @property
@@ -240,8 +243,8 @@ class LinearizedCache(Cache):
     """A cache whose layers follow a converted model's plan.
 
     `kinds[i]` is "kv" for softmax layers (transformers' own layer cache), "state" for converted layers with one
-    fixed-size state updated on the device, and "dynamic" for other converted layers (their state grows, or a step
-    reads the count of tokens seen). With `max_cache_len` the cache is static:
+    fixed-size state updated on the device, and "dynamic" for other converted layers (their state grows). With
+    `max_cache_len` the cache is static:
     kv layers are transformers' static layers of that length and fixed-size states are updated in place.
     """
 

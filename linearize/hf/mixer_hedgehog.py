@@ -205,10 +205,6 @@ class HedgehogSWAMixer(HedgehogMixer):
         return super().resolve(options, spec, config)
 
     @classmethod
-    def static_state(cls, options: dict) -> bool:
-        return not options.get("keep") and super().static_state(options)
-
-    @classmethod
     def decision_period(cls, options: dict) -> int:
         return options.get("keep_block", HedgehogSWAOptions.keep_block) if options.get("keep") else 0
 
@@ -290,12 +286,21 @@ class HedgehogSWAMixer(HedgehogMixer):
     def mix_kept(self, q, k, v, position_embeddings, padding_mask, state):
         """`mix` with kept keys (`ops_kept`), grouped heads as they are: the parallel form, or the decode step. Blocks
         are counted from the sequence's start, so the state's count of tokens seen is the call's position; the state
-        holds it on the device too ("at", `fused_step`)."""
+        holds it on the device too ("at", `fused_step`). A state whose decisions are deferred (`MixerState.deferred`: a
+        compiled decode step) is stepped without reading the host's count, and decided after the step (`decide_after`)."""
         q, k, fq, fk, kwargs = self.window_inputs(q, k, position_embeddings, padding_mask)
         kwargs.update(keep=self.options.keep, block=self.options.keep_block)
         if state is None:
             return kept_window_linear(q, k, v, fq, fk, **kwargs)[0]
-        position, tensors = int(state.seen), {name: t for name, t in state.tensors.items() if name != "at"}
+        tensors = {name: t for name, t in state.tensors.items() if name != "at"}
+        if state.deferred and q.shape[2] == 1:  # the ring's row from the device, the decision after the step
+            at = state.tensors["at"]
+            out, new = decode_kept_window_linear(q, k, v, fq, fk, state=tensors, position=at[0], decide=False, **kwargs)
+            state.write({**new, "at": at + 1})
+            return out
+        position = int(state.seen)
+        if position == 0:  # zeros after a static cache's reset are not the empty state (an empty slot's error is -inf)
+            tensors = {}
         if q.shape[2] == 1:
             out, new = decode_kept_window_linear(q, k, v, fq, fk, state=tensors, position=position, **kwargs)
         else:
@@ -309,9 +314,11 @@ class HedgehogSWAMixer(HedgehogMixer):
         # With kept keys: the step's kernel, then at a block's end its decision (`ops_kept`), which makes new tensors. A
         # fresh state is `ops_kept`'s layout whole, its window's rows included. The kernel and the decision read the
         # position from the state's "at" (B,), on the device, so that a captured step serves every position of its kind
-        # (`linearize.decode.GraphDecoder`); whether the step decides is the host's count's.
-        tensors = self.step_state(q, state)[0] if state.tensors else self.fresh_step_state(q)
-        position, window, keep, block = int(state.seen), self.window, self.options.keep, self.options.keep_block
+        # (`linearize.decode.GraphDecoder`); whether the step decides is the host's count's, after the step where the
+        # state's decisions are deferred (`decide_after`).
+        position = None if state.deferred else int(state.seen)  # a deferred step never reads the host's count
+        tensors = self.step_state(q, state)[0] if state.tensors and position != 0 else self.fresh_step_state(q)
+        window, keep, block = self.window, self.options.keep, self.options.keep_block
         at = tensors.get("at")
         if at is None:
             at = torch.full((q.shape[0],), position, dtype=torch.int64, device=q.device)
@@ -321,12 +328,23 @@ class HedgehogSWAMixer(HedgehogMixer):
             self.window_logit, tensors["S"], tensors["z"], tensors["k"], tensors["v"], tensors["fk"], tensors["mask"],
             at, keep, self.spec.scaling, self.spec.softcap, self.options.linear_rope,
         )
-        if ends_block(position, block):
+        if position is not None and ends_block(position, block):
             tensors = decide_block(tensors, at[0], window=window, keep=keep, block=block)
-        # In place, as the rows (torch refuses it for a tensor made under inference mode, written outside it).
-        at = at + 1 if at.is_inference() and not torch.is_inference_mode_enabled() else at.add_(1)
+        # In place, as the rows (torch refuses it for a tensor made under inference mode, written outside it; a deferred
+        # step's are a static state's own, which a compiled step cannot ask).
+        at = at.add_(1) if state.deferred or not at.is_inference() or torch.is_inference_mode_enabled() else at + 1
         state.write({**tensors, "at": at})
         return out
+
+    def decide_after(self, state, position: int) -> None:
+        """The decision that the deferred decode step at `position` left (`mix_kept`): where the step ended a block, its
+        kept keys are decided (`ops_kept.decide_block`) into the state's tensors."""
+        block = self.options.keep_block
+        if not self.options.keep or not ends_block(position, block):
+            return
+        tensors = {name: t for name, t in state.tensors.items() if name != "at"}
+        decided = decide_block(tensors, position, window=self.window, keep=self.options.keep, block=block)
+        state.write({**decided, "at": state.tensors["at"]})
 
     def cuda_path(self, dtype: torch.dtype) -> str:
         path = super().cuda_path(dtype)

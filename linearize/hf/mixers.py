@@ -181,6 +181,10 @@ class Mixer(nn.Module):
         another kind, which `linearize.decode.GraphDecoder` captures apart."""
         return 0
 
+    def decide_after(self, state, position: int) -> None:
+        """What a deferred decode step at `position` left to decide (`MixerState.deferred`), where that step ends a
+        period (`decision_period`); nothing for a layer that never decides."""
+
     def kernel(self) -> tuple[str, tuple[int, int]] | None:
         """The fla kernel this layer's recurrence runs on CUDA and the (key, value) head sizes it passes it; None
         where the layer has no fla kernel (softmax attention, sliding windows) and runs in PyTorch."""

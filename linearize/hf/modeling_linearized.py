@@ -7,6 +7,7 @@ classes so no remote code is needed where it is.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import shutil
 from pathlib import Path
@@ -19,7 +20,7 @@ from transformers.generation.configuration_utils import ALL_STATIC_CACHE_IMPLEME
 from transformers.dynamic_module_utils import get_relative_import_files
 
 from .attention import attention_slot, chunk_causal_mask, decode_attention, decoder_layers
-from .cache import NO_ROLLBACK, OUTPUT_CACHE_FIELD, LinearizedCache, cache_keyword
+from .cache import NO_ROLLBACK, OUTPUT_CACHE_FIELD, LinearizedCache, cache_in, cache_keyword
 from .configuration_linearized import LinearizedConfig
 from .errors import LinearizeError
 from .mixers import MIXERS, PADDING_MASK, get_mixer, mixers_in
@@ -223,6 +224,33 @@ class LinearizedForCausalLM(PreTrainedModel, GenerationMixin):
         else:
             kept[2].reset()
         model_kwargs[name] = kept[2]
+
+    def get_compiled_call(self, compile_config):
+        """transformers' compiled forward, which generate() calls for each decode step of a static cache. Where layers
+        decide on the host's count (`hedgehog_swa`'s kept keys, `Mixer.decision_period`), each single-token step runs
+        with their states deferred (`MixerState.deferred`: the graph never reads the count, one graph for every step),
+        and the decisions it left follow it, eagerly: once every keep_block steps."""
+        compiled = super().get_compiled_call(compile_config)
+        deciders = [m for m in self._mixers() if not m.teacher and m.decision_period(m.options_dict())]
+        return functools.partial(self._step_then_decide, compiled, deciders) if deciders else compiled
+
+    def _step_then_decide(self, compiled, deciders: list, *args, **kwargs):
+        cache = cache_in(kwargs)
+        tokens = (kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds"))
+        states = [] if cache is None or tokens is None or tokens.shape[1] != 1 else [cache.layers[m.layer_idx] for m in deciders]
+        if not states or not all(getattr(state, "static", False) for state in states):
+            return compiled(*args, **kwargs)
+        position = int(states[0].seen)  # generate() has synced on the last step's tokens
+        for state in states:
+            state.deferred = True
+        try:
+            out = compiled(*args, **kwargs)
+        finally:
+            for state in states:
+                state.deferred = False
+        for mixer, state in zip(deciders, states):
+            mixer.decide_after(state, position)
+        return out
 
     def prepare_inputs_for_generation(self, input_ids, *args, attention_mask=None, **kwargs):
         """transformers' inputs, plus the new tokens' padding for converted layers where transformers turned the 2D

@@ -301,12 +301,14 @@ def _heads(
 
 
 def decode_kept_window_linear(
-    q, k, v, fq, fk, *, window, keep, block, scaling, sm_weight=1.0, ln_weight=1.0, key_mask=None, softcap=None, state=None, position=0
+    q, k, v, fq, fk, *, window, keep, block, scaling, sm_weight=1.0, ln_weight=1.0, key_mask=None, softcap=None, state=None, position=0,
+    decide=True,
 ):
     """One decode step of the token at `position`: its key written into its row of the ring (in place where autograd
     records nothing, else into a copy), then every real row scored by softmax in one product and the sums read through
-    the features; where the next position starts a block, the block is decided (`decide_block`). Returns (o (B, H, 1, V)
-    in v's dtype, the next state)."""
+    the features; where the next position starts a block, the block is decided (`decide_block`), unless `decide` is
+    False: then the caller decides after the step, and `position` may be a 0-d tensor on the state's device (a compiled
+    step reads it there). Returns (o (B, H, 1, V) in v's dtype, the next state)."""
     _check(window, keep, block)
     if not state:
         state = empty_kept_state(q, k, v, fk, window, keep, block)
@@ -332,14 +334,17 @@ def decode_kept_window_linear(
     linear_mass = torch.bmm(fqg, z.view(rows, -1, 1)).view(b, hkv, g, 1)
     num, den = (x + lnw * y for x, y in ((num, linear), (a.sum(-1, keepdim=True), linear_mass)))
     o = (num / den.clamp_min(1e-30)).view(b, h, 1, -1).to(v.dtype)
-    if not ends_block(position, block):
+    if not decide or not ends_block(position, block):
         return o, state
     return o, decide_block(state, position, window=window, keep=keep, block=block)
 
 
-def _written(x: torch.Tensor, row: int, new: torch.Tensor) -> torch.Tensor:
-    """x (B, Hkv, P, *) with `new` (B, Hkv or 1, 1, *, or a number) in row `row`: in place, or in a copy where autograd records or
-    where x was made under torch.inference_mode() and is written outside it (which torch refuses in place)."""
+def _written(x: torch.Tensor, row, new) -> torch.Tensor:
+    """x (B, Hkv, P, *) with `new` (B, Hkv or 1, 1, *, or a number) in row `row`: in place, or in a copy where autograd
+    records or where x was made under torch.inference_mode() and is written outside it (which torch refuses in place).
+    A row given as a 0-d tensor on x's device (a compiled step's, without gradients) is written in place."""
+    if torch.is_tensor(row):
+        return x.index_copy_(2, row.view(1), torch.as_tensor(new, dtype=x.dtype, device=x.device).expand_as(x[:, :, :1]))
     if torch.is_grad_enabled() or (x.is_inference() and not torch.is_inference_mode_enabled()):
         x = x.clone()
     x[:, :, row : row + 1] = new
