@@ -1103,7 +1103,7 @@ if TRITON_PROBLEM is None:
     OPS["hedgehog"], hedgehog_step = _registered(_hedgehog, {"S"}, _heads(_hedgehog))
     OPS["bamba_mamba2"], bamba_mamba2_step = _registered(_bamba_mamba2, {"conv", "ssm"}, _heads(_bamba_mamba2))
     OPS["hedgehog_swa"], hedgehog_swa_step = _registered(_hedgehog_swa, {"S", "z", "window_fk", *WINDOW_CACHE}, _heads(_hedgehog_swa))
-    # With kept keys (a dynamic cache: no static-cache step compiles it), beside the mixers' ops.
+    # With kept keys, beside the mixers' ops (a compiled static-cache step calls it; the decisions follow the step).
     KEPT_OP, hedgehog_swa_kept_step = _registered(_hedgehog_swa_kept, {"keys", "values", "features", "mask"}, _heads(_hedgehog_swa_kept))
 
 else:
