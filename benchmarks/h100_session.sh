@@ -59,6 +59,8 @@
 #   bash benchmarks/h100_session.sh delta_bench  # (after solo, still warm) carry .gguf2 and a folder of collect's
 #                                             # delta-NAME.tgz (DELTAS): `linearize bench` of those students beside the
 #                                             # GGUF teacher, eager and with --compile (BENCH, COMPILED, BENCH_S, PLAIN)
+#   bash benchmarks/h100_session.sh delta_serve  # (after delta_bench, still warm) plain generate() of its students beside
+#                                             # the GGUF teacher, dynamic and static cache (SERVING, SERVING_S)
 #   bash benchmarks/h100_session.sh variants  # (after join, as DETACH=variants) quality runs at once on one GPU, one per
 #                                             # ';'-separated argument list in VARIANTS (quality.py's), named v1, v2, ...
 #   bash benchmarks/h100_session.sh detach    # (still warm) another mode, DETACH (e.g. pair, with its variables), in a
@@ -294,6 +296,13 @@ delta_bench)  # (after solo, still warm; carry .gguf2 and the folder of DELTAS, 
       --out "$OUT/bench_compiled.json" > "$OUT/bench_compiled.log" 2>&1
     echo "exit $?" >> "$OUT/bench_compiled.log"
   fi
+  ;;
+delta_serve)  # (after delta_bench, still warm) plain generate() of the students delta_bench rebuilt beside the GGUF
+  # teacher, dynamic and static cache (serving_speed.py; SERVING: its arguments, SERVING_S)
+  students=$(ls -d /tmp/students/* | paste -sd, -)
+  timeout "${SERVING_S:-540}" python3 benchmarks/serving_speed.py --students "$students" --teacher /tmp/smollm2.gguf --device cuda \
+    ${SERVING:---lengths 2048,32768 --new-tokens 64 --repeats 2} --out "$OUT/serving.jsonl" > "$OUT/serving.log" 2>&1
+  echo "exit $?" >> "$OUT/serving.log"
   ;;
 join)  # (after solo or first, still warm; carry .gguf2 corpus.tgz) the GGUF and the corpus into /tmp, nothing else: a
   # detached run (detach) leaves the carried halves behind
