@@ -351,17 +351,23 @@ def test_cached_generation_through_the_fused_step_equals_uncached(fused, monkeyp
     assert torch.equal(generated.sequences, model.generate(**settings, use_cache=False).sequences)
 
 
-@pytest.mark.core
-@needs_triton
-def test_cached_generation_with_kept_keys_through_the_fused_step_equals_uncached(fused, monkeypatch):
-    """As above with kept keys (window 4, 3 kept, blocks of 4): 9 decode steps from position 5 through the fused step in
-    each of the two layers, those at 7 and 11 followed by a block's decision."""
+def kept_keys_generation():
+    """Two layers with kept keys (window 4, 3 kept, blocks of 4) and the settings of a greedy generation from a
+    left-padded 5-token prompt: 9 decode steps, those at 7 and 11 followed by a block's decision."""
     model = linearize.convert(tiny_model(dtype=torch.float32, num_hidden_layers=2), "hedgehog_swa", window=4, keep=3, keep_block=4)
     ids, mask = left_padded(random_ids(2, 5), [2, 0])
     settings = dict(
         input_ids=ids, attention_mask=mask, max_new_tokens=10, min_new_tokens=10, do_sample=False, output_logits=True,
         return_dict_in_generate=True,
     )
+    return model, settings
+
+
+@pytest.mark.core
+@needs_triton
+def test_cached_generation_with_kept_keys_through_the_fused_step_equals_uncached(fused, monkeypatch):
+    """As above with kept keys (`kept_keys_generation`): every decode step through the fused step in each layer."""
+    model, settings = kept_keys_generation()
     generated = model.generate(**settings)
     assert len(fused) == 2 * 9
     monkeypatch.setenv("LINEARIZE_FUSED_STEP", "off")
@@ -379,12 +385,7 @@ def test_a_compiled_static_cache_generation_with_kept_keys_through_the_fused_ste
 
     monkeypatch.setenv("LINEARIZE_FUSED_STEP", "on")
     monkeypatch.delenv("LINEARIZE_KERNELS", raising=False)
-    model = linearize.convert(tiny_model(dtype=torch.float32, num_hidden_layers=2), "hedgehog_swa", window=4, keep=3, keep_block=4)
-    ids, mask = left_padded(random_ids(2, 5), [2, 0])
-    settings = dict(
-        input_ids=ids, attention_mask=mask, max_new_tokens=10, min_new_tokens=10, do_sample=False, output_logits=True,
-        return_dict_in_generate=True,
-    )
+    model, settings = kept_keys_generation()
     eager = model.generate(**settings)
     graphs = []
 
