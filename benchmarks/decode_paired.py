@@ -12,6 +12,7 @@ Students are converted as `cpu_decode.py` converts them (untrained: speed does n
 
     python benchmarks/decode_paired.py --recipes lolcats,hybrid_long --blocks 30
     python benchmarks/decode_paired.py --recipes lolcats --blocks 20 --threads 1 --out /tmp/paired.json
+    python benchmarks/decode_paired.py --recipes lolcats_keep,lolcats_keep:keep=512 --blocks 32
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 
 from cpu_decode import recipe_student  # benchmarks/, first on the path when run as a script
-from linearize import load_teacher
+from linearize import load_teacher, set_options
 from linearize.hf.cache import cache_keyword, returned_cache
 
 
@@ -83,7 +84,8 @@ def report(rows: dict[str, dict[str, float]]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipes", default="lolcats", help="shipped recipes whose students are measured, comma-separated")
+    parser.add_argument("--recipes", default="lolcats", help="shipped recipes whose students are measured, comma-separated; "
+                        "RECIPE:key=value:... sets runtime options on its student (`linearize.set_options`), e.g. lolcats_keep:keep=512")
     parser.add_argument("--context", type=int, default=2048, help="prompt tokens before the decode")
     parser.add_argument("--blocks", type=int, default=30, help="blocks of steps each model decodes, in turns")
     parser.add_argument("--steps", type=int, default=8, help="decode steps a block")
@@ -96,8 +98,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     ids = torch.randint(0, 1000, (1, args.context), generator=torch.Generator().manual_seed(0))
     models = {"teacher": load_teacher("smollm2-135m")[0]}
-    for recipe in args.recipes.split(","):
-        models[recipe] = recipe_student(load_teacher("smollm2-135m")[0], recipe)
+    for spec in args.recipes.split(","):
+        recipe, *options = spec.split(":")
+        models[spec] = recipe_student(load_teacher("smollm2-135m")[0], recipe)
+        if options:
+            set_options(models[spec], **{key: int(value) for key, value in (option.split("=") for option in options)})
     times = in_turns(models, ids, args.blocks, args.steps)
     rows = paired(times)
     report(rows)

@@ -227,6 +227,8 @@ class Recipe:
 
     precision: mixed precision of distillation: auto (bf16 autocast on a CUDA GPU that has it, else none),
     bf16, fp16 or no; trainable parameters stay in float32 under autocast.
+    serve: options that add and change no parameter (a mixer's runtime options, `linearize.set_options`) given to
+    the distilled student before it is scored and saved: e.g. more kept keys (`keep`) than it distilled with.
     """
 
     teacher: str = "smollm2-135m"
@@ -238,6 +240,7 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     stages: list[Any] = field(default_factory=list)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    serve: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:

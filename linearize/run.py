@@ -37,7 +37,7 @@ from .hf.mixers import check_option_names, get_mixer
 from .loaders import load_teacher
 from .outputs import atomic_folder, check_output
 from .record import RunRecord, StageReport
-from .surgery import convert
+from .surgery import check_runtime_options, convert, set_options
 
 
 def validate_recipe(recipe: Recipe, processes: int = 1, check_data: bool = True) -> None:
@@ -51,6 +51,13 @@ def validate_recipe(recipe: Recipe, processes: int = 1, check_data: bool = True)
     auto_amount(plan.keep_attention)
     if recipe.data.retrieval:
         check_kinds(recipe.data.retrieval_kinds)
+    mixers = {plan.mixer, *plan.hybrid, *plan.mixer_options}
+    if recipe.serve and not any(set(recipe.serve) <= set(get_mixer(name).runtime_options) for name in mixers):
+        offered = "; ".join(f"{name} takes {', '.join(get_mixer(name).runtime_options) or 'none'}" for name in sorted(mixers))
+        raise LinearizeError(
+            f"serve: no mixer of this recipe takes {', '.join(map(repr, recipe.serve))} after distillation ({offered}); "
+            "set conversion options in convert.options"
+        )
     for index, stage in enumerate(recipe.stages):
         count_steps(stage, stage.seq_len or recipe.data.seq_len, processes, f"stages[{index}] ({stage.kind})")
     if check_data and (recipe.stages or not recipe.data.heldout):
@@ -157,6 +164,8 @@ class Run:
             say(f"loading teacher {recipe.teacher}")
             model, tokenizer = load_teacher(recipe.teacher, dtype=recipe.dtype)
         self.model, self.keep = prepare_student(model, recipe, say)
+        if recipe.serve:  # its values checked against the converted layers before any training
+            check_runtime_options(self.model, **recipe.serve)
         self.model.to(self.accelerator.device)
         self.tokenizer, self.data = tokenizer, self._data(data, tokenizer)
         say(f"data: {self.data.description}")
@@ -188,7 +197,8 @@ class Run:
         """The recipe's stages in order, each from its own seed (so a resumed run builds every stage, e.g. its
         LoRA init, as an unbroken one); with `keep_attention: auto` the layers are chosen after the first
         attention_transfer stage, or before the first stage when there is none. `on_stage(report, model)` is
-        called after each stage (and the selection that follows it), e.g. to score it. Returns the distilled model."""
+        called after each stage (and the selection that follows it), e.g. to score it. The recipe's `serve` options
+        are set last (`linearize.set_options`). Returns the distilled model."""
         from accelerate.utils import set_seed
 
         if self.model is None:
@@ -207,6 +217,9 @@ class Run:
                 self._select()
             if on_stage is not None:
                 on_stage(StageReport.from_dict(self.session.reports[-1]), self.model)
+        if recipe.serve:
+            layers = set_options(self.model, **recipe.serve)
+            self.session.say(f"served with {', '.join(f'{k}={v}' for k, v in recipe.serve.items())} in {len(layers)} layers (serve)")
         return self.model
 
     def _select(self) -> dict[str, Any]:

@@ -225,6 +225,16 @@ def set_options(model: LinearizedForCausalLM, **options: Any) -> list[int]:
         >>> student = LinearizedForCausalLM.from_pretrained("out/lolcats")
         >>> set_options(student, keep=128)   # every hedgehog_swa layer keeps the 128 keys it recalls worst
     """
+    resolved = check_runtime_options(model, **options)
+    for mixer, parsed in resolved.items():
+        mixer.options = parsed
+    model.config.plan = model.config.plan.with_layers({m.layer_idx: LayerSpec(type(m).name, m.options_dict()) for m in resolved})
+    return sorted(m.layer_idx for m in resolved)
+
+
+def check_runtime_options(model: LinearizedForCausalLM, **options: Any) -> dict:
+    """What `set_options` would set, changing nothing: each converted layer whose mixer takes `options`, with its
+    options after them, checked as `convert` checks options. Raises LinearizeError naming the fix."""
     if not options:
         raise LinearizeError("set_options needs at least one option, e.g. keep=128")
     mixers = mixers_in(model)
@@ -236,8 +246,4 @@ def set_options(model: LinearizedForCausalLM, **options: Any) -> list[int]:
             "convert the teacher again with the option instead"
         )
     text_config = model.config.text_config
-    resolved = {m.layer_idx: type(m).parse_options({**m.options_dict(), **options}, m.spec, text_config) for m in takers}
-    for mixer in takers:
-        mixer.options = resolved[mixer.layer_idx]
-    model.config.plan = model.config.plan.with_layers({m.layer_idx: LayerSpec(type(m).name, m.options_dict()) for m in takers})
-    return sorted(resolved)
+    return {m: type(m).parse_options({**m.options_dict(), **options}, m.spec, text_config) for m in takers}
