@@ -58,7 +58,7 @@
 #   bash benchmarks/h100_session.sh join      # (after solo or first, still warm) carry .gguf2 corpus.tgz: the join alone
 #   bash benchmarks/h100_session.sh delta_bench  # (after solo, still warm) carry .gguf2 and a folder of collect's
 #                                             # delta-NAME.tgz (DELTAS): `linearize bench` of those students beside the
-#                                             # GGUF teacher, eager and with --compile (BENCH, COMPILED, BENCH_S, PLAIN)
+#                                             # GGUF teacher, eager and with --compile (BENCH, COMPILED, BENCH_S, KEEPS)
 #   bash benchmarks/h100_session.sh delta_serve  # (after delta_bench, still warm) plain generate() of its students beside
 #                                             # the GGUF teacher, dynamic and static cache (SERVING, SERVING_S)
 #   bash benchmarks/h100_session.sh variants  # (after join, as DETACH=variants) quality runs at once on one GPU, one per
@@ -273,8 +273,8 @@ batch)  # (after students, still warm) `linearize bench` of the GGUF teacher and
   echo "exit $?" >> "$OUT/batch.log"
   ;;
 delta_bench)  # (after solo, still warm; carry .gguf2 and the folder of DELTAS, e.g. runs/keepbench) each student in
-  # DELTAS (collect's delta-NAME.tgz files) rebuilt beside the joined GGUF (student_delta.py load), with PLAIN=1 each also
-  # without kept keys (set-options keep=0), then `linearize bench` of the GGUF teacher and the students, eager with
+  # DELTAS (collect's delta-NAME.tgz files) rebuilt beside the joined GGUF (student_delta.py load), and a copy of each
+  # with every keep in KEEPS (e.g. "0 512": set-options keep=N), then `linearize bench` of the GGUF teacher and the students, eager with
   # BENCH's arguments and with --compile (COMPILED: its arguments, or none), within BENCH_S each
   join || exit 1
   students=""
@@ -283,10 +283,10 @@ delta_bench)  # (after solo, still warm; carry .gguf2 and the folder of DELTAS, 
     mkdir -p "/tmp/$name" && tar xzf "$delta" -C "/tmp/$name"
     python3 benchmarks/student_delta.py load --teacher /tmp/smollm2.gguf --delta "/tmp/$name" --out "/tmp/students/$name" >> "$OUT/delta_load.log" 2>&1
     students="$students /tmp/students/$name"
-    if [ -n "${PLAIN:-}" ]; then
-      python3 cli.py set-options "/tmp/students/$name" --out "/tmp/students/$name-keep0" --option keep=0 --overwrite >> "$OUT/delta_load.log" 2>&1
-      students="$students /tmp/students/$name-keep0"
-    fi
+    for keep in ${KEEPS:-}; do
+      python3 cli.py set-options "/tmp/students/$name" --out "/tmp/students/$name-keep$keep" --option keep=$keep --overwrite >> "$OUT/delta_load.log" 2>&1
+      students="$students /tmp/students/$name-keep$keep"
+    done
   done
   bench="${BENCH:---lengths 2048,8128,32768 --decode-tokens 64 --repeats 2 --allow-longer}"
   timeout "${BENCH_S:-270}" python3 cli.py bench /tmp/smollm2.gguf $students --no-teacher --device cuda $bench --out "$OUT/bench.json" > "$OUT/bench.log" 2>&1
