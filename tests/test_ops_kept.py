@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from linearize.hf import ops_window
-from linearize.hf.ops_kept import decode_kept_window_linear, kept_window_linear, naive_kept_window_linear
+from linearize.hf.ops_kept import decide_block, decode_kept_window_linear, kept_window_linear, naive_kept_window_linear
 
 B, H, HKV, D, V, F = 2, 4, 2, 8, 6, 5
 
@@ -125,6 +125,23 @@ def test_a_step_writes_its_key_into_its_row_of_the_ring():
         changed = (new[name] != before[name]).any(-1).any(0).any(0)
         assert changed.nonzero().flatten().tolist() == [7]
     assert new["mask"][:, :, 7].all() and not before["mask"][:, :, 7].any()
+
+
+def test_a_step_on_the_devices_position_then_its_decision_is_the_step_that_decides():
+    """What a compiled step does (`decide=False`, the position a 0-d tensor, written in place) and the decision that
+    follows it (`decide_block` on a 0-d tensor, as a captured decision reads it) give, bit for bit, the step at an int
+    position that decides a block itself (position 11 ends a block of 4)."""
+    tensors, options = make(14)
+    options.update(window=5, keep=3, block=4)
+    _, state = kept_window_linear(*part(tensors, options, 0, 11)[0], output_state=True, **part(tensors, options, 0, 11)[1])
+    step = part(tensors, options, 11, 12)
+    with torch.no_grad():
+        out, expected = decode_kept_window_linear(*step[0], state={n: t.clone() for n, t in state.items()}, position=11, **step[1])
+        got_out, stepped = decode_kept_window_linear(*step[0], state=state, position=torch.tensor(11), decide=False, **step[1])
+        assert all(stepped[name] is state[name] for name in state)  # in place, as a static state's tensors
+        decided = decide_block(stepped, torch.tensor(11), window=5, keep=3, block=4)
+    assert torch.equal(got_out, out)
+    assert decided.keys() == expected.keys() and all(torch.equal(decided[n], expected[n]) for n in expected)
 
 
 def test_a_state_made_under_inference_mode_decodes_outside_it():
