@@ -340,7 +340,7 @@ class HedgehogSWAMixer(HedgehogMixer):
         """The decision that the deferred decode step at `position` left (`mix_kept`): where the step ended a block, its
         kept keys are decided (`ops_kept.decide_block`) into the state's tensors."""
         block = self.options.keep_block
-        if not self.options.keep or not ends_block(position, block):
+        if not ends_block(position, block):  # called for layers with kept keys alone (their decision_period)
             return
         tensors = {name: t for name, t in state.tensors.items() if name != "at"}
         decided = decide_block(tensors, position, window=self.window, keep=self.options.keep, block=block)

@@ -236,7 +236,7 @@ class LinearizedForCausalLM(PreTrainedModel, GenerationMixin):
 
     def _step_then_decide(self, compiled, deciders: list, *args, **kwargs):
         cache = cache_in(kwargs)
-        tokens = (kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds"))
+        tokens = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
         states = [] if cache is None or tokens is None or tokens.shape[1] != 1 else [cache.layers[m.layer_idx] for m in deciders]
         if not states or not all(getattr(state, "static", False) for state in states):
             return compiled(*args, **kwargs)
