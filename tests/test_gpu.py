@@ -196,7 +196,8 @@ def test_graph_decoder_equals_generate(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_static_cache_generate_compiles_and_equals_dynamic(name):
     """On CUDA, generate() with a static cache compiles its decode step (CUDA graphs) and gives the same tokens; kept
-    keys (blocks of 8 over 24 steps) are decided after the steps that end a block, outside the graphs."""
+    keys (blocks of 8 over 24 steps) are decided after the steps that end a block: the first decision eagerly, the
+    later ones (and every one of the second call) replayed from its CUDA graph."""
     model = linearize.convert(tiny_model(dtype=torch.float32, hidden_size=128, num_attention_heads=2, num_key_value_heads=1), name.split("+")[0], **MIXERS[name])
     model = model.cuda()
     ids, mask = left_padded(random_ids(2, 40), [5, 0])

@@ -336,14 +336,11 @@ class HedgehogSWAMixer(HedgehogMixer):
         state.write({**tensors, "at": at})
         return out
 
-    def decide_after(self, state, position: int) -> None:
-        """The decision that the deferred decode step at `position` left (`mix_kept`): where the step ended a block, its
-        kept keys are decided (`ops_kept.decide_block`) into the state's tensors."""
-        block = self.options.keep_block
-        if not ends_block(position, block):  # called for layers with kept keys alone (their decision_period)
-            return
+    def decide_after(self, state, position) -> None:
+        """The block decision that the deferred decode step at `position` left (`mix_kept`), into the state's tensors
+        (`ops_kept.decide_block`); `position` a number, or a 0-d tensor on the state's device (a captured decision)."""
         tensors = {name: t for name, t in state.tensors.items() if name != "at"}
-        decided = decide_block(tensors, position, window=self.window, keep=self.options.keep, block=block)
+        decided = decide_block(tensors, position, window=self.window, keep=self.options.keep, block=self.options.keep_block)
         state.write({**decided, "at": state.tensors["at"]})
 
     def cuda_path(self, dtype: torch.dtype) -> str:

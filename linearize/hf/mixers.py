@@ -181,9 +181,10 @@ class Mixer(nn.Module):
         another kind, which `linearize.decode.GraphDecoder` captures apart."""
         return 0
 
-    def decide_after(self, state, position: int) -> None:
-        """What a deferred decode step at `position` left to decide (`MixerState.deferred`), where that step ends a
-        period (`decision_period`); nothing for a layer that never decides."""
+    def decide_after(self, state, position) -> None:
+        """The decision a deferred decode step at `position` left (`MixerState.deferred`), called where that step ends
+        a period (`decision_period`); `position` a number, or a 0-d tensor on the state's device."""
+        raise NotImplementedError(f"mixer {self.name!r} decides nothing after a step (its decision_period is 0)")
 
     def kernel(self) -> tuple[str, tuple[int, int]] | None:
         """The fla kernel this layer's recurrence runs on CUDA and the (key, value) head sizes it passes it; None

@@ -24,6 +24,7 @@ from .cache import NO_ROLLBACK, OUTPUT_CACHE_FIELD, LinearizedCache, cache_in, c
 from .configuration_linearized import LinearizedConfig
 from .errors import LinearizeError
 from .mixers import MIXERS, PADDING_MASK, get_mixer, mixers_in
+from .ops_kept import ends_block
 from .plan import LayerPlan
 from .shipped_mixers import MIXER_MODULES
 
@@ -229,7 +230,9 @@ class LinearizedForCausalLM(PreTrainedModel, GenerationMixin):
         """transformers' compiled forward, which generate() calls for each decode step of a static cache. Where layers
         decide on the host's count (`hedgehog_swa`'s kept keys, `Mixer.decision_period`), each single-token step runs
         with their states deferred (`MixerState.deferred`: the graph never reads the count, one graph for every step),
-        and the decisions it left follow it, eagerly: once every keep_block steps."""
+        and the decisions it left follow it (once every keep_block steps): on CUDA the first of each set of layers runs
+        eagerly and is captured in a CUDA graph (kept with the cache) that the later ones replay, reading the position
+        on the device; elsewhere eagerly."""
         compiled = super().get_compiled_call(compile_config)
         deciders = [m for m in self._mixers() if not m.teacher and m.decision_period(m.options_dict())]
         return functools.partial(self._step_then_decide, compiled, deciders) if deciders else compiled
@@ -248,9 +251,32 @@ class LinearizedForCausalLM(PreTrainedModel, GenerationMixin):
         finally:
             for state in states:
                 state.deferred = False
-        for mixer, state in zip(deciders, states):
-            mixer.decide_after(state, position)
+        due = [(m, s) for m, s in zip(deciders, states) if ends_block(position, m.decision_period(m.options_dict()))]
+        if due:
+            self._decide(cache, due, position)
         return out
+
+    @staticmethod
+    def _decide(cache, due: list, position: int) -> None:
+        """The decisions of `due` (mixer, state) after the deferred step at `position` (`_step_then_decide`)."""
+        if not next(iter(due[0][1].tensors.values())).is_cuda:
+            for mixer, state in due:
+                mixer.decide_after(state, position)
+            return
+        graphs = cache.__dict__.setdefault("_decision_graphs", {})
+        key = tuple(mixer.layer_idx for mixer, _ in due)
+        if key in graphs:
+            graphs[key].replay()
+            return
+        for mixer, state in due:  # the first eagerly: it warms up what the capture must not create
+            mixer.decide_after(state, position)
+        graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):  # records, runs nothing
+            for mixer, state in due:
+                mixer.decide_after(state, state.tensors["at"][0] - 1)  # after the step, "at" is its position + 1
+        torch.cuda.current_stream().wait_stream(stream)
+        graphs[key] = graph
 
     def prepare_inputs_for_generation(self, input_ids, *args, attention_mask=None, **kwargs):
         """transformers' inputs, plus the new tokens' padding for converted layers where transformers turned the 2D
