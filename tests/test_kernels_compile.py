@@ -29,21 +29,22 @@ def compile_kernels() -> None:
 
     from linearize.hf import triton_conv, triton_features, triton_kept, triton_rope, triton_window
 
-    states = {"conv", "recurrent", "state", "ssm", "S", "z", "window_fk"}
+    states = {"conv", "recurrent", "state", "ssm", "S", "z", "window_fk", "features", "partial"}
     # The gated delta rule's caches shared by a kv head's query heads move on in a launch of their own (with the window,
     # and without it, as qwen3_5_gdn).
-    # hedgehog_swa+options: its decay and feature maps before RoPE (by default, neither); +keep: `ops_kept`'s layout, 128
-    # kept keys and a ring of window + 63 positions.
-    kernels = [(name, 64) for name in MIXERS] + [("hedgehog_swa", 256), ("hedgehog_swa+options", 64), ("hedgehog_swa+keep", 256)]
-    for name, window in kernels + [("kv_shift", 64), ("kv_shift", 1)]:
+    # hedgehog_swa+options: its decay and feature maps before RoPE (by default, neither); kept_partial and kept_combine:
+    # hedgehog_swa with kept keys in `ops_kept`'s layout, 512 kept keys and a ring of window + 63 positions.
+    kernels = [(name, 64) for name in MIXERS] + [("hedgehog_swa", 256), ("hedgehog_swa+options", 64)]
+    for name, window in kernels + [("kept_partial", 256), ("kept_combine", 256), ("kv_shift", 64), ("kv_shift", 1)]:
         qwen = name == "qwen3_5_gdn"  # gated_deltanet's kernel in qwen3_5's variant, without a window
-        options, ring = name.endswith("+options"), name.endswith("+keep")
+        options = name.endswith("+options")
         kernel = getattr(triton_step, "_gated_deltanet_kernel" if qwen else f"_{name.split('+')[0]}_kernel")
+        rows, chunk = 512 + window + 63, min(window, triton_step.WINDOW_CHUNK // 64)
         constants = dict(
-            HAS_DECAY=options, LINEAR_ROPE=not options, RING=ring,
-            HEADS=9, KV_HEADS=3, DIM=64, KEEP=128 + window + 63 if ring else window - 1, ROT=64, BLOCK_DIM=64, BLOCK_WINDOW=window, HAS_REAL=True,
+            HAS_DECAY=options, LINEAR_ROPE=not options, ROWS=rows, SPLITS=triton.cdiv(rows, chunk), BLOCK_SPLITS=triton.next_power_of_2(triton.cdiv(rows, chunk)),
+            HEADS=9, KV_HEADS=3, DIM=64, KEEP=window - 1, ROT=64, BLOCK_DIM=64, BLOCK_WINDOW=window, HAS_REAL=True,
             WINDOW=not qwen and window > 1, SOFTCAP=True, HIDDEN=576, BLOCK_HIDDEN=256, TAPS=4, BLOCK_TAPS=4, FEATURES=64,
-            BLOCK_FEATURES=64, CHUNK=min(window, triton_step.WINDOW_CHUNK // 64), QWEN=qwen, BLOCK_KEEP=triton.next_power_of_2(max(window - 1, 1)),
+            BLOCK_FEATURES=64, CHUNK=chunk, QWEN=qwen, BLOCK_KEEP=triton.next_power_of_2(max(window - 1, 1)),
         )
         signature = {}
         for param in kernel.params:
@@ -56,9 +57,10 @@ def compile_kernels() -> None:
             elif param.name in ("scaling", "softcap", "gate_normalizer", "eps"):
                 signature[param.name] = "fp32"
             else:
-                signature[param.name] = "*i1" if param.name in ("real", "window_mask") else "*fp32" if param.name in states else "*bf16"
+                signature[param.name] = "*i1" if param.name in ("real", "window_mask", "mask") else "*fp32" if param.name in states else "*bf16"
         given = {param.name: constants[param.name] for param in kernel.params if param.is_constexpr}
-        triton.compile(ASTSource(kernel, signature, constexprs=given), target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+        warps = 4 if name == "kept_partial" else 8  # as `_hedgehog_swa_kept` launches them
+        triton.compile(ASTSource(kernel, signature, constexprs=given), target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
     # The prefill's forward (bf16, with and without the statistics its backward reads, and fp32) and its two backward
     # kernels (bf16 and fp32), each with its blocks and warps.
     halves = {"q", "k", "v", "out", "grad"}

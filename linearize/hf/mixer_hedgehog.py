@@ -11,8 +11,8 @@ feature maps as one more (`triton_features.feature_maps`); the PyTorch path is t
 that have left `hedgehog_swa`'s window fade by a learnable factor per kv head and token (undecayed, their mass in the
 shared normaliser grows with the context); the fused step takes it, the prefill kernel not yet (its prefill runs the
 PyTorch path). With `keep`, the keys the linear state recalls worst stay exact beside the window (`ops_kept`): on
-CUDA a decode step runs as one fused Triton step (`triton_step.hedgehog_swa_kept_step`, the decision every keep_block
-steps in PyTorch), and an inference prefill scores its queries in one Triton kernel (`triton_kept`), the rest of it in
+CUDA a decode step runs as a fused Triton step (`triton_step.hedgehog_swa_kept_step`: its rows split across programs,
+then combined; the decision every keep_block steps in PyTorch), and an inference prefill scores its queries in one Triton kernel (`triton_kept`), the rest of it in
 PyTorch; training runs the PyTorch path.
 """
 

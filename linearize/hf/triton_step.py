@@ -32,11 +32,16 @@ all of a layer's step that follows the teacher's q/k/v projections in one kernel
   keys, values and feature-mapped keys (B, Hkv, window - 1, 2F, float32) move on, in place. Its window is read a chunk
   of rows at a time (`WINDOW_CHUNK`) and its softmax taken online, so a window of any length fits (LoLCATs': 256). Its
   output at a pad is not zeroed (nor on the PyTorch path);
-- `hedgehog_swa_kept_step`: the same with kept keys (option `keep`) in `ops_kept`'s layout: the current key, value,
-  feature-mapped key and mask written into their row of the ring, and every row (the kept keys and the ring) scored
-  under the one normaliser with the sums, which a step leaves as they are; the decision every keep_block steps is
-  `ops_kept.decide_block`'s, in PyTorch. It is `hedgehog_swa`'s kernel with RING on; compiled for sm_90 (bf16, 8 warps,
-  Triton 3.9's ptxas) at 128 kept keys and window 256 it takes 239 registers a thread and spills none.
+- `hedgehog_swa_kept_step`: the same with kept keys (option `keep`) in `ops_kept`'s layout: every row (the kept keys
+  and the ring, the current key in its ring row) scored under the one normaliser with the sums, which a step leaves as
+  they are, then the current key, value, feature-mapped key and mask written into their row of the ring; the
+  decision every keep_block steps is `ops_kept.decide_block`'s, in PyTorch. Its rows are many (N kept keys and
+  window + 63 more: 831 at N = 512, window 256), so they are split (flash decoding): `_kept_partial_kernel` runs one
+  program per (sequence, query head, chunk of rows), each an online softmax's peak, normaliser and weighted values
+  of its chunk, and `_kept_combine_kernel`, one per (sequence, kv head), combines them with the linear part and writes
+  the ring's row. One program per kv head scoring them all (its form until the forty-fourth session) ran 3 programs
+  at batch 1, each through its 3 query heads' rows one after another. Compiled for sm_90 (bf16, Triton 3.9's ptxas)
+  at 512 kept keys and window 256: 128 registers a thread (4 warps) and 128 (8 warps), no spill.
 And for the first three, with a window: RoPE on the unconvolved q and k, the window's one-query softmax over its cached
 keys and the current one (the mask, the teacher's scaling, its softcap where it has one), the window cache
 (B, Hkv, window - 1, D) shifted in place, and the share mix s * window + (1 - s) * linear heads, with
@@ -45,7 +50,7 @@ PyTorch path, whose output at it `gated_deltanet` and `mamba2` zero and `gla` do
 A second, tiny launch shifts the window's mask (B, window - 1), which every kv head's program reads: shifted by one
 of them, it could change under another.
 
-One program per (sequence, kv head) for every rule but the gated delta rule's two: it owns every byte it writes (its
+One program per (sequence, kv head) for every rule but the gated delta rule's two and the kept keys' split: it owns every byte it writes (its
 query heads' and kv head's convolution channels, its query heads' or kv head's state, its kv head's window rows), so
 the in-place updates need no cross-program synchronisation, and the window's keys are read once for the group's query
 heads. The `gated_deltanet` and `qwen3_5_gdn` kernels run one program per (sequence, query head) instead: at batch 1
@@ -207,17 +212,12 @@ def _launch(
     kv_heads = k.shape[1]
     keep = 0 if window_k is None else window_k.shape[2]
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
-
-    def given(t):  # q stands for an absent optional tensor; the kernel never reads it
-        return q if t is None else t
-
+    given = functools.partial(_given, q)
     # Shared by the step kernel and `_kv_shift_kernel`: the tensors they both read, their strides, and their shapes.
     window = (given(window_k), given(window_v), given(window_mask))
-    strides = (k.stride(0), k.stride(1), v.stride(0), v.stride(1), 0 if cos is None or cos.shape[0] == 1 else cos.stride(0),
-               0 if real is None else real.stride(0))
+    strides = _strides(k, v, cos, real)
     shapes = dict(
-        HEADS=heads, KV_HEADS=kv_heads, DIM=dim, KEEP=keep, ROT=0 if cos is None else cos.shape[-1], BLOCK_DIM=triton.next_power_of_2(dim),
-        BLOCK_WINDOW=triton.next_power_of_2(keep + 1), HAS_REAL=real is not None, num_warps=8,
+        **_shapes(q, k, cos, real), KEEP=keep, BLOCK_WINDOW=triton.next_power_of_2(keep + 1), num_warps=8,
     )
     kernel[(batch, kv_heads if conv is None else heads)](
         q, k, v, given(cos), given(sin), given(real), *window, out, q.stride(0), q.stride(1), *strides,
@@ -231,11 +231,31 @@ def _launch(
             BLOCK_KEEP=triton.next_power_of_2(max(keep, 1)), WINDOW=window_k is not None and keep > 0,
             TAPS=taps, BLOCK_TAPS=triton.next_power_of_2(max(taps - 1, 1)), **shapes,
         )
-    elif window_mask is not None and keep > 0 and not constants.get("RING"):  # a ring's mask is written in its row
+    elif window_mask is not None and keep > 0:
         _shift_mask_kernel[(batch,)](
             window_mask, given(real), strides[-1], KEEP=keep, BLOCK_KEEP=triton.next_power_of_2(keep), HAS_REAL=real is not None,
         )
     return out
+
+
+def _given(q: Tensor, t: Optional[Tensor]) -> Tensor:
+    """t, or q for an absent optional tensor, which the kernel never reads."""
+    return q if t is None else t
+
+
+def _strides(k: Tensor, v: Tensor, cos: Optional[Tensor], real: Optional[Tensor]) -> tuple:
+    """The strides every step kernel takes after q's: k's and v's (sequence, head), cos's sequence (0 where one row
+    serves every sequence) and real's."""
+    return (k.stride(0), k.stride(1), v.stride(0), v.stride(1), 0 if cos is None or cos.shape[0] == 1 else cos.stride(0),
+            0 if real is None else real.stride(0))
+
+
+def _shapes(q: Tensor, k: Tensor, cos: Optional[Tensor], real: Optional[Tensor]) -> dict:
+    """The constants every step kernel takes: its heads, head dim, rotary dim and whether it reads a padding mask."""
+    return dict(
+        HEADS=q.shape[1], KV_HEADS=k.shape[1], DIM=q.shape[-1], ROT=0 if cos is None else cos.shape[-1],
+        BLOCK_DIM=triton.next_power_of_2(q.shape[-1]), HAS_REAL=real is not None,
+    )
 
 
 def _hidden(hidden: Tensor) -> dict:
@@ -346,8 +366,8 @@ def _hedgehog_swa(
     joins them; linear_rope: the feature maps read the rotated q and k (else the unrotated)."""
     return _launch(
         _hedgehog_swa_kernel, q, k, v, cos, sin, real, window_k, window_v, window_mask, scaling, softcap,
-        window_fk, q_weight, q_bias, k_weight, k_bias, window_logit, S, z, decay_logit, None, 0, HAS_DECAY=decay_logit is not None,
-        LINEAR_ROPE=linear_rope, **_hedgehog_swa_constants(q, q_weight, window_k, ring=False),
+        window_fk, q_weight, q_bias, k_weight, k_bias, window_logit, S, z, decay_logit, HAS_DECAY=decay_logit is not None,
+        LINEAR_ROPE=linear_rope, **_hedgehog_swa_constants(q, q_weight, window_k.shape[2] + 1),
     )
 
 
@@ -362,20 +382,36 @@ def _hedgehog_swa_kept(
     ring's row of position `at` (B,), int64, on the device (row kept + at mod the ring's length, read there, so a
     captured step serves every position), of keys, values (B, Hkv, P, D) in q's dtype, features (B, Hkv, P, 2F),
     float32, and mask (B, Hkv, P), in place, and reads S (B, Hkv, 2F, D) and z (B, Hkv, 2F), float32. The block's
-    decision, every keep_block steps, is `ops_kept`'s."""
-    return _launch(
-        _hedgehog_swa_kernel, q, k, v, cos, sin, real, keys, values, mask, scaling, softcap,
-        features, q_weight, q_bias, k_weight, k_bias, window_logit, S, z, None, at, kept, HAS_DECAY=False, LINEAR_ROPE=linear_rope,
-        **_hedgehog_swa_constants(q, q_weight, keys, ring=True),
+    decision, every keep_block steps, is `ops_kept`'s. Two launches: `_kept_partial_kernel`, one program per
+    (sequence, query head, chunk of rows), then `_kept_combine_kernel`, one per (sequence, kv head)."""
+    batch, heads, _, dim = q.shape
+    rows = keys.shape[2]
+    constants = _hedgehog_swa_constants(q, q_weight, rows)
+    chunk, splits = constants["CHUNK"], triton.cdiv(rows, constants["CHUNK"])
+    shapes = dict(**_shapes(q, k, cos, real), ROWS=rows, SPLITS=splits)
+    partial = torch.empty((batch, heads, splits, shapes["BLOCK_DIM"] + 2), dtype=torch.float32, device=q.device)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    given = functools.partial(_given, q)
+    shared = (q, k, v, given(cos), given(sin), given(real), keys, values, mask, partial)
+    strides = (q.stride(0), q.stride(1), *_strides(k, v, cos, real))
+    _kept_partial_kernel[(batch, heads, splits)](
+        *shared, *strides, scaling, 1.0 if softcap is None else softcap, at, kept,
+        SOFTCAP=softcap is not None, CHUNK=chunk, **shapes, num_warps=4,
     )
+    _kept_combine_kernel[(batch, k.shape[1])](
+        *shared, out, *strides, features, q_weight, q_bias, k_weight, k_bias, window_logit, S, z, at, kept,
+        FEATURES=constants["FEATURES"], BLOCK_FEATURES=constants["BLOCK_FEATURES"], LINEAR_ROPE=linear_rope,
+        BLOCK_SPLITS=triton.next_power_of_2(splits), **shapes, num_warps=8,
+    )
+    return out
 
 
-def _hedgehog_swa_constants(q: Tensor, q_weight: Tensor, window_k: Tensor, ring: bool) -> dict:
-    """The `hedgehog_swa` kernel's own constants: its feature maps' width, its window's chunks, and the layout."""
+def _hedgehog_swa_constants(q: Tensor, q_weight: Tensor, rows: int) -> dict:
+    """The `hedgehog_swa` kernels' own constants: their feature maps' width, and the chunks of their `rows` rows (a
+    window's, with the current key, or a kept-key state's)."""
     features = q_weight.shape[-1]
-    rows = window_k.shape[2] + (0 if ring else 1)
     chunk = min(triton.next_power_of_2(rows), max(WINDOW_CHUNK // triton.next_power_of_2(q.shape[-1]), 1))
-    return dict(FEATURES=features, BLOCK_FEATURES=triton.next_power_of_2(features), CHUNK=chunk, RING=ring)
+    return dict(FEATURES=features, BLOCK_FEATURES=triton.next_power_of_2(features), CHUNK=chunk)
 
 
 if TRITON_PROBLEM is None:
@@ -892,72 +928,154 @@ if TRITON_PROBLEM is None:
     def _hedgehog_swa_kernel(
         q, k, v, cos, sin, real, window_k, window_v, window_mask, out,
         stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_cos, stride_real, scaling, softcap,
-        window_fk, q_weight, q_bias, k_weight, k_bias, window_logit, S, z, decay_logit, at, kept,
+        window_fk, q_weight, q_bias, k_weight, k_bias, window_logit, S, z, decay_logit,
         HEADS: tl.constexpr, KV_HEADS: tl.constexpr, DIM: tl.constexpr, KEEP: tl.constexpr, ROT: tl.constexpr,
         BLOCK_DIM: tl.constexpr, BLOCK_WINDOW: tl.constexpr, HAS_REAL: tl.constexpr, WINDOW: tl.constexpr,
         SOFTCAP: tl.constexpr, FEATURES: tl.constexpr, BLOCK_FEATURES: tl.constexpr, CHUNK: tl.constexpr,
-        HAS_DECAY: tl.constexpr, LINEAR_ROPE: tl.constexpr, RING: tl.constexpr,
+        HAS_DECAY: tl.constexpr, LINEAR_ROPE: tl.constexpr,
     ):
         """Program (b, j): sequence b, kv head j, whose state and window its query heads read, and its query heads
-        (module docstring). The window is read CHUNK rows at a time, its softmax taken online. With RING, the window is
-        `ops_kept`'s KEEP rows (`kept` kept keys, then the ring; mask per kv head) and the current key goes into the
-        ring's row of position at[b]: scored from registers there and stored after, so no program reads another's rows."""
+        (module docstring). The window is read CHUNK rows at a time, its softmax taken online."""
         b, j, d, in_d, keep, k_ptr, _, v_now = _program(
             k, v, real, stride_kb, stride_kh, stride_vb, stride_vh, stride_real, DIM, BLOCK_DIM, HAS_REAL, 1
         )
         scaling, softcap = _float32(scaling), _float32(softcap)
         GROUPS: tl.constexpr = HEADS // KV_HEADS
+        cos_row, sin_row, f, in_f, k_now, fk_pos, fk_neg = _hedgehog_key(
+            k_ptr, cos, sin, stride_cos, k_weight, k_bias, b, j, d, in_d, DIM, ROT, FEATURES, BLOCK_FEATURES, LINEAR_ROPE
+        )
+        head = b * KV_HEADS + j
+        state, square, sums = _sums(S, z, head, d, in_d, f, in_f, DIM, FEATURES)
+        for g in range(GROUPS):
+            h = j * GROUPS + g
+            q_ptr = q + b * stride_qb + h * stride_qh
+            share, num, den = _linear_read(
+                q_ptr, cos_row, sin_row, q_weight, q_bias, window_logit, h, state, square, sums, d, in_d, f, in_f, DIM, ROT, FEATURES, LINEAR_ROPE
+            )
+            q_now = _rotated(q_ptr, cos_row, sin_row, d, in_d, ROT)
+            peak = tl.full([], float("-inf"), tl.float32)
+            total = tl.full([], 0.0, tl.float32)
+            mean = tl.zeros([BLOCK_DIM], dtype=tl.float32)
+            for start in range(0, KEEP + 1, CHUNK):
+                rows, tile, keys, values, seen = _window_rows(
+                    window_k, window_v, window_mask, k_now, v_now, keep, b, j, d, in_d, start, KV_HEADS, DIM, KEEP, CHUNK
+                )
+                peak, total, mean = _online(peak, total, mean, _scores(keys, q_now, seen, scaling, softcap, SOFTCAP), seen, values)
+            _store(out, _one_normaliser(share, num, den, mean, total), b, h, d, in_d, HEADS, DIM)
+        _folded_and_shifted(
+            window_k, window_v, window_mask, window_fk, decay_logit, k_now, v_now, fk_pos, fk_neg, keep, b, j, head, state,
+            square, sums, d, in_d, f, in_f, KV_HEADS, DIM, KEEP, FEATURES, CHUNK, HAS_DECAY,
+        )
+
+    @triton.jit
+    def _sums(S, z, head, d, in_d, f, in_f, DIM: tl.constexpr, FEATURES: tl.constexpr):
+        """Pointers to kv head `head`'s halves of S (F, D) each, as the feature map's, which sum the keys that have left
+        the window, their mask, and its z: `hedgehog_swa`'s linear state."""
+        state = S + (head * 2 * FEATURES + f[:, None]) * DIM + d[None, :]
+        return state, in_f[:, None] & in_d[None, :], z + head * 2 * FEATURES + f
+
+    @triton.jit
+    def _linear_read(
+        q_ptr, cos_row, sin_row, q_weight, q_bias, window_logit, h, state, square, sums, d, in_d, f, in_f,
+        DIM: tl.constexpr, ROT: tl.constexpr, FEATURES: tl.constexpr, LINEAR_ROPE: tl.constexpr,
+    ):
+        """Query head h's share of its window (the sigmoid of its logit) and its linear part's numerator fq S (D) and
+        denominator fq z (`_sums`), fq its feature map of the rotated query (with LINEAR_ROPE off, the unrotated)."""
+        if LINEAR_ROPE:
+            q_read = _rotated(q_ptr, cos_row, sin_row, d, in_d, ROT)
+        else:
+            q_read = _rotated(q_ptr, cos_row, sin_row, d, in_d, 0)
+        fq_pos, fq_neg = _features(q_read, q_weight + h * DIM * FEATURES, q_bias + h * FEATURES, d, in_d, f, in_f, FEATURES)
+        num = tl.sum(fq_pos[:, None] * tl.load(state, mask=square, other=0.0), 0)
+        num += tl.sum(fq_neg[:, None] * tl.load(state + FEATURES * DIM, mask=square, other=0.0), 0)
+        den = tl.sum(fq_pos * tl.load(sums, mask=in_f, other=0.0), 0) + tl.sum(fq_neg * tl.load(sums + FEATURES, mask=in_f, other=0.0), 0)
+        return tl.sigmoid(tl.load(window_logit + h).to(tl.float32)), num, den
+
+    @triton.jit
+    def _one_normaliser(share, num, den, mean, total):
+        """A head under one normaliser: (share * sum_w a_w v_w + (1 - share) fq S) / (share * sum_w a_w + (1 - share) fq z),
+        from the window's `mean` (sum_w a_w v_w) and `total` (sum_w a_w), a_w = exp(score_w - the window's peak), and the
+        linear part's num and den (`_linear_read`)."""
+        return (share * mean + (1 - share) * num) / tl.maximum(share * total + (1 - share) * den, 1e-30)
+
+    @triton.jit
+    def _kept_partial_kernel(
+        q, k, v, cos, sin, real, keys, values, mask, partial,
+        stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_cos, stride_real, scaling, softcap, at, kept,
+        HEADS: tl.constexpr, KV_HEADS: tl.constexpr, DIM: tl.constexpr, ROWS: tl.constexpr, ROT: tl.constexpr,
+        BLOCK_DIM: tl.constexpr, HAS_REAL: tl.constexpr, SOFTCAP: tl.constexpr, CHUNK: tl.constexpr, SPLITS: tl.constexpr,
+    ):
+        """Program (b, h, s): query head h of sequence b over rows s CHUNK .. (s + 1) CHUNK of its kv head's ROWS rows in
+        `ops_kept`'s layout (`kept` kept keys, then the ring), the current key and value in the ring's row of position
+        at[b] taken from registers (the combining launch stores them there after): its softmax's peak, normaliser and
+        weighted values (`_online`) into partial (B, H, SPLITS, BLOCK_DIM + 2), the values then the peak and the
+        normaliser. It writes nothing else, so the programs of a kv head's rows run at once."""
+        b, j, d, in_d, keep, k_ptr, _, v_now = _program(
+            k, v, real, stride_kb, stride_kh, stride_vb, stride_vh, stride_real, DIM, BLOCK_DIM, HAS_REAL, HEADS // KV_HEADS
+        )
+        h = tl.program_id(1)
+        split = tl.program_id(2)
+        cos_row, sin_row = cos + b * stride_cos, sin + b * stride_cos
+        k_now = _rotated(k_ptr, cos_row, sin_row, d, in_d, ROT)
+        q_now = _rotated(q + b * stride_qb + h * stride_qh, cos_row, sin_row, d, in_d, ROT)
+        row = kept + tl.load(at + b) % (ROWS - kept)
+        _, _, tile_keys, tile_values, seen = _ring_rows(
+            keys, values, mask, k_now, v_now, keep, b * KV_HEADS + j, row, d, in_d, split * CHUNK, DIM, ROWS, CHUNK
+        )
+        scores = _scores(tile_keys, q_now, seen, _float32(scaling), _float32(softcap), SOFTCAP)
+        peak, total, mean = _online(
+            tl.full([], float("-inf"), tl.float32), tl.full([], 0.0, tl.float32), tl.zeros([BLOCK_DIM], dtype=tl.float32),
+            scores, seen, tile_values,
+        )
+        base = partial + ((b * HEADS + h) * SPLITS + split) * (BLOCK_DIM + 2)
+        tl.store(base + d, mean)
+        tl.store(base + BLOCK_DIM, peak)
+        tl.store(base + BLOCK_DIM + 1, total)
+
+    @triton.jit
+    def _kept_combine_kernel(
+        q, k, v, cos, sin, real, keys, values, mask, partial, out,
+        stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_cos, stride_real,
+        features, q_weight, q_bias, k_weight, k_bias, window_logit, S, z, at, kept,
+        HEADS: tl.constexpr, KV_HEADS: tl.constexpr, DIM: tl.constexpr, ROWS: tl.constexpr, ROT: tl.constexpr,
+        BLOCK_DIM: tl.constexpr, HAS_REAL: tl.constexpr, FEATURES: tl.constexpr, BLOCK_FEATURES: tl.constexpr,
+        LINEAR_ROPE: tl.constexpr, SPLITS: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
+    ):
+        """Program (b, j): sequence b and kv head j. Each of its query heads' output from `_kept_partial_kernel`'s
+        partial sums (their peaks' largest the window's peak) and its linear part, under one normaliser; then the
+        current key, value, feature-mapped key and mask into the ring's row of position at[b], which the partial
+        programs read from registers. The sums stay as they are (a ring's keys never leave into them)."""
+        b, j, d, in_d, keep, k_ptr, _, v_now = _program(
+            k, v, real, stride_kb, stride_kh, stride_vb, stride_vh, stride_real, DIM, BLOCK_DIM, HAS_REAL, 1
+        )
+        GROUPS: tl.constexpr = HEADS // KV_HEADS
         WIDTH: tl.constexpr = 2 * FEATURES
         cos_row, sin_row, f, in_f, k_now, fk_pos, fk_neg = _hedgehog_key(
             k_ptr, cos, sin, stride_cos, k_weight, k_bias, b, j, d, in_d, DIM, ROT, FEATURES, BLOCK_FEATURES, LINEAR_ROPE
         )
-        # The state's halves (F, D) each, as the feature map's: S and z sum the keys that have left the window.
         head = b * KV_HEADS + j
-        row = 0
-        if RING:  # the ring's row of this position
-            row = kept + tl.load(at + b) % (KEEP - kept)
-        state = S + (head * WIDTH + f[:, None]) * DIM + d[None, :]
-        square = in_f[:, None] & in_d[None, :]
-        sums = z + head * WIDTH + f
+        state, square, sums = _sums(S, z, head, d, in_d, f, in_f, DIM, FEATURES)
+        splits = tl.arange(0, BLOCK_SPLITS)
+        in_splits = splits < SPLITS
         for g in range(GROUPS):
             h = j * GROUPS + g
-            q_ptr = q + b * stride_qb + h * stride_qh
-            q_now = _rotated(q_ptr, cos_row, sin_row, d, in_d, ROT)
-            q_read = q_now if LINEAR_ROPE else _rotated(q_ptr, cos_row, sin_row, d, in_d, 0)
-            fq_pos, fq_neg = _features(q_read, q_weight + h * DIM * FEATURES, q_bias + h * FEATURES, d, in_d, f, in_f, FEATURES)
-            share = tl.sigmoid(tl.load(window_logit + h).to(tl.float32))
-            # One normaliser: (share * sum_w a_w v_w + (1 - share) fq S) / (share * sum_w a_w + (1 - share) fq z).
-            num = tl.sum(fq_pos[:, None] * tl.load(state, mask=square, other=0.0), 0)
-            num += tl.sum(fq_neg[:, None] * tl.load(state + FEATURES * DIM, mask=square, other=0.0), 0)
-            den = tl.sum(fq_pos * tl.load(sums, mask=in_f, other=0.0), 0) + tl.sum(fq_neg * tl.load(sums + FEATURES, mask=in_f, other=0.0), 0)
-            peak = tl.full([], float("-inf"), tl.float32)
-            total = tl.full([], 0.0, tl.float32)
-            mean = tl.zeros([BLOCK_DIM], dtype=tl.float32)
-            for start in range(0, KEEP + (0 if RING else 1), CHUNK):
-                if RING:
-                    rows, tile, keys, values, seen = _ring_rows(
-                        window_k, window_v, window_mask, k_now, v_now, keep, head, row, d, in_d, start, DIM, KEEP, CHUNK
-                    )
-                else:
-                    rows, tile, keys, values, seen = _window_rows(
-                        window_k, window_v, window_mask, k_now, v_now, keep, b, j, d, in_d, start, KV_HEADS, DIM, KEEP, CHUNK
-                    )
-                peak, total, mean = _online(peak, total, mean, _scores(keys, q_now, seen, scaling, softcap, SOFTCAP), seen, values)
-            num = share * mean + (1 - share) * num
-            den = share * total + (1 - share) * den
-            _store(out, num / tl.maximum(den, 1e-30), b, h, d, in_d, HEADS, DIM)
-        if RING:  # the current key into its row; the sums stay as they are
-            written = head * KEEP + row
-            tl.store(window_k + written * DIM + d, k_now.to(window_k.dtype.element_ty), mask=in_d)
-            tl.store(window_v + written * DIM + d, v_now.to(window_v.dtype.element_ty), mask=in_d)
-            tl.store(window_fk + written * WIDTH + f, fk_pos, mask=in_f)
-            tl.store(window_fk + written * WIDTH + FEATURES + f, fk_neg, mask=in_f)
-            tl.store(window_mask + written, keep)
-        else:
-            _folded_and_shifted(
-                window_k, window_v, window_mask, window_fk, decay_logit, k_now, v_now, fk_pos, fk_neg, keep, b, j, head, state,
-                square, sums, d, in_d, f, in_f, KV_HEADS, DIM, KEEP, FEATURES, CHUNK, HAS_DECAY,
+            share, num, den = _linear_read(
+                q + b * stride_qb + h * stride_qh, cos_row, sin_row, q_weight, q_bias, window_logit, h, state, square, sums,
+                d, in_d, f, in_f, DIM, ROT, FEATURES, LINEAR_ROPE,
             )
+            base = partial + ((b * HEADS + h) * SPLITS + splits) * (BLOCK_DIM + 2)
+            peaks = tl.load(base + BLOCK_DIM, mask=in_splits, other=float("-inf"))
+            peak = tl.max(peaks, 0)
+            rescale = tl.exp(peaks - tl.where(peak == float("-inf"), 0.0, peak))  # 0 for a split with no real key
+            total = tl.sum(rescale * tl.load(base + BLOCK_DIM + 1, mask=in_splits, other=0.0), 0)
+            mean = tl.sum(rescale[:, None] * tl.load(base[:, None] + d[None, :], mask=in_splits[:, None], other=0.0), 0)
+            _store(out, _one_normaliser(share, num, den, mean, total), b, h, d, in_d, HEADS, DIM)
+        written = head * ROWS + kept + tl.load(at + b) % (ROWS - kept)
+        tl.store(keys + written * DIM + d, k_now.to(keys.dtype.element_ty), mask=in_d)
+        tl.store(values + written * DIM + d, v_now.to(values.dtype.element_ty), mask=in_d)
+        tl.store(features + written * WIDTH + f, fk_pos, mask=in_f)
+        tl.store(features + written * WIDTH + FEATURES + f, fk_neg, mask=in_f)
+        tl.store(mask + written, keep)
 
     @triton.jit
     def _folded_and_shifted(
