@@ -910,19 +910,24 @@ if TRITON_PROBLEM is None:
         return _softmax(y, in_f), _softmax(-y, in_f)
 
     @triton.jit
-    def _hedgehog_key(
-        k_ptr, cos, sin, stride_cos, k_weight, k_bias, b, j, d, in_d,
-        DIM: tl.constexpr, ROT: tl.constexpr, FEATURES: tl.constexpr, BLOCK_FEATURES: tl.constexpr, LINEAR_ROPE: tl.constexpr,
+    def _hedgehog_program(
+        k, v, real, cos, sin, k_weight, k_bias, stride_kb, stride_kh, stride_vb, stride_vh, stride_cos, stride_real,
+        DIM: tl.constexpr, BLOCK_DIM: tl.constexpr, HAS_REAL: tl.constexpr, ROT: tl.constexpr, FEATURES: tl.constexpr,
+        BLOCK_FEATURES: tl.constexpr, LINEAR_ROPE: tl.constexpr,
     ):
-        """Sequence b's RoPE rows, the feature lanes f (in_f: the first F), and kv head j's rotated key and its feature
-        map's halves (of the rotated key, or with LINEAR_ROPE off of the unrotated one)."""
+        """A Hedgehog kernel's program (b, j), one per (sequence, kv head) (`_program`: b, j, the lanes d, in_d, whether
+        the token is real, v), sequence b's RoPE rows, the feature lanes f (in_f: the first F), and kv head j's rotated
+        key and its feature map's halves (of the rotated key, or with LINEAR_ROPE off of the unrotated one)."""
+        b, j, d, in_d, keep, k_ptr, _, v_now = _program(
+            k, v, real, stride_kb, stride_kh, stride_vb, stride_vh, stride_real, DIM, BLOCK_DIM, HAS_REAL, 1
+        )
         cos_row, sin_row = cos + b * stride_cos, sin + b * stride_cos
         f = tl.arange(0, BLOCK_FEATURES)
         in_f = f < FEATURES
         k_now = _rotated(k_ptr, cos_row, sin_row, d, in_d, ROT)
         k_read = k_now if LINEAR_ROPE else _rotated(k_ptr, cos_row, sin_row, d, in_d, 0)
         fk_pos, fk_neg = _features(k_read, k_weight + j * DIM * FEATURES, k_bias + j * FEATURES, d, in_d, f, in_f, FEATURES)
-        return cos_row, sin_row, f, in_f, k_now, fk_pos, fk_neg
+        return b, j, d, in_d, keep, v_now, cos_row, sin_row, f, in_f, k_now, fk_pos, fk_neg
 
     @triton.jit
     def _hedgehog_swa_kernel(
@@ -936,14 +941,12 @@ if TRITON_PROBLEM is None:
     ):
         """Program (b, j): sequence b, kv head j, whose state and window its query heads read, and its query heads
         (module docstring). The window is read CHUNK rows at a time, its softmax taken online."""
-        b, j, d, in_d, keep, k_ptr, _, v_now = _program(
-            k, v, real, stride_kb, stride_kh, stride_vb, stride_vh, stride_real, DIM, BLOCK_DIM, HAS_REAL, 1
+        b, j, d, in_d, keep, v_now, cos_row, sin_row, f, in_f, k_now, fk_pos, fk_neg = _hedgehog_program(
+            k, v, real, cos, sin, k_weight, k_bias, stride_kb, stride_kh, stride_vb, stride_vh, stride_cos, stride_real,
+            DIM, BLOCK_DIM, HAS_REAL, ROT, FEATURES, BLOCK_FEATURES, LINEAR_ROPE,
         )
         scaling, softcap = _float32(scaling), _float32(softcap)
         GROUPS: tl.constexpr = HEADS // KV_HEADS
-        cos_row, sin_row, f, in_f, k_now, fk_pos, fk_neg = _hedgehog_key(
-            k_ptr, cos, sin, stride_cos, k_weight, k_bias, b, j, d, in_d, DIM, ROT, FEATURES, BLOCK_FEATURES, LINEAR_ROPE
-        )
         head = b * KV_HEADS + j
         state, square, sums = _sums(S, z, head, d, in_d, f, in_f, DIM, FEATURES)
         for g in range(GROUPS):
@@ -1045,14 +1048,12 @@ if TRITON_PROBLEM is None:
         partial sums (their peaks' largest the window's peak) and its linear part, under one normaliser; then the
         current key, value, feature-mapped key and mask into the ring's row of position at[b], which the partial
         programs read from registers. The sums stay as they are (a ring's keys never leave into them)."""
-        b, j, d, in_d, keep, k_ptr, _, v_now = _program(
-            k, v, real, stride_kb, stride_kh, stride_vb, stride_vh, stride_real, DIM, BLOCK_DIM, HAS_REAL, 1
+        b, j, d, in_d, keep, v_now, cos_row, sin_row, f, in_f, k_now, fk_pos, fk_neg = _hedgehog_program(
+            k, v, real, cos, sin, k_weight, k_bias, stride_kb, stride_kh, stride_vb, stride_vh, stride_cos, stride_real,
+            DIM, BLOCK_DIM, HAS_REAL, ROT, FEATURES, BLOCK_FEATURES, LINEAR_ROPE,
         )
         GROUPS: tl.constexpr = HEADS // KV_HEADS
         WIDTH: tl.constexpr = 2 * FEATURES
-        cos_row, sin_row, f, in_f, k_now, fk_pos, fk_neg = _hedgehog_key(
-            k_ptr, cos, sin, stride_cos, k_weight, k_bias, b, j, d, in_d, DIM, ROT, FEATURES, BLOCK_FEATURES, LINEAR_ROPE
-        )
         head = b * KV_HEADS + j
         state, square, sums = _sums(S, z, head, d, in_d, f, in_f, DIM, FEATURES)
         splits = tl.arange(0, BLOCK_SPLITS)
@@ -1132,14 +1133,12 @@ if TRITON_PROBLEM is None:
     ):
         """Program (b, j): sequence b, kv head j, whose state its query heads read, and its query heads (module
         docstring). The state's rows are the feature map's halves, its columns the values' then the normaliser's."""
-        b, j, d, in_d, keep, k_ptr, _, v_now = _program(
-            k, v, real, stride_kb, stride_kh, stride_vb, stride_vh, stride_real, DIM, BLOCK_DIM, HAS_REAL, 1
+        b, j, d, in_d, keep, v_now, cos_row, sin_row, f, in_f, k_now, fk_pos, fk_neg = _hedgehog_program(
+            k, v, real, cos, sin, k_weight, k_bias, stride_kb, stride_kh, stride_vb, stride_vh, stride_cos, stride_real,
+            DIM, BLOCK_DIM, HAS_REAL, ROT, FEATURES, BLOCK_FEATURES, True,
         )
         GROUPS: tl.constexpr = HEADS // KV_HEADS
         WIDTH: tl.constexpr = 2 * FEATURES
-        cos_row, sin_row, f, in_f, k_now, fk_pos, fk_neg = _hedgehog_key(
-            k_ptr, cos, sin, stride_cos, k_weight, k_bias, b, j, d, in_d, DIM, ROT, FEATURES, BLOCK_FEATURES, True
-        )
         fk_pos, fk_neg = tl.where(keep, fk_pos, 0.0), tl.where(keep, fk_neg, 0.0)  # a pad adds nothing
         # S (2F, D + 1) per kv head: the feature-mapped keys times [v, 1], so its last column is the normaliser.
         square = in_f[:, None] & in_d[None, :]
