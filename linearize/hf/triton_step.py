@@ -112,8 +112,8 @@ MAX_HEAD_DIM = 128
 MAX_WINDOW_TILE = 16384
 # Elements of the window's keys (rows x head dim) that a `hedgehog_swa` program holds at once: it reads its window a
 # chunk of rows at a time, whatever its length. Compiled for sm_90 (bf16, 8 warps, ptxas), at SmolLM2's shape (head dim
-# 64: 64 rows) it takes 237 to 245 registers and spills none, at window 64 and 256; at head dim 128 (32 rows) it spills
-# 0.2 KB, the least of chunks of 8 to 64 rows (64: 0.6 to 1.3 KB).
+# 64: 64 rows) it took 237 to 245 registers and spilled none, at window 64 and 256 (Triton 3.9's ptxas: 178 and 190);
+# at head dim 128 (32 rows) it spills 0.2 KB, the least of chunks of 8 to 64 rows (64: 0.6 to 1.3 KB).
 WINDOW_CHUNK = 4096
 
 
