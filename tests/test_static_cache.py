@@ -141,6 +141,18 @@ def test_a_static_cache_is_not_reused_across_batch_sizes_nor_when_returned():
     assert returned_cache(returned) is not model._static_cache[2]
 
 
+def test_a_static_cache_is_not_reused_after_set_options_changes_a_state():
+    """More kept keys make a larger state: the next static generate() builds a cache for it (it raised that the state
+    changed shape, on the model's kept cache), and its tokens are the dynamic cache's."""
+    model = converted("hedgehog_swa+keep")
+    settings = padded_settings()
+    model.generate(**settings, cache_implementation="static")
+    kept = model._static_cache[2]
+    linearize.set_options(model, keep=5)  # converted with 3
+    assert torch.equal(model.generate(**settings, cache_implementation="static"), model.generate(**settings))
+    assert model._static_cache[2] is not kept
+
+
 def sdpa_priority() -> list[SDPBackend]:
     return [SDPBackend(value) for value in torch._C._get_sdp_priority_order()]
 
