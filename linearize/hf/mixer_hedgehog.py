@@ -12,8 +12,8 @@ that have left `hedgehog_swa`'s window fade by a learnable factor per kv head an
 shared normaliser grows with the context); the fused step takes it, the prefill kernel not yet (its prefill runs the
 PyTorch path). With `keep`, the keys the linear state recalls worst stay exact beside the window (`ops_kept`): on
 CUDA a decode step runs as a fused Triton step (`triton_step.hedgehog_swa_kept_step`: its rows split across programs,
-then combined; the decision every keep_block steps in PyTorch), and an inference prefill scores its queries in one Triton kernel (`triton_kept`), the rest of it in
-PyTorch; training runs the PyTorch path.
+then combined; the decision every keep_block steps in PyTorch), and an inference prefill scores its queries in one
+Triton kernel (`triton_kept`), the rest of it in PyTorch; training runs the PyTorch path.
 """
 
 from __future__ import annotations

@@ -218,7 +218,8 @@ class LinearizedForCausalLM(PreTrainedModel, GenerationMixin):
         if generation_config.return_dict_in_generate:
             model_kwargs[name] = self.new_cache(length)
             return
-        key = (tuple(self.cache_kinds()), self.config.plan, batch, self.device, self.dtype)  # the plan: set_options may change a state's shape
+        # The plan too: set_options may change a state's shape (more kept keys).
+        key = (tuple(self.cache_kinds()), self.config.plan, batch, self.device, self.dtype)
         kept = getattr(self, "_static_cache", None)
         if kept is None or kept[0] != key or kept[1] < length:
             self._static_cache = kept = (key, length, self.new_cache(length))
