@@ -27,6 +27,7 @@ import torch
 
 from cpu_decode import recipe_student  # benchmarks/, first on the path when run as a script
 from linearize import load_teacher, set_options
+from linearize.cli import parse_options
 from linearize.hf.cache import cache_keyword, returned_cache
 
 
@@ -102,7 +103,7 @@ def main() -> None:
         recipe, *options = spec.split(":")
         models[spec] = recipe_student(load_teacher("smollm2-135m")[0], recipe)
         if options:
-            set_options(models[spec], **{key: int(value) for key, value in (option.split("=") for option in options)})
+            set_options(models[spec], **parse_options(options))
     times = in_turns(models, ids, args.blocks, args.steps)
     rows = paired(times)
     report(rows)

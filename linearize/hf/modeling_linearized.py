@@ -235,13 +235,15 @@ class LinearizedForCausalLM(PreTrainedModel, GenerationMixin):
         eagerly and is captured in a CUDA graph (kept with the cache) that the later ones replay, reading the position
         on the device; elsewhere eagerly."""
         compiled = super().get_compiled_call(compile_config)
-        deciders = [m for m in self._mixers() if not m.teacher and m.decision_period(m.options_dict())]
+        periods = {m: m.decision_period(m.options_dict()) for m in self._mixers() if not m.teacher}  # once a generate()
+        deciders = [(m, period) for m, period in periods.items() if period]
         return functools.partial(self._step_then_decide, compiled, deciders) if deciders else compiled
 
     def _step_then_decide(self, compiled, deciders: list, *args, **kwargs):
+        """`compiled` for one call; `deciders` the (mixer, decision period) of the layers that decide (`get_compiled_call`)."""
         cache = cache_in(kwargs)
         tokens = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
-        states = [] if cache is None or tokens is None or tokens.shape[1] != 1 else [cache.layers[m.layer_idx] for m in deciders]
+        states = [] if cache is None or tokens is None or tokens.shape[1] != 1 else [cache.layers[m.layer_idx] for m, _ in deciders]
         if not states or not all(getattr(state, "static", False) for state in states):
             return compiled(*args, **kwargs)
         position = int(states[0].seen)  # generate() has synced on the last step's tokens
@@ -252,7 +254,7 @@ class LinearizedForCausalLM(PreTrainedModel, GenerationMixin):
         finally:
             for state in states:
                 state.deferred = False
-        due = [(m, s) for m, s in zip(deciders, states) if ends_block(position, m.decision_period(m.options_dict()))]
+        due = [(m, s) for (m, period), s in zip(deciders, states) if ends_block(position, period)]
         if due:
             self._decide(cache, due, position)
         return out
@@ -260,7 +262,7 @@ class LinearizedForCausalLM(PreTrainedModel, GenerationMixin):
     @staticmethod
     def _decide(cache, due: list, position: int) -> None:
         """The decisions of `due` (mixer, state) after the deferred step at `position` (`_step_then_decide`)."""
-        if not next(iter(due[0][1].tensors.values())).is_cuda:
+        if not due[0][1].tensors["at"].is_cuda:
             for mixer, state in due:
                 mixer.decide_after(state, position)
             return
