@@ -29,28 +29,30 @@ all of a layer's step that follows the teacher's q/k/v projections in one kernel
   the linear part under one normaliser, (sum_w a_w v_w + (1 - s) fq S) / (sum_w a_w + (1 - s) fq z) with
   a = s exp(score - peak); then, with a decay, S and z fade by it, the oldest cached key
   leaves the window into the float32 S (B, Hkv, 2F, D) and z (B, Hkv, 2F) (a pad's adds nothing), and the caches of
-  keys, values and feature-mapped keys (B, Hkv, window - 1, 2F, float32) move on, in place. Its window is read a chunk
-  of rows at a time (`WINDOW_CHUNK`) and its softmax taken online, so a window of any length fits (LoLCATs': 256). Its
-  output at a pad is not zeroed (nor on the PyTorch path);
+  keys, values and feature-mapped keys (B, Hkv, window - 1, 2F, float32) move on, in place. Its output at a pad is
+  not zeroed (nor on the PyTorch path);
 - `hedgehog_swa_kept_step`: the same with kept keys (option `keep`) in `ops_kept`'s layout: every row (the kept keys
   and the ring, the current key in its ring row) scored under the one normaliser with the sums, which a step leaves as
   they are, then the current key, value, feature-mapped key and mask written into their row of the ring; the
-  decision every keep_block steps is `ops_kept.decide_block`'s, in PyTorch. Its rows are many (N kept keys and
-  window + 63 more: 831 at N = 512, window 256), so they are split (flash decoding): `_kept_partial_kernel` runs one
-  program per (sequence, query head, chunk of rows), each an online softmax's peak, normaliser and weighted values
-  of its chunk, and `_kept_combine_kernel`, one per (sequence, kv head), combines them with the linear part and writes
-  the ring's row. One program per kv head scoring them all (its form until the forty-fourth session) ran 3 programs
-  at batch 1, each through its 3 query heads' rows one after another. Compiled for sm_90 (bf16, Triton 3.9's ptxas)
-  at 512 kept keys and window 256: 128 registers a thread (4 warps) and 128 (8 warps), no spill.
+  decision every keep_block steps is `ops_kept.decide_block`'s, in PyTorch.
+The two `hedgehog_swa` steps split their rows across programs (flash decoding): a window's (LoLCATs': 256) and the
+current key, or with kept keys N kept keys and window + 63 more (831 at N = 512, window 256). `_partial_kernel` runs one
+program per (sequence, query head, chunk of `WINDOW_CHUNK` elements' rows), each an online softmax's peak,
+normaliser and weighted values of its chunk; `_combine_kernel`, one per (sequence, kv head), combines them with the
+linear part and then writes the ring's row, or moves the window on (the oldest key into the sums, the caches one row
+on). One program per kv head scoring every row (their form until the forty-fourth and forty-fifth sessions) ran 3
+programs at batch 1 on 132 SMs, each through its 3 query heads' rows one after another. Compiled for sm_90 (bf16,
+Triton 3.9's ptxas) at SmolLM2's shape, window 64 or 256, and 512 kept keys: 128 registers a thread each (4 and 8
+warps), no spill; at head dim 128 113 to 190 (255 for 128 features, which spills 76 bytes in the window's combine).
 And for the first three, with a window: RoPE on the unconvolved q and k, the window's one-query softmax over its cached
 keys and the current one (the mask, the teacher's scaling, its softcap where it has one), the window cache
 (B, Hkv, window - 1, D) shifted in place, and the share mix s * window + (1 - s) * linear heads, with
 s = sigmoid(window_logit) (gla: 0.5). A padding token neither writes, decays nor enters the convolution, as on the
 PyTorch path, whose output at it `gated_deltanet` and `mamba2` zero and `gla` does not.
-A second, tiny launch shifts the window's mask (B, window - 1), which every kv head's program reads: shifted by one
+A last, tiny launch shifts the window's mask (B, window - 1), which every kv head's program reads: shifted by one
 of them, it could change under another.
 
-One program per (sequence, kv head) for every rule but the gated delta rule's two and the kept keys' split: it owns every byte it writes (its
+One program per (sequence, kv head) for every rule but the gated delta rule's two and `hedgehog_swa`'s split: it owns every byte it writes (its
 query heads' and kv head's convolution channels, its query heads' or kv head's state, its kv head's window rows), so
 the in-place updates need no cross-program synchronisation, and the window's keys are read once for the group's query
 heads. The `gated_deltanet` and `qwen3_5_gdn` kernels run one program per (sequence, query head) instead: at batch 1
@@ -67,8 +69,8 @@ holds the window's keys and values whole). The gla kernel keeps its state's last
 columns wide (a power of two: twice the registers).
 
 The kernels share their window, RoPE and rounding (`_window_rows`, `_shifted`, `_scores`, `_rotated`, `_rounded`)
-and their launch (`_launch`); each rule is its own kernel, its own function and its own custom op. The hedgehog_swa
-kernel's registers: `WINDOW_CHUNK`.
+and their launch (`_launch`; `hedgehog_swa`'s, `_split_window`); each rule is its own kernel (`hedgehog_swa`'s two),
+its own function and its own custom op.
 
 Arithmetic is float32; the rotated q and k and the window's heads are rounded to the input dtype where the PyTorch
 path rounds them (so the cached keys are bit-identical to its own), and the output is in the input dtype. The
@@ -110,10 +112,8 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # window x head dim 16,384 (8 warps, sm_90) a thread spills 0.9 to 2.2 KB; past these sizes the PyTorch path runs.
 MAX_HEAD_DIM = 128
 MAX_WINDOW_TILE = 16384
-# Elements of the window's keys (rows x head dim) that a `hedgehog_swa` program holds at once: it reads its window a
-# chunk of rows at a time, whatever its length. Compiled for sm_90 (bf16, 8 warps, ptxas), at SmolLM2's shape (head dim
-# 64: 64 rows) it took 237 to 245 registers and spilled none, at window 64 and 256 (Triton 3.9's ptxas: 178 and 190);
-# at head dim 128 (32 rows) it spills 0.2 KB, the least of chunks of 8 to 64 rows (64: 0.6 to 1.3 KB).
+# Elements of the rows' keys (rows x head dim) that a `hedgehog_swa` step's partial program scores: its rows split into
+# chunks of 64 at head dim 64, whatever their number (module docstring).
 WINDOW_CHUNK = 4096
 
 
@@ -363,12 +363,19 @@ def _hedgehog_swa(
     (B, Hkv, 2F, D) and z (B, Hkv, 2F), contiguous float32, the feature-mapped keys window_fk (B, Hkv, window - 1, 2F),
     float32, and the window (`_launch`) in place. q_weight (H, D, F), q_bias (H, 1, F): the query heads' feature maps;
     k_weight, k_bias: the kv heads'; decay_logit (Hkv,) or None: S and z fade by its sigmoid before the oldest key
-    joins them; linear_rope: the feature maps read the rotated q and k (else the unrotated)."""
-    return _launch(
-        _hedgehog_swa_kernel, q, k, v, cos, sin, real, window_k, window_v, window_mask, scaling, softcap,
-        window_fk, q_weight, q_bias, k_weight, k_bias, window_logit, S, z, decay_logit, HAS_DECAY=decay_logit is not None,
-        LINEAR_ROPE=linear_rope, **_hedgehog_swa_constants(q, q_weight, window_k.shape[2] + 1),
+    joins them; linear_rope: the feature maps read the rotated q and k (else the unrotated). Three launches: the
+    window's rows split (`_split_window`), then `_shift_mask_kernel`."""
+    out = _split_window(
+        q, k, v, cos, sin, real, q_weight, q_bias, k_weight, k_bias, window_logit, S, z, window_k, window_v, window_fk,
+        window_mask, scaling, softcap, linear_rope, decay_logit=decay_logit,
     )
+    cached = window_k.shape[2]
+    if cached > 0:
+        _shift_mask_kernel[(q.shape[0],)](
+            window_mask, _given(q, real), _strides(k, v, cos, real)[-1], KEEP=cached,
+            BLOCK_KEEP=triton.next_power_of_2(cached), HAS_REAL=real is not None,
+        )
+    return out
 
 
 def _hedgehog_swa_kept(
@@ -382,36 +389,46 @@ def _hedgehog_swa_kept(
     ring's row of position `at` (B,), int64, on the device (row kept + at mod the ring's length, read there, so a
     captured step serves every position), of keys, values (B, Hkv, P, D) in q's dtype, features (B, Hkv, P, 2F),
     float32, and mask (B, Hkv, P), in place, and reads S (B, Hkv, 2F, D) and z (B, Hkv, 2F), float32. The block's
-    decision, every keep_block steps, is `ops_kept`'s. Two launches: `_kept_partial_kernel`, one program per
-    (sequence, query head, chunk of rows), then `_kept_combine_kernel`, one per (sequence, kv head)."""
+    decision, every keep_block steps, is `ops_kept`'s. Two launches (`_split_window`)."""
+    return _split_window(
+        q, k, v, cos, sin, real, q_weight, q_bias, k_weight, k_bias, window_logit, S, z, keys, values, features, mask,
+        scaling, softcap, linear_rope, at=at, kept=kept,
+    )
+
+
+def _split_window(
+    q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor], sin: Optional[Tensor], real: Optional[Tensor],
+    q_weight: Tensor, q_bias: Tensor, k_weight: Tensor, k_bias: Tensor, window_logit: Tensor, S: Tensor, z: Tensor,
+    keys: Tensor, values: Tensor, features: Tensor, mask: Tensor, scaling: float, softcap: Optional[float],
+    linear_rope: bool, decay_logit: Optional[Tensor] = None, at: Optional[Tensor] = None, kept: int = 0,
+) -> Tensor:
+    """A `hedgehog_swa` step with its rows split across programs (flash decoding): `_partial_kernel`, one program per
+    (sequence, query head, chunk of rows), then `_combine_kernel`, one per (sequence, kv head). With `at`, the rows are
+    a kept-key state's (`_hedgehog_swa_kept`): (B, Hkv, P, .) keys, values, features and mask, P of them. Without, a
+    window's (`_hedgehog_swa`): its keys, values and feature-mapped keys (B, Hkv, window - 1, .), its mask
+    (B, window - 1), and the current key in row window - 1."""
     batch, heads, _, dim = q.shape
-    rows = keys.shape[2]
-    constants = _hedgehog_swa_constants(q, q_weight, rows)
-    chunk, splits = constants["CHUNK"], triton.cdiv(rows, constants["CHUNK"])
-    shapes = dict(**_shapes(q, k, cos, real), ROWS=rows, SPLITS=splits)
+    ring = at is not None
+    rows = keys.shape[2] + (0 if ring else 1)
+    chunk = min(triton.next_power_of_2(rows), max(WINDOW_CHUNK // triton.next_power_of_2(dim), 1))
+    splits, feature_dim = triton.cdiv(rows, chunk), q_weight.shape[-1]
+    shapes = dict(**_shapes(q, k, cos, real), ROWS=rows, SPLITS=splits, RING=ring, CHUNK=chunk)
     partial = torch.empty((batch, heads, splits, shapes["BLOCK_DIM"] + 2), dtype=torch.float32, device=q.device)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     given = functools.partial(_given, q)
     shared = (q, k, v, given(cos), given(sin), given(real), keys, values, mask, partial)
     strides = (q.stride(0), q.stride(1), *_strides(k, v, cos, real))
-    _kept_partial_kernel[(batch, heads, splits)](
-        *shared, *strides, scaling, 1.0 if softcap is None else softcap, at, kept,
-        SOFTCAP=softcap is not None, CHUNK=chunk, **shapes, num_warps=4,
+    _partial_kernel[(batch, heads, splits)](
+        *shared, *strides, scaling, 1.0 if softcap is None else softcap, given(at), kept,
+        SOFTCAP=softcap is not None, **shapes, num_warps=4,
     )
-    _kept_combine_kernel[(batch, k.shape[1])](
-        *shared, out, *strides, features, q_weight, q_bias, k_weight, k_bias, window_logit, S, z, at, kept,
-        FEATURES=constants["FEATURES"], BLOCK_FEATURES=constants["BLOCK_FEATURES"], LINEAR_ROPE=linear_rope,
-        BLOCK_SPLITS=triton.next_power_of_2(splits), **shapes, num_warps=8,
+    _combine_kernel[(batch, k.shape[1])](
+        *shared, out, *strides, features, q_weight, q_bias, k_weight, k_bias, window_logit, S, z, given(decay_logit),
+        given(at), kept, FEATURES=feature_dim, BLOCK_FEATURES=triton.next_power_of_2(feature_dim),
+        LINEAR_ROPE=linear_rope, HAS_DECAY=decay_logit is not None, BLOCK_SPLITS=triton.next_power_of_2(splits), **shapes,
+        num_warps=8,
     )
     return out
-
-
-def _hedgehog_swa_constants(q: Tensor, q_weight: Tensor, rows: int) -> dict:
-    """The `hedgehog_swa` kernels' own constants: their feature maps' width, and the chunks of their `rows` rows (a
-    window's, with the current key, or a kept-key state's)."""
-    features = q_weight.shape[-1]
-    chunk = min(triton.next_power_of_2(rows), max(WINDOW_CHUNK // triton.next_power_of_2(q.shape[-1]), 1))
-    return dict(FEATURES=features, BLOCK_FEATURES=triton.next_power_of_2(features), CHUNK=chunk)
 
 
 if TRITON_PROBLEM is None:
@@ -640,14 +657,13 @@ if TRITON_PROBLEM is None:
         return tl.where(seen, scores, float("-inf"))
 
     @triton.jit
-    def _online(peak, total, mean, scores, seen, values):
-        """An online softmax's running peak, normaliser and weighted values (`mean`, not yet divided) after one more
-        tile of keys' `scores` (-inf where not `seen`) and values: the earlier sums rescaled as the peak grows."""
-        new_peak = tl.maximum(peak, tl.max(scores, 0))
-        base = tl.where(new_peak == float("-inf"), 0.0, new_peak)
-        rescale = tl.exp(peak - base)
-        weights = tl.where(seen, tl.exp(scores - base), 0.0)
-        return new_peak, total * rescale + tl.sum(weights, 0), mean * rescale + tl.sum(weights[:, None] * values, 0)
+    def _partial_sums(scores, seen, values):
+        """A chunk of keys' softmax before its normalisation, from their `scores` (-inf where not `seen`) and values: its
+        peak, its normaliser sum_w a_w and its weighted values sum_w a_w v_w (`mean`, not yet divided), with
+        a_w = exp(score_w - peak) (the peak taken as 0 where no key is seen, whose sums are 0)."""
+        peak = tl.max(scores, 0)
+        weights = tl.where(seen, tl.exp(scores - tl.where(peak == float("-inf"), 0.0, peak)), 0.0)
+        return peak, tl.sum(weights, 0), tl.sum(weights[:, None] * values, 0)
 
     @triton.jit
     def _windowed(
@@ -930,47 +946,6 @@ if TRITON_PROBLEM is None:
         return b, j, d, in_d, keep, v_now, cos_row, sin_row, f, in_f, k_now, fk_pos, fk_neg
 
     @triton.jit
-    def _hedgehog_swa_kernel(
-        q, k, v, cos, sin, real, window_k, window_v, window_mask, out,
-        stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_cos, stride_real, scaling, softcap,
-        window_fk, q_weight, q_bias, k_weight, k_bias, window_logit, S, z, decay_logit,
-        HEADS: tl.constexpr, KV_HEADS: tl.constexpr, DIM: tl.constexpr, KEEP: tl.constexpr, ROT: tl.constexpr,
-        BLOCK_DIM: tl.constexpr, BLOCK_WINDOW: tl.constexpr, HAS_REAL: tl.constexpr, WINDOW: tl.constexpr,
-        SOFTCAP: tl.constexpr, FEATURES: tl.constexpr, BLOCK_FEATURES: tl.constexpr, CHUNK: tl.constexpr,
-        HAS_DECAY: tl.constexpr, LINEAR_ROPE: tl.constexpr,
-    ):
-        """Program (b, j): sequence b, kv head j, whose state and window its query heads read, and its query heads
-        (module docstring). The window is read CHUNK rows at a time, its softmax taken online."""
-        b, j, d, in_d, keep, v_now, cos_row, sin_row, f, in_f, k_now, fk_pos, fk_neg = _hedgehog_program(
-            k, v, real, cos, sin, k_weight, k_bias, stride_kb, stride_kh, stride_vb, stride_vh, stride_cos, stride_real,
-            DIM, BLOCK_DIM, HAS_REAL, ROT, FEATURES, BLOCK_FEATURES, LINEAR_ROPE,
-        )
-        scaling, softcap = _float32(scaling), _float32(softcap)
-        GROUPS: tl.constexpr = HEADS // KV_HEADS
-        head = b * KV_HEADS + j
-        state, square, sums = _sums(S, z, head, d, in_d, f, in_f, DIM, FEATURES)
-        for g in range(GROUPS):
-            h = j * GROUPS + g
-            q_ptr = q + b * stride_qb + h * stride_qh
-            share, num, den = _linear_read(
-                q_ptr, cos_row, sin_row, q_weight, q_bias, window_logit, h, state, square, sums, d, in_d, f, in_f, DIM, ROT, FEATURES, LINEAR_ROPE
-            )
-            q_now = _rotated(q_ptr, cos_row, sin_row, d, in_d, ROT)
-            peak = tl.full([], float("-inf"), tl.float32)
-            total = tl.full([], 0.0, tl.float32)
-            mean = tl.zeros([BLOCK_DIM], dtype=tl.float32)
-            for start in range(0, KEEP + 1, CHUNK):
-                rows, tile, keys, values, seen = _window_rows(
-                    window_k, window_v, window_mask, k_now, v_now, keep, b, j, d, in_d, start, KV_HEADS, DIM, KEEP, CHUNK
-                )
-                peak, total, mean = _online(peak, total, mean, _scores(keys, q_now, seen, scaling, softcap, SOFTCAP), seen, values)
-            _store(out, _one_normaliser(share, num, den, mean, total), b, h, d, in_d, HEADS, DIM)
-        _folded_and_shifted(
-            window_k, window_v, window_mask, window_fk, decay_logit, k_now, v_now, fk_pos, fk_neg, keep, b, j, head, state,
-            square, sums, d, in_d, f, in_f, KV_HEADS, DIM, KEEP, FEATURES, CHUNK, HAS_DECAY,
-        )
-
-    @triton.jit
     def _sums(S, z, head, d, in_d, f, in_f, DIM: tl.constexpr, FEATURES: tl.constexpr):
         """Pointers to kv head `head`'s halves of S (F, D) each, as the feature map's, which sum the keys that have left
         the window, their mask, and its z: `hedgehog_swa`'s linear state."""
@@ -1002,17 +977,19 @@ if TRITON_PROBLEM is None:
         return (share * mean + (1 - share) * num) / tl.maximum(share * total + (1 - share) * den, 1e-30)
 
     @triton.jit
-    def _kept_partial_kernel(
+    def _partial_kernel(
         q, k, v, cos, sin, real, keys, values, mask, partial,
         stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_cos, stride_real, scaling, softcap, at, kept,
         HEADS: tl.constexpr, KV_HEADS: tl.constexpr, DIM: tl.constexpr, ROWS: tl.constexpr, ROT: tl.constexpr,
         BLOCK_DIM: tl.constexpr, HAS_REAL: tl.constexpr, SOFTCAP: tl.constexpr, CHUNK: tl.constexpr, SPLITS: tl.constexpr,
+        RING: tl.constexpr,
     ):
-        """Program (b, h, s): query head h of sequence b over rows s CHUNK .. (s + 1) CHUNK of its kv head's ROWS rows in
-        `ops_kept`'s layout (`kept` kept keys, then the ring), the current key and value in the ring's row of position
-        at[b] taken from registers (the combining launch stores them there after): its softmax's peak, normaliser and
-        weighted values (`_online`) into partial (B, H, SPLITS, BLOCK_DIM + 2), the values then the peak and the
-        normaliser. It writes nothing else, so the programs of a kv head's rows run at once."""
+        """Program (b, h, s): query head h of sequence b over rows s CHUNK .. (s + 1) CHUNK of its kv head's ROWS rows:
+        with RING, in `ops_kept`'s layout (`kept` kept keys, then the ring), the current key and value in the ring's row
+        of position at[b]; else a window's, its ROWS - 1 cached rows then the current key and value. The current ones
+        come from registers (the combining launch stores them after). Its softmax's peak, normaliser and weighted
+        values (`_partial_sums`) go into partial (B, H, SPLITS, BLOCK_DIM + 2), the values then the peak and the normaliser.
+        It writes nothing else, so the programs of a kv head's rows run at once."""
         b, j, d, in_d, keep, k_ptr, _, v_now = _program(
             k, v, real, stride_kb, stride_kh, stride_vb, stride_vh, stride_real, DIM, BLOCK_DIM, HAS_REAL, HEADS // KV_HEADS
         )
@@ -1021,33 +998,37 @@ if TRITON_PROBLEM is None:
         cos_row, sin_row = cos + b * stride_cos, sin + b * stride_cos
         k_now = _rotated(k_ptr, cos_row, sin_row, d, in_d, ROT)
         q_now = _rotated(q + b * stride_qb + h * stride_qh, cos_row, sin_row, d, in_d, ROT)
-        row = kept + tl.load(at + b) % (ROWS - kept)
-        _, _, tile_keys, tile_values, seen = _ring_rows(
-            keys, values, mask, k_now, v_now, keep, b * KV_HEADS + j, row, d, in_d, split * CHUNK, DIM, ROWS, CHUNK
-        )
+        if RING:
+            row = kept + tl.load(at + b) % (ROWS - kept)
+            _, _, tile_keys, tile_values, seen = _ring_rows(
+                keys, values, mask, k_now, v_now, keep, b * KV_HEADS + j, row, d, in_d, split * CHUNK, DIM, ROWS, CHUNK
+            )
+        else:
+            _, _, tile_keys, tile_values, seen = _window_rows(
+                keys, values, mask, k_now, v_now, keep, b, j, d, in_d, split * CHUNK, KV_HEADS, DIM, ROWS - 1, CHUNK
+            )
         scores = _scores(tile_keys, q_now, seen, _float32(scaling), _float32(softcap), SOFTCAP)
-        peak, total, mean = _online(
-            tl.full([], float("-inf"), tl.float32), tl.full([], 0.0, tl.float32), tl.zeros([BLOCK_DIM], dtype=tl.float32),
-            scores, seen, tile_values,
-        )
+        peak, total, mean = _partial_sums(scores, seen, tile_values)
         base = partial + ((b * HEADS + h) * SPLITS + split) * (BLOCK_DIM + 2)
         tl.store(base + d, mean)
         tl.store(base + BLOCK_DIM, peak)
         tl.store(base + BLOCK_DIM + 1, total)
 
     @triton.jit
-    def _kept_combine_kernel(
+    def _combine_kernel(
         q, k, v, cos, sin, real, keys, values, mask, partial, out,
         stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_cos, stride_real,
-        features, q_weight, q_bias, k_weight, k_bias, window_logit, S, z, at, kept,
+        features, q_weight, q_bias, k_weight, k_bias, window_logit, S, z, decay_logit, at, kept,
         HEADS: tl.constexpr, KV_HEADS: tl.constexpr, DIM: tl.constexpr, ROWS: tl.constexpr, ROT: tl.constexpr,
         BLOCK_DIM: tl.constexpr, HAS_REAL: tl.constexpr, FEATURES: tl.constexpr, BLOCK_FEATURES: tl.constexpr,
-        LINEAR_ROPE: tl.constexpr, SPLITS: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
+        LINEAR_ROPE: tl.constexpr, SPLITS: tl.constexpr, BLOCK_SPLITS: tl.constexpr, RING: tl.constexpr,
+        CHUNK: tl.constexpr, HAS_DECAY: tl.constexpr,
     ):
-        """Program (b, j): sequence b and kv head j. Each of its query heads' output from `_kept_partial_kernel`'s
-        partial sums (their peaks' largest the window's peak) and its linear part, under one normaliser; then the
-        current key, value, feature-mapped key and mask into the ring's row of position at[b], which the partial
-        programs read from registers. The sums stay as they are (a ring's keys never leave into them)."""
+        """Program (b, j): sequence b and kv head j. Each of its query heads' output from `_partial_kernel`'s partial
+        sums (their peaks' largest the rows' peak) and its linear part, under one normaliser. Then, with RING, the
+        current key, value, feature-mapped key and mask into the ring's row of position at[b] (the sums stay as they
+        are: a ring's keys never leave into them); else the window's oldest key into the sums and its caches one row
+        on (`_folded_and_shifted`). The partial programs read the current key from registers."""
         b, j, d, in_d, keep, v_now, cos_row, sin_row, f, in_f, k_now, fk_pos, fk_neg = _hedgehog_program(
             k, v, real, cos, sin, k_weight, k_bias, stride_kb, stride_kh, stride_vb, stride_vh, stride_cos, stride_real,
             DIM, BLOCK_DIM, HAS_REAL, ROT, FEATURES, BLOCK_FEATURES, LINEAR_ROPE,
@@ -1071,12 +1052,18 @@ if TRITON_PROBLEM is None:
             total = tl.sum(rescale * tl.load(base + BLOCK_DIM + 1, mask=in_splits, other=0.0), 0)
             mean = tl.sum(rescale[:, None] * tl.load(base[:, None] + d[None, :], mask=in_splits[:, None], other=0.0), 0)
             _store(out, _one_normaliser(share, num, den, mean, total), b, h, d, in_d, HEADS, DIM)
-        written = head * ROWS + kept + tl.load(at + b) % (ROWS - kept)
-        tl.store(keys + written * DIM + d, k_now.to(keys.dtype.element_ty), mask=in_d)
-        tl.store(values + written * DIM + d, v_now.to(values.dtype.element_ty), mask=in_d)
-        tl.store(features + written * WIDTH + f, fk_pos, mask=in_f)
-        tl.store(features + written * WIDTH + FEATURES + f, fk_neg, mask=in_f)
-        tl.store(mask + written, keep)
+        if RING:
+            written = head * ROWS + kept + tl.load(at + b) % (ROWS - kept)
+            tl.store(keys + written * DIM + d, k_now.to(keys.dtype.element_ty), mask=in_d)
+            tl.store(values + written * DIM + d, v_now.to(values.dtype.element_ty), mask=in_d)
+            tl.store(features + written * WIDTH + f, fk_pos, mask=in_f)
+            tl.store(features + written * WIDTH + FEATURES + f, fk_neg, mask=in_f)
+            tl.store(mask + written, keep)
+        else:
+            _folded_and_shifted(
+                keys, values, mask, features, decay_logit, k_now, v_now, fk_pos, fk_neg, keep, b, j, head, state, square,
+                sums, d, in_d, f, in_f, KV_HEADS, DIM, ROWS - 1, FEATURES, CHUNK, HAS_DECAY,
+            )
 
     @triton.jit
     def _folded_and_shifted(
