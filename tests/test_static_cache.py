@@ -14,6 +14,7 @@ from linearize import LinearizeError
 from linearize.hf import modeling_linearized
 from linearize.hf.attention import decode_attention
 from linearize.hf.cache import MixerState, returned_cache
+from linearize.hf.plan import LayerPlan
 from tests.test_mixers import MIXER_CASES, STATIC_STATE, converted
 from tests.tiny import left_padded, random_ids
 
@@ -89,6 +90,30 @@ def test_compiled_generate_traces_the_decode_step_once(name, batch):
     compiled = model.generate(**settings, cache_implementation="static", compile_config=compile_config)
     assert counters["stats"]["unique_graphs"] == 1 and outputs == [1]
     assert torch.equal(compiled, model.generate(**settings))
+
+
+@pytest.mark.parametrize("name", ["gated_deltanet+window", "swa"])
+def test_a_compiled_decode_step_reads_its_caches_kinds_not_the_layer_plan(name, monkeypatch):
+    """Traced, parsing the layer plan (`cache_kinds`) put guards on every layer's options into the compiled step,
+    which Dynamo evaluates before every step (about 400 of a 30-layer student's 4,000); the step reads its cache's
+    kinds instead (`_kinds`: the cache was checked against the plan in the eager prefill), with the same tokens (swa:
+    its kept softmax layer reads the mask)."""
+    parsed = []
+    original = LayerPlan.from_json.__func__
+
+    def counted(cls, data):
+        parsed.append(torch.compiler.is_compiling())
+        return original(cls, data)
+
+    model = converted(name)
+    settings = padded_settings(new_tokens=4)
+    expected = model.generate(**settings)
+    monkeypatch.setattr(LayerPlan, "from_json", classmethod(counted))
+    compile_config = CompileConfig(backend="eager", fullgraph=True, mode=None)
+    compile_config._compile_all_devices = True
+    torch._dynamo.reset()
+    assert torch.equal(model.generate(**settings, cache_implementation="static", compile_config=compile_config), expected)
+    assert parsed and not any(parsed)
 
 
 def test_only_fixed_size_states_make_a_compileable_cache():

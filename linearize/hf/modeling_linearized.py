@@ -293,9 +293,18 @@ class LinearizedForCausalLM(PreTrainedModel, GenerationMixin):
             inputs[PADDING_MASK] = attention_mask[:, -new.shape[1] :].to(torch.bool, memory_format=torch.contiguous_format)
         return inputs
 
-    def _softmax_reads_mask(self) -> bool:
+    def _kinds(self, cache: Cache | None) -> list[str]:
+        """`cache_kinds`, or in a compiled step its cache's: built from them, and checked against them where the forward
+        ran eagerly (`_checked_cache`; a generate()'s prefill among them). Traced, `cache_kinds` parses the layer plan,
+        and Dynamo guards on every layer's options, guards it evaluates before every step (about 40% of a compiled
+        step's guards, BENCHMARKS.md)."""
+        if torch.compiler.is_compiling() and getattr(cache, "kinds", None) is not None:
+            return cache.kinds
+        return self.cache_kinds()
+
+    def _softmax_reads_mask(self, cache: Cache | None) -> bool:
         """Whether a softmax layer will read the attention mask (kept layers, teacher_mode, attention transfer)."""
-        return "kv" in self.cache_kinds() or any(m.transfer_hook is not None for m in self._mixers())
+        return "kv" in self._kinds(cache) or any(m.transfer_hook is not None for m in self._mixers())
 
     def _one_mask_for_the_batch(self, cache: Cache | None, length: int, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
         """For a chunk after cached tokens, in a batch without padding, through kept SDPA layers: one causal mask
@@ -322,7 +331,7 @@ class LinearizedForCausalLM(PreTrainedModel, GenerationMixin):
         if cache is None:
             return self.new_cache() if use_cache else None
         if isinstance(cache, LinearizedCache) or getattr(cache, "kinds", None) is not None:
-            if cache.kinds != self.cache_kinds():
+            if not torch.compiler.is_compiling() and cache.kinds != self.cache_kinds():  # `_kinds`
                 raise LinearizeError(
                     "this cache was built for another mode (teacher_mode on/off) or model; start generation with a fresh cache"
                 )
@@ -361,7 +370,7 @@ class LinearizedForCausalLM(PreTrainedModel, GenerationMixin):
             padding = attention_mask[:, -length:].bool()
             if torch.compiler.is_compiling() or not bool(padding.all()):
                 kwargs[PADDING_MASK] = padding
-        if attention_mask is not None and not self._softmax_reads_mask():  # no 4D mask is built for no reader
+        if attention_mask is not None and not self._softmax_reads_mask(cache):  # no 4D mask is built for no reader
             attention_mask = None
         elif (shared := self._one_mask_for_the_batch(cache, length, attention_mask)) is not None:
             attention_mask = shared
