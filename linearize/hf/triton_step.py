@@ -42,8 +42,9 @@ normaliser and weighted values of its chunk; `_combine_kernel`, one per (sequenc
 linear part and then writes the ring's row, or moves the window on (the oldest key into the sums, the caches one row
 on). One program per kv head scoring every row (their form until the forty-fourth and forty-fifth sessions) ran 3
 programs at batch 1 on 132 SMs, each through its 3 query heads' rows one after another. Compiled for sm_90 (bf16,
-Triton 3.9's ptxas) at SmolLM2's shape, window 64 or 256, and 512 kept keys: 128 registers a thread each (4 and 8
-warps), no spill; at head dim 128 113 to 190 (255 for 128 features, which spills 76 bytes in the window's combine).
+Triton 3.9's ptxas) at SmolLM2's shape, window 64 or 256, and 512 kept keys: 128 to 142 registers a thread (4 and 8
+warps), no spill; at head dim 128 (32 heads, 8 kv heads) 113 to 190, and 255 with 128 features, the window's combine
+then spilling 76 bytes.
 And for the first three, with a window: RoPE on the unconvolved q and k, the window's one-query softmax over its cached
 keys and the current one (the mask, the teacher's scaling, its softcap where it has one), the window cache
 (B, Hkv, window - 1, D) shifted in place, and the share mix s * window + (1 - s) * linear heads, with
