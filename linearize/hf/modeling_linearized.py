@@ -312,7 +312,7 @@ class LinearizedForCausalLM(PreTrainedModel, GenerationMixin):
         a hybrid's batch at 32K with 4K chunks; `tests/test_gpu.py` measures the difference). None where transformers'
         own mask is needed: padding, a first chunk or a decode step (no mask at all), sliding-window layers, another
         attention implementation."""
-        if cache is None or length == 1 or "kv" not in self.cache_kinds() or torch.compiler.is_compiling():
+        if cache is None or length == 1 or torch.compiler.is_compiling() or "kv" not in self.cache_kinds():
             return None
         text = self.model.config
         if text._attn_implementation != "sdpa" or getattr(text, "sliding_window", None) or any(
