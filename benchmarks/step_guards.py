@@ -22,6 +22,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, CompileConfig
 
 import linearize
+from linearize.cli import parse_options
 
 GUARD_LOGGER = "torch._dynamo.guards"  # where torch._logging's artifact "guards" logs the guard tree of each compiled frame
 
@@ -48,8 +49,7 @@ def model_for(entry: str, layers: int):
     if entry == "teacher":
         return model
     name, *options = entry.split(":")
-    settings = {key: int(value) if value.isdigit() else value for key, value in (option.split("=", 1) for option in options)}
-    return linearize.convert(model, name, **settings).eval()
+    return linearize.convert(model, name, **parse_options(options)).eval()
 
 
 def measure(entry: str, layers: int, new_tokens: int, repeats: int) -> dict:

@@ -53,10 +53,10 @@ PyTorch path, whose output at it `gated_deltanet` and `mamba2` zero and `gla` do
 A last, tiny launch shifts the window's mask (B, window - 1), which every kv head's program reads: shifted by one
 of them, it could change under another.
 
-One program per (sequence, kv head) for every rule but the gated delta rule's two and `hedgehog_swa`'s split: it owns every byte it writes (its
-query heads' and kv head's convolution channels, its query heads' or kv head's state, its kv head's window rows), so
-the in-place updates need no cross-program synchronisation, and the window's keys are read once for the group's query
-heads. The `gated_deltanet` and `qwen3_5_gdn` kernels run one program per (sequence, query head) instead: at batch 1
+One program per (sequence, kv head) for every rule but the gated delta rule's two and `hedgehog_swa`'s split: it owns
+every byte it writes (its query heads' and kv head's convolution channels, its query heads' or kv head's state, its kv
+head's window rows), so the in-place updates need no cross-program synchronisation, and the window's keys are read
+once for the group's query heads. The `gated_deltanet` and `qwen3_5_gdn` kernels run one program per (sequence, query head) instead: at batch 1
 SmolLM2-135M (9 query, 3 kv heads) gave the kv-head layout 3 programs on the H200's 132 SMs, each stepping three
 64 x 64 states one after another, 21 us a step, the largest kernel of a compiled decode step (BENCHMARKS.md, fifteenth
 session). A query head's program owns its q channels of the convolution and its state; its kv head's k and v channels
@@ -233,10 +233,17 @@ def _launch(
             TAPS=taps, BLOCK_TAPS=triton.next_power_of_2(max(taps - 1, 1)), **shapes,
         )
     elif window_mask is not None and keep > 0:
-        _shift_mask_kernel[(batch,)](
-            window_mask, given(real), strides[-1], KEEP=keep, BLOCK_KEEP=triton.next_power_of_2(keep), HAS_REAL=real is not None,
-        )
+        _shift_window_mask(window_mask, q, real, strides[-1])
     return out
+
+
+def _shift_window_mask(window_mask: Tensor, q: Tensor, real: Optional[Tensor], stride_real: int) -> None:
+    """The window's mask (B, window - 1) one place on in place, the current token's realness last (`_shift_mask`): one
+    program per sequence, after every kv head's program has read it."""
+    cached = window_mask.shape[1]
+    _shift_mask_kernel[(window_mask.shape[0],)](
+        window_mask, _given(q, real), stride_real, KEEP=cached, BLOCK_KEEP=triton.next_power_of_2(cached), HAS_REAL=real is not None,
+    )
 
 
 def _given(q: Tensor, t: Optional[Tensor]) -> Tensor:
@@ -365,17 +372,13 @@ def _hedgehog_swa(
     float32, and the window (`_launch`) in place. q_weight (H, D, F), q_bias (H, 1, F): the query heads' feature maps;
     k_weight, k_bias: the kv heads'; decay_logit (Hkv,) or None: S and z fade by its sigmoid before the oldest key
     joins them; linear_rope: the feature maps read the rotated q and k (else the unrotated). Three launches: the
-    window's rows split (`_split_window`), then `_shift_mask_kernel`."""
+    window's rows split (`_split_window`), then the mask's shift (`_shift_window_mask`)."""
     out = _split_window(
         q, k, v, cos, sin, real, q_weight, q_bias, k_weight, k_bias, window_logit, S, z, window_k, window_v, window_fk,
         window_mask, scaling, softcap, linear_rope, decay_logit=decay_logit,
     )
-    cached = window_k.shape[2]
-    if cached > 0:
-        _shift_mask_kernel[(q.shape[0],)](
-            window_mask, _given(q, real), _strides(k, v, cos, real)[-1], KEEP=cached,
-            BLOCK_KEEP=triton.next_power_of_2(cached), HAS_REAL=real is not None,
-        )
+    if window_k.shape[2] > 0:
+        _shift_window_mask(window_mask, q, real, _strides(k, v, cos, real)[-1])
     return out
 
 
@@ -989,8 +992,8 @@ if TRITON_PROBLEM is None:
         with RING, in `ops_kept`'s layout (`kept` kept keys, then the ring), the current key and value in the ring's row
         of position at[b]; else a window's, its ROWS - 1 cached rows then the current key and value. The current ones
         come from registers (the combining launch stores them after). Its softmax's peak, normaliser and weighted
-        values (`_partial_sums`) go into partial (B, H, SPLITS, BLOCK_DIM + 2), the values then the peak and the normaliser.
-        It writes nothing else, so the programs of a kv head's rows run at once."""
+        values (`_partial_sums`) go into partial (B, H, SPLITS, BLOCK_DIM + 2), the values then the peak and the
+        normaliser. It writes nothing else, so the programs of a kv head's rows run at once."""
         b, j, d, in_d, keep, k_ptr, _, v_now = _program(
             k, v, real, stride_kb, stride_kh, stride_vb, stride_vh, stride_real, DIM, BLOCK_DIM, HAS_REAL, HEADS // KV_HEADS
         )
