@@ -32,8 +32,8 @@ def compile_kernels() -> None:
     states = {"conv", "recurrent", "state", "ssm", "S", "z", "window_fk", "features", "partial"}
     # The gated delta rule's caches shared by a kv head's query heads move on in a launch of their own (with the window,
     # and without it, as qwen3_5_gdn).
-    # hedgehog_swa+options: its decay and feature maps before RoPE (by default, neither). hedgehog_swa's steps run as
-    # two kernels, its window's rows split (partial) then combined: a window's, and with kept keys ("kept") in
+    # hedgehog_swa+options: its decay and feature maps before RoPE (by default, neither). hedgehog_swa's step runs as
+    # two kernels, its ring's rows split (partial) then combined: a window's ring, and with kept keys ("kept") in
     # `ops_kept`'s layout, 512 kept keys and a ring of window + 63 positions.
     kernels = [(name, 64) for name in MIXERS if name != "hedgehog_swa"] + [("kv_shift", 64), ("kv_shift", 1)]
     rows = (("window", 64), ("window", 256), ("options", 64), ("kept", 256))
@@ -45,7 +45,7 @@ def compile_kernels() -> None:
         rows = 512 + window + 63 if ring else window
         chunk = min(triton.next_power_of_2(rows), triton_step.WINDOW_CHUNK // 64)
         constants = dict(
-            HAS_DECAY=options, LINEAR_ROPE=not options, ROWS=rows, RING=ring, SPLITS=triton.cdiv(rows, chunk),
+            HAS_DECAY=options, LINEAR_ROPE=not options, ROWS=rows, FOLD=not ring, SPLITS=triton.cdiv(rows, chunk),
             BLOCK_SPLITS=triton.next_power_of_2(triton.cdiv(rows, chunk)),
             HEADS=9, KV_HEADS=3, DIM=64, KEEP=window - 1, ROT=64, BLOCK_DIM=64, BLOCK_WINDOW=window, HAS_REAL=True,
             WINDOW=not qwen and window > 1, SOFTCAP=True, HIDDEN=576, BLOCK_HIDDEN=256, TAPS=4, BLOCK_TAPS=4, FEATURES=64,
@@ -58,13 +58,13 @@ def compile_kernels() -> None:
             elif param.name.startswith("stride") or param.name == "kept":
                 signature[param.name] = "i32"
             elif param.name == "at":
-                signature[param.name] = "*i64" if ring else "*bf16"  # a window's step passes q, unread
+                signature[param.name] = "*i64"
             elif param.name in ("scaling", "softcap", "gate_normalizer", "eps"):
                 signature[param.name] = "fp32"
             else:
                 signature[param.name] = "*i1" if param.name in ("real", "window_mask", "mask") else "*fp32" if param.name in states else "*bf16"
         given = {param.name: constants[param.name] for param in kernel.params if param.is_constexpr}
-        warps = 4 if name.startswith("partial") else 8  # as `_split_window` launches them
+        warps = 4 if name.startswith("partial") else 8  # as `_hedgehog_swa` launches them
         triton.compile(ASTSource(kernel, signature, constexprs=given), target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
     # The prefill's forward (bf16, with and without the statistics its backward reads, and fp32) and its two backward
     # kernels (bf16 and fp32), each with its blocks and warps.

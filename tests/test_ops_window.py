@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from linearize.hf import ops_window
-from linearize.hf.ops_window import chunk_window_linear, decode_window_linear, naive_window_linear, recurrent_window_linear
+from linearize.hf.ops_window import (
+    chunk_window_linear, decode_window_linear, naive_window_linear, ordered_state, recurrent_window_linear, ring_state,
+)
 
 B, H, D, V, F = 2, 3, 8, 6, 5
 
@@ -170,9 +172,9 @@ def test_blocks_match_one_pass(monkeypatch, budget, with_state):
 @pytest.mark.parametrize("softcap", [None, 3.0])
 @pytest.mark.parametrize("decayed", [False, True])
 def test_decode_step_with_grouped_heads_is_the_recurrent_form(window, context, padded, softcap, decayed):
-    """decode_window_linear's queries of one kv head read one state: it equals recurrent_window_linear on heads
-    repeated per query head, output, next state (per kv head) and gradients, from any context; with a decay per kv
-    head, the recurrent form's repeated per query head."""
+    """decode_window_linear's queries of one kv head read one state, its window a ring: it equals
+    recurrent_window_linear on heads repeated per query head, output, next state (per kv head, its ring read in
+    order) and gradients, from any context; with a decay per kv head, the recurrent form's repeated per query head."""
     groups, heads = 3, 2
     g = torch.Generator().manual_seed(window + context)
     q = torch.randn(B, heads * groups, context + 1, D, generator=g, dtype=torch.float64, requires_grad=True)
@@ -197,16 +199,40 @@ def test_decode_step_with_grouped_heads_is_the_recurrent_form(window, context, p
     last = slice(context, None)
     ref, ref_state = recurrent_window_linear(q[:, :, last], repeated(k[:, :, last]), repeated(v[:, :, last]), fq[:, :, last],
                                              repeated(fk[:, :, last]), key_mask=mask[:, last], state=state, **per_query_head)
-    per_kv_head = None if state is None else {n: t[:, ::groups] if t.dim() > 2 else t for n, t in state.items()}
+    ring = None
+    if state is not None:
+        ring = ring_state({n: t[:, ::groups] if t.dim() > 2 else t for n, t in state.items()}, torch.full((B,), context), window)
     out, out_state = decode_window_linear(q[:, :, last], k[:, :, last], v[:, :, last], fq[:, :, last], fk[:, :, last],
-                                          key_mask=mask[:, last], state=per_kv_head, decay=decay, **options)
+                                          key_mask=mask[:, last], state=ring, decay=decay, **options)
     assert torch.allclose(out, ref, atol=1e-12)
-    assert_states_equal(out_state, {n: t[:, ::groups] if t.dim() > 2 else t for n, t in ref_state.items()})
+    assert torch.equal(out_state["at"], torch.full((B,), context + 1))
+    assert_states_equal(ordered_state(out_state, window), {n: t[:, ::groups] if t.dim() > 2 else t for n, t in ref_state.items()})
     probe = torch.randn(out.shape, generator=g, dtype=torch.float64)
     grads = torch.autograd.grad((out * probe).sum() + out_state["S"].sum(), [q, k, v], retain_graph=True)
     expected = torch.autograd.grad((ref * probe).sum() + ref_state["S"][:, ::groups].sum(), [q, k, v])
     for got, want in zip(grads, expected):
         assert torch.allclose(got, want, atol=1e-10)
+
+
+@pytest.mark.parametrize("window", [1, 2, 5])
+@pytest.mark.parametrize("seen", [0, 3, 11])
+def test_a_ring_holds_position_p_in_row_p_mod_window_and_reads_back_in_order(window, seen):
+    """ring_state puts the tail's position p in row p mod window, the next position's row zero and masked; ordered_state
+    gives the tail back, left-padding included."""
+    tail = min(seen, window - 1)
+    positions = torch.arange(seen - (window - 1), seen, dtype=torch.float64)  # negative: left padding
+    ordered = {
+        "S": torch.randn(1, 2, 3, 4), "z": torch.randn(1, 2, 3),
+        **{name: torch.where(positions >= 0, positions, 0.0).view(1, 1, -1, 1).expand(1, 2, -1, 3).clone() for name in ("k", "v", "fk")},
+        "mask": (positions >= 0).view(1, -1),
+    }
+    ring = ring_state(ordered, torch.full((1,), seen), window)
+    for p in range(seen - tail, seen):
+        assert ring["k"][0, :, p % window].eq(p).all() and ring["mask"][0, :, p % window].all()
+    assert not ring["mask"][0, :, seen % window].any() and ring["k"][0, :, seen % window].eq(0).all()
+    assert ring["mask"].sum() == 2 * tail
+    back = ordered_state(ring, window)
+    assert_states_equal(back, ordered)
 
 
 def test_decode_step_refuses_a_window_of_zero():

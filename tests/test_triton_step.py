@@ -29,10 +29,10 @@ needs_triton = pytest.mark.skipif(
     f"GPU, test_gpu.py checks the kernels): {triton_step.TRITON_PROBLEM or 'not interpreted'}",
 )
 
-# The mixers with a fused step; each calls `triton_step.<name>_step`, imported into its mixer's module, and
-# hedgehog_swa with kept keys (a variant, `VARIANTS`) `hedgehog_swa_kept_step`, whose op is `KEPT_OP`.
+# The mixers with a fused step; each calls `triton_step.<name>_step`, imported into its mixer's module, and so does
+# hedgehog_swa with kept keys (a variant, `VARIANTS`).
 MIXERS = sorted(triton_step.OPS)
-STEPS = {**{name: f"{name}_step" for name in MIXERS}, "hedgehog_swa+keep": "hedgehog_swa_kept_step"}
+STEPS = {**{name: f"{name}_step" for name in MIXERS}, "hedgehog_swa+keep": "hedgehog_swa_step"}
 
 
 def mixer_module(name: str):
@@ -306,14 +306,14 @@ def test_the_fused_step_updates_the_state_in_place(fused, mixer):
 @needs_triton
 @pytest.mark.parametrize("mixer", STEPS)
 def test_the_custom_op_computes_what_the_eager_launch_does(fused, monkeypatch, mixer):
-    """A compiled step calls the registered op (`OPS`, `KEPT_OP`), eager code launches the kernels itself: the same
+    """A compiled step calls the registered op (`OPS`), eager code launches the kernels itself: the same
     heads and states, bit for bit."""
     model, layer = randomised_mixer(mixer, "partial_rope", torch.float32)
     hidden = torch.randn(2, 4, model.config.text_config.hidden_size)
     position_embeddings = rotary(model)(hidden, torch.arange(4)[None].expand(2, -1))
     module, name = mixer_module(mixer), STEPS[mixer]
     results = []
-    for step_function in (getattr(triton_step, name), triton_step.OPS.get(mixer, triton_step.KEPT_OP)):
+    for step_function in (getattr(triton_step, name), triton_step.OPS[mixer.split("+")[0]]):
         monkeypatch.setattr(module, name, step_function)
         state = MixerState()
         outs = [step(layer, hidden, position_embeddings, None, state, t, t + 1) for t in range(4)]
@@ -397,7 +397,7 @@ def test_a_compiled_static_cache_generation_with_kept_keys_through_the_fused_ste
     config._compile_all_devices = True  # transformers compiles on CUDA only, unless told so
     torch._dynamo.reset()
     compiled = model.generate(**settings, cache_implementation="static", compile_config=config)
-    assert len(graphs) == 1 and sum("hedgehog_swa_kept" in target for target in graphs[0]) == 2
+    assert len(graphs) == 1 and sum("hedgehog_swa" in target for target in graphs[0]) == 2
     assert_close(torch.stack(compiled.logits), torch.stack(eager.logits), "logits", 1e-5)
     assert torch.equal(compiled.sequences, eager.sequences)
 

@@ -151,7 +151,8 @@ class MixerState(CacheLayerMixin):
         old = self._tensors
         if old.keys() == new.keys() and all(old[n].shape == t.shape and old[n].dtype == t.dtype for n, t in new.items()):
             for name, tensor in new.items():
-                old[name].copy_(tensor)
+                if tensor is not old[name]:  # a step that wrote the state's own tensors in place gives them back
+                    old[name].copy_(tensor)
             return
         if old:
             raise LinearizeError(

@@ -11,8 +11,8 @@ feature maps as one more (`triton_features.feature_maps`); the PyTorch path is t
 that have left `hedgehog_swa`'s window fade by a learnable factor per kv head and token (undecayed, their mass in the
 shared normaliser grows with the context); the fused step takes it, the prefill kernel not yet (its prefill runs the
 PyTorch path). With `keep`, the keys the linear state recalls worst stay exact beside the window (`ops_kept`): on
-CUDA a decode step runs as a fused Triton step (`triton_step.hedgehog_swa_kept_step`: its rows split across programs,
-then combined; the decision every keep_block steps in PyTorch), and an inference prefill scores its queries in one
+CUDA a decode step runs as the same fused Triton step (`hedgehog_swa_step`: its rows split across programs, then
+combined; the decision every keep_block steps in PyTorch), and an inference prefill scores its queries in one
 Triton kernel (`triton_kept`), the rest of it in PyTorch; training runs the PyTorch path.
 """
 
@@ -29,9 +29,9 @@ from .errors import LinearizeError
 from .kernel_dispatch import simple_gla
 from .mixers import FusedStepMixer, MixerCost, register_mixer
 from .ops_kept import decide_block, decode_kept_window_linear, empty_kept_state, ends_block, kept_window_linear
-from .ops_window import chunk_window_linear, decode_window_linear
+from .ops_window import chunk_window_linear, decode_window_linear, empty_ring_state, ordered_state, ring_state
 from .triton_features import feature_map_problem, feature_maps
-from .triton_step import MAX_HEAD_DIM, hedgehog_step, hedgehog_swa_kept_step, hedgehog_swa_step
+from .triton_step import MAX_HEAD_DIM, hedgehog_step, hedgehog_swa_step
 from .triton_window import window_linear_prefill, window_prefill_problem
 from .windows import check_window
 
@@ -211,22 +211,19 @@ class HedgehogSWAMixer(HedgehogMixer):
     @property  # a property, as `set_options` may give a converted layer kept keys
     def step_tensors(self) -> tuple[str, ...]:
         """The state per kv head: S (B, Hkv, 2F, D) and z (B, Hkv, 2F) sum the feature-mapped keys that have left the
-        window, fk (B, Hkv, window - 1, 2F) holds those still in it (`ops_window`); with kept keys, fk holds the kept
-        keys' and the ring's and err the kept keys' errors (`ops_kept`), and at (B,), int64, the position (`fused_step`)."""
+        window, fk (B, Hkv, window, 2F) holds those in its ring (`ops_window.ring_state`); with kept keys, fk holds the
+        kept keys' and the ring's and err the kept keys' errors (`ops_kept`). Beside them, k, v, mask, and at (B,),
+        int64, the position (`fused_step`)."""
         return ("S", "z", "fk", "err") if self.options.keep else ("S", "z", "fk")
 
     @classmethod
     def cost(cls, spec: AttentionSpec, options) -> MixerCost:
         w, hkv, d, f = options.window, spec.num_kv_heads, spec.head_dim, options.feature_dim
-        # Per kv head: the linear state (2F x D) and normaliser (2F), and the last w - 1 keys, values and
-        # feature-mapped keys; plus the window's padding mask.
-        # With kept keys (`ops_kept`), per kv head: the kept keys and a ring of the last w + keep_block - 1 positions,
-        # each row a key, value, features and mask entry, each kept key its error, and the position.
-        if options.keep:
-            rows = options.keep + w + options.keep_block - 1
-            state = hkv * 2 * f * (d + 1) + hkv * rows * (2 * d + 2 * f + 1) + hkv * options.keep + 1
-        else:
-            state = hkv * 2 * f * (d + 1) + hkv * (w - 1) * (2 * d + 2 * f) + w - 1
+        # Per kv head: the linear state (2F x D) and normaliser (2F), and a ring of w rows (`ops_window.ring_state`),
+        # with kept keys (`ops_kept`) the kept keys and a ring of w + keep_block - 1, each row a key, value, features
+        # and mask entry; each kept key its error; and the position.
+        rows = w + (options.keep + options.keep_block - 1 if options.keep else 0)
+        state = hkv * 2 * f * (d + 1) + hkv * rows * (2 * d + 2 * f + 1) + hkv * options.keep + 1
         decay = hkv if options.decay else 0
         return MixerCost(super().cost(spec, options).new_parameters + spec.num_heads + decay, state, 0)
 
@@ -259,28 +256,31 @@ class HedgehogSWAMixer(HedgehogMixer):
         groups = self.spec.groups
         decay = torch.sigmoid(self.decay_logit.to(torch.promote_types(q.dtype, torch.float32))) if self.options.decay else None
         # The state is kept per kv head: its keys, values and feature-mapped keys are the same for every query
-        # head of one kv head, and so are the sums of those that left the window.
+        # head of one kv head, and so are the sums of those that left the window. Its window is a ring
+        # (`ops_window.ring_state`), which a decode step writes a row of; a prefill reads and leaves it in order.
         if state is not None and q.shape[2] == 1:
             out, new = decode_window_linear(q, k, v, fq, fk, state=state.tensors, decay=decay, **kwargs)
             state.write(new)
             return out
+        tensors = None if state is None or not state.tensors else state.tensors
+        ordered = None if tensors is None else ordered_state(tensors, self.window)
         # The kernel takes q, k, v of one dtype: under autocast, autocast's (q and k may have left a norm in float32).
         low = compute_dtype(v)
         kq, kk, kv = q.to(low), k.to(low), v.to(low)
         if decay is None and not compiled_training(q, fq, fk) and window_prefill_problem(kq, kk, kv, fq, fk, self.window) is None:
-            tensors = None if state is None else state.tensors
-            out, new = window_linear_prefill(kq, kk, kv, fq, fk, state=tensors, output_state=state is not None, **kwargs)
-            if state is not None:
-                state.write(new)
-            return out
-        k, v, fk = repeat_heads(k, groups), repeat_heads(v, groups), repeat_heads(fk, groups)
-        if decay is not None:
-            kwargs["decay"] = decay.repeat_interleave(groups)
-        if state is None:
-            return chunk_window_linear(q, k, v, fq, fk, **kwargs)[0]
-        initial = {name: repeat_heads(t, groups) if t.dim() > 2 else t for name, t in state.tensors.items()}
-        out, final = chunk_window_linear(q, k, v, fq, fk, state=initial, output_state=True, **kwargs)
-        state.write({name: t[:, ::groups].clone() if t.dim() > 2 and groups > 1 else t for name, t in final.items()})
+            out, final = window_linear_prefill(kq, kk, kv, fq, fk, state=ordered, output_state=state is not None, **kwargs)
+        else:
+            k, v, fk = repeat_heads(k, groups), repeat_heads(v, groups), repeat_heads(fk, groups)
+            if decay is not None:
+                kwargs["decay"] = decay.repeat_interleave(groups)
+            if state is None:
+                return chunk_window_linear(q, k, v, fq, fk, **kwargs)[0]
+            initial = None if ordered is None else {name: repeat_heads(t, groups) if t.dim() > 2 else t for name, t in ordered.items()}
+            out, final = chunk_window_linear(q, k, v, fq, fk, state=initial, output_state=True, **kwargs)
+            final = {name: t[:, ::groups].clone() if t.dim() > 2 and groups > 1 else t for name, t in final.items()}
+        if state is not None:
+            at = torch.zeros(q.shape[0], dtype=torch.int64, device=q.device) if tensors is None else tensors["at"]
+            state.write(ring_state(final, at + q.shape[2], self.window))
         return out
 
     def mix_kept(self, q, k, v, position_embeddings, padding_mask, state):
@@ -309,31 +309,24 @@ class HedgehogSWAMixer(HedgehogMixer):
         return out
 
     def fused_step(self, hidden_states, q, k, v, position_embeddings, padding_mask, state) -> torch.Tensor:
-        if not self.options.keep:
-            return super().fused_step(hidden_states, q, k, v, position_embeddings, padding_mask, state)
-        # With kept keys: the step's kernel, then at a block's end its decision (`ops_kept`), which makes new tensors. A
-        # fresh state is `ops_kept`'s layout whole, its window's rows included. The kernel and the decision read the
-        # position from the state's "at" (B,), on the device, so that a captured step serves every position of its kind
-        # (`linearize.decode.GraphDecoder`); whether the step decides is the host's count's, after the step where the
-        # state's decisions are deferred (`decide_after`).
-        position = None if state.deferred else int(state.seen)  # a deferred step never reads the host's count
+        """One decode step through the kernel, on the state's ring in place (`ops_window.ring_state`, or with kept keys
+        `ops_kept`'s layout); with kept keys, at a block's end its decision (`ops_kept`), which makes new tensors. The
+        kernel (and a decision) read the position from the state's "at" (B,), on the device, so that a captured step
+        serves every position (`linearize.decode.GraphDecoder`); whether the step decides is the host's count's, after
+        the step where the state's decisions are deferred (`decide_after`)."""
+        keep = self.options.keep
+        position = int(state.seen) if keep and not state.deferred else None  # a deferred step never reads the host's count
+        # A fresh state, or with kept keys a static one after its reset (zeros, where an empty slot's error is -inf).
         tensors = self.step_state(q, state)[0] if state.tensors and position != 0 else self.fresh_step_state(q)
-        window, keep, block = self.window, self.options.keep, self.options.keep_block
-        at = tensors.get("at")
-        if at is None:
-            at = torch.full((q.shape[0],), position, dtype=torch.int64, device=q.device)
         cos, sin = (None, None) if position_embeddings is None else position_embeddings
-        out = hedgehog_swa_kept_step(
-            q, k, v, cos, sin, padding_mask, self.feature_q.weight, self.feature_q.bias, self.feature_k.weight, self.feature_k.bias,
-            self.window_logit, tensors["S"], tensors["z"], tensors["k"], tensors["v"], tensors["fk"], tensors["mask"],
-            at, keep, self.spec.scaling, self.spec.softcap, self.options.linear_rope,
-        )
-        if position is not None and ends_block(position, block):
-            tensors = decide_block(tensors, at[0], window=window, keep=keep, block=block)
+        out = self.launch_step(hidden_states, q, k, v, cos, sin, padding_mask, tensors)
+        at = tensors["at"]
+        if position is not None and ends_block(position, self.options.keep_block):
+            tensors = decide_block(tensors, at[0], window=self.window, keep=keep, block=self.options.keep_block)
         # In place, as the rows (torch refuses it for a tensor made under inference mode, written outside it; a deferred
-        # step's are a static state's own, which a compiled step cannot ask).
-        at = at.add_(1) if state.deferred or not at.is_inference() or torch.is_inference_mode_enabled() else at + 1
-        state.write({**tensors, "at": at})
+        # or static step's are a static state's own, which a compiled step cannot ask).
+        owned = state.deferred or state.static or not at.is_inference() or torch.is_inference_mode_enabled()
+        state.write({**tensors, "at": at.add_(1) if owned else at + 1})
         return out
 
     def decide_after(self, state, position) -> None:
@@ -351,19 +344,17 @@ class HedgehogSWAMixer(HedgehogMixer):
 
     def fresh_step_state(self, q: torch.Tensor) -> dict[str, torch.Tensor]:
         batch, hkv, width = q.shape[0], self.spec.num_kv_heads, 2 * self.options.feature_dim
-        if self.options.keep:
-            keys = q.new_empty(batch, hkv, 0, self.spec.head_dim)
-            features = keys.new_empty(batch, hkv, 0, width, dtype=torch.float32)
-            return empty_kept_state(q, keys, keys, features, self.window, self.options.keep, self.options.keep_block)
-        return {
-            "S": q.new_zeros(batch, hkv, width, self.spec.head_dim, dtype=torch.float32),
-            "z": q.new_zeros(batch, hkv, width, dtype=torch.float32),
-            "fk": q.new_zeros(batch, hkv, self.window - 1, width, dtype=torch.float32),
-        }
+        keys = q.new_empty(batch, hkv, 0, self.spec.head_dim)
+        features = keys.new_empty(batch, hkv, 0, width, dtype=torch.float32)
+        if not self.options.keep:
+            return empty_ring_state(q, keys, keys, features, self.window)
+        kept = empty_kept_state(q, keys, keys, features, self.window, self.options.keep, self.options.keep_block)
+        return {**kept, "at": torch.zeros(batch, dtype=torch.int64, device=q.device)}
 
     def launch_step(self, hidden_states, q, k, v, cos, sin, real, tensors) -> torch.Tensor:
         return hedgehog_swa_step(
             q, k, v, cos, sin, real, self.feature_q.weight, self.feature_q.bias, self.feature_k.weight, self.feature_k.bias,
             self.window_logit, tensors["S"], tensors["z"], tensors["k"], tensors["v"], tensors["fk"], tensors["mask"],
-            self.spec.scaling, self.spec.softcap, self.decay_logit if self.options.decay else None, self.options.linear_rope,
+            tensors["at"], self.options.keep, self.spec.scaling, self.spec.softcap, self.decay_logit if self.options.decay else None,
+            self.options.linear_rope,
         )

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .ops_window import _acc, block_length
+from .ops_window import _acc, block_length, written
 from .triton_kept import kept_prefill_problem, kept_window_prefill
 
 
@@ -317,7 +317,7 @@ def decode_kept_window_linear(
     g, rows = h // hkv, b * hkv
     row = ring_rows(position, keep, window + block - 1)
     real = True if key_mask is None else key_mask.bool()[:, None]
-    state = {**state, **{name: _written(state[name], row, new) for name, new in (("k", k), ("v", v), ("fk", fk), ("mask", real))}}
+    state = {**state, **{name: written(state[name], row, new) for name, new in (("k", k), ("v", v), ("fk", fk), ("mask", real))}}
     keys, values, mask = state["k"], state["v"], state["mask"]
     width = keys.shape[2]
     scores = torch.bmm(q.reshape(rows, g, d).to(acc) * scaling, keys.to(acc).view(rows, width, d).mT)
@@ -337,18 +337,6 @@ def decode_kept_window_linear(
     if not decide or not ends_block(position, block):
         return o, state
     return o, decide_block(state, position, window=window, keep=keep, block=block)
-
-
-def _written(x: torch.Tensor, row, new) -> torch.Tensor:
-    """x (B, Hkv, P, *) with `new` (B, Hkv or 1, 1, *, or a number) in row `row`: in place, or in a copy where autograd
-    records or where x was made under torch.inference_mode() and is written outside it (which torch refuses in place).
-    A row given as a 0-d tensor on x's device (a compiled step's, without gradients) is written in place."""
-    if torch.is_tensor(row):
-        return x.index_copy_(2, row.view(1), torch.as_tensor(new, dtype=x.dtype, device=x.device).expand_as(x[:, :, :1]))
-    if torch.is_grad_enabled() or (x.is_inference() and not torch.is_inference_mode_enabled()):
-        x = x.clone()
-    x[:, :, row : row + 1] = new
-    return x
 
 
 def decide_block(state: dict, position, *, window: int, keep: int, block: int) -> dict[str, torch.Tensor]:

@@ -10,7 +10,8 @@ A `state` carries a sequence across calls: S (B,H,F,V) and z (B,H,F) sum the fea
 the window (with a decay, as the next query reads them), k/v/fk/mask hold the last window - 1 keys. The naive,
 chunked and recurrent forms take and return it.
 `decode_window_linear` is the recurrent form of one token with grouped heads: the queries of a kv head read one
-state, kept per kv head (what hedgehog_swa decodes with).
+state, kept per kv head, its window a ring of `window` rows (`ring_state`) that a step writes one row of (what
+hedgehog_swa decodes with).
 """
 
 from __future__ import annotations
@@ -363,37 +364,93 @@ def recurrent_window_linear(
     return o, new
 
 
+def empty_ring_state(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fk: torch.Tensor, window: int) -> dict[str, torch.Tensor]:
+    """A ring state (`ring_state`) before any token, per kv head of k: empty sums, `window` masked zero rows, at 0."""
+    b, hkv, _, d = k.shape
+    return {
+        "S": q.new_zeros(b, hkv, fk.shape[-1], v.shape[-1], dtype=_acc(q)),
+        "z": q.new_zeros(b, hkv, fk.shape[-1], dtype=_acc(q)),
+        "k": k.new_zeros(b, hkv, window, d),
+        "v": v.new_zeros(b, hkv, window, v.shape[-1]),
+        "fk": fk.new_zeros(b, hkv, window, fk.shape[-1]),
+        "mask": torch.zeros(b, hkv, window, dtype=torch.bool, device=k.device),
+        "at": torch.zeros(b, dtype=torch.int64, device=k.device),
+    }
+
+
+def ring_state(ordered: dict[str, torch.Tensor], at: torch.Tensor, window: int) -> dict[str, torch.Tensor]:
+    """A state as the forms here leave it (S, z, the last window - 1 keys k, v, fk (B, Hkv, window - 1, *) and their
+    mask (B, window - 1), oldest first: `window_tail`) as a ring of `window` rows after `at` (B,) tokens seen (equal
+    for every sequence, on the state's device): position p in row p mod window, the row of position `at` (the next
+    key's) zero and masked. A decode step then writes its key into its row instead of moving the window on
+    (`decode_window_linear`, `triton_step`'s `hedgehog_swa` step)."""
+    hkv = ordered["k"].shape[1]
+    # Row r holds the tail's position at - window + ((r - at) mod window); the free row, at - window's, is the pad.
+    rows = (torch.arange(window, device=at.device) - at[0]) % window
+    mask = F.pad(ordered["mask"], (1, 0), value=False).index_select(1, rows)
+    return {
+        "S": ordered["S"],
+        "z": ordered["z"],
+        **{name: F.pad(ordered[name], (0, 0, 1, 0)).index_select(2, rows) for name in ("k", "v", "fk")},
+        "mask": mask[:, None].expand(-1, hkv, -1).contiguous(),
+        "at": at,
+    }
+
+
+def ordered_state(ring: dict[str, torch.Tensor], window: int) -> dict[str, torch.Tensor]:
+    """`ring_state`'s inverse: the ring's last window - 1 positions, oldest first, as the forms here take a state."""
+    tail = (torch.arange(1, window, device=ring["at"].device) + ring["at"][0]) % window
+    return {
+        "S": ring["S"],
+        "z": ring["z"],
+        **{name: ring[name].index_select(2, tail) for name in ("k", "v", "fk")},
+        "mask": ring["mask"][:, 0].index_select(1, tail),
+    }
+
+
+def written(x: torch.Tensor, row, new) -> torch.Tensor:
+    """x (B, Hkv, P, *) with `new` (B, Hkv or 1, 1, *, or a number) in row `row` (a number, or a 0-d tensor on x's
+    device): in place, or in a copy where autograd records or where x was made under torch.inference_mode() and is
+    written outside it (which torch refuses in place). A compiled step (without gradients, its tensors a static
+    state's own, which it cannot ask) writes in place."""
+    if not torch.compiler.is_compiling() and (torch.is_grad_enabled() or (x.is_inference() and not torch.is_inference_mode_enabled())):
+        x = x.clone()
+    if not torch.is_tensor(row):
+        x[:, :, row : row + 1] = new
+        return x
+    return x.index_copy_(2, row.view(1), torch.as_tensor(new, dtype=x.dtype, device=x.device).expand_as(x[:, :, :1]))
+
+
 def decode_window_linear(
     q, k, v, fq, fk, *, window, scaling, sm_weight=1.0, ln_weight=1.0, key_mask=None, softcap=None, state=None, decay=None
 ):
-    """One decode step of the recurrent form with grouped heads: the arithmetic of `recurrent_window_linear` for
-    T = 1 in a few kernels, and a state per kv head instead of per query head.
+    """One decode step of the recurrent form with grouped heads and a ring state (`ring_state`): the arithmetic of
+    `recurrent_window_linear` for T = 1 in a few kernels, a state per kv head instead of per query head, and no copy
+    of the window.
 
     q, fq (B, H, 1, *) are the queries; k, v, fk (B, Hkv, 1, *) the new key, H a multiple of Hkv (query head i
-    reads kv head i // (H // Hkv)); `sm_weight`/`ln_weight` are numbers or per-query-head tensors (H,). `state`
-    holds S (B, Hkv, F, V), z (B, Hkv, F) and the last window - 1 keys k, v, fk and their mask, as `window_tail`
-    leaves them (empty: nothing seen); `decay`, if given, is per kv head (Hkv,). `window` >= 1. Returns
-    (o (B, H, 1, V) in v's dtype, the next state).
+    reads kv head i // (H // Hkv)); `sm_weight`/`ln_weight` are numbers or per-query-head tensors (H,). The key is
+    written into its row of the ring (`written`), every row is scored in one product (the ring holds the window), the
+    sums are read, then the window's oldest key, in the next row, is folded into them (faded first, with a `decay`
+    per kv head (Hkv,)). `window` >= 1. Returns (o (B, H, 1, V) in v's dtype, the next ring state).
     """
     if window < 1:
         raise ValueError(f"decode_window_linear needs a window of at least 1, got {window}")
     b, h, _, d = q.shape
     hkv = k.shape[1]
     acc = _acc(q)
-    if not state:
-        state = _empty_state(q, k, v, fk)
-        state.update(window_tail(window - 1, state.pop("mask"), k=state.pop("k"), v=state.pop("v"), fk=state.pop("fk")))
-    # The window: the window - 1 cached keys and this one. A decode step on the CPU is bound by its number of
-    # operations, not their size: every product below is one bmm over the (B * Hkv) kv heads, every per-head weight
-    # a broadcast view, and each sum of two products one addcmul.
-    keys, values = torch.cat((state["k"], k), dim=2), torch.cat((state["v"], v), dim=2)
-    features = torch.cat((state["fk"], fk), dim=2)
-    mask = F.pad(state["mask"], (0, 1), value=True) if key_mask is None else torch.cat((state["mask"], key_mask.bool()), dim=1)
-    g, rows, width = h // hkv, b * hkv, keys.shape[2]
-    scores = torch.bmm(q.reshape(rows, g, d).to(acc), keys.to(acc).view(rows, width, d).mT) * scaling
+    state = state if state else empty_ring_state(q, k, v, fk, window)
+    position = state["at"][0]
+    row, oldest = position % window, ((position + 1) % window).view(1)
+    real = True if key_mask is None else key_mask.bool()[:, None]
+    keys, values, features, mask = (written(state[name], row, new) for name, new in (("k", k), ("v", v), ("fk", fk), ("mask", real)))
+    # A decode step on the CPU is bound by its number of operations, not their size: every product below is one bmm
+    # over the (B * Hkv) kv heads, every per-head weight a broadcast view, and each sum of two products one addcmul.
+    g, rows = h // hkv, b * hkv
+    scores = torch.bmm(q.reshape(rows, g, d).to(acc), keys.to(acc).view(rows, window, d).mT) * scaling
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    scores = torch.where(mask.view(b, 1, 1, width), scores.view(b, hkv, g, width), float("-inf"))
+    scores = torch.where(mask.view(b, hkv, 1, window), scores.view(b, hkv, g, window), float("-inf"))
     # A query whose window holds no real key has every score at -inf, and weight 0 for all of them.
     peak = scores.amax(-1, keepdim=True).clamp_min(torch.finfo(acc).min)
     smw, lnw = (w.to(acc).view(hkv, g, 1) if torch.is_tensor(w) else w for w in (sm_weight, ln_weight))
@@ -402,13 +459,14 @@ def decode_window_linear(
     fqg = fq.reshape(rows, g, -1).to(acc)
     linear = torch.bmm(fqg, S.view(rows, *S.shape[2:])).view(b, hkv, g, -1)
     linear_mass = torch.bmm(fqg, z.view(rows, -1, 1)).view(b, hkv, g, 1)
-    num = torch.bmm(a.view(rows, g, width), values.to(acc).view(rows, width, -1)).view(b, hkv, g, -1)
+    num = torch.bmm(a.view(rows, g, window), values.to(acc).view(rows, window, -1)).view(b, hkv, g, -1)
     num, den = (torch.addcmul(x, lnw, y) if torch.is_tensor(lnw) else x + lnw * y
                 for x, y in ((num, linear), (a.sum(-1, keepdim=True), linear_mass)))
     o = (num / den.clamp_min(1e-30)).view(b, h, 1, -1).to(v.dtype)
     # The oldest key leaves the window for the next step (a pad adds nothing).
-    old = features[:, :, 0].to(acc) * mask[:, :1].view(b, 1, 1)
+    old = features.index_select(2, oldest)[:, :, 0].to(acc) * mask.index_select(2, oldest)
     if decay is not None:  # the sums fade by one token for the next query
         S, z = S * decay.to(acc)[None, :, None, None], z * decay.to(acc)[None, :, None]
-    S = torch.addcmul(S, old[..., None], values[:, :, :1].to(acc))  # a rank-one write: a broadcast multiply-add
-    return o, {"S": S, "z": z + old, **window_tail(window - 1, mask, k=keys, v=values, fk=features)}
+    S = torch.addcmul(S, old[..., None], values.index_select(2, oldest).to(acc))  # a rank-one write: a broadcast multiply-add
+    state = {"S": S, "z": z + old, "k": keys, "v": values, "fk": features, "mask": mask, "at": state["at"] + 1}
+    return o, state

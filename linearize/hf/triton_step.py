@@ -27,24 +27,24 @@ all of a layer's step that follows the teacher's q/k/v projections in one kernel
 - `hedgehog_swa_step`: RoPE on q and k, the Hedgehog feature maps [softmax(xW + b), softmax(-(xW + b))] of the rotated
   q (per query head) and k (per kv head) (with `linear_rope` off, of the unrotated ones), and the window's softmax and
   the linear part under one normaliser, (sum_w a_w v_w + (1 - s) fq S) / (sum_w a_w + (1 - s) fq z) with
-  a = s exp(score - peak); then, with a decay, S and z fade by it, the oldest cached key
-  leaves the window into the float32 S (B, Hkv, 2F, D) and z (B, Hkv, 2F) (a pad's adds nothing), and the caches of
-  keys, values and feature-mapped keys (B, Hkv, window - 1, 2F, float32) move on, in place. Its output at a pad is
-  not zeroed (nor on the PyTorch path);
-- `hedgehog_swa_kept_step`: the same with kept keys (option `keep`) in `ops_kept`'s layout: every row (the kept keys
-  and the ring, the current key in its ring row) scored under the one normaliser with the sums, which a step leaves as
-  they are, then the current key, value, feature-mapped key and mask written into their row of the ring; the
-  decision every keep_block steps is `ops_kept.decide_block`'s, in PyTorch.
-The two `hedgehog_swa` steps split their rows across programs (flash decoding): a window's (LoLCATs': 256) and the
-current key, or with kept keys N kept keys and window + 63 more (831 at N = 512, window 256). `_partial_kernel` runs one
-program per (sequence, query head, chunk of `WINDOW_CHUNK` elements' rows), each an online softmax's peak,
-normaliser and weighted values of its chunk; `_combine_kernel`, one per (sequence, kv head), combines them with the
-linear part and then writes the ring's row, or moves the window on (the oldest key into the sums, the caches one row
-on). One program per kv head scoring every row (their form until the forty-fourth and forty-fifth sessions) ran 3
-programs at batch 1 on 132 SMs, each through its 3 query heads' rows one after another. Compiled for sm_90 (bf16,
-Triton 3.9's ptxas) at SmolLM2's shape, window 64 or 256, and 512 kept keys: 128 to 142 registers a thread (4 and 8
-warps), no spill; at head dim 128 (32 heads, 8 kv heads) 113 to 190, and 255 with 128 features, the window's combine
-then spilling 76 bytes.
+  a = s exp(score - peak). The window is a ring of `window` rows per kv head (`ops_window.ring_state`), the current
+  key scored in its row: then, with a decay, S and z fade by it, the window's oldest key (the next row) leaves into
+  the float32 S (B, Hkv, 2F, D) and z (B, Hkv, 2F) (a pad's adds nothing), and the current key, value,
+  feature-mapped key (float32) and mask are written into their row, in place: one row read and one written where
+  the window's caches used to move on a row (the largest kernel of a compiled step at 2K, H100, forty-fifth
+  session). Its output at a pad is not zeroed (nor on the PyTorch path). With kept keys (option `keep`), the same
+  step in `ops_kept`'s layout: every row (the kept keys and the ring) scored under the one normaliser with the sums,
+  which a step leaves as they are, and the current key written into its row of the ring; the decision every
+  keep_block steps is `ops_kept.decide_block`'s, in PyTorch.
+The step splits its rows across programs (flash decoding): a window's (LoLCATs': 256), or with kept keys N kept keys
+and window + 63 more (831 at N = 512, window 256). `_partial_kernel` runs one program per (sequence, query head,
+chunk of `WINDOW_CHUNK` elements' rows), each an online softmax's peak, normaliser and weighted values of its chunk;
+`_combine_kernel`, one per (sequence, kv head), combines them with the linear part, then folds the oldest key and
+writes the ring's row. One program per kv head scoring every row (the form until the forty-fourth and forty-fifth
+sessions) ran 3 programs at batch 1 on 132 SMs, each through its 3 query heads' rows one after another. Compiled
+for sm_90 (bf16, Triton 3.9's ptxas) at SmolLM2's shape, window 64 or 256, and 512 kept keys: 128 to 142 registers a
+thread (4 and 8 warps), no spill; at head dim 128 (32 heads, 8 kv heads) 113 to 190, and 255 with 128 features, the
+window's combine then spilling 76 bytes (forty-fifth session, before the ring).
 And for the first three, with a window: RoPE on the unconvolved q and k, the window's one-query softmax over its cached
 keys and the current one (the mask, the teacher's scaling, its softcap where it has one), the window cache
 (B, Hkv, window - 1, D) shifted in place, and the share mix s * window + (1 - s) * linear heads, with
@@ -69,8 +69,8 @@ dim 16,384 (`MAX_WINDOW_TILE`) 0.4 KB (gated_deltanet), 0.9 to 2.2 KB (gla, mamb
 holds the window's keys and values whole). The gla kernel keeps its state's last column as a vector beside the D x D values, so it holds no tile D + 1
 columns wide (a power of two: twice the registers).
 
-The kernels share their window, RoPE and rounding (`_window_rows`, `_shifted`, `_scores`, `_rotated`, `_rounded`)
-and their launch (`_launch`; `hedgehog_swa`'s, `_split_window`); each rule is its own kernel (`hedgehog_swa`'s two),
+The kernels share their window, RoPE and rounding (`_window_tile`, `_shifted`, `_scores`, `_rotated`, `_rounded`)
+and their launch (`_launch`; `hedgehog_swa`'s its own); each rule is its own kernel (`hedgehog_swa`'s two),
 its own function and its own custom op.
 
 Arithmetic is float32; the rotated q and k and the window's heads are rounded to the input dtype where the PyTorch
@@ -364,73 +364,38 @@ def _hedgehog(
 def _hedgehog_swa(
     q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor], sin: Optional[Tensor], real: Optional[Tensor],
     q_weight: Tensor, q_bias: Tensor, k_weight: Tensor, k_bias: Tensor, window_logit: Tensor, S: Tensor, z: Tensor,
-    window_k: Tensor, window_v: Tensor, window_fk: Tensor, window_mask: Tensor, scaling: float, softcap: Optional[float],
-    decay_logit: Optional[Tensor], linear_rope: bool,
+    keys: Tensor, values: Tensor, features: Tensor, mask: Tensor, at: Tensor, kept: int, scaling: float,
+    softcap: Optional[float], decay_logit: Optional[Tensor], linear_rope: bool,
 ) -> Tensor:
-    """The heads (B, H, 1, D) in q's dtype of one `hedgehog_swa` decode step (module docstring); updates S
-    (B, Hkv, 2F, D) and z (B, Hkv, 2F), contiguous float32, the feature-mapped keys window_fk (B, Hkv, window - 1, 2F),
-    float32, and the window (`_launch`) in place. q_weight (H, D, F), q_bias (H, 1, F): the query heads' feature maps;
-    k_weight, k_bias: the kv heads'; decay_logit (Hkv,) or None: S and z fade by its sigmoid before the oldest key
-    joins them; linear_rope: the feature maps read the rotated q and k (else the unrotated). Three launches: the
-    window's rows split (`_split_window`), then the mask's shift (`_shift_window_mask`)."""
-    out = _split_window(
-        q, k, v, cos, sin, real, q_weight, q_bias, k_weight, k_bias, window_logit, S, z, window_k, window_v, window_fk,
-        window_mask, scaling, softcap, linear_rope, decay_logit=decay_logit,
-    )
-    if window_k.shape[2] > 0:
-        _shift_window_mask(window_mask, q, real, _strides(k, v, cos, real)[-1])
-    return out
-
-
-def _hedgehog_swa_kept(
-    q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor], sin: Optional[Tensor], real: Optional[Tensor],
-    q_weight: Tensor, q_bias: Tensor, k_weight: Tensor, k_bias: Tensor, window_logit: Tensor, S: Tensor, z: Tensor,
-    keys: Tensor, values: Tensor, features: Tensor, mask: Tensor, at: Tensor, kept: int, scaling: float, softcap: Optional[float],
-    linear_rope: bool,
-) -> Tensor:
-    """The heads (B, H, 1, D) in q's dtype of one decode step of `hedgehog_swa` with kept keys (module docstring), in
-    `ops_kept`'s layout with `kept` kept keys: writes the current key, value, feature-mapped key and mask into the
-    ring's row of position `at` (B,), int64, on the device (row kept + at mod the ring's length, read there, so a
-    captured step serves every position), of keys, values (B, Hkv, P, D) in q's dtype, features (B, Hkv, P, 2F),
-    float32, and mask (B, Hkv, P), in place, and reads S (B, Hkv, 2F, D) and z (B, Hkv, 2F), float32. The block's
-    decision, every keep_block steps, is `ops_kept`'s. Two launches (`_split_window`)."""
-    return _split_window(
-        q, k, v, cos, sin, real, q_weight, q_bias, k_weight, k_bias, window_logit, S, z, keys, values, features, mask,
-        scaling, softcap, linear_rope, at=at, kept=kept,
-    )
-
-
-def _split_window(
-    q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor], sin: Optional[Tensor], real: Optional[Tensor],
-    q_weight: Tensor, q_bias: Tensor, k_weight: Tensor, k_bias: Tensor, window_logit: Tensor, S: Tensor, z: Tensor,
-    keys: Tensor, values: Tensor, features: Tensor, mask: Tensor, scaling: float, softcap: Optional[float],
-    linear_rope: bool, decay_logit: Optional[Tensor] = None, at: Optional[Tensor] = None, kept: int = 0,
-) -> Tensor:
-    """A `hedgehog_swa` step with its rows split across programs (flash decoding): `_partial_kernel`, one program per
-    (sequence, query head, chunk of rows), then `_combine_kernel`, one per (sequence, kv head). With `at`, the rows are
-    a kept-key state's (`_hedgehog_swa_kept`): (B, Hkv, P, .) keys, values, features and mask, P of them. Without, a
-    window's (`_hedgehog_swa`): its keys, values and feature-mapped keys (B, Hkv, window - 1, .), its mask
-    (B, window - 1), and the current key in row window - 1."""
+    """The heads (B, H, 1, D) in q's dtype of one `hedgehog_swa` decode step (module docstring), on its ring: with
+    `kept` kept keys `ops_kept`'s layout, else the window's ring (`ops_window.ring_state`). Writes the current key,
+    value, feature-mapped key and mask into the ring's row of position `at` (B,), int64, on the device (row
+    kept + at mod the ring's length, read there, so a captured step serves every position), of keys, values
+    (B, Hkv, P, D) in q's dtype, features (B, Hkv, P, 2F), float32, and mask (B, Hkv, P), in place; without kept keys
+    S (B, Hkv, 2F, D) and z (B, Hkv, 2F), float32, then take the window's oldest key in place, faded first by
+    sigmoid(decay_logit) (Hkv,) where given. q_weight (H, D, F), q_bias (H, 1, F): the query heads' feature maps;
+    k_weight, k_bias: the kv heads'; linear_rope: the feature maps read the rotated q and k (else the unrotated). Kept
+    keys' decision, every keep_block steps, is `ops_kept`'s. Two launches: the rows split across programs (flash
+    decoding), `_partial_kernel`, one program per (sequence, query head, chunk of rows), then `_combine_kernel`, one
+    per (sequence, kv head)."""
     batch, heads, _, dim = q.shape
-    ring = at is not None
-    rows = keys.shape[2] + (0 if ring else 1)
+    rows = keys.shape[2]
     chunk = min(triton.next_power_of_2(rows), max(WINDOW_CHUNK // triton.next_power_of_2(dim), 1))
     splits, feature_dim = triton.cdiv(rows, chunk), q_weight.shape[-1]
-    shapes = dict(**_shapes(q, k, cos, real), ROWS=rows, SPLITS=splits, RING=ring, CHUNK=chunk)
+    shapes = dict(**_shapes(q, k, cos, real), ROWS=rows, SPLITS=splits, CHUNK=chunk)
     partial = torch.empty((batch, heads, splits, shapes["BLOCK_DIM"] + 2), dtype=torch.float32, device=q.device)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     given = functools.partial(_given, q)
     shared = (q, k, v, given(cos), given(sin), given(real), keys, values, mask, partial)
     strides = (q.stride(0), q.stride(1), *_strides(k, v, cos, real))
     _partial_kernel[(batch, heads, splits)](
-        *shared, *strides, scaling, 1.0 if softcap is None else softcap, given(at), kept,
-        SOFTCAP=softcap is not None, **shapes, num_warps=4,
+        *shared, *strides, scaling, 1.0 if softcap is None else softcap, at, kept, SOFTCAP=softcap is not None, **shapes, num_warps=4,
     )
     _combine_kernel[(batch, k.shape[1])](
         *shared, out, *strides, features, q_weight, q_bias, k_weight, k_bias, window_logit, S, z, given(decay_logit),
-        given(at), kept, FEATURES=feature_dim, BLOCK_FEATURES=triton.next_power_of_2(feature_dim),
-        LINEAR_ROPE=linear_rope, HAS_DECAY=decay_logit is not None, BLOCK_SPLITS=triton.next_power_of_2(splits), **shapes,
-        num_warps=8,
+        at, kept, FEATURES=feature_dim, BLOCK_FEATURES=triton.next_power_of_2(feature_dim),
+        LINEAR_ROPE=linear_rope, HAS_DECAY=decay_logit is not None, FOLD=kept == 0, BLOCK_SPLITS=triton.next_power_of_2(splits),
+        **shapes, num_warps=8,
     )
     return out
 
@@ -596,19 +561,10 @@ if TRITON_PROBLEM is None:
         return tl.where(rows == KEEP, keep, seen)
 
     @triton.jit
-    def _window_rows(
-        window_k, window_v, window_mask, k_now, v_now, keep, b, j, d, in_d, start,
-        KV_HEADS: tl.constexpr, DIM: tl.constexpr, KEEP: tl.constexpr, ROWS: tl.constexpr,
-    ):
-        """A window's rows (`_window_tile`) and which of them are real tokens (`_seen`)."""
-        rows, tile, keys, values = _window_tile(window_k, window_v, k_now, v_now, b, j, d, in_d, start, KV_HEADS, DIM, KEEP, ROWS)
-        return rows, tile, keys, values, _seen(window_mask, keep, b, rows, KEEP)
-
-    @triton.jit
     def _ring_rows(keys, values, mask, k_now, v_now, keep, head, row, d, in_d, start, DIM: tl.constexpr, ROWS: tl.constexpr, CHUNK: tl.constexpr):
-        """Rows start .. start + CHUNK of kv head `head`'s ROWS rows in `ops_kept`'s layout (kept keys, then the ring),
-        as `_window_rows` gives a window's, with the current key and value (k_now, v_now, real where `keep`) in row `row`
-        in place of what the cache holds there."""
+        """Rows start .. start + CHUNK of kv head `head`'s ROWS rows in a ring layout (`ops_kept`'s: kept keys, then the
+        ring; or `ops_window.ring_state`'s, the ring alone), as `_window_tile` gives a window's, with the current key and
+        value (k_now, v_now, real where `keep`) in row `row` in place of what the cache holds there."""
         rows = start + tl.arange(0, CHUNK)
         tile = (head * ROWS + rows)[:, None] * DIM + d[None, :]
         in_tile = (rows < ROWS)[:, None] & in_d[None, :]
@@ -986,12 +942,10 @@ if TRITON_PROBLEM is None:
         stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_cos, stride_real, scaling, softcap, at, kept,
         HEADS: tl.constexpr, KV_HEADS: tl.constexpr, DIM: tl.constexpr, ROWS: tl.constexpr, ROT: tl.constexpr,
         BLOCK_DIM: tl.constexpr, HAS_REAL: tl.constexpr, SOFTCAP: tl.constexpr, CHUNK: tl.constexpr, SPLITS: tl.constexpr,
-        RING: tl.constexpr,
     ):
-        """Program (b, h, s): query head h of sequence b over rows s CHUNK .. (s + 1) CHUNK of its kv head's ROWS rows:
-        with RING, in `ops_kept`'s layout (`kept` kept keys, then the ring), the current key and value in the ring's row
-        of position at[b]; else a window's, its ROWS - 1 cached rows then the current key and value. The current ones
-        come from registers (the combining launch stores them after). Its softmax's peak, normaliser and weighted
+        """Program (b, h, s): query head h of sequence b over rows s CHUNK .. (s + 1) CHUNK of its kv head's ROWS rows
+        in the ring layout (`kept` kept keys, then the ring), the current key and value in the ring's row of position
+        at[b], from registers (the combining launch stores them after). Its softmax's peak, normaliser and weighted
         values (`_partial_sums`) go into partial (B, H, SPLITS, BLOCK_DIM + 2), the values then the peak and the
         normaliser. It writes nothing else, so the programs of a kv head's rows run at once."""
         b, j, d, in_d, keep, k_ptr, _, v_now = _program(
@@ -1002,15 +956,10 @@ if TRITON_PROBLEM is None:
         cos_row, sin_row = cos + b * stride_cos, sin + b * stride_cos
         k_now = _rotated(k_ptr, cos_row, sin_row, d, in_d, ROT)
         q_now = _rotated(q + b * stride_qb + h * stride_qh, cos_row, sin_row, d, in_d, ROT)
-        if RING:
-            row = kept + tl.load(at + b) % (ROWS - kept)
-            _, _, tile_keys, tile_values, seen = _ring_rows(
-                keys, values, mask, k_now, v_now, keep, b * KV_HEADS + j, row, d, in_d, split * CHUNK, DIM, ROWS, CHUNK
-            )
-        else:
-            _, _, tile_keys, tile_values, seen = _window_rows(
-                keys, values, mask, k_now, v_now, keep, b, j, d, in_d, split * CHUNK, KV_HEADS, DIM, ROWS - 1, CHUNK
-            )
+        row = kept + tl.load(at + b) % (ROWS - kept)
+        _, _, tile_keys, tile_values, seen = _ring_rows(
+            keys, values, mask, k_now, v_now, keep, b * KV_HEADS + j, row, d, in_d, split * CHUNK, DIM, ROWS, CHUNK
+        )
         scores = _scores(tile_keys, q_now, seen, _float32(scaling), _float32(softcap), SOFTCAP)
         peak, total, mean = _partial_sums(scores, seen, tile_values)
         base = partial + ((b * HEADS + h) * SPLITS + split) * (BLOCK_DIM + 2)
@@ -1025,14 +974,14 @@ if TRITON_PROBLEM is None:
         features, q_weight, q_bias, k_weight, k_bias, window_logit, S, z, decay_logit, at, kept,
         HEADS: tl.constexpr, KV_HEADS: tl.constexpr, DIM: tl.constexpr, ROWS: tl.constexpr, ROT: tl.constexpr,
         BLOCK_DIM: tl.constexpr, HAS_REAL: tl.constexpr, FEATURES: tl.constexpr, BLOCK_FEATURES: tl.constexpr,
-        LINEAR_ROPE: tl.constexpr, SPLITS: tl.constexpr, BLOCK_SPLITS: tl.constexpr, RING: tl.constexpr,
-        CHUNK: tl.constexpr, HAS_DECAY: tl.constexpr,
+        LINEAR_ROPE: tl.constexpr, SPLITS: tl.constexpr, BLOCK_SPLITS: tl.constexpr, CHUNK: tl.constexpr,
+        HAS_DECAY: tl.constexpr, FOLD: tl.constexpr,
     ):
         """Program (b, j): sequence b and kv head j. Each of its query heads' output from `_partial_kernel`'s partial
-        sums (their peaks' largest the rows' peak) and its linear part, under one normaliser. Then, with RING, the
-        current key, value, feature-mapped key and mask into the ring's row of position at[b] (the sums stay as they
-        are: a ring's keys never leave into them); else the window's oldest key into the sums and its caches one row
-        on (`_folded_and_shifted`). The partial programs read the current key from registers."""
+        sums (their peaks' largest the rows' peak) and its linear part, under one normaliser. Then, with FOLD (a window's
+        ring, no kept keys), the window's oldest key into the sums (`_folded`); and the current key, value,
+        feature-mapped key and mask into the ring's row of position at[b], which the partial programs read from
+        registers."""
         b, j, d, in_d, keep, v_now, cos_row, sin_row, f, in_f, k_now, fk_pos, fk_neg = _hedgehog_program(
             k, v, real, cos, sin, k_weight, k_bias, stride_kb, stride_kh, stride_vb, stride_vh, stride_cos, stride_real,
             DIM, BLOCK_DIM, HAS_REAL, ROT, FEATURES, BLOCK_FEATURES, LINEAR_ROPE,
@@ -1056,35 +1005,34 @@ if TRITON_PROBLEM is None:
             total = tl.sum(rescale * tl.load(base + BLOCK_DIM + 1, mask=in_splits, other=0.0), 0)
             mean = tl.sum(rescale[:, None] * tl.load(base[:, None] + d[None, :], mask=in_splits[:, None], other=0.0), 0)
             _store(out, _one_normaliser(share, num, den, mean, total), b, h, d, in_d, HEADS, DIM)
-        if RING:
-            written = head * ROWS + kept + tl.load(at + b) % (ROWS - kept)
-            tl.store(keys + written * DIM + d, k_now.to(keys.dtype.element_ty), mask=in_d)
-            tl.store(values + written * DIM + d, v_now.to(values.dtype.element_ty), mask=in_d)
-            tl.store(features + written * WIDTH + f, fk_pos, mask=in_f)
-            tl.store(features + written * WIDTH + FEATURES + f, fk_neg, mask=in_f)
-            tl.store(mask + written, keep)
-        else:
-            _folded_and_shifted(
-                keys, values, mask, features, decay_logit, k_now, v_now, fk_pos, fk_neg, keep, b, j, head, state, square,
-                sums, d, in_d, f, in_f, KV_HEADS, DIM, ROWS - 1, FEATURES, CHUNK, HAS_DECAY,
+        position = tl.load(at + b)
+        if FOLD:
+            _folded(
+                values, mask, features, decay_logit, v_now, fk_pos, fk_neg, keep, j, head, position, state, square, sums,
+                d, in_d, f, in_f, DIM, ROWS, FEATURES, HAS_DECAY,
             )
+        written = head * ROWS + kept + position % (ROWS - kept)
+        tl.store(keys + written * DIM + d, k_now.to(keys.dtype.element_ty), mask=in_d)
+        tl.store(values + written * DIM + d, v_now.to(values.dtype.element_ty), mask=in_d)
+        tl.store(features + written * WIDTH + f, fk_pos, mask=in_f)
+        tl.store(features + written * WIDTH + FEATURES + f, fk_neg, mask=in_f)
+        tl.store(mask + written, keep)
 
     @triton.jit
-    def _folded_and_shifted(
-        window_k, window_v, window_mask, window_fk, decay_logit, k_now, v_now, fk_pos, fk_neg, keep, b, j, head, state, square,
-        sums, d, in_d, f, in_f, KV_HEADS: tl.constexpr, DIM: tl.constexpr, KEEP: tl.constexpr, FEATURES: tl.constexpr,
-        CHUNK: tl.constexpr, HAS_DECAY: tl.constexpr,
+    def _folded(
+        values, mask, features, decay_logit, v_now, fk_pos, fk_neg, keep, j, head, position, state, square, sums,
+        d, in_d, f, in_f, DIM: tl.constexpr, ROWS: tl.constexpr, FEATURES: tl.constexpr, HAS_DECAY: tl.constexpr,
     ):
-        """After every query head of a `hedgehog_swa` step has read them: the sums fade (with a decay) and take the
-        window's oldest key, and the window's caches move one row on, the current key last."""
+        """After every query head of a window's step has read them: the sums fade (with a decay) and take the window's
+        oldest key, kv head `head`'s row of position + 1 in its ring of ROWS (a pad's adds nothing; with one row, the
+        current key). The row is the one the next step writes; the current key's row this one writes after."""
         WIDTH: tl.constexpr = 2 * FEATURES
-        # The oldest key leaves the window into S and z (a pad adds nothing): the cache's first row, or with no cache
-        # (window 1) the current key.
-        if KEEP > 0:
-            old = tl.load(window_mask + b * KEEP) != 0
-            old_pos = tl.load(window_fk + head * KEEP * WIDTH + f, mask=in_f, other=0.0)
-            old_neg = tl.load(window_fk + head * KEEP * WIDTH + FEATURES + f, mask=in_f, other=0.0)
-            v_old = tl.load(window_v + head * KEEP * DIM + d, mask=in_d, other=0.0).to(tl.float32)
+        if ROWS > 1:
+            oldest = head * ROWS + (position + 1) % ROWS
+            old = tl.load(mask + oldest) != 0
+            old_pos = tl.load(features + oldest * WIDTH + f, mask=in_f, other=0.0)
+            old_neg = tl.load(features + oldest * WIDTH + FEATURES + f, mask=in_f, other=0.0)
+            v_old = tl.load(values + oldest * DIM + d, mask=in_d, other=0.0).to(tl.float32)
         else:
             old = keep
             old_pos, old_neg, v_old = fk_pos, fk_neg, v_now
@@ -1096,22 +1044,6 @@ if TRITON_PROBLEM is None:
         tl.store(state + FEATURES * DIM, fade * tl.load(state + FEATURES * DIM, mask=square, other=0.0) + old_neg[:, None] * v_old[None, :], mask=square)
         tl.store(sums, fade * tl.load(sums, mask=in_f, other=0.0) + old_pos, mask=in_f)
         tl.store(sums + FEATURES, fade * tl.load(sums + FEATURES, mask=in_f, other=0.0) + old_neg, mask=in_f)
-        # The caches one row on, a chunk at a time from the first: a chunk's stores reach one row into the chunk before,
-        # which is read already.
-        for start in range(0, KEEP + 1, CHUNK):
-            rows, tile, keys, values, _seen = _window_rows(
-                window_k, window_v, window_mask, k_now, v_now, keep, b, j, d, in_d, start, KV_HEADS, DIM, KEEP, CHUNK
-            )
-            features = head * KEEP * WIDTH + rows[:, None] * WIDTH + f[None, :]
-            cached = (rows < KEEP)[:, None] & in_f[None, :]
-            current = rows[:, None] == KEEP
-            pos = tl.where(current, fk_pos[None, :], tl.load(window_fk + features, mask=cached, other=0.0))
-            neg = tl.where(current, fk_neg[None, :], tl.load(window_fk + features + FEATURES, mask=cached, other=0.0))
-            tl.debug_barrier()  # every row this chunk moves, and the state's read above, is read before any is overwritten
-            _shifted(window_k, tile, keys, rows, in_d, KEEP, DIM)
-            _shifted(window_v, tile, values, rows, in_d, KEEP, DIM)
-            _shifted(window_fk, features, pos, rows, in_f, KEEP, WIDTH)
-            _shifted(window_fk, features + FEATURES, neg, rows, in_f, KEEP, WIDTH)
 
     @triton.jit
     def _hedgehog_kernel(
@@ -1210,11 +1142,10 @@ if TRITON_PROBLEM is None:
     OPS["mamba2"], mamba2_step = _registered(_mamba2, {"ssm", *WINDOW_CACHE}, _heads(_mamba2))
     OPS["hedgehog"], hedgehog_step = _registered(_hedgehog, {"S"}, _heads(_hedgehog))
     OPS["bamba_mamba2"], bamba_mamba2_step = _registered(_bamba_mamba2, {"conv", "ssm"}, _heads(_bamba_mamba2))
-    OPS["hedgehog_swa"], hedgehog_swa_step = _registered(_hedgehog_swa, {"S", "z", "window_fk", *WINDOW_CACHE}, _heads(_hedgehog_swa))
-    # With kept keys, beside the mixers' ops (a compiled static-cache step calls it; the decisions follow the step).
-    KEPT_OP, hedgehog_swa_kept_step = _registered(_hedgehog_swa_kept, {"keys", "values", "features", "mask"}, _heads(_hedgehog_swa_kept))
+    OPS["hedgehog_swa"], hedgehog_swa_step = _registered(
+        _hedgehog_swa, {"S", "z", "keys", "values", "features", "mask"}, _heads(_hedgehog_swa)
+    )
 
 else:
-    OPS, KEPT_OP = {}, None
+    OPS = {}
     gated_deltanet_step = qwen3_5_gdn_step = gla_step = mamba2_step = bamba_mamba2_step = hedgehog_step = hedgehog_swa_step = None
-    hedgehog_swa_kept_step = None
