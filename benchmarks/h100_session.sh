@@ -59,6 +59,9 @@
 #   bash benchmarks/h100_session.sh delta_bench  # (after solo, still warm) carry .gguf2 and a folder of collect's
 #                                             # delta-NAME.tgz (DELTAS): `linearize bench` of those students beside the
 #                                             # GGUF teacher, eager and with --compile (BENCH, COMPILED, BENCH_S, KEEPS)
+#   bash benchmarks/h100_session.sh before_after  # (after solo, still warm) carry .gguf2, DELTAS' folder and BEFORE (an older
+#                                             # linearize): plain generate() of those students (KEEPS) beside the teacher
+#                                             # with this tree's code, then BEFORE's, then a profile at TRACE's length
 #   bash benchmarks/h100_session.sh delta_serve  # (after delta_bench, still warm) plain generate() of its students beside
 #                                             # the GGUF teacher, dynamic and static cache (SERVING, SERVING_S)
 #   bash benchmarks/h100_session.sh variants  # (after join, as DETACH=variants) quality runs at once on one GPU, one per
@@ -295,6 +298,38 @@ delta_bench)  # (after solo, still warm; carry .gguf2 and the folder of DELTAS, 
     timeout "${BENCH_S:-270}" python3 cli.py bench /tmp/smollm2.gguf $students --no-teacher --device cuda --compile ${COMPILED:-$bench} \
       --out "$OUT/bench_compiled.json" > "$OUT/bench_compiled.log" 2>&1
     echo "exit $?" >> "$OUT/bench_compiled.log"
+  fi
+  ;;
+before_after)  # (after solo, still warm; carry .gguf2, the folder of DELTAS and BEFORE, a folder holding an older
+  # `linearize` package, e.g. `mkdir -p runs/old && git archive REV linearize | tar -x -C runs/old`) the students of
+  # DELTAS rebuilt with every keep in KEEPS (as delta_bench, no bench), then plain generate() of them beside the GGUF
+  # teacher (serving_speed.py, SERVING's arguments, SERVING_S) with this tree's linearize, then with BEFORE's first on
+  # PYTHONPATH (each its own teacher: ratios are read within a process), then with TRACE (a length) a profile of
+  # those students' compiled steps at that length with this tree's
+  join || exit 1
+  students=""
+  for delta in $DELTAS; do
+    name=$(basename "$delta" .tgz)
+    mkdir -p "/tmp/$name" && tar xzf "$delta" -C "/tmp/$name"
+    python3 benchmarks/student_delta.py load --teacher /tmp/smollm2.gguf --delta "/tmp/$name" --out "/tmp/students/$name" >> "$OUT/delta_load.log" 2>&1
+    for keep in ${KEEPS:-}; do
+      python3 cli.py set-options "/tmp/students/$name" --out "/tmp/students/$name-keep$keep" --option keep=$keep --overwrite >> "$OUT/delta_load.log" 2>&1
+      students="$students,/tmp/students/$name-keep$keep"
+    done
+  done
+  students=${students#,}
+  serving="${SERVING:---lengths 2048,32768 --new-tokens 64 --repeats 2 --caches static --bandwidth 3.35e12}"
+  for side in after before; do
+    path=/tmp/site:$PWD
+    [ $side = after ] || path=/tmp/site:$BEFORE:$PWD
+    PYTHONPATH=$path timeout "${SERVING_S:-240}" python3 benchmarks/serving_speed.py --students "$students" --teacher /tmp/smollm2.gguf \
+      --device cuda $serving --out "$OUT/serving_$side.jsonl" > "$OUT/serving_$side.log" 2>&1
+    echo "exit $?" >> "$OUT/serving_$side.log"
+  done
+  if [ -n "${TRACE:-}" ]; then
+    timeout 150 python3 benchmarks/serving_speed.py --students "$students" --teacher /tmp/smollm2.gguf --device cuda \
+      --lengths "$TRACE" --new-tokens 64 --repeats 1 --caches static --trace "$OUT/trace" --out "$OUT/serving_trace.jsonl" > "$OUT/serving_trace.log" 2>&1
+    echo "exit $?" >> "$OUT/serving_trace.log"
   fi
   ;;
 delta_serve)  # (after delta_bench, still warm) plain generate() of the students delta_bench rebuilt beside the GGUF
