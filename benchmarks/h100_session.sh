@@ -196,6 +196,22 @@ join() {  # the GGUF from the first half (in /tmp since an earlier call) and the
   if [ -f corpus.tgz ]; then mkdir -p /tmp/corpus && tar xzf corpus.tgz -C /tmp/corpus --strip-components=1; elif [ -d corpus ]; then cp -r corpus /tmp/corpus; fi
 }
 
+rebuild() {  # rebuild all|keeps: the students of DELTAS (collect's delta-NAME.tgz files) rebuilt beside the joined GGUF
+  # (student_delta.py load), and a copy of each with every keep in KEEPS (set-options keep=N); `students` lists their
+  # folders, space-separated: with `all` each rebuilt student and its copies, with `keeps` the copies alone
+  students=""
+  for delta in $DELTAS; do
+    name=$(basename "$delta" .tgz)
+    mkdir -p "/tmp/$name" && tar xzf "$delta" -C "/tmp/$name"
+    python3 benchmarks/student_delta.py load --teacher /tmp/smollm2.gguf --delta "/tmp/$name" --out "/tmp/students/$name" >> "$OUT/delta_load.log" 2>&1
+    [ "$1" = keeps ] || students="$students /tmp/students/$name"
+    for keep in ${KEEPS:-}; do
+      python3 cli.py set-options "/tmp/students/$name" --out "/tmp/students/$name-keep$keep" --option keep=$keep --overwrite >> "$OUT/delta_load.log" 2>&1
+      students="$students /tmp/students/$name-keep$keep"
+    done
+  done
+}
+
 case "$1" in
 solo)  # (nvidia-h200, one GPU) first's carry and set-up, then SERVE (as first), WARM, the GPU tests TESTS,
   # prefill_parts.py (PARTS: its arguments) and train_speed.py (SPEED, each within SPEED_S), each if given, one after another
@@ -276,21 +292,10 @@ batch)  # (after students, still warm) `linearize bench` of the GGUF teacher and
   echo "exit $?" >> "$OUT/batch.log"
   ;;
 delta_bench)  # (after solo, still warm; carry .gguf2 and the folder of DELTAS, e.g. runs/keepbench) each student in
-  # DELTAS (collect's delta-NAME.tgz files) rebuilt beside the joined GGUF (student_delta.py load), and a copy of each
-  # with every keep in KEEPS (e.g. "0 512": set-options keep=N), then `linearize bench` of the GGUF teacher and the students, eager with
+  # DELTAS and a copy of each with every keep in KEEPS (e.g. "0 512"; `rebuild`), then `linearize bench` of the GGUF teacher and the students, eager with
   # BENCH's arguments and with --compile (COMPILED: its arguments, or none), within BENCH_S each
   join || exit 1
-  students=""
-  for delta in $DELTAS; do
-    name=$(basename "$delta" .tgz)
-    mkdir -p "/tmp/$name" && tar xzf "$delta" -C "/tmp/$name"
-    python3 benchmarks/student_delta.py load --teacher /tmp/smollm2.gguf --delta "/tmp/$name" --out "/tmp/students/$name" >> "$OUT/delta_load.log" 2>&1
-    students="$students /tmp/students/$name"
-    for keep in ${KEEPS:-}; do
-      python3 cli.py set-options "/tmp/students/$name" --out "/tmp/students/$name-keep$keep" --option keep=$keep --overwrite >> "$OUT/delta_load.log" 2>&1
-      students="$students /tmp/students/$name-keep$keep"
-    done
-  done
+  rebuild all
   bench="${BENCH:---lengths 2048,8128,32768 --decode-tokens 64 --repeats 2 --allow-longer}"
   timeout "${BENCH_S:-270}" python3 cli.py bench /tmp/smollm2.gguf $students --no-teacher --device cuda $bench --out "$OUT/bench.json" > "$OUT/bench.log" 2>&1
   echo "exit $?" >> "$OUT/bench.log"
@@ -301,23 +306,14 @@ delta_bench)  # (after solo, still warm; carry .gguf2 and the folder of DELTAS, 
   fi
   ;;
 before_after)  # (after solo, still warm; carry .gguf2, the folder of DELTAS and BEFORE, a folder holding an older
-  # `linearize` package, e.g. `mkdir -p runs/old && git archive REV linearize | tar -x -C runs/old`) the students of
-  # DELTAS rebuilt with every keep in KEEPS (as delta_bench, no bench), then plain generate() of them beside the GGUF
+  # `linearize` package, e.g. `mkdir -p runs/old && git archive REV linearize | tar -x -C runs/old`) the copies of
+  # DELTAS' students with every keep in KEEPS (`rebuild`), then plain generate() of them beside the GGUF
   # teacher (serving_speed.py, SERVING's arguments, SERVING_S) with this tree's linearize, then with BEFORE's first on
   # PYTHONPATH (each its own teacher: ratios are read within a process), then with TRACE (a length) a profile of
   # those students' compiled steps at that length with this tree's
   join || exit 1
-  students=""
-  for delta in $DELTAS; do
-    name=$(basename "$delta" .tgz)
-    mkdir -p "/tmp/$name" && tar xzf "$delta" -C "/tmp/$name"
-    python3 benchmarks/student_delta.py load --teacher /tmp/smollm2.gguf --delta "/tmp/$name" --out "/tmp/students/$name" >> "$OUT/delta_load.log" 2>&1
-    for keep in ${KEEPS:-}; do
-      python3 cli.py set-options "/tmp/students/$name" --out "/tmp/students/$name-keep$keep" --option keep=$keep --overwrite >> "$OUT/delta_load.log" 2>&1
-      students="$students,/tmp/students/$name-keep$keep"
-    done
-  done
-  students=${students#,}
+  rebuild keeps
+  students=$(echo $students | tr ' ' ,)
   serving="${SERVING:---lengths 2048,32768 --new-tokens 64 --repeats 2 --caches static --bandwidth 3.35e12}"
   for side in after before; do
     path=/tmp/site:$PWD
