@@ -94,10 +94,11 @@ def set_options_command(
     model: Annotated[str, typer.Argument(help="A converted (or distilled) model folder")],
     out: Annotated[Path, typer.Option("--out", help="Folder to write the model with the new options to")],
     option: Annotated[list[str] | None, typer.Option(help="Option key=value that adds no parameter, e.g. keep=128 (repeatable)")] = None,
+    layers: Annotated[str | None, typer.Option(help="Only these converted layers: indices like 6,7,14 or 10-20, or a pattern such as last:8 (default: every one that takes the options)")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder")] = False,
 ):
-    """Change options that add no parameter (hedgehog_swa's keep and keep_block) on a converted or distilled model, and
-    save it, with its tokenizer, as a new folder."""
+    """Change options that add no parameter (hedgehog_swa's keep and keep_block) on a converted or distilled model, on
+    every converted layer or on --layers alone, and save it, with its tokenizer, as a new folder."""
     from .hf.modeling_linearized import LinearizedForCausalLM
     from .loaders import load_teacher
     from .outputs import atomic_folder, check_output
@@ -109,7 +110,7 @@ def set_options_command(
         student, tokenizer = load_teacher(model, dtype="auto")
     if not isinstance(student, LinearizedForCausalLM):
         raise LinearizeError(f"{model!r} is not a converted model; convert it first with `linearize convert {model} --out DIR`")
-    layers = set_options(student, **options)
+    layers = set_options(student, layers, **options)
     with step(f"saving to {out}"), atomic_folder(out, overwrite) as staging:
         student.save_pretrained(staging)
         tokenizer.save_pretrained(staging)

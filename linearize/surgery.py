@@ -19,7 +19,7 @@ from .hf.errors import LinearizeError
 from .hf.mixers import get_mixer, mixers_in
 from .hf.modeling_linearized import LinearizedForCausalLM, apply_plan
 from .hf.plan import ATTENTION, LayerPlan, LayerSpec
-from .layouts import resolve_layout
+from .layouts import resolve_layout, select_layers
 
 
 def build_plan(
@@ -216,25 +216,28 @@ def revert_to_attention(
     return layers
 
 
-def set_options(model: LinearizedForCausalLM, **options: Any) -> list[int]:
+def set_options(model: LinearizedForCausalLM, layers: Any = None, **options: Any) -> list[int]:
     """Change, in place, options that add and change no parameter (a mixer's `runtime_options`, such as
-    `hedgehog_swa`'s `keep`) on every converted layer whose mixer takes them, checked as `convert` checks options;
-    `config.plan` follows, so the saved model keeps them. Returns the layers changed.
+    `hedgehog_swa`'s `keep`) on every converted layer whose mixer takes them, or on `layers` alone (indices, or a
+    selection as `keep_attention` takes: "6,7,14", "last:8"), checked as `convert` checks options; `config.plan`
+    follows, so the saved model keeps them. Returns the layers changed.
 
     Example:
         >>> student = LinearizedForCausalLM.from_pretrained("out/lolcats")
         >>> set_options(student, keep=128)   # every hedgehog_swa layer keeps the 128 keys it recalls worst
+        >>> set_options(student, layers=[14, 20], keep=1024)   # and those two layers 1024
     """
-    resolved = check_runtime_options(model, **options)
+    resolved = check_runtime_options(model, layers, **options)
     for mixer, parsed in resolved.items():
         mixer.options = parsed
     model.config.plan = model.config.plan.with_layers({m.layer_idx: LayerSpec(type(m).name, m.options_dict()) for m in resolved})
     return sorted(m.layer_idx for m in resolved)
 
 
-def check_runtime_options(model: LinearizedForCausalLM, **options: Any) -> dict:
-    """What `set_options` would set, changing nothing: each converted layer whose mixer takes `options`, with its
-    options after them, checked as `convert` checks options. Raises LinearizeError naming the fix."""
+def check_runtime_options(model: LinearizedForCausalLM, layers: Any = None, **options: Any) -> dict:
+    """What `set_options` would set, changing nothing: each converted layer whose mixer takes `options` (of `layers`,
+    where given), with its options after them, checked as `convert` checks options. Raises LinearizeError naming the
+    fix."""
     if not options:
         raise LinearizeError("set_options needs at least one option, e.g. keep=128")
     mixers = mixers_in(model)
@@ -245,5 +248,17 @@ def check_runtime_options(model: LinearizedForCausalLM, **options: Any) -> dict:
             f"no converted layer takes {', '.join(map(repr, options))} after conversion ({'; '.join(offered) or 'none takes any'}); "
             "convert the teacher again with the option instead"
         )
+    if layers is not None:
+        by_index = {m.layer_idx: m for m in takers}
+        chosen = select_layers(len(model.config.plan), layers, "layers")
+        if not chosen:
+            raise LinearizeError(f"layers {layers!r} selects no layer; name at least one, e.g. layers=[{min(by_index)}]")
+        for index in chosen:
+            if index not in by_index:
+                raise LinearizeError(
+                    f"layer {index} ({model.config.plan[index].mixer}) does not take {', '.join(map(repr, options))}; "
+                    f"name layers that do: {', '.join(map(str, sorted(by_index)))}"
+                )
+        takers = [by_index[index] for index in chosen]
     text_config = model.config.text_config
     return {m: type(m).parse_options({**m.options_dict(), **options}, m.spec, text_config) for m in takers}

@@ -263,9 +263,35 @@ def test_set_options_keeps_keys_on_a_saved_student_and_the_copy_reloads_to_the_s
         assert not torch.allclose(reloaded(ids).logits, AutoModelForCausalLM.from_pretrained(student)(ids).logits)
 
 
+def test_set_options_on_some_layers_gives_each_layer_its_own_kept_keys(teacher_folder, tmp_path, monkeypatch, capsys):
+    """`set-options --layers` changes those layers alone: the plan per layer, and the logits of the same student set in
+    Python layer by layer (a budget of kept keys spread unevenly across layers)."""
+    student, kept = tmp_path / "student", tmp_path / "kept"
+    assert run(monkeypatch, capsys, "convert", teacher_folder, "--out", student, "--mixer", "hedgehog_swa", "--option", "window=4")[0] == 0
+    code, stdout, stderr = run(monkeypatch, capsys, "set-options", student, "--out", kept, "--option", "keep=5", "--layers", "1-2")
+    assert code == 0, stderr
+    assert "keep=5 on 2 layers" in stdout
+    reloaded = AutoModelForCausalLM.from_pretrained(kept)
+    assert [spec.options.get("keep") for spec in reloaded.config.plan] == [0, 5, 5]
+    expected = AutoModelForCausalLM.from_pretrained(student)
+    assert linearize.set_options(expected, keep=2) == [0, 1, 2]
+    assert linearize.set_options(expected, layers=[1, 2], keep=5) == [1, 2]
+    ids = torch.randint(0, expected.config.text_config.vocab_size, (2, 30), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        uneven = expected(ids).logits
+        assert not torch.allclose(uneven, reloaded(ids).logits)  # layer 0 keeps 2 here, none in the saved copy
+        linearize.set_options(expected, layers="0", keep=0)
+        torch.testing.assert_close(reloaded(ids).logits, expected(ids).logits)
+        assert not torch.allclose(uneven, expected(ids).logits)
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
+        (["--option", "keep=3", "--layers", "0"], r"layer 0 \(attention\) does not take 'keep'; name layers that do: 1, 2"),
+        (["--option", "keep=3", "--layers", "7"], r"layers: layer 7 is out of range; the model has layers 0-2"),
+        (["--option", "keep=3", "--layers", "one"], r"layers: cannot read 'one'; use indices like 0,7"),
+        (["--option", "keep=3", "--layers", "none"], r"layers 'none' selects no layer; name at least one, e.g. layers=\[1\]"),
         (["--option", "window=8"], r"no converted layer takes 'window' after conversion \(hedgehog_swa takes keep, keep_block\); convert the teacher again"),
         (["--option", "keep=-2"], r"must be at least 0 and 1, got -2 and 64; keep=128 is a start"),
         ([], r"set_options needs at least one option, e.g. keep=128"),
@@ -273,7 +299,7 @@ def test_set_options_keeps_keys_on_a_saved_student_and_the_copy_reloads_to_the_s
 )
 def test_set_options_refuses_bad_options_in_one_line_and_writes_nothing(teacher_folder, tmp_path, monkeypatch, capsys, args, message):
     student = tmp_path / "student"
-    assert run(monkeypatch, capsys, "convert", teacher_folder, "--out", student, "--option", "window=4")[0] == 0
+    assert run(monkeypatch, capsys, "convert", teacher_folder, "--out", student, "--option", "window=4", "--keep-attention", "0")[0] == 0
     code, _, stderr = run(monkeypatch, capsys, "set-options", student, "--out", tmp_path / "kept", *args)
     assert code == 2 and re.search(message, error_line(stderr)) and not (tmp_path / "kept").exists()
 
