@@ -232,18 +232,11 @@ def _launch(
             BLOCK_KEEP=triton.next_power_of_2(max(keep, 1)), WINDOW=window_k is not None and keep > 0,
             TAPS=taps, BLOCK_TAPS=triton.next_power_of_2(max(taps - 1, 1)), **shapes,
         )
-    elif window_mask is not None and keep > 0:
-        _shift_window_mask(window_mask, q, real, strides[-1])
+    elif window_mask is not None and keep > 0:  # the mask one place on, after every kv head's program has read it
+        _shift_mask_kernel[(batch,)](
+            window_mask, given(real), strides[-1], KEEP=keep, BLOCK_KEEP=triton.next_power_of_2(keep), HAS_REAL=real is not None,
+        )
     return out
-
-
-def _shift_window_mask(window_mask: Tensor, q: Tensor, real: Optional[Tensor], stride_real: int) -> None:
-    """The window's mask (B, window - 1) one place on in place, the current token's realness last (`_shift_mask`): one
-    program per sequence, after every kv head's program has read it."""
-    cached = window_mask.shape[1]
-    _shift_mask_kernel[(window_mask.shape[0],)](
-        window_mask, _given(q, real), stride_real, KEEP=cached, BLOCK_KEEP=triton.next_power_of_2(cached), HAS_REAL=real is not None,
-    )
 
 
 def _given(q: Tensor, t: Optional[Tensor]) -> Tensor:
@@ -382,14 +375,15 @@ def _hedgehog_swa(
     rows = keys.shape[2]
     chunk = min(triton.next_power_of_2(rows), max(WINDOW_CHUNK // triton.next_power_of_2(dim), 1))
     splits, feature_dim = triton.cdiv(rows, chunk), q_weight.shape[-1]
-    shapes = dict(**_shapes(q, k, cos, real), ROWS=rows, SPLITS=splits, CHUNK=chunk)
+    shapes = dict(**_shapes(q, k, cos, real), ROWS=rows, SPLITS=splits)
     partial = torch.empty((batch, heads, splits, shapes["BLOCK_DIM"] + 2), dtype=torch.float32, device=q.device)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     given = functools.partial(_given, q)
     shared = (q, k, v, given(cos), given(sin), given(real), keys, values, mask, partial)
     strides = (q.stride(0), q.stride(1), *_strides(k, v, cos, real))
     _partial_kernel[(batch, heads, splits)](
-        *shared, *strides, scaling, 1.0 if softcap is None else softcap, at, kept, SOFTCAP=softcap is not None, **shapes, num_warps=4,
+        *shared, *strides, scaling, 1.0 if softcap is None else softcap, at, kept, SOFTCAP=softcap is not None, CHUNK=chunk,
+        **shapes, num_warps=4,
     )
     _combine_kernel[(batch, k.shape[1])](
         *shared, out, *strides, features, q_weight, q_bias, k_weight, k_bias, window_logit, S, z, given(decay_logit),
@@ -974,8 +968,8 @@ if TRITON_PROBLEM is None:
         features, q_weight, q_bias, k_weight, k_bias, window_logit, S, z, decay_logit, at, kept,
         HEADS: tl.constexpr, KV_HEADS: tl.constexpr, DIM: tl.constexpr, ROWS: tl.constexpr, ROT: tl.constexpr,
         BLOCK_DIM: tl.constexpr, HAS_REAL: tl.constexpr, FEATURES: tl.constexpr, BLOCK_FEATURES: tl.constexpr,
-        LINEAR_ROPE: tl.constexpr, SPLITS: tl.constexpr, BLOCK_SPLITS: tl.constexpr, CHUNK: tl.constexpr,
-        HAS_DECAY: tl.constexpr, FOLD: tl.constexpr,
+        LINEAR_ROPE: tl.constexpr, SPLITS: tl.constexpr, BLOCK_SPLITS: tl.constexpr, HAS_DECAY: tl.constexpr,
+        FOLD: tl.constexpr,
     ):
         """Program (b, j): sequence b and kv head j. Each of its query heads' output from `_partial_kernel`'s partial
         sums (their peaks' largest the rows' peak) and its linear part, under one normaliser. Then, with FOLD (a window's
