@@ -30,7 +30,9 @@ from .distillation.data import DistillData, check_source, load_data
 from .distillation.loop import count_steps
 from .distillation.resume import check_checkpoints, start_checkpoints
 from .distillation.retrieval_mix import check_kinds
-from .distillation.selection import SELECTION_KINDS, apply_selection, auto_amount, auto_count, retrieval_windows, select_attention
+from .distillation.selection import (
+    SELECTION_KINDS, apply_selection, auto_amount, auto_count, by_heads, retrieval_heads, retrieval_windows, select_attention,
+)
 from .distillation.session import Session, check_resume, make_accelerator
 from .hf.errors import LinearizeError
 from .hf.mixers import check_option_names, get_mixer
@@ -52,18 +54,38 @@ def validate_recipe(recipe: Recipe, processes: int = 1, check_data: bool = True)
     if recipe.data.retrieval:
         check_kinds(recipe.data.retrieval_kinds)
     mixers = {plan.mixer, *plan.hybrid, *plan.mixer_options}
-    if recipe.serve and not any(set(recipe.serve) <= set(get_mixer(name).runtime_options) for name in mixers):
-        offered = "; ".join(f"{name} takes {', '.join(get_mixer(name).runtime_options) or 'none'}" for name in sorted(mixers))
-        raise LinearizeError(
-            f"serve: no mixer of this recipe takes {', '.join(map(repr, recipe.serve))} after distillation ({offered}); "
-            "set conversion options in convert.options"
-        )
+    options, by_layers = serve_parts(recipe.serve)
+    for where, given in [("serve", options), *((f"serve.layers[{selection}]", o) for selection, o in by_layers.items())]:
+        if given and not any(set(given) <= set(get_mixer(name).runtime_options) for name in mixers):
+            offered = "; ".join(f"{name} takes {', '.join(get_mixer(name).runtime_options) or 'none'}" for name in sorted(mixers))
+            raise LinearizeError(
+                f"{where}: no mixer of this recipe takes {', '.join(map(repr, given))} after distillation ({offered}); "
+                "set conversion options in convert.options"
+            )
+    for selection in by_layers:
+        if auto_amount(selection, "serve.layers") is not None and not plan.selection.heads:
+            raise LinearizeError(
+                f"serve.layers: {selection!r} ranks layers by the teacher's retrieval heads; set convert.selection.heads (e.g. 12)"
+            )
     for index, stage in enumerate(recipe.stages):
         count_steps(stage, stage.seq_len or recipe.data.seq_len, processes, f"stages[{index}] ({stage.kind})")
     if check_data and (recipe.stages or not recipe.data.heldout):
         check_source(recipe.data.train)
     if check_data and recipe.data.heldout:
         check_source(recipe.data.heldout)
+
+
+def serve_parts(serve: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """A recipe's `serve` as the options for every converted layer that takes them and, from its `layers` key, the
+    options for the layers of each selection (indices or a pattern as `keep_attention` takes, or `auto:N` / `auto:F`:
+    the layers of the teacher's strongest retrieval heads, as `convert.selection` finds them), set after those."""
+    options = {key: value for key, value in serve.items() if key != "layers"}
+    by_layers = serve.get("layers") or {}
+    if not isinstance(by_layers, dict) or not all(isinstance(o, dict) and o for o in by_layers.values()):
+        raise LinearizeError(
+            f"serve.layers must map layer selections to options, e.g. {{'6,7': {{keep: 1024}}}} or {{auto:0.25: {{keep: 1536}}}}; got {by_layers!r}"
+        )
+    return options, {str(selection): given for selection, given in by_layers.items()}
 
 
 def is_converted(model: nn.Module) -> bool:
@@ -164,14 +186,21 @@ class Run:
             say(f"loading teacher {recipe.teacher}")
             model, tokenizer = load_teacher(recipe.teacher, dtype=recipe.dtype)
         self.model, self.keep = prepare_student(model, recipe, say)
-        if recipe.serve:  # its values checked against the converted layers before any training
-            check_runtime_options(self.model, **recipe.serve)
+        options, by_layers = serve_parts(recipe.serve)  # checked against the converted layers before any training
+        if options:
+            check_runtime_options(self.model, **options)
+        for selection, given in by_layers.items():
+            amount = auto_amount(selection, "serve.layers")
+            layers = check_runtime_options(self.model, None if amount is not None else selection, **given)
+            if amount is not None:
+                auto_count(amount, len(layers), "serve.layers")
         self.model.to(self.accelerator.device)
         self.tokenizer, self.data = tokenizer, self._data(data, tokenizer)
         say(f"data: {self.data.description}")
         selecting = recipe.convert.selection
+        ranked_by_heads = any(auto_amount(selection) is not None for selection in by_layers)
         for setting in ("retrieval", "heads"):  # the tokenizer and a length the tasks fit, before training
-            if self.keep is not None and getattr(selecting, setting):
+            if (self.keep is not None or (ranked_by_heads and setting == "heads")) and getattr(selecting, setting):
                 retrieval_windows(tokenizer, self.data.heldout_windows(selecting.seq_len, selecting.tokens)[:1], len(SELECTION_KINDS), setting)
         if self.checkpoints is not None:
             if self.accelerator.is_main_process:
@@ -218,9 +247,44 @@ class Run:
             if on_stage is not None:
                 on_stage(StageReport.from_dict(self.session.reports[-1]), self.model)
         if recipe.serve:
-            layers = set_options(self.model, **recipe.serve)
-            self.session.say(f"served with {', '.join(f'{k}={v}' for k, v in recipe.serve.items())} in {len(layers)} layers (serve)")
+            self._serve()
         return self.model
+
+    def _serve(self) -> None:
+        """The recipe's `serve` options on every converted layer that takes them, then those of `serve.layers` on
+        their layers; `auto:N` ranks the layers that take them by the teacher's strongest retrieval head on
+        `convert.selection.heads` tasks (with `convert.selection.lead`), as `keep_attention`'s heads proposal does."""
+        options, by_layers = serve_parts(self.recipe.serve)
+        say = self.session.say
+
+        def listed(given: dict[str, Any]) -> str:
+            return ", ".join(f"{key}={value}" for key, value in given.items())
+
+        if options:
+            layers = set_options(self.model, **options)
+            say(f"served with {listed(options)} in {len(layers)} layers (serve)")
+        for selection, given in by_layers.items():
+            amount = auto_amount(selection, "serve.layers")
+            chosen = selection if amount is None else self._head_layers(amount, given)
+            layers = set_options(self.model, layers=chosen, **given)
+            how = "" if amount is None else ": the teacher's retrieval heads"
+            say(f"served with {listed(given)} in layers {layers} (serve.layers {selection}{how})")
+            self.session.record({"event": "serve", "selection": selection, "layers": layers, "options": given})
+
+    def _head_layers(self, amount: float, given: dict[str, Any]) -> list[int]:
+        """The `auto:amount` layers, of those that take `given`, whose strongest head in the teacher reads the
+        answers of `convert.selection.heads` retrieval tasks off their needles (`retrieval_heads`, `by_heads`)."""
+        settings = self.recipe.convert.selection
+        takers = {mixer.layer_idx for mixer in check_runtime_options(self.model, **given)}
+        count = auto_count(amount, len(takers), "serve.layers")
+        windows = self.data.heldout_windows(settings.seq_len, max_tokens=settings.tokens)
+        tasks = retrieval_windows(self.tokenizer, windows, settings.heads, "heads")
+        was_training = self.model.training
+        self.model.eval()
+        heads = retrieval_heads(self.model, *tasks, settings.batch_size)
+        self.model.train(was_training)
+        strongest = {layer: per_head for layer, per_head in heads.items() if layer in takers}
+        return sorted(by_heads(strongest, count, settings.lead)[:count])
 
     def _select(self) -> dict[str, Any]:
         """Auto selection, or its replay from the checkpoint folder when resuming; logged and recorded."""

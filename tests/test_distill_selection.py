@@ -12,11 +12,12 @@ import linearize
 from linearize.config import SelectionConfig, load_recipe
 from linearize.distillation import layer_errors, select_attention
 from linearize.distillation.selection import (
-    METHODS, auto_amount, auto_count, interleaved, leading_layers, needles, next_token_logprobs, opening_gains, openings, restore_gains, retrieval_heads,
+    METHODS, auto_amount, auto_count, by_heads, interleaved, leading_layers, needles, next_token_logprobs, opening_gains, openings, restore_gains, retrieval_heads,
     retrieval_windows, single_layer_kl, token_kl,
 )
 from linearize.hf.mixers import mixers_in
 from linearize.hf.errors import LinearizeError
+from linearize.run import validate_recipe
 from linearize.surgery import revert_to_attention
 from tests.tiny import assert_reloaded, tiny_data, tiny_model, tiny_tokenizer
 
@@ -137,10 +138,12 @@ def test_bad_auto_specs(spec, message):
 
 
 def test_auto_counts_out_of_range():
-    with pytest.raises(LinearizeError, match="keep at least one and convert at least one"):
+    with pytest.raises(LinearizeError, match="^keep_attention: auto:30 chooses 30 of 30 layers; choose at least one and leave at least one$"):
         auto_count(30.0, 30)
-    with pytest.raises(LinearizeError, match="keep at least one"):
-        auto_count(0.01, 30)
+    with pytest.raises(LinearizeError, match="^serve.layers: auto:0.01 chooses 0 of 30 layers"):
+        auto_count(0.01, 30, "serve.layers")
+    with pytest.raises(LinearizeError, match="^serve.layers: cannot read 'auto:x'"):
+        auto_amount("auto:x", "serve.layers")
     assert auto_amount([0, 1]) is None and auto_amount("every:2") is None
 
 
@@ -413,6 +416,13 @@ def test_leading_layers_are_the_converted_ones_nearest_before_the_first_chosen()
     assert leading_layers([1, 2, 5], list(range(8)), 3) == [0, 3, 4]  # too few before: the nearest after, not chosen
 
 
+def test_by_heads_ranks_by_the_strongest_head_and_puts_the_lead_layers_in_front():
+    heads = {0: [0.1, 0.0], 1: [0.0, 0.2], 2: [0.9, 0.3], 3: [0.5, 0.6], 4: [0.05, 0.01]}
+    assert by_heads(heads, 2) == [2, 3, 1, 0, 4]
+    assert by_heads(heads, 2, lead=1) == [2, 1, 3, 0, 4]  # layer 1, before the strongest, takes the place of layer 3
+    assert by_heads(heads, 3, lead=2) == [2, 1, 0, 3, 4]
+
+
 def test_heads_with_lead_keep_the_strongest_heads_and_the_layers_before_the_first(long_windows):
     tokenizer = tiny_tokenizer()
     model = student()
@@ -452,3 +462,38 @@ def test_a_recipe_adds_the_opening_layers_and_says_which():
     assert said == [f"with layers {step['from']} on softmax the answers open at log-probability {step['opening_logprob']:.3f};"
                     f" layer {step['added']} added ({step['gains'][str(step['added'])]:+.3f})"]
     assert any("/opening " in m for m in messages)
+
+
+def test_a_recipe_serves_the_layers_of_the_teachers_retrieval_heads_with_their_own_options():
+    """`serve.layers` sets options on some layers after `serve`'s own on all: `auto:N` on the N layers ranked by the
+    teacher's strongest retrieval head (with the lead layer), as an independent count of the heads finds them, an
+    explicit selection on its layers; the choice is said and saved in the plan. Bad forms fail before loading."""
+    overrides = [
+        "convert.mixer=hedgehog_swa", "convert.options={window: 8, keep: 4, keep_block: 4, linear_rope: false}", "data.seq_len=32",
+        "stages=[{kind: attention_transfer, tokens: 128, batch_size: 2, lr: 0.05}]", "convert.selection.heads=3",
+        "convert.selection.lead=1", "convert.selection.seq_len=512", "convert.selection.tokens=1024",
+        "serve={keep: 6, layers: {auto:2: {keep: 12}, '5': {keep: 9}}}",
+    ]
+    teacher, tokenizer = tiny_model("llama", dtype=torch.float32, num_hidden_layers=LAYERS), tiny_tokenizer()
+    windows = tiny_data(seq_len=32).heldout_windows(512, 1024)
+    converted = linearize.convert(tiny_model("llama", dtype=torch.float32, num_hidden_layers=LAYERS), "hedgehog_swa", window=8, linear_rope=False)
+    heads = retrieval_heads(converted, *retrieval_windows(tokenizer, windows, 3, "heads"))
+    strongest = max(heads, key=lambda layer: max(heads[layer]))
+    chosen = sorted([strongest, *leading_layers([strongest], list(range(LAYERS)), 1)])
+    messages = []
+    student = linearize.distill(teacher, tiny_data(seq_len=32), "quickstart", tokenizer=tokenizer, overrides=overrides,
+                                log=messages.append, progress=False)
+    expected = [9 if i == 5 else 12 if i in chosen else 6 for i in range(LAYERS)]
+    assert [m.options.keep for m in mixers_in(student)] == expected
+    assert [layer["options"]["keep"] for layer in student.config.layers] == expected
+    assert any(f"served with keep=12 in layers {chosen} (serve.layers auto:2: the teacher's retrieval heads)" in m for m in messages)
+    assert any("served with keep=9 in layers [5] (serve.layers 5)" in m for m in messages)
+    with pytest.raises(LinearizeError, match=r"^serve.layers: 'auto:2' ranks layers by the teacher's retrieval heads; set convert.selection.heads \(e.g. 12\)$"):
+        validate_recipe(load_recipe("quickstart", ["serve={layers: {auto:2: {keep: 8}}}"]), check_data=False)
+    with pytest.raises(LinearizeError, match="^serve.layers must map layer selections to options"):
+        validate_recipe(load_recipe("quickstart", ["serve={layers: [1, 2]}"]), check_data=False)
+    with pytest.raises(LinearizeError, match=r"^serve.layers\[0\]: no mixer of this recipe takes 'window' after distillation"):
+        validate_recipe(load_recipe("quickstart", ["serve={layers: {'0': {window: 8}}}"]), check_data=False)
+    with pytest.raises(LinearizeError, match="^layers: layer 9 is out of range"):
+        linearize.distill(tiny_model("llama", dtype=torch.float32, num_hidden_layers=LAYERS), tiny_data(seq_len=32), "quickstart",
+                          tokenizer=tokenizer, overrides=[*overrides[:-1], "serve={layers: {'9': {keep: 8}}}"], progress=False)

@@ -38,24 +38,25 @@ from .retrieval_mix import task_window
 AUTO = re.compile(r"auto:([0-9]*\.?[0-9]+)")
 
 
-def auto_amount(keep_attention: Any) -> float | None:
-    """The N or fraction F of `auto:N` / `auto:F`; None when keep_attention is not automatic."""
-    if not isinstance(keep_attention, str) or not keep_attention.strip().startswith("auto"):
+def auto_amount(selection: Any, what: str = "keep_attention") -> float | None:
+    """The N or fraction F of `auto:N` / `auto:F` (in `what`, for errors); None when the selection is not automatic."""
+    if not isinstance(selection, str) or not selection.strip().startswith("auto"):
         return None
-    match = AUTO.fullmatch(keep_attention.strip())
+    match = AUTO.fullmatch(selection.strip())
     amount = float(match.group(1)) if match else 0.0
     if amount <= 0 or (amount >= 1 and amount != int(amount)):
         raise LinearizeError(
-            f"keep_attention: cannot read {keep_attention!r}; use auto:N for N layers (e.g. auto:4) or auto:F for a fraction (e.g. auto:0.25)"
+            f"{what}: cannot read {selection!r}; use auto:N for N layers (e.g. auto:4) or auto:F for a fraction (e.g. auto:0.25)"
         )
     return amount
 
 
-def auto_count(amount: float, num_layers: int) -> int:
+def auto_count(amount: float, num_layers: int, what: str = "keep_attention") -> int:
+    """The layers `auto:amount` chooses out of `num_layers`: at least one, and not all."""
     count = round(amount * num_layers) if amount < 1 else int(amount)
     if not 1 <= count < num_layers:
         raise LinearizeError(
-            f"keep_attention: auto:{amount:g} keeps {count} of {num_layers} layers; keep at least one and convert at least one"
+            f"{what}: auto:{amount:g} chooses {count} of {num_layers} layers; choose at least one and leave at least one"
         )
     return count
 
@@ -250,6 +251,22 @@ def leading_layers(chosen: list[int], converted: list[int], count: int) -> list[
     return (before + after)[:count]
 
 
+def by_heads(heads: dict[int, list[float]], count: int, lead: int = 0) -> list[int]:
+    """Layers ranked by their strongest retrieval head (`retrieval_heads`), best first; with `lead`, the first `count`
+    are the heads' strongest `count - lead` and the `lead` converted layers just before the first of them
+    (`leading_layers`), the rest after them in the heads' order.
+
+    >>> by_heads({0: [0.1], 1: [0.2], 2: [0.9], 3: [0.5]}, 2, lead=1)
+    [2, 1, 3, 0]
+    """
+    ranking = sorted(heads, key=lambda layer: max(heads[layer]), reverse=True)
+    if not lead:
+        return ranking
+    base = ranking[: count - lead]
+    front = base + leading_layers(base, sorted(heads), lead)
+    return front + [layer for layer in ranking if layer not in front]
+
+
 def interleaved(*rankings: list[int]) -> list[int]:
     """One ranking from several: their layers taken in turn, best first, each once."""
     order: list[int] = []
@@ -334,9 +351,7 @@ def select_attention(
         rankings["heads_opening"] = base + added + [i for i in rankings["heads"] if i not in base + added]
         scores["opening"] = {int(i): gain for i, gain in opening_steps[0]["gains"].items()}
     if config.lead:
-        base = rankings["heads"][: count - config.lead]
-        lead = leading_layers(base, sorted(errors), config.lead)
-        rankings["heads_lead"] = base + lead + [i for i in rankings["heads"] if i not in base + lead]
+        rankings["heads_lead"] = by_heads(heads, count, config.lead)
     if tasks is not None:
         rankings["both"] = interleaved(rankings["retrieval"], rankings["kl" if config.kl else "error"])
     proposals = {name: sorted(ranking[:count]) for name, ranking in rankings.items()}
@@ -372,7 +387,11 @@ def select_attention(
     if config.opening:
         selection["opening"] = opening_steps
     if config.lead:
-        selection["lead"] = {"layers": lead, "first_head_layer": min(base), "in_place_of": rankings["heads"][count - config.lead : count]}
+        base = rankings["heads"][: count - config.lead]
+        selection["lead"] = {
+            "layers": rankings["heads_lead"][count - config.lead : count], "first_head_layer": min(base),
+            "in_place_of": rankings["heads"][count - config.lead : count],
+        }
     if candidates is not None:
         selection["candidates"] = {METHODS[name]: c for name, c in candidates.items()}
     selection["seconds"] = {**seconds, "total": round(time.perf_counter() - began, 2)}
