@@ -205,9 +205,15 @@ rebuild() {  # rebuild all|keeps: the students of DELTAS (collect's delta-NAME.t
     mkdir -p "/tmp/$name" && tar xzf "$delta" -C "/tmp/$name"
     python3 benchmarks/student_delta.py load --teacher /tmp/smollm2.gguf --delta "/tmp/$name" --out "/tmp/students/$name" >> "$OUT/delta_load.log" 2>&1
     [ "$1" = keeps ] || students="$students /tmp/students/$name"
-    for keep in ${KEEPS:-}; do
-      python3 cli.py set-options "/tmp/students/$name" --out "/tmp/students/$name-keep$keep" --option keep=$keep --overwrite >> "$OUT/delta_load.log" 2>&1
-      students="$students /tmp/students/$name-keep$keep"
+    for keep in ${KEEPS:-}; do  # N: keep=N on every layer; N,M@LAYERS: then keep=M on LAYERS (folder NAME-keepN-M)
+      spread=${keep%%@*}
+      copy="/tmp/students/$name-keep${spread//,/-}"
+      python3 cli.py set-options "/tmp/students/$name" --out "$copy" --option keep=${spread%%,*} --overwrite >> "$OUT/delta_load.log" 2>&1
+      if [[ $keep == *@* ]]; then
+        python3 cli.py set-options "$copy" --out "$copy.more" --option keep=${spread#*,} --layers "${keep#*@}" --overwrite >> "$OUT/delta_load.log" 2>&1
+        rm -rf "$copy" && mv "$copy.more" "$copy"
+      fi
+      students="$students $copy"
     done
   done
 }
@@ -309,13 +315,13 @@ before_after)  # (after solo, still warm; carry .gguf2, the folder of DELTAS and
   # `linearize` package, e.g. `mkdir -p runs/old && git archive REV linearize | tar -x -C runs/old`) the copies of
   # DELTAS' students with every keep in KEEPS (`rebuild`), then plain generate() of them beside the GGUF
   # teacher (serving_speed.py, SERVING's arguments, SERVING_S) with this tree's linearize, then with BEFORE's first on
-  # PYTHONPATH (each its own teacher: ratios are read within a process), then with TRACE (a length) a profile of
-  # those students' compiled steps at that length with this tree's
+  # PYTHONPATH (each its own teacher: ratios are read within a process; SIDES=after or before for one), then with TRACE
+  # (a length) a profile of those students' compiled steps at that length with this tree's
   join || exit 1
   rebuild keeps
   students=$(echo $students | tr ' ' ,)
   serving="${SERVING:---lengths 2048,32768 --new-tokens 64 --repeats 2 --caches static --bandwidth 3.35e12}"
-  for side in after before; do
+  for side in ${SIDES:-after before}; do
     path=/tmp/site:$PWD
     [ $side = after ] || path=/tmp/site:$BEFORE:$PWD
     PYTHONPATH=$path timeout "${SERVING_S:-240}" python3 benchmarks/serving_speed.py --students "$students" --teacher /tmp/smollm2.gguf \
