@@ -12,6 +12,7 @@ from transformers import CompileConfig
 import linearize
 from linearize import LinearizeError
 from linearize.hf import modeling_linearized
+from linearize.hf.modeling_linearized import LinearizedForCausalLM
 from linearize.hf.attention import decode_attention
 from linearize.hf.cache import MixerState, returned_cache
 from linearize.hf.plan import LayerPlan
@@ -92,28 +93,34 @@ def test_compiled_generate_traces_the_decode_step_once(name, batch):
     assert torch.equal(compiled, model.generate(**settings))
 
 
-@pytest.mark.parametrize("name", ["gated_deltanet+window", "swa"])
+@pytest.mark.parametrize("name", ["gated_deltanet+window", "swa", "hedgehog_swa"])
 def test_a_compiled_decode_step_reads_its_caches_kinds_not_the_layer_plan(name, monkeypatch):
     """Traced, parsing the layer plan (`cache_kinds`) put guards on every layer's options into the compiled step,
-    which Dynamo evaluates before every step (618 of a 30-layer student's 8,368); the step reads its cache's
-    kinds instead (`_kinds`: the cache was checked against the plan in the eager prefill), with the same tokens (swa:
-    its kept softmax layer reads the mask)."""
-    parsed = []
-    original = LayerPlan.from_json.__func__
+    which Dynamo evaluates before every step (618 of a 30-layer student's 8,368), and scanning the mixers for
+    attention transfer's hooks guarded every mixer a second time; the step reads its cache's kinds instead (`_kinds`:
+    the cache was checked against the plan in the eager prefill) and no mixer list, with the same tokens (swa: its
+    kept softmax layer reads the mask)."""
+    parsed, listed = [], []
+    original, mixers = LayerPlan.from_json.__func__, LinearizedForCausalLM._mixers
 
     def counted(cls, data):
         parsed.append(torch.compiler.is_compiling())
         return original(cls, data)
 
+    def listing(self):
+        listed.append(torch.compiler.is_compiling())
+        return mixers(self)
+
     model = converted(name)
     settings = padded_settings(new_tokens=4)
     expected = model.generate(**settings)
     monkeypatch.setattr(LayerPlan, "from_json", classmethod(counted))
+    monkeypatch.setattr(LinearizedForCausalLM, "_mixers", listing)
     compile_config = CompileConfig(backend="eager", fullgraph=True, mode=None)
     compile_config._compile_all_devices = True
     torch._dynamo.reset()
     assert torch.equal(model.generate(**settings, cache_implementation="static", compile_config=compile_config), expected)
-    assert parsed and not any(parsed)
+    assert parsed and not any(parsed) and listed and not any(listed)
 
 
 def test_only_fixed_size_states_make_a_compileable_cache():

@@ -303,8 +303,13 @@ class LinearizedForCausalLM(PreTrainedModel, GenerationMixin):
         return self.cache_kinds()
 
     def _softmax_reads_mask(self, cache: Cache | None) -> bool:
-        """Whether a softmax layer will read the attention mask (kept layers, teacher_mode, attention transfer)."""
-        return "kv" in self._kinds(cache) or any(m.transfer_hook is not None for m in self._mixers())
+        """Whether a softmax layer will read the attention mask (kept layers, teacher_mode, attention transfer). A
+        compiled step with a cache (generation) looks no further than the cache's kinds: attention transfer's probes
+        run without one, and traced, the scan of every mixer's hook put five guards a layer into the step (one of
+        them evaluated in Python), which Dynamo evaluates before every step."""
+        if "kv" in self._kinds(cache):
+            return True
+        return not (cache is not None and torch.compiler.is_compiling()) and any(m.transfer_hook is not None for m in self._mixers())
 
     def _one_mask_for_the_batch(self, cache: Cache | None, length: int, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
         """For a chunk after cached tokens, in a batch without padding, through kept SDPA layers: one causal mask
