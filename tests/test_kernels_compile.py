@@ -33,11 +33,12 @@ def compile_kernels() -> None:
     # The gated delta rule's caches shared by a kv head's query heads move on in a launch of their own (with the window,
     # and without it, as qwen3_5_gdn).
     # hedgehog_swa+options: its decay and feature maps before RoPE (by default, neither). hedgehog_swa's step runs as
-    # two kernels, its ring's rows split (partial) then combined: a window's ring, and with kept keys ("kept") in
-    # `ops_kept`'s layout, 512 kept keys and a ring of window + 63 positions.
+    # three kernels, its ring's rows split (partial), combined per query head, then the ring's row written and the
+    # oldest key folded (ring_write): a window's ring, and with kept keys ("kept") in `ops_kept`'s layout, 512 kept keys
+    # and a ring of window + 63 positions.
     kernels = [(name, 64) for name in MIXERS if name != "hedgehog_swa"] + [("kv_shift", 64), ("kv_shift", 1)]
     rows = (("window", 64), ("window", 256), ("options", 64), ("kept", 256))
-    kernels += [(f"{kernel}+{kind}", window) for kernel in ("partial", "combine") for kind, window in rows]
+    kernels += [(f"{kernel}+{kind}", window) for kernel in ("partial", "combine", "ring_write") for kind, window in rows]
     for name, window in kernels:
         qwen = name == "qwen3_5_gdn"  # gated_deltanet's kernel in qwen3_5's variant, without a window
         options, ring = name.endswith("+options"), name.endswith("+kept")
@@ -64,7 +65,8 @@ def compile_kernels() -> None:
             else:
                 signature[param.name] = "*i1" if param.name in ("real", "window_mask", "mask") else "*fp32" if param.name in states else "*bf16"
         given = {param.name: constants[param.name] for param in kernel.params if param.is_constexpr}
-        warps = 4 if name.startswith("partial") else 8  # as `_hedgehog_swa` launches them
+        # as `hedgehog_swa_step` launches them: 4 warps, a window's write and fold 8
+        warps = (8 if not ring else 4) if name.startswith("ring_write") else 4 if name.startswith(("partial", "combine")) else 8
         triton.compile(ASTSource(kernel, signature, constexprs=given), target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
     # The prefill's forward (bf16, with and without the statistics its backward reads, and fp32) and its two backward
     # kernels (bf16 and fp32), each with its blocks and warps.

@@ -39,9 +39,11 @@ all of a layer's step that follows the teacher's q/k/v projections in one kernel
 The step splits its rows across programs (flash decoding): a window's (LoLCATs': 256), or with kept keys N kept keys
 and window + 63 more (831 at N = 512, window 256). `_partial_kernel` runs one program per (sequence, query head,
 chunk of `WINDOW_CHUNK` elements' rows), each an online softmax's peak, normaliser and weighted values of its chunk;
-`_combine_kernel`, one per (sequence, kv head), combines them with the linear part, then folds the oldest key and
-writes the ring's row. One program per kv head scoring every row (the form until the forty-fourth and forty-fifth
-sessions) ran 3 programs at batch 1 on 132 SMs, each through its 3 query heads' rows one after another. Compiled
+`_combine_kernel`, one per (sequence, query head), combines them with the linear part; `_ring_write_kernel`, one per
+(sequence, kv head), then folds the oldest key and writes the ring's row. One program per kv head scoring every row
+(the form until the forty-fourth and forty-fifth sessions) ran 3 programs at batch 1 on 132 SMs, each through its 3
+query heads' rows one after another; one per kv head combining its query heads and folding (until the forty-seventh)
+took 16.9 us a layer with the ring (H100, batch 1, bf16, window 256), a quarter of the step's GPU time. Compiled
 for sm_90 (bf16, Triton 3.9's ptxas) at SmolLM2's shape, window 64 or 256, and 512 kept keys: 128 to 142 registers a
 thread (4 and 8 warps), no spill; at head dim 128 (32 heads, 8 kv heads) 113 to 190, and 255 with 128 features, the
 window's combine then spilling 76 bytes (forty-fifth session, before the ring).
@@ -368,9 +370,9 @@ def _hedgehog_swa(
     S (B, Hkv, 2F, D) and z (B, Hkv, 2F), float32, then take the window's oldest key in place, faded first by
     sigmoid(decay_logit) (Hkv,) where given. q_weight (H, D, F), q_bias (H, 1, F): the query heads' feature maps;
     k_weight, k_bias: the kv heads'; linear_rope: the feature maps read the rotated q and k (else the unrotated). Kept
-    keys' decision, every keep_block steps, is `ops_kept`'s. Two launches: the rows split across programs (flash
-    decoding), `_partial_kernel`, one program per (sequence, query head, chunk of rows), then `_combine_kernel`, one
-    per (sequence, kv head)."""
+    keys' decision, every keep_block steps, is `ops_kept`'s. Three launches: the rows split across programs (flash
+    decoding), `_partial_kernel`, one program per (sequence, query head, chunk of rows); `_combine_kernel`, one per
+    (sequence, query head); then `_ring_write_kernel`, one per (sequence, kv head), which changes what the others read."""
     batch, heads, _, dim = q.shape
     rows = keys.shape[2]
     chunk = min(triton.next_power_of_2(rows), max(WINDOW_CHUNK // triton.next_power_of_2(dim), 1))
@@ -385,11 +387,16 @@ def _hedgehog_swa(
         *shared, *strides, scaling, 1.0 if softcap is None else softcap, at, kept, SOFTCAP=softcap is not None, CHUNK=chunk,
         **shapes, num_warps=4,
     )
-    _combine_kernel[(batch, k.shape[1])](
-        *shared, out, *strides, features, q_weight, q_bias, k_weight, k_bias, window_logit, S, z, given(decay_logit),
-        at, kept, FEATURES=feature_dim, BLOCK_FEATURES=triton.next_power_of_2(feature_dim),
-        LINEAR_ROPE=linear_rope, HAS_DECAY=decay_logit is not None, FOLD=kept == 0, BLOCK_SPLITS=triton.next_power_of_2(splits),
-        **shapes, num_warps=8,
+    head = {name: shapes[name] for name in ("KV_HEADS", "DIM", "ROT", "BLOCK_DIM")}
+    head.update(FEATURES=feature_dim, BLOCK_FEATURES=triton.next_power_of_2(feature_dim), LINEAR_ROPE=linear_rope)
+    _combine_kernel[(batch, heads)](
+        q, given(cos), given(sin), partial, out, q.stride(0), q.stride(1), strides[-2], q_weight, q_bias, window_logit, S, z,
+        HEADS=heads, SPLITS=splits, BLOCK_SPLITS=triton.next_power_of_2(splits), **head, num_warps=4,
+    )
+    _ring_write_kernel[(batch, k.shape[1])](
+        k, v, given(cos), given(sin), given(real), keys, values, mask, *strides[2:], features, k_weight, k_bias, S, z,
+        given(decay_logit), at, kept, ROWS=rows, HAS_REAL=shapes["HAS_REAL"], HAS_DECAY=decay_logit is not None, FOLD=kept == 0,
+        **head, num_warps=8 if kept == 0 else 4,  # the fold holds both halves of the sums, 2F x D (168 registers a thread at 4)
     )
     return out
 
@@ -963,44 +970,56 @@ if TRITON_PROBLEM is None:
 
     @triton.jit
     def _combine_kernel(
-        q, k, v, cos, sin, real, keys, values, mask, partial, out,
-        stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_cos, stride_real,
-        features, q_weight, q_bias, k_weight, k_bias, window_logit, S, z, decay_logit, at, kept,
-        HEADS: tl.constexpr, KV_HEADS: tl.constexpr, DIM: tl.constexpr, ROWS: tl.constexpr, ROT: tl.constexpr,
-        BLOCK_DIM: tl.constexpr, HAS_REAL: tl.constexpr, FEATURES: tl.constexpr, BLOCK_FEATURES: tl.constexpr,
-        LINEAR_ROPE: tl.constexpr, SPLITS: tl.constexpr, BLOCK_SPLITS: tl.constexpr, HAS_DECAY: tl.constexpr,
-        FOLD: tl.constexpr,
+        q, cos, sin, partial, out, stride_qb, stride_qh, stride_cos, q_weight, q_bias, window_logit, S, z,
+        HEADS: tl.constexpr, KV_HEADS: tl.constexpr, DIM: tl.constexpr, ROT: tl.constexpr, BLOCK_DIM: tl.constexpr,
+        FEATURES: tl.constexpr, BLOCK_FEATURES: tl.constexpr, LINEAR_ROPE: tl.constexpr, SPLITS: tl.constexpr,
+        BLOCK_SPLITS: tl.constexpr,
     ):
-        """Program (b, j): sequence b and kv head j. Each of its query heads' output from `_partial_kernel`'s partial
-        sums (their peaks' largest the rows' peak) and its linear part, under one normaliser. Then, with FOLD (a window's
-        ring, no kept keys), the window's oldest key into the sums (`_folded`); and the current key, value,
-        feature-mapped key and mask into the ring's row of position at[b], which the partial programs read from
-        registers."""
+        """Program (b, h): sequence b and query head h. Its output from `_partial_kernel`'s partial sums (their peaks'
+        largest the rows' peak) and its linear part, under one normaliser. It reads the sums and writes nothing else,
+        so a kv head's query heads run at once; `_ring_write_kernel` changes the sums after."""
+        b = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1)
+        d = tl.arange(0, BLOCK_DIM)
+        in_d = d < DIM
+        f = tl.arange(0, BLOCK_FEATURES)
+        in_f = f < FEATURES
+        state, square, sums = _sums(S, z, b * KV_HEADS + h // (HEADS // KV_HEADS), d, in_d, f, in_f, DIM, FEATURES)
+        share, num, den = _linear_read(
+            q + b * stride_qb + h * stride_qh, cos + b * stride_cos, sin + b * stride_cos, q_weight, q_bias, window_logit, h,
+            state, square, sums, d, in_d, f, in_f, DIM, ROT, FEATURES, LINEAR_ROPE,
+        )
+        splits = tl.arange(0, BLOCK_SPLITS)
+        in_splits = splits < SPLITS
+        base = partial + ((b * HEADS + h) * SPLITS + splits) * (BLOCK_DIM + 2)
+        peaks = tl.load(base + BLOCK_DIM, mask=in_splits, other=float("-inf"))
+        peak = tl.max(peaks, 0)
+        rescale = tl.exp(peaks - tl.where(peak == float("-inf"), 0.0, peak))  # 0 for a split with no real key
+        total = tl.sum(rescale * tl.load(base + BLOCK_DIM + 1, mask=in_splits, other=0.0), 0)
+        mean = tl.sum(rescale[:, None] * tl.load(base[:, None] + d[None, :], mask=in_splits[:, None], other=0.0), 0)
+        _store(out, _one_normaliser(share, num, den, mean, total), b, h, d, in_d, HEADS, DIM)
+
+    @triton.jit
+    def _ring_write_kernel(
+        k, v, cos, sin, real, keys, values, mask, stride_kb, stride_kh, stride_vb, stride_vh, stride_cos, stride_real,
+        features, k_weight, k_bias, S, z, decay_logit, at, kept,
+        KV_HEADS: tl.constexpr, DIM: tl.constexpr, ROWS: tl.constexpr, ROT: tl.constexpr, BLOCK_DIM: tl.constexpr,
+        HAS_REAL: tl.constexpr, FEATURES: tl.constexpr, BLOCK_FEATURES: tl.constexpr, LINEAR_ROPE: tl.constexpr,
+        HAS_DECAY: tl.constexpr, FOLD: tl.constexpr,
+    ):
+        """Program (b, j): sequence b and kv head j, after every query head has read the step's rows and sums. With
+        FOLD (a window's ring, no kept keys), the window's oldest key into the sums (`_folded`); then the current key,
+        value, feature-mapped key and mask into the ring's row of position at[b], which the partial programs read
+        from registers."""
         b, j, d, in_d, keep, v_now, cos_row, sin_row, f, in_f, k_now, fk_pos, fk_neg = _hedgehog_program(
             k, v, real, cos, sin, k_weight, k_bias, stride_kb, stride_kh, stride_vb, stride_vh, stride_cos, stride_real,
             DIM, BLOCK_DIM, HAS_REAL, ROT, FEATURES, BLOCK_FEATURES, LINEAR_ROPE,
         )
-        GROUPS: tl.constexpr = HEADS // KV_HEADS
         WIDTH: tl.constexpr = 2 * FEATURES
         head = b * KV_HEADS + j
-        state, square, sums = _sums(S, z, head, d, in_d, f, in_f, DIM, FEATURES)
-        splits = tl.arange(0, BLOCK_SPLITS)
-        in_splits = splits < SPLITS
-        for g in range(GROUPS):
-            h = j * GROUPS + g
-            share, num, den = _linear_read(
-                q + b * stride_qb + h * stride_qh, cos_row, sin_row, q_weight, q_bias, window_logit, h, state, square, sums,
-                d, in_d, f, in_f, DIM, ROT, FEATURES, LINEAR_ROPE,
-            )
-            base = partial + ((b * HEADS + h) * SPLITS + splits) * (BLOCK_DIM + 2)
-            peaks = tl.load(base + BLOCK_DIM, mask=in_splits, other=float("-inf"))
-            peak = tl.max(peaks, 0)
-            rescale = tl.exp(peaks - tl.where(peak == float("-inf"), 0.0, peak))  # 0 for a split with no real key
-            total = tl.sum(rescale * tl.load(base + BLOCK_DIM + 1, mask=in_splits, other=0.0), 0)
-            mean = tl.sum(rescale[:, None] * tl.load(base[:, None] + d[None, :], mask=in_splits[:, None], other=0.0), 0)
-            _store(out, _one_normaliser(share, num, den, mean, total), b, h, d, in_d, HEADS, DIM)
         position = tl.load(at + b)
         if FOLD:
+            state, square, sums = _sums(S, z, head, d, in_d, f, in_f, DIM, FEATURES)
             _folded(
                 values, mask, features, decay_logit, v_now, fk_pos, fk_neg, keep, j, head, position, state, square, sums,
                 d, in_d, f, in_f, DIM, ROWS, FEATURES, HAS_DECAY,
@@ -1017,9 +1036,10 @@ if TRITON_PROBLEM is None:
         values, mask, features, decay_logit, v_now, fk_pos, fk_neg, keep, j, head, position, state, square, sums,
         d, in_d, f, in_f, DIM: tl.constexpr, ROWS: tl.constexpr, FEATURES: tl.constexpr, HAS_DECAY: tl.constexpr,
     ):
-        """After every query head of a window's step has read them: the sums fade (with a decay) and take the window's
-        oldest key, kv head `head`'s row of position + 1 in its ring of ROWS (a pad's adds nothing; with one row, the
-        current key). The row is the one the next step writes; the current key's row this one writes after."""
+        """After every query head of a window's step has read them (`_combine_kernel`, launched before): the sums fade
+        (with a decay) and take the window's oldest key, kv head `head`'s row of position + 1 in its ring of ROWS (a
+        pad's adds nothing; with one row, the current key). The row is the one the next step writes; the current key's
+        row this one writes after. Each element of the sums is read and written by the same lanes."""
         WIDTH: tl.constexpr = 2 * FEATURES
         if ROWS > 1:
             oldest = head * ROWS + (position + 1) % ROWS
@@ -1033,7 +1053,6 @@ if TRITON_PROBLEM is None:
         old_pos, old_neg = tl.where(old, old_pos, 0.0), tl.where(old, old_neg, 0.0)
         # With a decay, the sums fade by one token for the next query (at a pad too, as on the PyTorch path).
         fade = tl.sigmoid(tl.load(decay_logit + j).to(tl.float32)) if HAS_DECAY else 1.0
-        tl.debug_barrier()  # every query head has read the state
         tl.store(state, fade * tl.load(state, mask=square, other=0.0) + old_pos[:, None] * v_old[None, :], mask=square)
         tl.store(state + FEATURES * DIM, fade * tl.load(state + FEATURES * DIM, mask=square, other=0.0) + old_neg[:, None] * v_old[None, :], mask=square)
         tl.store(sums, fade * tl.load(sums, mask=in_f, other=0.0) + old_pos, mask=in_f)
