@@ -36,6 +36,7 @@ from .distillation.selection import (
 from .distillation.session import Session, check_resume, make_accelerator
 from .hf.errors import LinearizeError
 from .hf.mixers import check_option_names, get_mixer
+from .layouts import select_layers
 from .loaders import load_teacher
 from .outputs import atomic_folder, check_output
 from .record import RunRecord, StageReport
@@ -191,6 +192,8 @@ class Run:
             check_runtime_options(self.model, **options)
         for selection, given in by_layers.items():
             amount = auto_amount(selection, "serve.layers")
+            if amount is None:  # its errors named after the recipe key
+                select_layers(len(self.model.config.plan), selection, "serve.layers")
             layers = check_runtime_options(self.model, None if amount is not None else selection, **given)
             if amount is not None:
                 auto_count(amount, len(layers), "serve.layers")

@@ -108,9 +108,11 @@ def test_run_scores_teacher_converted_and_distilled(workspace, monkeypatch, caps
         (["convert.selection.opening=2"], "convert.selection.opening=2: it is a number of layers (0 or more) chosen beside the retrieval heads'; set convert.selection.heads too"),
         (["convert.selection.heads=4", "convert.selection.opening=1", "convert.selection.lead=1"],
          "convert.selection.opening=1 and lead=1 both choose layers beside the retrieval heads'; set one of them to 0"),
+        (["serve.layers={auto:1: {keep: 8}}"], "serve.layers: 'auto:1' ranks layers by the teacher's retrieval heads; set convert.selection.heads (e.g. 12)"),
+        (["serve.layers={'7': {keep: 8}}"], "serve.layers: layer 7 is out of range; the model has layers 0-2"),
     ],
     ids=["output exists", "unknown stage", "unknown mixer", "unknown option", "zero budget", "missing data", "seq_len too long", "seq_len beyond positions", "nothing to resume", "resume and overwrite", "budget below a step",
-         "too few steps to profile", "opening without heads", "opening and lead"],
+         "too few steps to profile", "opening without heads", "opening and lead", "serve auto without heads", "serve layer out of range"],
 )
 def test_mistakes_are_one_line_and_write_nothing(args, message, workspace, monkeypatch, capsys):
     (workspace / "distilled-exists").mkdir(exist_ok=True)
@@ -135,3 +137,16 @@ def test_the_checkout_launcher_prints_one_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith("error: no recipe 'lolcatz'; did you mean 'lolcats'? shipped recipes: ")
     assert result.stderr.strip().count("\n") == 0
+
+
+def test_distill_serves_some_layers_with_their_own_options(workspace, monkeypatch, capsys):
+    """`serve` and `serve.layers` from the command line: kept keys on every layer, then more on layer 1, saved."""
+    out = workspace / "served"
+    code, stdout, stderr = linearize(
+        monkeypatch, capsys, "distill", workspace / "recipe.yaml", "--out", out, "convert.options={window: 4, keep: 2, keep_block: 4}",
+        "serve={keep: 3, layers: {'1': {keep: 6}}}",
+    )
+    assert code == 0, stderr
+    assert [layer["options"]["keep"] for layer in json.loads((out / "config.json").read_text())["layers"]] == [3, 6, 3]
+    said = " ".join((stdout + stderr).split())
+    assert "served with keep=3 in 3 layers (serve)" in said and "served with keep=6 in layers [1] (serve.layers 1)" in said

@@ -494,6 +494,6 @@ def test_a_recipe_serves_the_layers_of_the_teachers_retrieval_heads_with_their_o
         validate_recipe(load_recipe("quickstart", ["serve={layers: [1, 2]}"]), check_data=False)
     with pytest.raises(LinearizeError, match=r"^serve.layers\[0\]: no mixer of this recipe takes 'window' after distillation"):
         validate_recipe(load_recipe("quickstart", ["serve={layers: {'0': {window: 8}}}"]), check_data=False)
-    with pytest.raises(LinearizeError, match="^layers: layer 9 is out of range"):
+    with pytest.raises(LinearizeError, match="^serve.layers: layer 9 is out of range"):
         linearize.distill(tiny_model("llama", dtype=torch.float32, num_hidden_layers=LAYERS), tiny_data(seq_len=32), "quickstart",
                           tokenizer=tokenizer, overrides=[*overrides[:-1], "serve={layers: {'9': {keep: 8}}}"], progress=False)
