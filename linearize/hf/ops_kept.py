@@ -101,27 +101,27 @@ def _weights(weight, hkv: int, acc: torch.dtype, trailing: int):
 
 def recall_errors(fk, v, mask, S, z, kept_fk, kept_v, kept_err, block: int) -> torch.Tensor:
     """(B, Hkv, T) each key's recall error against the sums, the real kept keys and the real keys before it in `fk`
-    (a causal linear attention of the keys' own features, a block at a time), without gradients."""
+    (a causal linear attention of the keys' own features, a block at a time), without gradients. The values carry a
+    column of ones, so each product gives a read-out's numerator and its normaliser at once."""
     with torch.no_grad():
         acc = S.dtype
         b, hkv, length, f = fk.shape
-        real = mask[:, None, :, None].to(acc)
-        fkm, values = fk.to(acc) * real, v.to(acc)
-        kept_real = (kept_err > float("-inf")).to(acc)[..., None]
-        kfk = kept_fk.to(acc) * kept_real
-        # What the sums and the kept keys give every key.
-        num = torch.einsum("bhtf,bhfe->bhte", fkm, S) + torch.einsum("bhtf,bhnf,bhne->bhte", fkm, kfk, kept_v.to(acc))
-        den = torch.einsum("bhtf,bhf->bht", fkm, z) + torch.einsum("bhtf,bhf->bht", fkm, kfk.sum(2))
+        fkm = fk.to(acc) * mask[:, None, :, None].to(acc)
+        values = v.to(acc)
+        ones = values.new_ones(1).expand(*values.shape[:-1], 1)
+        kfk = kept_fk.to(acc) * (kept_err > float("-inf")).to(acc)[..., None]
+        kept = torch.cat((kept_v.to(acc), ones[:, :, :1].expand(-1, -1, kept_v.shape[2], -1)), dim=-1)
+        # What the sums and the kept keys give every key, [S + fk_kept^T v_kept | z + sum fk_kept] (F, E + 1).
+        known = torch.cat((S, z[..., None]), dim=-1) + kfk.transpose(-1, -2) @ kept
         # The keys before each one in this call: within its block explicitly, the earlier blocks through their sums.
         n = -(-length // block)
         pad = n * block - length
         fc = F.pad(fkm, (0, 0, 0, pad)).reshape(b, hkv, n, block, f)
-        vc = F.pad(values, (0, 0, 0, pad)).reshape(b, hkv, n, block, -1)
-        gram = torch.einsum("bhnrf,bhnsf->bhnrs", fc, fc).tril(-1)
-        states = F.pad(torch.einsum("bhnsf,bhnse->bhnfe", fc, vc).cumsum(2), (0, 0, 0, 0, 1, 0))[:, :, :n]
-        sums = F.pad(fc.sum(3).cumsum(2), (0, 0, 1, 0))[:, :, :n]
-        num = num + (gram @ vc + fc @ states).reshape(b, hkv, n * block, -1)[:, :, :length]
-        den = den + (gram.sum(-1) + torch.einsum("bhnrf,bhnf->bhnr", fc, sums)).reshape(b, hkv, -1)[:, :, :length]
+        vc = F.pad(torch.cat((values, ones), dim=-1), (0, 0, 0, pad)).reshape(b, hkv, n, block, -1)
+        gram = (fc @ fc.transpose(-1, -2)).tril(-1)
+        before = F.pad((fc.transpose(-1, -2) @ vc).cumsum(2), (0, 0, 0, 0, 1, 0))[:, :, :n]
+        read = (gram @ vc + fc @ (before + known[:, :, None])).reshape(b, hkv, n * block, -1)[:, :, :length]
+        num, den = read[..., :-1], read[..., -1]
         err = ((values - num / den.clamp_min(1e-30)[..., None]) ** 2).sum(-1)
         err = torch.where(den > 0, err, float("inf"))
         return torch.where(mask[:, None, :], err, float("-inf"))
