@@ -145,8 +145,9 @@ warm() {  # warm: compile, ahead of the quality calls, the fla kernels and layer
   wait
 }
 
-gpu_tests() {  # gpu_tests EXPRESSION: tests/test_gpu.py -k EXPRESSION in 14 processes, within TEST_S
-  timeout "${TEST_S:-330}" python3 -m pytest -v -p no:cacheprovider -n 14 -m gpu tests/test_gpu.py -k "$1" -rs > "$OUT/gpu_tests.log" 2>&1
+gpu_tests() {  # gpu_tests EXPRESSION: tests/test_gpu.py -k EXPRESSION in TEST_N processes (default 14; on an H100's 80 GB
+  # 14 ran out of memory recording CUDA graphs at once, forty-seventh session: 8 there), within TEST_S
+  timeout "${TEST_S:-330}" python3 -m pytest -v -p no:cacheprovider -n "${TEST_N:-14}" -m gpu tests/test_gpu.py -k "$1" -rs > "$OUT/gpu_tests.log" 2>&1
   echo "exit $?" >> "$OUT/gpu_tests.log"
 }
 
@@ -333,6 +334,8 @@ before_after)  # (after solo, still warm; carry .gguf2, the folder of DELTAS and
       --lengths "$TRACE" --new-tokens 64 --repeats 1 --caches static --trace "$OUT/trace" --out "$OUT/serving_trace.jsonl" > "$OUT/serving_trace.log" 2>&1
     echo "exit $?" >> "$OUT/serving_trace.log"
   fi
+  # A call returns eight files: the JSON lines as they are, the logs and the profiles in one archive.
+  (cd "$OUT" && tar czf logs.tgz ./*.log ./*.txt $(ls -d trace 2>/dev/null) && rm -rf ./*.log ./*.txt trace)
   ;;
 delta_serve)  # (after delta_bench, still warm) plain generate() of the students delta_bench rebuilt beside the GGUF
   # teacher, dynamic and static cache (serving_speed.py; SERVING: its arguments, SERVING_S)
