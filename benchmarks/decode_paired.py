@@ -13,6 +13,7 @@ Students are converted as `cpu_decode.py` converts them (untrained: speed does n
     python benchmarks/decode_paired.py --recipes lolcats,hybrid_long --blocks 30
     python benchmarks/decode_paired.py --recipes lolcats --blocks 20 --threads 1 --out /tmp/paired.json
     python benchmarks/decode_paired.py --recipes lolcats_keep,lolcats_keep:keep=512 --blocks 32
+    python benchmarks/decode_paired.py --recipes lolcats_keep:keep=139:keep=1536@6-7+14+17-18+20-21+23 --blocks 24
 """
 
 from __future__ import annotations
@@ -86,7 +87,8 @@ def report(rows: dict[str, dict[str, float]]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipes", default="lolcats", help="shipped recipes whose students are measured, comma-separated; "
-                        "RECIPE:key=value:... sets runtime options on its student (`linearize.set_options`), e.g. lolcats_keep:keep=512")
+                        "RECIPE:key=value:... sets runtime options on its student (`linearize.set_options`), e.g. lolcats_keep:keep=512, "
+                        "and key=value@LAYERS on those layers after (a selection joined with +, e.g. keep=1536@6-7+14)")
     parser.add_argument("--context", type=int, default=2048, help="prompt tokens before the decode")
     parser.add_argument("--blocks", type=int, default=30, help="blocks of steps each model decodes, in turns")
     parser.add_argument("--steps", type=int, default=8, help="decode steps a block")
@@ -102,8 +104,11 @@ def main() -> None:
     for spec in args.recipes.split(","):
         recipe, *options = spec.split(":")
         models[spec] = recipe_student(load_teacher("smollm2-135m")[0], recipe)
-        if options:
-            set_options(models[spec], **parse_options(options))
+        everywhere = [option for option in options if "@" not in option]
+        if everywhere:
+            set_options(models[spec], **parse_options(everywhere))
+        for setting, layers in (option.split("@", 1) for option in options if "@" in option):
+            set_options(models[spec], layers=layers, **parse_options([setting]))
     times = in_turns(models, ids, args.blocks, args.steps)
     rows = paired(times)
     report(rows)
