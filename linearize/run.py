@@ -190,18 +190,18 @@ class Run:
         options, by_layers = serve_parts(recipe.serve)  # checked against the converted layers before any training
         if options:
             check_runtime_options(self.model, **options)
+        ranked_by_heads = False
         for selection, given in by_layers.items():
             amount = auto_amount(selection, "serve.layers")
-            if amount is None:  # its errors named after the recipe key
-                select_layers(len(self.model.config.plan), selection, "serve.layers")
-            layers = check_runtime_options(self.model, None if amount is not None else selection, **given)
+            chosen = None if amount is not None else select_layers(len(self.model.config.plan), selection, "serve.layers")
+            layers = check_runtime_options(self.model, chosen, **given)
             if amount is not None:
                 auto_count(amount, len(layers), "serve.layers")
+                ranked_by_heads = True
         self.model.to(self.accelerator.device)
         self.tokenizer, self.data = tokenizer, self._data(data, tokenizer)
         say(f"data: {self.data.description}")
         selecting = recipe.convert.selection
-        ranked_by_heads = any(auto_amount(selection) is not None for selection in by_layers)
         for setting in ("retrieval", "heads"):  # the tokenizer and a length the tasks fit, before training
             if (self.keep is not None or (ranked_by_heads and setting == "heads")) and getattr(selecting, setting):
                 retrieval_windows(tokenizer, self.data.heldout_windows(selecting.seq_len, selecting.tokens)[:1], len(SELECTION_KINDS), setting)

@@ -110,9 +110,8 @@ def recall_errors(fk, v, mask, S, z, kept_fk, kept_v, kept_err, block: int) -> t
         values = v.to(acc)
         ones = values.new_ones(1).expand(*values.shape[:-1], 1)
         kfk = kept_fk.to(acc) * (kept_err > float("-inf")).to(acc)[..., None]
-        kept = torch.cat((kept_v.to(acc), ones[:, :, :1].expand(-1, -1, kept_v.shape[2], -1)), dim=-1)
         # What the sums and the kept keys give every key, [S + fk_kept^T v_kept | z + sum fk_kept] (F, E + 1).
-        known = torch.cat((S, z[..., None]), dim=-1) + kfk.transpose(-1, -2) @ kept
+        known = torch.cat((S + kfk.transpose(-1, -2) @ kept_v.to(acc), (z + kfk.sum(2))[..., None]), dim=-1)
         # The keys before each one in this call: within its block explicitly, the earlier blocks through their sums.
         n = -(-length // block)
         pad = n * block - length
