@@ -30,10 +30,13 @@ class LargestTensor(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        self.record(out, func)
+        return out
+
+    def record(self, out, func) -> None:
         for tensor in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(tensor, torch.Tensor) and tensor.numel() > self.numel:
                 self.numel, self.op = tensor.numel(), str(func)
-        return out
 
 
 def small_model():

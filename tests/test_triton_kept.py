@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import linearize
-from linearize.hf import ops_kept, triton_kept, triton_step
+from linearize.hf import ops_kept, ops_window, triton_kept, triton_step
 from linearize.hf.ops_kept import kept_window_linear, naive_kept_window_linear
+from tests.test_prefill_memory import LargestTensor
 from tests.test_triton_step import assert_close, generation_through_a_prefill_kernel, kernel_calls
 from tests.tiny import tiny_model
 
@@ -81,6 +82,44 @@ def test_the_kernel_matches_the_reference_and_leaves_the_pytorch_paths_state(mon
     assert error <= TOLERANCE[dtype] and error <= 4 * baseline + 1e-6, (error, baseline)
     for name, tensor in plain_state.items():
         assert_close(fused_state[name], tensor, name, 0)
+
+
+class MadeTensors(LargestTensor):
+    """LargestTensor but for the interpreter's byte copies of a kernel's arguments' storage (uint8, which none of the
+    kept keys' operations makes), which a GPU does not make."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not any(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in (out if isinstance(out, (tuple, list)) else (out,))):
+            self.record(out, func)
+        return out
+
+
+@needs_triton
+def test_the_kernels_segments_are_longer_with_no_larger_tensor(monkeypatch):
+    """The kernel scores without materialising the scores, so a long prefill through it runs in longer segments than
+    the PyTorch path's (`ops_kept.segment_length`: fewer segments, fewer host-bound operations), to the same heads and
+    state as one pass, and no tensor it makes grows past the bound the PyTorch path keeps."""
+    tensors, options = inputs(150, torch.float32)
+    options.update(window=5, keep=24, block=8)
+    with torch.no_grad():
+        whole, whole_state = kept_window_linear(*tensors, **options, output_state=True)
+    monkeypatch.setattr(ops_window, "BLOCK_ELEMENTS", 8192)
+    monkeypatch.setattr(ops_window, "MIN_BLOCK_TOKENS", 1)
+    lengths = kernel_calls(monkeypatch, ops_kept, "_kept_segment", lambda args, out: args[0].shape[2])
+    runs = {}
+    for switch in ("off", "on"):
+        monkeypatch.setenv("LINEARIZE_FUSED_STEP", switch)
+        lengths.clear()
+        with torch.no_grad(), MadeTensors() as largest:
+            runs[switch] = kept_window_linear(*tensors, **options, output_state=True)
+        runs[switch] += (list(lengths), largest.numel)
+    assert runs["off"][2] == [16] * 9 + [6] and runs["on"][2] == [72, 72, 6]
+    assert runs["on"][3] <= max(2 * ops_window.BLOCK_ELEMENTS, tensors[0].numel()), runs["on"][3]
+    for out, state, _, _ in runs.values():
+        torch.testing.assert_close(out, whole, atol=1e-5, rtol=1e-5)
+        for name, tensor in whole_state.items():
+            assert_close(state[name], tensor, name, 1e-5)
 
 
 @needs_triton

@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import ops_window
 from .ops_window import _acc, block_length, written
 from .triton_kept import kept_prefill_problem, kept_window_prefill
 
@@ -149,7 +150,8 @@ def kept_window_linear(
     next state or None)."""
     _check(window, keep, block)
     b, h, length, _ = q.shape
-    step = block_length(b * h * (window + 2 * block + keep), block)
+    kernel = kept_prefill_problem(q, k, v, fq) is None
+    step = segment_length(b, h, k.shape[1], window=window, keep=keep, block=block, features=fk.shape[-1], values=v.shape[-1], kernel=kernel)
     if not state:
         state = empty_kept_state(q, k, v, fk, window, keep, block)
     outputs = []
@@ -163,6 +165,23 @@ def kept_window_linear(
         )
         outputs.append(o)
     return (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)), (state if output_state else None)
+
+
+def segment_length(b: int, h: int, hkv: int, *, window: int, keep: int, block: int, features: int, values: int, kernel: bool) -> int:
+    """Tokens a prefill segment holds. The PyTorch path scores each query against its window and kept keys, b h (w + 2B
+    + N) elements a token (`ops_window.block_length`). The kernel (`triton_kept`) scores without materialising them, so
+    its segment grows until the decisions' own tensors reach `ops_window.BLOCK_ELEMENTS`: the pool's membership after
+    every boundary, b Hkv (L / B) (N + L) elements of int64 (counted twice), and the recall errors' sums of each block,
+    b Hkv (L / B) F (V + 1). Fewer segments, fewer of a prefill's host-bound operations (each segment runs some 240 of
+    them a layer, whatever its length: BENCHMARKS.md, forty-eighth session); never shorter than the PyTorch path's."""
+    step = block_length(b * h * (window + 2 * block + keep), block)
+    if not kernel:
+        return step
+    budget = ops_window.BLOCK_ELEMENTS / (b * hkv)
+    # (L / B)(N + L) <= budget / 2, solved for L; and (L / B) F (V + 1) <= budget.
+    membership = (-keep + (keep * keep + 2 * block * budget) ** 0.5) / 2
+    sums = budget * block / (features * (values + 1))
+    return max(step, int(min(membership, sums)) // block * block)
 
 
 # Longer than 60 lines: the segment reads top to bottom as the module docstring's steps (errors, decisions, sums, then
