@@ -11,7 +11,9 @@
 #                                             # on GPU 0 with compile and CUDA-graph logs, the rest on GPU 1
 #   bash benchmarks/h100_session.sh solo      # (nvidia-h200, one GPU) carry .whl .gguf1, as first: SERVE, then WARM, then
 #                                             # TESTS, then SPEED (as train_speed), then PARTS (prefill_parts.py's arguments), then KDLOSS
-#                                             # (kd_loss_speed.py's), each if given, one
+#                                             # (kd_loss_speed.py's), then MIXERS (serving_speed.py's --mixers: random
+#                                             # students at SmolLM2's shape, before and after as before_after, with
+#                                             # BEFORE, SERVING, TRACE; no GGUF needed), each if given, one
 #                                             # after another on the one GPU. A script run by hand needs the
 #                                             # PYTHONPATH set below (/tmp/site:$PWD), or linearize is not found
 #   bash benchmarks/h100_session.sh second    # carry .gguf2 corpus (or corpus.tgz, `tar czf corpus.tgz corpus`): join
@@ -197,6 +199,27 @@ join() {  # the GGUF from the first half (in /tmp since an earlier call) and the
   if [ -f corpus.tgz ]; then mkdir -p /tmp/corpus && tar xzf corpus.tgz -C /tmp/corpus --strip-components=1; elif [ -d corpus ]; then cp -r corpus /tmp/corpus; fi
 }
 
+sides() {  # sides MODELS...: serving_speed.py's plain generate() of MODELS (its --students/--teacher or --mixers arguments)
+  # with this tree's linearize, then with BEFORE's first on PYTHONPATH (each its own teacher: ratios are read within a
+  # process; SIDES=after or before for one), SERVING's arguments, within SERVING_S each; then with TRACE (a length) a
+  # profile of their compiled steps at that length with this tree's; the logs and profiles packed into logs.tgz
+  local serving="${SERVING:---lengths 2048,32768 --new-tokens 64 --repeats 2 --caches static --bandwidth 3.35e12}"
+  for side in ${SIDES:-after before}; do
+    path=/tmp/site:$PWD
+    [ $side = after ] || path=/tmp/site:$BEFORE:$PWD
+    PYTHONPATH=$path timeout "${SERVING_S:-240}" python3 benchmarks/serving_speed.py "$@" --device cuda $serving \
+      --out "$OUT/serving_$side.jsonl" > "$OUT/serving_$side.log" 2>&1
+    echo "exit $?" >> "$OUT/serving_$side.log"
+  done
+  if [ -n "${TRACE:-}" ]; then
+    timeout 150 python3 benchmarks/serving_speed.py "$@" --device cuda --lengths "$TRACE" --new-tokens 64 --repeats 1 \
+      --caches static --trace "$OUT/trace" --out "$OUT/serving_trace.jsonl" > "$OUT/serving_trace.log" 2>&1
+    echo "exit $?" >> "$OUT/serving_trace.log"
+  fi
+  # A call returns eight files: the JSON lines as they are, the logs and the profiles in one archive.
+  (cd "$OUT" && tar czf logs.tgz ./*.log ./*.txt $(ls -d trace 2>/dev/null) && rm -rf ./*.log ./*.txt trace)
+}
+
 rebuild() {  # rebuild all|keeps: the students of DELTAS (collect's delta-NAME.tgz files) rebuilt beside the joined GGUF
   # (student_delta.py load), and a copy of each with every keep in KEEPS (set-options keep=N); `students` lists their
   # folders, space-separated: with `all` each rebuilt student and its copies, with `keeps` the copies alone
@@ -236,6 +259,7 @@ solo)  # (nvidia-h200, one GPU) first's carry and set-up, then SERVE (as first),
     timeout "${KDLOSS_S:-150}" python3 benchmarks/kd_loss_speed.py $KDLOSS --out "$OUT/kd_loss.json" > "$OUT/kd_loss.log" 2>&1
     echo "exit $?" >> "$OUT/kd_loss.log"
   fi
+  [ -z "${MIXERS:-}" ] || sides --mixers "$MIXERS"  # random-weight students at SmolLM2's shape, before and after (sides)
   ;;
 first)
   wheels || exit 1
@@ -321,21 +345,7 @@ before_after)  # (after solo, still warm; carry .gguf2, the folder of DELTAS and
   join || exit 1
   rebuild keeps
   students=$(echo $students | tr ' ' ,)
-  serving="${SERVING:---lengths 2048,32768 --new-tokens 64 --repeats 2 --caches static --bandwidth 3.35e12}"
-  for side in ${SIDES:-after before}; do
-    path=/tmp/site:$PWD
-    [ $side = after ] || path=/tmp/site:$BEFORE:$PWD
-    PYTHONPATH=$path timeout "${SERVING_S:-240}" python3 benchmarks/serving_speed.py --students "$students" --teacher /tmp/smollm2.gguf \
-      --device cuda $serving --out "$OUT/serving_$side.jsonl" > "$OUT/serving_$side.log" 2>&1
-    echo "exit $?" >> "$OUT/serving_$side.log"
-  done
-  if [ -n "${TRACE:-}" ]; then
-    timeout 150 python3 benchmarks/serving_speed.py --students "$students" --teacher /tmp/smollm2.gguf --device cuda \
-      --lengths "$TRACE" --new-tokens 64 --repeats 1 --caches static --trace "$OUT/trace" --out "$OUT/serving_trace.jsonl" > "$OUT/serving_trace.log" 2>&1
-    echo "exit $?" >> "$OUT/serving_trace.log"
-  fi
-  # A call returns eight files: the JSON lines as they are, the logs and the profiles in one archive.
-  (cd "$OUT" && tar czf logs.tgz ./*.log ./*.txt $(ls -d trace 2>/dev/null) && rm -rf ./*.log ./*.txt trace)
+  sides --students "$students" --teacher /tmp/smollm2.gguf $serving
   ;;
 delta_serve)  # (after delta_bench, still warm) plain generate() of the students delta_bench rebuilt beside the GGUF
   # teacher, dynamic and static cache (serving_speed.py; SERVING: its arguments, SERVING_S)

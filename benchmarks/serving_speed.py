@@ -3,7 +3,7 @@
 
 Random weights at a given shape (default SmolLM2-135M's: 30 layers, 576 wide, 9 query / 3 KV heads of 64), or
 saved students (`--students DIR,...`, with their teacher from `--teacher`). Random students are made per
-`--mixers` entry, MIXER or MIXER:key=value:...; "qwen3_5" is hybrid_qwen3_5's layout (every fourth layer
+`--mixers` entry, MIXER or MIXER:key=value:... (key=value@LAYERS: on those layers, e.g. keep=1536@6-7+14); "qwen3_5" is hybrid_qwen3_5's layout (every fourth layer
 `qwen3_5_attention`, the rest `qwen3_5_gdn`), which is also measured exported (`linearize.export.build_native`),
 and "hybrid_gdn" is hybrid_gdn's (every fourth layer the teacher's softmax, the rest `gated_deltanet`, window 64).
 The teacher is the first student's own weights under `teacher_mode` (softmax everywhere).
@@ -59,10 +59,22 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def parse_mixer(entry: str) -> tuple[str, dict]:
-    """"gla:window=64" -> ("gla", {"window": 64})."""
+def parse_mixer(entry: str) -> tuple[str, dict, list[tuple[str, dict]]]:
+    """"gla:window=64" -> ("gla", {"window": 64}, []); a key=value@LAYERS option is set on those layers after the
+    conversion (`linearize.set_options`; a selection joined with +): "hedgehog_swa:keep=139:keep=1536@6-7+14" ->
+    ("hedgehog_swa", {"keep": 139}, [("6-7+14", {"keep": 1536})])."""
     name, *options = entry.split(":")
-    return name, {k: int(v) if v.isdigit() else v for k, v in (o.split("=", 1) for o in options)}
+
+    def value(text):
+        return int(text) if text.isdigit() else text
+
+    everywhere = {k: value(v) for k, v in (o.split("=", 1) for o in options if "@" not in o)}
+    layered = []
+    for option in (o for o in options if "@" in o):
+        setting, layers = option.split("@", 1)
+        key, text = setting.split("=", 1)
+        layered.append((layers, {key: value(text)}))
+    return name, everywhere, layered
 
 
 def random_students(shape: str, entries: list[str], dtype) -> dict:
@@ -71,13 +83,15 @@ def random_students(shape: str, entries: list[str], dtype) -> dict:
     for entry in entries:
         torch.manual_seed(0)  # one teacher's weights under every student
         teacher = AutoModelForCausalLM.from_config(config).to(dtype).eval()
-        name, options = parse_mixer(entry)
+        name, options, layered = parse_mixer(entry)
         if name == "qwen3_5":
             students[entry] = linearize.convert(teacher, "qwen3_5_gdn", keep_attention="every:4", keep_as="qwen3_5_attention")
         elif name == "hybrid_gdn":
             students[entry] = linearize.convert(teacher, "gated_deltanet", window=64, keep_attention="every:4")
         else:
             students[entry] = linearize.convert(teacher, name, **options)
+        for layers, settings in layered:
+            linearize.set_options(students[entry], layers=layers, **settings)
     return students
 
 
