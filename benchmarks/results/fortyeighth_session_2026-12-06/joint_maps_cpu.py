@@ -1,6 +1,6 @@
 """Batch-1 CPU decode at 2K, in turns (decode_paired.py's blocks), of the teacher and of `lolcats` and `lolcats_keep`
 as served (139 kept keys, 1,536 on layers 6, 7, 14, 17, 18, 20, 21, 23), each twice: with both feature maps in one
-product (`joint_feature_maps`, as shipped now) and with each map's own call (as before, the mixers' `feature_maps`
+product (`joint_feature_maps`, joint_maps.patch) and with each map's own call (as before, the mixers' `feature_maps`
 replaced on that copy). Untrained students: a step's work does not depend on its weights. From the repository root:
     git apply benchmarks/results/fortyeighth_session_2026-12-06/joint_maps.patch   # the probe, not kept
     python benchmarks/results/fortyeighth_session_2026-12-06/joint_maps_cpu.py --blocks 20 --out R.json
