@@ -161,7 +161,7 @@ def kept_window_linear(
         o, state = _kept_segment(
             q[:, :, part], k[:, :, part], v[:, :, part], fq[:, :, part], fk[:, :, part], window=window, keep=keep, block=block,
             scaling=scaling, sm_weight=sm_weight, ln_weight=ln_weight, key_mask=mask, softcap=softcap, state=state,
-            position=position + start,
+            position=position + start, kernel=kernel,
         )
         outputs.append(o)
     return (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)), (state if output_state else None)
@@ -186,7 +186,10 @@ def segment_length(b: int, h: int, hkv: int, *, window: int, keep: int, block: i
 
 # Longer than 60 lines: the segment reads top to bottom as the module docstring's steps (errors, decisions, sums, then
 # the heads, `_heads` or its kernel, and the next state); split further, each step would pass a dozen tensors on.
-def _kept_segment(q, k, v, fq, fk, *, window, keep, block, scaling, sm_weight, ln_weight, key_mask, softcap, state, position):
+# `kernel`: whether the heads are scored by `kept_window_prefill` (the call's choice, which set the segment's length).
+def _kept_segment(
+    q, k, v, fq, fk, *, window, keep, block, scaling, sm_weight, ln_weight, key_mask, softcap, state, position, kernel,
+):
     b, length = q.shape[0], q.shape[2]
     hkv, acc = k.shape[1], _acc(q)
     tail = window + block - 2
@@ -248,7 +251,7 @@ def _kept_segment(q, k, v, fq, fk, *, window, keep, block, scaling, sm_weight, l
     kept_real = torch.gather(all_err, 2, kept_refs.flatten(2)).view_as(kept_refs) > float("-inf")
     scored = (q, fq, all_k, all_v, umask, kept_refs, kept_real, block_S, block_z, sm_weight, ln_weight)
     layout = dict(keep=keep, first_block=first_block, offset=offset, window=window, block=block, scaling=scaling, softcap=softcap)
-    if kept_prefill_problem(q, all_k, all_v, fq) is None:
+    if kernel:
         o = kept_window_prefill(*scored, **layout)
     else:
         o = _heads(*scored, **layout)
