@@ -106,55 +106,50 @@ def test_every_data_file_of_the_package_ships():
         assert any(fnmatch.fnmatch(relative, g) and relative.count("/") == g.count("/") for g in globs), f"{relative} is not in package-data"
 
 
-def test_a_hybrid_recipe_serves_its_converted_layers_and_leaves_its_softmax_layers_alone():
-    """As `hybrid_long`: kept keys while it distils and more when saved, in the converted layers only; the layer kept
-    as softmax attention takes no option and says so in neither the log nor the saved plan."""
+# A tiny quickstart student distilled with kept keys (4 a kv head, blocks of 4) for a few steps: `serve`'s tests add to it.
+KEPT_KEYS = [
+    "convert.options={window: 8, keep: 4, keep_block: 4, linear_rope: false}",
+    "data.seq_len=32",
+    "stages=[{kind: attention_transfer, tokens: 128, batch_size: 2, lr: 0.05}]",
+]
+
+
+def distilled_tiny(overrides: list[str], messages: list[str]):
+    """The quickstart recipe distilled on a tiny llama with `overrides`, its log into `messages`."""
     import torch
 
     import linearize
-    from linearize.hf.mixers import mixers_in
     from tests.tiny import tiny_data, tiny_model
 
-    overrides = [
-        "convert.options={window: 8, keep: 4, keep_block: 4, linear_rope: false}",
-        "convert.keep_attention=[1]",
-        "data.seq_len=32",
-        "stages=[{kind: attention_transfer, tokens: 128, batch_size: 2, lr: 0.05}]",
-        "serve={keep: 8}",
-    ]
-    messages = []
-    student = linearize.distill(tiny_model("llama", dtype=torch.float32), tiny_data(seq_len=32), "quickstart", overrides=overrides,
-                                log=messages.append, progress=False)
-    assert {m.layer_idx: m.options.keep for m in mixers_in(student)} == {0: 8, 2: 8}
-    assert [(layer["mixer"], layer["options"].get("keep")) for layer in student.config.layers] == [
-        ("hedgehog_swa", 8), ("attention", None), ("hedgehog_swa", 8)]
-    assert any("served with keep=8 in 2 layers (serve)" in m for m in messages)
+    return linearize.distill(tiny_model("llama", dtype=torch.float32), tiny_data(seq_len=32), "quickstart", overrides=overrides,
+                             log=messages.append, progress=False)
 
 
 def test_a_recipe_serves_its_student_with_runtime_options():
     """`serve` sets options that add no parameter on the distilled student (`linearize.set_options`): distilled with
     4 kept keys, served with 8, recorded in its plan; a bad name is refused before anything loads, a bad value before
     any training, each in one line naming the fix."""
-    import torch
-
-    import linearize
     from linearize.hf.mixers import mixers_in
-    from tests.tiny import tiny_data, tiny_model
 
-    overrides = [
-        "convert.options={window: 8, keep: 4, keep_block: 4, linear_rope: false}",
-        "data.seq_len=32",
-        "stages=[{kind: attention_transfer, tokens: 128, batch_size: 2, lr: 0.05}]",
-        "serve={keep: 8}",
-    ]
     messages = []
-    student = linearize.distill(tiny_model("llama", dtype=torch.float32), tiny_data(seq_len=32), "quickstart", overrides=overrides,
-                                log=messages.append, progress=False)
+    student = distilled_tiny([*KEPT_KEYS, "serve={keep: 8}"], messages)
     assert {m.options.keep for m in mixers_in(student)} == {8}
     assert {layer["options"]["keep"] for layer in student.config.layers} == {8}
     assert any("served with keep=8" in m for m in messages)
     with pytest.raises(LinearizeError, match="serve: no mixer of this recipe takes 'window' after distillation .*set conversion options in convert.options"):
         validate_recipe(load_recipe("quickstart", ["serve={window: 8}"]), check_data=False)
     with pytest.raises(LinearizeError, match="keep"):
-        linearize.distill(tiny_model("llama", dtype=torch.float32), tiny_data(seq_len=32), "quickstart",
-                          overrides=[*overrides[:3], "serve={keep: -1}"], log=messages.append, progress=False)
+        distilled_tiny([*KEPT_KEYS, "serve={keep: -1}"], messages)
+
+
+def test_a_hybrid_recipe_serves_its_converted_layers_and_leaves_its_softmax_layers_alone():
+    """As `hybrid_long`: kept keys while it distils and more when saved, in the converted layers only; the layer kept
+    as softmax attention takes no option and says so in neither the log nor the saved plan."""
+    from linearize.hf.mixers import mixers_in
+
+    messages = []
+    student = distilled_tiny([*KEPT_KEYS, "convert.keep_attention=[1]", "serve={keep: 8}"], messages)
+    assert {m.layer_idx: m.options.keep for m in mixers_in(student)} == {0: 8, 2: 8}
+    assert [(layer["mixer"], layer["options"].get("keep")) for layer in student.config.layers] == [
+        ("hedgehog_swa", 8), ("attention", None), ("hedgehog_swa", 8)]
+    assert any("served with keep=8 in 2 layers (serve)" in m for m in messages)
