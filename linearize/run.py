@@ -111,15 +111,16 @@ def prepare_student(model: nn.Module, recipe: Recipe, log: Callable[[str], None]
     log(f"converting to {plan.mixer}")
     amount = auto_amount(plan.keep_attention)
     count = None if amount is None else auto_count(amount, model.config.num_hidden_layers)
+    kept = ()
     if amount is None:
         try:
-            select_layers(model.config.num_hidden_layers, plan.keep_attention, "convert.keep_attention")
+            kept = select_layers(model.config.num_hidden_layers, plan.keep_attention, "convert.keep_attention")
         except LinearizeError as error:
             raise LinearizeError(f"{error} (a recipe's layers are its teacher's; convert.keep_attention=auto:0.25 chooses a quarter of this model's)") from None
     student = convert(
         model,
         plan.mixer,
-        keep_attention=() if amount is not None else plan.keep_attention,
+        keep_attention=kept,
         layers=plan.layers,
         hybrid=plan.hybrid,
         mixer_options=plan.mixer_options,
