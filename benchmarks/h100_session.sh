@@ -68,7 +68,7 @@
 #                                             # the GGUF teacher, dynamic and static cache (SERVING, SERVING_S)
 #   bash benchmarks/h100_session.sh variants  # (after join, as DETACH=variants) quality runs at once on one GPU, one per
 #                                             # ';'-separated argument list in VARIANTS (quality.py's), named v1, v2, ...
-#   bash benchmarks/h100_session.sh detach    # (still warm) another mode, DETACH (e.g. pair, with its variables), in a
+#   bash benchmarks/h100_session.sh detach    # (still warm; carry .lmeval for --suite) another mode, DETACH (e.g. pair, with its variables), in a
 #                                             # process session of its own (setsid), which outlives the call, run from a
 #                                             # copy of the tree in /tmp/code with its OUT in /tmp/detached; returns after
 #                                             # WAIT_S seconds (default 0) with what the run has written so far, as
@@ -415,6 +415,8 @@ serving)
   serving
   ;;
 detach)
+  # lm-eval from a carried .lmeval/ (beside the tree alone this call stays under 64 MiB), for quality.py's --suite
+  [ ! -d .lmeval ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .lmeval/*.whl || exit 1
   rm -rf /tmp/code /tmp/detached /tmp/detached.pid && mkdir -p /tmp/code /tmp/detached
   tar --exclude=./.whl --exclude=./.gguf1 --exclude=./.gguf2 --exclude=./corpus.tgz --exclude=./.tilelang --exclude=./.z3 \
     --exclude=./.lmeval -cf - . | tar -xf - -C /tmp/code
