@@ -184,6 +184,40 @@ def test_out_of_memory_names_the_fix(data, monkeypatch):
     assert "\n" not in message
 
 
+def test_out_of_memory_on_a_shared_gpu_says_who_holds_it(data, monkeypatch):
+    """Where other processes hold a quarter of the GPU or more, the error says so first (a smaller batch would not
+    help); below that it names the settings alone. A stage with its own length names that length's key."""
+    def oom(*args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(lora_kd, "kd_losses", oom)
+    for held, shared in ((60 * 2**30, True), (2**30, False), (None, False)):
+        monkeypatch.setattr(loop, "held_elsewhere", lambda device, held=held: None if held is None else (held, 80 * 2**30))
+        with pytest.raises(LinearizeError) as error:
+            distill(data, None, overrides=["stages.1.seq_len=16", "stages.1.split_on_oom=false"])
+        message = str(error.value)
+        assert ("while other processes held 60.0 of its 80.0 GiB" in message and "CUDA_VISIBLE_DEVICES" in message) is shared, message
+        assert ("other processes" in message) is shared
+        assert "batch_size=2 and stages[1].seq_len=16" in message and "lower stages[1].seq_len" in message and "data.seq_len" not in message
+        assert "gradient_checkpointing=true" in message and "\n" not in message
+
+
+def test_held_elsewhere_is_the_driver_s_use_less_this_process_s_reserve(monkeypatch):
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (10 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 12 * gib)
+    assert loop.held_elsewhere(torch.device("cuda", 0)) == (58 * gib, 80 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 75 * gib)  # the driver's figure lags: never below 0
+    assert loop.held_elsewhere(torch.device("cuda", 0)) == (0, 80 * gib)
+    assert loop.held_elsewhere(torch.device("cpu")) is None
+
+    def broken(device):
+        raise RuntimeError("CUDA error: no CUDA-capable device is detected")
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", broken)
+    assert loop.held_elsewhere(torch.device("cuda", 0)) is None
+
+
 def test_out_of_memory_splits_the_micro_batch_and_takes_the_same_steps(data, tmp_path, monkeypatch):
     """A KD micro-batch of two windows does not fit: the stage goes on at one window a micro-batch and twice the
     accumulation, and trains exactly as a run configured that way."""

@@ -209,6 +209,31 @@ def non_embedding_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if id(p) not in embeddings)
 
 
+def held_elsewhere(device: torch.device) -> tuple[int, int] | None:
+    """(bytes of `device`'s memory that other processes hold, its total bytes): what the driver reports in use, less
+    what this process's caching allocator has reserved; None off CUDA or where the driver cannot say."""
+    if device.type != "cuda":
+        return None
+    try:
+        free, total = torch.cuda.mem_get_info(device)
+        return max(0, total - free - torch.cuda.memory_reserved(device)), total
+    except RuntimeError:
+        return None
+
+
+def out_of_memory_message(where: str, index: int, micro: int, seq_len: int, seq_key: str, device: torch.device) -> str:
+    """The one line a stage stops with when a micro-batch does not fit: other processes' share of the GPU first, where
+    they hold a quarter of it or more (lowering the batch does not help then), then the settings that lower the need."""
+    lower = (f"lower stages[{index}].batch_size (raise grad_accum to keep the batch), lower {seq_key}, "
+             f"or set stages[{index}].gradient_checkpointing=true")
+    held = held_elsewhere(device)
+    if held is not None and held[0] >= held[1] / 4:
+        return (f"{where}: the GPU ran out of memory with batch_size={micro} and {seq_key}={seq_len} while other processes "
+                f"held {held[0] / 2**30:.1f} of its {held[1] / 2**30:.1f} GiB; free that memory or pick another GPU "
+                f"(CUDA_VISIBLE_DEVICES), or {lower}")
+    return f"{where}: the GPU ran out of memory with batch_size={micro} and {seq_key}={seq_len}; {lower}"
+
+
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A CPU tensor onto `device`; onto CUDA from pinned memory, without waiting: a plain copy to CUDA synchronises the
     host with the GPU, which would drain the queue of launched kernels at every step."""
@@ -371,11 +396,8 @@ class _Stage:
                     if saves:
                         self.save(done)
         except torch.cuda.OutOfMemoryError:
-            raise LinearizeError(
-                f"{self.where}: the GPU ran out of memory with batch_size={self.micro} and data.seq_len={data.seq_len}; "
-                f"lower stages[{index}].batch_size (raise grad_accum to keep the batch), lower data.seq_len, "
-                f"or set stages[{index}].gradient_checkpointing=true"
-            ) from None
+            seq_key = f"stages[{index}].seq_len" if config.seq_len else "data.seq_len"
+            raise LinearizeError(out_of_memory_message(self.where, index, self.micro, data.seq_len, seq_key, self.acc.device)) from None
         finally:
             self.profiler.stop()
             self.hand_back(compiled)
