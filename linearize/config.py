@@ -97,6 +97,9 @@ class SelectionConfig:
     lead: with `heads`, make this many of the N kept layers the converted layers just before the earliest of the
         heads' strongest N - lead layers (nearest first; after it where too few precede it): the layers that build
         what the first retrieval heads read. 0: the heads alone. Set one of `opening` and `lead`.
+    around: with `lead`, take the lead layers nearest the earliest of the heads' layers on either side (nearest
+        first, the one before at equal distance) instead of before it: `lead: 2, around: true` keeps the layers on
+        both sides of it.
     """
 
     kl: bool = False
@@ -108,6 +111,7 @@ class SelectionConfig:
     heads: int = 0
     opening: int = 0
     lead: int = 0
+    around: bool = False
 
     def __post_init__(self):
         if self.tokens < 1 or self.batch_size < 1 or (self.seq_len is not None and self.seq_len < 8):
@@ -122,6 +126,8 @@ class SelectionConfig:
                 raise LinearizeError(
                     f"convert.selection.{name}={getattr(self, name)}: it is a number of layers (0 or more) chosen beside the retrieval heads'; set convert.selection.heads too"
                 )
+        if self.around and not self.lead:
+            raise LinearizeError("convert.selection.around=true places the lead layers; set convert.selection.lead too (e.g. 2)")
         if self.opening and self.lead:
             raise LinearizeError(
                 f"convert.selection.opening={self.opening} and lead={self.lead} both choose layers beside the retrieval heads'; set one of them to 0"

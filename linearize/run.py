@@ -293,7 +293,7 @@ class Run:
         heads = retrieval_heads(self.model, *tasks, settings.batch_size)
         self.model.train(was_training)
         strongest = {layer: per_head for layer, per_head in heads.items() if layer in takers}
-        return sorted(by_heads(strongest, count, settings.lead)[:count])
+        return sorted(by_heads(strongest, count, settings.lead, settings.around)[:count])
 
     def _select(self) -> dict[str, Any]:
         """Auto selection, or its replay from the checkpoint folder when resuming; logged and recorded."""
@@ -325,7 +325,8 @@ class Run:
             )
         if "lead" in selection:
             lead = selection["lead"]
-            session.say(f"  layers {lead['layers']} kept before the first retrieval-head layer {lead['first_head_layer']}, in place of {lead['in_place_of']}")
+            where = "around" if lead.get("around") else "before"
+            session.say(f"  layers {lead['layers']} kept {where} the first retrieval-head layer {lead['first_head_layer']}, in place of {lead['in_place_of']}")
         spent = selection["seconds"]
         parts = ", ".join(f"{name} {value:.1f} s" for name, value in spent.items() if name != "total")
         session.say(f"  selection took {spent['total']:.1f} s ({parts})")

@@ -108,13 +108,15 @@ def test_run_scores_teacher_converted_and_distilled(workspace, monkeypatch, caps
         (["convert.selection.opening=2"], "convert.selection.opening=2: it is a number of layers (0 or more) chosen beside the retrieval heads'; set convert.selection.heads too"),
         (["convert.selection.heads=4", "convert.selection.opening=1", "convert.selection.lead=1"],
          "convert.selection.opening=1 and lead=1 both choose layers beside the retrieval heads'; set one of them to 0"),
+        (["convert.selection.heads=4", "convert.selection.around=true"],
+         "convert.selection.around=true places the lead layers; set convert.selection.lead too (e.g. 2)"),
         (["serve.layers={auto:1: {keep: 8}}"], "serve.layers: 'auto:1' ranks layers by the teacher's retrieval heads; set convert.selection.heads (e.g. 12)"),
         (["serve.layers={'7': {keep: 8}}"], "serve.layers: layer 7 is out of range; the model has layers 0-2"),
         (["convert.keep_attention=[1, 7]"],
          "convert.keep_attention: layer 7 is out of range; the model has layers 0-2 (a recipe's layers are its teacher's; convert.keep_attention=auto:0.25 chooses a quarter of this model's)"),
     ],
     ids=["output exists", "unknown stage", "unknown mixer", "unknown option", "zero budget", "missing data", "seq_len too long", "seq_len beyond positions", "nothing to resume", "resume and overwrite", "budget below a step",
-         "too few steps to profile", "opening without heads", "opening and lead", "serve auto without heads", "serve layer out of range",
+         "too few steps to profile", "opening without heads", "opening and lead", "around without lead", "serve auto without heads", "serve layer out of range",
          "kept layer out of range"],
 )
 def test_mistakes_are_one_line_and_write_nothing(args, message, workspace, monkeypatch, capsys):

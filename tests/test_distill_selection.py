@@ -416,11 +416,19 @@ def test_leading_layers_are_the_converted_ones_nearest_before_the_first_chosen()
     assert leading_layers([1, 2, 5], list(range(8)), 3) == [0, 3, 4]  # too few before: the nearest after, not chosen
 
 
+def test_leading_layers_around_are_the_nearest_on_either_side_before_first_at_a_tie():
+    assert leading_layers([7, 14, 15, 18], list(range(30)), 2, around=True) == [6, 8]
+    assert leading_layers([7, 8, 14], list(range(30)), 3, around=True) == [6, 5, 9]  # 8 is chosen: 9 is two away
+    assert leading_layers([7, 14], [i for i in range(30) if i != 6], 2, around=True) == [8, 5]  # 6 is not converted
+    assert leading_layers([0, 14], list(range(30)), 2, around=True) == [1, 2]
+
+
 def test_by_heads_ranks_by_the_strongest_head_and_puts_the_lead_layers_in_front():
     heads = {0: [0.1, 0.0], 1: [0.0, 0.2], 2: [0.9, 0.3], 3: [0.5, 0.6], 4: [0.05, 0.01]}
     assert by_heads(heads, 2) == [2, 3, 1, 0, 4]
     assert by_heads(heads, 2, lead=1) == [2, 1, 3, 0, 4]  # layer 1, before the strongest, takes the place of layer 3
     assert by_heads(heads, 3, lead=2) == [2, 1, 0, 3, 4]
+    assert by_heads(heads, 3, lead=2, around=True) == [2, 1, 3, 0, 4]  # 1 and 3 beside the strongest, 2
 
 
 def test_heads_with_lead_keep_the_strongest_heads_and_the_layers_before_the_first(long_windows):
@@ -438,6 +446,20 @@ def test_heads_with_lead_keep_the_strongest_heads_and_the_layers_before_the_firs
     assert {f["layer"] for f in selection["layers"] if f["rank"] <= 3} == set(strongest + lead)
     assert [e["mixer"] == "attention" for e in model.config.layers] == [i in strongest + lead for i in range(LAYERS)]
     assert json.loads(json.dumps(model.config.selection)) == model.config.selection
+
+
+def test_heads_with_lead_around_keep_the_layers_on_both_sides_of_the_first(long_windows):
+    tokenizer = tiny_tokenizer()
+    model = student()
+    heads = retrieval_heads(model, *retrieval_windows(tokenizer, long_windows, 3))
+    ranked = sorted(heads, key=lambda layer: max(heads[layer]), reverse=True)
+    strongest = ranked[:1]
+    around = leading_layers(strongest, list(range(LAYERS)), 2, around=True)
+    assert all(abs(layer - strongest[0]) <= 2 for layer in around) and strongest[0] not in around
+    selection = select_attention(model, long_windows, 3, SelectionConfig(heads=3, lead=2, around=True), tokenizer=tokenizer)
+    assert selection["method"] == METHODS["heads_around"] and selection["kept_attention"] == sorted(strongest + around)
+    assert selection["lead"] == {"layers": around, "first_head_layer": strongest[0], "in_place_of": ranked[1:3], "around": True}
+    assert [e["mixer"] == "attention" for e in model.config.layers] == [i in strongest + around for i in range(LAYERS)]
     with pytest.raises(LinearizeError, match="convert.selection.lead=2 leaves none of the 2 kept layers"):
         select_attention(student(), long_windows, 2, SelectionConfig(heads=3, lead=2), tokenizer=tokenizer)
     with pytest.raises(LinearizeError, match="convert.selection.lead=1: .* set convert.selection.heads too"):

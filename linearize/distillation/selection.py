@@ -236,25 +236,30 @@ def retrieval_heads(model: nn.Module, tasks: torch.Tensor, answers: torch.Tensor
     return {layer: (total / len(tasks)).tolist() for layer, total in totals.items()}
 
 
-def leading_layers(chosen: list[int], converted: list[int], count: int) -> list[int]:
+def leading_layers(chosen: list[int], converted: list[int], count: int, around: bool = False) -> list[int]:
     """The `count` layers of `converted` nearest before the earliest of `chosen`, nearest first; where too few
-    precede it, then the nearest after it that are not chosen.
+    precede it, then the nearest after it that are not chosen. With `around`, the nearest on either side (the one
+    before at equal distance).
 
     >>> leading_layers([7, 14, 18], list(range(30)), 2)
     [6, 5]
     >>> leading_layers([1, 14], list(range(30)), 2)
     [0, 2]
+    >>> leading_layers([7, 14, 18], list(range(30)), 3, around=True)
+    [6, 8, 5]
     """
     first = min(chosen)
     before = sorted((i for i in converted if i < first), reverse=True)
     after = [i for i in sorted(converted) if i > first and i not in chosen]
+    if around:
+        return sorted(before + after, key=lambda i: (abs(i - first), i > first))[:count]
     return (before + after)[:count]
 
 
-def by_heads(heads: dict[int, list[float]], count: int, lead: int = 0) -> list[int]:
+def by_heads(heads: dict[int, list[float]], count: int, lead: int = 0, around: bool = False) -> list[int]:
     """Layers ranked by their strongest retrieval head (`retrieval_heads`), best first; with `lead`, the first `count`
-    are the heads' strongest `count - lead` and the `lead` converted layers just before the first of them
-    (`leading_layers`), the rest after them in the heads' order.
+    are the heads' strongest `count - lead` and the `lead` converted layers just before the first of them (with
+    `around`, nearest it on either side; `leading_layers`), the rest after them in the heads' order.
 
     >>> by_heads({0: [0.1], 1: [0.2], 2: [0.9], 3: [0.5]}, 2, lead=1)
     [2, 1, 3, 0]
@@ -263,7 +268,7 @@ def by_heads(heads: dict[int, list[float]], count: int, lead: int = 0) -> list[i
     if not lead:
         return ranking
     base = ranking[: count - lead]
-    front = base + leading_layers(base, sorted(heads), lead)
+    front = base + leading_layers(base, sorted(heads), lead, around)
     return front + [layer for layer in ranking if layer not in front]
 
 
@@ -285,6 +290,7 @@ METHODS = {
     "heads": "the teacher's retrieval heads (attention on the answer's needle)",
     "heads_opening": "the teacher's retrieval heads, then the layers that most raise the answer's opening",
     "heads_lead": "the teacher's retrieval heads, and the layers just before the first of them",
+    "heads_around": "the teacher's retrieval heads, and the layers around the first of them",
 }
 
 
@@ -305,8 +311,8 @@ def select_attention(
     retrieval head in the teacher (`retrieval_heads`), and that ranking's layers are kept whatever the other
     proposals measure (they are measured and recorded as without it); with `config.opening` too, the last of those
     layers are chosen by `opening_gains` on the same tasks instead (its steps recorded under `opening`); with
-    `config.lead`, they are the converted layers just before the first of the others (`leading_layers`; recorded
-    under `lead`). `seconds` gives what each scorer took, the measurement of the proposals (`candidates`,
+    `config.lead`, they are the converted layers just before the first of the others (with `config.around`, nearest
+    it on either side; `leading_layers`; recorded under `lead`). `seconds` gives what each scorer took, the measurement of the proposals (`candidates`,
     `candidates_at_answers`) and the whole selection (`total`).
 
     Example:
@@ -350,8 +356,9 @@ def select_attention(
         added, opening_steps = timed("opening", opening_gains, model, *head_tasks, base, config.opening, config.batch_size)
         rankings["heads_opening"] = base + added + [i for i in rankings["heads"] if i not in base + added]
         scores["opening"] = {int(i): gain for i, gain in opening_steps[0]["gains"].items()}
+    lead_method = "heads_around" if config.around else "heads_lead"
     if config.lead:
-        rankings["heads_lead"] = by_heads(heads, count, config.lead)
+        rankings[lead_method] = by_heads(heads, count, config.lead, config.around)
     if tasks is not None:
         rankings["both"] = interleaved(rankings["retrieval"], rankings["kl" if config.kl else "error"])
     proposals = {name: sorted(ranking[:count]) for name, ranking in rankings.items()}
@@ -365,7 +372,7 @@ def select_attention(
             for candidate, kl in zip(candidates.values(), at_answers):
                 candidate["answer_kl"] = kl
     if config.heads:
-        method = "heads_opening" if config.opening else "heads_lead" if config.lead else "heads"
+        method = "heads_opening" if config.opening else lead_method if config.lead else "heads"
     elif candidates is not None:
         method = min(candidates, key=lambda name: candidates[name]["kl"] + candidates[name].get("answer_kl", 0.0))
     else:
@@ -389,8 +396,8 @@ def select_attention(
     if config.lead:
         base = rankings["heads"][: count - config.lead]
         selection["lead"] = {
-            "layers": rankings["heads_lead"][count - config.lead : count], "first_head_layer": min(base),
-            "in_place_of": rankings["heads"][count - config.lead : count],
+            "layers": rankings[lead_method][count - config.lead : count], "first_head_layer": min(base),
+            "in_place_of": rankings["heads"][count - config.lead : count], **({"around": True} if config.around else {}),
         }
     if candidates is not None:
         selection["candidates"] = {METHODS[name]: c for name, c in candidates.items()}
