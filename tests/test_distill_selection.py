@@ -431,35 +431,25 @@ def test_by_heads_ranks_by_the_strongest_head_and_puts_the_lead_layers_in_front(
     assert by_heads(heads, 3, lead=2, around=True) == [2, 1, 3, 0, 4]  # 1 and 3 beside the strongest, 2
 
 
-def test_heads_with_lead_keep_the_strongest_heads_and_the_layers_before_the_first(long_windows):
+@pytest.mark.parametrize("lead, around", [(1, False), (2, True)], ids=["before", "around"])
+def test_heads_with_lead_keep_the_strongest_heads_and_the_layers_by_the_first(long_windows, lead, around):
     tokenizer = tiny_tokenizer()
     model = student()
     heads = retrieval_heads(model, *retrieval_windows(tokenizer, long_windows, 3))
     ranked = sorted(heads, key=lambda layer: max(heads[layer]), reverse=True)
-    strongest = ranked[:2]
-    lead = leading_layers(strongest, list(range(LAYERS)), 1)
-    assert lead[0] not in strongest and (lead[0] < min(strongest) or min(strongest) == 0)
-    selection = select_attention(model, long_windows, 3, SelectionConfig(heads=3, lead=1), tokenizer=tokenizer)
-    assert selection["method"] == METHODS["heads_lead"] and selection["kept_attention"] == sorted(strongest + lead)
-    assert selection["lead"] == {"layers": lead, "first_head_layer": min(strongest), "in_place_of": [ranked[2]]}
+    strongest = ranked[: 3 - lead]
+    chosen = leading_layers(strongest, list(range(LAYERS)), lead, around)
+    first = min(strongest)
+    assert not set(chosen) & set(strongest)
+    assert all(abs(layer - first) <= lead for layer in chosen) if around else (chosen[0] < first or first == 0)
+    selection = select_attention(model, long_windows, 3, SelectionConfig(heads=3, lead=lead, around=around), tokenizer=tokenizer)
+    assert selection["method"] == METHODS["heads_around" if around else "heads_lead"]
+    assert selection["kept_attention"] == sorted(strongest + chosen)
+    assert selection["lead"] == {"layers": chosen, "first_head_layer": first, "in_place_of": ranked[3 - lead : 3], **({"around": True} if around else {})}
     assert [f["rank"] for f in sorted(selection["layers"], key=lambda f: f["rank"])][:3] == [1, 2, 3]
-    assert {f["layer"] for f in selection["layers"] if f["rank"] <= 3} == set(strongest + lead)
-    assert [e["mixer"] == "attention" for e in model.config.layers] == [i in strongest + lead for i in range(LAYERS)]
+    assert {f["layer"] for f in selection["layers"] if f["rank"] <= 3} == set(strongest + chosen)
+    assert [e["mixer"] == "attention" for e in model.config.layers] == [i in strongest + chosen for i in range(LAYERS)]
     assert json.loads(json.dumps(model.config.selection)) == model.config.selection
-
-
-def test_heads_with_lead_around_keep_the_layers_on_both_sides_of_the_first(long_windows):
-    tokenizer = tiny_tokenizer()
-    model = student()
-    heads = retrieval_heads(model, *retrieval_windows(tokenizer, long_windows, 3))
-    ranked = sorted(heads, key=lambda layer: max(heads[layer]), reverse=True)
-    strongest = ranked[:1]
-    around = leading_layers(strongest, list(range(LAYERS)), 2, around=True)
-    assert all(abs(layer - strongest[0]) <= 2 for layer in around) and strongest[0] not in around
-    selection = select_attention(model, long_windows, 3, SelectionConfig(heads=3, lead=2, around=True), tokenizer=tokenizer)
-    assert selection["method"] == METHODS["heads_around"] and selection["kept_attention"] == sorted(strongest + around)
-    assert selection["lead"] == {"layers": around, "first_head_layer": strongest[0], "in_place_of": ranked[1:3], "around": True}
-    assert [e["mixer"] == "attention" for e in model.config.layers] == [i in strongest + around for i in range(LAYERS)]
     with pytest.raises(LinearizeError, match="convert.selection.lead=2 leaves none of the 2 kept layers"):
         select_attention(student(), long_windows, 2, SelectionConfig(heads=3, lead=2), tokenizer=tokenizer)
     with pytest.raises(LinearizeError, match="convert.selection.lead=1: .* set convert.selection.heads too"):
