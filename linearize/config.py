@@ -127,7 +127,7 @@ class SelectionConfig:
                     f"convert.selection.{name}={getattr(self, name)}: it is a number of layers (0 or more) chosen beside the retrieval heads'; set convert.selection.heads too"
                 )
         if self.around and not self.lead:
-            raise LinearizeError("convert.selection.around=true places the lead layers; set convert.selection.lead too (e.g. 2)")
+            raise LinearizeError("convert.selection.around=true places lead layers but lead is 0; set convert.selection.lead (e.g. 2), or around=false")
         if self.opening and self.lead:
             raise LinearizeError(
                 f"convert.selection.opening={self.opening} and lead={self.lead} both choose layers beside the retrieval heads'; set one of them to 0"

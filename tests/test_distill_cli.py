@@ -109,7 +109,7 @@ def test_run_scores_teacher_converted_and_distilled(workspace, monkeypatch, caps
         (["convert.selection.heads=4", "convert.selection.opening=1", "convert.selection.lead=1"],
          "convert.selection.opening=1 and lead=1 both choose layers beside the retrieval heads'; set one of them to 0"),
         (["convert.selection.heads=4", "convert.selection.around=true"],
-         "convert.selection.around=true places the lead layers; set convert.selection.lead too (e.g. 2)"),
+         "convert.selection.around=true places lead layers but lead is 0; set convert.selection.lead (e.g. 2), or around=false"),
         (["serve.layers={auto:1: {keep: 8}}"], "serve.layers: 'auto:1' ranks layers by the teacher's retrieval heads; set convert.selection.heads (e.g. 12)"),
         (["serve.layers={'7': {keep: 8}}"], "serve.layers: layer 7 is out of range; the model has layers 0-2"),
         (["convert.keep_attention=[1, 7]"],
