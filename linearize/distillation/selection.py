@@ -312,8 +312,8 @@ def select_attention(
     proposals measure (they are measured and recorded as without it); with `config.opening` too, the last of those
     layers are chosen by `opening_gains` on the same tasks instead (its steps recorded under `opening`); with
     `config.lead`, they are the converted layers just before the first of the others (with `config.around`, nearest
-    it on either side; `leading_layers`; recorded under `lead`). `seconds` gives what each scorer took, the measurement of the proposals (`candidates`,
-    `candidates_at_answers`) and the whole selection (`total`).
+    it on either side; `leading_layers`; recorded under `lead`). `seconds` gives what each scorer took, the
+    measurement of the proposals (`candidates`, `candidates_at_answers`) and the whole selection (`total`).
 
     Example:
         >>> select_attention(student, data.heldout_windows(max_tokens=16384), 4, SelectionConfig())["kept_attention"]
