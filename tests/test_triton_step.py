@@ -226,12 +226,13 @@ CASES = [(mixer, shape, *SETTINGS[shape]) for mixer, shape in PAIRS]
 CORE_SHAPES = {"softcap", "partial_rope", "no_window"}
 
 
-def assert_steps_match(monkeypatch, mixer, shape, dtype, batch, prefill, tolerance, device="cpu"):
+def assert_steps_match(monkeypatch, mixer, shape, dtype, batch, prefill, tolerance, device="cpu", fused=None):
     """From the same state, one fused decode step and one PyTorch decode step give the same heads and next state, at
     every step from the first (a fresh state, or one left by a prefill of `prefill` tokens) until the window has
     turned over. With batch 3, row 0 is left-padded by 2 tokens, which the prefill takes or the first steps decode, and
-    row 2 has a pad at the second decode step, after real tokens, which must leave its state as it was."""
-    fused = force_fused_step(monkeypatch)
+    row 2 has a pad at the second decode step, after real tokens, which must leave its state as it was. `fused`: the
+    list the fused steps' calls are counted in, after the caller switched them on (default: `force_fused_step`'s)."""
+    fused = force_fused_step(monkeypatch) if fused is None else fused
     monkeypatch.setattr(triton_step, "WINDOW_CHUNK", 128)  # hedgehog_swa's windows here in chunks of 2 to 8 rows
     model, layer = randomised_mixer(mixer, shape, dtype)
     model.to(device)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import cpu_step
 from .attention import AttentionSpec, apply_rotary, compute_dtype, repeat_heads
 from .errors import LinearizeError
 from .kernel_dispatch import simple_gla
@@ -98,6 +99,7 @@ class HedgehogMixer(FusedStepMixer):
     # The state per kv head: S (B, Hkv, 2F, D + 1), the feature-mapped keys times [v, 1] (its last column the normaliser).
     step_tensors = ("S",)
     window = 0
+    cpu_steps = True
 
     def __init__(self, attn, spec: AttentionSpec, options, layer_idx: int):
         super().__init__(attn, spec, options, layer_idx)
@@ -160,10 +162,11 @@ class HedgehogMixer(FusedStepMixer):
 
     def fresh_step_state(self, q: torch.Tensor) -> dict[str, torch.Tensor]:
         batch, hkv, width = q.shape[0], self.spec.num_kv_heads, 2 * self.options.feature_dim
-        return {"S": q.new_zeros(batch, hkv, width, self.spec.head_dim + 1, dtype=torch.float32)}
+        return {"S": q.new_zeros(batch, hkv, width, self.spec.head_dim + 1, dtype=torch.promote_types(q.dtype, torch.float32))}
 
     def launch_step(self, hidden_states, q, k, v, cos, sin, real, tensors) -> torch.Tensor:
-        return hedgehog_step(
+        step = hedgehog_step if self.launches_triton(hidden_states, q, k, v, cos, sin, tensors) else cpu_step.hedgehog_step
+        return step(
             q, k, v, cos, sin, real, self.feature_q.weight, self.feature_q.bias, self.feature_k.weight, self.feature_k.bias, tensors["S"]
         )
 
@@ -215,6 +218,11 @@ class HedgehogSWAMixer(HedgehogMixer):
         kept keys' and the ring's and err the kept keys' errors (`ops_kept`). Beside them, k, v, mask, and at (B,),
         int64, the position (`fused_step`)."""
         return ("S", "z", "fk", "err") if self.options.keep else ("S", "z", "fk")
+
+    @property
+    def cpu_steps(self) -> bool:
+        """A CPU step (`cpu_step.hedgehog_swa_step`) takes the window without kept keys."""
+        return not self.options.keep
 
     @classmethod
     def cost(cls, spec: AttentionSpec, options) -> MixerCost:
@@ -345,16 +353,22 @@ class HedgehogSWAMixer(HedgehogMixer):
     def fresh_step_state(self, q: torch.Tensor) -> dict[str, torch.Tensor]:
         batch, hkv, width = q.shape[0], self.spec.num_kv_heads, 2 * self.options.feature_dim
         keys = q.new_empty(batch, hkv, 0, self.spec.head_dim)
-        features = keys.new_empty(batch, hkv, 0, width, dtype=torch.float32)
+        features = keys.new_empty(batch, hkv, 0, width, dtype=torch.promote_types(q.dtype, torch.float32))
         if not self.options.keep:
             return empty_ring_state(q, keys, keys, features, self.window)
         kept = empty_kept_state(q, keys, keys, features, self.window, self.options.keep, self.options.keep_block)
         return {**kept, "at": torch.zeros(batch, dtype=torch.int64, device=q.device)}
 
     def launch_step(self, hidden_states, q, k, v, cos, sin, real, tensors) -> torch.Tensor:
+        maps = (self.feature_q.weight, self.feature_q.bias, self.feature_k.weight, self.feature_k.bias)
+        rings = (tensors["S"], tensors["z"], tensors["k"], tensors["v"], tensors["fk"], tensors["mask"], tensors["at"])
+        decay = self.decay_logit if self.options.decay else None
+        if not self.launches_triton(hidden_states, q, k, v, cos, sin, tensors):
+            return cpu_step.hedgehog_swa_step(
+                q, k, v, cos, sin, real, *maps, self.window_logit, *rings, self.spec.scaling, self.spec.softcap, decay,
+                self.options.linear_rope,
+            )
         return hedgehog_swa_step(
-            q, k, v, cos, sin, real, self.feature_q.weight, self.feature_q.bias, self.feature_k.weight, self.feature_k.bias,
-            self.window_logit, tensors["S"], tensors["z"], tensors["k"], tensors["v"], tensors["fk"], tensors["mask"],
-            tensors["at"], self.options.keep, self.spec.scaling, self.spec.softcap, self.decay_logit if self.options.decay else None,
-            self.options.linear_rope,
+            q, k, v, cos, sin, real, *maps, self.window_logit, *rings, self.options.keep, self.spec.scaling,
+            self.spec.softcap, decay, self.options.linear_rope,
         )

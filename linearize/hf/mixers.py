@@ -19,6 +19,7 @@ from torch import nn
 
 from .attention import AttentionSpec
 from .cache import cache_in
+from .cpu_step import cpu_step_problem
 from .errors import LinearizeError
 from .kernel_dispatch import path as kernel_path
 from .triton_step import fused_step_problem, turned_off
@@ -267,7 +268,8 @@ class FusedStepMixer(Mixer):
 
     A subclass has a `window` (0: none), names the float32 tensors of its state that its step updates besides the
     window's (`step_tensors`), gives their zeros (`fresh_step_state`) and launches its step (`launch_step`). Its
-    `mix` begins `if self.fuses_step(...): return self.fused_step(...)`.
+    `mix` begins `if self.fuses_step(...): return self.fused_step(...)`. One whose `launch_step` also runs a CPU step
+    (`cpu_step`: the same arithmetic in few PyTorch operations, for CPU tensors) says so in `cpu_steps`.
     """
 
     step_tensors: ClassVar[tuple[str, ...]] = ()
@@ -275,6 +277,8 @@ class FusedStepMixer(Mixer):
     chunks_window: ClassVar[bool] = False
     # Whether its inference prefill runs a Triton kernel of linearize's own (`triton_window`) rather than `kernel()`.
     fused_prefill: ClassVar[bool] = False
+    # Whether its `launch_step` takes CPU decode steps too (`cpu_step`), where Triton does not run.
+    cpu_steps: ClassVar[bool] = False
 
     def cuda_path(self, dtype: torch.dtype) -> str:
         if turned_off() is not None:
@@ -284,13 +288,16 @@ class FusedStepMixer(Mixer):
 
     def fuses_step(self, hidden_states, q, k, v, position_embeddings, state) -> bool:
         """Whether this call is a decode step that runs through the fused step: on CUDA with Triton, without gradients
-        or window dropout, unless LINEARIZE_FUSED_STEP=off or LINEARIZE_KERNELS=torch (`fused_step_problem`)."""
+        or window dropout, unless LINEARIZE_FUSED_STEP=off or LINEARIZE_KERNELS=torch (`fused_step_problem`); or, for a
+        mixer with `cpu_steps`, on the CPU under the same switches (`cpu_step.cpu_step_problem`)."""
         if state is None or q.shape[2] != 1 or self.dropped_window():
             return False
         problem = fused_step_problem(
             hidden_states, q, k, v, position_embeddings, self.window, state.tensors, self.step_tensors, self.chunks_window
         )
-        return problem is None
+        if problem is None:
+            return True
+        return self.cpu_steps and cpu_step_problem(q, state.tensors, self.step_tensors, self.window) is None
 
     def fused_step(self, hidden_states, q, k, v, position_embeddings, padding_mask, state) -> torch.Tensor:
         """One decode step through `launch_step`, which updates the state's tensors in place (after `step_state` has
@@ -301,6 +308,16 @@ class FusedStepMixer(Mixer):
         if not owned:
             state.write(tensors)
         return out
+
+    def launches_triton(self, hidden_states, q, k, v, cos, sin, tensors) -> bool:
+        """Whether `launch_step` launches the Triton step (on CUDA, or where the fused step takes CPU tensors: Triton's
+        interpreter) rather than its CPU step (`cpu_steps`)."""
+        if q.is_cuda:
+            return True
+        position_embeddings = None if cos is None else (cos, sin)
+        return fused_step_problem(
+            hidden_states, q, k, v, position_embeddings, self.window, tensors, self.step_tensors, self.chunks_window
+        ) is None
 
     def step_state(self, q: torch.Tensor, state) -> tuple[dict[str, torch.Tensor], bool]:
         """The state's tensors where the fused step may update them in place, else contiguous copies, which the

@@ -1,0 +1,141 @@
+"""Decode steps of `hedgehog` and `hedgehog_swa` layers for CPU inference, in as few PyTorch operations as their
+arithmetic allows.
+
+A decode step of a small model on a few CPU cores is bound by the number of operations it runs, each some
+microseconds of dispatch whatever its size, more than by their arithmetic. The PyTorch path's `hedgehog_swa` step
+(RoPE, two feature maps, `ops_window.decode_window_linear`, the state's bookkeeping) ran about 90 operations a layer
+after the projections, and a SmolLM2-135M student at 2K decoded at 0.96-0.99x its teacher's speed on two cores
+(BENCHMARKS.md, fifty-first session). These steps do the same arithmetic in about 35: q's and k's heads rotated
+together and mapped in one batched product per side into one buffer, the state's sums and ring updated in place, the
+ring's row and its oldest key addressed by the position read once as a number.
+
+They take the state in the fused steps' layout (`triton_step`; for `hedgehog_swa` the ring of
+`ops_window.ring_state`) and the same arguments, so a mixer's `launch_step` runs Triton on CUDA and these on the CPU;
+the PyTorch path stays their reference (tests/test_cpu_step.py: outputs and states step by step, in float64 and
+float32, with padding, partial RoPE, a softcap and a decay). `LINEARIZE_FUSED_STEP=off` or `LINEARIZE_KERNELS=torch`
+sends a step back to it, and so do gradients, a compiled step (which cannot read the position as a number) and a state
+made under `torch.inference_mode()` stepped outside it (which torch does not let change in place).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .kernel_dispatch import mode as kernel_mode
+from .triton_step import switch
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def cpu_step_problem(q: Tensor, tensors: dict[str, Tensor], recurrent: tuple[str, ...], window: int) -> Optional[str]:
+    """Why a CPU step does not take this decode step (None when it does): the device, gradients, compilation, the
+    dtype, the layer's state `tensors` (empty before the first step, else the PyTorch path's: the sums named first in
+    `recurrent` in the accumulation dtype and, with a `window`, its keys in q's dtype and a boolean mask), and the
+    switches."""
+    if q.device.type != "cpu":
+        return "a CPU step takes CPU tensors"
+    if torch.is_grad_enabled():
+        return "a CPU step has no backward; it runs under torch.no_grad() or torch.inference_mode()"
+    if torch.compiler.is_compiling():
+        return "a compiled step traces the PyTorch path (a CPU step reads the position as a number)"
+    if q.dtype not in DTYPES:
+        return f"a CPU step takes q in float16, bfloat16, float32 or float64, got {q.dtype}"
+    if tensors:  # the PyTorch path's state for q's dtype (checked on its sums and, with a window, its keys)
+        acc = torch.promote_types(q.dtype, torch.float32)
+        if tensors[recurrent[0]].dtype != acc or (window and (tensors["k"].dtype != q.dtype or tensors["mask"].dtype != torch.bool)):
+            return f"a CPU step takes a state of {acc} sums (and keys of q's dtype, {q.dtype})"
+        if not torch.is_inference_mode_enabled() and any(t.is_inference() for t in tensors.values()):
+            return "a state made under torch.inference_mode() changes in place only inside it"
+    if switch() == "off" or kernel_mode() == "torch":
+        return "turned off (LINEARIZE_FUSED_STEP=off or LINEARIZE_KERNELS=torch)"
+    return None
+
+
+def _rotated(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate-half RoPE on the first cos.shape[-1] dimensions of x (B, heads, 1, D), in x's dtype; cos, sin (B, 1, rot)."""
+    if cos.dtype != x.dtype:
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    rot = cos.shape[-1]
+    part = x if rot == x.shape[-1] else x[..., :rot]
+    turned = torch.cat((-part[..., rot // 2 :], part[..., : rot // 2]), dim=-1)
+    rotated = part * cos + turned * sin  # as `attention.apply_rotary` computes it: the cached keys are its own
+    return rotated if rot == x.shape[-1] else torch.cat((rotated, x[..., rot:]), dim=-1)
+
+
+def _feature_maps(x: Tensor, heads: int, wq: Tensor, bq: Tensor, wk: Tensor, bk: Tensor, acc: torch.dtype) -> Tensor:
+    """Hedgehog's maps [softmax(xW + b), softmax(-(xW + b))] of x (B, heads + kv heads, 1, D), the first `heads` by
+    (wq, bq) (heads, D, F), (heads, 1, F), the rest by (wk, bk): (B, heads + kv heads, 2F) in `acc`."""
+    batch, total, _, d = x.shape
+    rows = x.reshape(batch, total, d).transpose(0, 1).to(acc)
+    y = rows.new_empty(total, batch, wq.shape[-1])
+    torch.baddbmm(bq.to(acc), rows[:heads], wq.to(acc), out=y[:heads])
+    torch.baddbmm(bk.to(acc), rows[heads:], wk.to(acc), out=y[heads:])
+    return torch.stack((y, -y), dim=2).softmax(-1).view(total, batch, -1).transpose(0, 1)
+
+
+def hedgehog_step(q, k, v, cos, sin, real, wq, bq, wk, bk, S) -> Tensor:
+    """`triton_step.hedgehog_step` on CPU tensors: RoPE on q and k, their feature maps, fk^T [v, 1] added to the state S
+    (B, Hkv, 2F, D + 1) in place (a pad's fk is 0), and each query head's read-out fq S over its last column (0 where
+    no real key was seen). q (B, H, 1, D), k and v (B, Hkv, 1, D), real (B, 1) or None; returns (B, H, 1, D) in v's
+    dtype."""
+    batch, heads, _, d = q.shape
+    rows, group, acc = batch * k.shape[1], heads // k.shape[1], S.dtype
+    both = torch.cat((q, k), dim=1)
+    features = _feature_maps(both if cos is None else _rotated(both, cos, sin), heads, wq, bq, wk, bk, acc)
+    fk = features[:, heads:]
+    if real is not None:
+        fk = fk * real.view(batch, 1, 1)
+    values = F.pad(v.to(acc), (0, 1), value=1.0)
+    state = S.view(rows, *S.shape[2:])
+    state.baddbmm_(fk.reshape(rows, -1, 1), values.view(rows, 1, d + 1))
+    out = torch.bmm(features[:, :heads].reshape(rows, group, -1), state)
+    num, den = out[..., :d], out[..., d:]
+    return (num / torch.where(den > 0, den, 1.0)).view(batch, heads, 1, d).to(v.dtype)
+
+
+def hedgehog_swa_step(
+    q, k, v, cos, sin, real, wq, bq, wk, bk, window_logit, S, z, keys, values, fk, mask, at, scaling, softcap, decay_logit, linear_rope
+) -> Tensor:
+    """`triton_step.hedgehog_swa_step` on CPU tensors, without kept keys: the current key, value, feature-mapped key and
+    mask written into the ring's row (`ops_window.ring_state`; `at` (B,) tokens seen), every row scored, the window's
+    softmax and the linear part under one normaliser, (sum_w a_w v_w + (1 - s) fq S) / (sum_w a_w + (1 - s) fq z) with
+    a = s exp(score - peak) and s = sigmoid(window_logit), then S and z faded by `decay_logit`'s sigmoid (if given) and
+    the ring's oldest key folded into them, all in place. Shapes as `hedgehog_step`'s, S (B, Hkv, 2F, D), z (B, Hkv,
+    2F), keys and values (B, Hkv, window, D), fk (B, Hkv, window, 2F), mask (B, Hkv, window)."""
+    batch, heads, _, d = q.shape
+    kv_heads, window, acc = k.shape[1], keys.shape[2], S.dtype
+    rows, group = batch * kv_heads, heads // kv_heads
+    both = torch.cat((q, k), dim=1)
+    turned = both if cos is None else _rotated(both, cos, sin)
+    features = _feature_maps(turned if linear_rope else both, heads, wq, bq, wk, bk, acc)
+    position = int(at[0])
+    row, oldest = position % window, (position + 1) % window
+    keys[:, :, row] = turned[:, heads:, 0]
+    values[:, :, row] = v[:, :, 0]
+    fk[:, :, row] = features[:, heads:]
+    mask[:, :, row] = True if real is None else real.view(batch, 1)
+    scores = torch.bmm(turned[:, :heads].reshape(rows, group, d).to(acc), keys.view(rows, window, d).mT.to(acc)).mul_(scaling)
+    if softcap is not None:
+        scores = torch.tanh(scores.div_(softcap)).mul_(softcap)
+    scores = torch.where(mask.view(batch, kv_heads, 1, window), scores.view(batch, kv_heads, group, window), float("-inf"))
+    # A query whose window holds no real key has every score at -inf, and weight 0 for all of them.
+    weights = scores.sub_(scores.amax(-1, keepdim=True).clamp_min_(torch.finfo(acc).min)).exp_()
+    share = torch.sigmoid(window_logit.to(acc)).view(1, kv_heads, group, 1)
+    fq = features[:, :heads].reshape(rows, group, -1)
+    linear = torch.bmm(fq, S.view(rows, *S.shape[2:])).view(batch, kv_heads, group, d)
+    linear_mass = torch.bmm(fq, z.view(rows, -1, 1)).view(batch, kv_heads, group, 1)
+    num = torch.bmm(weights.view(rows, group, window), values.view(rows, window, d).to(acc)).view(batch, kv_heads, group, d)
+    out = torch.lerp(linear, num, share).div_(torch.lerp(linear_mass, weights.sum(-1, keepdim=True), share).clamp_min_(1e-30))
+    leaving = fk[:, :, oldest] * mask[:, :, oldest, None]  # a pad adds nothing
+    if decay_logit is not None:
+        fade = torch.sigmoid(decay_logit.to(acc)).view(1, kv_heads, 1)
+        S.mul_(fade[..., None])
+        z.mul_(fade)
+    S.view(rows, *S.shape[2:]).baddbmm_(leaving.reshape(rows, -1, 1), values[:, :, oldest].reshape(rows, 1, d).to(acc))
+    z.add_(leaving)
+    return out.view(batch, heads, 1, d).to(v.dtype)
