@@ -99,43 +99,56 @@ def hedgehog_step(q, k, v, cos, sin, real, wq, bq, wk, bk, S) -> Tensor:
 
 
 def hedgehog_swa_step(
-    q, k, v, cos, sin, real, wq, bq, wk, bk, window_logit, S, z, keys, values, fk, mask, at, scaling, softcap, decay_logit, linear_rope
+    q, k, v, cos, sin, real, wq, bq, wk, bk, window_logit, S, z, keys, values, fk, mask, at, keep, scaling, softcap, decay_logit,
+    linear_rope,
 ) -> Tensor:
-    """`triton_step.hedgehog_swa_step` on CPU tensors, without kept keys: the current key, value, feature-mapped key and
-    mask written into the ring's row (`ops_window.ring_state`; `at` (B,) tokens seen), every row scored, the window's
-    softmax and the linear part under one normaliser, (sum_w a_w v_w + (1 - s) fq S) / (sum_w a_w + (1 - s) fq z) with
-    a = s exp(score - peak) and s = sigmoid(window_logit), then S and z faded by `decay_logit`'s sigmoid (if given) and
-    the ring's oldest key folded into them, all in place. Shapes as `hedgehog_step`'s, S (B, Hkv, 2F, D), z (B, Hkv,
-    2F), keys and values (B, Hkv, window, D), fk (B, Hkv, window, 2F), mask (B, Hkv, window)."""
+    """`triton_step.hedgehog_swa_step` on CPU tensors: the current key, value, feature-mapped key and mask written into
+    the ring's row (`ops_window.ring_state`; `at` (B,) tokens seen), every row scored, the window's softmax and the
+    linear part under one normaliser, (sum_w a_w v_w + (1 - s) fq S) / (sum_w a_w + (1 - s) fq z) with a = s exp(score
+    - peak) and s = sigmoid(window_logit), then S and z faded by `decay_logit`'s sigmoid (if given) and the ring's oldest
+    key folded into them, all in place. With `keep` kept keys, `ops_kept`'s layout (the kept keys' rows, then a ring of
+    the rest), where a step leaves the sums as they are (the block's decision, `ops_kept.decide_block`, is the
+    caller's). Shapes as `hedgehog_step`'s, S (B, Hkv, 2F, D), z (B, Hkv, 2F), keys and values (B, Hkv, rows, D), fk
+    (B, Hkv, rows, 2F), mask (B, Hkv, rows)."""
     batch, heads, _, d = q.shape
-    kv_heads, window, acc = k.shape[1], keys.shape[2], S.dtype
+    kv_heads, width, acc = k.shape[1], keys.shape[2], S.dtype
     rows, group = batch * kv_heads, heads // kv_heads
     both = torch.cat((q, k), dim=1)
     turned = both if cos is None else _rotated(both, cos, sin)
     features = _feature_maps(turned if linear_rope else both, heads, wq, bq, wk, bk, acc)
     position = int(at[0])
-    row, oldest = position % window, (position + 1) % window
+    row = keep + position % (width - keep)
     keys[:, :, row] = turned[:, heads:, 0]
     values[:, :, row] = v[:, :, 0]
     fk[:, :, row] = features[:, heads:]
     mask[:, :, row] = True if real is None else real.view(batch, 1)
-    scores = torch.bmm(turned[:, :heads].reshape(rows, group, d).to(acc), keys.view(rows, window, d).mT.to(acc)).mul_(scaling)
+    # The PyTorch paths' order of operations (`ops_window.decode_window_linear`, `ops_kept.decode_kept_window_linear`):
+    # in 16 bits the heads then round as theirs do.
+    queries, keys_t = turned[:, :heads].reshape(rows, group, d).to(acc), keys.view(rows, width, d).mT.to(acc)
+    scores = torch.bmm(queries * scaling, keys_t) if keep else torch.bmm(queries, keys_t).mul_(scaling)
     if softcap is not None:
         scores = torch.tanh(scores.div_(softcap)).mul_(softcap)
-    scores = torch.where(mask.view(batch, kv_heads, 1, window), scores.view(batch, kv_heads, group, window), float("-inf"))
+    scores = torch.where(mask.view(batch, kv_heads, 1, width), scores.view(batch, kv_heads, group, width), float("-inf"))
     # A query whose window holds no real key has every score at -inf, and weight 0 for all of them.
-    weights = scores.sub_(scores.amax(-1, keepdim=True).clamp_min_(torch.finfo(acc).min)).exp_()
     share = torch.sigmoid(window_logit.to(acc)).view(1, kv_heads, group, 1)
+    weights = scores.sub_(scores.amax(-1, keepdim=True).clamp_min_(torch.finfo(acc).min)).exp_().mul_(share)
     fq = features[:, :heads].reshape(rows, group, -1)
     linear = torch.bmm(fq, S.view(rows, *S.shape[2:])).view(batch, kv_heads, group, d)
     linear_mass = torch.bmm(fq, z.view(rows, -1, 1)).view(batch, kv_heads, group, 1)
-    num = torch.bmm(weights.view(rows, group, window), values.view(rows, window, d).to(acc)).view(batch, kv_heads, group, d)
-    out = torch.lerp(linear, num, share).div_(torch.lerp(linear_mass, weights.sum(-1, keepdim=True), share).clamp_min_(1e-30))
-    leaving = fk[:, :, oldest] * mask[:, :, oldest, None]  # a pad adds nothing
-    if decay_logit is not None:
-        fade = torch.sigmoid(decay_logit.to(acc)).view(1, kv_heads, 1)
-        S.mul_(fade[..., None])
-        z.mul_(fade)
-    S.view(rows, *S.shape[2:]).baddbmm_(leaving.reshape(rows, -1, 1), values[:, :, oldest].reshape(rows, 1, d).to(acc))
-    z.add_(leaving)
+    num = torch.bmm(weights.view(rows, group, width), values.view(rows, width, d).to(acc)).view(batch, kv_heads, group, d)
+    rest, den = 1.0 - share, weights.sum(-1, keepdim=True)
+    if keep:
+        num, den = num + rest * linear, den + rest * linear_mass
+    else:
+        num, den = torch.addcmul(num, rest, linear), torch.addcmul(den, rest, linear_mass)
+    out = num.div_(den.clamp_min_(1e-30))
+    if not keep:
+        oldest = (row + 1) % width
+        leaving = fk[:, :, oldest] * mask[:, :, oldest, None]  # a pad adds nothing
+        if decay_logit is not None:
+            fade = torch.sigmoid(decay_logit.to(acc)).view(1, kv_heads, 1)
+            S.mul_(fade[..., None])
+            z.mul_(fade)
+        S.view(rows, *S.shape[2:]).baddbmm_(leaving.reshape(rows, -1, 1), values[:, :, oldest].reshape(rows, 1, d).to(acc))
+        z.add_(leaving)
     return out.view(batch, heads, 1, d).to(v.dtype)

@@ -219,11 +219,6 @@ class HedgehogSWAMixer(HedgehogMixer):
         int64, the position (`fused_step`)."""
         return ("S", "z", "fk", "err") if self.options.keep else ("S", "z", "fk")
 
-    @property
-    def cpu_steps(self) -> bool:
-        """A CPU step (`cpu_step.hedgehog_swa_step`) takes the window without kept keys."""
-        return not self.options.keep
-
     @classmethod
     def cost(cls, spec: AttentionSpec, options) -> MixerCost:
         w, hkv, d, f = options.window, spec.num_kv_heads, spec.head_dim, options.feature_dim
@@ -365,8 +360,8 @@ class HedgehogSWAMixer(HedgehogMixer):
         decay = self.decay_logit if self.options.decay else None
         if not self.launches_triton(hidden_states, q, k, v, cos, sin, tensors):
             return cpu_step.hedgehog_swa_step(
-                q, k, v, cos, sin, real, *maps, self.window_logit, *rings, self.spec.scaling, self.spec.softcap, decay,
-                self.options.linear_rope,
+                q, k, v, cos, sin, real, *maps, self.window_logit, *rings, self.options.keep, self.spec.scaling,
+                self.spec.softcap, decay, self.options.linear_rope,
             )
         return hedgehog_swa_step(
             q, k, v, cos, sin, real, *maps, self.window_logit, *rings, self.options.keep, self.spec.scaling,
