@@ -14,12 +14,19 @@ Students are converted as `cpu_decode.py` converts them (untrained: speed does n
     python benchmarks/decode_paired.py --recipes lolcats --blocks 20 --threads 1 --out /tmp/paired.json
     python benchmarks/decode_paired.py --recipes lolcats_keep,lolcats_keep:keep=512 --blocks 32
     python benchmarks/decode_paired.py --recipes lolcats_keep:keep=139:keep=1536@6-7+14+17-18+20-21+23 --blocks 24
+    python benchmarks/decode_paired.py --recipes lolcats,lolcats_linear --blocks 30 --pytorch-path
+
+`--pytorch-path` decodes a second copy of each student beside it, named RECIPE@pytorch, with LINEARIZE_FUSED_STEP=off
+during its blocks: the PyTorch decode path where the student takes a CPU step (`linearize.hf.cpu_step`), in the same
+turns.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -69,6 +76,17 @@ def in_turns(models: dict, ids: torch.Tensor, blocks: int, steps: int, before=la
     return times
 
 
+PYTORCH_PATH = "@pytorch"
+
+
+def switch_path(name: str) -> None:
+    """Before a block of model `name`: LINEARIZE_FUSED_STEP=off for a student named RECIPE@pytorch, unset for the others."""
+    if name.endswith(PYTORCH_PATH):
+        os.environ["LINEARIZE_FUSED_STEP"] = "off"
+    else:
+        os.environ.pop("LINEARIZE_FUSED_STEP", None)
+
+
 def paired(times: dict[str, list[float]], teacher: str = "teacher") -> dict[str, dict[str, float]]:
     """Per model: the median ms a step, and the mean and standard error of its blocks' teacher-over-model ratios."""
     rows = {}
@@ -93,6 +111,8 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=30, help="blocks of steps each model decodes, in turns")
     parser.add_argument("--steps", type=int, default=8, help="decode steps a block")
     parser.add_argument("--threads", type=int, default=0, help="torch's intra-op threads (0: torch's default, the cores)")
+    parser.add_argument("--pytorch-path", action="store_true", help="also decode each student on the PyTorch path "
+                        "(LINEARIZE_FUSED_STEP=off), as RECIPE@pytorch, in the same turns")
     parser.add_argument("--out", type=Path, default=None, help="write the results here as JSON")
     args = parser.parse_args()
     if args.blocks < 2 or args.steps < 1 or args.context < 1 or args.threads < 0:
@@ -109,7 +129,9 @@ def main() -> None:
             set_options(models[spec], **parse_options(everywhere))
         for setting, layers in (option.split("@", 1) for option in options if "@" in option):
             set_options(models[spec], layers=layers, **parse_options([setting]))
-    times = in_turns(models, ids, args.blocks, args.steps)
+    if args.pytorch_path:
+        models.update({f"{spec}{PYTORCH_PATH}": copy.deepcopy(models[spec]) for spec in list(models) if spec != "teacher"})
+    times = in_turns(models, ids, args.blocks, args.steps, before=switch_path if args.pytorch_path else lambda name: None)
     rows = paired(times)
     report(rows)
     if args.out:

@@ -3,6 +3,7 @@ caller; sdpa_decode.py's three SDPA layouts compute the same attention; cpu_deco
 fastest round per model."""
 
 import importlib.util
+import os
 import sys
 
 import pytest
@@ -113,6 +114,15 @@ def test_paired_decode_keeps_a_softmax_layers_context_and_rates_each_block_again
     rows = decode_paired.paired({"teacher": [10.0, 12.0], "s": [5.0, 12.0]})
     assert rows["teacher"] == {"median_ms": 11.0, "ratio_mean": 1.0, "ratio_error": 0.0}
     assert rows["s"]["ratio_mean"] == 1.5 and rows["s"]["ratio_error"] == pytest.approx(0.5) and rows["s"]["median_ms"] == 8.5
+
+
+def test_decode_paired_decodes_a_students_pytorch_path_with_the_cpu_step_switched_off(monkeypatch):
+    decode_paired = load("decode_paired")
+    monkeypatch.setenv("LINEARIZE_FUSED_STEP", "auto")
+    decode_paired.switch_path("lolcats@pytorch")
+    assert os.environ["LINEARIZE_FUSED_STEP"] == "off"
+    decode_paired.switch_path("lolcats")
+    assert "LINEARIZE_FUSED_STEP" not in os.environ
 
 
 @pytest.mark.parametrize("script, argv, message", [
