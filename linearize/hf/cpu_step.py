@@ -1,20 +1,22 @@
-"""Decode steps of `hedgehog` and `hedgehog_swa` layers for CPU inference, in as few PyTorch operations as their
-arithmetic allows.
+"""Decode steps of `hedgehog` and `hedgehog_swa` layers for CPU inference, in fewer and cheaper PyTorch operations than
+the PyTorch path's.
 
-A decode step of a small model on a few CPU cores is bound by the number of operations it runs, each some
-microseconds of dispatch whatever its size, more than by their arithmetic. The PyTorch path's `hedgehog_swa` step
-(RoPE, two feature maps, `ops_window.decode_window_linear`, the state's bookkeeping) ran about 90 operations a layer
-after the projections, and a SmolLM2-135M student at 2K decoded at 0.96-0.99x its teacher's speed on two cores
-(BENCHMARKS.md, fifty-first session). These steps do the same arithmetic in about 35: q's and k's heads rotated
-together and mapped in one batched product per side into one buffer, the state's sums and ring updated in place, the
-ring's row and its oldest key addressed by the position read once as a number.
+A decode step of a small model on a few CPU cores is bound by the operations it runs, each some microseconds of
+dispatch and allocation whatever its size, more than by their arithmetic: on the PyTorch path a SmolLM2-135M `lolcats`
+student decoded at 0.96-0.98x its teacher's speed at 2K on two cores (BENCHMARKS.md, fifty-first and fifty-second
+sessions). These steps do the same arithmetic with q's and k's heads rotated together and mapped in one batched
+product per side into one buffer, the state's sums and ring updated in place, and the ring's row and its oldest key
+addressed by the position read once as a number (views, where the PyTorch path gathers and scatters by index): a
+`lolcats` layer's step, projections included, in 112 top-level ATen calls instead of 134 (229 instead of 277 in all)
+and about 470 us instead of 590 (the layer timed alone), and the student at 1.01-1.04x its teacher's speed.
 
-They take the state in the fused steps' layout (`triton_step`; for `hedgehog_swa` the ring of
-`ops_window.ring_state`) and the same arguments, so a mixer's `launch_step` runs Triton on CUDA and these on the CPU;
-the PyTorch path stays their reference (tests/test_cpu_step.py: outputs and states step by step, in float64 and
-float32, with padding, partial RoPE, a softcap and a decay). `LINEARIZE_FUSED_STEP=off` or `LINEARIZE_KERNELS=torch`
-sends a step back to it, and so do gradients, a compiled step (which cannot read the position as a number) and a state
-made under `torch.inference_mode()` stepped outside it (which torch does not let change in place).
+They take the state in the fused steps' layout (`triton_step`; for `hedgehog_swa` the ring of `ops_window.ring_state`,
+or `ops_kept`'s with kept keys) and the same arguments, so a mixer's `launch_step` runs Triton on CUDA and these on the
+CPU; the PyTorch path stays their reference (tests/test_cpu_step.py: heads and states step by step, in float64,
+float32 and bfloat16, with padding, partial RoPE, a softcap, a decay and kept keys). `LINEARIZE_FUSED_STEP=off` or
+`LINEARIZE_KERNELS=torch` sends a step back to it, and so do gradients, a compiled step (which cannot read the
+position as a number) and a state made under `torch.inference_mode()` stepped outside it (which torch does not let
+change in place).
 """
 
 from __future__ import annotations
