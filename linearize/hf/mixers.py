@@ -269,7 +269,7 @@ class FusedStepMixer(Mixer):
     A subclass has a `window` (0: none), names the float32 tensors of its state that its step updates besides the
     window's (`step_tensors`), gives their zeros (`fresh_step_state`) and launches its step (`launch_step`). Its
     `mix` begins `if self.fuses_step(...): return self.fused_step(...)`. One whose `launch_step` also runs a CPU step
-    (`cpu_step`: the same arithmetic in few PyTorch operations, for CPU tensors) says so in `cpu_steps`.
+    (`cpu_step`: the same arithmetic in fewer PyTorch operations, for CPU tensors) says so in `cpu_steps`.
     """
 
     step_tensors: ClassVar[tuple[str, ...]] = ()
