@@ -75,6 +75,8 @@
 #                                             # detached.tgz (collect too). A
 #                                             # quality pair then runs across calls without --resume's reloads and
 #                                             # recompiles (eighteenth session), as long as the calls chain
+#                                             # (call it unpiped: piped into `tail`, the fifty-second session's call ran
+#                                             # to its time limit while the detached run went on)
 #   bash benchmarks/h100_session.sh collect   # (after detach, still warm) wait up to COLLECT_S seconds (default 560) for
 #                                             # the detached run to end, then return what it wrote; STOP (a pkill -f
 #                                             # pattern, e.g. "quality-gp[u]1") ends part of it first; DELTA (quality
