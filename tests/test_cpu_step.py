@@ -1,4 +1,4 @@
-"""The CPU decode steps of `hedgehog` and `hedgehog_swa` (cpu_step.py) against the PyTorch decode path: heads and next
+"""The CPU decode steps of `hedgehog`, `hedgehog_swa` and `gated_deltanet` (cpu_step.py) against the PyTorch decode path: heads and next
 states step by step on every shape and variant that the fused steps' tests use (test_triton_step.py), in float64,
 float32 and bfloat16; when the PyTorch path takes a step instead; and whole models' cached generation. They need no
 Triton: on CPU tensors a step runs there unless LINEARIZE_FUSED_STEP=on sends it to Triton's interpreter."""
@@ -12,13 +12,13 @@ from linearize.hf.cache import MixerState
 from tests.test_triton_step import SHAPES, TOLERANCE, assert_steps_match, randomised_mixer, rotary, step
 from tests.tiny import left_padded, random_ids, tiny_model
 
-STEPS = ("hedgehog_step", "hedgehog_swa_step")
+STEPS = ("hedgehog_step", "hedgehog_swa_step", "gated_deltanet_step")
 # In float64 the step's arithmetic is the PyTorch path's up to the order of its sums; its cached keys, values, mask
 # and position are the PyTorch path's, bit for bit, in every dtype.
-F64 = dict(heads=1e-12, unequal=1.0, S=1e-12, z=1e-12, fk=1e-12, k=0, v=0, mask=0, at=0, err=0)
+F64 = dict(heads=1e-12, unequal=1.0, S=1e-12, z=1e-12, fk=1e-12, k=0, v=0, mask=0, at=0, err=0, conv=0, recurrent=1e-12)
 # hedgehog_swa's variants: a decay, feature maps that read q and k before RoPE, and kept keys.
 VARIANTS = ("hedgehog_swa+decay", "hedgehog_swa+linear_rope", "hedgehog_swa+keep")
-CASES = [("hedgehog", shape) for shape in SHAPES] + [
+CASES = [(mixer, shape) for mixer in ("hedgehog", "gated_deltanet") for shape in SHAPES] + [
     (mixer, shape) for mixer in ("hedgehog_swa", *VARIANTS) for shape in SHAPES if shape != "no_window"
 ]
 
@@ -109,6 +109,8 @@ GENERATIONS = [
     ("hedgehog_swa", {"window": 1}),
     ("hedgehog_swa", {"window": 3, "linear_rope": False, "decay": 0.9}),
     ("hedgehog_swa", {"window": 3, "keep": 2, "keep_block": 4}),
+    ("gated_deltanet", {"window": 4}),
+    ("gated_deltanet", {"window": 0}),
 ]
 
 

@@ -154,3 +154,66 @@ def hedgehog_swa_step(
         S.view(rows, *S.shape[2:]).baddbmm_(leaving.reshape(rows, -1, 1), values[:, :, oldest].reshape(rows, 1, d).to(acc))
         z.add_(leaving)
     return out.view(batch, heads, 1, d).to(v.dtype)
+
+
+def gated_deltanet_step(
+    hidden, q, k, v, cos, sin, real, conv_weight, beta_weight, beta_bias, decay_weight, a_log, dt_bias, window_logit, conv,
+    recurrent, window_k, window_v, window_mask, scaling, softcap,
+) -> Tensor:
+    """`triton_step.gated_deltanet_step` on CPU tensors: the gates beta = sigmoid(W_beta x + b) and g = -exp(A_log)
+    softplus(W_a x + dt_bias) from the hidden states x (B, 1, hidden), the short convolution's one-token step on q, k
+    and v (its cache conv (B, C, K - 1) moved on in place), q and k L2-normalised, the gated delta rule's update of
+    recurrent (B, H, D, D) in place and its read-out; with a window (window_k, window_v (B, Hkv, window - 1, D),
+    window_mask (B, window - 1)), the teacher's softmax over it and the current key, mixed in by sigmoid(window_logit),
+    the window moved on in place. A pad (False in real (B, 1)) neither writes, decays nor enters the convolution, and
+    its heads are 0. Returns (B, H, 1, D) in q's dtype."""
+    batch, heads, _, d = q.shape
+    kv_heads, acc = k.shape[1], recurrent.dtype
+    rows = batch * heads
+    x = hidden.reshape(batch, -1).to(acc)
+    beta = torch.sigmoid(F.linear(x, beta_weight.to(acc), None if beta_bias is None else beta_bias.to(acc)))
+    g = F.softplus(F.linear(x, decay_weight.to(acc), dt_bias.to(acc))) * -a_log.to(acc).exp()
+    seq = torch.cat((conv, torch.cat((q, k, v), dim=1).to(acc).view(batch, -1, 1)), dim=-1)
+    channels = (seq * conv_weight.to(acc)).sum(-1).view(batch, -1, d)
+    if real is None:
+        conv.copy_(seq[..., 1:])
+    else:  # a pad leaves the convolution's cache as it was
+        present = real.view(batch, 1).to(acc)
+        beta, g = beta * present, g * present
+        conv.copy_(torch.where(present.view(batch, 1, 1) > 0, seq[..., 1:], conv))
+    qk = F.normalize(channels[:, : heads + kv_heads], dim=-1)
+    group = heads // kv_heads
+    keys = qk[:, heads:].repeat_interleave(group, dim=1).reshape(rows, 1, d)
+    values = channels[:, heads + kv_heads :].repeat_interleave(group, dim=1).reshape(rows, 1, d)
+    state = recurrent.view(rows, d, d).mul_(g.exp().view(rows, 1, 1))
+    state.addcmul_(keys.transpose(1, 2), (values - torch.bmm(keys, state)) * beta.view(rows, 1, 1))
+    out = torch.bmm(qk[:, :heads].reshape(rows, 1, d), state).view(batch, heads, 1, d)
+    if window_k is not None:
+        share = torch.sigmoid(window_logit.to(acc)).view(-1, 1, 1)
+        out = torch.lerp(out, _window_heads(q, k, v, cos, sin, real, window_k, window_v, window_mask, scaling, softcap).to(acc), share)
+    if real is not None:
+        out = out * real.view(batch, 1, 1, 1)
+    return out.to(q.dtype)
+
+
+def _window_heads(q, k, v, cos, sin, real, window_k, window_v, window_mask, scaling, softcap) -> Tensor:
+    """The teacher's softmax heads (B, H, 1, D), in v's dtype, of q over the window's cached keys and the current one
+    (q and k rotated; a query that sees no real key gets 0), the window (B, Hkv, window - 1, *) and its mask
+    (B, window - 1) moved on by the current key in place (`windows.sliding_window_heads`' decode step)."""
+    batch, heads, _, d = q.shape
+    kv_heads, acc = k.shape[1], torch.promote_types(q.dtype, torch.float32)
+    both = torch.cat((q, k), dim=1)
+    turned = both if cos is None else _rotated(both, cos, sin)
+    keys = torch.cat((window_k, turned[:, heads:]), dim=2)
+    values = torch.cat((window_v, v), dim=2)
+    mask = F.pad(window_mask, (0, 1), value=True) if real is None else torch.cat((window_mask, real.bool()), dim=1)
+    total, rows = keys.shape[2], batch * kv_heads
+    scores = torch.bmm(turned[:, :heads].reshape(rows, heads // kv_heads, d).to(acc), keys.to(acc).reshape(rows, total, d).transpose(1, 2)) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = torch.where(mask[:, None, None, :], scores.view(batch, kv_heads, -1, total), float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    window_k.copy_(keys[:, :, 1:])
+    window_v.copy_(values[:, :, 1:])
+    window_mask.copy_(mask[:, 1:])
+    return torch.bmm(probs.view(rows, -1, total), values.to(acc).reshape(rows, total, -1)).view(batch, heads, 1, -1).to(v.dtype)

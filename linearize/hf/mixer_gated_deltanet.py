@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_step
 from .attention import AttentionSpec, compute_dtype, repeat_heads
 from .errors import LinearizeError
 from .gates import inverse_softplus, logit
@@ -91,10 +92,10 @@ def check_conv_size(conv_size: int, name: str) -> None:
 
 def fresh_delta_rule_state(q: torch.Tensor, conv_weight: torch.Tensor) -> dict[str, torch.Tensor]:
     """A gated delta rule's decode state before any token, for q's batch (B, H, 1, D): the short convolution's cache
-    (B, C, K - 1) for conv_weight (C, K) and the state (B, H, D, D), float32 zeros."""
+    (B, C, K - 1) for conv_weight (C, K) and the state (B, H, D, D), zeros in float32 (or wider, as q)."""
     batch, h, _, d = q.shape
     channels, taps = conv_weight.shape
-    zeros = dict(device=q.device, dtype=torch.float32)
+    zeros = dict(device=q.device, dtype=torch.promote_types(q.dtype, torch.float32))
     return {"conv": torch.zeros(batch, channels, taps - 1, **zeros), "recurrent": torch.zeros(batch, h, d, d, **zeros)}
 
 
@@ -224,6 +225,7 @@ class GatedDeltaNetMixer(FusedStepMixer):
     summary = "gated delta rule on the teacher's q/k/v with short convolutions and learned write strength and decay"
     Options = GatedDeltaNetOptions
     step_tensors = ("conv", "recurrent")
+    cpu_steps = True
 
     # The start (see the module docstring for why).
     initial_beta = 0.5
@@ -310,7 +312,8 @@ class GatedDeltaNetMixer(FusedStepMixer):
         return fresh_delta_rule_state(q, self.conv_weight)
 
     def launch_step(self, hidden_states, q, k, v, cos, sin, real, tensors) -> torch.Tensor:
-        return gated_deltanet_step(
+        step = gated_deltanet_step if self.launches_triton(hidden_states, q, k, v, cos, sin, tensors) else cpu_step.gated_deltanet_step
+        return step(
             hidden_states, q, k, v, cos, sin, real, self.conv_weight, self.beta_proj.weight, self.beta_proj.bias,
             self.decay_proj.weight, self.A_log, self.dt_bias, self.window_logit if self.window else None,
             tensors["conv"], tensors["recurrent"], tensors.get("k"), tensors.get("v"), tensors.get("mask"),
