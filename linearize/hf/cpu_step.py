@@ -1,5 +1,5 @@
-"""Decode steps of `hedgehog` and `hedgehog_swa` layers for CPU inference, in fewer and cheaper PyTorch operations than
-the PyTorch path's.
+"""Decode steps of `hedgehog`, `hedgehog_swa` and `gated_deltanet` layers for CPU inference, in fewer and cheaper
+PyTorch operations than the PyTorch path's.
 
 A decode step of a small model on a few CPU cores is bound by the operations it runs, each some microseconds of
 dispatch and allocation whatever its size, more than by their arithmetic: on the PyTorch path a SmolLM2-135M `lolcats`
@@ -8,12 +8,14 @@ sessions). These steps do the same arithmetic with q's and k's heads rotated tog
 product per side into one buffer, the state's sums and ring updated in place, and the ring's row and its oldest key
 addressed by the position read once as a number (views, where the PyTorch path gathers and scatters by index): a
 `lolcats` layer's step, projections included, in 112 top-level ATen calls instead of 134 (229 instead of 277 in all)
-and about 470 us instead of 590 (the layer timed alone), and the student at 1.01-1.04x its teacher's speed.
+and about 470 us instead of 590 (the layer timed alone), and the student at 1.01-1.04x its teacher's speed. A
+`gated_deltanet` step updates its convolution's cache, its state and its window in place where the PyTorch path makes
+new ones.
 
 They take the state in the fused steps' layout (`triton_step`; for `hedgehog_swa` the ring of `ops_window.ring_state`,
 or `ops_kept`'s with kept keys) and the same arguments, so a mixer's `launch_step` runs Triton on CUDA and these on the
 CPU; the PyTorch path stays their reference (tests/test_cpu_step.py: heads and states step by step, in float64,
-float32 and bfloat16, with padding, partial RoPE, a softcap, a decay and kept keys). `LINEARIZE_FUSED_STEP=off` or
+float32 and bfloat16, with padding, partial RoPE, a softcap, a decay, kept keys and no window). `LINEARIZE_FUSED_STEP=off` or
 `LINEARIZE_KERNELS=torch` sends a step back to it, and so do gradients, a compiled step (which cannot read the
 position as a number) and a state made under `torch.inference_mode()` stepped outside it (which torch does not let
 change in place).
