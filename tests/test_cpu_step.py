@@ -110,6 +110,7 @@ GENERATIONS = [
     ("hedgehog_swa", {"window": 3, "linear_rope": False, "decay": 0.9}),
     ("hedgehog_swa", {"window": 3, "keep": 2, "keep_block": 4}),
     ("gated_deltanet", {"window": 4}),
+    ("gated_deltanet", {"window": 8}),
     ("gated_deltanet", {"window": 0}),
 ]
 
