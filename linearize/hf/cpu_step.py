@@ -29,8 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .attention import rotate_half
 from .kernel_dispatch import mode as kernel_mode
+from .ops_delta import delta_rule_gates
 from .triton_step import switch
+from .windows import _one_query
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -66,8 +69,7 @@ def _rotated(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     rot = cos.shape[-1]
     part = x if rot == x.shape[-1] else x[..., :rot]
-    turned = torch.cat((-part[..., rot // 2 :], part[..., : rot // 2]), dim=-1)
-    rotated = part * cos + turned * sin  # as `attention.apply_rotary` computes it: the cached keys are its own
+    rotated = part * cos + rotate_half(part) * sin  # as `attention.apply_rotary` computes it: the cached keys are its own
     return rotated if rot == x.shape[-1] else torch.cat((rotated, x[..., rot:]), dim=-1)
 
 
@@ -172,23 +174,19 @@ def gated_deltanet_step(
     batch, heads, _, d = q.shape
     kv_heads, acc = k.shape[1], recurrent.dtype
     rows = batch * heads
-    x = hidden.reshape(batch, -1).to(acc)
-    beta = torch.sigmoid(F.linear(x, beta_weight.to(acc), None if beta_bias is None else beta_bias.to(acc)))
-    g = F.softplus(F.linear(x, decay_weight.to(acc), dt_bias.to(acc))) * -a_log.to(acc).exp()
+    beta, g = delta_rule_gates(hidden, beta_weight, beta_bias, decay_weight, a_log, dt_bias, real)
     seq = torch.cat((conv, torch.cat((q, k, v), dim=1).to(acc).view(batch, -1, 1)), dim=-1)
     channels = (seq * conv_weight.to(acc)).sum(-1).view(batch, -1, d)
     if real is None:
         conv.copy_(seq[..., 1:])
     else:  # a pad leaves the convolution's cache as it was
-        present = real.view(batch, 1).to(acc)
-        beta, g = beta * present, g * present
-        conv.copy_(torch.where(present.view(batch, 1, 1) > 0, seq[..., 1:], conv))
+        conv.copy_(torch.where(real.view(batch, 1, 1).bool(), seq[..., 1:], conv))
     qk = F.normalize(channels[:, : heads + kv_heads], dim=-1)
     group = heads // kv_heads
     keys = qk[:, heads:].repeat_interleave(group, dim=1).reshape(rows, 1, d)
     values = channels[:, heads + kv_heads :].repeat_interleave(group, dim=1).reshape(rows, 1, d)
     state = recurrent.view(rows, d, d).mul_(g.exp().view(rows, 1, 1))
-    state.addcmul_(keys.transpose(1, 2), (values - torch.bmm(keys, state)) * beta.view(rows, 1, 1))
+    state.addcmul_(keys.transpose(1, 2), (values - torch.bmm(keys, state)) * beta.reshape(rows, 1, 1))
     out = torch.bmm(qk[:, :heads].reshape(rows, 1, d), state).view(batch, heads, 1, d)
     if window_k is not None:
         share = torch.sigmoid(window_logit.to(acc)).view(-1, 1, 1)
@@ -200,22 +198,16 @@ def gated_deltanet_step(
 
 def _window_heads(q, k, v, cos, sin, real, window_k, window_v, window_mask, scaling, softcap) -> Tensor:
     """The teacher's softmax heads (B, H, 1, D), in v's dtype, of q over the window's cached keys and the current one
-    (q and k rotated; a query that sees no real key gets 0), the window (B, Hkv, window - 1, *) and its mask
+    (q and k rotated; `windows._one_query`, the PyTorch path's), the window (B, Hkv, window - 1, *) and its mask
     (B, window - 1) moved on by the current key in place (`windows.sliding_window_heads`' decode step)."""
-    batch, heads, _, d = q.shape
-    kv_heads, acc = k.shape[1], torch.promote_types(q.dtype, torch.float32)
+    heads = q.shape[1]
     both = torch.cat((q, k), dim=1)
     turned = both if cos is None else _rotated(both, cos, sin)
     keys = torch.cat((window_k, turned[:, heads:]), dim=2)
     values = torch.cat((window_v, v), dim=2)
     mask = F.pad(window_mask, (0, 1), value=True) if real is None else torch.cat((window_mask, real.bool()), dim=1)
-    total, rows = keys.shape[2], batch * kv_heads
-    scores = torch.bmm(turned[:, :heads].reshape(rows, heads // kv_heads, d).to(acc), keys.to(acc).reshape(rows, total, d).transpose(1, 2)) * scaling
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
-    scores = torch.where(mask[:, None, None, :], scores.view(batch, kv_heads, -1, total), float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    out = _one_query(turned[:, :heads], keys, values, scaling=scaling, softcap=softcap, key_mask=mask)
     window_k.copy_(keys[:, :, 1:])
     window_v.copy_(values[:, :, 1:])
     window_mask.copy_(mask[:, 1:])
-    return torch.bmm(probs.view(rows, -1, total), values.to(acc).reshape(rows, total, -1)).view(batch, heads, 1, -1).to(v.dtype)
+    return out

@@ -39,7 +39,7 @@ from .errors import LinearizeError
 from .gates import inverse_softplus, logit
 from .kernel_dispatch import gated_delta_rule
 from .mixers import FusedStepMixer, MixerCost, register_mixer
-from .ops_delta import step_gated_delta_rule
+from .ops_delta import delta_rule_gates, step_gated_delta_rule
 from .triton_conv import causal_conv, conv_prefill_problem
 from .triton_step import gated_deltanet_step
 from .windows import add_window, check_window, effective_window, window_cache_size
@@ -146,29 +146,6 @@ def convolve_heads(
 def unit_rows(x: torch.Tensor) -> torch.Tensor:
     """x divided by its L2 norm over the last dimension (at least 1e-12), as `F.normalize` does."""
     return F.normalize(x, dim=-1)
-
-
-def delta_rule_gates(
-    hidden_states: torch.Tensor,
-    beta_weight: torch.Tensor,
-    beta_bias: torch.Tensor | None,
-    decay_weight: torch.Tensor,
-    A_log: torch.Tensor,
-    dt_bias: torch.Tensor,
-    padding_mask: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A gated delta rule's write strength beta = sigmoid(W_beta x + b) and log-decay g = -exp(A_log) softplus(W_a x +
-    dt_bias) for hidden states (B, T, C), both (B, H, T), in float32 or wider; zero at pads (False in `padding_mask`),
-    so they neither write nor decay."""
-    batch, length, width = hidden_states.shape
-    # (B * T, C) rows: each projection is one matrix product with its bias, where a (B, T, C) input takes four.
-    x = hidden_states.reshape(-1, width).to(torch.promote_types(hidden_states.dtype, torch.float32))
-    beta = torch.sigmoid(F.linear(x, beta_weight.to(x.dtype), None if beta_bias is None else beta_bias.to(x.dtype)))
-    g = F.softplus(F.linear(x, decay_weight.to(x.dtype), dt_bias.to(x.dtype))) * -A_log.to(x.dtype).exp()
-    beta, g = beta.view(batch, length, -1), g.view(batch, length, -1)
-    if padding_mask is not None:
-        beta, g = beta * padding_mask[..., None], g * padding_mask[..., None]
-    return beta.transpose(1, 2), g.transpose(1, 2)
 
 
 def delta_rule_decode(

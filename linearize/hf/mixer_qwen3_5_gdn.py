@@ -32,8 +32,9 @@ from .attention import AttentionSpec, compute_dtype, repeat_heads
 from .errors import LinearizeError
 from .gates import inverse_softplus
 from .kernel_dispatch import gated_delta_rule
-from .mixer_gated_deltanet import check_conv_size, convolve_heads, delta_rule_decode, delta_rule_gates, fresh_delta_rule_state
+from .mixer_gated_deltanet import check_conv_size, convolve_heads, delta_rule_decode, fresh_delta_rule_state
 from .mixers import FusedStepMixer, MixerCost, register_mixer
+from .ops_delta import delta_rule_gates
 from .triton_step import qwen3_5_gdn_step
 
 L2_EPS = 1e-6  # qwen3_5's (and fla's) l2norm: x * rsqrt(sum(x^2) + eps)

@@ -14,7 +14,7 @@ The naive, recurrent and chunked forms compute in float32 (float64 if any input 
 float64), return o in v's dtype and the final state (B, H, K, V) in that compute
 dtype. `step_gated_delta_rule`, the recurrent form's one-token step, takes rows
 (batch x head) already in one float dtype and keeps it (a decode step calls it
-directly).
+directly); `delta_rule_gates` gives a layer's beta and g from its hidden states.
 """
 
 from typing import Optional, Tuple
@@ -128,6 +128,29 @@ def step_gated_delta_rule(
     decayed = state * alpha
     state = torch.addcmul(decayed, k.transpose(1, 2), (v - torch.bmm(k, decayed)) * beta)
     return torch.bmm(q, state), state
+
+
+def delta_rule_gates(
+    hidden_states: torch.Tensor,
+    beta_weight: torch.Tensor,
+    beta_bias: torch.Tensor | None,
+    decay_weight: torch.Tensor,
+    A_log: torch.Tensor,
+    dt_bias: torch.Tensor,
+    padding_mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A gated delta rule's write strength beta = sigmoid(W_beta x + b) and log-decay g = -exp(A_log) softplus(W_a x +
+    dt_bias) for hidden states (B, T, C), both (B, H, T), in float32 or wider; zero at pads (False in `padding_mask`),
+    so they neither write nor decay."""
+    batch, length, width = hidden_states.shape
+    # (B * T, C) rows: each projection is one matrix product with its bias, where a (B, T, C) input takes four.
+    x = hidden_states.reshape(-1, width).to(torch.promote_types(hidden_states.dtype, torch.float32))
+    beta = torch.sigmoid(F.linear(x, beta_weight.to(x.dtype), None if beta_bias is None else beta_bias.to(x.dtype)))
+    g = F.softplus(F.linear(x, decay_weight.to(x.dtype), dt_bias.to(x.dtype))) * -A_log.to(x.dtype).exp()
+    beta, g = beta.view(batch, length, -1), g.view(batch, length, -1)
+    if padding_mask is not None:
+        beta, g = beta * padding_mask[..., None], g * padding_mask[..., None]
+    return beta.transpose(1, 2), g.transpose(1, 2)
 
 
 # Longer than 60 lines with its signature and docstring: the chunked scan reads top to bottom as the docstring's
