@@ -1,4 +1,4 @@
-"""The CPU decode steps of `hedgehog`, `hedgehog_swa` and `gated_deltanet` (cpu_step.py) against the PyTorch decode path: heads and next
+"""The CPU decode steps (cpu_step.py) of every mixer with a fused step against the PyTorch decode path: heads and next
 states step by step on every shape and variant that the fused steps' tests use (test_triton_step.py), in float64,
 float32 and bfloat16; when the PyTorch path takes a step instead; and whole models' cached generation. They need no
 Triton: on CPU tensors a step runs there unless LINEARIZE_FUSED_STEP=on sends it to Triton's interpreter."""
@@ -9,16 +9,17 @@ import torch
 import linearize
 from linearize.hf import cpu_step
 from linearize.hf.cache import MixerState
+from linearize.hf.mixers import FusedStepMixer
 from tests.test_triton_step import SHAPES, TOLERANCE, assert_steps_match, randomised_mixer, rotary, step
 from tests.tiny import left_padded, random_ids, tiny_model
 
-STEPS = ("hedgehog_step", "hedgehog_swa_step", "gated_deltanet_step")
+STEPS = ("hedgehog_step", "hedgehog_swa_step", "gated_deltanet_step", "qwen3_5_gdn_step", "gla_step", "mamba2_step", "bamba_mamba2_step")
 # In float64 the step's arithmetic is the PyTorch path's up to the order of its sums; its cached keys, values, mask
 # and position are the PyTorch path's, bit for bit, in every dtype.
-F64 = dict(heads=1e-12, unequal=1.0, S=1e-12, z=1e-12, fk=1e-12, k=0, v=0, mask=0, at=0, err=0, conv=0, recurrent=1e-12)
+F64 = dict(heads=1e-12, unequal=1.0, S=1e-12, z=1e-12, fk=1e-12, k=0, v=0, mask=0, at=0, err=0, conv=0, recurrent=1e-12, ssm=1e-12)
 # hedgehog_swa's variants: a decay, feature maps that read q and k before RoPE, and kept keys.
 VARIANTS = ("hedgehog_swa+decay", "hedgehog_swa+linear_rope", "hedgehog_swa+keep")
-CASES = [(mixer, shape) for mixer in ("hedgehog", "gated_deltanet") for shape in SHAPES] + [
+CASES = [(mixer, shape) for mixer in ("hedgehog", "gated_deltanet", "qwen3_5_gdn", "gla", "mamba2", "bamba_mamba2") for shape in SHAPES] + [
     (mixer, shape) for mixer in ("hedgehog_swa", *VARIANTS) for shape in SHAPES if shape != "no_window"
 ]
 
@@ -46,6 +47,13 @@ def cpu_calls(monkeypatch) -> list:
 def test_each_cpu_step_equals_the_pytorch_step(monkeypatch, mixer, shape, dtype, batch, prefill):
     tolerance = F64 if dtype == torch.float64 else TOLERANCE[dtype]
     assert_steps_match(monkeypatch, mixer, shape, dtype, batch, prefill, tolerance, fused=cpu_calls(monkeypatch))
+
+
+@pytest.mark.core
+def test_every_mixer_with_a_fused_step_has_a_cpu_step():
+    fused = sorted(name for name, mixer in linearize.MIXERS.items() if issubclass(mixer, FusedStepMixer))
+    assert fused == sorted(step.removesuffix("_step") for step in STEPS)
+    assert all(linearize.MIXERS[name].cpu_steps for name in fused)
 
 
 def two_steps(layer, model, **settings) -> MixerState:
@@ -112,6 +120,12 @@ GENERATIONS = [
     ("gated_deltanet", {"window": 4}),
     ("gated_deltanet", {"window": 8}),
     ("gated_deltanet", {"window": 0}),
+    ("qwen3_5_gdn", {}),
+    ("gla", {"window": 4}),
+    ("gla", {"window": 0}),
+    ("mamba2", {"window": 4}),
+    ("mamba2", {"window": 0}),
+    ("bamba_mamba2", {}),
 ]
 
 

@@ -1,16 +1,17 @@
-"""Decode steps of `hedgehog`, `hedgehog_swa` and `gated_deltanet` layers for CPU inference, in fewer and cheaper
-PyTorch operations than the PyTorch path's.
+"""Decode steps of every mixer with a fused Triton step (`hedgehog`, `hedgehog_swa`, `gated_deltanet`, `qwen3_5_gdn`,
+`gla`, `mamba2`, `bamba_mamba2`) for CPU inference, in fewer and cheaper PyTorch operations than the PyTorch path's.
 
 A decode step of a small model on a few CPU cores is bound by the operations it runs, each some microseconds of
 dispatch and allocation whatever its size, more than by their arithmetic: on the PyTorch path a SmolLM2-135M `lolcats`
 student decoded at 0.96-0.98x its teacher's speed at 2K on two cores (BENCHMARKS.md, fifty-first and fifty-second
-sessions). These steps do the same arithmetic with q's and k's heads rotated together and mapped in one batched
+sessions). The Hedgehog steps do the same arithmetic with q's and k's heads rotated together and mapped in one batched
 product per side into one buffer, the state's sums and ring updated in place, and the ring's row and its oldest key
 addressed by the position read once as a number (views, where the PyTorch path gathers and scatters by index): a
 `lolcats` layer's step, projections included, in 112 top-level ATen calls instead of 134 (229 instead of 277 in all)
-and about 470 us instead of 590 (the layer timed alone), and the student at 1.01-1.04x its teacher's speed. A
-`gated_deltanet` step updates its convolution's cache, its state and its window in place where the PyTorch path makes
-new ones.
+and about 470 us instead of 590 (the layer timed alone), and the student at 1.01-1.04x its teacher's speed. The
+others update their convolution's cache, their state and their window in place where the PyTorch path makes new ones,
+and skip its repeats of the kv heads to the query heads (`gla` reads its one state per kv head with the group's
+queries; `mamba2`'s write broadcasts a kv head's key and value over its group's states).
 
 They take the state in the fused steps' layout (`triton_step`; for `hedgehog_swa` the ring of `ops_window.ring_state`,
 or `ops_kept`'s with kept keys) and the same arguments, so a mixer's `launch_step` runs Triton on CUDA and these on the
@@ -31,7 +32,8 @@ from torch import Tensor
 
 from .attention import rotate_half
 from .kernel_dispatch import mode as kernel_mode
-from .ops_delta import delta_rule_gates
+from .norms import gated_group_rms_norm, gated_rms_norm
+from .ops_delta import delta_rule_gates, l2_normalize
 from .triton_step import switch
 from .windows import _one_query
 
@@ -171,6 +173,34 @@ def gated_deltanet_step(
     window_mask (B, window - 1)), the teacher's softmax over it and the current key, mixed in by sigmoid(window_logit),
     the window moved on in place. A pad (False in real (B, 1)) neither writes, decays nor enters the convolution, and
     its heads are 0. Returns (B, H, 1, D) in q's dtype."""
+    out = _delta_rule_heads(hidden, q, k, v, real, conv_weight, beta_weight, beta_bias, decay_weight, a_log, dt_bias, conv, recurrent)
+    if window_k is not None:
+        share = torch.sigmoid(window_logit.to(out.dtype)).view(-1, 1, 1)
+        out = torch.lerp(out, _window_heads(q, k, v, cos, sin, real, window_k, window_v, window_mask, scaling, softcap).to(out.dtype), share)
+    if real is not None:
+        out = out * real.view(-1, 1, 1, 1)
+    return out.to(q.dtype)
+
+
+def qwen3_5_gdn_step(hidden, q, k, v, real, z, conv_weight, b_weight, a_weight, a_log, dt_bias, norm_weight, conv, recurrent, scale, eps) -> Tensor:
+    """`triton_step.qwen3_5_gdn_step` on CPU tensors: `gated_deltanet_step`'s rule as qwen3_5 runs it (SiLU after the
+    convolution, q and k scaled to unit length with qwen3_5's epsilon, q times `scale`, no bias on beta, no window),
+    then its gated RMSNorm by SiLU(z) (z (B, 1, H D)) with norm_weight (D,) and `eps`; conv and recurrent updated in
+    place. Returns (B, H, 1, D) in q's dtype, 0 at a pad."""
+    batch, heads, _, d = q.shape
+    out = _delta_rule_heads(hidden, q, k, v, real, conv_weight, b_weight, None, a_weight, a_log, dt_bias, conv, recurrent, qwen_scale=scale)
+    gated = gated_rms_norm(out.to(hidden.dtype), z.view(batch, 1, heads, d).transpose(1, 2), norm_weight, eps)
+    if real is not None:
+        gated = gated * real.view(batch, 1, 1, 1)
+    return gated.to(q.dtype)
+
+
+def _delta_rule_heads(
+    hidden, q, k, v, real, conv_weight, beta_weight, beta_bias, decay_weight, a_log, dt_bias, conv, recurrent, qwen_scale: Optional[float] = None
+) -> Tensor:
+    """The gated delta rule's heads (B, H, 1, D) in the sums' dtype after one token: its gates, the short convolution
+    (conv moved on in place, a pad leaving it as it was) and the rule's update of `recurrent` in place. `qwen_scale`:
+    None for `gated_deltanet`'s form, else q's scale in qwen3_5's (`mixer_gated_deltanet.delta_rule_decode`'s `silu`)."""
     batch, heads, _, d = q.shape
     kv_heads, acc = k.shape[1], recurrent.dtype
     rows = batch * heads
@@ -181,19 +211,110 @@ def gated_deltanet_step(
         conv.copy_(seq[..., 1:])
     else:  # a pad leaves the convolution's cache as it was
         conv.copy_(torch.where(real.view(batch, 1, 1).bool(), seq[..., 1:], conv))
-    qk = F.normalize(channels[:, : heads + kv_heads], dim=-1)
+    if qwen_scale is None:
+        qk = F.normalize(channels[:, : heads + kv_heads], dim=-1)
+    else:
+        channels = F.silu(channels)
+        qk = l2_normalize(channels[:, : heads + kv_heads])
     group = heads // kv_heads
     keys = qk[:, heads:].repeat_interleave(group, dim=1).reshape(rows, 1, d)
     values = channels[:, heads + kv_heads :].repeat_interleave(group, dim=1).reshape(rows, 1, d)
     state = recurrent.view(rows, d, d).mul_(g.exp().view(rows, 1, 1))
     state.addcmul_(keys.transpose(1, 2), (values - torch.bmm(keys, state)) * beta.reshape(rows, 1, 1))
-    out = torch.bmm(qk[:, :heads].reshape(rows, 1, d), state).view(batch, heads, 1, d)
+    queries = qk[:, :heads].reshape(rows, 1, d)
+    if qwen_scale is not None and qwen_scale != 1.0:
+        queries = queries * qwen_scale
+    return torch.bmm(queries, state).view(batch, heads, 1, d)
+
+
+def gla_step(q, k, v, cos, sin, real, S, window_k, window_v, window_mask, gate_normalizer, scaling, softcap) -> Tensor:
+    """`triton_step.gla_step` on CPU tensors: the state S (B, Hkv, D, D + 1) of each kv head faded by
+    exp(logsigmoid(k) / gate_normalizer) per key dimension and written softmax(k)^T [v, 1] in place (a pad neither
+    writes nor fades), each query head's read-out softmax(q) S over its last column (0 where no real key was seen);
+    with a window, half of each head the teacher's softmax over it (`_window_heads`, which moves it on in place).
+    q and k unrotated for the linear part. Returns (B, H, 1, D) in v's dtype."""
+    batch, heads, _, d = q.shape
+    kv_heads, acc = k.shape[1], S.dtype
+    rows, group = batch * kv_heads, heads // kv_heads
+    keys = k.to(acc)
+    fk, fade = keys.softmax(-1), F.logsigmoid(keys) / gate_normalizer
+    if real is not None:  # a pad adds nothing and does not fade
+        fk, fade = fk * real.view(batch, 1, 1, 1), fade * real.view(batch, 1, 1, 1)
+    state = S.view(rows, d, d + 1).mul_(fade.exp().view(rows, d, 1))
+    state.baddbmm_(fk.view(rows, d, 1), F.pad(v.to(acc), (0, 1), value=1.0).view(rows, 1, d + 1))
+    out = torch.bmm(q.to(acc).softmax(-1).view(rows, group, d), state)
+    num, den = out[..., :d], out[..., d:]
+    out = (num / torch.where(den > 0, den, 1.0)).view(batch, heads, 1, d)
+    if window_k is not None:
+        out = torch.lerp(out, _window_heads(q, k, v, cos, sin, real, window_k, window_v, window_mask, scaling, softcap).to(acc), 0.5)
+    return out.to(v.dtype)
+
+
+def mamba2_step(
+    hidden, q, k, v, cos, sin, real, dt_weight, dt_bias, a_log, skip, window_logit, ssm, window_k, window_v, window_mask, scaling, softcap,
+) -> Tensor:
+    """`triton_step.mamba2_step` on CPU tensors: dt = softplus(W_dt x + dt_bias) per head from the hidden states x
+    (B, 1, hidden), each head's state ssm (B, H, D, D) faded by exp(-exp(A_log) dt) and written (dt B)^T x in place,
+    with x, B, C the kv heads' v, k and the query heads' q; y = scaling C h + skip x; with a window, the teacher's
+    softmax over it mixed in by sigmoid(window_logit) (`_window_heads`, which moves it on in place). A pad (dt = 0)
+    neither writes nor fades, and its heads are 0. Returns (B, H, 1, D) in q's dtype."""
+    batch, heads, _, d = q.shape
+    kv_heads, acc = k.shape[1], ssm.dtype
+    group = heads // kv_heads
+    dt = _softplus_dt(hidden, dt_weight, dt_bias, real, acc).view(batch, kv_heads, group, 1)
+    x = v.to(acc).view(batch, kv_heads, 1, d)
+    y = _ssm_heads(q.to(acc), k.to(acc).view(batch, kv_heads, 1, d) * dt, x, dt, a_log, ssm, scaling)
+    y = y.view(batch, kv_heads, group, d).addcmul_(skip.to(acc).view(1, kv_heads, group, 1), x).view(batch, heads, 1, d)
     if window_k is not None:
         share = torch.sigmoid(window_logit.to(acc)).view(-1, 1, 1)
-        out = torch.lerp(out, _window_heads(q, k, v, cos, sin, real, window_k, window_v, window_mask, scaling, softcap).to(acc), share)
+        y = torch.lerp(y, _window_heads(q, k, v, cos, sin, real, window_k, window_v, window_mask, scaling, softcap).to(acc), share)
+    if real is not None:
+        y = y * real.view(batch, 1, 1, 1)
+    return y.to(q.dtype)
+
+
+def bamba_mamba2_step(
+    hidden, q, k, v, real, z, conv_weight, conv_bias, dt_weight, dt_bias, a_log, skip, norm_weight, conv, ssm, eps,
+) -> Tensor:
+    """`triton_step.bamba_mamba2_step` on CPU tensors: x, B, C from v, k (repeated to the query heads) and q through
+    the short convolution's one-token step (its cache conv (B, 3 H D, K - 1) moved on in place, a pad leaving it as it
+    was), its bias and SiLU; `mamba2_step`'s update of ssm (B, H, D, D) in place and read-out C h + skip x; then bamba's
+    gated RMSNorm per head by SiLU(z) (z (B, 1, H D)) with norm_weight (H, D) and `eps`. Returns (B, H, 1, D) in q's
+    dtype, 0 at a pad."""
+    batch, heads, _, d = q.shape
+    group, acc = heads // k.shape[1], ssm.dtype
+    xbc = torch.cat((v.repeat_interleave(group, dim=1), k.repeat_interleave(group, dim=1), q), dim=1).to(acc).view(batch, -1, 1)
+    seq = torch.cat((conv, xbc), dim=-1)
+    if real is None:
+        conv.copy_(seq[..., 1:])
+    else:  # a pad leaves the convolution's cache as it was
+        conv.copy_(torch.where(real.view(batch, 1, 1).bool(), seq[..., 1:], conv))
+    x, b, c = F.silu((seq * conv_weight.to(acc)).sum(-1) + conv_bias.to(acc)).view(batch, 3, heads, 1, d).unbind(1)
+    dt = _softplus_dt(hidden, dt_weight, dt_bias, real, acc).view(batch, heads, 1, 1)
+    y = _ssm_heads(c, b * dt, x, dt, a_log, ssm, 1.0).addcmul_(skip.to(acc).view(1, heads, 1, 1), x)
+    out = gated_group_rms_norm(y, z.view(batch, 1, heads, d).transpose(1, 2), norm_weight, eps)
     if real is not None:
         out = out * real.view(batch, 1, 1, 1)
     return out.to(q.dtype)
+
+
+def _softplus_dt(hidden: Tensor, dt_weight: Tensor, dt_bias: Tensor, real: Optional[Tensor], acc: torch.dtype) -> Tensor:
+    """Mamba-2's step dt = softplus(W_dt x + dt_bias) (B, H) for the hidden states (B, 1, hidden), in `acc`; 0 at a pad."""
+    x = hidden.reshape(hidden.shape[0], -1).to(acc)
+    dt = F.softplus(F.linear(x, dt_weight.to(acc)) + dt_bias.to(acc))
+    return dt if real is None else dt * real.view(-1, 1)
+
+
+def _ssm_heads(c: Tensor, keys: Tensor, x: Tensor, dt: Tensor, a_log: Tensor, ssm: Tensor, scaling: float) -> Tensor:
+    """Mamba-2's one-token update of ssm (B, H, D, D) in place, h = exp(-exp(A_log) dt) h + keys^T x, and its read-out
+    scaling c h (B, H, 1, D). c (B, H, 1, D); keys (dt B) and x broadcast to (B, H, 1, D) (a kv head's to its group),
+    dt to (B, H, 1, 1); all in ssm's dtype."""
+    batch, heads, _, d = c.shape
+    state = ssm.view(batch, x.shape[1], -1, d, d)
+    fade = torch.exp(-a_log.to(ssm.dtype).exp().view(1, x.shape[1], -1, 1) * dt.view(batch, x.shape[1], -1, 1))
+    state.mul_(fade[..., None]).addcmul_(keys.view(batch, x.shape[1], -1, d, 1), x.view(batch, x.shape[1], -1, 1, d))
+    queries = c if scaling == 1.0 else c * scaling
+    return torch.bmm(queries.reshape(batch * heads, 1, d), ssm.view(batch * heads, d, d)).view(batch, heads, 1, d)
 
 
 def _window_heads(q, k, v, cos, sin, real, window_k, window_v, window_mask, scaling, softcap) -> Tensor:

@@ -12,7 +12,7 @@ the same function. Per head h of the teacher's H query heads (head size D):
   are the heads; eps: the teacher's `rms_norm_eps`), times a weight per channel, then the teacher's o_proj.
 Pads have dt = 0 (no write, no decay) and never enter the convolution state, as a fresh state sees them in bamba.
 On CUDA an inference decode step runs, gated norm included, in one Triton kernel (`triton_step.bamba_mamba2_step`; z's
-projection before it); the PyTorch path takes every other call.
+projection before it), on the CPU as `cpu_step.bamba_mamba2_step`; the PyTorch path takes every other call.
 
 The start, chosen on SmolLM2-135M (2 x 256 tokens of Persuasion, every layer's attention-transfer error normalised
 by the teacher's output; 1.0 is a zero output's):
@@ -36,22 +36,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_step
 from .attention import AttentionSpec, compute_dtype, repeat_heads
 from .gates import inverse_softplus
 from .kernel_dispatch import simple_gla
 from .mixer_gated_deltanet import check_conv_size, short_conv
 from .mixer_qwen3_5_gdn import resolve_eps
 from .mixers import FusedStepMixer, MixerCost, register_mixer
+from .norms import gated_group_rms_norm
 from .triton_step import bamba_mamba2_step
-
-
-def gated_group_rms_norm(y: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """bamba's `BambaRMSNormGated` per head: RMSNorm over the last dimension of y * SiLU(gate) (B, H, T, D), times
-    `weight` (H, D), in float32 (float64 for float64 inputs)."""
-    acc = torch.promote_types(y.dtype, torch.float32)
-    gated = y.to(acc) * F.silu(gate.to(acc))
-    normed = gated * torch.rsqrt(gated.pow(2).mean(-1, keepdim=True) + eps)
-    return weight.to(acc)[:, None, :] * normed
 
 
 @dataclass
@@ -70,6 +63,7 @@ class BambaMamba2(FusedStepMixer):
     summary = "Mamba-2 exactly as transformers' bamba runs it, x, B, C from the teacher's v, k, q (exports with `linearize export --to bamba`)"
     Options = BambaMamba2Options
     step_tensors = ("conv", "ssm")
+    cpu_steps = True
     window = 0
 
     # The start (see the module docstring for why).
@@ -165,11 +159,12 @@ class BambaMamba2(FusedStepMixer):
 
     def fresh_step_state(self, q: torch.Tensor) -> dict[str, torch.Tensor]:
         batch, h, _, d = q.shape
-        zeros = dict(device=q.device, dtype=torch.float32)
+        zeros = dict(device=q.device, dtype=torch.promote_types(q.dtype, torch.float32))
         return {"conv": torch.zeros(batch, 3 * h * d, self.conv_weight.shape[1] - 1, **zeros), "ssm": torch.zeros(batch, h, d, d, **zeros)}
 
     def launch_step(self, hidden_states, q, k, v, cos, sin, real, tensors) -> torch.Tensor:
-        return bamba_mamba2_step(
+        step = bamba_mamba2_step if self.launches_triton(hidden_states, q, k, v, cos, sin, tensors) else cpu_step.bamba_mamba2_step
+        return step(
             hidden_states, q, k, v, real, self.z_proj(hidden_states), self.conv_weight, self.conv_bias, self.dt_proj.weight,
             self.dt_bias, self.A_log, self.D, self.norm_weight, tensors["conv"], tensors["ssm"], self.options.eps,
         )

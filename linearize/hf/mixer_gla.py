@@ -12,8 +12,8 @@ Two choices differ from a plain GLA layer, both to start close to the teacher:
 - A normaliser: the output is divided by the gated sum of feature-mapped keys (a ones column appended to v),
   so, like the teacher's softmax, it is a weighted mean of values at the teacher's output scale rather than a
   sum that grows with the decay's memory length; it also keeps the two halves of the window mix comparable.
-A decode step on CUDA (inference) runs as one fused Triton step, `triton_step.gla_step`, where it can; the PyTorch
-path below is the reference.
+A decode step on CUDA (inference) runs as one fused Triton step, `triton_step.gla_step`, where it can, and on the CPU
+as `cpu_step.gla_step`; the PyTorch path below is the reference.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import cpu_step
 from .attention import AttentionSpec, repeat_heads
 from .errors import LinearizeError
 from .kernel_dispatch import gla
@@ -47,6 +48,7 @@ class GLAMixer(FusedStepMixer):
     summary = "gated linear attention reusing the teacher's q/k/v/o, no new parameters; optional softmax window half"
     Options = GLAOptions
     step_tensors = ("S",)
+    cpu_steps = True
 
     def __init__(self, attn, spec: AttentionSpec, options, layer_idx: int):
         super().__init__(attn, spec, options, layer_idx)
@@ -112,10 +114,11 @@ class GLAMixer(FusedStepMixer):
 
     def fresh_step_state(self, q: torch.Tensor) -> dict[str, torch.Tensor]:
         d = self.spec.head_dim
-        return {"S": torch.zeros(q.shape[0], self.spec.num_kv_heads, d, d + 1, device=q.device, dtype=torch.float32)}
+        return {"S": torch.zeros(q.shape[0], self.spec.num_kv_heads, d, d + 1, device=q.device, dtype=torch.promote_types(q.dtype, torch.float32))}
 
     def launch_step(self, hidden_states, q, k, v, cos, sin, real, tensors) -> torch.Tensor:
-        return gla_step(
+        step = gla_step if self.launches_triton(hidden_states, q, k, v, cos, sin, tensors) else cpu_step.gla_step
+        return step(
             q, k, v, cos, sin, real, tensors["S"], tensors.get("k"), tensors.get("v"), tensors.get("mask"),
             self.options.gate_normalizer, self.spec.scaling, self.spec.softcap,
         )

@@ -18,8 +18,8 @@ Distillation does the rest.
 With `window` > 0, each head returns s * (the teacher's softmax over the last `window` keys, with RoPE) +
 (1 - s) * y, s = sigmoid(window_logit) learned per head from 0.5: with every layer converted, window 64 takes
 the start's mean error to 0.52 and Persuasion's perplexity from 25,568 to 232 (`benchmarks/conversion_start.py`).
-A decode step on CUDA (inference) runs as one fused Triton step, `triton_step.mamba2_step`, where it can; the PyTorch
-path below is the reference.
+A decode step on CUDA (inference) runs as one fused Triton step, `triton_step.mamba2_step`, where it can, and on the
+CPU as `cpu_step.mamba2_step`; the PyTorch path below is the reference.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_step
 from .attention import AttentionSpec, repeat_heads
 from .gates import inverse_softplus, logit
 from .kernel_dispatch import simple_gla
@@ -54,6 +55,7 @@ class Mamba2Mixer(FusedStepMixer):
     summary = "Mamba-2 SSD layer with x, B, C taken from the teacher's v, k, q and a learned step dt per head"
     Options = Mamba2Options
     step_tensors = ("ssm",)
+    cpu_steps = True
 
     # The start (see the module docstring for why).
     initial_dt = 0.001
@@ -126,10 +128,11 @@ class Mamba2Mixer(FusedStepMixer):
 
     def fresh_step_state(self, q: torch.Tensor) -> dict[str, torch.Tensor]:
         batch, h, _, d = q.shape
-        return {"ssm": torch.zeros(batch, h, d, d, device=q.device, dtype=torch.float32)}
+        return {"ssm": torch.zeros(batch, h, d, d, device=q.device, dtype=torch.promote_types(q.dtype, torch.float32))}
 
     def launch_step(self, hidden_states, q, k, v, cos, sin, real, tensors) -> torch.Tensor:
-        return mamba2_step(
+        step = mamba2_step if self.launches_triton(hidden_states, q, k, v, cos, sin, tensors) else cpu_step.mamba2_step
+        return step(
             hidden_states, q, k, v, cos, sin, real, self.dt_proj.weight, self.dt_bias, self.A_log, self.D,
             self.window_logit if self.window else None, tensors["ssm"], tensors.get("k"), tensors.get("v"),
             tensors.get("mask"), self.spec.scaling, self.spec.softcap,

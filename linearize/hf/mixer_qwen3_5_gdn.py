@@ -10,7 +10,8 @@ layer's weights into that architecture and the exported model computes the same 
   the teacher's output projection.
 Unlike `gated_deltanet` there is no sliding window and no bias on the write strength: qwen3_5 has neither.
 On CUDA an inference decode step runs in one Triton kernel after the projections, gated norm included
-(`triton_step.qwen3_5_gdn_step`, the gated_deltanet step's kernel in qwen3_5's variant); the PyTorch path
+(`triton_step.qwen3_5_gdn_step`, the gated_deltanet step's kernel in qwen3_5's variant), on the CPU as
+`cpu_step.qwen3_5_gdn_step`; the PyTorch path
 (`delta_rule`, then `gated_rms_norm`) takes every other call.
 
 The start keeps what can be kept: identity convolutions (the teacher's q/k/v before the SiLU), beta = 0.5 and a
@@ -28,21 +29,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_step
 from .attention import AttentionSpec, compute_dtype, repeat_heads
 from .errors import LinearizeError
 from .gates import inverse_softplus
 from .kernel_dispatch import gated_delta_rule
 from .mixer_gated_deltanet import check_conv_size, convolve_heads, delta_rule_decode, fresh_delta_rule_state
 from .mixers import FusedStepMixer, MixerCost, register_mixer
-from .ops_delta import delta_rule_gates
+from .norms import gated_rms_norm
+from .ops_delta import delta_rule_gates, l2_normalize
 from .triton_step import qwen3_5_gdn_step
-
-L2_EPS = 1e-6  # qwen3_5's (and fla's) l2norm: x * rsqrt(sum(x^2) + eps)
-
-
-def l2_normalize(x: torch.Tensor) -> torch.Tensor:
-    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + L2_EPS)
-
 
 def resolve_eps(options, config, name: str):
     """Fill `options.eps` with the teacher's `rms_norm_eps` (what the exported model's norms use) and check it."""
@@ -51,14 +47,6 @@ def resolve_eps(options, config, name: str):
     if not options.eps > 0:
         raise LinearizeError(f"option 'eps' of mixer {name!r} must be positive, got {options.eps}")
     return options
-
-
-def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm of x over its last dimension, times `weight`, times SiLU(gate): qwen3_5's `RMSNormGated` (in float32,
-    or float64 for float64 inputs)."""
-    dtype, acc = x.dtype, torch.promote_types(x.dtype, torch.float32)
-    normed = F.rms_norm(x.to(acc), x.shape[-1:], None, eps)
-    return ((weight * normed.to(dtype)) * F.silu(gate.to(acc))).to(dtype)
 
 
 @dataclass
@@ -77,6 +65,7 @@ class Qwen35GatedDeltaNet(FusedStepMixer):
     summary = "Gated DeltaNet exactly as transformers' qwen3_5 runs it (exports with `linearize export --to qwen3_5`)"
     Options = Qwen35GatedDeltaNetOptions
     step_tensors = ("conv", "recurrent")
+    cpu_steps = True
     window = 0
 
     initial_beta = 0.5
@@ -160,7 +149,8 @@ class Qwen35GatedDeltaNet(FusedStepMixer):
         return fresh_delta_rule_state(q, self.conv_weight)
 
     def launch_step(self, hidden_states, q, k, v, cos, sin, real, tensors) -> torch.Tensor:
-        return qwen3_5_gdn_step(
+        step = qwen3_5_gdn_step if self.launches_triton(hidden_states, q, k, v, cos, sin, tensors) else cpu_step.qwen3_5_gdn_step
+        return step(
             hidden_states, q, k, v, real, self.z_proj(hidden_states), self.conv_weight, self.b_proj.weight, self.a_proj.weight,
             self.A_log, self.dt_bias, self.norm_weight, tensors["conv"], tensors["recurrent"], self.spec.head_dim**-0.5, self.options.eps,
         )

@@ -14,7 +14,8 @@ The naive, recurrent and chunked forms compute in float32 (float64 if any input 
 float64), return o in v's dtype and the final state (B, H, K, V) in that compute
 dtype. `step_gated_delta_rule`, the recurrent form's one-token step, takes rows
 (batch x head) already in one float dtype and keeps it (a decode step calls it
-directly); `delta_rule_gates` gives a layer's beta and g from its hidden states.
+directly); `delta_rule_gates` gives a layer's beta and g from its hidden states, and `l2_normalize` qwen3_5's
+unit length.
 """
 
 from typing import Optional, Tuple
@@ -128,6 +129,14 @@ def step_gated_delta_rule(
     decayed = state * alpha
     state = torch.addcmul(decayed, k.transpose(1, 2), (v - torch.bmm(k, decayed)) * beta)
     return torch.bmm(q, state), state
+
+
+L2_EPS = 1e-6  # qwen3_5's (and fla's) l2norm: x * rsqrt(sum(x^2) + eps)
+
+
+def l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    """x scaled to unit length over its last dimension as qwen3_5 does it (fla's l2norm): x / sqrt(|x|^2 + 1e-6)."""
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + L2_EPS)
 
 
 def delta_rule_gates(
