@@ -69,6 +69,7 @@ def two_steps(layer, model, **settings) -> MixerState:
 
 
 @pytest.mark.core
+@pytest.mark.parametrize("mixer", ["hedgehog_swa+keep", "gated_deltanet", "qwen3_5_gdn", "gla", "mamba2", "bamba_mamba2"])
 @pytest.mark.parametrize(
     "why,setting",
     [
@@ -77,9 +78,9 @@ def two_steps(layer, model, **settings) -> MixerState:
         ("gradients", None),
     ],
 )
-def test_the_pytorch_path_takes_the_steps_the_cpu_step_does_not(monkeypatch, why, setting):
+def test_the_pytorch_path_takes_the_steps_the_cpu_step_does_not(monkeypatch, why, setting, mixer):
     calls = cpu_calls(monkeypatch)
-    model, layer = randomised_mixer("hedgehog_swa+keep", "partial_rope", torch.float32)
+    model, layer = randomised_mixer(mixer, "partial_rope", torch.float32)
     if setting:
         monkeypatch.setenv(*setting)
     two_steps(layer, model, grad=why == "gradients")
