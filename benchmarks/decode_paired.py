@@ -1,5 +1,5 @@
-"""Batch-1 decode of the teacher and the students of shipped recipes, timed in turns, block by block: their ratio
-with its spread.
+"""Batch-1 decode (or prefill) of the teacher and the students of shipped recipes, timed in turns, block by block:
+their ratio with its spread.
 
 `cpu_decode.py` decodes one model for 64 steps after its prefill, then the next: on a shared 2-core machine whose
 speed drifts by 10-20% over a minute, a round's ratio moved from 0.83 to 0.98 between rounds. Here every model
@@ -15,6 +15,10 @@ Students are converted as `cpu_decode.py` converts them (untrained: speed does n
     python benchmarks/decode_paired.py --recipes lolcats_keep,lolcats_keep:keep=512 --blocks 32
     python benchmarks/decode_paired.py --recipes lolcats_keep:keep=139:keep=1536@6-7+14+17-18+20-21+23 --blocks 24
     python benchmarks/decode_paired.py --recipes lolcats,lolcats_linear --blocks 30 --pytorch-path
+
+`--prefill` times prefills of the context instead, a fresh cache each, `--steps` of them a block:
+
+    python benchmarks/decode_paired.py --recipes lolcats,liger --blocks 8 --steps 1 --prefill
 
 `--pytorch-path` decodes a second copy of each student beside it, named RECIPE@pytorch, with LINEARIZE_FUSED_STEP=off
 during its blocks: the PyTorch decode path where the student takes a CPU step (`linearize.hf.cpu_step`), in the same
@@ -59,15 +63,29 @@ class Decoding:
         return (time.perf_counter() - begin) / steps * 1000
 
 
-def in_turns(models: dict, ids: torch.Tensor, blocks: int, steps: int, before=lambda name: None) -> dict[str, list[float]]:
+class Prefilling:
+    """One model's prefill of `ids` with a fresh cache; `block` times `prefills` of them, returning ms a prefill."""
+
+    def __init__(self, model, ids: torch.Tensor):
+        self.model, self.ids = model, ids
+        self.block(1)  # a first prefill allocates what later ones reuse
+
+    def block(self, prefills: int) -> float:
+        begin = time.perf_counter()
+        for _ in range(prefills):
+            self.model(self.ids, use_cache=True, logits_to_keep=1)
+        return (time.perf_counter() - begin) / prefills * 1000
+
+
+def in_turns(models: dict, ids: torch.Tensor, blocks: int, steps: int, before=lambda name: None, kind=Decoding) -> dict[str, list[float]]:
     """Each model's ms a step in every block: each prefills `ids`, then decodes `steps` steps a block in turn with the
-    others, the order rotated each block. `before(name)` runs before each prefill and block of that model (a probe
-    swaps an implementation there)."""
+    others, the order rotated each block; with `kind=Prefilling`, ms a prefill of `ids`, `steps` prefills a block.
+    `before(name)` runs before each prefill and block of that model (a probe swaps an implementation there)."""
     with torch.no_grad():
         runs = {}
         for name, model in models.items():
             before(name)
-            runs[name] = Decoding(model.eval(), ids)
+            runs[name] = kind(model.eval(), ids)
         names, times = list(runs), {name: [] for name in runs}
         for block in range(blocks):
             for name in names[block % len(names):] + names[: block % len(names)]:
@@ -97,9 +115,9 @@ def paired(times: dict[str, list[float]], teacher: str = "teacher") -> dict[str,
     return rows
 
 
-def report(rows: dict[str, dict[str, float]]) -> None:
+def report(rows: dict[str, dict[str, float]], unit: str = "step") -> None:
     for name, row in rows.items():
-        print(f"{name}: {row['median_ms']:.2f} ms a step (median); teacher / it {row['ratio_mean']:.3f} +- {row['ratio_error']:.3f}")
+        print(f"{name}: {row['median_ms']:.2f} ms a {unit} (median); teacher / it {row['ratio_mean']:.3f} +- {row['ratio_error']:.3f}")
 
 
 def main() -> None:
@@ -109,7 +127,9 @@ def main() -> None:
                         "and key=value@LAYERS on those layers after (a selection joined with +, e.g. keep=1536@6-7+14)")
     parser.add_argument("--context", type=int, default=2048, help="prompt tokens before the decode")
     parser.add_argument("--blocks", type=int, default=30, help="blocks of steps each model decodes, in turns")
-    parser.add_argument("--steps", type=int, default=8, help="decode steps a block")
+    parser.add_argument("--steps", type=int, default=8, help="decode steps a block (prefills a block with --prefill)")
+    parser.add_argument("--prefill", action="store_true", help="time prefills of the --context tokens (a fresh cache each) "
+                        "instead of decode steps")
     parser.add_argument("--threads", type=int, default=0, help="torch's intra-op threads (0: torch's default, the cores)")
     parser.add_argument("--pytorch-path", action="store_true", help="also decode each student on the PyTorch path "
                         "(LINEARIZE_FUSED_STEP=off), as RECIPE@pytorch, in the same turns")
@@ -131,9 +151,10 @@ def main() -> None:
             set_options(models[spec], layers=layers, **parse_options([setting]))
     if args.pytorch_path:
         models.update({f"{spec}{PYTORCH_PATH}": copy.deepcopy(models[spec]) for spec in list(models) if spec != "teacher"})
-    times = in_turns(models, ids, args.blocks, args.steps, before=switch_path if args.pytorch_path else lambda name: None)
+    times = in_turns(models, ids, args.blocks, args.steps, before=switch_path if args.pytorch_path else lambda name: None,
+                     kind=Prefilling if args.prefill else Decoding)
     rows = paired(times)
-    report(rows)
+    report(rows, "prefill" if args.prefill else "step")
     if args.out:
         settings = {k: v for k, v in vars(args).items() if k != "out"}
         args.out.write_text(json.dumps({"settings": settings, "threads": torch.get_num_threads(), "models": rows, "block_ms": times}, indent=1))

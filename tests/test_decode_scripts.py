@@ -116,6 +116,21 @@ def test_paired_decode_keeps_a_softmax_layers_context_and_rates_each_block_again
     assert rows["s"]["ratio_mean"] == 1.5 and rows["s"]["ratio_error"] == pytest.approx(0.5) and rows["s"]["median_ms"] == 8.5
 
 
+def test_paired_prefills_run_each_model_on_the_whole_prompt_in_turns():
+    """With `Prefilling`, a block runs its model on the whole prompt (a fresh cache each time), once per prefill asked,
+    in the rotated order of the decode's blocks."""
+    decode_paired = load("decode_paired")
+    ids = random_ids(1, 12)
+    models = {"teacher": tiny_model(num_hidden_layers=2), "s": linearize.convert(tiny_model(num_hidden_layers=2), "gated_deltanet", keep_attention=[1])}
+    calls = []
+    for name, model in models.items():
+        model.register_forward_pre_hook(lambda module, args, kwargs, name=name: calls.append((name, args[0].shape[1], kwargs.get("past_key_values"))), with_kwargs=True)
+    times = decode_paired.in_turns(models, ids, blocks=3, steps=2, kind=decode_paired.Prefilling)
+    assert {name: len(ms) for name, ms in times.items()} == {"teacher": 3, "s": 3} and all(m > 0 for ms in times.values() for m in ms)
+    assert [name for name, _, _ in calls] == ["teacher", "s"] + ["teacher"] * 2 + ["s"] * 2 + ["s"] * 2 + ["teacher"] * 2 + ["teacher"] * 2 + ["s"] * 2
+    assert all(length == 12 and cache is None for _, length, cache in calls)
+
+
 def test_decode_paired_decodes_a_students_pytorch_path_with_the_cpu_step_switched_off(monkeypatch):
     decode_paired = load("decode_paired")
     monkeypatch.setenv("LINEARIZE_FUSED_STEP", "auto")

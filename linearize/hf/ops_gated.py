@@ -215,8 +215,9 @@ def chunk_gla(
 
     # Diagonal sub-blocks: explicit pairwise decays (c x c x K), masked before exp.
     tril = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
-    dd = bl[..., :, None, :] - bl[..., None, :, :]  # (B, H, N, n, c_i, c_j, K)
-    dd = torch.exp(torch.where(tril[:, :, None], dd, float("-inf")))
+    # In place on the fresh differences (autograd keeps what exp's backward reads): on the CPU each fresh tensor of
+    # this size costs its pages' first touch (BENCHMARKS.md, fifty-third session).
+    dd = (bl[..., :, None, :] - bl[..., None, :, :]).masked_fill_(~tril[:, :, None], float("-inf")).exp_()  # (B, H, N, n, c_i, c_j, K)
     A_diag = torch.einsum("...ik,...jk,...ijk->...ij", q, k, dd)  # (B, H, N, n, c, c)
 
     if n > 1:
@@ -226,7 +227,7 @@ def chunk_gla(
         kg = k * torch.exp(ref.unsqueeze(-2) - b)  # (B, H, N, n_J, c, K)
         e = b[..., :, None, :, :] - ref[..., None, :, None, :]  # (B, H, N, n_I, n_J, c, K)
         strict = torch.ones(n, n, dtype=torch.bool, device=q.device).tril(-1)
-        qg = q.unsqueeze(-3) * torch.exp(torch.where(strict[:, :, None, None], e, float("-inf")))
+        qg = q.unsqueeze(-3) * e.masked_fill_(~strict[:, :, None, None], float("-inf")).exp_()
         A = torch.einsum("...IJik,...Jjk->...IJij", qg, kg)  # (B, H, N, n_I, n_J, c, c)
         eye = torch.eye(n, dtype=q.dtype, device=q.device)[:, :, None, None]
         A = A + eye * A_diag.unsqueeze(-3)

@@ -247,12 +247,16 @@ def _chunk_window_block(
     in_linear = (dist >= window).to(acc)
 
     scores = torch.einsum("bhnrd,bhnjd->bhnrj", qc * scaling, kb)  # scaled on q: half the elements of the scores
+    # Without gradients the scores' tensor, the block's largest, becomes the weights in place: on the CPU each fresh
+    # tensor of its size costs its pages' first touch, which took a `lolcats` prefill of 2K tokens from 3.9 to 5.8 s
+    # (two cores; BENCHMARKS.md, fifty-third session). Autograd keeps the steps apart.
+    inplace = not scores.requires_grad
     if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
-    masked = scores.masked_fill(~in_window, float("-inf"))
+        scores = _step(_step(_step(scores, "div", softcap, inplace=inplace), "tanh", inplace=inplace), "mul", softcap, inplace=inplace)
+    masked = _step(scores, "masked_fill", ~in_window, float("-inf"), inplace=inplace)
     peak = masked.amax(-1, keepdim=True)
     peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
-    a_sm = torch.exp(masked - peak) * smw[..., None] if torch.is_tensor(smw) else torch.exp(masked - peak) * smw
+    a_sm = _step(_step(_step(masked, "sub", peak, inplace=inplace), "exp", inplace=inplace), "mul", smw[..., None] if torch.is_tensor(smw) else smw, inplace=inplace)
     lnw5 = lnw[..., None] if torch.is_tensor(lnw) else lnw
     # The linear part's products: where a chunk is as long as the window, only the previous chunk's keys (s <= r) are
     # outside it, so half the keys. Its mask, weight and decay make one small factor, applied in one pass.
@@ -261,9 +265,9 @@ def _chunk_window_block(
     log_decay = None if decay is None else decay.to(acc).log().reshape(1, h, 1, 1, 1)
     if decay is not None:
         factor = factor * torch.exp(log_decay * (dist[:, :linear_keys] - window).clamp_min(0))
-    a_ln = torch.einsum("bhnrf,bhnjf->bhnrj", fqc, fkb[..., :linear_keys, :]) * factor
+    a_ln = _step(torch.einsum("bhnrf,bhnjf->bhnrj", fqc, fkb[..., :linear_keys, :]), "mul", factor, inplace=inplace)
     # (weights, the values they read): one pair where both parts read both chunks
-    parts = [(a_sm + a_ln, vb)] if linear_keys == 2 * c else [(a_sm, vb), (a_ln, vb[..., :c, :])]
+    parts = [(_step(a_sm, "add", a_ln, inplace=inplace), vb)] if linear_keys == 2 * c else [(a_sm, vb), (a_ln, vb[..., :c, :])]
     if decay is None:
         prior_num, prior_den = _prior_reads(fqc, fkc, vc, S, z)
     else:
@@ -272,6 +276,11 @@ def _chunk_window_block(
     den = sum(a.sum(-1, keepdim=True) for a, _ in parts) + lnw5 * prior_den[..., None]
     o = (num / den.clamp_min(1e-30)).reshape(b, h, n * c, -1)[:, :, context : context + length].to(v.dtype)
     return o, (_next_state(k_all, v_all, fk_all, mask, S, z, window, decay, length) if output_state else None)
+
+
+def _step(x: torch.Tensor, op: str, *args, inplace: bool) -> torch.Tensor:
+    """x.op(*args), or in place (x.op_(*args)) where `inplace`."""
+    return getattr(x, f"{op}_" if inplace else op)(*args)
 
 
 def _prior_reads(fqc, fkc, vc, S, z):
