@@ -248,8 +248,8 @@ def _chunk_window_block(
 
     scores = torch.einsum("bhnrd,bhnjd->bhnrj", qc * scaling, kb)  # scaled on q: half the elements of the scores
     # Without gradients the scores' tensor, the block's largest, becomes the weights in place: on the CPU each fresh
-    # tensor of its size costs its pages' first touch, which took a `lolcats` prefill of 2K tokens from 3.9 to 5.8 s
-    # (two cores; BENCHMARKS.md, fifty-third session). Autograd keeps the steps apart.
+    # tensor of its size costs its pages' first touch (a `lolcats` layer's 2K prefill, two cores: 116 ms out of place,
+    # 72 in place; BENCHMARKS.md, fifty-third session). With gradients autograd needs the steps apart.
     inplace = not scores.requires_grad
     if softcap is not None:
         scores = _step(_step(_step(scores, "div", softcap, inplace=inplace), "tanh", inplace=inplace), "mul", softcap, inplace=inplace)
