@@ -236,8 +236,12 @@ def _chunk_window_block(
     fkc = fkc * mc
     vc_masked = vc * mc
 
-    def with_previous(x):
-        return torch.cat((torch.nn.functional.pad(x, (0, 0, 0, 0, 1, 0))[:, :, :-1], x), dim=3)
+    def with_previous(x):  # each chunk's rows after the previous chunk's (zeros before the first)
+        both = x.new_empty(*x.shape[:3], 2 * c, x.shape[-1])
+        both[:, :, :1, :c] = 0
+        both[:, :, 1:, :c] = x[:, :, :-1]
+        both[:, :, :, c:] = x
+        return both
 
     kb, vb, fkb, mb = with_previous(kc), with_previous(vc_masked), with_previous(fkc), with_previous(mc)
     r = torch.arange(c, device=q.device)[:, None]
