@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops_window
-from .ops_window import _acc, block_length, written
+from .ops_window import _acc, block_length, exp_weights, maybe_in_place, softcapped, written
 from .triton_kept import kept_prefill_problem, kept_window_prefill
 
 
@@ -306,13 +306,14 @@ def _heads(
     causal = torch.arange(width, device=q.device)[None, :] <= torch.arange(block, device=q.device)[:, None] + window - 1
     scores = torch.einsum("bhgqrd,bhqsd->bhgqrs", qb, wk)
     kept_scores = torch.einsum("bhgqrd,bhqnd->bhgqrn", qb, _gather(all_k.to(acc), kept_refs))
+    inplace = not (scores.requires_grad or kept_scores.requires_grad)
     if softcap is not None:
-        scores, kept_scores = (torch.tanh(x / softcap) * softcap for x in (scores, kept_scores))
-    scores = scores.masked_fill(~(causal & wmask[:, None, None, :, None, :]), float("-inf"))
-    kept_scores = kept_scores.masked_fill(~kept_real[:, :, None, :, None, :], float("-inf"))
+        scores, kept_scores = (softcapped(x, softcap, inplace=inplace) for x in (scores, kept_scores))
+    scores = maybe_in_place(scores, "masked_fill", ~(causal & wmask[:, None, None, :, None, :]), float("-inf"), inplace=inplace)
+    kept_scores = maybe_in_place(kept_scores, "masked_fill", ~kept_real[:, :, None, :, None, :], float("-inf"), inplace=inplace)
     peak = torch.maximum(scores.amax(-1, keepdim=True), kept_scores.amax(-1, keepdim=True)).clamp_min(torch.finfo(acc).min)
     smw, lnw = _weights(sm_weight, hkv, acc, 3), _weights(ln_weight, hkv, acc, 3)
-    a, a_kept = torch.exp(scores - peak) * smw, torch.exp(kept_scores - peak) * smw
+    a, a_kept = (exp_weights(x, peak, smw, inplace=inplace) for x in (scores, kept_scores))
     num = a @ wv[:, :, None] + a_kept @ _gather(all_v.to(acc), kept_refs)[:, :, None]
     num = num + lnw * torch.einsum("bhgqrf,bhqfe->bhgqre", fqb, block_S)
     den = a.sum(-1, keepdim=True) + a_kept.sum(-1, keepdim=True)

@@ -256,11 +256,11 @@ def _chunk_window_block(
     # 72 in place; BENCHMARKS.md, fifty-third session). With gradients autograd needs the steps apart.
     inplace = not scores.requires_grad
     if softcap is not None:
-        scores = _step(_step(_step(scores, "div", softcap, inplace=inplace), "tanh", inplace=inplace), "mul", softcap, inplace=inplace)
-    masked = _step(scores, "masked_fill", ~in_window, float("-inf"), inplace=inplace)
+        scores = softcapped(scores, softcap, inplace=inplace)
+    masked = maybe_in_place(scores, "masked_fill", ~in_window, float("-inf"), inplace=inplace)
     peak = masked.amax(-1, keepdim=True)
     peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
-    a_sm = _step(_step(_step(masked, "sub", peak, inplace=inplace), "exp", inplace=inplace), "mul", smw[..., None] if torch.is_tensor(smw) else smw, inplace=inplace)
+    a_sm = exp_weights(masked, peak, smw[..., None] if torch.is_tensor(smw) else smw, inplace=inplace)
     lnw5 = lnw[..., None] if torch.is_tensor(lnw) else lnw
     # The linear part's products: where a chunk is as long as the window, only the previous chunk's keys (s <= r) are
     # outside it, so half the keys. Its mask, weight and decay make one small factor, applied in one pass.
@@ -269,9 +269,9 @@ def _chunk_window_block(
     log_decay = None if decay is None else decay.to(acc).log().reshape(1, h, 1, 1, 1)
     if decay is not None:
         factor = factor * torch.exp(log_decay * (dist[:, :linear_keys] - window).clamp_min(0))
-    a_ln = _step(torch.einsum("bhnrf,bhnjf->bhnrj", fqc, fkb[..., :linear_keys, :]), "mul", factor, inplace=inplace)
+    a_ln = maybe_in_place(torch.einsum("bhnrf,bhnjf->bhnrj", fqc, fkb[..., :linear_keys, :]), "mul", factor, inplace=inplace)
     # (weights, the values they read): one pair where both parts read both chunks
-    parts = [(_step(a_sm, "add", a_ln, inplace=inplace), vb)] if linear_keys == 2 * c else [(a_sm, vb), (a_ln, vb[..., :c, :])]
+    parts = [(maybe_in_place(a_sm, "add", a_ln, inplace=inplace), vb)] if linear_keys == 2 * c else [(a_sm, vb), (a_ln, vb[..., :c, :])]
     if decay is None:
         prior_num, prior_den = _prior_reads(fqc, fkc, vc, S, z)
     else:
@@ -282,9 +282,22 @@ def _chunk_window_block(
     return o, (_next_state(k_all, v_all, fk_all, mask, S, z, window, decay, length) if output_state else None)
 
 
-def _step(x: torch.Tensor, op: str, *args, inplace: bool) -> torch.Tensor:
-    """x.op(*args), or in place (x.op_(*args)) where `inplace`."""
+def maybe_in_place(x: torch.Tensor, op: str, *args, inplace: bool) -> torch.Tensor:
+    """x.op(*args), or in place (x.op_(*args)) where `inplace`: a prefill's largest intermediates become their
+    successors in place where no gradient is recorded (on the CPU a fresh tensor of their size costs its pages' first
+    touch), and stay apart for autograd."""
     return getattr(x, f"{op}_" if inplace else op)(*args)
+
+
+def softcapped(scores: torch.Tensor, softcap: float, *, inplace: bool) -> torch.Tensor:
+    """tanh(scores / softcap) * softcap, in place where `inplace` (`maybe_in_place`)."""
+    return maybe_in_place(maybe_in_place(maybe_in_place(scores, "div", softcap, inplace=inplace), "tanh", inplace=inplace), "mul", softcap, inplace=inplace)
+
+
+def exp_weights(scores: torch.Tensor, peak: torch.Tensor, weight=None, *, inplace: bool) -> torch.Tensor:
+    """exp(scores - peak) * weight (no product where `weight` is None), in place where `inplace` (`maybe_in_place`)."""
+    weights = maybe_in_place(maybe_in_place(scores, "sub", peak, inplace=inplace), "exp", inplace=inplace)
+    return weights if weight is None else maybe_in_place(weights, "mul", weight, inplace=inplace)
 
 
 def _prior_reads(fqc, fkc, vc, S, z):

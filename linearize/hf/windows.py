@@ -30,7 +30,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from .attention import AttentionSpec, apply_rotary
 from .errors import LinearizeError
 from .kernel_dispatch import mode as kernel_mode
-from .ops_window import block_length, window_tail
+from .ops_window import block_length, exp_weights, maybe_in_place, softcapped, window_tail
 
 # Queries per band: long enough to amortise the band's overhead; a band is never shorter than the window.
 BAND = 64
@@ -127,11 +127,12 @@ def _bands(q, k, v, *, window, scaling, softcap, key_mask, band):
     distance = (span - c) + torch.arange(c, device=q.device)[:, None] - torch.arange(span, device=q.device)[None, :]
     allowed = (distance >= 0) & (distance < window) & mb[:, None, None, :, None, :]
     scores = torch.einsum("bkgnrd,bknjd->bkgnrj", qb, kb) * scaling
+    inplace = not scores.requires_grad  # `ops_window.maybe_in_place`
     if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
-    scores = scores.masked_fill(~allowed, float("-inf"))
+        scores = softcapped(scores, softcap, inplace=inplace)
+    scores = maybe_in_place(scores, "masked_fill", ~allowed, float("-inf"), inplace=inplace)
     peak = scores.amax(-1, keepdim=True)
-    weights = torch.exp(scores - torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak)))
+    weights = exp_weights(scores, torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak)), inplace=inplace)
     norm = weights.sum(-1, keepdim=True)
     out = torch.einsum("bkgnrj,bknje->bkgnre", weights, vb) / torch.where(norm > 0, norm, torch.ones_like(norm))
     return out.reshape(b, h, n * c, -1)[:, :, total - length : total].to(v.dtype)

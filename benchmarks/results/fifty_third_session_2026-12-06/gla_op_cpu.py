@@ -1,6 +1,6 @@
 """chunk_gla at liger's shape (B 1, 9 heads, 2,048 tokens, K 64, V 65), float32, no grad: the form before 10e2908 beside the
 working tree's, in turns. python benchmarks/results/fifty_third_session_2026-12-06/gla_op_cpu.py"""
-import sys, time, statistics, torch
+import time, statistics, torch
 import torch.nn.functional as F
 import subprocess, tempfile, importlib.util
 # The form before 10e2908 (its parent's ops_gated.py; it imports torch alone), loaded beside the working tree's.

@@ -1,6 +1,6 @@
 """chunk_window_linear at lolcats' shape (B 1, 9 heads, 2,048 tokens, D 64, F 128, window 256), float32, no grad: the
 form before 10e2908 beside the working tree's, in turns. python benchmarks/results/fifty_third_session_2026-12-06/window_op_cpu.py"""
-import sys, time, statistics, torch
+import time, statistics, torch
 import subprocess, tempfile, importlib.util
 # The form before 10e2908 (its parent's ops_window.py; it imports torch alone), loaded beside the working tree's.
 _old = tempfile.NamedTemporaryFile("w", suffix=".py", delete=False)
