@@ -3,12 +3,13 @@ each student also as NAME@before with the forms of REV (default 10e2908's parent
 window's and GLA's chunked forms, the kept keys' segment heads (`ops_kept._heads`) and the sliding window's bands
 (`windows._bands`).
 python benchmarks/results/fifty_third_session_2026-12-06/prefill_before_after_cpu.py [REV [RECIPES]]"""
-import copy, importlib.util, subprocess, sys, tempfile
+import copy, subprocess, sys
 from pathlib import Path
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # benchmarks/
+sys.path[:0] = [str(Path(__file__).resolve().parents[2]), str(Path(__file__).resolve().parent)]  # benchmarks/, and this folder
 import torch
 from cpu_decode import recipe_student
 from decode_paired import Prefilling, in_turns, paired, report
+from ops_before_after_cpu import old_module  # beside this file
 from linearize import load_teacher
 from linearize.hf import kernel_dispatch, ops_kept, ops_window, windows
 
@@ -28,17 +29,7 @@ def old_function(module, name: str):
     return namespace[name]
 
 
-def old(module: str):
-    source = source_of(module)
-    path = Path(tempfile.mkdtemp()) / f"old_{module}.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    loaded = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(loaded)
-    return loaded
-
-
-OLD_WINDOW, OLD_GATED = old("ops_window"), old("ops_gated")
+OLD_WINDOW, OLD_GATED = old_module("ops_window", REV), old_module("ops_gated", REV)
 SWAPS = [  # (module, name, REV's, today's)
     (ops_window, "_chunk_window_block", OLD_WINDOW._chunk_window_block, ops_window._chunk_window_block),
     (kernel_dispatch, "chunk_gla", OLD_GATED.chunk_gla, kernel_dispatch.chunk_gla),
