@@ -236,14 +236,7 @@ def _chunk_window_block(
     fkc = fkc * mc
     vc_masked = vc * mc
 
-    def with_previous(x):  # each chunk's rows after the previous chunk's (zeros before the first)
-        both = x.new_empty(*x.shape[:3], 2 * c, x.shape[-1])
-        both[:, :, :1, :c] = 0
-        both[:, :, 1:, :c] = x[:, :, :-1]
-        both[:, :, :, c:] = x
-        return both
-
-    kb, vb, fkb, mb = with_previous(kc), with_previous(vc_masked), with_previous(fkc), with_previous(mc)
+    kb, vb, fkb, mb = (after_previous(x, 2) for x in (kc, vc_masked, fkc, mc))
     r = torch.arange(c, device=q.device)[:, None]
     j = torch.arange(2 * c, device=q.device)[None, :]
     dist = c + r - j
@@ -280,6 +273,19 @@ def _chunk_window_block(
     den = sum(a.sum(-1, keepdim=True) for a, _ in parts) + lnw5 * prior_den[..., None]
     o = (num / den.clamp_min(1e-30)).reshape(b, h, n * c, -1)[:, :, context : context + length].to(v.dtype)
     return o, (_next_state(k_all, v_all, fk_all, mask, S, z, window, decay, length) if output_state else None)
+
+
+def after_previous(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """x in chunks along `dim` (N of them, their C rows along dim + 1), each chunk's rows after the previous chunk's
+    (zeros before the first): N chunks of 2C rows, written into one fresh tensor (where padding and concatenating
+    made two)."""
+    n, c = x.shape[dim], x.shape[dim + 1]
+    both = x.new_empty(*x.shape[: dim + 1], 2 * c, *x.shape[dim + 2 :])
+    # Each view taken as it is written: autograd refuses a write through a view made before its base needed gradients.
+    both.narrow(dim + 1, 0, c).narrow(dim, 0, 1).zero_()
+    both.narrow(dim + 1, 0, c).narrow(dim, 1, n - 1).copy_(x.narrow(dim, 0, n - 1))
+    both.narrow(dim + 1, c, c).copy_(x)
+    return both
 
 
 def maybe_in_place(x: torch.Tensor, op: str, *args, inplace: bool) -> torch.Tensor:

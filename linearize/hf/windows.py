@@ -30,7 +30,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from .attention import AttentionSpec, apply_rotary
 from .errors import LinearizeError
 from .kernel_dispatch import mode as kernel_mode
-from .ops_window import block_length, exp_weights, maybe_in_place, softcapped, window_tail
+from .ops_window import after_previous, block_length, exp_weights, maybe_in_place, softcapped, window_tail
 
 # Queries per band: long enough to amortise the band's overhead; a band is never shorter than the window.
 BAND = 64
@@ -120,9 +120,7 @@ def _bands(q, k, v, *, window, scaling, softcap, key_mask, band):
     vb = F.pad(v.to(acc), (0, 0, 0, pad)).reshape(b, hkv, n, c, v.shape[-1])
     mb = F.pad(key_mask.bool(), (0, pad)).reshape(b, n, c)
     if n > 1:
-        kb = torch.cat((F.pad(kb, (0, 0, 0, 0, 1, 0))[:, :, :-1], kb), dim=3)
-        vb = torch.cat((F.pad(vb, (0, 0, 0, 0, 1, 0))[:, :, :-1], vb), dim=3)
-        mb = torch.cat((F.pad(mb, (0, 0, 1, 0))[:, :-1], mb), dim=2)
+        kb, vb, mb = after_previous(kb, 2), after_previous(vb, 2), after_previous(mb, 1)
     span = kb.shape[3]
     distance = (span - c) + torch.arange(c, device=q.device)[:, None] - torch.arange(span, device=q.device)[None, :]
     allowed = (distance >= 0) & (distance < window) & mb[:, None, None, :, None, :]
