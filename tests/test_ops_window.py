@@ -311,3 +311,16 @@ def test_a_decay_needs_a_window():
     q, k, v, wq, wk, mask, sm = make(5)
     with pytest.raises(ValueError, match="a decay needs a window of at least 1"):
         run(chunk_window_linear, q, k, v, wq, wk, mask, sm, 0, decay=decays())
+
+
+@pytest.mark.parametrize("chunks", [1, 5])
+def test_after_previous_puts_each_chunk_after_the_one_before(chunks):
+    """Chunk j of the result is chunk j - 1's rows then chunk j's (zeros before the first), along any chunk axis, for
+    floats and masks alike."""
+    x = torch.arange(2 * 3 * chunks * 4 * 2, dtype=torch.float32).reshape(2, 3, chunks, 4, 2)
+    both = ops_window.after_previous(x, 2)
+    assert both.shape == (2, 3, chunks, 8, 2)
+    assert torch.equal(both[:, :, 0, :4], torch.zeros(2, 3, 4, 2)) and torch.equal(both[:, :, :, 4:], x)
+    assert torch.equal(both[:, :, 1:, :4], x[:, :, :-1])
+    mask = x[..., 0] > 7
+    assert torch.equal(ops_window.after_previous(mask, 2), both[..., 0] > 7)
