@@ -34,6 +34,7 @@ from .attention import rotate_half
 from .kernel_dispatch import mode as kernel_mode
 from .norms import gated_group_rms_norm, gated_rms_norm
 from .ops_delta import delta_rule_gates, l2_normalize
+from .ops_gated import ssd_steps
 from .triton_step import switch
 from .windows import _one_query
 
@@ -202,15 +203,10 @@ def _delta_rule_heads(
     (conv moved on in place, a pad leaving it as it was) and the rule's update of `recurrent` in place. `qwen_scale`:
     None for `gated_deltanet`'s form, else q's scale in qwen3_5's (`mixer_gated_deltanet.delta_rule_decode`'s `silu`)."""
     batch, heads, _, d = q.shape
-    kv_heads, acc = k.shape[1], recurrent.dtype
+    kv_heads = k.shape[1]
     rows = batch * heads
     beta, g = delta_rule_gates(hidden, beta_weight, beta_bias, decay_weight, a_log, dt_bias, real)
-    seq = torch.cat((conv, torch.cat((q, k, v), dim=1).to(acc).view(batch, -1, 1)), dim=-1)
-    channels = (seq * conv_weight.to(acc)).sum(-1).view(batch, -1, d)
-    if real is None:
-        conv.copy_(seq[..., 1:])
-    else:  # a pad leaves the convolution's cache as it was
-        conv.copy_(torch.where(real.view(batch, 1, 1).bool(), seq[..., 1:], conv))
+    channels = _conv_step(conv, torch.cat((q, k, v), dim=1), conv_weight, real).view(batch, -1, d)
     if qwen_scale is None:
         qk = F.normalize(channels[:, : heads + kv_heads], dim=-1)
     else:
@@ -261,7 +257,7 @@ def mamba2_step(
     batch, heads, _, d = q.shape
     kv_heads, acc = k.shape[1], ssm.dtype
     group = heads // kv_heads
-    dt = _softplus_dt(hidden, dt_weight, dt_bias, real, acc).view(batch, kv_heads, group, 1)
+    dt = ssd_steps(hidden, dt_weight, dt_bias, real).view(batch, kv_heads, group, 1)
     x = v.to(acc).view(batch, kv_heads, 1, d)
     y = _ssm_heads(q.to(acc), k.to(acc).view(batch, kv_heads, 1, d) * dt, x, dt, a_log, ssm, scaling)
     y = y.view(batch, kv_heads, group, d).addcmul_(skip.to(acc).view(1, kv_heads, group, 1), x).view(batch, heads, 1, d)
@@ -283,14 +279,9 @@ def bamba_mamba2_step(
     dtype, 0 at a pad."""
     batch, heads, _, d = q.shape
     group, acc = heads // k.shape[1], ssm.dtype
-    xbc = torch.cat((v.repeat_interleave(group, dim=1), k.repeat_interleave(group, dim=1), q), dim=1).to(acc).view(batch, -1, 1)
-    seq = torch.cat((conv, xbc), dim=-1)
-    if real is None:
-        conv.copy_(seq[..., 1:])
-    else:  # a pad leaves the convolution's cache as it was
-        conv.copy_(torch.where(real.view(batch, 1, 1).bool(), seq[..., 1:], conv))
-    x, b, c = F.silu((seq * conv_weight.to(acc)).sum(-1) + conv_bias.to(acc)).view(batch, 3, heads, 1, d).unbind(1)
-    dt = _softplus_dt(hidden, dt_weight, dt_bias, real, acc).view(batch, heads, 1, 1)
+    xbc = torch.cat((v.repeat_interleave(group, dim=1), k.repeat_interleave(group, dim=1), q), dim=1)
+    x, b, c = F.silu(_conv_step(conv, xbc, conv_weight, real) + conv_bias.to(acc)).view(batch, 3, heads, 1, d).unbind(1)
+    dt = ssd_steps(hidden, dt_weight, dt_bias, real).view(batch, heads, 1, 1)
     y = _ssm_heads(c, b * dt, x, dt, a_log, ssm, 1.0).addcmul_(skip.to(acc).view(1, heads, 1, 1), x)
     out = gated_group_rms_norm(y, z.view(batch, 1, heads, d).transpose(1, 2), norm_weight, eps)
     if real is not None:
@@ -298,11 +289,17 @@ def bamba_mamba2_step(
     return out.to(q.dtype)
 
 
-def _softplus_dt(hidden: Tensor, dt_weight: Tensor, dt_bias: Tensor, real: Optional[Tensor], acc: torch.dtype) -> Tensor:
-    """Mamba-2's step dt = softplus(W_dt x + dt_bias) (B, H) for the hidden states (B, 1, hidden), in `acc`; 0 at a pad."""
-    x = hidden.reshape(hidden.shape[0], -1).to(acc)
-    dt = F.softplus(F.linear(x, dt_weight.to(acc)) + dt_bias.to(acc))
-    return dt if real is None else dt * real.view(-1, 1)
+def _conv_step(conv: Tensor, heads: Tensor, conv_weight: Tensor, real: Optional[Tensor]) -> Tensor:
+    """The short causal convolution's one-token step: heads (B, *, 1, D) as its C channels in conv's dtype after the
+    cache conv (B, C, K - 1) of the inputs before, weighted by conv_weight (C, K); returns (B, C) and moves conv on in
+    place (a pad, False in real (B, 1), leaves it as it was)."""
+    batch = conv.shape[0]
+    seq = torch.cat((conv, heads.to(conv.dtype).view(batch, -1, 1)), dim=-1)
+    if real is None:
+        conv.copy_(seq[..., 1:])
+    else:
+        conv.copy_(torch.where(real.view(batch, 1, 1).bool(), seq[..., 1:], conv))
+    return (seq * conv_weight.to(conv.dtype)).sum(-1)
 
 
 def _ssm_heads(c: Tensor, keys: Tensor, x: Tensor, dt: Tensor, a_log: Tensor, ssm: Tensor, scaling: float) -> Tensor:

@@ -44,6 +44,7 @@ from .mixer_gated_deltanet import check_conv_size, short_conv
 from .mixer_qwen3_5_gdn import resolve_eps
 from .mixers import FusedStepMixer, MixerCost, register_mixer
 from .norms import gated_group_rms_norm
+from .ops_gated import ssd_steps
 from .triton_step import bamba_mamba2_step
 
 
@@ -116,12 +117,8 @@ class BambaMamba2(FusedStepMixer):
         return "simple_gla", (self.spec.head_dim, self.spec.head_dim)
 
     def steps(self, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
-        """dt (B, H, T), zero at pads so they neither write nor decay."""
-        u = hidden_states.to(torch.promote_types(hidden_states.dtype, torch.float32))
-        dt = F.softplus(F.linear(u, self.dt_proj.weight.to(u.dtype)) + self.dt_bias.to(u.dtype))
-        if padding_mask is not None:
-            dt = dt * padding_mask[..., None]
-        return dt.transpose(1, 2)
+        """dt (B, H, T), zero at pads so they neither write nor decay (`ops_gated.ssd_steps`)."""
+        return ssd_steps(hidden_states, self.dt_proj.weight, self.dt_bias, padding_mask)
 
     def convolve(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, padding_mask: torch.Tensor | None, cache: torch.Tensor | None

@@ -28,7 +28,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import cpu_step
@@ -36,6 +35,7 @@ from .attention import AttentionSpec, repeat_heads
 from .gates import inverse_softplus, logit
 from .kernel_dispatch import simple_gla
 from .mixers import FusedStepMixer, MixerCost, register_mixer
+from .ops_gated import ssd_steps
 from .triton_step import mamba2_step
 from .windows import add_window, check_window, effective_window, window_cache_size
 
@@ -90,12 +90,8 @@ class Mamba2Mixer(FusedStepMixer):
         return MixerCost(new_parameters=params, state_fixed=h * spec.head_dim**2 + window_cache_size(window, spec), state_per_token=0)
 
     def steps(self, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
-        """dt (B, H, T), zero at pads so they neither write nor decay."""
-        x = hidden_states.to(torch.promote_types(hidden_states.dtype, torch.float32))
-        dt = F.softplus(F.linear(x, self.dt_proj.weight.to(x.dtype)) + self.dt_bias.to(x.dtype))
-        if padding_mask is not None:
-            dt = dt * padding_mask[..., None]
-        return dt.transpose(1, 2)
+        """dt (B, H, T), zero at pads so they neither write nor decay (`ops_gated.ssd_steps`)."""
+        return ssd_steps(hidden_states, self.dt_proj.weight, self.dt_bias, padding_mask)
 
     def kernel(self):
         return "simple_gla", (self.spec.head_dim, self.spec.head_dim)  # a window, if any, runs beside it (windows.py: flex_attention on CUDA)

@@ -11,8 +11,7 @@ layer's weights into that architecture and the exported model computes the same 
 Unlike `gated_deltanet` there is no sliding window and no bias on the write strength: qwen3_5 has neither.
 On CUDA an inference decode step runs in one Triton kernel after the projections, gated norm included
 (`triton_step.qwen3_5_gdn_step`, the gated_deltanet step's kernel in qwen3_5's variant), on the CPU as
-`cpu_step.qwen3_5_gdn_step`; the PyTorch path
-(`delta_rule`, then `gated_rms_norm`) takes every other call.
+`cpu_step.qwen3_5_gdn_step`; the PyTorch path (`delta_rule`, then `gated_rms_norm`) takes every other call.
 
 The start keeps what can be kept: identity convolutions (the teacher's q/k/v before the SiLU), beta = 0.5 and a
 per-token decay of 0.9 as in `gated_deltanet`, unit norm weights. The gate has no exact start (SiLU(W_z x)

@@ -251,6 +251,16 @@ def chunk_gla(
 # ----------------------------------------------------------------------------
 
 
+def ssd_steps(hidden_states: Tensor, dt_weight: Tensor, dt_bias: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
+    """Mamba-2's step sizes dt = softplus(W_dt x + dt_bias) (B, H, T) for hidden states x (B, T, C), in float32 or
+    wider; zero at pads (False in `padding_mask` (B, T)), so they neither write nor decay."""
+    x = hidden_states.to(torch.promote_types(hidden_states.dtype, torch.float32))
+    dt = F.softplus(F.linear(x, dt_weight.to(x.dtype)) + dt_bias.to(x.dtype))
+    if padding_mask is not None:
+        dt = dt * padding_mask[..., None]
+    return dt.transpose(1, 2)
+
+
 def naive_simple_gla(
     q: Tensor,
     k: Tensor,
