@@ -361,12 +361,14 @@ join)  # (after solo or first, still warm; carry .gguf2 corpus.tgz) the GGUF and
   join
   ;;
 variants)  # (after join, still warm, as DETACH=variants) one quality run per ';'-separated argument list in VARIANTS, all
-  # at once on the one GPU (a 135M student leaves most of an H200 idle), named v1, v2, ... within QUALITY_S each
+  # at once on the one GPU (a 135M student leaves most of an H200 idle), named v1, v2, ... within QUALITY_S each; then
+  # SPEED, if given, as train_speed, alone on the GPU and on the kernel caches the runs left warm
   IFS=';' read -ra lists <<< "$VARIANTS"
   for ((i = 0; i < ${#lists[@]}; i++)); do
     quality "${QUALITY_S:-1100}" "v$((i + 1))" "${lists[$i]}" &
   done
   wait
+  [ -z "${SPEED:-}" ] || train_speed "${SPEED_S:-300}"
   ;;
 second)
   join || exit 1
@@ -474,7 +476,8 @@ tilelang)  # (after z3, still warm; carry .tilelang and .whl's fla_core and flas
   # gated backward runs on Hopper with the carried tilelang 0.1.15 (.tilelang/: its wheel, apache-tvm-ffi,
   # torch-c-dlpack-ext): a hybrid_gdn-shaped student's distillation speed on the PyTorch path (part torch), fla's
   # gradient tests and bf16 training steps (tests; TILELANG_TESTS, a -k expression) and the same speed with tilelang
-  # importable (fast), the parts in TILELANG (default all three), SPEED_S and TEST_S each. On a fresh machine 130 s was too little for every part (twenty-ninth session: the compiled
+  # importable (fast), the parts in TILELANG (default all three; install: none, tilelang put on the path alone), SPEED_S
+  # and TEST_S each. On a fresh machine 130 s was too little for every part (twenty-ninth session: the compiled
   # first step alone outlasts it), so the parts go into calls of their own, chained, each within a call's 600 s
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/fla_core-*.whl \
     .whl/flash_linear_attention-*.whl 2>/dev/null || [ -d /tmp/site/fla ] || exit 1
@@ -488,6 +491,8 @@ tilelang)  # (after z3, still warm; carry .tilelang and .whl's fla_core and flas
         > "$OUT/tilelang.log" 2>&1
     fi
     case $part in
+    install)  # tilelang and fla on the path for later calls (WITH_TILELANG=1), tilelang.log, nothing run
+      ;;
     tests)
       timeout "${TEST_S:-300}" python3 -m pytest -v -p no:cacheprovider -n 8 -m gpu tests/test_gpu.py -k "${TILELANG_TESTS:-gradients or bfloat16_training_step}" -rs > "$OUT/gpu_tests.log" 2>&1
       echo "exit $?" >> "$OUT/gpu_tests.log"
@@ -501,7 +506,7 @@ tilelang)  # (after z3, still warm; carry .tilelang and .whl's fla_core and flas
       (cd "/tmp/speed-$path" && tar czf "$OUT/distill-$path.tgz" ./*.log $(ls ./*-profile-*.txt 2>/dev/null))
       ;;
     *)
-      echo "TILELANG names torch, tests and fast, not $part" >&2; exit 2
+      echo "TILELANG names torch, tests, fast and install, not $part" >&2; exit 2
       ;;
     esac
   done
