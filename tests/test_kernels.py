@@ -23,6 +23,23 @@ def test_cpu_uses_the_pytorch_path():
     assert torch.equal(o, ref) and torch.equal(state, ref_state)
 
 
+@pytest.mark.parametrize("decode", [False, True])
+def test_grouped_queries_take_and_give_one_state_per_key_head(decode):
+    """The dispatch's chunked form computes grouped queries once per key head, and its recurrence (decode) on the key
+    heads repeated: both equal the chunked form of the repeated heads, with the state cut to one per key head."""
+    torch.manual_seed(3)
+    q = torch.randn(1, 6, 5, 8, dtype=torch.float64)
+    k, v = torch.randn(1, 2, 5, 8, dtype=torch.float64), torch.randn(1, 2, 5, 9, dtype=torch.float64)
+    gk = torch.nn.functional.logsigmoid(torch.randn(1, 2, 5, 8, dtype=torch.float64))
+    state = torch.randn(1, 2, 8, 9, dtype=torch.float64)
+    o, final = kernels.gla(q, k, v, gk, initial_state=state, decode=decode, output_state=True)
+    ref, ref_final = chunk_gla(q, *(x.repeat_interleave(3, 1) for x in (k, v, gk)),
+                               initial_state=state.repeat_interleave(3, 1))
+    torch.testing.assert_close(o, ref, atol=1e-12, rtol=0)
+    assert final.shape == (1, 2, 8, 9) and final.is_contiguous()
+    torch.testing.assert_close(final, ref_final[:, ::3], atol=1e-12, rtol=0)
+
+
 def test_forcing_fla_on_cpu_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("LINEARIZE_KERNELS", "fla")
     with pytest.raises(LinearizeError, match="LINEARIZE_KERNELS=fla needs CUDA tensors"):

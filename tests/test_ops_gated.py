@@ -75,6 +75,39 @@ def test_matches_naive_with_grads(variant, form, T, with_state):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=0, msg=f"grad {name}")
 
 
+@pytest.mark.parametrize("T", [1, 17, 130])
+@pytest.mark.parametrize("with_state", [False, True])
+@pytest.mark.parametrize("chunk_size", [16, 64])
+def test_grouped_queries_match_the_key_heads_repeated(T, with_state, chunk_size):
+    """Three queries per key head: the output of each query head and the gradients of every input equal those of the
+    key heads repeated to the queries' (grouped-query order), and the state is one per key head."""
+    torch.manual_seed(9)
+    groups = 3
+    q, k, v, g, s0 = make_inputs("gla", T, with_state=with_state)
+    q = torch.randn(B, H * groups, T, K, dtype=q.dtype)
+
+    def repeated(q, k, v, g, initial_state=None):
+        o, S = naive_gla(q, *(x.repeat_interleave(groups, 1) for x in (k, v, g)), initial_state=(
+            None if initial_state is None else initial_state.repeat_interleave(groups, 1)))
+        return o, S[:, ::groups]
+
+    o_ref, S_ref, g_ref = run_with_grads(repeated, q, k, v, g, s0)
+    o, S, grads = run_with_grads(chunk_gla, q, k, v, g, s0, chunk_size=chunk_size)
+    assert o.shape == (B, H * groups, T, V) and S.shape == (B, H, K, V)
+    torch.testing.assert_close(o, o_ref, atol=1e-10, rtol=0)
+    torch.testing.assert_close(S, S_ref, atol=1e-10, rtol=0)
+    for name, a, b in zip(["q", "k", "v", "g", "initial_state"], grads, g_ref):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=0, msg=f"grad {name}")
+
+
+def test_query_heads_that_do_not_group_the_key_heads_raise():
+    q, k, v, g, _ = make_inputs("gla", 5)
+    with pytest.raises(ValueError, match="a multiple of k's heads"):
+        chunk_gla(torch.randn(B, H + 1, 5, K, dtype=q.dtype), k, v, g)
+    with pytest.raises(ValueError, match="with q's heads k's heads"):
+        naive_gla(torch.randn(B, 2 * H, 5, K, dtype=q.dtype), k, v, g)
+
+
 @pytest.mark.parametrize("variant", ["gla", "simple"])
 def test_naive_matches_explicit_loop(variant):
     """Pin the ground truth to the recurrence written out with plain Python loops."""

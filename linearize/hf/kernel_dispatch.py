@@ -218,11 +218,25 @@ def _state(initial_state):
 
 def gla(q, k, v, gk, scale=None, initial_state=None, decode=False, output_state=False, dtype=None):
     """Gated linear attention with per-channel log-decays `gk` (see `ops_gated`); returns (o, state or None).
-    fla reads q, k and v in `dtype` (None: theirs); the PyTorch path ignores it."""
-    if not _pick(q, v, decode=decode):
-        op = recurrent_gla if decode else chunk_gla
-        o, state = op(q, k, v, gk, scale=scale, initial_state=initial_state)
+    q may hold G query heads for each head of k, v and gk (query head h reads key head h // G), and the state, given
+    and returned, is then one per key head: PyTorch's chunked form computes it once per key head, fla and the
+    recurrence on the key heads repeated. fla reads q, k and v in `dtype` (None: theirs); the PyTorch path ignores it."""
+    fla_runs = _pick(q, v, decode=decode)
+    if not fla_runs and not decode:
+        o, state = chunk_gla(q, k, v, gk, scale=scale, initial_state=initial_state)
         return o, (state if output_state else None)
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k, v, gk = (x.repeat_interleave(groups, dim=1) for x in (k, v, gk))
+        initial_state = None if initial_state is None else initial_state.repeat_interleave(groups, dim=1)
+    if not fla_runs:
+        o, state = recurrent_gla(q, k, v, gk, scale=scale, initial_state=initial_state)
+        return o, (state[:, ::groups].contiguous() if output_state else None)
+    o, state = _fla_gla(q, k, v, gk, scale, initial_state, decode, output_state, dtype)
+    return o, (None if state is None else state[:, ::groups].contiguous())
+
+
+def _fla_gla(q, k, v, gk, scale, initial_state, decode, output_state, dtype):
     qt, kt, vt = _bthd(dtype, q, k, v)
     (gt,) = _bthd(torch.float32, gk)
     qt, kt, gt, vt = _evened(qt.dtype, qt, kt, gt, vt)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from . import cpu_step
-from .attention import AttentionSpec, repeat_heads
+from .attention import AttentionSpec
 from .errors import LinearizeError
 from .kernel_dispatch import gla
 from .mixers import FusedStepMixer, MixerCost, register_mixer
@@ -83,15 +83,11 @@ class GLAMixer(FusedStepMixer):
             real = padding_mask[:, None, :, None].to(acc)
             fk, gate = fk * real, gate * real
         values = torch.cat((v, torch.ones_like(v[..., :1])), dim=-1)
-        groups = self.spec.groups
-        fk, gate, values = (repeat_heads(x, groups) for x in (fk, gate, values))
-        if state is not None:
-            state = repeat_heads(state, groups)
+        # The gated state is one per kv head, which the group's query heads read (grouped queries).
         out, final = gla(fq, fk, values, gate, scale=1.0, initial_state=state, decode=decode, output_state=True, dtype=dtype)
         num, den = out[..., :-1], out[..., -1:]
         # den is 0 where no real key has been seen yet (under left padding), and num with it.
-        # A copy of one head per group: a view would keep every query head's state.
-        return num / torch.where(den > 0, den, torch.ones_like(den)), final[:, ::groups].clone()
+        return num / torch.where(den > 0, den, torch.ones_like(den)), final
 
     def kernel(self):
         return "gla", (self.spec.head_dim, self.spec.head_dim + 1)  # a window, if any, runs beside it (windows.py: flex_attention on CUDA)

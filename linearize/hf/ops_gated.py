@@ -16,6 +16,11 @@ The "simple" variants take one scalar gate per head and step, g of shape
 Every op returns (o, final_state): o in the dtype of v, final_state of shape
 (B, H, K, V) in the compute dtype, which is float32 (float64 if any input is
 float64).
+
+`chunk_gla` also takes grouped queries: q of (B, G * H, T, K) beside k, v and
+gates of H heads, query head h reading key head h // G (grouped-query
+attention's order). The state and the gates' decays are the same for every
+query of a group, so they are computed once per key head; o has G * H heads.
 """
 
 from typing import Optional, Tuple
@@ -46,10 +51,14 @@ def _prepare(
     scale: Optional[float],
     initial_state: Optional[Tensor],
     scalar_gate: bool,
+    grouped: bool = False,
 ):
-    if q.dim() != 4 or k.shape != q.shape:
-        raise ValueError(f"q and k must both be (B, H, T, K); got {tuple(q.shape)} and {tuple(k.shape)}")
-    B, H, T, K = q.shape
+    same = q.dim() == 4 and k.dim() == 4 and (k.shape == q.shape or (
+        grouped and k.shape[::2] == q.shape[::2] and k.shape[3] == q.shape[3] and q.shape[1] % max(k.shape[1], 1) == 0))
+    if not same:
+        heads = "a multiple of k's heads" if grouped else "k's heads"
+        raise ValueError(f"q and k must be (B, H, T, K) with q's heads {heads}; got {tuple(q.shape)} and {tuple(k.shape)}")
+    B, H, T, K = k.shape
     if v.dim() != 4 or v.shape[:3] != (B, H, T):
         raise ValueError(f"v must be (B, H, T, V) with B, H, T of q; got {tuple(v.shape)}")
     V = v.shape[-1]
@@ -192,9 +201,13 @@ def chunk_gla(
     Within a chunk, attention scores use exp of differences of cumulative
     log-gates that are always <= 0, so nothing overflows even for very strong
     decays. chunk_size should be a multiple of 16 (any positive value works).
+    q may hold G queries per key head (the module docstring): everything that
+    depends on the gates alone, the pairwise decays among it, is computed once
+    per key head.
     """
-    q, k, v, gk, scale, s0, out_dtype = _prepare(q, k, v, gk, scale, initial_state, False)
-    B, H, T, K = q.shape
+    q, k, v, gk, scale, s0, out_dtype = _prepare(q, k, v, gk, scale, initial_state, False, grouped=True)
+    B, H, T, K = k.shape
+    G = q.shape[1] // H
     V = v.shape[-1]
     C, c = _chunk_sizes(T, chunk_size)
     n = C // c
@@ -202,7 +215,7 @@ def chunk_gla(
     pad = N * C - T
     q, k, v, gk = (_pad_time(x, pad, 2) for x in (q, k, v, gk))
 
-    q = q.reshape(B, H, N, n, c, K)
+    q = q.reshape(B, H, G, N, n, c, K)
     k = k.reshape(B, H, N, n, c, K)
     gk = gk.reshape(B, H, N, n, c, K)
     v = v.reshape(B, H, N, C, V)
@@ -218,7 +231,9 @@ def chunk_gla(
     # In place on the fresh differences (autograd keeps what exp's backward reads): on the CPU each fresh tensor of
     # this size costs its pages' first touch (BENCHMARKS.md, fifty-third session).
     dd = (bl[..., :, None, :] - bl[..., None, :, :]).masked_fill_(~tril[:, :, None], float("-inf")).exp_()  # (B, H, N, n, c_i, c_j, K)
-    A_diag = torch.einsum("...ik,...jk,...ijk->...ij", q, k, dd)  # (B, H, N, n, c, c)
+    # The keys' decayed copies once per key head, then each query's row of scores as one batched product.
+    kdd = dd * k[..., None, :, :] if dd.requires_grad else dd.mul_(k[..., None, :, :])  # exp's backward reads dd
+    A_diag = torch.einsum("bhgNnik,bhNnijk->bhgNnij", q, kdd)  # (B, H, G, N, n, c, c)
 
     if n > 1:
         # Off-diagonal sub-blocks I > J: use the end of sub-chunk J as reference
@@ -227,22 +242,22 @@ def chunk_gla(
         kg = k * torch.exp(ref.unsqueeze(-2) - b)  # (B, H, N, n_J, c, K)
         e = b[..., :, None, :, :] - ref[..., None, :, None, :]  # (B, H, N, n_I, n_J, c, K)
         strict = torch.ones(n, n, dtype=torch.bool, device=q.device).tril(-1)
-        qg = q.unsqueeze(-3) * e.masked_fill_(~strict[:, :, None, None], float("-inf")).exp_()
-        A = torch.einsum("...IJik,...Jjk->...IJij", qg, kg)  # (B, H, N, n_I, n_J, c, c)
+        qg = q.unsqueeze(-3) * e.masked_fill_(~strict[:, :, None, None], float("-inf")).exp_().unsqueeze(2)
+        A = torch.einsum("bhgNIJik,bhNJjk->bhgNIJij", qg, kg)  # (B, H, G, N, n_I, n_J, c, c)
         eye = torch.eye(n, dtype=q.dtype, device=q.device)[:, :, None, None]
         A = A + eye * A_diag.unsqueeze(-3)
     else:
         A = A_diag.unsqueeze(-3)
-    A = A.transpose(-3, -2).reshape(B, H, N, C, C)
+    A = A.transpose(-3, -2).reshape(B, H, G, N, C, C)
 
-    q = q.reshape(B, H, N, C, K)
+    q = q.reshape(B, H, G, N, C, K)
     k = k.reshape(B, H, N, C, K)
     b = b.reshape(B, H, N, C, K)
     b_last = b[..., -1:, :]  # (B, H, N, 1, K)
     kd = k * torch.exp(b_last - b)
     S_in, S = _chunk_recurrence(kd, v, torch.exp(b_last).transpose(-1, -2), s0)
-    o = A @ v + (q * torch.exp(b)) @ S_in
-    o = (scale * o).reshape(B, H, N * C, V)[:, :, :T]
+    o = A @ v.unsqueeze(2) + (q * torch.exp(b).unsqueeze(2)) @ S_in.unsqueeze(2)
+    o = (scale * o).reshape(B, H * G, N * C, V)[:, :, :T]
     return o.to(out_dtype), S
 
 
