@@ -63,7 +63,8 @@ FORMS = [
 ]
 
 
-@pytest.mark.parametrize("window", [0, 1, 4, 20])
+# Windows shorter than a chunk of 16, as long, and reaching 2, 4 and 7 chunks of 16 back (2 of 64 for 100).
+@pytest.mark.parametrize("window", [0, 1, 4, 16, 20, 50, 100])
 @pytest.mark.parametrize("length", [1, 63, 130])
 @pytest.mark.parametrize("with_state", [False, True])
 @pytest.mark.parametrize("padded", [False, True])
@@ -119,7 +120,8 @@ def assert_explicit_definition(out, q, k, v, wq, wk, mask, sm, window, decay=Non
 
 
 @pytest.mark.parametrize("length", [1, 63, 130])
-@pytest.mark.parametrize("window", [6, 16])  # chunks of 16 longer than the window, and as long (the linear part's half)
+# chunks of 16 longer than the window, as long (the linear part's half), and reaching 3 chunks back
+@pytest.mark.parametrize("window", [6, 16, 40])
 @pytest.mark.parametrize("decayed", [False, True])
 def test_gradients_match_reference(length, window, decayed):
     q, k, v, wq, wk, mask, sm = make(length, seed=11, padded=True)
@@ -256,7 +258,7 @@ def test_decay_matches_explicit_definition():
     assert not torch.allclose(out, undecayed, atol=1e-3)
 
 
-@pytest.mark.parametrize("window", [1, 4, 20])
+@pytest.mark.parametrize("window", [1, 4, 20, 50])
 @pytest.mark.parametrize("length", [1, 63, 130])
 @pytest.mark.parametrize("with_state", [False, True])
 @pytest.mark.parametrize("form", FORMS, ids=[f[0] for f in FORMS])
@@ -313,6 +315,20 @@ def test_a_decay_needs_a_window():
         run(chunk_window_linear, q, k, v, wq, wk, mask, sm, 0, decay=decays())
 
 
+@pytest.mark.parametrize("chunks", [1, 2, 5])
+def test_after_previous_puts_each_chunk_after_the_ones_before_it(chunks):
+    """With three previous chunks, chunk j of the result is chunks j - 3, j - 2, j - 1 and j (zeros before the
+    first), for floats and masks alike."""
+    x = torch.arange(2 * chunks * 4 * 2, dtype=torch.float32).reshape(2, chunks, 4, 2) + 1
+    rows = ops_window.after_previous(x, 1, 3)
+    assert rows.shape == (2, chunks, 16, 2)
+    for j in range(chunks):
+        for slot in range(4):
+            want = x[:, j - 3 + slot] if j - 3 + slot >= 0 else torch.zeros(2, 4, 2)
+            assert torch.equal(rows[:, j, 4 * slot : 4 * slot + 4], want)
+    assert torch.equal(ops_window.after_previous(x > 7, 1, 3), rows > 7)
+
+
 @pytest.mark.parametrize("chunks", [1, 5])
 def test_after_previous_puts_each_chunk_after_the_one_before(chunks):
     """Chunk j of the result is chunk j - 1's rows then chunk j's (zeros before the first), along any chunk axis, for
@@ -324,3 +340,16 @@ def test_after_previous_puts_each_chunk_after_the_one_before(chunks):
     assert torch.equal(both[:, :, 1:, :4], x[:, :, :-1])
     mask = x[..., 0] > 7
     assert torch.equal(ops_window.after_previous(mask, 2), both[..., 0] > 7)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_running_sum_is_cumsum(grad):
+    """In place on the CPU without gradients, cumsum with them: the same sums, and the same gradient."""
+    x = torch.randn(2, 3, 7, 4, 5, dtype=torch.float64, requires_grad=grad)
+    want = x.detach().cumsum(2)
+    got = ops_window.running_sum(x * 1 if grad else x.detach().clone(), 2)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+    if grad:
+        probe = torch.randn_like(want)
+        (grad_x,) = torch.autograd.grad((got * probe).sum(), x)
+        torch.testing.assert_close(grad_x, probe.flip(2).cumsum(2).flip(2), atol=1e-12, rtol=0)

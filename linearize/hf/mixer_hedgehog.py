@@ -30,7 +30,7 @@ from .errors import LinearizeError
 from .kernel_dispatch import simple_gla
 from .mixers import FusedStepMixer, MixerCost, register_mixer
 from .ops_kept import decide_block, decode_kept_window_linear, empty_kept_state, ends_block, kept_window_linear
-from .ops_window import chunk_window_linear, decode_window_linear, empty_ring_state, ordered_state, ring_state
+from .ops_window import CHUNK, chunk_window_linear, decode_window_linear, empty_ring_state, ordered_state, ring_state
 from .triton_features import feature_map_problem, feature_maps
 from .triton_step import MAX_HEAD_DIM, hedgehog_step, hedgehog_swa_step
 from .triton_window import window_linear_prefill, window_prefill_problem
@@ -270,9 +270,12 @@ class HedgehogSWAMixer(HedgehogMixer):
         # The kernel takes q, k, v of one dtype: under autocast, autocast's (q and k may have left a norm in float32).
         low = compute_dtype(v)
         kq, kk, kv = q.to(low), k.to(low), v.to(low)
-        if decay is None and not compiled_training(q, fq, fk) and window_prefill_problem(kq, kk, kv, fq, fk, self.window) is None:
+        training = compiled_training(q, fq, fk)
+        if decay is None and not training and window_prefill_problem(kq, kk, kv, fq, fk, self.window) is None:
             out, final = window_linear_prefill(kq, kk, kv, fq, fk, state=ordered, output_state=state is not None, **kwargs)
         else:
+            if training:  # chunks as long as the window: the form whose compiled training step was measured
+                kwargs["chunk_size"] = max(CHUNK, self.window)
             k, v, fk = repeat_heads(k, groups), repeat_heads(v, groups), repeat_heads(fk, groups)
             if decay is not None:
                 kwargs["decay"] = decay.repeat_interleave(groups)

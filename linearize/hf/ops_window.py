@@ -27,6 +27,10 @@ import torch.nn.functional as F
 # they save in memory (BENCHMARKS.md, "Prefill memory and decode time, profiled").
 BLOCK_ELEMENTS = 1 << 24
 MIN_BLOCK_TOKENS = 2048
+# Queries a chunk of the chunked form: a window of W keys reaches ceil(W / CHUNK) chunks back, so every query scores
+# at most CHUNK - 1 keys more than its window (a `lolcats` layer's 2K prefill, two cores: 76 ms a layer with chunks
+# as long as its 256-key window, BENCHMARKS.md, fifty-fourth session).
+CHUNK = 64
 
 
 def _acc(x: torch.Tensor) -> torch.dtype:
@@ -167,15 +171,18 @@ def chunk_window_linear(
     softcap=None,
     state=None,
     output_state=False,
-    chunk_size=64,
+    chunk_size=CHUNK,
     decay=None,
 ):
     """Chunked parallel form, a block of chunks at a time (`block_length`): each block continues from the state the
-    last one left, so a long prefill's working memory does not grow with its length. Returns (o, new_state or None)."""
+    last one left, so a long prefill's working memory does not grow with its length. A chunk of `chunk_size` queries
+    reads the chunks of keys that its window reaches (`reach`) explicitly: shorter chunks score fewer keys outside
+    the window (a chunk as long as the window scores twice its window). Returns (o, new_state or None)."""
     b, h, length, _ = q.shape
-    c = max(chunk_size, window)
-    # Per query token: its scores against two chunks of keys, and its share of its chunk's (F x V) state.
-    step = block_length(b * h * max(2 * c, fk.shape[-1] * v.shape[-1] // c + 1), c)
+    c, back = chunk_size, reach(window, chunk_size)
+    # Per query token: its scores against its chunk's and the earlier chunks' keys, and its share of its chunk's
+    # (F x V) state.
+    step = block_length(b * h * max((back + 1) * c, fk.shape[-1] * v.shape[-1] // c + 1), c)
     _check_decay(decay, window)
     options = dict(
         window=window, scaling=scaling, sm_weight=sm_weight, ln_weight=ln_weight, softcap=softcap, chunk_size=chunk_size, decay=decay
@@ -195,6 +202,11 @@ def chunk_window_linear(
 
 # Longer than 60 lines with its signature and docstring: the chunked scan reads top to bottom as the docstring's
 # algebra; split, its steps would pass a dozen chunk tensors between them.
+def reach(window: int, chunk: int) -> int:
+    """How many earlier chunks of `chunk` keys a query chunk's window reaches into (at least one)."""
+    return max(1, math.ceil(window / chunk))
+
+
 def _chunk_window_block(
     q,
     k,
@@ -213,14 +225,14 @@ def _chunk_window_block(
     chunk_size,
     decay,
 ):
-    """One block of the chunked form: each query chunk sees the previous and current key chunks explicitly, older
-    keys through a prefix sum of per-chunk states (with a decay, a scan of them, each faded to its chunk's end).
-    Chunks are at least `window` long so that suffices."""
+    """One block of the chunked form: each query chunk sees its own and the `reach` previous key chunks explicitly, which
+    hold its window, and older keys through a prefix sum of per-chunk states (with a decay, a scan of them, each
+    faded to its chunk's end)."""
     b, h, length, d = q.shape
     k_all, v_all, fk_all, mask, S, z = _with_context(q, k, v, fk, key_mask, state)
     total = k_all.shape[2]
     context = total - length
-    c = max(chunk_size, window)
+    c, back = chunk_size, reach(window, chunk_size)
     n = math.ceil(total / c)
     pad = n * c - total
     acc = _acc(q)
@@ -236,10 +248,14 @@ def _chunk_window_block(
     fkc = fkc * mc
     vc_masked = vc * mc
 
-    kb, vb, fkb, mb = (after_previous(x, 2) for x in (kc, vc_masked, fkc, mc))
+    kb, vb, mb = (after_previous(x, 2, back) for x in (kc, vc_masked, mc))
+    # The linear part's keys: only the first (j <= r + back * c - window) are outside the window, the first chunk's
+    # where the window ends at a chunk's edge.
+    linear_keys = (back + 1) * c - window
+    fkb = after_previous(fkc, 2, back, slots=math.ceil(linear_keys / c))
     r = torch.arange(c, device=q.device)[:, None]
-    j = torch.arange(2 * c, device=q.device)[None, :]
-    dist = c + r - j
+    j = torch.arange((back + 1) * c, device=q.device)[None, :]
+    dist = back * c + r - j
     in_window = ((dist >= 0) & (dist < window)) & (mb.transpose(-1, -2) > 0)
     in_linear = (dist >= window).to(acc)
 
@@ -255,37 +271,44 @@ def _chunk_window_block(
     peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
     a_sm = exp_weights(masked, peak, smw[..., None] if torch.is_tensor(smw) else smw, inplace=inplace)
     lnw5 = lnw[..., None] if torch.is_tensor(lnw) else lnw
-    # The linear part's products: where a chunk is as long as the window, only the previous chunk's keys (s <= r) are
-    # outside it, so half the keys. Its mask, weight and decay make one small factor, applied in one pass.
-    linear_keys = c if c == window else 2 * c
+    # The linear part's mask, weight and decay make one small factor, applied in one pass.
     factor = in_linear[:, :linear_keys] * lnw5
     log_decay = None if decay is None else decay.to(acc).log().reshape(1, h, 1, 1, 1)
     if decay is not None:
         factor = factor * torch.exp(log_decay * (dist[:, :linear_keys] - window).clamp_min(0))
     a_ln = maybe_in_place(torch.einsum("bhnrf,bhnjf->bhnrj", fqc, fkb[..., :linear_keys, :]), "mul", factor, inplace=inplace)
-    # (weights, the values they read): one pair where both parts read both chunks
-    parts = [(maybe_in_place(a_sm, "add", a_ln, inplace=inplace), vb)] if linear_keys == 2 * c else [(a_sm, vb), (a_ln, vb[..., :c, :])]
-    if decay is None:
-        prior_num, prior_den = _prior_reads(fqc, fkc, vc, S, z)
+    # (weights, the values they read): one pair where the linear part's keys are all of them, or it is added in place
+    if linear_keys == a_sm.shape[-1]:
+        parts = [(maybe_in_place(a_sm, "add", a_ln, inplace=inplace), vb)]
+    elif inplace:
+        a_sm[..., :linear_keys].add_(a_ln)
+        parts = [(a_sm, vb)]
     else:
-        prior_num, prior_den = _decayed_prior_reads(fqc, fkc, vc, S, z, log_decay[..., 0], window, context)
+        parts = [(a_sm, vb), (a_ln, vb[..., :linear_keys, :])]
+    if decay is None:
+        prior_num, prior_den = _prior_reads(fqc, fkc, vc, S, z, back)
+    else:
+        prior_num, prior_den = _decayed_prior_reads(fqc, fkc, vc, S, z, log_decay[..., 0], window, context, back)
     num = sum(a @ values for a, values in parts) + lnw5 * prior_num
     den = sum(a.sum(-1, keepdim=True) for a, _ in parts) + lnw5 * prior_den[..., None]
     o = (num / den.clamp_min(1e-30)).reshape(b, h, n * c, -1)[:, :, context : context + length].to(v.dtype)
     return o, (_next_state(k_all, v_all, fk_all, mask, S, z, window, decay, length) if output_state else None)
 
 
-def after_previous(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """x in chunks along `dim` (N of them, their C rows along dim + 1), each chunk's rows after the previous chunk's
-    (zeros before the first): N chunks of 2C rows, written into one fresh tensor (where padding and concatenating
-    made two)."""
+def after_previous(x: torch.Tensor, dim: int, previous: int = 1, slots: int | None = None) -> torch.Tensor:
+    """x in chunks along `dim` (N of them, their C rows along dim + 1), each chunk's rows after the `previous` chunks'
+    before it (zeros before the first): N chunks of (previous + 1) C rows, written into one fresh tensor (where padding
+    and concatenating made several); with `slots`, only the first `slots` chunks' rows of each."""
     n, c = x.shape[dim], x.shape[dim + 1]
-    both = x.new_empty(*x.shape[: dim + 1], 2 * c, *x.shape[dim + 2 :])
-    # Each view taken as it is written: autograd refuses a write through a view made before its base needed gradients.
-    both.narrow(dim + 1, 0, c).narrow(dim, 0, 1).zero_()
-    both.narrow(dim + 1, 0, c).narrow(dim, 1, n - 1).copy_(x.narrow(dim, 0, n - 1))
-    both.narrow(dim + 1, c, c).copy_(x)
-    return both
+    slots = previous + 1 if slots is None else slots
+    rows = x.new_empty(*x.shape[: dim + 1], slots * c, *x.shape[dim + 2 :])
+    for slot in range(slots):  # slot `slot` of chunk m holds chunk m - previous + slot
+        gone = min(previous - slot, n)
+        # Each view taken as it is written: autograd refuses a write through a view made before its base needed
+        # gradients.
+        rows.narrow(dim + 1, slot * c, c).narrow(dim, 0, gone).zero_()
+        rows.narrow(dim + 1, slot * c, c).narrow(dim, gone, n - gone).copy_(x.narrow(dim, 0, n - gone))
+    return rows
 
 
 def maybe_in_place(x: torch.Tensor, op: str, *args, inplace: bool) -> torch.Tensor:
@@ -306,33 +329,44 @@ def exp_weights(scores: torch.Tensor, peak: torch.Tensor, weight=None, *, inplac
     return weights if weight is None else maybe_in_place(weights, "mul", weight, inplace=inplace)
 
 
-def _prior_reads(fqc, fkc, vc, S, z):
-    """What each query (chunks (B, H, N, C, *)) reads of the keys two or more chunks back, all outside its window,
-    and of the carried sums: a prefix sum of per-chunk states shifted by two chunks. Returns (num, den)."""
+def _prior_reads(fqc, fkc, vc, S, z, back: int):
+    """What each query (chunks (B, H, N, C, *)) reads of the keys more than `back` chunks back, all outside its
+    window, and of the carried sums: a prefix sum of per-chunk states shifted by back + 1 chunks. Returns (num, den)."""
     n = fkc.shape[2]
-    prior_S = S[:, :, None] + F.pad(torch.einsum("bhnsf,bhnse->bhnfe", fkc, vc).cumsum(2), (0, 0, 0, 0, 2, 0))[:, :, :n]
-    prior_z = z[:, :, None] + F.pad(fkc.sum(3).cumsum(2), (0, 0, 2, 0))[:, :, :n]
+    prior_S = S[:, :, None] + F.pad(running_sum(torch.einsum("bhnsf,bhnse->bhnfe", fkc, vc), 2), (0, 0, 0, 0, back + 1, 0))[:, :, :n]
+    prior_z = z[:, :, None] + F.pad(fkc.sum(3).cumsum(2), (0, 0, back + 1, 0))[:, :, :n]
     return torch.einsum("bhnrf,bhnfe->bhnre", fqc, prior_S), torch.einsum("bhnrf,bhnf->bhnr", fqc, prior_z)
 
 
-def _decayed_prior_reads(fqc, fkc, vc, S, z, log_decay, window: int, context: int):
+def running_sum(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """x.cumsum(dim); on the CPU without gradients, each slice added to the one before in place, which reads memory
+    in order: cumsum along the chunks of (B, H, N, F, V) states strides across them (a `lolcats` layer's 2K prefill,
+    two cores: 4.3 ms, in place 0.75)."""
+    if x.requires_grad or x.device.type != "cpu":
+        return x.cumsum(dim)
+    for i in range(1, x.shape[dim]):
+        x.select(dim, i).add_(x.select(dim, i - 1))
+    return x
+
+
+def _decayed_prior_reads(fqc, fkc, vc, S, z, log_decay, window: int, context: int, back: int):
     """`_prior_reads` with a per-head decay (log_decay (1, H, 1, 1)): each chunk's state faded to its last key, a
-    scan carrying it across chunks (fading by decay ** C a chunk), read two chunks later faded by
-    decay ** (C + r - window + 1) for the query r of its chunk; the carried sums, as the call's first query (chunk
-    position `context`) reads them, faded by decay ** (position - context)."""
+    scan carrying it across chunks (fading by decay ** C a chunk), read back + 1 chunks later faded by
+    decay ** (back C + r - window + 1) for the query r of its chunk; the carried sums, as the call's first query
+    (chunk position `context`) reads them, faded by decay ** (position - context)."""
     _, _, n, c, _ = fkc.shape
     position = torch.arange(c, device=fkc.device, dtype=fkc.dtype)
     faded = fkc * torch.exp(log_decay * (c - 1 - position)[:, None])[:, :, None]
     per_chunk_S, per_chunk_z = torch.einsum("bhnsf,bhnse->bhnfe", faded, vc), faded.sum(3)
     across = torch.exp(log_decay[..., 0] * c)
     run_S, run_z = torch.zeros_like(per_chunk_S[:, :, 0]), torch.zeros_like(per_chunk_z[:, :, 0])
-    older_S, older_z = [run_S, run_S], [run_z, run_z]  # chunks 0 and 1 read nothing two chunks back
-    for m in range(n - 2):
+    older_S, older_z = [run_S] * (back + 1), [run_z] * (back + 1)  # the first back + 1 chunks read nothing older
+    for m in range(n - back - 1):
         run_S = run_S * across[..., None] + per_chunk_S[:, :, m]
         run_z = run_z * across + per_chunk_z[:, :, m]
         older_S.append(run_S)
         older_z.append(run_z)
-    older_fade = torch.exp(log_decay * (c + position - window + 1))
+    older_fade = torch.exp(log_decay * (back * c + position - window + 1))
     query = torch.arange(n, device=fkc.device, dtype=fkc.dtype)[:, None] * c + position
     carried_fade = torch.exp(log_decay * (query - context).clamp_min(0))
     num = torch.einsum("bhnrf,bhnfe->bhnre", fqc, torch.stack(older_S[:n], 2)) * older_fade[..., None]
