@@ -342,14 +342,18 @@ def test_after_previous_puts_each_chunk_after_the_one_before(chunks):
     assert torch.equal(ops_window.after_previous(mask, 2), both[..., 0] > 7)
 
 
-@pytest.mark.parametrize("grad", [False, True])
-def test_running_sum_is_cumsum(grad):
-    """In place on the CPU without gradients, cumsum with them: the same sums, and the same gradient."""
-    x = torch.randn(2, 3, 7, 4, 5, dtype=torch.float64, requires_grad=grad)
-    want = x.detach().cumsum(2)
-    got = ops_window.running_sum(x * 1 if grad else x.detach().clone(), 2)
-    torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
-    if grad:
-        probe = torch.randn_like(want)
-        (grad_x,) = torch.autograd.grad((got * probe).sum(), x)
-        torch.testing.assert_close(grad_x, probe.flip(2).cumsum(2).flip(2), atol=1e-12, rtol=0)
+@pytest.mark.parametrize("window", [4, 16, 20, 50])
+@pytest.mark.parametrize("decayed", [False, True])
+def test_without_gradients_the_same_bits_as_with_them(window, decayed):
+    """The in-place forms without gradients compute what the forms autograd records compute, bit for bit: a
+    checkpointed layer runs its first pass without gradients and its second with them."""
+    q, k, v, wq, wk, mask, sm = make(70, seed=11, padded=True)
+    q, k, v = (t.float() for t in (q, k, v))
+    wq, wk, sm = wq.float(), wk.float(), sm.float()
+    extra = {"decay": decays().float()} if decayed else {}
+    with torch.no_grad():
+        plain, plain_state = run(lambda *a, **kw: chunk_window_linear(*a, chunk_size=16, **kw), q, k, v, wq, wk, mask, sm, window, **extra)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, state = run(lambda *a, **kw: chunk_window_linear(*a, chunk_size=16, **kw), *leaves, wq, wk, mask, sm, window, **extra)
+    assert out.requires_grad and torch.equal(out.detach(), plain)
+    assert all(torch.equal(state[name].detach(), plain_state[name]) for name in state)

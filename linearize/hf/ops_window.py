@@ -277,20 +277,13 @@ def _chunk_window_block(
     if decay is not None:
         factor = factor * torch.exp(log_decay * (dist[:, :linear_keys] - window).clamp_min(0))
     a_ln = maybe_in_place(torch.einsum("bhnrf,bhnjf->bhnrj", fqc, fkb[..., :linear_keys, :]), "mul", factor, inplace=inplace)
-    # (weights, the values they read): one pair where the linear part's keys are all of them, or it is added in place
-    if linear_keys == a_sm.shape[-1]:
-        parts = [(maybe_in_place(a_sm, "add", a_ln, inplace=inplace), vb)]
-    elif inplace:
-        a_sm[..., :linear_keys].add_(a_ln)
-        parts = [(a_sm, vb)]
-    else:
-        parts = [(a_sm, vb), (a_ln, vb[..., :linear_keys, :])]
+    a = added_to_front(a_sm, a_ln, inplace=inplace)
     if decay is None:
         prior_num, prior_den = _prior_reads(fqc, fkc, vc, S, z, back)
     else:
         prior_num, prior_den = _decayed_prior_reads(fqc, fkc, vc, S, z, log_decay[..., 0], window, context, back)
-    num = sum(a @ values for a, values in parts) + lnw5 * prior_num
-    den = sum(a.sum(-1, keepdim=True) for a, _ in parts) + lnw5 * prior_den[..., None]
+    num = a @ vb + lnw5 * prior_num
+    den = a.sum(-1, keepdim=True) + lnw5 * prior_den[..., None]
     o = (num / den.clamp_min(1e-30)).reshape(b, h, n * c, -1)[:, :, context : context + length].to(v.dtype)
     return o, (_next_state(k_all, v_all, fk_all, mask, S, z, window, decay, length) if output_state else None)
 
@@ -309,6 +302,18 @@ def after_previous(x: torch.Tensor, dim: int, previous: int = 1, slots: int | No
         rows.narrow(dim + 1, slot * c, c).narrow(dim, 0, gone).zero_()
         rows.narrow(dim + 1, slot * c, c).narrow(dim, gone, n - gone).copy_(x.narrow(dim, 0, n - gone))
     return rows
+
+
+def added_to_front(a: torch.Tensor, b: torch.Tensor, *, inplace: bool) -> torch.Tensor:
+    """a with b added to its first b.shape[-1] columns, in place where `inplace`: the same sums either way, so a
+    prefill without gradients (a checkpointed layer's first pass) and with them give the same bits."""
+    width = b.shape[-1]
+    if width == a.shape[-1]:
+        return maybe_in_place(a, "add", b, inplace=inplace)
+    if inplace:
+        a[..., :width].add_(b)
+        return a
+    return torch.cat((a[..., :width] + b, a[..., width:]), dim=-1)
 
 
 def maybe_in_place(x: torch.Tensor, op: str, *args, inplace: bool) -> torch.Tensor:
@@ -333,20 +338,9 @@ def _prior_reads(fqc, fkc, vc, S, z, back: int):
     """What each query (chunks (B, H, N, C, *)) reads of the keys more than `back` chunks back, all outside its
     window, and of the carried sums: a prefix sum of per-chunk states shifted by back + 1 chunks. Returns (num, den)."""
     n = fkc.shape[2]
-    prior_S = S[:, :, None] + F.pad(running_sum(torch.einsum("bhnsf,bhnse->bhnfe", fkc, vc), 2), (0, 0, 0, 0, back + 1, 0))[:, :, :n]
+    prior_S = S[:, :, None] + F.pad(torch.einsum("bhnsf,bhnse->bhnfe", fkc, vc).cumsum(2), (0, 0, 0, 0, back + 1, 0))[:, :, :n]
     prior_z = z[:, :, None] + F.pad(fkc.sum(3).cumsum(2), (0, 0, back + 1, 0))[:, :, :n]
     return torch.einsum("bhnrf,bhnfe->bhnre", fqc, prior_S), torch.einsum("bhnrf,bhnf->bhnr", fqc, prior_z)
-
-
-def running_sum(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """x.cumsum(dim); on the CPU without gradients, each slice added to the one before in place, which reads memory
-    in order: cumsum along the chunks of (B, H, N, F, V) states strides across them (a `lolcats` layer's 2K prefill,
-    two cores: 4.3 ms, in place 0.75)."""
-    if x.requires_grad or x.device.type != "cpu":
-        return x.cumsum(dim)
-    for i in range(1, x.shape[dim]):
-        x.select(dim, i).add_(x.select(dim, i - 1))
-    return x
 
 
 def _decayed_prior_reads(fqc, fkc, vc, S, z, log_decay, window: int, context: int, back: int):
