@@ -28,8 +28,8 @@ import torch.nn.functional as F
 BLOCK_ELEMENTS = 1 << 24
 MIN_BLOCK_TOKENS = 2048
 # Queries a chunk of the chunked form: a window of W keys reaches ceil(W / CHUNK) chunks back, so every query scores
-# at most CHUNK - 1 keys more than its window (a `lolcats` layer's 2K prefill, two cores: 76 ms a layer with chunks
-# as long as its 256-key window, BENCHMARKS.md, fifty-fourth session).
+# at most CHUNK - 1 keys more than its window (a `lolcats` layer's 2K prefill, two cores: 50.4 ms in chunks of 64,
+# 62.6 in chunks as long as its 256-key window, which score twice the window; BENCHMARKS.md, fifty-fourth session).
 CHUNK = 64
 
 
