@@ -200,13 +200,13 @@ def chunk_window_linear(
     return (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)), state
 
 
-# Longer than 60 lines with its signature and docstring: the chunked scan reads top to bottom as the docstring's
-# algebra; split, its steps would pass a dozen chunk tensors between them.
 def reach(window: int, chunk: int) -> int:
     """How many earlier chunks of `chunk` keys a query chunk's window reaches into (at least one)."""
     return max(1, math.ceil(window / chunk))
 
 
+# Longer than 60 lines with its signature and docstring: the chunked scan reads top to bottom as the docstring's
+# algebra; split, its steps would pass a dozen chunk tensors between them.
 def _chunk_window_block(
     q,
     k,
