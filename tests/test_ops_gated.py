@@ -100,6 +100,19 @@ def test_grouped_queries_match_the_key_heads_repeated(T, with_state, chunk_size)
         torch.testing.assert_close(a, b, atol=1e-10, rtol=0, msg=f"grad {name}")
 
 
+def test_chunk_gla_without_gradients_gives_the_same_bits_as_with_them():
+    """In place where no gradient is recorded, out of place where one is: the same arithmetic, so a checkpointed
+    layer's two passes agree bit for bit (grouped queries, float32, several sub-chunks)."""
+    torch.manual_seed(10)
+    q, k, v, g, s0 = (t.float() for t in make_inputs("gla", 70, with_state=True))
+    q = torch.randn(B, 2 * H, 70, K)
+    with torch.no_grad():
+        plain = chunk_gla(q, k, v, g, initial_state=s0)
+    tracked = chunk_gla(*(t.clone().requires_grad_() for t in (q, k, v, g)), initial_state=s0)
+    assert tracked[0].requires_grad
+    assert all(torch.equal(a.detach(), b) for a, b in zip(tracked, plain))
+
+
 def test_query_heads_that_do_not_group_the_key_heads_raise():
     q, k, v, g, _ = make_inputs("gla", 5)
     with pytest.raises(ValueError, match="a multiple of k's heads"):
