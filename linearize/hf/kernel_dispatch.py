@@ -229,11 +229,11 @@ def gla(q, k, v, gk, scale=None, initial_state=None, decode=False, output_state=
     if groups > 1:
         k, v, gk = (x.repeat_interleave(groups, dim=1) for x in (k, v, gk))
         initial_state = None if initial_state is None else initial_state.repeat_interleave(groups, dim=1)
-    if not fla_runs:
+    if fla_runs:
+        o, state = _fla_gla(q, k, v, gk, scale, initial_state, decode, output_state, dtype)
+    else:
         o, state = recurrent_gla(q, k, v, gk, scale=scale, initial_state=initial_state)
-        return o, (state[:, ::groups].contiguous() if output_state else None)
-    o, state = _fla_gla(q, k, v, gk, scale, initial_state, decode, output_state, dtype)
-    return o, (None if state is None else state[:, ::groups].contiguous())
+    return o, (state[:, ::groups].contiguous() if output_state else None)
 
 
 def _fla_gla(q, k, v, gk, scale, initial_state, decode, output_state, dtype):
