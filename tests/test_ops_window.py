@@ -5,7 +5,7 @@ import torch
 
 from linearize.hf import ops_window
 from linearize.hf.ops_window import (
-    chunk_window_linear, decode_window_linear, naive_window_linear, ordered_state, recurrent_window_linear, ring_state,
+    chunk_window_linear, decode_window_linear, masked_scores, naive_window_linear, ordered_state, recurrent_window_linear, ring_state,
 )
 
 B, H, D, V, F = 2, 3, 8, 6, 5
@@ -357,3 +357,21 @@ def test_without_gradients_the_same_bits_as_with_them(window, decayed):
     out, state = run(lambda *a, **kw: chunk_window_linear(*a, chunk_size=16, **kw), *leaves, wq, wk, mask, sm, window, **extra)
     assert out.requires_grad and torch.equal(out.detach(), plain)
     assert all(torch.equal(state[name].detach(), plain_state[name]) for name in state)
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["out-of-place", "in-place"])
+def test_masked_scores_are_masked_fills_values_and_gradients(inplace):
+    """The added bias gives masked_fill's values bit for bit, -inf where the (broadcast) mask is False, and the same
+    gradient through a softmax, zero at every masked score."""
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(2, 3, 5, 7, generator=g, dtype=torch.float64, requires_grad=not inplace)
+    allowed = torch.rand(5, 7, generator=g) > 0.4
+    allowed[:, 0] = True  # every row sees a key
+    want = scores.detach().masked_fill(~allowed, float("-inf"))
+    got = masked_scores(scores.detach().clone() if inplace else scores, allowed, inplace=inplace)
+    assert torch.equal(got, want) and torch.isneginf(got[..., ~allowed]).all()
+    if not inplace:
+        probe = torch.randn(2, 3, 5, 7, generator=g, dtype=torch.float64)
+        (grad,) = torch.autograd.grad((torch.softmax(got, -1) * probe).sum(), scores)
+        (reference,) = torch.autograd.grad((torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1) * probe).sum(), scores)
+        assert torch.equal(grad, reference) and (grad[..., ~allowed] == 0).all()

@@ -28,6 +28,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .ops_window import masked_scores
+
 Tensor = torch.Tensor
 
 __all__ = [
@@ -230,7 +232,7 @@ def chunk_gla(
     tril = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
     # In place on the fresh differences (autograd keeps what exp's backward reads): on the CPU each fresh tensor of
     # this size costs its pages' first touch (BENCHMARKS.md, fifty-third session).
-    dd = (bl[..., :, None, :] - bl[..., None, :, :]).masked_fill_(~tril[:, :, None], float("-inf")).exp_()  # (B, H, N, n, c_i, c_j, K)
+    dd = masked_scores(bl[..., :, None, :] - bl[..., None, :, :], tril[:, :, None], inplace=True).exp_()  # (B, H, N, n, c_i, c_j, K)
     # The keys' decayed copies once per key head, then each query's row of scores as one batched product.
     kdd = dd * k[..., None, :, :] if dd.requires_grad else dd.mul_(k[..., None, :, :])  # exp's backward reads dd
     A_diag = torch.einsum("bhgNnik,bhNnijk->bhgNnij", q, kdd)  # (B, H, G, N, n, c, c)
@@ -242,7 +244,7 @@ def chunk_gla(
         kg = k * torch.exp(ref.unsqueeze(-2) - b)  # (B, H, N, n_J, c, K)
         e = b[..., :, None, :, :] - ref[..., None, :, None, :]  # (B, H, N, n_I, n_J, c, K)
         strict = torch.ones(n, n, dtype=torch.bool, device=q.device).tril(-1)
-        qg = q.unsqueeze(-3) * e.masked_fill_(~strict[:, :, None, None], float("-inf")).exp_().unsqueeze(2)
+        qg = q.unsqueeze(-3) * masked_scores(e, strict[:, :, None, None], inplace=True).exp_().unsqueeze(2)
         A = torch.einsum("bhgNIJik,bhNJjk->bhgNIJij", qg, kg)  # (B, H, G, N, n_I, n_J, c, c)
         eye = torch.eye(n, dtype=q.dtype, device=q.device)[:, :, None, None]
         A = A + eye * A_diag.unsqueeze(-3)

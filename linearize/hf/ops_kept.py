@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops_window
-from .ops_window import _acc, block_length, exp_weights, maybe_in_place, softcapped, written
+from .ops_window import _acc, block_length, exp_weights, masked_scores, softcapped, written
 from .triton_kept import kept_prefill_problem, kept_window_prefill
 
 
@@ -313,13 +313,16 @@ def _heads(
     keys, values = keys_of_blocks(all_k.to(acc)), keys_of_blocks(all_v.to(acc))
     wmask = F.pad(umask, (window - 1, 0))[:, first_block * block :].unfold(1, width, block)  # (B, Q, width)
     causal = torch.arange(width, device=q.device)[None, :] <= torch.arange(block, device=q.device)[:, None] + window - 1
-    real = torch.cat((kept_real[:, :, :, None, :].expand(-1, -1, -1, rows, -1),
-                      (causal.repeat(g, 1) & wmask[:, None, :, None, :]).expand(-1, hkv, -1, -1, -1)), dim=-1)
     scores = qb @ keys.transpose(-1, -2)
     inplace = not scores.requires_grad
     if softcap is not None:
         scores = softcapped(scores, softcap, inplace=inplace)
-    scores = maybe_in_place(scores, "masked_fill", ~real, float("-inf"), inplace=inplace)
+    # Each part masked by its own mask: the kept keys' (B, Hkv, Q, 1, N), the window's (B, 1, Q, rows, width).
+    n = kept_refs.shape[-1]
+    parts = [(scores[..., :n], kept_real[:, :, :, None, :]), (scores[..., n:], causal.repeat(g, 1) & wmask[:, None, :, None, :])]
+    parts = [masked_scores(part, real, inplace=inplace) for part, real in parts]
+    if not inplace:
+        scores = torch.cat(parts, dim=-1)
     peak = scores.amax(-1, keepdim=True).clamp_min(torch.finfo(acc).min)
     smw, lnw = (_row_weights(w, hkv, block, acc) for w in (sm_weight, ln_weight))
     a = exp_weights(scores, peak, smw, inplace=inplace)

@@ -30,7 +30,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from .attention import AttentionSpec, apply_rotary
 from .errors import LinearizeError
 from .kernel_dispatch import mode as kernel_mode
-from .ops_window import after_previous, block_length, exp_weights, maybe_in_place, softcapped, window_tail
+from .ops_window import after_previous, block_length, exp_weights, masked_scores, softcapped, window_tail
 
 # Queries per band: long enough to amortise the band's overhead; a band is never shorter than the window.
 BAND = 64
@@ -128,7 +128,7 @@ def _bands(q, k, v, *, window, scaling, softcap, key_mask, band):
     inplace = not scores.requires_grad  # `ops_window.maybe_in_place`
     if softcap is not None:
         scores = softcapped(scores, softcap, inplace=inplace)
-    scores = maybe_in_place(scores, "masked_fill", ~allowed, float("-inf"), inplace=inplace)
+    scores = masked_scores(scores, allowed, inplace=inplace)
     peak = scores.amax(-1, keepdim=True)
     weights = exp_weights(scores, torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak)), inplace=inplace)
     norm = weights.sum(-1, keepdim=True)
