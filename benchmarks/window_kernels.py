@@ -6,7 +6,7 @@ length:
   64 (--window), forward and forward + backward, on the bands (fused=False) and through flex_attention (fused=True);
 - `hedgehog_swa`: the prefill of `hedgehog_swa` (feature dim 64), windows 64 and 256 (--hedgehog-windows), forward
   under no_grad with the next state (as generate() prefills), and forward + backward without a state (as training
-  runs it: gradients of q, k, v, fq, fk and the weights' share), the PyTorch path of the mixer (grouped heads repeated,
+  runs it: gradients of q, k, v, fq, fk and the weights' share), the PyTorch path of the mixer (grouped heads as they are,
   `chunk_window_linear`) against the fused Triton kernels (`triton_window.window_linear_prefill`).
 Each row gives the median milliseconds of both paths, the speed-up, their peak memory above the inputs, and the
 largest difference between their outputs (and gradients) relative to the largest output (gradient) entry. The
@@ -29,7 +29,6 @@ from pathlib import Path
 
 import torch
 
-from linearize.hf.attention import repeat_heads
 from linearize.hf.ops_window import chunk_window_linear
 from linearize.hf.triton_window import kernel_problem, window_linear_prefill
 from linearize.hf.windows import window_attention
@@ -113,9 +112,8 @@ def hedgehog_rows(batch, length, window, dtype, repeats, warmup, device):
     fq, fk = torch.softmax(r(batch, HEADS, length, 2 * FEATURE_DIM), -1), torch.softmax(r(batch, KV_HEADS, length, 2 * FEATURE_DIM), -1)
     share = torch.sigmoid(r(HEADS))
     options = dict(window=window, scaling=HEAD_DIM**-0.5, sm_weight=share, ln_weight=1 - share, output_state=True)
-    groups = HEADS // KV_HEADS
     paths = {
-        "torch": lambda: chunk_window_linear(q, repeat_heads(k, groups), repeat_heads(v, groups), fq, repeat_heads(fk, groups), **options)[0],
+        "torch": lambda: chunk_window_linear(q, k, v, fq, fk, **options)[0],
         "fused": lambda: window_linear_prefill(q, k, v, fq, fk, **options)[0],
     }
     with torch.no_grad():
@@ -128,17 +126,14 @@ def hedgehog_rows(batch, length, window, dtype, repeats, warmup, device):
     leaves = [t.detach().requires_grad_() for t in (q, k, v, fq, fk, share)]
     training = dict(window=window, scaling=HEAD_DIM**-0.5)
 
-    def repeated(x):
-        return repeat_heads(x, groups)
-
-    def train_step(path, repeat):
+    def train_step(path):
         for leaf in leaves:
             leaf.grad = None
         q_, k_, v_, fq_, fk_, sm = leaves
-        path(q_, repeat(k_), repeat(v_), fq_, repeat(fk_), sm_weight=sm, ln_weight=1 - sm, **training)[0].backward(grad)
+        path(q_, k_, v_, fq_, fk_, sm_weight=sm, ln_weight=1 - sm, **training)[0].backward(grad)
         return [leaf.grad for leaf in leaves]
 
-    steps = {"torch": lambda: train_step(chunk_window_linear, repeated), "fused": lambda: train_step(window_linear_prefill, lambda x: x)}
+    steps = {"torch": lambda: train_step(chunk_window_linear), "fused": lambda: train_step(window_linear_prefill)}
     grads = {name: fn() for name, fn in steps.items()}
     backward = {name: timed(fn, repeats, warmup, device) for name, fn in steps.items()}
     agreement = max(difference(a, b) for a, b in zip(grads["fused"], grads["torch"]))

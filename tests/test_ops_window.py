@@ -375,3 +375,53 @@ def test_masked_scores_are_masked_fills_values_and_gradients(inplace):
         (grad,) = torch.autograd.grad((torch.softmax(got, -1) * probe).sum(), scores)
         (reference,) = torch.autograd.grad((torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1) * probe).sum(), scores)
         assert torch.equal(grad, reference) and (grad[..., ~allowed] == 0).all()
+
+
+@pytest.mark.parametrize("decayed", [False, True], ids=["", "decayed"])
+@pytest.mark.parametrize("window", [1, 16, 50])
+@pytest.mark.parametrize("length", [1, 63, 130])
+def test_grouped_queries_read_their_kv_head_as_repeated_heads_do(length, window, decayed):
+    """q of G x Hkv heads against k, v, fk and a state of Hkv (query head h reads kv head h // G) equals the chunked form
+    on repeated kv heads: outputs, the state (the repeated form's every G-th head) and every input's gradient."""
+    groups, hkv, context = 3, 2, 21
+    g = torch.Generator().manual_seed(length + window)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    total = context + length
+    q, fq = r(B, groups * hkv, total, D), torch.softmax(r(B, groups * hkv, total, F), -1)
+    k, v, fk = r(B, hkv, total, D), r(B, hkv, total, V), torch.softmax(r(B, hkv, total, F), -1)
+    mask = torch.ones(B, total, dtype=torch.bool)
+    mask[0, :3] = False
+    sm = torch.sigmoid(r(groups * hkv))
+    decay = torch.sigmoid(r(hkv)) * 0.5 + 0.5 if decayed else None
+    options = dict(window=window, scaling=D**-0.5, sm_weight=sm, ln_weight=1 - sm, chunk_size=16, output_state=True)
+
+    def repeat(x):
+        return x.repeat_interleave(groups, dim=1)
+
+    def call(q, k, v, fq, fk, grouped):
+        widen = (lambda x: x) if grouped else repeat
+        decays = None if decay is None else widen(decay[None])[0]
+        _, state = chunk_window_linear(q[:, :, :context], widen(k[:, :, :context]), widen(v[:, :, :context]), fq[:, :, :context],
+                                       widen(fk[:, :, :context]), key_mask=mask[:, :context], decay=decays, **options)
+        part = slice(context, None)
+        return chunk_window_linear(q[:, :, part], widen(k[:, :, part]), widen(v[:, :, part]), fq[:, :, part], widen(fk[:, :, part]),
+                                   key_mask=mask[:, part], state=state, decay=decays, **options)
+
+    inputs = [x.requires_grad_() for x in (q, k, v, fq, fk)]
+    (grouped, grouped_state), (repeated, repeated_state) = call(*inputs, True), call(*inputs, False)
+    torch.testing.assert_close(grouped, repeated, atol=1e-12, rtol=1e-10)
+    for name, t in repeated_state.items():
+        torch.testing.assert_close(grouped_state[name], t[:, ::groups] if t.dim() > 2 else t, atol=1e-12, rtol=1e-10, msg=name)
+    probe = r(*grouped.shape)
+    for name, a, b in zip("q k v fq fk".split(), torch.autograd.grad((grouped * probe).sum(), inputs),
+                          torch.autograd.grad((repeated * probe).sum(), inputs)):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10, msg=lambda m: f"gradient of {name}: {m}")
+
+
+def test_query_heads_that_do_not_group_over_the_key_heads_are_one_line_naming_the_fix():
+    q, k, v, wq, wk, mask, sm = make(5)
+    with pytest.raises(ValueError, match="3 query heads do not group over 2 key heads; give k, v and fk a number of heads that divides"):
+        chunk_window_linear(q, k[:, :2], v[:, :2], feature(q, wq), feature(k, wk)[:, :2], window=2, scaling=1.0)

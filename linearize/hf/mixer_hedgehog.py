@@ -256,7 +256,6 @@ class HedgehogSWAMixer(HedgehogMixer):
         if self.options.keep:
             return self.mix_kept(q, k, v, position_embeddings, padding_mask, state)
         q, k, fq, fk, kwargs = self.window_inputs(q, k, position_embeddings, padding_mask)
-        groups = self.spec.groups
         decay = torch.sigmoid(self.decay_logit.to(torch.promote_types(q.dtype, torch.float32))) if self.options.decay else None
         # The state is kept per kv head: its keys, values and feature-mapped keys are the same for every query
         # head of one kv head, and so are the sums of those that left the window. Its window is a ring
@@ -276,14 +275,9 @@ class HedgehogSWAMixer(HedgehogMixer):
         else:
             if training:  # chunks as long as the window: the form whose compiled training step was measured
                 kwargs["chunk_size"] = max(CHUNK, self.window)
-            k, v, fk = repeat_heads(k, groups), repeat_heads(v, groups), repeat_heads(fk, groups)
-            if decay is not None:
-                kwargs["decay"] = decay.repeat_interleave(groups)
             if state is None:
-                return chunk_window_linear(q, k, v, fq, fk, **kwargs)[0]
-            initial = None if ordered is None else {name: repeat_heads(t, groups) if t.dim() > 2 else t for name, t in ordered.items()}
-            out, final = chunk_window_linear(q, k, v, fq, fk, state=initial, output_state=True, **kwargs)
-            final = {name: t[:, ::groups].clone() if t.dim() > 2 and groups > 1 else t for name, t in final.items()}
+                return chunk_window_linear(q, k, v, fq, fk, decay=decay, **kwargs)[0]
+            out, final = chunk_window_linear(q, k, v, fq, fk, decay=decay, state=ordered, output_state=True, **kwargs)
         if state is not None:
             at = torch.zeros(q.shape[0], dtype=torch.int64, device=q.device) if tensors is None else tensors["at"]
             state.write(ring_state(final, at + q.shape[2], self.window))

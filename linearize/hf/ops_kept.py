@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops_window
-from .ops_window import _acc, block_length, exp_weights, masked_scores, softcapped, written
+from .ops_window import _acc, _row_weights, block_length, exp_weights, masked_scores, softcapped, written
 from .triton_kept import kept_prefill_problem, kept_window_prefill
 
 
@@ -98,14 +98,6 @@ def _weights(weight, hkv: int, acc: torch.dtype, trailing: int):
     if not torch.is_tensor(weight):
         return weight
     return weight.to(acc).reshape(hkv, -1, *([1] * trailing))
-
-
-def _row_weights(weight, hkv: int, block: int, acc: torch.dtype):
-    """A per-query-head weight (H,) as (Hkv, 1, G x block, 1), for `_heads`' rows of a kv head's query heads; a number as
-    it is."""
-    if not torch.is_tensor(weight):
-        return weight
-    return _weights(weight, hkv, acc, 0).repeat_interleave(block, dim=1)[:, None, :, None]
 
 
 def recall_errors(fk, v, mask, S, z, kept_fk, kept_v, kept_err, block: int) -> torch.Tensor:

@@ -108,6 +108,14 @@ def _weights(weight, dtype):
     return weight.to(dtype).reshape(1, -1, 1, 1) if torch.is_tensor(weight) else weight
 
 
+def _row_weights(weight, hkv: int, rows: int, dtype):
+    """A per-query-head weight (H,) as (1, Hkv, 1, G x rows, 1), for a kv head's G query heads of `rows` queries each
+    laid out as one set of rows (the chunked forms' grouped layout); a number as it is."""
+    if not torch.is_tensor(weight):
+        return weight
+    return weight.to(dtype).reshape(hkv, -1).repeat_interleave(rows, dim=1).reshape(1, hkv, 1, -1, 1)
+
+
 def _check_decay(decay, window: int) -> None:
     if decay is not None and window < 1:
         raise ValueError(f"a decay needs a window of at least 1, got {window}")
@@ -177,8 +185,12 @@ def chunk_window_linear(
     """Chunked parallel form, a block of chunks at a time (`block_length`): each block continues from the state the
     last one left, so a long prefill's working memory does not grow with its length. A chunk of `chunk_size` queries
     reads the chunks of keys that its window reaches (`reach`) explicitly: shorter chunks score fewer keys outside
-    the window (a chunk as long as the window scores twice its window). Returns (o, new_state or None)."""
+    the window (a chunk as long as the window scores twice its window). Grouped queries as they are: q and fq of H
+    heads, k, v, fk, the state and `decay` of Hkv heads dividing H, query head h reading kv head h // (H / Hkv), the
+    keys' chunks, states and masks made once per kv head. Returns (o, new_state or None)."""
     b, h, length, _ = q.shape
+    if h % k.shape[1]:
+        raise ValueError(f"{h} query heads do not group over {k.shape[1]} key heads; give k, v and fk a number of heads that divides q's")
     c, back = chunk_size, reach(window, chunk_size)
     # Per query token: its scores against its chunk's and the earlier chunks' keys, and its share of its chunk's
     # (F x V) state.
@@ -230,19 +242,23 @@ def _chunk_window_block(
     faded to its chunk's end)."""
     b, h, length, d = q.shape
     k_all, v_all, fk_all, mask, S, z = _with_context(q, k, v, fk, key_mask, state)
-    total = k_all.shape[2]
+    hkv, total = k_all.shape[1], k_all.shape[2]
+    g = h // hkv
     context = total - length
     c, back = chunk_size, reach(window, chunk_size)
     n = math.ceil(total / c)
     pad = n * c - total
     acc = _acc(q)
-    smw, lnw = _weights(sm_weight, acc), _weights(ln_weight, acc)
+    smw, lnw = (_row_weights(w, hkv, c, acc) for w in (sm_weight, ln_weight))
 
     def chunks(x, front=0):
         x = torch.nn.functional.pad(x.to(acc), (0, 0, front, pad))
-        return x.reshape(b, h, n, c, x.shape[-1])
+        return x.reshape(x.shape[0], x.shape[1], n, c, x.shape[-1])
 
-    qc, fqc = chunks(q, context), chunks(fq, context)
+    def query_rows(x):  # (B, H, N, C, *) -> (B, Hkv, N, G x C, *): a chunk's queries of one kv head's G heads as one set of rows
+        return x.reshape(b, hkv, g, n, c, x.shape[-1]).transpose(2, 3).reshape(b, hkv, n, g * c, x.shape[-1])
+
+    qc, fqc = query_rows(chunks(q, context)), query_rows(chunks(fq, context))
     kc, vc, fkc = chunks(k_all), chunks(v_all), chunks(fk_all)
     mc = torch.nn.functional.pad(mask, (0, pad)).reshape(b, 1, n, c, 1).to(acc)
     fkc = fkc * mc
@@ -253,7 +269,7 @@ def _chunk_window_block(
     # where the window ends at a chunk's edge.
     linear_keys = (back + 1) * c - window
     fkb = after_previous(fkc, 2, back, slots=math.ceil(linear_keys / c))
-    r = torch.arange(c, device=q.device)[:, None]
+    r = torch.arange(c, device=q.device).repeat(g)[:, None]  # each row's position in its chunk
     j = torch.arange((back + 1) * c, device=q.device)[None, :]
     dist = back * c + r - j
     in_window = ((dist >= 0) & (dist < window)) & (mb.transpose(-1, -2) > 0)
@@ -269,11 +285,10 @@ def _chunk_window_block(
     masked = masked_scores(scores, in_window, inplace=inplace)
     peak = masked.amax(-1, keepdim=True)
     peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
-    a_sm = exp_weights(masked, peak, smw[..., None] if torch.is_tensor(smw) else smw, inplace=inplace)
-    lnw5 = lnw[..., None] if torch.is_tensor(lnw) else lnw
+    a_sm = exp_weights(masked, peak, smw, inplace=inplace)
     # The linear part's mask, weight and decay make one small factor, applied in one pass.
-    factor = in_linear[:, :linear_keys] * lnw5
-    log_decay = None if decay is None else decay.to(acc).log().reshape(1, h, 1, 1, 1)
+    factor = in_linear[:, :linear_keys] * lnw
+    log_decay = None if decay is None else decay.to(acc).log().reshape(1, hkv, 1, 1, 1)
     if decay is not None:
         factor = factor * torch.exp(log_decay * (dist[:, :linear_keys] - window).clamp_min(0))
     a_ln = maybe_in_place(torch.einsum("bhnrf,bhnjf->bhnrj", fqc, fkb[..., :linear_keys, :]), "mul", factor, inplace=inplace)
@@ -282,9 +297,10 @@ def _chunk_window_block(
         prior_num, prior_den = _prior_reads(fqc, fkc, vc, S, z, back)
     else:
         prior_num, prior_den = _decayed_prior_reads(fqc, fkc, vc, S, z, log_decay[..., 0], window, context, back)
-    num = a @ vb + lnw5 * prior_num
-    den = a.sum(-1, keepdim=True) + lnw5 * prior_den[..., None]
-    o = (num / den.clamp_min(1e-30)).reshape(b, h, n * c, -1)[:, :, context : context + length].to(v.dtype)
+    num = a @ vb + lnw * prior_num
+    den = a.sum(-1, keepdim=True) + lnw * prior_den[..., None]
+    o = (num / den.clamp_min(1e-30)).reshape(b, hkv, n, g, c, -1).transpose(2, 3).reshape(b, h, n * c, -1)
+    o = o[:, :, context : context + length].to(v.dtype)
     return o, (_next_state(k_all, v_all, fk_all, mask, S, z, window, decay, length) if output_state else None)
 
 
@@ -360,6 +376,7 @@ def _decayed_prior_reads(fqc, fkc, vc, S, z, log_decay, window: int, context: in
     _, _, n, c, _ = fkc.shape
     position = torch.arange(c, device=fkc.device, dtype=fkc.dtype)
     faded = fkc * torch.exp(log_decay * (c - 1 - position)[:, None])[:, :, None]
+    position = position.repeat(fqc.shape[3] // c)  # each query row's position in its chunk
     per_chunk_S, per_chunk_z = torch.einsum("bhnsf,bhnse->bhnfe", faded, vc), faded.sum(3)
     across = torch.exp(log_decay[..., 0] * c)
     run_S, run_z = torch.zeros_like(per_chunk_S[:, :, 0]), torch.zeros_like(per_chunk_z[:, :, 0])
