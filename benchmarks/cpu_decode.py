@@ -81,14 +81,15 @@ def main() -> None:
     print(f"wrote {args.out}")
 
 
-def recipe_student(teacher, recipe: str):
-    """`teacher` converted as `recipe` converts it, an `auto:N` selection replaced by every (1/N)-th layer."""
+def recipe_student(teacher, recipe: str, package=linearize):
+    """`teacher` converted as `recipe` converts it, an `auto:N` selection replaced by every (1/N)-th layer, by `package`'s
+    `convert` (another copy of linearize, e.g. an earlier revision's, for a before-and-after run)."""
     convert = load_recipe(recipe).convert
     keep = convert.keep_attention
     if isinstance(keep, str) and keep.startswith("auto:"):
         share = float(keep.removeprefix("auto:"))
         keep = f"every:{round(1 / share)}" if share < 1 else f"every:{round(teacher.config.num_hidden_layers / share)}"
-    return linearize.convert(teacher, convert.mixer, keep_attention=keep, hybrid=convert.hybrid, mixer_options=convert.mixer_options,
+    return package.convert(teacher, convert.mixer, keep_attention=keep, hybrid=convert.hybrid, mixer_options=convert.mixer_options,
                              keep_as=convert.keep_as, source="smollm2-135m", **convert.options)
 
 
