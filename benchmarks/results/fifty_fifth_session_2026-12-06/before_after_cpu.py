@@ -1,6 +1,6 @@
 """CPU (two cores), batch 1, float32, no grad: the working tree's code beside REV's (default c664cf1, the fifty-fifth
-session's start), both in one process in turns (REV's package loaded as `linearize_before`: separate processes in turns
-measured OpenMP's idle workers spinning beside the timed one). (1) One call of each changed op at a student's shape,
+session's start), both in one process in turns (REV's package loaded as `linearize_before`; two processes in turns gave
+the opposite sign, likely the idle one's OpenMP workers spinning beside the timed one). (1) One call of each changed op at a student's shape,
 2,048 tokens: `kept_window_linear` (`lolcats_keep`: 9 query heads on 3 kv heads, D 64, F 128, window 256, 128 kept keys,
 blocks of 64), `chunk_window_linear` (`lolcats`: the same heads, window 256; REV's on repeated kv heads, as its mixer
 called it) and `chunk_gla` (`liger`: 9 heads, K 64, V 64). (2) Whole 2K prefills (last position's logits, a fresh
