@@ -360,8 +360,9 @@ def exp_weights(scores: torch.Tensor, peak: torch.Tensor, weight=None, *, inplac
 
 
 def _prior_reads(fqc, fkc, vc, S, z, back: int):
-    """What each query (chunks (B, H, N, C, *)) reads of the keys more than `back` chunks back, all outside its
-    window, and of the carried sums: a prefix sum of per-chunk states shifted by back + 1 chunks. Returns (num, den)."""
+    """What each query (fqc: (B, Hkv, N, G x C, *), a kv head's query heads as rows of its chunks) reads of the keys
+    (fkc, vc: (B, Hkv, N, C, *)) more than `back` chunks back, all outside its window, and of the carried sums: a prefix
+    sum of per-chunk states shifted by back + 1 chunks. Returns (num, den)."""
     n = fkc.shape[2]
     prior_S = S[:, :, None] + F.pad(torch.einsum("bhnsf,bhnse->bhnfe", fkc, vc).cumsum(2), (0, 0, 0, 0, back + 1, 0))[:, :, :n]
     prior_z = z[:, :, None] + F.pad(fkc.sum(3).cumsum(2), (0, 0, back + 1, 0))[:, :, :n]
@@ -369,7 +370,7 @@ def _prior_reads(fqc, fkc, vc, S, z, back: int):
 
 
 def _decayed_prior_reads(fqc, fkc, vc, S, z, log_decay, window: int, context: int, back: int):
-    """`_prior_reads` with a per-head decay (log_decay (1, H, 1, 1)): each chunk's state faded to its last key, a
+    """`_prior_reads` with a per-kv-head decay (log_decay (1, Hkv, 1, 1)): each chunk's state faded to its last key, a
     scan carrying it across chunks (fading by decay ** C a chunk), read back + 1 chunks later faded by
     decay ** (back C + r - window + 1) for the query r of its chunk; the carried sums, as the call's first query
     (chunk position `context`) reads them, faded by decay ** (position - context)."""
