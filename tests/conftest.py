@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch._inductor.config
 
 # Pin the cache for the whole session (and any subprocess a test starts) to the user's usual one,
 # so repeated local runs reuse the float cache instead of dequantising the GGUF again.
@@ -23,6 +22,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # it. Nothing else runs a Triton kernel on the CPU.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch._inductor.config  # noqa: E402  (imports Triton, so only once TRITON_INTERPRET is set)
 
 # The tests that compile with inductor on the CPU check what linearize hands dynamo (graphs, guards, recompiles, the
 # values trained), not inductor's vector code: scalar C++ kernels (simdlen 1) compile in about two thirds of the time
