@@ -32,6 +32,50 @@ import torch._inductor.config  # noqa: E402  (imports Triton, so only once TRITO
 torch._inductor.config.cpp.simdlen = 1
 
 
+def _interpret_device_calls_without_patching() -> None:
+    """Triton's interpreter patches the builtins of the `triton.language` modules a kernel's globals hold (tl, tl.core)
+    at each launch, and again at each call of a jitted helper from inside a kernel (`InterpretedFunction.__call__`,
+    Triton 3.6 to 3.9), for the modules the helper's globals hold. Where the launch, or an earlier helper of it, has
+    patched those modules already, the second pass changes nothing and costs about 1.8 ms a call in
+    `inspect.getmembers`: half of a fused step test's time. Such a call runs the helper's rewritten function directly;
+    a helper that reads another module (triton's `tl.zeros` reads tl.core) is patched as Triton patches it."""
+    from triton import language
+    from triton.runtime import interpreter
+
+    executor, function = getattr(interpreter, "GridExecutor", None), getattr(interpreter, "InterpretedFunction", None)
+    if executor is None or not hasattr(function, "rewrite"):  # another Triton: its own way, slower
+        return
+    launch, device_call = executor.__call__, function.__call__
+    patched: list[set[int]] = []  # per launch in progress, the language modules patched
+
+    def languages(fn) -> set[int]:
+        return {id(value) for value in fn.__globals__.values() if value is language or value is language.core}
+
+    def launched(self, *args, **kwargs):
+        patched.append(languages(self.fn))
+        try:
+            return launch(self, *args, **kwargs)
+        finally:
+            patched.pop()
+
+    def called(self, *args, **kwargs):
+        needed = languages(self.fn)
+        if not patched or not needed <= patched[-1]:
+            if patched:
+                patched[-1] |= needed
+            return device_call(self, *args, **kwargs)
+        try:
+            return self.rewrite()(*args, **kwargs)
+        except Exception as error:
+            raise interpreter.InterpreterError(repr(error)) from error
+
+    executor.__call__, function.__call__ = launched, called
+
+
+if os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None:
+    _interpret_device_calls_without_patching()
+
+
 class _Deprecations(logging.Handler):
     """Collects the deprecation notices transformers and huggingface_hub log (they log them, not warn)."""
 

@@ -126,7 +126,8 @@ def test_every_kernel_module_registers_ops_of_its_own_names():
 def test_the_suites_setup_runs_the_kernels_in_the_interpreter_in_one_process():
     """conftest switches Triton's interpreter on before anything imports Triton (inductor's config does; Triton's own
     jitted helpers, as the softmax's reductions call them, are interpreted only if it was on when Triton was imported):
-    in a fresh process without TRITON_INTERPRET, as `pytest -p no:xdist` starts, the kernel runs after conftest."""
+    in a fresh process without TRITON_INTERPRET, as `pytest -p no:xdist` starts, the kernel runs after conftest, its
+    helpers' calls through conftest's shortcut (`_interpret_device_calls_without_patching`), and equals PyTorch."""
     code = (
         "import os, torch; import tests.conftest; from linearize.hf import triton_features\n"
         "os.environ['LINEARIZE_FUSED_STEP'] = 'on'\n"
