@@ -4,10 +4,6 @@ and none a power of two, strided inputs, float32, bfloat16 and float16; tiny hed
 generation through it; and where it is left to PyTorch. test_kernels_compile.py compiles it for sm_90; test_gpu.py
 checks it on CUDA."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -18,7 +14,7 @@ from linearize.hf.mixer_hedgehog import HedgehogFeatureMap
 from tests.conftest import REPO_ROOT
 from tests.test_triton_step import assert_close, generation_through_a_prefill_kernel, kernel_calls, left_to_pytorch_when_off_or_float64
 from tests.test_triton_window import needs_triton
-from tests.tiny import random_ids, tiny_model
+from tests.tiny import random_ids, run_python, tiny_model
 
 CASES = [  # length, heads, head dim, feature width, dtype
     (1, 2, 16, 16, torch.float32), (37, 3, 16, 12, torch.bfloat16), (70, 9, 24, 24, torch.float16), (130, 3, 8, 20, torch.float32),
@@ -123,7 +119,7 @@ def test_every_kernel_module_registers_ops_of_its_own_names():
 
 
 @needs_triton
-def test_the_suites_setup_runs_the_kernels_in_the_interpreter_in_one_process():
+def test_the_suites_setup_runs_the_kernels_in_the_interpreter_in_one_process(monkeypatch):
     """conftest switches Triton's interpreter on before anything imports Triton (inductor's config does; Triton's own
     jitted helpers, as the softmax's reductions call them, are interpreted only if it was on when Triton was imported):
     in a fresh process without TRITON_INTERPRET, as `pytest -p no:xdist` starts, the kernel runs after conftest, its
@@ -137,6 +133,5 @@ def test_the_suites_setup_runs_the_kernels_in_the_interpreter_in_one_process():
         "expected = torch.cat((y.softmax(-1), (-y).softmax(-1)), -1)\n"
         "torch.testing.assert_close(triton_features.feature_maps(x, weight, bias), expected)\n"
     )
-    environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    monkeypatch.delenv("TRITON_INTERPRET")
+    run_python(code, cwd=REPO_ROOT, hide_linearize=False)
