@@ -67,7 +67,8 @@
 #   bash benchmarks/h100_session.sh delta_serve  # (after delta_bench, still warm) plain generate() of its students beside
 #                                             # the GGUF teacher, dynamic and static cache (SERVING, SERVING_S)
 #   bash benchmarks/h100_session.sh variants  # (after join, as DETACH=variants) quality runs at once on one GPU, one per
-#                                             # ';'-separated argument list in VARIANTS (quality.py's), named v1, v2, ...
+#                                             # ';'-separated argument list in VARIANTS (quality.py's), named v1, v2, ...;
+#                                             # SERIAL=1 runs them one after another
 #   bash benchmarks/h100_session.sh detach    # (still warm; carry .lmeval for --suite) another mode, DETACH (e.g. pair, with its variables), in a
 #                                             # process session of its own (setsid), which outlives the call, run from a
 #                                             # copy of the tree in /tmp/code with its OUT in /tmp/detached; returns after
@@ -361,11 +362,16 @@ join)  # (after solo or first, still warm; carry .gguf2 corpus.tgz) the GGUF and
   join
   ;;
 variants)  # (after join, still warm, as DETACH=variants) one quality run per ';'-separated argument list in VARIANTS, all
-  # at once on the one GPU (a 135M student leaves most of an H200 idle), named v1, v2, ... within QUALITY_S each; then
-  # SPEED, if given, as train_speed, alone on the GPU and on the kernel caches the runs left warm
+  # at once on the one GPU (a 135M student leaves most of an H200 idle), named v1, v2, ... within QUALITY_S each, or one
+  # after another with SERIAL=1 (each alone on the GPU, so that its training time is its own); then SPEED, if given, as
+  # train_speed, alone on the GPU and on the kernel caches the runs left warm
   IFS=';' read -ra lists <<< "$VARIANTS"
   for ((i = 0; i < ${#lists[@]}; i++)); do
-    quality "${QUALITY_S:-1100}" "v$((i + 1))" "${lists[$i]}" &
+    if [ -n "${SERIAL:-}" ]; then
+      quality "${QUALITY_S:-1100}" "v$((i + 1))" "${lists[$i]}"
+    else
+      quality "${QUALITY_S:-1100}" "v$((i + 1))" "${lists[$i]}" &
+    fi
   done
   wait
   [ -z "${SPEED:-}" ] || train_speed "${SPEED_S:-300}"
