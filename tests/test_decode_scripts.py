@@ -2,7 +2,6 @@
 caller; sdpa_decode.py's three SDPA layouts compute the same attention; cpu_decode.py's ratios to each teacher and its
 fastest round per model."""
 
-import importlib.util
 import os
 import sys
 
@@ -11,23 +10,11 @@ import torch
 
 import linearize
 from linearize.evaluate.results import Results
-from tests.conftest import REPO_ROOT
-from tests.tiny import random_ids, tiny_model
-
-
-def load(name: str):
-    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))  # the scripts import each other, as when run from benchmarks/
-    try:
-        spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "benchmarks" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(REPO_ROOT / "benchmarks"))
-    return module
+from tests.tiny import benchmark_script, random_ids, tiny_model
 
 
 def test_a_measured_step_counts_each_layer_kind_and_its_trace_names_the_mixer(tmp_path):
-    decode_dispatches = load("decode_dispatches")
+    decode_dispatches = benchmark_script("decode_dispatches")
     model = linearize.convert(tiny_model(num_hidden_layers=2), "gated_deltanet", keep_attention=[1]).eval()
     result = decode_dispatches.measure(model, context=16, steps=2, trace=tmp_path / "step.txt")
     kinds = result["layers"]
@@ -40,7 +27,7 @@ def test_a_measured_step_counts_each_layer_kind_and_its_trace_names_the_mixer(tm
 
 @pytest.mark.parametrize("length", [1, 7, 300])
 def test_the_sdpa_layouts_timed_compute_the_same_attention(length):
-    sdpa_decode = load("sdpa_decode")
+    sdpa_decode = benchmark_script("sdpa_decode")
     generator = torch.Generator().manual_seed(length)
     q = torch.randn(1, 9, 1, 64, generator=generator)
     k, v = torch.randn(2, 1, 3, length, 64, generator=generator)
@@ -52,7 +39,7 @@ def test_the_sdpa_layouts_timed_compute_the_same_attention(length):
 def test_each_growing_sdpa_row_meets_key_lengths_no_row_before_it_used():
     """cuDNN keeps its graphs for the process: a growing row timed on lengths an earlier row built would time cache
     hits, not a decode step's build; a fixed row's warm-up is its own shape, so it times hits only."""
-    sdpa_decode = load("sdpa_decode")
+    sdpa_decode = benchmark_script("sdpa_decode")
     used = set()
     for row in range(12):
         grow = row % 2 == 0
@@ -73,14 +60,14 @@ def speed(model: str, rate: float) -> dict:
 
 
 def test_cpu_decode_gives_the_students_ratio_to_each_teacher_measured_beside_it():
-    cpu_decode = load("cpu_decode")
+    cpu_decode = benchmark_script("cpu_decode")
     both = Results(records=[speed("teacher of s", 10.0), speed("s", 12.0), speed("transformers teacher of s", 8.0)])
     assert cpu_decode.ratios(both, "s") == "student / teacher 2048: 1.20; student / transformers teacher 2048: 1.50"
     assert cpu_decode.ratios(Results(records=both.records[:2]), "s") == "student / teacher 2048: 1.20"
 
 
 def test_cpu_decode_keeps_each_models_fastest_round():
-    cpu_decode = load("cpu_decode")
+    cpu_decode = benchmark_script("cpu_decode")
     first = Results(records=[speed("s", 12.0), speed("transformers teacher of s", 8.0)])
     second = Results(records=[speed("s", 11.0), speed("transformers teacher of s", 9.0)])
     best = {r["model"]: r["decode_tokens_per_s"] for r in cpu_decode.fastest([first, second]).of("speed")}
@@ -89,7 +76,7 @@ def test_cpu_decode_keeps_each_models_fastest_round():
 
 @pytest.mark.parametrize("as_generate", [False, True])
 def test_a_measured_step_passes_what_generate_passes_only_when_asked(as_generate):
-    decode_dispatches = load("decode_dispatches")
+    decode_dispatches = benchmark_script("decode_dispatches")
     model = linearize.convert(tiny_model(num_hidden_layers=2), "gated_deltanet", keep_attention=[1]).eval()
     steps = []
     model.register_forward_pre_hook(lambda module, args, kwargs: steps.append(kwargs), with_kwargs=True)
@@ -104,7 +91,7 @@ def test_a_measured_step_passes_what_generate_passes_only_when_asked(as_generate
 def test_paired_decode_keeps_a_softmax_layers_context_and_rates_each_block_against_the_teachers():
     """A block of steps starts from the prompt's context in a softmax layer (its cache cut back), while a converted
     layer's state moves on; each block's ratio is the teacher's ms over the model's, averaged with its error."""
-    decode_paired = load("decode_paired")
+    decode_paired = benchmark_script("decode_paired")
     ids = random_ids(1, 12)
     for model in (tiny_model(num_hidden_layers=2).eval(), linearize.convert(tiny_model(num_hidden_layers=2), "gated_deltanet", keep_attention=[1]).eval()):
         with torch.no_grad():
@@ -119,7 +106,7 @@ def test_paired_decode_keeps_a_softmax_layers_context_and_rates_each_block_again
 def test_paired_prefills_run_each_model_on_the_whole_prompt_in_turns():
     """With `Prefilling`, a block runs its model on the whole prompt (a fresh cache each time), once per prefill asked,
     in the rotated order of the decode's blocks."""
-    decode_paired = load("decode_paired")
+    decode_paired = benchmark_script("decode_paired")
     ids = random_ids(1, 12)
     models = {"teacher": tiny_model(num_hidden_layers=2), "s": linearize.convert(tiny_model(num_hidden_layers=2), "gated_deltanet", keep_attention=[1])}
     calls = []
@@ -132,7 +119,7 @@ def test_paired_prefills_run_each_model_on_the_whole_prompt_in_turns():
 
 
 def test_decode_paired_decodes_a_students_pytorch_path_with_the_cpu_step_switched_off(monkeypatch):
-    decode_paired = load("decode_paired")
+    decode_paired = benchmark_script("decode_paired")
     monkeypatch.setenv("LINEARIZE_FUSED_STEP", "auto")
     decode_paired.switch_path("lolcats@pytorch")
     assert os.environ["LINEARIZE_FUSED_STEP"] == "off"
@@ -145,7 +132,7 @@ def test_decode_paired_decodes_a_students_pytorch_path_with_the_cpu_step_switche
     ("decode_paired", ["--blocks", "1"], "--blocks must be at least 2"),
 ])
 def test_a_decode_script_refuses_bad_arguments_before_loading_anything(monkeypatch, capsys, script, argv, message):
-    module = load(script)
+    module = benchmark_script(script)
     monkeypatch.setattr(sys, "argv", [f"{script}.py", *argv])
     monkeypatch.setattr(module, "load_teacher", lambda *a, **k: pytest.fail("loaded a teacher"))
     with pytest.raises(SystemExit):

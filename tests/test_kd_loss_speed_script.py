@@ -11,12 +11,14 @@ import pytest
 import torch
 
 from tests.conftest import REPO_ROOT
+from tests.tiny import benchmark_script, run_main
+
+
+kd_loss_speed = benchmark_script("kd_loss_speed")
 
 
 def run_script(*args):
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    script = REPO_ROOT / "benchmarks" / "kd_loss_speed.py"
-    return subprocess.run([sys.executable, str(script), *args], cwd=REPO_ROOT, capture_output=True, text=True, env=env)
+    return run_main(kd_loss_speed, *args)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="the fused KL needs Triton (the dev extra)")
@@ -54,5 +56,9 @@ def test_a_run_without_the_reference_is_one_line_naming_the_fix(tmp_path, varian
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a machine without CUDA gives")
 def test_cuda_on_a_machine_without_it_is_one_line_naming_the_fix(tmp_path):
-    done = run_script("--out", str(tmp_path / "x.json"))
+    """As a script, in a process of its own (the other tests call its main() here, under conftest's interpreter)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    script = REPO_ROOT / "benchmarks" / "kd_loss_speed.py"
+    done = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "x.json")], cwd=REPO_ROOT, capture_output=True,
+                          text=True, env=env)
     assert done.returncode != 0 and "--device cpu" in done.stderr and len(done.stderr.strip().splitlines()) == 1

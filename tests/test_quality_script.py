@@ -1,20 +1,14 @@
 """benchmarks/quality.py's rows are plain JSON, and quality.json reads back into a results file for the report."""
 
-import importlib.util
 import json
-import sys
 
 import pytest
 
 import linearize
 from linearize.record import RunRecord, Scores, StageReport
-from tests.conftest import REPO_ROOT
-from tests.tiny import tiny_model
+from tests.tiny import benchmark_script, tiny_model
 
-sys.path.insert(0, str(REPO_ROOT / "benchmarks"))  # quality.py imports its sibling passkey_probe, as when run as a script
-_SPEC = importlib.util.spec_from_file_location("quality", REPO_ROOT / "benchmarks" / "quality.py")
-quality = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(quality)
+quality = benchmark_script("quality")
 
 
 def test_a_trained_recipe_row_is_json_and_reaches_the_results():

@@ -1,17 +1,13 @@
 """benchmarks/retrieval_heads.py: the teacher's layers ranked by their strongest retrieval head."""
 
-import importlib.util
 
 import torch
 
 import linearize
 from linearize.distillation.selection import retrieval_heads, retrieval_windows
-from tests.conftest import REPO_ROOT
-from tests.tiny import tiny_data, tiny_model, tiny_tokenizer
+from tests.tiny import benchmark_script, tiny_data, tiny_model, tiny_tokenizer
 
-_SPEC = importlib.util.spec_from_file_location("retrieval_heads_script", REPO_ROOT / "benchmarks" / "retrieval_heads.py")
-script = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(script)
+script = benchmark_script("retrieval_heads")
 
 
 def test_layers_are_ranked_by_their_strongest_head_over_all_answers_and_over_first_tokens_per_kind():

@@ -1,6 +1,5 @@
 """benchmarks/retrieval_split.py: a retrieval probe scored greedily and split into its answer's opening and the rest."""
 
-import importlib.util
 import json
 import random
 import subprocess
@@ -12,12 +11,9 @@ import torch
 import linearize
 from linearize.evaluate.longcontext import answer, answer_of, make_probe
 from tests.conftest import REPO_ROOT
-from tests.tiny import tiny_model, tiny_tokenizer
+from tests.tiny import benchmark_script, run_main, tiny_model, tiny_tokenizer
 
-sys.path.insert(0, str(REPO_ROOT / "benchmarks"))  # retrieval_split.py imports its sibling quality, as when run as a script
-_SPEC = importlib.util.spec_from_file_location("retrieval_split", REPO_ROOT / "benchmarks" / "retrieval_split.py")
-retrieval_split = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(retrieval_split)
+retrieval_split = benchmark_script("retrieval_split")
 
 
 def test_the_split_reads_each_answer_token_where_the_model_predicts_it():
@@ -43,7 +39,7 @@ def test_a_summary_counts_and_averages_the_probes():
 
 
 def run_script(*args):
-    return subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "retrieval_split.py"), *args], cwd=REPO_ROOT, capture_output=True, text=True)
+    return run_main(retrieval_split, *args)
 
 
 def test_each_converted_layer_restored_in_turn_is_a_row(tmp_path):
@@ -61,7 +57,10 @@ def test_each_converted_layer_restored_in_turn_is_a_row(tmp_path):
 
 
 def test_restoring_without_a_student_is_one_line_naming_the_fix(tmp_path):
-    done = run_script("--restore-each", "--out", str(tmp_path / "x.json"))
+    """As a script, in a process of its own (the other tests call its main() here)."""
+    script = REPO_ROOT / "benchmarks" / "retrieval_split.py"
+    done = subprocess.run([sys.executable, str(script), "--restore-each", "--out", str(tmp_path / "x.json")], cwd=REPO_ROOT,
+                          capture_output=True, text=True)
     assert done.returncode != 0 and "pass one with --students" in done.stderr.strip().splitlines()[-1]
 
 

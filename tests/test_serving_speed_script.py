@@ -1,7 +1,6 @@
 """benchmarks/serving_speed.py's trace: a decode step's cost per token from two profiled generate() calls; its timed calls
 at prompt lengths the warm-up did not reach (`--fresh-lengths`)."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -9,12 +8,9 @@ import pytest
 import torch
 
 import linearize
-from tests.conftest import REPO_ROOT
-from tests.tiny import tiny_model, tiny_tokenizer
+from tests.tiny import benchmark_script, tiny_model, tiny_tokenizer
 
-_SPEC = importlib.util.spec_from_file_location("serving_speed", REPO_ROOT / "benchmarks" / "serving_speed.py")
-serving_speed = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(serving_speed)
+serving_speed = benchmark_script("serving_speed")
 
 
 def test_a_traced_decode_reports_its_cost_per_token_and_its_costliest_ops(tmp_path):

@@ -1,13 +1,10 @@
 """benchmarks/step_guards.py: the guards of a compiled static-cache decode step, counted from Dynamo's guard log, and
 the time per generated token, for a teacher and its student."""
 
-import importlib.util
 
-from tests.conftest import REPO_ROOT
+from tests.tiny import benchmark_script
 
-_SPEC = importlib.util.spec_from_file_location("step_guards", REPO_ROOT / "benchmarks" / "step_guards.py")
-step_guards = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(step_guards)
+step_guards = benchmark_script("step_guards")
 
 
 def test_guards_are_counted_per_layer_and_a_student_guards_its_states():

@@ -9,10 +9,14 @@ from transformers import AutoModelForCausalLM
 
 import linearize
 from tests.conftest import REPO_ROOT
-from tests.tiny import random_ids, tiny_model, tiny_tokenizer
+from tests.tiny import benchmark_script, random_ids, run_main, tiny_model, tiny_tokenizer
+
+
+student_delta = benchmark_script("student_delta")
 
 
 def run_script(*args):
+    """As a script, in a process of its own."""
     return subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "student_delta.py"), *args], cwd=REPO_ROOT, capture_output=True, text=True)
 
 
@@ -38,13 +42,13 @@ def test_a_student_saved_as_a_delta_rebuilds_to_its_logits(tmp_path):
     student = trained_like(AutoModelForCausalLM.from_pretrained(tmp_path / "teacher", dtype=torch.float32)).eval()
     student.save_pretrained(tmp_path / "student")
 
-    done = run_script("save", "--teacher", str(tmp_path / "teacher"), "--student", str(tmp_path / "student"), "--out", str(tmp_path / "delta"))
+    done = run_main(student_delta, "save", "--teacher", str(tmp_path / "teacher"), "--student", str(tmp_path / "student"), "--out", str(tmp_path / "delta"))
     assert done.returncode == 0, done.stderr
     summary = json.loads((tmp_path / "delta" / "delta.json").read_text())
     assert summary["ranks"] == {"2": 1} and summary["low_rank"] == 1  # the merged update, as two thin factors
     assert summary["max_logit_error"] < 1e-4 and summary["shards"] == 1
 
-    done = run_script("load", "--teacher", str(tmp_path / "teacher"), "--delta", str(tmp_path / "delta"), "--out", str(tmp_path / "rebuilt"))
+    done = run_main(student_delta, "load", "--teacher", str(tmp_path / "teacher"), "--delta", str(tmp_path / "delta"), "--out", str(tmp_path / "rebuilt"))
     assert done.returncode == 0, done.stderr
     rebuilt = AutoModelForCausalLM.from_pretrained(tmp_path / "rebuilt", dtype=torch.float32).eval()
     ids = random_ids(2, 12)

@@ -5,15 +5,17 @@ import subprocess
 import sys
 
 from tests.conftest import REPO_ROOT
+from tests.tiny import benchmark_script, run_main
 
 
 def run_script(*args):
+    """As a script, in a process of its own."""
     return subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "window_form.py"), *args], cwd=REPO_ROOT, capture_output=True, text=True)
 
 
 def test_both_versions_are_timed_and_compared(tmp_path):
     out = tmp_path / "window_form.json"
-    done = run_script("--against", "HEAD", "--batch", "1", "--length", "40", "--window", "8", "--rounds", "1", "--repeats", "2", "--out", str(out))
+    done = run_main(benchmark_script("window_form"), "--against", "HEAD", "--batch", "1", "--length", "40", "--window", "8", "--rounds", "1", "--repeats", "2", "--out", str(out))
     assert done.returncode == 0, done.stderr
     result = json.loads(out.read_text())
     assert set(result["ms"]) == {"then", "now"} and all(row["calls"] == 2 and row["min"] > 0 for row in result["ms"].values())

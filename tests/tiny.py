@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import inspect
+import io
 import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from unittest import mock
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -59,6 +63,38 @@ def left_padded(batch_ids: torch.Tensor, pads: list[int]) -> tuple[torch.Tensor,
         ids[row, :pad] = 0
         mask[row, :pad] = 0
     return ids, mask
+
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def benchmark_script(name: str):
+    """benchmarks/NAME.py imported as a module, its sibling scripts importable as when it runs from benchmarks/."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return module
+
+
+def run_main(script, *args) -> subprocess.CompletedProcess:
+    """A benchmark script's `main()` run in this process with ARGS as its command line, as `python SCRIPT ARGS` would run
+    it (a fresh process spends about 9 s of a 2-core machine importing torch and transformers): its exit status, and its
+    stdout and stderr, the message it exits with last."""
+    out, err = io.StringIO(), io.StringIO()
+    argv = [f"{script.__name__}.py", *map(str, args)]
+    with mock.patch.object(sys, "argv", argv), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            script.main()
+            status = 0
+        except SystemExit as exit:
+            status = 1 if isinstance(exit.code, str) else exit.code or 0
+            if isinstance(exit.code, str):
+                print(exit.code, file=sys.stderr)
+    return subprocess.CompletedProcess(argv, status, out.getvalue(), err.getvalue())
 
 
 def run_python(code: str, cwd: Path, hide_linearize: bool = True) -> str:
