@@ -3,16 +3,11 @@ and, where it is installed, Liger-Kernel's fused linear JSD; checked on a CPU (t
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from tests.conftest import REPO_ROOT
-from tests.tiny import benchmark_script, run_main
-
+from tests.tiny import benchmark_script, run_as_script, run_main
 
 kd_loss_speed = benchmark_script("kd_loss_speed")
 
@@ -56,9 +51,6 @@ def test_a_run_without_the_reference_is_one_line_naming_the_fix(tmp_path, varian
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a machine without CUDA gives")
 def test_cuda_on_a_machine_without_it_is_one_line_naming_the_fix(tmp_path):
-    """As a script, in a process of its own (the other tests call its main() here, under conftest's interpreter)."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    script = REPO_ROOT / "benchmarks" / "kd_loss_speed.py"
-    done = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "x.json")], cwd=REPO_ROOT, capture_output=True,
-                          text=True, env=env)
+    """As a script, in a process of its own (the other tests call its main() here; both under conftest's interpreter)."""
+    done = run_as_script("kd_loss_speed", "--out", tmp_path / "x.json")
     assert done.returncode != 0 and "--device cpu" in done.stderr and len(done.stderr.strip().splitlines()) == 1

@@ -1,6 +1,5 @@
 """benchmarks/retrieval_heads.py: the teacher's layers ranked by their strongest retrieval head."""
 
-
 import torch
 
 import linearize

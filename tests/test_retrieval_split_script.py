@@ -2,16 +2,13 @@
 
 import json
 import random
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import linearize
 from linearize.evaluate.longcontext import answer, answer_of, make_probe
-from tests.conftest import REPO_ROOT
-from tests.tiny import benchmark_script, run_main, tiny_model, tiny_tokenizer
+from tests.tiny import benchmark_script, run_as_script, run_main, tiny_model, tiny_tokenizer
 
 retrieval_split = benchmark_script("retrieval_split")
 
@@ -58,9 +55,7 @@ def test_each_converted_layer_restored_in_turn_is_a_row(tmp_path):
 
 def test_restoring_without_a_student_is_one_line_naming_the_fix(tmp_path):
     """As a script, in a process of its own (the other tests call its main() here)."""
-    script = REPO_ROOT / "benchmarks" / "retrieval_split.py"
-    done = subprocess.run([sys.executable, str(script), "--restore-each", "--out", str(tmp_path / "x.json")], cwd=REPO_ROOT,
-                          capture_output=True, text=True)
+    done = run_as_script("retrieval_split", "--restore-each", "--out", tmp_path / "x.json")
     assert done.returncode != 0 and "pass one with --students" in done.stderr.strip().splitlines()[-1]
 
 

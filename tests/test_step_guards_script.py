@@ -1,7 +1,6 @@
 """benchmarks/step_guards.py: the guards of a compiled static-cache decode step, counted from Dynamo's guard log, and
 the time per generated token, for a teacher and its student."""
 
-
 from tests.tiny import benchmark_script
 
 step_guards = benchmark_script("step_guards")

@@ -1,23 +1,14 @@
 """benchmarks/student_delta.py: a student saved as its difference from its teacher, rebuilt to the same logits."""
 
 import json
-import subprocess
-import sys
 
 import torch
 from transformers import AutoModelForCausalLM
 
 import linearize
-from tests.conftest import REPO_ROOT
-from tests.tiny import benchmark_script, random_ids, run_main, tiny_model, tiny_tokenizer
-
+from tests.tiny import benchmark_script, random_ids, run_as_script, run_main, tiny_model, tiny_tokenizer
 
 student_delta = benchmark_script("student_delta")
-
-
-def run_script(*args):
-    """As a script, in a process of its own."""
-    return subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "student_delta.py"), *args], cwd=REPO_ROOT, capture_output=True, text=True)
 
 
 def trained_like(teacher):
@@ -61,7 +52,7 @@ def test_a_delta_refuses_another_teacher(tmp_path):
     tiny_tokenizer().save_pretrained(tmp_path / "teacher")
     (tmp_path / "delta").mkdir()
     (tmp_path / "delta" / "delta.json").write_text(json.dumps({"teacher_checksum": 1.0}))  # saved against another teacher
-    done = run_script("load", "--teacher", str(tmp_path / "teacher"), "--delta", str(tmp_path / "delta"), "--out", str(tmp_path / "rebuilt"))
+    done = run_as_script("student_delta", "load", "--teacher", str(tmp_path / "teacher"), "--delta", str(tmp_path / "delta"), "--out", str(tmp_path / "rebuilt"))
     assert done.returncode != 0
     assert "load the teacher it was saved against" in done.stderr.strip().splitlines()[-1]  # one line, after loading's progress
     assert not (tmp_path / "rebuilt").exists()

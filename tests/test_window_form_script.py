@@ -1,16 +1,8 @@
 """benchmarks/window_form.py: the working tree's chunked window form timed beside another revision's, in one run."""
 
 import json
-import subprocess
-import sys
 
-from tests.conftest import REPO_ROOT
-from tests.tiny import benchmark_script, run_main
-
-
-def run_script(*args):
-    """As a script, in a process of its own."""
-    return subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "window_form.py"), *args], cwd=REPO_ROOT, capture_output=True, text=True)
+from tests.tiny import benchmark_script, run_as_script, run_main
 
 
 def test_both_versions_are_timed_and_compared(tmp_path):
@@ -23,5 +15,5 @@ def test_both_versions_are_timed_and_compared(tmp_path):
 
 
 def test_an_unknown_revision_is_one_line_naming_the_fix(tmp_path):
-    done = run_script("--against", "no-such-revision", "--out", str(tmp_path / "x.json"))
+    done = run_as_script("window_form", "--against", "no-such-revision", "--out", str(tmp_path / "x.json"))
     assert done.returncode != 0 and "pass a commit of this repository" in done.stderr and len(done.stderr.strip().splitlines()) == 1

@@ -80,6 +80,12 @@ def benchmark_script(name: str):
     return module
 
 
+def run_as_script(name: str, *args) -> subprocess.CompletedProcess:
+    """`python benchmarks/NAME.py ARGS` in a fresh process from the repository's root: the script's own entry point."""
+    return subprocess.run([sys.executable, str(BENCHMARKS / f"{name}.py"), *map(str, args)], cwd=BENCHMARKS.parent,
+                          capture_output=True, text=True)
+
+
 def run_main(script, *args) -> subprocess.CompletedProcess:
     """A benchmark script's `main()` run in this process with ARGS as its command line, as `python SCRIPT ARGS` would run
     it (a fresh process spends about 9 s of a 2-core machine importing torch and transformers): its exit status, and its
