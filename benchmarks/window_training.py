@@ -6,11 +6,14 @@ the window's share a float32 weight per query head, every one of them requiring 
 - `torch:C`: the chunked PyTorch form (`ops_window.chunk_window_linear`) with chunks of C queries, compiled by
   torch.compile (`--compile on`, as a recipe's `compile: true` step runs it) or eager;
 - `kernel`: the Triton kernels with their backward (`triton_window.window_linear_prefill`), eager (a custom op, opaque
-  to the compiler either way).
+  to the compiler either way); `kernel:BxW` with the backward's blocks of B queries on W warps in place of
+  `triton_window.BACKWARD`'s, and `kernel:BxW:f32` with float32 feature products in place of 16-bit ones
+  (`LOW_FEATURES_IN_TRAINING`).
 Each row: the median milliseconds of forward + backward, the peak memory above the inputs, and the largest difference
 of the output and of each gradient from the float32 PyTorch form's (relative to its largest entry).
 
     python benchmarks/window_training.py --arch llama-3.2-1b --batch 8 --length 2048 --window 256 --forms torch:64,torch:128,torch:256,kernel --out /tmp/window_training.json
+    python benchmarks/window_training.py --forms torch:64,kernel:32x8:f32,kernel:32x8,kernel:16x4,kernel:64x4 --out /tmp/window_training.json
     python benchmarks/window_training.py --device cpu --arch tiny --batch 1 --length 40 --window 8 --forms torch:4,torch:8 --compile off --repeats 1 --warmup 0 --out /tmp/w.json
 """
 
@@ -26,6 +29,7 @@ from pathlib import Path
 import torch
 
 from linearize.hf.ops_window import chunk_window_linear
+from linearize.hf import triton_window
 from linearize.hf.triton_window import kernel_problem, window_linear_prefill
 
 # (query heads, kv heads, head dimension): the models whose training this times, and a tiny one to check the script.
@@ -47,10 +51,20 @@ def inputs(arch: str, batch: int, length: int, device: str) -> list[torch.Tensor
 
 
 def form(name: str, window: int, scaling: float, compiled: bool):
-    """The function (q, k, v, fq, fk, share) -> heads of form `name` ("torch:C" or "kernel")."""
-    if name == "kernel":
-        return lambda q, k, v, fq, fk, sm: window_linear_prefill(q, k, v, fq, fk, window=window, scaling=scaling, sm_weight=sm, ln_weight=1 - sm)[0]
+    """The function (q, k, v, fq, fk, share) -> heads of form `name` ("torch:C", "kernel", "kernel:BxW[:f32]")."""
     kind, _, chunk = name.partition(":")
+    if kind == "kernel":
+        blocks, _, features = chunk.partition(":")
+        block, _, warps = blocks.partition("x")
+        if (blocks and not (block.isdigit() and warps.isdigit())) or features not in ("", "f32"):
+            raise SystemExit(f"--forms takes kernel, kernel:BxW or kernel:BxW:f32 (B queries a block, W warps), got {name!r}")
+        backward = (int(block), int(warps)) if blocks else triton_window.BACKWARD[torch.bfloat16]
+
+        def through_kernel(q, k, v, fq, fk, sm):
+            triton_window.BACKWARD[torch.bfloat16], triton_window.LOW_FEATURES_IN_TRAINING = backward, features != "f32"
+            return window_linear_prefill(q, k, v, fq, fk, window=window, scaling=scaling, sm_weight=sm, ln_weight=1 - sm)[0]
+
+        return through_kernel
     if kind != "torch" or not chunk.isdigit() or int(chunk) < 1:
         raise SystemExit(f"--forms takes torch:C (C a positive chunk length) or kernel, got {name!r}")
 
@@ -120,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
     scaling = SHAPES[args.arch][2] ** -0.5
     functions = {name: form(name, args.window, scaling, args.compile == "on") for name in names}
     leaves = [t.requires_grad_() for t in inputs(args.arch, args.batch, args.length, args.device)]
-    if "kernel" in names and (problem := kernel_problem(*leaves[:5], args.window)) is not None:
+    if any(name.startswith("kernel") for name in names) and (problem := kernel_problem(*leaves[:5], args.window)) is not None:
         raise SystemExit(f"the kernel form cannot run here: {problem}; leave it out of --forms")
     grad = torch.randn(leaves[0].shape, generator=torch.Generator(args.device).manual_seed(1), device=args.device).bfloat16()
     # The reference: the PyTorch form in float32, outside autocast, from the same values.

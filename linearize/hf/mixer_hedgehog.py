@@ -30,7 +30,7 @@ from .errors import LinearizeError
 from .kernel_dispatch import simple_gla
 from .mixers import FusedStepMixer, MixerCost, register_mixer
 from .ops_kept import decide_block, decode_kept_window_linear, empty_kept_state, ends_block, kept_window_linear
-from .ops_window import CHUNK, chunk_window_linear, decode_window_linear, empty_ring_state, ordered_state, ring_state
+from .ops_window import chunk_window_linear, decode_window_linear, empty_ring_state, ordered_state, ring_state
 from .triton_features import feature_map_problem, feature_maps
 from .triton_step import MAX_HEAD_DIM, hedgehog_step, hedgehog_swa_step
 from .triton_window import window_linear_prefill, window_prefill_problem
@@ -65,9 +65,11 @@ class HedgehogOptions:
 
 
 def compiled_training(*tensors: torch.Tensor) -> bool:
-    """Whether this prefill is traced by torch.compile and needs gradients: there the PyTorch form runs, which inductor
-    fuses, forward and backward, faster than the kernel's backward (Llama-3.2-1B shape, window 256, 2,048-token windows,
-    bf16 autocast, H200: attention transfer 101K against 58K tokens/s; BENCHMARKS.md, twenty-sixth session)."""
+    """Whether this prefill is traced by torch.compile and needs gradients: there the PyTorch form runs, in its chunks of
+    64 queries, which inductor fuses, forward and backward, faster than the kernel's backward (Llama-3.2-1B shape, window
+    256, 2,048-token windows, batch 8, bf16 autocast, H100, a layer's forward and backward: 6.13 ms in chunks of 64,
+    6.86 in chunks as long as the window, 14.0 through the kernel; attention transfer 106.8K against 98.1K tokens/s in
+    chunks of 64 and 256; BENCHMARKS.md, fifty-ninth session)."""
     return torch.compiler.is_compiling() and torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
@@ -273,8 +275,6 @@ class HedgehogSWAMixer(HedgehogMixer):
         if decay is None and not training and window_prefill_problem(kq, kk, kv, fq, fk, self.window) is None:
             out, final = window_linear_prefill(kq, kk, kv, fq, fk, state=ordered, output_state=state is not None, **kwargs)
         else:
-            if training:  # chunks as long as the window: the form whose compiled training step was measured
-                kwargs["chunk_size"] = max(CHUNK, self.window)
             if state is None:
                 return chunk_window_linear(q, k, v, fq, fk, decay=decay, **kwargs)[0]
             out, final = chunk_window_linear(q, k, v, fq, fk, decay=decay, state=ordered, output_state=True, **kwargs)

@@ -72,6 +72,9 @@ FORWARD = {torch.float16: (64, 4), torch.bfloat16: (64, 4), torch.float32: (32, 
 # blocks of 32 with 8 warps spill in float32 (0.3 and 0.8 KB), not in bfloat16 or float16; blocks of 16 with 4 warps
 # spill in neither (module docstring).
 BACKWARD = {torch.float16: (32, 8), torch.bfloat16: (32, 8), torch.float32: (16, 4)}
+# Whether a training step with 16-bit q (bf16 autocast) multiplies the feature maps (fq, fk and the prefix states) as
+# 16-bit operands, as autocast's PyTorch form does, where inference keeps them float32 (tf32 products).
+LOW_FEATURES_IN_TRAINING = True
 # Keys per prefix state: the float32 states (2F x V per kv head) take CHUNK times less memory than a state per key
 # (SmolLM2: 512 bytes a key and kv head, about what its k, v and fk take), for half a tile more work a program.
 CHUNK = 64
@@ -237,8 +240,9 @@ def _contiguous_rows(*tensors: Tensor) -> tuple[Tensor, ...]:
     return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in tensors)
 
 
-def _shared(q, k, v, fq, fk, mask, window, scaling, softcap, block, warps) -> tuple[tuple, dict]:
-    """The strides and sizes every kernel here takes after its tensors, and their shapes and blocks as constants."""
+def _shared(q, k, v, fq, fk, mask, window, scaling, softcap, block, warps, training=False) -> tuple[tuple, dict]:
+    """The strides and sizes every kernel here takes after its tensors, and their shapes and blocks as constants; the
+    feature products 16-bit in a `training` step with 16-bit q (`LOW_FEATURES_IN_TRAINING`)."""
     dim, value_dim, width = q.shape[-1], v.shape[-1], fk.shape[-1]
     strides = (
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
@@ -250,6 +254,7 @@ def _shared(q, k, v, fq, fk, mask, window, scaling, softcap, block, warps) -> tu
         BLOCK_DIM=max(triton.next_power_of_2(dim), 16), BLOCK_VALUE=max(triton.next_power_of_2(value_dim), 16),
         BLOCK_WIDTH=max(triton.next_power_of_2(width), 16), BLOCK=block, CHUNK=CHUNK, WINDOW=window, SOFTCAP=softcap is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", INTERPRETED=INTERPRETED, num_warps=warps,
+        LOW_FEATURES=training and LOW_FEATURES_IN_TRAINING and q.dtype != torch.float32,
     )
     return strides, constants
 
@@ -265,7 +270,7 @@ def _forward(q, k, v, fq, fk, mask, prefix_S, prefix_z, sm_weight, ln_weight, wi
     out = torch.empty(batch, heads, length, v.shape[-1], dtype=torch.float32 if stats else v.dtype, device=v.device)
     peak, den = (torch.empty(batch, heads, length, dtype=torch.float32, device=q.device) for _ in range(2)) if stats else (out, out)
     block, warps = FORWARD[q.dtype]
-    strides, constants = _shared(q, k, v, fq, fk, mask, window, scaling, softcap, block, warps)
+    strides, constants = _shared(q, k, v, fq, fk, mask, window, scaling, softcap, block, warps, training=stats)
     _window_linear_kernel[(batch * heads, triton.cdiv(length, block))](
         q, k, v, fq, fk, mask, prefix_S, prefix_z, sm_weight, ln_weight, out, peak, den, *strides, STATS=stats, **constants,
     )
@@ -297,7 +302,7 @@ def _backward(
     window_grad, linear_grad = torch.empty_like(peak), torch.empty_like(peak)
     top = torch.empty(peak.shape, dtype=torch.int32, device=q.device)
     block, warps = BACKWARD[q.dtype]
-    strides, constants = _shared(q, k, v, fq, fk, mask, window, scaling, softcap, block, warps)
+    strides, constants = _shared(q, k, v, fq, fk, mask, window, scaling, softcap, block, warps, training=True)
     _window_linear_dq_kernel[(batch * heads, triton.cdiv(length, block))](
         q, k, v, fq, fk, mask, prefix_S, prefix_z, sm_weight, ln_weight, grad, peak, rden, delta,
         dq, dfq, window_grad, linear_grad, top, *strides, **constants,
@@ -344,15 +349,24 @@ if TRITON_PROBLEM is None:
         return x.to(dtype)
 
     @triton.jit
+    def _features(x, dtype: tl.constexpr, LOW_FEATURES: tl.constexpr, INTERPRETED: tl.constexpr):
+        """float32 x as a feature product's operand: in `dtype` where LOW_FEATURES (a 16-bit training step), else as it is
+        (tf32 or ieee products)."""
+        if LOW_FEATURES:
+            return _operand(x, dtype, INTERPRETED)
+        return x
+
+    @triton.jit
     def _query_block(
         q, fq, stride_qb, stride_qh, stride_qt, stride_fqb, stride_fqh, stride_fqt, length, total,
         HEADS: tl.constexpr, KV_HEADS: tl.constexpr, DIM: tl.constexpr, WIDTH: tl.constexpr, BLOCK_DIM: tl.constexpr,
         BLOCK_VALUE: tl.constexpr, BLOCK_WIDTH: tl.constexpr, BLOCK: tl.constexpr, INTERPRETED: tl.constexpr,
+        LOW_FEATURES: tl.constexpr,
     ):
         """Program (b * HEADS + h, n)'s sequence b, query head h, its kv head j (and b's row of kv heads, head), the
         lanes of a head (d), a value (e) and a feature map (f), its queries n * BLOCK .. (n + 1) * BLOCK - 1 (rows, in_rows:
         before `length`) at key positions t from `first` (the queries are the last `length` of the `total` keys), and
-        their q (a tensor-core operand) and fq (float32)."""
+        their q (a tensor-core operand) and fq (float32, or q's dtype with LOW_FEATURES)."""
         b = (tl.program_id(0) // HEADS).to(tl.int64)  # offsets past 2^31 elements (B 128, 32K: q's; B 512, 4K: fq's)
         h = tl.program_id(0) % HEADS
         j = h // (HEADS // KV_HEADS)
@@ -364,6 +378,7 @@ if TRITON_PROBLEM is None:
         t = first + tl.arange(0, BLOCK)
         q_tile = _operand(_tile(q, b, h, rows, stride_qb, stride_qh, stride_qt, d, in_rows, DIM), q.dtype.element_ty, INTERPRETED)
         fq_tile = _tile(fq, b, h, rows, stride_fqb, stride_fqh, stride_fqt, f, in_rows, WIDTH).to(tl.float32)
+        fq_tile = _features(fq_tile, q.dtype.element_ty, LOW_FEATURES, INTERPRETED)
         return b, h, j, head, d, e, f, rows, in_rows, first, t, q_tile, fq_tile
 
     @triton.jit
@@ -371,9 +386,10 @@ if TRITON_PROBLEM is None:
         k, v, fk, mask, b, j, t, s, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
         stride_fkb, stride_fkh, stride_fkt, stride_mask, total, d, e, f,
         DIM: tl.constexpr, VALUE_DIM: tl.constexpr, WIDTH: tl.constexpr, BLOCK: tl.constexpr, WINDOW: tl.constexpr,
-        INTERPRETED: tl.constexpr,
+        INTERPRETED: tl.constexpr, LOW_FEATURES: tl.constexpr,
     ):
-        """Keys s .. s + BLOCK - 1 of kv head j of sequence b: k and v as tensor-core operands, fk in float32, and which
+        """Keys s .. s + BLOCK - 1 of kv head j of sequence b: k and v as tensor-core operands, fk in float32 (k's dtype
+        with LOW_FEATURES), and which
         of them each query t (its key position) reads in its window and which linearly (real keys only)."""
         cols = s + tl.arange(0, BLOCK)
         in_cols = cols < total
@@ -381,6 +397,7 @@ if TRITON_PROBLEM is None:
         k_tile = _operand(_tile(k, b, j, cols, stride_kb, stride_kh, stride_kt, d, in_cols, DIM), k.dtype.element_ty, INTERPRETED)
         v_tile = _operand(_tile(v, b, j, cols, stride_vb, stride_vh, stride_vt, e, in_cols, VALUE_DIM), v.dtype.element_ty, INTERPRETED)
         fk_tile = _tile(fk, b, j, cols, stride_fkb, stride_fkh, stride_fkt, f, in_cols, WIDTH).to(tl.float32)
+        fk_tile = _features(fk_tile, k.dtype.element_ty, LOW_FEATURES, INTERPRETED)
         distance = t[:, None] - cols[None, :]
         in_window = (distance >= 0) & (distance < WINDOW) & real[None, :]
         in_linear = (distance >= WINDOW) & real[None, :]
@@ -405,6 +422,7 @@ if TRITON_PROBLEM is None:
         HEADS: tl.constexpr, KV_HEADS: tl.constexpr, DIM: tl.constexpr, VALUE_DIM: tl.constexpr, WIDTH: tl.constexpr,
         BLOCK_DIM: tl.constexpr, BLOCK_VALUE: tl.constexpr, BLOCK_WIDTH: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
         WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr, STATS: tl.constexpr,
+        LOW_FEATURES: tl.constexpr,
     ):
         """Program (b * HEADS + h, n): query head h of sequence b, its queries n * BLOCK .. (n + 1) * BLOCK - 1 (module
         docstring). The queries are the last `length` of the `total` keys. With STATS it also writes each query's m_t
@@ -412,7 +430,7 @@ if TRITON_PROBLEM is None:
         scaling, softcap = _float32(scaling), _float32(softcap)
         b, h, j, head, d, e, f, rows, in_rows, first, t, q_tile, fq_tile = _query_block(
             q, fq, stride_qb, stride_qh, stride_qt, stride_fqb, stride_fqh, stride_fqt, length, total, HEADS, KV_HEADS, DIM,
-            WIDTH, BLOCK_DIM, BLOCK_VALUE, BLOCK_WIDTH, BLOCK, INTERPRETED,
+            WIDTH, BLOCK_DIM, BLOCK_VALUE, BLOCK_WIDTH, BLOCK, INTERPRETED, LOW_FEATURES,
         )
         # Every key before the last chunk boundary at or before first - WINDOW + 1 is linear for each query here: the
         # prefix state there reads them all.
@@ -420,7 +438,7 @@ if TRITON_PROBLEM is None:
         start = tl.where(lowest > 0, lowest, 0) // CHUNK * CHUNK
         state = (head * chunks + start // CHUNK) * WIDTH + f
         S = tl.load(prefix_S + state[:, None] * VALUE_DIM + e[None, :], mask=(f < WIDTH)[:, None] & (e < VALUE_DIM)[None, :], other=0.0)
-        linear = tl.dot(fq_tile, S, input_precision=PRECISION)
+        linear = tl.dot(fq_tile, _features(S, q.dtype.element_ty, LOW_FEATURES, INTERPRETED), input_precision=PRECISION)
         linear_total = tl.sum(fq_tile * tl.load(prefix_z + state, mask=f < WIDTH, other=0.0)[None, :], 1)
         peak = tl.full([BLOCK], float("-inf"), tl.float32)
         window_total = tl.zeros([BLOCK], dtype=tl.float32)
@@ -434,7 +452,7 @@ if TRITON_PROBLEM is None:
                 k_tile, v_tile, fk_tile, in_window, in_linear = _key_tile(
                     k, v, fk, mask, b, j, t, s, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
                     stride_fkb, stride_fkh, stride_fkt, stride_mask, total, d, e, f, DIM, VALUE_DIM, WIDTH, BLOCK, WINDOW,
-                    INTERPRETED,
+                    INTERPRETED, LOW_FEATURES,
                 )
                 scores, _ = _scores(q_tile, k_tile, scaling, softcap, SOFTCAP, PRECISION)
                 scores = tl.where(in_window, scores, float("-inf"))
@@ -470,6 +488,7 @@ if TRITON_PROBLEM is None:
         HEADS: tl.constexpr, KV_HEADS: tl.constexpr, DIM: tl.constexpr, VALUE_DIM: tl.constexpr, WIDTH: tl.constexpr,
         BLOCK_DIM: tl.constexpr, BLOCK_VALUE: tl.constexpr, BLOCK_WIDTH: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
         WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
+        LOW_FEATURES: tl.constexpr,
     ):
         """The forward's program (b * HEADS + h, n) backwards: its queries' dq and dfq, over the same prefix state and key
         tiles; per query, the sums over its window keys of da_s exp(sigma_s - m_t) (window_grad: sm_weight's gradient)
@@ -478,7 +497,7 @@ if TRITON_PROBLEM is None:
         scaling, softcap = _float32(scaling), _float32(softcap)
         b, h, j, head, d, e, f, rows, in_rows, first, t, q_tile, fq_tile = _query_block(
             q, fq, stride_qb, stride_qh, stride_qt, stride_fqb, stride_fqh, stride_fqt, length, total, HEADS, KV_HEADS, DIM,
-            WIDTH, BLOCK_DIM, BLOCK_VALUE, BLOCK_WIDTH, BLOCK, INTERPRETED,
+            WIDTH, BLOCK_DIM, BLOCK_VALUE, BLOCK_WIDTH, BLOCK, INTERPRETED, LOW_FEATURES,
         )
         sm = tl.load(sm_weight + h)
         ln = tl.load(ln_weight + h)
@@ -507,7 +526,7 @@ if TRITON_PROBLEM is None:
                 k_tile, v_tile, fk_tile, in_window, in_linear = _key_tile(
                     k, v, fk, mask, b, j, t, s, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
                     stride_fkb, stride_fkh, stride_fkt, stride_mask, total, d, e, f, DIM, VALUE_DIM, WIDTH, BLOCK, WINDOW,
-                    INTERPRETED,
+                    INTERPRETED, LOW_FEATURES,
                 )
                 scores, slope = _scores(q_tile, k_tile, scaling, softcap, SOFTCAP, PRECISION)
                 scores = tl.where(in_window, scores, float("-inf"))
@@ -524,7 +543,7 @@ if TRITON_PROBLEM is None:
                 d_q += tl.dot(_operand(d_scores, k.dtype.element_ty, INTERPRETED), k_tile, input_precision=PRECISION)
                 d_linear = tl.where(in_linear, da, 0.0)
                 linear_sum += tl.sum(d_linear * tl.dot(fq_tile, tl.trans(fk_tile), input_precision=PRECISION), 1)
-                d_fq += ln * tl.dot(d_linear, fk_tile, input_precision=PRECISION)
+                d_fq += ln * tl.dot(_features(d_linear, k.dtype.element_ty, LOW_FEATURES, INTERPRETED), fk_tile, input_precision=PRECISION)
         # m_t's gradient, -sm * window_sum, goes to its top key's score.
         found = best_key >= 0
         top_k = _tile(k, b, j, tl.where(found, best_key, 0), stride_kb, stride_kh, stride_kt, d, in_rows & found, DIM).to(tl.float32)
@@ -551,6 +570,7 @@ if TRITON_PROBLEM is None:
         HEADS: tl.constexpr, KV_HEADS: tl.constexpr, DIM: tl.constexpr, VALUE_DIM: tl.constexpr, WIDTH: tl.constexpr,
         BLOCK_DIM: tl.constexpr, BLOCK_VALUE: tl.constexpr, BLOCK_WIDTH: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
         WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
+        LOW_FEATURES: tl.constexpr,
     ):
         """Program (b * KV_HEADS + j, n): the keys n * BLOCK .. (n + 1) * BLOCK - 1 of kv head j of sequence b, their dk,
         dv and dfk from every query block of every query head of the group whose tiles hold them (the forward's loop:
@@ -567,7 +587,7 @@ if TRITON_PROBLEM is None:
         real = tl.load(mask + b * stride_mask + cols, mask=in_cols, other=0) != 0
         k_tile = _operand(_tile(k, b, j, cols, stride_kb, stride_kh, stride_kt, d, in_cols, DIM), k.dtype.element_ty, INTERPRETED)
         v_tile = _operand(_tile(v, b, j, cols, stride_vb, stride_vh, stride_vt, e, in_cols, VALUE_DIM), v.dtype.element_ty, INTERPRETED)
-        fk_tile = _tile(fk, b, j, cols, stride_fkb, stride_fkh, stride_fkt, f, in_cols, WIDTH).to(tl.float32)
+        fk_tile = _features(_tile(fk, b, j, cols, stride_fkb, stride_fkh, stride_fkt, f, in_cols, WIDTH).to(tl.float32), k.dtype.element_ty, LOW_FEATURES, INTERPRETED)
         d_k = tl.zeros([BLOCK, BLOCK_DIM], dtype=tl.float32)
         d_v = tl.zeros([BLOCK, BLOCK_VALUE], dtype=tl.float32)
         d_fk = tl.zeros([BLOCK, BLOCK_WIDTH], dtype=tl.float32)
@@ -592,7 +612,7 @@ if TRITON_PROBLEM is None:
                     t = first + tl.arange(0, BLOCK)
                     q_raw = _tile(q, b, h, rows, stride_qb, stride_qh, stride_qt, d, in_rows, DIM)
                     q_tile = _operand(q_raw, q.dtype.element_ty, INTERPRETED)
-                    fq_tile = _tile(fq, b, h, rows, stride_fqb, stride_fqh, stride_fqt, f, in_rows, WIDTH).to(tl.float32)
+                    fq_tile = _features(_tile(fq, b, h, rows, stride_fqb, stride_fqh, stride_fqt, f, in_rows, WIDTH).to(tl.float32), q.dtype.element_ty, LOW_FEATURES, INTERPRETED)
                     query = (b * HEADS + h) * length + rows
                     do_tile = _operand(tl.load(grad + query[:, None] * VALUE_DIM + e[None, :], mask=in_rows[:, None] & (e < VALUE_DIM)[None, :], other=0.0), grad.dtype.element_ty, INTERPRETED)
                     m = tl.load(peak + query, mask=in_rows, other=0.0)
@@ -612,7 +632,7 @@ if TRITON_PROBLEM is None:
                     d_k += tl.dot(tl.trans(_operand(d_scores, q.dtype.element_ty, INTERPRETED)), q_tile, input_precision=PRECISION)
                     weights = (sm * unit + ln * linear) * r[:, None]
                     d_v += tl.dot(tl.trans(_operand(weights, grad.dtype.element_ty, INTERPRETED)), do_tile, input_precision=PRECISION)
-                    d_fk += ln * tl.dot(tl.trans(tl.where(in_linear, da, 0.0)), fq_tile, input_precision=PRECISION)
+                    d_fk += ln * tl.dot(tl.trans(_features(tl.where(in_linear, da, 0.0), q.dtype.element_ty, LOW_FEATURES, INTERPRETED)), fq_tile, input_precision=PRECISION)
         key = (b * KV_HEADS + j) * total + cols
         tl.store(dk + key[:, None] * DIM + d[None, :], d_k, mask=in_cols[:, None] & (d < DIM)[None, :])
         tl.store(dv + key[:, None] * VALUE_DIM + e[None, :], d_v, mask=in_cols[:, None] & (e < VALUE_DIM)[None, :])
