@@ -353,8 +353,10 @@ if TRITON_PROBLEM is None:
         """float32 x as a feature product's operand: in `dtype` where LOW_FEATURES (a 16-bit training step), else as it is
         (tf32 or ieee products)."""
         if LOW_FEATURES:
-            return _operand(x, dtype, INTERPRETED)
-        return x
+            y = _operand(x, dtype, INTERPRETED)
+        else:
+            y = x
+        return y
 
     @triton.jit
     def _query_block(
