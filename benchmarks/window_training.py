@@ -7,13 +7,13 @@ the window's share a float32 weight per query head, every one of them requiring 
   torch.compile (`--compile on`, as a recipe's `compile: true` step runs it) or eager;
 - `kernel`: the Triton kernels with their backward (`triton_window.window_linear_prefill`), eager (a custom op, opaque
   to the compiler either way); `kernel:BxW` with the backward's blocks of B queries on W warps in place of
-  `triton_window.BACKWARD`'s, and `kernel:BxW:f32` with float32 feature products in place of 16-bit ones
+  `triton_window.BACKWARD`'s, and `kernel:BxW:low` with 16-bit feature products in place of float32 ones
   (`LOW_FEATURES_IN_TRAINING`).
 Each row: the median milliseconds of forward + backward, the peak memory above the inputs, and the largest difference
 of the output and of each gradient from the float32 PyTorch form's (relative to its largest entry).
 
     python benchmarks/window_training.py --arch llama-3.2-1b --batch 8 --length 2048 --window 256 --forms torch:64,torch:128,torch:256,kernel --out /tmp/window_training.json
-    python benchmarks/window_training.py --forms torch:64,kernel:32x8:f32,kernel:32x8,kernel:16x4,kernel:64x4 --out /tmp/window_training.json
+    python benchmarks/window_training.py --forms torch:64,kernel:32x8,kernel:32x8:low,kernel:16x4,kernel:64x4 --out /tmp/window_training.json
     python benchmarks/window_training.py --device cpu --arch tiny --batch 1 --length 40 --window 8 --forms torch:4,torch:8 --compile off --repeats 1 --warmup 0 --out /tmp/w.json
 """
 
@@ -51,17 +51,17 @@ def inputs(arch: str, batch: int, length: int, device: str) -> list[torch.Tensor
 
 
 def form(name: str, window: int, scaling: float, compiled: bool):
-    """The function (q, k, v, fq, fk, share) -> heads of form `name` ("torch:C", "kernel", "kernel:BxW[:f32]")."""
+    """The function (q, k, v, fq, fk, share) -> heads of form `name` ("torch:C", "kernel", "kernel:BxW[:low]")."""
     kind, _, chunk = name.partition(":")
     if kind == "kernel":
         blocks, _, features = chunk.partition(":")
         block, _, warps = blocks.partition("x")
-        if (blocks and not (block.isdigit() and warps.isdigit())) or features not in ("", "f32"):
-            raise SystemExit(f"--forms takes kernel, kernel:BxW or kernel:BxW:f32 (B queries a block, W warps), got {name!r}")
+        if (blocks and not (block.isdigit() and warps.isdigit())) or features not in ("", "low"):
+            raise SystemExit(f"--forms takes kernel, kernel:BxW or kernel:BxW:low (B queries a block, W warps), got {name!r}")
         backward = (int(block), int(warps)) if blocks else triton_window.BACKWARD[torch.bfloat16]
 
         def through_kernel(q, k, v, fq, fk, sm):
-            triton_window.BACKWARD[torch.bfloat16], triton_window.LOW_FEATURES_IN_TRAINING = backward, features != "f32"
+            triton_window.BACKWARD[torch.bfloat16], triton_window.LOW_FEATURES_IN_TRAINING = backward, features == "low"
             return window_linear_prefill(q, k, v, fq, fk, window=window, scaling=scaling, sm_weight=sm, ln_weight=1 - sm)[0]
 
         return through_kernel

@@ -73,8 +73,9 @@ FORWARD = {torch.float16: (64, 4), torch.bfloat16: (64, 4), torch.float32: (32, 
 # spill in neither (module docstring).
 BACKWARD = {torch.float16: (32, 8), torch.bfloat16: (32, 8), torch.float32: (16, 4)}
 # Whether a training step with 16-bit q (bf16 autocast) multiplies the feature maps (fq, fk and the prefix states) as
-# 16-bit operands, as autocast's PyTorch form does, where inference keeps them float32 (tf32 products).
-LOW_FEATURES_IN_TRAINING = True
+# 16-bit operands, as autocast's PyTorch form does, rather than in float32 (tf32 products) as inference does: off until
+# its gradients are checked on a GPU (`benchmarks/window_training.py` times both).
+LOW_FEATURES_IN_TRAINING = False
 # Keys per prefix state: the float32 states (2F x V per kv head) take CHUNK times less memory than a state per key
 # (SmolLM2: 512 bytes a key and kv head, about what its k, v and fk take), for half a tile more work a program.
 CHUNK = 64
