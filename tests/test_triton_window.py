@@ -216,9 +216,9 @@ def test_16_bit_feature_products_in_training_keep_the_gradients_within_bfloat16s
     gradients as bf16 operands (as autocast's PyTorch form does): every gradient stays within bf16's tolerance of
     float64 autograd, across a carried state and several prefix states (65 tokens, window 3, blocks of 32), and the
     feature gradients move off the float32 products' (the switch reaches the kernels)."""
-    q, k, v, fq, fk, mask, state = window_inputs(65, 3, BF16, True)
+    q, k, v, fq, fk, mask, state = window_inputs(65, 3, BF16, True, shape=(1, HEADS, KV_HEADS, DIM, WIDTH))
     share = torch.rand(HEADS, generator=torch.Generator().manual_seed(1))
-    grad = torch.randn(2, HEADS, 65, DIM, generator=torch.Generator().manual_seed(2))
+    grad = torch.randn(1, HEADS, 65, DIM, generator=torch.Generator().manual_seed(2))
     options = dict(window=3, scaling=DIM**-0.5, key_mask=mask, softcap=3.0)
     expected = gradients(q, k, v, fq, fk, share, state, grad, reference, **options)
     in_float32 = gradients(q, k, v, fq, fk, share, state, grad, triton_window.window_linear_prefill, **options)
