@@ -22,14 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
+from window_kernels import difference, timed
 
-from linearize.hf.ops_window import chunk_window_linear
 from linearize.hf import triton_window
+from linearize.hf.ops_window import chunk_window_linear
 from linearize.hf.triton_window import kernel_problem, window_linear_prefill
 
 # (query heads, kv heads, head dimension): the models whose training this times, and a tiny one to check the script.
@@ -82,35 +81,6 @@ def step(fn, leaves: list[torch.Tensor], grad: torch.Tensor, device: str) -> tup
         out = fn(*leaves)
     out.backward(grad)
     return out.detach(), [leaf.grad for leaf in leaves]
-
-
-def timed(fn, repeats: int, warmup: int, device: str) -> tuple[float, float]:
-    """(median milliseconds of `fn` over `repeats` calls after `warmup`, peak MiB above the start; 0 on the CPU)."""
-    for _ in range(warmup):
-        fn()
-    if device == "cpu":
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1000)
-        return statistics.median(times), 0.0
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(repeats):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        stop.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(stop))
-    return statistics.median(times), (torch.cuda.max_memory_allocated() - base) / 2**20
-
-
-def difference(got: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((got.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-12)).item()
 
 
 def main(argv: list[str] | None = None) -> dict:
