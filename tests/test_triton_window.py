@@ -211,16 +211,17 @@ def test_the_kernels_gradients_equal_the_references(length, window, dtype, with_
 
 
 @needs_triton
-def test_16_bit_feature_products_in_training_keep_the_gradients_within_bfloat16s_tolerance(monkeypatch):
-    """With LOW_FEATURES_IN_TRAINING the training kernels multiply fq, fk, the prefix states and the linear weights'
-    gradients as bf16 operands (as autocast's PyTorch form does): every gradient stays within bf16's tolerance of
-    float64 autograd, across a carried state and several prefix states (65 tokens, window 3, blocks of 32), and the
-    feature gradients move off the float32 products' (the switch reaches the kernels)."""
+def test_bf16_feature_products_in_training_keep_the_gradients_within_bfloat16s_tolerance(monkeypatch):
+    """With LOW_FEATURES_IN_TRAINING (the default) the training kernels multiply fq, fk, the prefix states and the linear
+    weights' gradients as bf16 operands (as autocast's PyTorch form does): every gradient stays within bf16's tolerance
+    of float64 autograd, across a carried state and several prefix states (65 tokens, window 3), and the feature
+    gradients move off the float32 products' (the switch reaches the kernels)."""
     q, k, v, fq, fk, mask, state = window_inputs(65, 3, BF16, True, shape=(1, HEADS, KV_HEADS, DIM, WIDTH))
     share = torch.rand(HEADS, generator=torch.Generator().manual_seed(1))
     grad = torch.randn(1, HEADS, 65, DIM, generator=torch.Generator().manual_seed(2))
     options = dict(window=3, scaling=DIM**-0.5, key_mask=mask, softcap=3.0)
     expected = gradients(q, k, v, fq, fk, share, state, grad, reference, **options)
+    monkeypatch.setattr(triton_window, "LOW_FEATURES_IN_TRAINING", False)
     in_float32 = gradients(q, k, v, fq, fk, share, state, grad, triton_window.window_linear_prefill, **options)
     monkeypatch.setattr(triton_window, "LOW_FEATURES_IN_TRAINING", True)
     got = gradients(q, k, v, fq, fk, share, state, grad, triton_window.window_linear_prefill, **options)

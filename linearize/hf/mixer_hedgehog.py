@@ -67,9 +67,10 @@ class HedgehogOptions:
 def compiled_training(*tensors: torch.Tensor) -> bool:
     """Whether this prefill is traced by torch.compile and needs gradients: there the PyTorch form runs, in its chunks of
     64 queries, which inductor fuses, forward and backward, faster than the kernel's backward (Llama-3.2-1B shape, window
-    256, 2,048-token windows, batch 8, bf16 autocast, H100, a layer's forward and backward: 6.13 ms in chunks of 64,
-    6.86 in chunks as long as the window, 14.0 through the kernel; attention transfer 106.8K against 98.1K tokens/s in
-    chunks of 64 and 256; BENCHMARKS.md, fifty-ninth session)."""
+    256, 2,048-token windows, batch 8, bf16 autocast, H100, a layer's forward and backward: 6.2 ms in chunks of 64,
+    6.9 in chunks as long as the window, 6.9 through the kernel with its bf16 feature products and blocks of 64, in half
+    the memory (14.0 before them); attention transfer 106.8K against 98.1K tokens/s in chunks of 64 and 256;
+    BENCHMARKS.md, fifty-ninth session)."""
     return torch.compiler.is_compiling() and torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 

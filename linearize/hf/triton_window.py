@@ -33,9 +33,11 @@ per (sequence, kv head, block of keys) walks the query blocks of each query head
 keys, for dk, dv and dfk (no atomics: the group's heads are summed in the program). The keys a query block reads
 through its prefix state get their gradients in PyTorch: the state's gradient, fq^T (ln_weight do / den) summed over
 the blocks that read it (a matmul a block), flows back through `prefix_states` (a cumsum and a matmul) by autograd, to
-fk, v and the carried (S, z). Its blocks are BACKWARD's (32 queries and 8 warps in bfloat16/float16, 16 and 4 in
-float32); compiled for sm_90 at SmolLM2's shape, windows 64 and 256, the two kernels take 255 registers a thread in
-bfloat16 (and float16) and 245 and 161 in float32, and spill none; blocks of 32 spill 0.3 and 0.8 KB in float32. Where
+fk, v and the carried (S, z). Its blocks are BACKWARD's (64 queries and 4 warps in bfloat16, 32 and 8 in float16,
+16 and 4 in float32); in a bfloat16 training step the feature products take bfloat16 operands (`LOW_FEATURES_IN_TRAINING`),
+as autocast's PyTorch form does, where inference keeps them float32. Compiled for sm_90 at SmolLM2's shape, windows 64
+and 256, blocks of 32 on 8 warps take 255 registers a thread in bfloat16 (and float16) and 245 and 161 in float32, and
+spill none; blocks of 32 spill 0.3 and 0.8 KB in float32. Where
 two window keys tie for a query's top score, m_t's gradient goes to the earlier one; torch's amax (the reference)
 splits it between them: the same gradients but for dk, whose sum over the tied keys is the same.
 
@@ -68,14 +70,18 @@ if TRITON_PROBLEM is None:  # Triton as triton_step imported it: transformers' r
 # against 0.41 ms at 4K, though compiled for sm_90 they spill 88 bytes a thread. float32, unmeasured, keeps the blocks
 # that spill least (32 on 8 warps: 32 bytes).
 FORWARD = {torch.float16: (64, 4), torch.bfloat16: (64, 4), torch.float32: (32, 8)}
-# The backward's blocks of queries and tiles of keys, and its warps, by q's dtype: compiled for sm_90 at SmolLM2's shape,
-# blocks of 32 with 8 warps spill in float32 (0.3 and 0.8 KB), not in bfloat16 or float16; blocks of 16 with 4 warps
-# spill in neither (module docstring).
-BACKWARD = {torch.float16: (32, 8), torch.bfloat16: (32, 8), torch.float32: (16, 4)}
-# Whether a training step with 16-bit q (bf16 autocast) multiplies the feature maps (fq, fk and the prefix states) as
-# 16-bit operands, as autocast's PyTorch form does, rather than in float32 (tf32 products) as inference does: off until
-# its gradients are checked on a GPU (`benchmarks/window_training.py` times both).
-LOW_FEATURES_IN_TRAINING = False
+# The backward's blocks of queries and tiles of keys, and its warps, by q's dtype. A Llama-3.2-1B layer's training
+# forward and backward (32 query heads on 8, batch 8, 2,048 tokens, window 256, bf16 feature products; H100;
+# `benchmarks/window_training.py`, BENCHMARKS.md, fifty-ninth session): blocks of 64 on 4 warps 6.9 ms, on 8 warps 8.6,
+# blocks of 32 on 4 warps 9.5, of 128 on 8 warps 9.4 (with float32 feature products: 64 on 4 warps 10.7 ms, 32 on 8
+# 13.9). float16, unmeasured, keeps blocks of 32 on 8 warps; compiled for sm_90 at SmolLM2's shape, those spill in
+# float32 (0.3 and 0.8 KB), not in 16-bit; blocks of 16 with 4 warps spill in neither (module docstring).
+BACKWARD = {torch.float16: (32, 8), torch.bfloat16: (64, 4), torch.float32: (16, 4)}
+# Whether a bf16 training step multiplies the feature maps (fq, fk, the prefix states, the linear weights' gradients)
+# as bf16 operands, as autocast's PyTorch form does, where inference keeps them float32 (tf32 products): a Llama-3.2-1B
+# layer's forward and backward 6.9 against 10.7 ms (blocks of 64 on 4 warps, above), the GPU gradient tests passing
+# either way. float16 keeps float32 products: its range would hold prefix sums of long prompts less safely.
+LOW_FEATURES_IN_TRAINING = True
 # Keys per prefix state: the float32 states (2F x V per kv head) take CHUNK times less memory than a state per key
 # (SmolLM2: 512 bytes a key and kv head, about what its k, v and fk take), for half a tile more work a program.
 CHUNK = 64
@@ -243,7 +249,7 @@ def _contiguous_rows(*tensors: Tensor) -> tuple[Tensor, ...]:
 
 def _shared(q, k, v, fq, fk, mask, window, scaling, softcap, block, warps, training=False) -> tuple[tuple, dict]:
     """The strides and sizes every kernel here takes after its tensors, and their shapes and blocks as constants; the
-    feature products 16-bit in a `training` step with 16-bit q (`LOW_FEATURES_IN_TRAINING`)."""
+    feature products bf16 in a `training` step with bf16 q (`LOW_FEATURES_IN_TRAINING`)."""
     dim, value_dim, width = q.shape[-1], v.shape[-1], fk.shape[-1]
     strides = (
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
@@ -255,7 +261,7 @@ def _shared(q, k, v, fq, fk, mask, window, scaling, softcap, block, warps, train
         BLOCK_DIM=max(triton.next_power_of_2(dim), 16), BLOCK_VALUE=max(triton.next_power_of_2(value_dim), 16),
         BLOCK_WIDTH=max(triton.next_power_of_2(width), 16), BLOCK=block, CHUNK=CHUNK, WINDOW=window, SOFTCAP=softcap is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", INTERPRETED=INTERPRETED, num_warps=warps,
-        LOW_FEATURES=training and LOW_FEATURES_IN_TRAINING and q.dtype != torch.float32,
+        LOW_FEATURES=training and LOW_FEATURES_IN_TRAINING and q.dtype == torch.bfloat16,
     )
     return strides, constants
 
@@ -351,7 +357,7 @@ if TRITON_PROBLEM is None:
 
     @triton.jit
     def _features(x, dtype: tl.constexpr, LOW_FEATURES: tl.constexpr, INTERPRETED: tl.constexpr):
-        """float32 x as a feature product's operand: in `dtype` where LOW_FEATURES (a 16-bit training step), else as it is
+        """float32 x as a feature product's operand: in `dtype` where LOW_FEATURES (a bf16 training step), else as it is
         (tf32 or ieee products)."""
         if LOW_FEATURES:
             y = _operand(x, dtype, INTERPRETED)
