@@ -5,10 +5,10 @@ trains: q, k, v in bf16, the feature maps in float32 (softmax halves, 2F wide, a
 the window's share a float32 weight per query head, every one of them requiring grad. Forms:
 - `torch:C`: the chunked PyTorch form (`ops_window.chunk_window_linear`) with chunks of C queries, compiled by
   torch.compile (`--compile on`, as a recipe's `compile: true` step runs it) or eager;
-- `kernel`: the Triton kernels with their backward (`triton_window.window_linear_prefill`), eager (a custom op, opaque
-  to the compiler either way); `kernel:BxW` with the backward's blocks of B queries on W warps in place of
-  `triton_window.BACKWARD`'s, and `kernel:BxW:low` with 16-bit feature products in place of float32 ones
-  (`LOW_FEATURES_IN_TRAINING`).
+- `kernel`: the Triton kernels with their backward (`triton_window.window_linear_prefill`) as shipped, eager (a custom
+  op, opaque to the compiler either way); `kernel:BxW` with the backward's blocks of B queries on W warps in place of
+  `triton_window.BACKWARD`'s, and `kernel:BxW:low` or `kernel:BxW:f32` with bf16 or float32 feature products in place
+  of the shipped choice (`LOW_FEATURES_IN_TRAINING`); the shipped settings are put back at the end.
 Each row: the median milliseconds of forward + backward, the peak memory above the inputs, and the largest difference
 of the output and of each gradient from the float32 PyTorch form's (relative to its largest entry).
 
@@ -50,17 +50,18 @@ def inputs(arch: str, batch: int, length: int, device: str) -> list[torch.Tensor
 
 
 def form(name: str, window: int, scaling: float, compiled: bool):
-    """The function (q, k, v, fq, fk, share) -> heads of form `name` ("torch:C", "kernel", "kernel:BxW[:low]")."""
+    """The function (q, k, v, fq, fk, share) -> heads of form `name` ("torch:C", "kernel", "kernel:BxW[:low|:f32]")."""
     kind, _, chunk = name.partition(":")
     if kind == "kernel":
         blocks, _, features = chunk.partition(":")
         block, _, warps = blocks.partition("x")
-        if (blocks and not (block.isdigit() and warps.isdigit())) or features not in ("", "low"):
-            raise SystemExit(f"--forms takes kernel, kernel:BxW or kernel:BxW:low (B queries a block, W warps), got {name!r}")
+        if (blocks and not (block.isdigit() and warps.isdigit())) or features not in ("", "low", "f32"):
+            raise SystemExit(f"--forms takes kernel, kernel:BxW, kernel:BxW:low or kernel:BxW:f32 (B queries a block, W warps), got {name!r}")
         backward = (int(block), int(warps)) if blocks else triton_window.BACKWARD[torch.bfloat16]
+        settings = (backward, features == "low" if features else triton_window.LOW_FEATURES_IN_TRAINING)
 
-        def through_kernel(q, k, v, fq, fk, sm):
-            triton_window.BACKWARD[torch.bfloat16], triton_window.LOW_FEATURES_IN_TRAINING = backward, features == "low"
+        def through_kernel(q, k, v, fq, fk, sm):  # the settings stay for the backward; main() puts the shipped ones back
+            triton_window.BACKWARD[torch.bfloat16], triton_window.LOW_FEATURES_IN_TRAINING = settings
             return window_linear_prefill(q, k, v, fq, fk, window=window, scaling=scaling, sm_weight=sm, ln_weight=1 - sm)[0]
 
         return through_kernel
@@ -83,7 +84,7 @@ def step(fn, leaves: list[torch.Tensor], grad: torch.Tensor, device: str) -> tup
     return out.detach(), [leaf.grad for leaf in leaves]
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="JSON file to write")
     parser.add_argument("--arch", default="llama-3.2-1b", choices=sorted(SHAPES))
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: check the script (the kernel form only under TRITON_INTERPRET=1)")
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per form")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls before them (the first compiles)")
-    args = parser.parse_args(argv)
+    args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("window_training.py times CUDA kernels; run it on a machine with a CUDA GPU (or check it with --device cpu)")
     if min(args.batch, args.length, args.window) < 1:
@@ -112,13 +113,17 @@ def main(argv: list[str] | None = None) -> dict:
     reference = chunk_window_linear(*exact[:5], window=args.window, scaling=scaling, sm_weight=exact[5], ln_weight=1 - exact[5])[0]
     reference.backward(grad.float())
     rows = []
-    for name, fn in functions.items():
-        out, grads = step(fn, leaves, grad, args.device)
-        ms, mib = timed(lambda: step(fn, leaves, grad, args.device), args.repeats, args.warmup, args.device)
-        errors = {"out": difference(out, reference)}
-        errors.update({f"d_{x}": difference(g, ref.grad) for x, g, ref in zip(("q", "k", "v", "fq", "fk", "share"), grads, exact)})
-        rows.append({"form": name, "ms": round(ms, 3), "peak_mib": round(mib, 1), "max_difference": max(errors.values()), "differences": errors})
-        print(f"{name:<10} {ms:9.3f} ms  peak {mib:9.1f} MiB  largest difference {rows[-1]['max_difference']:.1e}", flush=True)
+    shipped = triton_window.BACKWARD[torch.bfloat16], triton_window.LOW_FEATURES_IN_TRAINING
+    try:
+        for name, fn in functions.items():
+            out, grads = step(fn, leaves, grad, args.device)
+            ms, mib = timed(lambda: step(fn, leaves, grad, args.device), args.repeats, args.warmup, args.device)
+            errors = {"out": difference(out, reference)}
+            errors.update({f"d_{x}": difference(g, ref.grad) for x, g, ref in zip(("q", "k", "v", "fq", "fk", "share"), grads, exact)})
+            rows.append({"form": name, "ms": round(ms, 3), "peak_mib": round(mib, 1), "max_difference": max(errors.values()), "differences": errors})
+            print(f"{name:<10} {ms:9.3f} ms  peak {mib:9.1f} MiB  largest difference {rows[-1]['max_difference']:.1e}", flush=True)
+    finally:  # a kernel form's settings (`form`) last through its backward
+        triton_window.BACKWARD[torch.bfloat16], triton_window.LOW_FEATURES_IN_TRAINING = shipped
     result = {
         "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "arch": args.arch, "shape": SHAPES[args.arch], "batch": args.batch, "length": args.length,
@@ -126,7 +131,6 @@ def main(argv: list[str] | None = None) -> dict:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
-    return result
 
 
 if __name__ == "__main__":
