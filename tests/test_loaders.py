@@ -274,12 +274,7 @@ def test_perplexity_on_held_out_text(smollm2):
     windows = token_windows(tokenizer, packaged_text("persuasion"), 512, max_tokens=2048)
     assert windows.shape == (4, 512)
     perplexity = _perplexity(model, windows)
-    assert 10 < perplexity < 60, perplexity
-
-    # The same tokens in random order: a working model must find them far less predictable.
-    stream = windows[:2].flatten()
-    shuffled = stream[torch.randperm(stream.numel(), generator=torch.Generator().manual_seed(0))].view(2, 512)
-    assert _perplexity(model, shuffled) > 5 * perplexity
+    assert 10 < perplexity < 60, perplexity  # the same text shuffled: test_evaluate_real's strided perplexity, 10x worse
 
 
 @pytest.mark.slow
