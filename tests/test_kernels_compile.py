@@ -1,13 +1,14 @@
 """Every Triton kernel of linearize's own (the fused decode steps, triton_step.py; hedgehog_swa's prefill and its
 backward and prefix states, triton_window.py; a prefill's short convolution, triton_conv.py; Hedgehog's feature maps,
 triton_features.py; RoPE, triton_rope.py) compiled for a GPU (sm_90) on the CPU:
-Triton's compiler and its bundled ptxas need no GPU. Not in the `core` subset (a minute of CI's time): it compiles
-with the newest Triton the ranges allow (3.9 on 2026-12-07); the lent GPUs' Triton 3.6 compiles them in tests/test_gpu.py."""
+Triton's compiler and its bundled ptxas need no GPU. In the `core` subset: the newest run compiles them with the newest
+Triton the ranges allow (3.9 on 2026-12-07), the oldest with Triton 3.6, the one the lent GPUs run (35 s on 2 cores)."""
 
 import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from linearize.hf import triton_step
@@ -69,12 +70,17 @@ def compile_kernels() -> None:
         warps = (8 if not ring else 4) if name.startswith("ring_write") else 4 if name.startswith(("partial", "combine")) else 8
         triton.compile(ASTSource(kernel, signature, constexprs=given), target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
     # The prefill's forward (bf16, with and without the statistics its backward reads, and fp32) and its two backward
-    # kernels (bf16 and fp32), each with its blocks and warps.
+    # kernels (bf16 and fp32), each with its blocks and warps, and the feature products' operands as `_shared` picks
+    # them: bf16 in a bf16 training step (the statistics' forward and the backward) where LOW_FEATURES_IN_TRAINING.
     halves = {"q", "k", "v", "out", "grad"}
-    prefill = [(triton_window._window_linear_kernel, "bf16", *triton_window.FORWARD[torch.bfloat16], {"STATS": stats}) for stats in (False, True)]
-    prefill += [(triton_window._window_linear_kernel, "fp32", *triton_window.FORWARD[torch.float32], {"STATS": True})]
+    low = triton_window.LOW_FEATURES_IN_TRAINING
+    prefill = [
+        (triton_window._window_linear_kernel, "bf16", *triton_window.FORWARD[torch.bfloat16], {"STATS": stats, "LOW_FEATURES": stats and low})
+        for stats in (False, True)
+    ]
+    prefill += [(triton_window._window_linear_kernel, "fp32", *triton_window.FORWARD[torch.float32], {"STATS": True, "LOW_FEATURES": False})]
     prefill += [
-        (kernel, name, *triton_window.BACKWARD[dtype], {})
+        (kernel, name, *triton_window.BACKWARD[dtype], {"LOW_FEATURES": low and name == "bf16"})
         for kernel in (triton_window._window_linear_dq_kernel, triton_window._window_linear_dk_kernel)
         for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32))
     ]
@@ -140,6 +146,7 @@ def compile_kernels() -> None:
 
 
 @needs_triton
+@pytest.mark.core
 def test_every_kernel_compiles_for_a_gpu():
     """The interpreter runs code that Triton's compiler refuses (a loop-carried variable whose type changes, as one
     did in hedgehog_swa's kernel): compiled in a subprocess, since the kernels here are interpreted."""
