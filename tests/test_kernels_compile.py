@@ -70,17 +70,17 @@ def compile_kernels() -> None:
         warps = (8 if not ring else 4) if name.startswith("ring_write") else 4 if name.startswith(("partial", "combine")) else 8
         triton.compile(ASTSource(kernel, signature, constexprs=given), target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
     # The prefill's forward (bf16, with and without the statistics its backward reads, and fp32) and its two backward
-    # kernels (bf16 and fp32), each with its blocks and warps, and the feature products' operands as `_shared` picks
-    # them: bf16 in a bf16 training step (the statistics' forward and the backward) where LOW_FEATURES_IN_TRAINING.
+    # kernels (bf16 and fp32), each with its blocks and warps, and the feature products' operands as `low_features` picks
+    # them (a training step: the statistics' forward and the backward).
     halves = {"q", "k", "v", "out", "grad"}
-    low = triton_window.LOW_FEATURES_IN_TRAINING
+    low = triton_window.low_features
     prefill = [
-        (triton_window._window_linear_kernel, "bf16", *triton_window.FORWARD[torch.bfloat16], {"STATS": stats, "LOW_FEATURES": stats and low})
+        (triton_window._window_linear_kernel, "bf16", *triton_window.FORWARD[torch.bfloat16], {"STATS": stats, "LOW_FEATURES": low(torch.bfloat16, stats)})
         for stats in (False, True)
     ]
-    prefill += [(triton_window._window_linear_kernel, "fp32", *triton_window.FORWARD[torch.float32], {"STATS": True, "LOW_FEATURES": False})]
+    prefill += [(triton_window._window_linear_kernel, "fp32", *triton_window.FORWARD[torch.float32], {"STATS": True, "LOW_FEATURES": low(torch.float32, True)})]
     prefill += [
-        (kernel, name, *triton_window.BACKWARD[dtype], {"LOW_FEATURES": low and name == "bf16"})
+        (kernel, name, *triton_window.BACKWARD[dtype], {"LOW_FEATURES": low(dtype, True)})
         for kernel in (triton_window._window_linear_dq_kernel, triton_window._window_linear_dk_kernel)
         for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32))
     ]

@@ -247,9 +247,15 @@ def _contiguous_rows(*tensors: Tensor) -> tuple[Tensor, ...]:
     return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in tensors)
 
 
+def low_features(dtype: torch.dtype, training: bool) -> bool:
+    """Whether the kernels' feature products take q's dtype as operands: in a bf16 `training` step, where
+    `LOW_FEATURES_IN_TRAINING`; float32 products everywhere else."""
+    return training and LOW_FEATURES_IN_TRAINING and dtype == torch.bfloat16
+
+
 def _shared(q, k, v, fq, fk, mask, window, scaling, softcap, block, warps, training=False) -> tuple[tuple, dict]:
     """The strides and sizes every kernel here takes after its tensors, and their shapes and blocks as constants; the
-    feature products bf16 in a `training` step with bf16 q (`LOW_FEATURES_IN_TRAINING`)."""
+    feature products as `low_features` picks them."""
     dim, value_dim, width = q.shape[-1], v.shape[-1], fk.shape[-1]
     strides = (
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
@@ -261,7 +267,7 @@ def _shared(q, k, v, fq, fk, mask, window, scaling, softcap, block, warps, train
         BLOCK_DIM=max(triton.next_power_of_2(dim), 16), BLOCK_VALUE=max(triton.next_power_of_2(value_dim), 16),
         BLOCK_WIDTH=max(triton.next_power_of_2(width), 16), BLOCK=block, CHUNK=CHUNK, WINDOW=window, SOFTCAP=softcap is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", INTERPRETED=INTERPRETED, num_warps=warps,
-        LOW_FEATURES=training and LOW_FEATURES_IN_TRAINING and q.dtype == torch.bfloat16,
+        LOW_FEATURES=low_features(q.dtype, training),
     )
     return strides, constants
 
