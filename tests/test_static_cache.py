@@ -50,6 +50,24 @@ def test_a_prefill_in_chunks_generates_as_one_prefill(name):
     assert (torch.stack(chunked.logits) - torch.stack(whole.logits)).abs().max() < 1e-10
 
 
+@pytest.mark.parametrize("name", ["swa", "hedgehog_swa+keep"])  # a kept softmax layer; kept keys' decisions
+def test_a_compiled_chunked_prefill_generates_as_one_prefill(name):
+    """With a static cache transformers sends a chunked prefill's chunks through the compiled forward too (on CUDA,
+    where it compiles): chunks of 5, 5 and 2 tokens, then the decode steps. Each chunk length needs its own graph, so
+    the steps trusted after their guards (`guarded_then_trusted`) count only single-token calls: counting the chunks,
+    the 2-token chunk ran trusted and torch raised that it would recompile under `skip_guard_eval_unsafe` (for every
+    student; tests/test_gpu.py runs every mixer through inductor)."""
+    model = converted(name)
+    settings = dict(padded_settings(new_tokens=4), output_logits=True, return_dict_in_generate=True)
+    whole = model.generate(**settings)
+    compile_config = CompileConfig(backend="eager", fullgraph=False, mode=None)
+    compile_config._compile_all_devices = True
+    torch._dynamo.reset()
+    chunked = model.generate(**settings, cache_implementation="static", compile_config=compile_config, prefill_chunk_size=5)
+    assert torch.equal(chunked.sequences, whole.sequences)
+    assert (torch.stack(chunked.logits) - torch.stack(whole.logits)).abs().max() < 1e-10
+
+
 @pytest.mark.parametrize("name", sorted(STATIC_STATE))
 def test_a_fixed_size_state_has_one_shape_whatever_the_prompt(name):
     model = converted(name)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import itertools
 import os
 import shutil
 from pathlib import Path
@@ -76,23 +75,33 @@ IMPLEMENTATIONS = ("_attn_implementation", "_experts_implementation")
 GUARDED_STEPS = 2
 
 
+def _new_tokens(kwargs: dict) -> int | None:
+    tokens = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+    return None if tokens is None else tokens.shape[1]
+
+
 def guarded_then_trusted(compiled, guarded: int = GUARDED_STEPS):
-    """`compiled` (transformers' compiled forward for one generate()'s decode steps) with its first `guarded` calls under
-    every guard, then under `torch.compiler.set_stance(skip_guard_eval_unsafe=True)`: Dynamo then evaluates only the
-    guards that differ between its cached graphs. Within one generate() the steps read the same static cache, shapes
-    and options, so what the first steps' guards pass holds for the rest, while a change between generate() calls (an
-    option set by `set_options`, another batch size) meets every guard again in the next call's first steps. The guards
-    cost a batch-1 step of a 30-layer student 482 us of host time on an H100 against its teacher's 218, of a 3.29 ms
-    step against the teacher's 2.86 (BENCHMARKS.md, forty-seventh session)."""
+    """`compiled` (transformers' compiled forward for one generate()'s decode steps) with its first `guarded`
+    single-token calls under every guard, then the later ones under `torch.compiler.set_stance(skip_guard_eval_unsafe=
+    True)`: Dynamo then evaluates only the guards that differ between its cached graphs. Within one generate() the
+    decode steps read the same static cache, shapes and options, so what the first steps' guards pass holds for the
+    rest, while a change between generate() calls (an option set by `set_options`, another batch size) meets every
+    guard again in the next call's first steps. A call of several tokens (a chunk of transformers' chunked prefill,
+    which it also sends through the compiled forward) always meets every guard and starts the count again: its length
+    needs a graph of its own, which a trusted call would refuse to compile (torch raised for every student's chunked
+    prefill with a static cache). The guards cost a batch-1 step of a 30-layer student 482 us of host time on an H100
+    against its teacher's 218, of a 3.29 ms step against the teacher's 2.86 (BENCHMARKS.md, forty-seventh session)."""
     chosen = os.environ.get("LINEARIZE_STEP_GUARDS", "first").lower()
     if chosen not in ("first", "every"):
         raise LinearizeError(f"LINEARIZE_STEP_GUARDS={chosen!r} is not one of first, every; unset it or pick one")
     if chosen == "every":
         return compiled
-    calls = itertools.count()
+    steps = 0
 
     def step(*args, **kwargs):
-        if next(calls) < guarded:
+        nonlocal steps
+        steps = steps + 1 if _new_tokens(kwargs) == 1 else 0
+        if steps <= guarded:
             return compiled(*args, **kwargs)
         with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
             return compiled(*args, **kwargs)
@@ -274,8 +283,7 @@ class LinearizedForCausalLM(PreTrainedModel, GenerationMixin):
     def _step_then_decide(self, compiled, deciders: list, *args, **kwargs):
         """`compiled` for one call; `deciders` the (mixer, decision period) of the layers that decide (`get_compiled_call`)."""
         cache = cache_in(kwargs)
-        tokens = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
-        states = [] if cache is None or tokens is None or tokens.shape[1] != 1 else [cache.layers[m.layer_idx] for m, _ in deciders]
+        states = [] if cache is None or _new_tokens(kwargs) != 1 else [cache.layers[m.layer_idx] for m, _ in deciders]
         if not states or not all(getattr(state, "static", False) for state in states):
             return compiled(*args, **kwargs)
         position = int(states[0].seen)  # generate() has synced on the last step's tokens
