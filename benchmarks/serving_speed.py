@@ -8,7 +8,9 @@ saved students (`--students DIR,...`, with their teacher from `--teacher`). Rand
 and "hybrid_gdn" is hybrid_gdn's (every fourth layer the teacher's softmax, the rest `gated_deltanet`, window 64).
 The teacher is the first student's own weights under `teacher_mode` (softmax everywhere).
 
-Per model, cache and context, batch 1: prefill tokens/s, greedy decode tokens/s through `model.generate()` (read
+Per model, cache and context, batch 1: prefill tokens/s (one eager forward; and the prompt over generate()'s first
+token's time, which with `--prefill-chunk N` and a static cache is transformers' chunked prefill through its compiled
+forward), greedy decode tokens/s through `model.generate()` (read
 inside the call from each new token's time, the fastest of `--repeats` calls, and the median step), the peak memory,
 and the memory-bandwidth floor (weights plus the state after the prompt, read once per token, at `--bandwidth`
 bytes/s; 4.8e12 is the H200's HBM3e). The warm-up runs at the timed calls' prompt, so kernels compile outside the
@@ -178,7 +180,7 @@ def fresh_prompt_lengths(context: int, new_tokens: int, repeats: int) -> list[in
 @torch.no_grad()
 def measure(
     model, context: int, new_tokens: int, cache: str, device, bandwidth: float, trace: Path | None = None, repeats: int = 3,
-    fresh: bool = False,
+    fresh: bool = False, prefill_chunk: int | None = None,
 ) -> dict:
     # the timed calls' prompt lengths, then the trace's
     *prompts, traced_prompt = fresh_prompt_lengths(context, new_tokens, repeats + 1) if fresh else [context] * (repeats + 1)
@@ -188,6 +190,8 @@ def measure(
     settings = dict(input_ids=ids, max_new_tokens=new_tokens + 1, min_new_tokens=new_tokens + 1, do_sample=False)
     if cache == "static":
         settings["cache_implementation"] = "static"
+    if prefill_chunk:
+        settings["prefill_chunk_size"] = prefill_chunk
     # Warm-up first, at the context's prompt (the timed calls' own unless fresh): kernels compile (Triton, fla) on their first call at each shape,
     # and a static cache's decode step compiles (and records its CUDA graphs) on its first calls: their time is
     # warmup_seconds, compilation included.
@@ -213,14 +217,16 @@ def measure(
         model.generate(**settings | {"input_ids": longest[:, :prompt]}, stopping_criteria=StoppingCriteriaList([clock]))
         calls.append((clock.times[-1] - start, clock.times[0] - start, clock.times))
     # the call whose decode was fastest (the least disturbed by other work)
-    total, first, times = min(calls, key=lambda call: call[0] - call[1])
+    index = min(range(len(calls)), key=lambda i: calls[i][0] - calls[i][1])
+    total, first, times = calls[index]
     during = {name: count - before[name] for name, count in compile_counts().items()}
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
     floor = floor_bytes(model, ids)
     row = {"context": context, "cache": cache, "prefill_tokens_per_s": context / prefill,
            "decode_tokens_per_s": new_tokens / max(total - first, 1e-9),
            "decode_step_ms_median": 1e3 * statistics.median(later - before for before, later in zip(times, times[1:])),
-           "generate_seconds": total, "first_token_seconds": first, "warmup_seconds": warmup, "repeats": repeats,
+           "generate_seconds": total, "first_token_seconds": first, "prefill_chunk": prefill_chunk,
+           "generate_prefill_tokens_per_s": prompts[index] / first, "warmup_seconds": warmup, "repeats": repeats,
            "peak_bytes": peak, "timed_call": during, "timed_prompt_lengths": prompts,
            "floor_bytes_per_token": floor, "floor_tokens_per_s": bandwidth / floor}
     if trace is not None:
@@ -302,6 +308,9 @@ def main():
                         "meets SDPA's cuDNN graphs unbuilt; the prefill is still timed at the context")
     parser.add_argument("--kept-teacher", action="store_true", help="also time --teacher converted with every layer kept "
                         "(\"teacher_kept\"): the teacher's logits under a converted model's decode backends")
+    parser.add_argument("--prefill-chunk", type=int, default=None, help="generate() prefills in chunks of N tokens "
+                        "(transformers' prefill_chunk_size; with a static cache on CUDA it runs them through its compiled "
+                        "forward): generate_prefill_tokens_per_s is the prompt over the first token's time")
     parser.add_argument("--bandwidth", type=float, default=4.8e12, help="memory bandwidth in bytes/s for the floor")
     parser.add_argument("--out", default=None)
     parser.add_argument("--trace", default=None, help="folder: after each timed generate(), profile it (torch.profiler) and "
@@ -368,7 +377,7 @@ def run(args):
 
             def timed(model, name: str) -> dict:
                 return measure(model, context, args.new_tokens, cache, device, args.bandwidth, trace(name, context, cache), args.repeats,
-                               args.fresh_lengths)
+                               args.fresh_lengths, args.prefill_chunk)
 
             rows = {name: timed(model, name) for name, model in models.items()}
             if teacher is not None:

@@ -255,6 +255,19 @@ FUSED_TOLERANCE = {
 }
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_a_compiled_chunked_prefill_equals_one_prefill(name):
+    """With a static cache transformers runs a chunked prefill's chunks through the compiled forward too (inductor, CUDA
+    graphs): 40-token prompts in chunks of 16, 16 and 8, then the decode steps, give one eager prefill's tokens, twice."""
+    model = linearize.convert(tiny_model(dtype=torch.float32, hidden_size=128, num_attention_heads=2, num_key_value_heads=1), name.split("+")[0], **MIXERS[name])
+    model = model.cuda()
+    ids, mask = left_padded(random_ids(2, 40), [5, 0])
+    settings = dict(input_ids=ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=24, min_new_tokens=24, do_sample=False)
+    dynamic = model.generate(**settings)
+    for _ in range(2):
+        assert torch.equal(model.generate(**settings, cache_implementation="static", prefill_chunk_size=16), dynamic)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("mixer,shape", FUSED_PAIRS, ids=[f"{m}-{s}" for m, s in FUSED_PAIRS])
 def test_fused_step_matches_the_pytorch_path(monkeypatch, mixer, shape, dtype):

@@ -101,6 +101,27 @@ def test_the_decode_rate_is_read_inside_generate_from_each_tokens_time(monkeypat
     assert not any(grad)  # an uncached prefill with autograd on would keep every activation (its peak memory, its time)
 
 
+def test_a_chunked_prefill_is_timed_inside_generate(monkeypatch):
+    """With `--prefill-chunk` every generate() prefills in chunks (transformers' prefill_chunk_size) and the row reads
+    the prompt over the first token's time: on a clock that each chunk moves 1 s, a 24-token prompt in chunks of 10,
+    10 and 4 comes in at 8 tokens/s; the eager prefill is still one forward."""
+    model = linearize.convert(tiny_model(dtype=torch.float32), "gated_deltanet", window=4).eval()
+    steps, clock = [], [0.0]
+    forward = model.forward
+
+    def timed(*args, **kwargs):
+        steps.append(kwargs["input_ids"].shape[1])
+        clock[0] += 1.0 if steps[-1] > 1 else 0.01
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", timed)
+    monkeypatch.setattr(serving_speed.time, "perf_counter", lambda: clock[0])
+    row = serving_speed.measure(model, 24, 3, "static", torch.device("cpu"), 1e9, repeats=1, prefill_chunk=10)
+    assert steps == [24] + [10, 10, 4, 1, 1, 1] * 2 + [24] + [10, 10, 4, 1, 1, 1] + [24]
+    assert row["prefill_chunk"] == 10 and row["first_token_seconds"] == pytest.approx(3.0)
+    assert row["generate_prefill_tokens_per_s"] == pytest.approx(8.0) and row["prefill_tokens_per_s"] == pytest.approx(24.0)
+
+
 def test_fresh_lengths_time_every_call_at_key_lengths_not_reached_before(tmp_path):
     """cuDNN keeps a graph per key length: with fresh lengths no timed generate() (nor the trace) decodes at a key
     length that the warm-up or an earlier call reached; without, every call repeats the warm-up's prompt."""
