@@ -122,20 +122,25 @@ def traced(model, settings: dict, new_tokens: int, device, path: Path) -> dict:
     """Where a decode step's time goes: generate() under torch.profiler, with the timed call's tokens and with one, the
     difference per token of the GPU kernels run, their milliseconds and the CUDA-graph launches, and the longer call's
     wall milliseconds per decode step (the profiler's overhead included; read between its tokens, `StepClock`, so the
-    two calls' prefills do not enter it). `path` gets the longer call's costliest ops by self CPU time and by GPU time."""
+    two calls' prefills do not enter it); and the one-token call itself, which is the prefill as generate() runs it
+    (chunked and compiled where the settings say so) and one token: its wall milliseconds and GPU kernels
+    ("first_token"), whether the GPU or the host bounds that prefill. `path` gets the longer call's costliest ops by
+    self CPU time and by GPU time."""
     activities = profiled_activities(device)
     calls = {}
     for tokens in (1, new_tokens + 1):
         clock = StepClock(device)
         with profile(activities=activities) as prof:
+            start = time.perf_counter()
             model.generate(**{**settings, "max_new_tokens": tokens, "min_new_tokens": tokens}, stopping_criteria=StoppingCriteriaList([clock]))
+            wall = time.perf_counter() - start
         events = prof.events()
         kernels = [e for e in events if e.device_type == DeviceType.CUDA]
         calls[tokens] = {"kernels": len(kernels), "kernel_ms": sum(e.time_range.elapsed_us() for e in kernels) / 1e3,
-                         "graph_launches": sum(e.name == "cudaGraphLaunch" for e in events)}
+                         "graph_launches": sum(e.name == "cudaGraphLaunch" for e in events), "wall_ms": wall * 1e3}
     write_costliest(prof.key_averages(), device, path)
-    cost = {f"{key}_per_token": (calls[new_tokens + 1][key] - calls[1][key]) / new_tokens for key in calls[1]}
-    return {"wall_ms_per_token": 1e3 * (clock.times[-1] - clock.times[0]) / new_tokens, **cost}
+    cost = {f"{key}_per_token": (calls[new_tokens + 1][key] - calls[1][key]) / new_tokens for key in calls[1] if key != "wall_ms"}
+    return {"wall_ms_per_token": 1e3 * (clock.times[-1] - clock.times[0]) / new_tokens, **cost, "first_token": calls[1]}
 
 
 @torch.no_grad()

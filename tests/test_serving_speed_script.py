@@ -18,8 +18,9 @@ def test_a_traced_decode_reports_its_cost_per_token_and_its_costliest_ops(tmp_pa
     ids = torch.randint(0, model.config.get_text_config().vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
     settings = dict(input_ids=ids, do_sample=False, cache_implementation="static")
     cost = serving_speed.traced(model, settings, 3, torch.device("cpu"), tmp_path / "trace.txt")
-    assert set(cost) == {"wall_ms_per_token", "kernels_per_token", "kernel_ms_per_token", "graph_launches_per_token"}
+    assert set(cost) == {"wall_ms_per_token", "kernels_per_token", "kernel_ms_per_token", "graph_launches_per_token", "first_token"}
     assert cost["wall_ms_per_token"] > 0 and cost["kernels_per_token"] == 0  # no GPU here: no kernels
+    assert cost["first_token"]["wall_ms"] > 0 and cost["first_token"]["kernels"] == 0
     table = (tmp_path / "trace.txt").read_text()
     assert "Self CPU" in table and "aten::" in table
 
