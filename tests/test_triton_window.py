@@ -402,6 +402,25 @@ def test_a_compiled_training_step_equals_the_eager_one_through_the_kernel(fused,
 
 @pytest.mark.core
 @needs_triton
+def test_a_compiled_inference_prefill_calls_the_kernels_ops_and_equals_the_eager_one():
+    """Compiled (a static cache's chunked prefill runs through transformers' compiled forward), the prefill calls the
+    kernel's custom ops, whose fakes give the compiler their outputs: the same heads and next state as the eager call.
+    The heads' fake passed `new_empty` a memory format, which it does not take: every compiled inference prefill through
+    the kernel raised (H100, sixty-first session)."""
+    q, k, v, fq, fk, mask, state = window_inputs(37, 8, torch.float32, True)
+
+    def prefill(q, k, v, fq, fk, mask, state):
+        return triton_window.window_linear_prefill(q, k, v, fq, fk, window=8, scaling=0.25, key_mask=mask, state=state, output_state=True)
+
+    with torch.no_grad():
+        eager_out, eager_state = prefill(q, k, v, fq, fk, mask, state)
+        torch._dynamo.reset()
+        out, new_state = torch.compile(prefill, backend="aot_eager", fullgraph=True)(q, k, v, fq, fk, mask, state)
+    assert torch.equal(out, eager_out)
+    assert new_state.keys() == eager_state.keys() and all(torch.equal(new_state[n], eager_state[n]) for n in eager_state)
+
+
+@needs_triton
 def test_the_prefill_is_left_to_pytorch_where_it_cannot_run(fused, monkeypatch):
     """Under LINEARIZE_KERNELS=torch or LINEARIZE_FUSED_STEP=off, or in float64, a prefill takes the PyTorch path; else
     the kernel, with gradients or without."""

@@ -719,7 +719,7 @@ if TRITON_PROBLEM is None:
     PREFIX_OP, _prefix_kernels = _registered(_prefix_launch, set(), _prefix_fake)
     # The custom op (which a compiled model calls) and the function that launches the kernel in eager code.
     OP, window_prefill = _registered(
-        _prefill, set(), lambda q, k, v, *rest: q.new_empty(*q.shape[:3], v.shape[-1], dtype=v.dtype, memory_format=torch.contiguous_format)
+        _prefill, set(), lambda q, k, v, *rest: q.new_empty(*q.shape[:3], v.shape[-1], dtype=v.dtype)
     )
 
     def _train_fake(q, k, v, fq, fk, *rest):
