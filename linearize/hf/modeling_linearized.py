@@ -274,11 +274,26 @@ class LinearizedForCausalLM(PreTrainedModel, GenerationMixin):
         and the decisions it left follow it (once every keep_block steps): on CUDA the first of each set of layers runs
         eagerly and is captured in a CUDA graph (kept with the cache) that the later ones replay, reading the position
         on the device; elsewhere eagerly. Dynamo evaluates every guard of the step only in a generate()'s first
-        `GUARDED_STEPS` steps (`guarded_then_trusted`)."""
-        compiled = guarded_then_trusted(super().get_compiled_call(compile_config))
+        `GUARDED_STEPS` steps (`guarded_then_trusted`). A chunk of a chunked prefill that writes a fresh cache's first
+        states runs eagerly (`_allocating_eagerly`)."""
+        compiled = functools.partial(self._allocating_eagerly, guarded_then_trusted(super().get_compiled_call(compile_config)))
         periods = {m: m.decision_period(m.options_dict()) for m in self._mixers() if not m.teacher}  # once a generate()
         deciders = [(m, period) for m, period in periods.items() if period]
         return functools.partial(self._step_then_decide, compiled, deciders) if deciders else compiled
+
+    def _allocating_eagerly(self, compiled, *args, **kwargs):
+        """`compiled` for one call, or the eager forward for a call of several tokens (a chunk of transformers' chunked
+        prefill, which it sends through the compiled forward too) where a static state of the cache has not been written
+        yet. A state's first write allocates its tensors, which every later call writes in place; allocated inside a
+        graph replayed from CUDA graphs, they would be the graph's outputs, which its next replay overwrites (the next
+        chunk's compile raised so for every `hedgehog_swa` student on an H100). A decode step follows a prefill, which
+        wrote every state; a cache reused by the next generate() (reset, `_prepare_cache_for_generation`) keeps them."""
+        cache = cache_in(kwargs)
+        if _new_tokens(kwargs) != 1 and cache is not None and any(
+            getattr(layer, "static", False) and not layer.tensors for layer in cache.layers if getattr(layer, "is_mixer_state", False)
+        ):
+            return self(*args, **kwargs)
+        return compiled(*args, **kwargs)
 
     def _step_then_decide(self, compiled, deciders: list, *args, **kwargs):
         """`compiled` for one call; `deciders` the (mixer, decision period) of the layers that decide (`get_compiled_call`)."""
