@@ -384,16 +384,18 @@ def run(args):
                 return measure(model, context, args.new_tokens, cache, device, args.bandwidth, trace(name, context, cache), args.repeats,
                                args.fresh_lengths, args.prefill_chunk)
 
-            rows = {name: timed(model, name) for name, model in models.items()}
+            def emitted(name: str, row: dict) -> None:  # as soon as measured: a run cut short keeps every model it finished
+                emit({"model": name, "shape": None if args.students else args.shape, "dtype": args.dtype, **row}, device, out)
+
+            for name, model in models.items():
+                emitted(name, timed(model, name))
             if teacher is not None:
-                rows["teacher"] = timed(teacher, "teacher")
+                emitted("teacher", timed(teacher, "teacher"))
             else:
                 with linearize.teacher_mode(first):
-                    rows["teacher"] = timed(first, "teacher")
+                    emitted("teacher", timed(first, "teacher"))
             if kept is not None:
-                rows["teacher_kept"] = timed(kept, "teacher_kept")
-            for name, row in rows.items():
-                emit({"model": name, "shape": None if args.students else args.shape, "dtype": args.dtype, **row}, device, out)
+                emitted("teacher_kept", timed(kept, "teacher_kept"))
 
 
 if __name__ == "__main__":
