@@ -197,14 +197,18 @@ def test_graph_decoder_equals_generate(name):
 def test_static_cache_generate_compiles_and_equals_dynamic(name):
     """On CUDA, generate() with a static cache compiles its decode step (CUDA graphs) and gives the same tokens; kept
     keys (blocks of 8 over 24 steps) are decided after the steps that end a block: the first decision eagerly, the
-    later ones (and every one of the second call) replayed from its CUDA graph."""
+    later ones (and every one of the later calls) replayed from its CUDA graph. A chunked prefill (chunks of 16, 16 and
+    8) runs its chunks through the same compiled forward: first on a fresh cache, whose first chunk writes the states
+    eagerly, last on the reused one, every chunk compiled."""
     model = linearize.convert(tiny_model(dtype=torch.float32, hidden_size=128, num_attention_heads=2, num_key_value_heads=1), name.split("+")[0], **MIXERS[name])
     model = model.cuda()
     ids, mask = left_padded(random_ids(2, 40), [5, 0])
     settings = dict(input_ids=ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=24, min_new_tokens=24, do_sample=False)
     dynamic = model.generate(**settings)
+    assert torch.equal(model.generate(**settings, cache_implementation="static", prefill_chunk_size=16), dynamic)
     for _ in range(2):  # the second call replays what the first compiled and recorded
         assert torch.equal(model.generate(**settings, cache_implementation="static"), dynamic)
+    assert torch.equal(model.generate(**settings, cache_implementation="static", prefill_chunk_size=16), dynamic)
     assert hasattr(model, "_compiled_call")
 
 
@@ -253,19 +257,6 @@ FUSED_TOLERANCE = {
     torch.float32: dict(heads=1e-4, unequal=1.0, recurrent=1e-4, S=1e-4, ssm=1e-4, conv=0, k=1e-6, v=0, mask=0, z=1e-4, fk=1e-4, err=1e-4, at=0),
     torch.bfloat16: dict(heads=3e-2, unequal=0.05, recurrent=1e-3, S=1e-3, ssm=1e-3, conv=0, k=0, v=0, mask=0, z=1e-3, fk=1e-4, err=1e-3, at=0),
 }
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_a_compiled_chunked_prefill_equals_one_prefill(name):
-    """With a static cache transformers runs a chunked prefill's chunks through the compiled forward too (inductor, CUDA
-    graphs): 40-token prompts in chunks of 16, 16 and 8, then the decode steps, give one eager prefill's tokens, twice."""
-    model = linearize.convert(tiny_model(dtype=torch.float32, hidden_size=128, num_attention_heads=2, num_key_value_heads=1), name.split("+")[0], **MIXERS[name])
-    model = model.cuda()
-    ids, mask = left_padded(random_ids(2, 40), [5, 0])
-    settings = dict(input_ids=ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=24, min_new_tokens=24, do_sample=False)
-    dynamic = model.generate(**settings)
-    for _ in range(2):
-        assert torch.equal(model.generate(**settings, cache_implementation="static", prefill_chunk_size=16), dynamic)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
