@@ -68,11 +68,13 @@ def test_a_compiled_chunked_prefill_generates_as_one_prefill(name):
     assert (torch.stack(chunked.logits) - torch.stack(whole.logits)).abs().max() < 1e-10
 
 
-def test_a_compiled_chunked_prefill_writes_a_fresh_caches_states_eagerly_then_compiles(monkeypatch):
+@pytest.mark.parametrize("teacher", [False, True], ids=["states", "kv-only"])
+def test_a_compiled_chunked_prefill_writes_a_fresh_caches_states_eagerly_then_compiles(monkeypatch, teacher):
     """A fresh static cache's first chunk runs eagerly: its states' first write allocates the tensors that the later
     calls write in place, which allocated inside a graph replayed from CUDA graphs its next replay would overwrite (it
     raised on an H100). The later chunks and the steps run compiled, and so does every chunk of the next generate(),
-    whose reset cache keeps its tensors; the tokens are one prefill's."""
+    whose reset cache keeps its tensors; the tokens are one prefill's. Under teacher_mode every layer keeps static keys
+    and values (transformers' `StaticLayer`, initialised on its first update): the same."""
     model = converted("gated_deltanet+window")
     calls, compiled = [], []  # every call of the compiled forward's wrapper; those it passed on to the compiled one
     allocating, trusting = LinearizedForCausalLM._allocating_eagerly, modeling_linearized.guarded_then_trusted
@@ -88,15 +90,16 @@ def test_a_compiled_chunked_prefill_writes_a_fresh_caches_states_eagerly_then_co
     monkeypatch.setattr(LinearizedForCausalLM, "_allocating_eagerly", every)
     monkeypatch.setattr(modeling_linearized, "guarded_then_trusted", spied)
     settings = padded_settings(new_tokens=4)
-    expected = model.generate(**settings)
     compile_config = CompileConfig(backend="eager", fullgraph=False, mode=None)
     compile_config._compile_all_devices = True
     torch._dynamo.reset()
-    for passed_on in ([5, 2, 1, 1, 1], [5, 5, 2, 1, 1, 1]):
-        calls.clear()
-        compiled.clear()
-        assert torch.equal(model.generate(**settings, cache_implementation="static", compile_config=compile_config, prefill_chunk_size=5), expected)
-        assert calls == [5, 5, 2, 1, 1, 1] and compiled == passed_on
+    with linearize.teacher_mode(model) if teacher else nullcontext():
+        expected = model.generate(**settings)
+        for passed_on in ([5, 2, 1, 1, 1], [5, 5, 2, 1, 1, 1]):
+            calls.clear()
+            compiled.clear()
+            assert torch.equal(model.generate(**settings, cache_implementation="static", compile_config=compile_config, prefill_chunk_size=5), expected)
+            assert calls == [5, 5, 2, 1, 1, 1] and compiled == passed_on
 
 
 @pytest.mark.parametrize("name", sorted(STATIC_STATE))

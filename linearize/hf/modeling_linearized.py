@@ -80,6 +80,13 @@ def _new_tokens(kwargs: dict) -> int | None:
     return None if tokens is None else tokens.shape[1]
 
 
+def _unwritten(layer) -> bool:
+    """Whether a cache layer allocates its tensors on its next write (`LinearizedForCausalLM._allocating_eagerly`)."""
+    if getattr(layer, "is_mixer_state", False):
+        return layer.static and not layer.tensors
+    return not layer.is_initialized
+
+
 def guarded_then_trusted(compiled, guarded: int = GUARDED_STEPS):
     """`compiled` (transformers' compiled forward for one generate()'s decode steps) with its first `guarded`
     single-token calls under every guard, then the later ones under `torch.compiler.set_stance(skip_guard_eval_unsafe=
@@ -283,15 +290,14 @@ class LinearizedForCausalLM(PreTrainedModel, GenerationMixin):
 
     def _allocating_eagerly(self, compiled, *args, **kwargs):
         """`compiled` for one call, or the eager forward for a call of several tokens (a chunk of transformers' chunked
-        prefill, which it sends through the compiled forward too) where a static state of the cache has not been written
-        yet. A state's first write allocates its tensors, which every later call writes in place; allocated inside a
-        graph replayed from CUDA graphs, they would be the graph's outputs, which its next replay overwrites (the next
-        chunk's compile raised so for every `hedgehog_swa` student on an H100). A decode step follows a prefill, which
-        wrote every state; a cache reused by the next generate() (reset, `_prepare_cache_for_generation`) keeps them."""
+        prefill, which it sends through the compiled forward too) where a layer of the cache has not been written yet:
+        a static state, or a kept layer's static keys and values (transformers' `StaticLayer`, initialised on its first
+        update). A first write allocates the tensors that every later call writes in place; allocated inside a graph
+        replayed from CUDA graphs, they would be the graph's outputs, which its next replay overwrites (the next chunk's
+        compile raised so for every `hedgehog_swa` student on an H100). A decode step follows a prefill, which wrote
+        every layer; a cache reused by the next generate() (reset, `_prepare_cache_for_generation`) keeps them."""
         cache = cache_in(kwargs)
-        if _new_tokens(kwargs) != 1 and cache is not None and any(
-            getattr(layer, "static", False) and not layer.tensors for layer in cache.layers if getattr(layer, "is_mixer_state", False)
-        ):
+        if _new_tokens(kwargs) != 1 and cache is not None and any(map(_unwritten, cache.layers)):
             return self(*args, **kwargs)
         return compiled(*args, **kwargs)
 
