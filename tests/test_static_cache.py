@@ -68,6 +68,22 @@ def test_a_compiled_chunked_prefill_generates_as_one_prefill(name):
     assert (torch.stack(chunked.logits) - torch.stack(whole.logits)).abs().max() < 1e-10
 
 
+def test_a_compiled_chunked_prefill_of_prompts_of_other_lengths_generates_as_one_prefill():
+    """A user's prompts differ in length, so their last chunks do: after the first two, Dynamo compiles the chunk's
+    length as a symbol (automatic dynamic shapes, transformers' default `CompileConfig(dynamic=None)`), and the
+    converted layers' chunked forms run on symbolic lengths (remainders of 2, 3, 1 and 3 tokens, one of them shorter
+    than the pads)."""
+    model = converted("gated_deltanet+window")
+    compile_config = CompileConfig(backend="eager", fullgraph=False, mode=None)
+    compile_config._compile_all_devices = True
+    torch._dynamo.reset()
+    for length in (12, 13, 16, 18):
+        ids, mask = left_padded(random_ids(2, length), [3, 0])
+        settings = dict(input_ids=ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        chunked = model.generate(**settings, cache_implementation="static", compile_config=compile_config, prefill_chunk_size=5)
+        assert torch.equal(chunked, model.generate(**settings)), length
+
+
 @pytest.mark.parametrize("teacher", [False, True], ids=["states", "kv-only"])
 def test_a_compiled_chunked_prefill_writes_a_fresh_caches_states_eagerly_then_compiles(monkeypatch, teacher):
     """A fresh static cache's first chunk runs eagerly: its states' first write allocates the tensors that the later
