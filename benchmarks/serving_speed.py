@@ -387,8 +387,7 @@ def run(args):
             def emitted(name: str, row: dict) -> None:  # as soon as measured: a run cut short keeps every model it finished
                 emit({"model": name, "shape": None if args.students else args.shape, "dtype": args.dtype, **row}, device, out)
 
-            for name, model in models.items():
-                emitted(name, timed(model, name))
+            # The teacher first: a run cut short keeps the baseline of every student it measured.
             if teacher is not None:
                 emitted("teacher", timed(teacher, "teacher"))
             else:
@@ -396,6 +395,8 @@ def run(args):
                     emitted("teacher", timed(first, "teacher"))
             if kept is not None:
                 emitted("teacher_kept", timed(kept, "teacher_kept"))
+            for name, model in models.items():
+                emitted(name, timed(model, name))
 
 
 if __name__ == "__main__":

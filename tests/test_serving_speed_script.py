@@ -169,8 +169,8 @@ def test_the_kept_teacher_is_timed_beside_the_teacher_with_the_teachers_logits(t
     ])
     serving_speed.main()
     rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
-    assert [row["model"] for row in rows] == [str(tmp_path / "student"), "teacher", "teacher_kept"]
-    student, plain, kept = timed
+    assert [row["model"] for row in rows] == ["teacher", "teacher_kept", str(tmp_path / "student")]
+    plain, kept, student = timed
     assert type(plain).__name__ == "LlamaForCausalLM" and type(kept).__name__ == "LinearizedForCausalLM"
     assert set(kept.config.plan.mixer_names()) == {"attention"}
     ids = torch.randint(3, 100, (1, 24), generator=torch.Generator().manual_seed(0))
