@@ -27,6 +27,14 @@ def padded_settings(new_tokens=16):
     return dict(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
 
 
+def compiled_anywhere(fullgraph: bool, backend="eager") -> CompileConfig:
+    """A compile config under which generate() compiles on any device (transformers compiles on CUDA only unless told
+    so), through `backend` (default Dynamo's eager backend: the graphs without inductor)."""
+    compile_config = CompileConfig(backend=backend, fullgraph=fullgraph, mode=None)
+    compile_config._compile_all_devices = True
+    return compile_config
+
+
 @pytest.mark.parametrize("name", sorted(MIXER_CASES))
 def test_static_generation_equals_dynamic(name):
     model = converted(name)
@@ -60,8 +68,7 @@ def test_a_compiled_chunked_prefill_generates_as_one_prefill(name):
     model = converted(name)
     settings = dict(padded_settings(new_tokens=4), output_logits=True, return_dict_in_generate=True)
     whole = model.generate(**settings)
-    compile_config = CompileConfig(backend="eager", fullgraph=False, mode=None)
-    compile_config._compile_all_devices = True
+    compile_config = compiled_anywhere(fullgraph=False)
     torch._dynamo.reset()
     chunked = model.generate(**settings, cache_implementation="static", compile_config=compile_config, prefill_chunk_size=5)
     assert torch.equal(chunked.sequences, whole.sequences)
@@ -69,13 +76,11 @@ def test_a_compiled_chunked_prefill_generates_as_one_prefill(name):
 
 
 def test_a_compiled_chunked_prefill_of_prompts_of_other_lengths_generates_as_one_prefill():
-    """A user's prompts differ in length, so their last chunks do: after the first two, Dynamo compiles the chunk's
-    length as a symbol (automatic dynamic shapes, transformers' default `CompileConfig(dynamic=None)`), and the
-    converted layers' chunked forms run on symbolic lengths (remainders of 2, 3, 1 and 3 tokens, one of them shorter
-    than the pads)."""
+    """A user's prompts differ in length, so their last chunks do: the first last chunk shorter than the others Dynamo
+    compiles for a symbolic length (automatic dynamic shapes, transformers' default `CompileConfig(dynamic=None)`), and
+    the converted layers' chunked forms run on it (remainders of 2, 3, 1 and 3 tokens, some shorter than the pads)."""
     model = converted("gated_deltanet+window")
-    compile_config = CompileConfig(backend="eager", fullgraph=False, mode=None)
-    compile_config._compile_all_devices = True
+    compile_config = compiled_anywhere(fullgraph=False)
     torch._dynamo.reset()
     for length in (12, 13, 16, 18):
         ids, mask = left_padded(random_ids(2, length), [3, 0])
@@ -106,8 +111,7 @@ def test_a_compiled_chunked_prefill_writes_a_fresh_caches_states_eagerly_then_co
     monkeypatch.setattr(LinearizedForCausalLM, "_allocating_eagerly", every)
     monkeypatch.setattr(modeling_linearized, "guarded_then_trusted", spied)
     settings = padded_settings(new_tokens=4)
-    compile_config = CompileConfig(backend="eager", fullgraph=False, mode=None)
-    compile_config._compile_all_devices = True
+    compile_config = compiled_anywhere(fullgraph=False)
     torch._dynamo.reset()
     with linearize.teacher_mode(model) if teacher else nullcontext():
         expected = model.generate(**settings)
@@ -152,8 +156,7 @@ def test_compiled_generate_traces_the_decode_step_once(name, batch):
     model = converted(name)
     settings = padded_settings()
     settings.update(input_ids=settings["input_ids"][:batch], attention_mask=settings["attention_mask"][:batch])
-    compile_config = CompileConfig(backend=backend, fullgraph=True, mode=None)
-    compile_config._compile_all_devices = True  # transformers compiles on CUDA only, unless told so
+    compile_config = compiled_anywhere(fullgraph=True, backend=backend)
     torch._dynamo.reset()
     counters.clear()
     compiled = model.generate(**settings, cache_implementation="static", compile_config=compile_config)
@@ -184,8 +187,7 @@ def test_a_compiled_decode_step_reads_its_caches_kinds_not_the_layer_plan(name, 
     expected = model.generate(**settings)
     monkeypatch.setattr(LayerPlan, "from_json", classmethod(counted))
     monkeypatch.setattr(LinearizedForCausalLM, "_mixers", listing)
-    compile_config = CompileConfig(backend="eager", fullgraph=True, mode=None)
-    compile_config._compile_all_devices = True
+    compile_config = compiled_anywhere(fullgraph=True)
     torch._dynamo.reset()
     assert torch.equal(model.generate(**settings, cache_implementation="static", compile_config=compile_config), expected)
     assert parsed and not any(parsed) and listed and not any(listed)
@@ -314,8 +316,7 @@ def test_a_compiled_generation_trusts_its_guards_after_its_first_steps_and_an_op
     monkeypatch.setattr(torch.compiler, "set_stance", recorded)
     model = converted("hedgehog_swa+keep")
     settings = padded_settings(new_tokens=8)
-    compile_config = CompileConfig(backend="eager", fullgraph=True, mode=None)
-    compile_config._compile_all_devices = True
+    compile_config = compiled_anywhere(fullgraph=True)
     torch._dynamo.reset()
     for keep in (2, 5):
         linearize.set_options(model, keep=keep)

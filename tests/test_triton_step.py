@@ -382,7 +382,7 @@ def test_a_compiled_static_cache_generation_with_kept_keys_through_the_fused_ste
     """As above, with a static cache, compiled as generate() compiles it on CUDA (`fullgraph`, the graph run as traced):
     one graph for every step, each layer's step the custom op, the decisions after the steps at 7 and 11 outside the
     graph (`get_compiled_call`), and the logits of eager fused steps with a dynamic cache."""
-    from transformers import CompileConfig
+    from tests.test_static_cache import compiled_anywhere
 
     monkeypatch.setenv("LINEARIZE_FUSED_STEP", "on")
     monkeypatch.delenv("LINEARIZE_KERNELS", raising=False)
@@ -394,8 +394,7 @@ def test_a_compiled_static_cache_generation_with_kept_keys_through_the_fused_ste
         graphs.append([str(node.target) for node in graph.graph.nodes if node.op == "call_function"])
         return graph.forward
 
-    config = CompileConfig(backend=backend, fullgraph=True, mode=None)
-    config._compile_all_devices = True  # transformers compiles on CUDA only, unless told so
+    config = compiled_anywhere(fullgraph=True, backend=backend)
     torch._dynamo.reset()
     compiled = model.generate(**settings, cache_implementation="static", compile_config=config)
     assert len(graphs) == 1 and sum("hedgehog_swa" in target for target in graphs[0]) == 2
