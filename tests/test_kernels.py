@@ -369,3 +369,37 @@ def test_odd_head_dimensions_reach_fla_even_in_16_bits_and_come_back_exact(monke
     with torch.no_grad():
         getattr(kernels, name)(q, k, v, gate, *extra, initial_state=state, decode=decode, output_state=True)
     assert seen[name][-1] == (5, 7)  # float32: as they are
+
+
+@pytest.mark.parametrize("output_state", [False, True])
+@pytest.mark.parametrize("name", ["gla", "simple_gla", "gated_delta_rule"])
+def test_a_compiled_prefill_keeps_fla_in_one_graph(monkeypatch, name, output_state):
+    """fla wraps its chunked kernels in `torch.compiler.disable`, which breaks a compiled graph at every call; a compiled
+    prefill (no gradients) calls them through the custom op `FLA_CHUNK` instead: here a stand-in wrapped as fla wraps
+    its own compiles in one graph (fullgraph) and gives the eager call's output and state, the reference's."""
+    from linearize.hf import ops_delta, ops_gated
+
+    reference = {"gla": ops_gated.chunk_gla, "simple_gla": ops_gated.chunk_simple_gla, "gated_delta_rule": ops_delta.chunk_gated_delta_rule}[name]
+    stand_in = torch.compiler.disable(_fla_stand_in(reference, {}, name))
+    monkeypatch.setattr(kernels, f"fla_chunk_{name}", stand_in, raising=False)
+    monkeypatch.setattr(kernels, "backend", lambda device, head_dims, dtype: ("fla", None))
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(3, 2, 3, 19, 8, generator=generator)
+    state = torch.randn(2, 3, 8, 8, generator=generator)
+    gate = torch.nn.functional.logsigmoid(torch.randn(2, 3, 19, *([8] if name == "gla" else []), generator=generator))
+    extra = [torch.rand(2, 3, 19, generator=generator)] if name == "gated_delta_rule" else []
+
+    def prefill(q, k, v, gate, state, *extra):
+        return getattr(kernels, name)(q, k, v, gate, *extra, initial_state=state, output_state=output_state)
+
+    with torch.no_grad():
+        eager = prefill(q, k, v, gate, state, *extra)
+        compiled = torch.compile(prefill, fullgraph=True, backend="eager")(q, k, v, gate, state, *extra)
+        expected = reference(q, k, v, gate, *extra, initial_state=state)
+    torch.testing.assert_close(compiled[0], eager[0])
+    torch.testing.assert_close(compiled[0], expected[0], rtol=1e-4, atol=1e-4)
+    if output_state:
+        torch.testing.assert_close(compiled[1], eager[1])
+        torch.testing.assert_close(compiled[1], expected[1], rtol=1e-4, atol=1e-4)
+    else:
+        assert compiled[1] is None and eager[1] is None

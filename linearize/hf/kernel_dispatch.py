@@ -23,7 +23,9 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import re
 import warnings
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +52,44 @@ except Exception as error:  # ImportError, or a broken Triton install
 MINIMUM_FLA = (0, 6, 0)
 MODES = ("auto", "torch", "fla")
 _warned: set[str] = set()
+
+
+def _fla_chunk_call(rule: str, q, k, v, g, beta, scale: float, initial_state, output_final_state: bool):
+    """fla's chunked `rule` (gated_delta_rule, gla or simple_gla) over (B, T, H, *) tensors: (o in q's dtype, the final
+    state (B, H, K, V) in float32, or None)."""
+    if rule == "gated_delta_rule":
+        return fla_chunk_gated_delta_rule(q, k, v, g=g, beta=beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state)
+    chunk = fla_chunk_gla if rule == "gla" else fla_chunk_simple_gla
+    return chunk(q, k, v, g, scale=scale, initial_state=initial_state, output_final_state=output_final_state)
+
+
+def _fla_chunk_launch(
+    rule: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: Optional[torch.Tensor], beta: Optional[torch.Tensor],
+    scale: float, initial_state: Optional[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_fla_chunk_call` with the final state: the custom op `FLA_CHUNK`."""
+    return _fla_chunk_call(rule, q, k, v, g, beta, scale, initial_state, True)
+
+
+# fla wraps its chunked kernels in `torch.compiler.disable`: inside a compiled prefill (a static cache's chunks) each
+# call broke the graph, and the rest of every layer ran as frames of its own, recompiled per layer (H100, sixty-third
+# session). As a custom op, opaque to the compiler, fla's call stays in the graph. Named after this module, as
+# `triton_step`'s ops are: a saved model's copy of it (remote code) registers an op of its own.
+FLA_CHUNK = torch.library.custom_op(f"linearize::{re.sub(r'[^0-9A-Za-z_]', '_', __name__)}_fla_chunk", _fla_chunk_launch, mutates_args=())
+
+
+@FLA_CHUNK.register_fake
+def _(rule, q, k, v, g, beta, scale, initial_state):
+    return v.new_empty(v.shape, dtype=q.dtype), q.new_empty((q.shape[0], v.shape[2], q.shape[-1], v.shape[-1]), dtype=torch.float32)
+
+
+def _fla_chunk(rule: str, q, k, v, g, beta, scale: float, initial_state, output_state: bool):
+    """fla's chunked `rule` (fla's layout, as `_fla_chunk_launch`); returns (o, the final state or None). Inside
+    torch.compile without gradients (a compiled prefill) through the custom op `FLA_CHUNK`, else fla's function."""
+    if torch.compiler.is_compiling() and not _needs_grad(q, k, v, g, beta, initial_state):
+        o, state = FLA_CHUNK(rule, q, k, v, g, beta, scale, initial_state)
+        return o, (state if output_state else None)
+    return _fla_chunk_call(rule, q, k, v, g, beta, scale, initial_state, output_state)
 
 
 def _version_tuple(text: str) -> tuple[int, ...]:
@@ -241,8 +281,10 @@ def _fla_gla(q, k, v, gk, scale, initial_state, decode, output_state, dtype):
     (gt,) = _bthd(torch.float32, gk)
     qt, kt, gt, vt = _evened(qt.dtype, qt, kt, gt, vt)
     initial = _evened_state(_state(initial_state), q.shape[-1], v.shape[-1], qt.dtype)
-    op = fla_recurrent_gla if decode else fla_chunk_gla
-    o, state = op(qt, kt, vt, gt, scale=_scale(scale, q), initial_state=initial, output_final_state=output_state)
+    if decode:
+        o, state = fla_recurrent_gla(qt, kt, vt, gt, scale=_scale(scale, q), initial_state=initial, output_final_state=output_state)
+    else:
+        o, state = _fla_chunk("gla", qt, kt, vt, gt, None, _scale(scale, q), initial, output_state)
     return _unevened(o, state, q.shape[-1], v.shape[-1])
 
 
@@ -262,8 +304,10 @@ def simple_gla(q, k, v, g, scale=None, initial_state=None, decode=False, output_
     (gt,) = _bthd(torch.float32, g)
     qt, kt, vt = _evened(qt.dtype, qt, kt, vt)
     initial = _evened_state(_state(initial_state), q.shape[-1], v.shape[-1], qt.dtype)
-    op = fla_recurrent_simple_gla if decode else fla_chunk_simple_gla
-    o, state = op(qt, kt, vt, gt, scale=_scale(scale, q), initial_state=initial, output_final_state=output_state)
+    if decode:
+        o, state = fla_recurrent_simple_gla(qt, kt, vt, gt, scale=_scale(scale, q), initial_state=initial, output_final_state=output_state)
+    else:
+        o, state = _fla_chunk("simple_gla", qt, kt, vt, gt, None, _scale(scale, q), initial, output_state)
     return _unevened(o, state, q.shape[-1], v.shape[-1])
 
 
@@ -279,6 +323,8 @@ def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, decode=Fa
     (gt,) = _bthd(torch.float32, g)
     qt, kt, vt = _evened(qt.dtype, qt, kt, vt)
     initial = _evened_state(_state(initial_state), q.shape[-1], v.shape[-1], qt.dtype)
-    op = fla_recurrent_gated_delta_rule if decode else fla_chunk_gated_delta_rule
-    o, state = op(qt, kt, vt, g=gt, beta=bt, scale=_scale(scale, q), initial_state=initial, output_final_state=output_state)
+    if decode:
+        o, state = fla_recurrent_gated_delta_rule(qt, kt, vt, g=gt, beta=bt, scale=_scale(scale, q), initial_state=initial, output_final_state=output_state)
+    else:
+        o, state = _fla_chunk("gated_delta_rule", qt, kt, vt, gt, bt, _scale(scale, q), initial, output_state)
     return _unevened(o, state, q.shape[-1], v.shape[-1])

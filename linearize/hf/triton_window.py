@@ -149,7 +149,9 @@ def window_linear_prefill(
         sm, ln = _weights(sm_weight, q.shape[1], q), _weights(ln_weight, q.shape[1], q)
         mask = mask.contiguous()
         # Without a key mask or a carried state every key is real: the prefix sums and the next state skip the mask.
-        masked = key_mask is not None or bool(state)
+        # (`state is not None`, not `bool(state)`: torch 2.11's Dynamo cannot trace bool() of a dict, and broke a
+        # compiled chunked prefill's graph at every layer there.)
+        masked = key_mask is not None or state is not None
         prefix_S, prefix_z = prefix_states(fk_all, v_all, mask, S, z, CHUNK, masked=masked)
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_all, v_all, fq, fk_all, S, z, sm, ln)):
             o = TRAIN_OP(q, k_all, v_all, fq, fk_all, mask, prefix_S, prefix_z, sm, ln, window, scaling, softcap)[0].to(v.dtype)
