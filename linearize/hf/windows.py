@@ -184,9 +184,7 @@ def flex_window(q, k, v, *, window, scaling, softcap=None, key_mask=None):
     """
     length, total = q.shape[2], k.shape[2]
     blocks = _window_blocks(length, total, window, q.device)
-    # Compiled, the mask always narrows the tiles: whether every key is real is the tensor's value, which Dynamo
-    # cannot branch on without a graph break (the tiles and the output are the same either way).
-    if key_mask is not None and (torch.compiler.is_compiling() or not bool(key_mask.all())):
+    if key_mask is not None and not bool(key_mask.all()):
         blocks = _padded_blocks(blocks, key_mask.bool(), window)
     # Inside a compiled model the caller's compile fuses flex_attention itself.
     run = flex_attention if torch.compiler.is_compiling() else _compiled_flex()
