@@ -182,3 +182,27 @@ def test_the_kept_teacher_needs_a_teacher(monkeypatch):
     monkeypatch.setattr("sys.argv", ["serving_speed.py", "--device", "cpu", "--shape", "tiny", "--mixers", "gla", "--kept-teacher"])
     with pytest.raises(SystemExit, match="--kept-teacher needs --teacher"):
         serving_speed.main()
+
+
+def test_warm_up_goes_on_until_a_call_compiles_and_records_nothing(monkeypatch):
+    """A static cache warms up with two generate() calls at least, and more while a call still compiles or records a CUDA
+    graph (here the second and third record one): the timed calls then add none; at most WARMUPS warm-up calls."""
+    model = linearize.convert(tiny_model(dtype=torch.float32), "gated_deltanet", window=4).eval()
+    generates = []
+    generate = model.generate
+
+    def counted(*args, **kwargs):
+        generates.append(kwargs["input_ids"].shape[1])
+        if len(generates) in (2, 3):
+            serving_speed.counters["inductor"]["cudagraph_recordings"] += 1
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", counted)
+    serving_speed.counters.clear()
+    row = serving_speed.measure(model, 24, 3, "static", torch.device("cpu"), 1e9, repeats=2)
+    assert len(generates) == 4 + 2 and row["timed_call"]["cudagraph_recordings"] == 0
+    generates.clear()
+    serving_speed.counters.clear()
+    monkeypatch.setattr(serving_speed, "WARMUPS", 2)
+    row = serving_speed.measure(model, 24, 3, "static", torch.device("cpu"), 1e9, repeats=2)
+    assert len(generates) == 2 + 2 and row["timed_call"]["cudagraph_recordings"] == 1
