@@ -371,6 +371,7 @@ def test_odd_head_dimensions_reach_fla_even_in_16_bits_and_come_back_exact(monke
     assert seen[name][-1] == (5, 7)  # float32: as they are
 
 
+@pytest.mark.core
 @pytest.mark.parametrize("output_state", [False, True])
 @pytest.mark.parametrize("name", ["gla", "simple_gla", "gated_delta_rule"])
 def test_a_compiled_prefill_keeps_fla_in_one_graph(monkeypatch, name, output_state):
