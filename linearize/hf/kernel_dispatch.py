@@ -54,6 +54,12 @@ MODES = ("auto", "torch", "fla")
 _warned: set[str] = set()
 
 
+def op_name(module: str, name: str) -> str:
+    """A custom op's name in the `linearize` namespace, after the module that defines it: a saved model's copy of that
+    module (remote code, imported under another name) registers ops of its own beside the installed package's."""
+    return f"linearize::{re.sub(r'[^0-9A-Za-z_]', '_', module)}{name}"
+
+
 def _fla_chunk_call(rule: str, q, k, v, g, beta, scale: float, initial_state, output_final_state: bool):
     """fla's chunked `rule` (gated_delta_rule, gla or simple_gla) over (B, T, H, *) tensors: (o in q's dtype, the final
     state (B, H, K, V) in float32, or None)."""
@@ -73,9 +79,8 @@ def _fla_chunk_launch(
 
 # fla wraps its chunked kernels in `torch.compiler.disable`: inside a compiled prefill (a static cache's chunks) each
 # call broke the graph, and the rest of every layer ran as frames of its own, recompiled per layer (H100, sixty-third
-# session). As a custom op, opaque to the compiler, fla's call stays in the graph. Named after this module, as
-# `triton_step`'s ops are: a saved model's copy of it (remote code) registers an op of its own.
-FLA_CHUNK = torch.library.custom_op(f"linearize::{re.sub(r'[^0-9A-Za-z_]', '_', __name__)}_fla_chunk", _fla_chunk_launch, mutates_args=())
+# session). As a custom op, opaque to the compiler, fla's call stays in the graph.
+FLA_CHUNK = torch.library.custom_op(op_name(__name__, "_fla_chunk"), _fla_chunk_launch, mutates_args=())
 
 
 @FLA_CHUNK.register_fake

@@ -89,7 +89,6 @@ the step off (fla's and flex_attention's kernels still run); `LINEARIZE_KERNELS=
 import functools
 import inspect
 import os
-import re
 from typing import Callable, Optional
 
 import torch
@@ -97,6 +96,7 @@ from torch import Tensor
 
 from .errors import LinearizeError
 from .kernel_dispatch import mode as kernel_mode
+from .kernel_dispatch import op_name
 
 try:  # optional: Triton comes with CUDA builds of torch. transformers' remote-code import check skips try blocks.
     import triton
@@ -1120,9 +1120,8 @@ if TRITON_PROBLEM is None:
 
     def _operator(launch: Callable, mutates: set[str], fake: Callable):
         """`launch` as a custom op that writes the arguments named in `mutates`, with `fake` for the compiler. Named after
-        the function and the module that defines it (two modules' `_launch` are two ops): a saved model's copy of that
-        module (remote code, imported under another name) registers ops of its own beside the installed package's."""
-        op = torch.library.custom_op(f"linearize::{re.sub(r'[^0-9A-Za-z_]', '_', launch.__module__)}{launch.__name__}", launch, mutates_args=mutates)
+        the function and the module that defines it (two modules' `_launch` are two ops; `op_name`)."""
+        op = torch.library.custom_op(op_name(launch.__module__, launch.__name__), launch, mutates_args=mutates)
         op.register_fake(fake)
         return op
 
