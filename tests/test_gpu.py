@@ -200,7 +200,7 @@ GRAPH_BREAKS_LEFT = {
     **dict.fromkeys(
         ("swa", "gla", "gated_deltanet+window", "mamba2+window"),
         "flex_window reads whether every key is real (`bool(key_mask.all())`); compiled through, the key mask concatenated "
-        "in the graph failed to lower into torch 2.11's flex decoding kernel",
+        "in the graph failed to lower into torch 2.11's flex_attention kernels at every query length (sixty-fourth session)",
     ),
 }
 
