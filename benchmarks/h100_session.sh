@@ -84,6 +84,11 @@
 #                                             # run names, e.g. "v1 v2") then returns each one's student as its
 #                                             # difference from the teacher, delta-NAME.tgz (student_delta.py: a few MB,
 #                                             # rebuilt here with its `load`)
+#   bash benchmarks/h100_session.sh branch    # carry .whl and .branch.tgz (`git archive --format=tar.gz BRANCH -o
+#                                             # .branch.tgz`, untracked: delete it after): an unmerged branch's tree in
+#                                             # /tmp/branch, its GPU tests (BRANCH_FILES, default tests/test_gpu.py;
+#                                             # BRANCH_TESTS, a -k expression; in BRANCH_N processes, default 4; within
+#                                             # BRANCH_S), then SERVE from that tree as solo runs it
 # and in two calls of their own, one right after the other on one machine (tilelang and z3 come to 82 MB):
 #   bash benchmarks/h100_session.sh z3         # carry .z3 (z3-solver 4.15's wheel, 29 MB, whose libz3.so.4.15 tilelang loads)
 #   bash benchmarks/h100_session.sh tilelang   # carry .tilelang (tilelang's wheels, 53 MB) and fla's two wheels from .whl:
@@ -263,6 +268,17 @@ solo)  # (nvidia-h200, one GPU) first's carry and set-up, then SERVE (as first),
     echo "exit $?" >> "$OUT/kd_loss.log"
   fi
   [ -z "${MIXERS:-}" ] || sides --mixers "$MIXERS"  # random-weight students at SmolLM2's shape, before and after (sides)
+  ;;
+branch)  # an unmerged branch's GPU tests and SERVE, from its archive .branch.tgz (the header says how to make it)
+  wheels || exit 1
+  mkdir -p /tmp/branch && tar xzf .branch.tgz -C /tmp/branch || exit 1
+  OUT=$(realpath "$OUT")
+  cd /tmp/branch || exit 1
+  export PYTHONPATH=/tmp/site:/tmp/branch
+  timeout "${BRANCH_S:-300}" python3 -m pytest -q -p no:cacheprovider -m gpu -rs -n "${BRANCH_N:-4}" ${BRANCH_FILES:-tests/test_gpu.py} \
+    ${BRANCH_TESTS:+-k "$BRANCH_TESTS"} > "$OUT/branch_tests.log" 2>&1
+  echo "exit $?" >> "$OUT/branch_tests.log"
+  [ -z "${SERVE:-}" ] || serve_logged
   ;;
 first)
   wheels || exit 1
