@@ -86,9 +86,8 @@
 #                                             # rebuilt here with its `load`)
 #   bash benchmarks/h100_session.sh branch    # carry .whl and .branch.tgz (`git archive --format=tar.gz BRANCH -o
 #                                             # .branch.tgz`, untracked: delete it after): an unmerged branch's tree in
-#                                             # /tmp/branch, its GPU tests (BRANCH_FILES, default tests/test_gpu.py;
-#                                             # BRANCH_TESTS, a -k expression; in BRANCH_N processes, default 4; within
-#                                             # BRANCH_S), then SERVE from that tree as solo runs it
+#                                             # /tmp/branch, its GPU tests (TESTS, in TEST_FILES: see gpu_tests), then
+#                                             # SERVE from that tree as solo runs it
 # and in two calls of their own, one right after the other on one machine (tilelang and z3 come to 82 MB):
 #   bash benchmarks/h100_session.sh z3         # carry .z3 (z3-solver 4.15's wheel, 29 MB, whose libz3.so.4.15 tilelang loads)
 #   bash benchmarks/h100_session.sh tilelang   # carry .tilelang (tilelang's wheels, 53 MB) and fla's two wheels from .whl:
@@ -155,9 +154,10 @@ warm() {  # warm: compile, ahead of the quality calls, the fla kernels and layer
   wait
 }
 
-gpu_tests() {  # gpu_tests EXPRESSION: tests/test_gpu.py -k EXPRESSION in TEST_N processes (default 14; on an H100's 80 GB
-  # 14 ran out of memory recording CUDA graphs at once, forty-seventh session: 8 there), within TEST_S
-  timeout "${TEST_S:-330}" python3 -m pytest -v -p no:cacheprovider -n "${TEST_N:-14}" -m gpu tests/test_gpu.py -k "$1" -rs > "$OUT/gpu_tests.log" 2>&1
+gpu_tests() {  # gpu_tests EXPRESSION: TEST_FILES (default tests/test_gpu.py) -k EXPRESSION in TEST_N processes (default 14;
+  # on an H100's 80 GB 14 ran out of memory recording CUDA graphs at once, forty-seventh session: 8 there), within TEST_S
+  timeout "${TEST_S:-330}" python3 -m pytest -v -p no:cacheprovider -n "${TEST_N:-14}" -m gpu ${TEST_FILES:-tests/test_gpu.py} -k "$1" -rs \
+    > "$OUT/gpu_tests.log" 2>&1
   echo "exit $?" >> "$OUT/gpu_tests.log"
 }
 
@@ -269,15 +269,13 @@ solo)  # (nvidia-h200, one GPU) first's carry and set-up, then SERVE (as first),
   fi
   [ -z "${MIXERS:-}" ] || sides --mixers "$MIXERS"  # random-weight students at SmolLM2's shape, before and after (sides)
   ;;
-branch)  # an unmerged branch's GPU tests and SERVE, from its archive .branch.tgz (the header says how to make it)
+branch)  # an unmerged branch's GPU tests (TESTS) and SERVE, from its archive .branch.tgz (the header says how to make it)
   wheels || exit 1
   mkdir -p /tmp/branch && tar xzf .branch.tgz -C /tmp/branch || exit 1
   OUT=$(realpath "$OUT")
   cd /tmp/branch || exit 1
   export PYTHONPATH=/tmp/site:/tmp/branch
-  timeout "${BRANCH_S:-300}" python3 -m pytest -q -p no:cacheprovider -m gpu -rs -n "${BRANCH_N:-4}" ${BRANCH_FILES:-tests/test_gpu.py} \
-    ${BRANCH_TESTS:+-k "$BRANCH_TESTS"} > "$OUT/branch_tests.log" 2>&1
-  echo "exit $?" >> "$OUT/branch_tests.log"
+  [ -z "${TESTS:-}" ] || gpu_tests "$TESTS"
   [ -z "${SERVE:-}" ] || serve_logged
   ;;
 first)
